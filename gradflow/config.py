@@ -1,0 +1,380 @@
+"""Typed config: defaults here, a YAML file overrides them, ``key=value`` overrides the file.
+
+Every field has a typed default and a comment. Validation is strict and happens before
+anything is written: unknown keys, wrong types (bool is not int, int is accepted as float),
+non-positive sizes and unknown registry names raise ``ConfigError`` naming the dotted key.
+
+Example:
+    >>> cfg = load_config("configs/deep_relu.yaml", ["model.depth=15", "train.epochs=50"])
+    >>> cfg.model.depth, cfg.train.epochs, cfg.name
+    (15, 50, 'deep_relu')
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Mapping, Union
+
+import yaml
+
+from gradflow.data import DATASETS
+from gradflow.errors import ConfigError
+from gradflow.models import ACTIVATIONS, INITIALIZERS, initializer_params
+from gradflow.train import OPTIMIZERS
+
+InitSpec = Union[str, dict]  # "he_uniform" or {name: random_uniform, minval: 0.0, maxval: 1.0}
+
+
+@dataclass
+class DataConfig:
+    name: str = "circles"  # dataset registry name: circles | moons
+    n_samples: int = 1000  # points drawn in total (train + test)
+    noise: float = 0.1  # std of the Gaussian noise sklearn adds
+    random_state: int = 1  # sklearn's seed: fixes the data, independent of train.seed
+    n_train: int = 500  # first n_train rows train, the rest test
+    factor: float = 0.8  # circles only: inner/outer radius (sklearn's default, as the tutorial)
+
+
+@dataclass
+class OutputConfig:
+    units: int = 1  # one unit: the loss is binary cross-entropy
+    activation: str = "sigmoid"  # only sigmoid: the loss is computed from its logits
+    initializer: InitSpec = "glorot_uniform"  # Keras' default for Dense
+
+
+@dataclass
+class ModelConfig:
+    depth: int = 5  # number of hidden Dense layers
+    width: Union[int, list[int]] = 5  # units per hidden layer, or one per layer
+    activation: Union[str, list[str]] = "tanh"  # hidden activation, or one per layer
+    initializer: Union[InitSpec, list[InitSpec]] = "glorot_uniform"  # spec, or one per layer
+    output: OutputConfig = field(default_factory=OutputConfig)  # the output layer
+
+
+@dataclass
+class OptimizerConfig:
+    name: str = "sgd"  # sgd | adam
+    lr: float = 0.01  # learning rate (Keras SGD's default)
+    momentum: float = 0.9  # SGD momentum, v = momentum * v - lr * g
+    nesterov: bool = False  # SGD Nesterov momentum
+    beta_1: float = 0.9  # Adam, Keras default
+    beta_2: float = 0.999  # Adam, Keras default
+    epsilon: float = 1e-7  # Adam, Keras default (torch's is 1e-8)
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 500  # passes over the training set (the tutorial's 500)
+    batch_size: int = 32  # Keras fit's default; the last batch may be partial
+    seed: int = 0  # fixes the initial weights and the shuffling
+    on_nonfinite: str = "stop"  # stop | continue when an epoch's loss is NaN/inf
+
+
+@dataclass
+class MonitorConfig:
+    enabled: bool = True  # attach the gradient monitor during training
+    window_steps: int = 0  # 0: one window per epoch, else flush every N steps
+    histograms: bool = True  # write gradient histograms
+    weights: bool = True  # log weight statistics too
+    activations: bool = True  # log activation statistics too
+
+
+@dataclass
+class Config:
+    name: str = "gradflow"  # run name; defaults to the config file's stem
+    data: DataConfig = field(default_factory=DataConfig)  # the dataset
+    model: ModelConfig = field(default_factory=ModelConfig)  # the network
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)  # the update rule
+    train: TrainConfig = field(default_factory=TrainConfig)  # the loop
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)  # gradient monitoring
+
+
+# --- YAML ------------------------------------------------------------------------------------
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads ``1e-3`` as a float (YAML 1.1 insists on ``1.0e-3``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:\d+\.?\d*|\.\d+)[eE][-+]?\d+$"),
+    list("-+0123456789."),
+)
+
+
+def _yaml_load(text: str, where: str) -> Any:
+    try:
+        return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{where}: YAML syntax error{at}: {problem}") from None
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a config file into a dict; missing files and bad YAML raise ``ConfigError``.
+
+    Example:
+        >>> read_yaml("configs/deep_relu.yaml")["model"]["activation"]
+        'relu'
+    """
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found; pass a YAML file such as configs/deep_relu.yaml") from None
+    except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config file ({type(exc).__name__}); pass a readable YAML file") from None
+    raw = _yaml_load(text, str(path))
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (data, model, ...), got {type(raw).__name__}")
+    return raw
+
+
+# --- overrides -------------------------------------------------------------------------------
+
+def _field_types(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """``"model.width=[5,10]"`` -> (["model", "width"], [5, 10]); the value is read as YAML.
+
+    Example:
+        >>> parse_override("train.epochs=50")
+        (['train', 'epochs'], 50)
+    """
+    key, sep, text = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"{item!r}: overrides must look like key=value, e.g. model.depth=20")
+    return key.strip().split("."), _yaml_load(text, key.strip())
+
+
+def apply_override(raw: dict[str, Any], path: list[str], value: Any) -> None:
+    """Set ``raw[path]`` in place after checking that every part of the path is a known key."""
+    cls: Any = Config
+    node = raw
+    for i, part in enumerate(path):
+        dotted = ".".join(path[: i + 1])
+        hints = _field_types(cls)
+        if part not in hints:
+            raise _unknown_key(dotted, cls)
+        if i == len(path) - 1:
+            node[part] = value
+            return
+        cls = hints[part]
+        if not dataclasses.is_dataclass(cls):
+            raise ConfigError(f"{dotted}: has no sub-keys (it takes {_type_name(cls)}); use {dotted}=<value>")
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"{dotted}: expected a mapping, got {type(child).__name__}")
+        node = child
+
+
+# --- structural validation -------------------------------------------------------------------
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if origin is list:
+        return f"list of {_type_name(typing.get_args(tp)[0])}"
+    if tp is dict:
+        return "mapping {name: ..., params}"
+    if dataclasses.is_dataclass(tp):
+        return "mapping"
+    return tp.__name__
+
+
+def _unknown_key(dotted: str, cls: type) -> ConfigError:
+    known = ", ".join(_field_types(cls))
+    return ConfigError(f"{dotted}: unknown key; accepted: {known}")
+
+
+def _matches(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if origin is Union:
+        return any(_matches(value, a) for a in typing.get_args(tp))
+    if origin is list:
+        (item,) = typing.get_args(tp)
+        return isinstance(value, list) and all(_matches(v, item) for v in value)
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, tp)
+
+
+def _convert(value: Any, tp: Any) -> Any:
+    """Ints become floats where floats are expected; everything else is kept as read."""
+    if tp is float:
+        return float(value)
+    return value
+
+
+def build(cls: type, raw: Mapping[str, Any], prefix: str = "") -> Any:
+    """Build dataclass ``cls`` from ``raw``, checking keys and types (not values).
+
+    Example:
+        >>> build(TrainConfig, {"epochs": 3}).epochs
+        3
+    """
+    hints = _field_types(cls)
+    kwargs = {}
+    for key, value in raw.items():
+        dotted = f"{prefix}{key}"
+        if key not in hints:
+            raise _unknown_key(dotted, cls)
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{dotted}: expected a mapping, got {value!r}")
+            kwargs[key] = build(tp, value, f"{dotted}.")
+        elif not _matches(value, tp):
+            raise ConfigError(f"{dotted}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+        else:
+            kwargs[key] = _convert(value, tp)
+    return cls(**kwargs)
+
+
+# --- value validation ------------------------------------------------------------------------
+
+def _choice(key: str, value: str, accepted: Iterable[str], what: str) -> None:
+    if value not in accepted:
+        raise ConfigError(f"{key}: unknown {what} {value!r}; accepted: {', '.join(sorted(accepted))}")
+
+
+def _positive(key: str, value: float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key}: must be > 0, got {value!r}")
+
+
+def _in_unit(key: str, value: float) -> None:
+    if not 0 <= value < 1:
+        raise ConfigError(f"{key}: must be in [0, 1), got {value!r}")
+
+
+def _per_layer(key: str, value: Any, depth: int) -> list[Any]:
+    if not isinstance(value, list):
+        return [value]
+    if len(value) != depth:
+        raise ConfigError(f"{key}: per-layer list has {len(value)} entries; model.depth is {depth}, give {depth} or a single value")
+    return value
+
+
+def _check_init(key: str, spec: Any) -> None:
+    if isinstance(spec, str):
+        _choice(key, spec, INITIALIZERS, "initializer")
+        return
+    if "name" not in spec or not isinstance(spec["name"], str):
+        raise ConfigError(f"{key}: an initializer mapping needs name: <initializer>, e.g. {{name: random_uniform, minval: 0.0, maxval: 1.0}}")
+    _choice(f"{key}.name", spec["name"], INITIALIZERS, "initializer")
+    accepted = initializer_params(spec["name"])
+    for param, value in spec.items():
+        if param == "name":
+            continue
+        if param not in accepted:
+            raise ConfigError(f"{key}.{param}: unknown parameter of {spec['name']}; accepted: {', '.join(accepted) or 'none'}")
+        if not _matches(value, float):
+            raise ConfigError(f"{key}.{param}: expected float, got {value!r} ({type(value).__name__})")
+
+
+def _check_data(c: DataConfig) -> None:
+    _choice("data.name", c.name, DATASETS, "dataset")
+    _positive("data.n_samples", c.n_samples)
+    _positive("data.n_train", c.n_train)
+    if c.n_train >= c.n_samples:
+        raise ConfigError(f"data.n_train: must be less than data.n_samples ({c.n_samples}) to leave a test set, got {c.n_train}")
+    if c.noise < 0:
+        raise ConfigError(f"data.noise: must be >= 0, got {c.noise!r}")
+    if not 0 < c.factor < 1:
+        raise ConfigError(f"data.factor: must be in (0, 1), got {c.factor!r}")
+
+
+def _check_model(c: ModelConfig) -> None:
+    _positive("model.depth", c.depth)
+    for i, w in enumerate(_per_layer("model.width", c.width, c.depth)):
+        _positive(f"model.width[{i}]" if isinstance(c.width, list) else "model.width", w)
+    for i, a in enumerate(_per_layer("model.activation", c.activation, c.depth)):
+        _choice(f"model.activation[{i}]" if isinstance(c.activation, list) else "model.activation", a, ACTIVATIONS, "activation")
+    for i, s in enumerate(_per_layer("model.initializer", c.initializer, c.depth)):
+        _check_init(f"model.initializer[{i}]" if isinstance(c.initializer, list) else "model.initializer", s)
+    if c.output.units != 1:
+        raise ConfigError(f"model.output.units: must be 1 (binary cross-entropy), got {c.output.units}")
+    _choice("model.output.activation", c.output.activation, ["sigmoid"], "output activation")
+    _check_init("model.output.initializer", c.output.initializer)
+
+
+def _check_optimizer(c: OptimizerConfig) -> None:
+    _choice("optimizer.name", c.name, OPTIMIZERS, "optimizer")
+    _positive("optimizer.lr", c.lr)
+    _in_unit("optimizer.momentum", c.momentum)
+    if c.nesterov and c.momentum == 0:
+        raise ConfigError("optimizer.nesterov: needs optimizer.momentum > 0")
+    _in_unit("optimizer.beta_1", c.beta_1)
+    _in_unit("optimizer.beta_2", c.beta_2)
+    _positive("optimizer.epsilon", c.epsilon)
+
+
+def _check_train(c: TrainConfig) -> None:
+    _positive("train.epochs", c.epochs)
+    _positive("train.batch_size", c.batch_size)
+    if not 0 <= c.seed < 2**63:
+        raise ConfigError(f"train.seed: must be an int in [0, 2**63), got {c.seed}")
+    _choice("train.on_nonfinite", c.on_nonfinite, ["stop", "continue"], "value")
+
+
+def validate(cfg: Config) -> Config:
+    """Check values and registry names; return ``cfg`` unchanged or raise ``ConfigError``.
+
+    Example:
+        >>> validate(Config()).model.depth
+        5
+    """
+    if not cfg.name or "/" in cfg.name or "\\" in cfg.name:
+        raise ConfigError(f"name: must be a non-empty name without path separators, got {cfg.name!r}")
+    _check_data(cfg.data)
+    _check_model(cfg.model)
+    _check_optimizer(cfg.optimizer)
+    _check_train(cfg.train)
+    if cfg.monitor.window_steps < 0:
+        raise ConfigError(f"monitor.window_steps: must be >= 0 (0 = once per epoch), got {cfg.monitor.window_steps}")
+    return cfg
+
+
+# --- entry points ----------------------------------------------------------------------------
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
+    """Defaults <- YAML file <- ``key=value`` overrides, validated.
+
+    ``name`` defaults to the file's stem.
+
+    Example:
+        >>> load_config(None, ["model.activation=relu", "model.width=[5,10,5,5,5]"]).model.width
+        [5, 10, 5, 5, 5]
+    """
+    raw: dict[str, Any] = read_yaml(path) if path is not None else {}
+    if path is not None:
+        raw.setdefault("name", Path(path).stem)
+    for item in overrides:
+        apply_override(raw, *parse_override(item))
+    return validate(build(Config, raw))
+
+
+def to_dict(cfg: Config) -> dict[str, Any]:
+    """Plain dict of the resolved config, ready for ``yaml.safe_dump``; ``load_config`` reads it back.
+
+    Example:
+        >>> to_dict(Config())["train"]["batch_size"]
+        32
+    """
+    return dataclasses.asdict(cfg)
