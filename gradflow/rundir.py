@@ -1,0 +1,112 @@
+"""The run directory: one new directory per run, never reused, plus the files written into it.
+
+Layout: ``<logdir>/<name>-<YYYYmmdd-HHMMSS>-seed<N>[-2, -3, ...]/`` holding config.yaml,
+history.csv, summary.json, accuracy.png and TensorBoard event files.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, Iterable, Mapping
+
+import yaml
+
+from gradflow.errors import ConfigError
+
+HISTORY_FIELDS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy")
+
+
+def check_logdir(logdir: str | Path) -> Path:
+    """Fail early (``ConfigError``) when ``logdir`` cannot hold run directories.
+
+    Writes nothing: an existing directory must be writable; a missing one must have an
+    existing, writable ancestor directory (it is created later, with the run directory).
+
+    Example:
+        >>> check_logdir("/tmp")
+        PosixPath('/tmp')
+    """
+    path = Path(logdir)
+    probe = path
+    while not probe.exists():
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if not probe.is_dir():
+        raise ConfigError(f"--logdir: {probe} is not a directory; pass a writable directory (default runs/)")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise ConfigError(f"--logdir: {probe} is not writable; pass a writable directory (default runs/)")
+    return path
+
+
+def create_run_dir(logdir: str | Path, name: str, seed: int, now: float | None = None) -> Path:
+    """Create and return a fresh ``<logdir>/<name>-<time>-seed<N>``; ``-2``, ``-3``... on collision.
+
+    ``os.mkdir`` is atomic, so concurrent runs never share a directory.
+
+    Example:
+        >>> import tempfile
+        >>> create_run_dir(tempfile.mkdtemp(), "deep_relu", 0, now=0).name
+        'deep_relu-19700101-000000-seed0'
+    """
+    logdir = Path(logdir)
+    try:
+        logdir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"--logdir: cannot create {logdir} ({exc.strerror}); pass a writable directory") from None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(now) if now is not None else time.localtime())
+    base = f"{name}-{stamp}-seed{seed}"
+    for n in range(1, 10_000):
+        path = logdir / (base if n == 1 else f"{base}-{n}")
+        try:
+            os.mkdir(path)
+            return path
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise ConfigError(f"--logdir: cannot create {path} ({exc.strerror}); pass a writable directory") from None
+    raise ConfigError(f"--logdir: too many runs named {base} in {logdir}")
+
+
+def write_config(run_dir: Path, config: Mapping[str, Any]) -> Path:
+    """Write the resolved config as ``config.yaml`` (re-loadable by ``gradflow train``)."""
+    path = run_dir / "config.yaml"
+    path.write_text(yaml.safe_dump(dict(config), sort_keys=False), encoding="utf-8")
+    return path
+
+
+def write_history(run_dir: Path, history: Iterable[Mapping[str, float]]) -> Path:
+    """Write ``history.csv``: epoch (from 0, as Keras' CSVLogger), loss, accuracy, val_loss, val_accuracy.
+
+    Example:
+        >>> import tempfile
+        >>> p = write_history(Path(tempfile.mkdtemp()), [{"epoch": 0, "loss": 0.7, "accuracy": 0.5, "val_loss": 0.7, "val_accuracy": 0.5}])
+        >>> p.read_text().splitlines()[0]
+        'epoch,loss,accuracy,val_loss,val_accuracy'
+    """
+    path = run_dir / "history.csv"
+    with path.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(history)
+    return path
+
+
+def _json_safe(value: Any) -> Any:
+    # JSON has no NaN/inf: write them as strings rather than invalid JSON.
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    return value
+
+
+def write_summary(run_dir: Path, summary: Mapping[str, Any]) -> Path:
+    """Write ``summary.json`` (train_accuracy, test_accuracy, epochs, seconds, ...)."""
+    path = run_dir / "summary.json"
+    data = {k: _json_safe(v) for k, v in summary.items()}
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    return path
