@@ -174,6 +174,7 @@ def fit(
     gen = torch.Generator().manual_seed(train.seed)
     n, bs = x.shape[0], train.batch_size
     starts = range(0, n, bs)
+    batch_sizes = torch.tensor([min(bs, n - s) for s in starts], dtype=torch.float32, device=dev)
     history: list[dict[str, float]] = []
     result = TrainResult(history, math.nan, math.nan, 0.0, 0, str(dev))
     step = 0
@@ -182,8 +183,7 @@ def fit(
     for epoch in range(train.epochs):
         model.train()
         perm = torch.randperm(n, generator=gen).to(dev)
-        loss_sum = torch.zeros((), device=dev)
-        correct = torch.zeros((), device=dev, dtype=torch.long)
+        losses, outputs = [], []  # detached per-batch results, reduced once per epoch
         for start in starts:
             idx = perm[start : start + bs]
             xb, yb = x[idx], y[idx]
@@ -195,9 +195,11 @@ def fit(
                 hook(step)
             opt.step()
             step += 1
-            with torch.no_grad():  # device-side sums; read once per epoch
-                loss_sum.add_(loss, alpha=idx.shape[0])
-                correct.add_(_correct(logits, yb))
+            losses.append(loss.detach())
+            outputs.append(logits.detach())
+        # Keras: batch-size-weighted means over the epoch's batches.
+        loss_sum = torch.dot(torch.stack(losses), batch_sizes)
+        correct = _correct(torch.cat(outputs), y[perm])
         model.eval()
         val_loss, val_acc = evaluate(body, x_val, y_val)
         values = torch.stack([loss_sum / n, correct / n, val_loss, val_acc]).tolist()  # the sync
