@@ -1,0 +1,613 @@
+"""GradientMonitor: per-layer gradient, weight and activation statistics for any nn.Module.
+
+The monitor records the gradient the optimizer applies. It hooks the optimizer's step (a
+pre-hook), not the parameters' gradients, so what it sees is the gradient after accumulation
+over micro-batches, after DistributedDataParallel's all-reduce, and after
+``GradScaler.unscale_`` under AMP: the hooks that tensor-hook tools use fire before all three.
+Every step's statistics are summed on the device; ``log(step)`` reads the window back to the
+host once, writes it to TensorBoard and starts the next window.
+
+Example:
+    >>> from torch.utils.tensorboard import SummaryWriter
+    >>> with GradientMonitor(model, SummaryWriter("runs/mine")) as monitor:
+    ...     for epoch in range(10):
+    ...         for x, y in loader:
+    ...             optimizer.zero_grad(); loss_fn(model(x), y).backward(); optimizer.step()
+    ...         stats = monitor.log(epoch)
+    >>> stats["dense_1.weight"]["mean_abs"]
+
+This module depends on torch (and numpy for reading results) only, never on the trainer,
+the config or the CLI.
+"""
+
+from __future__ import annotations
+
+import math
+import weakref
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+from gradflow import stats as S
+from gradflow.stats import Histogram
+
+# A parameter at least this large gets its own reductions; smaller ones are concatenated and
+# reduced together, because on a small model each extra op costs more than its arithmetic.
+LARGE_PARAMETER = 1 << 16
+# Small gradients and activations wait, copied or referenced, until this many elements are
+# pending (or the window closes), then are reduced together: a few ops per window, not per step.
+PENDING_ELEMENTS = 1 << 20
+GRADIENT_FIELDS = ("mean", "mean_abs", "norm", "max_abs")
+SATURATION_LEVEL = 0.97            # |a| > 0.97 for tanh (Glorot & Bengio 2010), scaled per bounds
+
+# Activation modules the monitor taps, and how to read them: a bounded activation is read
+# for saturation; a rectifier is read for dead units (output <= 0 on every input).
+SATURATING = {nn.Tanh: (-1.0, 1.0), nn.Sigmoid: (0.0, 1.0), nn.Hardtanh: None, nn.Softsign: (-1.0, 1.0),
+              nn.Hardsigmoid: (0.0, 1.0)}
+RECTIFIERS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU)
+OTHER_ACTIVATIONS = (nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Softplus, nn.Hardswish)
+
+_ATTACHED: "weakref.WeakKeyDictionary[nn.Module, GradientMonitor]" = weakref.WeakKeyDictionary()
+
+
+class MonitorError(RuntimeError):
+    """Raised when a monitor cannot attach."""
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside DistributedDataParallel, DataParallel or torch.compile."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+def tag_path(name: str) -> str:
+    """TensorBoard path of a parameter or module name: ``dense_1.weight`` -> ``dense_1/weight``."""
+    return name.replace(".", "/")
+
+
+def _segments(sizes: list[int], device) -> torch.Tensor:
+    """For a concatenation of tensors of these sizes: the index of the tensor of each element."""
+    return torch.repeat_interleave(torch.arange(len(sizes), device=device),
+                                   torch.tensor(sizes, device=device))
+
+
+@dataclass
+class _GradientPlan:
+    """Which parameters have a gradient in a step, split into small and large ones."""
+
+    small: list[int]             # parameters copied into one flat tensor, reduced later in batches
+    large: list[int]             # parameters reduced one by one at once
+    small_numel: int
+
+
+@dataclass
+class _Batch:
+    """How a run of pending small-gradient copies is reduced in one go."""
+
+    segment: torch.Tensor        # each element: its row (one row per step and parameter)
+    row_param: torch.Tensor      # each row: its parameter
+    bin_offset: torch.Tensor     # each element: its parameter's offset into the counts
+    ones: torch.Tensor
+
+
+class _GradientAccumulator:
+    """Sums each step's per-parameter gradient statistics and histograms on the device.
+
+    ``totals`` rows are per parameter: sum of g, sum of |g|, L2 norm and max |g|, each summed
+    over steps; ``counts`` are the sign/exponent histograms summed over steps. Small parameters
+    are copied at each step into one flat tensor and reduced many steps at a time (on a small
+    model each op costs more than its arithmetic); large ones are reduced at once.
+    """
+
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        self.params = params
+        device = params[0].device
+        self.numel = [p.numel() for p in params]
+        self.totals = torch.zeros(len(params), len(GRADIENT_FIELDS), device=device)
+        self.counts = torch.zeros(len(params) * S.SIGN_EXPONENT_BINS, dtype=torch.int64, device=device)
+        self.steps_by_pattern: dict[tuple[bool, ...], int] = {}
+        self.pending: list[tuple[_GradientPlan, torch.Tensor]] = []
+        self.pending_elements = 0
+        self._plans: dict[tuple[bool, ...], _GradientPlan] = {}
+        self._batches = _BoundedCache()
+
+    def reset(self) -> None:
+        self.pending.clear()
+        self.pending_elements = 0
+        self.totals.zero_()
+        self.counts.zero_()
+        self.steps_by_pattern.clear()
+
+    def steps(self) -> np.ndarray:
+        """How many recorded steps each parameter had a gradient in."""
+        steps = np.zeros(len(self.params))
+        for pattern, count in self.steps_by_pattern.items():
+            steps[list(pattern)] += count
+        return steps
+
+    @torch.no_grad()
+    def record(self) -> None:
+        """Add the current ``.grad`` of every parameter that has one. No host sync."""
+        grads = [p.grad for p in self.params]
+        pattern = tuple(g is not None for g in grads)
+        if not any(pattern):
+            return
+        plan = self._plans.get(pattern) or self._make_plan(pattern)
+        if plan.small:
+            self.pending.append((plan, torch.cat([_flat(grads[i]) for i in plan.small])))
+            self.pending_elements += plan.small_numel
+            if self.pending_elements >= PENDING_ELEMENTS:
+                self.reduce()
+        for i in plan.large:
+            self._reduce_large(i, grads[i])
+        self.steps_by_pattern[pattern] = self.steps_by_pattern.get(pattern, 0) + 1
+
+    def _make_plan(self, pattern: tuple[bool, ...]) -> _GradientPlan:
+        present = [i for i, has in enumerate(pattern) if has]
+        small = [i for i in present if self.numel[i] < LARGE_PARAMETER]
+        large = [i for i in present if self.numel[i] >= LARGE_PARAMETER]
+        plan = self._plans[pattern] = _GradientPlan(small, large, sum(self.numel[i] for i in small))
+        return plan
+
+    @torch.no_grad()
+    def reduce(self) -> None:
+        """Fold the pending small-gradient copies into the totals. No host sync."""
+        if not self.pending:
+            return
+        pending, self.pending, self.pending_elements = self.pending, [], 0
+        key = tuple(id(plan) for plan, _ in pending)
+        batch = self._batches.get(key) or self._batches.put(key, self._make_batch([p for p, _ in pending]))
+        flat = torch.cat([copy for _, copy in pending]) if len(pending) > 1 else pending[0][1]
+        magnitude = flat.abs()
+        rows = batch.row_param.numel()
+        sums = torch.zeros(3, rows, device=flat.device).index_add_(
+            1, batch.segment, torch.stack([flat, magnitude, flat * flat]))
+        largest = torch.zeros(rows, device=flat.device).scatter_reduce_(
+            0, batch.segment, magnitude, "amax", include_self=False)
+        per_step = torch.stack([sums[0], sums[1], sums[2].sqrt(), largest], dim=1)
+        self.totals.index_add_(0, batch.row_param, per_step)
+        # index_add_ rather than bincount: a fixed size, so no host sync on CUDA.
+        self.counts.index_add_(0, S.sign_exponent_bins(flat) + batch.bin_offset, batch.ones)
+
+    def _make_batch(self, plans: list[_GradientPlan]) -> _Batch:
+        device = self.totals.device
+        row_param = [i for plan in plans for i in plan.small]
+        sizes = [self.numel[i] for i in row_param]
+        segment = _segments(sizes, device)
+        params = torch.tensor(row_param, device=device, dtype=torch.long)
+        return _Batch(segment, params, params[segment] * S.SIGN_EXPONENT_BINS, torch.ones_like(segment))
+
+    def _reduce_large(self, index: int, grad: torch.Tensor) -> None:
+        flat = _flat(grad)
+        magnitude = flat.abs()
+        start = index * S.SIGN_EXPONENT_BINS
+        S.count_into(self.counts[start:start + S.SIGN_EXPONENT_BINS], S.sign_exponent_bins(flat))
+        self.totals[index].add_(torch.stack([flat.sum(), magnitude.sum(), torch.dot(flat, flat).sqrt(),
+                                             magnitude.max()]))
+
+
+class _BoundedCache(dict):
+    """Plans keyed by the shapes of a window; shapes that vary (say, sequence lengths) must
+    not grow it without bound."""
+
+    LIMIT = 16
+
+    def put(self, key, value):
+        if len(self) >= self.LIMIT:
+            self.clear()
+        self[key] = value
+        return value
+
+
+def _flat(tensor: torch.Tensor) -> torch.Tensor:
+    """A 1-D float32 view (or copy) of a gradient or activation, dense."""
+    if tensor.is_sparse:
+        tensor = tensor.to_dense()
+    flat = tensor.reshape(-1)
+    return flat if flat.dtype == torch.float32 else flat.float()
+
+
+class _WeightTracker:
+    """L1 and L2 norm of each parameter and how far it moved over the window, in one pass."""
+
+    def __init__(self, params: list[torch.Tensor]) -> None:
+        self.params = params
+        self.segment = _segments([p.numel() for p in params], params[0].device)
+        self.start = self._flatten()
+
+    @torch.no_grad()
+    def _flatten(self) -> torch.Tensor:
+        return torch.cat([_flat(p.detach()) for p in self.params])
+
+    def snapshot(self) -> None:
+        self.start = self._flatten()
+
+    @torch.no_grad()
+    def summary(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(P, 4) rows of l1, squared l2, squared distance moved, squared start l2; and
+        (P, 512) histogram counts."""
+        flat = self._flatten()
+        moved = flat - self.start
+        rows = torch.zeros(4, len(self.params), device=flat.device).index_add_(
+            1, self.segment, torch.stack([flat.abs(), flat * flat, moved * moved, self.start * self.start]))
+        counts = torch.zeros(len(self.params) * S.SIGN_EXPONENT_BINS, dtype=torch.int64, device=flat.device)
+        S.count_into(counts, S.sign_exponent_bins(flat) + self.segment * S.SIGN_EXPONENT_BINS)
+        return rows.t(), counts.view(len(self.params), S.SIGN_EXPONENT_BINS)
+
+
+@dataclass
+class _ActivationPlan:
+    """How one step's pending activations are reduced, for one sequence of (tap, shape)."""
+
+    segment: torch.Tensor        # each element: its tap
+    centre: torch.Tensor         # each element: the centre of its tap's range (0 if unbounded)
+    threshold: torch.Tensor      # each element: |a - centre| above this is saturated (inf if unbounded)
+    unit: torch.Tensor           # each element: its unit's slot in ``positives`` (last slot: none)
+    bin_offset: torch.Tensor
+    ones: torch.Tensor
+
+
+class _ActivationAccumulator:
+    """Forward hooks on activation modules: moments, saturation, dead units and histograms.
+
+    A hook only keeps a reference to its output (autograd keeps most of them alive anyway);
+    the optimizer step reduces every pending output of every tap at once, because on a small
+    model a dozen small ops per hook would cost more than the training step itself.
+    """
+
+    def __init__(self, taps: list[tuple[str, nn.Module]], device) -> None:
+        self.names = [name for name, _ in taps]
+        self.bounds = [_bounds(module) for _, module in taps]
+        self.rectifier = [isinstance(module, RECTIFIERS) for _, module in taps]
+        count = len(taps)
+        self.moments = torch.zeros(count, 3, device=device)   # sum, sum of squares, saturated
+        self.counts = torch.zeros(count * S.SIGN_EXPONENT_BINS, dtype=torch.int64, device=device)
+        self.elements = [0] * count
+        self.units: list[int | None] = [None] * count          # unit count, fixed at first sight
+        self.unit_start: list[int] = [0] * count
+        self.positives = torch.zeros(1, device=device)         # per unit: count of outputs > 0; slot 0: none
+        self.pending: list[tuple[int, torch.Tensor]] = []
+        self.pending_elements = 0
+        self._plans = _BoundedCache()
+
+    def hook(self, index: int):
+        def on_forward(module, inputs, output):
+            if torch.is_grad_enabled() and isinstance(output, torch.Tensor):
+                self.pending.append((index, output.detach()))
+                self.pending_elements += output.numel()
+                if self.pending_elements >= PENDING_ELEMENTS:
+                    self.reduce()
+            return None
+        return on_forward
+
+    def reset(self) -> None:
+        self.pending.clear()
+        self.pending_elements = 0
+        self.moments.zero_()
+        self.counts.zero_()
+        self.positives.zero_()
+        self.elements = [0] * len(self.names)
+
+    @torch.no_grad()
+    def reduce(self) -> None:
+        """Fold every pending output into the window's sums. No host sync."""
+        if not self.pending:
+            return
+        pending, self.pending, self.pending_elements = self.pending, [], 0
+        key = tuple((index, a.shape) for index, a in pending)
+        plan = self._plans.get(key) or self._plans.put(key, self._make_plan(pending))
+        flat = torch.cat([_flat(a) for _, a in pending])
+        saturated = (flat - plan.centre).abs_() > plan.threshold
+        self.moments.index_add_(0, plan.segment, torch.stack([flat, flat * flat, saturated.float()], dim=1))
+        self.counts.index_add_(0, S.sign_exponent_bins(flat) + plan.bin_offset, plan.ones)
+        self.positives.index_add_(0, plan.unit, (flat > 0).float())
+        for index, a in pending:
+            self.elements[index] += a.numel()
+
+    def _make_plan(self, pending) -> _ActivationPlan:
+        device = self.moments.device
+        segments, centres, thresholds, units = [], [], [], []
+        for index, a in pending:
+            n = a.numel()
+            bounds = self.bounds[index]
+            centre, half = ((bounds[0] + bounds[1]) / 2, (bounds[1] - bounds[0]) / 2) if bounds else (0.0, math.inf)
+            segments.append(torch.full((n,), index, dtype=torch.long, device=device))
+            centres.append(torch.full((n,), centre, device=device))
+            thresholds.append(torch.full((n,), SATURATION_LEVEL * half, device=device))
+            units.append(self._unit_slots(index, a))
+        segment = torch.cat(segments)
+        return _ActivationPlan(segment, torch.cat(centres), torch.cat(thresholds), torch.cat(units),
+                               segment * S.SIGN_EXPONENT_BINS, torch.ones_like(segment))
+
+    def _unit_slots(self, index: int, a: torch.Tensor) -> torch.Tensor:
+        """Each element's unit slot in ``positives``; slot 0 collects what has no unit."""
+        device = self.moments.device
+        dim = _unit_dim(a)
+        if self.rectifier[index] and self.units[index] is None and a.dim() >= 1:
+            self.units[index] = a.shape[dim]
+            self.unit_start[index] = self.positives.numel()
+            self.positives = torch.cat([self.positives, torch.zeros(a.shape[dim], device=device)])
+        if self.units[index] is None or a.dim() == 0 or a.shape[dim] != self.units[index]:
+            return torch.zeros(a.numel(), dtype=torch.long, device=device)
+        inner = math.prod(a.shape[dim + 1:])
+        unit = torch.arange(a.numel(), device=device) // inner % a.shape[dim]
+        return unit + self.unit_start[index]
+
+    def read(self, index: int, moments: np.ndarray, counts: np.ndarray, positives: np.ndarray):
+        """Statistics and histogram of one tap for the window, or None if it never fired."""
+        n = self.elements[index]
+        if n == 0:
+            return None
+        total, squares, saturated = moments
+        mean = total / n
+        row = {"mean": float(mean), "std": float(np.sqrt(max(squares / n - mean * mean, 0.0)))}
+        if self.bounds[index] is not None:
+            row["saturated_fraction"] = float(saturated / n)
+        if self.rectifier[index] and self.units[index]:
+            start = self.unit_start[index]
+            alive = positives[start:start + self.units[index]] > 0
+            row["dead_fraction"] = float(1.0 - alive.mean())
+        trimmed = S.value_histogram(counts)
+        return row, (Histogram(*trimmed) if trimmed else None)
+
+
+def _bounds(module: nn.Module) -> tuple[float, float] | None:
+    for kind, bounds in SATURATING.items():
+        if isinstance(module, kind):
+            return bounds if bounds is not None else (float(module.min_val), float(module.max_val))
+    return None
+
+
+def _unit_dim(a: torch.Tensor) -> int:
+    """The feature axis: channels of (N, C, ...) images, the last axis of (N, T, C) sequences."""
+    return a.dim() - 1 if a.dim() in (1, 3) else 1
+
+
+def is_activation(module: nn.Module) -> bool:
+    return isinstance(module, tuple(SATURATING) + RECTIFIERS + OTHER_ACTIVATIONS)
+
+
+@dataclass
+class Window:
+    """What one window recorded: per-parameter gradient and weight rows, per-module activations."""
+
+    step: int
+    steps: int
+    gradients: dict[str, dict[str, float]] = field(default_factory=dict)
+    weights: dict[str, dict[str, float]] = field(default_factory=dict)
+    activations: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+class GradientMonitor:
+    """Records per-parameter gradient statistics at every optimizer step of ``model``.
+
+    Args:
+        model: any nn.Module (also wrapped in DistributedDataParallel or torch.compile).
+        writer: a ``SummaryWriter`` to stream to, or None to only return and keep statistics.
+        optimizer: watch this optimizer's steps only; by default any torch.optim optimizer
+            that steps this model's parameters is watched.
+        histograms: write value and log10 |g| histograms (the counts behind the zero and
+            non-finite statistics are kept either way).
+        weights: also record weight norms, update ratios and weight histograms.
+        activations: tap activation modules (tanh, ReLU, ...) in training forward passes. Their
+            outputs are read at the optimizer step, so an output modified in place after the
+            activation (rare) is read as modified.
+
+    The monitor keeps no reference to ``model`` itself, adds nothing to it, and removes every
+    hook it added on ``remove()`` or on leaving ``with``.
+
+    Example:
+        >>> monitor = GradientMonitor(model, writer)
+        >>> ...; loss.backward(); optimizer.step()
+        >>> monitor.log(step=0)["dense_1.weight"]["norm"]
+        >>> monitor.remove()
+    """
+
+    def __init__(self, model: nn.Module, writer=None, *, optimizer: torch.optim.Optimizer | None = None,
+                 histograms: bool = True, weights: bool = True, activations: bool = True) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"GradientMonitor needs an nn.Module, got {type(model).__name__}")
+        inner = unwrap(model)
+        previous = _ATTACHED.get(inner)
+        if previous is not None and previous.attached:
+            raise MonitorError(
+                f"this {type(inner).__name__} already has a GradientMonitor attached; call .remove() on "
+                "that monitor (or GradientMonitor.detach(model)) before attaching another")
+        named = [(name, p) for name, p in inner.named_parameters() if p.is_floating_point()]
+        if not named:
+            raise MonitorError(f"{type(inner).__name__} has no floating-point parameters to monitor")
+        params = [p for _, p in named]
+        self.names = [name for name, _ in named]
+        self.sink = _tensorboard_sink(writer) if writer is not None else None
+        self.histograms = histograms
+        self.history: list[Window] = []
+        self._model = weakref.ref(inner)
+        self._gradients = _GradientAccumulator(params)
+        self._weights = _WeightTracker(params) if weights else None
+        taps = [(n, m) for n, m in inner.named_modules() if is_activation(m)] if activations else []
+        self._activations = _ActivationAccumulator(taps, params[0].device)
+        self._optimizers: "weakref.WeakKeyDictionary[torch.optim.Optimizer, bool]" = weakref.WeakKeyDictionary()
+        self._handles: list = []
+        self._window_steps = 0
+        self._attach(inner, optimizer, taps)
+
+    # -- life cycle -----------------------------------------------------------------------
+
+    def _attach(self, model: nn.Module, optimizer, taps) -> None:
+        if optimizer is not None:
+            self._optimizers[optimizer] = True
+            self._handles.append(optimizer.register_step_pre_hook(self._on_optimizer_step))
+        else:
+            self._handles.append(register_optimizer_step_pre_hook(self._on_optimizer_step))
+        for index, (_, module) in enumerate(taps):
+            self._handles.append(module.register_forward_hook(self._activations.hook(index)))
+        _ATTACHED[model] = self
+
+    @property
+    def attached(self) -> bool:
+        return bool(self._handles)
+
+    def remove(self) -> None:
+        """Remove every hook this monitor added. Safe to call more than once."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        # Fold in what is pending (and let go of it): a later log() still reports it.
+        self._gradients.reduce()
+        self._activations.reduce()
+        model = self._model()
+        if model is not None and _ATTACHED.get(model) is self:
+            del _ATTACHED[model]
+
+    @classmethod
+    def detach(cls, model: nn.Module) -> bool:
+        """Remove whichever monitor is attached to ``model``; True if there was one."""
+        monitor = _ATTACHED.get(unwrap(model))
+        if monitor is None:
+            return False
+        monitor.remove()
+        return True
+
+    def __enter__(self) -> "GradientMonitor":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()
+
+    # -- recording ------------------------------------------------------------------------
+
+    def _on_optimizer_step(self, optimizer, args=None, kwargs=None) -> None:
+        owns = self._optimizers.get(optimizer)
+        if owns is None:  # first step of an optimizer we were not told about: is it ours?
+            mine = {id(p) for p in self._gradients.params}
+            owns = any(id(p) in mine for group in optimizer.param_groups for p in group["params"])
+            self._optimizers[optimizer] = owns
+        if owns:
+            self.record()
+        return None
+
+    def record(self) -> None:
+        """Record the current gradients as one step. Called for you at each optimizer step;
+        call it yourself after ``backward()`` only if your loop has no torch.optim optimizer."""
+        self._gradients.record()
+        self._window_steps += 1
+
+    # -- reading --------------------------------------------------------------------------
+
+    def log(self, step: int) -> dict[str, dict[str, float]]:
+        """Close the window: write its statistics at ``step`` and return them per parameter.
+
+        Each parameter's ``mean``, ``mean_abs``, ``norm`` and ``max_abs`` are the means over the
+        window's steps of that step's value; ``nonfinite`` counts every non-finite element of
+        every step and ``zero_fraction`` every zero one. Parameters that had no gradient in the
+        window are left out. Weight statistics join as ``weight_l1``, ``weight_norm`` and
+        ``weight_update_ratio``; activations are in ``history[-1].activations``.
+        """
+        self._gradients.reduce()
+        self._activations.reduce()
+        values = self._read_back()
+        window = Window(step=step, steps=self._window_steps)
+        scalars: dict[str, float] = {}
+        histograms: dict[str, Histogram] = {}
+        self._read_gradients(values, window, scalars, histograms)
+        if self._weights is not None:
+            self._read_weights(values, window, scalars, histograms)
+        self._read_activations(values, window, scalars, histograms)
+        if self.sink is not None:
+            self.sink.log(scalars, histograms if self.histograms else {}, step)
+        self.history.append(window)
+        self._start_window()
+        return window.gradients
+
+    def _read_back(self) -> dict[str, np.ndarray]:
+        """One device-to-host copy of everything the window accumulated."""
+        parts = {"totals": self._gradients.totals, "counts": self._gradients.counts,
+                 "moments": self._activations.moments, "activation_counts": self._activations.counts,
+                 "positives": self._activations.positives}
+        if self._weights is not None:
+            parts["weights"], parts["weight_counts"] = self._weights.summary()
+        flat = torch.cat([t.reshape(-1).double() for t in parts.values()]).cpu().numpy()
+        out, start = {}, 0
+        for key, tensor in parts.items():
+            out[key] = flat[start:start + tensor.numel()].reshape(tuple(tensor.shape))
+            start += tensor.numel()
+        return out
+
+    def _read_gradients(self, values, window, scalars, histograms) -> None:
+        counts = values["counts"].reshape(len(self.names), S.SIGN_EXPONENT_BINS)
+        steps = self._gradients.steps()
+        for i, name in enumerate(self.names):
+            if steps[i] == 0:
+                continue
+            sums = values["totals"][i] / steps[i]
+            row = {"mean": float(sums[0] / self._gradients.numel[i]),
+                   "mean_abs": float(sums[1] / self._gradients.numel[i]),
+                   "norm": float(sums[2]), "max_abs": float(sums[3]),
+                   "zero_fraction": S.zero_count(counts[i]) / (self._gradients.numel[i] * steps[i]),
+                   "nonfinite": S.nonfinite_count(counts[i])}
+            path = tag_path(name)
+            scalars.update({f"grad/{path}/{key}": value for key, value in row.items()})
+            _add_histograms(histograms, path, counts[i])
+            row["steps"] = int(steps[i])
+            window.gradients[name] = row
+
+    def _read_weights(self, values, window, scalars, histograms) -> None:
+        for i, name in enumerate(self.names):
+            l1, squares, moved, start = values["weights"][i]
+            # A zero start (a fresh bias) has no relative update: NaN says so.
+            ratio = math.sqrt(moved / start) if start > 0 else math.nan
+            row = {"l1": float(l1), "norm": math.sqrt(squares), "update_ratio": ratio}
+            window.weights[name] = row
+            if name in window.gradients:
+                window.gradients[name].update({f"weight_{k}": v for k, v in row.items()})
+            path = tag_path(name)
+            scalars.update({f"weight/{path}/{key}": value for key, value in row.items()})
+            trimmed = S.value_histogram(values["weight_counts"][i])
+            if trimmed is not None:
+                histograms[f"weight/{path}"] = Histogram(*trimmed)
+
+    def _read_activations(self, values, window, scalars, histograms) -> None:
+        taps = self._activations
+        counts = values["activation_counts"].reshape(len(taps.names), S.SIGN_EXPONENT_BINS)
+        for i, name in enumerate(taps.names):
+            result = taps.read(i, values["moments"][i], counts[i], values["positives"])
+            if result is None:
+                continue
+            row, histogram = result
+            window.activations[name] = row
+            path = tag_path(name)
+            scalars.update({f"activation/{path}/{k}": v for k, v in row.items()})
+            if histogram is not None:
+                histograms[f"activation/{path}"] = histogram
+
+    def _start_window(self) -> None:
+        self._gradients.reset()
+        self._activations.reset()
+        if self._weights is not None:
+            self._weights.snapshot()
+        self._window_steps = 0
+
+
+def _add_histograms(histograms: dict[str, Histogram], path: str, counts: np.ndarray) -> None:
+    """``grad/<path>`` (values) and ``grad_log10/<path>`` (log10 |g|), if any value was finite."""
+    values = S.value_histogram(counts)
+    if values is None:
+        return  # every value was NaN or Inf: TensorBoard cannot draw an empty histogram
+    histograms[f"grad/{path}"] = Histogram(*values)
+    magnitudes = S.log10_abs_histogram(counts)
+    if magnitudes is not None:
+        histograms[f"grad_log10/{path}"] = Histogram(*magnitudes)
+
+
+def _tensorboard_sink(writer):
+    from gradflow.sinks import TensorBoardSink  # imports TensorBoard's protos only when writing
+
+    return TensorBoardSink(writer)

@@ -1,0 +1,370 @@
+"""GradientMonitor against oracles computed straight from p.grad, and its hook life cycle."""
+
+from __future__ import annotations
+
+import gc
+import math
+import weakref
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from gradflow import GradientMonitor, MonitorError
+from gradflow import stats as S
+from monitor_oracle import GradientOracle, assert_matches_oracle, sign_exponent_bin
+
+
+def mlp(depth: int = 3, width: int = 5, activation=nn.ReLU, inputs: int = 2) -> nn.Sequential:
+    layers, size = OrderedDict(), inputs
+    for i in range(1, depth + 1):
+        layers[f"dense_{i}"] = nn.Linear(size, width)
+        layers[f"act_{i}"] = activation()
+        size = width
+    layers[f"dense_{depth + 1}"] = nn.Linear(size, 1)
+    return nn.Sequential(layers)
+
+
+def train_steps(model, monitor_or_none, steps, oracle=None, batch=32, inputs=2, lr=0.05, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
+    for _ in range(steps):
+        x = torch.randn(batch, inputs, generator=generator)
+        y = (x.norm(dim=1, keepdim=True) > 1).float()
+        optimizer.zero_grad(set_to_none=True)
+        nn.functional.binary_cross_entropy_with_logits(model(x), y).backward()
+        if oracle is not None:
+            oracle.capture()
+        optimizer.step()
+    return optimizer
+
+
+class Wide(nn.Module):
+    """Small and large parameters, so both reduction paths are exercised."""
+
+    def __init__(self):
+        super().__init__()
+        self.dense_1 = nn.Linear(300, 300)        # 90,000 weights: reduced on its own
+        self.act = nn.Tanh()
+        self.dense_2 = nn.Linear(300, 1)
+
+    def forward(self, x):
+        return self.dense_2(self.act(self.dense_1(x)))
+
+
+@pytest.mark.parametrize("make, inputs", [(lambda: mlp(), 2), (Wide, 300)], ids=["small-mlp", "large-params"])
+def test_gradient_statistics_match_oracle_over_two_windows(make, inputs):
+    torch.manual_seed(0)
+    model = make()
+    oracle = GradientOracle(model.named_parameters())
+    with GradientMonitor(model) as monitor:
+        train_steps(model, monitor, 7, oracle, inputs=inputs)
+        assert_matches_oracle(monitor.log(0), oracle)
+        oracle.reset()
+        train_steps(model, monitor, 5, oracle, inputs=inputs, seed=1)
+        assert_matches_oracle(monitor.log(1), oracle)
+    assert [w.steps for w in monitor.history] == [7, 5]
+
+
+def test_histogram_counts_match_oracle_bins():
+    torch.manual_seed(1)
+    model = Wide()
+    oracle = GradientOracle(model.named_parameters())
+    with GradientMonitor(model) as monitor:
+        train_steps(model, monitor, 3, oracle, inputs=300)
+        monitor._gradients.reduce()
+        counts = monitor._gradients.counts.view(len(monitor.names), 512).numpy()
+        for i, name in enumerate(monitor.names):
+            np.testing.assert_array_equal(counts[i], oracle.bins[name], err_msg=name)
+
+
+def test_sign_exponent_bins_cover_special_values():
+    values = [0.0, -0.0, 1e-40, 1.0, -1.0, 1.5, 3.0, 1e30, -1e-30, float("inf"), float("-inf"), float("nan")]
+    got = S.sign_exponent_bins(torch.tensor(values)).tolist()
+    assert got == [sign_exponent_bin(v) for v in values]
+    counts = S.sign_exponent_counts(torch.tensor(values))
+    assert S.zero_count(counts) == 3 and S.nonfinite_count(counts) == 3
+    limits, buckets = S.value_histogram(counts)
+    assert sum(buckets) == len(values) - 3            # finite values only
+    assert limits == sorted(limits)
+
+
+def test_weight_statistics_and_update_ratio_match_oracle():
+    torch.manual_seed(2)
+    model = mlp()
+    with GradientMonitor(model) as monitor:
+        train_steps(model, monitor, 3)
+        monitor.log(0)
+        start = {name: p.detach().clone() for name, p in model.named_parameters()}
+        train_steps(model, monitor, 4, seed=3)
+        logged = monitor.log(1)
+    for name, p in model.named_parameters():
+        w = p.detach().double()
+        assert logged[name]["weight_l1"] == pytest.approx(w.abs().sum().item(), rel=1e-5)
+        assert logged[name]["weight_norm"] == pytest.approx(w.norm().item(), rel=1e-5)
+        ratio = (w - start[name].double()).norm() / start[name].double().norm()
+        assert logged[name]["weight_update_ratio"] == pytest.approx(ratio.item(), rel=1e-4)
+
+
+def test_activation_statistics_match_oracle():
+    torch.manual_seed(3)
+    model = nn.Sequential(OrderedDict(dense_1=nn.Linear(2, 8), tanh_1=nn.Tanh(), dense_2=nn.Linear(8, 8),
+                                      relu_2=nn.ReLU(), dense_3=nn.Linear(8, 1)))
+    with torch.no_grad():
+        model.dense_1.weight.mul_(4)                     # push some tanh units into saturation
+        model.dense_2.bias.fill_(-1.0)                   # and some ReLU units towards death
+    outputs = {"tanh_1": [], "relu_2": []}
+    for name in outputs:
+        getattr(model, name).register_forward_hook(lambda m, i, o, name=name: outputs[name].append(o.detach()))
+    with GradientMonitor(model) as monitor:
+        train_steps(model, monitor, 6)
+        with torch.no_grad():                            # evaluation passes are not recorded
+            model(torch.randn(100, 2))
+        monitor.log(0)
+    tanh = torch.cat([o.reshape(-1) for o in outputs["tanh_1"][:6]]).double()
+    relu = torch.stack(outputs["relu_2"][:6]).double()   # steps x batch x units
+    got = monitor.history[0].activations
+    assert got["tanh_1"]["mean"] == pytest.approx(tanh.mean().item(), abs=1e-6)
+    assert got["tanh_1"]["std"] == pytest.approx(tanh.std(unbiased=False).item(), rel=1e-4)
+    assert got["tanh_1"]["saturated_fraction"] == pytest.approx((tanh.abs() > 0.97).double().mean().item())
+    dead = (relu.amax(dim=(0, 1)) <= 0).double().mean().item()
+    assert got["relu_2"]["dead_fraction"] == pytest.approx(dead)
+    assert "saturated_fraction" not in got["relu_2"] and "dead_fraction" not in got["tanh_1"]
+
+
+def test_nonfinite_gradients_are_counted_and_left_out_of_histograms(tmp_path):
+    from torch.utils.tensorboard import SummaryWriter
+
+    torch.manual_seed(4)
+    model = mlp()
+    with SummaryWriter(tmp_path) as writer, GradientMonitor(model, writer) as monitor:
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+        model(torch.randn(4, 2)).sum().backward()
+        model.dense_1.weight.grad[0, 0] = float("nan")
+        model.dense_1.weight.grad[1, 1] = float("inf")
+        model.dense_2.weight.grad.fill_(float("nan"))      # a layer with no finite value at all
+        optimizer.step()
+        logged = monitor.log(0)
+        assert logged["dense_1.weight"]["nonfinite"] == 2
+        assert logged["dense_2.weight"]["nonfinite"] == model.dense_2.weight.numel()
+        assert logged["dense_3.weight"]["nonfinite"] == 0
+        assert math.isnan(logged["dense_1.weight"]["norm"])   # the truth, not a crash
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path), size_guidance={"histograms": 0}).Reload()
+    tags = events.Tags()["histograms"]
+    assert "grad/dense_1/weight" in tags and "grad/dense_2/weight" not in tags
+    histogram = events.Histograms("grad/dense_1/weight")[0].histogram_value
+    assert histogram.num == model.dense_1.weight.numel() - 2
+
+
+class WithExtra(nn.Module):
+    """An MLP beside a layer that forward uses only when asked."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = mlp()
+        self.extra = nn.Linear(1, 1)
+        self.use_extra = False
+
+    def forward(self, x):
+        out = self.body(x)
+        return self.extra(out) if self.use_extra else out
+
+
+def test_frozen_and_unused_parameters_are_skipped():
+    torch.manual_seed(5)
+    model = WithExtra()                                   # extra: registered, never used
+    model.body.dense_1.requires_grad_(False)
+    oracle = GradientOracle(model.named_parameters())
+    with GradientMonitor(model) as monitor:
+        train_steps(model, monitor, 3, oracle)
+        logged = monitor.log(0)
+    assert_matches_oracle(logged, oracle)
+    assert not any(name.startswith(("body.dense_1.", "extra.")) for name in logged)
+    assert "body.dense_2.weight" in logged
+
+
+def test_parameters_that_miss_some_steps_average_over_their_own_steps():
+    torch.manual_seed(6)
+    model = WithExtra()
+    oracle = GradientOracle(model.named_parameters())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    with GradientMonitor(model) as monitor:
+        for step in range(6):
+            optimizer.zero_grad(set_to_none=True)
+            model.use_extra = bool(step % 2)              # extra has a gradient in odd steps only
+            model(torch.randn(8, 2)).sum().backward()
+            oracle.capture()
+            optimizer.step()
+        logged = monitor.log(0)
+    assert_matches_oracle(logged, oracle)
+    assert logged["extra.weight"]["steps"] == 3 and logged["body.dense_1.weight"]["steps"] == 6
+
+
+def test_gradient_accumulation_records_the_accumulated_gradient():
+    torch.manual_seed(7)
+    model = mlp()
+    oracle = GradientOracle(model.named_parameters())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    with GradientMonitor(model) as monitor:
+        for _ in range(3):
+            optimizer.zero_grad()
+            for _ in range(4):                            # four micro-batches per step
+                x = torch.randn(8, 2)
+                (model(x).pow(2).mean() / 4).backward()
+            oracle.capture()
+            optimizer.step()
+        logged = monitor.log(0)
+    assert_matches_oracle(logged, oracle)
+    assert logged["dense_1.weight"]["steps"] == 3
+
+
+def test_grad_scaler_gradients_are_recorded_unscaled():
+    torch.manual_seed(8)
+    model = mlp()
+    oracle = GradientOracle(model.named_parameters())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 12)
+    scaled_norms = []
+    with GradientMonitor(model) as monitor:
+        for _ in range(3):
+            optimizer.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                loss = model(torch.randn(16, 2)).float().pow(2).mean()
+            scaler.scale(loss).backward()
+            scaled_norms.append(model.dense_1.weight.grad.norm().item())
+            scaler.unscale_(optimizer)                    # what the optimizer will apply
+            oracle.capture()
+            scaler.step(optimizer)
+            scaler.update()
+        logged = monitor.log(0)
+    assert_matches_oracle(logged, oracle)
+    assert logged["dense_1.weight"]["norm"] < np.mean(scaled_norms) / 1000
+
+
+def test_explicit_optimizer_and_manual_record():
+    torch.manual_seed(9)
+    model = mlp()
+    oracle = GradientOracle(model.named_parameters())
+    other = torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)
+    with GradientMonitor(model) as monitor:
+        for _ in range(3):                                # a loop with no torch.optim optimizer
+            model.zero_grad()
+            model(torch.randn(8, 2)).sum().backward()
+            oracle.capture()
+            monitor.record()
+            other.step()                                  # someone else's optimizer: ignored
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= 0.01 * p.grad
+        assert_matches_oracle(monitor.log(0), oracle)
+
+
+# -- life cycle -------------------------------------------------------------------------------
+
+def hook_counts(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._backward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def test_remove_takes_every_hook_away_and_is_safe_twice():
+    model = mlp()
+    attributes = {m: set(vars(m)) for m in model.modules()}
+    monitor = GradientMonitor(model)
+    assert hook_counts(model) > 0
+    train_steps(model, monitor, 2)
+    monitor.remove()
+    monitor.remove()
+    assert hook_counts(model) == 0
+    assert {m: set(vars(m)) for m in model.modules()} == attributes   # nothing added to the model
+    train_steps(model, monitor, 3)                         # no longer recording
+    assert monitor.log(0)["dense_1.weight"]["steps"] == 2  # what it saw while attached
+    assert monitor.history[0].activations["act_1"]["mean"] > 0
+
+
+def test_leaving_with_on_an_exception_removes_every_hook():
+    model = mlp()
+    with pytest.raises(RuntimeError, match="boom"):
+        with GradientMonitor(model) as monitor:
+            train_steps(model, monitor, 1)
+            raise RuntimeError("boom")
+    assert hook_counts(model) == 0
+    assert not monitor.attached
+    train_steps(model, None, 1)
+    with GradientMonitor(model) as again:                  # re-attaching works
+        train_steps(model, again, 2)
+        assert again.log(0)["dense_1.weight"]["steps"] == 2
+
+
+def test_a_second_live_monitor_is_refused_with_directions():
+    model = mlp()
+    first = GradientMonitor(model)
+    with pytest.raises(MonitorError, match=r"\.remove\(\)"):
+        GradientMonitor(model)
+    assert GradientMonitor.detach(model) is True
+    assert not first.attached
+    second = GradientMonitor(model)
+    second.remove()
+    assert GradientMonitor.detach(model) is False
+
+
+def test_the_monitor_does_not_keep_the_model_alive():
+    model = mlp()
+    monitor = GradientMonitor(model)
+    train_steps(model, monitor, 1)
+    ref = weakref.ref(model)
+    del model
+    gc.collect()
+    assert ref() is None
+    monitor.remove()
+
+
+def test_memory_stays_flat_over_ten_thousand_steps():
+    torch.manual_seed(10)
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    x = torch.randn(32, 2)
+    y = (x.norm(dim=1, keepdim=True) > 1).float()
+
+    def resident_bytes() -> int:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096
+
+    with GradientMonitor(model) as monitor:
+        for step in range(10_000):
+            optimizer.zero_grad(set_to_none=True)
+            nn.functional.binary_cross_entropy_with_logits(model(x), y).backward()
+            optimizer.step()
+            if step % 100 == 99:
+                monitor.log(step)
+            if step == 999:
+                gc.collect()
+                baseline = resident_bytes()
+        gc.collect()
+        grown = resident_bytes() - baseline
+        assert len(monitor.history) == 100
+        assert len(monitor._gradients.pending) == 0 and len(monitor._activations.pending) == 0
+        assert len(monitor._gradients._batches) <= monitor._gradients._batches.LIMIT
+    assert grown < 8 * 2**20, f"resident memory grew by {grown / 2**20:.1f} MiB over 9,000 steps"
+
+
+def test_pending_work_is_bounded_without_a_log_call():
+    model = nn.Sequential(nn.Linear(64, 512), nn.ReLU(), nn.Linear(512, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    with GradientMonitor(model) as monitor:
+        for _ in range(40):                                # 40 x 256 x 512 activations > the budget
+            optimizer.zero_grad()
+            model(torch.randn(256, 64)).sum().backward()
+            optimizer.step()
+            assert monitor._activations.pending_elements < 2 * (1 << 20)
+            assert monitor._gradients.pending_elements < (1 << 20) + 64 * 512 + 1024
+        assert monitor.log(0)["0.weight"]["steps"] == 40
+
+
+def test_bad_arguments_are_refused_at_attach_time():
+    with pytest.raises(TypeError, match="nn.Module"):
+        GradientMonitor("not a model")
+    with pytest.raises(MonitorError, match="no floating-point parameters"):
+        GradientMonitor(nn.ReLU())
