@@ -125,10 +125,10 @@ def evaluate(body: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.T
     """(loss, accuracy) of logits ``body(x)`` against ``y``, as device tensors (no sync).
 
     Example:
-        >>> m = nn.Sequential(nn.Linear(2, 1), nn.Sigmoid())
-        >>> loss, acc = evaluate(m[:-1], torch.zeros(4, 2), torch.ones(4, 1))
-        >>> round(loss.item(), 4)
-        0.6931
+        >>> m = nn.Sequential(nn.Linear(2, 1, bias=False), nn.Sigmoid())
+        >>> loss, acc = evaluate(m[:-1], torch.zeros(4, 2), torch.ones(4, 1))  # logits 0
+        >>> round(loss.item(), 4), acc.item()
+        (0.6931, 0.0)
     """
     logits = body(x)
     loss = F.binary_cross_entropy_with_logits(logits, y)
