@@ -133,21 +133,28 @@ class _GradientAccumulator:
             steps[list(pattern)] += count
         return steps
 
-    @torch.no_grad()
     def record(self) -> None:
-        """Add the current ``.grad`` of every parameter that has one. No host sync."""
+        """Add the current ``.grad`` of every parameter that has one. No host sync.
+
+        The hot path of the monitor: one list, one tuple and one ``cat`` per step on a small
+        model (no ``no_grad`` context: gradients do not require grad unless the caller asked
+        for a double backward, and then the copy is detached).
+        """
         grads = [p.grad for p in self.params]
         pattern = tuple(g is not None for g in grads)
         if not any(pattern):
             return
         plan = self._plans.get(pattern) or self._make_plan(pattern)
         if plan.small:
-            self.pending.append((plan, torch.cat([_flat(grads[i]) for i in plan.small])))
+            copy = torch.cat([_flat(grads[i]) for i in plan.small])
+            self.pending.append((plan, copy.detach() if copy.requires_grad else copy))
             self.pending_elements += plan.small_numel
             if self.pending_elements >= PENDING_ELEMENTS:
                 self.reduce()
-        for i in plan.large:
-            self._reduce_large(i, grads[i])
+        if plan.large:
+            with torch.no_grad():
+                for i in plan.large:
+                    self._reduce_large(i, grads[i])
         self.steps_by_pattern[pattern] = self.steps_by_pattern.get(pattern, 0) + 1
 
     def _make_plan(self, pattern: tuple[bool, ...]) -> _GradientPlan:
@@ -209,10 +216,9 @@ class _BoundedCache(dict):
 
 def _flat(tensor: torch.Tensor) -> torch.Tensor:
     """A 1-D float32 view (or copy) of a gradient or activation, dense."""
-    if tensor.is_sparse:
+    if tensor.layout != torch.strided:
         tensor = tensor.to_dense()
-    flat = tensor.reshape(-1)
-    return flat if flat.dtype == torch.float32 else flat.float()
+    return tensor.reshape(-1) if tensor.dtype == torch.float32 else tensor.reshape(-1).float()
 
 
 class _WeightTracker:
@@ -304,7 +310,8 @@ class _ActivationAccumulator:
         pending, self.pending, self.pending_elements = self.pending, [], 0
         key = tuple((index, a.shape) for index, a in pending)
         plan = self._plans.get(key) or self._plans.put(key, self._make_plan(pending))
-        flat = torch.cat([_flat(a) for _, a in pending])
+        flat = torch.cat([a.reshape(-1) for _, a in pending])
+        flat = flat if flat.dtype == torch.float32 else flat.float()
         saturated = (flat - plan.centre).abs_() > plan.threshold
         self.moments.index_add_(0, plan.segment, torch.stack([flat, flat * flat, saturated.float()], dim=1))
         self.counts.index_add_(0, S.sign_exponent_bins(flat) + plan.bin_offset, plan.ones)
@@ -341,8 +348,8 @@ class _ActivationAccumulator:
         unit = torch.arange(a.numel(), device=device) // inner % a.shape[dim]
         return unit + self.unit_start[index]
 
-    def read(self, index: int, moments: np.ndarray, counts: np.ndarray, positives: np.ndarray):
-        """Statistics and histogram of one tap for the window, or None if it never fired."""
+    def read(self, index: int, moments: np.ndarray, positives: np.ndarray) -> dict[str, float] | None:
+        """Statistics of one tap for the window, or None if it never fired."""
         n = self.elements[index]
         if n == 0:
             return None
@@ -355,8 +362,7 @@ class _ActivationAccumulator:
             start = self.unit_start[index]
             alive = positives[start:start + self.units[index]] > 0
             row["dead_fraction"] = float(1.0 - alive.mean())
-        trimmed = S.value_histogram(counts)
-        return row, (Histogram(*trimmed) if trimmed else None)
+        return row
 
 
 def _bounds(module: nn.Module) -> tuple[float, float] | None:
@@ -522,7 +528,7 @@ class GradientMonitor:
             self._read_weights(values, window, scalars, histograms)
         self._read_activations(values, window, scalars, histograms)
         if self.sink is not None:
-            self.sink.log(scalars, histograms if self.histograms else {}, step)
+            self.sink.log(scalars, histograms, step)
         self.history.append(window)
         self._start_window()
         return window.gradients
@@ -544,49 +550,56 @@ class GradientMonitor:
     def _read_gradients(self, values, window, scalars, histograms) -> None:
         counts = values["counts"].reshape(len(self.names), S.SIGN_EXPONENT_BINS)
         steps = self._gradients.steps()
+        numel = np.asarray(self._gradients.numel, dtype=np.float64)
+        taken = np.maximum(steps, 1)
+        means = values["totals"] / taken[:, None]
+        zeros = counts[:, S.ZERO_EXPONENT] + counts[:, S.EXPONENTS + S.ZERO_EXPONENT]
+        nonfinite = counts[:, S.NONFINITE_EXPONENT] + counts[:, S.EXPONENTS + S.NONFINITE_EXPONENT]
+        if self.histograms:
+            seen = steps > 0
+            paths = [tag_path(name) for name, has in zip(self.names, seen) if has]
+            _add(histograms, "grad", paths, S.value_histograms(counts[seen]))
+            _add(histograms, "grad_log10", paths, S.log10_abs_histograms(counts[seen]))
         for i, name in enumerate(self.names):
             if steps[i] == 0:
                 continue
-            sums = values["totals"][i] / steps[i]
-            row = {"mean": float(sums[0] / self._gradients.numel[i]),
-                   "mean_abs": float(sums[1] / self._gradients.numel[i]),
-                   "norm": float(sums[2]), "max_abs": float(sums[3]),
-                   "zero_fraction": S.zero_count(counts[i]) / (self._gradients.numel[i] * steps[i]),
-                   "nonfinite": S.nonfinite_count(counts[i])}
+            row = {"mean": means[i, 0] / numel[i], "mean_abs": means[i, 1] / numel[i],
+                   "norm": means[i, 2], "max_abs": means[i, 3],
+                   "zero_fraction": zeros[i] / (numel[i] * steps[i]), "nonfinite": int(nonfinite[i])}
+            row = {key: float(value) if key != "nonfinite" else value for key, value in row.items()}
             path = tag_path(name)
             scalars.update({f"grad/{path}/{key}": value for key, value in row.items()})
-            _add_histograms(histograms, path, counts[i])
             row["steps"] = int(steps[i])
             window.gradients[name] = row
 
     def _read_weights(self, values, window, scalars, histograms) -> None:
-        for i, name in enumerate(self.names):
-            l1, squares, moved, start = values["weights"][i]
+        l1, squares, moved, start = values["weights"].T
+        with np.errstate(divide="ignore", invalid="ignore"):
             # A zero start (a fresh bias) has no relative update: NaN says so.
-            ratio = math.sqrt(moved / start) if start > 0 else math.nan
-            row = {"l1": float(l1), "norm": math.sqrt(squares), "update_ratio": ratio}
+            ratios = np.where(start > 0, np.sqrt(moved / start), np.nan)
+        paths = [tag_path(name) for name in self.names]
+        for i, name in enumerate(self.names):
+            row = {"l1": float(l1[i]), "norm": float(np.sqrt(squares[i])), "update_ratio": float(ratios[i])}
             window.weights[name] = row
             if name in window.gradients:
                 window.gradients[name].update({f"weight_{k}": v for k, v in row.items()})
-            path = tag_path(name)
-            scalars.update({f"weight/{path}/{key}": value for key, value in row.items()})
-            trimmed = S.value_histogram(values["weight_counts"][i])
-            if trimmed is not None:
-                histograms[f"weight/{path}"] = Histogram(*trimmed)
+            scalars.update({f"weight/{paths[i]}/{key}": value for key, value in row.items()})
+        if self.histograms:
+            _add(histograms, "weight", paths, S.value_histograms(values["weight_counts"]))
 
     def _read_activations(self, values, window, scalars, histograms) -> None:
         taps = self._activations
-        counts = values["activation_counts"].reshape(len(taps.names), S.SIGN_EXPONENT_BINS)
+        fired = []
         for i, name in enumerate(taps.names):
-            result = taps.read(i, values["moments"][i], counts[i], values["positives"])
-            if result is None:
+            row = taps.read(i, values["moments"][i], values["positives"])
+            if row is None:
                 continue
-            row, histogram = result
+            fired.append(i)
             window.activations[name] = row
-            path = tag_path(name)
-            scalars.update({f"activation/{path}/{k}": v for k, v in row.items()})
-            if histogram is not None:
-                histograms[f"activation/{path}"] = histogram
+            scalars.update({f"activation/{tag_path(name)}/{k}": v for k, v in row.items()})
+        if self.histograms and fired:
+            counts = values["activation_counts"].reshape(len(taps.names), S.SIGN_EXPONENT_BINS)[fired]
+            _add(histograms, "activation", [tag_path(taps.names[i]) for i in fired], S.value_histograms(counts))
 
     def _start_window(self) -> None:
         self._gradients.reset()
@@ -596,15 +609,11 @@ class GradientMonitor:
         self._window_steps = 0
 
 
-def _add_histograms(histograms: dict[str, Histogram], path: str, counts: np.ndarray) -> None:
-    """``grad/<path>`` (values) and ``grad_log10/<path>`` (log10 |g|), if any value was finite."""
-    values = S.value_histogram(counts)
-    if values is None:
-        return  # every value was NaN or Inf: TensorBoard cannot draw an empty histogram
-    histograms[f"grad/{path}"] = Histogram(*values)
-    magnitudes = S.log10_abs_histogram(counts)
-    if magnitudes is not None:
-        histograms[f"grad_log10/{path}"] = Histogram(*magnitudes)
+def _add(histograms: dict[str, Histogram], prefix: str, paths: list[str], found) -> None:
+    """File each histogram under ``prefix/path``; a window with no finite value has none."""
+    for path, histogram in zip(paths, found):
+        if histogram is not None:
+            histograms[f"{prefix}/{path}"] = histogram
 
 
 def _tensorboard_sink(writer):

@@ -19,7 +19,7 @@ try:
 except ImportError:  # pragma: no cover - a declared dependency; TensorBoard's slow path still works
     google_crc32c = None
 
-from gradflow.stats import Histogram, histogram_moments
+from gradflow.stats import Histogram
 
 
 class TensorBoardSink:
@@ -43,16 +43,13 @@ class TensorBoardSink:
     def _log_one_by_one(self, scalars, histograms, step) -> None:
         for tag, number in scalars.items():
             self.writer.add_scalar(tag, number, step)
-        for tag, histogram in histograms.items():
-            low, high, num, total, squares = histogram_moments(histogram.limits, histogram.counts)
-            self.writer.add_histogram_raw(tag, low, high, num, total, squares,
-                                          histogram.limits, histogram.counts, step)
+        for tag, h in histograms.items():
+            self.writer.add_histogram_raw(tag, h.min, h.max, h.num, h.sum, h.sum_squares, h.limits, h.counts, step)
 
 
-def _proto(histogram: Histogram) -> HistogramProto:
-    low, high, num, total, squares = histogram_moments(histogram.limits, histogram.counts)
-    return HistogramProto(min=low, max=high, num=num, sum=total, sum_squares=squares,
-                          bucket_limit=histogram.limits, bucket=histogram.counts)
+def _proto(h: Histogram) -> HistogramProto:
+    return HistogramProto(min=h.min, max=h.max, num=h.num, sum=h.sum, sum_squares=h.sum_squares,
+                          bucket_limit=h.limits, bucket=h.counts)
 
 
 def _masked_crc32c(data: bytes) -> int:

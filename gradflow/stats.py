@@ -11,6 +11,8 @@ Example:
     >>> counts = sign_exponent_counts(g)
     >>> zero_count(counts), nonfinite_count(counts)
     (1, 1)
+    >>> value_histograms(counts)[0].num        # finite values only
+    3.0
 """
 
 from __future__ import annotations
@@ -34,6 +36,11 @@ class Histogram:
 
     limits: list[float]
     counts: list[float]
+    min: float
+    max: float
+    num: float
+    sum: float
+    sum_squares: float
 
 
 def sign_exponent_bins(flat: torch.Tensor) -> torch.Tensor:
@@ -88,57 +95,69 @@ VALUE_LIMITS = np.array([-_octave_edge(e - 1) for e in _FINITE[::-1]] + [_octave
 LOG10_LIMITS = (_FINITE - 126) * LOG10_2
 
 
-def value_histogram(counts, octaves: int = 24) -> tuple[list[float], list[float]] | None:
-    """TensorBoard bucket limits (right edges) and counts of the finite values, or None.
+MIDDLE = len(_FINITE)                                   # index of the bucket around zero
+_POSITION = np.arange(2 * len(_FINITE) + 1)
+_DISTANCE = np.abs(_POSITION - MIDDLE)
 
-    Values more than ``octaves`` octaves below the largest magnitude join the bucket around
-    zero (invisible on a linear axis anyway), so a window that holds exact zeros does not
-    spend 250 buckets on empty octaves. Returns None when no finite value was seen.
+
+def value_histograms(counts, octaves: int = 24) -> list[Histogram | None]:
+    """TensorBoard histograms of the finite values of each row of (R, 512) counts.
+
+    Buckets run from the most negative octave through zero to the most positive one, trimmed
+    to the nonempty range. Values more than ``octaves`` octaves below a row's largest
+    magnitude join the bucket around zero (invisible on a linear axis anyway), so a window
+    that holds exact zeros does not spend 250 buckets on empty octaves. A row with no finite
+    value gives None: TensorBoard cannot draw an empty histogram.
     """
-    positive, negative = _by_sign(np.asarray(counts, dtype=np.float64))
-    seen = np.flatnonzero(positive[_FINITE] + negative[_FINITE])
-    zeros = positive[ZERO_EXPONENT] + negative[ZERO_EXPONENT]
-    if seen.size == 0 and zeros == 0:
-        return None
-    floor = int(max(1, _FINITE[seen[-1]] - octaves)) if seen.size else 1
-    ordered = np.concatenate([negative[_FINITE[::-1]], [zeros], positive[_FINITE]])
-    middle = len(_FINITE)                                  # index of the zero bucket
-    low, high = middle + 1 - floor, middle + floor         # octaves below the floor, both signs
-    merged = np.concatenate([ordered[:low], [ordered[low:high].sum()], ordered[high:]])
-    limits = np.concatenate([VALUE_LIMITS[:low], [VALUE_LIMITS[high - 1]], VALUE_LIMITS[high:]])
-    return _trim(limits, merged)
+    counts = np.asarray(counts, dtype=np.float64).reshape(-1, SIGN_EXPONENT_BINS)
+    positive, negative = _by_sign(counts)
+    magnitudes = positive[:, _FINITE] + negative[:, _FINITE]
+    zeros = positive[:, ZERO_EXPONENT] + negative[:, ZERO_EXPONENT]
+    ordered = np.concatenate([negative[:, _FINITE[::-1]], zeros[:, None], positive[:, _FINITE]], axis=1)
+    largest = len(_FINITE) - 1 - np.argmax(magnitudes[:, ::-1] > 0, axis=1)
+    floor = np.where(magnitudes.any(axis=1), np.maximum(1, _FINITE[largest] - octaves), 1)
+    band = _DISTANCE[None, :] < floor[:, None]           # the octaves merged into the zero bucket
+    merged = np.where(band, 0.0, ordered)
+    merged[:, MIDDLE] = (ordered * band).sum(axis=1)
+    keep = ~band
+    keep[:, MIDDLE] = True
+    rights = np.repeat(VALUE_LIMITS[None, :], len(counts), axis=0)
+    rights[:, MIDDLE] = VALUE_LIMITS[MIDDLE + floor - 1]
+    lefts = np.concatenate([[2 * VALUE_LIMITS[:1]], VALUE_LIMITS[None, :-1]], axis=1).repeat(len(counts), axis=0)
+    lefts[:, MIDDLE] = -rights[:, MIDDLE]
+    return _pack(rights, lefts, merged, keep)
 
 
-def log10_abs_histogram(counts) -> tuple[list[float], list[float]] | None:
-    """Bucket limits and counts of log10 |x| over finite non-zero values, or None."""
-    positive, negative = _by_sign(np.asarray(counts, dtype=np.float64))
-    return _trim(LOG10_LIMITS, positive[_FINITE] + negative[_FINITE])
+def log10_abs_histograms(counts) -> list[Histogram | None]:
+    """Histograms of log10 |x| over the finite non-zero values of each row of (R, 512) counts."""
+    counts = np.asarray(counts, dtype=np.float64).reshape(-1, SIGN_EXPONENT_BINS)
+    positive, negative = _by_sign(counts)
+    rights = np.repeat(LOG10_LIMITS[None, :], len(counts), axis=0)
+    return _pack(rights, rights - LOG10_2, positive[:, _FINITE] + negative[:, _FINITE], None)
 
 
-def _trim(limits: np.ndarray, values: np.ndarray) -> tuple[list[float], list[float]] | None:
-    nonempty = np.flatnonzero(values)
-    if nonempty.size == 0:
-        return None
-    # Keep one empty bucket on the left so TensorBoard knows where the first one starts.
-    first, last = max(nonempty[0] - 1, 0), nonempty[-1]
-    return limits[first:last + 1].tolist(), values[first:last + 1].tolist()
+def _pack(rights, lefts, counts, keep) -> list[Histogram | None]:
+    """Trim each row to its nonempty buckets and attach the moments TensorBoard records.
 
-
-def histogram_moments(limits: list[float], values: list[float]) -> tuple[float, float, float, float, float]:
-    """min, max, count, sum and sum of squares of a bucketed histogram, at bucket centres.
-
-    TensorBoard's histogram record carries these; the exact moments of a window that held a
-    NaN would be NaN, so they are estimated from the finite buckets instead.
+    The moments are taken at bucket centres: the exact ones of a window that held a NaN would
+    be NaN.
     """
-    edges = np.asarray(limits, dtype=np.float64)
-    counts = np.asarray(values, dtype=np.float64)
-    lefts = np.concatenate([[edges[0] - abs(edges[0])], edges[:-1]]) if len(edges) else edges
-    centres = (lefts + edges) / 2
+    centres = (lefts + rights) / 2
+    totals = counts.sum(axis=1)
+    sums = (counts * centres).sum(axis=1)
+    squares = (counts * centres * centres).sum(axis=1)
     nonempty = counts > 0
-    return (
-        float(lefts[nonempty][0]),
-        float(edges[nonempty][-1]),
-        float(counts.sum()),
-        float((counts * centres).sum()),
-        float((counts * centres**2).sum()),
-    )
+    first = np.argmax(nonempty, axis=1)
+    last = counts.shape[1] - 1 - np.argmax(nonempty[:, ::-1], axis=1)
+    histograms: list[Histogram | None] = []
+    for row in range(len(counts)):
+        if totals[row] == 0:
+            histograms.append(None)
+            continue
+        window = slice(first[row], last[row] + 1)
+        mask = keep[row, window] if keep is not None else slice(None)
+        histograms.append(Histogram(
+            limits=rights[row, window][mask].tolist(), counts=counts[row, window][mask].tolist(),
+            min=float(lefts[row, first[row]]), max=float(rights[row, last[row]]), num=float(totals[row]),
+            sum=float(sums[row]), sum_squares=float(squares[row])))
+    return histograms

@@ -86,9 +86,14 @@ def test_sign_exponent_bins_cover_special_values():
     assert got == [sign_exponent_bin(v) for v in values]
     counts = S.sign_exponent_counts(torch.tensor(values))
     assert S.zero_count(counts) == 3 and S.nonfinite_count(counts) == 3
-    limits, buckets = S.value_histogram(counts)
-    assert sum(buckets) == len(values) - 3            # finite values only
-    assert limits == sorted(limits)
+    histogram = S.value_histograms(counts)[0]
+    assert sum(histogram.counts) == histogram.num == len(values) - 3      # finite values only
+    assert histogram.limits == sorted(histogram.limits)
+    # 1e30 lies in [2**99, 2**100); everything below 2**(99 - 24) joins the zero bucket.
+    assert histogram.max == 2.0 ** 100 and histogram.min == -(2.0 ** 75)
+    small = S.value_histograms(S.sign_exponent_counts(torch.tensor([-3.0, 0.0, 0.3])))[0]
+    assert (small.min, small.max, small.num) == (-4.0, 0.5, 3.0)
+    assert S.value_histograms(S.sign_exponent_counts(torch.tensor([float("nan")])))[0] is None
 
 
 def test_weight_statistics_and_update_ratio_match_oracle():

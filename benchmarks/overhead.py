@@ -1,0 +1,171 @@
+"""What gradient instrumentation costs per training step, measured side by side in one process.
+
+For each model, a plain training loop is timed with no instrumentation, with gradflow's
+GradientMonitor (every step recorded, one TensorBoard write per epoch, histograms on), with a
+per-step ``SummaryWriter.add_histogram`` of every gradient (what people write by hand), and with
+``wandb.watch(model, log="gradients", log_freq=1)`` offline when wandb is installed. Variants
+are interleaved over several rounds and each ratio is the median of per-round ratios, so a
+noisy neighbour slows both sides of a ratio alike.
+
+    python benchmarks/overhead.py                 # both models, 5 rounds
+    python benchmarks/overhead.py --rounds 3 --model tutorial
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import statistics
+import sys
+import tempfile
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.utils.tensorboard import SummaryWriter
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from gradflow import GradientMonitor  # noqa: E402
+
+
+@dataclass
+class Workload:
+    name: str
+    model: nn.Module
+    inputs: torch.Tensor
+    targets: torch.Tensor
+    batch: int
+    epochs: int            # per timed round; one monitor write per epoch
+
+
+def tutorial_mlp() -> Workload:
+    """The tutorial's deep MLP: five Dense(5, relu) layers and a sigmoid output, batch 32."""
+    layers, size = OrderedDict(), 2
+    for i in range(1, 6):
+        layers[f"dense_{i}"], layers[f"relu_{i}"], size = nn.Linear(size, 5), nn.ReLU(), 5
+    layers["dense_6"] = nn.Linear(size, 1)
+    x = torch.rand(500, 2) * 2 - 1
+    return Workload("tutorial deep MLP (5 x 5, batch 32)", nn.Sequential(layers), x,
+                    (x.norm(dim=1, keepdim=True) > 0.7).float(), 32, 20)
+
+
+def wide_mlp() -> Workload:
+    """Six hidden layers of 1024 ReLU units at batch 256."""
+    layers, size = OrderedDict(), 1024
+    for i in range(1, 7):
+        layers[f"dense_{i}"], layers[f"relu_{i}"] = nn.Linear(size, 1024), nn.ReLU()
+    layers["dense_7"] = nn.Linear(1024, 1)
+    x = torch.randn(256 * 8, 1024)
+    return Workload("wide MLP (6 x 1024, batch 256)", nn.Sequential(layers), x,
+                    (x[:, :1] > 0).float(), 256, 1)
+
+
+def train(work: Workload, optimizer, on_step=None, on_epoch=None) -> float:
+    """Seconds for ``work.epochs`` epochs of a plain loop."""
+    n = len(work.inputs)
+    start = time.perf_counter()
+    for epoch in range(work.epochs):
+        order = torch.randperm(n)
+        for first in range(0, n, work.batch):
+            index = order[first:first + work.batch]
+            optimizer.zero_grad(set_to_none=True)
+            loss = nn.functional.binary_cross_entropy_with_logits(work.model(work.inputs[index]), work.targets[index])
+            loss.backward()
+            optimizer.step()
+            if on_step is not None:
+                on_step()
+        if on_epoch is not None:
+            on_epoch(epoch)
+    return time.perf_counter() - start
+
+
+def variants(work: Workload, logdir: str):
+    """name -> a context manager yielding (on_step, on_epoch) for the loop."""
+
+    @contextlib.contextmanager
+    def bare():
+        yield None, None
+
+    @contextlib.contextmanager
+    def gradflow():
+        with SummaryWriter(os.path.join(logdir, "gradflow")) as writer:
+            with GradientMonitor(work.model, writer) as monitor:
+                yield None, monitor.log
+
+    @contextlib.contextmanager
+    def add_histogram_per_step():
+        with SummaryWriter(os.path.join(logdir, "by-hand")) as writer:
+            step = [0]
+
+            def on_step():
+                for name, p in work.model.named_parameters():
+                    writer.add_histogram(f"grad/{name}", p.grad, step[0])
+                step[0] += 1
+            yield on_step, None
+
+    found = {"bare": bare, "gradflow": gradflow, "add_histogram/step": add_histogram_per_step}
+    try:
+        import wandb
+    except ImportError:
+        return found
+
+    @contextlib.contextmanager
+    def wandb_watch():
+        run = wandb.init(mode="offline", dir=logdir, project="gradflow-overhead", reinit=True)
+        wandb.watch(work.model, log="gradients", log_freq=1)
+        try:
+            yield (lambda: wandb.log({})), None
+        finally:
+            wandb.unwatch(work.model)
+            run.finish()
+
+    os.environ.setdefault("WANDB_SILENT", "true")
+    found["wandb.watch"] = wandb_watch
+    return found
+
+
+def measure(work: Workload, rounds: int) -> dict[str, float]:
+    """Median over rounds of (variant time / bare time) measured in the same round."""
+    ratios: dict[str, list[float]] = {}
+    seconds: dict[str, list[float]] = {}
+    with tempfile.TemporaryDirectory() as logdir:
+        runs = variants(work, logdir)
+        for _ in range(rounds + 1):                      # the first round warms up and is dropped
+            times = {}
+            for name, make in runs.items():
+                optimizer = torch.optim.SGD(work.model.parameters(), lr=1e-3, momentum=0.9)
+                with make() as (on_step, on_epoch):
+                    times[name] = train(work, optimizer, on_step, on_epoch)
+            for name, value in times.items():
+                ratios.setdefault(name, []).append(value / times["bare"])
+                seconds.setdefault(name, []).append(value)
+    steps = work.epochs * -(-len(work.inputs) // work.batch)
+    print(f"\n{work.name}: {steps} steps per round, {rounds} rounds")
+    print(f"  {'variant':22s} {'ms/step':>9s} {'ratio to bare':>14s}")
+    for name in runs:
+        ms = statistics.median(seconds[name][1:]) / steps * 1e3
+        print(f"  {name:22s} {ms:9.3f} {statistics.median(ratios[name][1:]):13.2f}x")
+    return {name: statistics.median(r[1:]) for name, r in ratios.items()}
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--model", choices=["tutorial", "wide", "both"], default="both")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    if args.model in ("tutorial", "both"):
+        measure(tutorial_mlp(), args.rounds)
+    if args.model in ("wide", "both"):
+        measure(wide_mlp(), args.rounds)
+
+
+if __name__ == "__main__":
+    main()
