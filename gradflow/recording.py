@@ -1,0 +1,123 @@
+"""Connects a GradientMonitor to a training run: closes a window each epoch (or every N steps)
+and keeps the windows as two tables in the run directory, which diagnosis and plots read back.
+
+    gradients.csv    one row per window and parameter (input layer first)
+    activations.csv  one row per window and activation module
+
+Example:
+    >>> monitor = GradientMonitor(model, writer)
+    >>> recorder = MonitorCallback(monitor, run_dir)
+    >>> fit(..., callbacks=[recorder]); recorder.close()
+    >>> windows = load_windows(run_dir)          # list[Window], as monitor.history had them
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+from gradflow.monitor import GradientMonitor, Window
+
+GRADIENT_COLUMNS = ("window", "step", "steps", "parameter", "mean", "mean_abs", "norm", "max_abs",
+                    "zero_fraction", "nonfinite", "weight_l1", "weight_norm", "weight_update_ratio")
+ACTIVATION_COLUMNS = ("window", "step", "module", "mean", "std", "saturated_fraction", "dead_fraction")
+GRADIENTS_FILE = "gradients.csv"
+ACTIVATIONS_FILE = "activations.csv"
+
+
+class MonitorCallback:
+    """Trainer callback: ``monitor.log`` at each epoch's end, or every ``window_steps`` steps.
+
+    With ``window_steps`` the TensorBoard step of a window is the global step at its end;
+    otherwise it is the epoch, like the ``epoch/*`` scalars.
+    """
+
+    def __init__(self, monitor: GradientMonitor, run_dir: str | Path | None = None, window_steps: int = 0) -> None:
+        self.monitor = monitor
+        self.window_steps = window_steps
+        self._tables = _Tables(Path(run_dir)) if run_dir is not None else None
+        if window_steps:
+            self.after_backward = self._log_every_n_steps   # only then does a step cost a call
+
+    def _log_every_n_steps(self, step: int) -> None:
+        # Called before the optimizer steps: the window holds steps up to step - 1.
+        if step and step % self.window_steps == 0:
+            self._log(step)
+
+    def epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        if not self.window_steps:
+            self._log(epoch)
+
+    def _log(self, step: int) -> None:
+        self.monitor.log(step)
+        if self._tables is not None:
+            self._tables.append(len(self.monitor.history) - 1, self.monitor.history[-1])
+
+    def close(self) -> None:
+        if self._tables is not None:
+            self._tables.close()
+
+
+class _Tables:
+    """The two CSV files, appended to and flushed once per window."""
+
+    def __init__(self, run_dir: Path) -> None:
+        self._files = [open(run_dir / name, "w", newline="") for name in (GRADIENTS_FILE, ACTIVATIONS_FILE)]
+        self._gradients, self._activations = (csv.writer(f) for f in self._files)
+        self._gradients.writerow(GRADIENT_COLUMNS)
+        self._activations.writerow(ACTIVATION_COLUMNS)
+
+    def append(self, index: int, window: Window) -> None:
+        for name, row in window.gradients.items():
+            self._gradients.writerow([index, window.step, row["steps"], name]
+                                     + [_cell(row.get(key)) for key in GRADIENT_COLUMNS[4:]])
+        for name, row in window.activations.items():
+            self._activations.writerow([index, window.step, name]
+                                       + [_cell(row.get(key)) for key in ACTIVATION_COLUMNS[3:]])
+        for f in self._files:
+            f.flush()
+
+    def close(self) -> None:
+        for f in self._files:
+            f.close()
+
+
+def _cell(value) -> str:
+    return "" if value is None else repr(value)
+
+
+def load_windows(run_dir: str | Path) -> list[Window]:
+    """The windows a run recorded, read back from its gradients.csv and activations.csv."""
+    run_dir = Path(run_dir)
+    windows: dict[int, Window] = {}
+    with open(run_dir / GRADIENTS_FILE, newline="") as f:
+        for row in csv.DictReader(f):
+            window = windows.setdefault(int(row["window"]), Window(step=int(row["step"]), steps=int(row["steps"])))
+            values = {key: _number(row[key]) for key in GRADIENT_COLUMNS[4:] if row[key] != ""}
+            values["steps"] = int(row["steps"])
+            window.steps = max(window.steps, values["steps"])
+            window.gradients[row["parameter"]] = values
+    activations = run_dir / ACTIVATIONS_FILE
+    if activations.exists():
+        with open(activations, newline="") as f:
+            for row in csv.DictReader(f):
+                window = windows.get(int(row["window"]))
+                if window is not None:
+                    window.activations[row["module"]] = {
+                        key: _number(row[key]) for key in ACTIVATION_COLUMNS[3:] if row[key] != ""}
+    return [windows[i] for i in sorted(windows)]
+
+
+def _number(text: str) -> float | int:
+    value = float(text)
+    return int(value) if value.is_integer() and "." not in text and "e" not in text.lower() else value
+
+
+def layer_of(parameter: str) -> str:
+    """``dense_1.weight`` -> ``dense_1``; ``encoder.layers.0.attn.weight`` -> ``encoder.layers.0.attn``."""
+    return parameter.rpartition(".")[0] or parameter
+
+
+def finite(value: float) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)

@@ -1,0 +1,52 @@
+"""Windows written to the run directory's tables read back as the monitor had them."""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from gradflow import GradientMonitor
+from gradflow.recording import MonitorCallback, load_windows
+
+
+def test_tables_round_trip_every_window(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 4), nn.Tanh(), nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with GradientMonitor(model) as monitor:
+        recorder = MonitorCallback(monitor, tmp_path)
+        for epoch in range(3):
+            for _ in range(4):
+                optimizer.zero_grad()
+                model(torch.randn(8, 2)).pow(2).mean().backward()
+                optimizer.step()
+            recorder.epoch_end(epoch, {})
+        recorder.close()
+    loaded = load_windows(tmp_path)
+    assert [w.step for w in loaded] == [0, 1, 2] and [w.steps for w in loaded] == [4, 4, 4]
+    for saved, read in zip(monitor.history, loaded):
+        assert list(read.gradients) == list(saved.gradients)          # input layer first
+        for name, row in saved.gradients.items():
+            for key, value in row.items():
+                if isinstance(value, float) and math.isnan(value):
+                    assert math.isnan(read.gradients[name][key])
+                else:
+                    assert read.gradients[name][key] == pytest.approx(value, rel=1e-12), (name, key)
+        assert read.activations.keys() == saved.activations.keys()
+        for name, row in saved.activations.items():
+            assert read.activations[name] == pytest.approx(row, rel=1e-12)
+
+
+def test_window_every_n_steps(tmp_path):
+    model = nn.Sequential(nn.Linear(2, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with GradientMonitor(model) as monitor:
+        recorder = MonitorCallback(monitor, None, window_steps=5)
+        for step in range(12):
+            optimizer.zero_grad()
+            model(torch.randn(3, 2)).sum().backward()
+            recorder.after_backward(step)
+            optimizer.step()
+            recorder.epoch_end(0, {})                                   # ignored with window_steps
+    assert [(w.step, w.steps) for w in monitor.history] == [(5, 5), (10, 5)]
