@@ -83,9 +83,13 @@ def main() -> None:
         warm = load_config(ROOT / "configs" / f"{name}.yaml", ["train.epochs=5"])
         bare_loop(warm, data), gradflow_run(warm, data)  # warm-up: first calls pay one-off costs
         bare, ours = [], []
-        for _ in range(args.repeats):  # alternate so drift in machine load hits both alike
-            bare.append(bare_loop(cfg, data))
-            ours.append(gradflow_run(cfg, data))
+        for r in range(args.repeats):  # alternate, swapping who goes first, so load drift hits both alike
+            if r % 2:
+                ours.append(gradflow_run(cfg, data))
+                bare.append(bare_loop(cfg, data))
+            else:
+                bare.append(bare_loop(cfg, data))
+                ours.append(gradflow_run(cfg, data))
         b, g = statistics.median(bare), statistics.median(ours)
         ratio = statistics.median(o / r for o, r in zip(ours, bare))  # paired: cancels load drift
         ratios.append(ratio)
