@@ -105,14 +105,21 @@ class _GradientAccumulator:
     over steps; ``counts`` are the sign/exponent histograms summed over steps. Small parameters
     are copied at each step into one flat tensor and reduced many steps at a time (on a small
     model each op costs more than its arithmetic); large ones are reduced at once.
+
+    With ``members`` K > 1 (K models trained as one, stacked on a leading dimension) each
+    parameter has K slots, one per member: slot ``i * K + k`` is member k of parameter i. A
+    flattened gradient lays the members out one after another, so the slots are segments.
     """
 
-    def __init__(self, params: list[torch.Tensor]) -> None:
+    def __init__(self, params: list[torch.Tensor], members: int = 1) -> None:
         self.params = params
+        self.members = members
         device = params[0].device
         self.numel = [p.numel() for p in params]
-        self.totals = torch.zeros(len(params), len(GRADIENT_FIELDS), device=device)
-        self.counts = torch.zeros(len(params) * S.SIGN_EXPONENT_BINS, dtype=torch.int64, device=device)
+        self.slot_numel = [p.numel() // members for p in params for _ in range(members)]
+        slots = len(self.slot_numel)
+        self.totals = torch.zeros(slots, len(GRADIENT_FIELDS), device=device)
+        self.counts = torch.zeros(slots * S.SIGN_EXPONENT_BINS, dtype=torch.int64, device=device)
         self.steps_by_pattern: dict[tuple[bool, ...], int] = {}
         self.pending: list[tuple[_GradientPlan, torch.Tensor]] = []
         self.pending_elements = 0
@@ -127,11 +134,11 @@ class _GradientAccumulator:
         self.steps_by_pattern.clear()
 
     def steps(self) -> np.ndarray:
-        """How many recorded steps each parameter had a gradient in."""
+        """How many recorded steps each slot's parameter had a gradient in."""
         steps = np.zeros(len(self.params))
         for pattern, count in self.steps_by_pattern.items():
             steps[list(pattern)] += count
-        return steps
+        return np.repeat(steps, self.members)
 
     def record(self) -> None:
         """Add the current ``.grad`` of every parameter that has one. No host sync.
@@ -186,19 +193,21 @@ class _GradientAccumulator:
 
     def _make_batch(self, plans: list[_GradientPlan]) -> _Batch:
         device = self.totals.device
-        row_param = [i for plan in plans for i in plan.small]
-        sizes = [self.numel[i] for i in row_param]
+        k = self.members
+        row_param = [i * k + member for plan in plans for i in plan.small for member in range(k)]
+        sizes = [self.slot_numel[slot] for slot in row_param]
         segment = _segments(sizes, device)
         params = torch.tensor(row_param, device=device, dtype=torch.long)
         return _Batch(segment, params, params[segment] * S.SIGN_EXPONENT_BINS, torch.ones_like(segment))
 
     def _reduce_large(self, index: int, grad: torch.Tensor) -> None:
-        flat = _flat(grad)
-        magnitude = flat.abs()
-        start = index * S.SIGN_EXPONENT_BINS
-        S.count_into(self.counts[start:start + S.SIGN_EXPONENT_BINS], S.sign_exponent_bins(flat))
-        self.totals[index].add_(torch.stack([flat.sum(), magnitude.sum(), torch.dot(flat, flat).sqrt(),
-                                             magnitude.max()]))
+        for member, flat in enumerate(_flat(grad).view(self.members, -1)):
+            slot = index * self.members + member
+            magnitude = flat.abs()
+            start = slot * S.SIGN_EXPONENT_BINS
+            S.count_into(self.counts[start:start + S.SIGN_EXPONENT_BINS], S.sign_exponent_bins(flat))
+            self.totals[slot].add_(torch.stack([flat.sum(), magnitude.sum(), torch.dot(flat, flat).sqrt(),
+                                                magnitude.max()]))
 
 
 class _BoundedCache(dict):
@@ -224,9 +233,10 @@ def _flat(tensor: torch.Tensor) -> torch.Tensor:
 class _WeightTracker:
     """L1 and L2 norm of each parameter and how far it moved over the window, in one pass."""
 
-    def __init__(self, params: list[torch.Tensor]) -> None:
+    def __init__(self, params: list[torch.Tensor], members: int = 1) -> None:
         self.params = params
-        self.segment = _segments([p.numel() for p in params], params[0].device)
+        self.slots = len(params) * members
+        self.segment = _segments([p.numel() // members for p in params for _ in range(members)], params[0].device)
         self.start = self._flatten()
 
     @torch.no_grad()
@@ -238,15 +248,15 @@ class _WeightTracker:
 
     @torch.no_grad()
     def summary(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(P, 4) rows of l1, squared l2, squared distance moved, squared start l2; and
-        (P, 512) histogram counts."""
+        """(slots, 4) rows of l1, squared l2, squared distance moved, squared start l2; and
+        (slots, 512) histogram counts."""
         flat = self._flatten()
         moved = flat - self.start
-        rows = torch.zeros(4, len(self.params), device=flat.device).index_add_(
+        rows = torch.zeros(4, self.slots, device=flat.device).index_add_(
             1, self.segment, torch.stack([flat.abs(), flat * flat, moved * moved, self.start * self.start]))
-        counts = torch.zeros(len(self.params) * S.SIGN_EXPONENT_BINS, dtype=torch.int64, device=flat.device)
+        counts = torch.zeros(self.slots * S.SIGN_EXPONENT_BINS, dtype=torch.int64, device=flat.device)
         S.count_into(counts, S.sign_exponent_bins(flat) + self.segment * S.SIGN_EXPONENT_BINS)
-        return rows.t(), counts.view(len(self.params), S.SIGN_EXPONENT_BINS)
+        return rows.t(), counts.view(self.slots, S.SIGN_EXPONENT_BINS)
 
 
 @dataclass
@@ -267,16 +277,21 @@ class _ActivationAccumulator:
     A hook only keeps a reference to its output (autograd keeps most of them alive anyway);
     the optimizer step reduces every pending output of every tap at once, because on a small
     model a dozen small ops per hook would cost more than the training step itself.
+
+    With ``members`` K > 1 an output's leading dimension is the member: slot ``i * K + k`` is
+    member k of tap i, and units are counted per member.
     """
 
-    def __init__(self, taps: list[tuple[str, nn.Module]], device) -> None:
+    def __init__(self, taps: list[tuple[str, nn.Module]], device, members: int = 1) -> None:
         self.names = [name for name, _ in taps]
+        self.members = members
         self.bounds = [_bounds(module) for _, module in taps]
         self.rectifier = [isinstance(module, RECTIFIERS) for _, module in taps]
         count = len(taps)
-        self.moments = torch.zeros(count, 3, device=device)   # sum, sum of squares, saturated
-        self.counts = torch.zeros(count * S.SIGN_EXPONENT_BINS, dtype=torch.int64, device=device)
-        self.elements = [0] * count
+        slots = count * members
+        self.moments = torch.zeros(slots, 3, device=device)   # sum, sum of squares, saturated
+        self.counts = torch.zeros(slots * S.SIGN_EXPONENT_BINS, dtype=torch.int64, device=device)
+        self.elements = [0] * slots
         self.units: list[int | None] = [None] * count          # unit count, fixed at first sight
         self.unit_start: list[int] = [0] * count
         self.positives = torch.zeros(1, device=device)         # per unit: count of outputs > 0; slot 0: none
@@ -300,7 +315,7 @@ class _ActivationAccumulator:
         self.moments.zero_()
         self.counts.zero_()
         self.positives.zero_()
-        self.elements = [0] * len(self.names)
+        self.elements = [0] * len(self.elements)
 
     @torch.no_grad()
     def reduce(self) -> None:
@@ -316,8 +331,10 @@ class _ActivationAccumulator:
         self.moments.index_add_(0, plan.segment, torch.stack([flat, flat * flat, saturated.float()], dim=1))
         self.counts.index_add_(0, S.sign_exponent_bins(flat) + plan.bin_offset, plan.ones)
         self.positives.index_add_(0, plan.unit, (flat > 0).float())
+        k = self.members
         for index, a in pending:
-            self.elements[index] += a.numel()
+            for slot in range(index * k, index * k + k):
+                self.elements[slot] += a.numel() // k
 
     def _make_plan(self, pending) -> _ActivationPlan:
         device = self.moments.device
@@ -326,7 +343,8 @@ class _ActivationAccumulator:
             n = a.numel()
             bounds = self.bounds[index]
             centre, half = ((bounds[0] + bounds[1]) / 2, (bounds[1] - bounds[0]) / 2) if bounds else (0.0, math.inf)
-            segments.append(torch.full((n,), index, dtype=torch.long, device=device))
+            member = torch.arange(n, device=device) // max(n // self.members, 1)
+            segments.append(member + index * self.members)
             centres.append(torch.full((n,), centre, device=device))
             thresholds.append(torch.full((n,), SATURATION_LEVEL * half, device=device))
             units.append(self._unit_slots(index, a))
@@ -337,20 +355,25 @@ class _ActivationAccumulator:
     def _unit_slots(self, index: int, a: torch.Tensor) -> torch.Tensor:
         """Each element's unit slot in ``positives``; slot 0 collects what has no unit."""
         device = self.moments.device
-        dim = _unit_dim(a)
-        if self.rectifier[index] and self.units[index] is None and a.dim() >= 1:
-            self.units[index] = a.shape[dim]
+        k = self.members
+        sample = a[0] if k > 1 and a.dim() >= 1 else a       # one member's output
+        dim = _unit_dim(sample)
+        if self.rectifier[index] and self.units[index] is None and sample.dim() >= 1:
+            self.units[index] = sample.shape[dim]
             self.unit_start[index] = self.positives.numel()
-            self.positives = torch.cat([self.positives, torch.zeros(a.shape[dim], device=device)])
-        if self.units[index] is None or a.dim() == 0 or a.shape[dim] != self.units[index]:
+            self.positives = torch.cat([self.positives, torch.zeros(k * sample.shape[dim], device=device)])
+        units = self.units[index]
+        if units is None or sample.dim() == 0 or sample.shape[dim] != units:
             return torch.zeros(a.numel(), dtype=torch.long, device=device)
-        inner = math.prod(a.shape[dim + 1:])
-        unit = torch.arange(a.numel(), device=device) // inner % a.shape[dim]
-        return unit + self.unit_start[index]
+        position = torch.arange(a.numel(), device=device)
+        member, within = position // sample.numel(), position % sample.numel()
+        inner = math.prod(sample.shape[dim + 1:])
+        return self.unit_start[index] + member * units + within // inner % units
 
-    def read(self, index: int, moments: np.ndarray, positives: np.ndarray) -> dict[str, float] | None:
-        """Statistics of one tap for the window, or None if it never fired."""
-        n = self.elements[index]
+    def read(self, slot: int, moments: np.ndarray, positives: np.ndarray) -> dict[str, float] | None:
+        """Statistics of one tap (one member of it) for the window, or None if it never fired."""
+        index, member = divmod(slot, self.members)
+        n = self.elements[slot]
         if n == 0:
             return None
         total, squares, saturated = moments
@@ -359,7 +382,7 @@ class _ActivationAccumulator:
         if self.bounds[index] is not None:
             row["saturated_fraction"] = float(saturated / n)
         if self.rectifier[index] and self.units[index]:
-            start = self.unit_start[index]
+            start = self.unit_start[index] + member * self.units[index]
             alive = positives[start:start + self.units[index]] > 0
             row["dead_fraction"] = float(1.0 - alive.mean())
         return row
@@ -387,6 +410,7 @@ class Window:
 
     step: int
     steps: int
+    member: int | None = None    # which member of a batched model (``members`` > 1)
     gradients: dict[str, dict[str, float]] = field(default_factory=dict)
     weights: dict[str, dict[str, float]] = field(default_factory=dict)
     activations: dict[str, dict[str, float]] = field(default_factory=dict)
@@ -404,8 +428,12 @@ class GradientMonitor:
             non-finite statistics are kept either way).
         weights: also record weight norms, update ratios and weight histograms.
         activations: tap activation modules (tanh, ReLU, ...) in training forward passes. Their
-            outputs are read at the optimizer step, so an output modified in place after the
+            outputs are read later in batches, so an output modified in place after the
             activation (rare) is read as modified.
+        members: K > 1 for K models trained as one (every parameter and activation stacked on
+            a leading dimension of K): statistics are kept per member, ``log`` returns one dict
+            per member, ``member_history(k)`` gives a member's windows, and ``writer`` may be a
+            list of K writers (else tags are prefixed ``member_<k>/``).
 
     The monitor keeps no reference to ``model`` itself, adds nothing to it, and removes every
     hook it added on ``remove()`` or on leaving ``with``.
@@ -418,7 +446,8 @@ class GradientMonitor:
     """
 
     def __init__(self, model: nn.Module, writer=None, *, optimizer: torch.optim.Optimizer | None = None,
-                 histograms: bool = True, weights: bool = True, activations: bool = True) -> None:
+                 histograms: bool = True, weights: bool = True, activations: bool = True,
+                 members: int = 1) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"GradientMonitor needs an nn.Module, got {type(model).__name__}")
         inner = unwrap(model)
@@ -430,16 +459,18 @@ class GradientMonitor:
         named = [(name, p) for name, p in inner.named_parameters() if p.is_floating_point()]
         if not named:
             raise MonitorError(f"{type(inner).__name__} has no floating-point parameters to monitor")
+        _check_members(named, members)
         params = [p for _, p in named]
         self.names = [name for name, _ in named]
-        self.sink = _tensorboard_sink(writer) if writer is not None else None
+        self.members = members
+        self._sinks = _sinks(writer, members)
         self.histograms = histograms
         self.history: list[Window] = []
         self._model = weakref.ref(inner)
-        self._gradients = _GradientAccumulator(params)
-        self._weights = _WeightTracker(params) if weights else None
+        self._gradients = _GradientAccumulator(params, members)
+        self._weights = _WeightTracker(params, members) if weights else None
         taps = [(n, m) for n, m in inner.named_modules() if is_activation(m)] if activations else []
-        self._activations = _ActivationAccumulator(taps, params[0].device)
+        self._activations = _ActivationAccumulator(taps, params[0].device, members)
         self._optimizers: "weakref.WeakKeyDictionary[torch.optim.Optimizer, bool]" = weakref.WeakKeyDictionary()
         self._handles: list = []
         self._window_steps = 0
@@ -508,30 +539,37 @@ class GradientMonitor:
 
     # -- reading --------------------------------------------------------------------------
 
-    def log(self, step: int) -> dict[str, dict[str, float]]:
+    def log(self, step: int) -> dict[str, dict[str, float]] | list[dict[str, dict[str, float]]]:
         """Close the window: write its statistics at ``step`` and return them per parameter.
 
         Each parameter's ``mean``, ``mean_abs``, ``norm`` and ``max_abs`` are the means over the
         window's steps of that step's value; ``nonfinite`` counts every non-finite element of
         every step and ``zero_fraction`` every zero one. Parameters that had no gradient in the
         window are left out. Weight statistics join as ``weight_l1``, ``weight_norm`` and
-        ``weight_update_ratio``; activations are in ``history[-1].activations``.
+        ``weight_update_ratio``; activations are in ``history[-1].activations``. With
+        ``members`` K > 1, a list of K such dicts, one per member.
         """
         self._gradients.reduce()
         self._activations.reduce()
         values = self._read_back()
-        window = Window(step=step, steps=self._window_steps)
-        scalars: dict[str, float] = {}
-        histograms: dict[str, Histogram] = {}
-        self._read_gradients(values, window, scalars, histograms)
+        members = range(self.members)
+        windows = [Window(step, self._window_steps, member=k if self.members > 1 else None) for k in members]
+        scalars: list[dict[str, float]] = [{} for _ in members]
+        histograms: list[dict[str, Histogram]] = [{} for _ in members]
+        self._read_gradients(values, windows, scalars, histograms)
         if self._weights is not None:
-            self._read_weights(values, window, scalars, histograms)
-        self._read_activations(values, window, scalars, histograms)
-        if self.sink is not None:
-            self.sink.log(scalars, histograms, step)
-        self.history.append(window)
+            self._read_weights(values, windows, scalars, histograms)
+        self._read_activations(values, windows, scalars, histograms)
+        for k, sink, prefix in self._sinks:
+            sink.log({prefix + tag: v for tag, v in scalars[k].items()},
+                     {prefix + tag: h for tag, h in histograms[k].items()}, step)
+        self.history.extend(windows)
         self._start_window()
-        return window.gradients
+        return windows[0].gradients if self.members == 1 else [w.gradients for w in windows]
+
+    def member_history(self, member: int) -> list[Window]:
+        """The windows of one member of a batched model (``members`` > 1)."""
+        return [w for w in self.history if w.member == member]
 
     def _read_back(self) -> dict[str, np.ndarray]:
         """One device-to-host copy of everything the window accumulated."""
@@ -547,59 +585,68 @@ class GradientMonitor:
             start += tensor.numel()
         return out
 
-    def _read_gradients(self, values, window, scalars, histograms) -> None:
-        counts = values["counts"].reshape(len(self.names), S.SIGN_EXPONENT_BINS)
+    def _slots(self, names: list[str]):
+        """(slot, member, name, tag path) for every slot: member k of item i is slot i*K + k."""
+        for slot in range(len(names) * self.members):
+            index, member = divmod(slot, self.members)
+            yield slot, member, names[index], tag_path(names[index])
+
+    def _read_gradients(self, values, windows, scalars, histograms) -> None:
+        counts = values["counts"].reshape(-1, S.SIGN_EXPONENT_BINS)
         steps = self._gradients.steps()
-        numel = np.asarray(self._gradients.numel, dtype=np.float64)
-        taken = np.maximum(steps, 1)
-        means = values["totals"] / taken[:, None]
+        numel = np.asarray(self._gradients.slot_numel, dtype=np.float64)
+        means = values["totals"] / np.maximum(steps, 1)[:, None]
         zeros = counts[:, S.ZERO_EXPONENT] + counts[:, S.EXPONENTS + S.ZERO_EXPONENT]
         nonfinite = counts[:, S.NONFINITE_EXPONENT] + counts[:, S.EXPONENTS + S.NONFINITE_EXPONENT]
-        if self.histograms:
-            seen = steps > 0
-            paths = [tag_path(name) for name, has in zip(self.names, seen) if has]
-            _add(histograms, "grad", paths, S.value_histograms(counts[seen]))
-            _add(histograms, "grad_log10", paths, S.log10_abs_histograms(counts[seen]))
-        for i, name in enumerate(self.names):
-            if steps[i] == 0:
+        found = self._histograms(counts, steps > 0, S.value_histograms)
+        logs = self._histograms(counts, steps > 0, S.log10_abs_histograms)
+        for slot, k, name, path in self._slots(self.names):
+            if steps[slot] == 0:
                 continue
-            row = {"mean": means[i, 0] / numel[i], "mean_abs": means[i, 1] / numel[i],
-                   "norm": means[i, 2], "max_abs": means[i, 3],
-                   "zero_fraction": zeros[i] / (numel[i] * steps[i]), "nonfinite": int(nonfinite[i])}
-            row = {key: float(value) if key != "nonfinite" else value for key, value in row.items()}
-            path = tag_path(name)
-            scalars.update({f"grad/{path}/{key}": value for key, value in row.items()})
-            row["steps"] = int(steps[i])
-            window.gradients[name] = row
+            row = {"mean": float(means[slot, 0] / numel[slot]), "mean_abs": float(means[slot, 1] / numel[slot]),
+                   "norm": float(means[slot, 2]), "max_abs": float(means[slot, 3]),
+                   "zero_fraction": float(zeros[slot] / (numel[slot] * steps[slot])),
+                   "nonfinite": int(nonfinite[slot])}
+            scalars[k].update({f"grad/{path}/{key}": value for key, value in row.items()})
+            _add(histograms[k], f"grad/{path}", found.get(slot))
+            _add(histograms[k], f"grad_log10/{path}", logs.get(slot))
+            row["steps"] = int(steps[slot])
+            windows[k].gradients[name] = row
 
-    def _read_weights(self, values, window, scalars, histograms) -> None:
+    def _read_weights(self, values, windows, scalars, histograms) -> None:
         l1, squares, moved, start = values["weights"].T
         with np.errstate(divide="ignore", invalid="ignore"):
             # A zero start (a fresh bias) has no relative update: NaN says so.
             ratios = np.where(start > 0, np.sqrt(moved / start), np.nan)
-        paths = [tag_path(name) for name in self.names]
-        for i, name in enumerate(self.names):
-            row = {"l1": float(l1[i]), "norm": float(np.sqrt(squares[i])), "update_ratio": float(ratios[i])}
-            window.weights[name] = row
-            if name in window.gradients:
-                window.gradients[name].update({f"weight_{k}": v for k, v in row.items()})
-            scalars.update({f"weight/{paths[i]}/{key}": value for key, value in row.items()})
-        if self.histograms:
-            _add(histograms, "weight", paths, S.value_histograms(values["weight_counts"]))
+        found = self._histograms(values["weight_counts"], np.ones(len(l1), dtype=bool), S.value_histograms)
+        for slot, k, name, path in self._slots(self.names):
+            row = {"l1": float(l1[slot]), "norm": float(np.sqrt(squares[slot])), "update_ratio": float(ratios[slot])}
+            windows[k].weights[name] = row
+            if name in windows[k].gradients:
+                windows[k].gradients[name].update({f"weight_{key}": v for key, v in row.items()})
+            scalars[k].update({f"weight/{path}/{key}": value for key, value in row.items()})
+            _add(histograms[k], f"weight/{path}", found.get(slot))
 
-    def _read_activations(self, values, window, scalars, histograms) -> None:
+    def _read_activations(self, values, windows, scalars, histograms) -> None:
         taps = self._activations
-        fired = []
-        for i, name in enumerate(taps.names):
-            row = taps.read(i, values["moments"][i], values["positives"])
-            if row is None:
+        rows = {slot: taps.read(slot, values["moments"][slot], values["positives"])
+                for slot in range(len(taps.names) * self.members)}
+        fired = np.array([row is not None for row in rows.values()], dtype=bool)
+        found = self._histograms(values["activation_counts"].reshape(-1, S.SIGN_EXPONENT_BINS), fired,
+                                 S.value_histograms)
+        for slot, k, name, path in self._slots(taps.names):
+            if rows[slot] is None:
                 continue
-            fired.append(i)
-            window.activations[name] = row
-            scalars.update({f"activation/{tag_path(name)}/{k}": v for k, v in row.items()})
-        if self.histograms and fired:
-            counts = values["activation_counts"].reshape(len(taps.names), S.SIGN_EXPONENT_BINS)[fired]
-            _add(histograms, "activation", [tag_path(taps.names[i]) for i in fired], S.value_histograms(counts))
+            windows[k].activations[name] = rows[slot]
+            scalars[k].update({f"activation/{path}/{key}": v for key, v in rows[slot].items()})
+            _add(histograms[k], f"activation/{path}", found.get(slot))
+
+    def _histograms(self, counts: np.ndarray, rows: np.ndarray, kind) -> dict[int, Histogram | None]:
+        """Histograms of the chosen rows (all at once), by row; none when switched off."""
+        if not self.histograms or not rows.any():
+            return {}
+        chosen = np.flatnonzero(rows)
+        return dict(zip(chosen.tolist(), kind(counts[chosen])))
 
     def _start_window(self) -> None:
         self._gradients.reset()
@@ -609,14 +656,33 @@ class GradientMonitor:
         self._window_steps = 0
 
 
-def _add(histograms: dict[str, Histogram], prefix: str, paths: list[str], found) -> None:
-    """File each histogram under ``prefix/path``; a window with no finite value has none."""
-    for path, histogram in zip(paths, found):
-        if histogram is not None:
-            histograms[f"{prefix}/{path}"] = histogram
+def _add(histograms: dict[str, Histogram], tag: str, histogram: Histogram | None) -> None:
+    """File a histogram; a window with no finite value has none (TensorBoard cannot draw it)."""
+    if histogram is not None:
+        histograms[tag] = histogram
 
 
-def _tensorboard_sink(writer):
+def _sinks(writer, members: int) -> list[tuple[int, object, str]]:
+    """(member, sink, tag prefix) for each member: one writer per member, or one for all with
+    ``member_<k>/`` tags."""
+    if writer is None:
+        return []
     from gradflow.sinks import TensorBoardSink  # imports TensorBoard's protos only when writing
 
-    return TensorBoardSink(writer)
+    if isinstance(writer, (list, tuple)):
+        if len(writer) != members:
+            raise MonitorError(f"got {len(writer)} writers for members={members}; pass one writer per member or one in all")
+        return [(k, TensorBoardSink(w), "") for k, w in enumerate(writer)]
+    sink = TensorBoardSink(writer)
+    return [(k, sink, f"member_{k}/" if members > 1 else "") for k in range(members)]
+
+
+def _check_members(named: list[tuple[str, torch.Tensor]], members: int) -> None:
+    if not isinstance(members, int) or isinstance(members, bool) or members < 1:
+        raise MonitorError(f"members must be a positive int, got {members!r}")
+    if members == 1:
+        return
+    for name, p in named:
+        if p.dim() == 0 or p.shape[0] != members:
+            raise MonitorError(f"members={members} needs every parameter stacked on a leading dimension of "
+                               f"{members}; {name} has shape {tuple(p.shape)}")

@@ -373,3 +373,48 @@ def test_bad_arguments_are_refused_at_attach_time():
         GradientMonitor("not a model")
     with pytest.raises(MonitorError, match="no floating-point parameters"):
         GradientMonitor(nn.ReLU())
+
+
+class BatchedLinear(nn.Module):
+    """K independent Linear layers as one: weight (K, out, in), input (K, batch, in)."""
+
+    def __init__(self, members: int, inputs: int, outputs: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(members, outputs, inputs) * 0.5)
+        self.bias = nn.Parameter(torch.randn(members, 1, outputs) * 0.1)
+
+    def forward(self, x):
+        return torch.baddbmm(self.bias, x, self.weight.transpose(1, 2))
+
+
+def test_members_of_a_batched_model_get_their_own_statistics():
+    torch.manual_seed(11)
+    members = 3
+    model = nn.Sequential(OrderedDict(dense_1=BatchedLinear(members, 2, 4), tanh_1=nn.Tanh(),
+                                      dense_2=BatchedLinear(members, 4, 4), relu_2=nn.ReLU(),
+                                      dense_3=BatchedLinear(members, 4, 1)))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    captured = [[] for _ in range(members)]
+    with GradientMonitor(model, members=members) as monitor:
+        for _ in range(4):
+            optimizer.zero_grad()
+            x = torch.randn(members, 8, 2)
+            model(x).pow(2).mean(dim=(1, 2)).sum().backward()
+            for k in range(members):
+                captured[k].append({name: p.grad[k].clone() for name, p in model.named_parameters()})
+            optimizer.step()
+        logged = monitor.log(0)
+    assert isinstance(logged, list) and len(logged) == members
+    for k in range(members):
+        for name in dict(model.named_parameters()):
+            grads = [step[name].double() for step in captured[k]]
+            assert logged[k][name]["norm"] == pytest.approx(np.mean([g.norm().item() for g in grads]), rel=1e-5)
+            assert logged[k][name]["mean_abs"] == pytest.approx(np.mean([g.abs().mean().item() for g in grads]), rel=1e-5)
+            assert logged[k][name]["max_abs"] == pytest.approx(np.mean([g.abs().max().item() for g in grads]), rel=1e-5)
+        assert monitor.member_history(k)[0].activations.keys() == {"tanh_1", "relu_2"}
+    assert logged[0]["dense_1.weight"]["norm"] != logged[1]["dense_1.weight"]["norm"]
+
+
+def test_members_must_match_every_parameter():
+    with pytest.raises(MonitorError, match="leading dimension of 3"):
+        GradientMonitor(mlp(), members=3)
