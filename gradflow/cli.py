@@ -91,17 +91,20 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     from torch.utils.tensorboard import SummaryWriter
 
-    from gradflow.plots import plot_accuracy
-    from gradflow.train import EpochScalars, train_from_config
+    from gradflow.plots import plot_accuracy, plot_gradients
+    from gradflow.train import build_from_config
 
     torch.set_num_threads(args.threads)  # measured: 2 threads on a loaded 2-core box ran 35x slower
     rundir.write_config(run_dir, to_dict(cfg))
     with SummaryWriter(log_dir=str(run_dir)) as writer:
-        callbacks = [EpochScalars(writer)]  # the gradient monitor joins here when cfg.monitor.enabled
-        _, result = train_from_config(cfg, device=device, callbacks=callbacks, progress=False if args.quiet else None)
+        model, data = build_from_config(cfg)
+        result, windows = fit_monitored(cfg, model.to(device), data, writer, run_dir, device,
+                                        progress=False if args.quiet else None)
     rundir.write_history(run_dir, result.history)
     rundir.write_summary(run_dir, _summary(cfg, result))
     plot_accuracy(result.history, run_dir / "accuracy.png", title=cfg.name)
+    if windows:
+        plot_gradients(windows, run_dir / "gradients.png", title=cfg.name)
 
     print(f"Train: {result.train_accuracy:.3f}, Test: {result.test_accuracy:.3f}")
     print(f"Run directory: {run_dir}")
@@ -109,6 +112,31 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"gradflow: training stopped: {result.stop_reason} (set train.on_nonfinite=continue to go on)", file=sys.stderr)
         return EXIT_NONFINITE
     return EXIT_OK
+
+
+def fit_monitored(cfg, model, data, writer, run_dir, device, progress=None):
+    """``fit`` with the epoch scalars and, when ``cfg.monitor.enabled``, the gradient monitor
+    streaming to ``writer`` and its tables in ``run_dir``. Returns (result, monitor windows).
+
+    The monitor is attached after the model is on its device and removed however fit ends.
+    """
+    from gradflow import GradientMonitor
+    from gradflow.recording import MonitorCallback
+    from gradflow.train import EpochScalars, fit
+
+    callbacks: list = [EpochScalars(writer)]
+    if not cfg.monitor.enabled:
+        return fit(model, data, cfg.optimizer, cfg.train, device=device, callbacks=callbacks, progress=progress), []
+    settings = cfg.monitor
+    with GradientMonitor(model, writer, histograms=settings.histograms, weights=settings.weights,
+                         activations=settings.activations) as monitor:
+        recorder = MonitorCallback(monitor, run_dir, settings.window_steps)
+        try:
+            result = fit(model, data, cfg.optimizer, cfg.train, device=device,
+                         callbacks=callbacks + [recorder], progress=progress)
+        finally:
+            recorder.close()
+    return result, monitor.history
 
 
 def _summary(cfg, result) -> dict:

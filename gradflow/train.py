@@ -236,11 +236,23 @@ def train_from_config(
         >>> result.epochs_run
         1
     """
+    model, data = build_from_config(cfg)
+    result = fit(model, data, cfg.optimizer, cfg.train, device=device, callbacks=callbacks, progress=progress)
+    return model, result
+
+
+def build_from_config(cfg: "Config") -> tuple[nn.Sequential, "Dataset"]:
+    """The data, then the model seeded with ``cfg.train.seed`` (its initial weights).
+
+    Example:
+        >>> from gradflow.config import load_config
+        >>> model, data = build_from_config(load_config("configs/deep_relu.yaml"))
+        >>> [name for name, _ in model.named_children()][:2]
+        ['dense_1', 'relu_1']
+    """
     from gradflow.data import load_dataset
     from gradflow.models import build_model
 
     data = load_dataset(cfg.data)
     torch.manual_seed(cfg.train.seed)  # fixes the initial weights
-    model = build_model(cfg.model, in_features=data.x_train.shape[1])
-    result = fit(model, data, cfg.optimizer, cfg.train, device=device, callbacks=callbacks, progress=progress)
-    return model, result
+    return build_model(cfg.model, in_features=data.x_train.shape[1]), data

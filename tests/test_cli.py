@@ -37,7 +37,8 @@ def run_dir(tmp_path_factory) -> Path:
 
 def test_run_directory_contents(run_dir):
     names = {p.name for p in run_dir.iterdir()}
-    assert {"config.yaml", "history.csv", "summary.json", "accuracy.png"} <= names
+    assert {"config.yaml", "history.csv", "summary.json", "accuracy.png", "gradients.png",
+            "gradients.csv", "activations.csv"} <= names
     assert any(n.startswith("events.out.tfevents") for n in names)
     assert len((run_dir / "history.csv").read_text().splitlines()) == 1 + 3
     summary = json.loads((run_dir / "summary.json").read_text())
@@ -51,8 +52,10 @@ def test_tensorboard_epoch_scalars(run_dir):
     events = EventAccumulator(str(run_dir))
     events.Reload()
     tags = events.Tags()["scalars"]
-    assert sorted(tags) == ["epoch/accuracy", "epoch/loss", "epoch/val_accuracy", "epoch/val_loss"]
+    epoch_tags = sorted(tag for tag in tags if tag.startswith("epoch/"))
+    assert epoch_tags == ["epoch/accuracy", "epoch/loss", "epoch/val_accuracy", "epoch/val_loss"]
     assert [e.step for e in events.Scalars("epoch/loss")] == [0, 1, 2]
+    assert [e.step for e in events.Scalars("grad/dense_1/weight/mean_abs")] == [0, 1, 2]
 
 
 def test_saved_config_reruns_and_never_overwrites(run_dir):
