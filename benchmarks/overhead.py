@@ -58,7 +58,7 @@ def wide_mlp() -> Workload:
     for i in range(1, 7):
         layers[f"dense_{i}"], layers[f"relu_{i}"] = nn.Linear(size, 1024), nn.ReLU()
     layers["dense_7"] = nn.Linear(1024, 1)
-    x = torch.randn(256 * 8, 1024)
+    x = torch.randn(256 * 32, 1024)                     # an epoch of 32 steps
     return Workload("wide MLP (6 x 1024, batch 256)", nn.Sequential(layers), x,
                     (x[:, :1] > 0).float(), 256, 1)
 

@@ -10,7 +10,7 @@ import torch
 
 def sign_exponent_bin(x: float) -> int:
     """The monitor's histogram bin of one float32 value, from its definition."""
-    sign = 256 if math.copysign(1.0, x) < 0 else 0
+    sign = 0 if math.copysign(1.0, x) < 0 else 256
     if not math.isfinite(x):
         return sign + 255
     magnitude = abs(x)
