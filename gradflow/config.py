@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import typing
 from dataclasses import dataclass, field
@@ -27,6 +28,18 @@ from gradflow.models import ACTIVATIONS, INITIALIZERS, initializer_params
 from gradflow.train import OPTIMIZERS
 
 InitSpec = Union[str, dict]  # "he_uniform" or {name: random_uniform, minval: 0.0, maxval: 1.0}
+
+# Upper bounds on sizes: far above any study gradflow runs, low enough that a slip such as
+# model.width=50000000 is a one-line error at once rather than an out-of-memory crash mid-run.
+MAX_N_SAMPLES = 10_000_000
+MAX_DEPTH = 1_000
+MAX_WIDTH = 100_000
+MAX_PARAMETERS = 100_000_000  # of the whole MLP (two input features)
+MAX_EPOCHS = 1_000_000
+MAX_BATCH_SIZE = 10_000_000
+MAX_INIT_PARAM = 1e6  # |minval|, |maxval|, |mean|, stddev, |gain| of an initializer
+MAX_NAME_LENGTH = 100  # the run directory's name adds a time stamp and the seed
+MAX_RANDOM_STATE = 2**32  # sklearn's random_state must lie in [0, 2**32)
 
 
 @dataclass
@@ -109,6 +122,10 @@ _Loader.add_implicit_resolver(
 def _yaml_load(text: str, where: str) -> Any:
     try:
         return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:  # PyYAML's composer recurses once per nesting level
+        raise ConfigError(f"{where}: YAML nested too deeply; a config is a few levels of sections and keys") from None
+    except ValueError as exc:  # e.g. an int of more than 4300 digits (Python's conversion limit)
+        raise ConfigError(f"{where}: unreadable value: {str(exc)[:120]}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -116,8 +133,9 @@ def _yaml_load(text: str, where: str) -> Any:
         raise ConfigError(f"{where}: YAML syntax error{at}: {problem}") from None
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a config file into a dict; missing files and bad YAML raise ``ConfigError``.
+def read_yaml(path: str | Path, allow_empty: bool = True) -> dict[str, Any]:
+    """Read a config file into a dict; missing files and bad YAML raise ``ConfigError``, and so
+    does an empty (or comments-only) file unless ``allow_empty``.
 
     Example:
         >>> read_yaml("configs/deep_relu.yaml")["model"]["activation"]
@@ -131,6 +149,9 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read config file ({type(exc).__name__}); pass a readable YAML file") from None
     raw = _yaml_load(text, str(path))
+    if raw is None and not allow_empty:
+        # Most often a truncated or wrong file: silently training the defaults would hide it.
+        raise ConfigError(f"{path}: config file is empty; write {{}} to train the defaults, or see configs/deep_relu.yaml")
     if raw is None:
         return {}
     if not isinstance(raw, dict):
@@ -195,7 +216,22 @@ def _type_name(tp: Any) -> str:
 
 def _unknown_key(dotted: str, cls: type) -> ConfigError:
     known = ", ".join(_field_types(cls))
-    return ConfigError(f"{dotted}: unknown key; accepted: {known}")
+    shown = dotted if dotted.isprintable() else repr(dotted)  # a key may hold a newline: keep one line
+    return ConfigError(f"{shown}: unknown key; accepted: {known}")
+
+
+def _show(value: Any, limit: int = 80) -> str:
+    """``repr`` for a message, cut to ``limit`` characters (a value may be a megabyte of junk)."""
+    try:
+        text = repr(value)
+    except (RecursionError, ValueError):  # deep nesting; an int too long to print
+        text = f"<unprintable {type(value).__name__}>"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _label(key: Any) -> str:
+    """A key as a message shows it: plain if it is a printable string, else its (short) repr."""
+    return key if isinstance(key, str) and key.isprintable() else _show(key)
 
 
 def _matches(value: Any, tp: Any) -> bool:
@@ -212,6 +248,14 @@ def _matches(value: Any, tp: Any) -> bool:
     if tp is float:
         return isinstance(value, (int, float)) and not isinstance(value, bool)
     return isinstance(value, tp)
+
+
+def _finite(value: float) -> bool:
+    """True for a number that is a finite float (an int such as 10**400 overflows float)."""
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:
+        return False
 
 
 def _convert(value: Any, tp: Any) -> Any:
@@ -231,16 +275,18 @@ def build(cls: type, raw: Mapping[str, Any], prefix: str = "") -> Any:
     hints = _field_types(cls)
     kwargs = {}
     for key, value in raw.items():
-        dotted = f"{prefix}{key}"
+        dotted = f"{prefix}{_label(key)}"
         if key not in hints:
             raise _unknown_key(dotted, cls)
         tp = hints[key]
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
-                raise ConfigError(f"{dotted}: expected a mapping, got {value!r}")
+                raise ConfigError(f"{dotted}: expected a mapping, got {_show(value)}")
             kwargs[key] = build(tp, value, f"{dotted}.")
         elif not _matches(value, tp):
-            raise ConfigError(f"{dotted}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
+            raise ConfigError(f"{dotted}: expected {_type_name(tp)}, got {_show(value)} ({type(value).__name__})")
+        elif tp is float and not _finite(value):
+            raise ConfigError(f"{dotted}: expected a finite float, got {_show(value)}")
         else:
             kwargs[key] = _convert(value, tp)
     return cls(**kwargs)
@@ -250,12 +296,17 @@ def build(cls: type, raw: Mapping[str, Any], prefix: str = "") -> Any:
 
 def _choice(key: str, value: str, accepted: Iterable[str], what: str) -> None:
     if value not in accepted:
-        raise ConfigError(f"{key}: unknown {what} {value!r}; accepted: {', '.join(sorted(accepted))}")
+        raise ConfigError(f"{key}: unknown {what} {_show(value)}; accepted: {', '.join(sorted(accepted))}")
 
 
 def _positive(key: str, value: float) -> None:
     if value <= 0:
         raise ConfigError(f"{key}: must be > 0, got {value!r}")
+
+
+def _at_most(key: str, value: float, limit: float) -> None:
+    if value > limit:
+        raise ConfigError(f"{key}: must be at most {limit:,}, got {_show(value)}")
 
 
 def _in_unit(key: str, value: float) -> None:
@@ -282,15 +333,28 @@ def _check_init(key: str, spec: Any) -> None:
     for param, value in spec.items():
         if param == "name":
             continue
+        param = _label(param)
         if param not in accepted:
             raise ConfigError(f"{key}.{param}: unknown parameter of {spec['name']}; accepted: {', '.join(accepted) or 'none'}")
         if not _matches(value, float):
-            raise ConfigError(f"{key}.{param}: expected float, got {value!r} ({type(value).__name__})")
+            raise ConfigError(f"{key}.{param}: expected float, got {_show(value)} ({type(value).__name__})")
+        if not (_finite(value) and abs(value) <= MAX_INIT_PARAM):
+            raise ConfigError(f"{key}.{param}: must be a finite float within ±{MAX_INIT_PARAM:g}, got {_show(value)}")
+    _check_init_ranges(key, spec)
+
+
+def _check_init_ranges(key: str, spec: dict) -> None:
+    # torch's samplers raise on these only when the model is built, after the run directory exists.
+    if spec.get("minval", -0.05) > spec.get("maxval", 0.05):
+        raise ConfigError(f"{key}: minval must be <= maxval, got {spec.get('minval', -0.05)} > {spec.get('maxval', 0.05)} (defaults -0.05, 0.05)")
+    if "stddev" in spec and spec["stddev"] <= 0:
+        raise ConfigError(f"{key}.stddev: must be > 0, got {spec['stddev']!r}")
 
 
 def _check_data(c: DataConfig) -> None:
     _choice("data.name", c.name, DATASETS, "dataset")
     _positive("data.n_samples", c.n_samples)
+    _at_most("data.n_samples", c.n_samples, MAX_N_SAMPLES)
     _positive("data.n_train", c.n_train)
     if c.n_train >= c.n_samples:
         raise ConfigError(f"data.n_train: must be less than data.n_samples ({c.n_samples}) to leave a test set, got {c.n_train}")
@@ -298,12 +362,18 @@ def _check_data(c: DataConfig) -> None:
         raise ConfigError(f"data.noise: must be >= 0, got {c.noise!r}")
     if not 0 < c.factor < 1:
         raise ConfigError(f"data.factor: must be in (0, 1), got {c.factor!r}")
+    if not 0 <= c.random_state < MAX_RANDOM_STATE:
+        raise ConfigError(f"data.random_state: must be an int in [0, 2**32) (sklearn's range), got {c.random_state}")
 
 
 def _check_model(c: ModelConfig) -> None:
     _positive("model.depth", c.depth)
-    for i, w in enumerate(_per_layer("model.width", c.width, c.depth)):
+    _at_most("model.depth", c.depth, MAX_DEPTH)
+    widths = _per_layer("model.width", c.width, c.depth)
+    for i, w in enumerate(widths):
         _positive(f"model.width[{i}]" if isinstance(c.width, list) else "model.width", w)
+        _at_most(f"model.width[{i}]" if isinstance(c.width, list) else "model.width", w, MAX_WIDTH)
+    _check_parameter_count(widths if isinstance(c.width, list) else widths * c.depth)
     for i, a in enumerate(_per_layer("model.activation", c.activation, c.depth)):
         _choice(f"model.activation[{i}]" if isinstance(c.activation, list) else "model.activation", a, ACTIVATIONS, "activation")
     for i, s in enumerate(_per_layer("model.initializer", c.initializer, c.depth)):
@@ -312,6 +382,13 @@ def _check_model(c: ModelConfig) -> None:
         raise ConfigError(f"model.output.units: must be 1 (binary cross-entropy), got {c.output.units}")
     _choice("model.output.activation", c.output.activation, ["sigmoid"], "output activation")
     _check_init("model.output.initializer", c.output.initializer)
+
+
+def _check_parameter_count(widths: list[int]) -> None:
+    units = [2, *widths, 1]  # two input features, one output unit
+    count = sum((fan_in + 1) * fan_out for fan_in, fan_out in zip(units, units[1:]))
+    if count > MAX_PARAMETERS:
+        raise ConfigError(f"model: {count:,} parameters is more than the limit of {MAX_PARAMETERS:,}; lower model.depth or model.width")
 
 
 def _check_optimizer(c: OptimizerConfig) -> None:
@@ -327,7 +404,9 @@ def _check_optimizer(c: OptimizerConfig) -> None:
 
 def _check_train(c: TrainConfig) -> None:
     _positive("train.epochs", c.epochs)
+    _at_most("train.epochs", c.epochs, MAX_EPOCHS)
     _positive("train.batch_size", c.batch_size)
+    _at_most("train.batch_size", c.batch_size, MAX_BATCH_SIZE)
     if not 0 <= c.seed < 2**63:
         raise ConfigError(f"train.seed: must be an int in [0, 2**63), got {c.seed}")
     _choice("train.on_nonfinite", c.on_nonfinite, ["stop", "continue"], "value")
@@ -340,8 +419,10 @@ def validate(cfg: Config) -> Config:
         >>> validate(Config()).model.depth
         5
     """
-    if not cfg.name or "/" in cfg.name or "\\" in cfg.name:
-        raise ConfigError(f"name: must be a non-empty name without path separators, got {cfg.name!r}")
+    name = cfg.name
+    if not name or "/" in name or "\\" in name or not name.isprintable() or len(name) > MAX_NAME_LENGTH:
+        raise ConfigError(f"name: must be 1-{MAX_NAME_LENGTH} printable characters without path separators "
+                          f"(it names the run directory), got {_show(name)}")
     _check_data(cfg.data)
     _check_model(cfg.model)
     _check_optimizer(cfg.optimizer)
@@ -362,7 +443,7 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
         >>> load_config(None, ["model.activation=relu", "model.width=[5,10,5,5,5]"]).model.width
         [5, 10, 5, 5, 5]
     """
-    raw: dict[str, Any] = read_yaml(path) if path is not None else {}
+    raw: dict[str, Any] = read_yaml(path, allow_empty=False) if path is not None else {}
     if path is not None:
         raw.setdefault("name", Path(path).stem)
     for item in overrides:
