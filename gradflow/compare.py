@@ -1,0 +1,300 @@
+"""Compare runs side by side, draw the gradient-flow bar chart, and the ``diagnose`` and
+``compare`` commands.
+
+Examples (from the repository root):
+
+    gradflow diagnose runs/deep_tanh-20250101-120000-seed0
+    gradflow diagnose runs/deep_tanh-20250101-120000-seed0 --json
+    gradflow diagnose runs/deep_tanh-20250101-120000-seed0 --flow flow.png
+    gradflow compare runs/deep_tanh-* runs/deep_relu-* --out tanh_vs_relu.png
+
+matplotlib (Agg canvas, no pyplot state) is imported inside the plotting functions, so
+importing this module, or ``gradflow``, stays light.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from gradflow.diagnose import Diagnosis, diagnose, layer_parameters, read_losses
+from gradflow.recording import GRADIENTS_FILE, load_windows
+
+EXIT_OK, EXIT_BAD_INPUT = 0, 2
+
+
+@dataclass
+class Run:
+    """What a run directory holds for comparison: windows, history rows, summary, diagnosis."""
+
+    path: Path
+    windows: list
+    history: list[dict[str, float]]
+    summary: dict[str, Any]
+    diagnosis: Diagnosis
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def load_run(run_dir: str | Path) -> Run:
+    """Read a run directory; FileNotFoundError when it or its gradients.csv is missing.
+
+    Example:
+        >>> load_run("runs/deep_relu-20250101-120000-seed0").diagnosis.verdicts    # doctest: +SKIP
+        ['healthy']
+    """
+    path = Path(run_dir)
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such run directory")
+    if not (path / GRADIENTS_FILE).exists():
+        raise FileNotFoundError(f"{path}: no {GRADIENTS_FILE}; train with the gradient monitor enabled")
+    windows = load_windows(path)
+    if not windows:
+        raise FileNotFoundError(f"{path}: {GRADIENTS_FILE} has no windows")
+    history = _read_history(path)
+    summary_file = path / "summary.json"
+    summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
+    return Run(path, windows, history, summary, diagnose(windows, read_losses(path)))
+
+
+def _read_history(path: Path) -> list[dict[str, float]]:
+    file = path / "history.csv"
+    if not file.exists():
+        return []
+    with file.open(newline="") as f:
+        return [{k: float(v) for k, v in row.items() if v not in (None, "")} for row in csv.DictReader(f)]
+
+
+def layer_sizes(windows: Sequence[Any]) -> tuple[list[int], dict[str, list[float]]]:
+    """(steps, layer -> mean |g| per window), input layer first; NaN where a window has none.
+
+    Example:
+        >>> from gradflow.monitor import Window
+        >>> layer_sizes([Window(0, 1, gradients={"dense_1.weight": {"mean_abs": 0.5}})])
+        ([0], {'dense_1': [0.5]})
+    """
+    chosen = layer_parameters(windows)
+    sizes = {layer: [float(w.gradients.get(p, {}).get("mean_abs", math.nan)) for w in windows]
+             for layer, p in chosen.items()}
+    return [w.step for w in windows], sizes
+
+
+def _accuracy(run: Run, key: str) -> float:
+    summary_key = {"accuracy": "train_accuracy", "val_accuracy": "test_accuracy"}[key]
+    value = run.summary.get(summary_key)
+    if isinstance(value, (int, float)):
+        return float(value)
+    return run.history[-1].get(key, math.nan) if run.history else math.nan
+
+
+def compare_table(runs: Sequence[Run]) -> str:
+    """A plain-text table: verdict, accuracies, first hidden and output layer mean |g| (first
+    window -> last window) and their ratio, one row per run.
+
+    Example:
+        >>> print(compare_table([load_run(a), load_run(b)]))                 # doctest: +SKIP
+    """
+    header = ("run", "verdict", "train", "test", "first hidden |g|", "output |g|", "first/output")
+    rows = [header]
+    for run in runs:
+        _, sizes = layer_sizes(run.windows)
+        first, output = sizes[list(sizes)[0]], sizes[list(sizes)[-1]]
+        ratio = [_ratio(a, b) for a, b in zip(first, output)]
+        rows.append((run.name, ", ".join(run.diagnosis.verdicts), _fmt(_accuracy(run, "accuracy"), ".3f"),
+                     _fmt(_accuracy(run, "val_accuracy"), ".3f"), f"{_fmt(first[0])} -> {_fmt(first[-1])}",
+                     f"{_fmt(output[0])} -> {_fmt(output[-1])}", f"{_fmt(ratio[0])} -> {_fmt(ratio[-1])}"))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b > 0 and math.isfinite(a) else math.nan
+
+
+def _fmt(value: float, spec: str = ".3g") -> str:
+    return format(value, spec) if math.isfinite(value) else "n/a"
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height))
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _positive(values: Sequence[float]) -> list[float]:
+    # A log axis cannot show 0 or NaN: leave a gap there instead of a warning or a crash.
+    return [v if math.isfinite(v) and v > 0 else math.nan for v in values]
+
+
+def plot_compare(runs: Sequence[Run], path: str | Path) -> Path:
+    """Side by side: first hidden vs output layer mean |g| per epoch (log scale), and train /
+    test accuracy per epoch, one colour per run. Returns ``path``.
+
+    Example:
+        >>> plot_compare([load_run(a), load_run(b)], "tanh_vs_relu.png")     # doctest: +SKIP
+    """
+    fig = _figure(13, 4.8)
+    grads, accuracy = fig.subplots(1, 2)
+    for index, run in enumerate(runs):
+        colour = f"C{index % 10}"
+        steps, sizes = layer_sizes(run.windows)
+        layers = list(sizes)
+        grads.plot(steps, _positive(sizes[layers[0]]), color=colour, label=f"{run.name}: {layers[0]} (first hidden)")
+        if len(layers) > 1:
+            grads.plot(steps, _positive(sizes[layers[-1]]), color=colour, linestyle="--",
+                       label=f"{run.name}: {layers[-1]} (output)")
+        epochs = [row.get("epoch", i) for i, row in enumerate(run.history)]
+        if run.history:
+            accuracy.plot(epochs, [row.get("accuracy", math.nan) for row in run.history], color=colour,
+                          label=f"{run.name}: train")
+            accuracy.plot(epochs, [row.get("val_accuracy", math.nan) for row in run.history], color=colour,
+                          linestyle=":", label=f"{run.name}: test")
+    grads.set_yscale("log")
+    grads.set_xlabel("epoch")
+    grads.set_ylabel("mean |gradient| of the layer's weight")
+    grads.set_title("gradient size per layer")
+    grads.legend(fontsize="small")
+    accuracy.set_xlabel("epoch")
+    accuracy.set_ylabel("accuracy")
+    accuracy.set_title("accuracy")
+    accuracy.legend(fontsize="small")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    return Path(path)
+
+
+def pick_windows(windows: Sequence[Any], steps: Sequence[int] | None = None) -> list[int]:
+    """Indices of the windows to draw: those at ``steps`` (epochs), else first, middle, last.
+
+    Example:
+        >>> from gradflow.monitor import Window
+        >>> pick_windows([Window(s, 1) for s in range(10)])
+        [0, 5, 9]
+    """
+    if steps:
+        by_step = {w.step: i for i, w in enumerate(windows)}
+        missing = [s for s in steps if s not in by_step]
+        if missing:
+            raise ValueError(f"no window at epoch(s) {missing}; recorded: {windows[0].step}..{windows[-1].step}")
+        return [by_step[s] for s in steps]
+    return sorted({0, len(windows) // 2, len(windows) - 1})
+
+
+def plot_gradient_flow(windows: Sequence[Any], path: str | Path, steps: Sequence[int] | None = None,
+                       title: str = "") -> Path:
+    """The "plot_grad_flow" bar chart, done right: mean and max |g| of every parameter, biases
+    included, input layer first, log scale, one panel per chosen epoch. A parameter without a
+    gradient in a window is marked "no grad" instead of breaking the plot.
+
+    Example:
+        >>> plot_gradient_flow(load_windows(run_dir), "flow.png", steps=[0, 499])   # doctest: +SKIP
+    """
+    chosen = pick_windows(windows, steps)
+    names: list[str] = []
+    for window in windows:
+        names += [name for name in window.gradients if name not in names]
+    fig = _figure(max(6.0, 0.45 * len(names) + 2), 2.8 * len(chosen))
+    axes = fig.subplots(len(chosen), 1, squeeze=False)[:, 0]
+    x = list(range(len(names)))
+    for ax, index in zip(axes, chosen):
+        rows = windows[index].gradients
+        peak = _positive([float(rows.get(n, {}).get("max_abs", math.nan)) for n in names])
+        mean = _positive([float(rows.get(n, {}).get("mean_abs", math.nan)) for n in names])
+        ax.bar(x, peak, color="c", alpha=0.4, label="max |g|")
+        ax.bar(x, mean, color="b", alpha=0.8, label="mean |g|")
+        shown = [v for v in peak + mean if math.isfinite(v)]
+        ax.set_yscale("log")
+        if shown:
+            ax.set_ylim(min(shown) / 3, max(shown) * 3)
+        for i, name in enumerate(names):
+            if name not in rows or not math.isfinite(mean[i]):
+                label = "no grad" if name not in rows else "zero" if rows[name].get("mean_abs") == 0 else "nan/inf"
+                ax.annotate(label, (i, 0.02), xycoords=("data", "axes fraction"), ha="center", rotation=90,
+                            fontsize="x-small", color="red")
+        ax.set_xticks(x)
+        ax.set_xticklabels(names, rotation=90, fontsize="small")
+        ax.set_xlim(-0.6, len(names) - 0.4)
+        ax.set_ylabel("|gradient|")
+        ax.set_title(f"{title + ': ' if title else ''}epoch {windows[index].step}", fontsize="medium")
+        ax.legend(fontsize="small", loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    return Path(path)
+
+
+# -- commands ----------------------------------------------------------------------------
+
+
+def diagnose_command(args: argparse.Namespace) -> int:
+    """``gradflow diagnose RUN_DIR [--json] [--flow PATH] [--epochs N ...]``: print the verdict."""
+    try:
+        run = load_run(args.run_dir)
+        if getattr(args, "flow", None):
+            plot_gradient_flow(run.windows, args.flow, getattr(args, "epochs", None), title=run.name)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"gradflow: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.json:
+        print(json.dumps({"run_dir": str(run.path), **run.diagnosis.to_dict()}, indent=2))
+    else:
+        print(run.diagnosis.report())
+    return EXIT_OK
+
+
+def compare_command(args: argparse.Namespace) -> int:
+    """``gradflow compare RUN_A RUN_B ... [--out PATH] [--flow]``: table and figure."""
+    try:
+        runs = [load_run(path) for path in args.run_dirs]
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"gradflow: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(compare_table(runs))
+    out = Path(args.out)
+    plot_compare(runs, out)
+    print(f"Figure: {out}")
+    if getattr(args, "flow", False):
+        for run in runs:
+            flow = out.with_name(f"{out.stem}-flow-{run.name}.png")
+            plot_gradient_flow(run.windows, flow, title=run.name)
+            print(f"Gradient flow: {flow}")
+    return EXIT_OK
+
+
+def add_commands(subparsers: Any) -> None:
+    """Register ``diagnose`` and ``compare`` on the ``gradflow`` parser's subparsers.
+
+    Example:
+        >>> parser = argparse.ArgumentParser(prog="gradflow")
+        >>> add_commands(parser.add_subparsers(dest="command"))
+        >>> parser.parse_args(["diagnose", "runs/x", "--json"]).json
+        True
+    """
+    diagnose_parser = subparsers.add_parser(
+        "diagnose", help="say whether a run's gradients vanish, explode or die, and why",
+        usage="gradflow diagnose RUN_DIR [--json] [--flow PATH [--epochs N ...]]")
+    diagnose_parser.add_argument("run_dir", help="a run directory with gradients.csv")
+    diagnose_parser.add_argument("--json", action="store_true", help="print the diagnosis as JSON")
+    diagnose_parser.add_argument("--flow", metavar="PATH", help="also draw the gradient-flow bar chart here")
+    diagnose_parser.add_argument("--epochs", type=int, nargs="+", metavar="N",
+                                 help="epochs for the bar chart (default: first, middle, last)")
+    diagnose_parser.set_defaults(func=diagnose_command)
+    compare_parser = subparsers.add_parser(
+        "compare", help="compare runs: gradient size and accuracy side by side",
+        usage="gradflow compare RUN_A RUN_B ... [--out PATH] [--flow]")
+    compare_parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories with gradients.csv")
+    compare_parser.add_argument("--out", default="compare.png", help="figure path (default: compare.png)")
+    compare_parser.add_argument("--flow", action="store_true",
+                                help="also draw each run's gradient-flow bar chart next to the figure")
+    compare_parser.set_defaults(func=compare_command)

@@ -1,0 +1,148 @@
+"""compare: table, side-by-side figure, gradient-flow bar chart, and the diagnose / compare
+commands (exit statuses, JSON), on short real runs and synthetic windows."""
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+from gradflow.compare import (
+    EXIT_BAD_INPUT,
+    EXIT_OK,
+    add_commands,
+    compare_table,
+    layer_sizes,
+    load_run,
+    pick_windows,
+    plot_compare,
+    plot_gradient_flow,
+)
+from gradflow.monitor import Window
+from recorded_runs import record_run
+
+PNG = b"\x89PNG"
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    tanh = record_run(root / "deep_tanh", "configs/deep_tanh.yaml", ["train.epochs=8"])
+    relu = record_run(root / "deep_relu", "configs/deep_relu.yaml", ["train.epochs=8"])
+    return tanh, relu
+
+
+def run_cli(argv):
+    parser = argparse.ArgumentParser(prog="gradflow")
+    add_commands(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    return args.func(args)
+
+
+def test_table_has_a_row_per_run(runs):
+    table = compare_table([load_run(path) for path in runs])
+    lines = table.splitlines()
+    assert lines[0].split()[:4] == ["run", "verdict", "train", "test"]
+    assert lines[2].startswith("deep_tanh") and lines[3].startswith("deep_relu")
+    assert "vanishing" in lines[2] and "->" in lines[2]
+
+
+def test_layer_sizes_input_first(runs):
+    steps, sizes = layer_sizes(load_run(runs[0]).windows)
+    assert steps == list(range(8))
+    assert list(sizes) == [f"dense_{i}" for i in range(1, 7)]
+
+
+def test_compare_figure(runs, tmp_path):
+    out = plot_compare([load_run(path) for path in runs], tmp_path / "compare.png")
+    assert out.read_bytes()[:4] == PNG
+
+
+def flow_windows():
+    """A parameter with no gradient in one window, one with zero gradient, one non-finite."""
+    rows = {"dense_1.weight": {"mean_abs": 0.01, "max_abs": 0.05}, "dense_1.bias": {"mean_abs": 0.02, "max_abs": 0.02},
+            "frozen.weight": {"mean_abs": 0.0, "max_abs": 0.0}, "dense_2.weight": {"mean_abs": 0.3, "max_abs": 0.9}}
+    first = Window(0, 4, gradients={k: dict(v) for k, v in rows.items() if k != "dense_1.bias"})
+    middle = Window(1, 4, gradients={k: dict(v) for k, v in rows.items()})
+    last = Window(2, 4, gradients={**{k: dict(v) for k, v in rows.items()},
+                                   "dense_2.weight": {"mean_abs": math.nan, "max_abs": math.inf}})
+    return [first, middle, last]
+
+
+@pytest.mark.parametrize("steps", [None, [0, 2]], ids=["default-epochs", "chosen-epochs"])
+def test_gradient_flow_survives_missing_zero_and_nonfinite(tmp_path, steps):
+    out = plot_gradient_flow(flow_windows(), tmp_path / "flow.png", steps, title="t")
+    assert out.read_bytes()[:4] == PNG
+
+
+def test_gradient_flow_of_a_real_run(runs, tmp_path):
+    windows = load_run(runs[1]).windows
+    assert plot_gradient_flow(windows, tmp_path / "flow.png").read_bytes()[:4] == PNG
+
+
+@pytest.mark.parametrize("count, steps, expected", [
+    (10, None, [0, 5, 9]), (1, None, [0]), (2, None, [0, 1]), (10, [3, 7], [3, 7]),
+], ids=["first-middle-last", "one-window", "two-windows", "chosen"])
+def test_pick_windows(count, steps, expected):
+    assert pick_windows([Window(s, 1) for s in range(count)], steps) == expected
+
+
+def test_pick_windows_names_what_was_recorded():
+    with pytest.raises(ValueError, match=r"epoch\(s\) \[12\]; recorded: 0..9"):
+        pick_windows([Window(s, 1) for s in range(10)], [12])
+
+
+# -- commands ------------------------------------------------------------------------------
+
+
+def test_diagnose_command_prints_the_report(runs, capsys):
+    assert run_cli(["diagnose", str(runs[0])]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert out.startswith("Verdict: vanishing") and "Recommendation:" in out
+
+
+def test_diagnose_command_json(runs, capsys):
+    assert run_cli(["diagnose", str(runs[1]), "--json"]) == EXIT_OK
+    data = json.loads(capsys.readouterr().out)
+    assert data["run_dir"] == str(runs[1])
+    assert data["verdicts"] and data["line"].startswith("Verdict: ")
+    assert list(data["evidence"]["layers"])[0] == "dense_1"
+
+
+def test_diagnose_command_flow_chart(runs, tmp_path, capsys):
+    out = tmp_path / "flow.png"
+    assert run_cli(["diagnose", str(runs[0]), "--flow", str(out), "--epochs", "0", "7"]) == EXIT_OK
+    assert out.read_bytes()[:4] == PNG
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["diagnose", "{tmp}/missing"], "no such run directory"),
+    (["diagnose", "{tmp}"], "no gradients.csv"),
+    (["compare", "{run}", "{tmp}/missing"], "no such run directory"),
+    (["diagnose", "{run}", "--flow", "{tmp}/f.png", "--epochs", "99"], "no window at epoch"),
+], ids=["missing-dir", "no-gradients", "compare-missing", "bad-epoch"])
+def test_bad_input_exits_2_with_one_line(runs, tmp_path, capsys, argv, message):
+    argv = [a.format(tmp=tmp_path, run=runs[0]) for a in argv]
+    assert run_cli(argv) == EXIT_BAD_INPUT
+    captured = capsys.readouterr()
+    assert captured.out == "" and message in captured.err
+    assert captured.err.count("\n") == 1 and captured.err.startswith("gradflow: error: ")
+
+
+def test_compare_command(runs, tmp_path, capsys):
+    out = tmp_path / "tanh_vs_relu.png"
+    assert run_cli(["compare", *map(str, runs), "--out", str(out), "--flow"]) == EXIT_OK
+    printed = capsys.readouterr().out
+    assert "deep_tanh" in printed and "deep_relu" in printed and f"Figure: {out}" in printed
+    assert out.read_bytes()[:4] == PNG
+    for run in runs:
+        assert (tmp_path / f"tanh_vs_relu-flow-{run.name}.png").exists()
+
+
+def test_importing_stays_light():
+    code = ("import sys, gradflow, gradflow.diagnose, gradflow.compare; "
+            "print('matplotlib' in sys.modules, 'tensorboard' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
