@@ -45,7 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser(
         "train",
         help="train a model from a YAML config",
-        usage="gradflow train CONFIG [key=value ...] [--logdir DIR] [--device {auto,cpu,cuda}] [--seed N] [--quiet] [--threads N]",
+        usage="gradflow train CONFIG [key=value ...] [--logdir DIR] [--device {auto,cpu,cuda}] [--seed N | --seeds 0-9] [--quiet] [--threads N]",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -54,11 +54,15 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--logdir", default="runs", help="parent of the run directory (default: runs)")
     train.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: auto (cuda if available)")
     train.add_argument("--seed", type=int, default=None, help="sets train.seed")
+    train.add_argument("--seeds", default=None, help="many seeds as one batched run, e.g. 0-9 or 1,4,7 (see gradflow.sweep)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.add_argument("--threads", type=int, default=1,
                        help="CPU threads for torch (default 1: the tutorial's models gain nothing from more, "
                             "and idle threads spin against other processes on a busy machine)")
     train.set_defaults(func=cmd_train)
+    from gradflow.sweep import add_sweep_parser
+
+    add_sweep_parser(sub, _Parser)
     return parser
 
 
@@ -78,6 +82,10 @@ def check_device(device: str) -> torch.device:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """``gradflow train``: validate everything, then create the run directory and train."""
+    if args.seeds is not None:
+        from gradflow.sweep import cmd_train_seeds
+
+        return cmd_train_seeds(args)
     from gradflow import rundir
     from gradflow.config import load_config, to_dict
 

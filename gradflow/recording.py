@@ -121,3 +121,40 @@ def layer_of(parameter: str) -> str:
 
 def finite(value: float) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+class MembersMonitorCallback(MonitorCallback):
+    """``MonitorCallback`` for a batched model (a monitor with ``members`` K): member k's
+    windows go to the tables of ``run_dirs[k]``, as a solo run of that member would write them.
+
+    A member that stopped (``member_stopped(k)``, called by ``batched.fit_batched``) writes no
+    further windows.
+
+    Example:
+        >>> monitor = GradientMonitor(batched_model, writers, members=3)         # doctest: +SKIP
+        >>> recorder = MembersMonitorCallback(monitor, [dir_0, dir_1, dir_2])    # doctest: +SKIP
+        >>> fit_batched(..., callbacks=[recorder]); recorder.close()             # doctest: +SKIP
+        >>> load_windows(dir_1)                      # member 1's windows        # doctest: +SKIP
+    """
+
+    def __init__(self, monitor: GradientMonitor, run_dirs: list[str | Path], window_steps: int = 0) -> None:
+        super().__init__(monitor, None, window_steps)
+        self._member_tables = [_Tables(Path(d)) for d in run_dirs]
+        self._written = [0] * len(run_dirs)
+        self._stopped: set[int] = set()
+
+    def member_stopped(self, member: int) -> None:
+        self._stopped.add(member)
+
+    def _log(self, step: int) -> None:
+        self.monitor.log(step)
+        # log() appends one window per member, in member order (with members=1 the only one).
+        windows = self.monitor.history[-len(self._member_tables):]
+        for k, (tables, window) in enumerate(zip(self._member_tables, windows)):
+            if k not in self._stopped:
+                tables.append(self._written[k], window)
+                self._written[k] += 1
+
+    def close(self) -> None:
+        for tables in self._member_tables:
+            tables.close()

@@ -1,0 +1,154 @@
+"""How much do many seeds cost? One solo seed against K seeds as one batched model, measured
+side by side in one run, and the tutorial's three configs x K seeds against the Keras original.
+
+Runs (from the repository root):
+
+    python benchmarks/seeds_speed.py                      # 500 epochs, 10 seeds, 2 workers
+    python benchmarks/seeds_speed.py --epochs 100 --seeds 5 --repeats 1
+
+Prints, for deep_relu:
+- the training loop alone: ``train.fit`` of one seed vs ``batched.fit_batched`` of K seeds;
+- complete runs with the monitor and every file of the run directory: one seed (fit with a
+  GradientMonitor, MonitorCallback and SummaryWriter, as a CLI run records) vs
+  ``batched.train_members`` of K seeds (K run directories);
+and the wall time of shallow_tanh, deep_tanh and deep_relu x K seeds through the sweep's
+process pool (complete runs) against the Keras original's ~80 s for ONE run on these machines.
+Every model uses one thread per process (torch.set_num_threads(1)).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gradflow import GradientMonitor  # noqa: E402
+from gradflow.batched import build_batched, fit_batched, train_members  # noqa: E402
+from gradflow.config import load_config, to_dict  # noqa: E402
+from gradflow.data import load_dataset  # noqa: E402
+from gradflow.models import build_model  # noqa: E402
+from gradflow.plots import plot_accuracy  # noqa: E402
+from gradflow.recording import MonitorCallback  # noqa: E402
+from gradflow.rundir import write_config, write_history, write_summary  # noqa: E402
+from gradflow.sweep import _Local  # noqa: E402
+from gradflow.train import EpochScalars, fit  # noqa: E402
+
+KERAS_SECONDS = 80.0  # one 500-epoch run of the Keras original on these machines
+CONFIGS = ("configs/shallow_tanh.yaml", "configs/deep_tanh.yaml", "configs/deep_relu.yaml")
+
+
+def solo_loop(cfg, data) -> float:
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model)
+    t0 = time.perf_counter()
+    fit(model, data, cfg.optimizer, cfg.train)
+    return time.perf_counter() - t0
+
+
+def batched_loop(cfg, data, seeds) -> float:
+    model = build_batched(cfg.model, seeds)
+    t0 = time.perf_counter()
+    fit_batched(model, data, cfg.optimizer, cfg.train, seeds)
+    return time.perf_counter() - t0
+
+
+def solo_run(cfg, run_dir: Path) -> float:
+    """One seed recorded as a CLI run records it: monitor, tables, TensorBoard, files."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    t0 = time.perf_counter()
+    write_config(run_dir, to_dict(cfg))
+    data = load_dataset(cfg.data)
+    torch.manual_seed(cfg.train.seed)
+    model = build_model(cfg.model)
+    with SummaryWriter(str(run_dir)) as writer:
+        monitor = GradientMonitor(model, writer)
+        recorder = MonitorCallback(monitor, run_dir)
+        try:
+            result = fit(model, data, cfg.optimizer, cfg.train, callbacks=[EpochScalars(writer), recorder])
+        finally:
+            recorder.close()
+            monitor.remove()
+    write_history(run_dir, result.history)
+    write_summary(run_dir, {"train_accuracy": result.train_accuracy, "test_accuracy": result.test_accuracy})
+    plot_accuracy(result.history, run_dir / "accuracy.png")
+    return time.perf_counter() - t0
+
+
+def batched_run(cfg, seeds, root: Path) -> float:
+    dirs = [root / f"seed{s}" for s in seeds]
+    for d in dirs:
+        d.mkdir()
+    t0 = time.perf_counter()
+    train_members(cfg, seeds, dirs)
+    return time.perf_counter() - t0
+
+
+def three_configs(epochs: int, seeds: list[int], workers: int, root: Path) -> float:
+    jobs = []
+    for path in CONFIGS:
+        cfg = load_config(path, [f"train.epochs={epochs}"])
+        dirs = [root / f"{cfg.name}-seed{s}" for s in seeds]
+        for d in dirs:
+            d.mkdir()
+        jobs.append((to_dict(cfg), seeds, [str(d) for d in dirs], "cpu"))
+    t0 = time.perf_counter()
+    _Local(workers).map(jobs, lambda i, summaries: None)
+    return time.perf_counter() - t0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--epochs", type=int, default=500)
+    parser.add_argument("--seeds", type=int, default=10)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=2, help="alternate solo/batched order; best of N")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    seeds = list(range(args.seeds))
+    cfg = load_config("configs/deep_relu.yaml", [f"train.epochs={args.epochs}"])
+    data = load_dataset(cfg.data)
+    loop = {"solo": [], "batched": []}
+    runs = {"solo": [], "batched": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        warm = load_config("configs/deep_relu.yaml", ["train.epochs=1"])  # imports, first plot: not timed
+        (root / "warm").mkdir()
+        solo_run(warm, root / "warm")
+        batched_run(warm, seeds[:2], root / "warm")
+        for r in range(args.repeats):
+            order = ("solo", "batched") if r % 2 == 0 else ("batched", "solo")  # neither always goes first
+            for which in order:
+                if which == "solo":
+                    loop["solo"].append(solo_loop(cfg, data))
+                    d = root / f"solo{r}"
+                    d.mkdir()
+                    runs["solo"].append(solo_run(cfg, d))
+                else:
+                    loop["batched"].append(batched_loop(cfg, data, seeds))
+                    d = root / f"batched{r}"
+                    d.mkdir()
+                    runs["batched"].append(batched_run(cfg, seeds, d))
+        d = root / "three"
+        d.mkdir()
+        three = three_configs(args.epochs, seeds, args.workers, d)
+    k = len(seeds)
+    print(f"deep_relu, {args.epochs} epochs, 1 thread per process, best of {args.repeats}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    for title, table in (("training loop", loop), ("complete runs (monitor + run directories)", runs)):
+        solo, batched = min(table["solo"]), min(table["batched"])
+        print(f"  {title}: 1 seed {solo:.1f} s | {k} seeds batched {batched:.1f} s | ratio {batched / solo:.2f}x "
+              f"(target <= 2x; {k} solo runs would be {k}x)")
+    print(f"shallow_tanh + deep_tanh + deep_relu x {k} seeds, {args.workers} workers, complete runs: {three:.1f} s "
+          f"| ratio to one Keras run (~{KERAS_SECONDS:.0f} s): {three / KERAS_SECONDS:.2f} (target < 1)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
