@@ -130,3 +130,30 @@ def test_cuda_request_without_cuda_exits_2(tmp_path):
     proc = train(DEEP_RELU, "--device", "cuda", "--logdir", str(tmp_path))
     assert proc.returncode == 2 and "--device: cuda requested" in proc.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("switches, files, absent_tags", [
+    (["monitor.enabled=false"], {"gradients.csv": False, "gradients.png": False}, ["grad/dense_1/weight/norm"]),
+    (["monitor.activations=false", "monitor.histograms=false", "monitor.weights=false"],
+     {"gradients.csv": True, "gradients.png": True}, ["activation/relu_1/mean", "weight/dense_1/weight/l1"]),
+], ids=["monitor-off", "parts-off"])
+def test_monitor_section_switches_parts_off(tmp_path, switches, files, absent_tags):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    proc = train(DEEP_RELU, "train.epochs=2", *switches, "--logdir", str(tmp_path), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    (run,) = tmp_path.iterdir()
+    for name, present in files.items():
+        assert (run / name).exists() == present, name
+    events = EventAccumulator(str(run), size_guidance={"histograms": 0}).Reload()
+    assert not events.Tags()["histograms"]
+    assert not set(absent_tags) & set(events.Tags()["scalars"])
+    assert "epoch/loss" in events.Tags()["scalars"]
+
+
+def test_monitor_window_every_n_steps(tmp_path):
+    proc = train(DEEP_RELU, "train.epochs=2", "monitor.window_steps=5", "--logdir", str(tmp_path), "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    (run,) = tmp_path.iterdir()
+    steps = sorted({int(line.split(",")[1]) for line in (run / "gradients.csv").read_text().splitlines()[1:]})
+    assert steps == [5, 10, 15, 20, 25, 30]                 # 2 epochs of 16 steps, a window per 5
