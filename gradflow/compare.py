@@ -202,7 +202,8 @@ def plot_gradient_flow(windows: Sequence[Any], path: str | Path, steps: Sequence
         >>> plot_gradient_flow(load_windows(run_dir), "flow.png", steps=[0, 499])   # doctest: +SKIP
     """
     chosen = pick_windows(windows, steps)
-    names: list[str] = []
+    # Recording order (input layer first): start from the fullest window, add any stragglers.
+    names = list(max(windows, key=lambda w: len(w.gradients)).gradients)
     for window in windows:
         names += [name for name in window.gradients if name not in names]
     fig = _figure(max(6.0, 0.45 * len(names) + 2), 2.8 * len(chosen))
