@@ -6,15 +6,18 @@ Examples (from the repository root):
     gradflow train configs/deep_relu.yaml model.depth=20 train.epochs=50 --seed 1
     gradflow train configs/deep_tanh.yaml model.width=[5,10,5,5,5] --logdir /tmp/runs --quiet
     python scripts/train.py configs/shallow_tanh.yaml --device cpu --threads 2
+    gradflow train --resume runs/deep_relu-20250101-120000-seed0   # after Ctrl-C or a crash
     tensorboard --logdir runs
 
 Exit status: 0 ok; 2 bad input (one line on stderr, nothing written); 3 training stopped on
-a non-finite loss (outputs written up to that epoch).
+a non-finite loss (outputs written up to that epoch); 130 / 143 interrupted by SIGINT (Ctrl-C) /
+SIGTERM after finishing the epoch and writing a checkpoint (``--resume RUN_DIR`` goes on).
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 from typing import NoReturn, Optional, Sequence
@@ -24,6 +27,7 @@ import torch
 from gradflow.errors import ConfigError
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_NONFINITE = 0, 2, 3
+EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal, as shells report it
 
 
 class _Parser(argparse.ArgumentParser):
@@ -50,7 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     # key=value overrides are the leftovers of parse_known_args (see main): they may follow options.
-    train.add_argument("config", help="YAML config, e.g. configs/deep_relu.yaml; then key=value overrides")
+    train.add_argument("config", nargs="?", help="YAML config, e.g. configs/deep_relu.yaml; then key=value overrides")
+    train.add_argument("--resume", metavar="RUN_DIR", default=None,
+                       help="go on from RUN_DIR's checkpoint (its config.yaml; no CONFIG or overrides)")
     train.add_argument("--logdir", default="runs", help="parent of the run directory (default: runs)")
     train.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: auto (cuda if available)")
     train.add_argument("--seed", type=int, default=None, help="sets train.seed")
@@ -63,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     from gradflow.sweep import add_sweep_parser
 
     add_sweep_parser(sub, _Parser)
+    from gradflow.compare import add_commands
+
+    add_commands(sub)  # diagnose RUN_DIR [--json]; compare RUN_A RUN_B ... [--out PATH]
     return parser
 
 
@@ -82,20 +91,18 @@ def check_device(device: str) -> torch.device:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """``gradflow train``: validate everything, then create the run directory and train."""
+    if (args.config is None) == (args.resume is None):  # CONFIG is optional only for --resume
+        raise ConfigError("give a CONFIG file or --resume RUN_DIR (not both)")
+    if args.seeds is not None and args.resume is not None:
+        raise ConfigError("--resume: resumes one run; --seeds starts new ones")
     if args.seeds is not None:
         from gradflow.sweep import cmd_train_seeds
 
         return cmd_train_seeds(args)
     from gradflow import rundir
-    from gradflow.config import load_config, to_dict
 
-    overrides = list(args.overrides) + ([f"train.seed={args.seed}"] if args.seed is not None else [])
-    cfg = load_config(args.config, overrides)
+    cfg, run_dir, state = _open_run(args)  # every check first; the run directory is the first write
     device = check_device(args.device)
-    if args.threads < 1:
-        raise ConfigError(f"--threads: must be >= 1, got {args.threads}")
-    rundir.check_logdir(args.logdir)
-    run_dir = rundir.create_run_dir(args.logdir, cfg.name, cfg.train.seed)  # the first write
 
     from torch.utils.tensorboard import SummaryWriter
 
@@ -103,51 +110,126 @@ def cmd_train(args: argparse.Namespace) -> int:
     from gradflow.train import build_from_config
 
     torch.set_num_threads(args.threads)  # measured: 2 threads on a loaded 2-core box ran 35x slower
-    rundir.write_config(run_dir, to_dict(cfg))
-    with SummaryWriter(log_dir=str(run_dir)) as writer:
+    # On resume, purge_step makes TensorBoard drop events at or after the first epoch to run that
+    # an earlier session wrote after its last checkpoint (a hard kill), so no step is there twice.
+    purge = state["epoch"] + 1 if state is not None else None
+    with SummaryWriter(log_dir=str(run_dir), purge_step=purge) as writer, StopOnSignal() as stop:
         model, data = build_from_config(cfg)
         result, windows = fit_monitored(cfg, model.to(device), data, writer, run_dir, device,
-                                        progress=False if args.quiet else None)
+                                        progress=False if args.quiet else None, stop=stop, resume=state)
     rundir.write_history(run_dir, result.history)
-    rundir.write_summary(run_dir, _summary(cfg, result))
+    rundir.write_summary(run_dir, _summary(cfg, result, windows, stop.signal))
     plot_accuracy(result.history, run_dir / "accuracy.png", title=cfg.name)
     if windows:
         plot_gradients(windows, run_dir / "gradients.png", title=cfg.name)
 
     print(f"Train: {result.train_accuracy:.3f}, Test: {result.test_accuracy:.3f}")
     print(f"Run directory: {run_dir}")
+    if result.interrupted:
+        print(f"gradflow: interrupted by {stop.signal.name} after epoch {result.stop_epoch}; checkpoint written, "
+              f"go on with: gradflow train --resume {run_dir}", file=sys.stderr)
+        return EXIT_SIGNAL[stop.signal]
     if result.stopped_early:
         print(f"gradflow: training stopped: {result.stop_reason} (set train.on_nonfinite=continue to go on)", file=sys.stderr)
         return EXIT_NONFINITE
     return EXIT_OK
 
 
-def fit_monitored(cfg, model, data, writer, run_dir, device, progress=None):
+def _open_run(args: argparse.Namespace):
+    """(config, run directory, checkpoint state or None): a new run, or the one ``--resume`` names.
+
+    Raises ``ConfigError`` before anything is written; a resumed run's tables are cut back to
+    its checkpoint."""
+    from gradflow import rundir
+    from gradflow.config import load_config, to_dict
+
+    if args.threads < 1:
+        raise ConfigError(f"--threads: must be >= 1, got {args.threads}")
+    if args.resume is not None:
+        if args.overrides or args.seed is not None:
+            raise ConfigError("--resume: takes no overrides or --seed; the run directory's config.yaml is used")
+        state = rundir.load_checkpoint(args.resume)
+        run_dir = Path(args.resume)
+        cfg = load_config(run_dir / "config.yaml")
+        check_device(args.device)
+        windows = state.get("monitor", {}).get("windows", 0)
+        for table in ("gradients.csv", "activations.csv"):
+            rundir.truncate_table(run_dir / table, windows)
+        return cfg, run_dir, state
+    overrides = list(args.overrides) + ([f"train.seed={args.seed}"] if args.seed is not None else [])
+    cfg = load_config(args.config, overrides)
+    check_device(args.device)
+    rundir.check_logdir(args.logdir)
+    run_dir = rundir.create_run_dir(args.logdir, cfg.name, cfg.train.seed)  # the first write
+    rundir.write_config(run_dir, to_dict(cfg))
+    return cfg, run_dir, None
+
+
+class StopOnSignal:
+    """While active, SIGINT and SIGTERM only ask training to stop (``is_set()``, read once per
+    epoch); a second signal acts as it normally would. ``signal`` says which one came."""
+
+    def __init__(self) -> None:
+        self.signal: Optional[signal.Signals] = None
+        self._previous: dict = {}
+
+    def is_set(self) -> bool:
+        return self.signal is not None
+
+    def _handle(self, signum: int, frame) -> None:
+        self.signal = signal.Signals(signum)
+        for sig, handler in self._previous.items():  # the next one is not caught
+            signal.signal(sig, handler)
+
+    def __enter__(self) -> "StopOnSignal":
+        self._previous = {sig: signal.signal(sig, self._handle) for sig in EXIT_SIGNAL}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def fit_monitored(cfg, model, data, writer, run_dir, device, progress=None, stop=None, resume=None):
     """``fit`` with the epoch scalars and, when ``cfg.monitor.enabled``, the gradient monitor
     streaming to ``writer`` and its tables in ``run_dir``. Returns (result, monitor windows).
 
     The monitor is attached after the model is on its device and removed however fit ends.
+    Checkpoints (atomic) go to ``run_dir`` with the config and the monitor's window count;
+    ``resume`` is a checkpoint to go on from (the monitor's earlier windows are read back from
+    the tables: at an epoch boundary its accumulators are empty).
     """
-    from gradflow import GradientMonitor
-    from gradflow.recording import MonitorCallback
+    from gradflow import GradientMonitor, rundir
+    from gradflow.config import to_dict
+    from gradflow.recording import MonitorCallback, load_windows
     from gradflow.train import EpochScalars, fit
 
     callbacks: list = [EpochScalars(writer)]
+    earlier = load_windows(run_dir) if resume is not None and (run_dir / "gradients.csv").exists() else []
+
+    def checkpoint(state: dict, windows: int = 0) -> None:
+        writer.flush()  # events up to this epoch are on disk before the checkpoint says so
+        rundir.save_checkpoint(run_dir, {**state, "config": to_dict(cfg), "monitor": {"windows": windows}})
+
+    run = dict(device=device, progress=progress, stop=stop, resume=resume)
+    if resume is not None:  # before attaching: the monitor's first weight snapshot is the checkpoint's
+        model.load_state_dict(resume["model"])
     if not cfg.monitor.enabled:
-        return fit(model, data, cfg.optimizer, cfg.train, device=device, callbacks=callbacks, progress=progress), []
+        return fit(model, data, cfg.optimizer, cfg.train, callbacks=callbacks, checkpoint=checkpoint, **run), []
     settings = cfg.monitor
     with GradientMonitor(model, writer, histograms=settings.histograms, weights=settings.weights,
                          activations=settings.activations) as monitor:
-        recorder = MonitorCallback(monitor, run_dir, settings.window_steps)
+        recorder = MonitorCallback(monitor, run_dir, settings.window_steps, first_window=len(earlier))
         try:
-            result = fit(model, data, cfg.optimizer, cfg.train, device=device,
-                         callbacks=callbacks + [recorder], progress=progress)
+            result = fit(model, data, cfg.optimizer, cfg.train, callbacks=callbacks + [recorder],
+                         checkpoint=lambda state: checkpoint(state, len(earlier) + len(monitor.history)), **run)
         finally:
             recorder.close()
-    return result, monitor.history
+    return result, earlier + monitor.history
 
 
-def _summary(cfg, result) -> dict:
+def _summary(cfg, result, windows=(), stopped_by: Optional[signal.Signals] = None) -> dict:
+    nonfinite = [(i, sum(row.get("nonfinite", 0) for row in w.gradients.values())) for i, w in enumerate(windows)]
     return {
         "name": cfg.name,
         "train_accuracy": result.train_accuracy,
@@ -159,6 +241,10 @@ def _summary(cfg, result) -> dict:
         "stopped_early": result.stopped_early,
         "stop_epoch": result.stop_epoch,
         "stop_reason": result.stop_reason,
+        "interrupted": stopped_by.name if result.interrupted else None,
+        # The monitor's count of NaN/inf gradient elements, in all and per window.
+        "nonfinite_gradients": sum(count for _, count in nonfinite),
+        "first_nonfinite_window": next((i for i, count in nonfinite if count), None),
         "torch_version": torch.__version__,
     }
 

@@ -85,6 +85,7 @@ class TrainConfig:
     batch_size: int = 32  # Keras fit's default; the last batch may be partial
     seed: int = 0  # fixes the initial weights and the shuffling
     on_nonfinite: str = "stop"  # stop | continue when an epoch's loss is NaN/inf
+    checkpoint_every: int = 50  # epochs between checkpoints (0: only at the end and on Ctrl-C/SIGTERM)
 
 
 @dataclass
@@ -410,6 +411,8 @@ def _check_train(c: TrainConfig) -> None:
     if not 0 <= c.seed < 2**63:
         raise ConfigError(f"train.seed: must be an int in [0, 2**63), got {c.seed}")
     _choice("train.on_nonfinite", c.on_nonfinite, ["stop", "continue"], "value")
+    if c.checkpoint_every < 0:
+        raise ConfigError(f"train.checkpoint_every: must be >= 0 (0 = only at the end), got {c.checkpoint_every}")
 
 
 def validate(cfg: Config) -> Config:

@@ -30,13 +30,16 @@ class MonitorCallback:
     """Trainer callback: ``monitor.log`` at each epoch's end, or every ``window_steps`` steps.
 
     With ``window_steps`` the TensorBoard step of a window is the global step at its end;
-    otherwise it is the epoch, like the ``epoch/*`` scalars.
+    otherwise it is the epoch, like the ``epoch/*`` scalars. ``first_window`` > 0 resumes a run:
+    the tables (already cut to that many windows) are appended to and numbering goes on.
     """
 
-    def __init__(self, monitor: GradientMonitor, run_dir: str | Path | None = None, window_steps: int = 0) -> None:
+    def __init__(self, monitor: GradientMonitor, run_dir: str | Path | None = None, window_steps: int = 0,
+                 first_window: int = 0) -> None:
         self.monitor = monitor
         self.window_steps = window_steps
-        self._tables = _Tables(Path(run_dir)) if run_dir is not None else None
+        self.first_window = first_window
+        self._tables = _Tables(Path(run_dir), append=first_window > 0) if run_dir is not None else None
         if window_steps:
             self.after_backward = self._log_every_n_steps   # only then does a step cost a call
 
@@ -52,7 +55,7 @@ class MonitorCallback:
     def _log(self, step: int) -> None:
         self.monitor.log(step)
         if self._tables is not None:
-            self._tables.append(len(self.monitor.history) - 1, self.monitor.history[-1])
+            self._tables.append(self.first_window + len(self.monitor.history) - 1, self.monitor.history[-1])
 
     def close(self) -> None:
         if self._tables is not None:
@@ -62,11 +65,13 @@ class MonitorCallback:
 class _Tables:
     """The two CSV files, appended to and flushed once per window."""
 
-    def __init__(self, run_dir: Path) -> None:
-        self._files = [open(run_dir / name, "w", newline="") for name in (GRADIENTS_FILE, ACTIVATIONS_FILE)]
+    def __init__(self, run_dir: Path, append: bool = False) -> None:
+        mode = "a" if append else "w"
+        self._files = [open(run_dir / name, mode, newline="") for name in (GRADIENTS_FILE, ACTIVATIONS_FILE)]
         self._gradients, self._activations = (csv.writer(f) for f in self._files)
-        self._gradients.writerow(GRADIENT_COLUMNS)
-        self._activations.writerow(ACTIVATION_COLUMNS)
+        if not append:
+            self._gradients.writerow(GRADIENT_COLUMNS)
+            self._activations.writerow(ACTIVATION_COLUMNS)
 
     def append(self, index: int, window: Window) -> None:
         for name, row in window.gradients.items():

@@ -110,3 +110,94 @@ def write_summary(run_dir: Path, summary: Mapping[str, Any]) -> Path:
     data = {k: _json_safe(v) for k, v in summary.items()}
     path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
     return path
+
+
+# --- checkpoints -------------------------------------------------------------------------------
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+def save_checkpoint(run_dir: Path, state: Mapping[str, Any]) -> Path:
+    """Write ``checkpoint.pt`` atomically: a crash while writing leaves the previous one intact.
+
+    The state goes to a temporary file in the same directory, is flushed and fsynced, then
+    ``os.replace`` swaps it in (atomic on POSIX within one file system).
+
+    Example:
+        >>> import tempfile
+        >>> save_checkpoint(Path(tempfile.mkdtemp()), {"epoch": 3}).name
+        'checkpoint.pt'
+    """
+    import torch
+
+    path = Path(run_dir) / CHECKPOINT_FILE
+    tmp = path.with_name(f".{CHECKPOINT_FILE}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(dict(state), f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)  # only left behind when something above failed
+    _fsync_dir(path.parent)  # make the rename itself durable
+    return path
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(run_dir: str | Path) -> dict[str, Any]:
+    """Read a run directory's checkpoint; ``ConfigError`` (one line) when it is missing or corrupt.
+
+    Example:
+        >>> import tempfile
+        >>> d = Path(tempfile.mkdtemp()); _ = save_checkpoint(d, dict.fromkeys(CHECKPOINT_KEYS, 3))
+        >>> load_checkpoint(d)["epoch"]
+        3
+    """
+    import torch
+
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise ConfigError(f"--resume: {run_dir} is not a run directory; pass one that gradflow train made")
+    path = run_dir / CHECKPOINT_FILE
+    if not path.is_file():
+        raise ConfigError(f"--resume: {path} not found; only runs that wrote a checkpoint can resume")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the same user-facing fault
+        raise ConfigError(f"--resume: {path} is unreadable ({type(exc).__name__}); it is corrupt or not a gradflow checkpoint") from None
+    missing = [key for key in CHECKPOINT_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise ConfigError(f"--resume: {path} lacks {', '.join(missing)}; it is not a gradflow checkpoint")
+    return state
+
+
+# What a trainer checkpoint holds (see gradflow.train.fit); the CLI adds config and monitor.
+CHECKPOINT_KEYS = ("epoch", "step", "model", "optimizer", "torch_rng", "generator", "history")
+
+
+def truncate_table(path: Path, keep: int, column: str = "window") -> None:
+    """Keep only the rows of CSV ``path`` whose ``column`` is below ``keep`` (atomically).
+
+    A resumed run cuts its per-window tables back to the checkpoint, so a window written after
+    the checkpoint (before a hard kill) is not there twice.
+    """
+    if not path.exists():
+        return
+    with path.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        return
+    index = rows[0].index(column)
+    kept = [rows[0]] + [row for row in rows[1:] if len(row) == len(rows[0]) and int(row[index]) < keep]
+    tmp = path.with_name(f".{path.name}.tmp")
+    with tmp.open("w", newline="", encoding="utf-8") as f:
+        csv.writer(f).writerows(kept)
+    os.replace(tmp, path)

@@ -11,6 +11,11 @@ accuracy sums accumulate on the device); one sync per epoch.
 
 Extension points: callbacks with optional ``after_backward(step)`` (after ``loss.backward()``,
 before ``optimizer.step()``) and ``epoch_end(epoch, metrics)``.
+
+Reliability: ``checkpoint(state)`` is called every ``train.checkpoint_every`` epochs, at the end,
+and when ``stop.is_set()`` (checked once per epoch: a signal handler sets it) after finishing the
+epoch; ``resume=state`` goes on from such a state and, on CPU, ends exactly where an uninterrupted
+run ends (model, optimizer, torch RNG, shuffle generator, history and step are all restored).
 """
 
 from __future__ import annotations
@@ -100,6 +105,7 @@ class TrainResult:
     stopped_early: bool = False  # True when a non-finite loss stopped the run
     stop_epoch: Optional[int] = None  # the epoch (from 0) whose loss was non-finite
     stop_reason: Optional[str] = None
+    interrupted: bool = False  # True when ``stop`` was set: the run checkpointed and returned early
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -150,10 +156,16 @@ def fit(
     device: str | torch.device = "cpu",
     callbacks: Iterable[Any] = (),
     progress: Optional[bool] = False,
+    checkpoint: Optional[Callable[[dict[str, Any]], None]] = None,
+    stop: Optional[Any] = None,
+    resume: Optional[dict[str, Any]] = None,
 ) -> TrainResult:
     """Train ``model`` (whose last module is the output Sigmoid) the way Keras ``fit`` does.
 
     ``progress``: True shows a tqdm bar, None shows it only when stderr is a terminal.
+    ``checkpoint``: called with the training state (see ``_state``) every
+    ``train.checkpoint_every`` epochs, at the end and on a stop request. ``stop``: anything with
+    ``is_set()`` (a ``threading.Event``), read once per epoch. ``resume``: a state to go on from.
 
     Example:
         >>> from gradflow.config import load_config
@@ -177,10 +189,19 @@ def fit(
     batch_sizes = torch.tensor([min(bs, n - s) for s in starts], dtype=torch.float32, device=dev)
     history: list[dict[str, float]] = []
     result = TrainResult(history, math.nan, math.nan, 0.0, 0, str(dev))
-    step = 0
+    step = first = 0
+    if resume is not None:
+        step, first = _restore(resume, model, opt, gen, history)
+    every = getattr(train, "checkpoint_every", 0)
+
+    def save(epoch: int) -> None:
+        if checkpoint is not None:
+            checkpoint(_state(epoch, step, model, opt, gen, history))
+
     t0 = time.perf_counter()
     bar = _progress(train.epochs, progress)
-    for epoch in range(train.epochs):
+    bar.update(first)
+    for epoch in range(first, train.epochs):
         model.train()
         perm = torch.randperm(n, generator=gen).to(dev)
         losses, outputs = [], []  # detached per-batch results, reduced once per epoch
@@ -213,12 +234,36 @@ def fit(
             result.stopped_early, result.stop_epoch = True, epoch
             result.stop_reason = f"non-finite training loss ({values[0]}) at epoch {epoch}"
             break
+        if stop is not None and stop.is_set():  # once per epoch: the step itself pays nothing
+            result.interrupted, result.stop_epoch = True, epoch
+            save(epoch)
+            break
+        if epoch == train.epochs - 1 or (every and (epoch + 1) % every == 0):
+            save(epoch)
     bar.close()
     result.train_accuracy = evaluate(body, x, y)[1].item()
     result.test_accuracy = evaluate(body, x_val, y_val)[1].item()
     result.seconds = time.perf_counter() - t0
     result.epochs_run = len(history)
     return result
+
+
+def _state(epoch: int, step: int, model: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator,
+           history: list[dict[str, float]]) -> dict[str, Any]:
+    """Everything ``fit`` needs to go on after ``epoch`` (epochs count from 0)."""
+    return {"epoch": epoch, "step": step, "model": model.state_dict(), "optimizer": opt.state_dict(),
+            "torch_rng": torch.get_rng_state(), "generator": gen.get_state(), "history": list(history)}
+
+
+def _restore(state: dict[str, Any], model: nn.Module, opt: torch.optim.Optimizer, gen: torch.Generator,
+             history: list[dict[str, float]]) -> tuple[int, int]:
+    """Load a ``_state`` into the live objects; returns (global step, first epoch to run)."""
+    model.load_state_dict(state["model"])
+    opt.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    gen.set_state(state["generator"])
+    history.extend(state["history"])
+    return state["step"], state["epoch"] + 1
 
 
 def train_from_config(

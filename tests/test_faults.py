@@ -12,6 +12,7 @@ import gc
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -226,3 +227,134 @@ def test_memory_stays_flat_over_many_windows():
         objects_after, rss_after = len(gc.get_objects()), _rss_bytes()
     assert objects_after - objects_before < 50, objects_after - objects_before
     assert rss_after - rss_before < 8 * 2**20, rss_after - rss_before
+
+
+# --- 3. interruption and resume ----------------------------------------------------------------
+
+RESUME_ARGS = [DEEP_RELU, "train.epochs=60", "--seed", "3", "--device", "cpu", "--quiet"]
+
+
+def _windows_written(run_dir: Path) -> int:
+    path = run_dir / GRADIENTS_FILE
+    if not path.exists():
+        return 0
+    return len({line.split(",", 1)[0] for line in path.read_text().splitlines()[1:] if line})
+
+
+def _raw_steps(run_dir: Path, tag: str) -> list[int]:
+    """Steps of ``tag`` in every event file as written, before TensorBoard's own de-duplication."""
+    from tensorboard.backend.event_processing.event_file_loader import EventFileLoader
+
+    steps = []
+    for path in sorted(run_dir.glob("events.out.tfevents.*")):
+        for event in EventFileLoader(str(path)).Load():
+            steps += [event.step for value in event.summary.value if value.tag == tag]
+    return steps
+
+
+def test_sigterm_then_resume_ends_exactly_like_an_uninterrupted_run(tmp_path):
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    baseline = train(*RESUME_ARGS, "--logdir", str(whole))
+    assert baseline.returncode == 0, baseline.stderr
+    (whole_dir,) = whole.iterdir()
+
+    # Fault: SIGTERM once the run has logged a few epochs.
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *RESUME_ARGS, "--logdir", str(parts)], env=environ(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not (parts.exists() and any(_windows_written(d) >= 3 for d in parts.iterdir())):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 143, (out, err)
+    assert "interrupted by SIGTERM" in err and "--resume" in err and "Traceback" not in err
+    (run_dir,) = parts.iterdir()
+    stopped = assert_run_complete(run_dir, epochs=len((run_dir / "history.csv").read_text().splitlines()) - 1)
+    assert stopped["interrupted"] == "SIGTERM" and stopped["epochs"] < 60  # readable, flushed, partial
+    assert (run_dir / "checkpoint.pt").exists()
+    assert assert_histograms_complete(load_events(run_dir)) > 0
+
+    resumed = train("--resume", str(run_dir), "--device", "cpu", "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout.splitlines()[0] == baseline.stdout.splitlines()[0]  # the Train/Test line
+    final, expected = (json.loads((d / "summary.json").read_text()) for d in (run_dir, whole_dir))
+    assert (final["train_accuracy"], final["test_accuracy"], final["epochs"]) == \
+        (expected["train_accuracy"], expected["test_accuracy"], expected["epochs"])
+    for name in ("history.csv", GRADIENTS_FILE, "activations.csv"):
+        assert (run_dir / name).read_text() == (whole_dir / name).read_text(), name
+    assert _raw_steps(run_dir, "epoch/loss") == list(range(60))  # every epoch once, none twice
+    events = load_events(run_dir)
+    assert [e.step for e in events.Scalars("epoch/loss")] == list(range(60))
+    assert [e.value for e in events.Scalars("epoch/loss")] == [e.value for e in load_events(whole_dir).Scalars("epoch/loss")]
+    for tag in events.Tags()["histograms"]:
+        assert [e.step for e in events.Histograms(tag)] == list(range(60)), tag
+
+
+def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
+    from gradflow import rundir
+
+    state = {key: 1 for key in rundir.CHECKPOINT_KEYS} | {"model": {"w": torch.arange(4.0)}}
+    rundir.save_checkpoint(tmp_path, state)
+    real_save = torch.save
+
+    def crash_midway(obj, f, *args, **kwargs):  # fault: half the bytes, then the disk "fails"
+        real_save(obj, f, *args, **kwargs)
+        f.seek(f.tell() // 2)
+        f.truncate()
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", crash_midway)
+    with pytest.raises(OSError):
+        rundir.save_checkpoint(tmp_path, state | {"epoch": 2})
+    monkeypatch.undo()
+    loaded = rundir.load_checkpoint(tmp_path)
+    assert loaded["epoch"] == 1 and torch.equal(loaded["model"]["w"], torch.arange(4.0))
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]  # no temp file left behind
+
+
+RESUME_FAULTS = {
+    "missing-directory": lambda d: d / "nope",
+    "no-checkpoint": lambda d: (d / "checkpoint.pt").unlink() or d,
+    "garbage-checkpoint": lambda d: (d / "checkpoint.pt").write_bytes(b"\x00garbage" * 100) and d,
+    "truncated-checkpoint": lambda d: (d / "checkpoint.pt").write_bytes((d / "checkpoint.pt").read_bytes()[:300]) and d,
+    "not-a-gradflow-checkpoint": lambda d: torch.save({"epoch": 1}, d / "checkpoint.pt") or d,
+}
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    logdir = tmp_path_factory.mktemp("finished")
+    assert main(["train", DEEP_RELU, "train.epochs=2", "--logdir", str(logdir), "--device", "cpu", "--quiet"]) == 0
+    return next(logdir.iterdir())
+
+
+@pytest.mark.parametrize("fault", list(RESUME_FAULTS.values()), ids=list(RESUME_FAULTS))
+def test_resume_of_a_missing_or_corrupt_run_exits_2(finished_run, tmp_path, fault, capsys):
+    import shutil
+
+    run_dir = shutil.copytree(finished_run, tmp_path / "run")
+    target = fault(run_dir)
+    capsys.readouterr()
+    assert main(["train", "--resume", str(target), "--device", "cpu"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1 and err.startswith("gradflow: error: --resume: "), err
+
+
+# --- 2. non-finite training ---------------------------------------------------------------------
+
+@pytest.mark.parametrize(("switch", "status", "epochs"), [([], 3, 1), (["train.on_nonfinite=continue"], 0, 4)],
+                         ids=["stop-by-default", "continue"])
+def test_huge_learning_rate_is_counted_and_stops_cleanly(tmp_path, capsys, switch, status, epochs):
+    """Fault: optimizer.lr=1e10 on deep_relu turns the loss and gradients NaN in epoch 0."""
+    args = ["train", DEEP_RELU, "optimizer.lr=1e10", "train.epochs=4", *switch, "--logdir", str(tmp_path), "--device", "cpu", "--quiet"]
+    assert main(args) == status
+    err = capsys.readouterr().err
+    (run_dir,) = tmp_path.iterdir()
+    summary = assert_run_complete(run_dir, epochs=epochs)
+    assert summary["nonfinite_gradients"] > 0 and summary["first_nonfinite_window"] == 0
+    if status == 3:
+        assert err.count("\n") == 1 and "training stopped: non-finite training loss (nan) at epoch 0" in err
+        assert summary["stopped_early"] and summary["stop_epoch"] == 0 and "non-finite" in summary["stop_reason"]
+    else:
+        assert err == "" and not summary["stopped_early"]
+    assert assert_histograms_complete(load_events(run_dir)) >= 0  # loads; every histogram finite
