@@ -117,14 +117,17 @@ def cmd_train(args: argparse.Namespace) -> int:
         model, data = build_from_config(cfg)
         result, windows = fit_monitored(cfg, model.to(device), data, writer, run_dir, device,
                                         progress=False if args.quiet else None, stop=stop, resume=state)
+        diagnosis = _diagnose(result, windows, writer)
     rundir.write_history(run_dir, result.history)
-    rundir.write_summary(run_dir, _summary(cfg, result, windows, stop.signal))
+    rundir.write_summary(run_dir, _summary(cfg, result, windows, stop.signal, diagnosis))
     plot_accuracy(result.history, run_dir / "accuracy.png", title=cfg.name)
     if windows:
         plot_gradients(windows, run_dir / "gradients.png", title=cfg.name)
 
     print(f"Train: {result.train_accuracy:.3f}, Test: {result.test_accuracy:.3f}")
     print(f"Run directory: {run_dir}")
+    if diagnosis is not None:
+        print(diagnosis.line())
     if result.interrupted:
         print(f"gradflow: interrupted by {stop.signal.name} after epoch {result.stop_epoch}; checkpoint written, "
               f"go on with: gradflow train --resume {run_dir}", file=sys.stderr)
@@ -228,7 +231,18 @@ def fit_monitored(cfg, model, data, writer, run_dir, device, progress=None, stop
     return result, earlier + monitor.history
 
 
-def _summary(cfg, result, windows=(), stopped_by: Optional[signal.Signals] = None) -> dict:
+def _diagnose(result, windows, writer):
+    """The run's verdict (None without monitor windows), also written to TensorBoard."""
+    if not windows:
+        return None
+    from gradflow.diagnose import diagnose, write_to_tensorboard
+
+    diagnosis = diagnose(windows, [row["loss"] for row in result.history])
+    write_to_tensorboard(diagnosis, writer, result.history[-1]["epoch"] if result.history else 0)
+    return diagnosis
+
+
+def _summary(cfg, result, windows=(), stopped_by: Optional[signal.Signals] = None, diagnosis=None) -> dict:
     nonfinite = [(i, sum(row.get("nonfinite", 0) for row in w.gradients.values())) for i, w in enumerate(windows)]
     return {
         "name": cfg.name,
@@ -245,6 +259,9 @@ def _summary(cfg, result, windows=(), stopped_by: Optional[signal.Signals] = Non
         # The monitor's count of NaN/inf gradient elements, in all and per window.
         "nonfinite_gradients": sum(count for _, count in nonfinite),
         "first_nonfinite_window": next((i for i, count in nonfinite if count), None),
+        "verdict": diagnosis.verdicts if diagnosis is not None else None,
+        "verdict_line": diagnosis.line() if diagnosis is not None else None,
+        "recommendation": diagnosis.recommendation if diagnosis is not None else None,
         "torch_version": torch.__version__,
     }
 

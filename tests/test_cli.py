@@ -31,6 +31,7 @@ def run_dir(tmp_path_factory) -> Path:
     lines = proc.stdout.splitlines()
     assert re.fullmatch(r"Train: \d\.\d{3}, Test: \d\.\d{3}", lines[0])
     path = Path(re.fullmatch(r"Run directory: (.+)", lines[1]).group(1))
+    assert re.fullmatch(r"Verdict: [a-z-]+(, [a-z-]+)*( \(.+\))?", lines[2])   # the run ends with its verdict
     assert path.parent == logdir and re.fullmatch(r"deep_relu-\d{8}-\d{6}-seed4", path.name)
     return path
 
@@ -44,6 +45,9 @@ def test_run_directory_contents(run_dir):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["epochs"] == 3 and summary["seed"] == 4 and summary["device"] == "cpu"
     assert {"train_accuracy", "test_accuracy", "seconds", "stopped_early"} <= set(summary)
+    assert summary["verdict"] and set(summary["verdict"]) <= {
+        "healthy", "vanishing", "exploding", "saturated", "dead-units", "stalled"}
+    assert summary["verdict_line"].startswith("Verdict: ") and summary["recommendation"]
 
 
 def test_tensorboard_epoch_scalars(run_dir):
