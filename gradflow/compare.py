@@ -285,7 +285,7 @@ def add_commands(subparsers: Any) -> None:
     diagnose_parser = subparsers.add_parser(
         "diagnose", help="say whether a run's gradients vanish, explode or die, and why",
         usage="gradflow diagnose RUN_DIR [--json] [--flow PATH [--epochs N ...]]")
-    diagnose_parser.add_argument("run_dir", help="a run directory with gradients.csv")
+    diagnose_parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory with gradients.csv")
     diagnose_parser.add_argument("--json", action="store_true", help="print the diagnosis as JSON")
     diagnose_parser.add_argument("--flow", metavar="PATH", help="also draw the gradient-flow bar chart here")
     diagnose_parser.add_argument("--epochs", type=int, nargs="+", metavar="N",

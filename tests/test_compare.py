@@ -141,6 +141,17 @@ def test_compare_command(runs, tmp_path, capsys):
         assert (tmp_path / f"tanh_vs_relu-flow-{run.name}.png").exists()
 
 
+def test_registered_on_the_gradflow_command(runs, tmp_path, capsys):
+    from gradflow.cli import main
+
+    assert main(["diagnose", str(runs[1]), "--json"]) == EXIT_OK
+    assert json.loads(capsys.readouterr().out)["verdicts"]
+    assert main(["diagnose", str(tmp_path / "missing")]) == EXIT_BAD_INPUT
+    assert main(["diagnose"]) == EXIT_BAD_INPUT                    # argparse error: one line too
+    err = capsys.readouterr().err
+    assert err.count("\n") == 2 and "RUN_DIR" in err
+
+
 def test_importing_stays_light():
     code = ("import sys, gradflow, gradflow.diagnose, gradflow.compare; "
             "print('matplotlib' in sys.modules, 'tensorboard' in sys.modules)")
