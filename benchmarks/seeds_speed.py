@@ -9,8 +9,9 @@ Runs (from the repository root):
 Prints, for deep_relu:
 - the training loop alone: ``train.fit`` of one seed vs ``batched.fit_batched`` of K seeds;
 - complete runs with the monitor and every file of the run directory: one seed (fit with a
-  GradientMonitor, MonitorCallback and SummaryWriter, as a CLI run records) vs
-  ``batched.train_members`` of K seeds (K run directories);
+  GradientMonitor, MonitorCallback and SummaryWriter, files, plot and verdict, as a CLI run
+  records) vs ``batched.train_members`` of K seeds (K run directories), with TensorBoard
+  histograms on (the config default) and off (the sweep files' setting);
 and the wall time of shallow_tanh, deep_tanh and deep_relu x K seeds through the sweep's
 process pool (complete runs) against the Keras original's ~80 s for ONE run on these machines.
 Every model uses one thread per process (torch.set_num_threads(1)).
@@ -30,7 +31,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gradflow import GradientMonitor  # noqa: E402
-from gradflow.batched import build_batched, fit_batched, train_members  # noqa: E402
+from gradflow.batched import build_batched, diagnose_verdict, fit_batched, train_members  # noqa: E402
 from gradflow.config import load_config, to_dict  # noqa: E402
 from gradflow.data import load_dataset  # noqa: E402
 from gradflow.models import build_model  # noqa: E402
@@ -69,7 +70,7 @@ def solo_run(cfg, run_dir: Path) -> float:
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model)
     with SummaryWriter(str(run_dir)) as writer:
-        monitor = GradientMonitor(model, writer)
+        monitor = GradientMonitor(model, writer, histograms=cfg.monitor.histograms)
         recorder = MonitorCallback(monitor, run_dir)
         try:
             result = fit(model, data, cfg.optimizer, cfg.train, callbacks=[EpochScalars(writer), recorder])
@@ -79,6 +80,7 @@ def solo_run(cfg, run_dir: Path) -> float:
     write_history(run_dir, result.history)
     write_summary(run_dir, {"train_accuracy": result.train_accuracy, "test_accuracy": result.test_accuracy})
     plot_accuracy(result.history, run_dir / "accuracy.png")
+    diagnose_verdict(run_dir)  # the verdict each batched member gets too
     return time.perf_counter() - t0
 
 
@@ -91,10 +93,10 @@ def batched_run(cfg, seeds, root: Path) -> float:
     return time.perf_counter() - t0
 
 
-def three_configs(epochs: int, seeds: list[int], workers: int, root: Path) -> float:
+def three_configs(epochs: int, seeds: list[int], workers: int, root: Path, histograms: bool) -> float:
     jobs = []
     for path in CONFIGS:
-        cfg = load_config(path, [f"train.epochs={epochs}"])
+        cfg = load_config(path, [f"train.epochs={epochs}", f"monitor.histograms={str(histograms).lower()}"])
         dirs = [root / f"{cfg.name}-seed{s}" for s in seeds]
         for d in dirs:
             d.mkdir()
@@ -115,8 +117,10 @@ def main(argv: list[str] | None = None) -> int:
     seeds = list(range(args.seeds))
     cfg = load_config("configs/deep_relu.yaml", [f"train.epochs={args.epochs}"])
     data = load_dataset(cfg.data)
+    quiet = load_config("configs/deep_relu.yaml", [f"train.epochs={args.epochs}", "monitor.histograms=false"])
     loop = {"solo": [], "batched": []}
     runs = {"solo": [], "batched": []}
+    lean = {"solo": [], "batched": []}  # the same without TensorBoard histograms (the sweep files' setting)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         warm = load_config("configs/deep_relu.yaml", ["train.epochs=1"])  # imports, first plot: not timed
@@ -131,22 +135,31 @@ def main(argv: list[str] | None = None) -> int:
                     d = root / f"solo{r}"
                     d.mkdir()
                     runs["solo"].append(solo_run(cfg, d))
+                    (root / f"solo-lean{r}").mkdir()
+                    lean["solo"].append(solo_run(quiet, root / f"solo-lean{r}"))
                 else:
                     loop["batched"].append(batched_loop(cfg, data, seeds))
                     d = root / f"batched{r}"
                     d.mkdir()
                     runs["batched"].append(batched_run(cfg, seeds, d))
-        d = root / "three"
-        d.mkdir()
-        three = three_configs(args.epochs, seeds, args.workers, d)
+                    (root / f"batched-lean{r}").mkdir()
+                    lean["batched"].append(batched_run(quiet, seeds, root / f"batched-lean{r}"))
+        three = {}
+        for histograms in (True, False):
+            d = root / f"three-{histograms}"
+            d.mkdir()
+            three[histograms] = three_configs(args.epochs, seeds, args.workers, d, histograms)
     k = len(seeds)
     print(f"deep_relu, {args.epochs} epochs, 1 thread per process, best of {args.repeats}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
-    for title, table in (("training loop", loop), ("complete runs (monitor + run directories)", runs)):
+    for title, table in (("training loop", loop), ("complete runs (monitor + run directories)", runs),
+                         ("complete runs, monitor.histograms=false", lean)):
         solo, batched = min(table["solo"]), min(table["batched"])
         print(f"  {title}: 1 seed {solo:.1f} s | {k} seeds batched {batched:.1f} s | ratio {batched / solo:.2f}x "
               f"(target <= 2x; {k} solo runs would be {k}x)")
-    print(f"shallow_tanh + deep_tanh + deep_relu x {k} seeds, {args.workers} workers, complete runs: {three:.1f} s "
-          f"| ratio to one Keras run (~{KERAS_SECONDS:.0f} s): {three / KERAS_SECONDS:.2f} (target < 1)")
+    for histograms, seconds in three.items():
+        print(f"shallow_tanh + deep_tanh + deep_relu x {k} seeds, {args.workers} workers, complete runs, "
+              f"histograms {'on' if histograms else 'off'}: {seconds:.1f} s | ratio to one Keras run "
+              f"(~{KERAS_SECONDS:.0f} s): {seconds / KERAS_SECONDS:.2f} (target < 1)")
     return 0
 
 

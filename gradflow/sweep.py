@@ -409,12 +409,10 @@ class _Ray:
         started = not ray.is_initialized()
         if started:
             root = str(Path(__file__).resolve().parents[1])
-            kwargs: dict[str, Any] = {"address": self.address, "include_dashboard": False,
-                                      "log_to_driver": False, "configure_logging": False,
-                                      # workers must import this gradflow, installed or not
-                                      "runtime_env": {"env_vars": {"PYTHONPATH": _pythonpath(root)}}}
-            if self.address is None:
-                kwargs["num_cpus"] = self.workers
+            kwargs: dict[str, Any] = {"address": self.address, "log_to_driver": False, "configure_logging": False}
+            if self.address is None:  # a local Ray: its workers must import this gradflow, installed or not
+                kwargs.update(num_cpus=self.workers, include_dashboard=False,
+                              runtime_env={"env_vars": {"PYTHONPATH": _pythonpath(root)}})
             ray.init(**kwargs)
         try:
             remote = ray.remote(num_cpus=1)(run_task)
