@@ -384,28 +384,29 @@ def _write_member(cfg: "Config", result: TrainResult, run_dir: Path) -> dict[str
     }
     write_summary(run_dir, summary)
     plot_accuracy(result.history, run_dir / "accuracy.png", title=f"{cfg.name} seed {cfg.train.seed}")
-    verdict = diagnose_verdict(run_dir)
-    if verdict is not None:
-        summary["verdict"] = verdict
+    diagnosis = _diagnose(run_dir)
+    if diagnosis is not None:  # the same keys a solo CLI run writes
+        summary["verdict"] = list(diagnosis.verdicts)
+        summary["verdict_line"] = diagnosis.line()
         write_summary(run_dir, summary)
     return summary
 
 
+def _diagnose(run_dir: str | Path) -> Any:
+    """``gradflow.diagnose.diagnose_run`` of a run directory; None without monitor tables."""
+    from gradflow.diagnose import diagnose_run
+
+    if not (Path(run_dir) / "gradients.csv").exists():
+        return None  # no monitor, nothing to diagnose
+    return diagnose_run(run_dir)
+
+
 def diagnose_verdict(run_dir: str | Path) -> Optional[str]:
-    """The run's verdict(s) from ``gradflow.diagnose`` as one string; None until that exists.
+    """The run's verdicts as one string (``"vanishing, saturated"``); None without a monitor.
 
     Example:
         >>> diagnose_verdict("runs/deep_relu-20260101-000000-seed0")  # doctest: +SKIP
         'healthy'
     """
-    try:
-        from gradflow.diagnose import diagnose_run
-    except ImportError:
-        return None
-    if not (Path(run_dir) / "gradients.csv").exists():
-        return None  # no monitor, nothing to diagnose
-    diagnosis = diagnose_run(run_dir)
-    verdicts = getattr(diagnosis, "verdicts", None)
-    if verdicts is not None:
-        return ", ".join(str(v) for v in verdicts)
-    return str(getattr(diagnosis, "verdict", diagnosis))
+    diagnosis = _diagnose(run_dir)
+    return None if diagnosis is None else ", ".join(diagnosis.verdicts)

@@ -468,8 +468,9 @@ def append_rows(path: Path, axes: Sequence[str], rows: list[dict[str, Any]]) -> 
 
 def _row(cells: dict[str, str], seed: int, run_dir: str, summary: dict[str, Any]) -> dict[str, Any]:
     row: dict[str, Any] = dict(cells)
+    verdict = summary.get("verdict") or ""
     row.update(seed=seed, train_accuracy=f"{summary['train_accuracy']:.4f}",
-               test_accuracy=f"{summary['test_accuracy']:.4f}", verdict=summary.get("verdict", ""),
+               test_accuracy=f"{summary['test_accuracy']:.4f}", verdict=verdict if isinstance(verdict, str) else ", ".join(verdict),
                seconds=summary["seconds"], epochs=summary["epochs"], stopped_early=summary["stopped_early"],
                run_dir=run_dir)
     return row

@@ -141,7 +141,9 @@ def test_train_members_writes_a_solo_style_run_directory_per_member(tmp_path):
         assert {"config.yaml", "history.csv", "summary.json", "accuracy.png", "gradients.csv", "activations.csv"} <= names
         assert any(n.startswith("events.out.tfevents") for n in names)
         assert load_config(d / "config.yaml").train.seed == seed
-        assert json.loads((d / "summary.json").read_text())["seed"] == seed == summary["seed"]
+        saved = json.loads((d / "summary.json").read_text())
+        assert saved["seed"] == seed == summary["seed"]
+        assert isinstance(saved["verdict"], list) and saved["verdict_line"].startswith("Verdict:")  # as a solo run
         windows = load_windows(d)
         assert len(windows) == 2 and "dense_1.weight" in windows[0].gradients
         assert len((d / "history.csv").read_text().splitlines()) == 1 + 2
