@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import os
 import statistics
 import sys
@@ -63,7 +64,7 @@ def wide_mlp() -> Workload:
                     (x[:, :1] > 0).float(), 256, 1)
 
 
-def train(work: Workload, optimizer, on_step=None, on_epoch=None) -> float:
+def train(work: Workload, model: nn.Module, optimizer, on_step=None, on_epoch=None) -> float:
     """Seconds for ``work.epochs`` epochs of a plain loop."""
     n = len(work.inputs)
     start = time.perf_counter()
@@ -72,7 +73,7 @@ def train(work: Workload, optimizer, on_step=None, on_epoch=None) -> float:
         for first in range(0, n, work.batch):
             index = order[first:first + work.batch]
             optimizer.zero_grad(set_to_none=True)
-            loss = nn.functional.binary_cross_entropy_with_logits(work.model(work.inputs[index]), work.targets[index])
+            loss = nn.functional.binary_cross_entropy_with_logits(model(work.inputs[index]), work.targets[index])
             loss.backward()
             optimizer.step()
             if on_step is not None:
@@ -82,26 +83,26 @@ def train(work: Workload, optimizer, on_step=None, on_epoch=None) -> float:
     return time.perf_counter() - start
 
 
-def variants(work: Workload, logdir: str):
-    """name -> a context manager yielding (on_step, on_epoch) for the loop."""
+def variants(logdir: str):
+    """name -> a context manager that instruments a model and yields (on_step, on_epoch)."""
 
     @contextlib.contextmanager
-    def bare():
+    def bare(model):
         yield None, None
 
     @contextlib.contextmanager
-    def gradflow():
+    def gradflow(model):
         with SummaryWriter(os.path.join(logdir, "gradflow")) as writer:
-            with GradientMonitor(work.model, writer) as monitor:
+            with GradientMonitor(model, writer) as monitor:
                 yield None, monitor.log
 
     @contextlib.contextmanager
-    def add_histogram_per_step():
+    def add_histogram_per_step(model):
         with SummaryWriter(os.path.join(logdir, "by-hand")) as writer:
             step = [0]
 
             def on_step():
-                for name, p in work.model.named_parameters():
+                for name, p in model.named_parameters():
                     writer.add_histogram(f"grad/{name}", p.grad, step[0])
                 step[0] += 1
             yield on_step, None
@@ -113,13 +114,13 @@ def variants(work: Workload, logdir: str):
         return found
 
     @contextlib.contextmanager
-    def wandb_watch():
+    def wandb_watch(model):
         run = wandb.init(mode="offline", dir=logdir, project="gradflow-overhead", reinit=True)
-        wandb.watch(work.model, log="gradients", log_freq=1)
+        wandb.watch(model, log="gradients", log_freq=1)
         try:
             yield (lambda: wandb.log({})), None
         finally:
-            wandb.unwatch(work.model)
+            wandb.unwatch(model)
             run.finish()
 
     os.environ.setdefault("WANDB_SILENT", "true")
@@ -128,17 +129,24 @@ def variants(work: Workload, logdir: str):
 
 
 def measure(work: Workload, rounds: int) -> dict[str, float]:
-    """Median over rounds of (variant time / bare time) measured in the same round."""
+    """Median over rounds of (variant time / bare time) measured in the same round.
+
+    Each variant trains its own copy of the model, instrumented once for the whole
+    measurement (as in a real run), so set-up costs are not timed; the rounds interleave the
+    variants so that a noisy neighbour slows both sides of a ratio alike.
+    """
     ratios: dict[str, list[float]] = {}
     seconds: dict[str, list[float]] = {}
-    with tempfile.TemporaryDirectory() as logdir:
-        runs = variants(work, logdir)
+    with tempfile.TemporaryDirectory() as logdir, contextlib.ExitStack() as stack:
+        runs = {}
+        for name, make in variants(logdir).items():
+            model = copy.deepcopy(work.model)
+            optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+            runs[name] = (model, optimizer, *stack.enter_context(make(model)))
+        if "wandb.watch" in runs:                        # wandb keeps one run at a time: time it last
+            runs["wandb.watch"] = runs.pop("wandb.watch")
         for _ in range(rounds + 1):                      # the first round warms up and is dropped
-            times = {}
-            for name, make in runs.items():
-                optimizer = torch.optim.SGD(work.model.parameters(), lr=1e-3, momentum=0.9)
-                with make() as (on_step, on_epoch):
-                    times[name] = train(work, optimizer, on_step, on_epoch)
+            times = {name: train(work, *run) for name, run in runs.items()}
             for name, value in times.items():
                 ratios.setdefault(name, []).append(value / times["bare"])
                 seconds.setdefault(name, []).append(value)

@@ -129,8 +129,7 @@ class _GradientAccumulator:
     def reset(self) -> None:
         self.pending.clear()
         self.pending_elements = 0
-        self.totals.zero_()
-        self.counts.zero_()
+        torch._foreach_zero_([self.totals, self.counts])
         self.steps_by_pattern.clear()
 
     def steps(self) -> np.ndarray:
@@ -237,25 +236,28 @@ class _WeightTracker:
         self.params = params
         self.slots = len(params) * members
         self.segment = _segments([p.numel() // members for p in params for _ in range(members)], params[0].device)
+        self.bin_offset = self.segment * S.SIGN_EXPONENT_BINS
         self.start = self._flatten()
+        self._end: torch.Tensor | None = None    # the weights summary() saw: the next window's start
 
     @torch.no_grad()
     def _flatten(self) -> torch.Tensor:
         return torch.cat([_flat(p.detach()) for p in self.params])
 
     def snapshot(self) -> None:
-        self.start = self._flatten()
+        self.start = self._end if self._end is not None else self._flatten()
+        self._end = None
 
     @torch.no_grad()
     def summary(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(slots, 4) rows of l1, squared l2, squared distance moved, squared start l2; and
         (slots, 512) histogram counts."""
-        flat = self._flatten()
+        flat = self._end = self._flatten()
         moved = flat - self.start
         rows = torch.zeros(4, self.slots, device=flat.device).index_add_(
             1, self.segment, torch.stack([flat.abs(), flat * flat, moved * moved, self.start * self.start]))
         counts = torch.zeros(self.slots * S.SIGN_EXPONENT_BINS, dtype=torch.int64, device=flat.device)
-        S.count_into(counts, S.sign_exponent_bins(flat) + self.segment * S.SIGN_EXPONENT_BINS)
+        S.count_into(counts, S.sign_exponent_bins(flat) + self.bin_offset)
         return rows.t(), counts.view(self.slots, S.SIGN_EXPONENT_BINS)
 
 
@@ -312,9 +314,7 @@ class _ActivationAccumulator:
     def reset(self) -> None:
         self.pending.clear()
         self.pending_elements = 0
-        self.moments.zero_()
-        self.counts.zero_()
-        self.positives.zero_()
+        torch._foreach_zero_([self.moments, self.counts, self.positives])
         self.elements = [0] * len(self.elements)
 
     @torch.no_grad()
@@ -322,7 +322,8 @@ class _ActivationAccumulator:
         """Fold every pending output into the window's sums. No host sync."""
         if not self.pending:
             return
-        pending, self.pending, self.pending_elements = self.pending, [], 0
+        pending = _merge_by_tap(self.pending, batch_dim=1 if self.members > 1 else 0)
+        self.pending, self.pending_elements = [], 0
         key = tuple((index, a.shape) for index, a in pending)
         plan = self._plans.get(key) or self._plans.put(key, self._make_plan(pending))
         flat = torch.cat([a.reshape(-1) for _, a in pending])
@@ -386,6 +387,25 @@ class _ActivationAccumulator:
             alive = positives[start:start + self.units[index]] > 0
             row["dead_fraction"] = float(1.0 - alive.mean())
         return row
+
+
+def _merge_by_tap(pending: list[tuple[int, torch.Tensor]], batch_dim: int) -> list[tuple[int, torch.Tensor]]:
+    """One tensor per tap: its outputs joined along the batch dimension where their other
+    dimensions agree (a handful of ``cat`` calls instead of a reshape per forward pass)."""
+    by_tap: dict[int, list[torch.Tensor]] = {}
+    for index, a in pending:
+        by_tap.setdefault(index, []).append(a)
+    merged = []
+    for index, outputs in by_tap.items():
+        first = outputs[0]
+        same = first.dim() > batch_dim and all(
+            a.dim() == first.dim() and a.shape[:batch_dim] == first.shape[:batch_dim]
+            and a.shape[batch_dim + 1:] == first.shape[batch_dim + 1:] for a in outputs)
+        if len(outputs) > 1 and same:
+            merged.append((index, torch.cat(outputs, dim=batch_dim)))
+        else:
+            merged.extend((index, a) for a in outputs)
+    return merged
 
 
 def _bounds(module: nn.Module) -> tuple[float, float] | None:
@@ -555,11 +575,12 @@ class GradientMonitor:
         members = range(self.members)
         windows = [Window(step, self._window_steps, member=k if self.members > 1 else None) for k in members]
         scalars: list[dict[str, float]] = [{} for _ in members]
-        histograms: list[dict[str, Histogram]] = [{} for _ in members]
-        self._read_gradients(values, windows, scalars, histograms)
+        wanted = _HistogramRequests()
+        self._read_gradients(values, windows, scalars, wanted)
         if self._weights is not None:
-            self._read_weights(values, windows, scalars, histograms)
-        self._read_activations(values, windows, scalars, histograms)
+            self._read_weights(values, windows, scalars, wanted)
+        self._read_activations(values, windows, scalars, wanted)
+        histograms = wanted.build(self.members) if self.histograms and self._sinks else [{} for _ in members]
         for k, sink, prefix in self._sinks:
             sink.log({prefix + tag: v for tag, v in scalars[k].items()},
                      {prefix + tag: h for tag, h in histograms[k].items()}, step)
@@ -591,15 +612,13 @@ class GradientMonitor:
             index, member = divmod(slot, self.members)
             yield slot, member, names[index], tag_path(names[index])
 
-    def _read_gradients(self, values, windows, scalars, histograms) -> None:
+    def _read_gradients(self, values, windows, scalars, wanted: "_HistogramRequests") -> None:
         counts = values["counts"].reshape(-1, S.SIGN_EXPONENT_BINS)
         steps = self._gradients.steps()
         numel = np.asarray(self._gradients.slot_numel, dtype=np.float64)
         means = values["totals"] / np.maximum(steps, 1)[:, None]
         zeros = counts[:, S.ZERO_EXPONENT] + counts[:, S.EXPONENTS + S.ZERO_EXPONENT]
         nonfinite = counts[:, S.NONFINITE_EXPONENT] + counts[:, S.EXPONENTS + S.NONFINITE_EXPONENT]
-        found = self._histograms(counts, steps > 0, S.value_histograms)
-        logs = self._histograms(counts, steps > 0, S.log10_abs_histograms)
         for slot, k, name, path in self._slots(self.names):
             if steps[slot] == 0:
                 continue
@@ -608,45 +627,34 @@ class GradientMonitor:
                    "zero_fraction": float(zeros[slot] / (numel[slot] * steps[slot])),
                    "nonfinite": int(nonfinite[slot])}
             scalars[k].update({f"grad/{path}/{key}": value for key, value in row.items()})
-            _add(histograms[k], f"grad/{path}", found.get(slot))
-            _add(histograms[k], f"grad_log10/{path}", logs.get(slot))
+            wanted.value(k, f"grad/{path}", counts[slot])
+            wanted.log10(k, f"grad_log10/{path}", counts[slot])
             row["steps"] = int(steps[slot])
             windows[k].gradients[name] = row
 
-    def _read_weights(self, values, windows, scalars, histograms) -> None:
+    def _read_weights(self, values, windows, scalars, wanted: "_HistogramRequests") -> None:
         l1, squares, moved, start = values["weights"].T
         with np.errstate(divide="ignore", invalid="ignore"):
             # A zero start (a fresh bias) has no relative update: NaN says so.
             ratios = np.where(start > 0, np.sqrt(moved / start), np.nan)
-        found = self._histograms(values["weight_counts"], np.ones(len(l1), dtype=bool), S.value_histograms)
         for slot, k, name, path in self._slots(self.names):
             row = {"l1": float(l1[slot]), "norm": float(np.sqrt(squares[slot])), "update_ratio": float(ratios[slot])}
             windows[k].weights[name] = row
             if name in windows[k].gradients:
                 windows[k].gradients[name].update({f"weight_{key}": v for key, v in row.items()})
             scalars[k].update({f"weight/{path}/{key}": value for key, value in row.items()})
-            _add(histograms[k], f"weight/{path}", found.get(slot))
+            wanted.value(k, f"weight/{path}", values["weight_counts"][slot])
 
-    def _read_activations(self, values, windows, scalars, histograms) -> None:
+    def _read_activations(self, values, windows, scalars, wanted: "_HistogramRequests") -> None:
         taps = self._activations
-        rows = {slot: taps.read(slot, values["moments"][slot], values["positives"])
-                for slot in range(len(taps.names) * self.members)}
-        fired = np.array([row is not None for row in rows.values()], dtype=bool)
-        found = self._histograms(values["activation_counts"].reshape(-1, S.SIGN_EXPONENT_BINS), fired,
-                                 S.value_histograms)
+        counts = values["activation_counts"].reshape(-1, S.SIGN_EXPONENT_BINS)
         for slot, k, name, path in self._slots(taps.names):
-            if rows[slot] is None:
+            row = taps.read(slot, values["moments"][slot], values["positives"])
+            if row is None:
                 continue
-            windows[k].activations[name] = rows[slot]
-            scalars[k].update({f"activation/{path}/{key}": v for key, v in rows[slot].items()})
-            _add(histograms[k], f"activation/{path}", found.get(slot))
-
-    def _histograms(self, counts: np.ndarray, rows: np.ndarray, kind) -> dict[int, Histogram | None]:
-        """Histograms of the chosen rows (all at once), by row; none when switched off."""
-        if not self.histograms or not rows.any():
-            return {}
-        chosen = np.flatnonzero(rows)
-        return dict(zip(chosen.tolist(), kind(counts[chosen])))
+            windows[k].activations[name] = row
+            scalars[k].update({f"activation/{path}/{key}": v for key, v in row.items()})
+            wanted.value(k, f"activation/{path}", counts[slot])
 
     def _start_window(self) -> None:
         self._gradients.reset()
@@ -656,10 +664,31 @@ class GradientMonitor:
         self._window_steps = 0
 
 
-def _add(histograms: dict[str, Histogram], tag: str, histogram: Histogram | None) -> None:
-    """File a histogram; a window with no finite value has none (TensorBoard cannot draw it)."""
-    if histogram is not None:
-        histograms[tag] = histogram
+class _HistogramRequests:
+    """Histograms a window asks for, built together: two numpy passes over all the rows instead
+    of a few per family (on a small model the window's fixed costs are what the monitor costs)."""
+
+    def __init__(self) -> None:
+        self._value: list[tuple[int, str, np.ndarray]] = []
+        self._log10: list[tuple[int, str, np.ndarray]] = []
+
+    def value(self, member: int, tag: str, counts: np.ndarray) -> None:
+        self._value.append((member, tag, counts))
+
+    def log10(self, member: int, tag: str, counts: np.ndarray) -> None:
+        self._log10.append((member, tag, counts))
+
+    def build(self, members: int) -> list[dict[str, Histogram]]:
+        """Per member, tag -> histogram; a row with no finite value gets none (TensorBoard
+        cannot draw an empty histogram)."""
+        out: list[dict[str, Histogram]] = [{} for _ in range(members)]
+        for requests, kind in ((self._value, S.value_histograms), (self._log10, S.log10_abs_histograms)):
+            if not requests:
+                continue
+            for (member, tag, _), histogram in zip(requests, kind(np.stack([c for _, _, c in requests]))):
+                if histogram is not None:
+                    out[member][tag] = histogram
+        return out
 
 
 def _sinks(writer, members: int) -> list[tuple[int, object, str]]:
