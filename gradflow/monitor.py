@@ -324,6 +324,12 @@ class _ActivationAccumulator:
             return
         pending = _merge_by_tap(self.pending, batch_dim=1 if self.members > 1 else 0)
         self.pending, self.pending_elements = [], 0
+        for index, a in pending:
+            if a.numel() >= LARGE_PARAMETER:
+                self._reduce_large(index, a)
+        pending = [(index, a) for index, a in pending if a.numel() < LARGE_PARAMETER]
+        if not pending:
+            return
         key = tuple((index, a.shape) for index, a in pending)
         plan = self._plans.get(key) or self._plans.put(key, self._make_plan(pending))
         flat = torch.cat([a.reshape(-1) for _, a in pending])
@@ -353,19 +359,47 @@ class _ActivationAccumulator:
         return _ActivationPlan(segment, torch.cat(centres), torch.cat(thresholds), torch.cat(units),
                                segment * S.SIGN_EXPONENT_BINS, torch.ones_like(segment))
 
+    def _units_of(self, index: int, sample: torch.Tensor) -> int | None:
+        """The unit count of a rectifier tap (fixed at first sight), or None if this output
+        has no units to count (not a rectifier, a scalar, or another unit count)."""
+        if not self.rectifier[index] or sample.dim() == 0:
+            return None
+        dim = _unit_dim(sample)
+        if self.units[index] is None:
+            self.units[index] = sample.shape[dim]
+            self.unit_start[index] = self.positives.numel()
+            self.positives = torch.cat([self.positives, self.positives.new_zeros(self.members * sample.shape[dim])])
+        return self.units[index] if sample.shape[dim] == self.units[index] else None
+
+    def _reduce_large(self, index: int, a: torch.Tensor) -> None:
+        """One large output reduced on its own: dense reductions beat segment sums here."""
+        k = self.members
+        bounds = self.bounds[index]
+        for member, flat in enumerate(_flat(a).view(k, -1)):
+            slot = index * k + member
+            saturated = ((flat - (bounds[0] + bounds[1]) / 2).abs_() > SATURATION_LEVEL * (bounds[1] - bounds[0]) / 2).sum() \
+                if bounds else flat.new_zeros(())
+            self.moments[slot].add_(torch.stack([flat.sum(), torch.dot(flat, flat), saturated.to(flat.dtype)]))
+            start = slot * S.SIGN_EXPONENT_BINS
+            S.count_into(self.counts[start:start + S.SIGN_EXPONENT_BINS], S.sign_exponent_bins(flat))
+            self.elements[slot] += flat.numel()
+            sample = a[member] if k > 1 else a
+            units = self._units_of(index, sample)
+            if units is not None:
+                dim = _unit_dim(sample)
+                others = tuple(d for d in range(sample.dim()) if d != dim)
+                positive = (sample > 0).sum(dim=others) if others else (sample > 0)
+                first = self.unit_start[index] + member * units
+                self.positives[first:first + units].add_(positive.to(self.positives.dtype))
+
     def _unit_slots(self, index: int, a: torch.Tensor) -> torch.Tensor:
         """Each element's unit slot in ``positives``; slot 0 collects what has no unit."""
         device = self.moments.device
-        k = self.members
-        sample = a[0] if k > 1 and a.dim() >= 1 else a       # one member's output
-        dim = _unit_dim(sample)
-        if self.rectifier[index] and self.units[index] is None and sample.dim() >= 1:
-            self.units[index] = sample.shape[dim]
-            self.unit_start[index] = self.positives.numel()
-            self.positives = torch.cat([self.positives, torch.zeros(k * sample.shape[dim], device=device)])
-        units = self.units[index]
-        if units is None or sample.dim() == 0 or sample.shape[dim] != units:
+        sample = a[0] if self.members > 1 and a.dim() >= 1 else a       # one member's output
+        units = self._units_of(index, sample)
+        if units is None:
             return torch.zeros(a.numel(), dtype=torch.long, device=device)
+        dim = _unit_dim(sample)
         position = torch.arange(a.numel(), device=device)
         member, within = position // sample.numel(), position % sample.numel()
         inner = math.prod(sample.shape[dim + 1:])

@@ -418,3 +418,28 @@ def test_members_of_a_batched_model_get_their_own_statistics():
 def test_members_must_match_every_parameter():
     with pytest.raises(MonitorError, match="leading dimension of 3"):
         GradientMonitor(mlp(), members=3)
+
+
+def test_large_activation_outputs_match_oracle():
+    """Outputs of 64 x 2048 = 131,072 elements take the dense path, not the segment sums."""
+    torch.manual_seed(12)
+    model = nn.Sequential(OrderedDict(dense_1=nn.Linear(16, 2048), tanh_1=nn.Tanh(),
+                                      dense_2=nn.Linear(2048, 2048), relu_2=nn.ReLU(), dense_3=nn.Linear(2048, 1)))
+    with torch.no_grad():
+        model.dense_1.weight.mul_(8)
+        model.dense_2.bias[:512].fill_(-100.0)            # a quarter of the ReLU units dead
+    outputs = {"tanh_1": [], "relu_2": []}
+    for name in outputs:
+        getattr(model, name).register_forward_hook(lambda m, i, o, name=name: outputs[name].append(o.detach()))
+    with GradientMonitor(model) as monitor:
+        train_steps(model, monitor, 3, inputs=16, batch=64)
+        monitor.log(0)
+    tanh = torch.cat([o.reshape(-1) for o in outputs["tanh_1"]]).double()
+    relu = torch.stack(outputs["relu_2"]).double()
+    got = monitor.history[0].activations
+    assert got["tanh_1"]["mean"] == pytest.approx(tanh.mean().item(), abs=1e-6)
+    assert got["tanh_1"]["std"] == pytest.approx(tanh.std(unbiased=False).item(), rel=1e-4)
+    assert got["tanh_1"]["saturated_fraction"] == pytest.approx((tanh.abs() > 0.97).double().mean().item())
+    assert got["relu_2"]["mean"] == pytest.approx(relu.mean().item(), rel=1e-5)
+    assert got["relu_2"]["dead_fraction"] == pytest.approx((relu.amax(dim=(0, 1)) <= 0).double().mean().item())
+    assert 0 < got["relu_2"]["dead_fraction"] < 1
