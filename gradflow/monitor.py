@@ -235,8 +235,8 @@ class _WeightTracker:
     def __init__(self, params: list[torch.Tensor], members: int = 1) -> None:
         self.params = params
         self.slots = len(params) * members
-        self.segment = _segments([p.numel() // members for p in params for _ in range(members)], params[0].device)
-        self.bin_offset = self.segment * S.SIGN_EXPONENT_BINS
+        self.sizes = [p.numel() // members for p in params for _ in range(members)]
+        self.bin_offset = _segments(self.sizes, params[0].device) * S.SIGN_EXPONENT_BINS
         self.start = self._flatten()
         self._end: torch.Tensor | None = None    # the weights summary() saw: the next window's start
 
@@ -250,15 +250,16 @@ class _WeightTracker:
 
     @torch.no_grad()
     def summary(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(slots, 4) rows of l1, squared l2, squared distance moved, squared start l2; and
-        (slots, 512) histogram counts."""
+        """(slots, 4) rows of L1 norm, L2 norm, distance moved and L2 norm at the start; and
+        (slots, 512) histogram counts. One foreach call per norm, over views of the slots."""
         flat = self._end = self._flatten()
-        moved = flat - self.start
-        rows = torch.zeros(4, self.slots, device=flat.device).index_add_(
-            1, self.segment, torch.stack([flat.abs(), flat * flat, moved * moved, self.start * self.start]))
+        now, start = flat.split(self.sizes), self.start.split(self.sizes)
+        norms = [torch._foreach_norm(now, 1), torch._foreach_norm(now, 2),
+                 torch._foreach_norm(torch._foreach_sub(now, start), 2), torch._foreach_norm(start, 2)]
+        rows = torch.stack([torch.stack(norm) for norm in norms], dim=1)
         counts = torch.zeros(self.slots * S.SIGN_EXPONENT_BINS, dtype=torch.int64, device=flat.device)
         S.count_into(counts, S.sign_exponent_bins(flat) + self.bin_offset)
-        return rows.t(), counts.view(self.slots, S.SIGN_EXPONENT_BINS)
+        return rows, counts.view(self.slots, S.SIGN_EXPONENT_BINS)
 
 
 @dataclass
@@ -667,12 +668,12 @@ class GradientMonitor:
             windows[k].gradients[name] = row
 
     def _read_weights(self, values, windows, scalars, wanted: "_HistogramRequests") -> None:
-        l1, squares, moved, start = values["weights"].T
+        l1, l2, moved, start = values["weights"].T
         with np.errstate(divide="ignore", invalid="ignore"):
             # A zero start (a fresh bias) has no relative update: NaN says so.
-            ratios = np.where(start > 0, np.sqrt(moved / start), np.nan)
+            ratios = np.where(start > 0, moved / start, np.nan)
         for slot, k, name, path in self._slots(self.names):
-            row = {"l1": float(l1[slot]), "norm": float(np.sqrt(squares[slot])), "update_ratio": float(ratios[slot])}
+            row = {"l1": float(l1[slot]), "norm": float(l2[slot]), "update_ratio": float(ratios[slot])}
             windows[k].weights[name] = row
             if name in windows[k].gradients:
                 windows[k].gradients[name].update({f"weight_{key}": v for key, v in row.items()})
