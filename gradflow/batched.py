@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradflow.models import build_model
-from gradflow.train import TrainResult, make_optimizer, resolve_device
+from gradflow.train import TrainResult, _progress, make_optimizer, resolve_device
 
 if TYPE_CHECKING:
     from gradflow.config import Config, ModelConfig, OptimizerConfig, TrainConfig
@@ -157,16 +157,6 @@ def evaluate_members(body: nn.Module, x: torch.Tensor, y: torch.Tensor, members:
     xs, ys = x.expand(members, *x.shape), y.expand(members, *y.shape)
     logits = body(xs)
     return _member_losses(logits, ys), _member_correct(logits, ys) / y.shape[0]
-
-
-def _progress(epochs: int, enabled: Optional[bool]):
-    import sys
-
-    from tqdm import tqdm
-
-    if enabled is None:
-        enabled = sys.stderr.isatty()
-    return tqdm(total=epochs, disable=not enabled, unit="epoch", file=sys.stderr, dynamic_ncols=True)
 
 
 def fit_batched(

@@ -54,13 +54,26 @@ def create_run_dir(logdir: str | Path, name: str, seed: int, now: float | None =
         >>> create_run_dir(tempfile.mkdtemp(), "deep_relu", 0, now=0).name
         'deep_relu-19700101-000000-seed0'
     """
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(now) if now is not None else time.localtime())
+    return create_unique_dir(logdir, f"{name}-{stamp}-seed{seed}")
+
+
+def create_unique_dir(logdir: str | Path, base: str) -> Path:
+    """Create and return ``<logdir>/<base>``, or ``<base>-2``, ``-3``... when taken.
+
+    ``os.mkdir`` is atomic, so two processes never get the same directory.
+
+    Example:
+        >>> import tempfile
+        >>> root = tempfile.mkdtemp()
+        >>> [create_unique_dir(root, "run").name for _ in range(2)]
+        ['run', 'run-2']
+    """
     logdir = Path(logdir)
     try:
         logdir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise ConfigError(f"--logdir: cannot create {logdir} ({exc.strerror}); pass a writable directory") from None
-    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime(now) if now is not None else time.localtime())
-    base = f"{name}-{stamp}-seed{seed}"
     for n in range(1, 10_000):
         path = logdir / (base if n == 1 else f"{base}-{n}")
         try:
@@ -70,7 +83,7 @@ def create_run_dir(logdir: str | Path, name: str, seed: int, now: float | None =
             continue
         except OSError as exc:
             raise ConfigError(f"--logdir: cannot create {path} ({exc.strerror}); pass a writable directory") from None
-    raise ConfigError(f"--logdir: too many runs named {base} in {logdir}")
+    raise ConfigError(f"--logdir: too many directories named {base} in {logdir}")
 
 
 def write_config(run_dir: Path, config: Mapping[str, Any]) -> Path:

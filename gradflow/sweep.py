@@ -46,6 +46,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 import yaml
 
 from gradflow.errors import ConfigError
+from gradflow.rundir import create_unique_dir
 
 SWEEP_KEYS = ("name", "base", "overrides", "grid", "seeds")
 RESULT_FIELDS = ("seed", "train_accuracy", "test_accuracy", "verdict", "seconds", "epochs", "stopped_early", "run_dir")
@@ -488,7 +489,7 @@ def _label(axes: Sequence[str], point: Point) -> str:
 
 def _make_run_dir(root: Path, label: str, seed: int) -> str:
     """Create ``root/<label>-seed<N>`` (``-2``... on collision); returns it relative to ``root``."""
-    return _create_dir(root, f"{label}-seed{seed}" if label else f"seed{seed}").name
+    return create_unique_dir(root, f"{label}-seed{seed}" if label else f"seed{seed}").name
 
 
 def _remove_unrecorded(sweep_dir: Path, rows: list[dict[str, str]]) -> list[str]:
@@ -832,7 +833,7 @@ def cmd_train_seeds(args: argparse.Namespace) -> int:
     if threads < 1:
         raise ConfigError(f"--threads: must be >= 1, got {threads}")
     check_logdir(args.logdir)
-    parent = _create_dir(Path(args.logdir), f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-seeds{_seed_text(seeds)}")
+    parent = create_unique_dir(Path(args.logdir), f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-seeds{_seed_text(seeds)}")
     run_dirs = [parent / _make_run_dir(parent, cfg.name, seed) for seed in seeds]
     torch.set_num_threads(threads)  # tiny models: more threads only cost
     summaries = train_members(cfg, seeds, run_dirs, device=device, progress=False if args.quiet else None)
@@ -847,20 +848,6 @@ def cmd_train_seeds(args: argparse.Namespace) -> int:
     return 0
 
 
-def _create_dir(logdir: Path, base: str) -> Path:
-    """A new directory ``logdir/base`` (``-2``, ``-3``... on collision), created atomically."""
-    try:
-        logdir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ConfigError(f"--logdir: cannot create {logdir} ({exc.strerror}); pass a writable directory") from None
-    for n in range(1, 10_000):
-        path = logdir / (base if n == 1 else f"{base}-{n}")
-        try:
-            os.mkdir(path)
-            return path
-        except FileExistsError:
-            continue
-    raise ConfigError(f"--logdir: too many directories named {base} in {logdir}")
 
 
 def seeds_report(rows: list[dict[str, str]]) -> str:
