@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradflow.models import build_model
-from gradflow.train import TrainResult, _progress, make_optimizer, resolve_device
+from gradflow.train import TrainResult, _progress, prepare
 
 if TYPE_CHECKING:
     from gradflow.config import Config, ModelConfig, OptimizerConfig, TrainConfig
@@ -180,21 +180,13 @@ def fit_batched(
         >>> results = fit_batched(build_batched(cfg.model, [0, 1]), data, cfg.optimizer, cfg.train, [0, 1])  # doctest: +SKIP
     """
     k_all = len(seeds)
-    dev = resolve_device(device) if isinstance(device, str) else device
-    model.to(dev)
-    body = model[:-1]  # shares the modules: logits for a stable loss
-    x, y = data.x_train.to(dev), data.y_train.to(dev)
-    x_val, y_val = data.x_test.to(dev), data.y_test.to(dev)
-    opt = make_optimizer(model.parameters(), optimizer)
     callbacks = list(callbacks)
-    after_backward = [cb.after_backward for cb in callbacks if hasattr(cb, "after_backward")]
-    epoch_end = [cb.epoch_end for cb in callbacks if hasattr(cb, "epoch_end")]
+    dev, body, (x, y, x_val, y_val), opt, after_backward, epoch_end, starts, batch_sizes = prepare(
+        model, data, optimizer, train.batch_size, callbacks, device)
     stopped_hooks = [cb.member_stopped for cb in callbacks if hasattr(cb, "member_stopped")]
     # One generator per member, seeded as the solo trainer seeds its own: the same permutations.
     gens = [torch.Generator().manual_seed(seed) for seed in seeds]
     n, bs = x.shape[0], train.batch_size
-    starts = range(0, n, bs)
-    batch_sizes = torch.tensor([min(bs, n - s) for s in starts], dtype=torch.float32, device=dev)
     results = [TrainResult([], math.nan, math.nan, 0.0, 0, str(dev)) for _ in seeds]
     active = list(range(k_all))
     step = 0

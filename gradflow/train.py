@@ -24,7 +24,7 @@ import math
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterable, NamedTuple, Optional, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -147,6 +147,43 @@ def _progress(epochs: int, enabled: Optional[bool]) -> tqdm:
     return tqdm(total=epochs, disable=not enabled, unit="epoch", file=sys.stderr, dynamic_ncols=True)
 
 
+class Prepared(NamedTuple):
+    """What a training loop needs before its first epoch (see ``prepare``)."""
+
+    device: torch.device
+    body: nn.Module                   # the model without its output Sigmoid: logits
+    tensors: tuple                    # x_train, y_train, x_test, y_test on the device
+    optimizer: torch.optim.Optimizer
+    after_backward: list              # the callbacks' bound methods, collected once
+    epoch_end: list
+    starts: range                     # first row of each batch
+    batch_sizes: torch.Tensor         # rows in each batch (the last may be partial)
+
+
+def prepare(model: nn.Sequential, data: "Dataset", optimizer: "OptimizerConfig", batch_size: int,
+            callbacks: Iterable[Any], device: str | torch.device) -> Prepared:
+    """Move the model and data to the device, make the optimizer, collect the callbacks.
+
+    Shared by ``fit`` and the batched trainer, so both slice batches the same way.
+    """
+    dev = resolve_device(device) if isinstance(device, str) else device
+    model.to(dev)
+    tensors = (data.x_train.to(dev), data.y_train.to(dev), data.x_test.to(dev), data.y_test.to(dev))
+    callbacks = list(callbacks)
+    n = tensors[0].shape[0]
+    starts = range(0, n, batch_size)
+    return Prepared(
+        dev,
+        model[:-1],  # shares the modules: logits for a stable loss
+        tensors,
+        make_optimizer(model.parameters(), optimizer),
+        [cb.after_backward for cb in callbacks if hasattr(cb, "after_backward")],
+        [cb.epoch_end for cb in callbacks if hasattr(cb, "epoch_end")],
+        starts,
+        torch.tensor([min(batch_size, n - s) for s in starts], dtype=torch.float32, device=dev),
+    )
+
+
 def fit(
     model: nn.Sequential,
     data: "Dataset",
@@ -173,20 +210,11 @@ def fit(
         >>> result = fit(build_model(cfg.model), load_dataset(cfg.data), cfg.optimizer, cfg.train)  # doctest: +SKIP
         >>> print(f"Train: {result.train_accuracy:.3f}, Test: {result.test_accuracy:.3f}")  # doctest: +SKIP
     """
-    dev = resolve_device(device) if isinstance(device, str) else device
-    model.to(dev)
-    body = model[:-1]  # shares the modules: logits for a stable loss
-    x, y = data.x_train.to(dev), data.y_train.to(dev)
-    x_val, y_val = data.x_test.to(dev), data.y_test.to(dev)
-    opt = make_optimizer(model.parameters(), optimizer)
-    callbacks = list(callbacks)
-    after_backward = [cb.after_backward for cb in callbacks if hasattr(cb, "after_backward")]
-    epoch_end = [cb.epoch_end for cb in callbacks if hasattr(cb, "epoch_end")]
+    dev, body, (x, y, x_val, y_val), opt, after_backward, epoch_end, starts, batch_sizes = prepare(
+        model, data, optimizer, train.batch_size, callbacks, device)
     # Own generator: shuffling is fixed by the seed and independent of the init draws.
     gen = torch.Generator().manual_seed(train.seed)
     n, bs = x.shape[0], train.batch_size
-    starts = range(0, n, bs)
-    batch_sizes = torch.tensor([min(bs, n - s) for s in starts], dtype=torch.float32, device=dev)
     history: list[dict[str, float]] = []
     result = TrainResult(history, math.nan, math.nan, 0.0, 0, str(dev))
     step = first = 0
