@@ -358,3 +358,38 @@ def test_huge_learning_rate_is_counted_and_stops_cleanly(tmp_path, capsys, switc
     else:
         assert err == "" and not summary["stopped_early"]
     assert assert_histograms_complete(load_events(run_dir)) >= 0  # loads; every histogram finite
+
+
+def test_sigkill_after_a_checkpoint_then_resume_shows_every_step_once(tmp_path):
+    """A hard kill gives no chance to flush: epochs logged after the last checkpoint are in the
+    event files already, and the resumed run writes them again. TensorBoard's purge_step, set on
+    resume, makes readers drop the stale ones."""
+    args = [DEEP_RELU, "train.epochs=30", "train.checkpoint_every=5", "--seed", "5", "--device", "cpu", "--quiet"]
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    baseline = train(*args, "--logdir", str(whole))
+    assert baseline.returncode == 0, baseline.stderr
+    (whole_dir,) = whole.iterdir()
+
+    proc = subprocess.Popen([sys.executable, str(SCRIPT), *args, "--logdir", str(parts)], env=environ(),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline and not (
+            parts.exists() and any((d / "checkpoint.pt").exists() and _windows_written(d) >= 8 for d in parts.iterdir())):
+        time.sleep(0.01)
+    proc.kill()                                           # fault: SIGKILL, no handler runs
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
+    (run_dir,) = parts.iterdir()
+
+    resumed = train("--resume", str(run_dir), "--device", "cpu", "--quiet")
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stdout.splitlines()[0] == baseline.stdout.splitlines()[0]
+    events, expected = load_events(run_dir), load_events(whole_dir)
+    assert [e.step for e in events.Scalars("epoch/loss")] == list(range(30))
+    assert [e.value for e in events.Scalars("epoch/loss")] == [e.value for e in expected.Scalars("epoch/loss")]
+    assert [e.step for e in events.Histograms("grad/dense_1/weight")] == list(range(30))
+    written = _raw_steps(run_dir, "epoch/loss")
+    print(f"epoch/loss written {len(written)} times for 30 epochs (stale after the kill: {len(written) - 30})")
+    assert sorted(set(written)) == list(range(30))
+    for name in ("history.csv", GRADIENTS_FILE):
+        assert (run_dir / name).read_text() == (whole_dir / name).read_text(), name
