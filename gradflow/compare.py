@@ -23,8 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from gradflow.diagnose import Diagnosis, diagnose, layer_parameters, read_losses
-from gradflow.recording import GRADIENTS_FILE, load_windows
+from gradflow.diagnose import Diagnosis, diagnose, layer_parameters, read_losses, run_windows
 
 EXIT_OK, EXIT_BAD_INPUT = 0, 2
 
@@ -52,13 +51,7 @@ def load_run(run_dir: str | Path) -> Run:
         ['healthy']
     """
     path = Path(run_dir)
-    if not path.is_dir():
-        raise FileNotFoundError(f"{path}: no such run directory")
-    if not (path / GRADIENTS_FILE).exists():
-        raise FileNotFoundError(f"{path}: no {GRADIENTS_FILE}; train with the gradient monitor enabled")
-    windows = load_windows(path)
-    if not windows:
-        raise FileNotFoundError(f"{path}: {GRADIENTS_FILE} has no windows")
+    windows = run_windows(path)
     history = _read_history(path)
     summary_file = path / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}

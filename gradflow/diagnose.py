@@ -478,6 +478,11 @@ def diagnose_run(run_dir: str | Path) -> Diagnosis:
         >>> diagnose_run("runs/deep_relu-20250101-120000-seed0").verdicts    # doctest: +SKIP
         ['healthy']
     """
+    return diagnose(run_windows(run_dir), read_losses(run_dir))
+
+
+def run_windows(run_dir: str | Path) -> list[Any]:
+    """The monitor windows of a run directory; FileNotFoundError when there are none to read."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir}: no such run directory")
@@ -486,7 +491,7 @@ def diagnose_run(run_dir: str | Path) -> Diagnosis:
     windows = load_windows(run_dir)
     if not windows:
         raise FileNotFoundError(f"{run_dir}: {GRADIENTS_FILE} has no windows")
-    return diagnose(windows, read_losses(run_dir))
+    return windows
 
 
 def scalars(diagnosis: Diagnosis) -> dict[str, float]:

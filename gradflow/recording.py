@@ -14,7 +14,6 @@ Example:
 from __future__ import annotations
 
 import csv
-import math
 from pathlib import Path
 
 from gradflow.monitor import GradientMonitor, Window
@@ -123,9 +122,6 @@ def layer_of(parameter: str) -> str:
     """``dense_1.weight`` -> ``dense_1``; ``encoder.layers.0.attn.weight`` -> ``encoder.layers.0.attn``."""
     return parameter.rpartition(".")[0] or parameter
 
-
-def finite(value: float) -> bool:
-    return isinstance(value, (int, float)) and math.isfinite(value)
 
 
 class MembersMonitorCallback(MonitorCallback):
