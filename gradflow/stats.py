@@ -18,7 +18,6 @@ Example:
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,7 +28,6 @@ SIGN_EXPONENT_BINS = 2 * EXPONENTS
 ZERO_EXPONENT = 0                # exact zeros and subnormals
 NONFINITE_EXPONENT = 255         # Inf and NaN
 LOG10_2 = math.log10(2.0)
-_LITTLE_ENDIAN = sys.byteorder == "little"
 
 
 @dataclass(frozen=True)
@@ -46,17 +44,16 @@ class Histogram:
 
 
 def sign_exponent_bins(flat: torch.Tensor) -> torch.Tensor:
-    """Bin index in [0, 512) of each element: biased exponent, plus 256 when the sign bit is clear.
+    """Bin index in [0, 512) of each element (int32): biased exponent, plus 256 when the sign
+    bit is clear.
 
-    Reads only the high 16 bits of each float32 (sign, exponent, 7 mantissa bits): an
-    arithmetic shift by 7 leaves the signed exponent, one pass over half the bytes.
+    An arithmetic shift of the float32's bits by 23 leaves the signed exponent: one
+    contiguous integer pass (a strided read of the high 16 bits alone is four times slower).
     """
     if flat.dtype != torch.float32:
         flat = flat.float()
     if not flat.is_contiguous():
         flat = flat.contiguous()
-    if _LITTLE_ENDIAN:
-        return (flat.view(torch.int16)[1::2] >> 7) + EXPONENTS
     return (flat.view(torch.int32) >> 23) + EXPONENTS
 
 
@@ -71,6 +68,27 @@ def count_into(counts: torch.Tensor, index: torch.Tensor) -> None:
     else:
         index = index.long()
         counts.index_add_(0, index, torch.ones_like(index, dtype=counts.dtype))
+
+
+def segment_sums(values: list[torch.Tensor], lengths: torch.Tensor, segment: torch.Tensor) -> torch.Tensor:
+    """(len(values), segments) sums over the contiguous segments of equally long 1-D tensors.
+
+    ``lengths`` gives each segment's length and ``segment`` each element's segment (the same
+    layout, two forms). On the CPU ``segment_reduce`` is 3-4x faster than ``index_add_``; on
+    CUDA ``index_add_`` is the one known never to sync with the host.
+    """
+    if values[0].device.type == "cpu":
+        return torch.stack([torch.segment_reduce(v, "sum", lengths=lengths, unsafe=True) for v in values])
+    out = torch.zeros(len(values), lengths.numel(), dtype=values[0].dtype, device=values[0].device)
+    return out.index_add_(1, segment, torch.stack(values))
+
+
+def segment_max(values: torch.Tensor, lengths: torch.Tensor, segment: torch.Tensor) -> torch.Tensor:
+    """Per-segment maximum of non-negative ``values`` (0 for an empty segment); see segment_sums."""
+    if values.device.type == "cpu":
+        return torch.segment_reduce(values, "max", lengths=lengths, unsafe=True, initial=0.0)
+    out = torch.zeros(lengths.numel(), dtype=values.dtype, device=values.device)
+    return out.scatter_reduce_(0, segment, values, "amax", include_self=True)
 
 
 def sign_exponent_counts(tensor: torch.Tensor) -> torch.Tensor:
@@ -108,8 +126,15 @@ LOG10_LIMITS = (_FINITE - 126) * LOG10_2
 
 
 MIDDLE = len(_FINITE)                                   # index of the bucket around zero
-_POSITION = np.arange(2 * len(_FINITE) + 1)
-_DISTANCE = np.abs(_POSITION - MIDDLE)
+_DISTANCE = np.abs(np.arange(2 * len(_FINITE) + 1) - MIDDLE)
+# Centres of the value buckets; the bucket around zero is symmetric, so its centre is 0.
+_VALUE_LEFTS = np.concatenate([[2 * VALUE_LIMITS[0]], VALUE_LIMITS[:-1]])
+_VALUE_CENTRES = (_VALUE_LEFTS + VALUE_LIMITS) / 2
+_VALUE_CENTRES[MIDDLE] = 0.0
+_VALUE_LIMITS_LIST = VALUE_LIMITS.tolist()
+_POSITIVE_CENTRES = _VALUE_CENTRES[MIDDLE + 1:]           # by exponent 1..254; negatives mirror them
+_LOG10_CENTRES = LOG10_LIMITS - LOG10_2 / 2
+_LOG10_LIMITS_LIST = LOG10_LIMITS.tolist()
 
 
 def value_histograms(counts, octaves: int = 24) -> list[Histogram | None]:
@@ -120,56 +145,92 @@ def value_histograms(counts, octaves: int = 24) -> list[Histogram | None]:
     magnitude join the bucket around zero (invisible on a linear axis anyway), so a window
     that holds exact zeros does not spend 250 buckets on empty octaves. A row with no finite
     value gives None: TensorBoard cannot draw an empty histogram.
+
+    Everything but the final slicing is done for all rows at once: a batched model asks for
+    hundreds of histograms per window.
     """
     counts = np.asarray(counts, dtype=np.float64).reshape(-1, SIGN_EXPONENT_BINS)
-    positive, negative = _by_sign(counts)
-    magnitudes = positive[:, _FINITE] + negative[:, _FINITE]
-    zeros = positive[:, ZERO_EXPONENT] + negative[:, ZERO_EXPONENT]
-    ordered = np.concatenate([negative[:, _FINITE[::-1]], zeros[:, None], positive[:, _FINITE]], axis=1)
+    positive, negative = _finite_by_sign(counts)          # column j: exponent j + 1
+    magnitudes = positive + negative
+    zeros = counts[:, ZERO_EXPONENT] + counts[:, EXPONENTS + ZERO_EXPONENT]
+    ordered = np.concatenate([negative[:, ::-1], zeros[:, None], positive], axis=1)
     largest = len(_FINITE) - 1 - np.argmax(magnitudes[:, ::-1] > 0, axis=1)
     floor = np.where(magnitudes.any(axis=1), np.maximum(1, _FINITE[largest] - octaves), 1)
-    band = _DISTANCE[None, :] < floor[:, None]           # the octaves merged into the zero bucket
-    merged = np.where(band, 0.0, ordered)
-    merged[:, MIDDLE] = (ordered * band).sum(axis=1)
-    keep = ~band
-    keep[:, MIDDLE] = True
-    rights = np.repeat(VALUE_LIMITS[None, :], len(counts), axis=0)
-    rights[:, MIDDLE] = VALUE_LIMITS[MIDDLE + floor - 1]
-    lefts = np.concatenate([[2 * VALUE_LIMITS[:1]], VALUE_LIMITS[None, :-1]], axis=1).repeat(len(counts), axis=0)
-    lefts[:, MIDDLE] = -rights[:, MIDDLE]
-    return _pack(rights, lefts, merged, keep)
+    band_count, band_sum, band_squares = _band(positive, negative, floor)
+    middle = zeros + band_count
+    middle_right = VALUE_LIMITS[MIDDLE + floor - 1]
+    first, last, totals = _extent(ordered)
+    first = np.where(_DISTANCE[first] < floor, MIDDLE, first)
+    last = np.where(_DISTANCE[last] < floor, MIDDLE, last)
+    lefts = np.where(first == MIDDLE, -middle_right, _VALUE_LEFTS[first])
+    rights = np.where(last == MIDDLE, middle_right, VALUE_LIMITS[last])
+    sums = ordered @ _VALUE_CENTRES - band_sum
+    squares = ordered @ (_VALUE_CENTRES * _VALUE_CENTRES) - band_squares
+    histograms: list[Histogram | None] = []
+    for row in range(len(ordered)):
+        if totals[row] == 0:
+            histograms.append(None)
+            continue
+        a, b, f = int(first[row]), int(last[row]), int(floor[row])
+        negative_end, positive_start = min(b, MIDDLE - f) + 1, max(a, MIDDLE + f)
+        spans_zero = a <= MIDDLE <= b
+        limits = (_VALUE_LIMITS_LIST[a:negative_end] + ([float(middle_right[row])] if spans_zero else [])
+                  + _VALUE_LIMITS_LIST[positive_start:b + 1])
+        values = ordered[row]
+        bucket = (values[a:negative_end].tolist() + ([float(middle[row])] if spans_zero else [])
+                  + values[positive_start:b + 1].tolist())
+        histograms.append(Histogram(limits, bucket, float(lefts[row]), float(rights[row]), float(totals[row]),
+                                    float(sums[row]), float(squares[row])))
+    return histograms
 
 
 def log10_abs_histograms(counts) -> list[Histogram | None]:
     """Histograms of log10 |x| over the finite non-zero values of each row of (R, 512) counts."""
     counts = np.asarray(counts, dtype=np.float64).reshape(-1, SIGN_EXPONENT_BINS)
-    positive, negative = _by_sign(counts)
-    rights = np.repeat(LOG10_LIMITS[None, :], len(counts), axis=0)
-    return _pack(rights, rights - LOG10_2, positive[:, _FINITE] + negative[:, _FINITE], None)
-
-
-def _pack(rights, lefts, counts, keep) -> list[Histogram | None]:
-    """Trim each row to its nonempty buckets and attach the moments TensorBoard records.
-
-    The moments are taken at bucket centres: the exact ones of a window that held a NaN would
-    be NaN.
-    """
-    centres = (lefts + rights) / 2
-    totals = counts.sum(axis=1)
-    sums = (counts * centres).sum(axis=1)
-    squares = (counts * centres * centres).sum(axis=1)
-    nonempty = counts > 0
-    first = np.argmax(nonempty, axis=1)
-    last = counts.shape[1] - 1 - np.argmax(nonempty[:, ::-1], axis=1)
+    positive, negative = _finite_by_sign(counts)
+    magnitudes = positive + negative
+    first, last, totals = _extent(magnitudes)
+    sums, squares = magnitudes @ _LOG10_CENTRES, magnitudes @ (_LOG10_CENTRES * _LOG10_CENTRES)
     histograms: list[Histogram | None] = []
-    for row in range(len(counts)):
+    for row in range(len(magnitudes)):
         if totals[row] == 0:
             histograms.append(None)
             continue
-        window = slice(first[row], last[row] + 1)
-        mask = keep[row, window] if keep is not None else slice(None)
-        histograms.append(Histogram(
-            limits=rights[row, window][mask].tolist(), counts=counts[row, window][mask].tolist(),
-            min=float(lefts[row, first[row]]), max=float(rights[row, last[row]]), num=float(totals[row]),
-            sum=float(sums[row]), sum_squares=float(squares[row])))
+        a, b = int(first[row]), int(last[row]) + 1
+        histograms.append(Histogram(_LOG10_LIMITS_LIST[a:b], magnitudes[row, a:b].tolist(),
+                                    float(LOG10_LIMITS[a] - LOG10_2), float(LOG10_LIMITS[b - 1]),
+                                    float(totals[row]), float(sums[row]), float(squares[row])))
     return histograms
+
+
+def _finite_by_sign(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(positive, negative) counts of the finite non-zero exponents 1..254: slices, not copies."""
+    finite = slice(ZERO_EXPONENT + 1, NONFINITE_EXPONENT)
+    return counts[:, EXPONENTS:][:, finite], counts[:, :EXPONENTS][:, finite]
+
+
+def _band(positive: np.ndarray, negative: np.ndarray, floor: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Per row: count, sum and sum of squares (at bucket centres) of the values of both signs
+    with an exponent below ``floor``, which join the bucket around zero. Only rows whose
+    values span more than ``octaves`` octaves have any, so only those are computed."""
+    count, total, squares = np.zeros(len(floor)), np.zeros(len(floor)), np.zeros(len(floor))
+    wide = np.flatnonzero(floor > 1)
+    if len(wide):
+        inside = _FINITE[None, :] < floor[wide, None]
+        positive, negative = positive[wide] * inside, negative[wide] * inside
+        count[wide] = (positive + negative).sum(axis=1)
+        total[wide] = (positive - negative) @ _POSITIVE_CENTRES
+        squares[wide] = (positive + negative) @ (_POSITIVE_CENTRES * _POSITIVE_CENTRES)
+    return count, total, squares
+
+
+def _extent(counts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per row: the first and last nonempty bucket, and the total count.
+
+    The moments TensorBoard records are taken at bucket centres: the exact ones of a window
+    that held a NaN would be NaN.
+    """
+    nonempty = counts > 0
+    first = np.argmax(nonempty, axis=1)
+    last = counts.shape[1] - 1 - np.argmax(nonempty[:, ::-1], axis=1)
+    return first, last, counts.sum(axis=1)

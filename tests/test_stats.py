@@ -1,0 +1,98 @@
+"""The monitor's statistic kernels against oracles computed directly from the values."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gradflow import stats as S
+
+
+def random_values(rng: np.random.Generator, n: int, span: float, zeros: int, specials: bool) -> torch.Tensor:
+    """Values over ``span`` decades with both signs, some exact zeros and, if asked, NaN, Inf
+    and subnormals."""
+    values = rng.standard_normal(n) * 10.0 ** rng.uniform(-span, 0, n)
+    values[:zeros] = 0.0
+    tensor = torch.from_numpy(values.astype(np.float32))
+    if specials:
+        tensor = torch.cat([tensor, torch.tensor([float("nan"), float("inf"), -float("inf"), 1e-40, -3e-42])])
+    return tensor
+
+
+def assert_is_histogram_of(histogram: S.Histogram, values: np.ndarray) -> None:
+    """Every finite value lies in the bucket the histogram counts it in.
+
+    Buckets are right-closed for negative values and left-closed for positive ones (a float's
+    exponent bin), and the bucket around zero holds zero, subnormals and, when the values span
+    many octaves, the smallest magnitudes of both signs.
+    """
+    finite = values[np.isfinite(values)].astype(np.float64)
+    limits = np.asarray(histogram.limits)
+    assert np.all(np.diff(limits) > 0)
+    index = np.where(finite < 0, np.searchsorted(limits, finite, "left"), np.searchsorted(limits, finite, "right"))
+    np.testing.assert_array_equal(np.bincount(index, minlength=len(limits)), histogram.counts)
+    assert histogram.num == len(finite) == sum(histogram.counts)
+    assert histogram.min <= finite.min() and histogram.max >= finite.max()
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), rows=st.integers(1, 6), span=st.floats(0.0, 40.0),
+       octaves=st.sampled_from([3, 24, 300]), specials=st.booleans())
+def test_value_histograms_count_every_finite_value_in_its_bucket(seed, rows, span, octaves, specials):
+    rng = np.random.default_rng(seed)
+    tensors = [random_values(rng, int(rng.integers(1, 400)), span, int(rng.integers(0, 5)), specials)
+               for _ in range(rows)]
+    counts = np.stack([S.sign_exponent_counts(t).numpy() for t in tensors])
+    for tensor, histogram in zip(tensors, S.value_histograms(counts, octaves)):
+        assert_is_histogram_of(histogram, tensor.numpy())
+
+
+def test_value_histograms_merge_octaves_far_below_the_largest_into_the_zero_bucket():
+    values = torch.tensor([1.0, -1.0, 2.0 ** -30, -(2.0 ** -40), 0.0])
+    (histogram,) = S.value_histograms(S.sign_exponent_counts(values).numpy()[None], octaves=24)
+    assert_is_histogram_of(histogram, values.numpy())
+    zero_bucket = int(np.searchsorted(histogram.limits, 0.0, "right"))
+    assert histogram.counts[zero_bucket] == 3                  # 0, 2^-30 and -2^-40 together
+    # 24 octaves below the largest magnitude (in [1, 2)): the zero bucket is (-2^-24, 2^-24).
+    assert histogram.limits[zero_bucket] == 2.0 ** -24 and histogram.limits[zero_bucket - 1] == -(2.0 ** -24)
+
+
+def test_log10_histograms_count_each_nonzero_finite_value_in_its_octave():
+    rng = np.random.default_rng(3)
+    values = random_values(rng, 500, 30.0, 7, True)
+    (histogram,) = S.log10_abs_histograms(S.sign_exponent_counts(values).numpy()[None])
+    finite = values.numpy()[np.isfinite(values.numpy())]
+    normal = np.abs(finite[np.abs(finite) >= 2.0 ** -126]).astype(np.float64)
+    index = np.searchsorted(histogram.limits, np.log10(normal), "right")
+    np.testing.assert_array_equal(np.bincount(index, minlength=len(histogram.limits)), histogram.counts)
+
+
+def test_rows_with_no_finite_value_have_no_histogram():
+    counts = np.stack([S.sign_exponent_counts(torch.tensor([float("nan"), float("inf")])).numpy(),
+                       np.zeros(S.SIGN_EXPONENT_BINS)])
+    assert S.value_histograms(counts) == [None, None]
+    assert S.log10_abs_histograms(counts) == [None, None]
+
+
+@pytest.mark.parametrize("lengths", [[5], [3, 0, 7, 1], [1000, 1, 2, 65535]])
+def test_segment_sums_and_max_equal_per_segment_reductions(lengths):
+    rng = np.random.default_rng(len(lengths))
+    values = torch.from_numpy(rng.standard_normal(sum(lengths)).astype(np.float32))
+    lengths_t = torch.tensor(lengths)
+    segment = torch.repeat_interleave(torch.arange(len(lengths)), lengths_t)
+    sums = S.segment_sums([values, values * values], lengths_t, segment)
+    largest = S.segment_max(values.abs(), lengths_t, segment)
+    for i, part in enumerate(values.split(lengths)):
+        part = part.double()
+        assert sums[0, i].item() == pytest.approx(part.sum().item(), rel=1e-5, abs=1e-5)
+        assert sums[1, i].item() == pytest.approx((part * part).sum().item(), rel=1e-5)
+        assert largest[i].item() == (part.abs().max().item() if len(part) else 0.0)
+
+
+def test_sign_exponent_bins_read_sign_and_exponent():
+    values = torch.tensor([0.0, -0.0, 1.0, -1.0, 3.0, 2.0 ** -126, 1e-45, float("inf"), -float("nan")])
+    expected = [256, 0, 256 + 127, 127, 256 + 128, 256 + 1, 256, 256 + 255, 255]
+    assert S.sign_exponent_bins(values).tolist() == expected
