@@ -92,10 +92,10 @@ class _GradientPlan:
 class _Batch:
     """How a run of pending small-gradient copies is reduced in one go."""
 
-    segment: torch.Tensor        # each element: its row (one row per step and parameter)
+    lengths: torch.Tensor        # each row (one row per step and parameter): its length
+    segment: torch.Tensor        # each element: its row
     row_param: torch.Tensor      # each row: its parameter
-    bin_offset: torch.Tensor     # each element: its parameter's offset into the counts
-    ones: torch.Tensor
+    bin_offset: torch.Tensor     # each element: its parameter's offset into the counts (int32)
 
 
 class _GradientAccumulator:
@@ -180,33 +180,29 @@ class _GradientAccumulator:
         batch = self._batches.get(key) or self._batches.put(key, self._make_batch([p for p, _ in pending]))
         flat = torch.cat([copy for _, copy in pending]) if len(pending) > 1 else pending[0][1]
         magnitude = flat.abs()
-        rows = batch.row_param.numel()
-        sums = torch.zeros(3, rows, device=flat.device).index_add_(
-            1, batch.segment, torch.stack([flat, magnitude, flat * flat]))
-        largest = torch.zeros(rows, device=flat.device).scatter_reduce_(
-            0, batch.segment, magnitude, "amax", include_self=False)
+        sums = S.segment_sums([flat, magnitude, flat * flat], batch.lengths, batch.segment)
+        largest = S.segment_max(magnitude, batch.lengths, batch.segment)
         per_step = torch.stack([sums[0], sums[1], sums[2].sqrt(), largest], dim=1)
         self.totals.index_add_(0, batch.row_param, per_step)
-        # index_add_ rather than bincount: a fixed size, so no host sync on CUDA.
-        self.counts.index_add_(0, S.sign_exponent_bins(flat) + batch.bin_offset, batch.ones)
+        S.count_into(self.counts, S.sign_exponent_bins(flat) + batch.bin_offset)
 
     def _make_batch(self, plans: list[_GradientPlan]) -> _Batch:
         device = self.totals.device
         k = self.members
         row_param = [i * k + member for plan in plans for i in plan.small for member in range(k)]
-        sizes = [self.slot_numel[slot] for slot in row_param]
-        segment = _segments(sizes, device)
+        lengths = torch.tensor([self.slot_numel[slot] for slot in row_param], device=device)
+        segment = torch.repeat_interleave(torch.arange(len(row_param), device=device), lengths)
         params = torch.tensor(row_param, device=device, dtype=torch.long)
-        return _Batch(segment, params, params[segment] * S.SIGN_EXPONENT_BINS, torch.ones_like(segment))
+        return _Batch(lengths, segment, params, (params[segment] * S.SIGN_EXPONENT_BINS).int())
 
     def _reduce_large(self, index: int, grad: torch.Tensor) -> None:
         for member, flat in enumerate(_flat(grad).view(self.members, -1)):
             slot = index * self.members + member
-            magnitude = flat.abs()
             start = slot * S.SIGN_EXPONENT_BINS
             S.count_into(self.counts[start:start + S.SIGN_EXPONENT_BINS], S.sign_exponent_bins(flat))
-            self.totals[slot].add_(torch.stack([flat.sum(), magnitude.sum(), torch.dot(flat, flat).sqrt(),
-                                                magnitude.max()]))
+            low, high = torch.aminmax(flat)           # one pass, where abs().max() takes two
+            self.totals[slot].add_(torch.stack([flat.sum(), flat.abs().sum(), torch.dot(flat, flat).sqrt(),
+                                                torch.maximum(-low, high)]))
 
 
 class _BoundedCache(dict):
@@ -264,14 +260,19 @@ class _WeightTracker:
 
 @dataclass
 class _ActivationPlan:
-    """How one step's pending activations are reduced, for one sequence of (tap, shape)."""
+    """How a run of pending outputs is reduced, for one sequence of (tap, shape).
 
-    segment: torch.Tensor        # each element: its tap
-    centre: torch.Tensor         # each element: the centre of its tap's range (0 if unbounded)
-    threshold: torch.Tensor      # each element: |a - centre| above this is saturated (inf if unbounded)
-    unit: torch.Tensor           # each element: its unit's slot in ``positives`` (last slot: none)
-    bin_offset: torch.Tensor
-    ones: torch.Tensor
+    The outputs are concatenated flat; each output's members are contiguous rows of it.
+    """
+
+    lengths: torch.Tensor        # each row (one output, one member): its length
+    segment: torch.Tensor        # each element: its row
+    row_slot: torch.Tensor       # each row: its tap slot
+    slot_elements: np.ndarray    # per slot: elements this run adds
+    centre: torch.Tensor | None  # each element: the centre of its tap's range; None if no tap is bounded
+    threshold: torch.Tensor | None  # each element: |a - centre| above this is saturated (inf if unbounded)
+    unit: torch.Tensor           # each element: its unit's slot in ``positives`` (slot 0: none)
+    bin_offset: torch.Tensor     # each element: its slot's offset into the counts (int32)
 
 
 class _ActivationAccumulator:
@@ -294,7 +295,7 @@ class _ActivationAccumulator:
         slots = count * members
         self.moments = torch.zeros(slots, 3, device=device)   # sum, sum of squares, saturated
         self.counts = torch.zeros(slots * S.SIGN_EXPONENT_BINS, dtype=torch.int64, device=device)
-        self.elements = [0] * slots
+        self.elements = np.zeros(slots, dtype=np.int64)
         self.units: list[int | None] = [None] * count          # unit count, fixed at first sight
         self.unit_start: list[int] = [0] * count
         self.positives = torch.zeros(1, device=device)         # per unit: count of outputs > 0; slot 0: none
@@ -316,49 +317,56 @@ class _ActivationAccumulator:
         self.pending.clear()
         self.pending_elements = 0
         torch._foreach_zero_([self.moments, self.counts, self.positives])
-        self.elements = [0] * len(self.elements)
+        self.elements[:] = 0
 
     @torch.no_grad()
     def reduce(self) -> None:
         """Fold every pending output into the window's sums. No host sync."""
         if not self.pending:
             return
-        pending = _merge_by_tap(self.pending, batch_dim=1 if self.members > 1 else 0)
-        self.pending, self.pending_elements = [], 0
+        pending, self.pending, self.pending_elements = self.pending, [], 0
+        small = []
         for index, a in pending:
             if a.numel() >= LARGE_PARAMETER:
                 self._reduce_large(index, a)
-        pending = [(index, a) for index, a in pending if a.numel() < LARGE_PARAMETER]
-        if not pending:
+            else:
+                small.append((index, a))
+        if not small:
             return
-        key = tuple((index, a.shape) for index, a in pending)
-        plan = self._plans.get(key) or self._plans.put(key, self._make_plan(pending))
-        flat = torch.cat([a.reshape(-1) for _, a in pending])
-        flat = flat if flat.dtype == torch.float32 else flat.float()
-        saturated = (flat - plan.centre).abs_() > plan.threshold
-        self.moments.index_add_(0, plan.segment, torch.stack([flat, flat * flat, saturated.float()], dim=1))
-        self.counts.index_add_(0, S.sign_exponent_bins(flat) + plan.bin_offset, plan.ones)
-        self.positives.index_add_(0, plan.unit, (flat > 0).float())
-        k = self.members
-        for index, a in pending:
-            for slot in range(index * k, index * k + k):
-                self.elements[slot] += a.numel() // k
+        key = tuple((index, a.shape) for index, a in small)
+        plan = self._plans.get(key) or self._plans.put(key, self._make_plan(small))
+        flat = _flat(torch.cat([a.reshape(-1) for _, a in small]))
+        values = [flat, flat * flat]
+        if plan.centre is not None:
+            values.append(((flat - plan.centre).abs_() > plan.threshold).float())
+        sums = S.segment_sums(values, plan.lengths, plan.segment)
+        self.moments[:, :len(values)].index_add_(0, plan.row_slot, sums.T)
+        S.count_into(self.counts, S.sign_exponent_bins(flat) + plan.bin_offset)
+        S.count_into(self.positives, plan.unit * (flat > 0))      # non-positives go to slot 0
+        self.elements += plan.slot_elements
 
     def _make_plan(self, pending) -> _ActivationPlan:
         device = self.moments.device
-        segments, centres, thresholds, units = [], [], [], []
+        k = self.members
+        lengths, row_slot, centres, thresholds, units = [], [], [], [], []
+        slot_elements = np.zeros_like(self.elements)
         for index, a in pending:
             n = a.numel()
             bounds = self.bounds[index]
             centre, half = ((bounds[0] + bounds[1]) / 2, (bounds[1] - bounds[0]) / 2) if bounds else (0.0, math.inf)
-            member = torch.arange(n, device=device) // max(n // self.members, 1)
-            segments.append(member + index * self.members)
+            lengths += [n // k] * k
+            row_slot += range(index * k, index * k + k)
+            slot_elements[index * k:index * k + k] += n // k
             centres.append(torch.full((n,), centre, device=device))
             thresholds.append(torch.full((n,), SATURATION_LEVEL * half, device=device))
             units.append(self._unit_slots(index, a))
-        segment = torch.cat(segments)
-        return _ActivationPlan(segment, torch.cat(centres), torch.cat(thresholds), torch.cat(units),
-                               segment * S.SIGN_EXPONENT_BINS, torch.ones_like(segment))
+        lengths_t = torch.tensor(lengths, device=device)
+        segment = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths_t)
+        slots = torch.tensor(row_slot, device=device)
+        bounded = any(self.bounds[index] is not None for index, _ in pending)
+        return _ActivationPlan(lengths_t, segment, slots, slot_elements,
+                               torch.cat(centres) if bounded else None, torch.cat(thresholds) if bounded else None,
+                               torch.cat(units), (slots[segment] * S.SIGN_EXPONENT_BINS).int())
 
     def _units_of(self, index: int, sample: torch.Tensor) -> int | None:
         """The unit count of a rectifier tap (fixed at first sight), or None if this output
@@ -422,25 +430,6 @@ class _ActivationAccumulator:
             alive = positives[start:start + self.units[index]] > 0
             row["dead_fraction"] = float(1.0 - alive.mean())
         return row
-
-
-def _merge_by_tap(pending: list[tuple[int, torch.Tensor]], batch_dim: int) -> list[tuple[int, torch.Tensor]]:
-    """One tensor per tap: its outputs joined along the batch dimension where their other
-    dimensions agree (a handful of ``cat`` calls instead of a reshape per forward pass)."""
-    by_tap: dict[int, list[torch.Tensor]] = {}
-    for index, a in pending:
-        by_tap.setdefault(index, []).append(a)
-    merged = []
-    for index, outputs in by_tap.items():
-        first = outputs[0]
-        same = first.dim() > batch_dim and all(
-            a.dim() == first.dim() and a.shape[:batch_dim] == first.shape[:batch_dim]
-            and a.shape[batch_dim + 1:] == first.shape[batch_dim + 1:] for a in outputs)
-        if len(outputs) > 1 and same:
-            merged.append((index, torch.cat(outputs, dim=batch_dim)))
-        else:
-            merged.extend((index, a) for a in outputs)
-    return merged
 
 
 def _bounds(module: nn.Module) -> tuple[float, float] | None:
