@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradflow.models import build_model
-from gradflow.train import TrainResult, _progress, prepare
+from gradflow.train import EpochScalars, TrainResult, _progress, prepare
 
 if TYPE_CHECKING:
     from gradflow.config import Config, ModelConfig, OptimizerConfig, TrainConfig
@@ -268,13 +268,12 @@ class MemberEpochScalars:
     """``epoch/<metric>`` scalars of member k to writer k (what ``train.EpochScalars`` does solo)."""
 
     def __init__(self, writers: Sequence[Any]) -> None:
-        self.writers = list(writers)
+        self.members = [EpochScalars(writer) for writer in writers]
 
     def epoch_end(self, epoch: int, metrics: list[Optional[dict[str, float]]]) -> None:
-        for writer, values in zip(self.writers, metrics):
+        for member, values in zip(self.members, metrics):
             if values is not None:
-                for key, value in values.items():
-                    writer.add_scalar(f"epoch/{key}", value, epoch)
+                member.epoch_end(epoch, values)
 
 
 def member_config(cfg: "Config", seed: int) -> "Config":

@@ -85,11 +85,15 @@ class EpochScalars:
     """
 
     def __init__(self, writer: Any) -> None:
+        from gradflow.sinks import TensorBoardSink
+
         self.writer = writer
+        self._sink = TensorBoardSink(writer)
 
     def epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
-        for key, value in metrics.items():
-            self.writer.add_scalar(f"epoch/{key}", value, epoch)
+        # One event for all of them: each event wakes the writer's thread, which then competes
+        # with training for the GIL.
+        self._sink.log({f"epoch/{key}": value for key, value in metrics.items()}, {}, epoch)
 
 
 @dataclass
