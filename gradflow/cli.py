@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser(
         "train",
         help="train a model from a YAML config",
-        usage="gradflow train CONFIG [key=value ...] [--logdir DIR] [--device {auto,cpu,cuda}] [--seed N | --seeds 0-9] [--quiet] [--threads N]",
+        usage="gradflow train CONFIG [key=value ...] [--logdir DIR] [--device {auto,cpu,cuda}] [--seed N | --seeds 0-9 [--workers N]] [--quiet] [--threads N]",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: auto (cuda if available)")
     train.add_argument("--seed", type=int, default=None, help="sets train.seed")
     train.add_argument("--seeds", default=None, help="many seeds as one batched run, e.g. 0-9 or 1,4,7 (see gradflow.sweep)")
+    train.add_argument("--workers", type=int, default=None,
+                       help="with --seeds: processes to split the seeds over, each training its share as one "
+                            "batched model (default: the CPU count on cpu, 1 on cuda)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
     train.add_argument("--threads", type=int, default=1,
                        help="CPU threads for torch (default 1: the tutorial's models gain nothing from more, "
@@ -95,6 +98,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError("give a CONFIG file or --resume RUN_DIR (not both)")
     if args.seeds is not None and args.resume is not None:
         raise ConfigError("--resume: resumes one run; --seeds starts new ones")
+    if args.workers is not None and args.seeds is None:
+        raise ConfigError("--workers: only with --seeds (one run trains in one process)")
     if args.seeds is not None:
         from gradflow.sweep import cmd_train_seeds
 

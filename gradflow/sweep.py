@@ -332,7 +332,8 @@ def plan(runs: Sequence[Run], workers: int = 1) -> list[Task]:
 
 # --- running a task (in a worker process, a Ray worker, or in-process) -----------------------
 
-def run_task(config: dict[str, Any], seeds: list[int], run_dirs: list[str], device: str = "cpu") -> list[dict[str, Any]]:
+def run_task(config: dict[str, Any], seeds: list[int], run_dirs: list[str], device: str = "cpu",
+             threads: int = 1) -> list[dict[str, Any]]:
     """Train one task's seeds as one batched model into ``run_dirs``; returns their summaries.
 
     A plain function of plain data, so that a process pool or Ray can ship it anywhere that
@@ -343,7 +344,7 @@ def run_task(config: dict[str, Any], seeds: list[int], run_dirs: list[str], devi
     from gradflow.batched import train_members
     from gradflow.config import Config, build, validate
 
-    torch.set_num_threads(1)  # tiny models: one thread per process beats sharing cores
+    torch.set_num_threads(threads)  # tiny models: one thread per process beats sharing cores
     cfg = validate(build(Config, config))
     return train_members(cfg, seeds, run_dirs, device=device)
 
@@ -833,10 +834,18 @@ def cmd_train_seeds(args: argparse.Namespace) -> int:
     if threads < 1:
         raise ConfigError(f"--threads: must be >= 1, got {threads}")
     check_logdir(args.logdir)
+    requested = getattr(args, "workers", None)
+    # One GPU trains every seed in one batched model; on the CPU each process gets a core.
+    workers = min(len(seeds), _check_workers(requested) if requested is not None or device == "cpu" else 1)
     parent = create_unique_dir(Path(args.logdir), f"{cfg.name}-{time.strftime('%Y%m%d-%H%M%S')}-seeds{_seed_text(seeds)}")
     run_dirs = [parent / _make_run_dir(parent, cfg.name, seed) for seed in seeds]
-    torch.set_num_threads(threads)  # tiny models: more threads only cost
-    summaries = train_members(cfg, seeds, run_dirs, device=device, progress=False if args.quiet else None)
+    if workers == 1:
+        torch.set_num_threads(threads)  # tiny models: more threads only cost
+        summaries = train_members(cfg, seeds, run_dirs, device=device, progress=False if args.quiet else None)
+    else:
+        if not args.quiet:
+            print(f"training {len(seeds)} seeds in {workers} processes ...", file=sys.stderr, flush=True)
+        summaries = _train_seeds_in_workers(cfg, seeds, run_dirs, device, workers, threads)
     rows = [_row({}, seed, str(d.relative_to(parent)), s) for seed, d, s in zip(seeds, run_dirs, summaries)]
     append_rows(parent / RESULTS_FILE, [], rows)
     print(seeds_report([{k: str(v) for k, v in row.items()} for row in rows]))
@@ -848,6 +857,22 @@ def cmd_train_seeds(args: argparse.Namespace) -> int:
     return 0
 
 
+
+
+def _train_seeds_in_workers(cfg, seeds: list[int], run_dirs: list[Path], device: str, workers: int,
+                            threads: int) -> list[dict[str, Any]]:
+    """The seeds split into ``workers`` contiguous shares, each trained as one batched model in
+    its own process: the training batches within a process, and each process's per-window
+    recording (histograms, TensorBoard events, tables) runs on its own core."""
+    from gradflow.config import to_dict
+
+    size = math.ceil(len(seeds) / workers)
+    shares = [range(start, min(start + size, len(seeds))) for start in range(0, len(seeds), size)]
+    jobs = [(to_dict(cfg), [seeds[i] for i in share], [str(run_dirs[i]) for i in share], device, threads)
+            for share in shares]
+    done: dict[int, list[dict[str, Any]]] = {}
+    _Local(len(jobs)).map(jobs, done.__setitem__)
+    return [summary for i in range(len(jobs)) for summary in done[i]]
 
 
 def seeds_report(rows: list[dict[str, str]]) -> str:
