@@ -73,12 +73,6 @@ def tag_path(name: str) -> str:
     return name.replace(".", "/")
 
 
-def _segments(sizes: list[int], device) -> torch.Tensor:
-    """For a concatenation of tensors of these sizes: the index of the tensor of each element."""
-    return torch.repeat_interleave(torch.arange(len(sizes), device=device),
-                                   torch.tensor(sizes, device=device))
-
-
 @dataclass
 class _GradientPlan:
     """Which parameters have a gradient in a step, split into small and large ones."""
@@ -232,7 +226,10 @@ class _WeightTracker:
         self.params = params
         self.slots = len(params) * members
         self.sizes = [p.numel() // members for p in params for _ in range(members)]
-        self.bin_offset = _segments(self.sizes, params[0].device) * S.SIGN_EXPONENT_BINS
+        device = params[0].device
+        self.lengths = torch.tensor(self.sizes, device=device)
+        self.segment = torch.repeat_interleave(torch.arange(self.slots, device=device), self.lengths)
+        self.bin_offset = (self.segment * S.SIGN_EXPONENT_BINS).int()
         self.start = self._flatten()
         self._end: torch.Tensor | None = None    # the weights summary() saw: the next window's start
 
@@ -247,12 +244,13 @@ class _WeightTracker:
     @torch.no_grad()
     def summary(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(slots, 4) rows of L1 norm, L2 norm, distance moved and L2 norm at the start; and
-        (slots, 512) histogram counts. One foreach call per norm, over views of the slots."""
+        (slots, 512) histogram counts. The slots are contiguous segments of the flat weights,
+        so each norm is one segment sum (a batched model has hundreds of slots)."""
         flat = self._end = self._flatten()
-        now, start = flat.split(self.sizes), self.start.split(self.sizes)
-        norms = [torch._foreach_norm(now, 1), torch._foreach_norm(now, 2),
-                 torch._foreach_norm(torch._foreach_sub(now, start), 2), torch._foreach_norm(start, 2)]
-        rows = torch.stack([torch.stack(norm) for norm in norms], dim=1)
+        moved = flat - self.start
+        sums = S.segment_sums([flat.abs(), flat * flat, moved * moved, self.start * self.start],
+                              self.lengths, self.segment)
+        rows = torch.cat([sums[:1], sums[1:].sqrt()]).T
         counts = torch.zeros(self.slots * S.SIGN_EXPONENT_BINS, dtype=torch.int64, device=flat.device)
         S.count_into(counts, S.sign_exponent_bins(flat) + self.bin_offset)
         return rows, counts.view(self.slots, S.SIGN_EXPONENT_BINS)
