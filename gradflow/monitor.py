@@ -173,6 +173,7 @@ class _GradientAccumulator:
         key = tuple(id(plan) for plan, _ in pending)
         batch = self._batches.get(key) or self._batches.put(key, self._make_batch([p for p, _ in pending]))
         flat = torch.cat([copy for _, copy in pending]) if len(pending) > 1 else pending[0][1]
+        _check_layout(flat, batch.segment)
         magnitude = flat.abs()
         sums = S.segment_sums([flat, magnitude, flat * flat], batch.lengths, batch.segment)
         largest = S.segment_max(magnitude, batch.lengths, batch.segment)
@@ -197,6 +198,14 @@ class _GradientAccumulator:
             low, high = torch.aminmax(flat)           # one pass, where abs().max() takes two
             self.totals[slot].add_(torch.stack([flat.sum(), flat.abs().sum(), torch.dot(flat, flat).sqrt(),
                                                 torch.maximum(-low, high)]))
+
+
+def _check_layout(flat: torch.Tensor, segment: torch.Tensor) -> None:
+    """The segment reductions trust their layout (no check that syncs with the device): make
+    sure the values are the ones the layout was made for. A shape test, no host sync."""
+    if flat.numel() != segment.numel():
+        raise MonitorError(f"a monitored tensor changed size ({flat.numel()} elements pending, "
+                           f"{segment.numel()} expected); create a new GradientMonitor after resizing parameters")
 
 
 class _BoundedCache(dict):
@@ -334,6 +343,7 @@ class _ActivationAccumulator:
         key = tuple((index, a.shape) for index, a in small)
         plan = self._plans.get(key) or self._plans.put(key, self._make_plan(small))
         flat = _flat(torch.cat([a.reshape(-1) for _, a in small]))
+        _check_layout(flat, plan.segment)
         values = [flat, flat * flat]
         if plan.centre is not None:
             values.append(((flat - plan.centre).abs_() > plan.threshold).float())
