@@ -39,10 +39,6 @@ class TensorBoardSink:
             self._log_one_by_one(scalars, histograms, step)
             return
         file_writer().add_summary(Summary(value=values), step)
-        # Flushing now, while this thread waits without the GIL, lets the writer's thread write
-        # the event uncontended (else it competes with training for the GIL at every op), and
-        # a live TensorBoard sees each window at once rather than every 120 s.
-        self.writer.flush()
 
     def _log_one_by_one(self, scalars, histograms, step) -> None:
         for tag, number in scalars.items():
