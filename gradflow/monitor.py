@@ -114,6 +114,7 @@ class _GradientAccumulator:
         slots = len(self.slot_numel)
         self.totals = torch.zeros(slots, len(GRADIENT_FIELDS), device=device)
         self.counts = torch.zeros(slots * S.SIGN_EXPONENT_BINS, dtype=torch.int64, device=device)
+        self._exponents = S.ExponentCounter()       # for the large tensors
         self.steps_by_pattern: dict[tuple[bool, ...], int] = {}
         self.pending: list[tuple[_GradientPlan, torch.Tensor]] = []
         self.pending_elements = 0
@@ -179,7 +180,7 @@ class _GradientAccumulator:
         largest = S.segment_max(magnitude, batch.lengths, batch.segment)
         per_step = torch.stack([sums[0], sums[1], sums[2].sqrt(), largest], dim=1)
         self.totals.index_add_(0, batch.row_param, per_step)
-        S.count_into(self.counts, S.sign_exponent_bins(flat) + batch.bin_offset)
+        S.count_into(self.counts, S.sign_exponent_bins(flat).add_(batch.bin_offset))
 
     def _make_batch(self, plans: list[_GradientPlan]) -> _Batch:
         device = self.totals.device
@@ -194,7 +195,7 @@ class _GradientAccumulator:
         for member, flat in enumerate(_flat(grad).view(self.members, -1)):
             slot = index * self.members + member
             start = slot * S.SIGN_EXPONENT_BINS
-            S.count_into(self.counts[start:start + S.SIGN_EXPONENT_BINS], S.sign_exponent_bins(flat))
+            self._exponents.add(self.counts[start:start + S.SIGN_EXPONENT_BINS], flat)
             low, high = torch.aminmax(flat)           # one pass, where abs().max() takes two
             self.totals[slot].add_(torch.stack([flat.sum(), flat.abs().sum(), torch.dot(flat, flat).sqrt(),
                                                 torch.maximum(-low, high)]))
@@ -271,7 +272,7 @@ class _WeightTracker:
                               self.lengths, self.segment)
         rows = torch.cat([sums[:1], sums[1:].sqrt()]).T
         counts = torch.zeros(self.slots * S.SIGN_EXPONENT_BINS, dtype=torch.int64, device=flat.device)
-        S.count_into(counts, S.sign_exponent_bins(flat) + self.bin_offset)
+        S.count_into(counts, S.sign_exponent_bins(flat).add_(self.bin_offset))
         return rows, counts.view(self.slots, S.SIGN_EXPONENT_BINS)
 
 
@@ -312,6 +313,7 @@ class _ActivationAccumulator:
         slots = count * members
         self.moments = torch.zeros(slots, 3, device=device)   # sum, sum of squares, saturated
         self.counts = torch.zeros(slots * S.SIGN_EXPONENT_BINS, dtype=torch.int64, device=device)
+        self._exponents = S.ExponentCounter()       # for the large tensors
         self.elements = np.zeros(slots, dtype=np.int64)
         self.units: list[int | None] = [None] * count          # unit count, fixed at first sight
         self.unit_start: list[int] = [0] * count
@@ -359,7 +361,7 @@ class _ActivationAccumulator:
             values.append(((flat - plan.centre).abs_() > plan.threshold).float())
         sums = S.segment_sums(values, plan.lengths, plan.segment)
         self.moments[:, :len(values)].index_add_(0, plan.row_slot, sums.T)
-        S.count_into(self.counts, S.sign_exponent_bins(flat) + plan.bin_offset)
+        S.count_into(self.counts, S.sign_exponent_bins(flat).add_(plan.bin_offset))
         S.count_into(self.positives, plan.unit * (flat > 0))      # non-positives go to slot 0
         self.elements += plan.slot_elements
 
@@ -408,7 +410,7 @@ class _ActivationAccumulator:
                 if bounds else flat.new_zeros(())
             self.moments[slot].add_(torch.stack([flat.sum(), torch.dot(flat, flat), saturated.to(flat.dtype)]))
             start = slot * S.SIGN_EXPONENT_BINS
-            S.count_into(self.counts[start:start + S.SIGN_EXPONENT_BINS], S.sign_exponent_bins(flat))
+            self._exponents.add(self.counts[start:start + S.SIGN_EXPONENT_BINS], flat)
             self.elements[slot] += flat.numel()
             sample = a[member] if k > 1 else a
             units = self._units_of(index, sample)

@@ -43,9 +43,9 @@ class Histogram:
     sum_squares: float
 
 
-def sign_exponent_bins(flat: torch.Tensor) -> torch.Tensor:
+def sign_exponent_bins(flat: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Bin index in [0, 512) of each element (int32): biased exponent, plus 256 when the sign
-    bit is clear.
+    bit is clear. ``out``: an int32 tensor of ``flat``'s size to write into.
 
     An arithmetic shift of the float32's bits by 23 leaves the signed exponent: one
     contiguous integer pass (a strided read of the high 16 bits alone is four times slower).
@@ -54,7 +54,30 @@ def sign_exponent_bins(flat: torch.Tensor) -> torch.Tensor:
         flat = flat.float()
     if not flat.is_contiguous():
         flat = flat.contiguous()
-    return (flat.view(torch.int32) >> 23) + EXPONENTS
+    return torch.bitwise_right_shift(flat.view(torch.int32), 23, out=out).add_(EXPONENTS)
+
+
+CHUNK = 1 << 20
+
+
+class ExponentCounter:
+    """Adds the sign/exponent histogram of large tensors into counts, a chunk of a million
+    values at a time through one reused int32 buffer.
+
+    On the CPU a fresh multi-megabyte tensor per call costs page faults that take longer than
+    the shift itself (0.5 ms against 0.15 ms per million values); chunks also keep the buffer
+    at 4 MB whatever the tensor's size.
+    """
+
+    def __init__(self) -> None:
+        self._scratch: torch.Tensor | None = None
+
+    def add(self, counts: torch.Tensor, flat: torch.Tensor) -> None:
+        if self._scratch is None or self._scratch.device != flat.device:
+            self._scratch = torch.empty(CHUNK, dtype=torch.int32, device=flat.device)
+        for start in range(0, flat.numel(), CHUNK):
+            part = flat[start:start + CHUNK]
+            count_into(counts, sign_exponent_bins(part, out=self._scratch[:part.numel()]))
 
 
 def count_into(counts: torch.Tensor, index: torch.Tensor) -> None:

@@ -96,3 +96,17 @@ def test_sign_exponent_bins_read_sign_and_exponent():
     values = torch.tensor([0.0, -0.0, 1.0, -1.0, 3.0, 2.0 ** -126, 1e-45, float("inf"), -float("nan")])
     expected = [256, 0, 256 + 127, 127, 256 + 128, 256 + 1, 256, 256 + 255, 255]
     assert S.sign_exponent_bins(values).tolist() == expected
+
+
+def test_exponent_counter_counts_large_tensors_chunk_by_chunk():
+    values = torch.randn(2 * S.CHUNK + 12345) * 10.0 ** torch.empty(2 * S.CHUNK + 12345).uniform_(-20, 5)
+    values[::1000] = 0.0
+    values[7] = float("nan")
+    counts = torch.zeros(S.SIGN_EXPONENT_BINS, dtype=torch.int64)
+    counter = S.ExponentCounter()
+    counter.add(counts, values)
+    counter.add(counts, values[:100])          # the buffer is reused for a smaller tensor
+    expected = np.bincount(S.sign_exponent_bins(values).numpy(), minlength=S.SIGN_EXPONENT_BINS) \
+        + np.bincount(S.sign_exponent_bins(values[:100]).numpy(), minlength=S.SIGN_EXPONENT_BINS)
+    np.testing.assert_array_equal(counts.numpy(), expected)
+    assert counts.sum().item() == values.numel() + 100
