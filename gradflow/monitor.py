@@ -114,7 +114,7 @@ class _GradientAccumulator:
         slots = len(self.slot_numel)
         self.totals = torch.zeros(slots, len(GRADIENT_FIELDS), device=device)
         self.counts = torch.zeros(slots * S.SIGN_EXPONENT_BINS, dtype=torch.int64, device=device)
-        self._exponents = S.ExponentCounter()       # for the large tensors
+        self._scratch = S.Scratch()                  # for the large tensors
         self.steps_by_pattern: dict[tuple[bool, ...], int] = {}
         self.pending: list[tuple[_GradientPlan, torch.Tensor]] = []
         self.pending_elements = 0
@@ -195,9 +195,9 @@ class _GradientAccumulator:
         for member, flat in enumerate(_flat(grad).view(self.members, -1)):
             slot = index * self.members + member
             start = slot * S.SIGN_EXPONENT_BINS
-            self._exponents.add(self.counts[start:start + S.SIGN_EXPONENT_BINS], flat)
+            self._scratch.count_exponents(self.counts[start:start + S.SIGN_EXPONENT_BINS], flat)
             low, high = torch.aminmax(flat)           # one pass, where abs().max() takes two
-            self.totals[slot].add_(torch.stack([flat.sum(), flat.abs().sum(), torch.dot(flat, flat).sqrt(),
+            self.totals[slot].add_(torch.stack([flat.sum(), self._scratch.abs_sum(flat), torch.dot(flat, flat).sqrt(),
                                                 torch.maximum(-low, high)]))
 
 
@@ -313,7 +313,7 @@ class _ActivationAccumulator:
         slots = count * members
         self.moments = torch.zeros(slots, 3, device=device)   # sum, sum of squares, saturated
         self.counts = torch.zeros(slots * S.SIGN_EXPONENT_BINS, dtype=torch.int64, device=device)
-        self._exponents = S.ExponentCounter()       # for the large tensors
+        self._scratch = S.Scratch()                  # for the large tensors
         self.elements = np.zeros(slots, dtype=np.int64)
         self.units: list[int | None] = [None] * count          # unit count, fixed at first sight
         self.unit_start: list[int] = [0] * count
@@ -410,7 +410,7 @@ class _ActivationAccumulator:
                 if bounds else flat.new_zeros(())
             self.moments[slot].add_(torch.stack([flat.sum(), torch.dot(flat, flat), saturated.to(flat.dtype)]))
             start = slot * S.SIGN_EXPONENT_BINS
-            self._exponents.add(self.counts[start:start + S.SIGN_EXPONENT_BINS], flat)
+            self._scratch.count_exponents(self.counts[start:start + S.SIGN_EXPONENT_BINS], flat)
             self.elements[slot] += flat.numel()
             sample = a[member] if k > 1 else a
             units = self._units_of(index, sample)

@@ -60,24 +60,31 @@ def sign_exponent_bins(flat: torch.Tensor, out: torch.Tensor | None = None) -> t
 CHUNK = 1 << 20
 
 
-class ExponentCounter:
-    """Adds the sign/exponent histogram of large tensors into counts, a chunk of a million
-    values at a time through one reused int32 buffer.
+class Scratch:
+    """Reused buffers for the per-step reductions of large tensors, a million values at a time.
 
     On the CPU a fresh multi-megabyte tensor per call costs page faults that take longer than
-    the shift itself (0.5 ms against 0.15 ms per million values); chunks also keep the buffer
-    at 4 MB whatever the tensor's size.
+    the arithmetic (binning: 0.5 ms against 0.15 ms per million values; |g|: 0.43 against
+    0.08); chunks also keep the buffers at 4 MB each whatever the tensor's size.
     """
 
     def __init__(self) -> None:
-        self._scratch: torch.Tensor | None = None
+        self._bins: torch.Tensor | None = None
+        self._values: torch.Tensor | None = None
 
-    def add(self, counts: torch.Tensor, flat: torch.Tensor) -> None:
-        if self._scratch is None or self._scratch.device != flat.device:
-            self._scratch = torch.empty(CHUNK, dtype=torch.int32, device=flat.device)
-        for start in range(0, flat.numel(), CHUNK):
-            part = flat[start:start + CHUNK]
-            count_into(counts, sign_exponent_bins(part, out=self._scratch[:part.numel()]))
+    def count_exponents(self, counts: torch.Tensor, flat: torch.Tensor) -> None:
+        """Add the sign/exponent histogram of the float32 ``flat`` into ``counts``."""
+        if self._bins is None or self._bins.device != flat.device:
+            self._bins = torch.empty(CHUNK, dtype=torch.int32, device=flat.device)
+        for part in flat.split(CHUNK):
+            count_into(counts, sign_exponent_bins(part, out=self._bins[:part.numel()]))
+
+    def abs_sum(self, flat: torch.Tensor) -> torch.Tensor:
+        """Sum of |x| over the float32 ``flat`` (a 0-dim tensor; no host sync)."""
+        if self._values is None or self._values.device != flat.device:
+            self._values = torch.empty(CHUNK, dtype=torch.float32, device=flat.device)
+        parts = [torch.abs(part, out=self._values[:part.numel()]).sum() for part in flat.split(CHUNK)]
+        return parts[0] if len(parts) == 1 else torch.stack(parts).sum()
 
 
 def count_into(counts: torch.Tensor, index: torch.Tensor) -> None:

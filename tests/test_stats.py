@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -98,15 +100,20 @@ def test_sign_exponent_bins_read_sign_and_exponent():
     assert S.sign_exponent_bins(values).tolist() == expected
 
 
-def test_exponent_counter_counts_large_tensors_chunk_by_chunk():
+def test_scratch_reduces_large_tensors_chunk_by_chunk():
     values = torch.randn(2 * S.CHUNK + 12345) * 10.0 ** torch.empty(2 * S.CHUNK + 12345).uniform_(-20, 5)
     values[::1000] = 0.0
     values[7] = float("nan")
     counts = torch.zeros(S.SIGN_EXPONENT_BINS, dtype=torch.int64)
-    counter = S.ExponentCounter()
-    counter.add(counts, values)
-    counter.add(counts, values[:100])          # the buffer is reused for a smaller tensor
+    scratch = S.Scratch()
+    scratch.count_exponents(counts, values)
+    scratch.count_exponents(counts, values[:100])          # the buffer is reused for a smaller tensor
     expected = np.bincount(S.sign_exponent_bins(values).numpy(), minlength=S.SIGN_EXPONENT_BINS) \
         + np.bincount(S.sign_exponent_bins(values[:100]).numpy(), minlength=S.SIGN_EXPONENT_BINS)
     np.testing.assert_array_equal(counts.numpy(), expected)
     assert counts.sum().item() == values.numel() + 100
+    finite = values[1:7].clone()
+    big = torch.cat([finite.repeat(S.CHUNK // 3), values[8:9]])
+    assert scratch.abs_sum(big).item() == pytest.approx(big.double().abs().sum().item(), rel=1e-5)
+    assert scratch.abs_sum(values[:5]).item() == pytest.approx(values[:5].double().abs().sum().item(), rel=1e-6)
+    assert math.isnan(scratch.abs_sum(values).item())
