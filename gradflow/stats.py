@@ -96,8 +96,13 @@ def count_into(counts: torch.Tensor, index: torch.Tensor) -> None:
     if counts.device.type == "cpu":
         counts.add_(torch.bincount(index, minlength=counts.numel()))
     else:
-        index = index.long()
-        counts.index_add_(0, index, torch.ones_like(index, dtype=counts.dtype))
+        scattered_count_into(counts, index)
+
+
+def scattered_count_into(counts: torch.Tensor, index: torch.Tensor) -> None:
+    """count_into by scattering ones (the accelerator path)."""
+    index = index.long()
+    counts.index_add_(0, index, torch.ones_like(index, dtype=counts.dtype))
 
 
 def segment_sums(values: list[torch.Tensor], lengths: torch.Tensor, segment: torch.Tensor) -> torch.Tensor:
@@ -109,15 +114,25 @@ def segment_sums(values: list[torch.Tensor], lengths: torch.Tensor, segment: tor
     """
     if values[0].device.type == "cpu":
         return torch.stack([torch.segment_reduce(v, "sum", lengths=lengths, unsafe=True) for v in values])
-    out = torch.zeros(len(values), lengths.numel(), dtype=values[0].dtype, device=values[0].device)
-    return out.index_add_(1, segment, torch.stack(values))
+    return scattered_segment_sums(values, lengths.numel(), segment)
 
 
 def segment_max(values: torch.Tensor, lengths: torch.Tensor, segment: torch.Tensor) -> torch.Tensor:
     """Per-segment maximum of non-negative ``values`` (0 for an empty segment); see segment_sums."""
     if values.device.type == "cpu":
         return torch.segment_reduce(values, "max", lengths=lengths, unsafe=True, initial=0.0)
-    out = torch.zeros(lengths.numel(), dtype=values.dtype, device=values.device)
+    return scattered_segment_max(values, lengths.numel(), segment)
+
+
+def scattered_segment_sums(values: list[torch.Tensor], segments: int, segment: torch.Tensor) -> torch.Tensor:
+    """segment_sums by scattering each element into its segment (the accelerator path)."""
+    out = torch.zeros(len(values), segments, dtype=values[0].dtype, device=values[0].device)
+    return out.index_add_(1, segment, torch.stack(values))
+
+
+def scattered_segment_max(values: torch.Tensor, segments: int, segment: torch.Tensor) -> torch.Tensor:
+    """segment_max by scattering each element into its segment (the accelerator path)."""
+    out = torch.zeros(segments, dtype=values.dtype, device=values.device)
     return out.scatter_reduce_(0, segment, values, "amax", include_self=True)
 
 

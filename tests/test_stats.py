@@ -85,13 +85,18 @@ def test_segment_sums_and_max_equal_per_segment_reductions(lengths):
     values = torch.from_numpy(rng.standard_normal(sum(lengths)).astype(np.float32))
     lengths_t = torch.tensor(lengths)
     segment = torch.repeat_interleave(torch.arange(len(lengths)), lengths_t)
-    sums = S.segment_sums([values, values * values], lengths_t, segment)
-    largest = S.segment_max(values.abs(), lengths_t, segment)
-    for i, part in enumerate(values.split(lengths)):
-        part = part.double()
-        assert sums[0, i].item() == pytest.approx(part.sum().item(), rel=1e-5, abs=1e-5)
-        assert sums[1, i].item() == pytest.approx((part * part).sum().item(), rel=1e-5)
-        assert largest[i].item() == (part.abs().max().item() if len(part) else 0.0)
+    kernels = {  # the CPU kernels, and the scatters used on accelerators, run here on the CPU
+        "segment_reduce": (S.segment_sums([values, values * values], lengths_t, segment),
+                           S.segment_max(values.abs(), lengths_t, segment)),
+        "scatter": (S.scattered_segment_sums([values, values * values], len(lengths), segment),
+                    S.scattered_segment_max(values.abs(), len(lengths), segment)),
+    }
+    for sums, largest in kernels.values():
+        for i, part in enumerate(values.split(lengths)):
+            part = part.double()
+            assert sums[0, i].item() == pytest.approx(part.sum().item(), rel=1e-5, abs=1e-5)
+            assert sums[1, i].item() == pytest.approx((part * part).sum().item(), rel=1e-5)
+            assert largest[i].item() == (part.abs().max().item() if len(part) else 0.0)
 
 
 def test_sign_exponent_bins_read_sign_and_exponent():
@@ -117,3 +122,13 @@ def test_scratch_reduces_large_tensors_chunk_by_chunk():
     assert scratch.abs_sum(big).item() == pytest.approx(big.double().abs().sum().item(), rel=1e-5)
     assert scratch.abs_sum(values[:5]).item() == pytest.approx(values[:5].double().abs().sum().item(), rel=1e-6)
     assert math.isnan(scratch.abs_sum(values).item())
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.float32])
+def test_counting_by_bincount_and_by_scatter_agree(dtype):
+    index = torch.randint(0, 700, (5000,), dtype=torch.int32)
+    by_bincount, by_scatter = torch.zeros(1024, dtype=dtype), torch.zeros(1024, dtype=dtype)
+    S.count_into(by_bincount, index)
+    S.scattered_count_into(by_scatter, index)
+    assert torch.equal(by_bincount, by_scatter)
+    assert torch.equal(by_bincount, torch.bincount(index.long(), minlength=1024).to(dtype))
