@@ -73,6 +73,13 @@ def tag_path(name: str) -> str:
     return name.replace(".", "/")
 
 
+def _segment_layout(lengths: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two forms of a concatenation of segments of these lengths that the segment
+    reductions take: each segment's length, and each element's segment."""
+    lengths_t = torch.tensor(lengths, device=device, dtype=torch.long)
+    return lengths_t, torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths_t)
+
+
 @dataclass
 class _GradientPlan:
     """Which parameters have a gradient in a step, split into small and large ones."""
@@ -186,8 +193,7 @@ class _GradientAccumulator:
         device = self.totals.device
         k = self.members
         row_param = [i * k + member for plan in plans for i in plan.small for member in range(k)]
-        lengths = torch.tensor([self.slot_numel[slot] for slot in row_param], device=device)
-        segment = torch.repeat_interleave(torch.arange(len(row_param), device=device), lengths)
+        lengths, segment = _segment_layout([self.slot_numel[slot] for slot in row_param], device)
         params = torch.tensor(row_param, device=device, dtype=torch.long)
         return _Batch(lengths, segment, params, (params[segment] * S.SIGN_EXPONENT_BINS).int())
 
@@ -246,9 +252,7 @@ class _WeightTracker:
         self.params = params
         self.slots = len(params) * members
         self.sizes = [p.numel() // members for p in params for _ in range(members)]
-        device = params[0].device
-        self.lengths = torch.tensor(self.sizes, device=device)
-        self.segment = torch.repeat_interleave(torch.arange(self.slots, device=device), self.lengths)
+        self.lengths, self.segment = _segment_layout(self.sizes, params[0].device)
         self.bin_offset = (self.segment * S.SIGN_EXPONENT_BINS).int()
         self.start = self._flatten()
         self._end: torch.Tensor | None = None    # the weights summary() saw: the next window's start
@@ -380,8 +384,7 @@ class _ActivationAccumulator:
             centres.append(torch.full((n,), centre, device=device))
             thresholds.append(torch.full((n,), SATURATION_LEVEL * half, device=device))
             units.append(self._unit_slots(index, a))
-        lengths_t = torch.tensor(lengths, device=device)
-        segment = torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths_t)
+        lengths_t, segment = _segment_layout(lengths, device)
         slots = torch.tensor(row_slot, device=device)
         bounded = any(self.bounds[index] is not None for index, _ in pending)
         return _ActivationPlan(lengths_t, segment, slots, slot_elements,
