@@ -9,6 +9,7 @@ noisy neighbour slows both sides of a ratio alike.
 
     python benchmarks/overhead.py                 # both models, 5 rounds
     python benchmarks/overhead.py --rounds 3 --model tutorial
+    python benchmarks/overhead.py --model wide --variants gradflow --rounds 9   # bare is always timed
 """
 
 from __future__ import annotations
@@ -128,7 +129,7 @@ def variants(logdir: str):
     return found
 
 
-def measure(work: Workload, rounds: int) -> dict[str, float]:
+def measure(work: Workload, rounds: int, wanted: list[str] | None = None) -> dict[str, float]:
     """Median over rounds of (variant time / bare time) measured in the same round.
 
     Each variant trains its own copy of the model, instrumented once for the whole
@@ -140,6 +141,8 @@ def measure(work: Workload, rounds: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as logdir, contextlib.ExitStack() as stack:
         runs = {}
         for name, make in variants(logdir).items():
+            if wanted and name != "bare" and name not in wanted:
+                continue
             model = copy.deepcopy(work.model)
             optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
             runs[name] = (model, optimizer, *stack.enter_context(make(model)))
@@ -164,15 +167,17 @@ def main(argv=None) -> None:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--model", choices=["tutorial", "wide", "both"], default="both")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--variants", nargs="+", metavar="NAME", help="time only these besides bare "
+                        "(gradflow, add_histogram/step, wandb.watch)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if args.model in ("tutorial", "both"):
-        measure(tutorial_mlp(), args.rounds)
+        measure(tutorial_mlp(), args.rounds, args.variants)
     if args.model in ("wide", "both"):
-        measure(wide_mlp(), args.rounds)
+        measure(wide_mlp(), args.rounds, args.variants)
 
 
 if __name__ == "__main__":

@@ -85,8 +85,9 @@ class _GradientPlan:
     """Which parameters have a gradient in a step, split into small and large ones."""
 
     small: list[int]             # parameters copied into one flat tensor, reduced later in batches
-    large: list[int]             # parameters reduced one by one at once
+    large: list[int]             # parameters reduced at once, at each step
     small_numel: int
+    large_slots: torch.Tensor    # the slots of the large parameters' members, in order
 
 
 @dataclass
@@ -161,15 +162,16 @@ class _GradientAccumulator:
                 self.reduce()
         if plan.large:
             with torch.no_grad():
-                for i in plan.large:
-                    self._reduce_large(i, grads[i])
+                self._reduce_large(plan, grads)
         self.steps_by_pattern[pattern] = self.steps_by_pattern.get(pattern, 0) + 1
 
     def _make_plan(self, pattern: tuple[bool, ...]) -> _GradientPlan:
         present = [i for i, has in enumerate(pattern) if has]
         small = [i for i in present if self.numel[i] < LARGE_PARAMETER]
         large = [i for i in present if self.numel[i] >= LARGE_PARAMETER]
-        plan = self._plans[pattern] = _GradientPlan(small, large, sum(self.numel[i] for i in small))
+        slots = [i * self.members + member for i in large for member in range(self.members)]
+        plan = self._plans[pattern] = _GradientPlan(small, large, sum(self.numel[i] for i in small),
+                                                    torch.tensor(slots, dtype=torch.long, device=self.totals.device))
         return plan
 
     @torch.no_grad()
@@ -182,6 +184,13 @@ class _GradientAccumulator:
         batch = self._batches.get(key) or self._batches.put(key, self._make_batch([p for p, _ in pending]))
         flat = torch.cat([copy for _, copy in pending]) if len(pending) > 1 else pending[0][1]
         _check_layout(flat, batch.segment)
+        kernels = S.fused_kernels() if flat.device.type == "cpu" else None
+        if kernels is not None:                       # one fused pass instead of a dozen ops
+            rows = kernels.fold_rows(flat.numpy(), batch.lengths.numpy(), batch.row_param.numpy(),
+                                     self.counts.view(-1, S.SIGN_EXPONENT_BINS).numpy())
+            rows[:, 2] = np.sqrt(rows[:, 2])
+            self.totals.index_add_(0, batch.row_param, torch.from_numpy(rows[:, :4]).to(self.totals.dtype))
+            return
         magnitude = flat.abs()
         sums = S.segment_sums([flat, magnitude, flat * flat], batch.lengths, batch.segment)
         largest = S.segment_max(magnitude, batch.lengths, batch.segment)
@@ -197,14 +206,14 @@ class _GradientAccumulator:
         params = torch.tensor(row_param, device=device, dtype=torch.long)
         return _Batch(lengths, segment, params, (params[segment] * S.SIGN_EXPONENT_BINS).int())
 
-    def _reduce_large(self, index: int, grad: torch.Tensor) -> None:
-        for member, flat in enumerate(_flat(grad).view(self.members, -1)):
-            slot = index * self.members + member
-            start = slot * S.SIGN_EXPONENT_BINS
-            self._scratch.count_exponents(self.counts[start:start + S.SIGN_EXPONENT_BINS], flat)
-            low, high = torch.aminmax(flat)           # one pass, where abs().max() takes two
-            self.totals[slot].add_(torch.stack([flat.sum(), self._scratch.abs_sum(flat), torch.dot(flat, flat).sqrt(),
-                                                torch.maximum(-low, high)]))
+    def _reduce_large(self, plan: _GradientPlan, grads: list[torch.Tensor]) -> None:
+        """Reduce the large gradients of a step at once, one job per member of each."""
+        counts = self.counts.view(-1, S.SIGN_EXPONENT_BINS)
+        jobs = [(flat, counts[slot], None) for i in plan.large
+                for slot, flat in enumerate(_flat(grads[i]).view(self.members, -1), start=i * self.members)]
+        folded = self._scratch.fold(jobs)
+        folded[:, 2].sqrt_()                          # the sum of squares becomes the L2 norm
+        self.totals.index_add_(0, plan.large_slots, folded[:, :4].to(self.totals.dtype))
 
 
 def _check_layout(flat: torch.Tensor, segment: torch.Tensor) -> None:
@@ -256,6 +265,7 @@ class _WeightTracker:
         self.bin_offset = (self.segment * S.SIGN_EXPONENT_BINS).int()
         self.start = self._flatten()
         self._end: torch.Tensor | None = None    # the weights summary() saw: the next window's start
+        self._items = None                       # the fused CPU kernel's work items, made on first use
 
     @torch.no_grad()
     def _flatten(self) -> torch.Tensor:
@@ -271,6 +281,13 @@ class _WeightTracker:
         (slots, 512) histogram counts. The slots are contiguous segments of the flat weights,
         so each norm is one segment sum (a batched model has hundreds of slots)."""
         flat = self._end = self._flatten()
+        kernels = S.fused_kernels() if flat.device.type == "cpu" else None
+        if kernels is not None:
+            if self._items is None:
+                self._items = kernels.weight_items(self.sizes)
+            rows, counts = kernels.fold_weights(flat.numpy(), self.start.numpy(), self._items)
+            rows[:, 1:] = np.sqrt(rows[:, 1:])
+            return torch.from_numpy(rows), torch.from_numpy(counts)
         moved = flat - self.start
         sums = S.segment_sums([flat.abs(), flat * flat, moved * moved, self.start * self.start],
                               self.lengths, self.segment)
@@ -295,6 +312,7 @@ class _ActivationPlan:
     threshold: torch.Tensor | None  # each element: |a - centre| above this is saturated (inf if unbounded)
     unit: torch.Tensor           # each element: its unit's slot in ``positives`` (slot 0: none)
     bin_offset: torch.Tensor     # each element: its slot's offset into the counts (int32)
+    bands: tuple[np.ndarray, np.ndarray]  # each row: centre and threshold (float32), for the fused kernels
 
 
 class _ActivationAccumulator:
@@ -348,18 +366,24 @@ class _ActivationAccumulator:
         if not self.pending:
             return
         pending, self.pending, self.pending_elements = self.pending, [], 0
-        small = []
-        for index, a in pending:
-            if a.numel() >= LARGE_PARAMETER:
-                self._reduce_large(index, a)
-            else:
-                small.append((index, a))
+        small = [(index, a) for index, a in pending if a.numel() < LARGE_PARAMETER]
+        if len(small) < len(pending):
+            self._reduce_large([(index, a) for index, a in pending if a.numel() >= LARGE_PARAMETER])
         if not small:
             return
         key = tuple((index, a.shape) for index, a in small)
         plan = self._plans.get(key) or self._plans.put(key, self._make_plan(small))
         flat = _flat(torch.cat([a.reshape(-1) for _, a in small]))
         _check_layout(flat, plan.segment)
+        self.elements += plan.slot_elements
+        kernels = S.fused_kernels() if flat.device.type == "cpu" else None
+        if kernels is not None:                       # one fused pass instead of a dozen ops
+            values = flat.numpy()
+            rows = kernels.fold_rows(values, plan.lengths.numpy(), plan.row_slot.numpy(),
+                                     self.counts.view(-1, S.SIGN_EXPONENT_BINS).numpy(), plan.bands)
+            self.moments.index_add_(0, plan.row_slot, torch.from_numpy(rows[:, 0::2]).to(self.moments.dtype))
+            kernels.count_units(values, plan.unit.numpy(), self.positives.numpy())
+            return
         values = [flat, flat * flat]
         if plan.centre is not None:
             values.append(((flat - plan.centre).abs_() > plan.threshold).float())
@@ -367,17 +391,17 @@ class _ActivationAccumulator:
         self.moments[:, :len(values)].index_add_(0, plan.row_slot, sums.T)
         S.count_into(self.counts, S.sign_exponent_bins(flat).add_(plan.bin_offset))
         S.count_into(self.positives, plan.unit * (flat > 0))      # non-positives go to slot 0
-        self.elements += plan.slot_elements
 
     def _make_plan(self, pending) -> _ActivationPlan:
         device = self.moments.device
         k = self.members
-        lengths, row_slot, centres, thresholds, units = [], [], [], [], []
+        lengths, row_slot, centres, thresholds, units, bands = [], [], [], [], [], []
         slot_elements = np.zeros_like(self.elements)
         for index, a in pending:
             n = a.numel()
             bounds = self.bounds[index]
             centre, half = ((bounds[0] + bounds[1]) / 2, (bounds[1] - bounds[0]) / 2) if bounds else (0.0, math.inf)
+            bands += [(centre, SATURATION_LEVEL * half)] * k
             lengths += [n // k] * k
             row_slot += range(index * k, index * k + k)
             slot_elements[index * k:index * k + k] += n // k
@@ -389,7 +413,8 @@ class _ActivationAccumulator:
         bounded = any(self.bounds[index] is not None for index, _ in pending)
         return _ActivationPlan(lengths_t, segment, slots, slot_elements,
                                torch.cat(centres) if bounded else None, torch.cat(thresholds) if bounded else None,
-                               torch.cat(units), (slots[segment] * S.SIGN_EXPONENT_BINS).int())
+                               torch.cat(units), (slots[segment] * S.SIGN_EXPONENT_BINS).int(),
+                               tuple(np.array(column, dtype=np.float32) for column in zip(*bands)))
 
     def _units_of(self, index: int, sample: torch.Tensor) -> int | None:
         """The unit count of a rectifier tap (fixed at first sight), or None if this output
@@ -403,26 +428,30 @@ class _ActivationAccumulator:
             self.positives = torch.cat([self.positives, self.positives.new_zeros(self.members * sample.shape[dim])])
         return self.units[index] if sample.shape[dim] == self.units[index] else None
 
-    def _reduce_large(self, index: int, a: torch.Tensor) -> None:
-        """One large output reduced on its own: dense reductions beat segment sums here."""
+    def _reduce_large(self, large: list[tuple[int, torch.Tensor]]) -> None:
+        """Large outputs reduced on their own, one job per member of each: dense reductions
+        beat segment sums here."""
         k = self.members
-        bounds = self.bounds[index]
-        for member, flat in enumerate(_flat(a).view(k, -1)):
-            slot = index * k + member
-            saturated = ((flat - (bounds[0] + bounds[1]) / 2).abs_() > SATURATION_LEVEL * (bounds[1] - bounds[0]) / 2).sum() \
-                if bounds else flat.new_zeros(())
-            self.moments[slot].add_(torch.stack([flat.sum(), torch.dot(flat, flat), saturated.to(flat.dtype)]))
-            start = slot * S.SIGN_EXPONENT_BINS
-            self._scratch.count_exponents(self.counts[start:start + S.SIGN_EXPONENT_BINS], flat)
-            self.elements[slot] += flat.numel()
-            sample = a[member] if k > 1 else a
-            units = self._units_of(index, sample)
-            if units is not None:
-                dim = _unit_dim(sample)
-                others = tuple(d for d in range(sample.dim()) if d != dim)
-                positive = (sample > 0).sum(dim=others) if others else (sample > 0)
-                first = self.unit_start[index] + member * units
-                self.positives[first:first + units].add_(positive.to(self.positives.dtype))
+        counts = self.counts.view(-1, S.SIGN_EXPONENT_BINS)
+        jobs, slots = [], []
+        for index, a in large:
+            bounds = self.bounds[index]
+            band = ((bounds[0] + bounds[1]) / 2, SATURATION_LEVEL * (bounds[1] - bounds[0]) / 2) if bounds else None
+            for member, flat in enumerate(_flat(a).view(k, -1)):
+                slot = index * k + member
+                jobs.append((flat, counts[slot], band))
+                slots.append(slot)
+                self.elements[slot] += flat.numel()
+                self._count_positive(index, member, a[member] if k > 1 else a)
+        folded = self._scratch.fold(jobs)
+        rows = torch.tensor(slots, dtype=torch.long, device=self.moments.device)
+        self.moments.index_add_(0, rows, folded[:, 0::2].to(self.moments.dtype))   # sum, squares, beyond the band
+
+    def _count_positive(self, index: int, member: int, sample: torch.Tensor) -> None:
+        units = self._units_of(index, sample)
+        if units is not None:
+            first = self.unit_start[index] + member * units
+            self._scratch.count_positive(sample, _unit_dim(sample), self.positives[first:first + units])
 
     def _unit_slots(self, index: int, a: torch.Tensor) -> torch.Tensor:
         """Each element's unit slot in ``positives``; slot 0 collects what has no unit."""

@@ -27,6 +27,17 @@ def mlp(depth: int = 3, width: int = 5, activation=nn.ReLU, inputs: int = 2) -> 
     return nn.Sequential(layers)
 
 
+@pytest.fixture(params=["fused", "torch-ops"])
+def reduction_path(request, monkeypatch):
+    """Both ways the CPU reduces: numba's fused kernels, and torch ops (the way every
+    accelerator reduces, so that path is checked here too)."""
+    if request.param == "torch-ops":
+        monkeypatch.setattr(S, "_KERNELS", False)
+    elif S.fused_kernels() is None:
+        pytest.skip("numba is not installed")
+    return request.param
+
+
 def train_steps(model, monitor_or_none, steps, oracle=None, batch=32, inputs=2, lr=0.05, seed=0):
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
@@ -55,7 +66,7 @@ class Wide(nn.Module):
 
 
 @pytest.mark.parametrize("make, inputs", [(lambda: mlp(), 2), (Wide, 300)], ids=["small-mlp", "large-params"])
-def test_gradient_statistics_match_oracle_over_two_windows(make, inputs):
+def test_gradient_statistics_match_oracle_over_two_windows(make, inputs, reduction_path):
     torch.manual_seed(0)
     model = make()
     oracle = GradientOracle(model.named_parameters())
@@ -68,7 +79,7 @@ def test_gradient_statistics_match_oracle_over_two_windows(make, inputs):
     assert [w.steps for w in monitor.history] == [7, 5]
 
 
-def test_histogram_counts_match_oracle_bins():
+def test_histogram_counts_match_oracle_bins(reduction_path):
     torch.manual_seed(1)
     model = Wide()
     oracle = GradientOracle(model.named_parameters())
@@ -96,7 +107,7 @@ def test_sign_exponent_bins_cover_special_values():
     assert S.value_histograms(S.sign_exponent_counts(torch.tensor([float("nan")])))[0] is None
 
 
-def test_weight_statistics_and_update_ratio_match_oracle():
+def test_weight_statistics_and_update_ratio_match_oracle(reduction_path):
     torch.manual_seed(2)
     model = mlp()
     with GradientMonitor(model) as monitor:
@@ -113,7 +124,7 @@ def test_weight_statistics_and_update_ratio_match_oracle():
         assert logged[name]["weight_update_ratio"] == pytest.approx(ratio.item(), rel=1e-4)
 
 
-def test_activation_statistics_match_oracle():
+def test_activation_statistics_match_oracle(reduction_path):
     torch.manual_seed(3)
     model = nn.Sequential(OrderedDict(dense_1=nn.Linear(2, 8), tanh_1=nn.Tanh(), dense_2=nn.Linear(8, 8),
                                       relu_2=nn.ReLU(), dense_3=nn.Linear(8, 1)))
@@ -139,7 +150,7 @@ def test_activation_statistics_match_oracle():
     assert "saturated_fraction" not in got["relu_2"] and "dead_fraction" not in got["tanh_1"]
 
 
-def test_nonfinite_gradients_are_counted_and_left_out_of_histograms(tmp_path):
+def test_nonfinite_gradients_are_counted_and_left_out_of_histograms(tmp_path, reduction_path):
     from torch.utils.tensorboard import SummaryWriter
 
     torch.manual_seed(4)
@@ -387,7 +398,7 @@ class BatchedLinear(nn.Module):
         return torch.baddbmm(self.bias, x, self.weight.transpose(1, 2))
 
 
-def test_members_of_a_batched_model_get_their_own_statistics():
+def test_members_of_a_batched_model_get_their_own_statistics(reduction_path):
     torch.manual_seed(11)
     members = 3
     model = nn.Sequential(OrderedDict(dense_1=BatchedLinear(members, 2, 4), tanh_1=nn.Tanh(),
@@ -420,7 +431,7 @@ def test_members_must_match_every_parameter():
         GradientMonitor(mlp(), members=3)
 
 
-def test_large_activation_outputs_match_oracle():
+def test_large_activation_outputs_match_oracle(reduction_path):
     """Outputs of 64 x 2048 = 131,072 elements take the dense path, not the segment sums."""
     torch.manual_seed(12)
     model = nn.Sequential(OrderedDict(dense_1=nn.Linear(16, 2048), tanh_1=nn.Tanh(),
@@ -443,3 +454,38 @@ def test_large_activation_outputs_match_oracle():
     assert got["relu_2"]["mean"] == pytest.approx(relu.mean().item(), rel=1e-5)
     assert got["relu_2"]["dead_fraction"] == pytest.approx((relu.amax(dim=(0, 1)) <= 0).double().mean().item())
     assert 0 < got["relu_2"]["dead_fraction"] < 1
+
+
+def test_fused_kernels_and_torch_ops_write_the_same_window(monkeypatch):
+    """The same training, reduced by numba's kernels and by torch ops: every statistic and
+    every histogram count agree, NaN and Inf included."""
+    if S.fused_kernels() is None:
+        pytest.skip("numba is not installed")
+
+    def window(fused: bool):
+        monkeypatch.setattr(S, "_KERNELS", None if fused else False)
+        torch.manual_seed(13)
+        model = nn.Sequential(OrderedDict(dense_1=nn.Linear(300, 300), tanh_1=nn.Tanh(), dense_2=nn.Linear(300, 8),
+                                          relu_2=nn.ReLU(), dense_3=nn.Linear(8, 1)))
+        with GradientMonitor(model) as monitor:
+            optimizer = train_steps(model, monitor, 3, inputs=300, batch=256)
+            model(torch.randn(4, 300)).sum().backward()
+            model.dense_1.weight.grad[0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
+            model.dense_2.weight.grad[0, 0] = float("nan")
+            optimizer.step()
+            monitor._gradients.reduce()
+            monitor._activations.reduce()
+            parts = monitor._read_back()                 # the raw sums and counts, before any reading
+            monitor.log(0)
+        return monitor.history[0], parts
+
+    (fused, fused_parts), (plain, plain_parts) = window(True), window(False)
+    for key in fused_parts:
+        np.testing.assert_allclose(fused_parts[key], plain_parts[key], rtol=1e-5, atol=1e-6, equal_nan=True,
+                                   err_msg=key)
+    for family in ("gradients", "weights", "activations"):
+        got, expected = getattr(fused, family), getattr(plain, family)
+        assert got.keys() == expected.keys()
+        for name in got:
+            for key, value in got[name].items():
+                assert value == pytest.approx(expected[name][key], rel=1e-5, abs=1e-7, nan_ok=True), (family, name, key)

@@ -1,0 +1,252 @@
+"""Fused CPU kernels (numba) for the statistics of large tensors: one pass where torch needs six.
+
+The monitor reduces every element of every step. For a large tensor on the CPU, torch takes
+one pass per statistic (sum, sum of |x|, sum of squares, max |x|, the exponent bins) and a
+single-threaded ``bincount`` that alone costs about a nanosecond a value. These kernels compute
+them all in one pass over each 16 KB block while it sits in L1: the sums vectorized (float32
+within a block, float64 across blocks), then the 512-bin sign/exponent histogram into four
+interleaved sub-histograms, so that runs of equal bins do not wait on one another.
+
+The kernels run on the calling thread. Sharing the work out was measured and dropped: numba's
+parallel layer starts a second OpenMP runtime beside torch's, and numba ends a forked child
+that uses it (the sweeps fork their workers); plain helper threads halve a kernel's time on its
+own but gained nothing inside a training step, where torch's OpenMP workers still spin on the
+other cores after the backward pass.
+
+NaN and Inf propagate as in torch (the fast-math flags allow reassociation, not ignoring
+non-finite values); max |x| is taken on the bits with the sign cleared, which order like |x|
+and put NaN above Inf.
+
+numba is imported only when this module is, on the first CPU tensor that needs it; where
+numba is missing the monitor uses torch ops (``gradflow.stats.Scratch``), with the same results.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from numba import njit
+
+BLOCK = 4096                     # values per block: 16 KB of float32, in L1
+SIGN_EXPONENT_BINS = 512
+PIECE_MAX = 1 << 30              # a piece's uint32 sub-histograms must not overflow
+_REASSOCIATE = {"reassoc", "nsz", "arcp", "contract"}   # vectorize the sums; keep NaN and Inf
+_MAGNITUDE_BITS = np.int32(0x7FFFFFFF)
+_SHIFT = np.uint32(23)
+_ONE = np.uint32(1)
+_SIGN_BIN = 256
+
+
+@njit(nogil=True, boundscheck=False, fastmath=_REASSOCIATE, cache=True)
+def _block_moments(values, bits, centre, threshold):
+    """Sums of x, |x| and x², the count of |x - centre| > threshold, and the largest |x|'s bits."""
+    total = np.float32(0.0)
+    absolute = np.float32(0.0)
+    squares = np.float32(0.0)
+    beyond = 0
+    top = np.int32(0)
+    for i in range(values.size):
+        x = values[i]
+        total += x
+        absolute += abs(x)
+        squares += x * x
+        beyond += abs(x - centre) > threshold
+        top = max(top, bits[i] & _MAGNITUDE_BITS)
+    return total, absolute, squares, beyond, top
+
+
+@njit(nogil=True, boundscheck=False, cache=True)
+def _block_counts(bits, c0, c1, c2, c3):
+    """Count each value's top nine bits (sign, exponent) into one of four uint32 histograms:
+    unsigned bins, positives first (``_add_counts`` puts negatives first)."""
+    quads = bits.size // 4
+    for j in range(quads):
+        c0[bits[4 * j] >> _SHIFT] += _ONE
+        c1[bits[4 * j + 1] >> _SHIFT] += _ONE
+        c2[bits[4 * j + 2] >> _SHIFT] += _ONE
+        c3[bits[4 * j + 3] >> _SHIFT] += _ONE
+    for j in range(4 * quads, bits.size):
+        c0[bits[j] >> _SHIFT] += _ONE
+
+
+@njit(nogil=True, boundscheck=False, cache=True)
+def _add_counts(sub, counts):
+    """Add (4, 512) unsigned-bin histograms to int64 counts in the ``gradflow.stats`` layout
+    (negatives first: bin = exponent, + 256 when the sign bit is clear), which flips bit 8."""
+    for k in range(sub.shape[0]):
+        for j in range(SIGN_EXPONENT_BINS):
+            counts[j ^ _SIGN_BIN] += sub[k, j]
+
+
+@njit(nogil=True, boundscheck=False, cache=True)
+def _fold_piece(values, centre, threshold, counts, result):
+    """Add one piece's histogram to ``counts`` and its statistics to ``result``:
+    [sum x, sum |x|, sum x², bits of the largest |x| (as a float), count beyond]."""
+    bits = values.view(np.int32)
+    unsigned = values.view(np.uint32)
+    sub = np.zeros((4, SIGN_EXPONENT_BINS), np.uint32)
+    top = np.int32(result[3])
+    for start in range(0, values.size, BLOCK):
+        stop = min(values.size, start + BLOCK)
+        t, a, s, b, m = _block_moments(values[start:stop], bits[start:stop], centre, threshold)
+        result[0] += t
+        result[1] += a
+        result[2] += s
+        result[4] += b
+        top = max(top, m)
+        _block_counts(unsigned[start:stop], sub[0], sub[1], sub[2], sub[3])
+    result[3] = top
+    _add_counts(sub, counts)
+
+
+@njit(nogil=True, boundscheck=False, cache=True)
+def _fold_rows(values, lengths, row_slot, row_centre, row_threshold, counts, out):
+    """Rows are consecutive runs of ``values``: out[r] = [sum x, sum |x|, sum x², bits of the
+    largest |x|, count beyond row r's band]; counts[row_slot[r]] gets row r's histogram."""
+    bits = values.view(np.int32)
+    unsigned = values.view(np.uint32)
+    start = 0
+    for r in range(lengths.size):
+        stop = start + lengths[r]
+        histogram = counts[row_slot[r]]
+        top = np.int32(0)
+        for lo in range(start, stop, BLOCK):
+            hi = min(stop, lo + BLOCK)
+            t, a, s, b, m = _block_moments(values[lo:hi], bits[lo:hi], row_centre[r], row_threshold[r])
+            out[r, 0] += t
+            out[r, 1] += a
+            out[r, 2] += s
+            out[r, 4] += b
+            top = max(top, m)
+            for j in range(lo, hi):
+                histogram[(unsigned[j] >> _SHIFT) ^ _SIGN_BIN] += 1
+        out[r, 3] = top
+        start = stop
+
+
+@njit(nogil=True, boundscheck=False, cache=True)
+def _count_units(values, unit, positives):
+    for i in range(values.size):
+        positives[unit[i] if values[i] > 0 else 0] += 1
+
+
+@njit(nogil=True, boundscheck=False, fastmath=_REASSOCIATE, cache=True)
+def _block_weights(values, start):
+    """Sums of |w|, w², (w - start)² and start² over a block."""
+    absolute = np.float32(0.0)
+    squares = np.float32(0.0)
+    moved = np.float32(0.0)
+    before = np.float32(0.0)
+    for i in range(values.size):
+        w = values[i]
+        s = start[i]
+        absolute += abs(w)
+        squares += w * w
+        moved += (w - s) * (w - s)
+        before += s * s
+    return absolute, squares, moved, before
+
+
+@njit(nogil=True, boundscheck=False, cache=True)
+def _fold_weight_items(values, start, item_segment, item_bounds, rows, counts):
+    unsigned = values.view(np.uint32)
+    sub = np.zeros((4, SIGN_EXPONENT_BINS), np.uint32)
+    for i in range(item_segment.size):
+        segment = item_segment[i]
+        sub[:] = 0
+        for lo in range(item_bounds[i], item_bounds[i + 1], BLOCK):
+            hi = min(item_bounds[i + 1], lo + BLOCK)
+            a, s, m, b = _block_weights(values[lo:hi], start[lo:hi])
+            rows[segment, 0] += a
+            rows[segment, 1] += s
+            rows[segment, 2] += m
+            rows[segment, 3] += b
+            _block_counts(unsigned[lo:hi], sub[0], sub[1], sub[2], sub[3])
+        _add_counts(sub, counts[segment])
+
+
+@njit(nogil=True, boundscheck=False, cache=True)
+def _count_positive_rows(values, positives):
+    for row in range(values.shape[0]):
+        for unit in range(values.shape[1]):
+            positives[unit] += values[row, unit] > 0
+
+
+@njit(nogil=True, boundscheck=False, cache=True)
+def _count_positive_blocks(values, positives):
+    for outer in range(values.shape[0]):
+        for unit in range(values.shape[1]):
+            count = 0
+            for x in values[outer, unit]:
+                count += x > 0
+            positives[unit] += count
+
+
+def fold_all(jobs: list[tuple[np.ndarray, np.ndarray, float, float]]) -> np.ndarray:
+    """For each job (values, counts, centre, threshold): add the sign/exponent histogram of the
+    1-D float32 ``values`` to the int64 ``counts`` (512 bins), and return a float64 row
+    [sum x, sum |x|, sum x², max |x|, count of |x - centre| > threshold]."""
+    rows = np.zeros((len(jobs), 5))
+    for row, (values, counts, centre, threshold) in zip(rows, jobs):
+        for lo in range(0, values.size, PIECE_MAX):
+            _fold_piece(values[lo:lo + PIECE_MAX], np.float32(centre), np.float32(threshold), counts, row)
+    rows[:, 3] = rows[:, 3].astype(np.int32).view(np.float32)         # the largest |x|'s bits
+    return rows
+
+
+def fold_rows(values: np.ndarray, lengths: np.ndarray, row_slot: np.ndarray, counts: np.ndarray,
+              bands: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+    """fold_all for many short rows at once: rows are consecutive runs of the 1-D float32
+    ``values`` (``lengths`` long), row r's histogram goes to ``counts[row_slot[r]]`` (int64,
+    (slots, 512)), and ``bands`` gives each row's centre and threshold (float32)."""
+    if bands is None:
+        bands = np.zeros(lengths.size, np.float32), np.full(lengths.size, np.inf, np.float32)
+    out = np.zeros((lengths.size, 5))
+    _fold_rows(values, lengths, row_slot, bands[0], bands[1], counts, out)
+    out[:, 3] = out[:, 3].astype(np.int32).view(np.float32)
+    return out
+
+
+def count_units(values: np.ndarray, unit: np.ndarray, positives: np.ndarray) -> None:
+    """Add one to ``positives[unit[i]]`` for each ``values[i] > 0`` (to ``positives[0]``
+    for the others: the slot of what has no unit)."""
+    _count_units(values, unit, positives)
+
+
+def fold(values: np.ndarray, counts: np.ndarray, *, centre: float = 0.0, threshold: float = np.inf) -> np.ndarray:
+    """fold_all for one array."""
+    return fold_all([(values, counts, centre, threshold)])[0]
+
+
+def count_positive(values: np.ndarray, positives: np.ndarray) -> None:
+    """Add to ``positives[u]`` how many of unit u's values are > 0; ``values`` is a C-contiguous
+    (outer, units, inner) float32 array and ``positives`` float32."""
+    if values.shape[2] == 1:
+        _count_positive_rows(values[:, :, 0], positives)
+    else:
+        _count_positive_blocks(values, positives)
+
+
+ITEM = 1 << 18                    # values per item of fold_weights (each item's histogram is uint32)
+
+
+def weight_items(lengths: list[int]) -> tuple[np.ndarray, np.ndarray]:
+    """Work items for fold_weights over consecutive segments of these lengths: each item's
+    segment, and the items' bounds (item i is values[bounds[i]:bounds[i + 1]])."""
+    segment, bounds, offset = [], [0], 0
+    for index, length in enumerate(lengths):
+        cuts = range(offset + ITEM, offset + length, ITEM)
+        segment += [index] * (len(cuts) + 1)
+        bounds += [*cuts, offset + length]
+        offset += length
+    return np.asarray(segment, dtype=np.int64), np.asarray(bounds, dtype=np.int64)
+
+
+def fold_weights(values: np.ndarray, start: np.ndarray, items: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Per segment of the 1-D float32 ``values`` (laid out by ``weight_items``): float64 rows
+    [sum |w|, sum w², sum (w - start)², sum start²] and int64 sign/exponent counts (512 bins)."""
+    segment, bounds = items
+    segments = int(segment[-1]) + 1 if segment.size else 0
+    rows = np.zeros((segments, 4))
+    counts = np.zeros((segments, SIGN_EXPONENT_BINS), np.int64)
+    _fold_weight_items(values, start, segment, bounds, rows, counts)
+    return rows, counts

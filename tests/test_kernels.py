@@ -1,0 +1,158 @@
+"""The fused CPU kernels (numba) against oracles computed from the values with torch in float64."""
+
+from __future__ import annotations
+
+import multiprocessing
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gradflow import stats as S
+
+K = pytest.importorskip("gradflow.kernels", reason="numba is not installed")
+
+
+def random_values(rng: np.random.Generator, n: int, specials: bool) -> np.ndarray:
+    """float32 values over 30 decades with both signs, some exact zeros (and -0.0) and, if
+    asked, NaN, Inf and subnormals scattered among them."""
+    values = (rng.standard_normal(n) * 10.0 ** rng.uniform(-30, 2, n)).astype(np.float32)
+    values[rng.integers(0, n, n // 10 + 1) if n else []] = 0.0
+    if specials and n:
+        where = rng.integers(0, n, 5)
+        values[where] = np.array([np.nan, np.inf, -np.inf, 1e-40, -0.0], dtype=np.float32)
+    return values
+
+
+def oracle(values: np.ndarray, centre: float = 0.0, threshold: float = np.inf) -> tuple[list[float], np.ndarray]:
+    """[sum x, sum |x|, sum x², max |x|, count beyond] in float64, and the 512-bin histogram."""
+    t = torch.from_numpy(values)
+    d = t.double()
+    largest = d.abs().max().item() if len(values) else 0.0
+    beyond = ((t - centre).abs() > threshold).sum().item()
+    row = [d.sum().item(), d.abs().sum().item(), (d * d).sum().item(), largest, beyond]
+    return row, np.bincount(S.sign_exponent_bins(t).numpy(), minlength=S.SIGN_EXPONENT_BINS)
+
+
+def assert_row(row: np.ndarray, expected: list[float]) -> None:
+    # float32 sums: the signed sum's error scales with sum |x| (cancellation), not with the sum
+    np.testing.assert_allclose(row[0], expected[0], rtol=0, atol=2e-6 * abs(expected[1]) + 1e-30)
+    np.testing.assert_allclose(row[1:3], expected[1:3], rtol=2e-6, atol=1e-30)
+    np.testing.assert_array_equal(row[3:], expected[3:])      # max |x| and the count are exact
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n=st.sampled_from([0, 1, 3, 4, 4095, 4096, 4097, 70_001]),
+       specials=st.booleans(), band=st.sampled_from([None, (0.0, 0.97), (0.5, 0.485)]))
+def test_fold_matches_the_oracle(seed, n, specials, band):
+    values = random_values(np.random.default_rng(seed), n, specials)
+    counts = np.zeros(S.SIGN_EXPONENT_BINS, np.int64)
+    centre, threshold = band or (0.0, np.inf)
+    row = K.fold(values, counts, centre=centre, threshold=threshold)
+    expected, bins = oracle(values, centre, threshold)
+    assert_row(row, expected)
+    np.testing.assert_array_equal(counts, bins)
+
+
+def test_fold_adds_to_the_counts_and_keeps_jobs_apart():
+    rng = np.random.default_rng(0)
+    first, second = random_values(rng, 10_000, True), random_values(rng, 333, False)
+    counts = np.zeros((2, S.SIGN_EXPONENT_BINS), np.int64)
+    counts[1, 7] = 5                                           # what an earlier step counted
+    rows = K.fold_all([(first, counts[0], 0.0, np.inf), (second, counts[1], 0.0, 0.5)])
+    for row, values, band in zip(rows, (first, second), ((0.0, np.inf), (0.0, 0.5))):
+        assert_row(row, oracle(values, *band)[0])
+    np.testing.assert_array_equal(counts[0], oracle(first)[1])
+    expected = oracle(second)[1]
+    expected[7] += 5
+    np.testing.assert_array_equal(counts[1], expected)
+
+
+def test_fold_propagates_nan_like_torch():
+    values = np.array([1.0, np.nan, -np.inf, 2.0], np.float32)
+    row = K.fold(values, np.zeros(S.SIGN_EXPONENT_BINS, np.int64))
+    assert np.isnan(row[:4]).all()
+    row = K.fold(values[2:], np.zeros(S.SIGN_EXPONENT_BINS, np.int64))
+    assert row[0] == -np.inf and row[3] == np.inf
+
+
+@settings(max_examples=30, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), specials=st.booleans())
+def test_fold_rows_matches_the_oracle_row_by_row(seed, specials):
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(0, 50, int(rng.integers(1, 12)))
+    lengths[0] = 9000 if rng.random() < 0.5 else lengths[0]   # sometimes a row of several blocks
+    values = random_values(rng, int(lengths.sum()), specials)
+    row_slot = rng.integers(0, 4, lengths.size)
+    centres = rng.uniform(-1, 1, lengths.size).astype(np.float32)
+    thresholds = rng.uniform(0, 1, lengths.size).astype(np.float32)
+    counts = np.zeros((4, S.SIGN_EXPONENT_BINS), np.int64)
+    rows = K.fold_rows(values, lengths, row_slot, counts, (centres, thresholds))
+    expected_counts, start = np.zeros_like(counts), 0
+    for r, length in enumerate(lengths):
+        expected, bins = oracle(values[start:start + length], float(centres[r]), float(thresholds[r]))
+        assert_row(rows[r], expected)
+        expected_counts[row_slot[r]] += bins
+        start += length
+    np.testing.assert_array_equal(counts, expected_counts)
+
+
+def test_fold_weights_matches_the_oracle_per_segment():
+    rng = np.random.default_rng(3)
+    lengths = [0, 5, K.ITEM * 2 + 17, 1, 3000]                # empty, tiny, several items
+    values = random_values(rng, sum(lengths), False)
+    start = values + rng.standard_normal(values.size).astype(np.float32) * 1e-3
+    rows, counts = K.fold_weights(values, start, K.weight_items(lengths))
+    offset = 0
+    for i, length in enumerate(lengths):
+        w = torch.from_numpy(values[offset:offset + length]).double()
+        s = torch.from_numpy(start[offset:offset + length]).double()
+        expected = [w.abs().sum(), (w * w).sum(), ((w - s) ** 2).sum(), (s * s).sum()]
+        np.testing.assert_allclose(rows[i], [e.item() for e in expected], rtol=2e-6, atol=1e-30)
+        np.testing.assert_array_equal(counts[i], oracle(values[offset:offset + length])[1])
+        offset += length
+
+
+@pytest.mark.parametrize("shape, dim", [((64, 40), 1), ((8, 6, 5, 7), 1), ((3, 9, 12), 2), ((11,), 0)])
+def test_positive_counts_per_unit_match_torch(shape, dim):
+    values = torch.randn(shape)
+    positives = torch.zeros(shape[dim])
+    S.Scratch().count_positive(values, dim, positives)
+    others = tuple(d for d in range(values.dim()) if d != dim)
+    expected = (values > 0).sum(dim=others) if others else (values > 0).float()
+    torch.testing.assert_close(positives, expected.float())
+    unit = torch.randint(1, 4, (values.numel(),))
+    by_unit = np.zeros(4, np.float32)
+    K.count_units(values.reshape(-1).numpy(), unit.numpy(), by_unit)
+    np.testing.assert_array_equal(by_unit, np.bincount((unit * (values.reshape(-1) > 0)).numpy(), minlength=4))
+
+
+@pytest.mark.parametrize("n", [100, 200_000])
+def test_scratch_gives_the_same_rows_fused_and_with_torch_ops(n):
+    values = torch.from_numpy(random_values(np.random.default_rng(n), n, False))
+    rows, counts = [], []
+    for fused in (True, False):
+        counts.append(torch.zeros(S.SIGN_EXPONENT_BINS, dtype=torch.int64))
+        rows.append(S.Scratch(fused=fused).fold([(values, counts[-1], (0.0, 0.5))]).double())
+    torch.testing.assert_close(rows[0], rows[1], rtol=1e-5, atol=0)
+    torch.testing.assert_close(counts[0], counts[1], rtol=0, atol=0)
+
+
+def _fold_in_child(queue) -> None:
+    values = np.arange(100_000, dtype=np.float32)
+    queue.put(float(K.fold(values, np.zeros(S.SIGN_EXPONENT_BINS, np.int64))[0]))
+
+
+def test_a_forked_child_can_use_the_kernels_after_its_parent():
+    """The sweeps fork workers after the parent has monitored: no thread pool may be left
+    behind that a child would wait on."""
+    K.fold(np.ones(100_000, np.float32), np.zeros(S.SIGN_EXPONENT_BINS, np.int64))
+    context = multiprocessing.get_context("fork")
+    queue = context.Queue()
+    child = context.Process(target=_fold_in_child, args=(queue,))
+    child.start()
+    child.join(timeout=60)
+    assert child.exitcode == 0
+    assert queue.get(timeout=5) == float(np.arange(100_000, dtype=np.float64).sum())
