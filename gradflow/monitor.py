@@ -373,7 +373,7 @@ class _ActivationAccumulator:
             return
         key = tuple((index, a.shape) for index, a in small)
         plan = self._plans.get(key) or self._plans.put(key, self._make_plan(small))
-        flat = _flat(torch.cat([a.reshape(-1) for _, a in small]))
+        flat = _flat_copy([a for _, a in small])
         _check_layout(flat, plan.segment)
         self.elements += plan.slot_elements
         kernels = S.fused_kernels() if flat.device.type == "cpu" else None
@@ -675,6 +675,8 @@ class GradientMonitor:
                  "positives": self._activations.positives}
         if self._weights is not None:
             parts["weights"], parts["weight_counts"] = self._weights.summary()
+        if self._gradients.totals.device.type == "cpu":      # copies, not views: the sums are zeroed next
+            return {key: tensor.numpy().astype(np.float64) for key, tensor in parts.items()}
         flat = torch.cat([t.reshape(-1).double() for t in parts.values()]).cpu().numpy()
         out, start = {}, 0
         for key, tensor in parts.items():

@@ -262,20 +262,20 @@ def value_histograms(counts, octaves: int = 24) -> list[Histogram | None]:
     sums = ordered @ _VALUE_CENTRES - band_sum
     squares = ordered @ (_VALUE_CENTRES * _VALUE_CENTRES) - band_squares
     histograms: list[Histogram | None] = []
-    for row in range(len(ordered)):
-        if totals[row] == 0:
+    # Python numbers up front: one tolist per array is cheaper than a numpy scalar per row.
+    rows = zip(ordered, first.tolist(), last.tolist(), floor.tolist(), middle_right.tolist(), middle.tolist(),
+               lefts.tolist(), rights.tolist(), totals.tolist(), sums.tolist(), squares.tolist())
+    for values, a, b, f, right_of_zero, zero_count, left, right, total, total_sum, total_squares in rows:
+        if total == 0:
             histograms.append(None)
             continue
-        a, b, f = int(first[row]), int(last[row]), int(floor[row])
         negative_end, positive_start = min(b, MIDDLE - f) + 1, max(a, MIDDLE + f)
         spans_zero = a <= MIDDLE <= b
-        limits = (_VALUE_LIMITS_LIST[a:negative_end] + ([float(middle_right[row])] if spans_zero else [])
+        limits = (_VALUE_LIMITS_LIST[a:negative_end] + ([right_of_zero] if spans_zero else [])
                   + _VALUE_LIMITS_LIST[positive_start:b + 1])
-        values = ordered[row]
-        bucket = (values[a:negative_end].tolist() + ([float(middle[row])] if spans_zero else [])
+        bucket = (values[a:negative_end].tolist() + ([zero_count] if spans_zero else [])
                   + values[positive_start:b + 1].tolist())
-        histograms.append(Histogram(limits, bucket, float(lefts[row]), float(rights[row]), float(totals[row]),
-                                    float(sums[row]), float(squares[row])))
+        histograms.append(Histogram(limits, bucket, left, right, total, total_sum, total_squares))
     return histograms
 
 
@@ -287,14 +287,14 @@ def log10_abs_histograms(counts) -> list[Histogram | None]:
     first, last, totals = _extent(magnitudes)
     sums, squares = magnitudes @ _LOG10_CENTRES, magnitudes @ (_LOG10_CENTRES * _LOG10_CENTRES)
     histograms: list[Histogram | None] = []
-    for row in range(len(magnitudes)):
-        if totals[row] == 0:
+    rows = zip(magnitudes, first.tolist(), last.tolist(), totals.tolist(), sums.tolist(), squares.tolist())
+    for values, a, last_bucket, total, total_sum, total_squares in rows:
+        if total == 0:
             histograms.append(None)
             continue
-        a, b = int(first[row]), int(last[row]) + 1
-        histograms.append(Histogram(_LOG10_LIMITS_LIST[a:b], magnitudes[row, a:b].tolist(),
-                                    float(LOG10_LIMITS[a] - LOG10_2), float(LOG10_LIMITS[b - 1]),
-                                    float(totals[row]), float(sums[row]), float(squares[row])))
+        b = last_bucket + 1
+        histograms.append(Histogram(_LOG10_LIMITS_LIST[a:b], values[a:b].tolist(), _LOG10_LIMITS_LIST[a] - LOG10_2,
+                                    _LOG10_LIMITS_LIST[b - 1], total, total_sum, total_squares))
     return histograms
 
 
