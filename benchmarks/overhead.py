@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import gc
 import os
 import statistics
 import sys
@@ -148,8 +149,12 @@ def measure(work: Workload, rounds: int, wanted: list[str] | None = None) -> dic
             runs[name] = (model, optimizer, *stack.enter_context(make(model)))
         if "wandb.watch" in runs:                        # wandb keeps one run at a time: time it last
             runs["wandb.watch"] = runs.pop("wandb.watch")
-        for _ in range(rounds + 1):                      # the first round warms up and is dropped
+        for round_ in range(rounds + 1):                 # the first round warms up and is dropped
             times = {name: train(work, *run) for name, run in runs.items()}
+            if round_ == 0:
+                # What set-up and the first calls left (imports, compiled kernels) is collected
+                # now, not by a full collection that some variant's allocations would trigger.
+                gc.collect()
             for name, value in times.items():
                 ratios.setdefault(name, []).append(value / times["bare"])
                 seconds.setdefault(name, []).append(value)

@@ -343,6 +343,7 @@ class _ActivationAccumulator:
         self.pending: list[tuple[int, torch.Tensor]] = []
         self.pending_elements = 0
         self._plans = _BoundedCache()
+        self._slot_rows = _BoundedCache()            # slots of the large outputs reduced together
 
     def hook(self, index: int):
         def on_forward(module, inputs, output):
@@ -444,7 +445,10 @@ class _ActivationAccumulator:
                 self.elements[slot] += flat.numel()
                 self._count_positive(index, member, a[member] if k > 1 else a)
         folded = self._scratch.fold(jobs)
-        rows = torch.tensor(slots, dtype=torch.long, device=self.moments.device)
+        key = tuple(slots)
+        rows = self._slot_rows.get(key)
+        if rows is None:                              # made once: a fresh device tensor per step would sync
+            rows = self._slot_rows.put(key, torch.tensor(slots, device=self.moments.device))
         self.moments.index_add_(0, rows, folded[:, 0::2].to(self.moments.dtype))   # sum, squares, beyond the band
 
     def _count_positive(self, index: int, member: int, sample: torch.Tensor) -> None:

@@ -177,9 +177,10 @@ def test_ddp_statistics_equal_one_process_on_the_full_batch():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_no_host_sync_between_log_calls_on_cuda():
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(4, 64), nn.ReLU(), nn.Linear(64, 1)).cuda()
+    # small and large parameters and outputs (>= 65,536 elements), so every reduction path runs
+    model = nn.Sequential(nn.Linear(4, 512), nn.ReLU(), nn.Linear(512, 256), nn.Tanh(), nn.Linear(256, 1)).cuda()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    x, y = torch.randn(32, 4, device="cuda"), torch.randn(32, 1, device="cuda")
+    x, y = torch.randn(256, 4, device="cuda"), torch.randn(256, 1, device="cuda")
     with GradientMonitor(model) as monitor:
         for warmup in range(2):                      # plans are built (and cached) on first sight
             optimizer.zero_grad()
