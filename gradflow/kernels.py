@@ -147,21 +147,22 @@ def _block_weights(values, start):
 
 
 @njit(nogil=True, boundscheck=False, cache=True)
-def _fold_weight_items(values, start, item_segment, item_bounds, rows, counts):
+def _fold_weight_segments(values, start, lengths, rows, counts):
     unsigned = values.view(np.uint32)
-    sub = np.zeros((4, SIGN_EXPONENT_BINS), np.uint32)
-    for i in range(item_segment.size):
-        segment = item_segment[i]
-        sub[:] = 0
-        for lo in range(item_bounds[i], item_bounds[i + 1], BLOCK):
-            hi = min(item_bounds[i + 1], lo + BLOCK)
+    offset = 0
+    for segment in range(lengths.size):
+        stop = offset + lengths[segment]
+        histogram = counts[segment]
+        for lo in range(offset, stop, BLOCK):
+            hi = min(stop, lo + BLOCK)
             a, s, m, b = _block_weights(values[lo:hi], start[lo:hi])
             rows[segment, 0] += a
             rows[segment, 1] += s
             rows[segment, 2] += m
             rows[segment, 3] += b
-            _block_counts(unsigned[lo:hi], sub[0], sub[1], sub[2], sub[3])
-        _add_counts(sub, counts[segment])
+            for j in range(lo, hi):
+                histogram[(unsigned[j] >> _SHIFT) ^ _SIGN_BIN] += 1
+        offset = stop
 
 
 @njit(nogil=True, boundscheck=False, cache=True)
@@ -226,27 +227,10 @@ def count_positive(values: np.ndarray, positives: np.ndarray) -> None:
         _count_positive_blocks(values, positives)
 
 
-ITEM = 1 << 18                    # values per item of fold_weights (each item's histogram is uint32)
-
-
-def weight_items(lengths: list[int]) -> tuple[np.ndarray, np.ndarray]:
-    """Work items for fold_weights over consecutive segments of these lengths: each item's
-    segment, and the items' bounds (item i is values[bounds[i]:bounds[i + 1]])."""
-    segment, bounds, offset = [], [0], 0
-    for index, length in enumerate(lengths):
-        cuts = range(offset + ITEM, offset + length, ITEM)
-        segment += [index] * (len(cuts) + 1)
-        bounds += [*cuts, offset + length]
-        offset += length
-    return np.asarray(segment, dtype=np.int64), np.asarray(bounds, dtype=np.int64)
-
-
-def fold_weights(values: np.ndarray, start: np.ndarray, items: tuple[np.ndarray, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Per segment of the 1-D float32 ``values`` (laid out by ``weight_items``): float64 rows
+def fold_weights(values: np.ndarray, start: np.ndarray, lengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per consecutive segment of the 1-D float32 ``values`` (``lengths`` long): float64 rows
     [sum |w|, sum w², sum (w - start)², sum start²] and int64 sign/exponent counts (512 bins)."""
-    segment, bounds = items
-    segments = int(segment[-1]) + 1 if segment.size else 0
-    rows = np.zeros((segments, 4))
-    counts = np.zeros((segments, SIGN_EXPONENT_BINS), np.int64)
-    _fold_weight_items(values, start, segment, bounds, rows, counts)
+    rows = np.zeros((lengths.size, 4))
+    counts = np.zeros((lengths.size, SIGN_EXPONENT_BINS), np.int64)
+    _fold_weight_segments(values, start, lengths, rows, counts)
     return rows, counts

@@ -265,7 +265,6 @@ class _WeightTracker:
         self.bin_offset = (self.segment * S.SIGN_EXPONENT_BINS).int()
         self.start = self._flatten()
         self._end: torch.Tensor | None = None    # the weights summary() saw: the next window's start
-        self._items = None                       # the fused CPU kernel's work items, made on first use
 
     @torch.no_grad()
     def _flatten(self) -> torch.Tensor:
@@ -283,9 +282,7 @@ class _WeightTracker:
         flat = self._end = self._flatten()
         kernels = S.fused_kernels() if flat.device.type == "cpu" else None
         if kernels is not None:
-            if self._items is None:
-                self._items = kernels.weight_items(self.sizes)
-            rows, counts = kernels.fold_weights(flat.numpy(), self.start.numpy(), self._items)
+            rows, counts = kernels.fold_weights(flat.numpy(), self.start.numpy(), self.lengths.numpy())
             rows[:, 1:] = np.sqrt(rows[:, 1:])
             return torch.from_numpy(rows), torch.from_numpy(counts)
         moved = flat - self.start

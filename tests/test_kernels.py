@@ -101,10 +101,10 @@ def test_fold_rows_matches_the_oracle_row_by_row(seed, specials):
 
 def test_fold_weights_matches_the_oracle_per_segment():
     rng = np.random.default_rng(3)
-    lengths = [0, 5, K.ITEM * 2 + 17, 1, 3000]                # empty, tiny, several items
-    values = random_values(rng, sum(lengths), False)
+    lengths = np.array([0, 5, 3 * K.BLOCK + 17, 1, 3000])    # empty, tiny, several blocks
+    values = random_values(rng, int(lengths.sum()), False)
     start = values + rng.standard_normal(values.size).astype(np.float32) * 1e-3
-    rows, counts = K.fold_weights(values, start, K.weight_items(lengths))
+    rows, counts = K.fold_weights(values, start, lengths)
     offset = 0
     for i, length in enumerate(lengths):
         w = torch.from_numpy(values[offset:offset + length]).double()
