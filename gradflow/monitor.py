@@ -184,7 +184,7 @@ class _GradientAccumulator:
         batch = self._batches.get(key) or self._batches.put(key, self._make_batch([p for p, _ in pending]))
         flat = torch.cat([copy for _, copy in pending]) if len(pending) > 1 else pending[0][1]
         _check_layout(flat, batch.segment)
-        kernels = S.fused_kernels() if flat.device.type == "cpu" else None
+        kernels = S.fused_kernels(flat.device)
         if kernels is not None:                       # one fused pass instead of a dozen ops
             rows = kernels.fold_rows(flat.numpy(), batch.lengths.numpy(), batch.row_param.numpy(),
                                      self.counts.view(-1, S.SIGN_EXPONENT_BINS).numpy())
@@ -280,7 +280,7 @@ class _WeightTracker:
         (slots, 512) histogram counts. The slots are contiguous segments of the flat weights,
         so each norm is one segment sum (a batched model has hundreds of slots)."""
         flat = self._end = self._flatten()
-        kernels = S.fused_kernels() if flat.device.type == "cpu" else None
+        kernels = S.fused_kernels(flat.device)
         if kernels is not None:
             rows, counts = kernels.fold_weights(flat.numpy(), self.start.numpy(), self.lengths.numpy())
             rows[:, 1:] = np.sqrt(rows[:, 1:])
@@ -374,7 +374,7 @@ class _ActivationAccumulator:
         flat = _flat_copy([a for _, a in small])
         _check_layout(flat, plan.segment)
         self.elements += plan.slot_elements
-        kernels = S.fused_kernels() if flat.device.type == "cpu" else None
+        kernels = S.fused_kernels(flat.device)
         if kernels is not None:                       # one fused pass instead of a dozen ops
             values = flat.numpy()
             rows = kernels.fold_rows(values, plan.lengths.numpy(), plan.row_slot.numpy(),

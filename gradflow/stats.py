@@ -61,19 +61,16 @@ CHUNK = 1 << 20
 
 
 class Scratch:
-    """Reduces large tensors one at a time: moments, extremes and the sign/exponent histogram.
+    """Reduces large tensors: moments, extremes and the sign/exponent histogram of each.
 
     On the CPU, with numba installed, one fused pass does it all (``gradflow.kernels``).
     Elsewhere (CUDA, or no numba) torch ops do it a million values
     at a time through reused buffers: on the CPU a fresh multi-megabyte tensor per call costs
     page faults that take longer than the arithmetic (binning: 0.5 ms against 0.15 ms per
     million values; |g|: 0.43 against 0.08), and chunks keep the buffers at 4 MB each.
-
-    ``fused``: False to always take the torch path (the accelerator path, tested on the CPU).
     """
 
-    def __init__(self, fused: bool = True) -> None:
-        self.fused = fused
+    def __init__(self) -> None:
         self._bins: torch.Tensor | None = None
         self._values: torch.Tensor | None = None
 
@@ -82,7 +79,7 @@ class Scratch:
         ``flat`` into ``counts``, and return a row [sum x, sum |x|, sum x², max |x|, count of
         |x - centre| > threshold] (0 without ``band`` = (centre, threshold)). No host sync on
         a device."""
-        kernels = fused_kernels() if self.fused and jobs[0][0].device.type == "cpu" else None
+        kernels = fused_kernels(jobs[0][0].device)
         if kernels is not None:
             arrays = [(flat.detach().contiguous().numpy(), counts.numpy(), *(band or (0.0, math.inf)))
                       for flat, counts, band in jobs]
@@ -112,7 +109,7 @@ class Scratch:
 
     def count_positive(self, values: torch.Tensor, dim: int, positives: torch.Tensor) -> None:
         """Add to ``positives[u]`` how many of ``values`` are > 0 at index u along ``dim``."""
-        kernels = fused_kernels() if self.fused and values.device.type == "cpu" else None
+        kernels = fused_kernels(values.device)
         if kernels is None or positives.dtype != torch.float32:
             others = tuple(d for d in range(values.dim()) if d != dim)
             positives.add_(((values > 0).sum(dim=others) if others else (values > 0)).to(positives.dtype))
@@ -125,9 +122,12 @@ class Scratch:
 _KERNELS: object = None           # gradflow.kernels once imported; False where numba is missing
 
 
-def fused_kernels():
-    """gradflow.kernels, imported on first use (numba takes a few hundred ms to import), or None."""
+def fused_kernels(device: torch.device | None = None):
+    """gradflow.kernels, imported on first use (numba takes a few hundred ms to import); None
+    where numba is missing or for tensors on ``device`` when that is not the CPU."""
     global _KERNELS
+    if device is not None and device.type != "cpu":
+        return None
     if _KERNELS is None:
         try:
             from gradflow import kernels
