@@ -85,7 +85,7 @@ class EpochScalars:
     """
 
     def __init__(self, writer: Any) -> None:
-        from gradflow.sinks import TensorBoardSink
+        from gradflow.monitor.sinks import TensorBoardSink
 
         self.writer = writer
         self._sink = TensorBoardSink(writer)

@@ -63,7 +63,7 @@ CHUNK = 1 << 20
 class Scratch:
     """Reduces large tensors: moments, extremes and the sign/exponent histogram of each.
 
-    On the CPU, with numba installed, one fused pass does it all (``gradflow.kernels``).
+    On the CPU, with numba installed, one fused pass does it all (``gradflow.monitor.kernels``).
     Elsewhere (CUDA, or no numba) torch ops do it a million values
     at a time through reused buffers: on the CPU a fresh multi-megabyte tensor per call costs
     page faults that take longer than the arithmetic (binning: 0.5 ms against 0.15 ms per
@@ -119,18 +119,18 @@ class Scratch:
         kernels.count_positive(blocks.numpy(), positives.numpy())
 
 
-_KERNELS: object = None           # gradflow.kernels once imported; False where numba is missing
+_KERNELS: object = None           # gradflow.monitor.kernels once imported; False where numba is missing
 
 
 def fused_kernels(device: torch.device | None = None):
-    """gradflow.kernels, imported on first use (numba takes a few hundred ms to import); None
+    """gradflow.monitor.kernels, imported on first use (numba takes a few hundred ms to import); None
     where numba is missing or for tensors on ``device`` when that is not the CPU."""
     global _KERNELS
     if device is not None and device.type != "cpu":
         return None
     if _KERNELS is None:
         try:
-            from gradflow import kernels
+            from gradflow.monitor import kernels
         except ImportError:
             kernels = False
         _KERNELS = kernels

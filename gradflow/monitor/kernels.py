@@ -18,7 +18,7 @@ non-finite values); max |x| is taken on the bits with the sign cleared, which or
 and put NaN above Inf.
 
 numba is imported only when this module is, on the first CPU tensor that needs it; where
-numba is missing the monitor uses torch ops (``gradflow.stats.Scratch``), with the same results.
+numba is missing the monitor uses torch ops (``gradflow.monitor.stats.Scratch``), with the same results.
 """
 
 from __future__ import annotations
@@ -70,7 +70,7 @@ def _block_counts(bits, c0, c1, c2, c3):
 
 @njit(nogil=True, boundscheck=False, cache=True)
 def _add_counts(sub, counts):
-    """Add (4, 512) unsigned-bin histograms to int64 counts in the ``gradflow.stats`` layout
+    """Add (4, 512) unsigned-bin histograms to int64 counts in the ``gradflow.monitor.stats`` layout
     (negatives first: bin = exponent, + 256 when the sign bit is clear), which flips bit 8."""
     for k in range(sub.shape[0]):
         for j in range(SIGN_EXPONENT_BINS):

@@ -10,9 +10,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gradflow import stats as S
+from gradflow.monitor import stats as S
 
-K = pytest.importorskip("gradflow.kernels", reason="numba is not installed")
+K = pytest.importorskip("gradflow.monitor.kernels", reason="numba is not installed")
 
 
 def random_values(rng: np.random.Generator, n: int, specials: bool) -> np.ndarray:

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from gradflow import GradientMonitor, MonitorError
-from gradflow import stats as S
+from gradflow.monitor import stats as S
 from monitor_oracle import GradientOracle, assert_matches_oracle, sign_exponent_bin
 
 

@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gradflow import stats as S
+from gradflow.monitor import stats as S
 
 
 def random_values(rng: np.random.Generator, n: int, span: float, zeros: int, specials: bool) -> torch.Tensor:

@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from gradflow.sinks import Histogram, TensorBoardSink, _masked_crc32c
+from gradflow.monitor.sinks import Histogram, TensorBoardSink, _masked_crc32c
 
 
 @pytest.mark.parametrize("size", [0, 1, 7, 100, 65_537], ids=["empty", "byte", "odd", "small", "large"])

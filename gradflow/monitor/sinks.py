@@ -19,7 +19,7 @@ try:
 except ImportError:  # pragma: no cover - a declared dependency; TensorBoard's slow path still works
     google_crc32c = None
 
-from gradflow.stats import Histogram
+from gradflow.monitor.stats import Histogram
 
 
 class TensorBoardSink:

@@ -1,0 +1,237 @@
+"""Forward hooks on activation modules: moments, saturation, dead units and histograms."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from gradflow.monitor import stats as S
+from gradflow.monitor.tensors import (
+    LARGE_PARAMETER,
+    PENDING_ELEMENTS,
+    _BoundedCache,
+    _check_layout,
+    _flat,
+    _flat_copy,
+    _segment_layout,
+)
+
+SATURATION_LEVEL = 0.97            # |a| > 0.97 for tanh (Glorot & Bengio 2010), scaled per bounds
+
+# Activation modules the monitor taps, and how to read them: a bounded activation is read
+# for saturation; a rectifier is read for dead units (output <= 0 on every input).
+SATURATING = {nn.Tanh: (-1.0, 1.0), nn.Sigmoid: (0.0, 1.0), nn.Hardtanh: None, nn.Softsign: (-1.0, 1.0),
+              nn.Hardsigmoid: (0.0, 1.0)}
+RECTIFIERS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU)
+OTHER_ACTIVATIONS = (nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Softplus, nn.Hardswish)
+
+
+@dataclass
+class _ActivationPlan:
+    """How a run of pending outputs is reduced, for one sequence of (tap, shape).
+
+    The outputs are concatenated flat; each output's members are contiguous rows of it.
+    """
+
+    lengths: torch.Tensor        # each row (one output, one member): its length
+    segment: torch.Tensor        # each element: its row
+    row_slot: torch.Tensor       # each row: its tap slot
+    slot_elements: np.ndarray    # per slot: elements this run adds
+    centre: torch.Tensor | None  # each element: the centre of its tap's range; None if no tap is bounded
+    threshold: torch.Tensor | None  # each element: |a - centre| above this is saturated (inf if unbounded)
+    unit: torch.Tensor           # each element: its unit's slot in ``positives`` (slot 0: none)
+    bin_offset: torch.Tensor     # each element: its slot's offset into the counts (int32)
+    bands: tuple[np.ndarray, np.ndarray]  # each row: centre and threshold (float32), for the fused kernels
+
+
+class _ActivationAccumulator:
+    """Forward hooks on activation modules: moments, saturation, dead units and histograms.
+
+    A hook only keeps a reference to its output (autograd keeps most of them alive anyway);
+    the optimizer step reduces every pending output of every tap at once, because on a small
+    model a dozen small ops per hook would cost more than the training step itself.
+
+    With ``members`` K > 1 an output's leading dimension is the member: slot ``i * K + k`` is
+    member k of tap i, and units are counted per member.
+    """
+
+    def __init__(self, taps: list[tuple[str, nn.Module]], device, members: int = 1) -> None:
+        self.names = [name for name, _ in taps]
+        self.members = members
+        self.bounds = [_bounds(module) for _, module in taps]
+        self.rectifier = [isinstance(module, RECTIFIERS) for _, module in taps]
+        count = len(taps)
+        slots = count * members
+        self.moments = torch.zeros(slots, 3, device=device)   # sum, sum of squares, saturated
+        self.counts = torch.zeros(slots * S.SIGN_EXPONENT_BINS, dtype=torch.int64, device=device)
+        self._scratch = S.Scratch()                  # for the large tensors
+        self.elements = np.zeros(slots, dtype=np.int64)
+        self.units: list[int | None] = [None] * count          # unit count, fixed at first sight
+        self.unit_start: list[int] = [0] * count
+        self.positives = torch.zeros(1, device=device)         # per unit: count of outputs > 0; slot 0: none
+        self.pending: list[tuple[int, torch.Tensor]] = []
+        self.pending_elements = 0
+        self._plans = _BoundedCache()
+        self._slot_rows = _BoundedCache()            # slots of the large outputs reduced together
+
+    def hook(self, index: int):
+        def on_forward(module, inputs, output):
+            if torch.is_grad_enabled() and isinstance(output, torch.Tensor):
+                self.pending.append((index, output.detach()))
+                self.pending_elements += output.numel()
+                if self.pending_elements >= PENDING_ELEMENTS:
+                    self.reduce()
+            return None
+        return on_forward
+
+    def reset(self) -> None:
+        self.pending.clear()
+        self.pending_elements = 0
+        torch._foreach_zero_([self.moments, self.counts, self.positives])
+        self.elements[:] = 0
+
+    @torch.no_grad()
+    def reduce(self) -> None:
+        """Fold every pending output into the window's sums. No host sync."""
+        if not self.pending:
+            return
+        pending, self.pending, self.pending_elements = self.pending, [], 0
+        small = [(index, a) for index, a in pending if a.numel() < LARGE_PARAMETER]
+        if len(small) < len(pending):
+            self._reduce_large([(index, a) for index, a in pending if a.numel() >= LARGE_PARAMETER])
+        if not small:
+            return
+        key = tuple((index, a.shape) for index, a in small)
+        plan = self._plans.get(key) or self._plans.put(key, self._make_plan(small))
+        flat = _flat_copy([a for _, a in small])
+        _check_layout(flat, plan.segment)
+        self.elements += plan.slot_elements
+        kernels = S.fused_kernels(flat.device)
+        if kernels is not None:                       # one fused pass instead of a dozen ops
+            values = flat.numpy()
+            rows = kernels.fold_rows(values, plan.lengths.numpy(), plan.row_slot.numpy(),
+                                     self.counts.view(-1, S.SIGN_EXPONENT_BINS).numpy(), plan.bands)
+            self.moments.index_add_(0, plan.row_slot, torch.from_numpy(rows[:, 0::2]).to(self.moments.dtype))
+            kernels.count_units(values, plan.unit.numpy(), self.positives.numpy())
+            return
+        values = [flat, flat * flat]
+        if plan.centre is not None:
+            values.append(((flat - plan.centre).abs_() > plan.threshold).float())
+        sums = S.segment_sums(values, plan.lengths, plan.segment)
+        self.moments[:, :len(values)].index_add_(0, plan.row_slot, sums.T)
+        S.count_into(self.counts, S.sign_exponent_bins(flat).add_(plan.bin_offset))
+        S.count_into(self.positives, plan.unit * (flat > 0))      # non-positives go to slot 0
+
+    def _make_plan(self, pending) -> _ActivationPlan:
+        device = self.moments.device
+        k = self.members
+        lengths, row_slot, centres, thresholds, units, bands = [], [], [], [], [], []
+        slot_elements = np.zeros_like(self.elements)
+        for index, a in pending:
+            n = a.numel()
+            bounds = self.bounds[index]
+            centre, half = ((bounds[0] + bounds[1]) / 2, (bounds[1] - bounds[0]) / 2) if bounds else (0.0, math.inf)
+            bands += [(centre, SATURATION_LEVEL * half)] * k
+            lengths += [n // k] * k
+            row_slot += range(index * k, index * k + k)
+            slot_elements[index * k:index * k + k] += n // k
+            centres.append(torch.full((n,), centre, device=device))
+            thresholds.append(torch.full((n,), SATURATION_LEVEL * half, device=device))
+            units.append(self._unit_slots(index, a))
+        lengths_t, segment = _segment_layout(lengths, device)
+        slots = torch.tensor(row_slot, device=device)
+        bounded = any(self.bounds[index] is not None for index, _ in pending)
+        return _ActivationPlan(lengths_t, segment, slots, slot_elements,
+                               torch.cat(centres) if bounded else None, torch.cat(thresholds) if bounded else None,
+                               torch.cat(units), (slots[segment] * S.SIGN_EXPONENT_BINS).int(),
+                               tuple(np.array(column, dtype=np.float32) for column in zip(*bands)))
+
+    def _units_of(self, index: int, sample: torch.Tensor) -> int | None:
+        """The unit count of a rectifier tap (fixed at first sight), or None if this output
+        has no units to count (not a rectifier, a scalar, or another unit count)."""
+        if not self.rectifier[index] or sample.dim() == 0:
+            return None
+        dim = _unit_dim(sample)
+        if self.units[index] is None:
+            self.units[index] = sample.shape[dim]
+            self.unit_start[index] = self.positives.numel()
+            self.positives = torch.cat([self.positives, self.positives.new_zeros(self.members * sample.shape[dim])])
+        return self.units[index] if sample.shape[dim] == self.units[index] else None
+
+    def _reduce_large(self, large: list[tuple[int, torch.Tensor]]) -> None:
+        """Large outputs reduced on their own, one job per member of each: dense reductions
+        beat segment sums here."""
+        k = self.members
+        counts = self.counts.view(-1, S.SIGN_EXPONENT_BINS)
+        jobs, slots = [], []
+        for index, a in large:
+            bounds = self.bounds[index]
+            band = ((bounds[0] + bounds[1]) / 2, SATURATION_LEVEL * (bounds[1] - bounds[0]) / 2) if bounds else None
+            for member, flat in enumerate(_flat(a).view(k, -1)):
+                slot = index * k + member
+                jobs.append((flat, counts[slot], band))
+                slots.append(slot)
+                self.elements[slot] += flat.numel()
+                self._count_positive(index, member, a[member] if k > 1 else a)
+        folded = self._scratch.fold(jobs)
+        key = tuple(slots)
+        rows = self._slot_rows.get(key)
+        if rows is None:                              # made once: a fresh device tensor per step would sync
+            rows = self._slot_rows.put(key, torch.tensor(slots, device=self.moments.device))
+        self.moments.index_add_(0, rows, folded[:, 0::2].to(self.moments.dtype))   # sum, squares, beyond the band
+
+    def _count_positive(self, index: int, member: int, sample: torch.Tensor) -> None:
+        units = self._units_of(index, sample)
+        if units is not None:
+            first = self.unit_start[index] + member * units
+            self._scratch.count_positive(sample, _unit_dim(sample), self.positives[first:first + units])
+
+    def _unit_slots(self, index: int, a: torch.Tensor) -> torch.Tensor:
+        """Each element's unit slot in ``positives``; slot 0 collects what has no unit."""
+        device = self.moments.device
+        sample = a[0] if self.members > 1 and a.dim() >= 1 else a       # one member's output
+        units = self._units_of(index, sample)
+        if units is None:
+            return torch.zeros(a.numel(), dtype=torch.long, device=device)
+        dim = _unit_dim(sample)
+        position = torch.arange(a.numel(), device=device)
+        member, within = position // sample.numel(), position % sample.numel()
+        inner = math.prod(sample.shape[dim + 1:])
+        return self.unit_start[index] + member * units + within // inner % units
+
+    def read(self, slot: int, moments: np.ndarray, positives: np.ndarray) -> dict[str, float] | None:
+        """Statistics of one tap (one member of it) for the window, or None if it never fired."""
+        index, member = divmod(slot, self.members)
+        n = self.elements[slot]
+        if n == 0:
+            return None
+        total, squares, saturated = moments
+        mean = total / n
+        row = {"mean": float(mean), "std": float(np.sqrt(max(squares / n - mean * mean, 0.0)))}
+        if self.bounds[index] is not None:
+            row["saturated_fraction"] = float(saturated / n)
+        if self.rectifier[index] and self.units[index]:
+            start = self.unit_start[index] + member * self.units[index]
+            alive = positives[start:start + self.units[index]] > 0
+            row["dead_fraction"] = float(1.0 - alive.mean())
+        return row
+
+
+def _bounds(module: nn.Module) -> tuple[float, float] | None:
+    for kind, bounds in SATURATING.items():
+        if isinstance(module, kind):
+            return bounds if bounds is not None else (float(module.min_val), float(module.max_val))
+    return None
+
+
+def _unit_dim(a: torch.Tensor) -> int:
+    """The feature axis: channels of (N, C, ...) images, the last axis of (N, T, C) sequences."""
+    return a.dim() - 1 if a.dim() in (1, 3) else 1
+
+
+def is_activation(module: nn.Module) -> bool:
+    return isinstance(module, tuple(SATURATING) + RECTIFIERS + OTHER_ACTIVATIONS)

@@ -1,0 +1,65 @@
+"""Flat views of gradients and activations, and the segment layouts the batched reductions take.
+
+Shared by the accumulators: a step's small tensors are concatenated into one flat float32
+tensor; a layout says which segment (parameter, tap, member) each element belongs to.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# A parameter at least this large gets its own reductions; smaller ones are concatenated and
+# reduced together, because on a small model each extra op costs more than its arithmetic.
+LARGE_PARAMETER = 1 << 16
+# Small gradients and activations wait, copied or referenced, until this many elements are
+# pending (or the window closes), then are reduced together: a few ops per window, not per step.
+PENDING_ELEMENTS = 1 << 20
+
+
+class MonitorError(RuntimeError):
+    """Raised when a monitor cannot attach."""
+
+
+def _segment_layout(lengths: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two forms of a concatenation of segments of these lengths that the segment
+    reductions take: each segment's length, and each element's segment."""
+    lengths_t = torch.tensor(lengths, device=device, dtype=torch.long)
+    return lengths_t, torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths_t)
+
+
+def _check_layout(flat: torch.Tensor, segment: torch.Tensor) -> None:
+    """The segment reductions trust their layout (no check that syncs with the device): make
+    sure the values are the ones the layout was made for. A shape test, no host sync."""
+    if flat.numel() != segment.numel():
+        raise MonitorError(f"a monitored tensor changed size ({flat.numel()} elements pending, "
+                           f"{segment.numel()} expected); create a new GradientMonitor after resizing parameters")
+
+
+class _BoundedCache(dict):
+    """Plans keyed by the shapes of a window; shapes that vary (say, sequence lengths) must
+    not grow it without bound."""
+
+    LIMIT = 16
+
+    def put(self, key, value):
+        if len(self) >= self.LIMIT:
+            self.clear()
+        self[key] = value
+        return value
+
+
+def _flat_copy(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """One flat float32 copy of dense tensors: a single C++ call (a third of the cost of a
+    reshape per tensor and a cat, on the tutorial's twelve gradients); sparse ones go the slow way."""
+    try:
+        flat = torch._utils._flatten_dense_tensors(tensors)
+    except RuntimeError:
+        return torch.cat([_flat(t) for t in tensors])
+    return flat if flat.dtype == torch.float32 else flat.float()
+
+
+def _flat(tensor: torch.Tensor) -> torch.Tensor:
+    """A 1-D float32 view (or copy) of a gradient or activation, dense."""
+    if tensor.layout != torch.strided:
+        tensor = tensor.to_dense()
+    return tensor.reshape(-1) if tensor.dtype == torch.float32 else tensor.reshape(-1).float()

@@ -1,0 +1,49 @@
+"""Weight norms, their histograms and how far the weights moved over a window."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from gradflow.monitor import stats as S
+from gradflow.monitor.tensors import _flat, _segment_layout
+
+
+class _WeightTracker:
+    """L1 and L2 norm of each parameter and how far it moved over the window, in one pass."""
+
+    def __init__(self, params: list[torch.Tensor], members: int = 1) -> None:
+        self.params = params
+        self.slots = len(params) * members
+        self.sizes = [p.numel() // members for p in params for _ in range(members)]
+        self.lengths, self.segment = _segment_layout(self.sizes, params[0].device)
+        self.bin_offset = (self.segment * S.SIGN_EXPONENT_BINS).int()
+        self.start = self._flatten()
+        self._end: torch.Tensor | None = None    # the weights summary() saw: the next window's start
+
+    @torch.no_grad()
+    def _flatten(self) -> torch.Tensor:
+        return torch.cat([_flat(p.detach()) for p in self.params])
+
+    def snapshot(self) -> None:
+        self.start = self._end if self._end is not None else self._flatten()
+        self._end = None
+
+    @torch.no_grad()
+    def summary(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(slots, 4) rows of L1 norm, L2 norm, distance moved and L2 norm at the start; and
+        (slots, 512) histogram counts. The slots are contiguous segments of the flat weights,
+        so each norm is one segment sum (a batched model has hundreds of slots)."""
+        flat = self._end = self._flatten()
+        kernels = S.fused_kernels(flat.device)
+        if kernels is not None:
+            rows, counts = kernels.fold_weights(flat.numpy(), self.start.numpy(), self.lengths.numpy())
+            rows[:, 1:] = np.sqrt(rows[:, 1:])
+            return torch.from_numpy(rows), torch.from_numpy(counts)
+        moved = flat - self.start
+        sums = S.segment_sums([flat.abs(), flat * flat, moved * moved, self.start * self.start],
+                              self.lengths, self.segment)
+        rows = torch.cat([sums[:1], sums[1:].sqrt()]).T
+        counts = torch.zeros(self.slots * S.SIGN_EXPONENT_BINS, dtype=torch.int64, device=flat.device)
+        S.count_into(counts, S.sign_exponent_bins(flat).add_(self.bin_offset))
+        return rows, counts.view(self.slots, S.SIGN_EXPONENT_BINS)
