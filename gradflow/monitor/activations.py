@@ -112,7 +112,7 @@ class _ActivationAccumulator:
         self.names = [name for name, _ in taps]
         self.members = members
         self.bounds = [_bounds(module) for _, module in taps]
-        self.rectifier = [isinstance(module, RECTIFIERS) for _, module in taps]
+        self.rectifier = [is_rectifier(module) for _, module in taps]
         count = len(taps)
         slots = count * members
         self.moments = torch.zeros(slots, 3, device=device)   # sum, sum of squares, saturated
@@ -281,5 +281,32 @@ def _unit_dim(a: torch.Tensor) -> int:
     return a.dim() - 1 if a.dim() in (1, 3) else 1
 
 
+# Activation modules of other libraries, known by class name: Hugging Face's GELUActivation,
+# NewGELUActivation, QuickGELUActivation, FastGELUActivation, ClippedGELUActivation, GELUTanh,
+# SiLUActivation, MishActivation, ReLUSquaredActivation, timm's GELUTanh, QuickGELU, Swish ...
+# (transformers/activations.py, timm/layers/activations.py). The name with any "Activation"
+# suffix removed must contain one of these words; "linear" and "identity" are not activations.
+ACTIVATION_WORDS = ("gelu", "silu", "swish", "mish", "relu", "elu", "tanh", "sigmoid", "softplus", "hardswish",
+                    "laplace", "squareplus")
+NOT_ACTIVATIONS = ("linear", "identity")
+
+
 def is_activation(module: nn.Module) -> bool:
-    return isinstance(module, tuple(SATURATING) + RECTIFIERS + OTHER_ACTIVATIONS)
+    """Whether the monitor taps ``module``: torch's activation classes, and parameter-free modules
+    whose class name says they are one (``NewGELUActivation``, ``QuickGELU``, ``Swish``).
+
+    Example:
+        >>> is_activation(nn.Tanh()), is_activation(nn.Linear(2, 2))
+        (True, False)
+    """
+    if isinstance(module, tuple(SATURATING) + RECTIFIERS + OTHER_ACTIVATIONS):
+        return True
+    name = type(module).__name__.lower().removesuffix("activation")
+    if any(word in name for word in NOT_ACTIVATIONS) or next(module.parameters(recurse=False), None) is not None:
+        return False
+    return any(word in name for word in ACTIVATION_WORDS) and not list(module.children())
+
+
+def is_rectifier(module: nn.Module) -> bool:
+    """A ReLU-like activation, read for dead units (torch's classes, or "relu" in the class name)."""
+    return isinstance(module, RECTIFIERS) or "relu" in type(module).__name__.lower()

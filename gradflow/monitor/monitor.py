@@ -38,6 +38,7 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 from gradflow.monitor import interception
 from gradflow.monitor.activations import _ActivationAccumulator, is_activation
 from gradflow.monitor.gradients import _GradientAccumulator, accumulator_dtype
+from gradflow.monitor.order import ForwardOrder
 from gradflow.monitor.steps import OptimizerMasks, closure_of, recording_closure, replace_closure
 from gradflow.monitor.tensors import MonitorError
 from gradflow.monitor.weights import _WeightTracker
@@ -72,7 +73,9 @@ class GradientMonitor:
         histograms: write value and log10 |g| histograms (the counts behind the zero and
             non-finite statistics are kept either way).
         weights: also record weight norms, update ratios and weight histograms.
-        activations: tap activation modules (tanh, ReLU, ...) in training forward passes. Their
+        activations: tap activation modules in training forward passes: True for torch's
+            activation classes and modules named like one (``NewGELUActivation``), or a callable
+            ``(name, module) -> bool`` choosing them (``gradflow.monitor.is_activation`` is the default's test). Their
             outputs are read later in batches, so an output modified in place after the
             activation (rare) is read as modified.
         members: K > 1 for K models trained as one (every parameter and activation stacked on
@@ -101,8 +104,8 @@ class GradientMonitor:
     """
 
     def __init__(self, model: nn.Module, writer=None, *, optimizer: torch.optim.Optimizer | None = None,
-                 histograms: bool = True, weights: bool = True, activations: bool = True,
-                 members: int = 1, automatic: bool = True) -> None:
+                 histograms: bool = True, weights: bool = True, activations=True,
+                 members: int = 1, automatic: bool = True) -> None:  # noqa: PLR0913
         if not isinstance(model, nn.Module):
             raise TypeError(f"GradientMonitor needs an nn.Module, got {type(model).__name__}")
         inner = unwrap(model)
@@ -123,13 +126,14 @@ class GradientMonitor:
         self._model = weakref.ref(inner)
         self._gradients = _GradientAccumulator(params, members)
         self._weights = _WeightTracker(params, members) if weights else None
-        taps = [(n, m) for n, m in inner.named_modules() if is_activation(m)] if activations else []
+        taps = _taps(inner, activations)
         self._activations = _ActivationAccumulator(taps, params[0].device, members)
         self._index_of = {id(p): i for i, p in enumerate(params)}
         self._masks = OptimizerMasks(len(params), lambda: self._index_of)
         self._optimizer = weakref.ref(optimizer) if optimizer is not None else None
         self._handles: list = []
         self._warned: set[str] = set()
+        self._order = ForwardOrder(inner, self.names)
         self._start_window()
         self._attach(inner, taps)
 
@@ -152,6 +156,7 @@ class GradientMonitor:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        self._order.remove()
         interception.unwatch(self)
         # Fold in what is pending (and let go of it): a later log() still reports it.
         self._gradients.reduce()
@@ -177,7 +182,15 @@ class GradientMonitor:
 
     # -- recording ------------------------------------------------------------------------
 
+    @property
+    def forward_order(self) -> list[str]:
+        """Parameter names in the order their modules first ran in a training forward pass
+        (input side first); ``named_parameters()`` order until a forward pass was seen (or
+        under torch.compile, where it is not watched)."""
+        return self._order.names()
+
     def _on_optimizer_step(self, optimizer, args=(), kwargs=None):
+        self._order.remove()                         # one forward pass was enough
         if self._optimizer is not None and optimizer is not self._optimizer():
             return None
         mask = self._mask(optimizer)
@@ -200,6 +213,7 @@ class GradientMonitor:
         call it yourself where your loop's gradient is final if it has no torch.optim optimizer,
         or with ``automatic=False``. ``skipped=True``: the step was not applied (an AMP overflow);
         it is counted as skipped with its non-finite values, not averaged into the statistics."""
+        self._order.remove()
         mask = None if optimizer is None else self._mask(optimizer)
         if optimizer is not None and mask is None:
             self._warn_once("foreign-optimizer", f"record({type(optimizer).__name__}): that optimizer holds none of "
@@ -364,6 +378,18 @@ class GradientMonitor:
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message, stacklevel=3)
+
+
+def _taps(model: nn.Module, activations) -> list[tuple[str, nn.Module]]:
+    """The activation modules to tap: none, gradflow's choice (``is_activation``), or the
+    user's (a callable ``(name, module) -> bool``)."""
+    if activations is True:
+        return [(n, m) for n, m in model.named_modules() if is_activation(m)]
+    if activations is False or activations is None:
+        return []
+    if callable(activations):
+        return [(n, m) for n, m in model.named_modules() if activations(n, m)]
+    raise MonitorError(f"activations must be True, False or a callable (name, module) -> bool, got {activations!r}")
 
 
 def _monitored_parameters(model: nn.Module) -> list[tuple[str, torch.Tensor]]:

@@ -1,0 +1,93 @@
+"""The order in which a model's layers run: parameter names by their module's first forward call.
+
+``named_parameters()`` lists parameters in the order modules were assigned in ``__init__``,
+which need not be the order data flows through them (a head defined before the body, a tied
+embedding listed once). The first training forward pass tells the real order; a forward
+pre-hook on each module that owns parameters notes its first call and then removes itself.
+
+Example:
+    >>> order = ForwardOrder(model, names)      # names: the monitor's parameter names
+    >>> model(x)
+    >>> order.names()                           # input side first
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+
+class ForwardOrder:
+    """Notes each parameter-owning module's first call in a forward pass with grad mode on."""
+
+    def __init__(self, model: nn.Module, names: list[str]) -> None:
+        self._names = names
+        self._calls: dict[str, int] = {}
+        self._handles = []
+        for prefix, module in model.named_modules():
+            if module._parameters:
+                self._handles.append(module.register_forward_pre_hook(_FirstCall(self, prefix)))
+
+    def seen(self, prefix: str) -> None:
+        self._calls.setdefault(prefix, len(self._calls))
+
+    def names(self) -> list[str]:
+        """Parameter names, those whose module ran first first; modules never seen keep their
+        ``named_parameters()`` place after the seen ones."""
+        unseen = len(self._calls)
+        return sorted(self._names, key=lambda name: (self._calls.get(_owner(name), unseen),
+                                                     self._names.index(name)))
+
+    @property
+    def known(self) -> bool:
+        return bool(self._calls)
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+
+def _owner(name: str) -> str:
+    return name.rpartition(".")[0]
+
+
+class _FirstCall:
+    """A forward pre-hook that notes its module's first call (training passes only). In a
+    copy of the model (``deepcopy``, ``torch.save``) it becomes a hook that does nothing."""
+
+    __slots__ = ("order", "prefix", "done")
+
+    def __init__(self, order: ForwardOrder, prefix: str) -> None:
+        self.order = order
+        self.prefix = prefix
+        self.done = False
+
+    def __call__(self, module, inputs):
+        import torch
+
+        if self.done or torch.compiler.is_compiling() or not torch.is_grad_enabled():
+            return None
+        self.done = True
+        self.order.seen(self.prefix)
+        return None
+
+    def __reduce__(self):
+        return _inert, ()
+
+    def __deepcopy__(self, memo):
+        return _inert_pre_hook
+
+    def __copy__(self):
+        return _inert_pre_hook
+
+
+def _inert():
+    return _inert_pre_hook
+
+
+def _inert_pre_hook(module, inputs):
+    """A spent _FirstCall in a copy of the model: removes itself on its first call."""
+    for key, hook in list(module._forward_pre_hooks.items()):
+        if hook is _inert_pre_hook:
+            del module._forward_pre_hooks[key]
+    return None
