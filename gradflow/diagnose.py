@@ -595,7 +595,8 @@ FAMILY_ADVICE = {
                                   "(torch.nn.utils.clip_grad_norm_), and prefer pre-LayerNorm blocks.",
     ("recurrent", "vanishing"): "Gradients shrink through time and down the stack. Use fewer stacked layers (1-2) "
                                 "or residual connections between them, initialize the forget-gate bias to 1 "
-                                "(not negative), and prefer LSTM/GRU over plain RNN cells.",
+                                "(not negative), prefer LSTM/GRU over plain RNN cells, and clip the gradient norm "
+                                "(torch.nn.utils.clip_grad_norm_) so that a larger learning rate stays safe.",
     ("recurrent", "exploding"): "Gradients blow up through time: clip the gradient norm "
                                 "(torch.nn.utils.clip_grad_norm_, max_norm 0.25-5, as in Pascanu et al. 2013) and "
                                 "lower the learning rate.",
