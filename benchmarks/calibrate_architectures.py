@@ -68,7 +68,7 @@ def resnet_lr(seed: int):
 
 def gpt2(seed: int):
     model = zoo.hf_gpt2(vocab=50257, width=128, layers=4, heads=4, context=32, seed=seed)
-    return model, torch.optim.AdamW(model.parameters(), lr=1e-3), _tokens(seed, 50257, batch=8), "lm"
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-3), _tokens(seed, 50257, batch=4), "lm"
 
 
 def nanogpt(seed: int):
@@ -119,7 +119,7 @@ def dead_relu(seed: int):
 
 RUNS: dict[str, Spec] = {
     "resnet": Spec(resnet),
-    "gpt2": Spec(gpt2, steps=40, window=4),
+    "gpt2": Spec(gpt2, steps=30, window=3),
     "nanogpt": Spec(nanogpt),
     "encoder_lm": Spec(encoder_lm),
     "lstm1": Spec(lstm1),
@@ -130,8 +130,9 @@ RUNS: dict[str, Spec] = {
 }
 
 
-def train(spec: Spec, seed: int) -> tuple[list, list[float], list[str] | None]:
-    """Train one run; returns (monitor windows, mean loss per window, forward order if the monitor has one)."""
+def train(spec: Spec, seed: int) -> tuple[list, list[float], list[str] | None, nn.Module]:
+    """Train one run; returns (monitor windows, mean loss per window, forward order if the
+    monitor has one, the model)."""
     model, optimizer, batch, kind = spec.build(seed)
     losses, running = [], []
     with GradientMonitor(model, None, histograms=False) as monitor:
@@ -148,17 +149,17 @@ def train(spec: Spec, seed: int) -> tuple[list, list[float], list[str] | None]:
                 losses.append(sum(running) / len(running))
                 running = []
         order = list(getattr(monitor, "forward_order", None) or []) or None
-        return monitor.history, losses, order
+        return monitor.history, losses, order, model
 
 
 def met(expect: str, verdicts: list[str]) -> bool:
     return verdicts == ["healthy"] if expect == "healthy" else expect in verdicts
 
 
-def judge(windows, losses, order):
+def judge(windows, losses, order, model=None):
     try:
-        return diagnose(windows, losses, order=order)
-    except TypeError:                      # a diagnose without the order argument
+        return diagnose(windows, losses, order=order, model=model)
+    except TypeError:                      # a diagnose without the order and model arguments
         return diagnose(windows, losses)
 
 
@@ -182,14 +183,15 @@ def main() -> None:
             path = (args.reuse or args.keep or Path(".")) / f"{name}-seed{seed}.pkl"
             if args.reuse:
                 with open(path, "rb") as f:
-                    windows, losses, order = pickle.load(f)
+                    windows, losses, order, *model = pickle.load(f)
+                model = model[0] if model else None
             else:
-                windows, losses, order = train(spec, seed)
+                windows, losses, order, model = train(spec, seed)
                 if args.keep:
                     args.keep.mkdir(parents=True, exist_ok=True)
                     with open(path, "wb") as f:
-                        pickle.dump((windows, losses, order), f)
-            diagnosis = judge(windows, losses, order)
+                        pickle.dump((windows, losses, order, model), f)
+            diagnosis = judge(windows, losses, order, model)
             ok = met(spec.expect, diagnosis.verdicts)
             tally.setdefault(name, []).append(ok)
             reasons = diagnosis.line().partition(" (")[2].rstrip(")")

@@ -76,7 +76,7 @@ VERDICTS = ("healthy", "vanishing", "exploding", "saturated", "dead-units", "sta
 
 EARLY_FRACTION = 0.1        # the "early" windows / epochs: this share of the run, at least one
 VANISHING_RATIO = 1 / 50    # weakest hidden layer's ||g||/||w|| / the head's, early windows
-INPUT_END_RATIO = 1 / 5     # ... and the first hidden layer's must be under this share of the head's
+INPUT_END_RATIO = 1 / 7     # ... and the first hidden layer's must be under this share of the head's
 MIN_WINDOWS = 5             # fewer windows than this: "insufficient" instead of "healthy"
 EXPLODING_UPDATE = 0.3      # weights move by more than this share of their norm per step
 GRADIENT_GROWTH = 1000.0    # the largest layer mean |g| this many times the largest early one

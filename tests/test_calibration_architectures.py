@@ -34,8 +34,8 @@ def one_thread():
 def test_architecture_verdicts_over_seeds(name, one_thread):
     spec = calibration.RUNS[name]
     for seed in SEEDS:
-        windows, losses, order = calibration.train(spec, seed)
-        diagnosis = calibration.judge(windows, losses, order)
+        windows, losses, order, model = calibration.train(spec, seed)
+        diagnosis = calibration.judge(windows, losses, order, model)
         print(f"\n{name} seed {seed}: loss {losses[0]:.3g} -> {losses[-1]:.3g}: {diagnosis.line()}")
         if name in LEARNS:
             assert losses[-1] < losses[0] / 2, losses
