@@ -92,8 +92,8 @@ def test_each_verdict_on_synthetic_histories(windows, losses, expected):
 
 def test_vanishing_threshold_is_on_the_weakest_hidden_layer():
     # dense_1 (the input end) under INPUT_END_RATIO of the head, dense_2 the weakest
-    just_above = diagnose(history(sizes=(0.015, VANISHING_RATIO * 1.5 * 0.1, 0.1)))
-    just_below = diagnose(history(sizes=(0.015, VANISHING_RATIO * 0.5 * 0.1, 0.1)))
+    just_above = diagnose(history(sizes=(0.01, VANISHING_RATIO * 1.5 * 0.1, 0.1)))
+    just_below = diagnose(history(sizes=(0.01, VANISHING_RATIO * 0.5 * 0.1, 0.1)))
     assert just_above.verdicts == ["healthy"] and just_below.verdicts == ["vanishing"]
     assert "dense_2 gradient" in just_below.line()
 
