@@ -6,6 +6,7 @@ full vocabulary and tied embeddings, nanoGPT, nn.TransformerEncoder LM, one-laye
 """
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("calibrate_architectures",
                                                ROOT / "benchmarks" / "calibrate_architectures.py")
 calibration = importlib.util.module_from_spec(_spec)
+sys.modules[_spec.name] = calibration          # its dataclass looks its module up there
 _spec.loader.exec_module(calibration)
 
 SEEDS = (0, 1, 2)
