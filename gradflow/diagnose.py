@@ -63,6 +63,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -71,10 +72,12 @@ import numpy as np
 
 from gradflow.recording import GRADIENTS_FILE, layer_of, load_windows
 
-VERDICTS = ("healthy", "vanishing", "exploding", "saturated", "dead-units", "stalled")
+VERDICTS = ("healthy", "vanishing", "exploding", "saturated", "dead-units", "stalled", "insufficient")
 
 EARLY_FRACTION = 0.1        # the "early" windows / epochs: this share of the run, at least one
-VANISHING_RATIO = 1 / 50    # weakest hidden layer's mean |g| / output layer's, early windows
+VANISHING_RATIO = 1 / 50    # weakest hidden layer's ||g||/||w|| / the head's, early windows
+INPUT_END_RATIO = 1 / 7     # ... and the first hidden layer's must be under this share of the head's
+MIN_WINDOWS = 5             # fewer windows than this: "insufficient" instead of "healthy"
 EXPLODING_UPDATE = 0.3      # weights move by more than this share of their norm per step
 GRADIENT_GROWTH = 1000.0    # the largest layer mean |g| this many times the largest early one
 SATURATED_FRACTION = 0.4    # share of a hidden tanh/sigmoid layer's outputs with |a| > 0.97
@@ -122,6 +125,7 @@ class Diagnosis:
         if loss:
             lines.append("loss: first {first:.4g}, after the early part {early:.4g}, best later {best:.4g}, "
                          "at the end {tail:.4g} (median), last {last:.4g}".format(**loss))
+        lines += [f"note: {note}" for note in self.evidence.get("notes", [])]
         lines += ["", "Checks:"]
         for name, check in self.evidence.get("checks", {}).items():
             mark = "yes" if check["fired"] else "no "
@@ -172,10 +176,139 @@ def _update_per_step(windows: Sequence[Any], parameter: str) -> np.ndarray:
     return ratios / steps
 
 
-def measure_layers(windows: Sequence[Any]) -> dict[str, dict[str, float]]:
-    """Per layer, input first: gradient size early / middle / last and its peak after the early
-    part, ratio to the output layer at those points, update ratio per step (median and max),
-    non-finite count, zero fraction in the last window.
+def parameter_kinds(model: Any) -> dict[str, str]:
+    """Parameter name -> ``norm``, ``embedding``, ``recurrent`` or ``other``, from the module that
+    owns it, plus ``@head`` -> the parameter that is the output head's weight when the head is
+    tied to an embedding (a Linear whose weight is an earlier module's, as in GPT-2 and nanoGPT).
+
+    Example:
+        >>> from torch import nn
+        >>> parameter_kinds(nn.Sequential(nn.Embedding(5, 2), nn.LayerNorm(2)))["1.weight"]
+        'norm'
+    """
+    from torch import nn
+
+    first: dict[int, str] = {id(p): n for n, p in model.named_parameters()}
+    kinds: dict[str, str] = {}
+    for module_name, module in model.named_modules():
+        cls = type(module).__name__
+        if isinstance(module, nn.Embedding):
+            kind = "embedding"
+        elif isinstance(module, nn.RNNBase):
+            kind = "recurrent"
+        elif "norm" in cls.lower():
+            kind = "norm"
+        else:
+            kind = "other"
+        for pname, p in module.named_parameters(recurse=False):
+            full = f"{module_name}.{pname}" if module_name else pname
+            owner = first.get(id(p), full)
+            if owner != full and pname == "weight" and kinds.get(owner) == "embedding":
+                kinds["@head"] = owner                # tied: the head is the embedding
+            kinds.setdefault(owner, kind)
+    return kinds
+
+
+_RNN_PARAMETER = re.compile(r"^(weight|bias)_(ih|hh|hr)_l(\d+)(_reverse)?$")
+_EMBEDDING_NAME = re.compile(r"(wte|wpe|embed|embedding|emb)", re.IGNORECASE)
+_NORM_NAME = re.compile(r"(norm|^(bn|ln|gn)(\d|_|$))", re.IGNORECASE)
+_HEAD_NAMES = {"lm_head", "head", "fc", "classifier", "output", "out", "decoder", "score", "proj_out"}
+
+
+def group_of(parameter: str) -> str:
+    """The layer a parameter belongs to: ``layer_of`` except for stacked RNNs, whose
+    ``lstm.weight_ih_l1`` and ``lstm.bias_hh_l1`` are layer ``lstm.l1`` (``_reverse`` kept).
+
+    Example:
+        >>> group_of("encoder.lstm.weight_hh_l2"), group_of("dense_1.weight")
+        ('encoder.lstm.l2', 'dense_1')
+    """
+    module, _, last = parameter.rpartition(".")
+    match = _RNN_PARAMETER.match(last)
+    if match:
+        return f"{module + '.' if module else ''}l{match.group(3)}{match.group(4) or ''}"
+    return layer_of(parameter)
+
+
+def _is_bias(parameter: str) -> bool:
+    last = parameter.rpartition(".")[2]
+    return last == "bias" or last.startswith("bias_") or last.endswith("_bias")
+
+
+def _layer_kind(layer: str, parameters: Sequence[str], kinds: Mapping[str, str] | None) -> str:
+    """``norm``, ``embedding``, ``recurrent`` or ``weight``: from the model when given, else the name."""
+    if kinds:
+        found = {kinds.get(p, "other") for p in parameters}
+        for kind in ("recurrent", "embedding", "norm"):
+            if kind in found:
+                return kind
+        return "weight"
+    last = layer.rpartition(".")[2]
+    if any(_RNN_PARAMETER.match(p.rpartition(".")[2]) for p in parameters):
+        return "recurrent"
+    if _NORM_NAME.search(last):
+        return "norm"
+    if _EMBEDDING_NAME.search(last):
+        return "embedding"
+    return "weight"
+
+
+def _ordered(names: list[str], order: Sequence[str] | None) -> list[str]:
+    """``names`` in forward order where ``order`` knows them, recorded order otherwise."""
+    if not order:
+        return names
+    rank = {name: i for i, name in enumerate(order)}
+    known = sorted((n for n in names if n in rank), key=rank.__getitem__)
+    return known + [n for n in names if n not in rank]
+
+
+def _find_head(layers: Mapping[str, Mapping[str, Any]], kinds: Mapping[str, str] | None) -> str | None:
+    """The output head: the embedding a tied head uses; else the last layer named like a head;
+    else, when the first layer is an embedding and no head-named layer exists, that embedding
+    (a tied head listed once); else the last layer that is not a normalisation."""
+    candidates = [l for l, row in layers.items() if row["kind"] != "norm"] or list(layers)
+    if not candidates:
+        return None
+    if kinds and "@head" in kinds:
+        tied = group_of(kinds["@head"])
+        if tied in layers:
+            return tied
+    named = [l for l in candidates if l.rpartition(".")[2].lower() in _HEAD_NAMES]
+    if named:
+        return named[-1]
+    if not kinds and layers[candidates[0]]["kind"] == "embedding" and len(candidates) > 1:
+        last = candidates[-1].rpartition(".")[2].lower()
+        if not any(word in last for word in ("head", "out", "fc", "classifier", "decoder", "logits")):
+            return candidates[0]
+    return candidates[-1]
+
+
+def _relative_sizes(windows: Sequence[Any], parameters: Sequence[str], embedding: bool) -> np.ndarray:
+    """Per window: ||g|| / ||w|| over ``parameters`` together (each ``norm`` the mean over the
+    window's steps, ``weight_norm`` at its end); for an embedding, on the rows that received
+    gradient: divided by sqrt(1 - zero fraction) (rows of similar norm assumed)."""
+    g2 = sum(_series(windows, p, "norm") ** 2 for p in parameters)
+    w2 = sum(_series(windows, p, "weight_norm") ** 2 for p in parameters)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        size = np.sqrt(g2) / np.sqrt(w2)
+        if embedding:
+            zero = np.mean([_series(windows, p, "zero_fraction") for p in parameters], axis=0)
+            active = np.where(np.isfinite(zero), 1.0 - zero, 1.0)
+            size = np.where(active > 0, size / np.sqrt(np.maximum(active, 1e-12)), math.nan)
+    return np.where(np.isfinite(w2) & (w2 > 0), size, math.nan)
+
+
+def measure_layers(windows: Sequence[Any], order: Sequence[str] | None = None,
+                   kinds: Mapping[str, str] | None = None) -> dict[str, dict[str, Any]]:
+    """Per layer, input first (forward ``order`` of parameter names when known, else recorded
+    order): kind (``weight``, ``norm``, ``embedding``, ``recurrent``), role (``head``, ``hidden``,
+    ``norm``), gradient size early / middle / last and its peak after the early part, ratio to
+    the head at those points, update ratio per step (median and max), non-finite count, zero
+    fraction in the last window.
+
+    The size is scale-free, ||g|| / ||w|| over the layer's weights (biases only when it has no
+    weight), when the windows hold gradient and weight norms; else (``measure``: ``mean_abs``)
+    the mean |g| per element of its weight, as before.
 
     Example:
         >>> from gradflow.monitor import Window
@@ -183,30 +316,53 @@ def measure_layers(windows: Sequence[Any]) -> dict[str, dict[str, float]]:
         >>> measure_layers([w])["a"]["ratio_early"]
         0.01
     """
-    chosen = layer_parameters(windows)
-    if not chosen:
+    names: list[str] = []
+    for window in windows:
+        names += [name for name in window.gradients if name not in names]
+    names = _ordered(names, order)
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(group_of(name), []).append(name)
+    if not groups:
         return {}
+    relative = all(_number(w.gradients[p].get("weight_norm")) == _number(w.gradients[p].get("weight_norm"))
+                   and "norm" in w.gradients[p] for w in windows for p in w.gradients)
     n, early = len(windows), _early(len(windows))
-    sizes = {layer: _series(windows, p, "mean_abs") for layer, p in chosen.items()}
-    output = sizes[list(chosen)[-1]]
+    layers: dict[str, dict[str, Any]] = {}
+    sizes: dict[str, np.ndarray] = {}
+    for layer, parameters in groups.items():
+        weights = [p for p in parameters if not _is_bias(p)] or parameters
+        kind = _layer_kind(layer, parameters, kinds)
+        if relative:
+            sizes[layer] = _relative_sizes(windows, weights, kind == "embedding")
+        else:
+            sizes[layer] = _series(windows, weights[0], "mean_abs")
+        layers[layer] = {"parameter": weights[0], "kind": kind}
+    head = _find_head(layers, kinds)
+    output = sizes[head]
     points = {"early": slice(0, early), "middle": slice(n // 2, n // 2 + 1), "last": slice(n - 1, n)}
-    layers: dict[str, dict[str, float]] = {}
-    for layer, parameter in chosen.items():
-        row: dict[str, float] = {"parameter": parameter}
+    for layer, parameters in groups.items():
+        row = layers[layer]
+        # An embedding is a lookup table, not a layer the gradient flows through, and its ||w||
+        # is whatever its init chose (N(0, 1) in torch, N(0, 0.02) in GPT-2): shown, not judged.
+        row["role"] = "head" if layer == head else (row["kind"] if row["kind"] in ("norm", "embedding") else "hidden")
+        row["measure"] = "relative" if relative else "mean_abs"
         for point, part in points.items():
             size, out = _median(sizes[layer][part]), _median(output[part])
             row[f"gradient_{point}"] = size
             row[f"ratio_{point}"] = size / out if out > 0 else math.nan
         later = sizes[layer][early:]
         row["gradient_peak"] = float(np.nanmax(later)) if np.isfinite(later).any() else math.nan
-        updates = _update_per_step(windows, parameter)
+        weights = [p for p in parameters if not _is_bias(p)] or parameters
+        stack = np.vstack([_update_per_step(windows, p) for p in weights])
+        updates = np.array([max((v for v in column if math.isfinite(v)), default=math.nan) for column in stack.T])
         row["update_ratio"] = _median(updates)
         row["update_ratio_max"] = float(np.nanmax(updates)) if np.isfinite(updates).any() else math.nan
-        counts = [_number(r.get("nonfinite")) for w in windows for p, r in w.gradients.items() if layer_of(p) == layer]
+        counts = [_number(w.gradients.get(p, {}).get("nonfinite")) for w in windows for p in parameters]
         row["nonfinite"] = int(sum(c for c in counts if math.isfinite(c)))
-        last = [_number(row_.get("zero_fraction")) for p, row_ in windows[-1].gradients.items() if layer_of(p) == layer]
+        last = [_number(windows[-1].gradients[p].get("zero_fraction")) for p in parameters
+                if p in windows[-1].gradients]
         row["zero_last"] = min(last) if last else math.nan
-        layers[layer] = row
     return layers
 
 
@@ -284,17 +440,31 @@ def _times(factor: float) -> str:
     return f"{factor:.2g}x" if factor < 10 else f"{factor:,.0f}x"
 
 
-def check_vanishing(layers: Mapping[str, Mapping[str, float]]) -> dict[str, Any]:
-    """The weakest hidden layer's early gradient against the output layer's."""
-    hidden = list(layers)[:-1]
+def check_vanishing(layers: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
+    """The weakest hidden layer's early gradient against the head's, and the input end's.
+
+    Fires when the weakest hidden layer is under VANISHING_RATIO of the head's AND the first
+    hidden layer (the input end) is under INPUT_END_RATIO of it: a gradient that vanishes on
+    its way back is small at the input end, while one weak layer near the output with a strong
+    input end (a ResNet's last conv before ``fc``) is not vanishing. Normalisation layers and
+    the head are not hidden layers.
+    """
+    head = next((l for l, row in layers.items() if row.get("role") == "head"), None)
+    if head is None and layers:
+        head = list(layers)[-1]
+    hidden = [l for l, row in layers.items() if l != head and row.get("role", "hidden") == "hidden"]
     if not hidden:
         return _check(False, "only one layer: nothing to compare with the output layer")
     weakest = min(hidden, key=lambda l: _sortable(layers[l]["ratio_early"]))
     ratio = layers[weakest]["ratio_early"]
     first = layers[hidden[0]]
-    why = (f"{weakest} gradient vs the output layer's, early on: {_relative(ratio)}; first hidden layer: "
-           f"{_relative(first['ratio_early'])} early, {_relative(first['ratio_last'])} last")
-    return _check(math.isfinite(ratio) and ratio < VANISHING_RATIO, why, ratio, VANISHING_RATIO)
+    why = (f"{weakest} gradient vs the output layer's ({head}), early on: {_relative(ratio)}; "
+           f"first hidden layer ({hidden[0]}): {_relative(first['ratio_early'])} early, "
+           f"{_relative(first['ratio_last'])} last")
+    input_end = first["ratio_early"]
+    fired = (math.isfinite(ratio) and ratio < VANISHING_RATIO
+             and not (math.isfinite(input_end) and input_end >= INPUT_END_RATIO))
+    return _check(fired, why, ratio, VANISHING_RATIO)
 
 
 def _sortable(value: float) -> float:
@@ -398,24 +568,66 @@ ADVICE = {
 }
 
 
-def recommend(verdicts: Sequence[str]) -> str:
-    """Plain-words advice for a set of verdicts, most specific first.
+ADVICE["insufficient"] = ("Not enough evidence to call this run healthy: train longer and log more windows "
+                          f"(at least {MIN_WINDOWS}), then diagnose again.")
+
+# Advice by architecture family, replacing the MLP advice for the verdicts where it differs.
+# Sources: residual connections, He et al. 2016 ("Deep Residual Learning"); batch
+# normalisation, Ioffe & Szegedy 2015; He (Kaiming) initialisation, He et al. 2015; pre-LayerNorm
+# and learning-rate warm-up for transformers, Xiong et al. 2020 ("On Layer Normalization in the
+# Transformer Architecture") and Vaswani et al. 2017; scaled init of residual projections,
+# Radford et al. 2019 (GPT-2); gradient clipping for recurrent nets, Pascanu et al. 2013 ("On the
+# difficulty of training recurrent neural networks"); forget-gate bias 1, Jozefowicz et al. 2015;
+# LSTM/GRU over plain RNNs, Hochreiter & Schmidhuber 1997.
+FAMILY_ADVICE = {
+    ("cnn", "vanishing"): "Gradients shrink on their way to the first convolutions. Add batch normalization after "
+                          "each convolution and residual (skip) connections (ResNet basic blocks), use ReLU with "
+                          "He (kaiming_normal_, fan_out) initialization instead of sigmoid/tanh.",
+    ("cnn", "exploding"): "Updates are far too large: lower the learning rate (10x), use a warm-up of a few hundred "
+                          "steps, and clip the gradient norm (torch.nn.utils.clip_grad_norm_); with BatchNorm, "
+                          "weight decay keeps the weight norms, and so the effective step, in check.",
+    ("transformer", "vanishing"): "Gradients shrink on their way to the first blocks. Use pre-LayerNorm blocks "
+                                  "(x + f(LN(x))), keep the residual stream free of other operations, scale the "
+                                  "init of residual projections by 1/sqrt(2 * layers) (GPT-2), and warm up the "
+                                  "learning rate.",
+    ("transformer", "exploding"): "Updates are far too large: lower the learning rate, warm it up linearly over the "
+                                  "first few hundred to thousand steps, clip the gradient norm at 1.0 "
+                                  "(torch.nn.utils.clip_grad_norm_), and prefer pre-LayerNorm blocks.",
+    ("recurrent", "vanishing"): "Gradients shrink through time and down the stack. Use fewer stacked layers (1-2) "
+                                "or residual connections between them, initialize the forget-gate bias to 1 "
+                                "(not negative), prefer LSTM/GRU over plain RNN cells, and clip the gradient norm "
+                                "(torch.nn.utils.clip_grad_norm_) so that a larger learning rate stays safe.",
+    ("recurrent", "exploding"): "Gradients blow up through time: clip the gradient norm "
+                                "(torch.nn.utils.clip_grad_norm_, max_norm 0.25-5, as in Pascanu et al. 2013) and "
+                                "lower the learning rate.",
+}
+
+
+def recommend(verdicts: Sequence[str], family: str = "mlp") -> str:
+    """Plain-words advice for a set of verdicts, most specific first, for an architecture
+    ``family`` (``mlp``, ``cnn``, ``transformer``, ``recurrent``; see FAMILY_ADVICE's sources).
 
     Example:
         >>> recommend(["healthy"]).startswith("Nothing to fix")
         True
+        >>> "clip" in recommend(["exploding"], "recurrent")
+        True
     """
-    return " ".join(ADVICE[v] for v in verdicts) or ADVICE["healthy"]
+    return " ".join(FAMILY_ADVICE.get((family, v), ADVICE[v]) for v in verdicts) or ADVICE["healthy"]
 
 
 # -- entry points ------------------------------------------------------------------------
 
 
-def diagnose(windows: Sequence[Any], losses: Sequence[float] | None = None) -> Diagnosis:
+def diagnose(windows: Sequence[Any], losses: Sequence[float] | None = None, *, model: Any = None,
+             order: Sequence[str] | None = None) -> Diagnosis:
     """The verdict over recorded windows (``monitor.history`` or ``load_windows(run_dir)``).
 
-    ``losses``: the training loss per epoch, if known; without it ``stalled`` can only mean
-    "no gradient left".
+    ``losses``: the training loss per epoch (or per window), if known; without it ``stalled``
+    can only mean "no gradient left". ``model``: the trained module, if at hand: it tells
+    normalisation, embedding and recurrent parameters and a tied head apart (else their names
+    do). ``order``: parameter names in the order their modules first ran forward (the monitor's
+    ``forward_order``), else the recorded order stands for input-to-output.
 
     Example:
         >>> from gradflow.monitor import Window
@@ -426,7 +638,8 @@ def diagnose(windows: Sequence[Any], losses: Sequence[float] | None = None) -> D
     """
     if not windows:
         raise ValueError("diagnose needs at least one recorded window; call monitor.log(step) at least once")
-    layers = measure_layers(windows)
+    kinds = parameter_kinds(model) if model is not None else None
+    layers = measure_layers(windows, order, kinds)
     activations = measure_activations(windows)
     loss = measure_loss(losses) if losses is not None else None
     checks = {
@@ -435,14 +648,66 @@ def diagnose(windows: Sequence[Any], losses: Sequence[float] | None = None) -> D
         "saturated": check_saturated(activations),
         "dead-units": check_dead(activations, layers),
         "stalled": check_stalled(layers, loss),
+        "insufficient": check_insufficient(windows, loss),
     }
-    verdicts = [name for name, check in checks.items() if check["fired"]] or ["healthy"]
+    verdicts = [name for name, check in checks.items() if check["fired"] and name != "insufficient"]
+    if not verdicts:
+        verdicts = ["insufficient"] if checks["insufficient"]["fired"] else ["healthy"]
+    family = architecture_family(layers, model)
     evidence = {"layers": layers, "activations": activations, "loss": loss, "checks": checks,
-                "windows": len(windows)}
-    return Diagnosis(verdicts, evidence, recommend(verdicts))
+                "windows": len(windows), "family": family, "order": "forward" if order else "recorded",
+                "notes": _notes(layers, kinds)}
+    return Diagnosis(verdicts, evidence, recommend(verdicts, family))
 
 
-def diagnose_monitor(monitor: Any, losses: Sequence[float] | None = None, member: int | None = None) -> Diagnosis:
+def check_insufficient(windows: Sequence[Any], loss: Mapping[str, float] | None) -> dict[str, Any]:
+    """Too few windows to call a run healthy: only replaces ``healthy``, never a fired rule."""
+    count = len(windows)
+    if count < MIN_WINDOWS:
+        return _check(True, f"only {count} window(s): log at least {MIN_WINDOWS} windows (for example one per "
+                            f"epoch over {MIN_WINDOWS}+ epochs, or every N steps) to judge the trend", count,
+                      MIN_WINDOWS)
+    return _check(False, f"{count} windows (at least {MIN_WINDOWS} needed)", count, MIN_WINDOWS)
+
+
+def architecture_family(layers: Mapping[str, Mapping[str, Any]], model: Any = None) -> str:
+    """``recurrent``, ``transformer``, ``cnn`` or ``mlp``, from the model's modules when given,
+    else from layer kinds and names.
+
+    Example:
+        >>> architecture_family({"lstm.l0": {"kind": "recurrent"}, "head": {"kind": "weight"}})
+        'recurrent'
+    """
+    names = " ".join(layers).lower()
+    if model is not None:
+        types = " ".join(type(m).__name__.lower() for m in model.modules())
+        names += " " + types
+    if any(row.get("kind") == "recurrent" for row in layers.values()) or any(
+            word in names for word in ("lstm", "gru", "rnn")):
+        return "recurrent"
+    if any(word in names for word in ("attn", "attention", "transformer")):
+        return "transformer"
+    if "conv" in names:
+        return "cnn"
+    return "mlp"
+
+
+def _notes(layers: Mapping[str, Mapping[str, Any]], kinds: Mapping[str, str] | None) -> list[str]:
+    notes = []
+    if any(row.get("kind") == "embedding" for row in layers.values()):
+        notes.append("embeddings measured on the rows that received gradient (||g|| / ||w|| divided by "
+                     "sqrt(1 - zero fraction of the gradient), rows of similar norm assumed) and shown, not "
+                     "judged, unless tied to the head: their ||w|| is set by their init, not by training")
+    if any(row.get("kind") == "recurrent" for row in layers.values()):
+        notes.append("recurrent layers per stacked layer (l0, l1, ...); per gate needs gate slices the "
+                     "monitor does not record")
+    if any(row.get("kind") == "norm" for row in layers.values()):
+        notes.append("normalisation layers shown, not judged" + ("" if kinds else " (told apart by name)"))
+    return notes
+
+
+def diagnose_monitor(monitor: Any, losses: Sequence[float] | None = None, member: int | None = None,
+                     model: Any = None) -> Diagnosis:
     """The verdict over a live ``GradientMonitor``'s recorded history; for a batched monitor
     (``members`` > 1), the verdict of member ``member``.
 
@@ -457,7 +722,8 @@ def diagnose_monitor(monitor: Any, losses: Sequence[float] | None = None, member
         raise ValueError(f"this monitor records {len(members)} members; pass member=k (0..{members[-1]})")
     if member is not None:
         windows = [w for w in windows if getattr(w, "member", None) == member]
-    return diagnose(windows, losses)
+    order = getattr(monitor, "forward_order", None) or None
+    return diagnose(windows, losses, model=model, order=list(order) if order else None)
 
 
 def read_losses(run_dir: str | Path) -> list[float] | None:
@@ -531,10 +797,12 @@ def write_to_tensorboard(diagnosis: Diagnosis, writer: Any, step: int) -> None:
 def _layer_table(layers: Mapping[str, Mapping[str, float]]) -> list[str]:
     if not layers:
         return []
-    lines = [f"{'layer':<14}{'mean|g| early':>14}{'/output early':>14}{'middle':>9}{'last':>9}"
+    size = "|g|/|w| early" if next(iter(layers.values())).get("measure") == "relative" else "mean|g| early"
+    width = max(14, max(len(layer) for layer in layers) + 2)
+    lines = [f"{'layer':<{width}}{'role':<10}{size:>14}{'/head early':>14}{'middle':>9}{'last':>9}"
              f"{'update/step':>13}{'nonfinite':>11}"]
     for layer, row in layers.items():
-        lines.append(f"{layer:<14}{_fmt(row['gradient_early']):>14}{_fmt(row['ratio_early']):>14}"
+        lines.append(f"{layer:<{width}}{row.get('role', ''):<10}{_fmt(row['gradient_early']):>14}{_fmt(row['ratio_early']):>14}"
                      f"{_fmt(row['ratio_middle']):>9}{_fmt(row['ratio_last']):>9}"
                      f"{_fmt(row['update_ratio']):>13}{row['nonfinite']:>11}")
     return lines + [""]

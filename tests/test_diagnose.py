@@ -13,6 +13,7 @@ from gradflow import GradientMonitor
 from gradflow.diagnose import (
     DEAD_FRACTION,
     EXPLODING_UPDATE,
+    MIN_WINDOWS,
     SATURATED_FRACTION,
     VANISHING_RATIO,
     VERDICTS,
@@ -21,6 +22,7 @@ from gradflow.diagnose import (
     diagnose_monitor,
     diagnose_run,
     measure_activations,
+    parameter_kinds,
     recommend,
     scalars,
     write_to_tensorboard,
@@ -89,8 +91,9 @@ def test_each_verdict_on_synthetic_histories(windows, losses, expected):
 
 
 def test_vanishing_threshold_is_on_the_weakest_hidden_layer():
-    just_above = diagnose(history(sizes=(0.1, VANISHING_RATIO * 1.5 * 0.1, 0.1)))
-    just_below = diagnose(history(sizes=(0.1, VANISHING_RATIO * 0.5 * 0.1, 0.1)))
+    # dense_1 (the input end) under INPUT_END_RATIO of the head, dense_2 the weakest
+    just_above = diagnose(history(sizes=(0.01, VANISHING_RATIO * 1.5 * 0.1, 0.1)))
+    just_below = diagnose(history(sizes=(0.01, VANISHING_RATIO * 0.5 * 0.1, 0.1)))
     assert just_above.verdicts == ["healthy"] and just_below.verdicts == ["vanishing"]
     assert "dense_2 gradient" in just_below.line()
 
@@ -274,3 +277,93 @@ def test_real_short_runs(tmp_path, config, overrides, present, absent):
     assert present <= set(diagnosis.verdicts), diagnosis.report()
     assert not absent & set(diagnosis.verdicts), diagnosis.report()
     json.dumps(diagnosis.to_dict(), allow_nan=False)
+
+
+# -- architectures: like with like, the real head, stacked RNNs, too little evidence -------------
+
+
+def _windows(rows, count=10):
+    """``count`` windows of per-parameter (grad norm, weight norm, zero fraction) rows."""
+    return [Window(i, 4, gradients={name: {"mean_abs": g, "norm": g, "weight_norm": w, "zero_fraction": z,
+                                           "nonfinite": 0, "weight_update_ratio": 4e-3, "steps": 4}
+                                    for name, (g, w, z) in rows.items()}) for i in range(count)]
+
+
+def test_layers_compare_gradient_relative_to_weight():
+    # per element the conv gradient is 100x smaller, relative to its weight it is not
+    windows = _windows({"conv.weight": (1.0, 10.0, 0.0), "fc.weight": (0.1, 1.0, 0.0)})
+    layers = diagnose(windows, [1.0 - 0.05 * i for i in range(10)]).evidence["layers"]
+    assert layers["conv"]["ratio_early"] == pytest.approx(1.0)
+    assert layers["fc"]["role"] == "head"
+
+
+def test_norm_layers_and_biases_are_not_evidence():
+    windows = _windows({"conv1.weight": (0.1, 1.0, 0.0), "bn1.weight": (1e-6, 1.0, 0.0),
+                        "conv2.weight": (0.1, 1.0, 0.0), "conv2.bias": (1e-9, 1.0, 0.0), "fc.weight": (0.1, 1.0, 0.0)})
+    diagnosis = diagnose(windows, [1.0 - 0.05 * i for i in range(10)])
+    assert diagnosis.verdicts == ["healthy"], diagnosis.report()
+    assert diagnosis.evidence["layers"]["bn1"]["role"] == "norm"
+    assert diagnosis.evidence["layers"]["conv2"]["ratio_early"] == pytest.approx(1.0)
+
+
+def test_tied_head_is_the_embedding_and_rows_without_gradient_do_not_count():
+    # GPT-2 lists the tied head once, as the embedding; ln_f comes last
+    windows = _windows({"wte.weight": (0.1, 1.0, 0.0), "h.0.attn.weight": (0.1, 1.0, 0.0),
+                        "ln_f.weight": (1e-5, 1.0, 0.0)})
+    layers = diagnose(windows).evidence["layers"]
+    assert layers["wte"]["role"] == "head" and layers["ln_f"]["role"] == "norm"
+    rows = _windows({"embed.weight": (0.01, 1.0, 0.99), "fc.weight": (0.1, 1.0, 0.0), "head.weight": (0.1, 1.0, 0.0)})
+    embed = diagnose(rows).evidence["layers"]["embed"]
+    assert embed["ratio_early"] == pytest.approx(1.0) and embed["role"] == "embedding"
+
+
+def test_tied_head_from_the_model():
+    model = nn.ModuleDict({"emb": nn.Embedding(10, 4), "mix": nn.Linear(4, 4), "norm": nn.LayerNorm(4),
+                           "lm_head": nn.Linear(4, 10, bias=False)})
+    model["lm_head"].weight = model["emb"].weight
+    kinds = parameter_kinds(model)
+    assert kinds["@head"] == "emb.weight" and kinds["norm.weight"] == "norm"
+    windows = _windows({"emb.weight": (0.1, 1.0, 0.0), "mix.weight": (0.1, 1.0, 0.0),
+                        "norm.weight": (1e-6, 1.0, 0.0)})
+    assert diagnose(windows, model=model).evidence["layers"]["emb"]["role"] == "head"
+
+
+def test_forward_order_decides_input_and_output():
+    windows = _windows({"head.weight": (0.1, 1.0, 0.0), "a.weight": (1e-5, 1.0, 0.0), "b.weight": (1e-4, 1.0, 0.0)})
+    diagnosis = diagnose(windows, order=["a.weight", "b.weight", "head.weight"])
+    assert list(diagnosis.evidence["layers"])[0] == "a" and "vanishing" in diagnosis.verdicts
+    assert diagnosis.evidence["order"] == "forward"
+
+
+def test_stacked_lstm_is_judged_per_layer():
+    rows = {"embed.weight": (0.01, 1.0, 0.9)}
+    for k, g in enumerate((1e-5, 1e-4, 1e-3, 0.05)):
+        rows.update({f"lstm.weight_ih_l{k}": (g, 1.0, 0.0), f"lstm.weight_hh_l{k}": (g, 1.0, 0.0),
+                     f"lstm.bias_ih_l{k}": (g, 1.0, 0.0)})
+    rows["head.weight"] = (0.1, 1.0, 0.0)
+    diagnosis = diagnose(_windows(rows), [5.0 - 0.1 * i for i in range(10)])
+    assert [l for l in diagnosis.evidence["layers"] if l.startswith("lstm")] == ["lstm.l0", "lstm.l1", "lstm.l2", "lstm.l3"]
+    assert diagnosis.verdicts == ["vanishing"]
+    assert diagnosis.evidence["family"] == "recurrent" and "clip" in diagnosis.recommendation
+
+
+def test_weak_layer_near_the_output_with_a_strong_input_end_is_not_vanishing():
+    # ResNet-34 in the issue: the last conv 94x smaller than fc, the first conv 4.2x larger
+    windows = _windows({"conv1.weight": (0.42, 1.0, 0.0), "layer4.conv2.weight": (0.1 / 94, 1.0, 0.0),
+                        "fc.weight": (0.1, 1.0, 0.0)})
+    assert diagnose(windows, [2.0 - 0.1 * i for i in range(10)]).verdicts == ["healthy"]
+
+
+@pytest.mark.parametrize("count", [1, MIN_WINDOWS - 1], ids=["one-window", "just-too-few"])
+def test_too_few_windows_are_insufficient_not_healthy(count):
+    diagnosis = diagnose(history(epochs=count), FALLING[:count])
+    assert diagnosis.verdicts == ["insufficient"]
+    assert f"at least {MIN_WINDOWS}" in diagnosis.line() or f"at least {MIN_WINDOWS}" in diagnosis.report()
+    assert diagnose(history(epochs=count, nonfinite=3)).verdicts == ["exploding"]     # a fired rule stands
+
+
+@pytest.mark.parametrize("family, word", [("cnn", "batch normalization"), ("transformer", "warm"),
+                                          ("recurrent", "clip"), ("mlp", "He initialization")],
+                         ids=["cnn", "transformer", "recurrent", "mlp"])
+def test_advice_by_family(family, word):
+    assert word in recommend(["vanishing", "exploding"], family)

@@ -1,0 +1,209 @@
+"""Calibrate gradflow's diagnosis on standard architectures: train each a short time over seeds
+with a GradientMonitor, diagnose, and tabulate the verdicts.
+
+Runs (from the repository root):
+
+    python benchmarks/calibrate_architectures.py                          # every run, 3 seeds
+    python benchmarks/calibrate_architectures.py --runs resnet lstm1 --seeds 1
+    python benchmarks/calibrate_architectures.py --keep /tmp/arch         # keep windows + losses (pickles)
+    python benchmarks/calibrate_architectures.py --reuse /tmp/arch        # re-diagnose kept runs, no training
+
+Prints a Markdown table: run, seed, loss start -> end (means over the first and last window),
+verdict, evidence (the fired checks' reasons), and per run how many seeds met the expectation.
+Models and data come from gradflow.experiments.zoo; every run is CPU-sized (tens of steps).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import pickle
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+from gradflow import GradientMonitor  # noqa: E402
+from gradflow.diagnose import diagnose  # noqa: E402
+from gradflow.experiments import zoo  # noqa: E402
+
+
+@dataclass
+class Spec:
+    """One calibration run: how to build it, how long, and what the verdict should be."""
+
+    build: Callable[[int], tuple[nn.Module, torch.optim.Optimizer, Callable[[int], tuple], str]]
+    steps: int = 60          # optimizer steps
+    window: int = 5          # steps per monitor window
+    expect: str = "healthy"  # "healthy" (exactly) or a verdict that must appear
+
+
+def _images(seed: int, n: int = 512, size: int = 16):
+    x, y = zoo.image_task(n, size=size, seed=seed)
+    return lambda step: (x[(step * 32) % n:(step * 32) % n + 32], y[(step * 32) % n:(step * 32) % n + 32])
+
+
+def _tokens(seed: int, vocab: int, length: int = 32, n: int = 512, batch: int = 16):
+    data = zoo.markov_tokens(n, length, vocab, seed=seed)
+    return lambda step: (data[(step * batch) % n:(step * batch) % n + batch, :-1],
+                         data[(step * batch) % n:(step * batch) % n + batch, 1:])
+
+
+def resnet(seed: int, lr: float = 0.05):
+    torch.manual_seed(seed)
+    model = zoo.resnet_cnn(blocks=4, channels=16)
+    return model, torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9), _images(seed), "class"
+
+
+def resnet_lr(seed: int):
+    return resnet(seed, lr=50.0)
+
+
+def gpt2(seed: int):
+    model = zoo.hf_gpt2(vocab=50257, width=128, layers=4, heads=4, context=32, seed=seed)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-3), _tokens(seed, 50257, batch=4), "lm"
+
+
+def nanogpt(seed: int):
+    torch.manual_seed(seed)
+    model = zoo.nanogpt(vocab=256, width=64, layers=4, heads=4, context=32)
+    return model, torch.optim.AdamW(model.parameters(), lr=3e-3), _tokens(seed, 256), "lm"
+
+
+def encoder_lm(seed: int):
+    torch.manual_seed(seed)
+    model = zoo.transformer_lm(vocab=256, width=64, layers=2, heads=4, context=32)
+    return model, torch.optim.AdamW(model.parameters(), lr=1e-3), _tokens(seed, 256), "lm"
+
+
+def lstm1(seed: int):
+    torch.manual_seed(seed)
+    model = zoo.lstm_lm(vocab=256, width=64, layers=1)
+    return model, torch.optim.Adam(model.parameters(), lr=1e-2), _tokens(seed, 256), "lm"
+
+
+def lstm_deep(seed: int):
+    """Six stacked LSTM layers, forget gates shut (bias -6): the gradient through time and
+    down the stack vanishes; plain SGD as in the pre-clipping literature."""
+    torch.manual_seed(seed)
+    model = zoo.lstm_lm(vocab=256, width=64, layers=6, forget_bias=-6.0)
+    return model, torch.optim.SGD(model.parameters(), lr=1.0), _tokens(seed, 256), "lm"
+
+
+def sigmoid_mlp(seed: int):
+    torch.manual_seed(seed)
+    model = zoo.sigmoid_mlp(depth=10, width=64, inputs=3 * 16 * 16)
+    return model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), _images(seed), "class"
+
+
+def dead_relu(seed: int):
+    """A ReLU MLP whose hidden biases start at -5: every unit is off for every input."""
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = [nn.Flatten()]
+    fan_in = 3 * 16 * 16
+    for _ in range(4):
+        linear = nn.Linear(fan_in, 64)
+        nn.init.constant_(linear.bias, -5.0)
+        layers += [linear, nn.ReLU()]
+        fan_in = 64
+    model = nn.Sequential(*layers, nn.Linear(fan_in, 10))
+    return model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), _images(seed), "class"
+
+
+RUNS: dict[str, Spec] = {
+    "resnet": Spec(resnet),
+    "gpt2": Spec(gpt2, steps=30, window=3),
+    "nanogpt": Spec(nanogpt),
+    "encoder_lm": Spec(encoder_lm),
+    "lstm1": Spec(lstm1),
+    "resnet_lr50": Spec(resnet_lr, expect="exploding"),
+    "sigmoid_mlp": Spec(sigmoid_mlp, expect="vanishing"),
+    "lstm_deep": Spec(lstm_deep, expect="vanishing"),
+    "dead_relu": Spec(dead_relu, expect="dead-units"),
+}
+
+
+def train(spec: Spec, seed: int) -> tuple[list, list[float], list[str] | None, nn.Module]:
+    """Train one run; returns (monitor windows, mean loss per window, forward order if the
+    monitor has one, the model)."""
+    model, optimizer, batch, kind = spec.build(seed)
+    losses, running = [], []
+    with GradientMonitor(model, None, histograms=False) as monitor:
+        for step in range(spec.steps):
+            x, y = batch(step)
+            out = zoo.lm_logits(model, x)
+            loss = F.cross_entropy(out.reshape(-1, out.shape[-1]), y.reshape(-1))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            running.append(loss.item())
+            if (step + 1) % spec.window == 0:
+                monitor.log(step)
+                losses.append(sum(running) / len(running))
+                running = []
+        order = list(getattr(monitor, "forward_order", None) or []) or None
+        return monitor.history, losses, order, model
+
+
+def met(expect: str, verdicts: list[str]) -> bool:
+    return verdicts == ["healthy"] if expect == "healthy" else expect in verdicts
+
+
+def judge(windows, losses, order, model=None):
+    try:
+        return diagnose(windows, losses, order=order, model=model)
+    except TypeError:                      # a diagnose without the order and model arguments
+        return diagnose(windows, losses)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--keep", type=Path, help="pickle each run's windows and losses here")
+    parser.add_argument("--reuse", type=Path, help="diagnose runs pickled earlier; no training")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--report", action="store_true", help="print each run's full report")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print("| run | seed | loss start -> end | verdict | expected | evidence | s |")
+    print("|---|---|---|---|---|---|---|")
+    tally: dict[str, list[bool]] = {}
+    for name in args.runs:
+        spec = RUNS[name]
+        for seed in range(args.seeds):
+            started = time.perf_counter()
+            path = (args.reuse or args.keep or Path(".")) / f"{name}-seed{seed}.pkl"
+            if args.reuse:
+                with open(path, "rb") as f:
+                    windows, losses, order, *model = pickle.load(f)
+                model = model[0] if model else None
+            else:
+                windows, losses, order, model = train(spec, seed)
+                if args.keep:
+                    args.keep.mkdir(parents=True, exist_ok=True)
+                    with open(path, "wb") as f:
+                        pickle.dump((windows, losses, order, model), f)
+            diagnosis = judge(windows, losses, order, model)
+            ok = met(spec.expect, diagnosis.verdicts)
+            tally.setdefault(name, []).append(ok)
+            reasons = diagnosis.line().partition(" (")[2].rstrip(")")
+            print(f"| {name} | {seed} | {losses[0]:.3g} -> {losses[-1]:.3g} | {', '.join(diagnosis.verdicts)} | "
+                  f"{spec.expect}{'' if ok else ' (MISS)'} | {reasons} | {time.perf_counter() - started:.1f} |",
+                  flush=True)
+            if args.report:
+                print(diagnosis.report())
+    print()
+    for name, oks in tally.items():
+        print(f"{name}: {sum(oks)}/{len(oks)} as expected ({RUNS[name].expect})")
+
+
+if __name__ == "__main__":
+    main()
