@@ -644,7 +644,7 @@ def diagnose(windows: Sequence[Any], losses: Sequence[float] | None = None, *, m
     loss = measure_loss(losses) if losses is not None else None
     checks = {
         "vanishing": check_vanishing(layers),
-        "exploding": check_exploding(layers, loss),
+        "exploding": _with_overflow(check_exploding(layers, loss), windows),
         "saturated": check_saturated(activations),
         "dead-units": check_dead(activations, layers),
         "stalled": check_stalled(layers, loss),
@@ -656,7 +656,7 @@ def diagnose(windows: Sequence[Any], losses: Sequence[float] | None = None, *, m
     family = architecture_family(layers, model)
     evidence = {"layers": layers, "activations": activations, "loss": loss, "checks": checks,
                 "windows": len(windows), "family": family, "order": "forward" if order else "recorded",
-                "notes": _notes(layers, kinds)}
+                "notes": _notes(layers, kinds) + _overflow_notes(windows)}
     return Diagnosis(verdicts, evidence, recommend(verdicts, family))
 
 
@@ -690,6 +690,35 @@ def architecture_family(layers: Mapping[str, Mapping[str, Any]], model: Any = No
     if "conv" in names:
         return "cnn"
     return "mlp"
+
+
+OVERFLOW_FRACTION = 0.5     # of the last window's steps skipped by a GradScaler: the gradient keeps overflowing
+
+
+def _skipped(window: Any) -> tuple[int, int]:
+    """(skipped, all) steps of a window: GradScaler skips are kept apart from applied steps."""
+    skipped = int(getattr(window, "overall", {}).get("skipped_steps", 0) or 0)
+    return skipped, int(getattr(window, "steps", 0) or 0) + skipped
+
+
+def _overflow_notes(windows: Sequence[Any]) -> list[str]:
+    skipped = sum(_skipped(w)[0] for w in windows)
+    if not skipped:
+        return []
+    total = sum(_skipped(w)[1] for w in windows)
+    return [f"{skipped} of {total} steps skipped on overflow (GradScaler); a few early on are the scale "
+            "calibrating, not an explosion"]
+
+
+def _with_overflow(check: dict[str, Any], windows: Sequence[Any]) -> dict[str, Any]:
+    """Exploding also when a GradScaler skipped most of the last window's steps: the scale
+    halves at each skip (torch.amp.GradScaler), so overflow that persists is a gradient that
+    overflows at any scale, not calibration."""
+    skipped, total = _skipped(windows[-1])
+    if check["fired"] or not total or skipped / total < OVERFLOW_FRACTION:
+        return check
+    return _check(True, f"{skipped} of {total} steps of the last window skipped on overflow (GradScaler)",
+                  skipped / total, OVERFLOW_FRACTION)
 
 
 def _notes(layers: Mapping[str, Mapping[str, Any]], kinds: Mapping[str, str] | None) -> list[str]:

@@ -367,3 +367,20 @@ def test_too_few_windows_are_insufficient_not_healthy(count):
                          ids=["cnn", "transformer", "recurrent", "mlp"])
 def test_advice_by_family(family, word):
     assert word in recommend(["vanishing", "exploding"], family)
+
+
+def test_steps_skipped_on_overflow_are_evidence():
+    from gradflow.monitor import Window
+
+    def window(step, skipped, steps=10):
+        w = Window(step, steps, gradients={"dense_1.weight": {"mean_abs": 1e-2, "nonfinite": 0},
+                                           "dense_2.weight": {"mean_abs": 1e-2, "nonfinite": 0}})
+        w.overall = {"steps": steps, "skipped_steps": skipped}
+        return w
+
+    calibrating = diagnose([window(0, 3)] + [window(i, 0) for i in range(1, 6)])
+    assert "exploding" not in calibrating.verdicts
+    assert any("3 of 63 steps skipped on overflow" in note for note in calibrating.evidence["notes"])
+    overflowing = diagnose([window(i, 0) for i in range(5)] + [window(5, 8, steps=2)])
+    assert "exploding" in overflowing.verdicts
+    assert "8 of 10 steps of the last window skipped on overflow" in overflowing.evidence["checks"]["exploding"]["why"]
