@@ -119,7 +119,7 @@ class _GradientAccumulator:
         model (no ``no_grad`` context: gradients do not require grad unless the caller asked
         for a double backward, and then the copy is detached).
         """
-        if mask is None:
+        if mask is None or mask == "all":
             grads = [p.grad for p in self.params]
         else:
             grads = [p.grad if wanted else None for p, wanted in zip(self.params, mask)]
@@ -148,7 +148,7 @@ class _GradientAccumulator:
         """Count a step that was not applied (an AMP overflow): per parameter, the step and its
         non-finite values. Rare, so plain ops: one count per parameter."""
         for i, p in enumerate(self.params):
-            if p.grad is None or (mask is not None and not mask[i]):
+            if p.grad is None or (mask not in (None, "all") and not mask[i]):
                 continue
             self.skipped[i] += 1
             grad = p.grad.to_dense() if p.grad.layout != torch.strided else p.grad

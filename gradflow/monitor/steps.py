@@ -26,6 +26,8 @@ from typing import Any, Callable
 
 import torch
 
+ALL = "all"      # OptimizerMasks.mask: the optimizer steps every monitored parameter
+
 
 class OptimizerMasks:
     """Per optimizer: which of the monitor's parameters its ``param_groups`` hold, cached until
@@ -36,8 +38,9 @@ class OptimizerMasks:
         self._index_of = index_of            # called afresh: the monitor may rebind parameters
         self._cache: "weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple]" = weakref.WeakKeyDictionary()
 
-    def mask(self, optimizer: torch.optim.Optimizer) -> tuple[bool, ...] | None:
-        """The optimizer's parameters as a mask over the monitor's, or None if it has none of them."""
+    def mask(self, optimizer: torch.optim.Optimizer) -> tuple[bool, ...] | str | None:
+        """The optimizer's parameters as a mask over the monitor's; ``ALL`` if it holds every one
+        (the common case, which records without a mask), None if it holds none."""
         key = _groups_key(optimizer)
         cached = self._cache.get(optimizer)
         if cached is not None and cached[0] == key:
@@ -54,6 +57,8 @@ class OptimizerMasks:
                 index = index_of.get(id(p))
                 if index is not None:
                     flags[index] = True
+        if all(flags):
+            return ALL
         return tuple(flags) if any(flags) else None
 
     def foreign(self, optimizer: torch.optim.Optimizer) -> bool:
