@@ -123,8 +123,6 @@ def cmd_train_seeds(args: argparse.Namespace) -> int:
     from gradflow.experiments.config import load_config
     from gradflow.experiments.rundir import check_logdir
     from gradflow.experiments.sweeps.grid import parse_seeds
-    from gradflow.experiments.sweeps.results import seeds_report
-    from gradflow.experiments.sweeps.seeds import train_seeds
     from gradflow.experiments.train import check_device
 
     seeds = parse_seeds(args.seeds)
@@ -140,6 +138,9 @@ def cmd_train_seeds(args: argparse.Namespace) -> int:
     if threads < 1:
         raise ConfigError(f"--threads: must be >= 1, got {threads}")
     check_logdir(args.logdir)
+    from gradflow.experiments.sweeps.results import seeds_report  # after the checks: these import matplotlib
+    from gradflow.experiments.sweeps.seeds import train_seeds
+
     outcome = train_seeds(cfg, seeds, args.logdir, device=device, workers=getattr(args, "workers", None),
                           threads=threads, progress=False if args.quiet else None)
     print(seeds_report(outcome.rows))

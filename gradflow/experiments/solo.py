@@ -22,7 +22,6 @@ from gradflow.analysis.diagnose import Diagnosis
 from gradflow.analysis.windows import GRADIENTS_FILE, load_windows
 from gradflow.experiments import rundir
 from gradflow.experiments.config import Config, load_config, to_dict
-from gradflow.experiments.outputs import write_outputs
 from gradflow.experiments.recording import MonitorCallback
 from gradflow.experiments.train import EpochScalars, TrainResult, build_from_config, check_device, fit
 from gradflow.monitor import GradientMonitor
@@ -96,6 +95,8 @@ def train_run(cfg: Config, run_dir: Path, device: torch.device, *, progress: Opt
     """Train ``cfg`` into ``run_dir`` (TensorBoard events, monitor tables, checkpoints), then write
     its outputs. SIGINT/SIGTERM stop it after the epoch, with a checkpoint to resume from."""
     from torch.utils.tensorboard import SummaryWriter
+
+    from gradflow.experiments.outputs import write_outputs  # matplotlib: only once a run trains
 
     # On resume, purge_step makes TensorBoard drop events at or after the first epoch to run that
     # an earlier session wrote after its last checkpoint (a hard kill), so no step is there twice.
