@@ -32,15 +32,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gradflow import GradientMonitor  # noqa: E402
-from gradflow.batched import build_batched, diagnose_verdict, fit_batched, train_members  # noqa: E402
-from gradflow.config import load_config, to_dict  # noqa: E402
-from gradflow.data import load_dataset  # noqa: E402
-from gradflow.models import build_model  # noqa: E402
-from gradflow.plots import plot_accuracy  # noqa: E402
-from gradflow.recording import MonitorCallback  # noqa: E402
-from gradflow.rundir import write_config, write_history, write_summary  # noqa: E402
-from gradflow.sweep import _Local, _train_seeds_in_workers  # noqa: E402
-from gradflow.train import EpochScalars, fit  # noqa: E402
+from gradflow.analysis.windows import load_windows  # noqa: E402
+from gradflow.experiments.batched import build_batched, fit_batched, train_members  # noqa: E402
+from gradflow.experiments.config import load_config, to_dict  # noqa: E402
+from gradflow.experiments.data import load_dataset  # noqa: E402
+from gradflow.experiments.models import build_model  # noqa: E402
+from gradflow.experiments.recording import MonitorCallback  # noqa: E402
+from gradflow.experiments.outputs import write_outputs  # noqa: E402
+from gradflow.experiments.rundir import write_config  # noqa: E402
+from gradflow.experiments.sweeps.executors import LocalExecutor  # noqa: E402
+from gradflow.experiments.sweeps.seeds import train_seeds_in_workers  # noqa: E402
+from gradflow.experiments.train import EpochScalars, fit  # noqa: E402
 
 KERAS_SECONDS = 80.0  # one 500-epoch run of the Keras original on these machines
 CONFIGS = ("configs/shallow_tanh.yaml", "configs/deep_tanh.yaml", "configs/deep_relu.yaml")
@@ -78,10 +80,8 @@ def solo_run(cfg, run_dir: Path) -> float:
         finally:
             recorder.close()
             monitor.remove()
-    write_history(run_dir, result.history)
-    write_summary(run_dir, {"train_accuracy": result.train_accuracy, "test_accuracy": result.test_accuracy})
-    plot_accuracy(result.history, run_dir / "accuracy.png")
-    diagnose_verdict(run_dir)  # the verdict each batched member gets too
+    # What each batched member writes: history, summary, accuracy plot, the verdict from its tables.
+    write_outputs(run_dir, cfg, result, load_windows(run_dir), gradients_plot=False)
     return time.perf_counter() - t0
 
 
@@ -95,7 +95,7 @@ def batched_run(cfg, seeds, root: Path, workers: int = 1) -> float:
     if workers == 1:
         train_members(cfg, seeds, dirs)
     else:
-        _train_seeds_in_workers(cfg, seeds, dirs, "cpu", workers, threads=1)
+        train_seeds_in_workers(cfg, seeds, dirs, "cpu", workers, threads=1)
     return time.perf_counter() - t0
 
 
@@ -108,7 +108,7 @@ def three_configs(epochs: int, seeds: list[int], workers: int, root: Path, histo
             d.mkdir()
         jobs.append((to_dict(cfg), seeds, [str(d) for d in dirs], "cpu"))
     t0 = time.perf_counter()
-    _Local(workers).map(jobs, lambda i, summaries: None)
+    LocalExecutor(workers).map(jobs, lambda i, summaries: None)
     return time.perf_counter() - t0
 
 

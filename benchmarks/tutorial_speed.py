@@ -25,10 +25,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gradflow.config import Config, load_config  # noqa: E402
-from gradflow.data import Dataset, load_dataset  # noqa: E402
-from gradflow.models import build_model  # noqa: E402
-from gradflow.train import fit, make_optimizer  # noqa: E402
+from gradflow.experiments.config import Config, load_config  # noqa: E402
+from gradflow.experiments.data import Dataset, load_dataset  # noqa: E402
+from gradflow.experiments.models import build_model  # noqa: E402
+from gradflow.experiments.optimizers import make_optimizer  # noqa: E402
+from gradflow.experiments.train import fit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -1,6 +1,6 @@
 """gradflow: make gradient flow visible and diagnosable in PyTorch.
 
-Import the pieces you need, e.g. ``from gradflow.config import load_config``.
+Import the pieces you need, e.g. ``from gradflow.experiments.config import load_config``.
 The package import stays light: only the monitor (torch and numpy) is imported here;
 nothing pulls in tensorboard or matplotlib until it is used.
 """

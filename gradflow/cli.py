@@ -17,10 +17,11 @@ SIGTERM after finishing the epoch and writing a checkpoint (``--resume RUN_DIR``
 from __future__ import annotations
 
 import argparse
+import json
 import signal
 import sys
 from pathlib import Path
-from typing import NoReturn, Optional, Sequence
+from typing import Any, NoReturn, Sequence
 
 import torch
 
@@ -60,7 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--logdir", default="runs", help="parent of the run directory (default: runs)")
     train.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"], help="default: auto (cuda if available)")
     train.add_argument("--seed", type=int, default=None, help="sets train.seed")
-    train.add_argument("--seeds", default=None, help="many seeds as one batched run, e.g. 0-9 or 1,4,7 (see gradflow.sweep)")
+    train.add_argument("--seeds", default=None, help="many seeds as one batched run, e.g. 0-9 or 1,4,7 (see gradflow.experiments.sweeps)")
     train.add_argument("--workers", type=int, default=None,
                        help="with --seeds: processes to split the seeds over, each training its share as one "
                             "batched model (default: the CPU count on cpu, 1 on cuda)")
@@ -69,27 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                        help="CPU threads for torch (default 1: the tutorial's models gain nothing from more, "
                             "and idle threads spin against other processes on a busy machine)")
     train.set_defaults(func=cmd_train)
-    from gradflow.sweep import add_sweep_parser
-
-    add_sweep_parser(sub, _Parser)
-    from gradflow.compare import add_commands
-
-    add_commands(sub)  # diagnose RUN_DIR [--json]; compare RUN_A RUN_B ... [--out PATH]
+    add_sweep_parser(sub)
+    add_analysis_commands(sub)  # diagnose RUN_DIR [--json]; compare RUN_A RUN_B ... [--out PATH]
     return parser
-
-
-def check_device(device: str) -> torch.device:
-    """Resolve ``auto``; a CUDA request on a machine without CUDA is a ``ConfigError``.
-
-    Example:
-        >>> check_device("cpu")
-        device(type='cpu')
-    """
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("--device: cuda requested but torch.cuda.is_available() is False; accepted here: auto, cpu")
-    from gradflow.train import resolve_device
-
-    return resolve_device(device)
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -101,174 +84,211 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.workers is not None and args.seeds is None:
         raise ConfigError("--workers: only with --seeds (one run trains in one process)")
     if args.seeds is not None:
-        from gradflow.sweep import cmd_train_seeds
-
         return cmd_train_seeds(args)
-    from gradflow import rundir
+    from gradflow.experiments import solo
+    from gradflow.experiments.train import check_device
 
-    cfg, run_dir, state = _open_run(args)  # every check first; the run directory is the first write
+    if args.threads < 1:
+        raise ConfigError(f"--threads: must be >= 1, got {args.threads}")
+    state = None
+    if args.resume is not None:  # every check first; the run directory is the first write
+        if args.overrides or args.seed is not None:
+            raise ConfigError("--resume: takes no overrides or --seed; the run directory's config.yaml is used")
+        cfg, run_dir, state = solo.reopen_run(args.resume, args.device)
+    else:
+        overrides = list(args.overrides) + ([f"train.seed={args.seed}"] if args.seed is not None else [])
+        cfg, run_dir = solo.open_run(args.config, overrides, args.logdir, args.device)
     device = check_device(args.device)
-
-    from torch.utils.tensorboard import SummaryWriter
-
-    from gradflow.plots import plot_accuracy, plot_gradients
-    from gradflow.train import build_from_config
-
     torch.set_num_threads(args.threads)  # measured: 2 threads on a loaded 2-core box ran 35x slower
-    # On resume, purge_step makes TensorBoard drop events at or after the first epoch to run that
-    # an earlier session wrote after its last checkpoint (a hard kill), so no step is there twice.
-    purge = state["epoch"] + 1 if state is not None else None
-    with SummaryWriter(log_dir=str(run_dir), purge_step=purge) as writer, StopOnSignal() as stop:
-        model, data = build_from_config(cfg)
-        result, windows = fit_monitored(cfg, model.to(device), data, writer, run_dir, device,
-                                        progress=False if args.quiet else None, stop=stop, resume=state)
-        diagnosis = _diagnose(result, windows, writer)
-    rundir.write_history(run_dir, result.history)
-    rundir.write_summary(run_dir, _summary(cfg, result, windows, stop.signal, diagnosis))
-    plot_accuracy(result.history, run_dir / "accuracy.png", title=cfg.name)
-    if windows:
-        plot_gradients(windows, run_dir / "gradients.png", title=cfg.name)
+    run = solo.train_run(cfg, run_dir, device, progress=False if args.quiet else None, resume=state)
+    result = run.result
 
     print(f"Train: {result.train_accuracy:.3f}, Test: {result.test_accuracy:.3f}")
     print(f"Run directory: {run_dir}")
-    if diagnosis is not None:
-        print(diagnosis.line())
+    if run.diagnosis is not None:
+        print(run.diagnosis.line())
     if result.interrupted:
-        print(f"gradflow: interrupted by {stop.signal.name} after epoch {result.stop_epoch}; checkpoint written, "
+        print(f"gradflow: interrupted by {run.stopped_by.name} after epoch {result.stop_epoch}; checkpoint written, "
               f"go on with: gradflow train --resume {run_dir}", file=sys.stderr)
-        return EXIT_SIGNAL[stop.signal]
+        return EXIT_SIGNAL[run.stopped_by]
     if result.stopped_early:
         print(f"gradflow: training stopped: {result.stop_reason} (set train.on_nonfinite=continue to go on)", file=sys.stderr)
         return EXIT_NONFINITE
     return EXIT_OK
 
 
-def _open_run(args: argparse.Namespace):
-    """(config, run directory, checkpoint state or None): a new run, or the one ``--resume`` names.
+def cmd_train_seeds(args: argparse.Namespace) -> int:
+    """``gradflow train CONFIG --seeds 0-9``: the seeds as one batched run, one run directory
+    per seed under a new parent directory, then the statistics over seeds."""
+    from gradflow.experiments.config import load_config
+    from gradflow.experiments.rundir import check_logdir
+    from gradflow.experiments.sweeps.grid import parse_seeds
+    from gradflow.experiments.train import check_device
 
-    Raises ``ConfigError`` before anything is written; a resumed run's tables are cut back to
-    its checkpoint."""
-    from gradflow import rundir
-    from gradflow.config import load_config, to_dict
+    seeds = parse_seeds(args.seeds)
+    if args.seed is not None:
+        raise ConfigError("--seed and --seeds: pass one of them (--seeds 0-9 runs seeds 0 to 9)")
+    if getattr(args, "resume", None) is not None:
+        raise ConfigError("--resume and --seeds: --resume goes on with one run; rerun --seeds, or use gradflow sweep (which resumes)")
+    if args.config is None:
+        raise ConfigError("the following arguments are required: config (gradflow train CONFIG --seeds 0-9)")
+    cfg = load_config(args.config, list(args.overrides))  # validates everything before any write
+    device = str(check_device(args.device))
+    threads = getattr(args, "threads", 1)
+    if threads < 1:
+        raise ConfigError(f"--threads: must be >= 1, got {threads}")
+    check_logdir(args.logdir)
+    from gradflow.experiments.sweeps.results import seeds_report  # after the checks: these import matplotlib
+    from gradflow.experiments.sweeps.seeds import train_seeds
 
-    if args.threads < 1:
-        raise ConfigError(f"--threads: must be >= 1, got {args.threads}")
-    if args.resume is not None:
-        if args.overrides or args.seed is not None:
-            raise ConfigError("--resume: takes no overrides or --seed; the run directory's config.yaml is used")
-        state = rundir.load_checkpoint(args.resume)
-        run_dir = Path(args.resume)
-        cfg = load_config(run_dir / "config.yaml")
-        check_device(args.device)
-        windows = state.get("monitor", {}).get("windows", 0)
-        for table in ("gradients.csv", "activations.csv"):
-            rundir.truncate_table(run_dir / table, windows)
-        return cfg, run_dir, state
-    overrides = list(args.overrides) + ([f"train.seed={args.seed}"] if args.seed is not None else [])
-    cfg = load_config(args.config, overrides)
-    check_device(args.device)
-    rundir.check_logdir(args.logdir)
-    run_dir = rundir.create_run_dir(args.logdir, cfg.name, cfg.train.seed)  # the first write
-    rundir.write_config(run_dir, to_dict(cfg))
-    return cfg, run_dir, None
-
-
-class StopOnSignal:
-    """While active, SIGINT and SIGTERM only ask training to stop (``is_set()``, read once per
-    epoch); a second signal acts as it normally would. ``signal`` says which one came."""
-
-    def __init__(self) -> None:
-        self.signal: Optional[signal.Signals] = None
-        self._previous: dict = {}
-
-    def is_set(self) -> bool:
-        return self.signal is not None
-
-    def _handle(self, signum: int, frame) -> None:
-        self.signal = signal.Signals(signum)
-        for sig, handler in self._previous.items():  # the next one is not caught
-            signal.signal(sig, handler)
-
-    def __enter__(self) -> "StopOnSignal":
-        self._previous = {sig: signal.signal(sig, self._handle) for sig in EXIT_SIGNAL}
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
+    outcome = train_seeds(cfg, seeds, args.logdir, device=device, workers=getattr(args, "workers", None),
+                          threads=threads, progress=False if args.quiet else None)
+    print(seeds_report(outcome.rows))
+    print(f"Run directory: {outcome.directory}")
+    if any(s["stopped_early"] for s in outcome.summaries):
+        print("gradflow: training stopped on a non-finite loss in some seeds (set train.on_nonfinite=continue to go on)",
+              file=sys.stderr)
+        return EXIT_NONFINITE
+    return EXIT_OK
 
 
-def fit_monitored(cfg, model, data, writer, run_dir, device, progress=None, stop=None, resume=None):
-    """``fit`` with the epoch scalars and, when ``cfg.monitor.enabled``, the gradient monitor
-    streaming to ``writer`` and its tables in ``run_dir``. Returns (result, monitor windows).
+SWEEP_DESCRIPTION = """Sweeps: many seeds per point over a grid of config overrides, as one table and one picture.
 
-    The monitor is attached after the model is on its device and removed however fit ends.
-    Checkpoints (atomic) go to ``run_dir`` with the config and the monitor's window count;
-    ``resume`` is a checkpoint to go on from (the monitor's earlier windows are read back from
-    the tables: at an epoch boundary its accumulators are empty).
+Commands (from the repository root):
+
+    gradflow train configs/deep_relu.yaml --seeds 0-9          # 10 seeds, one batched run
+    gradflow train configs/deep_tanh.yaml --seeds 1,4,7 train.epochs=100
+    gradflow sweep configs/sweeps/relu_depth.yaml --workers 2  # resumes where it stopped
+    gradflow sweep configs/sweeps/tanh_depth.yaml --backend ray --address auto
+
+A sweep file names a base config, fixed overrides, a grid and seeds:
+
+    name: relu_depth                 # optional; default: the file's stem
+    base: ../deep_relu.yaml          # a config file (relative to the sweep file) or a mapping
+    overrides: {train.epochs: 500}   # optional, applied to every run
+    grid:                            # dotted config keys -> lists of values (file order)
+      model.depth: [1, 5, 10, 15, 20, 25]
+      model.activation: [tanh, relu]
+    seeds: 0-9                       # "0-9", "1,4,7" or a list of ints
+
+Runs whose configs differ only in the seed train as one batched model (gradflow.experiments.batched);
+different shapes run in parallel processes (``--workers``) or on Ray. The sweep directory
+holds ``results.csv`` (one row per finished run; the record that resume reads),
+``summary.md`` (median and spread per grid point), ``sweep.png`` and ``runs/`` (one run
+directory per run).
+"""
+
+
+def add_sweep_parser(sub: Any) -> None:
+    """The ``gradflow sweep`` subcommand."""
+    sweep = sub.add_parser(
+        "sweep",
+        help="train a grid of configs over many seeds",
+        usage="gradflow sweep SWEEP.yaml [--workers N] [--backend {local,ray}] [--address ADDR] [--out DIR] [--logdir DIR] [--device {auto,cpu,cuda}]",
+        description=SWEEP_DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    sweep.add_argument("sweep", help="sweep file, e.g. configs/sweeps/relu_depth.yaml")
+    sweep.add_argument("--workers", type=int, default=None, help="parallel processes (default: the CPU count)")
+    sweep.add_argument("--backend", default="local", choices=["local", "ray"], help="local processes (default) or Ray")
+    sweep.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
+    sweep.add_argument("--logdir", default="runs", help="the sweep directory is LOGDIR/sweeps/NAME (default: runs)")
+    sweep.add_argument("--out", default=None, help="the sweep directory (overrides --logdir); rerun to resume")
+    sweep.add_argument("--device", default="cpu", choices=["auto", "cpu", "cuda"], help="default: cpu")
+    sweep.set_defaults(func=cmd_sweep)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    """``gradflow sweep``: validate the file and options, then train what is not yet recorded."""
+    from gradflow.experiments.sweeps.executors import check_workers
+    from gradflow.experiments.sweeps.grid import load_sweep
+    from gradflow.experiments.sweeps.results import RESULTS_FILE, summary_table
+    from gradflow.experiments.sweeps.runner import run_sweep
+    from gradflow.experiments.train import check_device
+
+    if getattr(args, "overrides", None):
+        raise ConfigError(f"unrecognized arguments: {' '.join(args.overrides)}; put overrides in the sweep file's overrides:")
+    sweep = load_sweep(args.sweep)
+    workers = check_workers(args.workers)
+    if args.address is not None and args.backend != "ray":
+        raise ConfigError("--address: only with --backend ray")
+    device = str(check_device(args.device))
+    out = Path(args.out) if args.out else Path(args.logdir) / "sweeps" / sweep.name
+    try:
+        outcome = run_sweep(sweep, out, workers=workers, backend=args.backend, address=args.address, device=device)
+    except KeyboardInterrupt:
+        print(f"gradflow: sweep interrupted; finished runs are in {out / RESULTS_FILE}; rerun to resume", file=sys.stderr)
+        return EXIT_SIGNAL[signal.SIGINT]
+    print(summary_table(sweep, outcome.rows))
+    print(f"Sweep directory: {out}")
+    return EXIT_OK
+
+
+def diagnose_command(args: argparse.Namespace) -> int:
+    """``gradflow diagnose RUN_DIR [--json] [--flow PATH] [--epochs N ...]``: print the verdict."""
+    from gradflow.analysis.compare import load_run, plot_gradient_flow
+
+    try:
+        run = load_run(args.run_dir)
+        if getattr(args, "flow", None):
+            plot_gradient_flow(run.windows, args.flow, getattr(args, "epochs", None), title=run.name)
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"gradflow: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    if args.json:
+        print(json.dumps({"run_dir": str(run.path), **run.diagnosis.to_dict()}, indent=2))
+    else:
+        print(run.diagnosis.report())
+    return EXIT_OK
+
+
+def compare_command(args: argparse.Namespace) -> int:
+    """``gradflow compare RUN_A RUN_B ... [--out PATH] [--flow]``: table and figure."""
+    from gradflow.analysis.compare import compare_table, load_run, plot_compare, plot_gradient_flow
+
+    try:
+        runs = [load_run(path) for path in args.run_dirs]
+    except (FileNotFoundError, ValueError) as exc:
+        print(f"gradflow: error: {exc}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(compare_table(runs))
+    out = Path(args.out)
+    plot_compare(runs, out)
+    print(f"Figure: {out}")
+    if getattr(args, "flow", False):
+        for run in runs:
+            flow = out.with_name(f"{out.stem}-flow-{run.name}.png")
+            plot_gradient_flow(run.windows, flow, title=run.name)
+            print(f"Gradient flow: {flow}")
+    return EXIT_OK
+
+
+def add_analysis_commands(subparsers: Any) -> None:
+    """Register ``diagnose`` and ``compare`` on the ``gradflow`` parser's subparsers.
+
+    Example:
+        >>> parser = argparse.ArgumentParser(prog="gradflow")
+        >>> add_analysis_commands(parser.add_subparsers(dest="command"))
+        >>> parser.parse_args(["diagnose", "runs/x", "--json"]).json
+        True
     """
-    from gradflow import GradientMonitor, rundir
-    from gradflow.config import to_dict
-    from gradflow.recording import MonitorCallback, load_windows
-    from gradflow.train import EpochScalars, fit
-
-    callbacks: list = [EpochScalars(writer)]
-    earlier = load_windows(run_dir) if resume is not None and (run_dir / "gradients.csv").exists() else []
-
-    def checkpoint(state: dict, windows: int = 0) -> None:
-        writer.flush()  # events up to this epoch are on disk before the checkpoint says so
-        rundir.save_checkpoint(run_dir, {**state, "config": to_dict(cfg), "monitor": {"windows": windows}})
-
-    run = dict(device=device, progress=progress, stop=stop, resume=resume)
-    if resume is not None:  # before attaching: the monitor's first weight snapshot is the checkpoint's
-        model.load_state_dict(resume["model"])
-    if not cfg.monitor.enabled:
-        return fit(model, data, cfg.optimizer, cfg.train, callbacks=callbacks, checkpoint=checkpoint, **run), []
-    settings = cfg.monitor
-    with GradientMonitor(model, writer, histograms=settings.histograms, weights=settings.weights,
-                         activations=settings.activations) as monitor:
-        recorder = MonitorCallback(monitor, run_dir, settings.window_steps, first_window=len(earlier))
-        try:
-            result = fit(model, data, cfg.optimizer, cfg.train, callbacks=callbacks + [recorder],
-                         checkpoint=lambda state: checkpoint(state, len(earlier) + len(monitor.history)), **run)
-        finally:
-            recorder.close()
-    return result, earlier + monitor.history
-
-
-def _diagnose(result, windows, writer):
-    """The run's verdict (None without monitor windows), also written to TensorBoard."""
-    if not windows:
-        return None
-    from gradflow.diagnose import diagnose, write_to_tensorboard
-
-    diagnosis = diagnose(windows, [row["loss"] for row in result.history])
-    write_to_tensorboard(diagnosis, writer, result.history[-1]["epoch"] if result.history else 0)
-    return diagnosis
-
-
-def _summary(cfg, result, windows=(), stopped_by: Optional[signal.Signals] = None, diagnosis=None) -> dict:
-    nonfinite = [(i, sum(row.get("nonfinite", 0) for row in w.gradients.values())) for i, w in enumerate(windows)]
-    return {
-        "name": cfg.name,
-        "train_accuracy": result.train_accuracy,
-        "test_accuracy": result.test_accuracy,
-        "epochs": result.epochs_run,
-        "seconds": round(result.seconds, 3),
-        "seed": cfg.train.seed,
-        "device": result.device,
-        "stopped_early": result.stopped_early,
-        "stop_epoch": result.stop_epoch,
-        "stop_reason": result.stop_reason,
-        "interrupted": stopped_by.name if result.interrupted else None,
-        # The monitor's count of NaN/inf gradient elements, in all and per window.
-        "nonfinite_gradients": sum(count for _, count in nonfinite),
-        "first_nonfinite_window": next((i for i, count in nonfinite if count), None),
-        "verdict": diagnosis.verdicts if diagnosis is not None else None,
-        "verdict_line": diagnosis.line() if diagnosis is not None else None,
-        "recommendation": diagnosis.recommendation if diagnosis is not None else None,
-        "torch_version": torch.__version__,
-    }
+    diagnose_parser = subparsers.add_parser(
+        "diagnose", help="say whether a run's gradients vanish, explode or die, and why",
+        usage="gradflow diagnose RUN_DIR [--json] [--flow PATH [--epochs N ...]]")
+    diagnose_parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory with gradients.csv")
+    diagnose_parser.add_argument("--json", action="store_true", help="print the diagnosis as JSON")
+    diagnose_parser.add_argument("--flow", metavar="PATH", help="also draw the gradient-flow bar chart here")
+    diagnose_parser.add_argument("--epochs", type=int, nargs="+", metavar="N",
+                                 help="epochs for the bar chart (default: first, middle, last)")
+    diagnose_parser.set_defaults(func=diagnose_command)
+    compare_parser = subparsers.add_parser(
+        "compare", help="compare runs: gradient size and accuracy side by side",
+        usage="gradflow compare RUN_A RUN_B ... [--out PATH] [--flow]")
+    compare_parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories with gradients.csv")
+    compare_parser.add_argument("--out", default="compare.png", help="figure path (default: compare.png)")
+    compare_parser.add_argument("--flow", action="store_true",
+                                help="also draw each run's gradient-flow bar chart next to the figure")
+    compare_parser.set_defaults(func=compare_command)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -7,12 +7,12 @@ from pathlib import Path
 import torch
 
 from gradflow import GradientMonitor
-from gradflow.config import load_config
-from gradflow.data import load_dataset
-from gradflow.models import build_model
-from gradflow.recording import MonitorCallback
-from gradflow.rundir import write_history, write_summary
-from gradflow.train import fit
+from gradflow.experiments.config import load_config
+from gradflow.experiments.data import load_dataset
+from gradflow.experiments.models import build_model
+from gradflow.experiments.recording import MonitorCallback
+from gradflow.experiments.rundir import write_history, write_summary
+from gradflow.experiments.train import fit
 
 
 def record_run(run_dir: Path, config: str, overrides: list[str]) -> Path:

@@ -24,9 +24,10 @@ from torch.optim.optimizer import _global_optimizer_pre_hooks
 
 from gradflow import GradientMonitor
 from gradflow.cli import main
-from gradflow.config import load_config
-from gradflow.recording import GRADIENTS_FILE, MonitorCallback
-from gradflow.train import build_from_config, fit
+from gradflow.experiments.config import load_config
+from gradflow.analysis.windows import GRADIENTS_FILE
+from gradflow.experiments.recording import MonitorCallback
+from gradflow.experiments.train import build_from_config, fit
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "train.py"
@@ -130,11 +131,11 @@ UNWRITABLE = {
 @pytest.mark.parametrize("make", list(UNWRITABLE.values()), ids=list(UNWRITABLE))
 def test_unwritable_logdir_fails_before_training(tmp_path, make, capsys, monkeypatch):
     """In process (test_cli covers the subprocess path): the error comes before any training."""
-    import gradflow.train
+    import gradflow.experiments.solo
 
     (tmp_path / "file").write_text("")
     before = sorted(tmp_path.rglob("*"))
-    monkeypatch.setattr(gradflow.train, "fit", lambda *a, **k: pytest.fail("training started"))
+    monkeypatch.setattr(gradflow.experiments.solo, "fit", lambda *a, **k: pytest.fail("training started"))
     assert main(["train", DEEP_RELU, "--logdir", str(make(tmp_path)), "--device", "cpu"]) == 2
     out, err = capsys.readouterr()
     assert out == "" and len(err.splitlines()) == 1 and err.startswith("gradflow: error: --logdir: "), err
@@ -291,7 +292,7 @@ def test_sigterm_then_resume_ends_exactly_like_an_uninterrupted_run(tmp_path):
 
 
 def test_crash_while_writing_a_checkpoint_keeps_the_previous_one(tmp_path, monkeypatch):
-    from gradflow import rundir
+    from gradflow.experiments import rundir
 
     state = {key: 1 for key in rundir.CHECKPOINT_KEYS} | {"model": {"w": torch.arange(4.0)}}
     rundir.save_checkpoint(tmp_path, state)

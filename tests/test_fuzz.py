@@ -36,13 +36,13 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from gradflow import config as C
+from gradflow.experiments import config as C
 from gradflow.cli import main as cli_main
-from gradflow.config import Config, load_config
-from gradflow.data import DATASETS
+from gradflow.experiments.config import Config, load_config
+from gradflow.experiments.data import DATASETS
 from gradflow.errors import ConfigError
-from gradflow.models import ACTIVATIONS, INITIALIZERS
-from gradflow.train import OPTIMIZERS
+from gradflow.experiments.models import ACTIVATIONS, INITIALIZERS
+from gradflow.experiments.optimizers import OPTIMIZERS
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "train.py"

@@ -8,10 +8,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradflow.config import Config, OptimizerConfig, TrainConfig
-from gradflow.data import Dataset, load_dataset
-from gradflow.models import build_model
-from gradflow.train import EpochScalars, fit, make_optimizer, train_from_config
+from gradflow.experiments.config import Config, OptimizerConfig, TrainConfig
+from gradflow.experiments.data import Dataset, load_dataset
+from gradflow.experiments.models import build_model
+from gradflow.experiments.optimizers import make_optimizer
+from gradflow.experiments.train import EpochScalars, fit, train_from_config
 
 
 def test_sgd_momentum_follows_keras_rule_by_hand():

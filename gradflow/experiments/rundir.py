@@ -192,7 +192,7 @@ def load_checkpoint(run_dir: str | Path) -> dict[str, Any]:
     return state
 
 
-# What a trainer checkpoint holds (see gradflow.train.fit); the CLI adds config and monitor.
+# What a trainer checkpoint holds (see gradflow.experiments.train.fit); the CLI adds config and monitor.
 CHECKPOINT_KEYS = ("epoch", "step", "model", "optimizer", "torch_rng", "generator", "history")
 
 

@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import yaml
 
-from gradflow import sweep as S
+from gradflow.experiments.sweeps import executors, grid, results, runner
 from gradflow.cli import main
 from gradflow.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEEP_TANH = str(ROOT / "configs" / "deep_tanh.yaml")
 
 
@@ -42,7 +42,7 @@ def rows(out: Path) -> list[dict]:
     ([2, 0], [0, 2]),
 ], ids=["range", "list", "range-and-list", "single", "spaces", "yaml-list"])
 def test_parse_seeds(text, seeds):
-    assert S.parse_seeds(text) == seeds
+    assert grid.parse_seeds(text) == seeds
 
 
 @pytest.mark.parametrize("text", ["", "a", "9-0", "1,1", "-3", "1,,2", "0-99999", [], [1.5], [True]],
@@ -50,30 +50,30 @@ def test_parse_seeds(text, seeds):
                               "empty-list", "float", "bool"])
 def test_bad_seeds_name_the_problem(text):
     with pytest.raises(ConfigError, match="seeds"):
-        S.parse_seeds(text)
+        grid.parse_seeds(text)
 
 
 # --- expansion and grouping ------------------------------------------------------------------
 
 def test_grid_expands_first_axis_slowest_with_variants():
-    sweep = S.sweep_from_dict({
+    sweep = grid.sweep_from_dict({
         "base": {"train": {"epochs": 1}},
         "grid": {"model.depth": [1, 3], "variant": {"plain": {}, "adam": {"optimizer.name": "adam", "optimizer.lr": 0.001}}},
         "seeds": "0-1"})
-    points = S.expand(sweep)
+    points = grid.expand(sweep)
     assert [p.values for p in points] == [(1, "plain"), (1, "adam"), (3, "plain"), (3, "adam")]
     assert [(p.config.model.depth, p.config.optimizer.name) for p in points] == [
         (1, "sgd"), (1, "adam"), (3, "sgd"), (3, "adam")]
 
 
 def test_same_shape_runs_share_one_batched_task():
-    sweep = S.sweep_from_dict({"base": {}, "grid": {"model.depth": [1, 2], "optimizer.lr": [0.01, 0.1]}, "seeds": "0-4"})
-    runs = [S.Run(p, s) for p in S.expand(sweep) for s in sweep.seeds]
-    tasks = S.plan(runs, workers=1)
+    sweep = grid.sweep_from_dict({"base": {}, "grid": {"model.depth": [1, 2], "optimizer.lr": [0.01, 0.1]}, "seeds": "0-4"})
+    runs = [grid.Run(p, s) for p in grid.expand(sweep) for s in sweep.seeds]
+    tasks = grid.plan(runs, workers=1)
     assert len(tasks) == 4 and all(len(t.runs) == 5 for t in tasks)
-    assert all(len({S._shape_key(r.point.config) for r in t.runs}) == 1 for t in tasks)
+    assert all(len({grid._shape_key(r.point.config) for r in t.runs}) == 1 for t in tasks)
     assert tasks[0].config["model"]["depth"] == 2  # costliest first
-    assert sorted(len(t.runs) for t in S.plan(runs[:5], workers=2)) == [2, 3]  # one shape, two workers
+    assert sorted(len(t.runs) for t in grid.plan(runs[:5], workers=2)) == [2, 3]  # one shape, two workers
 
 
 # --- bad input: exit 2, one line, nothing written --------------------------------------------
@@ -134,10 +134,10 @@ def test_bad_options_exit_2_with_one_line(tmp_path, capsys, args, message):
 # --- resume ----------------------------------------------------------------------------------
 
 def test_resume_skips_finished_runs_and_writes_nothing_twice(tmp_path, monkeypatch):
-    sweep = S.load_sweep(write_sweep(tmp_path, grid={"model.depth": [1, 2, 3]}))
+    sweep = grid.load_sweep(write_sweep(tmp_path, grid={"model.depth": [1, 2, 3]}))
     out = tmp_path / "out"
     calls = []
-    real = S.run_task
+    real = executors.run_task
 
     def crash_on_second_task(config, seeds, run_dirs, device="cpu"):
         calls.append(config["model"]["depth"])
@@ -145,9 +145,9 @@ def test_resume_skips_finished_runs_and_writes_nothing_twice(tmp_path, monkeypat
             raise KeyboardInterrupt  # the sweep is stopped while the second task trains
         return real(config, seeds, run_dirs, device)
 
-    monkeypatch.setattr(S, "run_task", crash_on_second_task)
+    monkeypatch.setattr(executors, "run_task", crash_on_second_task)
     with pytest.raises(KeyboardInterrupt):
-        S.run_sweep(sweep, out, workers=1, log=lambda line: None)
+        runner.run_sweep(sweep, out, workers=1, log=lambda line: None)
     first = rows(out)
     assert [r["model.depth"] for r in first] == ["3", "3"]  # costliest first; only it finished
     assert len(list((out / "runs").iterdir())) == 6  # run directories made, 4 never finished
@@ -155,8 +155,8 @@ def test_resume_skips_finished_runs_and_writes_nothing_twice(tmp_path, monkeypat
         f.write("2,0,0.5")  # a torn row, as a crash in the middle of a write leaves
 
     calls.clear()
-    monkeypatch.setattr(S, "run_task", lambda *a, **k: calls.append(1) or real(*a, **k))
-    outcome = S.run_sweep(sweep, out, workers=1, log=lambda line: None)
+    monkeypatch.setattr(executors, "run_task", lambda *a, **k: calls.append(1) or real(*a, **k))
+    outcome = runner.run_sweep(sweep, out, workers=1, log=lambda line: None)
     assert (outcome.trained, outcome.skipped) == (4, 2) and len(calls) == 2
     final = rows(out)
     keys = [(r["model.depth"], r["seed"]) for r in final]
@@ -164,16 +164,16 @@ def test_resume_skips_finished_runs_and_writes_nothing_twice(tmp_path, monkeypat
     assert final[:2] == first  # the finished rows are untouched
     assert {r["run_dir"] for r in final} == {f"runs/{p.name}" for p in (out / "runs").iterdir()}
 
-    again = S.run_sweep(sweep, out, workers=1, log=lambda line: None)
+    again = runner.run_sweep(sweep, out, workers=1, log=lambda line: None)
     assert (again.trained, again.skipped) == (0, 6) and rows(out) == final
 
 
 def test_resume_refuses_a_different_base(tmp_path):
     out = tmp_path / "out"
-    S.run_sweep(S.load_sweep(write_sweep(tmp_path, grid={"model.depth": [1]}, seeds="0")), out, log=lambda line: None)
+    runner.run_sweep(grid.load_sweep(write_sweep(tmp_path, grid={"model.depth": [1]}, seeds="0")), out, log=lambda line: None)
     changed = write_sweep(tmp_path, grid={"model.depth": [1]}, seeds="0", overrides={"train.epochs": 3})
     with pytest.raises(ConfigError, match="different base config"):
-        S.run_sweep(S.load_sweep(changed), out, log=lambda line: None)
+        runner.run_sweep(grid.load_sweep(changed), out, log=lambda line: None)
 
 
 # --- end to end through the command line -----------------------------------------------------
@@ -191,7 +191,7 @@ def test_sweep_end_to_end(tmp_path):
     out = tmp_path / "runs" / "sweeps" / "tiny"
     table = rows(out)
     assert len(table) == 2 * 2 * 2
-    assert list(table[0]) == ["model.depth", "model.activation", *S.RESULT_FIELDS]
+    assert list(table[0]) == ["model.depth", "model.activation", *results.RESULT_FIELDS]
     assert (out / "sweep.png").stat().st_size > 0 and (out / "summary.md").exists()
     assert re.search(r"^\| 2 \| relu \| 2 \| ", proc.stdout, re.M), proc.stdout
     for row in table:
@@ -236,20 +236,20 @@ def test_train_seeds_split_over_workers_trains_the_same_runs(tmp_path, capsys):
 
 
 def test_two_numeric_axes_draw_a_heatmap(tmp_path):
-    sweep = S.sweep_from_dict({"base": {}, "grid": {"model.width": [5, 25], "model.depth": [1, 2, 3]}, "seeds": "0-1"})
+    sweep = grid.sweep_from_dict({"base": {}, "grid": {"model.width": [5, 25], "model.depth": [1, 2, 3]}, "seeds": "0-1"})
     table = [{"model.width": str(w), "model.depth": str(d), "seed": str(s), "train_accuracy": "0.8",
               "test_accuracy": str(0.5 + 0.05 * d), "verdict": "healthy"}
              for w in (5, 25) for d in (1, 2, 3) for s in (0, 1)]
-    S.plot_sweep(sweep, table, tmp_path / "sweep.png")
+    results.plot_sweep(sweep, table, tmp_path / "sweep.png")
     assert (tmp_path / "sweep.png").stat().st_size > 0
-    assert "| 25 | 3 | 2 | 0.800 | 0.650 |" in S.summary_table(sweep, table)
+    assert "| 25 | 3 | 2 | 0.800 | 0.650 |" in results.summary_table(sweep, table)
 
 
 # --- Ray -------------------------------------------------------------------------------------
 
 def test_ray_backend_runs_a_small_sweep(tmp_path):
     pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'gradflow-torch[ray]'")
-    sweep = S.load_sweep(write_sweep(tmp_path, seeds="0"))
-    outcome = S.run_sweep(sweep, tmp_path / "out", workers=2, backend="ray", log=lambda line: None)
+    sweep = grid.load_sweep(write_sweep(tmp_path, seeds="0"))
+    outcome = runner.run_sweep(sweep, tmp_path / "out", workers=2, backend="ray", log=lambda line: None)
     assert outcome.trained == 2
     assert sorted(r["model.depth"] for r in rows(tmp_path / "out")) == ["1", "2"]

@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from gradflow import GradientMonitor
-from gradflow.recording import MonitorCallback, load_windows
+from gradflow.analysis.windows import load_windows
+from gradflow.experiments.recording import MonitorCallback
 
 
 def test_tables_round_trip_every_window(tmp_path):

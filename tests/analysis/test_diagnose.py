@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from gradflow import GradientMonitor
-from gradflow.diagnose import (
+from gradflow.analysis.diagnose import (
     DEAD_FRACTION,
     EXPLODING_UPDATE,
     MIN_WINDOWS,
@@ -28,7 +28,7 @@ from gradflow.diagnose import (
     write_to_tensorboard,
 )
 from gradflow.monitor import Window
-from gradflow.recording import MonitorCallback
+from gradflow.experiments.recording import MonitorCallback
 from recorded_runs import record_run
 
 

@@ -70,7 +70,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from gradflow.recording import GRADIENTS_FILE, layer_of, load_windows
+from gradflow.analysis.windows import GRADIENTS_FILE, layer_of, load_windows
 
 VERDICTS = ("healthy", "vanishing", "exploding", "saturated", "dead-units", "stalled", "insufficient")
 

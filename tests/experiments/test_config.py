@@ -7,10 +7,10 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gradflow.config import Config, load_config, to_dict
+from gradflow.experiments.config import Config, load_config, to_dict
 from gradflow.errors import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEEP_RELU = ROOT / "configs" / "deep_relu.yaml"
 
 

@@ -11,12 +11,12 @@ import torch
 from torch import nn
 
 from gradflow import GradientMonitor
-from gradflow.batched import BatchedLinear, build_batched, fit_batched, member_state, train_members
-from gradflow.config import load_config
-from gradflow.data import load_dataset
-from gradflow.models import build_model
-from gradflow.recording import load_windows
-from gradflow.train import fit
+from gradflow.experiments.batched import BatchedLinear, build_batched, fit_batched, member_state, train_members
+from gradflow.experiments.config import load_config
+from gradflow.experiments.data import load_dataset
+from gradflow.experiments.models import build_model
+from gradflow.analysis.windows import load_windows
+from gradflow.experiments.train import fit
 
 SEEDS = [0, 3, 5]
 STEPS = 100  # 500 samples / 32 = 16 steps per epoch: 7 epochs cover them

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from gradflow.errors import ConfigError
-from gradflow.rundir import check_logdir, create_run_dir, write_history, write_summary
+from gradflow.experiments.rundir import check_logdir, create_run_dir, write_history, write_summary
 
 
 def test_name_and_collisions(tmp_path):

@@ -10,8 +10,8 @@ solo trainer's, so member k starts from the weights and sees the batches that se
 alone, and follows the same trajectory up to float rounding.
 
 Example:
-    >>> from gradflow.config import load_config
-    >>> from gradflow.data import load_dataset
+    >>> from gradflow.experiments.config import load_config
+    >>> from gradflow.experiments.data import load_dataset
     >>> cfg = load_config("configs/deep_relu.yaml", ["train.epochs=2"])
     >>> model = build_batched(cfg.model, [0, 1, 2])
     >>> results = fit_batched(model, load_dataset(cfg.data), cfg.optimizer, cfg.train, [0, 1, 2])
@@ -35,12 +35,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradflow.models import build_model
-from gradflow.train import EpochScalars, TrainResult, _progress, prepare
+from gradflow.analysis.windows import GRADIENTS_FILE, load_windows
+from gradflow.experiments.config import to_dict
+from gradflow.experiments.data import load_dataset
+from gradflow.experiments.models import build_model
+from gradflow.experiments.outputs import write_outputs
+from gradflow.experiments.recording import MembersMonitorCallback
+from gradflow.experiments.rundir import write_config
+from gradflow.experiments.train import EpochScalars, TrainResult, _progress, prepare
+from gradflow.monitor import GradientMonitor
 
 if TYPE_CHECKING:
-    from gradflow.config import Config, ModelConfig, OptimizerConfig, TrainConfig
-    from gradflow.data import Dataset
+    from gradflow.experiments.config import Config, ModelConfig, OptimizerConfig, TrainConfig
+    from gradflow.experiments.data import Dataset
 
 METRICS = ("loss", "accuracy", "val_loss", "val_accuracy")
 
@@ -103,7 +110,7 @@ def build_batched(cfg: "ModelConfig", seeds: Sequence[int], in_features: int = 2
     """The batched model of ``seeds``: member k starts from exactly the solo seed-k weights.
 
     Example:
-        >>> from gradflow.config import ModelConfig
+        >>> from gradflow.experiments.config import ModelConfig
         >>> m = build_batched(ModelConfig(depth=2), [0, 7])
         >>> _ = torch.manual_seed(7)
         >>> torch.equal(m.dense_1.weight[1], build_model(ModelConfig(depth=2)).dense_1.weight)
@@ -120,7 +127,7 @@ def member_state(model: nn.Sequential, k: int) -> dict[str, torch.Tensor]:
     """Member k's parameters shaped like a solo model's ``state_dict`` (copies).
 
     Example:
-        >>> from gradflow.config import ModelConfig
+        >>> from gradflow.experiments.config import ModelConfig
         >>> state = member_state(build_batched(ModelConfig(depth=1), [3, 4]), 1)
         >>> {name: tuple(t.shape) for name, t in state.items()}
         {'dense_1.weight': (5, 2), 'dense_1.bias': (5,), 'dense_2.weight': (1, 5), 'dense_2.bias': (1,)}
@@ -304,10 +311,6 @@ def train_members(
     """
     from torch.utils.tensorboard import SummaryWriter
 
-    from gradflow.config import to_dict
-    from gradflow.data import load_dataset
-    from gradflow.rundir import write_config
-
     run_dirs = [Path(d) for d in run_dirs]
     members = [member_config(cfg, seed) for seed in seeds]
     for member, run_dir in zip(members, run_dirs):
@@ -330,64 +333,17 @@ def train_members(
             monitor.remove()
         for writer in writers:
             writer.close()
-    return [_write_member(member, result, run_dir) for member, result, run_dir in zip(members, results, run_dirs)]
+    summaries = []
+    for member, result, run_dir in zip(members, results, run_dirs):
+        windows = load_windows(run_dir) if (run_dir / GRADIENTS_FILE).exists() else []
+        summary, _ = write_outputs(run_dir, member, result, windows, members=result.extra.get("members", 1),
+                                   title=f"{member.name} seed {member.train.seed}", gradients_plot=False)
+        summaries.append(summary)
+    return summaries
 
 
 def _attach_monitor(model, writers, run_dirs, cfg, members):
-    from gradflow.monitor import GradientMonitor
-    from gradflow.recording import MembersMonitorCallback
-
     mon = cfg.monitor
     monitor = GradientMonitor(model, writers, histograms=mon.histograms, weights=mon.weights,
                               activations=mon.activations, members=members)
     return monitor, MembersMonitorCallback(monitor, run_dirs, window_steps=mon.window_steps)
-
-
-def _write_member(cfg: "Config", result: TrainResult, run_dir: Path) -> dict[str, Any]:
-    from gradflow.plots import plot_accuracy
-    from gradflow.rundir import write_history, write_summary
-
-    write_history(run_dir, result.history)
-    members = result.extra.get("members", 1)
-    summary = {
-        "name": cfg.name,
-        "train_accuracy": result.train_accuracy,
-        "test_accuracy": result.test_accuracy,
-        "epochs": result.epochs_run,
-        "seconds": round(result.seconds / members, 3),  # this member's share of the batched run
-        "seed": cfg.train.seed,
-        "device": result.device,
-        "stopped_early": result.stopped_early,
-        "stop_epoch": result.stop_epoch,
-        "stop_reason": result.stop_reason,
-        "torch_version": torch.__version__,
-        "batched": {"members": members, "seconds": round(result.seconds, 3)},
-    }
-    write_summary(run_dir, summary)
-    plot_accuracy(result.history, run_dir / "accuracy.png", title=f"{cfg.name} seed {cfg.train.seed}")
-    diagnosis = _diagnose(run_dir)
-    if diagnosis is not None:  # the same keys a solo CLI run writes
-        summary["verdict"] = list(diagnosis.verdicts)
-        summary["verdict_line"] = diagnosis.line()
-        write_summary(run_dir, summary)
-    return summary
-
-
-def _diagnose(run_dir: str | Path) -> Any:
-    """``gradflow.diagnose.diagnose_run`` of a run directory; None without monitor tables."""
-    from gradflow.diagnose import diagnose_run
-
-    if not (Path(run_dir) / "gradients.csv").exists():
-        return None  # no monitor, nothing to diagnose
-    return diagnose_run(run_dir)
-
-
-def diagnose_verdict(run_dir: str | Path) -> Optional[str]:
-    """The run's verdicts as one string (``"vanishing, saturated"``); None without a monitor.
-
-    Example:
-        >>> diagnose_verdict("runs/deep_relu-20260101-000000-seed0")  # doctest: +SKIP
-        'healthy'
-    """
-    diagnosis = _diagnose(run_dir)
-    return None if diagnosis is None else ", ".join(diagnosis.verdicts)

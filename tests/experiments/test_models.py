@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from gradflow.config import ModelConfig, OutputConfig
-from gradflow.models import ACTIVATIONS, INITIALIZERS, build_model, init_linear
+from gradflow.experiments.config import ModelConfig, OutputConfig
+from gradflow.experiments.models import ACTIVATIONS, INITIALIZERS, build_model, init_linear
 
 SHAPES = [(5, 2), (5, 5), (3, 8), (30, 10)]  # (out, in) = (fan_out, fan_in)
 SHAPE_IDS = [f"fan_in{i}-fan_out{o}" for o, i in SHAPES]

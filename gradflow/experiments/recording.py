@@ -1,5 +1,6 @@
 """Connects a GradientMonitor to a training run: closes a window each epoch (or every N steps)
-and keeps the windows as two tables in the run directory, which diagnosis and plots read back.
+and keeps the windows as two tables in the run directory, which diagnosis and plots read back
+(the tables' format and ``load_windows`` live in gradflow.analysis.windows).
 
     gradients.csv    one row per window and parameter (input layer first)
     activations.csv  one row per window and activation module
@@ -8,7 +9,7 @@ Example:
     >>> monitor = GradientMonitor(model, writer)
     >>> recorder = MonitorCallback(monitor, run_dir)
     >>> fit(..., callbacks=[recorder]); recorder.close()
-    >>> windows = load_windows(run_dir)          # list[Window], as monitor.history had them
+    >>> windows = load_windows(run_dir)          # gradflow.analysis.windows: list[Window]
 """
 
 from __future__ import annotations
@@ -16,13 +17,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from gradflow.analysis.windows import ACTIVATION_COLUMNS, ACTIVATIONS_FILE, GRADIENT_COLUMNS, GRADIENTS_FILE
 from gradflow.monitor import GradientMonitor, Window
-
-GRADIENT_COLUMNS = ("window", "step", "steps", "parameter", "mean", "mean_abs", "norm", "max_abs",
-                    "zero_fraction", "nonfinite", "weight_l1", "weight_norm", "weight_update_ratio")
-ACTIVATION_COLUMNS = ("window", "step", "module", "mean", "std", "saturated_fraction", "dead_fraction")
-GRADIENTS_FILE = "gradients.csv"
-ACTIVATIONS_FILE = "activations.csv"
 
 
 class MonitorCallback:
@@ -89,39 +85,6 @@ class _Tables:
 
 def _cell(value) -> str:
     return "" if value is None else repr(value)
-
-
-def load_windows(run_dir: str | Path) -> list[Window]:
-    """The windows a run recorded, read back from its gradients.csv and activations.csv."""
-    run_dir = Path(run_dir)
-    windows: dict[int, Window] = {}
-    with open(run_dir / GRADIENTS_FILE, newline="") as f:
-        for row in csv.DictReader(f):
-            window = windows.setdefault(int(row["window"]), Window(step=int(row["step"]), steps=int(row["steps"])))
-            values = {key: _number(row[key]) for key in GRADIENT_COLUMNS[4:] if row[key] != ""}
-            values["steps"] = int(row["steps"])
-            window.steps = max(window.steps, values["steps"])
-            window.gradients[row["parameter"]] = values
-    activations = run_dir / ACTIVATIONS_FILE
-    if activations.exists():
-        with open(activations, newline="") as f:
-            for row in csv.DictReader(f):
-                window = windows.get(int(row["window"]))
-                if window is not None:
-                    window.activations[row["module"]] = {
-                        key: _number(row[key]) for key in ACTIVATION_COLUMNS[3:] if row[key] != ""}
-    return [windows[i] for i in sorted(windows)]
-
-
-def _number(text: str) -> float | int:
-    value = float(text)
-    return int(value) if value.is_integer() and "." not in text and "e" not in text.lower() else value
-
-
-def layer_of(parameter: str) -> str:
-    """``dense_1.weight`` -> ``dense_1``; ``encoder.layers.0.attn.weight`` -> ``encoder.layers.0.attn``."""
-    return parameter.rpartition(".")[0] or parameter
-
 
 
 class MembersMonitorCallback(MonitorCallback):

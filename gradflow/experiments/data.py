@@ -59,7 +59,7 @@ def load_dataset(cfg: Any) -> Dataset:
     """Build the dataset a ``DataConfig`` describes.
 
     Example:
-        >>> from gradflow.config import DataConfig
+        >>> from gradflow.experiments.config import DataConfig
         >>> ds = load_dataset(DataConfig())          # the tutorial's two circles
         >>> ds.x_train.shape, ds.x_test.shape
         (torch.Size([500, 2]), torch.Size([500, 2]))

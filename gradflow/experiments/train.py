@@ -31,36 +31,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-if TYPE_CHECKING:  # config imports this module's registry; types only here
-    from gradflow.config import Config, OptimizerConfig, TrainConfig
-    from gradflow.data import Dataset
+from gradflow.errors import ConfigError
+from gradflow.experiments.optimizers import make_optimizer
 
-
-def _sgd(params: Iterable[torch.Tensor], cfg: "OptimizerConfig") -> torch.optim.Optimizer:
-    # No dampening: torch's v = m v + g; w -= lr v is Keras' v = m v - lr g; w += v.
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, dampening=0.0)
-
-
-def _adam(params: Iterable[torch.Tensor], cfg: "OptimizerConfig") -> torch.optim.Optimizer:
-    return torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.beta_1, cfg.beta_2), eps=cfg.epsilon)
-
-
-# name -> builder(params, OptimizerConfig) -> torch optimizer
-OPTIMIZERS: dict[str, Callable[[Iterable[torch.Tensor], Any], torch.optim.Optimizer]] = {
-    "sgd": _sgd,
-    "adam": _adam,
-}
-
-
-def make_optimizer(params: Iterable[torch.Tensor], cfg: "OptimizerConfig") -> torch.optim.Optimizer:
-    """Optimizer named by ``cfg.name`` with Keras-equivalent settings.
-
-    Example:
-        >>> from gradflow.config import OptimizerConfig
-        >>> make_optimizer([torch.zeros(2, requires_grad=True)], OptimizerConfig()).defaults["momentum"]
-        0.9
-    """
-    return OPTIMIZERS[cfg.name](params, cfg)
+if TYPE_CHECKING:
+    from gradflow.experiments.config import Config, OptimizerConfig, TrainConfig
+    from gradflow.experiments.data import Dataset
 
 
 class Callback(Protocol):
@@ -123,6 +99,18 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
+
+
+def check_device(device: str) -> torch.device:
+    """``resolve_device``, but a CUDA request on a machine without CUDA is a ``ConfigError``.
+
+    Example:
+        >>> check_device("cpu")
+        device(type='cpu')
+    """
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("--device: cuda requested but torch.cuda.is_available() is False; accepted here: auto, cpu")
+    return resolve_device(device)
 
 
 def _correct(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
@@ -209,7 +197,7 @@ def fit(
     ``is_set()`` (a ``threading.Event``), read once per epoch. ``resume``: a state to go on from.
 
     Example:
-        >>> from gradflow.config import load_config
+        >>> from gradflow.experiments.config import load_config
         >>> cfg = load_config("configs/deep_relu.yaml", ["train.epochs=2"])
         >>> result = fit(build_model(cfg.model), load_dataset(cfg.data), cfg.optimizer, cfg.train)  # doctest: +SKIP
         >>> print(f"Train: {result.train_accuracy:.3f}, Test: {result.test_accuracy:.3f}")  # doctest: +SKIP
@@ -308,7 +296,7 @@ def train_from_config(
     """Seed, build the data and the model, and ``fit``; returns (model, result).
 
     Example:
-        >>> from gradflow.config import load_config
+        >>> from gradflow.experiments.config import load_config
         >>> model, result = train_from_config(load_config("configs/shallow_tanh.yaml", ["train.epochs=1"]))
         >>> result.epochs_run
         1
@@ -322,13 +310,13 @@ def build_from_config(cfg: "Config") -> tuple[nn.Sequential, "Dataset"]:
     """The data, then the model seeded with ``cfg.train.seed`` (its initial weights).
 
     Example:
-        >>> from gradflow.config import load_config
+        >>> from gradflow.experiments.config import load_config
         >>> model, data = build_from_config(load_config("configs/deep_relu.yaml"))
         >>> [name for name, _ in model.named_children()][:2]
         ['dense_1', 'relu_1']
     """
-    from gradflow.data import load_dataset
-    from gradflow.models import build_model
+    from gradflow.experiments.data import load_dataset
+    from gradflow.experiments.models import build_model
 
     data = load_dataset(cfg.data)
     torch.manual_seed(cfg.train.seed)  # fixes the initial weights

@@ -9,10 +9,7 @@ import sys
 
 import pytest
 
-from gradflow.compare import (
-    EXIT_BAD_INPUT,
-    EXIT_OK,
-    add_commands,
+from gradflow.analysis.compare import (
     compare_table,
     layer_sizes,
     load_run,
@@ -20,6 +17,7 @@ from gradflow.compare import (
     plot_compare,
     plot_gradient_flow,
 )
+from gradflow.cli import EXIT_BAD_INPUT, EXIT_OK, add_analysis_commands
 from gradflow.monitor import Window
 from recorded_runs import record_run
 
@@ -36,7 +34,7 @@ def runs(tmp_path_factory):
 
 def run_cli(argv):
     parser = argparse.ArgumentParser(prog="gradflow")
-    add_commands(parser.add_subparsers(dest="command", required=True))
+    add_analysis_commands(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     return args.func(args)
 
@@ -153,7 +151,7 @@ def test_registered_on_the_gradflow_command(runs, tmp_path, capsys):
 
 
 def test_importing_stays_light():
-    code = ("import sys, gradflow, gradflow.diagnose, gradflow.compare; "
+    code = ("import sys, gradflow, gradflow.analysis.diagnose, gradflow.analysis.compare; "
             "print('matplotlib' in sys.modules, 'tensorboard' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]

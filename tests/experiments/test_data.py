@@ -6,8 +6,8 @@ import torch
 from sklearn.datasets import make_circles, make_moons
 from sklearn.preprocessing import MinMaxScaler
 
-from gradflow.config import DataConfig
-from gradflow.data import DATASETS, load_dataset
+from gradflow.experiments.config import DataConfig
+from gradflow.experiments.data import DATASETS, load_dataset
 
 
 def sklearn_reference(make, **kwargs):

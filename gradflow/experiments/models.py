@@ -214,7 +214,7 @@ def build_model(cfg: Any, in_features: int = 2) -> nn.Sequential:
     Seed first (``torch.manual_seed``): the weights come from torch's global RNG.
 
     Example:
-        >>> from gradflow.config import ModelConfig
+        >>> from gradflow.experiments.config import ModelConfig
         >>> _ = torch.manual_seed(0)
         >>> m = build_model(ModelConfig(depth=2, width=5, activation="relu"))
         >>> [n for n, _ in m.named_children()]

@@ -1,5 +1,5 @@
-"""Compare runs side by side, draw the gradient-flow bar chart, and the ``diagnose`` and
-``compare`` commands.
+"""Compare runs side by side and draw the gradient-flow bar chart, for the ``diagnose`` and
+``compare`` commands (gradflow.cli).
 
 Examples (from the repository root):
 
@@ -14,18 +14,14 @@ importing this module, or ``gradflow``, stays light.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 import math
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from gradflow.diagnose import Diagnosis, diagnose, layer_parameters, read_losses, run_windows
-
-EXIT_OK, EXIT_BAD_INPUT = 0, 2
+from gradflow.analysis.diagnose import Diagnosis, diagnose, layer_parameters, read_losses, run_windows
 
 
 @dataclass
@@ -226,69 +222,3 @@ def plot_gradient_flow(windows: Sequence[Any], path: str | Path, steps: Sequence
     fig.tight_layout()
     fig.savefig(path, dpi=100, bbox_inches="tight")
     return Path(path)
-
-
-# -- commands ----------------------------------------------------------------------------
-
-
-def diagnose_command(args: argparse.Namespace) -> int:
-    """``gradflow diagnose RUN_DIR [--json] [--flow PATH] [--epochs N ...]``: print the verdict."""
-    try:
-        run = load_run(args.run_dir)
-        if getattr(args, "flow", None):
-            plot_gradient_flow(run.windows, args.flow, getattr(args, "epochs", None), title=run.name)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"gradflow: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    if args.json:
-        print(json.dumps({"run_dir": str(run.path), **run.diagnosis.to_dict()}, indent=2))
-    else:
-        print(run.diagnosis.report())
-    return EXIT_OK
-
-
-def compare_command(args: argparse.Namespace) -> int:
-    """``gradflow compare RUN_A RUN_B ... [--out PATH] [--flow]``: table and figure."""
-    try:
-        runs = [load_run(path) for path in args.run_dirs]
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"gradflow: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    print(compare_table(runs))
-    out = Path(args.out)
-    plot_compare(runs, out)
-    print(f"Figure: {out}")
-    if getattr(args, "flow", False):
-        for run in runs:
-            flow = out.with_name(f"{out.stem}-flow-{run.name}.png")
-            plot_gradient_flow(run.windows, flow, title=run.name)
-            print(f"Gradient flow: {flow}")
-    return EXIT_OK
-
-
-def add_commands(subparsers: Any) -> None:
-    """Register ``diagnose`` and ``compare`` on the ``gradflow`` parser's subparsers.
-
-    Example:
-        >>> parser = argparse.ArgumentParser(prog="gradflow")
-        >>> add_commands(parser.add_subparsers(dest="command"))
-        >>> parser.parse_args(["diagnose", "runs/x", "--json"]).json
-        True
-    """
-    diagnose_parser = subparsers.add_parser(
-        "diagnose", help="say whether a run's gradients vanish, explode or die, and why",
-        usage="gradflow diagnose RUN_DIR [--json] [--flow PATH [--epochs N ...]]")
-    diagnose_parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory with gradients.csv")
-    diagnose_parser.add_argument("--json", action="store_true", help="print the diagnosis as JSON")
-    diagnose_parser.add_argument("--flow", metavar="PATH", help="also draw the gradient-flow bar chart here")
-    diagnose_parser.add_argument("--epochs", type=int, nargs="+", metavar="N",
-                                 help="epochs for the bar chart (default: first, middle, last)")
-    diagnose_parser.set_defaults(func=diagnose_command)
-    compare_parser = subparsers.add_parser(
-        "compare", help="compare runs: gradient size and accuracy side by side",
-        usage="gradflow compare RUN_A RUN_B ... [--out PATH] [--flow]")
-    compare_parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories with gradients.csv")
-    compare_parser.add_argument("--out", default="compare.png", help="figure path (default: compare.png)")
-    compare_parser.add_argument("--flow", action="store_true",
-                                help="also draw each run's gradient-flow bar chart next to the figure")
-    compare_parser.set_defaults(func=compare_command)

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from gradflow.config import load_config
-from gradflow.train import train_from_config
+from gradflow.experiments.config import load_config
+from gradflow.experiments.train import train_from_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SEEDS = (0, 1, 2)
 
 # config -> (comparison, threshold) on the median test accuracy over SEEDS

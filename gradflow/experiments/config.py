@@ -22,10 +22,10 @@ from typing import Any, Iterable, Mapping, Union
 
 import yaml
 
-from gradflow.data import DATASETS
+from gradflow.experiments.data import DATASETS
 from gradflow.errors import ConfigError
-from gradflow.models import ACTIVATIONS, INITIALIZERS, initializer_params
-from gradflow.train import OPTIMIZERS
+from gradflow.experiments.models import ACTIVATIONS, INITIALIZERS, initializer_params
+from gradflow.experiments.optimizers import OPTIMIZERS
 
 InitSpec = Union[str, dict]  # "he_uniform" or {name: random_uniform, minval: 0.0, maxval: 1.0}
 

@@ -1,0 +1,56 @@
+"""The recorded windows of a run directory: the format of gradients.csv and activations.csv,
+and reading them back as the monitor's ``Window`` objects (what diagnosis and plots read).
+
+    gradients.csv    one row per window and parameter (input layer first)
+    activations.csv  one row per window and activation module
+
+Example:
+    >>> windows = load_windows("runs/deep_relu-20250101-120000-seed0")   # doctest: +SKIP
+    >>> windows[0].gradients["dense_1.weight"]["mean_abs"]              # doctest: +SKIP
+    0.21
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+from gradflow.monitor import Window
+
+GRADIENT_COLUMNS = ("window", "step", "steps", "parameter", "mean", "mean_abs", "norm", "max_abs",
+                    "zero_fraction", "nonfinite", "weight_l1", "weight_norm", "weight_update_ratio")
+ACTIVATION_COLUMNS = ("window", "step", "module", "mean", "std", "saturated_fraction", "dead_fraction")
+GRADIENTS_FILE = "gradients.csv"
+ACTIVATIONS_FILE = "activations.csv"
+
+
+def load_windows(run_dir: str | Path) -> list[Window]:
+    """The windows a run recorded, read back from its gradients.csv and activations.csv."""
+    run_dir = Path(run_dir)
+    windows: dict[int, Window] = {}
+    with open(run_dir / GRADIENTS_FILE, newline="") as f:
+        for row in csv.DictReader(f):
+            window = windows.setdefault(int(row["window"]), Window(step=int(row["step"]), steps=int(row["steps"])))
+            values = {key: _number(row[key]) for key in GRADIENT_COLUMNS[4:] if row[key] != ""}
+            values["steps"] = int(row["steps"])
+            window.steps = max(window.steps, values["steps"])
+            window.gradients[row["parameter"]] = values
+    activations = run_dir / ACTIVATIONS_FILE
+    if activations.exists():
+        with open(activations, newline="") as f:
+            for row in csv.DictReader(f):
+                window = windows.get(int(row["window"]))
+                if window is not None:
+                    window.activations[row["module"]] = {
+                        key: _number(row[key]) for key in ACTIVATION_COLUMNS[3:] if row[key] != ""}
+    return [windows[i] for i in sorted(windows)]
+
+
+def _number(text: str) -> float | int:
+    value = float(text)
+    return int(value) if value.is_integer() and "." not in text and "e" not in text.lower() else value
+
+
+def layer_of(parameter: str) -> str:
+    """``dense_1.weight`` -> ``dense_1``; ``encoder.layers.0.attn.weight`` -> ``encoder.layers.0.attn``."""
+    return parameter.rpartition(".")[0] or parameter

@@ -1,0 +1,71 @@
+"""The package's rooms and their one-way doors (docs/architecture.md): cli -> experiments ->
+analysis -> monitor, every import pointing down, and no cycles. Imports inside functions and
+under ``if TYPE_CHECKING:`` count too: a reader follows them all the same."""
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "gradflow"
+
+# room -> the rooms it may import (besides itself); errors.py is the floor everyone may stand on.
+ALLOWED = {
+    "monitor": set(),
+    "analysis": {"monitor", "errors"},
+    "experiments": {"analysis", "monitor", "errors"},
+    "cli": {"experiments", "analysis", "monitor", "errors"},
+    "errors": set(),
+    "__init__": {"monitor"},
+}
+
+
+def _module(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _room(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def _imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("gradflow"):
+            found.add(node.module)
+            found.update(f"{node.module}.{a.name}" for a in node.names)  # from gradflow.x import module
+        elif isinstance(node, ast.Import):
+            found.update(a.name for a in node.names if a.name.startswith("gradflow"))
+    return found
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = {_module(p): p for p in PACKAGE.rglob("*.py")}
+    # A module's own ancestor packages are not edges: importing gradflow.monitor.stats runs
+    # gradflow.monitor's __init__ first whichever way round, so that is no cycle.
+    return {name: {m for m in _imports(path) if m in modules and m != name and not name.startswith(m + ".")}
+            for name, path in modules.items()}
+
+
+def test_imports_point_down_only():
+    wrong = [f"{a} imports {b}" for a, targets in _graph().items() for b in targets
+             if _room(b) != _room(a) and _room(b) not in ALLOWED[_room(a)]]
+    assert not wrong, wrong
+
+
+def test_no_import_cycles():
+    graph = _graph()
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                raise AssertionError(" -> ".join(path + [nxt]))
+            if nxt not in state:
+                visit(nxt, path + [nxt])
+        state[node] = 2
+
+    for name in sorted(graph):
+        if name not in state:
+            visit(name, [name])
