@@ -31,7 +31,7 @@ from torch import nn
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from gradflow import GradientMonitor  # noqa: E402
-from gradflow.diagnose import diagnose  # noqa: E402
+from gradflow.analysis.diagnose import diagnose  # noqa: E402
 from gradflow.experiments import zoo  # noqa: E402
 
 

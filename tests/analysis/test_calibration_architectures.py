@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("calibrate_architectures",
                                                ROOT / "benchmarks" / "calibrate_architectures.py")
 calibration = importlib.util.module_from_spec(_spec)
