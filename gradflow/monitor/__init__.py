@@ -4,11 +4,11 @@ Room 1 of gradflow's layout (see docs/architecture.md): it imports torch and num
 TensorBoard's protos when it writes), never the experiments, the analysis or the CLI.
 """
 
+from gradflow.monitor.activations import is_activation
 from gradflow.monitor.monitor import (
     GradientMonitor,
     MonitorError,
     Window,
-    is_activation,
     tag_path,
     unwrap,
 )

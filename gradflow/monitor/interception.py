@@ -57,6 +57,24 @@ def found_inf(scaler: GradScaler | None, optimizer: torch.optim.Optimizer) -> bo
     return bool(sum(v.item() for v in state.get("found_inf_per_device", {}).values()))
 
 
+class ClipTally:
+    """A window's clip_grad_norm_ calls: how many, and on the device the sum of the norms they
+    found and how many of them clipped (torch clips when max_norm / (total + 1e-6) < 1,
+    torch/nn/utils/clip_grad.py)."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.sums: torch.Tensor | None = None      # [sum of norms before clipping, clipped calls]
+
+    def add(self, total: torch.Tensor, max_norm: float) -> None:
+        total = total.detach()
+        if self.sums is None or self.sums.device != total.device:
+            dtype = torch.float32 if total.device.type == "mps" else torch.float64
+            self.sums = torch.zeros(2, device=total.device, dtype=dtype)
+        self.sums.add_(torch.stack([total, total + 1e-6 > max_norm]).to(self.sums.dtype))
+        self.calls += 1
+
+
 def _install() -> None:
     _ORIGINAL["clip"] = torch.nn.utils.clip_grad_norm_
     _ORIGINAL["step"] = GradScaler.__dict__["step"]

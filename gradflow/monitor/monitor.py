@@ -36,13 +36,32 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from gradflow.monitor import interception
-from gradflow.monitor.activations import _ActivationAccumulator, is_activation
-from gradflow.monitor.gradients import _GradientAccumulator, accumulator_dtype
+from gradflow.monitor.activations import _ActivationAccumulator
+from gradflow.monitor.gradients import _GradientAccumulator
+from gradflow.monitor.interception import ClipTally
+from gradflow.monitor.model_checks import (
+    check_members,
+    choose_taps,
+    monitored_parameters,
+    replaced_parameters,
+)
 from gradflow.monitor.order import ForwardOrder
-from gradflow.monitor.steps import OptimizerMasks, closure_of, recording_closure, replace_closure
+from gradflow.monitor.steps import (
+    OptimizerMasks,
+    closure_of,
+    recording_closure,
+    replace_closure,
+)
 from gradflow.monitor.tensors import MonitorError
 from gradflow.monitor.weights import _WeightTracker
-from gradflow.monitor.window import HistogramRequests, Window, WindowReader, tag_path
+from gradflow.monitor.window import (
+    HistogramRequests,
+    Window,
+    WindowReader,
+    gaps,
+    read_back,
+    tag_path,
+)
 
 __all__ = ["GradientMonitor", "MonitorError", "Window", "tag_path", "unwrap"]
 
@@ -114,8 +133,8 @@ class GradientMonitor:
             raise MonitorError(
                 f"this {type(inner).__name__} already has a GradientMonitor attached; call .remove() on "
                 "that monitor (or GradientMonitor.detach(model)) before attaching another")
-        named = _monitored_parameters(inner)
-        _check_members(named, members)
+        named = monitored_parameters(inner)
+        check_members(named, members)
         self._sinks = _sinks(writer, members)
         params = [p for _, p in named]
         self.names = [name for name, _ in named]
@@ -126,7 +145,7 @@ class GradientMonitor:
         self._model = weakref.ref(inner)
         self._gradients = _GradientAccumulator(params, members)
         self._weights = _WeightTracker(params, members) if weights else None
-        taps = _taps(inner, activations)
+        taps = choose_taps(inner, activations)
         self._activations = _ActivationAccumulator(taps, params[0].device, members)
         self._index_of = {id(p): i for i, p in enumerate(params)}
         self._masks = OptimizerMasks(len(params), lambda: self._index_of)
@@ -242,14 +261,8 @@ class GradientMonitor:
 
     def _on_clip(self, params: list[torch.Tensor], total: torch.Tensor, max_norm: float) -> None:
         """clip_grad_norm_ ran over ``params`` and found ``total`` (interception)."""
-        if not any(id(p) in self._index_of for p in params):
-            return
-        total = total.detach()
-        if self._clip is None or self._clip.device != total.device:
-            self._clip = torch.zeros(2, device=total.device, dtype=accumulator_dtype(total.device))
-        # torch clips when max_norm / (total + 1e-6) < 1 (torch/nn/utils/clip_grad.py).
-        self._clip.add_(torch.stack([total, total + 1e-6 > max_norm]).to(self._clip.dtype))
-        self._clip_calls += 1
+        if any(id(p) in self._index_of for p in params):
+            self._clip.add(total, max_norm)
 
     # -- reading --------------------------------------------------------------------------
 
@@ -274,12 +287,15 @@ class GradientMonitor:
         self._activations.reduce()
         values = self._read_back()
         steps = self._gradients.steps()
-        self._warn_about_gaps(steps)
+        g = self._gradients
+        for key, message in gaps(self.names, g.params, steps.reshape(-1, self.members)[:, 0], g.recorded,
+                                 self._skipped_steps, bool(self._activations.names) and not self._activations.elements.any()):
+            self._warn_once(key, message)
         windows = [Window(step, int(steps.max(initial=0)), member=k if self.members > 1 else None)
                    for k in range(self.members)]
         reader = WindowReader(self.names, self.members, windows, HistogramRequests())
         reader.gradients(values, steps, self._gradients.slot_numel, self._gradients.skipped)
-        clipping = (self._clip_calls, *values["clip"]) if "clip" in values else None
+        clipping = (self._clip.calls, *values["clip"]) if "clip" in values else None
         reader.overall(values["step_squares"], self._gradients.recorded, self._skipped_steps, clipping)
         if self._weights is not None:
             reader.weights(values)
@@ -297,23 +313,15 @@ class GradientMonitor:
         return [w for w in self.history if w.member == member]
 
     def _read_back(self) -> dict[str, np.ndarray]:
-        """One device-to-host copy of everything the window accumulated."""
         g, a = self._gradients, self._activations
         parts = {"totals": g.totals, "counts": g.counts, "step_squares": g.step_squares,
                  "skipped_nonfinite": g.skipped_nonfinite, "moments": a.moments, "activation_counts": a.counts,
                  "positives": a.positives}
-        if self._clip is not None:
-            parts["clip"] = self._clip.to(g.device)
+        if self._clip.calls:
+            parts["clip"] = self._clip.sums.to(g.device)
         if self._weights is not None:
             parts["weights"], parts["weight_counts"] = self._weights.summary()
-        if g.device.type == "cpu":      # copies, not views: the sums are zeroed next
-            return {key: tensor.numpy().astype(np.float64) for key, tensor in parts.items()}
-        flat = torch.cat([t.reshape(-1).double() for t in parts.values()]).cpu().numpy()
-        out, start = {}, 0
-        for key, tensor in parts.items():
-            out[key] = flat[start:start + tensor.numel()].reshape(tuple(tensor.shape))
-            start += tensor.numel()
-        return out
+        return read_back(parts)
 
     def _start_window(self) -> None:
         self._gradients.reset()
@@ -321,33 +329,17 @@ class GradientMonitor:
         if self._weights is not None:
             self._weights.snapshot()
         self._skipped_steps = 0
-        self._clip: torch.Tensor | None = None
-        self._clip_calls = 0
+        self._clip = ClipTally()
 
     # -- keeping up with the model --------------------------------------------------------
 
     def _follow(self) -> bool:
-        """Rebind to the model's parameters if they were replaced (``load_state_dict(...,
-        assign=True)``, ``to_empty()``) by tensors of the same shape, dtype and device; True if
-        so. MonitorError if they changed in a way the window's sums cannot follow."""
+        """Rebind to the model's parameters if they were replaced; True if so (model_checks)."""
         model = self._model()
-        if model is None:
+        new = replaced_parameters(model, self.names, self._gradients.params, self._gradients.device) \
+            if model is not None else None
+        if new is None:
             return False
-        current = [(name, p) for name, p in model.named_parameters() if p.is_floating_point()]
-        params = self._gradients.params
-        if len(current) == len(params) and all(p is q for (_, p), q in zip(current, params)):
-            _check_device(current, self._gradients.device)
-            return False
-        if [name for name, _ in current] != self.names:
-            raise MonitorError(f"the model's parameters changed after the monitor attached (now {len(current)}, "
-                               f"were {len(params)}); remove() this monitor and attach a new one")
-        for (name, p), q in zip(current, params):
-            _check_materialised(name, p)
-            if (p.shape, p.dtype, p.device) != (q.shape, q.dtype, q.device):
-                raise MonitorError(f"{name} was replaced by a tensor of another shape, dtype or device "
-                                   f"({tuple(q.shape)} {q.dtype} {q.device} -> {tuple(p.shape)} {p.dtype} {p.device}); "
-                                   "remove() this monitor and attach a new one after replacing parameters")
-        new = [p for _, p in current]
         self._gradients.bind(new)
         if self._weights is not None:
             self._weights.bind(new)
@@ -355,65 +347,10 @@ class GradientMonitor:
         self._masks.forget()
         return True
 
-    def _warn_about_gaps(self, steps: np.ndarray) -> None:
-        """Say so when gradients exist that this window did not record."""
-        with_grad = [name for name, p in zip(self.names, self._gradients.params) if p.grad is not None]
-        if not self._gradients.recorded and with_grad and not self._skipped_steps:
-            self._warn_once("no-step", "log(): the parameters have gradients but no optimizer step was recorded in "
-                            "this window; the monitor records at optimizer.step(). To look at gradients without "
-                            "stepping (say, at initialisation), call monitor.record() after backward()")
-        elif self._gradients.recorded:
-            per_param = steps.reshape(-1, self.members)[:, 0]
-            missed = [name for name, n in zip(self.names, per_param) if n == 0 and name in with_grad]
-            if missed:
-                self._warn_once("not-stepped", f"log(): {', '.join(missed[:5])}{' ...' if len(missed) > 5 else ''} "
-                                "had gradients but no monitored optimizer stepped them in this window")
-        if self._gradients.recorded and self._activations.names and not self._activations.elements.any():
-            self._warn_once("no-activations", "log(): no activation output was recorded in this window although "
-                            "steps were; under torch.compile the activation taps stay off (a hook there would "
-                            "recompile every step); gradients and weights are still recorded. Pass "
-                            "activations=False to silence this")
-
     def _warn_once(self, key: str, message: str) -> None:
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message, stacklevel=3)
-
-
-def _taps(model: nn.Module, activations) -> list[tuple[str, nn.Module]]:
-    """The activation modules to tap: none, gradflow's choice (``is_activation``), or the
-    user's (a callable ``(name, module) -> bool``)."""
-    if activations is True:
-        return [(n, m) for n, m in model.named_modules() if is_activation(m)]
-    if activations is False or activations is None:
-        return []
-    if callable(activations):
-        return [(n, m) for n, m in model.named_modules() if activations(n, m)]
-    raise MonitorError(f"activations must be True, False or a callable (name, module) -> bool, got {activations!r}")
-
-
-def _monitored_parameters(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    named = [(name, p) for name, p in model.named_parameters() if p.is_floating_point()]
-    if not named:
-        raise MonitorError(f"{type(model).__name__} has no floating-point parameters to monitor")
-    for name, p in named:
-        _check_materialised(name, p)
-    return named
-
-
-def _check_materialised(name: str, p: torch.Tensor) -> None:
-    if isinstance(p, nn.parameter.UninitializedParameter):
-        raise MonitorError(f"{name} is not initialised yet (a lazy module); run one forward pass before attaching")
-    if p.is_meta:
-        raise MonitorError(f"{name} is on the meta device; attach after model.to_empty(device=...) and "
-                           "initialisation (or load_state_dict(..., assign=True))")
-
-
-def _check_device(named: list[tuple[str, torch.Tensor]], device: torch.device) -> None:
-    if named and named[0][1].device != device:
-        name, p = named[0]
-        raise MonitorError(f"{name} moved from {device} to {p.device} after the monitor attached; "
-                           "attach the monitor after model.to(device), or remove() it and attach a new one")
 
 
 def _sinks(writer, members: int) -> list[tuple[int, object, str]]:
@@ -421,7 +358,9 @@ def _sinks(writer, members: int) -> list[tuple[int, object, str]]:
     ``member_<k>/`` tags."""
     if writer is None:
         return []
-    from gradflow.monitor.sinks import as_sink  # imports TensorBoard's protos only when writing
+    from gradflow.monitor.sinks import (
+        as_sink,  # imports TensorBoard's protos only when writing
+    )
 
     if isinstance(writer, (list, tuple)):
         if len(writer) != members:
@@ -431,12 +370,3 @@ def _sinks(writer, members: int) -> list[tuple[int, object, str]]:
     return [(k, sink, f"member_{k}/" if members > 1 else "") for k in range(members)]
 
 
-def _check_members(named: list[tuple[str, torch.Tensor]], members: int) -> None:
-    if not isinstance(members, int) or isinstance(members, bool) or members < 1:
-        raise MonitorError(f"members must be a positive int, got {members!r}")
-    if members == 1:
-        return
-    for name, p in named:
-        if p.dim() == 0 or p.shape[0] != members:
-            raise MonitorError(f"members={members} needs every parameter stacked on a leading dimension of "
-                               f"{members}; {name} has shape {tuple(p.shape)}")

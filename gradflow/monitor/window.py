@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import torch
 
 from gradflow.monitor import stats as S
 from gradflow.monitor.stats import Histogram
@@ -144,3 +145,38 @@ class HistogramRequests:
         return out
 
 
+
+
+def read_back(parts: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """One device-to-host copy of everything a window accumulated, as float64 arrays."""
+    first = next(iter(parts.values()))
+    if first.device.type == "cpu":      # copies, not views: the sums are zeroed next
+        return {key: tensor.numpy().astype(np.float64) for key, tensor in parts.items()}
+    flat = torch.cat([t.reshape(-1).double() for t in parts.values()]).cpu().numpy()
+    out, start = {}, 0
+    for key, tensor in parts.items():
+        out[key] = flat[start:start + tensor.numel()].reshape(tuple(tensor.shape))
+        start += tensor.numel()
+    return out
+
+
+def gaps(names: list[str], params: list[torch.Tensor], steps: np.ndarray, recorded: int, skipped: int,
+         no_activations: bool) -> list[tuple[str, str]]:
+    """What a window did not record although it could have, as (key, warning) pairs: gradients
+    but no step, gradients that no monitored optimizer stepped, no activation output at all."""
+    out = []
+    with_grad = {name for name, p in zip(names, params) if p.grad is not None}
+    if not recorded and with_grad and not skipped:
+        out.append(("no-step", "log(): the parameters have gradients but no optimizer step was recorded in this "
+                    "window; the monitor records at optimizer.step(). To look at gradients without stepping "
+                    "(say, at initialisation), call monitor.record() after backward()"))
+    elif recorded:
+        missed = [name for name, n in zip(names, steps) if n == 0 and name in with_grad]
+        if missed:
+            out.append(("not-stepped", f"log(): {', '.join(missed[:5])}{' ...' if len(missed) > 5 else ''} had "
+                        "gradients but no monitored optimizer stepped them in this window"))
+    if recorded and no_activations:
+        out.append(("no-activations", "log(): no activation output was recorded in this window although steps "
+                    "were; under torch.compile the activation taps stay off (a hook there would recompile every "
+                    "step); gradients and weights are still recorded. Pass activations=False to silence this"))
+    return out
