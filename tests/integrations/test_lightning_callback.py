@@ -1,0 +1,180 @@
+"""GradflowCallback in real Lightning fits, checked against an oracle that copies every ``p.grad``
+in Lightning's own ``on_before_optimizer_step`` at the same step; the values compared are the ones
+read back from TensorBoard's event files."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import os
+import subprocess
+import sys
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+pl = pytest.importorskip("lightning.pytorch")
+
+from gradflow.integrations.lightning import GradflowCallback  # noqa: E402
+from gradflow.monitor import GradientMonitor  # noqa: E402
+from tests.integrations.oracle_tools import compare, grad_row, has_tag, scalar_series, tensorboard, windows  # noqa: E402
+
+TOLERANCE = 1e-5     # float32 scalars in the event file against float64 oracles
+
+
+class Net(pl.LightningModule):
+    def __init__(self, manual: bool = False, clip: float | None = None) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 1))
+        self.automatic_optimization = not manual
+        self.clip = clip
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.mse_loss(self.body(x), y)
+        if self.automatic_optimization:
+            return loss
+        opt = self.optimizers()
+        opt.zero_grad()
+        self.manual_backward(loss)
+        if self.clip is not None:
+            self.clip_gradients(opt, gradient_clip_val=self.clip, gradient_clip_algorithm="norm")
+        opt.step()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
+
+
+class Oracle(pl.Callback):
+    """The framework's own hook: statistics of every p.grad at each optimizer step."""
+
+    def __init__(self) -> None:
+        self.records: list[dict] = []
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self.records.append(grad_row(pl_module))
+
+
+def loader(n: int = 48, batch: int = 8):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 4, generator=g)
+    y = x[:, :1] * 3 + x[:, 1:2] ** 2
+    return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=batch)
+
+
+def fit(tmp_path, model, callbacks, *, logger="tb", epochs=2, ckpt_path=None, **trainer_args):
+    loggers = {"tb": pl.loggers.TensorBoardLogger(str(tmp_path), name="tb"),
+               "csv": pl.loggers.CSVLogger(str(tmp_path), name="csv")}[logger]
+    trainer = pl.Trainer(max_epochs=epochs, logger=loggers, callbacks=callbacks, accelerator="cpu", devices=1,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         **trainer_args)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(model, loader(), ckpt_path=ckpt_path)
+    return trainer
+
+
+CASES = [
+    ("accumulate_clip", dict(accumulate_grad_batches=2, gradient_clip_val=0.5), False),
+    ("bf16_mixed", dict(accumulate_grad_batches=2, precision="bf16-mixed"), False),
+    ("manual_clip", dict(), True),
+]
+
+
+@pytest.mark.parametrize("name,trainer_args,manual", CASES, ids=[c[0] for c in CASES])
+def test_tensorboard_matches_the_oracle(tmp_path, name, trainer_args, manual, capsys):
+    torch.manual_seed(0)
+    model = Net(manual=manual, clip=0.5 if manual else None)
+    oracle, callback = Oracle(), GradflowCallback()
+    trainer = fit(tmp_path, model, [oracle, callback], log_every_n_steps=2, **trainer_args)
+    steps = len(oracle.records)
+    assert steps == trainer.global_step == callback.steps == (12 if manual else 6)   # 12 batches, accumulated by 2
+    expected = windows(oracle.records, list(range(2, steps + 1, 2)))
+    accumulators = tensorboard(trainer.logger.log_dir)
+    error = compare(expected, accumulators)
+    print(f"{name}: max relative error {error:.2e}")
+    assert error < TOLERANCE
+    assert sorted(scalar_series(accumulators, "grad/body/0/weight/norm")) == sorted(expected)
+    total = scalar_series(accumulators, "grad/total_norm")
+    if total:  # the monitor's window-level total norm (before clipping: recorded before Lightning clips)
+        worst = max(abs(total[s] - expected[s][""]["total_norm"]) / expected[s][""]["total_norm"] for s in expected)
+        assert worst < TOLERANCE
+    assert has_tag(accumulators, "histograms", "grad/body/0/weight")
+    assert has_tag(accumulators, "tensors", "diagnosis/text_summary") or has_tag(accumulators, "tensors", "diagnosis")
+    assert callback.diagnosis is not None and "Verdict:" in capsys.readouterr().out
+    assert not callback.monitor.attached and GradientMonitor.detach(model) is False
+
+
+def test_recording_before_clipping_sees_the_raw_gradient(tmp_path):
+    """A tiny clip value: the recorded norm is the raw one, far above the clip value."""
+    torch.manual_seed(0)
+    oracle, callback = Oracle(), GradflowCallback(every_n_steps=3)
+    fit(tmp_path, Net(), [oracle, callback], gradient_clip_val=1e-3, epochs=1)
+    assert callback.steps == 6 and callback.windows == 2
+    rows = callback.monitor.history[-1].gradients
+    assert rows["body.4.weight"]["norm"] > 1e-2
+    overall = callback.monitor.history[-1].overall
+    if "clipped_steps" in overall:
+        assert overall["clipped_steps"] >= 1
+
+
+def test_other_loggers_get_the_scalars(tmp_path):
+    torch.manual_seed(0)
+    oracle, callback = Oracle(), GradflowCallback(every_n_steps=3, verbose=False)
+    trainer = fit(tmp_path, Net(), [oracle, callback], logger="csv", epochs=1)
+    with open(os.path.join(trainer.logger.log_dir, "metrics.csv"), newline="") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("grad/body/0/weight/mean_abs")]
+    assert [int(r["step"]) for r in rows] == [3, 6]
+    expected = windows(oracle.records, [3, 6])
+    for r in rows:
+        want = expected[int(r["step"])]["body.0.weight"]["mean_abs"]
+        assert abs(float(r["grad/body/0/weight/mean_abs"]) - want) / want < TOLERANCE
+    assert any(k.startswith("diagnosis/") for k in rows[0].keys())
+
+
+def test_a_resumed_fit_goes_on_numbering(tmp_path):
+    torch.manual_seed(0)
+    model, first = Net(), GradflowCallback(every_n_steps=4, verbose=False)
+    trainer = fit(tmp_path, model, [first], epochs=1)          # 6 steps: windows at 4 and 6 (fit end)
+    ckpt = str(tmp_path / "last.ckpt")
+    trainer.save_checkpoint(ckpt)
+    second = GradflowCallback(every_n_steps=4, verbose=False)
+    fit(tmp_path, Net(), [second], epochs=2, ckpt_path=ckpt)
+    assert second.steps == 12
+    assert [w.step for w in second.monitor.history] == [8, 12]
+
+
+def test_removed_when_the_fit_raises(tmp_path):
+    class Boom(Net):
+        def training_step(self, batch, batch_idx):
+            if batch_idx == 2:
+                raise RuntimeError("boom")
+            return super().training_step(batch, batch_idx)
+
+    model, callback = Boom(), GradflowCallback(verbose=False)
+    with pytest.raises(RuntimeError, match="boom"):
+        fit(tmp_path, model, [callback])
+    assert not callback.monitor.attached
+    with GradientMonitor(model):      # the model takes a new monitor: nothing was left behind
+        pass
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(every_n_steps=0), "every_n_steps must be a positive int"),
+    (dict(every_n_steps=2.5), "every_n_steps must be a positive int"),
+    (dict(histograms="yes"), "histograms must be True or False"),
+], ids=["zero", "float", "not_bool"])
+def test_bad_arguments_are_refused_at_construction(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        GradflowCallback(**kwargs)
+
+
+def test_missing_extra_names_it():
+    code = ("import sys; sys.modules['lightning'] = None; sys.modules['pytorch_lightning'] = None\n"
+            "try:\n    import gradflow.integrations.lightning\n"
+            "except Exception as e:\n    print(type(e).__name__, e)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": os.getcwd()}).stdout
+    assert "pip install 'gradflow-torch[lightning]'" in out and out.count("\n") == 1
