@@ -125,6 +125,7 @@ class GradflowCallback(_pl.Callback):
         self.histograms, self.weights, self.activations, self.verbose = histograms, weights, activations, verbose
         self.monitor: GradientMonitor | None = None
         self.diagnosis: Any = None
+        self._recording = False          # between attach and remove
         self.steps = 0              # optimizer steps recorded, over every fit (kept in checkpoints)
         self.windows = 0            # windows written
         self._logged_at = 0         # self.steps when the last window closed
@@ -141,6 +142,7 @@ class GradflowCallback(_pl.Callback):
         self.monitor = GradientMonitor(pl_module, logger_writer(self._loggers), automatic=False,
                                        histograms=self.histograms, weights=self.weights,
                                        activations=self.activations)
+        self._recording = True
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         if self.monitor is None:
@@ -163,6 +165,7 @@ class GradflowCallback(_pl.Callback):
         self._remove()
 
     def _remove(self) -> None:
+        self._recording = False
         if self.monitor is not None:
             self.monitor.remove()
         self._loggers = []
@@ -170,7 +173,7 @@ class GradflowCallback(_pl.Callback):
     # -- recording ------------------------------------------------------------------------
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
-        if self.monitor is None or not self.monitor.attached:
+        if not self._recording:
             return
         self.monitor.record(optimizer=getattr(optimizer, "optimizer", optimizer))
         self.steps += 1
@@ -178,7 +181,7 @@ class GradflowCallback(_pl.Callback):
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         # After the step is applied, so the window's weight update includes its last step.
         every = self.every_n_steps or trainer.log_every_n_steps
-        if self.monitor is not None and self.monitor.attached and self.steps // every > self._logged_at // every:
+        if self._recording and self.steps // every > self._logged_at // every:
             self._write()
 
     def _write(self) -> None:

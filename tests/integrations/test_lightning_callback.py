@@ -5,10 +5,7 @@ read back from TensorBoard's event files."""
 from __future__ import annotations
 
 import csv
-import glob
 import os
-import subprocess
-import sys
 import warnings
 
 import pytest
@@ -169,12 +166,3 @@ def test_removed_when_the_fit_raises(tmp_path):
 def test_bad_arguments_are_refused_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=message):
         GradflowCallback(**kwargs)
-
-
-def test_missing_extra_names_it():
-    code = ("import sys; sys.modules['lightning'] = None; sys.modules['pytorch_lightning'] = None\n"
-            "try:\n    import gradflow.integrations.lightning\n"
-            "except Exception as e:\n    print(type(e).__name__, e)\n")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         env={**os.environ, "PYTHONPATH": os.getcwd()}).stdout
-    assert "pip install 'gradflow-torch[lightning]'" in out and out.count("\n") == 1
