@@ -73,10 +73,18 @@ def fit(tmp_path, model, callbacks, *, logger="tb", epochs=2, ckpt_path=None, **
     return trainer
 
 
+def fp16_with_a_scaler():
+    """Lightning's 16-mixed has no GradScaler on the CPU; hand it one to test the unscaling."""
+    from lightning.pytorch.plugins import MixedPrecision
+
+    return MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0 ** 10))
+
+
 CASES = [
-    ("accumulate_clip", dict(accumulate_grad_batches=2, gradient_clip_val=0.5), False),
-    ("bf16_mixed", dict(accumulate_grad_batches=2, precision="bf16-mixed"), False),
-    ("manual_clip", dict(), True),
+    ("accumulate_clip", lambda: dict(accumulate_grad_batches=2, gradient_clip_val=0.5), False),
+    ("bf16_mixed", lambda: dict(accumulate_grad_batches=2, precision="bf16-mixed"), False),
+    ("fp16_gradscaler", lambda: dict(accumulate_grad_batches=2, plugins=[fp16_with_a_scaler()]), False),
+    ("manual_clip", lambda: dict(), True),
 ]
 
 
@@ -85,7 +93,7 @@ def test_tensorboard_matches_the_oracle(tmp_path, name, trainer_args, manual, ca
     torch.manual_seed(0)
     model = Net(manual=manual, clip=0.5 if manual else None)
     oracle, callback = Oracle(), GradflowCallback()
-    trainer = fit(tmp_path, model, [oracle, callback], log_every_n_steps=2, **trainer_args)
+    trainer = fit(tmp_path, model, [oracle, callback], log_every_n_steps=2, **trainer_args())
     steps = len(oracle.records)
     assert steps == trainer.global_step == callback.steps == (12 if manual else 6)   # 12 batches, accumulated by 2
     expected = windows(oracle.records, list(range(2, steps + 1, 2)))
