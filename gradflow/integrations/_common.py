@@ -37,6 +37,17 @@ def report_text(diagnosis: Any) -> str:
     return "\n".join("    " + line for line in diagnosis.report().splitlines())
 
 
+def step_skipped(scaler: Any, optimizer: Any) -> bool:
+    """Whether an AMP ``GradScaler`` found inf/NaN in ``optimizer``'s unscaled gradients, so that
+    it skips this step (the frameworks unscale before the hooks these callbacks record in). False
+    without a scaler. One host read of a flag per device, as ``GradScaler.step`` does anyway."""
+    if scaler is None:
+        return False
+    from gradflow.monitor.interception import found_inf
+
+    return found_inf(scaler, optimizer)
+
+
 def check_positive_int(name: str, value: Any, allow_none: bool = True) -> None:
     if value is None and allow_none:
         return

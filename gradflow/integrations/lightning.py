@@ -175,7 +175,10 @@ class GradflowCallback(_pl.Callback):
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         if not self._recording:
             return
-        self.monitor.record(optimizer=getattr(optimizer, "optimizer", optimizer))
+        optimizer = getattr(optimizer, "optimizer", optimizer)
+        # Under 16-mixed the scaler has unscaled by now and decides on overflow right after this hook.
+        skipped = _common.step_skipped(getattr(trainer.precision_plugin, "scaler", None), optimizer)
+        self.monitor.record(optimizer=optimizer, skipped=skipped)
         self.steps += 1
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:

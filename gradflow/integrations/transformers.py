@@ -149,7 +149,10 @@ class GradflowTrainerCallback(_tf.TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs) -> None:
         if self._recording:
-            self.monitor.record(optimizer=getattr(optimizer, "optimizer", optimizer))
+            # accelerate's AcceleratedOptimizer holds the fp16 scaler, which has unscaled by now
+            # (the Trainer computes grad_norm through accelerator.clip_grad_norm_ every step).
+            skipped = _common.step_skipped(getattr(optimizer, "scaler", None), getattr(optimizer, "optimizer", optimizer))
+            self.monitor.record(optimizer=getattr(optimizer, "optimizer", optimizer), skipped=skipped)
 
     def on_step_end(self, args, state, control, **kwargs) -> None:
         self._context = (args, state, control)

@@ -25,10 +25,11 @@ def grad_row(model: torch.nn.Module) -> dict[str, dict[str, float]]:
 
 def windows(records: list[dict], labels: list[int]) -> dict[int, dict[str, dict[str, float]]]:
     """Mean of each statistic over the steps of each window; window ``label`` holds steps
-    (previous label, label], counting steps from 1."""
+    (previous label, label], counting steps from 1. A record of None (a skipped step) counts as
+    a step but not in the means."""
     out, start = {}, 0
     for label in labels:
-        chunk = records[start:label]
+        chunk = [r for r in records[start:label] if r is not None]
         assert chunk, f"no oracle records for the window ending at step {label}"
         out[label] = {name: {key: sum(r[name][key] for r in chunk) / len(chunk) for key in chunk[0][name]}
                       for name in chunk[0]}

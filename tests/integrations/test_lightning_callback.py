@@ -112,6 +112,32 @@ def test_tensorboard_matches_the_oracle(tmp_path, name, trainer_args, manual, ca
     assert not callback.monitor.attached and GradientMonitor.detach(model) is False
 
 
+def test_a_step_the_scaler_skips_is_counted_apart(tmp_path):
+    """16-mixed with a GradScaler, one batch with an inf: that step is skipped (Lightning still calls
+    on_before_optimizer_step); it is counted in grad/skipped_steps and left out of the means."""
+
+    class Overflow(Oracle):
+        def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+            finite = all(torch.isfinite(p.grad).all() for p in pl_module.parameters() if p.grad is not None)
+            self.records.append(grad_row(pl_module) if finite else None)
+
+    x, y = next(iter(loader(n=48, batch=48)))
+    x[20] = float("inf")                                 # batch 2 (of 6): optimizer step 2 overflows
+    data = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=8)
+    oracle, callback = Overflow(), GradflowCallback(every_n_steps=3, verbose=False)
+    trainer = pl.Trainer(max_epochs=1, logger=pl.loggers.TensorBoardLogger(str(tmp_path), name="tb"),
+                         callbacks=[oracle, callback], accelerator="cpu", plugins=[fp16_with_a_scaler()],
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(Net(), data)
+    assert [r is None for r in oracle.records] == [False, False, True, False, False, False]
+    accumulators = tensorboard(trainer.logger.log_dir)
+    assert scalar_series(accumulators, "grad/skipped_steps") == {3: 1.0, 6: 0.0}
+    assert callback.monitor.history[0].overall["skipped_steps"] == 1
+    assert compare(windows(oracle.records, [3, 6]), accumulators) < TOLERANCE
+
+
 def test_recording_before_clipping_sees_the_raw_gradient(tmp_path):
     """A tiny clip value: the recorded norm is the raw one, far above the clip value."""
     torch.manual_seed(0)
