@@ -200,3 +200,28 @@ def test_removed_when_the_fit_raises(tmp_path):
 def test_bad_arguments_are_refused_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=message):
         GradflowCallback(**kwargs)
+
+
+def test_works_with_the_pytorch_lightning_package(tmp_path):
+    """Users who import ``pytorch_lightning`` pass the same callback (Lightning calls hooks by name)."""
+    ptl = pytest.importorskip("pytorch_lightning")
+
+    class Tiny(ptl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.layer = nn.Linear(4, 1)
+
+        def training_step(self, batch, batch_idx):
+            return nn.functional.mse_loss(self.layer(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    callback = GradflowCallback(every_n_steps=3, verbose=False)
+    trainer = ptl.Trainer(max_epochs=1, callbacks=[callback], accelerator="cpu", logger=ptl.loggers.TensorBoardLogger(str(tmp_path)),
+                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        trainer.fit(Tiny(), loader())
+    assert [w.step for w in callback.monitor.history] == [3, 6]
+    assert scalar_series(tensorboard(trainer.logger.log_dir), "grad/layer/weight/norm").keys() == {3, 6}
