@@ -11,14 +11,14 @@ import os
 import sys
 import warnings
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # test_lightning_callback, oracle_tools
 
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
 from gradflow.integrations.lightning import GradflowCallback  # noqa: E402
-from tests.integrations.test_lightning_callback import Net, Oracle, loader, pl  # noqa: E402
+from test_lightning_callback import Net, Oracle, loader, pl  # noqa: E402
 
 if __name__ == "__main__":
     out = sys.argv[1]

@@ -12,7 +12,7 @@ accelerate = pytest.importorskip("accelerate")
 
 from gradflow import GradientMonitor  # noqa: E402
 from gradflow.integrations.accelerate import record_if_synced  # noqa: E402
-from tests.integrations.oracle_tools import compare, grad_row, tensorboard, windows  # noqa: E402
+from oracle_tools import compare, grad_row, tensorboard, windows  # noqa: E402
 
 
 def test_records_once_per_accumulation_cycle(tmp_path):

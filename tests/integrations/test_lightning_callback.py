@@ -16,7 +16,7 @@ pl = pytest.importorskip("lightning.pytorch")
 
 from gradflow.integrations.lightning import GradflowCallback  # noqa: E402
 from gradflow.monitor import GradientMonitor  # noqa: E402
-from tests.integrations.oracle_tools import compare, grad_row, has_tag, scalar_series, tensorboard, windows  # noqa: E402
+from oracle_tools import compare, grad_row, has_tag, scalar_series, tensorboard, windows  # noqa: E402
 
 TOLERANCE = 1e-5     # float32 scalars in the event file against float64 oracles
 

@@ -12,7 +12,7 @@ import pytest
 
 pytest.importorskip("lightning.pytorch")
 
-from tests.integrations.oracle_tools import compare, tensorboard, windows  # noqa: E402
+from oracle_tools import compare, tensorboard, windows  # noqa: E402
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "ddp_lightning_run.py")
 

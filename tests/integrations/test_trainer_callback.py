@@ -16,7 +16,7 @@ pytest.importorskip("accelerate")
 
 from gradflow.integrations.transformers import GradflowTrainerCallback  # noqa: E402
 from gradflow.monitor import GradientMonitor  # noqa: E402
-from tests.integrations.oracle_tools import compare, grad_row, has_tag, scalar_series, tensorboard, windows  # noqa: E402
+from oracle_tools import compare, grad_row, has_tag, scalar_series, tensorboard, windows  # noqa: E402
 
 TOLERANCE = 1e-5
 
