@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -28,6 +29,54 @@ SATURATING = {nn.Tanh: (-1.0, 1.0), nn.Sigmoid: (0.0, 1.0), nn.Hardtanh: None, n
               nn.Hardsigmoid: (0.0, 1.0)}
 RECTIFIERS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU)
 OTHER_ACTIVATIONS = (nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Softplus, nn.Hardswish)
+
+
+class _Tap:
+    """The forward hook on one activation module: keeps its output for the next reduction.
+
+    It reads training forward passes only: grad mode on, outside backward (a non-reentrant
+    activation checkpoint reruns the forward inside backward; counting that rerun would count
+    the same outputs twice), and outside torch.compile's tracing (a hook that touches Python
+    state there becomes a guard that recompiles every step; the monitor says so at ``log``).
+
+    A copy of the model (``copy.deepcopy``, ``torch.save``/``torch.load``) gets ``_spent_tap``
+    in its place, which removes itself on its first call: the copy is not monitored, and the
+    hook's closure over the monitor is never pickled.
+    """
+
+    __slots__ = ("accumulator", "index", "__weakref__")
+
+    def __init__(self, accumulator: "_ActivationAccumulator", index: int) -> None:
+        self.accumulator = accumulator
+        self.index = index
+
+    def __call__(self, module, inputs, output):
+        if torch.compiler.is_compiling():
+            return None
+        if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and torch._C._current_graph_task_id() == -1:
+            self.accumulator.take(self.index, output)
+        return None
+
+    def __reduce__(self):
+        return _spent, ()
+
+    def __deepcopy__(self, memo):
+        return _spent_tap
+
+    def __copy__(self):
+        return _spent_tap
+
+
+def _spent() -> Callable:
+    return _spent_tap
+
+
+def _spent_tap(module: nn.Module, inputs, output) -> None:
+    """A monitor's tap as it appears in a copy of the model: removes itself, does nothing."""
+    for key, hook in list(module._forward_hooks.items()):
+        if hook is _spent_tap:
+            del module._forward_hooks[key]
+    return None
 
 
 @dataclass
@@ -78,15 +127,14 @@ class _ActivationAccumulator:
         self._plans = _BoundedCache()
         self._slot_rows = _BoundedCache()            # slots of the large outputs reduced together
 
-    def hook(self, index: int):
-        def on_forward(module, inputs, output):
-            if torch.is_grad_enabled() and isinstance(output, torch.Tensor):
-                self.pending.append((index, output.detach()))
-                self.pending_elements += output.numel()
-                if self.pending_elements >= PENDING_ELEMENTS:
-                    self.reduce()
-            return None
-        return on_forward
+    def hook(self, index: int) -> "_Tap":
+        return _Tap(self, index)
+
+    def take(self, index: int, output: torch.Tensor) -> None:
+        self.pending.append((index, output.detach()))
+        self.pending_elements += output.numel()
+        if self.pending_elements >= PENDING_ELEMENTS:
+            self.reduce()
 
     def reset(self) -> None:
         self.pending.clear()

@@ -25,7 +25,7 @@ class _GradientPlan:
     """Which parameters have a gradient in a step, split into small and large ones."""
 
     small: list[int]             # parameters copied into one flat tensor, reduced later in batches
-    large: list[int]             # parameters reduced at once, at each step
+    large: list[int]             # parameters reduced at once, at each step (also every float64 one)
     small_numel: int
     large_slots: torch.Tensor    # the slots of the large parameters' members, in order
 
@@ -36,17 +36,30 @@ class _Batch:
 
     lengths: torch.Tensor        # each row (one row per step and parameter): its length
     segment: torch.Tensor        # each element: its row
-    row_param: torch.Tensor      # each row: its parameter
+    row_param: torch.Tensor      # each row: its parameter's slot
     bin_offset: torch.Tensor     # each element: its parameter's offset into the counts (int32)
+    row_step: torch.Tensor       # each row: its step's index in the run, times members, plus its member
+
+
+def accumulator_dtype(device: torch.device) -> torch.dtype:
+    """float64 wherever the device has it: sums of squares of finite float32 gradients reach
+    1e77, far past float32's 3.4e38 (a gradient of 1e20 would read as an infinite norm)."""
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 class _GradientAccumulator:
     """Sums each step's per-parameter gradient statistics and histograms on the device.
 
     ``totals`` rows are per parameter: sum of g, sum of |g|, L2 norm and max |g|, each summed
-    over steps; ``counts`` are the sign/exponent histograms summed over steps. Small parameters
-    are copied at each step into one flat tensor and reduced many steps at a time (on a small
-    model each op costs more than its arithmetic); large ones are reduced at once.
+    over steps (in float64); ``counts`` are the sign/exponent histograms summed over steps;
+    ``step_squares`` is each step's sum of g² over the parameters it recorded (its total norm,
+    squared, as ``clip_grad_norm_`` computes it). Small parameters are copied at each step into
+    one flat tensor and reduced many steps at a time (on a small model each op costs more than
+    its arithmetic); large ones, and float64 ones (which keep their range), are reduced at once.
+
+    A step records a subset of the parameters (``mask``): those of the optimizer that steps.
+    Steps that an AMP ``GradScaler`` skipped are kept apart: ``skipped`` counts them per
+    parameter and ``skipped_nonfinite`` their non-finite values.
 
     With ``members`` K > 1 (K models trained as one, stacked on a leading dimension) each
     parameter has K slots, one per member: slot ``i * K + k`` is member k of parameter i. A
@@ -54,25 +67,41 @@ class _GradientAccumulator:
     """
 
     def __init__(self, params: list[torch.Tensor], members: int = 1) -> None:
-        self.params = params
         self.members = members
         device = params[0].device
-        self.numel = [p.numel() for p in params]
-        self.slot_numel = [p.numel() // members for p in params for _ in range(members)]
+        self.bind(params)
         slots = len(self.slot_numel)
-        self.totals = torch.zeros(slots, len(GRADIENT_FIELDS), device=device)
+        dtype = accumulator_dtype(device)
+        self.totals = torch.zeros(slots, len(GRADIENT_FIELDS), device=device, dtype=dtype)
         self.counts = torch.zeros(slots * S.SIGN_EXPONENT_BINS, dtype=torch.int64, device=device)
+        self.step_squares = torch.zeros(64, members, device=device, dtype=dtype)
+        self.skipped_nonfinite = torch.zeros(len(params), device=device, dtype=dtype)
+        self.skipped = np.zeros(len(params), dtype=np.int64)
+        self.recorded = 0                            # record() calls in this window
         self._scratch = S.Scratch()                  # for the large tensors
         self.steps_by_pattern: dict[tuple[bool, ...], int] = {}
-        self.pending: list[tuple[_GradientPlan, torch.Tensor]] = []
+        self.pending: list[tuple[_GradientPlan, torch.Tensor, int]] = []
         self.pending_elements = 0
         self._plans: dict[tuple[bool, ...], _GradientPlan] = {}
         self._batches = _BoundedCache()
 
+    def bind(self, params: list[torch.Tensor]) -> None:
+        """Follow these tensors from now on (the same shapes and dtypes, or a first binding)."""
+        self.params = params
+        self.numel = [p.numel() for p in params]
+        self.float64 = [p.dtype == torch.float64 for p in params]
+        self.slot_numel = [p.numel() // self.members for p in params for _ in range(self.members)]
+
+    @property
+    def device(self) -> torch.device:
+        return self.totals.device
+
     def reset(self) -> None:
         self.pending.clear()
         self.pending_elements = 0
-        torch._foreach_zero_([self.totals, self.counts])
+        torch._foreach_zero_([self.totals, self.counts, self.step_squares, self.skipped_nonfinite])
+        self.skipped[:] = 0
+        self.recorded = 0
         self.steps_by_pattern.clear()
 
     def steps(self) -> np.ndarray:
@@ -82,36 +111,56 @@ class _GradientAccumulator:
             steps[list(pattern)] += count
         return np.repeat(steps, self.members)
 
-    def record(self) -> None:
-        """Add the current ``.grad`` of every parameter that has one. No host sync.
+    def record(self, mask: tuple[bool, ...] | None = None) -> bool:
+        """Add the current ``.grad`` of every parameter that has one (of those in ``mask``, if
+        given) as one step. No host sync. False if no parameter had a gradient.
 
         The hot path of the monitor: one list, one tuple and one ``cat`` per step on a small
         model (no ``no_grad`` context: gradients do not require grad unless the caller asked
         for a double backward, and then the copy is detached).
         """
-        grads = [p.grad for p in self.params]
+        if mask is None:
+            grads = [p.grad for p in self.params]
+        else:
+            grads = [p.grad if wanted else None for p, wanted in zip(self.params, mask)]
         pattern = tuple(g is not None for g in grads)
         if not any(pattern):
-            return
+            return False
+        step = self.recorded
+        if step >= self.step_squares.shape[0]:       # grow on the device: no host sync
+            self.step_squares = torch.cat([self.step_squares, torch.zeros_like(self.step_squares)])
         plan = self._plans.get(pattern) or self._make_plan(pattern)
         if plan.small:
             copy = _flat_copy([grads[i] for i in plan.small])
-            self.pending.append((plan, copy.detach() if copy.requires_grad else copy))
+            self.pending.append((plan, copy.detach() if copy.requires_grad else copy, step))
             self.pending_elements += plan.small_numel
             if self.pending_elements >= PENDING_ELEMENTS:
                 self.reduce()
         if plan.large:
             with torch.no_grad():
-                self._reduce_large(plan, grads)
+                self._reduce_large(plan, grads, step)
         self.steps_by_pattern[pattern] = self.steps_by_pattern.get(pattern, 0) + 1
+        self.recorded += 1
+        return True
+
+    @torch.no_grad()
+    def record_skipped(self, mask: tuple[bool, ...] | None = None) -> None:
+        """Count a step that was not applied (an AMP overflow): per parameter, the step and its
+        non-finite values. Rare, so plain ops: one count per parameter."""
+        for i, p in enumerate(self.params):
+            if p.grad is None or (mask is not None and not mask[i]):
+                continue
+            self.skipped[i] += 1
+            grad = p.grad.to_dense() if p.grad.layout != torch.strided else p.grad
+            self.skipped_nonfinite[i] += (~torch.isfinite(grad)).sum()
 
     def _make_plan(self, pattern: tuple[bool, ...]) -> _GradientPlan:
         present = [i for i, has in enumerate(pattern) if has]
-        small = [i for i in present if self.numel[i] < LARGE_PARAMETER]
-        large = [i for i in present if self.numel[i] >= LARGE_PARAMETER]
+        large = [i for i in present if self.numel[i] >= LARGE_PARAMETER or self.float64[i]]
+        small = [i for i in present if i not in large]
         slots = [i * self.members + member for i in large for member in range(self.members)]
         plan = self._plans[pattern] = _GradientPlan(small, large, sum(self.numel[i] for i in small),
-                                                    torch.tensor(slots, dtype=torch.long, device=self.totals.device))
+                                                    torch.tensor(slots, dtype=torch.long, device=self.device))
         return plan
 
     @torch.no_grad()
@@ -120,37 +169,57 @@ class _GradientAccumulator:
         if not self.pending:
             return
         pending, self.pending, self.pending_elements = self.pending, [], 0
-        key = tuple(id(plan) for plan, _ in pending)
-        batch = self._batches.get(key) or self._batches.put(key, self._make_batch([p for p, _ in pending]))
-        flat = torch.cat([copy for _, copy in pending]) if len(pending) > 1 else pending[0][1]
+        key = tuple(id(plan) for plan, _, _ in pending)
+        batch = self._batches.get(key) or self._batches.put(key, self._make_batch([p for p, _, _ in pending]))
+        flat = torch.cat([copy for _, copy, _ in pending]) if len(pending) > 1 else pending[0][1]
         _check_layout(flat, batch.segment)
         kernels = S.fused_kernels(flat.device)
         if kernels is not None:                       # one fused pass instead of a dozen ops
             rows = kernels.fold_rows(flat.numpy(), batch.lengths.numpy(), batch.row_param.numpy(),
                                      self.counts.view(-1, S.SIGN_EXPONENT_BINS).numpy())
+            by_step = np.bincount(batch.row_step.numpy(), weights=rows[:, 2], minlength=len(pending) * self.members)
+            self._add_step_squares([step for _, _, step in pending], torch.from_numpy(by_step))
             rows[:, 2] = np.sqrt(rows[:, 2])
             self.totals.index_add_(0, batch.row_param, torch.from_numpy(rows[:, :4]).to(self.totals.dtype))
             return
-        magnitude = flat.abs()
-        sums = S.segment_sums([flat, magnitude, flat * flat], batch.lengths, batch.segment)
+        wide = flat.to(self.totals.dtype)             # float64 sums: no overflow for finite gradients
+        magnitude = wide.abs()
+        sums = S.segment_sums([wide, magnitude, wide * wide], batch.lengths, batch.segment)
         largest = S.segment_max(magnitude, batch.lengths, batch.segment)
+        by_step = sums.new_zeros(len(pending) * self.members).index_add_(0, batch.row_step, sums[2])
+        self._add_step_squares([step for _, _, step in pending], by_step)
         per_step = torch.stack([sums[0], sums[1], sums[2].sqrt(), largest], dim=1)
         self.totals.index_add_(0, batch.row_param, per_step)
         S.count_into(self.counts, S.sign_exponent_bins(flat).add_(batch.bin_offset))
 
+    def _add_step_squares(self, steps: list[int], by_step: torch.Tensor) -> None:
+        """Add a run's per-step squares, (len(steps) * members,), at those steps."""
+        by_step = by_step.view(len(steps), self.members).to(self.step_squares.dtype)
+        if steps[-1] - steps[0] + 1 == len(steps):      # consecutive: a view, no index tensor
+            self.step_squares[steps[0]:steps[-1] + 1].add_(by_step)
+        else:
+            self.step_squares.index_add_(0, torch.tensor(steps, device=self.device), by_step)
+
     def _make_batch(self, plans: list[_GradientPlan]) -> _Batch:
-        device = self.totals.device
+        device = self.device
         k = self.members
         row_param = [i * k + member for plan in plans for i in plan.small for member in range(k)]
+        row_step = [step * k + member for step, plan in enumerate(plans) for _ in plan.small for member in range(k)]
         lengths, segment = _segment_layout([self.slot_numel[slot] for slot in row_param], device)
         params = torch.tensor(row_param, device=device, dtype=torch.long)
-        return _Batch(lengths, segment, params, (params[segment] * S.SIGN_EXPONENT_BINS).int())
+        return _Batch(lengths, segment, params, (params[segment] * S.SIGN_EXPONENT_BINS).int(),
+                      torch.tensor(row_step, device=device, dtype=torch.long))
 
-    def _reduce_large(self, plan: _GradientPlan, grads: list[torch.Tensor]) -> None:
+    def _reduce_large(self, plan: _GradientPlan, grads: list[torch.Tensor], step: int) -> None:
         """Reduce the large gradients of a step at once, one job per member of each."""
         counts = self.counts.view(-1, S.SIGN_EXPONENT_BINS)
         jobs = [(flat, counts[slot], None) for i in plan.large
-                for slot, flat in enumerate(_flat(grads[i]).view(self.members, -1), start=i * self.members)]
+                for slot, flat in enumerate(_flat(grads[i], keep_float64=True).view(self.members, -1),
+                                            start=i * self.members)]
         folded = self._scratch.fold(jobs)
+        self.step_squares[step].add_(folded[:, 2].view(-1, self.members).sum(0).to(self.step_squares.dtype))
         folded[:, 2].sqrt_()                          # the sum of squares becomes the L2 norm
+        for row, (flat, _, _) in enumerate(jobs):
+            if flat.dtype == torch.float64:           # keep float64's range (squares overflow past 1e154)
+                folded[row, 2] = S.scaled_norm(flat)
         self.totals.index_add_(0, plan.large_slots, folded[:, :4].to(self.totals.dtype))

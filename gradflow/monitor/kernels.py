@@ -34,6 +34,7 @@ _MAGNITUDE_BITS = np.int32(0x7FFFFFFF)
 _SHIFT = np.uint32(23)
 _ONE = np.uint32(1)
 _SIGN_BIN = 256
+_INF_BITS = np.int32(0x7F800000)     # |x| bits at or above this: Inf or NaN
 
 
 @njit(nogil=True, boundscheck=False, fastmath=_REASSOCIATE, cache=True)
@@ -51,6 +52,22 @@ def _block_moments(values, bits, centre, threshold):
         squares += x * x
         beyond += abs(x - centre) > threshold
         top = max(top, bits[i] & _MAGNITUDE_BITS)
+    if not (np.isfinite(total) and np.isfinite(absolute) and np.isfinite(squares)) and top < _INF_BITS:
+        return _block_moments_wide(values, beyond, top)     # finite values whose float32 sums overflow
+    return np.float64(total), np.float64(absolute), np.float64(squares), beyond, top
+
+
+@njit(nogil=True, boundscheck=False, cache=True)
+def _block_moments_wide(values, beyond, top):
+    """_block_moments' sums in float64 (rare: a block of values near float32's limit)."""
+    total = 0.0
+    absolute = 0.0
+    squares = 0.0
+    for i in range(values.size):
+        x = np.float64(values[i])
+        total += x
+        absolute += abs(x)
+        squares += x * x
     return total, absolute, squares, beyond, top
 
 
@@ -139,6 +156,25 @@ def _block_weights(values, start):
     for i in range(values.size):
         w = values[i]
         s = start[i]
+        absolute += abs(w)
+        squares += w * w
+        moved += (w - s) * (w - s)
+        before += s * s
+    if not (np.isfinite(absolute) and np.isfinite(squares) and np.isfinite(moved) and np.isfinite(before)):
+        return _block_weights_wide(values, start)
+    return np.float64(absolute), np.float64(squares), np.float64(moved), np.float64(before)
+
+
+@njit(nogil=True, boundscheck=False, cache=True)
+def _block_weights_wide(values, start):
+    """_block_weights' sums in float64 (rare: weights near float32's limit, or not finite)."""
+    absolute = 0.0
+    squares = 0.0
+    moved = 0.0
+    before = 0.0
+    for i in range(values.size):
+        w = np.float64(values[i])
+        s = np.float64(start[i])
         absolute += abs(w)
         squares += w * w
         moved += (w - s) * (w - s)

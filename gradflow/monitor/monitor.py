@@ -1,11 +1,16 @@
 """GradientMonitor: per-layer gradient, weight and activation statistics for any nn.Module.
 
-The monitor records the gradient the optimizer applies. It hooks the optimizer's step (a
+The monitor records the gradient each optimizer step applies. It hooks the optimizer's step (a
 pre-hook), not the parameters' gradients, so what it sees is the gradient after accumulation
 over micro-batches, after DistributedDataParallel's all-reduce, and after
 ``GradScaler.unscale_`` under AMP: the hooks that tensor-hook tools use fire before all three.
-Every step's statistics are summed on the device; ``log(step)`` reads the window back to the
-host once, writes it to TensorBoard and starts the next window.
+With a closure (``optimizer.step(closure)``) it records right after the closure's backward;
+each step records the parameters of the optimizer that steps (``steps.py``). Steps that a
+``GradScaler`` skipped on overflow are counted apart, and ``clip_grad_norm_`` calls give the
+norm before clipping (``interception.py``). Every step's statistics are summed on the device;
+``log(step)`` reads the window back to the host once, writes it to its sink and starts the
+next window. Frameworks that know where the gradient is final (Lightning's
+``on_before_optimizer_step``) pass ``automatic=False`` and call ``record()`` there.
 
 Example:
     >>> from torch.utils.tensorboard import SummaryWriter
@@ -22,20 +27,23 @@ the config or the CLI.
 
 from __future__ import annotations
 
+import warnings
 import weakref
-from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
-from gradflow.monitor import stats as S
+from gradflow.monitor import interception
 from gradflow.monitor.activations import _ActivationAccumulator, is_activation
-from gradflow.monitor.gradients import _GradientAccumulator
-from gradflow.monitor.stats import Histogram
+from gradflow.monitor.gradients import _GradientAccumulator, accumulator_dtype
+from gradflow.monitor.steps import OptimizerMasks, closure_of, recording_closure, replace_closure
 from gradflow.monitor.tensors import MonitorError
 from gradflow.monitor.weights import _WeightTracker
+from gradflow.monitor.window import HistogramRequests, Window, WindowReader, tag_path
+
+__all__ = ["GradientMonitor", "MonitorError", "Window", "tag_path", "unwrap"]
 
 _ATTACHED: "weakref.WeakKeyDictionary[nn.Module, GradientMonitor]" = weakref.WeakKeyDictionary()
 
@@ -51,31 +59,16 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
-def tag_path(name: str) -> str:
-    """TensorBoard path of a parameter or module name: ``dense_1.weight`` -> ``dense_1/weight``."""
-    return name.replace(".", "/")
-
-
-@dataclass
-class Window:
-    """What one window recorded: per-parameter gradient and weight rows, per-module activations."""
-
-    step: int
-    steps: int
-    member: int | None = None    # which member of a batched model (``members`` > 1)
-    gradients: dict[str, dict[str, float]] = field(default_factory=dict)
-    weights: dict[str, dict[str, float]] = field(default_factory=dict)
-    activations: dict[str, dict[str, float]] = field(default_factory=dict)
-
-
 class GradientMonitor:
     """Records per-parameter gradient statistics at every optimizer step of ``model``.
 
     Args:
         model: any nn.Module (also wrapped in DistributedDataParallel or torch.compile).
-        writer: a ``SummaryWriter`` to stream to, or None to only return and keep statistics.
+        writer: where each window goes: a ``SummaryWriter``; None to only return and keep
+            statistics; a ``gradflow.monitor.sinks.Sink``, ``ScalarSink(fn)`` for loggers that take
+            scalars only, or ``TeeSink(...)`` for several. Anything else is a ``MonitorError``.
         optimizer: watch this optimizer's steps only; by default any torch.optim optimizer
-            that steps this model's parameters is watched.
+            that steps this model's parameters is watched, each recording its own parameters.
         histograms: write value and log10 |g| histograms (the counts behind the zero and
             non-finite statistics are kept either way).
         weights: also record weight norms, update ratios and weight histograms.
@@ -86,6 +79,16 @@ class GradientMonitor:
             a leading dimension of K): statistics are kept per member, ``log`` returns one dict
             per member, ``member_history(k)`` gives a member's windows, and ``writer`` may be a
             list of K writers (else tags are prefixed ``member_<k>/``).
+        automatic: record at each optimizer step (the default). False: record only when
+            ``record()`` is called, for frameworks that know where the gradient is final.
+
+    A window's ``steps`` is the largest number of steps any one parameter recorded: the
+    optimizer steps for one optimizer, the training iterations for a GAN's two optimizers or
+    for one optimizer per parameter. Each row's own ``steps`` counts that parameter's.
+
+    Raises:
+        MonitorError: a second monitor on the same model, a parameter on the meta device or
+            not yet initialised (lazy modules), a writer of an unknown kind, bad ``members``.
 
     The monitor keeps no reference to ``model`` itself, adds nothing to it, and removes every
     hook it added on ``remove()`` or on leaving ``with``.
@@ -99,7 +102,7 @@ class GradientMonitor:
 
     def __init__(self, model: nn.Module, writer=None, *, optimizer: torch.optim.Optimizer | None = None,
                  histograms: bool = True, weights: bool = True, activations: bool = True,
-                 members: int = 1) -> None:
+                 members: int = 1, automatic: bool = True) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"GradientMonitor needs an nn.Module, got {type(model).__name__}")
         inner = unwrap(model)
@@ -108,14 +111,13 @@ class GradientMonitor:
             raise MonitorError(
                 f"this {type(inner).__name__} already has a GradientMonitor attached; call .remove() on "
                 "that monitor (or GradientMonitor.detach(model)) before attaching another")
-        named = [(name, p) for name, p in inner.named_parameters() if p.is_floating_point()]
-        if not named:
-            raise MonitorError(f"{type(inner).__name__} has no floating-point parameters to monitor")
+        named = _monitored_parameters(inner)
         _check_members(named, members)
+        self._sinks = _sinks(writer, members)
         params = [p for _, p in named]
         self.names = [name for name, _ in named]
         self.members = members
-        self._sinks = _sinks(writer, members)
+        self.automatic = automatic
         self.histograms = histograms
         self.history: list[Window] = []
         self._model = weakref.ref(inner)
@@ -123,32 +125,34 @@ class GradientMonitor:
         self._weights = _WeightTracker(params, members) if weights else None
         taps = [(n, m) for n, m in inner.named_modules() if is_activation(m)] if activations else []
         self._activations = _ActivationAccumulator(taps, params[0].device, members)
-        self._optimizers: "weakref.WeakKeyDictionary[torch.optim.Optimizer, bool]" = weakref.WeakKeyDictionary()
+        self._index_of = {id(p): i for i, p in enumerate(params)}
+        self._masks = OptimizerMasks(len(params), lambda: self._index_of)
+        self._optimizer = weakref.ref(optimizer) if optimizer is not None else None
         self._handles: list = []
-        self._window_steps = 0
-        self._attach(inner, optimizer, taps)
+        self._warned: set[str] = set()
+        self._start_window()
+        self._attach(inner, taps)
 
     # -- life cycle -----------------------------------------------------------------------
 
-    def _attach(self, model: nn.Module, optimizer, taps) -> None:
-        if optimizer is not None:
-            self._optimizers[optimizer] = True
-            self._handles.append(optimizer.register_step_pre_hook(self._on_optimizer_step))
-        else:
+    def _attach(self, model: nn.Module, taps) -> None:
+        if self.automatic:
             self._handles.append(register_optimizer_step_pre_hook(self._on_optimizer_step))
         for index, (_, module) in enumerate(taps):
             self._handles.append(module.register_forward_hook(self._activations.hook(index)))
+        interception.watch(self)
         _ATTACHED[model] = self
 
     @property
     def attached(self) -> bool:
-        return bool(self._handles)
+        return bool(self._handles) or self in interception._WATCHERS
 
     def remove(self) -> None:
         """Remove every hook this monitor added. Safe to call more than once."""
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+        interception.unwatch(self)
         # Fold in what is pending (and let go of it): a later log() still reports it.
         self._gradients.reduce()
         self._activations.reduce()
@@ -173,21 +177,65 @@ class GradientMonitor:
 
     # -- recording ------------------------------------------------------------------------
 
-    def _on_optimizer_step(self, optimizer, args=None, kwargs=None) -> None:
-        owns = self._optimizers.get(optimizer)
-        if owns is None:  # first step of an optimizer we were not told about: is it ours?
-            mine = {id(p) for p in self._gradients.params}
-            owns = any(id(p) in mine for group in optimizer.param_groups for p in group["params"])
-            self._optimizers[optimizer] = owns
-        if owns:
-            self.record()
-        return None
+    def _on_optimizer_step(self, optimizer, args=(), kwargs=None):
+        if self._optimizer is not None and optimizer is not self._optimizer():
+            return None
+        mask = self._mask(optimizer)
+        if mask is None:
+            return None
+        if getattr(optimizer, "_step_supports_amp_scaling", False) and (kwargs or {}).get("grad_scaler") is not None:
+            self._warn_once("fused-amp", f"{type(optimizer).__name__} unscales its gradients inside step(): the "
+                            "monitor records them still scaled by the GradScaler's scale")
+        closure, by_keyword = closure_of(args, kwargs or {})
+        if closure is None:
+            self._gradients.record(mask)
+            return None
+        # The closure runs forward and backward inside step(): record after it, not before.
+        wrapped = recording_closure(closure, lambda: self._gradients.record(mask))
+        return replace_closure(args, kwargs or {}, wrapped, by_keyword)
 
-    def record(self) -> None:
-        """Record the current gradients as one step. Called for you at each optimizer step;
-        call it yourself after ``backward()`` only if your loop has no torch.optim optimizer."""
-        self._gradients.record()
-        self._window_steps += 1
+    def record(self, optimizer: torch.optim.Optimizer | None = None, *, skipped: bool = False) -> None:
+        """Record the current gradients as one step: those of ``optimizer``'s parameters, or of
+        every monitored parameter. Called for you at each optimizer step (``automatic=True``);
+        call it yourself where your loop's gradient is final if it has no torch.optim optimizer,
+        or with ``automatic=False``. ``skipped=True``: the step was not applied (an AMP overflow);
+        it is counted as skipped with its non-finite values, not averaged into the statistics."""
+        mask = None if optimizer is None else self._mask(optimizer)
+        if optimizer is not None and mask is None:
+            self._warn_once("foreign-optimizer", f"record({type(optimizer).__name__}): that optimizer holds none of "
+                            "this monitor's parameters; nothing was recorded")
+            return
+        if skipped:
+            self._gradients.record_skipped(mask)
+            self._skipped_steps += 1
+        else:
+            self._gradients.record(mask)
+
+    def _mask(self, optimizer: torch.optim.Optimizer) -> tuple[bool, ...] | None:
+        mask = self._masks.mask(optimizer)
+        if mask is None and self._masks.foreign(optimizer) and self._follow():
+            mask = self._masks.mask(optimizer)      # the model's parameters were replaced: follow them
+        return mask
+
+    def _on_skipped(self, optimizer: torch.optim.Optimizer) -> None:
+        """GradScaler skipped ``optimizer``'s step (interception)."""
+        if not self.automatic or (self._optimizer is not None and optimizer is not self._optimizer()):
+            return
+        mask = self._mask(optimizer)
+        if mask is not None:
+            self._gradients.record_skipped(mask)
+            self._skipped_steps += 1
+
+    def _on_clip(self, params: list[torch.Tensor], total: torch.Tensor, max_norm: float) -> None:
+        """clip_grad_norm_ ran over ``params`` and found ``total`` (interception)."""
+        if not any(id(p) in self._index_of for p in params):
+            return
+        total = total.detach()
+        if self._clip is None or self._clip.device != total.device:
+            self._clip = torch.zeros(2, device=total.device, dtype=accumulator_dtype(total.device))
+        # torch clips when max_norm / (total + 1e-6) < 1 (torch/nn/utils/clip_grad.py).
+        self._clip.add_(torch.stack([total, total + 1e-6 > max_norm]).to(self._clip.dtype))
+        self._clip_calls += 1
 
     # -- reading --------------------------------------------------------------------------
 
@@ -196,26 +244,36 @@ class GradientMonitor:
 
         Each parameter's ``mean``, ``mean_abs``, ``norm`` and ``max_abs`` are the means over the
         window's steps of that step's value; ``nonfinite`` counts every non-finite element of
-        every step and ``zero_fraction`` every zero one. Parameters that had no gradient in the
-        window are left out. Weight statistics join as ``weight_l1``, ``weight_norm`` and
-        ``weight_update_ratio``; activations are in ``history[-1].activations``. With
-        ``members`` K > 1, a list of K such dicts, one per member.
+        every applied step and ``zero_fraction`` every zero one; ``steps`` and ``skipped_steps``
+        count that parameter's steps. Parameters that had no gradient in the window are left
+        out. Weight statistics join as ``weight_l1``, ``weight_norm`` and
+        ``weight_update_ratio``; activations are in ``history[-1].activations`` and the
+        window-level figures (total norm per step, skipped and clipped steps) in
+        ``history[-1].overall``. With ``members`` K > 1, a list of K such dicts, one per member.
+
+        Raises:
+            MonitorError: the model's parameters were replaced by tensors of another shape,
+                dtype or device since the monitor attached.
         """
+        self._follow()
         self._gradients.reduce()
         self._activations.reduce()
         values = self._read_back()
-        members = range(self.members)
-        windows = [Window(step, self._window_steps, member=k if self.members > 1 else None) for k in members]
-        scalars: list[dict[str, float]] = [{} for _ in members]
-        wanted = _HistogramRequests()
-        self._read_gradients(values, windows, scalars, wanted)
+        steps = self._gradients.steps()
+        self._warn_about_gaps(steps)
+        windows = [Window(step, int(steps.max(initial=0)), member=k if self.members > 1 else None)
+                   for k in range(self.members)]
+        reader = WindowReader(self.names, self.members, windows, HistogramRequests())
+        reader.gradients(values, steps, self._gradients.slot_numel, self._gradients.skipped)
+        clipping = (self._clip_calls, *values["clip"]) if "clip" in values else None
+        reader.overall(values["step_squares"], self._gradients.recorded, self._skipped_steps, clipping)
         if self._weights is not None:
-            self._read_weights(values, windows, scalars, wanted)
-        self._read_activations(values, windows, scalars, wanted)
-        histograms = wanted.build(self.members) if self.histograms and self._sinks else [{} for _ in members]
+            reader.weights(values)
+        reader.activations(values, self._activations)
+        histograms = reader.wanted.build(self.members) if self.histograms and self._sinks else None
         for k, sink, prefix in self._sinks:
-            sink.log({prefix + tag: v for tag, v in scalars[k].items()},
-                     {prefix + tag: h for tag, h in histograms[k].items()}, step)
+            sink.log({prefix + tag: v for tag, v in reader.scalars[k].items()},
+                     {prefix + tag: h for tag, h in (histograms[k] if histograms else {}).items()}, step)
         self.history.extend(windows)
         self._start_window()
         return windows[0].gradients if self.members == 1 else [w.gradients for w in windows]
@@ -226,12 +284,15 @@ class GradientMonitor:
 
     def _read_back(self) -> dict[str, np.ndarray]:
         """One device-to-host copy of everything the window accumulated."""
-        parts = {"totals": self._gradients.totals, "counts": self._gradients.counts,
-                 "moments": self._activations.moments, "activation_counts": self._activations.counts,
-                 "positives": self._activations.positives}
+        g, a = self._gradients, self._activations
+        parts = {"totals": g.totals, "counts": g.counts, "step_squares": g.step_squares,
+                 "skipped_nonfinite": g.skipped_nonfinite, "moments": a.moments, "activation_counts": a.counts,
+                 "positives": a.positives}
+        if self._clip is not None:
+            parts["clip"] = self._clip.to(g.device)
         if self._weights is not None:
             parts["weights"], parts["weight_counts"] = self._weights.summary()
-        if self._gradients.totals.device.type == "cpu":      # copies, not views: the sums are zeroed next
+        if g.device.type == "cpu":      # copies, not views: the sums are zeroed next
             return {key: tensor.numpy().astype(np.float64) for key, tensor in parts.items()}
         flat = torch.cat([t.reshape(-1).double() for t in parts.values()]).cpu().numpy()
         out, start = {}, 0
@@ -240,89 +301,93 @@ class GradientMonitor:
             start += tensor.numel()
         return out
 
-    def _slots(self, names: list[str]):
-        """(slot, member, name, tag path) for every slot: member k of item i is slot i*K + k."""
-        for slot in range(len(names) * self.members):
-            index, member = divmod(slot, self.members)
-            yield slot, member, names[index], tag_path(names[index])
-
-    def _read_gradients(self, values, windows, scalars, wanted: "_HistogramRequests") -> None:
-        counts = values["counts"].reshape(-1, S.SIGN_EXPONENT_BINS)
-        steps = self._gradients.steps()
-        numel = np.asarray(self._gradients.slot_numel, dtype=np.float64)
-        means = values["totals"] / np.maximum(steps, 1)[:, None]
-        zeros = counts[:, S.ZERO_EXPONENT] + counts[:, S.EXPONENTS + S.ZERO_EXPONENT]
-        nonfinite = counts[:, S.NONFINITE_EXPONENT] + counts[:, S.EXPONENTS + S.NONFINITE_EXPONENT]
-        for slot, k, name, path in self._slots(self.names):
-            if steps[slot] == 0:
-                continue
-            row = {"mean": float(means[slot, 0] / numel[slot]), "mean_abs": float(means[slot, 1] / numel[slot]),
-                   "norm": float(means[slot, 2]), "max_abs": float(means[slot, 3]),
-                   "zero_fraction": float(zeros[slot] / (numel[slot] * steps[slot])),
-                   "nonfinite": int(nonfinite[slot])}
-            scalars[k].update({f"grad/{path}/{key}": value for key, value in row.items()})
-            wanted.value(k, f"grad/{path}", counts[slot])
-            wanted.log10(k, f"grad_log10/{path}", counts[slot])
-            row["steps"] = int(steps[slot])
-            windows[k].gradients[name] = row
-
-    def _read_weights(self, values, windows, scalars, wanted: "_HistogramRequests") -> None:
-        l1, l2, moved, start = values["weights"].T
-        with np.errstate(divide="ignore", invalid="ignore"):
-            # A zero start (a fresh bias) has no relative update: NaN says so.
-            ratios = np.where(start > 0, moved / start, np.nan)
-        for slot, k, name, path in self._slots(self.names):
-            row = {"l1": float(l1[slot]), "norm": float(l2[slot]), "update_ratio": float(ratios[slot])}
-            windows[k].weights[name] = row
-            if name in windows[k].gradients:
-                windows[k].gradients[name].update({f"weight_{key}": v for key, v in row.items()})
-            scalars[k].update({f"weight/{path}/{key}": value for key, value in row.items()})
-            wanted.value(k, f"weight/{path}", values["weight_counts"][slot])
-
-    def _read_activations(self, values, windows, scalars, wanted: "_HistogramRequests") -> None:
-        taps = self._activations
-        counts = values["activation_counts"].reshape(-1, S.SIGN_EXPONENT_BINS)
-        for slot, k, name, path in self._slots(taps.names):
-            row = taps.read(slot, values["moments"][slot], values["positives"])
-            if row is None:
-                continue
-            windows[k].activations[name] = row
-            scalars[k].update({f"activation/{path}/{key}": v for key, v in row.items()})
-            wanted.value(k, f"activation/{path}", counts[slot])
-
     def _start_window(self) -> None:
         self._gradients.reset()
         self._activations.reset()
         if self._weights is not None:
             self._weights.snapshot()
-        self._window_steps = 0
+        self._skipped_steps = 0
+        self._clip: torch.Tensor | None = None
+        self._clip_calls = 0
+
+    # -- keeping up with the model --------------------------------------------------------
+
+    def _follow(self) -> bool:
+        """Rebind to the model's parameters if they were replaced (``load_state_dict(...,
+        assign=True)``, ``to_empty()``) by tensors of the same shape, dtype and device; True if
+        so. MonitorError if they changed in a way the window's sums cannot follow."""
+        model = self._model()
+        if model is None:
+            return False
+        current = [(name, p) for name, p in model.named_parameters() if p.is_floating_point()]
+        params = self._gradients.params
+        if len(current) == len(params) and all(p is q for (_, p), q in zip(current, params)):
+            _check_device(current, self._gradients.device)
+            return False
+        if [name for name, _ in current] != self.names:
+            raise MonitorError(f"the model's parameters changed after the monitor attached (now {len(current)}, "
+                               f"were {len(params)}); remove() this monitor and attach a new one")
+        for (name, p), q in zip(current, params):
+            _check_materialised(name, p)
+            if (p.shape, p.dtype, p.device) != (q.shape, q.dtype, q.device):
+                raise MonitorError(f"{name} was replaced by a tensor of another shape, dtype or device "
+                                   f"({tuple(q.shape)} {q.dtype} {q.device} -> {tuple(p.shape)} {p.dtype} {p.device}); "
+                                   "remove() this monitor and attach a new one after replacing parameters")
+        new = [p for _, p in current]
+        self._gradients.bind(new)
+        if self._weights is not None:
+            self._weights.bind(new)
+        self._index_of = {id(p): i for i, p in enumerate(new)}
+        self._masks.forget()
+        return True
+
+    def _warn_about_gaps(self, steps: np.ndarray) -> None:
+        """Say so when gradients exist that this window did not record."""
+        with_grad = [name for name, p in zip(self.names, self._gradients.params) if p.grad is not None]
+        if not self._gradients.recorded and with_grad and not self._skipped_steps:
+            self._warn_once("no-step", "log(): the parameters have gradients but no optimizer step was recorded in "
+                            "this window; the monitor records at optimizer.step(). To look at gradients without "
+                            "stepping (say, at initialisation), call monitor.record() after backward()")
+        elif self._gradients.recorded:
+            per_param = steps.reshape(-1, self.members)[:, 0]
+            missed = [name for name, n in zip(self.names, per_param) if n == 0 and name in with_grad]
+            if missed:
+                self._warn_once("not-stepped", f"log(): {', '.join(missed[:5])}{' ...' if len(missed) > 5 else ''} "
+                                "had gradients but no monitored optimizer stepped them in this window")
+        if self._gradients.recorded and self._activations.names and not self._activations.elements.any():
+            self._warn_once("no-activations", "log(): no activation output was recorded in this window although "
+                            "steps were; under torch.compile the activation taps stay off (a hook there would "
+                            "recompile every step); gradients and weights are still recorded. Pass "
+                            "activations=False to silence this")
+
+    def _warn_once(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, stacklevel=3)
 
 
-class _HistogramRequests:
-    """Histograms a window asks for, built together: two numpy passes over all the rows instead
-    of a few per family (on a small model the window's fixed costs are what the monitor costs)."""
+def _monitored_parameters(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    named = [(name, p) for name, p in model.named_parameters() if p.is_floating_point()]
+    if not named:
+        raise MonitorError(f"{type(model).__name__} has no floating-point parameters to monitor")
+    for name, p in named:
+        _check_materialised(name, p)
+    return named
 
-    def __init__(self) -> None:
-        self._value: list[tuple[int, str, np.ndarray]] = []
-        self._log10: list[tuple[int, str, np.ndarray]] = []
 
-    def value(self, member: int, tag: str, counts: np.ndarray) -> None:
-        self._value.append((member, tag, counts))
+def _check_materialised(name: str, p: torch.Tensor) -> None:
+    if isinstance(p, nn.parameter.UninitializedParameter):
+        raise MonitorError(f"{name} is not initialised yet (a lazy module); run one forward pass before attaching")
+    if p.is_meta:
+        raise MonitorError(f"{name} is on the meta device; attach after model.to_empty(device=...) and "
+                           "initialisation (or load_state_dict(..., assign=True))")
 
-    def log10(self, member: int, tag: str, counts: np.ndarray) -> None:
-        self._log10.append((member, tag, counts))
 
-    def build(self, members: int) -> list[dict[str, Histogram]]:
-        """Per member, tag -> histogram; a row with no finite value gets none (TensorBoard
-        cannot draw an empty histogram)."""
-        out: list[dict[str, Histogram]] = [{} for _ in range(members)]
-        for requests, kind in ((self._value, S.value_histograms), (self._log10, S.log10_abs_histograms)):
-            if not requests:
-                continue
-            for (member, tag, _), histogram in zip(requests, kind(np.stack([c for _, _, c in requests]))):
-                if histogram is not None:
-                    out[member][tag] = histogram
-        return out
+def _check_device(named: list[tuple[str, torch.Tensor]], device: torch.device) -> None:
+    if named and named[0][1].device != device:
+        name, p = named[0]
+        raise MonitorError(f"{name} moved from {device} to {p.device} after the monitor attached; "
+                           "attach the monitor after model.to(device), or remove() it and attach a new one")
 
 
 def _sinks(writer, members: int) -> list[tuple[int, object, str]]:
@@ -330,15 +395,13 @@ def _sinks(writer, members: int) -> list[tuple[int, object, str]]:
     ``member_<k>/`` tags."""
     if writer is None:
         return []
-    from gradflow.monitor.sinks import (
-        TensorBoardSink,  # imports TensorBoard's protos only when writing
-    )
+    from gradflow.monitor.sinks import as_sink  # imports TensorBoard's protos only when writing
 
     if isinstance(writer, (list, tuple)):
         if len(writer) != members:
             raise MonitorError(f"got {len(writer)} writers for members={members}; pass one writer per member or one in all")
-        return [(k, TensorBoardSink(w), "") for k, w in enumerate(writer)]
-    sink = TensorBoardSink(writer)
+        return [(k, as_sink(w), "") for k, w in enumerate(writer)]
+    sink = as_sink(writer)
     return [(k, sink, f"member_{k}/" if members > 1 else "") for k in range(members)]
 
 

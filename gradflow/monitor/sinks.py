@@ -1,28 +1,83 @@
-"""Where a window's statistics go: a TensorBoard ``SummaryWriter``, written as one event.
+"""Where a window's statistics go: the sink protocol, and its TensorBoard implementation.
+
+A sink takes one window at a time: ``log(scalars, histograms, step)``, with ``scalars`` a dict
+tag -> float and ``histograms`` a dict tag -> ``Histogram``. ``as_sink`` turns what a user
+passes as ``writer`` into a sink, or says in one line what it accepts:
+
+- a TensorBoard ``SummaryWriter`` (torch's, or anything with ``add_scalar`` and
+  ``add_histogram_raw``): every scalar and histogram, as one event per window;
+- a ``Sink`` subclass of your own;
+- ``ScalarSink(fn)`` for loggers that take scalars only, ``fn(scalars, step)``: e.g.
+  ``ScalarSink(lightning_logger.log_metrics)`` or ``ScalarSink(lambda s, step: run.log(s, step=step))``;
+- ``TeeSink(a, b, ...)`` for several of these at once.
 
 ``SummaryWriter.add_scalar`` builds and queues one event per tag; a monitor writes a few
-hundred tags per window, so the sink packs every scalar and histogram of a window into a single
-``Summary`` and hands it to the writer's file writer once.
+hundred tags per window, so ``TensorBoardSink`` packs every scalar and histogram of a window
+into a single ``Summary`` and hands it to the writer's file writer once.
 
 Example:
-    >>> sink = TensorBoardSink(SummaryWriter("runs/demo"))
+    >>> sink = as_sink(SummaryWriter("runs/demo"))
     >>> sink.log({"grad/dense_1/weight/norm": 0.3}, {}, step=0)
 """
 
 from __future__ import annotations
 
-from tensorboard.compat.proto.event_pb2 import Event
-from tensorboard.summary.writer import record_writer
-
-try:
-    import google_crc32c
-except ImportError:  # pragma: no cover - a declared dependency; TensorBoard's slow path still works
-    google_crc32c = None
+from typing import Any, Callable
 
 from gradflow.monitor.stats import Histogram
+from gradflow.monitor.tensors import MonitorError
 
 
-class TensorBoardSink:
+class Sink:
+    """Base class of the sinks: receives each window's scalars and histograms at ``step``."""
+
+    def log(self, scalars: dict[str, float], histograms: dict[str, Histogram], step: int) -> None:
+        raise NotImplementedError
+
+
+class ScalarSink(Sink):
+    """Passes each window's scalars to ``fn(scalars, step)``; histograms are dropped."""
+
+    def __init__(self, fn: Callable[[dict[str, float], int], Any]) -> None:
+        if not callable(fn):
+            raise MonitorError(f"ScalarSink needs a callable fn(scalars, step), got {type(fn).__name__}")
+        self.fn = fn
+
+    def log(self, scalars: dict[str, float], histograms: dict[str, Histogram], step: int) -> None:
+        if scalars:
+            self.fn(scalars, step)
+
+
+class TeeSink(Sink):
+    """Sends each window to several writers or sinks (each checked by ``as_sink``)."""
+
+    def __init__(self, *writers: Any) -> None:
+        self.sinks = [as_sink(w) for w in writers]
+
+    def log(self, scalars: dict[str, float], histograms: dict[str, Histogram], step: int) -> None:
+        for sink in self.sinks:
+            sink.log(scalars, histograms, step)
+
+
+def is_summary_writer(writer: Any) -> bool:
+    return callable(getattr(writer, "add_scalar", None)) and callable(getattr(writer, "add_histogram_raw", None))
+
+
+def as_sink(writer: Any) -> Sink:
+    """The sink for what a user passed as ``writer``; MonitorError for anything else."""
+    if isinstance(writer, Sink):
+        return writer
+    if is_summary_writer(writer):
+        return TensorBoardSink(writer)
+    hint = ""
+    if hasattr(writer, "experiment") and hasattr(writer, "log_metrics"):       # a Lightning logger
+        hint = " (for a Lightning logger pass logger.experiment if it is a TensorBoardLogger, else ScalarSink(logger.log_metrics))"
+    raise MonitorError(
+        f"writer must be a torch SummaryWriter, None, a gradflow.monitor.sinks.Sink, ScalarSink(fn) or "
+        f"TeeSink(...); got {type(writer).__module__}.{type(writer).__qualname__}{hint}")
+
+
+class TensorBoardSink(Sink):
     """Writes scalars and histograms of one step to a SummaryWriter as one event."""
 
     def __init__(self, writer) -> None:
@@ -36,6 +91,8 @@ class TensorBoardSink:
         if file_writer is None:  # a writer-like object without the batched path
             self._log_one_by_one(scalars, histograms, step)
             return
+        from tensorboard.compat.proto.event_pb2 import Event
+
         # Values added in place to the event's own summary: building Value messages first and
         # copying them in takes twice as long (upb protobuf, a few hundred values).
         event = Event()
@@ -55,6 +112,8 @@ class TensorBoardSink:
 
 
 def _masked_crc32c(data: bytes) -> int:
+    import google_crc32c
+
     crc = google_crc32c.value(bytes(data))
     return ((((crc >> 15) | (crc << 17)) & 0xFFFFFFFF) + 0xA282EAD8) & 0xFFFFFFFF
 
@@ -66,5 +125,11 @@ def use_fast_checksums() -> None:
     loop, about half a microsecond a byte: a window's event of a few dozen histograms cost
     milliseconds, more than the training steps it describes. The bytes written are the same.
     """
-    if google_crc32c is not None and record_writer.masked_crc32c is not _masked_crc32c:
+    from tensorboard.summary.writer import record_writer
+
+    try:
+        import google_crc32c  # noqa: F401  (a declared dependency; TensorBoard's slow path still works)
+    except ImportError:  # pragma: no cover
+        return
+    if record_writer.masked_crc32c is not _masked_crc32c:
         record_writer.masked_crc32c = _masked_crc32c

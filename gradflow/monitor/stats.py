@@ -28,6 +28,7 @@ SIGN_EXPONENT_BINS = 2 * EXPONENTS
 ZERO_EXPONENT = 0                # exact zeros and subnormals
 NONFINITE_EXPONENT = 255         # Inf and NaN
 LOG10_2 = math.log10(2.0)
+FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 @dataclass(frozen=True)
@@ -43,6 +44,14 @@ class Histogram:
     sum_squares: float
 
 
+def scaled_norm(flat: torch.Tensor) -> torch.Tensor:
+    """L2 norm of a float64 tensor over its whole range: ``vector_norm`` squares without
+    scaling, so values past 1e154 would give inf. Scaled by the largest |x|, as LAPACK's dnrm2."""
+    largest = flat.abs().max()
+    scale = torch.where(largest > 0, largest, torch.ones_like(largest))
+    return torch.linalg.vector_norm(flat / scale) * scale
+
+
 def sign_exponent_bins(flat: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """Bin index in [0, 512) of each element (int32): biased exponent, plus 256 when the sign
     bit is clear. ``out``: an int32 tensor of ``flat``'s size to write into.
@@ -50,6 +59,8 @@ def sign_exponent_bins(flat: torch.Tensor, out: torch.Tensor | None = None) -> t
     An arithmetic shift of the float32's bits by 23 leaves the signed exponent: one
     contiguous integer pass (a strided read of the high 16 bits alone is four times slower).
     """
+    if flat.dtype == torch.float64:                # beyond float32's range is the top finite bin, not Inf
+        flat = torch.where(flat.isfinite(), flat.clamp(-FLOAT32_MAX, FLOAT32_MAX), flat)
     if flat.dtype != torch.float32:
         flat = flat.float()
     if not flat.is_contiguous():
@@ -76,11 +87,11 @@ class Scratch:
 
     def fold(self, jobs: list[tuple[torch.Tensor, torch.Tensor, tuple[float, float] | None]]) -> torch.Tensor:
         """For each job (flat, counts, band): add the sign/exponent histogram of the 1-D float32
-        ``flat`` into ``counts``, and return a row [sum x, sum |x|, sum x², max |x|, count of
-        |x - centre| > threshold] (0 without ``band`` = (centre, threshold)). No host sync on
-        a device."""
+        (or float64) ``flat`` into ``counts``, and return a float64 row [sum x, sum |x|, sum x²,
+        max |x|, count of |x - centre| > threshold] (0 without ``band`` = (centre, threshold)).
+        The sums do not overflow for finite values. No host sync on a device."""
         kernels = fused_kernels(jobs[0][0].device)
-        if kernels is not None:
+        if kernels is not None and all(flat.dtype == torch.float32 for flat, _, _ in jobs):
             arrays = [(flat.detach().contiguous().numpy(), counts.numpy(), *(band or (0.0, math.inf)))
                       for flat, counts, band in jobs]
             return torch.from_numpy(kernels.fold_all(arrays))
@@ -88,23 +99,28 @@ class Scratch:
 
     def _fold_one(self, flat: torch.Tensor, counts: torch.Tensor, band: tuple[float, float] | None) -> torch.Tensor:
         self.count_exponents(counts, flat)
+        wide = torch.float64 if flat.device.type != "mps" else torch.float32
         low, high = torch.aminmax(flat)               # one pass, where abs().max() takes two
         beyond = (flat - band[0]).abs_().gt_(band[1]).sum() if band else flat.new_zeros((), dtype=torch.long)
-        return torch.stack([flat.sum(), self.abs_sum(flat), torch.dot(flat, flat), torch.maximum(-low, high),
-                            beyond.to(flat.dtype)])
+        largest = torch.maximum(-low, high).to(wide)
+        squares = torch.linalg.vector_norm(flat, dtype=wide).square()   # float64: 1e20² is finite
+        return torch.stack([flat.sum(dtype=wide), self.abs_sum(flat).to(wide), squares, largest, beyond.to(wide)])
 
     def count_exponents(self, counts: torch.Tensor, flat: torch.Tensor) -> None:
-        """Add the sign/exponent histogram of the float32 ``flat`` into ``counts``."""
+        """Add the sign/exponent histogram of the float32 (or float64) ``flat`` into ``counts``."""
         if self._bins is None or self._bins.device != flat.device:
             self._bins = torch.empty(CHUNK, dtype=torch.int32, device=flat.device)
         for part in flat.split(CHUNK):
             count_into(counts, sign_exponent_bins(part, out=self._bins[:part.numel()]))
 
     def abs_sum(self, flat: torch.Tensor) -> torch.Tensor:
-        """Sum of |x| over the float32 ``flat`` (a 0-dim tensor; no host sync)."""
+        """Sum of |x| over ``flat``, in float64 (a 0-dim tensor; no host sync)."""
+        if flat.dtype != torch.float32:
+            return flat.abs().sum(dtype=torch.float64)
         if self._values is None or self._values.device != flat.device:
             self._values = torch.empty(CHUNK, dtype=torch.float32, device=flat.device)
-        parts = [torch.abs(part, out=self._values[:part.numel()]).sum() for part in flat.split(CHUNK)]
+        wide = torch.float64 if flat.device.type != "mps" else torch.float32
+        parts = [torch.abs(part, out=self._values[:part.numel()]).sum(dtype=wide) for part in flat.split(CHUNK)]
         return parts[0] if len(parts) == 1 else torch.stack(parts).sum()
 
     def count_positive(self, values: torch.Tensor, dim: int, positives: torch.Tensor) -> None:

@@ -58,8 +58,10 @@ def _flat_copy(tensors: list[torch.Tensor]) -> torch.Tensor:
     return flat if flat.dtype == torch.float32 else flat.float()
 
 
-def _flat(tensor: torch.Tensor) -> torch.Tensor:
-    """A 1-D float32 view (or copy) of a gradient or activation, dense."""
+def _flat(tensor: torch.Tensor, keep_float64: bool = False) -> torch.Tensor:
+    """A 1-D float32 view (or copy) of a gradient or activation, dense; float64 stays float64
+    with ``keep_float64`` (its values may lie beyond float32's range)."""
     if tensor.layout != torch.strided:
         tensor = tensor.to_dense()
-    return tensor.reshape(-1) if tensor.dtype == torch.float32 else tensor.reshape(-1).float()
+    keep = tensor.dtype == torch.float32 or (keep_float64 and tensor.dtype == torch.float64)
+    return tensor.reshape(-1) if keep else tensor.reshape(-1).float()

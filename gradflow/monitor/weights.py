@@ -21,6 +21,12 @@ class _WeightTracker:
         self.start = self._flatten()
         self._end: torch.Tensor | None = None    # the weights summary() saw: the next window's start
 
+    def bind(self, params: list[torch.Tensor]) -> None:
+        """Follow replacement tensors (same shapes): the window restarts from their values."""
+        self.params = params
+        self._end = None
+        self.start = self._flatten()
+
     @torch.no_grad()
     def _flatten(self) -> torch.Tensor:
         return torch.cat([_flat(p.detach()) for p in self.params])
