@@ -15,7 +15,9 @@ Where it records. Lightning steps every optimizer with a closure (forward and ba
 ``gradient_clip_val`` clips. The per-layer rows and ``grad/total_norm`` therefore describe the raw
 gradient; where Lightning then clips, the monitor's watch of ``clip_grad_norm_`` adds
 ``grad/total_norm_before_clip`` and ``grad/clipped_steps``. Manual optimization works the same way:
-``optimizer.step()`` in ``training_step`` calls the same hook. With several optimizers each step
+``optimizer.step()`` in ``training_step`` calls the same hook, so there the callback records after
+whatever ``self.clip_gradients(...)`` the step did before ``optimizer.step()`` (the gradient applied),
+and ``grad/total_norm_before_clip`` still gives the norm before it. With several optimizers each step
 records only the parameters of the optimizer that steps.
 
 What it writes, every ``log_every_n_steps`` optimizer steps (the trainer's own cadence unless
