@@ -127,10 +127,10 @@ class GradflowCallback(_pl.Callback):
         self.histograms, self.weights, self.activations, self.verbose = histograms, weights, activations, verbose
         self.monitor: GradientMonitor | None = None
         self.diagnosis: Any = None
-        self._recording = False          # between attach and remove
         self.steps = 0              # optimizer steps recorded, over every fit (kept in checkpoints)
         self.windows = 0            # windows written
         self._logged_at = 0         # self.steps when the last window closed
+        self._recording = False     # between attach and remove (global rank zero only)
         self._loggers: list[Any] = []
 
     # -- life cycle -----------------------------------------------------------------------
@@ -185,8 +185,8 @@ class GradflowCallback(_pl.Callback):
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         # After the step is applied, so the window's weight update includes its last step.
-        every = self.every_n_steps or trainer.log_every_n_steps
-        if self._recording and self.steps // every > self._logged_at // every:
+        every = self.every_n_steps or trainer.log_every_n_steps    # 0: no logging but the last window
+        if self._recording and every and self.steps // every > self._logged_at // every:
             self._write()
 
     def _write(self) -> None:
