@@ -218,11 +218,15 @@ def _is_reporter(callback: Any) -> bool:
 
 
 def _tensorboard_dir(args: Any, tensorboard: list[Any]) -> str:
-    """The Trainer's TensorBoard directory: its TensorBoardCallback's, else where that one would
-    put it (``TENSORBOARD_LOGGING_DIR``, else ``output_dir/runs/<time>_<host>``)."""
+    """The Trainer's TensorBoard directory: its TensorBoardCallback's (``logging_dir`` in
+    transformers 5, its writer's ``log_dir`` in 4.x), else where that callback would put it
+    (``args.logging_dir`` in 4.x; ``TENSORBOARD_LOGGING_DIR``, else ``output_dir/runs/<time>_<host>``)."""
     for cb in tensorboard:
-        if getattr(cb, "logging_dir", None):
-            return cb.logging_dir
+        for where in (getattr(cb, "logging_dir", None), getattr(getattr(cb, "tb_writer", None), "log_dir", None)):
+            if where:
+                return where
+    if getattr(args, "logging_dir", None):
+        return args.logging_dir
     if os.getenv("TENSORBOARD_LOGGING_DIR"):
         return os.path.expanduser(os.environ["TENSORBOARD_LOGGING_DIR"])
     from transformers.integrations.integration_utils import default_logdir
