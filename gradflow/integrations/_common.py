@@ -1,0 +1,55 @@
+"""What the framework callbacks share: the missing-extra error and the verdict at the end."""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+from typing import Any
+
+from gradflow.monitor import MonitorError
+
+
+def require(module: str, extra: str) -> ModuleType:
+    """Import ``module`` or raise a one-line MonitorError naming the extra to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as error:
+        raise MonitorError(f"gradflow's {extra} integration needs {module.split('.')[0]} ({error}); "
+                           f"install it with: pip install 'gradflow-torch[{extra}]'") from None
+
+
+def diagnosis_api() -> Any:
+    """The diagnosis module, imported when first needed (it may move; the fix is this line)."""
+    from gradflow import diagnose
+
+    return diagnose
+
+
+def diagnose(monitor: Any) -> Any:
+    """The verdict over what ``monitor`` recorded, or None when it recorded no window."""
+    if not monitor.history:
+        return None
+    return diagnosis_api().diagnose_monitor(monitor, losses=None)
+
+
+def report_text(diagnosis: Any) -> str:
+    """The report as TensorBoard text (Markdown: four spaces keep the tables aligned)."""
+    return "\n".join("    " + line for line in diagnosis.report().splitlines())
+
+
+def step_skipped(scaler: Any, optimizer: Any) -> bool:
+    """Whether an AMP ``GradScaler`` found inf/NaN in ``optimizer``'s unscaled gradients, so that
+    it skips this step (the frameworks unscale before the hooks these callbacks record in). False
+    without a scaler. One host read of a flag per device, as ``GradScaler.step`` does anyway."""
+    if scaler is None:
+        return False
+    from gradflow.monitor.interception import found_inf
+
+    return found_inf(scaler, optimizer)
+
+
+def check_positive_int(name: str, value: Any, allow_none: bool = True) -> None:
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}")

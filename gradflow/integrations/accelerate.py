@@ -1,0 +1,50 @@
+"""A custom accelerate loop: record when ``accelerator.sync_gradients`` is true.
+
+Under ``accelerator.accumulate(model)`` every micro-batch runs backward, but only the last of each
+accumulation cycle synchronises gradients (DDP all-reduce) and lets ``optimizer.step()`` through;
+that is the step whose gradient is final. Attach the monitor with ``automatic=False`` (accelerate
+wraps the optimizer and skips the torch step on the other micro-batches) and call
+``record_if_synced`` between backward (and any ``accelerator.clip_grad_norm_``) and
+``optimizer.step()``:
+
+    >>> from gradflow import GradientMonitor
+    >>> from gradflow.integrations.accelerate import record_if_synced
+    >>> model, optimizer, loader = accelerator.prepare(model, optimizer, loader)          # doctest: +SKIP
+    >>> writer = SummaryWriter("runs/mine") if accelerator.is_main_process else None      # doctest: +SKIP
+    >>> monitor = GradientMonitor(accelerator.unwrap_model(model), writer, automatic=False)  # doctest: +SKIP
+    >>> for step, (x, y) in enumerate(loader):                                           # doctest: +SKIP
+    ...     with accelerator.accumulate(model):
+    ...         accelerator.backward(loss_fn(model(x), y))
+    ...         if accelerator.sync_gradients:
+    ...             accelerator.clip_grad_norm_(model.parameters(), 1.0)   # seen: norm before clipping
+    ...         record_if_synced(monitor, accelerator, optimizer)
+    ...         optimizer.step(); optimizer.zero_grad()
+    ...     if (step + 1) % 100 == 0:
+    ...         monitor.log(step)
+    >>> monitor.remove()
+
+Recording after ``clip_grad_norm_`` gives what the optimizer applies; ``grad/total_norm_before_clip``
+then carries the norm before clipping. Unscaled under fp16: ``accelerator.clip_grad_norm_`` unscales
+first; without clipping, the gradient is still scaled at this point (call
+``accelerator.unscale_gradients()`` first if you record fp16 runs without clipping).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def record_if_synced(monitor: Any, accelerator: Any, optimizer: Any = None) -> bool:
+    """``monitor.record(optimizer)`` if this micro-batch ends an accumulation cycle; True if it did.
+
+    ``optimizer`` may be accelerate's wrapped optimizer (its torch optimizer is used), or None
+    to record every monitored parameter.
+
+    Example:
+        >>> record_if_synced(monitor, accelerator, optimizer)          # doctest: +SKIP
+        True
+    """
+    if not accelerator.sync_gradients:
+        return False
+    monitor.record(optimizer=getattr(optimizer, "optimizer", optimizer))
+    return True
