@@ -12,6 +12,7 @@ ALLOWED = {
     "monitor": set(),
     "analysis": {"monitor", "errors"},
     "experiments": {"analysis", "monitor", "errors"},
+    "integrations": {"analysis", "monitor"},   # beside the monitor; the verdict comes from the analysis
     "cli": {"experiments", "analysis", "monitor", "errors"},
     "errors": set(),
     "__init__": {"monitor"},

@@ -19,8 +19,8 @@ def require(module: str, extra: str) -> ModuleType:
 
 
 def diagnosis_api() -> Any:
-    """The diagnosis module, imported when first needed (it may move; the fix is this line)."""
-    from gradflow import diagnose
+    """The diagnosis module, imported when first needed (it pulls in no framework)."""
+    from gradflow.analysis import diagnose
 
     return diagnose
 
