@@ -1,4 +1,14 @@
 """Advice: what to do about a verdict, in plain words, by architecture family.
+
+``ADVICE`` is the advice per verdict for the tutorial's MLPs (tanh or sigmoid with U(0, 1)
+weights: Xavier/Glorot init, Glorot & Bengio 2010; ReLU with He init, He et al. 2015; the
+depth and seed facts from DESIGN.md). ``FAMILY_ADVICE`` replaces it where a CNN, transformer or
+recurrent net needs other advice (sources beside it). ``architecture_family`` tells the family
+from the model's modules when given, else from layer kinds and names.
+
+Example:
+    >>> recommend(["vanishing"], "transformer").split(".")[0]
+    'Gradients shrink on their way to the first blocks'
 """
 
 from __future__ import annotations

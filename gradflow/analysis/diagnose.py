@@ -6,6 +6,11 @@ Example:
     >>> print(diagnosis.line())                                                # doctest: +SKIP
     Verdict: vanishing, saturated (dense_3 gradient vs the output layer's (dense_6), early on: ...)
 
+A verdict is one or more of ``healthy``, ``vanishing``, ``exploding``, ``saturated``,
+``dead-units``, ``stalled``, or ``insufficient`` (no rule fired but the run is too short to call
+healthy). Every rule, its threshold, the margins measured around it and its source are in
+``rules.py``; docs/calibration.md has the runs behind them.
+
 The work is split by responsibility: ``measures`` (per-layer and activation measures, layer
 kinds, forward order, the head), ``rules`` (the checks and their thresholds, each with its
 measured margins and source), ``advice`` (what to do, by architecture family); this module

@@ -1,11 +1,37 @@
-"""Measures: what the diagnosis reads from recorded windows, before any rule judges it.
+"""Measures: what the diagnosis reads from recorded windows, before any rule (``rules.py``)
+judges it.
 
 A "layer" is a group of parameters: ``layer_of`` (the name minus its last dotted part), except
 stacked ``nn.LSTM``/``nn.GRU`` parameters, grouped per stacked layer (``lstm.l0``, ``lstm.l1``).
 Each layer has a kind (``weight``, ``norm``, ``embedding``, ``recurrent``: from the model's
-modules when it is passed, else from names) and a role (``head``, ``hidden``, ``norm``,
-``embedding``). Layers come input first: in the model's forward order when known (the
-monitor's ``forward_order``), else in the recorded order.
+modules when it is passed (``parameter_kinds``), else from a ``kind`` recorded with the run,
+else from names) and a role (``head``, ``hidden``, ``norm``, ``embedding``). Layers come input
+first: in the model's forward order when known (the monitor's ``forward_order``: modules by
+their first forward call), else in the recorded order.
+
+- size: ``||g|| / ||w||`` over the layer's weights together (biases only where a layer has no
+  weight), ``||g||`` the mean over a window's steps and ``||w||`` at its end. Scale-free, so a
+  3x3x512x512 conv and a 512x10 head compare (issue 14: per-element mean |g| called a learning
+  ResNet-34 ``vanishing``). Windows without gradient and weight norms (old recordings) fall back
+  to the per-element mean |g| of the layer's weight (``measure``: ``mean_abs``).
+- embeddings: measured on the rows that received gradient (size / sqrt(1 - zero fraction), rows
+  of similar norm assumed) and shown, not judged (their ||w|| is their init's: N(0, 1) in torch,
+  N(0, 0.02) in GPT-2), unless tied to the head. Normalisation layers are shown, not judged.
+- the head: the embedding a tied head uses (from the model, or by name when the first layer is
+  an embedding and no head-named layer exists, as GPT-2 lists its tied head once); else the last
+  layer named like a head (``lm_head``, ``fc``, ``classifier``, ...); else the last layer that
+  is not a normalisation.
+- early / middle / last: the median over the first EARLY_FRACTION = 10% of windows (at least
+  one), the middle window, the last window; each layer's ratio to the head at those points.
+- update ratio per step: ``||w_end - w_start|| / ||w_start||`` over a window divided by its
+  steps; per layer the largest over its weights, then the median and the max over windows. NaN
+  (a parameter that started at zero, such as a fresh bias) is missing.
+- activations: per tap, the median share of a bounded activation's outputs with |a| > 0.97 of
+  its range (saturated), and the share of a rectifier's units never positive in the last window
+  it fired in (dead); the last tap is marked ``output`` when bounded and of another kind than
+  the one before it (``sigmoid_6`` after ``tanh_5``: the output's squashing function).
+- loss: first, at the end of the early part, best after it, the median of the last
+  EARLY_FRACTION (``tail``), last, and the count of non-finite values.
 
 Example:
     >>> from gradflow.monitor import Window

@@ -1,6 +1,67 @@
-"""Rules: the checks that turn measures into verdicts, each with its threshold.
+"""Rules: the checks that turn measures (``measures.py``) into verdicts, each with its threshold,
+the margins measured around it and its source.
 
-Each check returns ``{"fired", "why", "value", "threshold"}``; ``diagnose`` runs them all.
+Each check returns ``{"fired", "why", "value", "threshold"}``; ``diagnose`` runs them all. A
+verdict is every rule that fired; ``healthy`` when none did, or ``insufficient`` when none did
+and the run is too short to say so.
+
+Margins come from docs/calibration.md: the tutorial configs (10 seeds, 500 epochs, SGD; "tut."
+below) and the architecture runs of issue 14 (3 seeds each: ResNet-style CNN with BatchNorm,
+tiny GPT-2 with tied embeddings, nanoGPT, nn.TransformerEncoder LM, one-layer LSTM LM; and the
+pathological resnet_lr50, sigmoid_mlp, lstm_deep, dead_relu; "arch." below). Sizes are
+``||g|| / ||w||`` per layer (``measures.measure_layers``); the tutorial's 10-seed table was taken
+with the earlier per-element mean |g| and the deep configs were re-diagnosed with today's measure
+on 3 seeds, quoted where known.
+
+- vanishing (``check_vanishing``): the weakest hidden layer's early size (median over the first
+  EARLY_FRACTION of windows) over the head's, under VANISHING_RATIO = 1/50, AND the first hidden
+  layer (the input end) under INPUT_END_RATIO = 1/7 of the head. Hidden means neither the head
+  nor a normalisation layer nor an embedding.
+  Measured, weakest / head: deep tanh U(0, 1) 1/2182 - 1/593 (tut., today's measure; 1/820 -
+  1/230 with mean |g| over 10 seeds); sigmoid_mlp ~1/1e8; lstm_deep 1/9050 - 1/6400 (arch.);
+  healthy: deep ReLU He 1/4.8 - 1/1.0, Xavier tanh 1/4.9 - 1/1.7, shallow tanh 1/5.9 - 1/1.3
+  (tut., mean |g|); GPT-2 1/0.86 - 1/0.57, encoder LM 1/5.1 - 1/4.3, nanoGPT 1/13.7 - 1/11.7,
+  LSTM LM 1/2.4 - 1/2.3, ResNet 1/46 - 1/34 (arch.: the thinnest margin, 1.1x, carried by the
+  guard). Input end / head: deep tanh <= 1/26, sigmoid_mlp ~1e-8, lstm_deep ~1.6e-4; ResNet
+  0.20 - 0.34 (a 1.4x margin over 1/7), the issue's ResNet-34 4.2. Known near misses: deep_relu_20
+  seed 3 and deep_relu_15 seed 6 learned and read 1/57 and 1/90 early (tut.).
+  Source: Glorot & Bengio 2010 (gradients shrink layer by layer in saturating nets); the
+  tutorial's first-versus-last-layer view; the guard: a gradient that vanishes on its way back
+  is small at the input end, while one weak layer next to the head with a strong input end
+  (a ResNet's last conv before ``fc``) is not vanishing.
+- exploding (``check_exploding``, ``check_overflow``): any non-finite gradient value or epoch
+  loss (DESIGN.md: count them, flag them); or a layer whose weights move more than
+  EXPLODING_UPDATE = 0.3 of their norm per step in some window; or the network's largest
+  gradient growing GRADIENT_GROWTH = 1000x over its largest early size (Pascanu et al. 2013:
+  exploding norms grow geometrically; a guard no calibration run reached); or a GradScaler that
+  skipped at least OVERFLOW_FRACTION = 1/2 of the last window's steps (the scale halves at each
+  skip, so overflow that persists is not calibration; torch.amp.GradScaler).
+  Measured, largest update per step: deep ReLU <= 0.0066, shallow tanh <= 0.014, deep tanh
+  <= 0.062 (tut.); LSTM LM 0.11 - 0.12, GPT-2 ~0.10, ResNet ~0.07, nanoGPT 0.24 - 0.25 (arch.:
+  a thin 1.2x margin, AdamW 3e-3); blown up: deep ReLU at lr=10 1.2 - 6000 (tut.), resnet_lr50
+  1600 - 67000 (arch.). HEALTHY_UPDATE = 1e-3 (Karpathy, CS231n: updates ~1e-3 of the weights
+  per step) is quoted in the evidence, not judged.
+- saturated (``check_saturated``): a hidden tanh/sigmoid layer whose median share of outputs
+  with |a| > 0.97 of its range exceeds SATURATED_FRACTION = 0.4. Measured worst layer: deep tanh
+  U(0, 1) 0.44 - 0.80; Xavier tanh 0.18 - 0.34 (it learns), shallow tanh 0.06 - 0.31 (tut.): a
+  thin margin both sides; in every deep tanh seed it comes with ``vanishing``. The output's
+  squashing function (the last tap, bounded, of another kind than the one before) is left out.
+  Source of 0.97: Glorot & Bengio 2010.
+- dead-units (``check_dead``): a rectifier layer with every unit never positive in the last
+  window (DEAD_FRACTION = 1.0: a fully dead layer passes no gradient), or every gradient exactly
+  zero in the last window. Measured: healthy deep ReLU has at most 2 of 5 units of a layer dead;
+  every failed 15- and 20-layer ReLU run has whole layers dead (tut.); dead_relu (biases -5,
+  arch.) 3/3. Source: DESIGN.md, failed deep ReLU runs end at loss 0.693 with every gradient zero.
+- stalled (``check_stalled``): the loss fell by less than STALL_DROP = 5% from the end of the
+  early part to the end of the run (median of its last EARLY_FRACTION of epochs), or every
+  gradient is exactly zero in the last window. Measured drop: deep ReLU 12 - 38%, Xavier tanh
+  14 - 45%, shallow tanh 29 - 41%; failed 20-layer ReLU -1% - 0.1%; deep tanh 1 - 39% (a
+  secondary verdict: 5 of 10 deep tanh seeds). The end, not the best epoch: a run that learned
+  and collapsed back (20-layer ReLU) has stalled too.
+- insufficient (``check_insufficient``): fewer than MIN_WINDOWS = 5 windows. It only replaces
+  ``healthy``, never a rule that fired: a 1-epoch run is no evidence of health (issue 14), while
+  a non-finite gradient in its one window is evidence of an explosion. 5 is a floor chosen, not
+  calibrated: the shortest calibration runs have 10 windows (GPT-2: 30 steps, a window every 3).
 """
 
 from __future__ import annotations
@@ -12,7 +73,7 @@ VANISHING_RATIO = 1 / 50    # weakest hidden layer's ||g||/||w|| / the head's, e
 INPUT_END_RATIO = 1 / 7     # ... and the first hidden layer's must be under this share of the head's
 MIN_WINDOWS = 5             # fewer windows than this: "insufficient" instead of "healthy"
 EXPLODING_UPDATE = 0.3      # weights move by more than this share of their norm per step
-GRADIENT_GROWTH = 1000.0    # the largest layer mean |g| this many times the largest early one
+GRADIENT_GROWTH = 1000.0    # the largest layer gradient this many times the largest early one
 SATURATED_FRACTION = 0.4    # share of a hidden tanh/sigmoid layer's outputs with |a| > 0.97
 DEAD_FRACTION = 1.0         # share of a ReLU layer's units never positive in the last window
 STALL_DROP = 0.05           # the loss must fall at least this much (relative) after the early part
