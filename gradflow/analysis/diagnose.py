@@ -224,35 +224,66 @@ def run_windows(run_dir: str | Path) -> list[Any]:
     return windows
 
 
-def scalars(diagnosis: Diagnosis) -> dict[str, float]:
-    """``diagnosis/<verdict>`` flags (1/0) and the numeric evidence, as TensorBoard scalars.
+TENSORBOARD_TAG = "diagnosis/text_summary"     # what TensorBoard shows for add_text("diagnosis", ...)
+
+
+def markdown(diagnosis: Diagnosis) -> str:
+    """The report as Markdown, as TensorBoard's Text tab renders it: the verdict and every reason
+    in full (paragraphs wrap, where a code block cut the line off), the evidence as tables, the
+    checks, the advice.
 
     Example:
-        >>> scalars(Diagnosis(["healthy"], {"checks": {}}))["diagnosis/healthy"]
-        1.0
+        >>> markdown(Diagnosis(["healthy"], {"checks": {}}, "Nothing to fix.")).splitlines()[0]
+        '**Verdict: healthy**'
     """
-    out = {f"diagnosis/{v}": float(v in diagnosis.verdicts) for v in VERDICTS}
-    for name, check in diagnosis.evidence.get("checks", {}).items():
-        if isinstance(check.get("value"), (int, float)) and math.isfinite(check["value"]):
-            out[f"diagnosis/{name}/value"] = float(check["value"])
-    for layer, row in diagnosis.evidence.get("layers", {}).items():
-        for key in ("ratio_early", "ratio_last", "update_ratio"):
-            if math.isfinite(row.get(key, math.nan)):
-                out[f"diagnosis/{layer.replace('.', '/')}/{key}"] = float(row[key])
-    return out
+    evidence = diagnosis.evidence
+    checks = evidence.get("checks", {})
+    reasons = [check["why"] for name, check in checks.items() if check.get("fired") and name in diagnosis.verdicts]
+    lines = [f"**Verdict: {', '.join(diagnosis.verdicts)}**", ""]
+    lines += [f"- {_md(reason)}" for reason in reasons] + ([""] if reasons else [])
+    layers = evidence.get("layers", {})
+    if layers:
+        size = "‖g‖/‖w‖ early" if next(iter(layers.values())).get("measure") == "relative" else "mean abs g early"
+        lines += [f"| layer | role | {size} | / head early | middle | last | update/step | non-finite |",
+                  "|---|---|--:|--:|--:|--:|--:|--:|"]
+        lines += [f"| {_md(layer)} | {row.get('role', '')} | {fmt_number(row['gradient_early'])} | "
+                  f"{fmt_number(row['ratio_early'])} | {fmt_number(row['ratio_middle'])} | "
+                  f"{fmt_number(row['ratio_last'])} | {fmt_number(row['update_ratio'])} | {row['nonfinite']} |"
+                  for layer, row in layers.items()] + [""]
+    activations = evidence.get("activations", {})
+    if activations:
+        lines += ["| activation | saturated | dead (last) |", "|---|--:|--:|"]
+        for name, row in activations.items():
+            saturated = f"{row['saturated']:.0%}" if "saturated" in row else "-"
+            dead = f"{row['dead']:.0%}" if math.isfinite(row.get("dead", math.nan)) else "-"
+            lines.append(f"| {_md(name)}{' (output, not judged)' if row.get('output') else ''} | {saturated} | {dead} |")
+        lines.append("")
+    loss = evidence.get("loss")
+    if loss:
+        lines += ["Loss: first {first:.4g}, after the early part {early:.4g}, best later {best:.4g}, at the end "
+                  "{tail:.4g} (median), last {last:.4g}.".format(**loss), ""]
+    notes = [f"- note: {_md(note)}" for note in evidence.get("notes", [])]
+    lines += notes + ([""] if notes else [])
+    lines += ["**Checks**", ""] + [f"- {'**yes**' if c['fired'] else 'no'} {name}: {_md(c['why'])}"
+                                   for name, c in checks.items()]
+    return "\n".join(lines + ["", f"**Advice:** {diagnosis.recommendation}"])
+
+
+def _md(text: str) -> str:
+    """Text safe inside Markdown tables and lists: pipes and asterisks escaped."""
+    return str(text).replace("|", "\\|").replace("*", "\\*")
 
 
 def write_to_tensorboard(diagnosis: Diagnosis, writer: Any, step: int) -> None:
-    """Write ``diagnosis/*`` scalars and the report as text (``diagnosis``) at ``step``.
+    """Write the diagnosis as one Markdown text at ``step``, under ``TENSORBOARD_TAG``
+    (``diagnosis/text_summary``: ``add_text`` appends ``/text_summary``). No scalars: a verdict
+    and its evidence are one point at the end of a run, which a chart shows as a lone dot.
 
     Example:
         >>> from torch.utils.tensorboard import SummaryWriter                    # doctest: +SKIP
         >>> write_to_tensorboard(diagnose_run(run_dir), SummaryWriter(run_dir), 499)  # doctest: +SKIP
     """
-    for tag, value in scalars(diagnosis).items():
-        writer.add_scalar(tag, value, step)
-    # TensorBoard renders text as Markdown: indent by four spaces to keep the table aligned.
-    writer.add_text("diagnosis", "\n".join("    " + line for line in diagnosis.report().splitlines()), step)
+    writer.add_text(TENSORBOARD_TAG.rpartition("/")[0], markdown(diagnosis), step)
 
 
 # -- text --------------------------------------------------------------------------------

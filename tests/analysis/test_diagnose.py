@@ -2,7 +2,6 @@
 JSON forms, TensorBoard output, and a few short real runs, one per verdict class."""
 
 import json
-import math
 from types import SimpleNamespace
 
 import pytest
@@ -11,12 +10,13 @@ from torch import nn
 
 from gradflow import GradientMonitor
 from gradflow.analysis.diagnose import (
+    TENSORBOARD_TAG,
     VERDICTS,
     Diagnosis,
     diagnose,
     diagnose_monitor,
     diagnose_run,
-    scalars,
+    markdown,
     write_to_tensorboard,
 )
 from gradflow.analysis.rules import VANISHING_RATIO
@@ -59,22 +59,40 @@ class FakeWriter:
         self.texts[tag] = (text, step)
 
 
-def test_tensorboard_scalars_and_text():
-    diagnosis = diagnose(history(sizes=(1e-5, 1e-3, 0.1)))
+def test_tensorboard_gets_the_diagnosis_as_markdown_text_and_no_scalars():
+    diagnosis = diagnose(history(sizes=(1e-5, 1e-3, 0.1), saturated=0.9), FLAT)
     writer = FakeWriter()
     write_to_tensorboard(diagnosis, writer, 19)
-    assert writer.scalars["diagnosis/vanishing"] == (1.0, 19)
-    assert writer.scalars["diagnosis/healthy"] == (0.0, 19)
-    assert {f"diagnosis/{v}" for v in VERDICTS} <= set(writer.scalars)
-    assert writer.scalars["diagnosis/vanishing/value"][0] == pytest.approx(1e-4)
-    assert writer.scalars["diagnosis/dense_1/ratio_early"][0] == pytest.approx(1e-4)
+    assert writer.scalars == {}
+    assert TENSORBOARD_TAG == "diagnosis/text_summary" and list(writer.texts) == ["diagnosis"]
     text, step = writer.texts["diagnosis"]
-    assert step == 19 and "Verdict: vanishing" in text
-    assert all(math.isfinite(v) for v, _ in writer.scalars.values())
+    assert step == 19 and text.startswith("**Verdict: vanishing, saturated, stalled**")
+    for name, check in diagnosis.evidence["checks"].items():     # every reason in full
+        assert check["why"].replace("|", "\\|") in text, name
+    assert "| dense_1 | hidden |" in text and "| tanh_1 | 90% | - |" in text
+    assert text.rstrip().endswith(diagnosis.recommendation)
 
 
-def test_scalars_of_a_bare_diagnosis():
-    assert scalars(Diagnosis(["healthy"], {"checks": {}}))["diagnosis/healthy"] == 1.0
+def test_event_file_holds_one_diagnosis_text_with_the_full_verdict_line(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    diagnosis = diagnose(history(sizes=(1e-5, 1e-3, 0.1), saturated=0.9), FLAT)
+    with SummaryWriter(str(tmp_path)) as writer:
+        writer.add_scalar("epoch/loss", 0.7, 19)
+        write_to_tensorboard(diagnosis, writer, 19)
+    events = EventAccumulator(str(tmp_path), size_guidance={"tensors": 0})
+    events.Reload()
+    assert events.Tags()["scalars"] == ["epoch/loss"]                # no diagnosis/* charts
+    assert events.Tags()["tensors"] == [TENSORBOARD_TAG]
+    (event,) = events.Tensors(TENSORBOARD_TAG)
+    text = event.tensor_proto.string_val[0].decode()
+    assert event.step == 19 and text == markdown(diagnosis)
+    assert "**Verdict: vanishing, saturated, stalled**" in text and "Advice:" in text
+
+
+def test_markdown_of_a_bare_diagnosis():
+    assert markdown(Diagnosis(["healthy"], {"checks": {}}, "Nothing to fix.")).endswith("**Advice:** Nothing to fix.")
 
 
 # -- live monitor and run directories ------------------------------------------------------
