@@ -209,9 +209,9 @@ def check_insufficient(windows: Sequence[Any], loss: Mapping[str, float] | None)
     """Too few windows to call a run healthy: only replaces ``healthy``, never a fired rule."""
     count = len(windows)
     if count < MIN_WINDOWS:
-        return _check(True, f"only {count} window(s): log at least {MIN_WINDOWS} windows (for example one per "
-                            f"epoch over {MIN_WINDOWS}+ epochs, or every N steps) to judge the trend", count,
-                      MIN_WINDOWS)
+        return _check(True, f"too short to judge: only {count} window{'' if count == 1 else 's'} recorded, "
+                            f"at least {MIN_WINDOWS} needed; train at least {MIN_WINDOWS} epochs (one window "
+                            "per epoch) or log a window every few steps", count, MIN_WINDOWS)
     return _check(False, f"{count} windows (at least {MIN_WINDOWS} needed)", count, MIN_WINDOWS)
 
 
