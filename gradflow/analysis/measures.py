@@ -4,10 +4,11 @@ judges it.
 A "layer" is a group of parameters: ``layer_of`` (the name minus its last dotted part), except
 stacked ``nn.LSTM``/``nn.GRU`` parameters, grouped per stacked layer (``lstm.l0``, ``lstm.l1``).
 Each layer has a kind (``weight``, ``norm``, ``embedding``, ``recurrent``: from the model's
-modules when it is passed (``parameter_kinds``), else from a ``kind`` recorded with the run,
-else from names) and a role (``head``, ``hidden``, ``norm``, ``embedding``). Layers come input
+modules when it is passed (``parameter_kinds``), else from names: ``diagnose_run`` has no model,
+so a BatchNorm inside an ``nn.Sequential`` (``shortcut.1``) counts as a weight layer there) and a role (``head``, ``hidden``, ``norm``, ``embedding``). Layers come input
 first: in the model's forward order when known (the monitor's ``forward_order``: modules by
-their first forward call), else in the recorded order.
+their first forward call; gradflow's run tables are written in that order), else in the
+recorded order.
 
 - size: ``||g|| / ||w||`` over the layer's weights together (biases only where a layer has no
   weight), ``||g||`` the mean over a window's steps and ``||w||`` at its end. Scale-free, so a
