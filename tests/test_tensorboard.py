@@ -89,7 +89,6 @@ def test_epoch_and_gradient_scalars_are_served(tensorboard):
                  "grad/dense_1/weight/mean_abs", "grad/dense_1/weight/norm", "grad/dense_1/weight/max_abs",
                  "grad/dense_1/weight/nonfinite", "weight/dense_1/weight/l1"):
         assert name in tags, name
-    assert {f"diagnosis/{verdict}" for verdict in ("vanishing", "exploding", "dead-units")} <= set(tags)
 
 
 def test_the_diagnosis_text_is_served(tensorboard):
@@ -97,4 +96,10 @@ def test_the_diagnosis_text_is_served(tensorboard):
     assert "diagnosis/text_summary" in tags             # add_text("diagnosis", ...) files it here
     query = urllib.parse.urlencode({"run": ".", "tag": "diagnosis/text_summary"})
     (entry,) = get_json(f"{tensorboard}/data/plugin/text/text?{query}")
-    assert "Verdict:" in entry["text"] and "Recommendation:" in entry["text"]
+    assert "<strong>Verdict: " in entry["text"] and "Advice:" in entry["text"]    # Markdown, rendered
+    assert "<table>" in entry["text"]                                                  # the evidence table
+
+
+def test_no_one_point_diagnosis_charts(tensorboard):
+    tags = get_json(f"{tensorboard}/data/plugin/scalars/tags")["."]
+    assert not [tag for tag in tags if tag.startswith("diagnosis")]

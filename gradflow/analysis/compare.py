@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from gradflow.analysis.diagnose import Diagnosis, diagnose, layer_parameters, read_losses, run_windows
+from gradflow.analysis.diagnose import Diagnosis, diagnose, read_losses, run_windows
+from gradflow.analysis.measures import layer_parameters
 
 
 @dataclass

@@ -2,7 +2,8 @@
 and keeps the windows as two tables in the run directory, which diagnosis and plots read back
 (the tables' format and ``load_windows`` live in gradflow.analysis.windows).
 
-    gradients.csv    one row per window and parameter (input layer first)
+    gradients.csv    one row per window and parameter, in the model's forward order (the
+                     monitor's ``forward_order``: input side first, as diagnose_run reads it)
     activations.csv  one row per window and activation module
 
 Example:
@@ -50,7 +51,8 @@ class MonitorCallback:
     def _log(self, step: int) -> None:
         self.monitor.log(step)
         if self._tables is not None:
-            self._tables.append(self.first_window + len(self.monitor.history) - 1, self.monitor.history[-1])
+            self._tables.append(self.first_window + len(self.monitor.history) - 1, self.monitor.history[-1],
+                                _forward_order(self.monitor))
 
     def close(self) -> None:
         if self._tables is not None:
@@ -68,8 +70,8 @@ class _Tables:
             self._gradients.writerow(GRADIENT_COLUMNS)
             self._activations.writerow(ACTIVATION_COLUMNS)
 
-    def append(self, index: int, window: Window) -> None:
-        for name, row in window.gradients.items():
+    def append(self, index: int, window: Window, order: list[str] | None = None) -> None:
+        for name, row in _in_order(window.gradients, order):
             self._gradients.writerow([index, window.step, row["steps"], name]
                                      + [_cell(row.get(key)) for key in GRADIENT_COLUMNS[4:]])
         for name, row in window.activations.items():
@@ -81,6 +83,19 @@ class _Tables:
     def close(self) -> None:
         for f in self._files:
             f.close()
+
+
+def _forward_order(monitor: GradientMonitor) -> list[str]:
+    return list(getattr(monitor, "forward_order", None) or [])
+
+
+def _in_order(rows: dict, order: list[str] | None) -> list:
+    """``rows`` items in ``order`` where it names them, the rest after in their own order: the
+    tables carry the forward order to diagnose_run, which has no model (old tables: as recorded)."""
+    if not order:
+        return list(rows.items())
+    rank = {name: i for i, name in enumerate(order)}
+    return sorted(rows.items(), key=lambda item: rank.get(item[0], len(rank)))
 
 
 def _cell(value) -> str:
@@ -116,7 +131,7 @@ class MembersMonitorCallback(MonitorCallback):
         windows = self.monitor.history[-len(self._member_tables):]
         for k, (tables, window) in enumerate(zip(self._member_tables, windows)):
             if k not in self._stopped:
-                tables.append(self._written[k], window)
+                tables.append(self._written[k], window, _forward_order(self.monitor))
                 self._written[k] += 1
 
     def close(self) -> None:

@@ -1,5 +1,6 @@
 """Windows written to the run directory's tables read back as the monitor had them."""
 
+import csv
 import math
 
 import pytest
@@ -51,3 +52,35 @@ def test_window_every_n_steps(tmp_path):
             optimizer.step()
             recorder.epoch_end(0, {})                                   # ignored with window_steps
     assert [(w.step, w.steps) for w in monitor.history] == [(5, 5), (10, 5)]
+
+
+def test_gradients_csv_rows_follow_the_forward_order(tmp_path):
+    """A model that defines its head first: the table lists the input side first, so that
+    diagnose_run (no model at hand) reads layers input to output, as the live monitor does."""
+    from gradflow.analysis.diagnose import diagnose_monitor, diagnose_run
+
+    class HeadFirst(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.head = torch.nn.Linear(4, 1)
+            self.body = torch.nn.Linear(2, 4)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.body(x)))
+
+    torch.manual_seed(0)
+    model = HeadFirst()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with GradientMonitor(model) as monitor:
+        recorder = MonitorCallback(monitor, tmp_path)
+        for epoch in range(3):
+            optimizer.zero_grad()
+            model(torch.randn(8, 2)).pow(2).mean().backward()
+            optimizer.step()
+            recorder.epoch_end(epoch, {})
+        recorder.close()
+        live = diagnose_monitor(monitor)
+    with open(tmp_path / "gradients.csv", newline="") as f:
+        names = [row["parameter"] for row in csv.DictReader(f) if row["window"] == "0"]
+    assert names == ["body.weight", "body.bias", "head.weight", "head.bias"]
+    assert list(diagnose_run(tmp_path).evidence["layers"]) == list(live.evidence["layers"]) == ["body", "head"]

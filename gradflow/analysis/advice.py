@@ -1,0 +1,107 @@
+"""Advice: what to do about a verdict, in plain words, by architecture family.
+
+``ADVICE`` is the advice per verdict for the tutorial's MLPs (tanh or sigmoid with U(0, 1)
+weights: Xavier/Glorot init, Glorot & Bengio 2010; ReLU with He init, He et al. 2015; the
+depth and seed facts from DESIGN.md). ``FAMILY_ADVICE`` replaces it where a CNN, transformer or
+recurrent net needs other advice (sources beside it). ``architecture_family`` tells the family
+from the model's modules when given, else from layer kinds and names.
+
+Example:
+    >>> recommend(["vanishing"], "transformer").split(".")[0]
+    'Gradients shrink on their way to the first blocks'
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping, Sequence
+
+from gradflow.analysis.rules import MIN_WINDOWS
+
+ADVICE = {
+    "healthy": "Nothing to fix: gradients of a useful size reach every layer and the weights move at a "
+               "healthy rate.",
+    "vanishing": "Gradients shrink on their way to the first layers, so those layers barely learn. With tanh "
+                 "or sigmoid, use ReLU with He initialization (he_uniform), or keep tanh and use Xavier "
+                 "(glorot_uniform) initialization; fewer layers, batch normalization or residual connections "
+                 "also help.",
+    "exploding": "Updates are far too large: lower the learning rate (try 10x smaller), clip the gradient norm "
+                 "(torch.nn.utils.clip_grad_norm_), and check that the initial weights are not too large.",
+    "saturated": "Units sit in the flat tails of tanh/sigmoid where the derivative is almost zero. Weights "
+                 "drawn from U(0, 1) are all positive and too large for tanh: use Xavier (glorot_uniform) "
+                 "initialization for tanh, or ReLU with He initialization; normalized inputs help too.",
+    "dead-units": "Whole ReLU layers output zero for every input and pass no gradient back. Use fewer layers "
+                  "(ReLU with He init learns at depth 5; at depth 20 and width 5 most seeds die), a smaller "
+                  "learning rate, LeakyReLU, batch normalization or residual connections, or another seed.",
+    "stalled": "The loss has stopped falling, so more epochs will not help; if nothing else is flagged, try "
+               "another learning rate or optimizer (Adam).",
+}
+
+
+ADVICE["insufficient"] = ("Not enough evidence to call this run healthy: train longer and log more windows "
+                          f"(at least {MIN_WINDOWS}), then diagnose again.")
+
+# Advice by architecture family, replacing the MLP advice for the verdicts where it differs.
+# Sources: residual connections, He et al. 2016 ("Deep Residual Learning"); batch
+# normalisation, Ioffe & Szegedy 2015; He (Kaiming) initialisation, He et al. 2015; pre-LayerNorm
+# and learning-rate warm-up for transformers, Xiong et al. 2020 ("On Layer Normalization in the
+# Transformer Architecture") and Vaswani et al. 2017; scaled init of residual projections,
+# Radford et al. 2019 (GPT-2); gradient clipping for recurrent nets, Pascanu et al. 2013 ("On the
+# difficulty of training recurrent neural networks"); forget-gate bias 1, Jozefowicz et al. 2015;
+# LSTM/GRU over plain RNNs, Hochreiter & Schmidhuber 1997.
+FAMILY_ADVICE = {
+    ("cnn", "vanishing"): "Gradients shrink on their way to the first convolutions. Add batch normalization after "
+                          "each convolution and residual (skip) connections (ResNet basic blocks), use ReLU with "
+                          "He (kaiming_normal_, fan_out) initialization instead of sigmoid/tanh.",
+    ("cnn", "exploding"): "Updates are far too large: lower the learning rate (10x), use a warm-up of a few hundred "
+                          "steps, and clip the gradient norm (torch.nn.utils.clip_grad_norm_); with BatchNorm, "
+                          "weight decay keeps the weight norms, and so the effective step, in check.",
+    ("transformer", "vanishing"): "Gradients shrink on their way to the first blocks. Use pre-LayerNorm blocks "
+                                  "(x + f(LN(x))), keep the residual stream free of other operations, scale the "
+                                  "init of residual projections by 1/sqrt(2 * layers) (GPT-2), and warm up the "
+                                  "learning rate.",
+    ("transformer", "exploding"): "Updates are far too large: lower the learning rate, warm it up linearly over the "
+                                  "first few hundred to thousand steps, clip the gradient norm at 1.0 "
+                                  "(torch.nn.utils.clip_grad_norm_), and prefer pre-LayerNorm blocks.",
+    ("recurrent", "vanishing"): "Gradients shrink through time and down the stack. Use fewer stacked layers (1-2) "
+                                "or residual connections between them, initialize the forget-gate bias to 1 "
+                                "(not negative), prefer LSTM/GRU over plain RNN cells, and clip the gradient norm "
+                                "(torch.nn.utils.clip_grad_norm_) so that a larger learning rate stays safe.",
+    ("recurrent", "exploding"): "Gradients blow up through time: clip the gradient norm "
+                                "(torch.nn.utils.clip_grad_norm_, max_norm 0.25-5, as in Pascanu et al. 2013) and "
+                                "lower the learning rate.",
+}
+
+
+def recommend(verdicts: Sequence[str], family: str = "mlp") -> str:
+    """Plain-words advice for a set of verdicts, most specific first, for an architecture
+    ``family`` (``mlp``, ``cnn``, ``transformer``, ``recurrent``; see FAMILY_ADVICE's sources).
+
+    Example:
+        >>> recommend(["healthy"]).startswith("Nothing to fix")
+        True
+        >>> "clip" in recommend(["exploding"], "recurrent")
+        True
+    """
+    return " ".join(FAMILY_ADVICE.get((family, v), ADVICE[v]) for v in verdicts) or ADVICE["healthy"]
+
+
+def architecture_family(layers: Mapping[str, Mapping[str, Any]], model: Any = None) -> str:
+    """``recurrent``, ``transformer``, ``cnn`` or ``mlp``, from the model's modules when given,
+    else from layer kinds and names.
+
+    Example:
+        >>> architecture_family({"lstm.l0": {"kind": "recurrent"}, "head": {"kind": "weight"}})
+        'recurrent'
+    """
+    names = " ".join(layers).lower()
+    if model is not None:
+        types = " ".join(type(m).__name__.lower() for m in model.modules())
+        names += " " + types
+    if any(row.get("kind") == "recurrent" for row in layers.values()) or any(
+            word in names for word in ("lstm", "gru", "rnn")):
+        return "recurrent"
+    if any(word in names for word in ("attn", "attention", "transformer")):
+        return "transformer"
+    if "conv" in names:
+        return "cnn"
+    return "mlp"

@@ -1,0 +1,332 @@
+"""Measures: what the diagnosis reads from recorded windows, before any rule (``rules.py``)
+judges it.
+
+A "layer" is a group of parameters: ``layer_of`` (the name minus its last dotted part), except
+stacked ``nn.LSTM``/``nn.GRU`` parameters, grouped per stacked layer (``lstm.l0``, ``lstm.l1``).
+Each layer has a kind (``weight``, ``norm``, ``embedding``, ``recurrent``: from the model's
+modules when it is passed (``parameter_kinds``), else from names: ``diagnose_run`` has no model,
+so a BatchNorm inside an ``nn.Sequential`` (``shortcut.1``) counts as a weight layer there) and a role (``head``, ``hidden``, ``norm``, ``embedding``). Layers come input
+first: in the model's forward order when known (the monitor's ``forward_order``: modules by
+their first forward call; gradflow's run tables are written in that order), else in the
+recorded order.
+
+- size: ``||g|| / ||w||`` over the layer's weights together (biases only where a layer has no
+  weight), ``||g||`` the mean over a window's steps and ``||w||`` at its end. Scale-free, so a
+  3x3x512x512 conv and a 512x10 head compare (issue 14: per-element mean |g| called a learning
+  ResNet-34 ``vanishing``). Windows without gradient and weight norms (old recordings) fall back
+  to the per-element mean |g| of the layer's weight (``measure``: ``mean_abs``).
+- embeddings: measured on the rows that received gradient (size / sqrt(1 - zero fraction), rows
+  of similar norm assumed) and shown, not judged (their ||w|| is their init's: N(0, 1) in torch,
+  N(0, 0.02) in GPT-2), unless tied to the head. Normalisation layers are shown, not judged.
+- the head: the embedding a tied head uses (from the model, or by name when the first layer is
+  an embedding and no head-named layer exists, as GPT-2 lists its tied head once); else the last
+  layer named like a head (``lm_head``, ``fc``, ``classifier``, ...); else the last layer that
+  is not a normalisation.
+- early / middle / last: the median over the first EARLY_FRACTION = 10% of windows (at least
+  one), the middle window, the last window; each layer's ratio to the head at those points.
+- update ratio per step: ``||w_end - w_start|| / ||w_start||`` over a window divided by its
+  steps; per layer the largest over its weights, then the median and the max over windows. NaN
+  (a parameter that started at zero, such as a fresh bias) is missing.
+- activations: per tap, the median share of a bounded activation's outputs with |a| > 0.97 of
+  its range (saturated), and the share of a rectifier's units never positive in the last window
+  it fired in (dead); the last tap is marked ``output`` when bounded and of another kind than
+  the one before it (``sigmoid_6`` after ``tanh_5``: the output's squashing function).
+- loss: first, at the end of the early part, best after it, the median of the last
+  EARLY_FRACTION (``tail``), last, and the count of non-finite values.
+
+Example:
+    >>> from gradflow.monitor import Window
+    >>> w = Window(0, 1, gradients={"a.weight": {"mean_abs": 0.01}, "b.weight": {"mean_abs": 1.0}})
+    >>> measure_layers([w])["b"]["role"]
+    'head'
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from gradflow.analysis.windows import layer_of
+
+EARLY_FRACTION = 0.1        # the "early" windows / epochs: this share of the run, at least one
+
+
+def layer_parameters(windows: Sequence[Any]) -> dict[str, str]:
+    """Layer -> the parameter that stands for it (its weight, else its first), input first."""
+    chosen: dict[str, str] = {}
+    for window in windows:
+        for name in window.gradients:
+            layer = layer_of(name)
+            if layer not in chosen or (name.endswith("weight") and not chosen[layer].endswith("weight")):
+                chosen[layer] = name
+    return chosen
+
+
+def _series(windows: Sequence[Any], parameter: str, key: str) -> np.ndarray:
+    return np.array([_number(w.gradients.get(parameter, {}).get(key)) for w in windows], dtype=float)
+
+
+def _number(value: Any) -> float:
+    return float(value) if isinstance(value, (int, float)) else math.nan
+
+
+def _median(values: np.ndarray) -> float:
+    values = values[np.isfinite(values)]
+    return float(np.median(values)) if values.size else math.nan
+
+
+def _early(count: int) -> int:
+    return max(1, int(count * EARLY_FRACTION))
+
+
+def _update_per_step(windows: Sequence[Any], parameter: str) -> np.ndarray:
+    ratios = _series(windows, parameter, "weight_update_ratio")
+    steps = np.array([max(w.steps, 1) for w in windows], dtype=float)
+    return ratios / steps
+
+
+def parameter_kinds(model: Any) -> dict[str, str]:
+    """Parameter name -> ``norm``, ``embedding``, ``recurrent`` or ``other``, from the module that
+    owns it, plus ``@head`` -> the parameter that is the output head's weight when the head is
+    tied to an embedding (a Linear whose weight is an earlier module's, as in GPT-2 and nanoGPT).
+
+    Example:
+        >>> from torch import nn
+        >>> parameter_kinds(nn.Sequential(nn.Embedding(5, 2), nn.LayerNorm(2)))["1.weight"]
+        'norm'
+    """
+    from torch import nn
+
+    first: dict[int, str] = {id(p): n for n, p in model.named_parameters()}
+    kinds: dict[str, str] = {}
+    for module_name, module in model.named_modules():
+        cls = type(module).__name__
+        if isinstance(module, nn.Embedding):
+            kind = "embedding"
+        elif isinstance(module, nn.RNNBase):
+            kind = "recurrent"
+        elif "norm" in cls.lower():
+            kind = "norm"
+        else:
+            kind = "other"
+        for pname, p in module.named_parameters(recurse=False):
+            full = f"{module_name}.{pname}" if module_name else pname
+            owner = first.get(id(p), full)
+            if owner != full and pname == "weight" and kinds.get(owner) == "embedding":
+                kinds["@head"] = owner                # tied: the head is the embedding
+            kinds.setdefault(owner, kind)
+    return kinds
+
+
+_RNN_PARAMETER = re.compile(r"^(weight|bias)_(ih|hh|hr)_l(\d+)(_reverse)?$")
+_EMBEDDING_NAME = re.compile(r"(wte|wpe|embed|embedding|emb)", re.IGNORECASE)
+_NORM_NAME = re.compile(r"(norm|^(bn|ln|gn)(\d|_|$))", re.IGNORECASE)
+_HEAD_NAMES = {"lm_head", "head", "fc", "classifier", "output", "out", "decoder", "score", "proj_out"}
+
+
+def group_of(parameter: str) -> str:
+    """The layer a parameter belongs to: ``layer_of`` except for stacked RNNs, whose
+    ``lstm.weight_ih_l1`` and ``lstm.bias_hh_l1`` are layer ``lstm.l1`` (``_reverse`` kept).
+
+    Example:
+        >>> group_of("encoder.lstm.weight_hh_l2"), group_of("dense_1.weight")
+        ('encoder.lstm.l2', 'dense_1')
+    """
+    module, _, last = parameter.rpartition(".")
+    match = _RNN_PARAMETER.match(last)
+    if match:
+        return f"{module + '.' if module else ''}l{match.group(3)}{match.group(4) or ''}"
+    return layer_of(parameter)
+
+
+def _is_bias(parameter: str) -> bool:
+    last = parameter.rpartition(".")[2]
+    return last == "bias" or last.startswith("bias_") or last.endswith("_bias")
+
+
+def _layer_kind(layer: str, parameters: Sequence[str], kinds: Mapping[str, str] | None) -> str:
+    """``norm``, ``embedding``, ``recurrent`` or ``weight``: from the model when given, else the name."""
+    if kinds:
+        found = {kinds.get(p, "other") for p in parameters}
+        for kind in ("recurrent", "embedding", "norm"):
+            if kind in found:
+                return kind
+        return "weight"
+    last = layer.rpartition(".")[2]
+    if any(_RNN_PARAMETER.match(p.rpartition(".")[2]) for p in parameters):
+        return "recurrent"
+    if _NORM_NAME.search(last):
+        return "norm"
+    if _EMBEDDING_NAME.search(last):
+        return "embedding"
+    return "weight"
+
+
+def _ordered(names: list[str], order: Sequence[str] | None) -> list[str]:
+    """``names`` in forward order where ``order`` knows them, recorded order otherwise."""
+    if not order:
+        return names
+    rank = {name: i for i, name in enumerate(order)}
+    known = sorted((n for n in names if n in rank), key=rank.__getitem__)
+    return known + [n for n in names if n not in rank]
+
+
+def _find_head(layers: Mapping[str, Mapping[str, Any]], kinds: Mapping[str, str] | None) -> str | None:
+    """The output head: the embedding a tied head uses; else the last layer named like a head;
+    else, when the first layer is an embedding and no head-named layer exists, that embedding
+    (a tied head listed once); else the last layer that is not a normalisation."""
+    candidates = [l for l, row in layers.items() if row["kind"] != "norm"] or list(layers)
+    if not candidates:
+        return None
+    if kinds and "@head" in kinds:
+        tied = group_of(kinds["@head"])
+        if tied in layers:
+            return tied
+    named = [l for l in candidates if l.rpartition(".")[2].lower() in _HEAD_NAMES]
+    if named:
+        return named[-1]
+    if not kinds and layers[candidates[0]]["kind"] == "embedding" and len(candidates) > 1:
+        last = candidates[-1].rpartition(".")[2].lower()
+        if not any(word in last for word in ("head", "out", "fc", "classifier", "decoder", "logits")):
+            return candidates[0]
+    return candidates[-1]
+
+
+def _relative_sizes(windows: Sequence[Any], parameters: Sequence[str], embedding: bool) -> np.ndarray:
+    """Per window: ||g|| / ||w|| over ``parameters`` together (each ``norm`` the mean over the
+    window's steps, ``weight_norm`` at its end); for an embedding, on the rows that received
+    gradient: divided by sqrt(1 - zero fraction) (rows of similar norm assumed)."""
+    g2 = sum(_series(windows, p, "norm") ** 2 for p in parameters)
+    w2 = sum(_series(windows, p, "weight_norm") ** 2 for p in parameters)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        size = np.sqrt(g2) / np.sqrt(w2)
+        if embedding:
+            zero = np.mean([_series(windows, p, "zero_fraction") for p in parameters], axis=0)
+            active = np.where(np.isfinite(zero), 1.0 - zero, 1.0)
+            size = np.where(active > 0, size / np.sqrt(np.maximum(active, 1e-12)), math.nan)
+    return np.where(np.isfinite(w2) & (w2 > 0), size, math.nan)
+
+
+def measure_layers(windows: Sequence[Any], order: Sequence[str] | None = None,
+                   kinds: Mapping[str, str] | None = None) -> dict[str, dict[str, Any]]:
+    """Per layer, input first (forward ``order`` of parameter names when known, else recorded
+    order): kind (``weight``, ``norm``, ``embedding``, ``recurrent``), role (``head``, ``hidden``,
+    ``norm``), gradient size early / middle / last and its peak after the early part, ratio to
+    the head at those points, update ratio per step (median and max), non-finite count, zero
+    fraction in the last window.
+
+    The size is scale-free, ||g|| / ||w|| over the layer's weights (biases only when it has no
+    weight), when the windows hold gradient and weight norms; else (``measure``: ``mean_abs``)
+    the mean |g| per element of its weight, as before.
+
+    Example:
+        >>> from gradflow.monitor import Window
+        >>> w = Window(0, 1, gradients={"a.weight": {"mean_abs": 0.01}, "b.weight": {"mean_abs": 1.0}})
+        >>> measure_layers([w])["a"]["ratio_early"]
+        0.01
+    """
+    names: list[str] = []
+    for window in windows:
+        names += [name for name in window.gradients if name not in names]
+    names = _ordered(names, order)
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(group_of(name), []).append(name)
+    if not groups:
+        return {}
+    relative = all(_number(w.gradients[p].get("weight_norm")) == _number(w.gradients[p].get("weight_norm"))
+                   and "norm" in w.gradients[p] for w in windows for p in w.gradients)
+    n, early = len(windows), _early(len(windows))
+    layers: dict[str, dict[str, Any]] = {}
+    sizes: dict[str, np.ndarray] = {}
+    for layer, parameters in groups.items():
+        weights = [p for p in parameters if not _is_bias(p)] or parameters
+        kind = _layer_kind(layer, parameters, kinds)
+        if relative:
+            sizes[layer] = _relative_sizes(windows, weights, kind == "embedding")
+        else:
+            sizes[layer] = _series(windows, weights[0], "mean_abs")
+        layers[layer] = {"parameter": weights[0], "kind": kind}
+    head = _find_head(layers, kinds)
+    output = sizes[head]
+    points = {"early": slice(0, early), "middle": slice(n // 2, n // 2 + 1), "last": slice(n - 1, n)}
+    for layer, parameters in groups.items():
+        row = layers[layer]
+        # An embedding is a lookup table, not a layer the gradient flows through, and its ||w||
+        # is whatever its init chose (N(0, 1) in torch, N(0, 0.02) in GPT-2): shown, not judged.
+        row["role"] = "head" if layer == head else (row["kind"] if row["kind"] in ("norm", "embedding") else "hidden")
+        row["measure"] = "relative" if relative else "mean_abs"
+        for point, part in points.items():
+            size, out = _median(sizes[layer][part]), _median(output[part])
+            row[f"gradient_{point}"] = size
+            row[f"ratio_{point}"] = size / out if out > 0 else math.nan
+        later = sizes[layer][early:]
+        row["gradient_peak"] = float(np.nanmax(later)) if np.isfinite(later).any() else math.nan
+        weights = [p for p in parameters if not _is_bias(p)] or parameters
+        stack = np.vstack([_update_per_step(windows, p) for p in weights])
+        updates = np.array([max((v for v in column if math.isfinite(v)), default=math.nan) for column in stack.T])
+        row["update_ratio"] = _median(updates)
+        row["update_ratio_max"] = float(np.nanmax(updates)) if np.isfinite(updates).any() else math.nan
+        counts = [_number(w.gradients.get(p, {}).get("nonfinite")) for w in windows for p in parameters]
+        row["nonfinite"] = int(sum(c for c in counts if math.isfinite(c)))
+        last = [_number(windows[-1].gradients[p].get("zero_fraction")) for p in parameters
+                if p in windows[-1].gradients]
+        row["zero_last"] = min(last) if last else math.nan
+    return layers
+
+
+def measure_activations(windows: Sequence[Any]) -> dict[str, dict[str, float]]:
+    """Per activation module: median saturated fraction (bounded ones) and the dead fraction
+    of the last window it fired in (rectifiers); ``output`` marks a presumed output squashing
+    (the last tap, bounded, of another kind than the one before it).
+
+    Example:
+        >>> from gradflow.monitor import Window
+        >>> w = Window(0, 1, activations={"relu_1": {"dead_fraction": 0.2}})
+        >>> measure_activations([w])["relu_1"]["dead"]
+        0.2
+    """
+    names: list[str] = []
+    for window in windows:
+        names += [name for name in window.activations if name not in names]
+    rows: dict[str, dict[str, float]] = {}
+    for name in names:
+        seen = [w.activations[name] for w in windows if name in w.activations]
+        row: dict[str, Any] = {}
+        saturated = np.array([_number(r.get("saturated_fraction")) for r in seen])
+        if np.isfinite(saturated).any():
+            row["saturated"] = _median(saturated)
+        if "dead_fraction" in seen[-1]:
+            row["dead"] = _number(seen[-1]["dead_fraction"])
+        rows[name] = row
+    if len(rows) > 1 and "saturated" in rows[names[-1]] and _kind(names[-1]) != _kind(names[-2]):
+        rows[names[-1]]["output"] = True
+    return rows
+
+
+def _kind(name: str) -> str:
+    """``sigmoid_6`` -> ``sigmoid``; ``head.act`` -> ``head.act``: a module name without its index."""
+    return name.rstrip("0123456789").rstrip("_.")
+
+
+def measure_loss(losses: Sequence[float]) -> dict[str, float] | None:
+    """First loss, loss at the end of the early part, best after it, median of the last
+    EARLY_FRACTION of epochs (``tail``), last loss, and the count of non-finite ones.
+
+    Example:
+        >>> measure_loss([1.0, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3, 0.3, 0.3, 0.3, 0.3])["tail"]
+        0.3
+    """
+    values = np.asarray(list(losses), dtype=float)
+    if values.size < 2:
+        return None
+    early = _early(values.size)
+    rest = values[early:]
+    finite = rest[np.isfinite(rest)]
+    return {"first": float(values[0]), "early": float(values[early - 1]),
+            "best": float(finite.min()) if finite.size else math.nan,
+            "tail": _median(values[-early:]), "last": float(values[-1]),
+            "nonfinite": int((~np.isfinite(values)).sum())}
