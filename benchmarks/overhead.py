@@ -28,8 +28,8 @@ import sys
 import tempfile
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 from torch import nn
@@ -229,10 +229,10 @@ def main(argv=None) -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
     table = {}
     for name in args.models:
-        work = {"tutorial": tutorial_mlp, "wide": wide_mlp}.get(name, lambda: real_model(name))()
+        work = tutorial_mlp() if name == "tutorial" else wide_mlp() if name == "wide" else real_model(name)
         wanted = args.variants
         if wanted is None and name in SHAPES:      # a peer on resnet18 takes seconds a step: ask by name
-            wanted = [v for v in variants("").keys() if v not in PEERS]
+            wanted = [v for v in variants("") if v not in PEERS]
         table[work.name] = measure(work, rounds, wanted)
     names = sorted({v for ratios in table.values() for v in ratios if v != "bare"},
                    key=lambda v: (v in PEERS, v))
