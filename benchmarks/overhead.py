@@ -7,9 +7,15 @@ per-step ``SummaryWriter.add_histogram`` of every gradient (what people write by
 are interleaved over several rounds and each ratio is the median of per-round ratios, so a
 noisy neighbour slows both sides of a ratio alike.
 
-    python benchmarks/overhead.py                 # both models, 5 rounds
-    python benchmarks/overhead.py --rounds 3 --model tutorial
-    python benchmarks/overhead.py --model wide --variants gradflow --rounds 9   # bare is always timed
+    python benchmarks/overhead.py                 # every model, 5 rounds, one thread
+    python benchmarks/overhead.py --quick         # 3 rounds, no peers on the real models: a few minutes
+    python benchmarks/overhead.py --models tutorial resnet_cnn --rounds 3
+    python benchmarks/overhead.py --models wide --variants gradflow --rounds 9   # bare is always timed
+
+The real-model shapes (issue 15, ``benchmarks/shapes.py``) step on one fixed batch and close a
+monitor window every 10 steps. ``gradflow/no-activations`` is the monitor without activation
+taps; ``gradflow/activations/10`` records gradients every step and activations every 10th step
+(emulated by wrapping the activation hooks: the monitor has no activation schedule yet).
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import sys
 import tempfile
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -32,6 +39,9 @@ from torch.utils.tensorboard import SummaryWriter
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from gradflow import GradientMonitor  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(__file__))
+from shapes import SHAPES  # noqa: E402
 
 
 @dataclass
@@ -42,6 +52,8 @@ class Workload:
     targets: torch.Tensor
     batch: int
     epochs: int            # per timed round; one monitor write per epoch
+    loss: Callable = nn.functional.binary_cross_entropy_with_logits
+    repeat: int = 0        # > 0: ``inputs`` is one batch, stepped on ``repeat`` times an epoch
 
 
 def tutorial_mlp() -> Workload:
@@ -66,16 +78,41 @@ def wide_mlp() -> Workload:
                     (x[:, :1] > 0).float(), 256, 1)
 
 
+WINDOW = 10  # steps per monitor window on the real-model shapes (issue 15 logs every 10 steps)
+
+DESCRIPTIONS = {
+    "resnet_cnn": "ResNet-style CNN (BatchNorm, 4 blocks x 64 ch, 32 x 16x16)",
+    "transformer_lm": "transformer LM (TransformerEncoder 4 x 256, 8 x 64 tokens)",
+    "lstm_lm": "LSTM LM (2 x 256, 16 x 64 tokens)",
+    "resnet18": "resnet18 (11.2 M, 16 x 64x64 images)",
+    "nanogpt": "nanoGPT (4 x 128, 8 x 64 characters)",
+}
+
+
+def real_model(name: str, windows: int = 1) -> Workload:
+    """A shape of ``benchmarks/shapes.py``: one batch, ``windows`` windows of WINDOW steps a round."""
+    model, inputs, targets, loss = SHAPES[name]()
+    return Workload(DESCRIPTIONS[name], model, inputs, targets, len(inputs), windows, loss, WINDOW)
+
+
+def _batches(work: Workload):
+    if work.repeat:
+        for _ in range(work.repeat):
+            yield work.inputs, work.targets
+        return
+    order = torch.randperm(len(work.inputs))
+    for first in range(0, len(work.inputs), work.batch):
+        index = order[first:first + work.batch]
+        yield work.inputs[index], work.targets[index]
+
+
 def train(work: Workload, model: nn.Module, optimizer, on_step=None, on_epoch=None) -> float:
     """Seconds for ``work.epochs`` epochs of a plain loop."""
-    n = len(work.inputs)
     start = time.perf_counter()
     for epoch in range(work.epochs):
-        order = torch.randperm(n)
-        for first in range(0, n, work.batch):
-            index = order[first:first + work.batch]
+        for inputs, targets in _batches(work):
             optimizer.zero_grad(set_to_none=True)
-            loss = nn.functional.binary_cross_entropy_with_logits(model(work.inputs[index]), work.targets[index])
+            loss = work.loss(model(inputs), targets)
             loss.backward()
             optimizer.step()
             if on_step is not None:
@@ -83,6 +120,15 @@ def train(work: Workload, model: nn.Module, optimizer, on_step=None, on_epoch=No
         if on_epoch is not None:
             on_epoch(epoch)
     return time.perf_counter() - start
+
+
+ACTIVATION_EVERY = 10
+
+
+def _every(hook, step: list[int], every: int):
+    def on_forward(module, inputs, output):
+        return hook(module, inputs, output) if step[0] % every == 0 else None
+    return on_forward
 
 
 def variants(logdir: str):
@@ -99,6 +145,28 @@ def variants(logdir: str):
                 yield None, monitor.log
 
     @contextlib.contextmanager
+    def gradflow_no_activations(model):
+        with SummaryWriter(os.path.join(logdir, "gradflow-no-activations")) as writer:
+            with GradientMonitor(model, writer, activations=False) as monitor:
+                yield None, monitor.log
+
+    @contextlib.contextmanager
+    def gradflow_activations_every_10(model):
+        """Gradients every step, activations on every 10th step only: the monitor has no such
+        schedule yet, so its activation hooks are wrapped to skip the other steps."""
+        with SummaryWriter(os.path.join(logdir, "gradflow-activations-every-10")) as writer:
+            with GradientMonitor(model, writer) as monitor:
+                step = [0]
+                for module in model.modules():
+                    for key, hook in list(module._forward_hooks.items()):
+                        if getattr(hook, "__qualname__", "").endswith("hook.<locals>.on_forward"):
+                            module._forward_hooks[key] = _every(hook, step, ACTIVATION_EVERY)
+
+                def on_step():
+                    step[0] += 1
+                yield on_step, monitor.log
+
+    @contextlib.contextmanager
     def add_histogram_per_step(model):
         with SummaryWriter(os.path.join(logdir, "by-hand")) as writer:
             step = [0]
@@ -109,7 +177,9 @@ def variants(logdir: str):
                 step[0] += 1
             yield on_step, None
 
-    found = {"bare": bare, "gradflow": gradflow, "add_histogram/step": add_histogram_per_step}
+    found = {"bare": bare, "gradflow": gradflow, "gradflow/no-activations": gradflow_no_activations,
+             f"gradflow/activations/{ACTIVATION_EVERY}": gradflow_activations_every_10,
+             "add_histogram/step": add_histogram_per_step}
     try:
         import wandb
     except ImportError:
@@ -158,31 +228,47 @@ def measure(work: Workload, rounds: int, wanted: list[str] | None = None) -> dic
             for name, value in times.items():
                 ratios.setdefault(name, []).append(value / times["bare"])
                 seconds.setdefault(name, []).append(value)
-    steps = work.epochs * -(-len(work.inputs) // work.batch)
+    steps = work.epochs * (work.repeat or -(-len(work.inputs) // work.batch))
     print(f"\n{work.name}: {steps} steps per round, {rounds} rounds")
-    print(f"  {'variant':22s} {'ms/step':>9s} {'ratio to bare':>14s}")
+    print(f"  {'variant':24s} {'ms/step':>9s} {'ratio to bare':>14s}")
     for name in runs:
         ms = statistics.median(seconds[name][1:]) / steps * 1e3
-        print(f"  {name:22s} {ms:9.3f} {statistics.median(ratios[name][1:]):13.2f}x")
+        print(f"  {name:24s} {ms:9.3f} {statistics.median(ratios[name][1:]):13.2f}x")
     return {name: statistics.median(r[1:]) for name, r in ratios.items()}
+
+
+MODELS = ["tutorial", "wide", *SHAPES]
+PEERS = ("add_histogram/step", "wandb.watch")
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--model", choices=["tutorial", "wide", "both"], default="both")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    parser.add_argument("--models", nargs="+", choices=MODELS, default=MODELS, metavar="MODEL",
+                        help=f"which models (default all: {' '.join(MODELS)})")
+    parser.add_argument("--quick", action="store_true", help="3 rounds (the real-model shapes time peers only when --variants names them)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
     parser.add_argument("--variants", nargs="+", metavar="NAME", help="time only these besides bare "
-                        "(gradflow, add_histogram/step, wandb.watch)")
+                        "(gradflow, gradflow/no-activations, add_histogram/step, wandb.watch)")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads)
+    rounds = 3 if args.quick and args.rounds == 5 else args.rounds
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    if args.model in ("tutorial", "both"):
-        measure(tutorial_mlp(), args.rounds, args.variants)
-    if args.model in ("wide", "both"):
-        measure(wide_mlp(), args.rounds, args.variants)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
+    table = {}
+    for name in args.models:
+        work = tutorial_mlp() if name == "tutorial" else wide_mlp() if name == "wide" else real_model(name)
+        wanted = args.variants
+        if wanted is None and name in SHAPES:      # a peer on resnet18 takes seconds a step: ask by name
+            wanted = [v for v in variants("") if v not in PEERS]
+        table[work.name] = measure(work, rounds, wanted)
+    names = sorted({v for ratios in table.values() for v in ratios if v != "bare"},
+                   key=lambda v: (v in PEERS, v))
+    print(f"\nmonitored / bare, medians of {rounds} interleaved rounds")
+    print(f"  {'model':58s} " + " ".join(f"{v:>22s}" for v in names))
+    for model, ratios in table.items():
+        cells = [f"{ratios[v]:21.2f}x" if v in ratios else f"{'-':>22s}" for v in names]
+        print(f"  {model:58s} " + " ".join(cells))
 
 
 if __name__ == "__main__":

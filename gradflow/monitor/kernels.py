@@ -28,6 +28,7 @@ from numba import njit
 
 BLOCK = 4096                     # values per block: 16 KB of float32, in L1
 SIGN_EXPONENT_BINS = 512
+SHORT_ROW = 2048                 # shorter rows count straight into their histogram (no sub-histograms to add)
 PIECE_MAX = 1 << 30              # a piece's uint32 sub-histograms must not overflow
 _REASSOCIATE = {"reassoc", "nsz", "arcp", "contract"}   # vectorize the sums; keep NaN and Inf
 _MAGNITUDE_BITS = np.int32(0x7FFFFFFF)
@@ -118,14 +119,17 @@ def _fold_piece(values, centre, threshold, counts, result):
 @njit(nogil=True, boundscheck=False, cache=True)
 def _fold_rows(values, lengths, row_slot, row_centre, row_threshold, counts, out):
     """Rows are consecutive runs of ``values``: out[r] = [sum x, sum |x|, sum x², bits of the
-    largest |x|, count beyond row r's band]; counts[row_slot[r]] gets row r's histogram."""
+    largest |x|, count beyond row r's band]; counts[row_slot[r]] gets row r's histogram.
+    A row of SHORT_ROW values or more counts into four sub-histograms (see ``_block_counts``)."""
     bits = values.view(np.int32)
     unsigned = values.view(np.uint32)
+    sub = np.zeros((4, SIGN_EXPONENT_BINS), np.uint32)
     start = 0
     for r in range(lengths.size):
         stop = start + lengths[r]
         histogram = counts[row_slot[r]]
         top = np.int32(0)
+        long_row = lengths[r] >= SHORT_ROW
         for lo in range(start, stop, BLOCK):
             hi = min(stop, lo + BLOCK)
             t, a, s, b, m = _block_moments(values[lo:hi], bits[lo:hi], row_centre[r], row_threshold[r])
@@ -134,8 +138,14 @@ def _fold_rows(values, lengths, row_slot, row_centre, row_threshold, counts, out
             out[r, 2] += s
             out[r, 4] += b
             top = max(top, m)
-            for j in range(lo, hi):
-                histogram[(unsigned[j] >> _SHIFT) ^ _SIGN_BIN] += 1
+            if long_row:
+                _block_counts(unsigned[lo:hi], sub[0], sub[1], sub[2], sub[3])
+            else:
+                for j in range(lo, hi):
+                    histogram[(unsigned[j] >> _SHIFT) ^ _SIGN_BIN] += 1
+        if long_row:
+            _add_counts(sub, histogram)
+            sub[:] = 0
         out[r, 3] = top
         start = stop
 
@@ -185,10 +195,12 @@ def _block_weights_wide(values, start):
 @njit(nogil=True, boundscheck=False, cache=True)
 def _fold_weight_segments(values, start, lengths, rows, counts):
     unsigned = values.view(np.uint32)
+    sub = np.zeros((4, SIGN_EXPONENT_BINS), np.uint32)
     offset = 0
     for segment in range(lengths.size):
         stop = offset + lengths[segment]
         histogram = counts[segment]
+        long_row = lengths[segment] >= SHORT_ROW
         for lo in range(offset, stop, BLOCK):
             hi = min(stop, lo + BLOCK)
             a, s, m, b = _block_weights(values[lo:hi], start[lo:hi])
@@ -196,8 +208,14 @@ def _fold_weight_segments(values, start, lengths, rows, counts):
             rows[segment, 1] += s
             rows[segment, 2] += m
             rows[segment, 3] += b
-            for j in range(lo, hi):
-                histogram[(unsigned[j] >> _SHIFT) ^ _SIGN_BIN] += 1
+            if long_row:
+                _block_counts(unsigned[lo:hi], sub[0], sub[1], sub[2], sub[3])
+            else:
+                for j in range(lo, hi):
+                    histogram[(unsigned[j] >> _SHIFT) ^ _SIGN_BIN] += 1
+        if long_row:
+            _add_counts(sub, histogram)
+            sub[:] = 0
         offset = stop
 
 
@@ -210,11 +228,13 @@ def _count_positive_rows(values, positives):
 
 @njit(nogil=True, boundscheck=False, cache=True)
 def _count_positive_blocks(values, positives):
+    inner = values.shape[2]
     for outer in range(values.shape[0]):
         for unit in range(values.shape[1]):
-            count = 0
-            for x in values[outer, unit]:
-                count += x > 0
+            row = values[outer, unit]
+            count = np.int32(0)
+            for i in range(inner):
+                count += np.int32(row[i] > 0)
             positives[unit] += count
 
 

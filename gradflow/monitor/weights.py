@@ -18,6 +18,7 @@ class _WeightTracker:
         self.sizes = [p.numel() // members for p in params for _ in range(members)]
         self.lengths, self.segment = _segment_layout(self.sizes, params[0].device)
         self.bin_offset = (self.segment * S.SIGN_EXPONENT_BINS).int()
+        self._spare: torch.Tensor | None = None  # a flat buffer to reuse
         self.start = self._flatten()
         self._end: torch.Tensor | None = None    # the weights summary() saw: the next window's start
 
@@ -29,11 +30,18 @@ class _WeightTracker:
 
     @torch.no_grad()
     def _flatten(self) -> torch.Tensor:
-        return torch.cat([_flat(p.detach()) for p in self.params])
+        """The weights, flat, copied into the spare buffer when there is one: on the CPU a fresh
+        tensor of a large model's size is mapped anew each time, and its page faults cost
+        several times the copy (resnet18's 45 MB: 70 ms against 9)."""
+        out, self._spare = self._spare, None
+        return torch.cat([_flat(p.detach()) for p in self.params], out=out)
 
     def snapshot(self) -> None:
-        self.start = self._end if self._end is not None else self._flatten()
-        self._end = None
+        if self._end is None:
+            self._spare = self.start
+            self.start = self._flatten()
+        else:
+            self._spare, self.start, self._end = self.start, self._end, None
 
     @torch.no_grad()
     def summary(self) -> tuple[torch.Tensor, torch.Tensor]:
