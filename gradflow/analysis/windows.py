@@ -18,7 +18,8 @@ from pathlib import Path
 from gradflow.monitor import Window
 
 GRADIENT_COLUMNS = ("window", "step", "steps", "parameter", "mean", "mean_abs", "norm", "max_abs",
-                    "zero_fraction", "nonfinite", "weight_l1", "weight_norm", "weight_update_ratio")
+                    "zero_fraction", "nonfinite", "weight_l1", "weight_norm", "weight_update_ratio",
+                    "skipped_steps")   # last: tables written before it existed still read (and resume)
 ACTIVATION_COLUMNS = ("window", "step", "module", "mean", "std", "saturated_fraction", "dead_fraction")
 GRADIENTS_FILE = "gradients.csv"
 ACTIVATIONS_FILE = "activations.csv"
@@ -31,10 +32,12 @@ def load_windows(run_dir: str | Path) -> list[Window]:
     with open(run_dir / GRADIENTS_FILE, newline="") as f:
         for row in csv.DictReader(f):
             window = windows.setdefault(int(row["window"]), Window(step=int(row["step"]), steps=int(row["steps"])))
-            values = {key: _number(row[key]) for key in GRADIENT_COLUMNS[4:] if row[key] != ""}
+            values = {key: _number(row[key]) for key in GRADIENT_COLUMNS[4:] if row.get(key) not in (None, "")}
             values["steps"] = int(row["steps"])
             window.steps = max(window.steps, values["steps"])
             window.gradients[row["parameter"]] = values
+            skipped = max(window.overall.get("skipped_steps", 0), int(values.get("skipped_steps", 0)))
+            window.overall = {"steps": window.steps, "skipped_steps": skipped}
     activations = run_dir / ACTIVATIONS_FILE
     if activations.exists():
         with open(activations, newline="") as f:
