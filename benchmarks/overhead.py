@@ -14,8 +14,8 @@ noisy neighbour slows both sides of a ratio alike.
 
 The real-model shapes (issue 15, ``benchmarks/shapes.py``) step on one fixed batch and close a
 monitor window every 10 steps. ``gradflow/no-activations`` is the monitor without activation
-taps; ``gradflow/activations/10`` records gradients every step and activations every 10th step
-(emulated by wrapping the activation hooks: the monitor has no activation schedule yet).
+taps; ``gradflow`` is the default monitor (gradients every step, activations every 10th step)
+and ``gradflow/activations-every-step`` taps activations at every step too (``activations_every=1``).
 """
 
 from __future__ import annotations
@@ -122,15 +122,6 @@ def train(work: Workload, model: nn.Module, optimizer, on_step=None, on_epoch=No
     return time.perf_counter() - start
 
 
-ACTIVATION_EVERY = 10
-
-
-def _every(hook, step: list[int], every: int):
-    def on_forward(module, inputs, output):
-        return hook(module, inputs, output) if step[0] % every == 0 else None
-    return on_forward
-
-
 def variants(logdir: str):
     """name -> a context manager that instruments a model and yields (on_step, on_epoch)."""
 
@@ -151,20 +142,11 @@ def variants(logdir: str):
                 yield None, monitor.log
 
     @contextlib.contextmanager
-    def gradflow_activations_every_10(model):
-        """Gradients every step, activations on every 10th step only: the monitor has no such
-        schedule yet, so its activation hooks are wrapped to skip the other steps."""
-        with SummaryWriter(os.path.join(logdir, "gradflow-activations-every-10")) as writer:
-            with GradientMonitor(model, writer) as monitor:
-                step = [0]
-                for module in model.modules():
-                    for key, hook in list(module._forward_hooks.items()):
-                        if getattr(hook, "__qualname__", "").endswith("hook.<locals>.on_forward"):
-                            module._forward_hooks[key] = _every(hook, step, ACTIVATION_EVERY)
-
-                def on_step():
-                    step[0] += 1
-                yield on_step, monitor.log
+    def gradflow_activations_every_step(model):
+        """The default monitor with activations tapped at every step (``activations_every=1``)."""
+        with SummaryWriter(os.path.join(logdir, "gradflow-activations-every-step")) as writer:
+            with GradientMonitor(model, writer, activations_every=1) as monitor:
+                yield None, monitor.log
 
     @contextlib.contextmanager
     def add_histogram_per_step(model):
@@ -178,7 +160,7 @@ def variants(logdir: str):
             yield on_step, None
 
     found = {"bare": bare, "gradflow": gradflow, "gradflow/no-activations": gradflow_no_activations,
-             f"gradflow/activations/{ACTIVATION_EVERY}": gradflow_activations_every_10,
+             "gradflow/activations-every-step": gradflow_activations_every_step,
              "add_histogram/step": add_histogram_per_step}
     try:
         import wandb

@@ -345,5 +345,5 @@ def train_members(
 def _attach_monitor(model, writers, run_dirs, cfg, members):
     mon = cfg.monitor
     monitor = GradientMonitor(model, writers, histograms=mon.histograms, weights=mon.weights,
-                              activations=mon.activations, members=members)
+                              activations=mon.activations, activations_every=mon.activations_every, members=members)
     return monitor, MembersMonitorCallback(monitor, run_dirs, window_steps=mon.window_steps)

@@ -95,6 +95,7 @@ class MonitorConfig:
     histograms: bool = True  # write gradient histograms
     weights: bool = True  # log weight statistics too
     activations: bool = True  # log activation statistics too
+    activations_every: int = 1  # tap activations at every Nth optimizer step (the tutorial's nets are tiny: every step)
 
 
 @dataclass

@@ -133,7 +133,7 @@ def fit_monitored(cfg, model, data, writer, run_dir, device, progress=None, stop
         return fit(model, data, cfg.optimizer, cfg.train, callbacks=callbacks, checkpoint=checkpoint, **run), []
     settings = cfg.monitor
     with GradientMonitor(model, writer, histograms=settings.histograms, weights=settings.weights,
-                         activations=settings.activations) as monitor:
+                         activations=settings.activations, activations_every=settings.activations_every) as monitor:
         recorder = MonitorCallback(monitor, run_dir, settings.window_steps, first_window=len(earlier))
         try:
             result = fit(model, data, cfg.optimizer, cfg.train, callbacks=callbacks + [recorder],

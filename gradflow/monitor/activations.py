@@ -51,7 +51,7 @@ class _Tap:
         self.index = index
 
     def __call__(self, module, inputs, output):
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or not self.accumulator.active:
             return None
         if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and torch._C._current_graph_task_id() == -1:
             self.accumulator.take(self.index, output)
@@ -124,6 +124,7 @@ class _ActivationAccumulator:
         self.positives = torch.zeros(1, device=device)         # per unit: count of outputs > 0; slot 0: none
         self.pending: list[tuple[int, torch.Tensor]] = []
         self.pending_elements = 0
+        self.active = True                            # tap the coming forward pass (the monitor's schedule)
         self._plans = _BoundedCache()
         self._slot_rows = _BoundedCache()            # slots of the large outputs reduced together
 

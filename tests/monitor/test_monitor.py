@@ -134,7 +134,7 @@ def test_activation_statistics_match_oracle(reduction_path):
     outputs = {"tanh_1": [], "relu_2": []}
     for name in outputs:
         getattr(model, name).register_forward_hook(lambda m, i, o, name=name: outputs[name].append(o.detach()))
-    with GradientMonitor(model) as monitor:
+    with GradientMonitor(model, activations_every=1) as monitor:
         train_steps(model, monitor, 6)
         with torch.no_grad():                            # evaluation passes are not recorded
             model(torch.randn(100, 2))
@@ -442,7 +442,7 @@ def test_large_activation_outputs_match_oracle(reduction_path):
     outputs = {"tanh_1": [], "relu_2": []}
     for name in outputs:
         getattr(model, name).register_forward_hook(lambda m, i, o, name=name: outputs[name].append(o.detach()))
-    with GradientMonitor(model) as monitor:
+    with GradientMonitor(model, activations_every=1) as monitor:
         train_steps(model, monitor, 3, inputs=16, batch=64)
         monitor.log(0)
     tanh = torch.cat([o.reshape(-1) for o in outputs["tanh_1"]]).double()

@@ -4,6 +4,7 @@ the user's own choice, and the forward order of parameters."""
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -100,3 +101,41 @@ def test_forward_order_follows_the_data_not_the_definition():
         assert monitor.forward_order == ["body.weight", "body.bias", "head.weight", "head.bias"]
         assert not model.body._forward_pre_hooks      # the order hooks left after the first step
         assert copy.deepcopy(model) is not None
+
+
+@pytest.mark.parametrize("every", [1, 3, 10])
+def test_activations_are_tapped_on_their_schedule_and_gradients_every_step(every):
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Linear(3, 6), nn.Tanh(), nn.Linear(6, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    tapped = []
+    with GradientMonitor(model, activations_every=every) as monitor:
+        for step in range(7):
+            x = torch.randn(4, 3)
+            if step % every == 0:                             # the forward passes of steps 0, N, 2N, ...
+                tapped.append(torch.tanh(model[0](x)).detach())
+            optimizer.zero_grad()
+            model(x).sum().backward()
+            optimizer.step()
+        monitor.log(0)
+    window = monitor.history[0]
+    expected = torch.cat(tapped)
+    assert window.steps == 7 and all(row["steps"] == 7 for row in window.gradients.values())
+    assert window.activations["1"]["mean"] == pytest.approx(expected.mean().item(), rel=1e-5)
+    assert window.activations["1"]["std"] == pytest.approx(expected.std(unbiased=False).item(), rel=1e-4)
+
+
+def test_a_window_without_a_tapped_step_does_not_warn():
+    model = nn.Sequential(nn.Linear(3, 6), nn.ReLU(), nn.Linear(6, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    with GradientMonitor(model, activations_every=4) as monitor:
+        for step in range(4):
+            model(torch.randn(4, 3)).sum().backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            with warnings.catch_warnings():
+                warnings.simplefilter("error")
+                monitor.log(step)
+    assert [bool(w.activations) for w in monitor.history] == [True, False, False, False]
+    with pytest.raises(MonitorError, match="activations_every must be a positive int"):
+        GradientMonitor(model, activations_every=0)
