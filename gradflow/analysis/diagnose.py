@@ -274,6 +274,13 @@ def _md(text: str) -> str:
     return str(text).replace("|", "\\|").replace("*", "\\*")
 
 
+def verdict_scalars(diagnosis: Diagnosis) -> dict[str, float]:
+    """For loggers that take only numbers (a CSV logger, a Trainer reporter): one
+    ``diagnosis/<verdict>`` flag per verdict, 1.0 when it fired, else 0.0. TensorBoard gets the
+    text instead (``write_to_tensorboard``)."""
+    return {f"diagnosis/{verdict}": float(verdict in diagnosis.verdicts) for verdict in VERDICTS}
+
+
 def write_to_tensorboard(diagnosis: Diagnosis, writer: Any, step: int) -> None:
     """Write the diagnosis as one Markdown text at ``step``, under ``TENSORBOARD_TAG``
     (``diagnosis/text_summary``: ``add_text`` appends ``/text_summary``). No scalars: a verdict

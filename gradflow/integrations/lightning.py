@@ -42,7 +42,7 @@ key                                    value (each a mean over the window's opti
 ``activation/MODULE/...``              saturation / dead-unit statistics (``activations=True``)
 ``grad/LAYER/PARAM`` (histogram)       gradient values; ``grad_log10/...``: log10 |g|
 ``weight/...``, ``activation/...``     histograms of weights and activation outputs
-``diagnosis`` (text), ``diagnosis/*``  the verdict and its evidence, once, at fit end
+``diagnosis`` (text; TensorBoard), ``diagnosis/<verdict>`` (1.0 or 0.0; other loggers)  the verdict and its evidence, once, at fit end
 =====================================  ===========================================================
 
 ``LAYER/PARAM`` is the parameter's name in the LightningModule with ``.`` -> ``/``. A
@@ -89,14 +89,14 @@ def logger_writer(loggers: list[Any]) -> Any:
 
 
 def write_diagnosis(diagnosis: Any, loggers: list[Any], step: int) -> None:
-    """The verdict as TensorBoard text and ``diagnosis/*`` scalars; scalars only to other loggers."""
+    """The verdict as TensorBoard text; ``diagnosis/<verdict>`` flags to other loggers."""
     api = _common.diagnosis_api()
     for logger in loggers:
         if is_tensorboard_logger(logger):
             api.write_to_tensorboard(diagnosis, logger.experiment, step)
             logger.experiment.flush()
         else:
-            logger.log_metrics(api.scalars(diagnosis), step)
+            logger.log_metrics(api.verdict_scalars(diagnosis), step)
 
 
 class GradflowCallback(_pl.Callback):

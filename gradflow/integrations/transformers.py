@@ -39,7 +39,7 @@ key                                    value (each a mean over the window's opti
 ``weight/LAYER/PARAM/update_ratio``    ||w_end - w_start|| / ||w_start|| over the window
 ``activation/MODULE/...``              saturation / dead-unit statistics (``activations=True``)
 ``grad/LAYER/PARAM`` (histogram)       gradient values; ``grad_log10/...``: log10 |g| (TensorBoard)
-``diagnosis`` (text), ``diagnosis/*``  the verdict and its evidence, once, at the end of training
+``diagnosis`` (text; TensorBoard), ``diagnosis/<verdict>`` (1.0 or 0.0; other loggers)  the verdict and its evidence, once, at the end of training
 =====================================  ===========================================================
 
 The Trainer has no hook for a failed ``train()``: if training raises, the monitor stays attached
@@ -187,7 +187,7 @@ class GradflowTrainerCallback(_tf.TrainerCallback):
             api.write_to_tensorboard(self.diagnosis, self.writer, step)
             self.writer.flush()
         if self._reporters:
-            self._report(api.scalars(self.diagnosis), step)
+            self._report(api.verdict_scalars(self.diagnosis), step)
 
 
 def _trainer_callbacks(callback: Any) -> list[Any]:
