@@ -96,8 +96,6 @@ def train_run(cfg: Config, run_dir: Path, device: torch.device, *, progress: Opt
     its outputs. SIGINT/SIGTERM stop it after the epoch, with a checkpoint to resume from."""
     from torch.utils.tensorboard import SummaryWriter
 
-    from gradflow.experiments.outputs import write_outputs  # matplotlib: only once a run trains
-
     # On resume, purge_step makes TensorBoard drop events at or after the first epoch to run that
     # an earlier session wrote after its last checkpoint (a hard kill), so no step is there twice.
     purge = resume["epoch"] + 1 if resume is not None else None
@@ -107,6 +105,8 @@ def train_run(cfg: Config, run_dir: Path, device: torch.device, *, progress: Opt
             model, data = build_from_config(cfg)
             result, windows = fit_monitored(cfg, model.to(device), data, writer, run_dir, device,
                                             progress=progress, stop=stop, resume=resume)
+        from gradflow.experiments.outputs import write_outputs  # matplotlib: after training, not before epoch 0
+
         summary, diagnosis = write_outputs(run_dir, cfg, result, windows, writer=writer, stopped_by=stop.signal)
     return SoloRun(result, summary, diagnosis, stop.signal)
 
