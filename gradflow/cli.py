@@ -177,9 +177,9 @@ A sweep file names a base config, fixed overrides, a grid and seeds:
     seeds: 0-9                       # "0-9", "1,4,7" or a list of ints
 
 Runs whose configs differ only in the seed train as one batched model (gradflow.experiments.batched);
-different shapes run in parallel processes (``--workers``) or on Ray. The sweep directory
-holds ``results.csv`` (one row per finished run; the record that resume reads),
-``summary.md`` (median and spread per grid point), ``sweep.png`` and ``runs/`` (one run
+different shapes run in parallel processes (--workers) or on Ray. The sweep directory
+holds results.csv (one row per finished run; the record that resume reads),
+summary.md (median and spread per grid point), sweep.png and runs/ (one run
 directory per run).
 """
 
