@@ -1,4 +1,4 @@
-"""gradflow command line.
+"""gradflow train: train a model from a YAML config into a new run directory.
 
 Examples (from the repository root):
 
@@ -11,24 +11,27 @@ Examples (from the repository root):
 
 Exit status: 0 ok; 2 bad input (one line on stderr, nothing written); 3 training stopped on
 a non-finite loss (outputs written up to that epoch); 130 / 143 interrupted by SIGINT (Ctrl-C) /
-SIGTERM after finishing the epoch and writing a checkpoint (``--resume RUN_DIR`` goes on).
+SIGTERM after finishing the epoch and writing a checkpoint (--resume RUN_DIR goes on).
+
+Imports are lazy: --help loads no torch, matplotlib or tensorboard, and a command imports only
+what it uses.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any, NoReturn, Sequence
-
-import torch
+from typing import Any, NoReturn, Optional, Sequence
 
 from gradflow.errors import ConfigError
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_NONFINITE = 0, 2, 3
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal, as shells report it
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: the reader of stdout went away (gradflow diagnose RUN --json | head)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -99,6 +102,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         overrides = list(args.overrides) + ([f"train.seed={args.seed}"] if args.seed is not None else [])
         cfg, run_dir = solo.open_run(args.config, overrides, args.logdir, args.device)
     device = check_device(args.device)
+    import torch
+
     torch.set_num_threads(args.threads)  # measured: 2 threads on a loaded 2-core box ran 35x slower
     run = solo.train_run(cfg, run_dir, device, progress=False if args.quiet else None, resume=state)
     result = run.result
@@ -172,9 +177,9 @@ A sweep file names a base config, fixed overrides, a grid and seeds:
     seeds: 0-9                       # "0-9", "1,4,7" or a list of ints
 
 Runs whose configs differ only in the seed train as one batched model (gradflow.experiments.batched);
-different shapes run in parallel processes (``--workers``) or on Ray. The sweep directory
-holds ``results.csv`` (one row per finished run; the record that resume reads),
-``summary.md`` (median and spread per grid point), ``sweep.png`` and ``runs/`` (one run
+different shapes run in parallel processes (--workers) or on Ray. The sweep directory
+holds results.csv (one row per finished run; the record that resume reads),
+summary.md (median and spread per grid point), sweep.png and runs/ (one run
 directory per run).
 """
 
@@ -225,16 +230,30 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 
 def diagnose_command(args: argparse.Namespace) -> int:
-    """``gradflow diagnose RUN_DIR [--json] [--flow PATH] [--epochs N ...]``: print the verdict."""
-    from gradflow.analysis.compare import load_run, plot_gradient_flow
+    """``gradflow diagnose RUN_DIR [--json] [--flow PATH] [--epochs N ...]``: print the verdict.
+
+    RUN_DIR may be the parent directory of a ``--seeds`` run: every member is diagnosed, one
+    line each, then the verdict counts."""
+    from gradflow.analysis.compare import load_run, plot_gradient_flow, run_directories, seeds_summary
 
     try:
-        run = load_run(args.run_dir)
+        paths = run_directories([args.run_dir])
+        if len(paths) > 1 and getattr(args, "flow", None):
+            raise ValueError(f"--flow: draws one run; {args.run_dir} holds {len(paths)} (pick one of them)")
+        runs = [load_run(path) for path in paths]
         if getattr(args, "flow", None):
-            plot_gradient_flow(run.windows, args.flow, getattr(args, "epochs", None), title=run.name)
+            plot_gradient_flow(runs[0].windows, args.flow, getattr(args, "epochs", None), title=runs[0].name)
     except (FileNotFoundError, ValueError) as exc:
         print(f"gradflow: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    if len(runs) > 1:
+        if args.json:
+            print(json.dumps({"parent": str(args.run_dir), "runs": [{"run_dir": str(r.path), **r.diagnosis.to_dict()}
+                                                                      for r in runs]}, indent=2))
+        else:
+            print(seeds_summary(runs))
+        return EXIT_OK
+    run = runs[0]
     if args.json:
         print(json.dumps({"run_dir": str(run.path), **run.diagnosis.to_dict()}, indent=2))
     else:
@@ -243,23 +262,28 @@ def diagnose_command(args: argparse.Namespace) -> int:
 
 
 def compare_command(args: argparse.Namespace) -> int:
-    """``gradflow compare RUN_A RUN_B ... [--out PATH] [--flow]``: table and figure."""
-    from gradflow.analysis.compare import compare_table, load_run, plot_compare, plot_gradient_flow
+    """``gradflow compare RUN_A RUN_B ... [--out PATH] [--flow]``: table and figure. A ``--seeds``
+    parent directory stands for its members."""
+    from gradflow.analysis.compare import compare_table, load_run, plot_compare, plot_gradient_flow, run_directories
 
     try:
-        runs = [load_run(path) for path in args.run_dirs]
+        paths = run_directories(args.run_dirs)
+        if len(paths) < 2:
+            raise ValueError(f"compare needs two or more runs, got one ({paths[0]}); "
+                             f"gradflow diagnose {paths[0]} --flow flow.png shows one run")
+        runs = [load_run(path) for path in paths]
     except (FileNotFoundError, ValueError) as exc:
         print(f"gradflow: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(compare_table(runs))
     out = Path(args.out)
     plot_compare(runs, out)
-    print(f"Figure: {out}")
+    print(f"Figure: {out.resolve()}")
     if getattr(args, "flow", False):
         for run in runs:
             flow = out.with_name(f"{out.stem}-flow-{run.name}.png")
             plot_gradient_flow(run.windows, flow, title=run.name)
-            print(f"Gradient flow: {flow}")
+            print(f"Gradient flow: {flow.resolve()}")
     return EXIT_OK
 
 
@@ -275,16 +299,19 @@ def add_analysis_commands(subparsers: Any) -> None:
     diagnose_parser = subparsers.add_parser(
         "diagnose", help="say whether a run's gradients vanish, explode or die, and why",
         usage="gradflow diagnose RUN_DIR [--json] [--flow PATH [--epochs N ...]]")
-    diagnose_parser.add_argument("run_dir", metavar="RUN_DIR", help="a run directory with gradients.csv")
+    diagnose_parser.add_argument("run_dir", metavar="RUN_DIR",
+                                 help="a run directory with gradients.csv, or the parent directory of a --seeds run")
     diagnose_parser.add_argument("--json", action="store_true", help="print the diagnosis as JSON")
     diagnose_parser.add_argument("--flow", metavar="PATH", help="also draw the gradient-flow bar chart here")
     diagnose_parser.add_argument("--epochs", type=int, nargs="+", metavar="N",
                                  help="epochs for the bar chart (default: first, middle, last)")
     diagnose_parser.set_defaults(func=diagnose_command)
     compare_parser = subparsers.add_parser(
-        "compare", help="compare runs: gradient size and accuracy side by side",
+        "compare", help="compare runs: gradient size per layer and accuracy side by side",
         usage="gradflow compare RUN_A RUN_B ... [--out PATH] [--flow]")
-    compare_parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="run directories with gradients.csv")
+    compare_parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                                help="two or more run directories with gradients.csv (a --seeds parent directory "
+                                     "counts as its members)")
     compare_parser.add_argument("--out", default="compare.png", help="figure path (default: compare.png)")
     compare_parser.add_argument("--flow", action="store_true",
                                 help="also draw each run's gradient-flow bar chart next to the figure")
@@ -305,11 +332,26 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if unknown:
             raise ConfigError(f"unrecognized arguments: {' '.join(unknown)}; overrides look like key=value")
         args.overrides = extra
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at interpreter exit
+        return status
     except ConfigError as exc:
         message = " ".join(str(exc).split())  # exactly one line
         print(f"gradflow: error: {message}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except BrokenPipeError:
+        return _closed_pipe()
+
+
+def _closed_pipe() -> int:
+    """stdout's reader went away (``| head``): stop quietly, as Unix tools do. Python would
+    otherwise print a second BrokenPipeError when it flushes stdout at exit."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # stdout without a file descriptor (captured in tests)
+        pass
+    return EXIT_BROKEN_PIPE
 
 
 if __name__ == "__main__":

@@ -70,3 +70,17 @@ def test_no_import_cycles():
     for name in sorted(graph):
         if name not in state:
             visit(name, [name])
+
+
+def test_the_command_line_imports_no_heavy_package():
+    """``gradflow --help`` must be instant: torch, numpy, matplotlib, tensorboard, sklearn and
+    numba load only in the commands that use them."""
+    import subprocess
+    import sys
+
+    code = ("import sys, gradflow.cli; gradflow.cli.build_parser(); "
+            "print(sorted(m for m in ('torch', 'numpy', 'matplotlib', 'tensorboard', 'sklearn', 'numba', 'yaml') "
+            "if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=PACKAGE.parent).stdout
+    assert out.strip() == "[]"

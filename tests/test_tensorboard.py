@@ -103,3 +103,25 @@ def test_the_diagnosis_text_is_served(tensorboard):
 def test_no_one_point_diagnosis_charts(tensorboard):
     tags = get_json(f"{tensorboard}/data/plugin/scalars/tags")["."]
     assert not [tag for tag in tags if tag.startswith("diagnosis")]
+
+
+def test_custom_scalars_open_on_accuracy_then_gradient_size_per_layer(tensorboard):
+    """The Custom Scalars tab: accuracy and loss first, then every layer's gradient size in one
+    chart, each chart's regexes matching tags the run really wrote."""
+    import re
+
+    layout = get_json(f"{tensorboard}/data/plugin/custom_scalars/layout")
+    categories = layout["category"]
+    assert categories[0]["title"].endswith("accuracy and loss")
+    assert "gradient size per layer" in categories[1]["title"]
+    scalars = get_json(f"{tensorboard}/data/plugin/scalars/tags")["."]
+    matched = {}
+    for category in categories:
+        for chart in category["chart"]:
+            patterns = chart["multiline"]["tag"]
+            matched[chart["title"]] = [t for t in scalars if any(re.search(p, t) for p in patterns)]
+    first = categories[0]["chart"][0]["title"]
+    assert sorted(matched[first]) == ["epoch/accuracy", "epoch/val_accuracy"]
+    per_layer = categories[1]["chart"][0]["title"]
+    assert sorted(matched[per_layer]) == [f"grad/dense_{k}/weight/mean_abs" for k in range(1, 7)]
+    assert all(matched.values()), matched                 # no empty chart on a ReLU run

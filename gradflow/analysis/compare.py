@@ -23,6 +23,7 @@ from typing import Any, Sequence
 
 from gradflow.analysis.diagnose import Diagnosis, diagnose, read_losses, run_windows
 from gradflow.analysis.measures import layer_parameters
+from gradflow.analysis.windows import GRADIENTS_FILE
 
 
 @dataclass
@@ -53,6 +54,41 @@ def load_run(run_dir: str | Path) -> Run:
     summary_file = path / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
     return Run(path, windows, history, summary, diagnose(windows, read_losses(path)))
+
+
+def run_directories(paths: Sequence[str | Path]) -> list[Path]:
+    """The run directories that ``paths`` name: a run directory stands for itself, the parent
+    directory of a ``--seeds`` run (no gradients.csv of its own, members below it that have
+    one) for its members in name order. Anything else is passed through for ``load_run`` to
+    explain.
+
+    Example:
+        >>> run_directories(["runs/deep_tanh-20250101-120000-seeds0-2"])         # doctest: +SKIP
+        [PosixPath('runs/deep_tanh-.../deep_tanh-seed0'), ...]
+    """
+    found: list[Path] = []
+    for path in map(Path, paths):
+        members = sorted(d for d in path.iterdir() if (d / GRADIENTS_FILE).is_file()) \
+            if path.is_dir() and not (path / GRADIENTS_FILE).exists() else []
+        found.extend(members or [path])
+    return found
+
+
+def seeds_summary(runs: Sequence[Run]) -> str:
+    """One verdict line per run, then how many runs got each verdict (for a ``--seeds`` parent).
+
+    Example:
+        >>> print(seeds_summary([load_run(d) for d in run_directories([parent])]))  # doctest: +SKIP
+    """
+    width = max(len(run.name) for run in runs)
+    lines = [f"{run.name.ljust(width)}  train {_fmt(_accuracy(run, 'accuracy'), '.3f')}  "
+             f"test {_fmt(_accuracy(run, 'val_accuracy'), '.3f')}  {run.diagnosis.line()}" for run in runs]
+    counts: dict[str, int] = {}
+    for run in runs:
+        for verdict in run.diagnosis.verdicts:
+            counts[verdict] = counts.get(verdict, 0) + 1
+    lines.append(f"Verdicts over {len(runs)} runs: " + ", ".join(f"{v} {n}" for v, n in counts.items()))
+    return "\n".join(lines)
 
 
 def _read_history(path: Path) -> list[dict[str, float]]:
@@ -87,12 +123,14 @@ def _accuracy(run: Run, key: str) -> float:
 
 def compare_table(runs: Sequence[Run]) -> str:
     """A plain-text table: verdict, accuracies, first hidden and output layer mean |g| (first
-    window -> last window) and their ratio, one row per run.
+    window -> last window), their ratio, and the smallest layer against the output layer (the
+    vanishing shows in the middle: deep tanh's dense_3), one row per run.
 
     Example:
         >>> print(compare_table([load_run(a), load_run(b)]))                 # doctest: +SKIP
     """
-    header = ("run", "verdict", "train", "test", "first hidden |g|", "output |g|", "first/output")
+    header = ("run", "verdict", "train", "test", "first hidden |g|", "output |g|", "first/output",
+              "smallest/output")
     rows = [header]
     for run in runs:
         _, sizes = layer_sizes(run.windows)
@@ -100,11 +138,26 @@ def compare_table(runs: Sequence[Run]) -> str:
         ratio = [_ratio(a, b) for a, b in zip(first, output)]
         rows.append((run.name, ", ".join(run.diagnosis.verdicts), _fmt(_accuracy(run, "accuracy"), ".3f"),
                      _fmt(_accuracy(run, "val_accuracy"), ".3f"), f"{_fmt(first[0])} -> {_fmt(first[-1])}",
-                     f"{_fmt(output[0])} -> {_fmt(output[-1])}", f"{_fmt(ratio[0])} -> {_fmt(ratio[-1])}"))
+                     f"{_fmt(output[0])} -> {_fmt(output[-1])}", f"{_fmt(ratio[0])} -> {_fmt(ratio[-1])}",
+                     _smallest(sizes)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
+
+
+def _smallest(sizes: dict[str, list[float]]) -> str:
+    """The layer with the smallest mean |g| against the output layer's, first and last window."""
+    layers = list(sizes)
+    if len(layers) < 2:
+        return "n/a"
+    output = sizes[layers[-1]]
+    ratios = {layer: [_ratio(a, b) for a, b in zip(sizes[layer], output)] for layer in layers[:-1]}
+    first = {layer: r[0] for layer, r in ratios.items() if math.isfinite(r[0])}
+    if not first:
+        return "n/a"
+    layer = min(first, key=first.get)
+    return f"{layer}: {_fmt(ratios[layer][0])} -> {_fmt(ratios[layer][-1])}"
 
 
 def _ratio(a: float, b: float) -> float:
@@ -130,22 +183,40 @@ def _positive(values: Sequence[float]) -> list[float]:
 
 
 def plot_compare(runs: Sequence[Run], path: str | Path) -> Path:
-    """Side by side: first hidden vs output layer mean |g| per epoch (log scale), and train /
-    test accuracy per epoch, one colour per run. Returns ``path``.
+    """Runs side by side on shared axes. Top row: the gradient-flow picture of each run (every
+    layer's mean |g| against depth, input to output, at a few epochs; one y range for all, so
+    a vanishing middle layer shows as a dip). Bottom: every layer's mean |g| per epoch (one
+    colour per run, darker = nearer the input) and train / test accuracy on a fixed 0-1 axis.
+    Legends sit outside the axes. Returns ``path``.
 
     Example:
         >>> plot_compare([load_run(a), load_run(b)], "tanh_vs_relu.png")     # doctest: +SKIP
     """
-    fig = _figure(13, 4.8)
-    grads, accuracy = fig.subplots(1, 2)
+    from gradflow.analysis.plots import draw_flow
+
+    columns = min(len(runs), 4)
+    rows = math.ceil(len(runs) / columns)
+    fig = _figure(max(10.0, 3.6 * columns + 2), 3.6 * rows + 4.2)
+    grid = fig.add_gridspec(rows + 1, columns, height_ratios=[3.6] * rows + [4.2], hspace=0.6)
+    flows = [fig.add_subplot(grid[i // columns, i % columns]) for i in range(len(runs))]
+    for ax in flows[1:]:
+        ax.sharey(flows[0])
+    for ax, run in zip(flows, runs):
+        draw_flow(ax, run.windows)
+        ax.set_title(f"{run.name}\n{', '.join(run.diagnosis.verdicts)}", fontsize="small")
+    flows[0].set_ylabel("mean |gradient|")
+    flows[-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
+    bottom = grid[rows, :].subgridspec(1, 2, wspace=0.6)
+    grads, accuracy = fig.add_subplot(bottom[0]), fig.add_subplot(bottom[1])
+    from matplotlib import colormaps
+
     for index, run in enumerate(runs):
-        colour = f"C{index % 10}"
         steps, sizes = layer_sizes(run.windows)
-        layers = list(sizes)
-        grads.plot(steps, _positive(sizes[layers[0]]), color=colour, label=f"{run.name}: {layers[0]} (first hidden)")
-        if len(layers) > 1:
-            grads.plot(steps, _positive(sizes[layers[-1]]), color=colour, linestyle="--",
-                       label=f"{run.name}: {layers[-1]} (output)")
+        shades = colormaps[_CMAPS[index % len(_CMAPS)]]([0.95 - 0.55 * i / max(len(sizes) - 1, 1)
+                                                         for i in range(len(sizes))])
+        for shade, (layer, values) in zip(shades, sizes.items()):
+            grads.plot(steps, _positive(values), color=shade, linewidth=1.2)
+        colour = colormaps[_CMAPS[index % len(_CMAPS)]](0.7)
         epochs = [row.get("epoch", i) for i, row in enumerate(run.history)]
         if run.history:
             accuracy.plot(epochs, [row.get("accuracy", math.nan) for row in run.history], color=colour,
@@ -154,15 +225,18 @@ def plot_compare(runs: Sequence[Run], path: str | Path) -> Path:
                           linestyle=":", label=f"{run.name}: test")
     grads.set_yscale("log")
     grads.set_xlabel("epoch")
-    grads.set_ylabel("mean |gradient| of the layer's weight")
-    grads.set_title("gradient size per layer")
-    grads.legend(fontsize="small")
+    grads.set_ylabel("mean |gradient| of each layer's weight")
+    grads.set_title("every layer per epoch (colours as in accuracy;\ndarker = nearer the input)", fontsize="medium")
+    accuracy.set_ylim(0, 1)
     accuracy.set_xlabel("epoch")
     accuracy.set_ylabel("accuracy")
-    accuracy.set_title("accuracy")
-    accuracy.legend(fontsize="small")
+    accuracy.set_title("accuracy", fontsize="medium")
+    accuracy.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.savefig(path, dpi=100, bbox_inches="tight")
     return Path(path)
+
+
+_CMAPS = ["Blues", "Oranges", "Greens", "Reds", "Purples", "Greys"]
 
 
 def pick_windows(windows: Sequence[Any], steps: Sequence[int] | None = None) -> list[int]:

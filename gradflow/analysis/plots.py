@@ -33,17 +33,67 @@ def plot_accuracy(history: Sequence[Mapping[str, float]], path: str | Path, titl
     ax = fig.add_subplot()
     ax.plot(epochs, [row["accuracy"] for row in history], label="train")
     ax.plot(epochs, [row["val_accuracy"] for row in history], label="test")
+    ax.set_ylim(0, 1)  # fixed: a failing run at 0.45-0.60 must not fill the axis like steady learning
+    ax.axhline(0.5, color="grey", linewidth=0.8, linestyle=":")
     ax.set_xlabel("epoch")
     ax.set_ylabel("accuracy")
     ax.set_title(title)
-    ax.legend()
+    ax.legend(loc="lower right")  # below the curves: accuracy starts near 0.5 and rises
     return _save(fig, path)
 
 
-def plot_gradients(windows: Sequence, path: str | Path, title: str = "", statistic: str = "mean_abs") -> Path:
-    """Per-layer weight-gradient size per epoch on a log scale (``gradients.png``).
+def weight_layers(windows: Sequence) -> list[str]:
+    """The weight parameters in recording order (input layer first), else every parameter."""
+    names = list(dict.fromkeys(n for w in windows for n in w.gradients if n.endswith("weight")))
+    return names or list(dict.fromkeys(n for w in windows for n in w.gradients))
 
-    One line per layer, input layer to output layer from dark to light, as the tutorial's
+
+def flow_epochs(windows: Sequence, count: int = 4) -> list[int]:
+    """Indices of the windows the gradient-flow picture shows: the first, the last and a few
+    in between (early ones, where a failing run's gradients decide its fate).
+
+    Example:
+        >>> flow_epochs(list(range(500)))
+        [0, 10, 99, 499]
+        >>> flow_epochs(list(range(3)))
+        [0, 2]
+    """
+    last = len(windows) - 1
+    chosen = {0, last, min(last, 10), last // 5} if count >= 4 else {0, last}
+    return sorted(i for i in chosen if 0 <= i <= last)[:max(count, 2)]
+
+
+def draw_flow(ax, windows: Sequence, statistic: str = "mean_abs", indices: Sequence[int] | None = None) -> None:
+    """The classic gradient-flow picture on ``ax``: each layer's weight-gradient size against
+    depth (input layer left, output layer right), one line per chosen epoch, log scale. A
+    layer whose gradient is exactly zero is drawn on the bottom edge with an x."""
+    import numpy as np
+    from matplotlib import colormaps
+
+    names = weight_layers(windows)
+    indices = flow_epochs(windows) if indices is None else list(indices)
+    colours = colormaps["plasma"](np.linspace(0, 0.85, max(len(indices), 1)))
+    x = np.arange(len(names))
+    for colour, index in zip(colours, indices):
+        rows = windows[index].gradients
+        values = np.array([float(rows.get(n, {}).get(statistic, np.nan)) for n in names])
+        ax.plot(x, np.where(values > 0, values, np.nan), "o-", color=colour, markersize=4,
+                label=f"epoch {windows[index].step}")
+        zero = values == 0
+        if zero.any():
+            ax.plot(x[zero], np.zeros(zero.sum()), "x", color=colour, transform=ax.get_xaxis_transform(),
+                    clip_on=False, markersize=5)
+    ax.set_yscale("log")
+    ax.set_xticks(x)
+    ax.set_xticklabels([n.rpartition(".")[0] or n for n in names], rotation=45, ha="right", fontsize="small")
+    ax.set_xlabel("layer (input -> output)")
+
+
+def plot_gradients(windows: Sequence, path: str | Path, title: str = "", statistic: str = "mean_abs") -> Path:
+    """Per-layer weight-gradient size per epoch on a log scale (``gradients.png``), and beside
+    it, on the same y axis, the gradient-flow picture: size against depth at a few epochs.
+
+    Left: one line per layer, input layer to output layer from dark to light, as the tutorial's
     TensorBoard view compares ``dense_1`` with the output layer. A window where a layer's
     gradient is exactly zero (dead units) cannot sit on a log axis: it is marked with an x on
     the bottom edge instead of vanishing silently.
@@ -58,11 +108,10 @@ def plot_gradients(windows: Sequence, path: str | Path, title: str = "", statist
     import numpy as np
     from matplotlib import colormaps
 
-    names = list(dict.fromkeys(n for w in windows for n in w.gradients if n.endswith("weight")))
-    names = names or list(dict.fromkeys(n for w in windows for n in w.gradients))
+    names = weight_layers(windows)
     colours = colormaps["viridis"](np.linspace(0, 0.9, max(len(names), 1)))
-    fig = Figure(figsize=(7.2, 4.8))
-    ax = fig.add_subplot()
+    fig = Figure(figsize=(13, 4.8))
+    ax, flow = fig.subplots(1, 2, sharey=True, gridspec_kw={"width_ratios": [3, 2]})
     for colour, name in zip(colours, names):
         points = [(w.step, w.gradients[name][statistic]) for w in windows if name in w.gradients]
         steps = np.array([s for s, _ in points], dtype=float)
@@ -76,7 +125,12 @@ def plot_gradients(windows: Sequence, path: str | Path, title: str = "", statist
     ax.set_yscale("log")
     ax.set_xlabel("epoch")
     ax.set_ylabel(f"{statistic.replace('_', ' ')} of the weight gradient")
-    ax.set_title(title or "gradient size per layer")
-    if names:
-        ax.legend(fontsize="small", ncol=2 if len(names) > 8 else 1)
+    ax.set_title(f"{title + ': ' if title else ''}gradient size per layer")
+    if names:  # off the data: the legend sits to the left of the flow panel's axis
+        ax.legend(fontsize="small", ncol=2 if len(names) > 8 else 1, loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    if windows:
+        draw_flow(flow, windows, statistic)
+        flow.set_title("gradient flow: size against depth")
+        flow.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
+    fig.subplots_adjust(wspace=0.45)
     return _save(fig, path)

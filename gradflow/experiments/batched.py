@@ -40,7 +40,7 @@ from gradflow.experiments.config import to_dict
 from gradflow.experiments.data import load_dataset
 from gradflow.experiments.models import build_model
 from gradflow.experiments.outputs import write_outputs
-from gradflow.experiments.recording import MembersMonitorCallback
+from gradflow.experiments.recording import MembersMonitorCallback, write_tensorboard_layout
 from gradflow.experiments.rundir import write_config
 from gradflow.experiments.train import EpochScalars, TrainResult, _progress, prepare
 from gradflow.monitor import GradientMonitor
@@ -318,6 +318,8 @@ def train_members(
     data = load_dataset(cfg.data)
     model = build_batched(cfg.model, seeds, in_features=data.x_train.shape[1])
     writers = [SummaryWriter(log_dir=str(d)) for d in run_dirs]
+    for writer in writers:
+        write_tensorboard_layout(writer)
     callbacks: list[Any] = [MemberEpochScalars(writers)]
     monitor = recorder = None
     try:

@@ -137,3 +137,37 @@ class MembersMonitorCallback(MonitorCallback):
     def close(self) -> None:
         for tables in self._member_tables:
             tables.close()
+
+
+# TensorBoard's Custom Scalars tab, in this order: what a newcomer asks first (did it learn?),
+# then where the gradient goes, then why. Each chart matches tags by regex, so one layout fits
+# every model: a tanh run has activation/tanh_N/saturated_fraction, a ReLU run
+# activation/relu_N/dead_fraction, and the "units" chart shows whichever is there.
+TENSORBOARD_LAYOUT = {
+    "1. accuracy and loss": {
+        "accuracy (train, val)": ["Multiline", [r"^epoch/(val_)?accuracy$"]],
+        "loss (train, val)": ["Multiline", [r"^epoch/(val_)?loss$"]],
+    },
+    "2. gradient size per layer": {
+        "mean |g| of each layer's weight (set the y axis to log)": ["Multiline", [r"^grad/.*/weight/mean_abs$"]],
+        "max |g| of each layer's weight": ["Multiline", [r"^grad/.*/weight/max_abs$"]],
+        "total gradient norm per step": ["Multiline", [r"^grad/total_norm(_before_clip)?$"]],
+    },
+    "3. weights and units": {
+        "update ratio |w_end - w_start| / |w_start| per layer": ["Multiline", [r"^weight/.*/weight/update_ratio$"]],
+        "saturated (tanh, sigmoid) or dead (ReLU) fraction": ["Multiline",
+                                                              [r"^activation/.*/(saturated|dead)_fraction$"]],
+        "non-finite gradient values": ["Multiline", [r"^grad/.*/nonfinite$"]],
+    },
+}
+
+
+def write_tensorboard_layout(writer) -> None:
+    """Give the run's TensorBoard a Custom Scalars tab laid out as ``TENSORBOARD_LAYOUT``.
+
+    Example:
+        >>> write_tensorboard_layout(SummaryWriter(run_dir))              # doctest: +SKIP
+    """
+    add = getattr(writer, "add_custom_scalars", None)
+    if callable(add):
+        add(TENSORBOARD_LAYOUT)

@@ -22,7 +22,7 @@ from gradflow.analysis.diagnose import Diagnosis
 from gradflow.analysis.windows import GRADIENTS_FILE, load_windows
 from gradflow.experiments import rundir
 from gradflow.experiments.config import Config, load_config, to_dict
-from gradflow.experiments.recording import MonitorCallback
+from gradflow.experiments.recording import MonitorCallback, write_tensorboard_layout
 from gradflow.experiments.train import EpochScalars, TrainResult, build_from_config, check_device, fit
 from gradflow.monitor import GradientMonitor
 
@@ -96,16 +96,17 @@ def train_run(cfg: Config, run_dir: Path, device: torch.device, *, progress: Opt
     its outputs. SIGINT/SIGTERM stop it after the epoch, with a checkpoint to resume from."""
     from torch.utils.tensorboard import SummaryWriter
 
-    from gradflow.experiments.outputs import write_outputs  # matplotlib: only once a run trains
-
     # On resume, purge_step makes TensorBoard drop events at or after the first epoch to run that
     # an earlier session wrote after its last checkpoint (a hard kill), so no step is there twice.
     purge = resume["epoch"] + 1 if resume is not None else None
     with SummaryWriter(log_dir=str(run_dir), purge_step=purge) as writer:
+        write_tensorboard_layout(writer)
         with StopOnSignal() as stop:
             model, data = build_from_config(cfg)
             result, windows = fit_monitored(cfg, model.to(device), data, writer, run_dir, device,
                                             progress=progress, stop=stop, resume=resume)
+        from gradflow.experiments.outputs import write_outputs  # matplotlib: after training, not before epoch 0
+
         summary, diagnosis = write_outputs(run_dir, cfg, result, windows, writer=writer, stopped_by=stop.signal)
     return SoloRun(result, summary, diagnosis, stop.signal)
 

@@ -13,7 +13,9 @@ passes as ``writer`` into a sink, or says in one line what it accepts:
 
 ``SummaryWriter.add_scalar`` builds and queues one event per tag; a monitor writes a few
 hundred tags per window, so ``TensorBoardSink`` packs every scalar and histogram of a window
-into a single ``Summary`` and hands it to the writer's file writer once.
+into a single ``Summary`` and hands it to the writer's file writer once. Histograms go to
+TensorBoard without their runs of empty buckets (``sparse_buckets``): the counts are the same,
+the event files a fraction of the size.
 
 Example:
     >>> sink = as_sink(SummaryWriter("runs/demo"))
@@ -100,15 +102,36 @@ class TensorBoardSink(Sink):
         for tag, number in scalars.items():
             add(tag=tag, simple_value=number)
         for tag, h in histograms.items():
+            limits, counts = sparse_buckets(h.limits, h.counts)
             add(tag=tag, histo={"min": h.min, "max": h.max, "num": h.num, "sum": h.sum, "sum_squares": h.sum_squares,
-                                "bucket_limit": h.limits, "bucket": h.counts})
+                                "bucket_limit": limits, "bucket": counts})
         file_writer().add_event(event, step)
 
     def _log_one_by_one(self, scalars, histograms, step) -> None:
         for tag, number in scalars.items():
             self.writer.add_scalar(tag, number, step)
         for tag, h in histograms.items():
-            self.writer.add_histogram_raw(tag, h.min, h.max, h.num, h.sum, h.sum_squares, h.limits, h.counts, step)
+            limits, counts = sparse_buckets(h.limits, h.counts)
+            self.writer.add_histogram_raw(tag, h.min, h.max, h.num, h.sum, h.sum_squares, limits, counts, step)
+
+
+def sparse_buckets(limits: list[float], counts: list[float]) -> tuple[list[float], list[float]]:
+    """The buckets TensorBoard needs to draw the same histogram: every nonempty bucket and the
+    empty bucket on each side of it; a longer run of empty buckets is dropped.
+
+    TensorBoard reads a bucket as spanning from the previous bucket's limit (the histogram's
+    ``min`` for the first) to its own, so the empty bucket kept before a nonempty one spans the
+    whole gap with a count of 0, and every count keeps its own edges. Counts are unchanged.
+
+    Example:
+        >>> sparse_buckets([1, 2, 3, 4, 5, 6, 7], [5, 0, 0, 0, 0, 2, 0])
+        ([1, 2, 5, 6, 7], [5, 0, 0, 2, 0])
+    """
+    n = len(counts)
+    keep = [i for i in range(n) if counts[i] or (i and counts[i - 1]) or (i + 1 < n and counts[i + 1])]
+    if len(keep) == n:
+        return limits, counts
+    return [limits[i] for i in keep], [counts[i] for i in keep]
 
 
 def _masked_crc32c(data: bytes) -> int:

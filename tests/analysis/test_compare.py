@@ -155,3 +155,57 @@ def test_importing_stays_light():
             "print('matplotlib' in sys.modules, 'tensorboard' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+@pytest.fixture
+def seeds_parent(runs, tmp_path):
+    """A --seeds parent directory: no gradients.csv of its own, members below it."""
+    import shutil
+
+    parent = tmp_path / "deep-seeds0-1"
+    parent.mkdir()
+    for index, run in enumerate(runs):
+        shutil.copytree(run, parent / f"member-seed{index}")
+    return parent
+
+
+def test_diagnose_a_seeds_parent_summarises_its_members(seeds_parent, capsys):
+    assert run_cli(["diagnose", str(seeds_parent)]) == EXIT_OK
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("member-seed0") and lines[1].startswith("member-seed1")
+    assert "Verdict: " in lines[0] and lines[-1].startswith("Verdicts over 2 runs: ")
+    assert "vanishing 1" in lines[-1]
+    assert run_cli(["diagnose", str(seeds_parent), "--json"]) == EXIT_OK
+    data = json.loads(capsys.readouterr().out)
+    assert [r["run_dir"] for r in data["runs"]] == [str(seeds_parent / "member-seed0"), str(seeds_parent / "member-seed1")]
+
+
+def test_compare_a_seeds_parent_compares_its_members(seeds_parent, tmp_path, capsys):
+    out = tmp_path / "seeds.png"
+    assert run_cli(["compare", str(seeds_parent), "--out", str(out)]) == EXIT_OK
+    printed = capsys.readouterr().out
+    assert "member-seed0" in printed and "member-seed1" in printed and out.read_bytes()[:4] == PNG
+
+
+def test_compare_shows_the_smallest_middle_layer(runs):
+    tanh_row = compare_table([load_run(path) for path in runs]).splitlines()[2]
+    assert "smallest/output" in compare_table([load_run(runs[0]), load_run(runs[1])]).splitlines()[0]
+    smallest = tanh_row.rsplit("  ", 1)[1]
+    assert smallest.split(":")[0] in {"dense_2", "dense_3", "dense_4", "dense_5"}, tanh_row
+
+
+def test_compare_one_run_is_an_error_not_a_file_in_the_cwd(runs, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert run_cli(["compare", str(runs[0])]) == EXIT_BAD_INPUT
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "two or more runs" in err
+    assert not (tmp_path / "compare.png").exists()
+
+
+def test_a_closed_pipe_ends_quietly(runs):
+    """``gradflow diagnose RUN --json | head``: the reader went away; no traceback."""
+    reader = subprocess.Popen([sys.executable, "-m", "gradflow.cli", "diagnose", str(runs[0]), "--json"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    reader.stdout.close()  # like `| true`: nobody reads
+    err = reader.stderr.read().decode()
+    assert reader.wait() == 141 and "Traceback" not in err and "BrokenPipe" not in err, err

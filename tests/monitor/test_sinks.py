@@ -28,3 +28,67 @@ def test_one_window_is_one_readable_event(tmp_path):
     assert [e.value for e in events.Scalars("grad/dense_1/weight/norm")] == [0.25]
     (point,) = events.Histograms("grad/dense_1/weight")
     assert point.step == 7 and point.histogram_value.num == 3.0
+
+
+def _intervals(left, limits, counts):
+    """TensorBoard's reading of a histogram: (left, right, count) per bucket."""
+    edges = [left, *limits]
+    return [(edges[i], edges[i + 1], c) for i, c in enumerate(counts)]
+
+
+def _count_between(intervals, a, b):
+    return sum(c for left, right, c in intervals if a <= left and right <= b)
+
+
+def test_sparse_buckets_keep_every_count_with_its_own_edges():
+    import numpy as np
+
+    from gradflow.monitor.sinks import sparse_buckets
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        size = int(rng.integers(1, 40))
+        counts = (rng.integers(1, 5, size) * (rng.random(size) < 0.3)).astype(float).tolist()  # mostly empty
+        limits = sorted(rng.choice(np.arange(-500, 500), len(counts), replace=False).astype(float).tolist())
+        left = limits[0] - 1
+        full = _intervals(left, limits, counts)
+        few_limits, few_counts = sparse_buckets(limits, counts)
+        sparse = _intervals(left, few_limits, few_counts)
+        assert sum(few_counts) == sum(counts)
+        # every nonempty bucket keeps its exact edges and count
+        assert [b for b in full if b[2]] == [b for b in sparse if b[2]]
+        # and no kept bucket is wider than the gap it stands for with a count
+        for a, b, c in sparse:
+            assert c == _count_between(full, a, b)
+
+
+def test_monitored_histograms_are_sparse_and_count_every_gradient_value(tmp_path):
+    """The every-step counts survive the empty-bucket drop: in the event file, a window's
+    ``grad/<layer>/weight`` histogram holds steps x parameter-size values."""
+    import torch
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    from gradflow import GradientMonitor
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(2, 50), torch.nn.Tanh(), torch.nn.Linear(50, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    steps = 7
+    with SummaryWriter(tmp_path) as writer, GradientMonitor(model, writer) as monitor:
+        for epoch in range(2):
+            for _ in range(steps):
+                optimizer.zero_grad()
+                model(torch.randn(16, 2)).pow(2).mean().backward()
+                optimizer.step()
+            monitor.log(epoch)
+    events = EventAccumulator(str(tmp_path), size_guidance={"histograms": 0}).Reload()
+    for name, parameter in model.named_parameters():
+        points = events.Histograms(f"grad/{name.replace('.', '/')}")
+        assert [p.step for p in points] == [0, 1]
+        for point in points:
+            h = point.histogram_value
+            assert h.num == steps * parameter.numel() == sum(h.bucket), name
+            assert len(h.bucket_limit) == len(h.bucket)
+            inner = list(h.bucket)[1:-1]
+            assert not any(a == b == c == 0 for a, b, c in zip(inner, inner[1:], inner[2:])), "a run of empty buckets"
