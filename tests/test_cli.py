@@ -46,7 +46,7 @@ def test_run_directory_contents(run_dir):
     assert summary["epochs"] == 3 and summary["seed"] == 4 and summary["device"] == "cpu"
     assert {"train_accuracy", "test_accuracy", "seconds", "stopped_early"} <= set(summary)
     assert summary["verdict"] and set(summary["verdict"]) <= {
-        "healthy", "vanishing", "exploding", "saturated", "dead-units", "stalled"}
+        "healthy", "vanishing", "exploding", "saturated", "dead-units", "stalled", "insufficient"}
     assert summary["verdict_line"].startswith("Verdict: ") and summary["recommendation"]
 
 

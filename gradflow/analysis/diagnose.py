@@ -134,8 +134,11 @@ def diagnose(windows: Sequence[Any], losses: Sequence[float] | None = None, *, m
         "insufficient": check_insufficient(windows, loss),
     }
     verdicts = [name for name, check in checks.items() if check["fired"] and name != "insufficient"]
-    if not verdicts:
-        verdicts = ["insufficient"] if checks["insufficient"]["fired"] else ["healthy"]
+    if checks["insufficient"]["fired"]:
+        # Too few windows: said first, so a rule that fired on one window reads as an early sign.
+        verdicts = ["insufficient"] + verdicts
+    elif not verdicts:
+        verdicts = ["healthy"]
     family = architecture_family(layers, model)
     evidence = {"layers": layers, "activations": activations, "loss": loss, "checks": checks,
                 "windows": len(windows), "family": family, "order": "forward" if order else "recorded",

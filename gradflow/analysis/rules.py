@@ -206,12 +206,14 @@ def check_stalled(layers: Mapping[str, Mapping[str, float]], loss: Mapping[str, 
 
 
 def check_insufficient(windows: Sequence[Any], loss: Mapping[str, float] | None) -> dict[str, Any]:
-    """Too few windows to call a run healthy: only replaces ``healthy``, never a fired rule."""
+    """Too few windows to judge: said first in the verdict; the rules that fired stand beside it
+    as early signs."""
     count = len(windows)
     if count < MIN_WINDOWS:
         return _check(True, f"too short to judge: only {count} window{'' if count == 1 else 's'} recorded, "
-                            f"at least {MIN_WINDOWS} needed; train at least {MIN_WINDOWS} epochs (one window "
-                            "per epoch) or log a window every few steps", count, MIN_WINDOWS)
+                            f"at least {MIN_WINDOWS} needed; record more windows (gradflow train: one per epoch; "
+                            "Lightning: one every log_every_n_steps steps; HF Trainer: every logging_steps steps; "
+                            "your own loop: call monitor.log more often)", count, MIN_WINDOWS)
     return _check(False, f"{count} windows (at least {MIN_WINDOWS} needed)", count, MIN_WINDOWS)
 
 

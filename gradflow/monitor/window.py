@@ -90,7 +90,7 @@ class WindowReader:
                 row["total_norm_max"] = float(norms[:, k].max())
             if clipping is not None and clipping[0]:
                 calls, norm_sum, clipped = clipping
-                row.update(total_norm_before_clip=norm_sum / calls, clipped_steps=clipped, clip_calls=calls)
+                row.update(total_norm_before_clip=float(norm_sum / calls), clipped_steps=int(clipped), clip_calls=calls)
             window.overall = row
             self.scalars[k].update({f"grad/{key}": float(v) for key, v in row.items()})
 
@@ -177,6 +177,7 @@ def gaps(names: list[str], params: list[torch.Tensor], steps: np.ndarray, record
                         "gradients but no monitored optimizer stepped them in this window"))
     if recorded and no_activations:
         out.append(("no-activations", "log(): no activation output was recorded in this window although steps "
-                    "were; under torch.compile the activation taps stay off (a hook there would recompile every "
+                    "were: either no training forward pass ran in it (steps recorded by hand), or the model runs "
+                    "under torch.compile, where the activation taps stay off (a hook there would recompile every "
                     "step); gradients and weights are still recorded. Pass activations=False to silence this"))
     return out

@@ -345,7 +345,7 @@ def test_compiled_model_causes_no_recompiles_and_says_activations_are_off():
             compiled(torch.randn(8, 4)).pow(2).mean().backward()
             oracle.capture()
             optimizer.step()
-        with pytest.warns(UserWarning, match="under torch.compile the activation taps stay off"):
+        with pytest.warns(UserWarning, match="under torch.compile, where the activation taps stay off"):
             stats = monitor.log(0)
     assert_matches_oracle(stats, oracle, rtol=1e-4)
     assert sum(counters["graph_break"].values()) == 0
