@@ -25,11 +25,22 @@ def diagnosis_api() -> Any:
     return diagnose
 
 
-def diagnose(monitor: Any) -> Any:
-    """The verdict over what ``monitor`` recorded, or None when it recorded no window."""
+def diagnose(monitor: Any, losses: list[float] | None = None) -> Any:
+    """The verdict over what ``monitor`` recorded, or None when it recorded no window.
+    ``losses``: the training loss per window, if the framework gave it (the ``stalled`` check
+    reads it)."""
     if not monitor.history:
         return None
-    return diagnosis_api().diagnose_monitor(monitor, losses=None)
+    return diagnosis_api().diagnose_monitor(monitor, losses=losses or None)
+
+
+def loss_of(outputs: Any) -> Any:
+    """The loss tensor in what a training step returned (a tensor, or a mapping with ``loss``), else None."""
+    import torch
+
+    if isinstance(outputs, dict):
+        outputs = outputs.get("loss")
+    return outputs.detach() if isinstance(outputs, torch.Tensor) and outputs.numel() == 1 else None
 
 
 def report_text(diagnosis: Any) -> str:

@@ -129,6 +129,8 @@ class GradflowCallback(_pl.Callback):
         self.diagnosis: Any = None
         self.steps = 0              # optimizer steps recorded, over every fit (kept in checkpoints)
         self.windows = 0            # windows written
+        self.losses: list[float] = []  # mean training loss of each window (what training_step returned)
+        self._loss_sum, self._loss_count = None, 0
         self._logged_at = 0         # self.steps when the last window closed
         self._recording = False     # between attach and remove (global rank zero only)
         self._loggers: list[Any] = []
@@ -145,6 +147,7 @@ class GradflowCallback(_pl.Callback):
                                        histograms=self.histograms, weights=self.weights,
                                        activations=self.activations)
         self._recording = True
+        self._loss_sum, self._loss_count = None, 0
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         if self.monitor is None:
@@ -152,7 +155,7 @@ class GradflowCallback(_pl.Callback):
         try:
             if self.steps > self._logged_at:
                 self._write()
-            self.diagnosis = _common.diagnose(self.monitor)
+            self.diagnosis = _common.diagnose(self.monitor, self.losses)
             if self.diagnosis is not None:
                 if self.verbose:
                     print(f"gradflow: {self.diagnosis.line()}")
@@ -184,12 +187,19 @@ class GradflowCallback(_pl.Callback):
         self.steps += 1
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        loss = _common.loss_of(outputs)
+        if self._recording and loss is not None:       # summed on the device: read once per window
+            self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
+            self._loss_count += 1
         # After the step is applied, so the window's weight update includes its last step.
         every = self.every_n_steps or trainer.log_every_n_steps    # 0: no logging but the last window
         if self._recording and every and self.steps // every > self._logged_at // every:
             self._write()
 
     def _write(self) -> None:
+        if self._loss_count:
+            self.losses.append(float(self._loss_sum) / self._loss_count)
+            self._loss_sum, self._loss_count = None, 0
         self.monitor.log(self.steps)
         self._logged_at = self.steps
         self.windows += 1
@@ -197,9 +207,10 @@ class GradflowCallback(_pl.Callback):
     # -- checkpoints ----------------------------------------------------------------------
 
     def state_dict(self) -> dict[str, Any]:
-        return {"steps": self.steps, "windows": self.windows}
+        return {"steps": self.steps, "windows": self.windows, "losses": list(self.losses)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.steps = int(state_dict.get("steps", 0))
         self.windows = int(state_dict.get("windows", 0))
+        self.losses = [float(v) for v in state_dict.get("losses", [])]
         self._logged_at = self.steps

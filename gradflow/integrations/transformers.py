@@ -90,6 +90,7 @@ class GradflowTrainerCallback(_tf.TrainerCallback):
         self.every_n_steps = every_n_steps
         self.log_dir = log_dir
         self.histograms, self.weights, self.activations, self.verbose = histograms, weights, activations, verbose
+        self.losses: list[float] = []
         self.monitor: GradientMonitor | None = None
         self.diagnosis: Any = None
         self._recording = False          # between attach and remove
@@ -103,6 +104,7 @@ class GradflowTrainerCallback(_tf.TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs) -> None:
         self.remove()                    # a previous train() that raised left its monitor attached
         self.diagnosis = None
+        self.losses: list[float] = []    # the Trainer's logged training loss, one per logging step
         self._logged_at = state.global_step
         if not state.is_world_process_zero:
             return
@@ -127,7 +129,7 @@ class GradflowTrainerCallback(_tf.TrainerCallback):
         try:
             if state.global_step > self._logged_at:
                 self._write(state.global_step)
-            self.diagnosis = _common.diagnose(self.monitor)
+            self.diagnosis = _common.diagnose(self.monitor, self.losses)
             if self.diagnosis is not None:
                 if self.verbose:
                     print(f"gradflow: {self.diagnosis.line()}")
@@ -153,6 +155,10 @@ class GradflowTrainerCallback(_tf.TrainerCallback):
             # (the Trainer computes grad_norm through accelerator.clip_grad_norm_ every step).
             skipped = _common.step_skipped(getattr(optimizer, "scaler", None), getattr(optimizer, "optimizer", optimizer))
             self.monitor.record(optimizer=getattr(optimizer, "optimizer", optimizer), skipped=skipped)
+
+    def on_log(self, args, state, control, logs=None, **kwargs) -> None:
+        if self._recording and logs and isinstance(logs.get("loss"), (int, float)):
+            self.losses.append(float(logs["loss"]))
 
     def on_step_end(self, args, state, control, **kwargs) -> None:
         self._context = (args, state, control)

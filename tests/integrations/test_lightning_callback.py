@@ -233,3 +233,20 @@ def test_works_with_the_pytorch_lightning_package(tmp_path):
         trainer.fit(Tiny(), loader())
     assert [w.step for w in callback.monitor.history] == [3, 6]
     assert scalar_series(tensorboard(trainer.logger.log_dir), "grad/layer/weight/norm").keys() == {3, 6}
+
+
+def test_the_loss_reaches_the_verdict(tmp_path):
+    """What training_step returns is the loss the stalled check reads: a mean per window."""
+    from gradflow.integrations.lightning import GradflowCallback
+
+    class Stuck(Net):
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.0)      # nothing moves: the loss stalls
+
+    torch.manual_seed(0)
+    callback = GradflowCallback(every_n_steps=3, verbose=False)
+    fit(tmp_path, Stuck(), [callback], epochs=4)
+    assert len(callback.losses) == callback.windows == 8
+    # lr 0: each epoch sees the same two 3-batch windows, so the window means repeat exactly.
+    assert callback.losses[0] == pytest.approx(callback.losses[2]) and callback.losses[1] == pytest.approx(callback.losses[3])
+    assert callback.diagnosis.evidence["checks"]["stalled"]["why"].startswith("loss ")

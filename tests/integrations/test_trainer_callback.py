@@ -130,3 +130,12 @@ def test_without_tensorboard_the_reporters_get_the_scalars(tmp_path, monkeypatch
 def test_bad_arguments_are_refused_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=message):
         GradflowTrainerCallback(**kwargs)
+
+
+def test_the_trainers_logged_loss_reaches_the_verdict(tmp_path):
+    from gradflow.integrations.transformers import GradflowTrainerCallback
+
+    callback = GradflowTrainerCallback(verbose=False)
+    train(tmp_path, [callback], report_to=[], max_steps=12)
+    assert len(callback.losses) == 6 and all(v == v and v > 0 for v in callback.losses)     # every 2 steps
+    assert callback.diagnosis.evidence["checks"]["stalled"]["why"].startswith("loss ")
