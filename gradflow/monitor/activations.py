@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
 from gradflow.monitor import stats as S
+from gradflow.monitor.spent import LeavesCopiesAlone
 from gradflow.monitor.tensors import (
     LARGE_PARAMETER,
     PENDING_ELEMENTS,
@@ -31,7 +31,7 @@ RECTIFIERS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.RReLU)
 OTHER_ACTIVATIONS = (nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Softplus, nn.Hardswish)
 
 
-class _Tap:
+class _Tap(LeavesCopiesAlone):
     """The forward hook on one activation module: keeps its output for the next reduction.
 
     It reads training forward passes only: grad mode on, outside backward (a non-reentrant
@@ -39,9 +39,9 @@ class _Tap:
     the same outputs twice), and outside torch.compile's tracing (a hook that touches Python
     state there becomes a guard that recompiles every step; the monitor says so at ``log``).
 
-    A copy of the model (``copy.deepcopy``, ``torch.save``/``torch.load``) gets ``_spent_tap``
-    in its place, which removes itself on its first call: the copy is not monitored, and the
-    hook's closure over the monitor is never pickled.
+    A copy of the model (``copy.deepcopy``, ``torch.save``/``torch.load``) gets ``spent_forward_hook``
+    in its place (``spent.py``), which removes itself on its first call: the copy is not
+    monitored, and the hook's reference to the monitor is never pickled.
     """
 
     __slots__ = ("accumulator", "index", "__weakref__")
@@ -56,27 +56,6 @@ class _Tap:
         if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and torch._C._current_graph_task_id() == -1:
             self.accumulator.take(self.index, output)
         return None
-
-    def __reduce__(self):
-        return _spent, ()
-
-    def __deepcopy__(self, memo):
-        return _spent_tap
-
-    def __copy__(self):
-        return _spent_tap
-
-
-def _spent() -> Callable:
-    return _spent_tap
-
-
-def _spent_tap(module: nn.Module, inputs, output) -> None:
-    """A monitor's tap as it appears in a copy of the model: removes itself, does nothing."""
-    for key, hook in list(module._forward_hooks.items()):
-        if hook is _spent_tap:
-            del module._forward_hooks[key]
-    return None
 
 
 @dataclass

@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from gradflow.monitor import stats as S
+from gradflow.monitor.steps import ALL
 from gradflow.monitor.tensors import (
     LARGE_PARAMETER,
     PENDING_ELEMENTS,
@@ -41,12 +42,6 @@ class _Batch:
     row_step: torch.Tensor       # each row: its step's index in the run, times members, plus its member
 
 
-def accumulator_dtype(device: torch.device) -> torch.dtype:
-    """float64 wherever the device has it: sums of squares of finite float32 gradients reach
-    1e77, far past float32's 3.4e38 (a gradient of 1e20 would read as an infinite norm)."""
-    return torch.float32 if device.type == "mps" else torch.float64
-
-
 class _GradientAccumulator:
     """Sums each step's per-parameter gradient statistics and histograms on the device.
 
@@ -71,7 +66,7 @@ class _GradientAccumulator:
         device = params[0].device
         self.bind(params)
         slots = len(self.slot_numel)
-        dtype = accumulator_dtype(device)
+        dtype = S.wide_dtype(device)
         self.totals = torch.zeros(slots, len(GRADIENT_FIELDS), device=device, dtype=dtype)
         self.counts = torch.zeros(slots * S.SIGN_EXPONENT_BINS, dtype=torch.int64, device=device)
         self.step_squares = torch.zeros(64, members, device=device, dtype=dtype)
@@ -119,7 +114,7 @@ class _GradientAccumulator:
         model (no ``no_grad`` context: gradients do not require grad unless the caller asked
         for a double backward, and then the copy is detached).
         """
-        if mask is None or mask == "all":
+        if mask is None or mask is ALL:
             grads = [p.grad for p in self.params]
         else:
             grads = [p.grad if wanted else None for p, wanted in zip(self.params, mask)]
@@ -148,7 +143,7 @@ class _GradientAccumulator:
         """Count a step that was not applied (an AMP overflow): per parameter, the step and its
         non-finite values. Rare, so plain ops: one count per parameter."""
         for i, p in enumerate(self.params):
-            if p.grad is None or (mask not in (None, "all") and not mask[i]):
+            if p.grad is None or (mask is not None and mask is not ALL and not mask[i]):
                 continue
             self.skipped[i] += 1
             grad = p.grad.to_dense() if p.grad.layout != torch.strided else p.grad

@@ -29,6 +29,8 @@ import torch.nn.utils
 import torch.nn.utils.clip_grad
 from torch.amp.grad_scaler import GradScaler
 
+from gradflow.monitor.stats import wide_dtype
+
 _WATCHERS: "weakref.WeakSet[Any]" = weakref.WeakSet()
 _ORIGINAL: dict[str, Any] = {}
 
@@ -69,8 +71,7 @@ class ClipTally:
     def add(self, total: torch.Tensor, max_norm: float) -> None:
         total = total.detach()
         if self.sums is None or self.sums.device != total.device:
-            dtype = torch.float32 if total.device.type == "mps" else torch.float64
-            self.sums = torch.zeros(2, device=total.device, dtype=dtype)
+            self.sums = torch.zeros(2, device=total.device, dtype=wide_dtype(total.device))
         self.sums.add_(torch.stack([total, total + 1e-6 > max_norm]).to(self.sums.dtype))
         self.calls += 1
 

@@ -87,6 +87,17 @@ def _block_counts(bits, c0, c1, c2, c3):
 
 
 @njit(nogil=True, boundscheck=False, cache=True)
+def _count_block(unsigned, long_row, sub, histogram):
+    """Count a block of a row: into the four sub-histograms for a long row (added to the row's
+    histogram once at its end), straight into the row's int64 histogram for a short one."""
+    if long_row:
+        _block_counts(unsigned, sub[0], sub[1], sub[2], sub[3])
+    else:
+        for j in range(unsigned.size):
+            histogram[(unsigned[j] >> _SHIFT) ^ _SIGN_BIN] += 1
+
+
+@njit(nogil=True, boundscheck=False, cache=True)
 def _add_counts(sub, counts):
     """Add (4, 512) unsigned-bin histograms to int64 counts in the ``gradflow.monitor.stats`` layout
     (negatives first: bin = exponent, + 256 when the sign bit is clear), which flips bit 8."""
@@ -138,11 +149,7 @@ def _fold_rows(values, lengths, row_slot, row_centre, row_threshold, counts, out
             out[r, 2] += s
             out[r, 4] += b
             top = max(top, m)
-            if long_row:
-                _block_counts(unsigned[lo:hi], sub[0], sub[1], sub[2], sub[3])
-            else:
-                for j in range(lo, hi):
-                    histogram[(unsigned[j] >> _SHIFT) ^ _SIGN_BIN] += 1
+            _count_block(unsigned[lo:hi], long_row, sub, histogram)
         if long_row:
             _add_counts(sub, histogram)
             sub[:] = 0
@@ -208,11 +215,7 @@ def _fold_weight_segments(values, start, lengths, rows, counts):
             rows[segment, 1] += s
             rows[segment, 2] += m
             rows[segment, 3] += b
-            if long_row:
-                _block_counts(unsigned[lo:hi], sub[0], sub[1], sub[2], sub[3])
-            else:
-                for j in range(lo, hi):
-                    histogram[(unsigned[j] >> _SHIFT) ^ _SIGN_BIN] += 1
+            _count_block(unsigned[lo:hi], long_row, sub, histogram)
         if long_row:
             _add_counts(sub, histogram)
             sub[:] = 0

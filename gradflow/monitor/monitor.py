@@ -157,7 +157,7 @@ class GradientMonitor:
         taps = choose_taps(inner, activations)
         self._activations = _ActivationAccumulator(taps, params[0].device, members)
         self._index_of = {id(p): i for i, p in enumerate(params)}
-        self._masks = OptimizerMasks(len(params), lambda: self._index_of)
+        self._masks = OptimizerMasks(len(params), lambda: self._index_of, self._follow)
         self._optimizer = weakref.ref(optimizer) if optimizer is not None else None
         self._handles: list = []
         self._warned: set[str] = set()
@@ -221,7 +221,7 @@ class GradientMonitor:
         self._order.remove()                         # one forward pass was enough
         if self._optimizer is not None and optimizer is not self._optimizer():
             return None
-        mask = self._mask(optimizer)
+        mask = self._masks.mask(optimizer)
         if mask is None:
             return None
         if getattr(optimizer, "_step_supports_amp_scaling", False) and (kwargs or {}).get("grad_scaler") is not None:
@@ -242,7 +242,7 @@ class GradientMonitor:
         or with ``automatic=False``. ``skipped=True``: the step was not applied (an AMP overflow);
         it is counted as skipped with its non-finite values, not averaged into the statistics."""
         self._order.remove()
-        mask = None if optimizer is None else self._mask(optimizer)
+        mask = None if optimizer is None else self._masks.mask(optimizer)
         if optimizer is not None and mask is None:
             self._warn_once("foreign-optimizer", f"record({type(optimizer).__name__}): that optimizer holds none of "
                             "this monitor's parameters; nothing was recorded")
@@ -261,17 +261,11 @@ class GradientMonitor:
             self._steps_seen += 1
             self._activations.active = self._steps_seen % self.activations_every == 0
 
-    def _mask(self, optimizer: torch.optim.Optimizer) -> tuple[bool, ...] | None:
-        mask = self._masks.mask(optimizer)
-        if mask is None and self._masks.foreign(optimizer) and self._follow():
-            mask = self._masks.mask(optimizer)      # the model's parameters were replaced: follow them
-        return mask
-
     def _on_skipped(self, optimizer: torch.optim.Optimizer) -> None:
         """GradScaler skipped ``optimizer``'s step (interception)."""
         if not self.automatic or (self._optimizer is not None and optimizer is not self._optimizer()):
             return
-        mask = self._mask(optimizer)
+        mask = self._masks.mask(optimizer)
         if mask is not None:
             self._gradients.record_skipped(mask)
             self._skipped_steps += 1

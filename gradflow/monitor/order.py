@@ -13,7 +13,10 @@ Example:
 
 from __future__ import annotations
 
+import torch
 from torch import nn
+
+from gradflow.monitor.spent import LeavesCopiesAlone
 
 
 class ForwardOrder:
@@ -51,11 +54,12 @@ def _owner(name: str) -> str:
     return name.rpartition(".")[0]
 
 
-class _FirstCall:
+class _FirstCall(LeavesCopiesAlone):
     """A forward pre-hook that notes its module's first call (training passes only). In a
     copy of the model (``deepcopy``, ``torch.save``) it becomes a hook that does nothing."""
 
     __slots__ = ("order", "prefix", "done")
+    KIND = "pre"
 
     def __init__(self, order: ForwardOrder, prefix: str) -> None:
         self.order = order
@@ -63,31 +67,8 @@ class _FirstCall:
         self.done = False
 
     def __call__(self, module, inputs):
-        import torch
-
         if self.done or torch.compiler.is_compiling() or not torch.is_grad_enabled():
             return None
         self.done = True
         self.order.seen(self.prefix)
         return None
-
-    def __reduce__(self):
-        return _inert, ()
-
-    def __deepcopy__(self, memo):
-        return _inert_pre_hook
-
-    def __copy__(self):
-        return _inert_pre_hook
-
-
-def _inert():
-    return _inert_pre_hook
-
-
-def _inert_pre_hook(module, inputs):
-    """A spent _FirstCall in a copy of the model: removes itself on its first call."""
-    for key, hook in list(module._forward_pre_hooks.items()):
-        if hook is _inert_pre_hook:
-            del module._forward_pre_hooks[key]
-    return None

@@ -31,6 +31,12 @@ LOG10_2 = math.log10(2.0)
 FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
+def wide_dtype(device: torch.device) -> torch.dtype:
+    """The dtype sums are kept in: float64 wherever the device has it (MPS has not). Sums of
+    squares of finite float32 gradients reach 1e77, far past float32's 3.4e38."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 @dataclass(frozen=True)
 class Histogram:
     """A bucketed histogram: right edges of the buckets and their counts."""
@@ -99,7 +105,7 @@ class Scratch:
 
     def _fold_one(self, flat: torch.Tensor, counts: torch.Tensor, band: tuple[float, float] | None) -> torch.Tensor:
         self.count_exponents(counts, flat)
-        wide = torch.float64 if flat.device.type != "mps" else torch.float32
+        wide = wide_dtype(flat.device)
         low, high = torch.aminmax(flat)               # one pass, where abs().max() takes two
         beyond = (flat - band[0]).abs_().gt_(band[1]).sum() if band else flat.new_zeros((), dtype=torch.long)
         largest = torch.maximum(-low, high).to(wide)
@@ -119,7 +125,7 @@ class Scratch:
             return flat.abs().sum(dtype=torch.float64)
         if self._values is None or self._values.device != flat.device:
             self._values = torch.empty(CHUNK, dtype=torch.float32, device=flat.device)
-        wide = torch.float64 if flat.device.type != "mps" else torch.float32
+        wide = wide_dtype(flat.device)
         parts = [torch.abs(part, out=self._values[:part.numel()]).sum(dtype=wide) for part in flat.split(CHUNK)]
         return parts[0] if len(parts) == 1 else torch.stack(parts).sum()
 

@@ -31,11 +31,14 @@ ALL = "all"      # OptimizerMasks.mask: the optimizer steps every monitored para
 
 class OptimizerMasks:
     """Per optimizer: which of the monitor's parameters its ``param_groups`` hold, cached until
-    the groups change (a group added, a list replaced or resized)."""
+    the groups change (a group added, a list replaced or resized). On a miss that finds none of
+    them, ``refresh()`` may rebind the monitor to replaced parameters (True if it did): checked
+    once per change of the groups, not at every step."""
 
-    def __init__(self, count: int, index_of: Callable[[], dict[int, int]]) -> None:
+    def __init__(self, count: int, index_of: Callable[[], dict[int, int]], refresh: Callable[[], bool]) -> None:
         self._count = count
         self._index_of = index_of            # called afresh: the monitor may rebind parameters
+        self._refresh = refresh
         self._cache: "weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple]" = weakref.WeakKeyDictionary()
 
     def mask(self, optimizer: torch.optim.Optimizer) -> tuple[bool, ...] | str | None:
@@ -46,6 +49,8 @@ class OptimizerMasks:
         if cached is not None and cached[0] == key:
             return cached[1]
         mask = self.compute(optimizer)
+        if mask is None and self._refresh():     # its parameters may have replaced the monitored ones
+            mask = self.compute(optimizer)
         self._cache[optimizer] = (key, mask)
         return mask
 
@@ -60,12 +65,6 @@ class OptimizerMasks:
         if all(flags):
             return ALL
         return tuple(flags) if any(flags) else None
-
-    def foreign(self, optimizer: torch.optim.Optimizer) -> bool:
-        """Whether the optimizer holds tensors that are not the monitor's (say, parameters that
-        replaced the monitored ones after it attached)."""
-        index_of = self._index_of()
-        return any(id(p) not in index_of for group in optimizer.param_groups for p in group["params"])
 
     def forget(self) -> None:
         self._cache.clear()

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 _spec = importlib.util.spec_from_file_location("calibrate_architectures",
@@ -21,14 +20,6 @@ _spec.loader.exec_module(calibration)
 
 SEEDS = (0, 1, 2)
 LEARNS = {"resnet", "gpt2", "nanogpt", "encoder_lm", "lstm1"}   # the loss must fall by half or more
-
-
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.slow

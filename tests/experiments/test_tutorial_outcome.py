@@ -8,7 +8,6 @@ import statistics
 from pathlib import Path
 
 import pytest
-import torch
 
 from gradflow.experiments.config import load_config
 from gradflow.experiments.train import train_from_config
@@ -22,15 +21,6 @@ TARGETS = {
     "deep_tanh": ("<=", 0.65),
     "shallow_tanh": (">=", 0.75),
 }
-
-
-@pytest.fixture
-def one_thread():
-    """A tiny model gains nothing from more threads, and they contend on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.mark.slow
