@@ -14,17 +14,19 @@ from __future__ import annotations
 import signal
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Optional
 
 import torch
 
-from gradflow.analysis.diagnose import Diagnosis
 from gradflow.analysis.windows import GRADIENTS_FILE, load_windows
 from gradflow.experiments import rundir
 from gradflow.experiments.config import Config, load_config, to_dict
 from gradflow.experiments.recording import MonitorCallback, write_tensorboard_layout
 from gradflow.experiments.train import EpochScalars, TrainResult, build_from_config, check_device, fit
 from gradflow.monitor import GradientMonitor
+
+if TYPE_CHECKING:  # the analysis loads when the outputs are written, after training
+    from gradflow.analysis.diagnose import Diagnosis
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)  # what asks a run to stop after its epoch
 
