@@ -16,11 +16,14 @@ side with the spread (min-max) and the load average before and after.
 
 The console script runs ``gradflow.cli.main`` as ``python -m gradflow.cli`` does; this script runs
 the copy of gradflow it sits in (the repository root is on PYTHONPATH), whatever is installed.
+``--baseline DIR`` times another checkout's gradflow in the same rounds, e.g. a worktree of main
+(``git worktree add /tmp/gradflow-main main``), and prints its rows beside these.
 
 Examples (from the repository root):
 
     python benchmarks/startup.py                 # 7 rounds
     python benchmarks/startup.py --rounds 11 --config configs/deep_tanh.yaml
+    python benchmarks/startup.py --baseline /tmp/gradflow-main
 """
 
 from __future__ import annotations
@@ -38,16 +41,16 @@ ROOT = Path(__file__).resolve().parents[1]
 POLL_S = 0.005
 
 
-def env() -> dict[str, str]:
-    """This checkout first on the path, as scripts/train.py puts it."""
-    paths = [str(ROOT)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
+def env(root: Path) -> dict[str, str]:
+    """The checkout at ``root`` first on the path, as scripts/train.py puts it."""
+    paths = [str(root)] + ([os.environ["PYTHONPATH"]] if os.environ.get("PYTHONPATH") else [])
     return {**os.environ, "PYTHONPATH": os.pathsep.join(paths)}
 
 
-def time_exit(argv: list[str]) -> float:
+def time_exit(argv: list[str], root: Path = ROOT) -> float:
     """Seconds from start to exit of ``argv`` (output discarded; a failure is an error)."""
     t0 = time.perf_counter()
-    subprocess.run(argv, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
+    subprocess.run(argv, cwd=root, env=env(root), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True)
     return time.perf_counter() - t0
 
 
@@ -60,12 +63,12 @@ def first_window_on_disk(logdir: Path) -> bool:
     return False
 
 
-def time_train(config: str) -> tuple[float, float]:
+def time_train(config: str, root: Path = ROOT) -> tuple[float, float]:
     """(seconds to the first epoch's window on disk, seconds to exit) of a 1-epoch run."""
     with tempfile.TemporaryDirectory() as logdir:
         argv = [sys.executable, "-m", "gradflow.cli", "train", config, "train.epochs=1", "--logdir", logdir, "--quiet"]
         t0 = time.perf_counter()
-        proc = subprocess.Popen(argv, cwd=ROOT, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        proc = subprocess.Popen(argv, cwd=root, env=env(root), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
         first = None
         while proc.poll() is None:
             if first is None and first_window_on_disk(Path(logdir)):
@@ -83,18 +86,24 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--config", default="configs/deep_relu.yaml")
+    parser.add_argument("--baseline", type=Path, default=None, help="another checkout to time in the same rounds")
     args = parser.parse_args()
     py = sys.executable
-    figures: dict[str, list[float]] = {name: [] for name in (
-        "gradflow --help", "import torch", "import torch, torch._dynamo", "train: first epoch", "train: whole 1-epoch run")}
+    roots = {"": ROOT, **({"baseline ": args.baseline.resolve()} if args.baseline else {})}
+    figures: dict[str, list[float]] = {}
+
+    def add(name: str, value: float) -> None:
+        figures.setdefault(name, []).append(value)
+
     load_before = os.getloadavg()
     for _ in range(args.rounds):
-        figures["gradflow --help"].append(time_exit([py, "-m", "gradflow.cli", "--help"]))
-        figures["import torch"].append(time_exit([py, "-c", "import torch"]))
-        figures["import torch, torch._dynamo"].append(time_exit([py, "-c", "import torch, torch._dynamo"]))
-        first, total = time_train(args.config)
-        figures["train: first epoch"].append(first)
-        figures["train: whole 1-epoch run"].append(total)
+        add("import torch", time_exit([py, "-c", "import torch"]))
+        add("import torch, torch._dynamo", time_exit([py, "-c", "import torch, torch._dynamo"]))
+        for label, root in roots.items():
+            add(f"{label}gradflow --help", time_exit([py, "-m", "gradflow.cli", "--help"], root))
+            first, total = time_train(args.config, root)
+            add(f"{label}train: first epoch", first)
+            add(f"{label}train: whole 1-epoch run", total)
     load_after = os.getloadavg()
     torch_median = statistics.median(figures["import torch"])
     print(f"{args.rounds} rounds, {args.config}; load average (1, 5, 15 min) before "
