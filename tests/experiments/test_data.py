@@ -1,9 +1,5 @@
 """Data: exactly the tutorial's circles (sklearn's own output), the registry, and the cache."""
 
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -12,8 +8,6 @@ from sklearn.preprocessing import MinMaxScaler
 
 from gradflow.experiments.config import DataConfig
 from gradflow.experiments.data import DATASETS, cache_dir, load_dataset
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def sklearn_reference(make, **kwargs):
@@ -114,31 +108,3 @@ def test_cache_does_not_hide_an_unwritable_directory(monkeypatch, tmp_path):
     x_tr, *_ = sklearn_reference(make_circles)
     np.testing.assert_array_equal(load_dataset(DataConfig()).x_train.numpy(), x_tr.astype(np.float32))
 
-
-def test_a_run_with_cached_data_imports_no_sklearn_and_no_matplotlib_before_its_first_epoch(tmp_path):
-    """What the first epoch waits for (benchmarks/startup.py times it): not sklearn when the
-    cache holds the data, not matplotlib (plots are drawn at the end)."""
-    load_dataset(DataConfig())           # the conftest's cache (GRADFLOW_CACHE_DIR), which the run reads
-    code = f"""
-import sys
-import gradflow.experiments.solo as solo
-from gradflow.cli import main
-
-HEAVY = ("sklearn", "matplotlib")
-seen = []
-fit = solo.fit
-
-class Spy:
-    def epoch_end(self, epoch, metrics):
-        if not seen:
-            seen.append(sorted(m for m in HEAVY if m in sys.modules))
-
-def spy(*args, callbacks=(), **kwargs):
-    return fit(*args, callbacks=[*callbacks, Spy()], **kwargs)
-
-solo.fit = spy
-assert main(["train", "configs/deep_relu.yaml", "train.epochs=1", "--logdir", {str(tmp_path)!r}, "--quiet"]) == 0
-print(seen[0], "matplotlib" in sys.modules)
-"""
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
-    assert out.splitlines()[-1] == "[] True"   # matplotlib only after training, for the plots
