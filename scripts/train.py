@@ -13,7 +13,8 @@ from pathlib import Path
 # Works from a fresh clone without installing: put the repository root first on the path.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gradflow.cli import main, prepare_exit  # noqa: E402
+from gradflow.cli import main  # noqa: E402
+from gradflow.startup import prepare_exit  # noqa: E402
 
 if __name__ == "__main__":
     status = main(["train", *sys.argv[1:]])

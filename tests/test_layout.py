@@ -13,8 +13,9 @@ ALLOWED = {
     "analysis": {"monitor", "errors"},
     "experiments": {"analysis", "monitor", "errors"},
     "integrations": {"analysis", "monitor"},   # beside the monitor; the verdict comes from the analysis
-    "cli": {"experiments", "analysis", "monitor", "errors"},
+    "cli": {"experiments", "analysis", "monitor", "errors", "startup"},
     "errors": set(),
+    "startup": set(),                          # the garbage collector at start and exit, for cli
     "__init__": {"monitor"},
 }
 
