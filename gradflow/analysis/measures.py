@@ -15,6 +15,11 @@ recorded order.
   3x3x512x512 conv and a 512x10 head compare (issue 14: per-element mean |g| called a learning
   ResNet-34 ``vanishing``). Windows without gradient and weight norms (old recordings) fall back
   to the per-element mean |g| of the layer's weight (``measure``: ``mean_abs``).
+- gates: a recurrent layer's ``gates`` are the same size and ratios per gate (input, forget,
+  cell, output; GRU: reset, update, new), over the gate's rows of ``weight_ih`` and ``weight_hh``
+  (``Window.gates``, recorded by the monitor's ``gates.py``); shown with the layer, not judged
+  apart from it. Gate activations (sigmoid saturation) are not observable: the fused LSTM/GRU
+  kernels expose no gate output to a hook.
 - embeddings: measured on the rows that received gradient (size / sqrt(1 - zero fraction), rows
   of similar norm assumed) and shown, not judged (their ||w|| is their init's: N(0, 1) in torch,
   N(0, 0.02) in GPT-2), unless tied to the head. Normalisation layers are shown, not judged.
@@ -50,6 +55,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from gradflow.analysis.windows import layer_of
+from gradflow.monitor.kinds import TIED_HEAD
 
 EARLY_FRACTION = 0.1        # the "early" windows / epochs: this share of the run, at least one
 
@@ -89,36 +95,39 @@ def _update_per_step(windows: Sequence[Any], parameter: str) -> np.ndarray:
 
 
 def parameter_kinds(model: Any) -> dict[str, str]:
-    """Parameter name -> ``norm``, ``embedding``, ``recurrent`` or ``other``, from the module that
-    owns it, plus ``@head`` -> the parameter that is the output head's weight when the head is
-    tied to an embedding (a Linear whose weight is an earlier module's, as in GPT-2 and nanoGPT).
+    """Parameter name -> ``norm``, ``embedding``, ``recurrent`` or another module kind
+    (``gradflow.monitor.kinds``: ``linear``, ``conv``, ``attention``, ``other``), from the module
+    that owns it, plus ``@head`` -> the parameter that is the output head's weight when the head
+    is tied to an embedding (a Linear whose weight is an earlier module's, as in GPT-2 and nanoGPT).
 
     Example:
         >>> from torch import nn
         >>> parameter_kinds(nn.Sequential(nn.Embedding(5, 2), nn.LayerNorm(2)))["1.weight"]
         'norm'
     """
-    from torch import nn
+    from gradflow.monitor.kinds import parameter_kinds as module_kinds
 
-    first: dict[int, str] = {id(p): n for n, p in model.named_parameters()}
-    kinds: dict[str, str] = {}
-    for module_name, module in model.named_modules():
-        cls = type(module).__name__
-        if isinstance(module, nn.Embedding):
-            kind = "embedding"
-        elif isinstance(module, nn.RNNBase):
-            kind = "recurrent"
-        elif "norm" in cls.lower():
-            kind = "norm"
-        else:
-            kind = "other"
-        for pname, p in module.named_parameters(recurse=False):
-            full = f"{module_name}.{pname}" if module_name else pname
-            owner = first.get(id(p), full)
-            if owner != full and pname == "weight" and kinds.get(owner) == "embedding":
-                kinds["@head"] = owner                # tied: the head is the embedding
-            kinds.setdefault(owner, kind)
-    return kinds
+    return _analysis_kinds(module_kinds(model))
+
+
+def recorded_kinds(windows: Sequence[Any]) -> dict[str, str] | None:
+    """The kinds the monitor recorded with the windows (``Window.kinds``, the ``kind`` column of
+    gradients.csv) in ``parameter_kinds``' form; None when there are none (tables written before
+    the column existed: kinds are then told by name)."""
+    found: dict[str, str] = {}
+    for window in windows:
+        found.update(getattr(window, "kinds", None) or {})
+    return _analysis_kinds(found) if found else None
+
+
+def _analysis_kinds(kinds: Mapping[str, str]) -> dict[str, str]:
+    """A tied head (``embedding+head``) becomes an ``embedding`` plus ``@head``."""
+    out: dict[str, str] = {}
+    for name, kind in kinds.items():
+        if kind == TIED_HEAD:
+            out["@head"], kind = name, "embedding"
+        out[name] = kind
+    return out
 
 
 _RNN_PARAMETER = re.compile(r"^(weight|bias)_(ih|hh|hr)_l(\d+)(_reverse)?$")
@@ -210,6 +219,26 @@ def _relative_sizes(windows: Sequence[Any], parameters: Sequence[str], embedding
     return np.where(np.isfinite(w2) & (w2 > 0), size, math.nan)
 
 
+def _gate_sizes(windows: Sequence[Any], parameters: Sequence[str]) -> dict[str, np.ndarray]:
+    """Per gate of a recurrent layer (``Window.gates``): per window ||g|| / ||w|| over the gate's
+    rows of the layer's gated weights together (``weight_ih`` and ``weight_hh``); {} if none."""
+    names: list[str] = []
+    for window in windows:
+        for p in parameters:
+            names += [g for g in (getattr(window, "gates", None) or {}).get(p, {}) if g not in names]
+    out = {}
+    for gate in names:
+        def series(p: str, key: str) -> np.ndarray:
+            return np.array([_number((getattr(w, "gates", None) or {}).get(p, {}).get(gate, {}).get(key))
+                             for w in windows], dtype=float)
+        gated = [p for p in parameters if any(p in (getattr(w, "gates", None) or {}) for w in windows)]
+        g2 = sum(series(p, "norm") ** 2 for p in gated)
+        w2 = sum(series(p, "weight_norm") ** 2 for p in gated)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out[gate] = np.where(np.isfinite(w2) & (w2 > 0), np.sqrt(g2) / np.sqrt(w2), math.nan)
+    return out
+
+
 def measure_layers(windows: Sequence[Any], order: Sequence[str] | None = None,
                    kinds: Mapping[str, str] | None = None) -> dict[str, dict[str, Any]]:
     """Per layer, input first (forward ``order`` of parameter names when known, else recorded
@@ -263,6 +292,15 @@ def measure_layers(windows: Sequence[Any], order: Sequence[str] | None = None,
             size, out = _median(sizes[layer][part]), _median(output[part])
             row[f"gradient_{point}"] = size
             row[f"ratio_{point}"] = size / out if out > 0 else math.nan
+        if row["kind"] == "recurrent":
+            gates = {}
+            for gate, size in _gate_sizes(windows, parameters).items():
+                gates[gate] = {"gradient_early": _median(size[points["early"]])}
+                for point, part in points.items():
+                    out = _median(output[part])
+                    gates[gate][f"ratio_{point}"] = _median(size[part]) / out if out > 0 else math.nan
+            if gates:
+                row["gates"] = gates
         later = sizes[layer][early:]
         row["gradient_peak"] = float(np.nanmax(later)) if np.isfinite(later).any() else math.nan
         weights = [p for p in parameters if not _is_bias(p)] or parameters

@@ -116,13 +116,23 @@ def check_vanishing(layers: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     weakest = min(hidden, key=lambda l: _sortable(layers[l]["ratio_early"]))
     ratio = layers[weakest]["ratio_early"]
     first = layers[hidden[0]]
-    why = (f"{weakest} gradient vs the output layer's ({head}), early on: {_relative(ratio)}; "
+    why = (f"{weakest} gradient vs the output layer's ({head}), early on: {_relative(ratio)}{_weakest_gate(weakest, layers[weakest])}; "
            f"first hidden layer ({hidden[0]}): {_relative(first['ratio_early'])} early, "
            f"{_relative(first['ratio_last'])} last")
     input_end = first["ratio_early"]
     fired = (math.isfinite(ratio) and ratio < VANISHING_RATIO
              and not (math.isfinite(input_end) and input_end >= INPUT_END_RATIO))
     return _check(fired, why, ratio, VANISHING_RATIO)
+
+
+def _weakest_gate(layer: str, row: Mapping[str, Any]) -> str:
+    """`` (weakest gate: lstm.l0 forget gate ||g||/||w|| 9,000x smaller than the head's)`` for a
+    recurrent layer with gate evidence, else ''."""
+    gates = row.get("gates") or {}
+    if not gates:
+        return ""
+    gate = min(gates, key=lambda g: _sortable(gates[g]["ratio_early"]))
+    return f" (weakest gate: {layer} {gate} gate ||g||/||w|| {_relative(gates[gate]['ratio_early'])} than the head's)"
 
 
 def _sortable(value: float) -> float:
