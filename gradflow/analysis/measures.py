@@ -30,7 +30,14 @@ recorded order.
 - early / middle / last: the median over the first EARLY_FRACTION = 10% of windows (at least
   one), the middle window, the last window; each layer's ratio to the head at those points.
 - update ratio per step: ``||w_end - w_start|| / ||w_start||`` over a window divided by its
-  steps; per layer the largest over its weights, then the median and the max over windows. NaN
+  steps; per layer the largest over its weights, then the median, the max and the last over
+  windows. ``normalised`` marks a conv followed by a normalisation layer (scale-invariant
+  weights: a large relative step grows ||w|| and so shrinks the next one).
+- projection shortcuts (``downsample.0``, ``shortcut.0``: 1x1 convs beside a block's main
+  path) have the role ``shortcut``: shown, not judged for vanishing. He init by fan_out gives a
+  1x1 conv 3x the per-element scale of a 3x3 conv of the same width, so its ||g||/||w|| sits
+  lowest of a healthy ResNet (1/46 - 1/27 of the head, docs/calibration.md) for its init, not
+  for its gradient; a gradient that vanishes on its way back shows in the main path too. NaN
   (a parameter that started at zero, such as a fresh bias) is missing.
 - activations: per tap, the median share of a bounded activation's outputs with |a| > 0.97 of
   its range (saturated), and the share of a rectifier's units never positive in the last window
@@ -128,6 +135,26 @@ def _analysis_kinds(kinds: Mapping[str, str]) -> dict[str, str]:
             out["@head"], kind = name, "embedding"
         out[name] = kind
     return out
+
+
+# Projection shortcuts: torchvision's ``downsample.0``, the zoo's ``shortcut.0``, timm's ``downsample.conv``.
+_SHORTCUT_NAME = re.compile(r"(^|\.)(downsample|shortcut)(\.0|\.conv)?$")
+_CONV_NAME = re.compile(r"conv|downsample|shortcut", re.IGNORECASE)
+
+
+def _mark_normalised(layers: dict[str, dict[str, Any]], groups: Mapping[str, Sequence[str]],
+                     kinds: Mapping[str, str] | None) -> None:
+    """``normalised``: a convolution whose next layer in forward order is a normalisation layer
+    (conv -> BatchNorm). Its output is renormalised, so its weights are scale-invariant: a step
+    that is large against ||w|| grows ||w|| and the next relative step shrinks (Hoffer et al.
+    2018, "Norm matters"; Arora et al. 2019, "auto rate-tuning by batch normalization")."""
+    names = list(layers)
+    for layer, after in zip(names, names[1:]):
+        if kinds:
+            conv = any(kinds.get(p) == "conv" for p in groups[layer])
+        else:
+            conv = bool(_CONV_NAME.search(layer.rpartition(".")[2] or layer)) or bool(_SHORTCUT_NAME.search(layer))
+        layers[layer]["normalised"] = conv and layers[after]["kind"] == "norm"
 
 
 _RNN_PARAMETER = re.compile(r"^(weight|bias)_(ih|hh|hr)_l(\d+)(_reverse)?$")
@@ -280,13 +307,15 @@ def measure_layers(windows: Sequence[Any], order: Sequence[str] | None = None,
             sizes[layer] = _series(windows, weights[0], "mean_abs")
         layers[layer] = {"parameter": weights[0], "kind": kind}
     head = _find_head(layers, kinds)
+    _mark_normalised(layers, groups, kinds)
     output = sizes[head]
     points = {"early": slice(0, early), "middle": slice(n // 2, n // 2 + 1), "last": slice(n - 1, n)}
     for layer, parameters in groups.items():
         row = layers[layer]
         # An embedding is a lookup table, not a layer the gradient flows through, and its ||w||
         # is whatever its init chose (N(0, 1) in torch, N(0, 0.02) in GPT-2): shown, not judged.
-        row["role"] = "head" if layer == head else (row["kind"] if row["kind"] in ("norm", "embedding") else "hidden")
+        row["role"] = "head" if layer == head else (row["kind"] if row["kind"] in ("norm", "embedding") else
+                                                    "shortcut" if _SHORTCUT_NAME.search(layer) else "hidden")
         row["measure"] = "relative" if relative else "mean_abs"
         for point, part in points.items():
             size, out = _median(sizes[layer][part]), _median(output[part])
@@ -308,6 +337,7 @@ def measure_layers(windows: Sequence[Any], order: Sequence[str] | None = None,
         updates = np.array([max((v for v in column if math.isfinite(v)), default=math.nan) for column in stack.T])
         row["update_ratio"] = _median(updates)
         row["update_ratio_max"] = float(np.nanmax(updates)) if np.isfinite(updates).any() else math.nan
+        row["update_ratio_last"] = float(updates[-1])
         counts = [_number(w.gradients.get(p, {}).get("nonfinite")) for w in windows for p in parameters]
         row["nonfinite"] = int(sum(c for c in counts if math.isfinite(c)))
         last = [_number(windows[-1].gradients[p].get("zero_fraction")) for p in parameters
