@@ -37,8 +37,10 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from gradflow.monitor import interception
 from gradflow.monitor.activations import _ActivationAccumulator
+from gradflow.monitor.gates import _GateAccumulator, gate_scalars, gated_parameters
 from gradflow.monitor.gradients import _GradientAccumulator
 from gradflow.monitor.interception import ClipTally
+from gradflow.monitor.kinds import parameter_kinds
 from gradflow.monitor.model_checks import (
     check_members,
     choose_taps,
@@ -153,6 +155,10 @@ class GradientMonitor:
         self.history: list[Window] = []
         self._model = weakref.ref(inner)
         self._gradients = _GradientAccumulator(params, members)
+        kinds = parameter_kinds(inner)
+        self.kinds = {name: kinds.get(name, "other") for name in self.names}
+        gated = gated_parameters(inner, self.names) if members == 1 else []   # gates.py: no member dimension
+        self._gates = _GateAccumulator(params, gated) if gated else None
         self._weights = _WeightTracker(params, members) if weights else None
         taps = choose_taps(inner, activations)
         self._activations = _ActivationAccumulator(taps, params[0].device, members)
@@ -257,6 +263,8 @@ class GradientMonitor:
         """Record a step's gradients, then decide whether the next forward pass is tapped
         (activations at every ``activations_every``-th step; gradients at every step)."""
         if self._gradients.record(mask):
+            if self._gates is not None:
+                self._gates.record(mask)
             self._tapped_in_window |= self._activations.active
             self._steps_seen += 1
             self._activations.active = self._steps_seen % self.activations_every == 0
@@ -287,7 +295,9 @@ class GradientMonitor:
         out. Weight statistics join as ``weight_l1``, ``weight_norm`` and
         ``weight_update_ratio``; activations are in ``history[-1].activations`` and the
         window-level figures (total norm per step, skipped and clipped steps) in
-        ``history[-1].overall``. With ``members`` K > 1, a list of K such dicts, one per member.
+        ``history[-1].overall``. LSTM/GRU weights are also split per gate in
+        ``history[-1].gates`` (``gates.py``; TensorBoard ``grad/<param>/<gate>/norm``), and
+        ``history[-1].kinds`` says what kind of module owns each parameter (``kinds.py``). With ``members`` K > 1, a list of K such dicts, one per member.
 
         Raises:
             MonitorError: the model's parameters were replaced by tensors of another shape,
@@ -307,6 +317,11 @@ class GradientMonitor:
                    for k in range(self.members)]
         reader = WindowReader(self.names, self.members, windows, HistogramRequests())
         reader.gradients(values, steps, self._gradients.slot_numel, self._gradients.skipped)
+        for window in windows:
+            window.kinds = self.kinds
+        if self._gates is not None:
+            windows[0].gates = self._gates.read(values["gate_totals"], values["gate_weights"], self.names)
+            reader.scalars[0].update(gate_scalars(windows[0].gates, tag_path))
         clipping = (self._clip.calls, *values["clip"]) if "clip" in values else None
         reader.overall(values["step_squares"], self._gradients.recorded, self._skipped_steps, clipping)
         if self._weights is not None:
@@ -333,11 +348,15 @@ class GradientMonitor:
             parts["clip"] = self._clip.sums.to(g.device)
         if self._weights is not None:
             parts["weights"], parts["weight_counts"] = self._weights.summary()
+        if self._gates is not None:
+            parts["gate_totals"], parts["gate_weights"] = self._gates.totals, self._gates.weight_norms()
         return read_back(parts)
 
     def _start_window(self) -> None:
         self._gradients.reset()
         self._activations.reset()
+        if self._gates is not None:
+            self._gates.reset()
         if self._weights is not None:
             self._weights.snapshot()
         self._skipped_steps = 0
@@ -356,6 +375,8 @@ class GradientMonitor:
         self._gradients.bind(new)
         if self._weights is not None:
             self._weights.bind(new)
+        if self._gates is not None:
+            self._gates.bind(new)
         self._index_of = {id(p): i for i, p in enumerate(new)}
         self._masks.forget()
         return True

@@ -35,6 +35,10 @@ class Window:
     # called clip_grad_norm_ on the model, total_norm_before_clip and clipped_steps.
     overall: dict[str, float] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)   # per parameter: non-finite values in skipped steps
+    # LSTM/GRU weights per gate (gates.py): parameter -> gate -> norm, weight_norm, steps.
+    gates: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    # parameter -> the kind of module that owns it (kinds.py: linear, conv, norm, embedding, ...).
+    kinds: dict[str, str] = field(default_factory=dict)
 
 
 class WindowReader:
