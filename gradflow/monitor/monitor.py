@@ -39,6 +39,7 @@ from gradflow.monitor import interception
 from gradflow.monitor.activations import _ActivationAccumulator
 from gradflow.monitor.gates import _GateAccumulator, gate_scalars, gated_parameters
 from gradflow.monitor.gradients import _GradientAccumulator
+from gradflow.monitor.histograms import HistogramPool, HistogramRequests, check_every
 from gradflow.monitor.interception import ClipTally
 from gradflow.monitor.kinds import parameter_kinds
 from gradflow.monitor.model_checks import (
@@ -57,7 +58,6 @@ from gradflow.monitor.steps import (
 from gradflow.monitor.tensors import MonitorError
 from gradflow.monitor.weights import _WeightTracker
 from gradflow.monitor.window import (
-    HistogramRequests,
     Window,
     WindowReader,
     gaps,
@@ -91,7 +91,12 @@ class GradientMonitor:
             scalars only, or ``TeeSink(...)`` for several. Anything else is a ``MonitorError``.
         optimizer: watch this optimizer's steps only; by default any torch.optim optimizer
             that steps this model's parameters is watched, each recording its own parameters.
-        histograms: write value and log10 |g| histograms (the counts behind the zero and
+        histograms: TensorBoard histograms (value and log10 |g| of gradients, weights,
+            activations): True at every window; an int N >= 1: each histogram sums the counts
+            of N windows (every step's values, none sampled; weights: the last window's) and is
+            written at the step of its last window, while scalars stay per window: N times
+            fewer histogram bytes. Windows still pooling are written by ``flush()``, which
+            ``remove()`` and leaving ``with`` call. False: none (the counts behind the zero and
             non-finite statistics are kept either way).
         weights: also record weight norms, update ratios and weight histograms.
         activations: tap activation modules in training forward passes: True for torch's
@@ -117,7 +122,8 @@ class GradientMonitor:
 
     Raises:
         MonitorError: a second monitor on the same model, a parameter on the meta device or
-            not yet initialised (lazy modules), a writer of an unknown kind, bad ``members``.
+            not yet initialised (lazy modules), a writer of an unknown kind, bad ``members``,
+            ``histograms`` or ``activations_every``.
 
     The monitor keeps no reference to ``model`` itself, adds nothing to it, and removes every
     hook it added on ``remove()`` or on leaving ``with``.
@@ -130,7 +136,7 @@ class GradientMonitor:
     """
 
     def __init__(self, model: nn.Module, writer=None, *, optimizer: torch.optim.Optimizer | None = None,
-                 histograms: bool = True, weights: bool = True, activations=True,
+                 histograms: bool | int = True, weights: bool = True, activations=True,
                  members: int = 1, automatic: bool = True, activations_every: int = 10) -> None:  # noqa: PLR0913
         if not isinstance(model, nn.Module):
             raise TypeError(f"GradientMonitor needs an nn.Module, got {type(model).__name__}")
@@ -145,6 +151,7 @@ class GradientMonitor:
         if not isinstance(activations_every, int) or isinstance(activations_every, bool) or activations_every < 1:
             raise MonitorError(f"activations_every must be a positive int (1: every step), got {activations_every!r}")
         self.activations_every = activations_every
+        every = check_every(histograms)
         self._steps_seen = 0
         self._sinks = _sinks(writer, members)
         params = [p for _, p in named]
@@ -152,6 +159,7 @@ class GradientMonitor:
         self.members = members
         self.automatic = automatic
         self.histograms = histograms
+        self._pool = HistogramPool(every) if every else None
         self.history: list[Window] = []
         self._model = weakref.ref(inner)
         self._gradients = _GradientAccumulator(params, members)
@@ -198,6 +206,7 @@ class GradientMonitor:
         model = self._model()
         if model is not None and _ATTACHED.get(model) is self:
             del _ATTACHED[model]
+        self.flush()
 
     @classmethod
     def detach(cls, model: nn.Module) -> bool:
@@ -327,13 +336,37 @@ class GradientMonitor:
         if self._weights is not None:
             reader.weights(values)
         reader.activations(values, self._activations)
-        histograms = reader.wanted.build(self.members) if self.histograms and self._sinks else None
+        histograms = self._histograms(reader.wanted, step)
         for k, sink, prefix in self._sinks:
             sink.log({prefix + tag: v for tag, v in reader.scalars[k].items()},
                      {prefix + tag: h for tag, h in (histograms[k] if histograms else {}).items()}, step)
         self.history.extend(windows)
         self._start_window()
         return windows[0].gradients if self.members == 1 else [w.gradients for w in windows]
+
+    def _histograms(self, wanted: HistogramRequests, step: int) -> list[dict] | None:
+        """This window's histograms to write now, per member: the pool's once it holds
+        ``histograms`` windows (or at once when detached: no remove() will flush it)."""
+        if self._pool is None or not self._sinks:
+            return None
+        self._pool.add(wanted, step)
+        if not self._pool.full and self.attached:
+            return None
+        return self._pool.take(self.members)[1]
+
+    def flush(self) -> None:
+        """Write the histograms of windows still pooling (``histograms=N``: the windows since
+        the last written histogram) at the step of the last of them. ``remove()`` calls it, so
+        remove the monitor (or leave its ``with``) before closing the writer; call it yourself
+        before saving a checkpoint, so that the event file holds every window the checkpoint
+        does. Nothing to do with ``histograms=True`` or ``False``."""
+        taken = self._pool.take(self.members) if self._pool is not None else None
+        if taken is None:
+            return
+        step, histograms = taken
+        for k, sink, prefix in self._sinks:
+            if histograms[k]:
+                sink.log({}, {prefix + tag: h for tag, h in histograms[k].items()}, step)
 
     def member_history(self, member: int) -> list[Window]:
         """The windows of one member of a batched model (``members`` > 1)."""
@@ -343,7 +376,7 @@ class GradientMonitor:
         g, a = self._gradients, self._activations
         parts = {"totals": g.totals, "counts": g.counts, "step_squares": g.step_squares,
                  "skipped_nonfinite": g.skipped_nonfinite, "moments": a.moments, "activation_counts": a.counts,
-                 "positives": a.positives}
+                 "positives": a.positives, "activation_linear": a.linear}
         if self._clip.calls:
             parts["clip"] = self._clip.sums.to(g.device)
         if self._weights is not None:
