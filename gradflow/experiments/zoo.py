@@ -6,6 +6,7 @@ Models (every one returns logits; ``hf_gpt2`` returns the Hugging Face model, re
 
 - ``resnet_cnn``: ResNet-style CNN with BatchNorm, basic blocks (He et al. 2016, "Deep Residual
   Learning for Image Recognition", Fig. 2 left and Table 1; the CIFAR variant of Sec. 4.2).
+- ``resnet18``: torchvision's resnet18 from the same blocks (the ImageNet layout of Table 1).
 - ``nanogpt``: nanoGPT-style decoder (Karpathy, nanoGPT ``model.py``): pre-LayerNorm blocks of
   causal self-attention and a GELU MLP, learned positions, weight-tied head.
 - ``transformer_lm``: ``nn.TransformerEncoder`` with a causal mask as a language model.
@@ -97,6 +98,24 @@ def resnet_cnn(blocks: int = 4, channels: int = 64, classes: int = 10, in_channe
         torch.Size([2, 10])
     """
     return ResNetCNN(blocks, channels, classes, in_channels)
+
+
+def resnet18(classes: int = 10, in_channels: int = 3) -> nn.Sequential:
+    """torchvision's resnet18 written out with the blocks above (11.2 M parameters with 10 classes):
+    a 7x7 stride-2 stem and max-pooling, four stages of two blocks (64, 128, 256, 512 channels).
+
+    Shapes: (N, in_channels, H, W) -> (N, classes).
+
+    Example:
+        >>> resnet18()(torch.zeros(1, 3, 32, 32)).shape
+        torch.Size([1, 10])
+    """
+    stages, cin = [], 64
+    for i, cout in enumerate((64, 128, 256, 512)):
+        stages += [BasicBlock(cin, cout, 1 if i == 0 else 2), BasicBlock(cout, cout)]
+        cin = cout
+    return nn.Sequential(nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False), nn.BatchNorm2d(64), nn.ReLU(),
+                         nn.MaxPool2d(3, 2, 1), *stages, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(512, classes))
 
 
 # -- nanoGPT-style transformer ----------------------------------------------------------------
