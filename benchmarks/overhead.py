@@ -12,7 +12,7 @@ noisy neighbour slows both sides of a ratio alike.
     python benchmarks/overhead.py --models tutorial resnet_cnn --rounds 3
     python benchmarks/overhead.py --models wide --variants gradflow --rounds 9   # bare is always timed
 
-The real-model shapes (issue 15, ``benchmarks/shapes.py``) step on one fixed batch and close a
+The real-model shapes (issue 15, ``benchmarks/shapes.py``: the zoo's models) step on one fixed batch and close a
 monitor window every 10 steps. ``gradflow/no-activations`` is the monitor without activation
 taps; ``gradflow`` is the default monitor (gradients every step, activations every 10th step)
 and ``gradflow/activations-every-step`` taps activations at every step too (``activations_every=1``).
@@ -41,6 +41,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from gradflow import GradientMonitor  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
+import shapes  # noqa: E402
 from shapes import SHAPES  # noqa: E402
 
 
@@ -68,20 +69,15 @@ def tutorial_mlp() -> Workload:
 
 
 def wide_mlp() -> Workload:
-    """Six hidden layers of 1024 ReLU units at batch 256."""
-    layers, size = OrderedDict(), 1024
-    for i in range(1, 7):
-        layers[f"dense_{i}"], layers[f"relu_{i}"] = nn.Linear(size, 1024), nn.ReLU()
-    layers["dense_7"] = nn.Linear(1024, 1)
-    x = torch.randn(256 * 32, 1024)                     # an epoch of 32 steps
-    return Workload("wide MLP (6 x 1024, batch 256)", nn.Sequential(layers), x,
-                    (x[:, :1] > 0).float(), 256, 1)
+    """``shapes.wide_mlp``: six hidden layers of 1024 ReLU units at batch 256, an epoch of 32 batches."""
+    model, x, y, loss = shapes.wide_mlp(256 * 32)
+    return Workload("wide MLP (6 x 1024, batch 256)", model, x, y, 256, 1, loss)
 
 
 WINDOW = 10  # steps per monitor window on the real-model shapes (issue 15 logs every 10 steps)
 
 DESCRIPTIONS = {
-    "resnet_cnn": "ResNet-style CNN (BatchNorm, 4 blocks x 64 ch, 32 x 16x16)",
+    "resnet_cnn": "ResNet-style CNN (BatchNorm, 4 blocks, 64-128 ch, 32 x 16x16)",
     "transformer_lm": "transformer LM (TransformerEncoder 4 x 256, 8 x 64 tokens)",
     "lstm_lm": "LSTM LM (2 x 256, 16 x 64 tokens)",
     "resnet18": "resnet18 (11.2 M, 16 x 64x64 images)",
