@@ -153,6 +153,10 @@ class MembersMonitorCallback(MonitorCallback):
                 tables.append(self._written[k], window, _forward_order(self.monitor))
                 self._written[k] += 1
 
+    def member_windows(self, member: int) -> list[Window]:
+        """Member k's windows, as its tables hold them (none after it stopped)."""
+        return self.monitor.member_history(member)[:self._written[member]]
+
     def close(self) -> None:
         for tables in self._member_tables:
             tables.close()

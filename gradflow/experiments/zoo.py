@@ -6,9 +6,9 @@ Models (every one returns logits; ``hf_gpt2`` returns the Hugging Face model, re
 
 - ``resnet_cnn``: ResNet-style CNN with BatchNorm, basic blocks (He et al. 2016, "Deep Residual
   Learning for Image Recognition", Fig. 2 left and Table 1; the CIFAR variant of Sec. 4.2).
-- ``resnet34``: ResNet-34 as torchvision writes it (basic blocks [3, 4, 6, 3], 7x7 stem,
-  ``downsample`` projections; He et al. 2016, Table 1), written out since torchvision's CPU
-  wheel is not installable here.
+- ``resnet34`` / ``resnet18``: ResNet-34 and -18 as torchvision writes them (basic blocks
+  [3, 4, 6, 3] and [2, 2, 2, 2], 7x7 stem, ``downsample`` projections; He et al. 2016, Table 1),
+  written out since torchvision's CPU wheel is not installable here.
 - ``nanogpt``: nanoGPT-style decoder (Karpathy, nanoGPT ``model.py``): pre-LayerNorm blocks of
   causal self-attention and a GELU MLP, learned positions, weight-tied head.
 - ``transformer_lm``: ``nn.TransformerEncoder`` with a causal mask as a language model.
@@ -175,6 +175,19 @@ def resnet34(classes: int = 10, in_channels: int = 3) -> ResNet:
         torch.Size([2, 10])
     """
     return ResNet((3, 4, 6, 3), classes, in_channels)
+
+
+def resnet18(classes: int = 10, in_channels: int = 3) -> ResNet:
+    """ResNet-18: basic blocks [2, 2, 2, 2] (He et al. 2016, Table 1), torchvision's layout and
+    names, 11.2M parameters with 10 classes.
+
+    Shapes: (N, in_channels, H, W) float -> (N, classes) logits.
+
+    Example:
+        >>> resnet18()(torch.zeros(1, 3, 32, 32)).shape
+        torch.Size([1, 10])
+    """
+    return ResNet((2, 2, 2, 2), classes, in_channels)
 
 
 # -- nanoGPT-style transformer ----------------------------------------------------------------
