@@ -45,9 +45,9 @@ class Spec:
     expect: str = "healthy"  # "healthy" (exactly) or a verdict that must appear
 
 
-def _images(seed: int, n: int = 512, size: int = 16):
+def _images(seed: int, n: int = 512, size: int = 16, batch: int = 32):
     x, y = zoo.image_task(n, size=size, seed=seed)
-    return lambda step: (x[(step * 32) % n:(step * 32) % n + 32], y[(step * 32) % n:(step * 32) % n + 32])
+    return lambda step: (x[(step * batch) % n:(step * batch) % n + batch], y[(step * batch) % n:(step * batch) % n + batch])
 
 
 def _tokens(seed: int, vocab: int, length: int = 32, n: int = 512, batch: int = 16):
@@ -60,6 +60,15 @@ def resnet(seed: int, lr: float = 0.05):
     torch.manual_seed(seed)
     model = zoo.resnet_cnn(blocks=4, channels=16)
     return model, torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9), _images(seed), "class"
+
+
+def resnet34(seed: int):
+    """The issue's ResNet-34 (torchvision's layout, random init), SGD lr 0.005, momentum 0.9,
+    32x32 images in batches of 16."""
+    torch.manual_seed(seed)
+    model = zoo.resnet34()
+    return (model, torch.optim.SGD(model.parameters(), lr=0.005, momentum=0.9),
+            _images(seed, n=320, size=32, batch=16), "class")
 
 
 def resnet_lr(seed: int):
@@ -119,6 +128,7 @@ def dead_relu(seed: int):
 
 RUNS: dict[str, Spec] = {
     "resnet": Spec(resnet),
+    "resnet34": Spec(resnet34, steps=40, window=4),
     "gpt2": Spec(gpt2, steps=30, window=3),
     "nanogpt": Spec(nanogpt),
     "encoder_lm": Spec(encoder_lm),
@@ -152,6 +162,31 @@ def train(spec: Spec, seed: int) -> tuple[list, list[float], list[str] | None, n
         return monitor.history, losses, order, model
 
 
+def margins(diagnosis) -> str:
+    """What the vanishing and exploding rules read: weakest hidden layer / head (early), the
+    input end / head, the largest judged update per step, the normalised convs' largest update
+    (max -> last window) and the weakest projection shortcut / head (shown, not judged)."""
+    layers = diagnosis.evidence["layers"]
+
+    def ratio(value: float) -> str:
+        return "n/a" if not value == value else (f"1/{1 / value:.3g}" if 0 < value < 1 else f"{value:.3g}")
+
+    hidden = [(l, r) for l, r in layers.items() if r.get("role") == "hidden"]
+    weakest = min(hidden, key=lambda item: item[1]["ratio_early"] if item[1]["ratio_early"] == item[1]["ratio_early"]
+                  else float("inf"), default=(None, None))
+    judged = [r.get("update_ratio_last") if r.get("normalised") else r["update_ratio_max"] for r in layers.values()]
+    judged = [v for v in judged if v == v]
+    normalised = [(r["update_ratio_max"], r["update_ratio_last"]) for r in layers.values() if r.get("normalised")]
+    top = max(normalised, default=None)
+    shortcuts = [r["ratio_early"] for r in layers.values() if r.get("role") == "shortcut"]
+    return " | ".join([
+        f"{weakest[0]} {ratio(weakest[1]['ratio_early'])}" if weakest[0] else "n/a",
+        ratio(hidden[0][1]["ratio_early"]) if hidden else "n/a",
+        f"{max(judged):.3g}" if judged else "n/a",
+        f"{top[0]:.3g} -> {top[1]:.3g}" if top else "-",
+        ratio(min(shortcuts)) if shortcuts else "-"])
+
+
 def met(expect: str, verdicts: list[str]) -> bool:
     return verdicts == ["healthy"] if expect == "healthy" else expect in verdicts
 
@@ -173,8 +208,9 @@ def main() -> None:
     parser.add_argument("--report", action="store_true", help="print each run's full report")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    print("| run | seed | loss start -> end | verdict | expected | evidence | s |")
-    print("|---|---|---|---|---|---|---|")
+    print("| run | seed | loss start -> end | verdict | expected | weakest hidden / head | input end / head "
+          "| update max (judged) | normalised conv update max -> last | shortcut / head | s |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     tally: dict[str, list[bool]] = {}
     for name in args.runs:
         spec = RUNS[name]
@@ -194,10 +230,11 @@ def main() -> None:
             diagnosis = judge(windows, losses, order, model)
             ok = met(spec.expect, diagnosis.verdicts)
             tally.setdefault(name, []).append(ok)
-            reasons = diagnosis.line().partition(" (")[2].rstrip(")")
             print(f"| {name} | {seed} | {losses[0]:.3g} -> {losses[-1]:.3g} | {', '.join(diagnosis.verdicts)} | "
-                  f"{spec.expect}{'' if ok else ' (MISS)'} | {reasons} | {time.perf_counter() - started:.1f} |",
+                  f"{spec.expect}{'' if ok else ' (MISS)'} | {margins(diagnosis)} | {time.perf_counter() - started:.1f} |",
                   flush=True)
+            if not ok:
+                print(diagnosis.line())
             if args.report:
                 print(diagnosis.report())
     print()

@@ -6,6 +6,8 @@ Runs (from the repository root):
     python benchmarks/calibrate_diagnosis.py --seeds 3 --configs deep_tanh deep_relu
     python benchmarks/calibrate_diagnosis.py --keep /tmp/calib       # keep the run directories
     python benchmarks/calibrate_diagnosis.py --reuse /tmp/calib      # re-diagnose kept runs, no training
+    python benchmarks/calibrate_diagnosis.py --batched --keep /tmp/calib   # each config's seeds as one batched
+                                                                         # run (gradflow train --seeds): ~5x faster
 
 Prints a Markdown table (config x seed x verdict x test accuracy) and, per config, how many
 seeds met the expectation the issue states. Each run records gradients.csv and activations.csv
@@ -68,6 +70,38 @@ def record_run(config: str, overrides: list[str], run_dir: Path) -> dict:
     return summary
 
 
+def record_batched(config: str, overrides: list[str], seeds: int, epochs: int, root: Path, name: str) -> None:
+    """Train ``seeds`` seeds of one config as one batched model (``gradflow train --seeds``, each
+    member on its solo trajectory) and link each member's directory as ``root/<name>-seed<N>``."""
+    from gradflow.experiments.sweeps.seeds import train_seeds
+
+    cfg = load_config(config, overrides + [f"train.epochs={epochs}"])
+    outcome = train_seeds(cfg, list(range(seeds)), root / f"{name}-batched", workers=1, progress=False)
+    for seed in range(seeds):
+        (root / f"{name}-seed{seed}").symlink_to(next(outcome.directory.glob(f"*-seed{seed}")))
+
+
+def margins(diagnosis) -> tuple[float, float, float]:
+    """(weakest hidden layer / head early, first hidden layer / head early, largest update per
+    step): what the vanishing and exploding rules read."""
+    layers = diagnosis.evidence["layers"]
+    hidden = [row for row in layers.values() if row.get("role") == "hidden"]
+    ratios = [row["ratio_early"] for row in hidden if row["ratio_early"] == row["ratio_early"]]
+    updates = [row["update_ratio_max"] for row in layers.values() if row["update_ratio_max"] == row["update_ratio_max"]]
+    return (min(ratios, default=float("nan")), hidden[0]["ratio_early"] if hidden else float("nan"),
+            max(updates, default=float("nan")))
+
+
+def _span(values: list[float], inverse: bool = False) -> str:
+    values = [v for v in values if v == v]
+    if not values:
+        return "n/a"
+    low, high = min(values), max(values)
+    if inverse:
+        return f"1/{1 / low:.3g} - 1/{1 / high:.3g}" if high > 0 and low > 0 else f"{low:.3g} - {high:.3g}"
+    return f"{low:.3g} - {high:.3g}"
+
+
 def met(expectation: str, verdicts: list[str]) -> bool | None:
     if expectation == "-":
         return None
@@ -85,17 +119,23 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=500)
     parser.add_argument("--keep", type=Path, help="write run directories here (default: a temp dir)")
     parser.add_argument("--reuse", type=Path, help="diagnose run directories kept earlier; no training")
+    parser.add_argument("--batched", action="store_true", help="train each config's seeds as one batched model")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)  # tiny models: more threads only cost
     root = args.reuse or args.keep or Path(tempfile.mkdtemp(prefix="gradflow-calibration-"))
     rows, tally = [], {}
     for name in args.configs:
         config, overrides, expectation = CONFIGS[name]
+        if args.batched and not args.reuse:
+            t0 = time.perf_counter()
+            root.mkdir(parents=True, exist_ok=True)
+            record_batched(config, overrides, args.seeds, args.epochs, root, name)
+            print(f"{name}, {args.seeds} seeds batched: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
         for seed in range(args.seeds):
             run_dir = root / f"{name}-seed{seed}"
             if args.reuse and not (run_dir / "summary.json").exists():
                 continue  # not (yet) trained: leave it out rather than guess
-            if not args.reuse:
+            if not args.reuse and not args.batched:
                 run_dir.mkdir(parents=True, exist_ok=False)
                 t0 = time.perf_counter()
                 record_run(config, overrides + [f"train.seed={seed}", f"train.epochs={args.epochs}"], run_dir)
@@ -107,10 +147,11 @@ def main(argv: list[str] | None = None) -> int:
             if ok is not None:
                 tally[name][0] += ok
                 tally[name][1] += 1
-            rows.append((name, seed, ", ".join(diagnosis.verdicts), summary["test_accuracy"], ok, diagnosis.line()))
+            rows.append((name, seed, ", ".join(diagnosis.verdicts), summary["test_accuracy"], ok, diagnosis.line(),
+                         margins(diagnosis)))
     print("| config | seed | verdict | test accuracy | as expected |")
     print("|---|---|---|---|---|")
-    for name, seed, verdict, accuracy, ok, _ in rows:
+    for name, seed, verdict, accuracy, ok, *_ in rows:
         mark = "-" if ok is None else ("yes" if ok else "**no**")
         print(f"| {name} | {seed} | {verdict} | {accuracy:.3f} | {mark} |")
     print()
@@ -127,7 +168,15 @@ def main(argv: list[str] | None = None) -> int:
         met_text = f"{hits}/{total}" if total else "-"
         print(f"| {name} | {expectation} | {met_text} | {verdicts} | {accuracy} |")
     print()
-    for name, seed, _, _, _, line in rows:
+    print("| config | weakest hidden / head, early (vanishing < 1/50) | input end / head, early (and < 1/7) "
+          "| largest update per step (exploding > 0.5) |")
+    print("|---|---|---|---|")
+    for name in tally:
+        mine = [row[6] for row in rows if row[0] == name]
+        print(f"| {name} | {_span([m[0] for m in mine], True)} | {_span([m[1] for m in mine], True)} | "
+              f"{_span([m[2] for m in mine])} |")
+    print()
+    for name, seed, _, _, _, line, _ in rows:
         print(f"{name} seed {seed}: {line}", file=sys.stderr)
     print(f"run directories: {root}", file=sys.stderr)
     return 0

@@ -11,8 +11,9 @@ noisy neighbour slows both sides of a ratio alike.
     python benchmarks/overhead.py --quick         # 3 rounds, no peers on the real models: a few minutes
     python benchmarks/overhead.py --models tutorial resnet_cnn --rounds 3
     python benchmarks/overhead.py --models wide --variants gradflow --rounds 9   # bare is always timed
+    python benchmarks/overhead.py --clock cpu     # CPU time: steadier on a machine shared with other jobs
 
-The real-model shapes (issue 15, ``benchmarks/shapes.py``) step on one fixed batch and close a
+The real-model shapes (issue 15, ``benchmarks/shapes.py``: the zoo's models) step on one fixed batch and close a
 monitor window every 10 steps. ``gradflow/no-activations`` is the monitor without activation
 taps; ``gradflow`` is the default monitor (gradients every step, activations every 10th step)
 and ``gradflow/activations-every-step`` taps activations at every step too (``activations_every=1``).
@@ -41,6 +42,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from gradflow import GradientMonitor  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
+import shapes  # noqa: E402
 from shapes import SHAPES  # noqa: E402
 
 
@@ -68,20 +70,15 @@ def tutorial_mlp() -> Workload:
 
 
 def wide_mlp() -> Workload:
-    """Six hidden layers of 1024 ReLU units at batch 256."""
-    layers, size = OrderedDict(), 1024
-    for i in range(1, 7):
-        layers[f"dense_{i}"], layers[f"relu_{i}"] = nn.Linear(size, 1024), nn.ReLU()
-    layers["dense_7"] = nn.Linear(1024, 1)
-    x = torch.randn(256 * 32, 1024)                     # an epoch of 32 steps
-    return Workload("wide MLP (6 x 1024, batch 256)", nn.Sequential(layers), x,
-                    (x[:, :1] > 0).float(), 256, 1)
+    """``shapes.wide_mlp``: six hidden layers of 1024 ReLU units at batch 256, an epoch of 32 batches."""
+    model, x, y, loss = shapes.wide_mlp(256 * 32)
+    return Workload("wide MLP (6 x 1024, batch 256)", model, x, y, 256, 1, loss)
 
 
 WINDOW = 10  # steps per monitor window on the real-model shapes (issue 15 logs every 10 steps)
 
 DESCRIPTIONS = {
-    "resnet_cnn": "ResNet-style CNN (BatchNorm, 4 blocks x 64 ch, 32 x 16x16)",
+    "resnet_cnn": "ResNet-style CNN (BatchNorm, 4 blocks, 64-128 ch, 32 x 16x16)",
     "transformer_lm": "transformer LM (TransformerEncoder 4 x 256, 8 x 64 tokens)",
     "lstm_lm": "LSTM LM (2 x 256, 16 x 64 tokens)",
     "resnet18": "resnet18 (11.2 M, 16 x 64x64 images)",
@@ -106,9 +103,12 @@ def _batches(work: Workload):
         yield work.inputs[index], work.targets[index]
 
 
+CLOCK = time.perf_counter   # --clock cpu: time.process_time
+
+
 def train(work: Workload, model: nn.Module, optimizer, on_step=None, on_epoch=None) -> float:
-    """Seconds for ``work.epochs`` epochs of a plain loop."""
-    start = time.perf_counter()
+    """Seconds for ``work.epochs`` epochs of a plain loop (on CLOCK)."""
+    start = CLOCK()
     for epoch in range(work.epochs):
         for inputs, targets in _batches(work):
             optimizer.zero_grad(set_to_none=True)
@@ -119,7 +119,7 @@ def train(work: Workload, model: nn.Module, optimizer, on_step=None, on_epoch=No
                 on_step()
         if on_epoch is not None:
             on_epoch(epoch)
-    return time.perf_counter() - start
+    return CLOCK() - start
 
 
 def variants(logdir: str):
@@ -230,13 +230,19 @@ def main(argv=None) -> None:
                         help=f"which models (default all: {' '.join(MODELS)})")
     parser.add_argument("--quick", action="store_true", help="3 rounds (the real-model shapes time peers only when --variants names them)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                        help="wall: elapsed time (default); cpu: this process's CPU time, every thread (TensorBoard's "
+                             "writer too), which time-sharing with other jobs does not inflate")
     parser.add_argument("--variants", nargs="+", metavar="NAME", help="time only these besides bare "
                         "(gradflow, gradflow/no-activations, add_histogram/step, wandb.watch)")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
+    global CLOCK
+    CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     rounds = 3 if args.quick and args.rounds == 5 else args.rounds
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, load average {os.getloadavg()[0]:.1f}")
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock, "
+          f"load average {os.getloadavg()[0]:.1f}")
     table = {}
     for name in args.models:
         work = tutorial_mlp() if name == "tutorial" else wide_mlp() if name == "wide" else real_model(name)
@@ -246,7 +252,8 @@ def main(argv=None) -> None:
         table[work.name] = measure(work, rounds, wanted)
     names = sorted({v for ratios in table.values() for v in ratios if v != "bare"},
                    key=lambda v: (v in PEERS, v))
-    print(f"\nmonitored / bare, medians of {rounds} interleaved rounds")
+    print(f"\nmonitored / bare, medians of {rounds} interleaved rounds ({args.clock} clock), "
+          f"load average {os.getloadavg()[0]:.1f}")
     print(f"  {'model':58s} " + " ".join(f"{v:>22s}" for v in names))
     for model, ratios in table.items():
         cells = [f"{ratios[v]:21.2f}x" if v in ratios else f"{'-':>22s}" for v in names]

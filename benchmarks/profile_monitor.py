@@ -1,10 +1,11 @@
 """Where the monitor's time goes on each model: its pieces timed inside real training steps.
 
 Wraps the monitor's entry points with timers (nested pieces are reported inside their caller)
-and prints ms per step for each, beside the bare step, for the shapes of ``shapes.py``.
+and prints ms per step for each, beside the bare step, for the workloads of ``shapes.py``.
 
     python benchmarks/profile_monitor.py                       # every shape, 2 windows of 10 steps
     python benchmarks/profile_monitor.py --models resnet18 --windows 3
+    python benchmarks/profile_monitor.py --models wide --steps 32      # the wide MLP as overhead.py logs it
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
-from shapes import SHAPES
+from shapes import PROFILED
 
 from gradflow import GradientMonitor
 from gradflow.monitor import (
@@ -33,6 +34,7 @@ from gradflow.monitor import (
     monitor,
     stats,
     weights,
+    window,
 )
 
 SPENT: collections.Counter = collections.Counter()
@@ -57,7 +59,7 @@ def timed(owner, name: str, label: str, count=None) -> None:
 def instrument() -> None:
     timed(gradients._GradientAccumulator, "record", "grad.record (all)")
     timed(gradients._GradientAccumulator, "_reduce_large", "grad.large fold",
-          lambda self, plan, grads: sum(self.numel[i] for i in plan.large))
+          lambda self, plan, grads, step: sum(self.numel[i] for i in plan.large))
     timed(gradients._GradientAccumulator, "reduce", "grad.small reduce")
     timed(activations._ActivationAccumulator, "reduce", "act.reduce (all)")
     timed(activations._ActivationAccumulator, "_reduce_large", "act.large fold+positives",
@@ -69,7 +71,7 @@ def instrument() -> None:
     timed(monitor.GradientMonitor, "_read_back", "log._read_back")
     timed(weights._WeightTracker, "summary", "log.weights summary")
     timed(weights._WeightTracker, "snapshot", "log.weights snapshot")
-    timed(monitor._HistogramRequests, "build", "log.histograms build")
+    timed(window.HistogramRequests, "build", "log.histograms build")
     from gradflow.monitor import sinks
     timed(sinks.TensorBoardSink, "log", "log.sink (TensorBoard)")
 
@@ -85,7 +87,8 @@ def steps(model, x, y, loss, optimizer, n):
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", choices=list(SHAPES), default=list(SHAPES))
+    parser.add_argument("--models", nargs="+", choices=list(PROFILED), default=list(PROFILED))
+    parser.add_argument("--steps", type=int, default=10, help="steps per window (overhead.py: 10; 32 for wide)")
     parser.add_argument("--windows", type=int, default=2)
     parser.add_argument("--activations", default="on", choices=["on", "off"])
     args = parser.parse_args(argv)
@@ -93,7 +96,7 @@ def main(argv=None) -> None:
     instrument()
     for name in args.models:
         torch.manual_seed(0)
-        model, x, y, loss = SHAPES[name]()
+        model, x, y, loss = PROFILED[name]()
         optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
         plain = copy.deepcopy(model)                      # the bare twin, stepped in alternate windows
         plain_optimizer = torch.optim.SGD(plain.parameters(), lr=1e-3, momentum=0.9)
@@ -101,18 +104,18 @@ def main(argv=None) -> None:
         with tempfile.TemporaryDirectory() as d, SummaryWriter(d) as writer:
             mon = GradientMonitor(model, writer, activations=args.activations == "on")
             for w in range(2):                            # warm-up: plans, caches, compiled kernels
-                steps(plain, x, y, loss, plain_optimizer, 10)
-                steps(model, x, y, loss, optimizer, 10)
+                steps(plain, x, y, loss, plain_optimizer, args.steps)
+                steps(model, x, y, loss, optimizer, args.steps)
                 mon.log(w)
             SPENT.clear(), VALUES.clear()
             for w in range(args.windows):
-                bare.append(steps(plain, x, y, loss, plain_optimizer, 10))
+                bare.append(steps(plain, x, y, loss, plain_optimizer, args.steps))
                 t = time.perf_counter()
-                steps(model, x, y, loss, optimizer, 10)
+                steps(model, x, y, loss, optimizer, args.steps)
                 mon.log(w + 2)
                 total += time.perf_counter() - t
             mon.remove()
-        n = 10 * args.windows
+        n = args.steps * args.windows
         b = sum(bare) / n * 1e3
         m = total / n * 1e3
         grads = sum(p.numel() for p in model.parameters())

@@ -112,6 +112,7 @@ WRONG_FOR_UNION = {
     "model.activation": st.integers() | fractional | st.booleans() | st.none() | mappings | st.lists(st.integers(), min_size=1),
     "model.initializer": st.integers() | fractional | st.booleans() | st.none() | st.lists(st.integers(), min_size=1),
     "model.output.initializer": st.integers() | fractional | st.booleans() | st.none() | lists,
+    "monitor.histograms": fractional | safe_text | st.none() | lists | mappings,      # takes a bool or an int
 }
 
 
@@ -142,6 +143,7 @@ BAD_VALUES: dict[str, st.SearchStrategy] = {
     "train.batch_size": _below(1) | _above(C.MAX_BATCH_SIZE),
     "train.seed": _below(0) | st.integers(2**63, 2**70),
     "monitor.window_steps": _below(0),
+    "monitor.histograms": _below(1),
 }
 NON_FINITE = [".nan", ".inf", "-.inf", "1e999", "-1e999", ".NaN"]
 YAML_ERRORS = ["[1", "{a: 1", "a: b: c", "'x", '"x', "@x", "`x", "%x", "!!int x", "!!python/object:os.system ls",

@@ -1,4 +1,6 @@
-"""A real TensorBoard server on 127.0.0.1 reads the gradient histograms of a real CLI run."""
+"""A real TensorBoard server on 127.0.0.1 reads the gradient histograms of real CLI runs (deep ReLU
+and deep tanh, with ``gradflow train``'s defaults: one histogram per 25 epochs, the last flushed
+at the end of the run)."""
 
 from __future__ import annotations
 
@@ -28,23 +30,42 @@ def get_json(url: str):
         return json.loads(response.read())
 
 
+EPOCHS = 3
+
+
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory) -> Path:
+def logdir(tmp_path_factory) -> Path:
+    """Two runs side by side, as a user compares them: deep ReLU and deep tanh."""
     logdir = tmp_path_factory.mktemp("runs")
-    completed = subprocess.run(
-        [sys.executable, str(ROOT / "scripts" / "train.py"), str(ROOT / "configs" / "deep_relu.yaml"),
-         "train.epochs=3", "--logdir", str(logdir), "--quiet", "--device", "cpu"],
-        capture_output=True, text=True, timeout=300, cwd=ROOT)
-    assert completed.returncode == 0, completed.stderr
-    (run,) = [p for p in logdir.iterdir() if p.is_dir()]
+    for config in ("deep_relu", "deep_tanh"):
+        completed = subprocess.run(
+            [sys.executable, str(ROOT / "scripts" / "train.py"), str(ROOT / "configs" / f"{config}.yaml"),
+             f"train.epochs={EPOCHS}", "--logdir", str(logdir), "--quiet", "--device", "cpu"],
+            capture_output=True, text=True, timeout=300, cwd=ROOT)
+        assert completed.returncode == 0, completed.stderr
+    return logdir
+
+
+def run_named(logdir: Path, config: str) -> str:
+    (run,) = [p.name for p in logdir.iterdir() if p.is_dir() and p.name.startswith(config)]
     return run
 
 
 @pytest.fixture(scope="module")
-def tensorboard(run_dir):
+def relu(logdir) -> str:
+    return run_named(logdir, "deep_relu")
+
+
+@pytest.fixture(scope="module")
+def tanh(logdir) -> str:
+    return run_named(logdir, "deep_tanh")
+
+
+@pytest.fixture(scope="module")
+def tensorboard(logdir):
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "tensorboard.main", "--logdir", str(run_dir), "--host", "127.0.0.1",
+        [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--host", "127.0.0.1",
          "--port", str(port), "--load_fast", "false", "--reload_interval", "1"],
         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     base = f"http://127.0.0.1:{port}"
@@ -53,7 +74,7 @@ def tensorboard(run_dir):
         while True:
             try:
                 tags = get_json(f"{base}/data/plugin/histograms/tags")
-                if tags.get(".", {}):
+                if len(tags) == 2 and all(tags.values()):
                     break
             except (urllib.error.URLError, ConnectionError, TimeoutError):
                 pass
@@ -66,46 +87,66 @@ def tensorboard(run_dir):
         server.wait(timeout=30)
 
 
-def test_every_dense_layer_has_gradient_and_weight_histograms(tensorboard):
-    tags = get_json(f"{tensorboard}/data/plugin/histograms/tags")["."]
+def histogram_points(tensorboard: str, run: str, tag: str) -> list:
+    query = urllib.parse.urlencode({"run": run, "tag": tag})
+    return get_json(f"{tensorboard}/data/plugin/histograms/histograms?{query}")
+
+
+def test_every_dense_layer_has_gradient_and_weight_histograms(tensorboard, relu):
+    tags = get_json(f"{tensorboard}/data/plugin/histograms/tags")[relu]
     for k in range(1, 7):                                 # five hidden layers and the output layer
         assert f"grad/dense_{k}/weight" in tags
         assert f"grad_log10/dense_{k}/weight" in tags
         assert f"weight/dense_{k}/weight" in tags
 
 
-def test_histograms_have_one_point_per_epoch_with_buckets(tensorboard):
-    query = urllib.parse.urlencode({"run": ".", "tag": "grad/dense_1/weight"})
-    points = get_json(f"{tensorboard}/data/plugin/histograms/histograms?{query}")
-    assert [step for _, step, _ in points] == [0, 1, 2]
-    for _, _, buckets in points:
-        assert buckets and all(len(bucket) == 3 for bucket in buckets)
-        assert sum(count for _, _, count in buckets) == pytest.approx(2 * 5 * 16)   # weights x steps
+def test_a_run_shorter_than_its_histogram_cadence_gets_one_histogram_of_every_step(tensorboard, relu):
+    """25 epochs per histogram by default: a 3-epoch run's only histogram is written when the
+    monitor is removed, at the last epoch, and holds every value of every step."""
+    (point,) = histogram_points(tensorboard, relu, "grad/dense_1/weight")
+    _, step, buckets = point
+    assert step == EPOCHS - 1
+    assert buckets and all(len(bucket) == 3 for bucket in buckets)
+    assert sum(count for _, _, count in buckets) == pytest.approx(2 * 5 * 16 * EPOCHS)   # weights x steps x epochs
+    scalars = get_json(f"{tensorboard}/data/plugin/scalars/scalars?"
+                       + urllib.parse.urlencode({"run": relu, "tag": "grad/dense_1/weight/norm"}))
+    assert [step for _, step, _ in scalars] == list(range(EPOCHS))                       # scalars: every epoch
 
 
-def test_epoch_and_gradient_scalars_are_served(tensorboard):
-    tags = get_json(f"{tensorboard}/data/plugin/scalars/tags")["."]
+def test_tanh_activations_are_binned_evenly_over_minus_one_to_one(tensorboard, tanh):
+    """64 equal bins over [-1, 1] (each 1/32 wide), so the outputs piling up near +-1 (saturation)
+    get a bin of their own instead of one octave bin for all of 0.5-1."""
+    (point,) = histogram_points(tensorboard, tanh, "activation/tanh_5")
+    _, _, buckets = point
+    assert -1.0 <= buckets[0][0] and buckets[-1][1] <= 1.0
+    widths = [right - left for left, right, count in buckets if count]
+    assert widths and all(width == pytest.approx(1 / 32) for width in widths)
+    assert sum(count for _, _, count in buckets) == pytest.approx(500 * 5 * EPOCHS)      # samples x units x epochs
+
+
+def test_epoch_and_gradient_scalars_are_served(tensorboard, relu):
+    tags = get_json(f"{tensorboard}/data/plugin/scalars/tags")[relu]
     for name in ("epoch/loss", "epoch/accuracy", "epoch/val_loss", "epoch/val_accuracy",
                  "grad/dense_1/weight/mean_abs", "grad/dense_1/weight/norm", "grad/dense_1/weight/max_abs",
                  "grad/dense_1/weight/nonfinite", "weight/dense_1/weight/l1"):
         assert name in tags, name
 
 
-def test_the_diagnosis_text_is_served(tensorboard):
-    tags = get_json(f"{tensorboard}/data/plugin/text/tags")["."]
+def test_the_diagnosis_text_is_served(tensorboard, relu):
+    tags = get_json(f"{tensorboard}/data/plugin/text/tags")[relu]
     assert "diagnosis/text_summary" in tags             # add_text("diagnosis", ...) files it here
-    query = urllib.parse.urlencode({"run": ".", "tag": "diagnosis/text_summary"})
+    query = urllib.parse.urlencode({"run": relu, "tag": "diagnosis/text_summary"})
     (entry,) = get_json(f"{tensorboard}/data/plugin/text/text?{query}")
     assert "<strong>Verdict: " in entry["text"] and "Advice:" in entry["text"]    # Markdown, rendered
     assert "<table>" in entry["text"]                                                  # the evidence table
 
 
-def test_no_one_point_diagnosis_charts(tensorboard):
-    tags = get_json(f"{tensorboard}/data/plugin/scalars/tags")["."]
+def test_no_one_point_diagnosis_charts(tensorboard, relu):
+    tags = get_json(f"{tensorboard}/data/plugin/scalars/tags")[relu]
     assert not [tag for tag in tags if tag.startswith("diagnosis")]
 
 
-def test_custom_scalars_open_on_accuracy_then_gradient_size_per_layer(tensorboard):
+def test_custom_scalars_open_on_accuracy_then_gradient_size_per_layer(tensorboard, relu):
     """The Custom Scalars tab: accuracy and loss first, then every layer's gradient size in one
     chart, each chart's regexes matching tags the run really wrote."""
     import re
@@ -114,7 +155,7 @@ def test_custom_scalars_open_on_accuracy_then_gradient_size_per_layer(tensorboar
     categories = layout["category"]
     assert categories[0]["title"].endswith("accuracy and loss")
     assert "gradient size per layer" in categories[1]["title"]
-    scalars = get_json(f"{tensorboard}/data/plugin/scalars/tags")["."]
+    scalars = get_json(f"{tensorboard}/data/plugin/scalars/tags")[relu]
     matched = {}
     for category in categories:
         for chart in category["chart"]:

@@ -29,7 +29,13 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from gradflow.analysis.advice import architecture_family, recommend
-from gradflow.analysis.measures import measure_activations, measure_layers, measure_loss, parameter_kinds
+from gradflow.analysis.measures import (
+    measure_activations,
+    measure_layers,
+    measure_loss,
+    parameter_kinds,
+    recorded_kinds,
+)
 from gradflow.analysis.rules import (
     check_dead,
     check_exploding,
@@ -108,8 +114,9 @@ def diagnose(windows: Sequence[Any], losses: Sequence[float] | None = None, *, m
 
     ``losses``: the training loss per epoch (or per window), if known; without it ``stalled``
     can only mean "no gradient left". ``model``: the trained module, if at hand: it tells
-    normalisation, embedding and recurrent parameters and a tied head apart (else their names
-    do). ``order``: parameter names in the order their modules first ran forward (the monitor's
+    normalisation, embedding and recurrent parameters and a tied head apart (else the kinds the
+    monitor recorded with the windows, ``Window.kinds``; else their names do). ``order``:
+    parameter names in the order their modules first ran forward (the monitor's
     ``forward_order``), else the recorded order stands for input-to-output.
 
     Example:
@@ -121,7 +128,7 @@ def diagnose(windows: Sequence[Any], losses: Sequence[float] | None = None, *, m
     """
     if not windows:
         raise ValueError("diagnose needs at least one recorded window; call monitor.log(step) at least once")
-    kinds = parameter_kinds(model) if model is not None else None
+    kinds = parameter_kinds(model) if model is not None else recorded_kinds(windows)
     layers = measure_layers(windows, order, kinds)
     activations = measure_activations(windows)
     loss = measure_loss(losses) if losses is not None else None
@@ -166,8 +173,9 @@ def _notes(layers: Mapping[str, Mapping[str, Any]], kinds: Mapping[str, str] | N
                      "sqrt(1 - zero fraction of the gradient), rows of similar norm assumed) and shown, not "
                      "judged, unless tied to the head: their ||w|| is set by their init, not by training")
     if any(row.get("kind") == "recurrent" for row in layers.values()):
-        notes.append("recurrent layers per stacked layer (l0, l1, ...); per gate needs gate slices the "
-                     "monitor does not record")
+        notes.append("recurrent layers per stacked layer (l0, l1, ...), with each gate's ||g||/||w|| over its rows "
+                     "of weight_ih and weight_hh where recorded; the gates' activations (sigmoid saturation) are "
+                     "not observable: nn.LSTM/nn.GRU compute them inside one fused kernel")
     if any(row.get("kind") == "norm" for row in layers.values()):
         notes.append("normalisation layers shown, not judged" + ("" if kinds else " (told apart by name)"))
     return notes
@@ -252,6 +260,9 @@ def markdown(diagnosis: Diagnosis) -> str:
         lines += [f"| {_md(layer)} | {row.get('role', '')} | {fmt_number(row['gradient_early'])} | "
                   f"{fmt_number(row['ratio_early'])} | {fmt_number(row['ratio_middle'])} | "
                   f"{fmt_number(row['ratio_last'])} | {fmt_number(row['update_ratio'])} | {row['nonfinite']} |"
+                  + "".join(f"\n| {_md(layer)} {gate} gate | gate | {fmt_number(g['gradient_early'])} | "
+                            f"{fmt_number(g['ratio_early'])} | {fmt_number(g['ratio_middle'])} | "
+                            f"{fmt_number(g['ratio_last'])} | | |" for gate, g in row.get("gates", {}).items())
                   for layer, row in layers.items()] + [""]
     activations = evidence.get("activations", {})
     if activations:
@@ -310,6 +321,10 @@ def _layer_table(layers: Mapping[str, Mapping[str, float]]) -> list[str]:
         lines.append(f"{layer:<{width}}{row.get('role', ''):<10}{fmt_number(row['gradient_early']):>14}{fmt_number(row['ratio_early']):>14}"
                      f"{fmt_number(row['ratio_middle']):>9}{fmt_number(row['ratio_last']):>9}"
                      f"{fmt_number(row['update_ratio']):>13}{row['nonfinite']:>11}")
+        for gate, g in row.get("gates", {}).items():
+            lines.append(f"{'  ' + gate + ' gate':<{width}}{'gate':<10}{fmt_number(g['gradient_early']):>14}"
+                         f"{fmt_number(g['ratio_early']):>14}{fmt_number(g['ratio_middle']):>9}"
+                         f"{fmt_number(g['ratio_last']):>9}")
     return lines + [""]
 
 

@@ -15,6 +15,11 @@ recorded order.
   3x3x512x512 conv and a 512x10 head compare (issue 14: per-element mean |g| called a learning
   ResNet-34 ``vanishing``). Windows without gradient and weight norms (old recordings) fall back
   to the per-element mean |g| of the layer's weight (``measure``: ``mean_abs``).
+- gates: a recurrent layer's ``gates`` are the same size and ratios per gate (input, forget,
+  cell, output; GRU: reset, update, new), over the gate's rows of ``weight_ih`` and ``weight_hh``
+  (``Window.gates``, recorded by the monitor's ``gates.py``); shown with the layer, not judged
+  apart from it. Gate activations (sigmoid saturation) are not observable: the fused LSTM/GRU
+  kernels expose no gate output to a hook.
 - embeddings: measured on the rows that received gradient (size / sqrt(1 - zero fraction), rows
   of similar norm assumed) and shown, not judged (their ||w|| is their init's: N(0, 1) in torch,
   N(0, 0.02) in GPT-2), unless tied to the head. Normalisation layers are shown, not judged.
@@ -25,7 +30,14 @@ recorded order.
 - early / middle / last: the median over the first EARLY_FRACTION = 10% of windows (at least
   one), the middle window, the last window; each layer's ratio to the head at those points.
 - update ratio per step: ``||w_end - w_start|| / ||w_start||`` over a window divided by its
-  steps; per layer the largest over its weights, then the median and the max over windows. NaN
+  steps; per layer the largest over its weights, then the median, the max and the last over
+  windows. ``normalised`` marks a conv followed by a normalisation layer (scale-invariant
+  weights: a large relative step grows ||w|| and so shrinks the next one).
+- projection shortcuts (``downsample.0``, ``shortcut.0``: 1x1 convs beside a block's main
+  path) have the role ``shortcut``: shown, not judged for vanishing. He init by fan_out gives a
+  1x1 conv 3x the per-element scale of a 3x3 conv of the same width, so its ||g||/||w|| sits
+  lowest of a healthy ResNet (1/46 - 1/27 of the head, docs/calibration.md) for its init, not
+  for its gradient; a gradient that vanishes on its way back shows in the main path too. NaN
   (a parameter that started at zero, such as a fresh bias) is missing.
 - activations: per tap, the median share of a bounded activation's outputs with |a| > 0.97 of
   its range (saturated), and the share of a rectifier's units never positive in the last window
@@ -50,6 +62,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from gradflow.analysis.windows import layer_of
+from gradflow.monitor.kinds import TIED_HEAD
 
 EARLY_FRACTION = 0.1        # the "early" windows / epochs: this share of the run, at least one
 
@@ -89,36 +102,59 @@ def _update_per_step(windows: Sequence[Any], parameter: str) -> np.ndarray:
 
 
 def parameter_kinds(model: Any) -> dict[str, str]:
-    """Parameter name -> ``norm``, ``embedding``, ``recurrent`` or ``other``, from the module that
-    owns it, plus ``@head`` -> the parameter that is the output head's weight when the head is
-    tied to an embedding (a Linear whose weight is an earlier module's, as in GPT-2 and nanoGPT).
+    """Parameter name -> ``norm``, ``embedding``, ``recurrent`` or another module kind
+    (``gradflow.monitor.kinds``: ``linear``, ``conv``, ``attention``, ``other``), from the module
+    that owns it, plus ``@head`` -> the parameter that is the output head's weight when the head
+    is tied to an embedding (a Linear whose weight is an earlier module's, as in GPT-2 and nanoGPT).
 
     Example:
         >>> from torch import nn
         >>> parameter_kinds(nn.Sequential(nn.Embedding(5, 2), nn.LayerNorm(2)))["1.weight"]
         'norm'
     """
-    from torch import nn
+    from gradflow.monitor.kinds import parameter_kinds as module_kinds
 
-    first: dict[int, str] = {id(p): n for n, p in model.named_parameters()}
-    kinds: dict[str, str] = {}
-    for module_name, module in model.named_modules():
-        cls = type(module).__name__
-        if isinstance(module, nn.Embedding):
-            kind = "embedding"
-        elif isinstance(module, nn.RNNBase):
-            kind = "recurrent"
-        elif "norm" in cls.lower():
-            kind = "norm"
+    return _analysis_kinds(module_kinds(model))
+
+
+def recorded_kinds(windows: Sequence[Any]) -> dict[str, str] | None:
+    """The kinds the monitor recorded with the windows (``Window.kinds``, the ``kind`` column of
+    gradients.csv) in ``parameter_kinds``' form; None when there are none (tables written before
+    the column existed: kinds are then told by name)."""
+    found: dict[str, str] = {}
+    for window in windows:
+        found.update(getattr(window, "kinds", None) or {})
+    return _analysis_kinds(found) if found else None
+
+
+def _analysis_kinds(kinds: Mapping[str, str]) -> dict[str, str]:
+    """A tied head (``embedding+head``) becomes an ``embedding`` plus ``@head``."""
+    out: dict[str, str] = {}
+    for name, kind in kinds.items():
+        if kind == TIED_HEAD:
+            out["@head"], kind = name, "embedding"
+        out[name] = kind
+    return out
+
+
+# Projection shortcuts: torchvision's ``downsample.0``, the zoo's ``shortcut.0``, timm's ``downsample.conv``.
+_SHORTCUT_NAME = re.compile(r"(^|\.)(downsample|shortcut)(\.0|\.conv)?$")
+_CONV_NAME = re.compile(r"conv|downsample|shortcut", re.IGNORECASE)
+
+
+def _mark_normalised(layers: dict[str, dict[str, Any]], groups: Mapping[str, Sequence[str]],
+                     kinds: Mapping[str, str] | None) -> None:
+    """``normalised``: a convolution whose next layer in forward order is a normalisation layer
+    (conv -> BatchNorm). Its output is renormalised, so its weights are scale-invariant: a step
+    that is large against ||w|| grows ||w|| and the next relative step shrinks (Hoffer et al.
+    2018, "Norm matters"; Arora et al. 2019, "auto rate-tuning by batch normalization")."""
+    names = list(layers)
+    for layer, after in zip(names, names[1:]):
+        if kinds:
+            conv = any(kinds.get(p) == "conv" for p in groups[layer])
         else:
-            kind = "other"
-        for pname, p in module.named_parameters(recurse=False):
-            full = f"{module_name}.{pname}" if module_name else pname
-            owner = first.get(id(p), full)
-            if owner != full and pname == "weight" and kinds.get(owner) == "embedding":
-                kinds["@head"] = owner                # tied: the head is the embedding
-            kinds.setdefault(owner, kind)
-    return kinds
+            conv = bool(_CONV_NAME.search(layer.rpartition(".")[2] or layer)) or bool(_SHORTCUT_NAME.search(layer))
+        layers[layer]["normalised"] = conv and layers[after]["kind"] == "norm"
 
 
 _RNN_PARAMETER = re.compile(r"^(weight|bias)_(ih|hh|hr)_l(\d+)(_reverse)?$")
@@ -210,6 +246,26 @@ def _relative_sizes(windows: Sequence[Any], parameters: Sequence[str], embedding
     return np.where(np.isfinite(w2) & (w2 > 0), size, math.nan)
 
 
+def _gate_sizes(windows: Sequence[Any], parameters: Sequence[str]) -> dict[str, np.ndarray]:
+    """Per gate of a recurrent layer (``Window.gates``): per window ||g|| / ||w|| over the gate's
+    rows of the layer's gated weights together (``weight_ih`` and ``weight_hh``); {} if none."""
+    names: list[str] = []
+    for window in windows:
+        for p in parameters:
+            names += [g for g in (getattr(window, "gates", None) or {}).get(p, {}) if g not in names]
+    out = {}
+    for gate in names:
+        def series(p: str, key: str) -> np.ndarray:
+            return np.array([_number((getattr(w, "gates", None) or {}).get(p, {}).get(gate, {}).get(key))
+                             for w in windows], dtype=float)
+        gated = [p for p in parameters if any(p in (getattr(w, "gates", None) or {}) for w in windows)]
+        g2 = sum(series(p, "norm") ** 2 for p in gated)
+        w2 = sum(series(p, "weight_norm") ** 2 for p in gated)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out[gate] = np.where(np.isfinite(w2) & (w2 > 0), np.sqrt(g2) / np.sqrt(w2), math.nan)
+    return out
+
+
 def measure_layers(windows: Sequence[Any], order: Sequence[str] | None = None,
                    kinds: Mapping[str, str] | None = None) -> dict[str, dict[str, Any]]:
     """Per layer, input first (forward ``order`` of parameter names when known, else recorded
@@ -251,18 +307,29 @@ def measure_layers(windows: Sequence[Any], order: Sequence[str] | None = None,
             sizes[layer] = _series(windows, weights[0], "mean_abs")
         layers[layer] = {"parameter": weights[0], "kind": kind}
     head = _find_head(layers, kinds)
+    _mark_normalised(layers, groups, kinds)
     output = sizes[head]
     points = {"early": slice(0, early), "middle": slice(n // 2, n // 2 + 1), "last": slice(n - 1, n)}
     for layer, parameters in groups.items():
         row = layers[layer]
         # An embedding is a lookup table, not a layer the gradient flows through, and its ||w||
         # is whatever its init chose (N(0, 1) in torch, N(0, 0.02) in GPT-2): shown, not judged.
-        row["role"] = "head" if layer == head else (row["kind"] if row["kind"] in ("norm", "embedding") else "hidden")
+        row["role"] = "head" if layer == head else (row["kind"] if row["kind"] in ("norm", "embedding") else
+                                                    "shortcut" if _SHORTCUT_NAME.search(layer) else "hidden")
         row["measure"] = "relative" if relative else "mean_abs"
         for point, part in points.items():
             size, out = _median(sizes[layer][part]), _median(output[part])
             row[f"gradient_{point}"] = size
             row[f"ratio_{point}"] = size / out if out > 0 else math.nan
+        if row["kind"] == "recurrent":
+            gates = {}
+            for gate, size in _gate_sizes(windows, parameters).items():
+                gates[gate] = {"gradient_early": _median(size[points["early"]])}
+                for point, part in points.items():
+                    out = _median(output[part])
+                    gates[gate][f"ratio_{point}"] = _median(size[part]) / out if out > 0 else math.nan
+            if gates:
+                row["gates"] = gates
         later = sizes[layer][early:]
         row["gradient_peak"] = float(np.nanmax(later)) if np.isfinite(later).any() else math.nan
         weights = [p for p in parameters if not _is_bias(p)] or parameters
@@ -270,6 +337,7 @@ def measure_layers(windows: Sequence[Any], order: Sequence[str] | None = None,
         updates = np.array([max((v for v in column if math.isfinite(v)), default=math.nan) for column in stack.T])
         row["update_ratio"] = _median(updates)
         row["update_ratio_max"] = float(np.nanmax(updates)) if np.isfinite(updates).any() else math.nan
+        row["update_ratio_last"] = float(updates[-1])
         counts = [_number(w.gradients.get(p, {}).get("nonfinite")) for w in windows for p in parameters]
         row["nonfinite"] = int(sum(c for c in counts if math.isfinite(c)))
         last = [_number(windows[-1].gradients[p].get("zero_fraction")) for p in parameters

@@ -13,9 +13,11 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 
-def _save(fig: Figure, path: str | Path) -> Path:
+def _save(fig: Figure, path: str | Path, tight: bool = True) -> Path:
+    """Save as PNG. ``tight`` crops to what was drawn, which costs a second draw: a figure whose
+    artists all sit inside fixed margins passes False (a batched run saves one per member)."""
     FigureCanvasAgg(fig)
-    fig.savefig(path, dpi=100, bbox_inches="tight")
+    fig.savefig(path, dpi=100, bbox_inches="tight" if tight else None)
     return Path(path)
 
 
@@ -39,7 +41,8 @@ def plot_accuracy(history: Sequence[Mapping[str, float]], path: str | Path, titl
     ax.set_ylabel("accuracy")
     ax.set_title(title)
     ax.legend(loc="lower right")  # below the curves: accuracy starts near 0.5 and rises
-    return _save(fig, path)
+    fig.subplots_adjust(left=0.1, right=0.97, bottom=0.1, top=0.93)   # everything inside: one draw, not two
+    return _save(fig, path, tight=False)
 
 
 def weight_layers(windows: Sequence) -> list[str]:

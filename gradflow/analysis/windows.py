@@ -1,7 +1,11 @@
 """The recorded windows of a run directory: the format of gradients.csv and activations.csv,
 and reading them back as the monitor's ``Window`` objects (what diagnosis and plots read).
 
-    gradients.csv    one row per window and parameter (input layer first)
+    gradients.csv    one row per window and parameter (input layer first); its ``kind`` column
+                     says what owns the parameter (gradflow.monitor.kinds: linear, conv, norm,
+                     embedding, embedding+head, recurrent, attention, other); LSTM/GRU weights
+                     are followed by one ``gate`` row per gate, named ``<parameter>.<gate>``
+                     (``lstm.weight_hh_l0.forget``), with ``norm``, ``weight_norm`` and ``steps``
     activations.csv  one row per window and activation module
 
 Example:
@@ -19,20 +23,32 @@ from gradflow.monitor import Window
 
 GRADIENT_COLUMNS = ("window", "step", "steps", "parameter", "mean", "mean_abs", "norm", "max_abs",
                     "zero_fraction", "nonfinite", "weight_l1", "weight_norm", "weight_update_ratio",
-                    "skipped_steps")   # last: tables written before it existed still read (and resume)
+                    "skipped_steps", "kind")   # the last two: tables written before them still read (and resume)
+VALUE_COLUMNS = GRADIENT_COLUMNS[4:-1]     # the numbers of a row
+GATE = "gate"                              # the kind of a gate row (gradflow.monitor.gates)
 ACTIVATION_COLUMNS = ("window", "step", "module", "mean", "std", "saturated_fraction", "dead_fraction")
 GRADIENTS_FILE = "gradients.csv"
 ACTIVATIONS_FILE = "activations.csv"
 
 
 def load_windows(run_dir: str | Path) -> list[Window]:
-    """The windows a run recorded, read back from its gradients.csv and activations.csv."""
+    """The windows a run recorded, read back from its gradients.csv and activations.csv: gate
+    rows go to ``Window.gates``, the ``kind`` column to ``Window.kinds`` (empty for tables
+    written before it existed: the analysis then tells kinds by name)."""
     run_dir = Path(run_dir)
     windows: dict[int, Window] = {}
     with open(run_dir / GRADIENTS_FILE, newline="") as f:
         for row in csv.DictReader(f):
             window = windows.setdefault(int(row["window"]), Window(step=int(row["step"]), steps=int(row["steps"])))
-            values = {key: _number(row[key]) for key in GRADIENT_COLUMNS[4:] if row.get(key) not in (None, "")}
+            values = {key: _number(row[key]) for key in VALUE_COLUMNS if row.get(key) not in (None, "")}
+            kind = row.get("kind") or ""
+            if kind == GATE:
+                parameter, _, gate = row["parameter"].rpartition(".")
+                window.gates.setdefault(parameter, {})[gate] = {
+                    "norm": values.get("norm"), "weight_norm": values.get("weight_norm"), "steps": int(row["steps"])}
+                continue
+            if kind:
+                window.kinds[row["parameter"]] = kind
             values["steps"] = int(row["steps"])
             window.steps = max(window.steps, values["steps"])
             window.gradients[row["parameter"]] = values

@@ -35,7 +35,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gradflow.analysis.windows import GRADIENTS_FILE, load_windows
 from gradflow.experiments.config import to_dict
 from gradflow.experiments.data import load_dataset
 from gradflow.experiments.models import build_model
@@ -336,8 +335,10 @@ def train_members(
         for writer in writers:
             writer.close()
     summaries = []
-    for member, result, run_dir in zip(members, results, run_dirs):
-        windows = load_windows(run_dir) if (run_dir / GRADIENTS_FILE).exists() else []
+    for k, (member, result, run_dir) in enumerate(zip(members, results, run_dirs)):
+        # The windows the tables hold, from memory as a solo run hands them on: reading the
+        # tables back cost ~0.1 s a member.
+        windows = recorder.member_windows(k) if recorder is not None else []
         summary, _ = write_outputs(run_dir, member, result, windows, members=result.extra.get("members", 1),
                                    title=f"{member.name} seed {member.train.seed}", gradients_plot=False)
         summaries.append(summary)

@@ -92,7 +92,7 @@ class TrainConfig:
 class MonitorConfig:
     enabled: bool = True  # attach the gradient monitor during training
     window_steps: int = 0  # 0: one window per epoch, else flush every N steps
-    histograms: bool = True  # write gradient histograms
+    histograms: Union[bool, int] = 25  # TensorBoard histograms: N = one per N windows (epochs), summing their counts (25 divides train.checkpoint_every); true: every window; false: none
     weights: bool = True  # log weight statistics too
     activations: bool = True  # log activation statistics too
     activations_every: int = 1  # tap activations at every Nth optimizer step (the tutorial's nets are tiny: every step)
@@ -433,6 +433,10 @@ def validate(cfg: Config) -> Config:
     _check_train(cfg.train)
     if cfg.monitor.window_steps < 0:
         raise ConfigError(f"monitor.window_steps: must be >= 0 (0 = once per epoch), got {cfg.monitor.window_steps}")
+    histograms = cfg.monitor.histograms
+    if not isinstance(histograms, bool) and histograms < 1:
+        raise ConfigError(f"monitor.histograms: must be true (every window), false (none) or a number of windows "
+                          f"per histogram >= 1, got {histograms}")
     return cfg
 
 

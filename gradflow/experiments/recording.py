@@ -18,7 +18,14 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
-from gradflow.analysis.windows import ACTIVATION_COLUMNS, ACTIVATIONS_FILE, GRADIENT_COLUMNS, GRADIENTS_FILE
+from gradflow.analysis.windows import (
+    ACTIVATION_COLUMNS,
+    ACTIVATIONS_FILE,
+    GATE,
+    GRADIENT_COLUMNS,
+    GRADIENTS_FILE,
+    VALUE_COLUMNS,
+)
 from gradflow.monitor import GradientMonitor, Window
 
 
@@ -64,6 +71,8 @@ class _Tables:
 
     def __init__(self, run_dir: Path, append: bool = False) -> None:
         mode = "a" if append else "w"
+        # Resuming a table written before the kind column: append rows of its own shape, no gate rows.
+        self._kinds = not append or _header_has(run_dir / GRADIENTS_FILE, "kind")
         self._files = [open(run_dir / name, mode, newline="") for name in (GRADIENTS_FILE, ACTIVATIONS_FILE)]
         self._gradients, self._activations = (csv.writer(f) for f in self._files)
         if not append:
@@ -72,8 +81,11 @@ class _Tables:
 
     def append(self, index: int, window: Window, order: list[str] | None = None) -> None:
         for name, row in _in_order(window.gradients, order):
-            self._gradients.writerow([index, window.step, row["steps"], name]
-                                     + [_cell(row.get(key)) for key in GRADIENT_COLUMNS[4:]])
+            cells = [index, window.step, row["steps"], name] + [_cell(row.get(key)) for key in VALUE_COLUMNS]
+            self._gradients.writerow(cells + [window.kinds.get(name, "")] if self._kinds else cells)
+            for gate, values in (window.gates.get(name, {}) if self._kinds else {}).items():
+                self._gradients.writerow([index, window.step, values["steps"], f"{name}.{gate}"]
+                                         + [_cell(values.get(key)) for key in VALUE_COLUMNS] + [GATE])
         for name, row in window.activations.items():
             self._activations.writerow([index, window.step, name]
                                        + [_cell(row.get(key)) for key in ACTIVATION_COLUMNS[3:]])
@@ -83,6 +95,13 @@ class _Tables:
     def close(self) -> None:
         for f in self._files:
             f.close()
+
+
+def _header_has(path: Path, column: str) -> bool:
+    if not path.exists():
+        return True
+    with open(path, newline="") as f:
+        return column in next(csv.reader(f), [])
 
 
 def _forward_order(monitor: GradientMonitor) -> list[str]:
@@ -133,6 +152,10 @@ class MembersMonitorCallback(MonitorCallback):
             if k not in self._stopped:
                 tables.append(self._written[k], window, _forward_order(self.monitor))
                 self._written[k] += 1
+
+    def member_windows(self, member: int) -> list[Window]:
+        """Member k's windows, as its tables hold them (none after it stopped)."""
+        return self.monitor.member_history(member)[:self._written[member]]
 
     def close(self) -> None:
         for tables in self._member_tables:

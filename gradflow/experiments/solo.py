@@ -140,9 +140,14 @@ def fit_monitored(cfg, model, data, writer, run_dir, device, progress=None, stop
     with GradientMonitor(model, writer, histograms=settings.histograms, weights=settings.weights,
                          activations=settings.activations, activations_every=settings.activations_every) as monitor:
         recorder = MonitorCallback(monitor, run_dir, settings.window_steps, first_window=len(earlier))
+
+        def save(state: dict) -> None:
+            monitor.flush()  # histograms pooling over several windows: written up to here first
+            checkpoint(state, len(earlier) + len(monitor.history))
+
         try:
             result = fit(model, data, cfg.optimizer, cfg.train, callbacks=callbacks + [recorder] + extra,
-                         checkpoint=lambda state: checkpoint(state, len(earlier) + len(monitor.history)), **run)
+                         checkpoint=save, **run)
         finally:
             recorder.close()
     return result, earlier + monitor.history

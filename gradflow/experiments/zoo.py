@@ -6,6 +6,9 @@ Models (every one returns logits; ``hf_gpt2`` returns the Hugging Face model, re
 
 - ``resnet_cnn``: ResNet-style CNN with BatchNorm, basic blocks (He et al. 2016, "Deep Residual
   Learning for Image Recognition", Fig. 2 left and Table 1; the CIFAR variant of Sec. 4.2).
+- ``resnet34`` / ``resnet18``: ResNet-34 and -18 as torchvision writes them (basic blocks
+  [3, 4, 6, 3] and [2, 2, 2, 2], 7x7 stem, ``downsample`` projections; He et al. 2016, Table 1),
+  written out since torchvision's CPU wheel is not installable here.
 - ``nanogpt``: nanoGPT-style decoder (Karpathy, nanoGPT ``model.py``): pre-LayerNorm blocks of
   causal self-attention and a GELU MLP, learned positions, weight-tied head.
 - ``transformer_lm``: ``nn.TransformerEncoder`` with a causal mask as a language model.
@@ -97,6 +100,94 @@ def resnet_cnn(blocks: int = 4, channels: int = 64, classes: int = 10, in_channe
         torch.Size([2, 10])
     """
     return ResNetCNN(blocks, channels, classes, in_channels)
+
+
+# -- ResNet-34 (torchvision's layout) ----------------------------------------------------------
+
+
+class ResNetBasicBlock(nn.Module):
+    """torchvision's ``BasicBlock``: conv3x3-BN-ReLU-conv3x3-BN, plus the identity or, when the
+    shape changes, a ``downsample`` projection (conv1x1 stride s, BN; He et al. 2016, option B),
+    then ReLU. Names as torchvision's (``layer4.2.conv2``, ``layer2.0.downsample.0``)."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.relu = nn.ReLU(inplace=True)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.downsample = None
+        if stride != 1 or cin != cout:
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return self.relu(out + (x if self.downsample is None else self.downsample(x)))
+
+
+class ResNet(nn.Module):
+    """The ImageNet ResNet of He et al. 2016 (Table 1) as torchvision writes it: stem conv7x7/2
+    (64) - BN - ReLU - maxpool3x3/2, four stages of basic blocks at 64, 128, 256, 512 channels
+    (the first block of stages 2-4 halves the resolution), global average pooling, ``fc``.
+    Init as torchvision: convs ``kaiming_normal_(fan_out, relu)``, BN weight 1 and bias 0, ``fc``
+    torch's default.
+
+    Shapes: (N, in_channels, H, W) -> (N, classes); H, W >= 32 keep every stage at least 1x1.
+    """
+
+    def __init__(self, blocks: tuple[int, ...] = (3, 4, 6, 3), classes: int = 10, in_channels: int = 3) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, 64, 7, 2, 3, bias=False)
+        self.bn1 = nn.BatchNorm2d(64)
+        self.relu = nn.ReLU(inplace=True)
+        self.maxpool = nn.MaxPool2d(3, 2, 1)
+        cin = 64
+        for stage, (count, cout) in enumerate(zip(blocks, (64, 128, 256, 512)), start=1):
+            stride = 1 if stage == 1 else 2
+            layer = [ResNetBasicBlock(cin, cout, stride)] + [ResNetBasicBlock(cout, cout) for _ in range(count - 1)]
+            setattr(self, f"layer{stage}", nn.Sequential(*layer))
+            cin = cout
+        self.avgpool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(cin, classes)
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
+        x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+        return self.fc(torch.flatten(self.avgpool(x), 1))
+
+
+def resnet34(classes: int = 10, in_channels: int = 3) -> ResNet:
+    """ResNet-34: basic blocks [3, 4, 6, 3] (He et al. 2016, Table 1), torchvision's layout and
+    names, 21.3M parameters with 10 classes.
+
+    Shapes: (N, in_channels, H, W) float -> (N, classes) logits.
+
+    Example:
+        >>> resnet34()(torch.zeros(2, 3, 32, 32)).shape
+        torch.Size([2, 10])
+    """
+    return ResNet((3, 4, 6, 3), classes, in_channels)
+
+
+def resnet18(classes: int = 10, in_channels: int = 3) -> ResNet:
+    """ResNet-18: basic blocks [2, 2, 2, 2] (He et al. 2016, Table 1), torchvision's layout and
+    names, 11.2M parameters with 10 classes.
+
+    Shapes: (N, in_channels, H, W) float -> (N, classes) logits.
+
+    Example:
+        >>> resnet18()(torch.zeros(1, 3, 32, 32)).shape
+        torch.Size([1, 10])
+    """
+    return ResNet((2, 2, 2, 2), classes, in_channels)
 
 
 # -- nanoGPT-style transformer ----------------------------------------------------------------

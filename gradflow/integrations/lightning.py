@@ -104,7 +104,9 @@ class GradflowCallback(_pl.Callback):
 
     Args:
         every_n_steps: optimizer steps per window; None follows ``trainer.log_every_n_steps``.
-        histograms: write value and log10 |g| histograms to TensorBoard.
+        histograms: write value and log10 |g| histograms to TensorBoard: True at every window,
+            an int N: each histogram sums N windows' counts (N times fewer histogram bytes;
+            the last, partial one is written at the end), False: none.
         weights: also record weight norms, update ratios and weight histograms.
         activations: also tap activation modules (tanh, ReLU, ...) in training forward passes.
         verbose: print the verdict's line at fit end.
@@ -116,10 +118,11 @@ class GradflowCallback(_pl.Callback):
         ['healthy']
     """
 
-    def __init__(self, every_n_steps: int | None = None, *, histograms: bool = True, weights: bool = True,
+    def __init__(self, every_n_steps: int | None = None, *, histograms: bool | int = True, weights: bool = True,
                  activations: bool = True, verbose: bool = True) -> None:
         _common.check_positive_int("every_n_steps", every_n_steps)
-        for name, value in (("histograms", histograms), ("weights", weights), ("activations", activations),
+        _common.check_histograms(histograms)
+        for name, value in (("weights", weights), ("activations", activations),
                             ("verbose", verbose)):
             if not isinstance(value, bool):
                 raise ValueError(f"{name} must be True or False, got {value!r}")

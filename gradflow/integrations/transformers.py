@@ -65,7 +65,9 @@ class GradflowTrainerCallback(_tf.TrainerCallback):
     Args:
         every_n_steps: optimizer steps per window; None follows ``args.logging_steps``.
         log_dir: write TensorBoard events here instead of the Trainer's TensorBoard directory.
-        histograms: write value and log10 |g| histograms to TensorBoard.
+        histograms: write value and log10 |g| histograms to TensorBoard: True at every window,
+            an int N: each histogram sums N windows' counts (N times fewer histogram bytes;
+            the last, partial one is written at the end), False: none.
         weights: also record weight norms, update ratios and weight histograms.
         activations: also tap activation modules (GELU, ReLU, tanh, ...) in training forward passes.
         verbose: print the verdict's line at the end of training.
@@ -78,10 +80,11 @@ class GradflowTrainerCallback(_tf.TrainerCallback):
     """
 
     def __init__(self, every_n_steps: int | None = None, *, log_dir: str | os.PathLike | None = None,
-                 histograms: bool = True, weights: bool = True, activations: bool = True,
+                 histograms: bool | int = True, weights: bool = True, activations: bool = True,
                  verbose: bool = True) -> None:
         _common.check_positive_int("every_n_steps", every_n_steps)
-        for name, value in (("histograms", histograms), ("weights", weights), ("activations", activations),
+        _common.check_histograms(histograms)
+        for name, value in (("weights", weights), ("activations", activations),
                             ("verbose", verbose)):
             if not isinstance(value, bool):
                 raise ValueError(f"{name} must be True or False, got {value!r}")

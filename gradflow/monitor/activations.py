@@ -1,4 +1,9 @@
-"""Forward hooks on activation modules: moments, saturation, dead units and histograms."""
+"""Forward hooks on activation modules: moments, saturation, dead units and histograms.
+
+Every tapped output is counted into the 512 sign/exponent bins (``stats.py``); a bounded one
+(tanh, sigmoid, hardtanh, softsign, hardsigmoid) is also counted into ``LINEAR_BINS`` equal bins
+over its range (``histograms.py``), which is what its TensorBoard histogram shows.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ import torch
 from torch import nn
 
 from gradflow.monitor import stats as S
+from gradflow.monitor.histograms import LINEAR_BINS, count_linear, linear_scale
 from gradflow.monitor.spent import LeavesCopiesAlone
 from gradflow.monitor.tensors import (
     LARGE_PARAMETER,
@@ -74,6 +80,20 @@ class _ActivationPlan:
     unit: torch.Tensor           # each element: its unit's slot in ``positives`` (slot 0: none)
     bin_offset: torch.Tensor     # each element: its slot's offset into the counts (int32)
     bands: tuple[np.ndarray, np.ndarray]  # each row: centre and threshold (float32), for the fused kernels
+    linear: _LinearPlan | None  # how the bounded taps' elements are binned; None if no tap is bounded
+
+
+@dataclass
+class _LinearPlan:
+    """The linear bins of the bounded taps' elements of a run (``histograms.count_linear``):
+    bin floor((x - shift) * scale) + offset, kept within its slot's [first, last]."""
+
+    index: torch.Tensor | None   # positions of the bounded elements in the flat run; None: all of them
+    shift: torch.Tensor | None   # None: 0 (the exact ranges)
+    scale: torch.Tensor
+    offset: torch.Tensor
+    first: torch.Tensor
+    last: torch.Tensor
 
 
 class _ActivationAccumulator:
@@ -85,6 +105,9 @@ class _ActivationAccumulator:
 
     With ``members`` K > 1 an output's leading dimension is the member: slot ``i * K + k`` is
     member k of tap i, and units are counted per member.
+
+    ``linear`` holds ``LINEAR_BINS`` counts per slot (a bounded tap's equal bins over its range;
+    zeros for the others) and, last, one shared count of NaN outputs that are never drawn.
     """
 
     def __init__(self, taps: list[tuple[str, nn.Module]], device, members: int = 1) -> None:
@@ -96,6 +119,7 @@ class _ActivationAccumulator:
         slots = count * members
         self.moments = torch.zeros(slots, 3, device=device)   # sum, sum of squares, saturated
         self.counts = torch.zeros(slots * S.SIGN_EXPONENT_BINS, dtype=torch.int64, device=device)
+        self.linear = torch.zeros(slots * LINEAR_BINS + 1, dtype=torch.int64, device=device)
         self._scratch = S.Scratch()                  # for the large tensors
         self.elements = np.zeros(slots, dtype=np.int64)
         self.units: list[int | None] = [None] * count          # unit count, fixed at first sight
@@ -119,7 +143,7 @@ class _ActivationAccumulator:
     def reset(self) -> None:
         self.pending.clear()
         self.pending_elements = 0
-        torch._foreach_zero_([self.moments, self.counts, self.positives])
+        torch._foreach_zero_([self.moments, self.counts, self.positives, self.linear])
         self.elements[:] = 0
 
     @torch.no_grad()
@@ -138,6 +162,8 @@ class _ActivationAccumulator:
         flat = _flat_copy([a for _, a in small])
         _check_layout(flat, plan.segment)
         self.elements += plan.slot_elements
+        if plan.linear is not None:
+            self._count_linear(flat, plan.linear)
         kernels = S.fused_kernels(flat.device)
         if kernels is not None:                       # one fused pass instead of a dozen ops
             values = flat.numpy()
@@ -176,7 +202,38 @@ class _ActivationAccumulator:
         return _ActivationPlan(lengths_t, segment, slots, slot_elements,
                                torch.cat(centres) if bounded else None, torch.cat(thresholds) if bounded else None,
                                torch.cat(units), (slots[segment] * S.SIGN_EXPONENT_BINS).int(),
-                               tuple(np.array(column, dtype=np.float32) for column in zip(*bands)))
+                               tuple(np.array(column, dtype=np.float32) for column in zip(*bands)),
+                               self._linear_plan(pending) if bounded else None)
+
+    def _linear_plan(self, pending) -> _LinearPlan:
+        """Per bounded element: where it is in the flat run, and its bin's scale, offset and limits."""
+        k, position = self.members, 0
+        index, shift, scale, offset, first = [], [], [], [], []
+        for tap, a in pending:
+            n = a.numel()
+            if self.bounds[tap] is not None:
+                tap_shift, tap_scale, tap_offset = linear_scale(self.bounds[tap])
+                slot_first = np.repeat(np.arange(tap * k, tap * k + k) * LINEAR_BINS, n // k)
+                index.append(np.arange(position, position + n))
+                first.append(slot_first)
+                offset.append(slot_first + tap_offset)
+                shift.append(np.full(n, tap_shift))
+                scale.append(np.full(n, tap_scale))
+            position += n
+        device = self.moments.device
+
+        def column(parts, dtype=torch.float32):
+            return torch.from_numpy(np.concatenate(parts)).to(device=device, dtype=dtype)
+
+        every = sum(len(i) for i in index) == position
+        shifts = np.concatenate(shift)
+        return _LinearPlan(None if every else column(index, torch.long), column(shift) if shifts.any() else None,
+                           column(scale), column(offset), column(first), column(first) + (LINEAR_BINS - 1))
+
+    def _count_linear(self, flat: torch.Tensor, plan: _LinearPlan) -> None:
+        values = flat if plan.index is None else flat.index_select(0, plan.index)
+        count_linear(self.linear, values, plan.shift, plan.scale, plan.offset, plan.first, plan.last,
+                     self.linear.numel() - 1)
 
     def _units_of(self, index: int, sample: torch.Tensor) -> int | None:
         """The unit count of a rectifier tap (fixed at first sight), or None if this output
@@ -201,6 +258,11 @@ class _ActivationAccumulator:
             band = ((bounds[0] + bounds[1]) / 2, SATURATION_LEVEL * (bounds[1] - bounds[0]) / 2) if bounds else None
             for member, flat in enumerate(_flat(a).view(k, -1)):
                 slot = index * k + member
+                if bounds:
+                    shift, scale, offset = linear_scale(bounds)
+                    first = slot * LINEAR_BINS
+                    count_linear(self.linear, flat, shift or None, scale, first + offset, first,
+                                 first + LINEAR_BINS - 1, self.linear.numel() - 1)
                 jobs.append((flat, counts[slot], band))
                 slots.append(slot)
                 self.elements[slot] += flat.numel()

@@ -37,8 +37,11 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from gradflow.monitor import interception
 from gradflow.monitor.activations import _ActivationAccumulator
+from gradflow.monitor.gates import _GateAccumulator, gate_scalars, gated_parameters
 from gradflow.monitor.gradients import _GradientAccumulator
+from gradflow.monitor.histograms import HistogramPool, HistogramRequests, check_every
 from gradflow.monitor.interception import ClipTally
+from gradflow.monitor.kinds import parameter_kinds
 from gradflow.monitor.model_checks import (
     check_members,
     choose_taps,
@@ -55,7 +58,6 @@ from gradflow.monitor.steps import (
 from gradflow.monitor.tensors import MonitorError
 from gradflow.monitor.weights import _WeightTracker
 from gradflow.monitor.window import (
-    HistogramRequests,
     Window,
     WindowReader,
     gaps,
@@ -89,7 +91,12 @@ class GradientMonitor:
             scalars only, or ``TeeSink(...)`` for several. Anything else is a ``MonitorError``.
         optimizer: watch this optimizer's steps only; by default any torch.optim optimizer
             that steps this model's parameters is watched, each recording its own parameters.
-        histograms: write value and log10 |g| histograms (the counts behind the zero and
+        histograms: TensorBoard histograms (value and log10 |g| of gradients, weights,
+            activations): True at every window; an int N >= 1: each histogram sums the counts
+            of N windows (every step's values, none sampled; weights: the last window's) and is
+            written at the step of its last window, while scalars stay per window: N times
+            fewer histogram bytes. Windows still pooling are written by ``flush()``, which
+            ``remove()`` and leaving ``with`` call. False: none (the counts behind the zero and
             non-finite statistics are kept either way).
         weights: also record weight norms, update ratios and weight histograms.
         activations: tap activation modules in training forward passes: True for torch's
@@ -115,7 +122,8 @@ class GradientMonitor:
 
     Raises:
         MonitorError: a second monitor on the same model, a parameter on the meta device or
-            not yet initialised (lazy modules), a writer of an unknown kind, bad ``members``.
+            not yet initialised (lazy modules), a writer of an unknown kind, bad ``members``,
+            ``histograms`` or ``activations_every``.
 
     The monitor keeps no reference to ``model`` itself, adds nothing to it, and removes every
     hook it added on ``remove()`` or on leaving ``with``.
@@ -128,7 +136,7 @@ class GradientMonitor:
     """
 
     def __init__(self, model: nn.Module, writer=None, *, optimizer: torch.optim.Optimizer | None = None,
-                 histograms: bool = True, weights: bool = True, activations=True,
+                 histograms: bool | int = True, weights: bool = True, activations=True,
                  members: int = 1, automatic: bool = True, activations_every: int = 10) -> None:  # noqa: PLR0913
         if not isinstance(model, nn.Module):
             raise TypeError(f"GradientMonitor needs an nn.Module, got {type(model).__name__}")
@@ -143,6 +151,7 @@ class GradientMonitor:
         if not isinstance(activations_every, int) or isinstance(activations_every, bool) or activations_every < 1:
             raise MonitorError(f"activations_every must be a positive int (1: every step), got {activations_every!r}")
         self.activations_every = activations_every
+        every = check_every(histograms)
         self._steps_seen = 0
         self._sinks = _sinks(writer, members)
         params = [p for _, p in named]
@@ -150,9 +159,14 @@ class GradientMonitor:
         self.members = members
         self.automatic = automatic
         self.histograms = histograms
+        self._pool = HistogramPool(every) if every else None
         self.history: list[Window] = []
         self._model = weakref.ref(inner)
         self._gradients = _GradientAccumulator(params, members)
+        kinds = parameter_kinds(inner)
+        self.kinds = {name: kinds.get(name, "other") for name in self.names}
+        gated = gated_parameters(inner, self.names) if members == 1 else []   # gates.py: no member dimension
+        self._gates = _GateAccumulator(params, gated) if gated else None
         self._weights = _WeightTracker(params, members) if weights else None
         taps = choose_taps(inner, activations)
         self._activations = _ActivationAccumulator(taps, params[0].device, members)
@@ -192,6 +206,7 @@ class GradientMonitor:
         model = self._model()
         if model is not None and _ATTACHED.get(model) is self:
             del _ATTACHED[model]
+        self.flush()
 
     @classmethod
     def detach(cls, model: nn.Module) -> bool:
@@ -257,6 +272,8 @@ class GradientMonitor:
         """Record a step's gradients, then decide whether the next forward pass is tapped
         (activations at every ``activations_every``-th step; gradients at every step)."""
         if self._gradients.record(mask):
+            if self._gates is not None:
+                self._gates.record(mask)
             self._tapped_in_window |= self._activations.active
             self._steps_seen += 1
             self._activations.active = self._steps_seen % self.activations_every == 0
@@ -287,7 +304,9 @@ class GradientMonitor:
         out. Weight statistics join as ``weight_l1``, ``weight_norm`` and
         ``weight_update_ratio``; activations are in ``history[-1].activations`` and the
         window-level figures (total norm per step, skipped and clipped steps) in
-        ``history[-1].overall``. With ``members`` K > 1, a list of K such dicts, one per member.
+        ``history[-1].overall``. LSTM/GRU weights are also split per gate in
+        ``history[-1].gates`` (``gates.py``; TensorBoard ``grad/<param>/<gate>/norm``), and
+        ``history[-1].kinds`` says what kind of module owns each parameter (``kinds.py``). With ``members`` K > 1, a list of K such dicts, one per member.
 
         Raises:
             MonitorError: the model's parameters were replaced by tensors of another shape,
@@ -307,18 +326,47 @@ class GradientMonitor:
                    for k in range(self.members)]
         reader = WindowReader(self.names, self.members, windows, HistogramRequests())
         reader.gradients(values, steps, self._gradients.slot_numel, self._gradients.skipped)
+        for window in windows:
+            window.kinds = self.kinds
+        if self._gates is not None:
+            windows[0].gates = self._gates.read(values["gate_totals"], values["gate_weights"], self.names)
+            reader.scalars[0].update(gate_scalars(windows[0].gates, tag_path))
         clipping = (self._clip.calls, *values["clip"]) if "clip" in values else None
         reader.overall(values["step_squares"], self._gradients.recorded, self._skipped_steps, clipping)
         if self._weights is not None:
             reader.weights(values)
         reader.activations(values, self._activations)
-        histograms = reader.wanted.build(self.members) if self.histograms and self._sinks else None
+        histograms = self._histograms(reader.wanted, step)
         for k, sink, prefix in self._sinks:
             sink.log({prefix + tag: v for tag, v in reader.scalars[k].items()},
                      {prefix + tag: h for tag, h in (histograms[k] if histograms else {}).items()}, step)
         self.history.extend(windows)
         self._start_window()
         return windows[0].gradients if self.members == 1 else [w.gradients for w in windows]
+
+    def _histograms(self, wanted: HistogramRequests, step: int) -> list[dict] | None:
+        """This window's histograms to write now, per member: the pool's once it holds
+        ``histograms`` windows (or at once when detached: no remove() will flush it)."""
+        if self._pool is None or not self._sinks:
+            return None
+        self._pool.add(wanted, step)
+        if not self._pool.full and self.attached:
+            return None
+        return self._pool.take(self.members)[1]
+
+    def flush(self) -> None:
+        """Write the histograms of windows still pooling (``histograms=N``: the windows since
+        the last written histogram) at the step of the last of them. ``remove()`` calls it, so
+        remove the monitor (or leave its ``with``) before closing the writer; call it yourself
+        before saving a checkpoint, so that the event file holds every window the checkpoint
+        does. Nothing to do with ``histograms=True`` or ``False``."""
+        taken = self._pool.take(self.members) if self._pool is not None else None
+        if taken is None:
+            return
+        step, histograms = taken
+        for k, sink, prefix in self._sinks:
+            if histograms[k]:
+                sink.log({}, {prefix + tag: h for tag, h in histograms[k].items()}, step)
 
     def member_history(self, member: int) -> list[Window]:
         """The windows of one member of a batched model (``members`` > 1)."""
@@ -328,16 +376,20 @@ class GradientMonitor:
         g, a = self._gradients, self._activations
         parts = {"totals": g.totals, "counts": g.counts, "step_squares": g.step_squares,
                  "skipped_nonfinite": g.skipped_nonfinite, "moments": a.moments, "activation_counts": a.counts,
-                 "positives": a.positives}
+                 "positives": a.positives, "activation_linear": a.linear}
         if self._clip.calls:
             parts["clip"] = self._clip.sums.to(g.device)
         if self._weights is not None:
             parts["weights"], parts["weight_counts"] = self._weights.summary()
+        if self._gates is not None:
+            parts["gate_totals"], parts["gate_weights"] = self._gates.totals, self._gates.weight_norms()
         return read_back(parts)
 
     def _start_window(self) -> None:
         self._gradients.reset()
         self._activations.reset()
+        if self._gates is not None:
+            self._gates.reset()
         if self._weights is not None:
             self._weights.snapshot()
         self._skipped_steps = 0
@@ -356,6 +408,8 @@ class GradientMonitor:
         self._gradients.bind(new)
         if self._weights is not None:
             self._weights.bind(new)
+        if self._gates is not None:
+            self._gates.bind(new)
         self._index_of = {id(p): i for i, p in enumerate(new)}
         self._masks.forget()
         return True

@@ -1,7 +1,8 @@
 """A window's statistics: read back from the accumulators, turned into rows, scalars and histograms.
 
 ``Window`` is what ``GradientMonitor.history`` keeps; ``WindowReader`` turns one read-back of
-the accumulators into per-parameter rows, TensorBoard scalars and histogram requests.
+the accumulators into per-parameter rows, TensorBoard scalars and histogram requests
+(``histograms.py`` builds the histograms).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import numpy as np
 import torch
 
 from gradflow.monitor import stats as S
-from gradflow.monitor.stats import Histogram
+from gradflow.monitor.histograms import LINEAR_BINS, HistogramRequests
 
 
 def tag_path(name: str) -> str:
@@ -35,12 +36,16 @@ class Window:
     # called clip_grad_norm_ on the model, total_norm_before_clip and clipped_steps.
     overall: dict[str, float] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)   # per parameter: non-finite values in skipped steps
+    # LSTM/GRU weights per gate (gates.py): parameter -> gate -> norm, weight_norm, steps.
+    gates: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    # parameter -> the kind of module that owns it (kinds.py: linear, conv, norm, embedding, ...).
+    kinds: dict[str, str] = field(default_factory=dict)
 
 
 class WindowReader:
     """Rows, scalars and histogram requests of one window, from its read-back values."""
 
-    def __init__(self, names: list[str], members: int, windows: list[Window], wanted: "HistogramRequests") -> None:
+    def __init__(self, names: list[str], members: int, windows: list[Window], wanted: HistogramRequests) -> None:
         self.names = names
         self.members = members
         self.windows = windows
@@ -105,46 +110,22 @@ class WindowReader:
             if name in self.windows[k].gradients:
                 self.windows[k].gradients[name].update({f"weight_{key}": v for key, v in row.items()})
             self.scalars[k].update({f"weight/{path}/{key}": value for key, value in row.items()})
-            self.wanted.value(k, f"weight/{path}", values["weight_counts"][slot])
+            self.wanted.value(k, f"weight/{path}", values["weight_counts"][slot], state=True)
 
     def activations(self, values: dict[str, np.ndarray], taps: Any) -> None:
         counts = values["activation_counts"].reshape(-1, S.SIGN_EXPONENT_BINS)
+        linear = values["activation_linear"][:-1].reshape(-1, LINEAR_BINS)    # the last count: NaN
         for slot, k, name, path in self._slots(taps.names):
             row = taps.read(slot, values["moments"][slot], values["positives"])
             if row is None:
                 continue
             self.windows[k].activations[name] = row
             self.scalars[k].update({f"activation/{path}/{key}": v for key, v in row.items()})
-            self.wanted.value(k, f"activation/{path}", counts[slot])
-
-
-class HistogramRequests:
-    """Histograms a window asks for, built together: two numpy passes over all the rows instead
-    of a few per family (on a small model the window's fixed costs are what the monitor costs)."""
-
-    def __init__(self) -> None:
-        self._value: list[tuple[int, str, np.ndarray]] = []
-        self._log10: list[tuple[int, str, np.ndarray]] = []
-
-    def value(self, member: int, tag: str, counts: np.ndarray) -> None:
-        self._value.append((member, tag, counts))
-
-    def log10(self, member: int, tag: str, counts: np.ndarray) -> None:
-        self._log10.append((member, tag, counts))
-
-    def build(self, members: int) -> list[dict[str, Histogram]]:
-        """Per member, tag -> histogram; a row with no finite value gets none (TensorBoard
-        cannot draw an empty histogram)."""
-        out: list[dict[str, Histogram]] = [{} for _ in range(members)]
-        for requests, kind in ((self._value, S.value_histograms), (self._log10, S.log10_abs_histograms)):
-            if not requests:
-                continue
-            for (member, tag, _), histogram in zip(requests, kind(np.stack([c for _, _, c in requests]))):
-                if histogram is not None:
-                    out[member][tag] = histogram
-        return out
-
-
+            bounds = taps.bounds[slot // self.members]
+            if bounds is None:
+                self.wanted.value(k, f"activation/{path}", counts[slot])
+            else:                                   # tanh, sigmoid: equal bins over the range
+                self.wanted.linear(k, f"activation/{path}", linear[slot], bounds)
 
 
 def read_back(parts: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:

@@ -85,3 +85,44 @@ def test_steps_skipped_on_overflow_are_evidence():
     overflowing = diagnose([window(i, 0) for i in range(5)] + [window(5, 8, steps=2)])
     assert "exploding" in overflowing.verdicts
     assert "8 of 10 steps of the last window skipped on overflow" in overflowing.evidence["checks"]["exploding"]["why"]
+
+
+def _resnet_windows(updates, shortcut_size=1e-3, stem=1.0):
+    """A stem conv -> BN, a block conv, a 1x1 projection shortcut (conv -> BN), and fc; the stem
+    conv's update ratio per window from ``updates``."""
+    windows = norm_windows({"conv1.weight": (stem, 1.0, 0.0), "bn1.weight": (0.1, 1.0, 0.0),
+                            "layer1.0.conv1.weight": (0.5, 1.0, 0.0),
+                            "layer2.0.downsample.0.weight": (shortcut_size, 1.0, 0.0),
+                            "layer2.0.downsample.1.weight": (0.1, 1.0, 0.0), "fc.weight": (1.0, 1.0, 0.0)},
+                           count=len(updates))
+    kinds = {"conv1.weight": "conv", "bn1.weight": "norm", "layer1.0.conv1.weight": "conv",
+             "layer2.0.downsample.0.weight": "conv", "layer2.0.downsample.1.weight": "norm", "fc.weight": "linear"}
+    for window, update in zip(windows, updates):
+        window.gradients["conv1.weight"]["weight_update_ratio"] = update * window.steps
+        window.kinds = kinds
+    return windows
+
+
+def test_a_conv_before_a_norm_is_judged_on_its_last_update():
+    """Scale-invariant weights (conv -> BN): a large first step that shrinks as ||w|| grows is a
+    learning ResNet-34's stem (0.30 -> 0.002), not an explosion; one still large at the end is,
+    and so is one large step of a layer with no normalisation after it."""
+    big = EXPLODING_UPDATE * 2
+    settling = diagnose(_resnet_windows([big, big / 2, 0.07, 0.04, 0.02, 0.01]), FALLING)
+    assert settling.verdicts == ["healthy"] and settling.evidence["layers"]["conv1"]["normalised"]
+    assert diagnose(_resnet_windows([big] * 6), FALLING).verdicts == ["exploding"]
+    fc_first = _resnet_windows([0.01] * 6)
+    for window in fc_first:                      # fc has no norm after it: judged on its largest step
+        window.gradients["fc.weight"]["weight_update_ratio"] = (EXPLODING_UPDATE * 1.1 if window.step == 0 else
+                                                                0.01) * window.steps
+    assert diagnose(fc_first, FALLING).verdicts == ["exploding"]
+
+
+def test_projection_shortcuts_are_shown_not_judged_for_vanishing():
+    """A 1x1 projection at 1/1000 of the head with the input end at 1/10 (under the 1/7 guard):
+    the shortcut is not a hidden layer, so the weakest is the stem, 1/10: not vanishing."""
+    diagnosis = diagnose(_resnet_windows([0.01] * 6, shortcut_size=1e-3, stem=0.1), FALLING)
+    layers = diagnosis.evidence["layers"]
+    assert layers["layer2.0.downsample.0"]["role"] == "shortcut" and diagnosis.verdicts == ["healthy"]
+    assert layers["layer2.0.downsample.1"]["role"] == "norm"
+    assert diagnose(_resnet_windows([0.01] * 6, shortcut_size=1e-3, stem=1e-3), FALLING).verdicts == ["vanishing"]

@@ -46,6 +46,14 @@ def test_yaml_values_in_overrides(override, key, expected):
     assert getattr(load_config(DEEP_RELU, [override]).model, key) == expected
 
 
+@pytest.mark.parametrize(("text", "value"), [("true", True), ("false", False), ("1", 1), ("10", 10)],
+                         ids=["true", "false", "one", "ten"])
+def test_monitor_histograms_take_a_bool_or_windows_per_histogram(text, value):
+    got = load_config(None, [f"monitor.histograms={text}"]).monitor.histograms
+    assert got == value and type(got) is type(value)
+    assert load_config(None).monitor.histograms == 25          # gradflow train: 20 histograms over 500 epochs
+
+
 @pytest.mark.parametrize(("text", "value"), [("1e-3", 1e-3), ("1", 1.0), ("0.5", 0.5)], ids=["sci", "int", "float"])
 def test_floats_accept_ints_and_scientific_notation(text, value):
     lr = load_config(None, [f"optimizer.lr={text}"]).optimizer.lr
@@ -83,6 +91,11 @@ def test_floats_accept_ints_and_scientific_notation(text, value):
         (["train.on_nonfinite=ignore"], "train.on_nonfinite: unknown value 'ignore'; accepted: continue, stop"),
         (["train.epochs=[1"], "train.epochs: YAML syntax error"),
         (["depth"], "'depth': overrides must look like key=value"),
+        (["monitor.histograms=0"], "monitor.histograms: must be true (every window), false (none) or a number of "
+                                   "windows per histogram >= 1, got 0"),
+        (["monitor.histograms=-2"], "monitor.histograms: must be true"),
+        (["monitor.histograms=often"], "monitor.histograms: expected bool or int, got 'often' (str)"),
+        (["monitor.histograms=2.5"], "monitor.histograms: expected bool or int, got 2.5 (float)"),
     ],
     ids=lambda v: v[0] if isinstance(v, list) else None,
 )

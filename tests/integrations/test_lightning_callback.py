@@ -200,11 +200,26 @@ def test_removed_when_the_fit_raises(tmp_path):
         pass
 
 
+def test_pooled_histograms_count_every_step_and_the_last_partial_pool_is_written(tmp_path):
+    """histograms=4 with 6 windows of 2 steps: one histogram of windows 1-4, and the partial pool
+    of windows 5-6 written when the fit ends; together they hold every step's gradient values."""
+    model = Net()
+    fit(tmp_path, model, [GradflowCallback(every_n_steps=2, histograms=4, verbose=False)])
+    accumulators = tensorboard(str(tmp_path))
+    events = [e for acc in accumulators if "grad/body/0/weight" in acc.Tags()["histograms"]
+              for e in acc.Histograms("grad/body/0/weight")]
+    assert [e.step for e in events] == [8, 12]
+    values_per_step = model.body[0].weight.numel()
+    assert [e.histogram_value.num for e in events] == [8 * values_per_step, 4 * values_per_step]
+    assert len(scalar_series(accumulators, "grad/body/0/weight/norm")) == 6     # scalars stay per window
+
+
 @pytest.mark.parametrize("kwargs,message", [
     (dict(every_n_steps=0), "every_n_steps must be a positive int"),
     (dict(every_n_steps=2.5), "every_n_steps must be a positive int"),
-    (dict(histograms="yes"), "histograms must be True or False"),
-], ids=["zero", "float", "not_bool"])
+    (dict(histograms="yes"), "histograms must be True, False or an int N >= 1"),
+    (dict(histograms=0), "histograms must be True, False or an int N >= 1"),
+], ids=["zero", "float", "not_bool", "histograms_zero"])
 def test_bad_arguments_are_refused_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=message):
         GradflowCallback(**kwargs)

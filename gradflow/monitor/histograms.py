@@ -1,0 +1,211 @@
+"""TensorBoard histograms: what a window asks for, pooled over N windows, and linear bins.
+
+A window asks for its histograms as raw counts (``HistogramRequests``): the 512 sign/exponent
+counts (``stats.py``) of a gradient, a weight or an activation, or the ``LINEAR_BINS`` equal-width
+counts of a bounded activation's outputs (tanh, sigmoid: octave bins would put tanh's whole
+0.5-1 range, where saturation shows, in one bin). Counts are additive, so ``HistogramPool``
+sums each tag's counts over ``every`` windows and builds one TensorBoard histogram per tag
+from them: every value of every recorded step is in it, none sampled, while the scalars stay
+per window. Weight histograms describe the weights at a window's end, a state and not a count
+of the window's steps: a pool keeps the last window's.
+
+Example:
+    >>> pool = HistogramPool(every=2)
+    >>> for step in range(3):
+    ...     requests = HistogramRequests()
+    ...     requests.linear(0, "activation/tanh_1", np.r_[np.zeros(LINEAR_BINS - 1), 4.0], (-1.0, 1.0))
+    ...     pool.add(requests, step)
+    ...     if pool.full:
+    ...         print(pool.take(members=1))          # doctest: +ELLIPSIS
+    (1, [{'activation/tanh_1': Histogram(limits=[1.0], counts=[8.0], min=0.96875, max=1.0, num=8.0, ...)}])
+    >>> pool.take(members=1)[0]                    # the partial pool, as on remove()
+    2
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from gradflow.monitor import stats as S
+from gradflow.monitor.stats import Histogram
+
+# Equal-width bins over a bounded activation's range: over tanh's [-1, 1] each is 1/32 wide, and
+# the last, [0.96875, 1], is about the band read as saturated (|a| > 0.97).
+LINEAR_BINS = 64
+
+
+@dataclass
+class _Request:
+    kind: str                           # "value" (sign/exponent), "log10" (of |x|) or "linear"
+    member: int
+    tag: str
+    counts: np.ndarray
+    bounds: tuple[float, float] | None = None   # "linear": the range the bins cover
+    state: bool = False                 # a state (weights at the window's end), not per-step counts
+
+
+class HistogramRequests:
+    """Histograms a window asks for, as raw counts, built together: one numpy pass over all
+    the rows of a kind instead of a few per family (on a small model the window's fixed costs
+    are what the monitor costs)."""
+
+    def __init__(self, requests: list[_Request] | None = None) -> None:
+        self.requests: list[_Request] = requests or []
+
+    def value(self, member: int, tag: str, counts: np.ndarray, *, state: bool = False) -> None:
+        """A histogram of the values behind 512 sign/exponent ``counts``; ``state``: they
+        describe the window's end (weights), so a pool keeps the latest instead of summing."""
+        self.requests.append(_Request("value", member, tag, counts, state=state))
+
+    def log10(self, member: int, tag: str, counts: np.ndarray) -> None:
+        """A histogram of log10 |x| behind 512 sign/exponent ``counts``."""
+        self.requests.append(_Request("log10", member, tag, counts))
+
+    def linear(self, member: int, tag: str, counts: np.ndarray, bounds: tuple[float, float]) -> None:
+        """A histogram of ``LINEAR_BINS`` equal-bin ``counts`` over ``bounds`` (see ``linear_histograms``)."""
+        self.requests.append(_Request("linear", member, tag, counts, bounds))
+
+    def build(self, members: int) -> list[dict[str, Histogram]]:
+        """Per member, tag -> histogram; a row with no finite value gets none (TensorBoard
+        cannot draw an empty histogram)."""
+        out: list[dict[str, Histogram]] = [{} for _ in range(members)]
+        for kind in ("value", "log10", "linear"):
+            requests = [r for r in self.requests if r.kind == kind]
+            if not requests:
+                continue
+            counts = np.stack([r.counts for r in requests])
+            built = (S.value_histograms(counts) if kind == "value" else S.log10_abs_histograms(counts)
+                     if kind == "log10" else linear_histograms(counts, [r.bounds for r in requests]))
+            for request, histogram in zip(requests, built):
+                if histogram is not None:
+                    out[request.member][request.tag] = histogram
+        return out
+
+
+class HistogramPool:
+    """Sums each tag's histogram counts over ``every`` windows (``every`` >= 1).
+
+    ``add`` each window's requests with its step; once ``full``, ``take`` builds the histograms
+    and empties the pool. ``take`` on a partial pool (the last windows of a run) builds what it
+    holds: nothing added is dropped. A histogram's step is its last window's.
+    """
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+        self.windows = 0
+        self.step: int | None = None
+        self._pooled: dict[tuple[str, int, str], _Request] = {}
+        self._direct: HistogramRequests | None = None     # every == 1: the window's own requests, uncopied
+
+    def add(self, requests: HistogramRequests, step: int) -> None:
+        if self.every == 1 and not self.windows:
+            self._direct = requests
+        else:
+            self._fold(self._direct.requests if self._direct is not None else [])
+            self._direct = None
+            self._fold(requests.requests)
+        self.windows += 1
+        self.step = step
+
+    def _fold(self, requests: list[_Request]) -> None:
+        for r in requests:
+            key = (r.kind, r.member, r.tag)
+            held = self._pooled.get(key)
+            if held is None or r.state:
+                self._pooled[key] = _Request(r.kind, r.member, r.tag, np.array(r.counts, dtype=np.float64),
+                                             r.bounds, r.state)
+            else:
+                held.counts += r.counts
+
+    @property
+    def full(self) -> bool:
+        return self.windows >= self.every
+
+    def take(self, members: int) -> tuple[int, list[dict[str, Histogram]]] | None:
+        """(step of the last window pooled, per member tag -> histogram), and an empty pool;
+        None if no window was added since the last take."""
+        if not self.windows:
+            return None
+        requests = self._direct or HistogramRequests(list(self._pooled.values()))
+        step = self.step
+        self._pooled, self._direct, self.windows, self.step = {}, None, 0, None
+        return step, requests.build(members)
+
+
+def check_every(histograms) -> int:
+    """Windows per histogram from the monitor's ``histograms`` argument: True -> 1, False -> 0,
+    an int N >= 1 -> N; anything else is a ``MonitorError``."""
+    from gradflow.monitor.tensors import MonitorError
+
+    if isinstance(histograms, bool):
+        return int(histograms)
+    if isinstance(histograms, (int, np.integer)) and histograms >= 1:
+        return int(histograms)
+    raise MonitorError(f"histograms must be True (every window), False (none) or an int N >= 1 (each histogram "
+                       f"sums N windows' counts), got {histograms!r}")
+
+
+# -- linear bins ------------------------------------------------------------------------------
+
+def linear_scale(bounds: tuple[float, float]) -> tuple[float, float, float]:
+    """(shift, scale, offset) with bin = floor((x - shift) * scale) + offset for ``LINEAR_BINS``
+    equal bins over ``bounds`` = (low, high), as ``numpy.histogram(x, LINEAR_BINS, range=bounds)``
+    bins them.
+
+    Where the bin width is a power of two and ``low`` a whole number of widths (tanh, softsign
+    and hardtanh over [-1, 1]; sigmoid, hardsigmoid over [0, 1]) the shift is 0: ``x * scale`` and
+    its floor are exact in float32, so every value lands in numpy's bin. Over other ranges
+    (ReLU6's [0, 6]) a value within float32 rounding of an edge may land in the bin beside it.
+
+    Example:
+        >>> linear_scale((-1.0, 1.0)), linear_scale((0.0, 6.0))
+        ((0.0, 32.0, 32.0), (0.0, 10.666666666666666, 0.0))
+    """
+    low, high = bounds
+    scale = LINEAR_BINS / (high - low)
+    exact = math.frexp(scale)[0] == 0.5 and float(low * scale).is_integer()
+    return (0.0, scale, -low * scale) if exact else (low, scale, 0.0)
+
+
+def count_linear(counts: torch.Tensor, flat: torch.Tensor, shift, scale, offset, first, last, nan_bin: int) -> None:
+    """Add the linear bins of 1-D ``flat`` into ``counts``: bin floor((x - shift) * scale) + offset
+    (see ``linear_scale``), kept in [first, last] (values beyond the range and +-Inf go to the end
+    bins), NaN into ``nan_bin``. ``shift`` (None: 0), ``scale``, ``offset``, ``first``, ``last``:
+    numbers, or tensors of one per element. No host sync.
+    """
+    values = flat.float()
+    if shift is not None:
+        values = values - shift
+    bins = (values * scale).floor_().add_(offset)
+    bins = torch.clamp(bins, first, last) if isinstance(first, torch.Tensor) else bins.clamp_(first, last)
+    S.count_into(counts, bins.nan_to_num_(nan=nan_bin).long())
+
+
+def linear_histograms(counts, bounds: list[tuple[float, float]]) -> list[Histogram | None]:
+    """TensorBoard histograms of rows of (R, ``LINEAR_BINS``) counts, equal bins over each row's
+    ``bounds``, trimmed to the nonempty bins. The moments are taken at bin centres, as for the
+    other histograms. A row with no value gives None.
+
+    Example:
+        >>> h = linear_histograms(np.r_[3.0, np.zeros(LINEAR_BINS - 2), 5.0][None], [(-1.0, 1.0)])[0]
+        >>> h.min, h.limits[0], h.limits[-1], h.counts[0], h.counts[-1], h.num
+        (-1.0, -0.96875, 1.0, 3.0, 5.0, 8.0)
+    """
+    counts = np.asarray(counts, dtype=np.float64).reshape(-1, LINEAR_BINS)
+    out: list[Histogram | None] = []
+    steps = np.arange(LINEAR_BINS + 1) / LINEAR_BINS
+    for row, (low, high) in zip(counts, bounds):
+        nonempty = np.flatnonzero(row)
+        if not len(nonempty):
+            out.append(None)
+            continue
+        a, b = int(nonempty[0]), int(nonempty[-1]) + 1
+        edges = low + (high - low) * steps
+        centres = (edges[:-1] + edges[1:]) / 2
+        out.append(Histogram(edges[a + 1:b + 1].tolist(), row[a:b].tolist(), float(edges[a]), float(edges[b]),
+                             float(row.sum()), float(row @ centres), float(row @ (centres * centres))))
+    return out

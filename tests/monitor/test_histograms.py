@@ -1,0 +1,302 @@
+"""TensorBoard histograms in the event file: pooled over N windows (``histograms=N``) and, for
+bounded activations, equal bins over the range. Oracles: numpy.histogram of the very gradients
+and activation outputs, counts summed by hand over the windows a histogram covers."""
+
+from __future__ import annotations
+
+import itertools
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
+from torch.utils.tensorboard import SummaryWriter
+
+from gradflow import GradientMonitor, MonitorError
+from gradflow.monitor import stats as S
+from gradflow.monitor.histograms import LINEAR_BINS, linear_scale
+
+
+@pytest.fixture(params=["fused", "torch-ops"])
+def reduction_path(request, monkeypatch):
+    if request.param == "torch-ops":
+        monkeypatch.setattr(S, "_KERNELS", False)
+    elif S.fused_kernels() is None:
+        pytest.skip("numba is not installed")
+    return request.param
+
+
+def tanh_net(width: int = 6, inputs: int = 2) -> nn.Sequential:
+    return nn.Sequential(OrderedDict(dense_1=nn.Linear(inputs, width), tanh_1=nn.Tanh(),
+                                     dense_2=nn.Linear(width, width), sigmoid_2=nn.Sigmoid(),
+                                     dense_3=nn.Linear(width, width), relu_3=nn.ReLU(), dense_4=nn.Linear(width, 1)))
+
+
+class Recorder:
+    """Every gradient (at the optimizer step) and every activation output of each window."""
+
+    def __init__(self, model: nn.Module, taps=("tanh_1", "sigmoid_2", "relu_3")) -> None:
+        self.params = dict(model.named_parameters())
+        self.grads: list[dict[str, list[np.ndarray]]] = []
+        self.outputs: list[dict[str, list[np.ndarray]]] = []
+        for name in taps:
+            getattr(model, name).register_forward_hook(self._hook(name))
+        self.taps = taps
+        self.new_window()
+
+    def _hook(self, name: str):
+        def hook(module, inputs, output) -> None:
+            if torch.is_grad_enabled():                   # training passes, as the monitor taps
+                self.outputs[-1][name].append(output.detach().double().reshape(-1).numpy().copy())
+        return hook
+
+    def new_window(self) -> None:
+        self.grads.append({name: [] for name in self.params})
+        self.outputs.append({name: [] for name in self.taps})
+
+    def capture(self) -> None:
+        for name, p in self.params.items():
+            self.grads[-1][name].append(p.grad.detach().double().reshape(-1).numpy().copy())
+
+    def grad_values(self, name: str, windows) -> np.ndarray:
+        return np.concatenate([g for w in windows for g in self.grads[w][name]])
+
+    def output_values(self, name: str, windows) -> np.ndarray:
+        return np.concatenate([o for w in windows for o in self.outputs[w][name]])
+
+
+def train_windows(model, monitor, recorder, steps_per_window, inputs=2, batch=16, seed=0, scale=1.0):
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for window, steps in enumerate(steps_per_window):
+        for _ in range(steps):
+            x = torch.randn(batch, inputs, generator=generator) * scale
+            optimizer.zero_grad()
+            model(x).pow(2).mean().backward()
+            recorder.capture()
+            optimizer.step()
+        monitor.log(window)
+        if window < len(steps_per_window) - 1:
+            recorder.new_window()
+    return optimizer
+
+
+def histograms(logdir, tag) -> list:
+    return EventAccumulator(str(logdir), size_guidance={"histograms": 0}).Reload().Histograms(tag)
+
+
+def bucket_counts(h) -> tuple[np.ndarray, np.ndarray]:
+    """A TensorBoard histogram's edges (min, then each bucket's right limit) and counts."""
+    return np.array([h.min, *h.bucket_limit]), np.array(h.bucket)
+
+
+def assert_linear_bins(h, values: np.ndarray, bounds: tuple[float, float]) -> None:
+    """``h`` holds numpy.histogram's counts of ``values`` over LINEAR_BINS equal bins of
+    ``bounds``: its edges lie on that grid, and each kept bucket (an empty one may stand for a
+    gap of empty bins) has the count numpy gives it."""
+    edges, counts = bucket_counts(h)
+    grid = (edges - bounds[0]) / (bounds[1] - bounds[0]) * LINEAR_BINS
+    np.testing.assert_allclose(grid, np.round(grid), atol=1e-9)
+    full, _ = np.histogram(values, LINEAR_BINS, range=bounds)
+    index = np.round(grid).astype(int)
+    expected = [full[a:b].sum() for a, b in itertools.pairwise(index)]
+    np.testing.assert_array_equal(counts, expected)
+    assert h.num == len(values) == full.sum()
+
+
+def test_a_histogram_sums_every_step_of_its_windows(tmp_path, reduction_path):
+    """histograms=3 over 7 windows: histograms at the 3rd, 6th and (flushed on leaving ``with``)
+    7th window, each holding every gradient value of every step of its windows, bucket by bucket."""
+    torch.manual_seed(0)
+    model = tanh_net()
+    recorder = Recorder(model)
+    steps = [4, 3, 5, 2, 6, 1, 3]
+    with SummaryWriter(tmp_path) as writer, GradientMonitor(model, writer, histograms=3, activations_every=1) as monitor:
+        train_windows(model, monitor, recorder, steps)
+    assert [w.steps for w in monitor.history] == steps                        # scalars stay per window
+    pools = {2: [0, 1, 2], 5: [3, 4, 5], 6: [6]}
+    for name, p in model.named_parameters():
+        tag = name.replace(".", "/")
+        points = histograms(tmp_path, f"grad/{tag}")
+        assert [point.step for point in points] == list(pools)
+        for point in points:
+            values = recorder.grad_values(name, pools[point.step])
+            edges, counts = bucket_counts(point.histogram_value)
+            assert point.histogram_value.num == len(values) == sum(steps[w] for w in pools[point.step]) * p.numel()
+            expected, _ = np.histogram(values, edges)
+            np.testing.assert_array_equal(counts, expected, err_msg=f"{tag} at {point.step}")
+        logs = histograms(tmp_path, f"grad_log10/{tag}")
+        assert [point.step for point in logs] == list(pools)
+        for point in logs:
+            values = recorder.grad_values(name, pools[point.step])
+            edges, counts = bucket_counts(point.histogram_value)
+            expected, _ = np.histogram(np.log10(np.abs(values[values != 0])), edges)
+            np.testing.assert_array_equal(counts, expected, err_msg=f"log10 {tag} at {point.step}")
+    # Weights are a state: each histogram is the weights at its step, not a sum of windows.
+    weight = histograms(tmp_path, "weight/dense_1/weight")
+    assert [point.step for point in weight] == list(pools)
+    final = model.dense_1.weight.detach().double().reshape(-1).numpy()
+    edges, counts = bucket_counts(weight[-1].histogram_value)
+    np.testing.assert_array_equal(counts, np.histogram(final, edges)[0])
+
+
+@pytest.mark.parametrize("every", [True, 1], ids=["true", "one"])
+def test_every_window_by_default_and_with_one(tmp_path, every):
+    torch.manual_seed(1)
+    model = tanh_net()
+    recorder = Recorder(model)
+    kwargs = {} if every is True else {"histograms": every}
+    with SummaryWriter(tmp_path) as writer, GradientMonitor(model, writer, **kwargs) as monitor:
+        train_windows(model, monitor, recorder, [2, 3, 1])
+    points = histograms(tmp_path, "grad/dense_2/weight")
+    assert [(point.step, point.histogram_value.num) for point in points] == [(0, 2 * 36), (1, 3 * 36), (2, 36)]
+
+
+def test_partial_pools_are_written_by_remove_flush_and_late_logs(tmp_path):
+    torch.manual_seed(2)
+    model = tanh_net()
+    recorder = Recorder(model)
+    writer = SummaryWriter(tmp_path)
+    monitor = GradientMonitor(model, writer, histograms=4)
+    optimizer = train_windows(model, monitor, recorder, [1, 1, 1, 1, 1, 1])   # windows 0-3 pooled, 4-5 pending
+    monitor.flush()                                                           # as before a checkpoint
+    monitor.flush()                                                           # nothing left: nothing written
+    model(torch.randn(4, 2)).sum().backward()
+    optimizer.step()
+    monitor.log(6)
+    monitor.remove()                                                          # window 6 is written now
+    monitor.remove()
+    model(torch.randn(4, 2)).sum().backward()
+    monitor.record()
+    monitor.log(7)                                                            # detached: written at once
+    writer.close()
+    points = histograms(tmp_path, "grad/dense_1/weight")
+    assert [(point.step, point.histogram_value.num) for point in points] == [(3, 48), (5, 24), (6, 12), (7, 12)]
+
+
+@pytest.mark.parametrize("bad", [0, -3, 2.5, "10", None, [2]], ids=["zero", "negative", "float", "str", "none", "list"])
+def test_bad_histograms_values_are_one_line_errors(bad):
+    with pytest.raises(MonitorError, match=r"^histograms must be True \(every window\), False \(none\) or an int "
+                                           r"N >= 1 .*got ") as error:
+        GradientMonitor(tanh_net(), histograms=bad)
+    assert "\n" not in str(error.value)
+
+
+def test_bounded_activations_get_equal_bins_over_their_range(tmp_path, reduction_path):
+    """tanh over [-1, 1] and sigmoid over [0, 1]: LINEAR_BINS equal bins, numpy.histogram's counts
+    of the tapped outputs of the windows pooled; ReLU keeps the octave bins."""
+    torch.manual_seed(3)
+    model = tanh_net(width=8)
+    with torch.no_grad():
+        model.dense_1.weight.mul_(3)                      # saturate some tanh units
+    recorder = Recorder(model)
+    with SummaryWriter(tmp_path) as writer, GradientMonitor(model, writer, histograms=2, activations_every=1) as monitor:
+        train_windows(model, monitor, recorder, [3, 2, 4], scale=2.0)
+    pools = {1: [0, 1], 2: [2]}
+    for name, bounds in (("tanh_1", (-1.0, 1.0)), ("sigmoid_2", (0.0, 1.0))):
+        points = histograms(tmp_path, f"activation/{name}")
+        assert [point.step for point in points] == list(pools)
+        for point in points:
+            assert_linear_bins(point.histogram_value, recorder.output_values(name, pools[point.step]), bounds)
+    saturated = recorder.output_values("tanh_1", [0, 1])
+    top = histograms(tmp_path, "activation/tanh_1")[0].histogram_value
+    assert top.bucket_limit[-1] == 1.0 and top.bucket[-1] == np.sum(saturated >= 1 - 2 / LINEAR_BINS)
+    relu = histograms(tmp_path, "activation/relu_3")[0].histogram_value
+    assert relu.num == len(recorder.output_values("relu_3", [0, 1]))
+    assert all(np.log2(limit).is_integer() for limit in relu.bucket_limit if limit > 0)     # octaves
+
+
+def test_large_bounded_outputs_and_nan_outputs(tmp_path, reduction_path):
+    """Outputs of 65,536 elements and more take the large path; NaN outputs are left out of the
+    histogram (they are counted as non-finite in the sign/exponent counts)."""
+    torch.manual_seed(4)
+    model = nn.Sequential(OrderedDict(dense_1=nn.Linear(4, 2048), tanh_1=nn.Tanh(), dense_2=nn.Linear(2048, 1)))
+    outputs = []
+    model.tanh_1.register_forward_hook(lambda m, i, o: outputs.append(o.detach().double().reshape(-1).numpy().copy())
+                                       and None)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    with SummaryWriter(tmp_path) as writer, GradientMonitor(model, writer, histograms=2, activations_every=1) as monitor:
+        for window in range(2):
+            x = torch.randn(64, 4) * 3
+            if window == 1:
+                x[0, 0] = float("nan")                   # one row of NaN outputs
+            optimizer.zero_grad()
+            model(x).sum().backward()
+            optimizer.step()
+            monitor.log(window)
+    values = np.concatenate(outputs)
+    finite = values[np.isfinite(values)]
+    assert len(finite) == len(values) - 2048
+    (point,) = histograms(tmp_path, "activation/tanh_1")
+    assert_linear_bins(point.histogram_value, finite, (-1.0, 1.0))
+
+
+class BatchedLinear(nn.Module):
+    def __init__(self, members: int, inputs: int, outputs: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(members, outputs, inputs) * 0.5)
+        self.bias = nn.Parameter(torch.randn(members, 1, outputs) * 0.1)
+
+    def forward(self, x):
+        return torch.baddbmm(self.bias, x, self.weight.transpose(1, 2))
+
+
+def test_members_pool_their_own_counts(tmp_path, reduction_path):
+    """members=3, one writer each, histograms=2 over 3 windows: each member's event file holds
+    its own gradients and tanh outputs, pooled, and the last window flushed on remove()."""
+    torch.manual_seed(5)
+    members = 3
+    model = nn.Sequential(OrderedDict(dense_1=BatchedLinear(members, 2, 4), tanh_1=nn.Tanh(),
+                                      dense_2=BatchedLinear(members, 4, 1)))
+    grads = [[] for _ in range(members)]
+    outputs = [[] for _ in range(members)]
+
+    def keep(module, inputs, output) -> None:
+        for k in range(members):
+            outputs[k].append(output[k].detach().double().reshape(-1).numpy().copy())
+
+    model.tanh_1.register_forward_hook(keep)
+    writers = [SummaryWriter(tmp_path / f"member_{k}") for k in range(members)]
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor = GradientMonitor(model, writers, members=members, histograms=2, activations_every=1)
+    for window, steps in enumerate([2, 3, 1]):
+        for _ in range(steps):
+            optimizer.zero_grad()
+            model(torch.randn(members, 8, 2)).pow(2).mean(dim=(1, 2)).sum().backward()
+            for k in range(members):
+                grads[k].append(model.dense_1.weight.grad[k].detach().double().reshape(-1).numpy().copy())
+            optimizer.step()
+        monitor.log(window)
+    monitor.remove()
+    for w in writers:
+        w.close()
+    for k in range(members):
+        points = histograms(tmp_path / f"member_{k}", "grad/dense_1/weight")
+        assert [point.step for point in points] == [1, 2]
+        for point, span in zip(points, [slice(0, 5), slice(5, 6)]):
+            values = np.concatenate(grads[k][span])
+            edges, counts = bucket_counts(point.histogram_value)
+            np.testing.assert_array_equal(counts, np.histogram(values, edges)[0], err_msg=f"member {k}")
+        (first, last) = histograms(tmp_path / f"member_{k}", "activation/tanh_1")
+        assert_linear_bins(first.histogram_value, np.concatenate(outputs[k][:5]), (-1.0, 1.0))
+        assert_linear_bins(last.histogram_value, np.concatenate(outputs[k][5:]), (-1.0, 1.0))
+
+
+def test_linear_scale_is_exact_where_the_bin_width_is_a_power_of_two():
+    """tanh's, sigmoid's and hardtanh's default ranges bin by a power-of-two scale: float32 values
+    right at, and one ulp either side of, every edge land in numpy.histogram's bin."""
+    from gradflow.monitor.histograms import count_linear
+
+    for bounds in ((-1.0, 1.0), (0.0, 1.0), (-2.0, 2.0)):
+        shift, scale, offset = linear_scale(bounds)
+        assert shift == 0.0
+        edges = np.linspace(*bounds, LINEAR_BINS + 1).astype(np.float32)
+        values = np.concatenate([edges, np.nextafter(edges, np.float32(-np.inf)),
+                                 np.nextafter(edges, np.float32(np.inf))])
+        values = values[(values >= bounds[0]) & (values <= bounds[1])]
+        counts = torch.zeros(LINEAR_BINS + 1, dtype=torch.int64)
+        count_linear(counts, torch.from_numpy(values), None, scale, offset, 0, LINEAR_BINS - 1, LINEAR_BINS)
+        expected, _ = np.histogram(values.astype(np.float64), LINEAR_BINS, range=bounds)
+        np.testing.assert_array_equal(counts[:LINEAR_BINS].numpy(), expected, err_msg=str(bounds))
