@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, NoReturn, Optional, Sequence
 
 from gradflow.errors import ConfigError
+from gradflow.startup import StartupCollector, prepare_exit
 
 EXIT_OK, EXIT_BAD_INPUT, EXIT_NONFINITE = 0, 2, 3
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}  # 128 + the signal, as shells report it
@@ -88,6 +89,15 @@ def cmd_train(args: argparse.Namespace) -> int:
         raise ConfigError("--workers: only with --seeds (one run trains in one process)")
     if args.seeds is not None:
         return cmd_train_seeds(args)
+    collector = StartupCollector()  # no garbage collections until the first epoch ends (gradflow.startup)
+    try:
+        return _train_solo(args, collector)
+    finally:
+        collector.close()
+
+
+def _train_solo(args: argparse.Namespace, collector: StartupCollector) -> int:
+    """One run (new or ``--resume``); ``collector`` is called after each epoch."""
     from gradflow.experiments import solo
     from gradflow.experiments.train import check_device
 
@@ -105,7 +115,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     import torch
 
     torch.set_num_threads(args.threads)  # measured: 2 threads on a loaded 2-core box ran 35x slower
-    run = solo.train_run(cfg, run_dir, device, progress=False if args.quiet else None, resume=state)
+    run = solo.train_run(cfg, run_dir, device, progress=False if args.quiet else None, resume=state,
+                         callbacks=[collector])
     result = run.result
 
     print(f"Train: {result.train_accuracy:.3f}, Test: {result.test_accuracy:.3f}")
@@ -319,12 +330,20 @@ def add_analysis_commands(subparsers: Any) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Entry point of the ``gradflow`` console script; returns the exit status.
+    """Entry point of the ``gradflow`` console script; returns the exit status. Without ``argv``
+    (the console script, ``python -m gradflow.cli``) the process ends next: ``prepare_exit``.
 
     Example:
         >>> main(["train", "missing.yaml"])  # doctest: +SKIP
         2
     """
+    status = _run(argv)
+    if argv is None:
+        prepare_exit()
+    return status
+
+
+def _run(argv: Optional[Sequence[str]]) -> int:
     parser = build_parser()
     try:
         args, extra = parser.parse_known_args(argv)

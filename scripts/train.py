@@ -14,6 +14,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gradflow.cli import main  # noqa: E402
+from gradflow.startup import prepare_exit  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(["train", *sys.argv[1:]]))
+    status = main(["train", *sys.argv[1:]])
+    prepare_exit()
+    sys.exit(status)

@@ -13,8 +13,9 @@ ALLOWED = {
     "analysis": {"monitor", "errors"},
     "experiments": {"analysis", "monitor", "errors"},
     "integrations": {"analysis", "monitor"},   # beside the monitor; the verdict comes from the analysis
-    "cli": {"experiments", "analysis", "monitor", "errors"},
+    "cli": {"experiments", "analysis", "monitor", "errors", "startup"},
     "errors": set(),
+    "startup": set(),                          # the garbage collector at start and exit, for cli
     "__init__": {"monitor"},
 }
 
@@ -84,3 +85,38 @@ def test_the_command_line_imports_no_heavy_package():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=PACKAGE.parent).stdout
     assert out.strip() == "[]"
+
+
+def test_a_run_with_cached_data_imports_no_sklearn_and_no_matplotlib_before_its_first_epoch(tmp_path):
+    """What the first epoch waits for (benchmarks/startup.py times it): not sklearn when the
+    cache holds the data, not matplotlib (plots are drawn at the end)."""
+    import subprocess
+    import sys
+
+    from gradflow.experiments.config import DataConfig
+    from gradflow.experiments.data import load_dataset
+
+    load_dataset(DataConfig())           # into the conftest's cache (GRADFLOW_CACHE_DIR), which the run reads
+    code = f"""
+import sys
+import gradflow.experiments.solo as solo
+from gradflow.cli import main
+
+HEAVY = ("sklearn", "matplotlib")
+seen = []
+fit = solo.fit
+
+class Spy:
+    def epoch_end(self, epoch, metrics):
+        if not seen:
+            seen.append(sorted(m for m in HEAVY if m in sys.modules))
+
+def spy(*args, callbacks=(), **kwargs):
+    return fit(*args, callbacks=[*callbacks, Spy()], **kwargs)
+
+solo.fit = spy
+assert main(["train", "configs/deep_relu.yaml", "train.epochs=1", "--logdir", {str(tmp_path)!r}, "--quiet"]) == 0
+print(seen[0], "matplotlib" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PACKAGE.parent, check=True).stdout
+    assert out.splitlines()[-1] == "[] True"   # matplotlib only after training, for the plots

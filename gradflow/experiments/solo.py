@@ -14,17 +14,19 @@ from __future__ import annotations
 import signal
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
 
 import torch
 
-from gradflow.analysis.diagnose import Diagnosis
 from gradflow.analysis.windows import GRADIENTS_FILE, load_windows
 from gradflow.experiments import rundir
 from gradflow.experiments.config import Config, load_config, to_dict
 from gradflow.experiments.recording import MonitorCallback, write_tensorboard_layout
 from gradflow.experiments.train import EpochScalars, TrainResult, build_from_config, check_device, fit
 from gradflow.monitor import GradientMonitor
+
+if TYPE_CHECKING:  # the analysis loads when the outputs are written, after training
+    from gradflow.analysis.diagnose import Diagnosis
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)  # what asks a run to stop after its epoch
 
@@ -91,9 +93,10 @@ class SoloRun:
 
 
 def train_run(cfg: Config, run_dir: Path, device: torch.device, *, progress: Optional[bool] = None,
-              resume: Optional[dict[str, Any]] = None) -> SoloRun:
+              resume: Optional[dict[str, Any]] = None, callbacks: Sequence[Any] = ()) -> SoloRun:
     """Train ``cfg`` into ``run_dir`` (TensorBoard events, monitor tables, checkpoints), then write
-    its outputs. SIGINT/SIGTERM stop it after the epoch, with a checkpoint to resume from."""
+    its outputs. SIGINT/SIGTERM stop it after the epoch, with a checkpoint to resume from.
+    ``callbacks``: more trainer callbacks (``gradflow.experiments.train.Callback``), called last."""
     from torch.utils.tensorboard import SummaryWriter
 
     # On resume, purge_step makes TensorBoard drop events at or after the first epoch to run that
@@ -104,23 +107,24 @@ def train_run(cfg: Config, run_dir: Path, device: torch.device, *, progress: Opt
         with StopOnSignal() as stop:
             model, data = build_from_config(cfg)
             result, windows = fit_monitored(cfg, model.to(device), data, writer, run_dir, device,
-                                            progress=progress, stop=stop, resume=resume)
+                                            progress=progress, stop=stop, resume=resume, callbacks=callbacks)
         from gradflow.experiments.outputs import write_outputs  # matplotlib: after training, not before epoch 0
 
         summary, diagnosis = write_outputs(run_dir, cfg, result, windows, writer=writer, stopped_by=stop.signal)
     return SoloRun(result, summary, diagnosis, stop.signal)
 
 
-def fit_monitored(cfg, model, data, writer, run_dir, device, progress=None, stop=None, resume=None):
+def fit_monitored(cfg, model, data, writer, run_dir, device, progress=None, stop=None, resume=None, callbacks=()):
     """``fit`` with the epoch scalars and, when ``cfg.monitor.enabled``, the gradient monitor
-    streaming to ``writer`` and its tables in ``run_dir``. Returns (result, monitor windows).
+    streaming to ``writer`` and its tables in ``run_dir``, then ``callbacks``. Returns (result,
+    monitor windows).
 
     The monitor is attached after the model is on its device and removed however fit ends.
     Checkpoints (atomic) go to ``run_dir`` with the config and the monitor's window count;
     ``resume`` is a checkpoint to go on from (the monitor's earlier windows are read back from
     the tables: at an epoch boundary its accumulators are empty).
     """
-    callbacks: list = [EpochScalars(writer)]
+    extra, callbacks = list(callbacks), [EpochScalars(writer)]
     earlier = load_windows(run_dir) if resume is not None and (run_dir / GRADIENTS_FILE).exists() else []
 
     def checkpoint(state: dict, windows: int = 0) -> None:
@@ -131,7 +135,7 @@ def fit_monitored(cfg, model, data, writer, run_dir, device, progress=None, stop
     if resume is not None:  # before attaching: the monitor's first weight snapshot is the checkpoint's
         model.load_state_dict(resume["model"])
     if not cfg.monitor.enabled:
-        return fit(model, data, cfg.optimizer, cfg.train, callbacks=callbacks, checkpoint=checkpoint, **run), []
+        return fit(model, data, cfg.optimizer, cfg.train, callbacks=callbacks + extra, checkpoint=checkpoint, **run), []
     settings = cfg.monitor
     with GradientMonitor(model, writer, histograms=settings.histograms, weights=settings.weights,
                          activations=settings.activations, activations_every=settings.activations_every) as monitor:
@@ -142,7 +146,7 @@ def fit_monitored(cfg, model, data, writer, run_dir, device, progress=None, stop
             checkpoint(state, len(earlier) + len(monitor.history))
 
         try:
-            result = fit(model, data, cfg.optimizer, cfg.train, callbacks=callbacks + [recorder],
+            result = fit(model, data, cfg.optimizer, cfg.train, callbacks=callbacks + [recorder] + extra,
                          checkpoint=save, **run)
         finally:
             recorder.close()

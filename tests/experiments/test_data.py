@@ -1,4 +1,4 @@
-"""Data: exactly the tutorial's circles (sklearn's own output), and the registry."""
+"""Data: exactly the tutorial's circles (sklearn's own output), the registry, and the cache."""
 
 import numpy as np
 import pytest
@@ -7,7 +7,7 @@ from sklearn.datasets import make_circles, make_moons
 from sklearn.preprocessing import MinMaxScaler
 
 from gradflow.experiments.config import DataConfig
-from gradflow.experiments.data import DATASETS, load_dataset
+from gradflow.experiments.data import DATASETS, cache_dir, load_dataset
 
 
 def sklearn_reference(make, **kwargs):
@@ -59,3 +59,52 @@ def test_registry_accepts_a_new_dataset(monkeypatch):
 
     monkeypatch.setitem(DATASETS, "blobs", blobs)
     assert load_dataset(DataConfig(name="blobs")).x_train.shape == (500, 2)
+
+
+def cached_files(name):
+    return sorted((cache_dir() / "data").glob(f"{name}-*.npz"))
+
+
+@pytest.mark.parametrize(("name", "make"), [("circles", make_circles), ("moons", make_moons)], ids=["circles", "moons"])
+def test_cache_holds_exactly_what_sklearn_draws(monkeypatch, tmp_path, name, make):
+    monkeypatch.setenv("GRADFLOW_CACHE_DIR", str(tmp_path))
+    drawn = load_dataset(DataConfig(name=name, noise=0.2))            # a miss: sklearn draws, then stored
+    assert len(cached_files(name)) == 1
+    stored = load_dataset(DataConfig(name=name, noise=0.2))           # a hit
+    x, y = make(n_samples=1000, noise=0.2, random_state=1)
+    x = MinMaxScaler(feature_range=(-1, 1)).fit_transform(x)
+    for ds in (drawn, stored):
+        np.testing.assert_array_equal(torch.cat([ds.x_train, ds.x_test]).numpy(), x.astype(np.float32))
+        np.testing.assert_array_equal(torch.cat([ds.y_train, ds.y_test]).numpy().ravel(), y.astype(np.float32))
+
+
+def test_cache_keys_every_value_and_reads_a_broken_file_as_a_miss(monkeypatch, tmp_path):
+    monkeypatch.setenv("GRADFLOW_CACHE_DIR", str(tmp_path))
+    load_dataset(DataConfig())
+    load_dataset(DataConfig(random_state=2))
+    load_dataset(DataConfig(factor=0.5))
+    assert len(cached_files("circles")) == 3
+    for path in cached_files("circles"):
+        path.write_bytes(b"not an npz")
+    x_tr, *_ = sklearn_reference(make_circles)
+    np.testing.assert_array_equal(load_dataset(DataConfig()).x_train.numpy(), x_tr.astype(np.float32))
+    assert load_dataset(DataConfig()).x_train.shape == (500, 2)   # the broken file was replaced
+
+
+def test_cache_off_and_plugged_in_datasets_write_nothing(monkeypatch, tmp_path):
+    monkeypatch.setenv("GRADFLOW_CACHE_DIR", "off")
+    assert cache_dir() is None
+    load_dataset(DataConfig())
+    monkeypatch.setenv("GRADFLOW_CACHE_DIR", str(tmp_path))
+    monkeypatch.setitem(DATASETS, "circles", lambda n, noise, seed, factor: make_circles(n, noise=noise, random_state=seed))
+    load_dataset(DataConfig())           # not the built-in builder: drawn every time, never cached
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cache_does_not_hide_an_unwritable_directory(monkeypatch, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("a file where the cache directory would go")
+    monkeypatch.setenv("GRADFLOW_CACHE_DIR", str(blocker))
+    x_tr, *_ = sklearn_reference(make_circles)
+    np.testing.assert_array_equal(load_dataset(DataConfig()).x_train.numpy(), x_tr.astype(np.float32))
+
