@@ -184,8 +184,8 @@ def resnet18(classes: int = 10, in_channels: int = 3) -> ResNet:
     Shapes: (N, in_channels, H, W) float -> (N, classes) logits.
 
     Example:
-        >>> resnet18()(torch.zeros(1, 3, 32, 32)).shape
-        torch.Size([1, 10])
+        >>> resnet18()(torch.zeros(2, 3, 32, 32)).shape
+        torch.Size([2, 10])
     """
     return ResNet((2, 2, 2, 2), classes, in_channels)
 
