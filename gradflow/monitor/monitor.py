@@ -369,7 +369,16 @@ class GradientMonitor:
                 sink.log({}, {prefix + tag: h for tag, h in histograms[k].items()}, step)
 
     def member_history(self, member: int) -> list[Window]:
-        """The windows of one member of a batched model (``members`` > 1)."""
+        """The windows of member ``member`` (0 <= member < ``members``) of a batched model; with
+        ``members`` == 1, member 0's windows are the whole history.
+
+        Raises:
+            MonitorError: ``member`` is not one of the monitor's members.
+        """
+        if isinstance(member, bool) or not isinstance(member, int) or not 0 <= member < self.members:
+            raise MonitorError(f"member must be an int from 0 to {self.members - 1} (members={self.members}), got {member!r}")
+        if self.members == 1:
+            return list(self.history)
         return [w for w in self.history if w.member == member]
 
     def _read_back(self) -> dict[str, np.ndarray]:

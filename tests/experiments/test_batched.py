@@ -130,13 +130,16 @@ def test_member_monitor_statistics_equal_solo_statistics(config):
                 assert got.activations[name] == pytest.approx(row, rel=1e-4, abs=1e-6), name
 
 
-def test_train_members_writes_a_solo_style_run_directory_per_member(tmp_path):
+@pytest.mark.parametrize("seeds", [SEEDS, SEEDS[:1]], ids=["several", "one"])
+def test_train_members_writes_a_solo_style_run_directory_per_member(tmp_path, seeds):
+    """Also a worker's share of one seed (``--seeds 0-1`` over 2 workers): its verdict too."""
     cfg = load_config("configs/deep_relu.yaml", ["train.epochs=2"])
-    dirs = [tmp_path / f"seed{s}" for s in SEEDS]
+    dirs = [tmp_path / f"seed{s}" for s in seeds]
     for d in dirs:
         d.mkdir()
-    summaries = train_members(cfg, SEEDS, dirs)
-    for seed, d, summary in zip(SEEDS, dirs, summaries):
+    summaries = train_members(cfg, seeds, dirs)
+    assert len(summaries) == len(seeds)
+    for seed, d, summary in zip(seeds, dirs, summaries):
         names = {p.name for p in d.iterdir()}
         assert {"config.yaml", "history.csv", "summary.json", "accuracy.png", "gradients.csv", "activations.csv"} <= names
         assert any(n.startswith("events.out.tfevents") for n in names)

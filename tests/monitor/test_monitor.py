@@ -426,6 +426,21 @@ def test_members_of_a_batched_model_get_their_own_statistics(reduction_path):
     assert logged[0]["dense_1.weight"]["norm"] != logged[1]["dense_1.weight"]["norm"]
 
 
+def test_member_history_of_a_single_member_monitor_is_its_whole_history():
+    model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with GradientMonitor(model) as monitor:
+        for step in range(2):
+            optimizer.zero_grad()
+            model(torch.randn(4, 2)).sum().backward()
+            optimizer.step()
+            monitor.log(step)
+        assert monitor.member_history(0) == monitor.history and len(monitor.history) == 2
+        for bad in (1, -1, "0", True):
+            with pytest.raises(MonitorError, match="member must be an int from 0 to 0"):
+                monitor.member_history(bad)
+
+
 def test_members_must_match_every_parameter():
     with pytest.raises(MonitorError, match="leading dimension of 3"):
         GradientMonitor(mlp(), members=3)
