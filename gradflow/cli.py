@@ -141,6 +141,10 @@ def cmd_train_seeds(args: argparse.Namespace) -> int:
     from gradflow.experiments.sweeps.grid import parse_seeds
     from gradflow.experiments.train import check_device
 
+    if args.seeds.strip().isdigit():   # "--seeds 3" reads as "3 seeds" as often as "seed 3"
+        n = int(args.seeds)
+        raise ConfigError(f"--seeds {args.seeds}: a single number is ambiguous; for {n} seeds write "
+                          f"--seeds 0-{max(n - 1, 0)}, for seed {n} alone --seed {n}")
     seeds = parse_seeds(args.seeds)
     if args.seed is not None:
         raise ConfigError("--seed and --seeds: pass one of them (--seeds 0-9 runs seeds 0 to 9)")

@@ -32,8 +32,10 @@ ADVICE = {
     "dead-units": "Whole ReLU layers output zero for every input and pass no gradient back. Use fewer layers "
                   "(ReLU with He init learns at depth 5; at depth 20 and width 5 most seeds die), a smaller "
                   "learning rate, LeakyReLU, batch normalization or residual connections, or another seed.",
-    "stalled": "The loss has stopped falling, so more epochs will not help; if nothing else is flagged, try "
-               "another learning rate or optimizer (Adam).",
+    "stalled": "The loss barely fell after the early part. A deep net can sit on a plateau before it learns "
+               "(a deep ReLU seed at 30 epochs does, and learns by 60), so on a short run train longer first; "
+               "if the loss still does not fall and nothing else is flagged, try another learning rate, or "
+               "Adam if you use SGD.",
 }
 
 

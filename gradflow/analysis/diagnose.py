@@ -61,6 +61,8 @@ class Diagnosis:
     fractions), ``loss`` (first, early, best, last) and ``checks`` (per verdict: whether it
     fired, the measured value, the threshold and a phrase saying why).
 
+    ``print(d)`` prints ``d.report()``.
+
     Example:
         >>> d = Diagnosis(["healthy"], {"checks": {}}, "Nothing to fix.")
         >>> d.line()
@@ -81,6 +83,10 @@ class Diagnosis:
                    if check.get("fired") and name in self.verdicts]
         text = f"Verdict: {', '.join(self.verdicts)}"
         return f"{text} ({'; '.join(reasons)})" if reasons else text
+
+    def __str__(self) -> str:
+        """``print(diagnosis)`` shows the report; ``repr`` keeps the raw fields."""
+        return self.report()
 
     def report(self) -> str:
         """Several lines for a person: the verdict, an evidence table per layer, the advice."""

@@ -48,6 +48,12 @@ def test_report_has_tables_checks_and_advice():
     assert "Checks:" in report and "Recommendation:" in report and "Xavier" in report
 
 
+def test_print_shows_the_report_and_repr_the_fields():
+    d = diagnose(history(saturated=0.9), FALLING)
+    assert str(d) == d.report()
+    assert repr(d).startswith("Diagnosis(verdicts=")
+
+
 class FakeWriter:
     def __init__(self):
         self.scalars, self.texts = {}, {}

@@ -120,8 +120,10 @@ def test_bad_sweep_file_exits_2_with_one_line(tmp_path, capsys, change, message)
     (["train", DEEP_TANH, "--seeds", "0-1", "model.depth=0"], "model.depth: must be > 0"),
     (["train", DEEP_TANH, "--workers", "2"], "--workers: only with --seeds"),
     (["train", DEEP_TANH, "--seeds", "0-1", "--workers", "0"], "--workers: must be >= 1"),
+    (["train", DEEP_TANH, "--seeds", "3"], "--seeds 3: a single number is ambiguous; for 3 seeds write --seeds 0-2"),
 ], ids=["missing-file", "workers", "backend", "address-without-ray", "seeds-word", "seeds-backwards",
-        "seeds-twice", "seed-and-seeds", "seeds-bad-override", "workers-without-seeds", "seeds-workers-0"])
+        "seeds-twice", "seed-and-seeds", "seeds-bad-override", "workers-without-seeds", "seeds-workers-0",
+        "seeds-one-number"])
 def test_bad_options_exit_2_with_one_line(tmp_path, capsys, args, message):
     yaml_path = str(write_sweep(tmp_path))
     args = [a.replace("{yaml}", yaml_path) for a in args] + ["--logdir", str(tmp_path / "runs")]
