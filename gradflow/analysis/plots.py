@@ -96,7 +96,8 @@ def plot_gradients(windows: Sequence, path: str | Path, title: str = "", statist
     """Per-layer weight-gradient size per epoch on a log scale (``gradients.png``), and beside
     it, on the same y axis, the gradient-flow picture: size against depth at a few epochs.
 
-    Left: one line per layer, input layer to output layer from dark to light, as the tutorial's
+    Left: one line per layer, input layer to output layer from dark to light (and dashes
+    cycling so that neighbours differ), as the tutorial's
     TensorBoard view compares ``dense_1`` with the output layer. A window where a layer's
     gradient is exactly zero (dead units) cannot sit on a log axis: it is marked with an x on
     the bottom edge instead of vanishing silently.
@@ -115,12 +116,14 @@ def plot_gradients(windows: Sequence, path: str | Path, title: str = "", statist
     colours = colormaps["viridis"](np.linspace(0, 0.9, max(len(names), 1)))
     fig = Figure(figsize=(13, 4.8))
     ax, flow = fig.subplots(1, 2, sharey=True, gridspec_kw={"width_ratios": [3, 2]})
-    for colour, name in zip(colours, names):
+    styles = ("-", "--", "-.", ":")     # neighbouring layers differ in dash as well as shade
+    for i, (colour, name) in enumerate(zip(colours, names)):
         points = [(w.step, w.gradients[name][statistic]) for w in windows if name in w.gradients]
         steps = np.array([s for s, _ in points], dtype=float)
         values = np.array([v for _, v in points], dtype=float)
         positive = values > 0
-        ax.plot(steps, np.where(positive, values, np.nan), color=colour, label=name.rpartition(".")[0] or name)
+        ax.plot(steps, np.where(positive, values, np.nan), color=colour, linestyle=styles[i % len(styles)],
+                label=name.rpartition(".")[0] or name)
         zero = values == 0
         if zero.any():
             ax.plot(steps[zero], np.zeros(zero.sum()), "x", color=colour, transform=ax.get_xaxis_transform(),
@@ -133,6 +136,7 @@ def plot_gradients(windows: Sequence, path: str | Path, title: str = "", statist
         ax.legend(fontsize="small", ncol=2 if len(names) > 8 else 1, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     if windows:
         draw_flow(flow, windows, statistic)
+        flow.tick_params(labelleft=True)   # shared y axis, but read on its own too
         flow.set_title("gradient flow: size against depth")
         flow.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.subplots_adjust(wspace=0.45)
