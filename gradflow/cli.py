@@ -261,7 +261,8 @@ def diagnose_command(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as exc:
         print(f"gradflow: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    if len(runs) > 1:
+    parent = Path(paths[0]).resolve() != Path(args.run_dir).resolve()   # a --seeds parent, even of one member
+    if parent:
         if args.json:
             print(json.dumps({"parent": str(args.run_dir), "runs": [{"run_dir": str(r.path), **r.diagnosis.to_dict()}
                                                                       for r in runs]}, indent=2))

@@ -87,7 +87,7 @@ def seeds_summary(runs: Sequence[Run]) -> str:
     for run in runs:
         for verdict in run.diagnosis.verdicts:
             counts[verdict] = counts.get(verdict, 0) + 1
-    lines.append(f"Verdicts over {len(runs)} runs: " + ", ".join(f"{v} {n}" for v, n in counts.items()))
+    lines.append(f"Verdicts over {len(runs)} run{'' if len(runs) == 1 else 's'}: " + ", ".join(f"{v} {n}" for v, n in counts.items()))
     return "\n".join(lines)
 
 

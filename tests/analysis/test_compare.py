@@ -180,6 +180,19 @@ def test_diagnose_a_seeds_parent_summarises_its_members(seeds_parent, capsys):
     assert [r["run_dir"] for r in data["runs"]] == [str(seeds_parent / "member-seed0"), str(seeds_parent / "member-seed1")]
 
 
+def test_diagnose_a_seeds_parent_of_one_member_still_summarises(runs, tmp_path, capsys):
+    import shutil
+
+    parent = tmp_path / "deep-seeds3"
+    parent.mkdir()
+    shutil.copytree(runs[0], parent / "member-seed3")
+    assert run_cli(["diagnose", str(parent)]) == EXIT_OK
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("member-seed3") and lines[-1].startswith("Verdicts over 1 run: ")
+    assert run_cli(["diagnose", str(parent / "member-seed3")]) == EXIT_OK    # a run itself: the full report
+    assert "Recommendation:" in capsys.readouterr().out
+
+
 def test_compare_a_seeds_parent_compares_its_members(seeds_parent, tmp_path, capsys):
     out = tmp_path / "seeds.png"
     assert run_cli(["compare", str(seeds_parent), "--out", str(out)]) == EXIT_OK
