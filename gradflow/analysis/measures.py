@@ -137,7 +137,7 @@ def _analysis_kinds(kinds: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
-# Projection shortcuts: torchvision's ``downsample.0``, the zoo's ``shortcut.0``, timm's ``downsample.conv``.
+# Projection shortcuts: torchvision's ``downsample.0``, CIFAR ResNets' ``shortcut.0``, timm's ``downsample.conv``.
 _SHORTCUT_NAME = re.compile(r"(^|\.)(downsample|shortcut)(\.0|\.conv)?$")
 _CONV_NAME = re.compile(r"conv|downsample|shortcut", re.IGNORECASE)
 
@@ -249,16 +249,13 @@ def _relative_sizes(windows: Sequence[Any], parameters: Sequence[str], embedding
 def _gate_sizes(windows: Sequence[Any], parameters: Sequence[str]) -> dict[str, np.ndarray]:
     """Per gate of a recurrent layer (``Window.gates``): per window ||g|| / ||w|| over the gate's
     rows of the layer's gated weights together (``weight_ih`` and ``weight_hh``); {} if none."""
-    names: list[str] = []
-    for window in windows:
-        for p in parameters:
-            names += [g for g in (getattr(window, "gates", None) or {}).get(p, {}) if g not in names]
+    recorded = [getattr(w, "gates", None) or {} for w in windows]
+    gated = [p for p in parameters if any(p in gates for gates in recorded)]
+    names = list(dict.fromkeys(g for gates in recorded for p in gated for g in gates.get(p, {})))
     out = {}
     for gate in names:
         def series(p: str, key: str) -> np.ndarray:
-            return np.array([_number((getattr(w, "gates", None) or {}).get(p, {}).get(gate, {}).get(key))
-                             for w in windows], dtype=float)
-        gated = [p for p in parameters if any(p in (getattr(w, "gates", None) or {}) for w in windows)]
+            return np.array([_number(gates.get(p, {}).get(gate, {}).get(key)) for gates in recorded], dtype=float)
         g2 = sum(series(p, "norm") ** 2 for p in gated)
         w2 = sum(series(p, "weight_norm") ** 2 for p in gated)
         with np.errstate(divide="ignore", invalid="ignore"):

@@ -20,12 +20,12 @@ import csv
 from pathlib import Path
 
 from gradflow.monitor import Window
+from gradflow.monitor.kinds import GATE  # the kind of a gate row (gradflow.monitor.gates)
 
 GRADIENT_COLUMNS = ("window", "step", "steps", "parameter", "mean", "mean_abs", "norm", "max_abs",
                     "zero_fraction", "nonfinite", "weight_l1", "weight_norm", "weight_update_ratio",
                     "skipped_steps", "kind")   # the last two: tables written before them still read (and resume)
 VALUE_COLUMNS = GRADIENT_COLUMNS[4:-1]     # the numbers of a row
-GATE = "gate"                              # the kind of a gate row (gradflow.monitor.gates)
 ACTIVATION_COLUMNS = ("window", "step", "module", "mean", "std", "saturated_fraction", "dead_fraction")
 GRADIENTS_FILE = "gradients.csv"
 ACTIVATIONS_FILE = "activations.csv"

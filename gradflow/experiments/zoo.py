@@ -41,8 +41,10 @@ from torch import nn
 
 
 class BasicBlock(nn.Module):
-    """conv3x3-BN-ReLU-conv3x3-BN plus the identity (or a 1x1 conv-BN projection when the shape
-    changes), then ReLU: He et al. 2016, Fig. 2 (left) and option B of Sec. 3.3."""
+    """conv3x3-BN-ReLU-conv3x3-BN plus the identity (or, when the shape changes, a ``downsample``
+    projection: conv1x1 stride s, BN), then ReLU: He et al. 2016, Fig. 2 (left) and option B of
+    Sec. 3.3. Parameter names as torchvision's (``layer4.2.conv2``, ``layer2.0.downsample.0``);
+    its two ReLUs are modules of their own so that each is an activation tap."""
 
     def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
         super().__init__()
@@ -52,13 +54,13 @@ class BasicBlock(nn.Module):
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(cout)
         self.relu2 = nn.ReLU()
-        self.shortcut = nn.Sequential()
+        self.downsample = None
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu1(self.bn1(self.conv1(x)))
-        return self.relu2(self.bn2(self.conv2(out)) + self.shortcut(x))
+        out = self.bn2(self.conv2(self.relu1(self.bn1(self.conv1(x)))))
+        return self.relu2(out + (x if self.downsample is None else self.downsample(x)))
 
 
 class ResNetCNN(nn.Module):
@@ -105,28 +107,6 @@ def resnet_cnn(blocks: int = 4, channels: int = 64, classes: int = 10, in_channe
 # -- ResNet-34 (torchvision's layout) ----------------------------------------------------------
 
 
-class ResNetBasicBlock(nn.Module):
-    """torchvision's ``BasicBlock``: conv3x3-BN-ReLU-conv3x3-BN, plus the identity or, when the
-    shape changes, a ``downsample`` projection (conv1x1 stride s, BN; He et al. 2016, option B),
-    then ReLU. Names as torchvision's (``layer4.2.conv2``, ``layer2.0.downsample.0``)."""
-
-    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
-        self.relu = nn.ReLU(inplace=True)
-        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
-        self.downsample = None
-        if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.relu(self.bn1(self.conv1(x)))
-        out = self.bn2(self.conv2(out))
-        return self.relu(out + (x if self.downsample is None else self.downsample(x)))
-
-
 class ResNet(nn.Module):
     """The ImageNet ResNet of He et al. 2016 (Table 1) as torchvision writes it: stem conv7x7/2
     (64) - BN - ReLU - maxpool3x3/2, four stages of basic blocks at 64, 128, 256, 512 channels
@@ -146,7 +126,7 @@ class ResNet(nn.Module):
         cin = 64
         for stage, (count, cout) in enumerate(zip(blocks, (64, 128, 256, 512)), start=1):
             stride = 1 if stage == 1 else 2
-            layer = [ResNetBasicBlock(cin, cout, stride)] + [ResNetBasicBlock(cout, cout) for _ in range(count - 1)]
+            layer = [BasicBlock(cin, cout, stride)] + [BasicBlock(cout, cout) for _ in range(count - 1)]
             setattr(self, f"layer{stage}", nn.Sequential(*layer))
             cin = cout
         self.avgpool = nn.AdaptiveAvgPool2d(1)

@@ -114,6 +114,7 @@ class _ActivationAccumulator:
         self.names = [name for name, _ in taps]
         self.members = members
         self.bounds = [_bounds(module) for _, module in taps]
+        self.scales = [linear_scale(b) if b else None for b in self.bounds]   # (shift, scale, offset) of the linear bins
         self.rectifier = [is_rectifier(module) for _, module in taps]
         count = len(taps)
         slots = count * members
@@ -211,8 +212,8 @@ class _ActivationAccumulator:
         index, shift, scale, offset, first = [], [], [], [], []
         for tap, a in pending:
             n = a.numel()
-            if self.bounds[tap] is not None:
-                tap_shift, tap_scale, tap_offset = linear_scale(self.bounds[tap])
+            if self.scales[tap] is not None:
+                tap_shift, tap_scale, tap_offset = self.scales[tap]
                 slot_first = np.repeat(np.arange(tap * k, tap * k + k) * LINEAR_BINS, n // k)
                 index.append(np.arange(position, position + n))
                 first.append(slot_first)
@@ -259,7 +260,7 @@ class _ActivationAccumulator:
             for member, flat in enumerate(_flat(a).view(k, -1)):
                 slot = index * k + member
                 if bounds:
-                    shift, scale, offset = linear_scale(bounds)
+                    shift, scale, offset = self.scales[index]
                     first = slot * LINEAR_BINS
                     count_linear(self.linear, flat, shift or None, scale, first + offset, first,
                                  first + LINEAR_BINS - 1, self.linear.numel() - 1)

@@ -36,6 +36,7 @@ from torch import nn
 
 from gradflow.monitor import stats as S
 from gradflow.monitor.steps import ALL
+from gradflow.monitor.window import tag_path
 
 LSTM_GATES = ("input", "forget", "cell", "output")   # nn.LSTM: W_ii|W_if|W_ig|W_io
 GRU_GATES = ("reset", "update", "new")               # nn.GRU: W_ir|W_iz|W_in
@@ -130,7 +131,7 @@ class _GateAccumulator:
         return out
 
 
-def gate_scalars(gates: dict[str, dict[str, dict[str, float]]], tag_path) -> dict[str, float]:
+def gate_scalars(gates: dict[str, dict[str, dict[str, float]]]) -> dict[str, float]:
     """TensorBoard scalars ``grad/<param path>/<gate>/norm`` and ``weight/<param path>/<gate>/norm``."""
     out = {}
     for name, entry in gates.items():

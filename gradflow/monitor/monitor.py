@@ -330,7 +330,7 @@ class GradientMonitor:
             window.kinds = self.kinds
         if self._gates is not None:
             windows[0].gates = self._gates.read(values["gate_totals"], values["gate_weights"], self.names)
-            reader.scalars[0].update(gate_scalars(windows[0].gates, tag_path))
+            reader.scalars[0].update(gate_scalars(windows[0].gates))
         clipping = (self._clip.calls, *values["clip"]) if "clip" in values else None
         reader.overall(values["step_squares"], self._gradients.recorded, self._skipped_steps, clipping)
         if self._weights is not None:

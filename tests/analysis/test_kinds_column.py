@@ -82,16 +82,23 @@ def test_diagnose_run_tells_norm_layers_by_kind(tmp_path, one_thread):
     assert "normalisation layers shown, not judged" in notes and "told apart by name" not in notes
 
 
+def _drop_kind_column(run_dir) -> list[str]:
+    """Rewrite gradients.csv as tables were written before the kind column (no kind, no gate
+    rows); returns its columns."""
+    rows = [r for r in _rows(run_dir) if r["kind"] != "gate"]
+    columns = [c for c in rows[0] if c != "kind"]
+    with open(run_dir / "gradients.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    return columns
+
+
 def test_old_tables_without_the_column_still_read(tmp_path, one_thread):
     """A table written before the kind column (no kind, no gate rows): kinds by name, so the
     BatchNorm inside the Sequential (``body.1``) counts as a weight layer, as it used to."""
     _record(tmp_path)
-    rows = [r for r in _rows(tmp_path) if r["kind"] != "gate"]
-    columns = [c for c in rows[0] if c != "kind"]
-    with open(tmp_path / "gradients.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    _drop_kind_column(tmp_path)
     windows = load_windows(tmp_path)
     assert windows[0].kinds == {} and windows[0].gates == {}
     diagnosis = diagnose_run(tmp_path)
@@ -104,12 +111,7 @@ def test_old_tables_without_the_column_still_read(tmp_path, one_thread):
 def test_resuming_an_old_table_keeps_its_shape(tmp_path, one_thread):
     """Appending to a table without the kind column writes rows of its shape and no gate rows."""
     monitor = _record(tmp_path, windows=2)
-    rows = [r for r in _rows(tmp_path) if r["kind"] != "gate"]
-    columns = [c for c in rows[0] if c != "kind"]
-    with open(tmp_path / "gradients.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(rows)
+    columns = _drop_kind_column(tmp_path)
     from gradflow.experiments.recording import _Tables
     tables = _Tables(tmp_path, append=True)
     tables.append(2, monitor.history[-1])

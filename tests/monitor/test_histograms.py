@@ -15,17 +15,8 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 from gradflow import GradientMonitor, MonitorError
-from gradflow.monitor import stats as S
 from gradflow.monitor.histograms import LINEAR_BINS, linear_scale
 
-
-@pytest.fixture(params=["fused", "torch-ops"])
-def reduction_path(request, monkeypatch):
-    if request.param == "torch-ops":
-        monkeypatch.setattr(S, "_KERNELS", False)
-    elif S.fused_kernels() is None:
-        pytest.skip("numba is not installed")
-    return request.param
 
 
 def tanh_net(width: int = 6, inputs: int = 2) -> nn.Sequential:

@@ -17,18 +17,9 @@ from torch.utils.checkpoint import checkpoint
 
 from gradflow import GradientMonitor, MonitorError
 from gradflow.monitor import interception
-from gradflow.monitor import stats as S
 from gradflow.monitor.sinks import ScalarSink, Sink, TeeSink
 from monitor_oracle import GradientOracle, assert_matches_oracle, step_statistics
 
-
-@pytest.fixture(params=["fused", "torch-ops"])
-def reduction_path(request, monkeypatch):
-    if request.param == "torch-ops":
-        monkeypatch.setattr(S, "_KERNELS", False)
-    elif S.fused_kernels() is None:
-        pytest.skip("numba is not installed")
-    return request.param
 
 
 def capture_in_step_pre_hook(optimizer, oracle):

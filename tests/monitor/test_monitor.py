@@ -27,16 +27,6 @@ def mlp(depth: int = 3, width: int = 5, activation=nn.ReLU, inputs: int = 2) -> 
     return nn.Sequential(layers)
 
 
-@pytest.fixture(params=["fused", "torch-ops"])
-def reduction_path(request, monkeypatch):
-    """Both ways the CPU reduces: numba's fused kernels, and torch ops (the way every
-    accelerator reduces, so that path is checked here too)."""
-    if request.param == "torch-ops":
-        monkeypatch.setattr(S, "_KERNELS", False)
-    elif S.fused_kernels() is None:
-        pytest.skip("numba is not installed")
-    return request.param
-
 
 def train_steps(model, monitor_or_none, steps, oracle=None, batch=32, inputs=2, lr=0.05, seed=0):
     generator = torch.Generator().manual_seed(seed)
