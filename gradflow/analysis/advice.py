@@ -34,9 +34,20 @@ ADVICE = {
                   "learning rate, LeakyReLU, batch normalization or residual connections, or another seed.",
     "stalled": "The loss barely fell after the early part. A deep net can sit on a plateau before it learns "
                "(a deep ReLU seed at 30 epochs does, and learns by 60), so on a short run train longer first; "
-               "if the loss still does not fall and nothing else is flagged, try another learning rate, or "
-               "Adam if you use SGD.",
+               "if the loss still does not fall and nothing else is flagged, try another learning rate{switch}.",
+    "oscillating": "The loss swings up and down instead of settling: the learning rate is near the edge of "
+                   "stability. Lower it (try 3-10x smaller) or decay it, or use a larger batch{momentum}.",
+    "output-mismatch": "The model's output does not fit the loss: NLLLoss wants log-probabilities and BCELoss "
+                       "probabilities. End the model with LogSoftmax (or drop it and use CrossEntropyLoss on the "
+                       "raw logits) / Sigmoid (or use BCEWithLogitsLoss); a ReLU output gives log(0).",
+    "tiny-gradient": "The gradient is tiny against the weights in every layer alike, so the steps are too small to "
+                     "learn: check the loss scale (a sum divided by a huge count, a loss multiplied by a small "
+                     "factor), raise the learning rate, or use an adaptive optimizer (Adam) that rescales it.",
 }
+
+# How the advice names the optimizer actually used (``optimizer_name``): a switch to Adam is
+# offered to SGD users only; momentum to those without it.
+_SWITCH = {"SGD": ", or Adam instead of SGD", None: ", or Adam if you use plain SGD"}
 
 
 ADVICE["insufficient"] = ("Not enough evidence to call this run healthy: train longer and log more windows "
@@ -70,21 +81,67 @@ FAMILY_ADVICE = {
                                 "(torch.nn.utils.clip_grad_norm_) so that a larger learning rate stays safe.",
     ("recurrent", "exploding"): "Gradients blow up through time: clip the gradient norm "
                                 "(torch.nn.utils.clip_grad_norm_, max_norm 0.25-5, as in Pascanu et al. 2013) and "
-                                "lower the learning rate.",
+                                "lower the learning rate; if the norm before clipping stays far above the clip "
+                                "value, the clipping hides the explosion: shrink the recurrent weights "
+                                "(orthogonal init scaled to spectral radius 1), or use an LSTM/GRU.",
+    ("cnn", "dead-units"): "Most units of a layer output zero for every input and pass no gradient back, "
+                           "typically after a step too large: lower the learning rate (or warm it up), keep "
+                           "batch normalization before each ReLU and He (kaiming_normal_) initialization, or "
+                           "use LeakyReLU.",
+    ("transformer", "dead-units"): "Most units of an MLP layer output zero for every input: lower the learning "
+                                   "rate and warm it up, or use GELU instead of ReLU in the MLP blocks.",
+    ("recurrent", "dead-units"): "Most units of a ReLU layer are dead: lower the learning rate and clip the "
+                                 "gradient norm (torch.nn.utils.clip_grad_norm_).",
+    ("cnn", "saturated"): "Units sit in the flat tails of sigmoid/tanh: use ReLU with He initialization and "
+                          "batch normalization between the convolutions.",
+    ("transformer", "saturated"): "Units sit in the flat tails of a bounded activation: use GELU in the MLP "
+                                  "blocks, pre-LayerNorm, and a smaller initialization.",
+    ("recurrent", "saturated"): "Units sit in the flat tails of tanh/sigmoid: use LSTM/GRU cells, orthogonal "
+                                "recurrent init, and clip the gradient norm.",
+    ("transformer", "stalled"): "The loss barely fell after the early part: warm the learning rate up, use "
+                                "pre-LayerNorm blocks (post-LN without warm-up often stalls, Xiong et al. 2020), "
+                                "and try another learning rate{switch}.",
 }
 
 
-def recommend(verdicts: Sequence[str], family: str = "mlp") -> str:
+def optimizer_name(optimizer: Any) -> str | None:
+    """The class name of an optimizer, an optimizer class or a name (``sgd`` -> ``SGD``,
+    ``adamw`` -> ``AdamW``); None when not given.
+
+    Example:
+        >>> import torch
+        >>> optimizer_name(torch.optim.SGD), optimizer_name("adam"), optimizer_name(None)
+        ('SGD', 'Adam', None)
+    """
+    if optimizer is None:
+        return None
+    if isinstance(optimizer, str):
+        return {"sgd": "SGD", "adam": "Adam", "adamw": "AdamW", "rmsprop": "RMSprop"}.get(optimizer.lower(), optimizer)
+    return optimizer.__name__ if isinstance(optimizer, type) else type(optimizer).__name__
+
+
+def recommend(verdicts: Sequence[str], family: str = "mlp", optimizer: str | None = None,
+              failing: str | None = None) -> str:
     """Plain-words advice for a set of verdicts, most specific first, for an architecture
-    ``family`` (``mlp``, ``cnn``, ``transformer``, ``recurrent``; see FAMILY_ADVICE's sources).
+    ``family`` (``mlp``, ``cnn``, ``transformer``, ``recurrent``; see FAMILY_ADVICE's sources)
+    and the ``optimizer`` class actually used (``SGD``, ``Adam``, ...; None: unknown).
+    ``failing``: ``recurrent`` when the failing layer is recurrent, whatever the family (an
+    LSTM inside a transformer gets recurrent advice for its own failure).
 
     Example:
         >>> recommend(["healthy"]).startswith("Nothing to fix")
         True
         >>> "clip" in recommend(["exploding"], "recurrent")
         True
+        >>> "Adam" in recommend(["stalled"], "mlp", "Adam")
+        False
     """
-    return " ".join(FAMILY_ADVICE.get((family, v), ADVICE[v]) for v in verdicts) or ADVICE["healthy"]
+    texts = []
+    for verdict in verdicts:
+        text = FAMILY_ADVICE.get((failing or family, verdict)) or FAMILY_ADVICE.get((family, verdict)) or ADVICE[verdict]
+        texts.append(text.format(switch=_SWITCH.get(optimizer, "") if optimizer in _SWITCH or optimizer is None else "",
+                                 momentum=", or less momentum" if optimizer == "SGD" else ""))
+    return " ".join(texts) or ADVICE["healthy"]
 
 
 def architecture_family(layers: Mapping[str, Mapping[str, Any]], model: Any = None) -> str:

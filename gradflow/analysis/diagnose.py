@@ -6,10 +6,12 @@ Example:
     >>> print(diagnosis.line())                                                # doctest: +SKIP
     Verdict: vanishing, saturated (dense_3 gradient vs the output layer's (dense_6), early on: ...)
 
-A verdict is one or more of ``healthy``, ``vanishing``, ``exploding``, ``saturated``,
-``dead-units``, ``stalled``, or ``insufficient`` (no rule fired but the run is too short to call
-healthy). Every rule, its threshold, the margins measured around it and its source are in
-``rules.py``; docs/calibration.md has the runs behind them.
+A verdict is ``healthy`` or one or more of the rules in ``rules.RULES`` (``vanishing``,
+``exploding``, ``saturated``, ``dead-units``, ``stalled``, ``oscillating``, ``output-mismatch``,
+``tiny-gradient``), or ``insufficient`` (no rule fired but the run is too short to call
+healthy). Every rule, its measure, threshold, source and advice key is one entry of that table;
+docs/calibration.md has the runs behind them. A measure past its threshold without the
+persistence or harm a verdict needs is a note in the report.
 
 The work is split by responsibility: ``measures`` (per-layer and activation measures, layer
 kinds, forward order, the head), ``rules`` (the checks and their thresholds, each with its
@@ -28,28 +30,20 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from gradflow.analysis.advice import architecture_family, recommend
+from gradflow.analysis.advice import architecture_family, optimizer_name, recommend
 from gradflow.analysis.measures import (
+    activation_bounds,
     measure_activations,
     measure_layers,
     measure_loss,
     parameter_kinds,
     recorded_kinds,
 )
-from gradflow.analysis.rules import (
-    check_dead,
-    check_exploding,
-    check_insufficient,
-    check_overflow,
-    check_saturated,
-    check_stalled,
-    check_vanishing,
-    fmt_number,
-    skipped_steps,
-)
+from gradflow.analysis.rules import RULES, Evidence, fmt_number, run_rules, skipped_steps
 from gradflow.analysis.windows import GRADIENTS_FILE, load_windows
 
-VERDICTS = ("healthy", "vanishing", "exploding", "saturated", "dead-units", "stalled", "insufficient")
+# Every verdict: ``healthy``, then the rules' names in table order (rules.RULES).
+VERDICTS = ("healthy",) + tuple(rule.name for rule in RULES)
 
 
 @dataclass
@@ -115,37 +109,35 @@ class Diagnosis:
 
 
 def diagnose(windows: Sequence[Any], losses: Sequence[float] | None = None, *, model: Any = None,
-             order: Sequence[str] | None = None) -> Diagnosis:
+             order: Sequence[str] | None = None, optimizer: Any = None, loss_fn: Any = None) -> Diagnosis:
     """The verdict over recorded windows (``monitor.history`` or ``load_windows(run_dir)``).
 
     ``losses``: the training loss per epoch (or per window), if known; without it ``stalled``
     can only mean "no gradient left". ``model``: the trained module, if at hand: it tells
     normalisation, embedding and recurrent parameters and a tied head apart (else the kinds the
-    monitor recorded with the windows, ``Window.kinds``; else their names do). ``order``:
-    parameter names in the order their modules first ran forward (the monitor's
-    ``forward_order``), else the recorded order stands for input-to-output.
+    monitor recorded with the windows, ``Window.kinds``; else their names do), the range of
+    each bounded activation, the family for the advice and the module the model ends with.
+    ``order``: parameter names in the order their modules first ran forward (the monitor's
+    ``forward_order``), else the recorded order stands for input-to-output. ``optimizer``: the
+    optimizer (or its class, or class name) that trained the run, for the advice. ``loss_fn``:
+    the loss function (or its class name), for ``output-mismatch``.
 
     Example:
         >>> from gradflow.monitor import Window
         >>> w = Window(0, 10, gradients={"dense_1.weight": {"mean_abs": 1e-5, "nonfinite": 0},
         ...                    "dense_2.weight": {"mean_abs": 1e-2, "nonfinite": 0}})
         >>> diagnose([w]).verdicts
-        ['vanishing']
+        ['insufficient', 'vanishing']
     """
     if not windows:
         raise ValueError("diagnose needs at least one recorded window; call monitor.log(step) at least once")
     kinds = parameter_kinds(model) if model is not None else recorded_kinds(windows)
     layers = measure_layers(windows, order, kinds)
-    activations = measure_activations(windows)
+    activations = measure_activations(windows, activation_bounds(windows, model))
     loss = measure_loss(losses) if losses is not None else None
-    checks = {
-        "vanishing": check_vanishing(layers),
-        "exploding": check_overflow(check_exploding(layers, loss), windows),
-        "saturated": check_saturated(activations),
-        "dead-units": check_dead(activations, layers),
-        "stalled": check_stalled(layers, loss),
-        "insufficient": check_insufficient(windows, loss),
-    }
+    ev = Evidence(layers, activations, loss, windows, list(losses) if losses is not None else None,
+                  output=_output_module(model), loss_fn=optimizer_name(loss_fn))
+    checks = run_rules(ev)
     verdicts = [name for name, check in checks.items() if check["fired"] and name != "insufficient"]
     if checks["insufficient"]["fired"]:
         # Too few windows: said first, so a rule that fired on one window reads as an early sign.
@@ -153,11 +145,35 @@ def diagnose(windows: Sequence[Any], losses: Sequence[float] | None = None, *, m
     elif not verdicts:
         verdicts = ["healthy"]
     family = architecture_family(layers, model)
+    opt = optimizer_name(optimizer)
     evidence = {"layers": layers, "activations": activations, "loss": loss, "checks": checks,
-                "windows": len(windows), "family": family, "order": "forward" if order else "recorded",
-                "notes": _notes(layers, kinds) + _overflow_notes(windows)}
-    return Diagnosis(verdicts, evidence, recommend(verdicts, family))
+                "windows": len(windows), "family": family, "optimizer": opt,
+                "order": "forward" if order else "recorded",
+                "notes": [c["note"] for c in checks.values() if c.get("note")] + _notes(layers, kinds)
+                + _overflow_notes(windows)}
+    return Diagnosis(verdicts, evidence, recommend(verdicts, family, opt, _failing_kind(verdicts, checks, layers)))
 
+
+def _output_module(model: Any) -> str | None:
+    """The class name of the module the model ends with: its last leaf module in registration
+    order (an ``nn.Sequential``'s last), or None without a model. Models whose forward calls
+    modules out of registration order may end elsewhere: the output-mismatch rule says which
+    module it read."""
+    if model is None:
+        return None
+    leaves = [m for m in model.modules() if not list(m.children())]
+    return type(leaves[-1]).__name__ if leaves else None
+
+
+def _failing_kind(verdicts: Sequence[str], checks: Mapping[str, Any], layers: Mapping[str, Any]) -> str | None:
+    """``recurrent`` when the layer a vanishing or exploding verdict names is recurrent."""
+    for verdict in ("vanishing", "exploding"):
+        if verdict in verdicts:
+            why = checks[verdict]["why"]
+            named = [l for l in layers if why.startswith(l + " ") or f" {l} " in why]
+            if any(layers[l].get("kind") == "recurrent" for l in named):
+                return "recurrent"
+    return None
 
 
 def _overflow_notes(windows: Sequence[Any]) -> list[str]:
@@ -188,7 +204,7 @@ def _notes(layers: Mapping[str, Mapping[str, Any]], kinds: Mapping[str, str] | N
 
 
 def diagnose_monitor(monitor: Any, losses: Sequence[float] | None = None, member: int | None = None,
-                     model: Any = None) -> Diagnosis:
+                     model: Any = None, optimizer: Any = None) -> Diagnosis:
     """The verdict over a live ``GradientMonitor``'s recorded history; for a batched monitor
     (``members`` > 1), the verdict of member ``member``.
 
@@ -204,7 +220,10 @@ def diagnose_monitor(monitor: Any, losses: Sequence[float] | None = None, member
     if member is not None:
         windows = [w for w in windows if getattr(w, "member", None) == member]
     order = getattr(monitor, "forward_order", None) or None
-    return diagnose(windows, losses, model=model, order=list(order) if order else None)
+    if optimizer is None:       # the optimizer the monitor watches, when it was given one
+        watched = getattr(monitor, "_optimizer", None)
+        optimizer = watched() if callable(watched) else None
+    return diagnose(windows, losses, model=model, order=list(order) if order else None, optimizer=optimizer)
 
 
 def read_losses(run_dir: str | Path) -> list[float] | None:

@@ -23,10 +23,14 @@ recorded order.
 - embeddings: measured on the rows that received gradient (size / sqrt(1 - zero fraction), rows
   of similar norm assumed) and shown, not judged (their ||w|| is their init's: N(0, 1) in torch,
   N(0, 0.02) in GPT-2), unless tied to the head. Normalisation layers are shown, not judged.
-- the head: the embedding a tied head uses (from the model, or by name when the first layer is
-  an embedding and no head-named layer exists, as GPT-2 lists its tied head once); else the last
-  layer named like a head (``lm_head``, ``fc``, ``classifier``, ...); else the last layer that
-  is not a normalisation.
+- the head, from the graph and never from a name: the embedding a tied head uses (from the
+  kinds); else the last layer in forward order that is neither a normalisation, an untied
+  embedding nor a top-level parameter (tables without kinds: a first embedding with no
+  head-like last layer is a tied head, as GPT-2 lists it once).
+- placement: ``nn.MultiheadAttention.out_proj`` never runs as a module (no forward hook sees
+  it): placed right after its attention's ``in_proj_weight``. Parameters the model itself owns
+  (a ViT's ``cls_token``, ``pos_embed``) are ``top_level``, with the role ``embedding``: they
+  act where they join the input; shown, not judged.
 - early / middle / last: the median over the first EARLY_FRACTION = 10% of windows (at least
   one), the middle window, the last window; each layer's ratio to the head at those points.
 - update ratio per step: ``||w_end - w_start|| / ||w_start||`` over a window divided by its
@@ -160,7 +164,6 @@ def _mark_normalised(layers: dict[str, dict[str, Any]], groups: Mapping[str, Seq
 _RNN_PARAMETER = re.compile(r"^(weight|bias)_(ih|hh|hr)_l(\d+)(_reverse)?$")
 _EMBEDDING_NAME = re.compile(r"(wte|wpe|embed|embedding|emb)", re.IGNORECASE)
 _NORM_NAME = re.compile(r"(norm|^(bn|ln|gn)(\d|_|$))", re.IGNORECASE)
-_HEAD_NAMES = {"lm_head", "head", "fc", "classifier", "output", "out", "decoder", "score", "proj_out"}
 
 
 def group_of(parameter: str) -> str:
@@ -211,24 +214,53 @@ def _ordered(names: list[str], order: Sequence[str] | None) -> list[str]:
 
 
 def _find_head(layers: Mapping[str, Mapping[str, Any]], kinds: Mapping[str, str] | None) -> str | None:
-    """The output head: the embedding a tied head uses; else the last layer named like a head;
-    else, when the first layer is an embedding and no head-named layer exists, that embedding
-    (a tied head listed once); else the last layer that is not a normalisation."""
-    candidates = [l for l, row in layers.items() if row["kind"] != "norm"] or list(layers)
+    """The output head, from the graph, never from a name: the embedding a tied head uses
+    (``@head`` in the kinds); else the last layer in forward order (the parameter owner that
+    runs last, whose output reaches the loss) that is neither a normalisation nor an untied
+    embedding nor a top-level parameter; for tables without kinds whose first layer is an
+    embedding and whose last is no weight layer after it, that embedding (GPT-2 lists its tied
+    head once)."""
+    candidates = [l for l, row in layers.items() if row["kind"] not in ("norm", "embedding")
+                  and not row.get("top_level")] or [l for l, row in layers.items() if row["kind"] != "norm"] or list(layers)
     if not candidates:
         return None
     if kinds and "@head" in kinds:
         tied = group_of(kinds["@head"])
         if tied in layers:
             return tied
-    named = [l for l in candidates if l.rpartition(".")[2].lower() in _HEAD_NAMES]
-    if named:
-        return named[-1]
-    if not kinds and layers[candidates[0]]["kind"] == "embedding" and len(candidates) > 1:
+    names = list(layers)
+    if not kinds and layers[names[0]]["kind"] == "embedding" and candidates[-1] != names[0]:
+        # Tables written before the kind column: a tied head is listed once, as the first
+        # embedding (GPT-2); told by the last layer's name, the one place a name still decides.
         last = candidates[-1].rpartition(".")[2].lower()
         if not any(word in last for word in ("head", "out", "fc", "classifier", "decoder", "logits")):
-            return candidates[0]
+            return names[0]
     return candidates[-1]
+
+
+_MHA_INPUT = re.compile(r"(.*)\.(in_proj_weight|q_proj_weight)$")
+
+
+def place_where_they_act(names: list[str]) -> list[str]:
+    """Parameter names with those of modules that never run as modules moved to where they
+    act: ``nn.MultiheadAttention.out_proj`` is called inside the attention's forward, so a
+    forward pre-hook never sees it and the forward order puts it after everything that ran
+    (after the head); it belongs right after its attention's ``in_proj_weight``.
+
+    Example:
+        >>> place_where_they_act(["a.in_proj_weight", "head.weight", "a.out_proj.weight"])
+        ['a.in_proj_weight', 'a.out_proj.weight', 'head.weight']
+    """
+    attentions = {m.group(1) for m in map(_MHA_INPUT.match, names) if m}
+    moved = [n for n in names if n.rpartition(".out_proj.")[0] in attentions]
+    if not moved:
+        return names
+    out = [n for n in names if n not in moved]
+    for attention in attentions:
+        inside = [n for n in moved if n.rpartition(".out_proj.")[0] == attention]
+        last = max(i for i, n in enumerate(out) if n.startswith(attention + ".") and ".out_proj." not in n)
+        out[last + 1:last + 1] = inside
+    return out
 
 
 def _relative_sizes(windows: Sequence[Any], parameters: Sequence[str], embedding: bool) -> np.ndarray:
@@ -284,7 +316,8 @@ def measure_layers(windows: Sequence[Any], order: Sequence[str] | None = None,
     names: list[str] = []
     for window in windows:
         names += [name for name in window.gradients if name not in names]
-    names = _ordered(names, order)
+    names = place_where_they_act(_ordered(names, order))
+    nested = any("." in name for name in names)
     groups: dict[str, list[str]] = {}
     for name in names:
         groups.setdefault(group_of(name), []).append(name)
@@ -303,6 +336,10 @@ def measure_layers(windows: Sequence[Any], order: Sequence[str] | None = None,
         else:
             sizes[layer] = _series(windows, weights[0], "mean_abs")
         layers[layer] = {"parameter": weights[0], "kind": kind}
+        if nested and all("." not in p for p in parameters) and kind not in ("recurrent",):
+            # A parameter the model itself owns (a ViT's cls_token, pos_embed): it acts where it
+            # is added to the input, as a lookup table does; shown, not judged.
+            layers[layer]["top_level"] = True
     head = _find_head(layers, kinds)
     _mark_normalised(layers, groups, kinds)
     output = sizes[head]
@@ -312,6 +349,7 @@ def measure_layers(windows: Sequence[Any], order: Sequence[str] | None = None,
         # An embedding is a lookup table, not a layer the gradient flows through, and its ||w||
         # is whatever its init chose (N(0, 1) in torch, N(0, 0.02) in GPT-2): shown, not judged.
         row["role"] = "head" if layer == head else (row["kind"] if row["kind"] in ("norm", "embedding") else
+                                                    "embedding" if row.get("top_level") else
                                                     "shortcut" if _SHORTCUT_NAME.search(layer) else "hidden")
         row["measure"] = "relative" if relative else "mean_abs"
         for point, part in points.items():
@@ -343,10 +381,34 @@ def measure_layers(windows: Sequence[Any], order: Sequence[str] | None = None,
     return layers
 
 
-def measure_activations(windows: Sequence[Any]) -> dict[str, dict[str, float]]:
-    """Per activation module: median saturated fraction (bounded ones) and the dead fraction
-    of the last window it fired in (rectifiers); ``output`` marks a presumed output squashing
-    (the last tap, bounded, of another kind than the one before it).
+_BOUNDS = {"sigmoid": (0.0, 1.0), "hardsigmoid": (0.0, 1.0), "tanh": (-1.0, 1.0), "softsign": (-1.0, 1.0)}
+
+
+def activation_bounds(windows: Sequence[Any], model: Any = None) -> dict[str, tuple[float, float]]:
+    """Tap name -> the range of its bounded activation (sigmoid (0, 1), tanh (-1, 1)), from the
+    model's module classes when given, else from the tap's name (``sigmoid_6``)."""
+    names = {name for w in windows for name in w.activations}
+    types: dict[str, str] = {}
+    if model is not None:
+        types = {name: type(m).__name__.lower() for name, m in model.named_modules() if name in names}
+    out = {}
+    for name in names:
+        label = types.get(name) or name.lower()
+        for word in sorted(_BOUNDS, key=len, reverse=True):
+            if word in label:
+                out[name] = _BOUNDS[word]
+                break
+    return out
+
+
+def measure_activations(windows: Sequence[Any], bounds: Mapping[str, tuple[float, float]] | None = None
+                        ) -> dict[str, dict[str, float]]:
+    """Per activation module: median saturated fraction (bounded ones), the dead fraction of
+    the last window it fired in (rectifiers), and for a bounded one with known ``bounds``
+    (``activation_bounds``) ``end``: the median over windows of the mean output's distance from
+    the nearer end of the range, as a share of the range (a sigmoid layer at mean 0.02: 0.02);
+    ``output`` marks a presumed output squashing (the last tap, bounded, of another kind than
+    the one before it).
 
     Example:
         >>> from gradflow.monitor import Window
@@ -354,6 +416,7 @@ def measure_activations(windows: Sequence[Any]) -> dict[str, dict[str, float]]:
         >>> measure_activations([w])["relu_1"]["dead"]
         0.2
     """
+    bounds = bounds or {}
     names: list[str] = []
     for window in windows:
         names += [name for name in window.activations if name not in names]
@@ -364,6 +427,10 @@ def measure_activations(windows: Sequence[Any]) -> dict[str, dict[str, float]]:
         saturated = np.array([_number(r.get("saturated_fraction")) for r in seen])
         if np.isfinite(saturated).any():
             row["saturated"] = _median(saturated)
+            if name in bounds:
+                low, high = bounds[name]
+                means = np.array([_number(r.get("mean")) for r in seen])
+                row["end"] = _median(np.minimum(means - low, high - means) / (high - low))
         if "dead_fraction" in seen[-1]:
             row["dead"] = _number(seen[-1]["dead_fraction"])
         rows[name] = row

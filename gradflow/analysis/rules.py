@@ -1,92 +1,75 @@
-"""Rules: the checks that turn measures (``measures.py``) into verdicts, each with its threshold,
-the margins measured around it and its source.
+"""Rules: the checks that turn measures (``measures.py``) into verdicts, in one table.
 
-Each check returns ``{"fired", "why", "value", "threshold"}``; ``diagnose`` runs them all. A
-verdict is every rule that fired; ``healthy`` when none did, or ``insufficient`` when none did
-and the run is too short to say so.
+``RULES`` holds every rule: its name (the verdict word), the measure it reads, its threshold,
+the source of the threshold and the key of its advice (``advice.ADVICE``). ``diagnose``, the
+advice and docs/calibration.md (the table there is ``rules_markdown()``, checked by a test) all
+read it, so a new rule is one ``Rule`` entry: a check function ``check(evidence) -> dict``.
 
-Margins come from docs/calibration.md: the tutorial configs (10 seeds, 500 epochs, SGD, today's
-measure; "tut." below) and the architecture runs of issue 14 (3 seeds each: ResNet-style CNN
-with BatchNorm, ResNet-34, tiny GPT-2 with tied embeddings, nanoGPT, nn.TransformerEncoder LM,
-one-layer LSTM LM; and the pathological resnet_lr50, sigmoid_mlp, lstm_deep, dead_relu; "arch."
-below). Sizes are ``||g|| / ||w||`` per layer (``measures.measure_layers``).
+Each check returns ``{"fired", "why", "value", "threshold"}`` and, where the measure crossed its
+threshold without the harm or persistence a verdict needs, a ``note`` (said in the report, not
+a verdict). A verdict is every rule that fired; ``healthy`` when none did, or ``insufficient``
+when none did and the run is too short to say so.
 
-- vanishing (``check_vanishing``): the weakest hidden layer's early size (median over the first
-  EARLY_FRACTION of windows) over the head's, under VANISHING_RATIO = 1/50, AND the first hidden
-  layer (the input end) under INPUT_END_RATIO = 1/7 of the head. Hidden means neither the head
-  nor a normalisation layer nor an embedding nor a projection shortcut (``downsample.0``,
-  ``shortcut.0``: its He fan_out init makes its ||w|| 3x a 3x3 conv's per element, so its
-  ||g||/||w|| sits lowest in a healthy ResNet for its init's sake: 1/46 - 1/27, shown only).
-  Measured, weakest / head: deep tanh U(0, 1) 1/2180 - 1/336 (tut.); sigmoid_mlp ~1/1e8;
-  lstm_deep 1/9050 - 1/6400 (arch.); healthy: deep ReLU He 1/3.1 - 1/0.59, Xavier tanh 1/5.7 -
-  1/0.82, shallow tanh 1/12 - 1/1.3 (tut.); GPT-2 1.2 - 1.8, encoder LM 1/5.1 - 1/4.3, nanoGPT
-  1/13.7 - 1/11.7, LSTM LM 1/2.4 - 1/2.3, ResNet 1/27 - 1/20, ResNet-34 1/28 - 1/24.5 (arch.:
-  the thinnest healthy margin, 1.8x). Input end / head: deep tanh 1/67 - 1/14, sigmoid_mlp
-  ~1e-8, lstm_deep ~1.6e-4; ResNet 1/4.9 - 1/2.9, ResNet-34 4.8 - 5.9. Near misses: deep_relu_15
-  reads down to 1/44 (tut.), deep_tanh_adam 4 of 10 seeds ``vanishing`` (1/230 - 1/6.7).
-  Source: Glorot & Bengio 2010 (gradients shrink layer by layer in saturating nets); the
-  tutorial's first-versus-last-layer view; the guard: a gradient that vanishes on its way back
-  is small at the input end, while one weak layer next to the head with a strong input end
-  (a ResNet's last conv before ``fc``) is not vanishing.
-- exploding (``check_exploding``, ``check_overflow``): any non-finite gradient value or epoch
-  loss (DESIGN.md: count them, flag them); or a layer whose weights move more than
-  EXPLODING_UPDATE = 0.5 of their norm per step in some window (a conv followed by a
-  normalisation layer: in its last window, as its weights are scale-invariant and a large early
-  step grows ||w|| and shrinks the next one; Hoffer et al. 2018, Arora et al. 2019); or the
-  network's largest gradient growing GRADIENT_GROWTH = 1000x over its largest early size
-  (Pascanu et al. 2013: exploding norms grow geometrically; a guard no calibration run reached);
-  or a GradScaler that skipped at least OVERFLOW_FRACTION = 1/2 of the last window's steps (the
-  scale halves at each skip, so overflow that persists is not calibration; torch.amp.GradScaler).
-  Measured, largest judged update per step: deep ReLU <= 0.0066, shallow tanh <= 0.014, deep
-  tanh <= 0.062 (tut.); LSTM LM 0.11 - 0.12, GPT-2 ~0.10, ResNet ~0.07, ResNet-34 ~0.04, nanoGPT
-  0.243 - 0.246 (arch.: AdamW 3e-3 in its first window, then 0.11 and falling); blown up: deep
-  ReLU at lr=10 1.18 - 6000 (tut., in the first window only), resnet_lr50 373 - 19900 (arch.).
-  0.5 (0.3 before) is about the geometric mean of nanoGPT's 0.246 and lr=10's 1.18: 2.0x and
-  2.4x margins. The ResNet-34's stem conv (BN after it) moves 0.30 - 0.32 per step in its first
-  window and 0.0023 in its last. HEALTHY_UPDATE = 1e-3 (Karpathy, CS231n: updates ~1e-3 of the
-  weights per step) is quoted in the evidence, not judged.
-- saturated (``check_saturated``): a hidden tanh/sigmoid layer whose median share of outputs
-  with |a| > 0.97 of its range exceeds SATURATED_FRACTION = 0.4. Measured worst layer: deep tanh
-  U(0, 1) 0.44 - 0.80; Xavier tanh 0.18 - 0.34 (it learns), shallow tanh 0.06 - 0.31 (tut.): a
-  thin margin both sides; in every deep tanh seed it comes with ``vanishing``. The output's
-  squashing function (the last tap, bounded, of another kind than the one before) is left out.
-  Source of 0.97: Glorot & Bengio 2010.
-- dead-units (``check_dead``): a rectifier layer with every unit never positive in the last
-  window (DEAD_FRACTION = 1.0: a fully dead layer passes no gradient), or every gradient exactly
-  zero in the last window. Measured: healthy deep ReLU has at most 2 of 5 units of a layer dead;
-  every failed 15- and 20-layer ReLU run has whole layers dead (tut.); dead_relu (biases -5,
-  arch.) 3/3. Source: DESIGN.md, failed deep ReLU runs end at loss 0.693 with every gradient zero.
-- stalled (``check_stalled``): the loss fell by less than STALL_DROP = 5% from the end of the
-  early part to the end of the run (median of its last EARLY_FRACTION of epochs), or every
-  gradient is exactly zero in the last window. Measured drop: deep ReLU 12 - 38%, Xavier tanh
-  14 - 45%, shallow tanh 29 - 41%; failed 20-layer ReLU -1% - 0.1%; deep tanh 1 - 39% (a
-  secondary verdict: 5 of 10 deep tanh seeds). The end, not the best epoch: a run that learned
-  and collapsed back (20-layer ReLU) has stalled too.
-- insufficient (``check_insufficient``): fewer than MIN_WINDOWS = 5 windows. It only replaces
-  ``healthy``, never a rule that fired: a 1-epoch run is no evidence of health (issue 14), while
-  a non-finite gradient in its one window is evidence of an explosion. 5 is a floor chosen, not
-  calibrated: the shortest calibration runs have 10 windows (GPT-2: 30 steps, a window every 3).
+Margins (docs/calibration.md): the tutorial configs (10 seeds, 500 epochs, SGD; "tut."), the
+architecture runs of issue 14 (ResNets, GPT-2, nanoGPT, encoder LM, LSTM LM, and the
+pathological resnet_lr50, sigmoid_mlp, lstm_deep, dead_relu) and of issue 23 (U-Nets, ViTs,
+MLP-Mixer, pre-/post-LN transformers, a plain CNN with BatchNorm, LoRA, long-range RNN/LSTM,
+and the classic pathologies: Glorot & Bengio 2010, He et al. 2015, Xiong et al. 2020, Pascanu
+et al. 2013, one step at 1000x the learning rate); 3 seeds each ("arch."). Sizes are
+``||g|| / ||w||`` per layer (``measures.measure_layers``).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
 
-VANISHING_RATIO = 1 / 50    # weakest hidden layer's ||g||/||w|| / the head's, early windows
+import numpy as np
+
+VANISHING_RATIO = 1 / 50    # weakest hidden layer's ||g||/||w|| / the head's
 INPUT_END_RATIO = 1 / 7     # ... and the first hidden layer's must be under this share of the head's
 MIN_WINDOWS = 5             # fewer windows than this: "insufficient" instead of "healthy"
 EXPLODING_UPDATE = 0.5      # weights move by more than this share of their norm per step
-GRADIENT_GROWTH = 1000.0    # the largest layer gradient this many times the largest early one
+GRADIENT_GROWTH = 1000.0    # one step's total gradient norm this many times the early norm
+CLIPPED_SHARE = 0.5         # of the steps that called clip_grad_norm_, the share that clipped
+CLIP_EXCESS = 100.0         # the norm before clipping over the norm after, in those windows
+LARGER_THAN_HEAD = 1e4      # a hidden layer's ||g||/||w|| this many times the head's, over the run
 SATURATED_FRACTION = 0.4    # share of a hidden tanh/sigmoid layer's outputs with |a| > 0.97
-DEAD_FRACTION = 1.0         # share of a ReLU layer's units never positive in the last window
+SATURATED_END = 0.05        # a bounded layer's mean output within this share of its range of an end
+DEAD_FRACTION = 0.7         # share of a rectifier layer's units never positive in the last window
 STALL_DROP = 0.05           # the loss must fall at least this much (relative) after the early part
 HEALTHY_UPDATE = 1e-3       # Karpathy's rule of thumb for update / weight per step (evidence only)
 OVERFLOW_FRACTION = 0.5     # of the last window's steps skipped by a GradScaler: the gradient keeps overflowing
+TINY_GRADIENT = 1e-6        # every judged layer's ||g||/||w||, median over the run, under this
+OSCILLATION = 0.2           # swing of the loss between windows, relative to its level, late in the run
+PROBABILITY_LOSSES = ("NLLLoss", "BCELoss", "KLDivLoss", "PoissonNLLLoss", "GaussianNLLLoss")
+PROBABILITY_OUTPUTS = ("Softmax", "LogSoftmax", "Sigmoid", "Softmin")
 
 
-def _check(fired: bool, why: str, value: float | None = None, threshold: float | None = None) -> dict[str, Any]:
-    return {"fired": bool(fired), "why": why, "value": value, "threshold": threshold}
+@dataclass
+class Evidence:
+    """What the checks read: ``layers`` and ``activations`` (``measures.py``), ``loss``
+    (``measures.measure_loss``, None without a loss history), the raw ``losses`` and
+    ``windows``, and from the model where known: ``output`` (the class name of the module the
+    model ends with) and ``loss_fn`` (the class name of the loss function)."""
+
+    layers: Mapping[str, Mapping[str, Any]]
+    activations: Mapping[str, Mapping[str, Any]]
+    loss: Mapping[str, float] | None
+    windows: Sequence[Any]
+    losses: Sequence[float] | None = None
+    output: str | None = None
+    loss_fn: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _check(fired: bool, why: str, value: float | None = None, threshold: float | None = None,
+           note: str | None = None) -> dict[str, Any]:
+    out = {"fired": bool(fired), "why": why, "value": value, "threshold": threshold}
+    if note and not fired:
+        out["note"] = note
+    return out
 
 
 def _relative(ratio: float) -> str:
@@ -102,31 +85,69 @@ def _times(factor: float) -> str:
     return f"{factor:.2g}x" if factor < 10 else f"{factor:,.0f}x"
 
 
-def check_vanishing(layers: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    """The weakest hidden layer's early gradient against the head's, and the input end's.
+def _sortable(value: float) -> float:
+    return value if math.isfinite(value) else math.inf
 
-    Fires when the weakest hidden layer is under VANISHING_RATIO of the head's AND the first
-    hidden layer (the input end) is under INPUT_END_RATIO of it: a gradient that vanishes on
-    its way back is small at the input end, while one weak layer near the output with a strong
-    input end (a ResNet's last conv before ``fc``) is not vanishing. Normalisation layers and
+
+def fmt_number(value: float) -> str:
+    return f"{value:.3g}" if math.isfinite(value) else "n/a"
+
+
+# -- vanishing -------------------------------------------------------------------------------
+
+
+def _head(layers: Mapping[str, Mapping[str, Any]]) -> str | None:
+    head = next((l for l, row in layers.items() if row.get("role") == "head"), None)
+    return head if head is not None or not layers else list(layers)[-1]
+
+
+def _vanishing_at(layers: Mapping[str, Mapping[str, Any]], hidden: Sequence[str], point: str) -> tuple[bool, str, float]:
+    """At ``point`` (early, middle, last): (the rule holds, the weakest hidden layer, its ratio)."""
+    weakest = min(hidden, key=lambda l: _sortable(layers[l][f"ratio_{point}"]))
+    ratio = layers[weakest][f"ratio_{point}"]
+    input_end = layers[hidden[0]][f"ratio_{point}"]
+    holds = (math.isfinite(ratio) and ratio < VANISHING_RATIO
+             and not (math.isfinite(input_end) and input_end >= INPUT_END_RATIO))
+    return holds, weakest, ratio
+
+
+def check_vanishing(ev: Evidence) -> dict[str, Any]:
+    """The weakest hidden layer's gradient against the head's, and the input end's, early on;
+    a verdict only with persistent evidence or harm.
+
+    The early rule: the weakest hidden layer under VANISHING_RATIO of the head's AND the first
+    hidden layer (the input end) under INPUT_END_RATIO of it (a gradient that vanishes on its
+    way back is small at the input end; one weak layer near the output with a strong input end,
+    a ResNet's last conv before ``fc``, is not vanishing). It fires only when the rule still
+    holds in the middle and last windows (the layers stay far behind, not only at init), or
+    the loss stalls (``stalled``: the harm). Otherwise the early ratio is a note: attention's Q
+    and K while attention is uniform, a U-Net's bottom, a patch embedding or a LoRA A under a
+    zero B learn slowly at first and catch up. Normalisation layers, embeddings, shortcuts and
     the head are not hidden layers.
     """
-    head = next((l for l, row in layers.items() if row.get("role") == "head"), None)
-    if head is None and layers:
-        head = list(layers)[-1]
+    layers = ev.layers
+    head = _head(layers)
     hidden = [l for l, row in layers.items() if l != head and row.get("role", "hidden") == "hidden"]
     if not hidden:
         return _check(False, "only one layer: nothing to compare with the output layer")
-    weakest = min(hidden, key=lambda l: _sortable(layers[l]["ratio_early"]))
-    ratio = layers[weakest]["ratio_early"]
+    early, weakest, ratio = _vanishing_at(layers, hidden, "early")
     first = layers[hidden[0]]
-    why = (f"{weakest} gradient vs the output layer's ({head}), early on: {_relative(ratio)}{_weakest_gate(weakest, layers[weakest])}; "
-           f"first hidden layer ({hidden[0]}): {_relative(first['ratio_early'])} early, "
-           f"{_relative(first['ratio_last'])} last")
-    input_end = first["ratio_early"]
-    fired = (math.isfinite(ratio) and ratio < VANISHING_RATIO
-             and not (math.isfinite(input_end) and input_end >= INPUT_END_RATIO))
-    return _check(fired, why, ratio, VANISHING_RATIO)
+    why = (f"{weakest} gradient vs the output layer's ({head}), early on: {_relative(ratio)}"
+           f"{_weakest_gate(weakest, layers[weakest])}; first hidden layer ({hidden[0]}): "
+           f"{_relative(first['ratio_early'])} early, {_relative(first['ratio_last'])} last")
+    if not early:
+        return _check(False, why, ratio, VANISHING_RATIO)
+    persistent = all(_vanishing_at(layers, hidden, point)[0] for point in ("middle", "last"))
+    drop = loss_drop(ev.loss)
+    harmed = drop is not None and drop < STALL_DROP
+    if persistent or harmed:
+        reason = "and still in the middle and last windows" if persistent else f"and the loss stalled ({drop:.1%})"
+        return _check(True, f"{why}; {reason}", ratio, VANISHING_RATIO)
+    _, late, late_ratio = _vanishing_at(layers, hidden, "last")
+    fell = f"; the loss still fell {drop:.0%}" if drop is not None else ""
+    note = (f"{weakest} learns {_relative(ratio)} than the head early on, but not persistently (weakest at the end: "
+            f"{late} {_relative(late_ratio)}){fell}: a slow start, not vanishing")
+    return _check(False, why + "; not persistent and no harm", ratio, VANISHING_RATIO, note)
 
 
 def _weakest_gate(layer: str, row: Mapping[str, Any]) -> str:
@@ -139,105 +160,112 @@ def _weakest_gate(layer: str, row: Mapping[str, Any]) -> str:
     return f" (weakest gate: {layer} {gate} gate ||g||/||w|| {_relative(gates[gate]['ratio_early'])} than the head's)"
 
 
-def _sortable(value: float) -> float:
-    return value if math.isfinite(value) else math.inf
+# -- exploding -------------------------------------------------------------------------------
 
 
-def fmt_number(value: float) -> str:
-    return f"{value:.3g}" if math.isfinite(value) else "n/a"
+def check_exploding(ev: Evidence) -> dict[str, Any]:
+    """Non-finite gradients or loss; huge weight updates; clipping that hides an explosion; one
+    step's gradient far above the early ones; a hidden layer far larger than the head; a
+    GradScaler that keeps skipping (``check_overflow``)."""
+    for found in (_nonfinite(ev), _huge_update(ev), _clipping(ev), _spike(ev), _larger_than_head(ev)):
+        if found["fired"]:
+            return found
+    return _overflow(ev, found)
 
 
-def check_exploding(layers: Mapping[str, Mapping[str, float]], loss: Mapping[str, float] | None) -> dict[str, Any]:
-    """Non-finite gradients or loss, huge weight updates, or a gradient that grows without bound."""
-    nonfinite = sum(row["nonfinite"] for row in layers.values())
-    if nonfinite or (loss and loss["nonfinite"]):
-        lost = loss["nonfinite"] if loss else 0
-        return _check(True, f"{nonfinite} non-finite gradient values, {lost} non-finite epoch losses", nonfinite, 0)
+def _nonfinite(ev: Evidence) -> dict[str, Any]:
+    nonfinite = sum(row["nonfinite"] for row in ev.layers.values())
+    lost = ev.loss["nonfinite"] if ev.loss else 0
+    return _check(bool(nonfinite or lost), f"{nonfinite} non-finite gradient values, {lost} non-finite epoch losses",
+                  nonfinite, 0)
+
+
+def _huge_update(ev: Evidence) -> dict[str, Any]:
     # A conv followed by a normalisation layer is scale-invariant: its large early steps grow
     # ||w|| and shrink the next ones (a learning ResNet-34's stem conv: 0.30 in the first window,
     # 0.002 by the tenth), so it is judged on its last window, the others on their largest.
     updates = {l: row.get("update_ratio_last", math.nan) if row.get("normalised") else row["update_ratio_max"]
-               for l, row in layers.items()}
+               for l, row in ev.layers.items()}
     updates = {l: v for l, v in updates.items() if math.isfinite(v)}
-    if updates:
-        layer = max(updates, key=updates.get)
-        if updates[layer] > EXPLODING_UPDATE:
-            return _check(True, f"{layer} weights moved {_times(updates[layer])} their norm per step in one window "
-                                f"(healthy: about {HEALTHY_UPDATE:g})", updates[layer], EXPLODING_UPDATE)
-    # Growth of the network's largest gradient, not of one layer's: a layer that vanished
-    # early and recovers (deep ReLU, 20 layers) grows 1000x without anything exploding.
-    early = max((row["gradient_early"] for row in layers.values() if math.isfinite(row["gradient_early"])), default=0.0)
-    peak = max((row["gradient_peak"] for row in layers.values() if math.isfinite(row["gradient_peak"])), default=0.0)
-    if early > 0 and peak / early > GRADIENT_GROWTH:
-        return _check(True, f"the largest gradient grew {_times(peak / early)} over its early size",
-                      peak / early, GRADIENT_GROWTH)
-    largest = max(updates.values()) if updates else math.nan
-    return _check(False, f"all finite; largest update ratio per step {fmt_number(largest)}", largest, EXPLODING_UPDATE)
+    if not updates:
+        return _check(False, "no weight updates recorded")
+    layer = max(updates, key=updates.get)
+    return _check(updates[layer] > EXPLODING_UPDATE,
+                  f"{layer} weights moved {_times(updates[layer])} their norm per step in one window "
+                  f"(healthy: about {HEALTHY_UPDATE:g}); largest update ratio per step {fmt_number(updates[layer])}",
+                  updates[layer], EXPLODING_UPDATE)
 
 
-def check_saturated(activations: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
-    """The most saturated hidden tanh/sigmoid layer."""
-    bounded = {n: r["saturated"] for n, r in activations.items() if "saturated" in r and not r.get("output")}
-    if not bounded:
-        return _check(False, "no hidden tanh or sigmoid activations recorded")
-    name = max(bounded, key=bounded.get)
-    value = bounded[name]
-    return _check(value > SATURATED_FRACTION, f"{value:.0%} of {name} outputs saturated (|a| > 0.97)",
-                  value, SATURATED_FRACTION)
+def clipping(windows: Sequence[Any]) -> tuple[int, int, float]:
+    """(windows whose steps called clip_grad_norm_, of them those where most steps clipped, the
+    median over those of the norm before clipping / the norm the step applied)."""
+    called, mostly, excess = 0, 0, []
+    for w in windows:
+        overall = getattr(w, "overall", {}) or {}
+        calls = overall.get("clip_calls") or 0
+        if not calls:
+            continue
+        called += 1
+        if overall.get("clipped_steps", 0) / calls >= CLIPPED_SHARE:
+            mostly += 1
+            after = overall.get("total_norm") or math.nan
+            before = overall.get("total_norm_before_clip", math.nan)
+            excess.append(before / after if after > 0 else math.nan)
+    finite = [e for e in excess if math.isfinite(e)]
+    return called, mostly, float(np.median(finite)) if finite else math.nan
 
 
-def check_dead(activations: Mapping[str, Mapping[str, Any]],
-               layers: Mapping[str, Mapping[str, float]]) -> dict[str, Any]:
-    """Whole rectifier layers dead in the last window, or no gradient anywhere."""
-    dead = {n: r["dead"] for n, r in activations.items() if math.isfinite(r.get("dead", math.nan))}
-    full = [n for n, value in dead.items() if value >= DEAD_FRACTION]
-    if full:
-        return _check(True, f"every unit of {_names(full)} dead (never positive) in the last window",
-                      len(full), DEAD_FRACTION)
-    if layers and all(row["zero_last"] == 1.0 for row in layers.values()):
-        return _check(True, "every gradient exactly zero in the last window", 1.0, 1.0)
-    if not dead:
-        return _check(False, "no ReLU-type activations recorded")
-    name = max(dead, key=dead.get)
-    return _check(False, f"at most {dead[name]:.0%} of a layer's units dead ({name})", dead[name], DEAD_FRACTION)
+def _clipping(ev: Evidence) -> dict[str, Any]:
+    """Pascanu et al. 2013: clipping keeps an exploding gradient's steps bounded, so the updates
+    look calm; the norm before clipping, far above the clip value in most steps, does not."""
+    called, mostly, excess = clipping(ev.windows)
+    if not called:
+        return _check(False, "clip_grad_norm_ not called")
+    fired = mostly > called / 2 and math.isfinite(excess) and excess > CLIP_EXCESS
+    return _check(fired, f"clip_grad_norm_ clipped most steps in {mostly} of {called} windows, the norm before "
+                         f"clipping {fmt_number(excess)}x the norm applied (median)", excess, CLIP_EXCESS)
 
 
-def _names(names: Sequence[str]) -> str:
-    return ", ".join(names) if len(names) <= 3 else f"{names[0]}, ... {names[-1]} ({len(names)} layers)"
+def _spike(ev: Evidence) -> dict[str, Any]:
+    """One step's total norm (``overall['total_norm_max']``: the largest of a window's steps,
+    not its mean) against the early windows' mean norm per step (Pascanu et al. 2013: an
+    exploding norm grows geometrically, in a step or a few)."""
+    windows = ev.windows
+    means = np.array([(getattr(w, "overall", {}) or {}).get("total_norm", math.nan) for w in windows], dtype=float)
+    peaks = np.array([(getattr(w, "overall", {}) or {}).get("total_norm_max", math.nan) for w in windows], dtype=float)
+    early = max(1, len(windows) // 10)
+    base = np.nanmedian(means[:early]) if np.isfinite(means[:early]).any() else math.nan
+    if not (math.isfinite(base) and base > 0) or not np.isfinite(peaks).any():
+        return _spike_from_layers(ev)
+    index = int(np.nanargmax(peaks))
+    growth = peaks[index] / base
+    return _check(growth > GRADIENT_GROWTH, f"the largest one-step gradient norm (window {index}) is "
+                                            f"{_times(growth)} the early norm per step", float(growth), GRADIENT_GROWTH)
 
 
-def check_stalled(layers: Mapping[str, Mapping[str, float]], loss: Mapping[str, float] | None) -> dict[str, Any]:
-    """The loss no longer falls after the early part, or nothing can move any more."""
-    if layers and all(row["zero_last"] == 1.0 for row in layers.values()):
-        return _check(True, "no gradient left: the weights cannot change", 0.0, STALL_DROP)
-    if not loss:
-        return _check(False, "no loss history to judge")
-    # The end of the run, not the best epoch: a run that learned and then collapsed back to a
-    # constant prediction (20-layer ReLU, seed 2) has stalled too.
-    start, tail = loss["early"], loss["tail"]
-    if not (math.isfinite(start) and math.isfinite(tail)) or start <= 0:
-        return _check(False, "loss not finite", None, STALL_DROP)
-    drop = (start - tail) / start
-    moved = f"fell {drop:.1%}" if drop > -0.0005 else f"rose {-drop:.1%}"
-    why = f"loss {moved} after the early part ({start:.3g} -> {tail:.3g} at the end)"
-    return _check(drop < STALL_DROP, why, drop, STALL_DROP)
+def _spike_from_layers(ev: Evidence) -> dict[str, Any]:
+    """Tables without the overall figures: the network's largest per-window gradient against
+    its largest early one (a layer that vanished early and recovers grows without exploding)."""
+    early = max((r["gradient_early"] for r in ev.layers.values() if math.isfinite(r["gradient_early"])), default=0.0)
+    peak = max((r["gradient_peak"] for r in ev.layers.values() if math.isfinite(r["gradient_peak"])), default=0.0)
+    growth = peak / early if early > 0 else math.nan
+    return _check(math.isfinite(growth) and growth > GRADIENT_GROWTH,
+                  f"the largest gradient grew {_times(growth) if math.isfinite(growth) else 'n/a'} over its early size",
+                  growth, GRADIENT_GROWTH)
 
 
-
-def check_insufficient(windows: Sequence[Any], loss: Mapping[str, float] | None) -> dict[str, Any]:
-    """Too few windows to judge: said first in the verdict; the rules that fired stand beside it
-    as early signs."""
-    count = len(windows)
-    if count < MIN_WINDOWS:
-        return _check(True, f"too short to judge: only {count} window{'' if count == 1 else 's'} recorded, "
-                            f"at least {MIN_WINDOWS} needed; record more windows (gradflow train: one per epoch; "
-                            "Lightning: one every log_every_n_steps steps; HF Trainer: every logging_steps steps; "
-                            "your own loop: call monitor.log more often)", count, MIN_WINDOWS)
-    return _check(False, f"{count} windows (at least {MIN_WINDOWS} needed)", count, MIN_WINDOWS)
-
-
-
-OVERFLOW_FRACTION = 0.5     # of the last window's steps skipped by a GradScaler: the gradient keeps overflowing
+def _larger_than_head(ev: Evidence) -> dict[str, Any]:
+    """A hidden layer whose ||g||/||w|| stays far above the head's (early, middle and last):
+    the gradient grows on its way back (a recurrent layer through time, Pascanu et al. 2013)."""
+    head = _head(ev.layers)
+    hidden = {l: min(r["ratio_early"], r["ratio_middle"], r["ratio_last"])
+              for l, r in ev.layers.items() if l != head and r.get("role") == "hidden"}
+    hidden = {l: v for l, v in hidden.items() if math.isfinite(v)}
+    if not hidden:
+        return _check(False, "no hidden layer to compare with the head")
+    layer = max(hidden, key=hidden.get)
+    return _check(hidden[layer] > LARGER_THAN_HEAD, f"{layer} gradient {_relative(hidden[layer])} than the head's "
+                                                     "(its smallest of early, middle, last)", hidden[layer], LARGER_THAN_HEAD)
 
 
 def skipped_steps(window: Any) -> tuple[int, int]:
@@ -246,13 +274,247 @@ def skipped_steps(window: Any) -> tuple[int, int]:
     return skipped, int(getattr(window, "steps", 0) or 0) + skipped
 
 
-
-def check_overflow(check: dict[str, Any], windows: Sequence[Any]) -> dict[str, Any]:
+def _overflow(ev: Evidence, quiet: dict[str, Any]) -> dict[str, Any]:
     """Exploding also when a GradScaler skipped most of the last window's steps: the scale
     halves at each skip (torch.amp.GradScaler), so overflow that persists is a gradient that
     overflows at any scale, not calibration."""
-    skipped, total = skipped_steps(windows[-1])
-    if check["fired"] or not total or skipped / total < OVERFLOW_FRACTION:
-        return check
+    skipped, total = skipped_steps(ev.windows[-1])
+    if not total or skipped / total < OVERFLOW_FRACTION:
+        largest = _huge_update(ev)
+        return _check(False, f"all finite; {largest['why'].rpartition('; ')[2]}", largest["value"], EXPLODING_UPDATE)
     return _check(True, f"{skipped} of {total} steps of the last window skipped on overflow (GradScaler)",
                   skipped / total, OVERFLOW_FRACTION)
+
+
+# -- units -------------------------------------------------------------------------------------
+
+
+def check_saturated(ev: Evidence) -> dict[str, Any]:
+    """The most saturated hidden bounded layer, at either end of its range: the share of
+    outputs past 0.97 of the range (both ends), or a mean output within SATURATED_END of the
+    range of one end (a sigmoid layer driven toward 0, Glorot & Bengio 2010, Fig. 2: its
+    derivative a(1 - a) there is under 1/5 of its peak)."""
+    bounded = {n: r for n, r in ev.activations.items() if "saturated" in r and not r.get("output")}
+    if not bounded:
+        return _check(False, "no hidden tanh or sigmoid activations recorded")
+    name = max(bounded, key=lambda n: bounded[n]["saturated"])
+    value = bounded[name]["saturated"]
+    if value > SATURATED_FRACTION:
+        return _check(True, f"{value:.0%} of {name} outputs saturated (|a| > 0.97 of the range)", value,
+                      SATURATED_FRACTION)
+    ends = {n: r["end"] for n, r in bounded.items() if math.isfinite(r.get("end", math.nan))}
+    if ends:
+        near = min(ends, key=ends.get)
+        if ends[near] < SATURATED_END:
+            return _check(True, f"{near} outputs sit at one end of the range: mean {ends[near]:.1%} of the range "
+                                "from it (median over windows)", ends[near], SATURATED_END)
+    return _check(False, f"{value:.0%} of {name} outputs saturated (|a| > 0.97 of the range)", value, SATURATED_FRACTION)
+
+
+def check_dead(ev: Evidence) -> dict[str, Any]:
+    """Most of a rectifier layer's units dead in the last window (never positive), or every
+    gradient exactly zero in the last window."""
+    dead = {n: r["dead"] for n, r in ev.activations.items() if math.isfinite(r.get("dead", math.nan))}
+    worst = [n for n, value in dead.items() if value >= DEAD_FRACTION]
+    if worst:
+        return _check(True, f"{_share(dead, worst)} of {_names(worst)} dead (never positive) in the last window",
+                      max(dead[n] for n in worst), DEAD_FRACTION)
+    if ev.layers and all(row["zero_last"] == 1.0 for row in ev.layers.values()):
+        return _check(True, "every gradient exactly zero in the last window", 1.0, 1.0)
+    if not dead:
+        return _check(False, "no ReLU-type activations recorded")
+    name = max(dead, key=dead.get)
+    return _check(False, f"at most {dead[name]:.0%} of a layer's units dead ({name})", dead[name], DEAD_FRACTION)
+
+
+def _share(dead: Mapping[str, float], names: Sequence[str]) -> str:
+    low, high = min(dead[n] for n in names), max(dead[n] for n in names)
+    return "every unit" if low == 1.0 else f"{low:.0%}" if low == high else f"{low:.0%} - {high:.0%}"
+
+
+def _names(names: Sequence[str]) -> str:
+    return ", ".join(names) if len(names) <= 3 else f"{names[0]}, ... {names[-1]} ({len(names)} layers)"
+
+
+# -- the loss ----------------------------------------------------------------------------------
+
+
+def loss_drop(loss: Mapping[str, float] | None) -> float | None:
+    """(early - tail) / early of ``measure_loss``'s figures; None when unknown or not finite."""
+    if not loss:
+        return None
+    start, tail = loss["early"], loss["tail"]
+    if not (math.isfinite(start) and math.isfinite(tail)) or start <= 0:
+        return None
+    return (start - tail) / start
+
+
+def check_stalled(ev: Evidence) -> dict[str, Any]:
+    """The loss no longer falls after the early part, or nothing can move any more."""
+    layers, loss = ev.layers, ev.loss
+    if layers and all(row["zero_last"] == 1.0 for row in layers.values()):
+        return _check(True, "no gradient left: the weights cannot change", 0.0, STALL_DROP)
+    if not loss:
+        return _check(False, "no loss history to judge")
+    # The end of the run, not the best epoch: a run that learned and then collapsed back to a
+    # constant prediction (20-layer ReLU, seed 2) has stalled too.
+    drop = loss_drop(loss)
+    if drop is None:
+        return _check(False, "loss not finite", None, STALL_DROP)
+    moved = f"fell {drop:.1%}" if drop > -0.0005 else f"rose {-drop:.1%}"
+    why = f"loss {moved} after the early part ({loss['early']:.3g} -> {loss['tail']:.3g} at the end)"
+    return _check(drop < STALL_DROP, why, drop, STALL_DROP)
+
+
+def oscillation(losses: Sequence[float] | None) -> float:
+    """How much the loss swings late in the run: over the last half of the values, the median
+    |second difference| / 2 (a zig-zag's half height; a steady trend has none) over the median
+    loss. NaN with fewer than 8 finite values."""
+    if losses is None:
+        return math.nan
+    values = np.asarray(list(losses), dtype=float)
+    late = values[len(values) // 2:]
+    late = late[np.isfinite(late)]
+    if late.size < 4 or len(values) < 8:
+        return math.nan
+    level = float(np.median(np.abs(late)))
+    swing = float(np.median(np.abs(np.diff(late, 2)))) / 2
+    return swing / level if level > 0 else math.nan
+
+
+def check_oscillating(ev: Evidence) -> dict[str, Any]:
+    """The loss zig-zags between windows late in the run by more than OSCILLATION of its level
+    (a learning rate near the edge of stability: the iterates bounce across a valley, Goodfellow
+    et al. 2016, Sec. 8.3; published training-problem detectors flag it). A verdict when the loss
+    does not converge (``stalled``); a note when it still falls."""
+    value = oscillation(ev.losses)
+    if not math.isfinite(value):
+        return _check(False, "too few loss values to judge oscillation")
+    why = f"the loss swings {value:.0%} of its level between windows in the last half"
+    if value <= OSCILLATION:
+        return _check(False, why, value, OSCILLATION)
+    drop = loss_drop(ev.loss)
+    if drop is not None and drop < STALL_DROP:
+        return _check(True, f"{why}, and it does not converge (fell {drop:.1%})", value, OSCILLATION)
+    return _check(False, why, value, OSCILLATION, note=f"{why}; it still learns, so a symptom, not a verdict: a "
+                                                        "smaller learning rate or a larger batch would steady it")
+
+
+def check_output_mismatch(ev: Evidence) -> dict[str, Any]:
+    """An output that does not fit the loss: a probability loss (``PROBABILITY_LOSSES``:
+    NLLLoss wants log-probabilities, BCELoss probabilities) after a model that ends in a ReLU
+    or a linear layer instead of a (log-)softmax or sigmoid (``PROBABILITY_OUTPUTS``). Named as
+    the cause when the loss goes non-finite (log of a zero ReLU output) or negative (NLLLoss of
+    an unnormalised output is unbounded below)."""
+    if not ev.loss_fn or not ev.output:
+        return _check(False, "loss function or output module unknown: pass model= and loss_fn= to diagnose")
+    if ev.loss_fn not in PROBABILITY_LOSSES:
+        return _check(False, f"{ev.loss_fn} takes raw outputs")
+    if ev.output in PROBABILITY_OUTPUTS:
+        return _check(False, f"{ev.loss_fn} after {ev.output}: fits")
+    lost = ev.loss["nonfinite"] if ev.loss else 0
+    negative = bool(ev.losses) and any(math.isfinite(v) and v < 0 for v in ev.losses)
+    harm = (f"; the cause of the {lost} non-finite losses" if lost else
+            "; the loss went negative: unbounded below" if negative else "")
+    return _check(True, f"{ev.loss_fn} expects probabilities but the model ends in {ev.output}{harm}", None, None)
+
+
+def check_tiny(ev: Evidence) -> dict[str, Any]:
+    """Every judged layer's gradient tiny against its weights alike (median over the run under
+    TINY_GRADIENT, an absolute floor beside the ratios between layers): with plain SGD the
+    weights cannot move. A verdict when the loss stalls; a note otherwise (Adam rescales a
+    uniformly small gradient)."""
+    sizes = {l: float(np.nanmedian([r["gradient_early"], r["gradient_middle"], r["gradient_last"]]))
+             for l, r in ev.layers.items() if r.get("role") in ("hidden", "head")
+             and np.isfinite([r["gradient_early"], r["gradient_middle"], r["gradient_last"]]).any()}
+    if not sizes or next(iter(ev.layers.values())).get("measure") != "relative":
+        return _check(False, "no ||g||/||w|| recorded")
+    layer = max(sizes, key=sizes.get)
+    why = f"the largest layer gradient is {fmt_number(sizes[layer])} of its weights ({layer})"
+    if sizes[layer] >= TINY_GRADIENT:
+        return _check(False, why, sizes[layer], TINY_GRADIENT)
+    drop = loss_drop(ev.loss)
+    if drop is not None and drop < STALL_DROP:
+        return _check(True, f"{why}, in every layer alike, and the loss stalled", sizes[layer], TINY_GRADIENT)
+    return _check(False, why, sizes[layer], TINY_GRADIENT, note=f"{why} in every layer alike, but the loss still fell")
+
+
+def check_insufficient(ev: Evidence) -> dict[str, Any]:
+    """Too few windows to judge: said first in the verdict; the rules that fired stand beside it
+    as early signs."""
+    count = len(ev.windows)
+    if count < MIN_WINDOWS:
+        return _check(True, f"too short to judge: only {count} window{'' if count == 1 else 's'} recorded, "
+                            f"at least {MIN_WINDOWS} needed; record more windows (gradflow train: one per epoch; "
+                            "Lightning: one every log_every_n_steps steps; HF Trainer: every logging_steps steps; "
+                            "your own loop: call monitor.log more often)", count, MIN_WINDOWS)
+    return _check(False, f"{count} windows (at least {MIN_WINDOWS} needed)", count, MIN_WINDOWS)
+
+
+# -- the table ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Rule:
+    """One rule: ``name`` (the verdict), ``measure`` (what it reads), ``threshold`` (in words),
+    ``source`` (where the threshold comes from), ``advice`` (the key of its advice in
+    ``advice.ADVICE``), ``check`` (``Evidence`` -> the check's dict)."""
+
+    name: str
+    measure: str
+    threshold: str
+    source: str
+    advice: str
+    check: Callable[[Evidence], dict[str, Any]]
+
+
+RULES: tuple[Rule, ...] = (
+    Rule("vanishing", "weakest hidden layer's ||g||/||w|| / the head's, early (median of the first 10% of "
+                      "windows); the first hidden layer's too",
+         f"weakest < 1/{1 / VANISHING_RATIO:.0f} and first < 1/{1 / INPUT_END_RATIO:.0f}, and still so in the middle "
+         f"and last windows or the loss stalled (< {STALL_DROP:.0%}); early only: a note",
+         "Glorot & Bengio 2010; calibrated: tut. deep tanh 1/2180 - 1/336, healthy 1/44 and above; arch.",
+         "vanishing", check_vanishing),
+    Rule("exploding", "non-finite values; weight update per step ||dw||/||w||; clip_grad_norm_'s norm before "
+                      "clipping / after; one step's total norm / the early norm; hidden ||g||/||w|| / the head's; "
+                      "GradScaler skips",
+         f"any non-finite; update > {EXPLODING_UPDATE:g}; most steps clipped at > {CLIP_EXCESS:g}x; "
+         f"step > {GRADIENT_GROWTH:g}x; hidden > {LARGER_THAN_HEAD:g}x the head; skipped >= {OVERFLOW_FRACTION:.0%}",
+         "Pascanu et al. 2013 (growth, clipping); DESIGN.md (non-finite); torch.amp.GradScaler; calibrated: arch.",
+         "exploding", check_exploding),
+    Rule("saturated", "hidden tanh/sigmoid layer: median share of outputs past 0.97 of the range; mean output's "
+                      "distance from an end of the range",
+         f"share > {SATURATED_FRACTION:g}, or mean within {SATURATED_END:.0%} of the range of an end",
+         "Glorot & Bengio 2010 (0.97; sigmoid top layer driven to 0); calibrated: tut., arch.",
+         "saturated", check_saturated),
+    Rule("dead-units", "rectifier layer: share of units never positive in the last window; every gradient zero",
+         f">= {DEAD_FRACTION:.0%} of a layer's units", "DESIGN.md (dead ReLU runs end at loss 0.693); calibrated: "
+         "tut. healthy deep ReLU <= 40%, arch. one step at 1000x lr", "dead-units", check_dead),
+    Rule("stalled", "loss drop from the end of the early part to the end (median of the last 10%)",
+         f"< {STALL_DROP:.0%}", "calibrated: tut. healthy 12% and above, failed 20-layer ReLU <= 0.1%",
+         "stalled", check_stalled),
+    Rule("oscillating", "the loss's late zig-zag: median |second difference| / 2 over its level, last half",
+         f"> {OSCILLATION:.0%} and the loss stalls; while it learns: a note",
+         "published training-problem detectors (issue 23); calibrated: arch.", "oscillating", check_oscillating),
+    Rule("output-mismatch", "the model's last module against the loss function's class",
+         "a probability loss (NLLLoss, BCELoss, ...) after ReLU or linear output",
+         "PyTorch docs of NLLLoss / BCELoss (log-probabilities, probabilities)", "output-mismatch",
+         check_output_mismatch),
+    Rule("tiny-gradient", "largest judged layer's ||g||/||w|| (median of early, middle, last)",
+         f"< {TINY_GRADIENT:g} and the loss stalls; while it learns: a note",
+         "calibrated: arch. healthy runs' largest layer 1e-3 and above", "tiny-gradient", check_tiny),
+    Rule("insufficient", "number of recorded windows", f"< {MIN_WINDOWS}",
+         "a floor chosen, not calibrated (issue 14)", "insufficient", check_insufficient),
+)
+
+
+def rules_markdown() -> str:
+    """The rules table as docs/calibration.md shows it (a test checks the page holds it)."""
+    lines = ["| rule | measure | threshold | source | advice |", "|---|---|---|---|---|"]
+    lines += [f"| {r.name} | {r.measure} | {r.threshold} | {r.source} | `{r.advice}` |" for r in RULES]
+    return "\n".join(lines)
+
+
+def run_rules(ev: Evidence, rules: Sequence[Rule] = RULES) -> dict[str, dict[str, Any]]:
+    """Every rule's check over ``ev``, by rule name, in table order."""
+    return {rule.name: rule.check(ev) for rule in rules}
