@@ -202,9 +202,11 @@ def recurrent(cell: str, length: int, lr: float, scale: float | None = None, non
 
 
 def glorot_sigmoid(seed: int):
+    """Glorot & Bengio 2010's sigmoid net (4 layers of 100, standard init), plain SGD at lr 1:
+    the top hidden layer is driven toward 0 while the loss plateaus (their Fig. 2)."""
     torch.manual_seed(seed)
-    model = cm.sigmoid_net(depth=4)
-    return model, torch.optim.SGD(model.parameters(), lr=0.1), _images(seed), "class"
+    model = cm.sigmoid_net(depth=4, width=100)
+    return model, torch.optim.SGD(model.parameters(), lr=1.0), _images(seed), "class"
 
 
 def relu30(init: str):
@@ -248,7 +250,7 @@ RUNS: dict[str, Spec] = {
     "rnn_long": Spec(recurrent("rnn", 10, 1e-2), steps=150, clip=1.0),
     "lstm_long": Spec(recurrent("lstm", 20, 1e-2), steps=150, clip=0.25),
     # the classic pathologies
-    "glorot_sigmoid": Spec(glorot_sigmoid, expect="saturated"),
+    "glorot_sigmoid": Spec(glorot_sigmoid, steps=300, window=10, expect="saturated"),
     "relu30_xavier": Spec(relu30("xavier"), expect="vanishing"),
     "relu30_he": Spec(relu30("he")),
     "postln_nowarmup": Spec(token_transformer(False, 12, 1e-2), expect="-"),

@@ -164,5 +164,6 @@ def test_custom_scalars_open_on_accuracy_then_gradient_size_per_layer(tensorboar
     first = categories[0]["chart"][0]["title"]
     assert sorted(matched[first]) == ["epoch/accuracy", "epoch/val_accuracy"]
     per_layer = categories[1]["chart"][0]["title"]
-    assert sorted(matched[per_layer]) == [f"grad/dense_{k}/weight/mean_abs" for k in range(1, 7)]
+    assert sorted(matched[per_layer]) == [f"grad/dense_{k}/weight/relative" for k in range(1, 7)]
+    assert "||g|| / ||w||" in per_layer and "diagnose" in per_layer       # the measure diagnose judges, named
     assert all(matched.values()), matched                 # no empty chart on a ReLU run

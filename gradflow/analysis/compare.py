@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from gradflow.analysis.diagnose import Diagnosis, diagnose, read_losses, run_windows
-from gradflow.analysis.measures import layer_parameters
+from gradflow.analysis.measures import MEASURE_LABEL, layer_series
 from gradflow.analysis.windows import GRADIENTS_FILE
 
 
@@ -100,17 +100,22 @@ def _read_history(path: Path) -> list[dict[str, float]]:
 
 
 def layer_sizes(windows: Sequence[Any]) -> tuple[list[int], dict[str, list[float]]]:
-    """(steps, layer -> mean |g| per window), input layer first; NaN where a window has none.
+    """(steps, layer -> size per window), input layer first; NaN where a window has none. The
+    size is the one the diagnosis judges (``measures.layer_series``: ||g|| / ||w||, or mean |g|
+    for old tables; ``size_label`` names it).
 
     Example:
         >>> from gradflow.monitor import Window
         >>> layer_sizes([Window(0, 1, gradients={"dense_1.weight": {"mean_abs": 0.5}})])
         ([0], {'dense_1': [0.5]})
     """
-    chosen = layer_parameters(windows)
-    sizes = {layer: [float(w.gradients.get(p, {}).get("mean_abs", math.nan)) for w in windows]
-             for layer, p in chosen.items()}
-    return [w.step for w in windows], sizes
+    _, sizes = layer_series(windows)
+    return [w.step for w in windows], {layer: [float(v) for v in values] for layer, values in sizes.items()}
+
+
+def size_label(windows: Sequence[Any]) -> str:
+    """The name of the size ``layer_sizes`` gives: ``||g|| / ||w||`` or ``mean |g|``."""
+    return MEASURE_LABEL[layer_series(windows)[0]]
 
 
 def _accuracy(run: Run, key: str) -> float:
@@ -122,42 +127,44 @@ def _accuracy(run: Run, key: str) -> float:
 
 
 def compare_table(runs: Sequence[Run]) -> str:
-    """A plain-text table: verdict, accuracies, first hidden and output layer mean |g| (first
-    window -> last window), their ratio, and the smallest layer against the output layer (the
-    vanishing shows in the middle: deep tanh's dense_3), one row per run.
+    """A plain-text table: verdict, accuracies, the first hidden layer's and the head's size
+    (first window -> last window), their ratio, and the weakest hidden layer against the head,
+    one row per run. Sizes, layers and roles are the diagnosis's own (``||g|| / ||w||``, the
+    head from the graph), so the table and ``diagnose`` name the same weakest layer and agree
+    in direction; the header names the measure.
 
     Example:
         >>> print(compare_table([load_run(a), load_run(b)]))                 # doctest: +SKIP
     """
-    header = ("run", "verdict", "train", "test", "first hidden |g|", "output |g|", "first/output",
-              "smallest/output")
+    label = size_label(runs[0].windows) if runs else MEASURE_LABEL["relative"]
+    header = ("run", "verdict", "train", "test", f"first hidden {label}", f"head {label}", "first/head",
+              "weakest/head (early -> last)")
     rows = [header]
     for run in runs:
         _, sizes = layer_sizes(run.windows)
-        first, output = sizes[list(sizes)[0]], sizes[list(sizes)[-1]]
+        layers = run.diagnosis.evidence.get("layers", {})
+        hidden = [l for l, row in layers.items() if row.get("role") == "hidden" and l in sizes]
+        head = next((l for l, row in layers.items() if row.get("role") == "head"), None) or list(sizes)[-1]
+        first = sizes[hidden[0]] if hidden else [math.nan] * len(sizes[head])
+        output = sizes[head]
         ratio = [_ratio(a, b) for a, b in zip(first, output)]
         rows.append((run.name, ", ".join(run.diagnosis.verdicts), _fmt(_accuracy(run, "accuracy"), ".3f"),
                      _fmt(_accuracy(run, "val_accuracy"), ".3f"), f"{_fmt(first[0])} -> {_fmt(first[-1])}",
                      f"{_fmt(output[0])} -> {_fmt(output[-1])}", f"{_fmt(ratio[0])} -> {_fmt(ratio[-1])}",
-                     _smallest(sizes)))
+                     _weakest(layers, hidden)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
-def _smallest(sizes: dict[str, list[float]]) -> str:
-    """The layer with the smallest mean |g| against the output layer's, first and last window."""
-    layers = list(sizes)
-    if len(layers) < 2:
+def _weakest(layers: dict[str, dict[str, Any]], hidden: list[str]) -> str:
+    """The hidden layer the diagnosis finds weakest against the head early, early -> last."""
+    early = {l: layers[l]["ratio_early"] for l in hidden if math.isfinite(layers[l]["ratio_early"])}
+    if not early:
         return "n/a"
-    output = sizes[layers[-1]]
-    ratios = {layer: [_ratio(a, b) for a, b in zip(sizes[layer], output)] for layer in layers[:-1]}
-    first = {layer: r[0] for layer, r in ratios.items() if math.isfinite(r[0])}
-    if not first:
-        return "n/a"
-    layer = min(first, key=first.get)
-    return f"{layer}: {_fmt(ratios[layer][0])} -> {_fmt(ratios[layer][-1])}"
+    layer = min(early, key=early.get)
+    return f"{layer}: {_fmt(early[layer])} -> {_fmt(layers[layer]['ratio_last'])}"
 
 
 def _ratio(a: float, b: float) -> float:
@@ -184,8 +191,8 @@ def _positive(values: Sequence[float]) -> list[float]:
 
 def plot_compare(runs: Sequence[Run], path: str | Path) -> Path:
     """Runs side by side on shared axes. Top row: the gradient-flow picture of each run (every
-    layer's mean |g| against depth, input to output, at a few epochs; one y range for all, so
-    a vanishing middle layer shows as a dip). Bottom: every layer's mean |g| per epoch (one
+    layer's ||g|| / ||w||, the size diagnose judges, against depth, input to output, at a few epochs; one y range for all, so
+    a vanishing middle layer shows as a dip). Bottom: every layer's ||g|| / ||w|| per epoch (one
     colour per run, darker = nearer the input) and train / test accuracy on a fixed 0-1 axis.
     Legends sit outside the axes. Returns ``path``.
 
@@ -202,9 +209,10 @@ def plot_compare(runs: Sequence[Run], path: str | Path) -> Path:
     for ax in flows[1:]:
         ax.sharey(flows[0])
     for ax, run in zip(flows, runs):
-        draw_flow(ax, run.windows)
+        draw_flow(ax, run.windows, "relative")
         ax.set_title(f"{run.name}\n{', '.join(run.diagnosis.verdicts)}", fontsize="small")
-    flows[0].set_ylabel("mean |gradient|")
+    label = size_label(runs[0].windows)
+    flows[0].set_ylabel(f"{label} (what diagnose judges)")
     flows[-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
     bottom = grid[rows, :].subgridspec(1, 2, wspace=0.6)
     grads, accuracy = fig.add_subplot(bottom[0]), fig.add_subplot(bottom[1])
@@ -225,7 +233,7 @@ def plot_compare(runs: Sequence[Run], path: str | Path) -> Path:
                           linestyle=":", label=f"{run.name}: test")
     grads.set_yscale("log")
     grads.set_xlabel("epoch")
-    grads.set_ylabel("mean |gradient| of each layer's weight")
+    grads.set_ylabel(f"{label} of each layer's weight")
     grads.set_title("every layer per epoch (colours as in accuracy;\ndarker = nearer the input)", fontsize="medium")
     accuracy.set_ylim(0, 1)
     accuracy.set_xlabel("epoch")

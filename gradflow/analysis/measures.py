@@ -295,6 +295,34 @@ def _gate_sizes(windows: Sequence[Any], parameters: Sequence[str]) -> dict[str, 
     return out
 
 
+MEASURE_LABEL = {"relative": "||g|| / ||w||", "mean_abs": "mean |g|"}    # the one name of each measure
+
+
+def layer_series(windows: Sequence[Any]) -> tuple[str, dict[str, np.ndarray]]:
+    """(measure, layer -> size per window), input first: the size ``measure_layers`` judges,
+    ``||g|| / ||w||`` over each layer's weights (``relative``), or per-element mean |g| of its
+    weight (``mean_abs``) for windows without gradient and weight norms. NaN where a window
+    has none. ``compare`` and ``gradients.png`` draw this, so every view shows one measure.
+
+    Example:
+        >>> from gradflow.monitor import Window
+        >>> w = Window(0, 1, gradients={"a.weight": {"mean_abs": 0.1, "norm": 2.0, "weight_norm": 4.0}})
+        >>> layer_series([w])
+        ('relative', {'a': array([0.5])})
+    """
+    names = list(dict.fromkeys(n for w in windows for n in w.gradients))
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(group_of(name), []).append(name)
+    relative = all(math.isfinite(_number(w.gradients[p].get("weight_norm"))) and "norm" in w.gradients[p]
+                   for w in windows for p in w.gradients)
+    out = {}
+    for layer, parameters in groups.items():
+        weights = [p for p in parameters if not _is_bias(p)] or parameters
+        out[layer] = _relative_sizes(windows, weights, False) if relative else _series(windows, weights[0], "mean_abs")
+    return ("relative" if relative else "mean_abs"), out
+
+
 def measure_layers(windows: Sequence[Any], order: Sequence[str] | None = None,
                    kinds: Mapping[str, str] | None = None) -> dict[str, dict[str, Any]]:
     """Per layer, input first (forward ``order`` of parameter names when known, else recorded
@@ -405,7 +433,8 @@ def measure_activations(windows: Sequence[Any], bounds: Mapping[str, tuple[float
                         ) -> dict[str, dict[str, float]]:
     """Per activation module: median saturated fraction (bounded ones), the dead fraction of
     the last window it fired in (rectifiers), and for a bounded one with known ``bounds``
-    (``activation_bounds``) ``end``: the median over windows of the mean output's distance from
+    (``activation_bounds``) ``end``: the median over the last half of the windows (a layer
+    driven to an end during training, Glorot & Bengio 2010 Fig. 2) of the mean output's distance from
     the nearer end of the range, as a share of the range (a sigmoid layer at mean 0.02: 0.02);
     ``output`` marks a presumed output squashing (the last tap, bounded, of another kind than
     the one before it).
@@ -429,7 +458,7 @@ def measure_activations(windows: Sequence[Any], bounds: Mapping[str, tuple[float
             row["saturated"] = _median(saturated)
             if name in bounds:
                 low, high = bounds[name]
-                means = np.array([_number(r.get("mean")) for r in seen])
+                means = np.array([_number(r.get("mean")) for r in seen[len(seen) // 2:]])
                 row["end"] = _median(np.minimum(means - low, high - means) / (high - low))
         if "dead_fraction" in seen[-1]:
             row["dead"] = _number(seen[-1]["dead_fraction"])

@@ -51,6 +51,27 @@ def weight_layers(windows: Sequence) -> list[str]:
     return names or list(dict.fromkeys(n for w in windows for n in w.gradients))
 
 
+LABELS = {"relative": "||g|| / ||w||", "mean_abs": "mean |g|", "max_abs": "max |g|", "norm": "||g||"}
+
+
+def statistic_of(windows: Sequence, statistic: str = "relative") -> str:
+    """``relative`` (||g|| / ||w||, the size diagnose judges) when every row has a gradient
+    and a weight norm, else ``mean_abs`` (old tables); any other statistic as asked."""
+    if statistic != "relative":
+        return statistic
+    rows = [row for w in windows for row in w.gradients.values()]
+    ok = all("norm" in row and isinstance(row.get("weight_norm"), (int, float)) for row in rows)
+    return "relative" if ok else "mean_abs"
+
+
+def size(row: Mapping[str, float], statistic: str) -> float:
+    """One row's ``statistic``; ``relative`` is norm / weight_norm (NaN for a zero weight)."""
+    if statistic == "relative":
+        weight = row.get("weight_norm", float("nan"))
+        return row.get("norm", float("nan")) / weight if weight and weight > 0 else float("nan")
+    return float(row.get(statistic, float("nan")))
+
+
 def flow_epochs(windows: Sequence, count: int = 4) -> list[int]:
     """Indices of the windows the gradient-flow picture shows: the first, the last and a few
     in between (early ones, where a failing run's gradients decide its fate).
@@ -66,12 +87,15 @@ def flow_epochs(windows: Sequence, count: int = 4) -> list[int]:
     return sorted(i for i in chosen if 0 <= i <= last)[:max(count, 2)]
 
 
-def draw_flow(ax, windows: Sequence, statistic: str = "mean_abs", indices: Sequence[int] | None = None) -> None:
+def draw_flow(ax, windows: Sequence, statistic: str = "relative", indices: Sequence[int] | None = None) -> None:
     """The classic gradient-flow picture on ``ax``: each layer's weight-gradient size against
-    depth (input layer left, output layer right), one line per chosen epoch, log scale. A
+    depth (input layer left, output layer right), one line per chosen epoch, log scale. The
+    size is ``statistic`` (default ||g|| / ||w||, what diagnose judges; ``statistic_of``). A
     layer whose gradient is exactly zero is drawn on the bottom edge with an x."""
     import numpy as np
     from matplotlib import colormaps
+
+    statistic = statistic_of(windows, statistic)
 
     names = weight_layers(windows)
     indices = flow_epochs(windows) if indices is None else list(indices)
@@ -79,7 +103,7 @@ def draw_flow(ax, windows: Sequence, statistic: str = "mean_abs", indices: Seque
     x = np.arange(len(names))
     for colour, index in zip(colours, indices):
         rows = windows[index].gradients
-        values = np.array([float(rows.get(n, {}).get(statistic, np.nan)) for n in names])
+        values = np.array([size(rows[n], statistic) if n in rows else np.nan for n in names])
         ax.plot(x, np.where(values > 0, values, np.nan), "o-", color=colour, markersize=4,
                 label=f"epoch {windows[index].step}")
         zero = values == 0
@@ -92,9 +116,13 @@ def draw_flow(ax, windows: Sequence, statistic: str = "mean_abs", indices: Seque
     ax.set_xlabel("layer (input -> output)")
 
 
-def plot_gradients(windows: Sequence, path: str | Path, title: str = "", statistic: str = "mean_abs") -> Path:
+def plot_gradients(windows: Sequence, path: str | Path, title: str = "", statistic: str = "relative") -> Path:
     """Per-layer weight-gradient size per epoch on a log scale (``gradients.png``), and beside
     it, on the same y axis, the gradient-flow picture: size against depth at a few epochs.
+
+    The size is ``statistic``: by default ||g|| / ||w|| of each weight (the measure diagnose
+    judges, so the picture and the verdict agree in direction), mean |g| for tables without
+    weight norms; the y axis names it.
 
     Left: one line per layer, input layer to output layer from dark to light (and dashes
     cycling so that neighbours differ), as the tutorial's
@@ -112,13 +140,14 @@ def plot_gradients(windows: Sequence, path: str | Path, title: str = "", statist
     import numpy as np
     from matplotlib import colormaps
 
+    statistic = statistic_of(windows, statistic)
     names = weight_layers(windows)
     colours = colormaps["viridis"](np.linspace(0, 0.9, max(len(names), 1)))
     fig = Figure(figsize=(13, 4.8))
     ax, flow = fig.subplots(1, 2, sharey=True, gridspec_kw={"width_ratios": [3, 2]})
     styles = ("-", "--", "-.", ":")     # neighbouring layers differ in dash as well as shade
     for i, (colour, name) in enumerate(zip(colours, names)):
-        points = [(w.step, w.gradients[name][statistic]) for w in windows if name in w.gradients]
+        points = [(w.step, size(w.gradients[name], statistic)) for w in windows if name in w.gradients]
         steps = np.array([s for s, _ in points], dtype=float)
         values = np.array([v for _, v in points], dtype=float)
         positive = values > 0
@@ -130,7 +159,8 @@ def plot_gradients(windows: Sequence, path: str | Path, title: str = "", statist
                     clip_on=False, markersize=4)
     ax.set_yscale("log")
     ax.set_xlabel("epoch")
-    ax.set_ylabel(f"{statistic.replace('_', ' ')} of the weight gradient")
+    ax.set_ylabel(f"{LABELS.get(statistic, statistic)} of each layer's weight"
+                  + (" (what diagnose judges)" if statistic == "relative" else ""))
     ax.set_title(f"{title + ': ' if title else ''}gradient size per layer")
     if names:  # off the data: the legend sits to the left of the flow panel's axis
         ax.legend(fontsize="small", ncol=2 if len(names) > 8 else 1, loc="upper left", bbox_to_anchor=(1.0, 1.0))

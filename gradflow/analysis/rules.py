@@ -34,14 +34,14 @@ EXPLODING_UPDATE = 0.5      # weights move by more than this share of their norm
 GRADIENT_GROWTH = 1000.0    # one step's total gradient norm this many times the early norm
 CLIPPED_SHARE = 0.5         # of the steps that called clip_grad_norm_, the share that clipped
 CLIP_EXCESS = 100.0         # the norm before clipping over the norm after, in those windows
-LARGER_THAN_HEAD = 1e4      # a hidden layer's ||g||/||w|| this many times the head's, over the run
+LARGER_THAN_HEAD = 1e3      # a hidden layer's ||g||/||w|| this many times the head's, over the run
 SATURATED_FRACTION = 0.4    # share of a hidden tanh/sigmoid layer's outputs with |a| > 0.97
 SATURATED_END = 0.05        # a bounded layer's mean output within this share of its range of an end
-DEAD_FRACTION = 0.7         # share of a rectifier layer's units never positive in the last window
+DEAD_FRACTION = 0.5         # share of a rectifier layer's units never positive in the last window (with harm)
 STALL_DROP = 0.05           # the loss must fall at least this much (relative) after the early part
 HEALTHY_UPDATE = 1e-3       # Karpathy's rule of thumb for update / weight per step (evidence only)
 OVERFLOW_FRACTION = 0.5     # of the last window's steps skipped by a GradScaler: the gradient keeps overflowing
-TINY_GRADIENT = 1e-6        # every judged layer's ||g||/||w||, median over the run, under this
+TINY_GRADIENT = 1e-4        # every judged layer's ||g||/||w||, median over the run, under this
 OSCILLATION = 0.2           # swing of the loss between windows, relative to its level, late in the run
 PROBABILITY_LOSSES = ("NLLLoss", "BCELoss", "KLDivLoss", "PoissonNLLLoss", "GaussianNLLLoss")
 PROBABILITY_OUTPUTS = ("Softmax", "LogSoftmax", "Sigmoid", "Softmin")
@@ -312,19 +312,33 @@ def check_saturated(ev: Evidence) -> dict[str, Any]:
 
 
 def check_dead(ev: Evidence) -> dict[str, Any]:
-    """Most of a rectifier layer's units dead in the last window (never positive), or every
-    gradient exactly zero in the last window."""
+    """Rectifier units dead (never positive) in the last window: a whole layer (it passes no
+    gradient: a verdict by itself); most of a layer (DEAD_FRACTION or more) with harm, the loss
+    stalled or non-finite (else a note: a learning narrow net can carry a few dead units per
+    layer); or every gradient exactly zero in the last window."""
     dead = {n: r["dead"] for n, r in ev.activations.items() if math.isfinite(r.get("dead", math.nan))}
-    worst = [n for n, value in dead.items() if value >= DEAD_FRACTION]
-    if worst:
-        return _check(True, f"{_share(dead, worst)} of {_names(worst)} dead (never positive) in the last window",
-                      max(dead[n] for n in worst), DEAD_FRACTION)
+    full = [n for n, value in dead.items() if value >= 1.0]
+    if full:
+        return _check(True, f"every unit of {_names(full)} dead (never positive) in the last window", 1.0, 1.0)
     if ev.layers and all(row["zero_last"] == 1.0 for row in ev.layers.values()):
         return _check(True, "every gradient exactly zero in the last window", 1.0, 1.0)
     if not dead:
         return _check(False, "no ReLU-type activations recorded")
+    most = [n for n, value in dead.items() if value >= DEAD_FRACTION]
     name = max(dead, key=dead.get)
-    return _check(False, f"at most {dead[name]:.0%} of a layer's units dead ({name})", dead[name], DEAD_FRACTION)
+    why = f"at most {dead[name]:.0%} of a layer's units dead ({name})"
+    if not most:
+        return _check(False, why, dead[name], DEAD_FRACTION)
+    drop = loss_drop(ev.loss)
+    lost = bool(ev.loss and ev.loss["nonfinite"])
+    if lost or (drop is not None and drop < STALL_DROP):
+        harm = "the loss went non-finite" if lost else f"the loss stalled ({drop:.1%})"
+        return _check(True, f"{_share(dead, most)} of the units of {_names(most)} dead (never positive) in the last "
+                            f"window, and {harm}", dead[name], DEAD_FRACTION)
+    fell = f"; the loss still fell {drop:.0%}" if drop is not None else ""
+    return _check(False, why, dead[name], DEAD_FRACTION,
+                  note=f"{_share(dead, most)} of the units of {_names(most)} dead in the last window{fell}: "
+                       "not a verdict while it learns")
 
 
 def _share(dead: Mapping[str, float], names: Sequence[str]) -> str:
@@ -369,7 +383,7 @@ def check_stalled(ev: Evidence) -> dict[str, Any]:
 def oscillation(losses: Sequence[float] | None) -> float:
     """How much the loss swings late in the run: over the last half of the values, the median
     |second difference| / 2 (a zig-zag's half height; a steady trend has none) over the median
-    loss. NaN with fewer than 8 finite values."""
+    loss of the first tenth. NaN with fewer than 8 values."""
     if losses is None:
         return math.nan
     values = np.asarray(list(losses), dtype=float)
@@ -377,7 +391,11 @@ def oscillation(losses: Sequence[float] | None) -> float:
     late = late[np.isfinite(late)]
     if late.size < 4 or len(values) < 8:
         return math.nan
-    level = float(np.median(np.abs(late)))
+    # Against the loss's scale at the start (the first tenth's median), not its late level: a
+    # loss near 0 at the end would turn minibatch noise into a large relative swing.
+    start = values[:max(1, len(values) // 10)]
+    start = start[np.isfinite(start)]
+    level = float(np.median(np.abs(start))) if start.size else math.nan
     swing = float(np.median(np.abs(np.diff(late, 2)))) / 2
     return swing / level if level > 0 else math.nan
 
@@ -393,10 +411,17 @@ def check_oscillating(ev: Evidence) -> dict[str, Any]:
     why = f"the loss swings {value:.0%} of its level between windows in the last half"
     if value <= OSCILLATION:
         return _check(False, why, value, OSCILLATION)
-    drop = loss_drop(ev.loss)
-    if drop is not None and drop < STALL_DROP:
-        return _check(True, f"{why}, and it does not converge (fell {drop:.1%})", value, OSCILLATION)
-    return _check(False, why, value, OSCILLATION, note=f"{why}; it still learns, so a symptom, not a verdict: a "
+    # Converging, read on medians (a zig-zag's single values say little): the last half's
+    # median against the first half's.
+    values = np.asarray(list(ev.losses), dtype=float)
+    first, late = values[:len(values) // 2], values[len(values) // 2:]
+    first, late = np.median(first[np.isfinite(first)]), np.median(late[np.isfinite(late)])
+    drop = (first - late) / first if first > 0 else math.nan
+    if not drop >= STALL_DROP:
+        return _check(True, f"{why}, and it does not converge (median of the last half {late:.3g} against "
+                            f"{first:.3g} in the first)", value, OSCILLATION)
+    return _check(False, why, value, OSCILLATION, note=f"{why}; it still learns (median down {drop:.0%}), so a "
+                                                        "symptom, not a verdict: a "
                                                         "smaller learning rate or a larger batch would steady it")
 
 
@@ -429,6 +454,9 @@ def check_tiny(ev: Evidence) -> dict[str, Any]:
              and np.isfinite([r["gradient_early"], r["gradient_middle"], r["gradient_last"]]).any()}
     if not sizes or next(iter(ev.layers.values())).get("measure") != "relative":
         return _check(False, "no ||g||/||w|| recorded")
+    if any(r.get("zero_last") == 1.0 for r in ev.layers.values() if r.get("role") in ("hidden", "head")) \
+            or min(sizes.values()) <= 0:
+        return _check(False, "some layer's gradient is exactly zero: dead units, not a small gradient")
     layer = max(sizes, key=sizes.get)
     why = f"the largest layer gradient is {fmt_number(sizes[layer])} of its weights ({layer})"
     if sizes[layer] >= TINY_GRADIENT:
@@ -488,13 +516,16 @@ RULES: tuple[Rule, ...] = (
          "Glorot & Bengio 2010 (0.97; sigmoid top layer driven to 0); calibrated: tut., arch.",
          "saturated", check_saturated),
     Rule("dead-units", "rectifier layer: share of units never positive in the last window; every gradient zero",
-         f">= {DEAD_FRACTION:.0%} of a layer's units", "DESIGN.md (dead ReLU runs end at loss 0.693); calibrated: "
+         f"every unit of a layer; or >= {DEAD_FRACTION:.0%} of a layer's units and the loss stalls or goes "
+         "non-finite (while it learns: a note)", "DESIGN.md (dead ReLU runs end at loss 0.693); calibrated: "
          "tut. healthy deep ReLU <= 40%, arch. one step at 1000x lr", "dead-units", check_dead),
     Rule("stalled", "loss drop from the end of the early part to the end (median of the last 10%)",
          f"< {STALL_DROP:.0%}", "calibrated: tut. healthy 12% and above, failed 20-layer ReLU <= 0.1%",
          "stalled", check_stalled),
-    Rule("oscillating", "the loss's late zig-zag: median |second difference| / 2 over its level, last half",
-         f"> {OSCILLATION:.0%} and the loss stalls; while it learns: a note",
+    Rule("oscillating", "the loss's zig-zag in the last half: median |second difference| / 2 over the first "
+                        "tenth's median loss",
+         f"> {OSCILLATION:.0%} and the last half's median loss not {STALL_DROP:.0%} under the first half's; "
+         "while it learns: a note",
          "published training-problem detectors (issue 23); calibrated: arch.", "oscillating", check_oscillating),
     Rule("output-mismatch", "the model's last module against the loss function's class",
          "a probability loss (NLLLoss, BCELoss, ...) after ReLU or linear output",
@@ -511,7 +542,8 @@ RULES: tuple[Rule, ...] = (
 def rules_markdown() -> str:
     """The rules table as docs/calibration.md shows it (a test checks the page holds it)."""
     lines = ["| rule | measure | threshold | source | advice |", "|---|---|---|---|---|"]
-    lines += [f"| {r.name} | {r.measure} | {r.threshold} | {r.source} | `{r.advice}` |" for r in RULES]
+    cell = lambda text: text.replace("|", "\\|")     # noqa: E731  (||g|| inside a Markdown cell)
+    lines += [f"| {r.name} | {cell(r.measure)} | {cell(r.threshold)} | {cell(r.source)} | `{r.advice}` |" for r in RULES]
     return "\n".join(lines)
 
 

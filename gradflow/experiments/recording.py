@@ -172,7 +172,10 @@ TENSORBOARD_LAYOUT = {
         "loss (train, val)": ["Multiline", [r"^epoch/(val_)?loss$"]],
     },
     "2. gradient size per layer": {
-        "mean |g| of each layer's weight (set the y axis to log)": ["Multiline", [r"^grad/.*/weight/mean_abs$"]],
+        "||g|| / ||w|| of each layer's weight, what diagnose judges (set the y axis to log)": [
+            "Multiline", [r"^grad/.*/weight/relative$"]],
+        "mean |g| per element of each layer's weight (not scale-free: not what diagnose judges)": [
+            "Multiline", [r"^grad/.*/weight/mean_abs$"]],
         "max |g| of each layer's weight": ["Multiline", [r"^grad/.*/weight/max_abs$"]],
         "total gradient norm per step": ["Multiline", [r"^grad/total_norm(_before_clip)?$"]],
     },

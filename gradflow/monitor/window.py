@@ -109,6 +109,9 @@ class WindowReader:
             self.windows[k].weights[name] = row
             if name in self.windows[k].gradients:
                 self.windows[k].gradients[name].update({f"weight_{key}": v for key, v in row.items()})
+                # ||g|| / ||w||: the size the diagnosis judges, so TensorBoard can chart the same measure
+                norm = self.windows[k].gradients[name]["norm"]
+                self.scalars[k][f"grad/{path}/relative"] = norm / row["norm"] if row["norm"] > 0 else float("nan")
             self.scalars[k].update({f"weight/{path}/{key}": value for key, value in row.items()})
             self.wanted.value(k, f"weight/{path}", values["weight_counts"][slot], state=True)
 

@@ -27,3 +27,10 @@ def test_family_from_layer_kinds_and_names():
     assert architecture_family({"h.0.attn.c_attn": {"kind": "weight"}}) == "transformer"
     assert architecture_family({"conv1": {"kind": "weight"}, "fc": {"kind": "weight"}}) == "cnn"
     assert architecture_family({"dense_1": {"kind": "weight"}}) == "mlp"
+
+
+def test_advice_fits_the_optimizer_and_the_failing_layer():
+    assert "Adam" not in recommend(["stalled"], "mlp", "Adam")
+    assert "Adam instead of SGD" in recommend(["stalled"], "mlp", "SGD")
+    assert "fewer layers" not in recommend(["dead-units"], "cnn", "SGD")
+    assert "Pascanu" in recommend(["exploding"], "transformer", "Adam", failing="recurrent")

@@ -201,10 +201,34 @@ def test_compare_a_seeds_parent_compares_its_members(seeds_parent, tmp_path, cap
 
 
 def test_compare_shows_the_smallest_middle_layer(runs):
-    tanh_row = compare_table([load_run(path) for path in runs]).splitlines()[2]
-    assert "smallest/output" in compare_table([load_run(runs[0]), load_run(runs[1])]).splitlines()[0]
+    loaded = [load_run(path) for path in runs]
+    header, _, tanh_row = compare_table(loaded).splitlines()[:3]
+    assert "weakest/head" in header and "||g|| / ||w||" in header      # the measure is named
     smallest = tanh_row.rsplit("  ", 1)[1]
     assert smallest.split(":")[0] in {"dense_2", "dense_3", "dense_4", "dense_5"}, tanh_row
+
+
+def test_compare_and_diagnose_name_one_measure_and_agree(runs):
+    """One measure, one name (issue 23): compare's sizes are diagnose's ||g||/||w||, its weakest
+    layer is diagnose's weakest hidden layer, and its first/head ratio is diagnose's."""
+    import pytest as _pytest
+
+    from gradflow.analysis.compare import layer_sizes, size_label
+
+    for run in (load_run(path) for path in runs):
+        layers = run.diagnosis.evidence["layers"]
+        assert size_label(run.windows) == "||g|| / ||w||" and next(iter(layers.values()))["measure"] == "relative"
+        _, sizes = layer_sizes(run.windows)
+        hidden = [l for l, row in layers.items() if row["role"] == "hidden"]
+        head = next(l for l, row in layers.items() if row["role"] == "head")
+        # the first window's ratio, from compare's series, is diagnose's at that window (early = first 10%)
+        first_ratio = sizes[hidden[0]][0] / sizes[head][0]
+        early = max(1, len(run.windows) // 10)
+        if early == 1:
+            assert first_ratio == _pytest.approx(layers[hidden[0]]["ratio_early"], rel=1e-6)
+        weakest = min(hidden, key=lambda l: layers[l]["ratio_early"])
+        row = compare_table([run, run]).splitlines()[2]
+        assert row.rsplit("  ", 1)[1].startswith(weakest + ":"), (row, weakest)
 
 
 def test_compare_one_run_is_an_error_not_a_file_in_the_cwd(runs, tmp_path, capsys, monkeypatch):

@@ -25,14 +25,15 @@ CASES = [
     (history(grow=2.0), FALLING, ["exploding"]),
     (history(saturated=0.9), FALLING, ["saturated"]),
     (history(saturated=SATURATED_FRACTION / 2), FALLING, ["healthy"]),
-    (history(dead=DEAD_FRACTION), FALLING, ["dead-units"]),
+    (history(dead=1.0), FALLING, ["dead-units"]),
+    (history(dead=DEAD_FRACTION), FLAT, ["dead-units", "stalled"]),
     (history(dead=0.4), FALLING, ["healthy"]),
     (history(), FLAT, ["stalled"]),
     (history(zero=1.0), None, ["dead-units", "stalled"]),
     (history(sizes=(1e-5, 1e-3, 0.1), saturated=0.9), FLAT, ["vanishing", "saturated", "stalled"]),
 ]
 IDS = ["healthy", "vanishing", "nonfinite-gradient", "nonfinite-loss", "huge-update", "growing-gradient",
-       "saturated", "saturated-below-threshold", "dead-layer", "some-dead-units", "flat-loss", "zero-gradients",
+       "saturated", "saturated-below-threshold", "dead-layer", "most-units-dead-and-stalled", "some-dead-units", "flat-loss", "zero-gradients",
        "vanishing-saturated-stalled"]
 
 
@@ -126,3 +127,133 @@ def test_projection_shortcuts_are_shown_not_judged_for_vanishing():
     assert layers["layer2.0.downsample.0"]["role"] == "shortcut" and diagnosis.verdicts == ["healthy"]
     assert layers["layer2.0.downsample.1"]["role"] == "norm"
     assert diagnose(_resnet_windows([0.01] * 6, shortcut_size=1e-3, stem=1e-3), FALLING).verdicts == ["vanishing"]
+
+
+# -- issue 23: persistence or harm, the graph's head, mechanisms, new detectors ----------------
+
+
+def _recovering(layer_early=1e-4, recover_at=4, windows=20):
+    """A 3-layer history whose first layer starts 1000x behind the head, then catches up."""
+    out = history(epochs=windows, sizes=(layer_early, 0.1, 0.1))
+    for w in out[recover_at:]:
+        for p in ("dense_1.weight", "dense_1.bias"):
+            w.gradients[p]["mean_abs"] = 0.1
+            w.gradients[p]["norm"] = 0.3 if p.endswith("weight") else 0.1
+    return out
+
+
+def test_an_early_weak_layer_that_catches_up_is_a_note_while_the_loss_falls():
+    diagnosis = diagnose(_recovering(), FALLING)
+    assert diagnosis.verdicts == ["healthy"], diagnosis.report()
+    assert any("dense_1" in note and "not persistently" in note for note in diagnosis.evidence["notes"])
+    assert diagnose(_recovering(), FLAT).verdicts == ["vanishing", "stalled"]          # harm: a verdict
+    assert diagnose(_recovering(recover_at=20), FALLING).verdicts == ["vanishing"]     # persistent: a verdict
+
+
+def _named_head(head: str):
+    from synthetic_windows import norm_windows
+    return norm_windows({"body.0.weight": (1e-4, 1.0, 0.0), "body.1.weight": (0.05, 1.0, 0.0),
+                         f"{head}.weight": (0.1, 1.0, 0.0)})
+
+
+def test_the_head_is_the_last_layer_in_forward_order_whatever_its_name():
+    verdicts = {}
+    for name in ("head", "to_logits", "zz_not_a_head_name"):
+        diagnosis = diagnose(_named_head(name), FALLING[:10])
+        assert next(l for l, r in diagnosis.evidence["layers"].items() if r["role"] == "head") == name
+        verdicts[name] = diagnosis.verdicts
+    assert len({tuple(v) for v in verdicts.values()}) == 1, verdicts
+
+
+def test_out_proj_is_placed_with_its_attention_and_top_level_parameters_are_not_hidden_layers():
+    from synthetic_windows import norm_windows
+    rows = {"cls_token": (1.0, 1.0, 0.0), "patch.weight": (0.05, 1.0, 0.0), "blocks.0.attn.in_proj_weight": (0.05, 1.0, 0.0),
+            "blocks.0.mlp.weight": (0.05, 1.0, 0.0), "to_logits.weight": (0.1, 1.0, 0.0),
+            "blocks.0.attn.out_proj.weight": (0.05, 1.0, 0.0)}
+    order = list(rows)          # as the monitor's forward order has it: out_proj never ran, so last
+    layers = diagnose(norm_windows(rows), FALLING[:10], order=order).evidence["layers"]
+    assert list(layers) == ["cls_token", "patch", "blocks.0.attn", "blocks.0.attn.out_proj", "blocks.0.mlp", "to_logits"]
+    assert layers["to_logits"]["role"] == "head" and layers["cls_token"]["role"] == "embedding"
+
+
+def _clipped(before, clipped=5, windows=10):
+    out = history(epochs=windows)
+    for w in out:
+        w.overall = {"steps": 5, "total_norm": 1.0, "total_norm_max": 1.0, "total_norm_before_clip": before,
+                     "clipped_steps": clipped, "clip_calls": 5}
+    return out
+
+
+def test_exploding_from_clipping_evidence():
+    from gradflow.analysis.rules import CLIP_EXCESS
+    diagnosis = diagnose(_clipped(CLIP_EXCESS * 10), FLAT)
+    assert "exploding" in diagnosis.verdicts and "clip" in diagnosis.evidence["checks"]["exploding"]["why"]
+    assert diagnose(_clipped(3.0), FALLING).verdicts == ["healthy"]               # clipping at 3x: calm
+    assert diagnose(_clipped(CLIP_EXCESS * 10, clipped=1), FALLING).verdicts == ["healthy"]   # rarely clipped
+
+
+def test_a_one_step_spike_is_read_per_step_not_averaged_over_its_window():
+    from gradflow.analysis.rules import GRADIENT_GROWTH
+    windows = history(epochs=10)
+    for i, w in enumerate(windows):
+        w.overall = {"steps": 16, "total_norm": 1.0, "total_norm_max": 1.0}
+    # one step of 16 at 2 * GRADIENT_GROWTH: the window's mean is only 1/8 of that
+    windows[6].overall.update(total_norm=1.0 + 2 * GRADIENT_GROWTH / 16, total_norm_max=2 * GRADIENT_GROWTH)
+    assert windows[6].overall["total_norm"] < GRADIENT_GROWTH
+    assert "exploding" in diagnose(windows, FALLING[:10]).verdicts
+
+
+def test_saturation_at_either_end_of_a_bounded_activation():
+    windows = history()
+    for w in windows:      # Glorot & Bengio 2010: a sigmoid top layer near 0, none past 0.97 of its range
+        w.activations = {"sigmoid_1": {"mean": 0.02, "std": 0.01, "saturated_fraction": 0.0},
+                         "sigmoid_2": {"mean": 0.5, "std": 0.2, "saturated_fraction": 0.0}}
+    diagnosis = diagnose(windows, FALLING)
+    assert "saturated" in diagnosis.verdicts and "sigmoid_1" in diagnosis.evidence["checks"]["saturated"]["why"]
+    for w in windows:
+        w.activations["sigmoid_1"]["mean"] = 0.3
+    assert diagnose(windows, FALLING).verdicts == ["healthy"]
+
+
+def test_oscillating_loss_is_a_verdict_when_it_does_not_converge_and_a_note_while_it_learns():
+    zigzag = [0.7 + (0.3 if i % 2 else -0.3) for i in range(20)]
+    assert "oscillating" in diagnose(history(), zigzag).verdicts
+    learning = [1.0 - 0.03 * i + (0.25 if i % 2 else -0.25) for i in range(20)]
+    diagnosis = diagnose(history(), learning)
+    assert "oscillating" not in diagnosis.verdicts
+    assert any("swings" in note for note in diagnosis.evidence["notes"])
+    assert "oscillating" not in diagnose(history(), FALLING).verdicts
+
+
+def test_an_output_that_does_not_fit_a_probability_loss():
+    import torch.nn as nn
+    relu_out = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 2), nn.ReLU())
+    losses = FALLING[:-1] + [math.inf]
+    diagnosis = diagnose(history(), losses, model=relu_out, loss_fn=nn.NLLLoss())
+    assert "output-mismatch" in diagnosis.verdicts
+    assert "non-finite" in diagnosis.evidence["checks"]["output-mismatch"]["why"]
+    fits = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 2), nn.LogSoftmax(-1))
+    assert "output-mismatch" not in diagnose(history(), FALLING, model=fits, loss_fn=nn.NLLLoss()).verdicts
+    assert "output-mismatch" not in diagnose(history(), FALLING, model=relu_out, loss_fn=nn.MSELoss()).verdicts
+
+
+def test_a_gradient_tiny_in_every_layer_alike():
+    from synthetic_windows import norm_windows
+    from gradflow.analysis.rules import TINY_GRADIENT
+    tiny = {f"dense_{i}.weight": (TINY_GRADIENT / 10, 1.0, 0.0) for i in range(1, 4)}
+    assert "tiny-gradient" in diagnose(norm_windows(tiny), [0.693] * 10).verdicts
+    diagnosis = diagnose(norm_windows(tiny), FALLING[:10])
+    assert "tiny-gradient" not in diagnosis.verdicts and any("every layer alike" in n for n in diagnosis.evidence["notes"])
+
+
+def test_the_rules_table_is_the_one_in_the_docs():
+    """docs/calibration.md shows rules.RULES as rules_markdown() writes it; regenerate with
+    ``python -c "from gradflow.analysis.rules import rules_markdown; print(rules_markdown())"``."""
+    from pathlib import Path
+
+    from gradflow.analysis.advice import ADVICE
+    from gradflow.analysis.rules import RULES, rules_markdown
+    docs = (Path(__file__).resolve().parents[2] / "docs" / "calibration.md").read_text()
+    assert rules_markdown() in docs
+    assert all(rule.advice in ADVICE for rule in RULES)
+    assert VERDICTS == ("healthy",) + tuple(rule.name for rule in RULES)
