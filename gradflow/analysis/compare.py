@@ -21,7 +21,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from gradflow.analysis.diagnose import Diagnosis, diagnose, read_losses, run_windows
+from gradflow.analysis.diagnose import (
+    Diagnosis,
+    diagnose,
+    read_losses,
+    read_optimizer,
+    run_windows,
+)
 from gradflow.analysis.measures import MEASURE_LABEL, layer_series
 from gradflow.analysis.windows import GRADIENTS_FILE
 
@@ -53,7 +59,7 @@ def load_run(run_dir: str | Path) -> Run:
     history = _read_history(path)
     summary_file = path / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
-    return Run(path, windows, history, summary, diagnose(windows, read_losses(path)))
+    return Run(path, windows, history, summary, diagnose(windows, read_losses(path), optimizer=read_optimizer(path)))
 
 
 def run_directories(paths: Sequence[str | Path]) -> list[Path]:

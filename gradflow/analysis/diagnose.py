@@ -244,7 +244,22 @@ def diagnose_run(run_dir: str | Path) -> Diagnosis:
         >>> diagnose_run("runs/deep_relu-20250101-120000-seed0").verdicts    # doctest: +SKIP
         ['healthy']
     """
-    return diagnose(run_windows(run_dir), read_losses(run_dir))
+    return diagnose(run_windows(run_dir), read_losses(run_dir), optimizer=read_optimizer(run_dir))
+
+
+def read_optimizer(run_dir: str | Path) -> str | None:
+    """The optimizer a gradflow run used (``optimizer.name`` in its config.yaml), or None."""
+    path = Path(run_dir) / "config.yaml"
+    if not path.exists():
+        return None
+    import yaml
+
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        return None
+    name = (config.get("optimizer") or {}).get("name") if isinstance(config, dict) else None
+    return name if isinstance(name, str) else None
 
 
 def run_windows(run_dir: str | Path) -> list[Any]:

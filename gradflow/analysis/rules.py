@@ -145,8 +145,8 @@ def check_vanishing(ev: Evidence) -> dict[str, Any]:
         return _check(True, f"{why}; {reason}", ratio, VANISHING_RATIO)
     _, late, late_ratio = _vanishing_at(layers, hidden, "last")
     fell = f"; the loss still fell {drop:.0%}" if drop is not None else ""
-    note = (f"{weakest} learns {_relative(ratio)} than the head early on, but not persistently (weakest at the end: "
-            f"{late} {_relative(late_ratio)}){fell}: a slow start, not vanishing")
+    note = (f"{weakest}'s gradient is {_relative(ratio)} than the head's early on, but not persistently (weakest "
+            f"at the end: {late}, {_relative(late_ratio)}){fell}: a slow start, not vanishing")
     return _check(False, why + "; not persistent and no harm", ratio, VANISHING_RATIO, note)
 
 
@@ -375,7 +375,7 @@ def check_stalled(ev: Evidence) -> dict[str, Any]:
     drop = loss_drop(loss)
     if drop is None:
         return _check(False, "loss not finite", None, STALL_DROP)
-    moved = f"fell {drop:.1%}" if drop > -0.0005 else f"rose {-drop:.1%}"
+    moved = "did not move" if abs(drop) < 0.0005 else f"fell {drop:.1%}" if drop > 0 else f"rose {-drop:.1%}"
     why = f"loss {moved} after the early part ({loss['early']:.3g} -> {loss['tail']:.3g} at the end)"
     return _check(drop < STALL_DROP, why, drop, STALL_DROP)
 

@@ -93,3 +93,57 @@ def test_stacked_lstm_is_judged_per_layer():
     assert [l for l in diagnosis.evidence["layers"] if l.startswith("lstm")] == ["lstm.l0", "lstm.l1", "lstm.l2", "lstm.l3"]
     assert diagnosis.verdicts == ["vanishing"]
     assert diagnosis.evidence["family"] == "recurrent" and "clip" in diagnosis.recommendation
+
+
+class _TinyViT(nn.Module):
+    """A top-level cls_token, a patch Linear, one nn.MultiheadAttention (its out_proj never runs
+    as a module), a head whose name says nothing."""
+
+    def __init__(self, head: str) -> None:
+        super().__init__()
+        import torch
+
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, 8))
+        self.patch = nn.Linear(4, 8)
+        self.attn = nn.MultiheadAttention(8, 2, batch_first=True)
+        self.mlp = nn.Linear(8, 8)
+        self.head_name = head
+        setattr(self, head, nn.Linear(8, 3))
+
+    def forward(self, x):
+        import torch
+
+        x = self.patch(x)
+        x = torch.cat([self.cls_token.expand(len(x), -1, -1), x], 1)
+        x = x + self.attn(x, x, x, need_weights=False)[0]
+        return getattr(self, self.head_name)(torch.relu(self.mlp(x))[:, 0])
+
+
+@pytest.mark.parametrize("head", ["head", "to_logits"])
+def test_a_real_attention_model_places_out_proj_and_finds_its_head_by_the_graph(head, one_thread):
+    """Issue 23: with the live monitor's forward order, out_proj (never called as a module) sits
+    after its attention, not after the head; cls_token is not the first hidden layer; the head is
+    the last parameter owner in forward order, whatever its name."""
+    import torch
+
+    from gradflow import GradientMonitor
+    from gradflow.analysis.diagnose import diagnose_monitor
+
+    torch.manual_seed(0)
+    model = _TinyViT(head)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x, y = torch.randn(16, 5, 4), torch.randint(0, 3, (16,))
+    losses = []
+    with GradientMonitor(model, None, histograms=False) as monitor:
+        for step in range(6):
+            loss = torch.nn.functional.cross_entropy(model(x), y)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+            monitor.log(step)
+            losses.append(loss.item())
+        diagnosis = diagnose_monitor(monitor, losses, model=model, optimizer=optimizer)
+    layers = diagnosis.evidence["layers"]
+    assert list(layers) == ["cls_token", "patch", "attn", "attn.out_proj", "mlp", head], list(layers)
+    assert layers[head]["role"] == "head" and layers["cls_token"]["role"] == "embedding"
+    assert diagnosis.evidence["optimizer"] == "Adam"
