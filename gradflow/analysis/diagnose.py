@@ -294,7 +294,7 @@ def markdown(diagnosis: Diagnosis) -> str:
     lines += [f"- {_md(reason)}" for reason in reasons] + ([""] if reasons else [])
     layers = evidence.get("layers", {})
     if layers:
-        size = "‖g‖/‖w‖ early" if next(iter(layers.values())).get("measure") == "relative" else "mean abs g early"
+        size = "\\|\\|g\\|\\|/\\|\\|w\\|\\| early" if next(iter(layers.values())).get("measure") == "relative" else "mean abs g early"
         lines += [f"| layer | role | {size} | / head early | middle | last | update/step | non-finite |",
                   "|---|---|--:|--:|--:|--:|--:|--:|"]
         lines += [f"| {_md(layer)} | {row.get('role', '')} | {fmt_number(row['gradient_early'])} | "
@@ -353,16 +353,16 @@ def write_to_tensorboard(diagnosis: Diagnosis, writer: Any, step: int) -> None:
 def _layer_table(layers: Mapping[str, Mapping[str, float]]) -> list[str]:
     if not layers:
         return []
-    size = "|g|/|w| early" if next(iter(layers.values())).get("measure") == "relative" else "mean|g| early"
+    size = "||g||/||w|| early" if next(iter(layers.values())).get("measure") == "relative" else "mean |g| early"
     width = max(14, max(len(layer) for layer in layers) + 2)
-    lines = [f"{'layer':<{width}}{'role':<10}{size:>14}{'/head early':>14}{'/h middle':>11}{'/h last':>9}"
+    lines = [f"{'layer':<{width}}{'role':<10}{size:>18}{'/head early':>14}{'/h middle':>11}{'/h last':>9}"
              f"{'update/step':>13}{'nonfinite':>11}"]
     for layer, row in layers.items():
-        lines.append(f"{layer:<{width}}{row.get('role', ''):<10}{fmt_number(row['gradient_early']):>14}{fmt_number(row['ratio_early']):>14}"
+        lines.append(f"{layer:<{width}}{row.get('role', ''):<10}{fmt_number(row['gradient_early']):>18}{fmt_number(row['ratio_early']):>14}"
                      f"{fmt_number(row['ratio_middle']):>11}{fmt_number(row['ratio_last']):>9}"
                      f"{fmt_number(row['update_ratio']):>13}{row['nonfinite']:>11}")
         for gate, g in row.get("gates", {}).items():
-            lines.append(f"{'  ' + gate + ' gate':<{width}}{'gate':<10}{fmt_number(g['gradient_early']):>14}"
+            lines.append(f"{'  ' + gate + ' gate':<{width}}{'gate':<10}{fmt_number(g['gradient_early']):>18}"
                          f"{fmt_number(g['ratio_early']):>14}{fmt_number(g['ratio_middle']):>11}"
                          f"{fmt_number(g['ratio_last']):>9}")
     return lines + [""]

@@ -38,7 +38,7 @@ def write_outputs(run_dir: str | Path, cfg: Config, result: TrainResult, windows
     run_dir = Path(run_dir)
     diagnosis = None
     if windows:
-        diagnosis = diagnose(windows, [row["loss"] for row in result.history])
+        diagnosis = diagnose(windows, [row["loss"] for row in result.history], optimizer=cfg.optimizer.name)
         if writer is not None:
             write_to_tensorboard(diagnosis, writer, result.history[-1]["epoch"] if result.history else 0)
     summary = run_summary(cfg, result, windows, stopped_by, diagnosis, members)
