@@ -147,3 +147,25 @@ def test_a_real_attention_model_places_out_proj_and_finds_its_head_by_the_graph(
     assert list(layers) == ["cls_token", "patch", "attn", "attn.out_proj", "mlp", head], list(layers)
     assert layers[head]["role"] == "head" and layers["cls_token"]["role"] == "embedding"
     assert diagnosis.evidence["optimizer"] == "Adam"
+
+
+def test_tensorboard_gets_the_size_diagnose_judges(one_thread):
+    """grad/<param>/relative is ||g|| / ||w||: the gradient's norm at the step (torch's, read from
+    p.grad before the step applies it) over the weight's norm at the window's end."""
+    import torch
+
+    from gradflow import GradientMonitor
+    from gradflow.monitor.sinks import ScalarSink
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scalars = {}
+    with GradientMonitor(model, ScalarSink(lambda values, step: scalars.update(values))) as monitor:
+        loss = model(torch.randn(8, 3)).pow(2).mean()
+        loss.backward()
+        expected_grad = model[0].weight.grad.norm().item()
+        optimizer.step()
+        monitor.log(0)
+    expected = expected_grad / model[0].weight.detach().norm().item()
+    assert scalars["grad/0/weight/relative"] == pytest.approx(expected, rel=1e-5)
