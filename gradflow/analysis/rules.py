@@ -314,8 +314,9 @@ def check_saturated(ev: Evidence) -> dict[str, Any]:
 def check_dead(ev: Evidence) -> dict[str, Any]:
     """Rectifier units dead (never positive) in the last window: a whole layer (it passes no
     gradient: a verdict by itself); most of a layer (DEAD_FRACTION or more) with harm, the loss
-    stalled or non-finite (else a note: a learning narrow net can carry a few dead units per
-    layer); or every gradient exactly zero in the last window."""
+    stalled or non-finite, or the units alive at first and killed after a weight update past
+    EXPLODING_UPDATE (else a note: a learning narrow net can carry a few dead units per layer);
+    or every gradient exactly zero in the last window."""
     dead = {n: r["dead"] for n, r in ev.activations.items() if math.isfinite(r.get("dead", math.nan))}
     full = [n for n, value in dead.items() if value >= 1.0]
     if full:
@@ -331,8 +332,13 @@ def check_dead(ev: Evidence) -> dict[str, Any]:
         return _check(False, why, dead[name], DEAD_FRACTION)
     drop = loss_drop(ev.loss)
     lost = bool(ev.loss and ev.loss["nonfinite"])
-    if lost or (drop is not None and drop < STALL_DROP):
-        harm = "the loss went non-finite" if lost else f"the loss stalled ({drop:.1%})"
+    # Killed by a step too large: alive in the first window, dead after an update past
+    # EXPLODING_UPDATE (a learning-rate spike: the tutorial's lr=10, one step at 1000x).
+    killed = [n for n in most if ev.activations[n].get("dead_first", 1.0) < DEAD_FRACTION / 2]
+    jolted = bool(killed) and _huge_update(ev)["fired"]
+    if lost or jolted or (drop is not None and drop < STALL_DROP):
+        harm = ("the loss went non-finite" if lost else f"the loss stalled ({drop:.1%})" if drop is not None
+                and drop < STALL_DROP else f"they died after a step too large ({_huge_update(ev)['why'].split(';')[0]})")
         return _check(True, f"{_share(dead, most)} of the units of {_names(most)} dead (never positive) in the last "
                             f"window, and {harm}", dead[name], DEAD_FRACTION)
     fell = f"; the loss still fell {drop:.0%}" if drop is not None else ""
@@ -517,7 +523,7 @@ RULES: tuple[Rule, ...] = (
          "saturated", check_saturated),
     Rule("dead-units", "rectifier layer: share of units never positive in the last window; every gradient zero",
          f"every unit of a layer; or >= {DEAD_FRACTION:.0%} of a layer's units and the loss stalls or goes "
-         "non-finite (while it learns: a note)", "DESIGN.md (dead ReLU runs end at loss 0.693); calibrated: "
+         f"non-finite, or they died after an update > {EXPLODING_UPDATE:g} (else a note)", "DESIGN.md (dead ReLU runs end at loss 0.693); calibrated: "
          "tut. healthy deep ReLU <= 40%, arch. one step at 1000x lr", "dead-units", check_dead),
     Rule("stalled", "loss drop from the end of the early part to the end (median of the last 10%)",
          f"< {STALL_DROP:.0%}", "calibrated: tut. healthy 12% and above, failed 20-layer ReLU <= 0.1%",

@@ -257,3 +257,19 @@ def test_the_rules_table_is_the_one_in_the_docs():
     assert rules_markdown() in docs
     assert all(rule.advice in ADVICE for rule in RULES)
     assert VERDICTS == ("healthy",) + tuple(rule.name for rule in RULES)
+
+
+def test_most_units_killed_by_a_step_too_large_are_dead_units_even_while_the_loss_falls():
+    windows = history(dead=0.05)
+    for w in windows[3:]:
+        for tap in w.activations.values():
+            tap["dead_fraction"] = 0.75
+    windows[3].gradients["dense_2.weight"]["weight_update_ratio"] = 16 * 2 * EXPLODING_UPDATE   # the jolt
+    diagnosis = diagnose(windows, FALLING)
+    assert diagnosis.verdicts == ["exploding", "dead-units"], diagnosis.line()
+    assert "step too large" in diagnosis.evidence["checks"]["dead-units"]["why"]
+    calm = history(dead=0.05)
+    for w in calm[3:]:
+        for tap in w.activations.values():
+            tap["dead_fraction"] = 0.75
+    assert diagnose(calm, FALLING).verdicts == ["healthy"]          # no jolt, still learning: a note
