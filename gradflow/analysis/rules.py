@@ -291,9 +291,9 @@ def _overflow(ev: Evidence, quiet: dict[str, Any]) -> dict[str, Any]:
 
 def check_saturated(ev: Evidence) -> dict[str, Any]:
     """The most saturated hidden bounded layer, at either end of its range: the share of
-    outputs past 0.97 of the range (both ends), or a mean output within SATURATED_END of the
-    range of one end (a sigmoid layer driven toward 0, Glorot & Bengio 2010, Fig. 2: its
-    derivative a(1 - a) there is under 1/5 of its peak)."""
+    outputs past 0.97 of the range (both ends), or, with the loss stalled, a mean output within
+    SATURATED_END of the range of one end (a sigmoid layer driven toward 0, Glorot & Bengio
+    2010, Fig. 2: its derivative a(1 - a) there is under 0.09, against 0.25 at the centre)."""
     bounded = {n: r for n, r in ev.activations.items() if "saturated" in r and not r.get("output")}
     if not bounded:
         return _check(False, "no hidden tanh or sigmoid activations recorded")
@@ -302,13 +302,19 @@ def check_saturated(ev: Evidence) -> dict[str, Any]:
     if value > SATURATED_FRACTION:
         return _check(True, f"{value:.0%} of {name} outputs saturated (|a| > 0.97 of the range)", value,
                       SATURATED_FRACTION)
+    why = f"{value:.0%} of {name} outputs saturated (|a| > 0.97 of the range)"
     ends = {n: r["end"] for n, r in bounded.items() if math.isfinite(r.get("end", math.nan))}
-    if ends:
-        near = min(ends, key=ends.get)
-        if ends[near] < SATURATED_END:
-            return _check(True, f"{near} outputs sit at one end of the range: mean {ends[near]:.1%} of the range "
-                                "from it (median over windows)", ends[near], SATURATED_END)
-    return _check(False, f"{value:.0%} of {name} outputs saturated (|a| > 0.97 of the range)", value, SATURATED_FRACTION)
+    near = min(ends, key=ends.get) if ends else None
+    if near is None or ends[near] >= SATURATED_END:
+        return _check(False, why, value, SATURATED_FRACTION)
+    # A gate that learned to stay mostly shut (a squeeze-excitation or GLU sigmoid) sits near an
+    # end too: a verdict only with harm, the loss stalled.
+    at_end = (f"{near} outputs sit at one end of the range: mean {ends[near]:.1%} of the range from it "
+              "(median over the last half of the windows)")
+    drop = loss_drop(ev.loss)
+    if drop is not None and drop < STALL_DROP:
+        return _check(True, f"{at_end}, and the loss stalled ({drop:.1%})", ends[near], SATURATED_END)
+    return _check(False, why, value, SATURATED_FRACTION, note=f"{at_end}; the loss still fell: not a verdict")
 
 
 def check_dead(ev: Evidence) -> dict[str, Any]:
@@ -518,7 +524,8 @@ RULES: tuple[Rule, ...] = (
          "exploding", check_exploding),
     Rule("saturated", "hidden tanh/sigmoid layer: median share of outputs past 0.97 of the range; mean output's "
                       "distance from an end of the range",
-         f"share > {SATURATED_FRACTION:g}, or mean within {SATURATED_END:.0%} of the range of an end",
+         f"share > {SATURATED_FRACTION:g}; or mean within {SATURATED_END:.0%} of the range of an end and the loss "
+         "stalls (else a note)",
          "Glorot & Bengio 2010 (0.97; sigmoid top layer driven to 0); calibrated: tut., arch.",
          "saturated", check_saturated),
     Rule("dead-units", "rectifier layer: share of units never positive in the last window; every gradient zero",
