@@ -166,11 +166,12 @@ def _weakest_gate(layer: str, row: Mapping[str, Any]) -> str:
 def check_exploding(ev: Evidence) -> dict[str, Any]:
     """Non-finite gradients or loss; huge weight updates; clipping that hides an explosion; one
     step's gradient far above the early ones; a hidden layer far larger than the head; a
-    GradScaler that keeps skipping (``check_overflow``)."""
-    for found in (_nonfinite(ev), _huge_update(ev), _clipping(ev), _spike(ev), _larger_than_head(ev)):
+    GradScaler that keeps skipping (``_overflow``). The first that fires names the mechanism."""
+    for found in (_nonfinite(ev), _huge_update(ev), _clipping(ev), _spike(ev), _larger_than_head(ev), _overflow(ev)):
         if found["fired"]:
             return found
-    return _overflow(ev, found)
+    largest = _huge_update(ev)
+    return _check(False, f"all finite; {largest['why'].rpartition('; ')[2]}", largest["value"], EXPLODING_UPDATE)
 
 
 def _nonfinite(ev: Evidence) -> dict[str, Any]:
@@ -274,14 +275,13 @@ def skipped_steps(window: Any) -> tuple[int, int]:
     return skipped, int(getattr(window, "steps", 0) or 0) + skipped
 
 
-def _overflow(ev: Evidence, quiet: dict[str, Any]) -> dict[str, Any]:
+def _overflow(ev: Evidence) -> dict[str, Any]:
     """Exploding also when a GradScaler skipped most of the last window's steps: the scale
     halves at each skip (torch.amp.GradScaler), so overflow that persists is a gradient that
     overflows at any scale, not calibration."""
     skipped, total = skipped_steps(ev.windows[-1])
     if not total or skipped / total < OVERFLOW_FRACTION:
-        largest = _huge_update(ev)
-        return _check(False, f"all finite; {largest['why'].rpartition('; ')[2]}", largest["value"], EXPLODING_UPDATE)
+        return _check(False, f"{skipped} of {total} steps of the last window skipped on overflow")
     return _check(True, f"{skipped} of {total} steps of the last window skipped on overflow (GradScaler)",
                   skipped / total, OVERFLOW_FRACTION)
 
