@@ -228,7 +228,7 @@ def test_oscillating_loss_is_a_verdict_when_it_does_not_converge_and_a_note_whil
 
 
 def test_an_output_that_does_not_fit_a_probability_loss():
-    import torch.nn as nn
+    from torch import nn
     relu_out = nn.Sequential(nn.Linear(2, 4), nn.ReLU(), nn.Linear(4, 2), nn.ReLU())
     losses = FALLING[:-1] + [math.inf]
     diagnosis = diagnose(history(), losses, model=relu_out, loss_fn=nn.NLLLoss())
@@ -241,6 +241,7 @@ def test_an_output_that_does_not_fit_a_probability_loss():
 
 def test_a_gradient_tiny_in_every_layer_alike():
     from synthetic_windows import norm_windows
+
     from gradflow.analysis.rules import TINY_GRADIENT
     tiny = {f"dense_{i}.weight": (TINY_GRADIENT / 10, 1.0, 0.0) for i in range(1, 4)}
     assert "tiny-gradient" in diagnose(norm_windows(tiny), [0.693] * 10).verdicts
