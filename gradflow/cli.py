@@ -252,13 +252,15 @@ def diagnose_command(args: argparse.Namespace) -> int:
     from gradflow.analysis.compare import load_run, plot_gradient_flow, run_directories, seeds_summary
 
     try:
+        if args.flow:
+            check_figure_path("--flow", args.flow)
         paths = run_directories([args.run_dir])
         if len(paths) > 1 and getattr(args, "flow", None):
             raise ValueError(f"--flow: draws one run; {args.run_dir} holds {len(paths)} (pick one of them)")
         runs = [load_run(path) for path in paths]
         if getattr(args, "flow", None):
             plot_gradient_flow(runs[0].windows, args.flow, getattr(args, "epochs", None), title=runs[0].name)
-    except (FileNotFoundError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # a missing run, an unwritable figure
         print(f"gradflow: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     parent = Path(paths[0]).resolve() != Path(args.run_dir).resolve()   # a --seeds parent, even of one member
@@ -283,12 +285,13 @@ def compare_command(args: argparse.Namespace) -> int:
     from gradflow.analysis.compare import compare_table, load_run, plot_compare, plot_gradient_flow, run_directories
 
     try:
+        check_figure_path("--out", args.out)
         paths = run_directories(args.run_dirs)
         if len(paths) < 2:
             raise ValueError(f"compare needs two or more runs, got one ({paths[0]}); "
                              f"gradflow diagnose {paths[0]} --flow flow.png shows one run")
         runs = [load_run(path) for path in paths]
-    except (FileNotFoundError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # a missing run, an unwritable figure
         print(f"gradflow: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(compare_table(runs))
@@ -301,6 +304,28 @@ def compare_command(args: argparse.Namespace) -> int:
             plot_gradient_flow(run.windows, flow, title=run.name)
             print(f"Gradient flow: {flow.resolve()}")
     return EXIT_OK
+
+
+def check_figure_path(option: str, path: str) -> None:
+    """ValueError naming ``option`` unless ``path`` can take a figure: not a directory, in a
+    directory that exists, with a suffix matplotlib writes (``.png``, ``.pdf``, ``.svg``, ...).
+
+    Example:
+        >>> check_figure_path("--flow", "flow.png")
+        >>> check_figure_path("--flow", ".")
+        Traceback (most recent call last):
+        ValueError: --flow .: is a directory; give a figure file such as flow.png
+    """
+    target = Path(path)
+    if target.is_dir():
+        raise ValueError(f"{option} {path}: is a directory; give a figure file such as {target / 'flow.png'}")
+    if not target.parent.is_dir():
+        raise ValueError(f"{option} {path}: directory {target.parent} does not exist")
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = sorted(FigureCanvasBase.get_supported_filetypes())
+    if target.suffix.lstrip(".").lower() not in formats:
+        raise ValueError(f"{option} {path}: the name must end in a figure format: .{', .'.join(formats)}")
 
 
 def add_analysis_commands(subparsers: Any) -> None:
@@ -350,11 +375,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _run(argv: Optional[Sequence[str]]) -> int:
     parser = build_parser()
+    if not (sys.argv[1:] if argv is None else list(argv)):   # bare `gradflow`: what it can do
+        parser.print_help()
+        return EXIT_OK
     try:
         args, extra = parser.parse_known_args(argv)
         unknown = [a for a in extra if a.startswith("-") or "=" not in a]
         if unknown:
-            raise ConfigError(f"unrecognized arguments: {' '.join(unknown)}; overrides look like key=value")
+            raise ConfigError(f"unrecognized arguments: {' '.join(unknown)}; {_override_hint(extra)}")
         args.overrides = extra
         status = args.func(args)
         sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at interpreter exit
@@ -365,6 +393,26 @@ def _run(argv: Optional[Sequence[str]]) -> int:
         return EXIT_BAD_INPUT
     except BrokenPipeError:
         return _closed_pipe()
+
+
+def _override_hint(extra: Sequence[str]) -> str:
+    """What to write instead of options that look like config keys: ``--epochs 5`` ->
+    ``train.epochs=5`` (the nearest accepted key, gradflow.experiments.config.suggest_key)."""
+    from gradflow.experiments.config import suggest_key
+
+    fixes = []
+    for i, arg in enumerate(extra):
+        if not arg.startswith("--") or len(arg) < 3:
+            continue
+        name, sep, value = arg[2:].partition("=")
+        if not sep and i + 1 < len(extra) and not extra[i + 1].startswith("-") and "=" not in extra[i + 1]:
+            value = extra[i + 1]
+        key = suggest_key(name.replace("-", "_")) if name.replace("-", "_").replace(".", "").isidentifier() else None
+        if key:
+            fixes.append(f"{key}={value or '...'}")
+    if fixes:
+        return f"config settings are key=value overrides: {' '.join(fixes)}"
+    return "overrides look like key=value"
 
 
 def _closed_pipe() -> int:

@@ -222,3 +222,23 @@ def test_a_closed_pipe_ends_quietly(runs):
     reader.stdout.close()  # like `| true`: nobody reads
     err = reader.stderr.read().decode()
     assert reader.wait() == 141 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_ten_seeds_get_ten_colours_and_a_panel_per_layer(runs, tmp_path, capsys):
+    """A 10-seed parent: every member its own colour (not 6 colour families repeating), and the
+    every-layer plot split into one panel per layer (60 lines in one panel were unreadable)."""
+    import shutil
+
+    from matplotlib.colors import to_hex
+
+    from gradflow.analysis.compare import _run_colours
+
+    for count in (2, 10, 20):
+        assert len({to_hex(c) for c in _run_colours(count)}) == count
+    parent = tmp_path / "deep_tanh-seeds0-9"
+    for seed in range(10):
+        shutil.copytree(runs[0], parent / f"deep_tanh-seed{seed}")
+    out = tmp_path / "seeds.png"
+    assert run_cli(["compare", str(parent), "--out", str(out)]) == EXIT_OK
+    assert out.read_bytes()[:4] == PNG
+    assert capsys.readouterr().out.count("deep_tanh-seed") == 10
