@@ -96,6 +96,7 @@ class MonitorConfig:
     weights: bool = True  # log weight statistics too
     activations: bool = True  # log activation statistics too
     activations_every: int = 1  # tap activations at every Nth optimizer step (the tutorial's nets are tiny: every step)
+    flow_images: int = 50  # TensorBoard Images: the gradient-flow picture at the first window, every N windows and the last (0: none)
 
 
 @dataclass
@@ -479,6 +480,8 @@ def validate(cfg: Config) -> Config:
     _check_train(cfg.train)
     if cfg.monitor.window_steps < 0:
         raise ConfigError(f"monitor.window_steps: must be >= 0 (0 = once per epoch), got {cfg.monitor.window_steps}")
+    if cfg.monitor.flow_images < 0:
+        raise ConfigError(f"monitor.flow_images: must be >= 0 (0: no gradient-flow images), got {cfg.monitor.flow_images}")
     histograms = cfg.monitor.histograms
     if not isinstance(histograms, bool) and histograms < 1:
         raise ConfigError(f"monitor.histograms: must be true (every window), false (none) or a number of windows "
