@@ -38,23 +38,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_tensorboard(logdir: Path, port: int) -> subprocess.Popen:
-    """A TensorBoard server on 127.0.0.1:``port`` that has loaded ``logdir`` (RuntimeError if it
-    does not answer within 90 s)."""
+def _get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return response.read()
+
+
+def start_tensorboard(logdir: Path, port: int, timeout: float = 180) -> subprocess.Popen:
+    """A TensorBoard server on 127.0.0.1:``port`` that has loaded every run of ``logdir`` to its
+    end (its tags unchanged over 3 s; TensorBoard loads event files in the background and
+    serves what it has so far). RuntimeError after ``timeout`` seconds."""
     server = subprocess.Popen([sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--host",
-                               "127.0.0.1", "--port", str(port), "--load_fast", "false"],
+                               "127.0.0.1", "--port", str(port), "--load_fast", "false", "--reload_interval", "1"],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 90
+    runs = {str(p.parent.relative_to(logdir)) for p in logdir.rglob("events.out.tfevents.*")}
+    base, seen, stable_since = f"http://127.0.0.1:{port}", None, None
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/data/plugin/histograms/tags", timeout=5) as r:
-                if len(r.read()) > 2:
-                    return server
+            state = [_get(f"{base}/data/plugin/{plugin}/tags") for plugin in ("histograms", "scalars", "images")]
+            state += [_get(f"{base}/data/plugin/scalars/scalars?run={run}&tag=epoch/loss") for run in sorted(runs)]
         except OSError:
-            pass
+            state = None
+        if state is not None and state == seen and all(run.encode() in state[0] for run in runs):
+            if time.monotonic() - stable_since >= 3:
+                return server
+        else:
+            seen, stable_since = state, time.monotonic()
         time.sleep(0.5)
     server.terminate()
-    raise RuntimeError(f"TensorBoard did not serve {logdir} on port {port} within 90 s")
+    raise RuntimeError(f"TensorBoard did not load {logdir} on port {port} within {timeout:.0f} s")
 
 
 def screenshot(url: str, path: Path, size: tuple[int, int] = (1400, 1000), wait_ms: int = 15000) -> Path:
