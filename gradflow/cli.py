@@ -43,7 +43,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``gradflow`` parser; add a subcommand with another ``sub.add_parser`` block.
+    """The ``gradflow`` parser. Each subcommand has a ``cmd_<name>`` handler, registered here or
+    by an ``add_<name>_parser(s)`` function (sweep; diagnose and compare).
 
     Example:
         >>> build_parser().parse_args(["train", "configs/deep_relu.yaml"]).device
@@ -75,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "and idle threads spin against other processes on a busy machine)")
     train.set_defaults(func=cmd_train)
     add_sweep_parser(sub)
-    add_analysis_commands(sub)  # diagnose RUN_DIR [--json]; compare RUN_A RUN_B ... [--out PATH]
+    add_analysis_parsers(sub)  # diagnose RUN_DIR [--json]; compare RUN_A RUN_B ... [--out PATH]
     return parser
 
 
@@ -244,7 +245,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def diagnose_command(args: argparse.Namespace) -> int:
+def cmd_diagnose(args: argparse.Namespace) -> int:
     """``gradflow diagnose RUN_DIR [--json] [--flow PATH] [--epochs N ...]``: print the verdict.
 
     RUN_DIR may be the parent directory of a ``--seeds`` run: every member is diagnosed, one
@@ -279,7 +280,7 @@ def diagnose_command(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def compare_command(args: argparse.Namespace) -> int:
+def cmd_compare(args: argparse.Namespace) -> int:
     """``gradflow compare RUN_A RUN_B ... [--out PATH] [--flow]``: table and figure. A ``--seeds``
     parent directory stands for its members."""
     from gradflow.analysis.compare import compare_table, load_run, plot_compare, plot_gradient_flow, run_directories
@@ -328,12 +329,12 @@ def check_figure_path(option: str, path: str) -> None:
         raise ValueError(f"{option} {path}: the name must end in a figure format: .{', .'.join(formats)}")
 
 
-def add_analysis_commands(subparsers: Any) -> None:
+def add_analysis_parsers(subparsers: Any) -> None:
     """Register ``diagnose`` and ``compare`` on the ``gradflow`` parser's subparsers.
 
     Example:
         >>> parser = argparse.ArgumentParser(prog="gradflow")
-        >>> add_analysis_commands(parser.add_subparsers(dest="command"))
+        >>> add_analysis_parsers(parser.add_subparsers(dest="command"))
         >>> parser.parse_args(["diagnose", "runs/x", "--json"]).json
         True
     """
@@ -346,7 +347,7 @@ def add_analysis_commands(subparsers: Any) -> None:
     diagnose_parser.add_argument("--flow", metavar="PATH", help="also draw the gradient-flow bar chart here")
     diagnose_parser.add_argument("--epochs", type=int, nargs="+", metavar="N",
                                  help="epochs for the bar chart (default: first, middle, last)")
-    diagnose_parser.set_defaults(func=diagnose_command)
+    diagnose_parser.set_defaults(func=cmd_diagnose)
     compare_parser = subparsers.add_parser(
         "compare", help="compare runs: gradient size per layer and accuracy side by side",
         usage="gradflow compare RUN_A RUN_B ... [--out PATH] [--flow]")
@@ -356,7 +357,7 @@ def add_analysis_commands(subparsers: Any) -> None:
     compare_parser.add_argument("--out", default="compare.png", help="figure path (default: compare.png)")
     compare_parser.add_argument("--flow", action="store_true",
                                 help="also draw each run's gradient-flow bar chart next to the figure")
-    compare_parser.set_defaults(func=compare_command)
+    compare_parser.set_defaults(func=cmd_compare)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
 
 import torch
 
-from gradflow.analysis.windows import GRADIENTS_FILE, load_windows
+from gradflow.analysis.windows import ACTIVATIONS_FILE, GRADIENTS_FILE, load_windows
 from gradflow.experiments import rundir
 from gradflow.experiments.config import Config, load_config, to_dict
 from gradflow.experiments.recording import MonitorCallback, write_tensorboard_layout
@@ -51,7 +51,7 @@ def reopen_run(run_dir: str | Path, device: str = "auto") -> tuple[Config, Path,
     cfg = load_config(run_dir / "config.yaml")
     check_device(device)
     windows = state.get("monitor", {}).get("windows", 0)
-    for table in ("gradients.csv", "activations.csv"):
+    for table in (GRADIENTS_FILE, ACTIVATIONS_FILE):
         rundir.truncate_table(run_dir / table, windows)
     return cfg, run_dir, state
 

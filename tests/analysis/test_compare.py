@@ -17,7 +17,7 @@ from gradflow.analysis.compare import (
     plot_compare,
     plot_gradient_flow,
 )
-from gradflow.cli import EXIT_BAD_INPUT, EXIT_OK, add_analysis_commands
+from gradflow.cli import EXIT_BAD_INPUT, EXIT_OK, add_analysis_parsers
 from gradflow.monitor import Window
 from recorded_runs import record_run
 
@@ -34,7 +34,7 @@ def runs(tmp_path_factory):
 
 def run_cli(argv):
     parser = argparse.ArgumentParser(prog="gradflow")
-    add_analysis_commands(parser.add_subparsers(dest="command", required=True))
+    add_analysis_parsers(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -21,8 +21,8 @@ import yaml
 from gradflow.errors import ConfigError
 from gradflow.experiments.rundir import check_logdir, create_unique_dir
 from gradflow.experiments.sweeps.executors import LocalExecutor, RayExecutor
-from gradflow.experiments.sweeps.grid import Point, Run, Sweep, expand, plan
-from gradflow.experiments.sweeps.results import RESULTS_FILE, append_rows, read_results, result_row, write_outputs
+from gradflow.experiments.sweeps.grid import PlannedRun, Point, Sweep, expand, plan
+from gradflow.experiments.sweeps.results import RESULTS_FILE, append_rows, read_results, result_row, write_sweep_outputs
 
 BASE_FILE = "base.yaml"
 
@@ -110,7 +110,7 @@ def run_sweep(
         log(f"removed {len(removed)} unfinished run directories of an interrupted attempt")
     done = {(*(row[a] for a in axes), row["seed"]) for row in rows}
     points = expand(sweep)
-    todo = [run for run in (Run(p, s) for p in points for s in sweep.seeds) if run.key() not in done]
+    todo = [run for run in (PlannedRun(p, s) for p in points for s in sweep.seeds) if run.key() not in done]
     skipped = len(points) * len(sweep.seeds) - len(todo)
     if skipped:
         log(f"resuming: {skipped} runs already in {RESULTS_FILE}, {len(todo)} to go")
@@ -136,5 +136,5 @@ def run_sweep(
 
     if jobs:
         executor.map(jobs, on_done)
-    write_outputs(sweep, out, rows)
+    write_sweep_outputs(sweep, out, rows)
     return SweepOutcome(out, len(todo), skipped, rows)
