@@ -96,7 +96,7 @@ class MonitorConfig:
     weights: bool = True  # log weight statistics too
     activations: bool = True  # log activation statistics too
     activations_every: int = 1  # tap activations at every Nth optimizer step (the tutorial's nets are tiny: every step)
-    flow_images: int = 50  # TensorBoard Images: the gradient-flow picture at the first window, every N windows and the last (0: none)
+    flow_images: int = 50  # TensorBoard Images: the gradient-flow picture every N windows and at the end (0: none)
 
 
 @dataclass

@@ -65,6 +65,7 @@ def test_floats_accept_ints_and_scientific_notation(text, value):
     [
         (["model.depht=3"], "model.depht: unknown key (did you mean model.depth?); accepted: depth"),
         (["model.output.colour=red"], "model.output.colour: unknown key"),
+        (["monitor.flow_images=-1"], "monitor.flow_images: must be >= 0"),
         (["model.depth=abc"], "model.depth: expected int"),
         (["model.depth=2.5"], "model.depth: expected int"),
         (["model.depth=true"], "model.depth: expected int, got True (bool)"),
