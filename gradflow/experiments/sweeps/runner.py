@@ -27,7 +27,7 @@ from gradflow.experiments.sweeps.results import RESULTS_FILE, append_rows, read_
 BASE_FILE = "base.yaml"
 
 
-def _label(axes: Sequence[str], point: Point) -> str:
+def _run_name(axes: Sequence[str], point: Point) -> str:
     """``depth=3-activation=tanh``: short keys unless two axes end alike."""
     shorts = [key.rsplit(".", 1)[-1] for key in axes]
     names = shorts if len(set(shorts)) == len(shorts) else list(axes)
@@ -118,7 +118,7 @@ def run_sweep(
     jobs = []
     for task in tasks:
         for run in task.runs:
-            run.run_dir = "runs/" + make_run_dir(out / "runs", _label(axes, run.point), run.seed)
+            run.run_dir = "runs/" + make_run_dir(out / "runs", _run_name(axes, run.point), run.seed)
         jobs.append((task.config, [r.seed for r in task.runs], [str(out / r.run_dir) for r in task.runs], device))
     t0 = time.perf_counter()
     finished = [0]
@@ -130,7 +130,7 @@ def run_sweep(
         append_rows(out / RESULTS_FILE, axes, new)
         rows.extend({k: str(v) for k, v in row.items()} for row in new)
         finished[0] += 1
-        label = _label(axes, task.runs[0].point) or sweep.name
+        label = _run_name(axes, task.runs[0].point) or sweep.name
         tests = ", ".join(f"{float(r['test_accuracy']):.3f}" for r in new)
         log(f"[{finished[0]}/{len(tasks)}] {label}: {len(new)} seeds, test {tests} ({time.perf_counter() - t0:.1f} s)")
 
