@@ -16,8 +16,8 @@ Example:
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from gradflow.analysis.windows import (
     ACTIVATION_COLUMNS,
