@@ -177,7 +177,7 @@ class MembersMonitorCallback(MonitorCallback):
 
     def _log(self, step: int) -> None:
         self.monitor.log(step)
-        if _first_or_pool_end(self._written[0] if self._written else 0, self.monitor.histograms):
+        if _first_or_pool_end(len(self.monitor.history) // len(self._member_tables) - 1, self.monitor.histograms):
             self.monitor.flush()          # as a solo run's: the first window alone, then pools
         # log() appends one window per member, in member order (with members=1 the only one).
         windows = self.monitor.history[-len(self._member_tables):]
