@@ -192,6 +192,7 @@ def test_custom_scalars_open_on_accuracy_then_gradient_size_per_layer(tensorboar
     assert all(matched.values()), matched                 # no empty chart on a ReLU run
 
 
+@pytest.mark.slow   # 10-23 s: three Chromium page loads of 15 s page time each
 def test_screenshots_of_the_real_server(logdir, tmp_path):
     """Headless Chromium draws the Histograms, Custom Scalars and Images tabs of a running server
     (scripts/tensorboard_screenshots.py, which also makes docs/img/tensorboard-*.png)."""
