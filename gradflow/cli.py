@@ -43,7 +43,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The ``gradflow`` parser; add a subcommand with another ``sub.add_parser`` block.
+    """The ``gradflow`` parser. Each subcommand has a ``cmd_<name>`` handler, registered here or
+    by an ``add_<name>_parser(s)`` function (sweep; diagnose and compare).
 
     Example:
         >>> build_parser().parse_args(["train", "configs/deep_relu.yaml"]).device
@@ -75,7 +76,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "and idle threads spin against other processes on a busy machine)")
     train.set_defaults(func=cmd_train)
     add_sweep_parser(sub)
-    add_analysis_commands(sub)  # diagnose RUN_DIR [--json]; compare RUN_A RUN_B ... [--out PATH]
+    add_analysis_parsers(sub)  # diagnose RUN_DIR [--json]; compare RUN_A RUN_B ... [--out PATH]
     return parser
 
 
@@ -244,7 +245,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def diagnose_command(args: argparse.Namespace) -> int:
+def cmd_diagnose(args: argparse.Namespace) -> int:
     """``gradflow diagnose RUN_DIR [--json] [--flow PATH] [--epochs N ...]``: print the verdict.
 
     RUN_DIR may be the parent directory of a ``--seeds`` run: every member is diagnosed, one
@@ -252,13 +253,15 @@ def diagnose_command(args: argparse.Namespace) -> int:
     from gradflow.analysis.compare import load_run, plot_gradient_flow, run_directories, seeds_summary
 
     try:
+        if args.flow:
+            check_figure_path("--flow", args.flow)
         paths = run_directories([args.run_dir])
         if len(paths) > 1 and getattr(args, "flow", None):
             raise ValueError(f"--flow: draws one run; {args.run_dir} holds {len(paths)} (pick one of them)")
         runs = [load_run(path) for path in paths]
         if getattr(args, "flow", None):
             plot_gradient_flow(runs[0].windows, args.flow, getattr(args, "epochs", None), title=runs[0].name)
-    except (FileNotFoundError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # a missing run, an unwritable figure
         print(f"gradflow: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     parent = Path(paths[0]).resolve() != Path(args.run_dir).resolve()   # a --seeds parent, even of one member
@@ -277,18 +280,19 @@ def diagnose_command(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def compare_command(args: argparse.Namespace) -> int:
+def cmd_compare(args: argparse.Namespace) -> int:
     """``gradflow compare RUN_A RUN_B ... [--out PATH] [--flow]``: table and figure. A ``--seeds``
     parent directory stands for its members."""
     from gradflow.analysis.compare import compare_table, load_run, plot_compare, plot_gradient_flow, run_directories
 
     try:
+        check_figure_path("--out", args.out)
         paths = run_directories(args.run_dirs)
         if len(paths) < 2:
             raise ValueError(f"compare needs two or more runs, got one ({paths[0]}); "
                              f"gradflow diagnose {paths[0]} --flow flow.png shows one run")
         runs = [load_run(path) for path in paths]
-    except (FileNotFoundError, ValueError) as exc:
+    except (OSError, ValueError) as exc:  # a missing run, an unwritable figure
         print(f"gradflow: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     print(compare_table(runs))
@@ -303,12 +307,34 @@ def compare_command(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def add_analysis_commands(subparsers: Any) -> None:
+def check_figure_path(option: str, path: str) -> None:
+    """ValueError naming ``option`` unless ``path`` can take a figure: not a directory, in a
+    directory that exists, with a suffix matplotlib writes (``.png``, ``.pdf``, ``.svg``, ...).
+
+    Example:
+        >>> check_figure_path("--flow", "flow.png")
+        >>> check_figure_path("--flow", ".")
+        Traceback (most recent call last):
+        ValueError: --flow .: is a directory; give a figure file such as flow.png
+    """
+    target = Path(path)
+    if target.is_dir():
+        raise ValueError(f"{option} {path}: is a directory; give a figure file such as {target / 'flow.png'}")
+    if not target.parent.is_dir():
+        raise ValueError(f"{option} {path}: directory {target.parent} does not exist")
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    formats = sorted(FigureCanvasBase.get_supported_filetypes())
+    if target.suffix.lstrip(".").lower() not in formats:
+        raise ValueError(f"{option} {path}: the name must end in a figure format: .{', .'.join(formats)}")
+
+
+def add_analysis_parsers(subparsers: Any) -> None:
     """Register ``diagnose`` and ``compare`` on the ``gradflow`` parser's subparsers.
 
     Example:
         >>> parser = argparse.ArgumentParser(prog="gradflow")
-        >>> add_analysis_commands(parser.add_subparsers(dest="command"))
+        >>> add_analysis_parsers(parser.add_subparsers(dest="command"))
         >>> parser.parse_args(["diagnose", "runs/x", "--json"]).json
         True
     """
@@ -321,7 +347,7 @@ def add_analysis_commands(subparsers: Any) -> None:
     diagnose_parser.add_argument("--flow", metavar="PATH", help="also draw the gradient-flow bar chart here")
     diagnose_parser.add_argument("--epochs", type=int, nargs="+", metavar="N",
                                  help="epochs for the bar chart (default: first, middle, last)")
-    diagnose_parser.set_defaults(func=diagnose_command)
+    diagnose_parser.set_defaults(func=cmd_diagnose)
     compare_parser = subparsers.add_parser(
         "compare", help="compare runs: gradient size per layer and accuracy side by side",
         usage="gradflow compare RUN_A RUN_B ... [--out PATH] [--flow]")
@@ -331,7 +357,7 @@ def add_analysis_commands(subparsers: Any) -> None:
     compare_parser.add_argument("--out", default="compare.png", help="figure path (default: compare.png)")
     compare_parser.add_argument("--flow", action="store_true",
                                 help="also draw each run's gradient-flow bar chart next to the figure")
-    compare_parser.set_defaults(func=compare_command)
+    compare_parser.set_defaults(func=cmd_compare)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -350,11 +376,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _run(argv: Optional[Sequence[str]]) -> int:
     parser = build_parser()
+    if not (sys.argv[1:] if argv is None else list(argv)):   # bare `gradflow`: what it can do
+        parser.print_help()
+        return EXIT_OK
     try:
         args, extra = parser.parse_known_args(argv)
         unknown = [a for a in extra if a.startswith("-") or "=" not in a]
         if unknown:
-            raise ConfigError(f"unrecognized arguments: {' '.join(unknown)}; overrides look like key=value")
+            raise ConfigError(f"unrecognized arguments: {' '.join(unknown)}; {_override_hint(extra)}")
         args.overrides = extra
         status = args.func(args)
         sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at interpreter exit
@@ -365,6 +394,26 @@ def _run(argv: Optional[Sequence[str]]) -> int:
         return EXIT_BAD_INPUT
     except BrokenPipeError:
         return _closed_pipe()
+
+
+def _override_hint(extra: Sequence[str]) -> str:
+    """What to write instead of options that look like config keys: ``--epochs 5`` ->
+    ``train.epochs=5`` (the nearest accepted key, gradflow.experiments.config.suggest_key)."""
+    from gradflow.experiments.config import suggest_key
+
+    fixes = []
+    for i, arg in enumerate(extra):
+        if not arg.startswith("--") or len(arg) < 3:
+            continue
+        name, sep, value = arg[2:].partition("=")
+        if not sep and i + 1 < len(extra) and not extra[i + 1].startswith("-") and "=" not in extra[i + 1]:
+            value = extra[i + 1]
+        key = suggest_key(name.replace("-", "_")) if name.replace("-", "_").replace(".", "").isidentifier() else None
+        if key:
+            fixes.append(f"{key}={value or '...'}")
+    if fixes:
+        return f"config settings are key=value overrides: {' '.join(fixes)}"
+    return "overrides look like key=value"
 
 
 def _closed_pipe() -> int:

@@ -399,8 +399,8 @@ def test_sigkill_after_a_checkpoint_then_resume_shows_every_step_once(tmp_path):
     events, expected = load_events(run_dir), load_events(whole_dir)
     assert [e.step for e in events.Scalars("epoch/loss")] == list(range(30))
     assert [e.value for e in events.Scalars("epoch/loss")] == [e.value for e in expected.Scalars("epoch/loss")]
-    # One histogram per 25 epochs, and one at each checkpoint (every 5 here), which flushes them.
-    assert [e.step for e in events.Histograms("grad/dense_1/weight")] == [4, 9, 14, 19, 24, 29]
+    # The first window alone, then one per 25 epochs, and one at each checkpoint (every 5 here), which flushes them.
+    assert [e.step for e in events.Histograms("grad/dense_1/weight")] == [0, 4, 9, 14, 19, 24, 29]
     assert [e.histogram_value.num for e in events.Histograms("grad/dense_1/weight")] == \
         [e.histogram_value.num for e in expected.Histograms("grad/dense_1/weight")]
     written = _raw_steps(run_dir, "epoch/loss")

@@ -96,32 +96,53 @@ def test_every_dense_layer_has_gradient_and_weight_histograms(tensorboard, relu)
     tags = get_json(f"{tensorboard}/data/plugin/histograms/tags")[relu]
     for k in range(1, 7):                                 # five hidden layers and the output layer
         assert f"grad/dense_{k}/weight" in tags
-        assert f"grad_log10/dense_{k}/weight" in tags
+        assert f"1_grad_log10/dense_{k}/weight" in tags
         assert f"weight/dense_{k}/weight" in tags
 
 
-def test_a_run_shorter_than_its_histogram_cadence_gets_one_histogram_of_every_step(tensorboard, relu):
-    """25 epochs per histogram by default: a 3-epoch run's only histogram is written when the
-    monitor is removed, at the last epoch, and holds every value of every step."""
-    (point,) = histogram_points(tensorboard, relu, "grad/dense_1/weight")
-    _, step, buckets = point
-    assert step == EPOCHS - 1
-    assert buckets and all(len(bucket) == 3 for bucket in buckets)
-    assert sum(count for _, _, count in buckets) == pytest.approx(2 * 5 * 16 * EPOCHS)   # weights x steps x epochs
+def test_the_first_histogram_is_the_first_window_alone_then_pooling(tensorboard, relu):
+    """25 epochs per histogram by default, but the first window gets one of its own (epoch 0,
+    where vanishing is worst); a 3-epoch run's second histogram is written when the monitor is
+    removed, at the last epoch, and holds every value of epochs 1-2."""
+    first, last = histogram_points(tensorboard, relu, "grad/dense_1/weight")
+    assert [first[1], last[1]] == [0, EPOCHS - 1]
+    for (_, _, buckets), epochs in ((first, 1), (last, EPOCHS - 1)):
+        assert buckets and all(len(bucket) == 3 for bucket in buckets)
+        assert sum(count for _, _, count in buckets) == pytest.approx(2 * 5 * 16 * epochs)   # weights x steps x epochs
     scalars = get_json(f"{tensorboard}/data/plugin/scalars/scalars?"
                        + urllib.parse.urlencode({"run": relu, "tag": "grad/dense_1/weight/norm"}))
     assert [step for _, step, _ in scalars] == list(range(EPOCHS))                       # scalars: every epoch
 
 
+def test_log10_gradients_sort_first(tensorboard, relu):
+    """TensorBoard's Histograms and Distributions tabs list sections by name: the log10 |g|
+    section, where tanh and ReLU differ at a glance, comes before activation, grad and weight."""
+    tags = get_json(f"{tensorboard}/data/plugin/histograms/tags")[relu]
+    sections = sorted({tag.partition("/")[0] for tag in tags})
+    assert sections == ["1_grad_log10", "activation", "grad", "weight"]
+
+
+def test_the_gradient_flow_picture_is_in_the_images_tab(tensorboard, relu):
+    """At the end (monitor.flow_images=50 windows is longer than the run; then every 50)."""
+    assert "gradient_flow" in get_json(f"{tensorboard}/data/plugin/images/tags")[relu]
+    query = urllib.parse.urlencode({"run": relu, "tag": "gradient_flow"})
+    images = get_json(f"{tensorboard}/data/plugin/images/images?{query}")
+    assert [image["step"] for image in images] == [EPOCHS - 1]
+    with urllib.request.urlopen(f"{tensorboard}/data/plugin/images/individualImage?{images[0]['query']}",
+                                timeout=5) as response:
+        assert response.read()[:4] == b"\x89PNG"
+
+
 def test_tanh_activations_are_binned_evenly_over_minus_one_to_one(tensorboard, tanh):
     """64 equal bins over [-1, 1] (each 1/32 wide), so the outputs piling up near +-1 (saturation)
     get a bin of their own instead of one octave bin for all of 0.5-1."""
-    (point,) = histogram_points(tensorboard, tanh, "activation/tanh_5")
-    _, _, buckets = point
-    assert -1.0 <= buckets[0][0] and buckets[-1][1] <= 1.0
-    widths = [right - left for left, right, count in buckets if count]
-    assert widths and all(width == pytest.approx(1 / 32) for width in widths)
-    assert sum(count for _, _, count in buckets) == pytest.approx(500 * 5 * EPOCHS)      # samples x units x epochs
+    points = histogram_points(tensorboard, tanh, "activation/tanh_5")     # epoch 0, then epochs 1-2
+    for _, _, buckets in points:
+        assert -1.0 <= buckets[0][0] and buckets[-1][1] <= 1.0
+        widths = [right - left for left, right, count in buckets if count]
+        assert widths and all(width == pytest.approx(1 / 32) for width in widths)
+    total = sum(count for _, _, buckets in points for _, _, count in buckets)
+    assert total == pytest.approx(500 * 5 * EPOCHS)                                   # samples x units x epochs
 
 
 def test_epoch_and_gradient_scalars_are_served(tensorboard, relu):
@@ -165,5 +186,25 @@ def test_custom_scalars_open_on_accuracy_then_gradient_size_per_layer(tensorboar
     assert sorted(matched[first]) == ["epoch/accuracy", "epoch/val_accuracy"]
     per_layer = categories[1]["chart"][0]["title"]
     assert sorted(matched[per_layer]) == [f"grad/dense_{k}/weight/relative" for k in range(1, 7)]
-    assert "||g|| / ||w||" in per_layer and "diagnose" in per_layer       # the measure diagnose judges, named
+    assert "log y" in per_layer and "||g|| / ||w||" in per_layer and "diagnose" in per_layer   # the layout cannot set a log axis: the title says how
+    one_each = [chart["title"] for chart in categories[2]["chart"]]           # layer by layer, input first
+    assert [matched[title] for title in one_each] == [[f"grad/dense_{k}/weight/relative"] for k in range(1, 7)]
     assert all(matched.values()), matched                 # no empty chart on a ReLU run
+
+
+@pytest.mark.slow   # 10-23 s: three Chromium page loads of 15 s page time each
+def test_screenshots_of_the_real_server(logdir, tmp_path):
+    """Headless Chromium draws the Histograms, Custom Scalars and Images tabs of a running server
+    (scripts/tensorboard_screenshots.py, which also makes docs/img/tensorboard-*.png)."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import tensorboard_screenshots as shots
+
+    if shots.chromium() is None:
+        pytest.skip("chromium is not installed (Debian: apt-get install -y chromium; .ci/run installs it)")
+    import struct
+
+    for path in shots.shoot(logdir, tmp_path):
+        header = path.read_bytes()[:24]
+        assert header[:8] == b"\x89PNG\r\n\x1a\n"
+        width, height = struct.unpack(">II", header[16:24])
+        assert width == 1400 and height >= 700 and path.stat().st_size > 20_000, path   # a drawn page, not a blank one

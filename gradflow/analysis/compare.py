@@ -197,10 +197,13 @@ def _positive(values: Sequence[float]) -> list[float]:
 
 def plot_compare(runs: Sequence[Run], path: str | Path) -> Path:
     """Runs side by side on shared axes. Top row: the gradient-flow picture of each run (every
-    layer's ||g|| / ||w||, the size diagnose judges, against depth, input to output, at a few epochs; one y range for all, so
-    a vanishing middle layer shows as a dip). Bottom: every layer's ||g|| / ||w|| per epoch (one
-    colour per run, darker = nearer the input) and train / test accuracy on a fixed 0-1 axis.
-    Legends sit outside the axes. Returns ``path``.
+    layer's ||g|| / ||w||, the size diagnose judges, against depth, input to output, at a few
+    epochs; one y range for all, so a vanishing middle layer shows as a dip). Bottom: every
+    layer's ||g|| / ||w|| per epoch and
+    train / test accuracy on a fixed 0-1 axis. Up to ``len(_CMAPS)`` runs share one panel of
+    layers (one colour family per run, darker = nearer the input); more runs (the members of a
+    ``--seeds`` parent) get one colour each from ``tab10``/``tab20`` and one small panel per
+    layer, so every seed is told apart. Legends sit outside the axes. Returns ``path``.
 
     Example:
         >>> plot_compare([load_run(a), load_run(b)], "tanh_vs_relu.png")     # doctest: +SKIP
@@ -209,8 +212,9 @@ def plot_compare(runs: Sequence[Run], path: str | Path) -> Path:
 
     columns = min(len(runs), 4)
     rows = math.ceil(len(runs) / columns)
-    fig = _figure(max(10.0, 3.6 * columns + 2), 3.6 * rows + 4.2)
-    grid = fig.add_gridspec(rows + 1, columns, height_ratios=[3.6] * rows + [4.2], hspace=0.6)
+    many = len(runs) > len(_CMAPS)
+    fig = _figure(max(10.0, 3.6 * columns + 2), 3.6 * rows + (6.4 if many else 4.2))
+    grid = fig.add_gridspec(rows + 1, columns, height_ratios=[3.6] * rows + [6.4 if many else 4.2], hspace=0.6)
     flows = [fig.add_subplot(grid[i // columns, i % columns]) for i in range(len(runs))]
     for ax in flows[1:]:
         ax.sharey(flows[0])
@@ -220,27 +224,21 @@ def plot_compare(runs: Sequence[Run], path: str | Path) -> Path:
     label = size_label(runs[0].windows)
     flows[0].set_ylabel(f"{label} (what diagnose judges)")
     flows[-1].legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0))
-    bottom = grid[rows, :].subgridspec(1, 2, wspace=0.6)
-    grads, accuracy = fig.add_subplot(bottom[0]), fig.add_subplot(bottom[1])
-    from matplotlib import colormaps
-
-    for index, run in enumerate(runs):
-        steps, sizes = layer_sizes(run.windows)
-        shades = colormaps[_CMAPS[index % len(_CMAPS)]]([0.95 - 0.55 * i / max(len(sizes) - 1, 1)
-                                                         for i in range(len(sizes))])
-        for shade, (layer, values) in zip(shades, sizes.items()):
-            grads.plot(steps, _positive(values), color=shade, linewidth=1.2)
-        colour = colormaps[_CMAPS[index % len(_CMAPS)]](0.7)
+    bottom = grid[rows, :].subgridspec(1, 2, wspace=0.6 if not many else 0.25,
+                                       width_ratios=[1, 1] if not many else [2.2, 1])
+    colours = _run_colours(len(runs))
+    if many:
+        _draw_layer_panels(fig, bottom[0], runs, colours, label)
+    else:
+        _draw_layers_one_panel(fig.add_subplot(bottom[0]), runs, label)
+    accuracy = fig.add_subplot(bottom[1])
+    for run, colour in zip(runs, colours):
         epochs = [row.get("epoch", i) for i, row in enumerate(run.history)]
         if run.history:
             accuracy.plot(epochs, [row.get("accuracy", math.nan) for row in run.history], color=colour,
                           label=f"{run.name}: train")
             accuracy.plot(epochs, [row.get("val_accuracy", math.nan) for row in run.history], color=colour,
                           linestyle=":", label=f"{run.name}: test")
-    grads.set_yscale("log")
-    grads.set_xlabel("epoch")
-    grads.set_ylabel(f"{label} of each layer's weight")
-    grads.set_title("every layer per epoch (colours as in accuracy;\ndarker = nearer the input)", fontsize="medium")
     accuracy.set_ylim(0, 1)
     accuracy.set_xlabel("epoch")
     accuracy.set_ylabel("accuracy")
@@ -248,6 +246,51 @@ def plot_compare(runs: Sequence[Run], path: str | Path) -> Path:
     accuracy.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.savefig(path, dpi=100, bbox_inches="tight")
     return Path(path)
+
+
+def _run_colours(count: int) -> list:
+    """One colour per run: the middle of its colour family for a few runs, else tab10/tab20
+    (more than 20 runs repeat colours)."""
+    from matplotlib import colormaps
+
+    if count <= len(_CMAPS):
+        return [colormaps[_CMAPS[i]](0.7) for i in range(count)]
+    table = colormaps["tab10" if count <= 10 else "tab20"]
+    return [table(i % table.N) for i in range(count)]
+
+
+def _draw_layers_one_panel(grads, runs: Sequence[Run], label: str) -> None:
+    """Every layer of every run in one log panel: a colour family per run, darker = nearer the input."""
+    from matplotlib import colormaps
+
+    for index, run in enumerate(runs):
+        steps, sizes = layer_sizes(run.windows)
+        shades = colormaps[_CMAPS[index]]([0.95 - 0.55 * i / max(len(sizes) - 1, 1) for i in range(len(sizes))])
+        for shade, values in zip(shades, sizes.values()):
+            grads.plot(steps, _positive(values), color=shade, linewidth=1.2)
+    grads.set_yscale("log")
+    grads.set_xlabel("epoch")
+    grads.set_ylabel(f"{label} of each layer's weight")
+    grads.set_title("every layer per epoch (colours as in accuracy;\ndarker = nearer the input)", fontsize="medium")
+
+
+def _draw_layer_panels(fig, spec, runs: Sequence[Run], colours: Sequence, label: str) -> None:
+    """One small log panel per layer (input first), one line per run in its colour, shared axes."""
+    per_run = [layer_sizes(run.windows) for run in runs]
+    layers = list(dict.fromkeys(layer for _, sizes in per_run for layer in sizes))
+    columns = min(len(layers), 3)
+    cells = spec.subgridspec(math.ceil(len(layers) / columns), columns, hspace=0.55, wspace=0.3)
+    first = None
+    for index, layer in enumerate(layers):
+        ax = fig.add_subplot(cells[index // columns, index % columns], sharex=first, sharey=first)
+        first = first or ax
+        for (steps, sizes), colour in zip(per_run, colours):
+            if layer in sizes:
+                ax.plot(steps, _positive(sizes[layer]), color=colour, linewidth=1.0)
+        ax.set_yscale("log")
+        ax.set_title(f"{layer} (layer {index + 1} of {len(layers)})", fontsize="small")
+        ax.tick_params(labelsize="x-small")
+    first.set_ylabel(f"{label} per epoch", fontsize="small")
 
 
 _CMAPS = ["Blues", "Oranges", "Greens", "Reds", "Purples", "Greys"]

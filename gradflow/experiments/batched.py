@@ -318,7 +318,7 @@ def train_members(
     model = build_batched(cfg.model, seeds, in_features=data.x_train.shape[1])
     writers = [SummaryWriter(log_dir=str(d)) for d in run_dirs]
     for writer in writers:
-        write_tensorboard_layout(writer)
+        write_tensorboard_layout(writer, [name for name, _ in model.named_parameters()])
     callbacks: list[Any] = [MemberEpochScalars(writers)]
     monitor = recorder = None
     try:

@@ -96,6 +96,7 @@ class MonitorConfig:
     weights: bool = True  # log weight statistics too
     activations: bool = True  # log activation statistics too
     activations_every: int = 1  # tap activations at every Nth optimizer step (the tutorial's nets are tiny: every step)
+    flow_images: int = 50  # TensorBoard Images: the gradient-flow picture every N windows and at the end (0: none)
 
 
 @dataclass
@@ -219,7 +220,53 @@ def _type_name(tp: Any) -> str:
 def _unknown_key(dotted: str, cls: type) -> ConfigError:
     known = ", ".join(_field_types(cls))
     shown = dotted if dotted.isprintable() else repr(dotted)  # a key may hold a newline: keep one line
-    return ConfigError(f"{shown}: unknown key; accepted: {known}")
+    nearest = suggest_key(dotted) if dotted.isprintable() else None
+    hint = f" (did you mean {nearest}?)" if nearest else ""
+    return ConfigError(f"{shown}: unknown key{hint}; accepted: {known}")
+
+
+def config_keys(cls: type | None = None, prefix: str = "") -> list[str]:
+    """Every dotted key a config accepts (``train.epochs``, ``model.output.units``, ...).
+
+    Example:
+        >>> "optimizer.lr" in config_keys(), "train.epochs" in config_keys()
+        (True, True)
+    """
+    keys = []
+    for name, tp in _field_types(cls or Config).items():
+        keys.append(f"{prefix}{name}")
+        if dataclasses.is_dataclass(tp):
+            keys.extend(config_keys(tp, f"{prefix}{name}."))
+    return keys
+
+
+def suggest_key(dotted: str) -> str | None:
+    """The accepted key nearest to the unknown ``dotted`` (None if nothing is near): a key of
+    the same section first, then any section (``epochs`` -> ``train.epochs``). Near means a
+    ``difflib`` ratio of at least 0.6 on the last part, or the last part being the initials of
+    an accepted name or the reverse (``learning_rate`` -> ``lr``).
+
+    Example:
+        >>> suggest_key("optimizer.learning_rate"), suggest_key("epochs"), suggest_key("model.dept")
+        ('optimizer.lr', 'train.epochs', 'model.depth')
+    """
+    import difflib
+
+    section, _, leaf = dotted.rpartition(".")
+    keys = config_keys()
+    for scope in ([k for k in keys if k.rpartition(".")[0] == section], keys):
+        leaves = {k.rpartition(".")[2]: k for k in reversed(scope)}   # the shallowest key of a name wins
+        initials = {k: v for k, v in leaves.items() if _initials(leaf) == k or _initials(k) == leaf}
+        close = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.6)
+        if leaf in leaves and leaves[leaf] != dotted:
+            return leaves[leaf]
+        if close or initials:
+            return leaves[close[0]] if close else next(iter(initials.values()))
+    return None
+
+
+def _initials(name: str) -> str:
+    return "".join(part[:1] for part in name.split("_")) if "_" in name else ""
 
 
 def _show(value: Any, limit: int = 80) -> str:
@@ -433,6 +480,8 @@ def validate(cfg: Config) -> Config:
     _check_train(cfg.train)
     if cfg.monitor.window_steps < 0:
         raise ConfigError(f"monitor.window_steps: must be >= 0 (0 = once per epoch), got {cfg.monitor.window_steps}")
+    if cfg.monitor.flow_images < 0:
+        raise ConfigError(f"monitor.flow_images: must be >= 0 (0: no gradient-flow images), got {cfg.monitor.flow_images}")
     histograms = cfg.monitor.histograms
     if not isinstance(histograms, bool) and histograms < 1:
         raise ConfigError(f"monitor.histograms: must be true (every window), false (none) or a number of windows "

@@ -174,7 +174,7 @@ def init_linear(layer: nn.Linear, spec: InitSpec) -> None:
     nn.init.zeros_(layer.bias)
 
 
-def _per_layer(value: Any, depth: int) -> list[Any]:
+def _broadcast(value: Any, depth: int) -> list[Any]:
     return list(value) if isinstance(value, (list, tuple)) else [value] * depth
 
 
@@ -224,9 +224,9 @@ def build_model(cfg: Any, in_features: int = 2) -> nn.Sequential:
     out = cfg.output
     return build_mlp(
         in_features,
-        _per_layer(cfg.width, depth),
-        _per_layer(cfg.activation, depth),
-        _per_layer(cfg.initializer, depth),
+        _broadcast(cfg.width, depth),
+        _broadcast(cfg.activation, depth),
+        _broadcast(cfg.initializer, depth),
         out.units,
         out.activation,
         out.initializer,

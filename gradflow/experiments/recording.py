@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from pathlib import Path
 
 from gradflow.analysis.windows import (
@@ -27,6 +28,7 @@ from gradflow.analysis.windows import (
     VALUE_COLUMNS,
 )
 from gradflow.monitor import GradientMonitor, Window
+from gradflow.monitor.sinks import write_custom_scalars
 
 
 class MonitorCallback:
@@ -35,13 +37,21 @@ class MonitorCallback:
     With ``window_steps`` the TensorBoard step of a window is the global step at its end;
     otherwise it is the epoch, like the ``epoch/*`` scalars. ``first_window`` > 0 resumes a run:
     the tables (already cut to that many windows) are appended to and numbering goes on.
+
+    The run's first histogram holds its first window alone (the monitor's pool is flushed after
+    it), then pooling goes on every ``histograms`` windows. With ``writer`` and ``flow_images`` N
+    > 0 the gradient-flow picture of the windows so far (``earlier``, a resumed run's, first) goes
+    to TensorBoard's Images tab at window N, 2N, ... and, by ``last_flow_image``, at the end.
     """
 
     def __init__(self, monitor: GradientMonitor, run_dir: str | Path | None = None, window_steps: int = 0,
-                 first_window: int = 0) -> None:
+                 first_window: int = 0, *, writer=None, flow_images: int = 0, earlier: Sequence[Window] = (),
+                 title: str = "") -> None:
         self.monitor = monitor
         self.window_steps = window_steps
         self.first_window = first_window
+        self.writer, self.flow_images, self.title = writer, flow_images, title
+        self._earlier = list(earlier)
         self._tables = _Tables(Path(run_dir), append=first_window > 0) if run_dir is not None else None
         if window_steps:
             self.after_backward = self._log_every_n_steps   # only then does a step cost a call
@@ -57,9 +67,20 @@ class MonitorCallback:
 
     def _log(self, step: int) -> None:
         self.monitor.log(step)
+        index = self.first_window + len(self.monitor.history) - 1
         if self._tables is not None:
-            self._tables.append(self.first_window + len(self.monitor.history) - 1, self.monitor.history[-1],
-                                _forward_order(self.monitor))
+            self._tables.append(index, self.monitor.history[-1], _forward_order(self.monitor))
+        if _first_or_pool_end(index, self.monitor.histograms):
+            self.monitor.flush()
+        if self.writer is not None and self.flow_images and index and index % self.flow_images == 0:
+            # Not at window 0: matplotlib would load before the first epoch ends (tests/test_layout.py).
+            add_flow_image(self.writer, self._earlier + self.monitor.history, step, self.title)
+
+    def last_flow_image(self, step: int) -> None:
+        """The flow picture of the whole run at its end, unless its last window already drew one."""
+        index = self.first_window + len(self.monitor.history) - 1
+        if self.writer is not None and self.flow_images and self.monitor.history and index % self.flow_images:
+            add_flow_image(self.writer, self._earlier + self.monitor.history, step, self.title)
 
     def close(self) -> None:
         if self._tables is not None:
@@ -95,6 +116,16 @@ class _Tables:
     def close(self) -> None:
         for f in self._files:
             f.close()
+
+
+def _first_or_pool_end(index: int, histograms) -> bool:
+    """Whether the monitor's histogram pool should be written after window ``index`` (from 0):
+    after the first window, so the run's first histogram holds it alone (epochs 0-10 are where
+    vanishing shows), and then after windows N-1, 2N-1, ... for ``histograms`` N, so the pools
+    keep their boundaries (epochs 0, 1-24, 25-49, ... for N = 25) and a resumed run's match."""
+    if isinstance(histograms, bool) or not histograms:
+        return False
+    return index == 0 or (index + 1) % histograms == 0
 
 
 def _header_has(path: Path, column: str) -> bool:
@@ -146,6 +177,8 @@ class MembersMonitorCallback(MonitorCallback):
 
     def _log(self, step: int) -> None:
         self.monitor.log(step)
+        if _first_or_pool_end(len(self.monitor.history) // len(self._member_tables) - 1, self.monitor.histograms):
+            self.monitor.flush()          # as a solo run's: the first window alone, then pools
         # log() appends one window per member, in member order (with members=1 the only one).
         windows = self.monitor.history[-len(self._member_tables):]
         for k, (tables, window) in enumerate(zip(self._member_tables, windows)):
@@ -162,38 +195,49 @@ class MembersMonitorCallback(MonitorCallback):
             tables.close()
 
 
-# TensorBoard's Custom Scalars tab, in this order: what a newcomer asks first (did it learn?),
-# then where the gradient goes, then why. Each chart matches tags by regex, so one layout fits
-# every model: a tanh run has activation/tanh_N/saturated_fraction, a ReLU run
-# activation/relu_N/dead_fraction, and the "units" chart shows whichever is there.
-TENSORBOARD_LAYOUT = {
+# TensorBoard's Custom Scalars tab opens on what a newcomer asks first (did it learn?), then the
+# monitor's categories (gradflow.monitor.sinks.custom_scalars_layout: where the gradient goes, layer
+# by layer, then why). Each chart matches tags by regex, so one layout fits every run.
+RUN_CHARTS = {
     "1. accuracy and loss": {
         "accuracy (train, val)": ["Multiline", [r"^epoch/(val_)?accuracy$"]],
         "loss (train, val)": ["Multiline", [r"^epoch/(val_)?loss$"]],
     },
-    "2. gradient size per layer": {
-        "||g|| / ||w|| of each layer's weight, what diagnose judges (set the y axis to log)": [
-            "Multiline", [r"^grad/.*/weight/relative$"]],
-        "mean |g| per element of each layer's weight (not scale-free: not what diagnose judges)": [
-            "Multiline", [r"^grad/.*/weight/mean_abs$"]],
-        "max |g| of each layer's weight": ["Multiline", [r"^grad/.*/weight/max_abs$"]],
-        "total gradient norm per step": ["Multiline", [r"^grad/total_norm(_before_clip)?$"]],
-    },
-    "3. weights and units": {
-        "update ratio |w_end - w_start| / |w_start| per layer": ["Multiline", [r"^weight/.*/weight/update_ratio$"]],
-        "saturated (tanh, sigmoid) or dead (ReLU) fraction": ["Multiline",
-                                                              [r"^activation/.*/(saturated|dead)_fraction$"]],
-        "non-finite gradient values": ["Multiline", [r"^grad/.*/nonfinite$"]],
-    },
 }
 
 
-def write_tensorboard_layout(writer) -> None:
-    """Give the run's TensorBoard a Custom Scalars tab laid out as ``TENSORBOARD_LAYOUT``.
+def write_tensorboard_layout(writer, parameters: Sequence[str] = ()) -> dict:
+    """Give the run's TensorBoard a Custom Scalars tab: ``RUN_CHARTS``, then the monitor's charts
+    for ``parameters`` (the model's parameter names, input side first). Returns the layout.
 
     Example:
-        >>> write_tensorboard_layout(SummaryWriter(run_dir))              # doctest: +SKIP
+        >>> write_tensorboard_layout(SummaryWriter(run_dir), monitor.names)      # doctest: +SKIP
     """
-    add = getattr(writer, "add_custom_scalars", None)
-    if callable(add):
-        add(TENSORBOARD_LAYOUT)
+    return write_custom_scalars(writer, parameters, first=RUN_CHARTS)
+
+
+# -- the gradient-flow picture in TensorBoard's Images tab ---------------------------------------
+
+FLOW_IMAGE_TAG = "gradient_flow"
+
+
+def add_flow_image(writer, windows: Sequence[Window], step: int, title: str = "") -> None:
+    """Draw the gradient-flow picture of ``windows`` (each layer's mean |g| against depth at a few
+    epochs, gradflow.analysis.plots.draw_flow) and add it to ``writer``'s Images tab at ``step``."""
+    import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from gradflow.analysis.plots import draw_flow
+
+    fig = Figure(figsize=(6.4, 4.0), dpi=100)
+    canvas = FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    draw_flow(ax, windows)
+    ax.set_ylabel("mean |gradient| of the layer's weight")
+    ax.set_title(f"{title + ': ' if title else ''}gradient flow up to epoch {windows[-1].step}", fontsize="medium")
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    canvas.draw()
+    image = np.asarray(canvas.buffer_rgba())[..., :3]
+    writer.add_image(FLOW_IMAGE_TAG, image, step, dataformats="HWC")

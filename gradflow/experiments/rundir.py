@@ -111,9 +111,14 @@ def write_history(run_dir: Path, history: Iterable[Mapping[str, float]]) -> Path
 
 
 def _json_safe(value: Any) -> Any:
-    # JSON has no NaN/inf: write them as strings rather than invalid JSON.
+    """``value`` with every NaN or infinite float, however nested, as None: JSON has no NaN, and
+    null is what ``gradflow diagnose --json`` writes for one too (analysis.diagnose)."""
+    if isinstance(value, Mapping):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
     if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
+        return None
     return value
 
 

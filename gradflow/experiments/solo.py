@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
 
 import torch
 
-from gradflow.analysis.windows import GRADIENTS_FILE, load_windows
+from gradflow.analysis.windows import ACTIVATIONS_FILE, GRADIENTS_FILE, load_windows
 from gradflow.experiments import rundir
 from gradflow.experiments.config import Config, load_config, to_dict
 from gradflow.experiments.recording import MonitorCallback, write_tensorboard_layout
@@ -51,7 +51,7 @@ def reopen_run(run_dir: str | Path, device: str = "auto") -> tuple[Config, Path,
     cfg = load_config(run_dir / "config.yaml")
     check_device(device)
     windows = state.get("monitor", {}).get("windows", 0)
-    for table in ("gradients.csv", "activations.csv"):
+    for table in (GRADIENTS_FILE, ACTIVATIONS_FILE):
         rundir.truncate_table(run_dir / table, windows)
     return cfg, run_dir, state
 
@@ -103,7 +103,6 @@ def train_run(cfg: Config, run_dir: Path, device: torch.device, *, progress: Opt
     # an earlier session wrote after its last checkpoint (a hard kill), so no step is there twice.
     purge = resume["epoch"] + 1 if resume is not None else None
     with SummaryWriter(log_dir=str(run_dir), purge_step=purge) as writer:
-        write_tensorboard_layout(writer)
         with StopOnSignal() as stop:
             model, data = build_from_config(cfg)
             result, windows = fit_monitored(cfg, model.to(device), data, writer, run_dir, device,
@@ -135,11 +134,14 @@ def fit_monitored(cfg, model, data, writer, run_dir, device, progress=None, stop
     if resume is not None:  # before attaching: the monitor's first weight snapshot is the checkpoint's
         model.load_state_dict(resume["model"])
     if not cfg.monitor.enabled:
+        write_tensorboard_layout(writer)
         return fit(model, data, cfg.optimizer, cfg.train, callbacks=callbacks + extra, checkpoint=checkpoint, **run), []
     settings = cfg.monitor
     with GradientMonitor(model, writer, histograms=settings.histograms, weights=settings.weights,
                          activations=settings.activations, activations_every=settings.activations_every) as monitor:
-        recorder = MonitorCallback(monitor, run_dir, settings.window_steps, first_window=len(earlier))
+        write_tensorboard_layout(writer, monitor.names)
+        recorder = MonitorCallback(monitor, run_dir, settings.window_steps, first_window=len(earlier), writer=writer,
+                                   flow_images=settings.flow_images, earlier=earlier, title=cfg.name)
 
         def save(state: dict) -> None:
             monitor.flush()  # histograms pooling over several windows: written up to here first
@@ -148,6 +150,8 @@ def fit_monitored(cfg, model, data, writer, run_dir, device, progress=None, stop
         try:
             result = fit(model, data, cfg.optimizer, cfg.train, callbacks=callbacks + [recorder] + extra,
                          checkpoint=save, **run)
+            if monitor.history:
+                recorder.last_flow_image(monitor.history[-1].step)
         finally:
             recorder.close()
     return result, earlier + monitor.history

@@ -40,7 +40,7 @@ key                                    value (each a mean over the window's opti
 ``weight/LAYER/PARAM/{l1,norm}``       weight norms at the window's end (``weights=True``)
 ``weight/LAYER/PARAM/update_ratio``    ||w_end - w_start|| / ||w_start|| over the window
 ``activation/MODULE/...``              saturation / dead-unit statistics (``activations=True``)
-``grad/LAYER/PARAM`` (histogram)       gradient values; ``grad_log10/...``: log10 |g|
+``grad/LAYER/PARAM`` (histogram)       gradient values; ``1_grad_log10/...``: log10 |g|
 ``weight/...``, ``activation/...``     histograms of weights and activation outputs
 ``diagnosis`` (text; TensorBoard), ``diagnosis/<verdict>`` (1.0 or 0.0; other loggers)  the verdict and its evidence, once, at fit end
 =====================================  ===========================================================

@@ -24,7 +24,8 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from gradflow.monitor.stats import Histogram
 from gradflow.monitor.tensors import MonitorError
@@ -156,3 +157,83 @@ def use_fast_checksums() -> None:
         return
     if record_writer.masked_crc32c is not _masked_crc32c:
         record_writer.masked_crc32c = _masked_crc32c
+
+
+# -- TensorBoard's Custom Scalars tab ------------------------------------------------------------
+
+# TensorBoard's layout has no setting for a log y axis (layout.proto's Chart holds a title and
+# tag regexes only), so each chart's own log-scale button is named in the title, and every layer
+# also gets a chart of its own: its y range is its own, so a layer 1000x below the output layer
+# is not a flat line at 0, and runs side by side (tanh, ReLU) differ at a glance.
+LOG_BUTTON = "log y: the chart's second button"
+MAX_LAYER_CHARTS = 48  # a transformer has hundreds of layers; the all-layers chart still has them all
+
+
+def custom_scalars_layout(parameters: Sequence[str], first: Mapping[str, Mapping[str, list]] | None = None
+                          ) -> dict[str, dict[str, list]]:
+    """The Custom Scalars layout for a monitored model, as ``SummaryWriter.add_custom_scalars``
+    takes it: ``{category: {chart title: ["Multiline", [tag regexes]]}}``, in display order.
+
+    ``parameters`` are the model's ``named_parameters()`` names (``monitor.names``), input side
+    first; their layers are the names before the last dot that own a weight. ``first``: categories
+    of your own to put before the monitor's (``gradflow train`` puts accuracy and loss there).
+    The monitor's categories: gradient size (every layer's ||g|| / ||w||, the size diagnose
+    judges, in one chart, then its mean |g|, its max |g|, the total norm), ||g|| / ||w|| layer by layer (one chart per layer, input first, at most
+    ``MAX_LAYER_CHARTS``), then weights and units (update ratio, saturated or dead fraction,
+    non-finite values).
+
+    Example:
+        >>> layout = custom_scalars_layout(["0.weight", "0.bias", "2.weight"])
+        >>> list(layout)
+        ['gradient size per layer', '||g|| / ||w|| layer by layer (input first)', 'weights and units']
+        >>> layout['||g|| / ||w|| layer by layer (input first)']['layer 2 of 2: 2']
+        ['Multiline', ['^grad/2/[^/]*weight[^/]*/relative$']]
+    """
+    import re
+
+    layers = list(dict.fromkeys(name.rpartition(".")[0] for name in parameters
+                                if "weight" in name.rpartition(".")[2] and "." in name))
+    number = len(first or {})
+    label = (lambda title: f"{number + 1}. {title}") if first else (lambda title: title)
+    per_layer = {f"layer {i + 1} of {len(layers)}: {layer}":
+                 ["Multiline", [f"^grad/{re.escape(layer.replace('.', '/'))}/[^/]*weight[^/]*/relative$"]]
+                 for i, layer in enumerate(layers[:MAX_LAYER_CHARTS])}
+    layout = dict(first or {})
+    layout[label("gradient size per layer")] = {
+        f"||g|| / ||w|| of every layer's weight, what diagnose judges ({LOG_BUTTON})": [
+            "Multiline", [r"^grad/.*/weight/relative$"]],
+        f"mean |g| of every layer's weight (not scale-free: not what diagnose judges; {LOG_BUTTON})": [
+            "Multiline", [r"^grad/.*/weight/mean_abs$"]],
+        f"max |g| of every layer's weight ({LOG_BUTTON})": ["Multiline", [r"^grad/.*/weight/max_abs$"]],
+        "total gradient norm per step": ["Multiline", [r"^grad/total_norm(_before_clip)?$"]],
+    }
+    number += 1
+    if per_layer:
+        layout[label("||g|| / ||w|| layer by layer (input first)")] = per_layer
+        number += 1
+    layout[label("weights and units")] = {
+        "update ratio |w_end - w_start| / |w_start| per layer": ["Multiline", [r"^weight/.*/weight/update_ratio$"]],
+        "saturated (tanh, sigmoid) or dead (ReLU) fraction": ["Multiline",
+                                                              [r"^activation/.*/(saturated|dead)_fraction$"]],
+        "non-finite gradient values": ["Multiline", [r"^grad/.*/nonfinite$"]],
+    }
+    return layout
+
+
+def write_custom_scalars(writer: Any, parameters: Sequence[str],
+                         first: Mapping[str, Mapping[str, list]] | None = None) -> dict[str, dict[str, list]]:
+    """Give ``writer``'s run a Custom Scalars tab laid out by ``custom_scalars_layout`` and return
+    the layout. ``writer``: a ``SummaryWriter`` (anything with ``add_custom_scalars``); call it
+    once per run, before or after training. MonitorError for a writer without it.
+
+    Example:
+        >>> with SummaryWriter("runs/mine") as writer, GradientMonitor(model, writer) as monitor:  # doctest: +SKIP
+        ...     write_custom_scalars(writer, monitor.names)
+    """
+    add = getattr(writer, "add_custom_scalars", None)
+    if not callable(add):
+        raise MonitorError(f"write_custom_scalars needs a torch SummaryWriter (add_custom_scalars), "
+                           f"got {type(writer).__module__}.{type(writer).__qualname__}")
+    layout = custom_scalars_layout(parameters, first)
+    add(layout)
+    return layout

@@ -78,7 +78,9 @@ class WindowReader:
                    "nonfinite": int(nonfinite[slot])}
             self.scalars[k].update({f"grad/{path}/{key}": value for key, value in row.items()})
             self.wanted.value(k, f"grad/{path}", counts[slot])
-            self.wanted.log10(k, f"grad_log10/{path}", counts[slot])
+            # "1_": TensorBoard sorts Histograms/Distributions sections by name; log10 |g| is the view
+            # where vanishing shows (tanh and ReLU differ at a glance), so it opens first.
+            self.wanted.log10(k, f"1_grad_log10/{path}", counts[slot])
             row["steps"] = int(steps[slot])
             row["skipped_steps"] = int(skipped[index])
             self.windows[k].gradients[name] = row

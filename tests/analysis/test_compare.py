@@ -17,7 +17,7 @@ from gradflow.analysis.compare import (
     plot_compare,
     plot_gradient_flow,
 )
-from gradflow.cli import EXIT_BAD_INPUT, EXIT_OK, add_analysis_commands
+from gradflow.cli import EXIT_BAD_INPUT, EXIT_OK, add_analysis_parsers
 from gradflow.monitor import Window
 from recorded_runs import record_run
 
@@ -34,7 +34,7 @@ def runs(tmp_path_factory):
 
 def run_cli(argv):
     parser = argparse.ArgumentParser(prog="gradflow")
-    add_analysis_commands(parser.add_subparsers(dest="command", required=True))
+    add_analysis_parsers(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     return args.func(args)
 
@@ -246,3 +246,20 @@ def test_a_closed_pipe_ends_quietly(runs):
     reader.stdout.close()  # like `| true`: nobody reads
     err = reader.stderr.read().decode()
     assert reader.wait() == 141 and "Traceback" not in err and "BrokenPipe" not in err, err
+
+
+def test_ten_seeds_get_ten_colours_and_a_panel_per_layer(runs, tmp_path):
+    """A 10-seed parent: every member its own colour (not 6 colour families repeating), and the
+    every-layer plot split into one panel per layer (60 lines in one panel were unreadable)."""
+    import dataclasses
+
+    from matplotlib.colors import to_hex
+
+    from gradflow.analysis.compare import _CMAPS, _run_colours
+
+    for count in (2, 10, 20):
+        assert len({to_hex(c) for c in _run_colours(count)}) == count
+    run = load_run(runs[0])
+    members = [dataclasses.replace(run, path=run.path.with_name(f"deep_tanh-seed{k}")) for k in range(len(_CMAPS) + 1)]
+    out = plot_compare(members, tmp_path / "seeds.png")
+    assert out.read_bytes()[:4] == PNG

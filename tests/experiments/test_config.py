@@ -63,8 +63,9 @@ def test_floats_accept_ints_and_scientific_notation(text, value):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        (["model.depht=3"], "model.depht: unknown key; accepted: depth"),
+        (["model.depht=3"], "model.depht: unknown key (did you mean model.depth?); accepted: depth"),
         (["model.output.colour=red"], "model.output.colour: unknown key"),
+        (["monitor.flow_images=-1"], "monitor.flow_images: must be >= 0"),
         (["model.depth=abc"], "model.depth: expected int"),
         (["model.depth=2.5"], "model.depth: expected int"),
         (["model.depth=true"], "model.depth: expected int, got True (bool)"),
@@ -111,7 +112,7 @@ def test_bad_input_names_the_key(overrides, message):
     [
         ("model:\n  depth: 3\n   width: 4\n", "YAML syntax error at line 3"),
         ("- 1\n- 2\n", "expected a mapping of sections"),
-        ("trian:\n  epochs: 3\n", "trian: unknown key; accepted: name, data, model, optimizer, train, monitor"),
+        ("trian:\n  epochs: 3\n", "trian: unknown key (did you mean train?); accepted: name, data, model, optimizer, train, monitor"),
         ("train:\n  epochs: '3'\n", "train.epochs: expected int, got '3' (str)"),
     ],
     ids=["yaml-syntax", "not-a-mapping", "unknown-section", "quoted-int"],

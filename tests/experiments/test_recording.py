@@ -84,3 +84,13 @@ def test_gradients_csv_rows_follow_the_forward_order(tmp_path):
         names = [row["parameter"] for row in csv.DictReader(f) if row["window"] == "0"]
     assert names == ["body.weight", "body.bias", "head.weight", "head.bias"]
     assert list(diagnose_run(tmp_path).evidence["layers"]) == list(live.evidence["layers"]) == ["body", "head"]
+
+
+def test_the_first_window_gets_a_histogram_of_its_own_then_pools_keep_their_boundaries():
+    """histograms=25: written after windows 0, 24, 49, ... (epochs 0, 1-24, 25-49, ...); a resumed
+    run (its first window 50) keeps the same boundaries; True/False/0 leave the monitor alone."""
+    from gradflow.experiments.recording import _first_or_pool_end
+
+    assert [i for i in range(100) if _first_or_pool_end(i, 25)] == [0, 24, 49, 74, 99]
+    assert [i for i in range(50, 100) if _first_or_pool_end(i, 25)] == [74, 99]
+    assert not any(_first_or_pool_end(i, h) for i in range(30) for h in (True, False, 0))

@@ -33,5 +33,6 @@ def test_history_and_summary(tmp_path):
     rows = [{"epoch": 0, "loss": 0.7, "accuracy": 0.5, "val_loss": 0.69, "val_accuracy": 0.52}]
     with write_history(tmp_path, rows).open() as f:
         assert [{k: float(v) for k, v in r.items()} for r in csv.DictReader(f)] == rows
-    summary = json.loads(write_summary(tmp_path, {"train_accuracy": 0.8, "loss": float("nan")}).read_text())
-    assert summary == {"train_accuracy": 0.8, "loss": "nan"}
+    summary = json.loads(write_summary(tmp_path, {"train_accuracy": 0.8, "loss": float("nan"),
+                                                  "nested": {"x": [float("inf"), 1.0]}}).read_text())
+    assert summary == {"train_accuracy": 0.8, "loss": None, "nested": {"x": [None, 1.0]}}   # as diagnose --json writes NaN

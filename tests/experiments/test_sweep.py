@@ -68,7 +68,7 @@ def test_grid_expands_first_axis_slowest_with_variants():
 
 def test_same_shape_runs_share_one_batched_task():
     sweep = grid.sweep_from_dict({"base": {}, "grid": {"model.depth": [1, 2], "optimizer.lr": [0.01, 0.1]}, "seeds": "0-4"})
-    runs = [grid.Run(p, s) for p in grid.expand(sweep) for s in sweep.seeds]
+    runs = [grid.PlannedRun(p, s) for p in grid.expand(sweep) for s in sweep.seeds]
     tasks = grid.plan(runs, workers=1)
     assert len(tasks) == 4 and all(len(t.runs) == 5 for t in tasks)
     assert all(len({grid._shape_key(r.point.config) for r in t.runs}) == 1 for t in tasks)

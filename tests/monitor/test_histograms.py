@@ -118,7 +118,7 @@ def test_a_histogram_sums_every_step_of_its_windows(tmp_path, reduction_path):
             assert point.histogram_value.num == len(values) == sum(steps[w] for w in pools[point.step]) * p.numel()
             expected, _ = np.histogram(values, edges)
             np.testing.assert_array_equal(counts, expected, err_msg=f"{tag} at {point.step}")
-        logs = histograms(tmp_path, f"grad_log10/{tag}")
+        logs = histograms(tmp_path, f"1_grad_log10/{tag}")
         assert [point.step for point in logs] == list(pools)
         for point in logs:
             values = recorder.grad_values(name, pools[point.step])

@@ -92,3 +92,30 @@ def test_monitored_histograms_are_sparse_and_count_every_gradient_value(tmp_path
             assert len(h.bucket_limit) == len(h.bucket)
             inner = list(h.bucket)[1:-1]
             assert not any(a == b == c == 0 for a, b, c in zip(inner, inner[1:], inner[2:])), "a run of empty buckets"
+
+
+def test_write_custom_scalars_lays_out_every_layer_and_refuses_a_non_writer(tmp_path):
+    """The public layout function: the monitor's categories after the caller's own, one chart per
+    layer with a weight (input first), read back from the event file as TensorBoard reads it."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from tensorboard.plugins.custom_scalar import layout_pb2, metadata
+    from torch.utils.tensorboard import SummaryWriter
+
+    from gradflow.monitor.sinks import write_custom_scalars
+    from gradflow.monitor.tensors import MonitorError
+
+    names = ["encoder.0.weight", "encoder.0.bias", "encoder.2.weight", "head.weight"]
+    with SummaryWriter(str(tmp_path)) as writer:
+        written = write_custom_scalars(writer, names, first={"loss": {"loss": ["Multiline", ["^loss$"]]}})
+    events = EventAccumulator(str(tmp_path))
+    events.Reload()
+    (tensor,) = events.Tensors(metadata.CONFIG_SUMMARY_TAG)             # where TensorBoard's plugin reads it
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(tensor.tensor_proto.string_val[0])
+    assert [c.title for c in layout.category] == list(written) == [
+        "loss", "2. gradient size per layer", "3. mean |g| layer by layer (input first)", "4. weights and units"]
+    per_layer = [chart.title for chart in layout.category[2].chart]
+    assert per_layer == ["layer 1 of 3: encoder.0", "layer 2 of 3: encoder.2", "layer 3 of 3: head"]
+    assert list(layout.category[2].chart[0].multiline.tag) == [r"^grad/encoder/0/[^/]*weight[^/]*/mean_abs$"]
+    with pytest.raises(MonitorError, match="needs a torch SummaryWriter"):
+        write_custom_scalars(object(), names)

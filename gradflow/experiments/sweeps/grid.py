@@ -241,7 +241,7 @@ def expand(sweep: Sweep) -> list[Point]:
 # --- planning: which runs share a batched model ----------------------------------------------
 
 @dataclass
-class Run:
+class PlannedRun:
     """One (grid point, seed) pair and the run directory it writes."""
 
     point: Point
@@ -257,7 +257,7 @@ class Task:
     """Runs of one config shape (all but the seed agree): one batched model, one process."""
 
     config: dict[str, Any]  # to_dict of the shared config (its train.seed is unused)
-    runs: list[Run] = field(default_factory=list)
+    runs: list[PlannedRun] = field(default_factory=list)
 
     def cost(self) -> float:
         """Rough relative cost, to start the longest tasks first."""
@@ -272,17 +272,17 @@ def _shape_key(cfg: Any) -> str:
     return json.dumps(data, sort_keys=True)
 
 
-def plan(runs: Sequence[Run], workers: int = 1) -> list[Task]:
+def plan(runs: Sequence[PlannedRun], workers: int = 1) -> list[Task]:
     """Group runs whose configs agree except for the seed; split groups when there are fewer
     than ``workers``, so every worker has something to do. Costliest tasks first.
 
     Example:
         >>> s = sweep_from_dict({"base": {}, "grid": {"model.depth": [1, 2]}, "seeds": "0-3"})
-        >>> runs = [Run(p, seed) for p in expand(s) for seed in s.seeds]
+        >>> runs = [PlannedRun(p, seed) for p in expand(s) for seed in s.seeds]
         >>> [len(t.runs) for t in plan(runs)], [len(t.runs) for t in plan(runs, workers=4)]
         ([4, 4], [2, 2, 2, 2])
     """
-    groups: dict[str, list[Run]] = {}
+    groups: dict[str, list[PlannedRun]] = {}
     for run in runs:
         groups.setdefault(_shape_key(run.point.config), []).append(run)
     split = max(1, math.ceil(workers / max(len(groups), 1)))

@@ -125,7 +125,7 @@ def summary_table(sweep: Sweep, rows: list[dict[str, str]]) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(sweep: Sweep, out: Path, rows: list[dict[str, str]]) -> str:
+def write_sweep_outputs(sweep: Sweep, out: Path, rows: list[dict[str, str]]) -> str:
     """Write summary.md and sweep.png (when there is an axis) and return the table."""
     table = summary_table(sweep, rows)
     (out / SUMMARY_FILE).write_text(f"# {sweep.name}\n\n{table}\n", encoding="utf-8")

@@ -21,13 +21,13 @@ import yaml
 from gradflow.errors import ConfigError
 from gradflow.experiments.rundir import check_logdir, create_unique_dir
 from gradflow.experiments.sweeps.executors import LocalExecutor, RayExecutor
-from gradflow.experiments.sweeps.grid import Point, Run, Sweep, expand, plan
-from gradflow.experiments.sweeps.results import RESULTS_FILE, append_rows, read_results, result_row, write_outputs
+from gradflow.experiments.sweeps.grid import PlannedRun, Point, Sweep, expand, plan
+from gradflow.experiments.sweeps.results import RESULTS_FILE, append_rows, read_results, result_row, write_sweep_outputs
 
 BASE_FILE = "base.yaml"
 
 
-def _label(axes: Sequence[str], point: Point) -> str:
+def _run_name(axes: Sequence[str], point: Point) -> str:
     """``depth=3-activation=tanh``: short keys unless two axes end alike."""
     shorts = [key.rsplit(".", 1)[-1] for key in axes]
     names = shorts if len(set(shorts)) == len(shorts) else list(axes)
@@ -110,7 +110,7 @@ def run_sweep(
         log(f"removed {len(removed)} unfinished run directories of an interrupted attempt")
     done = {(*(row[a] for a in axes), row["seed"]) for row in rows}
     points = expand(sweep)
-    todo = [run for run in (Run(p, s) for p in points for s in sweep.seeds) if run.key() not in done]
+    todo = [run for run in (PlannedRun(p, s) for p in points for s in sweep.seeds) if run.key() not in done]
     skipped = len(points) * len(sweep.seeds) - len(todo)
     if skipped:
         log(f"resuming: {skipped} runs already in {RESULTS_FILE}, {len(todo)} to go")
@@ -118,7 +118,7 @@ def run_sweep(
     jobs = []
     for task in tasks:
         for run in task.runs:
-            run.run_dir = "runs/" + make_run_dir(out / "runs", _label(axes, run.point), run.seed)
+            run.run_dir = "runs/" + make_run_dir(out / "runs", _run_name(axes, run.point), run.seed)
         jobs.append((task.config, [r.seed for r in task.runs], [str(out / r.run_dir) for r in task.runs], device))
     t0 = time.perf_counter()
     finished = [0]
@@ -130,11 +130,11 @@ def run_sweep(
         append_rows(out / RESULTS_FILE, axes, new)
         rows.extend({k: str(v) for k, v in row.items()} for row in new)
         finished[0] += 1
-        label = _label(axes, task.runs[0].point) or sweep.name
+        label = _run_name(axes, task.runs[0].point) or sweep.name
         tests = ", ".join(f"{float(r['test_accuracy']):.3f}" for r in new)
         log(f"[{finished[0]}/{len(tasks)}] {label}: {len(new)} seeds, test {tests} ({time.perf_counter() - t0:.1f} s)")
 
     if jobs:
         executor.map(jobs, on_done)
-    write_outputs(sweep, out, rows)
+    write_sweep_outputs(sweep, out, rows)
     return SweepOutcome(out, len(todo), skipped, rows)

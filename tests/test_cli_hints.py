@@ -1,0 +1,75 @@
+"""What a newcomer types first: bare ``gradflow``, options that are config keys, near-miss keys
+and bad figure paths each get one line that says what to type instead (in process, no training)."""
+
+import pytest
+
+from gradflow.cli import EXIT_BAD_INPUT, EXIT_OK, main
+from gradflow.experiments.config import config_keys, suggest_key
+
+DEEP_RELU = "configs/deep_relu.yaml"
+
+
+def error_line(capsys) -> str:
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.count("\n") == 1, captured.err
+    assert captured.err.startswith("gradflow: error: ")
+    return captured.err.strip()
+
+
+def test_bare_gradflow_prints_help(capsys):
+    assert main([]) == EXIT_OK
+    out = capsys.readouterr().out
+    assert out.startswith("usage: gradflow") and all(c in out for c in ("train", "sweep", "diagnose", "compare"))
+
+
+@pytest.mark.parametrize("argv, fix", [
+    (["--epochs", "5"], "train.epochs=5"),
+    (["--epochs=5"], "train.epochs=5"),
+    (["--learning-rate", "0.1"], "optimizer.lr=0.1"),
+    (["--depth", "20", "--batch_size", "8"], "model.depth=20 train.batch_size=8"),
+])
+def test_an_option_that_is_a_config_key_suggests_the_override(capsys, tmp_path, argv, fix):
+    assert main(["train", DEEP_RELU, *argv, "--logdir", str(tmp_path)]) == EXIT_BAD_INPUT
+    line = error_line(capsys)
+    assert line.endswith(f"config settings are key=value overrides: {fix}")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_an_unrelated_option_keeps_the_general_hint(capsys, tmp_path):
+    assert main(["train", DEEP_RELU, "--bogus", "--logdir", str(tmp_path)]) == EXIT_BAD_INPUT
+    assert error_line(capsys).endswith("unrecognized arguments: --bogus; overrides look like key=value")
+
+
+@pytest.mark.parametrize("key, nearest", [
+    ("optimizer.learning_rate", "optimizer.lr"),    # initials
+    ("learning_rate", "optimizer.lr"),              # any section when its own has nothing near
+    ("model.dept", "model.depth"),                  # difflib
+    ("train.epoch", "train.epochs"),
+    ("epochs", "train.epochs"),
+    ("model.output.activaton", "model.output.activation"),
+    ("model.xyzzy", None),
+])
+def test_the_nearest_key(key, nearest):
+    assert suggest_key(key) == nearest
+    assert nearest is None or nearest in config_keys()
+
+
+def test_an_unknown_key_names_the_nearest_in_its_error(capsys, tmp_path):
+    assert main(["train", DEEP_RELU, "optimizer.learning_rate=0.1", "--logdir", str(tmp_path)]) == EXIT_BAD_INPUT
+    assert "optimizer.learning_rate: unknown key (did you mean optimizer.lr?); accepted: name, lr," in error_line(capsys)
+
+
+@pytest.mark.parametrize("flow, message", [
+    ("{tmp}/no/such/dir/flow.png", "directory {tmp}/no/such/dir does not exist"),
+    ("{tmp}", "is a directory; give a figure file such as {tmp}/flow.png"),
+    ("{tmp}/flow", "the name must end in a figure format: "),
+    ("{tmp}/flow.xyz", "the name must end in a figure format: "),
+])
+@pytest.mark.parametrize("command", ["diagnose", "compare"])
+def test_a_bad_figure_path_is_one_line_before_any_run_is_read(capsys, tmp_path, command, flow, message):
+    flow, message = flow.format(tmp=tmp_path), message.format(tmp=tmp_path)
+    argv = ["diagnose", str(tmp_path / "missing-run"), "--flow", flow] if command == "diagnose" else \
+        ["compare", str(tmp_path / "a"), str(tmp_path / "b"), "--out", flow]
+    assert main(argv) == EXIT_BAD_INPUT
+    line = error_line(capsys)
+    assert f"{'--flow' if command == 'diagnose' else '--out'} {flow}: {message}" in line
