@@ -110,6 +110,8 @@ class Gates(Part):
         if not present:
             return
         norms = torch.stack(torch._foreach_norm(views))
+        if self.setup.unscale is not None:
+            norms = norms * self.setup.unscale
         if len(present) == len(self.indices):
             self.totals.add_(norms)
         else:

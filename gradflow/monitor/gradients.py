@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -86,6 +87,7 @@ class Gradients(Part):
         self.pending_elements = 0
         self._plans: dict[tuple[bool, ...], _GradientPlan] = {}
         self._batches = _BoundedCache()
+        self._last: tuple | None = None              # the last recorded step's first and last gradient
 
     def bind(self, params: list[torch.Tensor]) -> None:
         """Follow these tensors from now on (the same shapes and dtypes, or a first binding)."""
@@ -127,8 +129,10 @@ class Gradients(Part):
         else:
             grads = [p.grad if wanted else None for p, wanted in zip(self.params, mask)]
         pattern = tuple(g is not None for g in grads)
-        if not any(pattern):
+        if not any(pattern) or self._seen(grads[pattern.index(True)], grads[len(pattern) - 1 - pattern[::-1].index(True)]):
             return False
+        if self.setup.unscale is not None:
+            grads = [None if g is None else g * self.setup.unscale for g in grads]
         step = self.recorded
         if step >= self.step_squares.shape[0]:       # grow on the device: no host sync
             self.step_squares = torch.cat([self.step_squares, torch.zeros_like(self.step_squares)])
@@ -157,6 +161,17 @@ class Gradients(Part):
             self.skipped[i] += 1
             grad = p.grad.to_dense() if p.grad.layout != torch.strided else p.grad
             self.skipped_nonfinite[i] += (~torch.isfinite(grad)).sum()
+
+    def _seen(self, first: torch.Tensor, last: torch.Tensor) -> bool:
+        """Whether these gradients (the first and last of a step: the same tensors, not
+        modified since) were recorded already: a wrapper's step and its inner optimizer's
+        (ZeroRedundancyOptimizer, Lookahead) are one training step. Kept by weak reference:
+        a new tensor may reuse a freed one's id."""
+        key = (first._version, last._version)
+        if self._last is not None and self._last[0]() is first and self._last[1]() is last and self._last[2] == key:
+            return True
+        self._last = (weakref.ref(first), weakref.ref(last), key)
+        return False
 
     def _make_plan(self, pattern: tuple[bool, ...]) -> _GradientPlan:
         present = [i for i, has in enumerate(pattern) if has]

@@ -33,23 +33,22 @@ import weakref
 import numpy as np
 import torch
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from gradflow.monitor import interception
 from gradflow.monitor.histograms import HistogramPool, HistogramRequests, check_every
 from gradflow.monitor.kinds import parameter_kinds
-from gradflow.monitor.model_checks import (
-    check_members,
-    monitored_parameters,
-    replaced_parameters,
-)
+from gradflow.monitor.model_checks import check_members, monitored_parameters, replaced_parameters
 from gradflow.monitor.part import Part, Schedule, Setup
 from gradflow.monitor.parts import PARTS
 from gradflow.monitor.steps import (
     OptimizerMasks,
+    amp_scale,
     closure_of,
+    last_pre_hook,
     recording_closure,
     replace_closure,
+    unwatch_steps,
+    watch_steps,
 )
 from gradflow.monitor.tensors import MonitorError
 from gradflow.monitor.window import Window, WindowReader, read_back, tag_path
@@ -162,7 +161,8 @@ class GradientMonitor:
         self._recorders = [p for p in self.parts.values() if type(p).record is not Part.record]
         self._masks = OptimizerMasks(len(self.names), lambda: self._setup.index_of, self._follow)
         self._optimizer = weakref.ref(optimizer) if optimizer is not None else None
-        self._handles: list = []
+        self._step_hooks: "weakref.WeakKeyDictionary[torch.optim.Optimizer, object]" = weakref.WeakKeyDictionary()
+        self._watching = False
         self._start_window()
         self._attach(inner)
 
@@ -172,7 +172,8 @@ class GradientMonitor:
         """Add every hook, or none: a part that fails to hook leaves the model as it was."""
         try:
             if self.automatic:
-                self._handles.append(register_optimizer_step_pre_hook(self._on_optimizer_step))
+                watch_steps(self)
+                self._watching = True
             for part in self.parts.values():
                 part.hook(model)
             interception.watch(self)
@@ -182,16 +183,18 @@ class GradientMonitor:
         _ATTACHED[model] = self
 
     def _unhook(self) -> None:
-        for handle in self._handles:
+        unwatch_steps(self)
+        self._watching = False
+        for handle in list(self._step_hooks.values()):
             handle.remove()
-        self._handles.clear()
+        self._step_hooks.clear()
         for part in self.parts.values():
             part.remove()
         interception.unwatch(self)
 
     @property
     def attached(self) -> bool:
-        return bool(self._handles) or self in interception._WATCHERS
+        return self._watching or self in interception._WATCHERS
 
     def remove(self) -> None:
         """Remove every hook this monitor added. Safe to call more than once."""
@@ -227,15 +230,32 @@ class GradientMonitor:
         under torch.compile, where it is not watched)."""
         return self.parts["order"].names()
 
-    def _on_optimizer_step(self, optimizer, args=(), kwargs=None):
+    def _on_step_seen(self, optimizer: torch.optim.Optimizer) -> None:
+        """An optimizer is about to step (``steps._dispatch``, before its own pre-hooks): if it
+        holds monitored parameters, make this monitor's pre-hook its last one."""
         if self._optimizer is not None and optimizer is not self._optimizer():
-            return None
+            return
+        if self._masks.mask(optimizer) is not None:
+            self._step_hooks[optimizer] = last_pre_hook(optimizer, self._on_optimizer_step,
+                                                        self._step_hooks.get(optimizer))
+
+    @torch._dynamo.disable
+    def _on_optimizer_step(self, optimizer, args=(), kwargs=None):
+        """The optimizer's last step pre-hook: record the gradient its step applies."""
         mask = self._masks.mask(optimizer)
-        if mask is None:
+        if mask is None or not self._watching:
             return None
-        if getattr(optimizer, "_step_supports_amp_scaling", False) and (kwargs or {}).get("grad_scaler") is not None:
-            self._warn_once("fused-amp", f"{type(optimizer).__name__} unscales its gradients inside step(): the "
-                            "monitor records them still scaled by the GradScaler's scale")
+        amp = amp_scale(optimizer, kwargs)
+        if amp is not None:                          # fused optimizer under GradScaler: still scaled
+            scale, found_inf = amp
+            if found_inf.item():                     # skipped; interception counts it (one sync, AMP only)
+                return None
+            self._setup.unscale = scale.double().reciprocal().float()
+            try:
+                self._record(mask)
+            finally:
+                self._setup.unscale = None
+            return None
         closure, by_keyword = closure_of(args, kwargs or {})
         if closure is None:
             self._record(mask)

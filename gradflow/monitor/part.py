@@ -119,6 +119,9 @@ class Setup:
     warn: Callable[[str, str], None]
     kinds: dict[str, str] = field(default_factory=dict)
     index_of: dict[int, int] = field(default_factory=dict)    # id(param) -> its index in params
+    # During a record(): 1 / the GradScaler's scale when the gradients are still scaled (a fused
+    # optimizer unscales inside its step); parts that read .grad multiply by it. None otherwise.
+    unscale: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self.rebind(self.params)
