@@ -70,7 +70,6 @@ def instrument() -> None:
     timed(monitor.GradientMonitor, "log", "log (all)")
     timed(monitor.GradientMonitor, "_read_back", "log._read_back")
     timed(weights.Weights, "summary", "log.weights summary")
-    timed(weights.Weights, "snapshot", "log.weights snapshot")
     timed(window.HistogramRequests, "build", "log.histograms build")
     from gradflow.monitor import sinks
     timed(sinks.TensorBoardSink, "log", "log.sink (TensorBoard)")

@@ -197,14 +197,19 @@ class GradientMonitor:
         return self._watching or self in interception._WATCHERS
 
     def remove(self) -> None:
-        """Remove every hook this monitor added. Safe to call more than once."""
+        """Remove every hook this monitor added. Safe to call more than once; never raises
+        (what fails after the hooks are gone, say a closed writer, is a warning)."""
         self._unhook()
-        for part in self.parts.values():         # fold in what is pending: a later log() still reports it
-            part.fold()
         model = self._model()
         if model is not None and _ATTACHED.get(model) is self:
             del _ATTACHED[model]
-        self.flush()
+        try:
+            for part in self.parts.values():     # fold in what is pending: a later log() still reports it
+                part.fold()
+            self.flush()
+        except Exception as error:  # noqa: BLE001 - leaving ``with`` must not raise over the user's own error
+            warnings.warn(f"GradientMonitor.remove(): the hooks are removed, but writing what was pending failed: "
+                          f"{type(error).__name__}: {error}", stacklevel=2)
 
     @classmethod
     def detach(cls, model: nn.Module) -> bool:
