@@ -19,7 +19,6 @@ from gradflow.monitor.tensors import (
     _check_layout,
     _flat,
     _flat_copy,
-    _segment_layout,
 )
 
 GRADIENT_FIELDS = C.GRADIENT_MOMENTS
@@ -39,10 +38,18 @@ class _Batch:
     """How a run of pending small-gradient copies is reduced in one go."""
 
     lengths: torch.Tensor        # each row (one row per step and parameter): its length
-    segment: torch.Tensor        # each element: its row
     row_param: torch.Tensor      # each row: its parameter's slot
-    bin_offset: torch.Tensor     # each element: its parameter's offset into the counts (int32)
     row_step: torch.Tensor       # each row: its step's index in the run, times members, plus its member
+    elements: int                # the run's length
+    # Per element, made only on the torch-ops path (the fused kernels take the rows' lengths):
+    segment: torch.Tensor | None = None       # each element: its row
+    bin_offset: torch.Tensor | None = None    # each element: its parameter's offset into the counts (int32)
+
+    def per_element(self) -> None:
+        if self.segment is None:
+            self.segment = torch.repeat_interleave(torch.arange(len(self.lengths), device=self.lengths.device),
+                                                   self.lengths)
+            self.bin_offset = (self.row_param[self.segment] * S.SIGN_EXPONENT_BINS).int()
 
 
 class Gradients(Part):
@@ -194,7 +201,8 @@ class Gradients(Part):
         key = tuple(id(plan) for plan, _, _ in pending)
         batch = self._batches.get(key) or self._batches.put(key, self._make_batch([p for p, _, _ in pending]))
         flat = torch.cat([copy for _, copy, _ in pending]) if len(pending) > 1 else pending[0][1]
-        _check_layout(flat, batch.segment)
+        if flat.numel() != batch.elements:
+            _check_layout(flat, torch.empty(batch.elements, device="meta"))
         kernels = S.fused_kernels(flat.device)
         if kernels is not None:                       # one fused pass instead of a dozen ops
             rows = kernels.fold_rows(flat.numpy(), batch.lengths.numpy(), batch.row_param.numpy(),
@@ -204,6 +212,7 @@ class Gradients(Part):
             rows[:, 2] = np.sqrt(rows[:, 2])
             self.totals.index_add_(0, batch.row_param, torch.from_numpy(rows[:, :4]).to(self.totals.dtype))
             return
+        batch.per_element()
         wide = flat.to(self.totals.dtype)             # float64 sums: no overflow for finite gradients
         magnitude = wide.abs()
         sums = S.segment_sums([wide, magnitude, wide * wide], batch.lengths, batch.segment)
@@ -227,10 +236,10 @@ class Gradients(Part):
         k = self.members
         row_param = [i * k + member for plan in plans for i in plan.small for member in range(k)]
         row_step = [step * k + member for step, plan in enumerate(plans) for _ in plan.small for member in range(k)]
-        lengths, segment = _segment_layout([self.slot_numel[slot] for slot in row_param], device)
-        params = torch.tensor(row_param, device=device, dtype=torch.long)
-        return _Batch(lengths, segment, params, (params[segment] * S.SIGN_EXPONENT_BINS).int(),
-                      torch.tensor(row_step, device=device, dtype=torch.long))
+        sizes = [self.slot_numel[slot] for slot in row_param]
+        return _Batch(torch.tensor(sizes, device=device, dtype=torch.long),
+                      torch.tensor(row_param, device=device, dtype=torch.long),
+                      torch.tensor(row_step, device=device, dtype=torch.long), sum(sizes))
 
     def _reduce_large(self, plan: _GradientPlan, grads: list[torch.Tensor], step: int) -> None:
         """Reduce the large gradients of a step at once, one job per member of each."""

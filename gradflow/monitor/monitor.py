@@ -103,6 +103,10 @@ class GradientMonitor:
             by nine tenths; a window's activation statistics then describe its tapped steps.
         automatic: record at each optimizer step (the default). False: record only when
             ``record()`` is called, for frameworks that know where the gradient is final.
+        history_length: how many windows ``history`` keeps (per member), the oldest dropped
+            first: a ring, so a run that logs every step does not grow without bound (a window
+            of a small model holds a few KB). Settable later as ``monitor.history_length``;
+            None keeps every window.
 
     A window's ``steps`` is the largest number of steps any one parameter recorded: the
     optimizer steps for one optimizer, the training iterations for a GAN's two optimizers or
@@ -125,7 +129,8 @@ class GradientMonitor:
 
     def __init__(self, model: nn.Module, writer=None, *, optimizer: torch.optim.Optimizer | None = None,
                  histograms: bool | int = True, weights: bool = True, activations=True,
-                 members: int = 1, automatic: bool = True, activations_every: int = 10) -> None:
+                 members: int = 1, automatic: bool = True, activations_every: int = 10,
+                 history_length: int | None = 10_000) -> None:  # noqa: PLR0913
         if not isinstance(model, nn.Module):
             raise TypeError(f"GradientMonitor needs an nn.Module, got {type(model).__name__}")
         inner = unwrap(model)
@@ -145,6 +150,10 @@ class GradientMonitor:
         self.activations_every = activations_every
         self._pool = HistogramPool(every) if every else None
         self.history: list[Window] = []
+        if history_length is not None and (isinstance(history_length, bool) or not isinstance(history_length, int)
+                                           or history_length < 1):
+            raise MonitorError(f"history_length must be a positive int or None (keep every window), got {history_length!r}")
+        self.history_length = history_length
         self._model = weakref.ref(inner)
         self._warned: set[str] = set()
         kinds = parameter_kinds(inner)
@@ -341,6 +350,8 @@ class GradientMonitor:
             sink.log({prefix + tag: v for tag, v in reader.scalars[k].items()},
                      {prefix + tag: h for tag, h in (histograms[k] if histograms else {}).items()}, step)
         self.history.extend(windows)
+        if self.history_length is not None and len(self.history) > self.history_length * self.members:
+            del self.history[:len(self.history) - self.history_length * self.members]
         self._start_window()
         return windows[0].gradients if self.members == 1 else [w.gradients for w in windows]
 
