@@ -87,6 +87,7 @@ class Gradients(Part):
         self.skipped_nonfinite = torch.zeros(len(params), device=device, dtype=dtype)
         self.skipped = np.zeros(len(params), dtype=np.int64)
         self.recorded = 0                            # record() calls in this window
+        self.held: set = set()                       # the masks of the optimizers that stepped
         self.skipped_steps = 0                       # skip() calls in this window
         self._scratch = S.Scratch()                  # for the large tensors
         self.steps_by_pattern: dict[tuple[bool, ...], int] = {}
@@ -99,6 +100,8 @@ class Gradients(Part):
     def bind(self, params: list[torch.Tensor]) -> None:
         """Follow these tensors from now on (the same shapes and dtypes, or a first binding)."""
         self.params = params
+        self._plans = {}                              # plans depend on the dtypes (float64 goes large)
+        self._batches = _BoundedCache()
         self.numel = [p.numel() for p in params]
         self.float64 = [p.dtype == torch.float64 for p in params]
         self.slot_numel = [p.numel() // self.members for p in params for _ in range(self.members)]
@@ -114,6 +117,7 @@ class Gradients(Part):
         self.skipped[:] = 0
         self.recorded = 0
         self.skipped_steps = 0
+        self.held.clear()
         self.steps_by_pattern.clear()
 
     def steps(self) -> np.ndarray:
@@ -136,6 +140,8 @@ class Gradients(Part):
         else:
             grads = [p.grad if wanted else None for p, wanted in zip(self.params, mask)]
         pattern = tuple(g is not None for g in grads)
+        if mask is not None:
+            self.held.add(mask)
         if not any(pattern) or self._seen(grads[pattern.index(True)], grads[len(pattern) - 1 - pattern[::-1].index(True)]):
             return False
         if self.setup.unscale is not None:
@@ -273,6 +279,20 @@ class Gradients(Part):
             window.kinds = self.setup.kinds
         self._rows(values, reader, steps)
         self._overall(values["step_squares"], reader)
+        self._idle(reader, steps)
+
+    def _idle(self, reader, steps: np.ndarray) -> None:
+        """Name the parameters a stepping optimizer holds that had no gradient all window."""
+        if not self.held:
+            return
+        held = np.zeros(len(self.params), dtype=bool)
+        for mask in self.held:
+            held |= True if mask is ALL else np.asarray(mask, dtype=bool)
+        idle = held & (steps.reshape(-1, self.members)[:, 0] == 0)
+        names = [name for name, flag in zip(self.setup.names, idle) if flag]
+        for k, window in enumerate(reader.windows):
+            window.idle = names
+            reader.scalars[k]["grad/idle_parameters"] = float(len(names))
 
     def _rows(self, values: dict[str, np.ndarray], reader, steps: np.ndarray) -> None:
         counts = values["counts"].reshape(-1, S.SIGN_EXPONENT_BINS)
@@ -315,8 +335,10 @@ def _gaps(names: list[str], params: list[torch.Tensor], steps: np.ndarray, recor
     with_grad = {name for name, p in zip(names, params) if p.grad is not None}
     if not recorded and with_grad and not skipped:
         out.append(("no-step", "log(): the parameters have gradients but no optimizer step was recorded in this "
-                    "window; the monitor records at optimizer.step(). To look at gradients without stepping "
-                    "(say, at initialisation), call monitor.record() after backward()"))
+                    "window; the monitor records at a torch.optim optimizer's step(). A hand-written update "
+                    "(p -= lr * p.grad) or an optimizer that is not a torch.optim.Optimizer is not seen: call "
+                    "monitor.record() where the gradient is final, before the update (also to look at gradients "
+                    "without stepping, say at initialisation)"))
     elif recorded:
         missed = [name for name, n in zip(names, steps) if n == 0 and name in with_grad]
         if missed:

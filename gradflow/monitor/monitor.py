@@ -37,7 +37,7 @@ from torch import nn
 from gradflow.monitor import interception
 from gradflow.monitor.histograms import HistogramPool, HistogramRequests, check_every
 from gradflow.monitor.kinds import parameter_kinds
-from gradflow.monitor.model_checks import check_members, monitored_parameters, replaced_parameters
+from gradflow.monitor.model_checks import check_members, monitored_parameters, replaced_parameters, user_name
 from gradflow.monitor.part import Part, Schedule, Setup
 from gradflow.monitor.parts import PARTS
 from gradflow.monitor.steps import (
@@ -156,8 +156,9 @@ class GradientMonitor:
         self.history_length = history_length
         self._model = weakref.ref(inner)
         self._warned: set[str] = set()
-        kinds = parameter_kinds(inner)
+        kinds = {user_name(name): kind for name, kind in parameter_kinds(inner).items()}
         self.kinds = {name: kinds.get(name, "other") for name in self.names}
+        self._dtypes = [p.dtype for _, p in named]
         self._setup = Setup(self.names, [p for _, p in named], members,
                             {"weights": weights, "activations": activations, "histograms": histograms},
                             Schedule(activations_every), self._warn_from_part, self.kinds)
@@ -409,11 +410,14 @@ class GradientMonitor:
     def _follow(self) -> bool:
         """Rebind to the model's parameters if they were replaced; True if so (model_checks)."""
         model = self._model()
-        new = replaced_parameters(model, self.names, self._setup.params, self._setup.device) \
+        new = replaced_parameters(model, self.names, self._setup.params, self._setup.device, self._dtypes) \
             if model is not None else None
         if new is None:
             return False
+        for part in self.parts.values():        # what is pending was taken from the old tensors
+            part.fold()
         self._setup.rebind(new)
+        self._dtypes = [p.dtype for p in new]
         for part in self.parts.values():
             part.bind(new)
         self._masks.forget()

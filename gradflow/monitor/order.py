@@ -33,8 +33,8 @@ class ForwardOrder(Part):
 
     def hook(self, model: nn.Module) -> None:
         for prefix, module in model.named_modules():
-            if module._parameters:
-                self.keep(module.register_forward_pre_hook(_FirstCall(self, prefix)))
+            if module._parameters:              # a parametrized weight's tensors: its module's (fc's) call
+                self.keep(module.register_forward_pre_hook(_FirstCall(self, prefix.partition(".parametrizations.")[0])))
 
     def record(self, mask) -> None:
         if self.handles:

@@ -38,8 +38,11 @@ class Weights(Part):
         their values."""
         self.params = params
         self.slots = len(params) * self.members
-        with torch.no_grad():
-            self.start = [p.detach().clone() if p.requires_grad else None for p in params]
+        old = getattr(self, "start", None)
+        with torch.no_grad():               # a conversion (.double()) keeps the window's start, converted
+            self.start = [None if not p.requires_grad else
+                          old[i].to(p.dtype) if old is not None and old[i] is not None and old[i].shape == p.shape
+                          else p.detach().clone() for i, p in enumerate(params)]
         self.versions = [p._version for p in params]
 
     @torch.no_grad()

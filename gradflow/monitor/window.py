@@ -40,6 +40,9 @@ class Window:
     gates: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     # parameter -> the kind of module that owns it (kinds.py: linear, conv, norm, embedding, ...).
     kinds: dict[str, str] = field(default_factory=dict)
+    # Parameters an optimizer that stepped in this window holds, but that got no gradient in
+    # any of its steps (an idle expert, a branch not taken): not in ``gradients``, named here.
+    idle: list[str] = field(default_factory=list)
 
 
 class WindowReader:
