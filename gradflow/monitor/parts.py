@@ -15,6 +15,7 @@ from gradflow.monitor.gates import Gates
 from gradflow.monitor.gradients import Gradients
 from gradflow.monitor.order import ForwardOrder
 from gradflow.monitor.part import Part
+from gradflow.monitor.unrecorded import Unrecorded
 from gradflow.monitor.weights import Weights
 
 PARTS: list[type[Part]] = [
@@ -24,4 +25,5 @@ PARTS: list[type[Part]] = [
     Weights,
     Gates,
     Activations,
+    Unrecorded,
 ]
