@@ -16,6 +16,17 @@ from torch import nn
 from gradflow.monitor.tensors import MonitorError
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside DistributedDataParallel, DataParallel or torch.compile."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
 PARAMETRIZED = ".parametrizations."
 
 
@@ -99,3 +110,11 @@ def check_members(named: list[tuple[str, torch.Tensor]], members: int) -> None:
         if p.dim() == 0 or p.shape[0] != members:
             raise MonitorError(f"members={members} needs every parameter stacked on a leading dimension of "
                                f"{members}; {name} has shape {tuple(p.shape)}")
+
+
+def check_positive(name: str, value, meaning: str, none: bool = False) -> None:
+    """MonitorError unless ``value`` is a positive int (or None where ``none``)."""
+    if none and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise MonitorError(f"{name} must be a positive int ({meaning}), got {value!r}")

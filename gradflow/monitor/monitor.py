@@ -35,38 +35,26 @@ import torch
 from torch import nn
 
 from gradflow.monitor import interception
-from gradflow.monitor.histograms import HistogramPool, HistogramRequests, check_every
+from gradflow.monitor.histograms import HistogramRequests, check_every
 from gradflow.monitor.kinds import parameter_kinds
-from gradflow.monitor.model_checks import check_members, monitored_parameters, replaced_parameters, user_name
+from gradflow.monitor.model_checks import (
+    check_members,
+    check_positive,
+    monitored_parameters,
+    replaced_parameters,
+    unwrap,
+    user_name,
+)
+from gradflow.monitor.output import Output
 from gradflow.monitor.part import Part, Schedule, Setup
 from gradflow.monitor.parts import PARTS
-from gradflow.monitor.steps import (
-    OptimizerMasks,
-    amp_scale,
-    closure_of,
-    last_pre_hook,
-    recording_closure,
-    replace_closure,
-    unwatch_steps,
-    watch_steps,
-)
+from gradflow.monitor.steps import OptimizerMasks, StepWatch
 from gradflow.monitor.tensors import MonitorError
 from gradflow.monitor.window import Window, WindowReader, read_back, tag_path
 
 __all__ = ["GradientMonitor", "MonitorError", "Window", "tag_path", "unwrap"]
 
 _ATTACHED: weakref.WeakKeyDictionary[nn.Module, GradientMonitor] = weakref.WeakKeyDictionary()
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The user's module inside DistributedDataParallel, DataParallel or torch.compile."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        else:
-            return model
 
 
 class GradientMonitor:
@@ -130,7 +118,7 @@ class GradientMonitor:
     def __init__(self, model: nn.Module, writer=None, *, optimizer: torch.optim.Optimizer | None = None,
                  histograms: bool | int = True, weights: bool = True, activations=True,
                  members: int = 1, automatic: bool = True, activations_every: int = 10,
-                 history_length: int | None = 10_000) -> None:  # noqa: PLR0913
+                 history_length: int | None = 10_000) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"GradientMonitor needs an nn.Module, got {type(model).__name__}")
         inner = unwrap(model)
@@ -141,18 +129,13 @@ class GradientMonitor:
                 "that monitor (or GradientMonitor.detach(model)) before attaching another")
         named = monitored_parameters(inner)
         check_members(named, members)
-        if not isinstance(activations_every, int) or isinstance(activations_every, bool) or activations_every < 1:
-            raise MonitorError(f"activations_every must be a positive int (1: every step), got {activations_every!r}")
-        every = check_every(histograms)
-        self._sinks = _sinks(writer, members)
+        check_positive("activations_every", activations_every, "1: every step")
+        check_positive("history_length", history_length, "or None: keep every window", none=True)
+        self._output = Output(writer, members, check_every(histograms))
         self.names = [name for name, _ in named]
         self.members, self.automatic, self.histograms = members, automatic, histograms
         self.activations_every = activations_every
-        self._pool = HistogramPool(every) if every else None
         self.history: list[Window] = []
-        if history_length is not None and (isinstance(history_length, bool) or not isinstance(history_length, int)
-                                           or history_length < 1):
-            raise MonitorError(f"history_length must be a positive int or None (keep every window), got {history_length!r}")
         self.history_length = history_length
         self._model = weakref.ref(inner)
         self._warned: set[str] = set()
@@ -171,8 +154,7 @@ class GradientMonitor:
         self._recorders = [p for p in self.parts.values() if type(p).record is not Part.record]
         self._masks = OptimizerMasks(len(self.names), lambda: self._setup.index_of, self._follow)
         self._optimizer = weakref.ref(optimizer) if optimizer is not None else None
-        self._step_hooks: "weakref.WeakKeyDictionary[torch.optim.Optimizer, object]" = weakref.WeakKeyDictionary()
-        self._watching = False
+        self._steps = StepWatch(self._masks, optimizer, self._record)
         self._start_window()
         self._attach(inner)
 
@@ -182,8 +164,7 @@ class GradientMonitor:
         """Add every hook, or none: a part that fails to hook leaves the model as it was."""
         try:
             if self.automatic:
-                watch_steps(self)
-                self._watching = True
+                self._steps.start()
             for part in self.parts.values():
                 part.hook(model)
             interception.watch(self)
@@ -193,18 +174,14 @@ class GradientMonitor:
         _ATTACHED[model] = self
 
     def _unhook(self) -> None:
-        unwatch_steps(self)
-        self._watching = False
-        for handle in list(self._step_hooks.values()):
-            handle.remove()
-        self._step_hooks.clear()
+        self._steps.stop()
         for part in self.parts.values():
             part.remove()
         interception.unwatch(self)
 
     @property
     def attached(self) -> bool:
-        return self._watching or self in interception._WATCHERS
+        return self._steps.on or self in interception._WATCHERS
 
     def remove(self) -> None:
         """Remove every hook this monitor added. Safe to call more than once; never raises
@@ -217,7 +194,7 @@ class GradientMonitor:
             for part in self.parts.values():     # fold in what is pending: a later log() still reports it
                 part.fold()
             self.flush()
-        except Exception as error:  # noqa: BLE001 - leaving ``with`` must not raise over the user's own error
+        except Exception as error:
             warnings.warn(f"GradientMonitor.remove(): the hooks are removed, but writing what was pending failed: "
                           f"{type(error).__name__}: {error}", stacklevel=2)
 
@@ -245,40 +222,6 @@ class GradientMonitor:
         under torch.compile, where it is not watched)."""
         return self.parts["order"].names()
 
-    def _on_step_seen(self, optimizer: torch.optim.Optimizer) -> None:
-        """An optimizer is about to step (``steps._dispatch``, before its own pre-hooks): if it
-        holds monitored parameters, make this monitor's pre-hook its last one."""
-        if self._optimizer is not None and optimizer is not self._optimizer():
-            return
-        if self._masks.mask(optimizer) is not None:
-            self._step_hooks[optimizer] = last_pre_hook(optimizer, self._on_optimizer_step,
-                                                        self._step_hooks.get(optimizer))
-
-    @torch._dynamo.disable
-    def _on_optimizer_step(self, optimizer, args=(), kwargs=None):
-        """The optimizer's last step pre-hook: record the gradient its step applies."""
-        mask = self._masks.mask(optimizer)
-        if mask is None or not self._watching:
-            return None
-        amp = amp_scale(optimizer, kwargs)
-        if amp is not None:                          # fused optimizer under GradScaler: still scaled
-            scale, found_inf = amp
-            if found_inf.item():                     # skipped; interception counts it (one sync, AMP only)
-                return None
-            self._setup.unscale = scale.double().reciprocal().float()
-            try:
-                self._record(mask)
-            finally:
-                self._setup.unscale = None
-            return None
-        closure, by_keyword = closure_of(args, kwargs or {})
-        if closure is None:
-            self._record(mask)
-            return None
-        # The closure runs forward and backward inside step(): record after it, not before.
-        wrapped = recording_closure(closure, lambda: self._record(mask))
-        return replace_closure(args, kwargs or {}, wrapped, by_keyword)
-
     def record(self, optimizer: torch.optim.Optimizer | None = None, *, skipped: bool = False) -> None:
         """Record the current gradients as one step: those of ``optimizer``'s parameters, or of
         every monitored parameter. Called for you at each optimizer step (``automatic=True``);
@@ -295,12 +238,16 @@ class GradientMonitor:
         else:
             self._record(mask)
 
-    def _record(self, mask) -> None:
+    def _record(self, mask, unscale: torch.Tensor | None = None) -> None:
         """One applied step, part by part (a part returning False ends it: no gradient); then
         the schedule decides whether the next forward pass is profiled."""
-        for part in self._recorders:
-            if part.record(mask) is False:
-                return
+        self._setup.unscale = unscale
+        try:
+            for part in self._recorders:
+                if part.record(mask) is False:
+                    return
+        finally:
+            self._setup.unscale = None
         self._setup.schedule.step()
 
     def _skip(self, mask) -> None:
@@ -346,10 +293,7 @@ class GradientMonitor:
         for name, part in self.parts.items():
             prefix = name + "/"
             part.read({key[len(prefix):]: v for key, v in values.items() if key.startswith(prefix)}, reader)
-        histograms = self._histograms(reader.wanted, step)
-        for k, sink, prefix in self._sinks:
-            sink.log({prefix + tag: v for tag, v in reader.scalars[k].items()},
-                     {prefix + tag: h for tag, h in (histograms[k] if histograms else {}).items()}, step)
+        self._output.write(reader.scalars, reader.wanted, step, final=not self.attached)
         self.history.extend(windows)
         if self.history_length is not None and len(self.history) > self.history_length * self.members:
             del self.history[:len(self.history) - self.history_length * self.members]
@@ -364,29 +308,13 @@ class GradientMonitor:
             tensors.update({f"{name}/{key}": t for key, t in part.device_tensors().items()})
         return read_back(tensors)
 
-    def _histograms(self, wanted: HistogramRequests, step: int) -> list[dict] | None:
-        """This window's histograms to write now, per member: the pool's once it holds
-        ``histograms`` windows (or at once when detached: no remove() will flush it)."""
-        if self._pool is None or not self._sinks:
-            return None
-        self._pool.add(wanted, step)
-        if not self._pool.full and self.attached:
-            return None
-        return self._pool.take(self.members)[1]
-
     def flush(self) -> None:
         """Write the histograms of windows still pooling (``histograms=N``: the windows since
         the last written histogram) at the step of the last of them. ``remove()`` calls it, so
         remove the monitor (or leave its ``with``) before closing the writer; call it yourself
         before saving a checkpoint, so that the event file holds every window the checkpoint
         does. Nothing to do with ``histograms=True`` or ``False``."""
-        taken = self._pool.take(self.members) if self._pool is not None else None
-        if taken is None:
-            return
-        step, histograms = taken
-        for k, sink, prefix in self._sinks:
-            if histograms[k]:
-                sink.log({}, {prefix + tag: h for tag, h in histograms[k].items()}, step)
+        self._output.flush()
 
     def member_history(self, member: int) -> list[Window]:
         """The windows of member ``member`` (0 <= member < ``members``) of a batched model; with
@@ -431,22 +359,3 @@ class GradientMonitor:
     def _warn_from_part(self, key: str, message: str) -> None:
         """A part's warning from its read() (under log()): shown at the user's log() call."""
         self._warn_once(key, message, stacklevel=5)
-
-
-def _sinks(writer, members: int) -> list[tuple[int, object, str]]:
-    """(member, sink, tag prefix) for each member: one writer per member, or one for all with
-    ``member_<k>/`` tags."""
-    if writer is None:
-        return []
-    from gradflow.monitor.sinks import (
-        as_sink,  # imports TensorBoard's protos only when writing
-    )
-
-    if isinstance(writer, (list, tuple)):
-        if len(writer) != members:
-            raise MonitorError(f"got {len(writer)} writers for members={members}; pass one writer per member or one in all")
-        return [(k, as_sink(w), "") for k, w in enumerate(writer)]
-    sink = as_sink(writer)
-    return [(k, sink, f"member_{k}/" if members > 1 else "") for k in range(members)]
-
-

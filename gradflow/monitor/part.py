@@ -184,5 +184,5 @@ class Part:
         for handle in handles:
             try:
                 handle.remove()
-            except Exception:  # noqa: BLE001 - removing must never raise (a hook torch already dropped)
+            except Exception:
                 pass

@@ -41,7 +41,7 @@ class OptimizerMasks:
         self._count = count
         self._index_of = index_of            # called afresh: the monitor may rebind parameters
         self._refresh = refresh
-        self._cache: "weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple]" = weakref.WeakKeyDictionary()
+        self._cache: weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple] = weakref.WeakKeyDictionary()
 
     def mask(self, optimizer: torch.optim.Optimizer) -> tuple[bool, ...] | str | None:
         """The optimizer's parameters as a mask over the monitor's; ``ALL`` if it holds every one
@@ -131,7 +131,7 @@ _INSTALLED: list = []                 # the dispatcher's handle, once installed
 
 
 def watch_steps(monitor: Any) -> None:
-    """Tell ``monitor`` (``_on_step_seen(optimizer)``) of every optimizer step in the process."""
+    """Tell ``monitor`` (``_on_step_seen(optimizer)``, a ``StepWatch``) of every optimizer step in the process."""
     global _MONITORS
     with _LOCK:
         _MONITORS = (*_MONITORS, weakref.ref(monitor))
@@ -183,3 +183,56 @@ def amp_scale(optimizer: torch.optim.Optimizer, kwargs: dict | None) -> tuple[to
         found = sum(v.to(scaler._scale.device) for v in state.get("found_inf_per_device", {}).values())
         return scaler._scale, torch.as_tensor(found, device=scaler._scale.device)
     return None
+
+
+class StepWatch:
+    """One monitor's watch of optimizer steps: its pre-hook, kept last on every optimizer that
+    holds its parameters (``only``: that optimizer alone), calling ``record(mask, unscale)``
+    where the step's gradient is final (after a closure's backward; ``unscale``: 1 / the
+    GradScaler's scale for a fused optimizer's still-scaled gradients, else None)."""
+
+    def __init__(self, masks: OptimizerMasks, only: torch.optim.Optimizer | None,
+                 record: Callable[[Any, torch.Tensor | None], None]) -> None:
+        self.masks = masks
+        self.only = weakref.ref(only) if only is not None else None
+        self.record = record
+        self.on = False
+        self._hooks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def start(self) -> None:
+        watch_steps(self)
+        self.on = True
+
+    def stop(self) -> None:
+        unwatch_steps(self)
+        self.on = False
+        for handle in list(self._hooks.values()):
+            handle.remove()
+        self._hooks.clear()
+
+    def _on_step_seen(self, optimizer: torch.optim.Optimizer) -> None:
+        """An optimizer is about to step (``_dispatch``, before its own pre-hooks)."""
+        if self.only is not None and optimizer is not self.only():
+            return
+        if self.masks.mask(optimizer) is not None:
+            self._hooks[optimizer] = last_pre_hook(optimizer, self._on_step, self._hooks.get(optimizer))
+
+    @torch._dynamo.disable
+    def _on_step(self, optimizer, args=(), kwargs=None):
+        """The optimizer's last step pre-hook: record the gradient its step applies."""
+        mask = self.masks.mask(optimizer)
+        if mask is None or not self.on:
+            return None
+        amp = amp_scale(optimizer, kwargs)
+        if amp is not None:                          # a fused optimizer under GradScaler: still scaled
+            scale, found_inf = amp
+            if not found_inf.item():                 # else skipped: interception counts it (one sync, AMP only)
+                self.record(mask, scale.double().reciprocal().float())
+            return None
+        closure, by_keyword = closure_of(args, kwargs or {})
+        if closure is None:
+            self.record(mask, None)
+            return None
+        # The closure runs forward and backward inside step(): record after it, not before.
+        wrapped = recording_closure(closure, lambda: self.record(mask, None))
+        return replace_closure(args, kwargs or {}, wrapped, by_keyword)

@@ -65,7 +65,7 @@ class Unrecorded(Part):
 class _CountForward(LeavesCopiesAlone):
     """Counts the model's training forward passes (grad mode on, outside backward and tracing)."""
 
-    __slots__ = ("part", "__weakref__")
+    __slots__ = ("__weakref__", "part")
     KIND = "pre"
 
     def __init__(self, part: Unrecorded) -> None:

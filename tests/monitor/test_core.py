@@ -68,7 +68,7 @@ def test_records_after_the_optimizers_own_pre_hooks(when, optimizer_class):
     was registered: the monitor reports the gradient the step applied (3x backward's)."""
     model = _model()
     optimizer = optimizer_class(model.parameters(), lr=1e-3)
-    triple = lambda opt, args, kwargs: [p.grad.mul_(3.0) for p in model.parameters()] and None  # noqa: E731
+    triple = lambda opt, args, kwargs: [p.grad.mul_(3.0) for p in model.parameters()] and None
     oracle = Applied(optimizer, model)
     try:
         with GradientMonitor(model, activations=False) as monitor:
@@ -161,7 +161,7 @@ def test_threads_keep_their_monitors_apart_and_never_break_training():
                     _train(model, optimizer, 1)
                     steps += 1
                 counts.append(("long", steps, monitor.log(0)["0.weight"]["steps"]))
-        except Exception as error:  # noqa: BLE001 - reported below
+        except Exception as error:
             errors.append(error)
 
     def trials():
@@ -172,7 +172,7 @@ def test_threads_keep_their_monitors_apart_and_never_break_training():
                 with GradientMonitor(model, activations=False) as monitor:
                     _train(model, optimizer, 2)
                     counts.append(("trial", 2, monitor.log(0)["0.weight"]["steps"]))
-        except Exception as error:  # noqa: BLE001
+        except Exception as error:
             errors.append(error)
         finally:
             stop.set()
