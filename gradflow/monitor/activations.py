@@ -68,6 +68,37 @@ class _Tap(LeavesCopiesAlone):
         return
 
 
+def _training_pass() -> bool:
+    return torch.is_grad_enabled() and not torch.compiler.is_compiling() and torch._C._current_graph_task_id() == -1
+
+
+class _ForwardStart(LeavesCopiesAlone):
+    """The model's forward pre-hook: a training forward pass begins (activations part)."""
+
+    __slots__ = ("__weakref__", "part")
+    KIND = "pre"
+
+    def __init__(self, part: Activations) -> None:
+        self.part = part
+
+    def __call__(self, module, inputs):
+        if _training_pass():
+            self.part.forward_starts()
+
+
+class _ForwardEnd(LeavesCopiesAlone):
+    """The model's forward hook: the training forward pass ended whole."""
+
+    __slots__ = ("__weakref__", "part")
+
+    def __init__(self, part: Activations) -> None:
+        self.part = part
+
+    def __call__(self, module, inputs, output):
+        if _training_pass():
+            self.part.forward_ends()
+
+
 @dataclass
 class _ActivationPlan:
     """How a run of pending outputs is reduced, for one sequence of (tap, shape).
@@ -142,6 +173,7 @@ class Activations(Part):
         self.pending: list[tuple[int, torch.Tensor]] = []
         self.pending_elements = 0
         self.tapped = False                           # a recorded step's forward pass was tapped in this window
+        self.forward_start: int | None = None         # pending's length when a forward pass still running began
         self._plans = _BoundedCache()
         self._slot_rows = _BoundedCache()            # slots of the large outputs reduced together
 
@@ -149,9 +181,30 @@ class Activations(Part):
         modules = dict(model.named_modules())
         for index, name in enumerate(self.names):
             self.keep(modules[name].register_forward_hook(_Tap(self, index)))
+        self.keep(model.register_forward_pre_hook(_ForwardStart(self)))
+        self.keep(model.register_forward_hook(_ForwardEnd(self)))
 
     def record(self, mask) -> None:
+        self.drop_partial()
         self.tapped |= self.setup.schedule.active
+
+    def forward_starts(self) -> None:
+        """The model's forward pass begins: a pass that began before and never ended raised
+        halfway, and what it tapped is dropped."""
+        self.drop_partial()
+        self.forward_start = len(self.pending)
+
+    def forward_ends(self) -> None:
+        self.forward_start = None
+
+    def drop_partial(self) -> None:
+        if self.forward_start is None:
+            return
+        dropped, self.pending = self.pending[self.forward_start:], self.pending[:self.forward_start]
+        self.pending_elements -= sum(a.numel() for _, a in dropped)
+        self.forward_start = None
+        self.setup.warn("partial-forward", "a forward pass of the model raised halfway: the activations it had "
+                        "produced were left out of the window (only whole forward passes are counted)")
 
     def fold(self) -> None:
         self.reduce()

@@ -199,3 +199,45 @@ def test_parametrized_weight_is_one_layer_under_its_name(parametrize):
         grad = original["0.parametrizations.weight.original"].grad
         assert rows["0.weight"]["norm"] == pytest.approx(grad.double().norm().item(), rel=1e-5)
     assert all(monitor.kinds[n] == "linear" for n in names)
+
+
+class _Flaky(nn.Module):
+    """A model whose forward can raise after its activation ran (a bad batch, an OOM)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.act, self.fc2, self.fail = nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1), False
+
+    def forward(self, x):
+        h = self.act(self.fc1(x))
+        if self.fail:
+            raise RuntimeError("bad batch")
+        return self.fc2(h)
+
+
+@pytest.mark.parametrize("then", ["forward-again", "step-at-once"])
+def test_a_forward_that_raised_halfway_never_leaks_into_the_window(then):
+    """The activations a failed forward pass produced are left out (oracle: the tanh output of
+    the whole passes only), and the monitor says so."""
+    torch.manual_seed(8)
+    model = _Flaky()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    x, bad = torch.randn(16, 3), torch.randn(64, 3) * 10
+    with warnings.catch_warnings(record=True) as caught, GradientMonitor(model, activations_every=1) as monitor:
+        warnings.simplefilter("always")
+        if then == "step-at-once":
+            model(x).sum().backward()                        # a whole pass, then the failed one
+        model.fail = True
+        with pytest.raises(RuntimeError, match="bad batch"):
+            model(bad)
+        model.fail = False
+        if then == "forward-again":
+            model(x).sum().backward()
+        optimizer.step()
+        monitor.log(0)
+    messages = [str(w.message) for w in caught]
+    expected = torch.tanh(model.fc1(x)).detach()
+    row = monitor.history[-1].activations["act"]
+    assert row["mean"] == pytest.approx(expected.mean().item(), rel=1e-5)
+    assert row["std"] == pytest.approx(expected.std(unbiased=False).item(), rel=1e-4)
+    assert any("raised halfway" in m for m in messages), messages
