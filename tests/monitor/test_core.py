@@ -12,6 +12,7 @@ from torch import nn
 from torch.optim.optimizer import _global_optimizer_pre_hooks
 
 from gradflow.monitor import GradientMonitor
+from gradflow.monitor.sinks import Sink
 from gradflow.monitor.steps import _dispatch
 
 
@@ -285,3 +286,24 @@ def test_remove_never_raises_after_a_failed_log(tmp_path):
             monitor.log(0)
     monitor.remove()
     assert not monitor.attached and _hook_counts(model) == {name: (0, 0) for name, _ in model.named_modules()}
+
+
+class _BrokenSink(Sink):
+    """A sink whose writes fail (a closed writer, a full disk)."""
+
+    def log(self, scalars, histograms, step):
+        raise OSError("disk full")
+
+
+def test_leaving_with_after_a_failed_write_raises_nothing_more():
+    """log() raising from its sink leaves a monitor whose remove() (leaving ``with``, with
+    histograms still pooled to write) takes every hook down and only warns."""
+    model = _model(6)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    with pytest.warns(UserWarning, match="hooks are removed, but writing what was pending failed: OSError"):
+        with GradientMonitor(model, _BrokenSink(), histograms=3) as monitor:
+            _train(model, optimizer, 2)
+            with pytest.raises(OSError, match="disk full"):
+                monitor.log(0)
+    assert not monitor.attached and _hook_counts(model) == {name: (0, 0) for name, _ in model.named_modules()}
+    monitor.remove()                                          # again: nothing to do, nothing raised
