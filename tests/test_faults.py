@@ -28,6 +28,8 @@ from gradflow.experiments.config import load_config
 from gradflow.analysis.windows import GRADIENTS_FILE
 from gradflow.experiments.recording import MonitorCallback
 from gradflow.experiments.train import build_from_config, fit
+from gradflow.monitor import steps as _steps
+from gradflow.monitor.steps import _dispatch
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "scripts" / "train.py"
@@ -181,7 +183,9 @@ def test_exception_in_forward_mid_epoch_leaves_no_half_written_histogram(tmp_pat
     injected.remove()
 
     # Every hook is gone, and the model takes a new monitor.
-    assert not monitor.attached and len(_global_optimizer_pre_hooks) == 0
+    # gradflow's one process-wide step dispatcher may stay (steps.py); it holds no monitor.
+    assert not monitor.attached and list(_global_optimizer_pre_hooks.values()) in ([], [_dispatch])
+    assert not _steps._MONITORS
     assert {name: len(m._forward_hooks) for name, m in model.named_modules()} == hooks_before
     assert not GradientMonitor.detach(model)
     GradientMonitor(model).remove()

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from gradflow.monitor import columns as C
 from gradflow.monitor import stats as S
+from gradflow.monitor.part import Part, Reduced, Setup
 from gradflow.monitor.steps import ALL
 from gradflow.monitor.tensors import (
     LARGE_PARAMETER,
@@ -16,10 +19,9 @@ from gradflow.monitor.tensors import (
     _check_layout,
     _flat,
     _flat_copy,
-    _segment_layout,
 )
 
-GRADIENT_FIELDS = ("mean", "mean_abs", "norm", "max_abs")
+GRADIENT_FIELDS = C.GRADIENT_MOMENTS
 
 @dataclass
 class _GradientPlan:
@@ -36,13 +38,21 @@ class _Batch:
     """How a run of pending small-gradient copies is reduced in one go."""
 
     lengths: torch.Tensor        # each row (one row per step and parameter): its length
-    segment: torch.Tensor        # each element: its row
     row_param: torch.Tensor      # each row: its parameter's slot
-    bin_offset: torch.Tensor     # each element: its parameter's offset into the counts (int32)
     row_step: torch.Tensor       # each row: its step's index in the run, times members, plus its member
+    elements: int                # the run's length
+    # Per element, made only on the torch-ops path (the fused kernels take the rows' lengths):
+    segment: torch.Tensor | None = None       # each element: its row
+    bin_offset: torch.Tensor | None = None    # each element: its parameter's offset into the counts (int32)
+
+    def per_element(self) -> None:
+        if self.segment is None:
+            self.segment = torch.repeat_interleave(torch.arange(len(self.lengths), device=self.lengths.device),
+                                                   self.lengths)
+            self.bin_offset = (self.row_param[self.segment] * S.SIGN_EXPONENT_BINS).int()
 
 
-class _GradientAccumulator:
+class Gradients(Part):
     """Sums each step's per-parameter gradient statistics and histograms on the device.
 
     ``totals`` rows are per parameter: sum of g, sum of |g|, L2 norm and max |g|, each summed
@@ -61,7 +71,11 @@ class _GradientAccumulator:
     flattened gradient lays the members out one after another, so the slots are segments.
     """
 
-    def __init__(self, params: list[torch.Tensor], members: int = 1) -> None:
+    name = "gradients"
+
+    def __init__(self, model, setup: Setup) -> None:
+        super().__init__(model, setup)
+        params, members = setup.params, setup.members
         self.members = members
         device = params[0].device
         self.bind(params)
@@ -73,16 +87,21 @@ class _GradientAccumulator:
         self.skipped_nonfinite = torch.zeros(len(params), device=device, dtype=dtype)
         self.skipped = np.zeros(len(params), dtype=np.int64)
         self.recorded = 0                            # record() calls in this window
+        self.held: set = set()                       # the masks of the optimizers that stepped
+        self.skipped_steps = 0                       # skip() calls in this window
         self._scratch = S.Scratch()                  # for the large tensors
         self.steps_by_pattern: dict[tuple[bool, ...], int] = {}
         self.pending: list[tuple[_GradientPlan, torch.Tensor, int]] = []
         self.pending_elements = 0
         self._plans: dict[tuple[bool, ...], _GradientPlan] = {}
         self._batches = _BoundedCache()
+        self._last: tuple | None = None              # the last recorded step's first and last gradient
 
     def bind(self, params: list[torch.Tensor]) -> None:
         """Follow these tensors from now on (the same shapes and dtypes, or a first binding)."""
         self.params = params
+        self._plans = {}                              # plans depend on the dtypes (float64 goes large)
+        self._batches = _BoundedCache()
         self.numel = [p.numel() for p in params]
         self.float64 = [p.dtype == torch.float64 for p in params]
         self.slot_numel = [p.numel() // self.members for p in params for _ in range(self.members)]
@@ -97,6 +116,8 @@ class _GradientAccumulator:
         torch._foreach_zero_([self.totals, self.counts, self.step_squares, self.skipped_nonfinite])
         self.skipped[:] = 0
         self.recorded = 0
+        self.skipped_steps = 0
+        self.held.clear()
         self.steps_by_pattern.clear()
 
     def steps(self) -> np.ndarray:
@@ -119,8 +140,12 @@ class _GradientAccumulator:
         else:
             grads = [p.grad if wanted else None for p, wanted in zip(self.params, mask)]
         pattern = tuple(g is not None for g in grads)
-        if not any(pattern):
+        if mask is not None:
+            self.held.add(mask)
+        if not any(pattern) or self._seen(grads[pattern.index(True)], grads[len(pattern) - 1 - pattern[::-1].index(True)]):
             return False
+        if self.setup.unscale is not None:
+            grads = [None if g is None else g * self.setup.unscale for g in grads]
         step = self.recorded
         if step >= self.step_squares.shape[0]:       # grow on the device: no host sync
             self.step_squares = torch.cat([self.step_squares, torch.zeros_like(self.step_squares)])
@@ -139,15 +164,27 @@ class _GradientAccumulator:
         return True
 
     @torch.no_grad()
-    def record_skipped(self, mask: tuple[bool, ...] | None = None) -> None:
+    def skip(self, mask: tuple[bool, ...] | None = None) -> None:
         """Count a step that was not applied (an AMP overflow): per parameter, the step and its
         non-finite values. Rare, so plain ops: one count per parameter."""
+        self.skipped_steps += 1
         for i, p in enumerate(self.params):
             if p.grad is None or (mask is not None and mask is not ALL and not mask[i]):
                 continue
             self.skipped[i] += 1
             grad = p.grad.to_dense() if p.grad.layout != torch.strided else p.grad
             self.skipped_nonfinite[i] += (~torch.isfinite(grad)).sum()
+
+    def _seen(self, first: torch.Tensor, last: torch.Tensor) -> bool:
+        """Whether these gradients (the first and last of a step: the same tensors, not
+        modified since) were recorded already: a wrapper's step and its inner optimizer's
+        (ZeroRedundancyOptimizer, Lookahead) are one training step. Kept by weak reference:
+        a new tensor may reuse a freed one's id."""
+        key = (first._version, last._version)
+        if self._last is not None and self._last[0]() is first and self._last[1]() is last and self._last[2] == key:
+            return True
+        self._last = (weakref.ref(first), weakref.ref(last), key)
+        return False
 
     def _make_plan(self, pattern: tuple[bool, ...]) -> _GradientPlan:
         present = [i for i, has in enumerate(pattern) if has]
@@ -158,6 +195,9 @@ class _GradientAccumulator:
                                                     torch.tensor(slots, dtype=torch.long, device=self.device))
         return plan
 
+    def fold(self) -> None:
+        self.reduce()
+
     @torch.no_grad()
     def reduce(self) -> None:
         """Fold the pending small-gradient copies into the totals. No host sync."""
@@ -167,7 +207,8 @@ class _GradientAccumulator:
         key = tuple(id(plan) for plan, _, _ in pending)
         batch = self._batches.get(key) or self._batches.put(key, self._make_batch([p for p, _, _ in pending]))
         flat = torch.cat([copy for _, copy, _ in pending]) if len(pending) > 1 else pending[0][1]
-        _check_layout(flat, batch.segment)
+        if flat.numel() != batch.elements:
+            _check_layout(flat, torch.empty(batch.elements, device="meta"))
         kernels = S.fused_kernels(flat.device)
         if kernels is not None:                       # one fused pass instead of a dozen ops
             rows = kernels.fold_rows(flat.numpy(), batch.lengths.numpy(), batch.row_param.numpy(),
@@ -177,6 +218,7 @@ class _GradientAccumulator:
             rows[:, 2] = np.sqrt(rows[:, 2])
             self.totals.index_add_(0, batch.row_param, torch.from_numpy(rows[:, :4]).to(self.totals.dtype))
             return
+        batch.per_element()
         wide = flat.to(self.totals.dtype)             # float64 sums: no overflow for finite gradients
         magnitude = wide.abs()
         sums = S.segment_sums([wide, magnitude, wide * wide], batch.lengths, batch.segment)
@@ -200,10 +242,10 @@ class _GradientAccumulator:
         k = self.members
         row_param = [i * k + member for plan in plans for i in plan.small for member in range(k)]
         row_step = [step * k + member for step, plan in enumerate(plans) for _ in plan.small for member in range(k)]
-        lengths, segment = _segment_layout([self.slot_numel[slot] for slot in row_param], device)
-        params = torch.tensor(row_param, device=device, dtype=torch.long)
-        return _Batch(lengths, segment, params, (params[segment] * S.SIGN_EXPONENT_BINS).int(),
-                      torch.tensor(row_step, device=device, dtype=torch.long))
+        sizes = [self.slot_numel[slot] for slot in row_param]
+        return _Batch(torch.tensor(sizes, device=device, dtype=torch.long),
+                      torch.tensor(row_param, device=device, dtype=torch.long),
+                      torch.tensor(row_step, device=device, dtype=torch.long), sum(sizes))
 
     def _reduce_large(self, plan: _GradientPlan, grads: list[torch.Tensor], step: int) -> None:
         """Reduce the large gradients of a step at once, one job per member of each."""
@@ -218,3 +260,90 @@ class _GradientAccumulator:
             if flat.dtype == torch.float64:           # keep float64's range (squares overflow past 1e154)
                 folded[row, 2] = S.scaled_norm(flat)
         self.totals.index_add_(0, plan.large_slots, folded[:, :4].to(self.totals.dtype))
+
+    # -- the window -----------------------------------------------------------------------
+
+    def device_tensors(self) -> dict[str, Reduced]:
+        return {"totals": Reduced(self.totals), "counts": Reduced(self.counts),
+                "step_squares": Reduced(self.step_squares), "skipped_nonfinite": Reduced(self.skipped_nonfinite)}
+
+    def read(self, values: dict[str, np.ndarray], reader) -> None:
+        """Per-parameter rows (``columns.GRADIENT``: the means over each parameter's steps of
+        that step's value) and the window's own row (``columns.OVERALL``)."""
+        steps = self.steps()
+        for key, message in _gaps(self.setup.names, self.params, steps.reshape(-1, self.members)[:, 0],
+                                  self.recorded, self.skipped_steps):
+            self.setup.warn(key, message)
+        for window in reader.windows:
+            window.steps = int(steps.max(initial=0))
+            window.kinds = self.setup.kinds
+        self._rows(values, reader, steps)
+        self._overall(values["step_squares"], reader)
+        self._idle(reader, steps)
+
+    def _idle(self, reader, steps: np.ndarray) -> None:
+        """Name the parameters a stepping optimizer holds that had no gradient all window."""
+        if not self.held:
+            return
+        held = np.zeros(len(self.params), dtype=bool)
+        for mask in self.held:
+            held |= True if mask is ALL else np.asarray(mask, dtype=bool)
+        idle = held & (steps.reshape(-1, self.members)[:, 0] == 0)
+        names = [name for name, flag in zip(self.setup.names, idle) if flag]
+        for k, window in enumerate(reader.windows):
+            window.idle = names
+            reader.scalars[k]["grad/idle_parameters"] = float(len(names))
+
+    def _rows(self, values: dict[str, np.ndarray], reader, steps: np.ndarray) -> None:
+        counts = values["counts"].reshape(-1, S.SIGN_EXPONENT_BINS)
+        numel = np.asarray(self.slot_numel, dtype=np.float64)
+        means = values["totals"] / np.maximum(steps, 1)[:, None]
+        zeros = counts[:, S.ZERO_EXPONENT] + counts[:, S.EXPONENTS + S.ZERO_EXPONENT]
+        nonfinite = counts[:, S.NONFINITE_EXPONENT] + counts[:, S.EXPONENTS + S.NONFINITE_EXPONENT]
+        for slot, k, name, path in reader.slots(self.setup.names):
+            index = slot // self.members
+            if self.skipped[index]:
+                reader.windows[k].skipped[name] = int(values["skipped_nonfinite"][index])
+            if steps[slot] == 0:
+                continue
+            row = dict(zip(C.GRADIENT, (float(means[slot, 0] / numel[slot]), float(means[slot, 1] / numel[slot]),
+                                        float(means[slot, 2]), float(means[slot, 3]),
+                                        float(zeros[slot] / (numel[slot] * steps[slot])), int(nonfinite[slot]))))
+            reader.scalars[k].update({f"grad/{path}/{key}": value for key, value in row.items()})
+            reader.wanted.value(k, f"grad/{path}", counts[slot])
+            # "1_": TensorBoard sorts Histograms/Distributions sections by name; log10 |g| is the view
+            # where vanishing shows (tanh and ReLU differ at a glance), so it opens first.
+            reader.wanted.log10(k, f"1_grad_log10/{path}", counts[slot])
+            row.update(zip(C.GRADIENT_COUNTS, (int(steps[slot]), int(self.skipped[index]))))
+            reader.windows[k].gradients[name] = row
+
+    def _overall(self, step_squares: np.ndarray, reader) -> None:
+        """Window-level figures: steps, skipped steps, the total norm per step (mean and max)."""
+        norms = np.sqrt(step_squares[:self.recorded])               # (steps, members)
+        for k, window in enumerate(reader.windows):
+            row = {"steps": window.steps, "skipped_steps": self.skipped_steps}
+            if self.recorded:
+                row["total_norm"] = float(norms[:, k].mean())
+                row["total_norm_max"] = float(norms[:, k].max())
+            window.overall.update(row)
+            reader.scalars[k].update({f"grad/{key}": float(v) for key, v in row.items()})
+
+
+def _gaps(names: list[str], params: list[torch.Tensor], steps: np.ndarray, recorded: int,
+          skipped: int) -> list[tuple[str, str]]:
+    """What a window did not record although it could have, as (key, warning) pairs: gradients
+    but no step, gradients that no monitored optimizer stepped."""
+    out = []
+    with_grad = {name for name, p in zip(names, params) if p.grad is not None}
+    if not recorded and with_grad and not skipped:
+        out.append(("no-step", "log(): the parameters have gradients but no optimizer step was recorded in this "
+                    "window; the monitor records at a torch.optim optimizer's step(). A hand-written update "
+                    "(p -= lr * p.grad) or an optimizer that is not a torch.optim.Optimizer is not seen: call "
+                    "monitor.record() where the gradient is final, before the update (also to look at gradients "
+                    "without stepping, say at initialisation)"))
+    elif recorded:
+        missed = [name for name, n in zip(names, steps) if n == 0 and name in with_grad]
+        if missed:
+            out.append(("not-stepped", f"log(): {', '.join(missed[:5])}{' ...' if len(missed) > 5 else ''} had "
+                        "gradients but no monitored optimizer stepped them in this window"))
+    return out

@@ -46,8 +46,13 @@ def parameter_kinds(model: nn.Module) -> dict[str, str]:
     shared parameter; ``embedding+head`` for an embedding weight that a later module reuses)."""
     first = {id(p): n for n, p in model.named_parameters()}
     kinds: dict[str, str] = {}
-    for module_name, module in model.named_modules():
-        kind = module_kind(module)
+    modules = dict(model.named_modules())
+    for module_name, module in modules.items():
+        # A parametrized weight's tensors live in a ParametrizationList under its module
+        # (fc.parametrizations.weight): their kind is the module's (fc's).
+        owner_module = modules.get(module_name.rpartition(".parametrizations.")[0]) \
+            if ".parametrizations." in module_name else None
+        kind = module_kind(owner_module if owner_module is not None else module)
         for pname, p in module.named_parameters(recurse=False):
             full = f"{module_name}.{pname}" if module_name else pname
             owner = first.get(id(p), full)

@@ -1,5 +1,5 @@
-"""What the monitor checks about the user's model: which parameters and activation modules it
-watches, that they are materialised, and whether they were replaced after it attached.
+"""What the monitor checks about the user's model: which parameters it watches, that they are
+materialised, and whether they were replaced after it attached.
 
 Example:
     >>> named = monitored_parameters(model)             # MonitorError for meta or lazy parameters
@@ -8,27 +8,53 @@ Example:
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 
-from gradflow.monitor.activations import is_activation
 from gradflow.monitor.tensors import MonitorError
 
 
-def choose_taps(model: nn.Module, activations) -> list[tuple[str, nn.Module]]:
-    """The activation modules to tap: none, gradflow's choice (``is_activation``), or the
-    user's (a callable ``(name, module) -> bool``)."""
-    if activations is True:
-        return [(n, m) for n, m in model.named_modules() if is_activation(m)]
-    if activations is False or activations is None:
-        return []
-    if callable(activations):
-        return [(n, m) for n, m in model.named_modules() if activations(n, m)]
-    raise MonitorError(f"activations must be True, False or a callable (name, module) -> bool, got {activations!r}")
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside DistributedDataParallel, DataParallel or torch.compile."""
+    while True:
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            model = model.module
+        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        else:
+            return model
+
+
+PARAMETRIZED = ".parametrizations."
+
+
+def user_name(name: str) -> str:
+    """The name a user knows a parameter by: a parametrized weight (``weight_norm``,
+    ``spectral_norm``, ``orthogonal`` through ``torch.nn.utils.parametrize``) is listed by
+    ``named_parameters()`` as ``fc.parametrizations.weight.original`` (``original0``,
+    ``original1`` where the parametrization has several); it is ``fc.weight`` (``fc.weight.original0``)."""
+    if PARAMETRIZED not in name:
+        return name
+    owner, _, rest = name.rpartition(PARAMETRIZED)
+    tensor, _, original = rest.partition(".")
+    return f"{owner}.{tensor}" if original == "original" else f"{owner}.{tensor}.{original}"
+
+
+def _named(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [(user_name(name), p) for name, p in model.named_parameters() if p.is_floating_point()]
 
 
 def monitored_parameters(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
-    named = [(name, p) for name, p in model.named_parameters() if p.is_floating_point()]
+    """(user's name, tensor) of every floating-point parameter; complex ones are named in a
+    warning (not recorded). MonitorError where there is none, or one is not materialised."""
+    named = _named(model)
+    complex_ = [name for name, p in model.named_parameters() if p.is_complex()]
+    if complex_:
+        warnings.warn(f"GradientMonitor: complex parameters are not recorded: {', '.join(complex_[:5])}"
+                      f"{' ...' if len(complex_) > 5 else ''} (statistics are of real gradients); record "
+                      "torch.view_as_real(p.grad) yourself if you need them", stacklevel=3)
     if not named:
         raise MonitorError(f"{type(model).__name__} has no floating-point parameters to monitor")
     for name, p in named:
@@ -52,21 +78,24 @@ def _check_device(named: list[tuple[str, torch.Tensor]], device: torch.device) -
 
 
 def replaced_parameters(model: nn.Module, names: list[str], params: list[torch.Tensor],
-                        device: torch.device) -> list[torch.Tensor] | None:
+                        device: torch.device, dtypes: list[torch.dtype] | None = None) -> list[torch.Tensor] | None:
     """The model's parameters if they replaced ``params`` (``load_state_dict(..., assign=True)``,
-    ``to_empty()``) with tensors of the same names, shapes, dtypes and device; None if nothing
-    was replaced. MonitorError if they changed in a way a window's sums cannot follow."""
-    current = [(name, p) for name, p in model.named_parameters() if p.is_floating_point()]
+    ``to_empty()``, ``.double()`` under ``set_overwrite_module_params_on_conversion(True)``) with
+    tensors of the same names and shapes, or if ``params`` changed dtype in place (``.double()``);
+    None if nothing changed. MonitorError if they changed in a way a window's sums cannot
+    follow (another shape, another device)."""
+    current = _named(model)
     if len(current) == len(params) and all(p is q for (_, p), q in zip(current, params)):
         _check_device(current, device)
-        return None
+        return None if all(q.dtype == d for q, d in zip(params, dtypes or [q.dtype for q in params])) \
+            else [p for _, p in current]
     if [name for name, _ in current] != names:
         raise MonitorError(f"the model's parameters changed after the monitor attached (now {len(current)}, "
                            f"were {len(params)}); remove() this monitor and attach a new one")
     for (name, p), q in zip(current, params):
         _check_materialised(name, p)
-        if (p.shape, p.dtype, p.device) != (q.shape, q.dtype, q.device):
-            raise MonitorError(f"{name} was replaced by a tensor of another shape, dtype or device "
+        if (p.shape, p.device) != (q.shape, q.device):
+            raise MonitorError(f"{name} was replaced by a tensor of another shape or device "
                                f"({tuple(q.shape)} {q.dtype} {q.device} -> {tuple(p.shape)} {p.dtype} {p.device}); "
                                "remove() this monitor and attach a new one after replacing parameters")
     return [p for _, p in current]
@@ -81,3 +110,11 @@ def check_members(named: list[tuple[str, torch.Tensor]], members: int) -> None:
         if p.dim() == 0 or p.shape[0] != members:
             raise MonitorError(f"members={members} needs every parameter stacked on a leading dimension of "
                                f"{members}; {name} has shape {tuple(p.shape)}")
+
+
+def check_positive(name: str, value, meaning: str, none: bool = False) -> None:
+    """MonitorError unless ``value`` is a positive int (or None where ``none``)."""
+    if none and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise MonitorError(f"{name} must be a positive int ({meaning}), got {value!r}")

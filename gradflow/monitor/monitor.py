@@ -33,52 +33,28 @@ import weakref
 import numpy as np
 import torch
 from torch import nn
-from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from gradflow.monitor import interception
-from gradflow.monitor.activations import _ActivationAccumulator
-from gradflow.monitor.gates import _GateAccumulator, gate_scalars, gated_parameters
-from gradflow.monitor.gradients import _GradientAccumulator
-from gradflow.monitor.histograms import HistogramPool, HistogramRequests, check_every
-from gradflow.monitor.interception import ClipTally
+from gradflow.monitor.histograms import HistogramRequests, check_every
 from gradflow.monitor.kinds import parameter_kinds
 from gradflow.monitor.model_checks import (
     check_members,
-    choose_taps,
+    check_positive,
     monitored_parameters,
     replaced_parameters,
+    unwrap,
+    user_name,
 )
-from gradflow.monitor.order import ForwardOrder
-from gradflow.monitor.steps import (
-    OptimizerMasks,
-    closure_of,
-    recording_closure,
-    replace_closure,
-)
+from gradflow.monitor.output import Output
+from gradflow.monitor.part import Part, Schedule, Setup
+from gradflow.monitor.parts import PARTS
+from gradflow.monitor.steps import OptimizerMasks, StepWatch
 from gradflow.monitor.tensors import MonitorError
-from gradflow.monitor.weights import _WeightTracker
-from gradflow.monitor.window import (
-    Window,
-    WindowReader,
-    gaps,
-    read_back,
-    tag_path,
-)
+from gradflow.monitor.window import Window, WindowReader, read_back, tag_path
 
 __all__ = ["GradientMonitor", "MonitorError", "Window", "tag_path", "unwrap"]
 
-_ATTACHED: "weakref.WeakKeyDictionary[nn.Module, GradientMonitor]" = weakref.WeakKeyDictionary()
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The user's module inside DistributedDataParallel, DataParallel or torch.compile."""
-    while True:
-        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
-            model = model.module
-        elif hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module):
-            model = model._orig_mod
-        else:
-            return model
+_ATTACHED: weakref.WeakKeyDictionary[nn.Module, GradientMonitor] = weakref.WeakKeyDictionary()
 
 
 class GradientMonitor:
@@ -115,6 +91,10 @@ class GradientMonitor:
             by nine tenths; a window's activation statistics then describe its tapped steps.
         automatic: record at each optimizer step (the default). False: record only when
             ``record()`` is called, for frameworks that know where the gradient is final.
+        history_length: how many windows ``history`` keeps (per member), the oldest dropped
+            first: a ring, so a run that logs every step does not grow without bound (a window
+            of a small model holds a few KB). Settable later as ``monitor.history_length``;
+            None keeps every window.
 
     A window's ``steps`` is the largest number of steps any one parameter recorded: the
     optimizer steps for one optimizer, the training iterations for a GAN's two optimizers or
@@ -137,7 +117,8 @@ class GradientMonitor:
 
     def __init__(self, model: nn.Module, writer=None, *, optimizer: torch.optim.Optimizer | None = None,
                  histograms: bool | int = True, weights: bool = True, activations=True,
-                 members: int = 1, automatic: bool = True, activations_every: int = 10) -> None:  # noqa: PLR0913
+                 members: int = 1, automatic: bool = True, activations_every: int = 10,
+                 history_length: int | None = 10_000) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"GradientMonitor needs an nn.Module, got {type(model).__name__}")
         inner = unwrap(model)
@@ -148,65 +129,74 @@ class GradientMonitor:
                 "that monitor (or GradientMonitor.detach(model)) before attaching another")
         named = monitored_parameters(inner)
         check_members(named, members)
-        if not isinstance(activations_every, int) or isinstance(activations_every, bool) or activations_every < 1:
-            raise MonitorError(f"activations_every must be a positive int (1: every step), got {activations_every!r}")
-        self.activations_every = activations_every
-        every = check_every(histograms)
-        self._steps_seen = 0
-        self._sinks = _sinks(writer, members)
-        params = [p for _, p in named]
+        check_positive("activations_every", activations_every, "1: every step")
+        check_positive("history_length", history_length, "or None: keep every window", none=True)
+        self._output = Output(writer, members, check_every(histograms))
         self.names = [name for name, _ in named]
-        self.members = members
-        self.automatic = automatic
-        self.histograms = histograms
-        self._pool = HistogramPool(every) if every else None
+        self.members, self.automatic, self.histograms = members, automatic, histograms
+        self.activations_every = activations_every
         self.history: list[Window] = []
+        self.history_length = history_length
         self._model = weakref.ref(inner)
-        self._gradients = _GradientAccumulator(params, members)
-        kinds = parameter_kinds(inner)
-        self.kinds = {name: kinds.get(name, "other") for name in self.names}
-        gated = gated_parameters(inner, self.names) if members == 1 else []   # gates.py: no member dimension
-        self._gates = _GateAccumulator(params, gated) if gated else None
-        self._weights = _WeightTracker(params, members) if weights else None
-        taps = choose_taps(inner, activations)
-        self._activations = _ActivationAccumulator(taps, params[0].device, members)
-        self._index_of = {id(p): i for i, p in enumerate(params)}
-        self._masks = OptimizerMasks(len(params), lambda: self._index_of, self._follow)
-        self._optimizer = weakref.ref(optimizer) if optimizer is not None else None
-        self._handles: list = []
         self._warned: set[str] = set()
-        self._order = ForwardOrder(inner, self.names)
+        kinds = {user_name(name): kind for name, kind in parameter_kinds(inner).items()}
+        self.kinds = {name: kinds.get(name, "other") for name in self.names}
+        self._dtypes = [p.dtype for _, p in named]
+        self._setup = Setup(self.names, [p for _, p in named], members,
+                            {"weights": weights, "activations": activations, "histograms": histograms},
+                            Schedule(activations_every), self._warn_from_part, self.kinds)
+        self.parts: dict[str, Part] = {}
+        for cls in PARTS:
+            part = cls.create(inner, self._setup)
+            if part is not None:
+                self.parts[cls.name] = part
+        # Only the parts that record something are called at each step (the hot path).
+        self._recorders = [p for p in self.parts.values() if type(p).record is not Part.record]
+        self._masks = OptimizerMasks(len(self.names), lambda: self._setup.index_of, self._follow)
+        self._optimizer = weakref.ref(optimizer) if optimizer is not None else None
+        self._steps = StepWatch(self._masks, optimizer, self._record)
         self._start_window()
-        self._attach(inner, taps)
+        self._attach(inner)
 
     # -- life cycle -----------------------------------------------------------------------
 
-    def _attach(self, model: nn.Module, taps) -> None:
-        if self.automatic:
-            self._handles.append(register_optimizer_step_pre_hook(self._on_optimizer_step))
-        for index, (_, module) in enumerate(taps):
-            self._handles.append(module.register_forward_hook(self._activations.hook(index)))
-        interception.watch(self)
+    def _attach(self, model: nn.Module) -> None:
+        """Add every hook, or none: a part that fails to hook leaves the model as it was."""
+        try:
+            if self.automatic:
+                self._steps.start()
+            for part in self.parts.values():
+                part.hook(model)
+            interception.watch(self)
+        except BaseException:
+            self._unhook()
+            raise
         _ATTACHED[model] = self
+
+    def _unhook(self) -> None:
+        self._steps.stop()
+        for part in self.parts.values():
+            part.remove()
+        interception.unwatch(self)
 
     @property
     def attached(self) -> bool:
-        return bool(self._handles) or self in interception._WATCHERS
+        return self._steps.on or self in interception._WATCHERS
 
     def remove(self) -> None:
-        """Remove every hook this monitor added. Safe to call more than once."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self._order.remove()
-        interception.unwatch(self)
-        # Fold in what is pending (and let go of it): a later log() still reports it.
-        self._gradients.reduce()
-        self._activations.reduce()
+        """Remove every hook this monitor added. Safe to call more than once; never raises
+        (what fails after the hooks are gone, say a closed writer, is a warning)."""
+        self._unhook()
         model = self._model()
         if model is not None and _ATTACHED.get(model) is self:
             del _ATTACHED[model]
-        self.flush()
+        try:
+            for part in self.parts.values():     # fold in what is pending: a later log() still reports it
+                part.fold()
+            self.flush()
+        except Exception as error:
+            warnings.warn(f"GradientMonitor.remove(): the hooks are removed, but writing what was pending failed: "
+                          f"{type(error).__name__}: {error}", stacklevel=2)
 
     @classmethod
     def detach(cls, model: nn.Module) -> bool:
@@ -217,7 +207,7 @@ class GradientMonitor:
         monitor.remove()
         return True
 
-    def __enter__(self) -> "GradientMonitor":
+    def __enter__(self) -> GradientMonitor:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -230,25 +220,7 @@ class GradientMonitor:
         """Parameter names in the order their modules first ran in a training forward pass
         (input side first); ``named_parameters()`` order until a forward pass was seen (or
         under torch.compile, where it is not watched)."""
-        return self._order.names()
-
-    def _on_optimizer_step(self, optimizer, args=(), kwargs=None):
-        self._order.remove()                         # one forward pass was enough
-        if self._optimizer is not None and optimizer is not self._optimizer():
-            return None
-        mask = self._masks.mask(optimizer)
-        if mask is None:
-            return None
-        if getattr(optimizer, "_step_supports_amp_scaling", False) and (kwargs or {}).get("grad_scaler") is not None:
-            self._warn_once("fused-amp", f"{type(optimizer).__name__} unscales its gradients inside step(): the "
-                            "monitor records them still scaled by the GradScaler's scale")
-        closure, by_keyword = closure_of(args, kwargs or {})
-        if closure is None:
-            self._record(mask)
-            return None
-        # The closure runs forward and backward inside step(): record after it, not before.
-        wrapped = recording_closure(closure, lambda: self._record(mask))
-        return replace_closure(args, kwargs or {}, wrapped, by_keyword)
+        return self.parts["order"].names()
 
     def record(self, optimizer: torch.optim.Optimizer | None = None, *, skipped: bool = False) -> None:
         """Record the current gradients as one step: those of ``optimizer``'s parameters, or of
@@ -256,27 +228,31 @@ class GradientMonitor:
         call it yourself where your loop's gradient is final if it has no torch.optim optimizer,
         or with ``automatic=False``. ``skipped=True``: the step was not applied (an AMP overflow);
         it is counted as skipped with its non-finite values, not averaged into the statistics."""
-        self._order.remove()
         mask = None if optimizer is None else self._masks.mask(optimizer)
         if optimizer is not None and mask is None:
             self._warn_once("foreign-optimizer", f"record({type(optimizer).__name__}): that optimizer holds none of "
                             "this monitor's parameters; nothing was recorded")
             return
         if skipped:
-            self._gradients.record_skipped(mask)
-            self._skipped_steps += 1
+            self._skip(mask)
         else:
             self._record(mask)
 
-    def _record(self, mask) -> None:
-        """Record a step's gradients, then decide whether the next forward pass is tapped
-        (activations at every ``activations_every``-th step; gradients at every step)."""
-        if self._gradients.record(mask):
-            if self._gates is not None:
-                self._gates.record(mask)
-            self._tapped_in_window |= self._activations.active
-            self._steps_seen += 1
-            self._activations.active = self._steps_seen % self.activations_every == 0
+    def _record(self, mask, unscale: torch.Tensor | None = None) -> None:
+        """One applied step, part by part (a part returning False ends it: no gradient); then
+        the schedule decides whether the next forward pass is profiled."""
+        self._setup.unscale = unscale
+        try:
+            for part in self._recorders:
+                if part.record(mask) is False:
+                    return
+        finally:
+            self._setup.unscale = None
+        self._setup.schedule.step()
+
+    def _skip(self, mask) -> None:
+        for part in self.parts.values():
+            part.skip(mask)
 
     def _on_skipped(self, optimizer: torch.optim.Optimizer) -> None:
         """GradScaler skipped ``optimizer``'s step (interception)."""
@@ -284,13 +260,11 @@ class GradientMonitor:
             return
         mask = self._masks.mask(optimizer)
         if mask is not None:
-            self._gradients.record_skipped(mask)
-            self._skipped_steps += 1
+            self._skip(mask)
 
     def _on_clip(self, params: list[torch.Tensor], total: torch.Tensor, max_norm: float) -> None:
         """clip_grad_norm_ ran over ``params`` and found ``total`` (interception)."""
-        if any(id(p) in self._index_of for p in params):
-            self._clip.add(total, max_norm)
+        self.parts["clipping"].add(params, total, max_norm)
 
     # -- reading --------------------------------------------------------------------------
 
@@ -313,46 +287,26 @@ class GradientMonitor:
                 dtype or device since the monitor attached.
         """
         self._follow()
-        self._gradients.reduce()
-        self._activations.reduce()
         values = self._read_back()
-        steps = self._gradients.steps()
-        g = self._gradients
-        for key, message in gaps(self.names, g.params, steps.reshape(-1, self.members)[:, 0], g.recorded,
-                                 self._skipped_steps, bool(self._activations.names) and self._tapped_in_window
-                                 and not self._activations.elements.any()):
-            self._warn_once(key, message)
-        windows = [Window(step, int(steps.max(initial=0)), member=k if self.members > 1 else None)
-                   for k in range(self.members)]
-        reader = WindowReader(self.names, self.members, windows, HistogramRequests())
-        reader.gradients(values, steps, self._gradients.slot_numel, self._gradients.skipped)
-        for window in windows:
-            window.kinds = self.kinds
-        if self._gates is not None:
-            windows[0].gates = self._gates.read(values["gate_totals"], values["gate_weights"], self.names)
-            reader.scalars[0].update(gate_scalars(windows[0].gates))
-        clipping = (self._clip.calls, *values["clip"]) if "clip" in values else None
-        reader.overall(values["step_squares"], self._gradients.recorded, self._skipped_steps, clipping)
-        if self._weights is not None:
-            reader.weights(values)
-        reader.activations(values, self._activations)
-        histograms = self._histograms(reader.wanted, step)
-        for k, sink, prefix in self._sinks:
-            sink.log({prefix + tag: v for tag, v in reader.scalars[k].items()},
-                     {prefix + tag: h for tag, h in (histograms[k] if histograms else {}).items()}, step)
+        windows = [Window(step, 0, member=k if self.members > 1 else None) for k in range(self.members)]
+        reader = WindowReader(self.members, windows, HistogramRequests())
+        for name, part in self.parts.items():
+            prefix = name + "/"
+            part.read({key[len(prefix):]: v for key, v in values.items() if key.startswith(prefix)}, reader)
+        self._output.write(reader.scalars, reader.wanted, step, final=not self.attached)
         self.history.extend(windows)
+        if self.history_length is not None and len(self.history) > self.history_length * self.members:
+            del self.history[:len(self.history) - self.history_length * self.members]
         self._start_window()
         return windows[0].gradients if self.members == 1 else [w.gradients for w in windows]
 
-    def _histograms(self, wanted: HistogramRequests, step: int) -> list[dict] | None:
-        """This window's histograms to write now, per member: the pool's once it holds
-        ``histograms`` windows (or at once when detached: no remove() will flush it)."""
-        if self._pool is None or not self._sinks:
-            return None
-        self._pool.add(wanted, step)
-        if not self._pool.full and self.attached:
-            return None
-        return self._pool.take(self.members)[1]
+    def _read_back(self) -> dict[str, np.ndarray]:
+        """Every part's device sums (``<part>/<key>``), folded and read back in one copy."""
+        tensors = {}
+        for name, part in self.parts.items():
+            part.fold()
+            tensors.update({f"{name}/{key}": t for key, t in part.device_tensors().items()})
+        return read_back(tensors)
 
     def flush(self) -> None:
         """Write the histograms of windows still pooling (``histograms=N``: the windows since
@@ -360,13 +314,7 @@ class GradientMonitor:
         remove the monitor (or leave its ``with``) before closing the writer; call it yourself
         before saving a checkpoint, so that the event file holds every window the checkpoint
         does. Nothing to do with ``histograms=True`` or ``False``."""
-        taken = self._pool.take(self.members) if self._pool is not None else None
-        if taken is None:
-            return
-        step, histograms = taken
-        for k, sink, prefix in self._sinks:
-            if histograms[k]:
-                sink.log({}, {prefix + tag: h for tag, h in histograms[k].items()}, step)
+        self._output.flush()
 
     def member_history(self, member: int) -> list[Window]:
         """The windows of member ``member`` (0 <= member < ``members``) of a batched model; with
@@ -381,68 +329,33 @@ class GradientMonitor:
             return list(self.history)
         return [w for w in self.history if w.member == member]
 
-    def _read_back(self) -> dict[str, np.ndarray]:
-        g, a = self._gradients, self._activations
-        parts = {"totals": g.totals, "counts": g.counts, "step_squares": g.step_squares,
-                 "skipped_nonfinite": g.skipped_nonfinite, "moments": a.moments, "activation_counts": a.counts,
-                 "positives": a.positives, "activation_linear": a.linear}
-        if self._clip.calls:
-            parts["clip"] = self._clip.sums.to(g.device)
-        if self._weights is not None:
-            parts["weights"], parts["weight_counts"] = self._weights.summary()
-        if self._gates is not None:
-            parts["gate_totals"], parts["gate_weights"] = self._gates.totals, self._gates.weight_norms()
-        return read_back(parts)
-
     def _start_window(self) -> None:
-        self._gradients.reset()
-        self._activations.reset()
-        if self._gates is not None:
-            self._gates.reset()
-        if self._weights is not None:
-            self._weights.snapshot()
-        self._skipped_steps = 0
-        self._tapped_in_window = False
-        self._clip = ClipTally()
+        for part in self.parts.values():
+            part.reset()
 
     # -- keeping up with the model --------------------------------------------------------
 
     def _follow(self) -> bool:
         """Rebind to the model's parameters if they were replaced; True if so (model_checks)."""
         model = self._model()
-        new = replaced_parameters(model, self.names, self._gradients.params, self._gradients.device) \
+        new = replaced_parameters(model, self.names, self._setup.params, self._setup.device, self._dtypes) \
             if model is not None else None
         if new is None:
             return False
-        self._gradients.bind(new)
-        if self._weights is not None:
-            self._weights.bind(new)
-        if self._gates is not None:
-            self._gates.bind(new)
-        self._index_of = {id(p): i for i, p in enumerate(new)}
+        for part in self.parts.values():        # what is pending was taken from the old tensors
+            part.fold()
+        self._setup.rebind(new)
+        self._dtypes = [p.dtype for p in new]
+        for part in self.parts.values():
+            part.bind(new)
         self._masks.forget()
         return True
 
-    def _warn_once(self, key: str, message: str) -> None:
+    def _warn_once(self, key: str, message: str, stacklevel: int = 3) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(message, stacklevel=3)
+            warnings.warn(message, stacklevel=stacklevel)
 
-
-def _sinks(writer, members: int) -> list[tuple[int, object, str]]:
-    """(member, sink, tag prefix) for each member: one writer per member, or one for all with
-    ``member_<k>/`` tags."""
-    if writer is None:
-        return []
-    from gradflow.monitor.sinks import (
-        as_sink,  # imports TensorBoard's protos only when writing
-    )
-
-    if isinstance(writer, (list, tuple)):
-        if len(writer) != members:
-            raise MonitorError(f"got {len(writer)} writers for members={members}; pass one writer per member or one in all")
-        return [(k, as_sink(w), "") for k, w in enumerate(writer)]
-    sink = as_sink(writer)
-    return [(k, sink, f"member_{k}/" if members > 1 else "") for k in range(members)]
-
-
+    def _warn_from_part(self, key: str, message: str) -> None:
+        """A part's warning from its read() (under log()): shown at the user's log() call."""
+        self._warn_once(key, message, stacklevel=5)

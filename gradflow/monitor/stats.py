@@ -65,8 +65,12 @@ def sign_exponent_bins(flat: torch.Tensor, out: torch.Tensor | None = None) -> t
     An arithmetic shift of the float32's bits by 23 leaves the signed exponent: one
     contiguous integer pass (a strided read of the high 16 bits alone is four times slower).
     """
-    if flat.dtype == torch.float64:                # beyond float32's range is the top finite bin, not Inf
+    if flat.dtype == torch.float64:                # keep float64's range within float32's bins:
+        # beyond float32's range is the top finite bin, not Inf; below it (a float64 gradient of
+        # 1e-51) the lowest non-zero bin, not zero: only exact zeros count as zeros.
+        tiny = torch.finfo(torch.float32).tiny
         flat = torch.where(flat.isfinite(), flat.clamp(-FLOAT32_MAX, FLOAT32_MAX), flat)
+        flat = torch.where((flat != 0) & (flat.abs() < tiny), torch.copysign(torch.full_like(flat, tiny), flat), flat)
     if flat.dtype != torch.float32:
         flat = flat.float()
     if not flat.is_contiguous():

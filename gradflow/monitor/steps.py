@@ -21,10 +21,12 @@ Example:
 from __future__ import annotations
 
 import functools
+import threading
 import weakref
 from typing import Any, Callable
 
 import torch
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 ALL = "all"      # OptimizerMasks.mask: the optimizer steps every monitored parameter
 
@@ -39,7 +41,7 @@ class OptimizerMasks:
         self._count = count
         self._index_of = index_of            # called afresh: the monitor may rebind parameters
         self._refresh = refresh
-        self._cache: "weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple]" = weakref.WeakKeyDictionary()
+        self._cache: weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple] = weakref.WeakKeyDictionary()
 
     def mask(self, optimizer: torch.optim.Optimizer) -> tuple[bool, ...] | str | None:
         """The optimizer's parameters as a mask over the monitor's; ``ALL`` if it holds every one
@@ -106,3 +108,131 @@ def replace_closure(args: tuple, kwargs: dict, closure: Callable, by_keyword: bo
     if by_keyword:
         return args, {**kwargs, "closure": closure}
     return (args[0], closure, *args[2:]), kwargs
+
+
+# -- which monitors see which optimizer's steps, and in what order ------------------------------
+#
+# One global optimizer step pre-hook for the whole process, ``_dispatch``, installed on the
+# first attach and never removed: torch iterates its dict of global hooks during every step of
+# every optimizer in every thread, so adding and removing a hook per monitor raised
+# "OrderedDict mutated during iteration" in another thread's optimizer.step(). The dispatcher
+# reads a tuple of monitors that attach and remove replace whole (copy on write, under a lock),
+# so a step never sees it change halfway.
+#
+# The dispatcher records nothing. Global pre-hooks run before the optimizer's own pre-hooks
+# (torch/optim/optimizer.py, ``profile_hook_step``), so it hands each monitor the optimizer and
+# the monitor makes sure its own *instance* pre-hook on that optimizer is the last one
+# (registering it on first sight, moving it to the end when the user registered another since):
+# the monitor records after every pre-hook of the optimizer, the gradient the step applies.
+
+_LOCK = threading.Lock()
+_MONITORS: tuple = ()                 # weak references to the attached monitors
+_INSTALLED: list = []                 # the dispatcher's handle, once installed
+
+
+def watch_steps(monitor: Any) -> None:
+    """Tell ``monitor`` (``_on_step_seen(optimizer)``, a ``StepWatch``) of every optimizer step in the process."""
+    global _MONITORS
+    with _LOCK:
+        _MONITORS = (*_MONITORS, weakref.ref(monitor))
+        if not _INSTALLED:
+            _INSTALLED.append(register_optimizer_step_pre_hook(_dispatch))
+
+
+def unwatch_steps(monitor: Any) -> None:
+    global _MONITORS
+    with _LOCK:
+        _MONITORS = tuple(ref for ref in _MONITORS if ref() is not None and ref() is not monitor)
+
+
+@torch._dynamo.disable
+def _dispatch(optimizer, args, kwargs):
+    for ref in _MONITORS:
+        monitor = ref()
+        if monitor is not None:
+            monitor._on_step_seen(optimizer)
+    return None
+
+
+def last_pre_hook(optimizer: torch.optim.Optimizer, hook: Callable, handle=None):
+    """Make ``hook`` the last step pre-hook of ``optimizer`` (register it, or move its
+    ``handle`` to the end); return its handle. Call only from a global pre-hook, before torch
+    iterates the optimizer's own hooks."""
+    hooks = optimizer._optimizer_step_pre_hooks
+    if handle is None or handle.id not in hooks:
+        return optimizer.register_step_pre_hook(hook)
+    if next(reversed(hooks)) != handle.id:
+        hooks.move_to_end(handle.id)
+    return handle
+
+
+def amp_scale(optimizer: torch.optim.Optimizer, kwargs: dict | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(grad_scale, found_inf) when a ``GradScaler`` steps an optimizer that unscales inside its
+    own step (``_step_supports_amp_scaling``: fused Adam/AdamW/SGD): the gradients are still
+    scaled by ``grad_scale``, and ``found_inf`` > 0 means the step will not apply them. None
+    otherwise. GradScaler sets both as attributes of the optimizer for the step
+    (torch/amp/grad_scaler.py), or passes itself as ``grad_scaler`` (the older contract)."""
+    if not getattr(optimizer, "_step_supports_amp_scaling", False):
+        return None
+    scale, found = getattr(optimizer, "grad_scale", None), getattr(optimizer, "found_inf", None)
+    if scale is not None and found is not None:
+        return scale, found
+    scaler = (kwargs or {}).get("grad_scaler")
+    if scaler is not None and scaler.is_enabled():
+        state = scaler._per_optimizer_states.get(id(optimizer), {})
+        found = sum(v.to(scaler._scale.device) for v in state.get("found_inf_per_device", {}).values())
+        return scaler._scale, torch.as_tensor(found, device=scaler._scale.device)
+    return None
+
+
+class StepWatch:
+    """One monitor's watch of optimizer steps: its pre-hook, kept last on every optimizer that
+    holds its parameters (``only``: that optimizer alone), calling ``record(mask, unscale)``
+    where the step's gradient is final (after a closure's backward; ``unscale``: 1 / the
+    GradScaler's scale for a fused optimizer's still-scaled gradients, else None)."""
+
+    def __init__(self, masks: OptimizerMasks, only: torch.optim.Optimizer | None,
+                 record: Callable[[Any, torch.Tensor | None], None]) -> None:
+        self.masks = masks
+        self.only = weakref.ref(only) if only is not None else None
+        self.record = record
+        self.on = False
+        self._hooks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+    def start(self) -> None:
+        watch_steps(self)
+        self.on = True
+
+    def stop(self) -> None:
+        unwatch_steps(self)
+        self.on = False
+        for handle in list(self._hooks.values()):
+            handle.remove()
+        self._hooks.clear()
+
+    def _on_step_seen(self, optimizer: torch.optim.Optimizer) -> None:
+        """An optimizer is about to step (``_dispatch``, before its own pre-hooks)."""
+        if self.only is not None and optimizer is not self.only():
+            return
+        if self.masks.mask(optimizer) is not None:
+            self._hooks[optimizer] = last_pre_hook(optimizer, self._on_step, self._hooks.get(optimizer))
+
+    @torch._dynamo.disable
+    def _on_step(self, optimizer, args=(), kwargs=None):
+        """The optimizer's last step pre-hook: record the gradient its step applies."""
+        mask = self.masks.mask(optimizer)
+        if mask is None or not self.on:
+            return None
+        amp = amp_scale(optimizer, kwargs)
+        if amp is not None:                          # a fused optimizer under GradScaler: still scaled
+            scale, found_inf = amp
+            if not found_inf.item():                 # else skipped: interception counts it (one sync, AMP only)
+                self.record(mask, scale.double().reciprocal().float())
+            return None
+        closure, by_keyword = closure_of(args, kwargs or {})
+        if closure is None:
+            self.record(mask, None)
+            return None
+        # The closure runs forward and backward inside step(): record after it, not before.
+        wrapped = recording_closure(closure, lambda: self.record(mask, None))
+        return replace_closure(args, kwargs or {}, wrapped, by_keyword)

@@ -1,63 +1,111 @@
-"""Weight norms, their histograms and how far the weights moved over a window."""
+"""Weight norms, their histograms and how far the weights moved over a window.
+
+Memory: one copy of each trainable parameter, in its own dtype (the window's start, for the
+update ratio), updated in place at each window's end; none of a frozen one (``requires_grad``
+False): whether a frozen weight moved is told by its version counter, which every in-place
+change bumps, so its update ratio is 0 while untouched and NaN (unknown) once something wrote
+to it. No per-element index tensors: each parameter is reduced on its own, its members (a
+batched model) as consecutive segments, in chunks (``stats.CHUNK``) on the torch path.
+"""
 
 from __future__ import annotations
 
 import numpy as np
 import torch
 
+from gradflow.monitor import columns as C
 from gradflow.monitor import stats as S
-from gradflow.monitor.tensors import _flat, _segment_layout
+from gradflow.monitor.part import Part, Reduced, Setup
 
 
-class _WeightTracker:
-    """L1 and L2 norm of each parameter and how far it moved over the window, in one pass."""
+class Weights(Part):
+    """L1 and L2 norm of each parameter and how far it moved over the window."""
 
-    def __init__(self, params: list[torch.Tensor], members: int = 1) -> None:
-        self.params = params
-        self.slots = len(params) * members
-        self.sizes = [p.numel() // members for p in params for _ in range(members)]
-        self.lengths, self.segment = _segment_layout(self.sizes, params[0].device)
-        self.bin_offset = (self.segment * S.SIGN_EXPONENT_BINS).int()
-        self._spare: torch.Tensor | None = None  # a flat buffer to reuse
-        self.start = self._flatten()
-        self._end: torch.Tensor | None = None    # the weights summary() saw: the next window's start
+    name = "weights"
+
+    @classmethod
+    def create(cls, model, setup: Setup) -> Weights | None:
+        return cls(model, setup) if setup.options.get("weights", True) else None
+
+    def __init__(self, model, setup: Setup) -> None:
+        super().__init__(model, setup)
+        self.members = setup.members
+        self._scratch = S.Scratch()
+        self.bind(setup.params)
 
     def bind(self, params: list[torch.Tensor]) -> None:
-        """Follow replacement tensors (same shapes): the window restarts from their values."""
+        """Follow these tensors (a first binding, or replacements): the window restarts from
+        their values."""
         self.params = params
-        self._end = None
-        self.start = self._flatten()
-
-    @torch.no_grad()
-    def _flatten(self) -> torch.Tensor:
-        """The weights, flat, copied into the spare buffer when there is one: on the CPU a fresh
-        tensor of a large model's size is mapped anew each time, and its page faults cost
-        several times the copy (resnet18's 45 MB: 70 ms against 9)."""
-        out, self._spare = self._spare, None
-        return torch.cat([_flat(p.detach()) for p in self.params], out=out)
-
-    def snapshot(self) -> None:
-        if self._end is None:
-            self._spare = self.start
-            self.start = self._flatten()
-        else:
-            self._spare, self.start, self._end = self.start, self._end, None
+        self.slots = len(params) * self.members
+        old = getattr(self, "start", None)
+        with torch.no_grad():               # a conversion (.double()) keeps the window's start, converted
+            self.start = [None if not p.requires_grad else
+                          old[i].to(p.dtype) if old is not None and old[i] is not None and old[i].shape == p.shape
+                          else p.detach().clone() for i, p in enumerate(params)]
+        self.versions = [p._version for p in params]
 
     @torch.no_grad()
     def summary(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(slots, 4) rows of L1 norm, L2 norm, distance moved and L2 norm at the start; and
-        (slots, 512) histogram counts. The slots are contiguous segments of the flat weights,
-        so each norm is one segment sum (a batched model has hundreds of slots)."""
-        flat = self._end = self._flatten()
-        kernels = S.fused_kernels(flat.device)
-        if kernels is not None:
-            rows, counts = kernels.fold_weights(flat.numpy(), self.start.numpy(), self.lengths.numpy())
-            rows[:, 1:] = np.sqrt(rows[:, 1:])
+        """(slots, 4) rows of L1 norm, L2 norm, distance moved and L2 norm at the start (moved:
+        NaN for a frozen parameter written to since the window began); and (slots, 512)
+        histogram counts. The current weights become the next window's start."""
+        k = self.members
+        rows, counts = [], []
+        for i, p in enumerate(self.params):
+            now = p.detach().reshape(-1)
+            start = self.start[i]
+            before = now if start is None else start.reshape(-1)
+            r, c = self._fold(now, before, now.numel() // k)
+            if start is None and p._version != self.versions[i]:
+                r[:, 2] = float("nan")
+            rows.append(r)
+            counts.append(c)
+            if start is not None:
+                start.copy_(p.detach())
+            self.versions[i] = p._version
+        rows_t, counts_t = torch.cat(rows), torch.cat(counts)
+        rows_t[:, 1:] = rows_t[:, 1:].sqrt()
+        return rows_t, counts_t
+
+    def _fold(self, now: torch.Tensor, start: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows [sum |w|, sum w², sum (w - start)², sum start²] and counts of each member."""
+        kernels = S.fused_kernels(now.device)
+        if kernels is not None and now.dtype == torch.float32 and start.dtype == torch.float32:
+            lengths = np.full(now.numel() // length, length, dtype=np.int64)
+            rows, counts = kernels.fold_weights(now.contiguous().numpy(), start.contiguous().numpy(), lengths)
             return torch.from_numpy(rows), torch.from_numpy(counts)
-        moved = flat - self.start
-        sums = S.segment_sums([flat.abs(), flat * flat, moved * moved, self.start * self.start],
-                              self.lengths, self.segment)
-        rows = torch.cat([sums[:1], sums[1:].sqrt()]).T
-        counts = torch.zeros(self.slots * S.SIGN_EXPONENT_BINS, dtype=torch.int64, device=flat.device)
-        S.count_into(counts, S.sign_exponent_bins(flat).add_(self.bin_offset))
-        return rows, counts.view(self.slots, S.SIGN_EXPONENT_BINS)
+        wide = S.wide_dtype(now.device)
+        out_rows, out_counts = [], []
+        for member in range(now.numel() // length):
+            w, s = now[member * length:(member + 1) * length], start[member * length:(member + 1) * length]
+            sums = torch.zeros(4, dtype=wide, device=now.device)
+            counts = torch.zeros(S.SIGN_EXPONENT_BINS, dtype=torch.int64, device=now.device)
+            for a, b in zip(w.split(S.CHUNK), s.split(S.CHUNK)):
+                a64, b64 = a.to(wide), b.to(wide)
+                sums += torch.stack([a64.abs().sum(), a64.square().sum(), (a64 - b64).square().sum(), b64.square().sum()])
+                self._scratch.count_exponents(counts, a)
+            out_rows.append(sums)
+            out_counts.append(counts)
+        return torch.stack(out_rows), torch.stack(out_counts)
+
+    def device_tensors(self) -> dict[str, Reduced]:
+        rows, counts = self.summary()
+        return {"rows": Reduced(rows), "counts": Reduced(counts)}
+
+    def read(self, values: dict[str, np.ndarray], reader) -> None:
+        """Rows ``columns.WEIGHT``, also joined to the gradient rows as ``weight_<column>``."""
+        l1, l2, moved, start = values["rows"].T
+        with np.errstate(divide="ignore", invalid="ignore"):
+            # A zero start (a fresh bias) has no relative update: NaN says so.
+            ratios = np.where(start > 0, moved / start, np.nan)
+        for slot, k, name, path in reader.slots(self.setup.names):
+            row = dict(zip(C.WEIGHT, (float(l1[slot]), float(l2[slot]), float(ratios[slot]))))
+            reader.windows[k].weights[name] = row
+            if name in reader.windows[k].gradients:
+                reader.windows[k].gradients[name].update({f"weight_{key}": v for key, v in row.items()})
+                # ||g|| / ||w||: the size the diagnosis judges, so TensorBoard can chart the same measure
+                norm = reader.windows[k].gradients[name]["norm"]
+                reader.scalars[k][f"grad/{path}/relative"] = norm / row["norm"] if row["norm"] > 0 else float("nan")
+            reader.scalars[k].update({f"weight/{path}/{key}": value for key, value in row.items()})
+            reader.wanted.value(k, f"weight/{path}", values["counts"][slot], state=True)

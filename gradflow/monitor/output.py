@@ -1,0 +1,65 @@
+"""Where a monitor's windows go: one sink per member (or one for all, with ``member_<k>/``
+tags), and the pool that sums histograms over ``histograms=N`` windows before writing them.
+
+Example:
+    >>> output = Output(writer, members=1, every=1)
+    >>> output.write(reader.scalars, reader.wanted, step, final=False)   # at each log()
+    >>> output.flush()                                                     # at remove()
+"""
+
+from __future__ import annotations
+
+from gradflow.monitor.histograms import HistogramPool, HistogramRequests
+from gradflow.monitor.tensors import MonitorError
+
+
+class Output:
+    """The sinks of one monitor and its histogram pool (``every``: windows per histogram; 0: none)."""
+
+    def __init__(self, writer, members: int, every: int) -> None:
+        self.members = members
+        self.sinks = _sinks(writer, members)
+        self.pool = HistogramPool(every) if every else None
+
+    def write(self, scalars: list[dict[str, float]], wanted: HistogramRequests, step: int, final: bool) -> None:
+        """Write a window's scalars at ``step``, and its histograms once the pool holds
+        ``every`` windows (at once when ``final``: no flush() will follow)."""
+        histograms = self._histograms(wanted, step, final)
+        for k, sink, prefix in self.sinks:
+            sink.log({prefix + tag: v for tag, v in scalars[k].items()},
+                     {prefix + tag: h for tag, h in (histograms[k] if histograms else {}).items()}, step)
+
+    def _histograms(self, wanted: HistogramRequests, step: int, final: bool) -> list[dict] | None:
+        if self.pool is None or not self.sinks:
+            return None
+        self.pool.add(wanted, step)
+        if not self.pool.full and not final:
+            return None
+        return self.pool.take(self.members)[1]
+
+    def flush(self) -> None:
+        """Write the histograms of windows still pooling, at the step of the last of them."""
+        taken = self.pool.take(self.members) if self.pool is not None else None
+        if taken is None:
+            return
+        step, histograms = taken
+        for k, sink, prefix in self.sinks:
+            if histograms[k]:
+                sink.log({}, {prefix + tag: h for tag, h in histograms[k].items()}, step)
+
+
+def _sinks(writer, members: int) -> list[tuple[int, object, str]]:
+    """(member, sink, tag prefix) for each member: one writer per member, or one for all with
+    ``member_<k>/`` tags."""
+    if writer is None:
+        return []
+    from gradflow.monitor.sinks import (
+        as_sink,  # imports TensorBoard's protos only when writing
+    )
+
+    if isinstance(writer, (list, tuple)):
+        if len(writer) != members:
+            raise MonitorError(f"got {len(writer)} writers for members={members}; pass one writer per member or one in all")
+        return [(k, as_sink(w), "") for k, w in enumerate(writer)]
+    sink = as_sink(writer)
+    return [(k, sink, f"member_{k}/" if members > 1 else "") for k in range(members)]

@@ -1,0 +1,77 @@
+"""Says so when training ran but the monitor recorded nothing: a window with no recorded step,
+no gradient on any parameter at ``log()``, and yet the weights changed or forward passes ran.
+
+The monitor records at a ``torch.optim`` optimizer's step (or ``record()``); training that
+never steps one is invisible to it, and ``log()`` would return ``{}`` with no word:
+
+- a hand-written update (``p -= lr * p.grad``, then ``p.grad = None``), or an optimizer that
+  is not a ``torch.optim.Optimizer``: the parameters' version counters moved (every in-place
+  write bumps them) with no step recorded;
+- ``torch.func`` training (``functional_call`` + ``grad``): gradients are returned, never
+  stored in ``.grad``; training forward passes ran (grad mode on) with no step recorded.
+
+One warning per monitor, naming the likely cause and ``record()``. Windows that recorded a
+step, or whose parameters still hold gradients (the gradients part warns about those), are
+not this part's business.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gradflow.monitor.part import Part
+from gradflow.monitor.spent import LeavesCopiesAlone
+
+HAND_WRITTEN = ("log(): the parameters changed in place but no optimizer step was recorded in this window: a "
+                "hand-written update (p -= lr * p.grad) or an optimizer that is not a torch.optim.Optimizer "
+                "is not seen. Call monitor.record() where the gradient is final, before the update")
+FUNCTIONAL = ("log(): {n} training forward passes ran but no gradient reached the parameters' .grad and no "
+              "optimizer step was recorded in this window: torch.func training (functional_call + grad) "
+              "returns gradients without storing them. Set p.grad from them and call monitor.record()")
+
+
+class Unrecorded(Part):
+    """Training the monitor could not see: warned at ``log()`` (module docstring)."""
+
+    name = "unrecorded"
+
+    def __init__(self, model, setup) -> None:
+        super().__init__(model, setup)
+        self.forwards = 0
+        self.versions: list[int] = []
+
+    def hook(self, model) -> None:
+        self.keep(model.register_forward_pre_hook(_CountForward(self)))
+
+    def reset(self) -> None:
+        self.forwards = 0
+        self.versions = [p._version for p in self.setup.params]
+
+    def bind(self, params) -> None:
+        self.versions = [p._version for p in params]
+
+    def read(self, values, reader) -> None:
+        if any(window.steps or window.overall.get("skipped_steps") for window in reader.windows):
+            return
+        params = self.setup.params
+        if any(p.grad is not None for p in params):
+            return                                   # the gradients part says "no step was recorded"
+        if any(p._version != v for p, v in zip(params, self.versions)):
+            self.setup.warn("unrecorded", HAND_WRITTEN)
+        elif self.forwards:
+            self.setup.warn("unrecorded", FUNCTIONAL.format(n=self.forwards))
+
+
+class _CountForward(LeavesCopiesAlone):
+    """Counts the model's training forward passes (grad mode on, outside backward and tracing)."""
+
+    __slots__ = ("__weakref__", "part")
+    KIND = "pre"
+
+    def __init__(self, part: Unrecorded) -> None:
+        self.part = part
+
+    def __call__(self, module, inputs):
+        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
+            self.part.forwards += 1
+        return None

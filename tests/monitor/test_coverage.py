@@ -1,0 +1,243 @@
+"""What the monitor did not record is said, and every kind and range of parameter is followed:
+hand-written and torch.func training, idle parameters, float64 subnormals, complex parameters,
+conversions after attaching, parametrized weights. Oracles: statistics taken from p.grad."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrizations
+
+from gradflow.monitor import GradientMonitor
+
+
+def _model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+
+
+def _loss(model, x=None):
+    x = torch.randn(8, 3) if x is None else x
+    return model(x).square().mean()
+
+
+def _caught(fn):
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = fn()
+    return out, [str(w.message) for w in caught]
+
+
+def test_hand_written_update_is_said():
+    model = _model()
+    with GradientMonitor(model, activations=False) as monitor:
+        for _ in range(3):
+            _loss(model).backward()
+            with torch.no_grad():
+                for p in model.parameters():
+                    p -= 0.1 * p.grad
+                    p.grad = None
+        rows, messages = _caught(lambda: monitor.log(0))
+    assert rows == {}
+    assert len([m for m in messages if "hand-written update" in m and "record()" in m]) == 1, messages
+
+
+class _NotTorchOptim:
+    """An optimizer that is not a torch.optim.Optimizer (as some libraries' own)."""
+
+    def __init__(self, params, lr):
+        self.params, self.lr = list(params), lr
+
+    @torch.no_grad()
+    def step(self):
+        for p in self.params:
+            p.add_(p.grad, alpha=-self.lr)
+
+    def zero_grad(self):
+        for p in self.params:
+            p.grad = None
+
+
+def test_optimizer_that_is_not_torch_optim_is_said():
+    model = _model(1)
+    optimizer = _NotTorchOptim(model.parameters(), 0.1)
+    with GradientMonitor(model, activations=False) as monitor:
+        for _ in range(2):
+            optimizer.zero_grad()
+            _loss(model).backward()
+            optimizer.step()
+        rows, messages = _caught(lambda: monitor.log(0))
+    assert rows == {}
+    assert len([m for m in messages if "not a torch.optim.Optimizer" in m]) == 1, messages
+
+
+def test_torch_func_training_is_said():
+    from torch.func import functional_call, grad
+    model = _model(2)
+    params = {k: v.detach() for k, v in model.named_parameters()}
+    x = torch.randn(8, 3)
+
+    def loss(p):
+        return functional_call(model, p, (x,)).square().mean()
+
+    with GradientMonitor(model, activations=False) as monitor:
+        for _ in range(3):
+            with torch.enable_grad():
+                g = grad(loss)(params)
+            params = {k: v - 0.1 * g[k] for k, v in params.items()}
+        rows, messages = _caught(lambda: monitor.log(0))
+    assert rows == {}
+    assert len([m for m in messages if "torch.func" in m]) == 1, messages
+
+
+def test_idle_parameter_is_listed_not_silently_absent():
+    """An expert the router never picks in a window: its optimizer steps, it gets no gradient;
+    it is named in Window.idle (and counted in grad/idle_parameters), the others are recorded."""
+    torch.manual_seed(3)
+    experts = nn.ModuleList([nn.Linear(3, 1), nn.Linear(3, 1)])
+    optimizer = torch.optim.SGD(experts.parameters(), lr=0.1)
+    with GradientMonitor(experts, activations=False) as monitor:
+        for _ in range(2):
+            optimizer.zero_grad()
+            experts[0](torch.randn(4, 3)).sum().backward()
+            optimizer.step()
+        rows = monitor.log(0)
+        window = monitor.history[-1]
+        assert sorted(rows) == ["0.bias", "0.weight"]
+        assert window.idle == ["1.weight", "1.bias"]
+        experts[1](torch.randn(4, 3)).sum().backward()          # the next window uses it
+        optimizer.step()
+        monitor.log(1)
+        assert monitor.history[-1].idle == []
+
+
+@pytest.mark.parametrize("scale", [1e-51, 1e-310, 1e200])
+def test_float64_gradients_keep_their_range(scale):
+    """float64 gradients far below (or above) float32's range: zero_fraction counts only exact
+    zeros, and the moments match the oracle."""
+    torch.manual_seed(4)
+    weight = nn.Parameter(torch.zeros(64, dtype=torch.float64))
+    holder = nn.Module()
+    holder.weight = weight
+    optimizer = torch.optim.SGD([weight], lr=0.0)
+    values = torch.randn(64, dtype=torch.float64) * scale
+    values[:8] = 0.0
+    with GradientMonitor(holder, activations=False) as monitor:
+        weight.grad = values.clone()
+        optimizer.step()
+        row = monitor.log(0)["weight"]
+    assert row["zero_fraction"] == pytest.approx(8 / 64)
+    assert row["mean_abs"] == pytest.approx(values.abs().mean().item(), rel=1e-9)
+    assert row["norm"] == pytest.approx(torch.linalg.vector_norm(values / scale).item() * scale, rel=1e-9)
+    assert row["max_abs"] == pytest.approx(values.abs().max().item(), rel=1e-12)
+
+
+def test_complex_parameters_are_named_in_a_warning():
+    model = _model(5)
+    model.register_parameter("phase", nn.Parameter(torch.randn(3, dtype=torch.complex64)))
+    _, messages = _caught(lambda: GradientMonitor(model).remove())
+    assert any("complex parameters are not recorded: phase" in m for m in messages), messages
+
+
+@pytest.mark.parametrize("overwrite", [False, True], ids=["in-place", "overwrite-params"])
+def test_double_after_attach_is_followed(overwrite):
+    """model.double() after attaching (also with overwrite_module_params_on_conversion): the
+    monitor follows the float64 parameters instead of raising inside training."""
+    model = _model(6)
+    x = torch.randn(8, 3)
+    norms = []
+    previous = torch.__future__.get_overwrite_module_params_on_conversion()
+    torch.__future__.set_overwrite_module_params_on_conversion(overwrite)
+    try:
+        with GradientMonitor(model, activations=False) as monitor:
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+            for _ in range(2):
+                optimizer.zero_grad()
+                _loss(model, x).backward()
+                norms.append(model[0].weight.grad.double().norm().item())
+                optimizer.step()
+            model.double()
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+            for _ in range(2):
+                optimizer.zero_grad()
+                _loss(model, x.double()).backward()
+                norms.append(model[0].weight.grad.norm().item())
+                optimizer.step()
+            rows = monitor.log(0)
+            assert model[0].weight.dtype == torch.float64
+            optimizer.zero_grad()
+            _loss(model, x.double()).backward()
+            expected = model[0].weight.grad.norm().item()
+            optimizer.step()
+            after = monitor.log(1)
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(previous)
+    assert rows["0.weight"]["steps"] == 4
+    assert rows["0.weight"]["norm"] == pytest.approx(sum(norms) / 4, rel=1e-5)
+    assert after["0.weight"]["norm"] == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("parametrize", ["weight_norm", "spectral_norm", "orthogonal"])
+def test_parametrized_weight_is_one_layer_under_its_name(parametrize):
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 1))
+    getattr(parametrizations, parametrize)(model[0])
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    with GradientMonitor(model, activations=False) as monitor:
+        optimizer.zero_grad()
+        model(torch.randn(8, 4)).sum().backward()
+        original = dict(model.named_parameters())
+        optimizer.step()
+        rows = monitor.log(0)
+    names = [n for n in rows if n.startswith("0.")]
+    assert all(n.startswith("0.weight") or n == "0.bias" for n in names), names
+    assert not any("parametrizations" in n for n in rows)
+    if parametrize != "weight_norm":
+        grad = original["0.parametrizations.weight.original"].grad
+        assert rows["0.weight"]["norm"] == pytest.approx(grad.double().norm().item(), rel=1e-5)
+    assert all(monitor.kinds[n] == "linear" for n in names)
+
+
+class _Flaky(nn.Module):
+    """A model whose forward can raise after its activation ran (a bad batch, an OOM)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.act, self.fc2, self.fail = nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1), False
+
+    def forward(self, x):
+        h = self.act(self.fc1(x))
+        if self.fail:
+            raise RuntimeError("bad batch")
+        return self.fc2(h)
+
+
+@pytest.mark.parametrize("then", ["forward-again", "step-at-once"])
+def test_a_forward_that_raised_halfway_never_leaks_into_the_window(then):
+    """The activations a failed forward pass produced are left out (oracle: the tanh output of
+    the whole passes only), and the monitor says so."""
+    torch.manual_seed(8)
+    model = _Flaky()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    x, bad = torch.randn(16, 3), torch.randn(64, 3) * 10
+    with warnings.catch_warnings(record=True) as caught, GradientMonitor(model, activations_every=1) as monitor:
+        warnings.simplefilter("always")
+        if then == "step-at-once":
+            model(x).sum().backward()                        # a whole pass, then the failed one
+        model.fail = True
+        with pytest.raises(RuntimeError, match="bad batch"):
+            model(bad)
+        model.fail = False
+        if then == "forward-again":
+            model(x).sum().backward()
+        optimizer.step()
+        monitor.log(0)
+    messages = [str(w.message) for w in caught]
+    expected = torch.tanh(model.fc1(x)).detach()
+    row = monitor.history[-1].activations["act"]
+    assert row["mean"] == pytest.approx(expected.mean().item(), rel=1e-5)
+    assert row["std"] == pytest.approx(expected.std(unbiased=False).item(), rel=1e-4)
+    assert any("raised halfway" in m for m in messages), messages
