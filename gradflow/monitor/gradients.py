@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from gradflow.monitor import stats as S
+from gradflow.monitor.sharding import local, local_numel
 from gradflow.monitor.steps import ALL
 from gradflow.monitor.tensors import (
     LARGE_PARAMETER,
@@ -63,7 +64,8 @@ class _GradientAccumulator:
 
     def __init__(self, params: list[torch.Tensor], members: int = 1) -> None:
         self.members = members
-        device = params[0].device
+        self.sharding = None                         # a sharding.ShardLayout when parameters are DTensors
+        device = local(params[0]).device
         self.bind(params)
         slots = len(self.slot_numel)
         dtype = S.wide_dtype(device)
@@ -83,9 +85,10 @@ class _GradientAccumulator:
     def bind(self, params: list[torch.Tensor]) -> None:
         """Follow these tensors from now on (the same shapes and dtypes, or a first binding)."""
         self.params = params
-        self.numel = [p.numel() for p in params]
+        self.numel = [local_numel(p) for p in params]             # this rank's shard of a DTensor
         self.float64 = [p.dtype == torch.float64 for p in params]
-        self.slot_numel = [p.numel() // self.members for p in params for _ in range(self.members)]
+        self.slot_numel = [n // self.members for n in self.numel for _ in range(self.members)]
+        self.full_numel = [p.numel() // self.members for p in params for _ in range(self.members)]
 
     @property
     def device(self) -> torch.device:
@@ -118,6 +121,8 @@ class _GradientAccumulator:
             grads = [p.grad for p in self.params]
         else:
             grads = [p.grad if wanted else None for p, wanted in zip(self.params, mask)]
+        if self.sharding is not None:                # local shards, Partial sums resolved (sharding.py)
+            grads = self.sharding.local_grads(self.params, grads, self.recorded)
         pattern = tuple(g is not None for g in grads)
         if not any(pattern):
             return False
@@ -146,12 +151,14 @@ class _GradientAccumulator:
             if p.grad is None or (mask is not None and mask is not ALL and not mask[i]):
                 continue
             self.skipped[i] += 1
-            grad = p.grad.to_dense() if p.grad.layout != torch.strided else p.grad
+            grad = local(p.grad)
+            grad = grad.to_dense() if grad.layout != torch.strided else grad
             self.skipped_nonfinite[i] += (~torch.isfinite(grad)).sum()
 
     def _make_plan(self, pattern: tuple[bool, ...]) -> _GradientPlan:
         present = [i for i, has in enumerate(pattern) if has]
-        large = [i for i in present if self.numel[i] >= LARGE_PARAMETER or self.float64[i]]
+        # An empty shard (a DTensor's, on some ranks) is small: nothing to fold, and no max of nothing.
+        large = [i for i in present if self.numel[i] >= LARGE_PARAMETER or (self.float64[i] and self.numel[i])]
         small = [i for i in present if i not in large]
         slots = [i * self.members + member for i in large for member in range(self.members)]
         plan = self._plans[pattern] = _GradientPlan(small, large, sum(self.numel[i] for i in small),

@@ -49,6 +49,7 @@ from gradflow.monitor.model_checks import (
     replaced_parameters,
 )
 from gradflow.monitor.order import ForwardOrder
+from gradflow.monitor.sharding import ShardLayout, check_collective_safe, is_dtensor
 from gradflow.monitor.steps import (
     OptimizerMasks,
     closure_of,
@@ -146,6 +147,7 @@ class GradientMonitor:
             raise MonitorError(
                 f"this {type(inner).__name__} already has a GradientMonitor attached; call .remove() on "
                 "that monitor (or GradientMonitor.detach(model)) before attaching another")
+        check_collective_safe(model)
         named = monitored_parameters(inner)
         check_members(named, members)
         if not isinstance(activations_every, int) or isinstance(activations_every, bool) or activations_every < 1:
@@ -162,10 +164,13 @@ class GradientMonitor:
         self._pool = HistogramPool(every) if every else None
         self.history: list[Window] = []
         self._model = weakref.ref(inner)
+        self._sharding = ShardLayout.of(self.names, params, members)   # None unless parameters are DTensors
         self._gradients = _GradientAccumulator(params, members)
+        self._gradients.sharding = self._sharding
         kinds = parameter_kinds(inner)
         self.kinds = {name: kinds.get(name, "other") for name in self.names}
         gated = gated_parameters(inner, self.names) if members == 1 else []   # gates.py: no member dimension
+        gated = [(i, gates) for i, gates in gated if not is_dtensor(params[i])]   # a shard has no whole gate rows
         self._gates = _GateAccumulator(params, gated) if gated else None
         self._weights = _WeightTracker(params, members) if weights else None
         taps = choose_taps(inner, activations)
@@ -325,7 +330,7 @@ class GradientMonitor:
         windows = [Window(step, int(steps.max(initial=0)), member=k if self.members > 1 else None)
                    for k in range(self.members)]
         reader = WindowReader(self.names, self.members, windows, HistogramRequests())
-        reader.gradients(values, steps, self._gradients.slot_numel, self._gradients.skipped)
+        reader.gradients(values, steps, self._gradients.full_numel, self._gradients.skipped)
         for window in windows:
             window.kinds = self.kinds
         if self._gates is not None:
@@ -392,10 +397,14 @@ class GradientMonitor:
             parts["weights"], parts["weight_counts"] = self._weights.summary()
         if self._gates is not None:
             parts["gate_totals"], parts["gate_weights"] = self._gates.totals, self._gates.weight_norms()
+        if self._sharding is not None:               # full-tensor values from local shards: collectives
+            parts = self._sharding.reduce(parts, g.recorded)
         return read_back(parts)
 
     def _start_window(self) -> None:
         self._gradients.reset()
+        if self._sharding is not None:
+            self._sharding.reset()
         self._activations.reset()
         if self._gates is not None:
             self._gates.reset()
