@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import functools
 import weakref
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.nn.utils
@@ -31,7 +32,7 @@ from torch.amp.grad_scaler import GradScaler
 
 from gradflow.monitor.stats import wide_dtype
 
-_WATCHERS: "weakref.WeakSet[Any]" = weakref.WeakSet()
+_WATCHERS: weakref.WeakSet[Any] = weakref.WeakSet()
 _ORIGINAL: dict[str, Any] = {}
 
 

@@ -68,7 +68,7 @@ from gradflow.monitor.window import (
 
 __all__ = ["GradientMonitor", "MonitorError", "Window", "tag_path", "unwrap"]
 
-_ATTACHED: "weakref.WeakKeyDictionary[nn.Module, GradientMonitor]" = weakref.WeakKeyDictionary()
+_ATTACHED: weakref.WeakKeyDictionary[nn.Module, GradientMonitor] = weakref.WeakKeyDictionary()
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -138,7 +138,7 @@ class GradientMonitor:
 
     def __init__(self, model: nn.Module, writer=None, *, optimizer: torch.optim.Optimizer | None = None,
                  histograms: bool | int = True, weights: bool = True, activations=True,
-                 members: int = 1, automatic: bool = True, activations_every: int = 10) -> None:  # noqa: PLR0913
+                 members: int = 1, automatic: bool = True, activations_every: int = 10) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"GradientMonitor needs an nn.Module, got {type(model).__name__}")
         inner = unwrap(model)
@@ -222,7 +222,7 @@ class GradientMonitor:
         monitor.remove()
         return True
 
-    def __enter__(self) -> "GradientMonitor":
+    def __enter__(self) -> GradientMonitor:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -194,7 +194,7 @@ class ShardLayout:
                     self._process_groups[key] = group
 
     @classmethod
-    def of(cls, names: list[str], params: list[torch.Tensor], members: int = 1) -> "ShardLayout | None":
+    def of(cls, names: list[str], params: list[torch.Tensor], members: int = 1) -> ShardLayout | None:
         """The layout of ``params``, or None when none is a DTensor (nothing to reduce: plain DDP).
 
         Raises:

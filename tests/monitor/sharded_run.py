@@ -25,9 +25,9 @@ from torch import nn
 
 torch.set_num_threads(1)
 
-from gradflow.monitor import GradientMonitor, MonitorError  # noqa: E402
-from gradflow.monitor import stats as S  # noqa: E402
-from gradflow.monitor.sinks import Sink  # noqa: E402
+from gradflow.monitor import GradientMonitor, MonitorError
+from gradflow.monitor import stats as S
+from gradflow.monitor.sinks import Sink
 
 STEPS, WINDOW, BATCH = 4, 2, 8          # 4 optimizer steps, windows of 2; global batch of 8 rows
 
@@ -197,7 +197,12 @@ def fsdp_case(world: int, opt: str, mesh_shape: tuple[int, ...], unused: bool = 
 def tp_case(opt: str) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard
-    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel, parallelize_module
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        SequenceParallel,
+        parallelize_module,
+    )
 
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     torch.manual_seed(0)
@@ -233,7 +238,7 @@ def attach_rank0_only() -> dict:
     if dist.get_rank() != 0:
         return {"error": None}
     try:
-        GradientMonitor(model, None, activations=False)
+        GradientMonitor(model, None, activations=False)      # the last case of a run: nothing attaches after it
     except MonitorError as error:
         return {"error": str(error)}
     return {"error": None}
