@@ -30,7 +30,7 @@ monitoring makes the others fail with an error, not wait forever.
 Example (on every rank, after ``fully_shard(model)``):
     >>> layout = ShardLayout.of(names, params)          # None when no parameter is a DTensor
     >>> grads = layout.local_grads(params, [p.grad for p in params], step=0)   # local tensors
-    >>> parts = layout.reduce(parts, recorded)          # at the window's close, on every rank
+    >>> parts = layout.reduce(parts, recorded)          # the read-back's Reduced tensors, at the window's close
 """
 
 from __future__ import annotations
@@ -277,30 +277,42 @@ class ShardLayout:
     # -- each window ---------------------------------------------------------------------
 
     @torch.no_grad()
-    def reduce(self, parts: dict[str, torch.Tensor], recorded: int) -> dict[str, torch.Tensor]:
-        """Full-tensor versions of a window's device sums, on every rank; returns a new dict.
+    def reduce(self, parts: dict, recorded: int) -> dict:
+        """Full-tensor versions of a window's device sums, the same on every rank; returns a new dict.
 
-        ``parts`` holds what the monitor reads back: ``totals`` (params, 4: sum g, sum |g|, sum over
-        steps of the step's norm, of its largest |g|), ``counts`` (params x 512 sign/exponent bins),
-        ``step_squares`` (steps, 1), ``skipped_nonfinite`` (params,), and with weights ``weights``
-        (params, 4: L1, L2, distance moved, L2 at the start) and ``weight_counts`` (params, 512).
-        Collectives: one MAX of the step count over the world, then per group one SUM and one MAX
-        all-reduce, each of one flat float64 tensor. ``recorded``: the steps this rank recorded.
+        ``parts`` is the monitor's read-back, ``{"<part>/<key>": part.Reduced}``. The per-parameter
+        sums of the gradients and weights parts are reduced: ``gradients/totals`` (params, 4: sum g,
+        sum |g|, sum over steps of the step's norm, of its largest |g|), ``gradients/counts``
+        (params x 512 sign/exponent bins), ``gradients/step_squares`` (steps, 1: recomputed from the
+        reduced per-step rows), ``gradients/skipped_nonfinite`` (params,), ``weights/rows`` (params,
+        4: L1, L2, distance moved, L2 at the start) and ``weights/counts`` (params, 512). The rest is
+        left as it is: the clipping part's norms are full already (a DTensor norm is read whole),
+        and activations describe this rank's batch.
+
+        The read-back's own ``reduce`` hook (``window.read_back``) combines every SUM tensor over one
+        group; sharded statistics need a group per mesh and sharded dims, rows of replicated
+        parameters left alone, and the per-step rows for the norms: hence this step before it.
+
+        Collectives, on every rank in the same order: one MAX of the step count over the world, then
+        per group one SUM and one MAX all-reduce, each of one flat float64 tensor.
+        ``recorded``: the steps this rank recorded.
         """
         import torch.distributed as dist
+
+        from gradflow.monitor.part import Reduced
 
         header = torch.tensor([float(recorded)], dtype=torch.float64, device=self.device)
         dist.all_reduce(header, op=dist.ReduceOp.MAX, group=self._world_group)
         steps = int(header.item())
         rows = self.rows[:steps].clone()
-        if steps > self.rows.shape[0]:
+        if steps > rows.shape[0]:
             rows = torch.cat([rows, rows.new_zeros(steps - rows.shape[0], *rows.shape[1:])])
-        out = dict(parts)
-        totals = parts["totals"].clone()
-        counts = parts["counts"].view(self.count, -1).clone()
-        skipped = parts["skipped_nonfinite"].clone()
-        weights = parts["weights"].clone() if "weights" in parts else None
-        weight_counts = parts["weight_counts"].clone() if "weight_counts" in parts else None
+        tensor = {key: part.tensor for key, part in parts.items()}
+        totals = tensor["gradients/totals"].clone()
+        counts = tensor["gradients/counts"].view(self.count, -1).clone()
+        skipped = tensor["gradients/skipped_nonfinite"].clone()
+        weights = tensor["weights/rows"].clone() if "weights/rows" in tensor else None
+        weight_counts = tensor["weights/counts"].view(self.count, -1).clone() if "weights/counts" in tensor else None
         for key, index_list in self.groups.items():
             index = torch.tensor(index_list, device=self.device)
             self._reduce_group(self._process_groups[key], index, rows, totals, counts, skipped, weights, weight_counts)
@@ -308,13 +320,14 @@ class ShardLayout:
             sharded = torch.tensor(self.sharded, device=self.device)
             totals[sharded, 2] = rows[:, sharded, 0].sqrt().sum(0).to(totals.dtype)
             totals[sharded, 3] = rows[:, sharded, 1].sum(0).to(totals.dtype)
-        step_squares = parts["step_squares"].clone()
+        step_squares = tensor["gradients/step_squares"].clone()
         step_squares[:steps, 0] = rows[:, :, 0].sum(1).to(step_squares.dtype)
-        out.update(totals=totals, counts=counts.view(parts["counts"].shape), step_squares=step_squares,
-                   skipped_nonfinite=skipped)
+        reduced = {"gradients/totals": totals, "gradients/counts": counts.view(tensor["gradients/counts"].shape),
+                   "gradients/step_squares": step_squares, "gradients/skipped_nonfinite": skipped}
         if weights is not None:
-            out.update(weights=weights, weight_counts=weight_counts)
-        return out
+            reduced["weights/rows"] = weights
+            reduced["weights/counts"] = weight_counts.view(tensor["weights/counts"].shape)
+        return {key: Reduced(reduced[key], part.reduce) if key in reduced else part for key, part in parts.items()}
 
     def _reduce_group(self, group, index, rows, totals, counts, skipped, weights, weight_counts) -> None:
         """One SUM and one MAX all-reduce for the parameters at ``index`` (in place in the arguments)."""
