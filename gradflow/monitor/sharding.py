@@ -103,6 +103,9 @@ def check_collective_safe(model) -> None:
             raise MonitorError("gradflow cannot monitor a DeepSpeed engine: ZeRO keeps gradients in partitioned "
                                "flat buffers (p.grad is None or a partition) and steps inside backward(), so "
                                "per-parameter statistics would be wrong; use FSDP2 (fully_shard) instead")
+        if any(hasattr(p, "ds_id") for p in module.parameters(recurse=False)):   # a ZeRO-3 partitioned parameter
+            raise MonitorError("gradflow cannot monitor parameters partitioned by DeepSpeed ZeRO-3 (they carry ds_id): "
+                               "their p.grad is not the gradient the optimizer applies; use FSDP2 (fully_shard)")
         if cls.__name__ == "FullyShardedDataParallel":
             raise MonitorError("gradflow cannot monitor FSDP1 (FullyShardedDataParallel): its flat parameters mix "
                                "pieces of several parameters; use FSDP2 (torch.distributed.fsdp.fully_shard), whose "

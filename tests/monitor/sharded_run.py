@@ -228,6 +228,38 @@ def tp_case(opt: str) -> dict:
             "reference": reference(TPBlock, opt, data), "grad_placements": grads}
 
 
+def fsdp_tp_case(opt: str) -> dict:
+    """FSDP2 over tensor parallel on a 2x2 (dp, tp) mesh: the TP block's parameters sharded on both dims."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, SequenceParallel, parallelize_module
+
+    mesh = init_device_mesh("cpu", (2, dist.get_world_size() // 2), mesh_dim_names=("dp", "tp"))
+    dp, tp = mesh["dp"], mesh["tp"]
+    torch.manual_seed(0)
+    model = TPBlock()
+    parallelize_module(model, tp, {"norm": SequenceParallel(), "up": ColwiseParallel(input_layouts=Shard(1)),
+                                   "down": RowwiseParallel(output_layouts=Shard(1))})
+    fully_shard(model, mesh=dp)
+    d, t, tps = dp.get_local_rank(), tp.get_local_rank(), tp.size()
+
+    def data(step):
+        return batch(step, (4, 4 * tps, 8))
+
+    def local_data(step):            # this dp rank's half of the batch, this tp rank's part of the sequence
+        x, y = data(step)
+        return x[2 * d:2 * d + 2, 4 * t:4 * t + 4], y[2 * d:2 * d + 2, 4 * t:4 * t + 4]
+
+    capture, oracle = Capture(), Oracle(model)
+    optimizer = optimizer_of(opt, model.parameters())
+    with GradientMonitor(model, capture, activations=False) as monitor:
+        windows = train(model, optimizer, monitor, oracle, local_data, scale=1 / tps)
+    return {"windows": windows, "oracle": oracle.windows, "histograms": capture.histograms,
+            "reference": reference(TPBlock, opt, data),
+            "placements": {n: str(p.placements) for n, p in model.named_parameters()}}
+
+
 def attach_rank0_only() -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -270,6 +302,7 @@ CASES = {
     "fsdp-unused": lambda: fsdp_case(dist.get_world_size(), "sgd", (dist.get_world_size(),), unused=True),
     "hsdp-adamw": lambda: fsdp_case(dist.get_world_size(), "adamw", (2, dist.get_world_size() // 2)),
     "tp-sgd": lambda: tp_case("sgd"),
+    "fsdp-tp-adamw": lambda: fsdp_tp_case("adamw"),
     "tp-adamw": lambda: tp_case("adamw"),
     "attach-rank0-only": attach_rank0_only,
     "raise-on-rank1": raise_on_rank1,
