@@ -140,11 +140,13 @@ def group_key(param: torch.Tensor) -> GroupKey | None:
     """
     if not is_dtensor(param):
         return None
-    from torch.distributed.tensor import Partial, Replicate, Shard
+    from torch.distributed.tensor import Partial, Replicate, Shard, placement_types
 
+    # FSDP2 over tensor parallel shards a dim as _StridedShard, which is not a Shard in torch 2.13
+    strided = getattr(placement_types, "_StridedShard", Shard)
     dims = []
     for dim, placement in enumerate(param.placements):
-        if isinstance(placement, Shard):           # also _StridedShard (FSDP2 over tensor parallel)
+        if isinstance(placement, (Shard, strided)):   # each element on one rank of the dim: sums add up
             dims.append(dim)
         elif not isinstance(placement, Replicate):
             kind = "a partial sum" if isinstance(placement, Partial) else f"{placement}"

@@ -86,15 +86,19 @@ def test_fsdp2_and_tensor_parallel_on_two_ranks(tmp_path):
 def test_fsdp2_with_uneven_and_empty_shards_and_hsdp_on_four_ranks(tmp_path):
     """Linear(10, 3) and LayerNorm(10) on 4 ranks (shards of 1, 1, 1 and 0 rows; 3, 3, 3, 1), a module
     no rank uses (no gradient anywhere), HSDP on a 2x2 mesh (the replicate dim not reduced); then a
-    monitor attached on rank 0 only: a MonitorError there, not a hang."""
-    cases = ["fsdp-sgd", "fsdp-unused", "hsdp-adamw", "attach-rank0-only"]
+    monitor attached on rank 0 only: a MonitorError there, not a hang. Also FSDP2 over tensor parallel
+    on a 2x2 (dp, tp) mesh: parameters sharded on both dims."""
+    cases = ["fsdp-sgd", "fsdp-unused", "hsdp-adamw", "fsdp-tp-adamw", "attach-rank0-only"]
     results, _ = launch(tmp_path, 4, cases)
-    for case in cases[:3]:
+    for case in cases[:4]:
         check_case(case, results[case])
     shapes = [r["local_shapes"] for r in results["fsdp-sgd"]]
     assert [s["head.weight"] for s in shapes] == [[1, 10], [1, 10], [1, 10], [0, 10]]
     assert "spare.weight" not in results["fsdp-unused"][0]["windows"][0]["rows"]
     assert results["hsdp-adamw"][0]["placements"]["up.weight"] == "(Replicate(), Shard(dim=0))"
+    two_dims = results["fsdp-tp-adamw"][0]["placements"]
+    assert two_dims["up.weight"] == "(_StridedShard(dim=0, sf=2), Shard(dim=0))"
+    assert two_dims["down.weight"] == "(Shard(dim=0), Shard(dim=1))" and two_dims["norm.weight"].endswith("Replicate())")
     error = results["attach-rank0-only"][0]["error"]
     assert error and "attached on every rank" in error and "[1, 2, 3]" in error
 
