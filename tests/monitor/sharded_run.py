@@ -276,6 +276,24 @@ def attach_rank0_only() -> dict:
     return {"error": None}
 
 
+def uneven_records() -> dict:
+    """Rank 0 records two steps in a window, rank 1 one: the window still closes on both (no hang), the
+    per-step rows padded to the longer window."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    model = Block()
+    fully_shard(model, mesh=mesh)
+    with GradientMonitor(model, None, activations=False) as monitor:
+        x, y = batch(0)
+        nn.functional.mse_loss(model(x), y).backward()
+        for _ in range(2 if dist.get_rank() == 0 else 1):
+            monitor.record()
+        rows = monitor.log(0)
+    return {"steps": rows["head.weight"]["steps"], "total_norm": monitor.history[-1].overall["total_norm"]}
+
+
 def raise_on_rank1() -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -304,6 +322,7 @@ CASES = {
     "tp-sgd": lambda: tp_case("sgd"),
     "fsdp-tp-adamw": lambda: fsdp_tp_case("adamw"),
     "tp-adamw": lambda: tp_case("adamw"),
+    "uneven-records": uneven_records,
     "attach-rank0-only": attach_rank0_only,
     "raise-on-rank1": raise_on_rank1,
 }

@@ -64,9 +64,10 @@ def check_case(name: str, ranks: list[dict]) -> dict[str, float]:
 @pytest.mark.slow
 def test_fsdp2_and_tensor_parallel_on_two_ranks(tmp_path):
     """FSDP2 with AdamW and clipping; tensor parallel (Colwise, Rowwise with a Replicate bias, a
-    SequenceParallel LayerNorm whose gradients are Partial) with SGD and AdamW; then a rank that dies
-    between two steps: the other's log() fails with an error instead of waiting."""
-    cases = ["fsdp-adamw-clip", "tp-sgd", "tp-adamw", "raise-on-rank1"]
+    SequenceParallel LayerNorm whose gradients are Partial) with SGD and AdamW; a window in which the ranks
+    recorded different numbers of steps still closes; then a rank that dies between two steps: the
+    other's log() fails with an error instead of waiting."""
+    cases = ["fsdp-adamw-clip", "tp-sgd", "tp-adamw", "uneven-records", "raise-on-rank1"]
     results, errors = launch(tmp_path, 2, cases)
     for case in cases[:3]:
         check_case(case, results[case])
@@ -78,6 +79,8 @@ def test_fsdp2_and_tensor_parallel_on_two_ranks(tmp_path):
         assert window["overall"]["clipped_steps"] == single["overall"]["clipped_steps"] == 2
         assert window["overall"]["total_norm_before_clip"] == pytest.approx(
             single["overall"]["total_norm_before_clip"], rel=1e-5)
+    uneven = results["uneven-records"]
+    assert [r["steps"] for r in uneven] == [2, 1], uneven
     died = results["raise-on-rank1"][0]
     assert died is not None and died["error"], errors[0]
 
