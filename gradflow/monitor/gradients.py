@@ -9,8 +9,8 @@ import torch
 
 from gradflow.monitor import columns as C
 from gradflow.monitor import stats as S
-from gradflow.monitor.sharding import local, local_numel
 from gradflow.monitor.part import Part, Reduced, Setup
+from gradflow.monitor.sharding import local, local_numel
 from gradflow.monitor.steps import ALL
 from gradflow.monitor.tensors import (
     LARGE_PARAMETER,

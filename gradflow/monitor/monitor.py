@@ -45,6 +45,7 @@ from gradflow.monitor.model_checks import (
 )
 from gradflow.monitor.part import Part, Schedule, Setup
 from gradflow.monitor.parts import PARTS
+from gradflow.monitor.sharding import ShardLayout, check_collective_safe
 from gradflow.monitor.steps import (
     OptimizerMasks,
     closure_of,
@@ -52,7 +53,6 @@ from gradflow.monitor.steps import (
     replace_closure,
 )
 from gradflow.monitor.tensors import MonitorError
-from gradflow.monitor.sharding import ShardLayout, check_collective_safe
 from gradflow.monitor.window import Window, WindowReader, read_back, tag_path
 
 __all__ = ["GradientMonitor", "MonitorError", "Window", "tag_path", "unwrap"]

@@ -7,8 +7,8 @@ import torch
 
 from gradflow.monitor import columns as C
 from gradflow.monitor import stats as S
-from gradflow.monitor.sharding import local, local_numel
 from gradflow.monitor.part import Part, Reduced, Setup
+from gradflow.monitor.sharding import local, local_numel
 from gradflow.monitor.tensors import _flat, _segment_layout
 
 

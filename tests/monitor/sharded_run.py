@@ -41,10 +41,11 @@ class Block(nn.Module):
         self.up = nn.Linear(width, hidden)
         self.down = nn.Linear(hidden, width)
         self.head = nn.Linear(width, 3)
+        self.act = nn.ReLU()                                 # tapped: activations stay this rank's own
         self.spare = nn.Linear(3, 3) if unused else None     # never used: no gradient on any rank
 
     def forward(self, x):
-        return self.head(x + self.down(torch.relu(self.up(self.norm(x)))))
+        return self.head(x + self.down(self.act(self.up(self.norm(x)))))
 
 
 class TPBlock(nn.Module):
@@ -186,7 +187,7 @@ def fsdp_case(world: int, opt: str, mesh_shape: tuple[int, ...], unused: bool = 
 
     capture, oracle = Capture(), Oracle(model)
     optimizer = optimizer_of(opt, model.parameters())
-    with GradientMonitor(model, capture, activations=False) as monitor:
+    with GradientMonitor(model, capture, activations_every=1) as monitor:
         windows = train(model, optimizer, monitor, oracle, local_data, clip)
     return {"windows": windows, "oracle": oracle.windows, "histograms": capture.histograms,
             "reference": reference(lambda: Block(unused=unused), opt, batch, clip),
