@@ -22,8 +22,7 @@ from __future__ import annotations
 
 import functools
 import weakref
-from collections.abc import Iterable
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 import torch.nn.utils
@@ -32,7 +31,7 @@ from torch.amp.grad_scaler import GradScaler
 
 from gradflow.monitor.stats import wide_dtype
 
-_WATCHERS: weakref.WeakSet[Any] = weakref.WeakSet()
+_WATCHERS: "weakref.WeakSet[Any]" = weakref.WeakSet()
 _ORIGINAL: dict[str, Any] = {}
 
 

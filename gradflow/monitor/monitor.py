@@ -106,6 +106,11 @@ class GradientMonitor:
         automatic: record at each optimizer step (the default). False: record only when
             ``record()`` is called, for frameworks that know where the gradient is final.
 
+    Sharded models (DTensor parameters: FSDP2 ``fully_shard``, HSDP, tensor parallel): attach on
+    every rank and call ``log`` on every rank; each window is then reduced to the full tensors'
+    statistics with a few batched collectives, the same on every rank (``sharding.py``,
+    docs/sharding.md). DeepSpeed engines and FSDP1 are refused with a ``MonitorError``.
+
     A window's ``steps`` is the largest number of steps any one parameter recorded: the
     optimizer steps for one optimizer, the training iterations for a GAN's two optimizers or
     for one optimizer per parameter. Each row's own ``steps`` counts that parameter's.

@@ -188,6 +188,7 @@ class ShardLayout:
         self.count = len(params)
         self.rows = torch.zeros(64, self.count, ROW_FIELDS, dtype=torch.float64, device=device)
         self._sentinel = torch.zeros(1, device=device)
+        self._index: dict[tuple[int, ...], torch.Tensor] = {}   # rows of each pattern of present gradients
         self.timeout = _seconds("GRADFLOW_COLLECTIVE_TIMEOUT", COLLECTIVE_TIMEOUT_S)
         self._wait_for_every_rank(names, params)
         self._world_group = dist.new_group(list(range(self.world)), timeout=self.timeout)
@@ -275,7 +276,10 @@ class ShardLayout:
         # inf norm of an empty shard has no identity: a zero sentinel stands in (every rank runs the same ops)
         largest = torch.stack(torch._foreach_norm([t if t.numel() else self._sentinel.to(t.dtype) for t in dense],
                                                   float("inf"))).to(torch.float64)
-        index = torch.tensor(present, device=self.device)
+        key = tuple(present)
+        index = self._index.get(key)
+        if index is None:
+            index = self._index[key] = torch.tensor(present, device=self.device)
         self.rows[step].index_copy_(0, index, torch.stack([squares, largest], dim=1))
         return out
 
