@@ -23,6 +23,11 @@ wraps the optimizer and skips the torch step on the other micro-batches) and cal
     ...         monitor.log(step)
     >>> monitor.remove()
 
+On several processes, attach the monitor and call ``record_if_synced`` and ``log`` on every process
+(only the main process needs a writer): a sharded (FSDP2) model's windows close with collectives that
+every rank joins (docs/sharding.md). accelerate 1.x selects its FSDP path for accelerator devices only;
+on CPU it runs DDP (``MULTI_CPU``), so its FSDP2 path is not tested here. DeepSpeed is refused at attach.
+
 Recording after ``clip_grad_norm_`` gives what the optimizer applies; ``grad/total_norm_before_clip``
 then carries the norm before clipping. Unscaled under fp16: ``accelerator.clip_grad_norm_`` unscales
 first; without clipping, the gradient is still scaled at this point (call

@@ -21,8 +21,10 @@ and ``grad/total_norm_before_clip`` still gives the norm before it. With several
 records only the parameters of the optimizer that steps.
 
 What it writes, every ``log_every_n_steps`` optimizer steps (the trainer's own cadence unless
-``every_n_steps`` is given), on global rank zero only (other ranks attach nothing: their gradients
-are the same all-reduced ones):
+``every_n_steps`` is given), on global rank zero only. The monitor attaches on every rank and every
+rank closes the same windows: under DDP their gradients are the same all-reduced ones; under
+``ModelParallelStrategy`` or FSDP2 each rank holds shards, and closing a window reduces them with
+collectives every rank joins (``gradflow.monitor.sharding``; docs/sharding.md):
 
 =====================================  ===========================================================
 key                                    value (each a mean over the window's optimizer steps)
@@ -135,17 +137,18 @@ class GradflowCallback(_pl.Callback):
         self.losses: list[float] = []  # mean training loss of each window (what training_step returned)
         self._loss_sum, self._loss_count = None, 0
         self._logged_at = 0         # self.steps when the last window closed
-        self._recording = False     # between attach and remove (global rank zero only)
+        self._recording = False     # between attach and remove (on every rank)
+        self._writes = False        # global rank zero: writes windows and the verdict
         self._loggers: list[Any] = []
 
     # -- life cycle -----------------------------------------------------------------------
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        # Every rank attaches (a sharded model's windows close with collectives); rank zero writes.
         self.diagnosis = None
         self._logged_at = self.steps
-        if not trainer.is_global_zero:
-            return
-        self._loggers = list(trainer.loggers)
+        self._writes = trainer.is_global_zero
+        self._loggers = list(trainer.loggers) if self._writes else []
         self.monitor = GradientMonitor(pl_module, logger_writer(self._loggers), automatic=False,
                                        histograms=self.histograms, weights=self.weights,
                                        activations=self.activations)
@@ -159,7 +162,7 @@ class GradflowCallback(_pl.Callback):
             if self.steps > self._logged_at:
                 self._write()
             self.diagnosis = _common.diagnose(self.monitor, self.losses)
-            if self.diagnosis is not None:
+            if self.diagnosis is not None and self._writes:
                 if self.verbose:
                     print(f"gradflow: {self.diagnosis.line()}")
                 write_diagnosis(self.diagnosis, self._loggers, self.steps)

@@ -15,7 +15,10 @@ the monitor's watch of ``clip_grad_norm_`` as ``grad/total_norm_before_clip``, w
 ``grad/clipped_steps``.
 
 Where it writes, every ``logging_steps`` optimizer steps (or ``every_n_steps``), from the main
-process only (``state.is_world_process_zero``; other processes attach nothing):
+process only (``state.is_world_process_zero``). Every process attaches a monitor and closes the same
+windows: a sharded (FSDP2) model's windows close with collectives every rank joins
+(docs/sharding.md). DeepSpeed is refused at ``on_train_begin`` (ZeRO keeps gradients outside
+``p.grad`` and steps inside ``backward``):
 
 - ``report_to`` includes tensorboard: everything (scalars, histograms, the verdict as text) into
   the same directory as the Trainer's ``TensorBoardCallback``, so it shows in the same run;
@@ -53,7 +56,7 @@ import sys
 from typing import Any
 
 from gradflow.integrations import _common
-from gradflow.monitor import GradientMonitor
+from gradflow.monitor import GradientMonitor, MonitorError
 
 _tf = _common.require("transformers", "transformers")
 _common.require("accelerate", "transformers")
@@ -97,6 +100,7 @@ class GradflowTrainerCallback(_tf.TrainerCallback):
         self.monitor: GradientMonitor | None = None
         self.diagnosis: Any = None
         self._recording = False          # between attach and remove
+        self._writes = False             # the world's process zero: writes windows and the verdict
         self.writer: Any = None          # our SummaryWriter, when writing to TensorBoard
         self._reporters: list[Any] = []  # the Trainer's other reporting callbacks (scalars via on_log)
         self._logged_at = 0
@@ -109,7 +113,15 @@ class GradflowTrainerCallback(_tf.TrainerCallback):
         self.diagnosis = None
         self.losses: list[float] = []    # the Trainer's logged training loss, one per logging step
         self._logged_at = state.global_step
-        if not state.is_world_process_zero:
+        if getattr(args, "deepspeed", None) or getattr(getattr(args, "accelerator_config", None), "deepspeed_plugin", None):
+            raise MonitorError("GradflowTrainerCallback cannot monitor a DeepSpeed run: ZeRO keeps gradients in "
+                               "partitioned buffers outside p.grad and steps inside backward(); use FSDP2 "
+                               "(fsdp=... with fsdp_version 2) or DDP")
+        self._writes = state.is_world_process_zero
+        if not self._writes:             # every process attaches (sharded windows close together); rank 0 writes
+            self.monitor = GradientMonitor(model, None, automatic=False, histograms=self.histograms,
+                                           weights=self.weights, activations=self.activations)
+            self._recording = True
             return
         callbacks = _trainer_callbacks(self)
         tensorboard = [cb for cb in callbacks if type(cb).__name__ == "TensorBoardCallback"]
@@ -133,7 +145,7 @@ class GradflowTrainerCallback(_tf.TrainerCallback):
             if state.global_step > self._logged_at:
                 self._write(state.global_step)
             self.diagnosis = _common.diagnose(self.monitor, self.losses)
-            if self.diagnosis is not None:
+            if self.diagnosis is not None and self._writes:
                 if self.verbose:
                     print(f"gradflow: {self.diagnosis.line()}")
                 self._write_diagnosis(state.global_step)

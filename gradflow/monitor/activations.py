@@ -18,6 +18,7 @@ from gradflow.monitor import columns as C
 from gradflow.monitor import stats as S
 from gradflow.monitor.histograms import LINEAR_BINS, count_linear, linear_scale
 from gradflow.monitor.part import Part, Reduced, Setup
+from gradflow.monitor.sharding import local
 from gradflow.monitor.spent import LeavesCopiesAlone
 from gradflow.monitor.tensors import (
     LARGE_PARAMETER,
@@ -210,7 +211,8 @@ class Activations(Part):
         self.reduce()
 
     def take(self, index: int, output: torch.Tensor) -> None:
-        self.pending.append((index, output.detach()))
+        output = local(output.detach())             # a DTensor output (tensor parallel): this rank's part
+        self.pending.append((index, output))
         self.pending_elements += output.numel()
         if self.pending_elements >= PENDING_ELEMENTS:
             self.reduce()

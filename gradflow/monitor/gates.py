@@ -76,6 +76,8 @@ class Gates(Part):
         if setup.members != 1:                    # no member dimension in a stock nn.LSTM
             return None
         gated = gated_parameters(model, setup.names)
+        if setup.sharding is not None:            # a shard holds no whole gate rows: those weights get no gate rows
+            gated = [(i, gates) for i, gates in gated if setup.sharding.keys[i] is None]
         return cls(model, setup, gated) if gated else None
 
     def __init__(self, model, setup: Setup, gated: list[tuple[int, tuple[str, ...]]]) -> None:

@@ -11,6 +11,7 @@ import torch
 from gradflow.monitor import columns as C
 from gradflow.monitor import stats as S
 from gradflow.monitor.part import Part, Reduced, Setup
+from gradflow.monitor.sharding import local, local_numel
 from gradflow.monitor.steps import ALL
 from gradflow.monitor.tensors import (
     LARGE_PARAMETER,
@@ -77,7 +78,8 @@ class Gradients(Part):
         super().__init__(model, setup)
         params, members = setup.params, setup.members
         self.members = members
-        device = params[0].device
+        self.sharding = setup.sharding               # a sharding.ShardLayout when parameters are DTensors
+        device = local(params[0]).device
         self.bind(params)
         slots = len(self.slot_numel)
         dtype = S.wide_dtype(device)
@@ -102,9 +104,10 @@ class Gradients(Part):
         self.params = params
         self._plans = {}                              # plans depend on the dtypes (float64 goes large)
         self._batches = _BoundedCache()
-        self.numel = [p.numel() for p in params]
+        self.numel = [local_numel(p) for p in params]             # this rank's shard of a DTensor
         self.float64 = [p.dtype == torch.float64 for p in params]
-        self.slot_numel = [p.numel() // self.members for p in params for _ in range(self.members)]
+        self.slot_numel = [n // self.members for n in self.numel for _ in range(self.members)]
+        self.full_numel = [p.numel() // self.members for p in params for _ in range(self.members)]
 
     @property
     def device(self) -> torch.device:
@@ -144,6 +147,8 @@ class Gradients(Part):
             self.held.add(mask)
         if not any(pattern) or self._seen(grads[pattern.index(True)], grads[len(pattern) - 1 - pattern[::-1].index(True)]):
             return False
+        if self.sharding is not None:                # local shards, Partial sums resolved (sharding.py)
+            grads = self.sharding.local_grads(self.params, grads, self.recorded)
         if self.setup.unscale is not None:
             grads = [None if g is None else g * self.setup.unscale for g in grads]
         step = self.recorded
@@ -172,7 +177,8 @@ class Gradients(Part):
             if p.grad is None or (mask is not None and mask is not ALL and not mask[i]):
                 continue
             self.skipped[i] += 1
-            grad = p.grad.to_dense() if p.grad.layout != torch.strided else p.grad
+            grad = local(p.grad)
+            grad = grad.to_dense() if grad.layout != torch.strided else grad
             self.skipped_nonfinite[i] += (~torch.isfinite(grad)).sum()
 
     def _seen(self, first: torch.Tensor, last: torch.Tensor) -> bool:
@@ -188,7 +194,8 @@ class Gradients(Part):
 
     def _make_plan(self, pattern: tuple[bool, ...]) -> _GradientPlan:
         present = [i for i, has in enumerate(pattern) if has]
-        large = [i for i in present if self.numel[i] >= LARGE_PARAMETER or self.float64[i]]
+        # An empty shard (a DTensor's, on some ranks) is small: nothing to fold, and no max of nothing.
+        large = [i for i in present if self.numel[i] >= LARGE_PARAMETER or (self.float64[i] and self.numel[i])]
         small = [i for i in present if i not in large]
         slots = [i * self.members + member for i in large for member in range(self.members)]
         plan = self._plans[pattern] = _GradientPlan(small, large, sum(self.numel[i] for i in small),
@@ -296,7 +303,7 @@ class Gradients(Part):
 
     def _rows(self, values: dict[str, np.ndarray], reader, steps: np.ndarray) -> None:
         counts = values["counts"].reshape(-1, S.SIGN_EXPONENT_BINS)
-        numel = np.asarray(self.slot_numel, dtype=np.float64)
+        numel = np.asarray(self.full_numel, dtype=np.float64)      # the full tensor's, for a DTensor
         means = values["totals"] / np.maximum(steps, 1)[:, None]
         zeros = counts[:, S.ZERO_EXPONENT] + counts[:, S.EXPONENTS + S.ZERO_EXPONENT]
         nonfinite = counts[:, S.NONFINITE_EXPONENT] + counts[:, S.EXPONENTS + S.NONFINITE_EXPONENT]

@@ -70,6 +70,8 @@ class ClipTally:
 
     def add(self, total: torch.Tensor, max_norm: float) -> None:
         total = total.detach()
+        if hasattr(total, "full_tensor"):          # a DTensor norm of sharded gradients: its full value,
+            total = total.full_tensor()            # one collective, inside a clip call every rank makes
         if self.sums is None or self.sums.device != total.device:
             self.sums = torch.zeros(2, device=total.device, dtype=wide_dtype(total.device))
         self.sums.add_(torch.stack([total, total + 1e-6 > max_norm]).to(self.sums.dtype))

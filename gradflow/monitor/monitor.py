@@ -48,6 +48,7 @@ from gradflow.monitor.model_checks import (
 from gradflow.monitor.output import Output
 from gradflow.monitor.part import Part, Schedule, Setup
 from gradflow.monitor.parts import PARTS
+from gradflow.monitor.sharding import ShardLayout, check_collective_safe
 from gradflow.monitor.steps import OptimizerMasks, StepWatch
 from gradflow.monitor.tensors import MonitorError
 from gradflow.monitor.window import Window, WindowReader, read_back, tag_path
@@ -96,6 +97,11 @@ class GradientMonitor:
             of a small model holds a few KB). Settable later as ``monitor.history_length``;
             None keeps every window.
 
+    Sharded models (DTensor parameters: FSDP2 ``fully_shard``, HSDP, tensor parallel): attach on
+    every rank and call ``log`` on every rank; each window is then reduced to the full tensors'
+    statistics with a few batched collectives, the same on every rank (``sharding.py``,
+    docs/sharding.md). DeepSpeed engines and FSDP1 are refused with a ``MonitorError``.
+
     A window's ``steps`` is the largest number of steps any one parameter recorded: the
     optimizer steps for one optimizer, the training iterations for a GAN's two optimizers or
     for one optimizer per parameter. Each row's own ``steps`` counts that parameter's.
@@ -127,6 +133,7 @@ class GradientMonitor:
             raise MonitorError(
                 f"this {type(inner).__name__} already has a GradientMonitor attached; call .remove() on "
                 "that monitor (or GradientMonitor.detach(model)) before attaching another")
+        check_collective_safe(model)
         named = monitored_parameters(inner)
         check_members(named, members)
         check_positive("activations_every", activations_every, "1: every step")
@@ -145,6 +152,9 @@ class GradientMonitor:
         self._setup = Setup(self.names, [p for _, p in named], members,
                             {"weights": weights, "activations": activations, "histograms": histograms},
                             Schedule(activations_every), self._warn_from_part, self.kinds)
+        # DTensor parameters (FSDP2, HSDP, tensor parallel): collectives at each window's close; every
+        # rank must attach (sharding.py). None for plain tensors, DDP included.
+        self._setup.sharding = self._sharding = ShardLayout.of(self.names, self._setup.params, members)
         self.parts: dict[str, Part] = {}
         for cls in PARTS:
             part = cls.create(inner, self._setup)
@@ -306,6 +316,8 @@ class GradientMonitor:
         for name, part in self.parts.items():
             part.fold()
             tensors.update({f"{name}/{key}": t for key, t in part.device_tensors().items()})
+        if self._sharding is not None:               # full-tensor values from local shards, on every rank
+            tensors = self._sharding.reduce(tensors, self.parts["gradients"].recorded)
         return read_back(tensors)
 
     def flush(self) -> None:
@@ -332,6 +344,8 @@ class GradientMonitor:
     def _start_window(self) -> None:
         for part in self.parts.values():
             part.reset()
+        if self._sharding is not None:
+            self._sharding.reset()
 
     # -- keeping up with the model --------------------------------------------------------
 

@@ -122,6 +122,7 @@ class Setup:
     # During a record(): 1 / the GradScaler's scale when the gradients are still scaled (a fused
     # optimizer unscales inside its step); parts that read .grad multiply by it. None otherwise.
     unscale: torch.Tensor | None = None
+    sharding: Any = None          # sharding.ShardLayout where parameters are DTensors (FSDP2, tensor parallel)
 
     def __post_init__(self) -> None:
         self.rebind(self.params)

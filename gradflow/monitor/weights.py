@@ -16,6 +16,7 @@ import torch
 from gradflow.monitor import columns as C
 from gradflow.monitor import stats as S
 from gradflow.monitor.part import Part, Reduced, Setup
+from gradflow.monitor.sharding import local
 
 
 class Weights(Part):
@@ -41,8 +42,8 @@ class Weights(Part):
         old = getattr(self, "start", None)
         with torch.no_grad():               # a conversion (.double()) keeps the window's start, converted
             self.start = [None if not p.requires_grad else
-                          old[i].to(p.dtype) if old is not None and old[i] is not None and old[i].shape == p.shape
-                          else p.detach().clone() for i, p in enumerate(params)]
+                          old[i].to(p.dtype) if old is not None and old[i] is not None and old[i].shape == local(p).shape
+                          else local(p.detach()).clone() for i, p in enumerate(params)]   # a DTensor's own shard
         self.versions = [p._version for p in params]
 
     @torch.no_grad()
@@ -53,7 +54,7 @@ class Weights(Part):
         k = self.members
         rows, counts = [], []
         for i, p in enumerate(self.params):
-            now = p.detach().reshape(-1)
+            now = local(p.detach()).reshape(-1)
             start = self.start[i]
             before = now if start is None else start.reshape(-1)
             r, c = self._fold(now, before, now.numel() // k)
@@ -62,7 +63,7 @@ class Weights(Part):
             rows.append(r)
             counts.append(c)
             if start is not None:
-                start.copy_(p.detach())
+                start.copy_(local(p.detach()))
             self.versions[i] = p._version
         rows_t, counts_t = torch.cat(rows), torch.cat(counts)
         rows_t[:, 1:] = rows_t[:, 1:].sqrt()

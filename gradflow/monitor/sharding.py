@@ -1,0 +1,363 @@
+"""Statistics of sharded parameters (FSDP2, HSDP, tensor parallel): full-gradient values from local shards.
+
+A DTensor parameter holds one shard of the full tensor on each rank. Its local statistics are
+not the full ones, and reading a reduction of a DTensor as a number reads this rank's part only
+(``vector_norm(dtensor).item()`` gave 0.738 against a true 1.288 here). This module keeps every
+statistic on the local shard, on the device, and turns the window's sums into full-tensor values
+with batched collectives at the window's close:
+
+- parameters are grouped by (mesh, the mesh dims their placements shard); one SUM and one MAX
+  all-reduce per group per window, over the sharded dims only: a ``Replicate`` dim (HSDP's
+  replicate dim, a tensor-parallel norm's weight) holds the same values on each of its ranks and
+  is not reduced, so nothing is counted twice;
+- SUM for sums, sums of squares, counts and the fixed-edge histogram bins; MAX for the largest |g|;
+- a statistic that is not a sum (the norm of a step, its largest |g|) is kept per step, as the
+  local squared norm and largest |g| of each step and parameter, a (steps, parameters) tensor on
+  the device reduced once at the close, so that the mean over steps of each step's norm is what it
+  is in one process;
+- a gradient whose placements are ``Partial`` (tensor parallel's sequence-parallel LayerNorm) is
+  a sum of per-rank parts: it is redistributed to its parameter's placements at the step, by
+  DTensor, before any statistic is taken. A partial value is never read as a full one;
+- an empty shard (``Linear(10, 3)`` on 4 ranks leaves ranks with (0, 10) shards) is a zero-size
+  tensor: it adds nothing to the sums, and a sentinel zero stands in for its largest |g|, so every
+  rank runs the same ops and the same collectives in the same order.
+
+The collectives run on process groups of the monitor's own, made when it attaches (every rank
+must attach: that is checked through the store, with a timeout, before any group is made), with a
+timeout (``GRADFLOW_COLLECTIVE_TIMEOUT`` seconds, default 300): a rank that raised or stopped
+monitoring makes the others fail with an error, not wait forever.
+
+Example (on every rank, after ``fully_shard(model)``):
+    >>> layout = ShardLayout.of(names, params)          # None when no parameter is a DTensor
+    >>> grads = layout.local_grads(params, [p.grad for p in params], step=0)   # local tensors
+    >>> parts = layout.reduce(parts, recorded)          # the read-back's Reduced tensors, at the window's close
+"""
+
+from __future__ import annotations
+
+import os
+import zlib
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+
+from gradflow.monitor.tensors import MonitorError
+
+COLLECTIVE_TIMEOUT_S = 300.0       # default; GRADFLOW_COLLECTIVE_TIMEOUT overrides (seconds)
+ATTACH_TIMEOUT_S = 60.0            # how long an attach waits for every rank to attach; GRADFLOW_ATTACH_TIMEOUT
+ROW_FIELDS = 2                     # per step and parameter: local sum of squares, local largest |g|
+
+
+def _dtensor_type():
+    """torch's DTensor class, or None where torch.distributed is not built in."""
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:
+        return None
+    return DTensor
+
+
+def is_dtensor(tensor) -> bool:
+    cls = _dtensor_type()
+    return cls is not None and isinstance(tensor, cls)
+
+
+def local(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a DTensor (its ``to_local()``), or the tensor itself. Call it on a
+    gradient only after ``ShardLayout.local_grads`` resolved any ``Partial`` placement."""
+    return tensor.to_local() if is_dtensor(tensor) else tensor
+
+
+def local_numel(tensor: torch.Tensor) -> int:
+    """Elements of this rank's shard (0 for an empty shard); a plain tensor's own count."""
+    return local(tensor).numel()
+
+
+def _seconds(variable: str, default: float) -> timedelta:
+    value = os.environ.get(variable)
+    if value is None:
+        return timedelta(seconds=default)
+    try:
+        seconds = float(value)
+    except ValueError:
+        raise MonitorError(f"{variable} must be a number of seconds, got {value!r}") from None
+    if seconds <= 0:
+        raise MonitorError(f"{variable} must be a positive number of seconds, got {value!r}")
+    return timedelta(seconds=seconds)
+
+
+def check_collective_safe(model) -> None:
+    """Refuse, at attach, the sharded wrappers whose gradients the monitor cannot read as full ones.
+
+    - DeepSpeed's engine: ZeRO partitions gradients into flat buffers outside ``p.grad`` and steps
+      the optimizer inside ``backward`` (before any callback); its ``p.grad`` is None or a partition.
+    - FSDP1 (``FullyShardedDataParallel``): flat parameters hold pieces of several parameters.
+
+    Raises:
+        MonitorError: naming the wrapper and what to use instead.
+    """
+    for module in (model, *model.modules()):
+        cls = type(module)
+        if cls.__name__ == "DeepSpeedEngine" or cls.__module__.startswith("deepspeed"):
+            raise MonitorError("gradflow cannot monitor a DeepSpeed engine: ZeRO keeps gradients in partitioned "
+                               "flat buffers (p.grad is None or a partition) and steps inside backward(), so "
+                               "per-parameter statistics would be wrong; use FSDP2 (fully_shard) instead")
+        if any(hasattr(p, "ds_id") for p in module.parameters(recurse=False)):   # a ZeRO-3 partitioned parameter
+            raise MonitorError("gradflow cannot monitor parameters partitioned by DeepSpeed ZeRO-3 (they carry ds_id): "
+                               "their p.grad is not the gradient the optimizer applies; use FSDP2 (fully_shard)")
+        if cls.__name__ == "FullyShardedDataParallel":
+            raise MonitorError("gradflow cannot monitor FSDP1 (FullyShardedDataParallel): its flat parameters mix "
+                               "pieces of several parameters; use FSDP2 (torch.distributed.fsdp.fully_shard), whose "
+                               "parameters are DTensors the monitor reduces correctly")
+
+
+@dataclass(frozen=True)
+class GroupKey:
+    """Parameters whose statistics reduce together: the same mesh (its ranks, in mesh order, and
+    shape) and the same sharded mesh dims."""
+
+    ranks: tuple[int, ...]
+    shape: tuple[int, ...]
+    dims: tuple[int, ...]
+
+    def subgroups(self) -> list[list[int]]:
+        """The rank lists to reduce over: ranks that share their coordinates on every other dim."""
+        mesh = torch.tensor(self.ranks).reshape(self.shape)
+        others = [d for d in range(len(self.shape)) if d not in self.dims]
+        size = 1
+        for d in self.dims:
+            size *= self.shape[d]
+        return mesh.permute(*others, *self.dims).reshape(-1, size).tolist()
+
+
+def group_key(param: torch.Tensor) -> GroupKey | None:
+    """How a parameter's local statistics reduce to full ones: None for a plain tensor or a DTensor
+    replicated on every mesh dim (its local values are the full ones).
+
+    Raises:
+        MonitorError: a parameter with a ``Partial`` placement (a partial sum, not a value).
+    """
+    if not is_dtensor(param):
+        return None
+    from torch.distributed.tensor import Partial, Replicate, Shard, placement_types
+
+    # FSDP2 over tensor parallel shards a dim as _StridedShard, which is not a Shard in torch 2.13
+    strided = getattr(placement_types, "_StridedShard", Shard)
+    dims = []
+    for dim, placement in enumerate(param.placements):
+        if isinstance(placement, (Shard, strided)):   # each element on one rank of the dim: sums add up
+            dims.append(dim)
+        elif not isinstance(placement, Replicate):
+            kind = "a partial sum" if isinstance(placement, Partial) else f"{placement}"
+            raise MonitorError(f"a parameter is placed as {placement} on mesh dim {dim} ({kind}); the monitor "
+                               "reads Shard and Replicate parameters only")
+    if not dims:
+        return None
+    mesh = param.device_mesh
+    return GroupKey(tuple(mesh.mesh.flatten().tolist()), tuple(mesh.mesh.shape), tuple(dims))
+
+
+class ShardLayout:
+    """Which parameters are sharded how, the monitor's process groups, and the window's per-step rows.
+
+    Made at attach on every rank (``ShardLayout.of``); ``local_grads`` at each recorded step,
+    ``reduce`` at each window's close, both on every rank in the same order.
+    """
+
+    def __init__(self, names: list[str], params: list[torch.Tensor], device: torch.device) -> None:
+        import torch.distributed as dist
+
+        if not dist.is_available() or not dist.is_initialized():
+            raise MonitorError("the model has DTensor parameters but torch.distributed is not initialised; "
+                               "attach the monitor after init_process_group and fully_shard/parallelize_module")
+        self.world = dist.get_world_size()
+        self.rank = dist.get_rank()
+        keys = [group_key(p) for p in params]
+        for name, key in zip(names, keys):
+            if key is not None and sorted(key.ranks) != list(range(self.world)):
+                raise MonitorError(f"{name} lives on a device mesh of ranks {sorted(key.ranks)}, not every rank of "
+                                   f"the world ({self.world}); the monitor reduces over meshes that span the world")
+        self.keys = keys
+        self.sharded = [i for i, key in enumerate(keys) if key is not None]
+        self.groups: dict[GroupKey, list[int]] = {}
+        for i, key in enumerate(keys):
+            if key is not None:
+                self.groups.setdefault(key, []).append(i)
+        self.device = device
+        self.count = len(params)
+        self.rows = torch.zeros(64, self.count, ROW_FIELDS, dtype=torch.float64, device=device)
+        self._sentinel = torch.zeros(1, device=device)
+        self._index: dict[tuple[int, ...], torch.Tensor] = {}   # rows of each pattern of present gradients
+        self.timeout = _seconds("GRADFLOW_COLLECTIVE_TIMEOUT", COLLECTIVE_TIMEOUT_S)
+        self._wait_for_every_rank(names, params)
+        self._world_group = dist.new_group(list(range(self.world)), timeout=self.timeout)
+        self._process_groups: dict[GroupKey, object] = {}
+        for key in self.groups:                          # the same order on every rank (checked above)
+            for ranks in key.subgroups():
+                group = dist.new_group(ranks, timeout=self.timeout)
+                if self.rank in ranks:
+                    self._process_groups[key] = group
+
+    @classmethod
+    def of(cls, names: list[str], params: list[torch.Tensor], members: int = 1) -> ShardLayout | None:
+        """The layout of ``params``, or None when none is a DTensor (nothing to reduce: plain DDP).
+
+        Raises:
+            MonitorError: ``members`` > 1 with DTensor parameters, torch.distributed not initialised,
+                a mesh that does not span the world, a ``Partial`` parameter, a rank that does not
+                attach in time, or ranks that attach to different layouts.
+        """
+        if not any(is_dtensor(p) for p in params):
+            return None
+        if members != 1:
+            raise MonitorError(f"members={members} with DTensor (sharded) parameters is not supported; "
+                               "monitor each sharded model with members=1")
+        return cls(names, params, local(params[0]).device)
+
+    # -- attach --------------------------------------------------------------------------
+
+    _attaches = 0                                    # attaches in this process: the same sequence on every rank
+
+    def _wait_for_every_rank(self, names: list[str], params: list[torch.Tensor]) -> None:
+        """Every rank must attach, with the same parameters and layout, before any collective: each
+        rank writes its layout's fingerprint to the store and waits (``GRADFLOW_ATTACH_TIMEOUT``
+        seconds, default 60) for every other rank's. A missing rank or another layout is a
+        MonitorError on the ranks that attached, not a hang."""
+        import torch.distributed as dist
+
+        ShardLayout._attaches += 1
+        store = dist.distributed_c10d._get_default_store()
+        prefix = f"gradflow/attach/{ShardLayout._attaches}/"
+        description = repr([(n, tuple(p.shape), str(p.dtype), k) for n, p, k in zip(names, params, self.keys)])
+        fingerprint = str(zlib.crc32(description.encode()))
+        store.set(prefix + str(self.rank), fingerprint)
+        keys = [prefix + str(r) for r in range(self.world)]
+        try:
+            store.wait(keys, _seconds("GRADFLOW_ATTACH_TIMEOUT", ATTACH_TIMEOUT_S))
+        except Exception:                            # noqa: BLE001 - the store's timeout error differs by backend
+            missing = [r for r in range(self.world) if not store.check([prefix + str(r)])]
+            raise MonitorError(
+                f"a GradientMonitor on a sharded model must be attached on every rank, at the same point; rank(s) "
+                f"{missing} did not attach in time (a callback that attaches on rank 0 only hangs the others)") from None
+        prints = [store.get(key).decode() for key in keys]
+        if len(set(prints)) > 1:
+            odd = [r for r, p in enumerate(prints) if p != fingerprint]
+            raise MonitorError(f"rank(s) {odd} attached a monitor to other parameters or another sharding than rank "
+                               f"{self.rank}; every rank must monitor the same model, sharded the same way")
+
+    # -- each step -----------------------------------------------------------------------
+
+    def reset(self) -> None:
+        self.rows.zero_()
+
+    @torch.no_grad()
+    def local_grads(self, params: list[torch.Tensor], grads: list[torch.Tensor | None],
+                    step: int) -> list[torch.Tensor | None]:
+        """This rank's shard of each gradient (None stays None), after redistributing any gradient
+        whose placements differ from its parameter's (``Partial`` sums become the values the
+        optimizer applies; one DTensor collective per such gradient, on every rank). Records the
+        step's local squared norm and largest |g| of each parameter at row ``step``: no host sync."""
+        out: list[torch.Tensor | None] = []
+        for p, g in zip(params, grads):
+            if g is not None and is_dtensor(g):
+                if is_dtensor(p) and tuple(g.placements) != tuple(p.placements):
+                    g = g.redistribute(p.device_mesh, p.placements)
+                g = g.to_local()
+            out.append(g)
+        present = [i for i, g in enumerate(out) if g is not None]
+        if not present:
+            return out
+        if step >= self.rows.shape[0]:
+            self.rows = torch.cat([self.rows, torch.zeros_like(self.rows)])
+        tensors = [out[i].detach() for i in present]
+        dense = [t.to_dense() if t.layout != torch.strided else t for t in tensors]
+        squares = torch.stack(torch._foreach_norm(dense, 2, dtype=torch.float64)).square_()
+        # inf norm of an empty shard has no identity: a zero sentinel stands in (every rank runs the same ops)
+        largest = torch.stack(torch._foreach_norm([t if t.numel() else self._sentinel.to(t.dtype) for t in dense],
+                                                  float("inf"))).to(torch.float64)
+        key = tuple(present)
+        index = self._index.get(key)
+        if index is None:
+            index = self._index[key] = torch.tensor(present, device=self.device)
+        self.rows[step].index_copy_(0, index, torch.stack([squares, largest], dim=1))
+        return out
+
+    # -- each window ---------------------------------------------------------------------
+
+    @torch.no_grad()
+    def reduce(self, parts: dict, recorded: int) -> dict:
+        """Full-tensor versions of a window's device sums, the same on every rank; returns a new dict.
+
+        ``parts`` is the monitor's read-back, ``{"<part>/<key>": part.Reduced}``. The per-parameter
+        sums of the gradients and weights parts are reduced: ``gradients/totals`` (params, 4: sum g,
+        sum |g|, sum over steps of the step's norm, of its largest |g|), ``gradients/counts``
+        (params x 512 sign/exponent bins), ``gradients/step_squares`` (steps, 1: recomputed from the
+        reduced per-step rows), ``gradients/skipped_nonfinite`` (params,), ``weights/rows`` (params,
+        4: L1, L2, distance moved, L2 at the start) and ``weights/counts`` (params, 512). The rest is
+        left as it is: the clipping part's norms are full already (a DTensor norm is read whole),
+        and activations describe this rank's batch.
+
+        The read-back's own ``reduce`` hook (``window.read_back``) combines every SUM tensor over one
+        group; sharded statistics need a group per mesh and sharded dims, rows of replicated
+        parameters left alone, and the per-step rows for the norms: hence this step before it.
+
+        Collectives, on every rank in the same order: one MAX of the step count over the world, then
+        per group one SUM and one MAX all-reduce, each of one flat float64 tensor.
+        ``recorded``: the steps this rank recorded.
+        """
+        import torch.distributed as dist
+
+        from gradflow.monitor.part import Reduced
+
+        header = torch.tensor([float(recorded)], dtype=torch.float64, device=self.device)
+        dist.all_reduce(header, op=dist.ReduceOp.MAX, group=self._world_group)
+        steps = int(header.item())
+        rows = self.rows[:steps].clone()
+        if steps > rows.shape[0]:
+            rows = torch.cat([rows, rows.new_zeros(steps - rows.shape[0], *rows.shape[1:])])
+        tensor = {key: part.tensor for key, part in parts.items()}
+        totals = tensor["gradients/totals"].clone()
+        counts = tensor["gradients/counts"].view(self.count, -1).clone()
+        skipped = tensor["gradients/skipped_nonfinite"].clone()
+        weights = tensor["weights/rows"].clone() if "weights/rows" in tensor else None
+        weight_counts = tensor["weights/counts"].view(self.count, -1).clone() if "weights/counts" in tensor else None
+        for key, index_list in self.groups.items():
+            index = torch.tensor(index_list, device=self.device)
+            self._reduce_group(self._process_groups[key], index, rows, totals, counts, skipped, weights, weight_counts)
+        if self.sharded:
+            sharded = torch.tensor(self.sharded, device=self.device)
+            totals[sharded, 2] = rows[:, sharded, 0].sqrt().sum(0).to(totals.dtype)
+            totals[sharded, 3] = rows[:, sharded, 1].sum(0).to(totals.dtype)
+        step_squares = tensor["gradients/step_squares"].clone()
+        step_squares[:steps, 0] = rows[:, :, 0].sum(1).to(step_squares.dtype)
+        reduced = {"gradients/totals": totals, "gradients/counts": counts.view(tensor["gradients/counts"].shape),
+                   "gradients/step_squares": step_squares, "gradients/skipped_nonfinite": skipped}
+        if weights is not None:
+            reduced["weights/rows"] = weights
+            reduced["weights/counts"] = weight_counts.view(tensor["weights/counts"].shape)
+        return {key: Reduced(reduced[key], part.reduce) if key in reduced else part for key, part in parts.items()}
+
+    def _reduce_group(self, group, index, rows, totals, counts, skipped, weights, weight_counts) -> None:
+        """One SUM and one MAX all-reduce for the parameters at ``index`` (in place in the arguments)."""
+        import torch.distributed as dist
+
+        sums = [totals[index, :2], counts[index].double(), rows[:, index, 0], skipped[index].double()]
+        if weights is not None:
+            w = weights[index].double()
+            sums += [w[:, :1], w[:, 1:].square(), weight_counts[index].double()]
+        sizes = [t.numel() for t in sums]
+        flat = torch.cat([t.reshape(-1).double() for t in sums])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        largest = rows[:, index, 1].contiguous()
+        dist.all_reduce(largest, op=dist.ReduceOp.MAX, group=group)
+        rows[:, index, 1] = largest
+        parts = flat.split(sizes)
+        totals[index, :2] = parts[0].view(-1, 2).to(totals.dtype)
+        counts[index] = parts[1].view(len(index), -1).round().to(counts.dtype)
+        rows[:, index, 0] = parts[2].view(rows.shape[0], -1)
+        skipped[index] = parts[3].to(skipped.dtype)
+        if weights is not None:
+            weights[index, :1] = parts[4].view(-1, 1).to(weights.dtype)
+            weights[index, 1:] = parts[5].view(-1, 3).sqrt().to(weights.dtype)
+            weight_counts[index] = parts[6].view(len(index), -1).round().to(weight_counts.dtype)
