@@ -36,6 +36,7 @@ from gradflow.analysis.measures import (
     parameter_kinds,
     recorded_kinds,
 )
+from gradflow.analysis.nonfinite import first_source, with_source
 from gradflow.analysis.rules import (
     check_dead,
     check_exploding,
@@ -146,6 +147,7 @@ def diagnose(windows: Sequence[Any], losses: Sequence[float] | None = None, *, m
         "stalled": check_stalled(layers, loss),
         "insufficient": check_insufficient(windows, loss),
     }
+    checks["exploding"], source_notes = with_source(checks["exploding"], windows)   # nonfinite.py (issue 24)
     verdicts = [name for name, check in checks.items() if check["fired"] and name != "insufficient"]
     if checks["insufficient"]["fired"]:
         # Too few windows: said first, so a rule that fired on one window reads as an early sign.
@@ -155,7 +157,8 @@ def diagnose(windows: Sequence[Any], losses: Sequence[float] | None = None, *, m
     family = architecture_family(layers, model)
     evidence = {"layers": layers, "activations": activations, "loss": loss, "checks": checks,
                 "windows": len(windows), "family": family, "order": "forward" if order else "recorded",
-                "notes": _notes(layers, kinds) + _overflow_notes(windows)}
+                "notes": _notes(layers, kinds) + _overflow_notes(windows) + source_notes,
+                "first_nonfinite": first_source(windows)}
     return Diagnosis(verdicts, evidence, recommend(verdicts, family))
 
 

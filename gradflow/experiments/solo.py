@@ -150,4 +150,22 @@ def fit_monitored(cfg, model, data, writer, run_dir, device, progress=None, stop
                          checkpoint=save, **run)
         finally:
             recorder.close()
+    if result.stopped_early:
+        steps_per_epoch = -(-len(data.x_train) // cfg.train.batch_size)
+        result.stop_reason = stop_reason(result.stop_reason, monitor.history, steps_per_epoch,
+                                         resume["step"] if resume is not None else 0)
     return result, earlier + monitor.history
+
+
+def stop_reason(reason: str, windows, steps_per_epoch: int, first_step: int = 0) -> str:
+    """The trainer's stop reason with the monitor's first non-finite source put first, in the
+    verdict's words (``analysis/nonfinite.py``): ``the first non-finite value came from dense_3
+    (forward) at epoch 0, step 12; non-finite training loss (nan) at epoch 0``. ``first_step``:
+    the global step at which the monitor attached (a resumed run)."""
+    from gradflow.analysis.nonfinite import first_source, sentence
+
+    found = first_source(windows)
+    if found is None:
+        return f"{reason}; no module's output or input gradient was non-finite (the loss computation made it)"
+    step = first_step + found["step"]
+    return f"{sentence(found, epoch=step // steps_per_epoch, step=step)}; {reason}"

@@ -40,6 +40,7 @@ Example:
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -54,6 +55,10 @@ MAX_WINDOW_STEPS = 2 ** 20 - 1   # keys stay below 2 ** 52: exact as float64 (th
 NONE = 2 ** 53             # no non-finite value (exact in float64 too)
 PENDING = 4096             # sums kept before an early fold (a loop that never steps)
 _HALF = (torch.float16, torch.bfloat16)
+# torch warns at every call of a compiled model while any global module hook exists that the
+# hook fires once more for the OptimizedModule: this part relies on that call (it is how a
+# compiled model is seen at all), so that warning is silenced while the part is attached.
+_COMPILE_WARNING = ("ignore", r"Using `torch.compile\(module\)` when there are global hooks", UserWarning)
 
 
 @dataclass(frozen=True)
@@ -114,6 +119,7 @@ class FirstNonFinite:
         self.steps = 0                           # optimizer steps seen since attach (applied or skipped)
         self._window_start = 0
         self._handle = None
+        self._filter = None
 
     # -- hooks ------------------------------------------------------------------------------
 
@@ -121,27 +127,33 @@ class FirstNonFinite:
         """Add the one global forward hook (no hook on the model itself)."""
         if self._handle is None:
             self._handle = register_module_forward_hook(self._on_forward)
+            action, message, category = _COMPILE_WARNING
+            warnings.filterwarnings(action, message=message, category=category)
+            self._filter = warnings.filters[0]
 
     def remove(self) -> None:
         """Remove the hook; drop pending sums. Safe to call twice; never raises."""
         if self._handle is not None:
             self._handle.remove()
             self._handle = None
+            if self._filter in warnings.filters:
+                warnings.filters.remove(self._filter)
+                getattr(warnings, "_filters_mutated", lambda: None)()   # the warnings cache (CPython)
         self._sums, self._codes = [], []
 
     def _on_forward(self, module, args, output):
         if torch.compiler.is_compiling():
-            return None
+            return
         index = self._index.get(id(module))
         if index is None:
             index = self._learn(module)
             if index is None:
-                return None
+                return
         if torch._C._current_graph_task_id() != -1 or not (torch.is_grad_enabled() or module.training):
-            return None                          # a checkpoint's recompute in backward; evaluation
+            return                          # a checkpoint's recompute in backward; evaluation
         code = self._calls[0] * self._count + index
         if code >= PHASE:
-            return None
+            return
         self._calls[0] += 1
         if type(output) is torch.Tensor:
             self._take(output, code)
@@ -155,7 +167,7 @@ class FirstNonFinite:
                     tensor.register_hook(_GradSum(self, self._loss))
         if grad and args and type(args[0]) is torch.Tensor and args[0].requires_grad:
             args[0].register_hook(_GradSum(self, index))
-        return None
+        return
 
     def _learn(self, module) -> int | None:
         """A torch.compile wrapper of the model (``OptimizedModule``) stands for the root."""
@@ -252,7 +264,7 @@ class FirstNonFinite:
 class _GradSum:
     """Tensor hook: the sum of the gradient with respect to one module's input (or output)."""
 
-    __slots__ = ("part", "index")
+    __slots__ = ("index", "part")
 
     def __init__(self, part: FirstNonFinite, index: int) -> None:
         self.part = part
@@ -260,7 +272,6 @@ class _GradSum:
 
     def __call__(self, grad):
         self.part._take_grad(grad, self.index)
-        return None
 
 
 def _tensors(output) -> list[torch.Tensor]:

@@ -40,6 +40,10 @@ class Window:
     gates: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     # parameter -> the kind of module that owns it (kinds.py: linear, conv, norm, embedding, ...).
     kinds: dict[str, str] = field(default_factory=dict)
+    # Where the window's first NaN/inf came from (nonfinite.Source: module, phase, step), or None;
+    # first_overflow: the same for a step a GradScaler skipped (an AMP overflow, not a NaN source).
+    first_nonfinite: Any = None
+    first_overflow: Any = None
 
 
 class WindowReader:

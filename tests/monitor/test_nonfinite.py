@@ -269,6 +269,7 @@ def _rank_worker(rank: int, port: int, queue) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo process groups are tested on Linux")
 def test_two_ranks_report_the_earliest_occurrence_on_either():
     import torch.multiprocessing as mp
@@ -286,3 +287,45 @@ def test_two_ranks_report_the_earliest_occurrence_on_either():
     assert results[0][1][0] == Source("dense_4", "forward", 3)           # what rank 0 saw alone
     for rank in range(2):
         assert results[rank][0][0] == Source("dense_2", "forward", 1)    # the earliest on any rank
+
+
+# -- inside GradientMonitor: the window's field, the verdict's evidence ------------------------
+
+def test_the_monitor_window_carries_the_source_and_the_verdict_names_it():
+    from gradflow import GradientMonitor
+    from gradflow.analysis.diagnose import diagnose, markdown
+
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    with GradientMonitor(model, histograms=False) as monitor:
+        train(model, _NoPart(), 3, optimizer=optimizer)
+        monitor.log(0)
+        train(model, _NoPart(), 3, plant_bias(model.dense_3, 1, float("nan")), optimizer=optimizer)
+        monitor.log(1)
+    clean, planted = monitor.history
+    assert clean.first_nonfinite is None and clean.first_overflow is None
+    assert planted.first_nonfinite == Source("dense_3", "forward", 4)
+    diagnosis = diagnose(monitor.history)
+    assert "exploding" in diagnosis.verdicts
+    assert "the first non-finite value came from dense_3 (forward) at step 4" in diagnosis.line()
+    assert diagnosis.evidence["first_nonfinite"]["module"] == "dense_3"
+    assert "dense_3 (forward) at step 4" in markdown(diagnosis)          # the TensorBoard text
+
+
+def test_a_monitor_with_nonfinite_false_adds_no_hook():
+    from gradflow import GradientMonitor
+
+    before = dict(torch.nn.modules.module._global_forward_hooks)
+    model = mlp()
+    with GradientMonitor(model, nonfinite=False) as monitor:
+        assert dict(torch.nn.modules.module._global_forward_hooks) == before
+        train(model, _NoPart(), 1)
+        monitor.log(0)
+    assert monitor.history[0].first_nonfinite is None
+
+
+class _NoPart:
+    """``train``'s part when a monitor records the steps itself."""
+
+    def record(self):
+        pass
