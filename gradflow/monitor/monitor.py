@@ -117,8 +117,10 @@ class GradientMonitor:
         automatic: record at each optimizer step (the default). False: record only when
             ``record()`` is called, for frameworks that know where the gradient is final.
         nonfinite: find where each window's first NaN/inf came from (``nonfinite.py``): the
-            module, the pass and the step, in ``history[-1].first_nonfinite``. On by default:
-            measured at about 1% of a step on the real models of benchmarks/overhead.py.
+            module, the pass and the step, in ``history[-1].first_nonfinite``. Off by default:
+            measured on its own at 1.12x (nanoGPT), 1.17x (LSTM LM) and 1.13x (transformer LM)
+            a step, ~1.0x on the ResNets (benchmarks/overhead.py --variants first-nonfinite,
+            CPU clock, a loaded 2-core machine), above the 1.02x a default may cost.
 
     A window's ``steps`` is the largest number of steps any one parameter recorded: the
     optimizer steps for one optimizer, the training iterations for a GAN's two optimizers or
@@ -142,7 +144,7 @@ class GradientMonitor:
     def __init__(self, model: nn.Module, writer=None, *, optimizer: torch.optim.Optimizer | None = None,
                  histograms: bool | int = True, weights: bool = True, activations=True,
                  members: int = 1, automatic: bool = True, activations_every: int = 10,
-                 nonfinite: bool = True) -> None:  # noqa: PLR0913
+                 nonfinite: bool = False) -> None:  # noqa: PLR0913
         if not isinstance(model, nn.Module):
             raise TypeError(f"GradientMonitor needs an nn.Module, got {type(model).__name__}")
         inner = unwrap(model)

@@ -1,7 +1,10 @@
 """Where the first non-finite value came from: the module, the pass (forward or backward) and the step.
 
 ``torch.autograd.detect_anomaly`` answers "which op made the NaN" at 2.5-3x the cost of a step;
-this part answers "which module" at every step for about 1% (benchmarks/overhead.py). How:
+this part answers "which module" at every step. Measured on its own (benchmarks/overhead.py
+--variants first-nonfinite, CPU clock, a loaded 2-core machine): 1.12x nanoGPT, 1.17x LSTM LM,
+1.13x transformer LM, 1.01x ResNet-style CNN, 0.94x resnet18 (noise); above the 1.02x target,
+so ``GradientMonitor(nonfinite=...)`` is off by default (``gradflow train`` turns it on). How:
 
 - Forward: one global module forward hook (``register_module_forward_hook``), filtered by an
   id table of the model's modules, adds up each floating-point output of each call: one

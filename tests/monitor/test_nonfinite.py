@@ -297,7 +297,7 @@ def test_the_monitor_window_carries_the_source_and_the_verdict_names_it():
 
     model = mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
-    with GradientMonitor(model, histograms=False) as monitor:
+    with GradientMonitor(model, histograms=False, nonfinite=True) as monitor:
         train(model, _NoPart(), 3, optimizer=optimizer)
         monitor.log(0)
         train(model, _NoPart(), 3, plant_bias(model.dense_3, 1, float("nan")), optimizer=optimizer)
