@@ -50,6 +50,8 @@ import torch
 from torch import nn
 from torch.nn.modules.module import register_module_forward_hook
 
+from gradflow.monitor.part import MAX, Part, Reduced, Setup
+
 LOSS = "(loss)"            # the module name of a non-finite dL/d(model output): the loss made it
 FORWARD, BACKWARD = "forward", "backward"
 PHASE = 2 ** 31            # backward codes start here: a forward code always sorts first
@@ -91,21 +93,29 @@ class Source:
         return f"{self.where()} at step {self.step}"
 
 
-class FirstNonFinite:
+class FirstNonFinite(Part):
     """Per step, on the device: the first module whose output (forward) or, with a clean
     forward, whose input gradient (backward) held a NaN or inf.
 
     Args:
         model: the user's module (unwrapped); its ``named_modules()`` names are reported.
-        device: where the keys live (the parameters' device).
+        setup: the monitor's ``Setup`` (a part of ``GradientMonitor(nonfinite=True)``), or on
+            its own a device where the keys live (the parameters' device).
 
     The part keeps no reference to ``model`` and adds nothing to it: its one hook is global
-    and removed by ``remove()``.
+    and removed by ``remove()``. Each window fills ``Window.first_nonfinite`` and
+    ``Window.first_overflow`` (a ``Source`` or None).
     """
 
     name = "nonfinite"
 
-    def __init__(self, model: nn.Module, device: torch.device | str) -> None:
+    @classmethod
+    def create(cls, model: nn.Module, setup: Setup) -> FirstNonFinite | None:
+        return cls(model, setup) if setup.options.get("nonfinite") else None
+
+    def __init__(self, model: nn.Module, setup: Setup | torch.device | str) -> None:
+        super().__init__(model, setup if isinstance(setup, Setup) else None)
+        device = setup.device if isinstance(setup, Setup) else setup
         named = list(model.named_modules(remove_duplicate=True))
         self.names = [name for name, _ in named] + [LOSS]
         self._index = {id(module): i for i, (_, module) in enumerate(named)}
@@ -234,9 +244,17 @@ class FirstNonFinite:
 
     # -- reading ----------------------------------------------------------------------------
 
-    def device_tensors(self) -> dict[str, torch.Tensor]:
-        """The window's two keys negated (so that MAX across processes is the earliest)."""
-        return {"keys": self._keys.neg()}
+    def device_tensors(self) -> dict[str, Reduced]:
+        """The window's two keys negated, under MAX: across processes the largest negated key
+        is the earliest occurrence on any rank (keys < 2 ** 53: exact in the float64 read-back)."""
+        return {"keys": Reduced(self._keys.neg(), MAX)}
+
+    def read(self, values, reader) -> None:
+        """``Window.first_nonfinite`` and ``first_overflow`` of every member's window (a batched
+        model's members share one model: the source is the model's, not a member's)."""
+        first, overflow = self.decode(values["keys"])
+        for window in reader.windows:
+            window.first_nonfinite, window.first_overflow = first, overflow
 
     def decode(self, negated) -> tuple[Source | None, Source | None]:
         """(first non-finite, first overflow) from the read-back of ``device_tensors``."""
