@@ -30,4 +30,5 @@ def test_the_stop_message_names_the_same_source_as_the_verdict(tmp_path):
     assert stop.group(1) == verdict.group(1)
     assert stop.group(3) == verdict.group(2)               # a fresh run: the monitor's step is the global step
     summary = json.loads(next(tmp_path.glob("*/summary.json")).read_text())
+    assert f"{summary['first_nonfinite']['where']}" == stop.group(1)
     assert summary["stop_reason"].startswith(f"the first non-finite value came from {stop.group(1)}")

@@ -126,6 +126,7 @@ class FirstNonFinite(Part):
         self._sums: list[torch.Tensor] = []
         self._codes: list[int] = []
         self._calls = [0, 0]                     # forward, backward calls this step
+        self._last: torch.Tensor | None = None   # the output summed last
         self._step_min = torch.full((), NONE, dtype=torch.int64, device=self.device)
         self._keys = torch.full((2,), NONE, dtype=torch.int64, device=self.device)  # first, overflow
         self._cache: dict[tuple[int, ...], torch.Tensor] = {}
@@ -169,17 +170,20 @@ class FirstNonFinite(Part):
             return
         self._calls[0] += 1
         if type(output) is torch.Tensor:
-            self._take(output, code)
+            if output is not self._last:             # a Sequential's output is its last child's: summed once
+                self._take(output, code)
+                self._last = output
         else:
             for tensor in _tensors(output):
                 self._take(tensor, code)
-        grad = torch.is_grad_enabled()
-        if index == 0 and grad:                   # dL/d(output): non-finite from the loss
+        if not torch.is_grad_enabled():
+            return
+        if index == 0:                               # dL/d(output): non-finite from the loss
             for tensor in [output] if type(output) is torch.Tensor else _tensors(output):
                 if tensor.requires_grad:
                     tensor.register_hook(_GradSum(self, self._loss))
-        if grad and args and type(args[0]) is torch.Tensor and args[0].requires_grad:
-            args[0].register_hook(_GradSum(self, index))
+        if args and type(args[0]) is torch.Tensor and args[0].requires_grad and not _hooked(args[0]):
+            args[0].register_hook(_GradSum(self, index))   # once per tensor: a container shares its child's input
         return
 
     def _learn(self, module) -> int | None:
@@ -240,6 +244,7 @@ class FirstNonFinite(Part):
         torch.minimum(self._keys[slot], key, out=self._keys[slot])
         self._step_min.fill_(NONE)
         self._calls = [0, 0]
+        self._last = None
         self.steps += 1
 
     # -- reading ----------------------------------------------------------------------------
@@ -293,6 +298,12 @@ class _GradSum:
 
     def __call__(self, grad):
         self.part._take_grad(grad, self.index)
+
+
+def _hooked(tensor: torch.Tensor) -> bool:
+    """Whether a ``_GradSum`` already watches ``tensor``'s gradient (an inner module's)."""
+    hooks = tensor._backward_hooks
+    return bool(hooks) and any(type(hook) is _GradSum for hook in hooks.values())
 
 
 def _tensors(output) -> list[torch.Tensor]:
