@@ -106,9 +106,10 @@ class GradientMonitor:
             ``record()`` is called, for frameworks that know where the gradient is final.
         nonfinite: find where each window's first NaN/inf came from (``nonfinite.py``): the
             module, the pass and the step, in ``history[-1].first_nonfinite``. Off by default:
-            measured on its own at 1.12x (nanoGPT), 1.17x (LSTM LM) and 1.13x (transformer LM)
-            a step, ~1.0x on the ResNets (benchmarks/overhead.py --variants first-nonfinite,
-            CPU clock, a loaded 2-core machine), above the 1.02x a default may cost.
+            it reads every watched module's output and input gradient once more (one sum
+            each), measured alone at 1.08x a step on nanoGPT, 1.07x resnet18, 1.03x the ResNet
+            CNN, 1.02x the LSTM LM, 1.01x the transformer LM (benchmarks/overhead.py --variants
+            first-nonfinite --clock cpu, 11 rounds, a shared 2-core machine): above 1.02x.
 
     A window's ``steps`` is the largest number of steps any one parameter recorded: the
     optimizer steps for one optimizer, the training iterations for a GAN's two optimizers or

@@ -2,8 +2,11 @@
 
 ``torch.autograd.detect_anomaly`` answers "which op made the NaN" at 2.5-3x the cost of a step;
 this part answers "which module" at every step. Measured on its own (benchmarks/overhead.py
---variants first-nonfinite, CPU clock, a loaded 2-core machine): 1.12x nanoGPT, 1.17x LSTM LM,
-1.13x transformer LM, 1.01x ResNet-style CNN, 0.94x resnet18 (noise); above the 1.02x target,
+--variants first-nonfinite --clock cpu, 11 interleaved rounds, a 2-core machine shared with other
+jobs: a few percent of noise; earlier runs gave nanoGPT 1.06-1.12x): 1.08x nanoGPT, 1.07x
+resnet18, 1.03x ResNet-style CNN, 1.02x LSTM LM, 1.01x transformer LM. The cost is one more read
+of every watched output and input gradient (nanoGPT: 59 sums a step in forward, as many in
+backward), memory-bound on the CPU; above the 1.02x target on the small models,
 so ``GradientMonitor(nonfinite=...)`` is off by default (``gradflow train`` turns it on). How:
 
 - Forward: one global module forward hook (``register_module_forward_hook``), filtered by an
