@@ -5,7 +5,7 @@ this part answers "which module" at every step. Measured on its own (benchmarks/
 --variants first-nonfinite --clock cpu, 11 interleaved rounds, a 2-core machine shared with other
 jobs: a few percent of noise; earlier runs gave nanoGPT 1.06-1.12x): 1.08x nanoGPT, 1.07x
 resnet18, 1.03x ResNet-style CNN, 1.02x LSTM LM, 1.01x transformer LM. The cost is one more read
-of every watched output and input gradient (nanoGPT: 59 sums a step in forward, as many in
+of every watched output and input gradient (nanoGPT: about 60 sums a step, forward and
 backward), memory-bound on the CPU; above the 1.02x target on the small models,
 so ``GradientMonitor(nonfinite=...)`` is off by default (``gradflow train`` turns it on). How:
 
