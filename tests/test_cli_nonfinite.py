@@ -29,6 +29,10 @@ def test_the_stop_message_names_the_same_source_as_the_verdict(tmp_path):
     assert verdict, done.stdout
     assert stop.group(1) == verdict.group(1)
     assert stop.group(3) == verdict.group(2)               # a fresh run: the monitor's step is the global step
-    summary = json.loads(next(tmp_path.glob("*/summary.json")).read_text())
+    run_dir = next(tmp_path.glob("*/summary.json")).parent
+    summary = json.loads((run_dir / "summary.json").read_text())
+    from gradflow.analysis.diagnose import diagnose_run
+
+    assert f"the first non-finite value came from {stop.group(1)} at step {stop.group(3)}" in diagnose_run(run_dir).line()
     assert f"{summary['first_nonfinite']['where']}" == stop.group(1)
     assert summary["stop_reason"].startswith(f"the first non-finite value came from {stop.group(1)}")

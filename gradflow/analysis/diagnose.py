@@ -36,7 +36,7 @@ from gradflow.analysis.measures import (
     parameter_kinds,
     recorded_kinds,
 )
-from gradflow.analysis.nonfinite import first_source, with_source
+from gradflow.analysis.nonfinite import first_source, restore_source, with_source
 from gradflow.analysis.rules import (
     check_dead,
     check_exploding,
@@ -228,7 +228,9 @@ def diagnose_run(run_dir: str | Path) -> Diagnosis:
         >>> diagnose_run("runs/deep_relu-20250101-120000-seed0").verdicts    # doctest: +SKIP
         ['healthy']
     """
-    return diagnose(run_windows(run_dir), read_losses(run_dir))
+    windows = run_windows(run_dir)
+    restore_source(windows, run_dir)          # the first non-finite source, kept in summary.json
+    return diagnose(windows, read_losses(run_dir))
 
 
 def run_windows(run_dir: str | Path) -> list[Any]:

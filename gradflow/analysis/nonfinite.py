@@ -9,7 +9,9 @@ Example:
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 
@@ -38,8 +40,23 @@ def with_source(check: dict[str, Any], windows: Sequence[Any]) -> tuple[dict[str
     it fired), and notes: where the first GradScaler-skipped overflow came from (an overflow,
     not a NaN source). ``check`` is returned unchanged where there is nothing to add."""
     found, overflow = first_source(windows), first_source(windows, "first_overflow")
-    notes = [f"the first overflow that a GradScaler skipped came from {overflow['where']} at step "
-             f"{overflow['step']} (an AMP overflow, not a NaN source)"] if overflow else []
+    notes = [(f"the first overflow that a GradScaler skipped came from {overflow['where']} at step "
+              f"{overflow['step']} (an AMP overflow, not a NaN source)")] if overflow else []
     if found is None or not check.get("fired"):
         return check, notes
     return {**check, "why": f"{sentence(found)}; {check['why']}", "source": found}, notes
+
+
+def restore_source(windows: Sequence[Any], run_dir: str | Path) -> None:
+    """Put the source that a run's ``summary.json`` keeps (``first_nonfinite``: written at the end
+    of training) back on the window it came from, so that ``diagnose_run`` tells the story that
+    ``gradflow train`` printed (the tables carry no source). Nothing when there is none."""
+    from gradflow.monitor.nonfinite import Source
+
+    path = Path(run_dir) / "summary.json"
+    try:
+        found = json.loads(path.read_text()).get("first_nonfinite") if path.exists() else None
+    except (OSError, ValueError):
+        return
+    if isinstance(found, dict) and isinstance(found.get("window"), int) and 0 <= found["window"] < len(windows):
+        windows[found["window"]].first_nonfinite = Source(found["module"], found["phase"], int(found["step"]))

@@ -280,7 +280,7 @@ def test_two_ranks_report_the_earliest_occurrence_on_either():
     processes = [context.Process(target=_rank_worker, args=(rank, port, queue)) for rank in range(2)]
     for process in processes:
         process.start()
-    results = dict((rank, (combined, alone)) for rank, combined, alone in (queue.get() for _ in processes))
+    results = {rank: (combined, alone) for rank, combined, alone in (queue.get() for _ in processes)}
     for process in processes:
         process.join(timeout=60)
         assert process.exitcode == 0
