@@ -329,3 +329,34 @@ class _NoPart:
 
     def record(self):
         pass
+
+
+def test_the_monitor_reports_a_skipped_amp_step_as_an_overflow():
+    """Through GradientMonitor: GradScaler.step skips the overflowing step (seen by the monitor's
+    interception), so the window has a first overflow, no NaN source, and the verdict's notes say so."""
+    from gradflow import GradientMonitor
+    from gradflow.analysis.diagnose import diagnose
+
+    model = mlp()
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu")
+    x, y = torch.randn(8, 4), torch.randn(8, 1)
+    with GradientMonitor(model, histograms=False, nonfinite=True) as monitor:
+        for step in range(4):
+            with torch.no_grad():
+                model.dense_2.weight.mul_(1e8 if step == 2 else 1.0)
+            optimizer.zero_grad()
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = nn.functional.mse_loss(model(x).float(), y)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            with torch.no_grad():
+                model.dense_2.weight.div_(1e8 if step == 2 else 1.0)
+        monitor.log(0)
+    window = monitor.history[0]
+    assert window.overall["skipped_steps"] == 1
+    assert window.first_nonfinite is None
+    assert window.first_overflow == Source("dense_2", "forward", 2)
+    notes = diagnose(monitor.history).evidence["notes"]
+    assert any("first overflow that a GradScaler skipped came from dense_2 (forward) at step 2" in n for n in notes)
