@@ -269,7 +269,6 @@ def _rank_worker(rank: int, port: int, queue) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo process groups are tested on Linux")
 def test_two_ranks_report_the_earliest_occurrence_on_either():
     import torch.multiprocessing as mp
