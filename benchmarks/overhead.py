@@ -17,6 +17,8 @@ The real-model shapes (issue 15, ``benchmarks/shapes.py``: the zoo's models) ste
 monitor window every 10 steps. ``gradflow/no-activations`` is the monitor without activation
 taps; ``gradflow`` is the default monitor (gradients every step, activations every 10th step)
 and ``gradflow/activations-every-step`` taps activations at every step too (``activations_every=1``).
+``first-nonfinite`` is the first-non-finite part alone (``gradflow/monitor/nonfinite.py``):
+``--variants first-nonfinite`` gives its cost on its own.
 """
 
 from __future__ import annotations
@@ -36,10 +38,12 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 from torch.utils.tensorboard import SummaryWriter
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from gradflow import GradientMonitor  # noqa: E402
+from gradflow.monitor.nonfinite import FirstNonFinite  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
 import shapes  # noqa: E402
@@ -149,6 +153,23 @@ def variants(logdir: str):
                 yield None, monitor.log
 
     @contextlib.contextmanager
+    def first_nonfinite(model):
+        """The first-non-finite part on its own (issue 24): its forward and tensor hooks, one fold
+        per step (the optimizer step pre-hook), one read per window."""
+        part = FirstNonFinite(model, next(model.parameters()).device)
+        part.hook(model)
+        handle = register_optimizer_step_pre_hook(lambda *a: part.record())
+
+        def close(epoch):
+            part.read_now()
+            part.reset()
+        try:
+            yield None, close
+        finally:
+            handle.remove()
+            part.remove()
+
+    @contextlib.contextmanager
     def add_histogram_per_step(model):
         with SummaryWriter(os.path.join(logdir, "by-hand")) as writer:
             step = [0]
@@ -161,7 +182,7 @@ def variants(logdir: str):
 
     found = {"bare": bare, "gradflow": gradflow, "gradflow/no-activations": gradflow_no_activations,
              "gradflow/activations-every-step": gradflow_activations_every_step,
-             "add_histogram/step": add_histogram_per_step}
+             "first-nonfinite": first_nonfinite, "add_histogram/step": add_histogram_per_step}
     try:
         import wandb
     except ImportError:

@@ -39,6 +39,7 @@ from gradflow.analysis.measures import (
     parameter_kinds,
     recorded_kinds,
 )
+from gradflow.analysis.nonfinite import first_source, restore_source, with_source
 from gradflow.analysis.rules import RULES, Evidence, fmt_number, run_rules, skipped_steps
 from gradflow.analysis.windows import GRADIENTS_FILE, load_windows
 
@@ -138,6 +139,7 @@ def diagnose(windows: Sequence[Any], losses: Sequence[float] | None = None, *, m
     ev = Evidence(layers, activations, loss, windows, list(losses) if losses is not None else None,
                   output=_output_module(model), loss_fn=optimizer_name(loss_fn))
     checks = run_rules(ev)
+    checks["exploding"], source_notes = with_source(checks["exploding"], windows)   # nonfinite.py (issue 24)
     verdicts = [name for name, check in checks.items() if check["fired"] and name != "insufficient"]
     if checks["insufficient"]["fired"]:
         # Too few windows: said first, so a rule that fired on one window reads as an early sign.
@@ -150,7 +152,8 @@ def diagnose(windows: Sequence[Any], losses: Sequence[float] | None = None, *, m
                 "windows": len(windows), "family": family, "optimizer": opt,
                 "order": "forward" if order else "recorded",
                 "notes": [c["note"] for c in checks.values() if c.get("note")] + _notes(layers, kinds)
-                + _overflow_notes(windows)}
+                + _overflow_notes(windows) + source_notes,
+                "first_nonfinite": first_source(windows)}
     return Diagnosis(verdicts, evidence, recommend(verdicts, family, opt, _failing_kind(verdicts, checks, layers)))
 
 
@@ -244,7 +247,9 @@ def diagnose_run(run_dir: str | Path) -> Diagnosis:
         >>> diagnose_run("runs/deep_relu-20250101-120000-seed0").verdicts    # doctest: +SKIP
         ['healthy']
     """
-    return diagnose(run_windows(run_dir), read_losses(run_dir), optimizer=read_optimizer(run_dir))
+    windows = run_windows(run_dir)
+    restore_source(windows, run_dir)          # the first non-finite source, kept in summary.json
+    return diagnose(windows, read_losses(run_dir), optimizer=read_optimizer(run_dir))
 
 
 def read_optimizer(run_dir: str | Path) -> str | None:

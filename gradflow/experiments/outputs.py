@@ -69,6 +69,8 @@ def run_summary(cfg: Config, result: TrainResult, windows: Sequence[Any] = (), s
         # The monitor's count of NaN/inf gradient elements, in all and per window.
         "nonfinite_gradients": sum(count for _, count in nonfinite),
         "first_nonfinite_window": next((i for i, count in nonfinite if count), None),
+        # Where the first NaN/inf came from (module, phase, step, window), as the verdict says it.
+        "first_nonfinite": diagnosis.evidence.get("first_nonfinite") if diagnosis is not None else None,
         "verdict": list(diagnosis.verdicts) if diagnosis is not None else None,
         "verdict_line": diagnosis.line() if diagnosis is not None else None,
         "recommendation": diagnosis.recommendation if diagnosis is not None else None,

@@ -138,7 +138,8 @@ def fit_monitored(cfg, model, data, writer, run_dir, device, progress=None, stop
         return fit(model, data, cfg.optimizer, cfg.train, callbacks=callbacks + extra, checkpoint=checkpoint, **run), []
     settings = cfg.monitor
     with GradientMonitor(model, writer, histograms=settings.histograms, weights=settings.weights,
-                         activations=settings.activations, activations_every=settings.activations_every) as monitor:
+                         activations=settings.activations, activations_every=settings.activations_every,
+                         nonfinite=True) as monitor:       # the stop message names the source (issue 24)
         write_tensorboard_layout(writer, monitor.names)
         recorder = MonitorCallback(monitor, run_dir, settings.window_steps, first_window=len(earlier), writer=writer,
                                    flow_images=settings.flow_images, earlier=earlier, title=cfg.name)
@@ -154,4 +155,22 @@ def fit_monitored(cfg, model, data, writer, run_dir, device, progress=None, stop
                 recorder.last_flow_image(monitor.history[-1].step)
         finally:
             recorder.close()
+    if result.stopped_early:
+        steps_per_epoch = -(-len(data.x_train) // cfg.train.batch_size)
+        result.stop_reason = stop_reason(result.stop_reason, monitor.history, steps_per_epoch,
+                                         resume["step"] if resume is not None else 0)
     return result, earlier + monitor.history
+
+
+def stop_reason(reason: str, windows, steps_per_epoch: int, first_step: int = 0) -> str:
+    """The trainer's stop reason with the monitor's first non-finite source put first, in the
+    verdict's words (``analysis/nonfinite.py``): ``the first non-finite value came from dense_3
+    (forward) at epoch 0, step 12; non-finite training loss (nan) at epoch 0``. ``first_step``:
+    the global step at which the monitor attached (a resumed run)."""
+    from gradflow.analysis.nonfinite import first_source, sentence
+
+    found = first_source(windows)
+    if found is None:
+        return f"{reason}; no module's output or input gradient was non-finite (the loss computation made it)"
+    step = first_step + found["step"]
+    return f"{sentence(found, epoch=step // steps_per_epoch, step=step)}; {reason}"

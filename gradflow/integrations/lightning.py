@@ -111,6 +111,8 @@ class GradflowCallback(_pl.Callback):
             the last, partial one is written at the end), False: none.
         weights: also record weight norms, update ratios and weight histograms.
         activations: also tap activation modules (tanh, ReLU, ...) in training forward passes.
+        nonfinite: find where the first NaN/inf came from (module, pass, step); the printed verdict
+            names it (``GradientMonitor(nonfinite=True)``; off by default: see its cost there).
         verbose: print the verdict's line at fit end.
 
     Example:
@@ -121,15 +123,16 @@ class GradflowCallback(_pl.Callback):
     """
 
     def __init__(self, every_n_steps: int | None = None, *, histograms: bool | int = True, weights: bool = True,
-                 activations: bool = True, verbose: bool = True) -> None:
+                 activations: bool = True, verbose: bool = True, nonfinite: bool = False) -> None:
         _common.check_positive_int("every_n_steps", every_n_steps)
         _common.check_histograms(histograms)
         for name, value in (("weights", weights), ("activations", activations),
-                            ("verbose", verbose)):
+                            ("verbose", verbose), ("nonfinite", nonfinite)):
             if not isinstance(value, bool):
                 raise ValueError(f"{name} must be True or False, got {value!r}")
         self.every_n_steps = every_n_steps
         self.histograms, self.weights, self.activations, self.verbose = histograms, weights, activations, verbose
+        self.nonfinite = nonfinite
         self.monitor: GradientMonitor | None = None
         self.diagnosis: Any = None
         self.steps = 0              # optimizer steps recorded, over every fit (kept in checkpoints)
@@ -151,7 +154,7 @@ class GradflowCallback(_pl.Callback):
         self._loggers = list(trainer.loggers) if self._writes else []
         self.monitor = GradientMonitor(pl_module, logger_writer(self._loggers), automatic=False,
                                        histograms=self.histograms, weights=self.weights,
-                                       activations=self.activations)
+                                       activations=self.activations, nonfinite=self.nonfinite)
         self._recording = True
         self._loss_sum, self._loss_count = None, 0
 

@@ -73,6 +73,8 @@ class GradflowTrainerCallback(_tf.TrainerCallback):
             the last, partial one is written at the end), False: none.
         weights: also record weight norms, update ratios and weight histograms.
         activations: also tap activation modules (GELU, ReLU, tanh, ...) in training forward passes.
+        nonfinite: find where the first NaN/inf came from (module, pass, step); the printed verdict
+            names it (``GradientMonitor(nonfinite=True)``; off by default: see its cost there).
         verbose: print the verdict's line at the end of training.
 
     Example:
@@ -84,11 +86,11 @@ class GradflowTrainerCallback(_tf.TrainerCallback):
 
     def __init__(self, every_n_steps: int | None = None, *, log_dir: str | os.PathLike | None = None,
                  histograms: bool | int = True, weights: bool = True, activations: bool = True,
-                 verbose: bool = True) -> None:
+                 verbose: bool = True, nonfinite: bool = False) -> None:
         _common.check_positive_int("every_n_steps", every_n_steps)
         _common.check_histograms(histograms)
         for name, value in (("weights", weights), ("activations", activations),
-                            ("verbose", verbose)):
+                            ("verbose", verbose), ("nonfinite", nonfinite)):
             if not isinstance(value, bool):
                 raise ValueError(f"{name} must be True or False, got {value!r}")
         if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
@@ -96,6 +98,7 @@ class GradflowTrainerCallback(_tf.TrainerCallback):
         self.every_n_steps = every_n_steps
         self.log_dir = log_dir
         self.histograms, self.weights, self.activations, self.verbose = histograms, weights, activations, verbose
+        self.nonfinite = nonfinite
         self.losses: list[float] = []
         self.monitor: GradientMonitor | None = None
         self.diagnosis: Any = None
@@ -134,7 +137,8 @@ class GradflowTrainerCallback(_tf.TrainerCallback):
         self._context = (args, state, control)
         sink = self._sink()
         self.monitor = GradientMonitor(model, sink, automatic=False, histograms=self.histograms,
-                                       weights=self.weights, activations=self.activations)
+                                       weights=self.weights, activations=self.activations,
+                                       nonfinite=self.nonfinite)
         self._recording = True
 
     def on_train_end(self, args, state, control, **kwargs) -> None:

@@ -13,6 +13,7 @@ from gradflow.monitor.activations import Activations
 from gradflow.monitor.clipping import Clipping
 from gradflow.monitor.gates import Gates
 from gradflow.monitor.gradients import Gradients
+from gradflow.monitor.nonfinite import FirstNonFinite
 from gradflow.monitor.order import ForwardOrder
 from gradflow.monitor.part import Part
 from gradflow.monitor.unrecorded import Unrecorded
@@ -20,6 +21,7 @@ from gradflow.monitor.weights import Weights
 
 PARTS: list[type[Part]] = [
     ForwardOrder,
+    FirstNonFinite,          # before Gradients: every step counts, with a gradient or not
     Gradients,
     Clipping,
     Weights,

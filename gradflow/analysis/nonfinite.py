@@ -1,0 +1,62 @@
+"""Where a run's first non-finite value came from, as evidence for the verdict and words for a
+stop message. Pure logic over recorded windows (``Window.first_nonfinite``, from the monitor's
+first-non-finite part, ``gradflow/monitor/nonfinite.py``).
+
+Example:
+    >>> first_source(monitor.history)                     # doctest: +SKIP
+    {'module': 'dense_3', 'phase': 'forward', 'step': 12, 'window': 1, 'where': 'dense_3 (forward)'}
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+
+def first_source(windows: Sequence[Any], field: str = "first_nonfinite") -> dict[str, Any] | None:
+    """The earliest window's ``field`` (``first_nonfinite`` or ``first_overflow``) as a dict
+    (module, phase, step, window index, ``where`` in words), or None when no window has one
+    (a clean run, windows read from a run directory's tables, or a monitor without the part)."""
+    for index, window in enumerate(windows):
+        source = getattr(window, field, None)
+        if source is not None:
+            return {"module": source.module, "phase": source.phase, "step": source.step, "window": index,
+                    "where": source.where()}
+    return None
+
+
+def sentence(found: dict[str, Any], epoch: int | None = None, step: int | None = None) -> str:
+    """``the first non-finite value came from dense_3 (forward) at step 12`` (``epoch`` and a
+    global ``step`` when the caller knows them: ``at epoch 0, step 12``)."""
+    step = found["step"] if step is None else step
+    when = f"at epoch {epoch}, step {step}" if epoch is not None else f"at step {step}"
+    return f"the first non-finite value came from {found['where']} {when}"
+
+
+def with_source(check: dict[str, Any], windows: Sequence[Any]) -> tuple[dict[str, Any], list[str]]:
+    """The ``exploding`` check with the first non-finite source put first in its ``why`` (when
+    it fired), and notes: where the first GradScaler-skipped overflow came from (an overflow,
+    not a NaN source). ``check`` is returned unchanged where there is nothing to add."""
+    found, overflow = first_source(windows), first_source(windows, "first_overflow")
+    notes = [(f"the first overflow that a GradScaler skipped came from {overflow['where']} at step "
+              f"{overflow['step']} (an AMP overflow, not a NaN source)")] if overflow else []
+    if found is None or not check.get("fired"):
+        return check, notes
+    return {**check, "why": f"{sentence(found)}; {check['why']}", "source": found}, notes
+
+
+def restore_source(windows: Sequence[Any], run_dir: str | Path) -> None:
+    """Put the source that a run's ``summary.json`` keeps (``first_nonfinite``: written at the end
+    of training) back on the window it came from, so that ``diagnose_run`` tells the story that
+    ``gradflow train`` printed (the tables carry no source). Nothing when there is none."""
+    from gradflow.monitor.nonfinite import Source
+
+    path = Path(run_dir) / "summary.json"
+    try:
+        found = json.loads(path.read_text()).get("first_nonfinite") if path.exists() else None
+    except (OSError, ValueError):
+        return
+    if isinstance(found, dict) and isinstance(found.get("window"), int) and 0 <= found["window"] < len(windows):
+        windows[found["window"]].first_nonfinite = Source(found["module"], found["phase"], int(found["step"]))

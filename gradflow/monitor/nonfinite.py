@@ -1,0 +1,358 @@
+"""Where the first non-finite value came from: the module, the pass (forward or backward) and the step.
+
+``torch.autograd.detect_anomaly`` answers "which op made the NaN" at 2.5-3x the cost of a step;
+this part answers "which module" at every step. Measured on its own (benchmarks/overhead.py
+--variants first-nonfinite --clock cpu, 11 interleaved rounds, a 2-core machine shared with other
+jobs: a few percent of noise; earlier runs gave nanoGPT 1.06-1.12x): 1.08x nanoGPT, 1.07x
+resnet18, 1.03x ResNet-style CNN, 1.02x LSTM LM, 1.01x transformer LM. The cost is one more read
+of every watched output and input gradient (nanoGPT: about 60 sums a step, forward and
+backward), memory-bound on the CPU; above the 1.02x target on the small models,
+so ``GradientMonitor(nonfinite=...)`` is off by default (``gradflow train`` turns it on). How:
+
+- Forward: one global module forward hook (``register_module_forward_hook``), filtered by an
+  id table of the model's modules, adds up each floating-point output of each call: one
+  reduction op, whose result is NaN or inf exactly when an element is (float16 and bfloat16
+  outputs are summed in float32). The sums stay on the device in a list; nothing is read.
+- Backward: in the same hook, a tensor hook on the module's first input (when it requires
+  grad) sums the gradient with respect to that input when backward computes it; on the model's
+  output it sums dL/d(output), whose non-finite values come from the loss (``LOSS``).
+- Each call gets a code, ``call * M + module`` with the call counted per step and pass, and
+  backward codes above forward ones (``PHASE``). At each optimizer step the step's sums are
+  stacked and the smallest code whose sum is non-finite is kept, as one key
+  ``step_in_window * STEP + code``, by ``torch.minimum`` on a device tensor: the first forward
+  call in execution order whose output is non-finite, else (the forward was clean) the first
+  module in backward order whose input gradient is. After a forward NaN nearly every module is
+  flagged in backward, which says nothing, so forward codes win within a step. No host sync
+  and no recompile: the codes of a call sequence are made once and cached.
+- A step that a GradScaler skips (an AMP overflow) keeps its key apart: ``first_overflow``, not
+  a NaN source.
+- The keys are read once per window (``read``); with a process group initialised, the
+  coordinator combines them across ranks (the key is stored negated under MAX, so that the
+  largest negated key is the earliest occurrence on any rank).
+
+What it does not see: values made between modules by functional code of the root model are
+the root's (module ``""``); a gradient that goes non-finite only in a parameter's gradient,
+never in an input gradient, is not attributed (the gradient rows count it); an output whose
+finite values add up beyond float32's range (|sum| > 3.4e38) reads as non-finite. Under
+``torch.compile`` the hooks stay out of the compiled region (a hook that touched Python state
+there would recompile every step): the compiled model is seen as a whole, its output (module
+``""``) and dL/d(output) (``LOSS``), not per layer.
+
+Example:
+    >>> part = FirstNonFinite(model, device)
+    >>> ...; loss.backward(); part.record(None); optimizer.step()
+    >>> part.read_now()          # (first non-finite, first overflow), each a Source or None
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch.nn.modules.module import register_module_forward_hook
+
+from gradflow.monitor.part import MAX, Part, Reduced, Setup
+
+LOSS = "(loss)"            # the module name of a non-finite dL/d(model output): the loss made it
+FORWARD, BACKWARD = "forward", "backward"
+PHASE = 2 ** 31            # backward codes start here: a forward code always sorts first
+STEP = 2 ** 32             # key = step_in_window * STEP + code
+MAX_WINDOW_STEPS = 2 ** 20 - 1   # keys stay below 2 ** 52: exact as float64 (the read-back's type)
+NONE = 2 ** 53             # no non-finite value (exact in float64 too)
+PENDING = 4096             # sums kept before an early fold (a loop that never steps)
+_HALF = (torch.float16, torch.bfloat16)
+# Parameter-free modules whose output, and whose input gradient, is finite whenever their input,
+# and their output gradient, is (bounded or piecewise-linear elementwise maps, dropout's 1/(1-p)
+# scaling, pooling by max, reshapes): a non-finite value never starts in them, so they are not
+# watched. Their input is the previous module's output, which is.
+PASS_THROUGH = (nn.Identity, nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout,
+                nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.Tanh, nn.Sigmoid, nn.Hardtanh, nn.Hardsigmoid,
+                nn.Hardswish, nn.Softsign, nn.GELU, nn.SiLU, nn.Mish, nn.Flatten, nn.Unflatten,
+                nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
+                nn.AdaptiveMaxPool3d)
+# torch warns at every call of a compiled model while any global module hook exists that the
+# hook fires once more for the OptimizedModule: this part relies on that call (it is how a
+# compiled model is seen at all), so that warning is silenced while the part is attached.
+_COMPILE_WARNING = ("ignore", r"Using `torch.compile\(module\)` when there are global hooks", UserWarning)
+
+
+@dataclass(frozen=True)
+class Source:
+    """Where the first non-finite value of a window came from.
+
+    ``module``: the ``named_modules()`` name (``""``: the model's own forward code, or the
+    whole compiled model; ``LOSS``: dL/d(output) was non-finite while every module's output
+    was finite); ``phase``: ``"forward"`` (the module's output) or ``"backward"`` (the gradient
+    with respect to its input); ``step``: the 0-based count of optimizer steps the monitor had
+    seen since attach (applied or skipped) when it happened.
+    """
+
+    module: str
+    phase: str
+    step: int
+
+    def where(self) -> str:
+        """``dense_3 (forward)``; the loss and the root said in words."""
+        if self.module == LOSS:
+            return "the loss (its gradient; every module's output was finite)"
+        name = self.module or "the model's own forward code (outside its submodules)"
+        return f"{name} ({self.phase})"
+
+    def describe(self) -> str:
+        """``dense_3 (forward) at step 12``."""
+        return f"{self.where()} at step {self.step}"
+
+
+class FirstNonFinite(Part):
+    """Per step, on the device: the first module whose output (forward) or, with a clean
+    forward, whose input gradient (backward) held a NaN or inf.
+
+    Args:
+        model: the user's module (unwrapped); its ``named_modules()`` names are reported.
+        setup: the monitor's ``Setup`` (a part of ``GradientMonitor(nonfinite=True)``), or on
+            its own a device where the keys live (the parameters' device).
+
+    The part keeps no reference to ``model`` and adds nothing to it: its one hook is global
+    and removed by ``remove()``. Each window fills ``Window.first_nonfinite`` and
+    ``Window.first_overflow`` (a ``Source`` or None).
+    """
+
+    name = "nonfinite"
+
+    @classmethod
+    def create(cls, model: nn.Module, setup: Setup) -> FirstNonFinite | None:
+        return cls(model, setup) if setup.options.get("nonfinite") else None
+
+    def __init__(self, model: nn.Module, setup: Setup | torch.device | str) -> None:
+        super().__init__(model, setup if isinstance(setup, Setup) else None)
+        device = setup.device if isinstance(setup, Setup) else setup
+        named = list(model.named_modules(remove_duplicate=True))
+        self.names = [name for name, _ in named] + [LOSS]
+        # Modules that cannot turn finite values into non-finite ones, forward or backward, are
+        # not watched: the first non-finite value never starts in them (a third of nanoGPT's).
+        self._index = {id(module): i for i, (_, module) in enumerate(named)
+                       if i == 0 or not isinstance(module, PASS_THROUGH)}
+        self._root = id(model)
+        self._count = len(self.names)
+        self._loss = self._count - 1
+        self.device = torch.device(device)
+        self._sums: list[torch.Tensor] = []
+        self._codes: list[int] = []
+        self._calls = [0, 0]                     # forward, backward calls this step
+        self._last: torch.Tensor | None = None   # the output summed last
+        self._step_min = torch.full((), NONE, dtype=torch.int64, device=self.device)
+        self._keys = torch.full((2,), NONE, dtype=torch.int64, device=self.device)  # first, overflow
+        self._cache: dict[tuple[int, ...], torch.Tensor] = {}
+        self.steps = 0                           # optimizer steps seen since attach (applied or skipped)
+        self._window_start = 0
+        self._handle = None
+        self._filter = None
+
+    # -- hooks ------------------------------------------------------------------------------
+
+    def hook(self, model: nn.Module | None = None) -> None:
+        """Add the one global forward hook (no hook on the model itself)."""
+        if self._handle is None:
+            self._handle = register_module_forward_hook(self._on_forward)
+            action, message, category = _COMPILE_WARNING
+            warnings.filterwarnings(action, message=message, category=category)
+            self._filter = warnings.filters[0]
+
+    def remove(self) -> None:
+        """Remove the hook; drop pending sums. Safe to call twice; never raises."""
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+            if self._filter in warnings.filters:
+                warnings.filters.remove(self._filter)
+                getattr(warnings, "_filters_mutated", lambda: None)()   # the warnings cache (CPython)
+        self._sums, self._codes = [], []
+
+    def _on_forward(self, module, args, output):
+        if torch.compiler.is_compiling():
+            return
+        index = self._index.get(id(module))
+        if index is None:
+            index = self._learn(module)
+            if index is None:
+                return
+        if torch._C._current_graph_task_id() != -1 or not (torch.is_grad_enabled() or module.training):
+            return                          # a checkpoint's recompute in backward; evaluation
+        code = self._calls[0] * self._count + index
+        if code >= PHASE:
+            return
+        self._calls[0] += 1
+        if type(output) is torch.Tensor:
+            if output is not self._last:             # a Sequential's output is its last child's: summed once
+                self._take(output, code)
+                self._last = output
+        else:
+            for tensor in _tensors(output):
+                self._take(tensor, code)
+        if not torch.is_grad_enabled():
+            return
+        if index == 0:                               # dL/d(output): non-finite from the loss
+            for tensor in [output] if type(output) is torch.Tensor else _tensors(output):
+                if tensor.requires_grad:
+                    tensor.register_hook(_GradSum(self, self._loss))
+        if args and type(args[0]) is torch.Tensor and args[0].requires_grad and not _hooked(args[0]):
+            args[0].register_hook(_GradSum(self, index))   # once per tensor: a container shares its child's input
+        return
+
+    def _learn(self, module) -> int | None:
+        """A torch.compile wrapper of the model (``OptimizedModule``) stands for the root."""
+        inner = module._modules.get("_orig_mod")
+        if inner is not None and id(inner) == self._root:
+            self._index[id(module)] = 0
+            return 0
+        return None
+
+    def _take(self, tensor: torch.Tensor, code: int) -> None:
+        if not tensor.is_floating_point():
+            return
+        tensor = tensor.detach()
+        self._sums.append(tensor.sum(dtype=torch.float32) if tensor.dtype in _HALF else tensor.sum())
+        self._codes.append(code)
+        if len(self._sums) >= PENDING:
+            self.fold()
+
+    def _take_grad(self, grad: torch.Tensor, index: int) -> None:
+        code = PHASE + self._calls[1] * self._count + index
+        if code >= STEP:
+            return
+        self._calls[1] += 1
+        self._take(grad, code)
+
+    # -- steps ------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def fold(self) -> None:
+        """The smallest code of a pending non-finite sum into this step's minimum. No sync."""
+        if not self._sums:
+            return
+        sums, codes, self._sums, self._codes = self._sums, self._codes, [], []
+        key = tuple(codes)
+        table = self._cache.get(key)
+        if table is None:                        # made once per call sequence: a fresh tensor per step would copy
+            if len(self._cache) >= 64:
+                self._cache.clear()
+            table = self._cache[key] = torch.tensor(codes, dtype=torch.int64, device=self.device)
+        values = _stack(sums, self.device)
+        first = torch.where(torch.isfinite(values), NONE, table).amin()
+        torch.minimum(self._step_min, first, out=self._step_min)
+
+    def record(self, mask=None) -> None:
+        """An applied optimizer step ends: its first non-finite code joins the window's."""
+        self._end_step(0)
+
+    def skip(self, mask=None) -> None:
+        """A step a GradScaler skipped: its first non-finite code is an overflow, kept apart."""
+        self._end_step(1)
+
+    @torch.no_grad()
+    def _end_step(self, slot: int) -> None:
+        self.fold()
+        within = min(self.steps - self._window_start, MAX_WINDOW_STEPS)
+        key = torch.where(self._step_min < NONE, self._step_min + within * STEP, NONE)
+        torch.minimum(self._keys[slot], key, out=self._keys[slot])
+        self._step_min.fill_(NONE)
+        self._calls = [0, 0]
+        self._last = None
+        self.steps += 1
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def device_tensors(self) -> dict[str, Reduced]:
+        """The window's two keys negated, under MAX: across processes the largest negated key
+        is the earliest occurrence on any rank (keys < 2 ** 53: exact in the float64 read-back)."""
+        return {"keys": Reduced(self._keys.neg(), MAX)}
+
+    def read(self, values, reader) -> None:
+        """``Window.first_nonfinite`` and ``first_overflow`` of every member's window (a batched
+        model's members share one model: the source is the model's, not a member's)."""
+        first, overflow = self.decode(values["keys"])
+        for window in reader.windows:
+            window.first_nonfinite, window.first_overflow = first, overflow
+
+    def decode(self, negated) -> tuple[Source | None, Source | None]:
+        """(first non-finite, first overflow) from the read-back of ``device_tensors``."""
+        return tuple(self._source(int(-value)) for value in negated)
+
+    def _source(self, key: int) -> Source | None:
+        if key >= NONE:
+            return None
+        within, code = divmod(key, STEP)
+        phase = BACKWARD if code >= PHASE else FORWARD
+        return Source(self.names[code % PHASE % self._count], phase, self._window_start + within)
+
+    def read_now(self, combine=None) -> tuple[Source | None, Source | None]:
+        """Fold, read the keys back (one host sync) and decode them, without closing the window;
+        ``combine(tensor)`` may reduce the negated keys across processes (MAX) first."""
+        self.fold()
+        negated = self._keys.neg()
+        if combine is not None:
+            negated = combine(negated)
+        return self.decode(negated.tolist())
+
+    def reset(self) -> None:
+        """Start the next window (pending sums of the current step stay)."""
+        self._keys.fill_(NONE)
+        self._window_start = self.steps
+
+
+class _GradSum:
+    """Tensor hook: the sum of the gradient with respect to one module's input (or output)."""
+
+    __slots__ = ("index", "part")
+
+    def __init__(self, part: FirstNonFinite, index: int) -> None:
+        self.part = part
+        self.index = index
+
+    def __call__(self, grad):
+        self.part._take_grad(grad, self.index)
+
+
+def _hooked(tensor: torch.Tensor) -> bool:
+    """Whether a ``_GradSum`` already watches ``tensor``'s gradient (an inner module's)."""
+    hooks = tensor._backward_hooks
+    return bool(hooks) and any(type(hook) is _GradSum for hook in hooks.values())
+
+
+def _tensors(output) -> list[torch.Tensor]:
+    """The tensors of a tuple, list or mapping output, one level deep and one more for tuples
+    (an LSTM's ``(output, (h, c))``)."""
+    if isinstance(output, dict):
+        output = list(output.values())
+    elif not isinstance(output, (tuple, list)):
+        return []
+    found = []
+    for item in output:
+        if type(item) is torch.Tensor:
+            found.append(item)
+        elif isinstance(item, (tuple, list)):
+            found.extend(t for t in item if type(t) is torch.Tensor)
+    return found
+
+
+def _stack(sums: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    try:
+        return torch.stack(sums).to(device)
+    except RuntimeError:                          # several devices (model parallel)
+        return torch.stack([s.to(device) for s in sums])
+
+
+def all_ranks_max(tensor: torch.Tensor) -> torch.Tensor:
+    """The element-wise MAX of ``tensor`` over every process of the default group (one
+    all-reduce; on the CPU for gloo), or ``tensor`` itself without an initialised group. Every
+    rank must call it at the same point, as any collective."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return tensor
+    device = tensor.device if dist.get_backend() != "gloo" else torch.device("cpu")
+    reduced = tensor.to(device).clone()
+    dist.all_reduce(reduced, op=dist.ReduceOp.MAX)
+    return reduced.to(tensor.device)
