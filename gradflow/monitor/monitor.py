@@ -287,10 +287,13 @@ class GradientMonitor:
             self._gradients.record_skipped(mask)
             self._skipped_steps += 1
 
-    def _on_clip(self, params: list[torch.Tensor], total: torch.Tensor, max_norm: float) -> None:
-        """clip_grad_norm_ ran over ``params`` and found ``total`` (interception)."""
+    def _on_clip(self, params: list[torch.Tensor], total: torch.Tensor, clipped: torch.Tensor) -> bool:
+        """A clipping call over ``params`` found the norm ``total`` before clipping and ``clipped``
+        (interception); whether it was counted (it clipped some of this monitor's parameters)."""
         if any(id(p) in self._index_of for p in params):
-            self._clip.add(total, max_norm)
+            self._clip.add(total, clipped)
+            return True
+        return False
 
     # -- reading --------------------------------------------------------------------------
 
