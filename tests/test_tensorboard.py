@@ -118,7 +118,7 @@ def test_tanh_activations_are_binned_evenly_over_minus_one_to_one(tensorboard, t
     get a bin of their own instead of one octave bin for all of 0.5-1."""
     (point,) = histogram_points(tensorboard, tanh, "activation/tanh_5")
     _, _, buckets = point
-    assert -1.0 <= buckets[0][0] and buckets[-1][1] <= 1.0
+    assert buckets[0][0] >= -1.0 and buckets[-1][1] <= 1.0
     widths = [right - left for left, right, count in buckets if count]
     assert widths and all(width == pytest.approx(1 / 32) for width in widths)
     assert sum(count for _, _, count in buckets) == pytest.approx(500 * 5 * EPOCHS)      # samples x units x epochs

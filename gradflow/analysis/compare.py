@@ -17,9 +17,10 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from gradflow.analysis.diagnose import Diagnosis, diagnose, read_losses, run_windows
 from gradflow.analysis.measures import layer_parameters
@@ -214,7 +215,7 @@ def plot_compare(runs: Sequence[Run], path: str | Path) -> Path:
         steps, sizes = layer_sizes(run.windows)
         shades = colormaps[_CMAPS[index % len(_CMAPS)]]([0.95 - 0.55 * i / max(len(sizes) - 1, 1)
                                                          for i in range(len(sizes))])
-        for shade, (layer, values) in zip(shades, sizes.items()):
+        for shade, values in zip(shades, sizes.values()):
             grads.plot(steps, _positive(values), color=shade, linewidth=1.2)
         colour = colormaps[_CMAPS[index % len(_CMAPS)]](0.7)
         epochs = [row.get("epoch", i) for i, row in enumerate(run.history)]

@@ -71,7 +71,8 @@ below). Sizes are ``||g|| / ||w||`` per layer (``measures.measure_layers``).
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 VANISHING_RATIO = 1 / 50    # weakest hidden layer's ||g||/||w|| / the head's, early windows
 INPUT_END_RATIO = 1 / 7     # ... and the first hidden layer's must be under this share of the head's
@@ -111,13 +112,13 @@ def check_vanishing(layers: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     input end (a ResNet's last conv before ``fc``) is not vanishing. Normalisation layers and
     the head are not hidden layers.
     """
-    head = next((l for l, row in layers.items() if row.get("role") == "head"), None)
+    head = next((name for name, row in layers.items() if row.get("role") == "head"), None)
     if head is None and layers:
         head = list(layers)[-1]
-    hidden = [l for l, row in layers.items() if l != head and row.get("role", "hidden") == "hidden"]
+    hidden = [name for name, row in layers.items() if name != head and row.get("role", "hidden") == "hidden"]
     if not hidden:
         return _check(False, "only one layer: nothing to compare with the output layer")
-    weakest = min(hidden, key=lambda l: _sortable(layers[l]["ratio_early"]))
+    weakest = min(hidden, key=lambda name: _sortable(layers[name]["ratio_early"]))
     ratio = layers[weakest]["ratio_early"]
     first = layers[hidden[0]]
     why = (f"{weakest} gradient vs the output layer's ({head}), early on: {_relative(ratio)}{_weakest_gate(weakest, layers[weakest])}; "
@@ -156,9 +157,9 @@ def check_exploding(layers: Mapping[str, Mapping[str, float]], loss: Mapping[str
     # A conv followed by a normalisation layer is scale-invariant: its large early steps grow
     # ||w|| and shrink the next ones (a learning ResNet-34's stem conv: 0.30 in the first window,
     # 0.002 by the tenth), so it is judged on its last window, the others on their largest.
-    updates = {l: row.get("update_ratio_last", math.nan) if row.get("normalised") else row["update_ratio_max"]
-               for l, row in layers.items()}
-    updates = {l: v for l, v in updates.items() if math.isfinite(v)}
+    updates = {name: row.get("update_ratio_last", math.nan) if row.get("normalised") else row["update_ratio_max"]
+               for name, row in layers.items()}
+    updates = {name: v for name, v in updates.items() if math.isfinite(v)}
     if updates:
         layer = max(updates, key=updates.get)
         if updates[layer] > EXPLODING_UPDATE:

@@ -73,7 +73,8 @@ class _Tables:
         mode = "a" if append else "w"
         # Resuming a table written before the kind column: append rows of its own shape, no gate rows.
         self._kinds = not append or _header_has(run_dir / GRADIENTS_FILE, "kind")
-        self._files = [open(run_dir / name, mode, newline="") for name in (GRADIENTS_FILE, ACTIVATIONS_FILE)]
+        self._files = [open(run_dir / name, mode, newline="")  # noqa: SIM115 - open until close()
+                       for name in (GRADIENTS_FILE, ACTIVATIONS_FILE)]
         self._gradients, self._activations = (csv.writer(f) for f in self._files)
         if not append:
             self._gradients.writerow(GRADIENT_COLUMNS)

@@ -40,7 +40,8 @@ key                                    value (each a mean over the window's opti
 ``weight/LAYER/PARAM/update_ratio``    ||w_end - w_start|| / ||w_start|| over the window
 ``activation/MODULE/...``              saturation / dead-unit statistics (``activations=True``)
 ``grad/LAYER/PARAM`` (histogram)       gradient values; ``grad_log10/...``: log10 |g| (TensorBoard)
-``diagnosis`` (text; TensorBoard), ``diagnosis/<verdict>`` (1.0 or 0.0; other loggers)  the verdict and its evidence, once, at the end of training
+``diagnosis`` (text; TensorBoard)      the verdict and its evidence, once, at the end of training
+``diagnosis/<verdict>``                1.0 or 0.0, at the end of training (other loggers)
 =====================================  ===========================================================
 
 The Trainer has no hook for a failed ``train()``: if training raises, the monitor stays attached

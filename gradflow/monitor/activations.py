@@ -52,7 +52,7 @@ class _Tap(LeavesCopiesAlone):
 
     __slots__ = ("accumulator", "index", "__weakref__")
 
-    def __init__(self, accumulator: "_ActivationAccumulator", index: int) -> None:
+    def __init__(self, accumulator: _ActivationAccumulator, index: int) -> None:
         self.accumulator = accumulator
         self.index = index
 
@@ -132,7 +132,7 @@ class _ActivationAccumulator:
         self._plans = _BoundedCache()
         self._slot_rows = _BoundedCache()            # slots of the large outputs reduced together
 
-    def hook(self, index: int) -> "_Tap":
+    def hook(self, index: int) -> _Tap:
         return _Tap(self, index)
 
     def take(self, index: int, output: torch.Tensor) -> None:

@@ -48,7 +48,8 @@ from __future__ import annotations
 import functools
 import math
 import weakref
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.nn.utils
@@ -57,7 +58,7 @@ from torch.amp.grad_scaler import GradScaler
 
 from gradflow.monitor.stats import wide_dtype
 
-_WATCHERS: "weakref.WeakSet[Any]" = weakref.WeakSet()
+_WATCHERS: weakref.WeakSet[Any] = weakref.WeakSet()
 _ORIGINAL: dict[str, Any] = {}
 # The total_norm tensor of the last clip_grads_with_norm_ call and the monitors that counted it:
 # a caller that clips each device mesh's parameters in turn passes the same tensor each time.

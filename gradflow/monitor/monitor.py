@@ -67,7 +67,7 @@ from gradflow.monitor.window import (
 
 __all__ = ["GradientMonitor", "MonitorError", "Window", "tag_path", "unwrap"]
 
-_ATTACHED: "weakref.WeakKeyDictionary[nn.Module, GradientMonitor]" = weakref.WeakKeyDictionary()
+_ATTACHED: weakref.WeakKeyDictionary[nn.Module, GradientMonitor] = weakref.WeakKeyDictionary()
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -217,7 +217,7 @@ class GradientMonitor:
         monitor.remove()
         return True
 
-    def __enter__(self) -> "GradientMonitor":
+    def __enter__(self) -> GradientMonitor:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -309,7 +309,8 @@ class GradientMonitor:
         window-level figures (total norm per step, skipped and clipped steps) in
         ``history[-1].overall``. LSTM/GRU weights are also split per gate in
         ``history[-1].gates`` (``gates.py``; TensorBoard ``grad/<param>/<gate>/norm``), and
-        ``history[-1].kinds`` says what kind of module owns each parameter (``kinds.py``). With ``members`` K > 1, a list of K such dicts, one per member.
+        ``history[-1].kinds`` says what kind of module owns each parameter (``kinds.py``). With
+        ``members`` K > 1, a list of K such dicts, one per member.
 
         Raises:
             MonitorError: the model's parameters were replaced by tensors of another shape,

@@ -24,7 +24,8 @@ Example:
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from gradflow.monitor.stats import Histogram
 from gradflow.monitor.tensors import MonitorError

@@ -10,9 +10,10 @@ from torch import nn
 
 accelerate = pytest.importorskip("accelerate")
 
+from oracle_tools import compare, grad_row, tensorboard, windows  # noqa: E402
+
 from gradflow import GradientMonitor  # noqa: E402
 from gradflow.integrations.accelerate import record_if_synced  # noqa: E402
-from oracle_tools import compare, grad_row, tensorboard, windows  # noqa: E402
 
 
 @pytest.mark.parametrize("clip", ["clip_grad_norm_", "clip_grad_value_"])

@@ -4,8 +4,6 @@ read back from TensorBoard's event files."""
 
 from __future__ import annotations
 
-import csv
-import os
 import warnings
 
 import pytest
@@ -14,9 +12,10 @@ from torch import nn
 
 pl = pytest.importorskip("lightning.pytorch")
 
+from oracle_tools import compare, grad_row, has_tag, scalar_series, tensorboard, windows  # noqa: E402
+
 from gradflow.integrations.lightning import GradflowCallback  # noqa: E402
 from gradflow.monitor import GradientMonitor  # noqa: E402
-from oracle_tools import compare, grad_row, has_tag, scalar_series, tensorboard, windows  # noqa: E402
 
 TOLERANCE = 1e-5     # float32 scalars in the event file against float64 oracles
 
