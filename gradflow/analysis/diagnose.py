@@ -128,10 +128,12 @@ def diagnose(windows: Sequence[Any], losses: Sequence[float] | None = None, *, m
 
     Example:
         >>> from gradflow.monitor import Window
-        >>> w = Window(0, 10, gradients={"dense_1.weight": {"mean_abs": 1e-5, "nonfinite": 0},
-        ...                    "dense_2.weight": {"mean_abs": 1e-2, "nonfinite": 0}})
-        >>> diagnose([w]).verdicts
+        >>> rows = {"dense_1.weight": {"mean_abs": 1e-5, "nonfinite": 0},
+        ...         "dense_2.weight": {"mean_abs": 1e-2, "nonfinite": 0}}
+        >>> diagnose([Window(i, 10, gradients=rows) for i in range(5)]).verdicts
         ['vanishing']
+        >>> diagnose([Window(0, 10, gradients=rows)]).verdicts   # too few windows: said first
+        ['insufficient', 'vanishing']
     """
     if not windows:
         raise ValueError("diagnose needs at least one recorded window; call monitor.log(step) at least once")

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import types
 import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -28,7 +29,8 @@ from gradflow.experiments.data import DATASETS
 from gradflow.experiments.models import ACTIVATIONS, INITIALIZERS, initializer_params
 from gradflow.experiments.optimizers import OPTIMIZERS
 
-InitSpec = Union[str, dict]  # noqa: UP007 - _coerce needs typing.Union's origin. "he_uniform" or {name: random_uniform, minval: 0.0, maxval: 1.0}
+_UNIONS = (Union, types.UnionType)  # Union[int, str] and int | str
+InitSpec = str | dict  # "he_uniform" or {name: random_uniform, minval: 0.0, maxval: 1.0}
 
 # Upper bounds on sizes: far above any study gradflow runs, low enough that a slip such as
 # model.width=50000000 is a one-line error at once rather than an out-of-memory crash mid-run.
@@ -208,7 +210,7 @@ def apply_override(raw: dict[str, Any], path: list[str], value: Any) -> None:
 
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
-    if origin is Union:
+    if origin in _UNIONS:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is list:
         return f"list of {_type_name(typing.get_args(tp)[0])}"
@@ -241,7 +243,7 @@ def _label(key: Any) -> str:
 
 def _matches(value: Any, tp: Any) -> bool:
     origin = typing.get_origin(tp)
-    if origin is Union:
+    if origin in _UNIONS:
         return any(_matches(value, a) for a in typing.get_args(tp))
     if origin is list:
         (item,) = typing.get_args(tp)

@@ -6,11 +6,11 @@ and keeps the windows as two tables in the run directory, which diagnosis and pl
                      monitor's ``forward_order``: input side first, as diagnose_run reads it)
     activations.csv  one row per window and activation module
 
-Example:
-    >>> monitor = GradientMonitor(model, writer)
-    >>> recorder = MonitorCallback(monitor, run_dir)
-    >>> fit(..., callbacks=[recorder]); recorder.close()
-    >>> windows = load_windows(run_dir)          # gradflow.analysis.windows: list[Window]
+Example (not run as a doctest: it needs a whole training run, as ``gradflow.cli`` sets one up):
+    >>> monitor = GradientMonitor(model, writer)                                   # doctest: +SKIP
+    >>> recorder = MonitorCallback(monitor, run_dir)                               # doctest: +SKIP
+    >>> fit(..., callbacks=[recorder]); recorder.close()                           # doctest: +SKIP
+    >>> windows = load_windows(run_dir)  # gradflow.analysis.windows: list[Window]  # doctest: +SKIP
 """
 
 from __future__ import annotations

@@ -6,9 +6,20 @@ embedding listed once). The first training forward pass tells the real order; a 
 pre-hook on each module that owns parameters notes its first call and then removes itself.
 
 Example:
-    >>> order = ForwardOrder(model, names)      # names: the monitor's parameter names
-    >>> model(x)
+    >>> import torch
+    >>> from torch import nn
+    >>> class Net(nn.Module):                   # the head is assigned before the body
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.head, self.body = nn.Linear(4, 1), nn.Linear(2, 4)
+    ...     def forward(self, x):
+    ...         return self.head(self.body(x))
+    >>> model = Net()
+    >>> order = ForwardOrder(model, [name for name, _ in model.named_parameters()])
+    >>> _ = model(torch.ones(1, 2))
     >>> order.names()                           # input side first
+    ['body.weight', 'body.bias', 'head.weight', 'head.bias']
+    >>> order.remove()
 """
 
 from __future__ import annotations

@@ -251,7 +251,7 @@ def test_two_numeric_axes_draw_a_heatmap(tmp_path):
 # --- Ray -------------------------------------------------------------------------------------
 
 def test_ray_backend_runs_a_small_sweep(tmp_path):
-    pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'gradflow-torch[ray]'")
+    pytest.importorskip("ray", reason="Ray is an optional extra: pip install -e '.[ray]'")
     sweep = grid.load_sweep(write_sweep(tmp_path, seeds="0"))
     outcome = runner.run_sweep(sweep, tmp_path / "out", workers=2, backend="ray", log=lambda line: None)
     assert outcome.trained == 2

@@ -94,7 +94,8 @@ class RayExecutor:
         try:
             import ray
         except ImportError:
-            raise ConfigError("--backend ray: Ray is not installed; pip install 'gradflow-torch[ray]' (or pip install ray)") from None
+            raise ConfigError("--backend ray: Ray is not installed; install it from your gradflow checkout with "
+                              "pip install -e '.[ray]' (or pip install 'ray>=2.9')") from None
         self.ray = ray
         self.workers = workers
         self.address = address
