@@ -134,10 +134,27 @@ def evaluate(body: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.T
     return loss, _correct(logits, y) / y.shape[0]
 
 
-def _progress(epochs: int, enabled: bool | None) -> tqdm:
+class _NoBar:
+    """The calls ``fit`` makes on its progress bar, doing nothing. A disabled tqdm is not enough:
+    tqdm starts its monitor thread in ``tqdm.__new__``, also for a disabled bar, which never stops
+    it (a thread waking every 10 s for the rest of the process)."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, **values: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(epochs: int, enabled: bool | None) -> tqdm | _NoBar:
     if enabled is None:
         enabled = sys.stderr.isatty()
-    return tqdm(total=epochs, disable=not enabled, unit="epoch", file=sys.stderr, dynamic_ncols=True)
+    if not enabled:
+        return _NoBar()
+    return tqdm(total=epochs, unit="epoch", file=sys.stderr, dynamic_ncols=True)
 
 
 class Prepared(NamedTuple):

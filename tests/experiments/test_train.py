@@ -190,3 +190,24 @@ def test_runs_on_cuda():
     torch.manual_seed(0)
     result = fit(build_model(cfg.model), data, cfg.optimizer, cfg.train, device="cuda")
     assert result.device.startswith("cuda") and result.epochs_run == 3
+
+
+def test_a_run_without_a_progress_bar_leaves_no_thread_behind():
+    """tqdm starts its monitor thread in __new__ even for a disabled bar, and a disabled bar never
+    stops it: a thread that woke every 10 s for the rest of the process and, freeing objects that
+    gc.freeze() had frozen, moved test_startup's freeze count. Without a bar, fit makes none."""
+    import subprocess
+    import sys
+
+    code = ("import threading\n"
+            "from gradflow.experiments.config import Config\n"
+            "from gradflow.experiments.data import load_dataset\n"
+            "from gradflow.experiments.models import build_model\n"
+            "from gradflow.experiments.train import fit\n"
+            "from dataclasses import replace\n"
+            "cfg = Config(); cfg.train = replace(cfg.train, epochs=2)\n"
+            "fit(build_model(cfg.model), load_dataset(cfg.data), cfg.optimizer, cfg.train, progress=False)\n"
+            "print(sorted(t.name for t in threading.enumerate()))\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[-1] == "['MainThread']"
