@@ -20,9 +20,9 @@ import os
 import pickle
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -301,9 +301,9 @@ def margins(diagnosis) -> str:
     layers = diagnosis.evidence["layers"]
 
     def ratio(value: float) -> str:
-        return "n/a" if not value == value else (f"1/{1 / value:.3g}" if 0 < value < 1 else f"{value:.3g}")
+        return "n/a" if value != value else (f"1/{1 / value:.3g}" if 0 < value < 1 else f"{value:.3g}")
 
-    hidden = [(l, r) for l, r in layers.items() if r.get("role") == "hidden"]
+    hidden = [(name, r) for name, r in layers.items() if r.get("role") == "hidden"]
     weakest = min(hidden, key=lambda item: item[1]["ratio_early"] if item[1]["ratio_early"] == item[1]["ratio_early"]
                   else float("inf"), default=(None, None))
     judged = [r.get("update_ratio_last") if r.get("normalised") else r["update_ratio_max"] for r in layers.values()]

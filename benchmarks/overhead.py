@@ -135,22 +135,21 @@ def variants(logdir: str):
 
     @contextlib.contextmanager
     def gradflow(model):
-        with SummaryWriter(os.path.join(logdir, "gradflow")) as writer:
-            with GradientMonitor(model, writer) as monitor:
-                yield None, monitor.log
+        with SummaryWriter(os.path.join(logdir, "gradflow")) as writer, GradientMonitor(model, writer) as monitor:
+            yield None, monitor.log
 
     @contextlib.contextmanager
     def gradflow_no_activations(model):
-        with SummaryWriter(os.path.join(logdir, "gradflow-no-activations")) as writer:
-            with GradientMonitor(model, writer, activations=False) as monitor:
-                yield None, monitor.log
+        with (SummaryWriter(os.path.join(logdir, "gradflow-no-activations")) as writer,
+              GradientMonitor(model, writer, activations=False) as monitor):
+            yield None, monitor.log
 
     @contextlib.contextmanager
     def gradflow_activations_every_step(model):
         """The default monitor with activations tapped at every step (``activations_every=1``)."""
-        with SummaryWriter(os.path.join(logdir, "gradflow-activations-every-step")) as writer:
-            with GradientMonitor(model, writer, activations_every=1) as monitor:
-                yield None, monitor.log
+        with (SummaryWriter(os.path.join(logdir, "gradflow-activations-every-step")) as writer,
+              GradientMonitor(model, writer, activations_every=1) as monitor):
+            yield None, monitor.log
 
     @contextlib.contextmanager
     def first_nonfinite(model):

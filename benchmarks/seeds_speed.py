@@ -39,12 +39,13 @@ from gradflow.experiments.batched import build_batched, fit_batched, train_membe
 from gradflow.experiments.config import load_config, to_dict  # noqa: E402
 from gradflow.experiments.data import load_dataset  # noqa: E402
 from gradflow.experiments.models import build_model  # noqa: E402
-from gradflow.experiments.recording import MonitorCallback  # noqa: E402
 from gradflow.experiments.outputs import write_outputs  # noqa: E402
+from gradflow.experiments.recording import MonitorCallback  # noqa: E402
 from gradflow.experiments.rundir import write_config  # noqa: E402
 from gradflow.experiments.sweeps.executors import LocalExecutor  # noqa: E402
 from gradflow.experiments.sweeps.seeds import train_seeds_in_workers  # noqa: E402
 from gradflow.experiments.train import EpochScalars, fit  # noqa: E402
+
 
 def wall() -> float:
     return time.perf_counter()
@@ -179,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
             d.mkdir()
             three[histograms] = three_configs(args.epochs, seeds, args.workers, d, histograms)
     k = len(seeds)
-    print(f"deep_relu, {args.epochs} epochs, 1 thread per process, best of {args.repeats}, {args.clock} clock; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
+    print(f"deep_relu, {args.epochs} epochs, 1 thread per process, best of {args.repeats}, {args.clock} clock; "
+          f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs")
     for title, table in (("training loop", loop), ("complete runs (monitor + run directories)", runs),
                          ("complete runs, monitor.histograms=false", lean)):
         solo, batched = min(table["solo"]), min(table["batched"])

@@ -47,7 +47,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 POLL_S = 0.005
@@ -77,7 +76,7 @@ def first_window_on_disk(logdir: Path) -> bool:
     return False
 
 
-def timed(argv: list[str], root: Path = ROOT, logdir: Optional[Path] = None) -> dict[str, float]:
+def timed(argv: list[str], root: Path = ROOT, logdir: Path | None = None) -> dict[str, float]:
     """Wall and CPU seconds of ``argv`` to its exit and, with ``logdir``, to its first window."""
     with tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()

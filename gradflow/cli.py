@@ -24,8 +24,9 @@ import json
 import os
 import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn, Optional, Sequence
+from typing import Any, NoReturn
 
 from gradflow.errors import ConfigError
 from gradflow.startup import StartupCollector, prepare_exit
@@ -55,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser(
         "train",
         help="train a model from a YAML config",
-        usage="gradflow train CONFIG [key=value ...] [--logdir DIR] [--device {auto,cpu,cuda}] [--seed N | --seeds 0-9 [--workers N]] [--quiet] [--threads N]",
+        usage="gradflow train CONFIG [key=value ...] [--logdir DIR] [--device {auto,cpu,cuda}] "
+              "[--seed N | --seeds 0-9 [--workers N]] [--quiet] [--threads N]",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -205,7 +207,8 @@ def add_sweep_parser(sub: Any) -> None:
     sweep = sub.add_parser(
         "sweep",
         help="train a grid of configs over many seeds",
-        usage="gradflow sweep SWEEP.yaml [--workers N] [--backend {local,ray}] [--address ADDR] [--out DIR] [--logdir DIR] [--device {auto,cpu,cuda}]",
+        usage="gradflow sweep SWEEP.yaml [--workers N] [--backend {local,ray}] [--address ADDR] [--out DIR] "
+              "[--logdir DIR] [--device {auto,cpu,cuda}]",
         description=SWEEP_DESCRIPTION,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -360,7 +363,7 @@ def add_analysis_parsers(subparsers: Any) -> None:
     compare_parser.set_defaults(func=cmd_compare)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``gradflow`` console script; returns the exit status. Without ``argv``
     (the console script, ``python -m gradflow.cli``) the process ends next: ``prepare_exit``.
 
@@ -374,7 +377,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     return status
 
 
-def _run(argv: Optional[Sequence[str]]) -> int:
+def _run(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     if not (sys.argv[1:] if argv is None else list(argv)):   # bare `gradflow`: what it can do
         parser.print_help()

@@ -23,9 +23,9 @@ import torch
 from torch.optim.optimizer import _global_optimizer_pre_hooks
 
 from gradflow import GradientMonitor
+from gradflow.analysis.windows import GRADIENTS_FILE
 from gradflow.cli import main
 from gradflow.experiments.config import load_config
-from gradflow.analysis.windows import GRADIENTS_FILE
 from gradflow.experiments.recording import MonitorCallback
 from gradflow.experiments.train import build_from_config, fit
 from gradflow.monitor import steps as _steps
@@ -172,13 +172,12 @@ def test_exception_in_forward_mid_epoch_leaves_no_half_written_histogram(tmp_pat
     injected = model.dense_3.register_forward_pre_hook(_raise_at_call(fail_at))
     hooks_before = {name: len(m._forward_hooks) for name, m in model.named_modules()}
     writer = SummaryWriter(str(tmp_path))
-    with pytest.raises(Boom):
-        with GradientMonitor(model, writer) as monitor:
-            recorder = MonitorCallback(monitor, tmp_path)
-            try:
-                fit(model, data, cfg.optimizer, cfg.train, callbacks=[recorder])
-            finally:
-                recorder.close()
+    with pytest.raises(Boom), GradientMonitor(model, writer) as monitor:
+        recorder = MonitorCallback(monitor, tmp_path)
+        try:
+            fit(model, data, cfg.optimizer, cfg.train, callbacks=[recorder])
+        finally:
+            recorder.close()
     writer.close()
     injected.remove()
 

@@ -27,20 +27,21 @@ import sys
 import tempfile
 import traceback
 import typing
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from gradflow.experiments import config as C
 from gradflow.cli import main as cli_main
+from gradflow.errors import ConfigError
+from gradflow.experiments import config as C
 from gradflow.experiments.config import Config, load_config
 from gradflow.experiments.data import DATASETS
-from gradflow.errors import ConfigError
 from gradflow.experiments.models import ACTIVATIONS, INITIALIZERS
 from gradflow.experiments.optimizers import OPTIMIZERS
 
@@ -375,8 +376,8 @@ def run_cli_forked(args: list[str], cwd: Path, timeout: float = 120.0) -> tuple[
             os.chdir(cwd)
             for fd, target in ((1, out_path), (2, err_path)):
                 os.dup2(os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
-            sys.stdout = open(1, "w", closefd=False)
-            sys.stderr = open(2, "w", closefd=False, errors="backslashreplace")
+            sys.stdout = open(1, "w", closefd=False)  # noqa: SIM115 - the process's own stdout
+            sys.stderr = open(2, "w", closefd=False, errors="backslashreplace")  # noqa: SIM115
             code = cli_main(["train", *args])
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1

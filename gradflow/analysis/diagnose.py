@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import csv
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -125,9 +126,11 @@ def diagnose(windows: Sequence[Any], losses: Sequence[float] | None = None, *, m
 
     Example:
         >>> from gradflow.monitor import Window
-        >>> w = Window(0, 10, gradients={"dense_1.weight": {"mean_abs": 1e-5, "nonfinite": 0},
-        ...                    "dense_2.weight": {"mean_abs": 1e-2, "nonfinite": 0}})
-        >>> diagnose([w]).verdicts
+        >>> rows = {"dense_1.weight": {"mean_abs": 1e-5, "nonfinite": 0},
+        ...         "dense_2.weight": {"mean_abs": 1e-2, "nonfinite": 0}}
+        >>> diagnose([Window(i, 10, gradients=rows) for i in range(5)]).verdicts
+        ['vanishing']
+        >>> diagnose([Window(0, 10, gradients=rows)]).verdicts   # too few windows: said first
         ['insufficient', 'vanishing']
     """
     if not windows:

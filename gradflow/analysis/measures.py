@@ -3,12 +3,12 @@ judges it.
 
 A "layer" is a group of parameters: ``layer_of`` (the name minus its last dotted part), except
 stacked ``nn.LSTM``/``nn.GRU`` parameters, grouped per stacked layer (``lstm.l0``, ``lstm.l1``).
-Each layer has a kind (``weight``, ``norm``, ``embedding``, ``recurrent``: from the model's
-modules when it is passed (``parameter_kinds``), else from names: ``diagnose_run`` has no model,
-so a BatchNorm inside an ``nn.Sequential`` (``shortcut.1``) counts as a weight layer there) and a role (``head``, ``hidden``, ``norm``, ``embedding``). Layers come input
-first: in the model's forward order when known (the monitor's ``forward_order``: modules by
-their first forward call; gradflow's run tables are written in that order), else in the
-recorded order.
+Each layer has a kind (``weight``, ``norm``, ``embedding``, ``recurrent``: from the model's modules
+when it is passed (``parameter_kinds``), else from names: ``diagnose_run`` has no model, so a
+BatchNorm inside an ``nn.Sequential`` (``shortcut.1``) counts as a weight layer there) and a role
+(``head``, ``hidden``, ``norm``, ``embedding``). Layers come input first: in the model's forward
+order when known (the monitor's ``forward_order``: modules by their first forward call; gradflow's
+run tables are written in that order), else in the recorded order.
 
 - size: ``||g|| / ||w||`` over the layer's weights together (biases only where a layer has no
   weight), ``||g||`` the mean over a window's steps and ``||w||`` at its end. Scale-free, so a
@@ -61,7 +61,8 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -286,7 +287,7 @@ def _gate_sizes(windows: Sequence[Any], parameters: Sequence[str]) -> dict[str, 
     names = list(dict.fromkeys(g for gates in recorded for p in gated for g in gates.get(p, {})))
     out = {}
     for gate in names:
-        def series(p: str, key: str) -> np.ndarray:
+        def series(p: str, key: str, gate: str = gate) -> np.ndarray:
             return np.array([_number(gates.get(p, {}).get(gate, {}).get(key)) for gates in recorded], dtype=float)
         g2 = sum(series(p, "norm") ** 2 for p in gated)
         w2 = sum(series(p, "weight_norm") ** 2 for p in gated)

@@ -28,8 +28,9 @@ from __future__ import annotations
 import math
 import time
 from collections import OrderedDict
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -70,7 +71,7 @@ class BatchedLinear(nn.Module):
         self.bias = nn.Parameter(bias)
 
     @classmethod
-    def stack(cls, layers: Sequence[nn.Linear]) -> "BatchedLinear":
+    def stack(cls, layers: Sequence[nn.Linear]) -> BatchedLinear:
         """Copy the members' weights into one stacked layer (the members are left untouched)."""
         with torch.no_grad():
             weight = torch.stack([layer.weight.detach() for layer in layers]).clone()
@@ -105,7 +106,7 @@ def stack_models(models: Sequence[nn.Sequential]) -> nn.Sequential:
     return nn.Sequential(children)
 
 
-def build_batched(cfg: "ModelConfig", seeds: Sequence[int], in_features: int = 2) -> nn.Sequential:
+def build_batched(cfg: ModelConfig, seeds: Sequence[int], in_features: int = 2) -> nn.Sequential:
     """The batched model of ``seeds``: member k starts from exactly the solo seed-k weights.
 
     Example:
@@ -167,14 +168,14 @@ def evaluate_members(body: nn.Module, x: torch.Tensor, y: torch.Tensor, members:
 
 def fit_batched(
     model: nn.Sequential,
-    data: "Dataset",
-    optimizer: "OptimizerConfig",
-    train: "TrainConfig",
+    data: Dataset,
+    optimizer: OptimizerConfig,
+    train: TrainConfig,
     seeds: Sequence[int],
     *,
     device: str | torch.device = "cpu",
     callbacks: Iterable[Any] = (),
-    progress: Optional[bool] = False,
+    progress: bool | None = False,
 ) -> list[TrainResult]:
     """``train.fit`` for a batched model: one ``TrainResult`` per member, in ``seeds`` order.
 
@@ -221,7 +222,7 @@ def fit_batched(
         model.eval()
         val_loss, val_acc = evaluate_members(body, x_val, y_val, k_all)
         values = torch.stack([loss_sum / n, correct / n, val_loss, val_acc], dim=1).tolist()  # the sync
-        metrics: list[Optional[dict[str, float]]] = [None] * k_all
+        metrics: list[dict[str, float] | None] = [None] * k_all
         for k in active:
             metrics[k] = dict(zip(METRICS, values[k]))
             results[k].history.append({"epoch": epoch, **metrics[k]})
@@ -276,13 +277,13 @@ class MemberEpochScalars:
     def __init__(self, writers: Sequence[Any]) -> None:
         self.members = [EpochScalars(writer) for writer in writers]
 
-    def epoch_end(self, epoch: int, metrics: list[Optional[dict[str, float]]]) -> None:
+    def epoch_end(self, epoch: int, metrics: list[dict[str, float] | None]) -> None:
         for member, values in zip(self.members, metrics):
             if values is not None:
                 member.epoch_end(epoch, values)
 
 
-def member_config(cfg: "Config", seed: int) -> "Config":
+def member_config(cfg: Config, seed: int) -> Config:
     """A copy of ``cfg`` with ``train.seed = seed``: what a solo run of that seed resolves to."""
     import dataclasses
 
@@ -290,12 +291,12 @@ def member_config(cfg: "Config", seed: int) -> "Config":
 
 
 def train_members(
-    cfg: "Config",
+    cfg: Config,
     seeds: Sequence[int],
     run_dirs: Sequence[str | Path],
     *,
     device: str | torch.device = "cpu",
-    progress: Optional[bool] = False,
+    progress: bool | None = False,
 ) -> list[dict[str, Any]]:
     """Train ``seeds`` of ``cfg`` as one batched model, writing one complete run directory per
     member (config.yaml, history.csv, summary.json, accuracy.png, gradients.csv,

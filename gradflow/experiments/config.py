@@ -15,19 +15,22 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import types
 import typing
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Union
+from typing import Any, Union
 
 import yaml
 
-from gradflow.experiments.data import DATASETS
 from gradflow.errors import ConfigError
+from gradflow.experiments.data import DATASETS
 from gradflow.experiments.models import ACTIVATIONS, INITIALIZERS, initializer_params
 from gradflow.experiments.optimizers import OPTIMIZERS
 
-InitSpec = Union[str, dict]  # "he_uniform" or {name: random_uniform, minval: 0.0, maxval: 1.0}
+_UNIONS = (Union, types.UnionType)  # Union[int, str] and int | str
+InitSpec = str | dict  # "he_uniform" or {name: random_uniform, minval: 0.0, maxval: 1.0}
 
 # Upper bounds on sizes: far above any study gradflow runs, low enough that a slip such as
 # model.width=50000000 is a one-line error at once rather than an out-of-memory crash mid-run.
@@ -62,9 +65,9 @@ class OutputConfig:
 @dataclass
 class ModelConfig:
     depth: int = 5  # number of hidden Dense layers
-    width: Union[int, list[int]] = 5  # units per hidden layer, or one per layer
-    activation: Union[str, list[str]] = "tanh"  # hidden activation, or one per layer
-    initializer: Union[InitSpec, list[InitSpec]] = "glorot_uniform"  # spec, or one per layer
+    width: int | list[int] = 5  # units per hidden layer, or one per layer
+    activation: str | list[str] = "tanh"  # hidden activation, or one per layer
+    initializer: InitSpec | list[InitSpec] = "glorot_uniform"  # spec, or one per layer
     output: OutputConfig = field(default_factory=OutputConfig)  # the output layer
 
 
@@ -92,7 +95,9 @@ class TrainConfig:
 class MonitorConfig:
     enabled: bool = True  # attach the gradient monitor during training
     window_steps: int = 0  # 0: one window per epoch, else flush every N steps
-    histograms: Union[bool, int] = 25  # TensorBoard histograms: N = one per N windows (epochs), summing their counts (25 divides train.checkpoint_every); true: every window; false: none
+    # TensorBoard histograms: N = one per N windows (epochs), summing their counts (25 divides
+    # train.checkpoint_every); true: every window; false: none
+    histograms: bool | int = 25
     weights: bool = True  # log weight statistics too
     activations: bool = True  # log activation statistics too
     activations_every: int = 1  # tap activations at every Nth optimizer step (the tutorial's nets are tiny: every step)
@@ -206,7 +211,7 @@ def apply_override(raw: dict[str, Any], path: list[str], value: Any) -> None:
 
 def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
-    if origin is Union:
+    if origin in _UNIONS:
         return " or ".join(_type_name(a) for a in typing.get_args(tp))
     if origin is list:
         return f"list of {_type_name(typing.get_args(tp)[0])}"
@@ -285,7 +290,7 @@ def _label(key: Any) -> str:
 
 def _matches(value: Any, tp: Any) -> bool:
     origin = typing.get_origin(tp)
-    if origin is Union:
+    if origin in _UNIONS:
         return any(_matches(value, a) for a in typing.get_args(tp))
     if origin is list:
         (item,) = typing.get_args(tp)
@@ -376,7 +381,8 @@ def _check_init(key: str, spec: Any) -> None:
         _choice(key, spec, INITIALIZERS, "initializer")
         return
     if "name" not in spec or not isinstance(spec["name"], str):
-        raise ConfigError(f"{key}: an initializer mapping needs name: <initializer>, e.g. {{name: random_uniform, minval: 0.0, maxval: 1.0}}")
+        raise ConfigError(f"{key}: an initializer mapping needs name: <initializer>, "
+                          "e.g. {name: random_uniform, minval: 0.0, maxval: 1.0}")
     _choice(f"{key}.name", spec["name"], INITIALIZERS, "initializer")
     accepted = initializer_params(spec["name"])
     for param, value in spec.items():
@@ -395,7 +401,8 @@ def _check_init(key: str, spec: Any) -> None:
 def _check_init_ranges(key: str, spec: dict) -> None:
     # torch's samplers raise on these only when the model is built, after the run directory exists.
     if spec.get("minval", -0.05) > spec.get("maxval", 0.05):
-        raise ConfigError(f"{key}: minval must be <= maxval, got {spec.get('minval', -0.05)} > {spec.get('maxval', 0.05)} (defaults -0.05, 0.05)")
+        raise ConfigError(f"{key}: minval must be <= maxval, got {spec.get('minval', -0.05)} > "
+                          f"{spec.get('maxval', 0.05)} (defaults -0.05, 0.05)")
     if "stddev" in spec and spec["stddev"] <= 0:
         raise ConfigError(f"{key}.stddev: must be > 0, got {spec['stddev']!r}")
 

@@ -18,9 +18,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -101,7 +102,7 @@ def scaled_arrays(cfg: Any) -> tuple[np.ndarray, np.ndarray]:
     return x, y
 
 
-def cache_dir() -> Optional[Path]:
+def cache_dir() -> Path | None:
     """Where scaled datasets are kept, or None when ``GRADFLOW_CACHE_DIR=off``."""
     chosen = os.environ.get("GRADFLOW_CACHE_DIR")
     if chosen == "off":
@@ -111,7 +112,7 @@ def cache_dir() -> Optional[Path]:
     return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "gradflow"
 
 
-def _cache_path(cfg: Any) -> Optional[Path]:
+def _cache_path(cfg: Any) -> Path | None:
     from importlib.metadata import PackageNotFoundError, version
 
     directory = cache_dir()

@@ -11,12 +11,13 @@ from __future__ import annotations
 import inspect
 import math
 from collections import OrderedDict
-from typing import Any, Callable, Mapping, Sequence, Union
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
 
-InitSpec = Union[str, Mapping[str, Any]]
+InitSpec = str | Mapping[str, Any]
 
 # name -> module factory. leaky_relu uses tf.nn.leaky_relu's slope (0.2), gelu the exact erf form.
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {

@@ -14,8 +14,9 @@ Example:
 from __future__ import annotations
 
 import signal
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any
 
 import torch
 
@@ -27,8 +28,8 @@ from gradflow.experiments.train import TrainResult
 
 
 def write_outputs(run_dir: str | Path, cfg: Config, result: TrainResult, windows: Sequence[Any], *,
-                  writer: Any = None, stopped_by: Optional[signal.Signals] = None, members: Optional[int] = None,
-                  title: str = "", gradients_plot: bool = True) -> tuple[dict[str, Any], Optional[Diagnosis]]:
+                  writer: Any = None, stopped_by: signal.Signals | None = None, members: int | None = None,
+                  title: str = "", gradients_plot: bool = True) -> tuple[dict[str, Any], Diagnosis | None]:
     """Diagnose ``windows`` (none: no verdict), then write the run's files; returns (summary, diagnosis).
 
     ``members``: ``result`` is one member of a batched run of that many (its seconds are
@@ -50,8 +51,8 @@ def write_outputs(run_dir: str | Path, cfg: Config, result: TrainResult, windows
     return summary, diagnosis
 
 
-def run_summary(cfg: Config, result: TrainResult, windows: Sequence[Any] = (), stopped_by: Optional[signal.Signals] = None,
-                diagnosis: Optional[Diagnosis] = None, members: Optional[int] = None) -> dict[str, Any]:
+def run_summary(cfg: Config, result: TrainResult, windows: Sequence[Any] = (), stopped_by: signal.Signals | None = None,
+                diagnosis: Diagnosis | None = None, members: int | None = None) -> dict[str, Any]:
     """What summary.json holds (a batched member's also says ``batched``: members and total seconds)."""
     nonfinite = [(i, sum(row.get("nonfinite", 0) for row in w.gradients.values())) for i, w in enumerate(windows)]
     summary = {

@@ -6,11 +6,11 @@ and keeps the windows as two tables in the run directory, which diagnosis and pl
                      monitor's ``forward_order``: input side first, as diagnose_run reads it)
     activations.csv  one row per window and activation module
 
-Example:
-    >>> monitor = GradientMonitor(model, writer)
-    >>> recorder = MonitorCallback(monitor, run_dir)
-    >>> fit(..., callbacks=[recorder]); recorder.close()
-    >>> windows = load_windows(run_dir)          # gradflow.analysis.windows: list[Window]
+Example (not run as a doctest: it needs a whole training run, as ``gradflow.cli`` sets one up):
+    >>> monitor = GradientMonitor(model, writer)                                   # doctest: +SKIP
+    >>> recorder = MonitorCallback(monitor, run_dir)                               # doctest: +SKIP
+    >>> fit(..., callbacks=[recorder]); recorder.close()                           # doctest: +SKIP
+    >>> windows = load_windows(run_dir)  # gradflow.analysis.windows: list[Window]  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -94,7 +94,8 @@ class _Tables:
         mode = "a" if append else "w"
         # Resuming a table written before the kind column: append rows of its own shape, no gate rows.
         self._kinds = not append or _header_has(run_dir / GRADIENTS_FILE, "kind")
-        self._files = [open(run_dir / name, mode, newline="") for name in (GRADIENTS_FILE, ACTIVATIONS_FILE)]
+        self._files = [open(run_dir / name, mode, newline="")  # noqa: SIM115 - open until close()
+                       for name in (GRADIENTS_FILE, ACTIVATIONS_FILE)]
         self._gradients, self._activations = (csv.writer(f) for f in self._files)
         if not append:
             self._gradients.writerow(GRADIENT_COLUMNS)

@@ -12,9 +12,10 @@ Example:
 from __future__ import annotations
 
 import signal
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -61,7 +62,7 @@ class StopOnSignal:
     epoch); a second signal acts as it normally would. ``signal`` says which one came."""
 
     def __init__(self) -> None:
-        self.signal: Optional[signal.Signals] = None
+        self.signal: signal.Signals | None = None
         self._previous: dict = {}
 
     def is_set(self) -> bool:
@@ -72,7 +73,7 @@ class StopOnSignal:
         for sig, handler in self._previous.items():  # the next one is not caught
             signal.signal(sig, handler)
 
-    def __enter__(self) -> "StopOnSignal":
+    def __enter__(self) -> StopOnSignal:
         self._previous = {sig: signal.signal(sig, self._handle) for sig in SIGNALS}
         return self
 
@@ -88,12 +89,12 @@ class SoloRun:
 
     result: TrainResult
     summary: dict[str, Any]
-    diagnosis: Optional[Diagnosis]
-    stopped_by: Optional[signal.Signals]
+    diagnosis: Diagnosis | None
+    stopped_by: signal.Signals | None
 
 
-def train_run(cfg: Config, run_dir: Path, device: torch.device, *, progress: Optional[bool] = None,
-              resume: Optional[dict[str, Any]] = None, callbacks: Sequence[Any] = ()) -> SoloRun:
+def train_run(cfg: Config, run_dir: Path, device: torch.device, *, progress: bool | None = None,
+              resume: dict[str, Any] | None = None, callbacks: Sequence[Any] = ()) -> SoloRun:
     """Train ``cfg`` into ``run_dir`` (TensorBoard events, monitor tables, checkpoints), then write
     its outputs. SIGINT/SIGTERM stop it after the epoch, with a checkpoint to resume from.
     ``callbacks``: more trainer callbacks (``gradflow.experiments.train.Callback``), called last."""

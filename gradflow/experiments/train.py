@@ -23,8 +23,9 @@ from __future__ import annotations
 import math
 import sys
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, Iterable, NamedTuple, Optional, Protocol
+from typing import TYPE_CHECKING, Any, NamedTuple, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -83,8 +84,8 @@ class TrainResult:
     epochs_run: int
     device: str
     stopped_early: bool = False  # True when a non-finite loss stopped the run
-    stop_epoch: Optional[int] = None  # the epoch (from 0) whose loss was non-finite
-    stop_reason: Optional[str] = None
+    stop_epoch: int | None = None  # the epoch (from 0) whose loss was non-finite
+    stop_reason: str | None = None
     interrupted: bool = False  # True when ``stop`` was set: the run checkpointed and returned early
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -133,10 +134,27 @@ def evaluate(body: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.T
     return loss, _correct(logits, y) / y.shape[0]
 
 
-def _progress(epochs: int, enabled: Optional[bool]) -> tqdm:
+class _NoBar:
+    """The calls ``fit`` makes on its progress bar, doing nothing. A disabled tqdm is not enough:
+    tqdm starts its monitor thread in ``tqdm.__new__``, also for a disabled bar, which never stops
+    it (a thread waking every 10 s for the rest of the process)."""
+
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def set_postfix(self, **values: Any) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+def _progress(epochs: int, enabled: bool | None) -> tqdm | _NoBar:
     if enabled is None:
         enabled = sys.stderr.isatty()
-    return tqdm(total=epochs, disable=not enabled, unit="epoch", file=sys.stderr, dynamic_ncols=True)
+    if not enabled:
+        return _NoBar()
+    return tqdm(total=epochs, unit="epoch", file=sys.stderr, dynamic_ncols=True)
 
 
 class Prepared(NamedTuple):
@@ -152,7 +170,7 @@ class Prepared(NamedTuple):
     batch_sizes: torch.Tensor         # rows in each batch (the last may be partial)
 
 
-def prepare(model: nn.Sequential, data: "Dataset", optimizer: "OptimizerConfig", batch_size: int,
+def prepare(model: nn.Sequential, data: Dataset, optimizer: OptimizerConfig, batch_size: int,
             callbacks: Iterable[Any], device: str | torch.device) -> Prepared:
     """Move the model and data to the device, make the optimizer, collect the callbacks.
 
@@ -178,16 +196,16 @@ def prepare(model: nn.Sequential, data: "Dataset", optimizer: "OptimizerConfig",
 
 def fit(
     model: nn.Sequential,
-    data: "Dataset",
-    optimizer: "OptimizerConfig",
-    train: "TrainConfig",
+    data: Dataset,
+    optimizer: OptimizerConfig,
+    train: TrainConfig,
     *,
     device: str | torch.device = "cpu",
     callbacks: Iterable[Any] = (),
-    progress: Optional[bool] = False,
-    checkpoint: Optional[Callable[[dict[str, Any]], None]] = None,
-    stop: Optional[Any] = None,
-    resume: Optional[dict[str, Any]] = None,
+    progress: bool | None = False,
+    checkpoint: Callable[[dict[str, Any]], None] | None = None,
+    stop: Any | None = None,
+    resume: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Train ``model`` (whose last module is the output Sigmoid) the way Keras ``fit`` does.
 
@@ -287,11 +305,11 @@ def _restore(state: dict[str, Any], model: nn.Module, opt: torch.optim.Optimizer
 
 
 def train_from_config(
-    cfg: "Config",
+    cfg: Config,
     *,
     device: str | torch.device = "cpu",
     callbacks: Iterable[Any] = (),
-    progress: Optional[bool] = False,
+    progress: bool | None = False,
 ) -> tuple[nn.Sequential, TrainResult]:
     """Seed, build the data and the model, and ``fit``; returns (model, result).
 
@@ -306,7 +324,7 @@ def train_from_config(
     return model, result
 
 
-def build_from_config(cfg: "Config") -> tuple[nn.Sequential, "Dataset"]:
+def build_from_config(cfg: Config) -> tuple[nn.Sequential, Dataset]:
     """The data, then the model seeded with ``cfg.train.seed`` (its initial weights).
 
     Example:

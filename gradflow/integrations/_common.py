@@ -15,7 +15,8 @@ def require(module: str, extra: str) -> ModuleType:
         return importlib.import_module(module)
     except ImportError as error:
         raise MonitorError(f"gradflow's {extra} integration needs {module.split('.')[0]} ({error}); "
-                           f"install it with: pip install 'gradflow-torch[{extra}]'") from None
+                           f"install it from your gradflow checkout with: pip install -e '.[{extra}]' "
+                           "(gradflow-torch is not on PyPI yet)") from None
 
 
 def diagnosis_api() -> Any:

@@ -5,7 +5,8 @@ accumulation cycle synchronises gradients (DDP all-reduce) and lets ``optimizer.
 that is the step whose gradient is final. Attach the monitor with ``automatic=False`` (accelerate
 wraps the optimizer and skips the torch step on the other micro-batches) and call
 ``record_if_synced`` between backward (and any ``accelerator.clip_grad_norm_``) and
-``optimizer.step()``:
+``optimizer.step()`` (not run as a doctest: it needs an ``Accelerator`` and a loader;
+``tests/integrations/test_accelerate_recipe.py`` runs it):
 
     >>> from gradflow import GradientMonitor
     >>> from gradflow.integrations.accelerate import record_if_synced
@@ -21,7 +22,7 @@ wraps the optimizer and skips the torch step on the other micro-batches) and cal
     ...         optimizer.step(); optimizer.zero_grad()
     ...     if (step + 1) % 100 == 0:
     ...         monitor.log(step)
-    >>> monitor.remove()
+    >>> monitor.remove()                                                                 # doctest: +SKIP
 
 On several processes, attach the monitor and call ``record_if_synced`` and ``log`` on every process
 (only the main process needs a writer): a sharded (FSDP2) model's windows close with collectives that

@@ -13,8 +13,10 @@ Where it records. Lightning steps every optimizer with a closure (forward and ba
 (once per optimizer step, not per micro-batch), after DDP's all-reduce, unscaled under AMP
 (``16-mixed``; not for fused optimizers that unscale inside ``step``), and before
 ``gradient_clip_val`` clips. The per-layer rows and ``grad/total_norm`` therefore describe the raw
-gradient; where Lightning then clips, the monitor's watch of ``clip_grad_norm_`` adds
-``grad/total_norm_before_clip`` and ``grad/clipped_steps``. Manual optimization works the same way:
+gradient; where Lightning then clips, the monitor's watch of ``clip_grad_norm_`` (or, with
+``gradient_clip_algorithm="value"``, ``clip_grad_value_``: the L2 norm before clamping, and a step
+counts as clipped when a value was clamped) adds ``grad/total_norm_before_clip`` and
+``grad/clipped_steps``. Manual optimization works the same way:
 ``optimizer.step()`` in ``training_step`` calls the same hook, so there the callback records after
 whatever ``self.clip_gradients(...)`` the step did before ``optimizer.step()`` (the gradient applied),
 and ``grad/total_norm_before_clip`` still gives the norm before it. With several optimizers each step
@@ -36,7 +38,7 @@ key                                    value (each a mean over the window's opti
 ``grad/LAYER/PARAM/zero_fraction``     share of exact zeros (over all steps' elements)
 ``grad/LAYER/PARAM/nonfinite``         count of NaN/inf elements (a sum, not a mean)
 ``grad/total_norm``                    L2 norm over all parameters, as ``clip_grad_norm_`` computes it
-``grad/total_norm_before_clip``        the same as ``clip_grad_norm_`` returned (when clipping)
+``grad/total_norm_before_clip``        the L2 norm before clipping (what ``clip_grad_norm_`` returned)
 ``grad/clipped_steps``                 steps whose norm exceeded the clip value
 ``grad/skipped_steps``                 steps the AMP GradScaler skipped on overflow
 ``weight/LAYER/PARAM/{l1,norm}``       weight norms at the window's end (``weights=True``)

@@ -11,7 +11,8 @@ right before ``optimizer.step()``; the callback records there, once per optimize
 per ``gradient_accumulation_steps`` micro-batches), after DDP's all-reduce and AMP's unscaling.
 The per-layer rows and ``grad/total_norm`` therefore describe the gradient the optimizer applies,
 *after clipping*; the norm before clipping, the one the Trainer logs as ``grad_norm``, comes from
-the monitor's watch of ``clip_grad_norm_`` as ``grad/total_norm_before_clip``, with
+the monitor's watch of torch's clipping (accelerate >= 1.10 clips through ``get_total_norm`` +
+``clip_grads_with_norm_``; ``monitor/interception.py``) as ``grad/total_norm_before_clip``, with
 ``grad/clipped_steps``.
 
 Where it writes, every ``logging_steps`` optimizer steps (or ``every_n_steps``), from the main
@@ -35,14 +36,15 @@ key                                    value (each a mean over the window's opti
 ``grad/LAYER/PARAM/zero_fraction``     share of exact zeros (over all steps' elements)
 ``grad/LAYER/PARAM/nonfinite``         count of NaN/inf elements (a sum, not a mean)
 ``grad/total_norm``                    L2 norm over all parameters of the applied gradient
-``grad/total_norm_before_clip``        the Trainer's ``grad_norm`` (what ``clip_grad_norm_`` returned)
+``grad/total_norm_before_clip``        the Trainer's ``grad_norm`` (the norm its clipping computed)
 ``grad/clipped_steps``                 steps whose norm exceeded ``max_grad_norm``
 ``grad/skipped_steps``                 steps the AMP GradScaler skipped on overflow
 ``weight/LAYER/PARAM/{l1,norm}``       weight norms at the window's end (``weights=True``)
 ``weight/LAYER/PARAM/update_ratio``    ||w_end - w_start|| / ||w_start|| over the window
 ``activation/MODULE/...``              saturation / dead-unit statistics (``activations=True``)
 ``grad/LAYER/PARAM`` (histogram)       gradient values; ``1_grad_log10/...``: log10 |g| (TensorBoard)
-``diagnosis`` (text; TensorBoard), ``diagnosis/<verdict>`` (1.0 or 0.0; other loggers)  the verdict and its evidence, once, at the end of training
+``diagnosis`` (text; TensorBoard)      the verdict and its evidence, once, at the end of training
+``diagnosis/<verdict>``                1.0 or 0.0, at the end of training (other loggers)
 =====================================  ===========================================================
 
 The Trainer has no hook for a failed ``train()``: if training raises, the monitor stays attached

@@ -24,12 +24,15 @@ class Clipping(Part):
         super().__init__(model, setup)
         self.tally = ClipTally()
 
-    def add(self, params: list[torch.Tensor], total: torch.Tensor, max_norm: float) -> None:
-        """A clipping call over ``params`` found the total norm ``total``; counted if any of
-        ``params`` is monitored."""
+    def add(self, params: list[torch.Tensor], total: torch.Tensor, clipped: torch.Tensor) -> bool:
+        """A clipping call over ``params`` found the norm ``total`` before clipping and ``clipped``
+        (a 0-d device tensor: it changed a gradient); counted, and True, if any of ``params`` is
+        monitored."""
         index_of = self.setup.index_of
-        if any(id(p) in index_of for p in params):
-            self.tally.add(total, max_norm)
+        if not any(id(p) in index_of for p in params):
+            return False
+        self.tally.add(total, clipped)
+        return True
 
     def device_tensors(self) -> dict[str, Reduced]:
         return {"sums": Reduced(self.tally.sums.to(self.setup.device))} if self.tally.calls else {}

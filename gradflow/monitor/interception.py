@@ -1,28 +1,55 @@
-"""Watches the two torch calls that decide what a step applies but offer no hook of their own.
+"""Watches the torch calls that decide what a step applies but offer no hook of their own.
 
 - ``GradScaler.step`` skips ``optimizer.step()`` when a gradient overflowed (so no optimizer
   hook runs on exactly the step an AMP user needs to see);
-- ``torch.nn.utils.clip_grad_norm_`` returns the total norm before clipping, which the
-  gradient that the optimizer then applies no longer shows.
+- gradient clipping changes the gradient before the optimizer applies it, so the norm before
+  clipping is seen only here. All three of torch's clipping paths are watched:
 
-While at least one monitor is attached, both are wrapped: the wrapper calls torch's own
+  ================================================  =========================================
+  call                                              norm before clipping; clipped when
+  ================================================  =========================================
+  ``torch.nn.utils.clip_grad_norm_``                the norm it returns; ``total + 1e-6 >
+                                                    max_norm`` (torch scales by
+                                                    ``min(max_norm / (total + 1e-6), 1)``)
+  ``torch.nn.utils.clip_grads_with_norm_`` (after   the ``total_norm`` it is given; as above.
+  ``get_total_norm``: accelerate >= 1.10 and the    Several calls with the same ``total_norm``
+  Hugging Face Trainer clip this way)               tensor (one per device mesh) count once
+  ``torch.nn.utils.clip_grad_value_``               the L2 norm of the gradients it clips,
+                                                    taken before it clamps; any ``|g|`` above
+                                                    ``clip_value``
+  ================================================  =========================================
+
+  ``get_total_norm`` alone (a norm that is only logged) is not clipping and is not counted.
+
+While at least one monitor is attached, these are wrapped: the wrapper calls torch's own
 function unchanged and then tells each attached monitor what happened. The last monitor to
 detach restores torch's functions. Nothing is added to the user's model, optimizer or scaler.
 
-Code that imported ``clip_grad_norm_`` by name before a monitor attached (``from
+Code that imported a clipping function by name before a monitor attached (``from
 torch.nn.utils import clip_grad_norm_`` at import time) keeps torch's original and is not
-seen; Lightning, accelerate and the Hugging Face Trainer look it up at call time.
+seen; Lightning, accelerate and the Hugging Face Trainer look them up at call time.
 
 Example:
-    >>> watch(monitor)          # done by GradientMonitor on attach
-    >>> unwatch(monitor)        # done by remove()
+    >>> import torch
+    >>> from gradflow import GradientMonitor
+    >>> model = torch.nn.Linear(3, 1)
+    >>> with GradientMonitor(model, None) as monitor:     # watch(monitor) on attach
+    ...     model(torch.ones(2, 3)).sum().backward()      # every gradient 2.0: norm sqrt(4 * 4) = 4
+    ...     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 0.1)
+    ...     torch.optim.SGD(model.parameters(), lr=0.1).step()
+    ...     _ = monitor.log(0)
+    >>> overall = monitor.history[-1].overall
+    >>> overall["clipped_steps"], round(overall["total_norm_before_clip"], 6)
+    (1, 4.0)
 """
 
 from __future__ import annotations
 
 import functools
+import math
 import weakref
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 import torch.nn.utils
@@ -31,8 +58,14 @@ from torch.amp.grad_scaler import GradScaler
 
 from gradflow.monitor.stats import wide_dtype
 
-_WATCHERS: "weakref.WeakSet[Any]" = weakref.WeakSet()
+_WATCHERS: weakref.WeakSet[Any] = weakref.WeakSet()
 _ORIGINAL: dict[str, Any] = {}
+# The total_norm tensor of the last clip_grads_with_norm_ call and the monitors that counted it:
+# a caller that clips each device mesh's parameters in turn passes the same tensor each time.
+_LAST_TOTAL: dict[str, Any] = {"total": None, "counted": weakref.WeakSet()}
+
+# (name in torch.nn.utils, also in torch.nn.utils.clip_grad) for each wrapped clipping function.
+_CLIPPERS = {"clip_grad_norm_": True, "clip_grad_value_": True, "clip_grads_with_norm_": False}
 
 
 def watch(monitor: Any) -> None:
@@ -60,51 +93,107 @@ def found_inf(scaler: GradScaler | None, optimizer: torch.optim.Optimizer) -> bo
 
 
 class ClipTally:
-    """A window's clip_grad_norm_ calls: how many, and on the device the sum of the norms they
-    found and how many of them clipped (torch clips when max_norm / (total + 1e-6) < 1,
-    torch/nn/utils/clip_grad.py)."""
+    """A window's clipping calls: how many, and on the device the sum of the norms before
+    clipping and how many of the calls clipped (see the module docstring for each path)."""
 
     def __init__(self) -> None:
         self.calls = 0
         self.sums: torch.Tensor | None = None      # [sum of norms before clipping, clipped calls]
 
-    def add(self, total: torch.Tensor, max_norm: float) -> None:
+    def add(self, total: torch.Tensor, clipped: torch.Tensor) -> None:
+        """Count one call: ``total`` the norm before clipping, ``clipped`` whether it changed a
+        gradient (0-d tensors on the gradients' device; nothing is read back to the host)."""
         total = total.detach()
         if hasattr(total, "full_tensor"):          # a DTensor norm of sharded gradients: its full value,
             total = total.full_tensor()            # one collective, inside a clip call every rank makes
         if self.sums is None or self.sums.device != total.device:
             self.sums = torch.zeros(2, device=total.device, dtype=wide_dtype(total.device))
-        self.sums.add_(torch.stack([total, total + 1e-6 > max_norm]).to(self.sums.dtype))
+        self.sums.add_(torch.stack([total.to(self.sums.dtype), clipped.to(self.sums)]))
         self.calls += 1
 
 
 def _install() -> None:
-    _ORIGINAL["clip"] = torch.nn.utils.clip_grad_norm_
+    for name, in_module in _CLIPPERS.items():
+        if hasattr(torch.nn.utils, name):            # clip_grads_with_norm_: torch >= 2.6
+            _ORIGINAL[name] = getattr(torch.nn.utils, name)
+            setattr(torch.nn.utils, name, _WRAPPERS[name])
+            if in_module:
+                setattr(torch.nn.utils.clip_grad, name, _WRAPPERS[name])
     _ORIGINAL["step"] = GradScaler.__dict__["step"]
-    torch.nn.utils.clip_grad_norm_ = torch.nn.utils.clip_grad.clip_grad_norm_ = _clip_grad_norm_
     GradScaler.step = _scaler_step
 
 
 def _uninstall() -> None:
     # Only put back what is still ours: someone else may have wrapped it after us.
-    if torch.nn.utils.clip_grad_norm_ is _clip_grad_norm_:
-        torch.nn.utils.clip_grad_norm_ = _ORIGINAL["clip"]
-    if torch.nn.utils.clip_grad.clip_grad_norm_ is _clip_grad_norm_:
-        torch.nn.utils.clip_grad.clip_grad_norm_ = _ORIGINAL["clip"]
+    for name, in_module in _CLIPPERS.items():
+        for namespace in (torch.nn.utils, torch.nn.utils.clip_grad) if in_module else (torch.nn.utils,):
+            if name in _ORIGINAL and getattr(namespace, name, None) is _WRAPPERS[name]:
+                setattr(namespace, name, _ORIGINAL[name])
     if GradScaler.__dict__.get("step") is _scaler_step:
         GradScaler.step = _ORIGINAL["step"]
     _ORIGINAL.clear()
+    _LAST_TOTAL["total"] = None
+
+
+def _as_list(parameters: torch.Tensor | Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    return [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
+
+
+def _tell(params: list[torch.Tensor], total: torch.Tensor, clipped: torch.Tensor, skip=()) -> list[Any]:
+    """Tell each watching monitor (but those in ``skip``); return those that counted the call."""
+    return [m for m in list(_WATCHERS) if m not in skip and m._on_clip(params, total, clipped)]
 
 
 def _clip_grad_norm_(parameters: torch.Tensor | Iterable[torch.Tensor], max_norm: float, *args, **kwargs):
-    params = [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
-    total = _ORIGINAL["clip"](params, max_norm, *args, **kwargs)
-    for monitor in list(_WATCHERS):
-        monitor._on_clip(params, total, float(max_norm))
+    params = _as_list(parameters)
+    total = _ORIGINAL["clip_grad_norm_"](params, max_norm, *args, **kwargs)
+    _tell(params, total, total.detach() + 1e-6 > float(max_norm))
     return total
 
 
-_clip_grad_norm_ = functools.wraps(torch.nn.utils.clip_grad.clip_grad_norm_)(_clip_grad_norm_)
+def _clip_grads_with_norm_(parameters: torch.Tensor | Iterable[torch.Tensor], max_norm: float,
+                           total_norm: torch.Tensor, *args, **kwargs):
+    params = _as_list(parameters)
+    result = _ORIGINAL["clip_grads_with_norm_"](params, max_norm, total_norm, *args, **kwargs)
+    total = torch.as_tensor(total_norm).detach()
+    last = _LAST_TOTAL["total"]
+    if last is None or last() is not total_norm:      # a new clip, not the next mesh of the same one
+        _LAST_TOTAL.update(total=weakref.ref(total_norm) if isinstance(total_norm, torch.Tensor) else None,
+                           counted=weakref.WeakSet())
+    counted = _LAST_TOTAL["counted"]
+    for monitor in _tell(params, total, total + 1e-6 > float(max_norm), skip=set(counted)):
+        counted.add(monitor)
+    return result
+
+
+def _clip_grad_value_(parameters: torch.Tensor | Iterable[torch.Tensor], clip_value: float, *args, **kwargs):
+    params = _as_list(parameters)
+    grads = [p.grad for p in params if p.grad is not None]
+    if grads and _WATCHERS:
+        with torch.no_grad():       # before clamping: the L2 norm and the largest |g|
+            total = _total_norm(grads, 2.0)
+            clipped = _total_norm(grads, math.inf) > float(clip_value)
+    result = _ORIGINAL["clip_grad_value_"](params, clip_value, *args, **kwargs)
+    if grads and _WATCHERS:
+        _tell(params, total, clipped)
+    return result
+
+
+def _total_norm(grads: list[torch.Tensor], norm_type: float) -> torch.Tensor:
+    """The ``norm_type`` norm of all ``grads`` as one vector, on the first one's device."""
+    if hasattr(torch.nn.utils.clip_grad, "_get_total_norm"):     # torch >= 2.6, foreach per device
+        return torch.nn.utils.clip_grad._get_total_norm(grads, norm_type)
+    first = grads[0].device
+    return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, norm_type).to(first) for g in grads]),
+                                    norm_type)
+
+
+_WRAPPERS = {
+    "clip_grad_norm_": functools.wraps(torch.nn.utils.clip_grad.clip_grad_norm_)(_clip_grad_norm_),
+    "clip_grad_value_": functools.wraps(torch.nn.utils.clip_grad.clip_grad_value_)(_clip_grad_value_),
+    "clip_grads_with_norm_": (functools.wraps(torch.nn.utils.clip_grads_with_norm_)(_clip_grads_with_norm_)
+                              if hasattr(torch.nn.utils, "clip_grads_with_norm_") else _clip_grads_with_norm_),
+}
 
 
 def _scaler_step(self: GradScaler, optimizer: torch.optim.Optimizer, *args, **kwargs):

@@ -2,8 +2,13 @@
 materialised, and whether they were replaced after it attached.
 
 Example:
-    >>> named = monitored_parameters(model)             # MonitorError for meta or lazy parameters
-    >>> replaced_parameters(model, names, params, device)  # None if unchanged, else the new tensors
+    >>> import torch
+    >>> model = torch.nn.Linear(3, 1)
+    >>> names, params = zip(*monitored_parameters(model))   # MonitorError for meta or lazy parameters
+    >>> names
+    ('weight', 'bias')
+    >>> replaced_parameters(model, list(names), list(params), torch.device("cpu")) is None   # unchanged
+    True
 """
 
 from __future__ import annotations

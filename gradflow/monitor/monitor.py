@@ -13,13 +13,19 @@ next window. Frameworks that know where the gradient is final (Lightning's
 ``on_before_optimizer_step``) pass ``automatic=False`` and call ``record()`` there.
 
 Example:
+    >>> import torch
+    >>> from torch import nn
     >>> from torch.utils.tensorboard import SummaryWriter
+    >>> model = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 1))
+    >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> loader = [(torch.randn(16, 2), torch.randn(16, 1)) for _ in range(4)]
     >>> with GradientMonitor(model, SummaryWriter("runs/mine")) as monitor:
-    ...     for epoch in range(10):
+    ...     for epoch in range(3):
     ...         for x, y in loader:
-    ...             optimizer.zero_grad(); loss_fn(model(x), y).backward(); optimizer.step()
+    ...             optimizer.zero_grad(); nn.functional.mse_loss(model(x), y).backward(); optimizer.step()
     ...         stats = monitor.log(epoch)
-    >>> stats["dense_1.weight"]["mean_abs"]
+    >>> stats["0.weight"]["steps"], stats["0.weight"]["mean_abs"] > 0     # the last epoch's 4 steps
+    (4, True)
 
 This module depends on torch (and numpy for reading results) only, never on the trainer,
 the config or the CLI.
@@ -121,9 +127,12 @@ class GradientMonitor:
     hook it added on ``remove()`` or on leaving ``with``.
 
     Example:
-        >>> monitor = GradientMonitor(model, writer)
-        >>> ...; loss.backward(); optimizer.step()
-        >>> monitor.log(step=0)["dense_1.weight"]["norm"]
+        >>> model = torch.nn.Linear(3, 1)
+        >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> monitor = GradientMonitor(model)            # no writer: log() only returns the statistics
+        >>> model(torch.ones(2, 3)).sum().backward(); optimizer.step()
+        >>> round(monitor.log(step=0)["weight"]["norm"], 4)   # three gradients of 2.0: sqrt(12)
+        3.4641
         >>> monitor.remove()
     """
 
@@ -279,9 +288,10 @@ class GradientMonitor:
         if mask is not None:
             self._skip(mask)
 
-    def _on_clip(self, params: list[torch.Tensor], total: torch.Tensor, max_norm: float) -> None:
-        """clip_grad_norm_ ran over ``params`` and found ``total`` (interception)."""
-        self.parts["clipping"].add(params, total, max_norm)
+    def _on_clip(self, params: list[torch.Tensor], total: torch.Tensor, clipped: torch.Tensor) -> bool:
+        """A clipping call over ``params`` found the norm ``total`` before clipping and ``clipped``
+        (interception); whether it was counted (it clipped some of this monitor's parameters)."""
+        return self.parts["clipping"].add(params, total, clipped)
 
     # -- reading --------------------------------------------------------------------------
 
@@ -297,7 +307,8 @@ class GradientMonitor:
         window-level figures (total norm per step, skipped and clipped steps) in
         ``history[-1].overall``. LSTM/GRU weights are also split per gate in
         ``history[-1].gates`` (``gates.py``; TensorBoard ``grad/<param>/<gate>/norm``), and
-        ``history[-1].kinds`` says what kind of module owns each parameter (``kinds.py``). With ``members`` K > 1, a list of K such dicts, one per member.
+        ``history[-1].kinds`` says what kind of module owns each parameter (``kinds.py``). With
+        ``members`` K > 1, a list of K such dicts, one per member.
 
         Raises:
             MonitorError: the model's parameters were replaced by tensors of another shape,

@@ -5,10 +5,22 @@ which need not be the order data flows through them (a head defined before the b
 embedding listed once). The first training forward pass tells the real order; a forward
 pre-hook on each module that owns parameters notes its first call and then removes itself.
 
-Example:
-    >>> order = ForwardOrder(model, setup); order.hook(model)    # a part of the monitor
-    >>> model(x)
-    >>> order.names()                           # input side first
+Example (the part is the monitor's; ``GradientMonitor.forward_order`` reads it):
+    >>> import torch
+    >>> from torch import nn
+    >>> from gradflow import GradientMonitor
+    >>> class Net(nn.Module):                   # the head is assigned before the body
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.head, self.body = nn.Linear(4, 1), nn.Linear(2, 4)
+    ...     def forward(self, x):
+    ...         return self.head(self.body(x))
+    >>> model = Net()
+    >>> with GradientMonitor(model, None) as monitor:
+    ...     _ = model(torch.ones(1, 2))
+    ...     order = monitor.forward_order
+    >>> order                                   # input side first
+    ['body.weight', 'body.bias', 'head.weight', 'head.bias']
 """
 
 from __future__ import annotations

@@ -18,8 +18,9 @@ TensorBoard without their runs of empty buckets (``sparse_buckets``): the counts
 the event files a fraction of the size.
 
 Example:
-    >>> sink = as_sink(SummaryWriter("runs/demo"))
-    >>> sink.log({"grad/dense_1/weight/norm": 0.3}, {}, step=0)
+    >>> from torch.utils.tensorboard import SummaryWriter
+    >>> with SummaryWriter("runs/demo") as writer:
+    ...     as_sink(writer).log({"grad/dense_1/weight/norm": 0.3}, {}, step=0)
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 
 def spent_forward_hook(module, inputs, output) -> None:

@@ -14,8 +14,14 @@ The monitor records once per optimizer step, the gradient that step applies:
   (``add_param_group`` after the first step).
 
 Example:
-    >>> masks = OptimizerMasks(index_of)                 # id(param) -> the monitor's index
-    >>> masks.mask(optimizer)                            # a tuple of bools, or None if no overlap
+    >>> import torch
+    >>> body, head = torch.nn.Linear(2, 2), torch.nn.Linear(2, 1)
+    >>> index = {id(p): i for i, p in enumerate([*body.parameters(), *head.parameters()])}
+    >>> masks = OptimizerMasks(len(index), lambda: index, lambda: False)   # id(param) -> monitor's index
+    >>> masks.mask(torch.optim.SGD(head.parameters(), lr=0.1))   # a tuple of bools, ALL, or None
+    (False, False, True, True)
+    >>> masks.mask(torch.optim.SGD([*body.parameters(), *head.parameters()], lr=0.1))
+    'all'
 """
 
 from __future__ import annotations
@@ -23,7 +29,8 @@ from __future__ import annotations
 import functools
 import threading
 import weakref
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_pre_hook

@@ -1,0 +1,97 @@
+"""A window's statistics: what ``GradientMonitor.history`` keeps, and the one read-back that fills it.
+
+``read_back`` copies every part's device sums to the host at once; each part then reads its
+own values into the ``Window`` (rows), TensorBoard scalars and histogram requests that a
+``WindowReader`` holds (``histograms.py`` builds the histograms).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from gradflow.monitor.histograms import HistogramRequests
+from gradflow.monitor.part import REDUCTIONS, Reduced
+
+
+def tag_path(name: str) -> str:
+    """TensorBoard path of a parameter or module name: ``dense_1.weight`` -> ``dense_1/weight``."""
+    return name.replace(".", "/")
+
+
+@dataclass
+class Window:
+    """What one window recorded: per-parameter gradient and weight rows, per-module activations."""
+
+    step: int
+    steps: int
+    member: int | None = None    # which member of a batched model (``members`` > 1)
+    gradients: dict[str, dict[str, float]] = field(default_factory=dict)
+    weights: dict[str, dict[str, float]] = field(default_factory=dict)
+    activations: dict[str, dict[str, float]] = field(default_factory=dict)
+    # Window-level figures: steps, skipped_steps, total_norm, total_norm_max and, where the loop
+    # called clip_grad_norm_ on the model, total_norm_before_clip and clipped_steps.
+    overall: dict[str, float] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)   # per parameter: non-finite values in skipped steps
+    # LSTM/GRU weights per gate (gates.py): parameter -> gate -> norm, weight_norm, steps.
+    gates: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
+    # parameter -> the kind of module that owns it (kinds.py: linear, conv, norm, embedding, ...).
+    kinds: dict[str, str] = field(default_factory=dict)
+    # Parameters an optimizer that stepped in this window holds, but that got no gradient in
+    # any of its steps (an idle expert, a branch not taken): not in ``gradients``, named here.
+    idle: list[str] = field(default_factory=list)
+    # Where the window's first NaN/inf came from (nonfinite.Source: module, phase, step), or None;
+    # first_overflow: the same for a step a GradScaler skipped (an AMP overflow, not a NaN source).
+    first_nonfinite: Any = None
+    first_overflow: Any = None
+
+
+class WindowReader:
+    """What the parts fill as they read one window: its rows (``windows``, one per member),
+    TensorBoard scalars (``scalars``, one dict per member) and histogram requests (``wanted``)."""
+
+    def __init__(self, members: int, windows: list[Window], wanted: HistogramRequests) -> None:
+        self.members = members
+        self.windows = windows
+        self.scalars: list[dict[str, float]] = [{} for _ in range(members)]
+        self.wanted = wanted
+
+    def slots(self, names: list[str]):
+        """(slot, member, name, tag path) for every slot: member k of item i is slot i*K + k."""
+        for slot in range(len(names) * self.members):
+            index, member = divmod(slot, self.members)
+            yield slot, member, names[index], tag_path(names[index])
+
+
+def read_back(parts: dict[str, Reduced], reduce: Callable[[torch.Tensor, str], torch.Tensor] | None = None,
+              ) -> dict[str, np.ndarray]:
+    """One device-to-host copy of everything a window accumulated, as float64 arrays.
+
+    ``reduce(flat, how)``, where given, combines the window's sums across processes before the
+    copy: it is called once per reduction (``part.SUM``, ``part.MAX``) with the float64
+    concatenation of every tensor that declared it, and returns the combined tensor (one
+    all-reduce per kind of reduction, not one per tensor).
+    """
+    if not parts:
+        return {}
+    first = next(iter(parts.values())).tensor
+    if reduce is None and first.device.type == "cpu":      # copies, not views: the sums are zeroed next
+        return {key: part.tensor.numpy().astype(np.float64) for key, part in parts.items()}
+    out: dict[str, np.ndarray] = {}
+    for how in REDUCTIONS:
+        keys = [key for key, part in parts.items() if part.reduce == how]
+        if not keys:
+            continue
+        flat = torch.cat([parts[key].tensor.reshape(-1).to(first.device, torch.float64) for key in keys])
+        if reduce is not None:
+            flat = reduce(flat, how)
+        host, start = flat.cpu().numpy(), 0
+        for key in keys:
+            tensor = parts[key].tensor
+            out[key] = host[start:start + tensor.numel()].reshape(tuple(tensor.shape))
+            start += tensor.numel()
+    return {key: out[key] for key in parts}

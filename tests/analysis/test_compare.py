@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+from recorded_runs import record_run
 
 from gradflow.analysis.compare import (
     compare_table,
@@ -19,7 +20,6 @@ from gradflow.analysis.compare import (
 )
 from gradflow.cli import EXIT_BAD_INPUT, EXIT_OK, add_analysis_parsers
 from gradflow.monitor import Window
-from recorded_runs import record_run
 
 PNG = b"\x89PNG"
 

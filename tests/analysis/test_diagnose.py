@@ -6,6 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from recorded_runs import record_run
+from synthetic_windows import FALLING, FLAT, history
 from torch import nn
 
 from gradflow import GradientMonitor
@@ -21,8 +23,6 @@ from gradflow.analysis.diagnose import (
 )
 from gradflow.analysis.rules import VANISHING_RATIO
 from gradflow.experiments.recording import MonitorCallback
-from recorded_runs import record_run
-from synthetic_windows import FALLING, FLAT, history
 
 
 def test_empty_history_is_an_error():

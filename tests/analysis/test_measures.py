@@ -2,11 +2,11 @@
 (tied or named), forward order, stacked RNNs per layer, output squashing left out."""
 
 import pytest
+from synthetic_windows import history, norm_windows
 from torch import nn
 
 from gradflow.analysis.diagnose import diagnose
 from gradflow.analysis.measures import measure_activations, parameter_kinds
-from synthetic_windows import history, norm_windows
 
 
 def test_layer_evidence_uses_weights_and_reads_trend():
@@ -90,7 +90,7 @@ def test_stacked_lstm_is_judged_per_layer():
                      f"lstm.bias_ih_l{k}": (g, 1.0, 0.0)})
     rows["head.weight"] = (0.1, 1.0, 0.0)
     diagnosis = diagnose(norm_windows(rows), [5.0 - 0.1 * i for i in range(10)])
-    assert [l for l in diagnosis.evidence["layers"] if l.startswith("lstm")] == ["lstm.l0", "lstm.l1", "lstm.l2", "lstm.l3"]
+    assert [n for n in diagnosis.evidence["layers"] if n.startswith("lstm")] == ["lstm.l0", "lstm.l1", "lstm.l2", "lstm.l3"]
     assert diagnosis.verdicts == ["vanishing"]
     assert diagnosis.evidence["family"] == "recurrent" and "clip" in diagnosis.recommendation
 

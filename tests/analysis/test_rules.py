@@ -4,6 +4,7 @@ guard, too little evidence, steps skipped on overflow."""
 import math
 
 import pytest
+from synthetic_windows import FALLING, FLAT, history, norm_windows
 
 from gradflow.analysis.diagnose import VERDICTS, diagnose
 from gradflow.analysis.rules import (
@@ -14,7 +15,6 @@ from gradflow.analysis.rules import (
     VANISHING_RATIO,
 )
 from gradflow.monitor import Window
-from synthetic_windows import FALLING, FLAT, history, norm_windows
 
 CASES = [
     (history(), FALLING, ["healthy"]),

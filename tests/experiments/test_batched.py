@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 from gradflow import GradientMonitor
+from gradflow.analysis.windows import load_windows
 from gradflow.experiments.batched import BatchedLinear, build_batched, fit_batched, member_state, train_members
 from gradflow.experiments.config import load_config
 from gradflow.experiments.data import load_dataset
 from gradflow.experiments.models import build_model
-from gradflow.analysis.windows import load_windows
 from gradflow.experiments.train import fit
 
 SEEDS = [0, 3, 5]

@@ -7,8 +7,8 @@ import yaml
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gradflow.experiments.config import Config, load_config, to_dict
 from gradflow.errors import ConfigError
+from gradflow.experiments.config import Config, load_config, to_dict
 
 ROOT = Path(__file__).resolve().parents[2]
 DEEP_RELU = ROOT / "configs" / "deep_relu.yaml"
@@ -74,7 +74,8 @@ def test_floats_accept_ints_and_scientific_notation(text, value):
         (["model.activation=foo"], "model.activation: unknown activation 'foo'; accepted: "),
         (["model.activation=[relu,relu,relu,relu,foo]"], "model.activation[4]: unknown activation 'foo'"),
         (["model.initializer=foo"], "model.initializer: unknown initializer 'foo'; accepted: "),
-        (["model.initializer={name: random_uniform, stddev: 1}"], "model.initializer.stddev: unknown parameter of random_uniform; accepted: minval, maxval"),
+        (["model.initializer={name: random_uniform, stddev: 1}"],
+         "model.initializer.stddev: unknown parameter of random_uniform; accepted: minval, maxval"),
         (["model.initializer={minval: 1}"], "model.initializer: an initializer mapping needs name"),
         (["model.output.activation=tanh"], "model.output.activation: unknown output activation 'tanh'; accepted: sigmoid"),
         (["optimizer.name=rmsprop"], "optimizer.name: unknown optimizer 'rmsprop'; accepted: adam, sgd"),
@@ -138,7 +139,8 @@ def test_shipped_configs_load(name):
 @settings(max_examples=25, deadline=None)
 @given(depth=st.integers(1, 30), epochs=st.integers(1, 10_000), lr=st.floats(1e-6, 10.0), nesterov=st.booleans())
 def test_resolved_config_round_trips_through_yaml(tmp_path_factory, depth, epochs, lr, nesterov):
-    cfg = load_config(DEEP_RELU, [f"model.depth={depth}", f"train.epochs={epochs}", f"optimizer.lr={lr!r}", f"optimizer.nesterov={nesterov}"])
+    cfg = load_config(DEEP_RELU, [f"model.depth={depth}", f"train.epochs={epochs}", f"optimizer.lr={lr!r}",
+                                  f"optimizer.nesterov={nesterov}"])
     path = tmp_path_factory.mktemp("cfg") / "config.yaml"
     path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     assert load_config(path) == cfg

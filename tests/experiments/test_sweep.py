@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 import yaml
 
-from gradflow.experiments.sweeps import executors, grid, results, runner
 from gradflow.cli import main
 from gradflow.errors import ConfigError
+from gradflow.experiments.sweeps import executors, grid, results, runner
 
 ROOT = Path(__file__).resolve().parents[2]
 DEEP_TANH = str(ROOT / "configs" / "deep_tanh.yaml")
@@ -85,7 +85,8 @@ BAD_SWEEPS = {
     "axis-not-list": ({"grid": {"model.depth": 3}}, "grid.model.depth: expected a non-empty list"),
     "axis-empty": ({"grid": {"model.depth": []}}, "grid.model.depth: expected a non-empty list"),
     "unknown-config-key": ({"grid": {"model.detph": [1]}}, "model.detph: unknown key"),
-    "bad-value": ({"grid": {"model.activation": ["tanh", "swishy"]}}, "grid point model.activation=swishy: model.activation: unknown activation"),
+    "bad-value": ({"grid": {"model.activation": ["tanh", "swishy"]}},
+                  "grid point model.activation=swishy: model.activation: unknown activation"),
     "wrong-type": ({"grid": {"model.depth": [1, "two"]}}, "model.depth: expected int"),
     "seed-in-grid": ({"grid": {"train.seed": [1, 2]}}, "seeds go in the sweep's seeds"),
     "both-override-and-axis": ({"overrides": {"model.depth": 2}}, "both in overrides and in grid"),
@@ -250,7 +251,7 @@ def test_two_numeric_axes_draw_a_heatmap(tmp_path):
 # --- Ray -------------------------------------------------------------------------------------
 
 def test_ray_backend_runs_a_small_sweep(tmp_path):
-    pytest.importorskip("ray", reason="Ray is an optional extra: pip install 'gradflow-torch[ray]'")
+    pytest.importorskip("ray", reason="Ray is an optional extra: pip install -e '.[ray]'")
     sweep = grid.load_sweep(write_sweep(tmp_path, seeds="0"))
     outcome = runner.run_sweep(sweep, tmp_path / "out", workers=2, backend="ray", log=lambda line: None)
     assert outcome.trained == 2

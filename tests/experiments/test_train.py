@@ -190,3 +190,19 @@ def test_runs_on_cuda():
     torch.manual_seed(0)
     result = fit(build_model(cfg.model), data, cfg.optimizer, cfg.train, device="cuda")
     assert result.device.startswith("cuda") and result.epochs_run == 3
+
+
+def test_a_run_without_a_progress_bar_leaves_no_thread_behind():
+    """tqdm starts its monitor thread in __new__ even for a disabled bar, and a disabled bar never
+    stops it: a thread that woke every 10 s for the rest of the process and, freeing objects that
+    gc.freeze() had frozen, moved test_startup's freeze count. Without a bar, fit makes none."""
+    import threading
+
+    import tqdm
+
+    if tqdm.tqdm.monitor is not None:        # one left by a library: stop it, so that a new one shows
+        tqdm.tqdm.monitor.exit()
+        tqdm.tqdm.monitor = None
+    cfg, data = small_run(epochs=2)
+    fit(build_model(cfg.model), data, cfg.optimizer, cfg.train, progress=False)
+    assert "tqdm_monitor" not in [t.name for t in threading.enumerate()]

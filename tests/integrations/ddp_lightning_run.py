@@ -17,8 +17,9 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-from gradflow.integrations.lightning import GradflowCallback  # noqa: E402
 from test_lightning_callback import Net, Oracle, loader, pl  # noqa: E402
+
+from gradflow.integrations.lightning import GradflowCallback  # noqa: E402
 
 if __name__ == "__main__":
     out = sys.argv[1]

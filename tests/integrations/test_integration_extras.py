@@ -27,5 +27,6 @@ def test_missing_extras_are_named():
     lines = out.stdout.splitlines()
     assert out.returncode == 0, out.stderr
     assert len(lines) == 2
-    assert lines[0].startswith("MonitorError") and "pip install 'gradflow-torch[lightning]'" in lines[0]
-    assert lines[1].startswith("MonitorError") and "pip install 'gradflow-torch[transformers]'" in lines[1]
+    assert lines[0].startswith("MonitorError") and "pip install -e '.[lightning]'" in lines[0]
+    assert lines[1].startswith("MonitorError") and "pip install -e '.[transformers]'" in lines[1]
+    assert all("not on PyPI yet" in line for line in lines)

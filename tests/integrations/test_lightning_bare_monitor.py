@@ -12,9 +12,10 @@ import torch
 
 pl = pytest.importorskip("lightning.pytorch", reason="extra: lightning")
 
-from gradflow import GradientMonitor  # noqa: E402
 from oracle_tools import grad_row  # noqa: E402
 from test_lightning_callback import Net, fit  # noqa: E402
+
+from gradflow import GradientMonitor  # noqa: E402
 
 
 class Attach(pl.Callback):

@@ -14,9 +14,10 @@ import torch
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
+from oracle_tools import compare, grad_row, has_tag, scalar_series, tensorboard, windows  # noqa: E402
+
 from gradflow.integrations.transformers import GradflowTrainerCallback  # noqa: E402
 from gradflow.monitor import GradientMonitor  # noqa: E402
-from oracle_tools import compare, grad_row, has_tag, scalar_series, tensorboard, windows  # noqa: E402
 
 TOLERANCE = 1e-5
 

@@ -39,16 +39,15 @@ def test_gate_norms_match_hand_slices(case, one_thread):
     rnn = build()
     optimizer = torch.optim.SGD(rnn.parameters(), lr=0.1)
     scalars = {}
-    with _quiet():
-        with GradientMonitor(rnn, ScalarSink(lambda values, step: scalars.update(values))) as monitor:
-            norms: dict = {}
-            for _ in range(3):
-                optimizer.zero_grad()
-                out, _ = rnn(torch.randn(7, 4, 3))
-                out.pow(2).sum().backward()
-                _oracle_step(rnn, gates, norms)
-                optimizer.step()
-            monitor.log(0)
+    with _quiet(), GradientMonitor(rnn, ScalarSink(lambda values, step: scalars.update(values))) as monitor:
+        norms: dict = {}
+        for _ in range(3):
+            optimizer.zero_grad()
+            out, _ = rnn(torch.randn(7, 4, 3))
+            out.pow(2).sum().backward()
+            _oracle_step(rnn, gates, norms)
+            optimizer.step()
+        monitor.log(0)
     window = monitor.history[-1]
     gated = [name for name, _ in rnn.named_parameters() if _gated(name)]
     assert sorted(window.gates) == sorted(gated)

@@ -18,7 +18,6 @@ from gradflow import GradientMonitor, MonitorError
 from gradflow.monitor.histograms import LINEAR_BINS, linear_scale
 
 
-
 def tanh_net(width: int = 6, inputs: int = 2) -> nn.Sequential:
     return nn.Sequential(OrderedDict(dense_1=nn.Linear(inputs, width), tanh_1=nn.Tanh(),
                                      dense_2=nn.Linear(width, width), sigmoid_2=nn.Sigmoid(),

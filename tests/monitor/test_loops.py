@@ -12,14 +12,13 @@ import warnings
 import numpy as np
 import pytest
 import torch
+from monitor_oracle import GradientOracle, assert_matches_oracle, step_statistics
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from gradflow import GradientMonitor, MonitorError
 from gradflow.monitor import interception
 from gradflow.monitor.sinks import ScalarSink, Sink, TeeSink
-from monitor_oracle import GradientOracle, assert_matches_oracle, step_statistics
-
 
 
 def capture_in_step_pre_hook(optimizer, oracle):
@@ -67,7 +66,7 @@ def test_closure_by_keyword_and_position_with_other_optimizers(make):
         for step in range(4):
             calls = []
 
-            def closure():
+            def closure(calls=calls, step=step):
                 optimizer.zero_grad()
                 loss = nn.functional.mse_loss(model(x), y)
                 loss.backward()
@@ -331,7 +330,7 @@ def test_compiled_model_causes_no_recompiles_and_says_activations_are_off():
     counters = torch._dynamo.utils.counters
     counters.clear()
     with GradientMonitor(model) as monitor:
-        for step in range(12):
+        for _ in range(12):
             optimizer.zero_grad()
             compiled(torch.randn(8, 4)).pow(2).mean().backward()
             oracle.capture()

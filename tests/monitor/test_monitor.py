@@ -10,11 +10,11 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 import torch
+from monitor_oracle import GradientOracle, assert_matches_oracle, sign_exponent_bin
 from torch import nn
 
 from gradflow import GradientMonitor, MonitorError
 from gradflow.monitor import stats as S
-from monitor_oracle import GradientOracle, assert_matches_oracle, sign_exponent_bin
 
 
 def mlp(depth: int = 3, width: int = 5, activation=nn.ReLU, inputs: int = 2) -> nn.Sequential:
@@ -292,10 +292,9 @@ def test_remove_takes_every_hook_away_and_is_safe_twice():
 
 def test_leaving_with_on_an_exception_removes_every_hook():
     model = mlp()
-    with pytest.raises(RuntimeError, match="boom"):
-        with GradientMonitor(model) as monitor:
-            train_steps(model, monitor, 1)
-            raise RuntimeError("boom")
+    with pytest.raises(RuntimeError, match="boom"), GradientMonitor(model) as monitor:
+        train_steps(model, monitor, 1)
+        raise RuntimeError("boom")
     assert hook_counts(model) == 0
     assert not monitor.attached
     train_steps(model, None, 1)

@@ -8,10 +8,10 @@ import sys
 
 import pytest
 import torch
+from monitor_oracle import GradientOracle, assert_matches_oracle
 from torch import nn
 
 from gradflow import GradientMonitor
-from monitor_oracle import GradientOracle, assert_matches_oracle
 
 
 class SmallCNN(nn.Module):
@@ -58,7 +58,9 @@ def test_cnn_with_batchnorm_and_pooling():
     model = SmallCNN()
     oracle = GradientOracle(model.named_parameters())
     generator = torch.Generator().manual_seed(1)
-    batches = lambda step: (torch.randn(6, 3, 8, 8, generator=generator), torch.randint(0, 3, (6,), generator=generator))
+    def batches(step):
+        return torch.randn(6, 3, 8, 8, generator=generator), torch.randint(0, 3, (6,), generator=generator)
+
     with GradientMonitor(model) as monitor:
         run_steps(model, batches, nn.functional.cross_entropy, oracle)
         logged = monitor.log(0)
@@ -73,9 +75,12 @@ def test_embedding_layernorm_and_tied_weights():
     model = TiedLanguageModel()
     oracle = GradientOracle(model.named_parameters())
     generator = torch.Generator().manual_seed(2)
-    batches = lambda step: (torch.randint(0, 50, (4, 7), generator=generator),
-                            torch.randint(0, 50, (4 * 7,), generator=generator))
-    loss_fn = lambda logits, y: nn.functional.cross_entropy(logits.reshape(-1, 50), y)
+    def batches(step):
+        return torch.randint(0, 50, (4, 7), generator=generator), torch.randint(0, 50, (4 * 7,), generator=generator)
+
+    def loss_fn(logits, y):
+        return nn.functional.cross_entropy(logits.reshape(-1, 50), y)
+
     with GradientMonitor(model) as monitor:
         run_steps(model, batches, loss_fn, oracle)
         logged = monitor.log(0)
@@ -182,7 +187,7 @@ def test_no_host_sync_between_log_calls_on_cuda():
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     x, y = torch.randn(256, 4, device="cuda"), torch.randn(256, 1, device="cuda")
     with GradientMonitor(model) as monitor:
-        for warmup in range(2):                      # plans are built (and cached) on first sight
+        for _ in range(2):                           # plans are built (and cached) on first sight
             optimizer.zero_grad()
             nn.functional.mse_loss(model(x), y).backward()
             optimizer.step()

@@ -6,14 +6,15 @@ A task is a plain function of plain data (``run_task``), so any executor can shi
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 from gradflow.errors import ConfigError
 
 
-def check_workers(workers: Optional[int]) -> int:
+def check_workers(workers: int | None) -> int:
     """``--workers``: None means the CPUs this process may use; below 1 is a ``ConfigError``."""
     if workers is None:
         return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
@@ -53,10 +54,11 @@ def _context():
 
     if "fork" not in multiprocessing.get_all_start_methods():
         return multiprocessing.get_context("spawn")
-    import gradflow.experiments.batched  # noqa: F401 - imported once here rather than in every worker
-    import gradflow.analysis.plots  # noqa: F401
     import torch._dynamo  # noqa: F401 - a torch optimizer's first construction imports it (seconds)
     import torch.utils.tensorboard  # noqa: F401
+
+    import gradflow.analysis.plots  # noqa: F401
+    import gradflow.experiments.batched  # noqa: F401 - imported once here rather than in every worker
 
     return multiprocessing.get_context("fork")
 
@@ -88,11 +90,12 @@ class LocalExecutor:
 class RayExecutor:
     """Hands tasks to Ray: a local instance by default, or the cluster at ``address``."""
 
-    def __init__(self, workers: int, address: Optional[str]) -> None:
+    def __init__(self, workers: int, address: str | None) -> None:
         try:
             import ray
         except ImportError:
-            raise ConfigError("--backend ray: Ray is not installed; pip install 'gradflow-torch[ray]' (or pip install ray)") from None
+            raise ConfigError("--backend ray: Ray is not installed; install it from your gradflow checkout with "
+                              "pip install -e '.[ray]' (or pip install 'ray>=2.9')") from None
         self.ray = ray
         self.workers = workers
         self.address = address

@@ -21,9 +21,10 @@ import itertools
 import json
 import math
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from gradflow.errors import ConfigError
 from gradflow.experiments.config import Config, apply_override, build, read_yaml, to_dict, validate

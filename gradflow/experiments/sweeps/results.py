@@ -8,9 +8,10 @@ import csv
 import io
 import itertools
 import os
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from gradflow.errors import ConfigError
 from gradflow.experiments.sweeps.grid import Sweep, cell, expand, seed_text

@@ -12,9 +12,10 @@ from __future__ import annotations
 import re
 import shutil
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import yaml
 
@@ -89,7 +90,7 @@ def run_sweep(
     *,
     workers: int = 1,
     backend: str = "local",
-    address: Optional[str] = None,
+    address: str | None = None,
     device: str = "cpu",
     log: Callable[[str], None] = print,
 ) -> SweepOutcome:

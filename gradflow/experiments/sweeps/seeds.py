@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -37,7 +37,7 @@ class SeedsOutcome:
 
 
 def train_seeds(cfg: Config, seeds: list[int], logdir: str | Path, *, device: str = "cpu",
-                workers: Optional[int] = None, threads: int = 1, progress: Optional[bool] = None) -> SeedsOutcome:
+                workers: int | None = None, threads: int = 1, progress: bool | None = None) -> SeedsOutcome:
     """Train ``seeds`` of ``cfg`` into ``logdir/<name>-<time>-seeds<seeds>/<name>-seed<N>``.
 
     One GPU trains every seed in one batched model; on the CPU the seeds are split over
