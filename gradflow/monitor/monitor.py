@@ -49,6 +49,7 @@ from gradflow.monitor.model_checks import (
     replaced_parameters,
 )
 from gradflow.monitor.order import ForwardOrder
+from gradflow.monitor.through_time import ThroughTime, time_scalars
 from gradflow.monitor.steps import (
     OptimizerMasks,
     closure_of,
@@ -115,6 +116,11 @@ class GradientMonitor:
             by nine tenths; a window's activation statistics then describe its tapped steps.
         automatic: record at each optimizer step (the default). False: record only when
             ``record()`` is called, for frameworks that know where the gradient is final.
+        through_time: profile ||dL/dh_t|| at every time step of each ``nn.RNN``/``nn.LSTM``/``nn.GRU``
+            layer and direction (``through_time.py``; ``history[-1].time``): on every
+            ``through_time_every``-th optimizer step the recurrence is recomputed cell by cell.
+        through_time_every: profile the forward pass of every N-th optimizer step (default 20;
+            benchmarks/overhead.py measures the cost on the LSTM LM).
 
     A window's ``steps`` is the largest number of steps any one parameter recorded: the
     optimizer steps for one optimizer, the training iterations for a GAN's two optimizers or
@@ -137,7 +143,8 @@ class GradientMonitor:
 
     def __init__(self, model: nn.Module, writer=None, *, optimizer: torch.optim.Optimizer | None = None,
                  histograms: bool | int = True, weights: bool = True, activations=True,
-                 members: int = 1, automatic: bool = True, activations_every: int = 10) -> None:  # noqa: PLR0913
+                 members: int = 1, automatic: bool = True, activations_every: int = 10,
+                 through_time: bool = True, through_time_every: int = 20) -> None:  # noqa: PLR0913
         if not isinstance(model, nn.Module):
             raise TypeError(f"GradientMonitor needs an nn.Module, got {type(model).__name__}")
         inner = unwrap(model)
@@ -151,6 +158,9 @@ class GradientMonitor:
         if not isinstance(activations_every, int) or isinstance(activations_every, bool) or activations_every < 1:
             raise MonitorError(f"activations_every must be a positive int (1: every step), got {activations_every!r}")
         self.activations_every = activations_every
+        if not isinstance(through_time_every, int) or isinstance(through_time_every, bool) or through_time_every < 1:
+            raise MonitorError(f"through_time_every must be a positive int (1: every step), got {through_time_every!r}")
+        self.through_time_every = through_time_every
         every = check_every(histograms)
         self._steps_seen = 0
         self._sinks = _sinks(writer, members)
@@ -170,6 +180,11 @@ class GradientMonitor:
         self._weights = _WeightTracker(params, members) if weights else None
         taps = choose_taps(inner, activations)
         self._activations = _ActivationAccumulator(taps, params[0].device, members)
+        # Through time: stock recurrent modules have no member dimension (members == 1 only).
+        self._time = ThroughTime(inner) if through_time and members == 1 else None
+        if self._time is not None and not self._time.modules:
+            self._time.remove()
+            self._time = None
         self._index_of = {id(p): i for i, p in enumerate(params)}
         self._masks = OptimizerMasks(len(params), lambda: self._index_of, self._follow)
         self._optimizer = weakref.ref(optimizer) if optimizer is not None else None
@@ -199,6 +214,9 @@ class GradientMonitor:
             handle.remove()
         self._handles.clear()
         self._order.remove()
+        if self._time is not None:
+            self._time.remove()
+            self._time.record()
         interception.unwatch(self)
         # Fold in what is pending (and let go of it): a later log() still reports it.
         self._gradients.reduce()
@@ -277,6 +295,9 @@ class GradientMonitor:
             self._tapped_in_window |= self._activations.active
             self._steps_seen += 1
             self._activations.active = self._steps_seen % self.activations_every == 0
+            if self._time is not None:
+                self._time.record()
+                self._time.active = self._steps_seen % self.through_time_every == 0
 
     def _on_skipped(self, optimizer: torch.optim.Optimizer) -> None:
         """GradScaler skipped ``optimizer``'s step (interception)."""
@@ -306,7 +327,8 @@ class GradientMonitor:
         window-level figures (total norm per step, skipped and clipped steps) in
         ``history[-1].overall``. LSTM/GRU weights are also split per gate in
         ``history[-1].gates`` (``gates.py``; TensorBoard ``grad/<param>/<gate>/norm``), and
-        ``history[-1].kinds`` says what kind of module owns each parameter (``kinds.py``). With ``members`` K > 1, a list of K such dicts, one per member.
+        ``history[-1].kinds`` says what kind of module owns each parameter (``kinds.py``);
+        ``history[-1].time`` holds the gradient through time of recurrent layers (``through_time.py``). With ``members`` K > 1, a list of K such dicts, one per member.
 
         Raises:
             MonitorError: the model's parameters were replaced by tensors of another shape,
@@ -331,6 +353,9 @@ class GradientMonitor:
         if self._gates is not None:
             windows[0].gates = self._gates.read(values["gate_totals"], values["gate_weights"], self.names)
             reader.scalars[0].update(gate_scalars(windows[0].gates))
+        if self._time is not None:
+            windows[0].time, windows[0].time_cells = self._time.read(), self._time.cells
+            reader.scalars[0].update(time_scalars(windows[0].time))
         clipping = (self._clip.calls, *values["clip"]) if "clip" in values else None
         reader.overall(values["step_squares"], self._gradients.recorded, self._skipped_steps, clipping)
         if self._weights is not None:
@@ -399,6 +424,8 @@ class GradientMonitor:
         self._activations.reset()
         if self._gates is not None:
             self._gates.reset()
+        if self._time is not None:
+            self._time.reset()
         if self._weights is not None:
             self._weights.snapshot()
         self._skipped_steps = 0

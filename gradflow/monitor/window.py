@@ -40,6 +40,10 @@ class Window:
     gates: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     # parameter -> the kind of module that owns it (kinds.py: linear, conv, norm, embedding, ...).
     kinds: dict[str, str] = field(default_factory=dict)
+    # Recurrent layers (through_time.py): "<module>.l<k>[_reverse]" -> (T,) float64, entry t the mean
+    # over the window's profiled passes of ||dL/dh_t||_2; and each key's cell (RNN_TANH, LSTM, GRU, ...).
+    time: dict[str, Any] = field(default_factory=dict)
+    time_cells: dict[str, str] = field(default_factory=dict)
 
 
 class WindowReader:

@@ -195,3 +195,51 @@ def test_horizon_and_reach():
     assert horizon(profile) == 3 and horizon(profile, 1e-6) == 4 and horizon(np.zeros(3)) == 0
     assert reach(profile) == pytest.approx(1e-12)
     assert reach(profile[::-1], "lstm.l0_reverse") == pytest.approx(1e-12)
+
+
+class _Reader(nn.Module):
+    """Embedding-free long-range read-out: LSTM -> last output -> linear."""
+
+    def __init__(self):
+        super().__init__()
+        self.lstm = nn.LSTM(2, 6, num_layers=2, batch_first=True)
+        self.head = nn.Linear(6, 1)
+
+    def forward(self, x):
+        return self.head(self.lstm(x)[0][:, -1])
+
+
+def test_monitor_window_time_is_the_mean_over_profiled_steps():
+    torch.manual_seed(3)
+    model = _Reader().double()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)      # lr 0: every step sees the same weights
+    xs = [torch.randn(4, 9, 2, dtype=torch.float64) for _ in range(4)]
+    with GradientMonitor(model, through_time_every=2, activations=False) as monitor:
+        for x in xs:
+            opt.zero_grad()
+            model(x).sum().backward()
+            opt.step()
+        monitor.log(0)
+    window = monitor.history[-1]
+    assert sorted(window.time) == ["lstm.l0", "lstm.l1"]
+    assert window.time_cells == {"lstm.l0": "LSTM", "lstm.l1": "LSTM"}
+    # profiled: the forward passes of steps 0 and 2 (on after steps 0, 2: every 2nd)
+    expected = [oracle(model.lstm, xs[i], lambda o, h, i=i: model.head(o[:, -1]).sum())[0] for i in (0, 2)]
+    for key in window.time:
+        np.testing.assert_allclose(window.time[key], np.mean([e[key[5:]] for e in expected], axis=0), rtol=1e-3)
+
+
+def test_monitor_without_recurrent_modules_has_no_time_and_options_are_checked():
+    model = nn.Sequential(nn.Linear(2, 2))
+    with GradientMonitor(model) as monitor:
+        model(torch.randn(3, 2)).sum().backward()
+        monitor.record()
+        monitor.log(0)
+    assert monitor.history[-1].time == {}
+    from gradflow.monitor import MonitorError
+    with pytest.raises(MonitorError, match="through_time_every"):
+        GradientMonitor(model, through_time_every=0)
+    rnn = nn.RNN(2, 2)
+    with GradientMonitor(rnn, through_time=False):
+        assert not rnn._forward_hooks
+    assert not rnn._forward_hooks
