@@ -47,6 +47,7 @@ from gradflow.analysis.rules import (
     fmt_number,
     skipped_steps,
 )
+from gradflow.analysis.through_time import check_through_time, fold_into_checks, time_recommendation
 from gradflow.analysis.windows import GRADIENTS_FILE, load_windows
 
 VERDICTS = ("healthy", "vanishing", "exploding", "saturated", "dead-units", "stalled", "insufficient")
@@ -146,6 +147,8 @@ def diagnose(windows: Sequence[Any], losses: Sequence[float] | None = None, *, m
         "stalled": check_stalled(layers, loss),
         "insufficient": check_insufficient(windows, loss),
     }
+    time, time_notes = check_through_time(windows), []    # recurrent layers (through_time.py, issue 22)
+    fold_into_checks(checks, time, time_notes)
     verdicts = [name for name, check in checks.items() if check["fired"] and name != "insufficient"]
     if checks["insufficient"]["fired"]:
         # Too few windows: said first, so a rule that fired on one window reads as an early sign.
@@ -155,8 +158,11 @@ def diagnose(windows: Sequence[Any], losses: Sequence[float] | None = None, *, m
     family = architecture_family(layers, model)
     evidence = {"layers": layers, "activations": activations, "loss": loss, "checks": checks,
                 "windows": len(windows), "family": family, "order": "forward" if order else "recorded",
-                "notes": _notes(layers, kinds) + _overflow_notes(windows)}
-    return Diagnosis(verdicts, evidence, recommend(verdicts, family))
+                "notes": _notes(layers, kinds) + _overflow_notes(windows) + time_notes,
+                "through_time": time["layers"]}
+    others = [v for v in verdicts if v != time["verdict"]]
+    advice = time_recommendation(time, verdicts, recommend(others, family) if others or not time["fired"] else "")
+    return Diagnosis(verdicts, evidence, advice)
 
 
 

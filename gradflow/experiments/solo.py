@@ -51,7 +51,7 @@ def reopen_run(run_dir: str | Path, device: str = "auto") -> tuple[Config, Path,
     cfg = load_config(run_dir / "config.yaml")
     check_device(device)
     windows = state.get("monitor", {}).get("windows", 0)
-    for table in ("gradients.csv", "activations.csv"):
+    for table in ("gradients.csv", "activations.csv", "through_time.csv"):
         rundir.truncate_table(run_dir / table, windows)
     return cfg, run_dir, state
 
