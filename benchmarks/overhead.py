@@ -246,8 +246,8 @@ def main(argv=None) -> None:
     parser.add_argument("--variants", nargs="+", metavar="NAME", help="time only these besides bare "
                         "(gradflow, gradflow/no-activations, add_histogram/step, wandb.watch)")
     parser.add_argument("--windows", type=int, default=1, help="monitor windows of 10 steps per round on the "
-                        "real-model shapes (default 1); the through-time profile runs every 20th step, so time it "
-                        "with --windows 2 (or a multiple): each round then holds one profiled step")
+                        "real-model shapes (default 1); the through-time profile runs every 50th step, so time it "
+                        "with --windows 5 (or a multiple): each round then holds one profiled step")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     global CLOCK

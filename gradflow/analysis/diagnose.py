@@ -147,7 +147,7 @@ def diagnose(windows: Sequence[Any], losses: Sequence[float] | None = None, *, m
         "stalled": check_stalled(layers, loss),
         "insufficient": check_insufficient(windows, loss),
     }
-    time, time_notes = check_through_time(windows), []    # recurrent layers (through_time.py, issue 22)
+    time, time_notes = check_through_time(windows, loss), []    # recurrent layers (through_time.py, issue 22)
     fold_into_checks(checks, time, time_notes)
     verdicts = [name for name, check in checks.items() if check["fired"] and name != "insufficient"]
     if checks["insufficient"]["fired"]:

@@ -19,9 +19,14 @@ state per step, so early on its gradient reaching step 0 of a 100-step sequence 
 last step's whether it goes on to learn or not; one that learns ends with a usable reach.
 
 Rules (``check_through_time``; thresholds measured on the sweep in docs/through_time.md):
-- vanishing: some layer's late reach < VANISHING_REACH = 1e-6, i.e. the far end of the sequence
-  gets less than a millionth of the gradient of the near end. Measured (first_token, 12 epochs):
-  see docs/through_time.md for the reach of every run.
+- vanishing: some layer's late reach < VANISHING_REACH = 1e-6 (the far end of the sequence gets
+  less than a millionth of the gradient of the near end) AND the loss did not learn: its tail
+  (``measures.measure_loss``) is above LEARNED_SHARE = 1/2 of the first epoch's, or no loss is
+  known. A net that learned to latch what it needs keeps it in saturated units, which pass no
+  gradient (Bengio, Simard & Frasconi 1994: robust latching implies vanishing gradients): a
+  tanh RNN that learned first_token at T=50 ends with a reach of 0, its loss down 100%. That
+  case is a note, not a verdict. Measured on the sweep (first_token, 12 epochs, 3 seeds):
+  docs/through_time.md gives the reach and loss of every run.
 - exploding: a non-finite ||dL/dh_t|| in any window, or a layer whose gradient grows back
   through time by more than EXPLODING_GROWTH = 1000x (first-processed over last-processed
   step) in any window (Pascanu et al. 2013: exploding gradients grow geometrically with the
@@ -52,6 +57,7 @@ from gradflow.monitor.through_time import HORIZON_FRACTION, far_end, growth, hor
 VANISHING_REACH = 1e-6      # late ||dL/dh|| at the far end over the largest: under this, vanishing
 EXPLODING_GROWTH = 1e3      # ||dL/dh|| growing back through time by more than this: exploding
 LATE_FRACTION = 0.25        # the late windows: the last quarter of those with a profile
+LEARNED_SHARE = 0.5         # a loss ending under this share of its first epoch's learned something
 
 CELL_FAMILY = {"RNN_TANH": "rnn", "RNN_RELU": "rnn", "LSTM": "lstm", "GRU": "gru"}
 
@@ -124,12 +130,13 @@ def _median(values: list[float]) -> float:
     return float(np.median(finite)) if finite else math.nan
 
 
-def check_through_time(windows: Sequence[Any]) -> dict[str, Any]:
+def check_through_time(windows: Sequence[Any], loss: dict[str, float] | None = None) -> dict[str, Any]:
     """The through-time check: ``{"fired", "verdict" ("vanishing", "exploding" or None), "why",
     "value", "threshold", "advice" (a TIME_ADVICE key or None), "layers" (measure_time)}``.
 
     Exploding is judged first (a non-finite or 1000x-growing gradient), then vanishing on the
-    layer with the smallest late reach.
+    layer with the smallest late reach, unless ``loss`` (``measures.measure_loss``) says the run
+    learned (see LEARNED_SHARE).
     """
     layers = measure_time(windows)
     if not layers:
@@ -151,8 +158,19 @@ def check_through_time(windows: Sequence[Any]) -> dict[str, Any]:
            f"{_ratio(row['reach_early'])} in the first); it stays within {HORIZON_FRACTION:g} of it for "
            f"{row['horizon']} of {row['steps']} steps")
     fired = math.isfinite(row["reach"]) and row["reach"] < VANISHING_REACH
+    if fired and _learned(loss):
+        fired = False
+        why += (f"; but the loss fell from {loss['first']:.3g} to {loss['tail']:.3g}: the net learned and holds "
+                "what it needs in saturated units, which pass no gradient back (Bengio et al. 1994)")
     return _result("vanishing" if fired else None, why, row["reach"], VANISHING_REACH,
                    _advice("vanishing", row) if fired else None, layers)
+
+
+def _learned(loss: dict[str, float] | None) -> bool:
+    if not loss:
+        return False
+    first, tail = loss.get("first", math.nan), loss.get("tail", math.nan)
+    return math.isfinite(first) and math.isfinite(tail) and first > 0 and tail < LEARNED_SHARE * first
 
 
 def _result(verdict, why, value, threshold, advice, layers) -> dict[str, Any]:

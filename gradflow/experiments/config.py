@@ -101,6 +101,7 @@ class MonitorConfig:
     weights: bool = True  # log weight statistics too
     activations: bool = True  # log activation statistics too
     activations_every: int = 1  # tap activations at every Nth optimizer step (the tutorial's nets are tiny: every step)
+    through_time_every: int = 5  # recurrent models: profile the gradient through time at every Nth optimizer step
 
 
 @dataclass
@@ -473,6 +474,8 @@ def validate(cfg: Config) -> Config:
                           f"(rnn, lstm, gru) take a sequence task ({', '.join(SEQUENCE_TASKS)}), mlp the others")
     _check_optimizer(cfg.optimizer)
     _check_train(cfg.train)
+    if cfg.monitor.through_time_every < 1:
+        raise ConfigError(f"monitor.through_time_every: must be >= 1 (1 = every step), got {cfg.monitor.through_time_every}")
     if cfg.monitor.window_steps < 0:
         raise ConfigError(f"monitor.window_steps: must be >= 0 (0 = once per epoch), got {cfg.monitor.window_steps}")
     histograms = cfg.monitor.histograms

@@ -138,7 +138,8 @@ def fit_monitored(cfg, model, data, writer, run_dir, device, progress=None, stop
         return fit(model, data, cfg.optimizer, cfg.train, callbacks=callbacks + extra, checkpoint=checkpoint, **run), []
     settings = cfg.monitor
     with GradientMonitor(model, writer, histograms=settings.histograms, weights=settings.weights,
-                         activations=settings.activations, activations_every=settings.activations_every) as monitor:
+                         activations=settings.activations, activations_every=settings.activations_every,
+                         through_time_every=settings.through_time_every) as monitor:
         recorder = MonitorCallback(monitor, run_dir, settings.window_steps, first_window=len(earlier))
 
         def save(state: dict) -> None:

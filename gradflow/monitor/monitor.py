@@ -119,7 +119,7 @@ class GradientMonitor:
         through_time: profile ||dL/dh_t|| at every time step of each ``nn.RNN``/``nn.LSTM``/``nn.GRU``
             layer and direction (``through_time.py``; ``history[-1].time``): on every
             ``through_time_every``-th optimizer step the recurrence is recomputed cell by cell.
-        through_time_every: profile the forward pass of every N-th optimizer step (default 20;
+        through_time_every: profile the forward pass of every N-th optimizer step (default 50;
             benchmarks/overhead.py measures the cost on the LSTM LM).
 
     A window's ``steps`` is the largest number of steps any one parameter recorded: the
@@ -144,7 +144,7 @@ class GradientMonitor:
     def __init__(self, model: nn.Module, writer=None, *, optimizer: torch.optim.Optimizer | None = None,
                  histograms: bool | int = True, weights: bool = True, activations=True,
                  members: int = 1, automatic: bool = True, activations_every: int = 10,
-                 through_time: bool = True, through_time_every: int = 20) -> None:  # noqa: PLR0913
+                 through_time: bool = True, through_time_every: int = 50) -> None:  # noqa: PLR0913
         if not isinstance(model, nn.Module):
             raise TypeError(f"GradientMonitor needs an nn.Module, got {type(model).__name__}")
         inner = unwrap(model)
