@@ -82,10 +82,10 @@ def load_dataset(cfg: Any) -> Dataset:
         >>> ds.x_train.shape, ds.x_test.shape
         (torch.Size([500, 2]), torch.Size([500, 2]))
     """
-    from gradflow.experiments.sequences import SEQUENCE_TASKS, load_sequences
+    from gradflow.experiments.sequences import SEQUENCE_TASKS, sequence_arrays
 
     if cfg.name in SEQUENCE_TASKS:      # x (n, T, 1): no scaling, no cache (numpy draws them at once)
-        return load_sequences(cfg)
+        return _split(*sequence_arrays(cfg), cfg.n_train)
     return _split(*scaled_arrays(cfg), cfg.n_train)
 
 

@@ -39,20 +39,15 @@ SEQUENCE_TASKS: dict[str, Callable[[int, int, int, float], tuple[np.ndarray, np.
 }
 
 
-def load_sequences(cfg: Any):
-    """The ``Dataset`` of a sequence task named by a ``DataConfig`` (``name``, ``n_samples``,
-    ``sequence_length``, ``random_state``, ``noise``, ``n_train``): x (n, T, 1), y (n, 1); no scaling.
+def sequence_arrays(cfg: Any) -> tuple[np.ndarray, np.ndarray]:
+    """(x (n, T, 1), y (n,)) of the sequence task a ``DataConfig`` names (``name``, ``n_samples``,
+    ``sequence_length``, ``random_state``, ``noise``); ``data.load_dataset`` splits them at
+    ``n_train``, with no scaling.
 
     Example:
         >>> from gradflow.experiments.config import DataConfig
-        >>> ds = load_sequences(DataConfig(name="first_token", sequence_length=20))
-        >>> ds.x_train.shape, ds.y_test.shape
-        (torch.Size([500, 20, 1]), torch.Size([500, 1]))
+        >>> x, y = sequence_arrays(DataConfig(name="first_token", sequence_length=20))
+        >>> x.shape, y.shape
+        ((1000, 20, 1), (1000,))
     """
-    import torch
-
-    from gradflow.experiments.data import Dataset
-
-    x, y = SEQUENCE_TASKS[cfg.name](cfg.n_samples, cfg.sequence_length, cfg.random_state, cfg.noise)
-    xt, yt = torch.from_numpy(x), torch.from_numpy(y).reshape(-1, 1)
-    return Dataset(xt[:cfg.n_train], yt[:cfg.n_train], xt[cfg.n_train:], yt[cfg.n_train:])
+    return SEQUENCE_TASKS[cfg.name](cfg.n_samples, cfg.sequence_length, cfg.random_state, cfg.noise)

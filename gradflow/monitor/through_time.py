@@ -5,9 +5,9 @@ Why a recomputation: the fused kernels (cuDNN, ATen's ``lstm``/``gru``/``rnn_tan
 recurrence inside one autograd node. A hook on the module's output sees only the *direct* term
 of dL/dh_t (from output t); the *total* derivative, through h_{t+1}, h_{t+2}, ..., never exists
 as a tensor. So on a profiled forward pass a forward hook recomputes the output by unrolling the
-same weights cell by cell with torch's own cell math (``torch._VF.rnn_tanh_cell``,
-``rnn_relu_cell``, ``lstm_cell``, ``gru_cell``; an LSTM with ``proj_size`` by PyTorch's documented
-formulas) and returns that output instead of the fused one. Each h_t is then a tensor of the
+same weights cell by cell, by the formulas of PyTorch's nn.RNN/LSTM/GRU docs (the input term
+W_ih x_t + b_ih of every step in one product, as the fused kernels do; ``proj_size`` included),
+and returns that output instead of the fused one. Each h_t is then a tensor of the
 graph, used by the output and by step t+1, and a tensor hook on it receives the total gradient.
 The fused output's graph is dropped: the parameters' gradients come from the unrolled graph,
 equal to the fused path's up to float rounding (tests/monitor/test_through_time.py). The hooks
@@ -87,25 +87,24 @@ def _weights(module: nn.RNNBase, suffix: str):
     return w_ih, w_hh, b_ih, b_hh, w_hr
 
 
-def _lstm_projected(x, h, c, w_ih, w_hh, b_ih, b_hh, w_hr):
-    """One LSTM step with a projection (PyTorch's nn.LSTM docs: h_t = W_hr (o_t * tanh(c_t)))."""
-    gates = F.linear(x, w_ih, b_ih) + F.linear(h, w_hh, b_hh)
-    i, f, g, o = gates.chunk(4, dim=1)
-    c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-    return F.linear(torch.sigmoid(o) * torch.tanh(c), w_hr), c
-
-
-def _step(mode: str, x, h, c, weights):
-    """(h_t, c_t) of one cell step; c is None except for an LSTM."""
-    w_ih, w_hh, b_ih, b_hh, w_hr = weights
+def _step(mode: str, xw: torch.Tensor, h, c, w_hh, b_hh, w_hr):
+    """(h_t, c_t) of one cell step (c is None except for an LSTM), from ``xw`` = W_ih x_t + b_ih
+    (computed for every t at once) and the previous state, by the formulas of PyTorch's
+    nn.RNN / nn.LSTM / nn.GRU docs (gate order i|f|g|o, r|z|n; an LSTM's projection
+    h_t = W_hr (o_t * tanh(c_t)))."""
+    hw = F.linear(h, w_hh, b_hh)
     if mode == "LSTM":
-        if w_hr is not None:
-            return _lstm_projected(x, h, c, *weights)
-        return torch._VF.lstm_cell(x, (h, c), w_ih, w_hh, b_ih, b_hh)
+        i, f, g, o = (xw + hw).chunk(4, dim=1)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        return (F.linear(h, w_hr) if w_hr is not None else h), c
     if mode == "GRU":
-        return torch._VF.gru_cell(x, h, w_ih, w_hh, b_ih, b_hh), None
-    cell = torch._VF.rnn_tanh_cell if mode == "RNN_TANH" else torch._VF.rnn_relu_cell
-    return cell(x, h, w_ih, w_hh, b_ih, b_hh), None
+        x_r, x_z, x_n = xw.chunk(3, dim=1)
+        h_r, h_z, h_n = hw.chunk(3, dim=1)
+        z = torch.sigmoid(x_z + h_z)
+        n = torch.tanh(x_n + torch.sigmoid(x_r + h_r) * h_n)
+        return n + z * (h - n), None                  # (1 - z) n + z h
+    return (torch.tanh(xw + hw) if mode == "RNN_TANH" else torch.relu(xw + hw)), None
 
 
 def unroll(module: nn.RNNBase, x: torch.Tensor, hx, watch=None):
@@ -129,11 +128,14 @@ def unroll(module: nn.RNNBase, x: torch.Tensor, hx, watch=None):
         outputs = []
         for direction in range(directions):
             slot = layer * directions + direction
-            weights = _weights(module, f"_l{layer}{'_reverse' if direction else ''}")
+            w_ih, w_hh, b_ih, b_hh, w_hr = _weights(module, f"_l{layer}{'_reverse' if direction else ''}")
+            # Every step's input term in one product; unbind, not xw[t]: the backward of T selects
+            # would build T full-size zero tensors, one unbind builds one.
+            xw = F.linear(layer_in, w_ih, b_ih).unbind(0)
             h, c = h0[slot], c0[slot] if lstm else None
             sequence = [None] * steps
             for t in (range(steps - 1, -1, -1) if direction else range(steps)):
-                h, c = _step(module.mode, layer_in[t], h, c, weights)
+                h, c = _step(module.mode, xw[t], h, c, w_hh, b_hh, w_hr)
                 if watch is not None:
                     watch(slot, t, h)
                 sequence[t] = h
