@@ -29,8 +29,10 @@ Rules (``check_through_time``; thresholds measured on the sweep in docs/through_
   docs/through_time.md gives the reach and loss of every run.
 - exploding: a non-finite ||dL/dh_t|| in any window, or a layer whose gradient grows back
   through time by more than EXPLODING_GROWTH = 1000x (first-processed over last-processed
-  step) in any window (Pascanu et al. 2013: exploding gradients grow geometrically with the
-  distance; 1000x is a guard no healthy run here came near).
+  step), median over the late windows (Pascanu et al. 2013: exploding gradients grow
+  geometrically with the distance). One window's spike is a note, not a verdict: a GRU that
+  learned first_token at T=100 (seed 0, loss 0.004) had one window at 2000x, its late median
+  2.3x; its loss wobbled (0.004 -> 0.017) and its accuracy stayed 1.0.
 
 The check returns the verdict name, a sentence of evidence and an advice key; ``diagnose``
 folds it into its checks (``fold_into_checks``) and advice (``time_recommendation``).
@@ -145,18 +147,23 @@ def check_through_time(windows: Sequence[Any], loss: dict[str, float] | None = N
     if bad:
         return _result("exploding", f"through time: non-finite ||dL/dh_t|| in {layers[bad[0]]['nonfinite']} "
                        f"window(s) of {bad[0]}", math.inf, EXPLODING_GROWTH, _advice("exploding", layers[bad[0]]), layers)
-    growing = max(layers, key=lambda k: _sortable(layers[k]["growth_max"], -math.inf))
-    if layers[growing]["growth_max"] > EXPLODING_GROWTH:
+    growing = max(layers, key=lambda k: _sortable(layers[k]["growth"], -math.inf))
+    if layers[growing]["growth"] > EXPLODING_GROWTH:
         row = layers[growing]
         return _result("exploding", f"through time: in {growing} the gradient reaching {_far(growing, row)} is "
-                       f"{row['growth_max']:.2g}x that of {_near(growing, row)} in one window: it grows on its way back",
-                       row["growth_max"], EXPLODING_GROWTH, _advice("exploding", row), layers)
+                       f"{row['growth']:.2g}x that of {_near(growing, row)} late in the run (median of the last "
+                       f"{row['late_windows']} window(s)): it grows on its way back",
+                       row["growth"], EXPLODING_GROWTH, _advice("exploding", row), layers)
+    spike = max(layers, key=lambda k: _sortable(layers[k]["growth_max"], -math.inf))
     weakest = min(layers, key=lambda k: _sortable(layers[k]["reach"], math.inf))
     row = layers[weakest]
     why = (f"through time: the gradient reaching {_far(weakest, row)} of {weakest} is {_ratio(row['reach'])} of its "
            f"largest, late in the run (median of the last {row['late_windows']} window(s); "
            f"{_ratio(row['reach_early'])} in the first); it stays within {HORIZON_FRACTION:g} of it for "
            f"{row['horizon']} of {row['steps']} steps")
+    if layers[spike]["growth_max"] > EXPLODING_GROWTH:
+        why += (f"; one window's gradient in {spike} grew {layers[spike]['growth_max']:.2g}x on its way back to "
+                f"{_far(spike, layers[spike])} (a spike, not the late median)")
     fired = math.isfinite(row["reach"]) and row["reach"] < VANISHING_REACH
     if fired and _learned(loss):
         fired = False

@@ -64,12 +64,12 @@ class OutputConfig:
 
 @dataclass
 class ModelConfig:
-    type: str = "mlp"  # mlp | rnn | lstm | gru (recurrent: depth stacked layers of width units, a sequence task)
     depth: int = 5  # number of hidden Dense layers (recurrent: stacked recurrent layers)
     width: Union[int, list[int]] = 5  # units per hidden layer, or one per layer
     activation: Union[str, list[str]] = "tanh"  # hidden activation, or one per layer
     initializer: Union[InitSpec, list[InitSpec]] = "glorot_uniform"  # spec, or one per layer
     output: OutputConfig = field(default_factory=OutputConfig)  # the output layer
+    type: str = "mlp"  # mlp | rnn | lstm | gru (recurrent: depth stacked layers of width units, a sequence task)
     chrono: float = 0.0  # lstm/gru: chrono init with this constant (models.chrono_bias: forget/update gate bias +b, LSTM input gate -b); 0: PyTorch's init
 
 

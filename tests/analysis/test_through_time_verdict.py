@@ -80,3 +80,10 @@ def test_no_recurrent_layer_leaves_diagnosis_alone():
                                   "dense_2.weight": {"mean_abs": 0.1, "nonfinite": 0}}) for i in range(6)]
     check = check_through_time(w)
     assert not check["fired"] and check["layers"] == {}
+
+
+def test_one_window_spike_is_a_note_not_exploding():
+    steady = windows(np.linspace(0.5, 1.0, 100), cell="GRU", key="gru_1.l0")
+    steady[6].time["gru_1.l0"] = np.logspace(4, 0, 100)
+    check = check_through_time(steady, None)
+    assert check["verdict"] is None and "a spike, not the late median" in check["why"]
