@@ -42,8 +42,8 @@ def run_one(config: str, overrides: list[str], out: Path) -> dict:
 
 
 def table(rows: list[dict], lengths: list[int], seeds: list[int]) -> str:
-    lines = ["| model | T | learned (test acc >= 0.9) | test accuracy | verdicts | reach at t=0, last windows | "
-             "horizon (steps) |", "|---|--:|--:|---|---|---|---|"]
+    lines = [("| model | T | learned (test acc >= 0.9) | test accuracy | verdicts | reach at t=0, last windows | "
+             "horizon (steps) |"), "|---|--:|--:|---|---|---|---|"]
     for label in dict.fromkeys(r["model"] for r in rows):
         for length in lengths:
             mine = [r for r in rows if r["model"] == label and r["T"] == length]

@@ -50,11 +50,18 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
-from gradflow.monitor.through_time import HORIZON_FRACTION, far_end, growth, horizon, reach
+from gradflow.monitor.through_time import (
+    HORIZON_FRACTION,
+    far_end,
+    growth,
+    horizon,
+    reach,
+)
 
 VANISHING_REACH = 1e-6      # late ||dL/dh|| at the far end over the largest: under this, vanishing
 EXPLODING_GROWTH = 1e3      # ||dL/dh|| growing back through time by more than this: exploding

@@ -49,7 +49,6 @@ from gradflow.monitor.model_checks import (
     replaced_parameters,
 )
 from gradflow.monitor.order import ForwardOrder
-from gradflow.monitor.through_time import ThroughTime, time_scalars
 from gradflow.monitor.steps import (
     OptimizerMasks,
     closure_of,
@@ -57,6 +56,7 @@ from gradflow.monitor.steps import (
     replace_closure,
 )
 from gradflow.monitor.tensors import MonitorError
+from gradflow.monitor.through_time import ThroughTime, time_scalars
 from gradflow.monitor.weights import _WeightTracker
 from gradflow.monitor.window import (
     Window,

@@ -168,9 +168,9 @@ class _Hook:
     """The forward hook on one recurrent module (a callable object: the monitor's handle list
     keeps it, the module keeps only torch's handle)."""
 
-    __slots__ = ("recorder", "index", "__weakref__")
+    __slots__ = ("__weakref__", "index", "recorder")
 
-    def __init__(self, recorder: "ThroughTime", index: int) -> None:
+    def __init__(self, recorder: ThroughTime, index: int) -> None:
         self.recorder = recorder
         self.index = index
 

@@ -3,8 +3,6 @@ and on real runs of the recurrent configs (first_token at T=100)."""
 
 from __future__ import annotations
 
-import math
-
 import numpy as np
 import pytest
 

@@ -4,8 +4,6 @@ cell by cell with hand-written formulas (PyTorch's nn.RNN/LSTM/GRU docs), each h
 
 from __future__ import annotations
 
-import warnings
-
 import numpy as np
 import pytest
 import torch
@@ -15,11 +13,11 @@ from gradflow.monitor import GradientMonitor
 from gradflow.monitor.through_time import ThroughTime, horizon, reach
 
 CASES = [  # (class, kwargs)
-    (nn.RNN, dict(nonlinearity="tanh")),
-    (nn.RNN, dict(nonlinearity="relu")),
+    (nn.RNN, {"nonlinearity": "tanh"}),
+    (nn.RNN, {"nonlinearity": "relu"}),
     (nn.LSTM, {}),
     (nn.GRU, {}),
-    (nn.LSTM, dict(proj_size=3)),
+    (nn.LSTM, {"proj_size": 3}),
 ]
 IDS = ["rnn_tanh", "rnn_relu", "lstm", "gru", "lstm_proj"]
 
