@@ -19,20 +19,28 @@ state per step, so early on its gradient reaching step 0 of a 100-step sequence 
 last step's whether it goes on to learn or not; one that learns ends with a usable reach.
 
 Rules (``check_through_time``; thresholds measured on the sweep in docs/through_time.md):
-- vanishing: some layer's late reach < VANISHING_REACH = 1e-6 (the far end of the sequence gets
-  less than a millionth of the gradient of the near end) AND the loss did not learn: its tail
+- vanishing: some layer's late reach < VANISHING_REACH = 1e-4 (the far end of the sequence gets
+  less than 1/10,000 of the gradient of the near end) AND the loss did not learn: its tail
   (``measures.measure_loss``) is above LEARNED_SHARE = 1/2 of the first epoch's, or no loss is
   known. A net that learned to latch what it needs keeps it in saturated units, which pass no
   gradient (Bengio, Simard & Frasconi 1994: robust latching implies vanishing gradients): a
   tanh RNN that learned first_token at T=50 ends with a reach of 0, its loss down 100%. That
-  case is a note, not a verdict. Measured on the sweep (first_token, 12 epochs, 3 seeds):
-  docs/through_time.md gives the reach and loss of every run.
+  case is a note, not a verdict. Measured on the sweep (first_token, 12 epochs, 3 seeds,
+  docs/through_time.md): every run that did not learn ends with a reach of 0 - 6e-6 (tanh RNN
+  at T=50 and 100, LSTM at PyTorch's init at T=20 - 100); every run that learned ends at 8e-6 -
+  1 (the tanh RNN at T=10, seed 2: 8e-6) or at 0 with its loss down 100% (tanh RNN, T=50): the
+  reach alone does not separate them, the loss gate does. 1e-4 sits above every failed run
+  (16x margin) and below all but one of the learned runs.
 - exploding: a non-finite ||dL/dh_t|| in any window, or a layer whose gradient grows back
   through time by more than EXPLODING_GROWTH = 1000x (first-processed over last-processed
   step), median over the late windows (Pascanu et al. 2013: exploding gradients grow
   geometrically with the distance). One window's spike is a note, not a verdict: a GRU that
   learned first_token at T=100 (seed 0, loss 0.004) had one window at 2000x, its late median
-  2.3x; its loss wobbled (0.004 -> 0.017) and its accuracy stayed 1.0.
+  2.3x; its loss wobbled (0.004 -> 0.017) and its accuracy stayed 1.0. Also exploding: a window
+  whose largest ||dL/dh_t|| is SPIKE = 100x the median of the earlier windows' largest, in a run
+  whose loss did not end learned (as for vanishing): the LSTM (chrono 5) at T=100, seed 2,
+  learned (loss 0.01), then one window's gradient jumped 720x and the loss ended at 1.35, above
+  chance; the GRU above jumped 330x and kept its loss at 0.017 (a note).
 
 The check returns the verdict name, a sentence of evidence and an advice key; ``diagnose``
 folds it into its checks (``fold_into_checks``) and advice (``time_recommendation``).
@@ -63,8 +71,9 @@ from gradflow.monitor.through_time import (
     reach,
 )
 
-VANISHING_REACH = 1e-6      # late ||dL/dh|| at the far end over the largest: under this, vanishing
+VANISHING_REACH = 1e-4      # late ||dL/dh|| at the far end over the largest: under this, vanishing
 EXPLODING_GROWTH = 1e3      # ||dL/dh|| growing back through time by more than this: exploding
+SPIKE = 100.0               # a window's largest ||dL/dh_t|| this many times the earlier windows' median
 LATE_FRACTION = 0.25        # the late windows: the last quarter of those with a profile
 LEARNED_SHARE = 0.5         # a loss ending under this share of its first epoch's learned something
 
@@ -129,9 +138,22 @@ def measure_time(windows: Sequence[Any]) -> dict[str, dict[str, Any]]:
             "growth": _median([growth(p, key) for p in late_profiles]),
             "growth_max": max((g for g in growths if math.isfinite(g)), default=math.nan),
             "nonfinite": sum(not np.isfinite(p).all() for p in profiles),
+            **_spike([w for w in timed if key in w.time], profiles),
             "late_windows": len(late_profiles),
         }
     return out
+
+
+def _spike(timed: list[Any], profiles: list[np.ndarray]) -> dict[str, Any]:
+    """The largest jump of a window's largest ||dL/dh_t|| over the median of the windows before
+    it (``spike``, NaN with fewer than 3 windows before) and that window's step."""
+    tops = [float(np.nanmax(p)) if p.size and np.isfinite(p).any() else math.nan for p in profiles]
+    best, step = math.nan, None
+    for i in range(3, len(tops)):
+        before = _median(tops[:i])
+        if math.isfinite(tops[i]) and before > 0 and not tops[i] / before <= best:
+            best, step = tops[i] / before, timed[i].step
+    return {"spike": best, "spike_step": step}
 
 
 def _median(values: list[float]) -> float:
@@ -161,6 +183,13 @@ def check_through_time(windows: Sequence[Any], loss: dict[str, float] | None = N
                        f"{row['growth']:.2g}x that of {_near(growing, row)} late in the run (median of the last "
                        f"{row['late_windows']} window(s)): it grows on its way back",
                        row["growth"], EXPLODING_GROWTH, _advice("exploding", row), layers)
+    jumps = {k: row["spike"] for k, row in layers.items() if math.isfinite(row["spike"])}
+    jump = max(jumps, key=jumps.get) if jumps else None
+    if jump is not None and jumps[jump] > SPIKE and not _learned(loss):
+        row = layers[jump]
+        return _result("exploding", f"through time: in {jump} one window's largest ||dL/dh_t|| was {jumps[jump]:,.0f}x "
+                       f"the earlier windows' median (at epoch {row['spike_step']}), and the loss did not end learned",
+                       jumps[jump], SPIKE, _advice("exploding", row), layers)
     spike = max(layers, key=lambda k: _sortable(layers[k]["growth_max"], -math.inf))
     weakest = min(layers, key=lambda k: _sortable(layers[k]["reach"], math.inf))
     row = layers[weakest]

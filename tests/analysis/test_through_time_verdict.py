@@ -83,5 +83,14 @@ def test_no_recurrent_layer_leaves_diagnosis_alone():
 def test_one_window_spike_is_a_note_not_exploding():
     steady = windows(np.linspace(0.5, 1.0, 100), cell="GRU", key="gru_1.l0")
     steady[6].time["gru_1.l0"] = np.logspace(4, 0, 100)
-    check = check_through_time(steady, None)
+    check = check_through_time(steady, {"first": 0.69, "tail": 0.02})      # it learned and kept it
     assert check["verdict"] is None and "a spike, not the late median" in check["why"]
+
+
+def test_a_spike_before_a_collapse_is_exploding():
+    w = windows(np.linspace(0.001, 0.01, 100), cell="LSTM", key="lstm_1.l0")
+    w[10].time["lstm_1.l0"] = np.linspace(5.0, 0.04, 100)          # 500x the usual largest
+    collapsed = {"first": 0.69, "tail": 0.9}
+    check = check_through_time(w, collapsed)
+    assert check["verdict"] == "exploding" and "500x" in check["why"] and check["advice"] == "exploding/lstm"
+    assert check_through_time(w, {"first": 0.69, "tail": 0.01})["verdict"] is None   # it learned: not judged

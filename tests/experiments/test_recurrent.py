@@ -110,6 +110,12 @@ def test_tanh_rnn_failing_at_t100_is_vanishing_through_time(tmp_path):
     assert windows[0].time_cells == {"rnn_1.l0": "RNN_TANH"}
     with open(run_dir / "through_time.csv", newline="") as f:
         assert next(csv.reader(f)) == ["window", "step", "layer", "cell", "t", "norm"]
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir), size_guidance={"images": 0})
+    events.Reload()
+    assert events.Tags()["images"] == ["through_time"]
+    assert "time/rnn_1/l0/horizon" in events.Tags()["scalars"]
 
 
 def test_seeds_refuse_recurrent_models(tmp_path, capsys):
