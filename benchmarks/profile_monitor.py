@@ -57,20 +57,20 @@ def timed(owner, name: str, label: str, count=None) -> None:
 
 
 def instrument() -> None:
-    timed(gradients._GradientAccumulator, "record", "grad.record (all)")
-    timed(gradients._GradientAccumulator, "_reduce_large", "grad.large fold",
+    timed(gradients.Gradients, "record", "grad.record (all)")
+    timed(gradients.Gradients, "_reduce_large", "grad.large fold",
           lambda self, plan, grads, step: sum(self.numel[i] for i in plan.large))
-    timed(gradients._GradientAccumulator, "reduce", "grad.small reduce")
-    timed(activations._ActivationAccumulator, "reduce", "act.reduce (all)")
-    timed(activations._ActivationAccumulator, "_reduce_large", "act.large fold+positives",
+    timed(gradients.Gradients, "reduce", "grad.small reduce")
+    timed(activations.Activations, "reduce", "act.reduce (all)")
+    timed(activations.Activations, "_reduce_large", "act.large fold+positives",
           lambda self, large: sum(a.numel() for _, a in large))
-    timed(activations._ActivationAccumulator, "_count_positive", "act.count_positive")
+    timed(activations.Activations, "_count_positive", "act.count_positive")
     timed(stats.Scratch, "fold", "Scratch.fold (kernel+copies)", lambda self, jobs: sum(j[0].numel() for j in jobs))
     timed(kernels, "fold_all", "kernels.fold_all", lambda jobs: sum(j[0].size for j in jobs))
     timed(monitor.GradientMonitor, "log", "log (all)")
     timed(monitor.GradientMonitor, "_read_back", "log._read_back")
-    timed(weights._WeightTracker, "summary", "log.weights summary")
-    timed(weights._WeightTracker, "snapshot", "log.weights snapshot")
+    timed(weights.Weights, "summary", "log.weights summary")
+    timed(weights.Weights, "snapshot", "log.weights snapshot")
     timed(window.HistogramRequests, "build", "log.histograms build")
     from gradflow.monitor import sinks
     timed(sinks.TensorBoardSink, "log", "log.sink (TensorBoard)")

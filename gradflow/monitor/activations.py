@@ -14,12 +14,15 @@ import numpy as np
 import torch
 from torch import nn
 
+from gradflow.monitor import columns as C
 from gradflow.monitor import stats as S
 from gradflow.monitor.histograms import LINEAR_BINS, count_linear, linear_scale
+from gradflow.monitor.part import Part, Reduced, Setup
 from gradflow.monitor.spent import LeavesCopiesAlone
 from gradflow.monitor.tensors import (
     LARGE_PARAMETER,
     PENDING_ELEMENTS,
+    MonitorError,
     _BoundedCache,
     _check_layout,
     _flat,
@@ -50,18 +53,19 @@ class _Tap(LeavesCopiesAlone):
     monitored, and the hook's reference to the monitor is never pickled.
     """
 
-    __slots__ = ("accumulator", "index", "__weakref__")
+    __slots__ = ("__weakref__", "accumulator", "index", "schedule")
 
-    def __init__(self, accumulator: "_ActivationAccumulator", index: int) -> None:
+    def __init__(self, accumulator: Activations, index: int) -> None:
         self.accumulator = accumulator
         self.index = index
+        self.schedule = accumulator.setup.schedule
 
     def __call__(self, module, inputs, output):
-        if torch.compiler.is_compiling() or not self.accumulator.active:
-            return None
+        if torch.compiler.is_compiling() or not self.schedule.active:
+            return
         if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and torch._C._current_graph_task_id() == -1:
             self.accumulator.take(self.index, output)
-        return None
+        return
 
 
 @dataclass
@@ -96,7 +100,7 @@ class _LinearPlan:
     last: torch.Tensor
 
 
-class _ActivationAccumulator:
+class Activations(Part):
     """Forward hooks on activation modules: moments, saturation, dead units and histograms.
 
     A hook only keeps a reference to its output (autograd keeps most of them alive anyway);
@@ -110,7 +114,16 @@ class _ActivationAccumulator:
     zeros for the others) and, last, one shared count of NaN outputs that are never drawn.
     """
 
-    def __init__(self, taps: list[tuple[str, nn.Module]], device, members: int = 1) -> None:
+    name = "activations"
+
+    @classmethod
+    def create(cls, model: nn.Module, setup: Setup) -> Activations | None:
+        taps = choose_taps(model, setup.options.get("activations", True))
+        return cls(model, setup, taps) if taps else None
+
+    def __init__(self, model: nn.Module, setup: Setup, taps: list[tuple[str, nn.Module]]) -> None:
+        super().__init__(model, setup)
+        device, members = setup.device, setup.members
         self.names = [name for name, _ in taps]
         self.members = members
         self.bounds = [_bounds(module) for _, module in taps]
@@ -128,12 +141,20 @@ class _ActivationAccumulator:
         self.positives = torch.zeros(1, device=device)         # per unit: count of outputs > 0; slot 0: none
         self.pending: list[tuple[int, torch.Tensor]] = []
         self.pending_elements = 0
-        self.active = True                            # tap the coming forward pass (the monitor's schedule)
+        self.tapped = False                           # a recorded step's forward pass was tapped in this window
         self._plans = _BoundedCache()
         self._slot_rows = _BoundedCache()            # slots of the large outputs reduced together
 
-    def hook(self, index: int) -> "_Tap":
-        return _Tap(self, index)
+    def hook(self, model: nn.Module) -> None:
+        modules = dict(model.named_modules())
+        for index, name in enumerate(self.names):
+            self.keep(modules[name].register_forward_hook(_Tap(self, index)))
+
+    def record(self, mask) -> None:
+        self.tapped |= self.setup.schedule.active
+
+    def fold(self) -> None:
+        self.reduce()
 
     def take(self, index: int, output: torch.Tensor) -> None:
         self.pending.append((index, output.detach()))
@@ -146,6 +167,7 @@ class _ActivationAccumulator:
         self.pending_elements = 0
         torch._foreach_zero_([self.moments, self.counts, self.positives, self.linear])
         self.elements[:] = 0
+        self.tapped = False
 
     @torch.no_grad()
     def reduce(self) -> None:
@@ -294,7 +316,30 @@ class _ActivationAccumulator:
         inner = math.prod(sample.shape[dim + 1:])
         return self.unit_start[index] + member * units + within // inner % units
 
-    def read(self, slot: int, moments: np.ndarray, positives: np.ndarray) -> dict[str, float] | None:
+    def device_tensors(self) -> dict[str, Reduced]:
+        return {"moments": Reduced(self.moments), "counts": Reduced(self.counts), "positives": Reduced(self.positives),
+                "linear": Reduced(self.linear)}
+
+    def read(self, values: dict[str, np.ndarray], reader) -> None:
+        """Rows ``columns.ACTIVATION`` per tap; a window whose recorded steps were tapped but
+        saw no output is said."""
+        if self.tapped and not self.elements.any():
+            self.setup.warn("no-activations", NO_ACTIVATIONS)
+        counts = values["counts"].reshape(-1, S.SIGN_EXPONENT_BINS)
+        linear = values["linear"][:-1].reshape(-1, LINEAR_BINS)    # the last count: NaN
+        for slot, k, name, path in reader.slots(self.names):
+            row = self.row(slot, values["moments"][slot], values["positives"])
+            if row is None:
+                continue
+            reader.windows[k].activations[name] = row
+            reader.scalars[k].update({f"activation/{path}/{key}": v for key, v in row.items()})
+            bounds = self.bounds[slot // self.members]
+            if bounds is None:
+                reader.wanted.value(k, f"activation/{path}", counts[slot])
+            else:                                   # tanh, sigmoid: equal bins over the range
+                reader.wanted.linear(k, f"activation/{path}", linear[slot], bounds)
+
+    def row(self, slot: int, moments: np.ndarray, positives: np.ndarray) -> dict[str, float] | None:
         """Statistics of one tap (one member of it) for the window, or None if it never fired."""
         index, member = divmod(slot, self.members)
         n = self.elements[slot]
@@ -302,14 +347,33 @@ class _ActivationAccumulator:
             return None
         total, squares, saturated = moments
         mean = total / n
-        row = {"mean": float(mean), "std": float(np.sqrt(max(squares / n - mean * mean, 0.0)))}
+        mean_, std, saturated_fraction, dead_fraction = C.ACTIVATION
+        row = {mean_: float(mean), std: float(np.sqrt(max(squares / n - mean * mean, 0.0)))}
         if self.bounds[index] is not None:
-            row["saturated_fraction"] = float(saturated / n)
+            row[saturated_fraction] = float(saturated / n)
         if self.rectifier[index] and self.units[index]:
             start = self.unit_start[index] + member * self.units[index]
             alive = positives[start:start + self.units[index]] > 0
-            row["dead_fraction"] = float(1.0 - alive.mean())
+            row[dead_fraction] = float(1.0 - alive.mean())
         return row
+
+
+NO_ACTIVATIONS = ("log(): no activation output was recorded in this window although steps were: either no training "
+                  "forward pass ran in it (steps recorded by hand), or the model runs under torch.compile, where the "
+                  "activation taps stay off (a hook there would recompile every step); gradients and weights are "
+                  "still recorded. Pass activations=False to silence this")
+
+
+def choose_taps(model: nn.Module, activations) -> list[tuple[str, nn.Module]]:
+    """The activation modules to tap: none, gradflow's choice (``is_activation``), or the
+    user's (a callable ``(name, module) -> bool``)."""
+    if activations is True:
+        return [(n, m) for n, m in model.named_modules() if is_activation(m)]
+    if activations is False or activations is None:
+        return []
+    if callable(activations):
+        return [(n, m) for n, m in model.named_modules() if activations(n, m)]
+    raise MonitorError(f"activations must be True, False or a callable (name, module) -> bool, got {activations!r}")
 
 
 def _bounds(module: nn.Module) -> tuple[float, float] | None:

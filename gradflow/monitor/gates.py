@@ -34,7 +34,9 @@ import numpy as np
 import torch
 from torch import nn
 
+from gradflow.monitor import columns as C
 from gradflow.monitor import stats as S
+from gradflow.monitor.part import Part, Reduced, Setup
 from gradflow.monitor.steps import ALL
 from gradflow.monitor.window import tag_path
 
@@ -58,7 +60,7 @@ def gated_parameters(model: nn.Module, names: list[str]) -> list[tuple[int, tupl
     return out
 
 
-class _GateAccumulator:
+class Gates(Part):
     """Sums each step's per-gate gradient norms on the device: one ``_foreach_norm`` over the
     gate rows of every gated parameter, one ``stack`` and one ``add_`` per step, no host sync.
 
@@ -67,7 +69,18 @@ class _GateAccumulator:
     in the gradient's dtype (a float32 gradient's gate norm overflows past 3.4e38).
     """
 
-    def __init__(self, params: list[torch.Tensor], gated: list[tuple[int, tuple[str, ...]]]) -> None:
+    name = "gates"
+
+    @classmethod
+    def create(cls, model, setup: Setup) -> Gates | None:
+        if setup.members != 1:                    # no member dimension in a stock nn.LSTM
+            return None
+        gated = gated_parameters(model, setup.names)
+        return cls(model, setup, gated) if gated else None
+
+    def __init__(self, model, setup: Setup, gated: list[tuple[int, tuple[str, ...]]]) -> None:
+        super().__init__(model, setup)
+        params = setup.params
         self.indices = [i for i, _ in gated]
         self.gates = [gates for _, gates in gated]
         self.offsets = np.cumsum([0] + [len(g) for g in self.gates])[:-1].tolist()
@@ -117,7 +130,14 @@ class _GateAccumulator:
                  for v in self.params[i].detach().reshape(len(self.gates[j]), -1).unbind(0)]
         return torch.stack(torch._foreach_norm(views)).to(self.totals.dtype)
 
-    def read(self, totals: np.ndarray, weights: np.ndarray, names: list[str]) -> dict[str, dict[str, dict[str, float]]]:
+    def device_tensors(self) -> dict[str, Reduced]:
+        return {"totals": Reduced(self.totals), "weights": Reduced(self.weight_norms())}
+
+    def read(self, values: dict[str, np.ndarray], reader) -> None:
+        reader.windows[0].gates = self.rows(values["totals"], values["weights"], self.setup.names)
+        reader.scalars[0].update(gate_scalars(reader.windows[0].gates))
+
+    def rows(self, totals: np.ndarray, weights: np.ndarray, names: list[str]) -> dict[str, dict[str, dict[str, float]]]:
         """Parameter -> gate -> ``norm`` (mean over the window's steps of the step's L2 norm),
         ``weight_norm`` (at the window's end), ``steps``; parameters with no step left out."""
         out: dict[str, dict[str, dict[str, float]]] = {}
@@ -126,8 +146,8 @@ class _GateAccumulator:
             if steps == 0:
                 continue
             start = self.offsets[j]
-            out[names[i]] = {gate: {"norm": float(totals[start + g] / steps), "weight_norm": float(weights[start + g]),
-                                    "steps": steps} for g, gate in enumerate(self.gates[j])}
+            out[names[i]] = {gate: dict(zip(C.GATE, (float(totals[start + g] / steps), float(weights[start + g]), steps)))
+                             for g, gate in enumerate(self.gates[j])}
         return out
 
 

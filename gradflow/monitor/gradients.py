@@ -7,7 +7,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from gradflow.monitor import columns as C
 from gradflow.monitor import stats as S
+from gradflow.monitor.part import Part, Reduced, Setup
 from gradflow.monitor.steps import ALL
 from gradflow.monitor.tensors import (
     LARGE_PARAMETER,
@@ -19,7 +21,7 @@ from gradflow.monitor.tensors import (
     _segment_layout,
 )
 
-GRADIENT_FIELDS = ("mean", "mean_abs", "norm", "max_abs")
+GRADIENT_FIELDS = C.GRADIENT_MOMENTS
 
 @dataclass
 class _GradientPlan:
@@ -42,7 +44,7 @@ class _Batch:
     row_step: torch.Tensor       # each row: its step's index in the run, times members, plus its member
 
 
-class _GradientAccumulator:
+class Gradients(Part):
     """Sums each step's per-parameter gradient statistics and histograms on the device.
 
     ``totals`` rows are per parameter: sum of g, sum of |g|, L2 norm and max |g|, each summed
@@ -61,7 +63,11 @@ class _GradientAccumulator:
     flattened gradient lays the members out one after another, so the slots are segments.
     """
 
-    def __init__(self, params: list[torch.Tensor], members: int = 1) -> None:
+    name = "gradients"
+
+    def __init__(self, model, setup: Setup) -> None:
+        super().__init__(model, setup)
+        params, members = setup.params, setup.members
         self.members = members
         device = params[0].device
         self.bind(params)
@@ -73,6 +79,7 @@ class _GradientAccumulator:
         self.skipped_nonfinite = torch.zeros(len(params), device=device, dtype=dtype)
         self.skipped = np.zeros(len(params), dtype=np.int64)
         self.recorded = 0                            # record() calls in this window
+        self.skipped_steps = 0                       # skip() calls in this window
         self._scratch = S.Scratch()                  # for the large tensors
         self.steps_by_pattern: dict[tuple[bool, ...], int] = {}
         self.pending: list[tuple[_GradientPlan, torch.Tensor, int]] = []
@@ -97,6 +104,7 @@ class _GradientAccumulator:
         torch._foreach_zero_([self.totals, self.counts, self.step_squares, self.skipped_nonfinite])
         self.skipped[:] = 0
         self.recorded = 0
+        self.skipped_steps = 0
         self.steps_by_pattern.clear()
 
     def steps(self) -> np.ndarray:
@@ -139,9 +147,10 @@ class _GradientAccumulator:
         return True
 
     @torch.no_grad()
-    def record_skipped(self, mask: tuple[bool, ...] | None = None) -> None:
+    def skip(self, mask: tuple[bool, ...] | None = None) -> None:
         """Count a step that was not applied (an AMP overflow): per parameter, the step and its
         non-finite values. Rare, so plain ops: one count per parameter."""
+        self.skipped_steps += 1
         for i, p in enumerate(self.params):
             if p.grad is None or (mask is not None and mask is not ALL and not mask[i]):
                 continue
@@ -157,6 +166,9 @@ class _GradientAccumulator:
         plan = self._plans[pattern] = _GradientPlan(small, large, sum(self.numel[i] for i in small),
                                                     torch.tensor(slots, dtype=torch.long, device=self.device))
         return plan
+
+    def fold(self) -> None:
+        self.reduce()
 
     @torch.no_grad()
     def reduce(self) -> None:
@@ -218,3 +230,72 @@ class _GradientAccumulator:
             if flat.dtype == torch.float64:           # keep float64's range (squares overflow past 1e154)
                 folded[row, 2] = S.scaled_norm(flat)
         self.totals.index_add_(0, plan.large_slots, folded[:, :4].to(self.totals.dtype))
+
+    # -- the window -----------------------------------------------------------------------
+
+    def device_tensors(self) -> dict[str, Reduced]:
+        return {"totals": Reduced(self.totals), "counts": Reduced(self.counts),
+                "step_squares": Reduced(self.step_squares), "skipped_nonfinite": Reduced(self.skipped_nonfinite)}
+
+    def read(self, values: dict[str, np.ndarray], reader) -> None:
+        """Per-parameter rows (``columns.GRADIENT``: the means over each parameter's steps of
+        that step's value) and the window's own row (``columns.OVERALL``)."""
+        steps = self.steps()
+        for key, message in _gaps(self.setup.names, self.params, steps.reshape(-1, self.members)[:, 0],
+                                  self.recorded, self.skipped_steps):
+            self.setup.warn(key, message)
+        for window in reader.windows:
+            window.steps = int(steps.max(initial=0))
+            window.kinds = self.setup.kinds
+        self._rows(values, reader, steps)
+        self._overall(values["step_squares"], reader)
+
+    def _rows(self, values: dict[str, np.ndarray], reader, steps: np.ndarray) -> None:
+        counts = values["counts"].reshape(-1, S.SIGN_EXPONENT_BINS)
+        numel = np.asarray(self.slot_numel, dtype=np.float64)
+        means = values["totals"] / np.maximum(steps, 1)[:, None]
+        zeros = counts[:, S.ZERO_EXPONENT] + counts[:, S.EXPONENTS + S.ZERO_EXPONENT]
+        nonfinite = counts[:, S.NONFINITE_EXPONENT] + counts[:, S.EXPONENTS + S.NONFINITE_EXPONENT]
+        for slot, k, name, path in reader.slots(self.setup.names):
+            index = slot // self.members
+            if self.skipped[index]:
+                reader.windows[k].skipped[name] = int(values["skipped_nonfinite"][index])
+            if steps[slot] == 0:
+                continue
+            row = dict(zip(C.GRADIENT, (float(means[slot, 0] / numel[slot]), float(means[slot, 1] / numel[slot]),
+                                        float(means[slot, 2]), float(means[slot, 3]),
+                                        float(zeros[slot] / (numel[slot] * steps[slot])), int(nonfinite[slot]))))
+            reader.scalars[k].update({f"grad/{path}/{key}": value for key, value in row.items()})
+            reader.wanted.value(k, f"grad/{path}", counts[slot])
+            reader.wanted.log10(k, f"grad_log10/{path}", counts[slot])
+            row.update(zip(C.GRADIENT_COUNTS, (int(steps[slot]), int(self.skipped[index]))))
+            reader.windows[k].gradients[name] = row
+
+    def _overall(self, step_squares: np.ndarray, reader) -> None:
+        """Window-level figures: steps, skipped steps, the total norm per step (mean and max)."""
+        norms = np.sqrt(step_squares[:self.recorded])               # (steps, members)
+        for k, window in enumerate(reader.windows):
+            row = {"steps": window.steps, "skipped_steps": self.skipped_steps}
+            if self.recorded:
+                row["total_norm"] = float(norms[:, k].mean())
+                row["total_norm_max"] = float(norms[:, k].max())
+            window.overall.update(row)
+            reader.scalars[k].update({f"grad/{key}": float(v) for key, v in row.items()})
+
+
+def _gaps(names: list[str], params: list[torch.Tensor], steps: np.ndarray, recorded: int,
+          skipped: int) -> list[tuple[str, str]]:
+    """What a window did not record although it could have, as (key, warning) pairs: gradients
+    but no step, gradients that no monitored optimizer stepped."""
+    out = []
+    with_grad = {name for name, p in zip(names, params) if p.grad is not None}
+    if not recorded and with_grad and not skipped:
+        out.append(("no-step", "log(): the parameters have gradients but no optimizer step was recorded in this "
+                    "window; the monitor records at optimizer.step(). To look at gradients without stepping "
+                    "(say, at initialisation), call monitor.record() after backward()"))
+    elif recorded:
+        missed = [name for name, n in zip(names, steps) if n == 0 and name in with_grad]
+        if missed:
+            out.append(("not-stepped", f"log(): {', '.join(missed[:5])}{' ...' if len(missed) > 5 else ''} had "
+                        "gradients but no monitored optimizer stepped them in this window"))
+    return out

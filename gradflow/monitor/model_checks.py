@@ -1,5 +1,5 @@
-"""What the monitor checks about the user's model: which parameters and activation modules it
-watches, that they are materialised, and whether they were replaced after it attached.
+"""What the monitor checks about the user's model: which parameters it watches, that they are
+materialised, and whether they were replaced after it attached.
 
 Example:
     >>> named = monitored_parameters(model)             # MonitorError for meta or lazy parameters
@@ -11,20 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from gradflow.monitor.activations import is_activation
 from gradflow.monitor.tensors import MonitorError
-
-
-def choose_taps(model: nn.Module, activations) -> list[tuple[str, nn.Module]]:
-    """The activation modules to tap: none, gradflow's choice (``is_activation``), or the
-    user's (a callable ``(name, module) -> bool``)."""
-    if activations is True:
-        return [(n, m) for n, m in model.named_modules() if is_activation(m)]
-    if activations is False or activations is None:
-        return []
-    if callable(activations):
-        return [(n, m) for n, m in model.named_modules() if activations(n, m)]
-    raise MonitorError(f"activations must be True, False or a callable (name, module) -> bool, got {activations!r}")
 
 
 def monitored_parameters(model: nn.Module) -> list[tuple[str, torch.Tensor]]:

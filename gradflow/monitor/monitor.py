@@ -36,19 +36,15 @@ from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from gradflow.monitor import interception
-from gradflow.monitor.activations import _ActivationAccumulator
-from gradflow.monitor.gates import _GateAccumulator, gate_scalars, gated_parameters
-from gradflow.monitor.gradients import _GradientAccumulator
 from gradflow.monitor.histograms import HistogramPool, HistogramRequests, check_every
-from gradflow.monitor.interception import ClipTally
 from gradflow.monitor.kinds import parameter_kinds
 from gradflow.monitor.model_checks import (
     check_members,
-    choose_taps,
     monitored_parameters,
     replaced_parameters,
 )
-from gradflow.monitor.order import ForwardOrder
+from gradflow.monitor.part import Part, Schedule, Setup
+from gradflow.monitor.parts import PARTS
 from gradflow.monitor.steps import (
     OptimizerMasks,
     closure_of,
@@ -56,19 +52,11 @@ from gradflow.monitor.steps import (
     replace_closure,
 )
 from gradflow.monitor.tensors import MonitorError
-from gradflow.monitor.through_time import ThroughTime, time_scalars
-from gradflow.monitor.weights import _WeightTracker
-from gradflow.monitor.window import (
-    Window,
-    WindowReader,
-    gaps,
-    read_back,
-    tag_path,
-)
+from gradflow.monitor.window import Window, WindowReader, read_back, tag_path
 
 __all__ = ["GradientMonitor", "MonitorError", "Window", "tag_path", "unwrap"]
 
-_ATTACHED: "weakref.WeakKeyDictionary[nn.Module, GradientMonitor]" = weakref.WeakKeyDictionary()
+_ATTACHED: weakref.WeakKeyDictionary[nn.Module, GradientMonitor] = weakref.WeakKeyDictionary()
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -119,8 +107,8 @@ class GradientMonitor:
         through_time: profile ||dL/dh_t|| at every time step of each ``nn.RNN``/``nn.LSTM``/``nn.GRU``
             layer and direction (``through_time.py``; ``history[-1].time``): on every
             ``through_time_every``-th optimizer step the recurrence is recomputed cell by cell.
-        through_time_every: profile the forward pass of every N-th optimizer step (default 50;
-            benchmarks/overhead.py measures the cost on the LSTM LM).
+        through_time_every: profile the forward pass of every N-th optimizer step (default 50:
+            a profiled step of the LSTM benchmark costs 1.8-1.9x a plain one; docs/through_time.md).
 
     A window's ``steps`` is the largest number of steps any one parameter recorded: the
     optimizer steps for one optimizer, the training iterations for a GAN's two optimizers or
@@ -144,7 +132,7 @@ class GradientMonitor:
     def __init__(self, model: nn.Module, writer=None, *, optimizer: torch.optim.Optimizer | None = None,
                  histograms: bool | int = True, weights: bool = True, activations=True,
                  members: int = 1, automatic: bool = True, activations_every: int = 10,
-                 through_time: bool = True, through_time_every: int = 50) -> None:  # noqa: PLR0913
+                 through_time: bool = True, through_time_every: int = 50) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"GradientMonitor needs an nn.Module, got {type(model).__name__}")
         inner = unwrap(model)
@@ -157,52 +145,58 @@ class GradientMonitor:
         check_members(named, members)
         if not isinstance(activations_every, int) or isinstance(activations_every, bool) or activations_every < 1:
             raise MonitorError(f"activations_every must be a positive int (1: every step), got {activations_every!r}")
-        self.activations_every = activations_every
         if not isinstance(through_time_every, int) or isinstance(through_time_every, bool) or through_time_every < 1:
             raise MonitorError(f"through_time_every must be a positive int (1: every step), got {through_time_every!r}")
-        self.through_time_every = through_time_every
         every = check_every(histograms)
-        self._steps_seen = 0
         self._sinks = _sinks(writer, members)
-        params = [p for _, p in named]
         self.names = [name for name, _ in named]
-        self.members = members
-        self.automatic = automatic
-        self.histograms = histograms
+        self.members, self.automatic, self.histograms = members, automatic, histograms
+        self.activations_every = activations_every
         self._pool = HistogramPool(every) if every else None
         self.history: list[Window] = []
         self._model = weakref.ref(inner)
-        self._gradients = _GradientAccumulator(params, members)
+        self._warned: set[str] = set()
         kinds = parameter_kinds(inner)
         self.kinds = {name: kinds.get(name, "other") for name in self.names}
-        gated = gated_parameters(inner, self.names) if members == 1 else []   # gates.py: no member dimension
-        self._gates = _GateAccumulator(params, gated) if gated else None
-        self._weights = _WeightTracker(params, members) if weights else None
-        taps = choose_taps(inner, activations)
-        self._activations = _ActivationAccumulator(taps, params[0].device, members)
-        # Through time: stock recurrent modules have no member dimension (members == 1 only).
-        self._time = ThroughTime(inner) if through_time and members == 1 else None
-        if self._time is not None and not self._time.modules:
-            self._time.remove()
-            self._time = None
-        self._index_of = {id(p): i for i, p in enumerate(params)}
-        self._masks = OptimizerMasks(len(params), lambda: self._index_of, self._follow)
+        self._setup = Setup(self.names, [p for _, p in named], members,
+                            {"weights": weights, "activations": activations, "histograms": histograms,
+                             "through_time": through_time, "through_time_every": through_time_every},
+                            Schedule(activations_every), self._warn_from_part, self.kinds)
+        self.parts: dict[str, Part] = {}
+        for cls in PARTS:
+            part = cls.create(inner, self._setup)
+            if part is not None:
+                self.parts[cls.name] = part
+        # Only the parts that record something are called at each step (the hot path).
+        self._recorders = [p for p in self.parts.values() if type(p).record is not Part.record]
+        self._masks = OptimizerMasks(len(self.names), lambda: self._setup.index_of, self._follow)
         self._optimizer = weakref.ref(optimizer) if optimizer is not None else None
         self._handles: list = []
-        self._warned: set[str] = set()
-        self._order = ForwardOrder(inner, self.names)
         self._start_window()
-        self._attach(inner, taps)
+        self._attach(inner)
 
     # -- life cycle -----------------------------------------------------------------------
 
-    def _attach(self, model: nn.Module, taps) -> None:
-        if self.automatic:
-            self._handles.append(register_optimizer_step_pre_hook(self._on_optimizer_step))
-        for index, (_, module) in enumerate(taps):
-            self._handles.append(module.register_forward_hook(self._activations.hook(index)))
-        interception.watch(self)
+    def _attach(self, model: nn.Module) -> None:
+        """Add every hook, or none: a part that fails to hook leaves the model as it was."""
+        try:
+            if self.automatic:
+                self._handles.append(register_optimizer_step_pre_hook(self._on_optimizer_step))
+            for part in self.parts.values():
+                part.hook(model)
+            interception.watch(self)
+        except BaseException:
+            self._unhook()
+            raise
         _ATTACHED[model] = self
+
+    def _unhook(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        for part in self.parts.values():
+            part.remove()
+        interception.unwatch(self)
 
     @property
     def attached(self) -> bool:
@@ -210,17 +204,9 @@ class GradientMonitor:
 
     def remove(self) -> None:
         """Remove every hook this monitor added. Safe to call more than once."""
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-        self._order.remove()
-        if self._time is not None:
-            self._time.remove()
-            self._time.record()
-        interception.unwatch(self)
-        # Fold in what is pending (and let go of it): a later log() still reports it.
-        self._gradients.reduce()
-        self._activations.reduce()
+        self._unhook()
+        for part in self.parts.values():         # fold in what is pending: a later log() still reports it
+            part.fold()
         model = self._model()
         if model is not None and _ATTACHED.get(model) is self:
             del _ATTACHED[model]
@@ -235,7 +221,7 @@ class GradientMonitor:
         monitor.remove()
         return True
 
-    def __enter__(self) -> "GradientMonitor":
+    def __enter__(self) -> GradientMonitor:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -248,10 +234,9 @@ class GradientMonitor:
         """Parameter names in the order their modules first ran in a training forward pass
         (input side first); ``named_parameters()`` order until a forward pass was seen (or
         under torch.compile, where it is not watched)."""
-        return self._order.names()
+        return self.parts["order"].names()
 
     def _on_optimizer_step(self, optimizer, args=(), kwargs=None):
-        self._order.remove()                         # one forward pass was enough
         if self._optimizer is not None and optimizer is not self._optimizer():
             return None
         mask = self._masks.mask(optimizer)
@@ -274,30 +259,27 @@ class GradientMonitor:
         call it yourself where your loop's gradient is final if it has no torch.optim optimizer,
         or with ``automatic=False``. ``skipped=True``: the step was not applied (an AMP overflow);
         it is counted as skipped with its non-finite values, not averaged into the statistics."""
-        self._order.remove()
         mask = None if optimizer is None else self._masks.mask(optimizer)
         if optimizer is not None and mask is None:
             self._warn_once("foreign-optimizer", f"record({type(optimizer).__name__}): that optimizer holds none of "
                             "this monitor's parameters; nothing was recorded")
             return
         if skipped:
-            self._gradients.record_skipped(mask)
-            self._skipped_steps += 1
+            self._skip(mask)
         else:
             self._record(mask)
 
     def _record(self, mask) -> None:
-        """Record a step's gradients, then decide whether the next forward pass is tapped
-        (activations at every ``activations_every``-th step; gradients at every step)."""
-        if self._gradients.record(mask):
-            if self._gates is not None:
-                self._gates.record(mask)
-            self._tapped_in_window |= self._activations.active
-            self._steps_seen += 1
-            self._activations.active = self._steps_seen % self.activations_every == 0
-            if self._time is not None:
-                self._time.record()
-                self._time.active = self._steps_seen % self.through_time_every == 0
+        """One applied step, part by part (a part returning False ends it: no gradient); then
+        the schedule decides whether the next forward pass is profiled."""
+        for part in self._recorders:
+            if part.record(mask) is False:
+                return
+        self._setup.schedule.step()
+
+    def _skip(self, mask) -> None:
+        for part in self.parts.values():
+            part.skip(mask)
 
     def _on_skipped(self, optimizer: torch.optim.Optimizer) -> None:
         """GradScaler skipped ``optimizer``'s step (interception)."""
@@ -305,13 +287,11 @@ class GradientMonitor:
             return
         mask = self._masks.mask(optimizer)
         if mask is not None:
-            self._gradients.record_skipped(mask)
-            self._skipped_steps += 1
+            self._skip(mask)
 
     def _on_clip(self, params: list[torch.Tensor], total: torch.Tensor, max_norm: float) -> None:
         """clip_grad_norm_ ran over ``params`` and found ``total`` (interception)."""
-        if any(id(p) in self._index_of for p in params):
-            self._clip.add(total, max_norm)
+        self.parts["clipping"].add(params, total, max_norm)
 
     # -- reading --------------------------------------------------------------------------
 
@@ -327,40 +307,19 @@ class GradientMonitor:
         window-level figures (total norm per step, skipped and clipped steps) in
         ``history[-1].overall``. LSTM/GRU weights are also split per gate in
         ``history[-1].gates`` (``gates.py``; TensorBoard ``grad/<param>/<gate>/norm``), and
-        ``history[-1].kinds`` says what kind of module owns each parameter (``kinds.py``);
-        ``history[-1].time`` holds the gradient through time of recurrent layers (``through_time.py``). With ``members`` K > 1, a list of K such dicts, one per member.
+        ``history[-1].kinds`` says what kind of module owns each parameter (``kinds.py``). With ``members`` K > 1, a list of K such dicts, one per member.
 
         Raises:
             MonitorError: the model's parameters were replaced by tensors of another shape,
                 dtype or device since the monitor attached.
         """
         self._follow()
-        self._gradients.reduce()
-        self._activations.reduce()
         values = self._read_back()
-        steps = self._gradients.steps()
-        g = self._gradients
-        for key, message in gaps(self.names, g.params, steps.reshape(-1, self.members)[:, 0], g.recorded,
-                                 self._skipped_steps, bool(self._activations.names) and self._tapped_in_window
-                                 and not self._activations.elements.any()):
-            self._warn_once(key, message)
-        windows = [Window(step, int(steps.max(initial=0)), member=k if self.members > 1 else None)
-                   for k in range(self.members)]
-        reader = WindowReader(self.names, self.members, windows, HistogramRequests())
-        reader.gradients(values, steps, self._gradients.slot_numel, self._gradients.skipped)
-        for window in windows:
-            window.kinds = self.kinds
-        if self._gates is not None:
-            windows[0].gates = self._gates.read(values["gate_totals"], values["gate_weights"], self.names)
-            reader.scalars[0].update(gate_scalars(windows[0].gates))
-        if self._time is not None:
-            windows[0].time, windows[0].time_cells = self._time.read(), self._time.cells
-            reader.scalars[0].update(time_scalars(windows[0].time))
-        clipping = (self._clip.calls, *values["clip"]) if "clip" in values else None
-        reader.overall(values["step_squares"], self._gradients.recorded, self._skipped_steps, clipping)
-        if self._weights is not None:
-            reader.weights(values)
-        reader.activations(values, self._activations)
+        windows = [Window(step, 0, member=k if self.members > 1 else None) for k in range(self.members)]
+        reader = WindowReader(self.members, windows, HistogramRequests())
+        for name, part in self.parts.items():
+            prefix = name + "/"
+            part.read({key[len(prefix):]: v for key, v in values.items() if key.startswith(prefix)}, reader)
         histograms = self._histograms(reader.wanted, step)
         for k, sink, prefix in self._sinks:
             sink.log({prefix + tag: v for tag, v in reader.scalars[k].items()},
@@ -368,6 +327,14 @@ class GradientMonitor:
         self.history.extend(windows)
         self._start_window()
         return windows[0].gradients if self.members == 1 else [w.gradients for w in windows]
+
+    def _read_back(self) -> dict[str, np.ndarray]:
+        """Every part's device sums (``<part>/<key>``), folded and read back in one copy."""
+        tensors = {}
+        for name, part in self.parts.items():
+            part.fold()
+            tensors.update({f"{name}/{key}": t for key, t in part.device_tensors().items()})
+        return read_back(tensors)
 
     def _histograms(self, wanted: HistogramRequests, step: int) -> list[dict] | None:
         """This window's histograms to write now, per member: the pool's once it holds
@@ -406,54 +373,33 @@ class GradientMonitor:
             return list(self.history)
         return [w for w in self.history if w.member == member]
 
-    def _read_back(self) -> dict[str, np.ndarray]:
-        g, a = self._gradients, self._activations
-        parts = {"totals": g.totals, "counts": g.counts, "step_squares": g.step_squares,
-                 "skipped_nonfinite": g.skipped_nonfinite, "moments": a.moments, "activation_counts": a.counts,
-                 "positives": a.positives, "activation_linear": a.linear}
-        if self._clip.calls:
-            parts["clip"] = self._clip.sums.to(g.device)
-        if self._weights is not None:
-            parts["weights"], parts["weight_counts"] = self._weights.summary()
-        if self._gates is not None:
-            parts["gate_totals"], parts["gate_weights"] = self._gates.totals, self._gates.weight_norms()
-        return read_back(parts)
-
     def _start_window(self) -> None:
-        self._gradients.reset()
-        self._activations.reset()
-        if self._gates is not None:
-            self._gates.reset()
-        if self._time is not None:
-            self._time.reset()
-        if self._weights is not None:
-            self._weights.snapshot()
-        self._skipped_steps = 0
-        self._tapped_in_window = False
-        self._clip = ClipTally()
+        for part in self.parts.values():
+            part.reset()
 
     # -- keeping up with the model --------------------------------------------------------
 
     def _follow(self) -> bool:
         """Rebind to the model's parameters if they were replaced; True if so (model_checks)."""
         model = self._model()
-        new = replaced_parameters(model, self.names, self._gradients.params, self._gradients.device) \
+        new = replaced_parameters(model, self.names, self._setup.params, self._setup.device) \
             if model is not None else None
         if new is None:
             return False
-        self._gradients.bind(new)
-        if self._weights is not None:
-            self._weights.bind(new)
-        if self._gates is not None:
-            self._gates.bind(new)
-        self._index_of = {id(p): i for i, p in enumerate(new)}
+        self._setup.rebind(new)
+        for part in self.parts.values():
+            part.bind(new)
         self._masks.forget()
         return True
 
-    def _warn_once(self, key: str, message: str) -> None:
+    def _warn_once(self, key: str, message: str, stacklevel: int = 3) -> None:
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(message, stacklevel=3)
+            warnings.warn(message, stacklevel=stacklevel)
+
+    def _warn_from_part(self, key: str, message: str) -> None:
+        """A part's warning from its read() (under log()): shown at the user's log() call."""
+        self._warn_once(key, message, stacklevel=5)
 
 
 def _sinks(writer, members: int) -> list[tuple[int, object, str]]:

@@ -6,7 +6,7 @@ embedding listed once). The first training forward pass tells the real order; a 
 pre-hook on each module that owns parameters notes its first call and then removes itself.
 
 Example:
-    >>> order = ForwardOrder(model, names)      # names: the monitor's parameter names
+    >>> order = ForwardOrder(model, setup); order.hook(model)    # a part of the monitor
     >>> model(x)
     >>> order.names()                           # input side first
 """
@@ -16,19 +16,29 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from gradflow.monitor.part import Part, Setup
 from gradflow.monitor.spent import LeavesCopiesAlone
 
 
-class ForwardOrder:
-    """Notes each parameter-owning module's first call in a forward pass with grad mode on."""
+class ForwardOrder(Part):
+    """Notes each parameter-owning module's first call in a forward pass with grad mode on;
+    its hooks go at the first optimizer step (one forward pass was enough)."""
 
-    def __init__(self, model: nn.Module, names: list[str]) -> None:
-        self._names = names
+    name = "order"
+
+    def __init__(self, model: nn.Module, setup: Setup) -> None:
+        super().__init__(model, setup)
+        self._names = setup.names
         self._calls: dict[str, int] = {}
-        self._handles = []
+
+    def hook(self, model: nn.Module) -> None:
         for prefix, module in model.named_modules():
             if module._parameters:
-                self._handles.append(module.register_forward_pre_hook(_FirstCall(self, prefix)))
+                self.keep(module.register_forward_pre_hook(_FirstCall(self, prefix)))
+
+    def record(self, mask) -> None:
+        if self.handles:
+            self.remove()
 
     def seen(self, prefix: str) -> None:
         self._calls.setdefault(prefix, len(self._calls))
@@ -44,11 +54,6 @@ class ForwardOrder:
     def known(self) -> bool:
         return bool(self._calls)
 
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
 
 def _owner(name: str) -> str:
     return name.rpartition(".")[0]
@@ -58,7 +63,7 @@ class _FirstCall(LeavesCopiesAlone):
     """A forward pre-hook that notes its module's first call (training passes only). In a
     copy of the model (``deepcopy``, ``torch.save``) it becomes a hook that does nothing."""
 
-    __slots__ = ("order", "prefix", "done")
+    __slots__ = ("done", "order", "prefix")
     KIND = "pre"
 
     def __init__(self, order: ForwardOrder, prefix: str) -> None:
@@ -68,7 +73,7 @@ class _FirstCall(LeavesCopiesAlone):
 
     def __call__(self, module, inputs):
         if self.done or torch.compiler.is_compiling() or not torch.is_grad_enabled():
-            return None
+            return
         self.done = True
         self.order.seen(self.prefix)
-        return None
+        return

@@ -54,6 +54,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
+from gradflow.monitor.part import Part, Reduced, Setup
+from gradflow.monitor.spent import LeavesCopiesAlone
+
 MODES = ("RNN_TANH", "RNN_RELU", "LSTM", "GRU")     # nn.RNNBase.mode of the modules profiled
 CELL_MODULES = (nn.RNNCell, nn.LSTMCell, nn.GRUCell)   # Python-looped cells: not covered
 
@@ -164,9 +167,9 @@ class _Module:
     pending: list = field(default_factory=list)   # per pass: [(slot * T + t, grad)]
 
 
-class _Hook:
-    """The forward hook on one recurrent module (a callable object: the monitor's handle list
-    keeps it, the module keeps only torch's handle)."""
+class _Hook(LeavesCopiesAlone):
+    """The forward hook on one recurrent module (a callable object; in a copy of the model it
+    becomes a spent hook that removes itself: ``spent.py``)."""
 
     __slots__ = ("__weakref__", "index", "recorder")
 
@@ -187,6 +190,8 @@ class ThroughTime:
 
     Args:
         model: any nn.Module; its ``nn.RNN``/``nn.LSTM``/``nn.GRU`` modules are hooked.
+        attach: hook them now (default); False: the caller hooks them with ``attach(model, keep)``
+            (the monitor's part keeps the handles).
 
     ``active`` (default True) profiles the coming forward passes; the GradientMonitor sets it at
     each optimizer step. ``record()`` folds the passes since the last call into the window;
@@ -197,18 +202,26 @@ class ThroughTime:
         nothing at attach; a model without recurrent modules gives an empty ``read()``.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, attach: bool = True, warn=None) -> None:
         found = recurrent_modules(model)
         self.modules = [_Module(name, module.mode, layer_keys(name, module)) for name, module in found]
         self.active = True
         self._warned: set[str] = set()
+        self._warn_to = warn
         self._index_cache: dict[tuple, torch.Tensor] = {}
-        self._handles = [module.register_forward_hook(_Hook(self, i)) for i, (_, module) in enumerate(found)]
+        self._handles: list = []
+        if attach:
+            self.attach(model, self._handles.append)
         cells = [name for name, m in model.named_modules() if isinstance(m, CELL_MODULES)]
         if cells:
             self._warn("cells", f"through time: {', '.join(cells[:3])} {'are' if len(cells) > 1 else 'is a'} "
                        "Python-looped cell module(s) (nn.RNNCell/LSTMCell/GRUCell); their gradient through time is "
                        "not profiled (only nn.RNN, nn.LSTM and nn.GRU are)")
+
+    def attach(self, model: nn.Module, keep) -> None:
+        """Hook the model's recurrent modules, handing each handle to ``keep``."""
+        for i, (_, module) in enumerate(recurrent_modules(model)):
+            keep(module.register_forward_hook(_Hook(self, i)))
 
     @property
     def cells(self) -> dict[str, str]:
@@ -221,6 +234,9 @@ class ThroughTime:
         self._handles.clear()
 
     def _warn(self, key: str, message: str) -> None:
+        if self._warn_to is not None:
+            self._warn_to(key, message)
+            return
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message, stacklevel=4)
@@ -383,3 +399,58 @@ def time_scalars(time: dict[str, np.ndarray]) -> dict[str, float]:
         out[f"time/{path}/reach"] = reach(profile, key)
         out[f"time/{path}/grad_last"] = float(profile[-1 - far_end(key)]) if len(profile) else float("nan")
     return out
+
+
+# -- the monitor's part ----------------------------------------------------------------------
+
+
+class ThroughTimePart(Part):
+    """The GradientMonitor's part (``parts.PARTS``): a ``ThroughTime`` recorder whose hooks the
+    part keeps, profiling the forward pass after every ``through_time_every``-th recorded step
+    (and the first one), folding at each step, filling ``Window.time``, ``Window.time_cells``
+    and the ``time/<key>/horizon|reach|grad_last`` scalars. Absent with ``through_time=False``,
+    with ``members`` > 1 (a stock recurrent module has no member dimension) or when the model
+    has no ``nn.RNN``/``nn.LSTM``/``nn.GRU``.
+    """
+
+    name = "time"
+
+    @classmethod
+    def create(cls, model: nn.Module, setup: Setup) -> ThroughTimePart | None:
+        if not setup.options.get("through_time", True) or setup.members != 1 or not recurrent_modules(model):
+            return None
+        return cls(model, setup)
+
+    def __init__(self, model: nn.Module, setup: Setup) -> None:
+        super().__init__(model, setup)
+        self.every = setup.options.get("through_time_every", 50)
+        self.seen = 0
+        self.recorder = ThroughTime(model, attach=False, warn=setup.warn)
+
+    def hook(self, model: nn.Module) -> None:
+        self.recorder.attach(model, self.keep)
+
+    def record(self, mask) -> None:
+        self.recorder.record()
+        self.seen += 1
+        self.recorder.active = self.seen % self.every == 0
+
+    def fold(self) -> None:
+        self.recorder.record()
+
+    def device_tensors(self) -> dict[str, Reduced]:
+        return {str(i): Reduced(entry.sums) for i, entry in enumerate(self.recorder.modules)
+                if entry.sums is not None and entry.passes}
+
+    def read(self, values: dict[str, np.ndarray], reader) -> None:
+        time: dict[str, np.ndarray] = {}
+        for i, entry in enumerate(self.recorder.modules):
+            if str(i) in values:
+                means = np.asarray(values[str(i)], dtype=np.float64).reshape(len(entry.keys), -1) / entry.passes
+                time.update({key: means[slot].copy() for slot, key in enumerate(entry.keys)})
+        window = reader.windows[0]
+        window.time, window.time_cells = time, {k: c for k, c in self.recorder.cells.items() if k in time}
+        reader.scalars[0].update(time_scalars(time))
+
+    def reset(self) -> None:
+        self.recorder.reset()

@@ -257,7 +257,7 @@ def test_torch_save_and_deepcopy_of_a_monitored_model():
         optimizer.step()
         monitor.log(0)
         assert monitor.history[0].activations["1"]["mean"] is not None
-        assert sum(a.numel() for _, a in monitor._activations.pending) == 0
+        assert sum(a.numel() for _, a in monitor.parts["activations"].pending) == 0
 
 
 # -- 7. parameters replaced after attaching, meta and lazy parameters ----------------------

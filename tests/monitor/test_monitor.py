@@ -75,8 +75,8 @@ def test_histogram_counts_match_oracle_bins(reduction_path):
     oracle = GradientOracle(model.named_parameters())
     with GradientMonitor(model) as monitor:
         train_steps(model, monitor, 3, oracle, inputs=300)
-        monitor._gradients.reduce()
-        counts = monitor._gradients.counts.view(len(monitor.names), 512).numpy()
+        monitor.parts["gradients"].reduce()
+        counts = monitor.parts["gradients"].counts.view(len(monitor.names), 512).numpy()
         for i, name in enumerate(monitor.names):
             np.testing.assert_array_equal(counts[i], oracle.bins[name], err_msg=name)
 
@@ -351,8 +351,8 @@ def test_memory_stays_flat_over_ten_thousand_steps():
         gc.collect()
         grown = resident_bytes() - baseline
         assert len(monitor.history) == 100
-        assert len(monitor._gradients.pending) == 0 and len(monitor._activations.pending) == 0
-        assert len(monitor._gradients._batches) <= monitor._gradients._batches.LIMIT
+        assert len(monitor.parts["gradients"].pending) == 0 and len(monitor.parts["activations"].pending) == 0
+        assert len(monitor.parts["gradients"]._batches) <= monitor.parts["gradients"]._batches.LIMIT
     assert grown < 8 * 2**20, f"resident memory grew by {grown / 2**20:.1f} MiB over 9,000 steps"
 
 
@@ -364,8 +364,8 @@ def test_pending_work_is_bounded_without_a_log_call():
             optimizer.zero_grad()
             model(torch.randn(256, 64)).sum().backward()
             optimizer.step()
-            assert monitor._activations.pending_elements < 2 * (1 << 20)
-            assert monitor._gradients.pending_elements < (1 << 20) + 64 * 512 + 1024
+            assert monitor.parts["activations"].pending_elements < 2 * (1 << 20)
+            assert monitor.parts["gradients"].pending_elements < (1 << 20) + 64 * 512 + 1024
         assert monitor.log(0)["0.weight"]["steps"] == 40
 
 
@@ -478,8 +478,8 @@ def test_fused_kernels_and_torch_ops_write_the_same_window(monkeypatch):
             model.dense_1.weight.grad[0, :3] = torch.tensor([float("nan"), float("inf"), -float("inf")])
             model.dense_2.weight.grad[0, 0] = float("nan")
             optimizer.step()
-            monitor._gradients.reduce()
-            monitor._activations.reduce()
+            monitor.parts["gradients"].reduce()
+            monitor.parts["activations"].reduce()
             parts = monitor._read_back()                 # the raw sums and counts, before any reading
             monitor.log(0)
         return monitor.history[0], parts

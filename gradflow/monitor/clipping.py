@@ -1,0 +1,48 @@
+"""The norm before clipping: each ``clip_grad_norm_`` call over the model's parameters in a window.
+
+``interception.py`` tells the monitor of every call; this part keeps the window's count, the
+sum of the norms the calls found and how many of them clipped, and adds
+``columns.CLIPPING`` to the window's own row (``Window.overall``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from gradflow.monitor import columns as C
+from gradflow.monitor.interception import ClipTally
+from gradflow.monitor.part import Part, Reduced
+
+
+class Clipping(Part):
+    """A window's clipping calls over the monitored parameters (``interception.ClipTally``)."""
+
+    name = "clipping"
+
+    def __init__(self, model, setup) -> None:
+        super().__init__(model, setup)
+        self.tally = ClipTally()
+
+    def add(self, params: list[torch.Tensor], total: torch.Tensor, max_norm: float) -> None:
+        """A clipping call over ``params`` found the total norm ``total``; counted if any of
+        ``params`` is monitored."""
+        index_of = self.setup.index_of
+        if any(id(p) in index_of for p in params):
+            self.tally.add(total, max_norm)
+
+    def device_tensors(self) -> dict[str, Reduced]:
+        return {"sums": Reduced(self.tally.sums.to(self.setup.device))} if self.tally.calls else {}
+
+    def read(self, values: dict[str, np.ndarray], reader) -> None:
+        if not self.tally.calls:
+            return
+        calls = self.tally.calls
+        norm_sum, clipped = values["sums"]
+        row = dict(zip(C.CLIPPING, (float(norm_sum / calls), int(clipped), calls)))
+        for k, window in enumerate(reader.windows):
+            window.overall.update(row)
+            reader.scalars[k].update({f"grad/{key}": float(v) for key, v in row.items()})
+
+    def reset(self) -> None:
+        self.tally = ClipTally()

@@ -1,0 +1,185 @@
+"""The one interface every part of the monitor has: bind, hook, record, hand over, read, reset.
+
+A part is one kind of statistic (gradients, weights, activations, gates, ...). The
+coordinator (``monitor.py``) makes one of each class in ``parts.PARTS`` that wants to be
+there, and then only loops over them:
+
+- ``Part.create(model, setup)``: the part, or None where it has nothing to record on this
+  model with these options (no gated weights, ``weights=False``). Buffers are made here.
+- ``hook(model)``: add the part's hooks to the model (forward hooks, tensor hooks), each
+  handle kept with ``self.keep(handle)``. The coordinator attaches all parts or none: if one
+  part's ``hook`` raises, every part's ``remove()`` runs and the model is as it was.
+- ``bind(params)``: follow the monitored parameters (a first binding, or tensors that
+  replaced them: ``load_state_dict(assign=True)``, ``.double()``).
+- ``record(mask)``: one optimizer step applied its gradient (``mask``: which monitored
+  parameters the stepping optimizer holds: ``steps.ALL``, a tuple of bools, or None for
+  all). Return False to say nothing was recorded: the parts after this one are then not
+  called for that step (the gradients part does this when no parameter had a gradient).
+  ``skip(mask)``: a step that was not applied (an AMP overflow).
+- ``fold()``: fold pending work into the device sums (no host sync); called before the
+  window is read and on ``remove()``.
+- ``device_tensors()``: the window's sums, ``{key: Reduced(tensor, SUM | MAX)}``. The
+  coordinator hands every part's tensors to one device-to-host copy (``window.read_back``);
+  the reduction says how copies of the sum on several processes combine (a sharded model:
+  SUM for sums of squares and counts, MAX for the largest |g|), as OLMo-core's
+  ``record_metric(reduce_type=...)``.
+- ``read(values, reader)``: fill the window (``reader.windows``, one per member), its
+  TensorBoard scalars (``reader.scalars``) and histogram requests (``reader.wanted``) from
+  ``values``: this part's keys of the read-back, as float64 numpy arrays of the same shapes.
+- ``reset()``: start the next window.
+- ``remove()``: remove every hook the part added. Never raises.
+
+Every method is a no-op by default, so a part defines only what it uses (Cockpit's
+``quantities/quantity.py``; OLMo-core's callback base with empty hooks). What the parts share
+is the ``Setup``: the monitored names and tensors, ``members``, the monitor's options, the
+schedule of profiled steps and the monitor's ``warn``.
+
+Example (a part that counts steps)::
+
+    class StepCount(Part):
+        name = "step_count"
+
+        def __init__(self, model, setup):
+            super().__init__(model, setup)
+            self.count = 0
+
+        def record(self, mask):
+            self.count += 1
+
+        def read(self, values, reader):
+            for window in reader.windows:
+                window.overall["my_steps"] = self.count
+
+        def reset(self):
+            self.count = 0
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import numpy as np
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from gradflow.monitor.window import WindowReader
+
+SUM = "sum"      # Reduced.reduce: copies on several processes add up (sums, sums of squares, counts)
+MAX = "max"      # the largest of them is the answer (max |g|)
+REDUCTIONS = (SUM, MAX)
+
+
+@dataclass(frozen=True)
+class Reduced:
+    """A device tensor a part hands to the window's read-back, and how copies of it on
+    several processes combine (``SUM`` or ``MAX``)."""
+
+    tensor: torch.Tensor
+    reduce: str = SUM
+
+    def __post_init__(self) -> None:
+        if self.reduce not in REDUCTIONS:
+            raise ValueError(f"Reduced.reduce must be one of {REDUCTIONS}, got {self.reduce!r}")
+
+
+class Schedule:
+    """Which training forward passes are profiled (activation taps, through-time hooks): the
+    one after every ``every``-th recorded step, and the first one. Parts that tap forward
+    passes read ``active``; the coordinator calls ``step()`` once per recorded step."""
+
+    __slots__ = ("active", "every", "seen")
+
+    def __init__(self, every: int) -> None:
+        self.every = every
+        self.seen = 0
+        self.active = True
+
+    def step(self) -> None:
+        self.seen += 1
+        self.active = self.seen % self.every == 0
+
+
+@dataclass
+class Setup:
+    """What every part of one monitor shares (made by the coordinator, read by the parts).
+
+    ``names`` and ``params`` are the monitored parameters (floating point, trainable or not,
+    in ``named_parameters()`` order); ``params`` follows a rebinding. ``options`` are the
+    monitor's keyword arguments (``weights``, ``activations``, ``histograms``, ...).
+    """
+
+    names: list[str]
+    params: list[torch.Tensor]
+    members: int
+    options: dict[str, Any]
+    schedule: Schedule
+    warn: Callable[[str, str], None]
+    kinds: dict[str, str] = field(default_factory=dict)
+    index_of: dict[int, int] = field(default_factory=dict)    # id(param) -> its index in params
+
+    def __post_init__(self) -> None:
+        self.rebind(self.params)
+
+    def rebind(self, params: list[torch.Tensor]) -> None:
+        self.params = params
+        self.index_of = {id(p): i for i, p in enumerate(params)}
+
+    @property
+    def device(self) -> torch.device:
+        return self.params[0].device
+
+
+class Part:
+    """Base class of the monitor's parts: every hook is a no-op (see the module docstring)."""
+
+    name: ClassVar[str] = ""
+
+    def __init__(self, model: nn.Module, setup: Setup) -> None:
+        self.setup = setup
+        self.handles: list = []
+
+    @classmethod
+    def create(cls, model: nn.Module, setup: Setup) -> Part | None:
+        """The part for ``model``, or None where it has nothing to record there."""
+        return cls(model, setup)
+
+    def hook(self, model: nn.Module) -> None:
+        """Add this part's hooks to ``model`` (keep each handle with ``keep``)."""
+
+    def keep(self, handle) -> None:
+        self.handles.append(handle)
+
+    def bind(self, params: list[torch.Tensor]) -> None:
+        """Follow these parameter tensors from now on."""
+
+    def record(self, mask) -> bool | None:
+        """One applied optimizer step. False: nothing recorded; later parts skip the step."""
+        return None
+
+    def skip(self, mask) -> None:
+        """One optimizer step that was not applied (a GradScaler overflow)."""
+
+    def fold(self) -> None:
+        """Fold pending work into the device sums. No host sync."""
+
+    def device_tensors(self) -> dict[str, Reduced]:
+        """The window's device sums, for the one read-back."""
+        return {}
+
+    def read(self, values: dict[str, np.ndarray], reader: WindowReader) -> None:
+        """Fill the window from this part's read-back ``values``."""
+
+    def reset(self) -> None:
+        """Start the next window."""
+
+    def remove(self) -> None:
+        """Remove every hook this part added. Never raises."""
+        handles, self.handles = self.handles, []
+        for handle in handles:
+            try:
+                handle.remove()
+            except Exception:  # noqa: BLE001 - removing must never raise (a hook torch already dropped)
+                pass

@@ -1,0 +1,29 @@
+"""The monitor's parts, in the order the coordinator calls them: the one list of part classes.
+
+A new statistic is one new file with a ``Part`` subclass (``part.py``) and one line here.
+Order matters where a part reads what an earlier one wrote: ``Gradients`` first among the
+recording parts (its ``record`` returning False ends a step with no gradient), ``Weights``
+after it (it joins ``weight_*`` columns to the gradient rows), ``ForwardOrder`` before it (its
+hooks go at the first step, whatever it recorded).
+"""
+
+from __future__ import annotations
+
+from gradflow.monitor.activations import Activations
+from gradflow.monitor.clipping import Clipping
+from gradflow.monitor.gates import Gates
+from gradflow.monitor.gradients import Gradients
+from gradflow.monitor.order import ForwardOrder
+from gradflow.monitor.part import Part
+from gradflow.monitor.through_time import ThroughTimePart
+from gradflow.monitor.weights import Weights
+
+PARTS: list[type[Part]] = [
+    ForwardOrder,
+    Gradients,
+    Clipping,
+    Weights,
+    Gates,
+    Activations,
+    ThroughTimePart,
+]
