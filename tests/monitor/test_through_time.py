@@ -241,3 +241,15 @@ def test_monitor_without_recurrent_modules_has_no_time_and_options_are_checked()
     with GradientMonitor(rnn, through_time=False):
         assert not rnn._forward_hooks
     assert not rnn._forward_hooks
+
+
+def test_a_copy_of_a_monitored_model_is_not_profiled():
+    import copy
+
+    model = _Reader()
+    with GradientMonitor(model, activations=False) as monitor:
+        twin = copy.deepcopy(model)
+        twin(torch.randn(2, 5, 2)).sum().backward()           # its spent hook removes itself
+        assert not twin.lstm._forward_hooks
+        assert "time" in monitor.parts and model.lstm._forward_hooks
+    assert not model.lstm._forward_hooks
