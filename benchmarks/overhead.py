@@ -16,7 +16,9 @@ noisy neighbour slows both sides of a ratio alike.
 The real-model shapes (issue 15, ``benchmarks/shapes.py``: the zoo's models) step on one fixed batch and close a
 monitor window every 10 steps. ``gradflow/no-activations`` is the monitor without activation
 taps; ``gradflow`` is the default monitor (gradients every step, activations every 10th step)
-and ``gradflow/activations-every-step`` taps activations at every step too (``activations_every=1``).
+and ``gradflow/activations-every-step`` taps activations at every step too (``activations_every=1``);
+``gradflow/no-through-time`` leaves out the recurrent layers' gradient-through-time profile
+(``through_time=False``), so gradflow / gradflow/no-through-time is that profile's cost.
 ``first-nonfinite`` is the first-non-finite part alone (``gradflow/monitor/nonfinite.py``):
 ``--variants first-nonfinite`` gives its cost on its own.
 """
@@ -145,6 +147,13 @@ def variants(logdir: str):
             yield None, monitor.log
 
     @contextlib.contextmanager
+    def gradflow_no_through_time(model):
+        """The default monitor without the gradient-through-time profile of recurrent layers."""
+        with SummaryWriter(os.path.join(logdir, "gradflow-no-through-time")) as writer:
+            with GradientMonitor(model, writer, through_time=False) as monitor:
+                yield None, monitor.log
+
+    @contextlib.contextmanager
     def gradflow_activations_every_step(model):
         """The default monitor with activations tapped at every step (``activations_every=1``)."""
         with (SummaryWriter(os.path.join(logdir, "gradflow-activations-every-step")) as writer,
@@ -181,7 +190,8 @@ def variants(logdir: str):
 
     found = {"bare": bare, "gradflow": gradflow, "gradflow/no-activations": gradflow_no_activations,
              "gradflow/activations-every-step": gradflow_activations_every_step,
-             "first-nonfinite": first_nonfinite, "add_histogram/step": add_histogram_per_step}
+             "first-nonfinite": first_nonfinite, "gradflow/no-through-time": gradflow_no_through_time,
+             "add_histogram/step": add_histogram_per_step}
     try:
         import wandb
     except ImportError:
@@ -255,6 +265,9 @@ def main(argv=None) -> None:
                              "writer too), which time-sharing with other jobs does not inflate")
     parser.add_argument("--variants", nargs="+", metavar="NAME", help="time only these besides bare "
                         "(gradflow, gradflow/no-activations, add_histogram/step, wandb.watch)")
+    parser.add_argument("--windows", type=int, default=1, help="monitor windows of 10 steps per round on the "
+                        "real-model shapes (default 1); the through-time profile runs every 50th step, so time it "
+                        "with --windows 5 (or a multiple): each round then holds one profiled step")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     global CLOCK
@@ -265,7 +278,7 @@ def main(argv=None) -> None:
           f"load average {os.getloadavg()[0]:.1f}")
     table = {}
     for name in args.models:
-        work = tutorial_mlp() if name == "tutorial" else wide_mlp() if name == "wide" else real_model(name)
+        work = tutorial_mlp() if name == "tutorial" else wide_mlp() if name == "wide" else real_model(name, args.windows)
         wanted = args.variants
         if wanted is None and name in SHAPES:      # a peer on resnet18 takes seconds a step: ask by name
             wanted = [v for v in variants("") if v not in PEERS]

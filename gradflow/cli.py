@@ -156,6 +156,9 @@ def cmd_train_seeds(args: argparse.Namespace) -> int:
     if args.config is None:
         raise ConfigError("the following arguments are required: config (gradflow train CONFIG --seeds 0-9)")
     cfg = load_config(args.config, list(args.overrides))  # validates everything before any write
+    if cfg.model.type != "mlp":
+        raise ConfigError(f"--seeds: trains MLPs as one batched model; model.type={cfg.model.type} is recurrent: "
+                          "train its seeds one at a time (--seed N), as scripts/through_time_sweep.py does")
     device = str(check_device(args.device))
     threads = getattr(args, "threads", 1)
     if threads < 1:
@@ -302,6 +305,11 @@ def cmd_compare(args: argparse.Namespace) -> int:
     out = Path(args.out)
     plot_compare(runs, out)
     print(f"Figure: {out.resolve()}")
+    if any(getattr(w, "time", None) for run in runs for w in run.windows):   # recurrent runs (issue 22)
+        from gradflow.analysis.time_plots import plot_compare_through_time
+
+        through = plot_compare_through_time(runs, out.with_name(f"{out.stem}-through_time.png"))
+        print(f"Gradient through time: {through.resolve()}")
     if getattr(args, "flow", False):
         for run in runs:
             flow = out.with_name(f"{out.stem}-flow-{run.name}.png")

@@ -80,6 +80,10 @@ FAMILY_ADVICE = {
                                 "or residual connections between them, initialize the forget-gate bias to 1 "
                                 "(not negative), prefer LSTM/GRU over plain RNN cells, and clip the gradient norm "
                                 "(torch.nn.utils.clip_grad_norm_) so that a larger learning rate stays safe.",
+    ("recurrent", "stalled"): "The loss barely fell after the early part. A recurrent net that must carry information "
+                              "over many steps can sit at chance until its gradient reaches far enough back: look at "
+                              "the gradient through time (through_time.png); train longer, try another learning rate, "
+                              "clip the gradient norm, or use shorter sequences first.",
     ("recurrent", "exploding"): "Gradients blow up through time: clip the gradient norm "
                                 "(torch.nn.utils.clip_grad_norm_, max_norm 0.25-5, as in Pascanu et al. 2013) and "
                                 "lower the learning rate; if the norm before clipping stays far above the clip "

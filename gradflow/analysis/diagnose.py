@@ -42,6 +42,7 @@ from gradflow.analysis.measures import (
 )
 from gradflow.analysis.nonfinite import first_source, restore_source, with_source
 from gradflow.analysis.rules import RULES, Evidence, fmt_number, run_rules, skipped_steps
+from gradflow.analysis.through_time import check_through_time, fold_into_checks, time_recommendation
 from gradflow.analysis.windows import GRADIENTS_FILE, load_windows
 
 # Every verdict: ``healthy``, then the rules' names in table order (rules.RULES).
@@ -143,6 +144,8 @@ def diagnose(windows: Sequence[Any], losses: Sequence[float] | None = None, *, m
                   output=_output_module(model), loss_fn=optimizer_name(loss_fn))
     checks = run_rules(ev)
     checks["exploding"], source_notes = with_source(checks["exploding"], windows)   # nonfinite.py (issue 24)
+    time, time_notes = check_through_time(windows, loss), []    # recurrent layers (through_time.py, issue 22)
+    fold_into_checks(checks, time, time_notes)
     verdicts = [name for name, check in checks.items() if check["fired"] and name != "insufficient"]
     if checks["insufficient"]["fired"]:
         # Too few windows: said first, so a rule that fired on one window reads as an early sign.
@@ -155,9 +158,13 @@ def diagnose(windows: Sequence[Any], losses: Sequence[float] | None = None, *, m
                 "windows": len(windows), "family": family, "optimizer": opt,
                 "order": "forward" if order else "recorded",
                 "notes": [c["note"] for c in checks.values() if c.get("note")] + _notes(layers, kinds)
-                + _overflow_notes(windows) + source_notes,
-                "first_nonfinite": first_source(windows)}
-    return Diagnosis(verdicts, evidence, recommend(verdicts, family, opt, _failing_kind(verdicts, checks, layers)))
+                + _overflow_notes(windows) + source_notes + time_notes,
+                "first_nonfinite": first_source(windows), "through_time": time["layers"]}
+    others = [v for v in verdicts if v != time["verdict"]]
+    failing = _failing_kind(verdicts, checks, layers)
+    advice = time_recommendation(time, verdicts, recommend(others, family, opt, failing)
+                                 if others or not time["fired"] else "")
+    return Diagnosis(verdicts, evidence, advice)
 
 
 def _output_module(model: Any) -> str | None:

@@ -7,6 +7,7 @@ and reading them back as the monitor's ``Window`` objects (what diagnosis and pl
                      are followed by one ``gate`` row per gate, named ``<parameter>.<gate>``
                      (``lstm.weight_hh_l0.forget``), with ``norm``, ``weight_norm`` and ``steps``
     activations.csv  one row per window and activation module
+    through_time.csv recurrent runs: each window's gradient through time (time_table.py)
 
 Example:
     >>> windows = load_windows("runs/deep_relu-20250101-120000-seed0")   # doctest: +SKIP
@@ -19,6 +20,7 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from gradflow.analysis.time_table import read_time_table
 from gradflow.monitor import Window
 from gradflow.monitor.kinds import GATE  # the kind of a gate row (gradflow.monitor.gates)
 
@@ -62,6 +64,7 @@ def load_windows(run_dir: str | Path) -> list[Window]:
                 if window is not None:
                     window.activations[row["module"]] = {
                         key: _number(row[key]) for key in ACTIVATION_COLUMNS[3:] if row[key] != ""}
+    read_time_table(run_dir, windows)      # recurrent runs: through_time.csv (time_table.py)
     return [windows[i] for i in sorted(windows)]
 
 

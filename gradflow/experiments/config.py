@@ -26,7 +26,8 @@ import yaml
 
 from gradflow.errors import ConfigError
 from gradflow.experiments.data import DATASETS
-from gradflow.experiments.models import ACTIVATIONS, INITIALIZERS, initializer_params
+from gradflow.experiments.models import ACTIVATIONS, INITIALIZERS, RECURRENT, initializer_params
+from gradflow.experiments.sequences import SEQUENCE_TASKS
 from gradflow.experiments.optimizers import OPTIMIZERS
 
 _UNIONS = (Union, types.UnionType)  # Union[int, str] and int | str
@@ -42,17 +43,19 @@ MAX_EPOCHS = 1_000_000
 MAX_BATCH_SIZE = 10_000_000
 MAX_INIT_PARAM = 1e6  # |minval|, |maxval|, |mean|, stddev, |gain| of an initializer
 MAX_NAME_LENGTH = 100  # the run directory's name adds a time stamp and the seed
+MAX_SEQUENCE_LENGTH = 100_000  # time steps of a sequence task
 MAX_RANDOM_STATE = 2**32  # sklearn's random_state must lie in [0, 2**32)
 
 
 @dataclass
 class DataConfig:
-    name: str = "circles"  # dataset registry name: circles | moons
+    name: str = "circles"  # dataset registry name: circles | moons | first_token (a sequence task)
     n_samples: int = 1000  # points drawn in total (train + test)
-    noise: float = 0.1  # std of the Gaussian noise sklearn adds
+    noise: float = 0.1  # std of the Gaussian noise sklearn adds (first_token: the std of steps 1..T-1)
     random_state: int = 1  # sklearn's seed: fixes the data, independent of train.seed
     n_train: int = 500  # first n_train rows train, the rest test
     factor: float = 0.8  # circles only: inner/outer radius (sklearn's default, as the tutorial)
+    sequence_length: int = 0  # sequence tasks only (first_token): time steps T per sequence; 0 for the others
 
 
 @dataclass
@@ -64,11 +67,13 @@ class OutputConfig:
 
 @dataclass
 class ModelConfig:
-    depth: int = 5  # number of hidden Dense layers
+    depth: int = 5  # number of hidden Dense layers (recurrent: stacked recurrent layers)
     width: int | list[int] = 5  # units per hidden layer, or one per layer
     activation: str | list[str] = "tanh"  # hidden activation, or one per layer
     initializer: InitSpec | list[InitSpec] = "glorot_uniform"  # spec, or one per layer
     output: OutputConfig = field(default_factory=OutputConfig)  # the output layer
+    type: str = "mlp"  # mlp | rnn | lstm | gru (recurrent: depth stacked layers of width units, a sequence task)
+    chrono: float = 0.0  # lstm/gru: chrono init with this constant (models.chrono_bias: forget/update gate bias +b, LSTM input gate -b); 0: PyTorch's init
 
 
 @dataclass
@@ -102,6 +107,7 @@ class MonitorConfig:
     activations: bool = True  # log activation statistics too
     activations_every: int = 1  # tap activations at every Nth optimizer step (the tutorial's nets are tiny: every step)
     flow_images: int = 50  # TensorBoard Images: the gradient-flow picture every N windows and at the end (0: none)
+    through_time_every: int = 5  # recurrent models: profile the gradient through time at every Nth optimizer step
 
 
 @dataclass
@@ -408,7 +414,13 @@ def _check_init_ranges(key: str, spec: dict) -> None:
 
 
 def _check_data(c: DataConfig) -> None:
-    _choice("data.name", c.name, DATASETS, "dataset")
+    _choice("data.name", c.name, {**DATASETS, **SEQUENCE_TASKS}, "dataset")
+    if c.name in SEQUENCE_TASKS:
+        _positive("data.sequence_length", c.sequence_length)
+        _at_most("data.sequence_length", c.sequence_length, MAX_SEQUENCE_LENGTH)
+    elif c.sequence_length:
+        raise ConfigError(f"data.sequence_length: only for sequence tasks ({', '.join(SEQUENCE_TASKS)}); "
+                          f"{c.name} is not one: leave it 0")
     _positive("data.n_samples", c.n_samples)
     _at_most("data.n_samples", c.n_samples, MAX_N_SAMPLES)
     _positive("data.n_train", c.n_train)
@@ -422,9 +434,41 @@ def _check_data(c: DataConfig) -> None:
         raise ConfigError(f"data.random_state: must be an int in [0, 2**32) (sklearn's range), got {c.random_state}")
 
 
+def _check_recurrent(c: ModelConfig) -> None:
+    """A recurrent model: one width, PyTorch's own init, tanh (or relu for a plain RNN)."""
+    if isinstance(c.width, list) or isinstance(c.activation, list) or isinstance(c.initializer, list):
+        raise ConfigError(f"model.type={c.type}: model.width, model.activation and model.initializer take one value, "
+                          "not a per-layer list")
+    _positive("model.width", c.width)
+    _at_most("model.width", c.width, MAX_WIDTH)
+    accepted = ["tanh", "relu"] if c.type == "rnn" else ["tanh"]
+    _choice("model.activation", c.activation, accepted, f"activation for model.type={c.type}")
+    if c.chrono and c.type not in ("lstm", "gru"):
+        raise ConfigError(f"model.chrono: only for model.type lstm or gru (their forget/update gate biases), got type {c.type}")
+    if abs(c.chrono) > MAX_INIT_PARAM:
+        raise ConfigError(f"model.chrono: must be within ±{MAX_INIT_PARAM:g}, got {c.chrono!r}")
+    if c.initializer != ModelConfig.initializer:
+        raise ConfigError(f"model.initializer: recurrent models (model.type={c.type}) keep PyTorch's default init "
+                          "U(+-1/sqrt(width)); remove model.initializer (model.output.initializer sets the head's)")
+
+
 def _check_model(c: ModelConfig) -> None:
+    _choice("model.type", c.type, ["mlp", *RECURRENT], "model type")
     _positive("model.depth", c.depth)
     _at_most("model.depth", c.depth, MAX_DEPTH)
+    if c.type != "mlp":
+        _check_recurrent(c)
+    else:
+        if c.chrono:
+            raise ConfigError("model.chrono: only for model.type lstm or gru (their forget/update gate biases)")
+        _check_dense(c)
+    if c.output.units != 1:
+        raise ConfigError(f"model.output.units: must be 1 (binary cross-entropy), got {c.output.units}")
+    _choice("model.output.activation", c.output.activation, ["sigmoid"], "output activation")
+    _check_init("model.output.initializer", c.output.initializer)
+
+
+def _check_dense(c: ModelConfig) -> None:
     widths = _per_layer("model.width", c.width, c.depth)
     for i, w in enumerate(widths):
         _positive(f"model.width[{i}]" if isinstance(c.width, list) else "model.width", w)
@@ -434,10 +478,6 @@ def _check_model(c: ModelConfig) -> None:
         _choice(f"model.activation[{i}]" if isinstance(c.activation, list) else "model.activation", a, ACTIVATIONS, "activation")
     for i, s in enumerate(_per_layer("model.initializer", c.initializer, c.depth)):
         _check_init(f"model.initializer[{i}]" if isinstance(c.initializer, list) else "model.initializer", s)
-    if c.output.units != 1:
-        raise ConfigError(f"model.output.units: must be 1 (binary cross-entropy), got {c.output.units}")
-    _choice("model.output.activation", c.output.activation, ["sigmoid"], "output activation")
-    _check_init("model.output.initializer", c.output.initializer)
 
 
 def _check_parameter_count(widths: list[int]) -> None:
@@ -483,8 +523,13 @@ def validate(cfg: Config) -> Config:
                           f"(it names the run directory), got {_show(name)}")
     _check_data(cfg.data)
     _check_model(cfg.model)
+    if (cfg.model.type != "mlp") != (cfg.data.name in SEQUENCE_TASKS):
+        raise ConfigError(f"model.type: {cfg.model.type} does not fit data.name {cfg.data.name}; recurrent models "
+                          f"(rnn, lstm, gru) take a sequence task ({', '.join(SEQUENCE_TASKS)}), mlp the others")
     _check_optimizer(cfg.optimizer)
     _check_train(cfg.train)
+    if cfg.monitor.through_time_every < 1:
+        raise ConfigError(f"monitor.through_time_every: must be >= 1 (1 = every step), got {cfg.monitor.through_time_every}")
     if cfg.monitor.window_steps < 0:
         raise ConfigError(f"monitor.window_steps: must be >= 0 (0 = once per epoch), got {cfg.monitor.window_steps}")
     if cfg.monitor.flow_images < 0:

@@ -1,4 +1,5 @@
-"""Datasets behind a small registry: the tutorial's two circles, and moons.
+"""Datasets behind a small registry: the tutorial's two circles, and moons (and, through
+``sequences.py``, the long-range sequence tasks for recurrent nets).
 
 Every dataset is made the tutorial's way: sklearn draws (X, y), a MinMaxScaler with
 feature_range (-1, 1) is fitted on all of X, the first ``n_train`` rows train and the rest test.
@@ -82,6 +83,10 @@ def load_dataset(cfg: Any) -> Dataset:
         >>> ds.x_train.shape, ds.x_test.shape
         (torch.Size([500, 2]), torch.Size([500, 2]))
     """
+    from gradflow.experiments.sequences import SEQUENCE_TASKS, sequence_arrays
+
+    if cfg.name in SEQUENCE_TASKS:      # x (n, T, 1): no scaling, no cache (numpy draws them at once)
+        return _split(*sequence_arrays(cfg), cfg.n_train)
     return _split(*scaled_arrays(cfg), cfg.n_train)
 
 

@@ -221,6 +221,8 @@ def build_model(cfg: Any, in_features: int = 2) -> nn.Sequential:
         >>> [n for n, _ in m.named_children()]
         ['dense_1', 'relu_1', 'dense_2', 'relu_2', 'dense_3', 'sigmoid_3']
     """
+    if getattr(cfg, "type", "mlp") != "mlp":
+        return build_recurrent(cfg, in_features)
     depth = cfg.depth
     out = cfg.output
     return build_mlp(
@@ -232,3 +234,70 @@ def build_model(cfg: Any, in_features: int = 2) -> nn.Sequential:
         out.activation,
         out.initializer,
     )
+
+
+# -- recurrent models (issue 22) ----------------------------------------------------------------
+
+RECURRENT = {"rnn": nn.RNN, "lstm": nn.LSTM, "gru": nn.GRU}   # model.type -> torch module
+
+
+class LastStep(nn.Module):
+    """Takes an ``nn.RNN``/``nn.LSTM``/``nn.GRU`` output tuple (batch first) and returns the last
+    time step's output: (N, T, H) -> (N, H)."""
+
+    def forward(self, output: tuple) -> torch.Tensor:
+        return output[0][:, -1]
+
+
+def build_recurrent(cfg: Any, in_features: int = 1) -> nn.Sequential:
+    """A recurrent classifier: ``<type>_1`` (``model.depth`` stacked layers of ``model.width``,
+    batch first, PyTorch's default init U(+-1/sqrt(width)), with ``model.chrono`` > 0 the
+    gate biases of ``chrono_bias``), ``last_1`` (the last step's output),
+    ``dense_2`` (one unit, ``model.output.initializer``), ``sigmoid_2``. ``model.type=rnn`` takes
+    ``model.activation`` tanh or relu.
+
+    Example:
+        >>> from gradflow.experiments.config import ModelConfig
+        >>> m = build_recurrent(ModelConfig(type="lstm", depth=1, width=8))
+        >>> [n for n, _ in m.named_children()], m(torch.zeros(2, 5, 1)).shape
+        (['lstm_1', 'last_1', 'dense_2', 'sigmoid_2'], torch.Size([2, 1]))
+    """
+    kind = RECURRENT[cfg.type]
+    extra = {"nonlinearity": cfg.activation} if cfg.type == "rnn" else {}
+    layers: OrderedDict[str, nn.Module] = OrderedDict()
+    recurrent = kind(in_features, cfg.width, num_layers=cfg.depth, batch_first=True, **extra)
+    if getattr(cfg, "chrono", 0.0):
+        chrono_bias(recurrent, cfg.chrono)
+    layers[f"{cfg.type}_1"] = recurrent
+    layers["last_1"] = LastStep()
+    head = nn.Linear(cfg.width, cfg.output.units)
+    init_linear(head, cfg.output.initializer)
+    layers["dense_2"] = head
+    layers["sigmoid_2"] = nn.Sigmoid()
+    return nn.Sequential(layers)
+
+
+@torch.no_grad()
+def chrono_bias(module: nn.RNNBase, value: float) -> None:
+    """Chrono initialisation with a constant (Tallec & Ollivier 2018, "Can recurrent neural networks
+    warp time?"): the gate that keeps the state gets bias +``value``, in every layer and
+    direction. LSTM: forget gate +value and input gate -value (rows H:2H and 0:H of ``bias_ih``,
+    order input|forget|cell|output), as chrono pairs b_i = -b_f; GRU: update gate +value (rows
+    H:2H, order reset|update|new; h_t = (1 - z) n + z h_{t-1}, so z near 1 keeps h). The state
+    then decays over about exp(value) steps at first (sigmoid(b) = 1 - 1/T for T = 1 + exp(b)), so
+    the gradient reaches that far back. Tallec & Ollivier draw b = log(U(1, T_max - 1)); 5 is
+    T_max ~ 150.
+
+    Example:
+        >>> lstm = nn.LSTM(1, 2); b = lstm.bias_ih_l0.clone(); chrono_bias(lstm, 3.0)
+        >>> (lstm.bias_ih_l0 - b).tolist()
+        [-3.0, -3.0, 3.0, 3.0, 0.0, 0.0, 0.0, 0.0]
+    """
+    if module.mode not in ("LSTM", "GRU") or not module.bias:
+        raise ValueError(f"chrono_bias: needs an nn.LSTM or nn.GRU with biases, got {module.mode} (bias={module.bias})")
+    hidden = module.hidden_size
+    for name, p in module.named_parameters():
+        if name.startswith("bias_ih"):
+            p[hidden:2 * hidden] += value
+            if module.mode == "LSTM":
+                p[:hidden] -= value

@@ -1,6 +1,6 @@
 """What a finished run leaves in its run directory, written in this one place for a solo run and
-for each member of a batched run alike: history.csv, summary.json, accuracy.png, gradients.png
-and the verdict (in summary.json, and as TensorBoard scalars when the run's writer is open).
+for each member of a batched run alike: history.csv, summary.json, accuracy.png, gradients.png,
+through_time.png (recurrent models) and the verdict (in summary.json, and as TensorBoard scalars when the run's writer is open).
 
 config.yaml is written when the directory is created (rundir.write_config), and the monitor's
 tables while training (recording); this module reads neither back except through ``windows``.
@@ -48,6 +48,12 @@ def write_outputs(run_dir: str | Path, cfg: Config, result: TrainResult, windows
     plot_accuracy(result.history, run_dir / "accuracy.png", title=title or cfg.name)
     if windows and gradients_plot:
         plot_gradients(windows, run_dir / "gradients.png", title=title or cfg.name)
+    if any(getattr(w, "time", None) for w in windows):      # recurrent layers (issue 22)
+        from gradflow.analysis.time_plots import TIME_PLOT, add_to_tensorboard, plot_through_time
+
+        picture = plot_through_time(windows, run_dir / TIME_PLOT, title=title or cfg.name)
+        if writer is not None:
+            add_to_tensorboard(picture, writer, result.history[-1]["epoch"] if result.history else 0)
     return summary, diagnosis
 
 

@@ -27,6 +27,7 @@ from gradflow.analysis.windows import (
     GRADIENTS_FILE,
     VALUE_COLUMNS,
 )
+from gradflow.analysis.time_table import TIME_COLUMNS, TIME_FILE, time_rows
 from gradflow.monitor import GradientMonitor, Window
 from gradflow.monitor.sinks import write_custom_scalars
 
@@ -100,6 +101,7 @@ class _Tables:
         if not append:
             self._gradients.writerow(GRADIENT_COLUMNS)
             self._activations.writerow(ACTIVATION_COLUMNS)
+        self._time_path, self._time = run_dir / TIME_FILE, None   # opened at the first window with a profile
 
     def append(self, index: int, window: Window, order: list[str] | None = None) -> None:
         for name, row in _in_order(window.gradients, order):
@@ -111,8 +113,20 @@ class _Tables:
         for name, row in window.activations.items():
             self._activations.writerow([index, window.step, name]
                                        + [_cell(row.get(key)) for key in ACTIVATION_COLUMNS[3:]])
+        rows = time_rows(index, window)
+        if rows:
+            self._time_table().writerows(rows)
         for f in self._files:
             f.flush()
+
+    def _time_table(self):
+        if self._time is None:
+            new = not self._time_path.exists()
+            self._files.append(open(self._time_path, "a", newline=""))
+            self._time = csv.writer(self._files[-1])
+            if new:
+                self._time.writerow(TIME_COLUMNS)
+        return self._time
 
     def close(self) -> None:
         for f in self._files:

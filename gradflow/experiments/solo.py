@@ -52,7 +52,7 @@ def reopen_run(run_dir: str | Path, device: str = "auto") -> tuple[Config, Path,
     cfg = load_config(run_dir / "config.yaml")
     check_device(device)
     windows = state.get("monitor", {}).get("windows", 0)
-    for table in (GRADIENTS_FILE, ACTIVATIONS_FILE):
+    for table in (GRADIENTS_FILE, ACTIVATIONS_FILE, "through_time.csv"):
         rundir.truncate_table(run_dir / table, windows)
     return cfg, run_dir, state
 
@@ -140,7 +140,8 @@ def fit_monitored(cfg, model, data, writer, run_dir, device, progress=None, stop
     settings = cfg.monitor
     with GradientMonitor(model, writer, histograms=settings.histograms, weights=settings.weights,
                          activations=settings.activations, activations_every=settings.activations_every,
-                         nonfinite=True) as monitor:       # the stop message names the source (issue 24)
+                         nonfinite=True,                  # the stop message names the source (issue 24)
+                         through_time_every=settings.through_time_every) as monitor:
         write_tensorboard_layout(writer, monitor.names)
         recorder = MonitorCallback(monitor, run_dir, settings.window_steps, first_window=len(earlier), writer=writer,
                                    flow_images=settings.flow_images, earlier=earlier, title=cfg.name)

@@ -338,4 +338,4 @@ def build_from_config(cfg: Config) -> tuple[nn.Sequential, Dataset]:
 
     data = load_dataset(cfg.data)
     torch.manual_seed(cfg.train.seed)  # fixes the initial weights
-    return build_model(cfg.model, in_features=data.x_train.shape[1]), data
+    return build_model(cfg.model, in_features=data.x_train.shape[-1]), data   # features: the last axis

@@ -108,6 +108,11 @@ class GradientMonitor:
             each), measured alone at 1.08x a step on nanoGPT, 1.07x resnet18, 1.03x the ResNet
             CNN, 1.02x the LSTM LM, 1.01x the transformer LM (benchmarks/overhead.py --variants
             first-nonfinite --clock cpu, 11 rounds, a shared 2-core machine): above 1.02x.
+        through_time: profile ||dL/dh_t|| at every time step of each ``nn.RNN``/``nn.LSTM``/``nn.GRU``
+            layer and direction (``through_time.py``; ``history[-1].time``): on every
+            ``through_time_every``-th optimizer step the recurrence is recomputed cell by cell.
+        through_time_every: profile the forward pass of every N-th optimizer step (default 50:
+            a profiled step of the LSTM benchmark costs 1.8-1.9x a plain one; docs/through_time.md).
 
     Sharded models (DTensor parameters: FSDP2 ``fully_shard``, HSDP, tensor parallel): attach on
     every rank and call ``log`` on every rank; each window is then reduced to the full tensors'
@@ -139,7 +144,8 @@ class GradientMonitor:
     def __init__(self, model: nn.Module, writer=None, *, optimizer: torch.optim.Optimizer | None = None,
                  histograms: bool | int = True, weights: bool = True, activations=True,
                  members: int = 1, automatic: bool = True, activations_every: int = 10,
-                 history_length: int | None = 10_000, nonfinite: bool = False) -> None:
+                 history_length: int | None = 10_000, nonfinite: bool = False,
+                 through_time: bool = True, through_time_every: int = 50) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"GradientMonitor needs an nn.Module, got {type(model).__name__}")
         inner = unwrap(model)
@@ -152,6 +158,7 @@ class GradientMonitor:
         named = monitored_parameters(inner)
         check_members(named, members)
         check_positive("activations_every", activations_every, "1: every step")
+        check_positive("through_time_every", through_time_every, "1: every step")
         check_positive("history_length", history_length, "or None: keep every window", none=True)
         self._output = Output(writer, members, check_every(histograms))
         self.names = [name for name, _ in named]
@@ -166,7 +173,8 @@ class GradientMonitor:
         self._dtypes = [p.dtype for _, p in named]
         self._setup = Setup(self.names, [p for _, p in named], members,
                             {"weights": weights, "activations": activations, "histograms": histograms,
-                             "nonfinite": nonfinite},
+                             "nonfinite": nonfinite, "through_time": through_time,
+                             "through_time_every": through_time_every},
                             Schedule(activations_every), self._warn_from_part, self.kinds)
         # DTensor parameters (FSDP2, HSDP, tensor parallel): collectives at each window's close; every
         # rank must attach (sharding.py). None for plain tensors, DDP included.

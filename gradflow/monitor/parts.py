@@ -17,6 +17,7 @@ from gradflow.monitor.nonfinite import FirstNonFinite
 from gradflow.monitor.order import ForwardOrder
 from gradflow.monitor.part import Part
 from gradflow.monitor.unrecorded import Unrecorded
+from gradflow.monitor.through_time import ThroughTimePart
 from gradflow.monitor.weights import Weights
 
 PARTS: list[type[Part]] = [
@@ -28,4 +29,5 @@ PARTS: list[type[Part]] = [
     Gates,
     Activations,
     Unrecorded,
+    ThroughTimePart,
 ]

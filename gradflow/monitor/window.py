@@ -48,6 +48,10 @@ class Window:
     # first_overflow: the same for a step a GradScaler skipped (an AMP overflow, not a NaN source).
     first_nonfinite: Any = None
     first_overflow: Any = None
+    # Recurrent layers (through_time.py): "<module>.l<k>[_reverse]" -> (T,) float64, entry t the mean
+    # over the window's profiled passes of ||dL/dh_t||_2; and each key's cell (RNN_TANH, LSTM, GRU, ...).
+    time: dict[str, Any] = field(default_factory=dict)
+    time_cells: dict[str, str] = field(default_factory=dict)
 
 
 class WindowReader:

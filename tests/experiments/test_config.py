@@ -79,7 +79,7 @@ def test_floats_accept_ints_and_scientific_notation(text, value):
         (["model.initializer={minval: 1}"], "model.initializer: an initializer mapping needs name"),
         (["model.output.activation=tanh"], "model.output.activation: unknown output activation 'tanh'; accepted: sigmoid"),
         (["optimizer.name=rmsprop"], "optimizer.name: unknown optimizer 'rmsprop'; accepted: adam, sgd"),
-        (["data.name=mnist"], "data.name: unknown dataset 'mnist'; accepted: circles, moons"),
+        (["data.name=mnist"], "data.name: unknown dataset 'mnist'; accepted: circles, first_token, moons"),
         (["model.depth=0"], "model.depth: must be > 0, got 0"),
         (["model.width=-5"], "model.width: must be > 0, got -5"),
         (["model.width=[5,5,0,5,5]"], "model.width[2]: must be > 0, got 0"),

@@ -232,6 +232,9 @@ def expand(sweep: Sweep) -> list[Point]:
         raw = _apply(sweep.base, sweep.overrides(values), f"{sweep.source}: grid point {label}")
         try:
             cfg = validate(build(Config, raw))
+            if cfg.model.type != "mlp":   # the runner batches seeds: MLPs only
+                raise ConfigError(f"model.type={cfg.model.type}: sweeps train seeds as one batched MLP; for "
+                                  "recurrent models use scripts/through_time_sweep.py")
         except ConfigError as exc:
             where = f"grid point {label}" if sweep.axes else "base"
             raise ConfigError(f"{sweep.source}: {where}: {exc}") from None
