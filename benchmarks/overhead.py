@@ -149,9 +149,9 @@ def variants(logdir: str):
     @contextlib.contextmanager
     def gradflow_no_through_time(model):
         """The default monitor without the gradient-through-time profile of recurrent layers."""
-        with SummaryWriter(os.path.join(logdir, "gradflow-no-through-time")) as writer:
-            with GradientMonitor(model, writer, through_time=False) as monitor:
-                yield None, monitor.log
+        with (SummaryWriter(os.path.join(logdir, "gradflow-no-through-time")) as writer,
+              GradientMonitor(model, writer, through_time=False) as monitor):
+            yield None, monitor.log
 
     @contextlib.contextmanager
     def gradflow_activations_every_step(model):

@@ -138,7 +138,7 @@ def test_tanh_activations_are_binned_evenly_over_minus_one_to_one(tensorboard, t
     get a bin of their own instead of one octave bin for all of 0.5-1."""
     points = histogram_points(tensorboard, tanh, "activation/tanh_5")     # epoch 0, then epochs 1-2
     for _, _, buckets in points:
-        assert -1.0 <= buckets[0][0] and buckets[-1][1] <= 1.0
+        assert buckets[0][0] >= -1.0 and buckets[-1][1] <= 1.0
         widths = [right - left for left, right, count in buckets if count]
         assert widths and all(width == pytest.approx(1 / 32) for width in widths)
     total = sum(count for _, _, buckets in points for _, _, count in buckets)
@@ -186,7 +186,8 @@ def test_custom_scalars_open_on_accuracy_then_gradient_size_per_layer(tensorboar
     assert sorted(matched[first]) == ["epoch/accuracy", "epoch/val_accuracy"]
     per_layer = categories[1]["chart"][0]["title"]
     assert sorted(matched[per_layer]) == [f"grad/dense_{k}/weight/relative" for k in range(1, 7)]
-    assert "log y" in per_layer and "||g|| / ||w||" in per_layer and "diagnose" in per_layer   # the layout cannot set a log axis: the title says how
+    # the layout cannot set a log axis: the title says how
+    assert "log y" in per_layer and "||g|| / ||w||" in per_layer and "diagnose" in per_layer
     one_each = [chart["title"] for chart in categories[2]["chart"]]           # layer by layer, input first
     assert [matched[title] for title in one_each] == [[f"grad/dense_{k}/weight/relative"] for k in range(1, 7)]
     assert all(matched.values()), matched                 # no empty chart on a ReLU run

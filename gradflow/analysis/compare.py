@@ -150,8 +150,8 @@ def compare_table(runs: Sequence[Run]) -> str:
     for run in runs:
         _, sizes = layer_sizes(run.windows)
         layers = run.diagnosis.evidence.get("layers", {})
-        hidden = [l for l, row in layers.items() if row.get("role") == "hidden" and l in sizes]
-        head = next((l for l, row in layers.items() if row.get("role") == "head"), None) or list(sizes)[-1]
+        hidden = [layer for layer, row in layers.items() if row.get("role") == "hidden" and layer in sizes]
+        head = next((layer for layer, row in layers.items() if row.get("role") == "head"), None) or list(sizes)[-1]
         first = sizes[hidden[0]] if hidden else [math.nan] * len(sizes[head])
         output = sizes[head]
         ratio = [_ratio(a, b) for a, b in zip(first, output)]
@@ -167,7 +167,7 @@ def compare_table(runs: Sequence[Run]) -> str:
 
 def _weakest(layers: dict[str, dict[str, Any]], hidden: list[str]) -> str:
     """The hidden layer the diagnosis finds weakest against the head early, early -> last."""
-    early = {l: layers[l]["ratio_early"] for l in hidden if math.isfinite(layers[l]["ratio_early"])}
+    early = {layer: layers[layer]["ratio_early"] for layer in hidden if math.isfinite(layers[layer]["ratio_early"])}
     if not early:
         return "n/a"
     layer = min(early, key=early.get)

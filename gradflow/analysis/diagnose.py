@@ -183,8 +183,8 @@ def _failing_kind(verdicts: Sequence[str], checks: Mapping[str, Any], layers: Ma
     for verdict in ("vanishing", "exploding"):
         if verdict in verdicts:
             why = checks[verdict]["why"]
-            named = [l for l in layers if why.startswith(l + " ") or f" {l} " in why]
-            if any(layers[l].get("kind") == "recurrent" for l in named):
+            named = [layer for layer in layers if why.startswith(layer + " ") or f" {layer} " in why]
+            if any(layers[layer].get("kind") == "recurrent" for layer in named):
                 return "recurrent"
     return None
 

@@ -221,8 +221,8 @@ def _find_head(layers: Mapping[str, Mapping[str, Any]], kinds: Mapping[str, str]
     embedding nor a top-level parameter; for tables without kinds whose first layer is an
     embedding and whose last is no weight layer after it, that embedding (GPT-2 lists its tied
     head once)."""
-    candidates = [l for l, row in layers.items() if row["kind"] not in ("norm", "embedding")
-                  and not row.get("top_level")] or [l for l, row in layers.items() if row["kind"] != "norm"] or list(layers)
+    candidates = [layer for layer, row in layers.items() if row["kind"] not in ("norm", "embedding")
+                  and not row.get("top_level")] or [layer for layer, row in layers.items() if row["kind"] != "norm"] or list(layers)
     if not candidates:
         return None
     if kinds and "@head" in kinds:

@@ -22,8 +22,9 @@ et al. 2013, one step at 1000x the learning rate); 3 seeds each ("arch."). Sizes
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -97,13 +98,13 @@ def fmt_number(value: float) -> str:
 
 
 def _head(layers: Mapping[str, Mapping[str, Any]]) -> str | None:
-    head = next((l for l, row in layers.items() if row.get("role") == "head"), None)
+    head = next((layer for layer, row in layers.items() if row.get("role") == "head"), None)
     return head if head is not None or not layers else list(layers)[-1]
 
 
 def _vanishing_at(layers: Mapping[str, Mapping[str, Any]], hidden: Sequence[str], point: str) -> tuple[bool, str, float]:
     """At ``point`` (early, middle, last): (the rule holds, the weakest hidden layer, its ratio)."""
-    weakest = min(hidden, key=lambda l: _sortable(layers[l][f"ratio_{point}"]))
+    weakest = min(hidden, key=lambda layer: _sortable(layers[layer][f"ratio_{point}"]))
     ratio = layers[weakest][f"ratio_{point}"]
     input_end = layers[hidden[0]][f"ratio_{point}"]
     holds = (math.isfinite(ratio) and ratio < VANISHING_RATIO
@@ -127,7 +128,7 @@ def check_vanishing(ev: Evidence) -> dict[str, Any]:
     """
     layers = ev.layers
     head = _head(layers)
-    hidden = [l for l, row in layers.items() if l != head and row.get("role", "hidden") == "hidden"]
+    hidden = [layer for layer, row in layers.items() if layer != head and row.get("role", "hidden") == "hidden"]
     if not hidden:
         return _check(False, "only one layer: nothing to compare with the output layer")
     early, weakest, ratio = _vanishing_at(layers, hidden, "early")
@@ -185,9 +186,9 @@ def _huge_update(ev: Evidence) -> dict[str, Any]:
     # A conv followed by a normalisation layer is scale-invariant: its large early steps grow
     # ||w|| and shrink the next ones (a learning ResNet-34's stem conv: 0.30 in the first window,
     # 0.002 by the tenth), so it is judged on its last window, the others on their largest.
-    updates = {l: row.get("update_ratio_last", math.nan) if row.get("normalised") else row["update_ratio_max"]
-               for l, row in ev.layers.items()}
-    updates = {l: v for l, v in updates.items() if math.isfinite(v)}
+    updates = {layer: row.get("update_ratio_last", math.nan) if row.get("normalised") else row["update_ratio_max"]
+               for layer, row in ev.layers.items()}
+    updates = {layer: v for layer, v in updates.items() if math.isfinite(v)}
     if not updates:
         return _check(False, "no weight updates recorded")
     layer = max(updates, key=updates.get)
@@ -259,9 +260,9 @@ def _larger_than_head(ev: Evidence) -> dict[str, Any]:
     """A hidden layer whose ||g||/||w|| stays far above the head's (early, middle and last):
     the gradient grows on its way back (a recurrent layer through time, Pascanu et al. 2013)."""
     head = _head(ev.layers)
-    hidden = {l: min(r["ratio_early"], r["ratio_middle"], r["ratio_last"])
-              for l, r in ev.layers.items() if l != head and r.get("role") == "hidden"}
-    hidden = {l: v for l, v in hidden.items() if math.isfinite(v)}
+    hidden = {layer: min(r["ratio_early"], r["ratio_middle"], r["ratio_last"])
+              for layer, r in ev.layers.items() if layer != head and r.get("role") == "hidden"}
+    hidden = {layer: v for layer, v in hidden.items() if math.isfinite(v)}
     if not hidden:
         return _check(False, "no hidden layer to compare with the head")
     layer = max(hidden, key=hidden.get)
@@ -461,8 +462,8 @@ def check_tiny(ev: Evidence) -> dict[str, Any]:
     TINY_GRADIENT, an absolute floor beside the ratios between layers): with plain SGD the
     weights cannot move. A verdict when the loss stalls; a note otherwise (Adam rescales a
     uniformly small gradient)."""
-    sizes = {l: float(np.nanmedian([r["gradient_early"], r["gradient_middle"], r["gradient_last"]]))
-             for l, r in ev.layers.items() if r.get("role") in ("hidden", "head")
+    sizes = {layer: float(np.nanmedian([r["gradient_early"], r["gradient_middle"], r["gradient_last"]]))
+             for layer, r in ev.layers.items() if r.get("role") in ("hidden", "head")
              and np.isfinite([r["gradient_early"], r["gradient_middle"], r["gradient_last"]]).any()}
     if not sizes or next(iter(ev.layers.values())).get("measure") != "relative":
         return _check(False, "no ||g||/||w|| recorded")
@@ -530,7 +531,8 @@ RULES: tuple[Rule, ...] = (
          "saturated", check_saturated),
     Rule("dead-units", "rectifier layer: share of units never positive in the last window; every gradient zero",
          f"every unit of a layer; or >= {DEAD_FRACTION:.0%} of a layer's units and the loss stalls or goes "
-         f"non-finite, or they died after an update > {EXPLODING_UPDATE:g} (else a note)", "DESIGN.md (dead ReLU runs end at loss 0.693); calibrated: "
+         f"non-finite, or they died after an update > {EXPLODING_UPDATE:g} (else a note)",
+         "DESIGN.md (dead ReLU runs end at loss 0.693); calibrated: "
          "tut. healthy deep ReLU <= 40%, arch. one step at 1000x lr", "dead-units", check_dead),
     Rule("stalled", "loss drop from the end of the early part to the end (median of the last 10%)",
          f"< {STALL_DROP:.0%}", "calibrated: tut. healthy 12% and above, failed 20-layer ReLU <= 0.1%",
@@ -555,7 +557,10 @@ RULES: tuple[Rule, ...] = (
 def rules_markdown() -> str:
     """The rules table as docs/calibration.md shows it (a test checks the page holds it)."""
     lines = ["| rule | measure | threshold | source | advice |", "|---|---|---|---|---|"]
-    cell = lambda text: text.replace("|", "\\|")
+
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|")
+
     lines += [f"| {r.name} | {cell(r.measure)} | {cell(r.threshold)} | {cell(r.source)} | `{r.advice}` |" for r in RULES]
     return "\n".join(lines)
 

@@ -27,8 +27,8 @@ import yaml
 from gradflow.errors import ConfigError
 from gradflow.experiments.data import DATASETS
 from gradflow.experiments.models import ACTIVATIONS, INITIALIZERS, RECURRENT, initializer_params
-from gradflow.experiments.sequences import SEQUENCE_TASKS
 from gradflow.experiments.optimizers import OPTIMIZERS
+from gradflow.experiments.sequences import SEQUENCE_TASKS
 
 _UNIONS = (Union, types.UnionType)  # Union[int, str] and int | str
 InitSpec = str | dict  # "he_uniform" or {name: random_uniform, minval: 0.0, maxval: 1.0}
@@ -73,7 +73,9 @@ class ModelConfig:
     initializer: InitSpec | list[InitSpec] = "glorot_uniform"  # spec, or one per layer
     output: OutputConfig = field(default_factory=OutputConfig)  # the output layer
     type: str = "mlp"  # mlp | rnn | lstm | gru (recurrent: depth stacked layers of width units, a sequence task)
-    chrono: float = 0.0  # lstm/gru: chrono init with this constant (models.chrono_bias: forget/update gate bias +b, LSTM input gate -b); 0: PyTorch's init
+    # lstm/gru: chrono init with this constant (models.chrono_bias: forget/update gate bias +b, LSTM input
+    # gate -b); 0: PyTorch's init
+    chrono: float = 0.0
 
 
 @dataclass

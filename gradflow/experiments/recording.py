@@ -19,6 +19,7 @@ import csv
 from collections.abc import Sequence
 from pathlib import Path
 
+from gradflow.analysis.time_table import TIME_COLUMNS, TIME_FILE, time_rows
 from gradflow.analysis.windows import (
     ACTIVATION_COLUMNS,
     ACTIVATIONS_FILE,
@@ -27,7 +28,6 @@ from gradflow.analysis.windows import (
     GRADIENTS_FILE,
     VALUE_COLUMNS,
 )
-from gradflow.analysis.time_table import TIME_COLUMNS, TIME_FILE, time_rows
 from gradflow.monitor import GradientMonitor, Window
 from gradflow.monitor.sinks import write_custom_scalars
 
@@ -122,7 +122,7 @@ class _Tables:
     def _time_table(self):
         if self._time is None:
             new = not self._time_path.exists()
-            self._files.append(open(self._time_path, "a", newline=""))
+            self._files.append(open(self._time_path, "a", newline=""))  # noqa: SIM115 - open for the run; close()
             self._time = csv.writer(self._files[-1])
             if new:
                 self._time.writerow(TIME_COLUMNS)

@@ -56,6 +56,7 @@ Example (a part that counts steps)::
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -183,7 +184,5 @@ class Part:
         """Remove every hook this part added. Never raises."""
         handles, self.handles = self.handles, []
         for handle in handles:
-            try:
+            with contextlib.suppress(Exception):
                 handle.remove()
-            except Exception:
-                pass

@@ -16,8 +16,8 @@ from gradflow.monitor.gradients import Gradients
 from gradflow.monitor.nonfinite import FirstNonFinite
 from gradflow.monitor.order import ForwardOrder
 from gradflow.monitor.part import Part
-from gradflow.monitor.unrecorded import Unrecorded
 from gradflow.monitor.through_time import ThroughTimePart
+from gradflow.monitor.unrecorded import Unrecorded
 from gradflow.monitor.weights import Weights
 
 PARTS: list[type[Part]] = [

@@ -179,7 +179,8 @@ def custom_scalars_layout(parameters: Sequence[str], first: Mapping[str, Mapping
     first; their layers are the names before the last dot that own a weight. ``first``: categories
     of your own to put before the monitor's (``gradflow train`` puts accuracy and loss there).
     The monitor's categories: gradient size (every layer's ||g|| / ||w||, the size diagnose
-    judges, in one chart, then its mean |g|, its max |g|, the total norm), ||g|| / ||w|| layer by layer (one chart per layer, input first, at most
+    judges, in one chart, then its mean |g|, its max |g|, the total norm), ||g|| / ||w|| layer by
+    layer (one chart per layer, input first, at most
     ``MAX_LAYER_CHARTS``), then weights and units (update ratio, saturated or dead fraction,
     non-finite values).
 

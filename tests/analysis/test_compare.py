@@ -219,14 +219,14 @@ def test_compare_and_diagnose_name_one_measure_and_agree(runs):
         layers = run.diagnosis.evidence["layers"]
         assert size_label(run.windows) == "||g|| / ||w||" and next(iter(layers.values()))["measure"] == "relative"
         _, sizes = layer_sizes(run.windows)
-        hidden = [l for l, row in layers.items() if row["role"] == "hidden"]
-        head = next(l for l, row in layers.items() if row["role"] == "head")
+        hidden = [layer for layer, row in layers.items() if row["role"] == "hidden"]
+        head = next(layer for layer, row in layers.items() if row["role"] == "head")
         # the first window's ratio, from compare's series, is diagnose's at that window (early = first 10%)
         first_ratio = sizes[hidden[0]][0] / sizes[head][0]
         early = max(1, len(run.windows) // 10)
         if early == 1:
             assert first_ratio == _pytest.approx(layers[hidden[0]]["ratio_early"], rel=1e-6)
-        weakest = min(hidden, key=lambda l: layers[l]["ratio_early"])
+        weakest = min(hidden, key=lambda layer: layers[layer]["ratio_early"])
         row = compare_table([run, run]).splitlines()[2]
         assert row.rsplit("  ", 1)[1].startswith(weakest + ":"), (row, weakest)
 

@@ -33,7 +33,8 @@ CASES = [
     (history(sizes=(1e-5, 1e-3, 0.1), saturated=0.9), FLAT, ["vanishing", "saturated", "stalled"]),
 ]
 IDS = ["healthy", "vanishing", "nonfinite-gradient", "nonfinite-loss", "huge-update", "growing-gradient",
-       "saturated", "saturated-below-threshold", "dead-layer", "most-units-dead-and-stalled", "some-dead-units", "flat-loss", "zero-gradients",
+       "saturated", "saturated-below-threshold", "dead-layer", "most-units-dead-and-stalled", "some-dead-units",
+       "flat-loss", "zero-gradients",
        "vanishing-saturated-stalled"]
 
 
@@ -160,7 +161,7 @@ def test_the_head_is_the_last_layer_in_forward_order_whatever_its_name():
     verdicts = {}
     for name in ("head", "to_logits", "zz_not_a_head_name"):
         diagnosis = diagnose(_named_head(name), FALLING[:10])
-        assert next(l for l, r in diagnosis.evidence["layers"].items() if r["role"] == "head") == name
+        assert next(layer for layer, r in diagnosis.evidence["layers"].items() if r["role"] == "head") == name
         verdicts[name] = diagnosis.verdicts
     assert len({tuple(v) for v in verdicts.values()}) == 1, verdicts
 
@@ -195,7 +196,7 @@ def test_exploding_from_clipping_evidence():
 def test_a_one_step_spike_is_read_per_step_not_averaged_over_its_window():
     from gradflow.analysis.rules import GRADIENT_GROWTH
     windows = history(epochs=10)
-    for i, w in enumerate(windows):
+    for w in windows:
         w.overall = {"steps": 16, "total_norm": 1.0, "total_norm_max": 1.0}
     # one step of 16 at 2 * GRADIENT_GROWTH: the window's mean is only 1/8 of that
     windows[6].overall.update(total_norm=1.0 + 2 * GRADIENT_GROWTH / 16, total_norm_max=2 * GRADIENT_GROWTH)
@@ -259,7 +260,7 @@ def test_the_rules_table_is_the_one_in_the_docs():
     docs = (Path(__file__).resolve().parents[2] / "docs" / "calibration.md").read_text()
     assert rules_markdown() in docs
     assert all(rule.advice in ADVICE for rule in RULES)
-    assert VERDICTS == ("healthy",) + tuple(rule.name for rule in RULES)
+    assert ("healthy",) + tuple(rule.name for rule in RULES) == VERDICTS
 
 
 def test_most_units_killed_by_a_step_too_large_are_dead_units_even_while_the_loss_falls():

@@ -18,9 +18,9 @@ from torch import nn
 
 torch.set_num_threads(1)
 
-import lightning.pytorch as pl
+import lightning.pytorch as pl  # noqa: E402 - after the skip / thread setting above
 
-from gradflow.integrations.lightning import GradflowCallback
+from gradflow.integrations.lightning import GradflowCallback  # noqa: E402 - after the skip / thread setting above
 
 
 class ShardedNet(pl.LightningModule):

@@ -11,11 +11,11 @@ import torch
 pl = pytest.importorskip("lightning.pytorch")
 transformers = pytest.importorskip("transformers")
 
-from test_lightning_callback import Net, loader
-from test_trainer_callback import train
+from test_lightning_callback import Net, loader  # noqa: E402 - after the skip / thread setting above
+from test_trainer_callback import train  # noqa: E402 - after the skip / thread setting above
 
-from gradflow.integrations.lightning import GradflowCallback
-from gradflow.integrations.transformers import GradflowTrainerCallback
+from gradflow.integrations.lightning import GradflowCallback  # noqa: E402 - after the skip / thread setting above
+from gradflow.integrations.transformers import GradflowTrainerCallback  # noqa: E402 - after the skip / thread setting above
 
 
 class PlantLightning(pl.Callback):

@@ -25,9 +25,9 @@ from torch import nn
 
 torch.set_num_threads(1)
 
-from gradflow.monitor import GradientMonitor, MonitorError
-from gradflow.monitor import stats as S
-from gradflow.monitor.sinks import Sink
+from gradflow.monitor import GradientMonitor, MonitorError  # noqa: E402 - after the skip / thread setting above
+from gradflow.monitor import stats as S  # noqa: E402 - after the skip / thread setting above
+from gradflow.monitor.sinks import Sink  # noqa: E402 - after the skip / thread setting above
 
 STEPS, WINDOW, BATCH = 4, 2, 8          # 4 optimizer steps, windows of 2; global batch of 8 rows
 

@@ -69,7 +69,11 @@ def test_records_after_the_optimizers_own_pre_hooks(when, optimizer_class):
     was registered: the monitor reports the gradient the step applied (3x backward's)."""
     model = _model()
     optimizer = optimizer_class(model.parameters(), lr=1e-3)
-    triple = lambda opt, args, kwargs: [p.grad.mul_(3.0) for p in model.parameters()] and None
+
+    def triple(opt, args, kwargs):
+        for p in model.parameters():
+            p.grad.mul_(3.0)
+
     oracle = Applied(optimizer, model)
     try:
         with GradientMonitor(model, activations=False) as monitor:
@@ -116,7 +120,7 @@ def _zero(params):
     if not dist.is_available():
         pytest.skip("torch.distributed is not available")
     if not dist.is_initialized():
-        store = tempfile.NamedTemporaryFile(delete=False)
+        store = tempfile.NamedTemporaryFile(delete=False)  # noqa: SIM115 - the group's file store, for the process
         dist.init_process_group("gloo", init_method=f"file://{store.name}", rank=0, world_size=1)
     return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.SGD, lr=0.01)
 
@@ -300,10 +304,10 @@ def test_leaving_with_after_a_failed_write_raises_nothing_more():
     histograms still pooled to write) takes every hook down and only warns."""
     model = _model(6)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
-    with pytest.warns(UserWarning, match="hooks are removed, but writing what was pending failed: OSError"):
-        with GradientMonitor(model, _BrokenSink(), histograms=3) as monitor:
-            _train(model, optimizer, 2)
-            with pytest.raises(OSError, match="disk full"):
-                monitor.log(0)
+    with (pytest.warns(UserWarning, match="hooks are removed, but writing what was pending failed: OSError"),
+          GradientMonitor(model, _BrokenSink(), histograms=3) as monitor):
+        _train(model, optimizer, 2)
+        with pytest.raises(OSError, match="disk full"):
+            monitor.log(0)
     assert not monitor.attached and _hook_counts(model) == {name: (0, 0) for name, _ in model.named_modules()}
     monitor.remove()                                          # again: nothing to do, nothing raised
