@@ -368,7 +368,9 @@ def test_huge_learning_rate_is_counted_and_stops_cleanly(tmp_path, capsys, switc
     summary = assert_run_complete(run_dir, epochs=epochs)
     assert summary["nonfinite_gradients"] > 0 and summary["first_nonfinite_window"] == 0
     if status == 3:
-        assert err.count("\n") == 1 and "training stopped: non-finite training loss (nan) at epoch 0" in err
+        # one line that names the source the verdict names, then the trainer's reason (issue 24)
+        assert err.count("\n") == 1 and "training stopped: the first non-finite value came from dense_" in err
+        assert "(forward) at epoch 0, step " in err and "; non-finite training loss (nan) at epoch 0" in err
         assert summary["stopped_early"] and summary["stop_epoch"] == 0 and "non-finite" in summary["stop_reason"]
     else:
         assert err == "" and not summary["stopped_early"]

@@ -38,10 +38,24 @@ finite values add up beyond float32's range (|sum| > 3.4e38) reads as non-finite
 there would recompile every step): the compiled model is seen as a whole, its output (module
 ``""``) and dL/d(output) (``LOSS``), not per layer.
 
-Example:
-    >>> part = FirstNonFinite(model, device)
-    >>> ...; loss.backward(); part.record(None); optimizer.step()
-    >>> part.read_now()          # (first non-finite, first overflow), each a Source or None
+Example (the part is the monitor's, on with ``GradientMonitor(model, nonfinite=True)``):
+    >>> import torch
+    >>> from torch import nn
+    >>> from gradflow import GradientMonitor
+    >>> class Log(nn.Module):                       # log of a negative input: NaN
+    ...     def forward(self, x):
+    ...         return torch.log(x)
+    >>> model = nn.Sequential(nn.Linear(2, 2), Log(), nn.Linear(2, 1))
+    >>> with torch.no_grad():
+    ...     _ = model[0].weight.fill_(-1.0)
+    >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> with GradientMonitor(model, None, nonfinite=True) as monitor:
+    ...     model(torch.ones(4, 2)).sum().backward()
+    ...     optimizer.step()
+    ...     _ = monitor.log(0)
+    >>> source = monitor.history[-1].first_nonfinite
+    >>> source.module, source.phase, source.step
+    ('1', 'forward', 0)
 """
 
 from __future__ import annotations

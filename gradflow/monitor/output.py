@@ -1,10 +1,11 @@
 """Where a monitor's windows go: one sink per member (or one for all, with ``member_<k>/``
 tags), and the pool that sums histograms over ``histograms=N`` windows before writing them.
 
-Example:
-    >>> output = Output(writer, members=1, every=1)
-    >>> output.write(reader.scalars, reader.wanted, step, final=False)   # at each log()
-    >>> output.flush()                                                     # at remove()
+Example (the monitor's own; ``GradientMonitor.log`` and ``flush`` drive it)::
+
+    output = Output(writer, members=1, every=1)
+    output.write(reader.scalars, reader.wanted, step, final=False)   # at each log()
+    output.flush()                                                     # at remove()
 """
 
 from __future__ import annotations

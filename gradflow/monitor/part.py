@@ -59,31 +59,15 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from gradflow.monitor.window import WindowReader
-
-SUM = "sum"      # Reduced.reduce: copies on several processes add up (sums, sums of squares, counts)
-MAX = "max"      # the largest of them is the answer (max |g|)
-REDUCTIONS = (SUM, MAX)
-
-
-@dataclass(frozen=True)
-class Reduced:
-    """A device tensor a part hands to the window's read-back, and how copies of it on
-    several processes combine (``SUM`` or ``MAX``)."""
-
-    tensor: torch.Tensor
-    reduce: str = SUM
-
-    def __post_init__(self) -> None:
-        if self.reduce not in REDUCTIONS:
-            raise ValueError(f"Reduced.reduce must be one of {REDUCTIONS}, got {self.reduce!r}")
+# Reduced and its reductions live beside the read-back that takes them (window.py); named here too,
+# as every part hands its tensors over in them.
+from gradflow.monitor.window import MAX, REDUCTIONS, SUM, Reduced, WindowReader  # noqa: F401 - re-exported
 
 
 class Schedule:

@@ -27,10 +27,12 @@ must attach: that is checked through the store, with a timeout, before any group
 timeout (``GRADFLOW_COLLECTIVE_TIMEOUT`` seconds, default 300): a rank that raised or stopped
 monitoring makes the others fail with an error, not wait forever.
 
-Example (on every rank, after ``fully_shard(model)``):
-    >>> layout = ShardLayout.of(names, params)          # None when no parameter is a DTensor
-    >>> grads = layout.local_grads(params, [p.grad for p in params], step=0)   # local tensors
-    >>> parts = layout.reduce(parts, recorded)          # the read-back's Reduced tensors, at the window's close
+Example (on every rank, after ``init_process_group`` and ``fully_shard(model)``; the monitor
+does this, and tests/monitor/test_sharding.py runs it on real gloo groups)::
+
+    layout = ShardLayout.of(names, params)          # None when no parameter is a DTensor
+    grads = layout.local_grads(params, [p.grad for p in params], step=0)   # local tensors
+    parts = layout.reduce(parts, recorded)          # the read-back's Reduced tensors, at the window's close
 """
 
 from __future__ import annotations

@@ -15,7 +15,23 @@ import numpy as np
 import torch
 
 from gradflow.monitor.histograms import HistogramRequests
-from gradflow.monitor.part import REDUCTIONS, Reduced
+
+SUM = "sum"      # Reduced.reduce: copies on several processes add up (sums, sums of squares, counts)
+MAX = "max"      # the largest of them is the answer (max |g|)
+REDUCTIONS = (SUM, MAX)
+
+
+@dataclass(frozen=True)
+class Reduced:
+    """A device tensor a part hands to the window's read-back, and how copies of it on
+    several processes combine (``SUM`` or ``MAX``)."""
+
+    tensor: torch.Tensor
+    reduce: str = SUM
+
+    def __post_init__(self) -> None:
+        if self.reduce not in REDUCTIONS:
+            raise ValueError(f"Reduced.reduce must be one of {REDUCTIONS}, got {self.reduce!r}")
 
 
 def tag_path(name: str) -> str:

@@ -113,9 +113,9 @@ def test_write_custom_scalars_lays_out_every_layer_and_refuses_a_non_writer(tmp_
     layout = layout_pb2.Layout()
     layout.ParseFromString(tensor.tensor_proto.string_val[0])
     assert [c.title for c in layout.category] == list(written) == [
-        "loss", "2. gradient size per layer", "3. mean |g| layer by layer (input first)", "4. weights and units"]
+        "loss", "2. gradient size per layer", "3. ||g|| / ||w|| layer by layer (input first)", "4. weights and units"]
     per_layer = [chart.title for chart in layout.category[2].chart]
     assert per_layer == ["layer 1 of 3: encoder.0", "layer 2 of 3: encoder.2", "layer 3 of 3: head"]
-    assert list(layout.category[2].chart[0].multiline.tag) == [r"^grad/encoder/0/[^/]*weight[^/]*/mean_abs$"]
+    assert list(layout.category[2].chart[0].multiline.tag) == [r"^grad/encoder/0/[^/]*weight[^/]*/relative$"]
     with pytest.raises(MonitorError, match="needs a torch SummaryWriter"):
         write_custom_scalars(object(), names)
