@@ -178,7 +178,8 @@ class GradientMonitor:
                             Schedule(activations_every), self._warn_from_part, self.kinds)
         # DTensor parameters (FSDP2, HSDP, tensor parallel): collectives at each window's close; every
         # rank must attach (sharding.py). None for plain tensors, DDP included.
-        self._setup.sharding = self._sharding = ShardLayout.of(self.names, self._setup.params, members)
+        self._setup.sharding = self._sharding = ShardLayout.of(self.names, self._setup.params, members,
+                                                               f"nonfinite={bool(nonfinite)}")
         self.parts: dict[str, Part] = {}
         for cls in PARTS:
             part = cls.create(inner, self._setup)

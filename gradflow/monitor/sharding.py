@@ -167,7 +167,7 @@ class ShardLayout:
     ``reduce`` at each window's close, both on every rank in the same order.
     """
 
-    def __init__(self, names: list[str], params: list[torch.Tensor], device: torch.device) -> None:
+    def __init__(self, names: list[str], params: list[torch.Tensor], device: torch.device, parts: str = "") -> None:
         import torch.distributed as dist
 
         if not dist.is_available() or not dist.is_initialized():
@@ -192,7 +192,7 @@ class ShardLayout:
         self._sentinel = torch.zeros(1, device=device)
         self._index: dict[tuple[int, ...], torch.Tensor] = {}   # rows of each pattern of present gradients
         self.timeout = _seconds("GRADFLOW_COLLECTIVE_TIMEOUT", COLLECTIVE_TIMEOUT_S)
-        self._wait_for_every_rank(names, params)
+        self._wait_for_every_rank(names, params, parts)
         self._world_group = dist.new_group(list(range(self.world)), timeout=self.timeout)
         self._process_groups: dict[GroupKey, object] = {}
         for key in self.groups:                          # the same order on every rank (checked above)
@@ -202,8 +202,10 @@ class ShardLayout:
                     self._process_groups[key] = group
 
     @classmethod
-    def of(cls, names: list[str], params: list[torch.Tensor], members: int = 1) -> ShardLayout | None:
+    def of(cls, names: list[str], params: list[torch.Tensor], members: int = 1, parts: str = "") -> ShardLayout | None:
         """The layout of ``params``, or None when none is a DTensor (nothing to reduce: plain DDP).
+        ``parts``: the monitor's parts that take part in the window's collectives (every rank must
+        run the same ones: checked at attach with the layout).
 
         Raises:
             MonitorError: ``members`` > 1 with DTensor parameters, torch.distributed not initialised,
@@ -215,13 +217,13 @@ class ShardLayout:
         if members != 1:
             raise MonitorError(f"members={members} with DTensor (sharded) parameters is not supported; "
                                "monitor each sharded model with members=1")
-        return cls(names, params, local(params[0]).device)
+        return cls(names, params, local(params[0]).device, parts)
 
     # -- attach --------------------------------------------------------------------------
 
     _attaches = 0                                    # attaches in this process: the same sequence on every rank
 
-    def _wait_for_every_rank(self, names: list[str], params: list[torch.Tensor]) -> None:
+    def _wait_for_every_rank(self, names: list[str], params: list[torch.Tensor], parts: str = "") -> None:
         """Every rank must attach, with the same parameters and layout, before any collective: each
         rank writes its layout's fingerprint to the store and waits (``GRADFLOW_ATTACH_TIMEOUT``
         seconds, default 60) for every other rank's. A missing rank or another layout is a
@@ -231,7 +233,7 @@ class ShardLayout:
         ShardLayout._attaches += 1
         store = dist.distributed_c10d._get_default_store()
         prefix = f"gradflow/attach/{ShardLayout._attaches}/"
-        description = repr([(n, tuple(p.shape), str(p.dtype), k) for n, p, k in zip(names, params, self.keys)])
+        description = repr([(n, tuple(p.shape), str(p.dtype), k) for n, p, k in zip(names, params, self.keys)]) + parts
         fingerprint = str(zlib.crc32(description.encode()))
         store.set(prefix + str(self.rank), fingerprint)
         keys = [prefix + str(r) for r in range(self.world)]
@@ -305,7 +307,8 @@ class ShardLayout:
         parameters left alone, and the per-step rows for the norms: hence this step before it.
 
         Collectives, on every rank in the same order: one MAX of the step count over the world, then
-        per group one SUM and one MAX all-reduce, each of one flat float64 tensor.
+        per group one SUM and one MAX all-reduce, each of one flat float64 tensor; with the
+        first-non-finite part, one MAX of its keys over the world.
         ``recorded``: the steps this rank recorded.
         """
         import torch.distributed as dist
@@ -335,6 +338,12 @@ class ShardLayout:
         step_squares[:steps, 0] = rows[:, :, 0].sum(1).to(step_squares.dtype)
         reduced = {"gradients/totals": totals, "gradients/counts": counts.view(tensor["gradients/counts"].shape),
                    "gradients/step_squares": step_squares, "gradients/skipped_nonfinite": skipped}
+        if "nonfinite/keys" in tensor:
+            # The first non-finite source (nonfinite.py): its keys are negated, so MAX over every
+            # rank is the earliest occurrence on any of them (issue 24: the earliest across ranks).
+            keys = tensor["nonfinite/keys"].to(self.device, torch.float64).clone()
+            dist.all_reduce(keys, op=dist.ReduceOp.MAX, group=self._world_group)
+            reduced["nonfinite/keys"] = keys
         if weights is not None:
             reduced["weights/rows"] = weights
             reduced["weights/counts"] = weight_counts.view(tensor["weights/counts"].shape)

@@ -320,6 +320,32 @@ def raise_on_rank1() -> dict:
     return {"error": None}
 
 
+def nonfinite_on_rank1() -> dict:
+    """A NaN planted in rank 1's input at step 2 only (so its ``norm`` goes non-finite first). Rank 0's
+    own first source is a step later (the NaN reaches every rank's weights through the gradient's
+    reduce-scatter); every rank names rank 1's, the earliest on any rank (issue 24)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    torch.manual_seed(0)
+    model = Block()
+    fully_shard(model, mesh=mesh)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    with GradientMonitor(model, None, activations=False, nonfinite=True) as monitor:
+        for step in range(4):
+            x, y = batch(step)
+            if dist.get_rank() == 1 and step == 2:
+                x = x.clone()
+                x[0, 0] = float("nan")
+            optimizer.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            optimizer.step()
+        monitor.log(0)
+    source = monitor.history[-1].first_nonfinite
+    return {"source": None if source is None else [source.module, source.phase, source.step]}
+
+
 CASES = {
     "fsdp-sgd": lambda: fsdp_case(dist.get_world_size(), "sgd", (dist.get_world_size(),)),
     "fsdp-adamw-clip": lambda: fsdp_case(dist.get_world_size(), "adamw", (dist.get_world_size(),), clip=0.5),
@@ -331,6 +357,7 @@ CASES = {
     "uneven-records": uneven_records,
     "attach-rank0-only": attach_rank0_only,
     "raise-on-rank1": raise_on_rank1,
+    "nonfinite-on-rank1": nonfinite_on_rank1,
 }
 
 

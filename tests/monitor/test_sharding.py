@@ -67,7 +67,7 @@ def test_fsdp2_and_tensor_parallel_on_two_ranks(tmp_path):
     SequenceParallel LayerNorm whose gradients are Partial) with SGD and AdamW; a window in which the ranks
     recorded different numbers of steps still closes; then a rank that dies between two steps: the
     other's log() fails with an error instead of waiting."""
-    cases = ["fsdp-adamw-clip", "tp-sgd", "tp-adamw", "uneven-records", "raise-on-rank1"]
+    cases = ["fsdp-adamw-clip", "tp-sgd", "tp-adamw", "uneven-records", "nonfinite-on-rank1", "raise-on-rank1"]
     results, errors = launch(tmp_path, 2, cases)
     for case in cases[:3]:
         check_case(case, results[case])
@@ -81,6 +81,8 @@ def test_fsdp2_and_tensor_parallel_on_two_ranks(tmp_path):
             single["overall"]["total_norm_before_clip"], rel=1e-5)
     uneven = results["uneven-records"]
     assert [r["steps"] for r in uneven] == [2, 1], uneven
+    # the first non-finite source: rank 1's (step 2), on both ranks, though rank 0's own came a step later
+    assert [r["source"] for r in results["nonfinite-on-rank1"]] == [["norm", "forward", 2]] * 2
     died = results["raise-on-rank1"][0]
     assert died is not None and died["error"], errors[0]
 
