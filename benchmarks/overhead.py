@@ -12,6 +12,7 @@ noisy neighbour slows both sides of a ratio alike.
     python benchmarks/overhead.py --models tutorial resnet_cnn --rounds 3
     python benchmarks/overhead.py --models wide --variants gradflow --rounds 9   # bare is always timed
     python benchmarks/overhead.py --clock cpu     # CPU time: steadier on a machine shared with other jobs
+    python benchmarks/overhead.py --device cuda   # on a GPU (wall clock; each round synchronised)
 
 The real-model shapes (issue 15, ``benchmarks/shapes.py``: the zoo's models) step on one fixed batch and close a
 monitor window every 10 steps. ``gradflow/no-activations`` is the monitor without activation
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import copy
+import dataclasses
 import gc
 import os
 import statistics
@@ -112,8 +114,23 @@ def _batches(work: Workload):
 CLOCK = time.perf_counter   # --clock cpu: time.process_time
 
 
+def _synchronize(device: torch.device) -> None:
+    """Wait for the device's queued kernels: a CUDA step's time is when its work is done."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def on_device(work: Workload, device: str) -> Workload:
+    """``work`` with its model and batches on ``device`` (``--device``)."""
+    return dataclasses.replace(work, model=work.model.to(device), inputs=work.inputs.to(device),
+                               targets=work.targets.to(device))
+
+
 def train(work: Workload, model: nn.Module, optimizer, on_step=None, on_epoch=None) -> float:
-    """Seconds for ``work.epochs`` epochs of a plain loop (on CLOCK)."""
+    """Seconds for ``work.epochs`` epochs of a plain loop (on CLOCK; a CUDA device is synchronised
+    before and after, so the time covers the work, not its queueing)."""
+    device = work.inputs.device
+    _synchronize(device)
     start = CLOCK()
     for epoch in range(work.epochs):
         for inputs, targets in _batches(work):
@@ -125,6 +142,7 @@ def train(work: Workload, model: nn.Module, optimizer, on_step=None, on_epoch=No
                 on_step()
         if on_epoch is not None:
             on_epoch(epoch)
+    _synchronize(device)
     return CLOCK() - start
 
 
@@ -268,13 +286,18 @@ def main(argv=None) -> None:
     parser.add_argument("--windows", type=int, default=1, help="monitor windows of 10 steps per round on the "
                         "real-model shapes (default 1); the through-time profile runs every 50th step, so time it "
                         "with --windows 5 (or a multiple): each round then holds one profiled step")
+    parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: where the models train "
+                        "(benchmarks/gpu.sh times them on a GPU)")
     args = parser.parse_args(argv)
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: this machine has no CUDA device (torch {torch.__version__})")
     torch.set_num_threads(args.threads)
     global CLOCK
     CLOCK = time.process_time if args.clock == "cpu" else time.perf_counter
     rounds = 3 if args.quick and args.rounds == 5 else args.rounds
     torch.manual_seed(0)
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.clock} clock, "
+    where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
+    print(f"torch {torch.__version__}, device {where}, {torch.get_num_threads()} threads, {args.clock} clock, "
           f"load average {os.getloadavg()[0]:.1f}")
     table = {}
     for name in args.models:
@@ -282,7 +305,7 @@ def main(argv=None) -> None:
         wanted = args.variants
         if wanted is None and name in SHAPES:      # a peer on resnet18 takes seconds a step: ask by name
             wanted = [v for v in variants("") if v not in PEERS]
-        table[work.name] = measure(work, rounds, wanted)
+        table[work.name] = measure(on_device(work, args.device), rounds, wanted)
     names = sorted({v for ratios in table.values() for v in ratios if v != "bare"},
                    key=lambda v: (v in PEERS, v))
     print(f"\nmonitored / bare, medians of {rounds} interleaved rounds ({args.clock} clock), "
