@@ -64,7 +64,11 @@ class _Tap(LeavesCopiesAlone):
     def __call__(self, module, inputs, output):
         if torch.compiler.is_compiling() or not self.schedule.active:
             return
-        if torch.is_grad_enabled() and isinstance(output, torch.Tensor) and torch._C._current_graph_task_id() == -1:
+        if not torch.is_grad_enabled():
+            self.accumulator.unseen["no_grad"] += 1         # reentrant checkpointing's forward, or no_grad
+        elif torch._C._current_graph_task_id() != -1:
+            self.accumulator.unseen["backward"] += 1        # a checkpoint's recompute inside backward
+        elif isinstance(output, torch.Tensor):
             self.accumulator.take(self.index, output)
         return
 
@@ -175,6 +179,8 @@ class Activations(Part):
         self.pending_elements = 0
         self.tapped = False                           # a recorded step's forward pass was tapped in this window
         self.forward_start: int | None = None         # pending's length when a forward pass still running began
+        self.forwards = 0                             # training forward passes of the model seen in the window
+        self.unseen = {"no_grad": 0, "backward": 0}   # tap calls not taken, by why (no_activations_cause)
         self._plans = _BoundedCache()
         self._slot_rows = _BoundedCache()            # slots of the large outputs reduced together
 
@@ -194,6 +200,7 @@ class Activations(Part):
         halfway, and what it tapped is dropped."""
         self.drop_partial()
         self.forward_start = len(self.pending)
+        self.forwards += 1
 
     def forward_ends(self) -> None:
         self.forward_start = None
@@ -223,6 +230,8 @@ class Activations(Part):
         torch._foreach_zero_([self.moments, self.counts, self.positives, self.linear])
         self.elements[:] = 0
         self.tapped = False
+        self.forwards = 0
+        self.unseen = {"no_grad": 0, "backward": 0}
 
     @torch.no_grad()
     def reduce(self) -> None:
@@ -375,11 +384,35 @@ class Activations(Part):
         return {"moments": Reduced(self.moments), "counts": Reduced(self.counts), "positives": Reduced(self.positives),
                 "linear": Reduced(self.linear)}
 
+    def no_activations_cause(self) -> str:
+        """Why a window whose steps were tapped saw no activation output, told by what the taps
+        and the model's own forward hooks saw (never guessed): no training forward pass of the
+        model at all (steps recorded by hand, or a compiled model, whose forward the monitor sees
+        as a whole); the activation modules called only under no_grad or inside backward
+        (reentrant activation checkpointing: its forward runs without autograd and is recomputed
+        in backward); or training forward passes in which no activation module ran (activations
+        computed with functions, ``F.gelu`` inside a layer's forward)."""
+        if not self.forwards:
+            why = ("no training forward pass of the model was seen in this window: the steps were recorded by hand "
+                   "(record()) without one, or the model ran compiled (torch.compile), whose forward the monitor "
+                   "sees as a whole, so its activation modules are not tapped (a hook inside would recompile)")
+        elif self.unseen["no_grad"] or self.unseen["backward"]:
+            why = (f"the activation modules ran only under no_grad ({self.unseen['no_grad']} calls) or inside "
+                   f"backward ({self.unseen['backward']} calls), as under reentrant activation checkpointing "
+                   "(torch.utils.checkpoint with use_reentrant=True runs the forward without autograd and recomputes "
+                   "it in backward): those outputs are not the training pass's; use_reentrant=False has them tapped")
+        else:
+            names = ", ".join(self.names[:4]) + (" ..." if len(self.names) > 4 else "")
+            why = (f"{self.forwards} training forward passes ran, but none of the activation modules ({names}) did: "
+                   "the model computes its activations with functions (F.gelu, torch.relu inside a forward), which "
+                   "have no module to tap")
+        return NO_ACTIVATIONS + why + STILL
+
     def read(self, values: dict[str, np.ndarray], reader) -> None:
         """Rows ``columns.ACTIVATION`` per tap; a window whose recorded steps were tapped but
         saw no output is said."""
         if self.tapped and not self.elements.any():
-            self.setup.warn("no-activations", NO_ACTIVATIONS)
+            self.setup.warn("no-activations", self.no_activations_cause())
         counts = values["counts"].reshape(-1, S.SIGN_EXPONENT_BINS)
         linear = values["linear"][:-1].reshape(-1, LINEAR_BINS)    # the last count: NaN
         for slot, k, name, path in reader.slots(self.names):
@@ -413,10 +446,8 @@ class Activations(Part):
         return row
 
 
-NO_ACTIVATIONS = ("log(): no activation output was recorded in this window although steps were: either no training "
-                  "forward pass ran in it (steps recorded by hand), or the model runs under torch.compile, where the "
-                  "activation taps stay off (a hook there would recompile every step); gradients and weights are "
-                  "still recorded. Pass activations=False to silence this")
+NO_ACTIVATIONS = "log(): no activation output was recorded in this window although steps were: "
+STILL = "; gradients and weights are still recorded. Pass activations=False to silence this"
 
 
 def choose_taps(model: nn.Module, activations) -> list[tuple[str, nn.Module]]:

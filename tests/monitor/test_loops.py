@@ -12,6 +12,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from monitor_oracle import GradientOracle, assert_matches_oracle, step_statistics
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -335,7 +336,7 @@ def test_compiled_model_causes_no_recompiles_and_says_activations_are_off():
             compiled(torch.randn(8, 4)).pow(2).mean().backward()
             oracle.capture()
             optimizer.step()
-        with pytest.warns(UserWarning, match="under torch.compile, where the activation taps stay off"):
+        with pytest.warns(UserWarning, match=r"the model ran compiled \(torch.compile\)"):
             stats = monitor.log(0)
     assert_matches_oracle(stats, oracle, rtol=1e-4)
     assert sum(counters["graph_break"].values()) == 0
@@ -441,3 +442,55 @@ def test_torch_functions_are_restored_when_the_last_monitor_detaches():
     second.remove()
     second.remove()
     assert torch.nn.utils.clip_grad_norm_ is original_clip and torch.amp.GradScaler.step is original_step
+
+
+# -- activations the monitor cannot tap: said with their true cause ---------------------------------
+
+class _FunctionalGELU(nn.Module):
+    """Owns an nn.GELU but computes F.gelu in its forward: the module never runs."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(4, 16), nn.GELU(), nn.Linear(16, 1)
+
+    def forward(self, x):
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class _Reentrant(nn.Module):
+    """The whole body under reentrant activation checkpointing."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 1))
+
+    def forward(self, x):
+        return checkpoint(self.body, x, use_reentrant=True)
+
+
+@pytest.mark.parametrize("model, cause", [
+    (_FunctionalGELU, "computes its activations with functions"),
+    (_Reentrant, "reentrant activation checkpointing"),
+], ids=["functional-activation", "reentrant-checkpoint"])
+def test_untapped_activations_are_said_with_their_true_cause(model, cause):
+    torch.manual_seed(0)
+    model = model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    with GradientMonitor(model, activations_every=1) as monitor:
+        for _ in range(3):
+            optimizer.zero_grad()
+            model(torch.randn(8, 4, requires_grad=True)).pow(2).mean().backward()
+            optimizer.step()
+        with pytest.warns(UserWarning) as caught:
+            monitor.log(0)
+    (message,) = [str(w.message) for w in caught if "no activation output" in str(w.message)]
+    assert cause in message and "torch.compile" not in message, message
+
+
+def test_steps_recorded_by_hand_without_a_forward_are_said_so():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    model(torch.randn(2, 4)).sum().backward()
+    with GradientMonitor(model, activations_every=1) as monitor:
+        monitor.record()                                          # the gradient of a pass before attaching
+        with pytest.warns(UserWarning, match="no training forward pass of the model was seen"):
+            monitor.log(0)
