@@ -143,9 +143,9 @@ def diagnose(windows: Sequence[Any], losses: Sequence[float] | None = None, *, m
     ev = Evidence(layers, activations, loss, windows, list(losses) if losses is not None else None,
                   output=_output_module(model), loss_fn=optimizer_name(loss_fn))
     checks = run_rules(ev)
-    checks["exploding"], source_notes = with_source(checks["exploding"], windows)   # nonfinite.py (issue 24)
     time, time_notes = check_through_time(windows, loss), []    # recurrent layers (through_time.py, issue 22)
     fold_into_checks(checks, time, time_notes)
+    checks["exploding"], source_notes = with_source(checks["exploding"], windows)   # nonfinite.py (issue 24)
     verdicts = [name for name, check in checks.items() if check["fired"] and name != "insufficient"]
     if checks["insufficient"]["fired"]:
         # Too few windows: said first, so a rule that fired on one window reads as an early sign.

@@ -37,6 +37,7 @@ from torch import nn
 from gradflow.monitor import columns as C
 from gradflow.monitor import stats as S
 from gradflow.monitor.part import Part, Reduced, Setup
+from gradflow.monitor.sharding import local
 from gradflow.monitor.steps import ALL
 from gradflow.monitor.window import tag_path
 
@@ -104,7 +105,7 @@ class Gates(Part):
         """Add the current gradients' per-gate norms as one step (those in ``mask``, if given)."""
         present, views = [], []
         for j, i in enumerate(self.indices):
-            grad = self.params[i].grad
+            grad = local(self.params[i].grad)
             if grad is None or not (mask is None or mask is ALL or mask[i]) or grad.layout != torch.strided:
                 continue
             present.append(j)

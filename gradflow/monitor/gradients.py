@@ -147,9 +147,9 @@ class Gradients(Part):
             self.held.add(mask)
         if not any(pattern) or self._seen(grads[pattern.index(True)], grads[len(pattern) - 1 - pattern[::-1].index(True)]):
             return False
-        if self.sharding is not None:                # local shards, Partial sums resolved (sharding.py)
-            grads = self.sharding.local_grads(self.params, grads, self.recorded)
-        if self.setup.unscale is not None:
+        if self.sharding is not None:                # local shards, Partial sums resolved, unscaled (sharding.py)
+            grads = self.sharding.local_grads(self.params, grads, self.recorded, self.setup.unscale)
+        elif self.setup.unscale is not None:
             grads = [None if g is None else g * self.setup.unscale for g in grads]
         step = self.recorded
         if step >= self.step_squares.shape[0]:       # grow on the device: no host sync

@@ -104,6 +104,8 @@ class ClipTally:
         """Count one call: ``total`` the norm before clipping, ``clipped`` whether it changed a
         gradient (0-d tensors on the gradients' device; nothing is read back to the host)."""
         total = total.detach()
+        if hasattr(clipped, "full_tensor"):       # a DTensor norm's comparison (sharded models): read whole
+            clipped = clipped.full_tensor()
         if hasattr(total, "full_tensor"):          # a DTensor norm of sharded gradients: its full value,
             total = total.full_tensor()            # one collective, inside a clip call every rank makes
         if self.sums is None or self.sums.device != total.device:

@@ -68,6 +68,7 @@ from torch import nn
 from torch.nn.modules.module import register_module_forward_hook
 
 from gradflow.monitor.part import MAX, Part, Reduced, Setup
+from gradflow.monitor.tensors import MonitorError
 
 LOSS = "(loss)"            # the module name of a non-finite dL/d(model output): the loss made it
 FORWARD, BACKWARD = "forward", "backward"
@@ -137,7 +138,13 @@ class FirstNonFinite(Part):
 
     @classmethod
     def create(cls, model: nn.Module, setup: Setup) -> FirstNonFinite | None:
-        return cls(model, setup) if setup.options.get("nonfinite") else None
+        if not setup.options.get("nonfinite"):
+            return None
+        if setup.members != 1:      # the stacked members share each module's output: no member's own source
+            raise MonitorError(f"nonfinite=True is not supported with members={setup.members} (K models stacked "
+                               "in one): a module's output holds every member, so a source could not be told "
+                               "apart by member; monitor one model, or leave nonfinite off")
+        return cls(model, setup)
 
     def __init__(self, model: nn.Module, setup: Setup | torch.device | str) -> None:
         super().__init__(model, setup if isinstance(setup, Setup) else None)

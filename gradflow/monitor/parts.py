@@ -4,7 +4,9 @@ A new statistic is one new file with a ``Part`` subclass (``part.py``) and one l
 Order matters where a part reads what an earlier one wrote: ``Gradients`` first among the
 recording parts (its ``record`` returning False ends a step with no gradient), ``Weights``
 after it (it joins ``weight_*`` columns to the gradient rows), ``ForwardOrder`` before it (its
-hooks go at the first step, whatever it recorded).
+hooks go at the first step, whatever it recorded), ``FirstNonFinite`` after it (its step count
+is the steps ``Gradients`` recorded: ZeroRedundancyOptimizer's or Lookahead's step and their
+inner optimizer's are one).
 """
 
 from __future__ import annotations
@@ -22,8 +24,8 @@ from gradflow.monitor.weights import Weights
 
 PARTS: list[type[Part]] = [
     ForwardOrder,
-    FirstNonFinite,          # before Gradients: every step counts, with a gradient or not
     Gradients,
+    FirstNonFinite,          # after Gradients: a wrapper's step and its inner optimizer's count once
     Clipping,
     Weights,
     Gates,

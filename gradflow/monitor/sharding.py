@@ -257,17 +257,21 @@ class ShardLayout:
 
     @torch.no_grad()
     def local_grads(self, params: list[torch.Tensor], grads: list[torch.Tensor | None],
-                    step: int) -> list[torch.Tensor | None]:
+                    step: int, unscale: torch.Tensor | None = None) -> list[torch.Tensor | None]:
         """This rank's shard of each gradient (None stays None), after redistributing any gradient
         whose placements differ from its parameter's (``Partial`` sums become the values the
         optimizer applies; one DTensor collective per such gradient, on every rank). Records the
-        step's local squared norm and largest |g| of each parameter at row ``step``: no host sync."""
+        step's local squared norm and largest |g| of each parameter at row ``step``: no host sync.
+        ``unscale``: 1 / the GradScaler's scale while a fused optimizer's gradients are still
+        scaled; the local gradients (and so the rows) are multiplied by it."""
         out: list[torch.Tensor | None] = []
         for p, g in zip(params, grads):
             if g is not None and is_dtensor(g):
                 if is_dtensor(p) and tuple(g.placements) != tuple(p.placements):
                     g = g.redistribute(p.device_mesh, p.placements)
                 g = g.to_local()
+            if g is not None and unscale is not None:
+                g = g * unscale
             out.append(g)
         present = [i for i, g in enumerate(out) if g is not None]
         if not present:

@@ -417,7 +417,14 @@ class ThroughTimePart(Part):
 
     @classmethod
     def create(cls, model: nn.Module, setup: Setup) -> ThroughTimePart | None:
-        if not setup.options.get("through_time", True) or setup.members != 1 or not recurrent_modules(model):
+        if not setup.options.get("through_time", True) or not recurrent_modules(model):
+            return None
+        if setup.members != 1 or getattr(setup, "sharding", None) is not None:
+            # A stacked (members > 1) or sharded (DTensor) recurrent layer cannot be unrolled cell by
+            # cell with its own weights: said, and left out; every other part still records.
+            why = f"members={setup.members}" if setup.members != 1 else "DTensor (sharded) parameters"
+            setup.warn("time-unsupported", f"gradient through time is not recorded with {why}: the recurrence "
+                       "cannot be recomputed cell by cell there (Window.time stays empty)")
             return None
         return cls(model, setup)
 
@@ -434,6 +441,12 @@ class ThroughTimePart(Part):
         self.recorder.record()
         self.seen += 1
         self.recorder.active = self.seen % self.every == 0
+
+    def skip(self, mask) -> None:
+        """A step a GradScaler skipped (an overflow): its profiled passes' gradients are still
+        scaled and may be inf; they are dropped, not averaged in."""
+        for entry in self.recorder.modules:
+            entry.pending = []
 
     def fold(self) -> None:
         self.recorder.record()

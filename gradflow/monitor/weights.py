@@ -71,6 +71,10 @@ class Weights(Part):
 
     def _fold(self, now: torch.Tensor, start: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows [sum |w|, sum w², sum (w - start)², sum start²] and counts of each member."""
+        if length == 0:       # an empty shard (a DTensor's, on some ranks): nothing to add, one row per member
+            members = self.members
+            return (torch.zeros(members, 4, dtype=S.wide_dtype(now.device), device=now.device),
+                    torch.zeros(members, S.SIGN_EXPONENT_BINS, dtype=torch.int64, device=now.device))
         kernels = S.fused_kernels(now.device)
         if kernels is not None and now.dtype == torch.float32 and start.dtype == torch.float32:
             lengths = np.full(now.numel() // length, length, dtype=np.int64)

@@ -311,3 +311,17 @@ def test_leaving_with_after_a_failed_write_raises_nothing_more():
             monitor.log(0)
     assert not monitor.attached and _hook_counts(model) == {name: (0, 0) for name, _ in model.named_modules()}
     monitor.remove()                                          # again: nothing to do, nothing raised
+
+
+def test_an_empty_parameter_is_recorded_without_error():
+    """A zero-size parameter (a DTensor's empty shard on some ranks looks the same locally): the
+    weights part adds nothing for it and the window still closes."""
+    model = nn.Sequential(nn.Linear(3, 2), nn.Linear(2, 1))
+    model.register_parameter("empty", nn.Parameter(torch.zeros(0)))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with GradientMonitor(model, None) as monitor:
+        optimizer.zero_grad()
+        (model(torch.ones(4, 3)).sum() + model.empty.sum()).backward()
+        optimizer.step()
+        rows = monitor.log(0)
+    assert monitor.history[-1].weights["empty"]["norm"] == 0.0 and rows["0.weight"]["steps"] == 1

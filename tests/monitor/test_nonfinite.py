@@ -359,3 +359,38 @@ def test_the_monitor_reports_a_skipped_amp_step_as_an_overflow():
     assert window.first_overflow == Source("dense_2", "forward", 2)
     notes = diagnose(monitor.history).evidence["notes"]
     assert any("first overflow that a GradScaler skipped came from dense_2 (forward) at step 2" in n for n in notes)
+
+
+@pytest.mark.parametrize("wrap", ["lookahead", "plain"])
+def test_a_wrapper_step_and_its_inner_step_count_as_one_step(wrap):
+    """A Lookahead-style optimizer steps its inner optimizer inside its own step: two optimizer
+    steps, one training step. The source's step is the training step's, as the monitor's
+    window counts it (a NaN planted before the 4th step: step 3, not 6)."""
+    from test_core import Lookahead
+
+    from gradflow import GradientMonitor
+
+    model = mlp()
+    inner = torch.optim.SGD(model.parameters(), lr=1e-3)
+    optimizer = Lookahead(inner) if wrap == "lookahead" else inner
+    x, y = torch.randn(8, 4, generator=torch.Generator().manual_seed(1)), torch.randn(8, 1)
+    plant = plant_bias(model.dense_3, 3, float("nan"))
+    with GradientMonitor(model, None, nonfinite=True, activations=False) as monitor:
+        for step in range(5):
+            plant(step)
+            optimizer.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            optimizer.step()
+        monitor.log(0)
+    window = monitor.history[-1]
+    assert window.steps == 5
+    assert window.first_nonfinite == Source("dense_3", "forward", 3)
+
+
+def test_nonfinite_with_stacked_members_is_refused_at_attach():
+    from gradflow import GradientMonitor, MonitorError
+
+    model = nn.Linear(4, 2)             # every parameter has a leading dimension of 2: two stacked members
+    with pytest.raises(MonitorError, match="nonfinite=True is not supported with members=2"):
+        GradientMonitor(model, None, members=2, nonfinite=True)
+    assert not model._forward_hooks and not model._forward_pre_hooks
