@@ -168,11 +168,15 @@ def check_exploding(ev: Evidence) -> dict[str, Any]:
     """Non-finite gradients or loss; huge weight updates; clipping that hides an explosion; one
     step's gradient far above the early ones; a hidden layer far larger than the head; a
     GradScaler that keeps skipping (``_overflow``). The first that fires names the mechanism."""
+    notes = []
     for found in (_nonfinite(ev), _huge_update(ev), _clipping(ev), _spike(ev), _larger_than_head(ev), _overflow(ev)):
         if found["fired"]:
             return found
+        if found.get("note"):
+            notes.append(found["note"])
     largest = _huge_update(ev)
-    return _check(False, f"all finite; {largest['why'].rpartition('; ')[2]}", largest["value"], EXPLODING_UPDATE)
+    return _check(False, f"all finite; {largest['why'].rpartition('; ')[2]}", largest["value"], EXPLODING_UPDATE,
+                  "; ".join(notes) or None)
 
 
 def _nonfinite(ev: Evidence) -> dict[str, Any]:
@@ -241,8 +245,14 @@ def _spike(ev: Evidence) -> dict[str, Any]:
         return _spike_from_layers(ev)
     index = int(np.nanargmax(peaks))
     growth = peaks[index] / base
-    return _check(growth > GRADIENT_GROWTH, f"the largest one-step gradient norm (window {index}) is "
-                                            f"{_times(growth)} the early norm per step", float(growth), GRADIENT_GROWTH)
+    why = f"the largest one-step gradient norm (window {index}) is {_times(growth)} the early norm per step"
+    drop = loss_drop(ev.loss)
+    if growth > GRADIENT_GROWTH and drop is not None and drop >= STALL_DROP:
+        # A spike the run recovered from (a learning LSTM at T=100: 2,400x in one step, loss to 0.01)
+        # is not an explosion by itself: a verdict with harm, the loss stalled (or no loss to tell).
+        return _check(False, why, float(growth), GRADIENT_GROWTH,
+                      note=f"{why}, but the loss still fell {drop:.0%}: a spike the run recovered from")
+    return _check(growth > GRADIENT_GROWTH, why, float(growth), GRADIENT_GROWTH)
 
 
 def _spike_from_layers(ev: Evidence) -> dict[str, Any]:

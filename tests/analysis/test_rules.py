@@ -201,7 +201,10 @@ def test_a_one_step_spike_is_read_per_step_not_averaged_over_its_window():
     # one step of 16 at 2 * GRADIENT_GROWTH: the window's mean is only 1/8 of that
     windows[6].overall.update(total_norm=1.0 + 2 * GRADIENT_GROWTH / 16, total_norm_max=2 * GRADIENT_GROWTH)
     assert windows[6].overall["total_norm"] < GRADIENT_GROWTH
-    assert "exploding" in diagnose(windows, FALLING[:10]).verdicts
+    assert "exploding" in diagnose(windows, FLAT[:10]).verdicts          # with harm: the loss stalled
+    learned = diagnose(windows, FALLING[:10])                             # recovered: a note, not a verdict
+    assert "exploding" not in learned.verdicts
+    assert any("a spike the run recovered from" in note for note in learned.evidence["notes"])
 
 
 def test_saturation_at_either_end_of_a_bounded_activation():
