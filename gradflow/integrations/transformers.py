@@ -152,6 +152,7 @@ class GradflowTrainerCallback(_tf.TrainerCallback):
         writes = state.is_world_process_zero         # every process attaches; the main one writes
         if writes:
             self._find_outputs(args)
+        self.recorder.losses = []                    # per train(): the Trainer restarts its loss log
         self.recorder.start(model, writes=writes, step=state.global_step,
                             tensorboards=[self.writer] if self.writer is not None else [],
                             reports=[self._report] if self._reporters else [])
