@@ -64,8 +64,9 @@ class GradflowTrainerCallback(_tf.TrainerCallback):
       the verdict as text) into the Trainer's TensorBoard directory (or ``log_dir``), so it shows in
       the same run. Passed in ``callbacks=[...]``, the callback is never handed the Trainer, so it
       computes that directory as the ``TensorBoardCallback`` does (``TENSORBOARD_LOGGING_DIR``, else
-      ``output_dir/runs/<time>_<host>``, the time to the second, read microseconds after the
-      Trainer's); added with ``callback.attach(trainer)``, it reads the directory from that callback;
+      ``output_dir/runs/<time>_<host>``, the time to the second: the directory named a second
+      earlier when that one exists and the current one does not); added with
+      ``callback.attach(trainer)``, it reads the directory from that callback;
     - the Trainer's other reporting callbacks (wandb, mlflow, ...) get the scalars through their
       ``on_log``, at the Trainer's ``global_step``, when the callback was added with
       ``attach(trainer)`` (which gives it ``trainer.callback_handler.callbacks``). Passed in
@@ -232,9 +233,22 @@ def _tensorboard_dir(args: Any, tensorboard: list[Any]) -> str:
         return args.logging_dir
     if os.getenv("TENSORBOARD_LOGGING_DIR"):
         return os.path.expanduser(os.environ["TENSORBOARD_LOGGING_DIR"])
+    return _default_tensorboard_dir(args.output_dir)
+
+
+def _default_tensorboard_dir(output_dir: str) -> str:
+    """``output_dir/runs/<time>_<host>`` (transformers' ``default_logdir``, to the second). The
+    ``TensorBoardCallback`` made its directory in its ``on_train_begin``, just before ours: if the
+    clock's second turned in between, that directory is the one named a second earlier."""
+    import socket
+    from datetime import datetime, timedelta
+
     from transformers.integrations.integration_utils import default_logdir
 
-    return os.path.join(args.output_dir, default_logdir())
+    now = os.path.join(output_dir, default_logdir())
+    before = (datetime.now() - timedelta(seconds=1)).strftime("%b%d_%H-%M-%S")
+    earlier = os.path.join(output_dir, "runs", f"{before}_{socket.gethostname()}")
+    return earlier if not os.path.isdir(now) and os.path.isdir(earlier) else now
 
 
 def _logging_steps(args: Any, state: Any) -> int:

@@ -155,6 +155,23 @@ def test_attached_it_writes_into_the_tensorboard_callbacks_own_directory(tmp_pat
     assert scalar_series(tensorboard(board.logging_dir), "grad/total_norm").keys() == {2}
 
 
+def test_the_default_directory_is_the_one_made_a_second_earlier_when_the_clock_turned(tmp_path):
+    """In callbacks=[...], the TensorBoardCallback named its directory (to the second) just before
+    ours: if the second turned in between, ours is the one a second back, not a new one."""
+    import socket
+    from datetime import datetime, timedelta
+
+    from gradflow.integrations.transformers import _default_tensorboard_dir
+
+    for _ in range(3):           # the clock may turn again between making the directory and the call
+        earlier = (datetime.now() - timedelta(seconds=1)).strftime("%b%d_%H-%M-%S")
+        made = tmp_path / "runs" / f"{earlier}_{socket.gethostname()}"
+        made.mkdir(parents=True, exist_ok=True)
+        if _default_tensorboard_dir(str(tmp_path)) == str(made):
+            return
+    pytest.fail(f"{_default_tensorboard_dir(str(tmp_path))} is not the directory made a second earlier")
+
+
 def test_attach_refuses_what_is_not_a_trainer():
     with pytest.raises(MonitorError, match="attach needs a transformers Trainer .* got object"):
         GradflowTrainerCallback().attach(object())
