@@ -1,4 +1,5 @@
-"""What the framework callbacks share: the missing-extra error and the verdict at the end."""
+"""What the framework callbacks share besides the ``Recorder``: the missing-extra error, argument
+checks, the verdict at the end and the recorder's attributes under the callbacks' names."""
 
 from __future__ import annotations
 
@@ -73,3 +74,9 @@ def check_positive_int(name: str, value: Any, allow_none: bool = True) -> None:
         return
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
         raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
+
+
+def recorder_attribute(name: str, doc: str) -> property:
+    """A callback attribute that reads and sets ``self.recorder.<name>`` (``callback.monitor``, ...)."""
+    return property(lambda self: getattr(self.recorder, name),
+                    lambda self, value: setattr(self.recorder, name, value), doc=doc)

@@ -7,53 +7,7 @@ Add one callback; it writes to the loggers the trainer already has:
     >>> trainer.fit(model)                                                 # doctest: +SKIP
     Verdict: healthy
 
-Where it records. Lightning steps every optimizer with a closure (forward and backward run inside
-``optimizer.step``), so an optimizer hook sees the previous step's gradient. The callback records in
-``on_before_optimizer_step``, which Lightning calls after the closure: after gradient accumulation
-(once per optimizer step, not per micro-batch), after DDP's all-reduce, unscaled under AMP
-(``16-mixed``; not for fused optimizers that unscale inside ``step``), and before
-``gradient_clip_val`` clips. The per-layer rows and ``grad/total_norm`` therefore describe the raw
-gradient; where Lightning then clips, the monitor's watch of ``clip_grad_norm_`` (or, with
-``gradient_clip_algorithm="value"``, ``clip_grad_value_``: the L2 norm before clamping, and a step
-counts as clipped when a value was clamped) adds ``grad/total_norm_before_clip`` and
-``grad/clipped_steps``. Manual optimization works the same way:
-``optimizer.step()`` in ``training_step`` calls the same hook, so there the callback records after
-whatever ``self.clip_gradients(...)`` the step did before ``optimizer.step()`` (the gradient applied),
-and ``grad/total_norm_before_clip`` still gives the norm before it. With several optimizers each step
-records only the parameters of the optimizer that steps.
-
-What it writes, every ``log_every_n_steps`` optimizer steps (the trainer's own cadence unless
-``every_n_steps`` is given), on global rank zero only. The monitor attaches on every rank and every
-rank closes the same windows: under DDP their gradients are the same all-reduced ones; under
-``ModelParallelStrategy`` or FSDP2 each rank holds shards, and closing a window reduces them with
-collectives every rank joins (``gradflow.monitor.sharding``; docs/sharding.md):
-
-=====================================  ===========================================================
-key                                    value (each a mean over the window's optimizer steps)
-=====================================  ===========================================================
-``grad/LAYER/PARAM/mean_abs``          mean |g| over the parameter's elements
-``grad/LAYER/PARAM/norm``              L2 norm of the parameter's gradient
-``grad/LAYER/PARAM/max_abs``           largest |g|
-``grad/LAYER/PARAM/mean``              mean g
-``grad/LAYER/PARAM/zero_fraction``     share of exact zeros (over all steps' elements)
-``grad/LAYER/PARAM/nonfinite``         count of NaN/inf elements (a sum, not a mean)
-``grad/total_norm``                    L2 norm over all parameters, as ``clip_grad_norm_`` computes it
-``grad/total_norm_before_clip``        the L2 norm before clipping (what ``clip_grad_norm_`` returned)
-``grad/clipped_steps``                 steps whose norm exceeded the clip value
-``grad/skipped_steps``                 steps the AMP GradScaler skipped on overflow
-``weight/LAYER/PARAM/{l1,norm}``       weight norms at the window's end (``weights=True``)
-``weight/LAYER/PARAM/update_ratio``    ||w_end - w_start|| / ||w_start|| over the window
-``activation/MODULE/...``              saturation / dead-unit statistics (``activations=True``)
-``grad/LAYER/PARAM`` (histogram)       gradient values; ``1_grad_log10/...``: log10 |g|
-``weight/...``, ``activation/...``     histograms of weights and activation outputs
-``diagnosis`` (text; TensorBoard), ``diagnosis/<verdict>`` (1.0 or 0.0; other loggers)  the verdict and its evidence, once, at fit end
-=====================================  ===========================================================
-
-``LAYER/PARAM`` is the parameter's name in the LightningModule with ``.`` -> ``/``. A
-``TensorBoardLogger`` gets all of these (through its ``.experiment`` SummaryWriter); any other
-logger gets the scalars through its ``log_metrics``. The window's step is the count of optimizer
-steps so far (``trainer.global_step`` with one optimizer). At fit end the callback prints the
-verdict's line, writes the verdict to the loggers and keeps it as ``callback.diagnosis``.
+The key table, and where it records: ``help(GradflowCallback)``.
 """
 
 from __future__ import annotations
@@ -61,7 +15,7 @@ from __future__ import annotations
 from typing import Any
 
 from gradflow.integrations import _common
-from gradflow.monitor import GradientMonitor
+from gradflow.integrations.recorder import Recorder
 
 
 def _framework() -> Any:
@@ -81,28 +35,6 @@ def is_tensorboard_logger(logger: Any) -> bool:
     return any(cls.__name__ == "TensorBoardLogger" for cls in type(logger).__mro__)
 
 
-def logger_writer(loggers: list[Any]) -> Any:
-    """One writer for the monitor: each TensorBoardLogger's SummaryWriter, ``log_metrics`` of the rest."""
-    from gradflow.monitor.sinks import ScalarSink, TeeSink
-
-    writers = [logger.experiment if is_tensorboard_logger(logger) else ScalarSink(logger.log_metrics)
-               for logger in loggers]
-    if not writers:
-        return None
-    return TeeSink(*writers)
-
-
-def write_diagnosis(diagnosis: Any, loggers: list[Any], step: int) -> None:
-    """The verdict as TensorBoard text; ``diagnosis/<verdict>`` flags to other loggers."""
-    api = _common.diagnosis_api()
-    for logger in loggers:
-        if is_tensorboard_logger(logger):
-            api.write_to_tensorboard(diagnosis, logger.experiment, step)
-            logger.experiment.flush()
-        else:
-            logger.log_metrics(api.verdict_scalars(diagnosis), step)
-
-
 class GradflowCallback(_pl.Callback):
     """Records the gradient each optimizer step applies; writes windows and a verdict to the loggers.
 
@@ -117,6 +49,61 @@ class GradflowCallback(_pl.Callback):
             names it (``GradientMonitor(nonfinite=True)``; off by default: see its cost there).
         verbose: print the verdict's line at fit end.
 
+    Raises:
+        ValueError: an argument of the wrong type or range, at construction.
+
+    A thin adapter: the life cycle (attach, windows, losses, verdict, remove) is
+    ``gradflow.integrations.recorder.Recorder``; this class maps Lightning's hooks onto it.
+
+    Where it records. Lightning steps every optimizer with a closure (forward and backward run inside
+    ``optimizer.step``), so an optimizer hook sees the previous step's gradient. The callback records in
+    ``on_before_optimizer_step``, which Lightning calls after the closure: after gradient accumulation
+    (once per optimizer step, not per micro-batch), after DDP's all-reduce, unscaled under AMP
+    (``16-mixed``; not for fused optimizers that unscale inside ``step``), and before
+    ``gradient_clip_val`` clips. The per-layer rows and ``grad/total_norm`` therefore describe the raw
+    gradient; where Lightning then clips, the monitor's watch of ``clip_grad_norm_`` (or, with
+    ``gradient_clip_algorithm="value"``, ``clip_grad_value_``: the L2 norm before clamping, and a step
+    counts as clipped when a value was clamped) adds ``grad/total_norm_before_clip`` and
+    ``grad/clipped_steps``. Manual optimization works the same way:
+    ``optimizer.step()`` in ``training_step`` calls the same hook, so there the callback records after
+    whatever ``self.clip_gradients(...)`` the step did before ``optimizer.step()`` (the gradient applied),
+    and ``grad/total_norm_before_clip`` still gives the norm before it. With several optimizers each step
+    records only the parameters of the optimizer that steps.
+
+    What it writes, every ``log_every_n_steps`` optimizer steps (the trainer's own cadence unless
+    ``every_n_steps`` is given), on global rank zero only. The monitor attaches on every rank and every
+    rank closes the same windows: under DDP their gradients are the same all-reduced ones; under
+    ``ModelParallelStrategy`` or FSDP2 each rank holds shards, and closing a window reduces them with
+    collectives every rank joins (``gradflow.monitor.sharding``; docs/sharding.md):
+
+    =====================================  ===========================================================
+    key                                    value (each a mean over the window's optimizer steps)
+    =====================================  ===========================================================
+    ``grad/LAYER/PARAM/mean_abs``          mean |g| over the parameter's elements
+    ``grad/LAYER/PARAM/norm``              L2 norm of the parameter's gradient
+    ``grad/LAYER/PARAM/max_abs``           largest |g|
+    ``grad/LAYER/PARAM/mean``              mean g
+    ``grad/LAYER/PARAM/zero_fraction``     share of exact zeros (over all steps' elements)
+    ``grad/LAYER/PARAM/nonfinite``         count of NaN/inf elements (a sum, not a mean)
+    ``grad/total_norm``                    L2 norm over all parameters, as ``clip_grad_norm_`` computes it
+    ``grad/total_norm_before_clip``        the L2 norm before clipping (what ``clip_grad_norm_`` returned)
+    ``grad/clipped_steps``                 steps whose norm exceeded the clip value
+    ``grad/skipped_steps``                 steps the AMP GradScaler skipped on overflow
+    ``weight/LAYER/PARAM/{l1,norm}``       weight norms at the window's end (``weights=True``)
+    ``weight/LAYER/PARAM/update_ratio``    ||w_end - w_start|| / ||w_start|| over the window
+    ``activation/MODULE/...``              saturation / dead-unit statistics (``activations=True``)
+    ``grad/LAYER/PARAM`` (histogram)       gradient values; ``1_grad_log10/...``: log10 |g|
+    ``weight/...``, ``activation/...``     histograms of weights and activation outputs
+    ``diagnosis`` (text; TensorBoard)      the verdict and its evidence, once, at fit end
+    ``diagnosis/<verdict>``                1.0 or 0.0, once, at fit end (other loggers)
+    =====================================  ===========================================================
+
+    ``LAYER/PARAM`` is the parameter's name in the LightningModule with ``.`` -> ``/``. A
+    ``TensorBoardLogger`` gets all of these (through its ``.experiment`` SummaryWriter); any other
+    logger gets the scalars through its ``log_metrics``. The window's step is the count of optimizer
+    steps so far (``trainer.global_step`` with one optimizer). At fit end the callback prints the
+    verdict's line, writes the verdict to the loggers and keeps it as ``callback.diagnosis``.
+
     Example:
         >>> callback = GradflowCallback(every_n_steps=50)
         >>> trainer = lightning.Trainer(callbacks=[callback], gradient_clip_val=1.0)   # doctest: +SKIP
@@ -127,93 +114,43 @@ class GradflowCallback(_pl.Callback):
     def __init__(self, every_n_steps: int | None = None, *, histograms: bool | int = True, weights: bool = True,
                  activations: bool = True, verbose: bool = True, nonfinite: bool = False) -> None:
         _common.check_positive_int("every_n_steps", every_n_steps)
-        _common.check_histograms(histograms)
-        for name, value in (("weights", weights), ("activations", activations),
-                            ("verbose", verbose), ("nonfinite", nonfinite)):
-            if not isinstance(value, bool):
-                raise ValueError(f"{name} must be True or False, got {value!r}")
+        self.recorder = Recorder(histograms=histograms, weights=weights, activations=activations,
+                                 nonfinite=nonfinite, verbose=verbose)
         self.every_n_steps = every_n_steps
         self.histograms, self.weights, self.activations, self.verbose = histograms, weights, activations, verbose
         self.nonfinite = nonfinite
-        self.monitor: GradientMonitor | None = None
-        self.diagnosis: Any = None
-        self.steps = 0              # optimizer steps recorded, over every fit (kept in checkpoints)
-        self.windows = 0            # windows written
-        self.losses: list[float] = []  # mean training loss of each window (what training_step returned)
-        self._loss_sum, self._loss_count = None, 0
-        self._logged_at = 0         # self.steps when the last window closed
-        self._recording = False     # between attach and remove (on every rank)
-        self._writes = False        # global rank zero: writes windows and the verdict
-        self._loggers: list[Any] = []
 
-    # -- life cycle -----------------------------------------------------------------------
+    # What the recorder holds, under the names the callback always had.
+    monitor = _common.recorder_attribute("monitor", "the GradientMonitor of the latest fit (None before one)")
+    diagnosis = _common.recorder_attribute("diagnosis", "the verdict of the latest fit (None without a window)")
+    losses = _common.recorder_attribute("losses", "mean training loss of each window (what training_step returned)")
+    steps = _common.recorder_attribute("steps", "optimizer steps recorded, over every fit (kept in checkpoints)")
+    windows = _common.recorder_attribute("windows", "windows written (kept in checkpoints)")
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
-        # Every rank attaches (a sharded model's windows close with collectives); rank zero writes.
-        self.diagnosis = None
-        self._logged_at = self.steps
-        self._writes = trainer.is_global_zero
-        self._loggers = list(trainer.loggers) if self._writes else []
-        self.monitor = GradientMonitor(pl_module, logger_writer(self._loggers), automatic=False,
-                                       histograms=self.histograms, weights=self.weights,
-                                       activations=self.activations, nonfinite=self.nonfinite)
-        self._recording = True
-        self._loss_sum, self._loss_count = None, 0
-
-    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
-        if self.monitor is None:
-            return
-        try:
-            if self.steps > self._logged_at:
-                self._write()
-            self.diagnosis = _common.diagnose(self.monitor, self.losses)
-            if self.diagnosis is not None and self._writes:
-                if self.verbose:
-                    print(f"gradflow: {self.diagnosis.line()}")
-                write_diagnosis(self.diagnosis, self._loggers, self.steps)
-        finally:
-            self._remove()
-
-    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
-        self._remove()
-
-    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
-        self._remove()
-
-    def _remove(self) -> None:
-        self._recording = False
-        if self.monitor is not None:
-            self.monitor.remove()
-        self._loggers = []
-
-    # -- recording ------------------------------------------------------------------------
+        loggers = list(trainer.loggers) if trainer.is_global_zero else []   # rank zero writes
+        self.recorder.start(pl_module, writes=trainer.is_global_zero, step=self.steps,
+                            tensorboards=[lg.experiment for lg in loggers if is_tensorboard_logger(lg)],
+                            reports=[lg.log_metrics for lg in loggers if not is_tensorboard_logger(lg)])
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
-        if not self._recording:
-            return
-        optimizer = getattr(optimizer, "optimizer", optimizer)
         # Under 16-mixed the scaler has unscaled by now and decides on overflow right after this hook.
-        skipped = _common.step_skipped(getattr(trainer.precision_plugin, "scaler", None), optimizer)
-        self.monitor.record(optimizer=optimizer, skipped=skipped)
-        self.steps += 1
+        self.recorder.record(optimizer, getattr(trainer.precision_plugin, "scaler", None))
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        loss = _common.loss_of(outputs)
-        if self._recording and loss is not None:       # summed on the device: read once per window
-            self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
-            self._loss_count += 1
+        self.recorder.add_loss(_common.loss_of(outputs))
         # After the step is applied, so the window's weight update includes its last step.
-        every = self.every_n_steps or trainer.log_every_n_steps    # 0: no logging but the last window
-        if self._recording and every and self.steps // every > self._logged_at // every:
-            self._write()
+        if self.recorder.due(self.steps, self.every_n_steps or trainer.log_every_n_steps):  # 0: last window only
+            self.recorder.write(self.steps)
 
-    def _write(self) -> None:
-        if self._loss_count:
-            self.losses.append(float(self._loss_sum) / self._loss_count)
-            self._loss_sum, self._loss_count = None, 0
-        self.monitor.log(self.steps)
-        self._logged_at = self.steps
-        self.windows += 1
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        self.recorder.finish(self.steps)
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self.recorder.remove()
+
+    def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
+        self.recorder.remove()
 
     # -- checkpoints ----------------------------------------------------------------------
 
@@ -224,4 +161,4 @@ class GradflowCallback(_pl.Callback):
         self.steps = int(state_dict.get("steps", 0))
         self.windows = int(state_dict.get("windows", 0))
         self.losses = [float(v) for v in state_dict.get("losses", [])]
-        self._logged_at = self.steps
+        self.recorder.logged_at = self.steps

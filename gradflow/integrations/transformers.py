@@ -6,59 +6,18 @@ Hugging Face ``Trainer``.
     >>> trainer.train()                                                                          # doctest: +SKIP
     gradflow: Verdict: healthy
 
-Where it records. The Trainer clips (``max_grad_norm``) and then calls ``on_pre_optimizer_step``
-right before ``optimizer.step()``; the callback records there, once per optimizer step (so once
-per ``gradient_accumulation_steps`` micro-batches), after DDP's all-reduce and AMP's unscaling.
-The per-layer rows and ``grad/total_norm`` therefore describe the gradient the optimizer applies,
-*after clipping*; the norm before clipping, the one the Trainer logs as ``grad_norm``, comes from
-the monitor's watch of torch's clipping (accelerate >= 1.10 clips through ``get_total_norm`` +
-``clip_grads_with_norm_``; ``monitor/interception.py``) as ``grad/total_norm_before_clip``, with
-``grad/clipped_steps``.
-
-Where it writes, every ``logging_steps`` optimizer steps (or ``every_n_steps``), from the main
-process only (``state.is_world_process_zero``). Every process attaches a monitor and closes the same
-windows: a sharded (FSDP2) model's windows close with collectives every rank joins
-(docs/sharding.md). DeepSpeed is refused at ``on_train_begin`` (ZeRO keeps gradients outside
-``p.grad`` and steps inside ``backward``):
-
-- ``report_to`` includes tensorboard: everything (scalars, histograms, the verdict as text) into
-  the same directory as the Trainer's ``TensorBoardCallback``, so it shows in the same run;
-- otherwise: the scalars go to the Trainer's other reporting callbacks (wandb, mlflow, ...) through
-  their ``on_log``, at the Trainer's ``global_step``.
-
-=====================================  ===========================================================
-key                                    value (each a mean over the window's optimizer steps)
-=====================================  ===========================================================
-``grad/LAYER/PARAM/mean_abs``          mean |g| over the parameter's elements (after clipping)
-``grad/LAYER/PARAM/norm``              L2 norm of the parameter's gradient
-``grad/LAYER/PARAM/max_abs``           largest |g|
-``grad/LAYER/PARAM/mean``              mean g
-``grad/LAYER/PARAM/zero_fraction``     share of exact zeros (over all steps' elements)
-``grad/LAYER/PARAM/nonfinite``         count of NaN/inf elements (a sum, not a mean)
-``grad/total_norm``                    L2 norm over all parameters of the applied gradient
-``grad/total_norm_before_clip``        the Trainer's ``grad_norm`` (the norm its clipping computed)
-``grad/clipped_steps``                 steps whose norm exceeded ``max_grad_norm``
-``grad/skipped_steps``                 steps the AMP GradScaler skipped on overflow
-``weight/LAYER/PARAM/{l1,norm}``       weight norms at the window's end (``weights=True``)
-``weight/LAYER/PARAM/update_ratio``    ||w_end - w_start|| / ||w_start|| over the window
-``activation/MODULE/...``              saturation / dead-unit statistics (``activations=True``)
-``grad/LAYER/PARAM`` (histogram)       gradient values; ``1_grad_log10/...``: log10 |g| (TensorBoard)
-``diagnosis`` (text; TensorBoard)      the verdict and its evidence, once, at the end of training
-``diagnosis/<verdict>``                1.0 or 0.0, at the end of training (other loggers)
-=====================================  ===========================================================
-
-The Trainer has no hook for a failed ``train()``: if training raises, the monitor stays attached
-until this callback's next ``on_train_begin`` or ``callback.remove()``.
+The key table, where it records and where it writes: ``help(GradflowTrainerCallback)``.
 """
 
 from __future__ import annotations
 
 import os
-import sys
+import warnings
 from typing import Any
 
 from gradflow.integrations import _common
-from gradflow.monitor import GradientMonitor, MonitorError
+from gradflow.integrations.recorder import Recorder
+from gradflow.monitor import MonitorError
 
 _tf = _common.require("transformers", "transformers")
 _common.require("accelerate", "transformers")
@@ -79,162 +38,180 @@ class GradflowTrainerCallback(_tf.TrainerCallback):
             names it (``GradientMonitor(nonfinite=True)``; off by default: see its cost there).
         verbose: print the verdict's line at the end of training.
 
+    Raises:
+        ValueError: an argument of the wrong type or range, at construction.
+        MonitorError: a DeepSpeed run, at ``on_train_begin``.
+
+    A thin adapter: the life cycle (attach, windows, losses, verdict, remove) is
+    ``gradflow.integrations.recorder.Recorder``; this class maps the Trainer's hooks onto it.
+
+    Where it records. The Trainer clips (``max_grad_norm``) and then calls ``on_pre_optimizer_step``
+    right before ``optimizer.step()``; the callback records there, once per optimizer step (so once
+    per ``gradient_accumulation_steps`` micro-batches), after DDP's all-reduce and AMP's unscaling.
+    The per-layer rows and ``grad/total_norm`` therefore describe the gradient the optimizer applies,
+    *after clipping*; the norm before clipping, the one the Trainer logs as ``grad_norm``, comes from
+    the monitor's watch of torch's clipping (accelerate >= 1.10 clips through ``get_total_norm`` +
+    ``clip_grads_with_norm_``; ``monitor/interception.py``) as ``grad/total_norm_before_clip``, with
+    ``grad/clipped_steps``.
+
+    Where it writes, every ``logging_steps`` optimizer steps (or ``every_n_steps``), from the main
+    process only (``state.is_world_process_zero``). Every process attaches a monitor and closes the same
+    windows: a sharded (FSDP2) model's windows close with collectives every rank joins
+    (docs/sharding.md). DeepSpeed is refused at ``on_train_begin`` (ZeRO keeps gradients outside
+    ``p.grad`` and steps inside ``backward``):
+
+    - ``report_to`` includes tensorboard (or ``log_dir`` is given): everything (scalars, histograms,
+      the verdict as text) into the Trainer's TensorBoard directory (or ``log_dir``), so it shows in
+      the same run. Passed in ``callbacks=[...]``, the callback is never handed the Trainer, so it
+      computes that directory as the ``TensorBoardCallback`` does (``TENSORBOARD_LOGGING_DIR``, else
+      ``output_dir/runs/<time>_<host>``, the time to the second: the directory named a second
+      earlier when that one exists and the current one does not); added with
+      ``callback.attach(trainer)``, it reads the directory from that callback;
+    - the Trainer's other reporting callbacks (wandb, mlflow, ...) get the scalars through their
+      ``on_log``, at the Trainer's ``global_step``, when the callback was added with
+      ``attach(trainer)`` (which gives it ``trainer.callback_handler.callbacks``). Passed in
+      ``callbacks=[...]`` with such a reporter in ``report_to``, it warns that they get nothing.
+
+    =====================================  ===========================================================
+    key                                    value (each a mean over the window's optimizer steps)
+    =====================================  ===========================================================
+    ``grad/LAYER/PARAM/mean_abs``          mean |g| over the parameter's elements (after clipping)
+    ``grad/LAYER/PARAM/norm``              L2 norm of the parameter's gradient
+    ``grad/LAYER/PARAM/max_abs``           largest |g|
+    ``grad/LAYER/PARAM/mean``              mean g
+    ``grad/LAYER/PARAM/zero_fraction``     share of exact zeros (over all steps' elements)
+    ``grad/LAYER/PARAM/nonfinite``         count of NaN/inf elements (a sum, not a mean)
+    ``grad/total_norm``                    L2 norm over all parameters of the applied gradient
+    ``grad/total_norm_before_clip``        the Trainer's ``grad_norm`` (the norm its clipping computed)
+    ``grad/clipped_steps``                 steps whose norm exceeded ``max_grad_norm``
+    ``grad/skipped_steps``                 steps the AMP GradScaler skipped on overflow
+    ``weight/LAYER/PARAM/{l1,norm}``       weight norms at the window's end (``weights=True``)
+    ``weight/LAYER/PARAM/update_ratio``    ||w_end - w_start|| / ||w_start|| over the window
+    ``activation/MODULE/...``              saturation / dead-unit statistics (``activations=True``)
+    ``grad/LAYER/PARAM`` (histogram)       gradient values; ``1_grad_log10/...``: log10 |g| (TensorBoard)
+    ``diagnosis`` (text; TensorBoard)      the verdict and its evidence, once, at the end of training
+    ``diagnosis/<verdict>``                1.0 or 0.0, at the end of training (other loggers)
+    =====================================  ===========================================================
+
+    The Trainer has no hook for a failed ``train()``: if training raises, the monitor stays attached
+    until this callback's next ``on_train_begin`` or ``callback.remove()``.
+
     Example:
         >>> callback = GradflowTrainerCallback(every_n_steps=10)
         >>> Trainer(model, args, train_dataset=data, callbacks=[callback]).train()  # doctest: +SKIP
         >>> callback.diagnosis.line()                                                 # doctest: +SKIP
         'Verdict: healthy'
+        >>> trainer = Trainer(model, args, train_dataset=data)                       # doctest: +SKIP
+        >>> GradflowTrainerCallback().attach(trainer)    # also reaches wandb, mlflow  # doctest: +SKIP
     """
 
     def __init__(self, every_n_steps: int | None = None, *, log_dir: str | os.PathLike | None = None,
                  histograms: bool | int = True, weights: bool = True, activations: bool = True,
                  verbose: bool = True, nonfinite: bool = False) -> None:
         _common.check_positive_int("every_n_steps", every_n_steps)
-        _common.check_histograms(histograms)
-        for name, value in (("weights", weights), ("activations", activations),
-                            ("verbose", verbose), ("nonfinite", nonfinite)):
-            if not isinstance(value, bool):
-                raise ValueError(f"{name} must be True or False, got {value!r}")
         if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
             raise ValueError(f"log_dir must be a path or None, got {type(log_dir).__name__}")
+        self.recorder = Recorder(histograms=histograms, weights=weights, activations=activations,
+                                 nonfinite=nonfinite, verbose=verbose)
         self.every_n_steps = every_n_steps
         self.log_dir = log_dir
         self.histograms, self.weights, self.activations, self.verbose = histograms, weights, activations, verbose
         self.nonfinite = nonfinite
-        self.losses: list[float] = []
-        self.monitor: GradientMonitor | None = None
-        self.diagnosis: Any = None
-        self._recording = False          # between attach and remove
-        self._writes = False             # the world's process zero: writes windows and the verdict
         self.writer: Any = None          # our SummaryWriter, when writing to TensorBoard
+        self._callbacks: list[Any] | None = None   # the Trainer's callback list, given by attach()
         self._reporters: list[Any] = []  # the Trainer's other reporting callbacks (scalars via on_log)
-        self._logged_at = 0
         self._context: tuple = ()        # the latest (args, state, control), for the reporters' on_log
 
-    # -- life cycle -----------------------------------------------------------------------
+    monitor = _common.recorder_attribute("monitor", "the GradientMonitor of the latest train() (None before one)")
+    diagnosis = _common.recorder_attribute("diagnosis", "the verdict of the latest train() (None without a window)")
+    losses = _common.recorder_attribute("losses", "the Trainer's logged training loss, one per logging step")
 
-    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs) -> None:
+    def attach(self, trainer: Any) -> GradflowTrainerCallback:
+        """Add this callback to ``trainer`` (unless it already has it) and keep the Trainer's
+        callback list (``trainer.callback_handler.callbacks``), so that at ``on_train_begin`` it finds
+        the ``TensorBoardCallback``'s directory and the other reporters. Returns the callback.
+
+        Raises:
+            MonitorError: ``trainer`` has no ``callback_handler`` (not a transformers Trainer).
+        """
+        handler = getattr(trainer, "callback_handler", None)
+        if not isinstance(getattr(handler, "callbacks", None), list):
+            raise MonitorError(f"GradflowTrainerCallback.attach needs a transformers Trainer (one with "
+                               f"callback_handler.callbacks), got {type(trainer).__name__}")
+        if self not in handler.callbacks:
+            trainer.add_callback(self)
+        self._callbacks = handler.callbacks
+        return self
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs) -> None:
         self.remove()                    # a previous train() that raised left its monitor attached
-        self.diagnosis = None
-        self.losses: list[float] = []    # the Trainer's logged training loss, one per logging step
-        self._logged_at = state.global_step
         if getattr(args, "deepspeed", None) or getattr(getattr(args, "accelerator_config", None), "deepspeed_plugin", None):
             raise MonitorError("GradflowTrainerCallback cannot monitor a DeepSpeed run: ZeRO keeps gradients in "
                                "partitioned buffers outside p.grad and steps inside backward(); use FSDP2 "
                                "(fsdp=... with fsdp_version 2) or DDP")
-        self._writes = state.is_world_process_zero
-        if not self._writes:             # every process attaches (sharded windows close together); rank 0 writes
-            self.monitor = GradientMonitor(model, None, automatic=False, histograms=self.histograms,
-                                           weights=self.weights, activations=self.activations)
-            self._recording = True
-            return
-        callbacks = _trainer_callbacks(self)
-        tensorboard = [cb for cb in callbacks if type(cb).__name__ == "TensorBoardCallback"]
-        wants_tensorboard = self.log_dir is not None or tensorboard or (not callbacks and "tensorboard" in (args.report_to or []))
-        if wants_tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(log_dir=str(self.log_dir or _tensorboard_dir(args, tensorboard)))
-        self._reporters = [cb for cb in callbacks if _is_reporter(cb) and not (self.writer and cb in tensorboard)]
         self._context = (args, state, control)
-        sink = self._sink()
-        self.monitor = GradientMonitor(model, sink, automatic=False, histograms=self.histograms,
-                                       weights=self.weights, activations=self.activations,
-                                       nonfinite=self.nonfinite)
-        self._recording = True
+        writes = state.is_world_process_zero         # every process attaches; the main one writes
+        if writes:
+            self._find_outputs(args)
+        self.recorder.losses = []                    # per train(): the Trainer restarts its loss log
+        self.recorder.start(model, writes=writes, step=state.global_step,
+                            tensorboards=[self.writer] if self.writer is not None else [],
+                            reports=[self._report] if self._reporters else [])
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs) -> None:
+        # accelerate's AcceleratedOptimizer holds the fp16 scaler, which has unscaled by now
+        # (the Trainer computes grad_norm through accelerator.clip_grad_norm_ every step).
+        self.recorder.record(optimizer, getattr(optimizer, "scaler", None))
+
+    def on_log(self, args, state, control, logs=None, **kwargs) -> None:
+        if self.recorder.recording and logs and isinstance(logs.get("loss"), (int, float)):
+            self.recorder.losses.append(float(logs["loss"]))
+
+    def on_step_end(self, args, state, control, **kwargs) -> None:
+        self._context = (args, state, control)
+        # After the step is applied (and global_step counted), so the window's update includes it.
+        if self.recorder.due(state.global_step, self.every_n_steps or _logging_steps(args, state)):
+            self.recorder.write(state.global_step)
 
     def on_train_end(self, args, state, control, **kwargs) -> None:
-        if self.monitor is None:
-            return
         self._context = (args, state, control)
         try:
-            if state.global_step > self._logged_at:
-                self._write(state.global_step)
-            self.diagnosis = _common.diagnose(self.monitor, self.losses)
-            if self.diagnosis is not None and self._writes:
-                if self.verbose:
-                    print(f"gradflow: {self.diagnosis.line()}")
-                self._write_diagnosis(state.global_step)
+            self.recorder.finish(state.global_step)
         finally:
             self.remove()
 
     def remove(self) -> None:
         """Detach the monitor and close the writer (done for you at the end of training)."""
-        self._recording = False
-        if self.monitor is not None:
-            self.monitor.remove()
+        self.recorder.remove()
         if self.writer is not None:
             self.writer.close()
             self.writer = None
         self._reporters = []
 
-    # -- recording ------------------------------------------------------------------------
-
-    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs) -> None:
-        if self._recording:
-            # accelerate's AcceleratedOptimizer holds the fp16 scaler, which has unscaled by now
-            # (the Trainer computes grad_norm through accelerator.clip_grad_norm_ every step).
-            skipped = _common.step_skipped(getattr(optimizer, "scaler", None), getattr(optimizer, "optimizer", optimizer))
-            self.monitor.record(optimizer=getattr(optimizer, "optimizer", optimizer), skipped=skipped)
-
-    def on_log(self, args, state, control, logs=None, **kwargs) -> None:
-        if self._recording and logs and isinstance(logs.get("loss"), (int, float)):
-            self.losses.append(float(logs["loss"]))
-
-    def on_step_end(self, args, state, control, **kwargs) -> None:
-        self._context = (args, state, control)
-        # After the step is applied (and global_step counted), so the window's update includes it.
-        every = self.every_n_steps or _logging_steps(args, state)
-        if self._recording and state.global_step // every > self._logged_at // every:
-            self._write(state.global_step)
-
-    def _write(self, step: int) -> None:
-        self.monitor.log(step)
-        self._logged_at = step
-
     # -- where values go --------------------------------------------------------------------
 
-    def _sink(self) -> Any:
-        from gradflow.monitor.sinks import ScalarSink, TeeSink
+    def _find_outputs(self, args: Any) -> None:
+        """The SummaryWriter (``self.writer``) and the reporters, from ``attach``'s callback list
+        or, without it, from ``args.report_to`` (saying out loud which reporters it cannot reach)."""
+        report_to = list(args.report_to or [])
+        callbacks = list(self._callbacks or [])
+        tensorboard = [cb for cb in callbacks if type(cb).__name__ == "TensorBoardCallback"]
+        if self.log_dir is not None or tensorboard or (self._callbacks is None and "tensorboard" in report_to):
+            from torch.utils.tensorboard import SummaryWriter
 
-        writers = [self.writer] if self.writer is not None else []
-        if self._reporters:
-            writers.append(ScalarSink(self._report))
-        return TeeSink(*writers) if writers else None
+            self.writer = SummaryWriter(log_dir=str(self.log_dir or _tensorboard_dir(args, tensorboard)))
+        self._reporters = [cb for cb in callbacks if _is_reporter(cb) and not (self.writer and cb in tensorboard)]
+        unreached = [name for name in report_to if name not in ("tensorboard", "none")]
+        if self._callbacks is None and unreached:
+            warnings.warn(f"GradflowTrainerCallback in callbacks=[...] cannot reach the Trainer's {unreached} "
+                          "reporters (a TrainerCallback is never handed the Trainer); add it with "
+                          "GradflowTrainerCallback(...).attach(trainer) to send them its scalars", stacklevel=2)
 
     def _report(self, scalars: dict[str, float], step: int) -> None:
         """Scalars to the Trainer's reporters, as the Trainer logs (they log at ``state.global_step``)."""
         args, state, control = self._context
         for reporter in self._reporters:
             reporter.on_log(args, state, control, logs=dict(scalars))
-
-    def _write_diagnosis(self, step: int) -> None:
-        api = _common.diagnosis_api()
-        if self.writer is not None:
-            api.write_to_tensorboard(self.diagnosis, self.writer, step)
-            self.writer.flush()
-        if self._reporters:
-            self._report(api.verdict_scalars(self.diagnosis), step)
-
-
-def _trainer_callbacks(callback: Any) -> list[Any]:
-    """The Trainer's callbacks, read from the ``CallbackHandler`` that is calling ``callback``.
-
-    A ``TrainerCallback`` is never handed the Trainer, yet needs two of its callbacks: the
-    ``TensorBoardCallback`` (whose ``logging_dir`` is where the run's events go) and the other
-    reporters (to pass scalars on). The handler is the caller of this hook (``call_event``), one
-    or two frames up; if it is not found, the result is empty and the callback falls back on
-    ``args.report_to`` and TensorBoard's default directory.
-    """
-    frame = sys._getframe(1)
-    for _ in range(4):
-        if frame is None:
-            break
-        handler = frame.f_locals.get("self")
-        if isinstance(handler, _tf.trainer_callback.CallbackHandler) and callback in handler.callbacks:
-            return list(handler.callbacks)
-        frame = frame.f_back
-    return []
 
 
 def _is_reporter(callback: Any) -> bool:
@@ -256,9 +233,22 @@ def _tensorboard_dir(args: Any, tensorboard: list[Any]) -> str:
         return args.logging_dir
     if os.getenv("TENSORBOARD_LOGGING_DIR"):
         return os.path.expanduser(os.environ["TENSORBOARD_LOGGING_DIR"])
+    return _default_tensorboard_dir(args.output_dir)
+
+
+def _default_tensorboard_dir(output_dir: str) -> str:
+    """``output_dir/runs/<time>_<host>`` (transformers' ``default_logdir``, to the second). The
+    ``TensorBoardCallback`` made its directory in its ``on_train_begin``, just before ours: if the
+    clock's second turned in between, that directory is the one named a second earlier."""
+    import socket
+    from datetime import datetime, timedelta
+
     from transformers.integrations.integration_utils import default_logdir
 
-    return os.path.join(args.output_dir, default_logdir())
+    now = os.path.join(output_dir, default_logdir())
+    before = (datetime.now() - timedelta(seconds=1)).strftime("%b%d_%H-%M-%S")
+    earlier = os.path.join(output_dir, "runs", f"{before}_{socket.gethostname()}")
+    return earlier if not os.path.isdir(now) and os.path.isdir(earlier) else now
 
 
 def _logging_steps(args: Any, state: Any) -> int:

@@ -17,7 +17,7 @@ pytest.importorskip("accelerate")
 from oracle_tools import compare, grad_row, has_tag, scalar_series, tensorboard, windows  # noqa: E402
 
 from gradflow.integrations.transformers import GradflowTrainerCallback  # noqa: E402
-from gradflow.monitor import GradientMonitor  # noqa: E402
+from gradflow.monitor import GradientMonitor, MonitorError  # noqa: E402
 
 TOLERANCE = 1e-5
 
@@ -46,13 +46,15 @@ def dataset(n: int = 48, length: int = 12):
     return [{"input_ids": row, "labels": row} for row in ids]
 
 
-def train(tmp_path, callbacks, *, report_to=("tensorboard",), max_steps=6, clip_norms=None, **args):
+def train(tmp_path, callbacks, *, report_to=("tensorboard",), max_steps=6, clip_norms=None, attach=None, **args):
     defaults = dict(output_dir=str(tmp_path), per_device_train_batch_size=4, gradient_accumulation_steps=2,
                     max_grad_norm=0.5, max_steps=max_steps, logging_steps=2, learning_rate=1e-3,
                     report_to=list(report_to), use_cpu=True, save_strategy="no", disable_tqdm=True, seed=0)
     defaults.update(args)
     trainer = transformers.Trainer(model=tiny_gpt2(), args=transformers.TrainingArguments(**defaults),
                                    train_dataset=dataset(), callbacks=callbacks)
+    if attach is not None:         # added as the docs show for reporters other than TensorBoard
+        attach.attach(trainer)
     if clip_norms is not None:     # the framework's own pre-clip norm, as the Trainer computes it
         clip = trainer.accelerator.clip_grad_norm_
 
@@ -96,7 +98,8 @@ def test_tensorboard_matches_the_oracle(request, tmp_path, capsys):
 
 
 def test_without_tensorboard_the_reporters_get_the_scalars(tmp_path, monkeypatch):
-    """report_to without tensorboard: no event file; the scalars reach the Trainer's reporters."""
+    """report_to without tensorboard, the callback added with attach(trainer): no event file; the
+    scalars reach the Trainer's reporters."""
     from transformers.integrations import integration_utils
 
     received = []
@@ -107,7 +110,8 @@ def test_without_tensorboard_the_reporters_get_the_scalars(tmp_path, monkeypatch
 
     monkeypatch.setitem(integration_utils.INTEGRATION_TO_CALLBACK, "fake", Reporter)
     oracle, callback = Oracle(), GradflowTrainerCallback(every_n_steps=3, verbose=False)
-    train(tmp_path, [oracle, callback], report_to=("fake",))
+    trainer = train(tmp_path, [oracle], report_to=("fake",), attach=callback)
+    assert trainer.callback_handler.callbacks.count(callback) == 1
     assert not glob.glob(str(tmp_path / "**/events.out.tfevents.*"), recursive=True)
     assert [w.step for w in callback.monitor.history] == [3, 6]
     ours = [(step, logs) for step, logs in received if "grad/transformer/wte/weight/norm" in logs]
@@ -121,6 +125,56 @@ def test_without_tensorboard_the_reporters_get_the_scalars(tmp_path, monkeypatch
                 assert abs(got - want) / want < TOLERANCE
     assert any(any(k.startswith("diagnosis/") for k in logs) for _, logs in received)
     assert callback.diagnosis is not None
+
+
+def test_in_callbacks_a_reporter_it_cannot_reach_is_said_out_loud(tmp_path, monkeypatch):
+    """Passed in callbacks=[...], the callback has no way to the Trainer's reporters: it warns, naming
+    them and attach(trainer), and they get none of its scalars."""
+    from transformers.integrations import integration_utils
+
+    received = []
+
+    class Reporter(transformers.TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            received.append(dict(logs))
+
+    monkeypatch.setitem(integration_utils.INTEGRATION_TO_CALLBACK, "fake", Reporter)
+    callback = GradflowTrainerCallback(verbose=False)
+    with pytest.warns(UserWarning, match=r"cannot reach the Trainer's \['fake'\] reporters.*attach\(trainer\)"):
+        train(tmp_path, [callback], report_to=("fake",), max_steps=2)
+    assert received and not any(k.startswith(("grad/", "diagnosis/")) for logs in received for k in logs)
+    assert callback.diagnosis is not None
+
+
+def test_attached_it_writes_into_the_tensorboard_callbacks_own_directory(tmp_path):
+    callback = GradflowTrainerCallback(verbose=False, histograms=False)
+    trainer = train(tmp_path, [], max_steps=2, attach=callback)
+    board = next(cb for cb in trainer.callback_handler.callbacks if type(cb).__name__ == "TensorBoardCallback")
+    dirs = {os.path.dirname(p) for p in glob.glob(str(tmp_path / "runs/**/events.out.tfevents.*"), recursive=True)}
+    assert dirs == {board.logging_dir}
+    assert scalar_series(tensorboard(board.logging_dir), "grad/total_norm").keys() == {2}
+
+
+def test_the_default_directory_is_the_one_made_a_second_earlier_when_the_clock_turned(tmp_path):
+    """In callbacks=[...], the TensorBoardCallback named its directory (to the second) just before
+    ours: if the second turned in between, ours is the one a second back, not a new one."""
+    import socket
+    from datetime import datetime, timedelta
+
+    from gradflow.integrations.transformers import _default_tensorboard_dir
+
+    for _ in range(3):           # the clock may turn again between making the directory and the call
+        earlier = (datetime.now() - timedelta(seconds=1)).strftime("%b%d_%H-%M-%S")
+        made = tmp_path / "runs" / f"{earlier}_{socket.gethostname()}"
+        made.mkdir(parents=True, exist_ok=True)
+        if _default_tensorboard_dir(str(tmp_path)) == str(made):
+            return
+    pytest.fail(f"{_default_tensorboard_dir(str(tmp_path))} is not the directory made a second earlier")
+
+
+def test_attach_refuses_what_is_not_a_trainer():
+    with pytest.raises(MonitorError, match="attach needs a transformers Trainer .* got object"):
+        GradflowTrainerCallback().attach(object())
 
 
 @pytest.mark.parametrize("kwargs,message", [
