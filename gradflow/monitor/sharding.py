@@ -37,7 +37,9 @@ does this, and tests/monitor/test_sharding.py runs it on real gloo groups)::
 
 from __future__ import annotations
 
+import contextlib
 import os
+import weakref
 import zlib
 from dataclasses import dataclass
 from datetime import timedelta
@@ -49,6 +51,19 @@ from gradflow.monitor.tensors import MonitorError
 COLLECTIVE_TIMEOUT_S = 300.0       # default; GRADFLOW_COLLECTIVE_TIMEOUT overrides (seconds)
 ATTACH_TIMEOUT_S = 60.0            # how long an attach waits for every rank to attach; GRADFLOW_ATTACH_TIMEOUT
 ROW_FIELDS = 2                     # per step and parameter: local sum of squares, local largest |g|
+
+
+def _destroy_groups(groups: list) -> None:
+    """Destroy the monitor's own process groups (a local clean-up, no collective); nothing to do
+    once the default group is gone (the process is ending)."""
+    import torch.distributed as dist
+
+    for group in groups:
+        if group is None or not dist.is_initialized():
+            continue
+        with contextlib.suppress(Exception):      # a finalizer never raises
+            dist.destroy_process_group(group)
+    groups.clear()
 
 
 def _dtensor_type():
@@ -194,12 +209,17 @@ class ShardLayout:
         self.timeout = _seconds("GRADFLOW_COLLECTIVE_TIMEOUT", COLLECTIVE_TIMEOUT_S)
         self._wait_for_every_rank(names, params, parts)
         self._world_group = dist.new_group(list(range(self.world)), timeout=self.timeout)
+        self._made = [self._world_group]                 # every group made, ours to destroy
         self._process_groups: dict[GroupKey, object] = {}
         for key in self.groups:                          # the same order on every rank (checked above)
             for ranks in key.subgroups():
                 group = dist.new_group(ranks, timeout=self.timeout)
                 if self.rank in ranks:
                     self._process_groups[key] = group
+                self._made.append(group)
+        # The groups go when the layout does (its monitor dropped), not at remove(): a log() after
+        # remove() still reduces. Without this every attach would add groups for the process's life.
+        weakref.finalize(self, _destroy_groups, self._made)
 
     @classmethod
     def of(cls, names: list[str], params: list[torch.Tensor], members: int = 1, parts: str = "") -> ShardLayout | None:

@@ -349,6 +349,31 @@ def nonfinite_on_rank1() -> dict:
     return {"source": None if source is None else [source.module, source.phase, source.step]}
 
 
+def groups_released() -> dict:
+    """Attach and drop a monitor three times: the monitor's own process groups go with it, so
+    repeated attaches do not pile up groups (the default group's map holds what it held)."""
+    import gc
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    model = Block()
+    fully_shard(model, mesh=mesh)
+    before = len(dist.distributed_c10d._world.pg_map)
+    during = []
+    for _ in range(3):
+        with GradientMonitor(model, None, activations=False) as monitor:
+            x, y = batch(0)
+            nn.functional.mse_loss(model(x), y).backward()
+            monitor.record()
+            monitor.log(0)
+            during.append(len(dist.distributed_c10d._world.pg_map))
+        del monitor
+        gc.collect()
+    return {"before": before, "during": during, "after": len(dist.distributed_c10d._world.pg_map)}
+
+
 CASES = {
     "fsdp-sgd": lambda: fsdp_case(dist.get_world_size(), "sgd", (dist.get_world_size(),)),
     "fsdp-adamw-clip": lambda: fsdp_case(dist.get_world_size(), "adamw", (dist.get_world_size(),), clip=0.5),
@@ -361,6 +386,7 @@ CASES = {
     "attach-rank0-only": attach_rank0_only,
     "raise-on-rank1": raise_on_rank1,
     "nonfinite-on-rank1": nonfinite_on_rank1,
+    "groups-released": groups_released,
 }
 
 

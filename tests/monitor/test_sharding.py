@@ -67,7 +67,8 @@ def test_fsdp2_and_tensor_parallel_on_two_ranks(tmp_path):
     SequenceParallel LayerNorm whose gradients are Partial) with SGD and AdamW; a window in which the ranks
     recorded different numbers of steps still closes; then a rank that dies between two steps: the
     other's log() fails with an error instead of waiting."""
-    cases = ["fsdp-adamw-clip", "tp-sgd", "tp-adamw", "uneven-records", "nonfinite-on-rank1", "raise-on-rank1"]
+    cases = ["fsdp-adamw-clip", "tp-sgd", "tp-adamw", "uneven-records", "nonfinite-on-rank1", "groups-released",
+             "raise-on-rank1"]
     results, errors = launch(tmp_path, 2, cases)
     for case in cases[:3]:
         check_case(case, results[case])
@@ -83,6 +84,8 @@ def test_fsdp2_and_tensor_parallel_on_two_ranks(tmp_path):
     assert [r["steps"] for r in uneven] == [2, 1], uneven
     # the first non-finite source: rank 1's (step 2), on both ranks, though rank 0's own came a step later
     assert [r["source"] for r in results["nonfinite-on-rank1"]] == [["norm", "forward", 2]] * 2
+    for released in results["groups-released"]:       # each attach's groups go with its monitor
+        assert released["after"] == released["before"] and min(released["during"]) > released["before"], released
     died = results["raise-on-rank1"][0]
     assert died is not None and died["error"], errors[0]
 
