@@ -85,7 +85,8 @@ def test_fsdp2_and_tensor_parallel_on_two_ranks(tmp_path):
     # the first non-finite source: rank 1's (step 2), on both ranks, though rank 0's own came a step later
     assert [r["source"] for r in results["nonfinite-on-rank1"]] == [["norm", "forward", 2]] * 2
     for released in results["groups-released"]:       # each attach's groups go with its monitor
-        assert released["after"] == released["before"] and min(released["during"]) > released["before"], released
+        during = released["during"]
+        assert released["after"] <= released["before"] and during[0] == during[-1] > released["after"], released
     died = results["raise-on-rank1"][0]
     assert died is not None and died["error"], errors[0]
 
