@@ -302,18 +302,26 @@ def _overflow(ev: Evidence) -> dict[str, Any]:
 
 def check_saturated(ev: Evidence) -> dict[str, Any]:
     """The most saturated hidden bounded layer, at either end of its range: the share of
-    outputs past 0.97 of the range (both ends), or, with the loss stalled, a mean output within
+    outputs past 0.97 of the range (both ends) over SATURATED_FRACTION, or a mean output within
     SATURATED_END of the range of one end (a sigmoid layer driven toward 0, Glorot & Bengio
-    2010, Fig. 2: its derivative a(1 - a) there is under 0.09, against 0.25 at the centre)."""
+    2010, Fig. 2: its derivative a(1 - a) there is under 0.09, against 0.25 at the centre).
+    Either is a verdict only with harm, the loss stalled (``loss_drop`` < STALL_DROP), or with
+    no loss to judge by; while the loss still falls it is a note (issue 23: a run that learns
+    is not called a pathology; tutorial deep_tanh seed 5 learned, test 0.806, with 0.4+ of a
+    layer past 0.97)."""
     bounded = {n: r for n, r in ev.activations.items() if "saturated" in r and not r.get("output")}
     if not bounded:
         return _check(False, "no hidden tanh or sigmoid activations recorded")
     name = max(bounded, key=lambda n: bounded[n]["saturated"])
     value = bounded[name]["saturated"]
-    if value > SATURATED_FRACTION:
-        return _check(True, f"{value:.0%} of {name} outputs saturated (|a| > 0.97 of the range)", value,
-                      SATURATED_FRACTION)
     why = f"{value:.0%} of {name} outputs saturated (|a| > 0.97 of the range)"
+    drop = loss_drop(ev.loss)
+    if value > SATURATED_FRACTION:
+        if drop is None or drop < STALL_DROP:
+            harm = f", and the loss stalled ({drop:.1%})" if drop is not None else ", no loss to judge harm by"
+            return _check(True, why + harm, value, SATURATED_FRACTION)
+        return _check(False, why + "; the loss still fell", value, SATURATED_FRACTION,
+                      note=f"{why}, over {SATURATED_FRACTION:g}; the loss still fell {drop:.0%}: not a verdict")
     ends = {n: r["end"] for n, r in bounded.items() if math.isfinite(r.get("end", math.nan))}
     near = min(ends, key=ends.get) if ends else None
     if near is None or ends[near] >= SATURATED_END:
@@ -322,7 +330,6 @@ def check_saturated(ev: Evidence) -> dict[str, Any]:
     # end too: a verdict only with harm, the loss stalled.
     at_end = (f"{near} outputs sit at one end of the range: mean {ends[near]:.1%} of the range from it "
               "(median over the last half of the windows)")
-    drop = loss_drop(ev.loss)
     if drop is not None and drop < STALL_DROP:
         return _check(True, f"{at_end}, and the loss stalled ({drop:.1%})", ends[near], SATURATED_END)
     return _check(False, why, value, SATURATED_FRACTION, note=f"{at_end}; the loss still fell: not a verdict")
@@ -535,8 +542,8 @@ RULES: tuple[Rule, ...] = (
          "exploding", check_exploding),
     Rule("saturated", "hidden tanh/sigmoid layer: median share of outputs past 0.97 of the range; mean output's "
                       "distance from an end of the range",
-         f"share > {SATURATED_FRACTION:g}; or mean within {SATURATED_END:.0%} of the range of an end and the loss "
-         "stalls (else a note)",
+         f"share > {SATURATED_FRACTION:g} and the loss stalls (< {STALL_DROP:.0%}) or no loss; or mean within "
+         f"{SATURATED_END:.0%} of the range of an end and the loss stalls; while it learns: a note",
          "Glorot & Bengio 2010 (0.97; sigmoid top layer driven to 0); calibrated: tut., arch.",
          "saturated", check_saturated),
     Rule("dead-units", "rectifier layer: share of units never positive in the last window; every gradient zero",

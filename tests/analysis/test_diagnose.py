@@ -42,7 +42,7 @@ def test_json_form_is_strict_json():
 
 
 def test_report_has_tables_checks_and_advice():
-    report = diagnose(history(saturated=0.9), FALLING).report()
+    report = diagnose(history(saturated=0.9), FLAT).report()
     assert report.splitlines()[0].startswith("Verdict: saturated")
     assert "dense_2" in report and "tanh_1" in report and "90%" in report
     assert "Checks:" in report and "Recommendation:" in report and "Xavier" in report

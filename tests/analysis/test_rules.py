@@ -23,7 +23,8 @@ CASES = [
     (history(), FALLING[:-1] + [math.nan], ["exploding"]),
     (history(update=EXPLODING_UPDATE * 2), FALLING, ["exploding"]),
     (history(grow=2.0), FALLING, ["exploding"]),
-    (history(saturated=0.9), FALLING, ["saturated"]),
+    (history(saturated=0.9), FLAT, ["saturated", "stalled"]),
+    (history(saturated=0.9), FALLING, ["healthy"]),
     (history(saturated=SATURATED_FRACTION / 2), FALLING, ["healthy"]),
     (history(dead=1.0), FALLING, ["dead-units"]),
     (history(dead=DEAD_FRACTION), FLAT, ["dead-units", "stalled"]),
@@ -33,7 +34,7 @@ CASES = [
     (history(sizes=(1e-5, 1e-3, 0.1), saturated=0.9), FLAT, ["vanishing", "saturated", "stalled"]),
 ]
 IDS = ["healthy", "vanishing", "nonfinite-gradient", "nonfinite-loss", "huge-update", "growing-gradient",
-       "saturated", "saturated-below-threshold", "dead-layer", "most-units-dead-and-stalled", "some-dead-units",
+       "saturated-and-stalled", "saturated-while-learning", "saturated-below-threshold", "dead-layer", "most-units-dead-and-stalled", "some-dead-units",
        "flat-loss", "zero-gradients",
        "vanishing-saturated-stalled"]
 
@@ -219,6 +220,19 @@ def test_saturation_at_either_end_of_a_bounded_activation():
     for w in windows:
         w.activations["sigmoid_1"]["mean"] = 0.3
     assert diagnose(windows, FLAT).verdicts == ["stalled"]
+
+
+def test_a_saturated_share_is_a_verdict_with_harm_and_a_note_while_the_loss_falls():
+    # issue 23: tutorial deep_tanh seed 5 learned (test 0.806) with over 0.4 of a layer past 0.97
+    windows = history(saturated=SATURATED_FRACTION + 0.05)
+    stalled = diagnose(windows, FLAT).evidence["checks"]["saturated"]
+    assert stalled["fired"] and "loss stalled" in stalled["why"] and "45%" in stalled["why"]
+    learning = diagnose(windows, FALLING)
+    assert learning.verdicts == ["healthy"]
+    note = [n for n in learning.evidence["notes"] if "saturated" in n]
+    assert note and "45%" in note[0] and "still fell" in note[0]
+    assert "saturated" in diagnose(windows).verdicts          # no loss to judge harm by: the share decides
+    assert diagnose(history(saturated=SATURATED_FRACTION - 0.05), FLAT).verdicts == ["stalled"]
 
 
 def test_oscillating_loss_is_a_verdict_when_it_does_not_converge_and_a_note_while_it_learns():
