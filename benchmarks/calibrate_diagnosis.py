@@ -37,9 +37,11 @@ from gradflow.experiments.recording import MonitorCallback  # noqa: E402
 from gradflow.experiments.rundir import write_history, write_summary  # noqa: E402
 from gradflow.experiments.train import fit  # noqa: E402
 
-# name -> (config file, overrides, expectation: "healthy" | "not healthy" | a verdict that must appear)
+# name -> (config file, overrides, expectation: "healthy" | "not healthy" | "by outcome" | a verdict that
+# must appear). "by outcome": a run that did not learn (test accuracy < LEARNED) is not healthy, one
+# that learned carries no verdict (issue 23: a run that learns is not called a pathology).
 CONFIGS: dict[str, tuple[str, list[str], str]] = {
-    "deep_tanh": ("configs/deep_tanh.yaml", [], "not healthy"),
+    "deep_tanh": ("configs/deep_tanh.yaml", [], "by outcome"),   # "not healthy" before: seed 5 learns (0.806)
     "deep_relu": ("configs/deep_relu.yaml", [], "healthy"),
     "deep_relu_15": ("configs/deep_relu_15.yaml", [], "-"),
     "deep_relu_20": ("configs/deep_relu_20.yaml", [], "-"),   # "not healthy" before issue 23: seed 3 learns
@@ -102,9 +104,16 @@ def _span(values: list[float], inverse: bool = False) -> str:
     return f"{low:.3g} - {high:.3g}"
 
 
-def met(expectation: str, verdicts: list[str]) -> bool | None:
+# Test accuracy at which a two-circles run counts as learned: deep_relu's worst seed (all healthy)
+# reaches 0.752, deep_tanh's seeds that did not learn at most 0.624 (docs/calibration.md).
+LEARNED = 0.75
+
+
+def met(expectation: str, verdicts: list[str], accuracy: float) -> bool | None:
     if expectation == "-":
         return None
+    if expectation == "by outcome":
+        return verdicts == ["healthy"] if accuracy >= LEARNED else "healthy" not in verdicts
     if expectation == "healthy":
         return verdicts == ["healthy"]
     if expectation == "not healthy":
@@ -142,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name} seed {seed}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
             summary = json.loads((run_dir / "summary.json").read_text())
             diagnosis = diagnose_run(run_dir)
-            ok = met(expectation, diagnosis.verdicts)
+            ok = met(expectation, diagnosis.verdicts, summary["test_accuracy"])
             tally.setdefault(name, [0, 0, expectation])
             if ok is not None:
                 tally[name][0] += ok
