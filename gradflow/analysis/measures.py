@@ -68,6 +68,7 @@ import numpy as np
 
 from gradflow.analysis.windows import layer_of
 from gradflow.monitor.kinds import TIED_HEAD
+from gradflow.monitor.order import in_order
 
 EARLY_FRACTION = 0.1        # the "early" windows / epochs: this share of the run, at least one
 
@@ -205,15 +206,6 @@ def _layer_kind(layer: str, parameters: Sequence[str], kinds: Mapping[str, str] 
     return "weight"
 
 
-def _ordered(names: list[str], order: Sequence[str] | None) -> list[str]:
-    """``names`` in forward order where ``order`` knows them, recorded order otherwise."""
-    if not order:
-        return names
-    rank = {name: i for i, name in enumerate(order)}
-    known = sorted((n for n in names if n in rank), key=rank.__getitem__)
-    return known + [n for n in names if n not in rank]
-
-
 def _find_head(layers: Mapping[str, Mapping[str, Any]], kinds: Mapping[str, str] | None) -> str | None:
     """The output head, from the graph, never from a name: the embedding a tied head uses
     (``@head`` in the kinds); else the last layer in forward order (the parameter owner that
@@ -345,7 +337,7 @@ def measure_layers(windows: Sequence[Any], order: Sequence[str] | None = None,
     names: list[str] = []
     for window in windows:
         names += [name for name in window.gradients if name not in names]
-    names = place_where_they_act(_ordered(names, order))
+    names = place_where_they_act(in_order(names, order))
     nested = any("." in name for name in names)
     groups: dict[str, list[str]] = {}
     for name in names:
