@@ -66,9 +66,8 @@ from typing import Any
 
 import numpy as np
 
-from gradflow.analysis.windows import layer_of
 from gradflow.monitor.kinds import TIED_HEAD
-from gradflow.monitor.order import in_order
+from gradflow.monitor.order import in_order, layer_of
 
 EARLY_FRACTION = 0.1        # the "early" windows / epochs: this share of the run, at least one
 

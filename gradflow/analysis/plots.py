@@ -12,6 +12,8 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from gradflow.monitor.order import layer_of
+
 
 def _save(fig: Figure, path: str | Path, tight: bool = True) -> Path:
     """Save as PNG. ``tight`` crops to what was drawn, which costs a second draw: a figure whose
@@ -112,7 +114,7 @@ def draw_flow(ax, windows: Sequence, statistic: str = "relative", indices: Seque
                     clip_on=False, markersize=5)
     ax.set_yscale("log")
     ax.set_xticks(x)
-    ax.set_xticklabels([n.rpartition(".")[0] or n for n in names], rotation=45, ha="right", fontsize="small")
+    ax.set_xticklabels([layer_of(n) for n in names], rotation=45, ha="right", fontsize="small")
     ax.set_xlabel("layer (input -> output)")
 
 
@@ -152,7 +154,7 @@ def plot_gradients(windows: Sequence, path: str | Path, title: str = "", statist
         values = np.array([v for _, v in points], dtype=float)
         positive = values > 0
         ax.plot(steps, np.where(positive, values, np.nan), color=colour, linestyle=styles[i % len(styles)],
-                label=name.rpartition(".")[0] or name)
+                label=layer_of(name))
         zero = values == 0
         if zero.any():
             ax.plot(steps[zero], np.zeros(zero.sum()), "x", color=colour, transform=ax.get_xaxis_transform(),

@@ -71,8 +71,3 @@ def load_windows(run_dir: str | Path) -> list[Window]:
 def _number(text: str) -> float | int:
     value = float(text)
     return int(value) if value.is_integer() and "." not in text and "e" not in text.lower() else value
-
-
-def layer_of(parameter: str) -> str:
-    """``dense_1.weight`` -> ``dense_1``; ``encoder.layers.0.attn.weight`` -> ``encoder.layers.0.attn``."""
-    return parameter.rpartition(".")[0] or parameter

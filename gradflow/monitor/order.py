@@ -90,6 +90,18 @@ def in_order(items: Iterable[T], order: Sequence[str] | None, key: Callable[[T],
     return sorted(items, key=lambda item: rank.get(item if key is None else key(item), len(rank)))
 
 
+def layer_of(parameter: str) -> str:
+    """The layer a parameter belongs to: its name less the last dotted part, or the name itself
+    for a parameter of the model's root (``cls_token``). The analysis groups stacked RNN
+    parameters further (``measures.group_of``).
+
+    Example:
+        >>> layer_of("dense_1.weight"), layer_of("encoder.layers.0.attn.in_proj_weight"), layer_of("cls_token")
+        ('dense_1', 'encoder.layers.0.attn', 'cls_token')
+    """
+    return parameter.rpartition(".")[0] or parameter
+
+
 class _FirstCall(LeavesCopiesAlone):
     """A forward pre-hook that notes its module's first call (training passes only). In a
     copy of the model (``deepcopy``, ``torch.save``) it becomes a hook that does nothing."""
