@@ -22,7 +22,6 @@ holds the ``Diagnosis`` type, the entry points (``diagnose``, ``diagnose_monitor
 
 from __future__ import annotations
 
-import csv
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from gradflow.analysis.advice import architecture_family, optimizer_name, recommend
+from gradflow.analysis.history import read_history
 from gradflow.analysis.measures import (
     activation_bounds,
     measure_activations,
@@ -245,11 +245,8 @@ def diagnose_monitor(monitor: Any, losses: Sequence[float] | None = None, member
 
 def read_losses(run_dir: str | Path) -> list[float] | None:
     """The ``loss`` column of a run's history.csv, or None if there is none."""
-    path = Path(run_dir) / "history.csv"
-    if not path.exists():
-        return None
-    with path.open(newline="") as f:
-        return [float(row["loss"]) for row in csv.DictReader(f) if row.get("loss") not in (None, "")]
+    history = read_history(run_dir)
+    return None if history is None else [row["loss"] for row in history if "loss" in row]
 
 
 def diagnose_run(run_dir: str | Path) -> Diagnosis:
