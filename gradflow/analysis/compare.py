@@ -30,7 +30,7 @@ from gradflow.analysis.diagnose import (
 )
 from gradflow.analysis.history import read_history
 from gradflow.analysis.measures import MEASURE_LABEL, layer_series
-from gradflow.analysis.windows import GRADIENTS_FILE
+from gradflow.analysis.windows import GRADIENTS_FILE, pick_windows
 
 
 @dataclass
@@ -287,23 +287,6 @@ def _draw_layer_panels(fig, spec, runs: Sequence[Run], colours: Sequence, label:
 
 
 _CMAPS = ["Blues", "Oranges", "Greens", "Reds", "Purples", "Greys"]
-
-
-def pick_windows(windows: Sequence[Any], steps: Sequence[int] | None = None) -> list[int]:
-    """Indices of the windows to draw: those at ``steps`` (epochs), else first, middle, last.
-
-    Example:
-        >>> from gradflow.monitor import Window
-        >>> pick_windows([Window(s, 1) for s in range(10)])
-        [0, 5, 9]
-    """
-    if steps:
-        by_step = {w.step: i for i, w in enumerate(windows)}
-        missing = [s for s in steps if s not in by_step]
-        if missing:
-            raise ValueError(f"no window at epoch(s) {missing}; recorded: {windows[0].step}..{windows[-1].step}")
-        return [by_step[s] for s in steps]
-    return sorted({0, len(windows) // 2, len(windows) - 1})
 
 
 def plot_gradient_flow(windows: Sequence[Any], path: str | Path, steps: Sequence[int] | None = None,

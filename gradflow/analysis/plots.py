@@ -12,6 +12,7 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from gradflow.analysis.windows import pick_windows
 from gradflow.monitor.order import layer_of
 
 
@@ -74,21 +75,6 @@ def size(row: Mapping[str, float], statistic: str) -> float:
     return float(row.get(statistic, float("nan")))
 
 
-def flow_epochs(windows: Sequence, count: int = 4) -> list[int]:
-    """Indices of the windows the gradient-flow picture shows: the first, the last and a few
-    in between (early ones, where a failing run's gradients decide its fate).
-
-    Example:
-        >>> flow_epochs(list(range(500)))
-        [0, 10, 99, 499]
-        >>> flow_epochs(list(range(3)))
-        [0, 2]
-    """
-    last = len(windows) - 1
-    chosen = {0, last, min(last, 10), last // 5} if count >= 4 else {0, last}
-    return sorted(i for i in chosen if 0 <= i <= last)[:max(count, 2)]
-
-
 def draw_flow(ax, windows: Sequence, statistic: str = "relative", indices: Sequence[int] | None = None) -> None:
     """The classic gradient-flow picture on ``ax``: each layer's weight-gradient size against
     depth (input layer left, output layer right), one line per chosen epoch, log scale. The
@@ -100,7 +86,7 @@ def draw_flow(ax, windows: Sequence, statistic: str = "relative", indices: Seque
     statistic = statistic_of(windows, statistic)
 
     names = weight_layers(windows)
-    indices = flow_epochs(windows) if indices is None else list(indices)
+    indices = pick_windows(windows, early=True) if indices is None else list(indices)
     colours = colormaps["plasma"](np.linspace(0, 0.85, max(len(indices), 1)))
     x = np.arange(len(names))
     for colour, index in zip(colours, indices):
