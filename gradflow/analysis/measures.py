@@ -456,13 +456,14 @@ def measure_activations(windows: Sequence[Any], bounds: Mapping[str, tuple[float
             row["dead"] = _number(seen[-1]["dead_fraction"])
             row["dead_first"] = _number(seen[0].get("dead_fraction"))
         rows[name] = row
-    if len(rows) > 1 and "saturated" in rows[names[-1]] and _kind(names[-1]) != _kind(names[-2]):
+    if len(rows) > 1 and "saturated" in rows[names[-1]] and _unindexed(names[-1]) != _unindexed(names[-2]):
         rows[names[-1]]["output"] = True
     return rows
 
 
-def _kind(name: str) -> str:
-    """``sigmoid_6`` -> ``sigmoid``; ``head.act`` -> ``head.act``: a module name without its index."""
+def _unindexed(name: str) -> str:
+    """``sigmoid_6`` -> ``sigmoid``; ``head.act`` -> ``head.act``: a module name without its index
+    (what tells the output activation from the hidden ones; not a module kind, monitor.kinds)."""
     return name.rstrip("0123456789").rstrip("_.")
 
 
