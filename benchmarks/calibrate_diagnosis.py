@@ -30,11 +30,12 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 from gradflow import GradientMonitor  # noqa: E402  (after the path set-up, as in overhead.py)
 from gradflow.analysis.diagnose import diagnose_run  # noqa: E402
+from gradflow.analysis.history import write_history  # noqa: E402
 from gradflow.experiments.config import load_config  # noqa: E402
 from gradflow.experiments.data import load_dataset  # noqa: E402
 from gradflow.experiments.models import build_model  # noqa: E402
 from gradflow.experiments.recording import MonitorCallback  # noqa: E402
-from gradflow.experiments.rundir import write_history, write_summary  # noqa: E402
+from gradflow.experiments.rundir import write_summary  # noqa: E402
 from gradflow.experiments.train import fit  # noqa: E402
 
 # name -> (config file, overrides, expectation: "healthy" | "not healthy" | "by outcome" | a verdict that

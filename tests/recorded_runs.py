@@ -7,11 +7,12 @@ from pathlib import Path
 import torch
 
 from gradflow import GradientMonitor
+from gradflow.analysis.history import write_history
 from gradflow.experiments.config import load_config
 from gradflow.experiments.data import load_dataset
 from gradflow.experiments.models import build_model
 from gradflow.experiments.recording import MonitorCallback
-from gradflow.experiments.rundir import write_history, write_summary
+from gradflow.experiments.rundir import write_summary
 from gradflow.experiments.train import fit
 
 

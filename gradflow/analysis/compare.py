@@ -14,7 +14,6 @@ importing this module, or ``gradflow``, stays light.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 from collections.abc import Sequence
@@ -29,8 +28,9 @@ from gradflow.analysis.diagnose import (
     read_optimizer,
     run_windows,
 )
+from gradflow.analysis.history import read_history
 from gradflow.analysis.measures import MEASURE_LABEL, layer_series
-from gradflow.analysis.windows import GRADIENTS_FILE
+from gradflow.analysis.windows import GRADIENTS_FILE, pick_windows
 
 
 @dataclass
@@ -57,7 +57,7 @@ def load_run(run_dir: str | Path) -> Run:
     """
     path = Path(run_dir)
     windows = run_windows(path)
-    history = _read_history(path)
+    history = read_history(path) or []
     summary_file = path / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
     return Run(path, windows, history, summary, diagnose(windows, read_losses(path), optimizer=read_optimizer(path)))
@@ -96,14 +96,6 @@ def seeds_summary(runs: Sequence[Run]) -> str:
             counts[verdict] = counts.get(verdict, 0) + 1
     lines.append(f"Verdicts over {len(runs)} run{'' if len(runs) == 1 else 's'}: " + ", ".join(f"{v} {n}" for v, n in counts.items()))
     return "\n".join(lines)
-
-
-def _read_history(path: Path) -> list[dict[str, float]]:
-    file = path / "history.csv"
-    if not file.exists():
-        return []
-    with file.open(newline="") as f:
-        return [{k: float(v) for k, v in row.items() if v not in (None, "")} for row in csv.DictReader(f)]
 
 
 def layer_sizes(windows: Sequence[Any]) -> tuple[list[int], dict[str, list[float]]]:
@@ -295,23 +287,6 @@ def _draw_layer_panels(fig, spec, runs: Sequence[Run], colours: Sequence, label:
 
 
 _CMAPS = ["Blues", "Oranges", "Greens", "Reds", "Purples", "Greys"]
-
-
-def pick_windows(windows: Sequence[Any], steps: Sequence[int] | None = None) -> list[int]:
-    """Indices of the windows to draw: those at ``steps`` (epochs), else first, middle, last.
-
-    Example:
-        >>> from gradflow.monitor import Window
-        >>> pick_windows([Window(s, 1) for s in range(10)])
-        [0, 5, 9]
-    """
-    if steps:
-        by_step = {w.step: i for i, w in enumerate(windows)}
-        missing = [s for s in steps if s not in by_step]
-        if missing:
-            raise ValueError(f"no window at epoch(s) {missing}; recorded: {windows[0].step}..{windows[-1].step}")
-        return [by_step[s] for s in steps]
-    return sorted({0, len(windows) // 2, len(windows) - 1})
 
 
 def plot_gradient_flow(windows: Sequence[Any], path: str | Path, steps: Sequence[int] | None = None,

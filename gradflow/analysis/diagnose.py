@@ -22,7 +22,6 @@ holds the ``Diagnosis`` type, the entry points (``diagnose``, ``diagnose_monitor
 
 from __future__ import annotations
 
-import csv
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -32,6 +31,7 @@ from typing import Any
 import numpy as np
 
 from gradflow.analysis.advice import architecture_family, optimizer_name, recommend
+from gradflow.analysis.history import read_history
 from gradflow.analysis.measures import (
     activation_bounds,
     measure_activations,
@@ -86,19 +86,23 @@ class Diagnosis:
         return self.report()
 
     def report(self) -> str:
-        """Several lines for a person: the verdict, an evidence table per layer, the advice."""
+        """Several lines for a person: the verdict, an evidence table per layer, the advice. The
+        cells are ``_cells``'s, as in ``markdown``."""
+        cells = _cells(self)
+        width = max([14] + [len(row[0]) + 2 for row in cells["layers"][1:] if len(row) == 8])
         lines = [self.line(), ""]
-        lines += _layer_table(self.evidence.get("layers", {}))
-        lines += _activation_table(self.evidence.get("activations", {}))
-        loss = self.evidence.get("loss")
-        if loss:
-            lines.append("loss: first {first:.4g}, after the early part {early:.4g}, best later {best:.4g}, "
-                         "at the end {tail:.4g} (median), last {last:.4g}".format(**loss))
-        lines += [f"note: {note}" for note in self.evidence.get("notes", [])]
-        lines += ["", "Checks:"]
-        for name, check in self.evidence.get("checks", {}).items():
-            mark = "yes" if check["fired"] else "no "
-            lines.append(f"  {mark} {name}: {check['why']}")
+        for row in cells["layers"]:
+            name = f"  {row[8]} gate" if len(row) == 9 else row[0]
+            lines.append("".join(f"{cell:{align}{size}}" for cell, align, size in
+                                 zip((name,) + row[1:8], "<<>>>>>>", (width, 10, 18, 14, 11, 9, 13, 11))).rstrip())
+        lines += [""] if cells["layers"] else []
+        lines += [f"{'activation':<14}{'saturated':>10}{'dead (last)':>13}"] if cells["activations"] else []
+        for name, saturated, dead, output in cells["activations"]:
+            lines.append(f"{name:<14}{saturated:>10}{dead:>13}{'  (output, not judged)' if output else ''}")
+        lines += [""] if cells["activations"] else []
+        lines += [f"loss: {cells['loss']}"] if cells["loss"] else []
+        lines += [f"note: {note}" for note in cells["notes"]]
+        lines += ["", "Checks:"] + [f"  {'yes' if fired else 'no '} {name}: {why}" for fired, name, why in cells["checks"]]
         lines += ["", "Recommendation: " + self.recommendation]
         return "\n".join(lines)
 
@@ -241,11 +245,8 @@ def diagnose_monitor(monitor: Any, losses: Sequence[float] | None = None, member
 
 def read_losses(run_dir: str | Path) -> list[float] | None:
     """The ``loss`` column of a run's history.csv, or None if there is none."""
-    path = Path(run_dir) / "history.csv"
-    if not path.exists():
-        return None
-    with path.open(newline="") as f:
-        return [float(row["loss"]) for row in csv.DictReader(f) if row.get("loss") not in (None, "")]
+    history = read_history(run_dir)
+    return None if history is None else [row["loss"] for row in history if "loss" in row]
 
 
 def diagnose_run(run_dir: str | Path) -> Diagnosis:
@@ -302,39 +303,21 @@ def markdown(diagnosis: Diagnosis) -> str:
         >>> markdown(Diagnosis(["healthy"], {"checks": {}}, "Nothing to fix.")).splitlines()[0]
         '**Verdict: healthy**'
     """
-    evidence = diagnosis.evidence
-    checks = evidence.get("checks", {})
-    reasons = [check["why"] for name, check in checks.items() if check.get("fired") and name in diagnosis.verdicts]
+    cells = _cells(diagnosis)
     lines = [f"**Verdict: {', '.join(diagnosis.verdicts)}**", ""]
-    lines += [f"- {_md(reason)}" for reason in reasons] + ([""] if reasons else [])
-    layers = evidence.get("layers", {})
-    if layers:
-        size = "\\|\\|g\\|\\|/\\|\\|w\\|\\| early" if next(iter(layers.values())).get("measure") == "relative" else "mean abs g early"
-        lines += [f"| layer | role | {size} | / head early | middle | last | update/step | non-finite |",
-                  "|---|---|--:|--:|--:|--:|--:|--:|"]
-        lines += [f"| {_md(layer)} | {row.get('role', '')} | {fmt_number(row['gradient_early'])} | "
-                  f"{fmt_number(row['ratio_early'])} | {fmt_number(row['ratio_middle'])} | "
-                  f"{fmt_number(row['ratio_last'])} | {fmt_number(row['update_ratio'])} | {row['nonfinite']} |"
-                  + "".join(f"\n| {_md(layer)} {gate} gate | gate | {fmt_number(g['gradient_early'])} | "
-                            f"{fmt_number(g['ratio_early'])} | {fmt_number(g['ratio_middle'])} | "
-                            f"{fmt_number(g['ratio_last'])} | | |" for gate, g in row.get("gates", {}).items())
-                  for layer, row in layers.items()] + [""]
-    activations = evidence.get("activations", {})
-    if activations:
+    lines += [f"- {_md(reason)}" for reason in cells["reasons"]] + ([""] if cells["reasons"] else [])
+    if cells["layers"]:
+        header, *rows = cells["layers"]
+        lines += ["| " + " | ".join(_md(cell) for cell in header) + " |", "|---|---|--:|--:|--:|--:|--:|--:|"]
+        lines += ["| " + " | ".join(_md(cell) for cell in row[:8]) + " |" for row in rows] + [""]
+    if cells["activations"]:
         lines += ["| activation | saturated | dead (last) |", "|---|--:|--:|"]
-        for name, row in activations.items():
-            saturated = f"{row['saturated']:.0%}" if "saturated" in row else "-"
-            dead = f"{row['dead']:.0%}" if math.isfinite(row.get("dead", math.nan)) else "-"
-            lines.append(f"| {_md(name)}{' (output, not judged)' if row.get('output') else ''} | {saturated} | {dead} |")
-        lines.append("")
-    loss = evidence.get("loss")
-    if loss:
-        lines += ["Loss: first {first:.4g}, after the early part {early:.4g}, best later {best:.4g}, at the end "
-                  "{tail:.4g} (median), last {last:.4g}.".format(**loss), ""]
-    notes = [f"- note: {_md(note)}" for note in evidence.get("notes", [])]
-    lines += notes + ([""] if notes else [])
-    lines += ["**Checks**", ""] + [f"- {'**yes**' if c['fired'] else 'no'} {name}: {_md(c['why'])}"
-                                   for name, c in checks.items()]
+        lines += [f"| {_md(name)}{' (output, not judged)' if output else ''} | {saturated} | {dead} |"
+                  for name, saturated, dead, output in cells["activations"]] + [""]
+    lines += [f"Loss: {cells['loss']}.", ""] if cells["loss"] else []
+    lines += [f"- note: {_md(note)}" for note in cells["notes"]] + ([""] if cells["notes"] else [])
+    lines += ["**Checks**", ""] + [f"- {'**yes**' if fired else 'no'} {name}: {_md(why)}"
+                                   for fired, name, why in cells["checks"]]
     return "\n".join(lines + ["", f"**Advice:** {diagnosis.recommendation}"])
 
 
@@ -365,34 +348,38 @@ def write_to_tensorboard(diagnosis: Diagnosis, writer: Any, step: int) -> None:
 # -- text --------------------------------------------------------------------------------
 
 
-def _layer_table(layers: Mapping[str, Mapping[str, float]]) -> list[str]:
-    if not layers:
-        return []
-    size = "||g||/||w|| early" if next(iter(layers.values())).get("measure") == "relative" else "mean |g| early"
-    width = max(14, max(len(layer) for layer in layers) + 2)
-    lines = [f"{'layer':<{width}}{'role':<10}{size:>18}{'/head early':>14}{'/h middle':>11}{'/h last':>9}"
-             f"{'update/step':>13}{'nonfinite':>11}"]
+def _cells(diagnosis: Diagnosis) -> dict[str, Any]:
+    """The report's cells, drawn as text by ``Diagnosis.report`` and as Markdown by ``markdown``:
+    ``reasons`` (the fired verdicts' whys); ``layers`` (a header, then per layer 8 cells: layer,
+    role, gradient early, /head early, middle, last, update/step, non-finite; a gate's row has a
+    9th cell, the gate's name, and blank update and non-finite cells); ``activations`` (name,
+    saturated, dead, whether it is the output); ``loss`` (one sentence, or None); ``notes``;
+    ``checks`` (fired, name, why)."""
+    evidence = diagnosis.evidence
+    checks = evidence.get("checks", {})
+    layers = evidence.get("layers", {})
+    layer_rows: list[tuple[str, ...]] = []
+    if layers:
+        size = "||g||/||w|| early" if next(iter(layers.values())).get("measure") == "relative" else "mean |g| early"
+        layer_rows.append(("layer", "role", size, "/head early", "/h middle", "/h last", "update/step", "non-finite"))
     for layer, row in layers.items():
-        lines.append(f"{layer:<{width}}{row.get('role', ''):<10}{fmt_number(row['gradient_early']):>18}{fmt_number(row['ratio_early']):>14}"
-                     f"{fmt_number(row['ratio_middle']):>11}{fmt_number(row['ratio_last']):>9}"
-                     f"{fmt_number(row['update_ratio']):>13}{row['nonfinite']:>11}")
-        for gate, g in row.get("gates", {}).items():
-            lines.append(f"{'  ' + gate + ' gate':<{width}}{'gate':<10}{fmt_number(g['gradient_early']):>18}"
-                         f"{fmt_number(g['ratio_early']):>14}{fmt_number(g['ratio_middle']):>11}"
-                         f"{fmt_number(g['ratio_last']):>9}")
-    return lines + [""]
+        layer_rows.append((layer, row.get("role", ""), *_ratios(row), fmt_number(row["update_ratio"]), str(row["nonfinite"])))
+        layer_rows += [(f"{layer} {gate} gate", "gate", *_ratios(g), "", "", gate) for gate, g in row.get("gates", {}).items()]
+    activations = [(name, f"{row['saturated']:.0%}" if "saturated" in row else "-",
+                    f"{row['dead']:.0%}" if math.isfinite(row.get("dead", math.nan)) else "-", bool(row.get("output")))
+                   for name, row in evidence.get("activations", {}).items()]
+    loss = evidence.get("loss")
+    return {"reasons": [check["why"] for name, check in checks.items() if check.get("fired") and name in diagnosis.verdicts],
+            "layers": layer_rows, "activations": activations,
+            "loss": "first {first:.4g}, after the early part {early:.4g}, best later {best:.4g}, at the end "
+                    "{tail:.4g} (median), last {last:.4g}".format(**loss) if loss else None,
+            "notes": list(evidence.get("notes", [])),
+            "checks": [(check["fired"], name, check["why"]) for name, check in checks.items()]}
 
 
-def _activation_table(activations: Mapping[str, Mapping[str, Any]]) -> list[str]:
-    if not activations:
-        return []
-    lines = [f"{'activation':<14}{'saturated':>10}{'dead (last)':>13}"]
-    for name, row in activations.items():
-        saturated = f"{row['saturated']:.0%}" if "saturated" in row else "-"
-        dead = f"{row['dead']:.0%}" if math.isfinite(row.get("dead", math.nan)) else "-"
-        note = "  (output, not judged)" if row.get("output") else ""
-        lines.append(f"{name:<14}{saturated:>10}{dead:>13}{note}")
-    return lines + [""]
+def _ratios(row: Mapping[str, float]) -> tuple[str, ...]:
+    """A layer's or gate's gradient early and its ratios to the head early, middle and last, as text."""
+    return tuple(fmt_number(row[key]) for key in ("gradient_early", "ratio_early", "ratio_middle", "ratio_last"))
 
 
 def _json_ready(value: Any) -> Any:

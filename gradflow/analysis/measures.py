@@ -66,8 +66,8 @@ from typing import Any
 
 import numpy as np
 
-from gradflow.analysis.windows import layer_of
 from gradflow.monitor.kinds import TIED_HEAD
+from gradflow.monitor.order import in_order, layer_of
 
 EARLY_FRACTION = 0.1        # the "early" windows / epochs: this share of the run, at least one
 
@@ -205,15 +205,6 @@ def _layer_kind(layer: str, parameters: Sequence[str], kinds: Mapping[str, str] 
     return "weight"
 
 
-def _ordered(names: list[str], order: Sequence[str] | None) -> list[str]:
-    """``names`` in forward order where ``order`` knows them, recorded order otherwise."""
-    if not order:
-        return names
-    rank = {name: i for i, name in enumerate(order)}
-    known = sorted((n for n in names if n in rank), key=rank.__getitem__)
-    return known + [n for n in names if n not in rank]
-
-
 def _find_head(layers: Mapping[str, Mapping[str, Any]], kinds: Mapping[str, str] | None) -> str | None:
     """The output head, from the graph, never from a name: the embedding a tied head uses
     (``@head`` in the kinds); else the last layer in forward order (the parameter owner that
@@ -345,7 +336,7 @@ def measure_layers(windows: Sequence[Any], order: Sequence[str] | None = None,
     names: list[str] = []
     for window in windows:
         names += [name for name in window.gradients if name not in names]
-    names = place_where_they_act(_ordered(names, order))
+    names = place_where_they_act(in_order(names, order))
     nested = any("." in name for name in names)
     groups: dict[str, list[str]] = {}
     for name in names:
@@ -465,13 +456,14 @@ def measure_activations(windows: Sequence[Any], bounds: Mapping[str, tuple[float
             row["dead"] = _number(seen[-1]["dead_fraction"])
             row["dead_first"] = _number(seen[0].get("dead_fraction"))
         rows[name] = row
-    if len(rows) > 1 and "saturated" in rows[names[-1]] and _kind(names[-1]) != _kind(names[-2]):
+    if len(rows) > 1 and "saturated" in rows[names[-1]] and _unindexed(names[-1]) != _unindexed(names[-2]):
         rows[names[-1]]["output"] = True
     return rows
 
 
-def _kind(name: str) -> str:
-    """``sigmoid_6`` -> ``sigmoid``; ``head.act`` -> ``head.act``: a module name without its index."""
+def _unindexed(name: str) -> str:
+    """``sigmoid_6`` -> ``sigmoid``; ``head.act`` -> ``head.act``: a module name without its index
+    (what tells the output activation from the hidden ones; not a module kind, monitor.kinds)."""
     return name.rstrip("0123456789").rstrip("_.")
 
 

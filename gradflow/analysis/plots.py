@@ -12,6 +12,9 @@ from pathlib import Path
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from gradflow.analysis.windows import pick_windows
+from gradflow.monitor.order import layer_of
+
 
 def _save(fig: Figure, path: str | Path, tight: bool = True) -> Path:
     """Save as PNG. ``tight`` crops to what was drawn, which costs a second draw: a figure whose
@@ -72,21 +75,6 @@ def size(row: Mapping[str, float], statistic: str) -> float:
     return float(row.get(statistic, float("nan")))
 
 
-def flow_epochs(windows: Sequence, count: int = 4) -> list[int]:
-    """Indices of the windows the gradient-flow picture shows: the first, the last and a few
-    in between (early ones, where a failing run's gradients decide its fate).
-
-    Example:
-        >>> flow_epochs(list(range(500)))
-        [0, 10, 99, 499]
-        >>> flow_epochs(list(range(3)))
-        [0, 2]
-    """
-    last = len(windows) - 1
-    chosen = {0, last, min(last, 10), last // 5} if count >= 4 else {0, last}
-    return sorted(i for i in chosen if 0 <= i <= last)[:max(count, 2)]
-
-
 def draw_flow(ax, windows: Sequence, statistic: str = "relative", indices: Sequence[int] | None = None) -> None:
     """The classic gradient-flow picture on ``ax``: each layer's weight-gradient size against
     depth (input layer left, output layer right), one line per chosen epoch, log scale. The
@@ -98,7 +86,7 @@ def draw_flow(ax, windows: Sequence, statistic: str = "relative", indices: Seque
     statistic = statistic_of(windows, statistic)
 
     names = weight_layers(windows)
-    indices = flow_epochs(windows) if indices is None else list(indices)
+    indices = pick_windows(windows, early=True) if indices is None else list(indices)
     colours = colormaps["plasma"](np.linspace(0, 0.85, max(len(indices), 1)))
     x = np.arange(len(names))
     for colour, index in zip(colours, indices):
@@ -112,7 +100,7 @@ def draw_flow(ax, windows: Sequence, statistic: str = "relative", indices: Seque
                     clip_on=False, markersize=5)
     ax.set_yscale("log")
     ax.set_xticks(x)
-    ax.set_xticklabels([n.rpartition(".")[0] or n for n in names], rotation=45, ha="right", fontsize="small")
+    ax.set_xticklabels([layer_of(n) for n in names], rotation=45, ha="right", fontsize="small")
     ax.set_xlabel("layer (input -> output)")
 
 
@@ -152,7 +140,7 @@ def plot_gradients(windows: Sequence, path: str | Path, title: str = "", statist
         values = np.array([v for _, v in points], dtype=float)
         positive = values > 0
         ax.plot(steps, np.where(positive, values, np.nan), color=colour, linestyle=styles[i % len(styles)],
-                label=name.rpartition(".")[0] or name)
+                label=layer_of(name))
         zero = values == 0
         if zero.any():
             ax.plot(steps[zero], np.zeros(zero.sum()), "x", color=colour, transform=ax.get_xaxis_transform(),

@@ -19,7 +19,8 @@ from typing import Any
 
 import numpy as np
 
-from gradflow.analysis.plots import _save, flow_epochs
+from gradflow.analysis.plots import _save
+from gradflow.analysis.windows import pick_windows
 from gradflow.monitor.through_time import HORIZON_FRACTION, horizon
 
 TIME_PLOT = "through_time.png"
@@ -44,7 +45,7 @@ def _draw_profile(ax, t: np.ndarray, values: np.ndarray, **style) -> None:
 def plot_through_time(windows: Sequence[Any], path: str | Path, title: str = "") -> Path:
     """``through_time.png``: ||dL/dh_t|| against the time step t (log scale), one panel per
     recurrent layer and direction (up to MAX_PANELS), one line per chosen window (the first, a
-    few early ones, the last: ``plots.flow_epochs``). Zeros (the gradient underflowed) are x
+    few early ones, the last: ``windows.pick_windows``). Zeros (the gradient underflowed) are x
     marks on the bottom edge. Raises ValueError when no window has a profile."""
     from matplotlib import colormaps
     from matplotlib.figure import Figure
@@ -53,7 +54,7 @@ def plot_through_time(windows: Sequence[Any], path: str | Path, title: str = "")
     if not timed:
         raise ValueError("plot_through_time: no window has a gradient-through-time profile (no nn.RNN/LSTM/GRU)")
     keys = list(dict.fromkeys(k for w in timed for k in w.time))[:MAX_PANELS]
-    indices = flow_epochs(timed)
+    indices = pick_windows(timed, early=True)
     colours = colormaps["plasma"](np.linspace(0, 0.85, len(indices)))
     fig = Figure(figsize=(5.2 * len(keys), 4.2))
     axes = np.atleast_1d(fig.subplots(1, len(keys), sharey=True, squeeze=False)[0])

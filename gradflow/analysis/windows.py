@@ -18,7 +18,9 @@ Example:
 from __future__ import annotations
 
 import csv
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from gradflow.analysis.time_table import read_time_table
 from gradflow.monitor import Window
@@ -73,6 +75,25 @@ def _number(text: str) -> float | int:
     return int(value) if value.is_integer() and "." not in text and "e" not in text.lower() else value
 
 
-def layer_of(parameter: str) -> str:
-    """``dense_1.weight`` -> ``dense_1``; ``encoder.layers.0.attn.weight`` -> ``encoder.layers.0.attn``."""
-    return parameter.rpartition(".")[0] or parameter
+def pick_windows(windows: Sequence[Any], steps: Sequence[int] | None = None, *, early: bool = False) -> list[int]:
+    """Indices of the windows a figure draws: those at ``steps`` (epochs); else the first, the
+    middle and the last; or, with ``early``, the first, a few early ones (where a failing run's
+    gradients decide its fate: the 11th window and the one a fifth of the way in) and the last,
+    as the gradient-flow and through-time pictures show. Raises ValueError naming the recorded
+    epochs when a step has no window.
+
+    Example:
+        >>> pick_windows([Window(s, 1) for s in range(10)])
+        [0, 5, 9]
+        >>> pick_windows(list(range(500)), early=True), pick_windows(list(range(3)), early=True)
+        ([0, 10, 99, 499], [0, 2])
+    """
+    if steps:
+        by_step = {w.step: i for i, w in enumerate(windows)}
+        missing = [s for s in steps if s not in by_step]
+        if missing:
+            raise ValueError(f"no window at epoch(s) {missing}; recorded: {windows[0].step}..{windows[-1].step}")
+        return [by_step[s] for s in steps]
+    last = len(windows) - 1
+    chosen = {0, min(last, 10), last // 5, last} if early else {0, len(windows) // 2, last}
+    return sorted(i for i in chosen if 0 <= i <= last)      # none of none

@@ -21,9 +21,10 @@ from typing import Any
 import torch
 
 from gradflow.analysis.diagnose import Diagnosis, diagnose, write_to_tensorboard
+from gradflow.analysis.history import write_history
 from gradflow.analysis.plots import plot_accuracy, plot_gradients
 from gradflow.experiments.config import Config
-from gradflow.experiments.rundir import write_history, write_summary
+from gradflow.experiments.rundir import write_summary
 from gradflow.experiments.train import TrainResult
 
 

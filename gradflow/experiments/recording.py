@@ -29,6 +29,7 @@ from gradflow.analysis.windows import (
     VALUE_COLUMNS,
 )
 from gradflow.monitor import GradientMonitor, Window
+from gradflow.monitor.order import in_order
 from gradflow.monitor.sinks import write_custom_scalars
 
 
@@ -104,7 +105,8 @@ class _Tables:
         self._time_path, self._time = run_dir / TIME_FILE, None   # opened at the first window with a profile
 
     def append(self, index: int, window: Window, order: list[str] | None = None) -> None:
-        for name, row in _in_order(window.gradients, order):
+        # in forward order: the tables carry it to diagnose_run, which has no model (old tables: as recorded)
+        for name, row in in_order(window.gradients.items(), order, key=lambda item: item[0]):
             cells = [index, window.step, row["steps"], name] + [_cell(row.get(key)) for key in VALUE_COLUMNS]
             self._gradients.writerow(cells + [window.kinds.get(name, "")] if self._kinds else cells)
             for gate, values in (window.gates.get(name, {}) if self._kinds else {}).items():
@@ -152,15 +154,6 @@ def _header_has(path: Path, column: str) -> bool:
 
 def _forward_order(monitor: GradientMonitor) -> list[str]:
     return list(getattr(monitor, "forward_order", None) or [])
-
-
-def _in_order(rows: dict, order: list[str] | None) -> list:
-    """``rows`` items in ``order`` where it names them, the rest after in their own order: the
-    tables carry the forward order to diagnose_run, which has no model (old tables: as recorded)."""
-    if not order:
-        return list(rows.items())
-    rank = {name: i for i, name in enumerate(order)}
-    return sorted(rows.items(), key=lambda item: rank.get(item[0], len(rank)))
 
 
 def _cell(value) -> str:

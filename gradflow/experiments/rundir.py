@@ -1,7 +1,7 @@
 """The run directory: one new directory per run, never reused, plus the files written into it.
 
 Layout: ``<logdir>/<name>-<YYYYmmdd-HHMMSS>-seed<N>[-2, -3, ...]/`` holding config.yaml,
-history.csv, summary.json, accuracy.png and TensorBoard event files.
+history.csv (its format: analysis/history.py), summary.json, accuracy.png and TensorBoard event files.
 """
 
 from __future__ import annotations
@@ -11,15 +11,13 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from gradflow.errors import ConfigError
-
-HISTORY_FIELDS = ("epoch", "loss", "accuracy", "val_loss", "val_accuracy")
 
 
 def check_logdir(logdir: str | Path) -> Path:
@@ -91,23 +89,6 @@ def write_config(run_dir: Path, config: Mapping[str, Any]) -> Path:
     """Write the resolved config as ``config.yaml`` (re-loadable by ``gradflow train``)."""
     path = run_dir / "config.yaml"
     path.write_text(yaml.safe_dump(dict(config), sort_keys=False), encoding="utf-8")
-    return path
-
-
-def write_history(run_dir: Path, history: Iterable[Mapping[str, float]]) -> Path:
-    """Write ``history.csv``: epoch (from 0, as Keras' CSVLogger), loss, accuracy, val_loss, val_accuracy.
-
-    Example:
-        >>> import tempfile
-        >>> p = write_history(Path(tempfile.mkdtemp()), [{"epoch": 0, "loss": 0.7, "accuracy": 0.5, "val_loss": 0.7, "val_accuracy": 0.5}])
-        >>> p.read_text().splitlines()[0]
-        'epoch,loss,accuracy,val_loss,val_accuracy'
-    """
-    path = run_dir / "history.csv"
-    with path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=HISTORY_FIELDS, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(history)
     return path
 
 

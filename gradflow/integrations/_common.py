@@ -45,11 +45,6 @@ def loss_of(outputs: Any) -> Any:
     return outputs.detach() if isinstance(outputs, torch.Tensor) and outputs.numel() == 1 else None
 
 
-def report_text(diagnosis: Any) -> str:
-    """The report as TensorBoard text (Markdown: four spaces keep the tables aligned)."""
-    return "\n".join("    " + line for line in diagnosis.report().splitlines())
-
-
 def step_skipped(scaler: Any, optimizer: Any) -> bool:
     """Whether an AMP ``GradScaler`` found inf/NaN in ``optimizer``'s unscaled gradients, so that
     it skips this step (the frameworks unscale before the hooks these callbacks record in). False

@@ -25,6 +25,9 @@ Example (the part is the monitor's; ``GradientMonitor.forward_order`` reads it):
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
+from typing import TypeVar
+
 import torch
 from torch import nn
 
@@ -58,9 +61,7 @@ class ForwardOrder(Part):
     def names(self) -> list[str]:
         """Parameter names, those whose module ran first first; modules never seen keep their
         ``named_parameters()`` place after the seen ones."""
-        unseen = len(self._calls)
-        return sorted(self._names, key=lambda name: (self._calls.get(_owner(name), unseen),
-                                                     self._names.index(name)))
+        return in_order(self._names, list(self._calls), key=_owner)
 
     @property
     def known(self) -> bool:
@@ -68,7 +69,37 @@ class ForwardOrder(Part):
 
 
 def _owner(name: str) -> str:
+    """The module that holds a parameter, as ``named_modules()`` names it (the root's is ``""``)."""
     return name.rpartition(".")[0]
+
+
+T = TypeVar("T")
+
+
+def in_order(items: Iterable[T], order: Sequence[str] | None, key: Callable[[T], str] | None = None) -> list[T]:
+    """``items`` sorted by where ``key(item)`` (default: the item) stands in ``order`` (forward
+    order: first first); items it does not name keep their own order, after the named ones.
+    The one forward-order sort: the monitor's ``forward_order``, the analysis's layers and the
+    run tables all use it.
+
+    Example:
+        >>> in_order(["head.weight", "x", "body.weight"], ["body.weight", "head.weight"])
+        ['body.weight', 'head.weight', 'x']
+    """
+    rank = {name: i for i, name in enumerate(order or ())}
+    return sorted(items, key=lambda item: rank.get(item if key is None else key(item), len(rank)))
+
+
+def layer_of(parameter: str) -> str:
+    """The layer a parameter belongs to: its name less the last dotted part, or the name itself
+    for a parameter of the model's root (``cls_token``). The analysis groups stacked RNN
+    parameters further (``measures.group_of``).
+
+    Example:
+        >>> layer_of("dense_1.weight"), layer_of("encoder.layers.0.attn.in_proj_weight"), layer_of("cls_token")
+        ('dense_1', 'encoder.layers.0.attn', 'cls_token')
+    """
+    return parameter.rpartition(".")[0] or parameter
 
 
 class _FirstCall(LeavesCopiesAlone):

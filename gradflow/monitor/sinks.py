@@ -28,6 +28,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+from gradflow.monitor.order import layer_of
 from gradflow.monitor.stats import Histogram
 from gradflow.monitor.tensors import MonitorError
 
@@ -193,7 +194,7 @@ def custom_scalars_layout(parameters: Sequence[str], first: Mapping[str, Mapping
     """
     import re
 
-    layers = list(dict.fromkeys(name.rpartition(".")[0] for name in parameters
+    layers = list(dict.fromkeys(layer_of(name) for name in parameters
                                 if "weight" in name.rpartition(".")[2] and "." in name))
     number = len(first or {})
     label = (lambda title: f"{number + 1}. {title}") if first else (lambda title: title)

@@ -5,8 +5,9 @@ import json
 
 import pytest
 
+from gradflow.analysis.history import write_history
 from gradflow.errors import ConfigError
-from gradflow.experiments.rundir import check_logdir, create_run_dir, write_history, write_summary
+from gradflow.experiments.rundir import check_logdir, create_run_dir, write_summary
 
 
 def test_name_and_collisions(tmp_path):
