@@ -104,8 +104,7 @@ def _train_solo(args: argparse.Namespace, collector: StartupCollector) -> int:
     from gradflow.experiments import solo
     from gradflow.experiments.train import check_device
 
-    if args.threads < 1:
-        raise ConfigError(f"--threads: must be >= 1, got {args.threads}")
+    check_threads(args.threads)
     state = None
     if args.resume is not None:  # every check first; the run directory is the first write
         if args.overrides or args.seed is not None:
@@ -136,6 +135,13 @@ def _train_solo(args: argparse.Namespace, collector: StartupCollector) -> int:
     return EXIT_OK
 
 
+def check_threads(threads: int) -> None:
+    """``--threads``: a ConfigError unless a positive int (the monitor's check)."""
+    from gradflow.monitor.model_checks import check_positive
+
+    check_positive("--threads", threads, "torch threads per run", error=ConfigError)
+
+
 def cmd_train_seeds(args: argparse.Namespace) -> int:
     """``gradflow train CONFIG --seeds 0-9``: the seeds as one batched run, one run directory
     per seed under a new parent directory, then the statistics over seeds."""
@@ -160,9 +166,8 @@ def cmd_train_seeds(args: argparse.Namespace) -> int:
         raise ConfigError(f"--seeds: trains MLPs as one batched model; model.type={cfg.model.type} is recurrent: "
                           "train its seeds one at a time (--seed N), as scripts/through_time_sweep.py does")
     device = str(check_device(args.device))
-    threads = getattr(args, "threads", 1)
-    if threads < 1:
-        raise ConfigError(f"--threads: must be >= 1, got {threads}")
+    threads = args.threads
+    check_threads(threads)
     check_logdir(args.logdir)
     from gradflow.experiments.sweeps.results import seeds_report  # after the checks: these import matplotlib
     from gradflow.experiments.sweeps.seeds import train_seeds
