@@ -104,8 +104,7 @@ def _train_solo(args: argparse.Namespace, collector: StartupCollector) -> int:
     from gradflow.experiments import solo
     from gradflow.experiments.train import check_device
 
-    if args.threads < 1:
-        raise ConfigError(f"--threads: must be >= 1, got {args.threads}")
+    check_threads(args.threads)
     state = None
     if args.resume is not None:  # every check first; the run directory is the first write
         if args.overrides or args.seed is not None:
@@ -136,6 +135,13 @@ def _train_solo(args: argparse.Namespace, collector: StartupCollector) -> int:
     return EXIT_OK
 
 
+def check_threads(threads: int) -> None:
+    """``--threads``: a ConfigError unless a positive int (the monitor's check)."""
+    from gradflow.monitor.model_checks import check_positive
+
+    check_positive("--threads", threads, "torch threads per run", error=ConfigError)
+
+
 def cmd_train_seeds(args: argparse.Namespace) -> int:
     """``gradflow train CONFIG --seeds 0-9``: the seeds as one batched run, one run directory
     per seed under a new parent directory, then the statistics over seeds."""
@@ -151,7 +157,7 @@ def cmd_train_seeds(args: argparse.Namespace) -> int:
     seeds = parse_seeds(args.seeds)
     if args.seed is not None:
         raise ConfigError("--seed and --seeds: pass one of them (--seeds 0-9 runs seeds 0 to 9)")
-    if getattr(args, "resume", None) is not None:
+    if args.resume is not None:
         raise ConfigError("--resume and --seeds: --resume goes on with one run; rerun --seeds, or use gradflow sweep (which resumes)")
     if args.config is None:
         raise ConfigError("the following arguments are required: config (gradflow train CONFIG --seeds 0-9)")
@@ -160,14 +166,13 @@ def cmd_train_seeds(args: argparse.Namespace) -> int:
         raise ConfigError(f"--seeds: trains MLPs as one batched model; model.type={cfg.model.type} is recurrent: "
                           "train its seeds one at a time (--seed N), as scripts/through_time_sweep.py does")
     device = str(check_device(args.device))
-    threads = getattr(args, "threads", 1)
-    if threads < 1:
-        raise ConfigError(f"--threads: must be >= 1, got {threads}")
+    threads = args.threads
+    check_threads(threads)
     check_logdir(args.logdir)
     from gradflow.experiments.sweeps.results import seeds_report  # after the checks: these import matplotlib
     from gradflow.experiments.sweeps.seeds import train_seeds
 
-    outcome = train_seeds(cfg, seeds, args.logdir, device=device, workers=getattr(args, "workers", None),
+    outcome = train_seeds(cfg, seeds, args.logdir, device=device, workers=args.workers,
                           threads=threads, progress=False if args.quiet else None)
     print(seeds_report(outcome.rows))
     print(f"Run directory: {outcome.directory}")
@@ -233,7 +238,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from gradflow.experiments.sweeps.runner import run_sweep
     from gradflow.experiments.train import check_device
 
-    if getattr(args, "overrides", None):
+    if args.overrides:
         raise ConfigError(f"unrecognized arguments: {' '.join(args.overrides)}; put overrides in the sweep file's overrides:")
     sweep = load_sweep(args.sweep)
     workers = check_workers(args.workers)
@@ -262,14 +267,13 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
         if args.flow:
             check_figure_path("--flow", args.flow)
         paths = run_directories([args.run_dir])
-        if len(paths) > 1 and getattr(args, "flow", None):
+        if len(paths) > 1 and args.flow:
             raise ValueError(f"--flow: draws one run; {args.run_dir} holds {len(paths)} (pick one of them)")
         runs = [load_run(path) for path in paths]
-        if getattr(args, "flow", None):
-            plot_gradient_flow(runs[0].windows, args.flow, getattr(args, "epochs", None), title=runs[0].name)
+        if args.flow:
+            plot_gradient_flow(runs[0].windows, args.flow, args.epochs, title=runs[0].name)
     except (OSError, ValueError) as exc:  # a missing run, an unwritable figure
-        print(f"gradflow: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return _bad_input(exc)
     parent = Path(paths[0]).resolve() != Path(args.run_dir).resolve()   # a --seeds parent, even of one member
     if parent:
         if args.json:
@@ -299,8 +303,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
                              f"gradflow diagnose {paths[0]} --flow flow.png shows one run")
         runs = [load_run(path) for path in paths]
     except (OSError, ValueError) as exc:  # a missing run, an unwritable figure
-        print(f"gradflow: error: {exc}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return _bad_input(exc)
     print(compare_table(runs))
     out = Path(args.out)
     plot_compare(runs, out)
@@ -310,7 +313,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
 
         through = plot_compare_through_time(runs, out.with_name(f"{out.stem}-through_time.png"))
         print(f"Gradient through time: {through.resolve()}")
-    if getattr(args, "flow", False):
+    if args.flow:
         for run in runs:
             flow = out.with_name(f"{out.stem}-flow-{run.name}.png")
             plot_gradient_flow(run.windows, flow, title=run.name)
@@ -400,11 +403,18 @@ def _run(argv: Sequence[str] | None) -> int:
         sys.stdout.flush()  # a closed pipe shows here, inside the handler, not at interpreter exit
         return status
     except ConfigError as exc:
-        message = " ".join(str(exc).split())  # exactly one line
-        print(f"gradflow: error: {message}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return _bad_input(exc)
     except BrokenPipeError:
         return _closed_pipe()
+
+
+def _bad_input(exc: Exception) -> int:
+    """The one error path for bad input (a ConfigError from any command, a missing run or an
+    unwritable figure in diagnose/compare): ``gradflow: error: <message>`` as exactly one line on
+    stderr, and exit status ``EXIT_BAD_INPUT``."""
+    message = " ".join(str(exc).split())  # exactly one line
+    print(f"gradflow: error: {message}", file=sys.stderr)
+    return EXIT_BAD_INPUT
 
 
 def _override_hint(extra: Sequence[str]) -> str:

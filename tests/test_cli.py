@@ -104,7 +104,7 @@ BAD_INPUTS = {
     "not-key-value": ([DEEP_RELU, "depth"], "unrecognized arguments: depth"),
     "unknown-option": ([DEEP_RELU, "--bogus"], "unrecognized arguments: --bogus"),
     "bad-device": ([DEEP_RELU, "--device", "tpu"], "--device: invalid choice"),
-    "zero-threads": ([DEEP_RELU, "--threads", "0"], "--threads: must be >= 1"),
+    "zero-threads": ([DEEP_RELU, "--threads", "0"], "--threads must be a positive int"),
     "unwritable-logdir": ([DEEP_RELU], "--logdir:"),
 }
 

@@ -56,21 +56,6 @@ def step_skipped(scaler: Any, optimizer: Any) -> bool:
     return found_inf(scaler, optimizer)
 
 
-def check_histograms(value: Any) -> None:
-    """The monitor's ``histograms`` forms: True (every window), False, or an int N >= 1 (each
-    histogram sums N windows); anything else is a ValueError, as the callbacks' other arguments."""
-    if isinstance(value, bool) or (isinstance(value, int) and value >= 1):
-        return
-    raise ValueError(f"histograms must be True, False or an int N >= 1 (windows per histogram), got {value!r}")
-
-
-def check_positive_int(name: str, value: Any, allow_none: bool = True) -> None:
-    if value is None and allow_none:
-        return
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"{name} must be a positive int{' or None' if allow_none else ''}, got {value!r}")
-
-
 def recorder_attribute(name: str, doc: str) -> property:
     """A callback attribute that reads and sets ``self.recorder.<name>`` (``callback.monitor``, ...)."""
     return property(lambda self: getattr(self.recorder, name),

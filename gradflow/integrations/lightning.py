@@ -16,6 +16,7 @@ from typing import Any
 
 from gradflow.integrations import _common
 from gradflow.integrations.recorder import Recorder
+from gradflow.monitor.model_checks import check_positive
 
 
 def _framework() -> Any:
@@ -113,7 +114,7 @@ class GradflowCallback(_pl.Callback):
 
     def __init__(self, every_n_steps: int | None = None, *, histograms: bool | int = True, weights: bool = True,
                  activations: bool = True, verbose: bool = True, nonfinite: bool = False) -> None:
-        _common.check_positive_int("every_n_steps", every_n_steps)
+        check_positive("every_n_steps", every_n_steps, none=True, error=ValueError)
         self.recorder = Recorder(histograms=histograms, weights=weights, activations=activations,
                                  nonfinite=nonfinite, verbose=verbose)
         self.every_n_steps = every_n_steps

@@ -23,6 +23,7 @@ from typing import Any
 
 from gradflow.integrations import _common
 from gradflow.monitor import GradientMonitor
+from gradflow.monitor.histograms import check_every
 
 Report = Callable[[dict[str, float], int], Any]   # fn(scalars, step), a logger's log_metrics
 
@@ -46,7 +47,7 @@ class Recorder:
 
     def __init__(self, *, histograms: bool | int = True, weights: bool = True, activations: bool = True,
                  nonfinite: bool = False, verbose: bool = True) -> None:
-        _common.check_histograms(histograms)
+        check_every(histograms, error=ValueError)   # as for the callbacks' other arguments
         for name, value in (("weights", weights), ("activations", activations),
                             ("verbose", verbose), ("nonfinite", nonfinite)):
             if not isinstance(value, bool):

@@ -21,3 +21,8 @@ GATE = ("norm", "weight_norm", "steps")
 # The window's own row (Window.overall), and what clipping adds to it.
 OVERALL = ("steps", "skipped_steps", "total_norm", "total_norm_max")
 CLIPPING = ("total_norm_before_clip", "clipped_steps", "clip_calls")
+
+# The sign/exponent histogram's layout: a counts row has SIGN_EXPONENT_BINS columns, one per
+# (sign, float32 biased exponent); stats.py (torch) and kernels.py (numba) both count into it.
+EXPONENTS = 256                  # values of a float32's biased exponent field
+SIGN_EXPONENT_BINS = 2 * EXPONENTS

@@ -310,7 +310,7 @@ class Gradients(Part):
         for slot, k, name, path in reader.slots(self.setup.names):
             index = slot // self.members
             if self.skipped[index]:
-                reader.windows[k].skipped[name] = int(values["skipped_nonfinite"][index])
+                reader.windows[k].skipped_nonfinite[name] = int(values["skipped_nonfinite"][index])
             if steps[slot] == 0:
                 continue
             row = dict(zip(C.GRADIENT, (float(means[slot, 0] / numel[slot]), float(means[slot, 1] / numel[slot]),

@@ -136,16 +136,17 @@ class HistogramPool:
         return step, requests.build(members)
 
 
-def check_every(histograms) -> int:
+def check_every(histograms, error: type[Exception] | None = None) -> int:
     """Windows per histogram from the monitor's ``histograms`` argument: True -> 1, False -> 0,
-    an int N >= 1 -> N; anything else is a ``MonitorError``."""
+    an int N >= 1 -> N; anything else is ``error`` (a ``MonitorError`` by default; the framework
+    callbacks pass ValueError, as for their other arguments)."""
     from gradflow.monitor.tensors import MonitorError
 
     if isinstance(histograms, bool):
         return int(histograms)
     if isinstance(histograms, (int, np.integer)) and histograms >= 1:
         return int(histograms)
-    raise MonitorError(f"histograms must be True (every window), False (none) or an int N >= 1 (each histogram "
+    raise (error or MonitorError)(f"histograms must be True (every window), False (none) or an int N >= 1 (each histogram "
                        f"sums N windows' counts), got {histograms!r}")
 
 

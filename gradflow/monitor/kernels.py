@@ -31,8 +31,9 @@ from __future__ import annotations
 import numpy as np
 from numba import njit
 
+from gradflow.monitor.columns import SIGN_EXPONENT_BINS  # one definition, shared with stats.py
+
 BLOCK = 4096                     # values per block: 16 KB of float32, in L1
-SIGN_EXPONENT_BINS = 512
 SHORT_ROW = 2048                 # shorter rows count straight into their histogram (no sub-histograms to add)
 PIECE_MAX = 1 << 30              # a piece's uint32 sub-histograms must not overflow
 _REASSOCIATE = {"reassoc", "nsz", "arcp", "contract"}   # vectorize the sums; keep NaN and Inf

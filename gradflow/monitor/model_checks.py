@@ -107,8 +107,7 @@ def replaced_parameters(model: nn.Module, names: list[str], params: list[torch.T
 
 
 def check_members(named: list[tuple[str, torch.Tensor]], members: int) -> None:
-    if not isinstance(members, int) or isinstance(members, bool) or members < 1:
-        raise MonitorError(f"members must be a positive int, got {members!r}")
+    check_positive("members", members)
     if members == 1:
         return
     for name, p in named:
@@ -117,9 +116,13 @@ def check_members(named: list[tuple[str, torch.Tensor]], members: int) -> None:
                                f"{members}; {name} has shape {tuple(p.shape)}")
 
 
-def check_positive(name: str, value, meaning: str, none: bool = False) -> None:
-    """MonitorError unless ``value`` is a positive int (or None where ``none``)."""
+def check_positive(name: str, value, meaning: str = "", none: bool = False,
+                   error: type[Exception] = MonitorError) -> None:
+    """``error`` (MonitorError by default) unless ``value`` is a positive int (or None where
+    ``none``); the one-line message names ``name``, what is accepted and ``meaning``. gradflow's
+    one positive-int check: the callbacks pass ``error=ValueError``, the CLI ``ConfigError``."""
     if none and value is None:
         return
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise MonitorError(f"{name} must be a positive int ({meaning}), got {value!r}")
+        accepted = "a positive int" + (" or None" if none else "") + (f" ({meaning})" if meaning else "")
+        raise error(f"{name} must be {accepted}, got {value!r}")

@@ -159,7 +159,7 @@ class GradientMonitor:
         check_members(named, members)
         check_positive("activations_every", activations_every, "1: every step")
         check_positive("through_time_every", through_time_every, "1: every step")
-        check_positive("history_length", history_length, "or None: keep every window", none=True)
+        check_positive("history_length", history_length, "None: keep every window", none=True)
         self._output = Output(writer, members, check_every(histograms))
         self.names = [name for name, _ in named]
         self.members, self.automatic, self.histograms = members, automatic, histograms

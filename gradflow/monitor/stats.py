@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-EXPONENTS = 256                  # values of a float32's biased exponent field
-SIGN_EXPONENT_BINS = 2 * EXPONENTS
+from gradflow.monitor.columns import EXPONENTS, SIGN_EXPONENT_BINS  # the histogram's layout
+
 ZERO_EXPONENT = 0                # exact zeros and subnormals
 NONFINITE_EXPONENT = 255         # Inf and NaN
 LOG10_2 = math.log10(2.0)

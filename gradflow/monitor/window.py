@@ -7,6 +7,7 @@ own values into the ``Window`` (rows), TensorBoard scalars and histogram request
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,12 +48,17 @@ class Window:
     steps: int
     member: int | None = None    # which member of a batched model (``members`` > 1)
     gradients: dict[str, dict[str, float]] = field(default_factory=dict)
+    # ``weights[p]`` is the canonical weight row (columns.WEIGHT). Each gradient row repeats it as
+    # weight_l1, weight_norm, weight_update_ratio: log()'s rows and gradients.csv are one row per
+    # parameter, and the analysis reads gradients.csv, so the copy is part of that format.
     weights: dict[str, dict[str, float]] = field(default_factory=dict)
     activations: dict[str, dict[str, float]] = field(default_factory=dict)
     # Window-level figures: steps, skipped_steps, total_norm, total_norm_max and, where the loop
     # called clip_grad_norm_ on the model, total_norm_before_clip and clipped_steps.
     overall: dict[str, float] = field(default_factory=dict)
-    skipped: dict[str, int] = field(default_factory=dict)   # per parameter: non-finite values in skipped steps
+    # Per parameter: the non-finite VALUES in the window's skipped steps (AMP overflows); the
+    # skipped STEPS are counted in overall["skipped_steps"] and each gradient row's skipped_steps.
+    skipped_nonfinite: dict[str, int] = field(default_factory=dict)
     # LSTM/GRU weights per gate (gates.py): parameter -> gate -> norm, weight_norm, steps.
     gates: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)
     # parameter -> the kind of module that owns it (kinds.py: linear, conv, norm, embedding, ...).
@@ -68,6 +74,13 @@ class Window:
     # over the window's profiled passes of ||dL/dh_t||_2; and each key's cell (RNN_TANH, LSTM, GRU, ...).
     time: dict[str, Any] = field(default_factory=dict)
     time_cells: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        """Deprecated name of ``skipped_nonfinite`` (it counts values, not steps)."""
+        warnings.warn("Window.skipped is renamed Window.skipped_nonfinite: it counts the non-finite values "
+                      "of skipped steps; the steps are in overall['skipped_steps']", DeprecationWarning, stacklevel=2)
+        return self.skipped_nonfinite
 
 
 class WindowReader:

@@ -111,7 +111,7 @@ def test_bad_sweep_file_exits_2_with_one_line(tmp_path, capsys, change, message)
 
 @pytest.mark.parametrize("args, message", [
     (["sweep", "missing.yaml"], "config file not found"),
-    (["sweep", "{yaml}", "--workers", "0"], "--workers: must be >= 1"),
+    (["sweep", "{yaml}", "--workers", "0"], "--workers must be a positive int"),
     (["sweep", "{yaml}", "--backend", "spark"], "invalid choice: 'spark'"),
     (["sweep", "{yaml}", "--address", "auto"], "--address: only with --backend ray"),
     (["train", DEEP_TANH, "--seeds", "1-x"], "--seeds: cannot read '1-x'"),
@@ -120,7 +120,7 @@ def test_bad_sweep_file_exits_2_with_one_line(tmp_path, capsys, change, message)
     (["train", DEEP_TANH, "--seeds", "0-1", "--seed", "3"], "--seed and --seeds: pass one"),
     (["train", DEEP_TANH, "--seeds", "0-1", "model.depth=0"], "model.depth: must be > 0"),
     (["train", DEEP_TANH, "--workers", "2"], "--workers: only with --seeds"),
-    (["train", DEEP_TANH, "--seeds", "0-1", "--workers", "0"], "--workers: must be >= 1"),
+    (["train", DEEP_TANH, "--seeds", "0-1", "--workers", "0"], "--workers must be a positive int"),
     (["train", DEEP_TANH, "--seeds", "3"], "--seeds 3: a single number is ambiguous; for 3 seeds write --seeds 0-2"),
 ], ids=["missing-file", "workers", "backend", "address-without-ray", "seeds-word", "seeds-backwards",
         "seeds-twice", "seed-and-seeds", "seeds-bad-override", "workers-without-seeds", "seeds-workers-0",

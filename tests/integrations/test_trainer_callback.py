@@ -181,7 +181,7 @@ def test_attach_refuses_what_is_not_a_trainer():
     (dict(every_n_steps=-1), "every_n_steps must be a positive int"),
     (dict(log_dir=3), "log_dir must be a path"),
     (dict(weights=None), "weights must be True or False"),
-    (dict(histograms=2.5), "histograms must be True, False or an int N >= 1"),
+    (dict(histograms=2.5), r"histograms must be True \(every window\), False \(none\) or an int N >= 1"),
 ], ids=["negative", "log_dir", "not_bool", "histograms_float"])
 def test_bad_arguments_are_refused_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=message):

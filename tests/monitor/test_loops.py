@@ -199,7 +199,7 @@ def test_gradscaler_overflow_steps_are_counted_as_skipped():
         stats = monitor.log(0)
     window = monitor.history[0]
     assert window.overall["skipped_steps"] == 1 and window.steps == 3
-    assert window.skipped == nonfinite and sum(nonfinite.values()) > 0
+    assert window.skipped_nonfinite == nonfinite and sum(nonfinite.values()) > 0
     assert all(row["nonfinite"] == 0 and row["skipped_steps"] == 1 for row in stats.values())
     assert_matches_oracle(stats, oracle, rtol=1e-5)
 
@@ -211,7 +211,9 @@ def test_manual_record_of_a_skipped_step():
         monitor.record(skipped=True)
         stats = monitor.log(0)
     assert stats == {} and monitor.history[0].overall["skipped_steps"] == 1
-    assert monitor.history[0].skipped == {"weight": 1, "bias": 0}
+    assert monitor.history[0].skipped_nonfinite == {"weight": 1, "bias": 0}
+    with pytest.warns(DeprecationWarning, match="skipped_nonfinite"):
+        assert monitor.history[0].skipped == {"weight": 1, "bias": 0}         # the old name, read-only
 
 
 # -- 5. huge but finite gradients, every dtype -------------------------------------------------

@@ -12,14 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from gradflow.errors import ConfigError
+from gradflow.monitor.model_checks import check_positive
 
 
 def check_workers(workers: int | None) -> int:
-    """``--workers``: None means the CPUs this process may use; below 1 is a ``ConfigError``."""
+    """``--workers``: None means the CPUs this process may use; else a positive int, or a ``ConfigError``."""
     if workers is None:
         return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-    if workers < 1:
-        raise ConfigError(f"--workers: must be >= 1, got {workers}")
+    check_positive("--workers", workers, "processes", error=ConfigError)
     return workers
 
 
