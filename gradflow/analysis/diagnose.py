@@ -34,10 +34,10 @@ from gradflow.analysis.advice import architecture_family, optimizer_name, recomm
 from gradflow.analysis.history import read_history
 from gradflow.analysis.measures import (
     activation_bounds,
+    analysis_kinds,
     measure_activations,
     measure_layers,
     measure_loss,
-    parameter_kinds,
     recorded_kinds,
 )
 from gradflow.analysis.nonfinite import first_source, restore_source, with_source
@@ -140,7 +140,7 @@ def diagnose(windows: Sequence[Any], losses: Sequence[float] | None = None, *, m
     """
     if not windows:
         raise ValueError("diagnose needs at least one recorded window; call monitor.log(step) at least once")
-    kinds = parameter_kinds(model) if model is not None else recorded_kinds(windows)
+    kinds = analysis_kinds(model) if model is not None else recorded_kinds(windows)
     layers = measure_layers(windows, order, kinds)
     activations = measure_activations(windows, activation_bounds(windows, model))
     loss = measure_loss(losses) if losses is not None else None

@@ -4,7 +4,7 @@ judges it.
 A "layer" is a group of parameters: ``layer_of`` (the name minus its last dotted part), except
 stacked ``nn.LSTM``/``nn.GRU`` parameters, grouped per stacked layer (``lstm.l0``, ``lstm.l1``).
 Each layer has a kind (``weight``, ``norm``, ``embedding``, ``recurrent``: from the model's modules
-when it is passed (``parameter_kinds``), else from names: ``diagnose_run`` has no model, so a
+when it is passed (``analysis_kinds``), else from names: ``diagnose_run`` has no model, so a
 BatchNorm inside an ``nn.Sequential`` (``shortcut.1``) counts as a weight layer there) and a role
 (``head``, ``hidden``, ``norm``, ``embedding``). Layers come input first: in the model's forward
 order when known (the monitor's ``forward_order``: modules by their first forward call; gradflow's
@@ -106,33 +106,34 @@ def _update_per_step(windows: Sequence[Any], parameter: str) -> np.ndarray:
     return ratios / steps
 
 
-def parameter_kinds(model: Any) -> dict[str, str]:
-    """Parameter name -> ``norm``, ``embedding``, ``recurrent`` or another module kind
+def analysis_kinds(model: Any) -> dict[str, str]:
+    """The analysis' kinds of a model's parameters (the monitor's ``parameter_kinds`` is the module
+    kind alone): parameter name -> ``norm``, ``embedding``, ``recurrent`` or another module kind
     (``gradflow.monitor.kinds``: ``linear``, ``conv``, ``attention``, ``other``), from the module
     that owns it, plus ``@head`` -> the parameter that is the output head's weight when the head
     is tied to an embedding (a Linear whose weight is an earlier module's, as in GPT-2 and nanoGPT).
 
     Example:
         >>> from torch import nn
-        >>> parameter_kinds(nn.Sequential(nn.Embedding(5, 2), nn.LayerNorm(2)))["1.weight"]
+        >>> analysis_kinds(nn.Sequential(nn.Embedding(5, 2), nn.LayerNorm(2)))["1.weight"]
         'norm'
     """
     from gradflow.monitor.kinds import parameter_kinds as module_kinds
 
-    return _analysis_kinds(module_kinds(model))
+    return _from_module_kinds(module_kinds(model))
 
 
 def recorded_kinds(windows: Sequence[Any]) -> dict[str, str] | None:
     """The kinds the monitor recorded with the windows (``Window.kinds``, the ``kind`` column of
-    gradients.csv) in ``parameter_kinds``' form; None when there are none (tables written before
+    gradients.csv) in ``analysis_kinds``' form; None when there are none (tables written before
     the column existed: kinds are then told by name)."""
     found: dict[str, str] = {}
     for window in windows:
         found.update(getattr(window, "kinds", None) or {})
-    return _analysis_kinds(found) if found else None
+    return _from_module_kinds(found) if found else None
 
 
-def _analysis_kinds(kinds: Mapping[str, str]) -> dict[str, str]:
+def _from_module_kinds(kinds: Mapping[str, str]) -> dict[str, str]:
     """A tied head (``embedding+head``) becomes an ``embedding`` plus ``@head``."""
     out: dict[str, str] = {}
     for name, kind in kinds.items():

@@ -40,7 +40,7 @@ LINEAR_BINS = 64
 
 @dataclass
 class _Request:
-    kind: str                           # "value" (sign/exponent), "log10" (of |x|) or "linear"
+    form: str                           # "value" (sign/exponent), "log10" (of |x|) or "linear"
     member: int
     tag: str
     counts: np.ndarray
@@ -50,7 +50,7 @@ class _Request:
 
 class HistogramRequests:
     """Histograms a window asks for, as raw counts, built together: one numpy pass over all
-    the rows of a kind instead of a few per family (on a small model the window's fixed costs
+    the rows of a form instead of a few per family (on a small model the window's fixed costs
     are what the monitor costs)."""
 
     def __init__(self, requests: list[_Request] | None = None) -> None:
@@ -73,13 +73,13 @@ class HistogramRequests:
         """Per member, tag -> histogram; a row with no finite value gets none (TensorBoard
         cannot draw an empty histogram)."""
         out: list[dict[str, Histogram]] = [{} for _ in range(members)]
-        for kind in ("value", "log10", "linear"):
-            requests = [r for r in self.requests if r.kind == kind]
+        for form in ("value", "log10", "linear"):
+            requests = [r for r in self.requests if r.form == form]
             if not requests:
                 continue
             counts = np.stack([r.counts for r in requests])
-            built = (S.value_histograms(counts) if kind == "value" else S.log10_abs_histograms(counts)
-                     if kind == "log10" else linear_histograms(counts, [r.bounds for r in requests]))
+            built = (S.value_histograms(counts) if form == "value" else S.log10_abs_histograms(counts)
+                     if form == "log10" else linear_histograms(counts, [r.bounds for r in requests]))
             for request, histogram in zip(requests, built):
                 if histogram is not None:
                     out[request.member][request.tag] = histogram
@@ -113,10 +113,10 @@ class HistogramPool:
 
     def _fold(self, requests: list[_Request]) -> None:
         for r in requests:
-            key = (r.kind, r.member, r.tag)
+            key = (r.form, r.member, r.tag)
             held = self._pooled.get(key)
             if held is None or r.state:
-                self._pooled[key] = _Request(r.kind, r.member, r.tag, np.array(r.counts, dtype=np.float64),
+                self._pooled[key] = _Request(r.form, r.member, r.tag, np.array(r.counts, dtype=np.float64),
                                              r.bounds, r.state)
             else:
                 held.counts += r.counts

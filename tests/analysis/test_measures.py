@@ -6,7 +6,7 @@ from synthetic_windows import history, norm_windows
 from torch import nn
 
 from gradflow.analysis.diagnose import diagnose
-from gradflow.analysis.measures import measure_activations, parameter_kinds
+from gradflow.analysis.measures import analysis_kinds, measure_activations
 
 
 def test_layer_evidence_uses_weights_and_reads_trend():
@@ -69,7 +69,7 @@ def test_tied_head_from_the_model():
     model = nn.ModuleDict({"emb": nn.Embedding(10, 4), "mix": nn.Linear(4, 4), "norm": nn.LayerNorm(4),
                            "lm_head": nn.Linear(4, 10, bias=False)})
     model["lm_head"].weight = model["emb"].weight
-    kinds = parameter_kinds(model)
+    kinds = analysis_kinds(model)
     assert kinds["@head"] == "emb.weight" and kinds["norm.weight"] == "norm"
     windows = norm_windows({"emb.weight": (0.1, 1.0, 0.0), "mix.weight": (0.1, 1.0, 0.0),
                         "norm.weight": (1e-6, 1.0, 0.0)})
