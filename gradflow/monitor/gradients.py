@@ -303,7 +303,9 @@ class Gradients(Part):
 
     def _rows(self, values: dict[str, np.ndarray], reader, steps: np.ndarray) -> None:
         counts = values["counts"].reshape(-1, S.SIGN_EXPONENT_BINS)
-        numel = np.asarray(self.full_numel, dtype=np.float64)      # the full tensor's, for a DTensor
+        # the full tensor's, for a DTensor; an empty parameter's means are NaN (no element), not 0/0 warnings
+        numel = np.asarray(self.full_numel, dtype=np.float64)
+        numel[numel == 0] = np.nan
         means = values["totals"] / np.maximum(steps, 1)[:, None]
         zeros = counts[:, S.ZERO_EXPONENT] + counts[:, S.EXPONENTS + S.ZERO_EXPONENT]
         nonfinite = counts[:, S.NONFINITE_EXPONENT] + counts[:, S.EXPONENTS + S.NONFINITE_EXPONENT]

@@ -19,7 +19,7 @@ Example:
     >>> model = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 1))
     >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     >>> loader = [(torch.randn(16, 2), torch.randn(16, 1)) for _ in range(4)]
-    >>> with GradientMonitor(model, SummaryWriter("runs/mine")) as monitor:
+    >>> with SummaryWriter("runs/mine") as writer, GradientMonitor(model, writer) as monitor:
     ...     for epoch in range(3):
     ...         for x, y in loader:
     ...             optimizer.zero_grad(); nn.functional.mse_loss(model(x), y).backward(); optimizer.step()
