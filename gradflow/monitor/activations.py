@@ -17,7 +17,7 @@ from torch import nn
 from gradflow.monitor import columns as C
 from gradflow.monitor import stats as S
 from gradflow.monitor.histograms import LINEAR_BINS, count_linear, linear_scale
-from gradflow.monitor.part import Part, Reduced, Setup
+from gradflow.monitor.part import ForwardStarts, Part, Reduced, Setup, training_pass
 from gradflow.monitor.sharding import local
 from gradflow.monitor.spent import LeavesCopiesAlone
 from gradflow.monitor.tensors import (
@@ -73,24 +73,6 @@ class _Tap(LeavesCopiesAlone):
         return
 
 
-def _training_pass() -> bool:
-    return torch.is_grad_enabled() and not torch.compiler.is_compiling() and torch._C._current_graph_task_id() == -1
-
-
-class _ForwardStart(LeavesCopiesAlone):
-    """The model's forward pre-hook: a training forward pass begins (activations part)."""
-
-    __slots__ = ("__weakref__", "part")
-    KIND = "pre"
-
-    def __init__(self, part: Activations) -> None:
-        self.part = part
-
-    def __call__(self, module, inputs):
-        if _training_pass():
-            self.part.forward_starts()
-
-
 class _ForwardEnd(LeavesCopiesAlone):
     """The model's forward hook: the training forward pass ended whole."""
 
@@ -100,7 +82,7 @@ class _ForwardEnd(LeavesCopiesAlone):
         self.part = part
 
     def __call__(self, module, inputs, output):
-        if _training_pass():
+        if training_pass():
             self.part.forward_ends()
 
 
@@ -188,7 +170,7 @@ class Activations(Part):
         modules = dict(model.named_modules())
         for index, name in enumerate(self.names):
             self.keep(modules[name].register_forward_hook(_Tap(self, index)))
-        self.keep(model.register_forward_pre_hook(_ForwardStart(self)))
+        self.keep(model.register_forward_pre_hook(ForwardStarts(self)))
         self.keep(model.register_forward_hook(_ForwardEnd(self)))
 
     def record(self, mask) -> None:

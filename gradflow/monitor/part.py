@@ -65,6 +65,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from gradflow.monitor.spent import LeavesCopiesAlone
+
 # Reduced and its reductions live beside the read-back that takes them (window.py); named here too,
 # as every part hands its tensors over in them.
 from gradflow.monitor.window import MAX, REDUCTIONS, SUM, Reduced, WindowReader  # noqa: F401 - re-exported
@@ -170,3 +172,25 @@ class Part:
         for handle in handles:
             with contextlib.suppress(Exception):
                 handle.remove()
+
+
+def training_pass() -> bool:
+    """Whether the code running now is a training forward pass: grad mode on, not traced by
+    torch.compile, not a checkpoint's recompute inside backward."""
+    return torch.is_grad_enabled() and not torch.compiler.is_compiling() and torch._C._current_graph_task_id() == -1
+
+
+class ForwardStarts(LeavesCopiesAlone):
+    """A model's forward pre-hook that calls ``part.forward_starts()`` at each training forward
+    pass (``training_pass``): the one hook the parts that watch whole passes share."""
+
+    __slots__ = ("__weakref__", "part")
+    KIND = "pre"
+
+    def __init__(self, part: Part) -> None:
+        self.part = part
+
+    def __call__(self, module, inputs):
+        if training_pass():
+            self.part.forward_starts()
+

@@ -17,10 +17,7 @@ not this part's business.
 
 from __future__ import annotations
 
-import torch
-
-from gradflow.monitor.part import Part
-from gradflow.monitor.spent import LeavesCopiesAlone
+from gradflow.monitor.part import ForwardStarts, Part
 
 HAND_WRITTEN = ("log(): the parameters changed in place but no optimizer step was recorded in this window: a "
                 "hand-written update (p -= lr * p.grad) or an optimizer that is not a torch.optim.Optimizer "
@@ -41,7 +38,10 @@ class Unrecorded(Part):
         self.versions: list[int] = []
 
     def hook(self, model) -> None:
-        self.keep(model.register_forward_pre_hook(_CountForward(self)))
+        self.keep(model.register_forward_pre_hook(ForwardStarts(self)))
+
+    def forward_starts(self) -> None:
+        self.forwards += 1                       # a training forward pass of the model (ForwardStarts)
 
     def reset(self) -> None:
         self.forwards = 0
@@ -61,17 +61,3 @@ class Unrecorded(Part):
         elif self.forwards:
             self.setup.warn("unrecorded", FUNCTIONAL.format(n=self.forwards))
 
-
-class _CountForward(LeavesCopiesAlone):
-    """Counts the model's training forward passes (grad mode on, outside backward and tracing)."""
-
-    __slots__ = ("__weakref__", "part")
-    KIND = "pre"
-
-    def __init__(self, part: Unrecorded) -> None:
-        self.part = part
-
-    def __call__(self, module, inputs):
-        if torch.is_grad_enabled() and not torch.compiler.is_compiling():
-            self.part.forwards += 1
-        return None
