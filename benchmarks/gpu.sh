@@ -17,7 +17,7 @@ command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,dri
 status=0
 echo "== the CUDA tests (they skip on a CPU machine)"
 timeout 180 python -m pytest -q -p no:cacheprovider -k "cuda or CUDA" tests/experiments/test_train.py \
-    tests/monitor/test_monitor_models.py tests/test_cli.py || status=1
+    tests/monitor/test_monitor_models.py tests/monitor/test_conversions.py tests/test_cli.py || status=1
 echo "== the tutorial's deep ReLU on CUDA (50 epochs)"
 timeout 120 python scripts/train.py configs/deep_relu.yaml train.epochs=50 --device cuda --logdir "$(mktemp -d)" \
     || status=1

@@ -366,6 +366,19 @@ class Activations(Part):
         return {"moments": Reduced(self.moments), "counts": Reduced(self.counts), "positives": Reduced(self.positives),
                 "linear": Reduced(self.linear)}
 
+    def move(self, device: torch.device) -> None:
+        """Fold the outputs taken on the old device, carry the sums to ``device``; outputs of a
+        forward pass that already ran there (parameters replaced, found at the step) stay pending."""
+        self.drop_partial()
+        here = self.moments.device
+        later = [(index, a) for index, a in self.pending if a.device != here]
+        self.pending = [(index, a) for index, a in self.pending if a.device == here]
+        self.reduce()
+        self.moments, self.counts, self.positives, self.linear = (
+            t.to(device, copy=True) for t in (self.moments, self.counts, self.positives, self.linear))
+        self.pending, self.pending_elements = later, sum(a.numel() for _, a in later)
+        self._plans, self._slot_rows, self._scratch = _BoundedCache(), _BoundedCache(), S.Scratch()
+
     def no_activations_cause(self) -> str:
         """Why a window whose steps were tapped saw no activation output, told by what the taps
         and the model's own forward hooks saw (never guessed): no training forward pass of the

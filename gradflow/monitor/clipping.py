@@ -47,5 +47,8 @@ class Clipping(Part):
             window.overall.update(row)
             reader.scalars[k].update({f"grad/{key}": float(v) for key, v in row.items()})
 
+    def move(self, device: torch.device) -> None:
+        self.tally.move(device)
+
     def reset(self) -> None:
         self.tally = ClipTally()

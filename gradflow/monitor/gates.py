@@ -36,7 +36,7 @@ from torch import nn
 
 from gradflow.monitor import columns as C
 from gradflow.monitor import stats as S
-from gradflow.monitor.part import Part, Reduced, Setup
+from gradflow.monitor.part import Part, Reduced, Setup, moved
 from gradflow.monitor.sharding import local
 from gradflow.monitor.steps import ALL
 from gradflow.monitor.window import tag_path
@@ -96,6 +96,10 @@ class Gates(Part):
     def bind(self, params: list[torch.Tensor]) -> None:
         """Follow replacement tensors (same shapes)."""
         self.params = params
+
+    def move(self, device: torch.device) -> None:
+        self.totals = moved(self.totals, device, wide=True)
+        self._rows = {}
 
     def reset(self) -> None:
         self.totals.zero_()

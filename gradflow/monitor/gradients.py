@@ -10,7 +10,7 @@ import torch
 
 from gradflow.monitor import columns as C
 from gradflow.monitor import stats as S
-from gradflow.monitor.part import Part, Reduced, Setup
+from gradflow.monitor.part import Part, Reduced, Setup, moved
 from gradflow.monitor.sharding import local, local_numel
 from gradflow.monitor.steps import ALL
 from gradflow.monitor.tensors import (
@@ -113,6 +113,14 @@ class Gradients(Part):
     def device(self) -> torch.device:
         return self.totals.device
 
+    def move(self, device: torch.device) -> None:
+        """Fold the pending copies (the old device's), then carry the sums to ``device``."""
+        self.reduce()
+        self.totals, self.step_squares, self.skipped_nonfinite = (
+            moved(t, device, wide=True) for t in (self.totals, self.step_squares, self.skipped_nonfinite))
+        self.counts = moved(self.counts, device)
+        self._plans, self._batches, self._scratch = {}, _BoundedCache(), S.Scratch()   # their tensors: the old device's
+
     def reset(self) -> None:
         self.pending.clear()
         self.pending_elements = 0
@@ -122,6 +130,10 @@ class Gradients(Part):
         self.skipped_steps = 0
         self.held.clear()
         self.steps_by_pattern.clear()
+        self._last = None            # its weak references would stop a swap_tensors conversion (model.to)
+
+    def remove(self) -> None:
+        self._last = None
 
     def steps(self) -> np.ndarray:
         """How many recorded steps each slot's parameter had a gradient in."""

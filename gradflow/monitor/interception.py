@@ -108,10 +108,17 @@ class ClipTally:
             clipped = clipped.full_tensor()
         if hasattr(total, "full_tensor"):          # a DTensor norm of sharded gradients: its full value,
             total = total.full_tensor()            # one collective, inside a clip call every rank makes
-        if self.sums is None or self.sums.device != total.device:
+        if self.sums is None:
             self.sums = torch.zeros(2, device=total.device, dtype=wide_dtype(total.device))
+        elif self.sums.device != total.device:     # the model moved (model.to): the window's sums go with it
+            self.move(total.device)
         self.sums.add_(torch.stack([total.to(self.sums.dtype), clipped.to(self.sums)]))
         self.calls += 1
+
+    def move(self, device: torch.device) -> None:
+        """Carry the sums to ``device`` (a new tensor there)."""
+        if self.sums is not None:
+            self.sums = self.sums.to(device=device, dtype=wide_dtype(device), copy=True)
 
 
 def _install() -> None:

@@ -1,5 +1,5 @@
 """What the monitor checks about the user's model: which parameters it watches, that they are
-materialised, and whether they were replaced after it attached.
+materialised, and whether they were replaced, converted or moved after it attached.
 
 Example:
     >>> import torch
@@ -75,34 +75,41 @@ def _check_materialised(name: str, p: torch.Tensor) -> None:
                            "initialisation (or load_state_dict(..., assign=True))")
 
 
-def _check_device(named: list[tuple[str, torch.Tensor]], device: torch.device) -> None:
-    if named and named[0][1].device != device:
-        name, p = named[0]
-        raise MonitorError(f"{name} moved from {device} to {p.device} after the monitor attached; "
-                           "attach the monitor after model.to(device), or remove() it and attach a new one")
+def _one_device(current: list[tuple[str, torch.Tensor]], device: torch.device) -> None:
+    """MonitorError if the parameters now lie on several devices (a part of the model moved)."""
+    _check_materialised(*current[0])
+    moved = next(((name, p.device) for name, p in current if p.device != current[0][1].device), None)
+    if moved is not None:
+        first, there = current[0]
+        raise MonitorError(f"{moved[0]} is on {moved[1]} but {first} on {there.device} (the monitor attached on "
+                           f"{device}); the monitor follows a model moved whole to one device: move every parameter")
 
 
 def replaced_parameters(model: nn.Module, names: list[str], params: list[torch.Tensor],
                         device: torch.device, dtypes: list[torch.dtype] | None = None) -> list[torch.Tensor] | None:
     """The model's parameters if they replaced ``params`` (``load_state_dict(..., assign=True)``,
-    ``to_empty()``, ``.double()`` under ``set_overwrite_module_params_on_conversion(True)``) with
-    tensors of the same names and shapes, or if ``params`` changed dtype in place (``.double()``);
-    None if nothing changed. MonitorError if they changed in a way a window's sums cannot
-    follow (another shape, another device)."""
+    ``to_empty()``, ``.double()`` or ``.to(device)`` under ``set_overwrite_module_params_on_conversion(True)``)
+    with tensors of the same names and shapes, or if ``params`` changed dtype (from ``dtypes``)
+    or device (from ``device``) in place (``.double()``, ``.to("cuda")``); None if nothing changed.
+    MonitorError if they changed in a way a window's sums cannot follow: another shape, or parts
+    of the model on different devices."""
     current = _named(model)
     if len(current) == len(params) and all(p is q for (_, p), q in zip(current, params)):
-        _check_device(current, device)
-        return None if all(q.dtype == d for q, d in zip(params, dtypes or [q.dtype for q in params])) \
-            else [p for _, p in current]
+        if all(q.dtype == d for q, d in zip(params, dtypes or [q.dtype for q in params])) \
+                and all(q.device == device for q in params):
+            return None
+        _one_device(current, device)
+        return [p for _, p in current]
     if [name for name, _ in current] != names:
         raise MonitorError(f"the model's parameters changed after the monitor attached (now {len(current)}, "
                            f"were {len(params)}); remove() this monitor and attach a new one")
     for (name, p), q in zip(current, params):
         _check_materialised(name, p)
-        if (p.shape, p.device) != (q.shape, q.device):
-            raise MonitorError(f"{name} was replaced by a tensor of another shape or device "
-                               f"({tuple(q.shape)} {q.dtype} {q.device} -> {tuple(p.shape)} {p.dtype} {p.device}); "
+        if p.shape != q.shape:
+            raise MonitorError(f"{name} was replaced by a tensor of another shape "
+                               f"({tuple(q.shape)} {q.dtype} -> {tuple(p.shape)} {p.dtype}); "
                                "remove() this monitor and attach a new one after replacing parameters")
+    _one_device(current, device)
     return [p for _, p in current]
 
 

@@ -170,12 +170,11 @@ class GradientMonitor:
         self._warned: set[str] = set()
         kinds = {user_name(name): kind for name, kind in parameter_kinds(inner).items()}
         self.kinds = {name: kinds.get(name, "other") for name in self.names}
-        self._dtypes = [p.dtype for _, p in named]
         self._setup = Setup(self.names, [p for _, p in named], members,
                             {"weights": weights, "activations": activations, "histograms": histograms,
                              "nonfinite": nonfinite, "through_time": through_time,
                              "through_time_every": through_time_every},
-                            Schedule(activations_every), self._warn_from_part, self.kinds)
+                            Schedule(activations_every), self._warn_from_part, self.kinds, follow=self._follow)
         # DTensor parameters (FSDP2, HSDP, tensor parallel): collectives at each window's close; every
         # rank must attach (sharding.py). None for plain tensors, DDP included.
         self._setup.sharding = self._sharding = ShardLayout.of(self.names, self._setup.params, members,
@@ -377,16 +376,18 @@ class GradientMonitor:
     # -- keeping up with the model --------------------------------------------------------
 
     def _follow(self) -> bool:
-        """Rebind to the model's parameters if they were replaced; True if so (model_checks)."""
-        model = self._model()
-        new = replaced_parameters(model, self.names, self._setup.params, self._setup.device, self._dtypes) \
-            if model is not None else None
+        """Follow the model's parameters if they were replaced, converted or moved; True if so
+        (model_checks): what is pending is folded (on another device: the sums move there, Part.move)."""
+        model, setup = self._model(), self._setup
+        new = None if model is None else replaced_parameters(model, self.names, setup.params, setup.device, setup.dtypes)
         if new is None:
             return False
+        device = new[0].device
         for part in self.parts.values():        # what is pending was taken from the old tensors
-            part.fold()
-        self._setup.rebind(new)
-        self._dtypes = [p.dtype for p in new]
+            part.fold() if device == setup.device else part.move(device)
+        if self._sharding is not None and device != setup.device:
+            self._sharding.move(device)
+        setup.rebind(new)
         for part in self.parts.values():
             part.bind(new)
         self._masks.forget()

@@ -67,7 +67,7 @@ import torch
 from torch import nn
 from torch.nn.modules.module import register_module_forward_hook
 
-from gradflow.monitor.part import MAX, Part, Reduced, Setup
+from gradflow.monitor.part import MAX, Part, Reduced, Setup, moved
 from gradflow.monitor.tensors import MonitorError
 
 LOSS = "(loss)"            # the module name of a non-finite dL/d(model output): the loss made it
@@ -263,6 +263,13 @@ class FirstNonFinite(Part):
         values = _stack(sums, self.device)
         first = torch.where(torch.isfinite(values), NONE, table).amin()
         torch.minimum(self._step_min, first, out=self._step_min)
+
+    def move(self, device: torch.device) -> None:
+        """Fold the pending sums (on any device), then carry this step's and the window's keys to ``device``."""
+        self.fold()
+        self.device = torch.device(device)
+        self._step_min, self._keys = moved(self._step_min, self.device), moved(self._keys, self.device)
+        self._cache = {}
 
     def record(self, mask=None) -> None:
         """An applied optimizer step ends: its first non-finite code joins the window's."""

@@ -11,6 +11,10 @@ there, and then only loops over them:
   part's ``hook`` raises, every part's ``remove()`` runs and the model is as it was.
 - ``bind(params)``: follow the monitored parameters (a first binding, or tensors that
   replaced them: ``load_state_dict(assign=True)``, ``.double()``).
+- ``move(device)``: the parameters moved to another device (``model.to(device)`` after
+  attach; ``conversions.py`` notices): fold what was taken on the old device into the sums, then
+  re-create every device buffer on ``device`` (``moved``), carrying the window's sums; the
+  next steps are recorded there. ``bind`` follows.
 - ``record(mask)``: one optimizer step applied its gradient (``mask``: which monitored
   parameters the stepping optimizer holds: ``steps.ALL``, a tuple of bools, or None for
   all). Return False to say nothing was recorded: the parts after this one are then not
@@ -31,8 +35,8 @@ there, and then only loops over them:
 
 Every method is a no-op by default, so a part defines only what it uses (Cockpit's
 ``quantities/quantity.py``; OLMo-core's callback base with empty hooks). What the parts share
-is the ``Setup``: the monitored names and tensors, ``members``, the monitor's options, the
-schedule of profiled steps and the monitor's ``warn``.
+is the ``Setup``: the monitored names and tensors (their dtypes and device), ``members``, the
+monitor's options, the schedule of profiled steps, the monitor's ``warn`` and ``follow``.
 
 Example (a part that counts steps)::
 
@@ -66,6 +70,7 @@ import torch
 from torch import nn
 
 from gradflow.monitor.spent import LeavesCopiesAlone
+from gradflow.monitor.stats import wide_dtype
 
 # Reduced and its reductions live beside the read-back that takes them (window.py); named here too,
 # as every part hands its tensors over in them.
@@ -94,8 +99,12 @@ class Setup:
     """What every part of one monitor shares (made by the coordinator, read by the parts).
 
     ``names`` and ``params`` are the monitored parameters (floating point, trainable or not,
-    in ``named_parameters()`` order); ``params`` follows a rebinding. ``options`` are the
-    monitor's keyword arguments (``weights``, ``activations``, ``histograms``, ...).
+    in ``named_parameters()`` order); ``params`` follows a rebinding, and ``dtypes`` and
+    ``device`` are theirs as of the last one (a parameter's own dtype or device differs from them
+    once the model was converted or moved and not yet followed). ``options`` are the monitor's
+    keyword arguments (``weights``, ``activations``, ``histograms``, ...). ``follow()`` (the
+    coordinator's) rebinds every part to the model's parameters if they were replaced, converted
+    or moved, and says whether it did.
     """
 
     names: list[str]
@@ -110,6 +119,9 @@ class Setup:
     # optimizer unscales inside its step); parts that read .grad multiply by it. None otherwise.
     unscale: torch.Tensor | None = None
     sharding: Any = None          # sharding.ShardLayout where parameters are DTensors (FSDP2, tensor parallel)
+    follow: Callable[[], bool] = lambda: False
+    dtypes: list[torch.dtype] = field(default_factory=list)
+    device: torch.device = field(default=torch.device("cpu"))
 
     def __post_init__(self) -> None:
         self.rebind(self.params)
@@ -117,10 +129,8 @@ class Setup:
     def rebind(self, params: list[torch.Tensor]) -> None:
         self.params = params
         self.index_of = {id(p): i for i, p in enumerate(params)}
-
-    @property
-    def device(self) -> torch.device:
-        return self.params[0].device
+        self.dtypes = [p.dtype for p in params]
+        self.device = params[0].device
 
 
 class Part:
@@ -145,6 +155,11 @@ class Part:
 
     def bind(self, params: list[torch.Tensor]) -> None:
         """Follow these parameter tensors from now on."""
+
+    def move(self, device: torch.device) -> None:
+        """The parameters moved to ``device``: fold what is pending, then re-create every device
+        buffer there (``moved``) with the window's sums. Parts without buffers only fold."""
+        self.fold()
 
     def record(self, mask) -> bool | None:
         """One applied optimizer step. False: nothing recorded; later parts skip the step."""
@@ -172,6 +187,20 @@ class Part:
         for handle in handles:
             with contextlib.suppress(Exception):
                 handle.remove()
+
+
+def moved(tensor: torch.Tensor, device: torch.device, wide: bool = False) -> torch.Tensor:
+    """A copy of ``tensor`` on ``device`` with the same values: always a new tensor, on the same
+    device too, so that no part keeps a buffer of the device it left. ``wide``: a float sum,
+    kept in the device's wide dtype (``stats.wide_dtype``: float64, float32 on MPS).
+
+    Example:
+        >>> sums = torch.tensor([1.5, 2.0], dtype=torch.float64)
+        >>> copy = moved(sums, torch.device("cpu"), wide=True)
+        >>> copy.tolist(), copy.data_ptr() != sums.data_ptr()
+        ([1.5, 2.0], True)
+    """
+    return tensor.to(device=device, dtype=wide_dtype(device) if wide else tensor.dtype, copy=True)
 
 
 def training_pass() -> bool:

@@ -275,6 +275,13 @@ class ShardLayout:
     def reset(self) -> None:
         self.rows.zero_()
 
+    def move(self, device: torch.device) -> None:
+        """Carry the window's per-step rows to ``device`` (the model moved: ``model.to``)."""
+        self.device = device
+        self.rows = self.rows.to(device, copy=True)
+        self._sentinel = torch.zeros(1, device=device)
+        self._index = {}
+
     @torch.no_grad()
     def local_grads(self, params: list[torch.Tensor], grads: list[torch.Tensor | None],
                     step: int, unscale: torch.Tensor | None = None) -> list[torch.Tensor | None]:

@@ -54,7 +54,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-from gradflow.monitor.part import Part, Reduced, Setup
+from gradflow.monitor.part import Part, Reduced, Setup, moved
 from gradflow.monitor.spent import LeavesCopiesAlone
 
 MODES = ("RNN_TANH", "RNN_RELU", "LSTM", "GRU")     # nn.RNNBase.mode of the modules profiled
@@ -301,7 +301,8 @@ class ThroughTime:
                     if len(self._index_cache) > 64:
                         self._index_cache.clear()
                     index = self._index_cache[where] = torch.tensor(where, device=entry.sums.device)
-                entry.sums.view(-1).index_add_(0, index, torch.stack(norms).to(entry.sums.dtype))
+                # .to(sums): the same tensor unless the model moved to another device since this pass
+                entry.sums.view(-1).index_add_(0, index, torch.stack(norms).to(entry.sums))
                 entry.passes += 1
 
     def read(self) -> dict[str, np.ndarray]:
@@ -318,6 +319,14 @@ class ThroughTime:
     def passes(self) -> dict[str, int]:
         """Key -> profiled passes in the window."""
         return {key: entry.passes for entry in self.modules for key in entry.keys if entry.passes}
+
+    def move(self, device: torch.device) -> None:
+        """Fold the pending passes, then carry the window's sums to ``device``."""
+        self.record()
+        for entry in self.modules:
+            if entry.sums is not None:
+                entry.sums = moved(entry.sums, device, wide=True)
+        self._index_cache = {}
 
     def reset(self) -> None:
         """Start the next window (a new length T may come with it)."""
@@ -450,6 +459,9 @@ class ThroughTimePart(Part):
 
     def fold(self) -> None:
         self.recorder.record()
+
+    def move(self, device: torch.device) -> None:
+        self.recorder.move(device)
 
     def device_tensors(self) -> dict[str, Reduced]:
         return {str(i): Reduced(entry.sums) for i, entry in enumerate(self.recorder.modules)

@@ -31,7 +31,6 @@ class Weights(Part):
     def __init__(self, model, setup: Setup) -> None:
         super().__init__(model, setup)
         self.members = setup.members
-        self._scratch = S.Scratch()
         self.bind(setup.params)
 
     def bind(self, params: list[torch.Tensor]) -> None:
@@ -40,11 +39,13 @@ class Weights(Part):
         self.params = params
         self.slots = len(params) * self.members
         old = getattr(self, "start", None)
-        with torch.no_grad():               # a conversion (.double()) keeps the window's start, converted
+        with torch.no_grad():               # a conversion (.double(), .to(device)) keeps the window's start, converted
             self.start = [None if not p.requires_grad else
-                          old[i].to(p.dtype) if old is not None and old[i] is not None and old[i].shape == local(p).shape
+                          old[i].to(local(p).device, p.dtype, copy=True)
+                          if old is not None and old[i] is not None and old[i].shape == local(p).shape
                           else local(p.detach()).clone() for i, p in enumerate(params)]   # a DTensor's own shard
         self.versions = [p._version for p in params]
+        self._scratch = S.Scratch()         # its buffers: the parameters' device
 
     @torch.no_grad()
     def summary(self) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,60 @@
+"""Follows a model converted after the monitor attached: ``model.to(device)``, ``model.double()``.
+
+``model.to("cuda")`` moves each parameter in place (the same ``Parameter``, new storage), or
+swaps or replaces it (``torch.__future__.set_swap_module_params_on_conversion`` /
+``set_overwrite_module_params_on_conversion``); either way the window's sums are still on the old
+device. This part checks the first and last parameter's device and dtype where it matters,
+cheaply (four comparisons): at the start of each training forward pass, before any activation tap
+or non-finite hook sees a tensor of the new device, and at each recorded or skipped step (a
+compiled model's forward is not watched; ``record()`` may come without one). Parameters replaced
+by new tensors on another device (the ``overwrite`` flag) are seen there too: the model's own
+first parameter, looked up in its module, is compared (not with sharded models, whose frameworks
+swap parameters at every pass). When something changed, the coordinator's ``follow()`` has every
+part fold what it took before and, on a new device, move its sums there (``Part.move``), then
+binds the parts to the parameters: the window goes on, and what it recorded before and after is
+in it. Other replacements are found when an optimizer holding them steps, or at ``log()``.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+from gradflow.monitor.part import ForwardStarts, Part
+
+
+class Conversions(Part):
+    """Notices that the monitored parameters left the device or dtype the monitor is bound to."""
+
+    name = "conversions"
+
+    def __init__(self, model, setup) -> None:
+        super().__init__(model, setup)
+        name = next(name for name, p in model.named_parameters() if p.is_floating_point())
+        owner, _, self.key = name.rpartition(".")      # where the model keeps its first parameter
+        self.owner = weakref.ref(model.get_submodule(owner)) if setup.sharding is None else None
+
+    def hook(self, model) -> None:
+        self.keep(model.register_forward_pre_hook(ForwardStarts(self)))
+
+    def forward_starts(self) -> None:
+        self.check()
+
+    def record(self, mask) -> None:
+        self.check()
+
+    def skip(self, mask) -> None:
+        self.check()
+
+    def check(self) -> None:
+        """Follow the parameters if the first or last of them changed device or dtype, or the
+        model's first parameter is a new tensor on another device."""
+        setup = self.setup
+        first, last = setup.params[0], setup.params[-1]
+        if first.device != setup.device or last.device != setup.device \
+                or first.dtype != setup.dtypes[0] or last.dtype != setup.dtypes[-1]:
+            setup.follow()
+            return
+        owner = self.owner() if self.owner is not None else None
+        now = owner._parameters.get(self.key) if owner is not None else None
+        if now is not None and now is not first and now.device != setup.device:
+            setup.follow()
