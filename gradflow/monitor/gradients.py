@@ -98,6 +98,7 @@ class Gradients(Part):
         self._plans: dict[tuple[bool, ...], _GradientPlan] = {}
         self._batches = _BoundedCache()
         self._last: tuple | None = None              # the last recorded step's first and last gradient
+        self._idle_said: list[str] = []              # the idle parameters the last text named
 
     def bind(self, params: list[torch.Tensor]) -> None:
         """Follow these tensors from now on (the same shapes and dtypes, or a first binding)."""
@@ -309,9 +310,13 @@ class Gradients(Part):
             held |= True if mask is ALL else np.asarray(mask, dtype=bool)
         idle = held & (steps.reshape(-1, self.members)[:, 0] == 0)
         names = [name for name, flag in zip(self.setup.names, idle) if flag]
+        said = names or names != self._idle_said               # a text while any is idle, and when none is again
+        self._idle_said = names
         for k, window in enumerate(reader.windows):
             window.idle = names
             reader.scalars[k]["grad/idle_parameters"] = float(len(names))
+            if said:
+                reader.texts[k]["grad/idle_parameters"] = idle_text(names, self.recorded)
 
     def _rows(self, values: dict[str, np.ndarray], reader, steps: np.ndarray) -> None:
         counts = values["counts"].reshape(-1, S.SIGN_EXPONENT_BINS)
@@ -348,6 +353,23 @@ class Gradients(Part):
                 row["total_norm_max"] = float(norms[:, k].max())
             window.overall.update(row)
             reader.scalars[k].update({f"grad/{key}": float(v) for key, v in row.items()})
+
+
+def idle_text(names: list[str], steps: int, shown: int = 50) -> str:
+    """The Markdown that TensorBoard's Text tab shows for a window's idle parameters (held by an
+    optimizer that stepped, without a gradient in any of the window's ``steps``): their names, the
+    first ``shown`` of them, or that there is none again.
+
+    Example:
+        >>> print(idle_text(["e.1.weight", "e.1.bias"], 4))
+        2 parameters got no gradient in any of the window's 4 steps although an optimizer that stepped holds them: `e.1.weight`, `e.1.bias`
+    """
+    if not names:
+        return "none: every parameter of the optimizers that stepped got a gradient in this window"
+    listed = ", ".join(f"`{name}`" for name in names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
+    held = "holds it" if len(names) == 1 else "holds them"
+    return (f"{len(names)} parameter{'s' * (len(names) > 1)} got no gradient in any of the window's {steps} steps "
+            f"although an optimizer that stepped {held}: {listed}")
 
 
 def _gaps(names: list[str], params: list[torch.Tensor], steps: np.ndarray, recorded: int,

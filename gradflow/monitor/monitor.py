@@ -329,7 +329,7 @@ class GradientMonitor:
         for name, part in self.parts.items():
             prefix = name + "/"
             part.read({key[len(prefix):]: v for key, v in values.items() if key.startswith(prefix)}, reader)
-        self._output.write(reader.scalars, reader.wanted, step, final=not self.attached)
+        self._output.write(reader.scalars, reader.wanted, step, final=not self.attached, texts=reader.texts)
         self.history.extend(windows)
         if self.history_length is not None and len(self.history) > self.history_length * self.members:
             del self.history[:len(self.history) - self.history_length * self.members]

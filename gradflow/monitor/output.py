@@ -4,7 +4,7 @@ tags), and the pool that sums histograms over ``histograms=N`` windows before wr
 Example (the monitor's own; ``GradientMonitor.log`` and ``flush`` drive it)::
 
     output = Output(writer, members=1, every=1)
-    output.write(reader.scalars, reader.wanted, step, final=False)   # at each log()
+    output.write(reader.scalars, reader.wanted, step, final=False, texts=reader.texts)   # at each log()
     output.flush()                                                     # at remove()
 """
 
@@ -22,13 +22,17 @@ class Output:
         self.sinks = _sinks(writer, members)
         self.pool = HistogramPool(every) if every else None
 
-    def write(self, scalars: list[dict[str, float]], wanted: HistogramRequests, step: int, final: bool) -> None:
-        """Write a window's scalars at ``step``, and its histograms once the pool holds
-        ``every`` windows (at once when ``final``: no flush() will follow)."""
+    def write(self, scalars: list[dict[str, float]], wanted: HistogramRequests, step: int, final: bool,
+              texts: list[dict[str, str]] | None = None) -> None:
+        """Write a window's scalars and texts (tag -> Markdown; few windows have any) at ``step``,
+        and its histograms once the pool holds ``every`` windows (at once when ``final``: no
+        flush() will follow)."""
         histograms = self._histograms(wanted, step, final)
         for k, sink, prefix in self.sinks:
             sink.log({prefix + tag: v for tag, v in scalars[k].items()},
                      {prefix + tag: h for tag, h in (histograms[k] if histograms else {}).items()}, step)
+            if texts and texts[k]:
+                sink.text({prefix + tag: text for tag, text in texts[k].items()}, step)
 
     def _histograms(self, wanted: HistogramRequests, step: int, final: bool) -> list[dict] | None:
         if self.pool is None or not self.sinks:

@@ -5,7 +5,8 @@ tag -> float and ``histograms`` a dict tag -> ``Histogram``. ``as_sink`` turns w
 passes as ``writer`` into a sink, or says in one line what it accepts:
 
 - a TensorBoard ``SummaryWriter`` (torch's, or anything with ``add_scalar`` and
-  ``add_histogram_raw``): every scalar and histogram, as one event per window;
+  ``add_histogram_raw``): every scalar and histogram, as one event per window, and the rare
+  texts through ``add_text``;
 - a ``Sink`` subclass of your own;
 - ``ScalarSink(fn)`` for loggers that take scalars only, ``fn(scalars, step)``: e.g.
   ``ScalarSink(lightning_logger.log_metrics)`` or ``ScalarSink(lambda s, step: run.log(s, step=step))``;
@@ -34,10 +35,14 @@ from gradflow.monitor.tensors import MonitorError
 
 
 class Sink:
-    """Base class of the sinks: receives each window's scalars and histograms at ``step``."""
+    """Base class of the sinks: receives each window's scalars and histograms at ``step``, and
+    now and then a text (``text``: dropped unless a sink overrides it)."""
 
     def log(self, scalars: dict[str, float], histograms: dict[str, Histogram], step: int) -> None:
         raise NotImplementedError
+
+    def text(self, texts: dict[str, str], step: int) -> None:
+        """A window's texts, tag -> Markdown (the idle parameters' names); none in most windows."""
 
 
 class ScalarSink(Sink):
@@ -62,6 +67,10 @@ class TeeSink(Sink):
     def log(self, scalars: dict[str, float], histograms: dict[str, Histogram], step: int) -> None:
         for sink in self.sinks:
             sink.log(scalars, histograms, step)
+
+    def text(self, texts: dict[str, str], step: int) -> None:
+        for sink in self.sinks:
+            sink.text(texts, step)
 
 
 def is_summary_writer(writer: Any) -> bool:
@@ -109,6 +118,14 @@ class TensorBoardSink(Sink):
             add(tag=tag, histo={"min": h.min, "max": h.max, "num": h.num, "sum": h.sum, "sum_squares": h.sum_squares,
                                 "bucket_limit": limits, "bucket": counts})
         file_writer().add_event(event, step)
+
+    def text(self, texts: dict[str, str], step: int) -> None:
+        """Each text through the writer's ``add_text`` (TensorBoard's Text tab, tag
+        ``<tag>/text_summary``); a writer-like object without one gets none."""
+        add_text = getattr(self.writer, "add_text", None)
+        if add_text is not None:
+            for tag, text in texts.items():
+                add_text(tag, text, step)
 
     def _log_one_by_one(self, scalars, histograms, step) -> None:
         for tag, number in scalars.items():

@@ -85,12 +85,14 @@ class Window:
 
 class WindowReader:
     """What the parts fill as they read one window: its rows (``windows``, one per member),
-    TensorBoard scalars (``scalars``, one dict per member) and histogram requests (``wanted``)."""
+    TensorBoard scalars (``scalars``, one dict per member), texts (``texts``, one dict per
+    member: tag -> Markdown, for the few things said in words) and histogram requests (``wanted``)."""
 
     def __init__(self, members: int, windows: list[Window], wanted: HistogramRequests) -> None:
         self.members = members
         self.windows = windows
         self.scalars: list[dict[str, float]] = [{} for _ in range(members)]
+        self.texts: list[dict[str, str]] = [{} for _ in range(members)]
         self.wanted = wanted
 
     def slots(self, names: list[str]):

@@ -114,6 +114,34 @@ def test_idle_parameter_is_listed_not_silently_absent():
         assert monitor.history[-1].idle == []
 
 
+def test_idle_parameters_are_named_in_the_tensorboard_text(tmp_path):
+    """The idle parameters' names reach TensorBoard's Text tab (read back from the event file):
+    in each window that has any, and once more when none is idle again; a window with none
+    after one with none writes no text. The scalar grad/idle_parameters counts them in every window."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    torch.manual_seed(3)
+    experts = nn.ModuleList([nn.Linear(3, 1), nn.Linear(3, 1)])
+    optimizer = torch.optim.SGD(experts.parameters(), lr=0.1)
+    used = [[0], [0, 1], [0, 1], [0], [0]]          # window by window: the experts the router picks
+    with SummaryWriter(tmp_path) as writer, GradientMonitor(experts, writer, activations=False) as monitor:
+        for window, picked in enumerate(used):
+            for _ in range(2):
+                optimizer.zero_grad()
+                sum(experts[i](torch.randn(4, 3)).sum() for i in picked).backward()
+                optimizer.step()
+            monitor.log(window)
+    events = EventAccumulator(str(tmp_path), size_guidance={"tensors": 0, "scalars": 0}).Reload()
+    texts = {e.step: e.tensor_proto.string_val[0].decode() for e in events.Tensors("grad/idle_parameters/text_summary")}
+    assert sorted(texts) == [0, 1, 3, 4]
+    for step in (0, 3, 4):
+        assert texts[step] == ("2 parameters got no gradient in any of the window's 2 steps although an optimizer "
+                               "that stepped holds them: `1.weight`, `1.bias`")
+    assert texts[1].startswith("none: every parameter")
+    assert [e.value for e in events.Scalars("grad/idle_parameters")] == [2.0, 0.0, 0.0, 2.0, 2.0]
+
+
 @pytest.mark.parametrize("scale", [1e-51, 1e-310, 1e200])
 def test_float64_gradients_keep_their_range(scale):
     """float64 gradients far below (or above) float32's range: zero_fraction counts only exact
