@@ -14,10 +14,14 @@ Example:
 from __future__ import annotations
 
 import warnings
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
+from gradflow.monitor.kinds import parameter_kinds
+from gradflow.monitor.sharding import check_collective_safe
 from gradflow.monitor.tensors import MonitorError
 
 
@@ -51,15 +55,16 @@ def _named(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return [(user_name(name), p) for name, p in model.named_parameters() if p.is_floating_point()]
 
 
-def monitored_parameters(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
+def monitored_parameters(model: nn.Module, stacklevel: int = 3) -> list[tuple[str, torch.Tensor]]:
     """(user's name, tensor) of every floating-point parameter; complex ones are named in a
-    warning (not recorded). MonitorError where there is none, or one is not materialised."""
+    warning (not recorded; ``stacklevel`` points it at the user's call). MonitorError where there
+    is none, or one is not materialised."""
     named = _named(model)
     complex_ = [name for name, p in model.named_parameters() if p.is_complex()]
     if complex_:
         warnings.warn(f"GradientMonitor: complex parameters are not recorded: {', '.join(complex_[:5])}"
                       f"{' ...' if len(complex_) > 5 else ''} (statistics are of real gradients); record "
-                      "torch.view_as_real(p.grad) yourself if you need them", stacklevel=3)
+                      "torch.view_as_real(p.grad) yourself if you need them", stacklevel=stacklevel)
     if not named:
         raise MonitorError(f"{type(model).__name__} has no floating-point parameters to monitor")
     for name, p in named:
@@ -111,6 +116,41 @@ def replaced_parameters(model: nn.Module, names: list[str], params: list[torch.T
                                "remove() this monitor and attach a new one after replacing parameters")
     _one_device(current, device)
     return [p for _, p in current]
+
+
+def check_attach(model, attached: Mapping[nn.Module, Any], *, members: int, activations_every: int,
+                 through_time_every: int, history_length: int | None) -> tuple[nn.Module, list[tuple[str, torch.Tensor]]]:
+    """The user's module inside ``model`` (``unwrap``) and its monitored parameters, once
+    GradientMonitor's arguments that concern them are checked; ``attached``: the monitor already
+    on each module, if any.
+
+    Raises:
+        TypeError: ``model`` is not an ``nn.Module``.
+        MonitorError: a monitor still attached to it, a wrapper whose gradients are not full ones
+            (``sharding.check_collective_safe``), no parameter or one not materialised, bad
+            ``members``, ``activations_every``, ``through_time_every`` or ``history_length``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"GradientMonitor needs an nn.Module, got {type(model).__name__}")
+    inner = unwrap(model)
+    previous = attached.get(inner)
+    if previous is not None and previous.attached:
+        raise MonitorError(f"this {type(inner).__name__} already has a GradientMonitor attached; call .remove() on "
+                           "that monitor (or GradientMonitor.detach(model)) before attaching another")
+    check_collective_safe(model)
+    named = monitored_parameters(inner, stacklevel=4)
+    check_members(named, members)
+    check_positive("activations_every", activations_every, "1: every step")
+    check_positive("through_time_every", through_time_every, "1: every step")
+    check_positive("history_length", history_length, "None: keep every window", none=True)
+    return inner, named
+
+
+def monitored_kinds(model: nn.Module, names: list[str]) -> dict[str, str]:
+    """Each monitored parameter's kind of module (``kinds.parameter_kinds``) under the user's name
+    for it; ``other`` where none is known."""
+    kinds = {user_name(name): kind for name, kind in parameter_kinds(model).items()}
+    return {name: kinds.get(name, "other") for name in names}
 
 
 def check_members(named: list[tuple[str, torch.Tensor]], members: int) -> None:

@@ -41,23 +41,15 @@ import torch
 from torch import nn
 
 from gradflow.monitor import interception
-from gradflow.monitor.histograms import HistogramRequests, check_every
-from gradflow.monitor.kinds import parameter_kinds
-from gradflow.monitor.model_checks import (
-    check_members,
-    check_positive,
-    monitored_parameters,
-    replaced_parameters,
-    unwrap,
-    user_name,
-)
+from gradflow.monitor.histograms import check_every
+from gradflow.monitor.model_checks import check_attach, monitored_kinds, replaced_parameters, unwrap
 from gradflow.monitor.output import Output
-from gradflow.monitor.part import Part, Schedule, Setup
-from gradflow.monitor.parts import PARTS
-from gradflow.monitor.sharding import ShardLayout, check_collective_safe
+from gradflow.monitor.part import OnceWarnings, Part, Schedule, Setup
+from gradflow.monitor.parts import create_parts, recorders
+from gradflow.monitor.sharding import ShardLayout
 from gradflow.monitor.steps import OptimizerMasks, StepWatch
 from gradflow.monitor.tensors import MonitorError
-from gradflow.monitor.window import Window, WindowReader, read_back, tag_path
+from gradflow.monitor.window import Window, keep, member_windows, read_parts, read_window, tag_path
 
 __all__ = ["GradientMonitor", "MonitorError", "Window", "tag_path", "unwrap"]
 
@@ -146,46 +138,26 @@ class GradientMonitor:
                  members: int = 1, automatic: bool = True, activations_every: int = 10,
                  history_length: int | None = 10_000, nonfinite: bool = False,
                  through_time: bool = True, through_time_every: int = 50) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"GradientMonitor needs an nn.Module, got {type(model).__name__}")
-        inner = unwrap(model)
-        previous = _ATTACHED.get(inner)
-        if previous is not None and previous.attached:
-            raise MonitorError(
-                f"this {type(inner).__name__} already has a GradientMonitor attached; call .remove() on "
-                "that monitor (or GradientMonitor.detach(model)) before attaching another")
-        check_collective_safe(model)
-        named = monitored_parameters(inner)
-        check_members(named, members)
-        check_positive("activations_every", activations_every, "1: every step")
-        check_positive("through_time_every", through_time_every, "1: every step")
-        check_positive("history_length", history_length, "None: keep every window", none=True)
+        inner, named = check_attach(model, _ATTACHED, members=members, activations_every=activations_every,
+                                    through_time_every=through_time_every, history_length=history_length)
         self._output = Output(writer, members, check_every(histograms))
         self.names = [name for name, _ in named]
         self.members, self.automatic, self.histograms = members, automatic, histograms
-        self.activations_every = activations_every
+        self.activations_every, self.history_length = activations_every, history_length
         self.history: list[Window] = []
-        self.history_length = history_length
         self._model = weakref.ref(inner)
-        self._warned: set[str] = set()
-        kinds = {user_name(name): kind for name, kind in parameter_kinds(inner).items()}
-        self.kinds = {name: kinds.get(name, "other") for name in self.names}
-        self._setup = Setup(self.names, [p for _, p in named], members,
-                            {"weights": weights, "activations": activations, "histograms": histograms,
-                             "nonfinite": nonfinite, "through_time": through_time,
-                             "through_time_every": through_time_every},
-                            Schedule(activations_every), self._warn_from_part, self.kinds, follow=self._follow)
+        self._warnings = OnceWarnings()
+        self.kinds = monitored_kinds(inner, self.names)
+        options = {"weights": weights, "activations": activations, "histograms": histograms, "nonfinite": nonfinite,
+                   "through_time": through_time, "through_time_every": through_time_every}
+        self._setup = Setup(self.names, [p for _, p in named], members, options, Schedule(activations_every),
+                            self._warnings.from_part, self.kinds, follow=self._follow)
         # DTensor parameters (FSDP2, HSDP, tensor parallel): collectives at each window's close; every
         # rank must attach (sharding.py). None for plain tensors, DDP included.
         self._setup.sharding = self._sharding = ShardLayout.of(self.names, self._setup.params, members,
                                                                f"nonfinite={bool(nonfinite)}")
-        self.parts: dict[str, Part] = {}
-        for cls in PARTS:
-            part = cls.create(inner, self._setup)
-            if part is not None:
-                self.parts[cls.name] = part
-        # Only the parts that record something are called at each step (the hot path).
-        self._recorders = [p for p in self.parts.values() if type(p).record is not Part.record]
+        self.parts: dict[str, Part] = create_parts(inner, self._setup)
+        self._recorders = recorders(self.parts)          # only these are called at each step (the hot path)
         self._masks = OptimizerMasks(len(self.names), lambda: self._setup.index_of, self._follow)
         self._optimizer = weakref.ref(optimizer) if optimizer is not None else None
         self._steps = StepWatch(self._masks, optimizer, self._record)
@@ -264,8 +236,8 @@ class GradientMonitor:
         it is counted as skipped with its non-finite values, not averaged into the statistics."""
         mask = None if optimizer is None else self._masks.mask(optimizer)
         if optimizer is not None and mask is None:
-            self._warn_once("foreign-optimizer", f"record({type(optimizer).__name__}): that optimizer holds none of "
-                            "this monitor's parameters; nothing was recorded")
+            self._warnings.warn("foreign-optimizer", f"record({type(optimizer).__name__}): that optimizer holds "
+                                "none of this monitor's parameters; nothing was recorded")
             return
         if skipped:
             self._skip(mask)
@@ -318,33 +290,23 @@ class GradientMonitor:
         ``history[-1].kinds`` says what kind of module owns each parameter (``kinds.py``). With
         ``members`` K > 1, a list of K such dicts, one per member.
 
+        A model converted after the monitor attached (``model.to(device)``, ``.double()``) is
+        followed: the window's sums move with it and the window goes on (``conversions.py``).
+
         Raises:
-            MonitorError: the model's parameters were replaced by tensors of another shape,
-                dtype or device since the monitor attached.
+            MonitorError: the model's parameters were replaced by tensors of another shape, split
+                over several devices or put on the meta device since the monitor attached.
         """
         self._follow()
-        values = self._read_back()
-        windows = [Window(step, 0, member=k if self.members > 1 else None) for k in range(self.members)]
-        reader = WindowReader(self.members, windows, HistogramRequests())
-        for name, part in self.parts.items():
-            prefix = name + "/"
-            part.read({key[len(prefix):]: v for key, v in values.items() if key.startswith(prefix)}, reader)
+        reader = read_window(self.parts, self._read_back(), step, self.members)
         self._output.write(reader.scalars, reader.wanted, step, final=not self.attached, texts=reader.texts)
-        self.history.extend(windows)
-        if self.history_length is not None and len(self.history) > self.history_length * self.members:
-            del self.history[:len(self.history) - self.history_length * self.members]
+        keep(self.history, reader.windows, self.history_length)
         self._start_window()
-        return windows[0].gradients if self.members == 1 else [w.gradients for w in windows]
+        return reader.windows[0].gradients if self.members == 1 else [w.gradients for w in reader.windows]
 
     def _read_back(self) -> dict[str, np.ndarray]:
         """Every part's device sums (``<part>/<key>``), folded and read back in one copy."""
-        tensors = {}
-        for name, part in self.parts.items():
-            part.fold()
-            tensors.update({f"{name}/{key}": t for key, t in part.device_tensors().items()})
-        if self._sharding is not None:               # full-tensor values from local shards, on every rank
-            tensors = self._sharding.reduce(tensors, self.parts["gradients"].recorded)
-        return read_back(tensors)
+        return read_parts(self.parts, self._sharding, self.parts["gradients"].recorded)
 
     def flush(self) -> None:
         """Write the histograms of windows still pooling (``histograms=N``: the windows since
@@ -361,11 +323,7 @@ class GradientMonitor:
         Raises:
             MonitorError: ``member`` is not one of the monitor's members.
         """
-        if isinstance(member, bool) or not isinstance(member, int) or not 0 <= member < self.members:
-            raise MonitorError(f"member must be an int from 0 to {self.members - 1} (members={self.members}), got {member!r}")
-        if self.members == 1:
-            return list(self.history)
-        return [w for w in self.history if w.member == member]
+        return member_windows(self.history, member, self.members)
 
     def _start_window(self) -> None:
         for part in self.parts.values():
@@ -382,22 +340,13 @@ class GradientMonitor:
         new = None if model is None else replaced_parameters(model, self.names, setup.params, setup.device, setup.dtypes)
         if new is None:
             return False
-        device = new[0].device
+        moved_to = new[0].device if new[0].device != setup.device else None
         for part in self.parts.values():        # what is pending was taken from the old tensors
-            part.fold() if device == setup.device else part.move(device)
-        if self._sharding is not None and device != setup.device:
-            self._sharding.move(device)
+            part.fold() if moved_to is None else part.move(moved_to)     # move: fold, then carry the sums there
+        if self._sharding is not None and moved_to is not None:
+            self._sharding.move(moved_to)
         setup.rebind(new)
         for part in self.parts.values():
             part.bind(new)
         self._masks.forget()
         return True
-
-    def _warn_once(self, key: str, message: str, stacklevel: int = 3) -> None:
-        if key not in self._warned:
-            self._warned.add(key)
-            warnings.warn(message, stacklevel=stacklevel)
-
-    def _warn_from_part(self, key: str, message: str) -> None:
-        """A part's warning from its read() (under log()): shown at the user's log() call."""
-        self._warn_once(key, message, stacklevel=5)

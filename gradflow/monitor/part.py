@@ -61,6 +61,7 @@ Example (a part that counts steps)::
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -131,6 +132,23 @@ class Setup:
         self.index_of = {id(p): i for i, p in enumerate(params)}
         self.dtypes = [p.dtype for p in params]
         self.device = params[0].device
+
+
+class OnceWarnings:
+    """A monitor's warnings, each key shown once per monitor (the first time it is said)."""
+
+    def __init__(self) -> None:
+        self.said: set[str] = set()
+
+    def warn(self, key: str, message: str, stacklevel: int = 3) -> None:
+        """Warn ``message`` unless ``key`` was said; ``stacklevel`` counts from the caller of ``warn``."""
+        if key not in self.said:
+            self.said.add(key)
+            warnings.warn(message, stacklevel=stacklevel)
+
+    def from_part(self, key: str, message: str) -> None:
+        """A part's warning (``Setup.warn``), from its ``read`` under ``log()``: shown at the user's log() call."""
+        self.warn(key, message, stacklevel=6)   # warn, from_part, part.read, read_window, log, the user
 
 
 class Part:

@@ -36,3 +36,18 @@ PARTS: list[type[Part]] = [
     Unrecorded,
     ThroughTimePart,
 ]
+
+
+def create_parts(model, setup) -> dict[str, Part]:
+    """One part of each class in ``PARTS`` that wants to be there (``Part.create``), by name."""
+    parts = {}
+    for cls in PARTS:
+        part = cls.create(model, setup)
+        if part is not None:
+            parts[cls.name] = part
+    return parts
+
+
+def recorders(parts: dict[str, Part]) -> list[Part]:
+    """The parts that record something at each step (the hot path calls only these), in order."""
+    return [p for p in parts.values() if type(p).record is not Part.record]

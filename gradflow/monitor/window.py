@@ -1,8 +1,9 @@
 """A window's statistics: what ``GradientMonitor.history`` keeps, and the one read-back that fills it.
 
-``read_back`` copies every part's device sums to the host at once; each part then reads its
-own values into the ``Window`` (rows), TensorBoard scalars and histogram requests that a
-``WindowReader`` holds (``histograms.py`` builds the histograms).
+``read_parts`` folds every part and copies their device sums to the host at once (``read_back``);
+``read_window`` then has each part read its own values into the ``Window`` (rows), TensorBoard
+scalars, texts and histogram requests that a ``WindowReader`` holds (``histograms.py`` builds the
+histograms); ``keep`` adds the windows to the history, a ring of a settable length.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 
 from gradflow.monitor.histograms import HistogramRequests
+from gradflow.monitor.tensors import MonitorError
 
 SUM = "sum"      # Reduced.reduce: copies on several processes add up (sums, sums of squares, counts)
 MAX = "max"      # the largest of them is the answer (max |g|)
@@ -130,3 +132,42 @@ def read_back(parts: dict[str, Reduced], reduce: Callable[[torch.Tensor, str], t
             out[key] = host[start:start + tensor.numel()].reshape(tuple(tensor.shape))
             start += tensor.numel()
     return {key: out[key] for key in parts}
+
+
+def read_parts(parts: dict[str, Any], sharding: Any = None, recorded: int = 0) -> dict[str, np.ndarray]:
+    """Every part's device sums as ``<part name>/<key>``: each part folded, then one read-back; with
+    ``sharding`` (a ``sharding.ShardLayout``: DTensor parameters) first reduced to the full
+    tensors' values, on every rank (``recorded``: the steps the window recorded)."""
+    tensors = {}
+    for name, part in parts.items():
+        part.fold()
+        tensors.update({f"{name}/{key}": t for key, t in part.device_tensors().items()})
+    if sharding is not None:
+        tensors = sharding.reduce(tensors, recorded)
+    return read_back(tensors)
+
+
+def read_window(parts: dict[str, Any], values: dict[str, np.ndarray], step: int, members: int) -> WindowReader:
+    """One ``Window`` per member at ``step``, filled by each part's ``read`` from its own keys of
+    ``values`` (``read_parts``), unprefixed."""
+    windows = [Window(step, 0, member=k if members > 1 else None) for k in range(members)]
+    reader = WindowReader(members, windows, HistogramRequests())
+    for name, part in parts.items():
+        prefix = name + "/"
+        part.read({key[len(prefix):]: v for key, v in values.items() if key.startswith(prefix)}, reader)
+    return reader
+
+
+def keep(history: list[Window], windows: list[Window], length: int | None) -> None:
+    """Add one window per member to ``history``, which keeps the last ``length`` windows of each
+    member (None: every window), the oldest dropped first."""
+    history.extend(windows)
+    if length is not None and len(history) > length * len(windows):
+        del history[:len(history) - length * len(windows)]
+
+
+def member_windows(history: list[Window], member: int, members: int) -> list[Window]:
+    """Member ``member``'s windows of ``history``; MonitorError unless 0 <= member < members."""
+    if isinstance(member, bool) or not isinstance(member, int) or not 0 <= member < members:
+        raise MonitorError(f"member must be an int from 0 to {members - 1} (members={members}), got {member!r}")
+    return list(history) if members == 1 else [w for w in history if w.member == member]
