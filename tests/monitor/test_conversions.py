@@ -201,6 +201,19 @@ def test_changes_that_cannot_be_followed_are_one_line_errors():
         model_checks._one_device(split, CPU)
 
 
+def test_first_parameter_replaced_on_another_device_is_noticed_at_the_forward_start():
+    """The overwrite flag's conversion puts new tensors in the model; the monitor looks up the
+    model's own first parameter at each training forward pass's start, so a new one on another
+    device is followed there, before any tap sees an output (here the meta device, which cannot
+    be followed: the one-line error comes from the forward's start, not from a step or log())."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
+    with GradientMonitor(model) as monitor:
+        model[0].weight = nn.Parameter(torch.empty(4, 3, device="meta"))
+        with pytest.raises(MonitorError, match=r"^0.weight is on the meta device"):
+            model(torch.randn(2, 3))
+        assert monitor.parts["gradients"].recorded == 0
+
+
 def _swap_conversions(on: bool):
     previous = torch.__future__.get_swap_module_params_on_conversion()
     torch.__future__.set_swap_module_params_on_conversion(on)
