@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from gradflow.monitor.order import layer_of
-from gradflow.monitor.stats import Histogram
+from gradflow.monitor.stats import Histogram, sparse_buckets  # sparse_buckets: re-exported
 from gradflow.monitor.tensors import MonitorError
 
 
@@ -116,25 +116,6 @@ class TensorBoardSink(Sink):
         for tag, h in histograms.items():
             limits, counts = sparse_buckets(h.limits, h.counts)
             self.writer.add_histogram_raw(tag, h.min, h.max, h.num, h.sum, h.sum_squares, limits, counts, step)
-
-
-def sparse_buckets(limits: list[float], counts: list[float]) -> tuple[list[float], list[float]]:
-    """The buckets TensorBoard needs to draw the same histogram: every nonempty bucket and the
-    empty bucket on each side of it; a longer run of empty buckets is dropped.
-
-    TensorBoard reads a bucket as spanning from the previous bucket's limit (the histogram's
-    ``min`` for the first) to its own, so the empty bucket kept before a nonempty one spans the
-    whole gap with a count of 0, and every count keeps its own edges. Counts are unchanged.
-
-    Example:
-        >>> sparse_buckets([1, 2, 3, 4, 5, 6, 7], [5, 0, 0, 0, 0, 2, 0])
-        ([1, 2, 5, 6, 7], [5, 0, 0, 2, 0])
-    """
-    n = len(counts)
-    keep = [i for i in range(n) if counts[i] or (i and counts[i - 1]) or (i + 1 < n and counts[i + 1])]
-    if len(keep) == n:
-        return limits, counts
-    return [limits[i] for i in keep], [counts[i] for i in keep]
 
 
 def _masked_crc32c(data: bytes) -> int:

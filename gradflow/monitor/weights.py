@@ -16,7 +16,14 @@ import torch
 from gradflow.monitor import columns as C
 from gradflow.monitor import stats as S
 from gradflow.monitor.part import Part, Reduced, Setup
-from gradflow.monitor.sharding import local
+from gradflow.monitor.sharding import is_dtensor, local
+from gradflow.monitor.tensors import MonitorError, _flat_copy
+
+# Parameters up to this many values are folded together, a group at a time: below it the kernel
+# call's fixed cost (~20 us) is most of the work. A group's values add up to at most TINY_GROUP,
+# so the copy it takes each window stays small (64 KB).
+TINY = 4096
+TINY_GROUP = 16384
 
 
 class Weights(Part):
@@ -41,33 +48,58 @@ class Weights(Part):
         self.slots = len(params) * self.members
         old = getattr(self, "start", None)
         with torch.no_grad():               # a conversion (.double()) keeps the window's start, converted
-            self.start = [None if not p.requires_grad else
-                          old[i].to(p.dtype) if old is not None and old[i] is not None and old[i].shape == local(p).shape
-                          else local(p.detach()).clone() for i, p in enumerate(params)]   # a DTensor's own shard
+            start = [None if not p.requires_grad else
+                     old[i].to(p.dtype) if old is not None and old[i] is not None and old[i].shape == local(p).shape
+                     else local(p.detach()).clone() for i, p in enumerate(params)]   # a DTensor's own shard
         self.versions = [p._version for p in params]
+        self.tiny = _tiny_groups(params, start)
+        self._flat_starts: dict[tuple[int, ...], torch.Tensor] = {}
+        for group in self.tiny:             # one flat start per group, each parameter's a view of it
+            flat = torch.cat([start[i].reshape(-1) for i in group])
+            for i, view in zip(group, flat.split([start[i].numel() for i in group])):
+                start[i] = view.view(start[i].shape)
+            self._flat_starts[tuple(group)] = flat
+        self.start = start
 
     @torch.no_grad()
     def summary(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(slots, 4) rows of L1 norm, L2 norm, distance moved and L2 norm at the start (moved:
         NaN for a frozen parameter written to since the window began); and (slots, 512)
         histogram counts. The current weights become the next window's start."""
-        k = self.members
-        rows, counts = [], []
+        rows: list = [None] * len(self.params)
+        counts: list = [None] * len(self.params)
+        for group in self.tiny:             # a few thousand values: one call for the group, not one each
+            self._fold_tiny(group, rows, counts)
         for i, p in enumerate(self.params):
+            if rows[i] is not None:
+                continue
             now = local(p.detach()).reshape(-1)
             start = self.start[i]
             before = now if start is None else start.reshape(-1)
-            r, c = self._fold(now, before, now.numel() // k)
+            rows[i], counts[i] = self._fold(now, before, now.numel() // self.members)
             if start is None and p._version != self.versions[i]:
-                r[:, 2] = float("nan")
-            rows.append(r)
-            counts.append(c)
+                rows[i][:, 2] = float("nan")
             if start is not None:
                 start.copy_(local(p.detach()))
             self.versions[i] = p._version
         rows_t, counts_t = torch.cat(rows), torch.cat(counts)
         rows_t[:, 1:] = rows_t[:, 1:].sqrt()
         return rows_t, counts_t
+
+    def _fold_tiny(self, group: list[int], rows: list, counts: list) -> None:
+        """Fold a group of tiny float32 CPU parameters in one kernel call (``_tiny_groups``)."""
+        start = self._flat_starts[tuple(group)]
+        now = _flat_copy([self.params[i].detach() for i in group])
+        if now.numel() != start.numel():       # cannot happen unless a parameter was resized in place
+            raise MonitorError("a monitored parameter changed size; create a new GradientMonitor after resizing parameters")
+        k = self.members
+        lengths = np.repeat([self.params[i].numel() // k for i in group], k)
+        folded_rows, folded_counts = S.fused_kernels(now.device).fold_weights(now.numpy(), start.numpy(), lengths)
+        for n, i in enumerate(group):
+            rows[i] = torch.from_numpy(folded_rows[n * k:(n + 1) * k])
+            counts[i] = torch.from_numpy(folded_counts[n * k:(n + 1) * k])
+            self.versions[i] = self.params[i]._version
+        start.copy_(now)
 
     def _fold(self, now: torch.Tensor, start: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows [sum |w|, sum w², sum (w - start)², sum start²] and counts of each member."""
@@ -114,3 +146,24 @@ class Weights(Part):
                 reader.scalars[k][f"grad/{path}/relative"] = norm / row["norm"] if row["norm"] > 0 else float("nan")
             reader.scalars[k].update({f"weight/{path}/{key}": value for key, value in row.items()})
             reader.wanted.value(k, f"weight/{path}", values["counts"][slot], state=True)
+
+
+def _tiny_groups(params: list[torch.Tensor], start: list) -> list[list[int]]:
+    """Runs of tiny trainable float32 CPU parameters (numba's fused path), at most TINY_GROUP
+    values each; one-parameter runs are left to the per-parameter path."""
+    if S.fused_kernels(torch.device("cpu")) is None:
+        return []
+    groups, current, size = [], [], 0
+    for i, p in enumerate(params):
+        tiny = (start[i] is not None and p.dtype == torch.float32 and p.device.type == "cpu" and not is_dtensor(p)
+                and 0 < p.numel() <= TINY and p.layout == torch.strided)
+        if not tiny or size + p.numel() > TINY_GROUP:
+            if len(current) > 1:
+                groups.append(current)
+            current, size = [], 0
+        if tiny:
+            current.append(i)
+            size += p.numel()
+    if len(current) > 1:
+        groups.append(current)
+    return groups
