@@ -98,16 +98,24 @@ class TensorBoardSink(Sink):
             return
         from tensorboard.compat.proto.event_pb2 import Event
 
-        # Values added in place to the event's own summary: building Value messages first and
-        # copying them in takes twice as long (upb protobuf, a few hundred values).
+        # Values added in place to the event's own summary, their fields set one by one: keyword
+        # arguments (add(tag=..., histo={...})) cost twice as long for scalars and ten times as
+        # long for histograms (upb protobuf; the tutorial's window, 140 scalars and 41 histograms:
+        # 304 us -> 140 us).
         event = Event()
         add = event.summary.value.add
         for tag, number in scalars.items():
-            add(tag=tag, simple_value=number)
+            value = add()
+            value.tag = tag
+            value.simple_value = number
         for tag, h in histograms.items():
             limits, counts = sparse_buckets(h.limits, h.counts)
-            add(tag=tag, histo={"min": h.min, "max": h.max, "num": h.num, "sum": h.sum, "sum_squares": h.sum_squares,
-                                "bucket_limit": limits, "bucket": counts})
+            value = add()
+            value.tag = tag
+            histo = value.histo
+            histo.min, histo.max, histo.num, histo.sum, histo.sum_squares = h.min, h.max, h.num, h.sum, h.sum_squares
+            histo.bucket_limit.extend(limits)
+            histo.bucket.extend(counts)
         file_writer().add_event(event, step)
 
     def _log_one_by_one(self, scalars, histograms, step) -> None:
