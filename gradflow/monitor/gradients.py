@@ -99,6 +99,7 @@ class Gradients(Part):
         self._batches = _BoundedCache()
         self._last: tuple | None = None              # the last recorded step's first and last gradient
         self._idle_said: list[str] = []              # the idle parameters the last text named
+        self._slot_tags: list[tuple[str, ...]] | None = None
 
     def bind(self, params: list[torch.Tensor]) -> None:
         """Follow these tensors from now on (the same shapes and dtypes, or a first binding)."""
@@ -326,22 +327,33 @@ class Gradients(Part):
         means = values["totals"] / np.maximum(steps, 1)[:, None]
         zeros = counts[:, S.ZERO_EXPONENT] + counts[:, S.EXPONENTS + S.ZERO_EXPONENT]
         nonfinite = counts[:, S.NONFINITE_EXPONENT] + counts[:, S.EXPONENTS + S.NONFINITE_EXPONENT]
+        with np.errstate(divide="ignore", invalid="ignore"):     # rows without a step are left out below
+            table = np.stack([means[:, 0] / numel, means[:, 1] / numel, means[:, 2], means[:, 3],
+                              zeros / (numel * steps)], axis=1).tolist()  # Python floats, one call
+        nonfinite_counts, step_counts = nonfinite.astype(np.int64).tolist(), steps.astype(np.int64).tolist()
+        tags = self._tags(reader)
         for slot, k, name, path in reader.slots(self.setup.names):
             index = slot // self.members
             if self.skipped[index]:
                 reader.windows[k].skipped_nonfinite[name] = int(values["skipped_nonfinite"][index])
-            if steps[slot] == 0:
+            if step_counts[slot] == 0:
                 continue
-            row = dict(zip(C.GRADIENT, (float(means[slot, 0] / numel[slot]), float(means[slot, 1] / numel[slot]),
-                                        float(means[slot, 2]), float(means[slot, 3]),
-                                        float(zeros[slot] / (numel[slot] * steps[slot])), int(nonfinite[slot]))))
-            reader.scalars[k].update({f"grad/{path}/{key}": value for key, value in row.items()})
+            row = dict(zip(C.GRADIENT, (*table[slot], nonfinite_counts[slot])))
+            reader.scalars[k].update(zip(tags[slot], row.values()))
             reader.wanted.value(k, f"grad/{path}", counts[slot])
             # "1_": TensorBoard sorts Histograms/Distributions sections by name; log10 |g| is the view
             # where vanishing shows (tanh and ReLU differ at a glance), so it opens first.
             reader.wanted.log10(k, f"1_grad_log10/{path}", counts[slot])
-            row.update(zip(C.GRADIENT_COUNTS, (int(steps[slot]), int(self.skipped[index]))))
+            row.update(zip(C.GRADIENT_COUNTS, (step_counts[slot], int(self.skipped[index]))))
             reader.windows[k].gradients[name] = row
+
+    def _tags(self, reader) -> list[tuple[str, ...]]:
+        """Each slot's TensorBoard tags (``grad/<param>/<column>``), made once: a window of a
+        small model costs its string formatting as much as its arithmetic."""
+        if self._slot_tags is None:
+            self._slot_tags = [tuple(f"grad/{path}/{key}" for key in C.GRADIENT)
+                               for _, _, _, path in reader.slots(self.setup.names)]
+        return self._slot_tags
 
     def _overall(self, step_squares: np.ndarray, reader) -> None:
         """Window-level figures: steps, skipped steps, the total norm per step (mean and max)."""

@@ -81,18 +81,28 @@ from gradflow.monitor.window import MAX, REDUCTIONS, SUM, Reduced, WindowReader 
 class Schedule:
     """Which training forward passes are profiled (activation taps, through-time hooks): the
     one after every ``every``-th recorded step, and the first one. Parts that tap forward
-    passes read ``active``; the coordinator calls ``step()`` once per recorded step."""
+    passes read ``active``, or ``listen(fn)`` to be told ``fn(active)`` when it changes (to add
+    their module hooks only for the profiled passes); the coordinator calls ``step()`` once per
+    recorded step."""
 
-    __slots__ = ("active", "every", "seen")
+    __slots__ = ("active", "every", "listeners", "seen")
 
     def __init__(self, every: int) -> None:
         self.every = every
         self.seen = 0
         self.active = True
+        self.listeners: list[Callable[[bool], None]] = []
+
+    def listen(self, listener: Callable[[bool], None]) -> None:
+        self.listeners.append(listener)
 
     def step(self) -> None:
         self.seen += 1
-        self.active = self.seen % self.every == 0
+        active = self.seen % self.every == 0
+        if active != self.active:
+            self.active = active
+            for listener in self.listeners:
+                listener(active)
 
 
 @dataclass

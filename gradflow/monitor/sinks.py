@@ -30,7 +30,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from gradflow.monitor.order import layer_of
-from gradflow.monitor.stats import Histogram
+from gradflow.monitor.stats import Histogram, sparse_buckets  # sparse_buckets: re-exported
 from gradflow.monitor.tensors import MonitorError
 
 
@@ -107,16 +107,24 @@ class TensorBoardSink(Sink):
             return
         from tensorboard.compat.proto.event_pb2 import Event
 
-        # Values added in place to the event's own summary: building Value messages first and
-        # copying them in takes twice as long (upb protobuf, a few hundred values).
+        # Values added in place to the event's own summary, their fields set one by one: keyword
+        # arguments (add(tag=..., histo={...})) cost twice as long for scalars and ten times as
+        # long for histograms (upb protobuf; the tutorial's window, 140 scalars and 41 histograms:
+        # 304 us -> 140 us).
         event = Event()
         add = event.summary.value.add
         for tag, number in scalars.items():
-            add(tag=tag, simple_value=number)
+            value = add()
+            value.tag = tag
+            value.simple_value = number
         for tag, h in histograms.items():
             limits, counts = sparse_buckets(h.limits, h.counts)
-            add(tag=tag, histo={"min": h.min, "max": h.max, "num": h.num, "sum": h.sum, "sum_squares": h.sum_squares,
-                                "bucket_limit": limits, "bucket": counts})
+            value = add()
+            value.tag = tag
+            histo = value.histo
+            histo.min, histo.max, histo.num, histo.sum, histo.sum_squares = h.min, h.max, h.num, h.sum, h.sum_squares
+            histo.bucket_limit.extend(limits)
+            histo.bucket.extend(counts)
         file_writer().add_event(event, step)
 
     def text(self, texts: dict[str, str], step: int) -> None:
@@ -133,25 +141,6 @@ class TensorBoardSink(Sink):
         for tag, h in histograms.items():
             limits, counts = sparse_buckets(h.limits, h.counts)
             self.writer.add_histogram_raw(tag, h.min, h.max, h.num, h.sum, h.sum_squares, limits, counts, step)
-
-
-def sparse_buckets(limits: list[float], counts: list[float]) -> tuple[list[float], list[float]]:
-    """The buckets TensorBoard needs to draw the same histogram: every nonempty bucket and the
-    empty bucket on each side of it; a longer run of empty buckets is dropped.
-
-    TensorBoard reads a bucket as spanning from the previous bucket's limit (the histogram's
-    ``min`` for the first) to its own, so the empty bucket kept before a nonempty one spans the
-    whole gap with a count of 0, and every count keeps its own edges. Counts are unchanged.
-
-    Example:
-        >>> sparse_buckets([1, 2, 3, 4, 5, 6, 7], [5, 0, 0, 0, 0, 2, 0])
-        ([1, 2, 5, 6, 7], [5, 0, 0, 2, 0])
-    """
-    n = len(counts)
-    keep = [i for i in range(n) if counts[i] or (i and counts[i - 1]) or (i + 1 < n and counts[i + 1])]
-    if len(keep) == n:
-        return limits, counts
-    return [limits[i] for i in keep], [counts[i] for i in keep]
 
 
 def _masked_crc32c(data: bytes) -> int:

@@ -17,6 +17,7 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -262,15 +263,88 @@ def value_histograms(counts, octaves: int = 24) -> list[Histogram | None]:
     """TensorBoard histograms of the finite values of each row of (R, 512) counts.
 
     Buckets run from the most negative octave through zero to the most positive one, trimmed
-    to the nonempty range. Values more than ``octaves`` octaves below a row's largest
-    magnitude join the bucket around zero (invisible on a linear axis anyway), so a window
-    that holds exact zeros does not spend 250 buckets on empty octaves. A row with no finite
-    value gives None: TensorBoard cannot draw an empty histogram.
+    to the nonempty range, without runs of empty buckets (``sparse_buckets``). Values more than
+    ``octaves`` octaves below a row's largest magnitude join the bucket around zero (invisible
+    on a linear axis anyway), so a window that holds exact zeros does not spend 250 buckets on
+    empty octaves. A row with no finite value gives None: TensorBoard cannot draw an empty
+    histogram. The moments are taken at bucket centres (see ``_extent``).
 
-    Everything but the final slicing is done for all rows at once: a batched model asks for
-    hundreds of histograms per window.
+    With numba, one compiled pass over the rows (``histogram_kernels.value_rows``); without it,
+    numpy over all rows at once and a short loop per row (``_value_histograms``), with the same
+    result.
     """
     counts = np.asarray(counts, dtype=np.float64).reshape(-1, SIGN_EXPONENT_BINS)
+    kernels = histogram_kernels()
+    if kernels is None:
+        return [h and _sparse(h) for h in _value_histograms(counts, octaves)]
+    return _from_rows(len(counts), lambda *out: kernels.value_rows(
+        counts, octaves, VALUE_LIMITS, _VALUE_LEFTS, _VALUE_CENTRES, *out), 2 * len(_FINITE) + 1)
+
+
+def log10_abs_histograms(counts) -> list[Histogram | None]:
+    """Histograms of log10 |x| over the finite non-zero values of each row of (R, 512) counts,
+    without runs of empty buckets (``sparse_buckets``); numba's pass where it is installed."""
+    counts = np.asarray(counts, dtype=np.float64).reshape(-1, SIGN_EXPONENT_BINS)
+    kernels = histogram_kernels()
+    if kernels is None:
+        return [h and _sparse(h) for h in _log10_abs_histograms(counts)]
+    return _from_rows(len(counts), lambda *out: kernels.log10_rows(
+        counts, LOG10_LIMITS, _LOG10_CENTRES, LOG10_2, *out), len(_FINITE))
+
+
+def _from_rows(rows: int, kernel, width: int) -> list[Histogram | None]:
+    """Histograms from a histogram kernel's flat output (``histogram_kernels``)."""
+    limits, counts = np.empty(rows * width), np.empty(rows * width)
+    offsets, moments, valid = np.empty(rows + 1, np.int64), np.empty((rows, 5)), np.empty(rows, np.bool_)
+    kernel(limits, counts, offsets, moments, valid)
+    end = int(offsets[-1])
+    limits_list, counts_list, offsets_list = limits[:end].tolist(), counts[:end].tolist(), offsets.tolist()
+    return [Histogram(limits_list[a:b], counts_list[a:b], *row) if ok else None
+            for a, b, row, ok in zip(offsets_list, offsets_list[1:], moments.tolist(), valid.tolist())]
+
+
+def _sparse(histogram: Histogram) -> Histogram:
+    limits, counts = sparse_buckets(histogram.limits, histogram.counts)
+    return dataclasses.replace(histogram, limits=limits, counts=counts)
+
+
+def sparse_buckets(limits: list[float], counts: list[float]) -> tuple[list[float], list[float]]:
+    """The buckets TensorBoard needs to draw the same histogram: every nonempty bucket and the
+    empty bucket on each side of it; a longer run of empty buckets is dropped.
+
+    TensorBoard reads a bucket as spanning from the previous bucket's limit (the histogram's
+    ``min`` for the first) to its own, so the empty bucket kept before a nonempty one spans the
+    whole gap with a count of 0, and every count keeps its own edges. Counts are unchanged.
+
+    Example:
+        >>> sparse_buckets([1, 2, 3, 4, 5, 6, 7], [5, 0, 0, 0, 0, 2, 0])
+        ([1, 2, 5, 6, 7], [5, 0, 0, 2, 0])
+    """
+    n = len(counts)
+    keep = [i for i in range(n) if counts[i] or (i and counts[i - 1]) or (i + 1 < n and counts[i + 1])]
+    if len(keep) == n:
+        return limits, counts
+    return [limits[i] for i in keep], [counts[i] for i in keep]
+
+
+_HISTOGRAM_KERNELS: object = None     # gradflow.monitor.histogram_kernels once imported; False without numba
+
+
+def histogram_kernels():
+    """gradflow.monitor.histogram_kernels, imported on first use; None where numba is missing."""
+    global _HISTOGRAM_KERNELS
+    if _HISTOGRAM_KERNELS is None:
+        try:
+            from gradflow.monitor import histogram_kernels as kernels
+        except ImportError:
+            kernels = False
+        _HISTOGRAM_KERNELS = kernels
+    return _HISTOGRAM_KERNELS or None
+
+
+def _value_histograms(counts: np.ndarray, octaves: int) -> list[Histogram | None]:
+    """value_histograms in numpy, dense (the definition the kernel follows): everything but
+    the final slicing for all rows at once."""
     positive, negative = _finite_by_sign(counts)          # column j: exponent j + 1
     magnitudes = positive + negative
     zeros = counts[:, ZERO_EXPONENT] + counts[:, EXPONENTS + ZERO_EXPONENT]
@@ -305,9 +379,8 @@ def value_histograms(counts, octaves: int = 24) -> list[Histogram | None]:
     return histograms
 
 
-def log10_abs_histograms(counts) -> list[Histogram | None]:
-    """Histograms of log10 |x| over the finite non-zero values of each row of (R, 512) counts."""
-    counts = np.asarray(counts, dtype=np.float64).reshape(-1, SIGN_EXPONENT_BINS)
+def _log10_abs_histograms(counts: np.ndarray) -> list[Histogram | None]:
+    """log10_abs_histograms in numpy, dense (the definition the kernel follows)."""
     positive, negative = _finite_by_sign(counts)
     magnitudes = positive + negative
     first, last, totals = _extent(magnitudes)

@@ -16,7 +16,14 @@ import torch
 from gradflow.monitor import columns as C
 from gradflow.monitor import stats as S
 from gradflow.monitor.part import Part, Reduced, Setup
-from gradflow.monitor.sharding import local
+from gradflow.monitor.sharding import is_dtensor, local
+from gradflow.monitor.tensors import MonitorError, _flat_copy
+
+# Parameters up to this many values are folded together, a group at a time: below it the kernel
+# call's fixed cost (~20 us) is most of the work. A group's values add up to at most TINY_GROUP,
+# so the copy it takes each window stays small (64 KB).
+TINY = 4096
+TINY_GROUP = 16384
 
 
 class Weights(Part):
@@ -31,6 +38,7 @@ class Weights(Part):
     def __init__(self, model, setup: Setup) -> None:
         super().__init__(model, setup)
         self.members = setup.members
+        self._slot_tags: list | None = None
         self.bind(setup.params)
 
     def bind(self, params: list[torch.Tensor]) -> None:
@@ -40,12 +48,24 @@ class Weights(Part):
         self.slots = len(params) * self.members
         old = getattr(self, "start", None)
         with torch.no_grad():               # a conversion (.double(), .to(device)) keeps the window's start, converted
-            self.start = [None if not p.requires_grad else
-                          old[i].to(local(p).device, p.dtype, copy=True)
-                          if old is not None and old[i] is not None and old[i].shape == local(p).shape
-                          else local(p.detach()).clone() for i, p in enumerate(params)]   # a DTensor's own shard
+            start = [None if not p.requires_grad else
+                     old[i].to(local(p).device, p.dtype, copy=True)
+                     if old is not None and old[i] is not None and old[i].shape == local(p).shape
+                     else local(p.detach()).clone() for i, p in enumerate(params)]   # a DTensor's own shard
         self.versions = [p._version for p in params]
         self._scratch = S.Scratch()         # its buffers: the parameters' device
+        self.tiny = [tuple(group) for group in _tiny_groups(params, start)]
+        self.grouped = {i for group in self.tiny for i in group}
+        k = self.members
+        # Per group: one flat start (each parameter's start a view of it), the members' lengths, their slots.
+        self._flat_starts: dict[tuple[int, ...], tuple[torch.Tensor, np.ndarray, np.ndarray]] = {}
+        for group in self.tiny:
+            flat = torch.cat([start[i].reshape(-1) for i in group])
+            for i, view in zip(group, flat.split([start[i].numel() for i in group])):
+                start[i] = view.view(start[i].shape)
+            self._flat_starts[group] = (flat, np.repeat([params[i].numel() // k for i in group], k),
+                                        np.array([i * k + m for i in group for m in range(k)]))
+        self.start = start
 
     @torch.no_grad()
     def summary(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -53,22 +73,37 @@ class Weights(Part):
         NaN for a frozen parameter written to since the window began); and (slots, 512)
         histogram counts. The current weights become the next window's start."""
         k = self.members
-        rows, counts = [], []
+        device = local(self.params[0]).device
+        rows = torch.empty(self.slots, 4, dtype=S.wide_dtype(device), device=device)
+        counts = torch.empty(self.slots, S.SIGN_EXPONENT_BINS, dtype=torch.int64, device=device)
+        for group in self.tiny:             # a few thousand values: one call for the group, not one each
+            self._fold_tiny(group, rows.numpy(), counts.numpy())
         for i, p in enumerate(self.params):
+            if i in self.grouped:
+                continue
             now = local(p.detach()).reshape(-1)
             start = self.start[i]
             before = now if start is None else start.reshape(-1)
-            r, c = self._fold(now, before, now.numel() // k)
+            rows[i * k:(i + 1) * k], counts[i * k:(i + 1) * k] = self._fold(now, before, now.numel() // k)
             if start is None and p._version != self.versions[i]:
-                r[:, 2] = float("nan")
-            rows.append(r)
-            counts.append(c)
+                rows[i * k:(i + 1) * k, 2] = float("nan")
             if start is not None:
                 start.copy_(local(p.detach()))
             self.versions[i] = p._version
-        rows_t, counts_t = torch.cat(rows), torch.cat(counts)
-        rows_t[:, 1:] = rows_t[:, 1:].sqrt()
-        return rows_t, counts_t
+        rows[:, 1:] = rows[:, 1:].sqrt()
+        return rows, counts
+
+    def _fold_tiny(self, group: tuple[int, ...], rows: np.ndarray, counts: np.ndarray) -> None:
+        """Fold a group of tiny float32 CPU parameters in one kernel call (``_tiny_groups``) into
+        their slots of ``rows`` and ``counts``."""
+        start, lengths, slots = self._flat_starts[group]
+        now = _flat_copy([self.params[i].detach() for i in group])
+        if now.numel() != start.numel():       # cannot happen unless a parameter was resized in place
+            raise MonitorError("a monitored parameter changed size; create a new GradientMonitor after resizing parameters")
+        rows[slots], counts[slots] = S.fused_kernels(now.device).fold_weights(now.numpy(), start.numpy(), lengths)
+        for i in group:
+            self.versions[i] = self.params[i]._version
+        start.copy_(now)
 
     def _fold(self, now: torch.Tensor, start: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Rows [sum |w|, sum w², sum (w - start)², sum start²] and counts of each member."""
@@ -105,13 +140,39 @@ class Weights(Part):
         with np.errstate(divide="ignore", invalid="ignore"):
             # A zero start (a fresh bias) has no relative update: NaN says so.
             ratios = np.where(start > 0, moved / start, np.nan)
-        for slot, k, name, path in reader.slots(self.setup.names):
-            row = dict(zip(C.WEIGHT, (float(l1[slot]), float(l2[slot]), float(ratios[slot]))))
+        table = np.stack([l1, l2, ratios], axis=1).tolist()      # Python floats, one call
+        if self._slot_tags is None:                               # made once (see Gradients._tags)
+            self._slot_tags = [(tuple(f"weight/{path}/{key}" for key in C.WEIGHT), f"grad/{path}/relative",
+                                f"weight/{path}") for _, _, _, path in reader.slots(self.setup.names)]
+        for slot, k, name, _ in reader.slots(self.setup.names):
+            row = dict(zip(C.WEIGHT, table[slot]))
+            tags, relative, histogram = self._slot_tags[slot]
             reader.windows[k].weights[name] = row
-            if name in reader.windows[k].gradients:
-                reader.windows[k].gradients[name].update({f"weight_{key}": v for key, v in row.items()})
+            gradient = reader.windows[k].gradients.get(name)
+            if gradient is not None:
+                gradient.update({f"weight_{key}": v for key, v in row.items()})
                 # ||g|| / ||w||: the size the diagnosis judges, so TensorBoard can chart the same measure
-                norm = reader.windows[k].gradients[name]["norm"]
-                reader.scalars[k][f"grad/{path}/relative"] = norm / row["norm"] if row["norm"] > 0 else float("nan")
-            reader.scalars[k].update({f"weight/{path}/{key}": value for key, value in row.items()})
-            reader.wanted.value(k, f"weight/{path}", values["counts"][slot], state=True)
+                reader.scalars[k][relative] = gradient["norm"] / row["norm"] if row["norm"] > 0 else float("nan")
+            reader.scalars[k].update(zip(tags, table[slot]))
+            reader.wanted.value(k, histogram, values["counts"][slot], state=True)
+
+
+def _tiny_groups(params: list[torch.Tensor], start: list) -> list[list[int]]:
+    """Runs of tiny trainable float32 CPU parameters (numba's fused path), at most TINY_GROUP
+    values each; one-parameter runs are left to the per-parameter path."""
+    if S.fused_kernels(torch.device("cpu")) is None or any(local(p).device.type != "cpu" for p in params):
+        return []                    # the window's rows live on the first parameter's device
+    groups, current, size = [], [], 0
+    for i, p in enumerate(params):
+        tiny = (start[i] is not None and p.dtype == torch.float32 and p.device.type == "cpu" and not is_dtensor(p)
+                and 0 < p.numel() <= TINY and p.layout == torch.strided)
+        if not tiny or size + p.numel() > TINY_GROUP:
+            if len(current) > 1:
+                groups.append(current)
+            current, size = [], 0
+        if tiny:
+            current.append(i)
+            size += p.numel()
+    if len(current) > 1:
+        groups.append(current)
+    return groups

@@ -493,3 +493,32 @@ def test_fused_kernels_and_torch_ops_write_the_same_window(monkeypatch):
         for name in got:
             for key, value in got[name].items():
                 assert value == pytest.approx(expected[name][key], rel=1e-5, abs=1e-7, nan_ok=True), (family, name, key)
+
+
+def test_weight_rows_of_tiny_parameters_folded_together_match_oracle(reduction_path):
+    """Tiny parameters are folded a group at a time (weights.py); a frozen one between them,
+    members of a batched model and a large parameter must each keep their own rows and counts."""
+    torch.manual_seed(5)
+    members = 2
+    model = nn.Sequential(OrderedDict(dense_1=BatchedLinear(members, 2, 4), tanh_1=nn.Tanh(),
+                                      dense_2=BatchedLinear(members, 4, 300), relu_2=nn.ReLU(),
+                                      dense_3=BatchedLinear(members, 300, 1)))
+    model.dense_1.bias.requires_grad_(False)              # frozen, between trainable tiny parameters
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.001)
+    with GradientMonitor(model, members=members) as monitor:
+        for window in range(2):
+            start = {name: p.detach().clone() for name, p in model.named_parameters()}
+            for _ in range(3):
+                optimizer.zero_grad()
+                model(torch.randn(members, 8, 2)).pow(2).mean(dim=(1, 2)).sum().backward()
+                optimizer.step()
+            monitor.log(window)
+            for k in range(members):
+                weights = monitor.member_history(k)[-1].weights
+                for name, p in model.named_parameters():
+                    w, w0 = p.detach()[k].double(), start[name][k].double()
+                    assert weights[name]["l1"] == pytest.approx(w.abs().sum().item(), rel=1e-6), name
+                    assert weights[name]["norm"] == pytest.approx(w.norm().item(), rel=1e-6), name
+                    ratio = ((w - w0).norm() / w0.norm()).item()
+                    assert weights[name]["update_ratio"] == pytest.approx(ratio, rel=1e-5, abs=1e-12), name
+    assert monitor.history[-1].weights["dense_1.bias"]["update_ratio"] == 0.0

@@ -132,3 +132,27 @@ def test_counting_by_bincount_and_by_scatter_agree(dtype):
     S.scattered_count_into(by_scatter, index)
     assert torch.equal(by_bincount, by_scatter)
     assert torch.equal(by_bincount, torch.bincount(index.long(), minlength=1024).to(dtype))
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), rows=st.integers(1, 8), span=st.floats(0.0, 60.0),
+       octaves=st.sampled_from([1, 3, 24, 300]), specials=st.booleans(), scale=st.sampled_from([1.0, 16.0, 0.5]))
+def test_histogram_kernels_equal_the_numpy_definition_made_sparse(seed, rows, span, octaves, specials, scale):
+    """The compiled histograms (histogram_kernels) against the numpy ones they replace, with
+    sparse_buckets applied: the same buckets, edges and extremes, the moments to rounding."""
+    rng = np.random.default_rng(seed)
+    tensors = [random_values(rng, int(rng.integers(0, 400)), span, int(rng.integers(0, 5)), specials)
+               for _ in range(rows)]
+    counts = np.stack([S.sign_exponent_counts(t).numpy() for t in tensors]) * scale     # pooled windows: floats
+    for fused, dense in [(S.value_histograms(counts, octaves), S._value_histograms(counts, octaves)),
+                         (S.log10_abs_histograms(counts), S._log10_abs_histograms(counts))]:
+        assert len(fused) == len(dense)
+        for got, want in zip(fused, dense):
+            if want is None:
+                assert got is None
+                continue
+            assert (got.limits, got.counts) == S.sparse_buckets(want.limits, want.counts)
+            assert (got.min, got.max, got.num) == (want.min, want.max, want.num)
+            # sum: cancellation leaves rounding of the size of the terms, sqrt(num * sum of squares) at most
+            assert got.sum == pytest.approx(want.sum, rel=1e-12, abs=1e-12 * math.sqrt(want.num * want.sum_squares))
+            assert got.sum_squares == pytest.approx(want.sum_squares, rel=1e-12)
