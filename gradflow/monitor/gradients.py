@@ -137,6 +137,12 @@ class Gradients(Part):
     def remove(self) -> None:
         self._last = None
 
+    def step_done(self) -> None:
+        """The step is over: no wrapper's inner step can repeat it, and the weak references
+        ``_seen`` keeps would stop a ``swap_tensors`` conversion (``model.to`` under
+        ``set_swap_module_params_on_conversion``) until the next window."""
+        self._last = None
+
     def steps(self) -> np.ndarray:
         """How many recorded steps each slot's parameter had a gradient in."""
         steps = np.zeros(len(self.params))

@@ -199,12 +199,14 @@ class StepWatch:
     GradScaler's scale for a fused optimizer's still-scaled gradients, else None)."""
 
     def __init__(self, masks: OptimizerMasks, only: torch.optim.Optimizer | None,
-                 record: Callable[[Any, torch.Tensor | None], None]) -> None:
+                 record: Callable[[Any, torch.Tensor | None], None], after: Callable[[], None] = lambda: None) -> None:
         self.masks = masks
         self.only = weakref.ref(only) if only is not None else None
         self.record = record
+        self.after = after                   # called when a watched optimizer's step is done
         self.on = False
         self._hooks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._post_hooks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
     def start(self) -> None:
         watch_steps(self)
@@ -213,9 +215,10 @@ class StepWatch:
     def stop(self) -> None:
         unwatch_steps(self)
         self.on = False
-        for handle in list(self._hooks.values()):
+        for handle in [*self._hooks.values(), *self._post_hooks.values()]:
             handle.remove()
         self._hooks.clear()
+        self._post_hooks.clear()
 
     def _on_step_seen(self, optimizer: torch.optim.Optimizer) -> None:
         """An optimizer is about to step (``_dispatch``, before its own pre-hooks)."""
@@ -223,6 +226,13 @@ class StepWatch:
             return
         if self.masks.mask(optimizer) is not None:
             self._hooks[optimizer] = last_pre_hook(optimizer, self._on_step, self._hooks.get(optimizer))
+            if optimizer not in self._post_hooks:
+                self._post_hooks[optimizer] = optimizer.register_step_post_hook(self._on_step_done)
+
+    @torch._dynamo.disable
+    def _on_step_done(self, optimizer, args=(), kwargs=None) -> None:
+        """The optimizer's step post-hook: its step, and any inner optimizer's, is over."""
+        self.after()
 
     @torch._dynamo.disable
     def _on_step(self, optimizer, args=(), kwargs=None):
