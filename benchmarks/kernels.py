@@ -69,19 +69,21 @@ def _repeat_counts_four(counts, block, sub, repeats):
 
 
 @njit(nogil=True, boundscheck=False)
-def _repeat_counts_padded(counts, block, sub, repeats):
-    """The kernels after: one padded buffer of sub-histograms; nothing to prefetch in L1."""
+def _repeat_counts(counts, block, sub, repeats):
+    """The kernels after: one padded buffer of sub-histograms (nothing after the block to prefetch)."""
     unsigned = block.view(np.uint32)
     for _ in range(repeats):
         counts(unsigned, sub, unsigned, None, 0, 0)
 
 
-def block_counts(kernels, block: np.ndarray) -> Callable[[], None]:
+def block_kernels(kernels, block: np.ndarray) -> tuple[Callable[[], object], Callable[[], object]]:
+    """Run _block_moments, and the block histogram, BLOCK_REPEATS times on ``block``."""
+    moments = lambda: _repeat_moments(kernels._block_moments, block, BLOCK_REPEATS)  # noqa: E731
     if hasattr(kernels, "_new_sub"):
         sub = kernels._new_sub()
-        return lambda: _repeat_counts_padded(kernels._block_counts, block, sub, BLOCK_REPEATS)
+        return moments, lambda: _repeat_counts(kernels._block_counts, block, sub, BLOCK_REPEATS)
     sub = np.zeros((4, 512), np.uint32)
-    return lambda: _repeat_counts_four(kernels._block_counts, block, sub, BLOCK_REPEATS)
+    return moments, lambda: _repeat_counts_four(kernels._block_counts, block, sub, BLOCK_REPEATS)
 
 
 def cases(kernels, data: dict) -> dict[str, tuple[Callable[[], object], int, Callable[[], None] | None]]:
@@ -97,14 +99,14 @@ def cases(kernels, data: dict) -> dict[str, tuple[Callable[[], object], int, Cal
         data["scrub"][::16] += 1.0
 
     hot, zeros = data["hot"], data["zeros"]
+    moments, histogram = block_kernels(kernels, block)
     return {
         "fold, 1M in cache": (lambda: kernels.fold(hot, counts[0]), hot.size, None),
         "fold, 6 x 1M not in cache": (lambda: [kernels.fold(g, counts[0]) for g in cold], 6 * hot.size, scrub),
         "fold, 1M zeros": (lambda: kernels.fold(zeros, counts[0]), zeros.size, None),
         "fold, 1M with a band": (lambda: kernels.fold(hot, counts[0], centre=0.0, threshold=1e-3), hot.size, None),
-        "_block_moments, 4096 in L1": (lambda: _repeat_moments(kernels._block_moments, block, BLOCK_REPEATS),
-                                       BLOCK_REPEATS * block.size, None),
-        "histogram, 4096 in L1": (block_counts(kernels, block), BLOCK_REPEATS * block.size, None),
+        "_block_moments, 4096 in L1": (moments, BLOCK_REPEATS * block.size, None),
+        "histogram, 4096 in L1": (histogram, BLOCK_REPEATS * block.size, None),
         "fold_rows, rows of 100": (lambda: kernels.fold_rows(hot[:rows_short.sum()], rows_short, slots[:rows_short.size],
                                                              counts), rows_short.sum(), None),
         "fold_rows, rows of 5000": (lambda: kernels.fold_rows(hot[:rows_long.sum()], rows_long, slots[:rows_long.size],

