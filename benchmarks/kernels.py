@@ -141,9 +141,9 @@ def main() -> None:
             for run, _, _ in side.values():
                 run()
         best = {(side, name): float("inf") for side in sides for name in sides[side]}
-        for _ in range(args.rounds):
+        for round_ in range(args.rounds):
             for name in sides["after"]:
-                for side in sides:
+                for side in sorted(sides, reverse=round_ % 2 == 1):      # each side first in turn
                     run, values, prepare = sides[side][name]
                     best[side, name] = min(best[side, name], time_once(run, prepare) / values * 1e9)
     print(f"ns per float32 value, fastest of {args.rounds} interleaved rounds; before = {args.before}, "
