@@ -7,15 +7,24 @@ them all in one pass over each 16 KB block while it sits in L1: the sums vectori
 then the 512-bin sign/exponent histogram into eight interleaved sub-histograms, so that runs of
 equal bins do not wait on one another, while the next block is prefetched into L1.
 
-Measured on an AVX-512 Xeon (Emerald Rapids, about 3 GHz), ns per float32 value
-(``benchmarks/kernels.py``): the sums and max |x| of a block in L1 take about 0.23 (0.28 when
-max |x| was taken in int64 lanes, four to a 256-bit register instead of eight); the histogram
-about 0.33, a store per value, and no vectorized form beats it in numba; a tensor that is not in
-the cache (a gradient the backward pass wrote a while ago) cost 0.9 instead of 0.6 before the
-prefetch, about the same after it. Eight sub-histograms rather than four halve the time of a
-block of equal values (all zeros: a dead ReLU layer's gradient), 0.65 -> 0.35; their rows are
-padded so that no two lie a multiple of 4 KB apart, where they alias in the store buffer and
-count as slowly as four.
+Measured on an AVX-512 Xeon (Emerald Rapids, about 3 GHz; ``benchmarks/kernels.py``, ns per
+float32 value, before -> after these choices): a 1M-value gradient not in the cache (the backward
+pass wrote it a while ago) 1.07 -> 0.66, the same in the cache 0.70 -> 0.63 (0.22 the sums and
+max |x| of a block in L1, 0.33 its histogram), all zeros 1.37 -> 0.63.
+- The next block is prefetched while this one is counted: the counting loop is bound by its
+  stores, the memory bus was idle meanwhile, and the sums then waited on each line.
+- Eight sub-histograms rather than four: a block of equal values (all zeros: a dead ReLU
+  layer's gradient) counted at 0.65, as fast as any other now (0.35). Their rows are padded so
+  that no two lie a multiple of 4 KB apart: there the store buffer takes them for one address
+  and eight count as slowly as four.
+- max |x| and the band's count in int32: numba's int64 put four values to a 256-bit register
+  where int32 puts eight (the sums 0.28 -> 0.23).
+- Tried and dropped: one loop for the sums and the histogram (LLVM vectorizes no loop that
+  scatters; four scalar lanes of the three sums cost 0.76 against 0.57 for the two loops); keys in a
+  vectorized uint16 pass, then scattered (0.39 against 0.35); two keys per 64-bit load (no
+  change: the stores bound the loop); blocks of 2048 or 8192 values (slower, out of the cache).
+  512-bit vectors would take the sums from 0.23 to 0.18, but LLVM prefers 256 on this CPU and
+  numba has no per-function switch for it.
 
 The sums are float64 from the first value: a float32 x² is exact in float64 (24 + 24 bits < 53),
 so the sum of squares errs only by float64 rounding, and no float32 value can overflow it. Summing
