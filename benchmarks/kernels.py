@@ -13,7 +13,7 @@ that are not (a 256 MB buffer is written between rounds, as a backward pass woul
 gradient out), of an all-zero one (a dead ReLU layer: every value in one bin), and with a band;
 ``_block_moments`` and the histogram alone on one 4096-value block in L1, called 2000 times from
 compiled code (a call from Python costs about as much as the block); ``fold_rows`` over rows of
-100 and of 5000 values; ``fold_weights`` of a 1M-value weight against its start.
+100 and of 5000 values, and of 1500 zeros; ``fold_weights`` of a 1M-value weight against its start.
 """
 
 from __future__ import annotations
@@ -93,7 +93,8 @@ def cases(kernels, data: dict) -> dict[str, tuple[Callable[[], object], int, Cal
     cold = data["cold"]
     rows_short = np.full(data["hot"].size // 100, 100)
     rows_long = np.full(data["hot"].size // 5000, 5000)
-    slots = np.zeros(max(rows_short.size, rows_long.size), np.int64)
+    rows_middle = np.full(data["hot"].size // 1500, 1500)
+    slots = np.zeros(rows_short.size, np.int64)
 
     def scrub() -> None:
         data["scrub"][::16] += 1.0
@@ -111,6 +112,9 @@ def cases(kernels, data: dict) -> dict[str, tuple[Callable[[], object], int, Cal
                                                              counts), rows_short.sum(), None),
         "fold_rows, rows of 5000": (lambda: kernels.fold_rows(hot[:rows_long.sum()], rows_long, slots[:rows_long.size],
                                                               counts), rows_long.sum(), None),
+        "fold_rows, rows of 1500 zeros": (lambda: kernels.fold_rows(zeros[:rows_middle.sum()], rows_middle,
+                                                                    slots[:rows_middle.size], counts),
+                                          rows_middle.sum(), None),
         "fold_weights, 1M": (lambda: kernels.fold_weights(hot, data["start"], np.array([hot.size])), hot.size, None),
     }
 
