@@ -17,8 +17,9 @@ max |x| of a block in L1, 0.33 its histogram), all zeros 1.37 -> 0.63.
   layer's gradient) counted at 0.65, as fast as any other now (0.35). Their rows are padded so
   that no two lie a multiple of 4 KB apart: there the store buffer takes them for one address
   and eight count as slowly as four.
-- max |x| and the band's count in int32: numba's int64 put four values to a 256-bit register
-  where int32 puts eight (the sums 0.28 -> 0.23).
+- max |x| and the band's count kept in int32 (numba types int32 & int32 and int32 + int32 as
+  int64): in int64 every value was first widened, one more instruction per four (the block's
+  sums 0.28 -> 0.23 without a band; with one, 0.72 -> 0.68 for the whole fold).
 - Tried and dropped: one loop for the sums and the histogram (LLVM vectorizes no loop that
   scatters; four scalar lanes of the three sums cost 0.76 against 0.57 for the two loops); keys in a
   vectorized uint16 pass, then scattered (0.39 against 0.35); two keys per 64-bit load (no
@@ -98,7 +99,7 @@ def _block_moments(values, bits, centre, threshold):
     total = 0.0
     absolute = 0.0
     squares = 0.0
-    beyond = np.int32(0)               # int32, not numba's default int64: eight lanes to a register
+    beyond = np.int32(0)               # int32 throughout: numba widens int32 sums to int64 (see below)
     top = np.int32(0)
     if threshold == np.inf:            # no band (every gradient): the count costs a third of the loop
         for i in range(values.size):
@@ -113,7 +114,7 @@ def _block_moments(values, bits, centre, threshold):
             total += x
             absolute += abs(x)
             squares += x * x
-            beyond += np.int32(abs(values[i] - centre) > threshold)
+            beyond = np.int32(beyond + (abs(values[i] - centre) > threshold))
             top = max(top, np.int32(bits[i] & _MAGNITUDE_BITS))
     return total, absolute, squares, beyond, top
 
