@@ -8,9 +8,10 @@ then the 512-bin sign/exponent histogram into eight interleaved sub-histograms, 
 equal bins do not wait on one another, while the next block is prefetched into L1.
 
 Measured on an AVX-512 Xeon (Emerald Rapids, about 3 GHz; ``benchmarks/kernels.py``, ns per
-float32 value, before -> after these choices): a 1M-value gradient not in the cache (the backward
-pass wrote it a while ago) 1.07 -> 0.66, the same in the cache 0.70 -> 0.63 (0.22 the sums and
-max |x| of a block in L1, 0.33 its histogram), all zeros 1.37 -> 0.63.
+float32 value, before -> after these choices, one run): a 1M-value gradient not in the cache (the
+backward pass wrote it a while ago) 1.03 -> 0.64, the same in the cache 0.67 -> 0.64 (0.21 the
+sums and max |x| of a block in L1, 0.33 its histogram), all zeros 1.18 -> 0.63; inside the wide
+MLP's training steps (``benchmarks/profile_monitor.py``) ``fold_all`` 1.05 -> 0.61-0.70.
 - The next block is prefetched while this one is counted: the counting loop is bound by its
   stores, the memory bus was idle meanwhile, and the sums then waited on each line.
 - Eight sub-histograms rather than four: a block of equal values (all zeros: a dead ReLU
