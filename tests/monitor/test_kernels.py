@@ -92,6 +92,65 @@ def test_fold_propagates_nan_like_torch():
     assert row[0] == -np.inf and row[3] == np.inf
 
 
+@pytest.mark.parametrize("n", [15, 16, 17, 2 * 4096 - 1, 3 * 4096 + 8 + 7],
+                         ids=["under-a-line", "a-line", "over-a-line", "a-value-short", "blocks-and-odd-tail"])
+def test_fold_counts_every_value_of_odd_lengths_with_specials_in_each_sub_histogram(n):
+    """The counting loop takes 16 values (a cache line) at a time, eight sub-histograms in turn,
+    and the rest one by one: NaN, Inf, -0.0 and subnormals at every position modulo 16."""
+    values = random_values(np.random.default_rng(n), n, False)
+    specials = np.array([np.nan, np.inf, -np.inf, 1e-40, -1e-40, -0.0, 0.0], np.float32)
+    values[:16] = np.resize(specials, min(n, 16))
+    values[-9:] = np.resize(specials, 9)
+    counts = np.zeros(S.SIGN_EXPONENT_BINS, np.int64)
+    row = K.fold(values, counts)
+    expected, bins = oracle(values)
+    assert np.isnan(row[:4]).all() and row[4] == expected[4] == 0
+    np.testing.assert_array_equal(counts, bins)
+
+
+@pytest.mark.parametrize("value, bin_", [(0.0, 256), (-0.0, 0), (1e-40, 256), (np.inf, 511)],
+                         ids=["zeros", "negative-zeros", "subnormals", "infinities"])
+def test_fold_counts_a_long_run_of_one_bin_exactly(value, bin_):
+    """Every value in one bin (a dead layer's zero gradient) is the sub-histograms' worst case."""
+    n = 70_001
+    counts = np.zeros(S.SIGN_EXPONENT_BINS, np.int64)
+    row = K.fold(np.full(n, value, np.float32), counts)
+    assert counts[bin_] == n and counts.sum() == n
+    assert row[3] == abs(np.float32(value)) and row[1] == n * abs(float(np.float32(value)))
+
+
+def test_fold_puts_nan_above_inf_in_any_block():
+    values = np.ones(70_001, np.float32)
+    values[5] = -np.inf
+    row = K.fold(values, np.zeros(S.SIGN_EXPONENT_BINS, np.int64))
+    assert row[3] == np.inf and row[0] == -np.inf and row[1] == np.inf
+    values[3 * 4096 + 9] = np.nan                              # a later block than the Inf
+    row = K.fold(values, np.zeros(S.SIGN_EXPONENT_BINS, np.int64))
+    assert np.isnan(row[:4]).all()
+
+
+def test_fold_rows_keeps_long_and_short_rows_apart_in_shared_slots():
+    """Long rows (SHORT_ROW values or more) count into sub-histograms that must be emptied into
+    their own slot at the row's end, before the next row, short or long, counts."""
+    rng = np.random.default_rng(7)
+    lengths = np.array([5000, K.SHORT_ROW, K.SHORT_ROW - 1, 0, 100, 9000, 17, K.SHORT_ROW + 1])
+    row_slot = np.array([0, 1, 0, 2, 1, 1, 2, 0])
+    values = random_values(rng, int(lengths.sum()), True)
+    counts = np.zeros((3, S.SIGN_EXPONENT_BINS), np.int64)
+    rows = K.fold_rows(values, lengths, row_slot, counts)
+    expected_counts, start = np.zeros_like(counts), 0
+    for r, length in enumerate(lengths):
+        expected, bins = oracle(values[start:start + length])
+        if np.isnan(expected[0]):                              # NaN propagates: compare where it fell
+            assert np.isnan(rows[r, 0])
+        else:
+            assert_row(rows[r], expected)
+        expected_counts[row_slot[r]] += bins
+        start += length
+    np.testing.assert_array_equal(counts, expected_counts)
+    assert K.fold_rows(np.zeros(0, np.float32), np.zeros(0, np.int64), np.zeros(0, np.int64), counts).shape == (0, 5)
+
+
 @settings(max_examples=30, deadline=None)
 @given(seed=st.integers(0, 2**31 - 1), specials=st.booleans())
 def test_fold_rows_matches_the_oracle_row_by_row(seed, specials):
@@ -115,7 +174,7 @@ def test_fold_rows_matches_the_oracle_row_by_row(seed, specials):
 
 def test_fold_weights_matches_the_oracle_per_segment():
     rng = np.random.default_rng(3)
-    lengths = np.array([0, 5, 3 * K.BLOCK + 17, 1, 3000])    # empty, tiny, several blocks
+    lengths = np.array([0, 5, 3 * K.BLOCK + 17, 1, 3000, K.SHORT_ROW - 1, K.SHORT_ROW, 4096])  # empty, tiny, several blocks
     values = random_values(rng, int(lengths.sum()), False)
     start = values + rng.standard_normal(values.size).astype(np.float32) * 1e-3
     rows, counts = K.fold_weights(values, start, lengths)

@@ -1,0 +1,162 @@
+"""The fused CPU kernels (``gradflow/monitor/kernels.py``) in ns per float32 value, before and after.
+
+Loads the kernels of an earlier commit (``--before``, by default 5508c68: the last one before
+issue 20's faster kernels) from git beside this checkout's, and times both in the same rounds,
+interleaved; each figure is the fastest of ``--rounds`` runs (the least disturbed by other jobs
+on a shared machine), and the last column is after / before.
+
+    python benchmarks/kernels.py                  # every case, 7 rounds
+    python benchmarks/kernels.py --rounds 15 --before main
+
+The cases: ``fold`` of a 1M-value Gaussian gradient held in the cache, of six 1M-value ones
+that are not (a 256 MB buffer is written between rounds, as a backward pass would push a
+gradient out), of an all-zero one (a dead ReLU layer: every value in one bin), and with a band;
+``_block_moments`` and the histogram alone on one 4096-value block in L1, called 2000 times from
+compiled code (a call from Python costs about as much as the block); ``fold_rows`` over rows of
+100 and of 5000 values, and of 1500 zeros; ``fold_weights`` of a 1M-value weight against its start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+
+import numpy as np
+from numba import njit
+
+ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+sys.path.insert(0, ROOT)
+from gradflow.monitor import kernels as after  # noqa: E402
+
+BLOCK_REPEATS = 2000
+
+
+def load_before(ref: str, directory: str):
+    """The kernels module as committed at ``ref``, imported from a copy in ``directory``."""
+    source = subprocess.run(["git", "-C", ROOT, "show", f"{ref}:gradflow/monitor/kernels.py"],
+                            check=True, capture_output=True, text=True).stdout
+    path = os.path.join(directory, "kernels_before.py")
+    with open(path, "w") as file:
+        file.write(source)
+    spec = importlib.util.spec_from_file_location("kernels_before", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@njit(nogil=True, boundscheck=False)
+def _repeat_moments(moments, block, repeats):
+    bits = block.view(np.int32)
+    total = 0.0
+    for _ in range(repeats):
+        t, a, s, b, m = moments(block, bits, np.float32(0.0), np.float32(np.inf))
+        total += t + a + s + b + m
+    return total
+
+
+@njit(nogil=True, boundscheck=False)
+def _repeat_counts_four(counts, block, sub, repeats):
+    """The kernels before: four separate uint32 histograms."""
+    unsigned = block.view(np.uint32)
+    for _ in range(repeats):
+        counts(unsigned, sub[0], sub[1], sub[2], sub[3])
+
+
+@njit(nogil=True, boundscheck=False)
+def _repeat_counts(counts, block, sub, repeats):
+    """The kernels after: one padded buffer of sub-histograms (nothing after the block to prefetch)."""
+    unsigned = block.view(np.uint32)
+    for _ in range(repeats):
+        counts(unsigned, sub, unsigned, None, 0, 0)
+
+
+def block_kernels(kernels, block: np.ndarray) -> tuple[Callable[[], object], Callable[[], object]]:
+    """Run _block_moments, and the block histogram, BLOCK_REPEATS times on ``block``."""
+    moments = lambda: _repeat_moments(kernels._block_moments, block, BLOCK_REPEATS)  # noqa: E731
+    if hasattr(kernels, "_new_sub"):
+        sub = kernels._new_sub()
+        return moments, lambda: _repeat_counts(kernels._block_counts, block, sub, BLOCK_REPEATS)
+    sub = np.zeros((4, 512), np.uint32)
+    return moments, lambda: _repeat_counts_four(kernels._block_counts, block, sub, BLOCK_REPEATS)
+
+
+def cases(kernels, data: dict) -> dict[str, tuple[Callable[[], object], int, Callable[[], None] | None]]:
+    """name -> (run, values per run, what to do before each run)."""
+    counts = np.zeros((64, 512), np.int64)
+    block = data["hot"][:4096].copy()
+    cold = data["cold"]
+    rows_short = np.full(data["hot"].size // 100, 100)
+    rows_long = np.full(data["hot"].size // 5000, 5000)
+    rows_middle = np.full(data["hot"].size // 1500, 1500)
+    slots = np.zeros(rows_short.size, np.int64)
+
+    def scrub() -> None:
+        data["scrub"][::16] += 1.0
+
+    hot, zeros = data["hot"], data["zeros"]
+    moments, histogram = block_kernels(kernels, block)
+    return {
+        "fold, 1M in cache": (lambda: kernels.fold(hot, counts[0]), hot.size, None),
+        "fold, 6 x 1M not in cache": (lambda: [kernels.fold(g, counts[0]) for g in cold], 6 * hot.size, scrub),
+        "fold, 1M zeros": (lambda: kernels.fold(zeros, counts[0]), zeros.size, None),
+        "fold, 1M with a band": (lambda: kernels.fold(hot, counts[0], centre=0.0, threshold=1e-3), hot.size, None),
+        "_block_moments, 4096 in L1": (moments, BLOCK_REPEATS * block.size, None),
+        "histogram, 4096 in L1": (histogram, BLOCK_REPEATS * block.size, None),
+        "fold_rows, rows of 100": (lambda: kernels.fold_rows(hot[:rows_short.sum()], rows_short, slots[:rows_short.size],
+                                                             counts), rows_short.sum(), None),
+        "fold_rows, rows of 5000": (lambda: kernels.fold_rows(hot[:rows_long.sum()], rows_long, slots[:rows_long.size],
+                                                              counts), rows_long.sum(), None),
+        "fold_rows, rows of 1500 zeros": (lambda: kernels.fold_rows(zeros[:rows_middle.sum()], rows_middle,
+                                                                    slots[:rows_middle.size], counts),
+                                          rows_middle.sum(), None),
+        "fold_weights, 1M": (lambda: kernels.fold_weights(hot, data["start"], np.array([hot.size])), hot.size, None),
+    }
+
+
+def time_once(run: Callable[[], object], prepare: Callable[[], None] | None) -> float:
+    if prepare is not None:
+        prepare()
+    began = time.perf_counter()
+    run()
+    return time.perf_counter() - began
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--before", default="5508c68", help="git ref of the kernels to compare with")
+    parser.add_argument("--rounds", type=int, default=7)
+    args = parser.parse_args()
+    rng = np.random.default_rng(0)
+    n = 1 << 20
+    data = {"hot": (rng.standard_normal(n) * 1e-3).astype(np.float32),
+            "cold": [(rng.standard_normal(n) * 1e-3).astype(np.float32) for _ in range(6)],
+            "zeros": np.zeros(n, np.float32), "scrub": np.zeros(64 << 20, np.float32)}
+    data["start"] = data["hot"] + (rng.standard_normal(n) * 1e-5).astype(np.float32)
+    with tempfile.TemporaryDirectory() as directory:
+        before = load_before(args.before, directory)
+        sides = {"before": cases(before, data), "after": cases(after, data)}
+        for side in sides.values():                 # compile, and fill the caches
+            for run, _, _ in side.values():
+                run()
+        best = {(side, name): float("inf") for side in sides for name in sides[side]}
+        for round_ in range(args.rounds):
+            for name in sides["after"]:
+                for side in sorted(sides, reverse=round_ % 2 == 1):      # each side first in turn
+                    run, values, prepare = sides[side][name]
+                    best[side, name] = min(best[side, name], time_once(run, prepare) / values * 1e9)
+    print(f"ns per float32 value, fastest of {args.rounds} interleaved rounds; before = {args.before}, "
+          f"load average {os.getloadavg()[0]:.1f}")
+    print(f"  {'case':32s} {'before':>8s} {'after':>8s}  after/before")
+    for name in sides["after"]:
+        b, a = best["before", name], best["after", name]
+        print(f"  {name:32s} {b:8.3f} {a:8.3f}  {a / b:11.2f}x")
+
+
+if __name__ == "__main__":
+    main()
