@@ -155,7 +155,7 @@ def test_fold_rows_keeps_long_and_short_rows_apart_in_shared_slots():
 @given(seed=st.integers(0, 2**31 - 1), specials=st.booleans())
 def test_fold_rows_matches_the_oracle_row_by_row(seed, specials):
     rng = np.random.default_rng(seed)
-    lengths = rng.integers(0, 50, int(rng.integers(1, 12)))
+    lengths = rng.integers(0, 2 * K.TINY_ROW, int(rng.integers(1, 12)))   # both sides of the scalar path
     lengths[0] = 9000 if rng.random() < 0.5 else lengths[0]   # sometimes a row of several blocks
     values = random_values(rng, int(lengths.sum()), specials)
     row_slot = rng.integers(0, 4, lengths.size)
@@ -174,7 +174,8 @@ def test_fold_rows_matches_the_oracle_row_by_row(seed, specials):
 
 def test_fold_weights_matches_the_oracle_per_segment():
     rng = np.random.default_rng(3)
-    lengths = np.array([0, 5, 3 * K.BLOCK + 17, 1, 3000, K.SHORT_ROW - 1, K.SHORT_ROW, 4096])  # empty, tiny, several blocks
+    lengths = np.array([0, 5, 3 * K.BLOCK + 17, 1, 3000, K.SHORT_ROW - 1, K.SHORT_ROW, 4096,
+                        K.TINY_ROW - 1, K.TINY_ROW])  # empty, tiny, several blocks, both sides of the scalar path
     values = random_values(rng, int(lengths.sum()), False)
     start = values + rng.standard_normal(values.size).astype(np.float32) * 1e-3
     rows, counts = K.fold_weights(values, start, lengths)
