@@ -95,6 +95,20 @@ def _prefetch(typingctx, array, index):
     return types.void(array, index), codegen
 
 
+@njit(cache=True)
+def _probe_prefetch(values):
+    _prefetch(values, 0)
+    return values[0]
+
+
+try:         # checked on numba 0.68 / LLVM 22; another LLVM may name the intrinsic otherwise
+    _probe_prefetch(np.zeros(1, np.float32))
+except Exception:   # a hint only: without it the kernels are slower on cold memory, not wrong
+    @njit(inline="always")
+    def _prefetch(array, index):
+        return None
+
+
 @njit(nogil=True, boundscheck=False, fastmath=_REASSOCIATE, cache=True)
 def _block_moments(values, bits, centre, threshold):
     """Sums of x, |x| and x² (in float64), the count of |x - centre| > threshold, and the largest
