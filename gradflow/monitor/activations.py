@@ -19,7 +19,7 @@ from torch import nn
 from gradflow.monitor import columns as C
 from gradflow.monitor import stats as S
 from gradflow.monitor.histograms import LINEAR_BINS, count_linear, linear_scale
-from gradflow.monitor.part import ForwardStarts, Part, Reduced, Setup, training_pass
+from gradflow.monitor.part import Part, Reduced, Setup, training_pass, watch_forward_starts
 from gradflow.monitor.sharding import local
 from gradflow.monitor.spent import LeavesCopiesAlone
 from gradflow.monitor.tensors import (
@@ -176,7 +176,7 @@ class Activations(Part):
         self._tapped_modules = [weakref.ref(modules[name]) for name in self.names]
         self._set_taps(self.setup.schedule.active)
         self.setup.schedule.listen(self._set_taps)
-        self.keep(model.register_forward_pre_hook(ForwardStarts(self)))
+        watch_forward_starts(self, model)
         self.keep(model.register_forward_hook(_ForwardEnd(self)))
 
     def _set_taps(self, active: bool) -> None:

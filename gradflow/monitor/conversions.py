@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import weakref
 
-from gradflow.monitor.part import ForwardStarts, Part
+from gradflow.monitor.part import Part, watch_forward_starts
 
 
 class Conversions(Part):
@@ -34,7 +34,7 @@ class Conversions(Part):
         self.owner = weakref.ref(model.get_submodule(owner)) if setup.sharding is None else None
 
     def hook(self, model) -> None:
-        self.keep(model.register_forward_pre_hook(ForwardStarts(self)))
+        watch_forward_starts(self, model)
 
     def forward_starts(self) -> None:
         self.check()

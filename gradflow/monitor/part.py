@@ -131,6 +131,7 @@ class Setup:
     unscale: torch.Tensor | None = None
     sharding: Any = None          # sharding.ShardLayout where parameters are DTensors (FSDP2, tensor parallel)
     follow: Callable[[], bool] = lambda: False
+    forward_watchers: list = field(default_factory=list)     # the parts the one ForwardStarts hook calls
     dtypes: list[torch.dtype] = field(default_factory=list)
     device: torch.device = field(default=torch.device("cpu"))
 
@@ -238,16 +239,29 @@ def training_pass() -> bool:
 
 
 class ForwardStarts(LeavesCopiesAlone):
-    """A model's forward pre-hook that calls ``part.forward_starts()`` at each training forward
-    pass (``training_pass``): the one hook the parts that watch whole passes share."""
+    """The model's forward pre-hook that calls ``forward_starts()`` of each part that asked
+    (``watch_forward_starts``) at each training forward pass (``training_pass``): one hook for
+    all of them, in the parts' order, since every hook on the model's root costs each forward
+    pass about 1.5 us."""
 
-    __slots__ = ("__weakref__", "part")
+    __slots__ = ("__weakref__", "parts")
     KIND = "pre"
 
-    def __init__(self, part: Part) -> None:
-        self.part = part
+    def __init__(self, parts: list[Part]) -> None:
+        self.parts = parts
 
     def __call__(self, module, inputs):
         if training_pass():
-            self.part.forward_starts()
+            for part in self.parts:
+                part.forward_starts()
+
+
+def watch_forward_starts(part: Part, model: nn.Module) -> None:
+    """Have ``part.forward_starts()`` called at each training forward pass of ``model`` (from a
+    part's ``hook``). The first part to ask keeps the one hook's handle: the coordinator adds and
+    removes every part's hooks together."""
+    watchers = part.setup.forward_watchers
+    if not watchers:
+        part.keep(model.register_forward_pre_hook(ForwardStarts(watchers)))
+    watchers.append(part)
 

@@ -17,7 +17,7 @@ not this part's business.
 
 from __future__ import annotations
 
-from gradflow.monitor.part import ForwardStarts, Part
+from gradflow.monitor.part import Part, watch_forward_starts
 
 HAND_WRITTEN = ("log(): the parameters changed in place but no optimizer step was recorded in this window: a "
                 "hand-written update (p -= lr * p.grad) or an optimizer that is not a torch.optim.Optimizer "
@@ -38,7 +38,7 @@ class Unrecorded(Part):
         self.versions: list[int] = []
 
     def hook(self, model) -> None:
-        self.keep(model.register_forward_pre_hook(ForwardStarts(self)))
+        watch_forward_starts(self, model)
 
     def forward_starts(self) -> None:
         self.forwards += 1                       # a training forward pass of the model (ForwardStarts)
