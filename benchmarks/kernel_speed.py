@@ -5,8 +5,8 @@ issue 20's faster kernels) from git beside this checkout's, and times both in th
 interleaved; each figure is the fastest of ``--rounds`` runs (the least disturbed by other jobs
 on a shared machine), and the last column is after / before.
 
-    python benchmarks/kernels.py                  # every case, 7 rounds
-    python benchmarks/kernels.py --rounds 15 --before main
+    python benchmarks/kernel_speed.py                  # every case, 7 rounds
+    python benchmarks/kernel_speed.py --rounds 15 --before main
 
 The cases: ``fold`` of a 1M-value Gaussian gradient held in the cache, of six 1M-value ones
 that are not (a 256 MB buffer is written between rounds, as a backward pass would push a
