@@ -120,3 +120,22 @@ print(seen[0], "matplotlib" in sys.modules)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=PACKAGE.parent, check=True).stdout
     assert out.splitlines()[-1] == "[] True"   # matplotlib only after training, for the plots
+
+
+def test_no_script_beside_the_package_shadows_an_installed_module():
+    """Tests and scripts put benchmarks/ and scripts/ on sys.path; a file there named like an
+    installed top-level module (benchmarks/kernels.py once hid Hugging Face's ``kernels``, which
+    transformers imports) breaks whatever imports that module later in the process."""
+    import importlib.util
+    import sys
+
+    root = PACKAGE.parent
+    folders = [root / "benchmarks", root / "scripts"]
+    path = [p for p in sys.path if Path(p or ".").resolve() not in {f.resolve() for f in folders}]
+    clashes = []
+    for folder in folders:
+        for script in folder.glob("*.py"):
+            spec = importlib.machinery.PathFinder.find_spec(script.stem, path)
+            if spec is not None or script.stem in sys.builtin_module_names:
+                clashes.append(f"{folder.name}/{script.name} ({spec.origin if spec else 'built in'})")
+    assert not clashes, f"rename these: {clashes}"
