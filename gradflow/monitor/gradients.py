@@ -196,6 +196,11 @@ class Gradients(Part):
         present = [i for i, has in enumerate(pattern) if has]
         # An empty shard (a DTensor's, on some ranks) is small: nothing to fold, and no max of nothing.
         large = [i for i in present if self.numel[i] >= LARGE_PARAMETER or (self.float64[i] and self.numel[i])]
+        if S.fused_kernels(self.device) is not None and \
+                sum(self.numel[i] for i in present if i not in large) >= PENDING_ELEMENTS:
+            # The step's small gradients fill the pending budget on their own: the fused kernels reduce
+            # them at once, straight from .grad, like the large ones; a flat copy would only add memory.
+            large = [i for i in present if self.numel[i]]
         small = [i for i in present if i not in large]
         slots = [i * self.members + member for i in large for member in range(self.members)]
         plan = self._plans[pattern] = _GradientPlan(small, large, sum(self.numel[i] for i in small),
