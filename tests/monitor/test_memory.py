@@ -5,7 +5,6 @@ no layer output past its forward pass, no copy of a step's gradients beyond a fi
 from __future__ import annotations
 
 import gc
-import types
 import weakref
 from collections import OrderedDict
 
@@ -18,6 +17,7 @@ from torch import nn
 from gradflow import GradientMonitor
 from gradflow.monitor import stats as S
 from gradflow.monitor.activations import DIRECT_OUTPUT
+from gradflow.monitor.footprint import held
 from gradflow.monitor.tensors import PENDING_ELEMENTS
 
 
@@ -33,31 +33,6 @@ class LoRA(nn.Module):
 
     def forward(self, x):
         return self.base(x) + x @ self.a.T @ self.b.T
-
-
-def held(monitor: GradientMonitor, model: nn.Module) -> list[tuple[int, np.dtype | torch.dtype]]:
-    """(bytes, dtype) of each tensor storage and numpy array reachable from ``monitor``, each
-    once, leaving out the model's own parameters and gradients (the monitor refers to them)."""
-    theirs = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    theirs |= {p.grad.untyped_storage().data_ptr() for p in model.parameters() if p.grad is not None}
-    seen, storages, stack = set(), {}, [monitor]
-    skip = (type, types.ModuleType, types.FunctionType, types.BuiltinFunctionType, types.CodeType, nn.Module)
-    while stack:
-        obj = stack.pop()
-        if id(obj) in seen or isinstance(obj, skip):
-            continue
-        seen.add(id(obj))
-        if isinstance(obj, torch.Tensor):
-            if obj.device.type != "meta" and obj.untyped_storage().data_ptr() not in theirs:
-                storages[obj.untyped_storage().data_ptr()] = (obj.untyped_storage().nbytes(), obj.dtype)
-            continue
-        if isinstance(obj, np.ndarray):
-            base = obj if obj.base is None else obj.base
-            if isinstance(base, np.ndarray):
-                storages[base.__array_interface__["data"][0]] = (base.nbytes, base.dtype)
-            continue
-        stack.extend(gc.get_referents(obj))
-    return list(storages.values())
 
 
 def train(model, x, optimizer, steps: int) -> None:
