@@ -92,8 +92,8 @@ class _ActivationPlan:
     """How a run of pending outputs is reduced, for one sequence of (tap, shape).
 
     The outputs are concatenated flat; each output's members are contiguous rows of it. The
-    fused kernels need the rows only; the per-element tensors are made on the torch-ops path
-    alone (``_per_element``), where a segment reduction takes them.
+    fused kernels need the rows, plus each element's unit and linear bin where a rectifier or a
+    bounded tap is in the run; the segment layout is made on the torch-ops path alone.
     """
 
     lengths: torch.Tensor        # each row (one output, one member): its length
@@ -102,13 +102,15 @@ class _ActivationPlan:
     elements: int                # the run's length
     bands: tuple[np.ndarray, np.ndarray]  # each row: centre and threshold (float32), for the fused kernels
     bounded: bool                # some tap of the run is bounded (tanh, sigmoid): it has linear bins
-    # Per element, made only on the torch-ops path:
+    # Per element, where a tap of the run needs them (``_units_and_bins``), on either path:
+    counted: bool = False                    # made (or found not needed)
+    unit: torch.Tensor | None = None         # each element: its unit's slot in ``positives`` (slot 0: none); None: no rectifier
+    linear: _LinearPlan | None = None        # how the bounded taps' elements are binned; None if no tap is bounded
+    # Per element, made only on the torch-ops path (``_segments``):
     segment: torch.Tensor | None = None      # each element: its row
+    bin_offset: torch.Tensor | None = None   # each element: its slot's offset into the counts (int32)
     centre: torch.Tensor | None = None       # each element: the centre of its tap's range; None if no tap is bounded
     threshold: torch.Tensor | None = None    # each element: |a - centre| above this is saturated (inf if unbounded)
-    unit: torch.Tensor | None = None         # each element: its unit's slot in ``positives`` (slot 0: none)
-    bin_offset: torch.Tensor | None = None   # each element: its slot's offset into the counts (int32)
-    linear: _LinearPlan | None = None        # how the bounded taps' elements are binned; None if no tap is bounded
 
 
 @dataclass
@@ -134,8 +136,10 @@ class Activations(Part):
     are pending or the window closes, and then reduced with the others in one flat copy: on a
     small model a dozen small ops per hook would cost more than the training step itself. What
     the monitor holds of the model's outputs is thus at most ``PENDING_ELEMENTS`` elements of
-    outputs smaller than ``DIRECT_OUTPUT``, whatever the model; the fused kernels take the rows of
-    a run and keep no per-element tensor.
+    outputs smaller than ``DIRECT_OUTPUT``, whatever the model. Of those small outputs' runs the
+    plans keep per-element unit slots (rectifiers) and linear bins (bounded taps), which batch a
+    tiny model's counting; the fused kernels need nothing else per element, and the torch-ops
+    path adds its segment layout.
 
     With ``members`` K > 1 an output's leading dimension is the member: slot ``i * K + k`` is
     member k of tap i, and units are counted per member.
@@ -263,28 +267,29 @@ class Activations(Part):
         if flat.numel() != plan.elements:
             _check_layout(flat, torch.empty(plan.elements, device="meta"))
         self.elements += plan.slot_elements
-        kernels = S.fused_kernels(flat.device)
-        if kernels is not None:                       # one fused pass instead of a dozen ops
-            rows = kernels.fold_rows(flat.numpy(), plan.lengths.numpy(), plan.row_slot.numpy(),
-                                     self.counts.view(-1, S.SIGN_EXPONENT_BINS).numpy(), plan.bands)
-            self.moments.index_add_(0, plan.row_slot, torch.from_numpy(rows[:, 0::2]).to(self.moments.dtype))
-            for index, a in small:                    # units and linear bins per output: no per-element tensor
-                for member, flat in enumerate(_flat(a).view(self.members, -1)):
-                    self._count_positive(index, member, a[member] if self.members > 1 else a)
-                    if self.bounds[index] is not None:
-                        self._count_linear_member(index, member, flat)
-            return
-        self._per_element(plan, small)
+        self._units_and_bins(plan, small)
         if plan.linear is not None:
             self._count_linear(flat, plan.linear)
+        kernels = S.fused_kernels(flat.device)
+        if kernels is not None:                       # one fused pass instead of a dozen ops
+            values = flat.numpy()
+            rows = kernels.fold_rows(values, plan.lengths.numpy(), plan.row_slot.numpy(),
+                                     self.counts.view(-1, S.SIGN_EXPONENT_BINS).numpy(), plan.bands)
+            self.moments.index_add_(0, plan.row_slot, torch.from_numpy(rows[:, 0::2]).to(self.moments.dtype))
+            if plan.unit is not None:
+                kernels.count_units(values, plan.unit.numpy(), self.positives.numpy())
+                self.positives[:1].zero_()           # slot 0 is no unit's: kept 0, as for a direct output
+            return
+        self._segments(plan, small)
         values = [flat, flat * flat]
         if plan.centre is not None:
             values.append(((flat - plan.centre).abs_() > plan.threshold).float())
         sums = S.segment_sums(values, plan.lengths, plan.segment)
         self.moments[:, :len(values)].index_add_(0, plan.row_slot, sums.T)
         S.count_into(self.counts, S.sign_exponent_bins(flat).add_(plan.bin_offset))
-        S.count_into(self.positives, plan.unit * (flat > 0))      # non-positives go to slot 0
-        self.positives[:1].zero_()                   # slot 0 is no unit's: kept 0, as on the fused path
+        if plan.unit is not None:
+            S.count_into(self.positives, plan.unit * (flat > 0))      # non-positives go to slot 0
+            self.positives[:1].zero_()
 
     def _make_plan(self, pending) -> _ActivationPlan:
         """The rows of a run: each output's members, their slots and saturation bands."""
@@ -310,24 +315,32 @@ class Activations(Part):
             return 0.0, math.inf
         return (bounds[0] + bounds[1]) / 2, SATURATION_LEVEL * (bounds[1] - bounds[0]) / 2
 
-    def _per_element(self, plan: _ActivationPlan, pending) -> None:
-        """The per-element tensors the torch-ops path takes (made once per plan, on that path only)."""
+    def _units_and_bins(self, plan: _ActivationPlan, pending) -> None:
+        """Per element of a run of small outputs, made once per plan where a tap needs them:
+        its unit's slot in ``positives`` (rectifiers) and its linear bin (bounded taps). At most
+        (PENDING_ELEMENTS + DIRECT_OUTPUT) elements, 8 + 28 bytes each, per plan."""
+        if plan.counted:
+            return
+        plan.counted = True
+        if any(self.rectifier[index] for index, _ in pending):
+            plan.unit = torch.cat([self._unit_slots(index, a) for index, a in pending])
+        if plan.bounded:
+            plan.linear = self._linear_plan(pending)
+
+    def _segments(self, plan: _ActivationPlan, pending) -> None:
+        """Per element, what the torch-ops path's segment reductions take (made once per plan,
+        on that path only): its row, its counts' offset, its tap's centre and threshold."""
         if plan.segment is not None:
             return
         device = self.moments.device
         plan.segment = torch.repeat_interleave(torch.arange(len(plan.lengths), device=device), plan.lengths,
                                                output_size=plan.elements)      # no host sync
-        centres, thresholds, units = [], [], []
-        for index, a in pending:
-            centre, threshold = self._band(index)
-            centres.append(torch.full((a.numel(),), centre, device=device))
-            thresholds.append(torch.full((a.numel(),), threshold, device=device))
-            units.append(self._unit_slots(index, a))
-        if plan.bounded:
-            plan.centre, plan.threshold = torch.cat(centres), torch.cat(thresholds)
-            plan.linear = self._linear_plan(pending)
-        plan.unit = torch.cat(units)
         plan.bin_offset = (plan.row_slot[plan.segment] * S.SIGN_EXPONENT_BINS).int()
+        if plan.bounded:
+            bands = [self._band(index) for index, _ in pending]
+            plan.centre = torch.cat([torch.full((a.numel(),), c, device=device) for (_, a), (c, _) in zip(pending, bands)])
+            plan.threshold = torch.cat([torch.full((a.numel(),), t, device=device)
+                                        for (_, a), (_, t) in zip(pending, bands)])
 
     def _linear_plan(self, pending) -> _LinearPlan:
         """Per bounded element: where it is in the flat run, and its bin's scale, offset and limits."""
