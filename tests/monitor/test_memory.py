@@ -104,22 +104,32 @@ def test_no_layer_output_outlives_its_forward_pass(reduction_path):
     assert 0 < got["saturated_fraction"] < 1
 
 
-def test_small_gradients_that_fill_the_budget_are_reduced_at_their_step(reduction_path):
-    """Five 128 x 128 layers: 82,560 small gradient elements a step, more than the pending budget.
-    The fused kernels reduce them at the step straight from .grad (nothing pending, no flat
-    copy); either way the statistics match the oracle."""
+@pytest.mark.parametrize("kind", ["adapters", "many-small"])
+def test_small_gradients_that_fill_the_budget_are_reduced_at_their_step(kind, reduction_path):
+    """Small gradients of more than the pending budget a step are reduced at that step, nothing
+    kept pending: two 200 x 200 weights (40,000 elements each: straight from .grad on the fused
+    path, no flat copy), or five 128 x 128 layers with biases (copied flat: per-gradient calls would
+    cost more). The statistics match the oracle either way."""
     torch.manual_seed(2)
-    model = nn.Sequential(*[m for _ in range(5) for m in (nn.Linear(128, 128), nn.ReLU())], nn.Linear(128, 1))
-    assert sum(p.numel() for p in model.parameters()) >= PENDING_ELEMENTS
+    if kind == "adapters":
+        model = nn.Sequential(nn.Linear(200, 200, bias=False), nn.Tanh(), nn.Linear(200, 200, bias=False), nn.Tanh(),
+                              nn.Linear(200, 1, bias=False))
+    else:
+        model = nn.Sequential(*[m for _ in range(5) for m in (nn.Linear(128, 128), nn.ReLU())], nn.Linear(128, 1))
+    inputs = model[0].in_features
+    assert sum(p.numel() for p in model.parameters()) >= PENDING_ELEMENTS and \
+        all(p.numel() < 1 << 16 for p in model.parameters())
     oracle = GradientOracle(model.named_parameters())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     with GradientMonitor(model) as monitor:
+        gradients = monitor.parts["gradients"]
         for _ in range(3):
             optimizer.zero_grad()
-            model(torch.randn(8, 128)).square().mean().backward()
+            model(torch.randn(8, inputs)).square().mean().backward()
             oracle.capture()
             optimizer.step()
-            pending = monitor.parts["gradients"].pending_elements
-            assert pending == 0 if reduction_path == "fused" else pending < PENDING_ELEMENTS
+            assert gradients.pending_elements == 0 and not gradients.pending
+        uncopied = all(not plan.small for plan in gradients._plans.values())
+        assert uncopied == (kind == "adapters" and reduction_path == "fused")
         logged = monitor.log(0)
     assert_matches_oracle(logged, oracle)
