@@ -23,17 +23,18 @@ from gradflow.monitor.part import Part, Reduced, Setup, training_pass, watch_for
 from gradflow.monitor.sharding import local
 from gradflow.monitor.spent import LeavesCopiesAlone
 from gradflow.monitor.tensors import (
-    LARGE_PARAMETER,
     PENDING_ELEMENTS,
     MonitorError,
     _BoundedCache,
     _check_layout,
     _flat,
     _flat_copy,
-    _segment_layout,
 )
 
 SATURATION_LEVEL = 0.97            # |a| > 0.97 for tanh (Glorot & Bengio 2010), scaled per bounds
+# An output at least this large (16 KB of float32) is reduced when its forward pass ends, straight
+# from the tensor; smaller ones wait, by reference, to be reduced together (see ``Activations``).
+DIRECT_OUTPUT = 1 << 12
 
 # Activation modules the monitor taps, and how to read them: a bounded activation is read
 # for saturation; a rectifier is read for dead units (output <= 0 on every input).
@@ -92,19 +93,26 @@ class _ForwardEnd(LeavesCopiesAlone):
 class _ActivationPlan:
     """How a run of pending outputs is reduced, for one sequence of (tap, shape).
 
-    The outputs are concatenated flat; each output's members are contiguous rows of it.
+    The outputs are concatenated flat; each output's members are contiguous rows of it. The
+    fused kernels need the rows, plus each element's unit and linear bin where a rectifier or a
+    bounded tap is in the run; the segment layout is made on the torch-ops path alone.
     """
 
     lengths: torch.Tensor        # each row (one output, one member): its length
-    segment: torch.Tensor        # each element: its row
     row_slot: torch.Tensor       # each row: its tap slot
     slot_elements: np.ndarray    # per slot: elements this run adds
-    centre: torch.Tensor | None  # each element: the centre of its tap's range; None if no tap is bounded
-    threshold: torch.Tensor | None  # each element: |a - centre| above this is saturated (inf if unbounded)
-    unit: torch.Tensor           # each element: its unit's slot in ``positives`` (slot 0: none)
-    bin_offset: torch.Tensor     # each element: its slot's offset into the counts (int32)
+    elements: int                # the run's length
     bands: tuple[np.ndarray, np.ndarray]  # each row: centre and threshold (float32), for the fused kernels
-    linear: _LinearPlan | None  # how the bounded taps' elements are binned; None if no tap is bounded
+    bounded: bool                # some tap of the run is bounded (tanh, sigmoid): it has linear bins
+    # Per element, where a tap of the run needs them (``_units_and_bins``), on either path:
+    counted: bool = False                    # made (or found not needed)
+    unit: torch.Tensor | None = None         # each element: its unit's slot in ``positives`` (slot 0: none); None: no rectifier
+    linear: _LinearPlan | None = None        # how the bounded taps' elements are binned; None if no tap is bounded
+    # Per element, made only on the torch-ops path (``_segments``):
+    segment: torch.Tensor | None = None      # each element: its row
+    bin_offset: torch.Tensor | None = None   # each element: its slot's offset into the counts (int32)
+    centre: torch.Tensor | None = None       # each element: the centre of its tap's range; None if no tap is bounded
+    threshold: torch.Tensor | None = None    # each element: |a - centre| above this is saturated (inf if unbounded)
 
 
 @dataclass
@@ -123,9 +131,17 @@ class _LinearPlan:
 class Activations(Part):
     """Forward hooks on activation modules: moments, saturation, dead units and histograms.
 
-    A hook only keeps a reference to its output (autograd keeps most of them alive anyway);
-    the optimizer step reduces every pending output of every tap at once, because on a small
-    model a dozen small ops per hook would cost more than the training step itself.
+    Memory: an output of ``DIRECT_OUTPUT`` elements or more is reduced when the forward pass
+    that made it ends, straight from the tensor (no copy), so the monitor never keeps a layer's
+    output alive past its forward pass (a LoRA model's batch x 4096 GELU output, a transformer's
+    batch x sequence x 4d one). A smaller output is kept by reference until ``PENDING_ELEMENTS``
+    are pending or the window closes, and then reduced with the others in one flat copy: on a
+    small model a dozen small ops per hook would cost more than the training step itself. What
+    the monitor holds of the model's outputs is thus at most ``PENDING_ELEMENTS`` elements of
+    outputs smaller than ``DIRECT_OUTPUT``, whatever the model. Of those small outputs' runs the
+    plans keep per-element unit slots (rectifiers) and linear bins (bounded taps), which batch a
+    tiny model's counting; the fused kernels need nothing else per element, and the torch-ops
+    path adds its segment layout.
 
     With ``members`` K > 1 an output's leading dimension is the member: slot ``i * K + k`` is
     member k of tap i, and units are counted per member.
@@ -161,6 +177,7 @@ class Activations(Part):
         self.positives = torch.zeros(1, device=device)         # per unit: count of outputs > 0; slot 0: none
         self.pending: list[tuple[int, torch.Tensor]] = []
         self.pending_elements = 0
+        self.direct = 0                               # pending outputs of DIRECT_OUTPUT elements or more
         self.tapped = False                           # a recorded step's forward pass was tapped in this window
         self.forward_start: int | None = None         # pending's length when a forward pass still running began
         self.forwards = 0                             # training forward passes of the model seen in the window
@@ -205,6 +222,8 @@ class Activations(Part):
 
     def record(self, mask) -> None:
         self.drop_partial()
+        if self.direct:                               # taps of a forward whose model hook did not run
+            self.reduce_direct()
         self.tapped |= self.setup.schedule.active
 
     def forward_starts(self) -> None:
@@ -215,13 +234,27 @@ class Activations(Part):
         self.forwards += 1
 
     def forward_ends(self) -> None:
+        """The model's forward pass ended whole: its large outputs are reduced now, not kept."""
         self.forward_start = None
+        if self.direct:
+            self.reduce_direct()
+
+    @torch.no_grad()
+    def reduce_direct(self) -> None:
+        """Reduce the pending outputs of ``DIRECT_OUTPUT`` elements or more, each straight from
+        its tensor, and drop them: nothing of their size is held past the forward pass."""
+        direct = [(index, a) for index, a in self.pending if a.numel() >= DIRECT_OUTPUT]
+        self.pending = [(index, a) for index, a in self.pending if a.numel() < DIRECT_OUTPUT]
+        self.pending_elements -= sum(a.numel() for _, a in direct)
+        self.direct = 0
+        self._reduce_large(direct)
 
     def drop_partial(self) -> None:
         if self.forward_start is None:
             return
         dropped, self.pending = self.pending[self.forward_start:], self.pending[:self.forward_start]
         self.pending_elements -= sum(a.numel() for _, a in dropped)
+        self.direct -= sum(a.numel() >= DIRECT_OUTPUT for _, a in dropped)
         self.forward_start = None
         self.setup.warn("partial-forward", "a forward pass of the model raised halfway: the activations it had "
                         "produced were left out of the window (only whole forward passes are counted)")
@@ -233,12 +266,14 @@ class Activations(Part):
         output = local(output.detach())             # a DTensor output (tensor parallel): this rank's part
         self.pending.append((index, output))
         self.pending_elements += output.numel()
+        self.direct += output.numel() >= DIRECT_OUTPUT
         if self.pending_elements >= PENDING_ELEMENTS:
             self.reduce()
 
     def reset(self) -> None:
         self.pending.clear()
         self.pending_elements = 0
+        self.direct = 0
         torch._foreach_zero_([self.moments, self.counts, self.positives, self.linear])
         self.elements[:] = 0
         self.tapped = False
@@ -250,17 +285,19 @@ class Activations(Part):
         """Fold every pending output into the window's sums. No host sync."""
         if not self.pending:
             return
-        pending, self.pending, self.pending_elements = self.pending, [], 0
-        small = [(index, a) for index, a in pending if a.numel() < LARGE_PARAMETER]
+        pending, self.pending, self.pending_elements, self.direct = self.pending, [], 0, 0
+        small = [(index, a) for index, a in pending if a.numel() < DIRECT_OUTPUT]
         if len(small) < len(pending):
-            self._reduce_large([(index, a) for index, a in pending if a.numel() >= LARGE_PARAMETER])
+            self._reduce_large([(index, a) for index, a in pending if a.numel() >= DIRECT_OUTPUT])
         if not small:
             return
         key = tuple((index, a.shape) for index, a in small)
         plan = self._plans.get(key) or self._plans.put(key, self._make_plan(small))
         flat = _flat_copy([a for _, a in small])
-        _check_layout(flat, plan.segment)
+        if flat.numel() != plan.elements:
+            _check_layout(flat, torch.empty(plan.elements, device="meta"))
         self.elements += plan.slot_elements
+        self._units_and_bins(plan, small)
         if plan.linear is not None:
             self._count_linear(flat, plan.linear)
         kernels = S.fused_kernels(flat.device)
@@ -269,40 +306,71 @@ class Activations(Part):
             rows = kernels.fold_rows(values, plan.lengths.numpy(), plan.row_slot.numpy(),
                                      self.counts.view(-1, S.SIGN_EXPONENT_BINS).numpy(), plan.bands)
             self.moments.index_add_(0, plan.row_slot, torch.from_numpy(rows[:, 0::2]).to(self.moments.dtype))
-            kernels.count_units(values, plan.unit.numpy(), self.positives.numpy())
+            if plan.unit is not None:
+                kernels.count_units(values, plan.unit.numpy(), self.positives.numpy())
+                self.positives[:1].zero_()           # slot 0 is no unit's: kept 0, as for a direct output
             return
+        self._segments(plan, small)
         values = [flat, flat * flat]
         if plan.centre is not None:
             values.append(((flat - plan.centre).abs_() > plan.threshold).float())
         sums = S.segment_sums(values, plan.lengths, plan.segment)
         self.moments[:, :len(values)].index_add_(0, plan.row_slot, sums.T)
         S.count_into(self.counts, S.sign_exponent_bins(flat).add_(plan.bin_offset))
-        S.count_into(self.positives, plan.unit * (flat > 0))      # non-positives go to slot 0
+        if plan.unit is not None:
+            S.count_into(self.positives, plan.unit * (flat > 0))      # non-positives go to slot 0
+            self.positives[:1].zero_()
 
     def _make_plan(self, pending) -> _ActivationPlan:
+        """The rows of a run: each output's members, their slots and saturation bands."""
         device = self.moments.device
         k = self.members
-        lengths, row_slot, centres, thresholds, units, bands = [], [], [], [], [], []
+        lengths, row_slot, bands = [], [], []
         slot_elements = np.zeros_like(self.elements)
         for index, a in pending:
             n = a.numel()
-            bounds = self.bounds[index]
-            centre, half = ((bounds[0] + bounds[1]) / 2, (bounds[1] - bounds[0]) / 2) if bounds else (0.0, math.inf)
-            bands += [(centre, SATURATION_LEVEL * half)] * k
+            bands += [self._band(index)] * k
             lengths += [n // k] * k
             row_slot += range(index * k, index * k + k)
             slot_elements[index * k:index * k + k] += n // k
-            centres.append(torch.full((n,), centre, device=device))
-            thresholds.append(torch.full((n,), SATURATION_LEVEL * half, device=device))
-            units.append(self._unit_slots(index, a))
-        lengths_t, segment = _segment_layout(lengths, device)
-        slots = torch.tensor(row_slot, device=device)
-        bounded = any(self.bounds[index] is not None for index, _ in pending)
-        return _ActivationPlan(lengths_t, segment, slots, slot_elements,
-                               torch.cat(centres) if bounded else None, torch.cat(thresholds) if bounded else None,
-                               torch.cat(units), (slots[segment] * S.SIGN_EXPONENT_BINS).int(),
+        return _ActivationPlan(torch.tensor(lengths, device=device, dtype=torch.long),
+                               torch.tensor(row_slot, device=device), slot_elements, sum(lengths),
                                tuple(np.array(column, dtype=np.float32) for column in zip(*bands)),
-                               self._linear_plan(pending) if bounded else None)
+                               any(self.bounds[index] is not None for index, _ in pending))
+
+    def _band(self, index: int) -> tuple[float, float]:
+        """(centre, threshold) of a tap: |a - centre| > threshold is saturated (inf: unbounded)."""
+        bounds = self.bounds[index]
+        if not bounds:
+            return 0.0, math.inf
+        return (bounds[0] + bounds[1]) / 2, SATURATION_LEVEL * (bounds[1] - bounds[0]) / 2
+
+    def _units_and_bins(self, plan: _ActivationPlan, pending) -> None:
+        """Per element of a run of small outputs, made once per plan where a tap needs them:
+        its unit's slot in ``positives`` (rectifiers) and its linear bin (bounded taps). At most
+        (PENDING_ELEMENTS + DIRECT_OUTPUT) elements, 8 + 28 bytes each, per plan."""
+        if plan.counted:
+            return
+        plan.counted = True
+        if any(self.rectifier[index] for index, _ in pending):
+            plan.unit = torch.cat([self._unit_slots(index, a) for index, a in pending])
+        if plan.bounded:
+            plan.linear = self._linear_plan(pending)
+
+    def _segments(self, plan: _ActivationPlan, pending) -> None:
+        """Per element, what the torch-ops path's segment reductions take (made once per plan,
+        on that path only): its row, its counts' offset, its tap's centre and threshold."""
+        if plan.segment is not None:
+            return
+        device = self.moments.device
+        plan.segment = torch.repeat_interleave(torch.arange(len(plan.lengths), device=device), plan.lengths,
+                                               output_size=plan.elements)      # no host sync
+        plan.bin_offset = (plan.row_slot[plan.segment] * S.SIGN_EXPONENT_BINS).int()
+        if plan.bounded:
+            bands = [self._band(index) for index, _ in pending]
+            plan.centre = torch.cat([torch.full((a.numel(),), c, device=device) for (_, a), (c, _) in zip(pending, bands)])
+            plan.threshold = torch.cat([torch.full((a.numel(),), t, device=device)
+                                        for (_, a), (_, t) in zip(pending, bands)])
 
     def _linear_plan(self, pending) -> _LinearPlan:
         """Per bounded element: where it is in the flat run, and its bin's scale, offset and limits."""
@@ -352,16 +420,15 @@ class Activations(Part):
         k = self.members
         counts = self.counts.view(-1, S.SIGN_EXPONENT_BINS)
         jobs, slots = [], []
+        if not large:
+            return
         for index, a in large:
             bounds = self.bounds[index]
-            band = ((bounds[0] + bounds[1]) / 2, SATURATION_LEVEL * (bounds[1] - bounds[0]) / 2) if bounds else None
+            band = self._band(index) if bounds else None
             for member, flat in enumerate(_flat(a).view(k, -1)):
                 slot = index * k + member
                 if bounds:
-                    shift, scale, offset = self.scales[index]
-                    first = slot * LINEAR_BINS
-                    count_linear(self.linear, flat, shift or None, scale, first + offset, first,
-                                 first + LINEAR_BINS - 1, self.linear.numel() - 1)
+                    self._count_linear_member(index, member, flat)
                 jobs.append((flat, counts[slot], band))
                 slots.append(slot)
                 self.elements[slot] += flat.numel()
@@ -372,6 +439,13 @@ class Activations(Part):
         if rows is None:                              # made once: a fresh device tensor per step would sync
             rows = self._slot_rows.put(key, torch.tensor(slots, device=self.moments.device))
         self.moments.index_add_(0, rows, folded[:, 0::2].to(self.moments.dtype))   # sum, squares, beyond the band
+
+    def _count_linear_member(self, index: int, member: int, flat: torch.Tensor) -> None:
+        """Add member ``member`` of bounded tap ``index``'s 1-D output ``flat`` to its linear bins."""
+        shift, scale, offset = self.scales[index]
+        first = (index * self.members + member) * LINEAR_BINS
+        count_linear(self.linear, flat, shift or None, scale, first + offset, first, first + LINEAR_BINS - 1,
+                     self.linear.numel() - 1)
 
     def _count_positive(self, index: int, member: int, sample: torch.Tensor) -> None:
         units = self._units_of(index, sample)

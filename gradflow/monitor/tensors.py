@@ -13,7 +13,9 @@ import torch
 LARGE_PARAMETER = 1 << 16
 # Small gradients and activations wait, copied or referenced, until this many elements are
 # pending (or the window closes), then are reduced together: a few ops per window, not per step.
-PENDING_ELEMENTS = 1 << 20
+# It is also all the monitor keeps of them between steps: 256 KB of float32, whatever the model
+# (benchmarks/memory.py prints it as part of the fixed overhead).
+PENDING_ELEMENTS = 1 << 16
 
 
 class MonitorError(RuntimeError):

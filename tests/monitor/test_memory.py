@@ -1,0 +1,135 @@
+"""What the monitor holds in memory: one copy of the trainable weights, nothing of frozen ones,
+no layer output past its forward pass, no copy of a step's gradients beyond a fixed budget
+(issue 20, item 4; benchmarks/memory.py measures the peak RSS)."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+import torch
+from monitor_oracle import GradientOracle, assert_matches_oracle
+from torch import nn
+
+from gradflow import GradientMonitor
+from gradflow.monitor import stats as S
+from gradflow.monitor.activations import DIRECT_OUTPUT
+from gradflow.monitor.footprint import held
+from gradflow.monitor.tensors import PENDING_ELEMENTS
+
+
+class LoRA(nn.Module):
+    """y = base(x) + x A^T B^T, the base frozen (Hu et al. 2021)."""
+
+    def __init__(self, features: int, rank: int) -> None:
+        super().__init__()
+        self.base = nn.Linear(features, features, bias=False)
+        self.base.weight.requires_grad_(False)
+        self.a = nn.Parameter(torch.randn(rank, features) * 0.1)
+        self.b = nn.Parameter(torch.randn(features, rank) * 0.1)
+
+    def forward(self, x):
+        return self.base(x) + x @ self.a.T @ self.b.T
+
+
+def train(model, x, optimizer, steps: int) -> None:
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(x).square().mean().backward()
+        optimizer.step()
+
+
+def test_a_frozen_base_costs_no_copy_and_the_trainable_weights_one(reduction_path):
+    """LoRA on a frozen 512 x 512 base (1 MB): what the monitor holds after each window is one
+    copy of the adapter and head (the update ratios' start) plus a few KB per parameter; the
+    torch-ops path (accelerators) adds its reused chunk buffers and per-element layouts."""
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict(lora=LoRA(512, 4), act=nn.GELU(), head=nn.Linear(512, 1)))
+    x = torch.randn(32, 512)                             # GELU output: 16,384 elements
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    base = model.lora.base.weight
+    with GradientMonitor(model, activations_every=1) as monitor:
+        for window in range(2):
+            train(model, x, optimizer, 3)
+            monitor.log(window)
+            storages = held(monitor, model)
+            total = sum(size for size, _ in storages)
+            fixed = 5 * (S.SIGN_EXPONENT_BINS * 8 + 64) + 32 * 1024    # counts and rows per parameter, frozen too
+            if reduction_path == "torch-ops":                          # an int32 chunk of the base's bins, layouts
+                fixed += base.numel() * 4 + 512 * 1024
+            assert total <= trainable + fixed, (total, trainable)
+            floats = [size for size, dtype in storages if dtype in (torch.float32, np.float32)]
+            assert max(floats) < base.numel() * 4 / 8          # nothing near a copy of the frozen base
+    starts = dict(zip(monitor.names, monitor.parts["weights"].start))
+    assert starts["lora.base.weight"] is None and starts["lora.a"] is not None
+
+
+def test_no_layer_output_outlives_its_forward_pass(reduction_path):
+    """An output of DIRECT_OUTPUT elements or more is reduced when the model's forward pass ends
+    and dropped: after backward nothing keeps it alive, and the statistics match the outputs."""
+    torch.manual_seed(1)
+    model = nn.Sequential(OrderedDict(dense=nn.Linear(16, 256), act=nn.Tanh(), head=nn.Linear(256, 1)))
+    with torch.no_grad():
+        model.dense.weight.mul_(3)                         # some saturation to count
+    x = torch.randn(32, 16)                                # 8,192 elements: direct, below the large path
+    assert DIRECT_OUTPUT <= 32 * 256 < 1 << 16
+    outputs, alive = [], []
+
+    def keep(module, inputs, output):
+        outputs.append(output.detach().clone())
+        alive.append(weakref.ref(output))
+
+    model.act.register_forward_hook(keep)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    with GradientMonitor(model, activations_every=1) as monitor:
+        for _ in range(3):
+            optimizer.zero_grad()
+            loss = model(x).square().mean()
+            assert monitor.parts["activations"].pending == []      # reduced at the forward's end
+            loss.backward()
+            optimizer.step()
+            del loss
+            gc.collect()
+            assert alive[-1]() is None, "the tapped output is still alive after the step"
+        monitor.log(0)
+    tanh = torch.cat([o.reshape(-1) for o in outputs]).double()
+    got = monitor.history[0].activations["act"]
+    assert got["mean"] == pytest.approx(tanh.mean().item(), abs=1e-6)
+    assert got["std"] == pytest.approx(tanh.std(unbiased=False).item(), rel=1e-4)
+    assert got["saturated_fraction"] == pytest.approx((tanh.abs() > 0.97).double().mean().item())
+    assert 0 < got["saturated_fraction"] < 1
+
+
+@pytest.mark.parametrize("kind", ["adapters", "many-small"])
+def test_small_gradients_that_fill_the_budget_are_reduced_at_their_step(kind, reduction_path):
+    """Small gradients of more than the pending budget a step are reduced at that step, nothing
+    kept pending: two 200 x 200 weights (40,000 elements each: straight from .grad on the fused
+    path, no flat copy), or five 128 x 128 layers with biases (copied flat: per-gradient calls would
+    cost more). The statistics match the oracle either way."""
+    torch.manual_seed(2)
+    if kind == "adapters":
+        model = nn.Sequential(nn.Linear(200, 200, bias=False), nn.Tanh(), nn.Linear(200, 200, bias=False), nn.Tanh(),
+                              nn.Linear(200, 1, bias=False))
+    else:
+        model = nn.Sequential(*[m for _ in range(5) for m in (nn.Linear(128, 128), nn.ReLU())], nn.Linear(128, 1))
+    inputs = model[0].in_features
+    assert sum(p.numel() for p in model.parameters()) >= PENDING_ELEMENTS and \
+        all(p.numel() < 1 << 16 for p in model.parameters())
+    oracle = GradientOracle(model.named_parameters())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    with GradientMonitor(model) as monitor:
+        gradients = monitor.parts["gradients"]
+        for _ in range(3):
+            optimizer.zero_grad()
+            model(torch.randn(8, inputs)).square().mean().backward()
+            oracle.capture()
+            optimizer.step()
+            assert gradients.pending_elements == 0 and not gradients.pending
+        uncopied = all(not plan.small for plan in gradients._plans.values())
+        assert uncopied == (kind == "adapters" and reduction_path == "fused")
+        logged = monitor.log(0)
+    assert_matches_oracle(logged, oracle)
