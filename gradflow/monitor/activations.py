@@ -129,11 +129,13 @@ class _LinearPlan:
 class Activations(Part):
     """Forward hooks on activation modules: moments, saturation, dead units and histograms.
 
-    Memory: an output of ``DIRECT_OUTPUT`` elements or more is reduced when the forward pass
-    that made it ends, straight from the tensor (no copy), so the monitor never keeps a layer's
-    output alive past its forward pass (a LoRA model's batch x 4096 GELU output, a transformer's
-    batch x sequence x 4d one). A smaller output is kept by reference until ``PENDING_ELEMENTS``
-    are pending or the window closes, and then reduced with the others in one flat copy: on a
+    Memory: an output of ``DIRECT_OUTPUT`` elements or more is reduced when the model's forward
+    pass that made it ends (at the optimizer step where the model's own forward hook does not
+    run), straight from the tensor (no copy), so the monitor never keeps a layer's output alive
+    past its forward pass (a LoRA model's batch x 4096 GELU output, a transformer's batch x
+    sequence x 4d one). A smaller output is kept by reference until ``PENDING_ELEMENTS`` are
+    pending (inside a forward pass: at its end) or the window closes, and then reduced with the
+    others in one flat copy: on a
     small model a dozen small ops per hook would cost more than the training step itself. What
     the monitor holds of the model's outputs is thus at most ``PENDING_ELEMENTS`` elements of
     outputs smaller than ``DIRECT_OUTPUT``, whatever the model. Of those small outputs' runs the
