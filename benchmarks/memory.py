@@ -2,27 +2,31 @@
 parameters' bytes (issue 20's target: at most 1.1x: one copy of the trainable weights for the
 update ratios, nothing per frozen weight).
 
-Each model runs in a fresh child process: the monitor's code paths are warmed on a tiny model
-first (imports, numba's kernels, each reduction path once: one-time costs any process pays
-once), then the model trains a few plain steps (peak RSS A), then a few monitored steps with
-two windows logged (peak RSS B). The overhead is B - A: what the monitor's buffers and
-temporaries added to the peak, with the interpreter, torch, the model, its gradients and the
-optimizer already counted in A.
+Each figure comes from fresh child processes (the median of ``--repeats``): the monitor's code
+paths are warmed on a small model first (imports, numba's kernels, each reduction path once:
+one-time costs any process pays once), then the model trains a few plain steps (peak RSS A),
+then a few monitored steps with two windows logged (peak RSS B). The overhead is B - A: what
+the monitor's buffers and temporaries added to the peak, with the interpreter, torch, the
+model, its gradients and the optimizer already counted in A. Beside it:
 
-Part of it does not grow with the model: the monitor's own objects, its per-window history, the
-pending budget (``tensors.PENDING_ELEMENTS``, 256 KB at most) and the allocator's rounding
-(glibc's heap grows by 128 KB steps, and a new allocation pattern fragments it). That fixed part
-is measured the same way on a model of 97 parameters (``tiny``) and printed apart; the target
-is on the part that scales with the model, overhead - fixed. Each figure is the median of
-``--repeats`` child processes (RSS moves in pages and heap steps: one run varies by +-0.2 MB).
+- ``one copy``: the same protocol with no monitor, a copy of the trainable weights kept through
+  the steps instead: the one copy issue 20 allows, placed by the same allocator. Where the
+  trainable weights are small (the LoRA's 0.27 MB) peak RSS moves in glibc's heap steps
+  (128 KB and up; a block placed between the training loop's own blocks makes the heap grow by
+  theirs), so this reference already reads 1.4-2.4x there, varying from run to run.
+- ``held``: what the monitor holds, exactly: every tensor and numpy array reachable from it,
+  the model's own parameters and gradients left out (``gradflow/monitor/footprint.py``), the
+  most after any step or log of a second, unmeasured run.
+- ``tiny``: an 8-8-1 MLP (388 trainable bytes): what is left is the fixed part (the monitor's
+  objects, a window of history), no ratio.
 
-    python benchmarks/memory.py                  # every model
-    python benchmarks/memory.py --models big     # the model with one 50M-element parameter
+    python benchmarks/memory.py                        # every model, 3 processes per figure
+    python benchmarks/memory.py --models lora --repeats 7
+    python benchmarks/memory.py --tensorboard          # the monitor writes to a SummaryWriter
 
 Models: ``big``, an MLP whose middle Linear has a 10000 x 5000 weight (50M elements, 200 MB);
 ``lora``, a frozen 4096 x 4096 Linear base (64 MB, requires_grad False) with a rank-8 LoRA
-adapter (65,536 trainable elements, 256 KB): the frozen base must cost nothing; ``tiny``, an
-8-8-1 MLP: the fixed part.
+adapter (65,536 trainable elements, 256 KB): the frozen base must cost nothing; ``tiny``.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -78,16 +83,23 @@ def train(model: nn.Module, x: torch.Tensor, optimizer, steps: int) -> None:
         optimizer.step()
 
 
-def child(name: str, ideal: bool) -> dict:
+def child(name: str, ideal: bool, tensorboard: bool) -> dict:
     """Peak RSS before (A) and after (B) two monitored windows of ``name``; with ``ideal``, no
-    monitor: one copy of the trainable weights is kept instead (what issue 20 allows)."""
+    monitor: one copy of the trainable weights is kept instead (what issue 20 allows). With
+    ``tensorboard`` the monitor writes to a SummaryWriter (histograms built at each log)."""
+    import tempfile
+
+    from torch.utils.tensorboard import SummaryWriter
+
     from gradflow.monitor import GradientMonitor
     from gradflow.monitor.footprint import held_bytes
     torch.set_num_threads(1)
+    logdir = tempfile.mkdtemp(prefix="gradflow-memory-")
+    writer = SummaryWriter(logdir) if tensorboard else None
     # Warms each reduction path once: large gradients (70,000 x 2), small ones (copied and batched),
     # a small bounded output (tanh), an output reduced at the forward's end (8,192 ReLU values).
     warm = nn.Sequential(nn.Linear(70_000, 2), nn.Tanh(), nn.Linear(2, 4096), nn.ReLU(), nn.Linear(4096, 1))
-    with GradientMonitor(warm, activations_every=1) as monitor:
+    with GradientMonitor(warm, writer, activations_every=1) as monitor:
         train(warm, torch.randn(2, 70_000), torch.optim.SGD(warm.parameters(), lr=0.01), 2)
         monitor.log(0)
     del warm, monitor
@@ -102,23 +114,34 @@ def child(name: str, ideal: bool) -> dict:
             train(model, x, optimizer, 3)
         del kept
     else:
-        with GradientMonitor(model) as monitor:
+        with GradientMonitor(model, writer) as monitor:
             for window in range(2):
                 train(model, x, optimizer, 3)
                 monitor.log(window)
-                held = max(held, held_bytes(monitor, model)[0])
     monitored = peak_mib()
+    if not ideal:                                 # what a monitor holds after each step and each log, exactly
+        with GradientMonitor(model) as monitor:
+            for window in range(2):
+                for _ in range(3):
+                    train(model, x, optimizer, 1)
+                    held = max(held, held_bytes(monitor, model)[0])
+                monitor.log(window)
+                held = max(held, held_bytes(monitor, model)[0])
+    if writer is not None:
+        writer.close()
+    shutil.rmtree(logdir, ignore_errors=True)
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
     return {"model": name, "bare_mib": bare, "monitored_mib": monitored, "trainable_mib": trainable / 2**20,
             "frozen_mib": frozen / 2**20, "held_mib": held / 2**20}
 
 
-def measure(name: str, repeats: int, ideal: bool = False) -> dict:
+def measure(name: str, repeats: int, ideal: bool = False, tensorboard: bool = False) -> dict:
     """The child's row for ``name``, its overhead (MB) the median of ``repeats`` processes."""
     rows = []
     for _ in range(repeats):
-        command = [sys.executable, __file__, "--child", name] + (["--ideal"] if ideal else [])
+        command = [sys.executable, __file__, "--child", name] + (["--ideal"] if ideal else []) + \
+            (["--tensorboard"] if tensorboard else [])
         out = subprocess.run(command, capture_output=True, text=True, check=True)
         rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     row = rows[0]
@@ -128,7 +151,12 @@ def measure(name: str, repeats: int, ideal: bool = False) -> dict:
 
 
 LABELS = {"big": "MLP with a 50M-element weight", "lora": "LoRA rank 8 on a frozen 4096x4096 base",
-          "tiny": "tiny 8-8-1 MLP"}
+          "tiny": "tiny 8-8-1 MLP (fixed costs)"}
+
+
+def _ratio(mib: float, trainable: float) -> str:
+    """mib / trainable; none for the tiny model (388 bytes): its figures are fixed costs."""
+    return f"{mib / trainable:7.2f}x" if trainable >= 0.01 else f"{'-':>8s}"
 
 
 def main() -> None:
@@ -137,21 +165,24 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="child processes per figure (median)")
     parser.add_argument("--child", choices=MODELS, help=argparse.SUPPRESS)
     parser.add_argument("--ideal", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--tensorboard", action="store_true",
+                        help="the monitor writes to a SummaryWriter (warm-up included): histograms built at each log")
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(args.child, args.ideal)))
+        print(json.dumps(child(args.child, args.ideal, args.tensorboard)))
         return
     print(f"torch {torch.__version__}; peak RSS overhead (B - A) in MB, each figure the median of {args.repeats} "
           "fresh processes")
     print("  monitor: the default GradientMonitor; one copy: no monitor, a copy of the trainable weights kept instead")
-    print("  (the one copy issue 20 allows, in the same allocator); held: the monitor's tensors and arrays, exactly")
+    print("  (the one copy issue 20 allows, in the same allocator); held: the monitor's tensors and arrays, exactly,")
+    print("  the most after any step or log (gradflow/monitor/footprint.py)")
     print(f"  {'model':38s} {'trainable':>9s} {'frozen':>7s} {'monitor':>8s} {'x train':>8s} {'one copy':>9s} "
           f"{'x train':>8s} {'held':>7s} {'x train':>8s}")
     for name in args.models:
-        row, ideal = measure(name, args.repeats), measure(name, args.repeats, ideal=True)
+        row, ideal = measure(name, args.repeats, tensorboard=args.tensorboard), measure(name, args.repeats, ideal=True)
         t = row["trainable_mib"]
-        print(f"  {LABELS[name]:38s} {t:9.3f} {row['frozen_mib']:7.1f} {row['overhead']:8.3f} {row['overhead'] / t:7.2f}x "
-              f"{ideal['overhead']:9.3f} {ideal['overhead'] / t:7.2f}x {row['held_mib']:7.3f} {row['held_mib'] / t:7.2f}x"
+        print(f"  {LABELS[name]:38s} {t:9.3f} {row['frozen_mib']:7.1f} {row['overhead']:8.3f} {_ratio(row['overhead'], t)} "
+              f"{ideal['overhead']:9.3f} {_ratio(ideal['overhead'], t)} {row['held_mib']:7.3f} {_ratio(row['held_mib'], t)}"
               f"   runs: monitor {row['runs']}, one copy {ideal['runs']}")
 
 

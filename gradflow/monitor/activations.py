@@ -131,11 +131,13 @@ class _LinearPlan:
 class Activations(Part):
     """Forward hooks on activation modules: moments, saturation, dead units and histograms.
 
-    Memory: an output of ``DIRECT_OUTPUT`` elements or more is reduced when the forward pass
-    that made it ends, straight from the tensor (no copy), so the monitor never keeps a layer's
-    output alive past its forward pass (a LoRA model's batch x 4096 GELU output, a transformer's
-    batch x sequence x 4d one). A smaller output is kept by reference until ``PENDING_ELEMENTS``
-    are pending or the window closes, and then reduced with the others in one flat copy: on a
+    Memory: an output of ``DIRECT_OUTPUT`` elements or more is reduced when the model's forward
+    pass that made it ends (at the optimizer step where the model's own forward hook does not
+    run), straight from the tensor (no copy), so the monitor never keeps a layer's output alive
+    past its forward pass (a LoRA model's batch x 4096 GELU output, a transformer's batch x
+    sequence x 4d one). A smaller output is kept by reference until ``PENDING_ELEMENTS`` are
+    pending (inside a forward pass: at its end) or the window closes, and then reduced with the
+    others in one flat copy: on a
     small model a dozen small ops per hook would cost more than the training step itself. What
     the monitor holds of the model's outputs is thus at most ``PENDING_ELEMENTS`` elements of
     outputs smaller than ``DIRECT_OUTPUT``, whatever the model. Of those small outputs' runs the
@@ -176,7 +178,7 @@ class Activations(Part):
         self.unit_start: list[int] = [0] * count
         self.positives = torch.zeros(1, device=device)         # per unit: count of outputs > 0; slot 0: none
         self.pending: list[tuple[int, torch.Tensor]] = []
-        self.pending_elements = 0
+        self.pending_elements = 0                     # of the pending outputs smaller than DIRECT_OUTPUT
         self.direct = 0                               # pending outputs of DIRECT_OUTPUT elements or more
         self.tapped = False                           # a recorded step's forward pass was tapped in this window
         self.forward_start: int | None = None         # pending's length when a forward pass still running began
@@ -238,6 +240,8 @@ class Activations(Part):
         self.forward_start = None
         if self.direct:
             self.reduce_direct()
+        if self.pending_elements >= PENDING_ELEMENTS:
+            self.reduce()
 
     @torch.no_grad()
     def reduce_direct(self) -> None:
@@ -245,7 +249,6 @@ class Activations(Part):
         its tensor, and drop them: nothing of their size is held past the forward pass."""
         direct = [(index, a) for index, a in self.pending if a.numel() >= DIRECT_OUTPUT]
         self.pending = [(index, a) for index, a in self.pending if a.numel() < DIRECT_OUTPUT]
-        self.pending_elements -= sum(a.numel() for _, a in direct)
         self.direct = 0
         self._reduce_large(direct)
 
@@ -253,7 +256,7 @@ class Activations(Part):
         if self.forward_start is None:
             return
         dropped, self.pending = self.pending[self.forward_start:], self.pending[:self.forward_start]
-        self.pending_elements -= sum(a.numel() for _, a in dropped)
+        self.pending_elements -= sum(a.numel() for _, a in dropped if a.numel() < DIRECT_OUTPUT)
         self.direct -= sum(a.numel() >= DIRECT_OUTPUT for _, a in dropped)
         self.forward_start = None
         self.setup.warn("partial-forward", "a forward pass of the model raised halfway: the activations it had "
@@ -265,10 +268,14 @@ class Activations(Part):
     def take(self, index: int, output: torch.Tensor) -> None:
         output = local(output.detach())             # a DTensor output (tensor parallel): this rank's part
         self.pending.append((index, output))
-        self.pending_elements += output.numel()
-        self.direct += output.numel() >= DIRECT_OUTPUT
-        if self.pending_elements >= PENDING_ELEMENTS:
-            self.reduce()
+        if output.numel() >= DIRECT_OUTPUT:
+            self.direct += 1
+        else:
+            self.pending_elements += output.numel()
+            # Inside the model's forward pass the budget waits for its end: a pass that raises
+            # halfway is dropped whole (drop_partial), never half reduced into the window.
+            if self.pending_elements >= PENDING_ELEMENTS and self.forward_start is None:
+                self.reduce()
 
     def reset(self) -> None:
         self.pending.clear()

@@ -14,7 +14,7 @@ LARGE_PARAMETER = 1 << 16
 # Small gradients and activations wait, copied or referenced, until this many elements are
 # pending (or the window closes), then are reduced together: a few ops per window, not per step.
 # It is also all the monitor keeps of them between steps: 256 KB of float32, whatever the model
-# (benchmarks/memory.py prints it as part of the fixed overhead).
+# (docs/memory.md; it was 1M elements, 4 MB, when batching alone set it).
 PENDING_ELEMENTS = 1 << 16
 
 

@@ -243,14 +243,16 @@ class _Flaky(nn.Module):
         return self.fc2(h)
 
 
+@pytest.mark.parametrize("bad_rows", [64, 2048], ids=["small-output", "direct-output"])
 @pytest.mark.parametrize("then", ["forward-again", "step-at-once"])
-def test_a_forward_that_raised_halfway_never_leaks_into_the_window(then):
+def test_a_forward_that_raised_halfway_never_leaks_into_the_window(then, bad_rows):
     """The activations a failed forward pass produced are left out (oracle: the tanh output of
-    the whole passes only), and the monitor says so."""
+    the whole passes only), and the monitor says so; also an output large enough to be reduced
+    at the end of its pass (8,192 elements), which that pass never reached."""
     torch.manual_seed(8)
     model = _Flaky()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
-    x, bad = torch.randn(16, 3), torch.randn(64, 3) * 10
+    x, bad = torch.randn(16, 3), torch.randn(bad_rows, 3) * 10
     with warnings.catch_warnings(record=True) as caught, GradientMonitor(model, activations_every=1) as monitor:
         warnings.simplefilter("always")
         if then == "step-at-once":

@@ -133,3 +133,46 @@ def test_small_gradients_that_fill_the_budget_are_reduced_at_their_step(kind, re
         assert uncopied == (kind == "adapters" and reduction_path == "fused")
         logged = monitor.log(0)
     assert_matches_oracle(logged, oracle)
+
+
+class _Taps(nn.Module):
+    """Twenty small tanh outputs in one forward pass (20 x 4,000 elements: past the pending
+    budget within the pass), and a switch to raise after the last of them."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(20))
+        self.acts = nn.ModuleList(nn.Tanh() for _ in range(20))
+        self.fail = False
+
+    def forward(self, x):
+        for layer, act in zip(self.layers, self.acts):
+            x = act(layer(x))
+        if self.fail:
+            raise RuntimeError("bad batch")
+        return x
+
+
+def test_the_budget_waits_for_the_end_of_a_forward_pass():
+    """Small outputs past the pending budget inside one forward pass are reduced when it ends,
+    not halfway: a pass that raises after them leaves nothing in the window."""
+    torch.manual_seed(9)
+    model = _Taps()
+    outputs = []
+    model.acts[0].register_forward_hook(lambda m, i, o: outputs.append(o.detach().clone()) and None)
+    x = torch.randn(500, 8)
+    assert 20 * x.shape[0] * 8 > PENDING_ELEMENTS and x.shape[0] * 8 < DIRECT_OUTPUT
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    with GradientMonitor(model, activations_every=1) as monitor, pytest.warns(UserWarning, match="raised halfway"):
+        model.fail = True
+        with pytest.raises(RuntimeError, match="bad batch"):
+            model(x * 3)
+        model.fail = False
+        model(x).sum().backward()
+        assert monitor.parts["activations"].pending_elements == 0      # reduced at the pass's end
+        optimizer.step()
+        monitor.log(0)
+    whole = outputs[-1].double()
+    row = monitor.history[-1].activations["acts.0"]
+    assert row["mean"] == pytest.approx(whole.mean().item(), rel=1e-5)
+    assert row["std"] == pytest.approx(whole.std(unbiased=False).item(), rel=1e-4)
