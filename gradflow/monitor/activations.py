@@ -187,12 +187,16 @@ class Activations(Part):
         self._plans = _BoundedCache()
         self._slot_rows = _BoundedCache()            # slots of the large outputs reduced together
         self._taps: list = []                        # the taps' handles, while the schedule is active
+        self._enclosing: dict[str, list[weakref.ref]] = {}   # each tap's name -> its module and the blocks around it
         self._tapped_modules: list[weakref.ref] = []
         self.attached = True                         # False once removed: a late schedule change adds no tap
 
     def hook(self, model: nn.Module) -> None:
         modules = dict(model.named_modules())
         self._tapped_modules = [weakref.ref(modules[name]) for name in self.names]
+        # Each tap's module and the blocks around it, to tell a compiled block from the model's root down.
+        self._enclosing = {name: [weakref.ref(modules[".".join(name.split(".")[:k])]) for k in range(1, name.count(".") + 2)]
+                           for name in self.names}
         self._set_taps(self.setup.schedule.active)
         self.setup.schedule.listen(self._set_taps)
         watch_forward_starts(self, model)
@@ -207,7 +211,10 @@ class Activations(Part):
             for index, ref in enumerate(self._tapped_modules):
                 module = ref()
                 if module is not None:
-                    self._taps.append(module.register_forward_hook(_Tap(self, index)))
+                    # First among the module's hooks: the tap reads the module's own output, whatever
+                    # hooks the user added before or since (a hook that returns a new output changes
+                    # what later hooks see, and the taps come and go).
+                    self._taps.append(module.register_forward_hook(_Tap(self, index), prepend=True))
         elif not active:
             self._remove_taps()
 
@@ -263,6 +270,9 @@ class Activations(Part):
                         "produced were left out of the window (only whole forward passes are counted)")
 
     def fold(self) -> None:
+        """Fold in what is pending, less what a forward pass that never ended tapped (at
+        ``log()``, ``remove()`` or a conversion right after a pass that raised halfway)."""
+        self.drop_partial()
         self.reduce()
 
     def take(self, index: int, output: torch.Tensor) -> None:
@@ -281,6 +291,7 @@ class Activations(Part):
         self.pending.clear()
         self.pending_elements = 0
         self.direct = 0
+        self.forward_start = None
         torch._foreach_zero_([self.moments, self.counts, self.positives, self.linear])
         self.elements[:] = 0
         self.tapped = False
@@ -502,6 +513,11 @@ class Activations(Part):
             why = ("no training forward pass of the model was seen in this window: the steps were recorded by hand "
                    "(record()) without one, or the model ran compiled (torch.compile), whose forward the monitor "
                    "sees as a whole, so its activation modules are not tapped (a hook inside would recompile)")
+        elif self.compiled_taps():
+            names = ", ".join(self.compiled_taps()[:4])
+            why = (f"the activation modules ({names}) run inside compiled blocks (Module.compile() or torch.compile "
+                   "on a submodule): the monitor's taps do nothing in compiled code (a hook that records there "
+                   "would recompile every step); choose taps outside them (activations=fn) or pass activations=False")
         elif self.unseen["no_grad"] or self.unseen["backward"]:
             why = (f"the activation modules ran only under no_grad ({self.unseen['no_grad']} calls) or inside "
                    f"backward ({self.unseen['backward']} calls), as under reentrant activation checkpointing "
@@ -513,6 +529,15 @@ class Activations(Part):
                    "the model computes its activations with functions (F.gelu, torch.relu inside a forward), which "
                    "have no module to tap")
         return NO_ACTIVATIONS + why + STILL
+
+    def compiled_taps(self) -> list[str]:
+        """The taps whose module, or a block around it, is compiled (``Module.compile()`` sets
+        ``_compiled_call_impl``; ``torch.compile(submodule)`` puts it under ``_orig_mod``)."""
+        def compiled(name: str) -> bool:
+            blocks = [ref() for ref in self._enclosing.get(name, [])]
+            return "_orig_mod" in name.split(".") or any(
+                getattr(block, "_compiled_call_impl", None) is not None for block in blocks if block is not None)
+        return [name for name in self.names if compiled(name)]
 
     def read(self, values: dict[str, np.ndarray], reader) -> None:
         """Rows ``columns.ACTIVATION`` per tap; a window whose recorded steps were tapped but

@@ -321,13 +321,16 @@ class Gradients(Part):
         self._idle(reader, steps)
 
     def _idle(self, reader, steps: np.ndarray) -> None:
-        """Name the parameters a stepping optimizer holds that had no gradient all window."""
+        """Name the trainable parameters a stepping optimizer holds that had no gradient all
+        window (frozen ones, requires_grad False, are expected to have none: an optimizer built
+        over a partly frozen model holds them)."""
         if not self.held:
             return
         held = np.zeros(len(self.params), dtype=bool)
         for mask in self.held:
             held |= True if mask is ALL else np.asarray(mask, dtype=bool)
-        idle = held & (steps.reshape(-1, self.members)[:, 0] == 0)
+        trainable = np.array([p.requires_grad for p in self.params], dtype=bool)
+        idle = held & trainable & (steps.reshape(-1, self.members)[:, 0] == 0)
         names = [name for name, flag in zip(self.setup.names, idle) if flag]
         said = names or names != self._idle_said               # a text while any is idle, and when none is again
         self._idle_said = names

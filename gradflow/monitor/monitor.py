@@ -88,6 +88,8 @@ class GradientMonitor:
             way. Measured on convolutional and transformer nets (benchmarks/overhead.py),
             activations every step cost 2-3% of a step on their own, which every 10th step cuts
             by nine tenths; a window's activation statistics then describe its tapped steps.
+            Steps with no training forward pass between them count once (one optimizer per
+            parameter, stepping inside backward, is one iteration).
         automatic: record at each optimizer step (the default). False: record only when
             ``record()`` is called, for frameworks that know where the gradient is final.
         history_length: how many windows ``history`` keeps (per member), the oldest dropped

@@ -61,6 +61,8 @@ Example (a part that counts steps)::
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -80,23 +82,34 @@ from gradflow.monitor.window import MAX, REDUCTIONS, SUM, Reduced, WindowReader 
 
 class Schedule:
     """Which training forward passes are profiled (activation taps, through-time hooks): the
-    one after every ``every``-th recorded step, and the first one. Parts that tap forward
-    passes read ``active``, or ``listen(fn)`` to be told ``fn(active)`` when it changes (to add
-    their module hooks only for the profiled passes); the coordinator calls ``step()`` once per
-    recorded step."""
+    one after every ``every``-th recorded step, and the first one. Steps with no training forward
+    pass between them count as one (one optimizer per parameter, stepping inside backward, is
+    one iteration, not one step per parameter); where no forward pass is seen at all (a compiled
+    model, steps recorded by hand) every step counts. Parts that tap forward passes read
+    ``active``, or ``listen(fn)`` to be told ``fn(active)`` when it changes (to add their module
+    hooks only for the profiled passes); the coordinator calls ``step()`` once per recorded step,
+    the model's ``ForwardStarts`` hook ``forward()`` once per training forward pass."""
 
-    __slots__ = ("active", "every", "listeners", "seen")
+    __slots__ = ("active", "every", "listeners", "passes", "passes_at_step", "seen")
 
     def __init__(self, every: int) -> None:
         self.every = every
         self.seen = 0
         self.active = True
         self.listeners: list[Callable[[bool], None]] = []
+        self.passes = 0                  # training forward passes seen
+        self.passes_at_step = 0          # ... when the last counted step came
 
     def listen(self, listener: Callable[[bool], None]) -> None:
         self.listeners.append(listener)
 
+    def forward(self) -> None:
+        self.passes += 1
+
     def step(self) -> None:
+        if self.passes and self.passes == self.passes_at_step:
+            return                       # no forward pass since the last counted step: the same iteration
+        self.passes_at_step = self.passes
         self.seen += 1
         active = self.seen % self.every == 0
         if active != self.active:
@@ -158,8 +171,23 @@ class OnceWarnings:
             warnings.warn(message, stacklevel=stacklevel)
 
     def from_part(self, key: str, message: str) -> None:
-        """A part's warning (``Setup.warn``), from its ``read`` under ``log()``: shown at the user's log() call."""
-        self.warn(key, message, stacklevel=6)   # warn, from_part, part.read, read_window, log, the user
+        """A part's warning (``Setup.warn``): shown at the user's line that led to it (its
+        ``log()`` call, or the forward pass or step whose hook found it), the first frame
+        outside gradflow's monitor and torch."""
+        if key not in self.said:
+            self.warn(key, message, stacklevel=_user_stacklevel())
+
+
+_INTERNAL = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(torch.__file__)))
+
+
+def _user_stacklevel() -> int:
+    """The stacklevel, for ``OnceWarnings.warn`` called by ``from_part``, of the first frame that
+    is not in gradflow's monitor or in torch (the user's code, or a framework's)."""
+    frame, level = sys._getframe(2), 3            # from_part's caller; warn is level 1, from_part 2
+    while frame is not None and frame.f_code.co_filename.startswith(_INTERNAL):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 class Part:
@@ -244,14 +272,16 @@ class ForwardStarts(LeavesCopiesAlone):
     all of them, in the parts' order, since every hook on the model's root costs each forward
     pass about 1.5 us."""
 
-    __slots__ = ("__weakref__", "parts")
+    __slots__ = ("__weakref__", "parts", "schedule")
     KIND = "pre"
 
-    def __init__(self, parts: list[Part]) -> None:
+    def __init__(self, parts: list[Part], schedule: Schedule) -> None:
         self.parts = parts
+        self.schedule = schedule
 
     def __call__(self, module, inputs):
         if training_pass():
+            self.schedule.forward()
             for part in self.parts:
                 part.forward_starts()
 
@@ -262,6 +292,6 @@ def watch_forward_starts(part: Part, model: nn.Module) -> None:
     removes every part's hooks together."""
     watchers = part.setup.forward_watchers
     if not watchers:
-        part.keep(model.register_forward_pre_hook(ForwardStarts(watchers)))
+        part.keep(model.register_forward_pre_hook(ForwardStarts(watchers, part.setup.schedule)))
     watchers.append(part)
 

@@ -244,7 +244,7 @@ class _Flaky(nn.Module):
 
 
 @pytest.mark.parametrize("bad_rows", [64, 2048], ids=["small-output", "direct-output"])
-@pytest.mark.parametrize("then", ["forward-again", "step-at-once"])
+@pytest.mark.parametrize("then", ["forward-again", "step-at-once", "log-at-once", "remove-at-once"])
 def test_a_forward_that_raised_halfway_never_leaks_into_the_window(then, bad_rows):
     """The activations a failed forward pass produced are left out (oracle: the tanh output of
     the whole passes only), and the monitor says so; also an output large enough to be reduced
@@ -263,11 +263,99 @@ def test_a_forward_that_raised_halfway_never_leaks_into_the_window(then, bad_row
         model.fail = False
         if then == "forward-again":
             model(x).sum().backward()
-        optimizer.step()
+        if then != "log-at-once" and then != "remove-at-once":
+            optimizer.step()
+        else:                                                # the failed pass is the window's last event
+            optimizer.step()
+            model(x).sum()                                   # a whole pass, untaken: no step follows it
+            model.fail = True
+            with pytest.raises(RuntimeError, match="bad batch"):
+                model(bad)
+            if then == "remove-at-once":
+                monitor.remove()
         monitor.log(0)
     messages = [str(w.message) for w in caught]
+    halfway = [w for w in caught if "raised halfway" in str(w.message)]
+    assert halfway and halfway[0].filename == __file__, [(w.filename, str(w.message)[:40]) for w in halfway]
     expected = torch.tanh(model.fc1(x)).detach()
     row = monitor.history[-1].activations["act"]
     assert row["mean"] == pytest.approx(expected.mean().item(), rel=1e-5)
     assert row["std"] == pytest.approx(expected.std(unbiased=False).item(), rel=1e-4)
     assert any("raised halfway" in m for m in messages), messages
+
+
+@pytest.mark.parametrize("every", [1, 2, 3])
+def test_taps_read_the_module_output_whatever_hooks_the_user_adds(every):
+    """The taps come and go with the profiled passes; each is put first among its module's
+    hooks, so a user's hook that returns a new output (here 10x, registered after attach) never
+    changes what the monitor reads: the sigmoid's own output, at every profiled window."""
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Sigmoid(), nn.Linear(4, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    x = torch.randn(8, 3)
+    expected = torch.sigmoid(model[0](x)).mean().item()
+    with GradientMonitor(model, activations_every=every) as monitor:
+        model[1].register_forward_hook(lambda module, inputs, output: output * 10)
+        means = []
+        for step in range(6):
+            model(x).sum().backward()
+            optimizer.step()
+            monitor.log(step)
+            means.append(monitor.history[-1].activations.get("1", {}).get("mean"))
+    tapped = [m for m in means if m is not None]
+    assert len(tapped) == -(-6 // every)
+    assert tapped == pytest.approx([expected] * len(tapped), rel=1e-6)
+
+
+def test_one_optimizer_per_parameter_counts_iterations_for_the_activation_schedule():
+    """Steps with no training forward pass between them are one iteration: with one optimizer
+    per parameter stepping inside backward (post-accumulate-grad hooks), activations_every=4
+    taps 3 of 12 passes, not every pass."""
+    torch.manual_seed(5)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    optimizers = {p: torch.optim.SGD([p], lr=0.01) for p in model.parameters()}
+    def step_now(p):
+        optimizers[p].step()
+        optimizers[p].zero_grad()
+
+    for p in model.parameters():
+        p.register_post_accumulate_grad_hook(step_now)
+    outputs = []
+    with GradientMonitor(model, activations_every=4) as monitor:
+        for _ in range(12):
+            out = model(torch.randn(5, 3))
+            outputs.append(monitor._setup.schedule.active)
+            out.sum().backward()
+        monitor.log(0)
+    assert outputs == [True, False, False, False] * 3
+    assert monitor.history[-1].steps == 12
+
+
+def test_taps_inside_compiled_blocks_are_said_with_their_cause():
+    """Per-block compile (Module.compile(), as FSDP2 recipes do): the activations are not tapped
+    and the warning names compiled blocks, not function-style activations."""
+    torch.manual_seed(6)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Sequential(nn.Linear(4, 4), nn.GELU()), nn.Linear(4, 1))
+    model[1].compile()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    with GradientMonitor(model, activations_every=1) as monitor:
+        model(torch.randn(5, 3)).sum().backward()
+        optimizer.step()
+        rows, messages = _caught(lambda: monitor.log(0))
+    assert rows and monitor.history[-1].activations == {}
+    assert any("compiled blocks" in m and "1.1" in m for m in messages), messages
+    assert not any("with functions" in m for m in messages), messages
+
+
+def test_frozen_parameters_an_optimizer_holds_are_not_idle():
+    """Fine-tuning with a frozen layer inside an optimizer built over model.parameters(): frozen
+    parameters are expected to get no gradient and are not named idle."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    model[0].requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    with GradientMonitor(model, activations=False) as monitor:
+        model(torch.randn(5, 3)).sum().backward()
+        optimizer.step()
+        monitor.log(0)
+    assert monitor.history[-1].idle == []
+    assert sorted(monitor.history[-1].gradients) == ["2.bias", "2.weight"]
