@@ -207,6 +207,8 @@ class Activations(Part):
         any forward hook leaves torch's fast call path, which cost the tutorial's MLP 13 us a
         forward pass (five ReLUs) when every pass carried them. Adding and removing them costs
         about 3 us per module per profiled pass (``activations_every``)."""
+        if self.setup.options.get("compiled"):
+            return      # a compiled forward is not tapped; hooks coming and going would give it a second graph
         if active and not self._taps and self.attached:
             for index, ref in enumerate(self._tapped_modules):
                 module = ref()

@@ -36,6 +36,13 @@ def unwrap(model: nn.Module) -> nn.Module:
             return model
 
 
+def is_compiled(model: nn.Module) -> bool:
+    """Whether ``model`` is a ``torch.compile`` wrapper (itself, or inside DDP/DataParallel)."""
+    while isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+        model = model.module
+    return hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module)
+
+
 PARAMETRIZED = ".parametrizations."
 
 

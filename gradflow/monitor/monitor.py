@@ -42,7 +42,7 @@ from torch import nn
 
 from gradflow.monitor import interception
 from gradflow.monitor.histograms import check_every
-from gradflow.monitor.model_checks import check_attach, monitored_kinds, replaced_parameters, unwrap
+from gradflow.monitor.model_checks import check_attach, is_compiled, monitored_kinds, replaced_parameters, unwrap
 from gradflow.monitor.output import Output
 from gradflow.monitor.part import OnceWarnings, Part, Schedule, Setup
 from gradflow.monitor.parts import create_parts, recorders
@@ -151,7 +151,8 @@ class GradientMonitor:
         self._warnings = OnceWarnings()
         self.kinds = monitored_kinds(inner, self.names)
         options = {"weights": weights, "activations": activations, "histograms": histograms, "nonfinite": nonfinite,
-                   "through_time": through_time, "through_time_every": through_time_every}
+                   "through_time": through_time, "through_time_every": through_time_every,
+                   "compiled": is_compiled(model)}
         self._setup = Setup(self.names, [p for _, p in named], members, options, Schedule(activations_every),
                             self._warnings.from_part, self.kinds, follow=self._follow)
         # DTensor parameters (FSDP2, HSDP, tensor parallel): collectives at each window's close; every

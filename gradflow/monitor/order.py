@@ -47,6 +47,8 @@ class ForwardOrder(Part):
         self._calls: dict[str, int] = {}
 
     def hook(self, model: nn.Module) -> None:
+        if self.setup.options.get("compiled"):
+            return      # a compiled forward is not watched, and removing hooks later would recompile it once
         for prefix, module in model.named_modules():
             if module._parameters:              # a parametrized weight's tensors: its module's (fc's) call
                 self.keep(module.register_forward_pre_hook(_FirstCall(self, prefix.partition(".parametrizations.")[0])))

@@ -345,6 +345,29 @@ def test_compiled_model_causes_no_recompiles_and_says_activations_are_off():
     assert counters["stats"]["unique_graphs"] <= 1            # at most one recompile: the hooks' arrival
 
 
+def test_a_compiled_model_given_to_the_monitor_compiles_once():
+    """The README's order: torch.compile(model), attach to the compiled model, then train. The
+    monitor adds no hook that comes or goes inside the compiled forward (forward-order hooks,
+    activation taps), so the forward compiles once, whatever activations_every is."""
+    torch._dynamo.reset()
+    torch.manual_seed(12)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 1))
+    compiled = torch.compile(model, backend="eager")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    with GradientMonitor(compiled, activations_every=2) as monitor:
+        for _ in range(8):
+            optimizer.zero_grad()
+            compiled(torch.randn(3, 4)).sum().backward()
+            optimizer.step()
+        with pytest.warns(UserWarning, match="compiled"):
+            rows = monitor.log(0)
+    assert rows["0.weight"]["steps"] == 8
+    assert counters["stats"]["unique_graphs"] == 1
+    assert sum(counters["graph_break"].values()) == 0
+
+
 # -- 10. activation checkpointing -------------------------------------------------------------
 
 def test_checkpoint_recompute_is_not_counted_twice():
