@@ -22,13 +22,6 @@ class MonitorError(RuntimeError):
     """Raised when a monitor cannot attach."""
 
 
-def _segment_layout(lengths: list[int], device) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two forms of a concatenation of segments of these lengths that the segment
-    reductions take: each segment's length, and each element's segment."""
-    lengths_t = torch.tensor(lengths, device=device, dtype=torch.long)
-    return lengths_t, torch.repeat_interleave(torch.arange(len(lengths), device=device), lengths_t)
-
-
 def _check_layout(flat: torch.Tensor, segment: torch.Tensor) -> None:
     """The segment reductions trust their layout (no check that syncs with the device): make
     sure the values are the ones the layout was made for. A shape test, no host sync."""
