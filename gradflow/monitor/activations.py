@@ -515,8 +515,8 @@ class Activations(Part):
             why = ("no training forward pass of the model was seen in this window: the steps were recorded by hand "
                    "(record()) without one, or the model ran compiled (torch.compile), whose forward the monitor "
                    "sees as a whole, so its activation modules are not tapped (a hook inside would recompile)")
-        elif self.compiled_taps():
-            names = ", ".join(self.compiled_taps()[:4])
+        elif compiled := self.compiled_taps():
+            names = ", ".join(compiled[:4])
             why = (f"the activation modules ({names}) run inside compiled blocks (Module.compile() or torch.compile "
                    "on a submodule): the monitor's taps do nothing in compiled code (a hook that records there "
                    "would recompile every step); choose taps outside them (activations=fn) or pass activations=False")

@@ -227,8 +227,7 @@ class Gradients(Part):
                 S.fused_kernels(self.device) is not None:
             # The step's small gradients fill the pending budget on their own and are not tiny (LoRA
             # adapters): the fused kernels reduce them at once, straight from .grad, like the large ones.
-            large = [i for i in present if self.numel[i]]
-        small = [i for i in present if i not in large]
+            large, small = [i for i in present if self.numel[i]], [i for i in present if not self.numel[i]]
         slots = [i * self.members + member for i in large for member in range(self.members)]
         plan = self._plans[pattern] = _GradientPlan(small, large, sum(self.numel[i] for i in small),
                                                     torch.tensor(slots, dtype=torch.long, device=self.device))

@@ -164,7 +164,7 @@ def _tiny_groups(params: list[torch.Tensor], start: list) -> list[list[int]]:
         return []                    # the window's rows live on the first parameter's device
     groups, current, size = [], [], 0
     for i, p in enumerate(params):
-        tiny = (start[i] is not None and p.dtype == torch.float32 and p.device.type == "cpu" and not is_dtensor(p)
+        tiny = (start[i] is not None and p.dtype == torch.float32 and not is_dtensor(p)
                 and 0 < p.numel() <= TINY and p.layout == torch.strided)
         if not tiny or size + p.numel() > TINY_GROUP:
             if len(current) > 1:
