@@ -45,7 +45,14 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-MODELS = ("big", "lora", "tiny")
+MODELS = ("big", "lora", "lora16", "tiny")
+LORA16_LAYERS = 6
+# glibc malloc settings each child starts with (both children of a row alike; any MALLOC_* or
+# GLIBC_TUNABLES of the calling shell is dropped). "fine": a fixed mmap threshold of 16 KiB (no
+# dynamic threshold: every block of 16 KiB or more has its own mapping, given back when freed)
+# and no top pad (the heap grows by what is asked, not 128 KiB more), so that peak RSS follows
+# the live blocks to the page instead of moving in 128 KiB heap steps.
+ALLOCATORS = {"default": {}, "fine": {"MALLOC_MMAP_THRESHOLD_": "16384", "MALLOC_TOP_PAD_": "0"}}
 
 
 class LoRALinear(nn.Module):
@@ -69,6 +76,9 @@ def build(name: str) -> tuple[nn.Module, torch.Tensor]:
                              nn.Linear(10000, 1)), torch.randn(8, 64)
     if name == "tiny":
         return nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 1)), torch.randn(8, 8)
+    if name == "lora16":
+        layers = [module for _ in range(LORA16_LAYERS) for module in (LoRALinear(4096, rank=16), nn.GELU())]
+        return nn.Sequential(*layers, nn.Linear(4096, 1)), torch.randn(8, 4096)
     return nn.Sequential(LoRALinear(4096), nn.GELU(), nn.Linear(4096, 1)), torch.randn(8, 4096)
 
 
@@ -136,22 +146,34 @@ def child(name: str, ideal: bool, tensorboard: bool) -> dict:
             "frozen_mib": frozen / 2**20, "held_mib": held / 2**20}
 
 
-def measure(name: str, repeats: int, ideal: bool = False, tensorboard: bool = False) -> dict:
-    """The child's row for ``name``, its overhead (MB) the median of ``repeats`` processes."""
-    rows = []
+def child_env(allocator: str) -> dict[str, str]:
+    """The environment of a child: this one's, its glibc malloc settings replaced by ``allocator``'s."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    env.update(ALLOCATORS[allocator])
+    return env
+
+
+def measure(name: str, repeats: int, allocator: str = "default", tensorboard: bool = False) -> tuple[dict, dict]:
+    """The monitored row and the one-copy row of ``name``, each overhead (MB) the median of
+    ``repeats`` processes; the two kinds of process alternate, under the same ``allocator``."""
+    rows: dict[bool, list[dict]] = {False: [], True: []}
     for _ in range(repeats):
-        command = [sys.executable, __file__, "--child", name] + (["--ideal"] if ideal else []) + \
-            (["--tensorboard"] if tensorboard else [])
-        out = subprocess.run(command, capture_output=True, text=True, check=True)
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    row = rows[0]
-    row["overhead"] = statistics.median(r["monitored_mib"] - r["bare_mib"] for r in rows)
-    row["runs"] = [round(r["monitored_mib"] - r["bare_mib"], 3) for r in rows]
-    return row
+        for ideal in (False, True):
+            command = [sys.executable, __file__, "--child", name] + (["--ideal"] if ideal else []) + \
+                (["--tensorboard"] if tensorboard else [])
+            out = subprocess.run(command, capture_output=True, text=True, check=True, env=child_env(allocator))
+            rows[ideal].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    result = []
+    for ideal in (False, True):
+        row = dict(rows[ideal][0])
+        row["overhead"] = statistics.median(r["monitored_mib"] - r["bare_mib"] for r in rows[ideal])
+        row["runs"] = [round(r["monitored_mib"] - r["bare_mib"], 3) for r in rows[ideal]]
+        result.append(row)
+    return result[0], result[1]
 
 
 LABELS = {"big": "MLP with a 50M-element weight", "lora": "LoRA rank 8 on a frozen 4096x4096 base",
-          "tiny": "tiny 8-8-1 MLP (fixed costs)"}
+          "lora16": f"LoRA rank 16 on {LORA16_LAYERS} frozen 4096x4096 layers", "tiny": "tiny 8-8-1 MLP (fixed costs)"}
 
 
 def _ratio(mib: float, trainable: float) -> str:
@@ -165,6 +187,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="child processes per figure (median)")
     parser.add_argument("--child", choices=MODELS, help=argparse.SUPPRESS)
     parser.add_argument("--ideal", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--allocators", nargs="+", choices=list(ALLOCATORS), default=list(ALLOCATORS),
+                        help="glibc malloc settings of the children, a row each (default: both; see ALLOCATORS)")
     parser.add_argument("--tensorboard", action="store_true",
                         help="the monitor writes to a SummaryWriter (warm-up included): histograms built at each log")
     args = parser.parse_args()
@@ -176,14 +200,18 @@ def main() -> None:
     print("  monitor: the default GradientMonitor; one copy: no monitor, a copy of the trainable weights kept instead")
     print("  (the one copy issue 20 allows, in the same allocator); held: the monitor's tensors and arrays, exactly,")
     print("  the most after any step or log (gradflow/monitor/footprint.py)")
-    print(f"  {'model':38s} {'trainable':>9s} {'frozen':>7s} {'monitor':>8s} {'x train':>8s} {'one copy':>9s} "
+    for allocator in args.allocators:
+        print(f"  allocator {allocator}: {' '.join(f'{k}={v}' for k, v in ALLOCATORS[allocator].items()) or 'glibc defaults'}")
+    print(f"  {'model':38s} {'malloc':>7s} {'trainable':>9s} {'frozen':>7s} {'monitor':>8s} {'x train':>8s} {'one copy':>9s} "
           f"{'x train':>8s} {'held':>7s} {'x train':>8s}")
     for name in args.models:
-        row, ideal = measure(name, args.repeats, tensorboard=args.tensorboard), measure(name, args.repeats, ideal=True)
-        t = row["trainable_mib"]
-        print(f"  {LABELS[name]:38s} {t:9.3f} {row['frozen_mib']:7.1f} {row['overhead']:8.3f} {_ratio(row['overhead'], t)} "
-              f"{ideal['overhead']:9.3f} {_ratio(ideal['overhead'], t)} {row['held_mib']:7.3f} {_ratio(row['held_mib'], t)}"
-              f"   runs: monitor {row['runs']}, one copy {ideal['runs']}")
+        for allocator in args.allocators:
+            row, ideal = measure(name, args.repeats, allocator, args.tensorboard)
+            t = row["trainable_mib"]
+            print(f"  {LABELS[name]:38s} {allocator:>7s} {t:9.3f} {row['frozen_mib']:7.1f} "
+                  f"{row['overhead']:8.3f} {_ratio(row['overhead'], t)} "
+                  f"{ideal['overhead']:9.3f} {_ratio(ideal['overhead'], t)} {row['held_mib']:7.3f} {_ratio(row['held_mib'], t)}"
+                  f"   runs: monitor {row['runs']}, one copy {ideal['runs']}", flush=True)
 
 
 if __name__ == "__main__":
