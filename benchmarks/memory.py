@@ -32,6 +32,7 @@ adapter (65,536 trainable elements, 256 KB): the frozen base must cost nothing; 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import resource
@@ -44,9 +45,11 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from gradflow.monitor import GradientMonitor  # noqa: E402 - after the path
 
 MODELS = ("big", "lora", "lora16", "tiny")
 LORA16_LAYERS = 6
+HISTORY_LENGTH = inspect.signature(GradientMonitor).parameters["history_length"].default
 # glibc malloc settings each child starts with (both children of a row alike; any MALLOC_* or
 # GLIBC_TUNABLES of the calling shell is dropped). "fine": a fixed mmap threshold of 16 KiB (no
 # dynamic threshold: every block of 16 KiB or more has its own mapping, given back when freed)
@@ -97,11 +100,12 @@ def child(name: str, ideal: bool, tensorboard: bool) -> dict:
     """Peak RSS before (A) and after (B) two monitored windows of ``name``; with ``ideal``, no
     monitor: one copy of the trainable weights is kept instead (what issue 20 allows). With
     ``tensorboard`` the monitor writes to a SummaryWriter (histograms built at each log)."""
+    import gc
     import tempfile
+    import tracemalloc
 
     from torch.utils.tensorboard import SummaryWriter
 
-    from gradflow.monitor import GradientMonitor
     from gradflow.monitor.footprint import held_bytes
     torch.set_num_threads(1)
     logdir = tempfile.mkdtemp(prefix="gradflow-memory-")
@@ -129,13 +133,22 @@ def child(name: str, ideal: bool, tensorboard: bool) -> dict:
                 train(model, x, optimizer, 3)
                 monitor.log(window)
     monitored = peak_mib()
+    history = 0
     if not ideal:                                 # what a monitor holds after each step and each log, exactly
         with GradientMonitor(model) as monitor:
-            for window in range(2):
+            for window in range(3):
                 for _ in range(3):
                     train(model, x, optimizer, 1)
                     held = max(held, held_bytes(monitor, model)[0])
+                if window == 2:                   # a window's Python objects, past the first's one-time ones
+                    gc.collect()
+                    tracemalloc.start()
+                    before = tracemalloc.get_traced_memory()[0]
                 monitor.log(window)
+                if window == 2:
+                    gc.collect()
+                    history = tracemalloc.get_traced_memory()[0] - before
+                    tracemalloc.stop()
                 held = max(held, held_bytes(monitor, model)[0])
     if writer is not None:
         writer.close()
@@ -143,7 +156,7 @@ def child(name: str, ideal: bool, tensorboard: bool) -> dict:
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
     return {"model": name, "bare_mib": bare, "monitored_mib": monitored, "trainable_mib": trainable / 2**20,
-            "frozen_mib": frozen / 2**20, "held_mib": held / 2**20}
+            "frozen_mib": frozen / 2**20, "held_mib": held / 2**20, "history_kib": history / 1024}
 
 
 def child_env(allocator: str) -> dict[str, str]:
@@ -212,6 +225,11 @@ def main() -> None:
                   f"{row['overhead']:8.3f} {_ratio(row['overhead'], t)} "
                   f"{ideal['overhead']:9.3f} {_ratio(ideal['overhead'], t)} {row['held_mib']:7.3f} {_ratio(row['held_mib'], t)}"
                   f"   runs: monitor {row['runs']}, one copy {ideal['runs']}", flush=True)
+        # Not in the peak above (two windows): each window history keeps, up to history_length of them.
+        print(f"  {'':38s} history: {row['history_kib']:.1f} KB a window; at the default history_length "
+              f"({HISTORY_LENGTH:,}) up to {row['history_kib'] * HISTORY_LENGTH / 1024:.0f} MB "
+              f"({row['history_kib'] * HISTORY_LENGTH / 1024 / t:.0f}x train)" if t >= 0.01 else
+              f"  {'':38s} history: {row['history_kib']:.1f} KB a window", flush=True)
 
 
 if __name__ == "__main__":
