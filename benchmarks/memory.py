@@ -10,23 +10,31 @@ the monitor's buffers and temporaries added to the peak, with the interpreter, t
 model, its gradients and the optimizer already counted in A. Beside it:
 
 - ``one copy``: the same protocol with no monitor, a copy of the trainable weights kept through
-  the steps instead: the one copy issue 20 allows, placed by the same allocator. Where the
-  trainable weights are small (the LoRA's 0.27 MB) peak RSS moves in glibc's heap steps
-  (128 KB and up; a block placed between the training loop's own blocks makes the heap grow by
-  theirs), so this reference already reads 1.4-2.4x there, varying from run to run.
+  the steps instead: the one copy issue 20 allows, placed by the same allocator.
 - ``held``: what the monitor holds, exactly: every tensor and numpy array reachable from it,
   the model's own parameters and gradients left out (``gradflow/monitor/footprint.py``), the
-  most after any step or log of a second, unmeasured run.
+  most after any step or log of a second, unmeasured run; and the Python bytes (tracemalloc)
+  one more window adds to ``history``, which keeps up to ``history_length`` of them.
 - ``tiny``: an 8-8-1 MLP (388 trainable bytes): what is left is the fixed part (the monitor's
   objects, a window of history), no ratio.
 
-    python benchmarks/memory.py                        # every model, 3 processes per figure
-    python benchmarks/memory.py --models lora --repeats 7
+Each model is measured under each of ``ALLOCATORS``, set alike in both children of a row:
+glibc's defaults, where peak RSS moves in heap steps of 128 KB and up (the dynamic mmap
+threshold, the 128 KB top pad: a block placed between the training loop's own blocks makes the
+heap grow by theirs), and ``fine`` (a fixed 16 KB mmap threshold, no top pad), where it follows
+the live blocks. Neither removes the kernel's own step: Linux counts RSS in per-CPU batches (32
+pages on machines of up to 16 CPUs), so ``ru_maxrss`` moves 128 KB at a time (measured on 2 CPUs,
+docs/memory.md): each figure is good to about 0.125 MB.
+
+    python benchmarks/memory.py                        # every model, both allocators, 3 processes per figure
+    python benchmarks/memory.py --models lora lora16 --repeats 5 --allocators fine
     python benchmarks/memory.py --tensorboard          # the monitor writes to a SummaryWriter
 
 Models: ``big``, an MLP whose middle Linear has a 10000 x 5000 weight (50M elements, 200 MB);
 ``lora``, a frozen 4096 x 4096 Linear base (64 MB, requires_grad False) with a rank-8 LoRA
-adapter (65,536 trainable elements, 256 KB): the frozen base must cost nothing; ``tiny``.
+adapter (65,536 trainable elements, 256 KB): the frozen base must cost nothing; ``lora16``, six
+such bases with rank-16 adapters and GELUs between them (3 MB trainable, 384 MB frozen): a LoRA
+whose trainable bytes are many ruler steps; ``tiny``.
 """
 
 from __future__ import annotations
@@ -228,7 +236,7 @@ def main() -> None:
         # Not in the peak above (two windows): each window history keeps, up to history_length of them.
         print(f"  {'':38s} history: {row['history_kib']:.1f} KB a window; at the default history_length "
               f"({HISTORY_LENGTH:,}) up to {row['history_kib'] * HISTORY_LENGTH / 1024:.0f} MB "
-              f"({row['history_kib'] * HISTORY_LENGTH / 1024 / t:.0f}x train)" if t >= 0.01 else
+              f"({row['history_kib'] * HISTORY_LENGTH / 1024 / t:.1f}x train)" if t >= 0.01 else
               f"  {'':38s} history: {row['history_kib']:.1f} KB a window", flush=True)
 
 
