@@ -223,21 +223,21 @@ def main() -> None:
     print("  the most after any step or log (gradflow/monitor/footprint.py)")
     for allocator in args.allocators:
         print(f"  allocator {allocator}: {' '.join(f'{k}={v}' for k, v in ALLOCATORS[allocator].items()) or 'glibc defaults'}")
-    print(f"  {'model':38s} {'malloc':>7s} {'trainable':>9s} {'frozen':>7s} {'monitor':>8s} {'x train':>8s} {'one copy':>9s} "
+    print(f"  {'model':42s} {'malloc':>7s} {'trainable':>9s} {'frozen':>7s} {'monitor':>8s} {'x train':>8s} {'one copy':>9s} "
           f"{'x train':>8s} {'held':>7s} {'x train':>8s}")
     for name in args.models:
         for allocator in args.allocators:
             row, ideal = measure(name, args.repeats, allocator, args.tensorboard)
             t = row["trainable_mib"]
-            print(f"  {LABELS[name]:38s} {allocator:>7s} {t:9.3f} {row['frozen_mib']:7.1f} "
+            print(f"  {LABELS[name]:42s} {allocator:>7s} {t:9.3f} {row['frozen_mib']:7.1f} "
                   f"{row['overhead']:8.3f} {_ratio(row['overhead'], t)} "
                   f"{ideal['overhead']:9.3f} {_ratio(ideal['overhead'], t)} {row['held_mib']:7.3f} {_ratio(row['held_mib'], t)}"
                   f"   runs: monitor {row['runs']}, one copy {ideal['runs']}", flush=True)
         # Not in the peak above (two windows): each window history keeps, up to history_length of them.
-        print(f"  {'':38s} history: {row['history_kib']:.1f} KB a window; at the default history_length "
+        print(f"  {'':42s} history: {row['history_kib']:.1f} KB a window; at the default history_length "
               f"({HISTORY_LENGTH:,}) up to {row['history_kib'] * HISTORY_LENGTH / 1024:.0f} MB "
               f"({row['history_kib'] * HISTORY_LENGTH / 1024 / t:.1f}x train)" if t >= 0.01 else
-              f"  {'':38s} history: {row['history_kib']:.1f} KB a window", flush=True)
+              f"  {'':42s} history: {row['history_kib']:.1f} KB a window", flush=True)
 
 
 if __name__ == "__main__":
