@@ -10,28 +10,37 @@ the monitor's buffers and temporaries added to the peak, with the interpreter, t
 model, its gradients and the optimizer already counted in A. Beside it:
 
 - ``one copy``: the same protocol with no monitor, a copy of the trainable weights kept through
-  the steps instead: the one copy issue 20 allows, placed by the same allocator. Where the
-  trainable weights are small (the LoRA's 0.27 MB) peak RSS moves in glibc's heap steps
-  (128 KB and up; a block placed between the training loop's own blocks makes the heap grow by
-  theirs), so this reference already reads 1.4-2.4x there, varying from run to run.
+  the steps instead: the one copy issue 20 allows, placed by the same allocator.
 - ``held``: what the monitor holds, exactly: every tensor and numpy array reachable from it,
   the model's own parameters and gradients left out (``gradflow/monitor/footprint.py``), the
-  most after any step or log of a second, unmeasured run.
+  most after any step or log of a second, unmeasured run; and the Python bytes (tracemalloc)
+  one more window adds to ``history``, which keeps up to ``history_length`` of them.
 - ``tiny``: an 8-8-1 MLP (388 trainable bytes): what is left is the fixed part (the monitor's
   objects, a window of history), no ratio.
 
-    python benchmarks/memory.py                        # every model, 3 processes per figure
-    python benchmarks/memory.py --models lora --repeats 7
+Each model is measured under each of ``ALLOCATORS``, set alike in both children of a row:
+glibc's defaults, where peak RSS moves in heap steps of 128 KB and up (the dynamic mmap
+threshold, the 128 KB top pad: a block placed between the training loop's own blocks makes the
+heap grow by theirs), and ``fine`` (a fixed 16 KB mmap threshold, no top pad), where it follows
+the live blocks. Neither removes the kernel's own step: Linux counts RSS in per-CPU batches (32
+pages on machines of up to 16 CPUs), so ``ru_maxrss`` moves 128 KB at a time (measured on 2 CPUs,
+docs/memory.md): each figure is good to about 0.125 MB.
+
+    python benchmarks/memory.py                        # every model, both allocators, 3 processes per figure
+    python benchmarks/memory.py --models lora lora16 --repeats 5 --allocators fine
     python benchmarks/memory.py --tensorboard          # the monitor writes to a SummaryWriter
 
 Models: ``big``, an MLP whose middle Linear has a 10000 x 5000 weight (50M elements, 200 MB);
 ``lora``, a frozen 4096 x 4096 Linear base (64 MB, requires_grad False) with a rank-8 LoRA
-adapter (65,536 trainable elements, 256 KB): the frozen base must cost nothing; ``tiny``.
+adapter (65,536 trainable elements, 256 KB): the frozen base must cost nothing; ``lora16``, six
+such bases with rank-16 adapters and GELUs between them (3 MB trainable, 384 MB frozen): a LoRA
+whose trainable bytes are many ruler steps; ``tiny``.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import resource
@@ -44,8 +53,17 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from gradflow.monitor import GradientMonitor  # noqa: E402 - after the path
 
-MODELS = ("big", "lora", "tiny")
+MODELS = ("big", "lora", "lora16", "tiny")
+LORA16_LAYERS = 6
+HISTORY_LENGTH = inspect.signature(GradientMonitor).parameters["history_length"].default
+# glibc malloc settings each child starts with (both children of a row alike; any MALLOC_* or
+# GLIBC_TUNABLES of the calling shell is dropped). "fine": a fixed mmap threshold of 16 KiB (no
+# dynamic threshold: every block of 16 KiB or more has its own mapping, given back when freed)
+# and no top pad (the heap grows by what is asked, not 128 KiB more), so that peak RSS follows
+# the live blocks to the page instead of moving in 128 KiB heap steps.
+ALLOCATORS = {"default": {}, "fine": {"MALLOC_MMAP_THRESHOLD_": "16384", "MALLOC_TOP_PAD_": "0"}}
 
 
 class LoRALinear(nn.Module):
@@ -69,6 +87,9 @@ def build(name: str) -> tuple[nn.Module, torch.Tensor]:
                              nn.Linear(10000, 1)), torch.randn(8, 64)
     if name == "tiny":
         return nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 1)), torch.randn(8, 8)
+    if name == "lora16":
+        layers = [module for _ in range(LORA16_LAYERS) for module in (LoRALinear(4096, rank=16), nn.GELU())]
+        return nn.Sequential(*layers, nn.Linear(4096, 1)), torch.randn(8, 4096)
     return nn.Sequential(LoRALinear(4096), nn.GELU(), nn.Linear(4096, 1)), torch.randn(8, 4096)
 
 
@@ -87,11 +108,12 @@ def child(name: str, ideal: bool, tensorboard: bool) -> dict:
     """Peak RSS before (A) and after (B) two monitored windows of ``name``; with ``ideal``, no
     monitor: one copy of the trainable weights is kept instead (what issue 20 allows). With
     ``tensorboard`` the monitor writes to a SummaryWriter (histograms built at each log)."""
+    import gc
     import tempfile
+    import tracemalloc
 
     from torch.utils.tensorboard import SummaryWriter
 
-    from gradflow.monitor import GradientMonitor
     from gradflow.monitor.footprint import held_bytes
     torch.set_num_threads(1)
     logdir = tempfile.mkdtemp(prefix="gradflow-memory-")
@@ -119,13 +141,22 @@ def child(name: str, ideal: bool, tensorboard: bool) -> dict:
                 train(model, x, optimizer, 3)
                 monitor.log(window)
     monitored = peak_mib()
+    history = 0
     if not ideal:                                 # what a monitor holds after each step and each log, exactly
         with GradientMonitor(model) as monitor:
-            for window in range(2):
+            for window in range(3):
                 for _ in range(3):
                     train(model, x, optimizer, 1)
                     held = max(held, held_bytes(monitor, model)[0])
+                if window == 2:                   # a window's Python objects, past the first's one-time ones
+                    gc.collect()
+                    tracemalloc.start()
+                    before = tracemalloc.get_traced_memory()[0]
                 monitor.log(window)
+                if window == 2:
+                    gc.collect()
+                    history = tracemalloc.get_traced_memory()[0] - before
+                    tracemalloc.stop()
                 held = max(held, held_bytes(monitor, model)[0])
     if writer is not None:
         writer.close()
@@ -133,25 +164,37 @@ def child(name: str, ideal: bool, tensorboard: bool) -> dict:
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
     return {"model": name, "bare_mib": bare, "monitored_mib": monitored, "trainable_mib": trainable / 2**20,
-            "frozen_mib": frozen / 2**20, "held_mib": held / 2**20}
+            "frozen_mib": frozen / 2**20, "held_mib": held / 2**20, "history_kib": history / 1024}
 
 
-def measure(name: str, repeats: int, ideal: bool = False, tensorboard: bool = False) -> dict:
-    """The child's row for ``name``, its overhead (MB) the median of ``repeats`` processes."""
-    rows = []
+def child_env(allocator: str) -> dict[str, str]:
+    """The environment of a child: this one's, its glibc malloc settings replaced by ``allocator``'s."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
+    env.update(ALLOCATORS[allocator])
+    return env
+
+
+def measure(name: str, repeats: int, allocator: str = "default", tensorboard: bool = False) -> tuple[dict, dict]:
+    """The monitored row and the one-copy row of ``name``, each overhead (MB) the median of
+    ``repeats`` processes; the two kinds of process alternate, under the same ``allocator``."""
+    rows: dict[bool, list[dict]] = {False: [], True: []}
     for _ in range(repeats):
-        command = [sys.executable, __file__, "--child", name] + (["--ideal"] if ideal else []) + \
-            (["--tensorboard"] if tensorboard else [])
-        out = subprocess.run(command, capture_output=True, text=True, check=True)
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    row = rows[0]
-    row["overhead"] = statistics.median(r["monitored_mib"] - r["bare_mib"] for r in rows)
-    row["runs"] = [round(r["monitored_mib"] - r["bare_mib"], 3) for r in rows]
-    return row
+        for ideal in (False, True):
+            command = [sys.executable, __file__, "--child", name] + (["--ideal"] if ideal else []) + \
+                (["--tensorboard"] if tensorboard else [])
+            out = subprocess.run(command, capture_output=True, text=True, check=True, env=child_env(allocator))
+            rows[ideal].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    result = []
+    for ideal in (False, True):
+        row = dict(rows[ideal][0])
+        row["overhead"] = statistics.median(r["monitored_mib"] - r["bare_mib"] for r in rows[ideal])
+        row["runs"] = [round(r["monitored_mib"] - r["bare_mib"], 3) for r in rows[ideal]]
+        result.append(row)
+    return result[0], result[1]
 
 
 LABELS = {"big": "MLP with a 50M-element weight", "lora": "LoRA rank 8 on a frozen 4096x4096 base",
-          "tiny": "tiny 8-8-1 MLP (fixed costs)"}
+          "lora16": f"LoRA rank 16 on {LORA16_LAYERS} frozen 4096x4096 layers", "tiny": "tiny 8-8-1 MLP (fixed costs)"}
 
 
 def _ratio(mib: float, trainable: float) -> str:
@@ -165,6 +208,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="child processes per figure (median)")
     parser.add_argument("--child", choices=MODELS, help=argparse.SUPPRESS)
     parser.add_argument("--ideal", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--allocators", nargs="+", choices=list(ALLOCATORS), default=list(ALLOCATORS),
+                        help="glibc malloc settings of the children, a row each (default: both; see ALLOCATORS)")
     parser.add_argument("--tensorboard", action="store_true",
                         help="the monitor writes to a SummaryWriter (warm-up included): histograms built at each log")
     args = parser.parse_args()
@@ -176,14 +221,23 @@ def main() -> None:
     print("  monitor: the default GradientMonitor; one copy: no monitor, a copy of the trainable weights kept instead")
     print("  (the one copy issue 20 allows, in the same allocator); held: the monitor's tensors and arrays, exactly,")
     print("  the most after any step or log (gradflow/monitor/footprint.py)")
-    print(f"  {'model':38s} {'trainable':>9s} {'frozen':>7s} {'monitor':>8s} {'x train':>8s} {'one copy':>9s} "
+    for allocator in args.allocators:
+        print(f"  allocator {allocator}: {' '.join(f'{k}={v}' for k, v in ALLOCATORS[allocator].items()) or 'glibc defaults'}")
+    print(f"  {'model':42s} {'malloc':>7s} {'trainable':>9s} {'frozen':>7s} {'monitor':>8s} {'x train':>8s} {'one copy':>9s} "
           f"{'x train':>8s} {'held':>7s} {'x train':>8s}")
     for name in args.models:
-        row, ideal = measure(name, args.repeats, tensorboard=args.tensorboard), measure(name, args.repeats, ideal=True)
-        t = row["trainable_mib"]
-        print(f"  {LABELS[name]:38s} {t:9.3f} {row['frozen_mib']:7.1f} {row['overhead']:8.3f} {_ratio(row['overhead'], t)} "
-              f"{ideal['overhead']:9.3f} {_ratio(ideal['overhead'], t)} {row['held_mib']:7.3f} {_ratio(row['held_mib'], t)}"
-              f"   runs: monitor {row['runs']}, one copy {ideal['runs']}")
+        for allocator in args.allocators:
+            row, ideal = measure(name, args.repeats, allocator, args.tensorboard)
+            t = row["trainable_mib"]
+            print(f"  {LABELS[name]:42s} {allocator:>7s} {t:9.3f} {row['frozen_mib']:7.1f} "
+                  f"{row['overhead']:8.3f} {_ratio(row['overhead'], t)} "
+                  f"{ideal['overhead']:9.3f} {_ratio(ideal['overhead'], t)} {row['held_mib']:7.3f} {_ratio(row['held_mib'], t)}"
+                  f"   runs: monitor {row['runs']}, one copy {ideal['runs']}", flush=True)
+        # Not in the peak above (two windows): each window history keeps, up to history_length of them.
+        print(f"  {'':42s} history: {row['history_kib']:.1f} KB a window; at the default history_length "
+              f"({HISTORY_LENGTH:,}) up to {row['history_kib'] * HISTORY_LENGTH / 1024:.0f} MB "
+              f"({row['history_kib'] * HISTORY_LENGTH / 1024 / t:.1f}x train)" if t >= 0.01 else
+              f"  {'':42s} history: {row['history_kib']:.1f} KB a window", flush=True)
 
 
 if __name__ == "__main__":

@@ -27,10 +27,12 @@ REDUCTIONS = (SUM, MAX)
 @dataclass(frozen=True)
 class Reduced:
     """A device tensor a part hands to the window's read-back, and how copies of it on
-    several processes combine (``SUM`` or ``MAX``)."""
+    several processes combine (``SUM`` or ``MAX``). ``fresh``: made for this read-back alone
+    (nothing zeroes or reuses it later), so a float64 CPU tensor is handed over without a copy."""
 
     tensor: torch.Tensor
     reduce: str = SUM
+    fresh: bool = False
 
     def __post_init__(self) -> None:
         if self.reduce not in REDUCTIONS:
@@ -117,7 +119,8 @@ def read_back(parts: dict[str, Reduced], reduce: Callable[[torch.Tensor, str], t
         return {}
     first = next(iter(parts.values())).tensor
     if reduce is None and first.device.type == "cpu":      # copies, not views: the sums are zeroed next
-        return {key: part.tensor.numpy().astype(np.float64) for key, part in parts.items()}
+        return {key: part.tensor.numpy() if part.fresh and part.tensor.dtype == torch.float64
+                else part.tensor.numpy().astype(np.float64) for key, part in parts.items()}
     out: dict[str, np.ndarray] = {}
     for how in REDUCTIONS:
         keys = [key for key, part in parts.items() if part.reduce == how]

@@ -176,3 +176,29 @@ def test_the_budget_waits_for_the_end_of_a_forward_pass():
     row = monitor.history[-1].activations["acts.0"]
     assert row["mean"] == pytest.approx(whole.mean().item(), rel=1e-5)
     assert row["std"] == pytest.approx(whole.std(unbiased=False).item(), rel=1e-4)
+
+
+def test_weight_counts_reach_the_window_uncopied_and_keep_their_values(reduction_path):
+    """The weights' rows and counts are made anew each window and handed to the read-back without
+    a copy (window.Reduced(fresh=True)): each window's counts equal the oracle (the sign/exponent
+    histogram of each weight at the window's end), and a window read earlier keeps its values
+    when the next one is read. Tiny grouped parameters (head), LoRA factors and a frozen base."""
+    torch.manual_seed(4)
+    model = nn.Sequential(OrderedDict(lora=LoRA(256, 4), act=nn.GELU(), head=nn.Linear(256, 1)))
+    x = torch.randn(8, 256)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    with GradientMonitor(model) as monitor:
+        reads = []
+        for _ in range(2):
+            train(model, x, optimizer, 2)
+            values = monitor._read_back()
+            expected = np.stack([S.sign_exponent_counts(p).numpy() for p in monitor.parts["weights"].params])
+            norms = [p.detach().double().norm().item() for p in monitor.parts["weights"].params]
+            assert values["weights/counts"].dtype == np.float64
+            np.testing.assert_array_equal(values["weights/counts"], expected)
+            np.testing.assert_allclose(values["weights/rows"][:, 1], norms, rtol=1e-6)   # L2 norms
+            reads.append((values, expected.copy()))
+            monitor.log(len(reads))
+    first, first_expected = reads[0]
+    assert not np.array_equal(first_expected, reads[1][1])         # the weights moved between the windows
+    np.testing.assert_array_equal(first["weights/counts"], first_expected)
