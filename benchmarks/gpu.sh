@@ -25,5 +25,5 @@ echo "== the monitor's cost per step on CUDA, monitored / bare (3 interleaved ro
 timeout 240 python benchmarks/overhead.py --device cuda --quick --clock wall \
     --models tutorial wide resnet_cnn transformer_lm lstm_lm nanogpt resnet18 || status=1
 echo "== host memory the monitor adds (the models on the CPU: peak RSS over trainable bytes)"
-timeout 90 python benchmarks/memory.py --repeats 1 || status=1
+timeout 150 python benchmarks/memory.py --repeats 1 --models big lora16 --allocators fine || status=1
 exit $status
