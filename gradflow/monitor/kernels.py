@@ -430,6 +430,8 @@ def fold_weights(values: np.ndarray, start: np.ndarray, lengths: np.ndarray,
     With ``renew``, ``start`` (1-D float32, as long as ``values``, not overlapping it) is
     overwritten with ``values`` in the same pass: the next window's start, without a second
     pass over both (``weights.Weights.summary``)."""
+    if start.shape != values.shape:     # the kernel indexes both by the same i, unchecked
+        raise ValueError(f"fold_weights: start has {start.size} values and values {values.size}; they must match")
     if renew and np.may_share_memory(values, start):
         raise ValueError("fold_weights(renew=True): start must not overlap values (it is overwritten as they are read)")
     rows = np.zeros((lengths.size, 4))

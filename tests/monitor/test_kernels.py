@@ -206,6 +206,8 @@ def test_fold_weights_renewing_the_start_gives_the_same_rows_and_leaves_the_weig
     np.testing.assert_array_equal(values.view(np.uint32), kept.view(np.uint32))
     with pytest.raises(ValueError, match="must not overlap"):
         K.fold_weights(values, values, lengths, renew=True)
+    with pytest.raises(ValueError, match="must match"):        # unchecked indexing would write past start's end
+        K.fold_weights(values, start[:-1], lengths, renew=True)
 
 
 @pytest.mark.parametrize("shape, dim", [((64, 40), 1), ((8, 6, 5, 7), 1), ((3, 9, 12), 2), ((11,), 0)])
