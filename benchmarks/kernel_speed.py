@@ -13,13 +13,15 @@ that are not (a 256 MB buffer is written between rounds, as a backward pass woul
 gradient out), of an all-zero one (a dead ReLU layer: every value in one bin), and with a band;
 ``_block_moments`` and the histogram alone on one 4096-value block in L1, called 2000 times from
 compiled code (a call from Python costs about as much as the block); ``fold_rows`` over rows of
-100 and of 5000 values, and of 1500 zeros; ``fold_weights`` of a 1M-value weight against its start.
+100 and of 5000 values, and of 1500 zeros; ``fold_weights`` of a 1M-value weight against its start, and
+with the weight then made the next window's start (a copy after the fold, or in its pass: ``renew``).
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import inspect
 import os
 import subprocess
 import sys
@@ -116,7 +118,18 @@ def cases(kernels, data: dict) -> dict[str, tuple[Callable[[], object], int, Cal
                                                                     slots[:rows_middle.size], counts),
                                           rows_middle.sum(), None),
         "fold_weights, 1M": (lambda: kernels.fold_weights(hot, data["start"], np.array([hot.size])), hot.size, None),
+        "weights + next start, 1M": (lambda: next_start(kernels, hot, data["next"]), hot.size, None),
     }
+
+
+def next_start(kernels, values: np.ndarray, start: np.ndarray) -> None:
+    """What a window's weight summary does per parameter: fold against the start, then make the
+    weights the next window's start (in the fold's own pass where the kernels can: ``renew``)."""
+    if "renew" in inspect.signature(kernels.fold_weights).parameters:
+        kernels.fold_weights(values, start, np.array([values.size]), renew=True)
+    else:
+        kernels.fold_weights(values, start, np.array([values.size]))
+        np.copyto(start, values)
 
 
 def time_once(run: Callable[[], object], prepare: Callable[[], None] | None) -> float:
@@ -138,6 +151,7 @@ def main() -> None:
             "cold": [(rng.standard_normal(n) * 1e-3).astype(np.float32) for _ in range(6)],
             "zeros": np.zeros(n, np.float32), "scrub": np.zeros(64 << 20, np.float32)}
     data["start"] = data["hot"] + (rng.standard_normal(n) * 1e-5).astype(np.float32)
+    data["next"] = data["start"].copy()
     with tempfile.TemporaryDirectory() as directory:
         before = load_before(args.before, directory)
         sides = {"before": cases(before, data), "after": cases(after, data)}

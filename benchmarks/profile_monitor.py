@@ -1,7 +1,9 @@
 """Where the monitor's time goes on each model: its pieces timed inside real training steps.
 
 Wraps the monitor's entry points with timers (nested pieces are reported inside their caller)
-and prints ms per step for each, beside the bare step, for the workloads of ``shapes.py``.
+and prints ms per step for each, beside the bare step, for the workloads of ``shapes.py``, and
+the minor page faults of the steps of each (a monitored step's time that no piece accounts for
+has been page faults: the allocator handing freed gradients back to the OS and taking them again).
 
     python benchmarks/profile_monitor.py                       # every shape, 2 windows of 10 steps
     python benchmarks/profile_monitor.py --models resnet18 --windows 3
@@ -15,6 +17,7 @@ import collections
 import copy
 import functools
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -75,12 +78,20 @@ def instrument() -> None:
     timed(sinks.TensorBoardSink, "log", "log.sink (TensorBoard)")
 
 
-def steps(model, x, y, loss, optimizer, n):
+def minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
+def steps(model, x, y, loss, optimizer, n, faults=None):
+    """Seconds for ``n`` steps; adds their minor page faults to ``faults[0]``."""
     t = time.perf_counter()
+    before = minor_faults()
     for _ in range(n):
         optimizer.zero_grad(set_to_none=True)
         loss(model(x), y).backward()
         optimizer.step()
+    if faults is not None:
+        faults[0] += minor_faults() - before
     return time.perf_counter() - t
 
 
@@ -100,6 +111,7 @@ def main(argv=None) -> None:
         plain = copy.deepcopy(model)                      # the bare twin, stepped in alternate windows
         plain_optimizer = torch.optim.SGD(plain.parameters(), lr=1e-3, momentum=0.9)
         bare, total = [], 0.0
+        bare_faults, monitored_faults = [0], [0]
         with tempfile.TemporaryDirectory() as d, SummaryWriter(d) as writer:
             mon = GradientMonitor(model, writer, activations=args.activations == "on")
             for w in range(2):                            # warm-up: plans, caches, compiled kernels
@@ -108,9 +120,9 @@ def main(argv=None) -> None:
                 mon.log(w)
             SPENT.clear(), VALUES.clear()
             for w in range(args.windows):
-                bare.append(steps(plain, x, y, loss, plain_optimizer, args.steps))
+                bare.append(steps(plain, x, y, loss, plain_optimizer, args.steps, bare_faults))
                 t = time.perf_counter()
-                steps(model, x, y, loss, optimizer, args.steps)
+                steps(model, x, y, loss, optimizer, args.steps, monitored_faults)
                 mon.log(w + 2)
                 total += time.perf_counter() - t
             mon.remove()
@@ -126,6 +138,10 @@ def main(argv=None) -> None:
             if VALUES[label]:
                 extra = f"  {VALUES[label] / n / 1e6:6.2f} M values/step, {seconds / VALUES[label] * 1e9:5.2f} ns/value"
             print(f"  {label:32s} {per:8.2f} ms/step ({per / b * 100:5.1f}% of a step){extra}")
+        # A fault is a 4 KB page the allocator returned to the OS and takes back, zeroed: glibc trims
+        # the top of its heap when freed gradients end up there (docs/benchmarks.md, "Large-tensor path").
+        print(f"  {'minor page faults per step':32s} bare {bare_faults[0] / n:8.0f}, monitored {monitored_faults[0] / n:8.0f}"
+              f" (log() not counted)")
 
 
 if __name__ == "__main__":

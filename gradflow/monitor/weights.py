@@ -87,10 +87,11 @@ class Weights(Part):
             now = local(p.detach()).reshape(-1)
             start = self.start[i]
             before = now if start is None else start.reshape(-1)
-            rows[i * k:(i + 1) * k], counts[i * k:(i + 1) * k] = self._fold(now, before, now.numel() // k)
+            rows[i * k:(i + 1) * k], counts[i * k:(i + 1) * k], renewed = self._fold(
+                now, before, now.numel() // k, renew=start is not None and start.is_contiguous())
             if start is None and p._version != self.versions[i]:
                 rows[i * k:(i + 1) * k, 2] = float("nan")
-            if start is not None:
+            if start is not None and not renewed:
                 start.copy_(local(p.detach()))
             self.versions[i] = p._version
         rows[:, 1:] = rows[:, 1:].sqrt()
@@ -103,22 +104,27 @@ class Weights(Part):
         now = _flat_copy([self.params[i].detach() for i in group])
         if now.numel() != start.numel():       # cannot happen unless a parameter was resized in place
             raise MonitorError("a monitored parameter changed size; create a new GradientMonitor after resizing parameters")
-        rows[slots], counts[slots] = S.fused_kernels(now.device).fold_weights(now.numpy(), start.numpy(), lengths)
+        # renew: the kernel writes the current weights into the (flat, contiguous) start as it reads them
+        rows[slots], counts[slots] = S.fused_kernels(now.device).fold_weights(now.numpy(), start.numpy(), lengths,
+                                                                              renew=True)
         for i in group:
             self.versions[i] = self.params[i]._version
-        start.copy_(now)
 
-    def _fold(self, now: torch.Tensor, start: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows [sum |w|, sum w², sum (w - start)², sum start²] and counts of each member."""
+    def _fold(self, now: torch.Tensor, start: torch.Tensor, length: int,
+              renew: bool = False) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Rows [sum |w|, sum w², sum (w - start)², sum start²] and counts of each member, and
+        whether ``start`` (contiguous, when ``renew`` asks it) now holds ``now``: the fused
+        kernel writes it in the same pass, which saves the window a second pass over both."""
         if length == 0:       # an empty shard (a DTensor's, on some ranks): nothing to add, one row per member
             members = self.members
             return (torch.zeros(members, 4, dtype=S.wide_dtype(now.device), device=now.device),
-                    torch.zeros(members, S.SIGN_EXPONENT_BINS, dtype=torch.int64, device=now.device))
+                    torch.zeros(members, S.SIGN_EXPONENT_BINS, dtype=torch.int64, device=now.device), False)
         kernels = S.fused_kernels(now.device)
         if kernels is not None and now.dtype == torch.float32 and start.dtype == torch.float32:
             lengths = np.full(now.numel() // length, length, dtype=np.int64)
-            rows, counts = kernels.fold_weights(now.contiguous().numpy(), start.contiguous().numpy(), lengths)
-            return torch.from_numpy(rows), torch.from_numpy(counts)
+            rows, counts = kernels.fold_weights(now.contiguous().numpy(), start.contiguous().numpy(), lengths,
+                                                renew=renew)
+            return torch.from_numpy(rows), torch.from_numpy(counts), renew
         wide = S.wide_dtype(now.device)
         out_rows, out_counts = [], []
         for member in range(now.numel() // length):
@@ -131,7 +137,7 @@ class Weights(Part):
                 self._scratch.count_exponents(counts, a)
             out_rows.append(sums)
             out_counts.append(counts)
-        return torch.stack(out_rows), torch.stack(out_counts)
+        return torch.stack(out_rows), torch.stack(out_counts), False
 
     def device_tensors(self) -> dict[str, Reduced]:
         rows, counts = self.summary()

@@ -189,6 +189,27 @@ def test_fold_weights_matches_the_oracle_per_segment():
         offset += length
 
 
+def test_fold_weights_renewing_the_start_gives_the_same_rows_and_leaves_the_weights_as_start():
+    """renew=True writes each weight into the start as it is read (the next window's start):
+    rows and counts bit for bit as without it, and the start afterwards equal to the weights,
+    in every path (scalar tiny segments, short rows, several blocks)."""
+    rng = np.random.default_rng(4)
+    lengths = np.array([0, 5, 3 * K.BLOCK + 17, 1, 3000, K.SHORT_ROW - 1, K.SHORT_ROW, K.TINY_ROW - 1, K.TINY_ROW])
+    values = random_values(rng, int(lengths.sum()), True)
+    start = values + rng.standard_normal(values.size).astype(np.float32) * 1e-3
+    expected_rows, expected_counts = K.fold_weights(values, start.copy(), lengths)
+    kept = values.copy()
+    rows, counts = K.fold_weights(values, start, lengths, renew=True)
+    np.testing.assert_array_equal(rows, expected_rows)
+    np.testing.assert_array_equal(counts, expected_counts)
+    np.testing.assert_array_equal(start.view(np.uint32), kept.view(np.uint32))     # NaN and -0.0 too
+    np.testing.assert_array_equal(values.view(np.uint32), kept.view(np.uint32))
+    with pytest.raises(ValueError, match="must not overlap"):
+        K.fold_weights(values, values, lengths, renew=True)
+    with pytest.raises(ValueError, match="must match"):        # unchecked indexing would write past start's end
+        K.fold_weights(values, start[:-1], lengths, renew=True)
+
+
 @pytest.mark.parametrize("shape, dim", [((64, 40), 1), ((8, 6, 5, 7), 1), ((3, 9, 12), 2), ((11,), 0)])
 def test_positive_counts_per_unit_match_torch(shape, dim):
     values = torch.randn(shape)

@@ -1,0 +1,41 @@
+"""The window's weight rows (weights.py) against an oracle taken from the parameters themselves."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+from gradflow import GradientMonitor
+
+
+def test_weight_rows_and_update_ratios_match_oracle_window_after_window(reduction_path):
+    """Each window's L1, L2 and update ratio (||w - w_start|| / ||w_start||) from clones taken at
+    the window's start, over three windows: the start is renewed in the kernel's pass for a
+    contiguous parameter (a large Linear, tiny ones grouped) and copied for a channels_last
+    convolution's, whose start is not contiguous; a frozen parameter keeps a ratio of 0."""
+    torch.manual_seed(6)
+    model = nn.Sequential(OrderedDict(conv=nn.Conv2d(16, 32, 3), relu=nn.ReLU(), flat=nn.Flatten(),
+                                      dense_1=nn.Linear(32 * 4 * 4, 100), tanh=nn.Tanh(), dense_2=nn.Linear(100, 3)))
+    model.conv.weight.data = model.conv.weight.data.contiguous(memory_format=torch.channels_last)
+    model.dense_2.bias.requires_grad_(False)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
+    with GradientMonitor(model, activations=False) as monitor:
+        assert not monitor.parts["weights"].start[0].is_contiguous()      # the copy path is exercised
+        for window in range(3):
+            start = {name: p.detach().double().clone() for name, p in model.named_parameters()}
+            for _ in range(2):
+                optimizer.zero_grad()
+                model(torch.randn(4, 16, 6, 6)).pow(2).mean().backward()
+                optimizer.step()
+            monitor.log(window)
+            weights = monitor.history[-1].weights
+            for name, p in model.named_parameters():
+                w, w0 = p.detach().double(), start[name]
+                assert weights[name]["l1"] == pytest.approx(w.abs().sum().item(), rel=1e-6), (window, name)
+                assert weights[name]["norm"] == pytest.approx(w.norm().item(), rel=1e-6), (window, name)
+                ratio = ((w - w0).norm() / w0.norm()).item()
+                assert weights[name]["update_ratio"] == pytest.approx(ratio, rel=1e-5, abs=1e-12), (window, name)
+            assert weights["dense_2.bias"]["update_ratio"] == 0.0
