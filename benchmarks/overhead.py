@@ -13,6 +13,15 @@ noisy neighbour slows both sides of a ratio alike.
     python benchmarks/overhead.py --models wide --variants gradflow --rounds 9   # bare is always timed
     python benchmarks/overhead.py --clock cpu     # CPU time: steadier on a machine shared with other jobs
     python benchmarks/overhead.py --device cuda   # on a GPU (wall clock; each round synchronised)
+    python benchmarks/overhead.py --clock cpu --malloc fixed   # glibc's heap thresholds fixed for every variant
+
+``--malloc fixed`` re-runs the benchmark with glibc's trim and mmap thresholds fixed
+(``FIXED_MALLOC``), for the bare loop and every variant alike. With glibc's defaults a large
+gradient freed by ``zero_grad(set_to_none=True)`` at the top of the heap is returned to the OS
+and faulted back in by the next backward, in one variant and not another, by the luck of where
+the heap's blocks fell: on the wide MLP that moved a ratio by up to 6% from run to run
+(docs/benchmarks.md, "Large-tensor path"). Each variant's minor page faults per step are printed
+beside its time, so a ratio that paid for them shows it.
 
 The real-model shapes (issue 15, ``benchmarks/shapes.py``: the zoo's models) step on one fixed batch and close a
 monitor window every 10 steps. ``gradflow/no-activations`` is the monitor without activation
@@ -32,6 +41,7 @@ import copy
 import dataclasses
 import gc
 import os
+import resource
 import statistics
 import sys
 import tempfile
@@ -112,6 +122,13 @@ def _batches(work: Workload):
 
 
 CLOCK = time.perf_counter   # --clock cpu: time.process_time
+# --malloc fixed: no trimming of the heap's top, and blocks up to 32 MB from the heap (glibc tunables)
+FIXED_MALLOC = "glibc.malloc.trim_threshold=1073741824:glibc.malloc.mmap_threshold=33554432"
+
+
+def _faults() -> int:
+    """This process's minor page faults so far (a block glibc gave back and the next step took again)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def _synchronize(device: torch.device) -> None:
@@ -249,8 +266,13 @@ def measure(work: Workload, rounds: int, wanted: list[str] | None = None) -> dic
             runs[name] = (model, optimizer, *stack.enter_context(make(model)))
         if "wandb.watch" in runs:                        # wandb keeps one run at a time: time it last
             runs["wandb.watch"] = runs.pop("wandb.watch")
+        faults: dict[str, list[int]] = {}
         for round_ in range(rounds + 1):                 # the first round warms up and is dropped
-            times = {name: train(work, *run) for name, run in runs.items()}
+            times = {}
+            for name, run in runs.items():
+                before = _faults()
+                times[name] = train(work, *run)
+                faults.setdefault(name, []).append(_faults() - before)
             if round_ == 0:
                 # What set-up and the first calls left (imports, compiled kernels) is collected
                 # now, not by a full collection that some variant's allocations would trigger.
@@ -260,10 +282,11 @@ def measure(work: Workload, rounds: int, wanted: list[str] | None = None) -> dic
                 seconds.setdefault(name, []).append(value)
     steps = work.epochs * (work.repeat or -(-len(work.inputs) // work.batch))
     print(f"\n{work.name}: {steps} steps per round, {rounds} rounds")
-    print(f"  {'variant':24s} {'ms/step':>9s} {'ratio to bare':>14s}")
+    print(f"  {'variant':24s} {'ms/step':>9s} {'ratio to bare':>14s} {'page faults/step':>17s}")
     for name in runs:
         ms = statistics.median(seconds[name][1:]) / steps * 1e3
-        print(f"  {name:24s} {ms:9.3f} {statistics.median(ratios[name][1:]):13.2f}x")
+        print(f"  {name:24s} {ms:9.3f} {statistics.median(ratios[name][1:]):13.2f}x "
+              f"{statistics.median(faults[name][1:]) / steps:17.1f}")
     return {name: statistics.median(r[1:]) for name, r in ratios.items()}
 
 
@@ -288,7 +311,14 @@ def main(argv=None) -> None:
                         "with --windows 5 (or a multiple): each round then holds one profiled step")
     parser.add_argument("--device", default="cpu", help="cpu (default) or cuda: where the models train "
                         "(benchmarks/gpu.sh times them on a GPU)")
+    parser.add_argument("--malloc", choices=["default", "fixed"], default="default",
+                        help="fixed: glibc's trim and mmap thresholds fixed for every variant (FIXED_MALLOC), "
+                             "so that no variant pays for a heap top given back and taken again")
     args = parser.parse_args(argv)
+    if args.malloc == "fixed" and os.environ.get("GLIBC_TUNABLES") != FIXED_MALLOC:
+        # glibc reads its tunables at start-up: run again with them set
+        again = [sys.executable, os.path.abspath(__file__), *(sys.argv[1:] if argv is None else argv)]
+        os.execve(sys.executable, again, {**os.environ, "GLIBC_TUNABLES": FIXED_MALLOC})
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: this machine has no CUDA device (torch {torch.__version__})")
     torch.set_num_threads(args.threads)
@@ -298,7 +328,7 @@ def main(argv=None) -> None:
     torch.manual_seed(0)
     where = torch.cuda.get_device_name(args.device) if args.device.startswith("cuda") else "cpu"
     print(f"torch {torch.__version__}, device {where}, {torch.get_num_threads()} threads, {args.clock} clock, "
-          f"load average {os.getloadavg()[0]:.1f}")
+          f"malloc {args.malloc}, load average {os.getloadavg()[0]:.1f}")
     table = {}
     for name in args.models:
         work = tutorial_mlp() if name == "tutorial" else wide_mlp() if name == "wide" else real_model(name, args.windows)
