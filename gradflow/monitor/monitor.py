@@ -47,7 +47,7 @@ from gradflow.monitor.output import Output
 from gradflow.monitor.part import OnceWarnings, Part, Schedule, Setup
 from gradflow.monitor.parts import create_parts, recorders
 from gradflow.monitor.sharding import ShardLayout
-from gradflow.monitor.steps import OptimizerMasks, StepWatch
+from gradflow.monitor.steps import OptimizerMasks, StepWatch, steps_for
 from gradflow.monitor.tensors import MonitorError
 from gradflow.monitor.window import Window, keep, member_windows, read_parts, read_window, tag_path
 
@@ -269,7 +269,7 @@ class GradientMonitor:
 
     def _on_skipped(self, optimizer: torch.optim.Optimizer) -> None:
         """GradScaler skipped ``optimizer``'s step (interception)."""
-        if not self.automatic or (self._optimizer is not None and optimizer is not self._optimizer()):
+        if not self.automatic or (self._optimizer is not None and not steps_for(self._optimizer(), optimizer)):
             return
         mask = self._masks.mask(optimizer)
         if mask is not None:

@@ -85,6 +85,19 @@ def _groups_key(optimizer: torch.optim.Optimizer) -> tuple:
     return tuple((id(g["params"]), len(g["params"])) for g in optimizer.param_groups)
 
 
+def steps_for(chosen: torch.optim.Optimizer | None, optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer``'s step is a step of ``chosen`` (the monitor's ``optimizer=``): it is
+    ``chosen``, or one that ``chosen`` wraps and shares a param group with. A wrapper that never
+    runs ``Optimizer.__init__`` (accelerate's ``AcceleratedOptimizer``, timm's ``Lookahead``) is
+    never hooked by torch: only its inner optimizer's step is seen."""
+    if optimizer is chosen:
+        return True
+    if chosen is None:
+        return False
+    groups = {id(group) for group in chosen.param_groups}
+    return any(id(group) in groups for group in optimizer.param_groups)
+
+
 def closure_of(args: tuple, kwargs: dict) -> tuple[Callable | None, bool]:
     """The closure passed to ``optimizer.step`` (positional or keyword) and whether by keyword.
     A step pre-hook's ``args`` start with the optimizer itself (torch/optim/optimizer.py)."""
@@ -222,7 +235,7 @@ class StepWatch:
 
     def _on_step_seen(self, optimizer: torch.optim.Optimizer) -> None:
         """An optimizer is about to step (``_dispatch``, before its own pre-hooks)."""
-        if self.only is not None and optimizer is not self.only():
+        if self.only is not None and not steps_for(self.only(), optimizer):
             return
         if self.masks.mask(optimizer) is not None:
             self._hooks[optimizer] = last_pre_hook(optimizer, self._on_step, self._hooks.get(optimizer))
