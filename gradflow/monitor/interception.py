@@ -94,11 +94,15 @@ def found_inf(scaler: GradScaler | None, optimizer: torch.optim.Optimizer) -> bo
 
 class ClipTally:
     """A window's clipping calls: how many, and on the device the sum of the norms before
-    clipping and how many of the calls clipped (see the module docstring for each path)."""
+    clipping and how many of the calls clipped (see the module docstring for each path); both
+    again over the calls whose norm was finite, and how many were not (``FIELDS``): a call made
+    for a step that a GradScaler then skipped found an inf/NaN norm."""
+
+    FIELDS = ("norm_sum", "clipped", "finite_norm_sum", "finite_clipped", "nonfinite_calls")
 
     def __init__(self) -> None:
         self.calls = 0
-        self.sums: torch.Tensor | None = None      # [sum of norms before clipping, clipped calls]
+        self.sums: torch.Tensor | None = None      # FIELDS, on the gradients' device
 
     def add(self, total: torch.Tensor, clipped: torch.Tensor) -> None:
         """Count one call: ``total`` the norm before clipping, ``clipped`` whether it changed a
@@ -109,10 +113,12 @@ class ClipTally:
         if hasattr(total, "full_tensor"):          # a DTensor norm of sharded gradients: its full value,
             total = total.full_tensor()            # one collective, inside a clip call every rank makes
         if self.sums is None:
-            self.sums = torch.zeros(2, device=total.device, dtype=wide_dtype(total.device))
+            self.sums = torch.zeros(len(self.FIELDS), device=total.device, dtype=wide_dtype(total.device))
         elif self.sums.device != total.device:     # the model moved (model.to): the window's sums go with it
             self.move(total.device)
-        self.sums.add_(torch.stack([total.to(self.sums.dtype), clipped.to(self.sums)]))
+        pair = torch.stack([total.to(self.sums.dtype), clipped.to(self.sums)])
+        finite = total.isfinite()
+        self.sums.add_(torch.cat([pair, torch.where(finite, pair, 0.0), (~finite).to(self.sums).view(1)]))
         self.calls += 1
 
     def move(self, device: torch.device) -> None:

@@ -186,16 +186,17 @@ def last_pre_hook(optimizer: torch.optim.Optimizer, hook: Callable, handle=None)
     return handle
 
 
-def amp_scale(optimizer: torch.optim.Optimizer, kwargs: dict | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+def amp_scale(optimizer: torch.optim.Optimizer, kwargs: dict | None) -> tuple[torch.Tensor | None, torch.Tensor] | None:
     """(grad_scale, found_inf) when a ``GradScaler`` steps an optimizer that unscales inside its
-    own step (``_step_supports_amp_scaling``: fused Adam/AdamW/SGD): the gradients are still
-    scaled by ``grad_scale``, and ``found_inf`` > 0 means the step will not apply them. None
-    otherwise. GradScaler sets both as attributes of the optimizer for the step
+    own step (``_step_supports_amp_scaling``: fused Adam/AdamW/SGD/Adagrad): the gradients are
+    still scaled by ``grad_scale`` (None: ``scaler.unscale_(optimizer)`` ran before the step, as
+    torch's AMP recipe does to clip), and ``found_inf`` > 0 means the step will not apply them.
+    None otherwise. GradScaler sets both as attributes of the optimizer for the step
     (torch/amp/grad_scaler.py), or passes itself as ``grad_scaler`` (the older contract)."""
     if not getattr(optimizer, "_step_supports_amp_scaling", False):
         return None
     scale, found = getattr(optimizer, "grad_scale", None), getattr(optimizer, "found_inf", None)
-    if scale is not None and found is not None:
+    if found is not None:
         return scale, found
     scaler = (kwargs or {}).get("grad_scaler")
     if scaler is not None and scaler.is_enabled():
@@ -257,7 +258,7 @@ class StepWatch:
         if amp is not None:                          # a fused optimizer under GradScaler: still scaled
             scale, found_inf = amp
             if not found_inf.item():                 # else skipped: interception counts it (one sync, AMP only)
-                self.record(mask, scale.double().reciprocal().float())
+                self.record(mask, None if scale is None else scale.double().reciprocal().float())
             return None
         closure, by_keyword = closure_of(args, kwargs or {})
         if closure is None:
