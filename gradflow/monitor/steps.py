@@ -217,8 +217,9 @@ class StepWatch:
         self.masks = masks
         self.only = weakref.ref(only) if only is not None else None
         self.record = record
-        self.after = after                   # called when a watched optimizer's step is done
+        self.after = after                   # called when the outermost watched step is done
         self.on = False
+        self._outer = None                   # weak reference to the watched optimizer whose step is running
         self._hooks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._post_hooks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -245,8 +246,12 @@ class StepWatch:
 
     @torch._dynamo.disable
     def _on_step_done(self, optimizer, args=(), kwargs=None) -> None:
-        """The optimizer's step post-hook: its step, and any inner optimizer's, is over."""
-        self.after()
+        """The optimizer's step post-hook: once the outermost watched step is over (a wrapper's
+        inner steps end inside it: ``after`` must wait for the wrapper's)."""
+        outer = self._outer() if self._outer is not None else None
+        if outer is None or outer is optimizer:
+            self._outer = None
+            self.after()
 
     @torch._dynamo.disable
     def _on_step(self, optimizer, args=(), kwargs=None):
@@ -254,6 +259,9 @@ class StepWatch:
         mask = self.masks.mask(optimizer)
         if mask is None or not self.on:
             return None
+        outer = self._outer() if self._outer is not None else None
+        if outer is None or outer is optimizer:      # else an inner step of the running one (a step that raised
+            self._outer = weakref.ref(optimizer)     # leaves it set until that optimizer steps again)
         amp = amp_scale(optimizer, kwargs)
         if amp is not None:                          # a fused optimizer under GradScaler: still scaled
             scale, found_inf = amp
