@@ -250,6 +250,9 @@ class GradientMonitor:
     def _record(self, mask, unscale: torch.Tensor | None = None) -> None:
         """One applied step, part by part (a part returning False ends it: no gradient); then
         the schedule decides whether the next forward pass is profiled."""
+        if torch.is_inference_mode_enabled():      # a step under inference_mode: buffers made here stay writable
+            with torch.inference_mode(False):
+                return self._record(mask, unscale)
         self._setup.unscale = unscale
         try:
             for part in self._recorders:
