@@ -177,8 +177,10 @@ def _as_list(parameters: torch.Tensor | Iterable[torch.Tensor]) -> list[torch.Te
 
 
 def _tell(params: list[torch.Tensor], total: torch.Tensor, clipped: torch.Tensor, skip=()) -> list[Any]:
-    """Tell each watching monitor (but those in ``skip``); return those that counted the call."""
-    return [m for m in _watchers() if m not in skip and m._on_clip(params, total, clipped)]
+    """Tell each watching monitor (but those in ``skip``); return those that counted the call.
+    Inference mode off: a monitor's sums made during a call under it must stay writable."""
+    with torch.inference_mode(False):
+        return [m for m in _watchers() if m not in skip and m._on_clip(params, total, clipped)]
 
 
 def _clip_grad_norm_(parameters: torch.Tensor | Iterable[torch.Tensor], max_norm: float, *args, **kwargs):
@@ -238,6 +240,7 @@ def _scaler_step(self: GradScaler, optimizer: torch.optim.Optimizer, *args, **kw
     result = _ORIGINAL["step"](self, optimizer, *args, **kwargs)
     watchers = _watchers()
     if self.is_enabled() and watchers and found_inf(self, optimizer):
-        for monitor in watchers:
-            monitor._on_skipped(optimizer)
+        with torch.inference_mode(False):
+            for monitor in watchers:
+                monitor._on_skipped(optimizer)
     return result

@@ -42,3 +42,28 @@ def test_steps_under_inference_mode_then_outside_it():
             assert_matches_oracle(rows, oracle, rtol=1e-4)
             oracle.reset()
     assert monitor.history[-1].overall["steps"] == 70
+
+
+def test_clipping_under_inference_mode_then_outside_it():
+    """The first clip call of a window under inference mode: its sums stay writable outside it.
+    Oracle: the norms clip_grad_norm_ returned."""
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    norms = []
+    with GradientMonitor(model, activations=False) as monitor:
+        for i in range(4):
+            optimizer.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            if i % 2 == 0:
+                with torch.inference_mode():
+                    norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.01).item())
+                    optimizer.step()
+            else:
+                norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), 0.01).item())
+                optimizer.step()
+        monitor.log(0)
+    overall = monitor.history[-1].overall
+    assert overall["clip_calls"] == 4 and overall["clipped_steps"] == 4
+    assert abs(overall["total_norm_before_clip"] - sum(norms) / 4) < 1e-6 * overall["total_norm_before_clip"]
