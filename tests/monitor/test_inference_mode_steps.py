@@ -6,11 +6,21 @@ Oracle: the gradients' statistics captured just before each step (no pre-hooks h
 
 from __future__ import annotations
 
+import pytest
 import torch
 from monitor_oracle import GradientOracle, assert_matches_oracle, step_statistics
 from torch import nn
 
 from gradflow import GradientMonitor
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """140 steps of small tensors: on a loaded machine a second intra-op thread costs 30x."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 class MomentsOracle(GradientOracle):
