@@ -3,6 +3,13 @@
 ``interception.py`` tells the monitor of every call; this part keeps the window's count, the
 sum of the norms the calls found and how many of them clipped, and adds
 ``columns.CLIPPING`` to the window's own row (``Window.overall``).
+
+Under AMP, torch's recipe clips between ``scaler.unscale_`` and ``scaler.step``: a step the
+scaler then skips on overflow had a clip call too, whose norm is inf or NaN. In a window with
+skipped steps, the calls with a non-finite norm are those steps' and are left out of all three
+columns (the step is counted in ``skipped_steps``), whichever comes first, the clip call or the
+record (Lightning records before it clips). Without skipped steps a non-finite norm was applied
+and is averaged in.
 """
 
 from __future__ import annotations
@@ -23,6 +30,7 @@ class Clipping(Part):
     def __init__(self, model, setup) -> None:
         super().__init__(model, setup)
         self.tally = ClipTally()
+        self.skipped = 0                  # steps skipped in the window (a GradScaler overflow)
 
     def add(self, params: list[torch.Tensor], total: torch.Tensor, clipped: torch.Tensor) -> bool:
         """A clipping call over ``params`` found the norm ``total`` before clipping and ``clipped``
@@ -37,11 +45,19 @@ class Clipping(Part):
     def device_tensors(self) -> dict[str, Reduced]:
         return {"sums": Reduced(self.tally.sums.to(self.setup.device))} if self.tally.calls else {}
 
+    def skip(self, mask) -> None:
+        self.skipped += 1
+
     def read(self, values: dict[str, np.ndarray], reader) -> None:
         if not self.tally.calls:
             return
-        calls = self.tally.calls
-        norm_sum, clipped = values["sums"]
+        sums = dict(zip(ClipTally.FIELDS, values["sums"].tolist()))
+        calls, norm_sum, clipped = self.tally.calls, sums["norm_sum"], sums["clipped"]
+        if self.skipped and sums["nonfinite_calls"]:       # the skipped steps' calls (module docstring)
+            calls -= int(sums["nonfinite_calls"])
+            norm_sum, clipped = sums["finite_norm_sum"], sums["finite_clipped"]
+        if not calls:
+            return
         row = dict(zip(C.CLIPPING, (float(norm_sum / calls), int(clipped), calls)))
         for k, window in enumerate(reader.windows):
             window.overall.update(row)
@@ -52,3 +68,4 @@ class Clipping(Part):
 
     def reset(self) -> None:
         self.tally = ClipTally()
+        self.skipped = 0

@@ -170,7 +170,8 @@ class Gradients(Part):
         pattern = tuple(g is not None for g in grads)
         if mask is not None:
             self.held.add(mask)
-        if not any(pattern) or self._seen(grads[pattern.index(True)], grads[len(pattern) - 1 - pattern[::-1].index(True)]):
+        if not any(pattern) or self._seen(grads[pattern.index(True)], grads[len(pattern) - 1 - pattern[::-1].index(True)],
+                                          pattern):
             return False
         if self.sharding is not None:                # local shards, Partial sums resolved, unscaled (sharding.py)
             grads = self.sharding.local_grads(self.params, grads, self.recorded, self.setup.unscale)
@@ -206,15 +207,24 @@ class Gradients(Part):
             grad = grad.to_dense() if grad.layout != torch.strided else grad
             self.skipped_nonfinite[i] += (~torch.isfinite(grad)).sum()
 
-    def _seen(self, first: torch.Tensor, last: torch.Tensor) -> bool:
+    def _seen(self, first: torch.Tensor, last: torch.Tensor, pattern: tuple[bool, ...]) -> bool:
         """Whether these gradients (the first and last of a step: the same tensors, not
         modified since) were recorded already: a wrapper's step and its inner optimizer's
-        (ZeroRedundancyOptimizer, Lookahead) are one training step. Kept by weak reference:
+        (ZeroRedundancyOptimizer, Lookahead) are one training step. Also an inner step over
+        part of them (``pattern`` within the recorded step's, whose first and last gradients are
+        unmodified): ZeroRedundancyOptimizer's inner optimizer on several ranks holds its shard,
+        a wrapper may step one inner optimizer per kind of parameter. Kept by weak reference:
         a new tensor may reuse a freed one's id."""
         key = (first._version, last._version)
-        if self._last is not None and self._last[0]() is first and self._last[1]() is last and self._last[2] == key:
-            return True
-        self._last = (weakref.ref(first), weakref.ref(last), key)
+        held = self._last
+        if held is not None:
+            was_first, was_last = held[0](), held[1]()
+            if was_first is first and was_last is last and held[2] == key:
+                return True
+            if was_first is not None and was_last is not None and held[2] == (was_first._version, was_last._version) \
+                    and all(had or not has for had, has in zip(held[3], pattern)):
+                return True
+        self._last = (weakref.ref(first), weakref.ref(last), key, pattern)
         return False
 
     def _make_plan(self, pattern: tuple[bool, ...]) -> _GradientPlan:

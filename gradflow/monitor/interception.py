@@ -24,6 +24,10 @@
 While at least one monitor is attached, these are wrapped: the wrapper calls torch's own
 function unchanged and then tells each attached monitor what happened. The last monitor to
 detach restores torch's functions. Nothing is added to the user's model, optimizer or scaler.
+Threads: attaching and detaching take a lock (a monitor attaching while the last one leaves in
+another thread finds the wrappers installed), the wrappers read a tuple of monitors replaced
+whole, and torch's functions, once taken, are kept: a call already inside a wrapper when the
+last monitor leaves still runs torch's own function.
 
 Code that imported a clipping function by name before a monitor attached (``from
 torch.nn.utils import clip_grad_norm_`` at import time) keeps torch's original and is not
@@ -47,6 +51,7 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 import weakref
 from collections.abc import Iterable
 from typing import Any
@@ -58,8 +63,11 @@ from torch.amp.grad_scaler import GradScaler
 
 from gradflow.monitor.stats import wide_dtype
 
+_LOCK = threading.Lock()                # attach and detach: install and uninstall as one step
 _WATCHERS: weakref.WeakSet[Any] = weakref.WeakSet()
-_ORIGINAL: dict[str, Any] = {}
+_TOLD: tuple = ()                       # weak references to _WATCHERS, replaced whole: what the wrappers read
+_ORIGINAL: dict[str, Any] = {}          # torch's functions, kept once taken (see the module docstring)
+_INSTALLED: list[bool] = [False]
 # The total_norm tensor of the last clip_grads_with_norm_ call and the monitors that counted it:
 # a caller that clips each device mesh's parameters in turn passes the same tensor each time.
 _LAST_TOTAL: dict[str, Any] = {"total": None, "counted": weakref.WeakSet()}
@@ -70,16 +78,27 @@ _CLIPPERS = {"clip_grad_norm_": True, "clip_grad_value_": True, "clip_grads_with
 
 def watch(monitor: Any) -> None:
     """Start telling ``monitor`` about clipping (``_on_clip``) and skipped steps (``_on_skipped``)."""
-    _WATCHERS.add(monitor)
-    if not _ORIGINAL:
-        _install()
+    global _TOLD
+    with _LOCK:
+        _WATCHERS.add(monitor)
+        _TOLD = tuple(weakref.ref(m) for m in _WATCHERS)
+        if not _INSTALLED[0]:
+            _install()
 
 
 def unwatch(monitor: Any) -> None:
     """Stop telling ``monitor``; restore torch's functions when no monitor is left."""
-    _WATCHERS.discard(monitor)
-    if not _WATCHERS and _ORIGINAL:
-        _uninstall()
+    global _TOLD
+    with _LOCK:
+        _WATCHERS.discard(monitor)
+        _TOLD = tuple(weakref.ref(m) for m in _WATCHERS)
+        if not _WATCHERS and _INSTALLED[0]:
+            _uninstall()
+
+
+def _watchers() -> list[Any]:
+    """The attached monitors, as of the last attach or detach (a wrapper's view)."""
+    return [m for m in (ref() for ref in _TOLD) if m is not None]
 
 
 def found_inf(scaler: GradScaler | None, optimizer: torch.optim.Optimizer) -> bool:
@@ -94,11 +113,15 @@ def found_inf(scaler: GradScaler | None, optimizer: torch.optim.Optimizer) -> bo
 
 class ClipTally:
     """A window's clipping calls: how many, and on the device the sum of the norms before
-    clipping and how many of the calls clipped (see the module docstring for each path)."""
+    clipping and how many of the calls clipped (see the module docstring for each path); both
+    again over the calls whose norm was finite, and how many were not (``FIELDS``): a call made
+    for a step that a GradScaler then skipped found an inf/NaN norm."""
+
+    FIELDS = ("norm_sum", "clipped", "finite_norm_sum", "finite_clipped", "nonfinite_calls")
 
     def __init__(self) -> None:
         self.calls = 0
-        self.sums: torch.Tensor | None = None      # [sum of norms before clipping, clipped calls]
+        self.sums: torch.Tensor | None = None      # FIELDS, on the gradients' device
 
     def add(self, total: torch.Tensor, clipped: torch.Tensor) -> None:
         """Count one call: ``total`` the norm before clipping, ``clipped`` whether it changed a
@@ -109,10 +132,12 @@ class ClipTally:
         if hasattr(total, "full_tensor"):          # a DTensor norm of sharded gradients: its full value,
             total = total.full_tensor()            # one collective, inside a clip call every rank makes
         if self.sums is None:
-            self.sums = torch.zeros(2, device=total.device, dtype=wide_dtype(total.device))
+            self.sums = torch.zeros(len(self.FIELDS), device=total.device, dtype=wide_dtype(total.device))
         elif self.sums.device != total.device:     # the model moved (model.to): the window's sums go with it
             self.move(total.device)
-        self.sums.add_(torch.stack([total.to(self.sums.dtype), clipped.to(self.sums)]))
+        pair = torch.stack([total.to(self.sums.dtype), clipped.to(self.sums)])
+        finite = total.isfinite()
+        self.sums.add_(torch.cat([pair, torch.where(finite, pair, 0.0), (~finite).to(self.sums).view(1)]))
         self.calls += 1
 
     def move(self, device: torch.device) -> None:
@@ -124,12 +149,15 @@ class ClipTally:
 def _install() -> None:
     for name, in_module in _CLIPPERS.items():
         if hasattr(torch.nn.utils, name):            # clip_grads_with_norm_: torch >= 2.6
-            _ORIGINAL[name] = getattr(torch.nn.utils, name)
+            if getattr(torch.nn.utils, name) is not _WRAPPERS[name]:     # still ours if someone wrapped us
+                _ORIGINAL[name] = getattr(torch.nn.utils, name)
             setattr(torch.nn.utils, name, _WRAPPERS[name])
             if in_module:
                 setattr(torch.nn.utils.clip_grad, name, _WRAPPERS[name])
-    _ORIGINAL["step"] = GradScaler.__dict__["step"]
+    if GradScaler.__dict__["step"] is not _scaler_step:
+        _ORIGINAL["step"] = GradScaler.__dict__["step"]
     GradScaler.step = _scaler_step
+    _INSTALLED[0] = True
 
 
 def _uninstall() -> None:
@@ -140,7 +168,7 @@ def _uninstall() -> None:
                 setattr(namespace, name, _ORIGINAL[name])
     if GradScaler.__dict__.get("step") is _scaler_step:
         GradScaler.step = _ORIGINAL["step"]
-    _ORIGINAL.clear()
+    _INSTALLED[0] = False                            # _ORIGINAL is kept: a call may be inside a wrapper
     _LAST_TOTAL["total"] = None
 
 
@@ -149,8 +177,10 @@ def _as_list(parameters: torch.Tensor | Iterable[torch.Tensor]) -> list[torch.Te
 
 
 def _tell(params: list[torch.Tensor], total: torch.Tensor, clipped: torch.Tensor, skip=()) -> list[Any]:
-    """Tell each watching monitor (but those in ``skip``); return those that counted the call."""
-    return [m for m in list(_WATCHERS) if m not in skip and m._on_clip(params, total, clipped)]
+    """Tell each watching monitor (but those in ``skip``); return those that counted the call.
+    Inference mode off: a monitor's sums made during a call under it must stay writable."""
+    with torch.inference_mode(False):
+        return [m for m in _watchers() if m not in skip and m._on_clip(params, total, clipped)]
 
 
 def _clip_grad_norm_(parameters: torch.Tensor | Iterable[torch.Tensor], max_norm: float, *args, **kwargs):
@@ -178,12 +208,13 @@ def _clip_grads_with_norm_(parameters: torch.Tensor | Iterable[torch.Tensor], ma
 def _clip_grad_value_(parameters: torch.Tensor | Iterable[torch.Tensor], clip_value: float, *args, **kwargs):
     params = _as_list(parameters)
     grads = [p.grad for p in params if p.grad is not None]
-    if grads and _WATCHERS:
+    told = bool(grads and _TOLD)                # the same answer before and after torch's call
+    if told:
         with torch.no_grad():       # before clamping: the L2 norm and the largest |g|
             total = _total_norm(grads, 2.0)
             clipped = _total_norm(grads, math.inf) > float(clip_value)
     result = _ORIGINAL["clip_grad_value_"](params, clip_value, *args, **kwargs)
-    if grads and _WATCHERS:
+    if told:
         _tell(params, total, clipped)
     return result
 
@@ -207,7 +238,9 @@ _WRAPPERS = {
 
 def _scaler_step(self: GradScaler, optimizer: torch.optim.Optimizer, *args, **kwargs):
     result = _ORIGINAL["step"](self, optimizer, *args, **kwargs)
-    if self.is_enabled() and _WATCHERS and found_inf(self, optimizer):
-        for monitor in list(_WATCHERS):
-            monitor._on_skipped(optimizer)
+    watchers = _watchers()
+    if self.is_enabled() and watchers and found_inf(self, optimizer):
+        with torch.inference_mode(False):
+            for monitor in watchers:
+                monitor._on_skipped(optimizer)
     return result

@@ -47,7 +47,7 @@ from gradflow.monitor.output import Output
 from gradflow.monitor.part import OnceWarnings, Part, Schedule, Setup
 from gradflow.monitor.parts import create_parts, recorders
 from gradflow.monitor.sharding import ShardLayout
-from gradflow.monitor.steps import OptimizerMasks, StepWatch
+from gradflow.monitor.steps import OptimizerMasks, StepWatch, steps_for
 from gradflow.monitor.tensors import MonitorError
 from gradflow.monitor.window import Window, keep, member_windows, read_parts, read_window, tag_path
 
@@ -250,6 +250,9 @@ class GradientMonitor:
     def _record(self, mask, unscale: torch.Tensor | None = None) -> None:
         """One applied step, part by part (a part returning False ends it: no gradient); then
         the schedule decides whether the next forward pass is profiled."""
+        if torch.is_inference_mode_enabled():      # a step under inference_mode: buffers made here stay writable
+            with torch.inference_mode(False):
+                return self._record(mask, unscale)
         self._setup.unscale = unscale
         try:
             for part in self._recorders:
@@ -269,7 +272,7 @@ class GradientMonitor:
 
     def _on_skipped(self, optimizer: torch.optim.Optimizer) -> None:
         """GradScaler skipped ``optimizer``'s step (interception)."""
-        if not self.automatic or (self._optimizer is not None and optimizer is not self._optimizer()):
+        if not self.automatic or (self._optimizer is not None and not steps_for(self._optimizer(), optimizer)):
             return
         mask = self._masks.mask(optimizer)
         if mask is not None:

@@ -85,6 +85,19 @@ def _groups_key(optimizer: torch.optim.Optimizer) -> tuple:
     return tuple((id(g["params"]), len(g["params"])) for g in optimizer.param_groups)
 
 
+def steps_for(chosen: torch.optim.Optimizer | None, optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer``'s step is a step of ``chosen`` (the monitor's ``optimizer=``): it is
+    ``chosen``, or one that ``chosen`` wraps and shares a param group with. A wrapper that never
+    runs ``Optimizer.__init__`` (accelerate's ``AcceleratedOptimizer``, timm's ``Lookahead``) is
+    never hooked by torch: only its inner optimizer's step is seen."""
+    if optimizer is chosen:
+        return True
+    if chosen is None:
+        return False
+    groups = {id(group) for group in chosen.param_groups}
+    return any(id(group) in groups for group in optimizer.param_groups)
+
+
 def closure_of(args: tuple, kwargs: dict) -> tuple[Callable | None, bool]:
     """The closure passed to ``optimizer.step`` (positional or keyword) and whether by keyword.
     A step pre-hook's ``args`` start with the optimizer itself (torch/optim/optimizer.py)."""
@@ -173,16 +186,17 @@ def last_pre_hook(optimizer: torch.optim.Optimizer, hook: Callable, handle=None)
     return handle
 
 
-def amp_scale(optimizer: torch.optim.Optimizer, kwargs: dict | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+def amp_scale(optimizer: torch.optim.Optimizer, kwargs: dict | None) -> tuple[torch.Tensor | None, torch.Tensor] | None:
     """(grad_scale, found_inf) when a ``GradScaler`` steps an optimizer that unscales inside its
-    own step (``_step_supports_amp_scaling``: fused Adam/AdamW/SGD): the gradients are still
-    scaled by ``grad_scale``, and ``found_inf`` > 0 means the step will not apply them. None
-    otherwise. GradScaler sets both as attributes of the optimizer for the step
+    own step (``_step_supports_amp_scaling``: fused Adam/AdamW/SGD/Adagrad): the gradients are
+    still scaled by ``grad_scale`` (None: ``scaler.unscale_(optimizer)`` ran before the step, as
+    torch's AMP recipe does to clip), and ``found_inf`` > 0 means the step will not apply them.
+    None otherwise. GradScaler sets both as attributes of the optimizer for the step
     (torch/amp/grad_scaler.py), or passes itself as ``grad_scaler`` (the older contract)."""
     if not getattr(optimizer, "_step_supports_amp_scaling", False):
         return None
     scale, found = getattr(optimizer, "grad_scale", None), getattr(optimizer, "found_inf", None)
-    if scale is not None and found is not None:
+    if found is not None:
         return scale, found
     scaler = (kwargs or {}).get("grad_scaler")
     if scaler is not None and scaler.is_enabled():
@@ -203,8 +217,9 @@ class StepWatch:
         self.masks = masks
         self.only = weakref.ref(only) if only is not None else None
         self.record = record
-        self.after = after                   # called when a watched optimizer's step is done
+        self.after = after                   # called when the outermost watched step is done
         self.on = False
+        self._outer = None                   # weak reference to the watched optimizer whose step is running
         self._hooks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self._post_hooks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
@@ -222,7 +237,7 @@ class StepWatch:
 
     def _on_step_seen(self, optimizer: torch.optim.Optimizer) -> None:
         """An optimizer is about to step (``_dispatch``, before its own pre-hooks)."""
-        if self.only is not None and optimizer is not self.only():
+        if self.only is not None and not steps_for(self.only(), optimizer):
             return
         if self.masks.mask(optimizer) is not None:
             self._hooks[optimizer] = last_pre_hook(optimizer, self._on_step, self._hooks.get(optimizer))
@@ -231,8 +246,12 @@ class StepWatch:
 
     @torch._dynamo.disable
     def _on_step_done(self, optimizer, args=(), kwargs=None) -> None:
-        """The optimizer's step post-hook: its step, and any inner optimizer's, is over."""
-        self.after()
+        """The optimizer's step post-hook: once the outermost watched step is over (a wrapper's
+        inner steps end inside it: ``after`` must wait for the wrapper's)."""
+        outer = self._outer() if self._outer is not None else None
+        if outer is None or outer is optimizer:
+            self._outer = None
+            self.after()
 
     @torch._dynamo.disable
     def _on_step(self, optimizer, args=(), kwargs=None):
@@ -240,11 +259,14 @@ class StepWatch:
         mask = self.masks.mask(optimizer)
         if mask is None or not self.on:
             return None
+        outer = self._outer() if self._outer is not None else None
+        if outer is None or outer is optimizer:      # else an inner step of the running one (a step that raised
+            self._outer = weakref.ref(optimizer)     # leaves it set until that optimizer steps again)
         amp = amp_scale(optimizer, kwargs)
         if amp is not None:                          # a fused optimizer under GradScaler: still scaled
             scale, found_inf = amp
             if not found_inf.item():                 # else skipped: interception counts it (one sync, AMP only)
-                self.record(mask, scale.double().reciprocal().float())
+                self.record(mask, None if scale is None else scale.double().reciprocal().float())
             return None
         closure, by_keyword = closure_of(args, kwargs or {})
         if closure is None:

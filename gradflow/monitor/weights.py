@@ -4,7 +4,8 @@ Memory: one copy of each trainable parameter, in its own dtype (the window's sta
 update ratio), updated in place at each window's end; none of a frozen one (``requires_grad``
 False): whether a frozen weight moved is told by its version counter, which every in-place
 change bumps, so its update ratio is 0 while untouched and NaN (unknown) once something wrote
-to it. No per-element index tensors: each parameter is reduced on its own, its members (a
+to it. One unfrozen later gets its copy at the end of the window it was unfrozen in. No
+per-element index tensors: each parameter is reduced on its own, its members (a
 batched model) as consecutive segments, in chunks (``stats.CHUNK``) on the torch path.
 """
 
@@ -93,6 +94,8 @@ class Weights(Part):
                 rows[i * k:(i + 1) * k, 2] = float("nan")
             if start is not None and not renewed:
                 start.copy_(local(p.detach()))
+            elif p.requires_grad:           # unfrozen since attach: followed from the next window on
+                self.start[i] = local(p.detach()).clone()
             self.versions[i] = p._version
         rows[:, 1:] = rows[:, 1:].sqrt()
         return rows, counts
