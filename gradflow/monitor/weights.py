@@ -92,10 +92,11 @@ class Weights(Part):
                 now, before, now.numel() // k, renew=start is not None and start.is_contiguous())
             if start is None and p._version != self.versions[i]:
                 rows[i * k:(i + 1) * k, 2] = float("nan")
-            if start is not None and not renewed:
+            if start is None:
+                if p.requires_grad:         # unfrozen since attach: followed from the next window on
+                    self.start[i] = local(p.detach()).clone()
+            elif not renewed:               # the fused kernel wrote the next start as it read (renew)
                 start.copy_(local(p.detach()))
-            elif p.requires_grad:           # unfrozen since attach: followed from the next window on
-                self.start[i] = local(p.detach()).clone()
             self.versions[i] = p._version
         rows[:, 1:] = rows[:, 1:].sqrt()
         return rows, counts

@@ -39,3 +39,25 @@ def test_weight_rows_and_update_ratios_match_oracle_window_after_window(reductio
                 ratio = ((w - w0).norm() / w0.norm()).item()
                 assert weights[name]["update_ratio"] == pytest.approx(ratio, rel=1e-5, abs=1e-12), (window, name)
             assert weights["dense_2.bias"]["update_ratio"] == 0.0
+
+
+def test_the_start_copy_is_one_buffer_kept_across_windows(reduction_path):
+    """docs/memory.md: one copy of each trainable parameter, renewed in place at each window's
+    end (in the kernel's pass or by copy_), never re-allocated; none of a frozen one."""
+    torch.manual_seed(7)
+    model = nn.Sequential(nn.Linear(300, 300), nn.ReLU(), nn.Linear(300, 2))
+    model[2].bias.requires_grad_(False)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    with GradientMonitor(model, activations=False) as monitor:
+        weights = monitor.parts["weights"]
+        first = [None if s is None else s.data_ptr() for s in weights.start]
+        for window in range(3):
+            optimizer.zero_grad()
+            model(torch.randn(4, 300)).pow(2).mean().backward()
+            optimizer.step()
+            monitor.log(window)
+            assert [None if s is None else s.data_ptr() for s in weights.start] == first, window
+            for s, p in zip(weights.start, model.parameters()):
+                if s is not None:
+                    assert torch.equal(s, p.detach()), window          # the next window starts from now
+    assert first[-1] is None                                            # the frozen bias: no copy
