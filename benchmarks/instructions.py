@@ -6,8 +6,9 @@ epoch) in a child process under ``valgrind --tool=cachegrind --cache-sim=no``, o
 ``--short`` and once for ``--long`` epochs; the difference over the extra steps is the
 instructions per step, start-up (imports, numba's kernels) cancelled out. Valgrind counts every
 thread's user-space instructions (the TensorBoard writer's included), not the kernel's. A first
-run compiles numba's kernels for the CPU valgrind emulates (it hides AVX-512) into numba's cache,
-so that both counted runs load them.
+run of each variant compiles numba's kernels for the CPU valgrind emulates (it hides AVX-512) into
+numba's cache, so that both counted runs load them: a kernel compiled inside one of them adds
+billions of instructions (numba recompiles whenever ``kernels.py`` changes).
 
     python benchmarks/instructions.py                 # bare, hooks only, the default monitor: about 15 minutes
     python benchmarks/instructions.py --variants bare monitor --short 2 --long 7
@@ -90,13 +91,17 @@ def main(argv=None) -> None:
         raise SystemExit("benchmarks/instructions.py needs valgrind (apt-get install valgrind)")
     if not 0 < args.short < args.long:
         raise SystemExit(f"--short must be at least 1 and below --long; got {args.short} and {args.long}")
-    if any(v != "bare" for v in args.variants):
-        instructions("monitor/no-writer", 1)            # numba's kernels compiled for valgrind's CPU, cached
     runs = [(v, e) for v in args.variants for e in (args.short, args.long)]
     with ThreadPoolExecutor(args.jobs) as pool:
+        # numba's kernels compiled for valgrind's CPU and cached, each variant's own, before counting
+        list(pool.map(lambda variant: instructions(variant, 1), [v for v in args.variants if v != "bare"]))
         counted = dict(zip(runs, pool.map(lambda run: instructions(*run), runs)))
     steps = (args.long - args.short) * STEPS_PER_EPOCH
     per_step = {v: (counted[v, args.long] - counted[v, args.short]) / steps for v in args.variants}
+    for variant, count in per_step.items():
+        if count <= 0:
+            raise SystemExit(f"{variant}: the {args.long}-epoch run counted fewer instructions than the "
+                             f"{args.short}-epoch one: something was compiled in the shorter run; run again")
     print(f"tutorial deep MLP (5 x 5, batch 32): instructions per step, valgrind, {steps} steps "
           f"({args.long} - {args.short} epochs)")
     for variant, count in per_step.items():
