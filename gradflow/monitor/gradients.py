@@ -96,6 +96,7 @@ class Gradients(Part):
         self.recorded = 0                            # record() calls in this window
         self.held: set = set()                       # the masks of the optimizers that stepped
         self.skipped_steps = 0                       # skip() calls in this window
+        self.removed = False                         # remove() was called: nothing is recorded any more
         self._scratch = S.Scratch()                  # for the large tensors
         self.steps_by_pattern: dict[tuple[bool, ...], int] = {}
         self.pending: list[tuple[_GradientPlan, torch.Tensor, int]] = []
@@ -141,6 +142,7 @@ class Gradients(Part):
 
     def remove(self) -> None:
         self._last = None
+        self.removed = True          # log() after remove() says why its window is empty
 
     def step_done(self) -> None:
         """The step is over: no wrapper's inner step can repeat it, and the weak references
@@ -320,7 +322,7 @@ class Gradients(Part):
         that step's value) and the window's own row (``columns.OVERALL``)."""
         steps = self.steps()
         for key, message in _gaps(self.setup.names, self.params, steps.reshape(-1, self.members)[:, 0],
-                                  self.recorded, self.skipped_steps):
+                                  self.recorded, self.skipped_steps, self.removed):
             self.setup.warn(key, message)
         for window in reader.windows:
             window.steps = int(steps.max(initial=0))
@@ -415,12 +417,16 @@ def idle_text(names: list[str], steps: int, shown: int = 50) -> str:
 
 
 def _gaps(names: list[str], params: list[torch.Tensor], steps: np.ndarray, recorded: int,
-          skipped: int) -> list[tuple[str, str]]:
+          skipped: int, removed: bool = False) -> list[tuple[str, str]]:
     """What a window did not record although it could have, as (key, warning) pairs: gradients
-    but no step, gradients that no monitored optimizer stepped."""
+    but no step (after ``remove()``: because the monitor was removed), gradients that no
+    monitored optimizer stepped."""
     out = []
     with_grad = {name for name, p in zip(names, params) if p.grad is not None}
-    if not recorded and with_grad and not skipped:
+    if removed and not recorded and not skipped:
+        out.append(("removed", "log() after remove(): this monitor records no step once removed, so the window is "
+                    "empty; attach a new GradientMonitor to record again"))
+    elif not recorded and with_grad and not skipped:
         out.append(("no-step", "log(): the parameters have gradients but no optimizer step was recorded in this "
                     "window; the monitor records at a torch.optim optimizer's step(). A hand-written update "
                     "(p -= lr * p.grad) or an optimizer that is not a torch.optim.Optimizer is not seen: call "

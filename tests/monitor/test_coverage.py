@@ -45,6 +45,28 @@ def test_hand_written_update_is_said():
     assert len([m for m in messages if "hand-written update" in m and "record()" in m]) == 1, messages
 
 
+
+@pytest.mark.parametrize("with_step", [True, False])
+def test_log_after_remove_says_the_monitor_was_removed(with_step):
+    """A window after remove() is empty because the monitor was removed, not because of a
+    hand-written update: the warning says so, whether or not the loop went on stepping."""
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor = GradientMonitor(model, activations=False)
+    _loss(model).backward()
+    optimizer.step()
+    assert monitor.log(0)                                # recorded while attached
+    monitor.remove()
+    optimizer.zero_grad()
+    _loss(model).backward()
+    if with_step:
+        optimizer.step()
+    rows, messages = _caught(lambda: monitor.log(1))
+    assert rows == {}
+    assert [m for m in messages if "after remove()" in m and "new GradientMonitor" in m], messages
+    assert not [m for m in messages if "hand-written update" in m], messages
+
+
 class _NotTorchOptim:
     """An optimizer that is not a torch.optim.Optimizer (as some libraries' own)."""
 
