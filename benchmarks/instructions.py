@@ -17,11 +17,10 @@ Variants: ``bare`` (no monitor), ``hooks`` (a monitor that records every step an
 the step and forward hooks alone), ``monitor`` (the default monitor with a TensorBoard window per
 epoch, as ``overhead.py`` times it), ``monitor/no-writer`` (the same, writer=None).
 
-Measured 2026-12-05 (valgrind 3.19, torch 2.13.0 CPU): bare 2.338 M instructions a step, hooks
-2.386 M (1.02x), monitor 2.619 M (1.12x). ``overhead.py --clock cpu`` gives 1.41-1.48x for the
-same loop on this machine: the monitor's instructions run at about a third of the bare loop's
-instructions per cycle (a window touches numpy, torch, numba and protobuf once each, cold), so
-fewer instructions alone will not reach issue 20's 1.3x.
+Measured 2026-12-05 at c2b6d8b (valgrind 3.19, torch 2.13.0 CPU): bare 2.360 M instructions a
+step, hooks 2.765 M (1.17x), monitor 2.880 M (1.22x), monitor/no-writer 2.852 M (1.21x).
+``overhead.py --clock cpu`` gives 1.41-1.48x for the same loop on this machine: the monitor's
+instructions run at about half the bare loop's instructions per cycle (docs/benchmarks.md).
 """
 
 from __future__ import annotations
