@@ -169,7 +169,7 @@ class Gradients(Part):
             grads = [p.grad for p in self.params]
         else:
             grads = [p.grad if wanted else None for p, wanted in zip(self.params, mask)]
-        pattern = tuple(g is not None for g in grads)
+        pattern = tuple([g is not None for g in grads])     # a list: no generator to resume per gradient
         if mask is not None:
             self.held.add(mask)
         if not any(pattern) or self._seen(grads[pattern.index(True)], grads[len(pattern) - 1 - pattern[::-1].index(True)],

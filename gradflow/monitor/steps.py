@@ -165,7 +165,25 @@ def unwatch_steps(monitor: Any) -> None:
         _MONITORS = tuple(ref for ref in _MONITORS if ref() is not None and ref() is not monitor)
 
 
-@torch._dynamo.disable
+def outside_compile(fn: Callable) -> Callable:
+    """``fn`` as a hook that torch.compile never traces: where dynamo traces the code that calls
+    it (``torch.compile(optimizer.step)``), a graph break that runs ``fn`` eagerly, as
+    ``torch._dynamo.disable`` does; in eager code, ``fn`` itself. The disable wrapper costs an
+    eager call about 0.9 us (it swaps the frame evaluation callback in and out), and the
+    optimizer's three hooks run at every step; ``torch.compiler.is_compiling()`` is True only
+    while dynamo traces."""
+    disabled = torch._dynamo.disable(fn)
+
+    @functools.wraps(fn)
+    def hook(*args, **kwargs):
+        if torch.compiler.is_compiling():
+            return disabled(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return hook
+
+
+@outside_compile
 def _dispatch(optimizer, args, kwargs):
     for ref in _MONITORS:
         monitor = ref()
@@ -244,7 +262,7 @@ class StepWatch:
             if optimizer not in self._post_hooks:
                 self._post_hooks[optimizer] = optimizer.register_step_post_hook(self._on_step_done)
 
-    @torch._dynamo.disable
+    @outside_compile
     def _on_step_done(self, optimizer, args=(), kwargs=None) -> None:
         """The optimizer's step post-hook: once the outermost watched step is over (a wrapper's
         inner steps end inside it: ``after`` must wait for the wrapper's)."""
@@ -253,7 +271,7 @@ class StepWatch:
             self._outer = None
             self.after()
 
-    @torch._dynamo.disable
+    @outside_compile
     def _on_step(self, optimizer, args=(), kwargs=None):
         """The optimizer's last step pre-hook: record the gradient its step applies."""
         mask = self.masks.mask(optimizer)
