@@ -90,9 +90,9 @@ class Weights(Part):
             before = now if start is None else start.reshape(-1)
             rows[i * k:(i + 1) * k], counts[i * k:(i + 1) * k], renewed = self._fold(
                 now, before, now.numel() // k, renew=start is not None and start.is_contiguous())
-            if start is None and p._version != self.versions[i]:
-                rows[i * k:(i + 1) * k, 2] = float("nan")
-            if start is None:
+            if start is None:               # frozen at attach: moved only if something wrote to it
+                if p._version != self.versions[i]:
+                    rows[i * k:(i + 1) * k, 2] = float("nan")
                 if p.requires_grad:         # unfrozen since attach: followed from the next window on
                     self.start[i] = local(p.detach()).clone()
             elif not renewed:               # the fused kernel wrote the next start as it read (renew)
