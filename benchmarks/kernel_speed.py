@@ -10,10 +10,11 @@ on a shared machine), and the last column is after / before.
 
 The cases: ``fold`` of a 1M-value Gaussian gradient held in the cache, of six 1M-value ones
 that are not (a 256 MB buffer is written between rounds, as a backward pass would push a
-gradient out), of an all-zero one (a dead ReLU layer: every value in one bin), and with a band;
+gradient out), of an all-zero one (a dead ReLU layer: every value in one bin), of one with half
+its values zero (a ReLU layer's output: zeros in every block), and with a band;
 ``_block_moments`` and the histogram alone on one 4096-value block in L1, called 2000 times from
 compiled code (a call from Python costs about as much as the block); ``fold_rows`` over rows of
-100 and of 5000 values, and of 1500 zeros; ``fold_weights`` of a 1M-value weight against its start, and
+100 and of 5000 values, of 1500 zeros, and of 500 values half zeros; ``fold_weights`` of a 1M-value weight against its start, and
 with the weight then made the next window's start (a copy after the fold, or in its pass: ``renew``).
 """
 
@@ -96,6 +97,7 @@ def cases(kernels, data: dict) -> dict[str, tuple[Callable[[], object], int, Cal
     rows_short = np.full(data["hot"].size // 100, 100)
     rows_long = np.full(data["hot"].size // 5000, 5000)
     rows_middle = np.full(data["hot"].size // 1500, 1500)
+    rows_half = np.full(data["hot"].size // 500, 500)
     slots = np.zeros(rows_short.size, np.int64)
 
     def scrub() -> None:
@@ -107,6 +109,7 @@ def cases(kernels, data: dict) -> dict[str, tuple[Callable[[], object], int, Cal
         "fold, 1M in cache": (lambda: kernels.fold(hot, counts[0]), hot.size, None),
         "fold, 6 x 1M not in cache": (lambda: [kernels.fold(g, counts[0]) for g in cold], 6 * hot.size, scrub),
         "fold, 1M zeros": (lambda: kernels.fold(zeros, counts[0]), zeros.size, None),
+        "fold, 1M half zeros": (lambda: kernels.fold(data["half"], counts[0]), zeros.size, None),
         "fold, 1M with a band": (lambda: kernels.fold(hot, counts[0], centre=0.0, threshold=1e-3), hot.size, None),
         "_block_moments, 4096 in L1": (moments, BLOCK_REPEATS * block.size, None),
         "histogram, 4096 in L1": (histogram, BLOCK_REPEATS * block.size, None),
@@ -117,6 +120,9 @@ def cases(kernels, data: dict) -> dict[str, tuple[Callable[[], object], int, Cal
         "fold_rows, rows of 1500 zeros": (lambda: kernels.fold_rows(zeros[:rows_middle.sum()], rows_middle,
                                                                     slots[:rows_middle.size], counts),
                                           rows_middle.sum(), None),
+        "fold_rows, rows of 500 half zeros": (lambda: kernels.fold_rows(data["half"][:rows_half.sum()], rows_half,
+                                                                        slots[:rows_half.size], counts),
+                                              rows_half.sum(), None),
         "fold_weights, 1M": (lambda: kernels.fold_weights(hot, data["start"], np.array([hot.size])), hot.size, None),
         "weights + next start, 1M": (lambda: next_start(kernels, hot, data["next"]), hot.size, None),
     }
@@ -150,6 +156,7 @@ def main() -> None:
     data = {"hot": (rng.standard_normal(n) * 1e-3).astype(np.float32),
             "cold": [(rng.standard_normal(n) * 1e-3).astype(np.float32) for _ in range(6)],
             "zeros": np.zeros(n, np.float32), "scrub": np.zeros(64 << 20, np.float32)}
+    data["half"] = np.where(rng.random(n) < 0.5, data["hot"], np.float32(0.0))   # a ReLU layer's gradient
     data["start"] = data["hot"] + (rng.standard_normal(n) * 1e-5).astype(np.float32)
     data["next"] = data["start"].copy()
     with tempfile.TemporaryDirectory() as directory:

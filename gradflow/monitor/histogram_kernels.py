@@ -102,8 +102,9 @@ def value_rows(counts, octaves, value_limits, value_lefts, value_centres, limits
 
 
 @njit(nogil=True, boundscheck=False, cache=True)
-def log10_rows(counts, log10_limits, log10_centres, log10_2, limits_out, counts_out, offsets, moments, valid):
-    """``stats.log10_abs_histograms`` of each row of (R, 512) float64 ``counts``, sparse."""
+def log10_rows(counts, log10_limits, log10_centres, log10_lefts, limits_out, counts_out, offsets, moments, valid):
+    """``stats.log10_abs_histograms`` of each row of (R, 512) float64 ``counts``, sparse
+    (``log10_lefts``: each bucket's left edge, the histogram's min where it comes first)."""
     rows = counts.shape[0]
     magnitudes = np.empty(FINITE)
     at = 0
@@ -125,6 +126,6 @@ def log10_rows(counts, log10_limits, log10_centres, log10_2, limits_out, counts_
             continue
         valid[r] = True
         at = _emit(log10_limits[first:last + 1], magnitudes[first:last + 1], last + 1 - first, limits_out, counts_out, at)
-        moments[r, 0], moments[r, 1] = log10_limits[first] - log10_2, log10_limits[last]
+        moments[r, 0], moments[r, 1] = log10_lefts[first], log10_limits[last]
         moments[r, 2], moments[r, 3], moments[r, 4] = total, total_sum, squares
     offsets[rows] = at

@@ -14,8 +14,10 @@ def sign_exponent_bin(x: float) -> int:
     if not math.isfinite(x):
         return sign + 255
     magnitude = abs(x)
-    if magnitude < 2.0 ** -126:          # zero or subnormal
+    if magnitude == 0:                   # +0 and -0 alone
         return sign
+    if magnitude < 2.0 ** -126:          # a subnormal: the lowest non-zero bin of its sign
+        return sign + 1
     return sign + math.floor(math.log2(magnitude)) + 127
 
 

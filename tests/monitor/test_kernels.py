@@ -108,10 +108,11 @@ def test_fold_counts_every_value_of_odd_lengths_with_specials_in_each_sub_histog
     np.testing.assert_array_equal(counts, bins)
 
 
-@pytest.mark.parametrize("value, bin_", [(0.0, 256), (-0.0, 0), (1e-40, 256), (np.inf, 511)],
-                         ids=["zeros", "negative-zeros", "subnormals", "infinities"])
+@pytest.mark.parametrize("value, bin_", [(0.0, 256), (-0.0, 0), (1e-40, 257), (-1e-40, 1), (np.inf, 511)],
+                         ids=["zeros", "negative-zeros", "subnormals", "negative-subnormals", "infinities"])
 def test_fold_counts_a_long_run_of_one_bin_exactly(value, bin_):
-    """Every value in one bin (a dead layer's zero gradient) is the sub-histograms' worst case."""
+    """Every value in one bin (a dead layer's zero gradient) is the sub-histograms' worst case;
+    subnormals, counted with the zeros and moved to exponent 1 afterwards, spread over all eight."""
     n = 70_001
     counts = np.zeros(S.SIGN_EXPONENT_BINS, np.int64)
     row = K.fold(np.full(n, value, np.float32), counts)

@@ -28,8 +28,9 @@ def assert_is_histogram_of(histogram: S.Histogram, values: np.ndarray) -> None:
     """Every finite value lies in the bucket the histogram counts it in.
 
     Buckets are right-closed for negative values and left-closed for positive ones (a float's
-    exponent bin), and the bucket around zero holds zero, subnormals and, when the values span
-    many octaves, the smallest magnitudes of both signs.
+    exponent bin), and the bucket around zero holds the exact zeros and, when the values span
+    many octaves, the smallest magnitudes of both signs; subnormals lie in exponent 1's buckets,
+    whose edges reach down to 2^-149.
     """
     finite = values[np.isfinite(values)].astype(np.float64)
     limits = np.asarray(histogram.limits)
@@ -63,13 +64,17 @@ def test_value_histograms_merge_octaves_far_below_the_largest_into_the_zero_buck
 
 
 def test_log10_histograms_count_each_nonzero_finite_value_in_its_octave():
+    """Subnormals (1e-40 and -3e-42 among the specials) too: in the lowest bucket, whose left
+    edge, the histogram's min, is log10(2^-149)."""
     rng = np.random.default_rng(3)
     values = random_values(rng, 500, 30.0, 7, True)
     (histogram,) = S.log10_abs_histograms(S.sign_exponent_counts(values).numpy()[None])
     finite = values.numpy()[np.isfinite(values.numpy())]
-    normal = np.abs(finite[np.abs(finite) >= 2.0 ** -126]).astype(np.float64)
-    index = np.searchsorted(histogram.limits, np.log10(normal), "right")
+    nonzero = np.log10(np.abs(finite[finite != 0]).astype(np.float64))
+    index = np.searchsorted(histogram.limits, nonzero, "right")
     np.testing.assert_array_equal(np.bincount(index, minlength=len(histogram.limits)), histogram.counts)
+    assert histogram.min <= nonzero.min() and histogram.max >= nonzero.max()
+    assert histogram.min == pytest.approx(-149 * math.log10(2.0))           # the subnormals set it
 
 
 def test_rows_with_no_finite_value_have_no_histogram():
@@ -100,8 +105,11 @@ def test_segment_sums_and_max_equal_per_segment_reductions(lengths):
 
 
 def test_sign_exponent_bins_read_sign_and_exponent():
-    values = torch.tensor([0.0, -0.0, 1.0, -1.0, 3.0, 2.0 ** -126, 1e-45, float("inf"), -float("nan")])
-    expected = [256, 0, 256 + 127, 127, 256 + 128, 256 + 1, 256, 256 + 255, 255]
+    """Subnormals (1e-45, the largest one 2^-126 - 2^-149, -1e-40) get exponent 1, as 2^-126
+    does: only +0 and -0 are in the zero bins."""
+    values = torch.tensor([0.0, -0.0, 1.0, -1.0, 3.0, 2.0 ** -126, 1e-45, float("inf"), -float("nan"),
+                           2.0 ** -126 - 2.0 ** -149, -1e-40, 2.0 ** -125])
+    expected = [256, 0, 256 + 127, 127, 256 + 128, 256 + 1, 256 + 1, 256 + 255, 255, 256 + 1, 1, 256 + 2]
     assert S.sign_exponent_bins(values).tolist() == expected
 
 
