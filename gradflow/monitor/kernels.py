@@ -25,14 +25,17 @@ MLP's training steps (``benchmarks/profile_monitor.py``) ``fold_all`` 1.05 -> 0.
   fold and the next start in one pass, where a ``copy_`` after it read both again (a 1M-value
   weight 1.34 -> 1.00 ns/value; resnet18's weight summary 20.5 -> 13.4-14.4 ms, 2026-12-05).
 - Subnormals (exponent 0, mantissa not 0) are not zeros, but the counting loop's key, the top
-  nine bits, puts them in the zero bins. A block that added to those is checked for them after
-  its count (``_count_block``: an unsigned minimum over the block, then a count only where one
-  is there), and they move to exponent 1. Where a block holds no zero
-  this costs nothing (the 1M Gaussian 0.66 -> 0.67, noise), nor for a block of zeros alone (its
-  largest |x| is 0); half zeros (a ReLU layer's output) 0.59-0.65 -> 0.63-0.74 (2026-12-06, a
-  shared 2-core VM of the same CPU, two runs). Tried: a key that tells them apart in the loop
-  (+ ((bits & 0x7FFFFFFF) - 1 < 0x7FFFFF)): 1.5x on every fold, the histogram alone 0.36 -> 0.71;
-  a minimum in ``_block_moments`` to spot them: about +0.2 on every block.
+  nine bits, puts them in the zero bins. A block that added to those is checked afterwards
+  (``_count_block``: an unsigned minimum over the block, then a count only where one is there),
+  and its subnormals move to exponent 1. A block without zeros pays nothing, nor does one of
+  zeros alone (its largest |x| is 0); half zeros (a ReLU layer's output) pay the check.
+  ``kernel_speed.py --before main``, four runs on a shared 2-core VM of the same CPU
+  (2026-12-06), after / before: the 1M gradient in cache 1.01-1.03x, all zeros 0.99-1.04x, the
+  histogram alone 0.97-1.02x, ``fold_weights`` 1.01x (41 rounds), 1M half zeros 1.06-1.14x
+  (0.59-0.65 -> 0.63-0.74 ns), rows of 500 half zeros 1.05-1.09x. Tried: a key that tells them
+  apart in the loop (+ 1 where (bits & 0x7FFFFFFF) - 1 < 0x7FFFFF, unsigned): 1.5x on every
+  fold, the histogram alone 0.36 -> 0.71; a minimum or a count of them in ``_block_moments``:
+  its vectorized loop 0.12-0.15 -> 0.21-0.37 on every block.
 - Tried and dropped: one loop for the sums and the histogram (LLVM vectorizes no loop that
   scatters; four scalar lanes of the three sums cost 0.76 against 0.57 for the two loops); keys in a
   vectorized uint16 pass, then scattered (0.39 against 0.35); two keys per 64-bit load (no
@@ -153,7 +156,7 @@ def _block_moments(values, bits, centre, threshold):
 @njit(nogil=True, boundscheck=False, cache=True)
 def _subnormals(bits):
     """(positive, negative) counts of the float32 subnormals in ``bits`` (the int32 or uint32
-    bits of float32 values): exponent 0 and a non-zero mantissa."""
+    bits of float32 values, a block at most: int32 counts): exponent 0, mantissa not 0."""
     subnormals = np.int32(0)
     negative = np.int32(0)
     for i in range(bits.size):
