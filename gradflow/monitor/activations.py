@@ -182,7 +182,7 @@ class Activations(Part):
         self.direct = 0                               # pending outputs of DIRECT_OUTPUT elements or more
         self.tapped = False                           # a recorded step's forward pass was tapped in this window
         self.forward_start: int | None = None         # pending's length when a forward pass still running began
-        self.forwards = 0                             # training forward passes of the model seen in the window
+        self.passes_before = 0                        # the schedule's count of training passes at the window's start
         self.unseen = {"no_grad": 0, "backward": 0}   # tap calls not taken, by why (no_activations_cause)
         self._plans = _BoundedCache()
         self._slot_rows = _BoundedCache()            # slots of the large outputs reduced together
@@ -197,10 +197,10 @@ class Activations(Part):
         # Each tap's module and the blocks around it, to tell a compiled block from the model's root down.
         self._enclosing = {name: [weakref.ref(modules[".".join(name.split(".")[:k])]) for k in range(1, name.count(".") + 2)]
                            for name in self.names}
+        self._model = weakref.ref(model)
         self._set_taps(self.setup.schedule.active)
         self.setup.schedule.listen(self._set_taps)
         watch_forward_starts(self, model)
-        self.keep(model.register_forward_hook(_ForwardEnd(self)))
 
     def _set_taps(self, active: bool) -> None:
         """The taps are on the activation modules for the profiled passes only: a module with
@@ -210,6 +210,9 @@ class Activations(Part):
         if self.setup.options.get("compiled"):
             return      # a compiled forward is not tapped; hooks coming and going would give it a second graph
         if active and not self._taps and self.attached:
+            model = self._model()
+            if model is not None:      # the pass ending whole: with the taps only, as forward_starts is called
+                self._taps.append(model.register_forward_hook(_ForwardEnd(self)))
             for index, ref in enumerate(self._tapped_modules):
                 module = ref()
                 if module is not None:
@@ -238,11 +241,15 @@ class Activations(Part):
         self.tapped |= self.setup.schedule.active
 
     def forward_starts(self) -> None:
-        """The model's forward pass begins: a pass that began before and never ended raised
-        halfway, and what it tapped is dropped."""
+        """A profiled forward pass of the model begins: a pass that began before and never ended
+        raised halfway, and what it tapped is dropped."""
         self.drop_partial()
         self.forward_start = len(self.pending)
-        self.forwards += 1
+
+    @property
+    def forwards(self) -> int:
+        """Training forward passes of the model seen in the window, profiled or not."""
+        return self.setup.schedule.passes - self.passes_before
 
     def forward_ends(self) -> None:
         """The model's forward pass ended whole: its large outputs are reduced now, not kept."""
@@ -297,7 +304,7 @@ class Activations(Part):
         torch._foreach_zero_([self.moments, self.counts, self.positives, self.linear])
         self.elements[:] = 0
         self.tapped = False
-        self.forwards = 0
+        self.passes_before = self.setup.schedule.passes
         self.unseen = {"no_grad": 0, "backward": 0}
 
     @torch.no_grad()

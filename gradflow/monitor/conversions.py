@@ -4,8 +4,9 @@
 swaps or replaces it (``torch.__future__.set_swap_module_params_on_conversion`` /
 ``set_overwrite_module_params_on_conversion``); either way the window's sums are still on the old
 device. This part checks the first and last parameter's device and dtype where it matters,
-cheaply (four comparisons): at the start of each training forward pass, before any activation tap
-or non-finite hook sees a tensor of the new device, and at each recorded or skipped step (a
+cheaply (four comparisons): at the start of each profiled training forward pass (of every one with
+``nonfinite=True``), before any activation tap or non-finite hook sees a tensor of the new device,
+and at each recorded or skipped step (a
 compiled model's forward is not watched; ``record()`` may come without one). Parameters replaced
 by new tensors on another device (the ``overwrite`` flag) are seen there too: the model's own
 first parameter, looked up in its module, is compared (not with sharded models, whose frameworks
@@ -34,7 +35,8 @@ class Conversions(Part):
         self.owner = weakref.ref(model.get_submodule(owner)) if setup.sharding is None else None
 
     def hook(self, model) -> None:
-        watch_forward_starts(self, model)
+        # The non-finite part's hooks see every pass (nonfinite=True): then every pass is checked first.
+        watch_forward_starts(self, model, every_pass=bool(self.setup.options.get("nonfinite")))
 
     def forward_starts(self) -> None:
         self.check()

@@ -88,7 +88,7 @@ class Schedule:
     model, steps recorded by hand) every step counts. Parts that tap forward passes read
     ``active``, or ``listen(fn)`` to be told ``fn(active)`` when it changes (to add their module
     hooks only for the profiled passes); the coordinator calls ``step()`` once per recorded step,
-    the model's ``ForwardStarts`` hook ``forward()`` once per training forward pass."""
+    the model's ``ForwardStarts`` hook adds one to ``passes`` at each training forward pass."""
 
     __slots__ = ("active", "every", "listeners", "passes", "passes_at_step", "seen")
 
@@ -102,9 +102,6 @@ class Schedule:
 
     def listen(self, listener: Callable[[bool], None]) -> None:
         self.listeners.append(listener)
-
-    def forward(self) -> None:
-        self.passes += 1
 
     def step(self) -> None:
         if self.passes and self.passes == self.passes_at_step:
@@ -145,6 +142,7 @@ class Setup:
     sharding: Any = None          # sharding.ShardLayout where parameters are DTensors (FSDP2, tensor parallel)
     follow: Callable[[], bool] = lambda: False
     forward_watchers: list = field(default_factory=list)     # the parts the one ForwardStarts hook calls
+    forward_starts: Any = None                               # that hook, once a part asked for it
     dtypes: list[torch.dtype] = field(default_factory=list)
     device: torch.device = field(default=torch.device("cpu"))
 
@@ -267,31 +265,40 @@ def training_pass() -> bool:
 
 
 class ForwardStarts(LeavesCopiesAlone):
-    """The model's forward pre-hook that calls ``forward_starts()`` of each part that asked
-    (``watch_forward_starts``) at each training forward pass (``training_pass``): one hook for
-    all of them, in the parts' order, since every hook on the model's root costs each forward
-    pass about 1.5 us."""
+    """The model's forward pre-hook: counts each training forward pass (``training_pass``) for
+    the schedule, and on the profiled ones calls ``forward_starts()`` of each part that asked
+    (``watch_forward_starts``), in the parts' order. One hook for all of them, and nothing more
+    on the other passes: a monitored step of the tutorial's MLP, of about 0.5 ms, spent 20-40 us
+    more with every pass calling the parts (``benchmarks/tutorial_split.py``)."""
 
-    __slots__ = ("__weakref__", "parts", "schedule")
+    __slots__ = ("__weakref__", "every_pass", "parts", "schedule")
     KIND = "pre"
 
     def __init__(self, parts: list[Part], schedule: Schedule) -> None:
         self.parts = parts
+        self.every_pass: list[Part] = []        # those of them called at unprofiled passes too
         self.schedule = schedule
 
     def __call__(self, module, inputs):
         if training_pass():
-            self.schedule.forward()
-            for part in self.parts:
+            schedule = self.schedule
+            schedule.passes += 1
+            for part in self.parts if schedule.active else self.every_pass:
                 part.forward_starts()
 
 
-def watch_forward_starts(part: Part, model: nn.Module) -> None:
-    """Have ``part.forward_starts()`` called at each training forward pass of ``model`` (from a
-    part's ``hook``). The first part to ask keeps the one hook's handle: the coordinator adds and
+def watch_forward_starts(part: Part, model: nn.Module, *, call: bool = True, every_pass: bool = False) -> None:
+    """Have ``part.forward_starts()`` called at each profiled training forward pass of ``model``
+    (``Schedule.active``; from a part's ``hook``), or at every one with ``every_pass``;
+    ``call=False``: only have every training pass counted (``Schedule.passes``), for a part that
+    reads the count. The first part to ask keeps the one hook's handle: the coordinator adds and
     removes every part's hooks together."""
-    watchers = part.setup.forward_watchers
-    if not watchers:
-        part.keep(model.register_forward_pre_hook(ForwardStarts(watchers, part.setup.schedule)))
-    watchers.append(part)
+    setup = part.setup
+    if setup.forward_starts is None:
+        setup.forward_starts = ForwardStarts(setup.forward_watchers, setup.schedule)
+        part.keep(model.register_forward_pre_hook(setup.forward_starts))
+    if call:
+        setup.forward_watchers.append(part)
+    if call and every_pass:
+        setup.forward_starts.every_pass.append(part)
 

@@ -34,17 +34,14 @@ class Unrecorded(Part):
 
     def __init__(self, model, setup) -> None:
         super().__init__(model, setup)
-        self.forwards = 0
+        self.passes_before = 0                   # the schedule's count of training passes at the window's start
         self.versions: list[int] = []
 
     def hook(self, model) -> None:
-        watch_forward_starts(self, model)
-
-    def forward_starts(self) -> None:
-        self.forwards += 1                       # a training forward pass of the model (ForwardStarts)
+        watch_forward_starts(self, model, call=False)      # training passes counted: Schedule.passes
 
     def reset(self) -> None:
-        self.forwards = 0
+        self.passes_before = self.setup.schedule.passes
         self.versions = [p._version for p in self.setup.params]
 
     def bind(self, params) -> None:
@@ -58,6 +55,6 @@ class Unrecorded(Part):
             return                                   # the gradients part says "no step was recorded"
         if any(p._version != v for p, v in zip(params, self.versions)):
             self.setup.warn("unrecorded", HAND_WRITTEN)
-        elif self.forwards:
-            self.setup.warn("unrecorded", FUNCTIONAL.format(n=self.forwards))
+        elif forwards := self.setup.schedule.passes - self.passes_before:
+            self.setup.warn("unrecorded", FUNCTIONAL.format(n=forwards))
 
