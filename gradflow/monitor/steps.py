@@ -48,19 +48,22 @@ class OptimizerMasks:
         self._count = count
         self._index_of = index_of            # called afresh: the monitor may rebind parameters
         self._refresh = refresh
-        self._cache: weakref.WeakKeyDictionary[torch.optim.Optimizer, tuple] = weakref.WeakKeyDictionary()
+        # id(optimizer) -> (weak reference to it, groups key, mask): a plain dict read at every step
+        # (a WeakKeyDictionary makes a weak reference per lookup); the reference tells a reused id.
+        self._cache: dict[int, tuple] = {}
 
     def mask(self, optimizer: torch.optim.Optimizer) -> tuple[bool, ...] | str | None:
         """The optimizer's parameters as a mask over the monitor's; ``ALL`` if it holds every one
         (the common case, which records without a mask), None if it holds none."""
         key = _groups_key(optimizer)
-        cached = self._cache.get(optimizer)
-        if cached is not None and cached[0] == key:
-            return cached[1]
+        cached = self._cache.get(id(optimizer))
+        if cached is not None and cached[1] == key and cached[0]() is optimizer:
+            return cached[2]
         mask = self.compute(optimizer)
         if mask is None and self._refresh():     # its parameters may have replaced the monitored ones
             mask = self.compute(optimizer)
-        self._cache[optimizer] = (key, mask)
+        self._cache = {k: v for k, v in self._cache.items() if v[0]() is not None}   # forget dead optimizers
+        self._cache[id(optimizer)] = (weakref.ref(optimizer), key, mask)
         return mask
 
     def compute(self, optimizer: torch.optim.Optimizer) -> tuple[bool, ...] | None:
@@ -82,7 +85,11 @@ class OptimizerMasks:
 def _groups_key(optimizer: torch.optim.Optimizer) -> tuple:
     # The groups' count and each group's list identity and length: cheap, and any change to
     # which parameters an optimizer holds changes one of them (add_param_group, a new list).
-    return tuple((id(g["params"]), len(g["params"])) for g in optimizer.param_groups)
+    groups = optimizer.param_groups
+    if len(groups) == 1:                     # the common case, read at every step: no list to build
+        params = groups[0]["params"]
+        return id(params), len(params)
+    return tuple([(id(g["params"]), len(g["params"])) for g in groups])
 
 
 def steps_for(chosen: torch.optim.Optimizer | None, optimizer: torch.optim.Optimizer) -> bool:
@@ -238,8 +245,8 @@ class StepWatch:
         self.after = after                   # called when the outermost watched step is done
         self.on = False
         self._outer = None                   # weak reference to the watched optimizer whose step is running
-        self._hooks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-        self._post_hooks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        # id(optimizer) -> (weak reference to it, its pre-hook's handle, its post-hook's handle)
+        self._hooks: dict[int, tuple] = {}
 
     def start(self) -> None:
         watch_steps(self)
@@ -248,19 +255,26 @@ class StepWatch:
     def stop(self) -> None:
         unwatch_steps(self)
         self.on = False
-        for handle in [*self._hooks.values(), *self._post_hooks.values()]:
-            handle.remove()
-        self._hooks.clear()
-        self._post_hooks.clear()
+        hooks, self._hooks = self._hooks, {}
+        for _, pre, post in hooks.values():
+            pre.remove()
+            post.remove()
 
     def _on_step_seen(self, optimizer: torch.optim.Optimizer) -> None:
         """An optimizer is about to step (``_dispatch``, before its own pre-hooks)."""
         if self.only is not None and not steps_for(self.only(), optimizer):
             return
-        if self.masks.mask(optimizer) is not None:
-            self._hooks[optimizer] = last_pre_hook(optimizer, self._on_step, self._hooks.get(optimizer))
-            if optimizer not in self._post_hooks:
-                self._post_hooks[optimizer] = optimizer.register_step_post_hook(self._on_step_done)
+        if self.masks.mask(optimizer) is None:
+            return
+        held = self._hooks.get(id(optimizer))
+        if held is not None and held[0]() is optimizer:
+            handle = last_pre_hook(optimizer, self._on_step, held[1])      # moved to the end if need be
+            if handle is not held[1]:                                      # registered anew: the hooks were cleared
+                self._hooks[id(optimizer)] = (held[0], handle, held[2])
+            return
+        self._hooks = {k: v for k, v in self._hooks.items() if v[0]() is not None}   # forget dead optimizers
+        self._hooks[id(optimizer)] = (weakref.ref(optimizer), last_pre_hook(optimizer, self._on_step),
+                                      optimizer.register_step_post_hook(self._on_step_done))
 
     @outside_compile
     def _on_step_done(self, optimizer, args=(), kwargs=None) -> None:
@@ -279,7 +293,8 @@ class StepWatch:
             return None
         outer = self._outer() if self._outer is not None else None
         if outer is None or outer is optimizer:      # else an inner step of the running one (a step that raised
-            self._outer = weakref.ref(optimizer)     # leaves it set until that optimizer steps again)
+            held = self._hooks.get(id(optimizer))    # leaves it set until that optimizer steps again)
+            self._outer = held[0] if held is not None and held[0]() is optimizer else weakref.ref(optimizer)
         amp = amp_scale(optimizer, kwargs)
         if amp is not None:                          # a fused optimizer under GradScaler: still scaled
             scale, found_inf = amp
