@@ -235,7 +235,8 @@ class Activations(Part):
         super().remove()
 
     def record(self, mask) -> None:
-        self.drop_partial()
+        if self.forward_start is not None:            # a profiled pass that never ended (drop_partial)
+            self.drop_partial()
         if self.direct:                               # taps of a forward whose model hook did not run
             self.reduce_direct()
         self.tapped |= self.setup.schedule.active

@@ -184,7 +184,7 @@ class Gradients(Part):
             self.step_squares = torch.cat([self.step_squares, torch.zeros_like(self.step_squares)])
         plan = self._plans.get(pattern) or self._make_plan(pattern)
         if plan.small:
-            copy = _flat_copy([grads[i] for i in plan.small])
+            copy = _flat_copy(grads if len(plan.small) == len(grads) else [grads[i] for i in plan.small])
             self.pending.append((plan, copy.detach() if copy.requires_grad else copy, step))
             self.pending_elements += plan.small_numel
             if self.pending_elements >= PENDING_ELEMENTS:

@@ -163,7 +163,8 @@ class GradientMonitor:
         self._recorders = recorders(self.parts)          # only these are called at each step (the hot path)
         self._masks = OptimizerMasks(len(self.names), lambda: self._setup.index_of, self._follow)
         self._optimizer = weakref.ref(optimizer) if optimizer is not None else None
-        self._steps = StepWatch(self._masks, optimizer, self._record, self._step_done)
+        # after the outermost watched step (its post-hook): the gradients' wrapper check ends there
+        self._steps = StepWatch(self._masks, optimizer, self._record, self.parts["gradients"].step_done)
         self._start_window()
         self._attach(inner)
 
@@ -261,10 +262,6 @@ class GradientMonitor:
         finally:
             self._setup.unscale = None
         self._setup.schedule.step()
-
-    def _step_done(self) -> None:
-        """A watched optimizer's step is over (its post-hook): the gradients' wrapper check ends."""
-        self.parts["gradients"].step_done()
 
     def _skip(self, mask) -> None:
         for part in self.parts.values():

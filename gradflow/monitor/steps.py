@@ -245,6 +245,7 @@ class StepWatch:
         self.after = after                   # called when the outermost watched step is done
         self.on = False
         self._outer = None                   # weak reference to the watched optimizer whose step is running
+        self._mask = None                    # (id(optimizer), its mask) from _on_step_seen, for the step's pre-hook
         # id(optimizer) -> (weak reference to it, its pre-hook's handle, its post-hook's handle)
         self._hooks: dict[int, tuple] = {}
 
@@ -262,10 +263,13 @@ class StepWatch:
 
     def _on_step_seen(self, optimizer: torch.optim.Optimizer) -> None:
         """An optimizer is about to step (``_dispatch``, before its own pre-hooks)."""
+        self._mask = None
         if self.only is not None and not steps_for(self.only(), optimizer):
             return
-        if self.masks.mask(optimizer) is None:
+        mask = self.masks.mask(optimizer)
+        if mask is None:
             return
+        self._mask = (id(optimizer), mask)           # for its pre-hook, which torch calls next
         held = self._hooks.get(id(optimizer))
         if held is not None and held[0]() is optimizer:
             handle = last_pre_hook(optimizer, self._on_step, held[1])      # moved to the end if need be
@@ -288,18 +292,22 @@ class StepWatch:
     @outside_compile
     def _on_step(self, optimizer, args=(), kwargs=None):
         """The optimizer's last step pre-hook: record the gradient its step applies."""
-        mask = self.masks.mask(optimizer)
+        seen, self._mask = self._mask, None          # the mask _on_step_seen found for this step
+        mask = seen[1] if seen is not None and seen[0] == id(optimizer) else self.masks.mask(optimizer)
         if mask is None or not self.on:
             return None
         outer = self._outer() if self._outer is not None else None
         if outer is None or outer is optimizer:      # else an inner step of the running one (a step that raised
             held = self._hooks.get(id(optimizer))    # leaves it set until that optimizer steps again)
             self._outer = held[0] if held is not None and held[0]() is optimizer else weakref.ref(optimizer)
-        amp = amp_scale(optimizer, kwargs)
+        amp = amp_scale(optimizer, kwargs) if getattr(optimizer, "_step_supports_amp_scaling", False) else None
         if amp is not None:                          # a fused optimizer under GradScaler: still scaled
             scale, found_inf = amp
             if not found_inf.item():                 # else skipped: interception counts it (one sync, AMP only)
                 self.record(mask, None if scale is None else scale.double().reciprocal().float())
+            return None
+        if len(args) < 2 and not kwargs:             # step() with no argument: no closure (the common case)
+            self.record(mask, None)
             return None
         closure, by_keyword = closure_of(args, kwargs or {})
         if closure is None:
