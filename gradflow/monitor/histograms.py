@@ -77,7 +77,7 @@ class HistogramRequests:
             requests = [r for r in self.requests if r.form == form]
             if not requests:
                 continue
-            counts = np.stack([r.counts for r in requests])
+            counts = np.stack([r.counts for r in requests], dtype=np.float64)   # int64 rows of the read-back, or pooled
             built = (S.value_histograms(counts) if form == "value" else S.log10_abs_histograms(counts)
                      if form == "log10" else linear_histograms(counts, [r.bounds for r in requests]))
             for request, histogram in zip(requests, built):

@@ -29,7 +29,9 @@ there, and then only loops over them:
   ``record_metric(reduce_type=...)``.
 - ``read(values, reader)``: fill the window (``reader.windows``, one per member), its
   TensorBoard scalars (``reader.scalars``) and histogram requests (``reader.wanted``) from
-  ``values``: this part's keys of the read-back, as float64 numpy arrays of the same shapes.
+  ``values``: this part's keys of the read-back, as numpy arrays of the same shapes (float64;
+  on the CPU int64 counts stay int64, and both are views of the part's own tensors, valid
+  until its ``reset()``: copy what is kept past the window).
 - ``reset()``: start the next window.
 - ``remove()``: remove every hook the part added. Never raises.
 

@@ -76,10 +76,7 @@ class Weights(Part):
         k = self.members
         device = local(self.params[0]).device
         rows = torch.empty(self.slots, 4, dtype=S.wide_dtype(device), device=device)
-        # float64 on the CPU (exact to 2^53): the read-back takes it as it is, where an int64 one is
-        # copied to float64 (4 KB per parameter less at log); int64 elsewhere (MPS has no float64).
-        counts = torch.empty(self.slots, S.SIGN_EXPONENT_BINS, device=device,
-                             dtype=torch.float64 if device.type == "cpu" else torch.int64)
+        counts = torch.empty(self.slots, S.SIGN_EXPONENT_BINS, device=device, dtype=torch.int64)
         for group in self.tiny:             # a few thousand values: one call for the group, not one each
             self._fold_tiny(group, rows.numpy(), counts.numpy())
         for i, p in enumerate(self.params):
@@ -145,7 +142,7 @@ class Weights(Part):
 
     def device_tensors(self) -> dict[str, Reduced]:
         rows, counts = self.summary()
-        return {"rows": Reduced(rows, fresh=True), "counts": Reduced(counts, fresh=True)}   # made anew each window
+        return {"rows": Reduced(rows), "counts": Reduced(counts)}   # made anew each window
 
     def read(self, values: dict[str, np.ndarray], reader) -> None:
         """Rows ``columns.WEIGHT``, also joined to the gradient rows as ``weight_<column>``."""

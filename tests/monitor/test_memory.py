@@ -178,27 +178,38 @@ def test_the_budget_waits_for_the_end_of_a_forward_pass():
     assert row["std"] == pytest.approx(whole.std(unbiased=False).item(), rel=1e-4)
 
 
-def test_weight_counts_reach_the_window_uncopied_and_keep_their_values(reduction_path):
-    """The weights' rows and counts are made anew each window and handed to the read-back without
-    a copy (window.Reduced(fresh=True)): each window's counts equal the oracle (the sign/exponent
-    histogram of each weight at the window's end), and a window read earlier keeps its values
-    when the next one is read. Tiny grouped parameters (head), LoRA factors and a frozen base."""
+def test_the_read_back_hands_counts_over_uncopied_and_they_equal_the_oracle(reduction_path):
+    """On the CPU the window's float64 sums and int64 counts reach the readers as views of the
+    parts' own tensors (window.read_back), not float64 copies: each window's gradient counts
+    equal the oracle's bins of every step's gradient, its weight counts the bins of each weight
+    at the window's end, and log()'s rows the oracle's; a window read earlier keeps its weight
+    counts (made anew each window) when the next one is read. Tiny grouped parameters (head),
+    LoRA factors and a frozen base."""
     torch.manual_seed(4)
     model = nn.Sequential(OrderedDict(lora=LoRA(256, 4), act=nn.GELU(), head=nn.Linear(256, 1)))
     x = torch.randn(8, 256)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    oracle = GradientOracle(model.named_parameters())
+    optimizer.register_step_pre_hook(lambda *_: oracle.capture())
     with GradientMonitor(model) as monitor:
         reads = []
-        for _ in range(2):
+        for window in range(2):
             train(model, x, optimizer, 2)
             values = monitor._read_back()
+            gradients = monitor.parts["gradients"]
+            assert values["gradients/counts"].dtype == np.int64
+            assert np.shares_memory(values["gradients/counts"], gradients.counts.numpy())     # no copy
+            assert np.shares_memory(values["activations/counts"], monitor.parts["activations"].counts.numpy())
+            np.testing.assert_array_equal(values["gradients/counts"].reshape(-1, S.SIGN_EXPONENT_BINS),
+                                          np.stack([oracle.bins[name] for name in monitor.names]))
             expected = np.stack([S.sign_exponent_counts(p).numpy() for p in monitor.parts["weights"].params])
             norms = [p.detach().double().norm().item() for p in monitor.parts["weights"].params]
-            assert values["weights/counts"].dtype == np.float64
             np.testing.assert_array_equal(values["weights/counts"], expected)
             np.testing.assert_allclose(values["weights/rows"][:, 1], norms, rtol=1e-6)   # L2 norms
             reads.append((values, expected.copy()))
-            monitor.log(len(reads))
+            assert_matches_oracle(monitor.log(window), oracle)
+            assert not values["gradients/counts"].any()            # the view: zeroed for the next window
+            oracle.reset()
     first, first_expected = reads[0]
     assert not np.array_equal(first_expected, reads[1][1])         # the weights moved between the windows
     np.testing.assert_array_equal(first["weights/counts"], first_expected)
