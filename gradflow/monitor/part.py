@@ -128,7 +128,8 @@ class Setup:
     in ``named_parameters()`` order); ``params`` follows a rebinding, and ``dtypes`` and
     ``device`` are theirs as of the last one (a parameter's own dtype or device differs from them
     once the model was converted or moved and not yet followed). ``options`` are the monitor's
-    keyword arguments (``weights``, ``activations``, ``histograms``, ...). ``follow()`` (the
+    keyword arguments (``weights``, ``activations``, ``histograms``, ...), and ``drawn``: whether
+    any histogram is written (a writer, ``histograms`` not False). ``follow()`` (the
     coordinator's) rebinds every part to the model's parameters if they were replaced, converted
     or moved, and says whether it did.
     """

@@ -18,6 +18,7 @@ from gradflow import GradientMonitor
 from gradflow.monitor import stats as S
 from gradflow.monitor.activations import DIRECT_OUTPUT
 from gradflow.monitor.footprint import held
+from gradflow.monitor.sinks import ScalarSink, Sink
 from gradflow.monitor.tensors import PENDING_ELEMENTS
 
 
@@ -178,6 +179,16 @@ def test_the_budget_waits_for_the_end_of_a_forward_pass():
     assert row["std"] == pytest.approx(whole.std(unbiased=False).item(), rel=1e-4)
 
 
+class _Histograms(Sink):
+    """Keeps the names of the histograms of each window."""
+
+    def __init__(self) -> None:
+        self.tags: list[set[str]] = []
+
+    def log(self, scalars, histograms, step) -> None:
+        self.tags.append(set(histograms))
+
+
 def test_the_read_back_hands_counts_over_uncopied_and_they_equal_the_oracle(reduction_path):
     """On the CPU the window's float64 sums and int64 counts reach the readers as views of the
     parts' own tensors (window.read_back), not float64 copies: each window's gradient counts
@@ -191,7 +202,8 @@ def test_the_read_back_hands_counts_over_uncopied_and_they_equal_the_oracle(redu
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     oracle = GradientOracle(model.named_parameters())
     optimizer.register_step_pre_hook(lambda *_: oracle.capture())
-    with GradientMonitor(model) as monitor:
+    drawn = _Histograms()                     # a sink that takes histograms: the weights' counts are kept
+    with GradientMonitor(model, drawn) as monitor:
         reads = []
         for window in range(2):
             train(model, x, optimizer, 2)
@@ -213,3 +225,33 @@ def test_the_read_back_hands_counts_over_uncopied_and_they_equal_the_oracle(redu
     first, first_expected = reads[0]
     assert not np.array_equal(first_expected, reads[1][1])         # the weights moved between the windows
     np.testing.assert_array_equal(first["weights/counts"], first_expected)
+    assert all("weight/lora/base/weight" in tags and "grad/head/weight" in tags for tags in drawn.tags)
+
+
+@pytest.mark.parametrize("writer", [None, "scalars", "histograms=False"])
+def test_weight_counts_are_not_made_where_no_histogram_is_written(writer, reduction_path):
+    """The weights' counts feed their histograms alone: with no writer, a sink that drops
+    histograms (ScalarSink) or histograms=False the weights part makes none (4 KB per parameter
+    less at each log), and its rows still equal the oracle's norms and update ratios."""
+    torch.manual_seed(5)
+    model = nn.Sequential(OrderedDict(lora=LoRA(256, 4), act=nn.GELU(), head=nn.Linear(256, 1)))
+    x = torch.randn(8, 256)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    scalars = []
+    sink = ScalarSink(lambda s, step: scalars.append(s)) if writer == "scalars" else \
+        _Histograms() if writer == "histograms=False" else None
+    with GradientMonitor(model, sink, histograms=writer != "histograms=False") as monitor:
+        start = [p.detach().double().clone() for p in model.parameters()]
+        train(model, x, optimizer, 2)
+        monitor.log(0)
+        assert set(monitor.parts["weights"].device_tensors()) == {"rows"}     # (it renews the window's start)
+    for (name, p), before in zip(model.named_parameters(), start):
+        row = monitor.history[-1].weights[name]
+        now = p.detach().double()
+        assert row["norm"] == pytest.approx(now.norm().item(), rel=1e-6)
+        assert row["l1"] == pytest.approx(now.abs().sum().item(), rel=1e-6)
+        expected = ((now - before).norm() / before.norm()).item()
+        assert row["update_ratio"] == pytest.approx(expected, rel=1e-5, abs=1e-12)
+    assert scalars or writer != "scalars"
+    if writer == "histograms=False":
+        assert sink.tags == [set()]
