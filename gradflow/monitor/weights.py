@@ -40,8 +40,9 @@ class Weights(Part):
         super().__init__(model, setup)
         self.members = setup.members
         # The weights' counts feed their histograms alone: where none is written (no writer, or
-        # histograms=False) they are not kept, 4 KB per parameter less at each log().
-        self.counted = setup.options.get("drawn", True)
+        # histograms=False) they are not kept, 4 KB per parameter less at each log(). Sharded, every
+        # rank keeps them: the ranks' read-backs are reduced together (often rank 0 alone writes).
+        self.counted = setup.options.get("drawn", True) or setup.sharding is not None
         self._slot_tags: list | None = None
         self.bind(setup.params)
 
