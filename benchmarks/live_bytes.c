@@ -1,5 +1,5 @@
 /* Live bytes of a process, exactly: every malloc-family block (its usable size) and every private
- * anonymous mapping made through the mmap symbol (Python's object arenas), with a resettable peak.
+ * anonymous mapping made through the mmap symbol (Python's 1 MiB object arenas), with a resettable peak.
  * Built and preloaded by benchmarks/memory_phases.py (LD_PRELOAD); read through ctypes:
  * gf_live(), gf_peak(), gf_reset_peak().
  *

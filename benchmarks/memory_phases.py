@@ -15,9 +15,10 @@ is where the peak was reached (``sys.setprofile``: the first Python event after 
     python benchmarks/memory_phases.py --model lora16 --ideal    # one copy, no monitor
     python benchmarks/memory_phases.py --tensorboard             # the monitor writes to a SummaryWriter
 
-Needs gcc (the interposer is built once into the temp directory) and glibc. Python objects live
-in arenas of 256 KB (mapped whole), so they show in the counts at that grain; numpy and torch
-tensors to the byte.
+Needs gcc (the interposer is built once into the temp directory) and glibc. Numpy and torch
+tensors are counted to the byte; Python objects only when they need a new arena of CPython's
+(1 MiB, mapped whole, touched page by page), so peak RSS can read more than these counts where
+many Python objects are made (TensorBoard's histograms at log()).
 """
 
 from __future__ import annotations
