@@ -32,8 +32,10 @@ UNCOPIED_AVERAGE = 1 << 13
 # fused call, straight from .grad, where the large ones have JOINED_ELEMENTS elements per small
 # one: there a copy kept between steps is memory that saves next to no time (a rank-16 LoRA's
 # head: 16 KB a step, 1.6% of the adapters' 3 MB over a 3-step window). A joined gradient costs
-# the call about 11 us (a job of Scratch.fold: views, one kernel dispatch); 2^18 values take about
-# 170 us to fold (0.64 ns each, kernels.py), so a joined step's fold is at most ~6% slower.
+# the step about 9 us more than its copy (a job of Scratch.fold: views, one kernel dispatch; 4 small
+# beside two 65,536-element gradients: record() 138 -> 173 us, minimum of 11 runs of 400 steps);
+# 2^18 values take about 170 us to fold (0.64 ns each, kernels.py): a joined step's fold is at
+# most ~5% slower.
 JOINED_SMALL = 4
 JOINED_ELEMENTS = 1 << 18
 
