@@ -255,3 +255,27 @@ def test_weight_counts_are_not_made_where_no_histogram_is_written(writer, reduct
     assert scalars or writer != "scalars"
     if writer == "histograms=False":
         assert sink.tags == [set()]
+
+
+def test_a_few_small_gradients_beside_large_ones_are_not_copied_between_steps(reduction_path):
+    """A LoRA-like step: one large gradient (524,288 elements) and a small head (weight and bias).
+    With the fused kernels the head joins the large one's call straight from .grad, so nothing
+    waits copied between steps (gradients.JOINED_SMALL); on the torch-ops path it is copied as
+    before. Either way each window equals the oracle taken at the optimizer step."""
+    from gradflow.monitor.gradients import JOINED_ELEMENTS
+
+    torch.manual_seed(8)
+    model = nn.Sequential(OrderedDict(up=nn.Linear(512, 1024, bias=False), act=nn.ReLU(), head=nn.Linear(1024, 1)))
+    assert model.up.weight.numel() >= 2 * JOINED_ELEMENTS
+    x = torch.randn(16, 512)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    oracle = GradientOracle(model.named_parameters())
+    optimizer.register_step_pre_hook(lambda *_: oracle.capture())
+    with GradientMonitor(model) as monitor:
+        for window in range(2):
+            for _ in range(3):
+                train(model, x, optimizer, 1)
+                pending = monitor.parts["gradients"].pending
+                assert (pending == []) == (reduction_path == "fused"), len(pending)
+            assert_matches_oracle(monitor.log(window), oracle)
+            oracle.reset()
