@@ -104,6 +104,16 @@ def train(model: nn.Module, x: torch.Tensor, optimizer, steps: int) -> None:
         optimizer.step()
 
 
+def warm_up(writer) -> None:
+    """Runs each reduction path once (imports, numba's kernels: one-time costs any process pays
+    once): large gradients (70,000 x 2), small ones (copied and batched), a small bounded output
+    (tanh), an output reduced at the forward's end (8,192 ReLU values)."""
+    warm = nn.Sequential(nn.Linear(70_000, 2), nn.Tanh(), nn.Linear(2, 4096), nn.ReLU(), nn.Linear(4096, 1))
+    with GradientMonitor(warm, writer, activations_every=1) as monitor:
+        train(warm, torch.randn(2, 70_000), torch.optim.SGD(warm.parameters(), lr=0.01), 2)
+        monitor.log(0)
+
+
 def child(name: str, ideal: bool, tensorboard: bool) -> dict:
     """Peak RSS before (A) and after (B) two monitored windows of ``name``; with ``ideal``, no
     monitor: one copy of the trainable weights is kept instead (what issue 20 allows). With
@@ -118,13 +128,7 @@ def child(name: str, ideal: bool, tensorboard: bool) -> dict:
     torch.set_num_threads(1)
     logdir = tempfile.mkdtemp(prefix="gradflow-memory-")
     writer = SummaryWriter(logdir) if tensorboard else None
-    # Warms each reduction path once: large gradients (70,000 x 2), small ones (copied and batched),
-    # a small bounded output (tanh), an output reduced at the forward's end (8,192 ReLU values).
-    warm = nn.Sequential(nn.Linear(70_000, 2), nn.Tanh(), nn.Linear(2, 4096), nn.ReLU(), nn.Linear(4096, 1))
-    with GradientMonitor(warm, writer, activations_every=1) as monitor:
-        train(warm, torch.randn(2, 70_000), torch.optim.SGD(warm.parameters(), lr=0.01), 2)
-        monitor.log(0)
-    del warm, monitor
+    warm_up(writer)
     model, x = build(name)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     train(model, x, optimizer, 3)

@@ -11,8 +11,8 @@ Example:
     >>> model = torch.nn.Linear(1000, 100)
     >>> with GradientMonitor(model) as monitor:
     ...     total, largest = held_bytes(monitor, model)
-    >>> largest                                   # the update ratios' copy of the 100 x 1000 weight
-    400000
+    >>> largest                 # the update ratios' copy of the 100 x 1000 weight and its bias, one buffer
+    400400
 """
 
 from __future__ import annotations

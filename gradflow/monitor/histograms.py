@@ -36,6 +36,10 @@ from gradflow.monitor.stats import Histogram
 # Equal-width bins over a bounded activation's range: over tanh's [-1, 1] each is 1/32 wide, and
 # the last, [0.96875, 1], is about the band read as saturated (|a| > 0.97).
 LINEAR_BINS = 64
+# Histograms are built this many rows at a time: the kernels' per-row buffers (two of 509 float64
+# buckets a row, besides the rows' float64 counts) stay about 200 KB, where a window's 40 rows at
+# once took 490 KB of log()'s peak on a rank-16 LoRA (benchmarks/memory_phases.py --tensorboard).
+BUILD_ROWS = 16
 
 
 @dataclass
@@ -74,15 +78,15 @@ class HistogramRequests:
         cannot draw an empty histogram)."""
         out: list[dict[str, Histogram]] = [{} for _ in range(members)]
         for form in ("value", "log10", "linear"):
-            requests = [r for r in self.requests if r.form == form]
-            if not requests:
-                continue
-            counts = np.stack([r.counts for r in requests])
-            built = (S.value_histograms(counts) if form == "value" else S.log10_abs_histograms(counts)
-                     if form == "log10" else linear_histograms(counts, [r.bounds for r in requests]))
-            for request, histogram in zip(requests, built):
-                if histogram is not None:
-                    out[request.member][request.tag] = histogram
+            everything = [r for r in self.requests if r.form == form]
+            for start in range(0, len(everything), BUILD_ROWS):
+                requests = everything[start:start + BUILD_ROWS]
+                counts = np.stack([r.counts for r in requests], dtype=np.float64)   # int64 rows of the read-back, or pooled
+                built = (S.value_histograms(counts) if form == "value" else S.log10_abs_histograms(counts)
+                         if form == "log10" else linear_histograms(counts, [r.bounds for r in requests]))
+                for request, histogram in zip(requests, built):
+                    if histogram is not None:
+                        out[request.member][request.tag] = histogram
         return out
 
 

@@ -152,7 +152,7 @@ class GradientMonitor:
         self.kinds = monitored_kinds(inner, self.names)
         options = {"weights": weights, "activations": activations, "histograms": histograms, "nonfinite": nonfinite,
                    "through_time": through_time, "through_time_every": through_time_every,
-                   "compiled": is_compiled(model)}
+                   "compiled": is_compiled(model), "drawn": self._output.draws}
         self._setup = Setup(self.names, [p for _, p in named], members, options, Schedule(activations_every),
                             self._warnings.from_part, self.kinds, follow=self._follow)
         # DTensor parameters (FSDP2, HSDP, tensor parallel): collectives at each window's close; every

@@ -22,6 +22,12 @@ class Output:
         self.sinks = _sinks(writer, members)
         self.pool = HistogramPool(every) if every else None
 
+    @property
+    def draws(self) -> bool:
+        """Whether any histogram is written: a sink that takes them (``Sink.draws``), and
+        ``histograms`` not False."""
+        return self.pool is not None and any(sink.draws for _, sink, _ in self.sinks)
+
     def write(self, scalars: list[dict[str, float]], wanted: HistogramRequests, step: int, final: bool,
               texts: list[dict[str, str]] | None = None) -> None:
         """Write a window's scalars and texts (tag -> Markdown; few windows have any) at ``step``,
@@ -35,7 +41,7 @@ class Output:
                 sink.text({prefix + tag: text for tag, text in texts[k].items()}, step)
 
     def _histograms(self, wanted: HistogramRequests, step: int, final: bool) -> list[dict] | None:
-        if self.pool is None or not self.sinks:
+        if not self.draws:
             return None
         self.pool.add(wanted, step)
         if not self.pool.full and not final:

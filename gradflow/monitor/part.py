@@ -29,7 +29,9 @@ there, and then only loops over them:
   ``record_metric(reduce_type=...)``.
 - ``read(values, reader)``: fill the window (``reader.windows``, one per member), its
   TensorBoard scalars (``reader.scalars``) and histogram requests (``reader.wanted``) from
-  ``values``: this part's keys of the read-back, as float64 numpy arrays of the same shapes.
+  ``values``: this part's keys of the read-back, as numpy arrays of the same shapes (float64;
+  on the CPU int64 counts stay int64, and both are views of the part's own tensors, valid
+  until its ``reset()``: copy what is kept past the window).
 - ``reset()``: start the next window.
 - ``remove()``: remove every hook the part added. Never raises.
 
@@ -123,7 +125,8 @@ class Setup:
     in ``named_parameters()`` order); ``params`` follows a rebinding, and ``dtypes`` and
     ``device`` are theirs as of the last one (a parameter's own dtype or device differs from them
     once the model was converted or moved and not yet followed). ``options`` are the monitor's
-    keyword arguments (``weights``, ``activations``, ``histograms``, ...). ``follow()`` (the
+    keyword arguments (``weights``, ``activations``, ``histograms``, ...), and ``drawn``: whether
+    any histogram is written (a writer, ``histograms`` not False). ``follow()`` (the
     coordinator's) rebinds every part to the model's parameters if they were replaced, converted
     or moved, and says whether it did.
     """

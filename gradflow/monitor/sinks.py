@@ -36,7 +36,10 @@ from gradflow.monitor.tensors import MonitorError
 
 class Sink:
     """Base class of the sinks: receives each window's scalars and histograms at ``step``, and
-    now and then a text (``text``: dropped unless a sink overrides it)."""
+    now and then a text (``text``: dropped unless a sink overrides it). ``draws``: whether it
+    takes histograms; where no sink of a monitor does, none is built (nor the weights' counts)."""
+
+    draws = True
 
     def log(self, scalars: dict[str, float], histograms: dict[str, Histogram], step: int) -> None:
         raise NotImplementedError
@@ -47,6 +50,8 @@ class Sink:
 
 class ScalarSink(Sink):
     """Passes each window's scalars to ``fn(scalars, step)``; histograms are dropped."""
+
+    draws = False
 
     def __init__(self, fn: Callable[[dict[str, float], int], Any]) -> None:
         if not callable(fn):
@@ -63,6 +68,10 @@ class TeeSink(Sink):
 
     def __init__(self, *writers: Any) -> None:
         self.sinks = [as_sink(w) for w in writers]
+
+    @property
+    def draws(self) -> bool:
+        return any(sink.draws for sink in self.sinks)
 
     def log(self, scalars: dict[str, float], histograms: dict[str, Histogram], step: int) -> None:
         for sink in self.sinks:

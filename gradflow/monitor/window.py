@@ -27,12 +27,10 @@ REDUCTIONS = (SUM, MAX)
 @dataclass(frozen=True)
 class Reduced:
     """A device tensor a part hands to the window's read-back, and how copies of it on
-    several processes combine (``SUM`` or ``MAX``). ``fresh``: made for this read-back alone
-    (nothing zeroes or reuses it later), so a float64 CPU tensor is handed over without a copy."""
+    several processes combine (``SUM`` or ``MAX``)."""
 
     tensor: torch.Tensor
     reduce: str = SUM
-    fresh: bool = False
 
     def __post_init__(self) -> None:
         if self.reduce not in REDUCTIONS:
@@ -108,7 +106,11 @@ class WindowReader:
 
 def read_back(parts: dict[str, Reduced], reduce: Callable[[torch.Tensor, str], torch.Tensor] | None = None,
               ) -> dict[str, np.ndarray]:
-    """One device-to-host copy of everything a window accumulated, as float64 arrays.
+    """One device-to-host copy of everything a window accumulated, as float64 arrays; on the
+    CPU, float64 and int64 tensors (the sums, the histogram counts) are handed over as they
+    are: numpy views, no copy, valid until their part's ``reset()`` zeroes them (``log()``
+    writes and keeps the window before it starts the next one). Readers must copy what they
+    keep past the window, and never write into these arrays.
 
     ``reduce(flat, how)``, where given, combines the window's sums across processes before the
     copy: it is called once per reduction (``part.SUM``, ``part.MAX``) with the float64
@@ -118,8 +120,10 @@ def read_back(parts: dict[str, Reduced], reduce: Callable[[torch.Tensor, str], t
     if not parts:
         return {}
     first = next(iter(parts.values())).tensor
-    if reduce is None and first.device.type == "cpu":      # copies, not views: the sums are zeroed next
-        return {key: part.tensor.numpy() if part.fresh and part.tensor.dtype == torch.float64
+    if reduce is None and first.device.type == "cpu":
+        # Views, not float64 copies: on a rank-16 LoRA the copies of the gradient and activation
+        # counts were 104 KB of log()'s peak (docs/memory.md). Counts stay int64, exact either way.
+        return {key: part.tensor.numpy() if part.tensor.dtype in (torch.float64, torch.int64)
                 else part.tensor.numpy().astype(np.float64) for key, part in parts.items()}
     out: dict[str, np.ndarray] = {}
     for how in REDUCTIONS:

@@ -303,6 +303,27 @@ def uneven_records() -> dict:
     return {"steps": rows["head.weight"]["steps"], "total_norm": monitor.history[-1].overall["total_norm"]}
 
 
+def writer_on_rank0() -> dict:
+    """Rank 0 writes histograms, rank 1 has no writer (a common setup): the weights' counts, kept
+    only where a histogram is drawn, are kept on both, so the window's reduction matches."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    torch.manual_seed(0)
+    model = Block()
+    fully_shard(model, mesh=mesh)
+    capture = Capture() if dist.get_rank() == 0 else None
+    with GradientMonitor(model, capture, activations=False) as monitor:
+        x, y = batch(0)
+        nn.functional.mse_loss(model(x), y).backward()
+        monitor.record()
+        monitor.log(0)
+    full = {n: p.full_tensor().detach().double().norm().item() for n, p in model.named_parameters()}
+    return {"norms": {n: row["norm"] for n, row in monitor.history[-1].weights.items()}, "full": full,
+            "histograms": len(capture.histograms[0]) if capture else None}
+
+
 def raise_on_rank1() -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -386,6 +407,7 @@ CASES = {
     "uneven-records": uneven_records,
     "attach-rank0-only": attach_rank0_only,
     "raise-on-rank1": raise_on_rank1,
+    "writer-on-rank0": writer_on_rank0,
     "nonfinite-on-rank1": nonfinite_on_rank1,
     "groups-released": groups_released,
 }

@@ -290,3 +290,28 @@ def test_linear_scale_is_exact_where_the_bin_width_is_a_power_of_two():
         count_linear(counts, torch.from_numpy(values), None, scale, offset, 0, LINEAR_BINS - 1, LINEAR_BINS)
         expected, _ = np.histogram(values.astype(np.float64), LINEAR_BINS, range=bounds)
         np.testing.assert_array_equal(counts[:LINEAR_BINS].numpy(), expected, err_msg=str(bounds))
+
+
+def test_histograms_built_a_few_rows_at_a_time_equal_those_built_at_once(monkeypatch):
+    """HistogramRequests.build takes BUILD_ROWS rows at a time (a bounded buffer at log()): every
+    form, with more rows than that and int64 counts as the read-back hands them, gives the same
+    histograms, tag for tag, as one build of all the rows (float64 rows, as before)."""
+    from gradflow.monitor import histograms as H
+
+    rng = np.random.default_rng(3)
+    rows = 2 * H.BUILD_ROWS + 3
+    counts = rng.integers(0, 50, size=(rows, 512)) * (rng.random((rows, 512)) < 0.1)
+    linear = rng.integers(0, 9, size=(rows, LINEAR_BINS))
+
+    def requests(dtype):
+        wanted = H.HistogramRequests()
+        for i in range(rows):
+            wanted.value(i % 2, f"v{i}", counts[i].astype(dtype))
+            wanted.log10(i % 2, f"l{i}", counts[i].astype(dtype))
+            wanted.linear(i % 2, f"b{i}", linear[i].astype(dtype), (-1.0, 1.0))
+        return wanted
+
+    chunked = requests(np.int64).build(members=2)
+    monkeypatch.setattr(H, "BUILD_ROWS", 10 * rows)
+    whole = requests(np.float64).build(members=2)
+    assert chunked == whole and sum(map(len, whole)) > 2 * rows

@@ -18,6 +18,7 @@ from gradflow import GradientMonitor
 from gradflow.monitor import stats as S
 from gradflow.monitor.activations import DIRECT_OUTPUT
 from gradflow.monitor.footprint import held
+from gradflow.monitor.sinks import ScalarSink, Sink
 from gradflow.monitor.tensors import PENDING_ELEMENTS
 
 
@@ -178,27 +179,103 @@ def test_the_budget_waits_for_the_end_of_a_forward_pass():
     assert row["std"] == pytest.approx(whole.std(unbiased=False).item(), rel=1e-4)
 
 
-def test_weight_counts_reach_the_window_uncopied_and_keep_their_values(reduction_path):
-    """The weights' rows and counts are made anew each window and handed to the read-back without
-    a copy (window.Reduced(fresh=True)): each window's counts equal the oracle (the sign/exponent
-    histogram of each weight at the window's end), and a window read earlier keeps its values
-    when the next one is read. Tiny grouped parameters (head), LoRA factors and a frozen base."""
+class _Histograms(Sink):
+    """Keeps the names of the histograms of each window."""
+
+    def __init__(self) -> None:
+        self.tags: list[set[str]] = []
+
+    def log(self, scalars, histograms, step) -> None:
+        self.tags.append(set(histograms))
+
+
+def test_the_read_back_hands_counts_over_uncopied_and_they_equal_the_oracle(reduction_path):
+    """On the CPU the window's float64 sums and int64 counts reach the readers as views of the
+    parts' own tensors (window.read_back), not float64 copies: each window's gradient counts
+    equal the oracle's bins of every step's gradient, its weight counts the bins of each weight
+    at the window's end, and log()'s rows the oracle's; a window read earlier keeps its weight
+    counts (made anew each window) when the next one is read. Tiny grouped parameters (head),
+    LoRA factors and a frozen base."""
     torch.manual_seed(4)
     model = nn.Sequential(OrderedDict(lora=LoRA(256, 4), act=nn.GELU(), head=nn.Linear(256, 1)))
     x = torch.randn(8, 256)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-    with GradientMonitor(model) as monitor:
+    oracle = GradientOracle(model.named_parameters())
+    optimizer.register_step_pre_hook(lambda *_: oracle.capture())
+    drawn = _Histograms()                     # a sink that takes histograms: the weights' counts are kept
+    with GradientMonitor(model, drawn) as monitor:
         reads = []
-        for _ in range(2):
+        for window in range(2):
             train(model, x, optimizer, 2)
             values = monitor._read_back()
+            gradients = monitor.parts["gradients"]
+            assert values["gradients/counts"].dtype == np.int64
+            assert np.shares_memory(values["gradients/counts"], gradients.counts.numpy())     # no copy
+            assert np.shares_memory(values["activations/counts"], monitor.parts["activations"].counts.numpy())
+            np.testing.assert_array_equal(values["gradients/counts"].reshape(-1, S.SIGN_EXPONENT_BINS),
+                                          np.stack([oracle.bins[name] for name in monitor.names]))
             expected = np.stack([S.sign_exponent_counts(p).numpy() for p in monitor.parts["weights"].params])
             norms = [p.detach().double().norm().item() for p in monitor.parts["weights"].params]
-            assert values["weights/counts"].dtype == np.float64
             np.testing.assert_array_equal(values["weights/counts"], expected)
             np.testing.assert_allclose(values["weights/rows"][:, 1], norms, rtol=1e-6)   # L2 norms
             reads.append((values, expected.copy()))
-            monitor.log(len(reads))
+            assert_matches_oracle(monitor.log(window), oracle)
+            assert not values["gradients/counts"].any()            # the view: zeroed for the next window
+            oracle.reset()
     first, first_expected = reads[0]
     assert not np.array_equal(first_expected, reads[1][1])         # the weights moved between the windows
     np.testing.assert_array_equal(first["weights/counts"], first_expected)
+    assert all("weight/lora/base/weight" in tags and "grad/head/weight" in tags for tags in drawn.tags)
+
+
+@pytest.mark.parametrize("writer", [None, "scalars", "histograms=False"])
+def test_weight_counts_are_not_made_where_no_histogram_is_written(writer, reduction_path):
+    """The weights' counts feed their histograms alone: with no writer, a sink that drops
+    histograms (ScalarSink) or histograms=False the weights part makes none (4 KB per parameter
+    less at each log), and its rows still equal the oracle's norms and update ratios."""
+    torch.manual_seed(5)
+    model = nn.Sequential(OrderedDict(lora=LoRA(256, 4), act=nn.GELU(), head=nn.Linear(256, 1)))
+    x = torch.randn(8, 256)
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    scalars = []
+    sink = ScalarSink(lambda s, step: scalars.append(s)) if writer == "scalars" else \
+        _Histograms() if writer == "histograms=False" else None
+    with GradientMonitor(model, sink, histograms=writer != "histograms=False") as monitor:
+        start = [p.detach().double().clone() for p in model.parameters()]
+        train(model, x, optimizer, 2)
+        monitor.log(0)
+        assert set(monitor.parts["weights"].device_tensors()) == {"rows"}     # (it renews the window's start)
+    for (name, p), before in zip(model.named_parameters(), start):
+        row = monitor.history[-1].weights[name]
+        now = p.detach().double()
+        assert row["norm"] == pytest.approx(now.norm().item(), rel=1e-6)
+        assert row["l1"] == pytest.approx(now.abs().sum().item(), rel=1e-6)
+        expected = ((now - before).norm() / before.norm()).item()
+        assert row["update_ratio"] == pytest.approx(expected, rel=1e-5, abs=1e-12)
+    assert scalars or writer != "scalars"
+    if writer == "histograms=False":
+        assert sink.tags == [set()]
+
+
+def test_a_few_small_gradients_beside_large_ones_are_not_copied_between_steps(reduction_path):
+    """A LoRA-like step: one large gradient (524,288 elements) and a small head (weight and bias).
+    With the fused kernels the head joins the large one's call straight from .grad, so nothing
+    waits copied between steps (gradients.JOINED_SMALL); on the torch-ops path it is copied as
+    before. Either way each window equals the oracle taken at the optimizer step."""
+    from gradflow.monitor.gradients import JOINED_ELEMENTS
+
+    torch.manual_seed(8)
+    model = nn.Sequential(OrderedDict(up=nn.Linear(512, 1024, bias=False), act=nn.ReLU(), head=nn.Linear(1024, 1)))
+    assert model.up.weight.numel() >= 2 * JOINED_ELEMENTS
+    x = torch.randn(16, 512)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    oracle = GradientOracle(model.named_parameters())
+    optimizer.register_step_pre_hook(lambda *_: oracle.capture())
+    with GradientMonitor(model) as monitor:
+        for window in range(2):
+            for _ in range(3):
+                train(model, x, optimizer, 1)
+                pending = monitor.parts["gradients"].pending
+                assert (pending == []) == (reduction_path == "fused"), len(pending)
+            assert_matches_oracle(monitor.log(window), oracle)
+            oracle.reset()

@@ -480,7 +480,8 @@ def test_fused_kernels_and_torch_ops_write_the_same_window(monkeypatch):
             optimizer.step()
             monitor.parts["gradients"].reduce()
             monitor.parts["activations"].reduce()
-            parts = monitor._read_back()                 # the raw sums and counts, before any reading
+            # the raw sums and counts, before any reading: copied, as the read-back's views are zeroed by log()
+            parts = {key: value.copy() for key, value in monitor._read_back().items()}
             monitor.log(0)
         return monitor.history[0], parts
 

@@ -68,7 +68,7 @@ def test_fsdp2_and_tensor_parallel_on_two_ranks(tmp_path):
     recorded different numbers of steps still closes; then a rank that dies between two steps: the
     other's log() fails with an error instead of waiting."""
     cases = ["fsdp-adamw-clip", "tp-sgd", "tp-adamw", "uneven-records", "nonfinite-on-rank1", "groups-released",
-             "raise-on-rank1"]
+             "writer-on-rank0", "raise-on-rank1"]
     results, errors = launch(tmp_path, 2, cases)
     for case in cases[:3]:
         check_case(case, results[case])
@@ -87,6 +87,9 @@ def test_fsdp2_and_tensor_parallel_on_two_ranks(tmp_path):
     for released in results["groups-released"]:       # each attach's groups go with its monitor
         during = released["during"]
         assert released["after"] <= released["before"] and during[0] == during[-1] > released["after"], released
+    for rank in results["writer-on-rank0"]:          # weight counts kept on both ranks, drawn on rank 0 alone
+        assert rank["norms"] == pytest.approx(rank["full"], rel=1e-6), rank
+    assert results["writer-on-rank0"][0]["histograms"] > 0
     died = results["raise-on-rank1"][0]
     assert died is not None and died["error"], errors[0]
 

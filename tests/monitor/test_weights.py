@@ -13,9 +13,9 @@ from gradflow import GradientMonitor
 
 def test_weight_rows_and_update_ratios_match_oracle_window_after_window(reduction_path):
     """Each window's L1, L2 and update ratio (||w - w_start|| / ||w_start||) from clones taken at
-    the window's start, over three windows: the start is renewed in the kernel's pass for a
-    contiguous parameter (a large Linear, tiny ones grouped) and copied for a channels_last
-    convolution's, whose start is not contiguous; a frozen parameter keeps a ratio of 0."""
+    the window's start, over three windows: the start (contiguous, packed in one buffer) is
+    renewed in the fused kernel's pass, a channels_last convolution's too (read in logical
+    order), and copied after the torch-ops path's; a frozen parameter keeps a ratio of 0."""
     torch.manual_seed(6)
     model = nn.Sequential(OrderedDict(conv=nn.Conv2d(16, 32, 3), relu=nn.ReLU(), flat=nn.Flatten(),
                                       dense_1=nn.Linear(32 * 4 * 4, 100), tanh=nn.Tanh(), dense_2=nn.Linear(100, 3)))
@@ -23,7 +23,7 @@ def test_weight_rows_and_update_ratios_match_oracle_window_after_window(reductio
     model.dense_2.bias.requires_grad_(False)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05, momentum=0.9)
     with GradientMonitor(model, activations=False) as monitor:
-        assert not monitor.parts["weights"].start[0].is_contiguous()      # the copy path is exercised
+        assert monitor.parts["weights"].start[0].is_contiguous()          # packed, whatever the parameter's layout
         for window in range(3):
             start = {name: p.detach().double().clone() for name, p in model.named_parameters()}
             for _ in range(2):
@@ -42,8 +42,8 @@ def test_weight_rows_and_update_ratios_match_oracle_window_after_window(reductio
 
 
 def test_the_start_copy_is_one_buffer_kept_across_windows(reduction_path):
-    """docs/memory.md: one copy of each trainable parameter, renewed in place at each window's
-    end (in the kernel's pass or by copy_), never re-allocated; none of a frozen one."""
+    """docs/memory.md: one copy of each trainable parameter, all in one buffer, renewed in place
+    at each window's end (in the kernel's pass or by copy_), never re-allocated; none of a frozen one."""
     torch.manual_seed(7)
     model = nn.Sequential(nn.Linear(300, 300), nn.ReLU(), nn.Linear(300, 2))
     model[2].bias.requires_grad_(False)
@@ -51,6 +51,8 @@ def test_the_start_copy_is_one_buffer_kept_across_windows(reduction_path):
     with GradientMonitor(model, activations=False) as monitor:
         weights = monitor.parts["weights"]
         first = [None if s is None else s.data_ptr() for s in weights.start]
+        # one allocation for all of them (weights._packed): a mapping per parameter rounds each up to a page
+        assert len({s.untyped_storage().data_ptr() for s in weights.start if s is not None}) == 1
         for window in range(3):
             optimizer.zero_grad()
             model(torch.randn(4, 300)).pow(2).mean().backward()
