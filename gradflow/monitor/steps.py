@@ -49,7 +49,8 @@ class OptimizerMasks:
         self._index_of = index_of            # called afresh: the monitor may rebind parameters
         self._refresh = refresh
         # id(optimizer) -> (weak reference to it, groups key, mask): a plain dict read at every step
-        # (a WeakKeyDictionary makes a weak reference per lookup); the reference tells a reused id.
+        # (a WeakKeyDictionary makes a weak reference per lookup); the reference tells a reused id
+        # and drops the entry when the optimizer dies (entry_ref).
         self._cache: dict[int, tuple] = {}
 
     def mask(self, optimizer: torch.optim.Optimizer) -> tuple[bool, ...] | str | None:
@@ -62,8 +63,7 @@ class OptimizerMasks:
         mask = self.compute(optimizer)
         if mask is None and self._refresh():     # its parameters may have replaced the monitored ones
             mask = self.compute(optimizer)
-        self._cache = {k: v for k, v in self._cache.items() if v[0]() is not None}   # forget dead optimizers
-        self._cache[id(optimizer)] = (weakref.ref(optimizer), key, mask)
+        self._cache[id(optimizer)] = (entry_ref(self._cache, id(optimizer), optimizer), key, mask)
         return mask
 
     def compute(self, optimizer: torch.optim.Optimizer) -> tuple[bool, ...] | None:
@@ -80,6 +80,19 @@ class OptimizerMasks:
 
     def forget(self) -> None:
         self._cache.clear()
+
+
+def entry_ref(cache: dict, key: int, obj: Any) -> weakref.ref:
+    """A weak reference to ``obj``, the first item of ``cache[key]``, that removes that entry
+    when ``obj`` dies (Python runs the callback before its memory, and so its id, can be reused).
+    No sweep over the cache for dead entries: every monitor's cache sees every optimizer's step,
+    and a sweep iterating it while a step in another thread added an entry raised "dictionary
+    changed size during iteration" in that thread's ``optimizer.step()``."""
+    def drop(ref: weakref.ref) -> None:
+        if cache.get(key, (None,))[0] is ref:     # else a newer entry's (the groups changed)
+            cache.pop(key, None)
+
+    return weakref.ref(obj, drop)
 
 
 def _groups_key(optimizer: torch.optim.Optimizer) -> tuple:
@@ -276,8 +289,8 @@ class StepWatch:
             if handle is not held[1]:                                      # registered anew: the hooks were cleared
                 self._hooks[id(optimizer)] = (held[0], handle, held[2])
             return
-        self._hooks = {k: v for k, v in self._hooks.items() if v[0]() is not None}   # forget dead optimizers
-        self._hooks[id(optimizer)] = (weakref.ref(optimizer), last_pre_hook(optimizer, self._on_step),
+        self._hooks[id(optimizer)] = (entry_ref(self._hooks, id(optimizer), optimizer),
+                                      last_pre_hook(optimizer, self._on_step),
                                       optimizer.register_step_post_hook(self._on_step_done))
 
     @outside_compile

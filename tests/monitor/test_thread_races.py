@@ -7,6 +7,7 @@ function returns on a copy of the same gradients."""
 
 from __future__ import annotations
 
+import gc
 import sys
 import threading
 
@@ -91,3 +92,43 @@ def test_monitors_coming_and_going_in_two_threads_keep_the_wrappers_while_one_is
         sys.setswitchinterval(interval)
     assert not errors, errors[:1]
     assert torch.nn.utils.clip_grad_norm_ is original
+
+
+def test_new_optimizers_stepping_in_two_threads_break_neither_step():
+    """Two threads, each with its monitored model, create and step new optimizers (kept alive):
+    every monitor sees every optimizer's step, and its per-optimizer caches take a new entry at
+    each. No step raises (sweeping a cache for dead optimizers while the other thread added an
+    entry raised "dictionary changed size during iteration" in 6 runs of 6), each window counts
+    its own model's steps, and dead optimizers leave no entry behind."""
+    steps, errors = 600, []
+    models = [_model(seed) for seed in (4, 5)]
+    monitors = [GradientMonitor(model, activations=False, weights=False, histograms=False) for model in models]
+    kept: list[list[torch.optim.Optimizer]] = [[], []]
+
+    def train(k):
+        try:
+            for _ in range(steps):
+                kept[k].append(torch.optim.SGD(models[k].parameters(), lr=0.0))
+                kept[k][-1].step()
+        except Exception as error:         # what the user's training would see
+            errors.append(error)
+
+    threads = [threading.Thread(target=train, args=(k,)) for k in range(2)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors[:1]
+    for monitor in monitors:
+        monitor.log(0)
+        assert monitor.history[-1].steps == steps
+    kept.clear()
+    gc.collect()
+    for monitor in monitors:
+        assert not monitor._masks._cache and not monitor._steps._hooks
+        monitor.remove()
