@@ -277,8 +277,8 @@ class StepWatch:
     def _on_step_seen(self, optimizer: torch.optim.Optimizer) -> None:
         """An optimizer is about to step (``_dispatch``, before its own pre-hooks)."""
         self._mask = None
-        if self.only is not None and not steps_for(self.only(), optimizer):
-            return
+        if not self.on or (self.only is not None and not steps_for(self.only(), optimizer)):
+            return               # not on: stopped in another thread since _dispatch read the monitors
         mask = self.masks.mask(optimizer)
         if mask is None:
             return
@@ -287,11 +287,14 @@ class StepWatch:
         if held is not None and held[0]() is optimizer:
             handle = last_pre_hook(optimizer, self._on_step, held[1])      # moved to the end if need be
             if handle is not held[1]:                                      # registered anew: the hooks were cleared
-                self._hooks[id(optimizer)] = (held[0], handle, held[2])
-            return
-        self._hooks[id(optimizer)] = (entry_ref(self._hooks, id(optimizer), optimizer),
-                                      last_pre_hook(optimizer, self._on_step),
-                                      optimizer.register_step_post_hook(self._on_step_done))
+                self._hooks[id(optimizer)] = held = (held[0], handle, held[2])
+        else:
+            self._hooks[id(optimizer)] = held = (entry_ref(self._hooks, id(optimizer), optimizer),
+                                                 last_pre_hook(optimizer, self._on_step),
+                                                 optimizer.register_step_post_hook(self._on_step_done))
+        if not self.on:          # stop() ran meanwhile in another thread, perhaps before these were kept
+            held[1].remove()
+            held[2].remove()
 
     @outside_compile
     def _on_step_done(self, optimizer, args=(), kwargs=None) -> None:
