@@ -19,7 +19,7 @@ from torch import nn
 from gradflow.monitor import columns as C
 from gradflow.monitor import stats as S
 from gradflow.monitor.histograms import LINEAR_BINS, count_linear, linear_scale
-from gradflow.monitor.part import Part, Reduced, Setup, training_pass, watch_forward_starts
+from gradflow.monitor.part import Part, Reduced, Setup, moved, training_pass, watch_forward_starts
 from gradflow.monitor.sharding import local
 from gradflow.monitor.spent import LeavesCopiesAlone
 from gradflow.monitor.tensors import (
@@ -169,7 +169,9 @@ class Activations(Part):
         self.rectifier = [is_rectifier(module) for _, module in taps]
         count = len(taps)
         slots = count * members
-        self.moments = torch.zeros(slots, 3, device=device)   # sum, sum of squares, saturated
+        # sum, sum of squares, saturated; wide (float64): the squares of outputs past 1.8e19 (a diverging
+        # net) overflow float32, and the window's std read inf
+        self.moments = torch.zeros(slots, 3, device=device, dtype=S.wide_dtype(device))
         self.counts = torch.zeros(slots * S.SIGN_EXPONENT_BINS, dtype=torch.int64, device=device)
         self.linear = torch.zeros(slots * LINEAR_BINS + 1, dtype=torch.int64, device=device)
         self._scratch = S.Scratch()                  # for the large tensors
@@ -339,9 +341,10 @@ class Activations(Part):
                 self.positives[:1].zero_()           # slot 0 is no unit's: kept 0, as for a direct output
             return
         self._segments(plan, small)
-        values = [flat, flat * flat]
+        wide = flat.to(self.moments.dtype)            # the squares in float64, as the kernels take them
+        values = [wide, wide * wide]
         if plan.centre is not None:
-            values.append(((flat - plan.centre).abs_() > plan.threshold).float())
+            values.append(((flat - plan.centre).abs_() > plan.threshold).to(wide.dtype))
         sums = S.segment_sums(values, plan.lengths, plan.segment)
         self.moments[:, :len(values)].index_add_(0, plan.row_slot, sums.T)
         S.count_into(self.counts, S.sign_exponent_bins(flat).add_(plan.bin_offset))
@@ -506,8 +509,9 @@ class Activations(Part):
         later = [(index, a) for index, a in self.pending if a.device != here]
         self.pending = [(index, a) for index, a in self.pending if a.device == here]
         self.reduce()
-        self.moments, self.counts, self.positives, self.linear = (
-            t.to(device, copy=True) for t in (self.moments, self.counts, self.positives, self.linear))
+        self.moments = moved(self.moments, device, wide=True)
+        self.counts, self.positives, self.linear = (
+            t.to(device, copy=True) for t in (self.counts, self.positives, self.linear))
         self.pending, self.pending_elements = later, sum(a.numel() for _, a in later)
         self._plans, self._slot_rows, self._scratch = _BoundedCache(), _BoundedCache(), S.Scratch()
 

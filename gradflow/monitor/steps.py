@@ -49,7 +49,8 @@ class OptimizerMasks:
         self._index_of = index_of            # called afresh: the monitor may rebind parameters
         self._refresh = refresh
         # id(optimizer) -> (weak reference to it, groups key, mask): a plain dict read at every step
-        # (a WeakKeyDictionary makes a weak reference per lookup); the reference tells a reused id.
+        # (a WeakKeyDictionary makes a weak reference per lookup); the reference tells a reused id
+        # and drops the entry when the optimizer dies (entry_ref).
         self._cache: dict[int, tuple] = {}
 
     def mask(self, optimizer: torch.optim.Optimizer) -> tuple[bool, ...] | str | None:
@@ -62,8 +63,7 @@ class OptimizerMasks:
         mask = self.compute(optimizer)
         if mask is None and self._refresh():     # its parameters may have replaced the monitored ones
             mask = self.compute(optimizer)
-        self._cache = {k: v for k, v in self._cache.items() if v[0]() is not None}   # forget dead optimizers
-        self._cache[id(optimizer)] = (weakref.ref(optimizer), key, mask)
+        self._cache[id(optimizer)] = (entry_ref(self._cache, id(optimizer), optimizer), key, mask)
         return mask
 
     def compute(self, optimizer: torch.optim.Optimizer) -> tuple[bool, ...] | None:
@@ -80,6 +80,19 @@ class OptimizerMasks:
 
     def forget(self) -> None:
         self._cache.clear()
+
+
+def entry_ref(cache: dict, key: int, obj: Any) -> weakref.ref:
+    """A weak reference to ``obj``, the first item of ``cache[key]``, that removes that entry
+    when ``obj`` dies (Python runs the callback before its memory, and so its id, can be reused).
+    No sweep over the cache for dead entries: every monitor's cache sees every optimizer's step,
+    and a sweep iterating it while a step in another thread added an entry raised "dictionary
+    changed size during iteration" in that thread's ``optimizer.step()``."""
+    def drop(ref: weakref.ref) -> None:
+        if cache.get(key, (None,))[0] is ref:     # else a newer entry's (the groups changed)
+            cache.pop(key, None)
+
+    return weakref.ref(obj, drop)
 
 
 def _groups_key(optimizer: torch.optim.Optimizer) -> tuple:
@@ -264,8 +277,8 @@ class StepWatch:
     def _on_step_seen(self, optimizer: torch.optim.Optimizer) -> None:
         """An optimizer is about to step (``_dispatch``, before its own pre-hooks)."""
         self._mask = None
-        if self.only is not None and not steps_for(self.only(), optimizer):
-            return
+        if not self.on or (self.only is not None and not steps_for(self.only(), optimizer)):
+            return               # not on: stopped in another thread since _dispatch read the monitors
         mask = self.masks.mask(optimizer)
         if mask is None:
             return
@@ -274,11 +287,14 @@ class StepWatch:
         if held is not None and held[0]() is optimizer:
             handle = last_pre_hook(optimizer, self._on_step, held[1])      # moved to the end if need be
             if handle is not held[1]:                                      # registered anew: the hooks were cleared
-                self._hooks[id(optimizer)] = (held[0], handle, held[2])
-            return
-        self._hooks = {k: v for k, v in self._hooks.items() if v[0]() is not None}   # forget dead optimizers
-        self._hooks[id(optimizer)] = (weakref.ref(optimizer), last_pre_hook(optimizer, self._on_step),
-                                      optimizer.register_step_post_hook(self._on_step_done))
+                self._hooks[id(optimizer)] = held = (held[0], handle, held[2])
+        else:
+            self._hooks[id(optimizer)] = held = (entry_ref(self._hooks, id(optimizer), optimizer),
+                                                 last_pre_hook(optimizer, self._on_step),
+                                                 optimizer.register_step_post_hook(self._on_step_done))
+        if not self.on:          # stop() ran meanwhile in another thread, perhaps before these were kept
+            held[1].remove()
+            held[2].remove()
 
     @outside_compile
     def _on_step_done(self, optimizer, args=(), kwargs=None) -> None:

@@ -325,3 +325,31 @@ def test_an_empty_parameter_is_recorded_without_error():
         optimizer.step()
         rows = monitor.log(0)
     assert monitor.history[-1].weights["empty"]["norm"] == 0.0 and rows["0.weight"]["steps"] == 1
+
+
+def test_a_new_optimizer_at_a_dead_ones_id_records_its_own_parameters():
+    """An optimizer made and dropped at each step, over the body and over the head by turns
+    (two parameters each): the new one mostly takes the dead one's id, which keys the
+    per-optimizer caches. Every parameter has a gradient at every step: a mask kept from the
+    dead optimizer records the wrong layer (a cache keyed by id alone: the body 20 steps, the
+    head none). Oracle: each layer's steps and the head's gradient norm taken straight from p.grad."""
+    model = _model(7)
+    x, y = _batch(7)
+    head = model[2].weight
+    norms, ids, reused = [], {}, 0
+    with GradientMonitor(model, activations=False) as monitor:
+        for step in range(20):
+            body = step % 2 == 0
+            optimizer = torch.optim.SGD(model[0 if body else 2].parameters(), lr=0.01)
+            reused += ids.get(id(optimizer), body) != body
+            ids[id(optimizer)] = body
+            model.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            if not body:
+                norms.append(head.grad.double().norm().item())
+            optimizer.step()
+            del optimizer
+        logged = monitor.log(0)
+    assert reused > 0                                     # else this run did not test a reused id
+    assert all(row["steps"] == 10 for row in logged.values()), {name: row["steps"] for name, row in logged.items()}
+    assert logged["2.weight"]["norm"] == pytest.approx(sum(norms) / len(norms), rel=1e-6)

@@ -524,3 +524,26 @@ def test_weight_rows_of_tiny_parameters_folded_together_match_oracle(reduction_p
                     ratio = ((w - w0).norm() / w0.norm()).item()
                     assert weights[name]["update_ratio"] == pytest.approx(ratio, rel=1e-5, abs=1e-12), name
     assert monitor.history[-1].weights["dense_1.bias"]["update_ratio"] == 0.0
+
+
+def test_huge_activations_have_a_finite_std(reduction_path):
+    """Outputs of |a| ~ 1e25 (a diverging net): their squares, 1e50, are beyond float32 but the
+    window's std is finite, small outputs (added up pending) and large ones (on their own)."""
+    torch.manual_seed(14)
+    model = nn.Sequential(OrderedDict(dense_1=nn.Linear(4, 8), relu_1=nn.ReLU(), dense_2=nn.Linear(8, 128),
+                                      relu_2=nn.ReLU(), dense_3=nn.Linear(128, 1)))
+    outputs = {"relu_1": [], "relu_2": []}
+    for name in outputs:
+        getattr(model, name).register_forward_hook(lambda m, i, o, name=name: outputs[name].append(o.detach()))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    with GradientMonitor(model, activations_every=1) as monitor:
+        for _ in range(3):
+            optimizer.zero_grad()
+            model(torch.randn(64, 4) * 1e25).sum().backward()     # relu_1: 512 values, relu_2: 8,192
+            optimizer.step()
+        monitor.log(0)
+    got = monitor.history[0].activations
+    for name, taken in outputs.items():
+        a = torch.cat([o.reshape(-1) for o in taken]).double()
+        assert got[name]["mean"] == pytest.approx(a.mean().item(), rel=1e-5), name
+        assert got[name]["std"] == pytest.approx(a.std(unbiased=False).item(), rel=1e-4), name

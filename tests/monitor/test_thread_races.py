@@ -7,6 +7,7 @@ function returns on a copy of the same gradients."""
 
 from __future__ import annotations
 
+import gc
 import sys
 import threading
 
@@ -91,3 +92,97 @@ def test_monitors_coming_and_going_in_two_threads_keep_the_wrappers_while_one_is
         sys.setswitchinterval(interval)
     assert not errors, errors[:1]
     assert torch.nn.utils.clip_grad_norm_ is original
+
+
+def test_new_optimizers_stepping_in_two_threads_break_neither_step():
+    """Two threads, each with its monitored model, create and step new optimizers (kept alive):
+    every monitor sees every optimizer's step, and its per-optimizer caches take a new entry at
+    each. No step raises (sweeping a cache for dead optimizers while the other thread added an
+    entry raised "dictionary changed size during iteration" in 6 runs of 6), each window counts
+    its own model's steps, and dead optimizers leave no entry behind."""
+    steps, errors = 600, []
+    models = [_model(seed) for seed in (4, 5)]
+    monitors = [GradientMonitor(model, activations=False, weights=False, histograms=False) for model in models]
+    kept: list[list[torch.optim.Optimizer]] = [[], []]
+
+    def train(k):
+        try:
+            for _ in range(steps):
+                kept[k].append(torch.optim.SGD(models[k].parameters(), lr=0.0))
+                kept[k][-1].step()
+        except Exception as error:         # what the user's training would see
+            errors.append(error)
+
+    threads = [threading.Thread(target=train, args=(k,)) for k in range(2)]
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert not errors, errors[:1]
+    for monitor in monitors:
+        monitor.log(0)
+        assert monitor.history[-1].steps == steps
+    kept.clear()
+    gc.collect()
+    for monitor in monitors:
+        assert not monitor._masks._cache and not monitor._steps._hooks
+        monitor.remove()
+
+
+def test_a_monitor_removed_while_another_thread_steps_leaves_no_hook_behind():
+    """Thread 1 steps an optimizer over model b while thread 2 removes b's monitor, after the
+    step's dispatcher has read the attached monitors. The interleaving is made exact: the first
+    monitor's look at the optimizer's ``param_groups`` waits until b's monitor has left. Before,
+    b's monitor hooked the optimizer after its remove(): a pre- and post-hook left on it for
+    good, holding the monitor and its buffers. Oracle: the optimizer's own hook dicts, empty as
+    before attach, and the step applied."""
+    inside, left = threading.Event(), threading.Event()
+
+    class Waiting(torch.optim.SGD):
+        armed = False
+
+        @property
+        def param_groups(self):          # read by the monitors' dispatch: waits once, as armed
+            if Waiting.armed:
+                Waiting.armed = False
+                inside.set()
+                left.wait(10)
+            return self.__dict__["param_groups"]
+
+        @param_groups.setter
+        def param_groups(self, groups):
+            self.__dict__["param_groups"] = groups
+
+    first, model = _model(6), _model(7)
+    monitors = [GradientMonitor(first, activations=False), GradientMonitor(model, activations=False)]
+    optimizer = Waiting(model.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    errors = []
+
+    def trainer():
+        try:
+            Waiting.armed = True
+            optimizer.step()
+        except Exception as error:
+            errors.append(error)
+
+    def leaver():
+        inside.wait(10)
+        monitors[1].remove()
+        left.set()
+
+    threads = [threading.Thread(target=trainer), threading.Thread(target=leaver)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    monitors[0].remove()
+    assert not errors, errors
+    assert inside.is_set()                                 # the interleaving happened
+    assert not optimizer._optimizer_step_pre_hooks and not optimizer._optimizer_step_post_hooks
+    assert all(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
