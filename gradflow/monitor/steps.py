@@ -56,15 +56,20 @@ class OptimizerMasks:
     def mask(self, optimizer: torch.optim.Optimizer) -> tuple[bool, ...] | str | None:
         """The optimizer's parameters as a mask over the monitor's; ``ALL`` if it holds every one
         (the common case, which records without a mask), None if it holds none."""
+        return self.keyed(optimizer)[1]
+
+    def keyed(self, optimizer: torch.optim.Optimizer) -> tuple[tuple, tuple[bool, ...] | str | None]:
+        """(the groups' key it was found for, ``mask(optimizer)``): the key tells a later reader
+        whether the groups changed since (a pre-hook of the user's may add a group)."""
         key = _groups_key(optimizer)
         cached = self._cache.get(id(optimizer))
         if cached is not None and cached[1] == key and cached[0]() is optimizer:
-            return cached[2]
+            return key, cached[2]
         mask = self.compute(optimizer)
         if mask is None and self._refresh():     # its parameters may have replaced the monitored ones
             mask = self.compute(optimizer)
         self._cache[id(optimizer)] = (entry_ref(self._cache, id(optimizer), optimizer), key, mask)
-        return mask
+        return key, mask
 
     def compute(self, optimizer: torch.optim.Optimizer) -> tuple[bool, ...] | None:
         index_of = self._index_of()
@@ -258,7 +263,7 @@ class StepWatch:
         self.after = after                   # called when the outermost watched step is done
         self.on = False
         self._outer = None                   # weak reference to the watched optimizer whose step is running
-        self._mask = None                    # (id(optimizer), its mask) from _on_step_seen, for the step's pre-hook
+        self._mask = None                    # (id(optimizer), groups key, mask) from _on_step_seen, for the step's pre-hook
         # id(optimizer) -> (weak reference to it, its pre-hook's handle, its post-hook's handle)
         self._hooks: dict[int, tuple] = {}
 
@@ -279,10 +284,10 @@ class StepWatch:
         self._mask = None
         if not self.on or (self.only is not None and not steps_for(self.only(), optimizer)):
             return               # not on: stopped in another thread since _dispatch read the monitors
-        mask = self.masks.mask(optimizer)
+        key, mask = self.masks.keyed(optimizer)
         if mask is None:
             return
-        self._mask = (id(optimizer), mask)           # for its pre-hook, which torch calls next
+        self._mask = (id(optimizer), key, mask)      # for its pre-hook, which torch calls next
         held = self._hooks.get(id(optimizer))
         if held is not None and held[0]() is optimizer:
             handle = last_pre_hook(optimizer, self._on_step, held[1])      # moved to the end if need be
@@ -308,8 +313,11 @@ class StepWatch:
     @outside_compile
     def _on_step(self, optimizer, args=(), kwargs=None):
         """The optimizer's last step pre-hook: record the gradient its step applies."""
-        seen, self._mask = self._mask, None          # the mask _on_step_seen found for this step
-        mask = seen[1] if seen is not None and seen[0] == id(optimizer) else self.masks.mask(optimizer)
+        seen, self._mask = self._mask, None          # the mask _on_step_seen found for this step,
+        if seen is not None and seen[0] == id(optimizer) and seen[1] == _groups_key(optimizer):
+            mask = seen[2]                           # unless a pre-hook of the user's changed the groups
+        else:
+            mask = self.masks.mask(optimizer)
         if mask is None or not self.on:
             return None
         outer = self._outer() if self._outer is not None else None

@@ -353,3 +353,34 @@ def test_a_new_optimizer_at_a_dead_ones_id_records_its_own_parameters():
     assert reused > 0                                     # else this run did not test a reused id
     assert all(row["steps"] == 10 for row in logged.values()), {name: row["steps"] for name, row in logged.items()}
     assert logged["2.weight"]["norm"] == pytest.approx(sum(norms) / len(norms), rel=1e-6)
+
+
+def test_a_group_added_by_a_users_pre_hook_is_recorded_in_that_step():
+    """A step pre-hook of the user's (it runs before the monitor's, which is kept last) adds the
+    head as a param group at the third step: that step applies the head's gradient, so the
+    monitor records it there, not from the step after (a mask found before the user's pre-hook
+    ran left it out). Oracle: the head's steps and its mean gradient norm taken from p.grad."""
+    model = _model(3)
+    x, y = _batch(3)
+    optimizer = torch.optim.SGD(model[0].parameters(), lr=0.01)
+    head = model[2].weight
+    steps = [0]
+
+    def add_head(opt, args, kwargs):
+        steps[0] += 1
+        if steps[0] == 3:
+            opt.add_param_group({"params": list(model[2].parameters())})
+
+    with GradientMonitor(model, activations=False) as monitor:
+        optimizer.register_step_pre_hook(add_head)
+        norms = []
+        for step in range(5):
+            optimizer.zero_grad()
+            model.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            if step >= 2:
+                norms.append(head.grad.double().norm().item())
+            optimizer.step()
+        logged = monitor.log(0)
+    assert logged["2.weight"]["steps"] == 3 and logged["0.weight"]["steps"] == 5
+    assert logged["2.weight"]["norm"] == pytest.approx(sum(norms) / len(norms), rel=1e-6)
