@@ -4,13 +4,12 @@
 swaps or replaces it (``torch.__future__.set_swap_module_params_on_conversion`` /
 ``set_overwrite_module_params_on_conversion``); either way the window's sums are still on the old
 device. This part checks the first and last parameter's device and dtype where it matters,
-cheaply (four comparisons): at the start of each profiled training forward pass (of every one with
-``nonfinite=True``), before any activation tap or non-finite hook sees a tensor of the new device,
-and at each recorded or skipped step (a
-compiled model's forward is not watched; ``record()`` may come without one). Parameters replaced
-by new tensors on another device (the ``overwrite`` flag) are seen there too: the model's own
-first parameter, looked up in its module, is compared (not with sharded models, whose frameworks
-swap parameters at every pass). When something changed, the coordinator's ``follow()`` has every
+cheaply (four comparisons): at the start of each training forward pass, before any activation
+tap, non-finite hook or clipping call sees a tensor of the new device, and at each recorded or
+skipped step (a compiled model's forward is not watched; ``record()`` may come without one).
+Parameters replaced by new tensors on another device or of another dtype (the ``overwrite``
+flag) are seen there too: the model's own first parameter, looked up in its module, is compared
+(not with sharded models, whose frameworks swap parameters at every pass). When something changed, the coordinator's ``follow()`` has every
 part fold what it took before and, on a new device, move its sums there (``Part.move``), then
 binds the parts to the parameters: the window goes on, and what it recorded before and after is
 in it. Other replacements are found when an optimizer holding them steps, or at ``log()``.
@@ -35,8 +34,10 @@ class Conversions(Part):
         self.owner = weakref.ref(model.get_submodule(owner)) if setup.sharding is None else None
 
     def hook(self, model) -> None:
-        # The non-finite part's hooks see every pass (nonfinite=True): then every pass is checked first.
-        watch_forward_starts(self, model, every_pass=bool(self.setup.options.get("nonfinite")))
+        # Every pass, profiled or not: a clipping call between that pass's backward and its step
+        # would otherwise see parameters the monitor does not know yet (replaced ones), and the
+        # non-finite part's hooks (nonfinite=True) see every pass.
+        watch_forward_starts(self, model, every_pass=True)
 
     def forward_starts(self) -> None:
         self.check()
@@ -58,5 +59,5 @@ class Conversions(Part):
             return
         owner = self.owner() if self.owner is not None else None
         now = owner._parameters.get(self.key) if owner is not None else None
-        if now is not None and now is not first and now.device != setup.device:
+        if now is not None and now is not first and (now.device != setup.device or now.dtype != setup.dtypes[0]):
             setup.follow()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import warnings
 
+import pytest
 import torch
 from torch import nn
 
@@ -74,3 +75,32 @@ def test_every_training_pass_is_counted_per_window():
             said += [str(w.message) for w in caught if "torch.func" in str(w.message)]
             monitor._warnings.said.discard("unrecorded")      # said once per monitor: hear it again
     assert [m.split(" training forward passes")[0].split()[-1] for m in said] == ["5", "3"]
+
+
+def test_a_clip_after_an_unprofiled_pass_of_a_replaced_model_is_counted():
+    """``model.double()`` under ``set_overwrite_module_params_on_conversion`` (new tensors, a new
+    optimizer for them) on a pass that is not profiled: the monitor follows at that pass's start,
+    so the clipping calls between its backward and its step are of parameters it knows. Oracle:
+    the norms ``clip_grad_norm_`` itself returned."""
+    flag = torch.__future__.get_overwrite_module_params_on_conversion()
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        model = _model()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        with GradientMonitor(model, activations_every=10) as monitor:
+            for _ in range(2):
+                _step(model, optimizer)
+            model.double()
+            optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+            norms = []
+            for _ in range(3):
+                optimizer.zero_grad()
+                model(torch.randn(8, 3, dtype=torch.float64)).square().mean().backward()
+                norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1e-3).item())
+                optimizer.step()
+            monitor.log(0)
+        overall = monitor.history[-1].overall
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(flag)
+    assert overall["steps"] == 5 and overall["clip_calls"] == 3 and overall["clipped_steps"] == 3
+    assert overall["total_norm_before_clip"] == pytest.approx(sum(norms) / 3, rel=1e-6)
