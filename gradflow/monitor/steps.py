@@ -322,8 +322,7 @@ class StepWatch:
             return None
         outer = self._outer() if self._outer is not None else None
         if outer is None or outer is optimizer:      # else an inner step of the running one (a step that raised
-            held = self._hooks.get(id(optimizer))    # leaves it set until that optimizer steps again)
-            self._outer = held[0] if held is not None and held[0]() is optimizer else weakref.ref(optimizer)
+            self._outer = weakref.ref(optimizer)     # leaves it set until that optimizer steps again)
         amp = amp_scale(optimizer, kwargs) if getattr(optimizer, "_step_supports_amp_scaling", False) else None
         if amp is not None:                          # a fused optimizer under GradScaler: still scaled
             scale, found_inf = amp
