@@ -26,6 +26,22 @@ def _model(seed):
     return model
 
 
+def _run_together(*targets, switch: float | None = None) -> None:
+    """Run each ``(function, args)`` in a thread of its own and wait for all; ``switch``: the
+    interpreter's switch interval meanwhile (small: threads switch often, races show)."""
+    threads = [threading.Thread(target=fn, args=args) for fn, args in targets]
+    interval = sys.getswitchinterval()
+    if switch is not None:
+        sys.setswitchinterval(switch)
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+
+
 @pytest.mark.parametrize("clip", ["clip_grad_norm_", "clip_grad_value_"])
 def test_the_last_monitor_leaving_mid_call_in_another_thread(clip):
     model = _model(0)
@@ -53,11 +69,7 @@ def test_the_last_monitor_leaving_mid_call_in_another_thread(clip):
         left.set()
 
     monitor = GradientMonitor(_model(1), activations=False)   # another model's monitor, in another thread
-    threads = [threading.Thread(target=trainer), threading.Thread(target=trial)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    _run_together((trainer, ()), (trial, ()))
     assert not errors, errors
     assert getattr(torch.nn.utils, clip) is original and not interception._WATCHERS
     if clip == "clip_grad_norm_":
@@ -80,16 +92,7 @@ def test_monitors_coming_and_going_in_two_threads_keep_the_wrappers_while_one_is
         except Exception as error:
             errors.append(error)
 
-    threads = [threading.Thread(target=churn, args=(seed,)) for seed in (2, 3)]
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)            # switch threads often: the unlocked race showed in ~1 run of 2
-    try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-    finally:
-        sys.setswitchinterval(interval)
+    _run_together((churn, (2,)), (churn, (3,)), switch=1e-6)    # the unlocked race showed in ~1 run of 2
     assert not errors, errors[:1]
     assert torch.nn.utils.clip_grad_norm_ is original
 
@@ -113,16 +116,7 @@ def test_new_optimizers_stepping_in_two_threads_break_neither_step():
         except Exception as error:         # what the user's training would see
             errors.append(error)
 
-    threads = [threading.Thread(target=train, args=(k,)) for k in range(2)]
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-    finally:
-        sys.setswitchinterval(interval)
+    _run_together((train, (0,)), (train, (1,)), switch=1e-6)
     assert not errors, errors[:1]
     for monitor in monitors:
         monitor.log(0)
@@ -176,11 +170,7 @@ def test_a_monitor_removed_while_another_thread_steps_leaves_no_hook_behind():
         monitors[1].remove()
         left.set()
 
-    threads = [threading.Thread(target=trainer), threading.Thread(target=leaver)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    _run_together((trainer, ()), (leaver, ()))
     monitors[0].remove()
     assert not errors, errors
     assert inside.is_set()                                 # the interleaving happened
