@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import sys
 import weakref
 from dataclasses import dataclass
 
@@ -77,7 +78,8 @@ class _Tap(LeavesCopiesAlone):
 
 
 class _ForwardEnd(LeavesCopiesAlone):
-    """The model's forward hook: the training forward pass ended whole."""
+    """The model's forward hook (``always_call``: it also runs when the forward raised): the
+    training forward pass ended, whole unless it raised."""
 
     __slots__ = ("__weakref__", "part")
 
@@ -86,7 +88,9 @@ class _ForwardEnd(LeavesCopiesAlone):
 
     def __call__(self, module, inputs, output):
         if training_pass():
-            self.part.forward_ends()
+            # torch calls an always_call hook with no output while the forward's exception is
+            # being handled; a forward that returned None inside a user's except block is not that.
+            self.part.forward_ends(raised=output is None and sys.exc_info()[1] is not None)
 
 
 @dataclass
@@ -184,6 +188,7 @@ class Activations(Part):
         self.direct = 0                               # pending outputs of DIRECT_OUTPUT elements or more
         self.tapped = False                           # a recorded step's forward pass was tapped in this window
         self.forward_start: int | None = None         # pending's length when a forward pass still running began
+        self.depth = 0                                # calls of the model inside a profiled pass still running (self(...) in forward)
         self.passes_before = 0                        # the schedule's count of training passes at the window's start
         self.unseen = {"no_grad": 0, "backward": 0}   # tap calls not taken, by why (no_activations_cause)
         self._plans = _BoundedCache()
@@ -213,8 +218,8 @@ class Activations(Part):
             return      # a compiled forward is not tapped; hooks coming and going would give it a second graph
         if active and not self._taps and self.attached:
             model = self._model()
-            if model is not None:      # the pass ending whole: with the taps only, as forward_starts is called
-                self._taps.append(model.register_forward_hook(_ForwardEnd(self)))
+            if model is not None:      # the pass ending: with the taps only, as forward_starts is called
+                self._taps.append(model.register_forward_hook(_ForwardEnd(self), always_call=True))
             for index, ref in enumerate(self._tapped_modules):
                 module = ref()
                 if module is not None:
@@ -237,6 +242,7 @@ class Activations(Part):
         super().remove()
 
     def record(self, mask) -> None:
+        self.depth = 0                                # a step runs outside any forward pass
         if self.forward_start is not None:            # a profiled pass that never ended (drop_partial)
             self.drop_partial()
         if self.direct:                               # taps of a forward whose model hook did not run
@@ -245,17 +251,30 @@ class Activations(Part):
 
     def forward_starts(self) -> None:
         """A profiled forward pass of the model begins: a pass that began before and never ended
-        raised halfway, and what it tapped is dropped."""
+        raised halfway, and what it tapped is dropped. The model called again inside its own
+        forward (``self(...)``) is the same pass, one level deeper (``depth``)."""
+        if self.depth:
+            self.depth += 1
+            return
         self.drop_partial()
         self.forward_start = len(self.pending)
+        self.depth = 1
 
     @property
     def forwards(self) -> int:
         """Training forward passes of the model seen in the window, profiled or not."""
         return self.setup.schedule.passes - self.passes_before
 
-    def forward_ends(self) -> None:
-        """The model's forward pass ended whole: its large outputs are reduced now, not kept."""
+    def forward_ends(self, raised: bool = False) -> None:
+        """The model's forward pass ended: whole, its large outputs are reduced now, not kept;
+        ``raised``, what it tapped is left for ``drop_partial`` to drop and say (at the next pass,
+        step or ``log()``, from the user's line). An inner call of the model ending is not the end."""
+        if self.depth > 1:
+            self.depth -= 1
+            return
+        self.depth = 0
+        if raised:
+            return
         self.forward_start = None
         if self.direct:
             self.reduce_direct()
@@ -304,6 +323,7 @@ class Activations(Part):
         self.pending_elements = 0
         self.direct = 0
         self.forward_start = None
+        self.depth = 0
         torch._foreach_zero_([self.moments, self.counts, self.positives, self.linear])
         self.elements[:] = 0
         self.tapped = False

@@ -306,6 +306,60 @@ def test_a_forward_that_raised_halfway_never_leaks_into_the_window(then, bad_row
     assert any("raised halfway" in m for m in messages), messages
 
 
+class _CallsItself(nn.Module):
+    """A model whose forward calls the model itself (``self(...)``: a batch of one made a batch,
+    a list of inputs taken one by one): the root's hooks run again inside its own forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1, self.act, self.fc2, self.fail_after_inner = nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1), False
+
+    def forward(self, x):
+        if x.dim() == 1:                                     # one example: the model on a batch of one
+            out = self(x[None])[0]
+            if self.fail_after_inner:
+                raise RuntimeError("bad example")
+            return out
+        return self.fc2(self.act(self.fc1(x)))
+
+
+@pytest.mark.parametrize("every", [1, 3])
+def test_a_forward_that_calls_the_model_itself_is_one_whole_pass(every):
+    """The inner call's activations are the pass's (oracle: tanh of the inputs, read straight
+    from the layers), with no "raised halfway" warning: the outer pass ends whole after the
+    inner one. A recursive forward that raises after its inner call ended is still a partial
+    pass: left out, and said."""
+    torch.manual_seed(3)
+    model = _CallsItself()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    inputs = [torch.randn(3) for _ in range(6)]
+    with warnings.catch_warnings(record=True) as caught, GradientMonitor(model, activations_every=every) as monitor:
+        warnings.simplefilter("always")
+        for x in inputs:
+            optimizer.zero_grad()
+            model(x).sum().backward()
+            optimizer.step()
+        monitor.log(0)
+    assert not [w for w in caught if "halfway" in str(w.message)], [str(w.message)[:60] for w in caught]
+    profiled = [x for i, x in enumerate(inputs) if i % every == 0]       # the first pass, then every every-th
+    expected = torch.stack([torch.tanh(model.fc1(x)).detach() for x in profiled]).double()
+    row = monitor.history[-1].activations["act"]
+    assert row["mean"] == pytest.approx(expected.mean().item(), rel=1e-6)
+    assert row["std"] == pytest.approx(expected.std(unbiased=False).item(), rel=1e-5)
+
+    with warnings.catch_warnings(record=True) as caught, GradientMonitor(model, activations_every=1) as monitor:
+        warnings.simplefilter("always")
+        model(inputs[0]).sum().backward()
+        optimizer.step()
+        model.fail_after_inner = True
+        with pytest.raises(RuntimeError, match="bad example"):
+            model(inputs[1])
+        monitor.log(0)
+    assert any("raised halfway" in str(w.message) for w in caught)
+    row = monitor.history[-1].activations["act"]
+    assert row["mean"] == pytest.approx(torch.tanh(model.fc1(inputs[0])).double().mean().item(), rel=1e-6)
+
+
 @pytest.mark.parametrize("every", [1, 2, 3])
 def test_taps_read_the_module_output_whatever_hooks_the_user_adds(every):
     """The taps come and go with the profiled passes; each is put first among its module's
