@@ -35,10 +35,9 @@ class Output:
         flush() will follow)."""
         histograms = self._histograms(wanted, step, final)
         for k, sink, prefix in self.sinks:
-            sink.log({prefix + tag: v for tag, v in scalars[k].items()},
-                     {prefix + tag: h for tag, h in (histograms[k] if histograms else {}).items()}, step)
+            sink.log(_prefixed(prefix, scalars[k]), _prefixed(prefix, histograms[k] if histograms else {}), step)
             if texts and texts[k]:
-                sink.text({prefix + tag: text for tag, text in texts[k].items()}, step)
+                sink.text(_prefixed(prefix, texts[k]), step)
 
     def _histograms(self, wanted: HistogramRequests, step: int, final: bool) -> list[dict] | None:
         if not self.draws:
@@ -56,7 +55,12 @@ class Output:
         step, histograms = taken
         for k, sink, prefix in self.sinks:
             if histograms[k]:
-                sink.log({}, {prefix + tag: h for tag, h in histograms[k].items()}, step)
+                sink.log({}, _prefixed(prefix, histograms[k]), step)
+
+
+def _prefixed(prefix: str, by_tag: dict) -> dict:
+    """``by_tag`` with ``prefix`` before each tag; itself, uncopied, where there is none (one member)."""
+    return {prefix + tag: v for tag, v in by_tag.items()} if prefix else by_tag
 
 
 def _sinks(writer, members: int) -> list[tuple[int, object, str]]:

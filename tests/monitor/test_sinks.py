@@ -30,6 +30,44 @@ def test_one_window_is_one_readable_event(tmp_path):
     assert point.step == 7 and point.histogram_value.num == 3.0
 
 
+def test_windows_whose_tags_and_buckets_change_read_back_exactly(tmp_path):
+    """The sink refills one event while a window's tags stay the same: every window still reads
+    back as written (oracle: the values passed in), a histogram with fewer buckets than the
+    previous window's keeps none of them, and a window with other tags gets its own event."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    def histogram(limits, counts):
+        return Histogram(limits=limits, counts=counts, min=limits[0] - 1, max=limits[-1], num=sum(counts),
+                         sum=float(len(limits)), sum_squares=2.0 * len(limits))
+
+    windows = [
+        ({"a/norm": 0.25, "a/max": 0.5}, {"a": histogram([1.0, 2.0, 3.0, 4.0], [1.0, 2.0, 3.0, 4.0])}),
+        ({"a/norm": 0.75, "a/max": 1.5}, {"a": histogram([8.0], [5.0])}),                 # fewer buckets
+        ({"a/norm": 1.25, "b/norm": 9.0}, {"a": histogram([2.0, 3.0], [1.0, 6.0]),         # other tags
+                                           "b": histogram([4.0], [2.0])}),
+        ({"a/norm": 2.25, "a/max": 4.5}, {}),                                              # no histogram
+        ({"a/norm": 3.25, "a/max": 6.5}, {"a": histogram([5.0, 6.0], [7.0, 8.0])}),
+    ]
+    with SummaryWriter(tmp_path) as writer:
+        sink = TensorBoardSink(writer)
+        for step, (scalars, histograms) in enumerate(windows):
+            sink.log(scalars, histograms, step=step)
+    events = EventAccumulator(str(tmp_path), size_guidance={"histograms": 0, "scalars": 0}).Reload()
+    for tag in ("a/norm", "a/max", "b/norm"):
+        expected = [(step, s[tag]) for step, (s, _) in enumerate(windows) if tag in s]
+        assert [(e.step, e.value) for e in events.Scalars(tag)] == expected, tag
+    for tag in ("a", "b"):
+        expected = [(step, h[tag]) for step, (_, h) in enumerate(windows) if tag in h]
+        read = events.Histograms(tag)
+        assert [p.step for p in read] == [step for step, _ in expected], tag
+        for point, (_, h) in zip(read, expected):
+            value = point.histogram_value
+            assert (list(value.bucket_limit), list(value.bucket)) == (h.limits, h.counts)
+            assert (value.min, value.max, value.num, value.sum, value.sum_squares) == \
+                (h.min, h.max, h.num, h.sum, h.sum_squares)
+
+
 def _intervals(left, limits, counts):
     """TensorBoard's reading of a histogram: (left, right, count) per bucket."""
     edges = [left, *limits]
