@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import weakref
 from dataclasses import dataclass
 
@@ -311,6 +312,11 @@ class Gradients(Part):
 
     def _reduce_large(self, plan: _GradientPlan, grads: list[torch.Tensor], step: int) -> None:
         """Reduce the large gradients of a step at once, one job per member of each."""
+        kernels = S.fused_kernels(self.device)
+        if kernels is not None and all(grads[i].dtype == torch.float32 and grads[i].layout == torch.strided
+                                       for i in plan.large):
+            self._fold_large(kernels, plan, grads, step)
+            return
         counts = self.counts.view(-1, S.SIGN_EXPONENT_BINS)
         jobs = [(flat, counts[slot], None) for i in plan.large
                 for slot, flat in enumerate(_flat(grads[i], keep_float64=True).view(self.members, -1),
@@ -322,6 +328,26 @@ class Gradients(Part):
             if flat.dtype == torch.float64:           # keep float64's range (squares overflow past 1e154)
                 folded[row, 2] = S.scaled_norm(flat)
         self.totals.index_add_(0, plan.large_slots, folded[:, :4].to(self.totals.dtype))
+
+    def _fold_large(self, kernels, plan: _GradientPlan, grads: list[torch.Tensor], step: int) -> None:
+        """``_reduce_large`` for float32 CPU gradients: the fused kernels fold each straight from
+        its numpy view, and the rows are added to the window's sums as numpy views of them (the
+        sums are float64 CPU tensors). A torch op per gradient and per sum cost nanoGPT's step
+        (8 large gradients) about 0.2 ms more than the arithmetic."""
+        k = self.members
+        counts = self.counts.numpy().reshape(-1, S.SIGN_EXPONENT_BINS)
+        jobs = []
+        for i in plan.large:
+            grad = grads[i]
+            values = (grad.detach() if grad.requires_grad else grad).reshape(-1).numpy()   # a copy only if strided
+            if k == 1:
+                jobs.append((values, counts[i], 0.0, math.inf))
+            else:
+                jobs.extend((part, counts[i * k + m], 0.0, math.inf) for m, part in enumerate(values.reshape(k, -1)))
+        rows = kernels.fold_all(jobs)
+        self.step_squares.numpy()[step] += rows[:, 2].reshape(-1, k).sum(axis=0)
+        np.sqrt(rows[:, 2], out=rows[:, 2])                # the sum of squares becomes the L2 norm
+        self.totals.numpy()[plan.large_slots.numpy()] += rows[:, :4]
 
     # -- the window -----------------------------------------------------------------------
 

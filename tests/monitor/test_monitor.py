@@ -416,6 +416,46 @@ def test_members_of_a_batched_model_get_their_own_statistics(reduction_path):
     assert logged[0]["dense_1.weight"]["norm"] != logged[1]["dense_1.weight"]["norm"]
 
 
+@pytest.mark.parametrize("members", [1, 3])
+def test_large_gradients_of_members_fold_each_member_apart(reduction_path, members):
+    """Gradients of 65,536 values or more are folded at each step, each member's segment on its
+    own (oracle: the norms, means and zeros of each member's slice of .grad, per step); also a
+    gradient that is not contiguous (a transposed one a user assigned) and one that requires grad."""
+    torch.manual_seed(12)
+    model = nn.Sequential(OrderedDict(dense_1=BatchedLinear(members, 256, 384), relu_1=nn.ReLU(),
+                                      dense_2=BatchedLinear(members, 384, 1)))
+    assert model.dense_1.weight.numel() >= 65536 * members
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    captured, totals = [[] for _ in range(members)], [[] for _ in range(members)]
+    with GradientMonitor(model, members=members) as monitor:
+        for step in range(3):
+            optimizer.zero_grad()
+            model(torch.randn(members, 4, 256)).pow(2).sum().backward()
+            weight = model.dense_1.weight
+            if step == 1:        # the same values, laid out transposed
+                weight.grad = weight.grad.transpose(1, 2).contiguous().transpose(1, 2)
+                assert not weight.grad.is_contiguous()
+            if step == 2:
+                weight.grad = weight.grad.clone().requires_grad_()
+            for k in range(members):
+                captured[k].append(weight.grad[k].detach().double().clone())
+                totals[k].append(sum(float(p.grad[k].detach().double().square().sum()) for p in model.parameters()) ** 0.5)
+            optimizer.step()
+        logged = monitor.log(0)
+    rows = logged if members > 1 else [logged]
+    for k in range(members):
+        grads = captured[k]
+        row = rows[k]["dense_1.weight"]
+        assert row["steps"] == 3
+        assert row["norm"] == pytest.approx(np.mean([g.norm().item() for g in grads]), rel=1e-9)
+        assert row["mean"] == pytest.approx(np.mean([g.mean().item() for g in grads]), rel=1e-9, abs=1e-15)
+        assert row["max_abs"] == pytest.approx(np.mean([g.abs().max().item() for g in grads]), rel=1e-7)
+        assert row["zero_fraction"] == pytest.approx(np.mean([(g == 0).double().mean().item() for g in grads]), abs=1e-12)
+        overall = monitor.member_history(k)[-1].overall
+        assert overall["total_norm"] == pytest.approx(np.mean(totals[k]), rel=1e-9)
+        assert overall["total_norm_max"] == pytest.approx(max(totals[k]), rel=1e-9)
+
+
 def test_member_history_of_a_single_member_monitor_is_its_whole_history():
     model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
