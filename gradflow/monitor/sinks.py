@@ -117,7 +117,7 @@ class TensorBoardSink(Sink):
         if file_writer is None:  # a writer-like object without the batched path
             self._log_one_by_one(scalars, histograms, step)
             return
-        buckets = [sparse_buckets(h.limits, h.counts) for h in histograms.values()]
+        buckets = [(h.limits, h.counts) if h.sparse else sparse_buckets(h.limits, h.counts) for h in histograms.values()]
         with self._lock:
             event, values, histos = self._event(scalars, histograms)
             for value, number in zip(values, scalars.values()):
@@ -167,7 +167,7 @@ class TensorBoardSink(Sink):
         for tag, number in scalars.items():
             self.writer.add_scalar(tag, number, step)
         for tag, h in histograms.items():
-            limits, counts = sparse_buckets(h.limits, h.counts)
+            limits, counts = (h.limits, h.counts) if h.sparse else sparse_buckets(h.limits, h.counts)
             self.writer.add_histogram_raw(tag, h.min, h.max, h.num, h.sum, h.sum_squares, limits, counts, step)
 
 

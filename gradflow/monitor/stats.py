@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -41,9 +41,12 @@ def wide_dtype(device: torch.device) -> torch.dtype:
     return torch.float32 if device.type == "mps" else torch.float64
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Histogram:
-    """A bucketed histogram: right edges of the buckets and their counts."""
+    """A bucketed histogram: right edges of the buckets and their counts; ``sparse``: already
+    without runs of empty buckets (``sparse_buckets``), as the monitor's own are, so a sink need
+    not filter it again. Not frozen: a frozen dataclass costs four times as long to make (0.9
+    against 0.22 us), and a window of the tutorial's MLP makes forty."""
 
     limits: list[float]
     counts: list[float]
@@ -52,6 +55,7 @@ class Histogram:
     num: float
     sum: float
     sum_squares: float
+    sparse: bool = field(default=False, repr=False, compare=False)
 
 
 def scaled_norm(flat: torch.Tensor) -> torch.Tensor:
@@ -335,13 +339,13 @@ def _from_rows(rows: int, kernel, width: int) -> list[Histogram | None]:
     kernel(limits, counts, offsets, moments, valid)
     end = int(offsets[-1])
     limits_list, counts_list, offsets_list = limits[:end].tolist(), counts[:end].tolist(), offsets.tolist()
-    return [Histogram(limits_list[a:b], counts_list[a:b], *row) if ok else None
+    return [Histogram(limits_list[a:b], counts_list[a:b], *row, True) if ok else None      # the kernels' are sparse
             for a, b, row, ok in zip(offsets_list, offsets_list[1:], moments.tolist(), valid.tolist())]
 
 
 def _sparse(histogram: Histogram) -> Histogram:
     limits, counts = sparse_buckets(histogram.limits, histogram.counts)
-    return dataclasses.replace(histogram, limits=limits, counts=counts)
+    return dataclasses.replace(histogram, limits=limits, counts=counts, sparse=True)
 
 
 def sparse_buckets(limits: list[float], counts: list[float]) -> tuple[list[float], list[float]]:

@@ -160,7 +160,20 @@ def test_histogram_kernels_equal_the_numpy_definition_made_sparse(seed, rows, sp
                 assert got is None
                 continue
             assert (got.limits, got.counts) == S.sparse_buckets(want.limits, want.counts)
+            # marked sparse, so the sink writes them unfiltered: filtering again changes nothing
+            assert got.sparse and S.sparse_buckets(got.limits, got.counts) == (got.limits, got.counts)
             assert (got.min, got.max, got.num) == (want.min, want.max, want.num)
             # sum: cancellation leaves rounding of the size of the terms, sqrt(num * sum of squares) at most
             assert got.sum == pytest.approx(want.sum, rel=1e-12, abs=1e-12 * math.sqrt(want.num * want.sum_squares))
             assert got.sum_squares == pytest.approx(want.sum_squares, rel=1e-12)
+
+
+def test_histograms_without_numba_are_sparse_and_marked_so(monkeypatch):
+    """The numpy path (no numba) gives the same sparse buckets as the kernels, marked ``sparse``."""
+    rng = np.random.default_rng(5)
+    counts = np.stack([S.sign_exponent_counts(random_values(rng, 300, 40.0, 3, True)).numpy() for _ in range(4)])
+    fused = S.value_histograms(counts), S.log10_abs_histograms(counts)
+    monkeypatch.setattr(S, "_HISTOGRAM_KERNELS", False)
+    for got, want in zip((S.value_histograms(counts), S.log10_abs_histograms(counts)), fused):
+        for g, w in zip(got, want):
+            assert g.sparse and (g.limits, g.counts) == (w.limits, w.counts)
