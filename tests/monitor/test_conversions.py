@@ -324,3 +324,36 @@ def test_model_moved_between_cpu_and_cuda_mid_window_is_followed(how, route):
     finally:
         torch.__future__.set_overwrite_module_params_on_conversion(flags[0])
         torch.__future__.set_swap_module_params_on_conversion(flags[1])
+
+
+def _tied_and_parametrized() -> list[nn.Module]:
+    from torch.nn.utils import parametrizations
+
+    shared = nn.Linear(3, 3)
+    parametrized = nn.Sequential(nn.Linear(2, 3), nn.Linear(3, 3))
+    parametrizations.weight_norm(parametrized[0])
+    parametrizations.orthogonal(parametrized[1])
+    embedding, head = nn.Embedding(10, 4), nn.Linear(4, 10)
+    head.weight = embedding.weight                                         # tied, as GPT-2's head
+
+    class Mixed(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.complex = nn.Parameter(torch.zeros(2, dtype=torch.complex64))
+            self.linear = nn.Linear(2, 2)
+            self.steps = nn.Parameter(torch.zeros(3, dtype=torch.long), requires_grad=False)
+            self.again = self.linear                                       # one module under two names
+
+    return [nn.Sequential(shared, nn.ReLU(), shared, nn.Sequential(shared)), parametrized,
+            nn.Sequential(embedding, head), Mixed(), _Net()]
+
+
+@pytest.mark.parametrize("index", range(5))
+def test_the_window_check_walks_the_parameters_as_named_parameters_does(index):
+    """``log()``'s check of the parameters (``_floating_parameters``, no names) finds the same
+    tensors in the same order as ``named_parameters()`` filtered to floating point: shared
+    modules and tied weights once, parametrized weights' originals, complex and integer ones left out."""
+    model = _tied_and_parametrized()[index]
+    walked = model_checks._floating_parameters(model)
+    named = [p for _, p in model.named_parameters() if p.is_floating_point()]
+    assert len(walked) == len(named) and all(a is b for a, b in zip(walked, named))
