@@ -196,6 +196,7 @@ class Activations(Part):
         self._taps: list = []                        # the taps' handles, while the schedule is active
         self._enclosing: dict[str, list[weakref.ref]] = {}   # each tap's name -> its module and the blocks around it
         self._tapped_modules: list[weakref.ref] = []
+        self._tags: list[tuple[dict[str, str], str]] | None = None   # per slot: its scalars' tags, its histogram's
         self.attached = True                         # False once removed: a late schedule change adds no tap
 
     def hook(self, model: nn.Module) -> None:
@@ -580,34 +581,40 @@ class Activations(Part):
             self.setup.warn("no-activations", self.no_activations_cause())
         counts = values["counts"].reshape(-1, S.SIGN_EXPONENT_BINS)
         linear = values["linear"][:-1].reshape(-1, LINEAR_BINS)    # the last count: NaN
-        for slot, k, name, path in reader.slots(self.names):
-            row = self.row(slot, values["moments"][slot], values["positives"])
+        moments = values["moments"].tolist()
+        if self._tags is None:                 # made once: a small model's window costs its formatting
+            self._tags = [({key: f"activation/{path}/{key}" for key in C.ACTIVATION}, f"activation/{path}")
+                          for _, _, _, path in reader.slots(self.names)]
+        for (slot, k, name, _), (tags, histogram) in zip(reader.slots(self.names), self._tags):
+            row = self.row(slot, moments[slot], values["positives"])
             if row is None:
                 continue
             reader.windows[k].activations[name] = row
-            reader.scalars[k].update({f"activation/{path}/{key}": v for key, v in row.items()})
+            reader.scalars[k].update({tags[key]: v for key, v in row.items()})
             bounds = self.bounds[slot // self.members]
             if bounds is None:
-                reader.wanted.value(k, f"activation/{path}", counts[slot])
+                reader.wanted.value(k, histogram, counts[slot])
             else:                                   # tanh, sigmoid: equal bins over the range
-                reader.wanted.linear(k, f"activation/{path}", linear[slot], bounds)
+                reader.wanted.linear(k, histogram, linear[slot], bounds)
 
-    def row(self, slot: int, moments: np.ndarray, positives: np.ndarray) -> dict[str, float] | None:
-        """Statistics of one tap (one member of it) for the window, or None if it never fired."""
+    def row(self, slot: int, moments: list[float], positives: np.ndarray) -> dict[str, float] | None:
+        """Statistics of one tap (one member of it) for the window, or None if it never fired;
+        ``moments``: its sum, sum of squares and saturated count."""
         index, member = divmod(slot, self.members)
-        n = self.elements[slot]
+        n = int(self.elements[slot])
         if n == 0:
             return None
         total, squares, saturated = moments
         mean = total / n
         mean_, std, saturated_fraction, dead_fraction = C.ACTIVATION
-        row = {mean_: float(mean), std: float(np.sqrt(max(squares / n - mean * mean, 0.0)))}
+        variance = squares / n - mean * mean
+        row = {mean_: mean, std: math.sqrt(variance) if variance > 0 else 0.0 if variance <= 0 else math.nan}
         if self.bounds[index] is not None:
-            row[saturated_fraction] = float(saturated / n)
-        if self.rectifier[index] and self.units[index]:
-            start = self.unit_start[index] + member * self.units[index]
-            alive = positives[start:start + self.units[index]] > 0
-            row[dead_fraction] = float(1.0 - alive.mean())
+            row[saturated_fraction] = saturated / n
+        units = self.units[index]
+        if self.rectifier[index] and units:
+            start = self.unit_start[index] + member * units
+            row[dead_fraction] = 1.0 - np.count_nonzero(positives[start:start + units] > 0) / units
         return row
 
 

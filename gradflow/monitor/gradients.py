@@ -116,7 +116,7 @@ class Gradients(Part):
         self._batches = _BoundedCache()
         self._last: tuple | None = None              # the last recorded step's first and last gradient
         self._idle_said: list[str] = []              # the idle parameters the last text named
-        self._slot_tags: list[tuple[str, ...]] | None = None
+        self._slot_tags: list[tuple[tuple[str, ...], str, str]] | None = None
 
     def bind(self, params: list[torch.Tensor]) -> None:
         """Follow these tensors from now on (the same shapes and dtypes, or a first binding)."""
@@ -401,28 +401,29 @@ class Gradients(Part):
             table = np.stack([means[:, 0] / numel, means[:, 1] / numel, means[:, 2], means[:, 3],
                               zeros / (numel * steps)], axis=1).tolist()  # Python floats, one call
         nonfinite_counts, step_counts = nonfinite.astype(np.int64).tolist(), steps.astype(np.int64).tolist()
-        tags = self._tags(reader)
-        for slot, k, name, path in reader.slots(self.setup.names):
+        skipped = self.skipped.tolist()
+        for (slot, k, name, _), (tags, value_tag, log10_tag) in zip(reader.slots(self.setup.names), self._tags(reader)):
             index = slot // self.members
-            if self.skipped[index]:
+            if skipped[index]:
                 reader.windows[k].skipped_nonfinite[name] = int(values["skipped_nonfinite"][index])
             if step_counts[slot] == 0:
                 continue
             row = dict(zip(C.GRADIENT, (*table[slot], nonfinite_counts[slot])))
-            reader.scalars[k].update(zip(tags[slot], row.values()))
-            reader.wanted.value(k, f"grad/{path}", counts[slot])
-            # "1_": TensorBoard sorts Histograms/Distributions sections by name; log10 |g| is the view
-            # where vanishing shows (tanh and ReLU differ at a glance), so it opens first.
-            reader.wanted.log10(k, f"1_grad_log10/{path}", counts[slot])
-            row.update(zip(C.GRADIENT_COUNTS, (step_counts[slot], int(self.skipped[index]))))
+            reader.scalars[k].update(zip(tags, row.values()))
+            reader.wanted.value(k, value_tag, counts[slot])
+            reader.wanted.log10(k, log10_tag, counts[slot])
+            row.update(zip(C.GRADIENT_COUNTS, (step_counts[slot], skipped[index])))
             reader.windows[k].gradients[name] = row
 
-    def _tags(self, reader) -> list[tuple[str, ...]]:
-        """Each slot's TensorBoard tags (``grad/<param>/<column>``), made once: a window of a
-        small model costs its string formatting as much as its arithmetic."""
+    def _tags(self, reader) -> list[tuple[tuple[str, ...], str, str]]:
+        """Each slot's TensorBoard tags, made once (a window of a small model costs its string
+        formatting as much as its arithmetic): its scalars' (``grad/<param>/<column>``), its value
+        histogram's and its log10 |g| histogram's. "1_": TensorBoard sorts the Histograms and
+        Distributions sections by name, and log10 |g| is the view where vanishing shows (tanh
+        and ReLU differ at a glance), so it opens first."""
         if self._slot_tags is None:
-            self._slot_tags = [tuple(f"grad/{path}/{key}" for key in C.GRADIENT)
-                               for _, _, _, path in reader.slots(self.setup.names)]
+            self._slot_tags = [(tuple(f"grad/{path}/{key}" for key in C.GRADIENT), f"grad/{path}",
+                                f"1_grad_log10/{path}") for _, _, _, path in reader.slots(self.setup.names)]
         return self._slot_tags
 
     def _overall(self, step_squares: np.ndarray, reader) -> None:

@@ -25,6 +25,7 @@ from gradflow.monitor.tensors import MonitorError, _flat_copy
 # so the copy it takes each window stays small (64 KB).
 TINY = 4096
 TINY_GROUP = 16384
+_IN_GRADIENT_ROWS = tuple(f"weight_{key}" for key in C.WEIGHT)   # the weight row's columns in the gradient row
 
 
 class Weights(Part):
@@ -170,7 +171,7 @@ class Weights(Part):
             reader.windows[k].weights[name] = row
             gradient = reader.windows[k].gradients.get(name)
             if gradient is not None:
-                gradient.update({f"weight_{key}": v for key, v in row.items()})
+                gradient.update(zip(_IN_GRADIENT_ROWS, row.values()))
                 # ||g|| / ||w||: the size the diagnosis judges, so TensorBoard can chart the same measure
                 reader.scalars[k][relative] = gradient["norm"] / row["norm"] if row["norm"] > 0 else float("nan")
             reader.scalars[k].update(zip(tags, table[slot]))

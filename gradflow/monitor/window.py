@@ -8,6 +8,7 @@ histograms); ``keep`` adds the windows to the history, a ring of a settable leng
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -97,11 +98,16 @@ class WindowReader:
         self.texts: list[dict[str, str]] = [{} for _ in range(members)]
         self.wanted = wanted
 
-    def slots(self, names: list[str]):
+    def slots(self, names: list[str]) -> tuple[tuple[int, int, str, str], ...]:
         """(slot, member, name, tag path) for every slot: member k of item i is slot i*K + k."""
-        for slot in range(len(names) * self.members):
-            index, member = divmod(slot, self.members)
-            yield slot, member, names[index], tag_path(names[index])
+        return _slots(tuple(names), self.members)
+
+
+@functools.lru_cache(maxsize=64)
+def _slots(names: tuple[str, ...], members: int) -> tuple[tuple[int, int, str, str], ...]:
+    # Made once per monitor and part: every window of a small model read them (a tag path a name).
+    return tuple((slot, slot % members, names[slot // members], tag_path(names[slot // members]))
+                 for slot in range(len(names) * members))
 
 
 def read_back(parts: dict[str, Reduced], reduce: Callable[[torch.Tensor, str], torch.Tensor] | None = None,
