@@ -66,13 +66,20 @@ def _destroy_groups(groups: list) -> None:
     groups.clear()
 
 
+_DTENSOR: list = []       # torch's DTensor class (or None), once looked up
+
+
 def _dtensor_type():
-    """torch's DTensor class, or None where torch.distributed is not built in."""
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:
-        return None
-    return DTensor
+    """torch's DTensor class, or None where torch.distributed is not built in. Looked up once:
+    an import statement costs about a microsecond even when the module is loaded, and ``local``
+    runs on every tapped activation and every weight of a window."""
+    if not _DTENSOR:
+        try:
+            from torch.distributed.tensor import DTensor
+        except ImportError:
+            DTensor = None
+        _DTENSOR.append(DTensor)
+    return _DTENSOR[0]
 
 
 def is_dtensor(tensor) -> bool:

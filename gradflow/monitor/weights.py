@@ -104,7 +104,7 @@ class Weights(Part):
             elif not renewed:               # the fused kernel wrote the next start as it read (renew)
                 start.copy_(local(p.detach()))
             self.versions[i] = p._version
-        rows[:, 1:] = rows[:, 1:].sqrt()
+        rows[:, 1:].sqrt_()
         return rows, counts
 
     def _fold_tiny(self, group: tuple[int, ...], rows: np.ndarray, counts: np.ndarray | None) -> None:
