@@ -14,7 +14,8 @@ model, its gradients and the optimizer already counted in A. Beside it:
 - ``held``: what the monitor holds, exactly: every tensor and numpy array reachable from it,
   the model's own parameters and gradients left out (``gradflow/monitor/footprint.py``), the
   most after any step or log of a second, unmeasured run; and the Python bytes (tracemalloc)
-  one more window adds to ``history``, which keeps up to ``history_length`` of them.
+  one more window adds to ``history`` once it is compact (``compact.RECENT`` windows old, averaged
+  over ``HISTORY_WINDOWS``), which keeps up to ``history_length`` of them.
 - ``tiny``: an 8-8-1 MLP (388 trainable bytes): what is left is the fixed part (the monitor's
   objects, a window of history), no ratio.
 
@@ -54,10 +55,12 @@ from torch import nn
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from gradflow.monitor import GradientMonitor  # noqa: E402 - after the path
+from gradflow.monitor.compact import RECENT  # noqa: E402
 
 MODELS = ("big", "lora", "lora16", "tiny")
 LORA16_LAYERS = 6
 HISTORY_LENGTH = inspect.signature(GradientMonitor).parameters["history_length"].default
+HISTORY_WINDOWS = 8      # windows whose growth of history is averaged
 # glibc malloc settings each child starts with (both children of a row alike; any MALLOC_* or
 # GLIBC_TUNABLES of the calling shell is dropped). "fine": a fixed mmap threshold of 16 KiB (no
 # dynamic threshold: every block of 16 KiB or more has its own mapping, given back when freed)
@@ -147,21 +150,24 @@ def child(name: str, ideal: bool, tensorboard: bool) -> dict:
     monitored = peak_mib()
     history = 0
     if not ideal:                                 # what a monitor holds after each step and each log, exactly
+        # A window's Python objects once history holds them in compact form (compact.RECENT windows
+        # old): the growth over HISTORY_WINDOWS windows past the first RECENT + 1, all traced.
+        marks: list[int] = []
+        tracemalloc.start()
         with GradientMonitor(model) as monitor:
-            for window in range(3):
+            for window in range(RECENT + 1 + HISTORY_WINDOWS):
                 for _ in range(3):
                     train(model, x, optimizer, 1)
-                    held = max(held, held_bytes(monitor, model)[0])
-                if window == 2:                   # a window's Python objects, past the first's one-time ones
-                    gc.collect()
-                    tracemalloc.start()
-                    before = tracemalloc.get_traced_memory()[0]
+                    if window < 3:
+                        held = max(held, held_bytes(monitor, model)[0])
                 monitor.log(window)
-                if window == 2:
+                if window < 3:
+                    held = max(held, held_bytes(monitor, model)[0])
+                if window in (RECENT, RECENT + HISTORY_WINDOWS):
                     gc.collect()
-                    history = tracemalloc.get_traced_memory()[0] - before
-                    tracemalloc.stop()
-                held = max(held, held_bytes(monitor, model)[0])
+                    marks.append(tracemalloc.get_traced_memory()[0])
+        tracemalloc.stop()
+        history = (marks[1] - marks[0]) / HISTORY_WINDOWS
     if writer is not None:
         writer.close()
     shutil.rmtree(logdir, ignore_errors=True)

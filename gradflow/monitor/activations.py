@@ -614,7 +614,7 @@ class Activations(Part):
         units = self.units[index]
         if self.rectifier[index] and units:
             start = self.unit_start[index] + member * units
-            row[dead_fraction] = 1.0 - np.count_nonzero(positives[start:start + units] > 0) / units
+            row[dead_fraction] = 1.0 - int(np.count_nonzero(positives[start:start + units] > 0)) / units
         return row
 
 

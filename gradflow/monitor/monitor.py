@@ -41,6 +41,7 @@ import torch
 from torch import nn
 
 from gradflow.monitor import interception
+from gradflow.monitor.compact import Layouts
 from gradflow.monitor.histograms import check_every
 from gradflow.monitor.model_checks import check_attach, is_compiled, monitored_kinds, replaced_parameters, unwrap
 from gradflow.monitor.output import Output
@@ -93,9 +94,10 @@ class GradientMonitor:
         automatic: record at each optimizer step (the default). False: record only when
             ``record()`` is called, for frameworks that know where the gradient is final.
         history_length: how many windows ``history`` keeps (per member), the oldest dropped
-            first: a ring, so a run that logs every step does not grow without bound (a window
-            of a small model holds a few KB). Settable later as ``monitor.history_length``;
-            None keeps every window.
+            first: a ring, so a run that logs every step does not grow without bound. Settable
+            later as ``monitor.history_length``; None keeps every window. All but the last two
+            windows per member hold their rows in compact form, read-only (``compact.py``):
+            about 0.12 KB per parameter and window, past 2 KB of fixed part.
         nonfinite: find where each window's first NaN/inf came from (``nonfinite.py``): the
             module, the pass and the step, in ``history[-1].first_nonfinite``. Off by default:
             it reads every watched module's output and input gradient once more (one sum
@@ -147,6 +149,7 @@ class GradientMonitor:
         self.members, self.automatic, self.histograms = members, automatic, histograms
         self.activations_every, self.history_length = activations_every, history_length
         self.history: list[Window] = []
+        self._layouts = Layouts()            # what the compact old windows of history share (compact.py)
         self._model = weakref.ref(inner)
         self._warnings = OnceWarnings()
         self.kinds = monitored_kinds(inner, self.names)
@@ -307,7 +310,7 @@ class GradientMonitor:
         self._follow()
         reader = read_window(self.parts, self._read_back(), step, self.members)
         self._output.write(reader.scalars, reader.wanted, step, final=not self.attached, texts=reader.texts)
-        keep(self.history, reader.windows, self.history_length)
+        keep(self.history, reader.windows, self.history_length, self._layouts)
         self._start_window()
         return reader.windows[0].gradients if self.members == 1 else [w.gradients for w in reader.windows]
 

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from gradflow.monitor.compact import RECENT, Layouts, compact_rows
 from gradflow.monitor.histograms import HistogramRequests
 from gradflow.monitor.tensors import MonitorError
 
@@ -171,12 +172,26 @@ def read_window(parts: dict[str, Any], values: dict[str, np.ndarray], step: int,
     return reader
 
 
-def keep(history: list[Window], windows: list[Window], length: int | None) -> None:
+def keep(history: list[Window], windows: list[Window], length: int | None, shared: Layouts | None = None) -> None:
     """Add one window per member to ``history``, which keeps the last ``length`` windows of each
-    member (None: every window), the oldest dropped first."""
+    member (None: every window), the oldest dropped first. With ``shared`` (the history's
+    ``compact.Layouts``), the windows that have just become ``compact.RECENT`` windows old get
+    their rows in compact form (``compact_window``)."""
     history.extend(windows)
     if length is not None and len(history) > length * len(windows):
         del history[:len(history) - length * len(windows)]
+    aged = len(history) - (RECENT + 1) * len(windows)
+    if shared is not None and aged >= 0:
+        for window in history[aged:aged + len(windows)]:
+            compact_window(window, shared)
+
+
+def compact_window(window: Window, shared: Layouts) -> None:
+    """The window's tables of rows (gradients, weights, activations) as read-only ``RowTable``s:
+    an eighth of the memory (compact.py)."""
+    window.gradients = compact_rows(window.gradients, shared)
+    window.weights = compact_rows(window.weights, shared)
+    window.activations = compact_rows(window.activations, shared)
 
 
 def member_windows(history: list[Window], member: int, members: int) -> list[Window]:

@@ -1,0 +1,191 @@
+"""The history's older windows in compact form: a table of rows as one array of doubles.
+
+A window's rows are dicts of Python floats: about 0.9 KB per parameter and window (a gradient row
+of eleven numbers, its weight row), 135 KB a window for GPT-2's 148 parameters, 1.3 GB for the
+10,000 windows ``history`` keeps by default. Once a window is ``RECENT`` windows old (``keep``,
+window.py), each of its tables of rows (``gradients``, ``weights``, ``activations``) becomes a
+``RowTable``: the row names and the column layouts shared with the windows before it, the numbers
+one ``array("d")``, 8 bytes each: 17 KB a window for GPT-2, an eighth.
+
+A ``RowTable`` reads as the dict it replaces, read-only: ``table[name]`` is a ``Row``, a mapping
+of column -> number (``row["norm"]``, ``row.get("weight_norm")``, ``"norm" in row``, ``dict(row)``,
+``row == {...}``), ints given back as ints (``steps``, ``nonfinite``), NaN and infinities as they
+were. Writing to it raises ``TypeError``: an old window is a record, not a scratch pad.
+
+Example:
+    >>> shared = Layouts()
+    >>> table = compact_rows({"fc.weight": {"norm": 0.5, "steps": 3}, "fc.bias": {"norm": 0.25, "steps": 3}}, shared)
+    >>> table["fc.weight"]["norm"], table["fc.bias"].get("steps"), dict(table["fc.bias"])
+    (0.5, 3, {'norm': 0.25, 'steps': 3})
+"""
+
+from __future__ import annotations
+
+import itertools
+from array import array
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+RECENT = 2       # windows per member kept as dicts: history[-1] and the one before it, as log() made them
+_EXACT = 2 ** 53  # ints up to this size are exact in a double
+
+
+class Layouts:
+    """What the compact tables of one history share: each distinct tuple of row names as its
+    index (name -> row), and each distinct row layout (the columns of a row, in order, and which
+    hold ints) as one object; a model's windows repeat a handful of them."""
+
+    __slots__ = ("indexes", "layouts")
+
+    def __init__(self) -> None:
+        self.indexes: dict[tuple[str, ...], dict[str, int]] = {}
+        self.layouts: dict[tuple[tuple[str, ...], tuple[bool, ...]], _Layout] = {}
+
+    def index(self, names: tuple[str, ...]) -> dict[str, int]:
+        found = self.indexes.get(names)
+        if found is None:
+            found = self.indexes[names] = {name: i for i, name in enumerate(names)}
+        return found
+
+    def layout(self, columns: tuple[str, ...], integer: tuple[bool, ...]) -> _Layout:
+        key = (columns, integer)
+        found = self.layouts.get(key)
+        if found is None:
+            found = self.layouts[key] = _Layout(columns, integer)
+        return found
+
+
+class _Layout:
+    """A row's columns in order, where each lies in the row's numbers, and which are ints."""
+
+    __slots__ = ("columns", "integer", "position")
+
+    def __init__(self, columns: tuple[str, ...], integer: tuple[bool, ...]) -> None:
+        self.columns = columns
+        self.integer = integer
+        self.position = {column: j for j, column in enumerate(columns)}
+
+
+def compact_rows(rows: Mapping[str, Mapping[str, Any]], shared: Layouts) -> Mapping[str, Mapping[str, Any]]:
+    """``rows`` (name -> column -> number) as a ``RowTable``; ``rows`` itself where it is empty,
+    compact already, or holds a value that is not an int or a float, or an int a double would
+    round (kept as it was, never rounded or dropped)."""
+    if not rows or type(rows) is not dict or not all(map(dict.__instancecheck__, rows.values())):
+        return rows
+    columns = tuple(next(iter(rows.values())))
+    if all(map(columns.__eq__, map(tuple, rows.values()))):
+        table = _uniform(rows, columns, shared)         # every row has the same columns: one layout
+        if table is not None:
+            return table
+    values = [list(row.values()) for row in rows.values()]
+    layouts = tuple(_layout(tuple(row), tuple(map(type, v)), shared) for row, v in zip(rows.values(), values))
+    numbers = [v for row in values for v in row]
+    if None in layouts or not all(-_EXACT <= v <= _EXACT for v in numbers if type(v) is int):
+        return rows                           # a bool, a string, a numpy scalar: not a plain number
+    offsets = array("I", itertools.accumulate(map(len, values), initial=0))
+    return RowTable(shared.index(tuple(rows)), array("d", numbers), offsets, layouts)
+
+
+def _uniform(rows: dict, columns: tuple[str, ...], shared: Layouts) -> Mapping | None:
+    """``compact_rows`` where every row has ``columns``: each column checked whole (its values'
+    types, its ints' size), a column at a time in C rather than a value at a time; None where a
+    column mixes ints and floats (the rows then get a layout each)."""
+    width = len(columns)
+    numbers = [v for row in rows.values() for v in row.values()]
+    integer = []
+    for j in range(width):
+        kinds = set(map(type, numbers[j::width]))
+        if kinds == {int}:
+            if max(map(abs, numbers[j::width])) > _EXACT:
+                return rows
+            integer.append(True)
+        elif kinds == {float}:
+            integer.append(False)
+        elif kinds == {int, float}:
+            return None
+        else:
+            return rows                       # a bool, a string, a numpy scalar: not a plain number
+    layout = shared.layout(columns, tuple(integer))
+    return RowTable(shared.index(tuple(rows)), array("d", numbers), array("I", range(0, len(numbers), width)), layout)
+
+
+def _layout(columns: tuple[str, ...], kinds: tuple[type, ...], shared: Layouts) -> _Layout | None:
+    """The shared layout of a row with these columns and types of value; None unless each is an
+    int or a float."""
+    if not all(kind is float or kind is int for kind in kinds):
+        return None
+    return shared.layout(columns, tuple([kind is int for kind in kinds]))
+
+
+class RowTable(Mapping):
+    """A read-only table of rows, name -> ``Row``, in the order the window had them."""
+
+    __slots__ = ("_index", "_layouts", "_numbers", "_offsets")
+
+    def __init__(self, index: dict[str, int], numbers: array, offsets: array, layouts: _Layout | tuple[_Layout, ...]):
+        self._index = index
+        self._numbers = numbers
+        self._offsets = offsets
+        self._layouts = layouts               # one layout for every row (the common case), or one per row
+
+    def __getitem__(self, name: str) -> Row:
+        i = self._index[name]
+        layout = self._layouts if isinstance(self._layouts, _Layout) else self._layouts[i]
+        return Row(self._numbers, self._offsets[i], layout)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._index
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._index)
+
+    def __len__(self) -> int:
+        return len(self._index)
+
+    def __repr__(self) -> str:
+        return f"RowTable({dict((name, dict(row)) for name, row in self.items())!r})"
+
+    def __reduce__(self):
+        return _table_from_dict, ({name: dict(row) for name, row in self.items()},)
+
+
+def _table_from_dict(rows: dict) -> Mapping:
+    return compact_rows(rows, Layouts())
+
+
+class Row(Mapping):
+    """One row of a ``RowTable``: column -> number, read-only."""
+
+    __slots__ = ("_layout", "_numbers", "_start")
+
+    def __init__(self, numbers: array, start: int, layout: _Layout) -> None:
+        self._numbers = numbers
+        self._start = start
+        self._layout = layout
+
+    def __getitem__(self, column: str) -> float | int:
+        j = self._layout.position[column]
+        value = self._numbers[self._start + j]
+        return int(value) if self._layout.integer[j] else value
+
+    def get(self, column: str, default: Any = None) -> Any:
+        j = self._layout.position.get(column)
+        if j is None:
+            return default
+        value = self._numbers[self._start + j]
+        return int(value) if self._layout.integer[j] else value
+
+    def __contains__(self, column: object) -> bool:
+        return column in self._layout.position
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._layout.columns)
+
+    def __len__(self) -> int:
+        return len(self._layout.columns)
+
+    def __repr__(self) -> str:
+        return repr(dict(self.items()))
+
+    def __reduce__(self):
+        return dict, (list(self.items()),)
