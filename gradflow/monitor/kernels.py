@@ -137,17 +137,23 @@ def _vector_math(builder, vector, name, arity):
                                           f"llvm.{name}.v{_WIDE}f64")
 
 
-def _wide_loop(context, builder, array_type, array, stop, sums, body, top=False):
-    """Emit ``for k in range(stop // WIDE_STEP)``: ``body(builder, x, accumulators)`` once for each
-    of its _WIDE_ACCUMULATORS vectors x (8 float32 values widened to float64), ``accumulators``
-    that turn's ``sums`` float64 vectors; returns each sum reduced to a float64, and with ``top``
-    the largest of the values' bits with the sign cleared (an int32, sixteen lanes a vector)."""
+def _wide_loop(context, builder, arrays, stop, sums, body, top=False, copy_to=None):
+    """Emit ``for k in range(stop // WIDE_STEP)`` over ``arrays`` ((type, value) pairs of 1-D C
+    float32 arrays): ``body(builder, xs, accumulators)`` once for each of its _WIDE_ACCUMULATORS
+    slices of eight, ``xs`` each array's eight values widened to float64 and ``accumulators`` that
+    slice's ``sums`` float64 vectors, which body returns updated. Returns each sum reduced to a
+    float64; with ``top``, then the largest bits of the first array with the sign cleared (an
+    int32); with ``copy_to`` (type, value), the first array's values are stored there as read."""
     f64, i32 = ir.DoubleType(), ir.IntType(32)
     vector = ir.VectorType(f64, _WIDE)
     bits_vector = ir.VectorType(i32, 2 * _WIDE)
-    view = context.make_array(array_type)(context, builder, array)
-    wide_float = ir.VectorType(ir.FloatType(), 2 * _WIDE)
-    base = builder.bitcast(view.data, wide_float.as_pointer())
+    sixteen_floats = ir.VectorType(ir.FloatType(), 2 * _WIDE)
+
+    def base(array_type, array):
+        data = context.make_array(array_type)(context, builder, array).data
+        return builder.bitcast(data, sixteen_floats.as_pointer())
+    bases = [base(*array) for array in arrays]
+    target = base(*copy_to) if copy_to is not None else None
     zero = ir.Constant(vector, [0.0] * _WIDE)
     slots = [[cgutils.alloca_once_value(builder, zero) for _ in range(_WIDE_ACCUMULATORS)] for _ in range(sums)]
     tops = [cgutils.alloca_once_value(builder, ir.Constant(bits_vector, [0] * 2 * _WIDE)) for _ in range(2)]
@@ -159,15 +165,18 @@ def _wide_loop(context, builder, array_type, array, stop, sums, body, top=False)
     with cgutils.for_range(builder, turns) as loop:
         first = builder.mul(loop.index, ir.Constant(loop.index.type, _WIDE_ACCUMULATORS // 2))
         for pair in range(_WIDE_ACCUMULATORS // 2):     # sixteen values a load, as two vectors of eight
-            sixteen = builder.load(builder.gep(base, [builder.add(first, ir.Constant(first.type, pair))]), align=4)
+            at = builder.add(first, ir.Constant(first.type, pair))
+            loaded = [builder.load(builder.gep(b, [at]), align=4) for b in bases]
+            if target is not None:
+                builder.store(loaded[0], builder.gep(target, [at]), align=4)
             for h in range(2):
                 a = 2 * pair + h
-                x = builder.fpext(builder.shuffle_vector(sixteen, sixteen, halves[h]), vector)
-                values = body(builder, x, [builder.load(slots[k][a]) for k in range(sums)])
+                xs = [builder.fpext(builder.shuffle_vector(v, v, halves[h]), vector) for v in loaded]
+                values = body(builder, xs, [builder.load(slots[k][a]) for k in range(sums)])
                 for k in range(sums):
                     builder.store(values[k], slots[k][a])
             if top:
-                bits = builder.and_(builder.bitcast(sixteen, bits_vector), magnitude)
+                bits = builder.and_(builder.bitcast(loaded[0], bits_vector), magnitude)
                 builder.store(builder.call(smax, [builder.load(tops[pair]), bits]), tops[pair])
     totals = []
     for k in range(sums):
@@ -188,14 +197,17 @@ def _wide_loop(context, builder, array_type, array, stop, sums, body, top=False)
     return totals
 
 
+def _is_float32_vector(array) -> bool:
+    return isinstance(array, types.Array) and array.ndim == 1 and array.layout == "C" and array.dtype == types.float32
+
+
 @intrinsic
 def _wide_moments(typingctx, values, stop):
     """(sum x, sum |x|, sum x², the largest |x|'s bits) over ``values[:stop]`` (1-D C float32; stop
     a multiple of WIDE_STEP), the sums in float64, in explicit vectors of eight float64: LLVM
     vectorizes numba's loops at 256 bits on this CPU (its tuning prefers them), four float64 a
     vector, and the float32 -> float64 conversion, two micro-ops each, held the sums there."""
-    if not (isinstance(values, types.Array) and values.ndim == 1 and values.layout == "C"
-            and values.dtype == types.float32):
+    if not _is_float32_vector(values):
         return None
     result = types.Tuple((types.float64, types.float64, types.float64, types.int32))
 
@@ -203,16 +215,49 @@ def _wide_moments(typingctx, values, stop):
         vector = ir.VectorType(ir.DoubleType(), _WIDE)
         fabs, fma = _vector_math(builder, vector, "fabs", 1), _vector_math(builder, vector, "fma", 3)
 
-        def body(builder, x, sums):
+        def body(builder, xs, sums):
+            x, = xs
             total, absolute, squares = sums
             return (builder.fadd(total, x), builder.fadd(absolute, builder.call(fabs, [x])),
                     builder.call(fma, [x, x, squares]))
-        totals = _wide_loop(context, builder, signature.args[0], args[0], args[1], 3, body, top=True)
+        totals = _wide_loop(context, builder, [(signature.args[0], args[0])], args[1], 3, body, top=True)
         return context.make_tuple(builder, result, totals)
     return result(values, stop), codegen
 
 
-@njit(nogil=True, boundscheck=False, fastmath=_REASSOCIATE, cache=True)
+def _wide_weights_of(renew: bool):
+    """The intrinsic ``(values, start, stop) -> (sum |w|, sum w², sum (w - s)², sum s²)`` over the
+    first ``stop`` values (a multiple of WIDE_STEP) of the 1-D C float32 ``values`` (w) and
+    ``start`` (s), in float64, as _wide_moments; with ``renew``, each start value becomes its
+    weight as read (``_block_weights``)."""
+    @intrinsic
+    def wide_weights(typingctx, values, start, stop):
+        if not (_is_float32_vector(values) and _is_float32_vector(start)):
+            return None
+        result = types.UniTuple(types.float64, 4)
+
+        def codegen(context, builder, signature, args):
+            vector = ir.VectorType(ir.DoubleType(), _WIDE)
+            fabs, fma = _vector_math(builder, vector, "fabs", 1), _vector_math(builder, vector, "fma", 3)
+
+            def body(builder, xs, sums):
+                w, s = xs
+                absolute, squares, moved, before = sums
+                change = builder.fsub(w, s)
+                return (builder.fadd(absolute, builder.call(fabs, [w])), builder.call(fma, [w, w, squares]),
+                        builder.call(fma, [change, change, moved]), builder.call(fma, [s, s, before]))
+            arrays = [(signature.args[0], args[0]), (signature.args[1], args[1])]
+            totals = _wide_loop(context, builder, arrays, args[2], 4, body, copy_to=arrays[1] if renew else None)
+            return context.make_tuple(builder, result, totals)
+        return result(values, start, stop), codegen
+    return wide_weights
+
+
+_wide_weights = _wide_weights_of(False)
+_wide_weights_renewing = _wide_weights_of(True)
+
+
+@njit(nogil=True, boundscheck=False, cache=True)
 def _block_moments(values, bits, centre, threshold):
     """Sums of x, |x| and x² (in float64), the count of |x - centre| > threshold, and the largest
     |x|'s bits."""
@@ -455,31 +500,24 @@ def _count_units(values, unit, positives):
         positives[unit[i] if values[i] > 0 else 0] += 1
 
 
-@njit(nogil=True, boundscheck=False, fastmath=_REASSOCIATE, cache=True)
+@njit(nogil=True, boundscheck=False, cache=True)
 def _block_weights(values, start, renew):
     """Sums of |w|, w², (w - start)² and start² over a block, in float64; with ``renew``, each
     start[i] becomes values[i] once read (the next window's start, in the same pass)."""
-    absolute = 0.0
-    squares = 0.0
-    moved = 0.0
-    before = 0.0
+    wide = values.size - values.size % WIDE_STEP
     if renew:
-        for i in range(values.size):
-            w = np.float64(values[i])
-            s = np.float64(start[i])
-            start[i] = values[i]
-            absolute += abs(w)
-            squares += w * w
-            moved += (w - s) * (w - s)
-            before += s * s
+        absolute, squares, moved, before = _wide_weights_renewing(values, start, wide)
     else:
-        for i in range(values.size):
-            w = np.float64(values[i])
-            s = np.float64(start[i])
-            absolute += abs(w)
-            squares += w * w
-            moved += (w - s) * (w - s)
-            before += s * s
+        absolute, squares, moved, before = _wide_weights(values, start, wide)
+    for i in range(wide, values.size):
+        w = np.float64(values[i])
+        s = np.float64(start[i])
+        if renew:
+            start[i] = values[i]
+        absolute += abs(w)
+        squares += w * w
+        moved += (w - s) * (w - s)
+        before += s * s
     return absolute, squares, moved, before
 
 
