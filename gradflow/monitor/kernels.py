@@ -3,9 +3,10 @@
 The monitor reduces every element of every step. For a large tensor on the CPU, torch takes
 one pass per statistic (sum, sum of |x|, sum of squares, max |x|, the exponent bins) and a
 single-threaded ``bincount`` that alone costs about a nanosecond a value. These kernels compute
-them all in one pass over each 16 KB block while it sits in L1: the sums vectorized in float64,
-then the 512-bin sign/exponent histogram into eight interleaved sub-histograms, so that runs of
-equal bins do not wait on one another, while the next block is prefetched into L1.
+them all in one pass over each 16 KB block while it sits in L1: the sums in float64 and max |x|
+in explicit 512-bit vectors (``_wide_loop``), then the 512-bin sign/exponent histogram into
+eight interleaved sub-histograms, so that runs of equal bins do not wait on one another, while
+the next block is prefetched into L1.
 
 Measured on an AVX-512 Xeon (Emerald Rapids, about 3 GHz; ``benchmarks/kernel_speed.py``, ns per
 float32 value, before -> after these choices, one run): a 1M-value gradient not in the cache (the
@@ -40,8 +41,32 @@ MLP's training steps (``benchmarks/profile_monitor.py``) ``fold_all`` 1.05 -> 0.
   scatters; four scalar lanes of the three sums cost 0.76 against 0.57 for the two loops); keys in a
   vectorized uint16 pass, then scattered (0.39 against 0.35); two keys per 64-bit load (no
   change: the stores bound the loop); blocks of 2048 or 8192 values (slower, out of the cache).
-  512-bit vectors would take the sums from 0.23 to 0.18, but LLVM prefers 256 on this CPU and
-  numba has no per-function switch for it.
+- The sums and max |x| in explicit vectors of eight float64 and sixteen int32 (``_wide_loop``, an
+  intrinsic that emits the loop's LLVM IR), 2026-12-06: LLVM vectorizes numba's loops at 256 bits
+  on this CPU (its tuning prefers them; numba has no per-function switch), four float64 a vector,
+  and each float32 -> float64 conversion, two micro-ops on the two vector ports, held the sums
+  there; max |x| rode along at the sums' width, four int32 lanes. A block in L1: 0.159 -> 0.124
+  (max |x| in a loop of its own at eight lanes first: 0.158 -> 0.148); ``_block_weights`` 0.183
+  -> 0.173, renewing 0.200 -> 0.174. Inside the wide MLP's steps ``fold_all`` 0.53-0.54 -> 0.49-0.50
+  (see docs/benchmarks.md for the runs). The band's count is a loop of its own (eight float32
+  lanes): a fold with a band 0.57 -> 0.49. The kernels that call the intrinsics are compiled
+  without fast-math: numba puts its flags on every float instruction of the function, the
+  intrinsic's too, and LLVM then reassociated the renewing and the plain weight loop
+  differently (their rows differed in the last bit).
+- A block of zeros alone (largest |x| 0) is counted by its sign bits (``_count_zeros``): the
+  counting loop stored one increment a value into one bin. Fold of 1M zeros 0.47 -> 0.27.
+- Tried and dropped, 2026-12-06 (ns per value, a block in L1, one run each): the sums in float32
+  lanes, flushed into float64 every 64 values: 0.126 against 0.157 (then), but 1.7e-10 and
+  3.2e-10 relative error in sum |x| and sum x² over 1M Gaussian values, where the oracle tests
+  allow 1e-12 and the 6e4 test below none (a float32 x² alone rounds at 2⁻²⁴); max |x| from the
+  float64 |x| (a compare and select: LLVM vectorizes no such reduction without ``nnan``): 1.0;
+  the histogram by pairs of values (a 6-bit code each: sign, zero, 30 exponents below the block's
+  largest; one increment of a 4096-bin uint32 table per pair): the codes in explicit vectors
+  0.105 and the increments 0.118, 0.223 against 0.254-0.259, before the handling of values
+  outside the window, the table's flushes and subnormals, and a block of equal values would
+  chain on one bin (no room in L1 for sub-tables of 16 KB); with uint16 bins 0.383; the
+  sub-histograms bin-major (a bin's eight side by side, so that stores share a cache line):
+  0.246-0.273 against 0.253-0.258.
 
 The sums are float64 from the first value: a float32 x² is exact in float64 (24 + 24 bits < 53),
 so the sum of squares errs only by float64 rounding, and no float32 value can overflow it. Summing
@@ -54,8 +79,8 @@ that uses it (the sweeps fork their workers); plain helper threads halve a kerne
 own but gained nothing inside a training step, where torch's OpenMP workers still spin on the
 other cores after the backward pass.
 
-NaN and Inf propagate as in torch (the fast-math flags allow reassociation, not ignoring
-non-finite values); max |x| is taken on the bits with the sign cleared, which order like |x|
+NaN and Inf propagate as in torch (the sums are plain IEEE adds, in an order fixed by the
+IR); max |x| is taken on the bits with the sign cleared, which order like |x|
 and put NaN above Inf.
 
 The prefetch is LLVM's ``llvm.prefetch`` through a numba intrinsic: a plain load of the next
@@ -80,7 +105,6 @@ BLOCK = 4096                     # values per block: 16 KB of float32, in L1
 SHORT_ROW = 1024                 # shorter rows count straight into their histogram (no sub-histograms to add):
                                  # at 2048, a row of 1500 zeros took 2.1 ns a value, 0.7 now; 1024 Gaussian 0.7 -> 0.9
 PIECE_MAX = 1 << 30              # a piece's uint32 sub-histograms must not overflow
-_REASSOCIATE = {"reassoc", "nsz", "arcp", "contract"}   # vectorize the sums; keep NaN and Inf
 _MAGNITUDE_BITS = np.int32(0x7FFFFFFF)
 _MAGNITUDE = np.uint32(0x7FFFFFFF)
 _SHIFT = np.uint32(23)
@@ -255,6 +279,67 @@ def _wide_weights_of(renew: bool):
 
 _wide_weights = _wide_weights_of(False)
 _wide_weights_renewing = _wide_weights_of(True)
+
+
+@njit(cache=True)
+def _probe_wide(values, start):
+    return _wide_moments(values, values.size), _wide_weights_renewing(values, start, values.size)
+
+
+def _wide_loops_work() -> bool:
+    """Whether the explicit-vector loops compile here and give exact sums of small integers."""
+    values = np.arange(WIDE_STEP, dtype=np.float32) - 5
+    start = np.zeros(WIDE_STEP, np.float32)
+    try:
+        moments, weights = _probe_wide(values, start)
+    except Exception:       # checked on numba 0.68 / LLVM 22; another LLVM may reject the IR
+        return False
+    w = values.astype(np.float64)
+    return (moments == (w.sum(), np.abs(w).sum(), (w * w).sum(), np.int32(np.abs(values).max().view(np.int32)))
+            and weights == (np.abs(w).sum(), (w * w).sum(), (w * w).sum(), 0.0) and np.array_equal(start, values))
+
+
+@njit(nogil=True, boundscheck=False, cache=True)
+def _plain_moments(values, stop):
+    """_wide_moments in numba's own loop: where the explicit vectors do not compile (slower, not wrong)."""
+    total = absolute = squares = 0.0
+    top = np.int32(0)
+    bits = values.view(np.int32)
+    for i in range(stop):
+        x = np.float64(values[i])
+        total += x
+        absolute += abs(x)
+        squares += x * x
+        top = max(top, np.int32(bits[i] & _MAGNITUDE_BITS))
+    return total, absolute, squares, top
+
+
+@njit(nogil=True, boundscheck=False, cache=True)
+def _plain_weights(values, start, stop, renew):
+    """_wide_weights (``renew`` False) or _wide_weights_renewing in numba's own loop."""
+    absolute = squares = moved = before = 0.0
+    for i in range(stop):
+        w = np.float64(values[i])
+        s = np.float64(start[i])
+        if renew:
+            start[i] = values[i]
+        absolute += abs(w)
+        squares += w * w
+        moved += (w - s) * (w - s)
+        before += s * s
+    return absolute, squares, moved, before
+
+
+if not _wide_loops_work():
+    _wide_moments = _plain_moments                                  # noqa: F811
+
+    @njit(nogil=True, boundscheck=False, cache=True)
+    def _wide_weights(values, start, stop):                         # noqa: F811
+        return _plain_weights(values, start, stop, False)
+
+    @njit(nogil=True, boundscheck=False, cache=True)
+    def _wide_weights_renewing(values, start, stop):                # noqa: F811
+        return _plain_weights(values, start, stop, True)
 
 
 @njit(nogil=True, boundscheck=False, cache=True)
