@@ -297,8 +297,9 @@ def test_the_vector_weight_loops_match_the_oracle_and_renew_the_start():
     values = random_values(rng, 3 * K.WIDE_STEP, False)
     values[[0, 17, 40, 95]] = [1e20, -3e38, 1e30, -0.0]
     start = values + (rng.standard_normal(values.size) * 1e-3).astype(np.float32)
-    renewed = start.copy()
+    renewed, kept = start.copy(), start.copy()
     plain, renewing = _both_weight_loops(values, start, renewed)
+    np.testing.assert_array_equal(start.view(np.uint32), kept.view(np.uint32))   # the plain loop writes nothing
     w, s = torch.from_numpy(values).double(), torch.from_numpy(start).double()
     expected = [w.abs().sum().item(), (w * w).sum().item(), ((w - s) ** 2).sum().item(), (s * s).sum().item()]
     np.testing.assert_allclose(plain, expected, rtol=1e-12, atol=1e-300)
