@@ -47,8 +47,8 @@ MLP's training steps (``benchmarks/profile_monitor.py``) ``fold_all`` 1.05 -> 0.
   and each float32 -> float64 conversion, two micro-ops on the two vector ports, held the sums
   there; max |x| rode along at the sums' width, four int32 lanes. A block in L1: 0.159 -> 0.124
   (max |x| in a loop of its own at eight lanes first: 0.158 -> 0.148); ``_block_weights`` 0.183
-  -> 0.173, renewing 0.200 -> 0.174. Inside the wide MLP's steps ``fold_all`` 0.53-0.54 -> 0.49-0.50
-  (see docs/benchmarks.md for the runs). The band's count is a loop of its own (eight float32
+  -> 0.173, renewing 0.200 -> 0.174. Inside the wide MLP's steps ``fold_all`` 0.53-0.57 -> 0.48-0.54
+  (five runs each; docs/benchmarks.md). The band's count is a loop of its own (eight float32
   lanes): a fold with a band 0.57 -> 0.49. The kernels that call the intrinsics are compiled
   without fast-math: numba puts its flags on every float instruction of the function, the
   intrinsic's too, and LLVM then reassociated the renewing and the plain weight loop
