@@ -3,9 +3,10 @@
 The monitor reduces every element of every step. For a large tensor on the CPU, torch takes
 one pass per statistic (sum, sum of |x|, sum of squares, max |x|, the exponent bins) and a
 single-threaded ``bincount`` that alone costs about a nanosecond a value. These kernels compute
-them all in one pass over each 16 KB block while it sits in L1: the sums vectorized in float64,
-then the 512-bin sign/exponent histogram into eight interleaved sub-histograms, so that runs of
-equal bins do not wait on one another, while the next block is prefetched into L1.
+them all in one pass over each 16 KB block while it sits in L1: the sums in float64 and max |x|
+in explicit 512-bit vectors (``_wide_loop``), then the 512-bin sign/exponent histogram into
+eight interleaved sub-histograms, so that runs of equal bins do not wait on one another, while
+the next block is prefetched into L1.
 
 Measured on an AVX-512 Xeon (Emerald Rapids, about 3 GHz; ``benchmarks/kernel_speed.py``, ns per
 float32 value, before -> after these choices, one run): a 1M-value gradient not in the cache (the
@@ -40,8 +41,32 @@ MLP's training steps (``benchmarks/profile_monitor.py``) ``fold_all`` 1.05 -> 0.
   scatters; four scalar lanes of the three sums cost 0.76 against 0.57 for the two loops); keys in a
   vectorized uint16 pass, then scattered (0.39 against 0.35); two keys per 64-bit load (no
   change: the stores bound the loop); blocks of 2048 or 8192 values (slower, out of the cache).
-  512-bit vectors would take the sums from 0.23 to 0.18, but LLVM prefers 256 on this CPU and
-  numba has no per-function switch for it.
+- The sums and max |x| in explicit vectors of eight float64 and sixteen int32 (``_wide_loop``, an
+  intrinsic that emits the loop's LLVM IR), 2026-12-06: LLVM vectorizes numba's loops at 256 bits
+  on this CPU (its tuning prefers them; numba has no per-function switch), four float64 a vector,
+  and each float32 -> float64 conversion, two micro-ops on the two vector ports, held the sums
+  there; max |x| rode along at the sums' width, four int32 lanes. A block in L1: 0.159 -> 0.124
+  (max |x| in a loop of its own at eight lanes first: 0.158 -> 0.148); ``_block_weights`` 0.183
+  -> 0.173, renewing 0.200 -> 0.174. Inside the wide MLP's steps ``fold_all`` 0.53-0.57 -> 0.48-0.54
+  (five runs each; docs/benchmarks.md). The band's count is a loop of its own (eight float32
+  lanes): a fold with a band 0.57 -> 0.49. The kernels that call the intrinsics are compiled
+  without fast-math: numba puts its flags on every float instruction of the function, the
+  intrinsic's too, and LLVM then reassociated the renewing and the plain weight loop
+  differently (their rows differed in the last bit).
+- A block of zeros alone (largest |x| 0) is counted by its sign bits (``_count_zeros``): the
+  counting loop stored one increment a value into one bin. Fold of 1M zeros 0.47 -> 0.27.
+- Tried and dropped, 2026-12-06 (ns per value, a block in L1, one run each): the sums in float32
+  lanes, flushed into float64 every 64 values: 0.126 against 0.157 (then), but 1.7e-10 and
+  3.2e-10 relative error in sum |x| and sum x² over 1M Gaussian values, where the oracle tests
+  allow 1e-12 and the 6e4 test below none (a float32 x² alone rounds at 2⁻²⁴); max |x| from the
+  float64 |x| (a compare and select: LLVM vectorizes no such reduction without ``nnan``): 1.0;
+  the histogram by pairs of values (a 6-bit code each: sign, zero, 30 exponents below the block's
+  largest; one increment of a 4096-bin uint32 table per pair): the codes in explicit vectors
+  0.105 and the increments 0.118, 0.223 against 0.254-0.259, before the handling of values
+  outside the window, the table's flushes and subnormals, and a block of equal values would
+  chain on one bin (no room in L1 for sub-tables of 16 KB); with uint16 bins 0.383; the
+  sub-histograms bin-major (a bin's eight side by side, so that stores share a cache line):
+  0.246-0.273 against 0.253-0.258.
 
 The sums are float64 from the first value: a float32 x² is exact in float64 (24 + 24 bits < 53),
 so the sum of squares errs only by float64 rounding, and no float32 value can overflow it. Summing
@@ -54,8 +79,8 @@ that uses it (the sweeps fork their workers); plain helper threads halve a kerne
 own but gained nothing inside a training step, where torch's OpenMP workers still spin on the
 other cores after the backward pass.
 
-NaN and Inf propagate as in torch (the fast-math flags allow reassociation, not ignoring
-non-finite values); max |x| is taken on the bits with the sign cleared, which order like |x|
+NaN and Inf propagate as in torch (the sums are plain IEEE adds, in an order fixed by the
+IR); max |x| is taken on the bits with the sign cleared, which order like |x|
 and put NaN above Inf.
 
 The prefetch is LLVM's ``llvm.prefetch`` through a numba intrinsic: a plain load of the next
@@ -80,7 +105,6 @@ BLOCK = 4096                     # values per block: 16 KB of float32, in L1
 SHORT_ROW = 1024                 # shorter rows count straight into their histogram (no sub-histograms to add):
                                  # at 2048, a row of 1500 zeros took 2.1 ns a value, 0.7 now; 1024 Gaussian 0.7 -> 0.9
 PIECE_MAX = 1 << 30              # a piece's uint32 sub-histograms must not overflow
-_REASSOCIATE = {"reassoc", "nsz", "arcp", "contract"}   # vectorize the sums; keep NaN and Inf
 _MAGNITUDE_BITS = np.int32(0x7FFFFFFF)
 _MAGNITUDE = np.uint32(0x7FFFFFFF)
 _SHIFT = np.uint32(23)
@@ -126,30 +150,214 @@ except Exception:   # a hint only: without it the kernels are slower on cold mem
         return None
 
 
-@njit(nogil=True, boundscheck=False, fastmath=_REASSOCIATE, cache=True)
+_WIDE = 8                        # float64 lanes of one 512-bit register
+_WIDE_ACCUMULATORS = 4           # per sum: an add's latency (4 cycles) over its throughput (one a cycle)
+WIDE_STEP = _WIDE * _WIDE_ACCUMULATORS   # values per turn of an explicit-vector loop
+
+
+def _vector_math(builder, vector, name, arity):
+    """The LLVM intrinsic ``llvm.NAME.v8f64`` taking ``arity`` vectors."""
+    return cgutils.get_or_insert_function(builder.module, ir.FunctionType(vector, [vector] * arity),
+                                          f"llvm.{name}.v{_WIDE}f64")
+
+
+def _wide_loop(context, builder, arrays, stop, sums, body, top=False, copy_to=None):
+    """Emit ``for k in range(stop // WIDE_STEP)`` over ``arrays`` ((type, value) pairs of 1-D C
+    float32 arrays): ``body(builder, xs, accumulators)`` once for each of its _WIDE_ACCUMULATORS
+    slices of eight, ``xs`` each array's eight values widened to float64 and ``accumulators`` that
+    slice's ``sums`` float64 vectors, which body returns updated. Returns each sum reduced to a
+    float64; with ``top``, then the largest bits of the first array with the sign cleared (an
+    int32); with ``copy_to`` (type, value), the first array's values are stored there as read."""
+    f64, i32 = ir.DoubleType(), ir.IntType(32)
+    vector = ir.VectorType(f64, _WIDE)
+    bits_vector = ir.VectorType(i32, 2 * _WIDE)
+    sixteen_floats = ir.VectorType(ir.FloatType(), 2 * _WIDE)
+
+    def base(array_type, array):
+        data = context.make_array(array_type)(context, builder, array).data
+        return builder.bitcast(data, sixteen_floats.as_pointer())
+    bases = [base(*array) for array in arrays]
+    target = base(*copy_to) if copy_to is not None else None
+    zero = ir.Constant(vector, [0.0] * _WIDE)
+    slots = [[cgutils.alloca_once_value(builder, zero) for _ in range(_WIDE_ACCUMULATORS)] for _ in range(sums)]
+    tops = [cgutils.alloca_once_value(builder, ir.Constant(bits_vector, [0] * 2 * _WIDE)) for _ in range(2)]
+    magnitude = ir.Constant(bits_vector, [0x7FFFFFFF] * 2 * _WIDE)
+    smax = cgutils.get_or_insert_function(builder.module, ir.FunctionType(bits_vector, [bits_vector] * 2),
+                                          f"llvm.smax.v{2 * _WIDE}i32")
+    halves = [ir.Constant(ir.VectorType(i32, _WIDE), list(range(h * _WIDE, (h + 1) * _WIDE))) for h in range(2)]
+    turns = builder.udiv(stop, ir.Constant(stop.type, WIDE_STEP))
+    with cgutils.for_range(builder, turns) as loop:
+        first = builder.mul(loop.index, ir.Constant(loop.index.type, _WIDE_ACCUMULATORS // 2))
+        for pair in range(_WIDE_ACCUMULATORS // 2):     # sixteen values a load, as two vectors of eight
+            at = builder.add(first, ir.Constant(first.type, pair))
+            loaded = [builder.load(builder.gep(b, [at]), align=4) for b in bases]
+            if target is not None:
+                builder.store(loaded[0], builder.gep(target, [at]), align=4)
+            for h in range(2):
+                a = 2 * pair + h
+                xs = [builder.fpext(builder.shuffle_vector(v, v, halves[h]), vector) for v in loaded]
+                values = body(builder, xs, [builder.load(slots[k][a]) for k in range(sums)])
+                for k in range(sums):
+                    builder.store(values[k], slots[k][a])
+            if top:
+                bits = builder.and_(builder.bitcast(loaded[0], bits_vector), magnitude)
+                builder.store(builder.call(smax, [builder.load(tops[pair]), bits]), tops[pair])
+    totals = []
+    for k in range(sums):
+        v = builder.load(slots[k][0])
+        for a in range(1, _WIDE_ACCUMULATORS):
+            v = builder.fadd(v, builder.load(slots[k][a]))
+        total = builder.extract_element(v, ir.Constant(i32, 0))
+        for lane in range(1, _WIDE):
+            total = builder.fadd(total, builder.extract_element(v, ir.Constant(i32, lane)))
+        totals.append(total)
+    if top:
+        v = builder.call(smax, [builder.load(tops[0]), builder.load(tops[1])])
+        largest = builder.extract_element(v, ir.Constant(i32, 0))
+        for lane in range(1, 2 * _WIDE):
+            element = builder.extract_element(v, ir.Constant(i32, lane))
+            largest = builder.select(builder.icmp_signed(">", element, largest), element, largest)
+        totals.append(largest)
+    return totals
+
+
+def _is_float32_vector(array) -> bool:
+    return isinstance(array, types.Array) and array.ndim == 1 and array.layout == "C" and array.dtype == types.float32
+
+
+@intrinsic
+def _wide_moments(typingctx, values, stop):
+    """(sum x, sum |x|, sum x², the largest |x|'s bits) over ``values[:stop]`` (1-D C float32; stop
+    a multiple of WIDE_STEP), the sums in float64, in explicit vectors of eight float64: LLVM
+    vectorizes numba's loops at 256 bits on this CPU (its tuning prefers them), four float64 a
+    vector, and the float32 -> float64 conversion, two micro-ops each, held the sums there."""
+    if not _is_float32_vector(values):
+        return None
+    result = types.Tuple((types.float64, types.float64, types.float64, types.int32))
+
+    def codegen(context, builder, signature, args):
+        vector = ir.VectorType(ir.DoubleType(), _WIDE)
+        fabs, fma = _vector_math(builder, vector, "fabs", 1), _vector_math(builder, vector, "fma", 3)
+
+        def body(builder, xs, sums):
+            x, = xs
+            total, absolute, squares = sums
+            return (builder.fadd(total, x), builder.fadd(absolute, builder.call(fabs, [x])),
+                    builder.call(fma, [x, x, squares]))
+        totals = _wide_loop(context, builder, [(signature.args[0], args[0])], args[1], 3, body, top=True)
+        return context.make_tuple(builder, result, totals)
+    return result(values, stop), codegen
+
+
+def _wide_weights_of(renew: bool):
+    """The intrinsic ``(values, start, stop) -> (sum |w|, sum w², sum (w - s)², sum s²)`` over the
+    first ``stop`` values (a multiple of WIDE_STEP) of the 1-D C float32 ``values`` (w) and
+    ``start`` (s), in float64, as _wide_moments; with ``renew``, each start value becomes its
+    weight as read (``_block_weights``)."""
+    @intrinsic
+    def wide_weights(typingctx, values, start, stop):
+        if not (_is_float32_vector(values) and _is_float32_vector(start)):
+            return None
+        result = types.UniTuple(types.float64, 4)
+
+        def codegen(context, builder, signature, args):
+            vector = ir.VectorType(ir.DoubleType(), _WIDE)
+            fabs, fma = _vector_math(builder, vector, "fabs", 1), _vector_math(builder, vector, "fma", 3)
+
+            def body(builder, xs, sums):
+                w, s = xs
+                absolute, squares, moved, before = sums
+                change = builder.fsub(w, s)
+                return (builder.fadd(absolute, builder.call(fabs, [w])), builder.call(fma, [w, w, squares]),
+                        builder.call(fma, [change, change, moved]), builder.call(fma, [s, s, before]))
+            arrays = [(signature.args[0], args[0]), (signature.args[1], args[1])]
+            totals = _wide_loop(context, builder, arrays, args[2], 4, body, copy_to=arrays[1] if renew else None)
+            return context.make_tuple(builder, result, totals)
+        return result(values, start, stop), codegen
+    return wide_weights
+
+
+_wide_weights = _wide_weights_of(False)
+_wide_weights_renewing = _wide_weights_of(True)
+
+
+@njit(cache=True)
+def _probe_wide(values, start):
+    return _wide_moments(values, values.size), _wide_weights_renewing(values, start, values.size)
+
+
+def _wide_loops_work() -> bool:
+    """Whether the explicit-vector loops compile here and give exact sums of small integers."""
+    values = np.arange(WIDE_STEP, dtype=np.float32) - 5
+    start = np.zeros(WIDE_STEP, np.float32)
+    try:
+        moments, weights = _probe_wide(values, start)
+    except Exception:       # checked on numba 0.68 / LLVM 22; another LLVM may reject the IR
+        return False
+    w = values.astype(np.float64)
+    return (moments == (w.sum(), np.abs(w).sum(), (w * w).sum(), np.int32(np.abs(values).max().view(np.int32)))
+            and weights == (np.abs(w).sum(), (w * w).sum(), (w * w).sum(), 0.0) and np.array_equal(start, values))
+
+
+@njit(nogil=True, boundscheck=False, cache=True)
+def _plain_moments(values, stop):
+    """_wide_moments in numba's own loop: where the explicit vectors do not compile (slower, not wrong)."""
+    total = absolute = squares = 0.0
+    top = np.int32(0)
+    bits = values.view(np.int32)
+    for i in range(stop):
+        x = np.float64(values[i])
+        total += x
+        absolute += abs(x)
+        squares += x * x
+        top = max(top, np.int32(bits[i] & _MAGNITUDE_BITS))
+    return total, absolute, squares, top
+
+
+@njit(nogil=True, boundscheck=False, cache=True)
+def _plain_weights(values, start, stop, renew):
+    """_wide_weights (``renew`` False) or _wide_weights_renewing in numba's own loop."""
+    absolute = squares = moved = before = 0.0
+    for i in range(stop):
+        w = np.float64(values[i])
+        s = np.float64(start[i])
+        if renew:
+            start[i] = values[i]
+        absolute += abs(w)
+        squares += w * w
+        moved += (w - s) * (w - s)
+        before += s * s
+    return absolute, squares, moved, before
+
+
+if not _wide_loops_work():
+    _wide_moments = _plain_moments                                  # noqa: F811
+
+    @njit(nogil=True, boundscheck=False, cache=True)
+    def _wide_weights(values, start, stop):                         # noqa: F811
+        return _plain_weights(values, start, stop, False)
+
+    @njit(nogil=True, boundscheck=False, cache=True)
+    def _wide_weights_renewing(values, start, stop):                # noqa: F811
+        return _plain_weights(values, start, stop, True)
+
+
+@njit(nogil=True, boundscheck=False, cache=True)
 def _block_moments(values, bits, centre, threshold):
     """Sums of x, |x| and x² (in float64), the count of |x - centre| > threshold, and the largest
     |x|'s bits."""
-    total = 0.0
-    absolute = 0.0
-    squares = 0.0
-    beyond = np.int32(0)               # int32 throughout: numba widens int32 sums to int64 (see below)
-    top = np.int32(0)
-    if threshold == np.inf:            # no band (every gradient): the count costs a third of the loop
+    wide = values.size - values.size % WIDE_STEP
+    total, absolute, squares, top = _wide_moments(values, wide)
+    for i in range(wide, values.size):
+        x = np.float64(values[i])
+        total += x
+        absolute += abs(x)
+        squares += x * x
+        top = max(top, np.int32(bits[i] & _MAGNITUDE_BITS))
+    beyond = np.int32(0)               # int32: numba widens int32 sums to int64 (see the module's docstring)
+    if threshold != np.inf:            # a band: a loop of its own, eight float32 lanes
         for i in range(values.size):
-            x = np.float64(values[i])
-            total += x
-            absolute += abs(x)
-            squares += x * x
-            top = max(top, np.int32(bits[i] & _MAGNITUDE_BITS))
-    else:
-        for i in range(values.size):
-            x = np.float64(values[i])
-            total += x
-            absolute += abs(x)
-            squares += x * x
             beyond = np.int32(beyond + (abs(values[i] - centre) > threshold))
-            top = max(top, np.int32(bits[i] & _MAGNITUDE_BITS))
     return total, absolute, squares, beyond, top
 
 
@@ -265,6 +473,22 @@ def _add_counts(sub, counts):
     sub[:] = 0
 
 
+@njit(nogil=True, boundscheck=False, cache=True)
+def _count_zeros(unsigned, histogram, ahead, also, ahead_start, ahead_stop):
+    """Count a block of zeros (+0.0 and -0.0 alone: its largest |x| is 0) into the int64
+    ``histogram``'s two zero bins by its sign bits, eight lanes a vector, and prefetch the next
+    block as ``_block_counts`` does: the counting loop's stores, one a value, all to one bin."""
+    negative = np.int32(0)
+    for i in range(unsigned.size):
+        negative = np.int32(negative + np.int32(unsigned[i] >> np.uint32(31)))
+    histogram[0] += negative
+    histogram[_SIGN_BIN] += unsigned.size - negative
+    for line in range(ahead_start, ahead_stop, LINE):
+        _prefetch(ahead, line)
+        if also is not None:
+            _prefetch(also, line)
+
+
 @njit(nogil=True, boundscheck=False, cache=True, inline="always")
 def _count_block(unsigned, long_row, nonzero, sub, histogram, ahead, also, ahead_start, ahead_stop):
     """Count a block of a row: into the sub-histograms for a long row (added to the row's
@@ -274,8 +498,11 @@ def _count_block(unsigned, long_row, nonzero, sub, histogram, ahead, also, ahead
     The top nine bits put a subnormal with the zeros of its sign (exponent 0). A block that
     added to the zero bins is scanned for subnormals, which move to exponent 1; one with no
     value in them, or whose largest |x| is 0 (``nonzero`` False), is not (see the module's
-    docstring for why the scan, and what it costs)."""
-    if long_row:
+    docstring for why the scan, and what it costs). A block of zeros alone (``nonzero`` False)
+    is counted by its sign bits (``_count_zeros``)."""
+    if not nonzero:
+        _count_zeros(unsigned, histogram, ahead, also, ahead_start, ahead_stop)
+    elif long_row:
         zeros = _bin_total(sub, 0) + _bin_total(sub, _SIGN_BIN)
         _block_counts(unsigned, sub, ahead, also, ahead_start, ahead_stop)
         if nonzero and _bin_total(sub, 0) + _bin_total(sub, _SIGN_BIN) != zeros:
@@ -284,7 +511,7 @@ def _count_block(unsigned, long_row, nonzero, sub, histogram, ahead, also, ahead
         zeros = histogram[0] + histogram[_SIGN_BIN]
         for j in range(unsigned.size):
             histogram[(unsigned[j] >> _SHIFT) ^ _SIGN_BIN] += 1
-        if nonzero and histogram[0] + histogram[_SIGN_BIN] != zeros:
+        if histogram[0] + histogram[_SIGN_BIN] != zeros:
             _move_subnormals(unsigned, histogram)
 
 
@@ -377,31 +604,24 @@ def _count_units(values, unit, positives):
         positives[unit[i] if values[i] > 0 else 0] += 1
 
 
-@njit(nogil=True, boundscheck=False, fastmath=_REASSOCIATE, cache=True)
+@njit(nogil=True, boundscheck=False, cache=True)
 def _block_weights(values, start, renew):
     """Sums of |w|, w², (w - start)² and start² over a block, in float64; with ``renew``, each
     start[i] becomes values[i] once read (the next window's start, in the same pass)."""
-    absolute = 0.0
-    squares = 0.0
-    moved = 0.0
-    before = 0.0
+    wide = values.size - values.size % WIDE_STEP
     if renew:
-        for i in range(values.size):
-            w = np.float64(values[i])
-            s = np.float64(start[i])
-            start[i] = values[i]
-            absolute += abs(w)
-            squares += w * w
-            moved += (w - s) * (w - s)
-            before += s * s
+        absolute, squares, moved, before = _wide_weights_renewing(values, start, wide)
     else:
-        for i in range(values.size):
-            w = np.float64(values[i])
-            s = np.float64(start[i])
-            absolute += abs(w)
-            squares += w * w
-            moved += (w - s) * (w - s)
-            before += s * s
+        absolute, squares, moved, before = _wide_weights(values, start, wide)
+    for i in range(wide, values.size):
+        w = np.float64(values[i])
+        s = np.float64(start[i])
+        if renew:
+            start[i] = values[i]
+        absolute += abs(w)
+        squares += w * w
+        moved += (w - s) * (w - s)
+        before += s * s
     return absolute, squares, moved, before
 
 
