@@ -626,13 +626,13 @@ def _block_weights(values, start, renew):
 
 
 @njit(nogil=True, boundscheck=False, cache=True)
-def _fold_weight_segments(values, start, lengths, rows, counts, renew):
+def _fold_weight_segments(values, start, lengths, rows, counts, renew, count):
     unsigned = values.view(np.uint32)
     sub = _new_sub()
     offset = 0
     for segment in range(lengths.size):
         stop = offset + lengths[segment]
-        histogram = counts[segment]
+        histogram = counts[segment if count else 0]
         if lengths[segment] < TINY_ROW:        # one scalar pass, as _fold_tiny_row
             zeros = histogram[0] + histogram[_SIGN_BIN]
             for i in range(offset, stop):
@@ -644,8 +644,9 @@ def _fold_weight_segments(values, start, lengths, rows, counts, renew):
                 rows[segment, 3] += s * s
                 if renew:
                     start[i] = values[i]
-                histogram[(unsigned[i] >> _SHIFT) ^ _SIGN_BIN] += 1
-            if histogram[0] + histogram[_SIGN_BIN] != zeros:
+                if count:
+                    histogram[(unsigned[i] >> _SHIFT) ^ _SIGN_BIN] += 1
+            if count and histogram[0] + histogram[_SIGN_BIN] != zeros:
                 _move_subnormals(unsigned[offset:stop], histogram)
             offset = stop
             continue
@@ -657,9 +658,14 @@ def _fold_weight_segments(values, start, lengths, rows, counts, renew):
             rows[segment, 1] += s
             rows[segment, 2] += m
             rows[segment, 3] += b
-            _count_block(unsigned[lo:hi], long_row, True, sub, histogram, values, start, hi,
-                         min(values.size, hi + BLOCK))
-        if long_row:
+            if count:
+                _count_block(unsigned[lo:hi], long_row, True, sub, histogram, values, start, hi,
+                             min(values.size, hi + BLOCK))
+            else:                              # the counting loop's prefetch of the next block, alone
+                for line in range(hi, min(values.size, hi + BLOCK), LINE):
+                    _prefetch(values, line)
+                    _prefetch(start, line)
+        if long_row and count:
             _add_counts(sub, histogram)
         offset = stop
 
@@ -729,17 +735,18 @@ def count_positive(values: np.ndarray, positives: np.ndarray) -> None:
 
 
 def fold_weights(values: np.ndarray, start: np.ndarray, lengths: np.ndarray,
-                 renew: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                 renew: bool = False, count: bool = True) -> tuple[np.ndarray, np.ndarray | None]:
     """Per consecutive segment of the 1-D float32 ``values`` (``lengths`` long): float64 rows
-    [sum |w|, sum w², sum (w - start)², sum start²] and int64 sign/exponent counts (512 bins).
-    With ``renew``, ``start`` (1-D float32, as long as ``values``, not overlapping it) is
-    overwritten with ``values`` in the same pass: the next window's start, without a second
-    pass over both (``weights.Weights.summary``)."""
+    [sum |w|, sum w², sum (w - start)², sum start²] and int64 sign/exponent counts (512 bins;
+    None with ``count`` False: where no histogram is drawn, the counting loop, about half the
+    pass, is skipped). With ``renew``, ``start`` (1-D float32, as long as ``values``, not
+    overlapping it) is overwritten with ``values`` in the same pass: the next window's start,
+    without a second pass over both (``weights.Weights.summary``)."""
     if start.shape != values.shape:     # the kernel indexes both by the same i, unchecked
         raise ValueError(f"fold_weights: start has {start.size} values and values {values.size}; they must match")
     if renew and np.may_share_memory(values, start):
         raise ValueError("fold_weights(renew=True): start must not overlap values (it is overwritten as they are read)")
     rows = np.zeros((lengths.size, 4))
-    counts = np.zeros((lengths.size, SIGN_EXPONENT_BINS), np.int64)
-    _fold_weight_segments(values, start, lengths, rows, counts, renew)
-    return rows, counts
+    counts = np.zeros((lengths.size if count else 1, SIGN_EXPONENT_BINS), np.int64)
+    _fold_weight_segments(values, start, lengths, rows, counts, renew, count)
+    return rows, counts if count else None

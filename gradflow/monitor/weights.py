@@ -115,17 +115,19 @@ class Weights(Part):
         if now.numel() != start.numel():       # cannot happen unless a parameter was resized in place
             raise MonitorError("a monitored parameter changed size; create a new GradientMonitor after resizing parameters")
         # renew: the kernel writes the current weights into the (flat, contiguous) start as it reads them
-        rows[slots], folded = S.fused_kernels(now.device).fold_weights(now.numpy(), start.numpy(), lengths, renew=True)
+        rows[slots], folded = S.fused_kernels(now.device).fold_weights(now.numpy(), start.numpy(), lengths, renew=True,
+                                                                        count=counts is not None)
         if counts is not None:
             counts[slots] = folded
         for i in group:
             self.versions[i] = self.params[i]._version
 
     def _fold(self, now: torch.Tensor, start: torch.Tensor, length: int,
-              renew: bool = False) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        """Rows [sum |w|, sum w², sum (w - start)², sum start²] and counts of each member, and
-        whether ``start`` (contiguous, when ``renew`` asks it) now holds ``now``: the fused
-        kernel writes it in the same pass, which saves the window a second pass over both."""
+              renew: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
+        """Rows [sum |w|, sum w², sum (w - start)², sum start²] and counts of each member (None
+        where not ``counted``, on the fused path), and whether ``start`` (contiguous, when
+        ``renew`` asks it) now holds ``now``: the fused kernel writes it in the same pass, which
+        saves the window a second pass over both."""
         if length == 0:       # an empty shard (a DTensor's, on some ranks): nothing to add, one row per member
             members = self.members
             return (torch.zeros(members, 4, dtype=S.wide_dtype(now.device), device=now.device),
@@ -134,8 +136,8 @@ class Weights(Part):
         if kernels is not None and now.dtype == torch.float32 and start.dtype == torch.float32:
             lengths = np.full(now.numel() // length, length, dtype=np.int64)
             rows, counts = kernels.fold_weights(now.contiguous().numpy(), start.contiguous().numpy(), lengths,
-                                                renew=renew)
-            return torch.from_numpy(rows), torch.from_numpy(counts), renew
+                                                renew=renew, count=self.counted)
+            return torch.from_numpy(rows), None if counts is None else torch.from_numpy(counts), renew
         wide = S.wide_dtype(now.device)
         out_rows, out_counts = [], []
         for member in range(now.numel() // length):

@@ -212,6 +212,22 @@ def test_fold_weights_renewing_the_start_gives_the_same_rows_and_leaves_the_weig
         K.fold_weights(values, start[:-1], lengths, renew=True)
 
 
+@pytest.mark.parametrize("renew", [False, True])
+def test_fold_weights_without_counts_gives_the_same_rows_and_start(renew):
+    """count=False (no histogram drawn): no counts, and the rows and the renewed start bit for
+    bit as with them, in every path (scalar tiny segments, short rows, several blocks)."""
+    rng = np.random.default_rng(5)
+    lengths = np.array([0, 5, 3 * K.BLOCK + 17, 1, 3000, K.SHORT_ROW - 1, K.SHORT_ROW, K.TINY_ROW - 1, K.TINY_ROW])
+    values = random_values(rng, int(lengths.sum()), True)
+    start = values + rng.standard_normal(values.size).astype(np.float32) * 1e-3
+    counted_start = start.copy()
+    expected_rows, _ = K.fold_weights(values, counted_start, lengths, renew=renew)
+    rows, counts = K.fold_weights(values, start, lengths, renew=renew, count=False)
+    assert counts is None
+    np.testing.assert_array_equal(rows, expected_rows)
+    np.testing.assert_array_equal(start.view(np.uint32), counted_start.view(np.uint32))
+
+
 @pytest.mark.parametrize("shape, dim", [((64, 40), 1), ((8, 6, 5, 7), 1), ((3, 9, 12), 2), ((11,), 0)])
 def test_positive_counts_per_unit_match_torch(shape, dim):
     values = torch.randn(shape)
