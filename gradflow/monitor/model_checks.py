@@ -13,6 +13,7 @@ Example:
 
 from __future__ import annotations
 
+import operator
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -60,6 +61,9 @@ def user_name(name: str) -> str:
 
 def _named(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return [(user_name(name), p) for name, p in model.named_parameters() if p.is_floating_point()]
+
+
+_DTYPE, _DEVICE = operator.attrgetter("dtype"), operator.attrgetter("device")
 
 
 def _floating_parameters(model: nn.Module) -> list[torch.Tensor]:
@@ -130,9 +134,9 @@ def replaced_parameters(model: nn.Module, names: list[str], params: list[torch.T
     MonitorError if they changed in a way a window's sums cannot follow: another shape, or parts
     of the model on different devices."""
     tensors = _floating_parameters(model)
-    if len(tensors) == len(params) and all(p is q for p, q in zip(tensors, params)):
-        if all(q.dtype == d for q, d in zip(params, dtypes or [q.dtype for q in params])) \
-                and all(q.device == device for q in params):
+    if len(tensors) == len(params) and all(map(operator.is_, tensors, params)):
+        if (dtypes is None or all(map(operator.eq, map(_DTYPE, params), dtypes))) \
+                and all(map(device.__eq__, map(_DEVICE, params))):
             return None
         current = _named(model)
         _one_device(current, device)

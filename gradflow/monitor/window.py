@@ -166,9 +166,12 @@ def read_window(parts: dict[str, Any], values: dict[str, np.ndarray], step: int,
     ``values`` (``read_parts``), unprefixed."""
     windows = [Window(step, 0, member=k if members > 1 else None) for k in range(members)]
     reader = WindowReader(members, windows, HistogramRequests())
+    by_part: dict[str, dict[str, np.ndarray]] = {name: {} for name in parts}
+    for key, value in values.items():
+        name, _, own = key.partition("/")
+        by_part[name][own] = value
     for name, part in parts.items():
-        prefix = name + "/"
-        part.read({key[len(prefix):]: v for key, v in values.items() if key.startswith(prefix)}, reader)
+        part.read(by_part[name], reader)
     return reader
 
 
