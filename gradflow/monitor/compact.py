@@ -187,5 +187,17 @@ class Row(Mapping):
     def __repr__(self) -> str:
         return repr(dict(self.items()))
 
+    def __eq__(self, other: object) -> bool:
+        """A dict's ``==``, with a NaN equal to a NaN in the same column: a dict compared its one
+        NaN object to itself (identity first), where a Row makes a new float at each read, so a
+        row with a NaN would not equal itself."""
+        if not isinstance(other, Mapping):
+            return NotImplemented
+        return len(self) == len(other) and all(
+            column in other and (value == other[column] or (value != value and other[column] != other[column]))
+            for column, value in self.items())
+
+    __hash__ = None
+
     def __reduce__(self):
         return dict, (list(self.items()),)
