@@ -96,6 +96,16 @@ class _ForwardEnd(LeavesCopiesAlone):
                                    and exception is not self.part.handled)
 
 
+def _running(frame) -> bool:
+    """Whether ``frame`` is on the current call stack (an ancestor of the caller's caller)."""
+    f = sys._getframe(2)
+    while f is not None:
+        if f is frame:
+            return True
+        f = f.f_back
+    return False
+
+
 @dataclass
 class _ActivationPlan:
     """How a run of pending outputs is reduced, for one sequence of (tap, shape).
@@ -193,6 +203,7 @@ class Activations(Part):
         self.forward_start: int | None = None         # pending's length when a forward pass still running began
         self.depth = 0                                # calls of the model inside a profiled pass still running (self(...) in forward)
         self.handled: BaseException | None = None     # the exception the user's code was handling as that pass began
+        self.caller = None                            # the frame of that pass's call of the model (torch's _call_impl)
         self.passes_before = 0                        # the schedule's count of training passes at the window's start
         self.unseen = {"no_grad": 0, "backward": 0}   # tap calls not taken, by why (no_activations_cause)
         self._plans = _BoundedCache()
@@ -248,7 +259,7 @@ class Activations(Part):
 
     def record(self, mask) -> None:
         self.depth = 0                                # a step runs outside any forward pass
-        self.handled = None
+        self.handled = self.caller = None
         if self.forward_start is not None:            # a profiled pass that never ended (drop_partial)
             self.drop_partial()
         if self.direct:                               # taps of a forward whose model hook did not run
@@ -258,14 +269,17 @@ class Activations(Part):
     def forward_starts(self) -> None:
         """A profiled forward pass of the model begins: a pass that began before and never ended
         raised halfway, and what it tapped is dropped. The model called again inside its own
-        forward (``self(...)``) is the same pass, one level deeper (``depth``)."""
-        if self.depth:
+        forward (``self(...)``) is the same pass, one level deeper (``depth``), while the pass's
+        own call is still running: a pass ended by a KeyboardInterrupt never reached its end hook
+        (torch runs always_call hooks on an Exception only), and the next pass is a new one."""
+        if self.depth and _running(self.caller):
             self.depth += 1
             return
         self.drop_partial()
         self.forward_start = len(self.pending)
         self.depth = 1
         self.handled = sys.exc_info()[1]
+        self.caller = sys._getframe(2)                # forward_starts <- ForwardStarts <- the model's call
 
     @property
     def forwards(self) -> int:
@@ -280,7 +294,7 @@ class Activations(Part):
             self.depth -= 1
             return
         self.depth = 0
-        self.handled = None                           # not kept: it holds its traceback's frames
+        self.handled = self.caller = None             # not kept: they hold frames (and their tensors)
         if raised:
             return
         self.forward_start = None
@@ -332,7 +346,7 @@ class Activations(Part):
         self.direct = 0
         self.forward_start = None
         self.depth = 0
-        self.handled = None
+        self.handled = self.caller = None
         torch._foreach_zero_([self.moments, self.counts, self.positives, self.linear])
         self.elements[:] = 0
         self.tapped = False
