@@ -73,7 +73,7 @@ def compact_rows(rows: Mapping[str, Mapping[str, Any]], shared: Layouts) -> Mapp
     if not rows or type(rows) is not dict or not all(map(dict.__instancecheck__, rows.values())):
         return rows
     columns = tuple(next(iter(rows.values())))
-    if all(map(columns.__eq__, map(tuple, rows.values()))):
+    if columns and all(map(columns.__eq__, map(tuple, rows.values()))):   # rows of no column: a layout each
         table = _uniform(rows, columns, shared)         # every row has the same columns: one layout
         if table is not None:
             return table

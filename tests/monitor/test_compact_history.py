@@ -183,3 +183,22 @@ def test_a_compact_table_with_nan_equals_itself_and_the_rows_it_was():
         assert compact == copy.deepcopy(compact) and compact == pickle.loads(pickle.dumps(compact)), table
     assert window.weights != monitor.history[1].weights
     assert window.weights["dense_2.bias"] != {**made[0]["weights"]["dense_2.bias"], "update_ratio": 0.0}
+
+
+def test_rows_without_columns_are_kept_and_the_window_still_logs():
+    """Rows that all have no columns (a user emptied a recent window's rows) compact to empty rows,
+    where they made the log() that aged the window raise (range() arg 3 must not be zero)."""
+    for rows in ({"a": {}}, {"a": {}, "b": {}}):
+        table = compact_rows(rows, Layouts())
+        assert dict(table) == rows and all(len(table[name]) == 0 for name in rows)
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with GradientMonitor(model, activations_every=1) as monitor:
+        for window in range(RECENT + 2):
+            model(torch.randn(4, 3)).sum().backward()
+            optimizer.step()
+            monitor.log(window)
+            if window == 0:
+                for name in monitor.history[-1].activations:
+                    monitor.history[-1].activations[name] = {}
+    assert all(len(row) == 0 for row in monitor.history[0].activations.values())
