@@ -89,8 +89,21 @@ class _ForwardEnd(LeavesCopiesAlone):
     def __call__(self, module, inputs, output):
         if training_pass():
             # torch calls an always_call hook with no output while the forward's exception is
-            # being handled; a forward that returned None inside a user's except block is not that.
-            self.part.forward_ends(raised=output is None and sys.exc_info()[1] is not None)
+            # being handled; a forward that returned None inside a user's except block is not that:
+            # the exception being handled then is the one the pass began in (``handled``).
+            exception = sys.exc_info()[1]
+            self.part.forward_ends(raised=output is None and exception is not None
+                                   and exception is not self.part.handled)
+
+
+def _running(frame) -> bool:
+    """Whether ``frame`` is on the current call stack (an ancestor of the caller's caller)."""
+    f = sys._getframe(2)
+    while f is not None:
+        if f is frame:
+            return True
+        f = f.f_back
+    return False
 
 
 @dataclass
@@ -189,6 +202,8 @@ class Activations(Part):
         self.tapped = False                           # a recorded step's forward pass was tapped in this window
         self.forward_start: int | None = None         # pending's length when a forward pass still running began
         self.depth = 0                                # calls of the model inside a profiled pass still running (self(...) in forward)
+        self.handled: BaseException | None = None     # the exception the user's code was handling as that pass began
+        self.caller = None                            # the frame of that pass's call of the model (torch's _call_impl)
         self.passes_before = 0                        # the schedule's count of training passes at the window's start
         self.unseen = {"no_grad": 0, "backward": 0}   # tap calls not taken, by why (no_activations_cause)
         self._plans = _BoundedCache()
@@ -244,6 +259,7 @@ class Activations(Part):
 
     def record(self, mask) -> None:
         self.depth = 0                                # a step runs outside any forward pass
+        self.handled = self.caller = None
         if self.forward_start is not None:            # a profiled pass that never ended (drop_partial)
             self.drop_partial()
         if self.direct:                               # taps of a forward whose model hook did not run
@@ -253,13 +269,17 @@ class Activations(Part):
     def forward_starts(self) -> None:
         """A profiled forward pass of the model begins: a pass that began before and never ended
         raised halfway, and what it tapped is dropped. The model called again inside its own
-        forward (``self(...)``) is the same pass, one level deeper (``depth``)."""
-        if self.depth:
+        forward (``self(...)``) is the same pass, one level deeper (``depth``), while the pass's
+        own call is still running: a pass ended by a KeyboardInterrupt never reached its end hook
+        (torch runs always_call hooks on an Exception only), and the next pass is a new one."""
+        if self.depth and _running(self.caller):
             self.depth += 1
             return
         self.drop_partial()
         self.forward_start = len(self.pending)
         self.depth = 1
+        self.handled = sys.exc_info()[1]
+        self.caller = sys._getframe(2)                # forward_starts <- ForwardStarts <- the model's call
 
     @property
     def forwards(self) -> int:
@@ -274,6 +294,7 @@ class Activations(Part):
             self.depth -= 1
             return
         self.depth = 0
+        self.handled = self.caller = None             # not kept: they hold frames (and their tensors)
         if raised:
             return
         self.forward_start = None
@@ -325,6 +346,7 @@ class Activations(Part):
         self.direct = 0
         self.forward_start = None
         self.depth = 0
+        self.handled = self.caller = None
         torch._foreach_zero_([self.moments, self.counts, self.positives, self.linear])
         self.elements[:] = 0
         self.tapped = False

@@ -73,7 +73,7 @@ def compact_rows(rows: Mapping[str, Mapping[str, Any]], shared: Layouts) -> Mapp
     if not rows or type(rows) is not dict or not all(map(dict.__instancecheck__, rows.values())):
         return rows
     columns = tuple(next(iter(rows.values())))
-    if all(map(columns.__eq__, map(tuple, rows.values()))):
+    if columns and all(map(columns.__eq__, map(tuple, rows.values()))):   # rows of no column: a layout each
         table = _uniform(rows, columns, shared)         # every row has the same columns: one layout
         if table is not None:
             return table
@@ -186,6 +186,18 @@ class Row(Mapping):
 
     def __repr__(self) -> str:
         return repr(dict(self.items()))
+
+    def __eq__(self, other: object) -> bool:
+        """A dict's ``==``, with a NaN equal to a NaN in the same column: a dict compared its one
+        NaN object to itself (identity first), where a Row makes a new float at each read, so a
+        row with a NaN would not equal itself."""
+        if not isinstance(other, Mapping):
+            return NotImplemented
+        return len(self) == len(other) and all(
+            column in other and (value == other[column] or (value != value and other[column] != other[column]))
+            for column, value in self.items())
+
+    __hash__ = None
 
     def __reduce__(self):
         return dict, (list(self.items()),)

@@ -339,7 +339,9 @@ class Gradients(Part):
         jobs = []
         for i in plan.large:
             grad = grads[i]
-            values = (grad.detach() if grad.requires_grad else grad).reshape(-1).numpy()   # a copy only if strided
+            # contiguous(): reshape(-1) keeps a 1-D strided view (every other value, an expanded one) as it is,
+            # and the kernels read their values consecutively. A copy only where the gradient is strided.
+            values = (grad.detach() if grad.requires_grad else grad).reshape(-1).contiguous().numpy()
             if k == 1:
                 jobs.append((values, counts[i], 0.0, math.inf))
             else:

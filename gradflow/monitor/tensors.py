@@ -50,7 +50,11 @@ def _flat_copy(tensors: list[torch.Tensor]) -> torch.Tensor:
         flat = torch._utils._flatten_dense_tensors(tensors)
     except RuntimeError:
         return torch.cat([_flat(t) for t in tensors])
-    return flat if flat.dtype == torch.float32 else flat.float()
+    if flat.dtype != torch.float32:
+        return flat.float()
+    # One contiguous tensor comes back as a view of itself: a copy, or a gradient reused in place
+    # (zero_grad(set_to_none=False), accumulation) rewrites what waits to be reduced.
+    return flat.clone() if len(tensors) == 1 and flat.data_ptr() == tensors[0].data_ptr() else flat
 
 
 def _flat(tensor: torch.Tensor, keep_float64: bool = False) -> torch.Tensor:

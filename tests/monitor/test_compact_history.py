@@ -166,3 +166,39 @@ def test_rows_of_different_columns_or_types_keep_each_their_own():
     table = compact_rows(mixed, Layouts())
     assert isinstance(table, RowTable) and table["a"]["steps"] == 3 and type(table["a"]["steps"]) is int
     assert type(table["b"]["steps"]) is float
+
+
+def test_a_compact_table_with_nan_equals_itself_and_the_rows_it_was():
+    """A window's tables compare equal to themselves, their copies and the dicts they were, NaN
+    included (dense_2.bias starts at zero: its update ratio is NaN), as the dicts did: a dict
+    compares its one NaN object to itself, where a Row makes a new float at each read."""
+    monitor, made = _train(RECENT + 1)
+    window = monitor.history[0]
+    assert isinstance(window.weights, RowTable)
+    assert math.isnan(window.weights["dense_2.bias"]["update_ratio"])
+    assert made[0]["weights"] == made[0]["weights"]                          # the oracle: what log() made
+    for table in TABLES:
+        compact = getattr(window, table)
+        assert compact == compact and compact == made[0][table] and made[0][table] == compact, table
+        assert compact == copy.deepcopy(compact) and compact == pickle.loads(pickle.dumps(compact)), table
+    assert window.weights != monitor.history[1].weights
+    assert window.weights["dense_2.bias"] != {**made[0]["weights"]["dense_2.bias"], "update_ratio": 0.0}
+
+
+def test_rows_without_columns_are_kept_and_the_window_still_logs():
+    """Rows that all have no columns (a user emptied a recent window's rows) compact to empty rows,
+    where they made the log() that aged the window raise (range() arg 3 must not be zero)."""
+    for rows in ({"a": {}}, {"a": {}, "b": {}}):
+        table = compact_rows(rows, Layouts())
+        assert dict(table) == rows and all(len(table[name]) == 0 for name in rows)
+    model = _model()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with GradientMonitor(model, activations_every=1) as monitor:
+        for window in range(RECENT + 2):
+            model(torch.randn(4, 3)).sum().backward()
+            optimizer.step()
+            monitor.log(window)
+            if window == 0:
+                for name in monitor.history[-1].activations:
+                    monitor.history[-1].activations[name] = {}
+    assert all(len(row) == 0 for row in monitor.history[0].activations.values())

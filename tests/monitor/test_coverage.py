@@ -360,6 +360,81 @@ def test_a_forward_that_calls_the_model_itself_is_one_whole_pass(every):
     assert row["mean"] == pytest.approx(torch.tanh(model.fc1(inputs[0])).double().mean().item(), rel=1e-6)
 
 
+class _KeepsItsOutput(nn.Module):
+    """A model whose forward returns None and keeps its output (``self.out``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.act, self.out = nn.Linear(3, 4), nn.Tanh(), None
+
+    def forward(self, x):
+        self.out = self.act(self.fc(x)).sum()
+
+
+def test_a_forward_returning_none_inside_the_users_except_block_is_a_whole_pass():
+    """A forward that returns None, called while the user's code handles an exception (a retry
+    in an ``except`` block), ended whole: its activations are the window's (oracle: tanh of the
+    inputs), with no "raised halfway" warning. The pass-end hook (always_call) read any exception
+    being handled as the pass's own, and the window lost every such pass."""
+    torch.manual_seed(5)
+    model = _KeepsItsOutput()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    inputs = [torch.randn(6, 3) for _ in range(3)]
+    with warnings.catch_warnings(record=True) as caught, GradientMonitor(model, activations_every=1) as monitor:
+        warnings.simplefilter("always")
+        for x in inputs:
+            try:
+                raise KeyError("the user's own, handled")
+            except KeyError:
+                model(x)
+            model.out.backward()
+            optimizer.step()
+        monitor.log(0)
+    assert not [w for w in caught if "halfway" in str(w.message)], [str(w.message)[:60] for w in caught]
+    expected = torch.tanh(model.fc(torch.cat(inputs))).detach().double()
+    row = monitor.history[-1].activations["act"]
+    assert row["mean"] == pytest.approx(expected.mean().item(), rel=1e-6)
+
+
+class _Interrupted(nn.Module):
+    """A model whose forward can be interrupted (Ctrl-C in a notebook) after its first layers ran."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc, self.act, self.out, self.interrupt = nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1), False
+
+    def forward(self, x):
+        h = self.act(self.fc(x))
+        if self.interrupt:
+            raise KeyboardInterrupt
+        return self.out(h)
+
+
+@pytest.mark.parametrize("then", ["step", "log"])
+def test_the_pass_after_a_keyboard_interrupt_is_a_whole_pass(then):
+    """A KeyboardInterrupt in a forward skips torch's always_call hooks (run on an Exception only),
+    so the pass-end hook never ran; the next pass was then taken for a call of the model inside
+    that one, and both were dropped at the step. Oracle: tanh of the whole pass's inputs only;
+    the interrupted pass is left out and said."""
+    torch.manual_seed(6)
+    model = _Interrupted()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    x = torch.randn(5, 3)
+    with warnings.catch_warnings(record=True) as caught, GradientMonitor(model, activations_every=1) as monitor:
+        warnings.simplefilter("always")
+        model.interrupt = True
+        with pytest.raises(KeyboardInterrupt):
+            model(torch.randn(5, 3) * 10)
+        model.interrupt = False
+        model(x).sum().backward()
+        if then == "step":
+            optimizer.step()
+        monitor.log(0)
+    assert any("raised halfway" in str(w.message) for w in caught)
+    row = monitor.history[-1].activations["act"]
+    assert row["mean"] == pytest.approx(torch.tanh(model.fc(x)).double().mean().item(), rel=1e-6)
+
+
 @pytest.mark.parametrize("every", [1, 2, 3])
 def test_taps_read_the_module_output_whatever_hooks_the_user_adds(every):
     """The taps come and go with the profiled passes; each is put first among its module's

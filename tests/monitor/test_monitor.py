@@ -456,6 +456,48 @@ def test_large_gradients_of_members_fold_each_member_apart(reduction_path, membe
         assert overall["total_norm_max"] == pytest.approx(max(totals[k]), rel=1e-9)
 
 
+@pytest.mark.parametrize("layout", ["every_other", "expanded"])
+def test_large_one_dimensional_gradient_that_is_a_strided_view_is_folded(layout):
+    """A 1-D gradient of 65,536 values or more that is a view with a stride other than one (every
+    other value of a bigger buffer, or one value expanded) is folded as its values (oracle: float64
+    torch on p.grad); reshape(-1) keeps such a view as it is, and the fold read it as contiguous."""
+    torch.manual_seed(3)
+    model = nn.Linear(100_000, 1, bias=False)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    with GradientMonitor(model, histograms=False, weights=False, activations=False) as monitor:
+        buffer = torch.randn(200_000)
+        grad = buffer[::2] if layout == "every_other" else torch.full((1,), -0.5).expand(100_000)
+        model.weight.grad = grad.view(1, -1)
+        optimizer.step()
+        row = monitor.log(0)["weight"]
+    wide = grad.double()
+    assert row["norm"] == pytest.approx(wide.norm().item(), rel=1e-12)
+    assert row["mean"] == pytest.approx(wide.mean().item(), rel=1e-12, abs=1e-15)
+    assert row["max_abs"] == wide.abs().max().item()
+
+
+@pytest.mark.parametrize("model", ["one_small_beside_a_large", "one_small_alone"])
+def test_a_lone_small_gradient_reused_in_place_is_each_steps_own(model):
+    """The small gradients of a step wait for the window's reduction as one flat copy; where a step
+    has one small gradient (a Linear(300, 300)'s bias beside its large weight, or a model of one
+    small parameter) that copy was the gradient itself (_flatten_dense_tensors returns a view of a
+    lone tensor), and zero_grad(set_to_none=False) or accumulating into .grad rewrote it: every
+    step then read as the last one. Oracle: each step's .grad, read as the step applies it."""
+    torch.manual_seed(4)
+    net = nn.Linear(300, 300) if model == "one_small_beside_a_large" else nn.Linear(30, 1, bias=False)
+    small = net.bias if model == "one_small_beside_a_large" else net.weight
+    optimizer = torch.optim.SGD(net.parameters(), lr=0.01)
+    norms = []
+    with GradientMonitor(net, histograms=False, weights=False, activations=False) as monitor:
+        for _ in range(3):
+            optimizer.zero_grad(set_to_none=False)           # the same .grad tensors, zeroed in place
+            net(torch.randn(4, net.in_features)).pow(2).sum().backward()
+            norms.append(small.grad.double().norm().item())
+            optimizer.step()
+        row = monitor.log(0)["bias" if model == "one_small_beside_a_large" else "weight"]
+    assert row["norm"] == pytest.approx(np.mean(norms), rel=1e-6)
+
+
 def test_member_history_of_a_single_member_monitor_is_its_whole_history():
     model = nn.Sequential(nn.Linear(2, 3), nn.Tanh(), nn.Linear(3, 1))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
