@@ -10,7 +10,8 @@ one ``array("d")``, 8 bytes each: 17 KB a window for GPT-2, an eighth.
 A ``RowTable`` reads as the dict it replaces, read-only: ``table[name]`` is a ``Row``, a mapping
 of column -> number (``row["norm"]``, ``row.get("weight_norm")``, ``"norm" in row``, ``dict(row)``,
 ``row == {...}``), ints given back as ints (``steps``, ``nonfinite``), NaN and infinities as they
-were. Writing to it raises ``TypeError``: an old window is a record, not a scratch pad.
+were. Writing to it raises ``TypeError``: an old window is a record, not a scratch pad. It is a
+``Mapping``, not a ``dict``: ``json.dumps`` takes ``{name: dict(row) for name, row in table.items()}``.
 
 Example:
     >>> shared = Layouts()
