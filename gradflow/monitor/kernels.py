@@ -317,8 +317,14 @@ def _plain_moments(values, stop):
 @njit(nogil=True, boundscheck=False, cache=True)
 def _plain_weights(values, start, stop, renew):
     """_wide_weights (``renew`` False) or _wide_weights_renewing in numba's own loop."""
-    absolute = squares = moved = before = 0.0
-    for i in range(stop):
+    return _weights_from(values, start, 0, stop, renew, 0.0, 0.0, 0.0, 0.0)
+
+
+@njit(nogil=True, boundscheck=False, cache=True, inline="always")
+def _weights_from(values, start, first, stop, renew, absolute, squares, moved, before):
+    """The sums of |w|, w², (w - start)² and start² over values[first:stop] added to those given,
+    one value at a time (numba's loop; the vector loops' tail)."""
+    for i in range(first, stop):
         w = np.float64(values[i])
         s = np.float64(start[i])
         if renew:
@@ -613,16 +619,7 @@ def _block_weights(values, start, renew):
         absolute, squares, moved, before = _wide_weights_renewing(values, start, wide)
     else:
         absolute, squares, moved, before = _wide_weights(values, start, wide)
-    for i in range(wide, values.size):
-        w = np.float64(values[i])
-        s = np.float64(start[i])
-        if renew:
-            start[i] = values[i]
-        absolute += abs(w)
-        squares += w * w
-        moved += (w - s) * (w - s)
-        before += s * s
-    return absolute, squares, moved, before
+    return _weights_from(values, start, wide, values.size, renew, absolute, squares, moved, before)
 
 
 @njit(nogil=True, boundscheck=False, cache=True)
