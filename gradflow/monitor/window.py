@@ -169,7 +169,8 @@ def read_window(parts: dict[str, Any], values: dict[str, np.ndarray], step: int,
     by_part: dict[str, dict[str, np.ndarray]] = {name: {} for name in parts}
     for key, value in values.items():
         name, _, own = key.partition("/")
-        by_part[name][own] = value
+        if name in by_part:                   # a key of no part (none today) is left out, as before
+            by_part[name][own] = value
     for name, part in parts.items():
         part.read(by_part[name], reader)
     return reader
