@@ -197,6 +197,7 @@ class Activations(Part):
         self.unit_start: list[int] = [0] * count
         self.positives = torch.zeros(1, device=device)         # per unit: count of outputs > 0; slot 0: none
         self.pending: list[tuple[int, torch.Tensor]] = []
+        self.taken: dict[int, int] = {}                # id of a pending output -> its version counter when taken
         self.pending_elements = 0                     # of the pending outputs smaller than DIRECT_OUTPUT
         self.direct = 0                               # pending outputs of DIRECT_OUTPUT elements or more
         self.tapped = False                           # a recorded step's forward pass was tapped in this window
@@ -310,12 +311,30 @@ class Activations(Part):
         direct = [(index, a) for index, a in self.pending if a.numel() >= DIRECT_OUTPUT]
         self.pending = [(index, a) for index, a in self.pending if a.numel() < DIRECT_OUTPUT]
         self.direct = 0
+        self._say_changed(direct)
         self._reduce_large(direct)
+
+    def _say_changed(self, outputs: list[tuple[int, torch.Tensor]]) -> None:
+        """Say once if an output about to be reduced was changed in place after its module ran
+        (its version counter moved since ``take``): outputs are read after the forward pass
+        (small ones at the window's end), so the window's statistics of that module are of the
+        changed values. Forgets the outputs' versions."""
+        taken = self.taken
+        changed = [index for index, a in outputs if taken.pop(id(a), a._version) != a._version]
+        if changed:
+            name = self.names[changed[0]]
+            self.setup.warn("changed-output", f"the output of {name} was changed in place after {name} ran (an "
+                            "in-place op on it: x += ..., x.mul_(), dropout or an activation with inplace=True after it) "
+                            "before the monitor read it: its activation statistics in this window are of the changed "
+                            "values. Outputs are read after the forward pass, not copied; change a copy instead "
+                            "(x = x + ...) where the statistics matter")
 
     def drop_partial(self) -> None:
         if self.forward_start is None:
             return
         dropped, self.pending = self.pending[self.forward_start:], self.pending[:self.forward_start]
+        for _, a in dropped:
+            self.taken.pop(id(a), None)
         self.pending_elements -= sum(a.numel() for _, a in dropped if a.numel() < DIRECT_OUTPUT)
         self.direct -= sum(a.numel() >= DIRECT_OUTPUT for _, a in dropped)
         self.forward_start = None
@@ -331,6 +350,7 @@ class Activations(Part):
     def take(self, index: int, output: torch.Tensor) -> None:
         output = local(output.detach())             # a DTensor output (tensor parallel): this rank's part
         self.pending.append((index, output))
+        self.taken[id(output)] = output._version     # detach() shares it: an in-place change later moves it
         if output.numel() >= DIRECT_OUTPUT:
             self.direct += 1
         else:
@@ -342,6 +362,7 @@ class Activations(Part):
 
     def reset(self) -> None:
         self.pending.clear()
+        self.taken.clear()
         self.pending_elements = 0
         self.direct = 0
         self.forward_start = None
@@ -359,6 +380,7 @@ class Activations(Part):
         if not self.pending:
             return
         pending, self.pending, self.pending_elements, self.direct = self.pending, [], 0, 0
+        self._say_changed(pending)
         small = [(index, a) for index, a in pending if a.numel() < DIRECT_OUTPUT]
         if len(small) < len(pending):
             self._reduce_large([(index, a) for index, a in pending if a.numel() >= DIRECT_OUTPUT])

@@ -510,3 +510,45 @@ def test_frozen_parameters_an_optimizer_holds_are_not_idle():
         monitor.log(0)
     assert monitor.history[-1].idle == []
     assert sorted(monitor.history[-1].gradients) == ["2.bias", "2.weight"]
+
+
+class _ChangesItsActivation(nn.Module):
+    """A GELU's output changed in place after the GELU ran (``h += shift``), or a ReLU with
+    inplace=True whose output nothing changes afterwards (a ReLU changes its input, not its
+    output, and the output is what is tapped)."""
+
+    def __init__(self, width: int, shift: float):
+        super().__init__()
+        self.fc1, self.act, self.fc2, self.relu = nn.Linear(3, width), nn.GELU(), nn.Linear(width, 1), nn.ReLU(inplace=True)
+        self.shift = shift
+
+    def forward(self, x):
+        h = self.act(self.fc1(x))
+        if self.shift:
+            h += self.shift
+        return self.fc2(self.relu(h * 1.0))
+
+
+@pytest.mark.parametrize("width", [8, 4096], ids=["small-output", "direct-output"])
+@pytest.mark.parametrize("shift", [0.0, 100.0], ids=["untouched", "changed"])
+def test_an_activation_output_changed_in_place_after_its_tap_is_said(width, shift):
+    """An output read after the pass (small ones at the window's end, large ones at the pass's
+    end) and changed in place before that gives statistics of the changed values: said in a
+    warning naming the module, never silently; an untouched one (and a ReLU with inplace=True)
+    says nothing. Oracle: the GELU's own output, plus the shift."""
+    torch.manual_seed(6)
+    model = _ChangesItsActivation(width, shift)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    x = torch.randn(16, 3)
+    with warnings.catch_warnings(record=True) as caught, GradientMonitor(model, activations_every=1) as monitor:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            optimizer.zero_grad()
+            model(x).sum().backward()
+            optimizer.step()
+        monitor.log(0)
+    said = [str(w.message) for w in caught if "changed in place" in str(w.message)]
+    assert bool(said) == bool(shift), said
+    assert not said or ("act" in said[0] and "relu" not in said[0].split(" ran")[0])
+    expected = (torch.nn.functional.gelu(model.fc1(x)) + shift).double()
+    assert monitor.history[-1].activations["act"]["mean"] == pytest.approx(expected.mean().item(), rel=1e-5)
