@@ -79,7 +79,7 @@ class GradientMonitor:
             activation classes and modules named like one (``NewGELUActivation``), or a callable
             ``(name, module) -> bool`` choosing them (``gradflow.monitor.is_activation`` is the default's test). Their
             outputs are read later in batches, so an output modified in place after the
-            activation (rare) is read as modified.
+            activation (rare) is read as modified, and a warning says so.
         members: K > 1 for K models trained as one (every parameter and activation stacked on
             a leading dimension of K): statistics are kept per member, ``log`` returns one dict
             per member, ``member_history(k)`` gives a member's windows, and ``writer`` may be a
