@@ -252,16 +252,18 @@ def test_parametrized_weight_is_one_layer_under_its_name(parametrize):
 
 
 class _Flaky(nn.Module):
-    """A model whose forward can raise after its activation ran (a bad batch, an OOM)."""
+    """A model whose forward can raise ``error`` after its activation ran (a bad batch, an OOM;
+    KeyboardInterrupt: Ctrl-C in a notebook)."""
 
-    def __init__(self):
+    def __init__(self, error: BaseException | None = None):
         super().__init__()
         self.fc1, self.act, self.fc2, self.fail = nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1), False
+        self.error = RuntimeError("bad batch") if error is None else error
 
     def forward(self, x):
         h = self.act(self.fc1(x))
         if self.fail:
-            raise RuntimeError("bad batch")
+            raise self.error
         return self.fc2(h)
 
 
@@ -396,20 +398,6 @@ def test_a_forward_returning_none_inside_the_users_except_block_is_a_whole_pass(
     assert row["mean"] == pytest.approx(expected.mean().item(), rel=1e-6)
 
 
-class _Interrupted(nn.Module):
-    """A model whose forward can be interrupted (Ctrl-C in a notebook) after its first layers ran."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc, self.act, self.out, self.interrupt = nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1), False
-
-    def forward(self, x):
-        h = self.act(self.fc(x))
-        if self.interrupt:
-            raise KeyboardInterrupt
-        return self.out(h)
-
-
 @pytest.mark.parametrize("then", ["step", "log"])
 def test_the_pass_after_a_keyboard_interrupt_is_a_whole_pass(then):
     """A KeyboardInterrupt in a forward skips torch's always_call hooks (run on an Exception only),
@@ -417,22 +405,22 @@ def test_the_pass_after_a_keyboard_interrupt_is_a_whole_pass(then):
     that one, and both were dropped at the step. Oracle: tanh of the whole pass's inputs only;
     the interrupted pass is left out and said."""
     torch.manual_seed(6)
-    model = _Interrupted()
+    model = _Flaky(KeyboardInterrupt())
     optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
     x = torch.randn(5, 3)
     with warnings.catch_warnings(record=True) as caught, GradientMonitor(model, activations_every=1) as monitor:
         warnings.simplefilter("always")
-        model.interrupt = True
+        model.fail = True
         with pytest.raises(KeyboardInterrupt):
             model(torch.randn(5, 3) * 10)
-        model.interrupt = False
+        model.fail = False
         model(x).sum().backward()
         if then == "step":
             optimizer.step()
         monitor.log(0)
     assert any("raised halfway" in str(w.message) for w in caught)
     row = monitor.history[-1].activations["act"]
-    assert row["mean"] == pytest.approx(torch.tanh(model.fc(x)).double().mean().item(), rel=1e-6)
+    assert row["mean"] == pytest.approx(torch.tanh(model.fc1(x)).double().mean().item(), rel=1e-6)
 
 
 @pytest.mark.parametrize("every", [1, 2, 3])
