@@ -131,7 +131,7 @@ class TensorBoardSink(Sink):
         # from one window to the next, an event would hold every bucket list's memory between windows.
         add = event.summary.value.add
         for tag, h in histograms.items():
-            limits, counts = (h.limits, h.counts) if h.sparse else sparse_buckets(h.limits, h.counts)
+            limits, counts = _buckets(h)
             value = add()
             value.tag = tag
             histo = value.histo
@@ -173,8 +173,13 @@ class TensorBoardSink(Sink):
         for tag, number in scalars.items():
             self.writer.add_scalar(tag, number, step)
         for tag, h in histograms.items():
-            limits, counts = (h.limits, h.counts) if h.sparse else sparse_buckets(h.limits, h.counts)
+            limits, counts = _buckets(h)
             self.writer.add_histogram_raw(tag, h.min, h.max, h.num, h.sum, h.sum_squares, limits, counts, step)
+
+
+def _buckets(h: Histogram) -> tuple[list[float], list[float]]:
+    """The buckets TensorBoard is given: ``h``'s own where the monitor made them sparse already."""
+    return (h.limits, h.counts) if h.sparse else sparse_buckets(h.limits, h.counts)
 
 
 def _masked_crc32c(data: bytes) -> int:
