@@ -105,9 +105,17 @@ def cases(kernels, data: dict) -> dict[str, tuple[Callable[[], object], int, Cal
 
     hot, zeros = data["hot"], data["zeros"]
     moments, histogram = block_kernels(kernels, block)
+    unhistogrammed = {}
+    if "tallies" in inspect.signature(kernels.fold_all).parameters:   # a tree with steps folded without the histogram
+        unhistogrammed = {
+            "fold without histogram, 1M in cache": (lambda: kernels.fold_all([(hot, None, 0.0, np.inf)]), hot.size, None),
+            "fold without histogram, 6 x 1M not in cache": (
+                lambda: kernels.fold_all([(g, None, 0.0, np.inf) for g in cold]), 6 * hot.size, scrub),
+        }
     return {
         "fold, 1M in cache": (lambda: kernels.fold(hot, counts[0]), hot.size, None),
         "fold, 6 x 1M not in cache": (lambda: [kernels.fold(g, counts[0]) for g in cold], 6 * hot.size, scrub),
+        **unhistogrammed,
         "fold, 1M zeros": (lambda: kernels.fold(zeros, counts[0]), zeros.size, None),
         "fold, 1M half zeros": (lambda: kernels.fold(data["half"], counts[0]), zeros.size, None),
         "fold, 1M with a band": (lambda: kernels.fold(hot, counts[0], centre=0.0, threshold=1e-3), hot.size, None),

@@ -110,6 +110,7 @@ _MAGNITUDE = np.uint32(0x7FFFFFFF)
 _SHIFT = np.uint32(23)
 _ONE = np.uint32(1)
 _SUBNORMAL_TOP = np.uint32(0x7FFFFF)   # subnormal: 0 < bits & 0x7FFFFFFF <= this (exponent 0)
+_INF_BITS = np.int32(0x7F800000)     # |x|'s bits at or above this: Inf or NaN
 _SIGN_BIN = 256
 LINE = 16                        # float32 values per 64-byte cache line: one prefetch each
 TINY_ROW = 64                    # shorter rows take one scalar pass (_fold_tiny_row)
@@ -522,9 +523,11 @@ def _count_block(unsigned, long_row, nonzero, sub, histogram, ahead, also, ahead
 
 
 @njit(nogil=True, boundscheck=False, cache=True)
-def _fold_piece(values, centre, threshold, counts, result):
-    """Add one piece's histogram to ``counts`` and its statistics to ``result``:
-    [sum x, sum |x|, sum x², bits of the largest |x| (as a float), count beyond]."""
+def _fold_piece(values, centre, threshold, counts, result, tally):
+    """Add one piece's histogram to ``counts``, its statistics to ``result``: [sum x, sum |x|,
+    sum x², bits of the largest |x| (as a float), count beyond], and its exact zeros and
+    non-finite values to ``tally`` (read off the histogram's bins)."""
+    zeros, nonfinite = _zero_bins(counts), _nonfinite_bins(counts)
     bits = values.view(np.int32)
     unsigned = values.view(np.uint32)
     sub = _new_sub()
@@ -540,41 +543,103 @@ def _fold_piece(values, centre, threshold, counts, result):
         _count_block(unsigned[start:stop], True, m != 0, sub, counts, unsigned, None, stop, min(values.size, stop + BLOCK))
     result[3] = top
     _add_counts(sub, counts)
+    tally[0] += _zero_bins(counts) - zeros
+    tally[1] += _nonfinite_bins(counts) - nonfinite
+
+
+@njit(nogil=True, boundscheck=False, cache=True)
+def _tally_piece(values, centre, threshold, result, tally):
+    """``_fold_piece`` without the histogram: the statistics, and the exact zeros and non-finite
+    values counted apart (``_tally_block``), each block's next one prefetched as the counting
+    loop would."""
+    bits = values.view(np.int32)
+    top = np.int32(result[3])
+    for start in range(0, values.size, BLOCK):
+        stop = min(values.size, start + BLOCK)
+        t, a, s, b, m = _block_moments(values[start:stop], bits[start:stop], centre, threshold)
+        result[0] += t
+        result[1] += a
+        result[2] += s
+        result[4] += b
+        top = max(top, m)
+        z, n = _tally_block(bits[start:stop], m)
+        tally[0] += z
+        tally[1] += n
+        for line in range(stop, min(values.size, stop + BLOCK), LINE):
+            _prefetch(values, line)
+    result[3] = top
 
 
 @njit(nogil=True, boundscheck=False, cache=True, inline="always")
-def _fold_tiny_row(values, bits, start, stop, centre, threshold, histogram, out):
+def _tally_block(bits, top):
+    """Exact zeros (+0.0 and -0.0) and non-finite values of a block whose largest |x|'s bits are
+    ``top``: a vectorized count of the zeros (all of them where ``top`` is 0), and one of the
+    non-finite values only where ``top`` says there is one (Inf's bits or above: rare)."""
+    if top == 0:
+        return np.int64(bits.size), np.int64(0)
+    zeros = np.int32(0)                # int32: numba widens int32 sums to int64 (see the module's docstring)
+    for i in range(bits.size):
+        zeros = np.int32(zeros + np.int32((bits[i] & _MAGNITUDE_BITS) == 0))
+    nonfinite = np.int32(0)
+    if top >= _INF_BITS:
+        for i in range(bits.size):
+            nonfinite = np.int32(nonfinite + np.int32((bits[i] & _MAGNITUDE_BITS) >= _INF_BITS))
+    return np.int64(zeros), np.int64(nonfinite)
+
+
+@njit(nogil=True, boundscheck=False, cache=True, inline="always")
+def _zero_bins(histogram):
+    return histogram[0] + histogram[_SIGN_BIN]
+
+
+@njit(nogil=True, boundscheck=False, cache=True, inline="always")
+def _nonfinite_bins(histogram):
+    return histogram[_SIGN_BIN - 1] + histogram[SIGN_EXPONENT_BINS - 1]
+
+
+@njit(nogil=True, boundscheck=False, cache=True, inline="always")
+def _fold_tiny_row(values, bits, start, stop, centre, threshold, histogram, counted, out, tally):
     """A row of fewer than TINY_ROW values in one scalar pass: the block kernels' set-up costs
     such a row about 150 ns, more than its values (a step of the tutorial's MLP is twelve rows
-    of 1 to 25 values; fold_rows on 16 steps of them: 52 -> 11 us)."""
+    of 1 to 25 values; fold_rows on 16 steps of them: 52 -> 11 us). Its histogram only where
+    ``counted``; its exact zeros and non-finite values go to ``tally`` either way."""
     total = 0.0
     absolute = 0.0
     squares = 0.0
     beyond = 0
     top = np.int32(0)
-    zeros = histogram[0] + histogram[_SIGN_BIN]
+    zeros = 0
+    nonfinite = 0
+    in_zero_bins = _zero_bins(histogram)
     for i in range(start, stop):
         x = np.float64(values[i])
         total += x
         absolute += abs(x)
         squares += x * x
         beyond += abs(values[i] - centre) > threshold
-        top = max(top, bits[i] & _MAGNITUDE_BITS)
-        histogram[(np.uint32(bits[i]) >> _SHIFT) ^ _SIGN_BIN] += 1
-    if top != 0 and histogram[0] + histogram[_SIGN_BIN] != zeros:     # subnormals out of the zero bins
+        magnitude = bits[i] & _MAGNITUDE_BITS
+        top = max(top, magnitude)
+        zeros += magnitude == 0
+        nonfinite += magnitude >= _INF_BITS
+        if counted:
+            histogram[(np.uint32(bits[i]) >> _SHIFT) ^ _SIGN_BIN] += 1
+    if counted and _zero_bins(histogram) - in_zero_bins != zeros:     # subnormals out of the zero bins
         _move_subnormals(bits[start:stop], histogram)
     out[0] += total
     out[1] += absolute
     out[2] += squares
     out[4] += beyond
+    tally[0] += zeros
+    tally[1] += nonfinite
     return top
 
 
 @njit(nogil=True, boundscheck=False, cache=True)
-def _fold_rows(values, lengths, row_slot, row_centre, row_threshold, counts, out):
+def _fold_rows(values, lengths, row_slot, row_centre, row_threshold, counts, out, row_counted, tally):
     """Rows are consecutive runs of ``values``: out[r] = [sum x, sum |x|, sum x², bits of the
-    largest |x|, count beyond row r's band]; counts[row_slot[r]] gets row r's histogram.
-    A row of SHORT_ROW values or more counts into sub-histograms (see ``_block_counts``)."""
+    largest |x|, count beyond row r's band], tally[r] = [exact zeros, non-finite values], and
+    counts[row_slot[r]] gets row r's histogram where ``row_counted[r]``. A row of SHORT_ROW
+    values or more counts into sub-histograms (see ``_block_counts``)."""
     bits = values.view(np.int32)
     unsigned = values.view(np.uint32)
     sub = _new_sub()
@@ -582,10 +647,13 @@ def _fold_rows(values, lengths, row_slot, row_centre, row_threshold, counts, out
     for r in range(lengths.size):
         stop = start + lengths[r]
         histogram = counts[row_slot[r]]
+        counted = row_counted[r]
         if lengths[r] < TINY_ROW:
-            out[r, 3] = _fold_tiny_row(values, bits, start, stop, row_centre[r], row_threshold[r], histogram, out[r])
+            out[r, 3] = _fold_tiny_row(values, bits, start, stop, row_centre[r], row_threshold[r], histogram,
+                                       counted, out[r], tally[r])
             start = stop
             continue
+        zeros, nonfinite = _zero_bins(histogram), _nonfinite_bins(histogram)
         top = np.int32(0)
         long_row = lengths[r] >= SHORT_ROW
         for lo in range(start, stop, BLOCK):
@@ -596,10 +664,18 @@ def _fold_rows(values, lengths, row_slot, row_centre, row_threshold, counts, out
             out[r, 2] += s
             out[r, 4] += b
             top = max(top, m)
-            _count_block(unsigned[lo:hi], long_row, m != 0, sub, histogram, unsigned, None, hi,
-                         min(values.size, hi + BLOCK))
-        if long_row:
-            _add_counts(sub, histogram)
+            if counted:
+                _count_block(unsigned[lo:hi], long_row, m != 0, sub, histogram, unsigned, None, hi,
+                             min(values.size, hi + BLOCK))
+            else:
+                z, n = _tally_block(bits[lo:hi], m)
+                tally[r, 0] += z
+                tally[r, 1] += n
+        if counted:
+            if long_row:
+                _add_counts(sub, histogram)
+            tally[r, 0] += _zero_bins(histogram) - zeros
+            tally[r, 1] += _nonfinite_bins(histogram) - nonfinite
         out[r, 3] = top
         start = stop
 
@@ -686,27 +762,42 @@ def _count_positive_blocks(values, positives):
             positives[unit] += count
 
 
-def fold_all(jobs: list[tuple[np.ndarray, np.ndarray, float, float]]) -> np.ndarray:
+def fold_all(jobs: list[tuple[np.ndarray, np.ndarray | None, float, float]],
+             tallies: np.ndarray | None = None) -> np.ndarray:
     """For each job (values, counts, centre, threshold): add the sign/exponent histogram of the
-    1-D float32 ``values`` to the int64 ``counts`` (512 bins), and return a float64 row
-    [sum x, sum |x|, sum x², max |x|, count of |x - centre| > threshold]."""
+    1-D float32 ``values`` to the int64 ``counts`` (512 bins; None: no histogram, about half the
+    pass), and return a float64 row [sum x, sum |x|, sum x², max |x|, count of |x - centre| >
+    threshold]. ``tallies``: an int64 (jobs, 2) array that each job's exact zeros and non-finite
+    values are added to, histogram or not."""
     rows = np.zeros((len(jobs), 5))
-    for row, (values, counts, centre, threshold) in zip(rows, jobs):
+    if tallies is None:
+        tallies = np.zeros((len(jobs), 2), np.int64)
+    for row, tally, (values, counts, centre, threshold) in zip(rows, tallies, jobs):
         for lo in range(0, values.size, PIECE_MAX):
-            _fold_piece(values[lo:lo + PIECE_MAX], np.float32(centre), np.float32(threshold), counts, row)
+            if counts is None:
+                _tally_piece(values[lo:lo + PIECE_MAX], np.float32(centre), np.float32(threshold), row, tally)
+            else:
+                _fold_piece(values[lo:lo + PIECE_MAX], np.float32(centre), np.float32(threshold), counts, row, tally)
     rows[:, 3] = rows[:, 3].astype(np.int32).view(np.float32)         # the largest |x|'s bits
     return rows
 
 
 def fold_rows(values: np.ndarray, lengths: np.ndarray, row_slot: np.ndarray, counts: np.ndarray,
-              bands: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
+              bands: tuple[np.ndarray, np.ndarray] | None = None, counted: np.ndarray | None = None,
+              tallies: np.ndarray | None = None) -> np.ndarray:
     """fold_all for many short rows at once: rows are consecutive runs of the 1-D float32
     ``values`` (``lengths`` long), row r's histogram goes to ``counts[row_slot[r]]`` (int64,
-    (slots, 512)), and ``bands`` gives each row's centre and threshold (float32)."""
+    (slots, 512)) where ``counted[r]`` (bool; None: every row's), ``bands`` gives each row's
+    centre and threshold (float32), and row r's exact zeros and non-finite values are added to
+    ``tallies[r]`` (int64, (rows, 2)) where it is given."""
     if bands is None:
         bands = np.zeros(lengths.size, np.float32), np.full(lengths.size, np.inf, np.float32)
+    if counted is None:
+        counted = np.ones(lengths.size, np.bool_)
+    if tallies is None:
+        tallies = np.zeros((lengths.size, 2), np.int64)
     out = np.zeros((lengths.size, 5))
-    _fold_rows(values, lengths, row_slot, bands[0], bands[1], counts, out)
+    _fold_rows(values, lengths, row_slot, bands[0], bands[1], counts, out, counted, tallies)
     out[:, 3] = out[:, 3].astype(np.int32).view(np.float32)
     return out
 

@@ -111,20 +111,27 @@ class Scratch:
         self._bins: torch.Tensor | None = None
         self._values: torch.Tensor | None = None
 
-    def fold(self, jobs: list[tuple[torch.Tensor, torch.Tensor, tuple[float, float] | None]]) -> torch.Tensor:
+    def fold(self, jobs: list[tuple[torch.Tensor, torch.Tensor | None, tuple[float, float] | None]],
+             tallies: torch.Tensor | None = None) -> torch.Tensor:
         """For each job (flat, counts, band): add the sign/exponent histogram of the 1-D float32
-        (or float64) ``flat`` into ``counts``, and return a float64 row [sum x, sum |x|, sum x²,
-        max |x|, count of |x - centre| > threshold] (0 without ``band`` = (centre, threshold)).
-        The sums do not overflow for finite values. No host sync on a device."""
+        (or float64) ``flat`` into ``counts`` (None: no histogram), and return a float64 row
+        [sum x, sum |x|, sum x², max |x|, count of |x - centre| > threshold] (0 without ``band`` =
+        (centre, threshold)). ``tallies``: an int64 (jobs, 2) tensor of zeros on the jobs' device
+        that gets each job's exact zeros (+0.0 and -0.0) and non-finite values. The sums do not
+        overflow for finite values. No host sync on a device."""
         kernels = fused_kernels(jobs[0][0].device)
         if kernels is not None and all(flat.dtype == torch.float32 for flat, _, _ in jobs):
-            arrays = [(flat.detach().contiguous().numpy(), counts.numpy(), *(band or (0.0, math.inf)))
-                      for flat, counts, band in jobs]
-            return torch.from_numpy(kernels.fold_all(arrays))
-        return torch.stack([self._fold_one(*job) for job in jobs])
+            arrays = [(flat.detach().contiguous().numpy(), None if counts is None else counts.numpy(),
+                       *(band or (0.0, math.inf))) for flat, counts, band in jobs]
+            return torch.from_numpy(kernels.fold_all(arrays, None if tallies is None else tallies.numpy()))
+        rows = torch.stack([self._fold_one(*job) for job in jobs])
+        if tallies is not None:
+            tallies.copy_(torch.stack([tally(flat) for flat, _, _ in jobs]))
+        return rows
 
-    def _fold_one(self, flat: torch.Tensor, counts: torch.Tensor, band: tuple[float, float] | None) -> torch.Tensor:
-        self.count_exponents(counts, flat)
+    def _fold_one(self, flat: torch.Tensor, counts: torch.Tensor | None, band: tuple[float, float] | None) -> torch.Tensor:
+        if counts is not None:
+            self.count_exponents(counts, flat)
         wide = wide_dtype(flat.device)
         low, high = torch.aminmax(flat)               # one pass, where abs().max() takes two
         beyond = (flat - band[0]).abs_().gt_(band[1]).sum() if band else flat.new_zeros((), dtype=torch.long)
@@ -157,6 +164,12 @@ class Scratch:
         shape = values.shape
         blocks = values.detach().float().contiguous().reshape(math.prod(shape[:dim]), shape[dim], -1)
         kernels.count_positive(blocks.numpy(), positives.numpy())
+
+
+def tally(flat: torch.Tensor) -> torch.Tensor:
+    """[exact zeros (+0.0 and -0.0), non-finite values] of ``flat`` (int64, (2,), on its device;
+    no host sync). A float64 value below float32's range is not a zero."""
+    return torch.stack([(flat == 0).sum(), (~torch.isfinite(flat)).sum()])
 
 
 def _buffer(held: torch.Tensor | None, flat: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

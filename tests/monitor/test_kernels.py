@@ -357,3 +357,60 @@ def test_blocks_of_zeros_alone_count_both_signs(layout):
         start += length
     np.testing.assert_array_equal(counts[0], oracle(values)[1])
     assert counts[0, 0] == np.signbit(values).sum() - 1 and counts[0, 1] == 1
+
+
+def tally_oracle(values: np.ndarray) -> list[int]:
+    """[exact zeros (+0.0 and -0.0), non-finite values]: a subnormal is no zero."""
+    t = torch.from_numpy(values)
+    return [int((t == 0).sum()), int((~torch.isfinite(t)).sum())]
+
+
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**31 - 1), n=st.sampled_from([0, 1, 15, 4095, 4096, 4097, 70_001]),
+       specials=st.booleans(), band=st.sampled_from([None, (0.0, 0.97)]), counted=st.booleans())
+def test_fold_all_tallies_zeros_and_nonfinite_with_and_without_the_histogram(seed, n, specials, band, counted):
+    """counts None (a step that is not histogrammed) leaves the histogram out of the pass and
+    gives the same row; the tallies are the oracle's either way, added to what they held."""
+    values = random_values(np.random.default_rng(seed), n, specials)
+    centre, threshold = band or (0.0, np.inf)
+    counts = np.zeros(S.SIGN_EXPONENT_BINS, np.int64)
+    tallies = np.array([[3, 1]], np.int64)                    # an earlier step's
+    rows = K.fold_all([(values, counts if counted else None, centre, threshold)], tallies)
+    expected, bins = oracle(values, centre, threshold)
+    assert_row(rows[0], expected)
+    np.testing.assert_array_equal(tallies[0], np.add(tally_oracle(values), [3, 1]))
+    np.testing.assert_array_equal(counts, bins if counted else 0)
+
+
+@pytest.mark.parametrize("value", [0.0, -0.0, 1e-40, np.nan, -np.inf, 1.5], ids=["zeros", "negative-zeros",
+                         "subnormals", "nan", "inf", "ones"])
+def test_tallies_of_a_long_run_of_one_value_without_the_histogram(value):
+    n = 3 * 4096 + 5
+    values = np.full(n, value, np.float32)
+    tallies = np.zeros((1, 2), np.int64)
+    K.fold_all([(values, None, 0.0, np.inf)], tallies)
+    assert tallies[0].tolist() == tally_oracle(values)
+
+
+def test_fold_rows_histograms_the_counted_rows_alone_and_tallies_every_row():
+    """Rows of every length class (tiny, short, long) in shared slots, half of them counted:
+    the counts are the counted rows' bins alone, each row's tallies its own."""
+    rng = np.random.default_rng(11)
+    lengths = np.array([5000, K.SHORT_ROW, 40, 0, 100, 9000, 17, K.TINY_ROW, 3])
+    row_slot = np.array([0, 1, 0, 2, 1, 1, 2, 0, 2])
+    counted = np.array([True, False, False, True, True, False, True, False, True])
+    values = random_values(rng, int(lengths.sum()), True)
+    values[5000 + K.SHORT_ROW:5000 + K.SHORT_ROW + 40] = 0.0  # a tiny row of zeros, not counted
+    counts = np.zeros((3, S.SIGN_EXPONENT_BINS), np.int64)
+    tallies = np.zeros((len(lengths), 2), np.int64)
+    rows = K.fold_rows(values, lengths, row_slot, counts, counted=counted, tallies=tallies)
+    expected_counts = np.zeros_like(counts)
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    for r, (a, b) in enumerate(zip(starts, starts[1:])):
+        row, bins = oracle(values[a:b])
+        if b > a:
+            assert_row(rows[r], row)
+        assert tallies[r].tolist() == tally_oracle(values[a:b]), r
+        if counted[r]:
+            expected_counts[row_slot[r]] += bins
+    np.testing.assert_array_equal(counts, expected_counts)
