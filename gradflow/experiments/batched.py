@@ -349,5 +349,6 @@ def train_members(
 def _attach_monitor(model, writers, run_dirs, cfg, members):
     mon = cfg.monitor
     monitor = GradientMonitor(model, writers, histograms=mon.histograms, weights=mon.weights,
-                              activations=mon.activations, activations_every=mon.activations_every, members=members)
+                              activations=mon.activations, activations_every=mon.activations_every,
+                              histogram_every=mon.histogram_every, members=members)
     return monitor, MembersMonitorCallback(monitor, run_dirs, window_steps=mon.window_steps)

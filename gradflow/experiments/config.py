@@ -108,6 +108,7 @@ class MonitorConfig:
     weights: bool = True  # log weight statistics too
     activations: bool = True  # log activation statistics too
     activations_every: int = 1  # tap activations at every Nth optimizer step (the tutorial's nets are tiny: every step)
+    histogram_every: int = 1  # gradient histograms of every Nth step of a window (tiny nets: every step)
     flow_images: int = 50  # TensorBoard Images: the gradient-flow picture every N windows and at the end (0: none)
     through_time_every: int = 5  # recurrent models: profile the gradient through time at every Nth optimizer step
 
@@ -530,6 +531,8 @@ def validate(cfg: Config) -> Config:
                           f"(rnn, lstm, gru) take a sequence task ({', '.join(SEQUENCE_TASKS)}), mlp the others")
     _check_optimizer(cfg.optimizer)
     _check_train(cfg.train)
+    if cfg.monitor.histogram_every < 1:
+        raise ConfigError(f"monitor.histogram_every: must be >= 1 (1 = every step), got {cfg.monitor.histogram_every}")
     if cfg.monitor.through_time_every < 1:
         raise ConfigError(f"monitor.through_time_every: must be >= 1 (1 = every step), got {cfg.monitor.through_time_every}")
     if cfg.monitor.window_steps < 0:

@@ -140,6 +140,7 @@ def fit_monitored(cfg, model, data, writer, run_dir, device, progress=None, stop
     settings = cfg.monitor
     with GradientMonitor(model, writer, histograms=settings.histograms, weights=settings.weights,
                          activations=settings.activations, activations_every=settings.activations_every,
+                         histogram_every=settings.histogram_every,
                          nonfinite=True,                  # the stop message names the source (issue 24)
                          through_time_every=settings.through_time_every) as monitor:
         write_tensorboard_layout(writer, monitor.names)

@@ -39,6 +39,16 @@ UNCOPIED_AVERAGE = 1 << 13
 # most ~5% slower.
 JOINED_SMALL = 4
 JOINED_ELEMENTS = 1 << 18
+# By default (GradientMonitor's histogram_every) a step's gradients are histogrammed at every
+# HISTOGRAM_EVERY-th step of the window with their pattern of parameters, its first one included
+# (so every parameter with a gradient in a window has a histogram); the other steps are folded
+# without one. The histogram's counting loop is
+# about half of a fold (one increment a value, bound by its stores: kernels.py), the one cost of
+# a large model's step that grew with its size: resnet18 1.06x -> 1.03x, the wide MLP 1.07x ->
+# 1.04x with none at all (benchmarks/overhead.py --clock cpu --malloc fixed). Keras and
+# wandb.watch histogram one step in many too. Exact zeros and non-finite values are counted at
+# every step (``tallies``), so zero_fraction and nonfinite stay exact.
+HISTOGRAM_EVERY = 10
 
 @dataclass
 class _GradientPlan:
@@ -48,6 +58,7 @@ class _GradientPlan:
     large: list[int]             # parameters reduced at once, at each step (also every float64 one)
     small_numel: int
     large_slots: torch.Tensor    # the slots of the large parameters' members, in order
+    large_slot_array: np.ndarray  # the same, as numpy (the fused kernels' path)
 
 
 @dataclass
@@ -57,23 +68,30 @@ class _Batch:
     lengths: torch.Tensor        # each row (one row per step and parameter): its length
     row_param: torch.Tensor      # each row: its parameter's slot
     row_step: torch.Tensor       # each row: its step's index in the run, times members, plus its member
+    row_counted: np.ndarray      # each row: whether its histogram is counted (HISTOGRAM_EVERY), bool
     elements: int                # the run's length
     # Per element, made only on the torch-ops path (the fused kernels take the rows' lengths):
     segment: torch.Tensor | None = None       # each element: its row
     bin_offset: torch.Tensor | None = None    # each element: its parameter's offset into the counts (int32)
 
-    def per_element(self) -> None:
+    def per_element(self, slots: int) -> None:
+        """The per-element tensors; an uncounted row's elements are binned past the ``slots``
+        parameters' counts (into bins that are dropped)."""
         if self.segment is None:
             self.segment = torch.repeat_interleave(torch.arange(len(self.lengths), device=self.lengths.device),
                                                    self.lengths)
-            self.bin_offset = (self.row_param[self.segment] * S.SIGN_EXPONENT_BINS).int()
+            counted = torch.from_numpy(self.row_counted).to(self.row_param.device)
+            row_offset = torch.where(counted, self.row_param, slots) * S.SIGN_EXPONENT_BINS
+            self.bin_offset = row_offset[self.segment].int()
 
 
 class Gradients(Part):
     """Sums each step's per-parameter gradient statistics and histograms on the device.
 
     ``totals`` rows are per parameter: sum of g, sum of |g|, L2 norm and max |g|, each summed
-    over steps (in float64); ``counts`` are the sign/exponent histograms summed over steps;
+    over steps (in float64); ``tallies`` its exact zeros and non-finite values over every step;
+    ``counts`` the sign/exponent histograms summed over the steps that are histogrammed (every
+    ``histogram_every``-th of each pattern of parameters in the window, the first included);
     ``step_squares`` is each step's sum of g² over the parameters it recorded (its total norm,
     squared, as ``clip_grad_norm_`` computes it). Small parameters are copied at each step into
     one flat tensor and reduced many steps at a time (on a small model each op costs more than
@@ -94,6 +112,7 @@ class Gradients(Part):
         super().__init__(model, setup)
         params, members = setup.params, setup.members
         self.members = members
+        self.histogram_every = setup.options.get("histogram_every", HISTOGRAM_EVERY)
         self.sharding = setup.sharding               # a sharding.ShardLayout when parameters are DTensors
         device = local(params[0]).device
         self.bind(params)
@@ -101,6 +120,7 @@ class Gradients(Part):
         dtype = S.wide_dtype(device)
         self.totals = torch.zeros(slots, len(GRADIENT_FIELDS), device=device, dtype=dtype)
         self.counts = torch.zeros(slots * S.SIGN_EXPONENT_BINS, dtype=torch.int64, device=device)
+        self.tallies = torch.zeros(slots, 2, dtype=torch.int64, device=device)   # exact zeros, non-finite
         self.step_squares = torch.zeros(64, members, device=device, dtype=dtype)
         self.skipped_nonfinite = torch.zeros(len(params), device=device, dtype=dtype)
         self.skipped = np.zeros(len(params), dtype=np.int64)
@@ -110,7 +130,7 @@ class Gradients(Part):
         self.removed = False                         # remove() was called: nothing is recorded any more
         self._scratch = S.Scratch()                  # for the large tensors
         self.steps_by_pattern: dict[tuple[bool, ...], int] = {}
-        self.pending: list[tuple[_GradientPlan, torch.Tensor, int]] = []
+        self.pending: list[tuple[_GradientPlan, torch.Tensor, int, bool]] = []   # plan, copy, step, counted
         self.pending_elements = 0
         self._plans: dict[tuple[bool, ...], _GradientPlan] = {}
         self._batches = _BoundedCache()
@@ -137,13 +157,13 @@ class Gradients(Part):
         self.reduce()
         self.totals, self.step_squares, self.skipped_nonfinite = (
             moved(t, device, wide=True) for t in (self.totals, self.step_squares, self.skipped_nonfinite))
-        self.counts = moved(self.counts, device)
+        self.counts, self.tallies = moved(self.counts, device), moved(self.tallies, device)
         self._plans, self._batches, self._scratch = {}, _BoundedCache(), S.Scratch()   # their tensors: the old device's
 
     def reset(self) -> None:
         self.pending.clear()
         self.pending_elements = 0
-        torch._foreach_zero_([self.totals, self.counts, self.step_squares, self.skipped_nonfinite])
+        torch._foreach_zero_([self.totals, self.counts, self.tallies, self.step_squares, self.skipped_nonfinite])
         self.skipped[:] = 0
         self.recorded = 0
         self.skipped_steps = 0
@@ -194,16 +214,18 @@ class Gradients(Part):
         if step >= self.step_squares.shape[0]:       # grow on the device: no host sync
             self.step_squares = torch.cat([self.step_squares, torch.zeros_like(self.step_squares)])
         plan = self._plans.get(pattern) or self._make_plan(pattern)
+        seen = self.steps_by_pattern.get(pattern, 0)
+        counted = seen % self.histogram_every == 0
         if plan.small:
             copy = _flat_copy(grads if len(plan.small) == len(grads) else [grads[i] for i in plan.small])
-            self.pending.append((plan, copy.detach() if copy.requires_grad else copy, step))
+            self.pending.append((plan, copy.detach() if copy.requires_grad else copy, step, counted))
             self.pending_elements += plan.small_numel
             if self.pending_elements >= PENDING_ELEMENTS:
                 self.reduce()
         if plan.large:
             with torch.no_grad():
-                self._reduce_large(plan, grads, step)
-        self.steps_by_pattern[pattern] = self.steps_by_pattern.get(pattern, 0) + 1
+                self._reduce_large(plan, grads, step, counted)
+        self.steps_by_pattern[pattern] = seen + 1
         self.recorded += 1
         return True
 
@@ -255,7 +277,8 @@ class Gradients(Part):
             large, small = [i for i in present if self.numel[i]], [i for i in present if not self.numel[i]]
         slots = [i * self.members + member for i in large for member in range(self.members)]
         plan = self._plans[pattern] = _GradientPlan(small, large, sum(self.numel[i] for i in small),
-                                                    torch.tensor(slots, dtype=torch.long, device=self.device))
+                                                    torch.tensor(slots, dtype=torch.long, device=self.device),
+                                                    np.array(slots, dtype=np.int64))
         return plan
 
     def fold(self) -> None:
@@ -267,30 +290,41 @@ class Gradients(Part):
         if not self.pending:
             return
         pending, self.pending, self.pending_elements = self.pending, [], 0
-        key = tuple(id(plan) for plan, _, _ in pending)
-        batch = self._batches.get(key) or self._batches.put(key, self._make_batch([p for p, _, _ in pending]))
-        flat = torch.cat([copy for _, copy, _ in pending]) if len(pending) > 1 else pending[0][1]
+        key = tuple((id(plan), counted) for plan, _, _, counted in pending)
+        batch = self._batches.get(key) or self._batches.put(key, self._make_batch(
+            [(plan, counted) for plan, _, _, counted in pending]))
+        flat = torch.cat([copy for _, copy, _, _ in pending]) if len(pending) > 1 else pending[0][1]
         if flat.numel() != batch.elements:
             _check_layout(flat, torch.empty(batch.elements, device="meta"))
+        steps = [step for _, _, step, _ in pending]
         kernels = S.fused_kernels(flat.device)
         if kernels is not None:                       # one fused pass instead of a dozen ops
+            tallies = np.zeros((len(batch.row_counted), 2), np.int64)
             rows = kernels.fold_rows(flat.numpy(), batch.lengths.numpy(), batch.row_param.numpy(),
-                                     self.counts.view(-1, S.SIGN_EXPONENT_BINS).numpy())
+                                     self.counts.view(-1, S.SIGN_EXPONENT_BINS).numpy(), counted=batch.row_counted,
+                                     tallies=tallies)
             by_step = np.bincount(batch.row_step.numpy(), weights=rows[:, 2], minlength=len(pending) * self.members)
-            self._add_step_squares([step for _, _, step in pending], torch.from_numpy(by_step))
+            self._add_step_squares(steps, torch.from_numpy(by_step))
             rows[:, 2] = np.sqrt(rows[:, 2])
             self.totals.index_add_(0, batch.row_param, torch.from_numpy(rows[:, :4]).to(self.totals.dtype))
+            self.tallies.index_add_(0, batch.row_param, torch.from_numpy(tallies))
             return
-        batch.per_element()
+        slots = len(self.slot_numel)
+        batch.per_element(slots)
         wide = flat.to(self.totals.dtype)             # float64 sums: no overflow for finite gradients
         magnitude = wide.abs()
-        sums = S.segment_sums([wide, magnitude, wide * wide], batch.lengths, batch.segment)
+        sums = S.segment_sums([wide, magnitude, wide * wide, (flat == 0).to(wide.dtype),
+                               (~torch.isfinite(flat)).to(wide.dtype)], batch.lengths, batch.segment)
         largest = S.segment_max(magnitude, batch.lengths, batch.segment)
         by_step = sums.new_zeros(len(pending) * self.members).index_add_(0, batch.row_step, sums[2])
-        self._add_step_squares([step for _, _, step in pending], by_step)
+        self._add_step_squares(steps, by_step)
         per_step = torch.stack([sums[0], sums[1], sums[2].sqrt(), largest], dim=1)
         self.totals.index_add_(0, batch.row_param, per_step)
-        S.count_into(self.counts, S.sign_exponent_bins(flat).add_(batch.bin_offset))
+        self.tallies.index_add_(0, batch.row_param, sums[3:].T.round().to(self.tallies.dtype))
+        # Uncounted rows are binned into one more parameter's bins, dropped after (no host sync).
+        counts = self.counts.new_zeros((slots + 1) * S.SIGN_EXPONENT_BINS)
+        S.count_into(counts, S.sign_exponent_bins(flat).add_(batch.bin_offset))
+        self.counts.add_(counts[:slots * S.SIGN_EXPONENT_BINS])
 
     def _add_step_squares(self, steps: list[int], by_step: torch.Tensor) -> None:
         """Add a run's per-step squares, (len(steps) * members,), at those steps."""
@@ -300,28 +334,32 @@ class Gradients(Part):
         else:
             self.step_squares.index_add_(0, torch.tensor(steps, device=self.device), by_step)
 
-    def _make_batch(self, plans: list[_GradientPlan]) -> _Batch:
+    def _make_batch(self, plans: list[tuple[_GradientPlan, bool]]) -> _Batch:
         device = self.device
         k = self.members
-        row_param = [i * k + member for plan in plans for i in plan.small for member in range(k)]
-        row_step = [step * k + member for step, plan in enumerate(plans) for _ in plan.small for member in range(k)]
+        row_param = [i * k + member for plan, _ in plans for i in plan.small for member in range(k)]
+        row_step = [step * k + member for step, (plan, _) in enumerate(plans) for _ in plan.small for member in range(k)]
+        row_counted = np.array([counted for plan, counted in plans for _ in plan.small for _ in range(k)], dtype=np.bool_)
         sizes = [self.slot_numel[slot] for slot in row_param]
         return _Batch(torch.tensor(sizes, device=device, dtype=torch.long),
                       torch.tensor(row_param, device=device, dtype=torch.long),
-                      torch.tensor(row_step, device=device, dtype=torch.long), sum(sizes))
+                      torch.tensor(row_step, device=device, dtype=torch.long), row_counted, sum(sizes))
 
-    def _reduce_large(self, plan: _GradientPlan, grads: list[torch.Tensor], step: int) -> None:
-        """Reduce the large gradients of a step at once, one job per member of each."""
+    def _reduce_large(self, plan: _GradientPlan, grads: list[torch.Tensor], step: int, counted: bool) -> None:
+        """Reduce the large gradients of a step at once, one job per member of each; their
+        histograms where ``counted``."""
         kernels = S.fused_kernels(self.device)
         if kernels is not None and all(grads[i].dtype == torch.float32 and grads[i].layout == torch.strided
                                        for i in plan.large):
-            self._fold_large(kernels, plan, grads, step)
+            self._fold_large(kernels, plan, grads, step, counted)
             return
         counts = self.counts.view(-1, S.SIGN_EXPONENT_BINS)
-        jobs = [(flat, counts[slot], None) for i in plan.large
+        jobs = [(flat, counts[slot] if counted else None, None) for i in plan.large
                 for slot, flat in enumerate(_flat(grads[i], keep_float64=True).view(self.members, -1),
                                             start=i * self.members)]
-        folded = self._scratch.fold(jobs)
+        tallies = self.tallies.new_zeros(len(jobs), 2)
+        folded = self._scratch.fold(jobs, tallies)
+        self.tallies.index_add_(0, plan.large_slots, tallies)
         self.step_squares[step].add_(folded[:, 2].view(-1, self.members).sum(0).to(self.step_squares.dtype))
         folded[:, 2].sqrt_()                          # the sum of squares becomes the L2 norm
         for row, (flat, _, _) in enumerate(jobs):
@@ -329,13 +367,13 @@ class Gradients(Part):
                 folded[row, 2] = S.scaled_norm(flat)
         self.totals.index_add_(0, plan.large_slots, folded[:, :4].to(self.totals.dtype))
 
-    def _fold_large(self, kernels, plan: _GradientPlan, grads: list[torch.Tensor], step: int) -> None:
+    def _fold_large(self, kernels, plan: _GradientPlan, grads: list[torch.Tensor], step: int, counted: bool) -> None:
         """``_reduce_large`` for float32 CPU gradients: the fused kernels fold each straight from
         its numpy view, and the rows are added to the window's sums as numpy views of them (the
         sums are float64 CPU tensors). A torch op per gradient and per sum cost nanoGPT's step
         (8 large gradients) about 0.2 ms more than the arithmetic."""
         k = self.members
-        counts = self.counts.numpy().reshape(-1, S.SIGN_EXPONENT_BINS)
+        counts = self.counts.numpy().reshape(-1, S.SIGN_EXPONENT_BINS) if counted else None
         jobs = []
         for i in plan.large:
             grad = grads[i]
@@ -343,18 +381,21 @@ class Gradients(Part):
             # and the kernels read their values consecutively. A copy only where the gradient is strided.
             values = (grad.detach() if grad.requires_grad else grad).reshape(-1).contiguous().numpy()
             if k == 1:
-                jobs.append((values, counts[i], 0.0, math.inf))
+                jobs.append((values, None if counts is None else counts[i], 0.0, math.inf))
             else:
-                jobs.extend((part, counts[i * k + m], 0.0, math.inf) for m, part in enumerate(values.reshape(k, -1)))
-        rows = kernels.fold_all(jobs)
+                jobs.extend((part, None if counts is None else counts[i * k + m], 0.0, math.inf)
+                            for m, part in enumerate(values.reshape(k, -1)))
+        tallies = np.zeros((len(jobs), 2), np.int64)
+        rows = kernels.fold_all(jobs, tallies)
         self.step_squares.numpy()[step] += rows[:, 2].reshape(-1, k).sum(axis=0)
         np.sqrt(rows[:, 2], out=rows[:, 2])                # the sum of squares becomes the L2 norm
-        self.totals.numpy()[plan.large_slots.numpy()] += rows[:, :4]
+        self.totals.numpy()[plan.large_slot_array] += rows[:, :4]
+        self.tallies.numpy()[plan.large_slot_array] += tallies
 
     # -- the window -----------------------------------------------------------------------
 
     def device_tensors(self) -> dict[str, Reduced]:
-        return {"totals": Reduced(self.totals), "counts": Reduced(self.counts),
+        return {"totals": Reduced(self.totals), "counts": Reduced(self.counts), "tallies": Reduced(self.tallies),
                 "step_squares": Reduced(self.step_squares), "skipped_nonfinite": Reduced(self.skipped_nonfinite)}
 
     def read(self, values: dict[str, np.ndarray], reader) -> None:
@@ -397,8 +438,7 @@ class Gradients(Part):
         numel = np.asarray(self.full_numel, dtype=np.float64)
         numel[numel == 0] = np.nan
         means = values["totals"] / np.maximum(steps, 1)[:, None]
-        zeros = counts[:, S.ZERO_EXPONENT] + counts[:, S.EXPONENTS + S.ZERO_EXPONENT]
-        nonfinite = counts[:, S.NONFINITE_EXPONENT] + counts[:, S.EXPONENTS + S.NONFINITE_EXPONENT]
+        zeros, nonfinite = values["tallies"].reshape(-1, 2).T
         with np.errstate(divide="ignore", invalid="ignore"):     # rows without a step are left out below
             table = np.stack([means[:, 0] / numel, means[:, 1] / numel, means[:, 2], means[:, 3],
                               zeros / (numel * steps)], axis=1).tolist()  # Python floats, one call

@@ -156,7 +156,8 @@ def replaced_parameters(model: nn.Module, names: list[str], params: list[torch.T
 
 
 def check_attach(model, attached: Mapping[nn.Module, Any], *, members: int, activations_every: int,
-                 through_time_every: int, history_length: int | None) -> tuple[nn.Module, list[tuple[str, torch.Tensor]]]:
+                 through_time_every: int, history_length: int | None,
+                 histogram_every: int) -> tuple[nn.Module, list[tuple[str, torch.Tensor]]]:
     """The user's module inside ``model`` (``unwrap``) and its monitored parameters, once
     GradientMonitor's arguments that concern them are checked; ``attached``: the monitor already
     on each module, if any.
@@ -165,7 +166,8 @@ def check_attach(model, attached: Mapping[nn.Module, Any], *, members: int, acti
         TypeError: ``model`` is not an ``nn.Module``.
         MonitorError: a monitor still attached to it, a wrapper whose gradients are not full ones
             (``sharding.check_collective_safe``), no parameter or one not materialised, bad
-            ``members``, ``activations_every``, ``through_time_every`` or ``history_length``.
+            ``members``, ``activations_every``, ``through_time_every``, ``history_length`` or
+            ``histogram_every``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"GradientMonitor needs an nn.Module, got {type(model).__name__}")
@@ -179,6 +181,7 @@ def check_attach(model, attached: Mapping[nn.Module, Any], *, members: int, acti
     check_members(named, members)
     check_positive("activations_every", activations_every, "1: every step")
     check_positive("through_time_every", through_time_every, "1: every step")
+    check_positive("histogram_every", histogram_every, "1: every step")
     check_positive("history_length", history_length, "None: keep every window", none=True)
     return inner, named
 

@@ -69,11 +69,17 @@ class GradientMonitor:
             that steps this model's parameters is watched, each recording its own parameters.
         histograms: TensorBoard histograms (value and log10 |g| of gradients, weights,
             activations): True at every window; an int N >= 1: each histogram sums the counts
-            of N windows (every step's values, none sampled; weights: the last window's) and is
-            written at the step of its last window, while scalars stay per window: N times
-            fewer histogram bytes. Windows still pooling are written by ``flush()``, which
-            ``remove()`` and leaving ``with`` call. False: none (the counts behind the zero and
-            non-finite statistics are kept either way).
+            of N windows (their histogrammed steps' values, ``histogram_every``; weights: the
+            last window's) and is written at the step of its last window, while scalars stay
+            per window: N times fewer histogram bytes. Windows still pooling are written by
+            ``flush()``, which ``remove()`` and leaving ``with`` call. False: none.
+        histogram_every: a window's gradient histograms hold every N-th step of it (default 10;
+            1: every step), its first included, counted per set of parameters stepped together
+            (a GAN's two optimizers each get theirs). The other steps are folded without the
+            histogram, about half the pass over each gradient: resnet18 and the wide MLP cost
+            1.06-1.07x a step with every step histogrammed, 1.04-1.05x with every 10th
+            (benchmarks/overhead.py --clock cpu). The statistics (zero_fraction and nonfinite
+            included) count every element of every step either way.
         weights: also record weight norms, update ratios and weight histograms.
         activations: tap activation modules in training forward passes: True for torch's
             activation classes and modules named like one (``NewGELUActivation``), or a callable
@@ -122,7 +128,7 @@ class GradientMonitor:
     Raises:
         MonitorError: a second monitor on the same model, a parameter on the meta device or
             not yet initialised (lazy modules), a writer of an unknown kind, bad ``members``,
-            ``histograms`` or ``activations_every``.
+            ``histograms``, ``histogram_every`` or ``activations_every``.
 
     The monitor keeps no reference to ``model`` itself, adds nothing to it, and removes every
     hook it added on ``remove()`` or on leaving ``with``.
@@ -141,9 +147,10 @@ class GradientMonitor:
                  histograms: bool | int = True, weights: bool = True, activations=True,
                  members: int = 1, automatic: bool = True, activations_every: int = 10,
                  history_length: int | None = 10_000, nonfinite: bool = False,
-                 through_time: bool = True, through_time_every: int = 50) -> None:
+                 through_time: bool = True, through_time_every: int = 50, histogram_every: int = 10) -> None:
         inner, named = check_attach(model, _ATTACHED, members=members, activations_every=activations_every,
-                                    through_time_every=through_time_every, history_length=history_length)
+                                    through_time_every=through_time_every, history_length=history_length,
+                                    histogram_every=histogram_every)
         self._output = Output(writer, members, check_every(histograms))
         self.names = [name for name, _ in named]
         self.members, self.automatic, self.histograms = members, automatic, histograms
@@ -153,7 +160,8 @@ class GradientMonitor:
         self._model = weakref.ref(inner)
         self._warnings = OnceWarnings()
         self.kinds = monitored_kinds(inner, self.names)
-        options = {"weights": weights, "activations": activations, "histograms": histograms, "nonfinite": nonfinite,
+        options = {"weights": weights, "activations": activations, "histograms": histograms,
+                   "histogram_every": histogram_every, "nonfinite": nonfinite,
                    "through_time": through_time, "through_time_every": through_time_every,
                    "compiled": is_compiled(model), "drawn": self._output.draws}
         self._setup = Setup(self.names, [p for _, p in named], members, options, Schedule(activations_every),

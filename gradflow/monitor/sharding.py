@@ -334,8 +334,9 @@ class ShardLayout:
         ``parts`` is the monitor's read-back, ``{"<part>/<key>": part.Reduced}``. The per-parameter
         sums of the gradients and weights parts are reduced: ``gradients/totals`` (params, 4: sum g,
         sum |g|, sum over steps of the step's norm, of its largest |g|), ``gradients/counts``
-        (params x 512 sign/exponent bins), ``gradients/step_squares`` (steps, 1: recomputed from the
-        reduced per-step rows), ``gradients/skipped_nonfinite`` (params,), ``weights/rows`` (params,
+        (params x 512 sign/exponent bins), ``gradients/tallies`` (params, 2: exact zeros,
+        non-finite values), ``gradients/step_squares`` (steps, 1: recomputed from the reduced
+        per-step rows), ``gradients/skipped_nonfinite`` (params,), ``weights/rows`` (params,
         4: L1, L2, distance moved, L2 at the start) and ``weights/counts`` (params, 512). The rest is
         left as it is: the clipping part's norms are full already (a DTensor norm is read whole),
         and activations describe this rank's batch.
@@ -362,12 +363,14 @@ class ShardLayout:
         tensor = {key: part.tensor for key, part in parts.items()}
         totals = tensor["gradients/totals"].clone()
         counts = tensor["gradients/counts"].view(self.count, -1).clone()
+        tallies = tensor["gradients/tallies"].clone()
         skipped = tensor["gradients/skipped_nonfinite"].clone()
         weights = tensor["weights/rows"].clone() if "weights/rows" in tensor else None
         weight_counts = tensor["weights/counts"].view(self.count, -1).clone() if "weights/counts" in tensor else None
         for key, index_list in self.groups.items():
             index = torch.tensor(index_list, device=self.device)
-            self._reduce_group(self._process_groups[key], index, rows, totals, counts, skipped, weights, weight_counts)
+            self._reduce_group(self._process_groups[key], index, rows, totals, counts, tallies, skipped, weights,
+                               weight_counts)
         if self.sharded:
             sharded = torch.tensor(self.sharded, device=self.device)
             totals[sharded, 2] = rows[:, sharded, 0].sqrt().sum(0).to(totals.dtype)
@@ -375,6 +378,7 @@ class ShardLayout:
         step_squares = tensor["gradients/step_squares"].clone()
         step_squares[:steps, 0] = rows[:, :, 0].sum(1).to(step_squares.dtype)
         reduced = {"gradients/totals": totals, "gradients/counts": counts.view(tensor["gradients/counts"].shape),
+                   "gradients/tallies": tallies,
                    "gradients/step_squares": step_squares, "gradients/skipped_nonfinite": skipped}
         if "nonfinite/keys" in tensor:
             # The first non-finite source (nonfinite.py): its keys are negated, so MAX over every
@@ -387,11 +391,12 @@ class ShardLayout:
             reduced["weights/counts"] = weight_counts.view(tensor["weights/counts"].shape)
         return {key: Reduced(reduced[key], part.reduce) if key in reduced else part for key, part in parts.items()}
 
-    def _reduce_group(self, group, index, rows, totals, counts, skipped, weights, weight_counts) -> None:
+    def _reduce_group(self, group, index, rows, totals, counts, tallies, skipped, weights, weight_counts) -> None:
         """One SUM and one MAX all-reduce for the parameters at ``index`` (in place in the arguments)."""
         import torch.distributed as dist
 
-        sums = [totals[index, :2], counts[index].double(), rows[:, index, 0], skipped[index].double()]
+        sums = [totals[index, :2], counts[index].double(), rows[:, index, 0], skipped[index].double(),
+                tallies[index].double()]
         if weights is not None:
             w = weights[index].double()
             sums += [w[:, :1], w[:, 1:].square(), weight_counts[index].double()]
@@ -406,7 +411,8 @@ class ShardLayout:
         counts[index] = parts[1].view(len(index), -1).round().to(counts.dtype)
         rows[:, index, 0] = parts[2].view(rows.shape[0], -1)
         skipped[index] = parts[3].to(skipped.dtype)
+        tallies[index] = parts[4].view(len(index), -1).round().to(tallies.dtype)
         if weights is not None:
-            weights[index, :1] = parts[4].view(-1, 1).to(weights.dtype)
-            weights[index, 1:] = parts[5].view(-1, 3).sqrt().to(weights.dtype)
-            weight_counts[index] = parts[6].view(len(index), -1).round().to(weight_counts.dtype)
+            weights[index, :1] = parts[5].view(-1, 1).to(weights.dtype)
+            weights[index, 1:] = parts[6].view(-1, 3).sqrt().to(weights.dtype)
+            weight_counts[index] = parts[7].view(len(index), -1).round().to(weight_counts.dtype)

@@ -98,6 +98,8 @@ def test_floats_accept_ints_and_scientific_notation(text, value):
         (["monitor.histograms=-2"], "monitor.histograms: must be true"),
         (["monitor.histograms=often"], "monitor.histograms: expected bool or int, got 'often' (str)"),
         (["monitor.histograms=2.5"], "monitor.histograms: expected bool or int, got 2.5 (float)"),
+        (["monitor.histogram_every=0"], "monitor.histogram_every: must be >= 1 (1 = every step), got 0"),
+        (["monitor.histogram_every=2.5"], "monitor.histogram_every: expected int, got 2.5 (float)"),
     ],
     ids=lambda v: v[0] if isinstance(v, list) else None,
 )

@@ -7,6 +7,8 @@ import math
 import numpy as np
 import torch
 
+from gradflow.monitor.gradients import HISTOGRAM_EVERY
+
 
 def sign_exponent_bin(x: float) -> int:
     """The monitor's histogram bin of one float32 value, from its definition."""
@@ -34,22 +36,35 @@ def step_statistics(grad: torch.Tensor) -> dict[str, float]:
     }
 
 
+def histogrammed(patterns: dict[tuple, int], pattern: tuple) -> bool:
+    """Whether a step with gradients for ``pattern`` (the parameters that have one) is
+    histogrammed: the 0th, HISTOGRAM_EVERY-th, ... step of that pattern in the window, counted in
+    ``patterns`` (the window's count so far per pattern, updated here)."""
+    seen = patterns.get(pattern, 0)
+    patterns[pattern] = seen + 1
+    return seen % HISTOGRAM_EVERY == 0
+
+
 class GradientOracle:
-    """Collects each step's statistics of every parameter's gradient, then averages them."""
+    """Collects each step's statistics of every parameter's gradient, then averages them; the
+    histogram bins of the steps that are histogrammed (``histogrammed``)."""
 
     def __init__(self, named_parameters) -> None:
         self.params = dict(named_parameters)
         self.steps: dict[str, list[dict[str, float]]] = {name: [] for name in self.params}
         self.bins: dict[str, np.ndarray] = {name: np.zeros(512, dtype=np.int64) for name in self.params}
+        self.patterns: dict[tuple, int] = {}
 
     def capture(self) -> None:
-        """Call where the optimizer is about to step."""
-        for name, p in self.params.items():
-            if p.grad is None:
-                continue
-            self.steps[name].append(step_statistics(p.grad))
-            for value in p.grad.detach().float().reshape(-1).tolist():
-                self.bins[name][sign_exponent_bin(value)] += 1
+        """Call where the optimizer is about to step (an optimizer over every parameter)."""
+        present = tuple(name for name, p in self.params.items() if p.grad is not None)
+        counted = histogrammed(self.patterns, present)
+        for name in present:
+            grad = self.params[name].grad
+            self.steps[name].append(step_statistics(grad))
+            if counted:
+                for value in grad.detach().float().reshape(-1).tolist():
+                    self.bins[name][sign_exponent_bin(value)] += 1
 
     def window(self, name: str) -> dict[str, float]:
         rows = self.steps[name]
@@ -60,6 +75,7 @@ class GradientOracle:
         return out
 
     def reset(self) -> None:
+        self.patterns.clear()
         for name in self.params:
             self.steps[name].clear()
             self.bins[name][:] = 0

@@ -27,6 +27,7 @@ torch.set_num_threads(1)
 
 from gradflow.monitor import GradientMonitor, MonitorError  # noqa: E402 - after the skip / thread setting above
 from gradflow.monitor import stats as S  # noqa: E402 - after the skip / thread setting above
+from gradflow.monitor.gradients import HISTOGRAM_EVERY  # noqa: E402 - after the skip / thread setting above
 from gradflow.monitor.sinks import Sink  # noqa: E402 - after the skip / thread setting above
 
 STEPS, WINDOW, BATCH = 4, 2, 8          # 4 optimizer steps, windows of 2; global batch of 8 rows
@@ -88,6 +89,7 @@ class Oracle:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.steps: list[dict] = []
+        self.patterns: dict[tuple, int] = {}
         self.windows: list[dict] = []
         self.start = self.weights()
 
@@ -96,6 +98,7 @@ class Oracle:
 
     def __call__(self, optimizer, args, kwargs) -> None:
         rows, total = {}, 0.0
+        counted = histogrammed(self.patterns, tuple(n for n, p in self.model.named_parameters() if p.grad is not None))
         for name, p in self.model.named_parameters():
             if p.grad is None:
                 continue
@@ -104,11 +107,12 @@ class Oracle:
             total += squares
             rows[name] = {"mean": float(g.mean()), "mean_abs": float(g.abs().mean()), "norm": math.sqrt(squares),
                           "max_abs": float(g.abs().max()), "zeros": int((g == 0).sum()), "numel": g.numel(),
-                          "counts": S.sign_exponent_counts(g.float()).numpy()}
+                          "counts": S.sign_exponent_counts(g.float()).numpy() * counted}
         self.steps.append({"rows": rows, "total": math.sqrt(total)})
 
     def close(self) -> None:
         steps, self.steps = self.steps, []
+        self.patterns.clear()
         out = {}
         for name in steps[0]["rows"]:
             seen = [s["rows"][name] for s in steps if name in s["rows"]]
@@ -129,6 +133,14 @@ class Oracle:
         self.start = end
         totals = [s["total"] for s in steps]
         self.windows.append({"rows": out, "total_norm": sum(totals) / len(totals), "total_norm_max": max(totals)})
+
+
+def histogrammed(patterns: dict[tuple, int], pattern: tuple) -> bool:
+    """Whether the monitor histograms a step with gradients for ``pattern``: the 0th,
+    HISTOGRAM_EVERY-th, ... of that pattern in the window (``patterns``: its count so far)."""
+    seen = patterns.get(pattern, 0)
+    patterns[pattern] = seen + 1
+    return seen % HISTOGRAM_EVERY == 0
 
 
 def full(t: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 from gradflow import GradientMonitor, MonitorError
+from gradflow.monitor.gradients import HISTOGRAM_EVERY
 from gradflow.monitor.histograms import LINEAR_BINS, linear_scale
 
 
@@ -51,7 +52,9 @@ class Recorder:
             self.grads[-1][name].append(p.grad.detach().double().reshape(-1).numpy().copy())
 
     def grad_values(self, name: str, windows) -> np.ndarray:
-        return np.concatenate([g for w in windows for g in self.grads[w][name]])
+        """The gradient values the windows' histograms hold: of their steps 0, HISTOGRAM_EVERY, ...
+        (every parameter has a gradient at every step here: one pattern)."""
+        return np.concatenate([g for w in windows for g in self.grads[w][name][::HISTOGRAM_EVERY]])
 
     def output_values(self, name: str, windows) -> np.ndarray:
         return np.concatenate([o for w in windows for o in self.outputs[w][name]])
@@ -96,13 +99,14 @@ def assert_linear_bins(h, values: np.ndarray, bounds: tuple[float, float]) -> No
     assert h.num == len(values) == full.sum()
 
 
-def test_a_histogram_sums_every_step_of_its_windows(tmp_path, reduction_path):
+def test_a_histogram_sums_the_histogrammed_steps_of_its_windows(tmp_path, reduction_path):
     """histograms=3 over 7 windows: histograms at the 3rd, 6th and (flushed on leaving ``with``)
-    7th window, each holding every gradient value of every step of its windows, bucket by bucket."""
+    7th window, each holding every gradient value of the steps 0, 10, 20, ... of each of its
+    windows (HISTOGRAM_EVERY), bucket by bucket."""
     torch.manual_seed(0)
     model = tanh_net()
     recorder = Recorder(model)
-    steps = [4, 3, 5, 2, 6, 1, 3]
+    steps = [4, 13, 5, 2, 21, 1, 3]
     with SummaryWriter(tmp_path) as writer, GradientMonitor(model, writer, histograms=3, activations_every=1) as monitor:
         train_windows(model, monitor, recorder, steps)
     assert [w.steps for w in monitor.history] == steps                        # scalars stay per window
@@ -114,7 +118,8 @@ def test_a_histogram_sums_every_step_of_its_windows(tmp_path, reduction_path):
         for point in points:
             values = recorder.grad_values(name, pools[point.step])
             edges, counts = bucket_counts(point.histogram_value)
-            assert point.histogram_value.num == len(values) == sum(steps[w] for w in pools[point.step]) * p.numel()
+            histogrammed = sum(-(-steps[w] // HISTOGRAM_EVERY) for w in pools[point.step])     # ceil
+            assert point.histogram_value.num == len(values) == histogrammed * p.numel()
             expected, _ = np.histogram(values, edges)
             np.testing.assert_array_equal(counts, expected, err_msg=f"{tag} at {point.step}")
         logs = histograms(tmp_path, f"1_grad_log10/{tag}")
@@ -139,9 +144,9 @@ def test_every_window_by_default_and_with_one(tmp_path, every):
     recorder = Recorder(model)
     kwargs = {} if every is True else {"histograms": every}
     with SummaryWriter(tmp_path) as writer, GradientMonitor(model, writer, **kwargs) as monitor:
-        train_windows(model, monitor, recorder, [2, 3, 1])
+        train_windows(model, monitor, recorder, [2, 13, 1])
     points = histograms(tmp_path, "grad/dense_2/weight")
-    assert [(point.step, point.histogram_value.num) for point in points] == [(0, 2 * 36), (1, 3 * 36), (2, 36)]
+    assert [(point.step, point.histogram_value.num) for point in points] == [(0, 36), (1, 2 * 36), (2, 36)]
 
 
 def test_partial_pools_are_written_by_remove_flush_and_late_logs(tmp_path):
@@ -235,7 +240,8 @@ class BatchedLinear(nn.Module):
 
 def test_members_pool_their_own_counts(tmp_path, reduction_path):
     """members=3, one writer each, histograms=2 over 3 windows: each member's event file holds
-    its own gradients and tanh outputs, pooled, and the last window flushed on remove()."""
+    its own gradients (of each window's steps 0, 10, ...) and tanh outputs, pooled, and the last
+    window flushed on remove()."""
     torch.manual_seed(5)
     members = 3
     model = nn.Sequential(OrderedDict(dense_1=BatchedLinear(members, 2, 4), tanh_1=nn.Tanh(),
@@ -251,7 +257,9 @@ def test_members_pool_their_own_counts(tmp_path, reduction_path):
     writers = [SummaryWriter(tmp_path / f"member_{k}") for k in range(members)]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     monitor = GradientMonitor(model, writers, members=members, histograms=2, activations_every=1)
-    for window, steps in enumerate([2, 3, 1]):
+    histogrammed = []                       # the steps (counted over the run) each window's histograms hold
+    for window, steps in enumerate([2, 12, 1]):
+        histogrammed.append(list(range(len(grads[0]), len(grads[0]) + steps, HISTOGRAM_EVERY)))
         for _ in range(steps):
             optimizer.zero_grad()
             model(torch.randn(members, 8, 2)).pow(2).mean(dim=(1, 2)).sum().backward()
@@ -265,13 +273,13 @@ def test_members_pool_their_own_counts(tmp_path, reduction_path):
     for k in range(members):
         points = histograms(tmp_path / f"member_{k}", "grad/dense_1/weight")
         assert [point.step for point in points] == [1, 2]
-        for point, span in zip(points, [slice(0, 5), slice(5, 6)]):
-            values = np.concatenate(grads[k][span])
+        for point, windows in zip(points, [(0, 1), (2,)]):
+            values = np.concatenate([grads[k][step] for w in windows for step in histogrammed[w]])
             edges, counts = bucket_counts(point.histogram_value)
             np.testing.assert_array_equal(counts, np.histogram(values, edges)[0], err_msg=f"member {k}")
         (first, last) = histograms(tmp_path / f"member_{k}", "activation/tanh_1")
-        assert_linear_bins(first.histogram_value, np.concatenate(outputs[k][:5]), (-1.0, 1.0))
-        assert_linear_bins(last.histogram_value, np.concatenate(outputs[k][5:]), (-1.0, 1.0))
+        assert_linear_bins(first.histogram_value, np.concatenate(outputs[k][:14]), (-1.0, 1.0))
+        assert_linear_bins(last.histogram_value, np.concatenate(outputs[k][14:]), (-1.0, 1.0))
 
 
 def test_linear_scale_is_exact_where_the_bin_width_is_a_power_of_two():

@@ -71,15 +71,19 @@ def test_gradient_statistics_match_oracle_over_two_windows(make, inputs, reducti
 
 
 def test_histogram_counts_match_oracle_bins(reduction_path):
+    """23 steps: the histograms hold the window's steps 0, 10 and 20 (HISTOGRAM_EVERY), bin by
+    bin, on the small and the large parameters' paths; zero_fraction and nonfinite every step."""
     torch.manual_seed(1)
     model = Wide()
     oracle = GradientOracle(model.named_parameters())
     with GradientMonitor(model) as monitor:
-        train_steps(model, monitor, 3, oracle, inputs=300)
+        train_steps(model, monitor, 23, oracle, inputs=300)
         monitor.parts["gradients"].reduce()
         counts = monitor.parts["gradients"].counts.view(len(monitor.names), 512).numpy()
         for i, name in enumerate(monitor.names):
             np.testing.assert_array_equal(counts[i], oracle.bins[name], err_msg=name)
+            assert counts[i].sum() == 3 * dict(model.named_parameters())[name].numel()
+        assert_matches_oracle(monitor.log(0), oracle)
 
 
 def test_sign_exponent_bins_cover_special_values():

@@ -117,8 +117,9 @@ def test_sparse_buckets_keep_every_count_with_its_own_edges():
 
 
 def test_monitored_histograms_are_sparse_and_count_every_gradient_value(tmp_path):
-    """The every-step counts survive the empty-bucket drop: in the event file, a window's
-    ``grad/<layer>/weight`` histogram holds steps x parameter-size values."""
+    """The counts survive the empty-bucket drop: in the event file, a window's
+    ``grad/<layer>/weight`` histogram holds every value of its histogrammed steps (0 and 10 of
+    its 17: ``HISTOGRAM_EVERY``), 2 x parameter-size values."""
     import torch
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     from torch.utils.tensorboard import SummaryWriter
@@ -128,7 +129,7 @@ def test_monitored_histograms_are_sparse_and_count_every_gradient_value(tmp_path
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(2, 50), torch.nn.Tanh(), torch.nn.Linear(50, 1))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    steps = 7
+    steps = 17
     with SummaryWriter(tmp_path) as writer, GradientMonitor(model, writer) as monitor:
         for epoch in range(2):
             for _ in range(steps):
@@ -142,7 +143,7 @@ def test_monitored_histograms_are_sparse_and_count_every_gradient_value(tmp_path
         assert [p.step for p in points] == [0, 1]
         for point in points:
             h = point.histogram_value
-            assert h.num == steps * parameter.numel() == sum(h.bucket), name
+            assert h.num == 2 * parameter.numel() == sum(h.bucket), name
             assert len(h.bucket_limit) == len(h.bucket)
             inner = list(h.bucket)[1:-1]
             assert not any(a == b == c == 0 for a, b, c in zip(inner, inner[1:], inner[2:])), "a run of empty buckets"
