@@ -70,6 +70,8 @@ class _Batch:
     row_step: torch.Tensor       # each row: its step's index in the run, times members, plus its member
     row_counted: np.ndarray      # each row: whether its histogram is counted (HISTOGRAM_EVERY), bool
     elements: int                # the run's length
+    # The fused kernels' arguments (CPU): lengths, row_param, row_step as numpy, and row_counted.
+    arrays: tuple = ()
     # Per element, made only on the torch-ops path (the fused kernels take the rows' lengths):
     segment: torch.Tensor | None = None       # each element: its row
     bin_offset: torch.Tensor | None = None    # each element: its parameter's offset into the counts (int32)
@@ -298,16 +300,10 @@ class Gradients(Part):
             _check_layout(flat, torch.empty(batch.elements, device="meta"))
         steps = [step for _, _, step, _ in pending]
         kernels = S.fused_kernels(flat.device)
-        if kernels is not None:                       # one fused pass instead of a dozen ops
-            tallies = np.zeros((len(batch.row_counted), 2), np.int64)
-            rows = kernels.fold_rows(flat.numpy(), batch.lengths.numpy(), batch.row_param.numpy(),
-                                     self.counts.view(-1, S.SIGN_EXPONENT_BINS).numpy(), counted=batch.row_counted,
-                                     tallies=tallies)
-            by_step = np.bincount(batch.row_step.numpy(), weights=rows[:, 2], minlength=len(pending) * self.members)
-            self._add_step_squares(steps, torch.from_numpy(by_step))
-            rows[:, 2] = np.sqrt(rows[:, 2])
-            self.totals.index_add_(0, batch.row_param, torch.from_numpy(rows[:, :4]).to(self.totals.dtype))
-            self.tallies.index_add_(0, batch.row_param, torch.from_numpy(tallies))
+        if kernels is not None:                       # one fused call: the pass and the adds to the sums
+            kernels.fold_rows_into(flat.numpy(), *batch.arrays, np.array(steps), self.members,
+                                   self.counts.numpy().reshape(-1, S.SIGN_EXPONENT_BINS), self.totals.numpy(),
+                                   self.tallies.numpy(), self.step_squares.numpy())
             return
         slots = len(self.slot_numel)
         batch.per_element(slots)
@@ -341,9 +337,12 @@ class Gradients(Part):
         row_step = [step * k + member for step, (plan, _) in enumerate(plans) for _ in plan.small for member in range(k)]
         row_counted = np.array([counted for plan, counted in plans for _ in plan.small for _ in range(k)], dtype=np.bool_)
         sizes = [self.slot_numel[slot] for slot in row_param]
-        return _Batch(torch.tensor(sizes, device=device, dtype=torch.long),
-                      torch.tensor(row_param, device=device, dtype=torch.long),
-                      torch.tensor(row_step, device=device, dtype=torch.long), row_counted, sum(sizes))
+        batch = _Batch(torch.tensor(sizes, device=device, dtype=torch.long),
+                       torch.tensor(row_param, device=device, dtype=torch.long),
+                       torch.tensor(row_step, device=device, dtype=torch.long), row_counted, sum(sizes))
+        if device.type == "cpu":
+            batch.arrays = (batch.lengths.numpy(), batch.row_param.numpy(), batch.row_step.numpy(), row_counted)
+        return batch
 
     def _reduce_large(self, plan: _GradientPlan, grads: list[torch.Tensor], step: int, counted: bool) -> None:
         """Reduce the large gradients of a step at once, one job per member of each; their

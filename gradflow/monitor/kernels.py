@@ -681,6 +681,32 @@ def _fold_rows(values, lengths, row_slot, row_centre, row_threshold, counts, out
 
 
 @njit(nogil=True, boundscheck=False, cache=True)
+def _fold_rows_into(values, lengths, row_slot, row_step, row_counted, steps, members, counts, totals, tallies,
+                    step_squares):
+    """``_fold_rows`` (no band) with each row added where the monitor keeps it, in the same
+    call: totals[slot] += [sum x, sum |x|, sqrt(sum x²), max |x|], tallies[slot] += [zeros,
+    non-finite], step_squares[steps[row_step // members], row_step % members] += sum x²."""
+    rows = lengths.size
+    out = np.zeros((rows, 5))
+    tally = np.zeros((rows, 2), np.int64)
+    _fold_rows(values, lengths, row_slot, np.zeros(rows, np.float32), np.full(rows, np.inf, np.float32), counts, out,
+               row_counted, tally)
+    tops = np.empty(rows, np.int32)
+    for r in range(rows):
+        tops[r] = np.int32(out[r, 3])
+    largest = tops.view(np.float32)                # the largest |x|'s bits, as the float they are
+    for r in range(rows):
+        slot = row_slot[r]
+        totals[slot, 0] += out[r, 0]
+        totals[slot, 1] += out[r, 1]
+        totals[slot, 2] += np.sqrt(out[r, 2])
+        totals[slot, 3] += np.float64(largest[r])
+        tallies[slot, 0] += tally[r, 0]
+        tallies[slot, 1] += tally[r, 1]
+        step_squares[steps[row_step[r] // members], row_step[r] % members] += out[r, 2]
+
+
+@njit(nogil=True, boundscheck=False, cache=True)
 def _count_units(values, unit, positives):
     for i in range(values.size):
         positives[unit[i] if values[i] > 0 else 0] += 1
@@ -800,6 +826,19 @@ def fold_rows(values: np.ndarray, lengths: np.ndarray, row_slot: np.ndarray, cou
     _fold_rows(values, lengths, row_slot, bands[0], bands[1], counts, out, counted, tallies)
     out[:, 3] = out[:, 3].astype(np.int32).view(np.float32)
     return out
+
+
+def fold_rows_into(values: np.ndarray, lengths: np.ndarray, row_slot: np.ndarray, row_step: np.ndarray,
+                   counted: np.ndarray, steps: np.ndarray, members: int, counts: np.ndarray, totals: np.ndarray,
+                   tallies: np.ndarray, step_squares: np.ndarray) -> None:
+    """fold_rows (no band) for a run of steps' small gradients, added in the same compiled call
+    to the sums the monitor keeps (one call where a dozen numpy and torch calls cost the tutorial's
+    window more than its values): ``totals`` (slots, 4) float64 += [sum x, sum |x|, the row's L2
+    norm, max |x|]; ``tallies`` (slots, 2) int64 += [exact zeros, non-finite values];
+    ``step_squares`` (steps, members) float64 += each row's sum x² at row ``r``'s step
+    ``steps[row_step[r] // members]`` and member ``row_step[r] % members``; ``counts[row_slot[r]]``
+    += the histogram of each ``counted`` row. The rows' order is the order of the adds."""
+    _fold_rows_into(values, lengths, row_slot, row_step, counted, steps, members, counts, totals, tallies, step_squares)
 
 
 def count_units(values: np.ndarray, unit: np.ndarray, positives: np.ndarray) -> None:

@@ -414,3 +414,30 @@ def test_fold_rows_histograms_the_counted_rows_alone_and_tallies_every_row():
         if counted[r]:
             expected_counts[row_slot[r]] += bins
     np.testing.assert_array_equal(counts, expected_counts)
+
+
+def test_fold_rows_into_adds_each_row_where_the_monitor_keeps_it():
+    """Two members, three steps of three parameters (rows of every length class, shared slots):
+    totals, tallies, step squares and counts equal fold_rows' rows added by hand."""
+    rng = np.random.default_rng(12)
+    members, steps = 2, np.array([4, 5, 9])
+    per_step = [(0, 40), (1, 3), (0, 40), (1, 3), (2, K.SHORT_ROW + 5), (2, K.SHORT_ROW + 5)]   # (param, length) x member
+    row_slot = np.array([p * members + m for _ in steps for (p, _), m in zip(per_step, [0, 1] * 3)])
+    lengths = np.array([n for _ in steps for _, n in per_step])
+    row_step = np.array([s * members + m for s in range(len(steps)) for m in [0, 1] * 3])
+    counted = np.array([s != 1 for s in range(len(steps)) for _ in per_step])
+    values = random_values(rng, int(lengths.sum()), True)
+    counts = np.zeros((6, S.SIGN_EXPONENT_BINS), np.int64)
+    totals, tallies, squares = np.ones((6, 4)), np.zeros((6, 2), np.int64), np.zeros((10, members))
+    K.fold_rows_into(values, lengths, row_slot, row_step, counted, steps, members, counts, totals, tallies, squares)
+    expected_counts, expected_tallies = np.zeros_like(counts), np.zeros((len(lengths), 2), np.int64)
+    rows = K.fold_rows(values, lengths, row_slot, expected_counts, counted=counted, tallies=expected_tallies)
+    expected_totals, expected_squares = np.ones((6, 4)), np.zeros((10, members))
+    np.add.at(expected_totals, row_slot, np.stack([rows[:, 0], rows[:, 1], np.sqrt(rows[:, 2]), rows[:, 3]], axis=1))
+    np.add.at(expected_squares, (steps[row_step // members], row_step % members), rows[:, 2])
+    summed_tallies = np.zeros((6, 2), np.int64)
+    np.add.at(summed_tallies, row_slot, expected_tallies)
+    np.testing.assert_array_equal(counts, expected_counts)
+    np.testing.assert_array_equal(tallies, summed_tallies)
+    np.testing.assert_allclose(totals, expected_totals, rtol=1e-15, equal_nan=True)
+    np.testing.assert_allclose(squares, expected_squares, rtol=1e-15, equal_nan=True)
