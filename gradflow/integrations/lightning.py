@@ -44,6 +44,8 @@ class GradflowCallback(_pl.Callback):
         histograms: write value and log10 |g| histograms to TensorBoard: True at every window,
             an int N: each histogram sums N windows' counts (N times fewer histogram bytes;
             the last, partial one is written at the end), False: none.
+        histogram_every: the gradient histograms hold every N-th step of a window (default 10;
+            1: every step; ``GradientMonitor(histogram_every=N)``).
         weights: also record weight norms, update ratios and weight histograms.
         activations: also tap activation modules (tanh, ReLU, ...) in training forward passes.
         nonfinite: find where the first NaN/inf came from (module, pass, step); the printed verdict
@@ -113,10 +115,11 @@ class GradflowCallback(_pl.Callback):
     """
 
     def __init__(self, every_n_steps: int | None = None, *, histograms: bool | int = True, weights: bool = True,
-                 activations: bool = True, verbose: bool = True, nonfinite: bool = False) -> None:
+                 activations: bool = True, verbose: bool = True, nonfinite: bool = False,
+                 histogram_every: int = 10) -> None:
         check_positive("every_n_steps", every_n_steps, none=True, error=ValueError)
         self.recorder = Recorder(histograms=histograms, weights=weights, activations=activations,
-                                 nonfinite=nonfinite, verbose=verbose)
+                                 nonfinite=nonfinite, verbose=verbose, histogram_every=histogram_every)
         self.every_n_steps = every_n_steps
         self.histograms, self.weights, self.activations, self.verbose = histograms, weights, activations, verbose
         self.nonfinite = nonfinite

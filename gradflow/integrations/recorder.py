@@ -24,6 +24,7 @@ from typing import Any
 from gradflow.integrations import _common
 from gradflow.monitor import GradientMonitor
 from gradflow.monitor.histograms import check_every
+from gradflow.monitor.model_checks import check_positive
 
 Report = Callable[[dict[str, float], int], Any]   # fn(scalars, step), a logger's log_metrics
 
@@ -33,7 +34,7 @@ class Recorder:
 
     Args:
         histograms: True (every window), False, or an int N >= 1 (each histogram sums N windows).
-        weights, activations, nonfinite: passed to ``GradientMonitor``.
+        histogram_every, weights, activations, nonfinite: passed to ``GradientMonitor``.
         verbose: print the verdict's line at the end (rank zero only).
 
     Raises:
@@ -46,13 +47,15 @@ class Recorder:
     """
 
     def __init__(self, *, histograms: bool | int = True, weights: bool = True, activations: bool = True,
-                 nonfinite: bool = False, verbose: bool = True) -> None:
+                 nonfinite: bool = False, verbose: bool = True, histogram_every: int = 10) -> None:
         check_every(histograms, error=ValueError)   # as for the callbacks' other arguments
+        check_positive("histogram_every", histogram_every, "1: every step", error=ValueError)
         for name, value in (("weights", weights), ("activations", activations),
                             ("verbose", verbose), ("nonfinite", nonfinite)):
             if not isinstance(value, bool):
                 raise ValueError(f"{name} must be True or False, got {value!r}")
-        self.options = dict(histograms=histograms, weights=weights, activations=activations, nonfinite=nonfinite)
+        self.options = dict(histograms=histograms, weights=weights, activations=activations, nonfinite=nonfinite,
+                            histogram_every=histogram_every)
         self.verbose = verbose
         self.monitor: GradientMonitor | None = None
         self.diagnosis: Any = None

@@ -33,6 +33,8 @@ class GradflowTrainerCallback(_tf.TrainerCallback):
         histograms: write value and log10 |g| histograms to TensorBoard: True at every window,
             an int N: each histogram sums N windows' counts (N times fewer histogram bytes;
             the last, partial one is written at the end), False: none.
+        histogram_every: the gradient histograms hold every N-th step of a window (default 10;
+            1: every step; ``GradientMonitor(histogram_every=N)``).
         weights: also record weight norms, update ratios and weight histograms.
         activations: also tap activation modules (GELU, ReLU, tanh, ...) in training forward passes.
         nonfinite: find where the first NaN/inf came from (module, pass, step); the printed verdict
@@ -108,12 +110,12 @@ class GradflowTrainerCallback(_tf.TrainerCallback):
 
     def __init__(self, every_n_steps: int | None = None, *, log_dir: str | os.PathLike | None = None,
                  histograms: bool | int = True, weights: bool = True, activations: bool = True,
-                 verbose: bool = True, nonfinite: bool = False) -> None:
+                 verbose: bool = True, nonfinite: bool = False, histogram_every: int = 10) -> None:
         check_positive("every_n_steps", every_n_steps, none=True, error=ValueError)
         if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
             raise ValueError(f"log_dir must be a path or None, got {type(log_dir).__name__}")
         self.recorder = Recorder(histograms=histograms, weights=weights, activations=activations,
-                                 nonfinite=nonfinite, verbose=verbose)
+                                 nonfinite=nonfinite, verbose=verbose, histogram_every=histogram_every)
         self.every_n_steps = every_n_steps
         self.log_dir = log_dir
         self.histograms, self.weights, self.activations, self.verbose = histograms, weights, activations, verbose

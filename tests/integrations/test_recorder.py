@@ -66,3 +66,25 @@ def test_the_recorder_imports_no_framework():
             "print(sorted(m for m in ('lightning', 'pytorch_lightning', 'transformers', 'accelerate') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_histogram_every_reaches_the_monitor_and_a_bad_one_is_refused():
+    """The callbacks' histogram_every: the recorder's monitor histograms every N-th step of a
+    window (here steps 0 and 3 of 5); 0 is a one-line ValueError at construction."""
+    import pytest
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    recorder = Recorder(histogram_every=3, activations=False)
+    recorder.start(model, writes=False, step=0, reports=[])
+    for _ in range(5):
+        optimizer.zero_grad()
+        model(torch.randn(4, 3)).sum().backward()
+        recorder.record(optimizer)
+        optimizer.step()
+    gradients = recorder.monitor.parts["gradients"]
+    gradients.reduce()
+    assert gradients.counts.view(2, -1).sum(1).tolist() == [2 * 6, 2 * 2]
+    recorder.finish(5)
+    with pytest.raises(ValueError, match=r"^histogram_every must be a positive int \(1: every step\), got 0$"):
+        Recorder(histogram_every=0)

@@ -182,7 +182,8 @@ def test_attach_refuses_what_is_not_a_trainer():
     (dict(log_dir=3), "log_dir must be a path"),
     (dict(weights=None), "weights must be True or False"),
     (dict(histograms=2.5), r"histograms must be True \(every window\), False \(none\) or an int N >= 1"),
-], ids=["negative", "log_dir", "not_bool", "histograms_float"])
+    (dict(histogram_every=0), r"histogram_every must be a positive int \(1: every step\), got 0"),
+], ids=["negative", "log_dir", "not_bool", "histograms_float", "histogram_every"])
 def test_bad_arguments_are_refused_at_construction(kwargs, message):
     with pytest.raises(ValueError, match=message):
         GradflowTrainerCallback(**kwargs)
