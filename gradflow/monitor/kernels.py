@@ -802,10 +802,11 @@ def fold_all(jobs: list[tuple[np.ndarray, np.ndarray | None, float, float]],
     1-D float32 ``values`` to the int64 ``counts`` (512 bins; None: no histogram, about half the
     pass), and return a float64 row [sum x, sum |x|, sum x², max |x|, count of |x - centre| >
     threshold]. ``tallies``: an int64 (jobs, 2) array that each job's exact zeros and non-finite
-    values are added to, histogram or not."""
+    values are added to, histogram or not (ValueError for another shape)."""
     rows = np.zeros((len(jobs), 5))
     if tallies is None:
         tallies = np.zeros((len(jobs), 2), np.int64)
+    _check_shape("fold_all", "tallies", tallies, (len(jobs), 2), "jobs")    # zip() would drop the jobs past it
     for row, tally, (values, counts, centre, threshold) in zip(rows, tallies, jobs):
         for lo in range(0, values.size, PIECE_MAX):
             if counts is None:
@@ -823,13 +824,15 @@ def fold_rows(values: np.ndarray, lengths: np.ndarray, row_slot: np.ndarray, cou
     ``values`` (``lengths`` long), row r's histogram goes to ``counts[row_slot[r]]`` (int64,
     (slots, 512)) where ``counted[r]`` (bool; None: every row's), ``bands`` gives each row's
     centre and threshold (float32), and row r's exact zeros and non-finite values are added to
-    ``tallies[r]`` (int64, (rows, 2)) where it is given."""
+    ``tallies[r]`` (int64, (rows, 2)) where it is given (ValueError where either has another shape)."""
     if bands is None:
         bands = np.zeros(lengths.size, np.float32), np.full(lengths.size, np.inf, np.float32)
     if counted is None:
         counted = np.ones(lengths.size, np.bool_)
     if tallies is None:
         tallies = np.zeros((lengths.size, 2), np.int64)
+    _check_shape("fold_rows", "counted", counted, (lengths.size,), "rows")   # the kernel indexes both by row,
+    _check_shape("fold_rows", "tallies", tallies, (lengths.size, 2), "rows")  # unchecked
     out = np.zeros((lengths.size, 5))
     _fold_rows(values, lengths, row_slot, bands[0], bands[1], counts, out, counted, tallies)
     out[:, 3] = out[:, 3].astype(np.int32).view(np.float32)
@@ -847,6 +850,12 @@ def fold_rows_into(values: np.ndarray, lengths: np.ndarray, row_slot: np.ndarray
     ``steps[row_step[r] // members]`` and member ``row_step[r] % members``; ``counts[row_slot[r]]``
     += the histogram of each ``counted`` row. The rows' order is the order of the adds."""
     _fold_rows_into(values, lengths, row_slot, row_step, counted, steps, members, counts, totals, tallies, step_squares)
+
+
+def _check_shape(function: str, name: str, array: np.ndarray, shape: tuple[int, ...], per: str) -> None:
+    """ValueError unless ``array`` has ``shape`` (one row per job or row, ``per``)."""
+    if np.shape(array) != shape:
+        raise ValueError(f"{function}: {name} has shape {np.shape(array)} for {shape[0]} {per}; it must be {shape}")
 
 
 def count_units(values: np.ndarray, unit: np.ndarray, positives: np.ndarray) -> None:

@@ -116,8 +116,8 @@ class Scratch:
         """For each job (flat, counts, band): add the sign/exponent histogram of the 1-D float32
         (or float64) ``flat`` into ``counts`` (None: no histogram), and return a float64 row
         [sum x, sum |x|, sum x², max |x|, count of |x - centre| > threshold] (0 without ``band`` =
-        (centre, threshold)). ``tallies``: an int64 (jobs, 2) tensor of zeros on the jobs' device
-        that gets each job's exact zeros (+0.0 and -0.0) and non-finite values. The sums do not
+        (centre, threshold)). ``tallies``: an int64 (jobs, 2) tensor on the jobs' device that each
+        job's exact zeros (+0.0 and -0.0) and non-finite values are added to. The sums do not
         overflow for finite values. No host sync on a device."""
         kernels = fused_kernels(jobs[0][0].device)
         if kernels is not None and all(flat.dtype == torch.float32 for flat, _, _ in jobs):
@@ -126,7 +126,7 @@ class Scratch:
             return torch.from_numpy(kernels.fold_all(arrays, None if tallies is None else tallies.numpy()))
         rows = torch.stack([self._fold_one(*job) for job in jobs])
         if tallies is not None:
-            tallies.copy_(torch.stack([tally(flat) for flat, _, _ in jobs]))
+            tallies.add_(torch.stack([tally(flat) for flat, _, _ in jobs]))
         return rows
 
     def _fold_one(self, flat: torch.Tensor, counts: torch.Tensor | None, band: tuple[float, float] | None) -> torch.Tensor:

@@ -441,3 +441,26 @@ def test_fold_rows_into_adds_each_row_where_the_monitor_keeps_it():
     np.testing.assert_array_equal(tallies, summed_tallies)
     np.testing.assert_allclose(totals, expected_totals, rtol=1e-15, equal_nan=True)
     np.testing.assert_allclose(squares, expected_squares, rtol=1e-15, equal_nan=True)
+
+
+@pytest.mark.parametrize("shape", [(1, 2), (3, 2), (2,), (2, 1)])
+def test_fold_all_refuses_tallies_that_do_not_match_the_jobs(shape):
+    """fold_all zips the jobs with the tallies' rows: a tallies array with one row for two jobs
+    left the second job unfolded (its row all zeros, nothing counted) without a word."""
+    values = np.ones(100, np.float32)
+    with pytest.raises(ValueError, match=r"^fold_all: tallies has shape .* for 2 jobs; it must be \(2, 2\)$"):
+        K.fold_all([(values, None, 0.0, np.inf), (values, np.zeros(S.SIGN_EXPONENT_BINS, np.int64), 0.0, np.inf)],
+                   np.zeros(shape, np.int64))
+
+
+@pytest.mark.parametrize("argument, shape", [("counted", (1,)), ("counted", (3,)), ("tallies", (1, 2)),
+                                             ("tallies", (2,))])
+def test_fold_rows_refuses_counted_or_tallies_that_do_not_match_the_rows(argument, shape):
+    """The kernel reads counted[r] and adds to tallies[r] unchecked (bounds checks are off): one
+    shorter than the rows was read or written past its end (a (1, 2) tallies for two rows: the
+    second row's counts went to the memory after it)."""
+    lengths = np.array([100, 3000])
+    given = {"counted": np.ones(shape, np.bool_)} if argument == "counted" else {"tallies": np.zeros(shape, np.int64)}
+    with pytest.raises(ValueError, match=rf"^fold_rows: {argument} has shape .* for 2 rows; it must be "):
+        K.fold_rows(np.ones(3100, np.float32), lengths, np.array([0, 1]),
+                    np.zeros((2, S.SIGN_EXPONENT_BINS), np.int64), **given)

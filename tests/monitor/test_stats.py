@@ -177,3 +177,15 @@ def test_histograms_without_numba_are_sparse_and_marked_so(monkeypatch):
     for got, want in zip((S.value_histograms(counts), S.log10_abs_histograms(counts)), fused):
         for g, w in zip(got, want):
             assert g.sparse and (g.limits, g.counts) == (w.limits, w.counts)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_scratch_fold_adds_each_jobs_tallies_on_every_path(dtype, reduction_path):
+    """Scratch.fold's tallies are added to, as kernels.fold_all's are: the torch ops (on an
+    accelerator, without numba, or for float64 with numba) overwrote what the tallies held."""
+    values = random_values(np.random.default_rng(3), 5000, 30, 40, True).to(dtype)
+    counts = torch.zeros(S.SIGN_EXPONENT_BINS, dtype=torch.int64)
+    tallies = torch.tensor([[3, 1], [2, 0]])                     # held from before
+    S.Scratch().fold([(values, counts, None), (values[:100], None, None)], tallies)
+    expected = [[int((v == 0).sum()), int((~torch.isfinite(v)).sum())] for v in (values, values[:100])]
+    assert tallies.tolist() == (torch.tensor(expected) + torch.tensor([[3, 1], [2, 0]])).tolist()
