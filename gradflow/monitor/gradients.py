@@ -39,10 +39,10 @@ UNCOPIED_AVERAGE = 1 << 13
 # most ~5% slower.
 JOINED_SMALL = 4
 JOINED_ELEMENTS = 1 << 18
-# By default (GradientMonitor's histogram_every) a step's gradients are histogrammed at every
-# HISTOGRAM_EVERY-th step of the window with their pattern of parameters, its first one included
-# (so every parameter with a gradient in a window has a histogram); the other steps are folded
-# without one. The histogram's counting loop is
+# By default (GradientMonitor's histogram_every) a parameter's gradient is histogrammed at every
+# HISTOGRAM_EVERY-th step of the window in which it has one, its first one included (so every
+# parameter with a gradient in a window has a histogram, an expert of a mixture that is routed
+# to now and then as well as the router); the other steps are folded without one. The histogram's counting loop is
 # about half of a fold (one increment a value, bound by its stores: kernels.py), the one cost of
 # a large model's step that grew with its size: resnet18 1.06x -> 1.03x, the wide MLP 1.07x ->
 # 1.04x with none at all (benchmarks/overhead.py --clock cpu --malloc fixed). Keras and
@@ -59,6 +59,7 @@ class _GradientPlan:
     small_numel: int
     large_slots: torch.Tensor    # the slots of the large parameters' members, in order
     large_slot_array: np.ndarray  # the same, as numpy (the fused kernels' path)
+    present: np.ndarray          # the parameters with a gradient (int64 indices)
 
 
 @dataclass
@@ -68,7 +69,7 @@ class _Batch:
     lengths: torch.Tensor        # each row (one row per step and parameter): its length
     row_param: torch.Tensor      # each row: its parameter's slot
     row_step: torch.Tensor       # each row: its step's index in the run, times members, plus its member
-    row_counted: np.ndarray      # each row: whether its histogram is counted (HISTOGRAM_EVERY), bool
+    row_counted: np.ndarray      # each row: whether its histogram is counted (histogram_every), bool
     elements: int                # the run's length
     # The fused kernels' arguments (CPU): lengths, row_param, row_step as numpy, and row_counted.
     arrays: tuple = ()
@@ -92,8 +93,9 @@ class Gradients(Part):
 
     ``totals`` rows are per parameter: sum of g, sum of |g|, L2 norm and max |g|, each summed
     over steps (in float64); ``tallies`` its exact zeros and non-finite values over every step;
-    ``counts`` the sign/exponent histograms summed over the steps that are histogrammed (every
-    ``histogram_every``-th of each pattern of parameters in the window, the first included);
+    ``counts`` the sign/exponent histograms summed over the steps that are histogrammed (each
+    parameter's every ``histogram_every``-th step with a gradient in the window, its first
+    included: ``_histogrammed``);
     ``step_squares`` is each step's sum of g² over the parameters it recorded (its total norm,
     squared, as ``clip_grad_norm_`` computes it). Small parameters are copied at each step into
     one flat tensor and reduced many steps at a time (on a small model each op costs more than
@@ -132,7 +134,11 @@ class Gradients(Part):
         self.removed = False                         # remove() was called: nothing is recorded any more
         self._scratch = S.Scratch()                  # for the large tensors
         self.steps_by_pattern: dict[tuple[bool, ...], int] = {}
-        self.pending: list[tuple[_GradientPlan, torch.Tensor, int, bool]] = []   # plan, copy, step, counted
+        # Each parameter's steps with a gradient in the window, once steps of several patterns were
+        # recorded (None while every step had one pattern: its count is every parameter's).
+        self._param_steps: np.ndarray | None = None
+        # plan, copy, step, counted (a bool for all the plan's small parameters, or a tuple, one each)
+        self.pending: list[tuple[_GradientPlan, torch.Tensor, int, bool | tuple[bool, ...]]] = []
         self.pending_elements = 0
         self._plans: dict[tuple[bool, ...], _GradientPlan] = {}
         self._batches = _BoundedCache()
@@ -171,6 +177,7 @@ class Gradients(Part):
         self.skipped_steps = 0
         self.held.clear()
         self.steps_by_pattern.clear()
+        self._param_steps = None
         self._last = None            # its weak references would stop a swap_tensors conversion (model.to)
 
     def remove(self) -> None:
@@ -217,10 +224,11 @@ class Gradients(Part):
             self.step_squares = torch.cat([self.step_squares, torch.zeros_like(self.step_squares)])
         plan = self._plans.get(pattern) or self._make_plan(pattern)
         seen = self.steps_by_pattern.get(pattern, 0)
-        counted = seen % self.histogram_every == 0
+        counted = self._histogrammed(plan, pattern, seen)
         if plan.small:
             copy = _flat_copy(grads if len(plan.small) == len(grads) else [grads[i] for i in plan.small])
-            self.pending.append((plan, copy.detach() if copy.requires_grad else copy, step, counted))
+            small_counted = counted if isinstance(counted, bool) else tuple(counted[plan.small].tolist())
+            self.pending.append((plan, copy.detach() if copy.requires_grad else copy, step, small_counted))
             self.pending_elements += plan.small_numel
             if self.pending_elements >= PENDING_ELEMENTS:
                 self.reduce()
@@ -264,6 +272,26 @@ class Gradients(Part):
         self._last = (weakref.ref(first), weakref.ref(last), key, pattern)
         return False
 
+    def _histogrammed(self, plan: _GradientPlan, pattern: tuple[bool, ...], seen: int) -> bool | np.ndarray:
+        """Whether this step's gradients go into the histograms: each parameter's at its 0th,
+        ``histogram_every``-th, ... step with a gradient in the window. One bool for all while every
+        step of the window had this pattern (``seen`` of them before: the common case, no array
+        op); else a bool per parameter (only the present ones' are read), from counts per
+        parameter kept from the first step of another pattern on. Per parameter, not per pattern:
+        in a mixture of experts each step routes to another few, and counted per pattern the
+        router's gradient was histogrammed at 78 steps in 100 (helper brk4's probe)."""
+        every = self.histogram_every
+        if self._param_steps is None:
+            if len(self.steps_by_pattern) == (0 if seen == 0 else 1):       # only this pattern so far
+                return seen % every == 0
+            self._param_steps = self.steps()[::self.members].astype(np.int64)
+        present = plan.present
+        before = self._param_steps[present]
+        self._param_steps[present] += 1
+        flags = np.zeros(len(self.params), dtype=bool)
+        flags[present] = before % every == 0
+        return flags
+
     def _make_plan(self, pattern: tuple[bool, ...]) -> _GradientPlan:
         present = [i for i, has in enumerate(pattern) if has]
         # An empty shard (a DTensor's, on some ranks) is small: nothing to fold, and no max of nothing.
@@ -280,7 +308,7 @@ class Gradients(Part):
         slots = [i * self.members + member for i in large for member in range(self.members)]
         plan = self._plans[pattern] = _GradientPlan(small, large, sum(self.numel[i] for i in small),
                                                     torch.tensor(slots, dtype=torch.long, device=self.device),
-                                                    np.array(slots, dtype=np.int64))
+                                                    np.array(slots, dtype=np.int64), np.array(present, dtype=np.int64))
         return plan
 
     def fold(self) -> None:
@@ -330,12 +358,14 @@ class Gradients(Part):
         else:
             self.step_squares.index_add_(0, torch.tensor(steps, device=self.device), by_step)
 
-    def _make_batch(self, plans: list[tuple[_GradientPlan, bool]]) -> _Batch:
+    def _make_batch(self, plans: list[tuple[_GradientPlan, bool | tuple[bool, ...]]]) -> _Batch:
         device = self.device
         k = self.members
         row_param = [i * k + member for plan, _ in plans for i in plan.small for member in range(k)]
         row_step = [step * k + member for step, (plan, _) in enumerate(plans) for _ in plan.small for member in range(k)]
-        row_counted = np.array([counted for plan, counted in plans for _ in plan.small for _ in range(k)], dtype=np.bool_)
+        row_counted = np.array([counted if isinstance(counted, bool) else counted[j]
+                                for plan, counted in plans for j in range(len(plan.small)) for _ in range(k)],
+                               dtype=np.bool_)
         sizes = [self.slot_numel[slot] for slot in row_param]
         batch = _Batch(torch.tensor(sizes, device=device, dtype=torch.long),
                        torch.tensor(row_param, device=device, dtype=torch.long),
@@ -344,16 +374,17 @@ class Gradients(Part):
             batch.arrays = (batch.lengths.numpy(), batch.row_param.numpy(), batch.row_step.numpy(), row_counted)
         return batch
 
-    def _reduce_large(self, plan: _GradientPlan, grads: list[torch.Tensor], step: int, counted: bool) -> None:
+    def _reduce_large(self, plan: _GradientPlan, grads: list[torch.Tensor], step: int,
+                      counted: bool | np.ndarray) -> None:
         """Reduce the large gradients of a step at once, one job per member of each; their
-        histograms where ``counted``."""
+        histograms where ``counted`` (all or none, or per parameter: ``_histogrammed``)."""
         kernels = S.fused_kernels(self.device)
         if kernels is not None and all(grads[i].dtype == torch.float32 and grads[i].layout == torch.strided
                                        for i in plan.large):
             self._fold_large(kernels, plan, grads, step, counted)
             return
         counts = self.counts.view(-1, S.SIGN_EXPONENT_BINS)
-        jobs = [(flat, counts[slot] if counted else None, None) for i in plan.large
+        jobs = [(flat, counts[slot] if _counted(counted, i) else None, None) for i in plan.large
                 for slot, flat in enumerate(_flat(grads[i], keep_float64=True).view(self.members, -1),
                                             start=i * self.members)]
         tallies = self.tallies.new_zeros(len(jobs), 2)
@@ -366,15 +397,17 @@ class Gradients(Part):
                 folded[row, 2] = S.scaled_norm(flat)
         self.totals.index_add_(0, plan.large_slots, folded[:, :4].to(self.totals.dtype))
 
-    def _fold_large(self, kernels, plan: _GradientPlan, grads: list[torch.Tensor], step: int, counted: bool) -> None:
+    def _fold_large(self, kernels, plan: _GradientPlan, grads: list[torch.Tensor], step: int,
+                    counted: bool | np.ndarray) -> None:
         """``_reduce_large`` for float32 CPU gradients: the fused kernels fold each straight from
         its numpy view, and the rows are added to the window's sums as numpy views of them (the
         sums are float64 CPU tensors). A torch op per gradient and per sum cost nanoGPT's step
         (8 large gradients) about 0.2 ms more than the arithmetic."""
         k = self.members
-        counts = self.counts.numpy().reshape(-1, S.SIGN_EXPONENT_BINS) if counted else None
+        all_counts = self.counts.numpy().reshape(-1, S.SIGN_EXPONENT_BINS)
         jobs = []
         for i in plan.large:
+            counts = all_counts if _counted(counted, i) else None
             grad = grads[i]
             # contiguous(): reshape(-1) keeps a 1-D strided view (every other value, an expanded one) as it is,
             # and the kernels read their values consecutively. A copy only where the gradient is strided.
@@ -477,6 +510,11 @@ class Gradients(Part):
                 row["total_norm_max"] = float(norms[:, k].max())
             window.overall.update(row)
             reader.scalars[k].update({f"grad/{key}": float(v) for key, v in row.items()})
+
+
+def _counted(counted: bool | np.ndarray, index: int) -> bool:
+    """Whether parameter ``index``'s gradient is histogrammed at this step (``_histogrammed``)."""
+    return counted if isinstance(counted, bool) else bool(counted[index])
 
 
 def idle_text(names: list[str], steps: int, shown: int = 50) -> str:

@@ -73,9 +73,9 @@ class GradientMonitor:
             last window's) and is written at the step of its last window, while scalars stay
             per window: N times fewer histogram bytes. Windows still pooling are written by
             ``flush()``, which ``remove()`` and leaving ``with`` call. False: none.
-        histogram_every: a window's gradient histograms hold every N-th step of it (default 10;
-            1: every step), its first included, counted per set of parameters stepped together
-            (a GAN's two optimizers each get theirs). The other steps are folded without the
+        histogram_every: a parameter's gradient histogram holds every N-th step of the window
+            in which it has a gradient (default 10; 1: every step), its first included (a GAN's
+            two networks, a mixture's experts each get theirs). The other steps are folded without the
             histogram, about half the pass over each gradient: resnet18 and the wide MLP cost
             1.06-1.07x a step with every step histogrammed, 1.04-1.05x with every 10th
             (benchmarks/overhead.py --clock cpu). The statistics (zero_fraction and nonfinite

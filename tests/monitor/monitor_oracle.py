@@ -36,13 +36,12 @@ def step_statistics(grad: torch.Tensor) -> dict[str, float]:
     }
 
 
-def histogrammed(patterns: dict[tuple, int], pattern: tuple) -> bool:
-    """Whether a step with gradients for ``pattern`` (the parameters that have one) is
-    histogrammed: the 0th, HISTOGRAM_EVERY-th, ... step of that pattern in the window, counted in
-    ``patterns`` (the window's count so far per pattern, updated here)."""
-    seen = patterns.get(pattern, 0)
-    patterns[pattern] = seen + 1
-    return seen % HISTOGRAM_EVERY == 0
+def histogrammed(seen: dict[str, int], name: str, every: int = HISTOGRAM_EVERY) -> bool:
+    """Whether parameter ``name``'s gradient at this step is histogrammed: its 0th, every-th, ...
+    step with a gradient in the window, counted in ``seen`` (per parameter so far, updated here)."""
+    before = seen.get(name, 0)
+    seen[name] = before + 1
+    return before % every == 0
 
 
 class GradientOracle:
@@ -53,16 +52,16 @@ class GradientOracle:
         self.params = dict(named_parameters)
         self.steps: dict[str, list[dict[str, float]]] = {name: [] for name in self.params}
         self.bins: dict[str, np.ndarray] = {name: np.zeros(512, dtype=np.int64) for name in self.params}
-        self.patterns: dict[tuple, int] = {}
+        self.seen: dict[str, int] = {}
 
     def capture(self) -> None:
         """Call where the optimizer is about to step (an optimizer over every parameter)."""
-        present = tuple(name for name, p in self.params.items() if p.grad is not None)
-        counted = histogrammed(self.patterns, present)
-        for name in present:
-            grad = self.params[name].grad
+        for name, p in self.params.items():
+            grad = p.grad
+            if grad is None:
+                continue
             self.steps[name].append(step_statistics(grad))
-            if counted:
+            if histogrammed(self.seen, name):
                 for value in grad.detach().float().reshape(-1).tolist():
                     self.bins[name][sign_exponent_bin(value)] += 1
 
@@ -75,7 +74,7 @@ class GradientOracle:
         return out
 
     def reset(self) -> None:
-        self.patterns.clear()
+        self.seen.clear()
         for name in self.params:
             self.steps[name].clear()
             self.bins[name][:] = 0

@@ -89,7 +89,7 @@ class Oracle:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.steps: list[dict] = []
-        self.patterns: dict[tuple, int] = {}
+        self.seen: dict[str, int] = {}
         self.windows: list[dict] = []
         self.start = self.weights()
 
@@ -98,7 +98,6 @@ class Oracle:
 
     def __call__(self, optimizer, args, kwargs) -> None:
         rows, total = {}, 0.0
-        counted = histogrammed(self.patterns, tuple(n for n, p in self.model.named_parameters() if p.grad is not None))
         for name, p in self.model.named_parameters():
             if p.grad is None:
                 continue
@@ -107,12 +106,12 @@ class Oracle:
             total += squares
             rows[name] = {"mean": float(g.mean()), "mean_abs": float(g.abs().mean()), "norm": math.sqrt(squares),
                           "max_abs": float(g.abs().max()), "zeros": int((g == 0).sum()), "numel": g.numel(),
-                          "counts": S.sign_exponent_counts(g.float()).numpy() * counted}
+                          "counts": S.sign_exponent_counts(g.float()).numpy() * histogrammed(self.seen, name)}
         self.steps.append({"rows": rows, "total": math.sqrt(total)})
 
     def close(self) -> None:
         steps, self.steps = self.steps, []
-        self.patterns.clear()
+        self.seen.clear()
         out = {}
         for name in steps[0]["rows"]:
             seen = [s["rows"][name] for s in steps if name in s["rows"]]
@@ -135,12 +134,12 @@ class Oracle:
         self.windows.append({"rows": out, "total_norm": sum(totals) / len(totals), "total_norm_max": max(totals)})
 
 
-def histogrammed(patterns: dict[tuple, int], pattern: tuple) -> bool:
-    """Whether the monitor histograms a step with gradients for ``pattern``: the 0th,
-    HISTOGRAM_EVERY-th, ... of that pattern in the window (``patterns``: its count so far)."""
-    seen = patterns.get(pattern, 0)
-    patterns[pattern] = seen + 1
-    return seen % HISTOGRAM_EVERY == 0
+def histogrammed(seen: dict[str, int], name: str) -> bool:
+    """Whether the monitor histograms parameter ``name``'s gradient at this step: its 0th,
+    HISTOGRAM_EVERY-th, ... step with a gradient in the window (``seen``: its count so far)."""
+    before = seen.get(name, 0)
+    seen[name] = before + 1
+    return before % HISTOGRAM_EVERY == 0
 
 
 def full(t: torch.Tensor) -> torch.Tensor:

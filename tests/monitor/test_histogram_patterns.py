@@ -2,7 +2,8 @@
 with a gradient changes from step to step, for stacked members, with small gradients that wait
 in runs of pending steps whose histogrammed steps differ from run to run. Oracle: the gradients
 as the optimizer applies them (a step pre-hook registered before the monitor's, which runs
-last), binned in numpy from their bits, over the 0th, N-th, 2N-th, ... step of each pattern."""
+last), binned in numpy from their bits, over each parameter's 0th, N-th, 2N-th, ... step with a
+gradient in the window."""
 
 from __future__ import annotations
 
@@ -43,8 +44,8 @@ def test_patterns_that_change_within_pending_runs_of_members(every, reduction_pa
     """``tiny`` has a gradient at even steps alone and ``small`` at steps not 2 mod 3, so the
     step's pattern changes; their copies (about 18,000 values a step) wait 3 to 4 steps before
     they are folded, in runs whose histogrammed steps differ. ``large`` is folded at once.
-    Each member's histogram holds its pattern's steps 0, N, 2N, ...; its zero fraction and
-    non-finite count take every step."""
+    Each member's histogram holds its parameter's steps 0, N, 2N, ... with a gradient; its zero
+    fraction and non-finite count take every step."""
     model = nn.Module()
     model.small = nn.Parameter(torch.zeros(MEMBERS, 9000))
     model.tiny = nn.Parameter(torch.zeros(MEMBERS, 3))
@@ -57,11 +58,12 @@ def test_patterns_that_change_within_pending_runs_of_members(every, reduction_pa
 
     def keep(opt, args, kwargs):
         present = tuple(name for name in names if getattr(model, name).grad is not None)
-        seen = patterns[present] = patterns.get(present, -1) + 1
+        patterns[present] = patterns.get(present, 0) + 1
         for i, name in enumerate(names):
             if name not in present:
                 continue
             grad = getattr(model, name).grad.numpy()
+            seen = steps[i]
             steps[i] += 1
             zeros[i] += (grad == 0).sum(1)
             nonfinite[i] += (~np.isfinite(grad)).sum(1)

@@ -70,10 +70,46 @@ def test_zeros_and_nonfinite_count_every_step_and_histograms_every_tenth(steps, 
     assert logged["dense_1.weight"]["nonfinite"] == (100 if steps > 4 else 0)      # one per row at step 4
 
 
+def test_each_expert_and_the_router_get_histograms_at_their_own_steps(reduction_path):
+    """A mixture of 6 experts, 2 routed to at each of 40 steps (at random): every parameter's
+    histogram holds its own 0th, 10th, ... step with a gradient, ceil(its steps / 10) of them,
+    whatever the other parameters did (the router has a gradient at every step: 4 histograms)."""
+    torch.manual_seed(3)
+    experts = nn.ModuleList([nn.Linear(4, 4) for _ in range(6)])
+    model = nn.ModuleDict({"router": nn.Linear(4, 6), "experts": experts})
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    kept = {name: [] for name, _ in model.named_parameters()}
+
+    def keep(opt, args, kwargs):
+        for name, p in model.named_parameters():
+            if p.grad is not None:
+                kept[name].append(p.grad.clone())
+
+    optimizer.register_step_pre_hook(keep)
+    generator = torch.Generator().manual_seed(0)
+    with GradientMonitor(model, None, activations=False) as monitor:
+        for _ in range(40):
+            optimizer.zero_grad(set_to_none=True)
+            x = torch.randn(8, 4)
+            chosen = torch.randperm(6, generator=generator)[:2].tolist()
+            gate = model["router"](x).softmax(-1)
+            out = sum(gate[:, e:e + 1] * experts[e](x) for e in chosen)
+            out.pow(2).mean().backward()
+            optimizer.step()
+        gradients = monitor.parts["gradients"]
+        gradients.reduce()
+        counts = gradients.counts.view(-1, 512).numpy()
+        for i, name in enumerate(monitor.names):
+            expected = sum((bins(g) for g in kept[name][::HISTOGRAM_EVERY]), np.zeros(512, np.int64))
+            np.testing.assert_array_equal(counts[i], expected, err_msg=name)
+    assert len(kept["router.weight"]) == 40 and counts[monitor.names.index("router.weight")].sum() == 4 * 24
+    assert len({len(grads) for grads in kept.values()}) > 2          # the experts' step counts differ
+
+
 def test_each_optimizer_gets_histograms_at_its_own_steps(reduction_path):
-    """A GAN's two optimizers step in turn: each network's parameters form their own pattern, so
-    each is histogrammed at its own steps 0, 10, ... (here 0 and 10 of its 12), not at the
-    window's steps 0 and 10 (which would be the generator's alone)."""
+    """A GAN's two optimizers step in turn: each network's parameters are histogrammed at their
+    own steps 0, 10, ... with a gradient (here 0 and 10 of their 12), not at the window's steps 0
+    and 10 (which would be the generator's alone)."""
     torch.manual_seed(1)
     generator, critic = nn.Linear(4, 4), nn.Linear(4, 1)
     model = nn.Sequential(OrderedDict(generator=generator, critic=critic))
