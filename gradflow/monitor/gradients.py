@@ -192,6 +192,9 @@ class Gradients(Part):
 
     def steps(self) -> np.ndarray:
         """How many recorded steps each slot's parameter had a gradient in."""
+        if len(self.steps_by_pattern) == 1:           # one pattern (the common case): no loop
+            ((pattern, count),) = self.steps_by_pattern.items()
+            return np.repeat(np.array(pattern, dtype=np.float64) * count, self.members)
         steps = np.zeros(len(self.params))
         for pattern, count in self.steps_by_pattern.items():
             steps[list(pattern)] += count
@@ -450,12 +453,10 @@ class Gradients(Part):
         over a partly frozen model holds them)."""
         if not self.held:
             return
-        held = np.zeros(len(self.params), dtype=bool)
-        for mask in self.held:
-            held |= True if mask is ALL else np.asarray(mask, dtype=bool)
-        trainable = np.array([p.requires_grad for p in self.params], dtype=bool)
-        idle = held & trainable & (steps.reshape(-1, self.members)[:, 0] == 0)
-        names = [name for name, flag in zip(self.setup.names, idle) if flag]
+        if steps.all():                            # every parameter had a step (the common case): none idle
+            names: list[str] = []
+        else:
+            names = self._idle_names(steps)
         said = names or names != self._idle_said               # a text while any is idle, and when none is again
         self._idle_said = names
         for k, window in enumerate(reader.windows):
@@ -463,6 +464,14 @@ class Gradients(Part):
             reader.scalars[k]["grad/idle_parameters"] = float(len(names))
             if said:
                 reader.texts[k]["grad/idle_parameters"] = idle_text(names, self.recorded)
+
+    def _idle_names(self, steps: np.ndarray) -> list[str]:
+        held = np.zeros(len(self.params), dtype=bool)
+        for mask in self.held:
+            held |= True if mask is ALL else np.asarray(mask, dtype=bool)
+        trainable = np.array([p.requires_grad for p in self.params], dtype=bool)
+        idle = held & trainable & (steps.reshape(-1, self.members)[:, 0] == 0)
+        return [name for name, flag in zip(self.setup.names, idle) if flag]
 
     def _rows(self, values: dict[str, np.ndarray], reader, steps: np.ndarray) -> None:
         counts = values["counts"].reshape(-1, S.SIGN_EXPONENT_BINS)
@@ -540,6 +549,8 @@ def _gaps(names: list[str], params: list[torch.Tensor], steps: np.ndarray, recor
     but no step (after ``remove()``: because the monitor was removed), gradients that no
     monitored optimizer stepped."""
     out = []
+    if recorded and steps.all():                  # every parameter recorded: nothing missed (the common case)
+        return out
     with_grad = {name for name, p in zip(names, params) if p.grad is not None}
     if removed and not recorded and not skipped:
         out.append(("removed", "log() after remove(): this monitor records no step once removed, so the window is "

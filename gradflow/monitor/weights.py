@@ -111,7 +111,7 @@ class Weights(Part):
         """Fold a group of tiny float32 CPU parameters in one kernel call (``_tiny_groups``) into
         their slots of ``rows`` and ``counts`` (None: not kept)."""
         start, lengths, slots = self._flat_starts[group]
-        now = _flat_copy([self.params[i].detach() for i in group])
+        now = _flat_copy([self.params[i] for i in group])      # under no_grad (summary): no detach() each
         if now.numel() != start.numel():       # cannot happen unless a parameter was resized in place
             raise MonitorError("a monitored parameter changed size; create a new GradientMonitor after resizing parameters")
         # renew: the kernel writes the current weights into the (flat, contiguous) start as it reads them
