@@ -530,6 +530,18 @@ def _count_block(unsigned, long_row, nonzero, sub, histogram, ahead, also, ahead
             _move_subnormals(unsigned, histogram)
 
 
+@njit(nogil=True, boundscheck=False, cache=True, inline="always")
+def _add_block_moments(values, bits, centre, threshold, result):
+    """Add a block's ``_block_moments`` to ``result`` ([sum x, sum |x|, sum x², -, count beyond]);
+    return its largest |x|'s bits."""
+    t, a, s, b, m = _block_moments(values, bits, centre, threshold)
+    result[0] += t
+    result[1] += a
+    result[2] += s
+    result[4] += b
+    return m
+
+
 @njit(nogil=True, boundscheck=False, cache=True)
 def _fold_piece(values, centre, threshold, counts, result, tally):
     """Add one piece's histogram to ``counts``, its statistics to ``result``: [sum x, sum |x|,
@@ -542,11 +554,7 @@ def _fold_piece(values, centre, threshold, counts, result, tally):
     top = np.int32(result[3])
     for start in range(0, values.size, BLOCK):
         stop = min(values.size, start + BLOCK)
-        t, a, s, b, m = _block_moments(values[start:stop], bits[start:stop], centre, threshold)
-        result[0] += t
-        result[1] += a
-        result[2] += s
-        result[4] += b
+        m = _add_block_moments(values[start:stop], bits[start:stop], centre, threshold, result)
         top = max(top, m)
         _count_block(unsigned[start:stop], True, m != 0, sub, counts, unsigned, None, stop, min(values.size, stop + BLOCK))
     result[3] = top
@@ -564,11 +572,7 @@ def _tally_piece(values, centre, threshold, result, tally):
     top = np.int32(result[3])
     for start in range(0, values.size, BLOCK):
         stop = min(values.size, start + BLOCK)
-        t, a, s, b, m = _block_moments(values[start:stop], bits[start:stop], centre, threshold)
-        result[0] += t
-        result[1] += a
-        result[2] += s
-        result[4] += b
+        m = _add_block_moments(values[start:stop], bits[start:stop], centre, threshold, result)
         top = max(top, m)
         z, n = _tally_block(bits[start:stop], m)
         tally[0] += z
@@ -666,6 +670,7 @@ def _fold_rows(values, lengths, row_slot, row_centre, row_threshold, counts, out
         long_row = lengths[r] >= SHORT_ROW
         for lo in range(start, stop, BLOCK):
             hi = min(stop, lo + BLOCK)
+            # out[r, k] directly: a view of the row (out[r]) per block cost rows of 100 values 7%
             t, a, s, b, m = _block_moments(values[lo:hi], bits[lo:hi], row_centre[r], row_threshold[r])
             out[r, 0] += t
             out[r, 1] += a
