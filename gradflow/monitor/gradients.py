@@ -42,12 +42,13 @@ JOINED_ELEMENTS = 1 << 18
 # By default (GradientMonitor's histogram_every) a parameter's gradient is histogrammed at every
 # HISTOGRAM_EVERY-th step of the window in which it has one, its first one included (so every
 # parameter with a gradient in a window has a histogram, an expert of a mixture that is routed
-# to now and then as well as the router); the other steps are folded without one. The histogram's counting loop is
-# about half of a fold (one increment a value, bound by its stores: kernels.py), the one cost of
-# a large model's step that grew with its size: resnet18 1.06x -> 1.03x, the wide MLP 1.07x ->
-# 1.04x with none at all (benchmarks/overhead.py --clock cpu --malloc fixed). Keras and
-# wandb.watch histogram one step in many too. Exact zeros and non-finite values are counted at
-# every step (``tallies``), so zero_fraction and nonfinite stay exact.
+# to now and then as well as the router); the other steps are folded without one. The
+# histogram's counting loop is about half of a fold (one increment a value, bound by its stores:
+# kernels.py), the one cost of a large model's step that grew with its size: resnet18 1.06x ->
+# 1.03x, the wide MLP 1.07x -> 1.04x with none at all (benchmarks/overhead.py --clock cpu
+# --malloc fixed). Keras and wandb.watch histogram one step in many too. Exact zeros and
+# non-finite values are counted at every step (``tallies``), so zero_fraction and nonfinite
+# stay exact.
 HISTOGRAM_EVERY = 10
 
 @dataclass
