@@ -5,8 +5,9 @@ counts (``stats.py``) of a gradient, a weight or an activation, or the ``LINEAR_
 counts of a bounded activation's outputs (tanh, sigmoid: octave bins would put tanh's whole
 0.5-1 range, where saturation shows, in one bin). Counts are additive, so ``HistogramPool``
 sums each tag's counts over ``every`` windows and builds one TensorBoard histogram per tag
-from them: every value of every recorded step is in it, none sampled, while the scalars stay
-per window. Weight histograms describe the weights at a window's end, a state and not a count
+from them: every value of the windows' histogrammed steps is in it (each parameter's every
+``histogram_every``-th step with a gradient: ``gradients.py``), while the scalars stay per
+window. Weight histograms describe the weights at a window's end, a state and not a count
 of the window's steps: a pool keeps the last window's.
 
 Example:
