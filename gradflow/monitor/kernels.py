@@ -1,6 +1,7 @@
 """Fused CPU kernels (numba) for the statistics of large tensors: one pass where torch needs six.
 
-The monitor reduces every element of every step. For a large tensor on the CPU, torch takes
+The monitor reduces every element of every step (the histogram every ``histogram_every``-th
+step: below). For a large tensor on the CPU, torch takes
 one pass per statistic (sum, sum of |x|, sum of squares, max |x|, the exponent bins) and a
 single-threaded ``bincount`` that alone costs about a nanosecond a value. These kernels compute
 them all in one pass over each 16 KB block while it sits in L1: the sums in float64 and max |x|

@@ -2,8 +2,9 @@
 
 Histograms use fixed bins read straight from a float32's bits: the sign and the 8-bit
 exponent give 512 bins, one per octave of |g| and sign (negative values first). One integer pass and
-one ``bincount`` cover any tensor, so histograms of every step can be summed over a window
-without sampling, and two bins come for free: exponent 0 holds the exact zeros (+0 and -0) and
+one ``bincount`` cover any tensor, so a step's histogram counts every value (no sampling) and the
+histograms of a window's steps add up (which steps a gradient's holds: ``histogram_every``,
+``gradients.py``), and two bins come for free: exponent 0 holds the exact zeros (+0 and -0) and
 exponent 255 Inf and NaN, which are counted and never plotted. A subnormal (0 < |g| < 2^-126,
 1.2e-38: exponent 0 in its bits) is not a zero: it is counted with exponent 1, the lowest
 non-zero bin of its sign, as are float64 values below float32's range (a vanishing gradient is
