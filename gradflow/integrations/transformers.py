@@ -33,8 +33,9 @@ class GradflowTrainerCallback(_tf.TrainerCallback):
         histograms: write value and log10 |g| histograms to TensorBoard: True at every window,
             an int N: each histogram sums N windows' counts (N times fewer histogram bytes;
             the last, partial one is written at the end), False: none.
-        histogram_every: the gradient histograms hold every N-th step of a window (default 10;
-            1: every step; ``GradientMonitor(histogram_every=N)``).
+        histogram_every: a parameter's gradient histogram holds every N-th of its steps with a
+            gradient in a window, its first included (default 10; 1: every step;
+            ``GradientMonitor(histogram_every=N)``); the scalars count every step.
         weights: also record weight norms, update ratios and weight histograms.
         activations: also tap activation modules (GELU, ReLU, tanh, ...) in training forward passes.
         nonfinite: find where the first NaN/inf came from (module, pass, step); the printed verdict

@@ -73,12 +73,13 @@ class GradientMonitor:
             last window's) and is written at the step of its last window, while scalars stay
             per window: N times fewer histogram bytes. Windows still pooling are written by
             ``flush()``, which ``remove()`` and leaving ``with`` call. False: none.
-        histogram_every: a parameter's gradient histogram holds every N-th step of the window
-            in which it has a gradient (default 10; 1: every step), its first included (a GAN's
-            two networks, a mixture's experts each get theirs). The other steps are folded without the
+        histogram_every: a parameter's gradient histogram holds its 1st, (N+1)-th, (2N+1)-th, ...
+            step with a gradient in the window (default N = 10; 1: every step), counted per
+            parameter, so a GAN's two networks and a mixture's experts each get theirs (23 steps
+            of one optimizer: 3 steps' values). The other steps are folded without the
             histogram, about half the pass over each gradient: resnet18 and the wide MLP cost
             1.06-1.07x a step with every step histogrammed, 1.04-1.05x with every 10th
-            (benchmarks/overhead.py --clock cpu). The statistics (zero_fraction and nonfinite
+            (benchmarks/overhead.py --clock cpu --malloc fixed). The statistics (zero_fraction and nonfinite
             included) count every element of every step either way.
         weights: also record weight norms, update ratios and weight histograms.
         activations: tap activation modules in training forward passes: True for torch's
