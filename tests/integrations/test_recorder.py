@@ -69,8 +69,9 @@ def test_the_recorder_imports_no_framework():
 
 
 def test_histogram_every_reaches_the_monitor_and_a_bad_one_is_refused():
-    """The callbacks' histogram_every: the recorder's monitor histograms every N-th step of a
-    window (here steps 0 and 3 of 5); 0 is a one-line ValueError at construction."""
+    """The callbacks' histogram_every: the recorder's monitor histograms each parameter's 1st,
+    (N+1)-th, ... step with a gradient (here its steps 0 and 3 of 5); 0 is a one-line ValueError
+    at construction."""
     import pytest
 
     model = torch.nn.Linear(3, 2)
