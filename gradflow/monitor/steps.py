@@ -41,8 +41,10 @@ ALL = "all"      # OptimizerMasks.mask: the optimizer steps every monitored para
 class OptimizerMasks:
     """Per optimizer: which of the monitor's parameters its ``param_groups`` hold, cached until
     the groups change (a group added, a list replaced or resized). On a miss that finds none of
-    them, ``refresh()`` may rebind the monitor to replaced parameters (True if it did): checked
-    once per change of the groups, not at every step."""
+    them, or a floating-point tensor besides them that the monitor does not know (a parameter
+    replaced by a new one of the same shape: ``model[0].weight = nn.Parameter(...)``, then a new
+    optimizer or a group added), ``refresh()`` may rebind the monitor to replaced parameters
+    (True if it did): checked once per change of the groups, not at every step."""
 
     def __init__(self, count: int, index_of: Callable[[], dict[int, int]], refresh: Callable[[], bool]) -> None:
         self._count = count
@@ -65,23 +67,31 @@ class OptimizerMasks:
         cached = self._cache.get(id(optimizer))
         if cached is not None and cached[1] == key and cached[0]() is optimizer:
             return key, cached[2]
-        mask = self.compute(optimizer)
-        if mask is None and self._refresh():     # its parameters may have replaced the monitored ones
-            mask = self.compute(optimizer)
+        mask, foreign = self._compute(optimizer)
+        if (mask is None or foreign) and self._refresh():    # a tensor it holds may have replaced a
+            mask = self.compute(optimizer)                   # monitored one (model[0].weight = Parameter(...))
         self._cache[id(optimizer)] = (entry_ref(self._cache, id(optimizer), optimizer), key, mask)
         return key, mask
 
-    def compute(self, optimizer: torch.optim.Optimizer) -> tuple[bool, ...] | None:
+    def compute(self, optimizer: torch.optim.Optimizer) -> tuple[bool, ...] | str | None:
+        return self._compute(optimizer)[0]
+
+    def _compute(self, optimizer: torch.optim.Optimizer) -> tuple[tuple[bool, ...] | str | None, bool]:
+        """(the mask, whether the optimizer holds a floating-point tensor that is not monitored:
+        one that may have replaced a monitored parameter, or another model's)."""
         index_of = self._index_of()
         flags = [False] * self._count
+        foreign = False
         for group in optimizer.param_groups:
             for p in group["params"]:
                 index = index_of.get(id(p))
                 if index is not None:
                     flags[index] = True
+                elif not foreign and isinstance(p, torch.Tensor) and p.is_floating_point():
+                    foreign = True
         if all(flags):
-            return ALL
-        return tuple(flags) if any(flags) else None
+            return ALL, foreign
+        return (tuple(flags) if any(flags) else None), foreign
 
     def forget(self) -> None:
         self._cache.clear()
