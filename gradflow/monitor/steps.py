@@ -27,13 +27,14 @@ Example:
 from __future__ import annotations
 
 import functools
+import sys
 import threading
 import weakref
 from collections.abc import Callable
 from typing import Any
 
 import torch
-from torch.optim.optimizer import register_optimizer_step_pre_hook
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 ALL = "all"      # OptimizerMasks.mask: the optimizer steps every monitored parameter
 
@@ -179,10 +180,23 @@ def replace_closure(args: tuple, kwargs: dict, closure: Callable, by_keyword: bo
 # the monitor makes sure its own *instance* pre-hook on that optimizer is the last one
 # (registering it on first sight, moving it to the end when the user registered another since):
 # the monitor records after every pre-hook of the optimizer, the gradient the step applies.
+#
+# Removing a monitor's hooks from an optimizer whose step is iterating them (in another thread,
+# or from a step hook of the user's in this one) raised "OrderedDict mutated during iteration"
+# out of that step: torch iterates the optimizer's hook dicts as they are. ``StepWatch.stop``
+# removes them at once only where no thread is inside that optimizer's step (``in_step``, read
+# from the threads' frames, under ``_LOCK`` with ``_STOPPING`` set: a step that finds it set in
+# ``_dispatch``, before it reaches the optimizer's own hooks, waits for the lock; one that found
+# it unset was inside the step already, and is seen there); else they wait in ``_DEFERRED`` for the end of that step
+# (``_finished``, a global post-hook, which torch calls after the optimizer's own post-hooks) or,
+# if that step raised, the start of the optimizer's next one.
 
 _LOCK = threading.Lock()
 _MONITORS: tuple = ()                 # weak references to the attached monitors
-_INSTALLED: list = []                 # the dispatcher's handle, once installed
+_INSTALLED: list = []                 # the dispatcher's and _finished's handles, once installed
+# id(optimizer) -> (weak reference to it, the hook handles to remove when its running step ends)
+_DEFERRED: dict[int, tuple[weakref.ref, list]] = {}
+_STOPPING = 0                         # a StepWatch.stop() is deciding which hooks it can remove now
 
 
 def watch_steps(monitor: Any) -> None:
@@ -192,6 +206,7 @@ def watch_steps(monitor: Any) -> None:
         _MONITORS = (*_MONITORS, weakref.ref(monitor))
         if not _INSTALLED:
             _INSTALLED.append(register_optimizer_step_pre_hook(_dispatch))
+            _INSTALLED.append(register_optimizer_step_post_hook(_finished))
 
 
 def unwatch_steps(monitor: Any) -> None:
@@ -220,11 +235,49 @@ def outside_compile(fn: Callable) -> Callable:
 
 @outside_compile
 def _dispatch(optimizer, args, kwargs):
+    if _STOPPING or _DEFERRED:       # a stop() deciding whether this step is running ends first
+        with _LOCK:
+            if _DEFERRED:
+                _remove_deferred(optimizer)
     for ref in _MONITORS:
         monitor = ref()
         if monitor is not None:
             monitor._on_step_seen(optimizer)
     return None
+
+
+@outside_compile
+def _finished(optimizer, args, kwargs):
+    """The end of every optimizer step (a global post-hook): the optimizer's own hook dicts are
+    no longer iterated, so the hooks a ``stop()`` during that step left are removed now."""
+    if _DEFERRED:
+        with _LOCK:
+            _remove_deferred(optimizer)
+
+
+def _remove_deferred(optimizer) -> None:
+    entry = _DEFERRED.pop(id(optimizer), None)
+    if entry is not None and entry[0]() is optimizer:
+        for handle in entry[1]:
+            handle.remove()
+
+
+_STEP_CODE = torch.optim.Optimizer.profile_hook_step(lambda self: None).__code__   # torch's step wrapper
+
+
+def in_step(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether some thread (this one included) is inside ``optimizer.step()``: a frame of
+    torch's step wrapper (``Optimizer.profile_hook_step``) whose optimizer is ``optimizer``,
+    on any thread's stack. Exact, and nothing to keep up to date: a step that raised has left
+    the stack."""
+    for frame in sys._current_frames().values():
+        while frame is not None:
+            if frame.f_code is _STEP_CODE:
+                args = frame.f_locals.get("args")
+                if args and args[0] is optimizer:
+                    return True
+            frame = frame.f_back
+    return False
 
 
 def last_pre_hook(optimizer: torch.optim.Optimizer, hook: Callable, handle=None):
@@ -282,12 +335,32 @@ class StepWatch:
         self.on = True
 
     def stop(self) -> None:
+        """Stop recording and remove the hooks: at once, or at the end of a step that is running
+        now (in another thread, or the step whose hook called this), whose iteration over the
+        optimizer's hooks a removal would break."""
         unwatch_steps(self)
         self.on = False
         hooks, self._hooks = self._hooks, {}
-        for _, pre, post in hooks.values():
-            pre.remove()
-            post.remove()
+        global _STOPPING
+        with _LOCK:
+            _STOPPING += 1
+            try:
+                self._remove(hooks)
+            finally:
+                _STOPPING -= 1
+
+    @staticmethod
+    def _remove(hooks: dict[int, tuple]) -> None:
+        for ref, pre, post in hooks.values():
+            optimizer = ref()
+            if optimizer is not None and in_step(optimizer):
+                entry = _DEFERRED.get(id(optimizer))
+                if entry is None or entry[0]() is not optimizer:
+                    entry = _DEFERRED[id(optimizer)] = (entry_ref(_DEFERRED, id(optimizer), optimizer), [])
+                entry[1].extend((pre, post))
+            else:
+                pre.remove()
+                post.remove()
 
     def _on_step_seen(self, optimizer: torch.optim.Optimizer) -> None:
         """An optimizer is about to step (``_dispatch``, before its own pre-hooks)."""

@@ -4,6 +4,8 @@ model's and optimizer's complete hook sets compared before attaching and after r
 
 from __future__ import annotations
 
+import threading
+
 import pytest
 import torch
 from monitor_oracle import step_statistics
@@ -66,3 +68,75 @@ def test_one_parameter_replaced_by_a_new_one_is_followed_at_the_next_step(when, 
     for name, values in norms.items():
         assert rows[name]["steps"] == expected_steps == len(values), (name, rows[name]["steps"], len(values))
         assert rows[name]["norm"] == pytest.approx(_mean(values), rel=1e-6), name
+
+
+def _optimizer_hooks(optimizer: torch.optim.Optimizer) -> dict[str, tuple]:
+    """The optimizer's own hook dicts, and torch's global ones (the monitor's one dispatcher
+    each, installed at the first attach and never removed, is left out)."""
+    from torch.optim import optimizer as torch_optimizer
+
+    from gradflow.monitor import steps
+    ours = set(map(id, (steps._dispatch, steps._finished)))
+    hooks = {name: tuple(getattr(optimizer, name)) for name in vars(optimizer) if name.startswith("_optimizer_")
+             and name.endswith("_hooks")}
+    for name in ("_global_optimizer_pre_hooks", "_global_optimizer_post_hooks"):
+        hooks[name] = tuple(k for k, hook in getattr(torch_optimizer, name).items() if id(hook) not in ours)
+    return hooks
+
+
+@pytest.mark.parametrize("where", ["other-thread-in-pre-hooks", "other-thread-in-post-hooks",
+                                   "own-pre-hook", "own-post-hook"])
+def test_remove_during_a_step_never_breaks_that_step(where):
+    """remove() while an optimizer step is iterating its hooks: from another thread (made exact:
+    a step hook of the user's waits until the other thread has removed the monitor), or from
+    the user's own step pre- or post-hook. Before, remove() deleted the monitor's hooks from the
+    dict torch was iterating: "OrderedDict mutated during iteration" out of optimizer.step().
+    Oracle: no exception, the step applied, the optimizer's hook dicts as before attaching once
+    the step is over, and the steps recorded before the removal (from p.grad)."""
+    model, x = _model(2), torch.randn(16, 4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    inside, left, errors, armed, norms = threading.Event(), threading.Event(), [], [False], []
+    own = where.startswith("own")
+
+    def user_hook(opt, args, kwargs):
+        if armed[0]:
+            armed[0] = False
+            if own:
+                monitor.remove()
+            else:
+                inside.set()
+                left.wait(10)
+
+    pre = where.endswith("pre-hook") or where.endswith("pre-hooks")
+    (optimizer.register_step_pre_hook if pre else optimizer.register_step_post_hook)(user_hook)
+    before = _optimizer_hooks(optimizer)
+    monitor = GradientMonitor(model, activations=False)
+
+    def train():
+        try:
+            for step in range(3):
+                armed[0] = step == 1
+                optimizer.zero_grad()
+                model(x).square().mean().backward()
+                norms.append(model[0].weight.grad.double().norm().item())
+                weight = model[0].weight.detach().clone()
+                optimizer.step()
+                assert not torch.equal(weight, model[0].weight)
+        except Exception as error:                 # what the user's training would see
+            errors.append(error)
+        finally:
+            inside.set()
+
+    thread = threading.Thread(target=train)
+    thread.start()
+    if not own:
+        inside.wait(10)
+        monitor.remove()
+        left.set()
+    thread.join()
+    assert not errors, errors
+    assert _optimizer_hooks(optimizer) == before
+    recorded = 1 if pre else 2                      # removed before or after the second step was recorded
+    row = monitor.log(0)["0.weight"]
+    assert row["steps"] == recorded
+    assert row["norm"] == pytest.approx(_mean(norms[:recorded]), rel=1e-6)
