@@ -50,8 +50,9 @@ def parameter_kinds(model: nn.Module) -> dict[str, str]:
     for module_name, module in modules.items():
         # A parametrized weight's tensors live in a ParametrizationList under its module
         # (fc.parametrizations.weight): their kind is the module's (fc's).
-        owner_module = modules.get(module_name.rpartition(".parametrizations.")[0]) \
-            if ".parametrizations." in module_name else None
+        dotted = "." + module_name         # the root's own: parametrizations.weight, owned by ""
+        owner_module = modules.get(dotted.rpartition(".parametrizations.")[0][1:]) \
+            if ".parametrizations." in dotted else None
         kind = module_kind(owner_module if owner_module is not None else module)
         for pname, p in module.named_parameters(recurse=False):
             full = f"{module_name}.{pname}" if module_name else pname

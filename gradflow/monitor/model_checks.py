@@ -51,12 +51,15 @@ def user_name(name: str) -> str:
     """The name a user knows a parameter by: a parametrized weight (``weight_norm``,
     ``spectral_norm``, ``orthogonal`` through ``torch.nn.utils.parametrize``) is listed by
     ``named_parameters()`` as ``fc.parametrizations.weight.original`` (``original0``,
-    ``original1`` where the parametrization has several); it is ``fc.weight`` (``fc.weight.original0``)."""
-    if PARAMETRIZED not in name:
+    ``original1`` where the parametrization has several); it is ``fc.weight`` (``fc.weight.original0``).
+    The model's own parametrized weight (``parametrizations.weight.original``) is ``weight``."""
+    dotted = "." + name                       # the root module's parametrizations have no owner before them
+    if PARAMETRIZED not in dotted:
         return name
-    owner, _, rest = name.rpartition(PARAMETRIZED)
+    owner, _, rest = dotted.rpartition(PARAMETRIZED)
     tensor, _, original = rest.partition(".")
-    return f"{owner}.{tensor}" if original == "original" else f"{owner}.{tensor}.{original}"
+    base = f"{owner[1:]}.{tensor}" if owner[1:] else tensor
+    return base if original == "original" else f"{base}.{original}"
 
 
 def _named(model: nn.Module) -> list[tuple[str, torch.Tensor]]:

@@ -25,6 +25,7 @@ Example (the part is the monitor's; ``GradientMonitor.forward_order`` reads it):
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Sequence
 from typing import TypeVar
 
@@ -51,7 +52,8 @@ class ForwardOrder(Part):
             return      # a compiled forward is not watched, and removing hooks later would recompile it once
         for prefix, module in model.named_modules():
             if module._parameters:              # a parametrized weight's tensors: its module's (fc's) call
-                self.keep(module.register_forward_pre_hook(_FirstCall(self, prefix.partition(".parametrizations.")[0])))
+                owner = ("." + prefix).partition(".parametrizations.")[0][1:]      # the root's own: ""
+                self.keep(module.register_forward_pre_hook(_FirstCall(self, owner)))
 
     def record(self, mask) -> None:
         if self.handles:
@@ -72,7 +74,18 @@ class ForwardOrder(Part):
 
 def _owner(name: str) -> str:
     """The module that holds a parameter, as ``named_modules()`` names it (the root's is ``""``)."""
-    return name.rpartition(".")[0]
+    return _tensor(name).rpartition(".")[0]
+
+
+_ORIGINALS = re.compile(r"\.original\d+$")
+
+
+def _tensor(name: str) -> str:
+    """The tensor a parameter stands for: itself, or for one of a parametrization's several
+    tensors (weight_norm's: ``fc.weight.original0``, ``original1``, named so by
+    ``model_checks.user_name``) the parametrized weight, ``fc.weight``. (A parameter really named
+    ``original0`` in a module named like a tensor would be taken for one of them.)"""
+    return _ORIGINALS.sub("", name) if "original" in name else name
 
 
 T = TypeVar("T")
@@ -100,8 +113,11 @@ def layer_of(parameter: str) -> str:
     Example:
         >>> layer_of("dense_1.weight"), layer_of("encoder.layers.0.attn.in_proj_weight"), layer_of("cls_token")
         ('dense_1', 'encoder.layers.0.attn', 'cls_token')
+        >>> layer_of("fc.weight.original1")          # weight_norm's direction of fc.weight
+        'fc'
     """
-    return parameter.rpartition(".")[0] or parameter
+    tensor = _tensor(parameter)
+    return tensor.rpartition(".")[0] or tensor
 
 
 class _FirstCall(LeavesCopiesAlone):

@@ -140,3 +140,69 @@ def test_remove_during_a_step_never_breaks_that_step(where):
     row = monitor.log(0)["0.weight"]
     assert row["steps"] == recorded
     assert row["norm"] == pytest.approx(_mean(norms[:recorded]), rel=1e-6)
+
+
+class _Split(nn.Module):
+    """A parametrization of two tensors (its ``right_inverse`` returns two): named
+    ``fc.weight.original0`` and ``fc.weight.original1``, as weight_norm's."""
+
+    def forward(self, a, b):
+        return a + b
+
+    def right_inverse(self, weight):
+        return weight / 2, weight / 2
+
+
+@pytest.mark.parametrize("parametrize", ["weight_norm", "two-tensor"])
+def test_a_weight_parametrized_by_two_tensors_is_one_layer_in_its_place(parametrize):
+    """weight_norm (and any parametrization of several tensors) gives ``2.weight.original0`` and
+    ``2.weight.original1``: they belong to layer ``2``, in the forward order where layer 2 ran.
+    Before, they were a layer ``2.weight`` of their own, put last in the forward order and so
+    taken by the verdict for the output layer (layer 4 is). Oracle: the model's own layers."""
+    from torch.nn.utils import parametrizations
+    from torch.nn.utils import parametrize as P
+
+    from gradflow.analysis.diagnose import diagnose_monitor
+    torch.manual_seed(3)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))
+    if parametrize == "weight_norm":
+        parametrizations.weight_norm(model[2])
+    else:
+        P.register_parametrization(model[2], "weight", _Split(), unsafe=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    with GradientMonitor(model, activations=False) as monitor:
+        for window in range(5):
+            optimizer.zero_grad()
+            model(torch.randn(16, 4)).square().mean().backward()
+            optimizer.step()
+            monitor.log(window)
+    assert monitor.forward_order == ["0.weight", "0.bias", "2.bias", "2.weight.original0", "2.weight.original1",
+                                     "4.weight", "4.bias"]
+    layers = diagnose_monitor(monitor, model=model).evidence["layers"]
+    assert list(layers) == ["0", "2", "4"]
+    assert [row["role"] for row in layers.values()] == ["hidden", "hidden", "head"]
+
+
+@pytest.mark.parametrize("parametrize", ["spectral_norm", "weight_norm"])
+def test_a_parametrized_weight_of_the_root_module_is_under_its_users_name(parametrize):
+    """``spectral_norm(nn.Linear(4, 1))`` monitored itself: named_parameters() lists
+    ``parametrizations.weight.original``, with no module before it; the user calls it ``weight``
+    (weight_norm's two: ``weight.original0``, ``weight.original1``), a linear layer's. Before, the
+    raw name stayed, of kind ``other``. Oracle: the name the model gives the weight, and the
+    gradient norm of the tensor behind it (p.grad before the step)."""
+    from torch.nn.utils import parametrizations
+    torch.manual_seed(4)
+    model = getattr(parametrizations, parametrize)(nn.Linear(4, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    with GradientMonitor(model, activations=False) as monitor:
+        optimizer.zero_grad()
+        model(torch.randn(8, 4)).square().mean().backward()
+        grads = {name: p.grad.double().norm().item() for name, p in model.named_parameters()}
+        optimizer.step()
+        rows = monitor.log(0)
+    tensors = ["weight"] if parametrize == "spectral_norm" else ["weight.original0", "weight.original1"]
+    assert monitor.names == ["bias", *tensors] and list(rows) == monitor.names
+    assert set(monitor.kinds.values()) == {"linear"}
+    for name in tensors:
+        raw = "parametrizations." + name if "original" in name else "parametrizations.weight.original"
+        assert rows[name]["norm"] == pytest.approx(grads[raw], rel=1e-6)
