@@ -160,7 +160,7 @@ def replaced_parameters(model: nn.Module, names: list[str], params: list[torch.T
 
 def check_attach(model, attached: Mapping[nn.Module, Any], *, members: int, activations_every: int,
                  through_time_every: int, history_length: int | None,
-                 histogram_every: int) -> tuple[nn.Module, list[tuple[str, torch.Tensor]]]:
+                 histogram_every: int, optimizer: Any = None) -> tuple[nn.Module, list[tuple[str, torch.Tensor]]]:
     """The user's module inside ``model`` (``unwrap``) and its monitored parameters, once
     GradientMonitor's arguments that concern them are checked; ``attached``: the monitor already
     on each module, if any.
@@ -170,7 +170,8 @@ def check_attach(model, attached: Mapping[nn.Module, Any], *, members: int, acti
         MonitorError: a monitor still attached to it, a wrapper whose gradients are not full ones
             (``sharding.check_collective_safe``), no parameter or one not materialised, bad
             ``members``, ``activations_every``, ``through_time_every``, ``history_length`` or
-            ``histogram_every``.
+            ``histogram_every``, an ``optimizer`` that is not an optimizer instance
+            (``check_optimizer``; one holding none of the parameters is a warning).
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"GradientMonitor needs an nn.Module, got {type(model).__name__}")
@@ -186,7 +187,27 @@ def check_attach(model, attached: Mapping[nn.Module, Any], *, members: int, acti
     check_positive("through_time_every", through_time_every, "1: every step")
     check_positive("histogram_every", histogram_every, "1: every step")
     check_positive("history_length", history_length, "None: keep every window", none=True)
+    check_optimizer(optimizer, inner, named)
     return inner, named
+
+
+def check_optimizer(optimizer: Any, model: nn.Module, named: list[tuple[str, torch.Tensor]]) -> None:
+    """GradientMonitor's ``optimizer=``: None, or an optimizer instance (anything with
+    ``param_groups``: torch.optim's, and wrappers such as ZeroRedundancyOptimizer or accelerate's).
+    A class (``torch.optim.SGD``) or anything else is a MonitorError: taken, it made every
+    optimizer step of the process raise in the monitor's dispatcher. One that holds none of
+    ``named`` is a warning: nothing is recorded until it does."""
+    if optimizer is None:
+        return
+    if isinstance(optimizer, type) or not hasattr(optimizer, "param_groups"):
+        what = f"the class {optimizer.__name__}" if isinstance(optimizer, type) else f"a {type(optimizer).__name__}"
+        raise MonitorError("optimizer must be a torch.optim.Optimizer instance (the one that steps this model's "
+                           f"parameters: optimizer=opt) or None, got {what}")
+    ours = {id(p) for _, p in named}
+    if not any(id(p) in ours for group in optimizer.param_groups for p in group["params"]):
+        warnings.warn(f"GradientMonitor: optimizer={type(optimizer).__name__} holds none of this "
+                      f"{type(model).__name__}'s parameters: nothing is recorded until it does (pass the optimizer "
+                      "that steps this model, or leave optimizer out to watch every one)", stacklevel=4)
 
 
 def monitored_kinds(model: nn.Module, names: list[str]) -> dict[str, str]:

@@ -129,7 +129,8 @@ class GradientMonitor:
     Raises:
         MonitorError: a second monitor on the same model, a parameter on the meta device or
             not yet initialised (lazy modules), a writer of an unknown kind, bad ``members``,
-            ``histograms``, ``histogram_every`` or ``activations_every``.
+            ``histograms``, ``histogram_every`` or ``activations_every``, an ``optimizer`` that is not an
+            optimizer instance (one that holds none of the model's parameters is a warning).
 
     The monitor keeps no reference to ``model`` itself, adds nothing to it, and removes every
     hook it added on ``remove()`` or on leaving ``with``.
@@ -151,7 +152,7 @@ class GradientMonitor:
                  through_time: bool = True, through_time_every: int = 50, histogram_every: int = 10) -> None:
         inner, named = check_attach(model, _ATTACHED, members=members, activations_every=activations_every,
                                     through_time_every=through_time_every, history_length=history_length,
-                                    histogram_every=histogram_every)
+                                    histogram_every=histogram_every, optimizer=optimizer)
         self._output = Output(writer, members, check_every(histograms))
         self.names = [name for name, _ in named]
         self.members, self.automatic, self.histograms = members, automatic, histograms

@@ -206,3 +206,32 @@ def test_a_parametrized_weight_of_the_root_module_is_under_its_users_name(parame
     for name in tensors:
         raw = "parametrizations." + name if "original" in name else "parametrizations.weight.original"
         assert rows[name]["norm"] == pytest.approx(grads[raw], rel=1e-6)
+
+
+@pytest.mark.parametrize("given", [torch.optim.SGD, "adam", [None], 3], ids=["the-class", "a-name", "a-list", "an-int"])
+def test_an_optimizer_argument_that_is_not_an_optimizer_is_a_one_line_error(given):
+    """``optimizer=torch.optim.SGD`` (the class, not the instance) was taken, and then every
+    optimizer step of the process raised AttributeError from the monitor's dispatcher (``type
+    object 'SGD' has no attribute 'param_groups'``); a name or a list gave "cannot create weak
+    reference". Now a one-line MonitorError at attach, naming what is accepted; the model's
+    training is untouched (oracle: the step applies)."""
+    from gradflow.monitor import MonitorError
+    model = _model(5)
+    if isinstance(given, list):
+        given = [torch.optim.SGD(model.parameters(), lr=0.1)]
+    with pytest.raises(MonitorError, match=r"^optimizer must be a torch\.optim\.Optimizer instance .*, got ") as error:
+        GradientMonitor(model, optimizer=given)
+    assert "\n" not in str(error.value)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(torch.randn(4, 4)).sum().backward()
+    weight = model[0].weight.detach().clone()
+    optimizer.step()
+    assert not torch.equal(weight, model[0].weight)
+
+
+def test_an_optimizer_holding_none_of_the_models_parameters_is_said_at_attach():
+    """``optimizer=`` an optimizer of another model: nothing would ever be recorded, and log()
+    blamed a hand-written update. Said when attaching."""
+    model, other = _model(6), _model(7)
+    with pytest.warns(UserWarning, match=r"optimizer=SGD holds none of this Sequential's parameters"):
+        GradientMonitor(model, optimizer=torch.optim.SGD(other.parameters(), lr=0.1)).remove()
