@@ -43,7 +43,14 @@ from torch import nn
 from gradflow.monitor import interception
 from gradflow.monitor.compact import Layouts
 from gradflow.monitor.histograms import check_every
-from gradflow.monitor.model_checks import check_attach, is_compiled, monitored_kinds, replaced_parameters, unwrap
+from gradflow.monitor.model_checks import (
+    check_attach,
+    check_positive,
+    is_compiled,
+    monitored_kinds,
+    replaced_parameters,
+    unwrap,
+)
 from gradflow.monitor.output import Output
 from gradflow.monitor.part import OnceWarnings, Part, Schedule, Setup
 from gradflow.monitor.parts import create_parts, recorders
@@ -156,8 +163,8 @@ class GradientMonitor:
         self._output = Output(writer, members, check_every(histograms))
         self.names = [name for name, _ in named]
         self.members, self.automatic, self.histograms = members, automatic, histograms
-        self.activations_every, self.history_length = activations_every, history_length
         self.history: list[Window] = []
+        self.activations_every, self.history_length = activations_every, history_length
         self._layouts = Layouts()            # what the compact old windows of history share (compact.py)
         self._model = weakref.ref(inner)
         self._warnings = OnceWarnings()
@@ -327,6 +334,19 @@ class GradientMonitor:
     def _read_back(self) -> dict[str, np.ndarray]:
         """Every part's device sums (``<part>/<key>``), folded and read back in one copy."""
         return read_parts(self.parts, self._sharding, self.parts["gradients"].recorded)
+
+    @property
+    def history_length(self) -> int | None:
+        """How many windows ``history`` keeps per member (None: every one). Settable: a shorter
+        length drops the oldest windows at once; MonitorError unless a positive int or None."""
+        return self._history_length
+
+    @history_length.setter
+    def history_length(self, length: int | None) -> None:
+        check_positive("history_length", length, "None: keep every window", none=True)
+        self._history_length = length
+        if length is not None and len(self.history) > length * self.members:
+            del self.history[:len(self.history) - length * self.members]
 
     def flush(self) -> None:
         """Write the histograms of windows still pooling (``histograms=N``: the windows since

@@ -235,3 +235,36 @@ def test_an_optimizer_holding_none_of_the_models_parameters_is_said_at_attach():
     model, other = _model(6), _model(7)
     with pytest.warns(UserWarning, match=r"optimizer=SGD holds none of this Sequential's parameters"):
         GradientMonitor(model, optimizer=torch.optim.SGD(other.parameters(), lr=0.1)).remove()
+
+
+def test_history_length_set_later_is_checked_and_applies_at_once():
+    """``monitor.history_length`` is settable: a shorter length drops the oldest windows at once,
+    None keeps every later one, and a bad length is the same one-line error as at attach. Before,
+    0 or -1 emptied ``history`` silently, and "10" made every later log() raise TypeError after
+    writing its window but before starting the next one, so the next window counted its steps
+    again. Oracle: the windows' own steps (one step each) and their order."""
+    from gradflow.monitor import MonitorError
+    model, x = _model(8), torch.randn(4, 4)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    with GradientMonitor(model, activations=False, history_length=6) as monitor:
+        for step in range(10):
+            optimizer.zero_grad()
+            model(x).sum().backward()
+            optimizer.step()
+            monitor.log(step)
+        assert [w.step for w in monitor.history] == [4, 5, 6, 7, 8, 9]
+        monitor.history_length = 3
+        assert monitor.history_length == 3 and [w.step for w in monitor.history] == [7, 8, 9]
+        for bad in (0, -1, 2.5, "10", True):
+            with pytest.raises(MonitorError, match=r"^history_length must be a positive int or None .*, got "):
+                monitor.history_length = bad
+        assert monitor.history_length == 3
+        optimizer.zero_grad()
+        model(x).sum().backward()
+        optimizer.step()
+        assert monitor.log(10)["0.weight"]["steps"] == 1
+        monitor.history_length = None
+        optimizer.zero_grad()
+        for step in range(11, 14):
+            monitor.log(step)
+        assert [w.step for w in monitor.history] == [8, 9, 10, 11, 12, 13]
