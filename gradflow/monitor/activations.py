@@ -96,6 +96,17 @@ class _ForwardEnd(LeavesCopiesAlone):
                                    and exception is not self.part.handled)
 
 
+def _running_anywhere(frame) -> bool:
+    """Whether ``frame`` is on some thread's call stack, this one's included (a pass still running)."""
+    for top in sys._current_frames().values():
+        f = top
+        while f is not None:
+            if f is frame:
+                return True
+            f = f.f_back
+    return False
+
+
 def _running(frame) -> bool:
     """Whether ``frame`` is on the current call stack (an ancestor of the caller's caller)."""
     f = sys._getframe(2)
@@ -338,6 +349,12 @@ class Activations(Part):
         self.pending_elements -= sum(a.numel() for _, a in dropped if a.numel() < DIRECT_OUTPUT)
         self.direct -= sum(a.numel() >= DIRECT_OUTPUT for _, a in dropped)
         self.forward_start = None
+        if self.caller is not None and _running_anywhere(self.caller):   # not ended: still running
+            done = "removed" if not self.attached else "read (log())"
+            self.setup.warn("cut-forward", f"the monitor was {done} while a forward pass of the model was running "
+                            "(in another thread, or from inside the pass): the activations it had produced were left "
+                            "out of the window (only whole forward passes are counted)")
+            return
         self.setup.warn("partial-forward", "a forward pass of the model raised halfway: the activations it had "
                         "produced were left out of the window (only whole forward passes are counted)")
 

@@ -268,3 +268,45 @@ def test_history_length_set_later_is_checked_and_applies_at_once():
         for step in range(11, 14):
             monitor.log(step)
         assert [w.step for w in monitor.history] == [8, 9, 10, 11, 12, 13]
+
+
+@pytest.mark.parametrize("where", ["other-thread", "own-forward-hook"])
+def test_remove_during_a_forward_pass_is_said_as_such(where):
+    """remove() while a profiled forward pass runs (from another thread, made exact: a forward
+    hook of the user's after the tapped tanh waits until the monitor is removed; or from that
+    hook itself): the tanh output it tapped is left out, and the warning says why. Before, it
+    said the pass "raised halfway", which no pass did. Oracle: no exception in the pass, and
+    the output the model returns is that of the model without a monitor."""
+    model, x = _model(9), torch.randn(16, 4)
+    expected = model(x).detach()
+    inside, left, errors, outputs = threading.Event(), threading.Event(), [], []
+    monitor = GradientMonitor(model, activations_every=1)
+
+    def hook(module, inputs, output):
+        if where == "own-forward-hook":
+            monitor.remove()
+        else:
+            inside.set()
+            left.wait(10)
+
+    model[2].register_forward_hook(hook)
+
+    def forward():
+        try:
+            outputs.append(model(x).detach())
+        except Exception as error:
+            errors.append(error)
+        finally:
+            inside.set()
+
+    with pytest.warns(UserWarning, match=r"removed while a forward pass of the model was running") as caught:
+        thread = threading.Thread(target=forward)
+        thread.start()
+        if where == "other-thread":
+            inside.wait(10)
+            monitor.remove()
+            left.set()
+        thread.join()
+    assert not errors, errors
+    assert not any("raised halfway" in str(w.message) for w in caught)
+    torch.testing.assert_close(outputs[0], expected)
