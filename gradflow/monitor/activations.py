@@ -234,7 +234,7 @@ class Activations(Part):
                            for name in self.names}
         self._model = weakref.ref(model)
         self._set_taps(self.setup.schedule.active)
-        self.setup.schedule.listen(self._set_taps)
+        self.setup.schedule.listen(self._retap)
         watch_forward_starts(self, model)
 
     def _set_taps(self, active: bool) -> None:
@@ -258,6 +258,19 @@ class Activations(Part):
         elif not active:
             self._remove_taps()
 
+    def _retap(self, active: bool) -> None:
+        """The schedule's listener: the taps on or off, inside the user's optimizer step. A module
+        that took its tap at attach but refuses it now stops the taps with a warning: never an
+        exception out of the step (at attach, a refusal is raised, and nothing is attached)."""
+        try:
+            self._set_taps(active)
+        except Exception as error:
+            self._remove_taps()
+            self.attached = False                     # no tap is added again; no window is said untapped
+            self.setup.warn("tap-refused", f"activations: a module refused its tap during training "
+                            f"({type(error).__name__}: {error}): activations are not recorded from here on; "
+                            "gradients and weights still are")
+
     def _remove_taps(self) -> None:
         taps, self._taps = self._taps, []
         for handle in taps:
@@ -276,7 +289,7 @@ class Activations(Part):
             self.drop_partial()
         if self.direct:                               # taps of a forward whose model hook did not run
             self.reduce_direct()
-        self.tapped |= self.setup.schedule.active
+        self.tapped |= self.setup.schedule.active and self.attached
 
     def forward_starts(self) -> None:
         """A profiled forward pass of the model begins: a pass that began before and never ended

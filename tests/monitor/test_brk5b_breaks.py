@@ -5,6 +5,7 @@ model's and optimizer's complete hook sets compared before attaching and after r
 from __future__ import annotations
 
 import threading
+import warnings
 
 import pytest
 import torch
@@ -310,3 +311,47 @@ def test_remove_during_a_forward_pass_is_said_as_such(where):
     assert not errors, errors
     assert not any("raised halfway" in str(w.message) for w in caught)
     torch.testing.assert_close(outputs[0], expected)
+
+
+class _SealedTanh(nn.Tanh):
+    """A tanh that takes forward hooks until it is sealed (as a module handed to a framework
+    that freezes its hooks), then refuses them."""
+
+    sealed = False
+
+    def register_forward_hook(self, *args, **kwargs):
+        if self.sealed:
+            raise RuntimeError("sealed: no more hooks")
+        return super().register_forward_hook(*args, **kwargs)
+
+
+def test_a_tap_refused_during_training_never_raises_into_the_step():
+    """The activation taps come off and back on between profiled passes (activations_every=2),
+    inside the step's recording. A module that took its tap at attach but refuses it later: before,
+    the RuntimeError came out of optimizer.step() (the monitor broke training). Now the taps stop
+    with one warning naming the cause, no false "no activation output" warning follows, the
+    gradients are still recorded (oracle: p.grad before each step), and remove() leaves the hooks
+    as they were."""
+    torch.manual_seed(11)
+    model = nn.Sequential(nn.Linear(4, 8), _SealedTanh(), nn.Linear(8, 1))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    x = torch.randn(16, 4)
+    before = {name: (tuple(m._forward_hooks), tuple(m._forward_pre_hooks)) for name, m in model.named_modules()}
+    norms = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with GradientMonitor(model, activations_every=2) as monitor:
+            model[1].sealed = True
+            for _ in range(6):
+                optimizer.zero_grad()
+                model(x).square().mean().backward()
+                norms.append(model[0].weight.grad.double().norm().item())
+                optimizer.step()
+            row = monitor.log(0)["0.weight"]
+    messages = [str(w.message) for w in caught]
+    assert [m for m in messages if "refused" in m] == [
+        "activations: a module refused its tap during training (RuntimeError: sealed: no more hooks): activations "
+        "are not recorded from here on; gradients and weights still are"], messages
+    assert not any("no activation output" in m for m in messages), messages
+    assert row["steps"] == 6 and row["norm"] == pytest.approx(_mean(norms), rel=1e-6)
+    assert {name: (tuple(m._forward_hooks), tuple(m._forward_pre_hooks)) for name, m in model.named_modules()} == before
