@@ -18,6 +18,7 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -160,7 +161,8 @@ def replaced_parameters(model: nn.Module, names: list[str], params: list[torch.T
 
 def check_attach(model, attached: Mapping[nn.Module, Any], *, members: int, activations_every: int,
                  through_time_every: int, history_length: int | None,
-                 histogram_every: int, optimizer: Any = None) -> tuple[nn.Module, list[tuple[str, torch.Tensor]]]:
+                 histogram_every: int, optimizer: Any = None,
+                 flags: Mapping[str, Any] | None = None) -> tuple[nn.Module, list[tuple[str, torch.Tensor]]]:
     """The user's module inside ``model`` (``unwrap``) and its monitored parameters, once
     GradientMonitor's arguments that concern them are checked; ``attached``: the monitor already
     on each module, if any.
@@ -171,7 +173,8 @@ def check_attach(model, attached: Mapping[nn.Module, Any], *, members: int, acti
             (``sharding.check_collective_safe``), no parameter or one not materialised, bad
             ``members``, ``activations_every``, ``through_time_every``, ``history_length`` or
             ``histogram_every``, an ``optimizer`` that is not an optimizer instance
-            (``check_optimizer``; one holding none of the parameters is a warning).
+            (``check_optimizer``; one holding none of the parameters is a warning), an on/off
+            option of ``flags`` (name -> value: ``weights``, ``automatic``, ...) that is not a bool.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"GradientMonitor needs an nn.Module, got {type(model).__name__}")
@@ -188,6 +191,9 @@ def check_attach(model, attached: Mapping[nn.Module, Any], *, members: int, acti
     check_positive("histogram_every", histogram_every, "1: every step")
     check_positive("history_length", history_length, "None: keep every window", none=True)
     check_optimizer(optimizer, inner, named)
+    for name, value in (flags or {}).items():
+        if not isinstance(value, (bool, np.bool_)):    # "off" and None were read for their truth
+            raise MonitorError(f"{name} must be True or False, got {value!r}")
     return inner, named
 
 

@@ -159,7 +159,9 @@ class GradientMonitor:
                  through_time: bool = True, through_time_every: int = 50, histogram_every: int = 10) -> None:
         inner, named = check_attach(model, _ATTACHED, members=members, activations_every=activations_every,
                                     through_time_every=through_time_every, history_length=history_length,
-                                    histogram_every=histogram_every, optimizer=optimizer)
+                                    histogram_every=histogram_every, optimizer=optimizer,
+                                    flags={"weights": weights, "automatic": automatic, "nonfinite": nonfinite,
+                                           "through_time": through_time})
         self._output = Output(writer, members, check_every(histograms))
         self.names = [name for name, _ in named]
         self.members, self.automatic, self.histograms = members, automatic, histograms

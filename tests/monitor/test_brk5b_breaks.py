@@ -355,3 +355,17 @@ def test_a_tap_refused_during_training_never_raises_into_the_step():
     assert not any("no activation output" in m for m in messages), messages
     assert row["steps"] == 6 and row["norm"] == pytest.approx(_mean(norms), rel=1e-6)
     assert {name: (tuple(m._forward_hooks), tuple(m._forward_pre_hooks)) for name, m in model.named_modules()} == before
+
+
+@pytest.mark.parametrize("flag", ["weights", "automatic", "nonfinite", "through_time"])
+@pytest.mark.parametrize("value", ["off", None, 0])
+def test_an_on_off_option_that_is_not_a_bool_is_a_one_line_error(flag, value):
+    """``nonfinite="off"`` switched the first-non-finite part on, ``weights="false"`` kept the
+    weight statistics, ``automatic="no"`` recorded every step: any value was read for its truth.
+    Now a one-line MonitorError naming the option and what is accepted, and nothing attached."""
+    from gradflow.monitor import MonitorError
+    model = _model(12)
+    with pytest.raises(MonitorError, match=rf"^{flag} must be True or False, got {value!r}$"):
+        GradientMonitor(model, **{flag: value})
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+    GradientMonitor(model, **{flag: False}).remove()
