@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import math
 import sys
+import threading
 import weakref
 from dataclasses import dataclass
 
@@ -94,17 +95,6 @@ class _ForwardEnd(LeavesCopiesAlone):
             exception = sys.exc_info()[1]
             self.part.forward_ends(raised=output is None and exception is not None
                                    and exception is not self.part.handled)
-
-
-def _running_anywhere(frame) -> bool:
-    """Whether ``frame`` is on some thread's call stack, this one's included (a pass still running)."""
-    for top in sys._current_frames().values():
-        f = top
-        while f is not None:
-            if f is frame:
-                return True
-            f = f.f_back
-    return False
 
 
 def _running(frame) -> bool:
@@ -216,6 +206,7 @@ class Activations(Part):
         self.depth = 0                                # calls of the model inside a profiled pass still running (self(...) in forward)
         self.handled: BaseException | None = None     # the exception the user's code was handling as that pass began
         self.caller = None                            # the frame of that pass's call of the model (torch's _call_impl)
+        self.caller_thread = 0                        # ... and the thread it runs in
         self.passes_before = 0                        # the schedule's count of training passes at the window's start
         self.unseen = {"no_grad": 0, "backward": 0}   # tap calls not taken, by why (no_activations_cause)
         self._plans = _BoundedCache()
@@ -247,14 +238,18 @@ class Activations(Part):
         if active and not self._taps and self.attached:
             model = self._model()
             if model is not None:      # the pass ending: with the taps only, as forward_starts is called
-                self._taps.append(model.register_forward_hook(_ForwardEnd(self), always_call=True))
+                handle = model.register_forward_hook(_ForwardEnd(self), always_call=True)
+                self._taps.append(handle)      # the list as it is now: remove() may have replaced it meanwhile
             for index, ref in enumerate(self._tapped_modules):
                 module = ref()
                 if module is not None:
                     # First among the module's hooks: the tap reads the module's own output, whatever
                     # hooks the user added before or since (a hook that returns a new output changes
                     # what later hooks see, and the taps come and go).
-                    self._taps.append(module.register_forward_hook(_Tap(self, index), prepend=True))
+                    handle = module.register_forward_hook(_Tap(self, index), prepend=True)
+                    self._taps.append(handle)
+            if not self.attached:      # removed meanwhile (remove() in another thread): these stay off
+                self._remove_taps()
         elif not active:
             self._remove_taps()
 
@@ -305,6 +300,7 @@ class Activations(Part):
         self.depth = 1
         self.handled = sys.exc_info()[1]
         self.caller = sys._getframe(2)                # forward_starts <- ForwardStarts <- the model's call
+        self.caller_thread = threading.get_ident()
 
     @property
     def forwards(self) -> int:
@@ -362,7 +358,7 @@ class Activations(Part):
         self.pending_elements -= sum(a.numel() for _, a in dropped if a.numel() < DIRECT_OUTPUT)
         self.direct -= sum(a.numel() >= DIRECT_OUTPUT for _, a in dropped)
         self.forward_start = None
-        if self.caller is not None and _running_anywhere(self.caller):   # not ended: still running
+        if self.caller is not None and self._still_running():
             done = "removed" if not self.attached else "read (log())"
             self.setup.warn("cut-forward", f"the monitor was {done} while a forward pass of the model was running "
                             "(in another thread, or from inside the pass): the activations it had produced were left "
@@ -370,6 +366,20 @@ class Activations(Part):
             return
         self.setup.warn("partial-forward", "a forward pass of the model raised halfway: the activations it had "
                         "produced were left out of the window (only whole forward passes are counted)")
+
+    def _still_running(self) -> bool:
+        """Whether the pass that has not ended runs still: in this thread, its call frame is on
+        the stack (else a KeyboardInterrupt ended it: torch runs the end hook on an Exception
+        only); in another, that thread lives (only the main thread gets KeyboardInterrupt;
+        another thread's frames cannot be read safely while it runs)."""
+        if self.caller_thread != threading.get_ident():
+            return any(thread.ident == self.caller_thread for thread in threading.enumerate())
+        frame = sys._getframe(1)
+        while frame is not None:
+            if frame is self.caller:
+                return True
+            frame = frame.f_back
+        return False
 
     def fold(self) -> None:
         """Fold in what is pending, less what a forward pass that never ended tapped (at

@@ -183,13 +183,14 @@ def replace_closure(args: tuple, kwargs: dict, closure: Callable, by_keyword: bo
 #
 # Removing a monitor's hooks from an optimizer whose step is iterating them (in another thread,
 # or from a step hook of the user's in this one) raised "OrderedDict mutated during iteration"
-# out of that step: torch iterates the optimizer's hook dicts as they are. ``StepWatch.stop``
-# removes them at once only where no thread is inside that optimizer's step (``in_step``, read
-# from the threads' frames, under ``_LOCK`` with ``_STOPPING`` set: a step that finds it set in
-# ``_dispatch``, before it reaches the optimizer's own hooks, waits for the lock; one that found
-# it unset was inside the step already, and is seen there); else they wait in ``_DEFERRED`` for the end of that step
-# (``_finished``, a global post-hook, which torch calls after the optimizer's own post-hooks) or,
-# if that step raised, the start of the optimizer's next one.
+# out of that step: torch iterates the optimizer's hook dicts as they are. A step is marked from
+# ``_dispatch`` (a global pre-hook: before the optimizer's own hooks) to ``_finished`` (a global
+# post-hook, which torch calls after them), per thread, in ``_STEPPING``. ``StepWatch.stop``
+# removes an optimizer's hooks at once only where no thread is inside its step (``in_step``),
+# deciding under ``_LOCK`` with ``_STOPPING`` set: a step that marks itself and then finds
+# ``_STOPPING`` set waits for the lock, one that found it unset was marked before ``stop`` looked.
+# Else the hooks wait in ``_DEFERRED`` for the end of that step, or the start of the
+# optimizer's next one where that step raised.
 
 _LOCK = threading.Lock()
 _MONITORS: tuple = ()                 # weak references to the attached monitors
@@ -197,6 +198,8 @@ _INSTALLED: list = []                 # the dispatcher's and _finished's handles
 # id(optimizer) -> (weak reference to it, the hook handles to remove when its running step ends)
 _DEFERRED: dict[int, tuple[weakref.ref, list]] = {}
 _STOPPING = 0                         # a StepWatch.stop() is deciding which hooks it can remove now
+# id(optimizer) -> (weak reference to it, the idents of the threads inside its step now)
+_STEPPING: dict[int, tuple[weakref.ref, set[int]]] = {}
 
 
 def watch_steps(monitor: Any) -> None:
@@ -235,6 +238,10 @@ def outside_compile(fn: Callable) -> Callable:
 
 @outside_compile
 def _dispatch(optimizer, args, kwargs):
+    entry = _STEPPING.get(id(optimizer))
+    if entry is None or entry[0]() is not optimizer:
+        entry = _STEPPING[id(optimizer)] = (entry_ref(_STEPPING, id(optimizer), optimizer), set())
+    entry[1].add(threading.get_ident())        # inside its step, until _finished
     if _STOPPING or _DEFERRED:       # a stop() deciding whether this step is running ends first
         with _LOCK:
             if _DEFERRED:
@@ -250,9 +257,13 @@ def _dispatch(optimizer, args, kwargs):
 def _finished(optimizer, args, kwargs):
     """The end of every optimizer step (a global post-hook): the optimizer's own hook dicts are
     no longer iterated, so the hooks a ``stop()`` during that step left are removed now."""
+    entry = _STEPPING.get(id(optimizer))
+    if entry is not None:
+        entry[1].discard(threading.get_ident())
     if _DEFERRED:
         with _LOCK:
-            _remove_deferred(optimizer)
+            if entry is None or not entry[1]:        # no other thread inside a step of it
+                _remove_deferred(optimizer)
 
 
 def _remove_deferred(optimizer) -> None:
@@ -266,17 +277,31 @@ _STEP_CODE = torch.optim.Optimizer.profile_hook_step(lambda self: None).__code__
 
 
 def in_step(optimizer: torch.optim.Optimizer) -> bool:
-    """Whether some thread (this one included) is inside ``optimizer.step()``: a frame of
-    torch's step wrapper (``Optimizer.profile_hook_step``) whose optimizer is ``optimizer``,
-    on any thread's stack. Exact, and nothing to keep up to date: a step that raised has left
-    the stack."""
-    for frame in sys._current_frames().values():
-        while frame is not None:
-            if frame.f_code is _STEP_CODE:
-                args = frame.f_locals.get("args")
-                if args and args[0] is optimizer:
-                    return True
-            frame = frame.f_back
+    """Whether some thread (this one included) is inside ``optimizer.step()``, past torch's
+    global pre-hooks: marked in ``_STEPPING``. A step that raised leaves its mark: this thread's
+    is checked on its own stack (a frame of torch's step wrapper, ``Optimizer.profile_hook_step``,
+    for ``optimizer``), a dead thread's is dropped, and a living thread's counts (another thread's
+    frames cannot be read safely while it runs: walking them gave a code object for a frame
+    under a switch interval of 1 us)."""
+    entry = _STEPPING.get(id(optimizer))
+    if entry is None or entry[0]() is not optimizer or not entry[1]:
+        return False
+    threads = entry[1]
+    me = threading.get_ident()
+    if me in threads and not _in_own_step(optimizer):
+        threads.discard(me)
+    threads.intersection_update({thread.ident for thread in threading.enumerate()})
+    return bool(threads)
+
+
+def _in_own_step(optimizer: torch.optim.Optimizer) -> bool:
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_code is _STEP_CODE:
+            args = frame.f_locals.get("args")
+            if args and args[0] is optimizer:
+                return True
+        frame = frame.f_back
     return False
 
 
