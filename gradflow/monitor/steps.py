@@ -12,6 +12,11 @@ The monitor records once per optimizer step, the gradient that step applies:
 - Only the parameters in the stepping optimizer's ``param_groups`` are recorded (a GAN's two
   optimizers each record their own network), re-read whenever the groups change
   (``add_param_group`` after the first step).
+- A wrapper's step and the inner steps it makes are one training step. Where the wrapper holds
+  an inner optimizer over the same parameters as an attribute (Lookahead, SAM, one rank's
+  ZeroRedundancyOptimizer), the inner step records, after the inner optimizer's own pre-hooks
+  (a hook there that rescales ``.grad`` runs after the wrapper's hooks); otherwise the
+  wrapper's step records and the inner steps over unchanged gradients are not counted again.
 
 Example:
     >>> import torch
@@ -121,6 +126,18 @@ def steps_for(chosen: torch.optim.Optimizer | None, optimizer: torch.optim.Optim
         return False
     groups = {id(group) for group in chosen.param_groups}
     return any(id(group) in groups for group in optimizer.param_groups)
+
+
+def inner_optimizer(optimizer: torch.optim.Optimizer, mask, mask_of: Callable) -> torch.optim.Optimizer | None:
+    """The optimizer that ``optimizer`` holds as an attribute over the same monitored parameters
+    (``mask_of(inner) == mask``): the one a wrapper steps to apply the gradient (a Lookahead's
+    inner optimizer, SAM's base optimizer, ZeroRedundancyOptimizer's ``optim`` on one rank).
+    None if there is none (an inner optimizer over part of them: ZeroRedundancyOptimizer's shard
+    on several ranks)."""
+    for value in getattr(optimizer, "__dict__", {}).values():
+        if isinstance(value, torch.optim.Optimizer) and value is not optimizer and mask_of(value) == mask:
+            return value
+    return None
 
 
 def closure_of(args: tuple, kwargs: dict) -> tuple[Callable | None, bool]:
@@ -264,7 +281,9 @@ class StepWatch:
         self.on = False
         self._outer = None                   # weak reference to the watched optimizer whose step is running
         self._mask = None                    # (id(optimizer), groups key, mask) from _on_step_seen, for the step's pre-hook
-        # id(optimizer) -> (weak reference to it, its pre-hook's handle, its post-hook's handle)
+        self._deferred = None                # the running wrapper's mask while its inner step is awaited (_defers)
+        # id(optimizer) -> (weak reference to it, its pre-hook's handle, its post-hook's handle,
+        # (groups key, weak reference to its inner optimizer or None) once _defers looked)
         self._hooks: dict[int, tuple] = {}
 
     def start(self) -> None:
@@ -275,7 +294,7 @@ class StepWatch:
         unwatch_steps(self)
         self.on = False
         hooks, self._hooks = self._hooks, {}
-        for _, pre, post in hooks.values():
+        for _, pre, post, _ in hooks.values():
             pre.remove()
             post.remove()
 
@@ -292,14 +311,31 @@ class StepWatch:
         if held is not None and held[0]() is optimizer:
             handle = last_pre_hook(optimizer, self._on_step, held[1])      # moved to the end if need be
             if handle is not held[1]:                                      # registered anew: the hooks were cleared
-                self._hooks[id(optimizer)] = held = (held[0], handle, held[2])
+                self._hooks[id(optimizer)] = held = (held[0], handle, *held[2:])
         else:
             self._hooks[id(optimizer)] = held = (entry_ref(self._hooks, id(optimizer), optimizer),
                                                  last_pre_hook(optimizer, self._on_step),
-                                                 optimizer.register_step_post_hook(self._on_step_done))
+                                                 optimizer.register_step_post_hook(self._on_step_done), None)
         if not self.on:          # stop() ran meanwhile in another thread, perhaps before these were kept
             held[1].remove()
             held[2].remove()
+
+    def _defers(self, optimizer: torch.optim.Optimizer, mask) -> bool:
+        """Whether ``optimizer`` wraps an inner optimizer (an attribute of it, ``inner_optimizer``)
+        whose step this monitor watches: that step records instead, after the inner optimizer's
+        own pre-hooks, which run after the wrapper's (a hook there that rescales ``.grad`` changes
+        what is applied). Looked up once per change of the wrapper's groups. Not under a
+        GradScaler that hands the wrapper itself the scale (``amp_scale``)."""
+        held = self._hooks.get(id(optimizer))
+        if held is None or getattr(optimizer, "_step_supports_amp_scaling", False):
+            return False
+        key = _groups_key(optimizer)
+        if held[3] is None or held[3][0] != key:
+            inner = inner_optimizer(optimizer, mask, self.masks.mask)
+            if inner is not None and self.only is not None and not steps_for(self.only(), inner):
+                inner = None                         # not watched (optimizer=): the wrapper's step records
+            held = self._hooks[id(optimizer)] = (*held[:3], (key, None if inner is None else weakref.ref(inner)))
+        return held[3][1] is not None and held[3][1]() is not None
 
     @outside_compile
     def _on_step_done(self, optimizer, args=(), kwargs=None) -> None:
@@ -308,6 +344,9 @@ class StepWatch:
         outer = self._outer() if self._outer is not None else None
         if outer is None or outer is optimizer:
             self._outer = None
+            deferred, self._deferred = self._deferred, None
+            if deferred is not None and self.on:     # the wrapper never stepped its inner optimizer: its own step
+                self.record(deferred, None)
             self.after()
 
     @outside_compile
@@ -323,6 +362,12 @@ class StepWatch:
         outer = self._outer() if self._outer is not None else None
         if outer is None or outer is optimizer:      # else an inner step of the running one (a step that raised
             self._outer = weakref.ref(optimizer)     # leaves it set until that optimizer steps again)
+            self._deferred = None
+            if self._defers(optimizer, mask):        # its inner optimizer's step records, after that one's pre-hooks
+                self._deferred = mask
+                return None
+        else:
+            self._deferred = None
         amp = amp_scale(optimizer, kwargs) if getattr(optimizer, "_step_supports_amp_scaling", False) else None
         if amp is not None:                          # a fused optimizer under GradScaler: still scaled
             scale, found_inf = amp
