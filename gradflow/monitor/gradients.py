@@ -270,11 +270,29 @@ class Gradients(Part):
             was_first, was_last = held[0](), held[1]()
             if was_first is first and was_last is last and held[2] == key:
                 return True
-            if was_first is not None and was_last is not None and held[2] == (was_first._version, was_last._version) \
-                    and all(had or not has for had, has in zip(held[3], pattern)):
-                return True
+            if all(had or not has for had, has in zip(held[3], pattern)):
+                if was_first is not None and was_last is not None and held[2] == (was_first._version,
+                                                                                   was_last._version):
+                    return True
+                if self.setup.inner_step:            # changed inside the wrapper's step that recorded them
+                    self._said_changed(pattern)
+                    return True
         self._last = (weakref.ref(first), weakref.ref(last), key, pattern)
         return False
+
+    def _said_changed(self, pattern: tuple[bool, ...]) -> None:
+        """An inner step of a wrapper's step, over part of the parameters the wrapper's step
+        recorded, found their gradients changed since (a pre-hook of the inner optimizer rescaled
+        them). The training step stays counted once, with the gradients the wrapper's step saw:
+        said in a warning. (Where the inner optimizer holds every parameter of the wrapper, its
+        step records alone, after its pre-hooks: steps.StepWatch._defers; over part of them, as
+        ZeroRedundancyOptimizer's shard on several ranks, the wrapper's step records first.)"""
+        names = [name for name, has in zip(self.setup.names, pattern) if has]
+        self.setup.warn("changed-in-step", f"{', '.join(names[:5])}{' ...' if len(names) > 5 else ''}: their "
+                        "gradients changed between a wrapper optimizer's step and the step of an inner optimizer "
+                        "over part of its parameters (a step pre-hook on the inner optimizer?); the monitor reports "
+                        "them as the wrapper's step found them, before that change. Register such a hook on the "
+                        "wrapper to have it in what is reported")
 
     def _histogrammed(self, plan: _GradientPlan, pattern: tuple[bool, ...], seen: int) -> bool | np.ndarray:
         """Whether this step's gradients go into the histograms: each parameter's at its 0th,

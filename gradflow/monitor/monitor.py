@@ -260,19 +260,20 @@ class GradientMonitor:
         else:
             self._record(mask)
 
-    def _record(self, mask, unscale: torch.Tensor | None = None) -> None:
+    def _record(self, mask, unscale: torch.Tensor | None = None, inner: bool = False) -> None:
         """One applied step, part by part (a part returning False ends it: no gradient); then
-        the schedule decides whether the next forward pass is profiled."""
+        the schedule decides whether the next forward pass is profiled. ``inner``: an inner step
+        of a running wrapper's step (steps.StepWatch)."""
         if torch.is_inference_mode_enabled():      # a step under inference_mode: buffers made here stay writable
             with torch.inference_mode(False):
-                return self._record(mask, unscale)
-        self._setup.unscale = unscale
+                return self._record(mask, unscale, inner)
+        self._setup.unscale, self._setup.inner_step = unscale, inner
         try:
             for part in self._recorders:
                 if part.record(mask) is False:
                     return
         finally:
-            self._setup.unscale = None
+            self._setup.unscale, self._setup.inner_step = None, False
         self._setup.schedule.step()
 
     def _skip(self, mask) -> None:

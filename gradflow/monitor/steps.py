@@ -268,12 +268,14 @@ def amp_scale(optimizer: torch.optim.Optimizer, kwargs: dict | None) -> tuple[to
 
 class StepWatch:
     """One monitor's watch of optimizer steps: its pre-hook, kept last on every optimizer that
-    holds its parameters (``only``: that optimizer alone), calling ``record(mask, unscale)``
+    holds its parameters (``only``: that optimizer alone), calling ``record(mask, unscale, inner)``
     where the step's gradient is final (after a closure's backward; ``unscale``: 1 / the
-    GradScaler's scale for a fused optimizer's still-scaled gradients, else None)."""
+    GradScaler's scale for a fused optimizer's still-scaled gradients, else None; ``inner``:
+    the step is an inner step of a running wrapper's step)."""
 
     def __init__(self, masks: OptimizerMasks, only: torch.optim.Optimizer | None,
-                 record: Callable[[Any, torch.Tensor | None], None], after: Callable[[], None] = lambda: None) -> None:
+                 record: Callable[[Any, torch.Tensor | None, bool], None],
+                 after: Callable[[], None] = lambda: None) -> None:
         self.masks = masks
         self.only = weakref.ref(only) if only is not None else None
         self.record = record
@@ -346,7 +348,7 @@ class StepWatch:
             self._outer = None
             deferred, self._deferred = self._deferred, None
             if deferred is not None and self.on:     # the wrapper never stepped its inner optimizer: its own step
-                self.record(deferred, None)
+                self.record(deferred, None, False)
             self.after()
 
     @outside_compile
@@ -360,8 +362,9 @@ class StepWatch:
         if mask is None or not self.on:
             return None
         outer = self._outer() if self._outer is not None else None
-        if outer is None or outer is optimizer:      # else an inner step of the running one (a step that raised
-            self._outer = weakref.ref(optimizer)     # leaves it set until that optimizer steps again)
+        inner = outer is not None and outer is not optimizer     # an inner step of the running one (a step
+        if not inner:                                            # that raised leaves it set until that optimizer
+            self._outer = weakref.ref(optimizer)                 # steps again)
             self._deferred = None
             if self._defers(optimizer, mask):        # its inner optimizer's step records, after that one's pre-hooks
                 self._deferred = mask
@@ -372,15 +375,15 @@ class StepWatch:
         if amp is not None:                          # a fused optimizer under GradScaler: still scaled
             scale, found_inf = amp
             if not found_inf.item():                 # else skipped: interception counts it (one sync, AMP only)
-                self.record(mask, None if scale is None else scale.double().reciprocal().float())
+                self.record(mask, None if scale is None else scale.double().reciprocal().float(), inner)
             return None
         if len(args) < 2 and not kwargs:             # step() with no argument: no closure (the common case)
-            self.record(mask, None)
+            self.record(mask, None, inner)
             return None
         closure, by_keyword = closure_of(args, kwargs or {})
         if closure is None:
-            self.record(mask, None)
+            self.record(mask, None, inner)
             return None
         # The closure runs forward and backward inside step(): record after it, not before.
-        wrapped = recording_closure(closure, lambda: self.record(mask, None))
+        wrapped = recording_closure(closure, lambda: self.record(mask, None, inner))
         return replace_closure(args, kwargs or {}, wrapped, by_keyword)

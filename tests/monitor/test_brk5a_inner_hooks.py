@@ -72,3 +72,41 @@ def test_a_hook_on_the_inner_optimizer_is_applied_once_per_step(inner_class, hoo
         rows = monitor.log(0)
     assert monitor.history[-1].overall["steps"] == 3
     assert_matches_oracle(rows, oracle)
+
+
+class PerKind(torch.optim.Optimizer):
+    """One optimizer over two inner ones, each on part of the parameters (matrices, the rest), as
+    ZeroRedundancyOptimizer's inner optimizer holds one rank's shard."""
+
+    def __init__(self, *inner: torch.optim.Optimizer):
+        self.inner = inner
+        super().__init__([g for opt in inner for g in opt.param_groups], {})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for opt in self.inner:
+            opt.step()
+
+
+def test_a_hook_on_an_inner_optimizer_over_part_of_the_parameters_is_said():
+    """The wrapper's step records every parameter before the inner hooks run; where a hook on an
+    inner optimizer over part of them then changes their gradients, the step stays counted once
+    with the gradients the wrapper's step saw, and a warning says so (it counted them twice, the
+    biases included). Oracle: .grad before the wrapper's step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    matrices = torch.optim.SGD([p for p in model.parameters() if p.dim() == 2], lr=0.01)
+    optimizer = PerKind(matrices, torch.optim.SGD([p for p in model.parameters() if p.dim() != 2], lr=0.01))
+    oracle = GradientOracle(model.named_parameters())
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    with GradientMonitor(model, activations=False) as monitor:
+        matrices.register_step_pre_hook(_triple_in_place)
+        with pytest.warns(UserWarning, match=r"0\.weight, 2\.weight: their gradients changed"):
+            for i in range(2):
+                optimizer.zero_grad()
+                nn.functional.mse_loss(model(x * (i + 1)), y).backward()
+                oracle.capture()
+                optimizer.step()
+        rows = monitor.log(0)
+    assert monitor.history[-1].overall["steps"] == 2
+    assert_matches_oracle(rows, oracle)
