@@ -145,6 +145,8 @@ class Gradients(Part):
         self._batches = _BoundedCache()
         self._last: tuple | None = None              # the last recorded step's first and last gradient
         self._idle_said: list[str] = []              # the idle parameters the last text named
+        # (id, _version) of each gradient as the last window with a step left it: left over, not missed
+        self._logged: frozenset[tuple[int, int]] = frozenset()
         self._slot_tags: list[tuple[tuple[str, ...], str, str]] | None = None
 
     def bind(self, params: list[torch.Tensor]) -> None:
@@ -457,8 +459,10 @@ class Gradients(Part):
         that step's value) and the window's own row (``columns.OVERALL``)."""
         steps = self.steps()
         for key, message in _gaps(self.setup.names, self.params, steps.reshape(-1, self.members)[:, 0],
-                                  self.recorded, self.skipped_steps, self.removed):
+                                  self.recorded, self.skipped_steps, self.removed, self._logged):
             self.setup.warn(key, message)
+        if self.recorded or self.skipped_steps:
+            self._logged = _marks(self.params)
         for window in reader.windows:
             window.steps = int(steps.max(initial=0))
             window.kinds = self.setup.kinds
@@ -562,15 +566,25 @@ def idle_text(names: list[str], steps: int, shown: int = 50) -> str:
             f"although an optimizer that stepped {held}: {listed}")
 
 
+def _marks(params: list[torch.Tensor]) -> frozenset[tuple[int, int]]:
+    """Each present gradient's identity and version: ints, no reference that would stop a
+    ``swap_tensors`` conversion. A gradient that a later step or backward replaces or adds to
+    has another one."""
+    return frozenset((id(p.grad), p.grad._version) for p in params if p.grad is not None)
+
+
 def _gaps(names: list[str], params: list[torch.Tensor], steps: np.ndarray, recorded: int,
-          skipped: int, removed: bool = False) -> list[tuple[str, str]]:
+          skipped: int, removed: bool = False, logged: frozenset = frozenset()) -> list[tuple[str, str]]:
     """What a window did not record although it could have, as (key, warning) pairs: gradients
     but no step (after ``remove()``: because the monitor was removed), gradients that no
-    monitored optimizer stepped."""
+    monitored optimizer stepped. Gradients left as they were at the close of the last window
+    with a step (``logged``, ``_marks``: ``log()`` twice with no step between) are no sign of a
+    missed step."""
     out = []
     if recorded and steps.all():                  # every parameter recorded: nothing missed (the common case)
         return out
-    with_grad = {name for name, p in zip(names, params) if p.grad is not None}
+    with_grad = {name for name, p in zip(names, params)
+                 if p.grad is not None and (id(p.grad), p.grad._version) not in logged}
     if removed and not recorded and not skipped:
         out.append(("removed", "log() after remove(): this monitor records no step once removed, so the window is "
                     "empty; attach a new GradientMonitor to record again"))

@@ -203,6 +203,37 @@ def check_members(named: list[tuple[str, torch.Tensor]], members: int) -> None:
                                f"{members}; {name} has shape {tuple(p.shape)}")
 
 
+def check_optimizer(optimizer: Any, where: str) -> None:
+    """MonitorError unless ``optimizer`` is None or an optimizer: a ``torch.optim.Optimizer``, or a
+    wrapper with ``param_groups`` as torch's (Lightning's ``LightningOptimizer``). ``where``
+    names the argument in the one-line message."""
+    if optimizer is None or isinstance(optimizer, torch.optim.Optimizer):
+        return
+    groups = getattr(optimizer, "param_groups", None) if not isinstance(optimizer, nn.Module) else None
+    if not (isinstance(groups, list) and all(isinstance(group, dict) and "params" in group for group in groups)):
+        raise MonitorError(f"{where} must be a torch.optim.Optimizer (or a wrapper of one with its param_groups) "
+                           f"or None, got {type(optimizer).__name__} {_short(optimizer)}")
+
+
+def check_step(step: Any) -> int:
+    """``step`` as a Python int, or a MonitorError unless it is an int >= 0 (numpy and 0-d torch
+    integers too; not bool): ``log(step)``'s x-axis position, an epoch or a global step."""
+    if not isinstance(step, bool):
+        try:
+            value = operator.index(step)
+        except TypeError:
+            value = -1
+        if value >= 0:
+            return value
+    raise MonitorError(f"log(step): step must be an int >= 0 (an epoch or a global step, TensorBoard's x axis), "
+                       f"got {_short(step)}")
+
+
+def _short(value: Any) -> str:
+    text = repr(value).replace("\n", " ")
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def check_positive(name: str, value, meaning: str = "", none: bool = False,
                    error: type[Exception] = MonitorError) -> None:
     """``error`` (MonitorError by default) unless ``value`` is a positive int (or None where

@@ -43,7 +43,16 @@ from torch import nn
 from gradflow.monitor import interception
 from gradflow.monitor.compact import Layouts
 from gradflow.monitor.histograms import check_every
-from gradflow.monitor.model_checks import check_attach, is_compiled, monitored_kinds, replaced_parameters, unwrap
+from gradflow.monitor.model_checks import (
+    check_attach,
+    check_optimizer,
+    check_positive,
+    check_step,
+    is_compiled,
+    monitored_kinds,
+    replaced_parameters,
+    unwrap,
+)
 from gradflow.monitor.output import Output
 from gradflow.monitor.part import OnceWarnings, Part, Schedule, Setup
 from gradflow.monitor.parts import create_parts, recorders
@@ -128,8 +137,9 @@ class GradientMonitor:
 
     Raises:
         MonitorError: a second monitor on the same model, a parameter on the meta device or
-            not yet initialised (lazy modules), a writer of an unknown kind, bad ``members``,
-            ``histograms``, ``histogram_every`` or ``activations_every``.
+            not yet initialised (lazy modules), a writer of an unknown kind, an ``optimizer``
+            that is not one, bad ``members``, ``histograms``, ``histogram_every`` or
+            ``activations_every``.
 
     The monitor keeps no reference to ``model`` itself, adds nothing to it, and removes every
     hook it added on ``remove()`` or on leaving ``with``.
@@ -152,6 +162,7 @@ class GradientMonitor:
         inner, named = check_attach(model, _ATTACHED, members=members, activations_every=activations_every,
                                     through_time_every=through_time_every, history_length=history_length,
                                     histogram_every=histogram_every)
+        check_optimizer(optimizer, "GradientMonitor(optimizer=)")
         self._output = Output(writer, members, check_every(histograms))
         self.names = [name for name, _ in named]
         self.members, self.automatic, self.histograms = members, automatic, histograms
@@ -205,6 +216,17 @@ class GradientMonitor:
     def attached(self) -> bool:
         return self._steps.on or self in interception._WATCHERS
 
+    @property
+    def history_length(self) -> int | None:
+        """How many windows ``history`` keeps per member (None: every one); settable, checked
+        (MonitorError unless a positive int or None), applied at the next ``log()``."""
+        return self._history_length
+
+    @history_length.setter
+    def history_length(self, value: int | None) -> None:
+        check_positive("history_length", value, "None: keep every window", none=True)
+        self._history_length = value
+
     def remove(self) -> None:
         """Remove every hook this monitor added. Safe to call more than once; never raises
         (what fails after the hooks are gone, say a closed writer, is a warning)."""
@@ -249,7 +271,12 @@ class GradientMonitor:
         every monitored parameter. Called for you at each optimizer step (``automatic=True``);
         call it yourself where your loop's gradient is final if it has no torch.optim optimizer,
         or with ``automatic=False``. ``skipped=True``: the step was not applied (an AMP overflow);
-        it is counted as skipped with its non-finite values, not averaged into the statistics."""
+        it is counted as skipped with its non-finite values, not averaged into the statistics.
+
+        Raises:
+            MonitorError: ``optimizer`` is neither None nor an optimizer (``param_groups``).
+        """
+        check_optimizer(optimizer, "record(optimizer)")
         mask = None if optimizer is None else self._masks.mask(optimizer)
         if optimizer is not None and mask is None:
             self._warnings.warn("foreign-optimizer", f"record({type(optimizer).__name__}): that optimizer holds "
@@ -314,9 +341,11 @@ class GradientMonitor:
         followed: the window's sums move with it and the window goes on (``conversions.py``).
 
         Raises:
-            MonitorError: the model's parameters were replaced by tensors of another shape, split
-                over several devices or put on the meta device since the monitor attached.
+            MonitorError: ``step`` is not an int >= 0 (numpy and 0-d torch integers are taken; the
+                window stays open), or the model's parameters were replaced by tensors of another
+                shape, split over several devices or put on the meta device since the monitor attached.
         """
+        step = check_step(step)
         self._follow()
         reader = read_window(self.parts, self._read_back(), step, self.members)
         self._output.write(reader.scalars, reader.wanted, step, final=not self.attached, texts=reader.texts)
