@@ -18,6 +18,7 @@ import warnings
 from collections.abc import Mapping
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -213,6 +214,13 @@ def check_optimizer(optimizer: Any, where: str) -> None:
     if not (isinstance(groups, list) and all(isinstance(group, dict) and "params" in group for group in groups)):
         raise MonitorError(f"{where} must be a torch.optim.Optimizer (or a wrapper of one with its param_groups) "
                            f"or None, got {type(optimizer).__name__} {_short(optimizer)}")
+
+
+def check_switch(name: str, value: Any) -> None:
+    """MonitorError unless ``value`` is a bool (numpy's too): a string such as ``"no"`` would
+    read as True."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise MonitorError(f"{name} must be True or False, got {_short(value)}")
 
 
 def check_step(step: Any) -> int:

@@ -48,6 +48,7 @@ from gradflow.monitor.model_checks import (
     check_optimizer,
     check_positive,
     check_step,
+    check_switch,
     is_compiled,
     monitored_kinds,
     replaced_parameters,
@@ -138,8 +139,8 @@ class GradientMonitor:
     Raises:
         MonitorError: a second monitor on the same model, a parameter on the meta device or
             not yet initialised (lazy modules), a writer of an unknown kind, an ``optimizer``
-            that is not one, bad ``members``, ``histograms``, ``histogram_every`` or
-            ``activations_every``.
+            that is not one, a switch (``weights``, ``automatic``, ...) that is not a bool, bad
+            ``members``, ``histograms``, ``histogram_every`` or ``activations_every``.
 
     The monitor keeps no reference to ``model`` itself, adds nothing to it, and removes every
     hook it added on ``remove()`` or on leaving ``with``.
@@ -163,6 +164,9 @@ class GradientMonitor:
                                     through_time_every=through_time_every, history_length=history_length,
                                     histogram_every=histogram_every)
         check_optimizer(optimizer, "GradientMonitor(optimizer=)")
+        for name, switch in (("weights", weights), ("automatic", automatic), ("nonfinite", nonfinite),
+                             ("through_time", through_time)):
+            check_switch(name, switch)
         self._output = Output(writer, members, check_every(histograms))
         self.names = [name for name, _ in named]
         self.members, self.automatic, self.histograms = members, automatic, histograms
@@ -274,9 +278,11 @@ class GradientMonitor:
         it is counted as skipped with its non-finite values, not averaged into the statistics.
 
         Raises:
-            MonitorError: ``optimizer`` is neither None nor an optimizer (``param_groups``).
+            MonitorError: ``optimizer`` is neither None nor an optimizer (``param_groups``), or
+                ``skipped`` is not a bool.
         """
         check_optimizer(optimizer, "record(optimizer)")
+        check_switch("record(skipped=)", skipped)
         mask = None if optimizer is None else self._masks.mask(optimizer)
         if optimizer is not None and mask is None:
             self._warnings.warn("foreign-optimizer", f"record({type(optimizer).__name__}): that optimizer holds "

@@ -97,3 +97,21 @@ def test_logging_twice_with_no_step_between_says_nothing():
         model(torch.randn(8, 3)).sum().backward()             # a new gradient that no step applies
         with pytest.warns(UserWarning, match="no optimizer step was recorded"):
             monitor.log(2)
+
+
+@pytest.mark.parametrize("flag", ["weights", "automatic", "nonfinite", "through_time"])
+def test_a_switch_that_is_not_a_bool_is_refused(flag):
+    """``automatic="no"`` was taken as True (a non-empty string)."""
+    model = nn.Linear(3, 1)
+    with pytest.raises(MonitorError) as error:
+        GradientMonitor(model, **{flag: "no"})
+    assert flag in _one_line(error) and "'no'" in str(error.value)
+    GradientMonitor(model, **{flag: np.bool_(False)}).remove()     # numpy's bool is a bool
+
+
+def test_record_skipped_that_is_not_a_bool_is_refused():
+    _, optimizer, monitor = _stepped()
+    with monitor:
+        with pytest.raises(MonitorError, match="skipped"):
+            monitor.record(optimizer, skipped="yes")
+        assert monitor.log(0)["0.weight"]["steps"] == 1
