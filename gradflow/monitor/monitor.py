@@ -276,6 +276,9 @@ class GradientMonitor:
         call it yourself where your loop's gradient is final if it has no torch.optim optimizer,
         or with ``automatic=False``. ``skipped=True``: the step was not applied (an AMP overflow);
         it is counted as skipped with its non-finite values, not averaged into the statistics.
+        It reads ``.grad`` as it is: under a ``GradScaler``, call ``scaler.unscale_(optimizer)``
+        first (a fused optimizer unscales only inside its step, so its ``.grad`` is still scaled
+        before it; the automatic recording divides the scale out there itself).
 
         Raises:
             MonitorError: ``optimizer`` is neither None nor an optimizer (``param_groups``), or
