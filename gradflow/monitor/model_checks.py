@@ -224,14 +224,15 @@ def check_switch(name: str, value: Any) -> None:
 
 
 def check_step(step: Any) -> int:
-    """``step`` as a Python int, or a MonitorError unless it is an int >= 0 (numpy and 0-d torch
-    integers too; not bool): ``log(step)``'s x-axis position, an epoch or a global step."""
+    """``step`` as a Python int, or a MonitorError unless it is an int >= 0 that fits an int64
+    (numpy and 0-d torch integers too; not bool): ``log(step)``'s x-axis position, an epoch or
+    a global step."""
     if not isinstance(step, bool):
         try:
             value = operator.index(step)
         except TypeError:
             value = -1
-        if value >= 0:
+        if 0 <= value < 2 ** 63:                 # TensorBoard's step is an int64
             return value
     raise MonitorError(f"log(step): step must be an int >= 0 (an epoch or a global step, TensorBoard's x axis), "
                        f"got {_short(step)}")

@@ -52,8 +52,8 @@ def test_record_of_something_that_is_not_an_optimizer_is_refused(what):
     assert "record" in _one_line(error) and type(given).__name__ in str(error.value)
 
 
-@pytest.mark.parametrize("step", ["a", None, 1.5, True, -1, float("nan")],
-                         ids=["str", "none", "float", "bool", "negative", "nan"])
+@pytest.mark.parametrize("step", ["a", None, 1.5, True, -1, float("nan"), 2 ** 70],
+                         ids=["str", "none", "float", "bool", "negative", "nan", "past-int64"])
 def test_log_of_a_step_that_is_not_a_non_negative_int_is_refused_and_keeps_the_window(step):
     _, _, monitor = _stepped()
     with monitor:
