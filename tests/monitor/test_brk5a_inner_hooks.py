@@ -74,6 +74,39 @@ def test_a_hook_on_the_inner_optimizer_is_applied_once_per_step(inner_class, hoo
     assert_matches_oracle(rows, oracle)
 
 
+class Centralized(Lookahead):
+    """A wrapper whose own step changes ``.grad`` before its inner step: gradient centralization
+    (Yong et al. 2020) of each matrix's rows, then the inner step."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and p.dim() > 1:
+                    p.grad.sub_(p.grad.mean(dim=1, keepdim=True))
+        return self.inner.step(closure)
+
+
+def test_a_wrapper_that_changes_the_gradient_in_its_own_step_counts_it_once():
+    """The same kind: the gradient is final only at the inner step (it counted 2 steps in 1,
+    one before centralizing and one after)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    inner = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    optimizer = Centralized(inner)
+    oracle = GradientOracle(model.named_parameters())
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    with GradientMonitor(model, activations=False) as monitor:
+        inner.register_step_pre_hook(lambda *_: oracle.capture())
+        for i in range(3):
+            optimizer.zero_grad()
+            nn.functional.mse_loss(model(x * (i + 1)), y).backward()
+            optimizer.step()
+        rows = monitor.log(0)
+    assert rows["0.weight"]["mean"] == pytest.approx(0.0, abs=1e-9)       # centralized rows: mean 0
+    assert_matches_oracle(rows, oracle)
+
+
 class PerKind(torch.optim.Optimizer):
     """One optimizer over two inner ones, each on part of the parameters (matrices, the rest), as
     ZeroRedundancyOptimizer's inner optimizer holds one rank's shard."""
