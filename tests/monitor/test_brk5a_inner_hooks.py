@@ -143,3 +143,35 @@ def test_a_hook_on_an_inner_optimizer_over_part_of_the_parameters_is_said():
         rows = monitor.log(0)
     assert monitor.history[-1].overall["steps"] == 2
     assert_matches_oracle(rows, oracle)
+
+
+class KeepsASpare(torch.optim.Optimizer):
+    """An optimizer that holds another over the same parameters (say, to switch to it later)
+    but applies its own update: its step is the one that applies the gradient."""
+
+    def __init__(self, params, lr=0.01):
+        super().__init__(params, {"lr": lr})
+        self.spare = torch.optim.SGD(self.param_groups, lr=lr)
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.add_(p.grad.sign(), alpha=-group["lr"])
+
+
+def test_a_held_optimizer_that_never_steps_leaves_the_record_to_the_step():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    optimizer = KeepsASpare(model.parameters())
+    oracle = GradientOracle(model.named_parameters())
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    with GradientMonitor(model, activations=False) as monitor:
+        for i in range(3):
+            optimizer.zero_grad()
+            nn.functional.mse_loss(model(x * (i + 1)), y).backward()
+            oracle.capture()
+            optimizer.step()
+        rows = monitor.log(0)
+    assert monitor.history[-1].overall["steps"] == 3
+    assert_matches_oracle(rows, oracle)
