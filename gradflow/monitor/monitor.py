@@ -191,7 +191,8 @@ class GradientMonitor:
         self._masks = OptimizerMasks(len(self.names), lambda: self._setup.index_of, self._follow)
         self._optimizer = weakref.ref(optimizer) if optimizer is not None else None
         # after the outermost watched step (its post-hook): the gradients' wrapper check ends there
-        self._steps = StepWatch(self._masks, optimizer, self._record, self.parts["gradients"].step_done)
+        self._steps = StepWatch(self._masks, optimizer, self._record, self.parts["gradients"].step_done,
+                                self._warnings.from_part)
         self._start_window()
         self._attach(inner)
 

@@ -275,9 +275,12 @@ class StepWatch:
 
     def __init__(self, masks: OptimizerMasks, only: torch.optim.Optimizer | None,
                  record: Callable[[Any, torch.Tensor | None, bool], None],
-                 after: Callable[[], None] = lambda: None) -> None:
+                 after: Callable[[], None] = lambda: None,
+                 warn: Callable[[str, str], None] = lambda key, message: None) -> None:
         self.masks = masks
         self.only = weakref.ref(only) if only is not None else None
+        self.only_name = type(only).__name__
+        self.warn = warn                     # (key, message): said once per monitor
         self.record = record
         self.after = after                   # called when the outermost watched step is done
         self.on = False
@@ -303,8 +306,12 @@ class StepWatch:
     def _on_step_seen(self, optimizer: torch.optim.Optimizer) -> None:
         """An optimizer is about to step (``_dispatch``, before its own pre-hooks)."""
         self._mask = None
-        if not self.on or (self.only is not None and not steps_for(self.only(), optimizer)):
-            return               # not on: stopped in another thread since _dispatch read the monitors
+        if not self.on:
+            return               # stopped in another thread since _dispatch read the monitors
+        if self.only is not None and not steps_for(self.only(), optimizer):
+            if self.only() is None:
+                self._said_gone(optimizer)
+            return
         key, mask = self.masks.keyed(optimizer)
         if mask is None:
             return
@@ -321,6 +328,15 @@ class StepWatch:
         if not self.on:          # stop() ran meanwhile in another thread, perhaps before these were kept
             held[1].remove()
             held[2].remove()
+
+    def _said_gone(self, optimizer: torch.optim.Optimizer) -> None:
+        """The optimizer the monitor was given (``optimizer=``) was deleted and ``optimizer``
+        steps monitored parameters: its steps are not recorded, said once."""
+        if self.masks.mask(optimizer) is not None:
+            self.warn("chosen-gone", f"GradientMonitor(optimizer={self.only_name}): that optimizer no longer exists, "
+                      f"and the steps of {type(optimizer).__name__} over the monitored parameters are not recorded. "
+                      "Remove this monitor and attach a new one with optimizer=<the new optimizer>, or without "
+                      "optimizer= to record every optimizer's steps")
 
     def _defers(self, optimizer: torch.optim.Optimizer, mask) -> bool:
         """Whether ``optimizer`` wraps an inner optimizer (an attribute of it, ``inner_optimizer``)
