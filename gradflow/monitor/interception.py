@@ -212,7 +212,7 @@ def _clip_grad_value_(parameters: torch.Tensor | Iterable[torch.Tensor], clip_va
     if told:
         with torch.no_grad():       # before clamping: the L2 norm and the largest |g|
             total = _total_norm(grads, 2.0)
-            clipped = _total_norm(grads, math.inf) > float(clip_value)
+            clipped = _largest(grads) > float(clip_value)
     result = _ORIGINAL["clip_grad_value_"](params, clip_value, *args, **kwargs)
     if told:
         _tell(params, total, clipped)
@@ -226,6 +226,34 @@ def _total_norm(grads: list[torch.Tensor], norm_type: float) -> torch.Tensor:
     first = grads[0].device
     return torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g, norm_type).to(first) for g in grads]),
                                     norm_type)
+
+
+def _largest(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The largest |g| over ``grads`` (0-d, on the first one's device; 0 where every one is empty).
+    Each tensor's local values, empty ones left out (torch's infinity norm raises on an empty
+    tensor, and an uneven FSDP2 shard is one: ``clip_grad_value_`` clamps it fine), then for
+    sharded gradients one MAX over each device mesh (a ``Partial("max")`` DTensor read whole), so
+    every rank runs the same collectives whatever its shard. Replicated dims hold copies: a MAX
+    over them is the same value."""
+    meshes: dict[Any, list[torch.Tensor]] = {}
+    for g in grads:
+        mesh = getattr(g, "device_mesh", None) if hasattr(g, "to_local") else None
+        local = g.to_local() if mesh is not None else g
+        meshes.setdefault(mesh, [])
+        if local.numel():
+            meshes[mesh].append(local)
+    first = grads[0].device
+    largest = []
+    for mesh, locals_ in meshes.items():
+        value = (_total_norm(locals_, math.inf).to(first) if locals_
+                 else torch.zeros((), device=first, dtype=grads[0].dtype))
+        if mesh is not None:
+            from torch.distributed.tensor import DTensor, Partial
+
+            value = DTensor.from_local(value.to(locals_[0].device if locals_ else first), mesh,
+                                       [Partial("max")] * mesh.ndim).full_tensor().to(first)
+        largest.append(value)
+    return torch.stack(largest).max()
 
 
 _WRAPPERS = {
