@@ -90,7 +90,7 @@ class GradflowCallback(_pl.Callback):
     ``grad/LAYER/PARAM/zero_fraction``     share of exact zeros (over all steps' elements)
     ``grad/LAYER/PARAM/nonfinite``         count of NaN/inf elements (a sum, not a mean)
     ``grad/total_norm``                    L2 norm over all parameters, as ``clip_grad_norm_`` computes it
-    ``grad/total_norm_before_clip``        the L2 norm before clipping (what ``clip_grad_norm_`` returned)
+    ``grad/total_norm_before_clip``        the L2 norm before clipping (by norm or value; per step)
     ``grad/clipped_steps``                 steps whose norm exceeded the clip value
     ``grad/skipped_steps``                 steps the AMP GradScaler skipped on overflow
     ``weight/LAYER/PARAM/{l1,norm}``       weight norms at the window's end (``weights=True``)
