@@ -165,3 +165,11 @@ def test_a_call_over_clipped_and_unclipped_parameters_says_what_the_step_keeps()
         overall, norms, clipped = run(body_then_all, steps=2)
     assert overall["clip_calls"] == 2 and overall["clipped_steps"] == 2
     assert overall["total_norm_before_clip"] == pytest.approx(sum(norms) / len(norms), rel=1e-6)
+
+
+def test_get_total_norm_is_torch_s_own_again_after_the_last_monitor_leaves():
+    before = U.get_total_norm
+    with GradientMonitor(nn.Linear(2, 1), None):
+        assert U.get_total_norm is not before             # watched: it tells clip_grads_with_norm_ its norm
+        assert U.get_total_norm(torch.ones(4), norm_type=1.0).item() == 4.0
+    assert U.get_total_norm is before
