@@ -79,7 +79,8 @@ _INSTALLED: list[bool] = [False]
 # a caller that clips each device mesh's parameters in turn passes the same tensor each time.
 _LAST_TOTAL: dict[str, Any] = {"total": None, "counted": weakref.WeakSet(), "norm_type": 2.0}
 
-# (name in torch.nn.utils, also in torch.nn.utils.clip_grad) for each wrapped clipping function.
+# (name in torch.nn.utils, also in torch.nn.utils.clip_grad) for each wrapped function: the three
+# clipping paths, and get_total_norm for the norm_type that clip_grads_with_norm_ is given.
 _CLIPPERS = {"clip_grad_norm_": True, "clip_grad_value_": True, "clip_grads_with_norm_": False,
              "get_total_norm": False}
 
@@ -120,10 +121,11 @@ def found_inf(scaler: GradScaler | None, optimizer: torch.optim.Optimizer) -> bo
 
 
 class ClipTally:
-    """A window's clipping calls: how many, and on the device the sum of the norms before
-    clipping and how many of the calls clipped (see the module docstring for each path); both
-    again over the calls whose norm was finite, and how many were not (``FIELDS``): a call made
-    for a step that a GradScaler then skipped found an inf/NaN norm."""
+    """A window's clipping calls, each step's gathered into one by ``clipping.Clipping``: how many,
+    and on the device the sum of the norms before clipping and how many of them clipped (see the
+    module docstring for each path); both again over those whose norm was finite, and how many
+    were not (``FIELDS``): a call made for a step that a GradScaler then skipped found an inf/NaN
+    norm."""
 
     FIELDS = ("norm_sum", "clipped", "finite_norm_sum", "finite_clipped", "nonfinite_calls")
 
