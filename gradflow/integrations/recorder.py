@@ -28,6 +28,7 @@ from gradflow.integrations import _common
 from gradflow.monitor import GradientMonitor
 from gradflow.monitor.histograms import check_every
 from gradflow.monitor.model_checks import check_positive
+from gradflow.monitor.steps import outside_compile
 
 Report = Callable[[dict[str, float], int], Any]   # fn(scalars, step), a logger's log_metrics
 
@@ -124,7 +125,7 @@ class Recorder:
             return
         self._armed.add(optimizer)
         if optimizer not in self._step_hooks:      # torch runs a post-hook added during the step at its end
-            self._step_hooks[optimizer] = optimizer.register_step_post_hook(self._after_step)
+            self._step_hooks[optimizer] = optimizer.register_step_post_hook(outside_compile(self._after_step))
 
     def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         if optimizer in self._armed:
