@@ -9,8 +9,8 @@ each step records the parameters of the optimizer that steps (``steps.py``). Ste
 ``GradScaler`` skipped on overflow are counted apart, and ``clip_grad_norm_`` calls give the
 norm before clipping (``interception.py``). Every step's statistics are summed on the device;
 ``log(step)`` reads the window back to the host once, writes it to its sink and starts the
-next window. Frameworks that know where the gradient is final (Lightning's
-``on_before_optimizer_step``) pass ``automatic=False`` and call ``record()`` there.
+next window. Frameworks that know where the gradient is final (the Hugging Face Trainer's
+``on_pre_optimizer_step``) pass ``automatic=False`` and call ``record()`` there.
 
 Example:
     >>> import torch
