@@ -59,20 +59,20 @@ class GradflowCallback(_pl.Callback):
     A thin adapter: the life cycle (attach, windows, losses, verdict, remove) is
     ``gradflow.integrations.recorder.Recorder``; this class maps Lightning's hooks onto it.
 
-    Where it records. Lightning steps every optimizer with a closure (forward and backward run inside
-    ``optimizer.step``), so an optimizer hook sees the previous step's gradient. The callback records in
-    ``on_before_optimizer_step``, which Lightning calls after the closure: after gradient accumulation
-    (once per optimizer step, not per micro-batch), after DDP's all-reduce, unscaled under AMP
-    (``16-mixed``; not for fused optimizers that unscale inside ``step``), and before
-    ``gradient_clip_val`` clips. The per-layer rows and ``grad/total_norm`` therefore describe the raw
-    gradient; where Lightning then clips, the monitor's watch of ``clip_grad_norm_`` (or, with
+    Where it records. Lightning calls ``on_before_optimizer_step`` after the closure's backward
+    (after gradient accumulation, after DDP's all-reduce, unscaled under AMP ``16-mixed``; not for
+    fused optimizers that unscale inside ``step``) but before ``gradient_clip_val`` clips, and once
+    per closure evaluation (LBFGS evaluates several per step). The callback records the gradient the
+    step applies, once per optimizer step: from that hook it arms a post-hook on the optimizer and
+    records at the end of the step, where ``.grad`` still holds what the step applied (clipped); a
+    step that the AMP GradScaler skips on overflow runs no step hook and is recorded as skipped at
+    once (``Recorder.record_at_step``). The per-layer rows and ``grad/total_norm`` therefore describe
+    the applied, clipped gradient; the monitor's watch of ``clip_grad_norm_`` (or, with
     ``gradient_clip_algorithm="value"``, ``clip_grad_value_``: the L2 norm before clamping, and a step
     counts as clipped when a value was clamped) adds ``grad/total_norm_before_clip`` and
-    ``grad/clipped_steps``. Manual optimization works the same way:
-    ``optimizer.step()`` in ``training_step`` calls the same hook, so there the callback records after
-    whatever ``self.clip_gradients(...)`` the step did before ``optimizer.step()`` (the gradient applied),
-    and ``grad/total_norm_before_clip`` still gives the norm before it. With several optimizers each step
-    records only the parameters of the optimizer that steps.
+    ``grad/clipped_steps``. Manual optimization works the same way: ``optimizer.step()`` in
+    ``training_step`` calls the same hook, after whatever ``self.clip_gradients(...)`` the step did.
+    With several optimizers each step records only the parameters of the optimizer that steps.
 
     What it writes, every ``log_every_n_steps`` optimizer steps (the trainer's own cadence unless
     ``every_n_steps`` is given), on global rank zero only. The monitor attaches on every rank and every
@@ -89,8 +89,8 @@ class GradflowCallback(_pl.Callback):
     ``grad/LAYER/PARAM/mean``              mean g
     ``grad/LAYER/PARAM/zero_fraction``     share of exact zeros (over all steps' elements)
     ``grad/LAYER/PARAM/nonfinite``         count of NaN/inf elements (a sum, not a mean)
-    ``grad/total_norm``                    L2 norm over all parameters, as ``clip_grad_norm_`` computes it
-    ``grad/total_norm_before_clip``        the L2 norm before clipping (what ``clip_grad_norm_`` returned)
+    ``grad/total_norm``                    L2 norm over all parameters of the applied (clipped) gradient
+    ``grad/total_norm_before_clip``        the L2 norm before clipping (by norm or value; per step)
     ``grad/clipped_steps``                 steps whose norm exceeded the clip value
     ``grad/skipped_steps``                 steps the AMP GradScaler skipped on overflow
     ``weight/LAYER/PARAM/{l1,norm}``       weight norms at the window's end (``weights=True``)
@@ -139,8 +139,9 @@ class GradflowCallback(_pl.Callback):
                             reports=[lg.log_metrics for lg in loggers if not is_tensorboard_logger(lg)])
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
-        # Under 16-mixed the scaler has unscaled by now and decides on overflow right after this hook.
-        self.recorder.record(optimizer, getattr(trainer.precision_plugin, "scaler", None))
+        # Under 16-mixed the scaler has unscaled by now and decides on overflow right after this hook;
+        # Lightning clips after it: recorded at the end of the step, as applied.
+        self.recorder.record_at_step(optimizer, getattr(trainer.precision_plugin, "scaler", None))
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         self.recorder.add_loss(_common.loss_of(outputs))

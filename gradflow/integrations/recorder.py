@@ -9,6 +9,8 @@ call                            when the adapter makes it
 ==============================  ==============================================================
 ``start(model, ...)``           training begins; on every rank, ``writes=True`` on rank zero only
 ``record(optimizer, scaler)``   once per optimizer step, after the gradient is final
+``record_at_step(opt, scaler)``  in a hook that comes before the step's last change to the gradient
+                                (Lightning clips after its hook): recorded at the end of the step
 ``add_loss(loss)``              a training step's loss (a 1-element tensor or a float)
 ``due(step, every)`` + ``write``  after the step is applied; a window every ``every`` steps
 ``finish(step)``                training ends: the last window, the verdict printed and written
@@ -18,6 +20,7 @@ call                            when the adapter makes it
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -25,6 +28,7 @@ from gradflow.integrations import _common
 from gradflow.monitor import GradientMonitor
 from gradflow.monitor.histograms import check_every
 from gradflow.monitor.model_checks import check_positive
+from gradflow.monitor.steps import outside_compile
 
 Report = Callable[[dict[str, float], int], Any]   # fn(scalars, step), a logger's log_metrics
 
@@ -69,6 +73,8 @@ class Recorder:
         self._reports: list[Report] = []
         self._loss_sum: Any = None
         self._loss_count = 0
+        self._step_hooks: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()   # optimizer -> post-hook handle
+        self._armed: weakref.WeakSet = weakref.WeakSet()     # optimizers whose running step records at its end
 
     def start(self, model: Any, *, writes: bool, step: int, tensorboards: list[Any] = (),
               reports: list[Report] = ()) -> None:
@@ -102,6 +108,29 @@ class Recorder:
         optimizer = getattr(optimizer, "optimizer", optimizer)
         self.monitor.record(optimizer=optimizer, skipped=_common.step_skipped(scaler, optimizer))
         self.steps += 1
+
+    def record_at_step(self, optimizer: Any, scaler: Any = None) -> None:
+        """Record the gradient ``optimizer``'s running step applies, where a framework's hook comes
+        before the step's last change to it (Lightning's ``on_before_optimizer_step`` precedes its
+        ``gradient_clip_val`` clipping): at the end of that step (a step post-hook; ``.grad`` still
+        holds what the step applied), once however often the hook ran in the step (LBFGS evaluates
+        its closure several times: the last evaluation's gradient). A step that the AMP ``scaler``
+        skips (it found inf/NaN after unscaling) runs no step hook: recorded as skipped at once."""
+        if not self.recording:
+            return
+        optimizer = getattr(optimizer, "optimizer", optimizer)
+        if _common.step_skipped(scaler, optimizer):
+            self.monitor.record(optimizer=optimizer, skipped=True)
+            self.steps += 1
+            return
+        self._armed.add(optimizer)
+        if optimizer not in self._step_hooks:      # torch runs a post-hook added during the step at its end
+            self._step_hooks[optimizer] = optimizer.register_step_post_hook(outside_compile(self._after_step))
+
+    def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        if optimizer in self._armed:
+            self._armed.discard(optimizer)
+            self.record(optimizer)
 
     def add_loss(self, loss: Any) -> None:
         """A training step's loss, summed where it lives (a device tensor is read once per window)."""
@@ -152,3 +181,7 @@ class Recorder:
         if self.monitor is not None:
             self.monitor.remove()
         self._tensorboards, self._reports = [], []
+        hooks, self._step_hooks = list(self._step_hooks.values()), weakref.WeakKeyDictionary()
+        for handle in hooks:
+            handle.remove()
+        self._armed = weakref.WeakSet()

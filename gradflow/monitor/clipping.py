@@ -1,12 +1,25 @@
-"""The norm before clipping: each ``clip_grad_norm_`` call over the model's parameters in a window.
+"""The norm before clipping: each step's clipping calls over the model's parameters in a window.
 
-``interception.py`` tells the monitor of every call; this part keeps the window's count, the
-sum of the norms the calls found and how many of them clipped, and adds
-``columns.CLIPPING`` to the window's own row (``Window.overall``).
+``interception.py`` tells the monitor of every call, with the L2 norm of the gradients it clips
+as they were before it (whatever norm the call clipped by) and whether it changed one. This part
+gathers a step's calls (those between two recorded or skipped steps) into one: its norm before
+clipping is the L2 norm over the parameters its calls clipped, each as the first call over it
+found it (a later call over the same parameters sees what the first left), and it clipped if any
+of its calls did. The window keeps how many steps clipped, the sum of their norms and how many of
+them clipped, and adds ``columns.CLIPPING`` to its own row (``Window.overall``): the mean norm,
+``clipped_steps`` and ``clip_calls`` (steps with a clipping call, however many calls each made).
+
+- A body and a head clipped apart in one step: the norm is sqrt(body^2 + head^2), the whole.
+- The same parameters clipped twice (by value, then by norm): the first call's norm.
+- A clipping call at each micro-batch of an accumulation: a training forward pass since the
+  step's last call changed the gradient, so the step's norm starts again from the next call: the
+  last micro-batch's call, the one whose result the optimizer applies.
+- A call over some parameters already clipped in the step and some not: the step keeps the norm
+  of its earlier calls, and a warning says so (the new ones' own norm is not known apart).
 
 Under AMP, torch's recipe clips between ``scaler.unscale_`` and ``scaler.step``: a step the
 scaler then skips on overflow had a clip call too, whose norm is inf or NaN. In a window with
-skipped steps, the calls with a non-finite norm are those steps' and are left out of all three
+skipped steps, the steps with a non-finite norm are those steps' and are left out of all three
 columns (the step is counted in ``skipped_steps``), whichever comes first, the clip call or the
 record (Lightning records before it clips). Without skipped steps a non-finite norm was applied
 and is averaged in.
@@ -19,34 +32,89 @@ import torch
 
 from gradflow.monitor import columns as C
 from gradflow.monitor.interception import ClipTally
-from gradflow.monitor.part import Part, Reduced
+from gradflow.monitor.part import Part, Reduced, watch_forward_starts
+from gradflow.monitor.stats import wide_dtype
+
+
+class StepClips:
+    """One step's clipping calls (see the module docstring): the parameters clipped so far, the
+    L2 norm over them before clipping, whether any call clipped, and the training forward passes
+    counted at its last call (a new pass starts the norm again)."""
+
+    __slots__ = ("clipped", "passes", "seen", "total")
+
+    def __init__(self, passes: int) -> None:
+        self.seen: set[int] = set()
+        self.total: torch.Tensor | None = None
+        self.clipped: torch.Tensor | None = None
+        self.passes = passes
+
+    def add(self, ids: set[int], total: torch.Tensor, clipped: torch.Tensor, passes: int) -> bool:
+        """A call over parameters ``ids`` (0-d device tensors, read whole); False where it overlaps
+        the step's earlier calls only in part (the step keeps their norm)."""
+        if passes != self.passes:              # a backward since the last call: the gradient changed
+            self.seen, self.total, self.passes = set(), None, passes
+        self.clipped = clipped if self.clipped is None else self.clipped | clipped.to(self.clipped.device)
+        whole = True
+        if self.total is None:
+            self.total = total
+        elif ids.isdisjoint(self.seen):
+            wide = wide_dtype(total.device)
+            self.total = torch.hypot(self.total.to(wide), total.to(self.total.device, wide))
+        else:
+            whole = ids <= self.seen           # all clipped before in this step: their norm stands
+        self.seen |= ids
+        return whole
 
 
 class Clipping(Part):
-    """A window's clipping calls over the monitored parameters (``interception.ClipTally``)."""
+    """A window's clipping steps over the monitored parameters (``interception.ClipTally``)."""
 
     name = "clipping"
 
     def __init__(self, model, setup) -> None:
         super().__init__(model, setup)
         self.tally = ClipTally()
-        self.skipped = 0                  # steps skipped in the window (a GradScaler overflow)
+        self.step: StepClips | None = None   # the calls since the last recorded or skipped step
+        self.skipped = 0                     # steps skipped in the window (a GradScaler overflow)
+
+    def hook(self, model) -> None:
+        watch_forward_starts(self, model, call=False)      # Schedule.passes counts every training pass
 
     def add(self, params: list[torch.Tensor], total: torch.Tensor, clipped: torch.Tensor) -> bool:
-        """A clipping call over ``params`` found the norm ``total`` before clipping and ``clipped``
-        (a 0-d device tensor: it changed a gradient); counted, and True, if any of ``params`` is
-        monitored."""
+        """A clipping call over ``params`` found the L2 norm ``total`` before clipping and ``clipped``
+        (a 0-d device tensor: it changed a gradient); kept for this step, and True, if any of
+        ``params`` is monitored."""
         index_of = self.setup.index_of
-        if not any(id(p) in index_of for p in params):
+        ids = {id(p) for p in params}
+        if not any(i in index_of for i in ids):
             return False
-        self.tally.add(total, clipped)
+        total, clipped = _whole(total.detach()), _whole(clipped)
+        passes = self.setup.schedule.passes
+        if self.step is None:
+            self.step = StepClips(passes)
+        if not self.step.add(ids, total, clipped, passes):
+            self.setup.warn("clip-overlap", "a clipping call covered some parameters that an earlier call in "
+                            "the same step clipped and some it did not: total_norm_before_clip keeps the "
+                            "earlier calls' norm for that step")
         return True
 
-    def device_tensors(self) -> dict[str, Reduced]:
-        return {"sums": Reduced(self.tally.sums.to(self.setup.device))} if self.tally.calls else {}
+    def record(self, mask) -> None:
+        self.fold()
 
     def skip(self, mask) -> None:
+        self.fold()
         self.skipped += 1
+
+    def fold(self) -> None:
+        """The pending step's calls, as one, into the window's tally."""
+        step, self.step = self.step, None
+        if step is not None:
+            self.tally.add(step.total, step.clipped)
+
+    def device_tensors(self) -> dict[str, Reduced]:
+        self.fold()
+        return {"sums": Reduced(self.tally.sums.to(self.setup.device))} if self.tally.calls else {}
 
     def read(self, values: dict[str, np.ndarray], reader) -> None:
         if not self.tally.calls:
@@ -64,8 +132,16 @@ class Clipping(Part):
             reader.scalars[k].update({f"grad/{key}": float(v) for key, v in row.items()})
 
     def move(self, device: torch.device) -> None:
+        self.fold()
         self.tally.move(device)
 
     def reset(self) -> None:
         self.tally = ClipTally()
+        self.step = None
         self.skipped = 0
+
+
+def _whole(value: torch.Tensor) -> torch.Tensor:
+    """A DTensor norm (or comparison) of sharded gradients as its full value: one collective,
+    inside a clipping call that every rank makes; any other tensor as it is."""
+    return value.full_tensor() if hasattr(value, "full_tensor") else value

@@ -145,6 +145,8 @@ class Gradients(Part):
         self._batches = _BoundedCache()
         self._last: tuple | None = None              # the last recorded step's first and last gradient
         self._idle_said: list[str] = []              # the idle parameters the last text named
+        # (id, _version) of each gradient as the last window with a step left it: left over, not missed
+        self._logged: frozenset[tuple[int, int]] = frozenset()
         self._slot_tags: list[tuple[tuple[str, ...], str, str]] | None = None
 
     def bind(self, params: list[torch.Tensor]) -> None:
@@ -270,11 +272,29 @@ class Gradients(Part):
             was_first, was_last = held[0](), held[1]()
             if was_first is first and was_last is last and held[2] == key:
                 return True
-            if was_first is not None and was_last is not None and held[2] == (was_first._version, was_last._version) \
-                    and all(had or not has for had, has in zip(held[3], pattern)):
-                return True
+            if all(had or not has for had, has in zip(held[3], pattern)):
+                if was_first is not None and was_last is not None and held[2] == (was_first._version,
+                                                                                   was_last._version):
+                    return True
+                if self.setup.inner_step:            # changed inside the wrapper's step that recorded them
+                    self._said_changed(pattern)
+                    return True
         self._last = (weakref.ref(first), weakref.ref(last), key, pattern)
         return False
+
+    def _said_changed(self, pattern: tuple[bool, ...]) -> None:
+        """An inner step of a wrapper's step, over part of the parameters the wrapper's step
+        recorded, found their gradients changed since (a pre-hook of the inner optimizer rescaled
+        them). The training step stays counted once, with the gradients the wrapper's step saw:
+        said in a warning. (Where the inner optimizer holds every parameter of the wrapper, its
+        step records alone, after its pre-hooks: steps.StepWatch._defers; over part of them, as
+        ZeroRedundancyOptimizer's shard on several ranks, the wrapper's step records first.)"""
+        names = [name for name, has in zip(self.setup.names, pattern) if has]
+        self.setup.warn("changed-in-step", f"{', '.join(names[:5])}{' ...' if len(names) > 5 else ''}: their "
+                        "gradients changed between a wrapper optimizer's step and the step of an inner optimizer "
+                        "over part of its parameters (a step pre-hook on the inner optimizer?); the monitor reports "
+                        "them as the wrapper's step found them, before that change. Register such a hook on the "
+                        "wrapper to have it in what is reported")
 
     def _histogrammed(self, plan: _GradientPlan, pattern: tuple[bool, ...], seen: int) -> bool | np.ndarray:
         """Whether this step's gradients go into the histograms: each parameter's at its 0th,
@@ -439,8 +459,10 @@ class Gradients(Part):
         that step's value) and the window's own row (``columns.OVERALL``)."""
         steps = self.steps()
         for key, message in _gaps(self.setup.names, self.params, steps.reshape(-1, self.members)[:, 0],
-                                  self.recorded, self.skipped_steps, self.removed):
+                                  self.recorded, self.skipped_steps, self.removed, self._logged):
             self.setup.warn(key, message)
+        if self.recorded or self.skipped_steps:
+            self._logged = _marks(self.params)
         for window in reader.windows:
             window.steps = int(steps.max(initial=0))
             window.kinds = self.setup.kinds
@@ -544,15 +566,25 @@ def idle_text(names: list[str], steps: int, shown: int = 50) -> str:
             f"although an optimizer that stepped {held}: {listed}")
 
 
+def _marks(params: list[torch.Tensor]) -> frozenset[tuple[int, int]]:
+    """Each present gradient's identity and version: ints, no reference that would stop a
+    ``swap_tensors`` conversion. A gradient that a later step or backward replaces or adds to
+    has another one."""
+    return frozenset((id(p.grad), p.grad._version) for p in params if p.grad is not None)
+
+
 def _gaps(names: list[str], params: list[torch.Tensor], steps: np.ndarray, recorded: int,
-          skipped: int, removed: bool = False) -> list[tuple[str, str]]:
+          skipped: int, removed: bool = False, logged: frozenset = frozenset()) -> list[tuple[str, str]]:
     """What a window did not record although it could have, as (key, warning) pairs: gradients
     but no step (after ``remove()``: because the monitor was removed), gradients that no
-    monitored optimizer stepped."""
+    monitored optimizer stepped. Gradients left as they were at the close of the last window
+    with a step (``logged``, ``_marks``: ``log()`` twice with no step between) are no sign of a
+    missed step."""
     out = []
     if recorded and steps.all():                  # every parameter recorded: nothing missed (the common case)
         return out
-    with_grad = {name for name, p in zip(names, params) if p.grad is not None}
+    with_grad = {name for name, p in zip(names, params)
+                 if p.grad is not None and (id(p.grad), p.grad._version) not in logged}
     if removed and not recorded and not skipped:
         out.append(("removed", "log() after remove(): this monitor records no step once removed, so the window is "
                     "empty; attach a new GradientMonitor to record again"))

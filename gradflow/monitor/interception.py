@@ -19,6 +19,13 @@
                                                     ``clip_value``
   ================================================  =========================================
 
+  The norm told is always the L2 norm (the monitor's ``total_norm`` is one, and the verdict
+  divides one by the other): clipping by another norm (``norm_type=1``, ``inf``; for
+  ``clip_grads_with_norm_``, the ``norm_type`` of the last ``get_total_norm`` call) has the L2
+  norm of the gradients it clips taken before it, one more pass over them; the clip decision is
+  the call's own norm's. Each watching monitor gathers one step's calls into one
+  (``clipping.py``).
+
   ``get_total_norm`` alone (a norm that is only logged) is not clipping and is not counted.
 
 While at least one monitor is attached, these are wrapped: the wrapper calls torch's own
@@ -70,10 +77,12 @@ _ORIGINAL: dict[str, Any] = {}          # torch's functions, kept once taken (se
 _INSTALLED: list[bool] = [False]
 # The total_norm tensor of the last clip_grads_with_norm_ call and the monitors that counted it:
 # a caller that clips each device mesh's parameters in turn passes the same tensor each time.
-_LAST_TOTAL: dict[str, Any] = {"total": None, "counted": weakref.WeakSet()}
+_LAST_TOTAL: dict[str, Any] = {"total": None, "counted": weakref.WeakSet(), "norm_type": 2.0}
 
-# (name in torch.nn.utils, also in torch.nn.utils.clip_grad) for each wrapped clipping function.
-_CLIPPERS = {"clip_grad_norm_": True, "clip_grad_value_": True, "clip_grads_with_norm_": False}
+# (name in torch.nn.utils, also in torch.nn.utils.clip_grad) for each wrapped function: the three
+# clipping paths, and get_total_norm for the norm_type that clip_grads_with_norm_ is given.
+_CLIPPERS = {"clip_grad_norm_": True, "clip_grad_value_": True, "clip_grads_with_norm_": False,
+             "get_total_norm": False}
 
 
 def watch(monitor: Any) -> None:
@@ -112,10 +121,11 @@ def found_inf(scaler: GradScaler | None, optimizer: torch.optim.Optimizer) -> bo
 
 
 class ClipTally:
-    """A window's clipping calls: how many, and on the device the sum of the norms before
-    clipping and how many of the calls clipped (see the module docstring for each path); both
-    again over the calls whose norm was finite, and how many were not (``FIELDS``): a call made
-    for a step that a GradScaler then skipped found an inf/NaN norm."""
+    """A window's clipping calls, each step's gathered into one by ``clipping.Clipping``: how many,
+    and on the device the sum of the norms before clipping and how many of them clipped (see the
+    module docstring for each path); both again over those whose norm was finite, and how many
+    were not (``FIELDS``): a call made for a step that a GradScaler then skipped found an inf/NaN
+    norm."""
 
     FIELDS = ("norm_sum", "clipped", "finite_norm_sum", "finite_clipped", "nonfinite_calls")
 
@@ -183,18 +193,41 @@ def _tell(params: list[torch.Tensor], total: torch.Tensor, clipped: torch.Tensor
         return [m for m in _watchers() if m not in skip and m._on_clip(params, total, clipped)]
 
 
-def _clip_grad_norm_(parameters: torch.Tensor | Iterable[torch.Tensor], max_norm: float, *args, **kwargs):
+def _clip_grad_norm_(parameters: torch.Tensor | Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0,
+                     *args, **kwargs):
     params = _as_list(parameters)
-    total = _ORIGINAL["clip_grad_norm_"](params, max_norm, *args, **kwargs)
-    _tell(params, total, total.detach() + 1e-6 > float(max_norm))
+    l2 = _l2_before(params, norm_type)
+    total = _ORIGINAL["clip_grad_norm_"](params, max_norm, norm_type, *args, **kwargs)
+    _tell(params, total if l2 is None else l2, total.detach() + 1e-6 > float(max_norm))
     return total
+
+
+def _get_total_norm(tensors, norm_type: float = 2.0, *args, **kwargs):
+    _LAST_TOTAL["norm_type"] = norm_type          # the norm that the next clip_grads_with_norm_ is given
+    return _ORIGINAL["get_total_norm"](tensors, norm_type, *args, **kwargs)
+
+
+def _l2_before(params: list[torch.Tensor], norm_type: float) -> torch.Tensor | None:
+    """The L2 norm of ``params``' gradients where clipping goes by another norm and a monitor
+    watches (taken before the call clips them); None where the call's own norm is the L2 one."""
+    if float(norm_type) == 2.0 or not _TOLD:
+        return None
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return None
+    with torch.no_grad():
+        return _total_norm(grads, 2.0)
 
 
 def _clip_grads_with_norm_(parameters: torch.Tensor | Iterable[torch.Tensor], max_norm: float,
                            total_norm: torch.Tensor, *args, **kwargs):
     params = _as_list(parameters)
+    l2 = _l2_before(params, _LAST_TOTAL["norm_type"])
     result = _ORIGINAL["clip_grads_with_norm_"](params, max_norm, total_norm, *args, **kwargs)
     total = torch.as_tensor(total_norm).detach()
+    if l2 is not None:      # another norm: each call's own L2 norm, the step adds its groups (clipping.py)
+        _tell(params, l2, total + 1e-6 > float(max_norm))
+        return result
     last = _LAST_TOTAL["total"]
     if last is None or last() is not total_norm:      # a new clip, not the next mesh of the same one
         _LAST_TOTAL.update(total=weakref.ref(total_norm) if isinstance(total_norm, torch.Tensor) else None,
@@ -212,7 +245,7 @@ def _clip_grad_value_(parameters: torch.Tensor | Iterable[torch.Tensor], clip_va
     if told:
         with torch.no_grad():       # before clamping: the L2 norm and the largest |g|
             total = _total_norm(grads, 2.0)
-            clipped = _total_norm(grads, math.inf) > float(clip_value)
+            clipped = _largest(grads) > float(clip_value)
     result = _ORIGINAL["clip_grad_value_"](params, clip_value, *args, **kwargs)
     if told:
         _tell(params, total, clipped)
@@ -228,11 +261,41 @@ def _total_norm(grads: list[torch.Tensor], norm_type: float) -> torch.Tensor:
                                     norm_type)
 
 
+def _largest(grads: list[torch.Tensor]) -> torch.Tensor:
+    """The largest |g| over ``grads`` (0-d, on the first one's device; 0 where every one is empty).
+    Each tensor's local values, empty ones left out (torch's infinity norm raises on an empty
+    tensor, and an uneven FSDP2 shard is one: ``clip_grad_value_`` clamps it fine), then for
+    sharded gradients one MAX over each device mesh (a ``Partial("max")`` DTensor read whole), so
+    every rank runs the same collectives whatever its shard. Replicated dims hold copies: a MAX
+    over them is the same value."""
+    meshes: dict[Any, list[torch.Tensor]] = {}
+    for g in grads:
+        mesh = getattr(g, "device_mesh", None) if hasattr(g, "to_local") else None
+        local = g.to_local() if mesh is not None else g
+        meshes.setdefault(mesh, [])
+        if local.numel():
+            meshes[mesh].append(local)
+    first = grads[0].device
+    largest = []
+    for mesh, locals_ in meshes.items():
+        value = (_total_norm(locals_, math.inf).to(first) if locals_
+                 else torch.zeros((), device=first, dtype=grads[0].dtype))
+        if mesh is not None:
+            from torch.distributed.tensor import DTensor, Partial
+
+            value = DTensor.from_local(value.to(locals_[0].device if locals_ else first), mesh,
+                                       [Partial("max")] * mesh.ndim).full_tensor().to(first)
+        largest.append(value)
+    return torch.stack(largest).max()
+
+
 _WRAPPERS = {
     "clip_grad_norm_": functools.wraps(torch.nn.utils.clip_grad.clip_grad_norm_)(_clip_grad_norm_),
     "clip_grad_value_": functools.wraps(torch.nn.utils.clip_grad.clip_grad_value_)(_clip_grad_value_),
     "clip_grads_with_norm_": (functools.wraps(torch.nn.utils.clip_grads_with_norm_)(_clip_grads_with_norm_)
                               if hasattr(torch.nn.utils, "clip_grads_with_norm_") else _clip_grads_with_norm_),
+    "get_total_norm": (functools.wraps(torch.nn.utils.get_total_norm)(_get_total_norm)
+                       if hasattr(torch.nn.utils, "get_total_norm") else _get_total_norm),
 }
 
 

@@ -161,8 +161,7 @@ def replaced_parameters(model: nn.Module, names: list[str], params: list[torch.T
 
 def check_attach(model, attached: Mapping[nn.Module, Any], *, members: int, activations_every: int,
                  through_time_every: int, history_length: int | None,
-                 histogram_every: int, optimizer: Any = None,
-                 flags: Mapping[str, Any] | None = None) -> tuple[nn.Module, list[tuple[str, torch.Tensor]]]:
+                 histogram_every: int) -> tuple[nn.Module, list[tuple[str, torch.Tensor]]]:
     """The user's module inside ``model`` (``unwrap``) and its monitored parameters, once
     GradientMonitor's arguments that concern them are checked; ``attached``: the monitor already
     on each module, if any.
@@ -172,9 +171,7 @@ def check_attach(model, attached: Mapping[nn.Module, Any], *, members: int, acti
         MonitorError: a monitor still attached to it, a wrapper whose gradients are not full ones
             (``sharding.check_collective_safe``), no parameter or one not materialised, bad
             ``members``, ``activations_every``, ``through_time_every``, ``history_length`` or
-            ``histogram_every``, an ``optimizer`` that is not an optimizer instance
-            (``check_optimizer``; one holding none of the parameters is a warning), an on/off
-            option of ``flags`` (name -> value: ``weights``, ``automatic``, ...) that is not a bool.
+            ``histogram_every``.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"GradientMonitor needs an nn.Module, got {type(model).__name__}")
@@ -190,30 +187,7 @@ def check_attach(model, attached: Mapping[nn.Module, Any], *, members: int, acti
     check_positive("through_time_every", through_time_every, "1: every step")
     check_positive("histogram_every", histogram_every, "1: every step")
     check_positive("history_length", history_length, "None: keep every window", none=True)
-    check_optimizer(optimizer, inner, named)
-    for name, value in (flags or {}).items():
-        if not isinstance(value, (bool, np.bool_)):    # "off" and None were read for their truth
-            raise MonitorError(f"{name} must be True or False, got {value!r}")
     return inner, named
-
-
-def check_optimizer(optimizer: Any, model: nn.Module, named: list[tuple[str, torch.Tensor]]) -> None:
-    """GradientMonitor's ``optimizer=``: None, or an optimizer instance (anything with
-    ``param_groups``: torch.optim's, and wrappers such as ZeroRedundancyOptimizer or accelerate's).
-    A class (``torch.optim.SGD``) or anything else is a MonitorError: taken, it made every
-    optimizer step of the process raise in the monitor's dispatcher. One that holds none of
-    ``named`` is a warning: nothing is recorded until it does."""
-    if optimizer is None:
-        return
-    if isinstance(optimizer, type) or not hasattr(optimizer, "param_groups"):
-        what = f"the class {optimizer.__name__}" if isinstance(optimizer, type) else f"a {type(optimizer).__name__}"
-        raise MonitorError("optimizer must be a torch.optim.Optimizer instance (the one that steps this model's "
-                           f"parameters: optimizer=opt) or None, got {what}")
-    ours = {id(p) for _, p in named}
-    if not any(id(p) in ours for group in optimizer.param_groups for p in group["params"]):
-        warnings.warn(f"GradientMonitor: optimizer={type(optimizer).__name__} holds none of this "
-                      f"{type(model).__name__}'s parameters: nothing is recorded until it does (pass the optimizer "
-                      "that steps this model, or leave optimizer out to watch every one)", stacklevel=4)
 
 
 def monitored_kinds(model: nn.Module, names: list[str]) -> dict[str, str]:
@@ -231,6 +205,57 @@ def check_members(named: list[tuple[str, torch.Tensor]], members: int) -> None:
         if p.dim() == 0 or p.shape[0] != members:
             raise MonitorError(f"members={members} needs every parameter stacked on a leading dimension of "
                                f"{members}; {name} has shape {tuple(p.shape)}")
+
+
+def say_foreign_optimizer(optimizer: Any, model: nn.Module, named: list[tuple[str, torch.Tensor]]) -> None:
+    """Warn when GradientMonitor's ``optimizer=`` (checked: ``check_optimizer``) holds none of
+    ``named``: nothing is recorded until it does, and ``log()`` would blame a hand-written update."""
+    if optimizer is None:
+        return
+    ours = {id(p) for _, p in named}
+    if not any(id(p) in ours for group in optimizer.param_groups for p in group["params"]):
+        warnings.warn(f"GradientMonitor: optimizer={type(optimizer).__name__} holds none of this "
+                      f"{type(model).__name__}'s parameters: nothing is recorded until it does (pass the optimizer "
+                      "that steps this model, or leave optimizer out to watch every one)", stacklevel=3)
+
+
+def check_optimizer(optimizer: Any, where: str) -> None:
+    """MonitorError unless ``optimizer`` is None or an optimizer: a ``torch.optim.Optimizer``, or a
+    wrapper with ``param_groups`` as torch's (Lightning's ``LightningOptimizer``). ``where``
+    names the argument in the one-line message."""
+    if optimizer is None or isinstance(optimizer, torch.optim.Optimizer):
+        return
+    groups = getattr(optimizer, "param_groups", None) if not isinstance(optimizer, nn.Module) else None
+    if not (isinstance(groups, list) and all(isinstance(group, dict) and "params" in group for group in groups)):
+        raise MonitorError(f"{where} must be a torch.optim.Optimizer (or a wrapper of one with its param_groups) "
+                           f"or None, got {type(optimizer).__name__} {_short(optimizer)}")
+
+
+def check_switch(name: str, value: Any) -> None:
+    """MonitorError unless ``value`` is a bool (numpy's too): a string such as ``"no"`` would
+    read as True."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise MonitorError(f"{name} must be True or False, got {_short(value)}")
+
+
+def check_step(step: Any) -> int:
+    """``step`` as a Python int, or a MonitorError unless it is an int >= 0 that fits an int64
+    (numpy and 0-d torch integers too; not bool): ``log(step)``'s x-axis position, an epoch or
+    a global step."""
+    if not isinstance(step, bool):
+        try:
+            value = operator.index(step)
+        except TypeError:
+            value = -1
+        if 0 <= value < 2 ** 63:                 # TensorBoard's step is an int64
+            return value
+    raise MonitorError(f"log(step): step must be an int >= 0 (an epoch or a global step, TensorBoard's x axis), "
+                       f"got {_short(step)}")
+
+
+def _short(value: Any) -> str:
+    text = repr(value).replace("\n", " ")
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def check_positive(name: str, value, meaning: str = "", none: bool = False,

@@ -9,8 +9,8 @@ each step records the parameters of the optimizer that steps (``steps.py``). Ste
 ``GradScaler`` skipped on overflow are counted apart, and ``clip_grad_norm_`` calls give the
 norm before clipping (``interception.py``). Every step's statistics are summed on the device;
 ``log(step)`` reads the window back to the host once, writes it to its sink and starts the
-next window. Frameworks that know where the gradient is final (Lightning's
-``on_before_optimizer_step``) pass ``automatic=False`` and call ``record()`` there.
+next window. Frameworks that know where the gradient is final (the Hugging Face Trainer's
+``on_pre_optimizer_step``) pass ``automatic=False`` and call ``record()`` there.
 
 Example:
     >>> import torch
@@ -45,10 +45,14 @@ from gradflow.monitor.compact import Layouts
 from gradflow.monitor.histograms import check_every
 from gradflow.monitor.model_checks import (
     check_attach,
+    check_optimizer,
     check_positive,
+    check_step,
+    check_switch,
     is_compiled,
     monitored_kinds,
     replaced_parameters,
+    say_foreign_optimizer,
     unwrap,
 )
 from gradflow.monitor.output import Output
@@ -135,9 +139,9 @@ class GradientMonitor:
 
     Raises:
         MonitorError: a second monitor on the same model, a parameter on the meta device or
-            not yet initialised (lazy modules), a writer of an unknown kind, bad ``members``,
-            ``histograms``, ``histogram_every`` or ``activations_every``, an ``optimizer`` that is not an
-            optimizer instance (one that holds none of the model's parameters is a warning).
+            not yet initialised (lazy modules), a writer of an unknown kind, an ``optimizer``
+            that is not one, a switch (``weights``, ``automatic``, ...) that is not a bool, bad
+            ``members``, ``histograms``, ``histogram_every`` or ``activations_every``.
 
     The monitor keeps no reference to ``model`` itself, adds nothing to it, and removes every
     hook it added on ``remove()`` or on leaving ``with``.
@@ -159,9 +163,12 @@ class GradientMonitor:
                  through_time: bool = True, through_time_every: int = 50, histogram_every: int = 10) -> None:
         inner, named = check_attach(model, _ATTACHED, members=members, activations_every=activations_every,
                                     through_time_every=through_time_every, history_length=history_length,
-                                    histogram_every=histogram_every, optimizer=optimizer,
-                                    flags={"weights": weights, "automatic": automatic, "nonfinite": nonfinite,
-                                           "through_time": through_time})
+                                    histogram_every=histogram_every)
+        check_optimizer(optimizer, "GradientMonitor(optimizer=)")
+        say_foreign_optimizer(optimizer, inner, named)
+        for name, switch in (("weights", weights), ("automatic", automatic), ("nonfinite", nonfinite),
+                             ("through_time", through_time)):
+            check_switch(name, switch)
         self._output = Output(writer, members, check_every(histograms))
         self.names = [name for name, _ in named]
         self.members, self.automatic, self.histograms = members, automatic, histograms
@@ -186,7 +193,8 @@ class GradientMonitor:
         self._masks = OptimizerMasks(len(self.names), lambda: self._setup.index_of, self._follow)
         self._optimizer = weakref.ref(optimizer) if optimizer is not None else None
         # after the outermost watched step (its post-hook): the gradients' wrapper check ends there
-        self._steps = StepWatch(self._masks, optimizer, self._record, self.parts["gradients"].step_done)
+        self._steps = StepWatch(self._masks, optimizer, self._record, self.parts["gradients"].step_done,
+                                self._warnings.from_part)
         self._start_window()
         self._attach(inner)
 
@@ -214,6 +222,19 @@ class GradientMonitor:
     @property
     def attached(self) -> bool:
         return self._steps.on or self in interception._WATCHERS
+
+    @property
+    def history_length(self) -> int | None:
+        """How many windows ``history`` keeps per member (None: every one). Settable: a shorter
+        length drops the oldest windows at once; MonitorError unless a positive int or None."""
+        return self._history_length
+
+    @history_length.setter
+    def history_length(self, length: int | None) -> None:
+        check_positive("history_length", length, "None: keep every window", none=True)
+        self._history_length = length
+        if length is not None and len(self.history) > length * self.members:
+            del self.history[:len(self.history) - length * self.members]
 
     def remove(self) -> None:
         """Remove every hook this monitor added. Safe to call more than once; never raises
@@ -259,7 +280,17 @@ class GradientMonitor:
         every monitored parameter. Called for you at each optimizer step (``automatic=True``);
         call it yourself where your loop's gradient is final if it has no torch.optim optimizer,
         or with ``automatic=False``. ``skipped=True``: the step was not applied (an AMP overflow);
-        it is counted as skipped with its non-finite values, not averaged into the statistics."""
+        it is counted as skipped with its non-finite values, not averaged into the statistics.
+        It reads ``.grad`` as it is: under a ``GradScaler``, call ``scaler.unscale_(optimizer)``
+        first (a fused optimizer unscales only inside its step, so its ``.grad`` is still scaled
+        before it; the automatic recording divides the scale out there itself).
+
+        Raises:
+            MonitorError: ``optimizer`` is neither None nor an optimizer (``param_groups``), or
+                ``skipped`` is not a bool.
+        """
+        check_optimizer(optimizer, "record(optimizer)")
+        check_switch("record(skipped=)", skipped)
         mask = None if optimizer is None else self._masks.mask(optimizer)
         if optimizer is not None and mask is None:
             self._warnings.warn("foreign-optimizer", f"record({type(optimizer).__name__}): that optimizer holds "
@@ -270,19 +301,20 @@ class GradientMonitor:
         else:
             self._record(mask)
 
-    def _record(self, mask, unscale: torch.Tensor | None = None) -> None:
+    def _record(self, mask, unscale: torch.Tensor | None = None, inner: bool = False) -> None:
         """One applied step, part by part (a part returning False ends it: no gradient); then
-        the schedule decides whether the next forward pass is profiled."""
+        the schedule decides whether the next forward pass is profiled. ``inner``: an inner step
+        of a running wrapper's step (steps.StepWatch)."""
         if torch.is_inference_mode_enabled():      # a step under inference_mode: buffers made here stay writable
             with torch.inference_mode(False):
-                return self._record(mask, unscale)
-        self._setup.unscale = unscale
+                return self._record(mask, unscale, inner)
+        self._setup.unscale, self._setup.inner_step = unscale, inner
         try:
             for part in self._recorders:
                 if part.record(mask) is False:
                     return
         finally:
-            self._setup.unscale = None
+            self._setup.unscale, self._setup.inner_step = None, False
         self._setup.schedule.step()
 
     def _skip(self, mask) -> None:
@@ -323,9 +355,11 @@ class GradientMonitor:
         followed: the window's sums move with it and the window goes on (``conversions.py``).
 
         Raises:
-            MonitorError: the model's parameters were replaced by tensors of another shape, split
-                over several devices or put on the meta device since the monitor attached.
+            MonitorError: ``step`` is not an int >= 0 (numpy and 0-d torch integers are taken; the
+                window stays open), or the model's parameters were replaced by tensors of another
+                shape, split over several devices or put on the meta device since the monitor attached.
         """
+        step = check_step(step)
         self._follow()
         reader = read_window(self.parts, self._read_back(), step, self.members)
         self._output.write(reader.scalars, reader.wanted, step, final=not self.attached, texts=reader.texts)
@@ -336,19 +370,6 @@ class GradientMonitor:
     def _read_back(self) -> dict[str, np.ndarray]:
         """Every part's device sums (``<part>/<key>``), folded and read back in one copy."""
         return read_parts(self.parts, self._sharding, self.parts["gradients"].recorded)
-
-    @property
-    def history_length(self) -> int | None:
-        """How many windows ``history`` keeps per member (None: every one). Settable: a shorter
-        length drops the oldest windows at once; MonitorError unless a positive int or None."""
-        return self._history_length
-
-    @history_length.setter
-    def history_length(self, length: int | None) -> None:
-        check_positive("history_length", length, "None: keep every window", none=True)
-        self._history_length = length
-        if length is not None and len(self.history) > length * self.members:
-            del self.history[:len(self.history) - length * self.members]
 
     def flush(self) -> None:
         """Write the histograms of windows still pooling (``histograms=N``: the windows since

@@ -142,6 +142,7 @@ class Setup:
     # During a record(): 1 / the GradScaler's scale when the gradients are still scaled (a fused
     # optimizer unscales inside its step); parts that read .grad multiply by it. None otherwise.
     unscale: torch.Tensor | None = None
+    inner_step: bool = False      # during a record(): the step is an inner step of a running wrapper's step
     sharding: Any = None          # sharding.ShardLayout where parameters are DTensors (FSDP2, tensor parallel)
     follow: Callable[[], bool] = lambda: False
     forward_watchers: list = field(default_factory=list)     # the parts the one ForwardStarts hook calls

@@ -12,6 +12,11 @@ The monitor records once per optimizer step, the gradient that step applies:
 - Only the parameters in the stepping optimizer's ``param_groups`` are recorded (a GAN's two
   optimizers each record their own network), re-read whenever the groups change
   (``add_param_group`` after the first step).
+- A wrapper's step and the inner steps it makes are one training step. Where the wrapper holds
+  an inner optimizer over the same parameters as an attribute (Lookahead, SAM, one rank's
+  ZeroRedundancyOptimizer), the inner step records, after the inner optimizer's own pre-hooks
+  (a hook there that rescales ``.grad`` runs after the wrapper's hooks); otherwise the
+  wrapper's step records and the inner steps over unchanged gradients are not counted again.
 
 Example:
     >>> import torch
@@ -132,6 +137,18 @@ def steps_for(chosen: torch.optim.Optimizer | None, optimizer: torch.optim.Optim
         return False
     groups = {id(group) for group in chosen.param_groups}
     return any(id(group) in groups for group in optimizer.param_groups)
+
+
+def inner_optimizer(optimizer: torch.optim.Optimizer, mask, mask_of: Callable) -> torch.optim.Optimizer | None:
+    """The optimizer that ``optimizer`` holds as an attribute over the same monitored parameters
+    (``mask_of(inner) == mask``): the one a wrapper steps to apply the gradient (a Lookahead's
+    inner optimizer, SAM's base optimizer, ZeroRedundancyOptimizer's ``optim`` on one rank).
+    None if there is none (an inner optimizer over part of them: ZeroRedundancyOptimizer's shard
+    on several ranks)."""
+    for value in getattr(optimizer, "__dict__", {}).values():
+        if isinstance(value, torch.optim.Optimizer) and value is not optimizer and mask_of(value) == mask:
+            return value
+    return None
 
 
 def closure_of(args: tuple, kwargs: dict) -> tuple[Callable | None, bool]:
@@ -339,20 +356,27 @@ def amp_scale(optimizer: torch.optim.Optimizer, kwargs: dict | None) -> tuple[to
 
 class StepWatch:
     """One monitor's watch of optimizer steps: its pre-hook, kept last on every optimizer that
-    holds its parameters (``only``: that optimizer alone), calling ``record(mask, unscale)``
+    holds its parameters (``only``: that optimizer alone), calling ``record(mask, unscale, inner)``
     where the step's gradient is final (after a closure's backward; ``unscale``: 1 / the
-    GradScaler's scale for a fused optimizer's still-scaled gradients, else None)."""
+    GradScaler's scale for a fused optimizer's still-scaled gradients, else None; ``inner``:
+    the step is an inner step of a running wrapper's step)."""
 
     def __init__(self, masks: OptimizerMasks, only: torch.optim.Optimizer | None,
-                 record: Callable[[Any, torch.Tensor | None], None], after: Callable[[], None] = lambda: None) -> None:
+                 record: Callable[[Any, torch.Tensor | None, bool], None],
+                 after: Callable[[], None] = lambda: None,
+                 warn: Callable[[str, str], None] = lambda key, message: None) -> None:
         self.masks = masks
         self.only = weakref.ref(only) if only is not None else None
+        self.only_name = type(only).__name__
+        self.warn = warn                     # (key, message): said once per monitor
         self.record = record
         self.after = after                   # called when the outermost watched step is done
         self.on = False
         self._outer = None                   # weak reference to the watched optimizer whose step is running
         self._mask = None                    # (id(optimizer), groups key, mask) from _on_step_seen, for the step's pre-hook
-        # id(optimizer) -> (weak reference to it, its pre-hook's handle, its post-hook's handle)
+        self._deferred = None                # the running wrapper's mask while its inner step is awaited (_defers)
+        # id(optimizer) -> (weak reference to it, its pre-hook's handle, its post-hook's handle,
+        # (groups key, weak reference to its inner optimizer or None) once _defers looked)
         self._hooks: dict[int, tuple] = {}
 
     def start(self) -> None:
@@ -376,7 +400,7 @@ class StepWatch:
 
     @staticmethod
     def _remove(hooks: dict[int, tuple]) -> None:
-        for ref, pre, post in hooks.values():
+        for ref, pre, post, *_ in hooks.values():
             optimizer = ref()
             if optimizer is not None and in_step(optimizer):
                 entry = _DEFERRED.get(id(optimizer))
@@ -390,8 +414,12 @@ class StepWatch:
     def _on_step_seen(self, optimizer: torch.optim.Optimizer) -> None:
         """An optimizer is about to step (``_dispatch``, before its own pre-hooks)."""
         self._mask = None
-        if not self.on or (self.only is not None and not steps_for(self.only(), optimizer)):
-            return               # not on: stopped in another thread since _dispatch read the monitors
+        if not self.on:
+            return               # stopped in another thread since _dispatch read the monitors
+        if self.only is not None and not steps_for(self.only(), optimizer):
+            if self.only() is None:
+                self._said_gone(optimizer)
+            return
         key, mask = self.masks.keyed(optimizer)
         if mask is None:
             return
@@ -400,14 +428,40 @@ class StepWatch:
         if held is not None and held[0]() is optimizer:
             handle = last_pre_hook(optimizer, self._on_step, held[1])      # moved to the end if need be
             if handle is not held[1]:                                      # registered anew: the hooks were cleared
-                self._hooks[id(optimizer)] = held = (held[0], handle, held[2])
+                self._hooks[id(optimizer)] = held = (held[0], handle, *held[2:])
         else:
             self._hooks[id(optimizer)] = held = (entry_ref(self._hooks, id(optimizer), optimizer),
                                                  last_pre_hook(optimizer, self._on_step),
-                                                 optimizer.register_step_post_hook(self._on_step_done))
+                                                 optimizer.register_step_post_hook(self._on_step_done), None)
         if not self.on:          # stop() ran meanwhile in another thread, perhaps before these were kept
             held[1].remove()
             held[2].remove()
+
+    def _said_gone(self, optimizer: torch.optim.Optimizer) -> None:
+        """The optimizer the monitor was given (``optimizer=``) was deleted and ``optimizer``
+        steps monitored parameters: its steps are not recorded, said once."""
+        if self.masks.mask(optimizer) is not None:
+            self.warn("chosen-gone", f"GradientMonitor(optimizer={self.only_name}): that optimizer no longer exists, "
+                      f"and the steps of {type(optimizer).__name__} over the monitored parameters are not recorded. "
+                      "Remove this monitor and attach a new one with optimizer=<the new optimizer>, or without "
+                      "optimizer= to record every optimizer's steps")
+
+    def _defers(self, optimizer: torch.optim.Optimizer, mask) -> bool:
+        """Whether ``optimizer`` wraps an inner optimizer (an attribute of it, ``inner_optimizer``)
+        whose step this monitor watches: that step records instead, after the inner optimizer's
+        own pre-hooks, which run after the wrapper's (a hook there that rescales ``.grad`` changes
+        what is applied). Looked up once per change of the wrapper's groups. Not under a
+        GradScaler that hands the wrapper itself the scale (``amp_scale``)."""
+        held = self._hooks.get(id(optimizer))
+        if held is None or getattr(optimizer, "_step_supports_amp_scaling", False):
+            return False
+        key = _groups_key(optimizer)
+        if held[3] is None or held[3][0] != key:
+            inner = inner_optimizer(optimizer, mask, self.masks.mask)
+            if inner is not None and self.only is not None and not steps_for(self.only(), inner):
+                inner = None                         # not watched (optimizer=): the wrapper's step records
+            held = self._hooks[id(optimizer)] = (*held[:3], (key, None if inner is None else weakref.ref(inner)))
+        return held[3][1] is not None and held[3][1]() is not None
 
     @outside_compile
     def _on_step_done(self, optimizer, args=(), kwargs=None) -> None:
@@ -416,6 +470,9 @@ class StepWatch:
         outer = self._outer() if self._outer is not None else None
         if outer is None or outer is optimizer:
             self._outer = None
+            deferred, self._deferred = self._deferred, None
+            if deferred is not None and self.on:     # the wrapper never stepped its inner optimizer: its own step
+                self.record(deferred, None, False)
             self.after()
 
     @outside_compile
@@ -429,21 +486,28 @@ class StepWatch:
         if mask is None or not self.on:
             return None
         outer = self._outer() if self._outer is not None else None
-        if outer is None or outer is optimizer:      # else an inner step of the running one (a step that raised
-            self._outer = weakref.ref(optimizer)     # leaves it set until that optimizer steps again)
+        inner = outer is not None and outer is not optimizer     # an inner step of the running one (a step
+        if not inner:                                            # that raised leaves it set until that optimizer
+            self._outer = weakref.ref(optimizer)                 # steps again)
+            self._deferred = None
+            if self._defers(optimizer, mask):        # its inner optimizer's step records, after that one's pre-hooks
+                self._deferred = mask
+                return None
+        else:
+            self._deferred = None
         amp = amp_scale(optimizer, kwargs) if getattr(optimizer, "_step_supports_amp_scaling", False) else None
         if amp is not None:                          # a fused optimizer under GradScaler: still scaled
             scale, found_inf = amp
             if not found_inf.item():                 # else skipped: interception counts it (one sync, AMP only)
-                self.record(mask, None if scale is None else scale.double().reciprocal().float())
+                self.record(mask, None if scale is None else scale.double().reciprocal().float(), inner)
             return None
         if len(args) < 2 and not kwargs:             # step() with no argument: no closure (the common case)
-            self.record(mask, None)
+            self.record(mask, None, inner)
             return None
         closure, by_keyword = closure_of(args, kwargs or {})
         if closure is None:
-            self.record(mask, None)
+            self.record(mask, None, inner)
             return None
         # The closure runs forward and backward inside step(): record after it, not before.
-        wrapped = recording_closure(closure, lambda: self.record(mask, None))
+        wrapped = recording_closure(closure, lambda: self.record(mask, None, inner))
         return replace_closure(args, kwargs or {}, wrapped, by_keyword)

@@ -1,6 +1,7 @@
 """GradflowCallback in real Lightning fits, checked against an oracle that copies every ``p.grad``
-in Lightning's own ``on_before_optimizer_step`` at the same step; the values compared are the ones
-read back from TensorBoard's event files."""
+at the optimizer's step post-hook (what the step applied, after Lightning's clipping) and in
+Lightning's own ``on_before_optimizer_step`` (before it); the values compared are the ones read
+back from TensorBoard's event files."""
 
 from __future__ import annotations
 
@@ -44,13 +45,18 @@ class Net(pl.LightningModule):
 
 
 class Oracle(pl.Callback):
-    """The framework's own hook: statistics of every p.grad at each optimizer step."""
+    """Statistics of every p.grad at each optimizer step: as the step applied it (``records``, its
+    post-hook) and as the framework's own hook saw it, before Lightning clips (``raw``)."""
 
     def __init__(self) -> None:
         self.records: list[dict] = []
+        self.raw: list[dict] = []
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        trainer.optimizers[0].register_step_post_hook(lambda *_: self.records.append(grad_row(pl_module)))
 
     def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
-        self.records.append(grad_row(pl_module))
+        self.raw.append(grad_row(pl_module))
 
 
 def loader(n: int = 48, batch: int = 8):
@@ -100,12 +106,14 @@ def test_tensorboard_matches_the_oracle(request, tmp_path, name, trainer_args, m
     error = compare(expected, accumulators)
     assert error < TOLERANCE
     assert sorted(scalar_series(accumulators, "grad/body/0/weight/norm")) == sorted(expected)
-    total = scalar_series(accumulators, "grad/total_norm")   # before clipping: recorded before Lightning clips
+    total = scalar_series(accumulators, "grad/total_norm")   # the applied gradient's: after Lightning clips
     total_error = max(abs(total[s] - expected[s][""]["total_norm"]) / expected[s][""]["total_norm"] for s in expected)
     assert total_error < TOLERANCE
     before = scalar_series(accumulators, "grad/total_norm_before_clip")
-    if name == "accumulate_clip":   # Lightning clips after the hook: clip_grad_norm_ saw the recorded norm
-        assert max(abs(before[s] - total[s]) / total[s] for s in expected) < TOLERANCE
+    if name == "accumulate_clip":   # Lightning clips after its hook: clip_grad_norm_ saw the hook's norm
+        raw = windows(oracle.raw, list(expected))
+        assert max(abs(before[s] - raw[s][""]["total_norm"]) / raw[s][""]["total_norm"] for s in expected) < TOLERANCE
+        assert all(total[s] <= 0.5 + 1e-5 < before[s] for s in expected)
     if name == "manual_clip":       # the user clips before opt.step(), so before the hook: recorded after clipping
         assert all(total[s] <= 0.5 + 1e-5 and before[s] >= total[s] for s in expected)
     if "clip" in name:
@@ -124,6 +132,9 @@ def test_a_step_the_scaler_skips_is_counted_apart(tmp_path):
     on_before_optimizer_step); it is counted in grad/skipped_steps and left out of the means."""
 
     class Overflow(Oracle):
+        def on_train_start(self, trainer, pl_module):     # no clipping: the hook's gradient is the applied one
+            pass
+
         def on_before_optimizer_step(self, trainer, pl_module, optimizer):
             finite = all(torch.isfinite(p.grad).all() for p in pl_module.parameters() if p.grad is not None)
             self.records.append(grad_row(pl_module) if finite else None)
@@ -146,18 +157,19 @@ def test_a_step_the_scaler_skips_is_counted_apart(tmp_path):
 
 
 @pytest.mark.parametrize("algorithm", ["norm", "value"])
-def test_recording_before_clipping_sees_the_raw_gradient(tmp_path, algorithm):
-    """A tiny clip value, by norm (clip_grad_norm_) or by value (clip_grad_value_): the recorded norm
-    is the raw one, far above the clip value, and the norm before clipping is the oracle's total norm
-    of the raw gradients (Lightning clips after on_before_optimizer_step)."""
+def test_the_recorded_gradient_is_the_clipped_one_the_step_applied(tmp_path, algorithm):
+    """A tiny clip value, by norm (clip_grad_norm_) or by value (clip_grad_value_): Lightning clips
+    after on_before_optimizer_step, and the recorded gradient is the clipped one the step applied,
+    within the clip value; the norm before clipping is the oracle's total norm of the raw gradients."""
     torch.manual_seed(0)
     oracle, callback = Oracle(), GradflowCallback(every_n_steps=3)
     fit(tmp_path, Net(), [oracle, callback], gradient_clip_val=1e-3, gradient_clip_algorithm=algorithm, epochs=1)
     assert callback.steps == 6 and callback.windows == 2
     rows = callback.monitor.history[-1].gradients
-    assert rows["body.4.weight"]["norm"] > 1e-2
+    assert rows["body.4.weight"]["norm" if algorithm == "norm" else "max_abs"] <= 1e-3 * (1 + 1e-4)
     overall = callback.monitor.history[-1].overall
     assert overall["clipped_steps"] == overall["steps"] == 3
-    assert overall["total_norm_before_clip"] == pytest.approx(overall["total_norm"], rel=1e-6)
-    expected = windows(oracle.records, [3, 6])[6][""]["total_norm"]
-    assert overall["total_norm_before_clip"] == pytest.approx(expected, rel=1e-6)
+    applied = windows(oracle.records, [3, 6])[6][""]["total_norm"]
+    assert overall["total_norm"] == pytest.approx(applied, rel=1e-6)
+    expected = windows(oracle.raw, [3, 6])[6][""]["total_norm"]
+    assert overall["total_norm_before_clip"] == pytest.approx(expected, rel=1e-6) and expected > 10 * applied

@@ -209,19 +209,15 @@ def test_a_parametrized_weight_of_the_root_module_is_under_its_users_name(parame
         assert rows[name]["norm"] == pytest.approx(grads[raw], rel=1e-6)
 
 
-@pytest.mark.parametrize("given", [torch.optim.SGD, "adam", [None], 3], ids=["the-class", "a-name", "a-list", "an-int"])
-def test_an_optimizer_argument_that_is_not_an_optimizer_is_a_one_line_error(given):
+def test_an_optimizer_class_given_for_optimizer_is_a_one_line_error():
     """``optimizer=torch.optim.SGD`` (the class, not the instance) was taken, and then every
     optimizer step of the process raised AttributeError from the monitor's dispatcher (``type
-    object 'SGD' has no attribute 'param_groups'``); a name or a list gave "cannot create weak
-    reference". Now a one-line MonitorError at attach, naming what is accepted; the model's
-    training is untouched (oracle: the step applies)."""
+    object 'SGD' has no attribute 'param_groups'``): the monitor broke training. Now a one-line
+    MonitorError at attach (check_optimizer); training is untouched (oracle: the step applies)."""
     from gradflow.monitor import MonitorError
     model = _model(5)
-    if isinstance(given, list):
-        given = [torch.optim.SGD(model.parameters(), lr=0.1)]
-    with pytest.raises(MonitorError, match=r"^optimizer must be a torch\.optim\.Optimizer instance .*, got ") as error:
-        GradientMonitor(model, optimizer=given)
+    with pytest.raises(MonitorError, match=r"optimizer=\) must be a torch\.optim\.Optimizer") as error:
+        GradientMonitor(model, optimizer=torch.optim.SGD)
     assert "\n" not in str(error.value)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     model(torch.randn(4, 4)).sum().backward()
@@ -355,20 +351,6 @@ def test_a_tap_refused_during_training_never_raises_into_the_step():
     assert not any("no activation output" in m for m in messages), messages
     assert row["steps"] == 6 and row["norm"] == pytest.approx(_mean(norms), rel=1e-6)
     assert {name: (tuple(m._forward_hooks), tuple(m._forward_pre_hooks)) for name, m in model.named_modules()} == before
-
-
-@pytest.mark.parametrize("flag", ["weights", "automatic", "nonfinite", "through_time"])
-@pytest.mark.parametrize("value", ["off", None, 0])
-def test_an_on_off_option_that_is_not_a_bool_is_a_one_line_error(flag, value):
-    """``nonfinite="off"`` switched the first-non-finite part on, ``weights="false"`` kept the
-    weight statistics, ``automatic="no"`` recorded every step: any value was read for its truth.
-    Now a one-line MonitorError naming the option and what is accepted, and nothing attached."""
-    from gradflow.monitor import MonitorError
-    model = _model(12)
-    with pytest.raises(MonitorError, match=rf"^{flag} must be True or False, got {value!r}$"):
-        GradientMonitor(model, **{flag: value})
-    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
-    GradientMonitor(model, **{flag: False}).remove()
 
 
 class _SlowTanh(nn.Tanh):
