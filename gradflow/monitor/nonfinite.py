@@ -159,8 +159,9 @@ class FirstNonFinite(Part):
         self._count = len(self.names)
         self._loss = self._count - 1
         self.device = torch.device(device)
-        self._sums: list[torch.Tensor] = []
-        self._codes: list[int] = []
+        # (sum, code) of each output or gradient taken since the last fold: one list of pairs, so
+        # that a fold in another thread (remove() during a pass) never sees a sum without its code
+        self._pending: list[tuple[torch.Tensor, int]] = []
         self._calls = [0, 0]                     # forward, backward calls this step
         self._last: torch.Tensor | None = None   # the output summed last
         self._step_min = torch.full((), NONE, dtype=torch.int64, device=self.device)
@@ -189,7 +190,7 @@ class FirstNonFinite(Part):
             if self._filter in warnings.filters:
                 warnings.filters.remove(self._filter)
                 getattr(warnings, "_filters_mutated", lambda: None)()   # the warnings cache (CPython)
-        self._sums, self._codes = [], []
+        self._pending = []
 
     def _on_forward(self, module, args, output):
         if torch.compiler.is_compiling():
@@ -234,9 +235,8 @@ class FirstNonFinite(Part):
         if not tensor.is_floating_point():
             return
         tensor = tensor.detach()
-        self._sums.append(tensor.sum(dtype=torch.float32) if tensor.dtype in _HALF else tensor.sum())
-        self._codes.append(code)
-        if len(self._sums) >= PENDING:
+        self._pending.append((tensor.sum(dtype=torch.float32) if tensor.dtype in _HALF else tensor.sum(), code))
+        if len(self._pending) >= PENDING:
             self.fold()
 
     def _take_grad(self, grad: torch.Tensor, index: int) -> None:
@@ -251,16 +251,16 @@ class FirstNonFinite(Part):
     @torch.no_grad()
     def fold(self) -> None:
         """The smallest code of a pending non-finite sum into this step's minimum. No sync."""
-        if not self._sums:
+        pending, self._pending = self._pending, []
+        if not pending:
             return
-        sums, codes, self._sums, self._codes = self._sums, self._codes, [], []
-        key = tuple(codes)
+        sums, key = zip(*pending)
         table = self._cache.get(key)
         if table is None:                        # made once per call sequence: a fresh tensor per step would copy
             if len(self._cache) >= 64:
                 self._cache.clear()
-            table = self._cache[key] = torch.tensor(codes, dtype=torch.int64, device=self.device)
-        values = _stack(sums, self.device)
+            table = self._cache[key] = torch.tensor(key, dtype=torch.int64, device=self.device)
+        values = _stack(list(sums), self.device)
         first = torch.where(torch.isfinite(values), NONE, table).amin()
         torch.minimum(self._step_min, first, out=self._step_min)
 
