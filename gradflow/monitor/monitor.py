@@ -33,6 +33,7 @@ the config or the CLI.
 
 from __future__ import annotations
 
+import threading
 import warnings
 import weakref
 
@@ -66,6 +67,7 @@ from gradflow.monitor.window import Window, keep, member_windows, read_parts, re
 __all__ = ["GradientMonitor", "MonitorError", "Window", "tag_path", "unwrap"]
 
 _ATTACHED: weakref.WeakKeyDictionary[nn.Module, GradientMonitor] = weakref.WeakKeyDictionary()
+_ATTACHED_LOCK = threading.Lock()     # remove() and detach() of one monitor in two threads: one deletes its entry
 
 
 class GradientMonitor:
@@ -211,7 +213,8 @@ class GradientMonitor:
         except BaseException:
             self._unhook()
             raise
-        _ATTACHED[model] = self
+        with _ATTACHED_LOCK:
+            _ATTACHED[model] = self
 
     def _unhook(self) -> None:
         self._steps.stop()
@@ -241,8 +244,9 @@ class GradientMonitor:
         (what fails after the hooks are gone, say a closed writer, is a warning)."""
         self._unhook()
         model = self._model()
-        if model is not None and _ATTACHED.get(model) is self:
-            del _ATTACHED[model]
+        with _ATTACHED_LOCK:
+            if model is not None and _ATTACHED.get(model) is self:
+                del _ATTACHED[model]
         try:
             for part in self.parts.values():     # fold in what is pending: a later log() still reports it
                 part.fold()

@@ -410,7 +410,9 @@ def test_monitors_churned_while_three_threads_train_break_nothing_and_leave_noth
     under a 1 us switch interval: removals land inside forward passes, backward and steps. No
     thread raises, no remove() fails to write what was pending (before: 1-5 of ~3,000 removals
     per 8 s said 'writing what was pending failed: RuntimeError' from the first non-finite part,
-    a sum folded without its code), and after one more step each no hook is left. ~5 s."""
+    a sum folded without its code; and a monitor removed by its churner while the other detached
+    it raised KeyError from remove(), 2 runs of 6), and after one more step each no hook is left.
+    ~5 s."""
     import random
     import sys
     import time
