@@ -159,6 +159,17 @@ def replaced_parameters(model: nn.Module, names: list[str], params: list[torch.T
     return [p for _, p in current]
 
 
+def attached_elsewhere(model: nn.Module, attached: Mapping[nn.Module, Any], monitor: Any = None) -> bool:
+    """Whether a monitor other than ``monitor`` is attached to ``model``, or attaching now."""
+    previous = attached.get(model)
+    return previous is not None and previous is not monitor and (previous.attached or previous.attaching)
+
+
+def already_attached(model: nn.Module) -> MonitorError:
+    return MonitorError(f"this {type(model).__name__} already has a GradientMonitor attached; call .remove() on "
+                        "that monitor (or GradientMonitor.detach(model)) before attaching another")
+
+
 def check_attach(model, attached: Mapping[nn.Module, Any], *, members: int, activations_every: int,
                  through_time_every: int, history_length: int | None,
                  histogram_every: int) -> tuple[nn.Module, list[tuple[str, torch.Tensor]]]:
@@ -176,10 +187,8 @@ def check_attach(model, attached: Mapping[nn.Module, Any], *, members: int, acti
     if not isinstance(model, nn.Module):
         raise TypeError(f"GradientMonitor needs an nn.Module, got {type(model).__name__}")
     inner = unwrap(model)
-    previous = attached.get(inner)
-    if previous is not None and previous.attached:
-        raise MonitorError(f"this {type(inner).__name__} already has a GradientMonitor attached; call .remove() on "
-                           "that monitor (or GradientMonitor.detach(model)) before attaching another")
+    if attached_elsewhere(inner, attached):
+        raise already_attached(inner)
     check_collective_safe(model)
     named = monitored_parameters(inner, stacklevel=4)
     check_members(named, members)

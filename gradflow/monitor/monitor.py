@@ -45,6 +45,8 @@ from gradflow.monitor import interception
 from gradflow.monitor.compact import Layouts
 from gradflow.monitor.histograms import check_every
 from gradflow.monitor.model_checks import (
+    already_attached,
+    attached_elsewhere,
     check_attach,
     check_optimizer,
     check_positive,
@@ -158,6 +160,8 @@ class GradientMonitor:
         >>> monitor.remove()
     """
 
+    attaching = False    # between claiming the model and adding its last hook (_attach)
+
     def __init__(self, model: nn.Module, writer=None, *, optimizer: torch.optim.Optimizer | None = None,
                  histograms: bool | int = True, weights: bool = True, activations=True,
                  members: int = 1, automatic: bool = True, activations_every: int = 10,
@@ -203,7 +207,15 @@ class GradientMonitor:
     # -- life cycle -----------------------------------------------------------------------
 
     def _attach(self, model: nn.Module) -> None:
-        """Add every hook, or none: a part that fails to hook leaves the model as it was."""
+        """Claim ``model``, then add every hook, or none: a part that fails to hook leaves the
+        model as it was. The claim is made under the registry's lock, after ``check_attach``
+        looked: two threads that attach to one model at the same moment both pass that look,
+        and the second to claim is refused here, before it adds a hook."""
+        with _ATTACHED_LOCK:
+            if attached_elsewhere(model, _ATTACHED, self):
+                raise already_attached(model)
+            _ATTACHED[model] = self
+            self.attaching = True
         try:
             if self.automatic:
                 self._steps.start()
@@ -212,9 +224,12 @@ class GradientMonitor:
             interception.watch(self)
         except BaseException:
             self._unhook()
+            with _ATTACHED_LOCK:
+                if _ATTACHED.get(model) is self:
+                    del _ATTACHED[model]
             raise
-        with _ATTACHED_LOCK:
-            _ATTACHED[model] = self
+        finally:
+            self.attaching = False
 
     def _unhook(self) -> None:
         self._steps.stop()
