@@ -255,6 +255,8 @@ def outside_compile(fn: Callable) -> Callable:
 
 @outside_compile
 def _dispatch(optimizer, args, kwargs):
+    if not _MONITORS and not _STOPPING and not _DEFERRED:
+        return None              # no monitor watches steps: none has a hook on this optimizer to remove
     entry = _STEPPING.get(id(optimizer))
     if entry is None or entry[0]() is not optimizer:
         entry = _STEPPING[id(optimizer)] = (entry_ref(_STEPPING, id(optimizer), optimizer), set())
@@ -275,7 +277,7 @@ def _finished(optimizer, args, kwargs):
     """The end of every optimizer step (a global post-hook): the optimizer's own hook dicts are
     no longer iterated, so the hooks a ``stop()`` during that step left are removed now."""
     entry = _STEPPING.get(id(optimizer))
-    if entry is not None:
+    if entry is not None and entry[1]:
         entry[1].discard(threading.get_ident())
     if _DEFERRED:
         with _LOCK:
@@ -446,16 +448,16 @@ class StepWatch:
                       "Remove this monitor and attach a new one with optimizer=<the new optimizer>, or without "
                       "optimizer= to record every optimizer's steps")
 
-    def _defers(self, optimizer: torch.optim.Optimizer, mask) -> bool:
+    def _defers(self, optimizer: torch.optim.Optimizer, mask, key: tuple) -> bool:
         """Whether ``optimizer`` wraps an inner optimizer (an attribute of it, ``inner_optimizer``)
         whose step this monitor watches: that step records instead, after the inner optimizer's
         own pre-hooks, which run after the wrapper's (a hook there that rescales ``.grad`` changes
         what is applied). Looked up once per change of the wrapper's groups. Not under a
-        GradScaler that hands the wrapper itself the scale (``amp_scale``)."""
+        GradScaler that hands the wrapper itself the scale (``amp_scale``). ``key``: the
+        optimizer's ``_groups_key`` now."""
         held = self._hooks.get(id(optimizer))
         if held is None or getattr(optimizer, "_step_supports_amp_scaling", False):
             return False
-        key = _groups_key(optimizer)
         if held[3] is None or held[3][0] != key:
             inner = inner_optimizer(optimizer, mask, self.masks.mask)
             if inner is not None and self.only is not None and not steps_for(self.only(), inner):
@@ -479,7 +481,8 @@ class StepWatch:
     def _on_step(self, optimizer, args=(), kwargs=None):
         """The optimizer's last step pre-hook: record the gradient its step applies."""
         seen, self._mask = self._mask, None          # the mask _on_step_seen found for this step,
-        if seen is not None and seen[0] == id(optimizer) and seen[1] == _groups_key(optimizer):
+        key = _groups_key(optimizer)
+        if seen is not None and seen[0] == id(optimizer) and seen[1] == key:
             mask = seen[2]                           # unless a pre-hook of the user's changed the groups
         else:
             mask = self.masks.mask(optimizer)
@@ -490,7 +493,7 @@ class StepWatch:
         if not inner:                                            # that raised leaves it set until that optimizer
             self._outer = weakref.ref(optimizer)                 # steps again)
             self._deferred = None
-            if self._defers(optimizer, mask):        # its inner optimizer's step records, after that one's pre-hooks
+            if self._defers(optimizer, mask, key):        # its inner optimizer's step records, after that one's pre-hooks
                 self._deferred = mask
                 return None
         else:
