@@ -126,7 +126,23 @@ class Config:
 # --- YAML ------------------------------------------------------------------------------------
 
 class _Loader(yaml.SafeLoader):
-    """SafeLoader that reads ``1e-3`` as a float (YAML 1.1 insists on ``1.0e-3``)."""
+    """SafeLoader that reads ``1e-3`` as a float (YAML 1.1 insists on ``1.0e-3``) and refuses a
+    key given twice in one mapping (PyYAML keeps the last silently: a second ``train:`` section
+    would drop the first); merge keys (``<<``) may still repeat a key, as YAML defines them."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[tuple[str, str], Any] = {}
+            for key_node, _ in node.value:
+                if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = (key_node.tag, key_node.value)
+                if key in seen:
+                    raise yaml.constructor.ConstructorError(
+                        None, None, f"duplicate key '{key_node.value}' (first at line {seen[key].line + 1}); "
+                        "write each key once", key_node.start_mark)
+                seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
 
 
 _Loader.add_implicit_resolver(

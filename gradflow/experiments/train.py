@@ -80,7 +80,7 @@ class TrainResult:
     history: list[dict[str, float]]
     train_accuracy: float  # final model, full training set
     test_accuracy: float  # final model, full test set
-    seconds: float  # wall time of the training loop (evaluation included)
+    seconds: float  # wall time of the training loop (evaluation included), a resumed run's earlier part too
     epochs_run: int
     device: str
     stopped_early: bool = False  # True when a non-finite loss stopped the run
@@ -228,13 +228,17 @@ def fit(
     history: list[dict[str, float]] = []
     result = TrainResult(history, math.nan, math.nan, 0.0, 0, str(dev))
     step = first = 0
+    before = 0.0       # seconds the run trained before a checkpoint it resumes from (none in older checkpoints)
     if resume is not None:
         step, first = _restore(resume, model, opt, gen, history)
+        before = resume.get("seconds", 0.0)
     every = getattr(train, "checkpoint_every", 0)
 
     def save(epoch: int) -> None:
         if checkpoint is not None:
-            checkpoint(_state(epoch, step, model, opt, gen, history))
+            state = _state(epoch, step, model, opt, gen, history)
+            state["seconds"] = before + time.perf_counter() - t0
+            checkpoint(state)
 
     t0 = time.perf_counter()
     bar = _progress(train.epochs, progress)
@@ -281,7 +285,7 @@ def fit(
     bar.close()
     result.train_accuracy = evaluate(body, x, y)[1].item()
     result.test_accuracy = evaluate(body, x_val, y_val)[1].item()
-    result.seconds = time.perf_counter() - t0
+    result.seconds = before + time.perf_counter() - t0
     result.epochs_run = len(history)
     return result
 

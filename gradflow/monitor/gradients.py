@@ -408,11 +408,16 @@ class Gradients(Part):
             self._fold_large(kernels, plan, grads, step, counted)
             return
         counts = self.counts.view(-1, S.SIGN_EXPONENT_BINS)
-        jobs = [(flat, counts[slot] if _counted(counted, i) else None, None) for i in plan.large
-                for slot, flat in enumerate(_flat(grads[i], keep_float64=True).view(self.members, -1),
-                                            start=i * self.members)]
+        flats = [_values_of(grads[i], self.members) for i in plan.large]
+        jobs = [(flat, counts[slot] if _counted(counted, i) else None, None) for i, (values, _) in zip(plan.large, flats)
+                for slot, flat in enumerate(values.view(self.members, -1), start=i * self.members)]
         tallies = self.tallies.new_zeros(len(jobs), 2)
         folded = self._scratch.fold(jobs, tallies)
+        for row, (i, (_, zeros)) in enumerate(zip(plan.large, flats)):
+            if zeros:                                 # a sparse gradient's unstored values: exact +0.0
+                tallies[row, 0] += zeros
+                if _counted(counted, i):
+                    counts[i, S.EXPONENTS] += zeros
         self.tallies.index_add_(0, plan.large_slots, tallies)
         self.step_squares[step].add_(folded[:, 2].view(-1, self.members).sum(0).to(self.step_squares.dtype))
         folded[:, 2].sqrt_()                          # the sum of squares becomes the L2 norm
@@ -600,3 +605,18 @@ def _gaps(names: list[str], params: list[torch.Tensor], steps: np.ndarray, recor
             out.append(("not-stepped", f"log(): {', '.join(missed[:5])}{' ...' if len(missed) > 5 else ''} had "
                         "gradients but no monitored optimizer stepped them in this window"))
     return out
+
+
+def _values_of(grad: torch.Tensor, members: int) -> tuple[torch.Tensor, int]:
+    """(1-D values, count of exact zeros they leave out) of a large gradient: a sparse one's
+    coalesced stored values (nn.Embedding(sparse=True): its dense copy would be a second copy of
+    the weight at every step) and how many it does not store; any other, ``_flat``'s view and 0.
+    A batched model's (``members`` > 1) sparse gradient is made dense: its members' values are
+    not apart in the stored ones."""
+    if grad.layout != torch.sparse_coo or members != 1:
+        return _flat(grad, keep_float64=True), 0
+    values = grad.coalesce().values().reshape(-1)
+    values = values if values.dtype in (torch.float32, torch.float64) else values.float()
+    if values.numel() == 0:                       # no row stored: one zero stands for them (aminmax needs one)
+        values = values.new_zeros(1)
+    return values, grad.numel() - values.numel()

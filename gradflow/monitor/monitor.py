@@ -376,14 +376,17 @@ class GradientMonitor:
         Raises:
             MonitorError: ``step`` is not an int >= 0 (numpy and 0-d torch integers are taken; the
                 window stays open), or the model's parameters were replaced by tensors of another
-                shape, split over several devices or put on the meta device since the monitor attached.
+                shape, split over several devices or put on the meta device since the monitor attached;
+                or a sink raised while the window was written (the window is closed and kept all the same).
         """
         step = check_step(step)
         self._follow()
         reader = read_window(self.parts, self._read_back(), step, self.members)
-        self._output.write(reader.scalars, reader.wanted, step, final=not self.attached, texts=reader.texts)
-        keep(self.history, reader.windows, self.history_length, self._layouts)
-        self._start_window()
+        try:   # a sink that fails (MonitorError) still closes the window: the next holds only its own steps
+            self._output.write(reader.scalars, reader.wanted, step, final=not self.attached, texts=reader.texts)
+        finally:
+            keep(self.history, reader.windows, self.history_length, self._layouts)
+            self._start_window()
         return reader.windows[0].gradients if self.members == 1 else [w.gradients for w in reader.windows]
 
     def _read_back(self) -> dict[str, np.ndarray]:

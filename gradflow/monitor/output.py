@@ -34,10 +34,15 @@ class Output:
         and its histograms once the pool holds ``every`` windows (at once when ``final``: no
         flush() will follow)."""
         histograms = self._histograms(wanted, step, final)
+        failed = []
         for k, sink, prefix in self.sinks:
-            sink.log(_prefixed(prefix, scalars[k]), _prefixed(prefix, histograms[k] if histograms else {}), step)
-            if texts and texts[k]:
-                sink.text(_prefixed(prefix, texts[k]), step)
+            try:
+                sink.log(_prefixed(prefix, scalars[k]), _prefixed(prefix, histograms[k] if histograms else {}), step)
+                if texts and texts[k]:
+                    sink.text(_prefixed(prefix, texts[k]), step)
+            except Exception as error:       # the other sinks still get the window
+                failed.append((sink, error))
+        raise_failed(failed, f"log({step})")
 
     def _histograms(self, wanted: HistogramRequests, step: int, final: bool) -> list[dict] | None:
         if not self.draws:
@@ -53,9 +58,28 @@ class Output:
         if taken is None:
             return
         step, histograms = taken
+        failed = []
         for k, sink, prefix in self.sinks:
             if histograms[k]:
-                sink.log({}, _prefixed(prefix, histograms[k]), step)
+                try:
+                    sink.log({}, _prefixed(prefix, histograms[k]), step)
+                except Exception as error:
+                    failed.append((sink, error))
+        raise_failed(failed, "flush()")
+
+
+def raise_failed(failed: list[tuple[object, Exception]], call: str) -> None:
+    """One MonitorError for the sinks that raised while a window was written (each sink was
+    still given the window), chained to the first error; nothing where none did."""
+    if not failed:
+        return
+    from gradflow.monitor.sinks import describe, first_line
+
+    sink, error = failed[0]
+    more = f" (and {len(failed) - 1} more sink(s))" if len(failed) > 1 else ""
+    raise MonitorError(f"{call}: writing the window to {describe(sink)} failed{more}: {type(error).__name__}: "
+                       f"{first_line(error)}; the window is closed and kept in monitor.history, and the "
+                       f"next one starts empty") from error
 
 
 def _prefixed(prefix: str, by_tag: dict) -> dict:

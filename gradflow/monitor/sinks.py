@@ -75,12 +75,32 @@ class TeeSink(Sink):
         return any(sink.draws for sink in self.sinks)
 
     def log(self, scalars: dict[str, float], histograms: dict[str, Histogram], step: int) -> None:
-        for sink in self.sinks:
-            sink.log(scalars, histograms, step)
+        self._each(lambda sink: sink.log(scalars, histograms, step))
 
     def text(self, texts: dict[str, str], step: int) -> None:
+        self._each(lambda sink: sink.text(texts, step))
+
+    def _each(self, call: Callable[[Sink], None]) -> None:
+        """``call`` on every sink, even after one raised (one failing logger does not keep the
+        window from the others); then MonitorError naming the first that raised, chained to its error."""
+        failed = []
         for sink in self.sinks:
-            sink.text(texts, step)
+            try:
+                call(sink)
+            except Exception as error:
+                failed.append((sink, error))
+        if failed:
+            sink, error = failed[0]
+            raise MonitorError(f"{describe(sink)} raised {type(error).__name__}: {first_line(error)}") from error
+
+
+def describe(sink: Sink) -> str:
+    """A sink's name in a message: the writer's type for a TensorBoard sink, else the sink's."""
+    return type(sink.writer if isinstance(sink, TensorBoardSink) else sink).__name__
+
+
+def first_line(error: BaseException) -> str:
+    return (str(error).splitlines() or [""])[0]
 
 
 def is_summary_writer(writer: Any) -> bool:

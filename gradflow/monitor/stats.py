@@ -95,6 +95,11 @@ def sign_exponent_bins(flat: torch.Tensor, out: torch.Tensor | None = None) -> t
 
 
 CHUNK = 1 << 20
+# Values widened to float64 at a time by the torch-ops folds on the CPU (weights of a dtype the
+# fused kernel does not take: bfloat16, float16, float64): 128 KB per temporary, in cache. A
+# million at a time made six 8 MB temporaries at log() (36 MB over a 4 MB bfloat16 MLP's peak)
+# and ran 4x slower (2M bfloat16 values: 28 ms a fold, 7 ms at this size; brk6b, 2026-12-06).
+CPU_WIDE_CHUNK = 1 << 14
 
 
 class Scratch:

@@ -139,12 +139,13 @@ class Weights(Part):
                                                 renew=renew, count=self.counted)
             return torch.from_numpy(rows), None if counts is None else torch.from_numpy(counts), renew
         wide = S.wide_dtype(now.device)
+        chunk = S.CPU_WIDE_CHUNK if now.device.type == "cpu" else S.CHUNK     # float64 temporaries of a chunk each
         out_rows, out_counts = [], []
         for member in range(now.numel() // length):
             w, s = now[member * length:(member + 1) * length], start[member * length:(member + 1) * length]
             sums = torch.zeros(4, dtype=wide, device=now.device)
             counts = torch.zeros(S.SIGN_EXPONENT_BINS, dtype=torch.int64, device=now.device)
-            for a, b in zip(w.split(S.CHUNK), s.split(S.CHUNK)):
+            for a, b in zip(w.split(chunk), s.split(chunk)):
                 a64, b64 = a.to(wide), b.to(wide)
                 sums += torch.stack([a64.abs().sum(), a64.square().sum(), (a64 - b64).square().sum(), b64.square().sum()])
                 if self.counted:            # the histograms' counts alone (the fused kernel counts as it sums)
