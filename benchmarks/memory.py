@@ -35,7 +35,8 @@ Models: ``big``, an MLP whose middle Linear has a 10000 x 5000 weight (50M eleme
 ``lora``, a frozen 4096 x 4096 Linear base (64 MB, requires_grad False) with a rank-8 LoRA
 adapter (65,536 trainable elements, 256 KB): the frozen base must cost nothing; ``lora16``, six
 such bases with rank-16 adapters and GELUs between them (3 MB trainable, 384 MB frozen): a LoRA
-whose trainable bytes are many ruler steps; ``tiny``.
+whose trainable bytes are many ruler steps; ``bf16``, an MLP of two 1024 x 1024 bfloat16 weights
+(4 MB): its gradients are converted to float32 a piece at a time, not whole; ``tiny``.
 """
 
 from __future__ import annotations
@@ -57,7 +58,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from gradflow.monitor import GradientMonitor  # noqa: E402 - after the path
 from gradflow.monitor.compact import RECENT  # noqa: E402
 
-MODELS = ("big", "lora", "lora16", "tiny")
+MODELS = ("big", "lora", "lora16", "bf16", "tiny")
 LORA16_LAYERS = 6
 HISTORY_LENGTH = inspect.signature(GradientMonitor).parameters["history_length"].default
 HISTORY_WINDOWS = 8      # windows whose growth of history is averaged
@@ -90,6 +91,9 @@ def build(name: str) -> tuple[nn.Module, torch.Tensor]:
                              nn.Linear(10000, 1)), torch.randn(8, 64)
     if name == "tiny":
         return nn.Sequential(nn.Linear(8, 8), nn.GELU(), nn.Linear(8, 1)), torch.randn(8, 8)
+    if name == "bf16":
+        return (nn.Sequential(nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 1))
+                .to(torch.bfloat16), torch.randn(8, 1024, dtype=torch.bfloat16))
     if name == "lora16":
         layers = [module for _ in range(LORA16_LAYERS) for module in (LoRALinear(4096, rank=16), nn.GELU())]
         return nn.Sequential(*layers, nn.Linear(4096, 1)), torch.randn(8, 4096)
@@ -204,7 +208,8 @@ def measure(name: str, repeats: int, allocator: str = "default", tensorboard: bo
 
 
 LABELS = {"big": "MLP with a 50M-element weight", "lora": "LoRA rank 8 on a frozen 4096x4096 base",
-          "lora16": f"LoRA rank 16 on {LORA16_LAYERS} frozen 4096x4096 layers", "tiny": "tiny 8-8-1 MLP (fixed costs)"}
+          "lora16": f"LoRA rank 16 on {LORA16_LAYERS} frozen 4096x4096 layers",
+          "bf16": "bfloat16 MLP, two 1024x1024 weights", "tiny": "tiny 8-8-1 MLP (fixed costs)"}
 
 
 def _ratio(mib: float, trainable: float) -> str:
