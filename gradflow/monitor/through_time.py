@@ -168,21 +168,27 @@ class _Module:
 
 
 class _Hook(LeavesCopiesAlone):
-    """The forward hook on one recurrent module (a callable object; in a copy of the model it
-    becomes a spent hook that removes itself: ``spent.py``)."""
+    """The forward hook on one recurrent module, registered ``with_kwargs`` (``rnn(x, hx=h0)``
+    and ``rnn(input=x)`` are stock calls: the keyword state must be the one unrolled); a
+    callable object that in a copy of the model becomes a spent hook that removes itself
+    (``spent.py``)."""
 
     __slots__ = ("__weakref__", "index", "recorder")
+    KIND = "forward_kwargs"
 
     def __init__(self, recorder: ThroughTime, index: int) -> None:
         self.recorder = recorder
         self.index = index
 
-    def __call__(self, module, inputs, output):
+    def __call__(self, module, args, kwargs, output):
         recorder = self.recorder
         if not recorder.active or torch.compiler.is_compiling() or not torch.is_grad_enabled() \
                 or torch._C._current_graph_task_id() != -1:
             return None
-        return recorder.profile(self.index, module, inputs)
+        # nn.RNN/LSTM/GRU.forward(input, hx=None), either by position or by keyword
+        x = args[0] if args else kwargs.get("input")
+        hx = args[1] if len(args) > 1 else kwargs.get("hx")
+        return None if x is None else recorder.profile(self.index, module, (x, hx))
 
 
 class ThroughTime:
@@ -221,7 +227,7 @@ class ThroughTime:
     def attach(self, model: nn.Module, keep) -> None:
         """Hook the model's recurrent modules, handing each handle to ``keep``."""
         for i, (_, module) in enumerate(recurrent_modules(model)):
-            keep(module.register_forward_hook(_Hook(self, i)))
+            keep(module.register_forward_hook(_Hook(self, i), with_kwargs=True))
 
     @property
     def cells(self) -> dict[str, str]:
@@ -247,8 +253,7 @@ class ThroughTime:
         """The unrolled output of a profiled pass (the hook's return value), or None to keep
         the fused one (a case said in a warning)."""
         entry = self.modules[index]
-        x = inputs[0]
-        hx = inputs[1] if len(inputs) > 1 else None
+        x, hx = inputs[0], inputs[1] if len(inputs) > 1 else None
         if isinstance(x, PackedSequence):
             self._warn(f"packed:{entry.name}", f"through time: {entry.name or 'the model'} got a PackedSequence "
                        "(varying lengths): its gradient through time is not profiled (pad the batch to one length "
