@@ -79,6 +79,17 @@ def layer_keys(name: str, module: nn.RNNBase) -> list[str]:
             for k in range(module.num_layers) for d in range(2 if module.bidirectional else 1)]
 
 
+def cells_message(model: nn.Module) -> str | None:
+    """The warning that names the model's Python-looped cells (``CELL_MODULES``), whose gradient
+    through time is not profiled; None when it has none."""
+    cells = [name for name, m in model.named_modules() if isinstance(m, CELL_MODULES)]
+    if not cells:
+        return None
+    return (f"through time: {', '.join(cells[:3])} {'are' if len(cells) > 1 else 'is a'} Python-looped cell "
+            "module(s) (nn.RNNCell/LSTMCell/GRUCell); their gradient through time is not profiled (only nn.RNN, "
+            "nn.LSTM and nn.GRU are)")
+
+
 # -- the recomputation ---------------------------------------------------------------------
 
 
@@ -218,11 +229,9 @@ class ThroughTime:
         self._handles: list = []
         if attach:
             self.attach(model, self._handles.append)
-        cells = [name for name, m in model.named_modules() if isinstance(m, CELL_MODULES)]
-        if cells:
-            self._warn("cells", f"through time: {', '.join(cells[:3])} {'are' if len(cells) > 1 else 'is a'} "
-                       "Python-looped cell module(s) (nn.RNNCell/LSTMCell/GRUCell); their gradient through time is "
-                       "not profiled (only nn.RNN, nn.LSTM and nn.GRU are)")
+        message = cells_message(model)
+        if message:
+            self._warn("cells", message)
 
     def attach(self, model: nn.Module, keep) -> None:
         """Hook the model's recurrent modules, handing each handle to ``keep``."""
@@ -431,7 +440,12 @@ class ThroughTimePart(Part):
 
     @classmethod
     def create(cls, model: nn.Module, setup: Setup) -> ThroughTimePart | None:
-        if not setup.options.get("through_time", True) or not recurrent_modules(model):
+        if not setup.options.get("through_time", True):
+            return None
+        if not recurrent_modules(model):
+            message = cells_message(model)        # a model of cells only: said, as the docs promise
+            if message:
+                setup.warn("cells", message)
             return None
         if setup.members != 1 or getattr(setup, "sharding", None) is not None:
             # A stacked (members > 1) or sharded (DTensor) recurrent layer cannot be unrolled cell by

@@ -79,3 +79,30 @@ def test_a_copy_of_a_hooked_module_runs_without_the_hook():
         assert not twin._forward_hooks
     finally:
         recorder.remove()
+
+
+class _CellLoop(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.cell, self.head = nn.GRUCell(3, 5), nn.Linear(5, 1)
+
+    def forward(self, x):
+        h = x.new_zeros(x.shape[1], 5)
+        for t in range(x.shape[0]):
+            h = self.cell(x[t], h)
+        return self.head(h)
+
+
+def test_a_model_of_looped_cells_only_is_said_not_profiled_by_the_monitor():
+    """The docs promise a warning at attach for nn.RNNCell/LSTMCell/GRUCell; a model with cells
+    and no nn.RNN/LSTM/GRU got none (the part was never made), and an empty ``time``."""
+    from gradflow import GradientMonitor
+
+    model = _CellLoop()
+    with pytest.warns(UserWarning, match="cell is a Python-looped cell"):
+        monitor = GradientMonitor(model, histograms=False)
+    with monitor:
+        model(torch.randn(4, 2, 3)).sum().backward()
+        torch.optim.SGD(model.parameters(), lr=0.1).step()
+        monitor.log(0)
+    assert monitor.history[-1].time == {}
