@@ -199,7 +199,7 @@ class _Hook(LeavesCopiesAlone):
         # nn.RNN/LSTM/GRU.forward(input, hx=None), either by position or by keyword
         x = args[0] if args else kwargs.get("input")
         hx = args[1] if len(args) > 1 else kwargs.get("hx")
-        return None if x is None else recorder.profile(self.index, module, (x, hx))
+        return None if x is None else recorder.profile(self.index, module, (x, hx), output)
 
 
 class ThroughTime:
@@ -258,9 +258,11 @@ class ThroughTime:
 
     # -- forward: replace the fused output -----------------------------------------------
 
-    def profile(self, index: int, module: nn.RNNBase, inputs: tuple):
+    def profile(self, index: int, module: nn.RNNBase, inputs: tuple, fused=None):
         """The unrolled output of a profiled pass (the hook's return value), or None to keep
-        the fused one (a case said in a warning)."""
+        the fused one (a case said in a warning). ``fused``: the module's own output, whose
+        dtypes the unrolled one takes (under autocast an LSTM's is bfloat16/float16, while
+        the unrolled cell state promotes to float32)."""
         entry = self.modules[index]
         x, hx = inputs[0], inputs[1] if len(inputs) > 1 else None
         if isinstance(x, PackedSequence):
@@ -296,6 +298,10 @@ class ThroughTime:
             c_n = None if c_n is None else c_n.squeeze(1)
         elif module.batch_first:
             output = output.transpose(0, 1)
+        if fused is not None:
+            state = fused[1] if module.mode == "LSTM" else (fused[1], None)
+            output, h_n = output.to(fused[0].dtype), h_n.to(state[0].dtype)
+            c_n = None if c_n is None else c_n.to(state[1].dtype)
         return output, ((h_n, c_n) if module.mode == "LSTM" else h_n)
 
     # -- the optimizer step: fold into the window ----------------------------------------

@@ -106,3 +106,23 @@ def test_a_model_of_looped_cells_only_is_said_not_profiled_by_the_monitor():
         torch.optim.SGD(model.parameters(), lr=0.1).step()
         monitor.log(0)
     assert monitor.history[-1].time == {}
+
+
+@pytest.mark.parametrize("cls", [nn.LSTM, nn.RNN, nn.GRU], ids=["lstm", "rnn", "gru"])
+def test_a_profiled_pass_under_autocast_keeps_the_fused_dtypes(cls):
+    """Under CPU autocast (bfloat16) a fused LSTM returns bfloat16 output, h_n and c_n; the
+    profiled pass returned float32 (the unrolled cell state promotes), so one step in N changed
+    the model's dtypes. Oracle: the fused pass itself."""
+    torch.manual_seed(0)
+    module, x = cls(3, 5, num_layers=2), torch.randn(6, 4, 3)
+    flat = lambda out: [out[0], *(out[1] if isinstance(out[1], tuple) else (out[1],))]   # noqa: E731
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        fused = flat(module(x))
+        recorder = ThroughTime(module)
+        try:
+            profiled = flat(module(x))
+        finally:
+            recorder.remove()
+    assert [t.dtype for t in profiled] == [t.dtype for t in fused]
+    for got, want in zip(profiled, fused):
+        torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
