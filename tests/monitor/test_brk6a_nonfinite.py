@@ -1,0 +1,134 @@
+"""Break test of the first-non-finite part (nonfinite.py): NaN/inf made by code *between*
+modules (a container's or the model's own forward code before a child, the input batch, an
+in-place change of a child's output). Oracle: the plant itself (which code made the value)."""
+
+from __future__ import annotations
+
+import warnings
+from collections import OrderedDict
+
+import pytest
+import torch
+from torch import nn
+
+from gradflow import GradientMonitor
+from gradflow.monitor.nonfinite import INPUT, Source
+
+
+def first_source(model, x, steps=3, plant=None):
+    """``steps`` SGD steps under GradientMonitor(nonfinite=True); ``plant(step)`` before each."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")           # NaN training warns elsewhere; not the point here
+        with GradientMonitor(model, histograms=False, activations=False, nonfinite=True) as monitor:
+            for step in range(steps):
+                if plant is not None:
+                    plant(step)
+                optimizer.zero_grad()
+                model(x).float().pow(2).mean().backward()
+                optimizer.step()
+            monitor.log(0)
+    return monitor.history[-1].first_nonfinite
+
+
+class Attention(nn.Module):
+    """nanoGPT's attention, with the first query row fully masked at the planted step."""
+
+    def __init__(self):
+        super().__init__()
+        self.c_attn, self.c_proj, self.attn_dropout = nn.Linear(4, 12), nn.Linear(4, 4), nn.Dropout(0.1)
+        self.mask_all = False
+
+    def forward(self, x):
+        q, k, v = self.c_attn(x).split(4, dim=-1)
+        att = q @ k.transpose(-2, -1)
+        if self.mask_all:
+            att = att.masked_fill(torch.arange(att.shape[-1]) >= 0, float("-inf"))   # softmax of all -inf: NaN
+        return self.c_proj(self.attn_dropout(att.softmax(-1)) @ v)
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.inp, self.attn, self.head = nn.Linear(4, 4), Attention(), nn.Linear(4, 1)
+        self.log_at_root = False
+
+    def forward(self, x):
+        h = self.attn(torch.relu(self.inp(x)))
+        return self.head(torch.log(h - 100) if self.log_at_root else h)
+
+
+def test_attention_whose_masked_row_makes_nan_is_named_not_its_output_projection():
+    """Was ``attn.c_proj (forward)``: the first module to *finish* with a NaN output, though its
+    input was already NaN (softmax of a fully masked row, in attn's own forward)."""
+    torch.manual_seed(0)
+    model = Net()
+
+    def plant(step):
+        model.attn.mask_all = step == 1
+    assert first_source(model, torch.randn(2, 5, 4), plant=plant) == Source("attn", "forward", 1)
+
+
+def test_the_models_own_code_between_two_children_is_named_the_root():
+    """Was ``head (forward)``: log(h - 100) in the model's forward before its head."""
+    torch.manual_seed(0)
+    model = Net()
+
+    def plant(step):
+        model.log_at_root = step == 2
+    assert first_source(model, torch.randn(2, 5, 4), plant=plant) == Source("", "forward", 2)
+
+
+def test_a_nan_in_the_input_batch_is_named_the_input():
+    """Was the first layer (``0 (forward)``), which only passed the batch's NaN on."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 1))
+    x = torch.randn(8, 4)
+
+    def plant(step):
+        x[3, 1] = float("nan") if step == 1 else 0.0
+    found = first_source(model, x, plant=plant)
+    assert found == Source(INPUT, "forward", 1)
+    assert "input" in found.where()
+
+
+class InPlace(nn.Module):
+    """A container that changes its child's output in place (same tensor, new version)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+        self.on = False
+
+    def forward(self, x):
+        h = self.lin(x)
+        if self.on:
+            h.div_(0.0)
+        return h
+
+
+@pytest.mark.parametrize("inplace_relu", [False, True], ids=["relu", "relu_inplace"])
+def test_a_childs_output_changed_in_place_is_the_containers(inplace_relu):
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict(a=nn.Linear(4, 4), act=nn.ReLU(inplace=inplace_relu), block=InPlace(),
+                                      head=nn.Linear(4, 1)))
+
+    def plant(step):
+        model.block.on = step == 1
+    assert first_source(model, torch.randn(8, 4), plant=plant) == Source("block", "forward", 1)
+
+
+@pytest.mark.parametrize("inplace_relu", [False, True], ids=["relu", "relu_inplace"])
+def test_a_layer_behind_pass_through_modules_is_still_named(inplace_relu):
+    """A ReLU and a Dropout between two layers are not watched: the NaN of the first layer
+    is still its own, and the clean ones add no false source."""
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict(a=nn.Linear(4, 4), act=nn.ReLU(inplace=inplace_relu), drop=nn.Dropout(0.1),
+                                      b=nn.Linear(4, 4), c=nn.Linear(4, 1)))
+
+    def plant(step):
+        if step == 2:
+            with torch.no_grad():
+                model.b.bias[0] = float("inf")
+    assert first_source(model, torch.randn(8, 4), steps=2) is None
+    assert first_source(model, torch.randn(8, 4), steps=3, plant=plant) == Source("b", "forward", 2)
