@@ -361,7 +361,16 @@ class FirstNonFinite(Part):
     def device_tensors(self) -> dict[str, Reduced]:
         """The window's two keys negated, under MAX: across processes the largest negated key
         is the earliest occurrence on any rank (keys < 2 ** 53: exact in the float64 read-back)."""
-        return {"keys": Reduced(self._keys.neg(), MAX)}
+        return {"keys": Reduced(self._window_keys().neg(), MAX)}
+
+    @torch.no_grad()
+    def _window_keys(self) -> torch.Tensor:
+        """The window's (first, overflow) keys, the step in progress included in the first: a
+        loop that skips the optimizer step on a NaN loss (``if not loss.isfinite(): continue``)
+        never ends that step, and its NaN must still be the window's (at the step in progress)."""
+        within = min(self.steps - self._window_start, MAX_WINDOW_STEPS)
+        pending = torch.where(self._step_min < NONE, self._step_min + within * STEP, NONE)
+        return torch.stack([torch.minimum(self._keys[0], pending), self._keys[1]])
 
     def read(self, values, reader) -> None:
         """``Window.first_nonfinite`` and ``first_overflow`` of every member's window (a batched
@@ -385,14 +394,16 @@ class FirstNonFinite(Part):
         """Fold, read the keys back (one host sync) and decode them, without closing the window;
         ``combine(tensor)`` may reduce the negated keys across processes (MAX) first."""
         self.fold()
-        negated = self._keys.neg()
+        negated = self._window_keys().neg()
         if combine is not None:
             negated = combine(negated)
         return self.decode(negated.tolist())
 
     def reset(self) -> None:
-        """Start the next window (pending sums of the current step stay)."""
+        """Start the next window. The step in progress's first code went into the window just
+        read (``_window_keys``): it is dropped, not reported again."""
         self._keys.fill_(NONE)
+        self._step_min.fill_(NONE)
         self._window_start = self.steps
 
 

@@ -132,3 +132,28 @@ def test_a_layer_behind_pass_through_modules_is_still_named(inplace_relu):
                 model.b.bias[0] = float("inf")
     assert first_source(model, torch.randn(8, 4), steps=2) is None
     assert first_source(model, torch.randn(8, 4), steps=3, plant=plant) == Source("b", "forward", 2)
+
+
+def test_a_nan_whose_step_the_loop_skips_is_still_in_the_window():
+    """``if not torch.isfinite(loss): continue`` (no backward, no step) for the rest of the
+    window: the NaN forward's sums waited for a step that never came, and every window said
+    None. It is reported at the step in progress (2 steps were applied before it)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict(a=nn.Linear(4, 4), act=nn.Tanh(), b=nn.Linear(4, 4), c=nn.Linear(4, 1)))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with GradientMonitor(model, histograms=False, activations=False, nonfinite=True) as monitor:
+            for step in range(4):
+                if step == 2:
+                    with torch.no_grad():
+                        model.b.bias[0] = float("nan")       # from here on every loss is NaN
+                optimizer.zero_grad()
+                loss = model(torch.randn(8, 4)).pow(2).mean()
+                if not torch.isfinite(loss):
+                    continue
+                loss.backward()
+                optimizer.step()
+            assert monitor.parts["nonfinite"].read_now()[0] == Source("b", "forward", 2)   # a stop message's read
+            monitor.log(0)
+    assert monitor.history[0].first_nonfinite == Source("b", "forward", 2)
