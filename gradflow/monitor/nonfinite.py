@@ -67,7 +67,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -114,13 +114,20 @@ class Source:
     module: str
     phase: str
     step: int
+    # the torch.compile'd modules inside ``module`` ("" for the model): their insides are seen as a
+    # whole, so the value may have come from any module in them
+    compiled: tuple[str, ...] = field(default=(), compare=False)
 
     def where(self) -> str:
-        """``dense_3 (forward)``; the loss and the root said in words."""
+        """``dense_3 (forward)``; the loss, the input, the root and compiled modules said in words."""
         if self.module == LOSS:
             return "the loss (its gradient; every module's output was finite)"
         if self.module == INPUT:
             return "the model's input (it held a NaN/inf before any module ran)"
+        if self.compiled:
+            inside = "the compiled model" if "" in self.compiled else (
+                f"{self.module or 'the model'} or a compiled module inside it ({', '.join(self.compiled[:3])})")
+            return f"{inside} ({self.phase}; under torch.compile its modules are not seen one by one)"
         name = self.module or "the model's own forward code (outside its submodules)"
         return f"{name} ({self.phase})"
 
@@ -166,6 +173,9 @@ class FirstNonFinite(Part):
                        if i == 0 or not isinstance(module, PASS_THROUGH)}
         self._passing = {id(module) for i, (_, module) in enumerate(named) if i and isinstance(module, PASS_THROUGH)}
         self._root = id(model)
+        self._model = weakref.ref(model)
+        self._wrapped = False                    # a torch.compile wrapper of the model was seen
+        self._root_forwards = 0                  # the model's training forward passes seen this window
         self._count = len(self.names)
         self._input, self._loss = self._count - 2, self._count - 1
         # The modules running now, innermost last: (index or -1 for a pass-through, whether its
@@ -271,6 +281,7 @@ class FirstNonFinite(Part):
             if known_input and type(output) is torch.Tensor:
                 self._mark(output)
             return
+        self._root_forwards += index == 0
         code = self._calls[0] * self._count + index
         if code >= PHASE:
             return
@@ -294,6 +305,7 @@ class FirstNonFinite(Part):
         inner = module._modules.get("_orig_mod")
         if inner is not None and id(inner) == self._root:
             self._index[id(module)] = 0
+            self._wrapped = True
             return 0
         return None
 
@@ -376,8 +388,34 @@ class FirstNonFinite(Part):
         """``Window.first_nonfinite`` and ``first_overflow`` of every member's window (a batched
         model's members share one model: the source is the model's, not a member's)."""
         first, overflow = self.decode(values["keys"])
+        if first is None and self.steps > self._window_start and not self._root_forwards:
+            self._say_unseen()
         for window in reader.windows:
             window.first_nonfinite, window.first_overflow = first, overflow
+
+    def _say_unseen(self) -> None:
+        """Steps ran but no forward pass of the model reached the hooks: said when it is the
+        model compiled in place (``Module.compile()``: its hooks run inside the compiled graph,
+        where they do nothing), never a silent None."""
+        model = self._model()
+        if model is None or getattr(model, "_compiled_call_impl", None) is None:
+            return
+        message = ("nonfinite: the model is compiled in place (Module.compile()), so its forward runs inside the "
+                   "compiled graph, where the monitor's hooks do nothing: the first non-finite value is not looked "
+                   "for (use torch.compile(model), whose output the monitor checks as a whole)")
+        if self.setup is not None:
+            self.setup.warn("nonfinite-compiled", message)
+        else:
+            warnings.warn(message, stacklevel=3)
+
+    def _compiled_inside(self, name: str) -> tuple[str, ...]:
+        """The compiled modules at or inside ``name`` ("" for the model under a torch.compile wrapper)."""
+        model = self._model()
+        found = [""] if self._wrapped and name == "" else []
+        if model is not None:
+            found += [n for n, m in model.named_modules() if getattr(m, "_compiled_call_impl", None) is not None
+                      and (n == name or not name or n.startswith(name + "."))]
+        return tuple(found)
 
     def decode(self, negated) -> tuple[Source | None, Source | None]:
         """(first non-finite, first overflow) from the read-back of ``device_tensors``."""
@@ -388,7 +426,9 @@ class FirstNonFinite(Part):
             return None
         within, code = divmod(key, STEP)
         phase = BACKWARD if code >= PHASE else FORWARD
-        return Source(self.names[code % PHASE % self._count], phase, self._window_start + within)
+        name = self.names[code % PHASE % self._count]
+        compiled = self._compiled_inside(name) if name not in (INPUT, LOSS) else ()
+        return Source(name, phase, self._window_start + within, compiled)
 
     def read_now(self, combine=None) -> tuple[Source | None, Source | None]:
         """Fold, read the keys back (one host sync) and decode them, without closing the window;
@@ -405,6 +445,7 @@ class FirstNonFinite(Part):
         self._keys.fill_(NONE)
         self._step_min.fill_(NONE)
         self._window_start = self.steps
+        self._root_forwards = 0
 
 
 class _GradSum:

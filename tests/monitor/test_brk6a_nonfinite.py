@@ -157,3 +157,51 @@ def test_a_nan_whose_step_the_loop_skips_is_still_in_the_window():
             assert monitor.parts["nonfinite"].read_now()[0] == Source("b", "forward", 2)   # a stop message's read
             monitor.log(0)
     assert monitor.history[0].first_nonfinite == Source("b", "forward", 2)
+
+
+def _compiled_run(how):
+    """A NaN planted in ``b`` at step 1 of a model run compiled in one of three ways."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = nn.Sequential(OrderedDict(a=nn.Linear(4, 4), act=nn.Tanh(), b=nn.Linear(4, 4), c=nn.Linear(4, 1)))
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3)
+    run = model
+    with warnings.catch_warnings(record=True) as said:
+        warnings.simplefilter("always")
+        with GradientMonitor(model, histograms=False, activations=False, nonfinite=True) as monitor:
+            if how == "torch.compile(model)":
+                run = torch.compile(model, backend="eager")
+            else:
+                (model if how == "model.compile()" else model.b).compile(backend="eager")
+            for step in range(3):
+                if step == 1:
+                    with torch.no_grad():
+                        model.b.bias[0] = float("nan")
+                optimizer.zero_grad()
+                run(torch.randn(8, 4)).sum().backward()
+                optimizer.step()
+            monitor.log(0)
+    return monitor.history[-1].first_nonfinite, [str(w.message) for w in said]
+
+
+def test_a_compiled_model_is_said_compiled_not_its_own_forward_code():
+    """Was "the model's own forward code (outside its submodules)": the NaN was b's."""
+    found, _ = _compiled_run("torch.compile(model)")
+    assert found == Source("", "forward", 1)
+    assert found.where().startswith("the compiled model (forward; under torch.compile")
+
+
+def test_a_compiled_block_is_named_as_a_place_the_value_may_come_from():
+    """b.compile(): b's hooks run inside its graph; the NaN reaches c's input: the model's own
+    code was named, now with the compiled block it may have come from."""
+    found, _ = _compiled_run("block.compile()")
+    assert found == Source("", "forward", 1)
+    assert "compiled module inside it (b)" in found.where()
+
+
+def test_a_model_compiled_in_place_is_said_not_watched():
+    """model.compile(): no hook of the monitor runs outside the graph; every window said None
+    with no word."""
+    found, said = _compiled_run("model.compile()")
+    assert found is None
+    assert any("compiled in place (Module.compile())" in message for message in said)
