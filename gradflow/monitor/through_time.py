@@ -46,6 +46,7 @@ Example:
 from __future__ import annotations
 
 import warnings
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -466,12 +467,16 @@ class ThroughTimePart(Part):
         super().__init__(model, setup)
         self.every = setup.options.get("through_time_every", 50)
         self.seen = 0
+        self.missed = 0           # profiled steps of this window in which no recurrent layer's forward was profiled
         self.recorder = ThroughTime(model, attach=False, warn=setup.warn)
+        self._model = weakref.ref(model)
 
     def hook(self, model: nn.Module) -> None:
         self.recorder.attach(model, self.keep)
 
     def record(self, mask) -> None:
+        if self.recorder.active and not any(entry.pending for entry in self.recorder.modules):
+            self.missed += 1
         self.recorder.record()
         self.seen += 1
         self.recorder.active = self.seen % self.every == 0
@@ -498,9 +503,28 @@ class ThroughTimePart(Part):
             if str(i) in values:
                 means = np.asarray(values[str(i)], dtype=np.float64).reshape(len(entry.keys), -1) / entry.passes
                 time.update({key: means[slot].copy() for slot, key in enumerate(entry.keys)})
+        if not time and self.missed:
+            self._say_unprofiled()
         window = reader.windows[0]
         window.time, window.time_cells = time, {k: c for k, c in self.recorder.cells.items() if k in time}
         reader.scalars[0].update(time_scalars(time))
 
+    def _say_unprofiled(self) -> None:
+        """A window whose profiled steps saw no forward pass of a recurrent layer: said, with
+        torch.compile named first where the model or a block around a layer is compiled (the
+        hook does nothing inside a compiled graph)."""
+        model = self._model()
+        compiled = self.setup.options.get("compiled") or (model is not None and any(
+            getattr(m, "_compiled_call_impl", None) is not None for m in model.modules()))
+        why = ("the model runs compiled (torch.compile): the recomputation cannot run inside a compiled graph, so "
+               "compiled recurrent layers are not profiled" if compiled else
+               "they ran only under no_grad or inside backward, or not at all, or with PackedSequence input or "
+               "another length than the window's first (said above), or under torch.compile (compiled layers are not "
+               "profiled)")
+        names = ", ".join(entry.name or "the model" for entry in self.recorder.modules[:3])
+        self.setup.warn("time-unprofiled", f"through time: {self.missed} step(s) were to be profiled, but no forward "
+                        f"pass of {names} was profiled: {why}; Window.time stays empty")
+
     def reset(self) -> None:
+        self.missed = 0
         self.recorder.reset()

@@ -126,3 +126,34 @@ def test_a_profiled_pass_under_autocast_keeps_the_fused_dtypes(cls):
     assert [t.dtype for t in profiled] == [t.dtype for t in fused]
     for got, want in zip(profiled, fused):
         torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=2e-2)
+
+
+class _Reader(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.rnn, self.head = nn.GRU(3, 5, batch_first=True), nn.Linear(5, 1)
+
+    def forward(self, x):
+        return self.head(self.rnn(x)[0][:, -1])
+
+
+@pytest.mark.parametrize("when", ["before_attach", "after_attach"])
+def test_a_compiled_recurrent_model_is_said_not_profiled(when):
+    """Under torch.compile the hook does nothing (docs: "said out loud"); Window.time was {}
+    with no word."""
+    from gradflow import GradientMonitor
+
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = _Reader()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    compiled = torch.compile(model, backend="eager")
+    monitor = GradientMonitor(compiled if when == "before_attach" else model, histograms=False, through_time_every=1)
+    with pytest.warns(UserWarning, match="2 step.s. were to be profiled, but no forward pass of rnn was profiled"), \
+            monitor:
+        for _ in range(2):
+            optimizer.zero_grad()
+            compiled(torch.randn(4, 6, 3)).sum().backward()
+            optimizer.step()
+        monitor.log(0)
+    assert monitor.history[-1].time == {}
