@@ -205,3 +205,12 @@ def test_a_model_compiled_in_place_is_said_not_watched():
     found, said = _compiled_run("model.compile()")
     assert found is None
     assert any("compiled in place (Module.compile())" in message for message in said)
+
+
+def test_leaving_the_monitor_removes_its_global_pre_hook_too():
+    from torch.nn.modules import module as torch_module
+
+    before = dict(torch_module._global_forward_pre_hooks)
+    with GradientMonitor(nn.Linear(2, 1), histograms=False, nonfinite=True):
+        assert len(torch_module._global_forward_pre_hooks) == len(before) + 1
+    assert dict(torch_module._global_forward_pre_hooks) == before
