@@ -265,6 +265,8 @@ class FirstNonFinite(Part):
         return seen is not None and seen[0]() is tensor and seen[1] == tensor._version
 
     def _mark(self, tensor: torch.Tensor) -> None:
+        if tensor.is_inference():                    # no version counter: never counted as covered
+            return
         if len(self._seen) >= PENDING:
             self._seen.clear()
         self._seen[id(tensor)] = (weakref.ref(tensor), tensor._version)

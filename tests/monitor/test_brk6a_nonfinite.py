@@ -214,3 +214,34 @@ def test_leaving_the_monitor_removes_its_global_pre_hook_too():
     with GradientMonitor(nn.Linear(2, 1), histograms=False, nonfinite=True):
         assert len(torch_module._global_forward_pre_hooks) == len(before) + 1
     assert dict(torch_module._global_forward_pre_hooks) == before
+
+
+def test_a_block_run_under_inference_mode_inside_a_training_forward():
+    """A frozen block whose forward runs under torch.inference_mode(): its output (an inference
+    tensor, with no version counter) is summed, and a NaN it makes is still its own."""
+    class Frozen(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(4, 4)
+
+        def forward(self, x):
+            with torch.inference_mode():
+                return self.lin(x)
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.frozen, self.head = Frozen(), nn.Linear(4, 1)
+
+        def forward(self, x):
+            return self.head(self.frozen(x).clone())
+
+    torch.manual_seed(0)
+    model = Model()
+    model.frozen.requires_grad_(False)
+
+    def plant(step):
+        if step == 1:
+            with torch.no_grad():
+                model.frozen.lin.bias[0] = float("nan")
+    assert first_source(model, torch.randn(8, 4), plant=plant) == Source("frozen.lin", "forward", 1)
