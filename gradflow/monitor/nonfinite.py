@@ -125,8 +125,9 @@ class Source:
         if self.module == INPUT:
             return "the model's input (it held a NaN/inf before any module ran)"
         if self.compiled:
-            inside = "the compiled model" if "" in self.compiled else (
-                f"{self.module or 'the model'} or a compiled module inside it ({', '.join(self.compiled[:3])})")
+            inside = "the compiled model" if "" in self.compiled else f"the compiled module {self.module}" \
+                if self.module in self.compiled else \
+                f"{self.module or 'the model'} or a compiled module inside it ({', '.join(self.compiled[:3])})"
             return f"{inside} ({self.phase}; under torch.compile its modules are not seen one by one)"
         name = self.module or "the model's own forward code (outside its submodules)"
         return f"{name} ({self.phase})"
@@ -415,8 +416,9 @@ class FirstNonFinite(Part):
         model = self._model()
         found = [""] if self._wrapped and name == "" else []
         if model is not None:
-            found += [n for n, m in model.named_modules() if getattr(m, "_compiled_call_impl", None) is not None
-                      and (n == name or not name or n.startswith(name + "."))]
+            found += [n for n, m in model.named_modules() if (n == name or not name or n.startswith(name + "."))
+                      and (getattr(m, "_compiled_call_impl", None) is not None     # Module.compile()
+                           or isinstance(getattr(m, "_orig_mod", None), nn.Module))]   # a torch.compile wrapper
         return tuple(found)
 
     def decode(self, negated) -> tuple[Source | None, Source | None]:

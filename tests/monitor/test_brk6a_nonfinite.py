@@ -245,3 +245,20 @@ def test_a_block_run_under_inference_mode_inside_a_training_forward():
             with torch.no_grad():
                 model.frozen.lin.bias[0] = float("nan")
     assert first_source(model, torch.randn(8, 4), plant=plant) == Source("frozen.lin", "forward", 1)
+
+
+def test_a_submodule_held_as_a_torch_compile_wrapper_is_said_compiled():
+    """Lightning-style: ``self.body = torch.compile(body)`` inside the monitored model; the
+    wrapper's output is checked as a whole and said to be a compiled module's."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    body = nn.Sequential(OrderedDict(a=nn.Linear(4, 4), b=nn.Linear(4, 4)))
+    model = nn.Sequential(OrderedDict(body=torch.compile(body, backend="eager"), head=nn.Linear(4, 1)))
+
+    def plant(step):
+        if step == 1:
+            with torch.no_grad():
+                body.b.bias[0] = float("nan")
+    found = first_source(model, torch.randn(8, 4), plant=plant)
+    assert found == Source("body", "forward", 1)
+    assert found.where().startswith("the compiled module body (forward; under torch.compile")
