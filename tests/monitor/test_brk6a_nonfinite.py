@@ -262,3 +262,21 @@ def test_a_submodule_held_as_a_torch_compile_wrapper_is_said_compiled():
     found = first_source(model, torch.randn(8, 4), plant=plant)
     assert found == Source("body", "forward", 1)
     assert found.where().startswith("the compiled module body (forward; under torch.compile")
+
+
+def test_a_compiled_source_keeps_its_words_through_summary_json(tmp_path):
+    """diagnose_run rebuilds the source from summary.json: the compiled modules go with it, so
+    the verdict read from a run directory says what gradflow train printed."""
+    import json
+
+    from gradflow.analysis.nonfinite import first_source as source_of
+    from gradflow.analysis.nonfinite import restore_source
+    from gradflow.monitor.window import Window
+
+    window = Window(0, 3)
+    window.first_nonfinite = Source("", "forward", 1, ("",))
+    found = source_of([window])
+    (tmp_path / "summary.json").write_text(json.dumps({"first_nonfinite": found}))
+    again = Window(0, 3)
+    restore_source([again], tmp_path)
+    assert again.first_nonfinite.where() == window.first_nonfinite.where() == found["where"]
