@@ -4,7 +4,7 @@ first-non-finite part, ``gradflow/monitor/nonfinite.py``).
 
 Example:
     >>> first_source(monitor.history)                     # doctest: +SKIP
-    {'module': 'dense_3', 'phase': 'forward', 'step': 12, 'window': 1, 'where': 'dense_3 (forward)'}
+    {'module': 'dense_3', 'phase': 'forward', 'step': 12, 'window': 1, 'where': 'dense_3 (forward)', 'compiled': []}
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ def first_source(windows: Sequence[Any], field: str = "first_nonfinite") -> dict
         source = getattr(window, field, None)
         if source is not None:
             return {"module": source.module, "phase": source.phase, "step": source.step, "window": index,
-                    "where": source.where()}
+                    "where": source.where(), "compiled": list(getattr(source, "compiled", ()))}
     return None
 
 
@@ -59,4 +59,6 @@ def restore_source(windows: Sequence[Any], run_dir: str | Path) -> None:
     except (OSError, ValueError):
         return
     if isinstance(found, dict) and isinstance(found.get("window"), int) and 0 <= found["window"] < len(windows):
-        windows[found["window"]].first_nonfinite = Source(found["module"], found["phase"], int(found["step"]))
+        compiled = found.get("compiled") if isinstance(found.get("compiled"), list) else []
+        windows[found["window"]].first_nonfinite = Source(found["module"], found["phase"], int(found["step"]),
+                                                          tuple(str(name) for name in compiled))

@@ -13,6 +13,11 @@ so ``GradientMonitor(nonfinite=...)`` is off by default (``gradflow train`` turn
   id table of the model's modules, adds up each floating-point output of each call: one
   reduction op, whose result is NaN or inf exactly when an element is (float16 and bfloat16
   outputs are summed in float32). The sums stay on the device in a list; nothing is read.
+- Between modules: a global forward pre-hook keeps the stack of running modules; a module's
+  first input that no sum covers (not a watched output, nor a pass-through module's output of a
+  covered one, unchanged since: same object and ``_version``) is summed under the code of the
+  module that called it, whose functional code made it (nanoGPT's attention: a fully masked
+  row's softmax is ``attn``'s, not ``attn.c_proj``'s), or of ``INPUT`` for the model's input.
 - Backward: in the same hook, a tensor hook on the module's first input (when it requires
   grad) sums the gradient with respect to that input when backward computes it; on the model's
   output it sums dL/d(output), whose non-finite values come from the loss (``LOSS``).
@@ -30,8 +35,8 @@ so ``GradientMonitor(nonfinite=...)`` is off by default (``gradflow train`` turn
   coordinator combines them across ranks (the key is stored negated under MAX, so that the
   largest negated key is the earliest occurrence on any rank).
 
-What it does not see: values made between modules by functional code of the root model are
-the root's (module ``""``); a gradient that goes non-finite only in a parameter's gradient,
+What it does not see: a value written by a user's forward hook (it runs after the monitor's)
+is put on the module's caller; a gradient that goes non-finite only in a parameter's gradient,
 never in an input gradient, is not attributed (the gradient rows count it); an output whose
 finite values add up beyond float32's range (|sum| > 3.4e38) reads as non-finite. Under
 ``torch.compile`` the hooks stay out of the compiled region (a hook that touched Python state
@@ -61,16 +66,18 @@ Example (the part is the monitor's, on with ``GradientMonitor(model, nonfinite=T
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
-from torch.nn.modules.module import register_module_forward_hook
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
 from gradflow.monitor.part import MAX, Part, Reduced, Setup, moved
 from gradflow.monitor.tensors import MonitorError
 
 LOSS = "(loss)"            # the module name of a non-finite dL/d(model output): the loss made it
+INPUT = "(input)"          # the module name of a non-finite value in the model's input: no module made it
 FORWARD, BACKWARD = "forward", "backward"
 PHASE = 2 ** 31            # backward codes start here: a forward code always sorts first
 STEP = 2 ** 32             # key = step_in_window * STEP + code
@@ -98,8 +105,8 @@ class Source:
     """Where the first non-finite value of a window came from.
 
     ``module``: the ``named_modules()`` name (``""``: the model's own forward code, or the
-    whole compiled model; ``LOSS``: dL/d(output) was non-finite while every module's output
-    was finite); ``phase``: ``"forward"`` (the module's output) or ``"backward"`` (the gradient
+    whole compiled model; ``INPUT``: the model's input batch; ``LOSS``: dL/d(output) was
+    non-finite while every module's output was finite); ``phase``: ``"forward"`` (the module's output) or ``"backward"`` (the gradient
     with respect to its input); ``step``: the 0-based count of optimizer steps the monitor had
     seen since attach (applied or skipped) when it happened.
     """
@@ -107,11 +114,21 @@ class Source:
     module: str
     phase: str
     step: int
+    # the torch.compile'd modules inside ``module`` ("" for the model): their insides are seen as a
+    # whole, so the value may have come from any module in them
+    compiled: tuple[str, ...] = field(default=(), compare=False)
 
     def where(self) -> str:
-        """``dense_3 (forward)``; the loss and the root said in words."""
+        """``dense_3 (forward)``; the loss, the input, the root and compiled modules said in words."""
         if self.module == LOSS:
             return "the loss (its gradient; every module's output was finite)"
+        if self.module == INPUT:
+            return "the model's input (it held a NaN/inf before any module ran)"
+        if self.compiled:
+            inside = "the compiled model" if "" in self.compiled else f"the compiled module {self.module}" \
+                if self.module in self.compiled else \
+                f"{self.module or 'the model'} or a compiled module inside it ({', '.join(self.compiled[:3])})"
+            return f"{inside} ({self.phase}; under torch.compile its modules are not seen one by one)"
         name = self.module or "the model's own forward code (outside its submodules)"
         return f"{name} ({self.phase})"
 
@@ -129,7 +146,7 @@ class FirstNonFinite(Part):
         setup: the monitor's ``Setup`` (a part of ``GradientMonitor(nonfinite=True)``), or on
             its own a device where the keys live (the parameters' device).
 
-    The part keeps no reference to ``model`` and adds nothing to it: its one hook is global
+    The part keeps no reference to ``model`` and adds nothing to it: its two hooks are global
     and removed by ``remove()``. Each window fills ``Window.first_nonfinite`` and
     ``Window.first_overflow`` (a ``Source`` or None).
     """
@@ -150,33 +167,42 @@ class FirstNonFinite(Part):
         super().__init__(model, setup if isinstance(setup, Setup) else None)
         device = setup.device if isinstance(setup, Setup) else setup
         named = list(model.named_modules(remove_duplicate=True))
-        self.names = [name for name, _ in named] + [LOSS]
+        self.names = [name for name, _ in named] + [INPUT, LOSS]
         # Modules that cannot turn finite values into non-finite ones, forward or backward, are
         # not watched: the first non-finite value never starts in them (a third of nanoGPT's).
         self._index = {id(module): i for i, (_, module) in enumerate(named)
                        if i == 0 or not isinstance(module, PASS_THROUGH)}
+        self._passing = {id(module) for i, (_, module) in enumerate(named) if i and isinstance(module, PASS_THROUGH)}
         self._root = id(model)
+        self._model = weakref.ref(model)
+        self._wrapped = False                    # a torch.compile wrapper of the model was seen
+        self._root_forwards = 0                  # the model's training forward passes seen this window
         self._count = len(self.names)
-        self._loss = self._count - 1
+        self._input, self._loss = self._count - 2, self._count - 1
+        # The modules running now, innermost last: (index or -1 for a pass-through, whether its
+        # first input was known finite-or-summed when it started); and the tensors whose
+        # finiteness a sum of this pass already covers: id -> (weak reference, _version).
+        self._stack: list[tuple[int, bool]] = []
+        self._seen: dict[int, tuple[weakref.ref, int]] = {}
         self.device = torch.device(device)
         # (sum, code) of each output or gradient taken since the last fold: one list of pairs, so
         # that a fold in another thread (remove() during a pass) never sees a sum without its code
         self._pending: list[tuple[torch.Tensor, int]] = []
         self._calls = [0, 0]                     # forward, backward calls this step
-        self._last: torch.Tensor | None = None   # the output summed last
         self._step_min = torch.full((), NONE, dtype=torch.int64, device=self.device)
         self._keys = torch.full((2,), NONE, dtype=torch.int64, device=self.device)  # first, overflow
         self._cache: dict[tuple[int, ...], torch.Tensor] = {}
         self.steps = 0                           # optimizer steps seen since attach (applied or skipped)
         self._window_start = 0
-        self._handle = None
+        self._handle = self._pre_handle = None
         self._filter = None
 
     # -- hooks ------------------------------------------------------------------------------
 
     def hook(self, model: nn.Module | None = None) -> None:
-        """Add the one global forward hook (no hook on the model itself)."""
+        """Add the global forward pre-hook and forward hook (no hook on the model itself)."""
         if self._handle is None:
+            self._pre_handle = register_module_forward_pre_hook(self._on_start)
             self._handle = register_module_forward_hook(self._on_forward)
             action, message, category = _COMPILE_WARNING
             warnings.filterwarnings(action, message=message, category=category)
@@ -185,34 +211,88 @@ class FirstNonFinite(Part):
     def remove(self) -> None:
         """Remove the hook; drop pending sums. Safe to call twice; never raises."""
         if self._handle is not None:
+            self._pre_handle.remove()
             self._handle.remove()
-            self._handle = None
+            self._handle = self._pre_handle = None
             if self._filter in warnings.filters:
                 warnings.filters.remove(self._filter)
                 getattr(warnings, "_filters_mutated", lambda: None)()   # the warnings cache (CPython)
         self._pending = []
+        self._stack, self._seen = [], {}
+
+    def _which(self, module) -> int | None:
+        """The module's index, -1 for a pass-through module of the model, None for others."""
+        index = self._index.get(id(module))
+        if index is None:
+            index = -1 if id(module) in self._passing else self._learn(module)
+        return index
+
+    def _on_start(self, module, args):
+        """A module starts: its first input, when no sum of this pass covers it (functional code
+        of the module that called it made it, or it is the model's input), is summed under the
+        caller's code, so that a NaN made between modules is named where it was made."""
+        if torch.compiler.is_compiling():
+            return
+        index = self._which(module)
+        if index is None or torch._C._current_graph_task_id() != -1 or \
+                not (torch.is_grad_enabled() or module.training):
+            return
+        if index == 0:                               # the model's forward starts
+            self._stack.clear()
+            self._seen.clear()
+        x = args[0] if args and type(args[0]) is torch.Tensor else None
+        known = x is None or not x.is_floating_point() or self._known(x)
+        if not known and index != -1:
+            caller = next((i for i, _ in reversed(self._stack) if i >= 0), self._input)
+            code = self._calls[0] * self._count + caller
+            if code < PHASE:
+                self._calls[0] += 1
+                self._take(x, code)
+                self._mark(x)
+                known = True
+        self._stack.append((index, known))
+
+    def _ended(self, index: int) -> bool:
+        """Pop ``index``'s entry (and any above it: a child that raised); whether its input was known."""
+        for at in range(len(self._stack) - 1, -1, -1):
+            if self._stack[at][0] == index:
+                known = self._stack[at][1]
+                del self._stack[at:]
+                return known
+        return False
+
+    def _known(self, tensor: torch.Tensor) -> bool:
+        seen = self._seen.get(id(tensor))
+        return seen is not None and seen[0]() is tensor and seen[1] == tensor._version
+
+    def _mark(self, tensor: torch.Tensor) -> None:
+        if tensor.is_inference():                    # no version counter: never counted as covered
+            return
+        if len(self._seen) >= PENDING:
+            self._seen.clear()
+        self._seen[id(tensor)] = (weakref.ref(tensor), tensor._version)
 
     def _on_forward(self, module, args, output):
         if torch.compiler.is_compiling():
             return
-        index = self._index.get(id(module))
-        if index is None:
-            index = self._learn(module)
-            if index is None:
-                return
-        if torch._C._current_graph_task_id() != -1 or not (torch.is_grad_enabled() or module.training):
+        index = self._which(module)
+        if index is None or torch._C._current_graph_task_id() != -1 or \
+                not (torch.is_grad_enabled() or module.training):
             return                          # a checkpoint's recompute in backward; evaluation
+        known_input = self._ended(index)
+        if index == -1:                     # a pass-through: its output is finite exactly when its input is
+            if known_input and type(output) is torch.Tensor:
+                self._mark(output)
+            return
+        self._root_forwards += index == 0
         code = self._calls[0] * self._count + index
         if code >= PHASE:
             return
         self._calls[0] += 1
-        if type(output) is torch.Tensor:
-            if output is not self._last:             # a Sequential's output is its last child's: summed once
-                self._take(output, code)
-                self._last = output
-        else:
-            for tensor in _tensors(output):
+        for tensor in [output] if type(output) is torch.Tensor else _tensors(output):
+            if not self._known(tensor):              # a container's output is often its last child's: summed once
                 self._take(tensor, code)
+                self._mark(tensor)
         if not torch.is_grad_enabled():
             return
         if index == 0:                               # dL/d(output): non-finite from the loss
@@ -228,6 +308,7 @@ class FirstNonFinite(Part):
         inner = module._modules.get("_orig_mod")
         if inner is not None and id(inner) == self._root:
             self._index[id(module)] = 0
+            self._wrapped = True
             return 0
         return None
 
@@ -287,7 +368,7 @@ class FirstNonFinite(Part):
         torch.minimum(self._keys[slot], key, out=self._keys[slot])
         self._step_min.fill_(NONE)
         self._calls = [0, 0]
-        self._last = None
+        self._seen.clear()
         self.steps += 1
 
     # -- reading ----------------------------------------------------------------------------
@@ -295,14 +376,50 @@ class FirstNonFinite(Part):
     def device_tensors(self) -> dict[str, Reduced]:
         """The window's two keys negated, under MAX: across processes the largest negated key
         is the earliest occurrence on any rank (keys < 2 ** 53: exact in the float64 read-back)."""
-        return {"keys": Reduced(self._keys.neg(), MAX)}
+        return {"keys": Reduced(self._window_keys().neg(), MAX)}
+
+    @torch.no_grad()
+    def _window_keys(self) -> torch.Tensor:
+        """The window's (first, overflow) keys, the step in progress included in the first: a
+        loop that skips the optimizer step on a NaN loss (``if not loss.isfinite(): continue``)
+        never ends that step, and its NaN must still be the window's (at the step in progress)."""
+        within = min(self.steps - self._window_start, MAX_WINDOW_STEPS)
+        pending = torch.where(self._step_min < NONE, self._step_min + within * STEP, NONE)
+        return torch.stack([torch.minimum(self._keys[0], pending), self._keys[1]])
 
     def read(self, values, reader) -> None:
         """``Window.first_nonfinite`` and ``first_overflow`` of every member's window (a batched
         model's members share one model: the source is the model's, not a member's)."""
         first, overflow = self.decode(values["keys"])
+        if first is None and self.steps > self._window_start and not self._root_forwards:
+            self._say_unseen()
         for window in reader.windows:
             window.first_nonfinite, window.first_overflow = first, overflow
+
+    def _say_unseen(self) -> None:
+        """Steps ran but no forward pass of the model reached the hooks: said when it is the
+        model compiled in place (``Module.compile()``: its hooks run inside the compiled graph,
+        where they do nothing), never a silent None."""
+        model = self._model()
+        if model is None or getattr(model, "_compiled_call_impl", None) is None:
+            return
+        message = ("nonfinite: the model is compiled in place (Module.compile()), so its forward runs inside the "
+                   "compiled graph, where the monitor's hooks do nothing: the first non-finite value is not looked "
+                   "for (use torch.compile(model), whose output the monitor checks as a whole)")
+        if self.setup is not None:
+            self.setup.warn("nonfinite-compiled", message)
+        else:
+            warnings.warn(message, stacklevel=3)
+
+    def _compiled_inside(self, name: str) -> tuple[str, ...]:
+        """The compiled modules at or inside ``name`` ("" for the model under a torch.compile wrapper)."""
+        model = self._model()
+        found = [""] if self._wrapped and name == "" else []
+        if model is not None:
+            found += [n for n, m in model.named_modules() if (n == name or not name or n.startswith(name + "."))
+                      and (getattr(m, "_compiled_call_impl", None) is not None     # Module.compile()
+                           or isinstance(getattr(m, "_orig_mod", None), nn.Module))]   # a torch.compile wrapper
+        return tuple(found)
 
     def decode(self, negated) -> tuple[Source | None, Source | None]:
         """(first non-finite, first overflow) from the read-back of ``device_tensors``."""
@@ -313,21 +430,26 @@ class FirstNonFinite(Part):
             return None
         within, code = divmod(key, STEP)
         phase = BACKWARD if code >= PHASE else FORWARD
-        return Source(self.names[code % PHASE % self._count], phase, self._window_start + within)
+        name = self.names[code % PHASE % self._count]
+        compiled = self._compiled_inside(name) if name not in (INPUT, LOSS) else ()
+        return Source(name, phase, self._window_start + within, compiled)
 
     def read_now(self, combine=None) -> tuple[Source | None, Source | None]:
         """Fold, read the keys back (one host sync) and decode them, without closing the window;
         ``combine(tensor)`` may reduce the negated keys across processes (MAX) first."""
         self.fold()
-        negated = self._keys.neg()
+        negated = self._window_keys().neg()
         if combine is not None:
             negated = combine(negated)
         return self.decode(negated.tolist())
 
     def reset(self) -> None:
-        """Start the next window (pending sums of the current step stay)."""
+        """Start the next window. The step in progress's first code went into the window just
+        read (``_window_keys``): it is dropped, not reported again."""
         self._keys.fill_(NONE)
+        self._step_min.fill_(NONE)
         self._window_start = self.steps
+        self._root_forwards = 0
 
 
 class _GradSum:

@@ -20,6 +20,11 @@ def spent_forward_hook(module, inputs, output) -> None:
     _drop(module._forward_hooks, spent_forward_hook)
 
 
+def spent_forward_kwargs_hook(module, args, kwargs, output) -> None:
+    """A monitor's forward hook registered ``with_kwargs``, in a copy of the model: removes itself."""
+    _drop(module._forward_hooks, spent_forward_kwargs_hook)
+
+
 def spent_pre_hook(module, inputs) -> None:
     """A monitor's forward pre-hook in a copy of the model: removes itself, does nothing."""
     _drop(module._forward_pre_hooks, spent_pre_hook)
@@ -32,7 +37,7 @@ def _drop(hooks: dict, hook: Callable) -> None:
             del hooks[key]
 
 
-SPENT = {"forward": spent_forward_hook, "pre": spent_pre_hook}
+SPENT = {"forward": spent_forward_hook, "forward_kwargs": spent_forward_kwargs_hook, "pre": spent_pre_hook}
 
 
 def spent(kind: str) -> Callable:

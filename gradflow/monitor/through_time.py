@@ -46,6 +46,7 @@ Example:
 from __future__ import annotations
 
 import warnings
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -77,6 +78,17 @@ def layer_keys(name: str, module: nn.RNNBase) -> list[str]:
     prefix = f"{name}." if name else ""
     return [f"{prefix}l{k}{'_reverse' if d else ''}"
             for k in range(module.num_layers) for d in range(2 if module.bidirectional else 1)]
+
+
+def cells_message(model: nn.Module) -> str | None:
+    """The warning that names the model's Python-looped cells (``CELL_MODULES``), whose gradient
+    through time is not profiled; None when it has none."""
+    cells = [name for name, m in model.named_modules() if isinstance(m, CELL_MODULES)]
+    if not cells:
+        return None
+    return (f"through time: {', '.join(cells[:3])} {'are' if len(cells) > 1 else 'is a'} Python-looped cell "
+            "module(s) (nn.RNNCell/LSTMCell/GRUCell); their gradient through time is not profiled (only nn.RNN, "
+            "nn.LSTM and nn.GRU are)")
 
 
 # -- the recomputation ---------------------------------------------------------------------
@@ -168,21 +180,27 @@ class _Module:
 
 
 class _Hook(LeavesCopiesAlone):
-    """The forward hook on one recurrent module (a callable object; in a copy of the model it
-    becomes a spent hook that removes itself: ``spent.py``)."""
+    """The forward hook on one recurrent module, registered ``with_kwargs`` (``rnn(x, hx=h0)``
+    and ``rnn(input=x)`` are stock calls: the keyword state must be the one unrolled); a
+    callable object that in a copy of the model becomes a spent hook that removes itself
+    (``spent.py``)."""
 
     __slots__ = ("__weakref__", "index", "recorder")
+    KIND = "forward_kwargs"
 
     def __init__(self, recorder: ThroughTime, index: int) -> None:
         self.recorder = recorder
         self.index = index
 
-    def __call__(self, module, inputs, output):
+    def __call__(self, module, args, kwargs, output):
         recorder = self.recorder
         if not recorder.active or torch.compiler.is_compiling() or not torch.is_grad_enabled() \
                 or torch._C._current_graph_task_id() != -1:
             return None
-        return recorder.profile(self.index, module, inputs)
+        # nn.RNN/LSTM/GRU.forward(input, hx=None), either by position or by keyword
+        x = args[0] if args else kwargs.get("input")
+        hx = args[1] if len(args) > 1 else kwargs.get("hx")
+        return None if x is None else recorder.profile(self.index, module, (x, hx), output)
 
 
 class ThroughTime:
@@ -212,16 +230,14 @@ class ThroughTime:
         self._handles: list = []
         if attach:
             self.attach(model, self._handles.append)
-        cells = [name for name, m in model.named_modules() if isinstance(m, CELL_MODULES)]
-        if cells:
-            self._warn("cells", f"through time: {', '.join(cells[:3])} {'are' if len(cells) > 1 else 'is a'} "
-                       "Python-looped cell module(s) (nn.RNNCell/LSTMCell/GRUCell); their gradient through time is "
-                       "not profiled (only nn.RNN, nn.LSTM and nn.GRU are)")
+        message = cells_message(model)
+        if message:
+            self._warn("cells", message)
 
     def attach(self, model: nn.Module, keep) -> None:
         """Hook the model's recurrent modules, handing each handle to ``keep``."""
         for i, (_, module) in enumerate(recurrent_modules(model)):
-            keep(module.register_forward_hook(_Hook(self, i)))
+            keep(module.register_forward_hook(_Hook(self, i), with_kwargs=True))
 
     @property
     def cells(self) -> dict[str, str]:
@@ -243,12 +259,13 @@ class ThroughTime:
 
     # -- forward: replace the fused output -----------------------------------------------
 
-    def profile(self, index: int, module: nn.RNNBase, inputs: tuple):
+    def profile(self, index: int, module: nn.RNNBase, inputs: tuple, fused=None):
         """The unrolled output of a profiled pass (the hook's return value), or None to keep
-        the fused one (a case said in a warning)."""
+        the fused one (a case said in a warning). ``fused``: the module's own output, whose
+        dtypes the unrolled one takes (under autocast an LSTM's is bfloat16/float16, while
+        the unrolled cell state promotes to float32)."""
         entry = self.modules[index]
-        x = inputs[0]
-        hx = inputs[1] if len(inputs) > 1 else None
+        x, hx = inputs[0], inputs[1] if len(inputs) > 1 else None
         if isinstance(x, PackedSequence):
             self._warn(f"packed:{entry.name}", f"through time: {entry.name or 'the model'} got a PackedSequence "
                        "(varying lengths): its gradient through time is not profiled (pad the batch to one length "
@@ -282,6 +299,10 @@ class ThroughTime:
             c_n = None if c_n is None else c_n.squeeze(1)
         elif module.batch_first:
             output = output.transpose(0, 1)
+        if fused is not None:
+            state = fused[1] if module.mode == "LSTM" else (fused[1], None)
+            output, h_n = output.to(fused[0].dtype), h_n.to(state[0].dtype)
+            c_n = None if c_n is None else c_n.to(state[1].dtype)
         return output, ((h_n, c_n) if module.mode == "LSTM" else h_n)
 
     # -- the optimizer step: fold into the window ----------------------------------------
@@ -426,7 +447,12 @@ class ThroughTimePart(Part):
 
     @classmethod
     def create(cls, model: nn.Module, setup: Setup) -> ThroughTimePart | None:
-        if not setup.options.get("through_time", True) or not recurrent_modules(model):
+        if not setup.options.get("through_time", True):
+            return None
+        if not recurrent_modules(model):
+            message = cells_message(model)        # a model of cells only: said, as the docs promise
+            if message:
+                setup.warn("cells", message)
             return None
         if setup.members != 1 or getattr(setup, "sharding", None) is not None:
             # A stacked (members > 1) or sharded (DTensor) recurrent layer cannot be unrolled cell by
@@ -441,12 +467,16 @@ class ThroughTimePart(Part):
         super().__init__(model, setup)
         self.every = setup.options.get("through_time_every", 50)
         self.seen = 0
+        self.missed = 0           # profiled steps of this window in which no recurrent layer's forward was profiled
         self.recorder = ThroughTime(model, attach=False, warn=setup.warn)
+        self._model = weakref.ref(model)
 
     def hook(self, model: nn.Module) -> None:
         self.recorder.attach(model, self.keep)
 
     def record(self, mask) -> None:
+        if self.recorder.active and not any(entry.pending for entry in self.recorder.modules):
+            self.missed += 1
         self.recorder.record()
         self.seen += 1
         self.recorder.active = self.seen % self.every == 0
@@ -473,9 +503,28 @@ class ThroughTimePart(Part):
             if str(i) in values:
                 means = np.asarray(values[str(i)], dtype=np.float64).reshape(len(entry.keys), -1) / entry.passes
                 time.update({key: means[slot].copy() for slot, key in enumerate(entry.keys)})
+        if not time and self.missed:
+            self._say_unprofiled()
         window = reader.windows[0]
         window.time, window.time_cells = time, {k: c for k, c in self.recorder.cells.items() if k in time}
         reader.scalars[0].update(time_scalars(time))
 
+    def _say_unprofiled(self) -> None:
+        """A window whose profiled steps saw no forward pass of a recurrent layer: said, with
+        torch.compile named first where the model or a block around a layer is compiled (the
+        hook does nothing inside a compiled graph)."""
+        model = self._model()
+        compiled = self.setup.options.get("compiled") or (model is not None and any(
+            getattr(m, "_compiled_call_impl", None) is not None for m in model.modules()))
+        why = ("the model runs compiled (torch.compile): the recomputation cannot run inside a compiled graph, so "
+               "compiled recurrent layers are not profiled" if compiled else
+               "they ran only under no_grad or inside backward, or not at all, or with PackedSequence input or "
+               "another length than the window's first (said above), or under torch.compile (compiled layers are not "
+               "profiled)")
+        names = ", ".join(entry.name or "the model" for entry in self.recorder.modules[:3])
+        self.setup.warn("time-unprofiled", f"through time: {self.missed} step(s) were to be profiled, but no forward "
+                        f"pass of {names} was profiled: {why}; Window.time stays empty")
+
     def reset(self) -> None:
+        self.missed = 0
         self.recorder.reset()

@@ -82,8 +82,8 @@ def test_fsdp2_and_tensor_parallel_on_two_ranks(tmp_path):
             single["overall"]["total_norm_before_clip"], rel=1e-5)
     uneven = results["uneven-records"]
     assert [r["steps"] for r in uneven] == [2, 1], uneven
-    # the first non-finite source: rank 1's (step 2), on both ranks, though rank 0's own came a step later
-    assert [r["source"] for r in results["nonfinite-on-rank1"]] == [["norm", "forward", 2]] * 2
+    # the first non-finite source: rank 1's input (step 2), on both ranks, though rank 0's own came a step later
+    assert [r["source"] for r in results["nonfinite-on-rank1"]] == [["(input)", "forward", 2]] * 2
     for released in results["groups-released"]:       # each attach's groups go with its monitor
         during = released["during"]
         assert released["after"] <= released["before"] and during[0] == during[-1] > released["after"], released
