@@ -118,7 +118,7 @@ class GradflowCallback(_pl.Callback):
     def __init__(self, every_n_steps: int | None = None, *, histograms: bool | int = True, weights: bool = True,
                  activations: bool = True, verbose: bool = True, nonfinite: bool = False,
                  histogram_every: int = 10) -> None:
-        check_positive("every_n_steps", every_n_steps, none=True, error=ValueError)
+        every_n_steps = check_positive("every_n_steps", every_n_steps, none=True, error=ValueError)
         self.recorder = Recorder(histograms=histograms, weights=weights, activations=activations,
                                  nonfinite=nonfinite, verbose=verbose, histogram_every=histogram_every)
         self.every_n_steps = every_n_steps

@@ -53,7 +53,7 @@ class Recorder:
     def __init__(self, *, histograms: bool | int = True, weights: bool = True, activations: bool = True,
                  nonfinite: bool = False, verbose: bool = True, histogram_every: int = 10) -> None:
         check_every(histograms, error=ValueError)   # as for the callbacks' other arguments
-        check_positive("histogram_every", histogram_every, "1: every step", error=ValueError)
+        histogram_every = check_positive("histogram_every", histogram_every, "1: every step", error=ValueError)
         for name, value in (("weights", weights), ("activations", activations),
                             ("verbose", verbose), ("nonfinite", nonfinite)):
             if not isinstance(value, bool):

@@ -112,7 +112,7 @@ class GradflowTrainerCallback(_tf.TrainerCallback):
     def __init__(self, every_n_steps: int | None = None, *, log_dir: str | os.PathLike | None = None,
                  histograms: bool | int = True, weights: bool = True, activations: bool = True,
                  verbose: bool = True, nonfinite: bool = False, histogram_every: int = 10) -> None:
-        check_positive("every_n_steps", every_n_steps, none=True, error=ValueError)
+        every_n_steps = check_positive("every_n_steps", every_n_steps, none=True, error=ValueError)
         if log_dir is not None and not isinstance(log_dir, (str, os.PathLike)):
             raise ValueError(f"log_dir must be a path or None, got {type(log_dir).__name__}")
         self.recorder = Recorder(histograms=histograms, weights=weights, activations=activations,

@@ -268,12 +268,15 @@ def _short(value: Any) -> str:
 
 
 def check_positive(name: str, value, meaning: str = "", none: bool = False,
-                   error: type[Exception] = MonitorError) -> None:
-    """``error`` (MonitorError by default) unless ``value`` is a positive int (or None where
-    ``none``); the one-line message names ``name``, what is accepted and ``meaning``. gradflow's
-    one positive-int check: the callbacks pass ``error=ValueError``, the CLI ``ConfigError``."""
+                   error: type[Exception] = MonitorError) -> int | None:
+    """``value`` as a Python int (None where ``none`` and it is None), or ``error`` (MonitorError
+    by default) unless it is a positive integer: an int or a numpy integer (a count read from an
+    array or a config), never a bool or a float. The one-line message names ``name``, what is
+    accepted and ``meaning``. gradflow's one positive-int check: the callbacks pass
+    ``error=ValueError``, the CLI ``ConfigError``."""
     if none and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
         accepted = "a positive int" + (" or None" if none else "") + (f" ({meaning})" if meaning else "")
         raise error(f"{name} must be {accepted}, got {value!r}")
+    return int(value)

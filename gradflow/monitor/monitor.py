@@ -170,6 +170,9 @@ class GradientMonitor:
         inner, named = check_attach(model, _ATTACHED, members=members, activations_every=activations_every,
                                     through_time_every=through_time_every, history_length=history_length,
                                     histogram_every=histogram_every)
+        # Python ints from here on (a numpy integer is accepted: a count read from an array or a config)
+        members, activations_every, through_time_every, histogram_every = (
+            int(members), int(activations_every), int(through_time_every), int(histogram_every))
         check_optimizer(optimizer, "GradientMonitor(optimizer=)")
         say_foreign_optimizer(optimizer, inner, named)
         for name, switch in (("weights", weights), ("automatic", automatic), ("nonfinite", nonfinite),
@@ -249,7 +252,7 @@ class GradientMonitor:
 
     @history_length.setter
     def history_length(self, length: int | None) -> None:
-        check_positive("history_length", length, "None: keep every window", none=True)
+        length = check_positive("history_length", length, "None: keep every window", none=True)
         self._history_length = length
         if length is not None and len(self.history) > length * self.members:
             del self.history[:len(self.history) - length * self.members]

@@ -19,8 +19,7 @@ def check_workers(workers: int | None) -> int:
     """``--workers``: None means the CPUs this process may use; else a positive int, or a ``ConfigError``."""
     if workers is None:
         return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
-    check_positive("--workers", workers, "processes", error=ConfigError)
-    return workers
+    return check_positive("--workers", workers, "processes", error=ConfigError)
 
 
 
