@@ -161,6 +161,7 @@ class GradientMonitor:
     """
 
     attaching = False    # between claiming the model and adding its last hook (_attach)
+    _unhooking = threading.RLock()   # _unhook's: shared by all monitors (removal is rare and quick)
 
     def __init__(self, model: nn.Module, writer=None, *, optimizer: torch.optim.Optimizer | None = None,
                  histograms: bool | int = True, weights: bool = True, activations=True,
@@ -235,10 +236,13 @@ class GradientMonitor:
             self.attaching = False
 
     def _unhook(self) -> None:
-        self._steps.stop()
-        for part in self.parts.values():
-            part.remove()
-        interception.unwatch(self)
+        # One thread at a time: remove() in one thread and detach() of the same monitor in another
+        # both come here, and a part's remove() checks a handle, then drops it.
+        with self._unhooking:
+            self._steps.stop()
+            for part in self.parts.values():
+                part.remove()
+            interception.unwatch(self)
 
     @property
     def attached(self) -> bool:

@@ -253,11 +253,13 @@ class FirstNonFinite(Part):
         self._stack.append((index, known))
 
     def _ended(self, index: int) -> bool:
-        """Pop ``index``'s entry (and any above it: a child that raised); whether its input was known."""
-        for at in range(len(self._stack) - 1, -1, -1):
-            if self._stack[at][0] == index:
-                known = self._stack[at][1]
-                del self._stack[at:]
+        """Pop ``index``'s entry (and any above it: a child that raised); whether its input was known.
+        On the list as it is now: ``remove()`` in another thread replaces it by an empty one."""
+        stack = self._stack
+        for at in range(len(stack) - 1, -1, -1):
+            if stack[at][0] == index:
+                known = stack[at][1]
+                del stack[at:]
                 return known
         return False
 
