@@ -16,29 +16,9 @@ import pytest
 import torch
 from monitor_oracle import GradientOracle, assert_matches_oracle
 from torch import nn
+from wrapped_optimizers import Combined, Lookahead
 
 from gradflow import GradientMonitor
-
-
-class Lookahead(torch.optim.Optimizer):
-    """Lookahead (Zhang et al. 2019) over ``inner``: its step calls the inner step (with the
-    closure, if any) and every k steps pulls the weights towards slow copies."""
-
-    def __init__(self, inner: torch.optim.Optimizer, k: int = 2, alpha: float = 0.5):
-        self.inner, self.k, self.alpha, self.count = inner, k, alpha, 0
-        super().__init__(inner.param_groups, {})
-        self.slow = [p.detach().clone() for group in inner.param_groups for p in group["params"]]
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        loss = self.inner.step(closure)
-        self.count += 1
-        if self.count % self.k == 0:
-            params = [p for group in self.inner.param_groups for p in group["params"]]
-            for p, slow in zip(params, self.slow):
-                slow.add_(p - slow, alpha=self.alpha)
-                p.copy_(slow)
-        return loss
 
 
 def _triple_in_place(optimizer, args, kwargs):
@@ -107,20 +87,6 @@ def test_a_wrapper_that_changes_the_gradient_in_its_own_step_counts_it_once():
     assert_matches_oracle(rows, oracle)
 
 
-class PerKind(torch.optim.Optimizer):
-    """One optimizer over two inner ones, each on part of the parameters (matrices, the rest), as
-    ZeroRedundancyOptimizer's inner optimizer holds one rank's shard."""
-
-    def __init__(self, *inner: torch.optim.Optimizer):
-        self.inner = inner
-        super().__init__([g for opt in inner for g in opt.param_groups], {})
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for opt in self.inner:
-            opt.step()
-
-
 def test_a_hook_on_an_inner_optimizer_over_part_of_the_parameters_is_said():
     """The wrapper's step records every parameter before the inner hooks run; where a hook on an
     inner optimizer over part of them then changes their gradients, the step stays counted once
@@ -129,7 +95,7 @@ def test_a_hook_on_an_inner_optimizer_over_part_of_the_parameters_is_said():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
     matrices = torch.optim.SGD([p for p in model.parameters() if p.dim() == 2], lr=0.01)
-    optimizer = PerKind(matrices, torch.optim.SGD([p for p in model.parameters() if p.dim() != 2], lr=0.01))
+    optimizer = Combined(matrices, torch.optim.SGD([p for p in model.parameters() if p.dim() != 2], lr=0.01))
     oracle = GradientOracle(model.named_parameters())
     x, y = torch.randn(16, 4), torch.randn(16, 1)
     with GradientMonitor(model, activations=False) as monitor:

@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 from torch.optim.optimizer import _global_optimizer_pre_hooks
+from wrapped_optimizers import Lookahead
 
 from gradflow.monitor import GradientMonitor
 from gradflow.monitor.sinks import Sink
@@ -90,26 +91,6 @@ def test_records_after_the_optimizers_own_pre_hooks(when, optimizer_class):
     for name in monitor.names:
         assert rows[name]["steps"] == 3
         assert rows[name]["norm"] == pytest.approx(oracle.mean(name), rel=1e-5)
-
-
-class Lookahead(torch.optim.Optimizer):
-    """A Lookahead-style wrapper (Zhang et al. 2019): an Optimizer whose step calls its inner
-    optimizer's step and every k steps pulls the weights towards slow copies."""
-
-    def __init__(self, inner, k=2, alpha=0.5):
-        self.inner, self.k, self.alpha, self.count = inner, k, alpha, 0
-        super().__init__(inner.param_groups, {})
-        self.slow = [p.detach().clone() for group in inner.param_groups for p in group["params"]]
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        self.inner.step()
-        self.count += 1
-        if self.count % self.k == 0:
-            params = [p for group in self.inner.param_groups for p in group["params"]]
-            for p, slow in zip(params, self.slow):
-                slow.add_(p - slow, alpha=self.alpha)
-                p.copy_(slow)
 
 
 def _zero(params):

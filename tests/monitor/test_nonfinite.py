@@ -366,7 +366,7 @@ def test_a_wrapper_step_and_its_inner_step_count_as_one_step(wrap):
     """A Lookahead-style optimizer steps its inner optimizer inside its own step: two optimizer
     steps, one training step. The source's step is the training step's, as the monitor's
     window counts it (a NaN planted before the 4th step: step 3, not 6)."""
-    from test_core import Lookahead
+    from wrapped_optimizers import Lookahead
 
     from gradflow import GradientMonitor
 

@@ -12,19 +12,7 @@ import tempfile
 import pytest
 import torch
 from torch import nn
-
-
-class Combined(torch.optim.Optimizer):
-    """One optimizer over several inner ones, each on part of the parameters."""
-
-    def __init__(self, *inner):
-        self.inner = inner
-        super().__init__([g for opt in inner for g in opt.param_groups], {})
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for opt in self.inner:
-            opt.step()
+from wrapped_optimizers import Combined
 
 
 def _model():
