@@ -100,7 +100,8 @@ class Clipping(Part):
         return True
 
     def record(self, mask) -> None:
-        self.fold()
+        if self.step is not None:          # at every step: nothing to do unless a clipping call came
+            self.fold()
 
     def skip(self, mask) -> None:
         self.fold()

@@ -41,6 +41,22 @@ def module_kind(module: nn.Module) -> str:
     return "other"
 
 
+PARAMETRIZED = ".parametrizations."   # torch.nn.utils.parametrize's modules: fc.parametrizations.weight
+
+
+def parametrized_owner(name: str) -> str | None:
+    """The module that owns a parametrized weight's tensors, from a name below it (a module's or
+    a parameter's): ``fc`` for ``fc.parametrizations.weight`` (and ``...weight.original``), ``""``
+    for the model's own (``parametrizations.weight``); None outside any parametrization.
+
+    Example:
+        >>> parametrized_owner("fc.parametrizations.weight.original0"), parametrized_owner("parametrizations.weight")
+        ('fc', '')
+    """
+    dotted = "." + name                   # the root's own parametrizations have no owner before them
+    return dotted.rpartition(PARAMETRIZED)[0][1:] if PARAMETRIZED in dotted else None
+
+
 def parameter_kinds(model: nn.Module) -> dict[str, str]:
     """``named_parameters()`` name -> kind of the module that owns it (the first owner for a
     shared parameter; ``embedding+head`` for an embedding weight that a later module reuses)."""
@@ -50,9 +66,8 @@ def parameter_kinds(model: nn.Module) -> dict[str, str]:
     for module_name, module in modules.items():
         # A parametrized weight's tensors live in a ParametrizationList under its module
         # (fc.parametrizations.weight): their kind is the module's (fc's).
-        dotted = "." + module_name         # the root's own: parametrizations.weight, owned by ""
-        owner_module = modules.get(dotted.rpartition(".parametrizations.")[0][1:]) \
-            if ".parametrizations." in dotted else None
+        owner = parametrized_owner(module_name)
+        owner_module = modules.get(owner) if owner is not None else None
         kind = module_kind(owner_module if owner_module is not None else module)
         for pname, p in module.named_parameters(recurse=False):
             full = f"{module_name}.{pname}" if module_name else pname

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from gradflow.monitor.kinds import parameter_kinds
+from gradflow.monitor.kinds import PARAMETRIZED, parameter_kinds, parametrized_owner
 from gradflow.monitor.sharding import check_collective_safe
 from gradflow.monitor.tensors import MonitorError
 
@@ -45,21 +45,17 @@ def is_compiled(model: nn.Module) -> bool:
     return hasattr(model, "_orig_mod") and isinstance(model._orig_mod, nn.Module)
 
 
-PARAMETRIZED = ".parametrizations."
-
-
 def user_name(name: str) -> str:
     """The name a user knows a parameter by: a parametrized weight (``weight_norm``,
     ``spectral_norm``, ``orthogonal`` through ``torch.nn.utils.parametrize``) is listed by
     ``named_parameters()`` as ``fc.parametrizations.weight.original`` (``original0``,
     ``original1`` where the parametrization has several); it is ``fc.weight`` (``fc.weight.original0``).
     The model's own parametrized weight (``parametrizations.weight.original``) is ``weight``."""
-    dotted = "." + name                       # the root module's parametrizations have no owner before them
-    if PARAMETRIZED not in dotted:
+    owner = parametrized_owner(name)
+    if owner is None:
         return name
-    owner, _, rest = dotted.rpartition(PARAMETRIZED)
-    tensor, _, original = rest.partition(".")
-    base = f"{owner[1:]}.{tensor}" if owner[1:] else tensor
+    tensor, _, original = name.rpartition(PARAMETRIZED[1:])[2].partition(".")
+    base = f"{owner}.{tensor}" if owner else tensor
     return base if original == "original" else f"{base}.{original}"
 
 

@@ -32,6 +32,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
+from gradflow.monitor.kinds import parametrized_owner
 from gradflow.monitor.part import Part, Setup
 from gradflow.monitor.spent import LeavesCopiesAlone
 
@@ -52,8 +53,8 @@ class ForwardOrder(Part):
             return      # a compiled forward is not watched, and removing hooks later would recompile it once
         for prefix, module in model.named_modules():
             if module._parameters:              # a parametrized weight's tensors: its module's (fc's) call
-                owner = ("." + prefix).partition(".parametrizations.")[0][1:]      # the root's own: ""
-                self.keep(module.register_forward_pre_hook(_FirstCall(self, owner)))
+                owner = parametrized_owner(prefix)
+                self.keep(module.register_forward_pre_hook(_FirstCall(self, prefix if owner is None else owner)))
 
     def record(self, mask) -> None:
         if self.handles:
