@@ -677,9 +677,9 @@ class Activations(Part):
             reader.scalars[k].update({tags[key]: v for key, v in row.items()})
             bounds = self.bounds[slot // self.members]
             if bounds is None:
-                reader.wanted.value(k, histogram, counts[slot])
+                reader.wanted.value(k, histogram, counts, slot)
             else:                                   # tanh, sigmoid: equal bins over the range
-                reader.wanted.linear(k, histogram, linear[slot], bounds)
+                reader.wanted.linear(k, histogram, linear, slot, bounds)
 
     def row(self, slot: int, moments: list[float], positives: np.ndarray) -> dict[str, float] | None:
         """Statistics of one tap (one member of it) for the window, or None if it never fired;

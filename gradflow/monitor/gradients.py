@@ -564,8 +564,8 @@ class Gradients(Part):
                 continue
             row = dict(zip(C.GRADIENT, (*table[slot], nonfinite_counts[slot])))
             reader.scalars[k].update(zip(tags, row.values()))
-            reader.wanted.value(k, value_tag, counts[slot])
-            reader.wanted.log10(k, log10_tag, counts[slot])
+            reader.wanted.value(k, value_tag, counts, slot)
+            reader.wanted.log10(k, log10_tag, counts, slot)
             row.update(zip(C.GRADIENT_COUNTS, (step_counts[slot], skipped[index])))
             reader.windows[k].gradients[name] = row
 

@@ -39,22 +39,23 @@ def _emit(limits, counts, n, limits_out, counts_out, at):
 
 
 @njit(nogil=True, boundscheck=False, cache=True)
-def value_rows(counts, octaves, value_limits, value_lefts, value_centres, limits_out, counts_out, offsets,
+def value_rows(counts, index, octaves, value_limits, value_lefts, value_centres, limits_out, counts_out, offsets,
                moments, valid):
-    """``stats.value_histograms`` of each row of (R, 512) float64 ``counts`` (layout of stats.py:
-    negatives' exponents 0..255, then positives'), sparse; outputs as in the module docstring
-    (``limits_out`` and ``counts_out`` hold R * 509 values at most)."""
-    rows = counts.shape[0]
+    """``stats.value_histograms`` of rows ``index`` (R,) of (N, 512) ``counts`` (int64 or float64;
+    layout of stats.py: negatives' exponents 0..255, then positives'), sparse; outputs as in the
+    module docstring (``limits_out`` and ``counts_out`` hold R * 509 values at most)."""
+    rows = index.size
     ordered = np.empty(2 * FINITE + 1)
     row_limits = np.empty(2 * FINITE + 1)
     row_counts = np.empty(2 * FINITE + 1)
     at = 0
     for r in range(rows):
         offsets[r] = at
-        zeros = counts[r, 0] + counts[r, 256]
+        source = index[r]
+        zeros = np.float64(counts[source, 0] + counts[source, 256])
         largest = -1
         for j in range(FINITE):                  # exponent j + 1
-            negative, positive = counts[r, 1 + j], counts[r, 257 + j]
+            negative, positive = np.float64(counts[source, 1 + j]), np.float64(counts[source, 257 + j])
             ordered[MIDDLE - 1 - j] = negative
             ordered[MIDDLE + 1 + j] = positive
             if negative + positive > 0:
@@ -102,17 +103,19 @@ def value_rows(counts, octaves, value_limits, value_lefts, value_centres, limits
 
 
 @njit(nogil=True, boundscheck=False, cache=True)
-def log10_rows(counts, log10_limits, log10_centres, log10_lefts, limits_out, counts_out, offsets, moments, valid):
-    """``stats.log10_abs_histograms`` of each row of (R, 512) float64 ``counts``, sparse
-    (``log10_lefts``: each bucket's left edge, the histogram's min where it comes first)."""
-    rows = counts.shape[0]
+def log10_rows(counts, index, log10_limits, log10_centres, log10_lefts, limits_out, counts_out, offsets, moments,
+               valid):
+    """``stats.log10_abs_histograms`` of rows ``index`` (R,) of (N, 512) ``counts`` (int64 or
+    float64), sparse (``log10_lefts``: each bucket's left edge, the histogram's min where it comes first)."""
+    rows = index.size
     magnitudes = np.empty(FINITE)
     at = 0
     for r in range(rows):
         offsets[r] = at
+        source = index[r]
         first, last, total, total_sum, squares = -1, -1, 0.0, 0.0, 0.0
         for j in range(FINITE):
-            c = counts[r, 1 + j] + counts[r, 257 + j]
+            c = np.float64(counts[source, 1 + j] + counts[source, 257 + j])
             magnitudes[j] = c
             if c > 0:
                 if first < 0:

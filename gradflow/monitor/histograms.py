@@ -14,7 +14,7 @@ Example:
     >>> pool = HistogramPool(every=2)
     >>> for step in range(3):
     ...     requests = HistogramRequests()
-    ...     requests.linear(0, "activation/tanh_1", np.r_[np.zeros(LINEAR_BINS - 1), 4.0], (-1.0, 1.0))
+    ...     requests.linear(0, "activation/tanh_1", np.r_[np.zeros(LINEAR_BINS - 1), 4.0][None], 0, (-1.0, 1.0))
     ...     pool.add(requests, step)
     ...     if pool.full:
     ...         print(pool.take(members=1))          # doctest: +ELLIPSIS
@@ -38,8 +38,8 @@ from gradflow.monitor.stats import Histogram
 # the last, [0.96875, 1], is about the band read as saturated (|a| > 0.97).
 LINEAR_BINS = 64
 # Histograms are built this many rows at a time: the kernels' per-row buffers (two of 509 float64
-# buckets a row, besides the rows' float64 counts) stay about 200 KB, where a window's 40 rows at
-# once took 490 KB of log()'s peak on a rank-16 LoRA (benchmarks/memory_phases.py --tensorboard).
+# buckets a row; the rows themselves are read where they lie) stay about 130 KB, where a window's
+# 40 rows at once took 490 KB of log()'s peak on a rank-16 LoRA (benchmarks/memory_phases.py --tensorboard).
 BUILD_ROWS = 16
 
 
@@ -48,9 +48,14 @@ class _Request:
     form: str                           # "value" (sign/exponent), "log10" (of |x|) or "linear"
     member: int
     tag: str
-    counts: np.ndarray
+    table: np.ndarray                   # the counts: row ``row`` of this 2-D table (a part's read-back)
+    row: int
     bounds: tuple[float, float] | None = None   # "linear": the range the bins cover
     state: bool = False                 # a state (weights at the window's end), not per-step counts
+
+    @property
+    def counts(self) -> np.ndarray:
+        return self.table[self.row]
 
 
 class HistogramRequests:
@@ -61,34 +66,48 @@ class HistogramRequests:
     def __init__(self, requests: list[_Request] | None = None) -> None:
         self.requests: list[_Request] = requests or []
 
-    def value(self, member: int, tag: str, counts: np.ndarray, *, state: bool = False) -> None:
-        """A histogram of the values behind 512 sign/exponent ``counts``; ``state``: they
-        describe the window's end (weights), so a pool keeps the latest instead of summing."""
-        self.requests.append(_Request("value", member, tag, counts, state=state))
+    def value(self, member: int, tag: str, table: np.ndarray, row: int, *, state: bool = False) -> None:
+        """A histogram of the values behind the 512 sign/exponent counts of row ``row`` of
+        ``table`` (R, 512); ``state``: they describe the window's end (weights), so a pool keeps
+        the latest instead of summing. ``table`` is read when the window's histograms are built."""
+        self.requests.append(_Request("value", member, tag, table, row, state=state))
 
-    def log10(self, member: int, tag: str, counts: np.ndarray) -> None:
-        """A histogram of log10 |x| behind 512 sign/exponent ``counts``."""
-        self.requests.append(_Request("log10", member, tag, counts))
+    def log10(self, member: int, tag: str, table: np.ndarray, row: int) -> None:
+        """A histogram of log10 |x| behind the 512 sign/exponent counts of ``table[row]``."""
+        self.requests.append(_Request("log10", member, tag, table, row))
 
-    def linear(self, member: int, tag: str, counts: np.ndarray, bounds: tuple[float, float]) -> None:
-        """A histogram of ``LINEAR_BINS`` equal-bin ``counts`` over ``bounds`` (see ``linear_histograms``)."""
-        self.requests.append(_Request("linear", member, tag, counts, bounds))
+    def linear(self, member: int, tag: str, table: np.ndarray, row: int, bounds: tuple[float, float]) -> None:
+        """A histogram of the ``LINEAR_BINS`` equal-bin counts ``table[row]`` over ``bounds`` (see
+        ``linear_histograms``)."""
+        self.requests.append(_Request("linear", member, tag, table, row, bounds))
 
     def build(self, members: int) -> list[dict[str, Histogram]]:
         """Per member, tag -> histogram; a row with no finite value gets none (TensorBoard
-        cannot draw an empty histogram)."""
+        cannot draw an empty histogram). The rows of one table are built in one call that reads
+        them where they lie (``stats.value_histograms(rows=)``), ``BUILD_ROWS`` at a time."""
         out: list[dict[str, Histogram]] = [{} for _ in range(members)]
         for form in ("value", "log10", "linear"):
-            everything = [r for r in self.requests if r.form == form]
-            for start in range(0, len(everything), BUILD_ROWS):
-                requests = everything[start:start + BUILD_ROWS]
-                counts = np.stack([r.counts for r in requests], dtype=np.float64)   # int64 rows of the read-back, or pooled
-                built = (S.value_histograms(counts) if form == "value" else S.log10_abs_histograms(counts)
-                         if form == "log10" else linear_histograms(counts, [r.bounds for r in requests]))
-                for request, histogram in zip(requests, built):
-                    if histogram is not None:
-                        out[request.member][request.tag] = histogram
+            tables: dict[int, list[_Request]] = {}
+            for r in self.requests:
+                if r.form == form:
+                    tables.setdefault(id(r.table), []).append(r)
+            for everything in tables.values():
+                for start in range(0, len(everything), BUILD_ROWS):
+                    requests = everything[start:start + BUILD_ROWS]
+                    for request, histogram in zip(requests, _build(form, requests)):
+                        if histogram is not None:
+                            out[request.member][request.tag] = histogram
         return out
+
+
+def _build(form: str, requests: list[_Request]) -> list[Histogram | None]:
+    """The histograms of requests of one form over one table."""
+    table, rows = requests[0].table, [r.row for r in requests]
+    if form == "value":
+        return S.value_histograms(table, rows=rows)
+    if form == "log10":
+        return S.log10_abs_histograms(table, rows=rows)
+    return linear_histograms(table[rows], [r.bounds for r in requests])
 
 
 class HistogramPool:
@@ -120,11 +139,11 @@ class HistogramPool:
         for r in requests:
             key = (r.form, r.member, r.tag)
             held = self._pooled.get(key)
-            if held is None or r.state:
-                self._pooled[key] = _Request(r.form, r.member, r.tag, np.array(r.counts, dtype=np.float64),
-                                             r.bounds, r.state)
+            if held is None or r.state:      # a pooled request: its own float64 table of one row
+                self._pooled[key] = _Request(r.form, r.member, r.tag, np.array(r.counts[None], dtype=np.float64),
+                                             0, r.bounds, r.state)
             else:
-                held.counts += r.counts
+                held.table[0] += r.counts
 
     @property
     def full(self) -> bool:
@@ -135,10 +154,22 @@ class HistogramPool:
         None if no window was added since the last take."""
         if not self.windows:
             return None
-        requests = self._direct or HistogramRequests(list(self._pooled.values()))
+        requests = self._direct or _one_table(list(self._pooled.values()))
         step = self.step
         self._pooled, self._direct, self.windows, self.step = {}, None, 0, None
         return step, requests.build(members)
+
+
+def _one_table(pooled: list[_Request]) -> HistogramRequests:
+    """The pooled requests, each form's rows in one table, so that each form is built in one call."""
+    requests = HistogramRequests()
+    for form in ("value", "log10", "linear"):
+        mine = [r for r in pooled if r.form == form]
+        if mine:
+            table = np.concatenate([r.table for r in mine])
+            requests.requests += [_Request(form, r.member, r.tag, table, row, r.bounds, r.state)
+                                  for row, r in enumerate(mine)]
+    return requests
 
 
 def check_every(histograms, error: type[Exception] | None = None) -> int:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -318,8 +319,9 @@ _LOG10_LEFTS_LIST = _LOG10_LEFTS.tolist()
 _LOG10_LIMITS_LIST = LOG10_LIMITS.tolist()
 
 
-def value_histograms(counts, octaves: int = 24) -> list[Histogram | None]:
-    """TensorBoard histograms of the finite values of each row of (R, 512) counts.
+def value_histograms(counts, octaves: int = 24, rows=None) -> list[Histogram | None]:
+    """TensorBoard histograms of the finite values of each row of (R, 512) counts (``rows``: of
+    those rows only, an int array, in its order; the rows are read where they lie).
 
     Buckets run from the most negative octave through zero to the most positive one, trimmed
     to the nonempty range, without runs of empty buckets (``sparse_buckets``). Values more than
@@ -332,23 +334,38 @@ def value_histograms(counts, octaves: int = 24) -> list[Histogram | None]:
     numpy over all rows at once and a short loop per row (``_value_histograms``), with the same
     result.
     """
-    counts = np.asarray(counts, dtype=np.float64).reshape(-1, SIGN_EXPONENT_BINS)
-    kernels = histogram_kernels()
+    counts, rows, kernels = _rows_of(counts, rows)
     if kernels is None:
         return [h and _sparse(h) for h in _value_histograms(counts, octaves)]
-    return _from_rows(len(counts), lambda *out: kernels.value_rows(
-        counts, octaves, VALUE_LIMITS, _VALUE_LEFTS, _VALUE_CENTRES, *out), 2 * len(_FINITE) + 1)
+    return _from_rows(len(rows), lambda *out: kernels.value_rows(
+        counts, rows, octaves, VALUE_LIMITS, _VALUE_LEFTS, _VALUE_CENTRES, *out), 2 * len(_FINITE) + 1)
 
 
-def log10_abs_histograms(counts) -> list[Histogram | None]:
-    """Histograms of log10 |x| over the finite non-zero values of each row of (R, 512) counts,
-    without runs of empty buckets (``sparse_buckets``); numba's pass where it is installed."""
-    counts = np.asarray(counts, dtype=np.float64).reshape(-1, SIGN_EXPONENT_BINS)
-    kernels = histogram_kernels()
+def log10_abs_histograms(counts, rows=None) -> list[Histogram | None]:
+    """Histograms of log10 |x| over the finite non-zero values of each row of (R, 512) counts
+    (``rows``: of those rows only), without runs of empty buckets (``sparse_buckets``); numba's
+    pass where it is installed."""
+    counts, rows, kernels = _rows_of(counts, rows)
     if kernels is None:
         return [h and _sparse(h) for h in _log10_abs_histograms(counts)]
-    return _from_rows(len(counts), lambda *out: kernels.log10_rows(
-        counts, LOG10_LIMITS, _LOG10_CENTRES, _LOG10_LEFTS, *out), len(_FINITE))
+    return _from_rows(len(rows), lambda *out: kernels.log10_rows(
+        counts, rows, LOG10_LIMITS, _LOG10_CENTRES, _LOG10_LEFTS, *out), len(_FINITE))
+
+
+def _rows_of(counts, rows) -> tuple[np.ndarray, np.ndarray | None, Any]:
+    """(counts, rows, histogram kernels) for the histogram builders. The kernels read the chosen
+    rows where they lie, int64 or float64: a window's rows were stacked into a float64 copy, 4 KB
+    a row, the largest allocation of a small model's log() (``histograms.HistogramRequests``).
+    Without numba, the chosen rows as float64 and rows None."""
+    kernels = histogram_kernels()
+    counts = np.asarray(counts)
+    if kernels is None or counts.dtype not in (np.int64, np.float64) or not counts.flags.c_contiguous:
+        counts = np.asarray(counts, dtype=np.float64).reshape(-1, SIGN_EXPONENT_BINS)
+        if rows is not None:
+            counts = counts[np.asarray(rows, dtype=np.int64)]
+        return counts, np.arange(len(counts), dtype=np.int64), kernels
+    counts = counts.reshape(-1, SIGN_EXPONENT_BINS)
+    return counts, np.arange(len(counts), dtype=np.int64) if rows is None else np.asarray(rows, dtype=np.int64), kernels
 
 
 def _from_rows(rows: int, kernel, width: int) -> list[Histogram | None]:

@@ -179,7 +179,7 @@ class Weights(Part):
                 reader.scalars[k][relative] = gradient["norm"] / row["norm"] if row["norm"] > 0 else float("nan")
             reader.scalars[k].update(zip(tags, table[slot]))
             if self.counted:
-                reader.wanted.value(k, histogram, values["counts"][slot], state=True)
+                reader.wanted.value(k, histogram, values["counts"], slot, state=True)
 
 
 @torch.no_grad()

@@ -301,25 +301,30 @@ def test_linear_scale_is_exact_where_the_bin_width_is_a_power_of_two():
 
 
 def test_histograms_built_a_few_rows_at_a_time_equal_those_built_at_once(monkeypatch):
-    """HistogramRequests.build takes BUILD_ROWS rows at a time (a bounded buffer at log()): every
-    form, with more rows than that and int64 counts as the read-back hands them, gives the same
-    histograms, tag for tag, as one build of all the rows (float64 rows, as before)."""
+    """HistogramRequests.build takes BUILD_ROWS rows at a time (a bounded buffer at log()), read
+    where they lie in their tables: every form, with more rows than that, asked in shuffled order
+    from two tables of int64 counts as the read-back hands them, gives the same histograms, tag for
+    tag, as one build of each row copied out alone as float64."""
     from gradflow.monitor import histograms as H
 
     rng = np.random.default_rng(3)
     rows = 2 * H.BUILD_ROWS + 3
-    counts = rng.integers(0, 50, size=(rows, 512)) * (rng.random((rows, 512)) < 0.1)
+    counts = rng.integers(0, 50, size=(2, rows, 512)) * (rng.random((2, rows, 512)) < 0.1)
     linear = rng.integers(0, 9, size=(rows, LINEAR_BINS))
+    order = rng.permutation(rows)
 
-    def requests(dtype):
+    def requests(alone: bool):
         wanted = H.HistogramRequests()
-        for i in range(rows):
-            wanted.value(i % 2, f"v{i}", counts[i].astype(dtype))
-            wanted.log10(i % 2, f"l{i}", counts[i].astype(dtype))
-            wanted.linear(i % 2, f"b{i}", linear[i].astype(dtype), (-1.0, 1.0))
+        for i in order:
+            for t, table in enumerate(counts):
+                row = (table[i][None].astype(np.float64), 0) if alone else (table, i)
+                wanted.value(i % 2, f"v{t}.{i}", *row)
+                wanted.log10(i % 2, f"l{t}.{i}", *row)
+            wanted.linear(i % 2, f"b{i}", *((linear[i][None].astype(np.float64), 0) if alone else (linear, i)),
+                          (-1.0, 1.0))
         return wanted
 
-    chunked = requests(np.int64).build(members=2)
+    chunked = requests(alone=False).build(members=2)
     monkeypatch.setattr(H, "BUILD_ROWS", 10 * rows)
-    whole = requests(np.float64).build(members=2)
-    assert chunked == whole and sum(map(len, whole)) > 2 * rows
+    alone = requests(alone=True).build(members=2)
+    assert chunked == alone and sum(map(len, alone)) > 4 * rows
