@@ -86,17 +86,19 @@ class HistogramRequests:
         cannot draw an empty histogram). The rows of one table are built in one call that reads
         them where they lie (``stats.value_histograms(rows=)``), ``BUILD_ROWS`` at a time."""
         out: list[dict[str, Histogram]] = [{} for _ in range(members)]
-        for form in ("value", "log10", "linear"):
-            tables: dict[int, list[_Request]] = {}
-            for r in self.requests:
-                if r.form == form:
-                    tables.setdefault(id(r.table), []).append(r)
-            for everything in tables.values():
-                for start in range(0, len(everything), BUILD_ROWS):
-                    requests = everything[start:start + BUILD_ROWS]
-                    for request, histogram in zip(requests, _build(form, requests)):
-                        if histogram is not None:
-                            out[request.member][request.tag] = histogram
+        groups: dict[tuple[str, int], list[_Request]] = {}      # (form, table): its requests, in order
+        for r in self.requests:
+            group = groups.get((r.form, id(r.table)))
+            if group is None:
+                groups[r.form, id(r.table)] = [r]
+            else:
+                group.append(r)
+        for (form, _), everything in groups.items():
+            for start in range(0, len(everything), BUILD_ROWS):
+                requests = everything[start:start + BUILD_ROWS]
+                for request, histogram in zip(requests, _build(form, requests)):
+                    if histogram is not None:
+                        out[request.member][request.tag] = histogram
         return out
 
 
