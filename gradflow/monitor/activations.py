@@ -112,8 +112,9 @@ class _ActivationPlan:
     """How a run of pending outputs is reduced, for one sequence of (tap, shape).
 
     The outputs are concatenated flat; each output's members are contiguous rows of it. The
-    fused kernels need the rows, plus each element's unit and linear bin where a rectifier or a
-    bounded tap is in the run; the segment layout is made on the torch-ops path alone.
+    fused kernels need the rows (their lengths, slots, bands and units, as numpy arrays made
+    once here), plus each element's linear bin where a bounded tap is in the run; the segment
+    layout and each element's unit are made on the torch-ops path alone.
     """
 
     lengths: torch.Tensor        # each row (one output, one member): its length
@@ -121,12 +122,11 @@ class _ActivationPlan:
     slot_elements: np.ndarray    # per slot: elements this run adds
     elements: int                # the run's length
     bands: tuple[np.ndarray, np.ndarray]  # each row: centre and threshold (float32), for the fused kernels
-    bounded: bool                # some tap of the run is bounded (tanh, sigmoid): it has linear bins
-    # Per element, where a tap of the run needs them (``_units_and_bins``), on either path:
-    counted: bool = False                    # made (or found not needed)
-    unit: torch.Tensor | None = None         # each element: its unit's slot in ``positives`` (slot 0: none); None: no rectifier
-    linear: _LinearPlan | None = None        # how the bounded taps' elements are binned; None if no tap is bounded
+    row_units: np.ndarray        # each row: [first unit's slot in ``positives`` (0: no units), units, inner] (int64)
+    arrays: tuple                # (lengths, row_slot, bands, row_units) as the fused kernel takes them
+    linear: _LinearPlan | None   # how the bounded taps' elements are binned; None if no tap is bounded
     # Per element, made only on the torch-ops path (``_segments``):
+    unit: torch.Tensor | None = None         # each element: its unit's slot in ``positives`` (slot 0: none)
     segment: torch.Tensor | None = None      # each element: its row
     bin_offset: torch.Tensor | None = None   # each element: its slot's offset into the counts (int32)
     centre: torch.Tensor | None = None       # each element: the centre of its tap's range; None if no tap is bounded
@@ -155,13 +155,13 @@ class Activations(Part):
     past its forward pass (a LoRA model's batch x 4096 GELU output, a transformer's batch x
     sequence x 4d one). A smaller output is kept by reference until ``PENDING_ELEMENTS`` are
     pending (inside a forward pass: at its end) or the window closes, and then reduced with the
-    others in one flat copy: on a
-    small model a dozen small ops per hook would cost more than the training step itself. What
-    the monitor holds of the model's outputs is thus at most ``PENDING_ELEMENTS`` elements of
-    outputs smaller than ``DIRECT_OUTPUT``, whatever the model. Of those small outputs' runs the
-    plans keep per-element unit slots (rectifiers) and linear bins (bounded taps), which batch a
-    tiny model's counting; the fused kernels need nothing else per element, and the torch-ops
-    path adds its segment layout.
+    others in one flat copy and, on the CPU, one compiled call that also adds the run to the
+    window's sums (``kernels.fold_activation_rows``): on a small model a dozen small ops per hook
+    would cost more than the training step itself. What the monitor holds of the model's outputs
+    is thus at most ``PENDING_ELEMENTS`` elements of outputs smaller than ``DIRECT_OUTPUT``,
+    whatever the model. Of those small outputs' runs the plans keep per-element linear bins
+    (bounded taps), which batch a tiny model's counting; the fused kernels need nothing else per
+    element, and the torch-ops path adds its segment layout and unit slots.
 
     With ``members`` K > 1 an output's leading dimension is the member: slot ``i * K + k`` is
     member k of tap i, and units are counted per member.
@@ -197,6 +197,7 @@ class Activations(Part):
         self.units: list[int | None] = [None] * count          # unit count, fixed at first sight
         self.unit_start: list[int] = [0] * count
         self.positives = torch.zeros(1, device=device)         # per unit: count of outputs > 0; slot 0: none
+        self._host: tuple[np.ndarray, ...] | None = None       # numpy views of the sums, for the fused kernel
         self.pending: list[tuple[int, torch.Tensor]] = []
         self.taken: dict[int, int] = {}                # id of a pending output -> its version counter when taken
         self.pending_elements = 0                     # of the pending outputs smaller than DIRECT_OUTPUT
@@ -414,7 +415,6 @@ class Activations(Part):
         self.passes_before = self.setup.schedule.passes
         self.unseen = {"no_grad": 0, "backward": 0}
 
-    @torch.no_grad()
     def reduce(self) -> None:
         """Fold every pending output into the window's sums. No host sync."""
         if not self.pending:
@@ -431,20 +431,21 @@ class Activations(Part):
         flat = _flat_copy([a for _, a in small])
         if flat.numel() != plan.elements:
             _check_layout(flat, torch.empty(plan.elements, device="meta"))
-        self.elements += plan.slot_elements
-        self._units_and_bins(plan, small)
         if plan.linear is not None:
             self._count_linear(flat, plan.linear)
         kernels = S.fused_kernels(flat.device)
-        if kernels is not None:                       # one fused pass instead of a dozen ops
-            values = flat.numpy()
-            rows = kernels.fold_rows(values, plan.lengths.numpy(), plan.row_slot.numpy(),
-                                     self.counts.view(-1, S.SIGN_EXPONENT_BINS).numpy(), plan.bands)
-            self.moments.index_add_(0, plan.row_slot, torch.from_numpy(rows[:, 0::2]).to(self.moments.dtype))
-            if plan.unit is not None:
-                kernels.count_units(values, plan.unit.numpy(), self.positives.numpy())
-                self.positives[:1].zero_()           # slot 0 is no unit's: kept 0, as for a direct output
+        if kernels is not None:                       # one compiled call: the pass and the adds to the sums
+            if self._host is None:
+                self._host = (self.counts.view(-1, S.SIGN_EXPONENT_BINS).numpy(), self.moments.numpy(), self.elements,
+                              self.positives.numpy())
+            kernels.fold_activation_rows(flat.numpy(), *plan.arrays, *self._host)
             return
+        self._reduce_with_torch(flat, plan, small)
+
+    @torch.no_grad()
+    def _reduce_with_torch(self, flat: torch.Tensor, plan: _ActivationPlan, small) -> None:
+        """``reduce``'s sums with torch ops (any device): segment sums of the flat run."""
+        self.elements += plan.slot_elements
         self._segments(plan, small)
         wide = flat.to(self.moments.dtype)            # the squares in float64, as the kernels take them
         values = [wide, wide * wide]
@@ -458,10 +459,11 @@ class Activations(Part):
             self.positives[:1].zero_()
 
     def _make_plan(self, pending) -> _ActivationPlan:
-        """The rows of a run: each output's members, their slots and saturation bands."""
+        """The rows of a run: each output's members, their slots, saturation bands and units (a
+        rectifier's unit count is fixed here at its first sight), and the bounded taps' linear bins."""
         device = self.moments.device
         k = self.members
-        lengths, row_slot, bands = [], [], []
+        lengths, row_slot, bands, row_units = [], [], [], []
         slot_elements = np.zeros_like(self.elements)
         for index, a in pending:
             n = a.numel()
@@ -469,10 +471,25 @@ class Activations(Part):
             lengths += [n // k] * k
             row_slot += range(index * k, index * k + k)
             slot_elements[index * k:index * k + k] += n // k
+            row_units += self._row_units(index, a)
+        bands = tuple(np.array(column, dtype=np.float32) for column in zip(*bands))
+        host = np.array(lengths, dtype=np.int64), np.array(row_slot, dtype=np.int64)
+        units = np.array(row_units, dtype=np.int64).reshape(-1, 3)
+        bounded = any(self.bounds[index] is not None for index, _ in pending)
         return _ActivationPlan(torch.tensor(lengths, device=device, dtype=torch.long),
-                               torch.tensor(row_slot, device=device), slot_elements, sum(lengths),
-                               tuple(np.array(column, dtype=np.float32) for column in zip(*bands)),
-                               any(self.bounds[index] is not None for index, _ in pending))
+                               torch.tensor(row_slot, device=device), slot_elements, sum(lengths), bands, units,
+                               (*host, bands, units), self._linear_plan(pending) if bounded else None)
+
+    def _row_units(self, index: int, a: torch.Tensor) -> list[list[int]]:
+        """Per member of tap ``index``'s output ``a``: [its first unit's slot in ``positives``,
+        units, inner] (the member is (outer, units, inner) in C order), or [0, 0, 0] where it
+        has no units to count (not a rectifier, a scalar, another unit count, or empty)."""
+        sample = a[0] if self.members > 1 and a.dim() >= 1 else a       # one member's output
+        units = self._units_of(index, sample)
+        inner = math.prod(sample.shape[_unit_dim(sample) + 1:]) if units else 0
+        if not units or not inner:
+            return [[0, 0, 0]] * self.members
+        return [[self.unit_start[index] + member * units, units, inner] for member in range(self.members)]
 
     def _band(self, index: int) -> tuple[float, float]:
         """(centre, threshold) of a tap: |a - centre| > threshold is saturated (inf: unbounded)."""
@@ -481,28 +498,20 @@ class Activations(Part):
             return 0.0, math.inf
         return (bounds[0] + bounds[1]) / 2, SATURATION_LEVEL * (bounds[1] - bounds[0]) / 2
 
-    def _units_and_bins(self, plan: _ActivationPlan, pending) -> None:
-        """Per element of a run of small outputs, made once per plan where a tap needs them:
-        its unit's slot in ``positives`` (rectifiers) and its linear bin (bounded taps). At most
-        (PENDING_ELEMENTS + DIRECT_OUTPUT) elements, 8 + 28 bytes each, per plan."""
-        if plan.counted:
-            return
-        plan.counted = True
-        if any(self.rectifier[index] for index, _ in pending):
-            plan.unit = torch.cat([self._unit_slots(index, a) for index, a in pending])
-        if plan.bounded:
-            plan.linear = self._linear_plan(pending)
-
     def _segments(self, plan: _ActivationPlan, pending) -> None:
         """Per element, what the torch-ops path's segment reductions take (made once per plan,
-        on that path only): its row, its counts' offset, its tap's centre and threshold."""
+        on that path only): its row, its counts' offset, its unit's slot in ``positives`` where a
+        tap of the run is a rectifier, its tap's centre and threshold."""
         if plan.segment is not None:
             return
         device = self.moments.device
         plan.segment = torch.repeat_interleave(torch.arange(len(plan.lengths), device=device), plan.lengths,
                                                output_size=plan.elements)      # no host sync
         plan.bin_offset = (plan.row_slot[plan.segment] * S.SIGN_EXPONENT_BINS).int()
-        if plan.bounded:
+        if plan.row_units[:, 0].any():
+            plan.unit = torch.cat([_unit_column(first, units, inner, length, device)
+                                   for (first, units, inner), length in zip(plan.row_units.tolist(), plan.lengths.tolist())])
+        if plan.linear is not None:
             bands = [self._band(index) for index, _ in pending]
             plan.centre = torch.cat([torch.full((a.numel(),), c, device=device) for (_, a), (c, _) in zip(pending, bands)])
             plan.threshold = torch.cat([torch.full((a.numel(),), t, device=device)
@@ -548,6 +557,7 @@ class Activations(Part):
             self.units[index] = sample.shape[dim]
             self.unit_start[index] = self.positives.numel()
             self.positives = torch.cat([self.positives, self.positives.new_zeros(self.members * sample.shape[dim])])
+            self._host = None
         return self.units[index] if sample.shape[dim] == self.units[index] else None
 
     def _reduce_large(self, large: list[tuple[int, torch.Tensor]]) -> None:
@@ -589,19 +599,6 @@ class Activations(Part):
             first = self.unit_start[index] + member * units
             self._scratch.count_positive(sample, _unit_dim(sample), self.positives[first:first + units])
 
-    def _unit_slots(self, index: int, a: torch.Tensor) -> torch.Tensor:
-        """Each element's unit slot in ``positives``; slot 0 collects what has no unit."""
-        device = self.moments.device
-        sample = a[0] if self.members > 1 and a.dim() >= 1 else a       # one member's output
-        units = self._units_of(index, sample)
-        if units is None:
-            return torch.zeros(a.numel(), dtype=torch.long, device=device)
-        dim = _unit_dim(sample)
-        position = torch.arange(a.numel(), device=device)
-        member, within = position // sample.numel(), position % sample.numel()
-        inner = math.prod(sample.shape[dim + 1:])
-        return self.unit_start[index] + member * units + within // inner % units
-
     def device_tensors(self) -> dict[str, Reduced]:
         return {"moments": Reduced(self.moments), "counts": Reduced(self.counts), "positives": Reduced(self.positives),
                 "linear": Reduced(self.linear)}
@@ -619,6 +616,7 @@ class Activations(Part):
             t.to(device, copy=True) for t in (self.counts, self.positives, self.linear))
         self.pending, self.pending_elements = later, sum(a.numel() for _, a in later)
         self._plans, self._slot_rows, self._scratch = _BoundedCache(), _BoundedCache(), S.Scratch()
+        self._host = None
 
     def no_activations_cause(self) -> str:
         """Why a window whose steps were tapped saw no activation output, told by what the taps
@@ -723,6 +721,14 @@ def _bounds(module: nn.Module) -> tuple[float, float] | None:
         if isinstance(module, kind):
             return bounds if bounds is not None else (float(module.min_val), float(module.max_val))
     return None
+
+
+def _unit_column(first: int, units: int, inner: int, length: int, device: torch.device) -> torch.Tensor:
+    """Each element's unit slot in ``positives`` of a row of ``length`` values laid out (outer,
+    units, inner), its first unit at slot ``first``; all 0 (no unit) where ``first`` is 0."""
+    if not first:
+        return torch.zeros(length, dtype=torch.long, device=device)
+    return first + torch.arange(length, device=device) // inner % units
 
 
 def _unit_dim(a: torch.Tensor) -> int:

@@ -727,6 +727,37 @@ def _count_units(values, unit, positives):
 
 
 @njit(nogil=True, boundscheck=False, cache=True)
+def _fold_activation_rows(values, lengths, row_slot, row_centre, row_threshold, row_units, counts, moments, elements,
+                          positives):
+    """``_fold_rows`` (every row counted) with each row added where the activations part keeps
+    it: moments[slot] += [sum x, sum x², count beyond the band], elements[slot] += the row's
+    length, and, where row_units[r] = [first, units, inner] has first > 0, positives[first + u]
+    += the row's values > 0 of unit u, the row being (outer, units, inner) in C order."""
+    rows = lengths.size
+    out = np.zeros((rows, 5))
+    tally = np.zeros((rows, 2), np.int64)
+    _fold_rows(values, lengths, row_slot, row_centre, row_threshold, counts, out, np.ones(rows, np.bool_), tally)
+    start = 0
+    for r in range(rows):
+        slot = row_slot[r]
+        moments[slot, 0] += out[r, 0]
+        moments[slot, 1] += out[r, 2]
+        moments[slot, 2] += out[r, 4]
+        elements[slot] += lengths[r]
+        first, units, inner = row_units[r, 0], row_units[r, 1], row_units[r, 2]
+        if first > 0:
+            i = start
+            for _ in range(lengths[r] // (units * inner)):
+                for unit in range(units):
+                    count = 0
+                    for _ in range(inner):
+                        count += values[i] > 0
+                        i += 1
+                    positives[first + unit] += count
+        start += lengths[r]
+
+
+@njit(nogil=True, boundscheck=False, cache=True)
 def _block_weights(values, start, renew):
     """Sums of |w|, w², (w - start)² and start² over a block, in float64; with ``renew``, each
     start[i] becomes values[i] once read (the next window's start, in the same pass)."""
@@ -868,6 +899,22 @@ def count_units(values: np.ndarray, unit: np.ndarray, positives: np.ndarray) -> 
     """Add one to ``positives[unit[i]]`` for each ``values[i] > 0`` (to ``positives[0]``
     for the others: the slot of what has no unit)."""
     _count_units(values, unit, positives)
+
+
+def fold_activation_rows(values: np.ndarray, lengths: np.ndarray, row_slot: np.ndarray,
+                         bands: tuple[np.ndarray, np.ndarray], row_units: np.ndarray, counts: np.ndarray,
+                         moments: np.ndarray, elements: np.ndarray, positives: np.ndarray) -> None:
+    """fold_rows for a run of small activation outputs, added in the same compiled call to the
+    sums the activations part keeps (one call where a dozen numpy and torch calls cost the
+    tutorial's window more than its values): ``moments`` (slots, 3) float64 += [sum x, sum x²,
+    count of |x - centre| > threshold] of each row at ``row_slot[r]``, ``elements`` (slots,)
+    int64 += its length, ``counts[row_slot[r]]`` (int64, (slots, 512)) += its histogram, and
+    where ``row_units[r]`` (int64, (rows, 3)) is [first, units, inner] with first > 0, the row
+    is (outer, units, inner) in C order and ``positives[first + u]`` (float32) += its values > 0
+    of unit u (first 0: a row with no units to count). ``bands``: each row's centre and
+    threshold (float32). The rows' order is the order of the adds."""
+    _fold_activation_rows(values, lengths, row_slot, bands[0], bands[1], row_units, counts, moments, elements,
+                          positives)
 
 
 def fold(values: np.ndarray, counts: np.ndarray, *, centre: float = 0.0, threshold: float = np.inf) -> np.ndarray:
