@@ -7,7 +7,6 @@ over its range (``histograms.py``), which is what its TensorBoard histogram show
 
 from __future__ import annotations
 
-import contextlib
 import math
 import sys
 import threading
@@ -95,6 +94,49 @@ class _ForwardEnd(LeavesCopiesAlone):
             exception = sys.exc_info()[1]
             self.part.forward_ends(raised=output is None and exception is not None
                                    and exception is not self.part.handled)
+
+
+class _Hook:
+    """One forward hook of the taps, on its module for the profiled passes only. The first
+    ``add`` registers it (``register_forward_hook``); later ones put the same hook back into the
+    module's hook dict under the handle it had (as ``register_forward_hook`` puts it: prepended,
+    or last, and marked ``always_call``), where the module's class registers hooks as
+    ``nn.Module`` does and the dict is still the one the handle removes from: two dict operations
+    where registering cost the tutorial's MLP 15 us per profiled pass for its six hooks."""
+
+    __slots__ = ("always_call", "handle", "hook", "module", "prepend")
+
+    def __init__(self, module: weakref.ref, hook, *, prepend: bool, always_call: bool) -> None:
+        self.module, self.hook, self.prepend, self.always_call = module, hook, prepend, always_call
+        self.handle = None
+
+    def add(self) -> bool:
+        """Put the hook on its module; False where the module is gone."""
+        module = self.module()
+        if module is None:
+            return False
+        handle = self.handle
+        hooks = module._forward_hooks
+        if (handle is None or handle.hooks_dict_ref() is not hooks
+                or type(module).register_forward_hook is not nn.Module.register_forward_hook):
+            self.handle = module.register_forward_hook(self.hook, prepend=self.prepend, always_call=self.always_call)
+            return True
+        hooks[handle.id] = self.hook
+        if self.always_call:
+            module._forward_hooks_always_called[handle.id] = True
+        if self.prepend:
+            hooks.move_to_end(handle.id, last=False)
+        return True
+
+    def remove(self) -> None:
+        """Take the hook off: the handle's own ``remove()`` where the hook is also marked in the
+        module's other hook dicts (``always_call``), else the one entry popped from the dict the
+        handle removes from."""
+        handle = self.handle
+        if self.always_call:
+            handle.remove()
+        elif (hooks := handle.hooks_dict_ref()) is not None:
+            hooks.pop(handle.id, None)
 
 
 def _running(frame) -> bool:
@@ -212,7 +254,8 @@ class Activations(Part):
         self.unseen = {"no_grad": 0, "backward": 0}   # tap calls not taken, by why (no_activations_cause)
         self._plans = _BoundedCache()
         self._slot_rows = _BoundedCache()            # slots of the large outputs reduced together
-        self._taps: list = []                        # the taps' handles, while the schedule is active
+        self._taps: list[_Hook] = []                 # the hooks on their modules now, while the schedule is active
+        self._hooks: list[_Hook] = []                # every hook the taps are made of, on or off
         self._enclosing: dict[str, list[weakref.ref]] = {}   # each tap's name -> its module and the blocks around it
         self._tapped_modules: list[weakref.ref] = []
         self._tags: list[tuple[dict[str, str], str]] | None = None   # per slot: its scalars' tags, its histogram's
@@ -225,6 +268,13 @@ class Activations(Part):
         self._enclosing = {name: [weakref.ref(modules[".".join(name.split(".")[:k])]) for k in range(1, name.count(".") + 2)]
                            for name in self.names}
         self._model = weakref.ref(model)
+        # The pass ending, on the model (as forward_starts is called: with the taps only); then each
+        # tap, first among its module's hooks: the tap reads the module's own output, whatever hooks
+        # the user added before or since (a hook that returns a new output changes what later hooks
+        # see, and the taps come and go).
+        self._hooks = [_Hook(self._model, _ForwardEnd(self), prepend=False, always_call=True)]
+        self._hooks += [_Hook(ref, _Tap(self, index), prepend=True, always_call=False)
+                        for index, ref in enumerate(self._tapped_modules)]
         self._set_taps(self.setup.schedule.active)
         self.setup.schedule.listen(self._retap)
         watch_forward_starts(self, model)
@@ -232,23 +282,15 @@ class Activations(Part):
     def _set_taps(self, active: bool) -> None:
         """The taps are on the activation modules for the profiled passes only: a module with
         any forward hook leaves torch's fast call path, which cost the tutorial's MLP 13 us a
-        forward pass (five ReLUs) when every pass carried them. Adding and removing them costs
-        about 3 us per module per profiled pass (``activations_every``)."""
+        forward pass (five ReLUs) when every pass carried them. Registering and removing them
+        cost about 3 us per module per profiled pass (``activations_every``); each hook is now
+        registered once and then put back under its handle (``_Hook.add``)."""
         if self.setup.options.get("compiled"):
             return      # a compiled forward is not tapped; hooks coming and going would give it a second graph
         if active and not self._taps and self.attached:
-            model = self._model()
-            if model is not None:      # the pass ending: with the taps only, as forward_starts is called
-                handle = model.register_forward_hook(_ForwardEnd(self), always_call=True)
-                self._taps.append(handle)      # the list as it is now: remove() may have replaced it meanwhile
-            for index, ref in enumerate(self._tapped_modules):
-                module = ref()
-                if module is not None:
-                    # First among the module's hooks: the tap reads the module's own output, whatever
-                    # hooks the user added before or since (a hook that returns a new output changes
-                    # what later hooks see, and the taps come and go).
-                    handle = module.register_forward_hook(_Tap(self, index), prepend=True)
-                    self._taps.append(handle)
+            for hook in self._hooks:
+                if hook.add():
+                    self._taps.append(hook)      # the list as it is now: remove() may have replaced it meanwhile
             if not self.attached:      # removed meanwhile (remove() in another thread): these stay off
                 self._remove_taps()
         elif not active:
@@ -269,9 +311,11 @@ class Activations(Part):
 
     def _remove_taps(self) -> None:
         taps, self._taps = self._taps, []
-        for handle in taps:
-            with contextlib.suppress(Exception):
-                handle.remove()
+        for hook in taps:
+            try:        # noqa: SIM105 - contextlib.suppress's object per hook cost six hooks 2 us a pass
+                hook.remove()
+            except Exception:   # each hook is tried; removing never raises
+                pass
 
     def remove(self) -> None:
         self.attached = False
