@@ -258,7 +258,7 @@ class Activations(Part):
         self._hooks: list[_Hook] = []                # every hook the taps are made of, on or off
         self._enclosing: dict[str, list[weakref.ref]] = {}   # each tap's name -> its module and the blocks around it
         self._tapped_modules: list[weakref.ref] = []
-        self._tags: list[tuple[dict[str, str], str]] | None = None   # per slot: its scalars' tags, its histogram's
+        self._layout: list[tuple] | None = None      # per slot, what read() needs (_read_layout)
         self.attached = True                         # False once removed: a late schedule change adds no tap
 
     def hook(self, model: nn.Module) -> None:
@@ -701,47 +701,56 @@ class Activations(Part):
         return [name for name in self.names if compiled(name)]
 
     def read(self, values: dict[str, np.ndarray], reader) -> None:
-        """Rows ``columns.ACTIVATION`` per tap; a window whose recorded steps were tapped but
-        saw no output is said."""
-        if self.tapped and not self.elements.any():
-            self.setup.warn("no-activations", self.no_activations_cause())
+        """Rows ``columns.ACTIVATION`` per tap, and their scalars, built in one pass; a window
+        whose recorded steps were tapped but saw no output is said.
+
+        A row (``Window.activations[name]``): ``mean`` and ``std`` (population) of the window's
+        outputs, ``saturated_fraction`` (bounded taps: the share of |a - centre| beyond
+        ``SATURATION_LEVEL`` of the half-range) and ``dead_fraction`` (rectifiers: the share of
+        units with no output > 0 in the window). A tap that never fired has no row."""
+        elements = self.elements.tolist()
+        if not any(elements):
+            if self.tapped:
+                self.setup.warn("no-activations", self.no_activations_cause())
+            return
+        if self._layout is None:               # made once: a small model's window costs its formatting
+            self._layout = self._read_layout(reader)
         counts = values["counts"].reshape(-1, S.SIGN_EXPONENT_BINS)
         linear = values["linear"][:-1].reshape(-1, LINEAR_BINS)    # the last count: NaN
         moments = values["moments"].tolist()
-        if self._tags is None:                 # made once: a small model's window costs its formatting
-            self._tags = [({key: f"activation/{path}/{key}" for key in C.ACTIVATION}, f"activation/{path}")
-                          for _, _, _, path in reader.slots(self.names)]
-        for (slot, k, name, _), (tags, histogram) in zip(reader.slots(self.names), self._tags):
-            row = self.row(slot, moments[slot], values["positives"])
-            if row is None:
+        alive = None                           # per unit slot, the cumulative count of units with an output > 0
+        mean_, std_, saturated_, dead_ = C.ACTIVATION
+        for slot, index, member, name, tags, histogram in self._layout:
+            n = elements[slot]
+            if not n:
                 continue
-            reader.windows[k].activations[name] = row
-            reader.scalars[k].update({tags[key]: v for key, v in row.items()})
-            bounds = self.bounds[slot // self.members]
+            total, squares, saturated = moments[slot]
+            mean = total / n
+            variance = squares / n - mean * mean
+            std = math.sqrt(variance) if variance > 0 else 0.0 if variance <= 0 else math.nan
+            row = {mean_: mean, std_: std}
+            scalars = reader.scalars[member]
+            scalars[tags[0]], scalars[tags[1]] = mean, std
+            bounds = self.bounds[index]
+            if bounds is not None:
+                row[saturated_] = scalars[tags[2]] = saturated / n
+            units = self.units[index] if self.rectifier[index] else None
+            if units:
+                if alive is None:
+                    alive = [0, *(values["positives"] > 0).cumsum().tolist()]
+                start = self.unit_start[index] + member * units
+                row[dead_] = scalars[tags[3]] = 1.0 - (alive[start + units] - alive[start]) / units
+            reader.windows[member].activations[name] = row
             if bounds is None:
-                reader.wanted.value(k, histogram, counts, slot)
+                reader.wanted.value(member, histogram, counts, slot)
             else:                                   # tanh, sigmoid: equal bins over the range
-                reader.wanted.linear(k, histogram, linear, slot, bounds)
+                reader.wanted.linear(member, histogram, linear, slot, bounds)
 
-    def row(self, slot: int, moments: list[float], positives: np.ndarray) -> dict[str, float] | None:
-        """Statistics of one tap (one member of it) for the window, or None if it never fired;
-        ``moments``: its sum, sum of squares and saturated count."""
-        index, member = divmod(slot, self.members)
-        n = int(self.elements[slot])
-        if n == 0:
-            return None
-        total, squares, saturated = moments
-        mean = total / n
-        mean_, std, saturated_fraction, dead_fraction = C.ACTIVATION
-        variance = squares / n - mean * mean
-        row = {mean_: mean, std: math.sqrt(variance) if variance > 0 else 0.0 if variance <= 0 else math.nan}
-        if self.bounds[index] is not None:
-            row[saturated_fraction] = saturated / n
-        units = self.units[index]
-        if self.rectifier[index] and units:
-            start = self.unit_start[index] + member * units
-            row[dead_fraction] = 1.0 - int(np.count_nonzero(positives[start:start + units] > 0)) / units
-        return row
+    def _read_layout(self, reader) -> list[tuple]:
+        """Per slot: (slot, tap index, member, name, its scalars' tags in ``columns.ACTIVATION``
+        order, its histogram's tag)."""
+        return [(slot, slot // self.members, k, name, tuple(f"activation/{path}/{key}" for key in C.ACTIVATION),
+                 f"activation/{path}") for slot, k, name, path in reader.slots(self.names)]
 
 
 NO_ACTIVATIONS = "log(): no activation output was recorded in this window although steps were: "
