@@ -240,8 +240,9 @@ class Activations(Part):
         self.unit_start: list[int] = [0] * count
         self.positives = torch.zeros(1, device=device)         # per unit: count of outputs > 0; slot 0: none
         self._host: tuple[np.ndarray, ...] | None = None       # numpy views of the sums, for the fused kernel
-        self.pending: list[tuple[int, torch.Tensor]] = []
-        self.taken: dict[int, int] = {}                # id of a pending output -> its version counter when taken
+        # (tap, output, its version counter when taken): detach() shares the counter, so an in-place
+        # change after the tap moves it (_say_changed)
+        self.pending: list[tuple[int, torch.Tensor, int]] = []
         self.pending_elements = 0                     # of the pending outputs smaller than DIRECT_OUTPUT
         self.direct = 0                               # pending outputs of DIRECT_OUTPUT elements or more
         self.tapped = False                           # a recorded step's forward pass was tapped in this window
@@ -373,19 +374,18 @@ class Activations(Part):
     def reduce_direct(self) -> None:
         """Reduce the pending outputs of ``DIRECT_OUTPUT`` elements or more, each straight from
         its tensor, and drop them: nothing of their size is held past the forward pass."""
-        direct = [(index, a) for index, a in self.pending if a.numel() >= DIRECT_OUTPUT]
-        self.pending = [(index, a) for index, a in self.pending if a.numel() < DIRECT_OUTPUT]
+        direct = [entry for entry in self.pending if entry[1].numel() >= DIRECT_OUTPUT]
+        self.pending = [entry for entry in self.pending if entry[1].numel() < DIRECT_OUTPUT]
         self.direct = 0
         self._say_changed(direct)
         self._reduce_large(direct)
 
-    def _say_changed(self, outputs: list[tuple[int, torch.Tensor]]) -> None:
+    def _say_changed(self, outputs: list[tuple[int, torch.Tensor, int]]) -> None:
         """Say once if an output about to be reduced was changed in place after its module ran
         (its version counter moved since ``take``): outputs are read after the forward pass
         (small ones at the window's end), so the window's statistics of that module are of the
-        changed values. Forgets the outputs' versions."""
-        taken = self.taken
-        changed = [index for index, a in outputs if taken.pop(id(a), a._version) != a._version]
+        changed values."""
+        changed = [index for index, a, version in outputs if a._version != version]
         if changed:
             name = self.names[changed[0]]
             self.setup.warn("changed-output", f"the output of {name} was changed in place after {name} ran (an "
@@ -398,10 +398,8 @@ class Activations(Part):
         if self.forward_start is None:
             return
         dropped, self.pending = self.pending[self.forward_start:], self.pending[:self.forward_start]
-        for _, a in dropped:
-            self.taken.pop(id(a), None)
-        self.pending_elements -= sum(a.numel() for _, a in dropped if a.numel() < DIRECT_OUTPUT)
-        self.direct -= sum(a.numel() >= DIRECT_OUTPUT for _, a in dropped)
+        self.pending_elements -= sum(a.numel() for _, a, _ in dropped if a.numel() < DIRECT_OUTPUT)
+        self.direct -= sum(a.numel() >= DIRECT_OUTPUT for _, a, _ in dropped)
         self.forward_start = None
         if self.caller is not None and self._still_running():
             done = "removed" if not self.attached else "read (log())"
@@ -434,12 +432,12 @@ class Activations(Part):
 
     def take(self, index: int, output: torch.Tensor) -> None:
         output = local(output.detach())             # a DTensor output (tensor parallel): this rank's part
-        self.pending.append((index, output))
-        self.taken[id(output)] = output._version     # detach() shares it: an in-place change later moves it
-        if output.numel() >= DIRECT_OUTPUT:
+        self.pending.append((index, output, output._version))
+        n = output.numel()
+        if n >= DIRECT_OUTPUT:
             self.direct += 1
         else:
-            self.pending_elements += output.numel()
+            self.pending_elements += n
             # Inside the model's forward pass the budget waits for its end: a pass that raises
             # halfway is dropped whole (drop_partial), never half reduced into the window.
             if self.pending_elements >= PENDING_ELEMENTS and self.forward_start is None:
@@ -447,7 +445,6 @@ class Activations(Part):
 
     def reset(self) -> None:
         self.pending.clear()
-        self.taken.clear()
         self.pending_elements = 0
         self.direct = 0
         self.forward_start = None
@@ -463,16 +460,18 @@ class Activations(Part):
         """Fold every pending output into the window's sums. No host sync."""
         if not self.pending:
             return
-        pending, self.pending, self.pending_elements, self.direct = self.pending, [], 0, 0
+        pending, direct = self.pending, self.direct
+        self.pending, self.pending_elements, self.direct = [], 0, 0
         self._say_changed(pending)
-        small = [(index, a) for index, a in pending if a.numel() < DIRECT_OUTPUT]
-        if len(small) < len(pending):
-            self._reduce_large([(index, a) for index, a in pending if a.numel() >= DIRECT_OUTPUT])
+        small = pending
+        if direct:
+            small = [entry for entry in pending if entry[1].numel() < DIRECT_OUTPUT]
+            self._reduce_large([entry for entry in pending if entry[1].numel() >= DIRECT_OUTPUT])
         if not small:
             return
-        key = tuple((index, a.shape) for index, a in small)
-        plan = self._plans.get(key) or self._plans.put(key, self._make_plan(small))
-        flat = _flat_copy([a for _, a in small])
+        key = tuple([(index, a.shape) for index, a, _ in small])
+        plan = self._plans.get(key) or self._plans.put(key, self._make_plan([(index, a) for index, a, _ in small]))
+        flat = _flat_copy([a for _, a, _ in small])
         if flat.numel() != plan.elements:
             _check_layout(flat, torch.empty(plan.elements, device="meta"))
         if plan.linear is not None:
@@ -490,7 +489,7 @@ class Activations(Part):
     def _reduce_with_torch(self, flat: torch.Tensor, plan: _ActivationPlan, small) -> None:
         """``reduce``'s sums with torch ops (any device): segment sums of the flat run."""
         self.elements += plan.slot_elements
-        self._segments(plan, small)
+        self._segments(plan, [(index, a) for index, a, _ in small])
         wide = flat.to(self.moments.dtype)            # the squares in float64, as the kernels take them
         values = [wide, wide * wide]
         if plan.centre is not None:
@@ -604,7 +603,7 @@ class Activations(Part):
             self._host = None
         return self.units[index] if sample.shape[dim] == self.units[index] else None
 
-    def _reduce_large(self, large: list[tuple[int, torch.Tensor]]) -> None:
+    def _reduce_large(self, large: list[tuple[int, torch.Tensor, int]]) -> None:
         """Large outputs reduced on their own, one job per member of each: dense reductions
         beat segment sums here."""
         k = self.members
@@ -612,7 +611,7 @@ class Activations(Part):
         jobs, slots = [], []
         if not large:
             return
-        for index, a in large:
+        for index, a, _ in large:
             bounds = self.bounds[index]
             band = self._band(index) if bounds else None
             for member, flat in enumerate(_flat(a).view(k, -1)):
@@ -652,13 +651,16 @@ class Activations(Part):
         forward pass that already ran there (parameters replaced, found at the step) stay pending."""
         self.drop_partial()
         here = self.moments.device
-        later = [(index, a) for index, a in self.pending if a.device != here]
-        self.pending = [(index, a) for index, a in self.pending if a.device == here]
+        later = [entry for entry in self.pending if entry[1].device != here]
+        self.pending = [entry for entry in self.pending if entry[1].device == here]
+        self.direct = sum(a.numel() >= DIRECT_OUTPUT for _, a, _ in self.pending)
         self.reduce()
         self.moments = moved(self.moments, device, wide=True)
         self.counts, self.positives, self.linear = (
             t.to(device, copy=True) for t in (self.counts, self.positives, self.linear))
-        self.pending, self.pending_elements = later, sum(a.numel() for _, a in later)
+        self.pending = later
+        self.pending_elements = sum(a.numel() for _, a, _ in later if a.numel() < DIRECT_OUTPUT)
+        self.direct = sum(a.numel() >= DIRECT_OUTPUT for _, a, _ in later)
         self._plans, self._slot_rows, self._scratch = _BoundedCache(), _BoundedCache(), S.Scratch()
         self._host = None
 
