@@ -239,7 +239,10 @@ class Activations(Part):
         self.units: list[int | None] = [None] * count          # unit count, fixed at first sight
         self.unit_start: list[int] = [0] * count
         self.positives = torch.zeros(1, device=device)         # per unit: count of outputs > 0; slot 0: none
-        self._host: tuple[np.ndarray, ...] | None = None       # numpy views of the sums, for the fused kernel
+        # Made again where a sum is replaced (a new unit, move()): numpy views of the sums for the
+        # fused kernel, and the sums as the read-back takes them (Reduced: frozen)
+        self._host: tuple[np.ndarray, ...] | None = None
+        self._reduced: dict[str, Reduced] | None = None
         # (tap, output, its version counter when taken): detach() shares the counter, so an in-place
         # change after the tap moves it (_say_changed)
         self.pending: list[tuple[int, torch.Tensor, int]] = []
@@ -601,7 +604,7 @@ class Activations(Part):
             self.units[index] = sample.shape[dim]
             self.unit_start[index] = self.positives.numel()
             self.positives = torch.cat([self.positives, self.positives.new_zeros(self.members * sample.shape[dim])])
-            self._host = None
+            self._host = self._reduced = None
         return self.units[index] if sample.shape[dim] == self.units[index] else None
 
     def _reduce_large(self, large: list[tuple[int, torch.Tensor, int]]) -> None:
@@ -644,8 +647,10 @@ class Activations(Part):
             self._scratch.count_positive(sample, _unit_dim(sample), self.positives[first:first + units])
 
     def device_tensors(self) -> dict[str, Reduced]:
-        return {"moments": Reduced(self.moments), "counts": Reduced(self.counts), "positives": Reduced(self.positives),
-                "linear": Reduced(self.linear)}
+        if self._reduced is None:
+            self._reduced = {"moments": Reduced(self.moments), "counts": Reduced(self.counts),
+                             "positives": Reduced(self.positives), "linear": Reduced(self.linear)}
+        return self._reduced
 
     def move(self, device: torch.device) -> None:
         """Fold the outputs taken on the old device, carry the sums to ``device``; outputs of a
@@ -663,7 +668,7 @@ class Activations(Part):
         self.pending_elements = sum(a.numel() for _, a, _ in later if a.numel() < DIRECT_OUTPUT)
         self.direct = sum(a.numel() >= DIRECT_OUTPUT for _, a, _ in later)
         self._plans, self._slot_rows, self._scratch = _BoundedCache(), _BoundedCache(), S.Scratch()
-        self._host = None
+        self._host = self._reduced = None
 
     def no_activations_cause(self) -> str:
         """Why a window whose steps were tapped saw no activation output, told by what the taps
