@@ -721,12 +721,6 @@ def _fold_rows_into(values, lengths, row_slot, row_step, row_counted, steps, mem
 
 
 @njit(nogil=True, boundscheck=False, cache=True)
-def _count_units(values, unit, positives):
-    for i in range(values.size):
-        positives[unit[i] if values[i] > 0 else 0] += 1
-
-
-@njit(nogil=True, boundscheck=False, cache=True)
 def _fold_activation_rows(values, lengths, row_slot, row_centre, row_threshold, row_units, counts, moments, elements,
                           positives):
     """``_fold_rows`` (every row counted) with each row added where the activations part keeps
@@ -910,12 +904,6 @@ def _check_shape(function: str, name: str, array: np.ndarray, shape: tuple[int, 
     """ValueError unless ``array`` has ``shape`` (one row per job or row, ``per``)."""
     if np.shape(array) != shape:
         raise ValueError(f"{function}: {name} has shape {np.shape(array)} for {shape[0]} {per}; it must be {shape}")
-
-
-def count_units(values: np.ndarray, unit: np.ndarray, positives: np.ndarray) -> None:
-    """Add one to ``positives[unit[i]]`` for each ``values[i] > 0`` (to ``positives[0]``
-    for the others: the slot of what has no unit)."""
-    _count_units(values, unit, positives)
 
 
 def fold_activation_rows(values: np.ndarray, lengths: np.ndarray, row_slot: np.ndarray,
