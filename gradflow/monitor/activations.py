@@ -557,7 +557,7 @@ class Activations(Part):
         plan.bin_offset = (plan.row_slot[plan.segment] * S.SIGN_EXPONENT_BINS).int()
         if plan.row_units[:, 0].any():
             plan.unit = torch.cat([_unit_column(first, units, inner, length, device)
-                                   for (first, units, inner), length in zip(plan.row_units.tolist(), plan.lengths.tolist())])
+                                   for (first, units, inner), length in zip(plan.row_units.tolist(), plan.arrays[0].tolist())])
         if plan.linear is not None:
             bands = [self._band(index) for index, _ in pending]
             plan.centre = torch.cat([torch.full((a.numel(),), c, device=device) for (_, a), (c, _) in zip(pending, bands)])
