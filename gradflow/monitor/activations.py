@@ -7,7 +7,6 @@ over its range (``histograms.py``), which is what its TensorBoard histogram show
 
 from __future__ import annotations
 
-import contextlib
 import math
 import sys
 import threading
@@ -97,6 +96,49 @@ class _ForwardEnd(LeavesCopiesAlone):
                                    and exception is not self.part.handled)
 
 
+class _Hook:
+    """One forward hook of the taps, on its module for the profiled passes only. The first
+    ``add`` registers it (``register_forward_hook``); later ones put the same hook back into the
+    module's hook dict under the handle it had (as ``register_forward_hook`` puts it: prepended,
+    or last, and marked ``always_call``), where the module's class registers hooks as
+    ``nn.Module`` does and the dict is still the one the handle removes from: two dict operations
+    where registering cost the tutorial's MLP 15 us per profiled pass for its six hooks."""
+
+    __slots__ = ("always_call", "handle", "hook", "module", "prepend")
+
+    def __init__(self, module: weakref.ref, hook, *, prepend: bool, always_call: bool) -> None:
+        self.module, self.hook, self.prepend, self.always_call = module, hook, prepend, always_call
+        self.handle = None
+
+    def add(self) -> bool:
+        """Put the hook on its module; False where the module is gone."""
+        module = self.module()
+        if module is None:
+            return False
+        handle = self.handle
+        hooks = module._forward_hooks
+        if (handle is None or handle.hooks_dict_ref() is not hooks
+                or type(module).register_forward_hook is not nn.Module.register_forward_hook):
+            self.handle = module.register_forward_hook(self.hook, prepend=self.prepend, always_call=self.always_call)
+            return True
+        hooks[handle.id] = self.hook
+        if self.always_call:
+            module._forward_hooks_always_called[handle.id] = True
+        if self.prepend:
+            hooks.move_to_end(handle.id, last=False)
+        return True
+
+    def remove(self) -> None:
+        """Take the hook off: the handle's own ``remove()`` where the hook is also marked in the
+        module's other hook dicts (``always_call``), else the one entry popped from the dict the
+        handle removes from."""
+        handle = self.handle
+        if self.always_call:
+            handle.remove()
+        elif (hooks := handle.hooks_dict_ref()) is not None:
+            hooks.pop(handle.id, None)
+
+
 def _running(frame) -> bool:
     """Whether ``frame`` is on the current call stack (an ancestor of the caller's caller)."""
     f = sys._getframe(2)
@@ -112,8 +154,9 @@ class _ActivationPlan:
     """How a run of pending outputs is reduced, for one sequence of (tap, shape).
 
     The outputs are concatenated flat; each output's members are contiguous rows of it. The
-    fused kernels need the rows, plus each element's unit and linear bin where a rectifier or a
-    bounded tap is in the run; the segment layout is made on the torch-ops path alone.
+    fused kernels need the rows (their lengths, slots, bands and units, as numpy arrays made
+    once here), plus each element's linear bin where a bounded tap is in the run; the segment
+    layout and each element's unit are made on the torch-ops path alone.
     """
 
     lengths: torch.Tensor        # each row (one output, one member): its length
@@ -121,12 +164,11 @@ class _ActivationPlan:
     slot_elements: np.ndarray    # per slot: elements this run adds
     elements: int                # the run's length
     bands: tuple[np.ndarray, np.ndarray]  # each row: centre and threshold (float32), for the fused kernels
-    bounded: bool                # some tap of the run is bounded (tanh, sigmoid): it has linear bins
-    # Per element, where a tap of the run needs them (``_units_and_bins``), on either path:
-    counted: bool = False                    # made (or found not needed)
-    unit: torch.Tensor | None = None         # each element: its unit's slot in ``positives`` (slot 0: none); None: no rectifier
-    linear: _LinearPlan | None = None        # how the bounded taps' elements are binned; None if no tap is bounded
+    row_units: np.ndarray        # each row: [first unit's slot in ``positives`` (0: no units), units, inner] (int64)
+    arrays: tuple                # (lengths, row_slot, bands, row_units) as the fused kernel takes them
+    linear: _LinearPlan | None   # how the bounded taps' elements are binned; None if no tap is bounded
     # Per element, made only on the torch-ops path (``_segments``):
+    unit: torch.Tensor | None = None         # each element: its unit's slot in ``positives`` (slot 0: none)
     segment: torch.Tensor | None = None      # each element: its row
     bin_offset: torch.Tensor | None = None   # each element: its slot's offset into the counts (int32)
     centre: torch.Tensor | None = None       # each element: the centre of its tap's range; None if no tap is bounded
@@ -155,13 +197,13 @@ class Activations(Part):
     past its forward pass (a LoRA model's batch x 4096 GELU output, a transformer's batch x
     sequence x 4d one). A smaller output is kept by reference until ``PENDING_ELEMENTS`` are
     pending (inside a forward pass: at its end) or the window closes, and then reduced with the
-    others in one flat copy: on a
-    small model a dozen small ops per hook would cost more than the training step itself. What
-    the monitor holds of the model's outputs is thus at most ``PENDING_ELEMENTS`` elements of
-    outputs smaller than ``DIRECT_OUTPUT``, whatever the model. Of those small outputs' runs the
-    plans keep per-element unit slots (rectifiers) and linear bins (bounded taps), which batch a
-    tiny model's counting; the fused kernels need nothing else per element, and the torch-ops
-    path adds its segment layout.
+    others in one flat copy and, on the CPU, one compiled call that also adds the run to the
+    window's sums (``kernels.fold_activation_rows``): on a small model a dozen small ops per hook
+    would cost more than the training step itself. What the monitor holds of the model's outputs
+    is thus at most ``PENDING_ELEMENTS`` elements of outputs smaller than ``DIRECT_OUTPUT``,
+    whatever the model. Of those small outputs' runs the plans keep per-element linear bins
+    (bounded taps), which batch a tiny model's counting; the fused kernels need nothing else per
+    element, and the torch-ops path adds its segment layout and unit slots.
 
     With ``members`` K > 1 an output's leading dimension is the member: slot ``i * K + k`` is
     member k of tap i, and units are counted per member.
@@ -197,8 +239,13 @@ class Activations(Part):
         self.units: list[int | None] = [None] * count          # unit count, fixed at first sight
         self.unit_start: list[int] = [0] * count
         self.positives = torch.zeros(1, device=device)         # per unit: count of outputs > 0; slot 0: none
-        self.pending: list[tuple[int, torch.Tensor]] = []
-        self.taken: dict[int, int] = {}                # id of a pending output -> its version counter when taken
+        # Made again where a sum is replaced (a new unit, move()): numpy views of the sums for the
+        # fused kernel, and the sums as the read-back takes them (Reduced: frozen)
+        self._host: tuple[np.ndarray, ...] | None = None
+        self._reduced: dict[str, Reduced] | None = None
+        # (tap, output, its version counter when taken): detach() shares the counter, so an in-place
+        # change after the tap moves it (_say_changed)
+        self.pending: list[tuple[int, torch.Tensor, int]] = []
         self.pending_elements = 0                     # of the pending outputs smaller than DIRECT_OUTPUT
         self.direct = 0                               # pending outputs of DIRECT_OUTPUT elements or more
         self.tapped = False                           # a recorded step's forward pass was tapped in this window
@@ -211,10 +258,11 @@ class Activations(Part):
         self.unseen = {"no_grad": 0, "backward": 0}   # tap calls not taken, by why (no_activations_cause)
         self._plans = _BoundedCache()
         self._slot_rows = _BoundedCache()            # slots of the large outputs reduced together
-        self._taps: list = []                        # the taps' handles, while the schedule is active
+        self._taps: list[_Hook] = []                 # the hooks on their modules now, while the schedule is active
+        self._hooks: list[_Hook] = []                # every hook the taps are made of, on or off
         self._enclosing: dict[str, list[weakref.ref]] = {}   # each tap's name -> its module and the blocks around it
         self._tapped_modules: list[weakref.ref] = []
-        self._tags: list[tuple[dict[str, str], str]] | None = None   # per slot: its scalars' tags, its histogram's
+        self._layout: list[tuple] | None = None      # per slot, what read() needs (_read_layout)
         self.attached = True                         # False once removed: a late schedule change adds no tap
 
     def hook(self, model: nn.Module) -> None:
@@ -224,6 +272,13 @@ class Activations(Part):
         self._enclosing = {name: [weakref.ref(modules[".".join(name.split(".")[:k])]) for k in range(1, name.count(".") + 2)]
                            for name in self.names}
         self._model = weakref.ref(model)
+        # The pass ending, on the model (as forward_starts is called: with the taps only); then each
+        # tap, first among its module's hooks: the tap reads the module's own output, whatever hooks
+        # the user added before or since (a hook that returns a new output changes what later hooks
+        # see, and the taps come and go).
+        self._hooks = [_Hook(self._model, _ForwardEnd(self), prepend=False, always_call=True)]
+        self._hooks += [_Hook(ref, _Tap(self, index), prepend=True, always_call=False)
+                        for index, ref in enumerate(self._tapped_modules)]
         self._set_taps(self.setup.schedule.active)
         self.setup.schedule.listen(self._retap)
         watch_forward_starts(self, model)
@@ -231,23 +286,15 @@ class Activations(Part):
     def _set_taps(self, active: bool) -> None:
         """The taps are on the activation modules for the profiled passes only: a module with
         any forward hook leaves torch's fast call path, which cost the tutorial's MLP 13 us a
-        forward pass (five ReLUs) when every pass carried them. Adding and removing them costs
-        about 3 us per module per profiled pass (``activations_every``)."""
+        forward pass (five ReLUs) when every pass carried them. Registering and removing them
+        cost about 3 us per module per profiled pass (``activations_every``); each hook is now
+        registered once and then put back under its handle (``_Hook.add``)."""
         if self.setup.options.get("compiled"):
             return      # a compiled forward is not tapped; hooks coming and going would give it a second graph
         if active and not self._taps and self.attached:
-            model = self._model()
-            if model is not None:      # the pass ending: with the taps only, as forward_starts is called
-                handle = model.register_forward_hook(_ForwardEnd(self), always_call=True)
-                self._taps.append(handle)      # the list as it is now: remove() may have replaced it meanwhile
-            for index, ref in enumerate(self._tapped_modules):
-                module = ref()
-                if module is not None:
-                    # First among the module's hooks: the tap reads the module's own output, whatever
-                    # hooks the user added before or since (a hook that returns a new output changes
-                    # what later hooks see, and the taps come and go).
-                    handle = module.register_forward_hook(_Tap(self, index), prepend=True)
-                    self._taps.append(handle)
+            for hook in self._hooks:
+                if hook.add():
+                    self._taps.append(hook)      # the list as it is now: remove() may have replaced it meanwhile
             if not self.attached:      # removed meanwhile (remove() in another thread): these stay off
                 self._remove_taps()
         elif not active:
@@ -268,9 +315,11 @@ class Activations(Part):
 
     def _remove_taps(self) -> None:
         taps, self._taps = self._taps, []
-        for handle in taps:
-            with contextlib.suppress(Exception):
-                handle.remove()
+        for hook in taps:
+            try:        # noqa: SIM105 - contextlib.suppress's object per hook cost six hooks 2 us a pass
+                hook.remove()
+            except Exception:   # each hook is tried; removing never raises
+                pass
 
     def remove(self) -> None:
         self.attached = False
@@ -328,19 +377,18 @@ class Activations(Part):
     def reduce_direct(self) -> None:
         """Reduce the pending outputs of ``DIRECT_OUTPUT`` elements or more, each straight from
         its tensor, and drop them: nothing of their size is held past the forward pass."""
-        direct = [(index, a) for index, a in self.pending if a.numel() >= DIRECT_OUTPUT]
-        self.pending = [(index, a) for index, a in self.pending if a.numel() < DIRECT_OUTPUT]
+        direct = [entry for entry in self.pending if entry[1].numel() >= DIRECT_OUTPUT]
+        self.pending = [entry for entry in self.pending if entry[1].numel() < DIRECT_OUTPUT]
         self.direct = 0
         self._say_changed(direct)
         self._reduce_large(direct)
 
-    def _say_changed(self, outputs: list[tuple[int, torch.Tensor]]) -> None:
+    def _say_changed(self, outputs: list[tuple[int, torch.Tensor, int]]) -> None:
         """Say once if an output about to be reduced was changed in place after its module ran
         (its version counter moved since ``take``): outputs are read after the forward pass
         (small ones at the window's end), so the window's statistics of that module are of the
-        changed values. Forgets the outputs' versions."""
-        taken = self.taken
-        changed = [index for index, a in outputs if taken.pop(id(a), a._version) != a._version]
+        changed values."""
+        changed = [index for index, a, version in outputs if a._version != version]
         if changed:
             name = self.names[changed[0]]
             self.setup.warn("changed-output", f"the output of {name} was changed in place after {name} ran (an "
@@ -353,10 +401,8 @@ class Activations(Part):
         if self.forward_start is None:
             return
         dropped, self.pending = self.pending[self.forward_start:], self.pending[:self.forward_start]
-        for _, a in dropped:
-            self.taken.pop(id(a), None)
-        self.pending_elements -= sum(a.numel() for _, a in dropped if a.numel() < DIRECT_OUTPUT)
-        self.direct -= sum(a.numel() >= DIRECT_OUTPUT for _, a in dropped)
+        self.pending_elements -= sum(a.numel() for _, a, _ in dropped if a.numel() < DIRECT_OUTPUT)
+        self.direct -= sum(a.numel() >= DIRECT_OUTPUT for _, a, _ in dropped)
         self.forward_start = None
         if self.caller is not None and self._still_running():
             done = "removed" if not self.attached else "read (log())"
@@ -388,13 +434,14 @@ class Activations(Part):
         self.reduce()
 
     def take(self, index: int, output: torch.Tensor) -> None:
-        output = local(output.detach())             # a DTensor output (tensor parallel): this rank's part
-        self.pending.append((index, output))
-        self.taken[id(output)] = output._version     # detach() shares it: an in-place change later moves it
-        if output.numel() >= DIRECT_OUTPUT:
+        # a DTensor output (tensor parallel): this rank's part; a plain tensor skips asking (0.25 us a tap)
+        output = output.detach() if type(output) is torch.Tensor else local(output.detach())
+        self.pending.append((index, output, output._version))
+        n = output.numel()
+        if n >= DIRECT_OUTPUT:
             self.direct += 1
         else:
-            self.pending_elements += output.numel()
+            self.pending_elements += n
             # Inside the model's forward pass the budget waits for its end: a pass that raises
             # halfway is dropped whole (drop_partial), never half reduced into the window.
             if self.pending_elements >= PENDING_ELEMENTS and self.forward_start is None:
@@ -402,7 +449,6 @@ class Activations(Part):
 
     def reset(self) -> None:
         self.pending.clear()
-        self.taken.clear()
         self.pending_elements = 0
         self.direct = 0
         self.forward_start = None
@@ -414,38 +460,40 @@ class Activations(Part):
         self.passes_before = self.setup.schedule.passes
         self.unseen = {"no_grad": 0, "backward": 0}
 
-    @torch.no_grad()
     def reduce(self) -> None:
         """Fold every pending output into the window's sums. No host sync."""
         if not self.pending:
             return
-        pending, self.pending, self.pending_elements, self.direct = self.pending, [], 0, 0
+        pending, direct = self.pending, self.direct
+        self.pending, self.pending_elements, self.direct = [], 0, 0
         self._say_changed(pending)
-        small = [(index, a) for index, a in pending if a.numel() < DIRECT_OUTPUT]
-        if len(small) < len(pending):
-            self._reduce_large([(index, a) for index, a in pending if a.numel() >= DIRECT_OUTPUT])
+        small = pending
+        if direct:
+            small = [entry for entry in pending if entry[1].numel() < DIRECT_OUTPUT]
+            self._reduce_large([entry for entry in pending if entry[1].numel() >= DIRECT_OUTPUT])
         if not small:
             return
-        key = tuple((index, a.shape) for index, a in small)
-        plan = self._plans.get(key) or self._plans.put(key, self._make_plan(small))
-        flat = _flat_copy([a for _, a in small])
+        key = tuple([(index, a.shape) for index, a, _ in small])
+        plan = self._plans.get(key) or self._plans.put(key, self._make_plan([(index, a) for index, a, _ in small]))
+        flat = _flat_copy([a for _, a, _ in small])
         if flat.numel() != plan.elements:
             _check_layout(flat, torch.empty(plan.elements, device="meta"))
-        self.elements += plan.slot_elements
-        self._units_and_bins(plan, small)
         if plan.linear is not None:
             self._count_linear(flat, plan.linear)
         kernels = S.fused_kernels(flat.device)
-        if kernels is not None:                       # one fused pass instead of a dozen ops
-            values = flat.numpy()
-            rows = kernels.fold_rows(values, plan.lengths.numpy(), plan.row_slot.numpy(),
-                                     self.counts.view(-1, S.SIGN_EXPONENT_BINS).numpy(), plan.bands)
-            self.moments.index_add_(0, plan.row_slot, torch.from_numpy(rows[:, 0::2]).to(self.moments.dtype))
-            if plan.unit is not None:
-                kernels.count_units(values, plan.unit.numpy(), self.positives.numpy())
-                self.positives[:1].zero_()           # slot 0 is no unit's: kept 0, as for a direct output
+        if kernels is not None:                       # one compiled call: the pass and the adds to the sums
+            if self._host is None:
+                self._host = (self.counts.view(-1, S.SIGN_EXPONENT_BINS).numpy(), self.moments.numpy(), self.elements,
+                              self.positives.numpy())
+            kernels.fold_activation_rows(flat.numpy(), *plan.arrays, *self._host)
             return
-        self._segments(plan, small)
+        self._reduce_with_torch(flat, plan, small)
+
+    @torch.no_grad()
+    def _reduce_with_torch(self, flat: torch.Tensor, plan: _ActivationPlan, small) -> None:
+        """``reduce``'s sums with torch ops (any device): segment sums of the flat run."""
+        self.elements += plan.slot_elements
+        self._segments(plan, [(index, a) for index, a, _ in small])
         wide = flat.to(self.moments.dtype)            # the squares in float64, as the kernels take them
         values = [wide, wide * wide]
         if plan.centre is not None:
@@ -458,10 +506,11 @@ class Activations(Part):
             self.positives[:1].zero_()
 
     def _make_plan(self, pending) -> _ActivationPlan:
-        """The rows of a run: each output's members, their slots and saturation bands."""
+        """The rows of a run: each output's members, their slots, saturation bands and units (a
+        rectifier's unit count is fixed here at its first sight), and the bounded taps' linear bins."""
         device = self.moments.device
         k = self.members
-        lengths, row_slot, bands = [], [], []
+        lengths, row_slot, bands, row_units = [], [], [], []
         slot_elements = np.zeros_like(self.elements)
         for index, a in pending:
             n = a.numel()
@@ -469,10 +518,25 @@ class Activations(Part):
             lengths += [n // k] * k
             row_slot += range(index * k, index * k + k)
             slot_elements[index * k:index * k + k] += n // k
+            row_units += self._row_units(index, a)
+        bands = tuple(np.array(column, dtype=np.float32) for column in zip(*bands))
+        host = np.array(lengths, dtype=np.int64), np.array(row_slot, dtype=np.int64)
+        units = np.array(row_units, dtype=np.int64).reshape(-1, 3)
+        bounded = any(self.bounds[index] is not None for index, _ in pending)
         return _ActivationPlan(torch.tensor(lengths, device=device, dtype=torch.long),
-                               torch.tensor(row_slot, device=device), slot_elements, sum(lengths),
-                               tuple(np.array(column, dtype=np.float32) for column in zip(*bands)),
-                               any(self.bounds[index] is not None for index, _ in pending))
+                               torch.tensor(row_slot, device=device), slot_elements, sum(lengths), bands, units,
+                               (*host, bands, units), self._linear_plan(pending) if bounded else None)
+
+    def _row_units(self, index: int, a: torch.Tensor) -> list[list[int]]:
+        """Per member of tap ``index``'s output ``a``: [its first unit's slot in ``positives``,
+        units, inner] (the member is (outer, units, inner) in C order), or [0, 0, 0] where it
+        has no units to count (not a rectifier, a scalar, another unit count, or empty)."""
+        sample = a[0] if self.members > 1 and a.dim() >= 1 else a       # one member's output
+        units = self._units_of(index, sample)
+        inner = math.prod(sample.shape[_unit_dim(sample) + 1:]) if units else 0
+        if not units or not inner:
+            return [[0, 0, 0]] * self.members
+        return [[self.unit_start[index] + member * units, units, inner] for member in range(self.members)]
 
     def _band(self, index: int) -> tuple[float, float]:
         """(centre, threshold) of a tap: |a - centre| > threshold is saturated (inf: unbounded)."""
@@ -481,28 +545,20 @@ class Activations(Part):
             return 0.0, math.inf
         return (bounds[0] + bounds[1]) / 2, SATURATION_LEVEL * (bounds[1] - bounds[0]) / 2
 
-    def _units_and_bins(self, plan: _ActivationPlan, pending) -> None:
-        """Per element of a run of small outputs, made once per plan where a tap needs them:
-        its unit's slot in ``positives`` (rectifiers) and its linear bin (bounded taps). At most
-        (PENDING_ELEMENTS + DIRECT_OUTPUT) elements, 8 + 28 bytes each, per plan."""
-        if plan.counted:
-            return
-        plan.counted = True
-        if any(self.rectifier[index] for index, _ in pending):
-            plan.unit = torch.cat([self._unit_slots(index, a) for index, a in pending])
-        if plan.bounded:
-            plan.linear = self._linear_plan(pending)
-
     def _segments(self, plan: _ActivationPlan, pending) -> None:
         """Per element, what the torch-ops path's segment reductions take (made once per plan,
-        on that path only): its row, its counts' offset, its tap's centre and threshold."""
+        on that path only): its row, its counts' offset, its unit's slot in ``positives`` where a
+        tap of the run is a rectifier, its tap's centre and threshold."""
         if plan.segment is not None:
             return
         device = self.moments.device
         plan.segment = torch.repeat_interleave(torch.arange(len(plan.lengths), device=device), plan.lengths,
                                                output_size=plan.elements)      # no host sync
         plan.bin_offset = (plan.row_slot[plan.segment] * S.SIGN_EXPONENT_BINS).int()
-        if plan.bounded:
+        if plan.row_units[:, 0].any():
+            plan.unit = torch.cat([_unit_column(first, units, inner, length, device)
+                                   for (first, units, inner), length in zip(plan.row_units.tolist(), plan.arrays[0].tolist())])
+        if plan.linear is not None:
             bands = [self._band(index) for index, _ in pending]
             plan.centre = torch.cat([torch.full((a.numel(),), c, device=device) for (_, a), (c, _) in zip(pending, bands)])
             plan.threshold = torch.cat([torch.full((a.numel(),), t, device=device)
@@ -548,9 +604,10 @@ class Activations(Part):
             self.units[index] = sample.shape[dim]
             self.unit_start[index] = self.positives.numel()
             self.positives = torch.cat([self.positives, self.positives.new_zeros(self.members * sample.shape[dim])])
+            self._host = self._reduced = None
         return self.units[index] if sample.shape[dim] == self.units[index] else None
 
-    def _reduce_large(self, large: list[tuple[int, torch.Tensor]]) -> None:
+    def _reduce_large(self, large: list[tuple[int, torch.Tensor, int]]) -> None:
         """Large outputs reduced on their own, one job per member of each: dense reductions
         beat segment sums here."""
         k = self.members
@@ -558,7 +615,7 @@ class Activations(Part):
         jobs, slots = [], []
         if not large:
             return
-        for index, a in large:
+        for index, a, _ in large:
             bounds = self.bounds[index]
             band = self._band(index) if bounds else None
             for member, flat in enumerate(_flat(a).view(k, -1)):
@@ -589,36 +646,29 @@ class Activations(Part):
             first = self.unit_start[index] + member * units
             self._scratch.count_positive(sample, _unit_dim(sample), self.positives[first:first + units])
 
-    def _unit_slots(self, index: int, a: torch.Tensor) -> torch.Tensor:
-        """Each element's unit slot in ``positives``; slot 0 collects what has no unit."""
-        device = self.moments.device
-        sample = a[0] if self.members > 1 and a.dim() >= 1 else a       # one member's output
-        units = self._units_of(index, sample)
-        if units is None:
-            return torch.zeros(a.numel(), dtype=torch.long, device=device)
-        dim = _unit_dim(sample)
-        position = torch.arange(a.numel(), device=device)
-        member, within = position // sample.numel(), position % sample.numel()
-        inner = math.prod(sample.shape[dim + 1:])
-        return self.unit_start[index] + member * units + within // inner % units
-
     def device_tensors(self) -> dict[str, Reduced]:
-        return {"moments": Reduced(self.moments), "counts": Reduced(self.counts), "positives": Reduced(self.positives),
-                "linear": Reduced(self.linear)}
+        if self._reduced is None:
+            self._reduced = {"moments": Reduced(self.moments), "counts": Reduced(self.counts),
+                             "positives": Reduced(self.positives), "linear": Reduced(self.linear)}
+        return self._reduced
 
     def move(self, device: torch.device) -> None:
         """Fold the outputs taken on the old device, carry the sums to ``device``; outputs of a
         forward pass that already ran there (parameters replaced, found at the step) stay pending."""
         self.drop_partial()
         here = self.moments.device
-        later = [(index, a) for index, a in self.pending if a.device != here]
-        self.pending = [(index, a) for index, a in self.pending if a.device == here]
+        later = [entry for entry in self.pending if entry[1].device != here]
+        self.pending = [entry for entry in self.pending if entry[1].device == here]
+        self.direct = sum(a.numel() >= DIRECT_OUTPUT for _, a, _ in self.pending)
         self.reduce()
         self.moments = moved(self.moments, device, wide=True)
         self.counts, self.positives, self.linear = (
             t.to(device, copy=True) for t in (self.counts, self.positives, self.linear))
-        self.pending, self.pending_elements = later, sum(a.numel() for _, a in later)
+        self.pending = later
+        self.pending_elements = sum(a.numel() for _, a, _ in later if a.numel() < DIRECT_OUTPUT)
+        self.direct = sum(a.numel() >= DIRECT_OUTPUT for _, a, _ in later)
         self._plans, self._slot_rows, self._scratch = _BoundedCache(), _BoundedCache(), S.Scratch()
+        self._host = self._reduced = None
 
     def no_activations_cause(self) -> str:
         """Why a window whose steps were tapped saw no activation output, told by what the taps
@@ -659,47 +709,56 @@ class Activations(Part):
         return [name for name in self.names if compiled(name)]
 
     def read(self, values: dict[str, np.ndarray], reader) -> None:
-        """Rows ``columns.ACTIVATION`` per tap; a window whose recorded steps were tapped but
-        saw no output is said."""
-        if self.tapped and not self.elements.any():
-            self.setup.warn("no-activations", self.no_activations_cause())
+        """Rows ``columns.ACTIVATION`` per tap, and their scalars, built in one pass; a window
+        whose recorded steps were tapped but saw no output is said.
+
+        A row (``Window.activations[name]``): ``mean`` and ``std`` (population) of the window's
+        outputs, ``saturated_fraction`` (bounded taps: the share of |a - centre| beyond
+        ``SATURATION_LEVEL`` of the half-range) and ``dead_fraction`` (rectifiers: the share of
+        units with no output > 0 in the window). A tap that never fired has no row."""
+        elements = self.elements.tolist()
+        if not any(elements):
+            if self.tapped:
+                self.setup.warn("no-activations", self.no_activations_cause())
+            return
+        if self._layout is None:               # made once: a small model's window costs its formatting
+            self._layout = self._read_layout(reader)
         counts = values["counts"].reshape(-1, S.SIGN_EXPONENT_BINS)
         linear = values["linear"][:-1].reshape(-1, LINEAR_BINS)    # the last count: NaN
         moments = values["moments"].tolist()
-        if self._tags is None:                 # made once: a small model's window costs its formatting
-            self._tags = [({key: f"activation/{path}/{key}" for key in C.ACTIVATION}, f"activation/{path}")
-                          for _, _, _, path in reader.slots(self.names)]
-        for (slot, k, name, _), (tags, histogram) in zip(reader.slots(self.names), self._tags):
-            row = self.row(slot, moments[slot], values["positives"])
-            if row is None:
+        alive = None                           # per unit slot, the cumulative count of units with an output > 0
+        mean_, std_, saturated_, dead_ = C.ACTIVATION
+        for slot, index, member, name, tags, histogram in self._layout:
+            n = elements[slot]
+            if not n:
                 continue
-            reader.windows[k].activations[name] = row
-            reader.scalars[k].update({tags[key]: v for key, v in row.items()})
-            bounds = self.bounds[slot // self.members]
+            total, squares, saturated = moments[slot]
+            mean = total / n
+            variance = squares / n - mean * mean
+            std = math.sqrt(variance) if variance > 0 else 0.0 if variance <= 0 else math.nan
+            row = {mean_: mean, std_: std}
+            scalars = reader.scalars[member]
+            scalars[tags[0]], scalars[tags[1]] = mean, std
+            bounds = self.bounds[index]
+            if bounds is not None:
+                row[saturated_] = scalars[tags[2]] = saturated / n
+            units = self.units[index] if self.rectifier[index] else None
+            if units:
+                if alive is None:
+                    alive = [0, *(values["positives"] > 0).cumsum().tolist()]
+                start = self.unit_start[index] + member * units
+                row[dead_] = scalars[tags[3]] = 1.0 - (alive[start + units] - alive[start]) / units
+            reader.windows[member].activations[name] = row
             if bounds is None:
-                reader.wanted.value(k, histogram, counts, slot)
+                reader.wanted.value(member, histogram, counts, slot)
             else:                                   # tanh, sigmoid: equal bins over the range
-                reader.wanted.linear(k, histogram, linear, slot, bounds)
+                reader.wanted.linear(member, histogram, linear, slot, bounds)
 
-    def row(self, slot: int, moments: list[float], positives: np.ndarray) -> dict[str, float] | None:
-        """Statistics of one tap (one member of it) for the window, or None if it never fired;
-        ``moments``: its sum, sum of squares and saturated count."""
-        index, member = divmod(slot, self.members)
-        n = int(self.elements[slot])
-        if n == 0:
-            return None
-        total, squares, saturated = moments
-        mean = total / n
-        mean_, std, saturated_fraction, dead_fraction = C.ACTIVATION
-        variance = squares / n - mean * mean
-        row = {mean_: mean, std: math.sqrt(variance) if variance > 0 else 0.0 if variance <= 0 else math.nan}
-        if self.bounds[index] is not None:
-            row[saturated_fraction] = saturated / n
-        units = self.units[index]
-        if self.rectifier[index] and units:
-            start = self.unit_start[index] + member * units
-            row[dead_fraction] = 1.0 - int(np.count_nonzero(positives[start:start + units] > 0)) / units
-        return row
+    def _read_layout(self, reader) -> list[tuple]:
+        """Per slot: (slot, tap index, member, name, its scalars' tags in ``columns.ACTIVATION``
+        order, its histogram's tag)."""
+        return [(slot, slot // self.members, k, name, tuple(f"activation/{path}/{key}" for key in C.ACTIVATION),
+                 f"activation/{path}") for slot, k, name, path in reader.slots(self.names)]
 
 
 NO_ACTIVATIONS = "log(): no activation output was recorded in this window although steps were: "
@@ -723,6 +782,14 @@ def _bounds(module: nn.Module) -> tuple[float, float] | None:
         if isinstance(module, kind):
             return bounds if bounds is not None else (float(module.min_val), float(module.max_val))
     return None
+
+
+def _unit_column(first: int, units: int, inner: int, length: int, device: torch.device) -> torch.Tensor:
+    """Each element's unit slot in ``positives`` of a row of ``length`` values laid out (outer,
+    units, inner), its first unit at slot ``first``; all 0 (no unit) where ``first`` is 0."""
+    if not first:
+        return torch.zeros(length, dtype=torch.long, device=device)
+    return first + torch.arange(length, device=device) // inner % units
 
 
 def _unit_dim(a: torch.Tensor) -> int:

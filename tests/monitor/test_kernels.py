@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import multiprocessing
 
 import numpy as np
@@ -236,10 +237,6 @@ def test_positive_counts_per_unit_match_torch(shape, dim):
     others = tuple(d for d in range(values.dim()) if d != dim)
     expected = (values > 0).sum(dim=others) if others else (values > 0).float()
     torch.testing.assert_close(positives, expected.float())
-    unit = torch.randint(1, 4, (values.numel(),))
-    by_unit = np.zeros(4, np.float32)
-    K.count_units(values.reshape(-1).numpy(), unit.numpy(), by_unit)
-    np.testing.assert_array_equal(by_unit, np.bincount((unit * (values.reshape(-1) > 0)).numpy(), minlength=4))
 
 
 @pytest.mark.parametrize("n", [100, 200_000])
@@ -464,3 +461,38 @@ def test_fold_rows_refuses_counted_or_tallies_that_do_not_match_the_rows(argumen
     with pytest.raises(ValueError, match=rf"^fold_rows: {argument} has shape .* for 2 rows; it must be "):
         K.fold_rows(np.ones(3100, np.float32), lengths, np.array([0, 1]),
                     np.zeros((2, S.SIGN_EXPONENT_BINS), np.int64), **given)
+
+
+def test_fold_activation_rows_adds_each_row_and_its_units_where_the_part_keeps_them():
+    """Rows of every length class in shared slots, some with units laid out (outer, units,
+    inner) and some without: moments, elements and counts equal fold_rows' rows added by hand,
+    and each unit's count of values > 0 equals torch's count over that unit's values."""
+    rng = np.random.default_rng(21)
+    # (slot, shape as (outer, units, inner), first unit slot or 0 for none)
+    layout = [(0, (32, 5, 1), 1), (1, (4, 3, 7), 6), (0, (32, 5, 1), 1), (2, (2, 4, 600), 0), (1, (1, 3, 1), 6),
+              (2, (0, 4, 1), 0), (3, (5, 2, 900), 9)]
+    lengths = np.array([math.prod(shape) for _, shape, _ in layout])
+    row_slot = np.array([slot for slot, _, _ in layout])
+    row_units = np.array([[first, shape[1], shape[2]] if first else [0, 0, 0] for _, shape, first in layout])
+    centres = np.array([0.0, 0.5, 0.0, 0.0, 0.5, 0.0, 0.0], np.float32)
+    thresholds = np.array([np.inf, 0.485, np.inf, 0.9, 0.485, np.inf, 0.97], np.float32)
+    values = random_values(rng, int(lengths.sum()), True)
+    counts = np.zeros((4, S.SIGN_EXPONENT_BINS), np.int64)
+    moments, elements, positives = np.ones((4, 3)), np.full(4, 7, np.int64), np.full(11, 2, np.float32)
+    K.fold_activation_rows(values, lengths, row_slot, (centres, thresholds), row_units, counts, moments, elements,
+                           positives)
+    expected_counts = np.zeros_like(counts)
+    rows = K.fold_rows(values, lengths, row_slot, expected_counts, (centres, thresholds))
+    expected_moments, expected_elements = np.ones((4, 3)), np.full(4, 7, np.int64)
+    np.add.at(expected_moments, row_slot, rows[:, [0, 2, 4]])
+    np.add.at(expected_elements, row_slot, lengths)
+    expected_positives = torch.full((11,), 2.0)
+    starts = np.concatenate([[0], np.cumsum(lengths)])
+    for (_, shape, first), a, b in zip(layout, starts, starts[1:]):
+        if first:
+            row = torch.from_numpy(values[a:b]).reshape(shape)
+            expected_positives[first:first + shape[1]] += (row > 0).sum(dim=(0, 2)).float()
+    np.testing.assert_array_equal(counts, expected_counts)
+    np.testing.assert_allclose(moments, expected_moments, rtol=1e-15, equal_nan=True)
+    np.testing.assert_array_equal(elements, expected_elements)
+    np.testing.assert_array_equal(positives, expected_positives.numpy())
