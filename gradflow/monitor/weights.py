@@ -11,6 +11,9 @@ batched model) as consecutive segments, in chunks (``stats.CHUNK``) on the torch
 
 from __future__ import annotations
 
+import itertools
+import math
+
 import numpy as np
 import torch
 
@@ -19,6 +22,7 @@ from gradflow.monitor import stats as S
 from gradflow.monitor.part import Part, Reduced, Setup
 from gradflow.monitor.sharding import is_dtensor, local
 from gradflow.monitor.tensors import MonitorError, _flat_copy
+from gradflow.monitor.window import tag_path
 
 # Parameters up to this many values are folded together, a group at a time: below it the kernel
 # call's fixed cost (~20 us) is most of the work. A group's values add up to at most TINY_GROUP,
@@ -159,27 +163,50 @@ class Weights(Part):
         return {"rows": Reduced(rows)} if counts is None else {"rows": Reduced(rows), "counts": Reduced(counts)}
 
     def read(self, values: dict[str, np.ndarray], reader) -> None:
-        """Rows ``columns.WEIGHT``, also joined to the gradient rows as ``weight_<column>``."""
-        l1, l2, moved, start = values["rows"].T
-        with np.errstate(divide="ignore", invalid="ignore"):
-            # A zero start (a fresh bias) has no relative update: NaN says so.
-            ratios = np.where(start > 0, moved / start, np.nan)
-        table = np.stack([l1, l2, ratios], axis=1).tolist()      # Python floats, one call
-        if self._slot_tags is None:                               # made once (see Gradients._tags)
-            self._slot_tags = [(tuple(f"weight/{path}/{key}" for key in C.WEIGHT), f"grad/{path}/relative",
-                                f"weight/{path}") for _, _, _, path in reader.slots(self.setup.names)]
-        for slot, k, name, _ in reader.slots(self.setup.names):
-            row = dict(zip(C.WEIGHT, table[slot]))
-            tags, relative, histogram = self._slot_tags[slot]
-            reader.windows[k].weights[name] = row
-            gradient = reader.windows[k].gradients.get(name)
+        """Rows ``columns.WEIGHT``, also joined to the gradient rows as ``weight_<column>``. Built
+        from one ``tolist`` with C-level zips and maps where every parameter has a gradient row
+        (the common case); a zero start (a fresh bias) has no relative update: NaN says so."""
+        rows = [[l1, l2, moved / start if start > 0 else math.nan]
+                for l1, l2, moved, start in values["rows"].tolist()]          # Python floats, one call
+        weight_tags, relative_tags, histogram_tags = self._tags()
+        names, k_members = self.setup.names, self.members
+        for k in range(k_members):
+            member_rows = rows if k_members == 1 else rows[k::k_members]
+            window, scalars = reader.windows[k], reader.scalars[k]
+            made = list(map(dict, map(zip, itertools.repeat(C.WEIGHT), member_rows)))
+            window.weights.update(zip(names, made))
+            gradients = list(map(window.gradients.get, names))
+            if None in gradients:
+                self._join_each(made, gradients, scalars, k)
+            else:
+                list(map(dict.update, gradients, map(zip, itertools.repeat(_IN_GRADIENT_ROWS), member_rows)))
+                # ||g|| / ||w||: the size the diagnosis judges, so TensorBoard can chart the same measure
+                scalars.update(zip(itertools.chain.from_iterable(self._joined_tags), itertools.chain.from_iterable(
+                    [[gradient["norm"] / row[1] if row[1] > 0 else math.nan, *row]
+                     for gradient, row in zip(gradients, member_rows)])))
+            if self.counted:
+                counts, wanted = values["counts"], reader.wanted
+                for slot, tag in zip(range(k, len(rows), k_members), histogram_tags):
+                    wanted.value(k, tag, counts, slot, state=True)
+
+    def _join_each(self, made: list[dict], gradients: list[dict | None], scalars: dict, k: int) -> None:
+        """``read``'s join and scalars a parameter at a time, where some have no gradient row."""
+        weight_tags, relative_tags, _ = self._tags()
+        for row, gradient, tags, relative in zip(made, gradients, weight_tags, relative_tags):
             if gradient is not None:
                 gradient.update(zip(_IN_GRADIENT_ROWS, row.values()))
-                # ||g|| / ||w||: the size the diagnosis judges, so TensorBoard can chart the same measure
-                reader.scalars[k][relative] = gradient["norm"] / row["norm"] if row["norm"] > 0 else float("nan")
-            reader.scalars[k].update(zip(tags, table[slot]))
-            if self.counted:
-                reader.wanted.value(k, histogram, values["counts"], slot, state=True)
+                scalars[relative] = gradient["norm"] / row["norm"] if row["norm"] > 0 else math.nan
+            scalars.update(zip(tags, row.values()))
+
+    def _tags(self) -> tuple[list[tuple[str, ...]], list[str], list[str]]:
+        """Each parameter's TensorBoard tags, made once (see ``Gradients._tags``): its weight
+        scalars', its ||g|| / ||w|| scalar's, its histogram's."""
+        if self._slot_tags is None:
+            paths = [tag_path(name) for name in self.setup.names]
+            self._slot_tags = ([tuple(f"weight/{path}/{key}" for key in C.WEIGHT) for path in paths],
+                               [f"grad/{path}/relative" for path in paths], [f"weight/{path}" for path in paths])
+            self._joined_tags = [(relative, *tags) for tags, relative in zip(*self._slot_tags[:2])]
+        return self._slot_tags
 
 
 @torch.no_grad()
