@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import operator
 import weakref
 from dataclasses import dataclass
 
@@ -156,6 +157,7 @@ class Gradients(Part):
         self._logged: frozenset[tuple[int, int]] = frozenset()
         self._slot_tags: tuple[list[tuple[str, ...]], list[str], list[str]] | None = None
         self._row_divisors: np.ndarray | None = None
+        self._host_views: tuple | None = None          # _host_sums
 
     def bind(self, params: list[torch.Tensor]) -> None:
         """Follow these tensors from now on (the same shapes and dtypes, or a first binding)."""
@@ -353,18 +355,15 @@ class Gradients(Part):
         if not self.pending:
             return
         pending, self.pending, self.pending_elements = self.pending, [], 0
-        key = tuple((id(plan), counted) for plan, _, _, counted in pending)
-        batch = self._batches.get(key) or self._batches.put(key, self._make_batch(
-            [(plan, counted) for plan, _, _, counted in pending]))
-        flat = torch.cat([copy for _, copy, _, _ in pending]) if len(pending) > 1 else pending[0][1]
+        plans, copies, steps, counted = zip(*pending)          # one transpose, not a generator per field
+        key = (tuple(map(id, plans)), counted)
+        batch = self._batches.get(key) or self._batches.put(key, self._make_batch(list(zip(plans, counted))))
+        flat = torch.cat(copies) if len(copies) > 1 else copies[0]
         if flat.numel() != batch.elements:
             _check_layout(flat, torch.empty(batch.elements, device="meta"))
-        steps = [step for _, _, step, _ in pending]
         kernels = S.fused_kernels(flat.device)
         if kernels is not None:                       # one fused call: the pass and the adds to the sums
-            kernels.fold_rows_into(flat.numpy(), *batch.arrays, np.array(steps), self.members,
-                                   self.counts.numpy().reshape(-1, S.SIGN_EXPONENT_BINS), self.totals.numpy(),
-                                   self.tallies.numpy(), self.step_squares.numpy())
+            kernels.fold_rows_into(flat.numpy(), *batch.arrays, _steps_array(steps), self.members, *self._host_sums())
             return
         slots = len(self.slot_numel)
         batch.per_element(slots)
@@ -383,7 +382,18 @@ class Gradients(Part):
         S.count_into(counts, S.sign_exponent_bins(flat).add_(batch.bin_offset))
         self.counts.add_(counts[:slots * S.SIGN_EXPONENT_BINS])
 
-    def _add_step_squares(self, steps: list[int], by_step: torch.Tensor) -> None:
+    def _host_sums(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The window's CPU sums as numpy views for the fused kernels: counts (slots, 512), totals,
+        tallies, step_squares; made again only where a tensor was replaced (``move``, a longer
+        ``step_squares``), not at each window (four views and a reshape, ~10 us of a tutorial window)."""
+        tensors = (self.counts, self.totals, self.tallies, self.step_squares)
+        held = self._host_views
+        if held is None or not all(map(operator.is_, held[0], tensors)):
+            held = self._host_views = (tensors, (self.counts.numpy().reshape(-1, S.SIGN_EXPONENT_BINS),
+                                                 self.totals.numpy(), self.tallies.numpy(), self.step_squares.numpy()))
+        return held[1]
+
+    def _add_step_squares(self, steps: tuple[int, ...], by_step: torch.Tensor) -> None:
         """Add a run's per-step squares, (len(steps) * members,), at those steps."""
         by_step = by_step.view(len(steps), self.members).to(self.step_squares.dtype)
         if steps[-1] - steps[0] + 1 == len(steps):      # consecutive: a view, no index tensor
@@ -658,6 +668,20 @@ class Gradients(Part):
 
 _ROW_COLUMNS = (*C.GRADIENT, *C.GRADIENT_COUNTS)
 _OVERALL_TAGS = tuple(f"grad/{key}" for key in C.OVERALL)
+
+
+_STEP_RUNS: dict[int, np.ndarray] = {}
+
+
+def _steps_array(steps: tuple[int, ...]) -> np.ndarray:
+    """``steps`` (increasing step indices) as an int64 array: a window's run from step 0, the
+    common case, is one kept ``arange`` per length (the kernels only read it)."""
+    if steps[0] == 0 and steps[-1] == len(steps) - 1:
+        run = _STEP_RUNS.get(len(steps))
+        if run is None:
+            run = _STEP_RUNS[len(steps)] = np.arange(len(steps), dtype=np.int64)
+        return run
+    return np.array(steps, dtype=np.int64)
 
 
 def _counted(counted: bool | np.ndarray, index: int) -> bool:
