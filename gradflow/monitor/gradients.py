@@ -181,6 +181,7 @@ class Gradients(Part):
             moved(t, device, wide=True) for t in (self.totals, self.step_squares, self.skipped_nonfinite))
         self.counts, self.tallies = moved(self.counts, device), moved(self.tallies, device)
         self._plans, self._batches, self._scratch = {}, _BoundedCache(), S.Scratch()   # their tensors: the old device's
+        self._host_views = None                       # views of the sums left behind
 
     def reset(self) -> None:
         self.pending.clear()
