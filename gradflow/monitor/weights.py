@@ -77,6 +77,7 @@ class Weights(Part):
             self._flat_starts[group] = (flat, np.repeat([params[i].numel() // k for i in group], k),
                                         np.array([i * k + m for i in group for m in range(k)]))
         self.start = start
+        self._whole = len(self.tiny) == 1 and self.tiny[0] == tuple(range(len(params)))
 
     @torch.no_grad()
     def summary(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -84,6 +85,11 @@ class Weights(Part):
         NaN for a frozen parameter written to since the window began); and (slots, 512) int64
         histogram counts, None unless ``counted``. The current weights become the next window's start."""
         k = self.members
+        if self._whole:                     # one tiny group holds every parameter in order: its rows are the window's
+            rows, counts = self._fold_group(self.tiny[0])
+            rows = torch.from_numpy(rows)
+            rows[:, 1:].sqrt_()
+            return rows, None if counts is None else torch.from_numpy(counts)
         device = local(self.params[0]).device
         rows = torch.empty(self.slots, 4, dtype=S.wide_dtype(device), device=device)
         counts = torch.empty(self.slots, S.SIGN_EXPONENT_BINS, device=device, dtype=torch.int64) if self.counted \
@@ -114,17 +120,24 @@ class Weights(Part):
     def _fold_tiny(self, group: tuple[int, ...], rows: np.ndarray, counts: np.ndarray | None) -> None:
         """Fold a group of tiny float32 CPU parameters in one kernel call (``_tiny_groups``) into
         their slots of ``rows`` and ``counts`` (None: not kept)."""
-        start, lengths, slots = self._flat_starts[group]
+        slots = self._flat_starts[group][2]
+        rows[slots], folded = self._fold_group(group)
+        if counts is not None:
+            counts[slots] = folded
+
+    def _fold_group(self, group: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray | None]:
+        """A tiny group's rows (sums, not yet square-rooted) and counts (None where not
+        ``counted``), one per member of each of its parameters in order; its start renewed."""
+        start, lengths, _ = self._flat_starts[group]
         now = _flat_copy([self.params[i] for i in group])      # under no_grad (summary): no detach() each
         if now.numel() != start.numel():       # cannot happen unless a parameter was resized in place
             raise MonitorError("a monitored parameter changed size; create a new GradientMonitor after resizing parameters")
         # renew: the kernel writes the current weights into the (flat, contiguous) start as it reads them
-        rows[slots], folded = S.fused_kernels(now.device).fold_weights(now.numpy(), start.numpy(), lengths, renew=True,
-                                                                        count=counts is not None)
-        if counts is not None:
-            counts[slots] = folded
+        folded = S.fused_kernels(now.device).fold_weights(now.numpy(), start.numpy(), lengths, renew=True,
+                                                          count=self.counted)
         for i in group:
             self.versions[i] = self.params[i]._version
+        return folded
 
     def _fold(self, now: torch.Tensor, start: torch.Tensor, length: int,
               renew: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
