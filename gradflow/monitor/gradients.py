@@ -579,20 +579,7 @@ class Gradients(Part):
         k_members = self.members
         counts = values["counts"].reshape(-1, S.SIGN_EXPONENT_BINS)
         tallies = values["tallies"].reshape(-1, 2)
-        # the full tensor's, for a DTensor; an empty parameter's means are NaN (no element), not 0/0 warnings.
-        # Rows without a step are left out below: their divisor is 1, not 0 (no warning either).
-        divisors = self._divisors()
-        if same is None:
-            per_slot = np.maximum(np.asarray(steps, dtype=np.float64), 1)
-            by = per_slot[:, None]
-        else:
-            per_slot = by = max(same, 1)
-        table = np.empty((len(steps), 5))
-        np.divide(values["totals"], by, out=table[:, :4])
-        np.divide(table[:, :4], divisors, out=table[:, :4])      # mean and mean_abs per element; norm, max_abs / 1
-        np.divide(tallies[:, 0], divisors[:, 0] * per_slot, out=table[:, 4])   # zero_fraction
-        rows = table.tolist()                                                  # Python floats, one call
-        list(map(list.append, rows, tallies[:, 1].astype(np.int64, copy=False).tolist()))  # + nonfinite: GRADIENT
+        rows = _row_table(values["totals"], tallies, steps, same, self._divisors())
         skipped = self.skipped.tolist()
         if any(skipped):
             for index, name in enumerate(self.setup.names):
@@ -665,6 +652,39 @@ class Gradients(Part):
                 row["total_norm_max"] = float(np.maximum.reduce(column))
             window.overall.update(row)
             reader.scalars[k].update(zip(_OVERALL_TAGS[:len(row)], map(float, row.values())))
+
+
+# Up to this many slots a window's table is divided in Python floats, above it in numpy: the
+# same IEEE divisions either way, but three numpy calls cost the tutorial's 12-row window about
+# 20 us where its rows take a few (the window's data is out of the caches by then).
+PYTHON_ROWS = 64
+
+
+def _row_table(totals: np.ndarray, tallies: np.ndarray, steps: list[int], same: int | None,
+               divisors: np.ndarray) -> list[list]:
+    """Each slot's ``columns.GRADIENT`` values as a list (floats, nonfinite an int): the means
+    over its steps of ``totals`` (slots, 4), mean and mean_abs per element (``divisors``:
+    ``Gradients._divisors``), zero_fraction and nonfinite from ``tallies`` (slots, 2). A slot
+    without a step (left out by the caller) is divided by 1, not 0: no warning, no error."""
+    nonfinite = tallies[:, 1].astype(np.int64, copy=False).tolist()
+    if len(steps) <= PYTHON_ROWS:
+        numel = divisors[:, 0].tolist()
+        by = [max(n, 1) for n in steps] if same is None else [max(same, 1)] * len(steps)
+        return [[t0 / c / n, t1 / c / n, t2 / c, t3 / c, zeros / (n * c), bad]
+                for (t0, t1, t2, t3), zeros, n, c, bad in zip(totals.tolist(), tallies[:, 0].tolist(), numel, by,
+                                                              nonfinite)]
+    if same is None:
+        per_slot = np.maximum(np.asarray(steps, dtype=np.float64), 1)
+        by = per_slot[:, None]
+    else:
+        per_slot = by = max(same, 1)
+    table = np.empty((len(steps), 5))
+    np.divide(totals, by, out=table[:, :4])
+    np.divide(table[:, :4], divisors, out=table[:, :4])      # mean and mean_abs per element; norm, max_abs / 1
+    np.divide(tallies[:, 0], divisors[:, 0] * per_slot, out=table[:, 4])   # zero_fraction
+    rows = table.tolist()                                                  # Python floats, one call
+    list(map(list.append, rows, nonfinite))
+    return rows
 
 
 _ROW_COLUMNS = (*C.GRADIENT, *C.GRADIENT_COUNTS)
