@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import math
+import operator
 import weakref
 from dataclasses import dataclass
 
@@ -22,6 +24,7 @@ from gradflow.monitor.tensors import (
     _flat,
     _flat_copy,
 )
+from gradflow.monitor.window import tag_path
 
 GRADIENT_FIELDS = C.GRADIENT_MOMENTS
 # Small gradients that fill the pending budget in one step are reduced at that step. Where they
@@ -152,7 +155,9 @@ class Gradients(Part):
         self._idle_said: list[str] = []              # the idle parameters the last text named
         # (id, _version) of each gradient as the last window with a step left it: left over, not missed
         self._logged: frozenset[tuple[int, int]] = frozenset()
-        self._slot_tags: list[tuple[tuple[str, ...], str, str]] | None = None
+        self._slot_tags: tuple[list[tuple[str, ...]], list[str], list[str]] | None = None
+        self._row_divisors: np.ndarray | None = None
+        self._host_views: tuple | None = None          # _host_sums
 
     def bind(self, params: list[torch.Tensor]) -> None:
         """Follow these tensors from now on (the same shapes and dtypes, or a first binding)."""
@@ -163,6 +168,7 @@ class Gradients(Part):
         self.float64 = [p.dtype == torch.float64 for p in params]
         self.slot_numel = [n // self.members for n in self.numel for _ in range(self.members)]
         self.full_numel = [p.numel() // self.members for p in params for _ in range(self.members)]
+        self._row_divisors = None
 
     @property
     def device(self) -> torch.device:
@@ -175,6 +181,7 @@ class Gradients(Part):
             moved(t, device, wide=True) for t in (self.totals, self.step_squares, self.skipped_nonfinite))
         self.counts, self.tallies = moved(self.counts, device), moved(self.tallies, device)
         self._plans, self._batches, self._scratch = {}, _BoundedCache(), S.Scratch()   # their tensors: the old device's
+        self._host_views = None                       # views of the sums left behind
 
     def reset(self) -> None:
         self.pending.clear()
@@ -349,18 +356,15 @@ class Gradients(Part):
         if not self.pending:
             return
         pending, self.pending, self.pending_elements = self.pending, [], 0
-        key = tuple((id(plan), counted) for plan, _, _, counted in pending)
-        batch = self._batches.get(key) or self._batches.put(key, self._make_batch(
-            [(plan, counted) for plan, _, _, counted in pending]))
-        flat = torch.cat([copy for _, copy, _, _ in pending]) if len(pending) > 1 else pending[0][1]
+        plans, copies, steps, counted = zip(*pending)          # one transpose, not a generator per field
+        key = (tuple(map(id, plans)), counted)
+        batch = self._batches.get(key) or self._batches.put(key, self._make_batch(list(zip(plans, counted))))
+        flat = torch.cat(copies) if len(copies) > 1 else copies[0]
         if flat.numel() != batch.elements:
             _check_layout(flat, torch.empty(batch.elements, device="meta"))
-        steps = [step for _, _, step, _ in pending]
         kernels = S.fused_kernels(flat.device)
         if kernels is not None:                       # one fused call: the pass and the adds to the sums
-            kernels.fold_rows_into(flat.numpy(), *batch.arrays, np.array(steps), self.members,
-                                   self.counts.numpy().reshape(-1, S.SIGN_EXPONENT_BINS), self.totals.numpy(),
-                                   self.tallies.numpy(), self.step_squares.numpy())
+            kernels.fold_rows_into(flat.numpy(), *batch.arrays, _steps_array(steps), self.members, *self._host_sums())
             return
         slots = len(self.slot_numel)
         batch.per_element(slots)
@@ -379,7 +383,18 @@ class Gradients(Part):
         S.count_into(counts, S.sign_exponent_bins(flat).add_(batch.bin_offset))
         self.counts.add_(counts[:slots * S.SIGN_EXPONENT_BINS])
 
-    def _add_step_squares(self, steps: list[int], by_step: torch.Tensor) -> None:
+    def _host_sums(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The window's CPU sums as numpy views for the fused kernels: counts (slots, 512), totals,
+        tallies, step_squares; made again only where a tensor was replaced (``move``, a longer
+        ``step_squares``), not at each window (four views and a reshape, ~10 us of a tutorial window)."""
+        tensors = (self.counts, self.totals, self.tallies, self.step_squares)
+        held = self._host_views
+        if held is None or not all(map(operator.is_, held[0], tensors)):
+            held = self._host_views = (tensors, (self.counts.numpy().reshape(-1, S.SIGN_EXPONENT_BINS),
+                                                 self.totals.numpy(), self.tallies.numpy(), self.step_squares.numpy()))
+        return held[1]
+
+    def _add_step_squares(self, steps: tuple[int, ...], by_step: torch.Tensor) -> None:
         """Add a run's per-step squares, (len(steps) * members,), at those steps."""
         by_step = by_step.view(len(steps), self.members).to(self.step_squares.dtype)
         if steps[-1] - steps[0] + 1 == len(steps):      # consecutive: a view, no index tensor
@@ -505,26 +520,39 @@ class Gradients(Part):
     def read(self, values: dict[str, np.ndarray], reader) -> None:
         """Per-parameter rows (``columns.GRADIENT``: the means over each parameter's steps of
         that step's value) and the window's own row (``columns.OVERALL``)."""
-        steps = self.steps()
-        for key, message in _gaps(self.setup.names, self.params, steps.reshape(-1, self.members)[:, 0],
-                                  self.recorded, self.skipped_steps, self.removed, self._logged):
-            self.setup.warn(key, message)
+        steps, same = self._slot_steps()
+        per_param = steps[::self.members]
+        if not (self.recorded and all(per_param)):     # every parameter recorded: no gap (the common case)
+            for key, message in _gaps(self.setup.names, self.params, per_param, self.recorded, self.skipped_steps,
+                                      self.removed, self._logged):
+                self.setup.warn(key, message)
         if self.recorded or self.skipped_steps:
             self._logged = _marks(self.params)
+        most = max(steps, default=0)
         for window in reader.windows:
-            window.steps = int(steps.max(initial=0))
+            window.steps = most
             window.kinds = self.setup.kinds
-        self._rows(values, reader, steps)
+        self._rows(values, reader, steps, same)
         self._overall(values["step_squares"], reader)
-        self._idle(reader, steps)
+        self._idle(reader, per_param)
 
-    def _idle(self, reader, steps: np.ndarray) -> None:
+    def _slot_steps(self) -> tuple[list[int], int | None]:
+        """``steps()`` as a list of ints, and the one count of every slot where all have the same
+        (the common case: one optimizer, every parameter with a gradient at each step), else None."""
+        if len(self.steps_by_pattern) == 1:
+            ((pattern, count),) = self.steps_by_pattern.items()
+            if all(pattern):
+                return [count] * len(self.slot_numel), count
+        steps = self.steps().astype(np.int64).tolist()
+        return steps, steps[0] if steps and steps.count(steps[0]) == len(steps) else None
+
+    def _idle(self, reader, steps: list[int]) -> None:
         """Name the trainable parameters a stepping optimizer holds that had no gradient all
         window (frozen ones, requires_grad False, are expected to have none: an optimizer built
-        over a partly frozen model holds them)."""
+        over a partly frozen model holds them); ``steps``: each parameter's."""
         if not self.held:
             return
-        if steps.all():                            # every parameter had a step (the common case): none idle
+        if all(steps):                             # every parameter had a step (the common case): none idle
             names: list[str] = []
         else:
             names = self._idle_names(steps)
@@ -536,48 +564,80 @@ class Gradients(Part):
             if said:
                 reader.texts[k]["grad/idle_parameters"] = idle_text(names, self.recorded)
 
-    def _idle_names(self, steps: np.ndarray) -> list[str]:
+    def _idle_names(self, steps: list[int]) -> list[str]:
         held = np.zeros(len(self.params), dtype=bool)
         for mask in self.held:
             held |= True if mask is ALL else np.asarray(mask, dtype=bool)
         trainable = np.array([p.requires_grad for p in self.params], dtype=bool)
-        idle = held & trainable & (steps.reshape(-1, self.members)[:, 0] == 0)
+        idle = held & trainable & (np.asarray(steps) == 0)
         return [name for name, flag in zip(self.setup.names, idle) if flag]
 
-    def _rows(self, values: dict[str, np.ndarray], reader, steps: np.ndarray) -> None:
+    def _rows(self, values: dict[str, np.ndarray], reader, steps: list[int], same: int | None) -> None:
+        """The rows and their scalars, built a column table at a time: one ``tolist`` and C-level
+        zips and maps, not a dict and a dozen calls per row (a window of the tutorial's MLP spent
+        80 us here, most of its gradient part's read)."""
+        k_members = self.members
         counts = values["counts"].reshape(-1, S.SIGN_EXPONENT_BINS)
-        # the full tensor's, for a DTensor; an empty parameter's means are NaN (no element), not 0/0 warnings
-        numel = np.asarray(self.full_numel, dtype=np.float64)
-        numel[numel == 0] = np.nan
-        means = values["totals"] / np.maximum(steps, 1)[:, None]
-        zeros, nonfinite = values["tallies"].reshape(-1, 2).T
-        with np.errstate(divide="ignore", invalid="ignore"):     # rows without a step are left out below
-            table = np.stack([means[:, 0] / numel, means[:, 1] / numel, means[:, 2], means[:, 3],
-                              zeros / (numel * steps)], axis=1).tolist()  # Python floats, one call
-        nonfinite_counts, step_counts = nonfinite.astype(np.int64).tolist(), steps.astype(np.int64).tolist()
+        tallies = values["tallies"].reshape(-1, 2)
+        rows = _row_table(values["totals"], tallies, steps, same, self._divisors())
         skipped = self.skipped.tolist()
-        for (slot, k, name, _), (tags, value_tag, log10_tag) in zip(reader.slots(self.setup.names), self._tags(reader)):
-            index = slot // self.members
-            if skipped[index]:
-                reader.windows[k].skipped_nonfinite[name] = int(values["skipped_nonfinite"][index])
-            if step_counts[slot] == 0:
-                continue
-            row = dict(zip(C.GRADIENT, (*table[slot], nonfinite_counts[slot])))
-            reader.scalars[k].update(zip(tags, row.values()))
-            reader.wanted.value(k, value_tag, counts, slot)
-            reader.wanted.log10(k, log10_tag, counts, slot)
-            row.update(zip(C.GRADIENT_COUNTS, (step_counts[slot], skipped[index])))
-            reader.windows[k].gradients[name] = row
+        if any(skipped):
+            for index, name in enumerate(self.setup.names):
+                if skipped[index]:
+                    for window in reader.windows:
+                        window.skipped_nonfinite[name] = int(values["skipped_nonfinite"][index])
+        tags, value_tags, log10_tags = self._tags()
+        names, wanted = self.setup.names, reader.wanted
+        slots = range(len(steps))
+        present_by_member = []
+        for k in range(k_members):              # scalars and histograms, from the rows' GRADIENT columns
+            mine = slice(k, None, k_members)
+            present = [n > 0 for n in steps[mine]]
+            present_by_member.append(present)
+            member_rows, member_slots = (rows, slots) if k_members == 1 else (rows[mine], slots[mine])
+            if all(present):
+                reader.scalars[k].update(zip(itertools.chain.from_iterable(tags),
+                                             itertools.chain.from_iterable(member_rows)))
+                requested = zip(member_slots, value_tags, log10_tags)
+            else:
+                reader.scalars[k].update(zip(itertools.chain.from_iterable(itertools.compress(tags, present)),
+                                             itertools.chain.from_iterable(itertools.compress(member_rows, present))))
+                requested = itertools.compress(zip(member_slots, value_tags, log10_tags), present)
+            for slot, value_tag, log10_tag in requested:
+                wanted.value(k, value_tag, counts, slot)
+                wanted.log10(k, log10_tag, counts, slot)
+        # + steps and skipped_steps (GRADIENT_COUNTS): the rows are whole
+        list(map(list.extend, rows, zip(steps, skipped if k_members == 1 else
+                                        [n for n in skipped for _ in range(k_members)])))
+        for k, present in enumerate(present_by_member):
+            member_rows = rows if k_members == 1 else rows[k::k_members]
+            if all(present):
+                made = zip(names, map(dict, map(zip, itertools.repeat(_ROW_COLUMNS), member_rows)))
+            else:
+                made = zip(itertools.compress(names, present),
+                           map(dict, map(zip, itertools.repeat(_ROW_COLUMNS), itertools.compress(member_rows, present))))
+            reader.windows[k].gradients.update(made)
 
-    def _tags(self, reader) -> list[tuple[tuple[str, ...], str, str]]:
-        """Each slot's TensorBoard tags, made once (a window of a small model costs its string
+    def _divisors(self) -> np.ndarray:
+        """(slots, 4) float64: each slot's element count (NaN for an empty parameter) under the
+        mean and mean_abs columns, 1 under norm and max_abs (x / 1 is x: the rows stay exact)."""
+        if self._row_divisors is None:
+            numel = np.asarray(self.full_numel, dtype=np.float64)
+            numel[numel == 0] = np.nan
+            self._row_divisors = np.stack([numel, numel, np.ones_like(numel), np.ones_like(numel)], axis=1)
+        return self._row_divisors
+
+    def _tags(self) -> tuple[list[tuple[str, ...]], list[str], list[str]]:
+        """Each parameter's TensorBoard tags, made once (a window of a small model costs its string
         formatting as much as its arithmetic): its scalars' (``grad/<param>/<column>``), its value
-        histogram's and its log10 |g| histogram's. "1_": TensorBoard sorts the Histograms and
-        Distributions sections by name, and log10 |g| is the view where vanishing shows (tanh
-        and ReLU differ at a glance), so it opens first."""
+        histogram's and its log10 |g| histogram's (the same for every member: the sinks prefix
+        them). "1_": TensorBoard sorts the Histograms and Distributions sections by name, and
+        log10 |g| is the view where vanishing shows (tanh and ReLU differ at a glance), so it
+        opens first."""
         if self._slot_tags is None:
-            self._slot_tags = [(tuple(f"grad/{path}/{key}" for key in C.GRADIENT), f"grad/{path}",
-                                f"1_grad_log10/{path}") for _, _, _, path in reader.slots(self.setup.names)]
+            paths = [tag_path(name) for name in self.setup.names]
+            self._slot_tags = ([tuple(f"grad/{path}/{key}" for key in C.GRADIENT) for path in paths],
+                               [f"grad/{path}" for path in paths], [f"1_grad_log10/{path}" for path in paths])
         return self._slot_tags
 
     def _overall(self, step_squares: np.ndarray, reader) -> None:
@@ -586,10 +646,63 @@ class Gradients(Part):
         for k, window in enumerate(reader.windows):
             row = {"steps": window.steps, "skipped_steps": self.skipped_steps}
             if self.recorded:
-                row["total_norm"] = float(norms[:, k].mean())
-                row["total_norm_max"] = float(norms[:, k].max())
+                column = norms[:, k]
+                # add.reduce / n and maximum.reduce: what .mean() and .max() compute, without their wrappers
+                row["total_norm"] = float(np.add.reduce(column) / self.recorded)
+                row["total_norm_max"] = float(np.maximum.reduce(column))
             window.overall.update(row)
-            reader.scalars[k].update({f"grad/{key}": float(v) for key, v in row.items()})
+            reader.scalars[k].update(zip(_OVERALL_TAGS[:len(row)], map(float, row.values())))
+
+
+# Up to this many slots a window's table is divided in Python floats, above it in numpy: the
+# same IEEE divisions either way, but three numpy calls cost the tutorial's 12-row window about
+# 20 us where its rows take a few (the window's data is out of the caches by then).
+PYTHON_ROWS = 64
+
+
+def _row_table(totals: np.ndarray, tallies: np.ndarray, steps: list[int], same: int | None,
+               divisors: np.ndarray) -> list[list]:
+    """Each slot's ``columns.GRADIENT`` values as a list (floats, nonfinite an int): the means
+    over its steps of ``totals`` (slots, 4), mean and mean_abs per element (``divisors``:
+    ``Gradients._divisors``), zero_fraction and nonfinite from ``tallies`` (slots, 2). A slot
+    without a step (left out by the caller) is divided by 1, not 0: no warning, no error."""
+    nonfinite = tallies[:, 1].astype(np.int64, copy=False).tolist()
+    if len(steps) <= PYTHON_ROWS:
+        numel = divisors[:, 0].tolist()
+        by = [max(n, 1) for n in steps] if same is None else [max(same, 1)] * len(steps)
+        return [[t0 / c / n, t1 / c / n, t2 / c, t3 / c, zeros / (n * c), bad]
+                for (t0, t1, t2, t3), zeros, n, c, bad in zip(totals.tolist(), tallies[:, 0].tolist(), numel, by,
+                                                              nonfinite)]
+    if same is None:
+        per_slot = np.maximum(np.asarray(steps, dtype=np.float64), 1)
+        by = per_slot[:, None]
+    else:
+        per_slot = by = max(same, 1)
+    table = np.empty((len(steps), 5))
+    np.divide(totals, by, out=table[:, :4])
+    np.divide(table[:, :4], divisors, out=table[:, :4])      # mean and mean_abs per element; norm, max_abs / 1
+    np.divide(tallies[:, 0], divisors[:, 0] * per_slot, out=table[:, 4])   # zero_fraction
+    rows = table.tolist()                                                  # Python floats, one call
+    list(map(list.append, rows, nonfinite))
+    return rows
+
+
+_ROW_COLUMNS = (*C.GRADIENT, *C.GRADIENT_COUNTS)
+_OVERALL_TAGS = tuple(f"grad/{key}" for key in C.OVERALL)
+
+
+_STEP_RUNS: dict[int, np.ndarray] = {}
+
+
+def _steps_array(steps: tuple[int, ...]) -> np.ndarray:
+    """``steps`` (increasing step indices) as an int64 array: a window's run from step 0, the
+    common case, is one kept ``arange`` per length (the kernels only read it)."""
+    if steps[0] == 0 and steps[-1] == len(steps) - 1:
+        run = _STEP_RUNS.get(len(steps))
+        if run is None:
+            run = _STEP_RUNS[len(steps)] = np.arange(len(steps), dtype=np.int64)
+        return run
+    return np.array(steps, dtype=np.int64)
 
 
 def _counted(counted: bool | np.ndarray, index: int) -> bool:
@@ -621,7 +734,7 @@ def _marks(params: list[torch.Tensor]) -> frozenset[tuple[int, int]]:
     return frozenset((id(p.grad), p.grad._version) for p in params if p.grad is not None)
 
 
-def _gaps(names: list[str], params: list[torch.Tensor], steps: np.ndarray, recorded: int,
+def _gaps(names: list[str], params: list[torch.Tensor], steps: list[int], recorded: int,
           skipped: int, removed: bool = False, logged: frozenset = frozenset()) -> list[tuple[str, str]]:
     """What a window did not record although it could have, as (key, warning) pairs: gradients
     but no step (after ``remove()``: because the monitor was removed), gradients that no
@@ -629,7 +742,7 @@ def _gaps(names: list[str], params: list[torch.Tensor], steps: np.ndarray, recor
     with a step (``logged``, ``_marks``: ``log()`` twice with no step between) are no sign of a
     missed step."""
     out = []
-    if recorded and steps.all():                  # every parameter recorded: nothing missed (the common case)
+    if recorded and all(steps):                   # every parameter recorded: nothing missed (the common case)
         return out
     with_grad = {name for name, p in zip(names, params)
                  if p.grad is not None and (id(p.grad), p.grad._version) not in logged}

@@ -11,6 +11,9 @@ batched model) as consecutive segments, in chunks (``stats.CHUNK``) on the torch
 
 from __future__ import annotations
 
+import itertools
+import math
+
 import numpy as np
 import torch
 
@@ -19,6 +22,7 @@ from gradflow.monitor import stats as S
 from gradflow.monitor.part import Part, Reduced, Setup
 from gradflow.monitor.sharding import is_dtensor, local
 from gradflow.monitor.tensors import MonitorError, _flat_copy
+from gradflow.monitor.window import tag_path
 
 # Parameters up to this many values are folded together, a group at a time: below it the kernel
 # call's fixed cost (~20 us) is most of the work. A group's values add up to at most TINY_GROUP,
@@ -73,6 +77,7 @@ class Weights(Part):
             self._flat_starts[group] = (flat, np.repeat([params[i].numel() // k for i in group], k),
                                         np.array([i * k + m for i in group for m in range(k)]))
         self.start = start
+        self._whole = len(self.tiny) == 1 and self.tiny[0] == tuple(range(len(params)))
 
     @torch.no_grad()
     def summary(self) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -80,6 +85,11 @@ class Weights(Part):
         NaN for a frozen parameter written to since the window began); and (slots, 512) int64
         histogram counts, None unless ``counted``. The current weights become the next window's start."""
         k = self.members
+        if self._whole:                     # one tiny group holds every parameter in order: its rows are the window's
+            rows, counts = self._fold_group(self.tiny[0])
+            rows = torch.from_numpy(rows)
+            rows[:, 1:].sqrt_()
+            return rows, None if counts is None else torch.from_numpy(counts)
         device = local(self.params[0]).device
         rows = torch.empty(self.slots, 4, dtype=S.wide_dtype(device), device=device)
         counts = torch.empty(self.slots, S.SIGN_EXPONENT_BINS, device=device, dtype=torch.int64) if self.counted \
@@ -110,17 +120,24 @@ class Weights(Part):
     def _fold_tiny(self, group: tuple[int, ...], rows: np.ndarray, counts: np.ndarray | None) -> None:
         """Fold a group of tiny float32 CPU parameters in one kernel call (``_tiny_groups``) into
         their slots of ``rows`` and ``counts`` (None: not kept)."""
-        start, lengths, slots = self._flat_starts[group]
+        slots = self._flat_starts[group][2]
+        rows[slots], folded = self._fold_group(group)
+        if counts is not None:
+            counts[slots] = folded
+
+    def _fold_group(self, group: tuple[int, ...]) -> tuple[np.ndarray, np.ndarray | None]:
+        """A tiny group's rows (sums, not yet square-rooted) and counts (None where not
+        ``counted``), one per member of each of its parameters in order; its start renewed."""
+        start, lengths, _ = self._flat_starts[group]
         now = _flat_copy([self.params[i] for i in group])      # under no_grad (summary): no detach() each
         if now.numel() != start.numel():       # cannot happen unless a parameter was resized in place
             raise MonitorError("a monitored parameter changed size; create a new GradientMonitor after resizing parameters")
         # renew: the kernel writes the current weights into the (flat, contiguous) start as it reads them
-        rows[slots], folded = S.fused_kernels(now.device).fold_weights(now.numpy(), start.numpy(), lengths, renew=True,
-                                                                        count=counts is not None)
-        if counts is not None:
-            counts[slots] = folded
+        folded = S.fused_kernels(now.device).fold_weights(now.numpy(), start.numpy(), lengths, renew=True,
+                                                          count=self.counted)
         for i in group:
             self.versions[i] = self.params[i]._version
+        return folded
 
     def _fold(self, now: torch.Tensor, start: torch.Tensor, length: int,
               renew: bool = False) -> tuple[torch.Tensor, torch.Tensor | None, bool]:
@@ -159,27 +176,50 @@ class Weights(Part):
         return {"rows": Reduced(rows)} if counts is None else {"rows": Reduced(rows), "counts": Reduced(counts)}
 
     def read(self, values: dict[str, np.ndarray], reader) -> None:
-        """Rows ``columns.WEIGHT``, also joined to the gradient rows as ``weight_<column>``."""
-        l1, l2, moved, start = values["rows"].T
-        with np.errstate(divide="ignore", invalid="ignore"):
-            # A zero start (a fresh bias) has no relative update: NaN says so.
-            ratios = np.where(start > 0, moved / start, np.nan)
-        table = np.stack([l1, l2, ratios], axis=1).tolist()      # Python floats, one call
-        if self._slot_tags is None:                               # made once (see Gradients._tags)
-            self._slot_tags = [(tuple(f"weight/{path}/{key}" for key in C.WEIGHT), f"grad/{path}/relative",
-                                f"weight/{path}") for _, _, _, path in reader.slots(self.setup.names)]
-        for slot, k, name, _ in reader.slots(self.setup.names):
-            row = dict(zip(C.WEIGHT, table[slot]))
-            tags, relative, histogram = self._slot_tags[slot]
-            reader.windows[k].weights[name] = row
-            gradient = reader.windows[k].gradients.get(name)
+        """Rows ``columns.WEIGHT``, also joined to the gradient rows as ``weight_<column>``. Built
+        from one ``tolist`` with C-level zips and maps where every parameter has a gradient row
+        (the common case); a zero start (a fresh bias) has no relative update: NaN says so."""
+        rows = [[l1, l2, moved / start if start > 0 else math.nan]
+                for l1, l2, moved, start in values["rows"].tolist()]          # Python floats, one call
+        weight_tags, relative_tags, histogram_tags = self._tags()
+        names, k_members = self.setup.names, self.members
+        for k in range(k_members):
+            member_rows = rows if k_members == 1 else rows[k::k_members]
+            window, scalars = reader.windows[k], reader.scalars[k]
+            made = list(map(dict, map(zip, itertools.repeat(C.WEIGHT), member_rows)))
+            window.weights.update(zip(names, made))
+            gradients = list(map(window.gradients.get, names))
+            if None in gradients:
+                self._join_each(made, gradients, scalars, k)
+            else:
+                list(map(dict.update, gradients, map(zip, itertools.repeat(_IN_GRADIENT_ROWS), member_rows)))
+                # ||g|| / ||w||: the size the diagnosis judges, so TensorBoard can chart the same measure
+                scalars.update(zip(itertools.chain.from_iterable(self._joined_tags), itertools.chain.from_iterable(
+                    [[gradient["norm"] / row[1] if row[1] > 0 else math.nan, *row]
+                     for gradient, row in zip(gradients, member_rows)])))
+            if self.counted:
+                counts, wanted = values["counts"], reader.wanted
+                for slot, tag in zip(range(k, len(rows), k_members), histogram_tags):
+                    wanted.value(k, tag, counts, slot, state=True)
+
+    def _join_each(self, made: list[dict], gradients: list[dict | None], scalars: dict, k: int) -> None:
+        """``read``'s join and scalars a parameter at a time, where some have no gradient row."""
+        weight_tags, relative_tags, _ = self._tags()
+        for row, gradient, tags, relative in zip(made, gradients, weight_tags, relative_tags):
             if gradient is not None:
                 gradient.update(zip(_IN_GRADIENT_ROWS, row.values()))
-                # ||g|| / ||w||: the size the diagnosis judges, so TensorBoard can chart the same measure
-                reader.scalars[k][relative] = gradient["norm"] / row["norm"] if row["norm"] > 0 else float("nan")
-            reader.scalars[k].update(zip(tags, table[slot]))
-            if self.counted:
-                reader.wanted.value(k, histogram, values["counts"], slot, state=True)
+                scalars[relative] = gradient["norm"] / row["norm"] if row["norm"] > 0 else math.nan
+            scalars.update(zip(tags, row.values()))
+
+    def _tags(self) -> tuple[list[tuple[str, ...]], list[str], list[str]]:
+        """Each parameter's TensorBoard tags, made once (see ``Gradients._tags``): its weight
+        scalars', its ||g|| / ||w|| scalar's, its histogram's."""
+        if self._slot_tags is None:
+            paths = [tag_path(name) for name in self.setup.names]
+            self._slot_tags = ([tuple(f"weight/{path}/{key}" for key in C.WEIGHT) for path in paths],
+                               [f"grad/{path}/relative" for path in paths], [f"weight/{path}" for path in paths])
+            self._joined_tags = [(relative, *tags) for tags, relative in zip(*self._slot_tags[:2])]
+        return self._slot_tags
 
 
 @torch.no_grad()
