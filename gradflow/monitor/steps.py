@@ -246,11 +246,15 @@ def outside_compile(fn: Callable) -> Callable:
 
     @functools.wraps(fn)
     def hook(*args, **kwargs):
-        if torch.compiler.is_compiling():
+        if _is_compiling():
             return disabled(*args, **kwargs)
         return fn(*args, **kwargs)
 
     return hook
+
+
+_is_compiling = torch.compiler.is_compiling     # read at every hook call: one global, not two attributes
+_get_ident = threading.get_ident
 
 
 @outside_compile
@@ -260,7 +264,7 @@ def _dispatch(optimizer, args, kwargs):
     entry = _STEPPING.get(id(optimizer))
     if entry is None or entry[0]() is not optimizer:
         entry = _STEPPING[id(optimizer)] = (entry_ref(_STEPPING, id(optimizer), optimizer), set())
-    entry[1].add(threading.get_ident())        # inside its step, until _finished
+    entry[1].add(_get_ident())                 # inside its step, until _finished
     if _STOPPING or _DEFERRED:       # a stop() deciding whether this step is running ends first
         with _LOCK:
             if _DEFERRED:
@@ -278,7 +282,7 @@ def _finished(optimizer, args, kwargs):
     no longer iterated, so the hooks a ``stop()`` during that step left are removed now."""
     entry = _STEPPING.get(id(optimizer))
     if entry is not None and entry[1]:
-        entry[1].discard(threading.get_ident())
+        entry[1].discard(_get_ident())
     if _DEFERRED:
         with _LOCK:
             if entry is None or not entry[1]:        # no other thread inside a step of it
@@ -425,16 +429,19 @@ class StepWatch:
         key, mask = self.masks.keyed(optimizer)
         if mask is None:
             return
-        self._mask = (id(optimizer), key, mask)      # for its pre-hook, which torch calls next
         held = self._hooks.get(id(optimizer))
         if held is not None and held[0]() is optimizer:
-            handle = last_pre_hook(optimizer, self._on_step, held[1])      # moved to the end if need be
-            if handle is not held[1]:                                      # registered anew: the hooks were cleared
-                self._hooks[id(optimizer)] = held = (held[0], handle, *held[2:])
+            hooks, handle = optimizer._optimizer_step_pre_hooks, held[1]
+            if handle.id in hooks:                   # last_pre_hook, inline: the common case at every step
+                if next(reversed(hooks)) != handle.id:
+                    hooks.move_to_end(handle.id)     # a hook of the user's came since: this one last again
+            else:                                    # the hooks were cleared: registered anew
+                self._hooks[id(optimizer)] = held = (held[0], last_pre_hook(optimizer, self._on_step), *held[2:])
         else:
             self._hooks[id(optimizer)] = held = (entry_ref(self._hooks, id(optimizer), optimizer),
                                                  last_pre_hook(optimizer, self._on_step),
                                                  optimizer.register_step_post_hook(self._on_step_done), None)
+        self._mask = (id(optimizer), key, mask, held)      # for its pre-hook, which torch calls next
         if not self.on:          # stop() ran meanwhile in another thread, perhaps before these were kept
             held[1].remove()
             held[2].remove()
@@ -448,14 +455,15 @@ class StepWatch:
                       "Remove this monitor and attach a new one with optimizer=<the new optimizer>, or without "
                       "optimizer= to record every optimizer's steps")
 
-    def _defers(self, optimizer: torch.optim.Optimizer, mask, key: tuple) -> bool:
+    def _defers(self, optimizer: torch.optim.Optimizer, mask, key: tuple, held: tuple | None) -> bool:
         """Whether ``optimizer`` wraps an inner optimizer (an attribute of it, ``inner_optimizer``)
         whose step this monitor watches: that step records instead, after the inner optimizer's
         own pre-hooks, which run after the wrapper's (a hook there that rescales ``.grad`` changes
         what is applied). Looked up once per change of the wrapper's groups. Not under a
         GradScaler that hands the wrapper itself the scale (``amp_scale``). ``key``: the
-        optimizer's ``_groups_key`` now."""
-        held = self._hooks.get(id(optimizer))
+        optimizer's ``_groups_key`` now; ``held``: its entry of ``_hooks`` (None: look it up)."""
+        if held is None:
+            held = self._hooks.get(id(optimizer))
         if held is None or getattr(optimizer, "_step_supports_amp_scaling", False):
             return False
         if held[3] is None or held[3][0] != key:
@@ -483,22 +491,32 @@ class StepWatch:
         seen, self._mask = self._mask, None          # the mask _on_step_seen found for this step,
         key = _groups_key(optimizer)
         if seen is not None and seen[0] == id(optimizer) and seen[1] == key:
-            mask = seen[2]                           # unless a pre-hook of the user's changed the groups
+            mask, held = seen[2], seen[3]            # unless a pre-hook of the user's changed the groups
         else:
-            mask = self.masks.mask(optimizer)
+            mask, held = self.masks.mask(optimizer), None
         if mask is None or not self.on:
             return None
         outer = self._outer() if self._outer is not None else None
         inner = outer is not None and outer is not optimizer     # an inner step of the running one (a step
-        if not inner:                                            # that raised leaves it set until that optimizer
-            self._outer = weakref.ref(optimizer)                 # steps again)
+        scaling = getattr(optimizer, "_step_supports_amp_scaling", False)   # that raised leaves it set until
+        if not inner:                                                       # that optimizer steps again)
             self._deferred = None
-            if self._defers(optimizer, mask, key):        # its inner optimizer's step records, after that one's pre-hooks
+            if held is None:
+                self._outer = weakref.ref(optimizer)
+                defers = not scaling and self._defers(optimizer, mask, key, None)
+            else:                                    # the held entry's weak reference (_on_step_seen checked it)
+                self._outer = held[0]
+                looked = held[3]                     # _defers' answer for these groups, read inline
+                if looked is not None and looked[0] == key:
+                    defers = not scaling and looked[1] is not None and looked[1]() is not None
+                else:
+                    defers = not scaling and self._defers(optimizer, mask, key, held)
+            if defers:                               # its inner optimizer's step records, after that one's pre-hooks
                 self._deferred = mask
                 return None
         else:
             self._deferred = None
-        amp = amp_scale(optimizer, kwargs) if getattr(optimizer, "_step_supports_amp_scaling", False) else None
+        amp = amp_scale(optimizer, kwargs) if scaling else None
         if amp is not None:                          # a fused optimizer under GradScaler: still scaled
             scale, found_inf = amp
             if not found_inf.item():                 # else skipped: interception counts it (one sync, AMP only)
