@@ -456,15 +456,15 @@ class StepWatch:
                       "Remove this monitor and attach a new one with optimizer=<the new optimizer>, or without "
                       "optimizer= to record every optimizer's steps")
 
-    def _defers(self, optimizer: torch.optim.Optimizer, mask, key: tuple, held: tuple | None) -> bool:
+    def _defers(self, optimizer: torch.optim.Optimizer, mask, key: tuple) -> bool:
         """Whether ``optimizer`` wraps an inner optimizer (an attribute of it, ``inner_optimizer``)
         whose step this monitor watches: that step records instead, after the inner optimizer's
         own pre-hooks, which run after the wrapper's (a hook there that rescales ``.grad`` changes
         what is applied). Looked up once per change of the wrapper's groups. Not under a
         GradScaler that hands the wrapper itself the scale (``amp_scale``). ``key``: the
-        optimizer's ``_groups_key`` now; ``held``: its entry of ``_hooks`` (None: look it up)."""
-        if held is None:
-            held = self._hooks.get(id(optimizer))
+        optimizer's ``_groups_key`` now. (``_on_step`` reads the answer kept for the same key
+        itself; this looks the entry up afresh: a ``stop()`` since emptied ``_hooks``.)"""
+        held = self._hooks.get(id(optimizer))
         if held is None or getattr(optimizer, "_step_supports_amp_scaling", False):
             return False
         if held[3] is None or held[3][0] != key:
@@ -504,14 +504,14 @@ class StepWatch:
             self._deferred = None
             if held is None:
                 self._outer = weakref.ref(optimizer)
-                defers = not scaling and self._defers(optimizer, mask, key, None)
+                defers = not scaling and self._defers(optimizer, mask, key)
             else:                                    # the held entry's weak reference (_on_step_seen checked it)
                 self._outer = held[0]
                 looked = held[3]                     # _defers' answer for these groups, read inline
                 if looked is not None and looked[0] == key:
                     defers = not scaling and looked[1] is not None and looked[1]() is not None
                 else:
-                    defers = not scaling and self._defers(optimizer, mask, key, held)
+                    defers = not scaling and self._defers(optimizer, mask, key)
             if defers:                               # its inner optimizer's step records, after that one's pre-hooks
                 self._deferred = mask
                 return None
