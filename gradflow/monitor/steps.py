@@ -241,9 +241,9 @@ def outside_compile(fn: Callable) -> Callable:
     ``torch._dynamo.disable`` does; in eager code, ``fn`` itself. The disable wrapper costs an
     eager call about 0.9 us (it swaps the frame evaluation callback in and out), and step
     hooks run at every step; ``torch.compiler.is_compiling()`` is True only while dynamo
-    traces. (This module's own four step hooks make the same check inline, without this
-    wrapper's frame: ``_dispatch``.) The hook takes positional arguments only, as torch calls step hooks
-    (``hook(optimizer, args, kwargs)``): no keyword dict built per call (0.05 us a hook)."""
+    traces. The hook takes positional arguments only, as torch calls step hooks
+    (``hook(optimizer, args, kwargs)``): no keyword dict built per call (0.05 us a hook). This
+    module's own four step hooks make the same check inline, without this frame (``_dispatch``)."""
     disabled = torch._dynamo.disable(fn)
 
     @functools.wraps(fn)
@@ -261,7 +261,8 @@ _get_ident = threading.get_ident
 
 # The four hooks of every step check ``_is_compiling()`` themselves, as ``outside_compile``'s
 # wrapper does, and run their ``torch._dynamo.disable``d copy (``*_eagerly``) where dynamo traces
-# them: the wrapper's frame cost each call about 0.2 us (tutorial MLP, 2.6 -> 1.8 us for the four).
+# them: the wrapper's frame cost each call about 0.2 us (tutorial MLP, the four hooks called in a
+# loop: 2.53 us wrapped, 1.85 us bare, 2.20 us with the check inline).
 
 def _dispatch(optimizer, args, kwargs):
     if _is_compiling():                  # dynamo traces the step (torch.compile(optimizer.step)): a graph break
