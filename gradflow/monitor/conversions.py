@@ -39,25 +39,21 @@ class Conversions(Part):
         # non-finite part's hooks (nonfinite=True) see every pass.
         watch_forward_starts(self, model, every_pass=True)
 
-    def forward_starts(self) -> None:
-        self.check()
-
-    def record(self, mask) -> None:
-        self.check()
-
-    def skip(self, mask) -> None:
-        self.check()
-
-    def check(self) -> None:
+    def check(self, mask=None) -> None:
         """Follow the parameters if the first or last of them changed device or dtype, or the
-        model's first parameter is a new tensor on another device."""
+        model's first parameter is a new tensor on another device. Also the part's
+        ``forward_starts``, ``record`` and ``skip`` (``mask`` unused): one call, no frame between."""
         setup = self.setup
-        first, last = setup.params[0], setup.params[-1]
-        if first.device != setup.device or last.device != setup.device \
-                or first.dtype != setup.dtypes[0] or last.dtype != setup.dtypes[-1]:
+        params, device, dtypes = setup.params, setup.device, setup.dtypes
+        first, last = params[0], params[-1]
+        # dtypes are singletons (torch.float32 is x.dtype): compared by identity
+        if first.dtype is not dtypes[0] or last.dtype is not dtypes[-1] or first.device != device \
+                or last.device != device:
             setup.follow()
             return
         owner = self.owner() if self.owner is not None else None
         now = owner._parameters.get(self.key) if owner is not None else None
-        if now is not None and now is not first and (now.device != setup.device or now.dtype != setup.dtypes[0]):
+        if now is not None and now is not first and (now.device != device or now.dtype is not dtypes[0]):
             setup.follow()
+
+    forward_starts = record = skip = check

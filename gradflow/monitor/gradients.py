@@ -230,30 +230,43 @@ class Gradients(Part):
         pattern = tuple([g is not None for g in grads])     # a list: no generator to resume per gradient
         if mask is not None:
             self.held.add(mask)
-        if not any(pattern) or self._seen(grads[pattern.index(True)], grads[len(pattern) - 1 - pattern[::-1].index(True)],
-                                          pattern):
+        first, last = grads[0], grads[-1]
+        if first is None or last is None:
+            if True not in pattern:
+                return False
+            first, last = grads[pattern.index(True)], grads[len(pattern) - 1 - pattern[::-1].index(True)]
+        if self._last is None:                       # the step's first record (the common case)
+            self._last = (weakref.ref(first), weakref.ref(last), (first._version, last._version), pattern)
+        elif self._seen(first, last, pattern):
             return False
         if self.sharding is not None:                # local shards, Partial sums resolved, unscaled (sharding.py)
             grads = self.sharding.local_grads(self.params, grads, self.recorded, self.setup.unscale)
         elif self.setup.unscale is not None:
             grads = [None if g is None else g * self.setup.unscale for g in grads]
         step = self.recorded
-        if step >= self.step_squares.shape[0]:       # grow on the device: no host sync
+        if step >= self.step_squares.size(0):        # grow on the device: no host sync
             self.step_squares = torch.cat([self.step_squares, torch.zeros_like(self.step_squares)])
         plan = self._plans.get(pattern) or self._make_plan(pattern)
-        seen = self.steps_by_pattern.get(pattern, 0)
-        counted = self._histogrammed(plan, pattern, seen)
-        if plan.small:
-            copy = _flat_copy(grads if len(plan.small) == len(grads) else [grads[i] for i in plan.small])
-            small_counted = counted if isinstance(counted, bool) else tuple(counted[plan.small].tolist())
-            self.pending.append((plan, copy.detach() if copy.requires_grad else copy, step, small_counted))
+        by_pattern = self.steps_by_pattern
+        seen = by_pattern.get(pattern, 0)
+        if self._param_steps is None and len(by_pattern) == (1 if seen else 0):
+            counted = seen % self.histogram_every == 0   # every step so far had this pattern: _histogrammed's first case
+        else:
+            counted = self._histogrammed(plan, pattern, seen)
+        small = plan.small
+        if small:
+            copy = _flat_copy(grads if len(small) == len(grads) else [grads[i] for i in small])
+            if copy.requires_grad:
+                copy = copy.detach()
+            self.pending.append((plan, copy, step, counted if counted.__class__ is bool
+                                 else tuple(counted[small].tolist())))
             self.pending_elements += plan.small_numel
             if self.pending_elements >= PENDING_ELEMENTS:
                 self.reduce()
         if plan.large:
             with torch.no_grad():
                 self._reduce_large(plan, grads, step, counted)
-        self.steps_by_pattern[pattern] = seen + 1
+        by_pattern[pattern] = seen + 1
         self.recorded += 1
         return True
 

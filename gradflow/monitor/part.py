@@ -268,6 +268,10 @@ def training_pass() -> bool:
     return torch.is_grad_enabled() and not torch.compiler.is_compiling() and torch._C._current_graph_task_id() == -1
 
 
+_grad_enabled, _is_compiling, _graph_task_id = (torch.is_grad_enabled, torch.compiler.is_compiling,
+                                                torch._C._current_graph_task_id)
+
+
 class ForwardStarts(LeavesCopiesAlone):
     """The model's forward pre-hook: counts each training forward pass (``training_pass``) for
     the schedule, and on the profiled ones calls ``forward_starts()`` of each part that asked
@@ -284,7 +288,8 @@ class ForwardStarts(LeavesCopiesAlone):
         self.schedule = schedule
 
     def __call__(self, module, inputs):
-        if training_pass():
+        # training_pass(), inline: this runs at every forward pass
+        if _grad_enabled() and not _is_compiling() and _graph_task_id() == -1:
             schedule = self.schedule
             schedule.passes += 1
             for part in self.parts if schedule.active else self.every_pass:
