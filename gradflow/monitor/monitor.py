@@ -276,6 +276,7 @@ class GradientMonitor:
         except Exception as error:
             warnings.warn(f"GradientMonitor.remove(): the hooks are removed, but writing what was pending failed: "
                           f"{type(error).__name__}: {error}", stacklevel=2)
+        self._output.release()     # the sinks' open files (an event file's descriptor): a kept monitor holds none
 
     @classmethod
     def detach(cls, model: nn.Module) -> bool:

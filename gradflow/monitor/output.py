@@ -67,6 +67,11 @@ class Output:
                     failed.append((sink, error))
         raise_failed(failed, "flush()")
 
+    def release(self) -> None:
+        """Each sink lets go of what it holds open between windows (``Sink.release``): at remove()."""
+        for sink in {id(sink): sink for _, sink, _ in self.sinks}.values():
+            sink.release()
+
 
 def raise_failed(failed: list[tuple[object, Exception]], call: str) -> None:
     """One MonitorError for the sinks that raised while a window was written (each sink was

@@ -53,6 +53,11 @@ class Sink:
     def text(self, texts: dict[str, str], step: int) -> None:
         """A window's texts, tag -> Markdown (the idle parameters' names); none in most windows."""
 
+    def release(self) -> None:
+        """Let go of what the sink holds open between windows (``TensorBoardSink``: its descriptor
+        on the writer's event file); a later window opens it again. The monitor's ``remove()``
+        calls it. Never raises."""
+
 
 class ScalarSink(Sink):
     """Passes each window's scalars to ``fn(scalars, step)``; histograms are dropped."""
@@ -84,6 +89,10 @@ class TeeSink(Sink):
 
     def text(self, texts: dict[str, str], step: int) -> None:
         self._each(lambda sink: sink.text(texts, step))
+
+    def release(self) -> None:
+        for sink in self.sinks:
+            sink.release()
 
     def _each(self, call: Callable[[Sink], None]) -> None:
         """``call`` on every sink, even after one raised (one failing logger does not keep the
@@ -197,6 +206,11 @@ class TensorBoardSink(Sink):
             for tag, text in texts.items():
                 add_text(tag, text, step)
 
+    def release(self) -> None:
+        """Close the descriptor on the writer's event file (a monitor removed but kept, its writer
+        closed, held one per monitor: a sweep keeping its monitors ran out of descriptors)."""
+        self._file.close()
+
     def _log_one_by_one(self, scalars, histograms, step) -> None:
         for tag, number in scalars.items():
             self.writer.add_scalar(tag, number, step)
@@ -289,9 +303,10 @@ def _appendable_path(event_writer: Any) -> str | None:
     """The local path of ``event_writer``'s file where TensorBoard itself appends to it (its stand-in
     ``GFile`` on the local file system, the writer open), else None."""
     try:
+        import google_crc32c  # noqa: F401  (the record's checksums; without it, TensorBoard's queue and its own)
         from tensorboard.compat.tensorflow_stub.io import gfile
         from tensorboard.summary.writer.event_file_writer import EventFileWriter
-    except ImportError:  # pragma: no cover
+    except ImportError:
         return None
     if type(event_writer) is not EventFileWriter or _closed(event_writer):
         return None
