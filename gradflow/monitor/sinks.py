@@ -91,6 +91,7 @@ class TeeSink(Sink):
         self._each(lambda sink: sink.text(texts, step))
 
     def release(self) -> None:
+        """Each sink's ``release``."""
         for sink in self.sinks:
             sink.release()
 
