@@ -367,6 +367,14 @@ def mixed_histograms(requests, capacity: int) -> list[Histogram | None] | None:
     kernels = histogram_kernels()
     if kernels is None:
         return None
+    ids = [id(table) for table, _, _ in requests]
+    distinct = {key: table for key, (table, _, _) in zip(ids, requests)}
+    if len(distinct) <= MIXED_TABLES and _same_fused_dtype(distinct.values()):     # a window's: one call
+        slots = {key: slot for slot, key in enumerate(distinct)}
+        tables = [table.reshape(-1, SIGN_EXPONENT_BINS) for table in distinct.values()]
+        return _mixed(kernels, tables, np.array([slots[key] for key in ids], dtype=np.int64),
+                      np.array([row for _, row, _ in requests], dtype=np.int64),
+                      np.array([log10 for _, _, log10 in requests], dtype=np.bool_), capacity)
     groups: list[tuple[list[np.ndarray], list[int], list[int]]] = []    # (tables, request numbers, their slots)
     open_groups: dict[str, tuple] = {}                                     # by dtype: the group taking tables
     placed: dict[int, tuple] = {}                                          # id(table): (group, slot)
@@ -394,6 +402,12 @@ def mixed_histograms(requests, capacity: int) -> list[Histogram | None] | None:
         for number, histogram in zip(numbers, built):
             out[number] = histogram
     return out
+
+
+def _same_fused_dtype(tables) -> bool:
+    """Whether ``tables`` are numpy arrays of one dtype the kernels take (int64 or float64), C-contiguous."""
+    dtypes = {table.dtype if isinstance(table, np.ndarray) and table.flags.c_contiguous else None for table in tables}
+    return len(dtypes) == 1 and next(iter(dtypes)) in (np.int64, np.float64)
 
 
 def _mixed(kernels, tables: list[np.ndarray], which, index, log10, capacity: int) -> list[Histogram | None]:

@@ -195,7 +195,7 @@ def test_mixed_histograms_equal_each_row_built_alone():
     """stats.mixed_histograms (one compiled call per four tables of a dtype, resuming when its
     buffers fill) gives, request for request, the histogram value_histograms or
     log10_abs_histograms gives of that row alone: six tables of int64 and float64 counts (two
-    groups of one dtype), rows asked in shuffled order, buffers of two rows' buckets."""
+    groups of one dtype; then two int64 tables, a window's one call), rows asked in shuffled order, buffers of two rows' buckets."""
     if S.histogram_kernels() is None:
         pytest.skip("numba is not installed")
     rng = np.random.default_rng(5)
@@ -212,3 +212,5 @@ def test_mixed_histograms_equal_each_row_built_alone():
     alone = [(S.log10_abs_histograms if log10 else S.value_histograms)(t[row][None].astype(np.float64))[0]
              for t, row, log10 in requests]
     assert built == alone and built[[i for i, (t, r, _) in enumerate(requests) if t is tables[0] and r == 0][0]] is None
+    few = [i for i, (t, _, _) in enumerate(requests) if t is tables[0] or t is tables[2]]      # one int64 call
+    assert S.mixed_histograms([requests[i] for i in few], capacity=509) == [alone[i] for i in few]
