@@ -424,8 +424,10 @@ def _mixed(kernels, tables: list[np.ndarray], which, index, log10, capacity: int
                                   LOG10_LIMITS, _LOG10_CENTRES, _LOG10_LEFTS, limits, counts, offsets, moments, valid)
         ends = offsets[start:stop + 1].tolist()
         limits_list, counts_list = limits[:ends[-1]].tolist(), counts[:ends[-1]].tolist()
-        out += [Histogram(limits_list[a:b], counts_list[a:b], *row, True) if ok else None      # sparse
-                for a, b, row, ok in zip(ends, ends[1:], moments[start:stop].tolist(), valid[start:stop].tolist())]
+        lows, highs, nums, sums, squares = moments[start:stop].T.tolist()
+        out += [Histogram(limits_list[a:b], counts_list[a:b], low, high, num, total, square, True) if ok else None
+                for a, b, low, high, num, total, square, ok      # the kernels' are sparse
+                in zip(ends, ends[1:], lows, highs, nums, sums, squares, valid[start:stop].tolist())]
         start = stop
     return out
 
