@@ -41,9 +41,13 @@ LINEAR_BINS = 64
 # buckets a row; the rows themselves are read where they lie) stay about 130 KB, where a window's
 # 40 rows at once took 490 KB of log()'s peak on a rank-16 LoRA (benchmarks/memory_phases.py --tensorboard).
 BUILD_ROWS = 16
+# Buckets the value and log10 kernels' two output buffers hold (``stats.mixed_histograms``, which
+# resumes in fresh ones when a row might not fit): 16 KB each, four rows' worst case; a window of the
+# tutorial's MLP fills about 500.
+BUILD_BUCKETS = 4 * 509
 
 
-@dataclass
+@dataclass(slots=True)
 class _Request:
     form: str                           # "value" (sign/exponent), "log10" (of |x|) or "linear"
     member: int
@@ -85,11 +89,11 @@ class HistogramRequests:
         """Per member, tag -> histogram; a row with no finite value gets none (TensorBoard
         cannot draw an empty histogram). With numba, the value and log10 rows of all tables are
         built in one call that reads them where they lie (``stats.mixed_histograms``), through
-        buffers of ``BUILD_ROWS`` rows' buckets; the linear rows of a table together."""
+        buffers of ``BUILD_BUCKETS``; the linear rows of a table together, ``BUILD_ROWS`` at a time."""
         out: list[dict[str, Histogram]] = [{} for _ in range(members)]
         counted = [r for r in self.requests if r.form != "linear"]
         built = S.mixed_histograms([(r.table, r.row, r.form == "log10") for r in counted],
-                                   BUILD_ROWS * (2 * S.MIDDLE + 1)) if counted else []
+                                   BUILD_BUCKETS) if counted else []
         if built is None:                              # no numba: per form and table
             self._build_grouped(counted, out)
         else:
