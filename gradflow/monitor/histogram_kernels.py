@@ -45,60 +45,12 @@ def value_rows(counts, index, octaves, value_limits, value_lefts, value_centres,
     layout of stats.py: negatives' exponents 0..255, then positives'), sparse; outputs as in the
     module docstring (``limits_out`` and ``counts_out`` hold R * 509 values at most)."""
     rows = index.size
-    ordered = np.empty(2 * FINITE + 1)
-    row_limits = np.empty(2 * FINITE + 1)
-    row_counts = np.empty(2 * FINITE + 1)
+    scratch = np.empty((3, 2 * FINITE + 1))
     at = 0
     for r in range(rows):
         offsets[r] = at
-        source = index[r]
-        zeros = np.float64(counts[source, 0] + counts[source, 256])
-        largest = -1
-        for j in range(FINITE):                  # exponent j + 1
-            negative, positive = np.float64(counts[source, 1 + j]), np.float64(counts[source, 257 + j])
-            ordered[MIDDLE - 1 - j] = negative
-            ordered[MIDDLE + 1 + j] = positive
-            if negative + positive > 0:
-                largest = j
-        ordered[MIDDLE] = zeros
-        floor = max(1, largest + 1 - octaves) if largest >= 0 else 1
-        first, last, total, total_sum, squares = -1, -1, 0.0, 0.0, 0.0
-        for i in range(2 * FINITE + 1):
-            c = ordered[i]
-            if c > 0:
-                if first < 0:
-                    first = i
-                last = i
-            total += c
-            if abs(i - MIDDLE) >= floor:         # octaves below the floor sit at the zero bucket's centre, 0
-                total_sum += c * value_centres[i]
-                squares += c * value_centres[i] * value_centres[i]
-        if total == 0:
-            valid[r] = False
-            continue
-        valid[r] = True
-        if abs(first - MIDDLE) < floor:
-            first = MIDDLE
-        if abs(last - MIDDLE) < floor:
-            last = MIDDLE
-        right_of_zero = value_limits[MIDDLE + floor - 1]
-        middle = zeros
-        for e in range(1, floor):
-            middle += ordered[MIDDLE - e] + ordered[MIDDLE + e]
-        n = 0
-        for i in range(first, min(last, MIDDLE - floor) + 1):
-            row_limits[n], row_counts[n] = value_limits[i], ordered[i]
-            n += 1
-        if first <= MIDDLE <= last:
-            row_limits[n], row_counts[n] = right_of_zero, middle
-            n += 1
-        for i in range(max(first, MIDDLE + floor), last + 1):
-            row_limits[n], row_counts[n] = value_limits[i], ordered[i]
-            n += 1
-        at = _emit(row_limits, row_counts, n, limits_out, counts_out, at)
-        moments[r, 0] = -right_of_zero if first == MIDDLE else value_lefts[first]
-        moments[r, 1] = right_of_zero if last == MIDDLE else value_limits[last]
-        moments[r, 2], moments[r, 3], moments[r, 4] = total, total_sum, squares
+        at = _value_row(counts[index[r]], octaves, value_limits, value_lefts, value_centres, scratch, limits_out,
+                        counts_out, at, moments[r], valid, r)
     offsets[rows] = at
 
 
@@ -112,23 +64,157 @@ def log10_rows(counts, index, log10_limits, log10_centres, log10_lefts, limits_o
     at = 0
     for r in range(rows):
         offsets[r] = at
-        source = index[r]
-        first, last, total, total_sum, squares = -1, -1, 0.0, 0.0, 0.0
-        for j in range(FINITE):
-            c = np.float64(counts[source, 1 + j] + counts[source, 257 + j])
-            magnitudes[j] = c
-            if c > 0:
-                if first < 0:
-                    first = j
-                last = j
-            total += c
-            total_sum += c * log10_centres[j]
-            squares += c * log10_centres[j] * log10_centres[j]
-        if total == 0:
-            valid[r] = False
-            continue
-        valid[r] = True
-        at = _emit(log10_limits[first:last + 1], magnitudes[first:last + 1], last + 1 - first, limits_out, counts_out, at)
-        moments[r, 0], moments[r, 1] = log10_lefts[first], log10_limits[last]
-        moments[r, 2], moments[r, 3], moments[r, 4] = total, total_sum, squares
+        at = _log10_row(counts[index[r]], log10_limits, log10_centres, log10_lefts, magnitudes, limits_out,
+                        counts_out, at, moments[r], valid, r)
     offsets[rows] = at
+
+
+@njit(nogil=True, boundscheck=False, cache=True)
+def mixed_rows(t0, t1, t2, t3, table, index, log10, start, octaves, value_limits, value_lefts, value_centres,
+               log10_limits, log10_centres, log10_lefts, limits_out, counts_out, offsets, moments, valid):
+    """Value and log10 histograms (``value_rows``, ``log10_rows``) of rows from up to four tables
+    of one dtype in one call: row r is row ``index[r]`` of table ``table[r]`` (0..3: ``t0``..``t3``),
+    a log10 histogram where ``log10[r]``. Rows from ``start`` on, until ``limits_out`` and
+    ``counts_out`` may not hold the next row's 509 buckets: returns the row it stopped at (R when
+    done), with that row's ``offsets`` entry the end of what was written. Offsets restart at 0 at
+    ``start``; ``moments`` and ``valid`` are indexed by row."""
+    rows = index.size
+    scratch = np.empty((3, 2 * FINITE + 1))
+    capacity = limits_out.size
+    at = 0
+    for r in range(start, rows):
+        offsets[r] = at
+        if at + 2 * FINITE + 1 > capacity:
+            return r
+        which, source = table[r], index[r]
+        if which == 0:
+            counts = t0[source]
+        elif which == 1:
+            counts = t1[source]
+        elif which == 2:
+            counts = t2[source]
+        else:
+            counts = t3[source]
+        if log10[r]:
+            at = _log10_row(counts, log10_limits, log10_centres, log10_lefts, scratch[0], limits_out, counts_out,
+                            at, moments[r], valid, r)
+        else:
+            at = _value_row(counts, octaves, value_limits, value_lefts, value_centres, scratch, limits_out,
+                            counts_out, at, moments[r], valid, r)
+    offsets[rows] = at
+    return rows
+
+
+@njit(nogil=True, boundscheck=False, cache=True)
+def _finite_range(counts):
+    """(lowest, highest) j with a count at exponent j + 1 of either sign; (FINITE, -1) if none."""
+    low = 0
+    while low < FINITE and counts[1 + low] == 0 and counts[257 + low] == 0:
+        low += 1
+    if low == FINITE:
+        return low, -1
+    high = FINITE - 1
+    while counts[1 + high] == 0 and counts[257 + high] == 0:
+        high -= 1
+    return low, high
+
+
+@njit(nogil=True, boundscheck=False, cache=True)
+def _ordered(counts, i):
+    """Bucket i of the value ordering (negatives' exponents 254..1, zeros, positives' 1..254)."""
+    if i < MIDDLE:
+        return np.float64(counts[MIDDLE - i])
+    if i == MIDDLE:
+        return np.float64(counts[0] + counts[256])
+    return np.float64(counts[256 + i - MIDDLE])
+
+
+@njit(nogil=True, boundscheck=False, cache=True)
+def _value_row(counts, octaves, value_limits, value_lefts, value_centres, scratch, limits_out, counts_out, at,
+               moments, valid, r):
+    """One row of ``value_rows`` (``counts``: its 512 counts; ``scratch``: (3, 509)); returns the new end.
+
+    Visits only the exponents from the lowest to the highest with a count: an empty bucket
+    adds an exact 0 to every sum, so the sums, taken in the buckets' order, are those of all 509."""
+    row_limits, row_counts = scratch[1], scratch[2]
+    zeros = np.float64(counts[0] + counts[256])
+    low, largest = _finite_range(counts)
+    floor = max(1, largest + 1 - octaves) if largest >= 0 else 1
+    first, last, total, total_sum, squares = -1, -1, 0.0, 0.0, 0.0
+    for j in range(largest, low - 1, -1):          # negatives, bucket MIDDLE - 1 - j
+        i = MIDDLE - 1 - j
+        c = np.float64(counts[1 + j])
+        if c > 0:
+            if first < 0:
+                first = i
+            last = i
+        total += c
+        if j + 1 >= floor:
+            total_sum += c * value_centres[i]
+            squares += c * value_centres[i] * value_centres[i]
+    if zeros > 0:
+        if first < 0:
+            first = MIDDLE
+        last = MIDDLE
+    total += zeros
+    for j in range(low, largest + 1):              # positives, bucket MIDDLE + 1 + j
+        i = MIDDLE + 1 + j
+        c = np.float64(counts[257 + j])
+        if c > 0:
+            if first < 0:
+                first = i
+            last = i
+        total += c
+        if j + 1 >= floor:
+            total_sum += c * value_centres[i]
+            squares += c * value_centres[i] * value_centres[i]
+    if total == 0:
+        valid[r] = False
+        return at
+    valid[r] = True
+    if abs(first - MIDDLE) < floor:
+        first = MIDDLE
+    if abs(last - MIDDLE) < floor:
+        last = MIDDLE
+    right_of_zero = value_limits[MIDDLE + floor - 1]
+    middle = zeros
+    for e in range(max(1, low + 1), floor):
+        middle += np.float64(counts[e]) + np.float64(counts[256 + e])
+    n = 0
+    for i in range(first, min(last, MIDDLE - floor) + 1):
+        row_limits[n], row_counts[n] = value_limits[i], _ordered(counts, i)
+        n += 1
+    if first <= MIDDLE <= last:
+        row_limits[n], row_counts[n] = right_of_zero, middle
+        n += 1
+    for i in range(max(first, MIDDLE + floor), last + 1):
+        row_limits[n], row_counts[n] = value_limits[i], _ordered(counts, i)
+        n += 1
+    at = _emit(row_limits, row_counts, n, limits_out, counts_out, at)
+    moments[0] = -right_of_zero if first == MIDDLE else value_lefts[first]
+    moments[1] = right_of_zero if last == MIDDLE else value_limits[last]
+    moments[2], moments[3], moments[4] = total, total_sum, squares
+    return at
+
+
+@njit(nogil=True, boundscheck=False, cache=True)
+def _log10_row(counts, log10_limits, log10_centres, log10_lefts, magnitudes, limits_out, counts_out, at, moments,
+               valid, r):
+    """One row of ``log10_rows`` (``magnitudes``: 254 values of scratch); returns the new end.
+    Visits the exponents with a count only, as ``_value_row``."""
+    first, last = _finite_range(counts)
+    if last < 0:
+        valid[r] = False
+        return at
+    total, total_sum, squares = 0.0, 0.0, 0.0
+    for j in range(first, last + 1):
+        c = np.float64(counts[1 + j] + counts[257 + j])
+        magnitudes[j] = c
+        total += c
+        total_sum += c * log10_centres[j]
+        squares += c * log10_centres[j] * log10_centres[j]
+    valid[r] = True
+    at = _emit(log10_limits[first:last + 1], magnitudes[first:last + 1], last + 1 - first, limits_out, counts_out, at)
+    moments[0], moments[1] = log10_lefts[first], log10_limits[last]
+    moments[2], moments[3], moments[4] = total, total_sum, squares
+    return at

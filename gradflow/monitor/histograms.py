@@ -41,9 +41,13 @@ LINEAR_BINS = 64
 # buckets a row; the rows themselves are read where they lie) stay about 130 KB, where a window's
 # 40 rows at once took 490 KB of log()'s peak on a rank-16 LoRA (benchmarks/memory_phases.py --tensorboard).
 BUILD_ROWS = 16
+# Buckets the value and log10 kernels' two output buffers hold (``stats.mixed_histograms``, which
+# resumes in fresh ones when a row might not fit): 16 KB each, four rows' worst case; a window of the
+# tutorial's MLP fills about 500.
+BUILD_BUCKETS = 4 * 509
 
 
-@dataclass
+@dataclass(slots=True)
 class _Request:
     form: str                           # "value" (sign/exponent), "log10" (of |x|) or "linear"
     member: int
@@ -83,11 +87,27 @@ class HistogramRequests:
 
     def build(self, members: int) -> list[dict[str, Histogram]]:
         """Per member, tag -> histogram; a row with no finite value gets none (TensorBoard
-        cannot draw an empty histogram). The rows of one table are built in one call that reads
-        them where they lie (``stats.value_histograms(rows=)``), ``BUILD_ROWS`` at a time."""
+        cannot draw an empty histogram). With numba, the value and log10 rows of all tables are
+        built in one call that reads them where they lie (``stats.mixed_histograms``), through
+        buffers of ``BUILD_BUCKETS``; the linear rows of a table together, ``BUILD_ROWS`` at a time."""
         out: list[dict[str, Histogram]] = [{} for _ in range(members)]
+        counted = [r for r in self.requests if r.form != "linear"]
+        built = S.mixed_histograms([(r.table, r.row, r.form == "log10") for r in counted],
+                                   BUILD_BUCKETS) if counted else []
+        if built is None:                              # no numba: per form and table
+            self._build_grouped(counted, out)
+        else:
+            for request, histogram in zip(counted, built):
+                if histogram is not None:
+                    out[request.member][request.tag] = histogram
+        self._build_grouped([r for r in self.requests if r.form == "linear"], out)
+        return out
+
+    @staticmethod
+    def _build_grouped(requests: list[_Request], out: list[dict[str, Histogram]]) -> None:
+        """The rows of one form and table in one call, ``BUILD_ROWS`` at a time, into ``out``."""
         groups: dict[tuple[str, int], list[_Request]] = {}      # (form, table): its requests, in order
-        for r in self.requests:
+        for r in requests:
             group = groups.get((r.form, id(r.table)))
             if group is None:
                 groups[r.form, id(r.table)] = [r]
@@ -95,11 +115,10 @@ class HistogramRequests:
                 group.append(r)
         for (form, _), everything in groups.items():
             for start in range(0, len(everything), BUILD_ROWS):
-                requests = everything[start:start + BUILD_ROWS]
-                for request, histogram in zip(requests, _build(form, requests)):
+                chosen = everything[start:start + BUILD_ROWS]
+                for request, histogram in zip(chosen, _build(form, chosen)):
                     if histogram is not None:
                         out[request.member][request.tag] = histogram
-        return out
 
 
 def _build(form: str, requests: list[_Request]) -> list[Histogram | None]:

@@ -352,6 +352,86 @@ def log10_abs_histograms(counts, rows=None) -> list[Histogram | None]:
         counts, rows, LOG10_LIMITS, _LOG10_CENTRES, _LOG10_LEFTS, *out), len(_FINITE))
 
 
+# Tables a fused build passes to ``histogram_kernels.mixed_rows`` at once (its t0..t3).
+MIXED_TABLES = 4
+
+
+def mixed_histograms(requests, capacity: int) -> list[Histogram | None] | None:
+    """The value and log10 histograms (``value_histograms``, ``log10_abs_histograms``) of
+    ``requests``, (table, row, log10) each: row ``row`` of a (N, 512) counts ``table``, its log10
+    |x| histogram where ``log10``, in one compiled call per four tables of one dtype (a window of
+    the tutorial's MLP: one call for its 36 rows from three tables, where one per form and table
+    took four, each with its own output buffers). ``capacity``: buckets the output buffers hold
+    (at least 509, one row's most); a call that fills them resumes in fresh ones. None without numba.
+    """
+    kernels = histogram_kernels()
+    if kernels is None:
+        return None
+    ids = [id(table) for table, _, _ in requests]
+    distinct = {key: table for key, (table, _, _) in zip(ids, requests)}
+    if len(distinct) <= MIXED_TABLES and _same_fused_dtype(distinct.values()):     # a window's: one call
+        slots = {key: slot for slot, key in enumerate(distinct)}
+        tables = [table.reshape(-1, SIGN_EXPONENT_BINS) for table in distinct.values()]
+        return _mixed(kernels, tables, np.array([slots[key] for key in ids], dtype=np.int64),
+                      np.array([row for _, row, _ in requests], dtype=np.int64),
+                      np.array([log10 for _, _, log10 in requests], dtype=np.bool_), capacity)
+    groups: list[tuple[list[np.ndarray], list[int], list[int]]] = []    # (tables, request numbers, their slots)
+    open_groups: dict[str, tuple] = {}                                     # by dtype: the group taking tables
+    placed: dict[int, tuple] = {}                                          # id(table): (group, slot)
+    for number, (table, _, _) in enumerate(requests):
+        place = placed.get(id(table))
+        if place is None:
+            table = np.asarray(table)
+            if table.dtype not in (np.int64, np.float64) or not table.flags.c_contiguous:
+                table = np.ascontiguousarray(table, dtype=np.float64)
+            table = table.reshape(-1, SIGN_EXPONENT_BINS)
+            group = open_groups.get(table.dtype.char)
+            if group is None or len(group[0]) == MIXED_TABLES:
+                group = open_groups[table.dtype.char] = ([], [], [])
+                groups.append(group)
+            place = placed[id(requests[number][0])] = (group, len(group[0]))
+            group[0].append(table)
+        group, slot = place
+        group[1].append(number)
+        group[2].append(slot)
+    out: list[Histogram | None] = [None] * len(requests)
+    for tables, numbers, slots in groups:
+        index = np.array([requests[n][1] for n in numbers], dtype=np.int64)
+        log10 = np.array([requests[n][2] for n in numbers], dtype=np.bool_)
+        built = _mixed(kernels, tables, np.array(slots, dtype=np.int64), index, log10, capacity)
+        for number, histogram in zip(numbers, built):
+            out[number] = histogram
+    return out
+
+
+def _same_fused_dtype(tables) -> bool:
+    """Whether ``tables`` are numpy arrays of one dtype the kernels take (int64 or float64), C-contiguous."""
+    dtypes = {table.dtype if isinstance(table, np.ndarray) and table.flags.c_contiguous else None for table in tables}
+    return len(dtypes) == 1 and next(iter(dtypes)) in (np.int64, np.float64)
+
+
+def _mixed(kernels, tables: list[np.ndarray], which, index, log10, capacity: int) -> list[Histogram | None]:
+    """``histogram_kernels.mixed_rows`` over all rows, in as many calls as the buffers need."""
+    rows = len(index)
+    padded = tables + [tables[0][:0]] * (MIXED_TABLES - len(tables))
+    offsets, moments, valid = np.empty(rows + 1, np.int64), np.empty((rows, 5)), np.empty(rows, np.bool_)
+    capacity = max(capacity, 2 * len(_FINITE) + 1)
+    out: list[Histogram | None] = []
+    start = 0
+    while start < rows:
+        limits, counts = np.empty(capacity), np.empty(capacity)
+        stop = kernels.mixed_rows(*padded, which, index, log10, start, 24, VALUE_LIMITS, _VALUE_LEFTS, _VALUE_CENTRES,
+                                  LOG10_LIMITS, _LOG10_CENTRES, _LOG10_LEFTS, limits, counts, offsets, moments, valid)
+        ends = offsets[start:stop + 1].tolist()
+        limits_list, counts_list = limits[:ends[-1]].tolist(), counts[:ends[-1]].tolist()
+        lows, highs, nums, sums, squares = moments[start:stop].T.tolist()
+        out += [Histogram(limits_list[a:b], counts_list[a:b], low, high, num, total, square, True) if ok else None
+                for a, b, low, high, num, total, square, ok      # the kernels' are sparse
+                in zip(ends, ends[1:], lows, highs, nums, sums, squares, valid[start:stop].tolist())]
+        start = stop
+    return out
+
+
 def _rows_of(counts, rows) -> tuple[np.ndarray, np.ndarray | None, Any]:
     """(counts, rows, histogram kernels) for the histogram builders. The kernels read the chosen
     rows where they lie, int64 or float64: a window's rows were stacked into a float64 copy, 4 KB

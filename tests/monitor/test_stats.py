@@ -189,3 +189,28 @@ def test_scratch_fold_adds_each_jobs_tallies_on_every_path(dtype, reduction_path
     S.Scratch().fold([(values, counts, None), (values[:100], None, None)], tallies)
     expected = [[int((v == 0).sum()), int((~torch.isfinite(v)).sum())] for v in (values, values[:100])]
     assert tallies.tolist() == (torch.tensor(expected) + torch.tensor([[3, 1], [2, 0]])).tolist()
+
+
+def test_mixed_histograms_equal_each_row_built_alone():
+    """stats.mixed_histograms (one compiled call per four tables of a dtype, resuming when its
+    buffers fill) gives, request for request, the histogram value_histograms or
+    log10_abs_histograms gives of that row alone: six tables of int64 and float64 counts (two
+    groups of one dtype; then two int64 tables, a window's one call), rows asked in shuffled order, buffers of two rows' buckets."""
+    if S.histogram_kernels() is None:
+        pytest.skip("numba is not installed")
+    rng = np.random.default_rng(5)
+    tables = [rng.integers(0, 40, size=(7, 512)) * (rng.random((7, 512)) < density)
+              for density in (0.02, 0.1, 0.5, 0.02, 0.1, 0.5)]
+    tables = [t.astype(np.float64) if k % 3 == 1 else t for k, t in enumerate(tables)]
+    tables[0][0] = 0
+    tables[0][1] = 0
+    tables[0][1, 256] = 3                                   # zeros alone
+    requests = [(t, int(r), bool(rng.random() < 0.5)) for t in tables for r in rng.permutation(7)]
+    order = rng.permutation(len(requests))
+    requests = [requests[i] for i in order]
+    built = S.mixed_histograms(requests, capacity=2 * 509)
+    alone = [(S.log10_abs_histograms if log10 else S.value_histograms)(t[row][None].astype(np.float64))[0]
+             for t, row, log10 in requests]
+    assert built == alone and built[[i for i, (t, r, _) in enumerate(requests) if t is tables[0] and r == 0][0]] is None
+    few = [i for i, (t, _, _) in enumerate(requests) if t is tables[0] or t is tables[2]]      # one int64 call
+    assert S.mixed_histograms([requests[i] for i in few], capacity=509) == [alone[i] for i in few]
