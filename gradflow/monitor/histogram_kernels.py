@@ -129,6 +129,22 @@ def _ordered(counts, i):
     return np.float64(counts[256 + i - MIDDLE])
 
 
+@njit(nogil=True, boundscheck=False, cache=True, inline="always")
+def _add_bucket(sums, c, i, centred, value_centres):
+    """``sums`` (first, last, total, sum, sum of squares) with value bucket ``i`` of count ``c``
+    added; ``centred``: the bucket is at or above the floor (below it, its values sit at 0)."""
+    first, last, total, total_sum, squares = sums
+    if c > 0:
+        if first < 0:
+            first = i
+        last = i
+    total += c
+    if centred:
+        total_sum += c * value_centres[i]
+        squares += c * value_centres[i] * value_centres[i]
+    return first, last, total, total_sum, squares
+
+
 @njit(nogil=True, boundscheck=False, cache=True)
 def _value_row(counts, octaves, value_limits, value_lefts, value_centres, scratch, limits_out, counts_out, at,
                moments, valid, r):
@@ -140,34 +156,19 @@ def _value_row(counts, octaves, value_limits, value_lefts, value_centres, scratc
     zeros = np.float64(counts[0] + counts[256])
     low, largest = _finite_range(counts)
     floor = max(1, largest + 1 - octaves) if largest >= 0 else 1
-    first, last, total, total_sum, squares = -1, -1, 0.0, 0.0, 0.0
+    sums = (-1, -1, 0.0, 0.0, 0.0)                 # first, last, total, sum, sum of squares
     for j in range(largest, low - 1, -1):          # negatives, bucket MIDDLE - 1 - j
-        i = MIDDLE - 1 - j
-        c = np.float64(counts[1 + j])
-        if c > 0:
-            if first < 0:
-                first = i
-            last = i
-        total += c
-        if j + 1 >= floor:
-            total_sum += c * value_centres[i]
-            squares += c * value_centres[i] * value_centres[i]
+        sums = _add_bucket(sums, np.float64(counts[1 + j]), MIDDLE - 1 - j, j + 1 >= floor, value_centres)
+    first, last, total, total_sum, squares = sums
     if zeros > 0:
         if first < 0:
             first = MIDDLE
         last = MIDDLE
     total += zeros
+    sums = (first, last, total, total_sum, squares)
     for j in range(low, largest + 1):              # positives, bucket MIDDLE + 1 + j
-        i = MIDDLE + 1 + j
-        c = np.float64(counts[257 + j])
-        if c > 0:
-            if first < 0:
-                first = i
-            last = i
-        total += c
-        if j + 1 >= floor:
-            total_sum += c * value_centres[i]
-            squares += c * value_centres[i] * value_centres[i]
+        sums = _add_bucket(sums, np.float64(counts[257 + j]), MIDDLE + 1 + j, j + 1 >= floor, value_centres)
+    first, last, total, total_sum, squares = sums
     if total == 0:
         valid[r] = False
         return at
