@@ -9,21 +9,10 @@ from collections import OrderedDict
 
 import pytest
 import torch
+from small_models import BatchedLinear
 from torch import nn
 
 from gradflow import GradientMonitor
-
-
-class BatchedLinear(nn.Module):
-    """K independent Linear layers as one: weight (K, out, in), input (K, batch, in)."""
-
-    def __init__(self, members: int, inputs: int, outputs: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(members, outputs, inputs) * 0.5)
-        self.bias = nn.Parameter(torch.randn(members, 1, outputs) * 0.1)
-
-    def forward(self, x):
-        return torch.baddbmm(self.bias, x, self.weight.transpose(1, 2))
 
 
 class View(nn.Module):

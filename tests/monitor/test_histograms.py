@@ -10,6 +10,7 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 import torch
+from small_models import BatchedLinear
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
@@ -227,15 +228,6 @@ def test_large_bounded_outputs_and_nan_outputs(tmp_path, reduction_path):
     (point,) = histograms(tmp_path, "activation/tanh_1")
     assert_linear_bins(point.histogram_value, finite, (-1.0, 1.0))
 
-
-class BatchedLinear(nn.Module):
-    def __init__(self, members: int, inputs: int, outputs: int) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(members, outputs, inputs) * 0.5)
-        self.bias = nn.Parameter(torch.randn(members, 1, outputs) * 0.1)
-
-    def forward(self, x):
-        return torch.baddbmm(self.bias, x, self.weight.transpose(1, 2))
 
 
 def test_members_pool_their_own_counts(tmp_path, reduction_path):

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from monitor_oracle import GradientOracle, assert_matches_oracle, sign_exponent_bin
+from small_models import BatchedLinear
 from torch import nn
 
 from gradflow import GradientMonitor, MonitorError
@@ -379,17 +380,6 @@ def test_bad_arguments_are_refused_at_attach_time():
     with pytest.raises(MonitorError, match="no floating-point parameters"):
         GradientMonitor(nn.ReLU())
 
-
-class BatchedLinear(nn.Module):
-    """K independent Linear layers as one: weight (K, out, in), input (K, batch, in)."""
-
-    def __init__(self, members: int, inputs: int, outputs: int):
-        super().__init__()
-        self.weight = nn.Parameter(torch.randn(members, outputs, inputs) * 0.5)
-        self.bias = nn.Parameter(torch.randn(members, 1, outputs) * 0.1)
-
-    def forward(self, x):
-        return torch.baddbmm(self.bias, x, self.weight.transpose(1, 2))
 
 
 def test_members_of_a_batched_model_get_their_own_statistics(reduction_path):

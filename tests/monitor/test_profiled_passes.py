@@ -9,24 +9,13 @@ import warnings
 
 import pytest
 import torch
-from torch import nn
+from small_models import relu_mlp, sgd_step
 
 from gradflow import GradientMonitor
 
 
-def _model() -> nn.Sequential:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
-
-
-def _step(model, optimizer) -> None:
-    optimizer.zero_grad()
-    model(torch.randn(8, 3)).square().mean().backward()
-    optimizer.step()
-
-
 def test_the_root_carries_the_pass_end_hook_on_profiled_passes_only():
-    model = _model()
+    model = relu_mlp()
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     seen = []
 
@@ -36,7 +25,7 @@ def test_the_root_carries_the_pass_end_hook_on_profiled_passes_only():
     with GradientMonitor(model, activations_every=3) as monitor:
         model.register_forward_hook(note)
         for _ in range(7):
-            _step(model, optimizer)
+            sgd_step(model, optimizer)
         monitor.log(0)
     # passes 1, 4, 7 are profiled (the first, then the one after every 3rd step): the pass end and the
     # ReLU's tap are hooked there; the other passes carry the counting pre-hook and the user's hook alone
@@ -50,7 +39,7 @@ def test_every_training_pass_is_counted_per_window():
     """torch.func training (no .grad, no step): the warning names the window's training passes,
     profiled or not, and no evaluation pass."""
     from torch.func import functional_call, grad
-    model = _model()
+    model = relu_mlp()
     params = {k: v.detach() for k, v in model.named_parameters()}
     x = torch.randn(8, 3)
 
@@ -85,11 +74,11 @@ def test_a_clip_after_an_unprofiled_pass_of_a_replaced_model_is_counted():
     flag = torch.__future__.get_overwrite_module_params_on_conversion()
     torch.__future__.set_overwrite_module_params_on_conversion(True)
     try:
-        model = _model()
+        model = relu_mlp()
         optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
         with GradientMonitor(model, activations_every=10) as monitor:
             for _ in range(2):
-                _step(model, optimizer)
+                sgd_step(model, optimizer)
             model.double()
             optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
             norms = []

@@ -8,24 +8,14 @@ from collections import OrderedDict
 
 import pytest
 import torch
+from small_models import relu_mlp, sgd_step
 from torch import nn
 
 from gradflow import GradientMonitor
 
 
-def _model() -> nn.Sequential:
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 1))
-
-
-def _step(model, optimizer) -> None:
-    optimizer.zero_grad()
-    model(torch.randn(8, 3)).square().mean().backward()
-    optimizer.step()
-
-
 def test_a_tap_put_back_runs_first_and_the_users_hooks_keep_their_order():
-    model = _model()
+    model = relu_mlp()
     relu = model[1]
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     ran = []
@@ -37,7 +27,7 @@ def test_a_tap_put_back_runs_first_and_the_users_hooks_keep_their_order():
     with GradientMonitor(model, activations_every=2) as monitor:
         after = relu.register_forward_hook(lambda m, i, o: None)
         for _ in range(6):
-            _step(model, optimizer)
+            sgd_step(model, optimizer)
         monitor.log(0)
     after.remove()
     # passes 1, 3, 5 are profiled: the tap first, then the user's hooks in the order they were added
@@ -62,7 +52,7 @@ def test_a_tap_is_registered_again_where_it_cannot_be_put_back(replace_dict):
     """A module whose class has its own register_forward_hook is asked at every profiled pass; a
     module whose hook dict was replaced gets the tap registered into the new one. Either way the
     tap still reads the outputs (the oracle: the outputs of the profiled passes, captured)."""
-    model = _model()
+    model = relu_mlp()
     if not replace_dict:
         model[1] = CountingReLU()
     CountingReLU.registered = 0
@@ -73,7 +63,7 @@ def test_a_tap_is_registered_again_where_it_cannot_be_put_back(replace_dict):
             if replace_dict and step == 1:
                 model[1]._forward_hooks = OrderedDict()    # the tap is off now: the old dict is empty
             capture = model[1].register_forward_hook(lambda m, i, o: outputs.append(o.detach().clone()))
-            _step(model, optimizer)
+            sgd_step(model, optimizer)
             capture.remove()
             if step % 2:
                 outputs.pop()                              # an unprofiled pass
