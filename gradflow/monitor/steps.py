@@ -468,16 +468,22 @@ class StepWatch:
                       "Remove this monitor and attach a new one with optimizer=<the new optimizer>, or without "
                       "optimizer= to record every optimizer's steps")
 
-    def _defers(self, optimizer: torch.optim.Optimizer, mask, key: tuple) -> bool:
+    def _defers(self, optimizer: torch.optim.Optimizer, mask, key: tuple, held: tuple | None = None) -> bool:
         """Whether ``optimizer`` wraps an inner optimizer (an attribute of it, ``inner_optimizer``)
         whose step this monitor watches: that step records instead, after the inner optimizer's
         own pre-hooks, which run after the wrapper's (a hook there that rescales ``.grad`` changes
         what is applied). Looked up once per change of the wrapper's groups. Not under a
         GradScaler that hands the wrapper itself the scale (``amp_scale``). ``key``: the
-        optimizer's ``_groups_key`` now. (``_on_step`` reads the answer kept for the same key
-        itself; this looks the entry up afresh: a ``stop()`` since emptied ``_hooks``.)"""
+        optimizer's ``_groups_key`` now; ``held``: the entry ``_on_step_seen`` handed over this
+        step, whose answer for the same key is read as it is. Otherwise the entry is looked up
+        afresh (a ``stop()`` since may have emptied ``_hooks``) and its answer kept there."""
+        if getattr(optimizer, "_step_supports_amp_scaling", False):
+            return False
+        looked = held[3] if held is not None else None
+        if looked is not None and looked[0] == key:
+            return looked[1] is not None and looked[1]() is not None
         held = self._hooks.get(id(optimizer))
-        if held is None or getattr(optimizer, "_step_supports_amp_scaling", False):
+        if held is None:
             return False
         if held[3] is None or held[3][0] != key:
             inner = inner_optimizer(optimizer, mask, self.masks.mask)
@@ -516,17 +522,9 @@ class StepWatch:
         scaling = getattr(optimizer, "_step_supports_amp_scaling", False)   # that raised leaves it set until
         if not inner:                                                       # that optimizer steps again)
             self._deferred = None
-            if held is None:
-                self._outer = weakref.ref(optimizer)
-                defers = not scaling and self._defers(optimizer, mask, key)
-            else:                                    # the held entry's weak reference (_on_step_seen checked it)
-                self._outer = held[0]
-                looked = held[3]                     # _defers' answer for these groups, read inline
-                if looked is not None and looked[0] == key:
-                    defers = not scaling and looked[1] is not None and looked[1]() is not None
-                else:
-                    defers = not scaling and self._defers(optimizer, mask, key)
-            if defers:                               # its inner optimizer's step records, after that one's pre-hooks
+            # the held entry's weak reference where _on_step_seen handed one over (it checked it)
+            self._outer = weakref.ref(optimizer) if held is None else held[0]
+            if self._defers(optimizer, mask, key, held):   # its inner optimizer's step records, after its pre-hooks
                 self._deferred = mask
                 return None
         else:
