@@ -135,6 +135,17 @@ def test_a_scalar_at_zero_is_written_and_an_empty_tag_is_not():
     assert data.hex() == "0a05" "1500000000" "0a08" "0a0161" "1500000080"
 
 
+def test_a_scalar_beyond_float32_is_inf_with_no_warning():
+    """upb rounds a double to float32 with C's cast: 1e300 is +inf, -1e300 -inf, 1e-50 +0.0;
+    numpy would warn ("overflow encountered in cast"): nothing may reach the user's loop."""
+    scalars = {"big": 1e300, "small": -1e300, "tiny": 1e-50, "max": 3.4028235677973366e38}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        data = SummaryEncoder().encode(scalars, {})
+    assert data == Summary(value=[Summary.Value(tag=t, simple_value=x) for t, x in scalars.items()]).SerializeToString()
+    assert [v.simple_value for v in Summary.FromString(data).value] == [math.inf, -math.inf, 0.0, math.inf]
+
+
 @pytest.mark.parametrize("step", [0, 1, 127, 128, 2**31, 2**53 + 1, 2**63 - 1, -1, -(2**63), np.int64(7), torch.tensor(9)],
                          ids=["0", "1", "127", "128", "2^31", "2^53+1", "int64-max", "-1", "int64-min", "numpy", "tensor"])
 def test_steps_are_written_as_upb_writes_them(step):
