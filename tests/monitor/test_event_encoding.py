@@ -186,21 +186,24 @@ def _summary_events(directory):
     return [(record, Event.FromString(record)) for record in records if Event.FromString(record).HasField("summary")]
 
 
-def _monitored_windows(writer, windows=4):
-    """A monitored MLP (ReLU, so some gradients are exactly 0), each window's content recorded."""
+def _monitored_windows(sink, windows=4):
+    """A monitored MLP (ReLU, so some gradients are exactly 0) writing to ``sink`` (a
+    TensorBoardSink): each window's content, and whether the sink held the file open after it
+    (it appends from log()) or not (the windows queued)."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16), torch.nn.ReLU(),
                                 torch.nn.Linear(16, 1))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    recorder = Recorder()
-    with GradientMonitor(model, TeeSink(writer, recorder)) as monitor:
+    recorder, appended = Recorder(), []
+    with GradientMonitor(model, TeeSink(sink, recorder)) as monitor:
         for epoch in range(windows):
             for _ in range(16):
                 optimizer.zero_grad()
                 torch.nn.functional.mse_loss(model(torch.randn(32, 4)), torch.randn(32, 1)).backward()
                 optimizer.step()
             monitor.log(epoch)
-    return recorder.windows
+            appended.append(sink._file._fd is not None)
+    return recorder.windows, appended
 
 
 def test_a_monitored_runs_file_is_the_events_tensorboards_classes_make_and_reads_back(tmp_path):
@@ -211,7 +214,9 @@ def test_a_monitored_runs_file_is_the_events_tensorboards_classes_make_and_reads
     from torch.utils.tensorboard import SummaryWriter
 
     with SummaryWriter(tmp_path) as writer:
-        windows = _monitored_windows(writer)
+        sink = TensorBoardSink(writer)
+        windows, appended = _monitored_windows(sink)
+    assert appended == [True] * 4
     events = _summary_events(tmp_path)
     assert [e.step for _, e in events] == [step for _, _, step in windows] == [0, 1, 2, 3]
     for (record, event), (scalars, histograms, step) in zip(events, windows):
@@ -250,7 +255,9 @@ def test_windows_queued_where_the_file_is_not_appended_to_are_the_same_events(tm
     with SummaryWriter(tmp_path) as writer:
         record_writer = writer._get_file_writer().event_writer._async_writer._writer
         record_writer._writer = Wrapped(record_writer._writer)
-        windows = _monitored_windows(writer, windows=2)
+        sink = TensorBoardSink(writer)
+        windows, appended = _monitored_windows(sink, windows=2)
+    assert appended == [False] * 2
     events = _summary_events(tmp_path)
     assert [e.step for _, e in events] == [0, 1]
     for (record, event), (scalars, histograms, step) in zip(events, windows):
