@@ -5,7 +5,7 @@ Why: ``TensorBoardSink`` used to fill a upb ``Event`` (140 scalars through a ref
 ``MergeFrom``, 41 histograms field by field, bucket lists ``extend``-ed) and serialize it. On the
 tutorial's MLP, in its monitored loop (one window per 16 steps, each variant timed at alternate
 windows), filling and serializing cost 121-124 us a window and these bytes 55-76 us (in
-isolation, warm: 107 against 34 us); the sink's whole ``log`` went from 165 to 115 us. The
+isolation, warm: 107 against 34 us); the sink's whole ``log`` went from 156-168 to 99-113 us. The
 scalars are one template with their float32 values scattered in; each histogram is one
 ``struct`` call (a cached ``Struct`` per bucket count).
 
@@ -196,8 +196,9 @@ class HistogramEncoder:
 class SummaryEncoder:
     """A window's serialized ``Summary``: its scalars' values (``ScalarValues``, made again when
     the tags change), then its histograms' (``HistogramEncoder``), as the sink's upb ``Event``
-    held them. What it keeps between windows is never changed in place, only replaced (safe under
-    the GIL); ``TensorBoardSink`` still encodes one window at a time under its lock.
+    held them. What it keeps between windows: the last scalar tags' template (replaced whole when
+    they change, never edited) and per-tag headers made from a tag and a bucket count alone;
+    ``TensorBoardSink`` still encodes one window at a time under its lock.
 
     Example:
         >>> from tensorboard.compat.proto.summary_pb2 import Summary
