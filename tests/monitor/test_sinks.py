@@ -69,19 +69,30 @@ def test_windows_whose_tags_and_buckets_change_read_back_exactly(tmp_path):
 
 
 def test_the_sink_keeps_no_histogram_between_windows(tmp_path):
-    """What the sink keeps from one window to the next is its scalars' event alone: a histogram's
-    buckets kept there would be held between windows (upb keeps a message's memory until the
-    message goes), 0.2 MB more at the peak of a rank-16 LoRA (benchmarks/memory.py --tensorboard)."""
+    """What the sink keeps from one window to the next is small (its encoder's headers and scalar
+    template): no window's bucket lists or event bytes, 20 x 8 KB twice over here (a upb event kept
+    between windows once held 0.2 MB more at the peak of a rank-16 LoRA: benchmarks/memory.py
+    --tensorboard). Oracle: tracemalloc's live blocks allocated in the sink's own modules."""
+    import tracemalloc
+
     from torch.utils.tensorboard import SummaryWriter
+
+    from gradflow.monitor import event_encoding, sinks
 
     limits = [float(i) for i in range(500)]
     with SummaryWriter(tmp_path) as writer:
         sink = TensorBoardSink(writer)
-        for step in range(3):
-            sink.log({"a/norm": 1.0 + step}, {f"h{i}": Histogram(limits, [1.0] * 500, -1.0, 500.0, 500.0, 1.0, 1.0)
-                                              for i in range(20)}, step)
-    kept = [x for v in vars(sink).values() if isinstance(v, tuple) for x in v if hasattr(x, "ByteSize")]
-    assert kept and sum(x.ByteSize() for x in kept) < 200, [x.ByteSize() for x in kept]     # 20 x 8 KB if kept
+        tracemalloc.start()
+        try:
+            for step in range(3):
+                sink.log({"a/norm": 1.0 + step}, {f"h{i}": Histogram(limits, [1.0] * 500, -1.0, 500.0, 500.0, 1.0, 1.0)
+                                                  for i in range(20)}, step)
+            snapshot = tracemalloc.take_snapshot()
+        finally:
+            tracemalloc.stop()
+    own = snapshot.filter_traces([tracemalloc.Filter(True, event_encoding.__file__), tracemalloc.Filter(True, sinks.__file__)])
+    kept = sum(stat.size for stat in own.statistics("filename"))
+    assert kept < 16_000, own.statistics("lineno")[:5]           # one window's event: 160 KB
 
 
 def _intervals(left, limits, counts):
