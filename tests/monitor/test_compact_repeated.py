@@ -131,7 +131,9 @@ def _with(rows: dict, name: str, column: str, value) -> dict:
 @pytest.mark.parametrize("value, kept", [
     (True, True), ("x", True), (np.float64(0.5), True), (np.int64(2), True), (torch.tensor(1.0), True),
     (None, True), (_EXACT + 1, True), (-_EXACT - 1, True), (2 ** 70, True),
-    (_EXACT, False), (-_EXACT, False), (2.0, False)])
+    (_EXACT, False), (-_EXACT, False), (2.0, False)],
+    ids=["bool", "str", "numpy-float", "numpy-int", "torch-scalar", "none", "2**53+1", "-2**53-1", "2**70",
+         "2**53", "-2**53", "float-in-int-column"])
 def test_each_fallback_after_a_table_of_the_same_shape(value, kept):
     """A table that compacted, then the same shape with one value changed in the int column
     ``steps``: a bool, a string, a numpy or torch scalar, None, an int a double would round stay

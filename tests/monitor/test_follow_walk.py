@@ -195,7 +195,7 @@ def _attached(rng: random.Random):
     return model, [n for n, _ in named], params, params[0].device, [p.dtype for p in params]
 
 
-@pytest.mark.parametrize("seed", range(4))
+@pytest.mark.parametrize("seed", range(4), ids=lambda seed: f"seed{seed}")
 def test_random_edits_are_followed_as_before(seed):
     """Random models (parameters of their own, nested Sequentials, shared modules, tied weights,
     parametrized weights) under 300 random edits: after each, the walk finds the same tensors in

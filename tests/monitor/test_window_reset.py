@@ -46,7 +46,8 @@ def _sums(monitor) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("skip_before, views", [(True, True), (False, True), (True, False)])
+@pytest.mark.parametrize("skip_before, views", [(True, True), (False, True), (True, False)],
+                         ids=["skipped-step-views", "no-skip-views", "skipped-step-torch-zero"])
 def test_a_window_after_log_sums_what_a_new_monitor_sums(skip_before, views):
     """Two windows (the second with a skipped step, or not), then a third, whose sums are compared
     with a twin's attached just before it: every device sum, the skipped counts and the tapped
