@@ -23,6 +23,7 @@ Example:
 from __future__ import annotations
 
 import itertools
+import operator
 from array import array
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -33,14 +34,17 @@ _EXACT = 2 ** 53  # ints up to this size are exact in a double
 
 class Layouts:
     """What the compact tables of one history share: each distinct tuple of row names as its
-    index (name -> row), and each distinct row layout (the columns of a row, in order, and which
-    hold ints) as one object; a model's windows repeat a handful of them."""
+    index (name -> row), each distinct row layout (the columns of a row, in order, and which
+    hold ints) as one object (a model's windows repeat a handful of them); and, per tuple of
+    columns, the value types of the last table whose rows all had those columns (``_Seen``):
+    the next window's table of that shape is then checked by one comparison of its types."""
 
-    __slots__ = ("indexes", "layouts")
+    __slots__ = ("indexes", "layouts", "seen")
 
     def __init__(self) -> None:
         self.indexes: dict[tuple[str, ...], dict[str, int]] = {}
         self.layouts: dict[tuple[tuple[str, ...], tuple[bool, ...]], _Layout] = {}
+        self.seen: dict[tuple[str, ...], _Seen] = {}
 
     def index(self, names: tuple[str, ...]) -> dict[str, int]:
         found = self.indexes.get(names)
@@ -54,6 +58,23 @@ class Layouts:
         if found is None:
             found = self.layouts[key] = _Layout(columns, integer)
         return found
+
+
+class _Seen:
+    """A table whose rows all have the same columns, as ``_uniform`` last checked it: its column
+    names row after row, the type of each value, the layout they give, a getter of its ints
+    (only they need the size check; None where there is none) and its rows' offsets, shared by
+    every table of that shape (read only)."""
+
+    __slots__ = ("ints", "keys", "kinds", "layout", "offsets")
+
+    def __init__(self, columns: tuple[str, ...], kinds: tuple[type, ...], layout: _Layout) -> None:
+        self.keys = list(columns) * (len(kinds) // len(columns))
+        self.kinds = kinds
+        self.layout = layout
+        ints = [i for i, kind in enumerate(kinds) if kind is int]
+        self.ints = operator.itemgetter(*ints, *ints[:1]) if ints else None    # a tuple, even of one int
+        self.offsets = array("I", range(0, len(kinds), len(columns)))
 
 
 class _Layout:
@@ -74,7 +95,7 @@ def compact_rows(rows: Mapping[str, Mapping[str, Any]], shared: Layouts) -> Mapp
     if not rows or type(rows) is not dict or not all(map(dict.__instancecheck__, rows.values())):
         return rows
     columns = tuple(next(iter(rows.values())))
-    if columns and all(map(columns.__eq__, map(tuple, rows.values()))):   # rows of no column: a layout each
+    if columns and _same_columns(rows, columns, shared.seen.get(columns)):   # rows of no column: a layout each
         table = _uniform(rows, columns, shared)         # every row has the same columns: one layout
         if table is not None:
             return table
@@ -87,27 +108,53 @@ def compact_rows(rows: Mapping[str, Mapping[str, Any]], shared: Layouts) -> Mapp
     return RowTable(shared.index(tuple(rows)), array("d", numbers), offsets, layouts)
 
 
+def _same_columns(rows: dict, columns: tuple[str, ...], seen: _Seen | None) -> bool:
+    """Whether every row has ``columns``, in order: where a table of as many such rows was seen,
+    its column names one after another (``_Seen.keys``) against these rows' in one comparison
+    (rows of no repeated column that add up to it are each ``columns``)."""
+    if seen is not None and len(seen.keys) == len(rows) * len(columns):
+        return seen.keys == list(itertools.chain.from_iterable(rows.values()))
+    return all(map(columns.__eq__, map(tuple, rows.values())))
+
+
 def _uniform(rows: dict, columns: tuple[str, ...], shared: Layouts) -> Mapping | None:
-    """``compact_rows`` where every row has ``columns``: each column checked whole (its values'
-    types, its ints' size), a column at a time in C rather than a value at a time; None where a
-    column mixes ints and floats (the rows then get a layout each)."""
-    width = len(columns)
+    """``compact_rows`` where every row has ``columns``: the values' types checked a column at a
+    time (``_column_kinds``), or, where they are those of the last table of these columns
+    (``Layouts.seen``: a model's windows repeat them), by one comparison of the types in C; then
+    the ints' size. None where a column mixes ints and floats (the rows then get a layout each)."""
     numbers = [v for row in rows.values() for v in row.values()]
+    kinds = tuple(map(type, numbers))
+    seen = shared.seen.get(columns)
+    if seen is None or seen.kinds != kinds:
+        integer = _column_kinds(kinds, len(columns))
+        if integer == _MIXED:
+            return None
+        if integer == _OTHER:
+            return rows                       # a bool, a string, a numpy scalar: not a plain number
+        seen = shared.seen[columns] = _Seen(columns, kinds, shared.layout(columns, integer))
+    if seen.ints is not None and max(map(abs, seen.ints(numbers))) > _EXACT:
+        return rows                           # an int a double would round: kept as it was
+    return RowTable(shared.index(tuple(rows)), array("d", numbers), seen.offsets, seen.layout)
+
+
+def _column_kinds(kinds: tuple[type, ...], width: int) -> tuple[bool, ...] | str:
+    """Which of ``width`` columns hold ints, from the types of a table's values (row after row),
+    each column checked whole in C; ``_MIXED`` where one mixes ints and floats, ``_OTHER`` where
+    one holds anything else (a bool, a string, a numpy scalar)."""
     integer = []
     for j in range(width):
-        kinds = set(map(type, numbers[j::width]))
-        if kinds == {int}:
-            if max(map(abs, numbers[j::width])) > _EXACT:
-                return rows
+        column = set(kinds[j::width])
+        if column == _INTS:
             integer.append(True)
-        elif kinds == {float}:
+        elif column == _FLOATS:
             integer.append(False)
-        elif kinds == {int, float}:
-            return None
         else:
-            return rows                       # a bool, a string, a numpy scalar: not a plain number
-    layout = shared.layout(columns, tuple(integer))
-    return RowTable(shared.index(tuple(rows)), array("d", numbers), array("I", range(0, len(numbers), width)), layout)
+            return _MIXED if column == _BOTH else _OTHER
+    return tuple(integer)
+
+
+_INTS, _FLOATS, _BOTH = {int}, {float}, {int, float}
+_MIXED, _OTHER = "a column of ints and floats", "a value that is not an int or a float"
 
 
 def _layout(columns: tuple[str, ...], kinds: tuple[type, ...], shared: Layouts) -> _Layout | None:

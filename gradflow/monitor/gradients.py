@@ -186,8 +186,14 @@ class Gradients(Part):
     def reset(self) -> None:
         self.pending.clear()
         self.pending_elements = 0
-        torch._foreach_zero_([self.totals, self.counts, self.tallies, self.step_squares, self.skipped_nonfinite])
-        self.skipped[:] = 0
+        if self.totals.is_cpu:                       # the fused kernels' views (made at most once per tensor)
+            for view in self._host_sums():
+                view.fill(0)
+        else:
+            torch._foreach_zero_([self.totals, self.counts, self.tallies, self.step_squares])
+        if self.skipped_steps:                       # only skip() adds to these
+            self.skipped_nonfinite.zero_()
+            self.skipped[:] = 0
         self.recorded = 0
         self.skipped_steps = 0
         self.held.clear()

@@ -63,28 +63,47 @@ def _named(model: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return [(user_name(name), p) for name, p in model.named_parameters() if p.is_floating_point()]
 
 
-_DTYPE, _DEVICE = operator.attrgetter("dtype"), operator.attrgetter("device")
+_DTYPE, _DEVICE, _IS_CPU = operator.attrgetter("dtype"), operator.attrgetter("device"), operator.attrgetter("is_cpu")
+_CPU = torch.device("cpu")
+
+
+def _all_on(params: list[torch.Tensor], device: torch.device) -> bool:
+    """Whether every one of ``params`` is on ``device``; on the CPU read from ``is_cpu``, a bool,
+    where ``.device`` makes a new ``torch.device`` to compare for each (12 parameters: 1.6 -> 0.9 us)."""
+    if device == _CPU:
+        return all(map(_IS_CPU, params))
+    return all(map(device.__eq__, map(_DEVICE, params)))
 
 
 def _floating_parameters(model: nn.Module) -> list[torch.Tensor]:
     """The tensors of ``_named(model)``, in the same order, without their names: ``log()`` checks
     at every window whether they are still the monitored ones, and ``named_parameters()``
     builds a name and hashes a tensor per parameter (35 of the tutorial's 1,000 us window).
-    The walk is ``named_parameters``' own: modules in pre-order, each once, each tensor once."""
+    The walk is ``named_parameters``' own: modules in pre-order, each once, each tensor once; a
+    module's empty ``_parameters`` or ``_modules`` (a ReLU's, a leaf's) is not iterated.
+
+    Tried for the tutorial's 12 modules (perf/logsplit.py, in place, process CPU time): a
+    walk kept from the last window and checked in C (the ids and lengths of every module's
+    ``_parameters`` and ``_modules``, the modules held weakly) cost 21.8 us in ``_follow``
+    against 18.8-19.2 for this walk; a loop over a stack in place of a call per module, 15.6
+    against 13.5 for the walk alone (6.7 -> 5.4 us isolated)."""
     out: list[torch.Tensor] = []
     seen_modules: set[int] = set()
     seen: set[int] = set()
 
     def visit(module: nn.Module) -> None:
         seen_modules.add(id(module))
-        for p in module._parameters.values():
-            if p is not None and id(p) not in seen:
-                seen.add(id(p))
-                if p.is_floating_point():
-                    out.append(p)
-        for child in module._modules.values():
-            if child is not None and id(child) not in seen_modules:
-                visit(child)
+        parameters, children = module._parameters, module._modules
+        if parameters:
+            for p in parameters.values():
+                if p is not None and id(p) not in seen:
+                    seen.add(id(p))
+                    if p.is_floating_point():
+                        out.append(p)
+        if children:
+            for child in children.values():
+                if child is not None and id(child) not in seen_modules:
+                    visit(child)
 
     visit(model)
     return out
@@ -135,8 +154,7 @@ def replaced_parameters(model: nn.Module, names: list[str], params: list[torch.T
     of the model on different devices."""
     tensors = _floating_parameters(model)
     if len(tensors) == len(params) and all(map(operator.is_, tensors, params)):
-        if (dtypes is None or all(map(operator.eq, map(_DTYPE, params), dtypes))) \
-                and all(map(device.__eq__, map(_DEVICE, params))):
+        if (dtypes is None or all(map(operator.eq, map(_DTYPE, params), dtypes))) and _all_on(params, device):
             return None
         current = _named(model)
         _one_device(current, device)
