@@ -353,7 +353,8 @@ class Activations(Part):
 
     @property
     def forwards(self) -> int:
-        """Training forward passes of the model seen in the window, profiled or not."""
+        """Training forward passes of the model seen in the window, profiled or not: those the
+        monitor watched (``part.Schedule``: the profiled ones, those before the window's first step)."""
         return self.setup.schedule.passes - self.passes_before
 
     def forward_ends(self, raised: bool = False) -> None:
@@ -711,7 +712,7 @@ class Activations(Part):
                    "it in backward): those outputs are not the training pass's; use_reentrant=False has them tapped")
         else:
             names = ", ".join(self.names[:4]) + (" ..." if len(self.names) > 4 else "")
-            why = (f"{self.forwards} training forward passes ran, but none of the activation modules ({names}) did: "
+            why = (f"training forward passes ran, but none of the activation modules ({names}) did: "
                    "the model computes its activations with functions (F.gelu, torch.relu inside a forward), which "
                    "have no module to tap")
         return NO_ACTIVATIONS + why + STILL

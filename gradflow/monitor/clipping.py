@@ -91,9 +91,11 @@ class Clipping(Part):
             return False
         total, clipped = _whole(total.detach()), _whole(clipped)
         passes = self.setup.schedule.passes
-        if self.step is None:
-            self.step = StepClips(passes)
-        if not self.step.add(ids, total, clipped, passes):
+        step = self.step             # one read: remove() in another thread folds it away meanwhile
+        if step is None:
+            step = self.step = StepClips(passes)
+            self.setup.schedule.watch_until_step()    # a training pass before the step: a new micro-batch
+        if not step.add(ids, total, clipped, passes):
             self.setup.warn("clip-overlap", "a clipping call covered some parameters that an earlier call in "
                             "the same step clipped and some it did not: total_norm_before_clip keeps the "
                             "earlier calls' norm for that step")

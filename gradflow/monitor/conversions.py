@@ -4,9 +4,13 @@
 swaps or replaces it (``torch.__future__.set_swap_module_params_on_conversion`` /
 ``set_overwrite_module_params_on_conversion``); either way the window's sums are still on the old
 device. This part checks the first and last parameter's device and dtype where it matters,
-cheaply (four comparisons): at the start of each training forward pass, before any activation
-tap, non-finite hook or clipping call sees a tensor of the new device, and at each recorded or
-skipped step (a compiled model's forward is not watched; ``record()`` may come without one).
+cheaply (four comparisons): at the start of each training forward pass the monitor watches
+(``part.Schedule.watching``), before any activation tap sees a tensor of the new device; at the
+start of every training pass where non-finite or through-time hooks see every pass; at each
+clipping call, before it is matched to the monitored parameters; and at each recorded or skipped
+step (a compiled model's forward is not watched; ``record()`` may come without one). The
+unprofiled passes of a plain loop run with no hook of the monitor: nothing of the monitor sees
+their tensors before the step's check.
 Parameters replaced by new tensors on another device or of another dtype (the ``overwrite``
 flag) are seen there too: the model's own first parameter, looked up in its module, is compared
 (not with sharded models, whose frameworks swap parameters at every pass). When something changed, the coordinator's ``follow()`` has every
@@ -20,6 +24,7 @@ from __future__ import annotations
 import weakref
 
 from gradflow.monitor.part import Part, watch_forward_starts
+from gradflow.monitor.through_time import recurrent_modules
 
 
 class Conversions(Part):
@@ -32,12 +37,16 @@ class Conversions(Part):
         name = next(name for name, p in model.named_parameters() if p.is_floating_point())
         owner, _, self.key = name.rpartition(".")      # where the model keeps its first parameter
         self.owner = weakref.ref(model.get_submodule(owner)) if setup.sharding is None else None
+        self.model = weakref.ref(model)
 
     def hook(self, model) -> None:
-        # Every pass, profiled or not: a clipping call between that pass's backward and its step
-        # would otherwise see parameters the monitor does not know yet (replaced ones), and the
-        # non-finite part's hooks (nonfinite=True) see every pass.
-        watch_forward_starts(self, model, every_pass=True)
+        # At every pass the hook is on for, profiled or not. The non-finite part's hooks
+        # (nonfinite=True) and the through-time hooks (recurrent layers) take tensors at every pass,
+        # so the hook is then on at every pass; otherwise the unprofiled passes are not watched
+        # (their tensors are first seen at a clipping call or the step, both of which check).
+        options = self.setup.options
+        always = bool(options.get("nonfinite")) or (options.get("through_time", True) and bool(recurrent_modules(model)))
+        watch_forward_starts(self, model, every_pass=True, always=always)
 
     def check(self, mask=None) -> None:
         """Follow the parameters if the first or last of them changed device or dtype, or the
@@ -57,3 +66,19 @@ class Conversions(Part):
             setup.follow()
 
     forward_starts = record = skip = check
+
+    def check_clip(self, params) -> None:
+        """A clipping call over ``params`` (interception): ``check`` first where the call is over
+        this model's parameters, the ones bound or new ones that replaced them (the overwrite
+        flag), so that it is matched to the parameters the monitor follows. Another model's call
+        (another thread's training) never follows this one."""
+        index_of = self.setup.index_of
+        if any(id(p) in index_of for p in params):
+            self.check()
+            return
+        owner = self.owner() if self.owner is not None else None
+        now = owner._parameters.get(self.key) if owner is not None else None
+        model = self.model()
+        if now is not None and now is not self.setup.params[0] and model is not None \
+                and not {id(p) for p in params}.isdisjoint(id(p) for p in model.parameters()):
+            self.check()

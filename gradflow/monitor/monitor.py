@@ -358,7 +358,9 @@ class GradientMonitor:
 
     def _on_clip(self, params: list[torch.Tensor], total: torch.Tensor, clipped: torch.Tensor) -> bool:
         """A clipping call over ``params`` found the norm ``total`` before clipping and ``clipped``
-        (interception); whether it was counted (it clipped some of this monitor's parameters)."""
+        (interception); whether it was counted (it clipped some of this monitor's parameters).
+        A model converted since the last step is followed first (its parameters are new tensors)."""
+        self.parts["conversions"].check_clip(params)
         return self.parts["clipping"].add(params, total, clipped)
 
     # -- reading --------------------------------------------------------------------------

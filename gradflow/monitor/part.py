@@ -65,7 +65,9 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+import threading
 import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -84,37 +86,94 @@ from gradflow.monitor.window import MAX, REDUCTIONS, SUM, Reduced, WindowReader 
 
 class Schedule:
     """Which training forward passes are profiled (activation taps, through-time hooks): the
-    one after every ``every``-th recorded step, and the first one. Steps with no training forward
-    pass between them count as one (one optimizer per parameter, stepping inside backward, is
-    one iteration, not one step per parameter); where no forward pass is seen at all (a compiled
-    model, steps recorded by hand) every step counts. Parts that tap forward passes read
-    ``active``, or ``listen(fn)`` to be told ``fn(active)`` when it changes (to add their module
-    hooks only for the profiled passes); the coordinator calls ``step()`` once per recorded step,
-    the model's ``ForwardStarts`` hook adds one to ``passes`` at each training forward pass."""
+    one after every ``every``-th counted step, and the first one. A step counts unless no training
+    forward pass came since the last counted step (one optimizer per parameter, stepping inside
+    backward, is one iteration, not one step per parameter; so are a body's and a head's optimizers
+    stepping one after the other); where no training forward pass was ever seen (a compiled model,
+    steps recorded by hand) every step counts. Parts that tap forward passes read ``active``, or
+    ``listen(fn)`` to be told ``fn(active)`` when it changes (to add their module hooks only for the
+    profiled passes); the coordinator calls ``step()`` once per recorded step.
 
-    __slots__ = ("active", "every", "listeners", "passes", "passes_at_step", "seen")
+    The model's ``ForwardStarts`` hook adds one to ``passes`` at each training forward pass it
+    sees. It is on the model only while a pass must be seen (``watching``): a profiled pass (the
+    parts' ``forward_starts``), a window's passes until its first recorded step (its count of
+    training passes, ``watch_until_step``), the passes after a clipping call until the step (a new
+    micro-batch), and every pass where a part needs it (``watch_forward_starts(always=True)``:
+    non-finite and through-time hooks, a compiled model) or the loop was seen stepping twice with no
+    pass between. The other passes run with no hook of the monitor on the model: a hook of any kind
+    takes the model's call off torch's fast path (``Module._call_impl``), 3 us a forward pass of
+    the tutorial's MLP. Whether a training pass came since the last step is then read from the
+    counts when the hook was on since that step, and otherwise from autograd: a training forward
+    pass makes autograd nodes in its thread (``torch._C._autograd._get_sequence_nr`` moves), and
+    steps inside one backward share its graph task. The two tell apart the same loops, but for
+    grad-mode work outside the model between two steps with no pass between them (read as a pass)
+    and a pass made in another thread between two steps of this one (not read as one); the first
+    time steps come with no pass between, the hook stays on for good and the counts decide."""
+
+    __slots__ = ("active", "always", "every", "hook", "listeners", "mark", "passes", "passes_at_step", "seen",
+                 "until_step", "watched")
 
     def __init__(self, every: int) -> None:
         self.every = every
         self.seen = 0
         self.active = True
         self.listeners: list[Callable[[bool], None]] = []
-        self.passes = 0                  # training forward passes seen
-        self.passes_at_step = 0          # ... when the last counted step came
+        self.passes = 0                  # training forward passes seen (while the hook was on)
+        self.passes_at_step = 0          # ... when the last recorded step came
+        self.hook: ForwardStarts | None = None   # the model's hook that sees passes start, once a part asked
+        self.always = False              # that hook stays on at every pass
+        self.until_step = True           # ... or until the next recorded step (a window's start, a clipping call)
+        self.watched = True              # it has been on since the last recorded step: ``passes`` is exact since
+        self.mark = (-1, 0, -1)          # at the last recorded step: its backward's graph task, thread, autograd nodes made
 
     def listen(self, listener: Callable[[bool], None]) -> None:
         self.listeners.append(listener)
 
+    @property
+    def watching(self) -> bool:
+        """Whether the next training forward pass must be seen from its start."""
+        return self.always or self.active or self.until_step
+
+    def watch_until_step(self) -> None:
+        """Have every training pass seen until the next recorded step (a window's start, for its
+        count of passes; a clipping call, for a pass after it)."""
+        if not self.until_step:
+            self.until_step = True
+            self.place()
+
+    def watch_always(self) -> None:
+        """Have every training pass seen from now on."""
+        if not self.always:
+            self.always = True
+            self.place()
+
+    def place(self) -> None:
+        """The hook on the model or off it, as ``watching`` says."""
+        if self.hook is not None:
+            self.hook.place(self.watching)
+
     def step(self) -> None:
-        if self.passes and self.passes == self.passes_at_step:
-            return                       # no forward pass since the last counted step: the same iteration
+        mark = (_graph_task_id(), _thread(), _sequence_nr())
+        if self.watched:                 # every pass since the last step was counted
+            same = self.passes and self.passes == self.passes_at_step
+        else:                            # the hook was off: read autograd (class docstring)
+            last = self.mark
+            same = self.passes and ((mark[0] != -1 and mark[0] == last[0]) or (mark[1] == last[1] and mark[2] == last[2]))
+        self.mark = mark
         self.passes_at_step = self.passes
-        self.seen += 1
-        active = self.seen % self.every == 0
-        if active != self.active:
-            self.active = active
-            for listener in self.listeners:
-                listener(active)
+        self.until_step = False
+        if same:                         # no forward pass since the last step: the same iteration
+            self.always = True
+        else:
+            self.seen += 1
+            active = self.seen % self.every == 0
+            if active != self.active:
+                self.active = active
+                for listener in self.listeners:
+                    listener(active)
+        hook = self.hook
+        if hook is not None:
+            self.watched = hook.place(self.watching)
 
 
 @dataclass
@@ -270,6 +329,7 @@ def training_pass() -> bool:
 
 _grad_enabled, _is_compiling, _graph_task_id = (torch.is_grad_enabled, torch.compiler.is_compiling,
                                                 torch._C._current_graph_task_id)
+_sequence_nr, _thread = torch._C._autograd._get_sequence_nr, threading.get_ident
 
 
 class ForwardStarts(LeavesCopiesAlone):
@@ -277,37 +337,74 @@ class ForwardStarts(LeavesCopiesAlone):
     the schedule, and on the profiled ones calls ``forward_starts()`` of each part that asked
     (``watch_forward_starts``), in the parts' order. One hook for all of them, and nothing more
     on the other passes: a monitored step of the tutorial's MLP, of about 0.5 ms, spent 20-40 us
-    more with every pass calling the parts (``benchmarks/tutorial_split.py``)."""
+    more with every pass calling the parts (``benchmarks/tutorial_split.py``). It is on the model
+    only while the schedule is ``watching`` (``place``): registered once, then put back into the
+    model's hook dict under its handle, as the activation taps are (``activations._Hook``)."""
 
-    __slots__ = ("__weakref__", "every_pass", "parts", "schedule")
+    __slots__ = ("__weakref__", "every_pass", "handle", "module", "on", "parts", "removed", "schedule")
     KIND = "pre"
 
-    def __init__(self, parts: list[Part], schedule: Schedule) -> None:
+    def __init__(self, parts: list[Part], schedule: Schedule, model: nn.Module) -> None:
         self.parts = parts
         self.every_pass: list[Part] = []        # those of them called at unprofiled passes too
         self.schedule = schedule
+        self.module = weakref.ref(model)
+        self.handle = model.register_forward_pre_hook(self)
+        self.on = True
+        self.removed = False
 
     def __call__(self, module, inputs):
-        # training_pass(), inline: this runs at every forward pass
+        # training_pass(), inline: this runs at every forward pass it is on for
         if _grad_enabled() and not _is_compiling() and _graph_task_id() == -1:
             schedule = self.schedule
             schedule.passes += 1
             for part in self.parts if schedule.active else self.every_pass:
                 part.forward_starts()
 
+    def place(self, on: bool) -> bool:
+        """Put the hook on the model (where it registered, last among its pre-hooks) or take it
+        off; whether it is on now. Where the model's class registers its hooks its own way, or
+        the model is gone, it stays as it is."""
+        if on == self.on or self.removed:
+            return self.on
+        model, handle = self.module(), self.handle
+        hooks = handle.hooks_dict_ref()
+        if model is None or hooks is not model._forward_pre_hooks \
+                or type(model).register_forward_pre_hook is not nn.Module.register_forward_pre_hook:
+            return self.on
+        if on:
+            hooks[handle.id] = self
+        else:
+            hooks.pop(handle.id, None)
+        self.on = on
+        if self.removed:                         # removed meanwhile (remove() in another thread): it stays off
+            hooks.pop(handle.id, None)
+        return on
 
-def watch_forward_starts(part: Part, model: nn.Module, *, call: bool = True, every_pass: bool = False) -> None:
+    def remove(self) -> None:
+        """Off the model for good (the part that asked first keeps it: ``Part.keep``)."""
+        self.removed = True
+        self.handle.remove()
+
+
+def watch_forward_starts(part: Part, model: nn.Module, *, call: bool = True, every_pass: bool = False,
+                         always: bool = False) -> None:
     """Have ``part.forward_starts()`` called at each profiled training forward pass of ``model``
-    (``Schedule.active``; from a part's ``hook``), or at every one with ``every_pass``;
-    ``call=False``: only have every training pass counted (``Schedule.passes``), for a part that
-    reads the count. The first part to ask keeps the one hook's handle: the coordinator adds and
-    removes every part's hooks together."""
+    (``Schedule.active``; from a part's ``hook``), or at every pass the hook sees with
+    ``every_pass``; ``call=False``: only have training passes counted (``Schedule.passes``), for a
+    part that reads the count. ``always``: the hook sees every training pass (not only those the
+    schedule is ``watching`` for); a compiled model's hook always stays (hooks coming and going
+    would give its forward a second graph). The first part to ask keeps the one hook: the
+    coordinator adds and removes every part's hooks together."""
     setup = part.setup
+    schedule = setup.schedule
     if setup.forward_starts is None:
-        setup.forward_starts = ForwardStarts(setup.forward_watchers, setup.schedule)
-        part.keep(model.register_forward_pre_hook(setup.forward_starts))
+        setup.forward_starts = schedule.hook = ForwardStarts(setup.forward_watchers, schedule, model)
+        part.keep(setup.forward_starts)
     if call:
         setup.forward_watchers.append(part)
     if call and every_pass:
         setup.forward_starts.every_pass.append(part)
-
+    if always or setup.options.get("compiled"):
+        schedule.always = True
+    schedule.place()

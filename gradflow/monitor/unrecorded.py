@@ -42,6 +42,7 @@ class Unrecorded(Part):
 
     def reset(self) -> None:
         self.passes_before = self.setup.schedule.passes
+        self.setup.schedule.watch_until_step()     # every training pass counted until the window's first step
         self.versions = [p._version for p in self.setup.params]
 
     def bind(self, params) -> None:
