@@ -101,14 +101,15 @@ class Schedule:
     micro-batch), and every pass where a part needs it (``watch_forward_starts(always=True)``:
     non-finite and through-time hooks, a compiled model) or the loop was seen stepping twice with no
     pass between. The other passes run with no hook of the monitor on the model: a hook of any kind
-    takes the model's call off torch's fast path (``Module._call_impl``), 3 us a forward pass of
-    the tutorial's MLP. Whether a training pass came since the last step is then read from the
-    counts when the hook was on since that step, and otherwise from autograd: a training forward
-    pass makes autograd nodes in its thread (``torch._C._autograd._get_sequence_nr`` moves), and
-    steps inside one backward share its graph task. The two tell apart the same loops, but for
-    grad-mode work outside the model between two steps with no pass between them (read as a pass)
-    and a pass made in another thread between two steps of this one (not read as one); the first
-    time steps come with no pass between, the hook stays on for good and the counts decide."""
+    takes the model's call off torch's fast path (``Module._call_impl``), 3 us a forward pass of the
+    tutorial's MLP, about 8 us a step with the hook's own work. Whether a training pass came since
+    the last step is then read from the counts when the hook was on since that step, and otherwise
+    from autograd: a training forward pass makes autograd nodes in its thread
+    (``torch._C._autograd._get_sequence_nr`` moves), and steps inside one backward share its graph
+    task. The two tell apart the same loops, but for grad-mode work outside the model between two
+    steps with no pass between them (read as a pass) and a pass made in another thread between two
+    steps of this one (not read as one); the first time steps come with no pass between, the hook
+    stays on for good and the counts decide."""
 
     __slots__ = ("active", "always", "every", "hook", "listeners", "mark", "passes", "passes_at_step", "seen",
                  "until_step", "watched")
@@ -139,12 +140,6 @@ class Schedule:
         count of passes; a clipping call, for a pass after it)."""
         if not self.until_step:
             self.until_step = True
-            self.place()
-
-    def watch_always(self) -> None:
-        """Have every training pass seen from now on."""
-        if not self.always:
-            self.always = True
             self.place()
 
     def place(self) -> None:
@@ -362,20 +357,24 @@ class ForwardStarts(LeavesCopiesAlone):
                 part.forward_starts()
 
     def place(self, on: bool) -> bool:
-        """Put the hook on the model (where it registered, last among its pre-hooks) or take it
-        off; whether it is on now. Where the model's class registers its hooks its own way, or
-        the model is gone, it stays as it is."""
+        """Put the hook on the model (back under its handle, last among its pre-hooks; registered
+        afresh where the model's hook dict is not the handle's) or take it off; whether it is on
+        now. A model whose class registers hooks its own way keeps it on, as it was registered."""
         if on == self.on or self.removed:
             return self.on
-        model, handle = self.module(), self.handle
-        hooks = handle.hooks_dict_ref()
-        if model is None or hooks is not model._forward_pre_hooks \
-                or type(model).register_forward_pre_hook is not nn.Module.register_forward_pre_hook:
+        model = self.module()
+        if model is None or type(model).register_forward_pre_hook is not nn.Module.register_forward_pre_hook:
             return self.on
-        if on:
+        handle = self.handle
+        hooks = handle.hooks_dict_ref()
+        if not on:
+            if hooks is not None:
+                hooks.pop(handle.id, None)
+        elif hooks is model._forward_pre_hooks:
             hooks[handle.id] = self
         else:
-            hooks.pop(handle.id, None)
+            self.handle = handle = model.register_forward_pre_hook(self)
+            hooks = model._forward_pre_hooks
         self.on = on
         if self.removed:                         # removed meanwhile (remove() in another thread): it stays off
             hooks.pop(handle.id, None)

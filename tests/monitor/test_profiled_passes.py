@@ -148,6 +148,44 @@ def test_another_model_s_clip_does_not_follow_this_monitor():
         torch.__future__.set_overwrite_module_params_on_conversion(flag)
 
 
+class _Recurrent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(3, 4, batch_first=True)
+        self.head = nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.head(self.lstm(x)[0][:, -1])
+
+
+@pytest.mark.parametrize("kind", ["nonfinite", "recurrent"])
+def test_hooks_that_take_every_pass_s_tensors_keep_every_pass_watched(kind):
+    """Non-finite hooks (nonfinite=True) and through-time hooks (recurrent layers) take tensors
+    at every pass: there the root hook stays on at every pass, and a model converted to new
+    tensors (the overwrite flag) is followed at the start of an unprofiled pass, before those
+    hooks see it. Oracle: the root's hook dict and the tensors the monitor is bound to."""
+    flag = torch.__future__.get_overwrite_module_params_on_conversion()
+    torch.__future__.set_overwrite_module_params_on_conversion(True)
+    try:
+        torch.manual_seed(0)
+        model = relu_mlp() if kind == "nonfinite" else _Recurrent()
+        shape = (8, 3) if kind == "nonfinite" else (8, 5, 3)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        with GradientMonitor(model, activations_every=10, nonfinite=kind == "nonfinite") as monitor:
+            for _ in range(3):
+                optimizer.zero_grad()
+                model(torch.randn(*shape)).square().mean().backward()
+                optimizer.step()
+                assert len(model._forward_pre_hooks) == 1
+            model.double()
+            first = next(model.parameters())
+            out = model(torch.randn(*shape, dtype=torch.float64))         # an unprofiled pass
+            assert monitor._setup.params[0] is first
+            out.square().mean().backward()
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(flag)
+
+
 def _profiled_by_the_rule(events: list, every: int) -> list[list[torch.Tensor]]:
     """The documented schedule, run over the loop's events: per window, the outputs of the passes
     it profiles: the first training pass, then the one after every ``every``-th counted step; a
