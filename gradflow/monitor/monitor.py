@@ -342,7 +342,7 @@ class GradientMonitor:
                     return
         finally:
             self._setup.unscale, self._setup.inner_step = None, False
-        self._setup.schedule.step()
+        self._setup.schedule.step(mask)
 
     def _skip(self, mask) -> None:
         for part in self.parts.values():

@@ -83,6 +83,8 @@ from gradflow.monitor.stats import wide_dtype
 # as every part hands its tensors over in them.
 from gradflow.monitor.window import MAX, REDUCTIONS, SUM, Reduced, WindowReader  # noqa: F401 - re-exported
 
+_FIRST = object()        # Schedule.mask before the first recorded step
+
 
 class Schedule:
     """Which training forward passes are profiled (activation taps, through-time hooks): the
@@ -98,21 +100,24 @@ class Schedule:
     sees. It is on the model only while a pass must be seen (``watching``): a profiled pass (the
     parts' ``forward_starts``), a window's passes until its first recorded step (its count of
     training passes, ``watch_until_step``), the passes after a clipping call until the step (a new
-    micro-batch), and every pass where a part needs it (``watch_forward_starts(always=True)``:
-    non-finite and through-time hooks, a compiled model) or the loop was seen stepping twice with no
-    pass between. The other passes run with no hook of the monitor on the model: a hook of any kind
+    micro-batch), the passes until the second recorded step, and every pass where a part needs it
+    (``watch_forward_starts(always=True)``: non-finite and through-time hooks, a compiled model) or
+    the loop steps several optimizers (two steps in a row over other parameters) or was seen stepping
+    twice with no pass between. The other passes run with no hook of the monitor on the model: a hook of any kind
     takes the model's call off torch's fast path (``Module._call_impl``), 3 us a forward pass of the
     tutorial's MLP, about 8 us a step with the hook's own work. Whether a training pass came since
     the last step is then read from the counts when the hook was on since that step, and otherwise
     from autograd: a training forward pass makes autograd nodes in its thread
     (``torch._C._autograd._get_sequence_nr`` moves), and steps inside one backward share its graph
-    task. The two tell apart the same loops, but for grad-mode work outside the model between two
-    steps with no pass between them (read as a pass) and a pass made in another thread between two
-    steps of this one (not read as one); the first time steps come with no pass between, the hook
-    stays on for good and the counts decide."""
+    task. Only a loop that steps the same parameters at every step gets there (one optimizer, or
+    ``record()`` by hand). The two tell apart the same loops of it, but for grad-mode work outside
+    the model between two steps with no pass between them (read as a pass: two steps counted where
+    the counts make one) and a pass made in another thread between two steps of this one (not read
+    as one); the first time steps come with no pass between, the hook stays on for good and the
+    counts decide."""
 
-    __slots__ = ("active", "always", "every", "hook", "listeners", "mark", "passes", "passes_at_step", "seen",
-                 "until_step", "watched")
+    __slots__ = ("active", "always", "every", "hook", "listeners", "mark", "mask", "passes", "passes_at_step",
+                 "seen", "until_step", "watched")
 
     def __init__(self, every: int) -> None:
         self.every = every
@@ -126,6 +131,7 @@ class Schedule:
         self.until_step = True           # ... or until the next recorded step (a window's start, a clipping call)
         self.watched = True              # it has been on since the last recorded step: ``passes`` is exact since
         self.mark = (-1, 0, -1)          # at the last recorded step: its backward's graph task, thread, autograd nodes made
+        self.mask: Any = _FIRST          # ... and its mask (``Part.record``'s)
 
     def listen(self, listener: Callable[[bool], None]) -> None:
         self.listeners.append(listener)
@@ -147,7 +153,8 @@ class Schedule:
         if self.hook is not None:
             self.hook.place(self.watching)
 
-    def step(self) -> None:
+    def step(self, mask=None) -> None:
+        """One recorded step over the monitored parameters ``mask`` says (``Part.record``'s)."""
         mark = (_graph_task_id(), _thread(), _sequence_nr())
         if self.watched:                 # every pass since the last step was counted
             same = self.passes and self.passes == self.passes_at_step
@@ -156,7 +163,10 @@ class Schedule:
             same = self.passes and ((mark[0] != -1 and mark[0] == last[0]) or (mark[1] == last[1] and mark[2] == last[2]))
         self.mark = mark
         self.passes_at_step = self.passes
-        self.until_step = False
+        previous, self.mask = self.mask, mask
+        if previous is not _FIRST and previous is not mask and previous != mask:
+            self.always = True           # several optimizers' steps: the counts decide
+        self.until_step = previous is _FIRST          # the first step: the second is read from the counts too
         if same:                         # no forward pass since the last step: the same iteration
             self.always = True
         else:

@@ -36,10 +36,10 @@ def test_the_root_carries_the_pass_end_hook_on_profiled_passes_only():
             sgd_step(model, optimizer)
     # passes 1, 4, 7 are profiled (the first, then the one after every 3rd step): the pass start, its end
     # and the ReLU's tap are hooked there; the other passes carry the user's hook alone, but for the
-    # first pass of a window (8: after log()), whose start is watched until the window's first step
-    profiled = [(1, 2, 1)]
-    plain = [(0, 1, 0)]
-    assert seen == profiled + plain * 2 + profiled + plain * 2 + profiled + [(1, 1, 0)] + plain
+    # second pass (2: until the second step, which shows the loop steps one optimizer) and the first
+    # pass of a window (8: after log()), whose start is watched until the window's first step
+    profiled, watched, plain = [(1, 2, 1)], [(1, 1, 0)], [(0, 1, 0)]
+    assert seen == profiled + watched + plain + profiled + plain * 2 + profiled + watched + plain
     assert not model._forward_pre_hooks and len(model._forward_hooks) == 1 and not model[1]._forward_hooks
 
 
@@ -148,6 +148,30 @@ def test_another_model_s_clip_does_not_follow_this_monitor():
         torch.__future__.set_overwrite_module_params_on_conversion(flag)
 
 
+def test_a_second_optimizer_joining_later_has_its_iterations_counted_by_the_passes():
+    """A head's optimizer joins at iteration 3, stepping right after the body's with grad-mode work
+    between (no pass of the model): from its first step on every pass is counted, and each later
+    iteration counts once (the step that joined is read from autograd, which takes that work for
+    a pass: one count too many there, said in ``Schedule``'s docstring). Oracle: the loop's own
+    count of iterations."""
+    model = relu_mlp()
+    body, head = (torch.optim.SGD(model[i].parameters(), lr=0.05) for i in (0, 2))
+    with GradientMonitor(model, activations_every=10) as monitor:
+        schedule = monitor._setup.schedule
+        counted = []
+        for i in range(12):
+            model(torch.randn(8, 3)).square().mean().backward()
+            body.step()
+            if i >= 3:
+                model[0].weight.norm()                 # autograd nodes, no pass of the model
+                head.step()
+            body.zero_grad()
+            head.zero_grad()
+            counted.append(schedule.seen)
+    assert counted[:3] == [1, 2, 3] and counted[3] in (4, 5)
+    assert [b - a for a, b in zip(counted[3:], counted[4:])] == [1] * 8
+
+
 class _Recurrent(nn.Module):
     def __init__(self) -> None:
         super().__init__()
@@ -247,6 +271,11 @@ def _run_loop(loop: str, every: int, iterations: int = 9):
                 training_pass()
                 step(body)
                 step(head)
+            elif loop == "grad-mode work between two optimizers' steps":
+                training_pass()
+                step(body)
+                model[0].weight.norm()                     # no pass of the model, but autograd nodes
+                step(head)
             elif loop == "a pass before each optimizer's step":
                 training_pass()
                 step(body)
@@ -270,7 +299,8 @@ def _run_loop(loop: str, every: int, iterations: int = 9):
     return events, monitor.history
 
 
-LOOPS = ["one optimizer", "gradient accumulation", "two optimizers back to back", "a pass before each optimizer's step",
+LOOPS = ["one optimizer", "gradient accumulation", "two optimizers back to back",
+         "grad-mode work between two optimizers' steps", "a pass before each optimizer's step",
          "per-parameter optimizers inside backward", "eval passes under no_grad", "record() by hand",
          "log every 4 iterations"]
 
