@@ -354,7 +354,8 @@ class Activations(Part):
     @property
     def forwards(self) -> int:
         """Training forward passes of the model seen in the window, profiled or not: those the
-        monitor watched (``part.Schedule``: the profiled ones, those before the window's first step)."""
+        monitor watched (``part.Schedule.watching``: the profiled ones, those before the window's
+        first step, ...)."""
         return self.setup.schedule.passes - self.passes_before
 
     def forward_ends(self, raised: bool = False) -> None:
