@@ -376,15 +376,17 @@ class ForwardStarts(LeavesCopiesAlone):
         if model is None or type(model).register_forward_pre_hook is not nn.Module.register_forward_pre_hook:
             return self.on
         handle = self.handle
-        hooks = handle.hooks_dict_ref()
+        hooks, current = handle.hooks_dict_ref(), model._forward_pre_hooks
+        if hooks is not current:         # the model's dict replaced: a copy of the old one holds this hook
+            drop_entries(current, self)  # under the old id (a registration afresh would make it two)
         if not on:
             if hooks is not None:
                 hooks.pop(handle.id, None)
-        elif hooks is model._forward_pre_hooks:
+        elif hooks is current:
             hooks[handle.id] = self
         else:
             self.handle = handle = model.register_forward_pre_hook(self)
-            hooks = model._forward_pre_hooks
+            hooks = current
         self.on = on
         if self.removed:                         # removed meanwhile (remove() in another thread): it stays off
             hooks.pop(handle.id, None)
@@ -394,6 +396,17 @@ class ForwardStarts(LeavesCopiesAlone):
         """Off the model for good (the part that asked first keeps it: ``Part.keep``)."""
         self.removed = True
         self.handle.remove()
+        model = self.module()
+        if model is not None and self.handle.hooks_dict_ref() is not model._forward_pre_hooks:
+            drop_entries(model._forward_pre_hooks, self)     # a copy of its dict, made while it was on
+
+
+def drop_entries(hooks: dict, hook: Any) -> None:
+    """Remove every entry of ``hook`` from a module's hook dict: a dict made as a copy of the one a
+    handle was registered in (``module._forward_pre_hooks = OrderedDict(...)``) holds it under the
+    handle's id, which the handle does not remove from."""
+    for key in [key for key, value in hooks.items() if value is hook]:
+        del hooks[key]
 
 
 def watch_forward_starts(part: Part, model: nn.Module, *, call: bool = True, every_pass: bool = False,
