@@ -20,7 +20,7 @@ from torch import nn
 from gradflow.monitor import columns as C
 from gradflow.monitor import stats as S
 from gradflow.monitor.histograms import LINEAR_BINS, count_linear, linear_scale
-from gradflow.monitor.part import Part, Reduced, Setup, moved, training_pass, watch_forward_starts
+from gradflow.monitor.part import Part, Reduced, Setup, drop_entries, moved, training_pass, watch_forward_starts
 from gradflow.monitor.sharding import local
 from gradflow.monitor.spent import LeavesCopiesAlone
 from gradflow.monitor.tensors import (
@@ -119,6 +119,8 @@ class _Hook:
         hooks = module._forward_hooks
         if (handle is None or handle.hooks_dict_ref() is not hooks
                 or type(module).register_forward_hook is not nn.Module.register_forward_hook):
+            if handle is not None:            # a dict copied from the handle's holds the hook under its old id
+                self._drop_copies(module)
             self.handle = module.register_forward_hook(self.hook, prepend=self.prepend, always_call=self.always_call)
             return True
         hooks[handle.id] = self.hook
@@ -137,6 +139,18 @@ class _Hook:
             handle.remove()
         elif (hooks := handle.hooks_dict_ref()) is not None:
             hooks.pop(handle.id, None)
+        module = self.module()
+        if module is not None and module._forward_hooks is not hooks:
+            self._drop_copies(module)
+
+    def _drop_copies(self, module: nn.Module) -> None:
+        """Take the hook out of the module's hook dicts where they are not the handle's: the user
+        replaced one by a copy of itself (``module._forward_hooks = OrderedDict(...)``), which holds
+        the hook under the handle's id, where the handle does not remove it from."""
+        ids = [key for key, value in module._forward_hooks.items() if value is self.hook]
+        drop_entries(module._forward_hooks, self.hook)
+        for key in ids:
+            module._forward_hooks_always_called.pop(key, None)
 
 
 def _running(frame) -> bool:

@@ -460,11 +460,11 @@ def test_a_root_pre_hook_dict_replaced_by_a_copy_keeps_one_monitor_hook(at):
     _assert_rule(passes, monitor.history, 3)
 
 
-@pytest.mark.xfail(strict=True, reason="activations._Hook (not today's change; 07806f4 does the same): a module's "
-                   "_forward_hooks replaced by a copy while its tap is on keeps the tap in the copy under the old "
-                   "id; remove() pops it from the old dict only and add() registers afresh: the tap runs at "
-                   "unprofiled passes and twice at profiled ones, and stays after remove()")
 def test_a_tap_s_hook_dict_replaced_by_a_copy_keeps_one_tap():
+    """A module's _forward_hooks replaced by a copy while its tap is on (07806f4 too): the copy
+    held the tap under the old id; remove() popped it from the old dict only and add()
+    registered afresh, so the tap ran at unprofiled passes, twice at profiled ones, and stayed
+    after remove(). Now _Hook drops its entries from a dict that is not the handle's."""
     from collections import OrderedDict
 
     torch.manual_seed(1)
