@@ -158,9 +158,10 @@ class Schedule:
         mark = (_graph_task_id(), _thread(), _sequence_nr())
         if self.watched:                 # every pass since the last step was counted
             same = self.passes and self.passes == self.passes_at_step
+            if same and self.hook is not None and self.hook.lost():
+                same = self._no_pass_since(mark)   # the user cleared the model's pre-hooks: autograd says
         else:                            # the hook was off: read autograd (class docstring)
-            last = self.mark
-            same = self.passes and ((mark[0] != -1 and mark[0] == last[0]) or (mark[1] == last[1] and mark[2] == last[2]))
+            same = self._no_pass_since(mark)
         self.mark = mark
         self.passes_at_step = self.passes
         previous, self.mask = self.mask, mask
@@ -179,6 +180,13 @@ class Schedule:
         hook = self.hook
         if hook is not None:
             self.watched = hook.place(self.watching)
+
+    def _no_pass_since(self, mark: tuple[int, int, int]) -> bool:
+        """Whether no training forward pass came since the last recorded step, read from autograd:
+        this step in the same backward's graph task as that one, or no autograd node made in its
+        thread since (class docstring)."""
+        last = self.mark
+        return bool(self.passes) and ((mark[0] != -1 and mark[0] == last[0]) or (mark[1] == last[1] and mark[2] == last[2]))
 
 
 @dataclass
@@ -391,6 +399,18 @@ class ForwardStarts(LeavesCopiesAlone):
         if self.removed:                         # removed meanwhile (remove() in another thread): it stays off
             hooks.pop(handle.id, None)
         return on
+
+    def lost(self) -> bool:
+        """Whether the hook should be on the model but is not in its hook dict: the user cleared
+        it (``model._forward_pre_hooks.clear()``) or replaced it by an empty one (as Lightning's
+        DeepSpeed strategy does). Marked off, so that the next ``place`` puts it back."""
+        model = self.module()
+        if (not self.on or self.removed or model is None
+                or type(model).register_forward_pre_hook is not nn.Module.register_forward_pre_hook
+                or model._forward_pre_hooks.get(self.handle.id) is self):
+            return False
+        self.on = False
+        return True
 
     def remove(self) -> None:
         """Off the model for good (the part that asked first keeps it: ``Part.keep``)."""
