@@ -1,5 +1,5 @@
-"""Two versions of gradflow on the tutorial's MLP, interleaved in one process: an A/B that holds
-on a shared machine.
+"""Two versions of gradflow on one of ``overhead.py``'s models, interleaved in one process: an
+A/B that holds on a shared machine.
 
 Run one after the other, two versions of ``overhead.py`` differ by as much as the load moves
 between the runs (1.31x and 1.33x for the same commit, minutes apart, at load 2.5). Here each
@@ -9,6 +9,7 @@ round, by process CPU time: the load slows all three alike.
 
     python benchmarks/ab_commits.py 07806f4              # that commit against the working tree
     python benchmarks/ab_commits.py 07806f4 HEAD --rounds 31
+    python benchmarks/ab_commits.py 07806f4 --model nanogpt --rounds 9     # a model of shapes.py
 
 Each package registers its own process-wide optimizer hooks, which see every optimizer's step:
 the bare loop and each monitored loop also pay the other version's check that an optimizer is
@@ -62,8 +63,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("base", help="a git revision")
     parser.add_argument("new", nargs="?", default=None, help="a git revision (default: the working tree)")
+    parser.add_argument("--model", default="tutorial", choices=["tutorial", *overhead.SHAPES])
     parser.add_argument("--rounds", type=int, default=21)
-    parser.add_argument("--epochs", type=int, default=20, help="epochs per loop and round")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help="windows per loop and round (default: 20 epochs of the tutorial, one window of another model)")
     args = parser.parse_args()
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -71,9 +74,10 @@ def main() -> None:
         packages = Path(tmp) / "packages"
         sys.path.insert(0, str(packages))
         names = [export(args.base, "gradflow_a", packages), export(args.new, "gradflow_b", packages)]
-        work = overhead.tutorial_mlp()
-        batches = [(work.inputs[b:b + work.batch], work.targets[b:b + work.batch])
-                   for b in range(0, len(work.inputs), work.batch)]
+        work = overhead.tutorial_mlp() if args.model == "tutorial" else overhead.real_model(args.model)
+        batches = list(overhead._batches(work)) if work.repeat else [
+            (work.inputs[b:b + work.batch], work.targets[b:b + work.batch]) for b in range(0, len(work.inputs), work.batch)]
+        count = args.epochs or (20 if args.model == "tutorial" else 1)
         runs = {}
         for variant in ("bare", *names):
             model = copy.deepcopy(work.model)
@@ -81,7 +85,7 @@ def main() -> None:
             monitor = None if variant == "bare" else importlib.import_module(variant).GradientMonitor(
                 model, SummaryWriter(os.path.join(tmp, variant)))
             runs[variant] = (model, optimizer, monitor)
-        loss = torch.nn.BCEWithLogitsLoss()
+        loss = work.loss
 
         def epochs(run, count: int) -> float:
             model, optimizer, monitor = run
@@ -96,16 +100,16 @@ def main() -> None:
             return (time.process_time() - start) / (count * len(batches))
 
         for run in runs.values():
-            epochs(run, 3)                                   # warm-up
+            epochs(run, 3 if args.model == "tutorial" else 1)     # warm-up
         times: dict[str, list[float]] = {variant: [] for variant in runs}
         for i in range(args.rounds):
             for variant in (list(runs) if i % 2 == 0 else list(reversed(runs))):
-                times[variant].append(epochs(runs[variant], args.epochs))
+                times[variant].append(epochs(runs[variant], count))
         for _, _, monitor in runs.values():
             if monitor is not None:
                 monitor.remove()
     labels = {"bare": "bare", names[0]: args.base, names[1]: args.new or "working tree"}
-    print(f"tutorial deep MLP, {args.rounds} rounds of {args.epochs} epochs (process CPU time), "
+    print(f"{work.name}, {args.rounds} rounds of {count} windows of {len(batches)} steps (process CPU time), "
           f"load average {os.getloadavg()[0]:.1f}")
     for variant in runs:
         ratio = statistics.median(t / b for t, b in zip(times[variant], times["bare"]))
