@@ -30,11 +30,14 @@ _NOT_FOLLOWED = (type, types.ModuleType, types.FunctionType, types.BuiltinFuncti
 
 def held(root: object, model: nn.Module) -> list[tuple[int, object]]:
     """(bytes, dtype) of each tensor storage and numpy array reachable from ``root`` through
-    its objects' references, each storage once; the storages of ``model``'s parameters and
-    gradients are left out. Modules, classes, functions and code are not followed."""
-    theirs = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    theirs |= {p.grad.untyped_storage().data_ptr() for p in model.parameters() if p.grad is not None}
-    seen, storages, stack = set(), {}, [root]
+    its objects' references, each piece of memory once; the storages of ``model``'s parameters
+    and gradients are left out. A numpy array that lies in a CPU tensor's storage (``tensor.numpy()``,
+    a view the monitor keeps to write into its sums) is that storage, not more memory. Modules,
+    classes, functions and code are not followed."""
+    theirs = [p.untyped_storage() for p in model.parameters()]
+    theirs += [p.grad.untyped_storage() for p in model.parameters() if p.grad is not None]
+    their_ptrs = {storage.data_ptr() for storage in theirs}
+    seen, storages, arrays, stack = set(), {}, {}, [root]
     while stack:
         obj = stack.pop()
         if id(obj) in seen or isinstance(obj, _NOT_FOLLOWED):
@@ -43,17 +46,22 @@ def held(root: object, model: nn.Module) -> list[tuple[int, object]]:
         if isinstance(obj, torch.Tensor):
             if obj.device.type != "meta" and obj.layout == torch.strided:
                 storage = obj.untyped_storage()
-                if storage.data_ptr() not in theirs:
+                if storage.data_ptr() not in their_ptrs:
                     storages[(obj.device, storage.data_ptr())] = (storage.nbytes(), obj.dtype)
             continue
         if isinstance(obj, np.ndarray):
             base = obj
             while isinstance(base.base, np.ndarray):
                 base = base.base
-            storages[("numpy", base.__array_interface__["data"][0])] = (base.nbytes, base.dtype)
+            arrays[base.__array_interface__["data"][0]] = (base.nbytes, base.dtype)
             continue
         stack.extend(gc.get_referents(obj))
-    return list(storages.values())
+    cpu = [(ptr, ptr + size) for (device, ptr), (size, _) in storages.items() if device.type == "cpu"]
+    cpu += [(storage.data_ptr(), storage.data_ptr() + storage.nbytes()) for storage in theirs
+            if storage.device.type == "cpu"]
+    own = [(size, dtype) for ptr, (size, dtype) in arrays.items()
+           if not any(start <= ptr and ptr + size <= stop for start, stop in cpu)]
+    return list(storages.values()) + own
 
 
 def held_bytes(root: object, model: nn.Module) -> tuple[int, int]:

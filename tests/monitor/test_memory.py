@@ -279,3 +279,16 @@ def test_a_few_small_gradients_beside_large_ones_are_not_copied_between_steps(re
                 assert (pending == []) == (reduction_path == "fused"), len(pending)
             assert_matches_oracle(monitor.log(window), oracle)
             oracle.reset()
+
+
+def test_held_counts_memory_once_however_it_is_reached():
+    """``footprint.held``: a tensor and the numpy views kept of it (``tensor.numpy()``, a row of
+    it) are one piece of memory; a numpy view of the model's own parameter is the model's; an
+    array of its own is counted. Oracle: the byte sizes made here."""
+    model = nn.Linear(8, 4)
+    sums = torch.zeros(3, 512, dtype=torch.int64)
+    own = np.zeros(100)
+    holder = {"sums": sums, "views": (sums.numpy(), sums.numpy()[1], sums[2].numpy()),
+              "weight_view": model.weight.detach().numpy(), "own": own}
+    sizes = sorted(size for size, _ in held(holder, model))
+    assert sizes == sorted([sums.numel() * 8, own.nbytes])
