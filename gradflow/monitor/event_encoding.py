@@ -36,7 +36,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from gradflow.monitor.stats import Histogram, sparse_buckets
+from gradflow.monitor.stats import Histogram, drawn_buckets
 
 _DOUBLE = struct.Struct("<d")
 _ZERO = _DOUBLE.pack(0.0)
@@ -154,14 +154,14 @@ class HistogramEncoder:
 
     def encode(self, histograms: Mapping[str, Histogram]) -> list[bytes]:
         """The fields of ``histograms`` (tag -> Histogram), in order, as pieces to join; a histogram not marked
-        ``sparse`` loses its runs of empty buckets first (``sparse_buckets``), as TensorBoard gets it."""
+        ``sparse`` loses its runs of empty buckets first (``stats.drawn_buckets``), as TensorBoard gets it."""
         if len(self._heads) > 4 * len(histograms) + 256:      # tags of windows long gone
             self._heads.clear()
         out = []
         append = out.append
         heads = self._heads
         for tag, h in histograms.items():
-            limits, counts = (h.limits, h.counts) if h.sparse else sparse_buckets(h.limits, h.counts)
+            limits, counts = drawn_buckets(h)
             n = len(limits)
             lo, hi, num, total, squares = h.min, h.max, h.num, h.sum, h.sum_squares
             if not (lo and hi and num and total and squares and n == len(counts) and n > 0):

@@ -39,7 +39,7 @@ from typing import Any
 
 from gradflow.monitor.event_encoding import SummaryEncoder, event_bytes
 from gradflow.monitor.order import layer_of
-from gradflow.monitor.stats import Histogram, sparse_buckets  # sparse_buckets: re-exported
+from gradflow.monitor.stats import Histogram, drawn_buckets, sparse_buckets  # noqa: F401  (sparse_buckets: re-exported)
 from gradflow.monitor.tensors import MonitorError
 
 
@@ -179,7 +179,7 @@ class TensorBoardSink(Sink):
         for tag, number in scalars.items():
             self.writer.add_scalar(tag, number, step)
         for tag, h in histograms.items():
-            limits, counts = _buckets(h)
+            limits, counts = drawn_buckets(h)
             self.writer.add_histogram_raw(tag, h.min, h.max, h.num, h.sum, h.sum_squares, limits, counts, step)
 
 
@@ -291,11 +291,6 @@ def _appendable_path(event_writer: Any) -> str | None:
             or not os.path.isfile(path)):
         return None
     return path
-
-
-def _buckets(h: Histogram) -> tuple[list[float], list[float]]:
-    """The buckets TensorBoard is given: ``h``'s own where the monitor made them sparse already."""
-    return (h.limits, h.counts) if h.sparse else sparse_buckets(h.limits, h.counts)
 
 
 def _masked_crc32c(data: bytes) -> int:

@@ -483,6 +483,12 @@ def sparse_buckets(limits: list[float], counts: list[float]) -> tuple[list[float
     return [limits[i] for i in keep], [counts[i] for i in keep]
 
 
+
+def drawn_buckets(h: Histogram) -> tuple[list[float], list[float]]:
+    """The buckets TensorBoard is given for ``h``: its own where it is ``sparse`` already (the
+    monitor's are), else ``sparse_buckets`` of them."""
+    return (h.limits, h.counts) if h.sparse else sparse_buckets(h.limits, h.counts)
+
 _HISTOGRAM_KERNELS: object = None     # gradflow.monitor.histogram_kernels once imported; False without numba
 
 
