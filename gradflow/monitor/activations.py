@@ -147,9 +147,7 @@ class _Hook:
         """Take the hook out of the module's hook dicts where they are not the handle's: the user
         replaced one by a copy of itself (``module._forward_hooks = OrderedDict(...)``), which holds
         the hook under the handle's id, where the handle does not remove it from."""
-        ids = [key for key, value in module._forward_hooks.items() if value is self.hook]
-        drop_entries(module._forward_hooks, self.hook)
-        for key in ids:
+        for key in drop_entries(module._forward_hooks, self.hook):
             module._forward_hooks_always_called.pop(key, None)
 
 

@@ -60,12 +60,17 @@ class Conversions(Part):
                 or last.device != device:
             setup.follow()
             return
-        owner = self.owner() if self.owner is not None else None
+        owner = self.owner() if self.owner is not None else None     # _first_now, inline: at every step
         now = owner._parameters.get(self.key) if owner is not None else None
         if now is not None and now is not first and (now.device != device or now.dtype is not dtypes[0]):
             setup.follow()
 
     forward_starts = record = skip = check
+
+    def _first_now(self):
+        """The model's own first parameter as its module holds it now (None with sharded models)."""
+        owner = self.owner() if self.owner is not None else None
+        return owner._parameters.get(self.key) if owner is not None else None
 
     def check_clip(self, params) -> None:
         """A clipping call over ``params`` (interception): ``check`` first where the call is over
@@ -76,8 +81,7 @@ class Conversions(Part):
         if any(id(p) in index_of for p in params):
             self.check()
             return
-        owner = self.owner() if self.owner is not None else None
-        now = owner._parameters.get(self.key) if owner is not None else None
+        now = self._first_now()
         model = self.model()
         if now is not None and now is not self.setup.params[0] and model is not None \
                 and not {id(p) for p in params}.isdisjoint(id(p) for p in model.parameters()):

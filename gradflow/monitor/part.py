@@ -421,12 +421,14 @@ class ForwardStarts(LeavesCopiesAlone):
             drop_entries(model._forward_pre_hooks, self)     # a copy of its dict, made while it was on
 
 
-def drop_entries(hooks: dict, hook: Any) -> None:
-    """Remove every entry of ``hook`` from a module's hook dict: a dict made as a copy of the one a
-    handle was registered in (``module._forward_pre_hooks = OrderedDict(...)``) holds it under the
-    handle's id, which the handle does not remove from."""
-    for key in [key for key, value in hooks.items() if value is hook]:
+def drop_entries(hooks: dict, hook: Any) -> list[int]:
+    """Remove every entry of ``hook`` from a module's hook dict and return their keys: a dict made
+    as a copy of the one a handle was registered in (``module._forward_pre_hooks = OrderedDict(...)``)
+    holds it under the handle's id, which the handle does not remove from."""
+    keys = [key for key, value in hooks.items() if value is hook]
+    for key in keys:
         del hooks[key]
+    return keys
 
 
 def watch_forward_starts(part: Part, model: nn.Module, *, call: bool = True, every_pass: bool = False,
