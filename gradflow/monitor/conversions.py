@@ -24,7 +24,6 @@ from __future__ import annotations
 import weakref
 
 from gradflow.monitor.part import Part, watch_forward_starts
-from gradflow.monitor.through_time import recurrent_modules
 
 
 class Conversions(Part):
@@ -40,13 +39,11 @@ class Conversions(Part):
         self.model = weakref.ref(model)
 
     def hook(self, model) -> None:
-        # At every pass the hook is on for, profiled or not. The non-finite part's hooks
-        # (nonfinite=True) and the through-time hooks (recurrent layers) take tensors at every pass,
-        # so the hook is then on at every pass; otherwise the unprofiled passes are not watched
-        # (their tensors are first seen at a clipping call or the step, both of which check).
-        options = self.setup.options
-        always = bool(options.get("nonfinite")) or (options.get("through_time", True) and bool(recurrent_modules(model)))
-        watch_forward_starts(self, model, every_pass=True, always=always)
+        # At every pass the hook is on for, profiled or not. Parts whose hooks take tensors at
+        # every pass (non-finite, through time) have the hook on at every pass themselves
+        # (``always``); otherwise the unprofiled passes are not watched (their tensors are first
+        # seen at a clipping call or the step, both of which check).
+        watch_forward_starts(self, model, every_pass=True)
 
     def check(self, mask=None) -> None:
         """Follow the parameters if the first or last of them changed device or dtype, or the

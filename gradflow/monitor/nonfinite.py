@@ -73,7 +73,7 @@ import torch
 from torch import nn
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
-from gradflow.monitor.part import MAX, Part, Reduced, Setup, moved
+from gradflow.monitor.part import MAX, Part, Reduced, Setup, moved, watch_forward_starts
 from gradflow.monitor.tensors import MonitorError
 
 LOSS = "(loss)"            # the module name of a non-finite dL/d(model output): the loss made it
@@ -200,7 +200,11 @@ class FirstNonFinite(Part):
     # -- hooks ------------------------------------------------------------------------------
 
     def hook(self, model: nn.Module | None = None) -> None:
-        """Add the global forward pre-hook and forward hook (no hook on the model itself)."""
+        """Add the global forward pre-hook and forward hook; in a monitor, have the model's pass
+        starts watched at every pass (``watch_forward_starts(always=True)``: these hooks take
+        tensors at every pass, and the conversions check must see each start first)."""
+        if self.setup is not None and model is not None:
+            watch_forward_starts(self, model, call=False, always=True)
         if self._handle is None:
             self._pre_handle = register_module_forward_pre_hook(self._on_start)
             self._handle = register_module_forward_hook(self._on_forward)

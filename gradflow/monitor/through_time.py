@@ -55,7 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.rnn import PackedSequence
 
-from gradflow.monitor.part import Part, Reduced, Setup, moved
+from gradflow.monitor.part import Part, Reduced, Setup, moved, watch_forward_starts
 from gradflow.monitor.spent import LeavesCopiesAlone
 
 MODES = ("RNN_TANH", "RNN_RELU", "LSTM", "GRU")     # nn.RNNBase.mode of the modules profiled
@@ -472,6 +472,8 @@ class ThroughTimePart(Part):
         self._model = weakref.ref(model)
 
     def hook(self, model: nn.Module) -> None:
+        # Its hooks take tensors at every training pass: the conversions check sees each start first
+        watch_forward_starts(self, model, call=False, always=True)
         self.recorder.attach(model, self.keep)
 
     def record(self, mask) -> None:
