@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 from monitor_oracle import step_statistics
-from test_profiled_passes import _profiled_by_the_rule
+from test_profiled_passes import assert_profiled_by_the_rule
 from torch import nn
 from torch.utils._pytree import tree_map
 from torch.utils.checkpoint import checkpoint
@@ -60,16 +60,7 @@ class _Passes:
 
 
 def _assert_rule(passes: _Passes, history, every: int) -> None:
-    expected = _profiled_by_the_rule(passes.events, every)
-    assert len(history) == len(expected)
-    for window, outputs in zip(history, expected):
-        if not outputs:
-            assert "t" not in window.activations
-            continue
-        values = torch.cat([o.double().flatten() for o in outputs])
-        row = window.activations["t"]
-        assert row["mean"] == pytest.approx(values.mean().item(), rel=1e-6, abs=1e-9)
-        assert row["std"] == pytest.approx(values.std(unbiased=False).item(), rel=1e-6)
+    assert_profiled_by_the_rule(passes.events, history, every, "t")
 
 
 LOOPS = ["zero_grad, accumulate 4, clip, step", "a clip after each micro-batch", "inference_mode eval pass",

@@ -17,6 +17,7 @@ import pytest
 import torch
 from tensorboard.compat.proto.event_pb2 import Event
 from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
+from test_thread_races import _run_together
 
 from gradflow import GradientMonitor
 from gradflow.monitor.event_encoding import STRUCT_BUCKETS, SummaryEncoder, event_bytes, varint
@@ -269,7 +270,6 @@ def test_one_sink_logged_to_from_several_threads_writes_each_window_whole(tmp_pa
     template changes at nearly every window) and a histogram, started together and switching
     every microsecond: no thread raises, and every record is the event upb makes of the window
     its thread gave."""
-    import sys
 
     from torch.utils.tensorboard import SummaryWriter
 
@@ -290,18 +290,9 @@ def test_one_sink_logged_to_from_several_threads_writes_each_window_whole(tmp_pa
         except Exception as error:
             errors.append(error)
 
-    interval = sys.getswitchinterval()
-    sys.setswitchinterval(1e-6)
-    try:
-        with SummaryWriter(tmp_path) as writer:
-            sink = TensorBoardSink(writer)
-            threads = [threading.Thread(target=run, args=(sink, expected[t])) for t in range(4)]
-            for thread in threads:
-                thread.start()
-            for thread in threads:
-                thread.join()
-    finally:
-        sys.setswitchinterval(interval)
+    with SummaryWriter(tmp_path) as writer:
+        sink = TensorBoardSink(writer)
+        _run_together(*[(run, (sink, expected[t])) for t in range(4)], switch=1e-6)
     assert not errors, errors
     events = {e.step: (record, e) for record, e in _summary_events(tmp_path)}
     windows = [w for t in range(4) for w in expected[t]]

@@ -230,6 +230,22 @@ def _profiled_by_the_rule(events: list, every: int) -> list[list[torch.Tensor]]:
     return windows
 
 
+def assert_profiled_by_the_rule(events: list, history, every: int, tap: str) -> None:
+    """Each window's activation mean and std of ``tap`` are those of the outputs of exactly the
+    passes the rule profiles (``_profiled_by_the_rule``; float64 from the captured outputs), and a
+    window with none of them has no row for it."""
+    expected = _profiled_by_the_rule(events, every)
+    assert len(history) == len(expected)
+    for window, outputs in zip(history, expected):
+        if not outputs:
+            assert tap not in window.activations
+            continue
+        values = torch.cat([o.double().flatten() for o in outputs])
+        row = window.activations[tap]
+        assert row["mean"] == pytest.approx(values.mean().item(), rel=1e-6, abs=1e-9)
+        assert row["std"] == pytest.approx(values.std(unbiased=False).item(), rel=1e-6)
+
+
 def _run_loop(loop: str, every: int, iterations: int = 9):
     """One of several training loops on Linear, Tanh, Linear; returns the loop's events (each
     training pass with the Tanh output the test captured, each step the monitor records, each
@@ -312,13 +328,4 @@ def test_the_profiled_passes_are_the_rule_s_in_every_loop(loop, every):
     documented rule: each window's activation mean and std are those of the outputs of exactly
     those passes (float64 from the captured outputs)."""
     events, history = _run_loop(loop, every)
-    expected = _profiled_by_the_rule(events, every)
-    assert len(history) == len(expected)
-    for window, outputs in zip(history, expected):
-        if not outputs:
-            assert "1" not in window.activations
-            continue
-        values = torch.cat([o.double().flatten() for o in outputs])
-        row = window.activations["1"]
-        assert row["mean"] == pytest.approx(values.mean().item(), rel=1e-6, abs=1e-9)
-        assert row["std"] == pytest.approx(values.std(unbiased=False).item(), rel=1e-6)
+    assert_profiled_by_the_rule(events, history, every, "1")
