@@ -28,7 +28,6 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
@@ -37,6 +36,7 @@ from torch.utils.tensorboard import SummaryWriter
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import overhead  # noqa: E402
+from tutorial_parts import epochs  # noqa: E402
 
 
 def export(rev: str | None, name: str, into: Path) -> str:
@@ -85,26 +85,12 @@ def main() -> None:
             monitor = None if variant == "bare" else importlib.import_module(variant).GradientMonitor(
                 model, SummaryWriter(os.path.join(tmp, variant)))
             runs[variant] = (model, optimizer, monitor)
-        loss = work.loss
-
-        def epochs(run, count: int) -> float:
-            model, optimizer, monitor = run
-            start = time.process_time()
-            for epoch in range(count):
-                for x, y in batches:
-                    optimizer.zero_grad()
-                    loss(model(x), y).backward()
-                    optimizer.step()
-                if monitor is not None:
-                    monitor.log(epoch)
-            return (time.process_time() - start) / (count * len(batches))
-
         for run in runs.values():
-            epochs(run, 3 if args.model == "tutorial" else 1)     # warm-up
+            epochs(run, batches, 3 if args.model == "tutorial" else 1, work.loss)     # warm-up
         times: dict[str, list[float]] = {variant: [] for variant in runs}
         for i in range(args.rounds):
             for variant in (list(runs) if i % 2 == 0 else list(reversed(runs))):
-                times[variant].append(epochs(runs[variant], count))
+                times[variant].append(epochs(runs[variant], batches, count, work.loss))
         for _, _, monitor in runs.values():
             if monitor is not None:
                 monitor.remove()
