@@ -469,6 +469,17 @@ def _new_sub():
     return np.zeros(SUBS * _SUB_STRIDE, np.uint32)
 
 
+@njit(nogil=True, boundscheck=False, cache=True)
+def _sub_for(lengths):
+    """``_new_sub()`` where a row of ``lengths`` is long (SHORT_ROW values or more), else an
+    empty array: 16.5 KB zeroed at each call was most of what a window of short rows (the
+    tutorial's MLP) wrote, for nothing."""
+    for r in range(lengths.size):
+        if lengths[r] >= SHORT_ROW:
+            return _new_sub()
+    return np.zeros(0, np.uint32)
+
+
 @njit(nogil=True, boundscheck=False, cache=True, inline="always")
 def _bin_total(sub, j):
     """Bin j's count over the eight sub-histograms (at most PIECE_MAX: no overflow)."""
@@ -655,7 +666,7 @@ def _fold_rows(values, lengths, row_slot, row_centre, row_threshold, counts, out
     values or more counts into sub-histograms (see ``_block_counts``)."""
     bits = values.view(np.int32)
     unsigned = values.view(np.uint32)
-    sub = _new_sub()
+    sub = _sub_for(lengths)
     start = 0
     for r in range(lengths.size):
         stop = start + lengths[r]
@@ -783,7 +794,7 @@ def _block_weights(values, start, renew):
 @njit(nogil=True, boundscheck=False, cache=True)
 def _fold_weight_segments(values, start, lengths, rows, counts, renew, count):
     unsigned = values.view(np.uint32)
-    sub = _new_sub()
+    sub = _sub_for(lengths)
     offset = 0
     for segment in range(lengths.size):
         stop = offset + lengths[segment]
