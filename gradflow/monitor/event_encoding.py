@@ -36,6 +36,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from gradflow.monitor.histograms import BuiltHistograms
 from gradflow.monitor.stats import Histogram, drawn_buckets
 
 _DOUBLE = struct.Struct("<d")
@@ -150,11 +151,15 @@ class HistogramEncoder:
 
     def __init__(self) -> None:
         self._heads: dict[str, tuple] = {}        # tag -> (bucket count, head bytes, pack, limits' and counts' headers)
+        self._tag_fields: tuple | None = None      # the last BuiltHistograms' tags, their fields joined, offsets
         self._packs: dict[int, object] = {}       # bucket count -> Struct.pack
 
     def encode(self, histograms: Mapping[str, Histogram]) -> list[bytes]:
         """The fields of ``histograms`` (tag -> Histogram), in order, as pieces to join; a histogram not marked
-        ``sparse`` loses its runs of empty buckets first (``stats.drawn_buckets``), as TensorBoard gets it."""
+        ``sparse`` loses its runs of empty buckets first (``stats.drawn_buckets``), as TensorBoard gets it.
+        A ``histograms.BuiltHistograms``' rows are written by one kernel call from its arrays (``_encode_built``)."""
+        if isinstance(histograms, BuiltHistograms):
+            return [self._encode_built(histograms), *self.encode(histograms.extra)]
         if len(self._heads) > 4 * len(histograms) + 256:      # tags of windows long gone
             self._heads.clear()
         out = []
@@ -177,6 +182,28 @@ class HistogramEncoder:
                 append(b"".join((_FIVE_DOUBLES.pack(lo, 0x11, hi, 0x19, num, 0x21, total, 0x29, squares),
                                  head[3], array("d", limits).tobytes(), head[4], array("d", counts).tobytes())))
         return out
+
+    def _encode_built(self, built: BuiltHistograms) -> bytes:
+        """The fields of ``built``'s rows (not its ``extra``), written by
+        ``histogram_kernels.encode_values``: the bytes ``encode`` gives for ``built.as_dict()``'s
+        rows, without making a ``Histogram`` or a Python float."""
+        from gradflow.monitor.histogram_kernels import encode_values
+
+        tags = built.tags
+        if self._tag_fields is None or self._tag_fields[0] != tags:
+            fields = [tag_field(tag) for tag in tags]
+            self._tag_fields = (list(tags), np.frombuffer(b"".join(fields), np.uint8),
+                                np.cumsum([0, *map(len, fields)], dtype=np.int64))
+        _, tag_fields, tag_offsets = self._tag_fields
+        rows = built.rows
+        buckets = sum(int(ends[-1]) for _, _, ends, _, _ in rows.chunks)
+        # per row at most: two tag bytes and two 10-byte varints, the tag field, five tagged doubles,
+        # two list headers (a tag byte and a varint each), 16 bytes a bucket
+        out = np.empty(tag_fields.size + len(tags) * (2 + 20 + 45 + 22) + 16 * buckets, np.uint8)
+        at = 0
+        for start, _, ends, limits, counts in rows.chunks:
+            at = encode_values(tag_fields, tag_offsets, start, ends, limits, counts, rows.moments, rows.valid, out, at)
+        return out[:at].tobytes()
 
     def _head(self, tag: str, n: int) -> tuple:
         """(n, the value's bytes up to its first number, the pack for n buckets, the two list headers)."""

@@ -219,3 +219,77 @@ def _log10_row(counts, log10_limits, log10_centres, log10_lefts, magnitudes, lim
     moments[0], moments[1] = log10_lefts[first], log10_limits[last]
     moments[2], moments[3], moments[4] = total, total_sum, squares
     return at
+
+
+# -- encoding: the rows as TensorBoard ``Summary.Value`` fields (event_encoding) --------------
+
+@njit(nogil=True, boundscheck=False, cache=True, inline="always")
+def _varint_size(number):
+    size = 1
+    while number > 0x7F:
+        number >>= 7
+        size += 1
+    return size
+
+
+@njit(nogil=True, boundscheck=False, cache=True, inline="always")
+def _put_varint(out, at, number):
+    while number > 0x7F:
+        out[at] = (number & 0x7F) | 0x80
+        number >>= 7
+        at += 1
+    out[at] = number
+    return at + 1
+
+
+@njit(nogil=True, boundscheck=False, cache=True, inline="always")
+def _put_bytes(out, at, source, start, stop):
+    for i in range(start, stop):
+        out[at] = source[i]
+        at += 1
+    return at
+
+
+@njit(nogil=True, boundscheck=False, cache=True)
+def encode_values(tag_fields, tag_offsets, first, ends, limits, counts, moments, valid, out, at):
+    """Write rows ``first`` .. ``first + ends.size - 2`` of a ``BuiltRows`` chunk (``ends``: its
+    offsets into ``limits`` and ``counts``, float64) as ``Summary.Value`` fields with a
+    ``HistogramProto``, each in the bytes ``event_encoding.histogram_value`` gives (and upb's
+    ``SerializeToString``), into the uint8 ``out`` from ``at``; returns the new end. Row r's tag
+    field (``event_encoding.tag_field``) is ``tag_fields[tag_offsets[r]:tag_offsets[r + 1]]``;
+    ``moments`` (R, 5) float64, ``valid`` (R,): a row not valid is left out. A number whose bits
+    are all zero (+0.0) is left out, as proto3 leaves a default; -0.0 and NaN are written."""
+    number_bits = moments.reshape(-1).view(np.int64)
+    number_bytes = moments.reshape(-1).view(np.uint8)
+    limit_bytes = limits.view(np.uint8)
+    count_bytes = counts.view(np.uint8)
+    for k in range(ends.size - 1):
+        r = first + k
+        if not valid[r]:
+            continue
+        a, n = ends[k], ends[k + 1] - ends[k]
+        histo = 0
+        for j in range(5):
+            if number_bits[5 * r + j] != 0:
+                histo += 9
+        if n > 0:
+            histo += 2 * (1 + _varint_size(8 * n) + 8 * n)
+        tag_start, tag_stop = tag_offsets[r], tag_offsets[r + 1]
+        inner = tag_stop - tag_start + 1 + _varint_size(histo) + histo
+        out[at] = 0x0A
+        at = _put_varint(out, at + 1, inner)
+        at = _put_bytes(out, at, tag_fields, tag_start, tag_stop)
+        out[at] = 0x2A
+        at = _put_varint(out, at + 1, histo)
+        for j in range(5):                         # min, max, num, sum, sum_squares: fields 1..5, doubles
+            if number_bits[5 * r + j] != 0:
+                out[at] = 0x09 + 8 * j
+                at = _put_bytes(out, at + 1, number_bytes, 8 * (5 * r + j), 8 * (5 * r + j + 1))
+        if n > 0:                                  # bucket_limit = 6, bucket = 7: packed doubles
+            out[at] = 0x32
+            at = _put_varint(out, at + 1, 8 * n)
+            at = _put_bytes(out, at, limit_bytes, 8 * a, 8 * (a + n))
+            out[at] = 0x3A
+            at = _put_varint(out, at + 1, 8 * n)
+            at = _put_bytes(out, at, count_bytes, 8 * a, 8 * (a + n))
+    return at

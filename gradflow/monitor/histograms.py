@@ -26,6 +26,7 @@ Example:
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -85,13 +86,18 @@ class HistogramRequests:
         ``linear_histograms``)."""
         self.requests.append(_Request("linear", member, tag, table, row, bounds))
 
-    def build(self, members: int) -> list[dict[str, Histogram]]:
+    def build(self, members: int) -> list[dict[str, Histogram] | BuiltHistograms]:
         """Per member, tag -> histogram; a row with no finite value gets none (TensorBoard
         cannot draw an empty histogram). With numba, the value and log10 rows of all tables are
         built in one call that reads them where they lie (``stats.mixed_histograms``), through
-        buffers of ``BUILD_BUCKETS``; the linear rows of a table together, ``BUILD_ROWS`` at a time."""
+        buffers of ``BUILD_BUCKETS``; the linear rows of a table together, ``BUILD_ROWS`` at a time.
+        One member whose rows took one call gets them as the kernel left them (``BuiltHistograms``)."""
         out: list[dict[str, Histogram]] = [{} for _ in range(members)]
         counted = [r for r in self.requests if r.form != "linear"]
+        if members == 1 and counted:
+            built = self._built(counted)
+            if built is not None:
+                return [built]
         built = S.mixed_histograms([(r.table, r.row, r.form == "log10") for r in counted],
                                    BUILD_BUCKETS) if counted else []
         if built is None:                              # no numba: per form and table
@@ -102,6 +108,20 @@ class HistogramRequests:
                     out[request.member][request.tag] = histogram
         self._build_grouped([r for r in self.requests if r.form == "linear"], out)
         return out
+
+    def _built(self, counted: list[_Request]) -> BuiltHistograms | None:
+        """One member's histograms as ``BuiltHistograms``, where its value and log10 rows take one
+        kernel call and every tag is its own (else None: ``build`` makes the dicts)."""
+        tags = [r.tag for r in counted]
+        linear = [r for r in self.requests if r.form == "linear"]
+        if len(set(tags).union(r.tag for r in linear)) != len(tags) + len(linear):
+            return None
+        rows = S.built_rows([(r.table, r.row, r.form == "log10") for r in counted], BUILD_BUCKETS)
+        if rows is None:
+            return None
+        extra: dict[str, Histogram] = {}
+        self._build_grouped(linear, [extra])
+        return BuiltHistograms(tags, rows, extra)
 
     @staticmethod
     def _build_grouped(requests: list[_Request], out: list[dict[str, Histogram]]) -> None:
@@ -119,6 +139,48 @@ class HistogramRequests:
                 for request, histogram in zip(chosen, _build(form, chosen)):
                     if histogram is not None:
                         out[request.member][request.tag] = histogram
+
+
+class BuiltHistograms(Mapping):
+    """A window's histograms for one member, read-only, tag -> ``Histogram``: those of its value
+    and log10 rows as the kernel left them (``stats.BuiltRows``, ``tags`` one per row in order),
+    then ``extra`` (the linear ones). The ``Histogram`` objects are made on first read
+    (``as_dict``). ``TensorBoardSink`` (``Sink.built_histograms``) encodes the rows straight from
+    the kernel's arrays (``event_encoding.HistogramEncoder``) and never makes them: on the
+    tutorial's MLP the forty objects and their lists of Python floats, and packing them again,
+    cost a window more than the kernel did. Every other sink is handed ``as_dict()``."""
+
+    __slots__ = ("tags", "rows", "extra", "_dict")
+
+    def __init__(self, tags: list[str], rows: S.BuiltRows, extra: dict[str, Histogram]) -> None:
+        self.tags, self.rows, self.extra = tags, rows, extra
+        self._dict: dict[str, Histogram] | None = None
+
+    def as_dict(self) -> dict[str, Histogram]:
+        """The histograms as a dict (made once): the rows' in order, those with no finite value
+        left out, then ``extra``."""
+        if self._dict is None:
+            made = {tag: h for tag, h in zip(self.tags, self.rows.histograms()) if h is not None}
+            made.update(self.extra)
+            self._dict = made
+        return self._dict
+
+    def __getitem__(self, tag: str) -> Histogram:
+        return self.as_dict()[tag]
+
+    def __iter__(self):
+        return iter(self.as_dict())
+
+    def __len__(self) -> int:                   # the tags are distinct (HistogramRequests._built): no objects made
+        return int(np.count_nonzero(self.rows.valid)) + len(self.extra)
+
+    def __repr__(self) -> str:
+        return repr(self.as_dict())
+
+
+def as_dict(histograms: Mapping[str, Histogram]) -> dict[str, Histogram]:
+    """``histograms`` as a dict: itself, or a ``BuiltHistograms``' ``as_dict()``."""
+    return histograms.as_dict() if isinstance(histograms, BuiltHistograms) else histograms
 
 
 def _build(form: str, requests: list[_Request]) -> list[Histogram | None]:

@@ -10,7 +10,7 @@ Example (the monitor's own; ``GradientMonitor.log`` and ``flush`` drive it)::
 
 from __future__ import annotations
 
-from gradflow.monitor.histograms import HistogramPool, HistogramRequests
+from gradflow.monitor.histograms import HistogramPool, HistogramRequests, as_dict
 from gradflow.monitor.tensors import MonitorError
 
 
@@ -37,7 +37,7 @@ class Output:
         failed = []
         for k, sink, prefix in self.sinks:
             try:
-                sink.log(_prefixed(prefix, scalars[k]), _prefixed(prefix, histograms[k] if histograms else {}), step)
+                sink.log(_prefixed(prefix, scalars[k]), _given(sink, prefix, histograms[k] if histograms else {}), step)
                 if texts and texts[k]:
                     sink.text(_prefixed(prefix, texts[k]), step)
             except Exception as error:       # the other sinks still get the window
@@ -62,7 +62,7 @@ class Output:
         for k, sink, prefix in self.sinks:
             if histograms[k]:
                 try:
-                    sink.log({}, _prefixed(prefix, histograms[k]), step)
+                    sink.log({}, _given(sink, prefix, histograms[k]), step)
                 except Exception as error:
                     failed.append((sink, error))
         raise_failed(failed, "flush()")
@@ -85,6 +85,14 @@ def raise_failed(failed: list[tuple[object, Exception]], call: str) -> None:
     raise MonitorError(f"{call}: writing the window to {describe(sink)} failed{more}: {type(error).__name__}: "
                        f"{first_line(error)}; the window is closed and kept in monitor.history, and the "
                        f"next one starts empty") from error
+
+
+def _given(sink, prefix: str, histograms) -> dict:
+    """A member's histograms as ``sink`` is handed them: a dict (``histograms.as_dict``), or the
+    kernel's ``BuiltHistograms`` as they are where the sink takes them (``Sink.built_histograms``)."""
+    if prefix or not getattr(sink, "built_histograms", False):
+        histograms = as_dict(histograms)
+    return _prefixed(prefix, histograms)
 
 
 def _prefixed(prefix: str, by_tag: dict) -> dict:

@@ -49,6 +49,9 @@ class Sink:
     takes histograms; where no sink of a monitor does, none is built (nor the weights' counts)."""
 
     draws = True
+    # Whether log() may be handed the kernel's ``histograms.BuiltHistograms`` (a read-only mapping)
+    # instead of a dict: the monitor's own TensorBoardSink, which encodes them as they lie.
+    built_histograms = False
 
     def log(self, scalars: dict[str, float], histograms: dict[str, Histogram], step: int) -> None:
         raise NotImplementedError
@@ -141,6 +144,8 @@ def as_sink(writer: Any) -> Sink:
 
 class TensorBoardSink(Sink):
     """Writes scalars and histograms of one step to a SummaryWriter as one event."""
+
+    built_histograms = True
 
     def __init__(self, writer) -> None:
         self.writer = writer

@@ -367,14 +367,9 @@ def mixed_histograms(requests, capacity: int) -> list[Histogram | None] | None:
     kernels = histogram_kernels()
     if kernels is None:
         return None
-    ids = [id(table) for table, _, _ in requests]
-    distinct = {key: table for key, (table, _, _) in zip(ids, requests)}
-    if len(distinct) <= MIXED_TABLES and _same_fused_dtype(distinct.values()):     # a window's: one call
-        slots = {key: slot for slot, key in enumerate(distinct)}
-        tables = [table.reshape(-1, SIGN_EXPONENT_BINS) for table in distinct.values()]
-        return _mixed(kernels, tables, np.array([slots[key] for key in ids], dtype=np.int64),
-                      np.array([row for _, row, _ in requests], dtype=np.int64),
-                      np.array([log10 for _, _, log10 in requests], dtype=np.bool_), capacity)
+    built = built_rows(requests, capacity)
+    if built is not None:                                  # a window's: one call
+        return built.histograms()
     groups: list[tuple[list[np.ndarray], list[int], list[int]]] = []    # (tables, request numbers, their slots)
     open_groups: dict[str, tuple] = {}                                     # by dtype: the group taking tables
     placed: dict[int, tuple] = {}                                          # id(table): (group, slot)
@@ -399,9 +394,27 @@ def mixed_histograms(requests, capacity: int) -> list[Histogram | None] | None:
         index = np.array([requests[n][1] for n in numbers], dtype=np.int64)
         log10 = np.array([requests[n][2] for n in numbers], dtype=np.bool_)
         built = _mixed(kernels, tables, np.array(slots, dtype=np.int64), index, log10, capacity)
-        for number, histogram in zip(numbers, built):
+        for number, histogram in zip(numbers, built.histograms()):
             out[number] = histogram
     return out
+
+
+def built_rows(requests, capacity: int) -> BuiltRows | None:
+    """``mixed_histograms`` of ``requests`` as the kernel leaves them (``BuiltRows``), where they
+    take one compiled call: at most four tables, all int64 or all float64 (a window's); None
+    otherwise, or without numba."""
+    kernels = histogram_kernels()
+    if kernels is None:
+        return None
+    ids = [id(table) for table, _, _ in requests]
+    distinct = {key: table for key, (table, _, _) in zip(ids, requests)}
+    if len(distinct) > MIXED_TABLES or not _same_fused_dtype(distinct.values()):
+        return None
+    slots = {key: slot for slot, key in enumerate(distinct)}
+    tables = [table.reshape(-1, SIGN_EXPONENT_BINS) for table in distinct.values()]
+    return _mixed(kernels, tables, np.array([slots[key] for key in ids], dtype=np.int64),
+                  np.array([row for _, row, _ in requests], dtype=np.int64),
+                  np.array([log10 for _, _, log10 in requests], dtype=np.bool_), capacity)
 
 
 def _same_fused_dtype(tables) -> bool:
@@ -410,26 +423,49 @@ def _same_fused_dtype(tables) -> bool:
     return len(dtypes) == 1 and next(iter(dtypes)) in (np.int64, np.float64)
 
 
-def _mixed(kernels, tables: list[np.ndarray], which, index, log10, capacity: int) -> list[Histogram | None]:
+class BuiltRows:
+    """Sparse histograms as ``histogram_kernels.mixed_rows`` leaves them, for R rows: ``moments``
+    (R, 5) = min, max, num, sum, sum of squares; ``valid`` (R,): False where a row has no finite
+    value (no histogram); and one chunk per kernel call, (first row, last row + 1, the rows'
+    offsets into the chunk's buckets (one more than its rows), its flat float64 bucket ``limits``
+    and ``counts``). ``histograms()`` makes the ``Histogram`` objects; ``TensorBoardSink``
+    encodes the arrays as they are (``event_encoding``)."""
+
+    __slots__ = ("moments", "valid", "chunks")
+
+    def __init__(self, moments: np.ndarray, valid: np.ndarray,
+                 chunks: list[tuple[int, int, np.ndarray, np.ndarray, np.ndarray]]) -> None:
+        self.moments, self.valid, self.chunks = moments, valid, chunks
+
+    def histograms(self) -> list[Histogram | None]:
+        """Row by row, its ``Histogram`` (sparse), or None where it is not ``valid``."""
+        out: list[Histogram | None] = []
+        for start, stop, ends, limits, counts in self.chunks:
+            ends = ends.tolist()
+            limits_list, counts_list = limits[:ends[-1]].tolist(), counts[:ends[-1]].tolist()
+            lows, highs, nums, sums, squares = self.moments[start:stop].T.tolist()
+            out += [Histogram(limits_list[a:b], counts_list[a:b], low, high, num, total, square, True) if ok else None
+                    for a, b, low, high, num, total, square, ok      # the kernels' are sparse
+                    in zip(ends, ends[1:], lows, highs, nums, sums, squares, self.valid[start:stop].tolist())]
+        return out
+
+
+def _mixed(kernels, tables: list[np.ndarray], which, index, log10, capacity: int) -> BuiltRows:
     """``histogram_kernels.mixed_rows`` over all rows, in as many calls as the buffers need."""
     rows = len(index)
     padded = tables + [tables[0][:0]] * (MIXED_TABLES - len(tables))
     offsets, moments, valid = np.empty(rows + 1, np.int64), np.empty((rows, 5)), np.empty(rows, np.bool_)
     capacity = max(capacity, 2 * len(_FINITE) + 1)
-    out: list[Histogram | None] = []
+    chunks = []
     start = 0
     while start < rows:
         limits, counts = np.empty(capacity), np.empty(capacity)
         stop = kernels.mixed_rows(*padded, which, index, log10, start, 24, VALUE_LIMITS, _VALUE_LEFTS, _VALUE_CENTRES,
                                   LOG10_LIMITS, _LOG10_CENTRES, _LOG10_LEFTS, limits, counts, offsets, moments, valid)
-        ends = offsets[start:stop + 1].tolist()
-        limits_list, counts_list = limits[:ends[-1]].tolist(), counts[:ends[-1]].tolist()
-        lows, highs, nums, sums, squares = moments[start:stop].T.tolist()
-        out += [Histogram(limits_list[a:b], counts_list[a:b], low, high, num, total, square, True) if ok else None
-                for a, b, low, high, num, total, square, ok      # the kernels' are sparse
-                in zip(ends, ends[1:], lows, highs, nums, sums, squares, valid[start:stop].tolist())]
+        # offsets restart at 0 with each call: the next overwrites this one's end
+        chunks.append((start, stop, offsets[start:stop + 1].copy(), limits, counts))
         start = stop
-    return out
+    return BuiltRows(moments, valid, chunks)
 
 
 def _rows_of(counts, rows) -> tuple[np.ndarray, np.ndarray | None, Any]:

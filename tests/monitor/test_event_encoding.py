@@ -6,6 +6,7 @@ boundaries, proto3's omitted defaults, float32 rounding and overflow); and Tenso
 on files the monitor wrote.
 """
 
+import copy
 import math
 import random
 import struct
@@ -300,3 +301,143 @@ def test_one_sink_logged_to_from_several_threads_writes_each_window_whole(tmp_pa
     for scalars, histograms, step in windows:
         record, event = events[step]
         assert record == _oracle(event.wall_time, step, scalars, histograms)
+
+
+# -- the kernel's histograms, encoded as they lie (histograms.BuiltHistograms) -----------------
+
+def _built(rng, rows, dtype, capacity=None):
+    """A window's value and log10 histograms of ``rows`` rows from two random counts tables of
+    ``dtype``, as ``HistogramRequests.build`` makes them for one member (``capacity``: the
+    kernel's buffers, in buckets; small ones make several chunks), with a linear one after them;
+    some rows empty (no histogram) or holding exact zeros alone."""
+    from gradflow.monitor import histograms as H
+
+    tables = [(rng.integers(0, 2**40 if dtype == np.int64 else 50, size=(rows, 512)) *
+               (rng.random((rows, 512)) < rng.choice([0.01, 0.1, 0.9]))).astype(dtype) for _ in range(2)]
+    tables[0][0] = 0                                   # no value at all: no histogram
+    tables[1][0] = 0
+    tables[1][0, [0, 256]] = 3                         # exact zeros alone
+    used: set[str] = set()
+    wanted = H.HistogramRequests()
+    for i in rng.permutation(rows):
+        for table in tables:
+            wanted.value(0, _tag(random.Random(int(rng.integers(1 << 30))), used), table, i)
+            wanted.log10(0, _tag(random.Random(int(rng.integers(1 << 30))), used), table, i)
+    wanted.linear(0, "linear/tanh", np.arange(H.LINEAR_BINS, dtype=np.int64)[None], 0, (-1.0, 1.0))
+    if capacity is not None:
+        old, H.BUILD_BUCKETS = H.BUILD_BUCKETS, capacity
+        try:
+            return wanted.build(members=1)[0]
+        finally:
+            H.BUILD_BUCKETS = old
+    return wanted.build(members=1)[0]
+
+
+@pytest.mark.parametrize("dtype", [np.int64, np.float64], ids=["int64", "float64"])
+@pytest.mark.parametrize("capacity", [None, 509, 2 * 509], ids=["one-chunk", "chunks-of-1", "chunks-of-2"])
+def test_the_kernels_histograms_are_encoded_byte_for_byte_as_upb_serializes_them(dtype, capacity):
+    """``HistogramEncoder`` writes a ``BuiltHistograms``' rows from the kernel's arrays in one
+    compiled call: the bytes upb gives for the same histograms made as objects, rows with no
+    value left out, with every kind of tag (a varint boundary's length, 2- to 4-byte UTF-8),
+    several buffers' chunks, and one encoder's tag cache over windows whose tags change."""
+    from gradflow.monitor.histograms import BuiltHistograms
+
+    rng = np.random.default_rng(7)
+    encoder = SummaryEncoder()
+    for window in range(6):
+        built = _built(rng, int(rng.integers(1, 30)), dtype, capacity=capacity)
+        assert isinstance(built, BuiltHistograms)
+        assert capacity != 509 or len(built.rows.chunks) > 1
+        scalars = {"loss": 0.25} if window % 2 else {}
+        data = encoder.encode(scalars, built)
+        assert built._dict is None                          # no Histogram was made to write them
+        made = built.as_dict()
+        assert len(made) == len(built) < len(built.tags) + 1 and "linear/tanh" in made
+        assert event_bytes(0.0, 0, data) == _oracle(0.0, 0, scalars, made)
+
+
+def test_each_number_of_a_built_row_at_zero_is_left_out_or_written_as_upb_does():
+    """proto3's defaults in the kernel's writer: a number whose bits are all zero (+0.0) is left
+    out, -0.0 and NaN are written; a row of no bucket writes no list. Rows made by hand, each
+    number of the five in turn, beside rows of 1, 64, 65 and 2048 buckets (varint boundaries)."""
+    from gradflow.monitor.histograms import BuiltHistograms
+    from gradflow.monitor.stats import BuiltRows
+
+    cases = []
+    for field in range(5):
+        for zero in (0.0, -0.0, math.nan):
+            five = [1.5, -2.0, 3.0, 4.0, 5.0]
+            five[field] = zero
+            cases.append((five, 3))
+    cases += [([0.0] * 5, 0), ([-0.0] * 5, 0), ([1.0, 2.0, 3.0, 4.0, 5.0], 64), ([1.0, 2.0, 3.0, 4.0, 5.0], 65),
+              ([-1e300, 1e300, 2.0**60, -7.0, 1e-320], 2048)]
+    ends = np.cumsum([0] + [n for _, n in cases]).astype(np.int64)
+    limits = np.arange(ends[-1], dtype=np.float64) * 0.5 - 3.0
+    counts = np.arange(ends[-1], dtype=np.float64) + 1.0
+    rows = BuiltRows(np.array([five for five, _ in cases]), np.ones(len(cases), np.bool_),
+                     [(0, len(cases), ends, limits, counts)])
+    tags = [f"h{i}" for i in range(len(cases))]
+    built = BuiltHistograms(tags, rows, {})
+    expected = Summary(value=[Summary.Value(tag=tag, histo=HistogramProto(
+        min=five[0], max=five[1], num=five[2], sum=five[3], sum_squares=five[4],
+        bucket_limit=limits[a:b].tolist(), bucket=counts[a:b].tolist()))
+        for tag, (five, _), a, b in zip(tags, cases, ends, ends[1:])]).SerializeToString()
+    assert SummaryEncoder().encode({}, built) == expected
+
+
+class _RecordingTensorBoardSink(TensorBoardSink):
+    """The monitor's TensorBoard sink, keeping each window it is handed (the histograms as
+    objects, made from what it got after it wrote them) and what kind of mapping they came in."""
+
+    def __init__(self, writer):
+        super().__init__(writer)
+        self.windows, self.kinds = [], []
+
+    def log(self, scalars, histograms, step):
+        self.kinds.append(type(histograms).__name__)
+        super().log(scalars, histograms, step)
+        self.windows.append((dict(scalars), dict(histograms), step))
+
+
+def test_a_run_written_straight_to_tensorboard_is_upbs_events_and_other_sinks_get_dicts(tmp_path):
+    """A SummaryWriter given as the monitor's writer gets the kernel's histograms as they lie
+    (``BuiltHistograms``): each window's record is byte for byte the event upb serializes of
+    those histograms made as objects, and TensorBoard's reader gets them back. Beside it, a sink
+    of the user's and a TeeSink are handed plain dicts with the same histograms."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from torch.utils.tensorboard import SummaryWriter
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 16), torch.nn.ReLU(), torch.nn.Linear(16, 16), torch.nn.Tanh(),
+                                torch.nn.Linear(16, 1))
+    models = [copy.deepcopy(model) for _ in range(3)]              # one monitor each: the same training
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in models]
+    batches = [(torch.randn(32, 4), torch.randn(32, 1)) for _ in range(24)]
+    with SummaryWriter(tmp_path / "direct") as writer, SummaryWriter(tmp_path / "tee") as tee_writer:
+        sink, mine, in_tee = _RecordingTensorBoardSink(writer), Recorder(), Recorder()
+        monitors = [GradientMonitor(m, w) for m, w in zip(models, (sink, mine, TeeSink(in_tee, tee_writer)))]
+        for epoch in range(3):
+            for x, y in batches[8 * epoch:8 * epoch + 8]:
+                for m, optimizer in zip(models, optimizers):
+                    optimizer.zero_grad()
+                    torch.nn.functional.mse_loss(m(x), y).backward()
+                    optimizer.step()
+            for monitor in monitors:
+                monitor.log(epoch)
+        for monitor in monitors:
+            monitor.remove()
+    assert sink.kinds == ["BuiltHistograms"] * 3
+    events = _summary_events(tmp_path / "direct")
+    assert [e.step for _, e in events] == [0, 1, 2]
+    for (record, event), (scalars, histograms, step) in zip(events, sink.windows):
+        assert record == _oracle(event.wall_time, step, scalars, histograms)
+        assert any(tag.startswith("activation/") for tag in histograms)     # the tanh's linear one among them
+    for recorder in (mine, in_tee):
+        assert [type(h) for _, h, _ in recorder.windows] == [dict] * 3
+        for (_, theirs, _), (_, ours, _) in zip(recorder.windows, sink.windows):
+            assert theirs == ours
+    read = EventAccumulator(str(tmp_path / "direct"), size_guidance={"histograms": 0}).Reload()
+    for _, histograms, step in sink.windows:
+        for tag, h in histograms.items():
+            (point,) = [p for p in read.Histograms(tag) if p.step == step]
+            assert (list(point.histogram_value.bucket_limit), list(point.histogram_value.bucket)) == _sparse(h)

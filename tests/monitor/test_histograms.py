@@ -320,3 +320,36 @@ def test_histograms_built_a_few_rows_at_a_time_equal_those_built_at_once(monkeyp
     monkeypatch.setattr(H, "BUILD_ROWS", 10 * rows)
     alone = requests(alone=True).build(members=2)
     assert chunked == alone and sum(map(len, alone)) > 4 * rows
+
+
+def test_one_members_histograms_come_as_the_kernel_left_them_and_read_as_the_dicts_did():
+    """``build(members=1)`` hands the value and log10 rows as ``BuiltHistograms``: a mapping that
+    reads (tag for tag, in order, rows with no value left out, the linear ones last) as the
+    dict made from ``stats.mixed_histograms``, counts its histograms without making one; and
+    where two requests share a tag, or for several members, the dicts as before."""
+    from gradflow.monitor import histograms as H
+    from gradflow.monitor import stats as S
+
+    rng = np.random.default_rng(11)
+    counts = rng.integers(0, 9, size=(6, 512)) * (rng.random((6, 512)) < 0.2)
+    counts[2] = 0                                                 # no value: no histogram
+    linear = rng.integers(0, 9, size=(1, LINEAR_BINS))
+
+    def requests(tags):
+        wanted = H.HistogramRequests()
+        for i, tag in enumerate(tags):
+            (wanted.log10 if i % 2 else wanted.value)(0, tag, counts, i)
+        wanted.linear(0, "b", linear, 0, (-1.0, 1.0))
+        return wanted
+
+    tags = [f"t{i}" for i in range(6)]
+    (built,) = requests(tags).build(members=1)
+    assert isinstance(built, H.BuiltHistograms)
+    assert len(built) == 6 and built._dict is None              # five rows with a value, the linear one
+    made = S.mixed_histograms([(counts, i, i % 2 == 1) for i in range(6)], H.BUILD_BUCKETS)
+    expected = {tag: h for tag, h in zip(tags, made) if h is not None}
+    expected["b"] = H.linear_histograms(linear, [(-1.0, 1.0)])[0]
+    assert list(built.items()) == list(expected.items()) and built == expected and H.as_dict(built) == expected
+    (shared,) = requests(["t0", "t1", "t0", "t3", "t4", "t5"]).build(members=1)
+    assert type(shared) is dict and "t0" in shared
+    assert all(type(h) is dict for h in requests(tags).build(members=2))
