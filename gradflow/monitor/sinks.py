@@ -147,6 +147,13 @@ class TensorBoardSink(Sink):
 
     built_histograms = True
 
+    def __init_subclass__(cls, **kwargs) -> None:
+        """A subclass that overrides ``log`` is a user's sink: handed dicts, as the ``Sink``
+        protocol says (it may edit them), unless it sets ``built_histograms`` itself."""
+        super().__init_subclass__(**kwargs)
+        if "log" in vars(cls) and "built_histograms" not in vars(cls):
+            cls.built_histograms = False
+
     def __init__(self, writer) -> None:
         self.writer = writer
         self._encoder = SummaryEncoder()      # a window's Summary as bytes (event_encoding: ~122 -> ~65 us a window)

@@ -389,6 +389,8 @@ class _RecordingTensorBoardSink(TensorBoardSink):
     """The monitor's TensorBoard sink, keeping each window it is handed (the histograms as
     objects, made from what it got after it wrote them) and what kind of mapping they came in."""
 
+    built_histograms = True          # it overrides log(): handed the kernel's rows only where it says so
+
     def __init__(self, writer):
         super().__init__(writer)
         self.windows, self.kinds = [], []
