@@ -148,11 +148,13 @@ class TensorBoardSink(Sink):
     built_histograms = True
 
     def __init_subclass__(cls, **kwargs) -> None:
-        """A subclass that overrides ``log`` is a user's sink: handed dicts, as the ``Sink``
-        protocol says (it may edit them), unless it sets ``built_histograms`` itself."""
+        """A subclass whose ``log`` is not this class's (its own, a mixin's) is a user's sink:
+        handed dicts, as the ``Sink`` protocol says (it may edit them), unless the class that
+        defines that ``log``, or the subclass itself, sets ``built_histograms``."""
         super().__init_subclass__(**kwargs)
-        if "log" in vars(cls) and "built_histograms" not in vars(cls):
-            cls.built_histograms = False
+        if "built_histograms" not in vars(cls):
+            owner = next(c for c in cls.__mro__ if "log" in vars(c))
+            cls.built_histograms = bool(vars(owner).get("built_histograms", False))
 
     def __init__(self, writer) -> None:
         self.writer = writer

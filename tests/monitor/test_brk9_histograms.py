@@ -85,11 +85,25 @@ def test_a_user_subclass_of_tensorboardsink_that_overrides_log_is_handed_dicts(t
     """The ``Sink`` protocol hands ``log`` a dict; a subclass of ``TensorBoardSink`` that
     overrides ``log`` is a user's sink and gets one (it was handed the read-only
     ``BuiltHistograms``: ``del`` raised and every window's write failed). Its file is what upb
-    serializes of the dict it passed on; a subclass that does not override ``log`` still gets
-    the kernel's rows."""
+    serializes of the dict it passed on. So is one whose ``log`` is a mixin's; a subclass that
+    does not override ``log``, or says it takes them, still gets the kernel's rows."""
     from torch.utils.tensorboard import SummaryWriter
 
     class Untouched(TensorBoardSink):
+        pass
+
+    class Filtering:                              # a mixin's log(), before TensorBoardSink's
+        def log(self, scalars, histograms, step):
+            histograms.pop("grad/extra", None)
+            super().log(scalars, histograms, step)
+
+    class Mixed(Filtering, TensorBoardSink):
+        pass
+
+    class Opted(_DroppingSink):                    # says it takes them
+        built_histograms = True
+
+    class Below(Untouched):
         pass
 
     with SummaryWriter(tmp_path) as writer:
@@ -102,7 +116,8 @@ def test_a_user_subclass_of_tensorboardsink_that_overrides_log_is_handed_dicts(t
         kept = {tag: h for tag, h in histograms.items() if not tag.endswith("/bias")}
         assert len(kept) < len(histograms)
         assert record == _oracle(event.wall_time, step, scalars, kept)
-    assert Untouched.built_histograms and not _DroppingSink.built_histograms
+    assert Untouched.built_histograms and Below.built_histograms and Opted.built_histograms
+    assert not _DroppingSink.built_histograms and not Mixed.built_histograms
 
 
 @pytest.mark.parametrize("histograms", [1, 3], ids=["every-window", "pooled-3-flushed-partial"])
