@@ -145,16 +145,13 @@ def as_sink(writer: Any) -> Sink:
 class TensorBoardSink(Sink):
     """Writes scalars and histograms of one step to a SummaryWriter as one event."""
 
-    built_histograms = True
-
-    def __init_subclass__(cls, **kwargs) -> None:
-        """A subclass whose ``log`` is not this class's (its own, a mixin's) is a user's sink:
-        handed dicts, as the ``Sink`` protocol says (it may edit them), unless the class that
-        defines that ``log``, or the subclass itself, sets ``built_histograms``."""
-        super().__init_subclass__(**kwargs)
-        if "built_histograms" not in vars(cls):
-            owner = next(c for c in cls.__mro__ if "log" in vars(c))
-            cls.built_histograms = bool(vars(owner).get("built_histograms", False))
+    @property
+    def built_histograms(self) -> bool:
+        """Whether ``log`` is this class's own, which encodes the kernel's rows as they lie: a
+        subclass's ``log`` (its own, a mixin's) or one put on the instance is a user's, handed
+        dicts as the ``Sink`` protocol says (it may edit them). A subclass that takes the rows
+        says so with ``built_histograms = True``."""
+        return getattr(self.log, "__func__", None) is TensorBoardSink.log
 
     def __init__(self, writer) -> None:
         self.writer = writer

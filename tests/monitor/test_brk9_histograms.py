@@ -86,7 +86,8 @@ def test_a_user_subclass_of_tensorboardsink_that_overrides_log_is_handed_dicts(t
     overrides ``log`` is a user's sink and gets one (it was handed the read-only
     ``BuiltHistograms``: ``del`` raised and every window's write failed). Its file is what upb
     serializes of the dict it passed on. So is one whose ``log`` is a mixin's; a subclass that
-    does not override ``log``, or says it takes them, still gets the kernel's rows."""
+    does not override ``log``, or says it takes them, still gets the kernel's rows; a ``log``
+    put on the instance gets dicts."""
     from torch.utils.tensorboard import SummaryWriter
 
     class Untouched(TensorBoardSink):
@@ -116,8 +117,10 @@ def test_a_user_subclass_of_tensorboardsink_that_overrides_log_is_handed_dicts(t
         kept = {tag: h for tag, h in histograms.items() if not tag.endswith("/bias")}
         assert len(kept) < len(histograms)
         assert record == _oracle(event.wall_time, step, scalars, kept)
-    assert Untouched.built_histograms and Below.built_histograms and Opted.built_histograms
-    assert not _DroppingSink.built_histograms and not Mixed.built_histograms
+    replaced = TensorBoardSink(writer)
+    replaced.log = lambda scalars, histograms, step: None          # a log put on the instance: a user's
+    assert all(kind(writer).built_histograms for kind in (TensorBoardSink, Untouched, Below, Opted))
+    assert not any(sink.built_histograms for sink in (_DroppingSink(writer), Mixed(writer), replaced))
 
 
 @pytest.mark.parametrize("histograms", [1, 3], ids=["every-window", "pooled-3-flushed-partial"])
