@@ -14,6 +14,13 @@ noisy neighbour slows both sides of a ratio alike.
     python benchmarks/overhead.py --clock cpu     # CPU time: steadier on a machine shared with other jobs
     python benchmarks/overhead.py --device cuda   # on a GPU (wall clock; each round synchronised)
     python benchmarks/overhead.py --clock cpu --malloc fixed   # glibc's heap thresholds fixed for every variant
+    python benchmarks/overhead.py --models tutorial --clock cpu --processes 7   # the median of 7 fresh processes
+
+``--processes N`` runs the whole benchmark in N fresh processes, one after the other, and prints
+each ratio's median over them with its range. Each process lays out its heap, its hash seeds and
+its code anew, and on this project's 2-core machine that alone moved the tutorial's ratio by up to
+2% between processes (1.28x-1.32x for one commit, docs/benchmarks.md), more than a change worth
+measuring; the interleaved rounds inside one process cannot average it out.
 
 ``--malloc fixed`` re-runs the benchmark with glibc's trim and mmap thresholds fixed
 (``FIXED_MALLOC``), for the bare loop and every variant alike. With glibc's defaults a large
@@ -40,9 +47,11 @@ import contextlib
 import copy
 import dataclasses
 import gc
+import json
 import os
 import resource
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -314,7 +323,15 @@ def main(argv=None) -> None:
     parser.add_argument("--malloc", choices=["default", "fixed"], default="default",
                         help="fixed: glibc's trim and mmap thresholds fixed for every variant (FIXED_MALLOC), "
                              "so that no variant pays for a heap top given back and taken again")
+    parser.add_argument("--processes", type=int, default=1, help="run the benchmark in N fresh processes, one "
+                        "after the other, and print each ratio's median over them and its range (default 1)")
+    parser.add_argument("--table-json", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.processes < 1:
+        parser.error(f"--processes must be an int >= 1, got {args.processes}")
+    if args.processes > 1:
+        across_processes(args.processes, list(sys.argv[1:] if argv is None else argv))
+        return
     if args.malloc == "fixed" and os.environ.get("GLIBC_TUNABLES") != FIXED_MALLOC:
         # glibc reads its tunables at start-up: run again with them set
         again = [sys.executable, os.path.abspath(__file__), *(sys.argv[1:] if argv is None else argv)]
@@ -343,6 +360,45 @@ def main(argv=None) -> None:
     print(f"  {'model':58s} " + " ".join(f"{v:>22s}" for v in names))
     for model, ratios in table.items():
         cells = [f"{ratios[v]:21.2f}x" if v in ratios else f"{'-':>22s}" for v in names]
+        print(f"  {model:58s} " + " ".join(cells))
+    if args.table_json:
+        print(TABLE_LINE + json.dumps(table))
+
+
+TABLE_LINE = "table as JSON: "
+
+
+def across_processes(count: int, given: list[str]) -> None:
+    """The benchmark run with ``given`` (less ``--processes``) in ``count`` fresh processes in
+    turn; each ratio's median over them, with its range."""
+    args, skip = [], False
+    for arg in given:
+        if skip or arg == "--processes" or arg.startswith("--processes="):
+            skip = arg == "--processes"
+            continue
+        args.append(arg)
+    tables = []
+    for k in range(count):
+        done = subprocess.run([sys.executable, os.path.abspath(__file__), *args, "--table-json"], capture_output=True,
+                              text=True)
+        if done.returncode != 0:
+            sys.exit(f"process {k + 1} of {count} failed (exit {done.returncode}):\n{done.stdout}{done.stderr}")
+        line = next(line for line in done.stdout.splitlines() if line.startswith(TABLE_LINE))
+        tables.append(json.loads(line[len(TABLE_LINE):]))
+        print(f"process {k + 1} of {count}: " + "; ".join(
+            f"{model.split(' (')[0]} " + ", ".join(f"{v} {r:.3f}x" for v, r in ratios.items() if v != "bare")
+            for model, ratios in tables[-1].items()), flush=True)
+    names = sorted({v for table in tables for ratios in table.values() for v in ratios if v != "bare"},
+                   key=lambda v: (v in PEERS, v))
+    print(f"\nmonitored / bare, median over {count} processes (each the median of its interleaved rounds) "
+          f"and the range, load average {os.getloadavg()[0]:.1f}")
+    print(f"  {'model':58s} " + " ".join(f"{v:>22s}" for v in names))
+    for model in tables[0]:
+        cells = []
+        for v in names:
+            values = [table[model][v] for table in tables if v in table.get(model, {})]
+            cells.append(f"{statistics.median(values):.2f}x ({min(values):.2f}-{max(values):.2f})".rjust(22)
+                         if values else f"{'-':>22s}")
         print(f"  {model:58s} " + " ".join(cells))
 
 
