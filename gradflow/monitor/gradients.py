@@ -617,14 +617,12 @@ class Gradients(Part):
             if all(present):
                 reader.scalars[k].update(zip(itertools.chain.from_iterable(tags),
                                              itertools.chain.from_iterable(member_rows)))
-                requested = zip(member_slots, value_tags, log10_tags)
+                wanted.rows(k, counts, member_slots, value_tags, log10_tags)
             else:
                 reader.scalars[k].update(zip(itertools.chain.from_iterable(itertools.compress(tags, present)),
                                              itertools.chain.from_iterable(itertools.compress(member_rows, present))))
-                requested = itertools.compress(zip(member_slots, value_tags, log10_tags), present)
-            for slot, value_tag, log10_tag in requested:
-                wanted.value(k, value_tag, counts, slot)
-                wanted.log10(k, log10_tag, counts, slot)
+                wanted.rows(k, counts, itertools.compress(member_slots, present),
+                            list(itertools.compress(value_tags, present)), list(itertools.compress(log10_tags, present)))
         # + steps and skipped_steps (GRADIENT_COUNTS): the rows are whole
         list(map(list.extend, rows, zip(steps, skipped if k_members == 1 else
                                         [n for n in skipped for _ in range(k_members)])))

@@ -25,6 +25,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -63,28 +64,75 @@ class _Request:
         return self.table[self.row]
 
 
+@dataclass(slots=True)
+class _Rows:
+    """Value histograms of rows ``rows`` of ``table``, each followed by its log10 one where
+    ``log10_tags`` is given, asked in one call (``HistogramRequests.rows``)."""
+
+    member: int
+    table: np.ndarray
+    rows: list[int]
+    value_tags: list[str]
+    log10_tags: list[str] | None
+    state: bool
+
+    def requests(self) -> list[_Request]:
+        out = []
+        for i, row in enumerate(self.rows):
+            out.append(_Request("value", self.member, self.value_tags[i], self.table, row, state=self.state))
+            if self.log10_tags is not None:
+                out.append(_Request("log10", self.member, self.log10_tags[i], self.table, row))
+        return out
+
+
 class HistogramRequests:
     """Histograms a window asks for, as raw counts, built together: one numpy pass over all
     the rows of a form instead of a few per family (on a small model the window's fixed costs
     are what the monitor costs)."""
 
     def __init__(self, requests: list[_Request] | None = None) -> None:
-        self.requests: list[_Request] = requests or []
+        self._asked: list[_Request | _Rows] = list(requests or [])
+
+    @property
+    def requests(self) -> list[_Request]:
+        """Every histogram asked for, one request each, in the order asked."""
+        out: list[_Request] = []
+        for asked in self._asked:
+            if isinstance(asked, _Rows):
+                out += asked.requests()
+            else:
+                out.append(asked)
+        return out
 
     def value(self, member: int, tag: str, table: np.ndarray, row: int, *, state: bool = False) -> None:
         """A histogram of the values behind the 512 sign/exponent counts of row ``row`` of
         ``table`` (R, 512); ``state``: they describe the window's end (weights), so a pool keeps
         the latest instead of summing. ``table`` is read when the window's histograms are built."""
-        self.requests.append(_Request("value", member, tag, table, row, state=state))
+        self._asked.append(_Request("value", member, tag, table, row, state=state))
 
     def log10(self, member: int, tag: str, table: np.ndarray, row: int) -> None:
         """A histogram of log10 |x| behind the 512 sign/exponent counts of ``table[row]``."""
-        self.requests.append(_Request("log10", member, tag, table, row))
+        self._asked.append(_Request("log10", member, tag, table, row))
 
     def linear(self, member: int, tag: str, table: np.ndarray, row: int, bounds: tuple[float, float]) -> None:
         """A histogram of the ``LINEAR_BINS`` equal-bin counts ``table[row]`` over ``bounds`` (see
         ``linear_histograms``)."""
-        self.requests.append(_Request("linear", member, tag, table, row, bounds))
+        self._asked.append(_Request("linear", member, tag, table, row, bounds))
+
+    def rows(self, member: int, table: np.ndarray, rows, value_tags, log10_tags=None, *,
+             state: bool = False) -> None:
+        """``value`` of each of ``rows`` (ints) of ``table`` in turn, tagged by ``value_tags``, each
+        followed by its ``log10`` (tagged by ``log10_tags``) where those are given: what those calls
+        ask one by one (a row per tag, as ``zip`` pairs them), in one call and one object. The
+        parts ask a window's rows this way: a request object and a call per histogram were a
+        fifth of the tutorial's gradient read."""
+        if log10_tags is None:
+            rows, value_tags = map(list, zip(*zip(rows, value_tags))) if value_tags else ([], [])
+        else:
+            rows, value_tags, log10_tags = map(list, zip(*zip(rows, value_tags, log10_tags))) if value_tags \
+                else ([], [], [])
+        if rows:
+            self._asked.append(_Rows(member, table, rows, value_tags, log10_tags, state))
 
     def build(self, members: int) -> list[dict[str, Histogram] | BuiltHistograms]:
         """Per member, tag -> histogram; a row with no finite value gets none (TensorBoard
@@ -92,12 +140,13 @@ class HistogramRequests:
         built in one call that reads them where they lie (``stats.mixed_histograms``), through
         buffers of ``BUILD_BUCKETS``; the linear rows of a table together, ``BUILD_ROWS`` at a time.
         One member whose rows took one call gets them as the kernel left them (``BuiltHistograms``)."""
-        out: list[dict[str, Histogram]] = [{} for _ in range(members)]
-        counted = [r for r in self.requests if r.form != "linear"]
-        if members == 1 and counted:
-            built = self._built(counted)
+        if members == 1:
+            built = self._built()
             if built is not None:
                 return [built]
+        requests = self.requests
+        out: list[dict[str, Histogram]] = [{} for _ in range(members)]
+        counted = [r for r in requests if r.form != "linear"]
         built = S.mixed_histograms([(r.table, r.row, r.form == "log10") for r in counted],
                                    BUILD_BUCKETS) if counted else []
         if built is None:                              # no numba: per form and table
@@ -106,17 +155,43 @@ class HistogramRequests:
             for request, histogram in zip(counted, built):
                 if histogram is not None:
                     out[request.member][request.tag] = histogram
-        self._build_grouped([r for r in self.requests if r.form == "linear"], out)
+        self._build_grouped([r for r in requests if r.form == "linear"], out)
         return out
 
-    def _built(self, counted: list[_Request]) -> BuiltHistograms | None:
+    def _built(self) -> BuiltHistograms | None:
         """One member's histograms as ``BuiltHistograms``, where its value and log10 rows take one
-        kernel call and every tag is its own (else None: ``build`` makes the dicts)."""
-        tags = [r.tag for r in counted]
-        linear = [r for r in self.requests if r.form == "linear"]
-        if len(set(tags).union(r.tag for r in linear)) != len(tags) + len(linear):
+        kernel call and every tag is its own (else None: ``build`` makes the dicts). The kernel's
+        inputs are gathered from the asked rows as they came, no request object made for a row."""
+        tags: list[str] = []
+        which: list[int] = []                  # each row's table, by its place in ``tables``
+        index: list[int] = []
+        log10: list[bool] = []
+        tables: dict[int, tuple[int, np.ndarray]] = {}
+        linear: list[_Request] = []
+        for asked in self._asked:
+            if isinstance(asked, _Rows):
+                slot = tables.setdefault(id(asked.table), (len(tables), asked.table))[0]
+                n = len(asked.rows)
+                if asked.log10_tags is None:
+                    tags += asked.value_tags
+                    index += asked.rows
+                    log10 += [False] * n
+                else:                           # each row's value histogram, then its log10 one
+                    tags += itertools.chain.from_iterable(zip(asked.value_tags, asked.log10_tags))
+                    index += itertools.chain.from_iterable(zip(asked.rows, asked.rows))
+                    log10 += [False, True] * n
+                    n *= 2
+                which += [slot] * n
+            elif asked.form == "linear":
+                linear.append(asked)
+            else:
+                which.append(tables.setdefault(id(asked.table), (len(tables), asked.table))[0])
+                tags.append(asked.tag)
+                index.append(asked.row)
+                log10.append(asked.form == "log10")
+        if not tags or len(set(tags).union(r.tag for r in linear)) != len(tags) + len(linear):
             return None
-        rows = S.built_rows([(r.table, r.row, r.form == "log10") for r in counted], BUILD_BUCKETS)
+        rows = S.built_rows_of([table for _, table in tables.values()], which, index, log10, BUILD_BUCKETS)
         if rows is None:
             return None
         extra: dict[str, Histogram] = {}
@@ -245,14 +320,13 @@ class HistogramPool:
 
 def _one_table(pooled: list[_Request]) -> HistogramRequests:
     """The pooled requests, each form's rows in one table, so that each form is built in one call."""
-    requests = HistogramRequests()
+    requests: list[_Request] = []
     for form in ("value", "log10", "linear"):
         mine = [r for r in pooled if r.form == form]
         if mine:
             table = np.concatenate([r.table for r in mine])
-            requests.requests += [_Request(form, r.member, r.tag, table, row, r.bounds, r.state)
-                                  for row, r in enumerate(mine)]
-    return requests
+            requests += [_Request(form, r.member, r.tag, table, row, r.bounds, r.state) for row, r in enumerate(mine)]
+    return HistogramRequests(requests)
 
 
 def check_every(histograms, error: type[Exception] | None = None) -> int:

@@ -403,18 +403,23 @@ def built_rows(requests, capacity: int) -> BuiltRows | None:
     """``mixed_histograms`` of ``requests`` as the kernel leaves them (``BuiltRows``), where they
     take one compiled call: at most four tables, all int64 or all float64 (a window's); None
     otherwise, or without numba."""
-    kernels = histogram_kernels()
-    if kernels is None:
-        return None
     ids = [id(table) for table, _, _ in requests]
     distinct = {key: table for key, (table, _, _) in zip(ids, requests)}
-    if len(distinct) > MIXED_TABLES or not _same_fused_dtype(distinct.values()):
-        return None
     slots = {key: slot for slot, key in enumerate(distinct)}
-    tables = [table.reshape(-1, SIGN_EXPONENT_BINS) for table in distinct.values()]
-    return _mixed(kernels, tables, np.array([slots[key] for key in ids], dtype=np.int64),
-                  np.array([row for _, row, _ in requests], dtype=np.int64),
-                  np.array([log10 for _, _, log10 in requests], dtype=np.bool_), capacity)
+    return built_rows_of(list(distinct.values()), [slots[key] for key in ids], [row for _, row, _ in requests],
+                         [log10 for _, _, log10 in requests], capacity)
+
+
+def built_rows_of(tables: list[np.ndarray], which, index, log10, capacity: int) -> BuiltRows | None:
+    """``built_rows`` of rows given by column: row r is row ``index[r]`` of ``tables[which[r]]``,
+    its log10 histogram where ``log10[r]`` (sequences of ints, ints and bools); None where the
+    tables are more than four or not all int64 or all float64, or without numba."""
+    kernels = histogram_kernels()
+    if kernels is None or len(tables) > MIXED_TABLES or not _same_fused_dtype(tables):
+        return None
+    return _mixed(kernels, [table.reshape(-1, SIGN_EXPONENT_BINS) for table in tables],
+                  np.array(which, dtype=np.int64), np.array(index, dtype=np.int64), np.array(log10, dtype=np.bool_),
+                  capacity)
 
 
 def _same_fused_dtype(tables) -> bool:

@@ -198,9 +198,7 @@ class Weights(Part):
                     [[gradient["norm"] / row[1] if row[1] > 0 else math.nan, *row]
                      for gradient, row in zip(gradients, member_rows)])))
             if self.counted:
-                counts, wanted = values["counts"], reader.wanted
-                for slot, tag in zip(range(k, len(rows), k_members), histogram_tags):
-                    wanted.value(k, tag, counts, slot, state=True)
+                reader.wanted.rows(k, values["counts"], range(k, len(rows), k_members), histogram_tags, state=True)
 
     def _join_each(self, made: list[dict], gradients: list[dict | None], scalars: dict, k: int) -> None:
         """``read``'s join and scalars a parameter at a time, where some have no gradient row."""

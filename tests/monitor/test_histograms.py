@@ -353,3 +353,46 @@ def test_one_members_histograms_come_as_the_kernel_left_them_and_read_as_the_dic
     (shared,) = requests(["t0", "t1", "t0", "t3", "t4", "t5"]).build(members=1)
     assert type(shared) is dict and "t0" in shared
     assert all(type(h) is dict for h in requests(tags).build(members=2))
+
+
+@pytest.mark.parametrize("members", [1, 2])
+@pytest.mark.parametrize("every", [1, 2])
+def test_rows_asked_at_once_are_the_histograms_asked_one_by_one(members, every):
+    """``HistogramRequests.rows`` asks what ``value`` (and ``log10``) called row by row ask: the
+    same histograms, tag for tag and in the same order, built for one member (the kernel's
+    ``BuiltHistograms``) or several, and pooled over ``every`` windows (a ``state`` row keeps
+    the last window's); a row per tag as ``zip`` pairs them; nothing asked for no row."""
+    from gradflow.monitor import histograms as H
+
+    rng = np.random.default_rng(5)
+    windows = [(rng.integers(0, 9, size=(8, 512)) * (rng.random((8, 512)) < 0.2),
+                rng.integers(0, 9, size=(4, 512)) * (rng.random((4, 512)) < 0.2)) for _ in range(every)]
+
+    def ask(at_once: bool, grads, weights):
+        wanted = H.HistogramRequests()
+        for k in range(members):
+            slots = list(range(k, 8, members))
+            value_tags, log10_tags = [f"g{s}" for s in slots], [f"l{s}" for s in slots]
+            weight_slots, weight_tags = list(range(k, 4, members)), [f"w{s}" for s in range(k, 4, members)]
+            if at_once:
+                wanted.rows(k, grads, iter(slots), value_tags + ["one tag too many"], log10_tags)
+                wanted.rows(k, weights, range(k, 4, members), weight_tags, state=True)
+                wanted.rows(k, weights, [], [])
+            else:
+                for slot, value_tag, log10_tag in zip(slots, value_tags, log10_tags):
+                    wanted.value(k, value_tag, grads, slot)
+                    wanted.log10(k, log10_tag, grads, slot)
+                for slot, tag in zip(weight_slots, weight_tags):
+                    wanted.value(k, tag, weights, slot, state=True)
+        return wanted
+
+    def built(at_once: bool):
+        pool = H.HistogramPool(every)
+        for step, (grads, weights) in enumerate(windows):
+            pool.add(ask(at_once, grads, weights), step)
+        step, histograms = pool.take(members)
+        return step, [list(H.as_dict(h).items()) for h in histograms]
+
+    at_once, one_by_one = built(True), built(False)
+    assert at_once == one_by_one and len(at_once[1][0]) == 20 // members    # 8 gradient rows twice, 4 weights
+    assert len(ask(True, *windows[0]).requests) == len(ask(False, *windows[0]).requests) == 20
