@@ -126,13 +126,10 @@ class HistogramRequests:
         ask one by one (a row per tag, as ``zip`` pairs them), in one call and one object. The
         parts ask a window's rows this way: a request object and a call per histogram were a
         fifth of the tutorial's gradient read."""
-        if log10_tags is None:
-            rows, value_tags = map(list, zip(*zip(rows, value_tags))) if value_tags else ([], [])
-        else:
-            rows, value_tags, log10_tags = map(list, zip(*zip(rows, value_tags, log10_tags))) if value_tags \
-                else ([], [], [])
-        if rows:
-            self._asked.append(_Rows(member, table, rows, value_tags, log10_tags, state))
+        paired = list(zip(rows, value_tags) if log10_tags is None else zip(rows, value_tags, log10_tags))
+        if paired:
+            rows, value_tags, *log10 = map(list, zip(*paired))
+            self._asked.append(_Rows(member, table, rows, value_tags, log10[0] if log10 else None, state))
 
     def build(self, members: int) -> list[dict[str, Histogram] | BuiltHistograms]:
         """Per member, tag -> histogram; a row with no finite value gets none (TensorBoard

@@ -378,6 +378,7 @@ def test_rows_asked_at_once_are_the_histograms_asked_one_by_one(members, every):
                 wanted.rows(k, grads, iter(slots), value_tags + ["one tag too many"], log10_tags)
                 wanted.rows(k, weights, range(k, 4, members), weight_tags, state=True)
                 wanted.rows(k, weights, [], [])
+                wanted.rows(k, weights, [], ["a tag with no row"], ["another"])
             else:
                 for slot, value_tag, log10_tag in zip(slots, value_tags, log10_tags):
                     wanted.value(k, value_tag, grads, slot)
