@@ -188,7 +188,7 @@ class HistogramRequests:
                 log10.append(asked.form == "log10")
         if not tags or len(set(tags).union(r.tag for r in linear)) != len(tags) + len(linear):
             return None
-        rows = S.built_rows_of([table for _, table in tables.values()], which, index, log10, BUILD_BUCKETS)
+        rows = S.built_rows([table for _, table in tables.values()], which, index, log10, BUILD_BUCKETS)
         if rows is None:
             return None
         extra: dict[str, Histogram] = {}

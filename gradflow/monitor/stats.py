@@ -367,7 +367,11 @@ def mixed_histograms(requests, capacity: int) -> list[Histogram | None] | None:
     kernels = histogram_kernels()
     if kernels is None:
         return None
-    built = built_rows(requests, capacity)
+    ids = [id(table) for table, _, _ in requests]
+    distinct = {key: table for key, (table, _, _) in zip(ids, requests)}
+    slots = {key: slot for slot, key in enumerate(distinct)}
+    built = built_rows(list(distinct.values()), [slots[key] for key in ids], [row for _, row, _ in requests],
+                       [log10 for _, _, log10 in requests], capacity)
     if built is not None:                                  # a window's: one call
         return built.histograms()
     groups: list[tuple[list[np.ndarray], list[int], list[int]]] = []    # (tables, request numbers, their slots)
@@ -399,21 +403,11 @@ def mixed_histograms(requests, capacity: int) -> list[Histogram | None] | None:
     return out
 
 
-def built_rows(requests, capacity: int) -> BuiltRows | None:
-    """``mixed_histograms`` of ``requests`` as the kernel leaves them (``BuiltRows``), where they
-    take one compiled call: at most four tables, all int64 or all float64 (a window's); None
-    otherwise, or without numba."""
-    ids = [id(table) for table, _, _ in requests]
-    distinct = {key: table for key, (table, _, _) in zip(ids, requests)}
-    slots = {key: slot for slot, key in enumerate(distinct)}
-    return built_rows_of(list(distinct.values()), [slots[key] for key in ids], [row for _, row, _ in requests],
-                         [log10 for _, _, log10 in requests], capacity)
-
-
-def built_rows_of(tables: list[np.ndarray], which, index, log10, capacity: int) -> BuiltRows | None:
-    """``built_rows`` of rows given by column: row r is row ``index[r]`` of ``tables[which[r]]``,
-    its log10 histogram where ``log10[r]`` (sequences of ints, ints and bools); None where the
-    tables are more than four or not all int64 or all float64, or without numba."""
+def built_rows(tables: list[np.ndarray], which, index, log10, capacity: int) -> BuiltRows | None:
+    """``mixed_histograms`` as the kernel leaves them (``BuiltRows``), of rows given by column:
+    row r is row ``index[r]`` of ``tables[which[r]]``, its log10 histogram where ``log10[r]``
+    (sequences of ints, ints and bools), in one compiled call; None where the tables are more
+    than four or not all int64 or all float64 (a window's are), or without numba."""
     kernels = histogram_kernels()
     if kernels is None or len(tables) > MIXED_TABLES or not _same_fused_dtype(tables):
         return None
@@ -524,11 +518,11 @@ def sparse_buckets(limits: list[float], counts: list[float]) -> tuple[list[float
     return [limits[i] for i in keep], [counts[i] for i in keep]
 
 
-
 def drawn_buckets(h: Histogram) -> tuple[list[float], list[float]]:
     """The buckets TensorBoard is given for ``h``: its own where it is ``sparse`` already (the
     monitor's are), else ``sparse_buckets`` of them."""
     return (h.limits, h.counts) if h.sparse else sparse_buckets(h.limits, h.counts)
+
 
 _HISTOGRAM_KERNELS: object = None     # gradflow.monitor.histogram_kernels once imported; False without numba
 
