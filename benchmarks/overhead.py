@@ -357,10 +357,8 @@ def main(argv=None) -> None:
                    key=lambda v: (v in PEERS, v))
     print(f"\nmonitored / bare, medians of {rounds} interleaved rounds ({args.clock} clock), "
           f"load average {os.getloadavg()[0]:.1f}")
-    print(f"  {'model':58s} " + " ".join(f"{v:>22s}" for v in names))
-    for model, ratios in table.items():
-        cells = [f"{ratios[v]:21.2f}x" if v in ratios else f"{'-':>22s}" for v in names]
-        print(f"  {model:58s} " + " ".join(cells))
+    print_table(names, {model: [f"{ratios[v]:.2f}x" if v in ratios else "-" for v in names]
+                        for model, ratios in table.items()})
     if args.table_json:
         print(TABLE_LINE + json.dumps(table))
 
@@ -392,14 +390,21 @@ def across_processes(count: int, given: list[str]) -> None:
                    key=lambda v: (v in PEERS, v))
     print(f"\nmonitored / bare, median over {count} processes (each the median of its interleaved rounds) "
           f"and the range, load average {os.getloadavg()[0]:.1f}")
-    print(f"  {'model':58s} " + " ".join(f"{v:>22s}" for v in names))
+    rows = {}
     for model in tables[0]:
-        cells = []
+        rows[model] = []
         for v in names:
             values = [table[model][v] for table in tables if v in table.get(model, {})]
-            cells.append(f"{statistics.median(values):.2f}x ({min(values):.2f}-{max(values):.2f})".rjust(22)
-                         if values else f"{'-':>22s}")
-        print(f"  {model:58s} " + " ".join(cells))
+            rows[model].append(f"{statistics.median(values):.2f}x ({min(values):.2f}-{max(values):.2f})"
+                               if values else "-")
+    print_table(names, rows)
+
+
+def print_table(names: list[str], rows: dict[str, list[str]]) -> None:
+    """A header of variant ``names``, then each model's row of cells, one per name."""
+    print(f"  {'model':58s} " + " ".join(f"{v:>22s}" for v in names))
+    for model, cells in rows.items():
+        print(f"  {model:58s} " + " ".join(f"{cell:>22s}" for cell in cells))
 
 
 if __name__ == "__main__":
