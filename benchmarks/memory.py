@@ -112,13 +112,29 @@ def train(model: nn.Module, x: torch.Tensor, optimizer, steps: int) -> None:
 
 
 def warm_up(writer) -> None:
-    """Runs each reduction path once (imports, numba's kernels: one-time costs any process pays
-    once): large gradients (70,000 x 2), small ones (copied and batched), a small bounded output
-    (tanh), an output reduced at the forward's end (8,192 ReLU values)."""
-    warm = nn.Sequential(nn.Linear(70_000, 2), nn.Tanh(), nn.Linear(2, 4096), nn.ReLU(), nn.Linear(4096, 1))
+    """Runs each reduction path once (imports, numba's kernels, the code pages of numpy and torch
+    they touch: one-time costs any process pays once): large gradients (70,000 x 2), small ones
+    (copied and batched), a small bounded output (tanh), an output reduced at the forward's end
+    (8,192 ReLU values), a frozen weight (the update ratios' path for parameters that never move:
+    without it, the LoRA rows counted 128 KB of numpy's code, first run in their window)."""
+    warm = nn.Sequential(nn.Linear(70_000, 2), nn.Tanh(), nn.Linear(2, 4096), nn.ReLU(), nn.Linear(4096, 1),
+                         nn.Linear(1, 1))
+    warm[-1].weight.requires_grad_(False)
     with GradientMonitor(warm, writer, activations_every=1) as monitor:
-        train(warm, torch.randn(2, 70_000), torch.optim.SGD(warm.parameters(), lr=0.01), 2)
+        train(warm, torch.randn(2, 70_000),
+              torch.optim.SGD([p for p in warm.parameters() if p.requires_grad], lr=0.01), 2)
         monitor.log(0)
+
+
+def file_backed_kib() -> int:
+    """This process's resident pages mapped from files (code and data of its libraries), in KiB
+    (Linux /proc/self/status RssFile): shared with every process that runs the same code, paid
+    once, and counted in peak RSS all the same."""
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith("RssFile:"):
+                return int(line.split()[1])
+    return 0
 
 
 def child(name: str, ideal: bool, tensorboard: bool) -> dict:
@@ -139,7 +155,7 @@ def child(name: str, ideal: bool, tensorboard: bool) -> dict:
     model, x = build(name)
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     train(model, x, optimizer, 3)
-    bare = peak_mib()
+    bare, bare_files = peak_mib(), file_backed_kib()
     held = 0
     if ideal:
         kept = [p.detach().clone() for p in model.parameters() if p.requires_grad]
@@ -151,7 +167,7 @@ def child(name: str, ideal: bool, tensorboard: bool) -> dict:
             for window in range(2):
                 train(model, x, optimizer, 3)
                 monitor.log(window)
-    monitored = peak_mib()
+    monitored, code = peak_mib(), (file_backed_kib() - bare_files) / 1024
     history = 0
     if not ideal:                                 # what a monitor holds after each step and each log, exactly
         # A window's Python objects once history holds them in compact form (compact.RECENT windows
@@ -178,7 +194,8 @@ def child(name: str, ideal: bool, tensorboard: bool) -> dict:
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     frozen = sum(p.numel() * p.element_size() for p in model.parameters() if not p.requires_grad)
     return {"model": name, "bare_mib": bare, "monitored_mib": monitored, "trainable_mib": trainable / 2**20,
-            "frozen_mib": frozen / 2**20, "held_mib": held / 2**20, "history_kib": history / 1024}
+            "frozen_mib": frozen / 2**20, "held_mib": held / 2**20, "history_kib": history / 1024,
+            "code_mib": code}
 
 
 def child_env(allocator: str) -> dict[str, str]:
@@ -203,6 +220,7 @@ def measure(name: str, repeats: int, allocator: str = "default", tensorboard: bo
         row = dict(rows[ideal][0])
         row["overhead"] = statistics.median(r["monitored_mib"] - r["bare_mib"] for r in rows[ideal])
         row["runs"] = [round(r["monitored_mib"] - r["bare_mib"], 3) for r in rows[ideal]]
+        row["code"] = max(r["code_mib"] for r in rows[ideal])    # in the overhead, not the monitor's memory
         result.append(row)
     return result[0], result[1]
 
@@ -247,7 +265,9 @@ def main() -> None:
             print(f"  {LABELS[name]:42s} {allocator:>7s} {t:9.3f} {row['frozen_mib']:7.1f} "
                   f"{row['overhead']:8.3f} {_ratio(row['overhead'], t)} "
                   f"{ideal['overhead']:9.3f} {_ratio(ideal['overhead'], t)} {row['held_mib']:7.3f} {_ratio(row['held_mib'], t)}"
-                  f"   runs: monitor {row['runs']}, one copy {ideal['runs']}", flush=True)
+                  f"   runs: monitor {row['runs']}, one copy {ideal['runs']}"
+                  + (f"; code pages first run after A: up to {row['code']:.3f} MB" if row["code"] > 0 else ""),
+                  flush=True)
         # Not in the peak above (two windows): each window history keeps, up to history_length of them.
         print(f"  {'':42s} history: {row['history_kib']:.1f} KB a window; at the default history_length "
               f"({HISTORY_LENGTH:,}) up to {row['history_kib'] * HISTORY_LENGTH / 1024:.0f} MB "
