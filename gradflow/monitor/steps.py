@@ -359,12 +359,14 @@ def amp_scale(optimizer: torch.optim.Optimizer, kwargs: dict | None) -> tuple[to
     still scaled by ``grad_scale`` (None: ``scaler.unscale_(optimizer)`` ran before the step, as
     torch's AMP recipe does to clip), and ``found_inf`` > 0 means the step will not apply them.
     None otherwise. GradScaler sets both as attributes of the optimizer for the step
-    (torch/amp/grad_scaler.py), or passes itself as ``grad_scaler`` (the older contract)."""
+    (torch/amp/grad_scaler.py), or passes itself as ``grad_scaler`` (the older contract).
+    Where none of the optimizer's parameters has a gradient, GradScaler's ``found_inf`` is the
+    sum of an empty list, the int 0: returned as a tensor like the others."""
     if not getattr(optimizer, "_step_supports_amp_scaling", False):
         return None
     scale, found = getattr(optimizer, "grad_scale", None), getattr(optimizer, "found_inf", None)
     if found is not None:
-        return scale, found
+        return scale, torch.as_tensor(found)
     scaler = (kwargs or {}).get("grad_scaler")
     if scaler is not None and scaler.is_enabled():
         state = scaler._per_optimizer_states.get(id(optimizer), {})

@@ -1,0 +1,105 @@
+"""Break tests of the recording core on optimizers, AMP and wrappers (helper brk10a), cases not
+covered elsewhere. The oracle is always the gradient the step applies: ``p.grad`` read inside
+the optimizer's own step function (below torch's hook wrapper, so after every step pre-hook),
+divided by ``grad_scale`` where a fused optimizer gets the GradScaler's scale, and left out
+where the step was skipped (``found_inf``)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from gradflow import GradientMonitor
+
+
+class Applied:
+    """Per parameter name, the statistics of each gradient an optimizer step applied (see the
+    module docstring), taken by patching the optimizers' classes' step function."""
+
+    def __init__(self, model: nn.Module, *optimizers: torch.optim.Optimizer) -> None:
+        self.named = list(model.named_parameters())
+        self.rows: dict[str, list[tuple[float, float, float]]] = {name: [] for name, _ in self.named}
+        self._patched = []
+        for cls in {type(o) for o in optimizers}:
+            below = getattr(cls.step, "__wrapped__", cls.step)
+
+            def step(opt, *args, _below=below, **kwargs):
+                if any(opt is o for o in optimizers):
+                    self._capture(opt)
+                return _below(opt, *args, **kwargs)
+
+            self._patched.append((cls, cls.__dict__.get("step")))
+            cls.step = torch.optim.Optimizer.profile_hook_step(step)
+
+    def _capture(self, optimizer: torch.optim.Optimizer) -> None:
+        scale, found = getattr(optimizer, "grad_scale", None), getattr(optimizer, "found_inf", None)
+        if found is not None and float(found):
+            return
+        held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        for name, p in self.named:
+            if p.grad is not None and id(p) in held:
+                g = p.grad.double() if scale is None else p.grad.double() / scale.double()
+                self.rows[name].append((g.mean().item(), g.norm().item(), g.abs().max().item()))
+
+    def close(self) -> None:
+        for cls, step in self._patched:
+            if step is None:
+                del cls.step            # inherited (AdamW's step is Adam's)
+            else:
+                cls.step = step
+
+    def __enter__(self) -> Applied:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def check(self, logged: dict[str, dict[str, float]]) -> None:
+        """The monitor's rows are the applied steps' means, and only parameters with one."""
+        assert set(logged) == {name for name, rows in self.rows.items() if rows}
+        for name, row in logged.items():
+            applied = self.rows[name]
+            assert row["steps"] == len(applied), name
+            for i, key in enumerate(("mean", "norm", "max_abs")):
+                expected = sum(r[i] for r in applied) / len(applied)
+                assert math.isclose(row[key], expected, rel_tol=1e-5, abs_tol=1e-9), (name, key, row[key], expected)
+
+
+def _batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(16, 4, generator=g), torch.randn(16, 1, generator=g)
+
+
+def _fused(cls, params, **kwargs):
+    try:
+        return cls(params, lr=1e-3, fused=True, **kwargs)
+    except (RuntimeError, TypeError, ValueError) as error:
+        pytest.skip(f"no fused {cls.__name__} here: {error}")
+
+
+@pytest.mark.parametrize("cls", [torch.optim.Adam, torch.optim.SGD, torch.optim.Adagrad])
+def test_a_fused_optimizer_whose_parameters_got_no_gradient_under_a_scaler_steps(cls):
+    """Two task heads, a fused optimizer each, one GradScaler; a batch of the first task leaves
+    the second head without a gradient. GradScaler then hands that optimizer ``found_inf = 0``,
+    a Python int (the sum of an empty list), and its step must run as torch runs it, with the
+    first head's figures those applied."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"body": nn.Linear(4, 8), "a": nn.Linear(8, 1), "b": nn.Linear(8, 1)})
+    first = _fused(cls, [*model["body"].parameters(), *model["a"].parameters()])
+    second = _fused(cls, model["b"].parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    with Applied(model, first, second) as applied, GradientMonitor(model, activations=False) as monitor:
+        for i in range(3):
+            first.zero_grad()
+            second.zero_grad()
+            x, y = _batch(i)
+            scaler.scale(nn.functional.mse_loss(model["a"](torch.tanh(model["body"](x))), y)).backward()
+            scaler.step(first)
+            scaler.step(second)
+            scaler.update()
+        rows = monitor.log(0)
+    applied.check(rows)
+    assert set(rows) == {"body.weight", "body.bias", "a.weight", "a.bias"}
