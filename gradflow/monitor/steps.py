@@ -32,6 +32,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import operator
 import sys
 import threading
 import weakref
@@ -46,7 +47,7 @@ ALL = "all"      # OptimizerMasks.mask: the optimizer steps every monitored para
 
 class OptimizerMasks:
     """Per optimizer: which of the monitor's parameters its ``param_groups`` hold, cached until
-    the groups change (a group added, a list replaced or resized). On a miss that finds none of
+    the groups change (a group added, a list replaced, resized or edited in place). On a miss that finds none of
     them, or a floating-point tensor besides them that the monitor does not know (a parameter
     replaced by a new one of the same shape: ``model[0].weight = nn.Parameter(...)``, then a new
     optimizer or a group added), ``refresh()`` may rebind the monitor to replaced parameters
@@ -56,8 +57,9 @@ class OptimizerMasks:
         self._count = count
         self._index_of = index_of            # called afresh: the monitor may rebind parameters
         self._refresh = refresh
-        # id(optimizer) -> (weak reference to it, groups key, mask): a plain dict read at every step
-        # (a WeakKeyDictionary makes a weak reference per lookup); the reference tells a reused id
+        # id(optimizer) -> (weak reference to it, groups key, mask, the groups' parameters then
+        # (_held: the optimizer holds them too)): a plain dict read at every step (a
+        # WeakKeyDictionary makes a weak reference per lookup); the reference tells a reused id
         # and drops the entry when the optimizer dies (entry_ref).
         self._cache: dict[int, tuple] = {}
 
@@ -71,12 +73,12 @@ class OptimizerMasks:
         whether the groups changed since (a pre-hook of the user's may add a group)."""
         key = _groups_key(optimizer)
         cached = self._cache.get(id(optimizer))
-        if cached is not None and cached[1] == key and cached[0]() is optimizer:
+        if cached is not None and cached[1] == key and cached[0]() is optimizer and _same_params(optimizer, cached[3]):
             return key, cached[2]
         mask, foreign = self._compute(optimizer)
         if (mask is None or foreign) and self._refresh():    # a tensor it holds may have replaced a
             mask = self.compute(optimizer)                   # monitored one (model[0].weight = Parameter(...))
-        self._cache[id(optimizer)] = (entry_ref(self._cache, id(optimizer), optimizer), key, mask)
+        self._cache[id(optimizer)] = (entry_ref(self._cache, id(optimizer), optimizer), key, mask, _held(optimizer))
         return key, mask
 
     def compute(self, optimizer: torch.optim.Optimizer) -> tuple[bool, ...] | str | None:
@@ -124,6 +126,23 @@ def _groups_key(optimizer: torch.optim.Optimizer) -> tuple:
         params = groups[0]["params"]
         return id(params), len(params)
     return tuple([(id(g["params"]), len(g["params"])) for g in groups])
+
+
+def _held(optimizer: torch.optim.Optimizer) -> tuple:
+    """Each group's parameters as they are now (the tensors themselves, compared by identity)."""
+    return tuple([tuple(group["params"]) for group in optimizer.param_groups])
+
+
+def _same_params(optimizer: torch.optim.Optimizer, held: tuple) -> bool:
+    """Whether each group holds the tensors ``held`` (``_held``) found, one by one, where the groups'
+    key (their lists and lengths) is unchanged. A list edited in place with its length kept
+    (``group["params"][0] = new_weight``, ``[:] = ...``) changes no key: the monitor recorded the
+    tensors it held before, a replaced weight's stale gradient included. One identity pass at C
+    speed per step (about 0.25 us for 8 parameters, 1.4 us for 62, 4.5 us for 200 on this machine)."""
+    groups = optimizer.param_groups
+    if len(groups) == 1:
+        return all(map(operator.is_, groups[0]["params"], held[0]))
+    return all(all(map(operator.is_, group["params"], was)) for group, was in zip(groups, held))
 
 
 def steps_for(chosen: torch.optim.Optimizer | None, optimizer: torch.optim.Optimizer) -> bool:

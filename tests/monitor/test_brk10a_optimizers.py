@@ -20,8 +20,8 @@ class Applied:
     module docstring), taken by patching the optimizers' classes' step function."""
 
     def __init__(self, model: nn.Module, *optimizers: torch.optim.Optimizer) -> None:
-        self.named = list(model.named_parameters())
-        self.rows: dict[str, list[tuple[float, float, float]]] = {name: [] for name, _ in self.named}
+        self.model = model                # its parameters as they are at each step (a replaced one's too)
+        self.rows: dict[str, list[tuple[float, float, float]]] = {name: [] for name, _ in model.named_parameters()}
         self._patched = []
         for cls in {type(o) for o in optimizers}:
             below = getattr(cls.step, "__wrapped__", cls.step)
@@ -39,7 +39,7 @@ class Applied:
         if found is not None and float(found):
             return
         held = {id(p) for group in optimizer.param_groups for p in group["params"]}
-        for name, p in self.named:
+        for name, p in self.model.named_parameters():
             if p.grad is not None and id(p) in held:
                 g = p.grad.double() if scale is None else p.grad.double() / scale.double()
                 self.rows[name].append((g.mean().item(), g.norm().item(), g.abs().max().item()))
@@ -103,3 +103,32 @@ def test_a_fused_optimizer_whose_parameters_got_no_gradient_under_a_scaler_steps
         rows = monitor.log(0)
     applied.check(rows)
     assert set(rows) == {"body.weight", "body.bias", "a.weight", "a.bias"}
+
+
+@pytest.mark.parametrize("edit", ["replaced-parameter-put-in-its-place", "slice-assigned-same-length"])
+def test_a_parameter_list_edited_in_place_is_followed_at_the_next_step(edit):
+    """The optimizer's ``group["params"]`` edited in place, its length kept: a re-initialised
+    weight put where the old one was (``group["params"][0] = model[0].weight``), or the list's
+    contents replaced by as many other parameters (``[:] = ...``). Each later step records the
+    parameters the optimizer holds now (before: the monitor's cache of which parameters an
+    optimizer holds went by the list's identity and length, so it kept recording the old ones,
+    a replaced weight's stale gradient included)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    if edit == "replaced-parameter-put-in-its-place":
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    else:
+        optimizer = torch.optim.SGD([model[0].weight, model[2].weight], lr=0.01)
+    with Applied(model, optimizer) as applied, GradientMonitor(model, activations=False) as monitor:
+        for i in range(4):
+            if i == 2 and edit == "replaced-parameter-put-in-its-place":
+                model[0].weight = nn.Parameter(model[0].weight.detach() * 3.0)
+                optimizer.param_groups[0]["params"][0] = model[0].weight
+            elif i == 2:
+                optimizer.param_groups[0]["params"][:] = [model[0].bias, model[2].bias]
+            model.zero_grad()
+            x, y = _batch(i)
+            nn.functional.mse_loss(model(x), y).backward()
+            optimizer.step()
+        rows = monitor.log(0)
+    applied.check(rows)
