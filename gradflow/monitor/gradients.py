@@ -543,7 +543,7 @@ class Gradients(Part):
         per_param = steps[::self.members]
         if not (self.recorded and all(per_param)):     # every parameter recorded: no gap (the common case)
             for key, message in _gaps(self.setup.names, self.params, per_param, self.recorded, self.skipped_steps,
-                                      self.removed, self._logged):
+                                      self.removed, self._logged, self.skipped.tolist()):
                 self.setup.warn(key, message)
         if self.recorded or self.skipped_steps:
             self._logged = _marks(self.params)
@@ -752,12 +752,14 @@ def _marks(params: list[torch.Tensor]) -> frozenset[tuple[int, int]]:
 
 
 def _gaps(names: list[str], params: list[torch.Tensor], steps: list[int], recorded: int,
-          skipped: int, removed: bool = False, logged: frozenset = frozenset()) -> list[tuple[str, str]]:
+          skipped: int, removed: bool = False, logged: frozenset = frozenset(),
+          skipped_by: list[int] | None = None) -> list[tuple[str, str]]:
     """What a window did not record although it could have, as (key, warning) pairs: gradients
     but no step (after ``remove()``: because the monitor was removed), gradients that no
-    monitored optimizer stepped. Gradients left as they were at the close of the last window
-    with a step (``logged``, ``_marks``: ``log()`` twice with no step between) are no sign of a
-    missed step."""
+    monitored optimizer stepped (``skipped_by``: each parameter's steps that a GradScaler skipped;
+    a parameter whose every step was skipped was stepped, and is in ``skipped_nonfinite``).
+    Gradients left as they were at the close of the last window with a step (``logged``,
+    ``_marks``: ``log()`` twice with no step between) are no sign of a missed step."""
     out = []
     if recorded and all(steps):                   # every parameter recorded: nothing missed (the common case)
         return out
@@ -773,7 +775,8 @@ def _gaps(names: list[str], params: list[torch.Tensor], steps: list[int], record
                     "monitor.record() where the gradient is final, before the update (also to look at gradients "
                     "without stepping, say at initialisation)"))
     elif recorded:
-        missed = [name for name, n in zip(names, steps) if n == 0 and name in with_grad]
+        skipped_by = skipped_by or [0] * len(names)
+        missed = [name for name, n, k in zip(names, steps, skipped_by) if n == 0 and not k and name in with_grad]
         if missed:
             out.append(("not-stepped", f"log(): {', '.join(missed[:5])}{' ...' if len(missed) > 5 else ''} had "
                         "gradients but no monitored optimizer stepped them in this window"))

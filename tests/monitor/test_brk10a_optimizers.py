@@ -7,6 +7,7 @@ where the step was skipped (``found_inf``)."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -132,3 +133,33 @@ def test_a_parameter_list_edited_in_place_is_followed_at_the_next_step(edit):
             optimizer.step()
         rows = monitor.log(0)
     applied.check(rows)
+
+
+def test_parameters_whose_every_step_the_scaler_skipped_are_not_said_unstepped():
+    """Two optimizers, one GradScaler; the head's gradients overflow at every step of the window,
+    the body's never (a head whose loss term blows up). The head's optimizer stepped and the
+    scaler skipped it: its parameters are in the window's ``skipped_nonfinite`` and its overall
+    ``skipped_steps``, not in a warning that no monitored optimizer stepped them (before: that
+    warning, a wrong cause). The body's rows are the applied gradients'."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    body = torch.optim.Adam(model[0].parameters(), lr=1e-3)
+    head = torch.optim.Adam(model[2].parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=256.0)
+    with Applied(model, body, head) as applied, GradientMonitor(model, activations=False) as monitor:
+        for i in range(3):
+            body.zero_grad()
+            head.zero_grad()
+            x, y = _batch(i)
+            scaler.scale(nn.functional.mse_loss(model(x), y)).backward()
+            model[2].weight.grad[0, 0] = float("nan")
+            scaler.step(body)
+            scaler.step(head)
+            scaler.update()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            rows = monitor.log(0)
+    applied.check(rows)
+    window = monitor.history[-1]
+    assert set(rows) == {"0.weight", "0.bias"} and window.overall["skipped_steps"] == 3
+    assert window.skipped_nonfinite == {"2.weight": 3, "2.bias": 0}
