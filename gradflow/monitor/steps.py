@@ -145,6 +145,38 @@ def _same_params(optimizer: torch.optim.Optimizer, held: tuple) -> bool:
     return all(all(map(operator.is_, group["params"], was)) for group, was in zip(groups, held))
 
 
+_PARENT_STEPS: dict[type, tuple[type, ...]] = {}     # optimizer class -> _reenters' parent classes
+
+
+def _reenters(cls: type) -> bool:
+    """Whether an optimizer of class ``cls`` runs its step pre-hooks again inside its step: its
+    class's ``step`` overrides a parent class's that torch hooked too (torch hooks a class's step
+    when an instance of that class is first made: any plain ``Adam`` anywhere in the process
+    hooks ``Adam.step``), so a subclass's ``super().step()`` is a step inside the step, the one
+    that applies the gradient after the subclass's own changes (gradient centralization). The
+    outer step then defers its record to that inner call (``_nested_step``), as a wrapper's to
+    its inner optimizer. Per class, the parents are found once; whether torch hooked them is
+    read at each step (an instance made later hooks one)."""
+    parents = _parent_steps(cls)
+    return bool(parents) and any(getattr(c.__dict__["step"], "hooked", False) for c in parents)
+
+
+def _parent_steps(cls: type) -> tuple[type, ...]:
+    """The parent classes of ``cls`` whose ``step`` its own step overrides (Optimizer's aside)."""
+    parents = _PARENT_STEPS.get(cls)
+    if parents is None:
+        owners = [c for c in cls.__mro__ if "step" in c.__dict__ and issubclass(c, torch.optim.Optimizer)
+                  and c is not torch.optim.Optimizer]
+        parents = _PARENT_STEPS[cls] = tuple(owners[1:])
+    return parents
+
+
+def _grad_marks(optimizer: torch.optim.Optimizer) -> tuple:
+    """Each gradient of the optimizer's parameters as (id, version): another one after a change."""
+    return tuple([(id(g), g._version) for group in optimizer.param_groups for p in group["params"]
+                  if (g := p.grad) is not None])
+
+
 def steps_for(chosen: torch.optim.Optimizer | None, optimizer: torch.optim.Optimizer) -> bool:
     """Whether ``optimizer``'s step is a step of ``chosen`` (the monitor's ``optimizer=``): it is
     ``chosen``, or one that ``chosen`` wraps and shares a param group with. A wrapper that never
@@ -360,6 +392,21 @@ def _in_own_step(optimizer: torch.optim.Optimizer) -> bool:
     return False
 
 
+def _nested_step(optimizer: torch.optim.Optimizer) -> bool:
+    """Whether this thread is inside two of ``optimizer``'s hooked steps, one within the other
+    (``_reenters``), not in a step that raised earlier and left its mark: two frames of torch's
+    step wrapper for it on this thread's stack. Walked only where a step of the same optimizer
+    deferred its record, never at a plain step."""
+    frame, count = sys._getframe(1), 0
+    while frame is not None:
+        if frame.f_code is _STEP_CODE:
+            args = frame.f_locals.get("args")
+            if args and args[0] is optimizer:
+                count += 1
+        frame = frame.f_back
+    return count >= 2
+
+
 def last_pre_hook(optimizer: torch.optim.Optimizer, hook: Callable, handle=None):
     """Make ``hook`` the last step pre-hook of ``optimizer`` (register it, or move its
     ``handle`` to the end); return its handle. Call only from a global pre-hook, before torch
@@ -415,6 +462,7 @@ class StepWatch:
         self._outer = None                   # weak reference to the watched optimizer whose step is running
         self._mask = None                    # (id(optimizer), groups key, mask) from _on_step_seen, for the step's pre-hook
         self._deferred = None                # the running wrapper's mask while its inner step is awaited (_defers)
+        self._marks = None                   # (optimizer, _grad_marks) where its class's step overrides an unhooked one
         # id(optimizer) -> (weak reference to it, its pre-hook's handle, its post-hook's handle,
         # (groups key, weak reference to its inner optimizer or None) once _defers looked)
         self._hooks: dict[int, tuple] = {}
@@ -513,6 +561,19 @@ class StepWatch:
             held = self._hooks[id(optimizer)] = (*held[:3], (key, None if inner is None else weakref.ref(inner)))
         return held[3][1] is not None and held[3][1]() is not None
 
+    def _said_subclass(self, optimizer: torch.optim.Optimizer) -> None:
+        """Warn (once) if the step of an optimizer whose class overrides a parent's step that torch
+        did not hook changed ``.grad``: the monitor recorded them as that step began."""
+        ref, marks = self._marks
+        self._marks = None
+        if ref() is optimizer and _grad_marks(optimizer) != marks:
+            cls = type(optimizer)
+            parent = _parent_steps(cls)[0].__name__
+            self.warn("subclass-step", f"{cls.__name__}.step changed the gradients during the step: the monitor "
+                      f"records them as {cls.__name__}.step begins, after its step pre-hooks, so a change made "
+                      f"there before {parent}.step applies them is not in the figures. Make that change in a step "
+                      f"pre-hook (optimizer.register_step_pre_hook) to have it recorded")
+
     def _on_step_done(self, optimizer, args=(), kwargs=None) -> None:
         """The optimizer's step post-hook: once the outermost watched step is over (a wrapper's
         inner steps end inside it: ``after`` must wait for the wrapper's)."""
@@ -521,9 +582,12 @@ class StepWatch:
         outer = self._outer() if self._outer is not None else None
         if outer is None or outer is optimizer:
             self._outer = None
+            if self._marks is not None:
+                self._said_subclass(optimizer)
             deferred, self._deferred = self._deferred, None
             if deferred is not None and self.on:     # the wrapper never stepped its inner optimizer: its own step
-                self.record(deferred, None, False)
+                scaler = {"grad_scaler": kwargs["grad_scaler"]} if kwargs and "grad_scaler" in kwargs else None
+                self._record_step(optimizer, deferred, False, (), scaler)     # no closure left to wrap
             self.after()
 
     def _on_step(self, optimizer, args=(), kwargs=None):
@@ -540,16 +604,25 @@ class StepWatch:
             return None
         outer = self._outer() if self._outer is not None else None
         inner = outer is not None and outer is not optimizer     # an inner step of the running one (a step
-        scaling = getattr(optimizer, "_step_supports_amp_scaling", False)   # that raised leaves it set until
-        if not inner:                                                       # that optimizer steps again)
+        if outer is optimizer and self._deferred is not None:    # that raised leaves it set until that
+            inner = _nested_step(optimizer)          # optimizer steps again); the parent class's step (_reenters)
+        if not inner:
             self._deferred = None
             # the held entry's weak reference where _on_step_seen handed one over (it checked it)
             self._outer = weakref.ref(optimizer) if held is None else held[0]
-            if self._defers(optimizer, mask, key, held):   # its inner optimizer's step records, after its pre-hooks
-                self._deferred = mask
-                return None
+            if self._defers(optimizer, mask, key, held) or _reenters(type(optimizer)):
+                self._deferred = mask                # an inner step records, after its pre-hooks (and the
+                return None                          # subclass's own changes to .grad)
+            if _parent_steps(type(optimizer)):       # a subclass's step over one torch did not hook: a change
+                self._marks = (weakref.ref(optimizer), _grad_marks(optimizer))   # to .grad before super().step()
         else:
             self._deferred = None
+        return self._record_step(optimizer, mask, inner, args, kwargs)
+
+    def _record_step(self, optimizer, mask, inner: bool, args: tuple, kwargs: dict | None):
+        """Record ``optimizer``'s step now (``_on_step``), or after the closure in ``args`` or
+        ``kwargs`` runs its backward (the step pre-hook's return value: the new arguments)."""
+        scaling = getattr(optimizer, "_step_supports_amp_scaling", False)
         amp = amp_scale(optimizer, kwargs) if scaling else None
         if amp is not None:                          # a fused optimizer under GradScaler: still scaled
             scale, found_inf = amp

@@ -163,3 +163,93 @@ def test_parameters_whose_every_step_the_scaler_skipped_are_not_said_unstepped()
     window = monitor.history[-1]
     assert set(rows) == {"0.weight", "0.bias"} and window.overall["skipped_steps"] == 3
     assert window.skipped_nonfinite == {"2.weight": 3, "2.bias": 0}
+
+
+class _CentralizedAdam(torch.optim.Adam):
+    """An Adam subclass whose own step changes ``.grad`` (gradient centralization, Yong et al.
+    2020), then calls Adam's step: the gradient that step applies is the centralized one, taken
+    here as the oracle (``applied``)."""
+
+    def __init__(self, params, **kwargs):
+        super().__init__(params, **kwargs)
+        self.applied: list[float] = []
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and p.grad.dim() > 1:
+                    p.grad.sub_(p.grad.mean(dim=1, keepdim=True))
+        self.applied.append(self.param_groups[0]["params"][0].grad.double().norm().item())
+        return super().step(closure)
+
+
+def test_a_subclass_step_calling_its_hooked_parents_step_is_one_step_with_the_applied_gradient():
+    """Once any plain Adam was made in the process, torch hooks ``Adam.step`` too, so the
+    subclass's ``super().step()`` runs the optimizer's step pre-hooks a second time, inside the
+    step. One training step, recorded where Adam's step begins, after the change (before: 6 steps
+    in 3, each counted before and after centralizing)."""
+    torch.optim.Adam([nn.Parameter(torch.zeros(1))])       # Adam.step gets torch's hook wrapper
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    optimizer = _CentralizedAdam(model.parameters(), lr=1e-3)
+    with GradientMonitor(model, activations=False) as monitor:
+        for i in range(3):
+            optimizer.zero_grad()
+            x, y = _batch(i)
+            nn.functional.mse_loss(model(x), y).backward()
+            optimizer.step()
+        rows = monitor.log(0)
+    assert monitor.history[-1].overall["steps"] == 3 and rows["0.weight"]["steps"] == 3
+    assert rows["0.weight"]["mean"] == pytest.approx(0.0, abs=1e-9)        # centralized rows: mean 0
+    assert rows["0.weight"]["norm"] == pytest.approx(sum(optimizer.applied) / 3, rel=1e-6)
+
+
+class _PlainSGD(torch.optim.Optimizer):
+    """Plain SGD, never made by itself here: torch never hooks its step."""
+
+    def __init__(self, params, lr=1e-3):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-group["lr"])
+
+
+class _CenteredSGD(_PlainSGD):
+    def __init__(self, params, center: bool):
+        super().__init__(params)
+        self.center = center
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        if self.center:
+            for group in self.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None and p.grad.dim() > 1:
+                        p.grad.sub_(p.grad.mean(dim=1, keepdim=True))
+        return super().step(closure)
+
+
+@pytest.mark.parametrize("center", [True, False])
+def test_a_subclass_step_over_an_unhooked_parents_step_that_changes_the_gradient_is_said(center):
+    """Where torch did not hook the parent's step, nothing marks where it begins: the monitor
+    records as the subclass's step begins. A change that step makes to ``.grad`` is then said in
+    a warning (it was silent); a subclass that changes nothing is not."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    optimizer = _CenteredSGD(model.parameters(), center)
+    with warnings.catch_warnings(record=True) as said, GradientMonitor(model, activations=False) as monitor:
+        warnings.simplefilter("always")
+        for i in range(3):
+            optimizer.zero_grad()
+            x, y = _batch(i)
+            nn.functional.mse_loss(model(x), y).backward()
+            optimizer.step()
+        rows = monitor.log(0)
+    assert rows["0.weight"]["steps"] == 3
+    messages = [str(w.message) for w in said if "changed the gradients during the step" in str(w.message)]
+    assert len(messages) == (1 if center else 0), [str(w.message) for w in said]
