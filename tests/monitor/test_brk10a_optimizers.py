@@ -253,3 +253,37 @@ def test_a_subclass_step_over_an_unhooked_parents_step_that_changes_the_gradient
     assert rows["0.weight"]["steps"] == 3
     messages = [str(w.message) for w in said if "changed the gradients during the step" in str(w.message)]
     assert len(messages) == (1 if center else 0), [str(w.message) for w in said]
+
+
+_FOREACH = ["SGD", "Adam", "AdamW", "Adagrad", "RMSprop", "Adamax", "NAdam", "RAdam", "ASGD", "Rprop", "Adadelta"]
+
+
+@pytest.mark.parametrize("name", _FOREACH)
+def test_every_foreach_optimizer_under_a_scaler_that_grows_and_backs_off(name):
+    """Each torch.optim optimizer with a foreach variant, float16 autocast, a GradScaler that
+    grows its scale after every applied step and halves it on the overflow in each of two
+    windows: per window the applied steps' unscaled gradients, the overflow counted as skipped."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    optimizer = getattr(torch.optim, name)(model.parameters(), lr=1e-3, foreach=True)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=1)
+    scales = []
+    with GradientMonitor(model, activations=False) as monitor:
+        for window in range(2):
+            with Applied(model, optimizer) as applied:
+                for i in range(3):
+                    optimizer.zero_grad()
+                    x, y = _batch(10 * window + i)
+                    with torch.autocast("cpu", dtype=torch.float16):
+                        loss = nn.functional.mse_loss(model(x).float(), y)
+                    scaler.scale(loss).backward()
+                    if i == window:
+                        model[0].weight.grad[1, 1] = float("inf")
+                    scaler.step(optimizer)
+                    scaler.update()
+                    scales.append(scaler.get_scale())
+            rows = monitor.log(window)
+            applied.check(rows)
+            assert {row["skipped_steps"] for row in rows.values()} == {1}
+            assert monitor.history[-1].overall["skipped_steps"] == 1
+    assert scales == [512.0, 1024.0, 2048.0, 4096.0, 2048.0, 4096.0]
