@@ -179,15 +179,19 @@ def _grad_marks(optimizer: torch.optim.Optimizer) -> tuple:
 
 def steps_for(chosen: torch.optim.Optimizer | None, optimizer: torch.optim.Optimizer) -> bool:
     """Whether ``optimizer``'s step is a step of ``chosen`` (the monitor's ``optimizer=``): it is
-    ``chosen``, or one that ``chosen`` wraps and shares a param group with. A wrapper that never
-    runs ``Optimizer.__init__`` (accelerate's ``AcceleratedOptimizer``, timm's ``Lookahead``) is
-    never hooked by torch: only its inner optimizer's step is seen."""
+    ``chosen``, or one that ``chosen`` wraps: it shares a param group with it, or ``chosen`` holds
+    it as an attribute (an inner optimizer made over the parameters, with groups of its own: its
+    step, inside the wrapper's, applies the gradient). A wrapper that never runs
+    ``Optimizer.__init__`` (accelerate's ``AcceleratedOptimizer``, timm's ``Lookahead``) is never
+    hooked by torch: only its inner optimizer's step is seen."""
     if optimizer is chosen:
         return True
     if chosen is None:
         return False
     groups = {id(group) for group in chosen.param_groups}
-    return any(id(group) in groups for group in optimizer.param_groups)
+    if any(id(group) in groups for group in optimizer.param_groups):
+        return True
+    return any(value is optimizer for value in getattr(chosen, "__dict__", {}).values())
 
 
 def inner_optimizer(optimizer: torch.optim.Optimizer, mask, mask_of: Callable) -> torch.optim.Optimizer | None:

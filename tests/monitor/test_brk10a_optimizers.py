@@ -287,3 +287,45 @@ def test_every_foreach_optimizer_under_a_scaler_that_grows_and_backs_off(name):
             assert {row["skipped_steps"] for row in rows.values()} == {1}
             assert monitor.history[-1].overall["skipped_steps"] == 1
     assert scales == [512.0, 1024.0, 2048.0, 4096.0, 2048.0, 4096.0]
+
+
+class _CenteringWrapper(torch.optim.Optimizer):
+    """A wrapper whose inner SGD has param groups of its own (made from the parameters, not from
+    the wrapper's groups); its step centralizes each matrix's gradient rows, then steps the
+    inner optimizer, whose gradient is the applied one (``applied``)."""
+
+    def __init__(self, params):
+        params = list(params)
+        super().__init__(params, {})
+        self.inner = torch.optim.SGD(params, lr=0.01)
+        self.applied: list[float] = []
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None and p.grad.dim() > 1:
+                    p.grad.sub_(p.grad.mean(dim=1, keepdim=True))
+        self.applied.append(self.param_groups[0]["params"][0].grad.double().norm().item())
+        return self.inner.step(closure)
+
+
+@pytest.mark.parametrize("chosen", [False, True])
+def test_a_chosen_wrapper_whose_inner_optimizer_has_its_own_groups_records_the_inner_step(chosen):
+    """``GradientMonitor(model, optimizer=wrapper)``: the inner optimizer the wrapper holds is
+    part of its step even where they share no param group, so its step records, after the
+    wrapper's change, as without ``optimizer=`` (before: the wrapper's step recorded the
+    gradient before centralizing, silently)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    optimizer = _CenteringWrapper(model.parameters())
+    with GradientMonitor(model, activations=False, optimizer=optimizer if chosen else None) as monitor:
+        for i in range(3):
+            optimizer.zero_grad()
+            x, y = _batch(i)
+            nn.functional.mse_loss(model(x), y).backward()
+            optimizer.step()
+        rows = monitor.log(0)
+    assert rows["0.weight"]["steps"] == 3
+    assert rows["0.weight"]["mean"] == pytest.approx(0.0, abs=1e-9)
+    assert rows["0.weight"]["norm"] == pytest.approx(sum(optimizer.applied) / 3, rel=1e-6)
