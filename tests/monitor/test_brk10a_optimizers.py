@@ -329,3 +329,69 @@ def test_a_chosen_wrapper_whose_inner_optimizer_has_its_own_groups_records_the_i
     assert rows["0.weight"]["steps"] == 3
     assert rows["0.weight"]["mean"] == pytest.approx(0.0, abs=1e-9)
     assert rows["0.weight"]["norm"] == pytest.approx(sum(optimizer.applied) / 3, rel=1e-6)
+
+
+def _zero_amp_rank(rank: int, world: int, path: str, results) -> None:
+    """One rank: DDP-free ZeroRedundancyOptimizer(fused Adam) under a GradScaler, the user's
+    ``unscale_`` and clipping, an overflow at step 2 on every rank; the rows and the oracle."""
+    import torch.distributed as dist
+    from torch.distributed.optim import ZeroRedundancyOptimizer
+
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 8), nn.Tanh(), nn.Linear(8, 1))
+        optimizer = ZeroRedundancyOptimizer(model.parameters(), optimizer_class=torch.optim.Adam, lr=0.01,
+                                            fused=True)
+        scaler = torch.amp.GradScaler("cpu", init_scale=64.0)
+        with Applied(model, optimizer) as applied, GradientMonitor(model, activations=False) as monitor:
+            for i in range(4):
+                optimizer.zero_grad()
+                x, y = _batch(i)
+                scaler.scale(nn.functional.mse_loss(model(x), y)).backward()
+                if i == 2:
+                    model[4].weight.grad[0, 0] = float("inf")
+                scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+                scaler.step(optimizer)
+                scaler.update()
+            rows = monitor.log(0)
+        results.put((rank, rows, applied.rows, monitor.history[-1].overall))
+    except Exception as error:            # the parent's assertion shows it
+        results.put((rank, repr(error), None, None))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_zero_redundancy_optimizer_on_two_ranks_under_a_scaler_skips_the_overflow_once():
+    """Each rank's inner fused Adam holds its shard; the wrapper's step records every parameter
+    (unscaled by ``unscale_``), the overflow step is one skipped step on each rank."""
+    import os
+    import tempfile
+
+    import torch.distributed as dist
+    import torch.multiprocessing as mp
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    path = os.path.join(tempfile.mkdtemp(), "store")
+    context = mp.get_context("spawn")
+    results = context.Queue()
+    procs = [context.Process(target=_zero_amp_rank, args=(rank, 2, path, results)) for rank in range(2)]
+    for proc in procs:
+        proc.start()
+    try:
+        got = {rank: rest for rank, *rest in (results.get(timeout=120) for _ in procs)}
+    finally:
+        for proc in procs:
+            proc.join(30)
+            if proc.is_alive():
+                proc.kill()
+    for rank in (0, 1):
+        rows, applied_rows, overall = got[rank]
+        assert isinstance(rows, dict), rows
+        oracle = Applied.__new__(Applied)
+        oracle.rows = applied_rows
+        oracle.check(rows)
+        assert (overall["steps"], overall["skipped_steps"], overall["clip_calls"]) == (3, 1, 3)   # the skipped step's clip left out
