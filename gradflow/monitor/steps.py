@@ -619,6 +619,9 @@ class StepWatch:
                 return None                          # subclass's own changes to .grad)
             if _parent_steps(type(optimizer)):       # a subclass's step over one torch did not hook: a change
                 self._marks = (weakref.ref(optimizer), _grad_marks(optimizer))   # to .grad before super().step()
+        elif _reenters(type(optimizer)) and not _nested_step(optimizer):
+            self._deferred = mask                    # a wrapper's inner optimizer of such a class: its parent's
+            return None                              # step records (or the wrapper's post-hook, if none runs)
         else:
             self._deferred = None
         return self._record_step(optimizer, mask, inner, args, kwargs)

@@ -12,6 +12,7 @@ import warnings
 import pytest
 import torch
 from torch import nn
+from wrapped_optimizers import Lookahead
 
 from gradflow import GradientMonitor
 
@@ -184,21 +185,30 @@ class _CentralizedAdam(torch.optim.Adam):
         return super().step(closure)
 
 
-def test_a_subclass_step_calling_its_hooked_parents_step_is_one_step_with_the_applied_gradient():
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_a_subclass_step_calling_its_hooked_parents_step_is_one_step_with_the_applied_gradient(wrapped):
     """Once any plain Adam was made in the process, torch hooks ``Adam.step`` too, so the
     subclass's ``super().step()`` runs the optimizer's step pre-hooks a second time, inside the
     step. One training step, recorded where Adam's step begins, after the change (before: 6 steps
-    in 3, each counted before and after centralizing)."""
+    in 3, each counted before and after centralizing; inside a Lookahead, 3 steps but the
+    gradients before centralizing, with a warning blaming a pre-hook)."""
     torch.optim.Adam([nn.Parameter(torch.zeros(1))])       # Adam.step gets torch's hook wrapper
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
     optimizer = _CentralizedAdam(model.parameters(), lr=1e-3)
+    stepped = Lookahead(optimizer) if wrapped else optimizer
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _train_centralized(model, stepped, optimizer)
+
+
+def _train_centralized(model, stepped, optimizer):
     with GradientMonitor(model, activations=False) as monitor:
         for i in range(3):
             optimizer.zero_grad()
             x, y = _batch(i)
             nn.functional.mse_loss(model(x), y).backward()
-            optimizer.step()
+            stepped.step()
         rows = monitor.log(0)
     assert monitor.history[-1].overall["steps"] == 3 and rows["0.weight"]["steps"] == 3
     assert rows["0.weight"]["mean"] == pytest.approx(0.0, abs=1e-9)        # centralized rows: mean 0
