@@ -40,6 +40,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from torch.amp.grad_scaler import OptState
 from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
 ALL = "all"      # OptimizerMasks.mask: the optimizer steps every monitored parameter
@@ -429,7 +430,9 @@ def amp_scale(optimizer: torch.optim.Optimizer, kwargs: dict | None) -> tuple[to
     still scaled by ``grad_scale`` (None: ``scaler.unscale_(optimizer)`` ran before the step, as
     torch's AMP recipe does to clip), and ``found_inf`` > 0 means the step will not apply them.
     None otherwise. GradScaler sets both as attributes of the optimizer for the step
-    (torch/amp/grad_scaler.py), or passes itself as ``grad_scaler`` (the older contract).
+    (torch/amp/grad_scaler.py), or passes itself as ``grad_scaler`` (the older contract, where
+    the optimizer checks for inf/NaN itself: the monitor runs GradScaler's check first, one more
+    pass over the gradients on this path only).
     Where none of the optimizer's parameters has a gradient, GradScaler's ``found_inf`` is the
     sum of an empty list, the int 0: returned as a tensor like the others."""
     if not getattr(optimizer, "_step_supports_amp_scaling", False):
@@ -439,9 +442,13 @@ def amp_scale(optimizer: torch.optim.Optimizer, kwargs: dict | None) -> tuple[to
         return scale, torch.as_tensor(found)
     scaler = (kwargs or {}).get("grad_scaler")
     if scaler is not None and scaler.is_enabled():
-        state = scaler._per_optimizer_states.get(id(optimizer), {})
-        found = sum(v.to(scaler._scale.device) for v in state.get("found_inf_per_device", {}).values())
-        return scaler._scale, torch.as_tensor(found, device=scaler._scale.device)
+        # The older contract: the optimizer checks and unscales itself, so before it no inf check
+        # ran unless the user called unscale_ (then the gradients are unscaled already)
+        state = scaler._per_optimizer_states[id(optimizer)]
+        unscaled = state["stage"] is OptState.UNSCALED
+        per_device = state["found_inf_per_device"] if unscaled else scaler._check_inf_per_device(optimizer)
+        found = sum(v.to(scaler._scale.device) for v in per_device.values())
+        return None if unscaled else scaler._scale, torch.as_tensor(found, device=scaler._scale.device)
     return None
 
 

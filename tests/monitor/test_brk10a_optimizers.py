@@ -405,3 +405,60 @@ def test_zero_redundancy_optimizer_on_two_ranks_under_a_scaler_skips_the_overflo
         oracle.rows = applied_rows
         oracle.check(rows)
         assert (overall["steps"], overall["skipped_steps"], overall["clip_calls"]) == (3, 1, 3)   # the skipped step's clip left out
+
+
+class _OlderContract(torch.optim.Optimizer):
+    """An optimizer on GradScaler's older contract (``_step_supports_amp_scaling`` and a
+    ``grad_scaler`` argument of ``step``: GradScaler hands itself over and the optimizer checks for
+    inf/NaN and unscales itself). ``applied``: the unscaled gradient norm of each applied step."""
+
+    def __init__(self, params):
+        super().__init__(params, {"lr": 0.01})
+        self._step_supports_amp_scaling = True
+        self.applied: list[float] = []
+
+    @torch.no_grad()
+    def step(self, closure=None, grad_scaler=None):
+        from torch.amp.grad_scaler import OptState
+
+        scale = None
+        if grad_scaler is not None:
+            state = grad_scaler._per_optimizer_states[id(self)]
+            unscaled = state["stage"] is OptState.UNSCALED
+            found = state["found_inf_per_device"] if unscaled else grad_scaler._check_inf_per_device(self)
+            if sum(v.item() for v in found.values()):
+                return None
+            scale = None if unscaled else grad_scaler._scale.double()
+        weight = self.param_groups[0]["params"][0]
+        self.applied.append((weight.grad.double() if scale is None else weight.grad.double() / scale).norm().item())
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.sub_(p.grad if scale is None else p.grad / scale, alpha=group["lr"])
+
+
+@pytest.mark.parametrize("unscale_first", [False, True])
+def test_an_optimizer_on_the_scalers_older_contract_skips_the_overflow_once(unscale_first):
+    """GradScaler hands such an optimizer itself, not ``found_inf``: where the user did not call
+    ``unscale_``, no inf check ran before the step, and the overflow step was recorded (its inf
+    averaged in: mean inf) and also counted skipped (4 steps in 4); after ``unscale_`` the
+    gradients are unscaled already and must not be divided by the scale again."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    optimizer = _OlderContract(model.parameters())
+    scaler = torch.amp.GradScaler("cpu", init_scale=64.0)
+    with warnings.catch_warnings(), GradientMonitor(model, activations=False) as monitor:
+        warnings.simplefilter("ignore", FutureWarning)      # GradScaler's word on the older contract
+        for i in range(4):
+            optimizer.zero_grad()
+            x, y = _batch(i)
+            scaler.scale(nn.functional.mse_loss(model(x), y)).backward()
+            if i == 1:
+                model[0].weight.grad[0, 0] = float("inf")
+            if unscale_first:
+                scaler.unscale_(optimizer)
+            scaler.step(optimizer)
+            scaler.update()
+        rows = monitor.log(0)
+    row = rows["0.weight"]
+    assert (row["steps"], row["skipped_steps"], row["nonfinite"]) == (3, 1, 0)
+    assert row["norm"] == pytest.approx(sum(optimizer.applied) / 3, rel=1e-6)
