@@ -146,7 +146,7 @@ def _same_params(optimizer: torch.optim.Optimizer, held: tuple) -> bool:
     return all(all(map(operator.is_, group["params"], was)) for group, was in zip(groups, held))
 
 
-_PARENT_STEPS: dict[type, tuple[type, ...]] = {}     # optimizer class -> _reenters' parent classes
+_PARENT_STEPS: dict[type, tuple] = {}     # optimizer class -> (its step then, _parent_steps' classes)
 
 
 def _reenters(cls: type) -> bool:
@@ -163,13 +163,15 @@ def _reenters(cls: type) -> bool:
 
 
 def _parent_steps(cls: type) -> tuple[type, ...]:
-    """The parent classes of ``cls`` whose ``step`` its own step overrides (Optimizer's aside)."""
-    parents = _PARENT_STEPS.get(cls)
-    if parents is None:
+    """The parent classes of ``cls`` whose ``step`` its own step overrides (Optimizer's aside);
+    found again when ``cls.step`` is another function (a class patched, then put back)."""
+    cached = _PARENT_STEPS.get(cls)
+    step = cls.step
+    if cached is None or cached[0] is not step:
         owners = [c for c in cls.__mro__ if "step" in c.__dict__ and issubclass(c, torch.optim.Optimizer)
                   and c is not torch.optim.Optimizer]
-        parents = _PARENT_STEPS[cls] = tuple(owners[1:])
-    return parents
+        cached = _PARENT_STEPS[cls] = (step, tuple(owners[1:]))
+    return cached[1]
 
 
 def _grad_marks(optimizer: torch.optim.Optimizer) -> tuple:
@@ -596,9 +598,10 @@ class StepWatch:
             if self._marks is not None:
                 self._said_subclass(optimizer)
             deferred, self._deferred = self._deferred, None
-            if deferred is not None and self.on:     # the wrapper never stepped its inner optimizer: its own step
-                scaler = {"grad_scaler": kwargs["grad_scaler"]} if kwargs and "grad_scaler" in kwargs else None
-                self._record_step(optimizer, deferred, False, (), scaler)     # no closure left to wrap
+            if deferred is not None and self.on:     # the wrapper never stepped its inner optimizer: its own step,
+                amp = amp_scale(optimizer, kwargs) if getattr(optimizer, "_step_supports_amp_scaling", False) else None
+                if amp is None or not amp[1].item():  # read after it (a fused step unscaled .grad in place)
+                    self.record(deferred, None, False)
             self.after()
 
     def _on_step(self, optimizer, args=(), kwargs=None):
