@@ -319,13 +319,17 @@ class Gradients(Part):
         them). The training step stays counted once, with the gradients the wrapper's step saw:
         said in a warning. (Where the inner optimizer holds every parameter of the wrapper, its
         step records alone, after its pre-hooks: steps.StepWatch._defers; over part of them, as
-        ZeroRedundancyOptimizer's shard on several ranks, the wrapper's step records first.)"""
+        ZeroRedundancyOptimizer's shard on several ranks, the wrapper's step records first.) Also a
+        wrapper that steps its inner optimizer twice, with new gradients between (extra-gradient
+        methods: an extrapolation step, a closure, the update): the first inner step's are kept."""
         names = [name for name, has in zip(self.setup.names, pattern) if has]
         self.setup.warn("changed-in-step", f"{', '.join(names[:5])}{' ...' if len(names) > 5 else ''}: their "
-                        "gradients changed between a wrapper optimizer's step and the step of an inner optimizer "
-                        "over part of its parameters (a step pre-hook on the inner optimizer?); the monitor reports "
-                        "them as the wrapper's step found them, before that change. Register such a hook on the "
-                        "wrapper to have it in what is reported")
+                        "gradients changed between two steps inside one wrapper optimizer's step: a step pre-hook "
+                        "on an inner optimizer over part of its parameters, or a wrapper that steps its inner "
+                        "optimizer twice (extra-gradient). The training step is counted once, with the gradients "
+                        "first recorded in it, before that change. Register such a hook on the wrapper to have it "
+                        "in what is reported; call monitor.record() by hand (automatic=False) to choose another "
+                        "moment")
 
     def _histogrammed(self, plan: _GradientPlan, pattern: tuple[bool, ...], seen: int) -> bool | np.ndarray:
         """Whether this step's gradients go into the histograms: each parameter's at its 0th,

@@ -462,3 +462,45 @@ def test_an_optimizer_on_the_scalers_older_contract_skips_the_overflow_once(unsc
     row = rows["0.weight"]
     assert (row["steps"], row["skipped_steps"], row["nonfinite"]) == (3, 1, 0)
     assert row["norm"] == pytest.approx(sum(optimizer.applied) / 3, rel=1e-6)
+
+
+class _ExtraGradient(torch.optim.Optimizer):
+    """Extra-gradient (Korpelevich 1976) over an inner SGD: a step to the extrapolated point with
+    the gradient there is, the closure's gradient at that point, the weights put back, and the
+    update with the second gradient; ``applied`` holds both norms of each step."""
+
+    def __init__(self, params):
+        super().__init__(list(params), {})
+        self.inner = torch.optim.SGD(self.param_groups, lr=0.01)
+        self.applied: list[tuple[float, float]] = []
+
+    def step(self, closure):
+        params = [p for group in self.param_groups for p in group["params"]]
+        start = [p.detach().clone() for p in params]
+        first = params[0].grad.double().norm().item()
+        self.inner.step()
+        closure()
+        with torch.no_grad():
+            for p, was in zip(params, start):
+                p.copy_(was)
+        self.applied.append((first, params[0].grad.double().norm().item()))
+        self.inner.step()
+
+
+def test_a_wrapper_that_steps_its_inner_optimizer_twice_counts_one_step_and_says_which():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    optimizer = _ExtraGradient(model.parameters())
+    with GradientMonitor(model, activations=False) as monitor:
+        with pytest.warns(UserWarning, match="steps its inner optimizer twice"):
+            for i in range(3):
+                def closure(i=i):
+                    optimizer.zero_grad()
+                    x, y = _batch(i)
+                    nn.functional.mse_loss(model(x), y).backward()
+
+                closure()
+                optimizer.step(closure)
+        rows = monitor.log(0)
+    assert rows["0.weight"]["steps"] == 3
+    assert rows["0.weight"]["norm"] == pytest.approx(sum(first for first, _ in optimizer.applied) / 3, rel=1e-6)
