@@ -158,7 +158,11 @@ def _reenters(cls: type) -> bool:
     outer step then defers its record to that inner call (``_nested_step``), as a wrapper's to
     its inner optimizer. Per class, the parents are found once; whether torch hooked them is
     read at each step (an instance made later hooks one)."""
-    parents = _parent_steps(cls)
+    return _hooked(_parent_steps(cls))
+
+
+def _hooked(parents: tuple[type, ...]) -> bool:
+    """Whether torch hooked the step of any of ``parents`` (``_parent_steps``)."""
     return bool(parents) and any(getattr(c.__dict__["step"], "hooked", False) for c in parents)
 
 
@@ -624,10 +628,11 @@ class StepWatch:
             self._deferred = None
             # the held entry's weak reference where _on_step_seen handed one over (it checked it)
             self._outer = weakref.ref(optimizer) if held is None else held[0]
-            if self._defers(optimizer, mask, key, held) or _reenters(type(optimizer)):
+            parents = _parent_steps(type(optimizer))     # none for a torch optimizer (one call a step)
+            if self._defers(optimizer, mask, key, held) or (parents and _hooked(parents)):
                 self._deferred = mask                # an inner step records, after its pre-hooks (and the
                 return None                          # subclass's own changes to .grad)
-            if _parent_steps(type(optimizer)):       # a subclass's step over one torch did not hook: a change
+            if parents:                              # a subclass's step over one torch did not hook: a change
                 self._marks = (weakref.ref(optimizer), _grad_marks(optimizer))   # to .grad before super().step()
         elif _reenters(type(optimizer)) and not _nested_step(optimizer):
             self._deferred = mask                    # a wrapper's inner optimizer of such a class: its parent's
