@@ -182,9 +182,16 @@ def check_exploding(ev: Evidence) -> dict[str, Any]:
 
 
 def _nonfinite(ev: Evidence) -> dict[str, Any]:
+    """Non-finite values in the gradients the optimizer applied, in the losses given, or seen by
+    the monitor's first-non-finite part (``nonfinite=True``: ``Window.first_nonfinite``) in a
+    forward or backward pass whose step never came (a loop that skips the step on a NaN loss)."""
     nonfinite = sum(row["nonfinite"] for row in ev.layers.values())
     lost = ev.loss["nonfinite"] if ev.loss else 0
-    return _check(bool(nonfinite or lost), f"{nonfinite} non-finite gradient values, {lost} non-finite epoch losses",
+    sourced = sum(getattr(w, "first_nonfinite", None) is not None for w in ev.windows)
+    if sourced and not (nonfinite or lost):
+        return _check(True, f"non-finite values in the passes of {sourced} of {len(ev.windows)} windows, none in a "
+                            "gradient the optimizer applied (a loop that skips the step on a NaN loss)", sourced, 0)
+    return _check(bool(nonfinite or lost), f"{nonfinite} non-finite gradient values, {lost} non-finite losses",
                   nonfinite, 0)
 
 
