@@ -102,7 +102,7 @@ class Diagnosis:
         lines += [""] if cells["activations"] else []
         lines += [f"loss: {cells['loss']}"] if cells["loss"] else []
         lines += [f"note: {note}" for note in cells["notes"]]
-        lines += ["", "Checks:"] + [f"  {'yes' if fired else 'no '} {name}: {why}" for fired, name, why in cells["checks"]]
+        lines += ["", "Checks:"] + [f"  {mark:<3} {name}: {why}" for mark, name, why in cells["checks"]]
         lines += ["", "Recommendation: " + self.recommendation]
         return "\n".join(lines)
 
@@ -221,9 +221,11 @@ def _notes(layers: Mapping[str, Mapping[str, Any]], kinds: Mapping[str, str] | N
 
 
 def diagnose_monitor(monitor: Any, losses: Sequence[float] | None = None, member: int | None = None,
-                     model: Any = None, optimizer: Any = None) -> Diagnosis:
+                     model: Any = None, optimizer: Any = None, loss_fn: Any = None) -> Diagnosis:
     """The verdict over a live ``GradientMonitor``'s recorded history; for a batched monitor
-    (``members`` > 1), the verdict of member ``member``.
+    (``members`` > 1), the verdict of member ``member``. ``losses``, ``model``, ``optimizer``
+    and ``loss_fn`` are ``diagnose``'s (the optimizer defaults to the one the monitor watches);
+    ``model`` and ``loss_fn`` together let ``output-mismatch`` be checked.
 
     Example:
         >>> with GradientMonitor(model) as monitor:                      # doctest: +SKIP
@@ -240,7 +242,8 @@ def diagnose_monitor(monitor: Any, losses: Sequence[float] | None = None, member
     if optimizer is None:       # the optimizer the monitor watches, when it was given one
         watched = getattr(monitor, "_optimizer", None)
         optimizer = watched() if callable(watched) else None
-    return diagnose(windows, losses, model=model, order=list(order) if order else None, optimizer=optimizer)
+    return diagnose(windows, losses, model=model, order=list(order) if order else None, optimizer=optimizer,
+                    loss_fn=loss_fn)
 
 
 def read_losses(run_dir: str | Path) -> list[float] | None:
@@ -316,8 +319,8 @@ def markdown(diagnosis: Diagnosis) -> str:
                   for name, saturated, dead, output in cells["activations"]] + [""]
     lines += [f"Loss: {cells['loss']}.", ""] if cells["loss"] else []
     lines += [f"- note: {_md(note)}" for note in cells["notes"]] + ([""] if cells["notes"] else [])
-    lines += ["**Checks**", ""] + [f"- {'**yes**' if fired else 'no'} {name}: {_md(why)}"
-                                   for fired, name, why in cells["checks"]]
+    lines += ["**Checks**", ""] + [f"- {'**yes**' if mark == 'yes' else mark} {name}: {_md(why)}"
+                                   for mark, name, why in cells["checks"]]
     return "\n".join(lines + ["", f"**Advice:** {diagnosis.recommendation}"])
 
 
@@ -354,7 +357,8 @@ def _cells(diagnosis: Diagnosis) -> dict[str, Any]:
     role, gradient early, /head early, middle, last, update/step, non-finite; a gate's row has a
     9th cell, the gate's name, and blank update and non-finite cells); ``activations`` (name,
     saturated, dead, whether it is the output); ``loss`` (one sentence, or None); ``notes``;
-    ``checks`` (fired, name, why)."""
+    ``checks`` (mark, name, why: the mark ``yes`` when it fired, ``n/a`` when it had nothing to
+    judge, else ``no``)."""
     evidence = diagnosis.evidence
     checks = evidence.get("checks", {})
     layers = evidence.get("layers", {})
@@ -374,7 +378,12 @@ def _cells(diagnosis: Diagnosis) -> dict[str, Any]:
             "loss": "first {first:.4g}, after the early part {early:.4g}, best later {best:.4g}, at the end "
                     "{tail:.4g} (median), last {last:.4g}".format(**loss) if loss else None,
             "notes": list(evidence.get("notes", [])),
-            "checks": [(check["fired"], name, check["why"]) for name, check in checks.items()]}
+            "checks": [(_mark(check), name, check["why"]) for name, check in checks.items()]}
+
+
+def _mark(check: Mapping[str, Any]) -> str:
+    """``yes`` (fired), ``n/a`` (nothing to judge: ``checked`` False) or ``no``."""
+    return "yes" if check.get("fired") else "no" if check.get("checked", True) else "n/a"
 
 
 def _ratios(row: Mapping[str, float]) -> tuple[str, ...]:

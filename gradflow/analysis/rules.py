@@ -5,10 +5,12 @@ the source of the threshold and the key of its advice (``advice.ADVICE``). ``dia
 advice and docs/calibration.md (the table there is ``rules_markdown()``, checked by a test) all
 read it, so a new rule is one ``Rule`` entry: a check function ``check(evidence) -> dict``.
 
-Each check returns ``{"fired", "why", "value", "threshold"}`` and, where the measure crossed its
-threshold without the harm or persistence a verdict needs, a ``note`` (said in the report, not
-a verdict). A verdict is every rule that fired; ``healthy`` when none did, or ``insufficient``
-when none did and the run is too short to say so.
+Each check returns ``{"fired", "why", "value", "threshold", "checked"}`` and, where the measure
+crossed its threshold without the harm or persistence a verdict needs, a ``note`` (said in the
+report, not a verdict). ``checked`` is False when the check had nothing to judge (no loss history,
+no activation of its kind, the loss function unknown): the report marks it ``n/a``, not ``no``. A
+verdict is every rule that fired; ``healthy`` when none did, or ``insufficient`` when none did
+and the run is too short to say so.
 
 Margins (docs/calibration.md): the tutorial configs (10 seeds, 500 epochs, SGD; "tut."), the
 architecture runs of issue 14 (ResNets, GPT-2, nanoGPT, encoder LM, LSTM LM, and the
@@ -69,10 +71,15 @@ class Evidence:
 
 def _check(fired: bool, why: str, value: float | None = None, threshold: float | None = None,
            note: str | None = None) -> dict[str, Any]:
-    out = {"fired": bool(fired), "why": why, "value": value, "threshold": threshold}
+    out = {"fired": bool(fired), "why": why, "value": value, "threshold": threshold, "checked": True}
     if note and not fired:
         out["note"] = note
     return out
+
+
+def _unchecked(why: str) -> dict[str, Any]:
+    """A check with nothing to judge: not fired, ``checked`` False (the report's ``n/a``)."""
+    return {**_check(False, why), "checked": False}
 
 
 def _relative(ratio: float) -> str:
@@ -132,7 +139,7 @@ def check_vanishing(ev: Evidence) -> dict[str, Any]:
     head = _head(layers)
     hidden = [layer for layer, row in layers.items() if layer != head and row.get("role", "hidden") == "hidden"]
     if not hidden:
-        return _check(False, "only one layer: nothing to compare with the output layer")
+        return _unchecked("only one layer: nothing to compare with the output layer")
     early, weakest, ratio = _vanishing_at(layers, hidden, "early")
     first = layers[hidden[0]]
     why = (f"{weakest} gradient vs the output layer's ({head}), early on: {_relative(ratio)}"
@@ -322,7 +329,7 @@ def check_saturated(ev: Evidence) -> dict[str, Any]:
     end, harm is the loss stalled (< STALL_DROP)."""
     bounded = {n: r for n, r in ev.activations.items() if "saturated" in r and not r.get("output")}
     if not bounded:
-        return _check(False, "no hidden tanh or sigmoid activations recorded")
+        return _unchecked("no hidden tanh or sigmoid activations recorded")
     name = max(bounded, key=lambda n: bounded[n]["saturated"])
     value = bounded[name]["saturated"]
     why = f"{value:.0%} of {name} outputs saturated (|a| > 0.97 of the range)"
@@ -360,7 +367,7 @@ def check_dead(ev: Evidence) -> dict[str, Any]:
     if ev.layers and all(row["zero_last"] == 1.0 for row in ev.layers.values()):
         return _check(True, "every gradient exactly zero in the last window", 1.0, 1.0)
     if not dead:
-        return _check(False, "no ReLU-type activations recorded")
+        return _unchecked("no ReLU-type activations recorded")
     most = [n for n, value in dead.items() if value >= DEAD_FRACTION]
     name = max(dead, key=dead.get)
     why = f"at most {dead[name]:.0%} of a layer's units dead ({name})"
@@ -411,12 +418,12 @@ def check_stalled(ev: Evidence) -> dict[str, Any]:
     if layers and all(row["zero_last"] == 1.0 for row in layers.values()):
         return _check(True, "no gradient left: the weights cannot change", 0.0, STALL_DROP)
     if not loss:
-        return _check(False, "no loss history to judge")
+        return _unchecked("no loss history to judge")
     # The end of the run, not the best epoch: a run that learned and then collapsed back to a
     # constant prediction (20-layer ReLU, seed 2) has stalled too.
     drop = loss_drop(loss)
     if drop is None:
-        return _check(False, "loss not finite", None, STALL_DROP)
+        return {**_unchecked("loss not finite"), "threshold": STALL_DROP}
     moved = "did not move" if abs(drop) < 0.0005 else f"fell {drop:.1%}" if drop > 0 else f"rose {-drop:.1%}"
     why = f"loss {moved} after the early part ({loss['early']:.3g} -> {loss['tail']:.3g} at the end)"
     return _check(drop < STALL_DROP, why, drop, STALL_DROP)
@@ -449,7 +456,7 @@ def check_oscillating(ev: Evidence) -> dict[str, Any]:
     does not converge (``stalled``); a note when it still falls."""
     value = oscillation(ev.losses)
     if not math.isfinite(value):
-        return _check(False, "too few loss values to judge oscillation")
+        return _unchecked("too few loss values to judge oscillation")
     why = f"the loss swings {value:.0%} of its level between windows in the last half"
     if value <= OSCILLATION:
         return _check(False, why, value, OSCILLATION)
@@ -474,7 +481,11 @@ def check_output_mismatch(ev: Evidence) -> dict[str, Any]:
     the cause when the loss goes non-finite (log of a zero ReLU output) or negative (NLLLoss of
     an unnormalised output is unbounded below)."""
     if not ev.loss_fn or not ev.output:
-        return _check(False, "loss function or output module unknown: pass model= and loss_fn= to diagnose")
+        missing = [what for what, known in (("the model's output module", ev.output), ("the loss function",
+                                                                                          ev.loss_fn)) if not known]
+        wanted = [f"{key}=" for key, known in (("model", ev.output), ("loss_fn", ev.loss_fn)) if not known]
+        return _unchecked(f"not checked: {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} unknown; "
+                          f"pass {' and '.join(wanted)} to diagnose_monitor (or diagnose)")
     if ev.loss_fn not in PROBABILITY_LOSSES:
         return _check(False, f"{ev.loss_fn} takes raw outputs")
     if ev.output in PROBABILITY_OUTPUTS:
@@ -495,7 +506,7 @@ def check_tiny(ev: Evidence) -> dict[str, Any]:
              for layer, r in ev.layers.items() if r.get("role") in ("hidden", "head")
              and np.isfinite([r["gradient_early"], r["gradient_middle"], r["gradient_last"]]).any()}
     if not sizes or next(iter(ev.layers.values())).get("measure") != "relative":
-        return _check(False, "no ||g||/||w|| recorded")
+        return _unchecked("no ||g||/||w|| recorded")
     if any(r.get("zero_last") == 1.0 for r in ev.layers.values() if r.get("role") in ("hidden", "head")) \
             or min(sizes.values()) <= 0:
         return _check(False, "some layer's gradient is exactly zero: dead units, not a small gradient")

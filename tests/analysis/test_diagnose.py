@@ -190,3 +190,56 @@ def test_real_short_runs(tmp_path, config, overrides, present, absent):
     assert present <= set(diagnosis.verdicts), diagnosis.report()
     assert not absent & set(diagnosis.verdicts), diagnosis.report()
     json.dumps(diagnosis.to_dict(), allow_nan=False)
+
+
+# -- output-mismatch on a live monitor, and checks that could not be made ------------------
+
+
+def mismatched_run():
+    """A model ending in ReLU trained under BCELoss (probabilities expected): a known mismatch."""
+    torch.manual_seed(0)
+    x = torch.randn(256, 2)
+    y = (x[:, :1] > 0).float()
+    model = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 1), nn.ReLU())
+    loss_fn, optimizer, losses = nn.BCELoss(), torch.optim.SGD(model.parameters(), lr=0.05), []
+    with GradientMonitor(model) as monitor:
+        for epoch in range(8):
+            optimizer.zero_grad()
+            loss = loss_fn(model(x).clamp(1e-6, 1 - 1e-6), y)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            monitor.log(epoch)
+    return monitor, model, loss_fn, losses
+
+
+def check_line(diagnosis, name):
+    return next(line for line in diagnosis.report().splitlines() if line.split()[1:2] == [f"{name}:"])
+
+
+def test_output_mismatch_is_checked_with_what_its_message_asks_for():
+    monitor, model, loss_fn, losses = mismatched_run()
+    told = {}
+    for given in ({}, {"model": model}, {"loss_fn": loss_fn}):
+        diagnosis = diagnose_monitor(monitor, losses, **given)
+        line = check_line(diagnosis, "output-mismatch")
+        assert line.startswith("  n/a output-mismatch: not checked: "), line
+        assert "output-mismatch" not in diagnosis.verdicts
+        told[tuple(given)] = {key for key in ("model", "loss_fn") if f"{key}=" in line}
+        assert "diagnose_monitor" in line
+    assert told == {(): {"model", "loss_fn"}, ("model",): {"loss_fn"}, ("loss_fn",): {"model"}}
+    diagnosis = diagnose_monitor(monitor, losses, model=model, loss_fn=loss_fn)   # the names it gave work
+    assert "output-mismatch" in diagnosis.verdicts
+    assert check_line(diagnosis, "output-mismatch").startswith("  yes output-mismatch: BCELoss expects probabilities "
+                                                               "but the model ends in ReLU")
+
+
+def test_checks_that_could_not_be_made_say_so():
+    diagnosis = diagnose(history(sizes=(0.1, 0.1, 0.1)))         # no losses, no activations, no model
+    marks = {line.split()[1].rstrip(":"): line.split()[0] for line in diagnosis.report().split("Checks:")[1]
+             .split("Recommendation:")[0].strip().splitlines()}
+    assert marks["stalled"] == marks["oscillating"] == marks["output-mismatch"] == "n/a"
+    assert marks["vanishing"] == marks["exploding"] == marks["insufficient"] == "no"
+    assert not diagnosis.evidence["checks"]["stalled"]["checked"]
+    assert diagnosis.evidence["checks"]["vanishing"]["checked"]
+    assert "- n/a stalled: no loss history to judge" in markdown(diagnosis)
