@@ -109,6 +109,34 @@ FAMILY_ADVICE = {
 }
 
 
+# Where a run's windows came from: ``loop`` (the user's own loop: diagnose_monitor, or diagnose on
+# windows the user recorded) or ``run`` (a ``gradflow train`` run directory). The advice names
+# only what the user has there.
+CONTEXTS = ("loop", "run")
+
+# Said after the advice when non-finite values were counted but no window named their source,
+# because the first-non-finite part was off (docs/nonfinite.md): how to turn it on, by context.
+NONFINITE_HINT = {
+    "loop": "To name the layer and step where the first NaN/inf came from, attach the monitor with "
+            "GradientMonitor(model, writer, nonfinite=True) (docs/nonfinite.md).",
+    "run": "To name the layer and step where the first NaN/inf came from, train that seed alone (gradflow train "
+           "CONFIG train.seed=N, without --seeds): seeds trained batched do not look for it.",
+}
+
+
+def nonfinite_hint(checks: Mapping[str, Mapping[str, Any]], source: Any, context: str = "loop",
+                   part: bool | None = None) -> str:
+    """``NONFINITE_HINT[context]`` when ``exploding`` fired on non-finite values (``value`` of its
+    non-finite mechanism, ``rules._nonfinite``) with no ``source`` found and the first-non-finite
+    part not known to be on (``part``: True on, False off, None unknown); else ''. In a ``run``
+    the part is on unless the seeds trained batched, so an unknown part says nothing there."""
+    exploding = checks.get("exploding", {})
+    counted = exploding.get("fired") and "non-finite" in exploding.get("why", "")
+    if not counted or source is not None or part or (context == "run" and part is None):
+        return ""
+    return NONFINITE_HINT[context]
+
+
 def optimizer_name(optimizer: Any) -> str | None:
     """The class name of an optimizer, an optimizer class or a name (``sgd`` -> ``SGD``,
     ``adamw`` -> ``AdamW``); None when not given.

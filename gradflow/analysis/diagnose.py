@@ -22,6 +22,7 @@ holds the ``Diagnosis`` type, the entry points (``diagnose``, ``diagnose_monitor
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from gradflow.analysis.advice import architecture_family, optimizer_name, recommend
+from gradflow.analysis.advice import CONTEXTS, architecture_family, nonfinite_hint, optimizer_name, recommend
 from gradflow.analysis.history import read_history
 from gradflow.analysis.measures import (
     activation_bounds,
@@ -116,7 +117,8 @@ class Diagnosis:
 
 
 def diagnose(windows: Sequence[Any], losses: Sequence[float] | None = None, *, model: Any = None,
-             order: Sequence[str] | None = None, optimizer: Any = None, loss_fn: Any = None) -> Diagnosis:
+             order: Sequence[str] | None = None, optimizer: Any = None, loss_fn: Any = None,
+             context: str = "loop", nonfinite_part: bool | None = None) -> Diagnosis:
     """The verdict over recorded windows (``monitor.history`` or ``load_windows(run_dir)``).
 
     ``losses``: the training loss per epoch (or per window), if known; without it ``stalled``
@@ -127,7 +129,11 @@ def diagnose(windows: Sequence[Any], losses: Sequence[float] | None = None, *, m
     ``order``: parameter names in the order their modules first ran forward (the monitor's
     ``forward_order``), else the recorded order stands for input-to-output. ``optimizer``: the
     optimizer (or its class, or class name) that trained the run, for the advice. ``loss_fn``:
-    the loss function (or its class name), for ``output-mismatch``.
+    the loss function (or its class name), for ``output-mismatch``. ``context``: where the
+    windows came from, ``loop`` (your own loop) or ``run`` (a ``gradflow train`` run directory):
+    the advice names what you have there. ``nonfinite_part``: whether the monitor looked for the
+    first non-finite value (``GradientMonitor(nonfinite=True)``; None: unknown); when it did not
+    and the gradients went non-finite, the advice says how to turn it on.
 
     Example:
         >>> from gradflow.monitor import Window
@@ -140,6 +146,8 @@ def diagnose(windows: Sequence[Any], losses: Sequence[float] | None = None, *, m
     """
     if not windows:
         raise ValueError("diagnose needs at least one recorded window; call monitor.log(step) at least once")
+    if context not in CONTEXTS:
+        raise ValueError(f"diagnose: context must be one of {', '.join(CONTEXTS)}, got {context!r}")
     kinds = analysis_kinds(model) if model is not None else recorded_kinds(windows)
     layers = measure_layers(windows, order, kinds)
     activations = measure_activations(windows, activation_bounds(windows, model))
@@ -168,7 +176,8 @@ def diagnose(windows: Sequence[Any], losses: Sequence[float] | None = None, *, m
     failing = _failing_kind(verdicts, checks, layers)
     advice = time_recommendation(time, verdicts, recommend(others, family, opt, failing)
                                  if others or not time["fired"] else "")
-    return Diagnosis(verdicts, evidence, advice)
+    hint = nonfinite_hint(checks, evidence["first_nonfinite"], context, nonfinite_part)
+    return Diagnosis(verdicts, evidence, f"{advice} {hint}" if hint else advice)
 
 
 def _output_module(model: Any) -> str | None:
@@ -242,8 +251,9 @@ def diagnose_monitor(monitor: Any, losses: Sequence[float] | None = None, member
     if optimizer is None:       # the optimizer the monitor watches, when it was given one
         watched = getattr(monitor, "_optimizer", None)
         optimizer = watched() if callable(watched) else None
+    parts = getattr(monitor, "parts", None)
     return diagnose(windows, losses, model=model, order=list(order) if order else None, optimizer=optimizer,
-                    loss_fn=loss_fn)
+                    loss_fn=loss_fn, nonfinite_part="nonfinite" in parts if isinstance(parts, Mapping) else None)
 
 
 def read_losses(run_dir: str | Path) -> list[float] | None:
@@ -252,8 +262,10 @@ def read_losses(run_dir: str | Path) -> list[float] | None:
     return None if history is None else [row["loss"] for row in history if "loss" in row]
 
 
-def diagnose_run(run_dir: str | Path) -> Diagnosis:
-    """The verdict of a run directory (gradients.csv, activations.csv, history.csv).
+def diagnose_run(run_dir: str | Path, windows: list[Any] | None = None) -> Diagnosis:
+    """The verdict of a run directory (gradients.csv, activations.csv, history.csv; ``windows``:
+    its windows when already read, ``run_windows``). Its advice is a ``gradflow train`` run's
+    when it has summary.json, else a user's loop's (``run_context``).
 
     Raises FileNotFoundError when the directory or its gradients.csv is missing.
 
@@ -261,9 +273,26 @@ def diagnose_run(run_dir: str | Path) -> Diagnosis:
         >>> diagnose_run("runs/deep_relu-20250101-120000-seed0").verdicts    # doctest: +SKIP
         ['healthy']
     """
-    windows = run_windows(run_dir)
+    windows = run_windows(run_dir) if windows is None else windows
     restore_source(windows, run_dir)          # the first non-finite source, kept in summary.json
-    return diagnose(windows, read_losses(run_dir), optimizer=read_optimizer(run_dir))
+    context, part = run_context(run_dir)
+    return diagnose(windows, read_losses(run_dir), optimizer=read_optimizer(run_dir), context=context,
+                    nonfinite_part=part)
+
+
+def run_context(run_dir: str | Path) -> tuple[str, bool | None]:
+    """(``diagnose``'s ``context``, ``nonfinite_part``) of a run directory: a ``gradflow train``
+    run (it has summary.json) looks for the first non-finite value unless its seeds trained
+    batched (summary.json's ``batched``); a directory without summary.json was recorded from a
+    user's own loop (``MonitorCallback``), which says nothing of it."""
+    path = Path(run_dir) / "summary.json"
+    try:
+        summary = json.loads(path.read_text()) if path.exists() else None
+    except (OSError, ValueError):
+        summary = None
+    if not isinstance(summary, dict):
+        return "loop", None
+    return "run", not summary.get("batched")
 
 
 def read_optimizer(run_dir: str | Path) -> str | None:

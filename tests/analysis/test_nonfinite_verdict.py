@@ -93,3 +93,52 @@ def test_without_the_part_the_skipped_step_shows_only_in_the_losses_passed():
     diagnosis = diagnose_monitor(monitor, step_losses)
     assert "exploding" in diagnosis.verdicts
     assert "1 non-finite losses" in diagnosis.evidence["checks"]["exploding"]["why"]
+
+
+def nan_run(nonfinite: bool):
+    """The same plant, and a loop that steps on regardless: NaN reaches every weight."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), Bomb(16, PLANTED_STEP + 1), nn.Tanh(), nn.Linear(16, 1))
+    x = torch.randn(320, 4)
+    y = x.sum(1, keepdim=True)
+    optimizer, losses = torch.optim.SGD(model.parameters(), lr=0.01), []
+    with GradientMonitor(model, None, nonfinite=nonfinite) as monitor:
+        for epoch in range(6):
+            for i in range(0, 320, 32):
+                optimizer.zero_grad()
+                loss = nn.functional.mse_loss(model(x[i:i + 32]), y[i:i + 32])
+                loss.backward()
+                optimizer.step()
+            losses.append(loss.item())
+            monitor.log(epoch)
+    return monitor, losses
+
+
+HINT = "nonfinite=True"
+
+
+def test_the_advice_names_nonfinite_true_when_the_part_was_off():
+    monitor, losses = nan_run(False)
+    diagnosis = diagnose_monitor(monitor, losses)
+    assert "exploding" in diagnosis.verdicts and diagnosis.evidence["first_nonfinite"] is None
+    assert sum(row["nonfinite"] for row in diagnosis.evidence["layers"].values()) > 0    # the NaN reached the weights
+    assert f"GradientMonitor(model, writer, {HINT})" in diagnosis.recommendation, diagnosis.recommendation
+    monitor, losses = nan_run(True)
+    diagnosis = diagnose_monitor(monitor, losses)
+    assert diagnosis.evidence["first_nonfinite"]["step"] == PLANTED_STEP
+    assert HINT not in diagnosis.recommendation      # the verdict already names the source
+
+
+def test_no_nonfinite_hint_on_a_finite_explosion_or_a_healthy_run():
+    from synthetic_windows import FALLING, history
+
+    from gradflow.analysis.diagnose import diagnose
+    from gradflow.analysis.rules import EXPLODING_UPDATE
+
+    assert HINT not in diagnose(history(update=EXPLODING_UPDATE * 2), FALLING).recommendation
+    assert HINT not in diagnose(history(), FALLING).recommendation
+    assert HINT in diagnose(history(nonfinite=3), FALLING).recommendation
+    # a gradflow run directory whose seeds trained batched (no first-non-finite part there)
+    batched = diagnose(history(nonfinite=3), FALLING, context="run", nonfinite_part=False).recommendation
+    assert "train.seed=" in batched and HINT not in batched
+    assert "train.seed=" not in diagnose(history(nonfinite=3), FALLING, context="run", nonfinite_part=True).recommendation
