@@ -121,8 +121,10 @@ def diagnose(windows: Sequence[Any], losses: Sequence[float] | None = None, *, m
              context: str = "loop", nonfinite_part: bool | None = None) -> Diagnosis:
     """The verdict over recorded windows (``monitor.history`` or ``load_windows(run_dir)``).
 
-    ``losses``: the training loss per epoch (or per window), if known; without it ``stalled``
-    can only mean "no gradient left". ``model``: the trained module, if at hand: it tells
+    ``losses``: the training loss per epoch, per window or per step, if known (floats or 0-d
+    tensors, or a 1-D tensor; any length, read in order as a series over the run, so it need not
+    match the windows); without it ``stalled`` can only mean "no gradient left". Anything else
+    raises a one-line ValueError (``loss_values``). ``model``: the trained module, if at hand: it tells
     normalisation, embedding and recurrent parameters and a tied head apart (else the kinds the
     monitor recorded with the windows, ``Window.kinds``; else their names do), the range of
     each bounded activation, the family for the advice and the module the model ends with.
@@ -148,11 +150,12 @@ def diagnose(windows: Sequence[Any], losses: Sequence[float] | None = None, *, m
         raise ValueError("diagnose needs at least one recorded window; call monitor.log(step) at least once")
     if context not in CONTEXTS:
         raise ValueError(f"diagnose: context must be one of {', '.join(CONTEXTS)}, got {context!r}")
+    losses = loss_values(losses)
     kinds = analysis_kinds(model) if model is not None else recorded_kinds(windows)
     layers = measure_layers(windows, order, kinds)
     activations = measure_activations(windows, activation_bounds(windows, model))
     loss = measure_loss(losses) if losses is not None else None
-    ev = Evidence(layers, activations, loss, windows, list(losses) if losses is not None else None,
+    ev = Evidence(layers, activations, loss, windows, losses,
                   output=_output_module(model), loss_fn=optimizer_name(loss_fn))
     checks = run_rules(ev)
     time, time_notes = check_through_time(windows, loss), []    # recurrent layers (through_time.py, issue 22)
@@ -178,6 +181,45 @@ def diagnose(windows: Sequence[Any], losses: Sequence[float] | None = None, *, m
                                  if others or not time["fired"] else "")
     hint = nonfinite_hint(checks, evidence["first_nonfinite"], context, nonfinite_part)
     return Diagnosis(verdicts, evidence, f"{advice} {hint}" if hint else advice)
+
+
+LOSSES_ACCEPTED = ("a sequence of numbers, one per epoch, window or step (floats, 0-d tensors or a 1-D tensor; "
+                   "any length: read in order as a series over the run)")
+
+
+def loss_values(losses: Any) -> list[float] | None:
+    """``losses`` as floats (tensors detached: a loss that still requires grad is fine), None
+    for None. Raises a one-line ValueError naming ``losses`` (or ``losses[i]``), what it got and
+    what is accepted (``LOSSES_ACCEPTED``).
+
+    Example:
+        >>> import torch
+        >>> loss_values([torch.tensor(0.5, requires_grad=True), 0.25])
+        [0.5, 0.25]
+    """
+    if losses is None:
+        return None
+    if hasattr(losses, "detach"):                      # a tensor of losses
+        losses = losses.detach().reshape(-1).tolist() if losses.dim() <= 1 else losses
+    if isinstance(losses, (str, bytes)) or not isinstance(losses, (Sequence, np.ndarray)):
+        shape = f" of shape {tuple(losses.shape)}" if hasattr(losses, "shape") else ""
+        raise ValueError(f"losses must be {LOSSES_ACCEPTED}; got {type(losses).__name__}{shape}"
+                         + (f" {losses[:40]!r}" if isinstance(losses, str) else ""))
+    values = []
+    for i, value in enumerate(losses):
+        if hasattr(value, "detach") and getattr(value, "numel", lambda: 0)() == 1:
+            value = value.detach().item()
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise ValueError(f"losses[{i}] is {_described(value)}; losses must be {LOSSES_ACCEPTED}")
+        values.append(float(value))
+    return values
+
+
+def _described(value: Any) -> str:
+    """``None``, ``a tensor of 2 elements``, ``str '0.4'``: a bad loss value in an error."""
+    if value is None or hasattr(value, "numel"):
+        return "None" if value is None else f"a tensor of {value.numel()} elements"
+    return f"{type(value).__name__} {str(value)[:40]!r}"
 
 
 def _output_module(model: Any) -> str | None:

@@ -243,3 +243,53 @@ def test_checks_that_could_not_be_made_say_so():
     assert not diagnosis.evidence["checks"]["stalled"]["checked"]
     assert diagnosis.evidence["checks"]["vanishing"]["checked"]
     assert "- n/a stalled: no loss history to judge" in markdown(diagnosis)
+
+
+# -- the losses given to diagnose ----------------------------------------------------------
+
+
+def small_run(epochs=6):
+    """A real monitored run; returns the monitor and each epoch's loss tensor (still requiring grad)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 1))
+    optimizer, x, y, losses = torch.optim.SGD(model.parameters(), lr=0.1), torch.randn(64, 2), torch.randn(64, 1), []
+    with GradientMonitor(model) as monitor:
+        for epoch in range(epochs):
+            optimizer.zero_grad()
+            loss = (model(x) - y).pow(2).mean()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss)
+            monitor.log(epoch)
+    return monitor, losses
+
+
+def test_losses_as_tensors_read_as_their_floats():
+    monitor, tensors = small_run()
+    floats = [t.item() for t in tensors]
+    expected = diagnose_monitor(monitor, floats).to_dict()
+    assert all(t.requires_grad for t in tensors)
+    for given in (tensors, torch.stack([t.detach() for t in tensors]), tuple(floats)):
+        assert diagnose_monitor(monitor, given).to_dict() == expected
+
+
+@pytest.mark.parametrize("losses, message", [
+    ("0.5 0.4", "losses must be a sequence of numbers.* got str '0.5 0.4'"),
+    (0.5, "losses must be a sequence of numbers.* got float"),
+    ([0.5, None, 0.3], r"losses\[1\] is None"),
+    ([0.5, "0.4"], r"losses\[1\] is str"),
+    ([0.5, torch.ones(2)], r"losses\[1\] is a tensor of 2 elements"),
+], ids=["string", "scalar", "none-inside", "string-inside", "tensor-of-two"])
+def test_bad_losses_are_one_line_naming_losses(losses, message):
+    monitor, _ = small_run()
+    with pytest.raises(ValueError, match=message) as error:
+        diagnose_monitor(monitor, losses)
+    assert "\n" not in str(error.value) and "one per epoch, window or step" in str(error.value)
+
+
+def test_losses_of_another_length_than_the_windows_are_a_series_over_the_run():
+    """Documented: one loss per epoch, window or step, read in order as a series over the run."""
+    monitor, tensors = small_run()
+    per_step = [t.item() for t in tensors for _ in range(4)]      # 24 values for 6 windows
+    assert diagnose_monitor(monitor, per_step).evidence["loss"]["first"] == tensors[0].item()
+    assert diagnose_monitor(monitor, per_step[:2]).evidence["loss"] is not None
