@@ -42,7 +42,7 @@ from gradflow.analysis.measures import (
     recorded_kinds,
 )
 from gradflow.analysis.nonfinite import first_source, restore_source, with_source
-from gradflow.analysis.rules import RULES, Evidence, fmt_number, run_rules, skipped_steps
+from gradflow.analysis.rules import RULES, Evidence, fmt_number, layer_name, run_rules, skipped_steps
 from gradflow.analysis.through_time import check_through_time, fold_into_checks, time_recommendation
 from gradflow.analysis.windows import GRADIENTS_FILE, load_windows
 
@@ -238,7 +238,7 @@ def _failing_kind(verdicts: Sequence[str], checks: Mapping[str, Any], layers: Ma
     for verdict in ("vanishing", "exploding"):
         if verdict in verdicts:
             why = checks[verdict]["why"]
-            named = [layer for layer in layers if why.startswith(layer + " ") or f" {layer} " in why]
+            named = [layer for layer in layers if why.startswith(layer_name(layer) + " ") or f" {layer_name(layer)} " in why]
             if any(layers[layer].get("kind") == "recurrent" for layer in named):
                 return "recurrent"
     return None

@@ -92,7 +92,19 @@ def _relative(ratio: float) -> str:
 
 
 def _times(factor: float) -> str:
-    return f"{factor:.2g}x" if factor < 10 else f"{factor:,.0f}x"
+    """3 -> ``3x``; 852 -> ``852x``; past a million in scientific notation: ``2.4e+22x``."""
+    return f"{factor:.2g}x" if factor < 10 else f"{factor:,.0f}x" if factor < 1e6 else f"{factor:.1e}x"
+
+
+def layer_name(name: str) -> str:
+    """A layer or module name as the check lines say it: quoted when it starts with a digit
+    (nn.Sequential's ``0``, ``2.lin``: "layer '0' gradient", not "0 gradient"), else as is."""
+    return f"layer '{name}'" if name[:1].isdigit() else name
+
+
+def _quoted(name: str) -> str:
+    """A name in parentheses after the word layer: ``'4'`` for a numeric one, else as is."""
+    return f"'{name}'" if name[:1].isdigit() else name
 
 
 def _sortable(value: float) -> float:
@@ -142,8 +154,8 @@ def check_vanishing(ev: Evidence) -> dict[str, Any]:
         return _unchecked("only one layer: nothing to compare with the output layer")
     early, weakest, ratio = _vanishing_at(layers, hidden, "early")
     first = layers[hidden[0]]
-    why = (f"{weakest} gradient vs the output layer's ({head}), early on: {_relative(ratio)}"
-           f"{_weakest_gate(weakest, layers[weakest])}; first hidden layer ({hidden[0]}): "
+    why = (f"{layer_name(weakest)} gradient vs the output layer's ({_quoted(head)}), early on: {_relative(ratio)}"
+           f"{_weakest_gate(weakest, layers[weakest])}; first hidden layer ({_quoted(hidden[0])}): "
            f"{_relative(first['ratio_early'])} early, {_relative(first['ratio_last'])} last")
     if not early:
         return _check(False, why, ratio, VANISHING_RATIO)
@@ -151,12 +163,13 @@ def check_vanishing(ev: Evidence) -> dict[str, Any]:
     drop = loss_drop(ev.loss)
     harmed = drop is not None and drop < STALL_DROP
     if persistent or harmed:
-        reason = "and still in the middle and last windows" if persistent else f"and the loss stalled ({drop:.1%})"
+        # The loss's fall is the stalled check's figure (it fires too): said there, once.
+        reason = "and still in the middle and last windows" if persistent else "and the loss stalled"
         return _check(True, f"{why}; {reason}", ratio, VANISHING_RATIO)
     _, late, late_ratio = _vanishing_at(layers, hidden, "last")
     fell = f"; the loss still fell {drop:.0%}" if drop is not None else ""
-    note = (f"{weakest}'s gradient is {_relative(ratio)} than the head's early on, but not persistently (weakest "
-            f"at the end: {late}, {_relative(late_ratio)}){fell}: a slow start, not vanishing")
+    note = (f"{layer_name(weakest)}'s gradient is {_relative(ratio)} than the head's early on, but not persistently "
+            f"(weakest at the end: {layer_name(late)}, {_relative(late_ratio)}){fell}: a slow start, not vanishing")
     return _check(False, why + "; not persistent and no harm", ratio, VANISHING_RATIO, note)
 
 
@@ -167,7 +180,7 @@ def _weakest_gate(layer: str, row: Mapping[str, Any]) -> str:
     if not gates:
         return ""
     gate = min(gates, key=lambda g: _sortable(gates[g]["ratio_early"]))
-    return f" (weakest gate: {layer} {gate} gate ||g||/||w|| {_relative(gates[gate]['ratio_early'])} than the head's)"
+    return f" (weakest gate: {layer_name(layer)} {gate} gate ||g||/||w|| {_relative(gates[gate]['ratio_early'])} than the head's)"
 
 
 # -- exploding -------------------------------------------------------------------------------
@@ -213,7 +226,7 @@ def _huge_update(ev: Evidence) -> dict[str, Any]:
         return _check(False, "no weight updates recorded")
     layer = max(updates, key=updates.get)
     return _check(updates[layer] > EXPLODING_UPDATE,
-                  f"{layer} weights moved {_times(updates[layer])} their norm per step in one window "
+                  f"{layer_name(layer)} weights moved {_times(updates[layer])} their norm per step in one window "
                   f"(healthy: about {HEALTHY_UPDATE:g}); largest update ratio per step {fmt_number(updates[layer])}",
                   updates[layer], EXPLODING_UPDATE)
 
@@ -292,7 +305,7 @@ def _larger_than_head(ev: Evidence) -> dict[str, Any]:
     if not hidden:
         return _check(False, "no hidden layer to compare with the head")
     layer = max(hidden, key=hidden.get)
-    return _check(hidden[layer] > LARGER_THAN_HEAD, f"{layer} gradient {_relative(hidden[layer])} than the head's "
+    return _check(hidden[layer] > LARGER_THAN_HEAD, f"{layer_name(layer)} gradient {_relative(hidden[layer])} than the head's "
                                                      "(its smallest of early, middle, last)", hidden[layer], LARGER_THAN_HEAD)
 
 
@@ -332,12 +345,13 @@ def check_saturated(ev: Evidence) -> dict[str, Any]:
         return _unchecked("no hidden tanh or sigmoid activations recorded")
     name = max(bounded, key=lambda n: bounded[n]["saturated"])
     value = bounded[name]["saturated"]
-    why = f"{value:.0%} of {name} outputs saturated (|a| > 0.97 of the range)"
+    why = f"{value:.0%} of {layer_name(name)} outputs saturated (|a| > 0.97 of the range)"
     drop = loss_drop(ev.loss)
     if value > SATURATED_FRACTION:
         if drop is None or drop < SATURATED_DROP:
-            harm = (f", and the loss fell only {drop:.1%} (< {SATURATED_DROP:.0%})" if drop is not None
-                    else ", no loss to judge harm by")
+            # Under STALL_DROP (a rise included) the stalled check fires and gives the figure: said once.
+            harm = (", no loss to judge harm by" if drop is None else ", and the loss stalled" if drop < STALL_DROP
+                    else f", and the loss fell only {drop:.1%} (< {SATURATED_DROP:.0%})")
             return _check(True, why + harm, value, SATURATED_FRACTION)
         return _check(False, why + f"; the loss still fell {drop:.0%}", value, SATURATED_FRACTION,
                       note=f"{why}, over {SATURATED_FRACTION:g}; the loss still fell {drop:.0%}: not a verdict")
@@ -347,10 +361,10 @@ def check_saturated(ev: Evidence) -> dict[str, Any]:
         return _check(False, why, value, SATURATED_FRACTION)
     # A gate that learned to stay mostly shut (a squeeze-excitation or GLU sigmoid) sits near an
     # end too: a verdict only with harm, the loss stalled.
-    at_end = (f"{near} outputs sit at one end of the range: mean {ends[near]:.1%} of the range from it "
+    at_end = (f"{layer_name(near)} outputs sit at one end of the range: mean {ends[near]:.1%} of the range from it "
               "(median over the last half of the windows)")
     if drop is not None and drop < STALL_DROP:
-        return _check(True, f"{at_end}, and the loss stalled ({drop:.1%})", ends[near], SATURATED_END)
+        return _check(True, f"{at_end}, and the loss stalled", ends[near], SATURATED_END)
     return _check(False, why, value, SATURATED_FRACTION, note=f"{at_end}; the loss still fell: not a verdict")
 
 
@@ -370,7 +384,7 @@ def check_dead(ev: Evidence) -> dict[str, Any]:
         return _unchecked("no ReLU-type activations recorded")
     most = [n for n, value in dead.items() if value >= DEAD_FRACTION]
     name = max(dead, key=dead.get)
-    why = f"at most {dead[name]:.0%} of a layer's units dead ({name})"
+    why = f"at most {dead[name]:.0%} of a layer's units dead ({_quoted(name)})"
     if not most:
         return _check(False, why, dead[name], DEAD_FRACTION)
     drop = loss_drop(ev.loss)
@@ -380,7 +394,7 @@ def check_dead(ev: Evidence) -> dict[str, Any]:
     killed = [n for n in most if ev.activations[n].get("dead_first", 1.0) < DEAD_FRACTION / 2]
     jolted = bool(killed) and _huge_update(ev)["fired"]
     if lost or jolted or (drop is not None and drop < STALL_DROP):
-        harm = ("the loss went non-finite" if lost else f"the loss stalled ({drop:.1%})" if drop is not None
+        harm = ("the loss went non-finite" if lost else "the loss stalled" if drop is not None
                 and drop < STALL_DROP else f"they died after a step too large ({_huge_update(ev)['why'].split(';')[0]})")
         return _check(True, f"{_share(dead, most)} of the units of {_names(most)} dead (never positive) in the last "
                             f"window, and {harm}", dead[name], DEAD_FRACTION)
@@ -396,6 +410,7 @@ def _share(dead: Mapping[str, float], names: Sequence[str]) -> str:
 
 
 def _names(names: Sequence[str]) -> str:
+    names = [layer_name(n) for n in names]
     return ", ".join(names) if len(names) <= 3 else f"{names[0]}, ... {names[-1]} ({len(names)} layers)"
 
 
@@ -511,7 +526,7 @@ def check_tiny(ev: Evidence) -> dict[str, Any]:
             or min(sizes.values()) <= 0:
         return _check(False, "some layer's gradient is exactly zero: dead units, not a small gradient")
     layer = max(sizes, key=sizes.get)
-    why = f"the largest layer gradient is {fmt_number(sizes[layer])} of its weights ({layer})"
+    why = f"the largest layer gradient is {fmt_number(sizes[layer])} of its weights ({_quoted(layer)})"
     if sizes[layer] >= TINY_GRADIENT:
         return _check(False, why, sizes[layer], TINY_GRADIENT)
     drop = loss_drop(ev.loss)

@@ -78,7 +78,7 @@ def test_a_loop_that_skips_the_step_on_a_nan_loss_gets_exploding(skip):
     assert "exploding" in diagnosis.verdicts, diagnosis.report()
     check = diagnosis.evidence["checks"]["exploding"]
     assert check["fired"] and "all finite" not in check["why"]
-    assert f"the first non-finite value came from 2 (forward) at step {PLANTED_STEP}" in diagnosis.line()
+    assert f"the first non-finite value came from layer '2' (forward) at step {PLANTED_STEP}" in diagnosis.line()
     assert "1 of 6 windows" in check["why"] and "none in a gradient the optimizer applied" in check["why"]
     assert "  yes exploding: the first non-finite value came from" in diagnosis.report()
 
