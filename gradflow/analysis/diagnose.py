@@ -156,7 +156,7 @@ def diagnose(windows: Sequence[Any], losses: Sequence[float] | None = None, *, m
     activations = measure_activations(windows, activation_bounds(windows, model))
     loss = measure_loss(losses) if losses is not None else None
     ev = Evidence(layers, activations, loss, windows, losses,
-                  output=_output_module(model), loss_fn=optimizer_name(loss_fn))
+                  output=_output_module(model), loss_fn=optimizer_name(loss_fn), context=context)
     checks = run_rules(ev)
     time, time_notes = check_through_time(windows, loss), []    # recurrent layers (through_time.py, issue 22)
     fold_into_checks(checks, time, time_notes)
@@ -177,8 +177,8 @@ def diagnose(windows: Sequence[Any], losses: Sequence[float] | None = None, *, m
                 "first_nonfinite": first_source(windows), "through_time": time["layers"]}
     others = [v for v in verdicts if v != time["verdict"]]
     failing = _failing_kind(verdicts, checks, layers)
-    advice = time_recommendation(time, verdicts, recommend(others, family, opt, failing)
-                                 if others or not time["fired"] else "")
+    advice = time_recommendation(time, verdicts, recommend(others, family, opt, failing, context)
+                                 if others or not time["fired"] else "", context)
     hint = nonfinite_hint(checks, evidence["first_nonfinite"], context, nonfinite_part)
     return Diagnosis(verdicts, evidence, f"{advice} {hint}" if hint else advice)
 

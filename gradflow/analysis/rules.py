@@ -57,7 +57,8 @@ class Evidence:
     """What the checks read: ``layers`` and ``activations`` (``measures.py``), ``loss``
     (``measures.measure_loss``, None without a loss history), the raw ``losses`` and
     ``windows``, and from the model where known: ``output`` (the class name of the module the
-    model ends with) and ``loss_fn`` (the class name of the loss function)."""
+    model ends with) and ``loss_fn`` (the class name of the loss function); ``context``: where
+    the windows came from (``loop``: a user's own loop; ``run``: a ``gradflow train`` run)."""
 
     layers: Mapping[str, Mapping[str, Any]]
     activations: Mapping[str, Mapping[str, Any]]
@@ -66,6 +67,7 @@ class Evidence:
     losses: Sequence[float] | None = None
     output: str | None = None
     loss_fn: str | None = None
+    context: str = "loop"
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -495,6 +497,9 @@ def check_output_mismatch(ev: Evidence) -> dict[str, Any]:
     or a linear layer instead of a (log-)softmax or sigmoid (``PROBABILITY_OUTPUTS``). Named as
     the cause when the loss goes non-finite (log of a zero ReLU output) or negative (NLLLoss of
     an unnormalised output is unbounded below)."""
+    if ev.context == "run" and not (ev.loss_fn and ev.output):
+        return _unchecked("not checked: gradflow train's models end in a sigmoid under binary cross-entropy (from "
+                          "its logits), which fit")
     if not ev.loss_fn or not ev.output:
         missing = [what for what, known in (("the model's output module", ev.output), ("the loss function",
                                                                                           ev.loss_fn)) if not known]

@@ -228,6 +228,8 @@ def test_output_mismatch_is_checked_with_what_its_message_asks_for():
         told[tuple(given)] = {key for key in ("model", "loss_fn") if f"{key}=" in line}
         assert "diagnose_monitor" in line
     assert told == {(): {"model", "loss_fn"}, ("model",): {"loss_fn"}, ("loss_fn",): {"model"}}
+    run = check_line(diagnose(monitor.history, losses, context="run"), "output-mismatch")   # gradflow train's
+    assert run.startswith("  n/a output-mismatch: not checked: gradflow train's models end in a sigmoid") and "=" not in run
     diagnosis = diagnose_monitor(monitor, losses, model=model, loss_fn=loss_fn)   # the names it gave work
     assert "output-mismatch" in diagnosis.verdicts
     assert check_line(diagnosis, "output-mismatch").startswith("  yes output-mismatch: BCELoss expects probabilities "
