@@ -81,6 +81,21 @@ class Clipping(Part):
     def hook(self, model) -> None:
         watch_forward_starts(self, model, call=False)      # Schedule.passes counts every training pass
 
+    def scope(self, params: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        """The monitored ones among ``params`` with a gradient, where ``params`` also hold a gradient
+        that is not monitored (another model's): the norm before clipping is then taken over these
+        alone, as the norm the window divides it by is. None where every gradient there is
+        monitored, or none is."""
+        index_of = self.setup.index_of
+        own, foreign = [], False
+        for p in params:
+            if p.grad is not None:
+                if id(p) in index_of:
+                    own.append(p)
+                else:
+                    foreign = True
+        return own if own and foreign else None
+
     def add(self, params: list[torch.Tensor], total: torch.Tensor, clipped: torch.Tensor) -> bool:
         """A clipping call over ``params`` found the L2 norm ``total`` before clipping and ``clipped``
         (a 0-d device tensor: it changed a gradient); kept for this step, and True, if any of
@@ -100,6 +115,20 @@ class Clipping(Part):
                             "the same step clipped and some it did not: total_norm_before_clip keeps the "
                             "earlier calls' norm for that step")
         return True
+
+    def unscale(self, scale: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
+        """``scaler.step(optimizer)`` is about to unscale ``optimizer``'s gradients: the pending
+        step's calls over them saw them scaled. Their norm divided by ``scale`` (a 0-d device
+        tensor), and said once, since the calls' limit was compared with the scaled gradients."""
+        step = self.step
+        if step is None or step.total is None or step.seen.isdisjoint(
+                id(p) for group in optimizer.param_groups for p in group["params"]):
+            return
+        step.total = step.total / scale.to(step.total.device)
+        self.setup.warn("clip-scaled", "a clipping call came before scaler.unscale_(optimizer): it clipped the "
+                        "gradients still multiplied by the GradScaler's scale, so its limit was compared with "
+                        "scaled values (torch's AMP recipe: scaler.unscale_(optimizer), then clip, then "
+                        "scaler.step); total_norm_before_clip reports the norm unscaled")
 
     def record(self, mask) -> None:
         if self.step is not None:          # at every step: nothing to do unless a clipping call came

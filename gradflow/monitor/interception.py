@@ -20,11 +20,20 @@
   ================================================  =========================================
 
   The norm told is always the L2 norm (the monitor's ``total_norm`` is one, and the verdict
-  divides one by the other): clipping by another norm (``norm_type=1``, ``inf``; for
-  ``clip_grads_with_norm_``, the ``norm_type`` of the last ``get_total_norm`` call) has the L2
+  divides one by the other): clipping by another norm (``norm_type=1``, ``inf``) has the L2
   norm of the gradients it clips taken before it, one more pass over them; the clip decision is
-  the call's own norm's. Each watching monitor gathers one step's calls into one
-  (``clipping.py``).
+  the call's own norm's. ``clip_grads_with_norm_``'s ``total_norm`` counts as an L2 norm only
+  where every ``get_total_norm`` call (in this thread) since the last new ``total_norm`` was an
+  L2 one; else (a norm made by hand, as accelerate's ``clip_grad_norm_(norm_type=0)`` does, or
+  one by another norm) the L2 norm is taken as above. A ``total_norm`` made by hand after an
+  L2 ``get_total_norm`` whose result was only logged is still taken as the L2 norm.
+
+  A call over more gradients than a monitor watches (another model's too) tells that monitor
+  the L2 norm of its own ones, taken before the call (``Clipping.scope``): the window divides
+  it by the norm of those same gradients after the step. A clip before ``scaler.unscale_``
+  (``GradScaler.step`` finds the gradients still scaled) saw them multiplied by the scale: the
+  step's norm is divided by it, and a warning says so. Each watching monitor gathers one step's
+  calls into one (``clipping.py``).
 
   ``get_total_norm`` alone (a norm that is only logged) is not clipping and is not counted.
 
@@ -66,7 +75,7 @@ from typing import Any
 import torch
 import torch.nn.utils
 import torch.nn.utils.clip_grad
-from torch.amp.grad_scaler import GradScaler
+from torch.amp.grad_scaler import GradScaler, OptState
 
 from gradflow.monitor.stats import wide_dtype
 
@@ -77,7 +86,9 @@ _ORIGINAL: dict[str, Any] = {}          # torch's functions, kept once taken (se
 _INSTALLED: list[bool] = [False]
 # The total_norm tensor of the last clip_grads_with_norm_ call and the monitors that counted it:
 # a caller that clips each device mesh's parameters in turn passes the same tensor each time.
+# Its norm_type: 2.0, or None where the total_norm is not known to be an L2 norm (_given_norm_type).
 _LAST_TOTAL: dict[str, Any] = {"total": None, "counted": weakref.WeakSet(), "norm_type": 2.0}
+_NORM_TYPES = threading.local()         # .seen: the norm_types of get_total_norm calls since the last clip
 
 # (name in torch.nn.utils, also in torch.nn.utils.clip_grad) for each wrapped function: the three
 # clipping paths, and get_total_norm for the norm_type that clip_grads_with_norm_ is given.
@@ -186,31 +197,51 @@ def _as_list(parameters: torch.Tensor | Iterable[torch.Tensor]) -> list[torch.Te
     return [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
 
 
-def _tell(params: list[torch.Tensor], total: torch.Tensor, clipped: torch.Tensor, skip=()) -> list[Any]:
+def _own_before(params: list[torch.Tensor]) -> dict[Any, tuple[list[torch.Tensor], torch.Tensor]]:
+    """Before a clipping call over ``params``: for each watching monitor whose parameters are only
+    part of the gradients the call clips (another model's are in it too), its own parameters there
+    and the L2 norm of their gradients, taken before the call changes them. Empty in the common
+    case (a monitor's ``_clip_scope`` is None: the call clips its gradients only, or none of them)."""
+    own = {}
+    for monitor in _watchers() if _TOLD else ():
+        scope = monitor._clip_scope(params)
+        if scope:
+            with torch.no_grad():
+                own[monitor] = (scope, _total_norm([p.grad for p in scope], 2.0))
+    return own
+
+
+def _tell(params: list[torch.Tensor], total: torch.Tensor, clipped: torch.Tensor, skip=(), own=None) -> list[Any]:
     """Tell each watching monitor (but those in ``skip``); return those that counted the call.
+    A monitor in ``own`` (``_own_before``) is told its own parameters and their norm instead.
     Inference mode off: a monitor's sums made during a call under it must stay writable."""
+    own = own or {}
     with torch.inference_mode(False):
-        return [m for m in _watchers() if m not in skip and m._on_clip(params, total, clipped)]
+        return [m for m in _watchers() if m not in skip and m._on_clip(*own.get(m, (params, total)), clipped)]
 
 
 def _clip_grad_norm_(parameters: torch.Tensor | Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0,
                      *args, **kwargs):
     params = _as_list(parameters)
+    own = _own_before(params)
     l2 = _l2_before(params, norm_type)
     total = _ORIGINAL["clip_grad_norm_"](params, max_norm, norm_type, *args, **kwargs)
-    _tell(params, total if l2 is None else l2, total.detach() + 1e-6 > float(max_norm))
+    _tell(params, total if l2 is None else l2, total.detach() + 1e-6 > float(max_norm), own=own)
     return total
 
 
 def _get_total_norm(tensors, norm_type: float = 2.0, *args, **kwargs):
-    _LAST_TOTAL["norm_type"] = norm_type          # the norm that the next clip_grads_with_norm_ is given
+    # The norms that the next clip_grads_with_norm_ may be given (its total_norm is often made from
+    # them: accelerate and the Trainer stack one per device mesh): their norm_types since the last.
+    _NORM_TYPES.seen = getattr(_NORM_TYPES, "seen", frozenset()) | {float(norm_type)}
     return _ORIGINAL["get_total_norm"](tensors, norm_type, *args, **kwargs)
 
 
-def _l2_before(params: list[torch.Tensor], norm_type: float) -> torch.Tensor | None:
-    """The L2 norm of ``params``' gradients where clipping goes by another norm and a monitor
-    watches (taken before the call clips them); None where the call's own norm is the L2 one."""
-    if float(norm_type) == 2.0 or not _TOLD:
+def _l2_before(params: list[torch.Tensor], norm_type: float | None) -> torch.Tensor | None:
+    """The L2 norm of ``params``' gradients where clipping goes by another norm, or by a norm not
+    known to be L2 (None), and a monitor watches (taken before the call clips them); None where the
+    call's own norm is the L2 one."""
+    if (norm_type is not None and float(norm_type) == 2.0) or not _TOLD:
         return None
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
@@ -219,21 +250,38 @@ def _l2_before(params: list[torch.Tensor], norm_type: float) -> torch.Tensor | N
         return _total_norm(grads, 2.0)
 
 
+def _given_norm_type(total_norm: Any) -> float | None:
+    """The norm_type of the ``total_norm`` a clip_grads_with_norm_ call is given: 2.0 where every
+    get_total_norm call since the last new ``total_norm`` was an L2 one (the same tensor again,
+    the next device mesh of one clip, keeps its answer); else None: not known to be the L2 norm
+    (made by hand, as accelerate's ``norm_type=0``, or after a get_total_norm by another norm)."""
+    last = _LAST_TOTAL["total"]
+    if last is not None and last() is total_norm:
+        return _LAST_TOTAL["norm_type"]
+    seen, _NORM_TYPES.seen = getattr(_NORM_TYPES, "seen", frozenset()), frozenset()
+    return 2.0 if seen == {2.0} else None
+
+
 def _clip_grads_with_norm_(parameters: torch.Tensor | Iterable[torch.Tensor], max_norm: float,
                            total_norm: torch.Tensor, *args, **kwargs):
     params = _as_list(parameters)
-    l2 = _l2_before(params, _LAST_TOTAL["norm_type"])
+    norm_type = _given_norm_type(total_norm)
+    own = _own_before(params)
+    l2 = _l2_before(params, norm_type)
     result = _ORIGINAL["clip_grads_with_norm_"](params, max_norm, total_norm, *args, **kwargs)
     total = torch.as_tensor(total_norm).detach()
-    if l2 is not None:      # another norm: each call's own L2 norm, the step adds its groups (clipping.py)
-        _tell(params, l2, total + 1e-6 > float(max_norm))
-        return result
+    clipped = total + 1e-6 > float(max_norm)
     last = _LAST_TOTAL["total"]
     if last is None or last() is not total_norm:      # a new clip, not the next mesh of the same one
         _LAST_TOTAL.update(total=weakref.ref(total_norm) if isinstance(total_norm, torch.Tensor) else None,
-                           counted=weakref.WeakSet())
+                           counted=weakref.WeakSet(), norm_type=norm_type)
+    if l2 is not None:      # not the L2 norm: each call's own L2 norm, the step adds its groups (clipping.py)
+        _tell(params, l2, clipped, own=own)
+        return result
+    if own:                 # a monitor told its own parameters' norm: at each call, added up the same way
+        _tell(params, total, clipped, skip=set(_watchers()) - set(own), own=own)
     counted = _LAST_TOTAL["counted"]
-    for monitor in _tell(params, total, total + 1e-6 > float(max_norm), skip=set(counted)):
+    for monitor in _tell(params, total, clipped, skip=set(counted) | set(own)):
         counted.add(monitor)
     return result
 
@@ -243,12 +291,13 @@ def _clip_grad_value_(parameters: torch.Tensor | Iterable[torch.Tensor], clip_va
     grads = [p.grad for p in params if p.grad is not None]
     told = bool(grads and _TOLD)                # the same answer before and after torch's call
     if told:
+        own = _own_before(params)
         with torch.no_grad():       # before clamping: the L2 norm and the largest |g|
             total = _total_norm(grads, 2.0)
             clipped = _largest(grads) > float(clip_value)
     result = _ORIGINAL["clip_grad_value_"](params, clip_value, *args, **kwargs)
     if told:
-        _tell(params, total, clipped)
+        _tell(params, total, clipped, own=own)
     return result
 
 
@@ -300,10 +349,21 @@ _WRAPPERS = {
 
 
 def _scaler_step(self: GradScaler, optimizer: torch.optim.Optimizer, *args, **kwargs):
-    result = _ORIGINAL["step"](self, optimizer, *args, **kwargs)
     watchers = _watchers()
+    if watchers and self.is_enabled() and self._scale is not None and _still_scaled(self, optimizer):
+        with torch.inference_mode(False):     # a clipping call of this step saw the gradients scaled
+            for monitor in watchers:
+                monitor._on_scaled_step(optimizer, self._scale)
+    result = _ORIGINAL["step"](self, optimizer, *args, **kwargs)
     if self.is_enabled() and watchers and found_inf(self, optimizer):
         with torch.inference_mode(False):
             for monitor in watchers:
                 monitor._on_skipped(optimizer)
     return result
+
+
+def _still_scaled(scaler: GradScaler, optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``scaler.step(optimizer)`` is about to unscale the gradients (no ``unscale_`` came
+    first: they are still multiplied by the scale). The stage is read, not made (``.get``)."""
+    state = scaler._per_optimizer_states.get(id(optimizer))
+    return state is None or state["stage"] is OptState.READY

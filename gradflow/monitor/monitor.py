@@ -356,6 +356,17 @@ class GradientMonitor:
         if mask is not None:
             self._skip(mask)
 
+    def _on_scaled_step(self, optimizer: torch.optim.Optimizer, scale: torch.Tensor) -> None:
+        """``GradScaler.step(optimizer)`` is about to unscale the gradients (interception): a
+        clipping call of this step saw them multiplied by ``scale``."""
+        self.parts["clipping"].unscale(scale, optimizer)
+
+    def _clip_scope(self, params: list[torch.Tensor]) -> list[torch.Tensor] | None:
+        """Before a clipping call over ``params`` (interception): this monitor's parameters with a
+        gradient there where the call also clips gradients it does not watch, else None."""
+        self.parts["conversions"].check_clip(params)
+        return self.parts["clipping"].scope(params)
+
     def _on_clip(self, params: list[torch.Tensor], total: torch.Tensor, clipped: torch.Tensor) -> bool:
         """A clipping call over ``params`` found the norm ``total`` before clipping and ``clipped``
         (interception); whether it was counted (it clipped some of this monitor's parameters).

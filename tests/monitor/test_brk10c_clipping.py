@@ -1,0 +1,212 @@
+"""Clipping calls the earlier tests do not make (break test brk10c, torch 2.13).
+
+The oracle: the L2 norm, in float64 straight from ``p.grad`` just before the step's clipping
+call, of the monitored parameters' gradients (unscaled under a GradScaler), and whether the call
+changed a gradient. Each case is a kind: how the parameters are handed over (a generator read
+once, one tensor, some gradients None), a norm that ``clip_grads_with_norm_`` is given that is
+not the L2 one of its ``get_total_norm``, a call over more parameters than the monitor watches,
+and a clip made before ``scaler.unscale_``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from gradflow import GradientMonitor
+
+U = torch.nn.utils
+
+
+def l2(params) -> float:
+    return math.sqrt(sum(float(p.grad.double().square().sum()) for p in params if p.grad is not None))
+
+
+def run(clip, steps: int = 4, other: nn.Module | None = None, scaler: torch.amp.GradScaler | None = None):
+    """A small MLP (and ``other``, a second model the monitor does not watch), SGD over both;
+    ``clip(params, others, step)`` clips and returns (oracle norm before clipping, clipped).
+    Odd steps' limits are far below the norm, even steps' far above it."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3))
+    params, others = list(model.parameters()), list(other.parameters()) if other is not None else []
+    optimizer = torch.optim.SGD(params + others, lr=0.05)
+    norms, clipped = [], 0
+    with GradientMonitor(model, None, activations=False) as monitor:
+        for step in range(steps):
+            optimizer.zero_grad(set_to_none=True)
+            x = torch.randn(8, 4) * (1 + 3 * (step % 2))
+            loss = model(x).square().mean() + (other(x).square().mean() if other is not None else 0)
+            (scaler.scale(loss) if scaler is not None else loss).backward()
+            norm, did = clip(params, others, step)
+            norms.append(norm)
+            clipped += did
+            if scaler is not None:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+        monitor.log(0)
+    return monitor.history[-1].overall, norms, clipped
+
+
+def check(overall, norms, clipped, rel=1e-6) -> None:
+    assert overall["clip_calls"] == len(norms) and overall["clipped_steps"] == clipped
+    assert overall["total_norm_before_clip"] == pytest.approx(sum(norms) / len(norms), rel=rel)
+
+
+def limit(norm: float, step: int) -> float:
+    return norm * (0.5 if step % 2 else 2.0)
+
+
+# -- how the parameters are handed over: cases that hold, kept as kinds ----------------------
+
+def generator_norm_half(params, others, step):      # a generator is read once: the wrapper lists it
+    before = l2(params)
+    p = float(torch.cat([q.grad.double().flatten() for q in params]).abs().pow(0.5).sum() ** 2)
+    U.clip_grad_norm_((q for q in params), limit(p, step), norm_type=0.5, foreach=False)
+    return before, step % 2 == 1
+
+
+def one_tensor(params, others, step):                # a single tensor, not a list
+    before = l2(params[:1])
+    U.clip_grad_norm_(params[0], limit(before, step))
+    return before, step % 2 == 1
+
+
+def some_grads_none(params, others, step):           # a bias with no gradient this step
+    params[1].grad = None
+    before = l2(params)
+    U.clip_grad_norm_(params, limit(before, step), error_if_nonfinite=True)
+    return before, step % 2 == 1
+
+
+def total_of_a_generator(params, others, step):      # get_total_norm over a generator, clipped in groups
+    before = l2(params)
+    total = U.get_total_norm(q.grad for q in params)
+    U.clip_grads_with_norm_((q for q in params[:2]), limit(before, step), total, foreach=False)
+    U.clip_grads_with_norm_(params[2:], limit(before, step), total)
+    return before, step % 2 == 1
+
+
+def value_of_a_generator(params, others, step):
+    before, largest = l2(params), max(float(q.grad.abs().max()) for q in params)
+    U.clip_grad_value_((q for q in params), largest * (0.5 if step % 2 else 2.0), foreach=False)
+    return before, step % 2 == 1
+
+
+HANDED = [generator_norm_half, one_tensor, some_grads_none, total_of_a_generator, value_of_a_generator]
+
+
+@pytest.mark.parametrize("clip", HANDED, ids=[c.__name__ for c in HANDED])
+def test_parameters_handed_over_in_any_form_give_the_oracle_norm(clip):
+    check(*run(clip))
+
+
+# -- clip_grads_with_norm_ given a norm that is not its get_total_norm's L2 one ----------------
+
+def a_norm_by_hand(params, others, step):            # accelerate's clip_grad_norm_(norm_type=0) does this
+    before = l2(params)
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(q.grad, 1.0) for q in params]), 1.0)
+    U.clip_grads_with_norm_(params, limit(float(total), step), total)
+    return before, step % 2 == 1
+
+
+def l1_then_an_l2_of_the_weights(params, others, step):   # an L2 get_total_norm for a log in between
+    before = l2(params)
+    total = U.get_total_norm([q.grad for q in params], norm_type=1.0)
+    U.get_total_norm([q.detach() for q in params])
+    U.clip_grads_with_norm_(params, limit(float(total), step), total)
+    return before, step % 2 == 1
+
+
+@pytest.mark.parametrize("clip", [a_norm_by_hand, l1_then_an_l2_of_the_weights],
+                         ids=["total_norm by hand (L1)", "get_total_norm(1), a logged L2 one, clip"])
+def test_a_total_norm_not_from_an_l2_get_total_norm_gives_the_l2_norm(clip):
+    """The wrapper took the norm_type of the last get_total_norm call (2.0 when there was none
+    since) and reported the given L1 norm as the L2 one: a mean of 5.59 where the gradients' L2
+    norm was 0.735 (main at ec2ca68)."""
+    check(*run(clip))
+
+
+# -- one call over the monitored parameters and another model's --------------------------------
+
+def both_by_norm_l1(params, others, step):
+    before, everything = l2(params), params + others
+    p = float(torch.cat([q.grad.double().flatten() for q in everything]).abs().sum())
+    U.clip_grad_norm_(everything, limit(p, step), norm_type=1.0)
+    return before, step % 2 == 1
+
+
+def both_by_value(params, others, step):
+    before, everything = l2(params), params + others
+    largest = max(float(q.grad.abs().max()) for q in everything)
+    U.clip_grad_value_(everything, largest * (0.5 if step % 2 else 2.0))
+    return before, step % 2 == 1
+
+
+def both_by_total_in_groups(params, others, step):   # accelerate and the Trainer: one total, a call per mesh
+    before, everything = l2(params), params + others
+    total = U.get_total_norm([q.grad for q in everything])
+    U.clip_grads_with_norm_(params[:2] + others[:1], limit(float(total), step), total)
+    U.clip_grads_with_norm_(params[2:] + others[1:], limit(float(total), step), total)
+    return before, step % 2 == 1
+
+
+def both_norm_first(params, others, step):
+    before, everything = l2(params), params + others
+    U.clip_grad_norm_(everything, limit(l2(everything), step))
+    return before, step % 2 == 1
+
+
+BOTH = [both_norm_first, both_by_norm_l1, both_by_value, both_by_total_in_groups]
+
+
+@pytest.mark.parametrize("clip", BOTH, ids=[c.__name__ for c in BOTH])
+def test_a_call_over_another_models_parameters_too_gives_the_monitored_norm(clip):
+    """The monitor watches one model; the call also clips a second one. total_norm_before_clip
+    is the monitored parameters' norm before clipping, as the norm after it that the verdict
+    divides it by is (main at ec2ca68 gave the whole call's: 4.64 where the monitored model's
+    was 0.735: the norm before clipping exceeded the norm after on steps that did not clip)."""
+    check(*run(clip, other=nn.Linear(4, 3)))
+
+
+# -- clipping under a GradScaler -----------------------------------------------------------------
+
+def unscaled_first(scale: float):
+    def clip(params, others, step):
+        # torch's AMP recipe: scaler.unscale_(optimizer) first; here the gradients are divided the same way
+        before = l2(params) / scale
+        U.clip_grad_norm_(params, limit(before, step) * scale)
+        return before, step % 2 == 1
+    return clip
+
+
+def test_a_clip_before_unscale_is_reported_unscaled_and_said():
+    """Clipping the still-scaled gradients (no scaler.unscale_ before it): the norm the call saw
+    is scale x the gradient's. main at ec2ca68 reported it as it was, silently: 752.7 where the
+    unscaled norm (the unit of every other column) was 0.735."""
+    scale = 1024.0
+    scaler = torch.amp.GradScaler("cpu", init_scale=scale, growth_interval=1000)
+    with pytest.warns(UserWarning, match="unscale_"):
+        check(*run(unscaled_first(scale), scaler=scaler), rel=1e-5)
+
+
+# -- a clip the monitor cannot see ----------------------------------------------------------------
+
+def test_a_hand_written_clip_leaves_the_clipping_columns_out_not_zero():
+    """``p.grad.mul_(scale)`` by hand: no clipping call is seen, so the window has no
+    total_norm_before_clip, clipped_steps or clip_calls at all (never clipped_steps 0, which
+    would claim that nothing was clipped); total_norm is the norm after the hand clip."""
+    def by_hand(params, others, step):
+        before = l2(params)
+        with torch.no_grad():
+            for q in params:
+                q.grad.mul_(min(1.0, limit(before, step) / before))
+        return l2(params), 0
+
+    overall, applied, _ = run(by_hand)
+    assert not {"total_norm_before_clip", "clipped_steps", "clip_calls"} & set(overall)
+    assert overall["total_norm"] == pytest.approx(sum(applied) / len(applied), rel=1e-6)
