@@ -12,8 +12,13 @@ them clipped, and adds ``columns.CLIPPING`` to its own row (``Window.overall``):
 - A body and a head clipped apart in one step: the norm is sqrt(body^2 + head^2), the whole.
 - The same parameters clipped twice (by value, then by norm): the first call's norm.
 - A clipping call at each micro-batch of an accumulation: a training forward pass since the
-  step's last call changed the gradient, so the step's norm starts again from the next call: the
-  last micro-batch's call, the one whose result the optimizer applies.
+  step's last call changed the gradient, so the step's norm, and whether it clipped, start again
+  from the next call: the last micro-batch's call, the one whose result the optimizer applies.
+  A pass is seen by the monitor's hook on the model, or, where the loop calls the model's layers
+  and not the model (a LightningModule's ``training_step``), by autograd nodes made in the thread
+  since the call (``torch._C._autograd._get_sequence_nr``; the clipping calls make none).
+  So is the clip that Lightning makes after it counted a step the GradScaler skips: the next
+  step's call starts again, not the skipped step's norm and clipped flag.
 - A call over some parameters already clipped in the step and some not: the step keeps the norm
   of its earlier calls, and a warning says so (the new ones' own norm is not known apart).
 
@@ -38,22 +43,23 @@ from gradflow.monitor.stats import wide_dtype
 
 class StepClips:
     """One step's clipping calls (see the module docstring): the parameters clipped so far, the
-    L2 norm over them before clipping, whether any call clipped, and the training forward passes
-    counted at its last call (a new pass starts the norm again)."""
+    L2 norm over them before clipping, whether any call clipped, and at its last call the training
+    forward passes counted and the thread's autograd sequence number (either moved: a new pass,
+    which starts the step again)."""
 
     __slots__ = ("clipped", "passes", "seen", "total")
 
-    def __init__(self, passes: int) -> None:
+    def __init__(self, passes: tuple[int, int]) -> None:
         self.seen: set[int] = set()
         self.total: torch.Tensor | None = None
         self.clipped: torch.Tensor | None = None
         self.passes = passes
 
-    def add(self, ids: set[int], total: torch.Tensor, clipped: torch.Tensor, passes: int) -> bool:
+    def add(self, ids: set[int], total: torch.Tensor, clipped: torch.Tensor, passes: tuple[int, int]) -> bool:
         """A call over parameters ``ids`` (0-d device tensors, read whole); False where it overlaps
         the step's earlier calls only in part (the step keeps their norm)."""
         if passes != self.passes:              # a backward since the last call: the gradient changed
-            self.seen, self.total, self.passes = set(), None, passes
+            self.seen, self.total, self.clipped, self.passes = set(), None, None, passes
         self.clipped = clipped if self.clipped is None else self.clipped | clipped.to(self.clipped.device)
         whole = True
         if self.total is None:
@@ -105,7 +111,7 @@ class Clipping(Part):
         if not any(i in index_of for i in ids):
             return False
         total, clipped = _whole(total.detach()), _whole(clipped)
-        passes = self.setup.schedule.passes
+        passes = (self.setup.schedule.passes, _sequence_nr())
         step = self.step             # one read: remove() in another thread folds it away meanwhile
         if step is None:
             step = self.step = StepClips(passes)
@@ -171,6 +177,9 @@ class Clipping(Part):
         self.tally = ClipTally()
         self.step = None
         self.skipped = 0
+
+
+_sequence_nr = torch._C._autograd._get_sequence_nr     # autograd nodes made in this thread so far
 
 
 def _whole(value: torch.Tensor) -> torch.Tensor:

@@ -210,3 +210,29 @@ def test_a_hand_written_clip_leaves_the_clipping_columns_out_not_zero():
     overall, applied, _ = run(by_hand)
     assert not {"total_norm_before_clip", "clipped_steps", "clip_calls"} & set(overall)
     assert overall["total_norm"] == pytest.approx(sum(applied) / len(applied), rel=1e-6)
+
+
+# -- a new micro-batch seen without the model's own forward --------------------------------------
+
+def test_clipping_each_micro_batch_of_a_model_whose_parts_are_called_gives_the_last_calls_norm():
+    """A LightningModule's ``training_step`` calls its layers, never the module itself, so the
+    monitor's forward pre-hook on the model saw no pass: a clip at each of 3 micro-batches kept
+    the first call's norm (of one micro-batch's gradient) for the step, and its clipped flag."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3))
+    params = list(model.parameters())
+    optimizer = torch.optim.SGD(params, lr=0.05)
+    norms, clipped = [], 0
+    with GradientMonitor(model, None, activations=False) as monitor:
+        for _ in range(4):
+            optimizer.zero_grad()
+            for micro in range(3):
+                x = torch.randn(8, 4)
+                model[2](model[1](model[0](x))).square().mean().backward()     # the layers, not model(x)
+                before = l2(params)
+                # the first micro-batch clips (a limit just below its norm), the last does not
+                U.clip_grad_norm_(params, before * (0.9 if micro == 0 else 10.0))
+            norms.append(before)
+            optimizer.step()
+        monitor.log(0)
+    check(monitor.history[-1].overall, norms, clipped)
