@@ -123,12 +123,13 @@ class Clipping(Part):
         return True
 
     def unscale(self, scale: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
-        """``scaler.step(optimizer)`` is about to unscale ``optimizer``'s gradients: the pending
-        step's calls over them saw them scaled. Their norm divided by ``scale`` (a 0-d device
-        tensor), and said once, since the calls' limit was compared with the scaled gradients."""
+        """A GradScaler is about to unscale ``optimizer``'s gradients: the pending step's calls over
+        them, with no training pass since (a call before a pass belongs to an earlier step: the
+        clip Lightning makes after a skipped step), saw them scaled. Their norm divided by
+        ``scale`` (a 0-d device tensor), and said once: the calls' limit met scaled gradients."""
         step = self.step
-        if step is None or step.total is None or step.seen.isdisjoint(
-                id(p) for group in optimizer.param_groups for p in group["params"]):
+        if (step is None or step.total is None or step.passes != (self.setup.schedule.passes, _sequence_nr())
+                or step.seen.isdisjoint(id(p) for group in optimizer.param_groups for p in group["params"])):
             return
         step.total = step.total / scale.to(step.total.device)
         self.setup.warn("clip-scaled", "a clipping call came before scaler.unscale_(optimizer): it clipped the "

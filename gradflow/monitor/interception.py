@@ -1,7 +1,8 @@
 """Watches the torch calls that decide what a step applies but offer no hook of their own.
 
 - ``GradScaler.step`` skips ``optimizer.step()`` when a gradient overflowed (so no optimizer
-  hook runs on exactly the step an AMP user needs to see);
+  hook runs on exactly the step an AMP user needs to see); ``GradScaler.unscale_`` (by hand, or
+  inside ``step``) tells that a clipping call before it saw the gradients scaled;
 - gradient clipping changes the gradient before the optimizer applies it, so the norm before
   clipping is seen only here. All three of torch's clipping paths are watched:
 
@@ -31,8 +32,8 @@
   A call over more gradients than a monitor watches (another model's too) tells that monitor
   the L2 norm of its own ones, taken before the call (``Clipping.scope``): the window divides
   it by the norm of those same gradients after the step. A clip before ``scaler.unscale_``
-  (``GradScaler.step`` finds the gradients still scaled) saw them multiplied by the scale: the
-  step's norm is divided by it, and a warning says so. Each watching monitor gathers one step's
+  (by hand after the clip, or the one inside ``GradScaler.step``) saw the gradients multiplied by
+  the scale: the step's norm is divided by it, and a warning says so. Each watching monitor gathers one step's
   calls into one (``clipping.py``).
 
   ``get_total_norm`` alone (a norm that is only logged) is not clipping and is not counted.
@@ -175,9 +176,10 @@ def _install() -> None:
             setattr(torch.nn.utils, name, _WRAPPERS[name])
             if in_module:
                 setattr(torch.nn.utils.clip_grad, name, _WRAPPERS[name])
-    if GradScaler.__dict__["step"] is not _scaler_step:
-        _ORIGINAL["step"] = GradScaler.__dict__["step"]
-    GradScaler.step = _scaler_step
+    for name, wrapper in _SCALER_METHODS.items():
+        if GradScaler.__dict__[name] is not wrapper:
+            _ORIGINAL[name] = GradScaler.__dict__[name]
+        setattr(GradScaler, name, wrapper)
     _INSTALLED[0] = True
 
 
@@ -187,8 +189,9 @@ def _uninstall() -> None:
         for namespace in (torch.nn.utils, torch.nn.utils.clip_grad) if in_module else (torch.nn.utils,):
             if name in _ORIGINAL and getattr(namespace, name, None) is _WRAPPERS[name]:
                 setattr(namespace, name, _ORIGINAL[name])
-    if GradScaler.__dict__.get("step") is _scaler_step:
-        GradScaler.step = _ORIGINAL["step"]
+    for name, wrapper in _SCALER_METHODS.items():
+        if GradScaler.__dict__.get(name) is wrapper:
+            setattr(GradScaler, name, _ORIGINAL[name])
     _INSTALLED[0] = False                            # _ORIGINAL is kept: a call may be inside a wrapper
     _LAST_TOTAL["total"] = None
 
@@ -348,13 +351,20 @@ _WRAPPERS = {
 }
 
 
-def _scaler_step(self: GradScaler, optimizer: torch.optim.Optimizer, *args, **kwargs):
+def _scaler_unscale(self: GradScaler, optimizer: torch.optim.Optimizer):
+    # By hand or inside GradScaler.step (where no unscale_ came first): a clipping call of this
+    # step before it saw the gradients scaled.
     watchers = _watchers()
     if watchers and self.is_enabled() and self._scale is not None and _still_scaled(self, optimizer):
-        with torch.inference_mode(False):     # a clipping call of this step saw the gradients scaled
+        with torch.inference_mode(False):
             for monitor in watchers:
                 monitor._on_scaled_step(optimizer, self._scale)
+    return _ORIGINAL["unscale_"](self, optimizer)
+
+
+def _scaler_step(self: GradScaler, optimizer: torch.optim.Optimizer, *args, **kwargs):
     result = _ORIGINAL["step"](self, optimizer, *args, **kwargs)
+    watchers = _watchers()
     if self.is_enabled() and watchers and found_inf(self, optimizer):
         with torch.inference_mode(False):
             for monitor in watchers:
@@ -363,7 +373,10 @@ def _scaler_step(self: GradScaler, optimizer: torch.optim.Optimizer, *args, **kw
 
 
 def _still_scaled(scaler: GradScaler, optimizer: torch.optim.Optimizer) -> bool:
-    """Whether ``scaler.step(optimizer)`` is about to unscale the gradients (no ``unscale_`` came
-    first: they are still multiplied by the scale). The stage is read, not made (``.get``)."""
+    """Whether ``optimizer``'s gradients are still multiplied by the scale (no ``unscale_`` since
+    its last step). The stage is read, not made (``.get``)."""
     state = scaler._per_optimizer_states.get(id(optimizer))
     return state is None or state["stage"] is OptState.READY
+
+
+_SCALER_METHODS = {"step": _scaler_step, "unscale_": _scaler_unscale}

@@ -33,6 +33,7 @@ def run(clip, steps: int = 4, other: nn.Module | None = None, scaler: torch.amp.
     model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3))
     params, others = list(model.parameters()), list(other.parameters()) if other is not None else []
     optimizer = torch.optim.SGD(params + others, lr=0.05)
+    clip.optimizer = optimizer
     norms, clipped = [], 0
     with GradientMonitor(model, None, activations=False) as monitor:
         for step in range(steps):
@@ -184,14 +185,27 @@ def unscaled_first(scale: float):
     return clip
 
 
-def test_a_clip_before_unscale_is_reported_unscaled_and_said():
+def unscaled_after(scale: float):
+    def clip(params, others, step):
+        optimizer = clip.optimizer
+        before = l2(params) / scale
+        U.clip_grad_norm_(params, limit(before, step) * scale)
+        clip.scaler.unscale_(optimizer)               # unscale_ after the clip: scaler.step does not again
+        return before, step % 2 == 1
+    return clip
+
+
+@pytest.mark.parametrize("unscale", ["in scaler.step", "by hand after the clip"])
+def test_a_clip_before_unscale_is_reported_unscaled_and_said(unscale):
     """Clipping the still-scaled gradients (no scaler.unscale_ before it): the norm the call saw
     is scale x the gradient's. main at ec2ca68 reported it as it was, silently: 752.7 where the
     unscaled norm (the unit of every other column) was 0.735."""
     scale = 1024.0
     scaler = torch.amp.GradScaler("cpu", init_scale=scale, growth_interval=1000)
+    clip = unscaled_first(scale) if unscale == "in scaler.step" else unscaled_after(scale)
+    clip.scaler = scaler
     with pytest.warns(UserWarning, match="unscale_"):
-        check(*run(unscaled_first(scale), scaler=scaler), rel=1e-5)
+        check(*run(clip, scaler=scaler), rel=1e-5)
 
 
 # -- a clip the monitor cannot see ----------------------------------------------------------------
@@ -236,3 +250,11 @@ def test_clipping_each_micro_batch_of_a_model_whose_parts_are_called_gives_the_l
             optimizer.step()
         monitor.log(0)
     check(monitor.history[-1].overall, norms, clipped)
+
+
+def test_gradscaler_is_torch_s_own_again_after_the_last_monitor_leaves():
+    before = dict(torch.amp.GradScaler.__dict__)
+    with GradientMonitor(nn.Linear(2, 1), None):
+        assert torch.amp.GradScaler.unscale_ is not before["unscale_"]    # watched: a clip before it was scaled
+    assert {k: torch.amp.GradScaler.__dict__[k] for k in ("step", "unscale_")} == \
+        {k: before[k] for k in ("step", "unscale_")}
