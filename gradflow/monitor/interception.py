@@ -2,7 +2,8 @@
 
 - ``GradScaler.step`` skips ``optimizer.step()`` when a gradient overflowed (so no optimizer
   hook runs on exactly the step an AMP user needs to see); ``GradScaler.unscale_`` (by hand, or
-  inside ``step``) tells that a clipping call before it saw the gradients scaled;
+  inside ``step``; a fused optimizer's step, which unscales inside itself, at ``step``) tells
+  that a clipping call before it saw the gradients scaled;
 - gradient clipping changes the gradient before the optimizer applies it, so the norm before
   clipping is seen only here. All three of torch's clipping paths are watched:
 
@@ -352,17 +353,24 @@ _WRAPPERS = {
 
 
 def _scaler_unscale(self: GradScaler, optimizer: torch.optim.Optimizer):
-    # By hand or inside GradScaler.step (where no unscale_ came first): a clipping call of this
-    # step before it saw the gradients scaled.
-    watchers = _watchers()
-    if watchers and self.is_enabled() and self._scale is not None and _still_scaled(self, optimizer):
-        with torch.inference_mode(False):
-            for monitor in watchers:
-                monitor._on_scaled_step(optimizer, self._scale)
+    # By hand or inside GradScaler.step (where no unscale_ came first).
+    _tell_scaled(self, optimizer)
     return _ORIGINAL["unscale_"](self, optimizer)
 
 
+def _tell_scaled(scaler: GradScaler, optimizer: torch.optim.Optimizer) -> None:
+    """``scaler`` is about to unscale ``optimizer``'s gradients: where they are still scaled, tell
+    each watching monitor (a clipping call of this step before now saw them scaled)."""
+    watchers = _watchers()
+    if watchers and scaler.is_enabled() and scaler._scale is not None and _still_scaled(scaler, optimizer):
+        with torch.inference_mode(False):
+            for monitor in watchers:
+                monitor._on_scaled_step(optimizer, scaler._scale)
+
+
 def _scaler_step(self: GradScaler, optimizer: torch.optim.Optimizer, *args, **kwargs):
+    if getattr(optimizer, "_step_supports_amp_scaling", False):    # fused: unscales in its step, no unscale_
+        _tell_scaled(self, optimizer)
     result = _ORIGINAL["step"](self, optimizer, *args, **kwargs)
     watchers = _watchers()
     if self.is_enabled() and watchers and found_inf(self, optimizer):

@@ -25,14 +25,16 @@ def l2(params) -> float:
     return math.sqrt(sum(float(p.grad.double().square().sum()) for p in params if p.grad is not None))
 
 
-def run(clip, steps: int = 4, other: nn.Module | None = None, scaler: torch.amp.GradScaler | None = None):
+def run(clip, steps: int = 4, other: nn.Module | None = None, scaler: torch.amp.GradScaler | None = None,
+        fused: bool = False):
     """A small MLP (and ``other``, a second model the monitor does not watch), SGD over both;
     ``clip(params, others, step)`` clips and returns (oracle norm before clipping, clipped).
     Odd steps' limits are far below the norm, even steps' far above it."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 3))
     params, others = list(model.parameters()), list(other.parameters()) if other is not None else []
-    optimizer = torch.optim.SGD(params + others, lr=0.05)
+    optimizer = (torch.optim.Adam(params + others, lr=1e-3, fused=True) if fused
+                 else torch.optim.SGD(params + others, lr=0.05))
     clip.optimizer = optimizer
     norms, clipped = [], 0
     with GradientMonitor(model, None, activations=False) as monitor:
@@ -195,17 +197,17 @@ def unscaled_after(scale: float):
     return clip
 
 
-@pytest.mark.parametrize("unscale", ["in scaler.step", "by hand after the clip"])
+@pytest.mark.parametrize("unscale", ["in scaler.step", "by hand after the clip", "inside a fused step"])
 def test_a_clip_before_unscale_is_reported_unscaled_and_said(unscale):
     """Clipping the still-scaled gradients (no scaler.unscale_ before it): the norm the call saw
     is scale x the gradient's. main at ec2ca68 reported it as it was, silently: 752.7 where the
     unscaled norm (the unit of every other column) was 0.735."""
     scale = 1024.0
     scaler = torch.amp.GradScaler("cpu", init_scale=scale, growth_interval=1000)
-    clip = unscaled_first(scale) if unscale == "in scaler.step" else unscaled_after(scale)
+    clip = unscaled_after(scale) if unscale == "by hand after the clip" else unscaled_first(scale)
     clip.scaler = scaler
-    with pytest.warns(UserWarning, match="unscale_"):
-        check(*run(clip, scaler=scaler), rel=1e-5)
+    with pytest.warns(UserWarning, match="unscale_"):     # a fused Adam unscales in its own step, no unscale_
+        check(*run(clip, scaler=scaler, fused=unscale == "inside a fused step"), rel=1e-5)
 
 
 # -- a clip the monitor cannot see ----------------------------------------------------------------
