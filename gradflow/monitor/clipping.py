@@ -16,7 +16,9 @@ them clipped, and adds ``columns.CLIPPING`` to its own row (``Window.overall``):
   from the next call: the last micro-batch's call, the one whose result the optimizer applies.
   A pass is seen by the monitor's hook on the model, or, where the loop calls the model's layers
   and not the model (a LightningModule's ``training_step``), by autograd nodes made in the thread
-  since the call (``torch._C._autograd._get_sequence_nr``; the clipping calls make none).
+  since the call (``torch._C._autograd._get_sequence_nr``; the clipping calls make none) when the
+  new call clips parameters clipped before in the step (a body's and a head's calls with a
+  logged weight norm between them stay one step).
   So is the clip that Lightning makes after it counted a step the GradScaler skips: the next
   step's call starts again, not the skipped step's norm and clipped flag.
 - A call over some parameters already clipped in the step and some not: the step keeps the norm
@@ -58,8 +60,13 @@ class StepClips:
     def add(self, ids: set[int], total: torch.Tensor, clipped: torch.Tensor, passes: tuple[int, int]) -> bool:
         """A call over parameters ``ids`` (0-d device tensors, read whole); False where it overlaps
         the step's earlier calls only in part (the step keeps their norm)."""
-        if passes != self.passes:              # a backward since the last call: the gradient changed
-            self.seen, self.total, self.clipped, self.passes = set(), None, None, passes
+        if passes != self.passes:
+            # A training pass since the step's last call: seen by the model's hook, or autograd nodes
+            # made in between by a call over parameters clipped before (grad-mode work between a
+            # body's and a head's calls, a logged weight norm, makes nodes too: not a new pass).
+            if passes[0] != self.passes[0] or not ids.isdisjoint(self.seen):
+                self.seen, self.total, self.clipped = set(), None, None
+            self.passes = passes
         self.clipped = clipped if self.clipped is None else self.clipped | clipped.to(self.clipped.device)
         whole = True
         if self.total is None:

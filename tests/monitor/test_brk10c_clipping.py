@@ -260,3 +260,18 @@ def test_gradscaler_is_torch_s_own_again_after_the_last_monitor_leaves():
         assert torch.amp.GradScaler.unscale_ is not before["unscale_"]    # watched: a clip before it was scaled
     assert {k: torch.amp.GradScaler.__dict__[k] for k in ("step", "unscale_")} == \
         {k: before[k] for k in ("step", "unscale_")}
+
+
+def test_grad_mode_work_between_a_bodys_and_a_heads_clip_keeps_them_one_step():
+    """A weight norm logged in grad mode between the two calls makes autograd nodes, as a
+    forward pass does; the calls are over other parameters, so it is the same step: the norm is
+    sqrt(body^2 + head^2)."""
+    def body_log_head(params, others, step):
+        before = l2(params)
+        U.clip_grad_norm_(params[:2], limit(l2(params[:2]), step))
+        logged = sum(q.norm() for q in params)            # grad mode: autograd nodes, no new gradient
+        assert logged.requires_grad
+        U.clip_grad_norm_(params[2:], l2(params[2:]) * 2.0)
+        return before, step % 2 == 1
+
+    check(*run(body_log_head))
