@@ -94,11 +94,10 @@ class Clipping(Part):
     def hook(self, model) -> None:
         watch_forward_starts(self, model, call=False)      # Schedule.passes counts every training pass
 
-    def scope(self, params: list[torch.Tensor]) -> list[torch.Tensor] | None:
-        """The monitored ones among ``params`` with a gradient, where ``params`` also hold a gradient
-        that is not monitored (another model's): the norm before clipping is then taken over these
-        alone, as the norm the window divides it by is. None where every gradient there is
-        monitored, or none is."""
+    def scope(self, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], bool]:
+        """(the monitored ones among ``params`` with a gradient, whether ``params`` also hold a
+        gradient that is not monitored: another model's). Where both, the norm before clipping is
+        taken over the monitored ones alone, as the norm the window divides it by is."""
         index_of = self.setup.index_of
         own, foreign = [], False
         for p in params:
@@ -107,7 +106,16 @@ class Clipping(Part):
                     own.append(p)
                 else:
                     foreign = True
-        return own if own and foreign else None
+        return own, foreign
+
+    def mixed_meshes(self) -> None:
+        """Clipping calls that share one ``total_norm`` (one per device mesh), some over the
+        monitored gradients only and some over others' too: said once (the step's norm is not
+        the monitored gradients' alone)."""
+        self.setup.warn("clip-mixed-meshes", "clip_grads_with_norm_ calls sharing one total_norm (one per device "
+                        "mesh) clipped this monitor's gradients alone in one call and other gradients in "
+                        "another: total_norm_before_clip for those steps holds the others' too (monitor the "
+                        "whole model, or clip its gradients in calls of their own)")
 
     def add(self, params: list[torch.Tensor], total: torch.Tensor, clipped: torch.Tensor) -> bool:
         """A clipping call over ``params`` found the L2 norm ``total`` before clipping and ``clipped``

@@ -32,7 +32,9 @@
 
   A call over more gradients than a monitor watches (another model's too) tells that monitor
   the L2 norm of its own ones, taken before the call (``Clipping.scope``): the window divides
-  it by the norm of those same gradients after the step. A clip before ``scaler.unscale_``
+  it by the norm of those same gradients after the step. ``clip_grads_with_norm_`` calls that
+  share one ``total_norm`` (one per device mesh), where one holds the monitor's gradients alone
+  and another holds others' too, cannot be told apart at the first call: a warning says so. A clip before ``scaler.unscale_``
   (by hand after the clip, or the one inside ``GradScaler.step``) saw the gradients multiplied by
   the scale: the step's norm is divided by it, and a warning says so. Each watching monitor gathers one step's
   calls into one (``clipping.py``).
@@ -201,17 +203,20 @@ def _as_list(parameters: torch.Tensor | Iterable[torch.Tensor]) -> list[torch.Te
     return [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
 
 
-def _own_before(params: list[torch.Tensor]) -> dict[Any, tuple[list[torch.Tensor], torch.Tensor]]:
+def _own_before(params: list[torch.Tensor]) -> dict[Any, tuple[list[torch.Tensor], torch.Tensor | None]]:
     """Before a clipping call over ``params``: for each watching monitor whose parameters are only
     part of the gradients the call clips (another model's are in it too), its own parameters there
-    and the L2 norm of their gradients, taken before the call changes them. Empty in the common
-    case (a monitor's ``_clip_scope`` is None: the call clips its gradients only, or none of them)."""
+    and the L2 norm of their gradients, taken before the call changes them; for one that watches
+    none of them while the call clips gradients, ([], None). Empty in the common case (the call
+    clips the monitor's gradients only)."""
     own = {}
     for monitor in _watchers() if _TOLD else ():
-        scope = monitor._clip_scope(params)
-        if scope:
+        scope, foreign = monitor._clip_scope(params)
+        if scope and foreign:
             with torch.no_grad():
                 own[monitor] = (scope, _total_norm([p.grad for p in scope], 2.0))
+        elif foreign:
+            own[monitor] = ([], None)
     return own
 
 
@@ -221,7 +226,8 @@ def _tell(params: list[torch.Tensor], total: torch.Tensor, clipped: torch.Tensor
     Inference mode off: a monitor's sums made during a call under it must stay writable."""
     own = own or {}
     with torch.inference_mode(False):
-        return [m for m in _watchers() if m not in skip and m._on_clip(*own.get(m, (params, total)), clipped)]
+        return [m for m in _watchers() if m not in skip and own.get(m, (True,))[0]
+                and m._on_clip(*own.get(m, (params, total)), clipped)]
 
 
 def _clip_grad_norm_(parameters: torch.Tensor | Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0,
@@ -278,15 +284,21 @@ def _clip_grads_with_norm_(parameters: torch.Tensor | Iterable[torch.Tensor], ma
     last = _LAST_TOTAL["total"]
     if last is None or last() is not total_norm:      # a new clip, not the next mesh of the same one
         _LAST_TOTAL.update(total=weakref.ref(total_norm) if isinstance(total_norm, torch.Tensor) else None,
-                           counted=weakref.WeakSet(), norm_type=norm_type)
+                           counted=weakref.WeakSet(), owned=weakref.WeakSet(), norm_type=norm_type)
     if l2 is not None:      # not the L2 norm: each call's own L2 norm, the step adds its groups (clipping.py)
         _tell(params, l2, clipped, own=own)
         return result
-    if own:                 # a monitor told its own parameters' norm: at each call, added up the same way
-        _tell(params, total, clipped, skip=set(_watchers()) - set(own), own=own)
-    counted = _LAST_TOTAL["counted"]
-    for monitor in _tell(params, total, clipped, skip=set(counted) | set(own)):
+    counted, owned = _LAST_TOTAL["counted"], _LAST_TOTAL["owned"]
+    for monitor in own:     # the total holds others' gradients: a monitor that was told it earlier was misled
+        if monitor in counted:
+            monitor._on_mixed_meshes()
+    # A monitor told its own parameters' norm: at each call, added up the same way (clipping.py).
+    owned.update(_tell(params, total, clipped, skip=set(_watchers()) - set(own) | set(counted), own=own))
+    for monitor in _tell(params, total, clipped, skip=set(counted) | set(own) | set(owned)):
         counted.add(monitor)
+    for monitor in owned:   # told its own norm earlier, now a call over its gradients alone: not added
+        if monitor not in own and monitor._clip_scope(params)[0]:
+            monitor._on_mixed_meshes()
     return result
 
 

@@ -361,11 +361,15 @@ class GradientMonitor:
         clipping call of this step saw them multiplied by ``scale``."""
         self.parts["clipping"].unscale(scale, optimizer)
 
-    def _clip_scope(self, params: list[torch.Tensor]) -> list[torch.Tensor] | None:
-        """Before a clipping call over ``params`` (interception): this monitor's parameters with a
-        gradient there where the call also clips gradients it does not watch, else None."""
+    def _clip_scope(self, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], bool]:
+        """Before a clipping call over ``params`` (interception): (this monitor's parameters with a
+        gradient there, whether the call also clips gradients it does not watch)."""
         self.parts["conversions"].check_clip(params)
         return self.parts["clipping"].scope(params)
+
+    def _on_mixed_meshes(self) -> None:
+        """Calls sharing one total_norm, some over other gradients too (interception): said once."""
+        self.parts["clipping"].mixed_meshes()
 
     def _on_clip(self, params: list[torch.Tensor], total: torch.Tensor, clipped: torch.Tensor) -> bool:
         """A clipping call over ``params`` found the norm ``total`` before clipping and ``clipped``

@@ -275,3 +275,29 @@ def test_grad_mode_work_between_a_bodys_and_a_heads_clip_keeps_them_one_step():
         return before, step % 2 == 1
 
     check(*run(body_log_head))
+
+
+def mine_then_others(params, others, step):     # one call per device mesh: the monitored model's, the other's
+    before, everything = l2(params), params + others
+    total = U.get_total_norm([q.grad for q in everything])
+    U.clip_grads_with_norm_(params, limit(float(total), step), total)
+    U.clip_grads_with_norm_(others, limit(float(total), step), total)
+    return before, step % 2 == 1
+
+
+def mixed_then_mine(params, others, step):
+    before, everything = l2(params), params + others
+    total = U.get_total_norm([q.grad for q in everything])
+    U.clip_grads_with_norm_(params[:2] + others, limit(float(total), step), total)
+    U.clip_grads_with_norm_(params[2:], limit(float(total), step), total)
+    return before, step % 2 == 1
+
+
+@pytest.mark.parametrize("clip", [mine_then_others, mixed_then_mine], ids=["mine, then others", "mixed, then mine"])
+def test_one_total_norm_over_calls_of_which_one_holds_only_the_monitored_gradients_is_said(clip):
+    """The first call alone cannot tell whether the total it is given holds other gradients (a
+    later call of the same clip may bring them): where the calls differ so, a warning says that
+    the step's norm is not the monitored gradients' alone; the counts stay right."""
+    with pytest.warns(UserWarning, match="sharing one total_norm"):
+        overall, norms, clipped = run(clip, other=nn.Linear(4, 3))
+    assert overall["clip_calls"] == len(norms) and overall["clipped_steps"] == clipped
