@@ -354,13 +354,28 @@ def _largest(grads: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(largest).max()
 
 
+def _eager_under_compile(fn: Any, like: Any = None) -> Any:
+    """``fn`` (named and documented as ``like``) run eagerly where torch.compile traces its caller:
+    a graph break, as ``torch._dynamo.disable`` makes, since the monitors' bookkeeping is plain
+    Python that dynamo cannot trace (it raised out of a compiled function that clips). In eager
+    code, ``fn`` itself, behind one check."""
+    disabled = torch._dynamo.disable(fn)
+
+    def wrapper(*args, **kwargs):
+        if _is_compiling():
+            return disabled(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return functools.wraps(like if like is not None else fn)(wrapper)
+
+
+_is_compiling = torch.compiler.is_compiling
 _WRAPPERS = {
-    "clip_grad_norm_": functools.wraps(torch.nn.utils.clip_grad.clip_grad_norm_)(_clip_grad_norm_),
-    "clip_grad_value_": functools.wraps(torch.nn.utils.clip_grad.clip_grad_value_)(_clip_grad_value_),
-    "clip_grads_with_norm_": (functools.wraps(torch.nn.utils.clip_grads_with_norm_)(_clip_grads_with_norm_)
-                              if hasattr(torch.nn.utils, "clip_grads_with_norm_") else _clip_grads_with_norm_),
-    "get_total_norm": (functools.wraps(torch.nn.utils.get_total_norm)(_get_total_norm)
-                       if hasattr(torch.nn.utils, "get_total_norm") else _get_total_norm),
+    "clip_grad_norm_": _eager_under_compile(_clip_grad_norm_, torch.nn.utils.clip_grad.clip_grad_norm_),
+    "clip_grad_value_": _eager_under_compile(_clip_grad_value_, torch.nn.utils.clip_grad.clip_grad_value_),
+    "clip_grads_with_norm_": _eager_under_compile(_clip_grads_with_norm_,
+                                                  getattr(torch.nn.utils, "clip_grads_with_norm_", None)),
+    "get_total_norm": _eager_under_compile(_get_total_norm, getattr(torch.nn.utils, "get_total_norm", None)),
 }
 
 
@@ -399,4 +414,5 @@ def _still_scaled(scaler: GradScaler, optimizer: torch.optim.Optimizer) -> bool:
     return state is None or state["stage"] is OptState.READY
 
 
-_SCALER_METHODS = {"step": _scaler_step, "unscale_": _scaler_unscale}
+_SCALER_METHODS = {"step": _eager_under_compile(_scaler_step, GradScaler.step),
+                   "unscale_": _eager_under_compile(_scaler_unscale, GradScaler.unscale_)}

@@ -301,3 +301,28 @@ def test_one_total_norm_over_calls_of_which_one_holds_only_the_monitored_gradien
     with pytest.warns(UserWarning, match="sharing one total_norm"):
         overall, norms, clipped = run(clip, other=nn.Linear(4, 3))
     assert overall["clip_calls"] == len(norms) and overall["clipped_steps"] == clipped
+
+
+# -- a clipping call inside a compiled function -------------------------------------------------------
+
+@pytest.mark.parametrize("path", ["clip_grad_norm_", "clip_grad_value_", "get_total_norm+clip_grads_with_norm_"])
+def test_a_clipping_call_that_torch_compile_traces_is_counted_and_training_goes_on(path):
+    """``torch.compile`` over a function that clips: dynamo traced the monitor's bookkeeping in
+    the wrapper and raised InternalTorchDynamoError out of the user's call (main at ec2ca68, with
+    any monitor attached). Now the call runs eagerly there (a graph break) and is counted."""
+    torch._dynamo.reset()
+
+    @torch.compile(backend="eager")
+    def compiled(params, limit_):
+        if path == "clip_grad_norm_":
+            return U.clip_grad_norm_(params, limit_)
+        if path == "clip_grad_value_":
+            return U.clip_grad_value_(params, limit_)
+        return U.clip_grads_with_norm_(params, limit_, U.get_total_norm([q.grad for q in params]))
+
+    def clip(params, others, step):
+        before, largest = l2(params), max(float(q.grad.abs().max()) for q in params)
+        compiled(params, (largest if path == "clip_grad_value_" else before) * (0.5 if step % 2 else 2.0))
+        return before, step % 2 == 1
+
+    check(*run(clip))
