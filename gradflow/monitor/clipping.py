@@ -139,12 +139,16 @@ class Clipping(Part):
 
     def unscale(self, scale: torch.Tensor, optimizer: torch.optim.Optimizer) -> None:
         """A GradScaler is about to unscale ``optimizer``'s gradients: the pending step's calls over
-        them, with no training pass since (a call before a pass belongs to an earlier step: the
-        clip Lightning makes after a skipped step), saw them scaled. Their norm divided by
-        ``scale`` (a 0-d device tensor), and said once: the calls' limit met scaled gradients."""
+        them saw them scaled. Their norm divided by ``scale`` (a 0-d device tensor), and said once:
+        the calls' limit met scaled gradients. Not where the calls are an earlier step's: the
+        model's hook saw a training pass since, or autograd nodes were made since and the norm is
+        inf/NaN (the clip Lightning makes after it counted a step the GradScaler skips; one host
+        read, on this rare path only: in the recipe's order no call is pending at ``unscale_``)."""
         step = self.step
-        if (step is None or step.total is None or step.passes != (self.setup.schedule.passes, _sequence_nr())
+        if (step is None or step.total is None or step.passes[0] != self.setup.schedule.passes
                 or step.seen.isdisjoint(id(p) for group in optimizer.param_groups for p in group["params"])):
+            return
+        if step.passes[1] != _sequence_nr() and not bool(step.total.isfinite()):
             return
         step.total = step.total / scale.to(step.total.device)
         self.setup.warn("clip-scaled", "a clipping call came before scaler.unscale_(optimizer): it clipped the "

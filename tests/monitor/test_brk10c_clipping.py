@@ -187,6 +187,15 @@ def unscaled_first(scale: float):
     return clip
 
 
+def unscaled_first_then_a_log(scale: float):
+    def clip(params, others, step):
+        before = l2(params) / scale
+        U.clip_grad_norm_(params, limit(before, step) * scale)
+        assert sum(q.norm() for q in params).requires_grad     # a logged weight norm: autograd nodes
+        return before, step % 2 == 1
+    return clip
+
+
 def unscaled_after(scale: float):
     def clip(params, others, step):
         optimizer = clip.optimizer
@@ -197,14 +206,16 @@ def unscaled_after(scale: float):
     return clip
 
 
-@pytest.mark.parametrize("unscale", ["in scaler.step", "by hand after the clip", "inside a fused step"])
+@pytest.mark.parametrize("unscale", ["in scaler.step", "by hand after the clip", "inside a fused step",
+                                     "in scaler.step after a logged weight norm"])
 def test_a_clip_before_unscale_is_reported_unscaled_and_said(unscale):
     """Clipping the still-scaled gradients (no scaler.unscale_ before it): the norm the call saw
     is scale x the gradient's. main at ec2ca68 reported it as it was, silently: 752.7 where the
     unscaled norm (the unit of every other column) was 0.735."""
     scale = 1024.0
     scaler = torch.amp.GradScaler("cpu", init_scale=scale, growth_interval=1000)
-    clip = unscaled_after(scale) if unscale == "by hand after the clip" else unscaled_first(scale)
+    clip = {"by hand after the clip": unscaled_after, "in scaler.step after a logged weight norm":
+            unscaled_first_then_a_log}.get(unscale, unscaled_first)(scale)
     clip.scaler = scaler
     with pytest.warns(UserWarning, match="unscale_"):     # a fused Adam unscales in its own step, no unscale_
         check(*run(clip, scaler=scaler, fused=unscale == "inside a fused step"), rel=1e-5)
