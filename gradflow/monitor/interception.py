@@ -34,10 +34,13 @@
   the L2 norm of its own ones, taken before the call (``Clipping.scope``): the window divides
   it by the norm of those same gradients after the step. ``clip_grads_with_norm_`` calls that
   share one ``total_norm`` (one per device mesh), where one holds the monitor's gradients alone
-  and another holds others' too, cannot be told apart at the first call: a warning says so. A clip before ``scaler.unscale_``
-  (by hand after the clip, or the one inside ``GradScaler.step``) saw the gradients multiplied by
-  the scale: the step's norm is divided by it, and a warning says so. Each watching monitor gathers one step's
-  calls into one (``clipping.py``).
+  and another holds others' too, cannot be told apart at the first call: a warning says so.
+
+  A clip before ``scaler.unscale_`` (by hand after the clip, the one inside ``GradScaler.step``,
+  or a fused optimizer's own) saw the gradients multiplied by the scale: the step's norm is
+  divided by it, and a warning says so. A clipping call inside a ``torch.compile``d function
+  runs eagerly (``_eager_under_compile``). Each watching monitor gathers one step's calls into
+  one (``clipping.py``).
 
   ``get_total_norm`` alone (a norm that is only logged) is not clipping and is not counted.
 
@@ -91,7 +94,9 @@ _INSTALLED: list[bool] = [False]
 # The total_norm tensor of the last clip_grads_with_norm_ call and the monitors that counted it:
 # a caller that clips each device mesh's parameters in turn passes the same tensor each time.
 # Its norm_type: 2.0, or None where the total_norm is not known to be an L2 norm (_given_norm_type).
-_LAST_TOTAL: dict[str, Any] = {"total": None, "counted": weakref.WeakSet(), "norm_type": 2.0}
+# The monitors told it (counted) or told their own gradients' norm instead (owned: _own_before).
+_LAST_TOTAL: dict[str, Any] = {"total": None, "counted": weakref.WeakSet(), "owned": weakref.WeakSet(),
+                               "norm_type": 2.0}
 _NORM_TYPES = threading.local()         # .seen: the norm_types of get_total_norm calls since the last clip
 
 # (name in torch.nn.utils, also in torch.nn.utils.clip_grad) for each wrapped function: the three
@@ -225,9 +230,15 @@ def _tell(params: list[torch.Tensor], total: torch.Tensor, clipped: torch.Tensor
     A monitor in ``own`` (``_own_before``) is told its own parameters and their norm instead.
     Inference mode off: a monitor's sums made during a call under it must stay writable."""
     own = own or {}
+    told = []
     with torch.inference_mode(False):
-        return [m for m in _watchers() if m not in skip and own.get(m, (True,))[0]
-                and m._on_clip(*own.get(m, (params, total)), clipped)]
+        for monitor in _watchers():
+            if monitor in skip:
+                continue
+            its_params, its_total = own.get(monitor, (params, total))
+            if its_params and monitor._on_clip(its_params, its_total, clipped):    # [] : none of its own
+                told.append(monitor)
+    return told
 
 
 def _clip_grad_norm_(parameters: torch.Tensor | Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0,
