@@ -128,10 +128,14 @@ class Clipping(Part):
         total, clipped = _whole(total.detach()), _whole(clipped)
         passes = (self.setup.schedule.passes, _sequence_nr())
         step = self.step             # one read: remove() in another thread folds it away meanwhile
-        if step is None:
-            step = self.step = StepClips(passes)
+        new = step is None
+        if new:
+            step = StepClips(passes)
             self.setup.schedule.watch_until_step()    # a training pass before the step: a new micro-batch
-        if not step.add(ids, total, clipped, passes):
+        whole = step.add(ids, total, clipped, passes)
+        if new:                      # seen by fold() only once it holds a norm
+            self.step = step
+        if not whole:
             self.setup.warn("clip-overlap", "a clipping call covered some parameters that an earlier call in "
                             "the same step clipped and some it did not: total_norm_before_clip keeps the "
                             "earlier calls' norm for that step")
@@ -167,7 +171,7 @@ class Clipping(Part):
     def fold(self) -> None:
         """The pending step's calls, as one, into the window's tally."""
         step, self.step = self.step, None
-        if step is not None:
+        if step is not None and step.total is not None:   # None: its call is still being added (another thread)
             self.tally.add(step.total, step.clipped)
 
     def device_tensors(self) -> dict[str, Reduced]:

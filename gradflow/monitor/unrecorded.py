@@ -8,7 +8,9 @@ never steps one is invisible to it, and ``log()`` would return ``{}`` with no wo
   is not a ``torch.optim.Optimizer``: the parameters' version counters moved (every in-place
   write bumps them) with no step recorded;
 - ``torch.func`` training (``functional_call`` + ``grad``): gradients are returned, never
-  stored in ``.grad``; training forward passes ran (grad mode on) with no step recorded.
+  stored in ``.grad``; training forward passes ran (grad mode on) with no step recorded;
+- a model whose parameters are all frozen (``requires_grad`` False): passes ran, and nothing
+  can have a gradient (a frozen backbone monitored while only a head outside it trains).
 
 One warning per monitor, naming the likely cause and ``record()``. Windows that recorded a
 step, or whose parameters still hold gradients (the gradients part warns about those), are
@@ -25,6 +27,9 @@ HAND_WRITTEN = ("log(): the parameters changed in place but no optimizer step wa
 FUNCTIONAL = ("log(): {n} training forward passes ran but no gradient reached the parameters' .grad and no "
               "optimizer step was recorded in this window: torch.func training (functional_call + grad) "
               "returns gradients without storing them. Set p.grad from them and call monitor.record()")
+FROZEN = ("log(): {n} training forward passes ran but every monitored parameter is frozen (requires_grad False), "
+          "so none can have a gradient to record. Attach the monitor to the model that trains, or unfreeze "
+          "its parameters (p.requires_grad_(True))")
 
 
 class Unrecorded(Part):
@@ -57,5 +62,6 @@ class Unrecorded(Part):
         if any(p._version != v for p, v in zip(params, self.versions)):
             self.setup.warn("unrecorded", HAND_WRITTEN)
         elif forwards := self.setup.schedule.passes - self.passes_before:
-            self.setup.warn("unrecorded", FUNCTIONAL.format(n=forwards))
+            frozen = not any(p.requires_grad for p in params)
+            self.setup.warn("unrecorded", (FROZEN if frozen else FUNCTIONAL).format(n=forwards))
 
