@@ -94,11 +94,15 @@ class Clipping(Part):
     def hook(self, model) -> None:
         watch_forward_starts(self, model, call=False)      # Schedule.passes counts every training pass
 
-    def scope(self, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], bool]:
-        """(the monitored ones among ``params`` with a gradient, whether ``params`` also hold a
-        gradient that is not monitored: another model's). Where both, the norm before clipping is
-        taken over the monitored ones alone, as the norm the window divides it by is."""
+    def scope(self, params: list[torch.Tensor], ids: set[int]) -> list[torch.Tensor] | None:
+        """Where ``params`` (``ids``: theirs) hold a gradient that is not monitored (another
+        model's), the monitored ones with a gradient (perhaps none): the norm before clipping is
+        then taken over these alone, as the norm the window divides it by is. None where every
+        gradient there is monitored (the common case, every parameter monitored: one set
+        comparison)."""
         index_of = self.setup.index_of
+        if ids <= index_of.keys():
+            return None
         own, foreign = [], False
         for p in params:
             if p.grad is not None:
@@ -106,7 +110,7 @@ class Clipping(Part):
                     own.append(p)
                 else:
                     foreign = True
-        return own, foreign
+        return own if foreign else None
 
     def mixed_meshes(self) -> None:
         """Clipping calls that share one ``total_norm`` (one per device mesh), some over the
@@ -117,12 +121,13 @@ class Clipping(Part):
                         "another: total_norm_before_clip for those steps holds the others' too (monitor the "
                         "whole model, or clip its gradients in calls of their own)")
 
-    def add(self, params: list[torch.Tensor], total: torch.Tensor, clipped: torch.Tensor) -> bool:
-        """A clipping call over ``params`` found the L2 norm ``total`` before clipping and ``clipped``
-        (a 0-d device tensor: it changed a gradient); kept for this step, and True, if any of
-        ``params`` is monitored."""
+    def add(self, params: list[torch.Tensor], total: torch.Tensor, clipped: torch.Tensor,
+            ids: set[int] | None = None) -> bool:
+        """A clipping call over ``params`` (``ids``: theirs, if made already) found the L2 norm
+        ``total`` before clipping and ``clipped`` (a 0-d device tensor: it changed a gradient);
+        kept for this step, and True, if any of ``params`` is monitored."""
         index_of = self.setup.index_of
-        ids = {id(p) for p in params}
+        ids = {id(p) for p in params} if ids is None else ids
         if not any(i in index_of for i in ids):
             return False
         total, clipped = _whole(total.detach()), _whole(clipped)

@@ -208,24 +208,29 @@ def _as_list(parameters: torch.Tensor | Iterable[torch.Tensor]) -> list[torch.Te
     return [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
 
 
-def _own_before(params: list[torch.Tensor]) -> dict[Any, tuple[list[torch.Tensor], torch.Tensor | None]]:
+def _own_before(params: list[torch.Tensor]) -> tuple[dict[Any, tuple[list[torch.Tensor], Any]], set[int]]:
     """Before a clipping call over ``params``: for each watching monitor whose parameters are only
     part of the gradients the call clips (another model's are in it too), its own parameters there
     and the L2 norm of their gradients, taken before the call changes them; for one that watches
     none of them while the call clips gradients, ([], None). Empty in the common case (the call
-    clips the monitor's gradients only)."""
+    clips the monitor's gradients only: ``_clip_scope`` is None). Also the ids of ``params``, made
+    once for every monitor's look."""
+    if not _TOLD:
+        return {}, set()
+    ids = {id(p) for p in params}
     own = {}
-    for monitor in _watchers() if _TOLD else ():
-        scope, foreign = monitor._clip_scope(params)
-        if scope and foreign:
+    for monitor in _watchers():
+        scope = monitor._clip_scope(params, ids)
+        if scope:
             with torch.no_grad():
                 own[monitor] = (scope, _total_norm([p.grad for p in scope], 2.0))
-        elif foreign:
+        elif scope is not None:
             own[monitor] = ([], None)
-    return own
+    return own, ids
 
 
-def _tell(params: list[torch.Tensor], total: torch.Tensor, clipped: torch.Tensor, skip=(), own=None) -> list[Any]:
+def _tell(params: list[torch.Tensor], total: torch.Tensor, clipped: torch.Tensor, skip=(), own=None,
+          ids: set[int] | None = None) -> list[Any]:
     """Tell each watching monitor (but those in ``skip``); return those that counted the call.
     A monitor in ``own`` (``_own_before``) is told its own parameters and their norm instead.
     Inference mode off: a monitor's sums made during a call under it must stay writable."""
@@ -236,7 +241,8 @@ def _tell(params: list[torch.Tensor], total: torch.Tensor, clipped: torch.Tensor
             if monitor in skip:
                 continue
             its_params, its_total = own.get(monitor, (params, total))
-            if its_params and monitor._on_clip(its_params, its_total, clipped):    # [] : none of its own
+            if its_params and monitor._on_clip(its_params, its_total, clipped,      # [] : none of its own
+                                               ids if its_params is params else None):
                 told.append(monitor)
     return told
 
@@ -244,10 +250,10 @@ def _tell(params: list[torch.Tensor], total: torch.Tensor, clipped: torch.Tensor
 def _clip_grad_norm_(parameters: torch.Tensor | Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0,
                      *args, **kwargs):
     params = _as_list(parameters)
-    own = _own_before(params)
+    own, ids = _own_before(params)
     l2 = _l2_before(params, norm_type)
     total = _ORIGINAL["clip_grad_norm_"](params, max_norm, norm_type, *args, **kwargs)
-    _tell(params, total if l2 is None else l2, total.detach() + 1e-6 > float(max_norm), own=own)
+    _tell(params, total if l2 is None else l2, total.detach() + 1e-6 > float(max_norm), own=own, ids=ids)
     return total
 
 
@@ -287,7 +293,7 @@ def _clip_grads_with_norm_(parameters: torch.Tensor | Iterable[torch.Tensor], ma
                            total_norm: torch.Tensor, *args, **kwargs):
     params = _as_list(parameters)
     norm_type = _given_norm_type(total_norm)
-    own = _own_before(params)
+    own, ids = _own_before(params)
     l2 = _l2_before(params, norm_type)
     result = _ORIGINAL["clip_grads_with_norm_"](params, max_norm, total_norm, *args, **kwargs)
     total = torch.as_tensor(total_norm).detach()
@@ -297,7 +303,7 @@ def _clip_grads_with_norm_(parameters: torch.Tensor | Iterable[torch.Tensor], ma
         _LAST_TOTAL.update(total=weakref.ref(total_norm) if isinstance(total_norm, torch.Tensor) else None,
                            counted=weakref.WeakSet(), owned=weakref.WeakSet(), norm_type=norm_type)
     if l2 is not None:      # not the L2 norm: each call's own L2 norm, the step adds its groups (clipping.py)
-        _tell(params, l2, clipped, own=own)
+        _tell(params, l2, clipped, own=own, ids=ids)
         return result
     counted, owned = _LAST_TOTAL["counted"], _LAST_TOTAL["owned"]
     for monitor in own:     # the total holds others' gradients: a monitor that was told it earlier was misled
@@ -305,10 +311,10 @@ def _clip_grads_with_norm_(parameters: torch.Tensor | Iterable[torch.Tensor], ma
             monitor._on_mixed_meshes()
     # A monitor told its own parameters' norm: at each call, added up the same way (clipping.py).
     owned.update(_tell(params, total, clipped, skip=set(_watchers()) - set(own) | set(counted), own=own))
-    for monitor in _tell(params, total, clipped, skip=set(counted) | set(own) | set(owned)):
+    for monitor in _tell(params, total, clipped, skip=set(counted) | set(own) | set(owned), ids=ids):
         counted.add(monitor)
     for monitor in owned:   # told its own norm earlier, now a call over its gradients alone: not added
-        if monitor not in own and monitor._clip_scope(params)[0]:
+        if monitor not in own and any(p.grad is not None for p in params):
             monitor._on_mixed_meshes()
     return result
 
@@ -318,13 +324,13 @@ def _clip_grad_value_(parameters: torch.Tensor | Iterable[torch.Tensor], clip_va
     grads = [p.grad for p in params if p.grad is not None]
     told = bool(grads and _TOLD)                # the same answer before and after torch's call
     if told:
-        own = _own_before(params)
+        own, ids = _own_before(params)
         with torch.no_grad():       # before clamping: the L2 norm and the largest |g|
             total = _total_norm(grads, 2.0)
             clipped = _largest(grads) > float(clip_value)
     result = _ORIGINAL["clip_grad_value_"](params, clip_value, *args, **kwargs)
     if told:
-        _tell(params, total, clipped, own=own)
+        _tell(params, total, clipped, own=own, ids=ids)
     return result
 
 

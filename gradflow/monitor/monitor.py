@@ -361,22 +361,24 @@ class GradientMonitor:
         clipping call of this step saw them multiplied by ``scale``."""
         self.parts["clipping"].unscale(scale, optimizer)
 
-    def _clip_scope(self, params: list[torch.Tensor]) -> tuple[list[torch.Tensor], bool]:
-        """Before a clipping call over ``params`` (interception): (this monitor's parameters with a
-        gradient there, whether the call also clips gradients it does not watch)."""
+    def _clip_scope(self, params: list[torch.Tensor], ids: set[int]) -> list[torch.Tensor] | None:
+        """Before a clipping call over ``params`` (``ids``: theirs; interception):
+        where the call also clips gradients this monitor does not watch, its own parameters with a
+        gradient there (perhaps none); else None. A model converted since the last step is
+        followed first (its parameters are new tensors)."""
         self.parts["conversions"].check_clip(params)
-        return self.parts["clipping"].scope(params)
+        return self.parts["clipping"].scope(params, ids)
 
     def _on_mixed_meshes(self) -> None:
         """Calls sharing one total_norm, some over other gradients too (interception): said once."""
         self.parts["clipping"].mixed_meshes()
 
-    def _on_clip(self, params: list[torch.Tensor], total: torch.Tensor, clipped: torch.Tensor) -> bool:
-        """A clipping call over ``params`` found the norm ``total`` before clipping and ``clipped``
-        (interception); whether it was counted (it clipped some of this monitor's parameters).
-        A model converted since the last step is followed first (its parameters are new tensors)."""
-        self.parts["conversions"].check_clip(params)
-        return self.parts["clipping"].add(params, total, clipped)
+    def _on_clip(self, params: list[torch.Tensor], total: torch.Tensor, clipped: torch.Tensor,
+                 ids: set[int] | None = None) -> bool:
+        """A clipping call over ``params`` (``ids``: theirs, if made already) found the norm ``total``
+        before clipping and ``clipped`` (interception, after ``_clip_scope``); whether it was
+        counted (it clipped some of this monitor's parameters)."""
+        return self.parts["clipping"].add(params, total, clipped, ids)
 
     # -- reading --------------------------------------------------------------------------
 
