@@ -4,8 +4,10 @@ The oracle: the L2 norm, in float64 straight from ``p.grad`` just before the ste
 call, of the monitored parameters' gradients (unscaled under a GradScaler), and whether the call
 changed a gradient. Each case is a kind: how the parameters are handed over (a generator read
 once, one tensor, some gradients None), a norm that ``clip_grads_with_norm_`` is given that is
-not the L2 one of its ``get_total_norm``, a call over more parameters than the monitor watches,
-and a clip made before ``scaler.unscale_``.
+not the L2 one of its ``get_total_norm``, a call over more parameters than the monitor watches
+(also split in calls sharing one total), a clip made before ``scaler.unscale_``, a clip the
+monitor cannot see, a new micro-batch made by calling the model's layers, and a clip inside a
+compiled function.
 """
 
 from __future__ import annotations
