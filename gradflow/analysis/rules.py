@@ -257,9 +257,9 @@ def _clipping(ev: Evidence) -> dict[str, Any]:
     look calm; the norm before clipping, far above the clip value in most steps, does not."""
     called, mostly, excess = clipping(ev.windows)
     if not called:
-        return _check(False, "clip_grad_norm_ not called")
+        return _check(False, "no clipping call seen (a hand-written clip is not seen)")
     fired = mostly > called / 2 and math.isfinite(excess) and excess > CLIP_EXCESS
-    return _check(fired, f"clip_grad_norm_ clipped most steps in {mostly} of {called} windows, the norm before "
+    return _check(fired, f"clipping calls clipped most steps in {mostly} of {called} windows, the norm before "
                          f"clipping {fmt_number(excess)}x the norm applied (median)", excess, CLIP_EXCESS)
 
 
