@@ -27,6 +27,13 @@ from gradflow.monitor.window import tag_path
 # Parameters up to this many values are folded together, a group at a time: below it the kernel
 # call's fixed cost (~20 us) is most of the work. A group's values add up to at most TINY_GROUP,
 # so the copy it takes each window stays small (64 KB).
+# bfloat16 and float16 weights on the CPU are converted to float32 this many values at a time
+# (two 64 KB buffers, the weights' piece and the start's, made for the fold and freed after it)
+# and folded by the fused kernel: exact, as every half-precision value is a float32 one. The
+# torch ops' float64 chunks held about 0.5 MB at log() and made a 4 MB bfloat16 MLP's peak 1.24x
+# its bytes (benchmarks/memory.py).
+CONVERTED_PIECE = 1 << 14
+_HALF = (torch.bfloat16, torch.float16)
 TINY = 4096
 TINY_GROUP = 16384
 _IN_GRADIENT_ROWS = tuple(f"weight_{key}" for key in C.WEIGHT)   # the weight row's columns in the gradient row
@@ -155,6 +162,8 @@ class Weights(Part):
             rows, counts = kernels.fold_weights(now.contiguous().numpy(), start.contiguous().numpy(), lengths,
                                                 renew=renew, count=self.counted)
             return torch.from_numpy(rows), None if counts is None else torch.from_numpy(counts), renew
+        if kernels is not None and now.dtype in _HALF and start.dtype == now.dtype:
+            return (*self._fold_converted(kernels, now, start, length), False)
         wide = S.wide_dtype(now.device)
         chunk = S.CPU_WIDE_CHUNK if now.device.type == "cpu" else S.CHUNK     # float64 temporaries of a chunk each
         out_rows, out_counts = [], []
@@ -170,6 +179,29 @@ class Weights(Part):
             out_rows.append(sums)
             out_counts.append(counts)
         return torch.stack(out_rows), torch.stack(out_counts), False
+
+    def _fold_converted(self, kernels, now: torch.Tensor, start: torch.Tensor,
+                        length: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """``_fold``'s rows and counts of a bfloat16 or float16 CPU parameter (1-D ``now`` and
+        ``start``, members of ``length`` values each), converted ``CONVERTED_PIECE`` values at a
+        time into two reused float32 buffers and folded by the fused kernel; the sums of a
+        member's pieces add up to its row (the kernel's rows are sums, not yet square-rooted)."""
+        members = now.numel() // length
+        rows = np.zeros((members, 4))
+        counts = np.zeros((members, S.SIGN_EXPONENT_BINS), np.int64) if self.counted else None
+        converted = torch.empty(2, min(CONVERTED_PIECE, length))
+        for member in range(members):
+            segment = slice(member * length, (member + 1) * length)
+            for w, s in zip(now[segment].split(CONVERTED_PIECE), start[segment].split(CONVERTED_PIECE)):
+                values, first = converted[0, :w.numel()], converted[1, :w.numel()]
+                values.copy_(w)
+                first.copy_(s)
+                piece, folded = kernels.fold_weights(values.numpy(), first.numpy(), np.array([w.numel()]),
+                                                     count=self.counted)
+                rows[member] += piece[0]
+                if counts is not None:
+                    counts[member] += folded[0]
+        return torch.from_numpy(rows), None if counts is None else torch.from_numpy(counts)
 
     def device_tensors(self) -> dict[str, Reduced]:
         rows, counts = self.summary()                  # made anew each window

@@ -75,3 +75,59 @@ def test_a_half_gradient_is_not_copied_whole_to_float32(monkeypatch):
     assert part._converted is not None and part._converted.numel() == 4096
     assert monitor.log(0)["weight"]["steps"] == 1
     monitor.remove()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("members", [1, 2])
+def test_half_weights_match_the_oracle_across_pieces(dtype, members, monkeypatch):
+    """bfloat16 and float16 weights folded a piece at a time (``weights.CONVERTED_PIECE``, set
+    short here: several pieces per member, one short) give the float64 oracle's rows and
+    histogram counts of the very values, over two windows (the start renewed between them)."""
+    from gradflow.monitor import stats as S
+    from gradflow.monitor import weights as W
+    monkeypatch.setattr(W, "CONVERTED_PIECE", 1000)
+    torch.manual_seed(1)
+    model = Stacked(members, dtype)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    monitor = GradientMonitor(model, None, members=members, activations=False)
+    part = monitor.parts["weights"]
+    for _ in range(2):
+        start = {name: p.detach().double().reshape(members, -1).clone() for name, p in model.named_parameters()}
+        for _ in range(2):
+            optimizer.zero_grad()
+            model(torch.randn(members, 8, 300, dtype=dtype)).float().pow(2).mean().backward()
+            optimizer.step()
+        part.counted = True                      # the histogram counts too, as with a writer that draws
+        rows, counts = part.summary()
+        for i, (name, p) in enumerate(model.named_parameters()):
+            now = p.detach().double().reshape(members, -1)
+            for m in range(members):
+                slot = i * members + m
+                w, s = now[m], start[name][m]
+                expected = [w.abs().sum(), w.square().sum().sqrt(), (w - s).square().sum().sqrt(), s.square().sum().sqrt()]
+                assert rows[slot].tolist() == pytest.approx([e.item() for e in expected], rel=1e-12)
+                bins = S.sign_exponent_bins(p.detach().reshape(members, -1)[m].float()).long().bincount(minlength=512)
+                assert torch.equal(counts[slot], bins)
+    monitor.remove()
+
+
+def test_half_weights_are_folded_a_piece_at_a_time(monkeypatch):
+    """The weights' fold of a half-precision parameter hands the fused kernel float32 pieces of
+    ``weights.CONVERTED_PIECE`` values (the last one shorter), never the whole parameter."""
+    from gradflow.monitor import kernels
+    from gradflow.monitor import weights as W
+    monkeypatch.setattr(W, "CONVERTED_PIECE", 4096)
+    sizes, own = [], kernels.fold_weights
+
+    def fold_weights(values, start, lengths, **options):
+        sizes.append((values.dtype, values.size))
+        return own(values, start, lengths, **options)
+
+    monkeypatch.setattr(kernels, "fold_weights", fold_weights)
+    model = nn.Linear(500, 100).to(torch.bfloat16)            # 50,000 weights: 12 full pieces and one of 848
+    monitor = GradientMonitor(model, None, activations=False)
+    model(torch.randn(4, 500, dtype=torch.bfloat16)).float().sum().backward()
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    assert monitor.log(0)["weight"]["weight_update_ratio"] > 0
+    assert [size for dtype, size in sizes if dtype == np.float32 and size != 100] == [4096] * 12 + [848]
+    monitor.remove()
