@@ -221,10 +221,10 @@ class GradientMonitor:
             _ATTACHED[model] = self
             self.attaching = True
         try:
-            if self.automatic:
-                self._steps.start()
             for part in self.parts.values():
                 part.hook(model)
+            if self.automatic:        # after the parts: a part that refuses leaves torch's global step hooks uninstalled
+                self._steps.start()
             interception.watch(self)
         except BaseException:
             self._unhook()
