@@ -62,7 +62,22 @@ class Conversions(Part):
         if now is not None and now is not first and (now.device != device or now.dtype is not dtypes[0]):
             setup.follow()
 
-    forward_starts = record = skip = check
+    forward_starts = skip = check
+
+    def record(self, mask=None) -> bool | None:
+        """``check`` at a step; False (nothing recorded) where it rebound the monitor to new tensors
+        that replaced the ones the stepping optimizer's ``mask`` was found for: that optimizer
+        holds the old tensors, and its step applies nothing to the model (said once)."""
+        setup = self.setup
+        params = setup.params
+        self.check()
+        if setup.params is params or mask is None:
+            return None
+        names = [name for name, before, now in zip(setup.names, params, setup.params) if before is not now]
+        if not names:
+            return None                               # converted in place: the same tensors, the mask holds
+        setup.warn("stale-optimizer", stale_optimizer("The optimizer that stepped", names))
+        return False
 
     def _first_now(self):
         """The model's own first parameter as its module holds it now (None with sharded models)."""
@@ -83,3 +98,13 @@ class Conversions(Part):
         if now is not None and now is not self.setup.params[0] and model is not None \
                 and not {id(p) for p in params}.isdisjoint(id(p) for p in model.parameters()):
             self.check()
+
+
+def stale_optimizer(optimizer: str, names: list[str]) -> str:
+    """The warning for an optimizer that steps tensors the model replaced after it was made."""
+    shown = ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
+    return (f"{optimizer} holds tensors that are no longer the model's: {shown} were replaced by new tensors after "
+            "it was made (load_state_dict(assign=True), a conversion under torch.__future__."
+            "set_overwrite_module_params_on_conversion(True), module.weight = nn.Parameter(...)); its steps do not "
+            "update them and are not recorded for them. Make the optimizer after replacing parameters, or give it "
+            "the new ones (add_param_group)")

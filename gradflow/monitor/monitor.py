@@ -43,6 +43,7 @@ from torch import nn
 
 from gradflow.monitor import interception
 from gradflow.monitor.compact import Layouts
+from gradflow.monitor.conversions import stale_optimizer
 from gradflow.monitor.histograms import check_every
 from gradflow.monitor.model_checks import (
     already_attached,
@@ -200,7 +201,10 @@ class GradientMonitor:
                                                                f"nonfinite={bool(nonfinite)}")
         self.parts: dict[str, Part] = create_parts(inner, self._setup)
         self._recorders = recorders(self.parts)          # only these are called at each step (the hot path)
-        self._masks = OptimizerMasks(len(self.names), lambda: self._setup.index_of, self._follow)
+        # id(tensor) -> (weak reference to it, name): monitored tensors the model replaced (_follow), which
+        # an optimizer made before may still step (_refresh says so)
+        self._replaced: dict[int, tuple[weakref.ref, str]] = {}
+        self._masks = OptimizerMasks(len(self.names), lambda: self._setup.index_of, self._refresh)
         self._optimizer = weakref.ref(optimizer) if optimizer is not None else None
         # after the outermost watched step (its post-hook): the gradients' wrapper check ends there
         self._steps = StepWatch(self._masks, optimizer, self._record, self.parts["gradients"].step_done,
@@ -440,8 +444,34 @@ class GradientMonitor:
             part.fold() if moved_to is None else part.move(moved_to)     # move: fold, then carry the sums there
         if self._sharding is not None and moved_to is not None:
             self._sharding.move(moved_to)
+        self._keep_replaced(setup.params, new)
         setup.rebind(new)
         for part in self.parts.values():
             part.bind(new)
         self._masks.forget()
         return True
+
+    def _keep_replaced(self, old: list[torch.Tensor], new: list[torch.Tensor]) -> None:
+        """Remember, weakly, the monitored tensors that new ones replaced (the overwrite flag,
+        ``load_state_dict(assign=True)``, ``module.weight = nn.Parameter(...)``): an optimizer made
+        before still holds them, and its steps then apply nothing to the model (``_refresh``)."""
+        replaced = self._replaced
+        for name, before, now in zip(self.names, old, new):
+            if before is not now:
+                key = id(before)
+                replaced[key] = (weakref.ref(before, lambda ref, key=key: replaced.pop(key, None)
+                                             if replaced.get(key, (None,))[0] is ref else None), name)
+
+    def _refresh(self, optimizer) -> bool:
+        """An optimizer's groups hold none of the monitored tensors, or some that are not monitored
+        (steps.OptimizerMasks, once per change of its groups): follow the model if its parameters
+        were replaced (True); else say once if that optimizer holds tensors the model replaced."""
+        if self._follow():
+            return True
+        if self._replaced:
+            replaced = self._replaced
+            names = [entry[1] for group in optimizer.param_groups for p in group["params"]
+                     if (entry := replaced.get(id(p))) is not None and entry[0]() is p]
+            if names:
+                self._warnings.from_part("stale-optimizer", stale_optimizer(type(optimizer).__name__, names))
+        return False

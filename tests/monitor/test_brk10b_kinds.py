@@ -5,6 +5,8 @@ model without parametrizations."""
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.utils.parametrize as parametrize
@@ -51,3 +53,59 @@ def test_parametrized_embedding_and_norm_keep_their_kind_in_the_verdict(with_mod
     plain = _verdict(parametrized=False, with_model=with_model)
     assert plain[1]["0"] == ("embedding", "embedding") and plain[1]["1"] == ("norm", "norm")
     assert _verdict(parametrized=True, with_model=with_model) == plain
+
+
+def _applied(optimizer, names):
+    """The oracle: per step, the names of the parameters whose gradient the step applies (those
+    of its groups with a gradient), seen by a step pre-hook registered after the monitor's."""
+    steps = []
+    optimizer.register_step_pre_hook(lambda opt, args, kwargs: steps.append(
+        [names[id(p)] for group in opt.param_groups for p in group["params"] if p.grad is not None]))
+    return steps
+
+
+@pytest.mark.parametrize("replace", ["overwrite-double", "assign", "new-parameter"])
+def test_an_optimizer_kept_after_the_model_replaced_its_parameters_is_said_and_records_nothing(replace):
+    """The model's parameters replaced by new tensors mid-window while the optimizer made before
+    is kept (a conversion under set_overwrite_module_params_on_conversion, load_state_dict(...,
+    assign=True), ``model[0].weight = nn.Parameter(...)``): that optimizer steps the old tensors,
+    which get no gradient, so its steps apply nothing to those parameters. Before: under the
+    overwrite flag the first step after the conversion recorded the new tensors' gradients (3
+    steps where 2 were applied), and nothing ever said why training stopped. Now each parameter's
+    steps are the steps that applied its gradient, and one warning names the replaced ones (at
+    the step that found the conversion, or at the first step of the next window)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2))
+    x = torch.randn(5, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    names = {id(p): n for n, p in model.named_parameters()}
+    applied = _applied(optimizer, names)
+    previous = torch.__future__.get_overwrite_module_params_on_conversion()
+    torch.__future__.set_overwrite_module_params_on_conversion(replace == "overwrite-double")
+    messages = []
+    try:
+        with warnings.catch_warnings(record=True) as caught, GradientMonitor(model, activations=False) as monitor:
+            warnings.simplefilter("always")
+            for window in range(2):
+                for step in range(3):
+                    if window == 0 and step == 2:
+                        if replace == "overwrite-double":
+                            model.double()
+                            x = x.double()
+                        elif replace == "assign":
+                            model.load_state_dict({k: v.clone() for k, v in model.state_dict().items()}, assign=True)
+                        else:
+                            model[0].weight = nn.Parameter(model[0].weight.detach().clone())
+                    optimizer.zero_grad()
+                    model(x).square().mean().backward()
+                    optimizer.step()
+                rows = monitor.log(window)
+                for name in names.values():
+                    expected = sum(name in step for step in applied[3 * window:3 * window + 3])
+                    assert rows.get(name, {}).get("steps", 0) == expected, (window, name, rows.get(name))
+            messages = [str(w.message) for w in caught]
+    finally:
+        torch.__future__.set_overwrite_module_params_on_conversion(previous)
+    said = [m for m in messages if "no longer the model's" in m]
+    replaced = "0.weight were" if replace == "new-parameter" else "0.weight, 0.bias, 2.weight, 2.bias were"
+    assert len(said) == 1 and replaced in said[0], messages
