@@ -71,6 +71,8 @@ class Conversions(Part):
         setup = self.setup
         params = setup.params
         self.check()
+        if setup.stopped is not None:
+            return False                              # a change it could not follow: the monitor stopped
         if setup.params is params or mask is None:
             return None
         names = [name for name, before, now in zip(setup.names, params, setup.params) if before is not now]

@@ -161,6 +161,13 @@ def replaced_parameters(model: nn.Module, names: list[str], params: list[torch.T
         return [p for _, p in current]
     current = _named(model)
     if [name for name, _ in current] != names:
+        complex_ = [(user_name(name), p.dtype) for name, p in model.named_parameters()
+                    if p.is_complex() and user_name(name) in names]
+        if complex_:
+            raise MonitorError(f"{', '.join(name for name, _ in complex_[:5])}{' ...' if len(complex_) > 5 else ''} "
+                               f"became {complex_[0][1]} after the monitor attached: complex parameters are not "
+                               "recorded (statistics are of real gradients); remove() this monitor, and record "
+                               "torch.view_as_real(p.grad) yourself if you need them")
         raise MonitorError(f"the model's parameters changed after the monitor attached (now {len(current)}, "
                            f"were {len(params)}); remove() this monitor and attach a new one")
     for (name, p), q in zip(current, params):

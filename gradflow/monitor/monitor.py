@@ -194,7 +194,7 @@ class GradientMonitor:
                    "through_time": through_time, "through_time_every": through_time_every,
                    "compiled": is_compiled(model), "drawn": self._output.draws}
         self._setup = Setup(self.names, [p for _, p in named], members, options, Schedule(activations_every),
-                            self._warnings.from_part, self.kinds, follow=self._follow)
+                            self._warnings.from_part, self.kinds, follow=self._follow_in_training)
         # DTensor parameters (FSDP2, HSDP, tensor parallel): collectives at each window's close; every
         # rank must attach (sharding.py). None for plain tensors, DDP included.
         self._setup.sharding = self._sharding = ShardLayout.of(self.names, self._setup.params, members,
@@ -462,12 +462,28 @@ class GradientMonitor:
                 replaced[key] = (weakref.ref(before, lambda ref, key=key: replaced.pop(key, None)
                                              if replaced.get(key, (None,))[0] is ref else None), name)
 
+    def _follow_in_training(self) -> bool:
+        """``_follow`` from a hook inside the user's training (a forward pass, a step, a clipping
+        call: ``Setup.follow``): a change the monitor cannot follow (another shape, a complex dtype,
+        several devices) stops the monitor with a warning, never an exception out of the user's
+        forward or step; ``log()`` raises it (MonitorError). False then, and ``Setup.stopped`` says so."""
+        try:
+            return self._follow()
+        except MonitorError as error:
+            self._setup.stopped = error
+            self._unhook()
+            self._warnings.from_part("unfollowable", f"GradientMonitor stopped recording during training: {error} "
+                                     "(log() raises this)")
+            return False
+
     def _refresh(self, optimizer) -> bool:
         """An optimizer's groups hold none of the monitored tensors, or some that are not monitored
         (steps.OptimizerMasks, once per change of its groups): follow the model if its parameters
         were replaced (True); else say once if that optimizer holds tensors the model replaced."""
-        if self._follow():
+        if self._follow_in_training():
             return True
+        if self._setup.stopped is not None:
+            return False
         if self._replaced:
             replaced = self._replaced
             names = [entry[1] for group in optimizer.param_groups for p in group["params"]

@@ -109,3 +109,51 @@ def test_an_optimizer_kept_after_the_model_replaced_its_parameters_is_said_and_r
     said = [m for m in messages if "no longer the model's" in m]
     replaced = "0.weight were" if replace == "new-parameter" else "0.weight, 0.bias, 2.weight, 2.bias were"
     assert len(said) == 1 and replaced in said[0], messages
+
+
+@pytest.mark.parametrize("change, cause", [
+    ("complex-all", "0.weight, 0.bias, 2.weight, 2.bias became torch.complex64"),
+    ("complex-head", "2.weight, 2.bias became torch.complex64"),
+    ("wider-layer", "0.weight was replaced by a tensor of another shape"),
+])
+def test_a_change_the_monitor_cannot_follow_never_raises_inside_training(change, cause):
+    """A conversion or replacement the window's sums cannot follow, found by a hook inside the
+    user's training: ``model.to(torch.complex64)`` (complex parameters are not recorded), one
+    submodule made complex, a layer replaced by a wider one with a new optimizer. Before, the
+    MonitorError came out of the user's forward pass or optimizer.step() (for the complex ones
+    saying 'parameters changed (now 0, were 4)'). Now the monitor stops with one warning naming
+    the cause, training goes on, and log() raises the same MonitorError."""
+    from gradflow.monitor import MonitorError
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    x = torch.randn(8, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    monitor = GradientMonitor(model)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step in range(4):
+            if step == 2:
+                if change == "complex-all":
+                    model.to(torch.complex64)
+                    x = x.to(torch.complex64)
+                elif change == "complex-head":
+                    model[2].to(torch.complex64)
+                    model[1] = nn.Sequential(nn.Tanh(), _ToComplex())
+                else:
+                    model[0], model[2] = nn.Linear(3, 6), nn.Linear(6, 1)
+                optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+            optimizer.zero_grad()
+            model(x).abs().square().mean().backward()
+            optimizer.step()                                  # training goes on: nothing raised
+    said = [str(w.message) for w in caught if "stopped recording" in str(w.message)]
+    assert len(said) == 1 and cause in said[0], [str(w.message) for w in caught]
+    with pytest.raises(MonitorError, match=cause):
+        monitor.log(0)
+    assert not monitor.attached
+    monitor.remove()
+
+
+class _ToComplex(nn.Module):
+    def forward(self, x):
+        return x.to(torch.complex64)
