@@ -157,3 +157,45 @@ def test_a_change_the_monitor_cannot_follow_never_raises_inside_training(change,
 class _ToComplex(nn.Module):
     def forward(self, x):
         return x.to(torch.complex64)
+
+
+class _Double(nn.Module):
+    def forward(self, x):
+        return 2 * x
+
+
+@pytest.mark.parametrize("optimizer_made", ["before", "after"])
+def test_a_parametrization_registered_after_attaching_is_followed(optimizer_made):
+    """``register_parametrization(model[0], "weight", ...)`` after attaching keeps the same tensor
+    (now ``0.parametrizations.weight.original``, the user's ``0.weight``) but lists it after
+    ``0.bias``: log() raised 'the model's parameters changed (now 4, were 4)'. The same parameters
+    in another order are followed; each row against the gradient each step applied."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    x = torch.randn(8, 3)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    names = {id(p): n for n, p in model.named_parameters()}          # the user's names, before
+    norms: dict[str, list[float]] = {}
+
+    def applied(opt, args, kwargs):
+        for group in opt.param_groups:
+            for p in group["params"]:
+                norms.setdefault(names[id(p)], []).append(p.grad.double().norm().item())
+
+    optimizer.register_step_pre_hook(applied)
+    with GradientMonitor(model, activations=False) as monitor:
+        for window in range(2):
+            for step in range(2):
+                if window == 0 and step == 1:
+                    parametrize.register_parametrization(model[0], "weight", _Double())
+                    if optimizer_made == "after":
+                        optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+                        optimizer.register_step_pre_hook(applied)
+                optimizer.zero_grad()
+                model(x).square().mean().backward()
+                optimizer.step()
+            rows = monitor.log(window)
+            assert sorted(rows) == sorted(names.values())
+            for name, values in norms.items():
+                assert rows[name]["norm"] == pytest.approx(sum(values) / len(values), rel=1e-6), name
+            norms.clear()
