@@ -748,8 +748,9 @@ class Activations(Part):
         by_cause: dict[str, list[str]] = {}
         for index in silent:
             name = self.names[index]
-            cause = ("ran only under no_grad or inside backward, as under reentrant activation checkpointing "
-                     "(torch.utils.checkpoint with use_reentrant=True; use_reentrant=False has them tapped)"
+            cause = ("ran only under no_grad or inside backward: a part run under torch.no_grad() (a frozen "
+                     "teacher), or reentrant activation checkpointing (torch.utils.checkpoint with "
+                     "use_reentrant=True; use_reentrant=False has them tapped)"
                      if index in self.unseen_taps else
                      "ran inside compiled blocks, where the taps do nothing" if name in compiled else
                      "did not run in a tapped training pass: the model computes these activations with functions "
