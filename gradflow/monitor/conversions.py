@@ -24,6 +24,7 @@ from __future__ import annotations
 import weakref
 
 from gradflow.monitor.part import Part, watch_forward_starts
+from gradflow.monitor.steps import ALL
 
 
 class Conversions(Part):
@@ -64,10 +65,11 @@ class Conversions(Part):
 
     forward_starts = skip = check
 
-    def record(self, mask=None) -> bool | None:
-        """``check`` at a step; False (nothing recorded) where it rebound the monitor to new tensors
-        that replaced the ones the stepping optimizer's ``mask`` was found for: that optimizer
-        holds the old tensors, and its step applies nothing to the model (said once)."""
+    def record(self, mask=None):
+        """``check`` at a step. Where it rebound the monitor to new tensors that replaced some the
+        stepping optimizer's ``mask`` was found for, that optimizer holds the old ones and its step
+        applies nothing to those parameters (said once): the mask without them, for the later
+        parts, or False where none is left (nothing recorded). False once the monitor stopped."""
         setup = self.setup
         params = setup.params
         self.check()
@@ -75,11 +77,13 @@ class Conversions(Part):
             return False                              # a change it could not follow: the monitor stopped
         if setup.params is params or mask is None:
             return None
-        names = [name for name, before, now in zip(setup.names, params, setup.params) if before is not now]
-        if not names:
+        kept = [before is now for before, now in zip(params, setup.params)]
+        if all(kept):
             return None                               # converted in place: the same tensors, the mask holds
-        setup.warn("stale-optimizer", stale_optimizer("The optimizer that stepped", names))
-        return False
+        setup.warn("stale-optimizer", stale_optimizer("The optimizer that stepped",
+                                                      [name for name, same in zip(setup.names, kept) if not same]))
+        narrowed = tuple(same and (mask is ALL or held) for same, held in zip(kept, kept if mask is ALL else mask))
+        return narrowed if any(narrowed) else False
 
     def _first_now(self):
         """The model's own first parameter as its module holds it now (None with sharded models)."""

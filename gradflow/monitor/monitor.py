@@ -342,8 +342,11 @@ class GradientMonitor:
         self._setup.unscale, self._setup.inner_step = unscale, inner
         try:
             for part in self._recorders:
-                if part.record(mask) is False:
+                done = part.record(mask)
+                if done is False:
                     return
+                if type(done) is tuple:  # a narrower mask: tensors replaced under the stepping optimizer (conversions)
+                    mask = done
         finally:
             self._setup.unscale, self._setup.inner_step = None, False
         self._setup.schedule.step(mask)

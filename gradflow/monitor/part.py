@@ -293,8 +293,9 @@ class Part:
         buffer there (``moved``) with the window's sums. Parts without buffers only fold."""
         self.fold()
 
-    def record(self, mask) -> bool | None:
-        """One applied optimizer step. False: nothing recorded; later parts skip the step."""
+    def record(self, mask) -> bool | tuple | None:
+        """One applied optimizer step. False: nothing recorded; later parts skip the step. A mask
+        (a tuple of bools over the parameters): later parts record only those."""
         return None
 
     def skip(self, mask) -> None:

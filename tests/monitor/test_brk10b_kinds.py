@@ -199,3 +199,40 @@ def test_a_parametrization_registered_after_attaching_is_followed(optimizer_made
             for name, values in norms.items():
                 assert rows[name]["norm"] == pytest.approx(sum(values) / len(values), rel=1e-6), name
             norms.clear()
+
+
+class _Scaled(nn.Module):
+    """A scale of its own (the model's first parameter) before two Linear layers."""
+
+    def __init__(self):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(3))
+        self.fc1, self.fc2 = nn.Linear(3, 4), nn.Linear(4, 1)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x * self.scale.float())))
+
+
+def test_one_parameter_replaced_on_another_dtype_under_a_kept_optimizer_keeps_the_others_steps():
+    """``model.scale = nn.Parameter(scale.double())`` (the model's first parameter, now float64)
+    while the optimizer made before is kept: the step that finds it applies the gradients of
+    fc1 and fc2 and nothing to the new scale. Each parameter's steps are those that applied its
+    gradient (oracle: the step pre-hook); the replaced one is named."""
+    torch.manual_seed(0)
+    model = _Scaled()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    names = {id(p): n for n, p in model.named_parameters()}
+    applied = _applied(optimizer, names)
+    with warnings.catch_warnings(record=True) as caught, GradientMonitor(model, activations=False) as monitor:
+        warnings.simplefilter("always")
+        for step in range(4):
+            if step == 2:
+                model.scale = nn.Parameter(model.scale.detach().double())
+            optimizer.zero_grad()
+            model(torch.randn(8, 3)).square().mean().backward()
+            optimizer.step()
+        rows = monitor.log(0)
+    for name in names.values():
+        assert rows[name]["steps"] == sum(name in step for step in applied), (name, rows[name], applied)
+    said = [str(w.message) for w in caught if "no longer the model's" in str(w.message)]
+    assert len(said) == 1 and ": scale were replaced" in said[0], [str(w.message) for w in caught]
