@@ -33,6 +33,7 @@ import tempfile
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SOURCE = os.path.join(HERE, "live_bytes.c")
+MODELS = ("big", "lora", "lora16", "bf16", "tiny")     # memory.py's
 
 
 def library() -> str:
@@ -116,7 +117,7 @@ def run(model_name: str, ideal: bool, stack: bool, tensorboard: bool) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=("big", "lora", "lora16", "tiny"), default="lora16")
+    parser.add_argument("--model", choices=MODELS, default="lora16")
     parser.add_argument("--allocator", choices=("default", "fine"), default="default",
                         help="glibc malloc settings (benchmarks/memory.py ALLOCATORS)")
     parser.add_argument("--ideal", action="store_true", help="no monitor: one copy of the trainable weights kept")

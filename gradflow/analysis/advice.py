@@ -82,7 +82,7 @@ FAMILY_ADVICE = {
                                 "(torch.nn.utils.clip_grad_norm_) so that a larger learning rate stays safe.",
     ("recurrent", "stalled"): "The loss barely fell after the early part. A recurrent net that must carry information "
                               "over many steps can sit at chance until its gradient reaches far enough back: look at "
-                              "the gradient through time (through_time.png); train longer, try another learning rate, "
+                              "the gradient through time ({time_plot}); train longer, try another learning rate, "
                               "clip the gradient norm, or use shorter sequences first.",
     ("recurrent", "exploding"): "Gradients blow up through time: clip the gradient norm "
                                 "(torch.nn.utils.clip_grad_norm_, max_norm 0.25-5, as in Pascanu et al. 2013) and "
@@ -109,6 +109,44 @@ FAMILY_ADVICE = {
 }
 
 
+# Where a run's windows came from: ``loop`` (the user's own loop: diagnose_monitor, or diagnose on
+# windows the user recorded) or ``run`` (a ``gradflow train`` run directory). The advice names
+# only what the user has there.
+CONTEXTS = ("loop", "run")
+
+# What the advice points at, by context: the gradient through time (``{time_plot}``) and chrono
+# initialisation of an LSTM/GRU (``{chrono}``, Tallec & Ollivier 2018).
+POINTERS = {
+    "loop": {"time_plot": "monitor.history[-1].time, its TensorBoard scalars time/<module>/l<k>/reach, or the figure "
+                          "gradflow.analysis.time_plots.plot_through_time(monitor.history, 'through_time.png') draws",
+             "chrono": "gradflow.experiments.models.chrono_bias(lstm, 5.0) sets it on an nn.LSTM/nn.GRU; "
+                       "docs/through_time.md"},
+    "run": {"time_plot": "through_time.png in the run directory", "chrono": "gradflow's model.chrono"},
+}
+
+# Said after the advice when non-finite values were counted but no window named their source,
+# because the first-non-finite part was off (docs/nonfinite.md): how to turn it on, by context.
+NONFINITE_HINT = {
+    "loop": "To name the layer and step where the first NaN/inf came from, attach the monitor with "
+            "GradientMonitor(model, writer, nonfinite=True) (docs/nonfinite.md).",
+    "run": "To name the layer and step where the first NaN/inf came from, train that seed alone (gradflow train "
+           "CONFIG train.seed=N, without --seeds): seeds trained batched do not look for it.",
+}
+
+
+def nonfinite_hint(checks: Mapping[str, Mapping[str, Any]], source: Any, context: str = "loop",
+                   part: bool | None = None) -> str:
+    """``NONFINITE_HINT[context]`` when ``exploding`` fired on non-finite values (``value`` of its
+    non-finite mechanism, ``rules._nonfinite``) with no ``source`` found and the first-non-finite
+    part not known to be on (``part``: True on, False off, None unknown); else ''. In a ``run``
+    the part is on unless the seeds trained batched, so an unknown part says nothing there."""
+    exploding = checks.get("exploding", {})
+    counted = exploding.get("fired") and "non-finite" in exploding.get("why", "")
+    if not counted or source is not None or part or (context == "run" and part is None):
+        return ""
+    return NONFINITE_HINT[context]
+
+
 def optimizer_name(optimizer: Any) -> str | None:
     """The class name of an optimizer, an optimizer class or a name (``sgd`` -> ``SGD``,
     ``adamw`` -> ``AdamW``); None when not given.
@@ -126,12 +164,13 @@ def optimizer_name(optimizer: Any) -> str | None:
 
 
 def recommend(verdicts: Sequence[str], family: str = "mlp", optimizer: str | None = None,
-              failing: str | None = None) -> str:
+              failing: str | None = None, context: str = "loop") -> str:
     """Plain-words advice for a set of verdicts, most specific first, for an architecture
     ``family`` (``mlp``, ``cnn``, ``transformer``, ``recurrent``; see FAMILY_ADVICE's sources)
     and the ``optimizer`` class actually used (``SGD``, ``Adam``, ...; None: unknown).
     ``failing``: ``recurrent`` when the failing layer is recurrent, whatever the family (an
-    LSTM inside a transformer gets recurrent advice for its own failure).
+    LSTM inside a transformer gets recurrent advice for its own failure). ``context``: ``loop``
+    or ``run`` (``CONTEXTS``): what the advice points at (``POINTERS``).
 
     Example:
         >>> recommend(["healthy"]).startswith("Nothing to fix")
@@ -145,7 +184,7 @@ def recommend(verdicts: Sequence[str], family: str = "mlp", optimizer: str | Non
     for verdict in verdicts:
         text = FAMILY_ADVICE.get((failing or family, verdict)) or FAMILY_ADVICE.get((family, verdict)) or ADVICE[verdict]
         texts.append(text.format(switch=_SWITCH.get(optimizer, "") if optimizer in _SWITCH or optimizer is None else "",
-                                 momentum=", or less momentum" if optimizer == "SGD" else ""))
+                                 momentum=", or less momentum" if optimizer == "SGD" else "", **POINTERS[context]))
     return " ".join(texts) or ADVICE["healthy"]
 
 

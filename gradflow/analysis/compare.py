@@ -21,13 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gradflow.analysis.diagnose import (
-    Diagnosis,
-    diagnose,
-    read_losses,
-    read_optimizer,
-    run_windows,
-)
+from gradflow.analysis.diagnose import Diagnosis, diagnose_run, run_windows
 from gradflow.analysis.history import read_history
 from gradflow.analysis.measures import MEASURE_LABEL, layer_series
 from gradflow.analysis.windows import GRADIENTS_FILE, pick_windows
@@ -60,7 +54,7 @@ def load_run(run_dir: str | Path) -> Run:
     history = read_history(path) or []
     summary_file = path / "summary.json"
     summary = json.loads(summary_file.read_text()) if summary_file.exists() else {}
-    return Run(path, windows, history, summary, diagnose(windows, read_losses(path), optimizer=read_optimizer(path)))
+    return Run(path, windows, history, summary, diagnose_run(path, windows))
 
 
 def run_directories(paths: Sequence[str | Path]) -> list[Path]:

@@ -22,6 +22,7 @@ holds the ``Diagnosis`` type, the entry points (``diagnose``, ``diagnose_monitor
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from gradflow.analysis.advice import architecture_family, optimizer_name, recommend
+from gradflow.analysis.advice import CONTEXTS, architecture_family, nonfinite_hint, optimizer_name, recommend
 from gradflow.analysis.history import read_history
 from gradflow.analysis.measures import (
     activation_bounds,
@@ -41,7 +42,7 @@ from gradflow.analysis.measures import (
     recorded_kinds,
 )
 from gradflow.analysis.nonfinite import first_source, restore_source, with_source
-from gradflow.analysis.rules import RULES, Evidence, fmt_number, run_rules, skipped_steps
+from gradflow.analysis.rules import RULES, Evidence, fmt_number, layer_name, run_rules, skipped_steps
 from gradflow.analysis.through_time import check_through_time, fold_into_checks, time_recommendation
 from gradflow.analysis.windows import GRADIENTS_FILE, load_windows
 
@@ -102,7 +103,7 @@ class Diagnosis:
         lines += [""] if cells["activations"] else []
         lines += [f"loss: {cells['loss']}"] if cells["loss"] else []
         lines += [f"note: {note}" for note in cells["notes"]]
-        lines += ["", "Checks:"] + [f"  {'yes' if fired else 'no '} {name}: {why}" for fired, name, why in cells["checks"]]
+        lines += ["", "Checks:"] + [f"  {mark:<3} {name}: {why}" for mark, name, why in cells["checks"]]
         lines += ["", "Recommendation: " + self.recommendation]
         return "\n".join(lines)
 
@@ -116,18 +117,25 @@ class Diagnosis:
 
 
 def diagnose(windows: Sequence[Any], losses: Sequence[float] | None = None, *, model: Any = None,
-             order: Sequence[str] | None = None, optimizer: Any = None, loss_fn: Any = None) -> Diagnosis:
+             order: Sequence[str] | None = None, optimizer: Any = None, loss_fn: Any = None,
+             context: str = "loop", nonfinite_part: bool | None = None) -> Diagnosis:
     """The verdict over recorded windows (``monitor.history`` or ``load_windows(run_dir)``).
 
-    ``losses``: the training loss per epoch (or per window), if known; without it ``stalled``
-    can only mean "no gradient left". ``model``: the trained module, if at hand: it tells
+    ``losses``: the training loss per epoch, per window or per step, if known (floats or 0-d
+    tensors, or a 1-D tensor; any length, read in order as a series over the run, so it need not
+    match the windows); without it ``stalled`` can only mean "no gradient left". Anything else
+    raises a one-line ValueError (``loss_values``). ``model``: the trained module, if at hand: it tells
     normalisation, embedding and recurrent parameters and a tied head apart (else the kinds the
     monitor recorded with the windows, ``Window.kinds``; else their names do), the range of
     each bounded activation, the family for the advice and the module the model ends with.
     ``order``: parameter names in the order their modules first ran forward (the monitor's
     ``forward_order``), else the recorded order stands for input-to-output. ``optimizer``: the
     optimizer (or its class, or class name) that trained the run, for the advice. ``loss_fn``:
-    the loss function (or its class name), for ``output-mismatch``.
+    the loss function (or its class name), for ``output-mismatch``. ``context``: where the
+    windows came from, ``loop`` (your own loop) or ``run`` (a ``gradflow train`` run directory):
+    the advice names what you have there. ``nonfinite_part``: whether the monitor looked for the
+    first non-finite value (``GradientMonitor(nonfinite=True)``; None: unknown); when it did not
+    and the gradients went non-finite, the advice says how to turn it on.
 
     Example:
         >>> from gradflow.monitor import Window
@@ -140,12 +148,15 @@ def diagnose(windows: Sequence[Any], losses: Sequence[float] | None = None, *, m
     """
     if not windows:
         raise ValueError("diagnose needs at least one recorded window; call monitor.log(step) at least once")
+    if context not in CONTEXTS:
+        raise ValueError(f"diagnose: context must be one of {', '.join(CONTEXTS)}, got {context!r}")
+    losses = loss_values(losses)
     kinds = analysis_kinds(model) if model is not None else recorded_kinds(windows)
     layers = measure_layers(windows, order, kinds)
     activations = measure_activations(windows, activation_bounds(windows, model))
     loss = measure_loss(losses) if losses is not None else None
-    ev = Evidence(layers, activations, loss, windows, list(losses) if losses is not None else None,
-                  output=_output_module(model), loss_fn=optimizer_name(loss_fn))
+    ev = Evidence(layers, activations, loss, windows, losses,
+                  output=_output_module(model), loss_fn=optimizer_name(loss_fn), context=context)
     checks = run_rules(ev)
     time, time_notes = check_through_time(windows, loss), []    # recurrent layers (through_time.py, issue 22)
     fold_into_checks(checks, time, time_notes)
@@ -166,9 +177,49 @@ def diagnose(windows: Sequence[Any], losses: Sequence[float] | None = None, *, m
                 "first_nonfinite": first_source(windows), "through_time": time["layers"]}
     others = [v for v in verdicts if v != time["verdict"]]
     failing = _failing_kind(verdicts, checks, layers)
-    advice = time_recommendation(time, verdicts, recommend(others, family, opt, failing)
-                                 if others or not time["fired"] else "")
-    return Diagnosis(verdicts, evidence, advice)
+    advice = time_recommendation(time, verdicts, recommend(others, family, opt, failing, context)
+                                 if others or not time["fired"] else "", context)
+    hint = nonfinite_hint(checks, evidence["first_nonfinite"], context, nonfinite_part)
+    return Diagnosis(verdicts, evidence, f"{advice} {hint}" if hint else advice)
+
+
+LOSSES_ACCEPTED = ("a sequence of numbers, one per epoch, window or step (floats, 0-d tensors or a 1-D tensor; "
+                   "any length: read in order as a series over the run)")
+
+
+def loss_values(losses: Any) -> list[float] | None:
+    """``losses`` as floats (tensors detached: a loss that still requires grad is fine), None
+    for None. Raises a one-line ValueError naming ``losses`` (or ``losses[i]``), what it got and
+    what is accepted (``LOSSES_ACCEPTED``).
+
+    Example:
+        >>> import torch
+        >>> loss_values([torch.tensor(0.5, requires_grad=True), 0.25])
+        [0.5, 0.25]
+    """
+    if losses is None:
+        return None
+    if hasattr(losses, "detach"):                      # a tensor of losses
+        losses = losses.detach().reshape(-1).tolist() if losses.dim() <= 1 else losses
+    if isinstance(losses, (str, bytes)) or not isinstance(losses, (Sequence, np.ndarray)):
+        shape = f" of shape {tuple(losses.shape)}" if hasattr(losses, "shape") else ""
+        raise ValueError(f"losses must be {LOSSES_ACCEPTED}; got {type(losses).__name__}{shape}"
+                         + (f" {losses[:40]!r}" if isinstance(losses, str) else ""))
+    values = []
+    for i, value in enumerate(losses):
+        if hasattr(value, "detach") and getattr(value, "numel", lambda: 0)() == 1:
+            value = value.detach().item()
+        if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
+            raise ValueError(f"losses[{i}] is {_described(value)}; losses must be {LOSSES_ACCEPTED}")
+        values.append(float(value))
+    return values
+
+
+def _described(value: Any) -> str:
+    """``None``, ``a tensor of 2 elements``, ``str '0.4'``: a bad loss value in an error."""
+    if value is None or hasattr(value, "numel"):
+        return "None" if value is None else f"a tensor of {value.numel()} elements"
+    return f"{type(value).__name__} {str(value)[:40]!r}"
 
 
 def _output_module(model: Any) -> str | None:
@@ -187,7 +238,7 @@ def _failing_kind(verdicts: Sequence[str], checks: Mapping[str, Any], layers: Ma
     for verdict in ("vanishing", "exploding"):
         if verdict in verdicts:
             why = checks[verdict]["why"]
-            named = [layer for layer in layers if why.startswith(layer + " ") or f" {layer} " in why]
+            named = [layer for layer in layers if why.startswith(layer_name(layer) + " ") or f" {layer_name(layer)} " in why]
             if any(layers[layer].get("kind") == "recurrent" for layer in named):
                 return "recurrent"
     return None
@@ -221,9 +272,11 @@ def _notes(layers: Mapping[str, Mapping[str, Any]], kinds: Mapping[str, str] | N
 
 
 def diagnose_monitor(monitor: Any, losses: Sequence[float] | None = None, member: int | None = None,
-                     model: Any = None, optimizer: Any = None) -> Diagnosis:
+                     model: Any = None, optimizer: Any = None, loss_fn: Any = None) -> Diagnosis:
     """The verdict over a live ``GradientMonitor``'s recorded history; for a batched monitor
-    (``members`` > 1), the verdict of member ``member``.
+    (``members`` > 1), the verdict of member ``member``. ``losses``, ``model``, ``optimizer``
+    and ``loss_fn`` are ``diagnose``'s (the optimizer defaults to the one the monitor watches);
+    ``model`` and ``loss_fn`` together let ``output-mismatch`` be checked.
 
     Example:
         >>> with GradientMonitor(model) as monitor:                      # doctest: +SKIP
@@ -240,7 +293,9 @@ def diagnose_monitor(monitor: Any, losses: Sequence[float] | None = None, member
     if optimizer is None:       # the optimizer the monitor watches, when it was given one
         watched = getattr(monitor, "_optimizer", None)
         optimizer = watched() if callable(watched) else None
-    return diagnose(windows, losses, model=model, order=list(order) if order else None, optimizer=optimizer)
+    parts = getattr(monitor, "parts", None)
+    return diagnose(windows, losses, model=model, order=list(order) if order else None, optimizer=optimizer,
+                    loss_fn=loss_fn, nonfinite_part="nonfinite" in parts if isinstance(parts, Mapping) else None)
 
 
 def read_losses(run_dir: str | Path) -> list[float] | None:
@@ -249,8 +304,10 @@ def read_losses(run_dir: str | Path) -> list[float] | None:
     return None if history is None else [row["loss"] for row in history if "loss" in row]
 
 
-def diagnose_run(run_dir: str | Path) -> Diagnosis:
-    """The verdict of a run directory (gradients.csv, activations.csv, history.csv).
+def diagnose_run(run_dir: str | Path, windows: list[Any] | None = None) -> Diagnosis:
+    """The verdict of a run directory (gradients.csv, activations.csv, history.csv; ``windows``:
+    its windows when already read, ``run_windows``). Its advice is a ``gradflow train`` run's
+    when it has summary.json, else a user's loop's (``run_context``).
 
     Raises FileNotFoundError when the directory or its gradients.csv is missing.
 
@@ -258,9 +315,26 @@ def diagnose_run(run_dir: str | Path) -> Diagnosis:
         >>> diagnose_run("runs/deep_relu-20250101-120000-seed0").verdicts    # doctest: +SKIP
         ['healthy']
     """
-    windows = run_windows(run_dir)
+    windows = run_windows(run_dir) if windows is None else windows
     restore_source(windows, run_dir)          # the first non-finite source, kept in summary.json
-    return diagnose(windows, read_losses(run_dir), optimizer=read_optimizer(run_dir))
+    context, part = run_context(run_dir)
+    return diagnose(windows, read_losses(run_dir), optimizer=read_optimizer(run_dir), context=context,
+                    nonfinite_part=part)
+
+
+def run_context(run_dir: str | Path) -> tuple[str, bool | None]:
+    """(``diagnose``'s ``context``, ``nonfinite_part``) of a run directory: a ``gradflow train``
+    run (it has summary.json) looks for the first non-finite value unless its seeds trained
+    batched (summary.json's ``batched``); a directory without summary.json was recorded from a
+    user's own loop (``MonitorCallback``), which says nothing of it."""
+    path = Path(run_dir) / "summary.json"
+    try:
+        summary = json.loads(path.read_text()) if path.exists() else None
+    except (OSError, ValueError):
+        summary = None
+    if not isinstance(summary, dict):
+        return "loop", None
+    return "run", not summary.get("batched")
 
 
 def read_optimizer(run_dir: str | Path) -> str | None:
@@ -316,8 +390,8 @@ def markdown(diagnosis: Diagnosis) -> str:
                   for name, saturated, dead, output in cells["activations"]] + [""]
     lines += [f"Loss: {cells['loss']}.", ""] if cells["loss"] else []
     lines += [f"- note: {_md(note)}" for note in cells["notes"]] + ([""] if cells["notes"] else [])
-    lines += ["**Checks**", ""] + [f"- {'**yes**' if fired else 'no'} {name}: {_md(why)}"
-                                   for fired, name, why in cells["checks"]]
+    lines += ["**Checks**", ""] + [f"- {'**yes**' if mark == 'yes' else mark} {name}: {_md(why)}"
+                                   for mark, name, why in cells["checks"]]
     return "\n".join(lines + ["", f"**Advice:** {diagnosis.recommendation}"])
 
 
@@ -354,7 +428,8 @@ def _cells(diagnosis: Diagnosis) -> dict[str, Any]:
     role, gradient early, /head early, middle, last, update/step, non-finite; a gate's row has a
     9th cell, the gate's name, and blank update and non-finite cells); ``activations`` (name,
     saturated, dead, whether it is the output); ``loss`` (one sentence, or None); ``notes``;
-    ``checks`` (fired, name, why)."""
+    ``checks`` (mark, name, why: the mark ``yes`` when it fired, ``n/a`` when it had nothing to
+    judge, else ``no``)."""
     evidence = diagnosis.evidence
     checks = evidence.get("checks", {})
     layers = evidence.get("layers", {})
@@ -374,7 +449,12 @@ def _cells(diagnosis: Diagnosis) -> dict[str, Any]:
             "loss": "first {first:.4g}, after the early part {early:.4g}, best later {best:.4g}, at the end "
                     "{tail:.4g} (median), last {last:.4g}".format(**loss) if loss else None,
             "notes": list(evidence.get("notes", [])),
-            "checks": [(check["fired"], name, check["why"]) for name, check in checks.items()]}
+            "checks": [(_mark(check), name, check["why"]) for name, check in checks.items()]}
+
+
+def _mark(check: Mapping[str, Any]) -> str:
+    """``yes`` (fired), ``n/a`` (nothing to judge: ``checked`` False) or ``no``."""
+    return "yes" if check.get("fired") else "no" if check.get("checked", True) else "n/a"
 
 
 def _ratios(row: Mapping[str, float]) -> tuple[str, ...]:

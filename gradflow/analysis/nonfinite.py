@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from gradflow.analysis.rules import layer_name
+
 
 def first_source(windows: Sequence[Any], field: str = "first_nonfinite") -> dict[str, Any] | None:
     """The earliest window's ``field`` (``first_nonfinite`` or ``first_overflow``) as a dict
@@ -32,7 +34,10 @@ def sentence(found: dict[str, Any], epoch: int | None = None, step: int | None =
     global ``step`` when the caller knows them: ``at epoch 0, step 12``)."""
     step = found["step"] if step is None else step
     when = f"at epoch {epoch}, step {step}" if epoch is not None else f"at step {step}"
-    return f"the first non-finite value came from {found['where']} {when}"
+    where, module = found["where"], found["module"]
+    if module[:1].isdigit() and where.startswith(module + " "):     # nn.Sequential's 2: "layer '2' (forward)"
+        where = layer_name(module) + where[len(module):]
+    return f"the first non-finite value came from {where} {when}"
 
 
 def with_source(check: dict[str, Any], windows: Sequence[Any]) -> tuple[dict[str, Any], list[str]]:

@@ -5,10 +5,12 @@ the source of the threshold and the key of its advice (``advice.ADVICE``). ``dia
 advice and docs/calibration.md (the table there is ``rules_markdown()``, checked by a test) all
 read it, so a new rule is one ``Rule`` entry: a check function ``check(evidence) -> dict``.
 
-Each check returns ``{"fired", "why", "value", "threshold"}`` and, where the measure crossed its
-threshold without the harm or persistence a verdict needs, a ``note`` (said in the report, not
-a verdict). A verdict is every rule that fired; ``healthy`` when none did, or ``insufficient``
-when none did and the run is too short to say so.
+Each check returns ``{"fired", "why", "value", "threshold", "checked"}`` and, where the measure
+crossed its threshold without the harm or persistence a verdict needs, a ``note`` (said in the
+report, not a verdict). ``checked`` is False when the check had nothing to judge (no loss history,
+no activation of its kind, the loss function unknown): the report marks it ``n/a``, not ``no``. A
+verdict is every rule that fired; ``healthy`` when none did, or ``insufficient`` when none did
+and the run is too short to say so.
 
 Margins (docs/calibration.md): the tutorial configs (10 seeds, 500 epochs, SGD; "tut."), the
 architecture runs of issue 14 (ResNets, GPT-2, nanoGPT, encoder LM, LSTM LM, and the
@@ -55,7 +57,8 @@ class Evidence:
     """What the checks read: ``layers`` and ``activations`` (``measures.py``), ``loss``
     (``measures.measure_loss``, None without a loss history), the raw ``losses`` and
     ``windows``, and from the model where known: ``output`` (the class name of the module the
-    model ends with) and ``loss_fn`` (the class name of the loss function)."""
+    model ends with) and ``loss_fn`` (the class name of the loss function); ``context``: where
+    the windows came from (``loop``: a user's own loop; ``run``: a ``gradflow train`` run)."""
 
     layers: Mapping[str, Mapping[str, Any]]
     activations: Mapping[str, Mapping[str, Any]]
@@ -64,15 +67,21 @@ class Evidence:
     losses: Sequence[float] | None = None
     output: str | None = None
     loss_fn: str | None = None
+    context: str = "loop"
     extra: dict[str, Any] = field(default_factory=dict)
 
 
 def _check(fired: bool, why: str, value: float | None = None, threshold: float | None = None,
            note: str | None = None) -> dict[str, Any]:
-    out = {"fired": bool(fired), "why": why, "value": value, "threshold": threshold}
+    out = {"fired": bool(fired), "why": why, "value": value, "threshold": threshold, "checked": True}
     if note and not fired:
         out["note"] = note
     return out
+
+
+def _unchecked(why: str) -> dict[str, Any]:
+    """A check with nothing to judge: not fired, ``checked`` False (the report's ``n/a``)."""
+    return {**_check(False, why), "checked": False}
 
 
 def _relative(ratio: float) -> str:
@@ -85,7 +94,19 @@ def _relative(ratio: float) -> str:
 
 
 def _times(factor: float) -> str:
-    return f"{factor:.2g}x" if factor < 10 else f"{factor:,.0f}x"
+    """3 -> ``3x``; 852 -> ``852x``; past a million in scientific notation: ``2.4e+22x``."""
+    return f"{factor:.2g}x" if factor < 10 else f"{factor:,.0f}x" if factor < 1e6 else f"{factor:.1e}x"
+
+
+def layer_name(name: str) -> str:
+    """A layer or module name as the check lines say it: quoted when it starts with a digit
+    (nn.Sequential's ``0``, ``2.lin``: "layer '0' gradient", not "0 gradient"), else as is."""
+    return f"layer '{name}'" if name[:1].isdigit() else name
+
+
+def _quoted(name: str) -> str:
+    """A name in parentheses after the word layer: ``'4'`` for a numeric one, else as is."""
+    return f"'{name}'" if name[:1].isdigit() else name
 
 
 def _sortable(value: float) -> float:
@@ -132,11 +153,11 @@ def check_vanishing(ev: Evidence) -> dict[str, Any]:
     head = _head(layers)
     hidden = [layer for layer, row in layers.items() if layer != head and row.get("role", "hidden") == "hidden"]
     if not hidden:
-        return _check(False, "only one layer: nothing to compare with the output layer")
+        return _unchecked("only one layer: nothing to compare with the output layer")
     early, weakest, ratio = _vanishing_at(layers, hidden, "early")
     first = layers[hidden[0]]
-    why = (f"{weakest} gradient vs the output layer's ({head}), early on: {_relative(ratio)}"
-           f"{_weakest_gate(weakest, layers[weakest])}; first hidden layer ({hidden[0]}): "
+    why = (f"{layer_name(weakest)} gradient vs the output layer's ({_quoted(head)}), early on: {_relative(ratio)}"
+           f"{_weakest_gate(weakest, layers[weakest])}; first hidden layer ({_quoted(hidden[0])}): "
            f"{_relative(first['ratio_early'])} early, {_relative(first['ratio_last'])} last")
     if not early:
         return _check(False, why, ratio, VANISHING_RATIO)
@@ -144,12 +165,13 @@ def check_vanishing(ev: Evidence) -> dict[str, Any]:
     drop = loss_drop(ev.loss)
     harmed = drop is not None and drop < STALL_DROP
     if persistent or harmed:
-        reason = "and still in the middle and last windows" if persistent else f"and the loss stalled ({drop:.1%})"
+        # The loss's fall is the stalled check's figure (it fires too): said there, once.
+        reason = "and still in the middle and last windows" if persistent else "and the loss stalled"
         return _check(True, f"{why}; {reason}", ratio, VANISHING_RATIO)
     _, late, late_ratio = _vanishing_at(layers, hidden, "last")
     fell = f"; the loss still fell {drop:.0%}" if drop is not None else ""
-    note = (f"{weakest}'s gradient is {_relative(ratio)} than the head's early on, but not persistently (weakest "
-            f"at the end: {late}, {_relative(late_ratio)}){fell}: a slow start, not vanishing")
+    note = (f"{layer_name(weakest)}'s gradient is {_relative(ratio)} than the head's early on, but not persistently "
+            f"(weakest at the end: {layer_name(late)}, {_relative(late_ratio)}){fell}: a slow start, not vanishing")
     return _check(False, why + "; not persistent and no harm", ratio, VANISHING_RATIO, note)
 
 
@@ -160,7 +182,7 @@ def _weakest_gate(layer: str, row: Mapping[str, Any]) -> str:
     if not gates:
         return ""
     gate = min(gates, key=lambda g: _sortable(gates[g]["ratio_early"]))
-    return f" (weakest gate: {layer} {gate} gate ||g||/||w|| {_relative(gates[gate]['ratio_early'])} than the head's)"
+    return f" (weakest gate: {layer_name(layer)} {gate} gate ||g||/||w|| {_relative(gates[gate]['ratio_early'])} than the head's)"
 
 
 # -- exploding -------------------------------------------------------------------------------
@@ -182,9 +204,16 @@ def check_exploding(ev: Evidence) -> dict[str, Any]:
 
 
 def _nonfinite(ev: Evidence) -> dict[str, Any]:
+    """Non-finite values in the gradients the optimizer applied, in the losses given, or seen by
+    the monitor's first-non-finite part (``nonfinite=True``: ``Window.first_nonfinite``) in a
+    forward or backward pass whose step never came (a loop that skips the step on a NaN loss)."""
     nonfinite = sum(row["nonfinite"] for row in ev.layers.values())
     lost = ev.loss["nonfinite"] if ev.loss else 0
-    return _check(bool(nonfinite or lost), f"{nonfinite} non-finite gradient values, {lost} non-finite epoch losses",
+    sourced = sum(getattr(w, "first_nonfinite", None) is not None for w in ev.windows)
+    if sourced and not (nonfinite or lost):
+        return _check(True, f"non-finite values in the passes of {sourced} of {len(ev.windows)} windows, none in a "
+                            "gradient the optimizer applied (a loop that skips the step on a NaN loss)", sourced, 0)
+    return _check(bool(nonfinite or lost), f"{nonfinite} non-finite gradient values, {lost} non-finite losses",
                   nonfinite, 0)
 
 
@@ -199,7 +228,7 @@ def _huge_update(ev: Evidence) -> dict[str, Any]:
         return _check(False, "no weight updates recorded")
     layer = max(updates, key=updates.get)
     return _check(updates[layer] > EXPLODING_UPDATE,
-                  f"{layer} weights moved {_times(updates[layer])} their norm per step in one window "
+                  f"{layer_name(layer)} weights moved {_times(updates[layer])} their norm per step in one window "
                   f"(healthy: about {HEALTHY_UPDATE:g}); largest update ratio per step {fmt_number(updates[layer])}",
                   updates[layer], EXPLODING_UPDATE)
 
@@ -228,9 +257,9 @@ def _clipping(ev: Evidence) -> dict[str, Any]:
     look calm; the norm before clipping, far above the clip value in most steps, does not."""
     called, mostly, excess = clipping(ev.windows)
     if not called:
-        return _check(False, "clip_grad_norm_ not called")
+        return _check(False, "no clipping call seen (a hand-written clip is not seen)")
     fired = mostly > called / 2 and math.isfinite(excess) and excess > CLIP_EXCESS
-    return _check(fired, f"clip_grad_norm_ clipped most steps in {mostly} of {called} windows, the norm before "
+    return _check(fired, f"clipping calls clipped most steps in {mostly} of {called} windows, the norm before "
                          f"clipping {fmt_number(excess)}x the norm applied (median)", excess, CLIP_EXCESS)
 
 
@@ -278,7 +307,7 @@ def _larger_than_head(ev: Evidence) -> dict[str, Any]:
     if not hidden:
         return _check(False, "no hidden layer to compare with the head")
     layer = max(hidden, key=hidden.get)
-    return _check(hidden[layer] > LARGER_THAN_HEAD, f"{layer} gradient {_relative(hidden[layer])} than the head's "
+    return _check(hidden[layer] > LARGER_THAN_HEAD, f"{layer_name(layer)} gradient {_relative(hidden[layer])} than the head's "
                                                      "(its smallest of early, middle, last)", hidden[layer], LARGER_THAN_HEAD)
 
 
@@ -315,15 +344,16 @@ def check_saturated(ev: Evidence) -> dict[str, Any]:
     end, harm is the loss stalled (< STALL_DROP)."""
     bounded = {n: r for n, r in ev.activations.items() if "saturated" in r and not r.get("output")}
     if not bounded:
-        return _check(False, "no hidden tanh or sigmoid activations recorded")
+        return _unchecked("no hidden tanh or sigmoid activations recorded")
     name = max(bounded, key=lambda n: bounded[n]["saturated"])
     value = bounded[name]["saturated"]
-    why = f"{value:.0%} of {name} outputs saturated (|a| > 0.97 of the range)"
+    why = f"{value:.0%} of {layer_name(name)} outputs saturated (|a| > 0.97 of the range)"
     drop = loss_drop(ev.loss)
     if value > SATURATED_FRACTION:
         if drop is None or drop < SATURATED_DROP:
-            harm = (f", and the loss fell only {drop:.1%} (< {SATURATED_DROP:.0%})" if drop is not None
-                    else ", no loss to judge harm by")
+            # Under STALL_DROP (a rise included) the stalled check fires and gives the figure: said once.
+            harm = (", no loss to judge harm by" if drop is None else ", and the loss stalled" if drop < STALL_DROP
+                    else f", and the loss fell only {drop:.1%} (< {SATURATED_DROP:.0%})")
             return _check(True, why + harm, value, SATURATED_FRACTION)
         return _check(False, why + f"; the loss still fell {drop:.0%}", value, SATURATED_FRACTION,
                       note=f"{why}, over {SATURATED_FRACTION:g}; the loss still fell {drop:.0%}: not a verdict")
@@ -333,10 +363,10 @@ def check_saturated(ev: Evidence) -> dict[str, Any]:
         return _check(False, why, value, SATURATED_FRACTION)
     # A gate that learned to stay mostly shut (a squeeze-excitation or GLU sigmoid) sits near an
     # end too: a verdict only with harm, the loss stalled.
-    at_end = (f"{near} outputs sit at one end of the range: mean {ends[near]:.1%} of the range from it "
+    at_end = (f"{layer_name(near)} outputs sit at one end of the range: mean {ends[near]:.1%} of the range from it "
               "(median over the last half of the windows)")
     if drop is not None and drop < STALL_DROP:
-        return _check(True, f"{at_end}, and the loss stalled ({drop:.1%})", ends[near], SATURATED_END)
+        return _check(True, f"{at_end}, and the loss stalled", ends[near], SATURATED_END)
     return _check(False, why, value, SATURATED_FRACTION, note=f"{at_end}; the loss still fell: not a verdict")
 
 
@@ -353,10 +383,10 @@ def check_dead(ev: Evidence) -> dict[str, Any]:
     if ev.layers and all(row["zero_last"] == 1.0 for row in ev.layers.values()):
         return _check(True, "every gradient exactly zero in the last window", 1.0, 1.0)
     if not dead:
-        return _check(False, "no ReLU-type activations recorded")
+        return _unchecked("no ReLU-type activations recorded")
     most = [n for n, value in dead.items() if value >= DEAD_FRACTION]
     name = max(dead, key=dead.get)
-    why = f"at most {dead[name]:.0%} of a layer's units dead ({name})"
+    why = f"at most {dead[name]:.0%} of a layer's units dead ({_quoted(name)})"
     if not most:
         return _check(False, why, dead[name], DEAD_FRACTION)
     drop = loss_drop(ev.loss)
@@ -366,7 +396,7 @@ def check_dead(ev: Evidence) -> dict[str, Any]:
     killed = [n for n in most if ev.activations[n].get("dead_first", 1.0) < DEAD_FRACTION / 2]
     jolted = bool(killed) and _huge_update(ev)["fired"]
     if lost or jolted or (drop is not None and drop < STALL_DROP):
-        harm = ("the loss went non-finite" if lost else f"the loss stalled ({drop:.1%})" if drop is not None
+        harm = ("the loss went non-finite" if lost else "the loss stalled" if drop is not None
                 and drop < STALL_DROP else f"they died after a step too large ({_huge_update(ev)['why'].split(';')[0]})")
         return _check(True, f"{_share(dead, most)} of the units of {_names(most)} dead (never positive) in the last "
                             f"window, and {harm}", dead[name], DEAD_FRACTION)
@@ -382,6 +412,7 @@ def _share(dead: Mapping[str, float], names: Sequence[str]) -> str:
 
 
 def _names(names: Sequence[str]) -> str:
+    names = [layer_name(n) for n in names]
     return ", ".join(names) if len(names) <= 3 else f"{names[0]}, ... {names[-1]} ({len(names)} layers)"
 
 
@@ -404,12 +435,12 @@ def check_stalled(ev: Evidence) -> dict[str, Any]:
     if layers and all(row["zero_last"] == 1.0 for row in layers.values()):
         return _check(True, "no gradient left: the weights cannot change", 0.0, STALL_DROP)
     if not loss:
-        return _check(False, "no loss history to judge")
+        return _unchecked("no loss history to judge")
     # The end of the run, not the best epoch: a run that learned and then collapsed back to a
     # constant prediction (20-layer ReLU, seed 2) has stalled too.
     drop = loss_drop(loss)
     if drop is None:
-        return _check(False, "loss not finite", None, STALL_DROP)
+        return {**_unchecked("loss not finite"), "threshold": STALL_DROP}
     moved = "did not move" if abs(drop) < 0.0005 else f"fell {drop:.1%}" if drop > 0 else f"rose {-drop:.1%}"
     why = f"loss {moved} after the early part ({loss['early']:.3g} -> {loss['tail']:.3g} at the end)"
     return _check(drop < STALL_DROP, why, drop, STALL_DROP)
@@ -442,7 +473,7 @@ def check_oscillating(ev: Evidence) -> dict[str, Any]:
     does not converge (``stalled``); a note when it still falls."""
     value = oscillation(ev.losses)
     if not math.isfinite(value):
-        return _check(False, "too few loss values to judge oscillation")
+        return _unchecked("too few loss values to judge oscillation")
     why = f"the loss swings {value:.0%} of its level between windows in the last half"
     if value <= OSCILLATION:
         return _check(False, why, value, OSCILLATION)
@@ -466,8 +497,15 @@ def check_output_mismatch(ev: Evidence) -> dict[str, Any]:
     or a linear layer instead of a (log-)softmax or sigmoid (``PROBABILITY_OUTPUTS``). Named as
     the cause when the loss goes non-finite (log of a zero ReLU output) or negative (NLLLoss of
     an unnormalised output is unbounded below)."""
+    if ev.context == "run" and not (ev.loss_fn and ev.output):
+        return _unchecked("not checked: gradflow train's models end in a sigmoid under binary cross-entropy (from "
+                          "its logits), which fit")
     if not ev.loss_fn or not ev.output:
-        return _check(False, "loss function or output module unknown: pass model= and loss_fn= to diagnose")
+        missing = [what for what, known in (("the model's output module", ev.output), ("the loss function",
+                                                                                          ev.loss_fn)) if not known]
+        wanted = [f"{key}=" for key, known in (("model", ev.output), ("loss_fn", ev.loss_fn)) if not known]
+        return _unchecked(f"not checked: {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} unknown; "
+                          f"pass {' and '.join(wanted)} to diagnose_monitor (or diagnose)")
     if ev.loss_fn not in PROBABILITY_LOSSES:
         return _check(False, f"{ev.loss_fn} takes raw outputs")
     if ev.output in PROBABILITY_OUTPUTS:
@@ -488,12 +526,12 @@ def check_tiny(ev: Evidence) -> dict[str, Any]:
              for layer, r in ev.layers.items() if r.get("role") in ("hidden", "head")
              and np.isfinite([r["gradient_early"], r["gradient_middle"], r["gradient_last"]]).any()}
     if not sizes or next(iter(ev.layers.values())).get("measure") != "relative":
-        return _check(False, "no ||g||/||w|| recorded")
+        return _unchecked("no ||g||/||w|| recorded")
     if any(r.get("zero_last") == 1.0 for r in ev.layers.values() if r.get("role") in ("hidden", "head")) \
             or min(sizes.values()) <= 0:
         return _check(False, "some layer's gradient is exactly zero: dead units, not a small gradient")
     layer = max(sizes, key=sizes.get)
-    why = f"the largest layer gradient is {fmt_number(sizes[layer])} of its weights ({layer})"
+    why = f"the largest layer gradient is {fmt_number(sizes[layer])} of its weights ({_quoted(layer)})"
     if sizes[layer] >= TINY_GRADIENT:
         return _check(False, why, sizes[layer], TINY_GRADIENT)
     drop = loss_drop(ev.loss)

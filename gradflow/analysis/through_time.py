@@ -88,19 +88,19 @@ TIME_ADVICE = {
     "vanishing/rnn": "The gradient vanishes through time: a plain RNN's reaches only the last few steps of the "
                      "sequence, so it cannot learn what lies further back. Use an LSTM or a GRU (nn.LSTM, nn.GRU) "
                      "with a forget-gate (update-gate) bias of 1 or more, or chrono initialisation for dependencies "
-                     "of T steps (forget bias log(U(1, T - 1)), input bias its negative; gradflow's model.chrono); "
+                     "of T steps (forget bias log(U(1, T - 1)), input bias its negative; {chrono}); "
                      "or shorten the distance the gradient must travel: truncated backpropagation through time over "
                      "fewer steps, a loss at every step, shorter sequences.",
     "vanishing/lstm": "The gradient vanishes through time inside the LSTM: its forget gate, at about 0.5 with "
                       "PyTorch's zero bias, halves the state at every step. Initialise the forget-gate bias to 1 "
                       "(Jozefowicz et al. 2015; Keras' unit_forget_bias) or, for dependencies of T steps, use chrono "
-                      "initialisation (forget bias log(U(1, T - 1)), input bias its negative; gradflow's "
-                      "model.chrono); use fewer stacked layers, or truncated backpropagation through time over "
+                      "initialisation (forget bias log(U(1, T - 1)), input bias its negative; {chrono}); "
+                      "use fewer stacked layers, or truncated backpropagation through time over "
                       "fewer steps.",
     "vanishing/gru": "The gradient vanishes through time inside the GRU: its update gate, at about 0.5 with "
                      "PyTorch's zero bias, replaces half the state at every step. Give the update gate a positive "
-                     "bias (chrono initialisation: log(U(1, T - 1)) for dependencies of T steps; gradflow's "
-                     "model.chrono), use fewer stacked layers, or truncated backpropagation through time over fewer "
+                     "bias (chrono initialisation: log(U(1, T - 1)) for dependencies of T steps; {chrono}), "
+                     "use fewer stacked layers, or truncated backpropagation through time over fewer "
                      "steps.",
     "exploding/rnn": "The gradient explodes through time: clip its norm (torch.nn.utils.clip_grad_norm_, max_norm "
                      "1-5, Pascanu et al. 2013) and lower the learning rate; a ReLU RNN needs a recurrent matrix "
@@ -260,9 +260,17 @@ def fold_into_checks(checks: dict[str, dict[str, Any]], time: dict[str, Any], no
     checks[verdict] = {"fired": True, "why": why, "value": time["value"], "threshold": time["threshold"]}
 
 
-def time_recommendation(time: dict[str, Any], verdicts: Sequence[str], rest: str) -> str:
+def time_advice(key: str, context: str = "loop") -> str:
+    """``TIME_ADVICE[key]`` with its pointers filled in for ``context`` (``advice.POINTERS``:
+    chrono initialisation by hand in a user's loop, ``model.chrono`` in a gradflow run)."""
+    from gradflow.analysis.advice import POINTERS
+
+    return TIME_ADVICE[key].format(**POINTERS[context])
+
+
+def time_recommendation(time: dict[str, Any], verdicts: Sequence[str], rest: str, context: str = "loop") -> str:
     """The advice: the through-time advice first when its check fired, then ``rest`` (the
     advice for the other verdicts, from ``advice.recommend``)."""
     if time["advice"] is None:
         return rest
-    return " ".join(filter(None, [TIME_ADVICE[time["advice"]], rest]))
+    return " ".join(filter(None, [time_advice(time["advice"], context), rest]))

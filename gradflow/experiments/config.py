@@ -178,7 +178,9 @@ def read_yaml(path: str | Path, allow_empty: bool = True) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found; pass a YAML file such as configs/deep_relu.yaml") from None
+        where = "" if path.is_absolute() else f" (a relative path is read from the current directory, {Path.cwd()})"
+        raise ConfigError(f"{path}: config file not found{where}; pass a YAML file: the examples are in the "
+                          "configs/ folder of gradflow's repository, such as configs/deep_relu.yaml") from None
     except (IsADirectoryError, PermissionError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read config file ({type(exc).__name__}); pass a readable YAML file") from None
     raw = _yaml_load(text, str(path))

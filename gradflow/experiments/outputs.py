@@ -40,7 +40,8 @@ def write_outputs(run_dir: str | Path, cfg: Config, result: TrainResult, windows
     run_dir = Path(run_dir)
     diagnosis = None
     if windows:
-        diagnosis = diagnose(windows, [row["loss"] for row in result.history], optimizer=cfg.optimizer.name)
+        diagnosis = diagnose(windows, [row["loss"] for row in result.history], optimizer=cfg.optimizer.name,
+                             context="run", nonfinite_part=members is None)   # solo runs look for it (solo.py)
         if writer is not None:
             write_to_tensorboard(diagnosis, writer, result.history[-1]["epoch"] if result.history else 0)
     summary = run_summary(cfg, result, windows, stopped_by, diagnosis, members)

@@ -71,7 +71,8 @@ class GradflowCallback(_pl.Callback):
     ``gradient_clip_algorithm="value"``, ``clip_grad_value_``: the L2 norm before clamping, and a step
     counts as clipped when a value was clamped) adds ``grad/total_norm_before_clip`` and
     ``grad/clipped_steps``. Manual optimization works the same way: ``optimizer.step()`` in
-    ``training_step`` calls the same hook, after whatever ``self.clip_gradients(...)`` the step did.
+    ``training_step`` calls the same hook, after whatever ``self.clip_gradients(...)`` the step did
+    (with several optimizers each one's clipped step counts in ``grad/clipped_steps``).
     With several optimizers each step records only the parameters of the optimizer that steps.
 
     What it writes, every ``log_every_n_steps`` optimizer steps (the trainer's own cadence unless

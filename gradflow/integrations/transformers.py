@@ -56,7 +56,8 @@ class GradflowTrainerCallback(_tf.TrainerCallback):
     *after clipping*; the norm before clipping, the one the Trainer logs as ``grad_norm``, comes from
     the monitor's watch of torch's clipping (accelerate >= 1.10 clips through ``get_total_norm`` +
     ``clip_grads_with_norm_``; ``monitor/interception.py``) as ``grad/total_norm_before_clip``, with
-    ``grad/clipped_steps``.
+    ``grad/clipped_steps``. With ``max_grad_norm=0`` the Trainer still computes ``grad_norm`` but
+    clips nothing: those two keys are absent, and ``grad/total_norm`` is its ``grad_norm``.
 
     Where it writes, every ``logging_steps`` optimizer steps (or ``every_n_steps``), from the main
     process only (``state.is_world_process_zero``). Every process attaches a monitor and closes the same

@@ -132,6 +132,20 @@ class _Hook:
             hooks.move_to_end(handle.id, last=False)
         return True
 
+    def keep_first(self) -> None:
+        """Back in front of its module's hooks where the user prepended one since it was put on
+        (``register_forward_hook(..., prepend=True)`` between the step that put the taps on and
+        the profiled pass): the tap reads the module's own output, not what that hook returns."""
+        handle = self.handle
+        hooks = handle.hooks_dict_ref()
+        try:        # another thread's monitor may be taking its taps off meanwhile: checked next pass
+            first = next(iter(hooks)) if hooks else handle.id
+            # Another monitor's tap in front is one being replaced (removed in another thread): no move.
+            if first != handle.id and handle.id in hooks and hooks[first].__class__ is not _Tap:
+                hooks.move_to_end(handle.id, last=False)
+        except (RuntimeError, KeyError):
+            pass
+
     def remove(self) -> None:
         """Take the hook off: the handle's own ``remove()`` where the hook is also marked in the
         module's other hook dicts (``always_call``), else the one entry popped from the dict the
@@ -360,6 +374,9 @@ class Activations(Part):
             self.depth += 1
             return
         self.drop_partial()
+        for hook in self._taps:
+            if hook.prepend:
+                hook.keep_first()
         self.forward_start = len(self.pending)
         self.depth = 1
         self.handled = sys.exc_info()[1]

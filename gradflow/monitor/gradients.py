@@ -319,13 +319,17 @@ class Gradients(Part):
         them). The training step stays counted once, with the gradients the wrapper's step saw:
         said in a warning. (Where the inner optimizer holds every parameter of the wrapper, its
         step records alone, after its pre-hooks: steps.StepWatch._defers; over part of them, as
-        ZeroRedundancyOptimizer's shard on several ranks, the wrapper's step records first.)"""
+        ZeroRedundancyOptimizer's shard on several ranks, the wrapper's step records first.) Also a
+        wrapper that steps its inner optimizer twice, with new gradients between (extra-gradient
+        methods: an extrapolation step, a closure, the update): the first inner step's are kept."""
         names = [name for name, has in zip(self.setup.names, pattern) if has]
         self.setup.warn("changed-in-step", f"{', '.join(names[:5])}{' ...' if len(names) > 5 else ''}: their "
-                        "gradients changed between a wrapper optimizer's step and the step of an inner optimizer "
-                        "over part of its parameters (a step pre-hook on the inner optimizer?); the monitor reports "
-                        "them as the wrapper's step found them, before that change. Register such a hook on the "
-                        "wrapper to have it in what is reported")
+                        "gradients changed between two steps inside one wrapper optimizer's step: a step pre-hook "
+                        "on an inner optimizer over part of its parameters, or a wrapper that steps its inner "
+                        "optimizer twice (extra-gradient). The training step is counted once, with the gradients "
+                        "first recorded in it, before that change. Register such a hook on the wrapper to have it "
+                        "in what is reported; call monitor.record() by hand (automatic=False) to choose another "
+                        "moment")
 
     def _histogrammed(self, plan: _GradientPlan, pattern: tuple[bool, ...], seen: int) -> bool | np.ndarray:
         """Whether this step's gradients go into the histograms: each parameter's at its 0th,
@@ -543,7 +547,7 @@ class Gradients(Part):
         per_param = steps[::self.members]
         if not (self.recorded and all(per_param)):     # every parameter recorded: no gap (the common case)
             for key, message in _gaps(self.setup.names, self.params, per_param, self.recorded, self.skipped_steps,
-                                      self.removed, self._logged):
+                                      self.removed, self._logged, self.skipped.tolist()):
                 self.setup.warn(key, message)
         if self.recorded or self.skipped_steps:
             self._logged = _marks(self.params)
@@ -752,12 +756,14 @@ def _marks(params: list[torch.Tensor]) -> frozenset[tuple[int, int]]:
 
 
 def _gaps(names: list[str], params: list[torch.Tensor], steps: list[int], recorded: int,
-          skipped: int, removed: bool = False, logged: frozenset = frozenset()) -> list[tuple[str, str]]:
+          skipped: int, removed: bool = False, logged: frozenset = frozenset(),
+          skipped_by: list[int] | None = None) -> list[tuple[str, str]]:
     """What a window did not record although it could have, as (key, warning) pairs: gradients
     but no step (after ``remove()``: because the monitor was removed), gradients that no
-    monitored optimizer stepped. Gradients left as they were at the close of the last window
-    with a step (``logged``, ``_marks``: ``log()`` twice with no step between) are no sign of a
-    missed step."""
+    monitored optimizer stepped (``skipped_by``: each parameter's steps that a GradScaler skipped;
+    a parameter whose every step was skipped was stepped, and is in ``skipped_nonfinite``).
+    Gradients left as they were at the close of the last window with a step (``logged``,
+    ``_marks``: ``log()`` twice with no step between) are no sign of a missed step."""
     out = []
     if recorded and all(steps):                   # every parameter recorded: nothing missed (the common case)
         return out
@@ -773,7 +779,8 @@ def _gaps(names: list[str], params: list[torch.Tensor], steps: list[int], record
                     "monitor.record() where the gradient is final, before the update (also to look at gradients "
                     "without stepping, say at initialisation)"))
     elif recorded:
-        missed = [name for name, n in zip(names, steps) if n == 0 and name in with_grad]
+        skipped_by = skipped_by or [0] * len(names)
+        missed = [name for name, n, k in zip(names, steps, skipped_by) if n == 0 and not k and name in with_grad]
         if missed:
             out.append(("not-stepped", f"log(): {', '.join(missed[:5])}{' ...' if len(missed) > 5 else ''} had "
                         "gradients but no monitored optimizer stepped them in this window"))

@@ -1,7 +1,9 @@
 """Watches the torch calls that decide what a step applies but offer no hook of their own.
 
 - ``GradScaler.step`` skips ``optimizer.step()`` when a gradient overflowed (so no optimizer
-  hook runs on exactly the step an AMP user needs to see);
+  hook runs on exactly the step an AMP user needs to see); ``GradScaler.unscale_`` (by hand, or
+  inside ``step``; a fused optimizer's step, which unscales inside itself, at ``step``) tells
+  that a clipping call before it saw the gradients scaled;
 - gradient clipping changes the gradient before the optimizer applies it, so the norm before
   clipping is seen only here. All three of torch's clipping paths are watched:
 
@@ -20,11 +22,25 @@
   ================================================  =========================================
 
   The norm told is always the L2 norm (the monitor's ``total_norm`` is one, and the verdict
-  divides one by the other): clipping by another norm (``norm_type=1``, ``inf``; for
-  ``clip_grads_with_norm_``, the ``norm_type`` of the last ``get_total_norm`` call) has the L2
+  divides one by the other): clipping by another norm (``norm_type=1``, ``inf``) has the L2
   norm of the gradients it clips taken before it, one more pass over them; the clip decision is
-  the call's own norm's. Each watching monitor gathers one step's calls into one
-  (``clipping.py``).
+  the call's own norm's. ``clip_grads_with_norm_``'s ``total_norm`` counts as an L2 norm only
+  where every ``get_total_norm`` call (in this thread) since the last new ``total_norm`` was an
+  L2 one; else (a norm made by hand, as accelerate's ``clip_grad_norm_(norm_type=0)`` does, or
+  one by another norm) the L2 norm is taken as above. A ``total_norm`` made by hand after an
+  L2 ``get_total_norm`` whose result was only logged is still taken as the L2 norm.
+
+  A call over more gradients than a monitor watches (another model's too) tells that monitor
+  the L2 norm of its own ones, taken before the call (``Clipping.scope``): the window divides
+  it by the norm of those same gradients after the step. ``clip_grads_with_norm_`` calls that
+  share one ``total_norm`` (one per device mesh), where one holds the monitor's gradients alone
+  and another holds others' too, cannot be told apart at the first call: a warning says so.
+
+  A clip before ``scaler.unscale_`` (by hand after the clip, the one inside ``GradScaler.step``,
+  or a fused optimizer's own) saw the gradients multiplied by the scale: the step's norm is
+  divided by it, and a warning says so. A clipping call inside a ``torch.compile``d function
+  runs eagerly (``_eager_under_compile``). Each watching monitor gathers one step's calls into
+  one (``clipping.py``).
 
   ``get_total_norm`` alone (a norm that is only logged) is not clipping and is not counted.
 
@@ -66,7 +82,7 @@ from typing import Any
 import torch
 import torch.nn.utils
 import torch.nn.utils.clip_grad
-from torch.amp.grad_scaler import GradScaler
+from torch.amp.grad_scaler import GradScaler, OptState
 
 from gradflow.monitor.stats import wide_dtype
 
@@ -77,7 +93,11 @@ _ORIGINAL: dict[str, Any] = {}          # torch's functions, kept once taken (se
 _INSTALLED: list[bool] = [False]
 # The total_norm tensor of the last clip_grads_with_norm_ call and the monitors that counted it:
 # a caller that clips each device mesh's parameters in turn passes the same tensor each time.
-_LAST_TOTAL: dict[str, Any] = {"total": None, "counted": weakref.WeakSet(), "norm_type": 2.0}
+# Its norm_type: 2.0, or None where the total_norm is not known to be an L2 norm (_given_norm_type).
+# The monitors told it (counted) or told their own gradients' norm instead (owned: _own_before).
+_LAST_TOTAL: dict[str, Any] = {"total": None, "counted": weakref.WeakSet(), "owned": weakref.WeakSet(),
+                               "norm_type": 2.0}
+_NORM_TYPES = threading.local()         # .seen: the norm_types of get_total_norm calls since the last clip
 
 # (name in torch.nn.utils, also in torch.nn.utils.clip_grad) for each wrapped function: the three
 # clipping paths, and get_total_norm for the norm_type that clip_grads_with_norm_ is given.
@@ -164,9 +184,10 @@ def _install() -> None:
             setattr(torch.nn.utils, name, _WRAPPERS[name])
             if in_module:
                 setattr(torch.nn.utils.clip_grad, name, _WRAPPERS[name])
-    if GradScaler.__dict__["step"] is not _scaler_step:
-        _ORIGINAL["step"] = GradScaler.__dict__["step"]
-    GradScaler.step = _scaler_step
+    for name, wrapper in _SCALER_METHODS.items():
+        if GradScaler.__dict__[name] is not wrapper:
+            _ORIGINAL[name] = GradScaler.__dict__[name]
+        setattr(GradScaler, name, wrapper)
     _INSTALLED[0] = True
 
 
@@ -176,8 +197,9 @@ def _uninstall() -> None:
         for namespace in (torch.nn.utils, torch.nn.utils.clip_grad) if in_module else (torch.nn.utils,):
             if name in _ORIGINAL and getattr(namespace, name, None) is _WRAPPERS[name]:
                 setattr(namespace, name, _ORIGINAL[name])
-    if GradScaler.__dict__.get("step") is _scaler_step:
-        GradScaler.step = _ORIGINAL["step"]
+    for name, wrapper in _SCALER_METHODS.items():
+        if GradScaler.__dict__.get(name) is wrapper:
+            setattr(GradScaler, name, _ORIGINAL[name])
     _INSTALLED[0] = False                            # _ORIGINAL is kept: a call may be inside a wrapper
     _LAST_TOTAL["total"] = None
 
@@ -186,31 +208,67 @@ def _as_list(parameters: torch.Tensor | Iterable[torch.Tensor]) -> list[torch.Te
     return [parameters] if isinstance(parameters, torch.Tensor) else list(parameters)
 
 
-def _tell(params: list[torch.Tensor], total: torch.Tensor, clipped: torch.Tensor, skip=()) -> list[Any]:
+def _own_before(params: list[torch.Tensor]) -> tuple[dict[Any, tuple[list[torch.Tensor], Any]], set[int]]:
+    """Before a clipping call over ``params``: for each watching monitor whose parameters are only
+    part of the gradients the call clips (another model's are in it too), its own parameters there
+    and the L2 norm of their gradients, taken before the call changes them; for one that watches
+    none of them while the call clips gradients, ([], None). Empty in the common case (the call
+    clips the monitor's gradients only: ``_clip_scope`` is None). Also the ids of ``params``, made
+    once for every monitor's look."""
+    if not _TOLD:
+        return {}, set()
+    ids = {id(p) for p in params}
+    own = {}
+    for monitor in _watchers():
+        scope = monitor._clip_scope(params, ids)
+        if scope:
+            with torch.no_grad():
+                own[monitor] = (scope, _total_norm([p.grad for p in scope], 2.0))
+        elif scope is not None:
+            own[monitor] = ([], None)
+    return own, ids
+
+
+def _tell(params: list[torch.Tensor], total: torch.Tensor, clipped: torch.Tensor, skip=(), own=None,
+          ids: set[int] | None = None) -> list[Any]:
     """Tell each watching monitor (but those in ``skip``); return those that counted the call.
+    A monitor in ``own`` (``_own_before``) is told its own parameters and their norm instead.
     Inference mode off: a monitor's sums made during a call under it must stay writable."""
+    own = own or {}
+    told = []
     with torch.inference_mode(False):
-        return [m for m in _watchers() if m not in skip and m._on_clip(params, total, clipped)]
+        for monitor in _watchers():
+            if monitor in skip:
+                continue
+            its_params, its_total = own.get(monitor, (params, total))
+            if its_params and monitor._on_clip(its_params, its_total, clipped,      # [] : none of its own
+                                               ids if its_params is params else None):
+                told.append(monitor)
+    return told
 
 
 def _clip_grad_norm_(parameters: torch.Tensor | Iterable[torch.Tensor], max_norm: float, norm_type: float = 2.0,
                      *args, **kwargs):
     params = _as_list(parameters)
+    own, ids = _own_before(params)
     l2 = _l2_before(params, norm_type)
     total = _ORIGINAL["clip_grad_norm_"](params, max_norm, norm_type, *args, **kwargs)
-    _tell(params, total if l2 is None else l2, total.detach() + 1e-6 > float(max_norm))
+    _tell(params, total if l2 is None else l2, total.detach() + 1e-6 > float(max_norm), own=own, ids=ids)
     return total
 
 
 def _get_total_norm(tensors, norm_type: float = 2.0, *args, **kwargs):
-    _LAST_TOTAL["norm_type"] = norm_type          # the norm that the next clip_grads_with_norm_ is given
+    # The norms that the next clip_grads_with_norm_ may be given (its total_norm is often made from
+    # them: accelerate and the Trainer stack one per device mesh): their norm_types since the last.
+    _NORM_TYPES.seen = getattr(_NORM_TYPES, "seen", frozenset()) | {float(norm_type)}
     return _ORIGINAL["get_total_norm"](tensors, norm_type, *args, **kwargs)
 
 
-def _l2_before(params: list[torch.Tensor], norm_type: float) -> torch.Tensor | None:
-    """The L2 norm of ``params``' gradients where clipping goes by another norm and a monitor
-    watches (taken before the call clips them); None where the call's own norm is the L2 one."""
-    if float(norm_type) == 2.0 or not _TOLD:
+def _l2_before(params: list[torch.Tensor], norm_type: float | None) -> torch.Tensor | None:
+    """The L2 norm of ``params``' gradients where clipping goes by another norm, or by a norm not
+    known to be L2 (None), and a monitor watches (taken before the call clips them); None where the
+    call's own norm is the L2 one."""
+    if (norm_type is not None and float(norm_type) == 2.0) or not _TOLD:
         return None
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
@@ -219,22 +277,45 @@ def _l2_before(params: list[torch.Tensor], norm_type: float) -> torch.Tensor | N
         return _total_norm(grads, 2.0)
 
 
+def _given_norm_type(total_norm: Any) -> float | None:
+    """The norm_type of the ``total_norm`` a clip_grads_with_norm_ call is given: 2.0 where every
+    get_total_norm call since the last new ``total_norm`` was an L2 one (the same tensor again,
+    the next device mesh of one clip, keeps its answer); else None: not known to be the L2 norm
+    (made by hand, as accelerate's ``norm_type=0``, or after a get_total_norm by another norm)."""
+    last = _LAST_TOTAL["total"]
+    if last is not None and last() is total_norm:
+        return _LAST_TOTAL["norm_type"]
+    seen, _NORM_TYPES.seen = getattr(_NORM_TYPES, "seen", frozenset()), frozenset()
+    return 2.0 if seen == {2.0} else None
+
+
 def _clip_grads_with_norm_(parameters: torch.Tensor | Iterable[torch.Tensor], max_norm: float,
                            total_norm: torch.Tensor, *args, **kwargs):
     params = _as_list(parameters)
-    l2 = _l2_before(params, _LAST_TOTAL["norm_type"])
+    norm_type = _given_norm_type(total_norm)
+    own, ids = _own_before(params)
+    l2 = _l2_before(params, norm_type)
     result = _ORIGINAL["clip_grads_with_norm_"](params, max_norm, total_norm, *args, **kwargs)
     total = torch.as_tensor(total_norm).detach()
-    if l2 is not None:      # another norm: each call's own L2 norm, the step adds its groups (clipping.py)
-        _tell(params, l2, total + 1e-6 > float(max_norm))
-        return result
+    clipped = total + 1e-6 > float(max_norm)
     last = _LAST_TOTAL["total"]
     if last is None or last() is not total_norm:      # a new clip, not the next mesh of the same one
         _LAST_TOTAL.update(total=weakref.ref(total_norm) if isinstance(total_norm, torch.Tensor) else None,
-                           counted=weakref.WeakSet())
-    counted = _LAST_TOTAL["counted"]
-    for monitor in _tell(params, total, total + 1e-6 > float(max_norm), skip=set(counted)):
+                           counted=weakref.WeakSet(), owned=weakref.WeakSet(), norm_type=norm_type)
+    if l2 is not None:      # not the L2 norm: each call's own L2 norm, the step adds its groups (clipping.py)
+        _tell(params, l2, clipped, own=own, ids=ids)
+        return result
+    counted, owned = _LAST_TOTAL["counted"], _LAST_TOTAL["owned"]
+    for monitor in own:     # the total holds others' gradients: a monitor that was told it earlier was misled
+        if monitor in counted:
+            monitor._on_mixed_meshes()
+    # A monitor told its own parameters' norm: at each call, added up the same way (clipping.py).
+    owned.update(_tell(params, total, clipped, skip=set(_watchers()) - set(own) | set(counted), own=own))
+    for monitor in _tell(params, total, clipped, skip=set(counted) | set(own) | set(owned), ids=ids):
         counted.add(monitor)
+    for monitor in owned:   # told its own norm earlier, now a call over its gradients alone: not added
+        if monitor not in own and any(p.grad is not None for p in params):
+            monitor._on_mixed_meshes()
     return result
 
 
@@ -243,12 +324,13 @@ def _clip_grad_value_(parameters: torch.Tensor | Iterable[torch.Tensor], clip_va
     grads = [p.grad for p in params if p.grad is not None]
     told = bool(grads and _TOLD)                # the same answer before and after torch's call
     if told:
+        own, ids = _own_before(params)
         with torch.no_grad():       # before clamping: the L2 norm and the largest |g|
             total = _total_norm(grads, 2.0)
             clipped = _largest(grads) > float(clip_value)
     result = _ORIGINAL["clip_grad_value_"](params, clip_value, *args, **kwargs)
     if told:
-        _tell(params, total, clipped)
+        _tell(params, total, clipped, own=own, ids=ids)
     return result
 
 
@@ -289,17 +371,50 @@ def _largest(grads: list[torch.Tensor]) -> torch.Tensor:
     return torch.stack(largest).max()
 
 
+def _eager_under_compile(fn: Any, like: Any = None) -> Any:
+    """``fn`` (named and documented as ``like``) run eagerly where torch.compile traces its caller:
+    a graph break, as ``torch._dynamo.disable`` makes, since the monitors' bookkeeping is plain
+    Python that dynamo cannot trace (it raised out of a compiled function that clips). In eager
+    code, ``fn`` itself, behind one check."""
+    disabled = torch._dynamo.disable(fn)
+
+    def wrapper(*args, **kwargs):
+        if _is_compiling():
+            return disabled(*args, **kwargs)
+        return fn(*args, **kwargs)
+
+    return functools.wraps(like if like is not None else fn)(wrapper)
+
+
+_is_compiling = torch.compiler.is_compiling
 _WRAPPERS = {
-    "clip_grad_norm_": functools.wraps(torch.nn.utils.clip_grad.clip_grad_norm_)(_clip_grad_norm_),
-    "clip_grad_value_": functools.wraps(torch.nn.utils.clip_grad.clip_grad_value_)(_clip_grad_value_),
-    "clip_grads_with_norm_": (functools.wraps(torch.nn.utils.clip_grads_with_norm_)(_clip_grads_with_norm_)
-                              if hasattr(torch.nn.utils, "clip_grads_with_norm_") else _clip_grads_with_norm_),
-    "get_total_norm": (functools.wraps(torch.nn.utils.get_total_norm)(_get_total_norm)
-                       if hasattr(torch.nn.utils, "get_total_norm") else _get_total_norm),
+    "clip_grad_norm_": _eager_under_compile(_clip_grad_norm_, torch.nn.utils.clip_grad.clip_grad_norm_),
+    "clip_grad_value_": _eager_under_compile(_clip_grad_value_, torch.nn.utils.clip_grad.clip_grad_value_),
+    "clip_grads_with_norm_": _eager_under_compile(_clip_grads_with_norm_,
+                                                  getattr(torch.nn.utils, "clip_grads_with_norm_", None)),
+    "get_total_norm": _eager_under_compile(_get_total_norm, getattr(torch.nn.utils, "get_total_norm", None)),
 }
 
 
+def _scaler_unscale(self: GradScaler, optimizer: torch.optim.Optimizer):
+    # By hand or inside GradScaler.step (where no unscale_ came first).
+    _tell_scaled(self, optimizer)
+    return _ORIGINAL["unscale_"](self, optimizer)
+
+
+def _tell_scaled(scaler: GradScaler, optimizer: torch.optim.Optimizer) -> None:
+    """``scaler`` is about to unscale ``optimizer``'s gradients: where they are still scaled, tell
+    each watching monitor (a clipping call of this step before now saw them scaled)."""
+    watchers = _watchers()
+    if watchers and scaler.is_enabled() and scaler._scale is not None and _still_scaled(scaler, optimizer):
+        with torch.inference_mode(False):
+            for monitor in watchers:
+                monitor._on_scaled_step(optimizer, scaler._scale)
+
+
 def _scaler_step(self: GradScaler, optimizer: torch.optim.Optimizer, *args, **kwargs):
+    if getattr(optimizer, "_step_supports_amp_scaling", False):    # fused: unscales in its step, no unscale_
+        _tell_scaled(self, optimizer)
     result = _ORIGINAL["step"](self, optimizer, *args, **kwargs)
     watchers = _watchers()
     if self.is_enabled() and watchers and found_inf(self, optimizer):
@@ -307,3 +422,14 @@ def _scaler_step(self: GradScaler, optimizer: torch.optim.Optimizer, *args, **kw
             for monitor in watchers:
                 monitor._on_skipped(optimizer)
     return result
+
+
+def _still_scaled(scaler: GradScaler, optimizer: torch.optim.Optimizer) -> bool:
+    """Whether ``optimizer``'s gradients are still multiplied by the scale (no ``unscale_`` since
+    its last step). The stage is read, not made (``.get``)."""
+    state = scaler._per_optimizer_states.get(id(optimizer))
+    return state is None or state["stage"] is OptState.READY
+
+
+_SCALER_METHODS = {"step": _eager_under_compile(_scaler_step, GradScaler.step),
+                   "unscale_": _eager_under_compile(_scaler_unscale, GradScaler.unscale_)}

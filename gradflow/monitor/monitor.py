@@ -363,12 +363,29 @@ class GradientMonitor:
         if mask is not None:
             self._skip(mask)
 
-    def _on_clip(self, params: list[torch.Tensor], total: torch.Tensor, clipped: torch.Tensor) -> bool:
-        """A clipping call over ``params`` found the norm ``total`` before clipping and ``clipped``
-        (interception); whether it was counted (it clipped some of this monitor's parameters).
-        A model converted since the last step is followed first (its parameters are new tensors)."""
+    def _on_scaled_step(self, optimizer: torch.optim.Optimizer, scale: torch.Tensor) -> None:
+        """``GradScaler.step(optimizer)`` is about to unscale the gradients (interception): a
+        clipping call of this step saw them multiplied by ``scale``."""
+        self.parts["clipping"].unscale(scale, optimizer)
+
+    def _clip_scope(self, params: list[torch.Tensor], ids: set[int]) -> list[torch.Tensor] | None:
+        """Before a clipping call over ``params`` (``ids``: theirs; interception):
+        where the call also clips gradients this monitor does not watch, its own parameters with a
+        gradient there (perhaps none); else None. A model converted since the last step is
+        followed first (its parameters are new tensors)."""
         self.parts["conversions"].check_clip(params)
-        return self.parts["clipping"].add(params, total, clipped)
+        return self.parts["clipping"].scope(params, ids)
+
+    def _on_mixed_meshes(self) -> None:
+        """Calls sharing one total_norm, some over other gradients too (interception): said once."""
+        self.parts["clipping"].mixed_meshes()
+
+    def _on_clip(self, params: list[torch.Tensor], total: torch.Tensor, clipped: torch.Tensor,
+                 ids: set[int] | None = None) -> bool:
+        """A clipping call over ``params`` (``ids``: theirs, if made already) found the norm ``total``
+        before clipping and ``clipped`` (interception, after ``_clip_scope``); whether it was
+        counted (it clipped some of this monitor's parameters)."""
+        return self.parts["clipping"].add(params, total, clipped, ids)
 
     # -- reading --------------------------------------------------------------------------
 

@@ -129,6 +129,9 @@ def is_summary_writer(writer: Any) -> bool:
 
 def as_sink(writer: Any) -> Sink:
     """The sink for what a user passed as ``writer``; MonitorError for anything else."""
+    if isinstance(writer, type):          # the class, not one: its methods are found, but unbound
+        raise MonitorError(f"writer must be a writer object, got the class {writer.__module__}.{writer.__qualname__} "
+                           "itself: pass an instance of it, e.g. SummaryWriter(log_dir) or ScalarSink(fn)")
     if isinstance(writer, Sink):
         return writer
     if is_summary_writer(writer):

@@ -8,11 +8,13 @@ never steps one is invisible to it, and ``log()`` would return ``{}`` with no wo
   is not a ``torch.optim.Optimizer``: the parameters' version counters moved (every in-place
   write bumps them) with no step recorded;
 - ``torch.func`` training (``functional_call`` + ``grad``): gradients are returned, never
-  stored in ``.grad``; training forward passes ran (grad mode on) with no step recorded.
+  stored in ``.grad``; training forward passes ran (grad mode on) with no step recorded;
 - an update through ``.data`` (``p.data -= lr * p.grad``, then ``p.grad = None``): torch does
   not count a write through ``.data`` as a change (no version bump), so it is told from the
   weights part's distance moved over the window (``Window.weights``' ``update_ratio`` > 0);
-  without the weights part (``weights=False``) the warning names both causes.
+  without the weights part (``weights=False``) the warning names both causes;
+- a model whose parameters are all frozen (``requires_grad`` False): passes ran, and nothing
+  can have a gradient (a frozen backbone monitored while only a head outside it trains).
 
 One warning per monitor, naming the likely cause and ``record()``. Windows that recorded a
 step, or whose parameters still hold gradients (the gradients part warns about those), are
@@ -32,6 +34,9 @@ THROUGH_DATA = ("log(): the weights moved but no optimizer step was recorded in 
 FUNCTIONAL = ("log(): {n} training forward passes ran but no gradient reached the parameters' .grad and no "
               "optimizer step was recorded in this window: torch.func training (functional_call + grad) "
               "returns gradients without storing them. Set p.grad from them and call monitor.record()")
+FROZEN = ("log(): {n} training forward passes ran but every monitored parameter is frozen (requires_grad False), "
+          "so none can have a gradient to record. Attach the monitor to the model that trains, or unfreeze "
+          "its parameters (p.requires_grad_(True))")
 
 
 class Unrecorded(Part):
@@ -66,8 +71,9 @@ class Unrecorded(Part):
         elif moved := _moved(reader.windows):
             self.setup.warn("unrecorded", THROUGH_DATA)
         elif forwards := self.setup.schedule.passes - self.passes_before:
-            said = FUNCTIONAL.format(n=forwards)
-            if moved is None:                        # no weight rows: an update through .data cannot be told apart
+            frozen = not any(p.requires_grad for p in params)
+            said = (FROZEN if frozen else FUNCTIONAL).format(n=forwards)
+            if moved is None and not frozen:         # no weight rows: an update through .data cannot be told apart
                 said += (" (or a hand-written update through .data, p.data -= lr * p.grad, which torch does not count "
                          "as a change: call monitor.record() before it)")
             self.setup.warn("unrecorded", said)

@@ -190,3 +190,108 @@ def test_real_short_runs(tmp_path, config, overrides, present, absent):
     assert present <= set(diagnosis.verdicts), diagnosis.report()
     assert not absent & set(diagnosis.verdicts), diagnosis.report()
     json.dumps(diagnosis.to_dict(), allow_nan=False)
+
+
+# -- output-mismatch on a live monitor, and checks that could not be made ------------------
+
+
+def mismatched_run():
+    """A model ending in ReLU trained under BCELoss (probabilities expected): a known mismatch."""
+    torch.manual_seed(0)
+    x = torch.randn(256, 2)
+    y = (x[:, :1] > 0).float()
+    model = nn.Sequential(nn.Linear(2, 8), nn.ReLU(), nn.Linear(8, 1), nn.ReLU())
+    loss_fn, optimizer, losses = nn.BCELoss(), torch.optim.SGD(model.parameters(), lr=0.05), []
+    with GradientMonitor(model) as monitor:
+        for epoch in range(8):
+            optimizer.zero_grad()
+            loss = loss_fn(model(x).clamp(1e-6, 1 - 1e-6), y)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+            monitor.log(epoch)
+    return monitor, model, loss_fn, losses
+
+
+def check_line(diagnosis, name):
+    return next(line for line in diagnosis.report().splitlines() if line.split()[1:2] == [f"{name}:"])
+
+
+def test_output_mismatch_is_checked_with_what_its_message_asks_for():
+    monitor, model, loss_fn, losses = mismatched_run()
+    told = {}
+    for given in ({}, {"model": model}, {"loss_fn": loss_fn}):
+        diagnosis = diagnose_monitor(monitor, losses, **given)
+        line = check_line(diagnosis, "output-mismatch")
+        assert line.startswith("  n/a output-mismatch: not checked: "), line
+        assert "output-mismatch" not in diagnosis.verdicts
+        told[tuple(given)] = {key for key in ("model", "loss_fn") if f"{key}=" in line}
+        assert "diagnose_monitor" in line
+    assert told == {(): {"model", "loss_fn"}, ("model",): {"loss_fn"}, ("loss_fn",): {"model"}}
+    run = check_line(diagnose(monitor.history, losses, context="run"), "output-mismatch")   # gradflow train's
+    assert run.startswith("  n/a output-mismatch: not checked: gradflow train's models end in a sigmoid") and "=" not in run
+    diagnosis = diagnose_monitor(monitor, losses, model=model, loss_fn=loss_fn)   # the names it gave work
+    assert "output-mismatch" in diagnosis.verdicts
+    assert check_line(diagnosis, "output-mismatch").startswith("  yes output-mismatch: BCELoss expects probabilities "
+                                                               "but the model ends in ReLU")
+
+
+def test_checks_that_could_not_be_made_say_so():
+    diagnosis = diagnose(history(sizes=(0.1, 0.1, 0.1)))         # no losses, no activations, no model
+    marks = {line.split()[1].rstrip(":"): line.split()[0] for line in diagnosis.report().split("Checks:")[1]
+             .split("Recommendation:")[0].strip().splitlines()}
+    assert marks["stalled"] == marks["oscillating"] == marks["output-mismatch"] == "n/a"
+    assert marks["vanishing"] == marks["exploding"] == marks["insufficient"] == "no"
+    assert not diagnosis.evidence["checks"]["stalled"]["checked"]
+    assert diagnosis.evidence["checks"]["vanishing"]["checked"]
+    assert "- n/a stalled: no loss history to judge" in markdown(diagnosis)
+
+
+# -- the losses given to diagnose ----------------------------------------------------------
+
+
+def small_run(epochs=6):
+    """A real monitored run; returns the monitor and each epoch's loss tensor (still requiring grad)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 1))
+    optimizer, x, y, losses = torch.optim.SGD(model.parameters(), lr=0.1), torch.randn(64, 2), torch.randn(64, 1), []
+    with GradientMonitor(model) as monitor:
+        for epoch in range(epochs):
+            optimizer.zero_grad()
+            loss = (model(x) - y).pow(2).mean()
+            loss.backward()
+            optimizer.step()
+            losses.append(loss)
+            monitor.log(epoch)
+    return monitor, losses
+
+
+def test_losses_as_tensors_read_as_their_floats():
+    monitor, tensors = small_run()
+    floats = [t.item() for t in tensors]
+    expected = diagnose_monitor(monitor, floats).to_dict()
+    assert all(t.requires_grad for t in tensors)
+    for given in (tensors, torch.stack([t.detach() for t in tensors]), tuple(floats)):
+        assert diagnose_monitor(monitor, given).to_dict() == expected
+
+
+@pytest.mark.parametrize("losses, message", [
+    ("0.5 0.4", "losses must be a sequence of numbers.* got str '0.5 0.4'"),
+    (0.5, "losses must be a sequence of numbers.* got float"),
+    ([0.5, None, 0.3], r"losses\[1\] is None"),
+    ([0.5, "0.4"], r"losses\[1\] is str"),
+    ([0.5, torch.ones(2)], r"losses\[1\] is a tensor of 2 elements"),
+], ids=["string", "scalar", "none-inside", "string-inside", "tensor-of-two"])
+def test_bad_losses_are_one_line_naming_losses(losses, message):
+    monitor, _ = small_run()
+    with pytest.raises(ValueError, match=message) as error:
+        diagnose_monitor(monitor, losses)
+    assert "\n" not in str(error.value) and "one per epoch, window or step" in str(error.value)
+
+
+def test_losses_of_another_length_than_the_windows_are_a_series_over_the_run():
+    """Documented: one loss per epoch, window or step, read in order as a series over the run."""
+    monitor, tensors = small_run()
+    per_step = [t.item() for t in tensors for _ in range(4)]      # 24 values for 6 windows
+    assert diagnose_monitor(monitor, per_step).evidence["loss"]["first"] == tensors[0].item()
+    assert diagnose_monitor(monitor, per_step[:2]).evidence["loss"] is not None

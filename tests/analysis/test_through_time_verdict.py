@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from gradflow.analysis.diagnose import diagnose
-from gradflow.analysis.through_time import TIME_ADVICE, check_through_time, measure_time
+from gradflow.analysis.through_time import TIME_ADVICE, check_through_time, measure_time, time_advice
 from gradflow.monitor import Window
 
 STUCK = [0.693] * 12                      # a loss that never moves
@@ -66,7 +66,7 @@ def test_only_late_windows_judge():
 def test_diagnose_folds_it_in_with_recurrent_advice_and_no_optimizer_advice():
     d = diagnose(windows(np.logspace(-12, -1, 100)), STUCK)
     assert d.verdicts[0] == "vanishing" and "through time" in d.line()
-    assert d.recommendation.startswith(TIME_ADVICE["vanishing/rnn"])
+    assert d.recommendation.startswith(time_advice("vanishing/rnn"))
     assert "Adam" not in d.recommendation
     lstm = diagnose(windows(np.logspace(-12, -1, 100), cell="LSTM", key="lstm_1.l0"), STUCK)
     assert "forget-gate bias" in lstm.recommendation and "chrono" in lstm.recommendation

@@ -129,8 +129,21 @@ def test_bad_files(tmp_path, text, message):
 
 
 def test_missing_file():
-    with pytest.raises(ConfigError, match="not found"):
+    with pytest.raises(ConfigError, match="not found;") as info:
         load_config(ROOT / "configs" / "nope.yaml")
+    assert "current directory" not in str(info.value)      # an absolute path needs no word on where
+
+
+def test_a_relative_path_not_found_says_where_it_was_looked_for(tmp_path, monkeypatch):
+    """Run outside the checkout, ``configs/deep_relu.yaml`` is not found: the message says the
+    directory it was read from and where the examples are, one line."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError) as info:
+        load_config("configs/deep_relu.yaml")
+    message = str(info.value)
+    assert message.startswith("configs/deep_relu.yaml: config file not found (a relative path is read from the "
+                              f"current directory, {tmp_path})")
+    assert "configs/ folder of gradflow's repository" in message and "\n" not in message
 
 
 @pytest.mark.parametrize("name", sorted(p.stem for p in (ROOT / "configs").glob("*.yaml")))

@@ -120,9 +120,6 @@ def test_two_monitors_and_the_users_histograms_and_texts_in_three_threads_share_
     assert len(reader.Scalars("grad/total_norm")) == 24
 
 
-@pytest.mark.xfail(strict=True, reason="pre-existing (the same before 78bb52c): a forward hook the user registers "
-                   "with prepend=True while the taps are on (after the step that turned them on, before the "
-                   "profiled forward) runs before the tap for that pass, so the tap reads the hook's output")
 def test_a_prepended_user_hook_registered_while_the_taps_are_on_does_not_change_what_the_tap_reads():
     """Oracle: the Tanh's own output, tanh(input), captured by a forward pre-hook, over the profiled
     passes (activations_every=2: the 1st, 3rd, ...). The user's hook adds 1 to the output."""

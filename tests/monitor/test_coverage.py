@@ -115,6 +115,23 @@ def test_torch_func_training_is_said():
     assert len([m for m in messages if "torch.func" in m]) == 1, messages
 
 
+def test_a_wholly_frozen_model_is_said_as_frozen_not_as_torch_func():
+    """Every monitored parameter frozen, a head outside the model trained: the warning names
+    the frozen parameters, once, and not torch.func (a newcomer's try, before)."""
+    model, head = _model(3), nn.Linear(1, 1)
+    model.requires_grad_(False)
+    optimizer = torch.optim.SGD(head.parameters(), lr=0.1)
+    with GradientMonitor(model, activations=False) as monitor:
+        for _ in range(3):
+            optimizer.zero_grad()
+            head(model(torch.randn(8, 3))).square().mean().backward()
+            optimizer.step()
+        rows, messages = _caught(lambda: monitor.log(0))
+    assert rows == {}
+    said = [m for m in messages if "log(): 3 training forward passes ran" in m]
+    assert len(said) == 1 and "every monitored parameter is frozen" in said[0] and "torch.func" not in said[0], messages
+
+
 def test_idle_parameter_is_listed_not_silently_absent():
     """An expert the router never picks in a window: its optimizer steps, it gets no gradient;
     it is named in Window.idle (and counted in grad/idle_parameters), the others are recorded."""

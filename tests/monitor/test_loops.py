@@ -418,6 +418,20 @@ def test_unknown_writers_are_refused_at_construction(writer):
     assert not interception._WATCHERS
 
 
+@pytest.mark.parametrize("writer", ["SummaryWriter", "TensorBoardSink", "ScalarSink"])
+def test_a_writer_class_instead_of_a_writer_is_refused_at_construction(writer):
+    """The class passed for an instance of it (``writer=SummaryWriter``): its unbound methods look
+    like a writer's, and the first log() failed with a TypeError about ``self``."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    from gradflow.monitor import sinks
+    cls = SummaryWriter if writer == "SummaryWriter" else getattr(sinks, writer)
+    with pytest.raises(MonitorError, match=f"writer must be a writer object, got the class .*{writer} itself: "
+                                           "pass an instance of it"):
+        GradientMonitor(nn.Linear(2, 1), cls)
+    assert not interception._WATCHERS
+
+
 def test_scalar_sink_and_tee_take_the_window():
     model = nn.Linear(3, 1)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
