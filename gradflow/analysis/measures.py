@@ -112,6 +112,8 @@ def analysis_kinds(model: Any) -> dict[str, str]:
     (``gradflow.monitor.kinds``: ``linear``, ``conv``, ``attention``, ``other``), from the module
     that owns it, plus ``@head`` -> the parameter that is the output head's weight when the head
     is tied to an embedding (a Linear whose weight is an earlier module's, as in GPT-2 and nanoGPT).
+    Names are the user's, as the monitor records them (``model_checks.user_name``): ``fc.weight``
+    for a parametrized weight's ``fc.parametrizations.weight.original``.
 
     Example:
         >>> from torch import nn
@@ -119,8 +121,10 @@ def analysis_kinds(model: Any) -> dict[str, str]:
         'norm'
     """
     from gradflow.monitor.kinds import parameter_kinds as module_kinds
+    from gradflow.monitor.model_checks import user_name
 
-    return _from_module_kinds(module_kinds(model))
+    # under the names the monitor records: a parametrized weight (fc.parametrizations.weight.original) is fc.weight
+    return _from_module_kinds({user_name(name): kind for name, kind in module_kinds(model).items()})
 
 
 def recorded_kinds(windows: Sequence[Any]) -> dict[str, str] | None:

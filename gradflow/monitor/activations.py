@@ -70,8 +70,10 @@ class _Tap(LeavesCopiesAlone):
             return
         if not torch.is_grad_enabled():
             self.accumulator.unseen["no_grad"] += 1         # reentrant checkpointing's forward, or no_grad
+            self.accumulator.unseen_taps.add(self.index)
         elif torch._C._current_graph_task_id() != -1:
             self.accumulator.unseen["backward"] += 1        # a checkpoint's recompute inside backward
+            self.accumulator.unseen_taps.add(self.index)
         elif isinstance(output, torch.Tensor):
             self.accumulator.take(self.index, output)
         return
@@ -282,6 +284,7 @@ class Activations(Part):
         self.caller_thread = 0                        # ... and the thread it runs in
         self.passes_before = 0                        # the schedule's count of training passes at the window's start
         self.unseen = {"no_grad": 0, "backward": 0}   # tap calls not taken, by why (no_activations_cause)
+        self.unseen_taps: set[int] = set()            # the taps of those calls (untapped_cause)
         self._plans = _BoundedCache()
         self._slot_rows = _BoundedCache()            # slots of the large outputs reduced together
         self._taps: list[_Hook] = []                 # the hooks on their modules now, while the schedule is active
@@ -490,6 +493,7 @@ class Activations(Part):
         self.tapped = False
         self.passes_before = self.setup.schedule.passes
         self.unseen = {"no_grad": 0, "backward": 0}
+        self.unseen_taps = set()
 
     def _zero_sums(self) -> None:
         """Zero the window's sums: on the CPU through the fused kernel's numpy views of them
@@ -747,6 +751,33 @@ class Activations(Part):
                    "have no module to tap")
         return NO_ACTIVATIONS + why + STILL
 
+    def _say_untapped(self) -> None:
+        """Say once which taps gave no output in a window where others did, each with the cause
+        its own tap calls tell (``no_activations_cause`` for the whole model): called only under
+        no_grad or inside backward (reentrant activation checkpointing), inside a compiled block,
+        or never called in a tapped training pass (the model computes that activation with a
+        function in its place, ``F.gelu`` beside an unused ``nn.GELU``, or does not use it there).
+        A tap with no row is then never silently absent."""
+        silent = np.flatnonzero(~self.elements.reshape(-1, self.members).any(axis=1)).tolist()
+        if not silent:                                # a member without output, its tap with some: not this
+            return
+        compiled = set(self.compiled_taps())
+        by_cause: dict[str, list[str]] = {}
+        for index in silent:
+            name = self.names[index]
+            cause = ("ran only under no_grad or inside backward: a part run under torch.no_grad() (a frozen "
+                     "teacher), or reentrant activation checkpointing (torch.utils.checkpoint with "
+                     "use_reentrant=True; use_reentrant=False has them tapped)"
+                     if index in self.unseen_taps else
+                     "ran inside compiled blocks, where the taps do nothing" if name in compiled else
+                     "did not run in a tapped training pass: the model computes these activations with functions "
+                     "(F.gelu, torch.relu inside a forward) instead, or does not use the modules there")
+            by_cause.setdefault(cause, []).append(name)
+        said = "; ".join(f"{', '.join(names[:4])}{' ...' if len(names) > 4 else ''} {cause}"
+                         for cause, names in by_cause.items())
+        self.setup.warn("some-activations", f"log(): {len(silent)} of {len(self.names)} activation modules gave no "
+                        f"output in this window while others did, and have no row: {said}{STILL}")
+
     def compiled_taps(self) -> list[str]:
         """The taps whose module, or a block around it, is compiled (``Module.compile()`` sets
         ``_compiled_call_impl``; ``torch.compile(submodule)`` puts it under ``_orig_mod``)."""
@@ -769,6 +800,8 @@ class Activations(Part):
             if self.tapped:
                 self.setup.warn("no-activations", self.no_activations_cause())
             return
+        if not all(elements) and self.tapped:
+            self._say_untapped()
         if self._layout is None:               # made once: a small model's window costs its formatting
             self._layout = self._read_layout(reader)
         counts = values["counts"].reshape(-1, S.SIGN_EXPONENT_BINS)

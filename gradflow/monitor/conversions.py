@@ -24,6 +24,7 @@ from __future__ import annotations
 import weakref
 
 from gradflow.monitor.part import Part, watch_forward_starts
+from gradflow.monitor.steps import ALL
 
 
 class Conversions(Part):
@@ -62,7 +63,27 @@ class Conversions(Part):
         if now is not None and now is not first and (now.device != device or now.dtype is not dtypes[0]):
             setup.follow()
 
-    forward_starts = record = skip = check
+    forward_starts = skip = check
+
+    def record(self, mask=None):
+        """``check`` at a step. Where it rebound the monitor to new tensors that replaced some the
+        stepping optimizer's ``mask`` was found for, that optimizer holds the old ones and its step
+        applies nothing to those parameters (said once): the mask without them, for the later
+        parts, or False where none is left (nothing recorded). False once the monitor stopped."""
+        setup = self.setup
+        params = setup.params
+        self.check()
+        if setup.stopped is not None:
+            return False                              # a change it could not follow: the monitor stopped
+        if setup.params is params or mask is None:
+            return None
+        kept = [before is now for before, now in zip(params, setup.params)]
+        if all(kept):
+            return None                               # converted in place: the same tensors, the mask holds
+        setup.warn("stale-optimizer", stale_optimizer("The optimizer that stepped",
+                                                      [name for name, same in zip(setup.names, kept) if not same]))
+        narrowed = tuple(same and (mask is ALL or held) for same, held in zip(kept, kept if mask is ALL else mask))
+        return narrowed if any(narrowed) else False
 
     def _first_now(self):
         """The model's own first parameter as its module holds it now (None with sharded models)."""
@@ -83,3 +104,13 @@ class Conversions(Part):
         if now is not None and now is not self.setup.params[0] and model is not None \
                 and not {id(p) for p in params}.isdisjoint(id(p) for p in model.parameters()):
             self.check()
+
+
+def stale_optimizer(optimizer: str, names: list[str]) -> str:
+    """The warning for an optimizer that steps tensors the model replaced after it was made."""
+    shown = ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
+    return (f"{optimizer} holds tensors that are no longer the model's: {shown} were replaced by new tensors after "
+            "it was made (load_state_dict(assign=True), a conversion under torch.__future__."
+            "set_overwrite_module_params_on_conversion(True), module.weight = nn.Parameter(...)); its steps do not "
+            "update them and are not recorded for them. Make the optimizer after replacing parameters, or give it "
+            "the new ones (add_param_group)")

@@ -161,8 +161,21 @@ def replaced_parameters(model: nn.Module, names: list[str], params: list[torch.T
         return [p for _, p in current]
     current = _named(model)
     if [name for name, _ in current] != names:
+        current = _in_order(current, names) or current
+    if [name for name, _ in current] != names:
+        complex_ = [(user_name(name), p.dtype) for name, p in model.named_parameters()
+                    if p.is_complex() and user_name(name) in names]
+        if complex_:
+            raise MonitorError(f"{', '.join(name for name, _ in complex_[:5])}{' ...' if len(complex_) > 5 else ''} "
+                               f"became {complex_[0][1]} after the monitor attached: complex parameters are not "
+                               "recorded (statistics are of real gradients); remove() this monitor, and record "
+                               "torch.view_as_real(p.grad) yourself if you need them")
+        now = [name for name, _ in current]
+        added, gone = [n for n in now if n not in set(names)], [n for n in names if n not in set(now)]
         raise MonitorError(f"the model's parameters changed after the monitor attached (now {len(current)}, "
-                           f"were {len(params)}); remove() this monitor and attach a new one")
+                           f"were {len(params)}; new: {', '.join(added[:3]) or 'none'}{' ...' if len(added) > 3 else ''}"
+                           f"; gone: {', '.join(gone[:3]) or 'none'}{' ...' if len(gone) > 3 else ''}); "
+                           "remove() this monitor and attach a new one")
     for (name, p), q in zip(current, params):
         _check_materialised(name, p)
         if p.shape != q.shape:
@@ -170,7 +183,21 @@ def replaced_parameters(model: nn.Module, names: list[str], params: list[torch.T
                                f"({tuple(q.shape)} {q.dtype} -> {tuple(p.shape)} {p.dtype}); "
                                "remove() this monitor and attach a new one after replacing parameters")
     _one_device(current, device)
-    return [p for _, p in current]
+    new = [p for _, p in current]
+    if all(map(operator.is_, new, params)) and (dtypes is None or all(map(operator.eq, map(_DTYPE, new), dtypes))) \
+            and _all_on(new, device):
+        return None              # the same tensors, listed in another order (a parametrization registered since)
+    return new
+
+
+def _in_order(current: list[tuple[str, torch.Tensor]], names: list[str]) -> list[tuple[str, torch.Tensor]] | None:
+    """``current`` in the order of ``names`` where it holds the same names in another order:
+    ``register_parametrization`` after attaching moves ``fc.weight`` (the same tensor, then
+    ``fc.parametrizations.weight.original``) after ``fc.bias`` in ``named_parameters()``; None otherwise."""
+    by_name = dict(current)
+    if len(by_name) != len(current) or by_name.keys() != set(names):
+        return None
+    return [(name, by_name[name]) for name in names]
 
 
 def attached_elsewhere(model: nn.Module, attached: Mapping[nn.Module, Any], monitor: Any = None) -> bool:

@@ -43,6 +43,7 @@ from torch import nn
 
 from gradflow.monitor import interception
 from gradflow.monitor.compact import Layouts
+from gradflow.monitor.conversions import stale_optimizer
 from gradflow.monitor.histograms import check_every
 from gradflow.monitor.model_checks import (
     already_attached,
@@ -193,14 +194,17 @@ class GradientMonitor:
                    "through_time": through_time, "through_time_every": through_time_every,
                    "compiled": is_compiled(model), "drawn": self._output.draws}
         self._setup = Setup(self.names, [p for _, p in named], members, options, Schedule(activations_every),
-                            self._warnings.from_part, self.kinds, follow=self._follow)
+                            self._warnings.from_part, self.kinds, follow=self._follow_in_training)
         # DTensor parameters (FSDP2, HSDP, tensor parallel): collectives at each window's close; every
         # rank must attach (sharding.py). None for plain tensors, DDP included.
         self._setup.sharding = self._sharding = ShardLayout.of(self.names, self._setup.params, members,
                                                                f"nonfinite={bool(nonfinite)}")
         self.parts: dict[str, Part] = create_parts(inner, self._setup)
         self._recorders = recorders(self.parts)          # only these are called at each step (the hot path)
-        self._masks = OptimizerMasks(len(self.names), lambda: self._setup.index_of, self._follow)
+        # id(tensor) -> (weak reference to it, name): monitored tensors the model replaced (_follow), which
+        # an optimizer made before may still step (_refresh says so)
+        self._replaced: dict[int, tuple[weakref.ref, str]] = {}
+        self._masks = OptimizerMasks(len(self.names), lambda: self._setup.index_of, self._refresh)
         self._optimizer = weakref.ref(optimizer) if optimizer is not None else None
         # after the outermost watched step (its post-hook): the gradients' wrapper check ends there
         self._steps = StepWatch(self._masks, optimizer, self._record, self.parts["gradients"].step_done,
@@ -221,10 +225,10 @@ class GradientMonitor:
             _ATTACHED[model] = self
             self.attaching = True
         try:
-            if self.automatic:
-                self._steps.start()
             for part in self.parts.values():
                 part.hook(model)
+            if self.automatic:        # after the parts: a part that refuses leaves torch's global step hooks uninstalled
+                self._steps.start()
             interception.watch(self)
         except BaseException:
             self._unhook()
@@ -338,8 +342,11 @@ class GradientMonitor:
         self._setup.unscale, self._setup.inner_step = unscale, inner
         try:
             for part in self._recorders:
-                if part.record(mask) is False:
+                done = part.record(mask)
+                if done is False:
                     return
+                if type(done) is tuple:  # a narrower mask: tensors replaced under the stepping optimizer (conversions)
+                    mask = done
         finally:
             self._setup.unscale, self._setup.inner_step = None, False
         self._setup.schedule.step(mask)
@@ -457,8 +464,50 @@ class GradientMonitor:
             part.fold() if moved_to is None else part.move(moved_to)     # move: fold, then carry the sums there
         if self._sharding is not None and moved_to is not None:
             self._sharding.move(moved_to)
+        self._keep_replaced(setup.params, new)
         setup.rebind(new)
         for part in self.parts.values():
             part.bind(new)
         self._masks.forget()
         return True
+
+    def _keep_replaced(self, old: list[torch.Tensor], new: list[torch.Tensor]) -> None:
+        """Remember, weakly, the monitored tensors that new ones replaced (the overwrite flag,
+        ``load_state_dict(assign=True)``, ``module.weight = nn.Parameter(...)``): an optimizer made
+        before still holds them, and its steps then apply nothing to the model (``_refresh``)."""
+        replaced = self._replaced
+        for name, before, now in zip(self.names, old, new):
+            if before is not now:
+                key = id(before)
+                replaced[key] = (weakref.ref(before, lambda ref, key=key: replaced.pop(key, None)
+                                             if replaced.get(key, (None,))[0] is ref else None), name)
+
+    def _follow_in_training(self) -> bool:
+        """``_follow`` from a hook inside the user's training (a forward pass, a step, a clipping
+        call: ``Setup.follow``): a change the monitor cannot follow (another shape, a complex dtype,
+        several devices) stops the monitor with a warning, never an exception out of the user's
+        forward or step; ``log()`` raises it (MonitorError). False then, and ``Setup.stopped`` says so."""
+        try:
+            return self._follow()
+        except MonitorError as error:
+            self._setup.stopped = error
+            self._unhook()
+            self._warnings.from_part("unfollowable", f"GradientMonitor stopped recording during training: {error} "
+                                     "(log() raises this)")
+            return False
+
+    def _refresh(self, optimizer) -> bool:
+        """An optimizer's groups hold none of the monitored tensors, or some that are not monitored
+        (steps.OptimizerMasks, once per change of its groups): follow the model if its parameters
+        were replaced (True); else say once if that optimizer holds tensors the model replaced."""
+        if self._follow_in_training():
+            return True
+        if self._setup.stopped is not None:
+            return False
+        if self._replaced:
+            replaced = self._replaced
+            names = [entry[1] for group in optimizer.param_groups for p in group["params"]
+                     if (entry := replaced.get(id(p))) is not None and entry[0]() is p]
+            if names:
+                self._warnings.from_part("stale-optimizer", stale_optimizer(type(optimizer).__name__, names))
+        return False

@@ -10,6 +10,8 @@ Example (the monitor's own; ``GradientMonitor.log`` and ``flush`` drive it)::
 
 from __future__ import annotations
 
+import warnings
+
 from gradflow.monitor.histograms import HistogramPool, HistogramRequests, as_dict
 from gradflow.monitor.tensors import MonitorError
 
@@ -68,9 +70,17 @@ class Output:
         raise_failed(failed, "flush()")
 
     def release(self) -> None:
-        """Each sink lets go of what it holds open between windows (``Sink.release``): at remove()."""
+        """Each sink lets go of what it holds open between windows (``Sink.release``): at remove().
+        Never raises: a user's sink whose ``release`` raises (a logger's run already closed) is a
+        warning, and every other sink is still released (``remove()`` never raises)."""
+        from gradflow.monitor.sinks import describe, first_line
+
         for sink in {id(sink): sink for _, sink, _ in self.sinks}.values():
-            sink.release()
+            try:
+                sink.release()
+            except Exception as error:
+                warnings.warn(f"GradientMonitor.remove(): the hooks are removed, but {describe(sink)}.release() raised "
+                              f"{type(error).__name__}: {first_line(error)}", stacklevel=3)
 
 
 def raise_failed(failed: list[tuple[object, Exception]], call: str) -> None:

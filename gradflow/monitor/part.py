@@ -217,6 +217,7 @@ class Setup:
     inner_step: bool = False      # during a record(): the step is an inner step of a running wrapper's step
     sharding: Any = None          # sharding.ShardLayout where parameters are DTensors (FSDP2, tensor parallel)
     follow: Callable[[], bool] = lambda: False
+    stopped: Exception | None = None    # a change found in training that follow() could not follow (log() raises it)
     forward_watchers: list = field(default_factory=list)     # the parts the one ForwardStarts hook calls
     forward_starts: Any = None                               # that hook, once a part asked for it
     dtypes: list[torch.dtype] = field(default_factory=list)
@@ -292,8 +293,9 @@ class Part:
         buffer there (``moved``) with the window's sums. Parts without buffers only fold."""
         self.fold()
 
-    def record(self, mask) -> bool | None:
-        """One applied optimizer step. False: nothing recorded; later parts skip the step."""
+    def record(self, mask) -> bool | tuple | None:
+        """One applied optimizer step. False: nothing recorded; later parts skip the step. A mask
+        (a tuple of bools over the parameters): later parts record only those."""
         return None
 
     def skip(self, mask) -> None:

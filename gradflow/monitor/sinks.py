@@ -97,9 +97,8 @@ class TeeSink(Sink):
         self._each(lambda sink: sink.text(texts, step))
 
     def release(self) -> None:
-        """Each sink's ``release``."""
-        for sink in self.sinks:
-            sink.release()
+        """Each sink's ``release``, even after one raised; then MonitorError naming the first."""
+        self._each(lambda sink: sink.release())
 
     def _each(self, call: Callable[[Sink], None]) -> None:
         """``call`` on every sink, even after one raised (one failing logger does not keep the

@@ -22,7 +22,7 @@ Example:
     >>> import torch
     >>> body, head = torch.nn.Linear(2, 2), torch.nn.Linear(2, 1)
     >>> index = {id(p): i for i, p in enumerate([*body.parameters(), *head.parameters()])}
-    >>> masks = OptimizerMasks(len(index), lambda: index, lambda: False)   # id(param) -> monitor's index
+    >>> masks = OptimizerMasks(len(index), lambda: index, lambda optimizer: False)   # id(param) -> monitor's index
     >>> masks.mask(torch.optim.SGD(head.parameters(), lr=0.1))   # a tuple of bools, ALL, or None
     (False, False, True, True)
     >>> masks.mask(torch.optim.SGD([*body.parameters(), *head.parameters()], lr=0.1))
@@ -51,10 +51,11 @@ class OptimizerMasks:
     the groups change (a group added, a list replaced, resized or edited in place). On a miss that finds none of
     them, or a floating-point tensor besides them that the monitor does not know (a parameter
     replaced by a new one of the same shape: ``model[0].weight = nn.Parameter(...)``, then a new
-    optimizer or a group added), ``refresh()`` may rebind the monitor to replaced parameters
-    (True if it did): checked once per change of the groups, not at every step."""
+    optimizer or a group added), ``refresh(optimizer)`` may rebind the monitor to replaced
+    parameters (True if it did), or say that the optimizer holds tensors the model replaced:
+    checked once per change of the groups, not at every step."""
 
-    def __init__(self, count: int, index_of: Callable[[], dict[int, int]], refresh: Callable[[], bool]) -> None:
+    def __init__(self, count: int, index_of: Callable[[], dict[int, int]], refresh: Callable[[Any], bool]) -> None:
         self._count = count
         self._index_of = index_of            # called afresh: the monitor may rebind parameters
         self._refresh = refresh
@@ -77,7 +78,7 @@ class OptimizerMasks:
         if cached is not None and cached[1] == key and cached[0]() is optimizer and _same_params(optimizer, cached[3]):
             return key, cached[2]
         mask, foreign = self._compute(optimizer)
-        if (mask is None or foreign) and self._refresh():    # a tensor it holds may have replaced a
+        if (mask is None or foreign) and self._refresh(optimizer):   # a tensor it holds may have replaced a
             mask = self.compute(optimizer)                   # monitored one (model[0].weight = Parameter(...))
         self._cache[id(optimizer)] = (entry_ref(self._cache, id(optimizer), optimizer), key, mask, _held(optimizer))
         return key, mask

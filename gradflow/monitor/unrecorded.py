@@ -9,6 +9,10 @@ never steps one is invisible to it, and ``log()`` would return ``{}`` with no wo
   write bumps them) with no step recorded;
 - ``torch.func`` training (``functional_call`` + ``grad``): gradients are returned, never
   stored in ``.grad``; training forward passes ran (grad mode on) with no step recorded;
+- an update through ``.data`` (``p.data -= lr * p.grad``, then ``p.grad = None``): torch does
+  not count a write through ``.data`` as a change (no version bump), so it is told from the
+  weights part's distance moved over the window (``Window.weights``' ``update_ratio`` > 0);
+  without the weights part (``weights=False``) the warning names both causes;
 - a model whose parameters are all frozen (``requires_grad`` False): passes ran, and nothing
   can have a gradient (a frozen backbone monitored while only a head outside it trains).
 
@@ -24,6 +28,9 @@ from gradflow.monitor.part import Part, watch_forward_starts
 HAND_WRITTEN = ("log(): the parameters changed in place but no optimizer step was recorded in this window: a "
                 "hand-written update (p -= lr * p.grad) or an optimizer that is not a torch.optim.Optimizer "
                 "is not seen. Call monitor.record() where the gradient is final, before the update")
+THROUGH_DATA = ("log(): the weights moved but no optimizer step was recorded in this window, and torch saw no "
+                "in-place change: a hand-written update through .data (p.data -= lr * p.grad) is not seen. Call "
+                "monitor.record() where the gradient is final, before the update")
 FUNCTIONAL = ("log(): {n} training forward passes ran but no gradient reached the parameters' .grad and no "
               "optimizer step was recorded in this window: torch.func training (functional_call + grad) "
               "returns gradients without storing them. Set p.grad from them and call monitor.record()")
@@ -61,7 +68,22 @@ class Unrecorded(Part):
             return                                   # the gradients part says "no step was recorded"
         if any(p._version != v for p, v in zip(params, self.versions)):
             self.setup.warn("unrecorded", HAND_WRITTEN)
+        elif moved := _moved(reader.windows):
+            self.setup.warn("unrecorded", THROUGH_DATA)
         elif forwards := self.setup.schedule.passes - self.passes_before:
             frozen = not any(p.requires_grad for p in params)
-            self.setup.warn("unrecorded", (FROZEN if frozen else FUNCTIONAL).format(n=forwards))
+            said = (FROZEN if frozen else FUNCTIONAL).format(n=forwards)
+            if moved is None and not frozen:         # no weight rows: an update through .data cannot be told apart
+                said += (" (or a hand-written update through .data, p.data -= lr * p.grad, which torch does not count "
+                         "as a change: call monitor.record() before it)")
+            self.setup.warn("unrecorded", said)
+
+
+def _moved(windows) -> bool | None:
+    """Whether any weight moved over the window (a row's ``update_ratio`` > 0); None where the
+    windows have no weight rows (``weights=False``)."""
+    rows = [row for window in windows for row in window.weights.values()]
+    if not rows:
+        return None
+    return any(row.get("update_ratio", 0.0) > 0 for row in rows)     # NaN (a zero start) is not > 0
 

@@ -50,9 +50,12 @@ def _previous_replaced(model, names, params, device, dtypes):
         model_checks._one_device(current, device)
         return [p for _, p in current]
     current = model_checks._named(model)
+    by_name = dict(current)
+    if [name for name, _ in current] != names and len(by_name) == len(current) and by_name.keys() == set(names):
+        current = [(name, by_name[name]) for name in names]      # the same names in another order: followed
     if [name for name, _ in current] != names:
         raise MonitorError(f"the model's parameters changed after the monitor attached (now {len(current)}, "
-                           f"were {len(params)}); remove() this monitor and attach a new one")
+                           f"were {len(params)}")                 # the message's start (it goes on to name them)
     for (name, p), q in zip(current, params):
         model_checks._check_materialised(name, p)
         if p.shape != q.shape:
@@ -60,7 +63,11 @@ def _previous_replaced(model, names, params, device, dtypes):
                                f"({tuple(q.shape)} {q.dtype} -> {tuple(p.shape)} {p.dtype}); "
                                "remove() this monitor and attach a new one after replacing parameters")
     model_checks._one_device(current, device)
-    return [p for _, p in current]
+    new = [p for _, p in current]
+    if all(map(operator.is_, new, params)) and all(map(operator.eq, map(operator.attrgetter("dtype"), new), dtypes)) \
+            and all(map(device.__eq__, map(operator.attrgetter("device"), new))):
+        return None
+    return new
 
 
 def _outcome(check, *args):
@@ -68,7 +75,10 @@ def _outcome(check, *args):
     try:
         found = check(*args)
     except (MonitorError, RuntimeError, AttributeError) as error:
-        return type(error).__name__, str(error)
+        message = str(error)
+        if message.startswith("the model's parameters changed"):
+            message = message.split(";")[0]       # "... (now N, were M": the names that follow are not compared
+        return type(error).__name__, message
     return None if found is None else ("tensors", tuple(map(id, found)))
 
 
