@@ -42,7 +42,7 @@ from gradflow.experiments.models import build_model
 from gradflow.experiments.outputs import write_outputs
 from gradflow.experiments.recording import MembersMonitorCallback, write_tensorboard_layout
 from gradflow.experiments.rundir import write_config
-from gradflow.experiments.train import EpochScalars, TrainResult, _progress, prepare
+from gradflow.experiments.train import EpochScalars, TrainResult, _progress, prepare, trained_taps
 from gradflow.monitor import GradientMonitor
 
 if TYPE_CHECKING:
@@ -349,6 +349,6 @@ def train_members(
 def _attach_monitor(model, writers, run_dirs, cfg, members):
     mon = cfg.monitor
     monitor = GradientMonitor(model, writers, histograms=mon.histograms, weights=mon.weights,
-                              activations=mon.activations, activations_every=mon.activations_every,
+                              activations=trained_taps(model, mon.activations), activations_every=mon.activations_every,
                               histogram_every=mon.histogram_every, members=members)
     return monitor, MembersMonitorCallback(monitor, run_dirs, window_steps=mon.window_steps)

@@ -23,7 +23,7 @@ from gradflow.analysis.windows import ACTIVATIONS_FILE, GRADIENTS_FILE, load_win
 from gradflow.experiments import rundir
 from gradflow.experiments.config import Config, load_config, to_dict
 from gradflow.experiments.recording import MonitorCallback, write_tensorboard_layout
-from gradflow.experiments.train import EpochScalars, TrainResult, build_from_config, check_device, fit
+from gradflow.experiments.train import EpochScalars, TrainResult, build_from_config, check_device, fit, trained_taps
 from gradflow.monitor import GradientMonitor
 
 if TYPE_CHECKING:  # the analysis loads when the outputs are written, after training
@@ -139,7 +139,8 @@ def fit_monitored(cfg, model, data, writer, run_dir, device, progress=None, stop
         return fit(model, data, cfg.optimizer, cfg.train, callbacks=callbacks + extra, checkpoint=checkpoint, **run), []
     settings = cfg.monitor
     with GradientMonitor(model, writer, histograms=settings.histograms, weights=settings.weights,
-                         activations=settings.activations, activations_every=settings.activations_every,
+                         activations=trained_taps(model, settings.activations),
+                         activations_every=settings.activations_every,
                          histogram_every=settings.histogram_every,
                          nonfinite=True,                  # the stop message names the source (issue 24)
                          through_time_every=settings.through_time_every) as monitor:

@@ -157,6 +157,18 @@ def _progress(epochs: int, enabled: bool | None) -> tqdm | _NoBar:
     return tqdm(total=epochs, unit="epoch", file=sys.stderr, dynamic_ncols=True)
 
 
+def trained_taps(model: nn.Sequential, activations: bool) -> Callable[[str, nn.Module], bool] | bool:
+    """The monitor's ``activations=`` for a gradflow model: its activation modules but the
+    output Sigmoid, which training never runs (the loss is computed from the logits,
+    ``model[:-1]``: ``prepare``), so that its tap, never called, is not said to have given no
+    output. False stays False."""
+    if not activations:
+        return False
+    from gradflow.monitor.activations import is_activation
+    output = model[-1]
+    return lambda name, module: module is not output and is_activation(module)
+
+
 class Prepared(NamedTuple):
     """What a training loop needs before its first epoch (see ``prepare``)."""
 
