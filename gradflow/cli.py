@@ -142,6 +142,15 @@ def check_threads(threads: int) -> None:
     check_positive("--threads", threads, "torch threads per run", error=ConfigError)
 
 
+def _single_seeds_number(text: str) -> str:
+    """What ``--seeds N`` (one number: N seeds, or seed N?) should have been, for every N."""
+    n = int(text)
+    if n == 0:
+        return f"--seeds {text}: 0 seeds is nothing to run; for seed 0 alone write --seed 0"
+    count = "1 seed (seed 0)" if n == 1 else f"{n} seeds"
+    return f"--seeds {text}: a single number is ambiguous; for {count} write --seeds 0-{n - 1}, for seed {n} alone --seed {n}"
+
+
 def cmd_train_seeds(args: argparse.Namespace) -> int:
     """``gradflow train CONFIG --seeds 0-9``: the seeds as one batched run, one run directory
     per seed under a new parent directory, then the statistics over seeds."""
@@ -151,9 +160,7 @@ def cmd_train_seeds(args: argparse.Namespace) -> int:
     from gradflow.experiments.train import check_device
 
     if args.seeds.strip().isdigit():   # "--seeds 3" reads as "3 seeds" as often as "seed 3"
-        n = int(args.seeds)
-        raise ConfigError(f"--seeds {args.seeds}: a single number is ambiguous; for {n} seeds write "
-                          f"--seeds 0-{max(n - 1, 0)}, for seed {n} alone --seed {n}")
+        raise ConfigError(_single_seeds_number(args.seeds.strip()))
     seeds = parse_seeds(args.seeds)
     if args.seed is not None:
         raise ConfigError("--seed and --seeds: pass one of them (--seeds 0-9 runs seeds 0 to 9)")
@@ -200,7 +207,7 @@ A sweep file names a base config, fixed overrides, a grid and seeds:
     grid:                            # dotted config keys -> lists of values (file order)
       model.depth: [1, 5, 10, 15, 20, 25]
       model.activation: [tanh, relu]
-    seeds: 0-9                       # "0-9", "1,4,7" or a list of ints
+    seeds: 0-9                       # "0-9", "1,4,7", a list of ints, or N: seed N alone
 
 Runs whose configs differ only in the seed train as one batched model (gradflow.experiments.batched);
 different shapes run in parallel processes (--workers) or on Ray. The sweep directory
