@@ -246,7 +246,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from gradflow.experiments.train import check_device
 
     if args.overrides:
-        raise ConfigError(f"unrecognized arguments: {' '.join(args.overrides)}; put overrides in the sweep file's overrides:")
+        raise ConfigError(f"unrecognized arguments: {' '.join(args.overrides)}; put overrides in the sweep file's "
+                          f"overrides:{_sweep_overrides_example(args.overrides)}")
     sweep = load_sweep(args.sweep)
     workers = check_workers(args.workers)
     if args.address is not None and args.backend != "ray":
@@ -263,6 +264,27 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _sweep_overrides_example(overrides: Sequence[str]) -> str:
+    """``["train.epochs=20"]`` -> ``", e.g. overrides: {train.epochs: 20}"`` (the file's form of
+    the command line's key=value overrides; empty when none looks like key=value)."""
+    pairs = [o.split("=", 1) for o in overrides if "=" in o and not o.startswith("-")]
+    return f", e.g. overrides: {{{', '.join(f'{k}: {v}' for k, v in pairs)}}}" if pairs else ""
+
+
+def _check_gradflow_run(path: Path) -> None:
+    """A folder that is no ``gradflow train`` run directory (no gradients.csv, no config.yaml: a
+    Lightning or Hugging Face log folder, say) -> FileNotFoundError saying what diagnose reads and
+    where such a run's verdict is. A gradflow run without gradients.csv is ``load_run``'s to explain."""
+    if not path.is_dir() or (path / "gradients.csv").exists() or (path / "config.yaml").exists():
+        return
+    events = next(path.rglob("events.out.tfevents.*"), None) is not None
+    raise FileNotFoundError(
+        f"{path}: not a gradflow run directory (no gradients.csv{'; it holds TensorBoard event files' if events else ''}); "
+        "gradflow diagnose reads the run directories gradflow train writes; the verdict of a Lightning or "
+        "Hugging Face run with the gradflow callback is in its TensorBoard text (tag diagnosis/text_summary) "
+        "and in callback.diagnosis")
+
+
 def cmd_diagnose(args: argparse.Namespace) -> int:
     """``gradflow diagnose RUN_DIR [--json] [--flow PATH] [--epochs N ...]``: print the verdict.
 
@@ -276,6 +298,8 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
         paths = run_directories([args.run_dir])
         if len(paths) > 1 and args.flow:
             raise ValueError(f"--flow: draws one run; {args.run_dir} holds {len(paths)} (pick one of them)")
+        for path in paths:
+            _check_gradflow_run(Path(path))
         runs = [load_run(path) for path in paths]
         if args.flow:
             plot_gradient_flow(runs[0].windows, args.flow, args.epochs, title=runs[0].name)

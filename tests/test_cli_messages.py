@@ -45,3 +45,23 @@ def test_a_sweep_files_bare_int_is_that_one_seed():
 
     assert parse_seeds(3, "seeds") == parse_seeds([3], "seeds") == [3]
     assert parse_seeds(0, "seeds") == [0]
+
+
+def test_a_sweep_override_on_the_command_line_is_shown_in_the_files_form():
+    line = gradflow("sweep", str(ROOT / "configs" / "sweeps" / "relu_depth.yaml"), "train.epochs=20")
+    assert line.endswith("unrecognized arguments: train.epochs=20; put overrides in the sweep file's "
+                         "overrides:, e.g. overrides: {train.epochs: 20}")
+
+
+def test_diagnose_of_a_folder_another_framework_wrote_says_where_its_verdict_is(tmp_path):
+    """A Lightning/HF log folder (TensorBoard events, no gradients.csv) is no gradflow run directory."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    folder = tmp_path / "lightning_logs" / "version_0"
+    with SummaryWriter(str(folder)) as writer:
+        writer.add_scalar("grad/total_norm", 1.0, 1)
+    line = gradflow("diagnose", str(folder))
+    assert "not a gradflow run directory (no gradients.csv" in line and "TensorBoard event files" in line
+    assert "gradflow diagnose reads the run directories gradflow train writes" in line
+    assert "diagnosis/text_summary" in line and "callback.diagnosis" in line
+    assert "train with the gradient monitor enabled" not in line
