@@ -36,6 +36,10 @@ def is_tensorboard_logger(logger: Any) -> bool:
     return any(cls.__name__ == "TensorBoardLogger" for cls in type(logger).__mro__)
 
 
+_WRONG_FRAMEWORK = ("GradflowCallback is for Lightning; a Hugging Face Trainer takes GradflowTrainerCallback "
+                    "(from gradflow.integrations.transformers import GradflowTrainerCallback)")
+
+
 class GradflowCallback(_pl.Callback):
     """Records the gradient each optimizer step applies; writes windows and a verdict to the loggers.
 
@@ -132,6 +136,19 @@ class GradflowCallback(_pl.Callback):
     losses = _common.recorder_attribute("losses", "mean training loss of each window (what training_step returned)")
     steps = _common.recorder_attribute("steps", "optimizer steps recorded, over every fit (kept in checkpoints)")
     windows = _common.recorder_attribute("windows", "windows written (kept in checkpoints)")
+
+    # -- handed to a Hugging Face Trainer: its __init__ calls ``on_init_end`` on every callback it
+    # was given; one added later (``trainer.add_callback``) is first called at ``on_train_begin``.
+
+    def on_init_end(self, *args: Any, **kwargs: Any) -> None:
+        """The Hugging Face Trainer's first hook: it was given this callback. Raises TypeError."""
+        if not (args and isinstance(args[0], _pl.Trainer)):   # pytorch_lightning < 1.8 had a hook of this name
+            raise TypeError(_WRONG_FRAMEWORK)
+
+    def on_train_begin(self, trainer: Any, *args: Any, **kwargs: Any) -> None:
+        """Lightning's hook (nothing to do); a Hugging Face Trainer calling it gets a TypeError."""
+        if not isinstance(trainer, _pl.Trainer):
+            raise TypeError(_WRONG_FRAMEWORK)
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         loggers = list(trainer.loggers) if trainer.is_global_zero else []   # rank zero writes

@@ -148,6 +148,20 @@ class GradflowTrainerCallback(_tf.TrainerCallback):
         self._callbacks = handler.callbacks
         return self
 
+    # -- handed to a Lightning Trainer: Lightning's first callback hook is ``setup`` (its ``_run``
+    # calls it before any other); on the error, it calls ``on_exception`` on every callback, which
+    # must exist so that this TypeError, not an AttributeError, is what the user sees (as must
+    # ``state_key``, which it names each hook call by).
+
+    state_key = "GradflowTrainerCallback"
+
+    def setup(self, trainer: Any, pl_module: Any = None, stage: str | None = None) -> None:
+        """Lightning's first hook: a Lightning Trainer was given this callback. Raises TypeError."""
+        raise TypeError(_WRONG_FRAMEWORK)
+
+    def on_exception(self, *args: Any, **kwargs: Any) -> None:
+        """Lightning's hook on a failed fit: nothing to do (keeps ``setup``'s TypeError visible)."""
+
     def on_train_begin(self, args, state, control, model=None, **kwargs) -> None:
         self.remove()                    # a previous train() that raised left its monitor attached
         if getattr(args, "deepspeed", None) or getattr(getattr(args, "accelerator_config", None), "deepspeed_plugin", None):
@@ -217,6 +231,10 @@ class GradflowTrainerCallback(_tf.TrainerCallback):
         args, state, control = self._context
         for reporter in self._reporters:
             reporter.on_log(args, state, control, logs=dict(scalars))
+
+
+_WRONG_FRAMEWORK = ("GradflowTrainerCallback is for the Hugging Face Trainer; a Lightning Trainer takes "
+                    "GradflowCallback (from gradflow.integrations.lightning import GradflowCallback)")
 
 
 def _is_reporter(callback: Any) -> bool:
