@@ -71,7 +71,9 @@ class GradflowTrainerCallback(_tf.TrainerCallback):
       computes that directory as the ``TensorBoardCallback`` does (``TENSORBOARD_LOGGING_DIR``, else
       ``output_dir/runs/<time>_<host>``, the time to the second: the directory named a second
       earlier when that one exists and the current one does not); added with
-      ``callback.attach(trainer)``, it reads the directory from that callback;
+      ``callback.attach(trainer)``, it reads the directory from that callback. With neither (and
+      no reporter reached) it writes nothing and warns once at ``on_train_begin``: the windows are in
+      ``callback.monitor.history``, the verdict in ``callback.diagnosis``;
     - the Trainer's other reporting callbacks (wandb, mlflow, ...) get the scalars through their
       ``on_log``, at the Trainer's ``global_step``, when the callback was added with
       ``attach(trainer)`` (which gives it ``trainer.callback_handler.callbacks``). Passed in
@@ -225,6 +227,13 @@ class GradflowTrainerCallback(_tf.TrainerCallback):
             warnings.warn(f"GradflowTrainerCallback in callbacks=[...] cannot reach the Trainer's {unreached} "
                           "reporters (a TrainerCallback is never handed the Trainer); add it with "
                           "GradflowTrainerCallback(...).attach(trainer) to send them its scalars", stacklevel=2)
+        elif self.writer is None and not self._reporters:
+            verdict = "printed at the end and kept" if self.verbose else "kept"
+            warnings.warn(f"GradflowTrainerCallback writes no TensorBoard events: the Trainer reports to "
+                          f"{report_to or 'nothing'} (transformers 5's default is report_to=[]) and no log_dir= "
+                          f"was given; its windows are in callback.monitor.history and the verdict is {verdict} "
+                          "as callback.diagnosis; for events pass TrainingArguments(report_to=\"tensorboard\") or "
+                          "GradflowTrainerCallback(log_dir=...)", stacklevel=2)
 
     def _report(self, scalars: dict[str, float], step: int) -> None:
         """Scalars to the Trainer's reporters, as the Trainer logs (they log at ``state.global_step``)."""
