@@ -53,11 +53,12 @@ class GradflowTrainerCallback(_tf.TrainerCallback):
     right before ``optimizer.step()``; the callback records there, once per optimizer step (so once
     per ``gradient_accumulation_steps`` micro-batches), after DDP's all-reduce and AMP's unscaling.
     The per-layer rows and ``grad/total_norm`` therefore describe the gradient the optimizer applies,
-    *after clipping*; the norm before clipping, the one the Trainer logs as ``grad_norm``, comes from
-    the monitor's watch of torch's clipping (accelerate >= 1.10 clips through ``get_total_norm`` +
-    ``clip_grads_with_norm_``; ``monitor/interception.py``) as ``grad/total_norm_before_clip``, with
-    ``grad/clipped_steps``. With ``max_grad_norm=0`` the Trainer still computes ``grad_norm`` but
-    clips nothing: those two keys are absent, and ``grad/total_norm`` is its ``grad_norm``.
+    *after clipping*; each step's norm before clipping (the Trainer's ``grad_norm`` of that step) comes
+    from the monitor's watch of torch's clipping (accelerate >= 1.10 clips through ``get_total_norm`` +
+    ``clip_grads_with_norm_``; ``monitor/interception.py``), written as its mean over the window,
+    ``grad/total_norm_before_clip`` (the Trainer logs the logging step's ``grad_norm`` alone), with
+    ``grad/clipped_steps`` and ``grad/clip_calls``. With ``max_grad_norm=0`` the Trainer still computes ``grad_norm`` but
+    clips nothing: those keys are absent, and ``grad/total_norm`` is the window's mean ``grad_norm``.
 
     Where it writes, every ``logging_steps`` optimizer steps (or ``every_n_steps``), from the main
     process only (``state.is_world_process_zero``). Every process attaches a monitor and closes the same
@@ -80,7 +81,7 @@ class GradflowTrainerCallback(_tf.TrainerCallback):
       ``callbacks=[...]`` with such a reporter in ``report_to``, it warns that they get nothing.
 
     =====================================  ===========================================================
-    key                                    value (each a mean over the window's optimizer steps)
+    key                                    value (a mean over the window's optimizer steps unless said)
     =====================================  ===========================================================
     ``grad/LAYER/PARAM/mean_abs``          mean |g| over the parameter's elements (after clipping)
     ``grad/LAYER/PARAM/norm``              L2 norm of the parameter's gradient
@@ -88,15 +89,26 @@ class GradflowTrainerCallback(_tf.TrainerCallback):
     ``grad/LAYER/PARAM/mean``              mean g
     ``grad/LAYER/PARAM/zero_fraction``     share of exact zeros (over all steps' elements)
     ``grad/LAYER/PARAM/nonfinite``         count of NaN/inf elements (a sum, not a mean)
+    ``grad/LAYER/PARAM/relative``          the window's ``norm`` over the weight's norm at its end, ||g|| / ||w||
+    ``grad/steps``                         optimizer steps recorded in the window (a count)
     ``grad/total_norm``                    L2 norm over all parameters of the applied gradient
-    ``grad/total_norm_before_clip``        the Trainer's ``grad_norm`` (the norm its clipping computed)
-    ``grad/clipped_steps``                 steps whose norm exceeded ``max_grad_norm``
-    ``grad/skipped_steps``                 steps the AMP GradScaler skipped on overflow
+    ``grad/total_norm_max``                the largest of the window's per-step ``total_norm``
+    ``grad/total_norm_before_clip``        the mean over the window's steps of the norm the Trainer's
+                                           clipping computed (its logged ``grad_norm`` is the logging
+                                           step's alone, so the two differ over a window of 2+ steps)
+    ``grad/clipped_steps``                 steps whose norm exceeded ``max_grad_norm`` (a count)
+    ``grad/clip_calls``                    steps with a clipping call (a count)
+    ``grad/skipped_steps``                 steps the AMP GradScaler skipped on overflow (a count)
+    ``grad/idle_parameters``               parameters of the optimizer that got no gradient in any
+                                           of the window's steps (a count)
+    ``grad/idle_parameters/text_summary``  their names (text; TensorBoard), in a window that has any
     ``weight/LAYER/PARAM/{l1,norm}``       weight norms at the window's end (``weights=True``)
     ``weight/LAYER/PARAM/update_ratio``    ||w_end - w_start|| / ||w_start|| over the window
     ``activation/MODULE/...``              saturation / dead-unit statistics (``activations=True``)
     ``grad/LAYER/PARAM`` (histogram)       gradient values; ``1_grad_log10/...``: log10 |g| (TensorBoard)
-    ``diagnosis`` (text; TensorBoard)      the verdict and its evidence, once, at the end of training
+    ``weight/...``, ``activation/...``     histograms of weights and activation outputs (TensorBoard)
+    ``diagnosis/text_summary``             the verdict and its evidence (text; TensorBoard), once, at the
+                                           end of training
     ``diagnosis/<verdict>``                1.0 or 0.0, at the end of training (other loggers)
     =====================================  ===========================================================
 
