@@ -57,8 +57,9 @@ class GradflowTrainerCallback(_tf.TrainerCallback):
     from the monitor's watch of torch's clipping (accelerate >= 1.10 clips through ``get_total_norm`` +
     ``clip_grads_with_norm_``; ``monitor/interception.py``), written as its mean over the window,
     ``grad/total_norm_before_clip`` (the Trainer logs the logging step's ``grad_norm`` alone), with
-    ``grad/clipped_steps`` and ``grad/clip_calls``. With ``max_grad_norm=0`` the Trainer still computes ``grad_norm`` but
-    clips nothing: those keys are absent, and ``grad/total_norm`` is the window's mean ``grad_norm``.
+    ``grad/clipped_steps`` and ``grad/clip_calls``. With ``max_grad_norm=0`` the Trainer still
+    computes ``grad_norm`` but clips nothing: those three keys are absent, and ``grad/total_norm`` is
+    the window's mean ``grad_norm``.
 
     Where it writes, every ``logging_steps`` optimizer steps (or ``every_n_steps``), from the main
     process only (``state.is_world_process_zero``). Every process attaches a monitor and closes the same
