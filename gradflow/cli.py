@@ -142,6 +142,15 @@ def check_threads(threads: int) -> None:
     check_positive("--threads", threads, "torch threads per run", error=ConfigError)
 
 
+def _single_seeds_number(text: str) -> str:
+    """What ``--seeds N`` (one number: N seeds, or seed N?) should have been, for every N."""
+    n = int(text)
+    if n == 0:
+        return f"--seeds {text}: 0 seeds is nothing to run; for seed 0 alone write --seed 0"
+    count = "1 seed (seed 0)" if n == 1 else f"{n} seeds"
+    return f"--seeds {text}: a single number is ambiguous; for {count} write --seeds 0-{n - 1}, for seed {n} alone --seed {n}"
+
+
 def cmd_train_seeds(args: argparse.Namespace) -> int:
     """``gradflow train CONFIG --seeds 0-9``: the seeds as one batched run, one run directory
     per seed under a new parent directory, then the statistics over seeds."""
@@ -151,9 +160,7 @@ def cmd_train_seeds(args: argparse.Namespace) -> int:
     from gradflow.experiments.train import check_device
 
     if args.seeds.strip().isdigit():   # "--seeds 3" reads as "3 seeds" as often as "seed 3"
-        n = int(args.seeds)
-        raise ConfigError(f"--seeds {args.seeds}: a single number is ambiguous; for {n} seeds write "
-                          f"--seeds 0-{max(n - 1, 0)}, for seed {n} alone --seed {n}")
+        raise ConfigError(_single_seeds_number(args.seeds.strip()))
     seeds = parse_seeds(args.seeds)
     if args.seed is not None:
         raise ConfigError("--seed and --seeds: pass one of them (--seeds 0-9 runs seeds 0 to 9)")
@@ -200,7 +207,7 @@ A sweep file names a base config, fixed overrides, a grid and seeds:
     grid:                            # dotted config keys -> lists of values (file order)
       model.depth: [1, 5, 10, 15, 20, 25]
       model.activation: [tanh, relu]
-    seeds: 0-9                       # "0-9", "1,4,7" or a list of ints
+    seeds: 0-9                       # "0-9", "1,4,7", a list of ints, or N: seed N alone
 
 Runs whose configs differ only in the seed train as one batched model (gradflow.experiments.batched);
 different shapes run in parallel processes (--workers) or on Ray. The sweep directory
@@ -239,7 +246,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     from gradflow.experiments.train import check_device
 
     if args.overrides:
-        raise ConfigError(f"unrecognized arguments: {' '.join(args.overrides)}; put overrides in the sweep file's overrides:")
+        raise ConfigError(f"unrecognized arguments: {' '.join(args.overrides)}; put overrides in the sweep file's "
+                          f"overrides:{_sweep_overrides_example(args.overrides)}")
     sweep = load_sweep(args.sweep)
     workers = check_workers(args.workers)
     if args.address is not None and args.backend != "ray":
@@ -256,6 +264,27 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def _sweep_overrides_example(overrides: Sequence[str]) -> str:
+    """``["train.epochs=20"]`` -> ``", e.g. overrides: {train.epochs: 20}"`` (the file's form of
+    the command line's key=value overrides; empty when none looks like key=value)."""
+    pairs = [o.split("=", 1) for o in overrides if "=" in o and not o.startswith("-")]
+    return f", e.g. overrides: {{{', '.join(f'{k}: {v}' for k, v in pairs)}}}" if pairs else ""
+
+
+def _check_gradflow_run(path: Path) -> None:
+    """A folder that is no ``gradflow train`` run directory (no gradients.csv, no config.yaml: a
+    Lightning or Hugging Face log folder, say) -> FileNotFoundError saying what diagnose reads and
+    where such a run's verdict is. A gradflow run without gradients.csv is ``load_run``'s to explain."""
+    if not path.is_dir() or (path / "gradients.csv").exists() or (path / "config.yaml").exists():
+        return
+    events = next(path.rglob("events.out.tfevents.*"), None) is not None
+    raise FileNotFoundError(
+        f"{path}: not a gradflow run directory (no gradients.csv{'; it holds TensorBoard event files' if events else ''}); "
+        "gradflow diagnose reads the run directories gradflow train writes; the verdict of a Lightning or "
+        "Hugging Face run with the gradflow callback is in its TensorBoard text (tag diagnosis/text_summary) "
+        "and in callback.diagnosis")
+
+
 def cmd_diagnose(args: argparse.Namespace) -> int:
     """``gradflow diagnose RUN_DIR [--json] [--flow PATH] [--epochs N ...]``: print the verdict.
 
@@ -269,6 +298,8 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
         paths = run_directories([args.run_dir])
         if len(paths) > 1 and args.flow:
             raise ValueError(f"--flow: draws one run; {args.run_dir} holds {len(paths)} (pick one of them)")
+        for path in paths:
+            _check_gradflow_run(Path(path))
         runs = [load_run(path) for path in paths]
         if args.flow:
             plot_gradient_flow(runs[0].windows, args.flow, args.epochs, title=runs[0].name)

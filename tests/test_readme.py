@@ -231,3 +231,16 @@ def test_run_directory_page_lists_every_config_key():
     sections = text.split("## Config and overrides", 1)[1].split("\n## ", 1)[0]
     missing = [key for key in config_keys() if not re.search(rf"\b{re.escape(key.rpartition('.')[2])}\b", sections)]
     assert not missing, f"docs/run-directory.md's config section does not name {missing}"
+
+
+def test_the_readmes_trainer_line_that_promises_tensorboard_says_how(tmp_path):
+    """The installed transformers' TrainingArguments report to no TensorBoard by default
+    (5.x: report_to=[]), so a README line promising TensorBoard from the HF callback must name
+    report_to="tensorboard" or log_dir=."""
+    transformers = pytest.importorskip("transformers")
+    default = transformers.TrainingArguments(output_dir=str(tmp_path), use_cpu=True).report_to
+    lines = [line for line in README.read_text().splitlines()
+             if "GradflowTrainerCallback(" in line and "TensorBoard" in line]
+    assert lines
+    if "tensorboard" not in (default or []):
+        assert all('report_to="tensorboard"' in line or "log_dir=" in line for line in lines), lines

@@ -36,6 +36,10 @@ def is_tensorboard_logger(logger: Any) -> bool:
     return any(cls.__name__ == "TensorBoardLogger" for cls in type(logger).__mro__)
 
 
+_WRONG_FRAMEWORK = ("GradflowCallback is for Lightning; a Hugging Face Trainer takes GradflowTrainerCallback "
+                    "(from gradflow.integrations.transformers import GradflowTrainerCallback)")
+
+
 class GradflowCallback(_pl.Callback):
     """Records the gradient each optimizer step applies; writes windows and a verdict to the loggers.
 
@@ -82,7 +86,7 @@ class GradflowCallback(_pl.Callback):
     collectives every rank joins (``gradflow.monitor.sharding``; docs/sharding.md):
 
     =====================================  ===========================================================
-    key                                    value (each a mean over the window's optimizer steps)
+    key                                    value (a mean over the window's optimizer steps unless said)
     =====================================  ===========================================================
     ``grad/LAYER/PARAM/mean_abs``          mean |g| over the parameter's elements
     ``grad/LAYER/PARAM/norm``              L2 norm of the parameter's gradient
@@ -90,16 +94,24 @@ class GradflowCallback(_pl.Callback):
     ``grad/LAYER/PARAM/mean``              mean g
     ``grad/LAYER/PARAM/zero_fraction``     share of exact zeros (over all steps' elements)
     ``grad/LAYER/PARAM/nonfinite``         count of NaN/inf elements (a sum, not a mean)
+    ``grad/LAYER/PARAM/relative``          the window's ``norm`` over the weight's norm at its end, ||g|| / ||w||
+    ``grad/steps``                         optimizer steps recorded in the window (a count)
     ``grad/total_norm``                    L2 norm over all parameters of the applied (clipped) gradient
-    ``grad/total_norm_before_clip``        the L2 norm before clipping (by norm or value; per step)
-    ``grad/clipped_steps``                 steps whose norm exceeded the clip value
-    ``grad/skipped_steps``                 steps the AMP GradScaler skipped on overflow
+    ``grad/total_norm_max``                the largest of the window's per-step ``total_norm``
+    ``grad/total_norm_before_clip``        the L2 norm before clipping (by norm or value), mean over
+                                           the window's steps that clipped
+    ``grad/clipped_steps``                 steps whose clipping changed the gradient (a count)
+    ``grad/clip_calls``                    steps with a clipping call, however many calls each (a count)
+    ``grad/skipped_steps``                 steps the AMP GradScaler skipped on overflow (a count)
+    ``grad/idle_parameters``               parameters of a stepping optimizer that got no gradient in
+                                           any of the window's steps (a count)
+    ``grad/idle_parameters/text_summary``  their names (text; TensorBoard), in a window that has any
     ``weight/LAYER/PARAM/{l1,norm}``       weight norms at the window's end (``weights=True``)
     ``weight/LAYER/PARAM/update_ratio``    ||w_end - w_start|| / ||w_start|| over the window
     ``activation/MODULE/...``              saturation / dead-unit statistics (``activations=True``)
     ``grad/LAYER/PARAM`` (histogram)       gradient values; ``1_grad_log10/...``: log10 |g|
     ``weight/...``, ``activation/...``     histograms of weights and activation outputs
-    ``diagnosis`` (text; TensorBoard)      the verdict and its evidence, once, at fit end
+    ``diagnosis/text_summary``             the verdict and its evidence (text; TensorBoard), once, at fit end
     ``diagnosis/<verdict>``                1.0 or 0.0, once, at fit end (other loggers)
     =====================================  ===========================================================
 
@@ -132,6 +144,19 @@ class GradflowCallback(_pl.Callback):
     losses = _common.recorder_attribute("losses", "mean training loss of each window (what training_step returned)")
     steps = _common.recorder_attribute("steps", "optimizer steps recorded, over every fit (kept in checkpoints)")
     windows = _common.recorder_attribute("windows", "windows written (kept in checkpoints)")
+
+    # -- handed to a Hugging Face Trainer: its __init__ calls ``on_init_end`` on every callback it
+    # was given; one added later (``trainer.add_callback``) is first called at ``on_train_begin``.
+
+    def on_init_end(self, *args: Any, **kwargs: Any) -> None:
+        """The Hugging Face Trainer's first hook: it was given this callback. Raises TypeError."""
+        if not (args and isinstance(args[0], _pl.Trainer)):   # pytorch_lightning < 1.8 had a hook of this name
+            raise TypeError(_WRONG_FRAMEWORK)
+
+    def on_train_begin(self, trainer: Any, *args: Any, **kwargs: Any) -> None:
+        """Lightning's hook (nothing to do); a Hugging Face Trainer calling it gets a TypeError."""
+        if not isinstance(trainer, _pl.Trainer):
+            raise TypeError(_WRONG_FRAMEWORK)
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         loggers = list(trainer.loggers) if trainer.is_global_zero else []   # rank zero writes

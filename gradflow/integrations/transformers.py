@@ -53,11 +53,13 @@ class GradflowTrainerCallback(_tf.TrainerCallback):
     right before ``optimizer.step()``; the callback records there, once per optimizer step (so once
     per ``gradient_accumulation_steps`` micro-batches), after DDP's all-reduce and AMP's unscaling.
     The per-layer rows and ``grad/total_norm`` therefore describe the gradient the optimizer applies,
-    *after clipping*; the norm before clipping, the one the Trainer logs as ``grad_norm``, comes from
-    the monitor's watch of torch's clipping (accelerate >= 1.10 clips through ``get_total_norm`` +
-    ``clip_grads_with_norm_``; ``monitor/interception.py``) as ``grad/total_norm_before_clip``, with
-    ``grad/clipped_steps``. With ``max_grad_norm=0`` the Trainer still computes ``grad_norm`` but
-    clips nothing: those two keys are absent, and ``grad/total_norm`` is its ``grad_norm``.
+    *after clipping*; each step's norm before clipping (the Trainer's ``grad_norm`` of that step) comes
+    from the monitor's watch of torch's clipping (accelerate >= 1.10 clips through ``get_total_norm`` +
+    ``clip_grads_with_norm_``; ``monitor/interception.py``), written as its mean over the window,
+    ``grad/total_norm_before_clip`` (the Trainer logs the logging step's ``grad_norm`` alone), with
+    ``grad/clipped_steps`` and ``grad/clip_calls``. With ``max_grad_norm=0`` the Trainer still
+    computes ``grad_norm`` but clips nothing: those three keys are absent, and ``grad/total_norm`` is
+    the window's mean ``grad_norm``.
 
     Where it writes, every ``logging_steps`` optimizer steps (or ``every_n_steps``), from the main
     process only (``state.is_world_process_zero``). Every process attaches a monitor and closes the same
@@ -71,14 +73,16 @@ class GradflowTrainerCallback(_tf.TrainerCallback):
       computes that directory as the ``TensorBoardCallback`` does (``TENSORBOARD_LOGGING_DIR``, else
       ``output_dir/runs/<time>_<host>``, the time to the second: the directory named a second
       earlier when that one exists and the current one does not); added with
-      ``callback.attach(trainer)``, it reads the directory from that callback;
+      ``callback.attach(trainer)``, it reads the directory from that callback. With neither (and
+      no reporter reached) it writes nothing and warns once at ``on_train_begin``: the windows are in
+      ``callback.monitor.history``, the verdict in ``callback.diagnosis``;
     - the Trainer's other reporting callbacks (wandb, mlflow, ...) get the scalars through their
       ``on_log``, at the Trainer's ``global_step``, when the callback was added with
       ``attach(trainer)`` (which gives it ``trainer.callback_handler.callbacks``). Passed in
       ``callbacks=[...]`` with such a reporter in ``report_to``, it warns that they get nothing.
 
     =====================================  ===========================================================
-    key                                    value (each a mean over the window's optimizer steps)
+    key                                    value (a mean over the window's optimizer steps unless said)
     =====================================  ===========================================================
     ``grad/LAYER/PARAM/mean_abs``          mean |g| over the parameter's elements (after clipping)
     ``grad/LAYER/PARAM/norm``              L2 norm of the parameter's gradient
@@ -86,15 +90,26 @@ class GradflowTrainerCallback(_tf.TrainerCallback):
     ``grad/LAYER/PARAM/mean``              mean g
     ``grad/LAYER/PARAM/zero_fraction``     share of exact zeros (over all steps' elements)
     ``grad/LAYER/PARAM/nonfinite``         count of NaN/inf elements (a sum, not a mean)
+    ``grad/LAYER/PARAM/relative``          the window's ``norm`` over the weight's norm at its end, ||g|| / ||w||
+    ``grad/steps``                         optimizer steps recorded in the window (a count)
     ``grad/total_norm``                    L2 norm over all parameters of the applied gradient
-    ``grad/total_norm_before_clip``        the Trainer's ``grad_norm`` (the norm its clipping computed)
-    ``grad/clipped_steps``                 steps whose norm exceeded ``max_grad_norm``
-    ``grad/skipped_steps``                 steps the AMP GradScaler skipped on overflow
+    ``grad/total_norm_max``                the largest of the window's per-step ``total_norm``
+    ``grad/total_norm_before_clip``        the mean over the window's steps of the norm the Trainer's
+                                           clipping computed (its logged ``grad_norm`` is the logging
+                                           step's alone, so the two differ over a window of 2+ steps)
+    ``grad/clipped_steps``                 steps whose norm exceeded ``max_grad_norm`` (a count)
+    ``grad/clip_calls``                    steps with a clipping call (a count)
+    ``grad/skipped_steps``                 steps the AMP GradScaler skipped on overflow (a count)
+    ``grad/idle_parameters``               parameters of the optimizer that got no gradient in any
+                                           of the window's steps (a count)
+    ``grad/idle_parameters/text_summary``  their names (text; TensorBoard), in a window that has any
     ``weight/LAYER/PARAM/{l1,norm}``       weight norms at the window's end (``weights=True``)
     ``weight/LAYER/PARAM/update_ratio``    ||w_end - w_start|| / ||w_start|| over the window
     ``activation/MODULE/...``              saturation / dead-unit statistics (``activations=True``)
     ``grad/LAYER/PARAM`` (histogram)       gradient values; ``1_grad_log10/...``: log10 |g| (TensorBoard)
-    ``diagnosis`` (text; TensorBoard)      the verdict and its evidence, once, at the end of training
+    ``weight/...``, ``activation/...``     histograms of weights and activation outputs (TensorBoard)
+    ``diagnosis/text_summary``             the verdict and its evidence (text; TensorBoard), once, at the
+                                           end of training
     ``diagnosis/<verdict>``                1.0 or 0.0, at the end of training (other loggers)
     =====================================  ===========================================================
 
@@ -147,6 +162,20 @@ class GradflowTrainerCallback(_tf.TrainerCallback):
             trainer.add_callback(self)
         self._callbacks = handler.callbacks
         return self
+
+    # -- handed to a Lightning Trainer: Lightning's first callback hook is ``setup`` (its ``_run``
+    # calls it before any other); on the error, it calls ``on_exception`` on every callback, which
+    # must exist so that this TypeError, not an AttributeError, is what the user sees (as must
+    # ``state_key``, which it names each hook call by).
+
+    state_key = "GradflowTrainerCallback"
+
+    def setup(self, trainer: Any, pl_module: Any = None, stage: str | None = None) -> None:
+        """Lightning's first hook: a Lightning Trainer was given this callback. Raises TypeError."""
+        raise TypeError(_WRONG_FRAMEWORK)
+
+    def on_exception(self, *args: Any, **kwargs: Any) -> None:
+        """Lightning's hook on a failed fit: nothing to do (keeps ``setup``'s TypeError visible)."""
 
     def on_train_begin(self, args, state, control, model=None, **kwargs) -> None:
         self.remove()                    # a previous train() that raised left its monitor attached
@@ -211,12 +240,23 @@ class GradflowTrainerCallback(_tf.TrainerCallback):
             warnings.warn(f"GradflowTrainerCallback in callbacks=[...] cannot reach the Trainer's {unreached} "
                           "reporters (a TrainerCallback is never handed the Trainer); add it with "
                           "GradflowTrainerCallback(...).attach(trainer) to send them its scalars", stacklevel=2)
+        elif self.writer is None and not self._reporters:
+            verdict = "printed at the end and kept" if self.verbose else "kept"
+            warnings.warn(f"GradflowTrainerCallback writes no TensorBoard events: the Trainer reports to "
+                          f"{report_to or 'nothing'} (transformers 5's default is report_to=[]) and no log_dir= "
+                          f"was given; its windows are in callback.monitor.history and the verdict is {verdict} "
+                          "as callback.diagnosis; for events pass TrainingArguments(report_to=\"tensorboard\") or "
+                          "GradflowTrainerCallback(log_dir=...)", stacklevel=2)
 
     def _report(self, scalars: dict[str, float], step: int) -> None:
         """Scalars to the Trainer's reporters, as the Trainer logs (they log at ``state.global_step``)."""
         args, state, control = self._context
         for reporter in self._reporters:
             reporter.on_log(args, state, control, logs=dict(scalars))
+
+
+_WRONG_FRAMEWORK = ("GradflowTrainerCallback is for the Hugging Face Trainer; a Lightning Trainer takes "
+                    "GradflowCallback (from gradflow.integrations.lightning import GradflowCallback)")
 
 
 def _is_reporter(callback: Any) -> bool:

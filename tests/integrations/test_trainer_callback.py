@@ -196,3 +196,25 @@ def test_the_trainers_logged_loss_reaches_the_verdict(tmp_path):
     train(tmp_path, [callback], report_to=[], max_steps=12)
     assert len(callback.losses) == 6 and all(v == v and v > 0 for v in callback.losses)     # every 2 steps
     assert callback.diagnosis.evidence["checks"]["stalled"]["why"].startswith("loss ")
+
+
+def test_with_nowhere_to_write_it_says_where_the_records_are_once(tmp_path, recwarn):
+    """report_to=[] (transformers 5's default) and no log_dir: no event file, and one warning at train
+    begin naming callback.monitor.history, the verdict and the two ways to TensorBoard events."""
+    callback = GradflowTrainerCallback(verbose=False)
+    train(tmp_path, [callback], report_to=[], max_steps=2)
+    said = [str(w.message) for w in recwarn if "GradflowTrainerCallback" in str(w.message)]
+    assert len(said) == 1, said
+    for part in ("writes no TensorBoard events", "callback.monitor.history", "callback.diagnosis",
+                 'report_to="tensorboard"', "log_dir="):
+        assert part in said[0], part
+    assert not glob.glob(str(tmp_path / "**/events.out.tfevents.*"), recursive=True)
+    assert [w.step for w in callback.monitor.history] == [2]
+
+
+@pytest.mark.parametrize("report_to, log_dir", [(["tensorboard"], False), ([], True)])
+def test_with_somewhere_to_write_it_says_nothing(tmp_path, recwarn, report_to, log_dir):
+    callback = GradflowTrainerCallback(verbose=False, histograms=False, log_dir=tmp_path / "tb" if log_dir else None)
+    train(tmp_path, [callback], report_to=report_to, max_steps=2)
+    assert not [w for w in recwarn if "GradflowTrainerCallback" in str(w.message)]
+    assert glob.glob(str(tmp_path / "**/events.out.tfevents.*"), recursive=True)
