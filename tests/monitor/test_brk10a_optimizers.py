@@ -17,6 +17,16 @@ from wrapped_optimizers import Lookahead
 from gradflow import GradientMonitor
 
 
+def _centralize(optimizer) -> None:
+    """Gradient centralization (Yong et al. 2020): each matrix gradient minus its row means, in
+    place; the first parameter's norm after it kept in ``optimizer.applied`` (the oracle)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if p.grad is not None and p.grad.dim() > 1:
+                p.grad.sub_(p.grad.mean(dim=1, keepdim=True))
+    optimizer.applied.append(optimizer.param_groups[0]["params"][0].grad.double().norm().item())
+
+
 class Applied:
     """Per parameter name, the statistics of each gradient an optimizer step applied (see the
     module docstring), taken by patching the optimizers' classes' step function."""
@@ -177,11 +187,7 @@ class _CentralizedAdam(torch.optim.Adam):
 
     @torch.no_grad()
     def step(self, closure=None):
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None and p.grad.dim() > 1:
-                    p.grad.sub_(p.grad.mean(dim=1, keepdim=True))
-        self.applied.append(self.param_groups[0]["params"][0].grad.double().norm().item())
+        _centralize(self)
         return super().step(closure)
 
 
@@ -312,11 +318,7 @@ class _CenteringWrapper(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is not None and p.grad.dim() > 1:
-                    p.grad.sub_(p.grad.mean(dim=1, keepdim=True))
-        self.applied.append(self.param_groups[0]["params"][0].grad.double().norm().item())
+        _centralize(self)
         return self.inner.step(closure)
 
 
