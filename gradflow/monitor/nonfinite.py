@@ -18,6 +18,8 @@ so ``GradientMonitor(nonfinite=...)`` is off by default (``gradflow train`` turn
   covered one, unchanged since: same object and ``_version``) is summed under the code of the
   module that called it, whose functional code made it (nanoGPT's attention: a fully masked
   row's softmax is ``attn``'s, not ``attn.c_proj``'s), or of ``INPUT`` for the model's input.
+  The model's input is every floating tensor it is called with, positional (the global pre-hook)
+  or keyword (a pre-hook ``with_kwargs`` on the model itself): a NaN in any of them is ``INPUT``'s.
 - Backward: in the same hook, a tensor hook on the module's first input (when it requires
   grad) sums the gradient with respect to that input when backward computes it; on the model's
   output it sums dL/d(output), whose non-finite values come from the loss (``LOSS``).
@@ -74,6 +76,7 @@ from torch import nn
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
 from gradflow.monitor.part import MAX, Part, Reduced, Setup, moved, watch_forward_starts
+from gradflow.monitor.spent import LeavesCopiesAlone
 from gradflow.monitor.tensors import MonitorError
 
 LOSS = "(loss)"            # the module name of a non-finite dL/d(model output): the loss made it
@@ -146,9 +149,9 @@ class FirstNonFinite(Part):
         setup: the monitor's ``Setup`` (a part of ``GradientMonitor(nonfinite=True)``), or on
             its own a device where the keys live (the parameters' device).
 
-    The part keeps no reference to ``model`` and adds nothing to it: its two hooks are global
-    and removed by ``remove()``. Each window fills ``Window.first_nonfinite`` and
-    ``Window.first_overflow`` (a ``Source`` or None).
+    The part keeps no reference to ``model``; its two global hooks and the one pre-hook on the
+    model (for keyword inputs; a spent hook in a copy of the model) are removed by ``remove()``.
+    Each window fills ``Window.first_nonfinite`` and ``Window.first_overflow`` (a ``Source`` or None).
     """
 
     name = "nonfinite"
@@ -194,7 +197,7 @@ class FirstNonFinite(Part):
         self._cache: dict[tuple[int, ...], torch.Tensor] = {}
         self.steps = 0                           # optimizer steps seen since attach (applied or skipped)
         self._window_start = 0
-        self._handle = self._pre_handle = None
+        self._handle = self._pre_handle = self._root_handle = None
         self._filter = None
 
     # -- hooks ------------------------------------------------------------------------------
@@ -208,6 +211,8 @@ class FirstNonFinite(Part):
         if self._handle is None:
             self._pre_handle = register_module_forward_pre_hook(self._on_start)
             self._handle = register_module_forward_hook(self._on_forward)
+            if model is not None:
+                self._root_handle = model.register_forward_pre_hook(_RootStart(self), with_kwargs=True)
             action, message, category = _COMPILE_WARNING
             warnings.filterwarnings(action, message=message, category=category)
             self._filter = warnings.filters[0]
@@ -217,7 +222,9 @@ class FirstNonFinite(Part):
         if self._handle is not None:
             self._pre_handle.remove()
             self._handle.remove()
-            self._handle = self._pre_handle = None
+            if self._root_handle is not None:
+                self._root_handle.remove()
+            self._handle = self._pre_handle = self._root_handle = None
             if self._filter in warnings.filters:
                 warnings.filters.remove(self._filter)
                 getattr(warnings, "_filters_mutated", lambda: None)()   # the warnings cache (CPython)
@@ -244,6 +251,7 @@ class FirstNonFinite(Part):
         if index == 0:                               # the model's forward starts
             self._stack.clear()
             self._seen.clear()
+            self._take_inputs(args[1:])              # the batch's other tensors (args[0]: below)
         x = args[0] if args and type(args[0]) is torch.Tensor else None
         known = x is None or not x.is_floating_point() or self._known(x)
         if not known and index != -1:
@@ -255,6 +263,26 @@ class FirstNonFinite(Part):
                 self._mark(x)
                 known = True
         self._stack.append((index, known))
+
+    def _on_root_start(self, module, args, kwargs) -> None:
+        """The model's own pre-hook (``with_kwargs``; after the global one): the batch's tensors
+        given by keyword (``model(x=batch)``, ``model(**batch)``) are the input too."""
+        if kwargs and not torch.compiler.is_compiling() and torch._C._current_graph_task_id() == -1 and \
+                (torch.is_grad_enabled() or module.training):
+            self._take_inputs(kwargs.values())
+
+    def _take_inputs(self, values) -> None:
+        """Sum each floating tensor in ``values`` (the model's inputs besides the first) that no
+        sum covers yet under ``(input)``: a NaN in any part of the batch is the input's, not the
+        code of the first module that used it."""
+        for x in values:
+            if type(x) is torch.Tensor and x.is_floating_point() and not self._known(x):
+                code = self._calls[0] * self._count + self._input
+                if code >= PHASE:
+                    return
+                self._calls[0] += 1
+                self._take(x, code)
+                self._mark(x)
 
     def _ended(self, index: int) -> bool:
         """Pop ``index``'s entry (and any above it: a child that raised); whether its input was known.
@@ -456,6 +484,19 @@ class FirstNonFinite(Part):
         self._step_min.fill_(NONE)
         self._window_start = self.steps
         self._root_forwards = 0
+
+
+class _RootStart(LeavesCopiesAlone):
+    """The pre-hook on the model that sees its keyword inputs; a spent hook in a copy of the model."""
+
+    __slots__ = ("__weakref__", "part")
+    KIND = "pre_kwargs"
+
+    def __init__(self, part: FirstNonFinite) -> None:
+        self.part = part
+
+    def __call__(self, module, args, kwargs):
+        self.part._on_root_start(module, args, kwargs)
 
 
 class _GradSum:
