@@ -22,7 +22,10 @@ so ``GradientMonitor(nonfinite=...)`` is off by default (``gradflow train`` turn
   or keyword (a pre-hook ``with_kwargs`` on the model itself): a NaN in any of them is ``INPUT``'s.
 - Backward: in the same hook, a tensor hook on the module's first input (when it requires
   grad) sums the gradient with respect to that input when backward computes it; on the model's
-  output it sums dL/d(output), whose non-finite values come from the loss (``LOSS``).
+  output it sums dL/d(output), whose non-finite values come from the loss (``LOSS``). A child's
+  output that no module takes as its first input is watched too, under the code that received
+  it (its caller): a NaN made in the backward of functional code between two children is the
+  caller's, not the earlier child's. One hook per tensor (``_watch_grad``).
 - Each call gets a code, ``call * M + module`` with the call counted per step and pass, and
   backward codes above forward ones (``PHASE``). At each optimizer step the step's sums are
   stacked and the smallest code whose sum is non-finite is kept, as one key
@@ -329,12 +332,15 @@ class FirstNonFinite(Part):
                 self._mark(tensor)
         if not torch.is_grad_enabled():
             return
-        if index == 0:                               # dL/d(output): non-finite from the loss
+        # dL/d(output): the model's is the loss's; a child's, until a module takes it as its first
+        # input, is its caller's (the caller's functional code computes it in backward)
+        owner = self._loss if index == 0 else next((i for i, _ in reversed(self._stack) if i >= 0), None)
+        if owner is not None:
             for tensor in [output] if type(output) is torch.Tensor else _tensors(output):
                 if tensor.requires_grad:
-                    tensor.register_hook(_GradSum(self, self._loss))
-        if args and type(args[0]) is torch.Tensor and args[0].requires_grad and not _hooked(args[0]):
-            args[0].register_hook(_GradSum(self, index))   # once per tensor: a container shares its child's input
+                    _watch_grad(self, tensor, owner, of_input=False)
+        if args and type(args[0]) is torch.Tensor and args[0].requires_grad:
+            _watch_grad(self, args[0], index, of_input=True)
         return
 
     def _learn(self, module) -> int | None:
@@ -500,22 +506,33 @@ class _RootStart(LeavesCopiesAlone):
 
 
 class _GradSum:
-    """Tensor hook: the sum of the gradient with respect to one module's input (or output)."""
+    """Tensor hook: the sum of the gradient with respect to one module's input (or output), put
+    on ``index``. ``of_input``: the tensor is a module's first input (its gradient is that
+    module's backward); otherwise a module's output, whose gradient the caller's code makes."""
 
-    __slots__ = ("index", "part")
+    __slots__ = ("index", "of_input", "part")
 
-    def __init__(self, part: FirstNonFinite, index: int) -> None:
+    def __init__(self, part: FirstNonFinite, index: int, of_input: bool) -> None:
         self.part = part
         self.index = index
+        self.of_input = of_input
 
     def __call__(self, grad):
-        self.part._take_grad(grad, self.index)
+        if grad is not None:                # an output of a multi-output node that the loss never used
+            self.part._take_grad(grad, self.index)
 
 
-def _hooked(tensor: torch.Tensor) -> bool:
-    """Whether a ``_GradSum`` already watches ``tensor``'s gradient (an inner module's)."""
+def _watch_grad(part: FirstNonFinite, tensor: torch.Tensor, index: int, of_input: bool) -> None:
+    """One ``_GradSum`` per tensor, put on the code that computes its gradient in backward: the
+    first module that took it as its first input (an inner module before the container that
+    shares its input); else the code that received it as an output, the outermost module's
+    caller (a container returns its last child's output; the model's is the loss's)."""
     hooks = tensor._backward_hooks
-    return bool(hooks) and any(type(hook) is _GradSum for hook in hooks.values())
+    found = next((h for h in hooks.values() if type(h) is _GradSum), None) if hooks else None
+    if found is None:
+        tensor.register_hook(_GradSum(part, index, of_input))
+    elif not found.of_input:
+        found.index, found.of_input = index, of_input
 
 
 def _tensors(output) -> list[torch.Tensor]:

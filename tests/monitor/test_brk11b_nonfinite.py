@@ -74,3 +74,56 @@ def test_a_copy_of_the_model_keeps_no_live_keyword_hook():
         monitor.log(0)
     assert monitor.history[-1].first_nonfinite is None
     assert not model._forward_pre_hooks
+
+
+class _NanInBackward(torch.autograd.Function):
+    """Identity forward (finite); its backward makes the gradient NaN."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x * 1.0
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad * float("nan")
+
+
+class _Block(nn.Module):
+    def __init__(self, poison: bool) -> None:
+        super().__init__()
+        self.fc1, self.fc2, self.poison = nn.Linear(4, 4), nn.Linear(4, 4), poison
+
+    def forward(self, x):
+        h = self.fc1(x)
+        return self.fc2(_NanInBackward.apply(h) if self.poison else h)
+
+
+class _Outer(nn.Module):
+    """A LSTM (whose c_n the loss never uses), a block, functional code of the model's own."""
+
+    def __init__(self, where: str) -> None:
+        super().__init__()
+        self.lstm, self.block, self.head, self.where = nn.LSTM(4, 4), _Block(where == "block"), nn.Linear(4, 1), where
+
+    def forward(self, x):
+        _, (h, _) = self.lstm(x)
+        h = self.block(h[-1])
+        return self.head(_NanInBackward.apply(h) if self.where == "" else h).sum()
+
+
+@pytest.mark.parametrize("where", ["", "block"], ids=["model_code", "block_code"])
+def test_a_nan_made_in_backward_by_code_between_two_children_is_that_codes(where):
+    """A custom Function between two children, in the model's or a block's own code, whose
+    backward makes NaN: it was put on the child before it (``block``, ``block.fc1``), whose
+    input gradient was the first non-finite one watched; the gradient with respect to that
+    child's output is now watched and put on the code that received the output."""
+    torch.manual_seed(0)
+    model = _Outer(where)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    with GradientMonitor(model, nonfinite=True, activations=False) as monitor:
+        for _ in range(2):
+            optimizer.zero_grad()
+            model(torch.randn(5, 2, 4)).backward()
+            optimizer.step()
+        monitor.log(0)
+    assert monitor.history[-1].first_nonfinite == Source(where, "backward", 0)
