@@ -501,8 +501,11 @@ class _RootStart(LeavesCopiesAlone):
     def __init__(self, part: FirstNonFinite) -> None:
         self.part = part
 
-    def __call__(self, module, args, kwargs):
-        self.part._on_root_start(module, args, kwargs)
+    def __call__(self, module, args, kwargs=None):
+        # kwargs None: remove() in another thread took the handle's with_kwargs mark while torch
+        # was calling its snapshot of the hooks; nothing to do then
+        if kwargs:
+            self.part._on_root_start(module, args, kwargs)
 
 
 class _GradSum:

@@ -30,7 +30,7 @@ def spent_pre_hook(module, inputs) -> None:
     _drop(module._forward_pre_hooks, spent_pre_hook)
 
 
-def spent_pre_kwargs_hook(module, args, kwargs) -> None:
+def spent_pre_kwargs_hook(module, args, kwargs=None) -> None:
     """A monitor's forward pre-hook registered ``with_kwargs``, in a copy of the model: removes itself."""
     _drop(module._forward_pre_hooks, spent_pre_kwargs_hook)
 
