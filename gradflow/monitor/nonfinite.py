@@ -18,9 +18,14 @@ so ``GradientMonitor(nonfinite=...)`` is off by default (``gradflow train`` turn
   covered one, unchanged since: same object and ``_version``) is summed under the code of the
   module that called it, whose functional code made it (nanoGPT's attention: a fully masked
   row's softmax is ``attn``'s, not ``attn.c_proj``'s), or of ``INPUT`` for the model's input.
+  The model's input is every floating tensor it is called with, positional (the global pre-hook)
+  or keyword (a pre-hook ``with_kwargs`` on the model itself): a NaN in any of them is ``INPUT``'s.
 - Backward: in the same hook, a tensor hook on the module's first input (when it requires
   grad) sums the gradient with respect to that input when backward computes it; on the model's
-  output it sums dL/d(output), whose non-finite values come from the loss (``LOSS``).
+  output it sums dL/d(output), whose non-finite values come from the loss (``LOSS``). A child's
+  output that no module takes as its first input is watched too, under the code that received
+  it (its caller): a NaN made in the backward of functional code between two children is the
+  caller's, not the earlier child's. One hook per tensor (``_watch_grad``).
 - Each call gets a code, ``call * M + module`` with the call counted per step and pass, and
   backward codes above forward ones (``PHASE``). At each optimizer step the step's sums are
   stacked and the smallest code whose sum is non-finite is kept, as one key
@@ -74,6 +79,7 @@ from torch import nn
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 
 from gradflow.monitor.part import MAX, Part, Reduced, Setup, moved, watch_forward_starts
+from gradflow.monitor.spent import LeavesCopiesAlone
 from gradflow.monitor.tensors import MonitorError
 
 LOSS = "(loss)"            # the module name of a non-finite dL/d(model output): the loss made it
@@ -146,9 +152,9 @@ class FirstNonFinite(Part):
         setup: the monitor's ``Setup`` (a part of ``GradientMonitor(nonfinite=True)``), or on
             its own a device where the keys live (the parameters' device).
 
-    The part keeps no reference to ``model`` and adds nothing to it: its two hooks are global
-    and removed by ``remove()``. Each window fills ``Window.first_nonfinite`` and
-    ``Window.first_overflow`` (a ``Source`` or None).
+    The part keeps no reference to ``model``; its two global hooks and the one pre-hook on the
+    model (for keyword inputs; a spent hook in a copy of the model) are removed by ``remove()``.
+    Each window fills ``Window.first_nonfinite`` and ``Window.first_overflow`` (a ``Source`` or None).
     """
 
     name = "nonfinite"
@@ -194,7 +200,7 @@ class FirstNonFinite(Part):
         self._cache: dict[tuple[int, ...], torch.Tensor] = {}
         self.steps = 0                           # optimizer steps seen since attach (applied or skipped)
         self._window_start = 0
-        self._handle = self._pre_handle = None
+        self._handle = self._pre_handle = self._root_handle = None
         self._filter = None
 
     # -- hooks ------------------------------------------------------------------------------
@@ -208,6 +214,8 @@ class FirstNonFinite(Part):
         if self._handle is None:
             self._pre_handle = register_module_forward_pre_hook(self._on_start)
             self._handle = register_module_forward_hook(self._on_forward)
+            if model is not None:
+                self._root_handle = model.register_forward_pre_hook(_RootStart(self), with_kwargs=True)
             action, message, category = _COMPILE_WARNING
             warnings.filterwarnings(action, message=message, category=category)
             self._filter = warnings.filters[0]
@@ -217,7 +225,9 @@ class FirstNonFinite(Part):
         if self._handle is not None:
             self._pre_handle.remove()
             self._handle.remove()
-            self._handle = self._pre_handle = None
+            if self._root_handle is not None:
+                self._root_handle.remove()
+            self._handle = self._pre_handle = self._root_handle = None
             if self._filter in warnings.filters:
                 warnings.filters.remove(self._filter)
                 getattr(warnings, "_filters_mutated", lambda: None)()   # the warnings cache (CPython)
@@ -244,6 +254,7 @@ class FirstNonFinite(Part):
         if index == 0:                               # the model's forward starts
             self._stack.clear()
             self._seen.clear()
+            self._take_inputs(args[1:])              # the batch's other tensors (args[0]: below)
         x = args[0] if args and type(args[0]) is torch.Tensor else None
         known = x is None or not x.is_floating_point() or self._known(x)
         if not known and index != -1:
@@ -255,6 +266,26 @@ class FirstNonFinite(Part):
                 self._mark(x)
                 known = True
         self._stack.append((index, known))
+
+    def _on_root_start(self, module, args, kwargs) -> None:
+        """The model's own pre-hook (``with_kwargs``; after the global one): the batch's tensors
+        given by keyword (``model(x=batch)``, ``model(**batch)``) are the input too."""
+        if kwargs and not torch.compiler.is_compiling() and torch._C._current_graph_task_id() == -1 and \
+                (torch.is_grad_enabled() or module.training):
+            self._take_inputs(kwargs.values())
+
+    def _take_inputs(self, values) -> None:
+        """Sum each floating tensor in ``values`` (the model's inputs besides the first) that no
+        sum covers yet under ``(input)``: a NaN in any part of the batch is the input's, not the
+        code of the first module that used it."""
+        for x in values:
+            if type(x) is torch.Tensor and x.is_floating_point() and not self._known(x):
+                code = self._calls[0] * self._count + self._input
+                if code >= PHASE:
+                    return
+                self._calls[0] += 1
+                self._take(x, code)
+                self._mark(x)
 
     def _ended(self, index: int) -> bool:
         """Pop ``index``'s entry (and any above it: a child that raised); whether its input was known.
@@ -301,12 +332,15 @@ class FirstNonFinite(Part):
                 self._mark(tensor)
         if not torch.is_grad_enabled():
             return
-        if index == 0:                               # dL/d(output): non-finite from the loss
+        # dL/d(output): the model's is the loss's; a child's, until a module takes it as its first
+        # input, is its caller's (the caller's functional code computes it in backward)
+        owner = self._loss if index == 0 else next((i for i, _ in reversed(self._stack) if i >= 0), None)
+        if owner is not None:
             for tensor in [output] if type(output) is torch.Tensor else _tensors(output):
                 if tensor.requires_grad:
-                    tensor.register_hook(_GradSum(self, self._loss))
-        if args and type(args[0]) is torch.Tensor and args[0].requires_grad and not _hooked(args[0]):
-            args[0].register_hook(_GradSum(self, index))   # once per tensor: a container shares its child's input
+                    _watch_grad(self, tensor, owner, of_input=False)
+        if args and type(args[0]) is torch.Tensor and args[0].requires_grad:
+            _watch_grad(self, args[0], index, of_input=True)
         return
 
     def _learn(self, module) -> int | None:
@@ -458,23 +492,50 @@ class FirstNonFinite(Part):
         self._root_forwards = 0
 
 
+class _RootStart(LeavesCopiesAlone):
+    """The pre-hook on the model that sees its keyword inputs; a spent hook in a copy of the model."""
+
+    __slots__ = ("__weakref__", "part")
+    KIND = "pre_kwargs"
+
+    def __init__(self, part: FirstNonFinite) -> None:
+        self.part = part
+
+    def __call__(self, module, args, kwargs=None):
+        # kwargs None: remove() in another thread took the handle's with_kwargs mark while torch
+        # was calling its snapshot of the hooks; nothing to do then
+        if kwargs:
+            self.part._on_root_start(module, args, kwargs)
+
+
 class _GradSum:
-    """Tensor hook: the sum of the gradient with respect to one module's input (or output)."""
+    """Tensor hook: the sum of the gradient with respect to one module's input (or output), put
+    on ``index``. ``of_input``: the tensor is a module's first input (its gradient is that
+    module's backward); otherwise a module's output, whose gradient the caller's code makes."""
 
-    __slots__ = ("index", "part")
+    __slots__ = ("index", "of_input", "part")
 
-    def __init__(self, part: FirstNonFinite, index: int) -> None:
+    def __init__(self, part: FirstNonFinite, index: int, of_input: bool) -> None:
         self.part = part
         self.index = index
+        self.of_input = of_input
 
     def __call__(self, grad):
-        self.part._take_grad(grad, self.index)
+        if grad is not None:                # an output of a multi-output node that the loss never used
+            self.part._take_grad(grad, self.index)
 
 
-def _hooked(tensor: torch.Tensor) -> bool:
-    """Whether a ``_GradSum`` already watches ``tensor``'s gradient (an inner module's)."""
+def _watch_grad(part: FirstNonFinite, tensor: torch.Tensor, index: int, of_input: bool) -> None:
+    """One ``_GradSum`` per tensor, put on the code that computes its gradient in backward: the
+    first module that took it as its first input (an inner module before the container that
+    shares its input); else the code that received it as an output, the outermost module's
+    caller (a container returns its last child's output; the model's is the loss's)."""
     hooks = tensor._backward_hooks
-    return bool(hooks) and any(type(hook) is _GradSum for hook in hooks.values())
+    found = next((h for h in hooks.values() if type(h) is _GradSum), None) if hooks else None
+    if found is None:
+        tensor.register_hook(_GradSum(part, index, of_input))
+    elif not found.of_input:
+        found.index, found.of_input = index, of_input
 
 
 def _tensors(output) -> list[torch.Tensor]:

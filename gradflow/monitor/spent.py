@@ -30,6 +30,11 @@ def spent_pre_hook(module, inputs) -> None:
     _drop(module._forward_pre_hooks, spent_pre_hook)
 
 
+def spent_pre_kwargs_hook(module, args, kwargs=None) -> None:
+    """A monitor's forward pre-hook registered ``with_kwargs``, in a copy of the model: removes itself."""
+    _drop(module._forward_pre_hooks, spent_pre_kwargs_hook)
+
+
 def _drop(hooks: dict, hook: Callable) -> None:
     # torch calls a snapshot of the hooks, so removing one while it runs is safe.
     for key, value in list(hooks.items()):
@@ -37,7 +42,8 @@ def _drop(hooks: dict, hook: Callable) -> None:
             del hooks[key]
 
 
-SPENT = {"forward": spent_forward_hook, "forward_kwargs": spent_forward_kwargs_hook, "pre": spent_pre_hook}
+SPENT = {"forward": spent_forward_hook, "forward_kwargs": spent_forward_kwargs_hook, "pre": spent_pre_hook,
+         "pre_kwargs": spent_pre_kwargs_hook}
 
 
 def spent(kind: str) -> Callable:

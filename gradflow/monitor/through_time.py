@@ -176,7 +176,7 @@ class _Module:
     sums: torch.Tensor | None = None        # (slots, T), allocated at the window's first pass
     steps: int = 0                          # T of this window's passes
     passes: int = 0                         # profiled passes whose backward reached an h_t
-    pending: list = field(default_factory=list)   # per pass: [(slot * T + t, grad)]
+    pending: list = field(default_factory=list)   # per pass: {slot * T + t: grad}
 
 
 class _Hook(LeavesCopiesAlone):
@@ -286,12 +286,22 @@ class ThroughTime:
         if entry.sums is None:
             entry.steps = steps
             entry.sums = torch.zeros(len(entry.keys), steps, device=x.device, dtype=_wide(x.device))
-        grads: list = []
+        if _in_checkpoint():
+            self._warn(f"checkpoint:{entry.name}", f"through time: {entry.name or 'the model'} ran inside "
+                       "torch.utils.checkpoint (use_reentrant=False): its gradient through time is not profiled "
+                       "there (the recompute must save the same tensors as the forward, so the fused pass is kept)")
+            return None
+        grads: dict[int, torch.Tensor] = {}        # slot * T + t -> dL/dh_t, summed over backward calls
         entry.pending.append(grads)
+
+        def keep(g: torch.Tensor, at: int) -> None:
+            # a second backward through the same pass (retain_graph=True, two losses) adds to dL/dh_t,
+            # as it adds to p.grad: the norm is taken of the sum, never summed over calls
+            grads[at] = g if at not in grads else grads[at] + g
 
         def watch(slot: int, t: int, h: torch.Tensor) -> None:
             if h.requires_grad:
-                h.register_hook(lambda g, at=slot * steps + t: grads.append((at, g)))
+                h.register_hook(lambda g, at=slot * steps + t: keep(g, at))
 
         output, h_n, c_n = unroll(module, x, hx, watch)
         if unbatched:
@@ -315,8 +325,8 @@ class ThroughTime:
             for grads in pending:
                 if not grads:                      # no backward reached this pass
                     continue
-                where = tuple(at for at, _ in grads)
-                norms = torch._foreach_norm([g for _, g in grads])
+                where = tuple(grads)
+                norms = torch._foreach_norm(list(grads.values()))
                 index = self._index_cache.get(where)
                 if index is None:
                     if len(self._index_cache) > 64:
@@ -353,6 +363,15 @@ class ThroughTime:
         """Start the next window (a new length T may come with it)."""
         for entry in self.modules:
             entry.sums, entry.steps, entry.passes, entry.pending = None, 0, 0, []
+
+
+def _in_checkpoint() -> bool:
+    """True inside the forward of a non-reentrant activation checkpoint (``torch.utils.checkpoint``
+    with ``use_reentrant=False``): its saved-tensor hooks are on top. Its recompute in backward
+    runs the fused module, which saves other tensors than the unrolled forward, and
+    torch raises CheckpointError, so such a pass is left fused."""
+    hooks = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    return hooks is not None and getattr(hooks[0], "__module__", "") == "torch.utils.checkpoint"
 
 
 def _wide(device: torch.device) -> torch.dtype:

@@ -200,7 +200,8 @@ def test_hooks_that_take_every_pass_s_tensors_keep_every_pass_watched(kind):
                 optimizer.zero_grad()
                 model(torch.randn(*shape)).square().mean().backward()
                 optimizer.step()
-                assert len(model._forward_pre_hooks) == 1
+                # the schedule's root hook stays on (nonfinite adds its keyword-input pre-hook beside it)
+                assert [type(h).__name__ for h in model._forward_pre_hooks.values()].count("ForwardStarts") == 1
             model.double()
             first = next(model.parameters())
             out = model(torch.randn(*shape, dtype=torch.float64))         # an unprofiled pass
