@@ -1,0 +1,69 @@
+"""Break tests (brk11a) of the monitor on 2 gloo ranks: FSDP2 cases not in test_sharding.py
+(reshard_after_forward=False, a bf16/fp32 MixedPrecisionPolicy, a frozen parameter inside a sharded
+module, accumulation with set_requires_gradient_sync(False)), DDP with find_unused_parameters and a
+branch only rank 0 uses, DDP no_sync accumulation, members=2 over DDP and over FSDP2, and log() on
+rank 0 only.
+
+The oracle (brk11a_run.py): each gradient's full_tensor() (DTensor) or p.grad (DDP) in float64 at the
+optimizer step, from a step pre-hook registered after the monitor's, averaged per window as the
+monitor does (sharded_run.Oracle).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch.distributed.fsdp")
+
+from sharded_launch import launch  # noqa: E402
+
+SCRIPT = Path(__file__).with_name("brk11a_run.py")
+FIELDS = ("mean_abs", "norm", "max_abs", "zero_fraction", "weight_l1", "weight_norm", "weight_update_ratio")
+ORACLE_CASES = ["fsdp-noreshard", "fsdp-mixed", "fsdp-frozen", "fsdp-accumulate", "ddp-unused", "ddp-nosync"]
+
+
+def check_against_oracle(name: str, ranks: list[dict]) -> float:
+    """Every rank's windows equal rank 0's and match the oracle's; returns the largest relative error."""
+    for rank, result in enumerate(ranks):
+        assert result is not None and "crash" not in result, f"{name} rank {rank}: {result and result['crash']}"
+    worst = 0.0
+    for rank, result in enumerate(ranks):
+        assert result["windows"] == ranks[0]["windows"], f"{name}: rank {rank}'s statistics differ from rank 0's"
+        assert len(result["windows"]) == len(result["oracle"]) == 2, name
+        for window, oracle in zip(result["windows"], result["oracle"]):
+            assert set(window["rows"]) == set(oracle["rows"]), (name, rank)   # no gradient: no row
+            for param, expected in oracle["rows"].items():
+                row = window["rows"][param]
+                assert row["steps"] == expected["steps"], (name, param)
+                assert abs(row["mean"] - expected["mean"]) <= 1e-6 * expected["mean_abs"], (name, param)
+                for field in FIELDS:
+                    if expected[field] is None:
+                        assert math.isnan(row[field]), (name, param, field)
+                        continue
+                    worst = max(worst, abs(row[field] - expected[field]) / max(abs(expected[field]), 1e-12))
+            for field in ("total_norm", "total_norm_max"):
+                worst = max(worst, abs(window["overall"][field] - oracle[field]) / oracle[field])
+    assert worst < 1e-6, (name, worst)
+    return worst
+
+
+@pytest.mark.slow
+def test_fsdp2_ddp_variants_and_members_match_the_full_gradient(tmp_path):
+    cases = [*ORACLE_CASES, "ddp-members", "fsdp-members"]
+    results, errors = launch(tmp_path, 2, cases, timeout=150, script=SCRIPT)
+    for case in ORACLE_CASES:
+        check_against_oracle(case, results[case])
+    frozen = results["fsdp-frozen"][0]["windows"][0]["rows"]
+    assert "up.bias" not in frozen and "up.weight" in frozen
+    unused = results["ddp-unused"]
+    for rank in unused:                    # the rank-0-only branch has a gradient on both ranks; `never` on none
+        assert set(rank["windows"][0]["rows"]) == {"trunk.weight", "trunk.bias", "rank0.weight", "rank0.bias"}
+    for rank, result in enumerate(results["ddp-members"]):
+        assert result is not None and "crash" not in result, f"ddp-members rank {rank}: {result and result['crash']}"
+        for got, expected in zip(result["norms"], result["expected"]):
+            assert got == pytest.approx(expected, rel=1e-6)
+    for result in results["fsdp-members"]:
+        assert result["error"] and "members=2" in result["error"], result
