@@ -12,6 +12,7 @@ OUT/<case>.rank<k>.json with the monitor's windows and the oracle's.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 import time
@@ -25,7 +26,7 @@ from torch import nn
 torch.set_num_threads(1)
 sys.path.insert(0, os.path.dirname(__file__))
 
-from sharded_run import BATCH, STEPS, WINDOW, Block, Oracle, batch  # noqa: E402
+from sharded_run import BATCH, STEPS, WINDOW, Block, Oracle, TPBlock, batch, full  # noqa: E402
 
 from gradflow.monitor import GradientMonitor, MonitorError  # noqa: E402
 
@@ -37,12 +38,15 @@ def local(step: int):
     return x[rank * per:(rank + 1) * per], y[rank * per:(rank + 1) * per]
 
 
-def run(model, optimizer, monitor, oracle, micro: int = 1, sync=None, forward=None) -> list[dict]:
-    """STEPS steps of ``micro`` micro-batches (``sync(flag)`` around all but the last); windows of WINDOW."""
+def run(model, optimizer, monitor, oracle, micro: int = 1, sync=None, forward=None, clip=None, data=None,
+        before: list | None = None) -> list[dict]:
+    """STEPS steps of ``micro`` micro-batches (``sync(flag)`` around all but the last); windows of WINDOW.
+    ``clip(model)`` runs before each step; the full L2 norm before it is appended to ``before``."""
     out = []
+    data = data or local
     handle = optimizer.register_step_pre_hook(oracle)
     for step in range(STEPS):
-        x, y = local(step)
+        x, y = data(step)
         optimizer.zero_grad()
         for m, (xs, ys) in enumerate(zip(x.chunk(micro), y.chunk(micro))):
             last = m == micro - 1
@@ -53,6 +57,10 @@ def run(model, optimizer, monitor, oracle, micro: int = 1, sync=None, forward=No
             nn.functional.mse_loss(output, ys).backward()
             if ctx is not None:
                 ctx.__exit__(None, None, None)
+        if clip is not None:
+            before.append(math.sqrt(sum(float(full(p.grad).square().sum()) for p in model.parameters()
+                                        if p.grad is not None)))
+            clip(model)
         optimizer.step()
         if (step + 1) % WINDOW == 0:
             monitor.log(step)
@@ -63,16 +71,23 @@ def run(model, optimizer, monitor, oracle, micro: int = 1, sync=None, forward=No
     return out
 
 
-def fsdp(reshard: bool = True, mp: bool = False, frozen: bool = False, accumulate: bool = False) -> dict:
+def fsdp(reshard: bool = True, mp: bool = False, frozen: bool = False, accumulate: bool = False,
+         shard_dim: int = 0, clip=None, mesh_shape=None) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    from torch.distributed.tensor import Shard
+
+    mesh_shape = mesh_shape or (dist.get_world_size(),)
+    names = ("replicate", "shard") if len(mesh_shape) == 2 else ("shard",)
+    mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=names)
     torch.manual_seed(0)
     model = Block()
     if frozen:
         model.up.bias.requires_grad_(False)                 # a frozen parameter inside a sharded module
     kw = {"mesh": mesh, "reshard_after_forward": reshard}
+    if shard_dim:                                           # Linear(10, 3).weight on dim 1: 5 and 5; up (16, 10)
+        kw["shard_placement_fn"] = lambda p: Shard(shard_dim if p.dim() > shard_dim else 0)
     if mp:
         kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for module in (model.up, model.head):
@@ -86,8 +101,11 @@ def fsdp(reshard: bool = True, mp: bool = False, frozen: bool = False, accumulat
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=0.01)
     with GradientMonitor(model, None, activations=False) as monitor:
         oracle = Oracle(model)
-        windows = run(model, optimizer, monitor, oracle, micro=2 if accumulate else 1, sync=sync, forward=forward)
-    return {"windows": windows, "oracle": oracle.windows,
+        before: list[float] = []
+        windows = run(model, optimizer, monitor, oracle, micro=2 if accumulate else 1, sync=sync, forward=forward,
+                      clip=clip, before=before)
+    return {"windows": windows, "oracle": oracle.windows, "before": before,
+            "placements": {n: str(p.placements) for n, p in model.named_parameters()},
             "grad_dtypes": {n: str(p.grad.dtype) for n, p in model.named_parameters() if p.grad is not None}}
 
 
@@ -203,7 +221,46 @@ def log_rank0_only() -> dict:
     return {"error": error, "seconds": time.monotonic() - start}
 
 
+def tp(clip=None) -> dict:
+    """Colwise up, Rowwise down (Replicate bias), SequenceParallel LayerNorm (Partial gradients), clipped."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        SequenceParallel,
+        parallelize_module,
+    )
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    torch.manual_seed(0)
+    model = TPBlock()
+    parallelize_module(model, mesh, {"norm": SequenceParallel(), "up": ColwiseParallel(input_layouts=Shard(1)),
+                                     "down": RowwiseParallel(output_layouts=Shard(1))})
+    rank = dist.get_rank()
+
+    def data(step):
+        x, y = batch(step, (2, 8, 8))
+        return x[:, rank * 4:(rank + 1) * 4], y[:, rank * 4:(rank + 1) * 4]
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    with GradientMonitor(model, None, activations=False) as monitor:
+        oracle, before = Oracle(model), []
+        windows = run(model, optimizer, monitor, oracle, data=data, clip=clip, before=before)
+    return {"windows": windows, "oracle": oracle.windows, "before": before}
+
+
+def clip_norm(limit: float, norm_type: float = 2.0):
+    return lambda model: torch.nn.utils.clip_grad_norm_(model.parameters(), limit, norm_type=norm_type)
+
+
 CASES = {
+    "fsdp-shard1": lambda: fsdp(shard_dim=1),
+    "fsdp-clip-inf": lambda: fsdp(clip=clip_norm(0.05, float("inf"))),
+    "fsdp-clip-accumulate": lambda: fsdp(accumulate=True, clip=clip_norm(0.3)),
+    "hsdp-2x1": lambda: fsdp(mesh_shape=(2, 1)),
+    "hsdp-1x2": lambda: fsdp(mesh_shape=(1, 2)),
+    "tp-clip": lambda: tp(clip=clip_norm(0.3)),
     "fsdp-noreshard": lambda: fsdp(reshard=False),
     "fsdp-mixed": lambda: fsdp(mp=True),
     "fsdp-frozen": lambda: fsdp(frozen=True),

@@ -67,3 +67,25 @@ def test_fsdp2_ddp_variants_and_members_match_the_full_gradient(tmp_path):
             assert got == pytest.approx(expected, rel=1e-6)
     for result in results["fsdp-members"]:
         assert result["error"] and "members=2" in result["error"], result
+
+
+CLIP_CASES = ["fsdp-clip-inf", "fsdp-clip-accumulate", "tp-clip"]
+
+
+@pytest.mark.slow
+def test_shard_dim_1_degenerate_hsdp_and_clipping_match_the_full_gradient(tmp_path):
+    """FSDP2 sharded on dim 1 (shard_placement_fn), HSDP meshes 2x1 and 1x2 (a mesh dim of size 1),
+    clip_grad_norm_ by the inf norm on DTensors, clipping after set_requires_gradient_sync accumulation,
+    and tensor parallel clipped: total_norm_before_clip is the full L2 norm whatever norm clips."""
+    cases = ["fsdp-shard1", "hsdp-2x1", "hsdp-1x2", *CLIP_CASES]
+    results, _ = launch(tmp_path, 2, cases, timeout=150, script=SCRIPT)
+    for case in cases:
+        check_against_oracle(case, results[case])
+    assert "Shard(dim=1)" in results["fsdp-shard1"][0]["placements"]["head.weight"]
+    for case in CLIP_CASES:
+        for result in results[case]:
+            before = result["before"]
+            for w, window in enumerate(result["windows"]):
+                expected = before[w * 2:(w + 1) * 2]
+                assert window["overall"]["clip_calls"] == 2, case
+                assert window["overall"]["total_norm_before_clip"] == pytest.approx(sum(expected) / 2, rel=1e-6), case
