@@ -327,8 +327,28 @@ class ShardLayout:
 
     # -- each window ---------------------------------------------------------------------
 
-    @torch.no_grad()
     def reduce(self, parts: dict, recorded: int) -> dict:
+        """``_reduce`` (below), with a failed collective said as a MonitorError.
+
+        Raises:
+            MonitorError: a collective failed (a peer did not call ``log()`` within
+                ``GRADFLOW_COLLECTIVE_TIMEOUT`` seconds, or its process is gone): the message names this
+                rank, the timeout and torch's own error (its first line), which stays the ``__cause__``.
+        """
+        try:
+            return self._reduce(parts, recorded)
+        except MonitorError:
+            raise
+        except RuntimeError as e:      # gloo/NCCL timeouts and closed peers: RuntimeError or its DistError kinds
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            raise MonitorError(
+                f"log() on rank {self.rank} could not close the window: a collective over the ranks failed "
+                f"({type(e).__name__}: {first}). Call log() on every rank at the same step; a rank that "
+                f"stopped, died or skipped log() makes the others fail after GRADFLOW_COLLECTIVE_TIMEOUT="
+                f"{self.timeout.total_seconds():g} s") from e
+
+    @torch.no_grad()
+    def _reduce(self, parts: dict, recorded: int) -> dict:
         """Full-tensor versions of a window's device sums, the same on every rank; returns a new dict.
 
         ``parts`` is the monitor's read-back, ``{"<part>/<key>": part.Reduced}``. The per-parameter

@@ -75,7 +75,6 @@ def fsdp(reshard: bool = True, mp: bool = False, frozen: bool = False, accumulat
          shard_dim: int = 0, clip=None, mesh_shape=None) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
     from torch.distributed.tensor import Shard
 
     mesh_shape = mesh_shape or (dist.get_world_size(),)
@@ -135,12 +134,8 @@ def ddp(unused: bool = False, nosync: bool = False) -> dict:
             return contextlib.nullcontext() if last else model.no_sync()
     with GradientMonitor(model, None, activations=False) as monitor:
         oracle = Oracle(inner)
-        windows = _run_ctx(model, optimizer, monitor, oracle, micro=2 if nosync else 1, sync=sync)
+        windows = run(model, optimizer, monitor, oracle, micro=2 if nosync else 1, sync=sync)
     return {"windows": windows, "oracle": oracle.windows}
-
-
-def _run_ctx(model, optimizer, monitor, oracle, micro, sync):
-    return run(model, optimizer, monitor, oracle, micro=micro, sync=sync)
 
 
 class Stacked(nn.Module):

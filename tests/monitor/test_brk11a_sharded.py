@@ -89,3 +89,15 @@ def test_shard_dim_1_degenerate_hsdp_and_clipping_match_the_full_gradient(tmp_pa
                 expected = before[w * 2:(w + 1) * 2]
                 assert window["overall"]["clip_calls"] == 2, case
                 assert window["overall"]["total_norm_before_clip"] == pytest.approx(sum(expected) / 2, rel=1e-6), case
+
+
+def test_log_on_rank_0_only_fails_rank_0_at_the_collective_timeout(tmp_path):
+    """Rank 0 calls log(), rank 1 does not (it waits 4 s, then removes its monitor): rank 0's log()
+    fails within GRADFLOW_COLLECTIVE_TIMEOUT (2 s) with an error that says what to do; no hang."""
+    results, errors = launch(tmp_path, 2, ["log-rank0-only"], timeout=60, script=SCRIPT,
+                             env={"GRADFLOW_COLLECTIVE_TIMEOUT": "2", "BRK11A_RANK1_SLEEP": "4"})
+    rank0, rank1 = results["log-rank0-only"]
+    assert rank0 is not None and rank0["error"], errors[0]
+    assert rank0["error"].startswith("MonitorError") and "every rank" in rank0["error"], rank0["error"]
+    assert rank0["seconds"] < 30 and rank1["error"] is None
+
