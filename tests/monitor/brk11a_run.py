@@ -249,7 +249,39 @@ def clip_norm(limit: float, norm_type: float = 2.0):
     return lambda model: torch.nn.utils.clip_grad_norm_(model.parameters(), limit, norm_type=norm_type)
 
 
+def fsdp_after_attach() -> dict:
+    """The monitor attached to the plain model, then fully_shard (a framework that shards after the
+    user's GradientMonitor(model)): the parameters become DTensors after attaching. Training must go
+    on (no exception out of the step); log() must say so instead of reporting local shards."""
+    import warnings
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = Block()
+    error, stepped, rows = None, 0, None
+    with warnings.catch_warnings(record=True) as said, GradientMonitor(model, None, activations=False) as monitor:
+        warnings.simplefilter("always")
+        fully_shard(model.up)
+        fully_shard(model, mesh=init_device_mesh("cpu", (dist.get_world_size(),)))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        for step in range(2):
+            x, y = local(step)
+            optimizer.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            optimizer.step()
+            stepped += 1
+        try:
+            rows = monitor.log(1)
+        except MonitorError as e:
+            error = str(e)
+    return {"error": error, "stepped": stepped, "rows": rows is not None,
+            "warnings": [str(w.message) for w in said if "GradientMonitor" in str(w.message)]}
+
+
 CASES = {
+    "fsdp-after-attach": fsdp_after_attach,
     "fsdp-shard1": lambda: fsdp(shard_dim=1),
     "fsdp-clip-inf": lambda: fsdp(clip=clip_norm(0.05, float("inf"))),
     "fsdp-clip-accumulate": lambda: fsdp(accumulate=True, clip=clip_norm(0.3)),

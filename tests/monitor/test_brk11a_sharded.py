@@ -101,3 +101,16 @@ def test_log_on_rank_0_only_fails_rank_0_at_the_collective_timeout(tmp_path):
     assert rank0["error"].startswith("MonitorError") and "every rank" in rank0["error"], rank0["error"]
     assert rank0["seconds"] < 30 and rank1["error"] is None
 
+
+
+def test_sharding_after_attaching_is_said_not_read_as_local_shards(tmp_path):
+    """GradientMonitor(model) first, then fully_shard: the parameters become DTensors the monitor
+    planned no collectives for. Before the fix the first step raised torch's 'Cannot flatten unevenly
+    sharded tensor' out of optimizer.step() (Linear(10, 3) on 2 ranks); evenly sharded ones would
+    have been read as local shards. Now training goes on, a warning says it, and log() raises."""
+    results, errors = launch(tmp_path, 2, ["fsdp-after-attach"], timeout=60, script=SCRIPT)
+    for rank, result in enumerate(results["fsdp-after-attach"]):
+        assert result is not None and "crash" not in result, f"rank {rank}: {result and result['crash']} {errors[rank]}"
+        assert result["stepped"] == 2 and not result["rows"]
+        assert "a DTensor sharded as (Shard(dim=0),)" in result["error"] and "attach the monitor after" in result["error"]
+        assert any("stopped recording" in w for w in result["warnings"]), result["warnings"]
