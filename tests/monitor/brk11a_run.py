@@ -72,7 +72,7 @@ def run(model, optimizer, monitor, oracle, micro: int = 1, sync=None, forward=No
 
 
 def fsdp(reshard: bool = True, mp: bool = False, frozen: bool = False, accumulate: bool = False,
-         shard_dim: int = 0, clip=None, mesh_shape=None) -> dict:
+         shard_dim: int = 0, clip=None, mesh_shape=None, bf16: bool = False, unfreeze: bool = False) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from torch.distributed.tensor import Shard
@@ -82,7 +82,9 @@ def fsdp(reshard: bool = True, mp: bool = False, frozen: bool = False, accumulat
     mesh = init_device_mesh("cpu", mesh_shape, mesh_dim_names=names)
     torch.manual_seed(0)
     model = Block()
-    if frozen:
+    if bf16:
+        model.bfloat16()
+    if frozen or unfreeze:
         model.up.bias.requires_grad_(False)                 # a frozen parameter inside a sharded module
     kw = {"mesh": mesh, "reshard_after_forward": reshard}
     if shard_dim:                                           # Linear(10, 3).weight on dim 1: 5 and 5; up (16, 10)
@@ -92,7 +94,7 @@ def fsdp(reshard: bool = True, mp: bool = False, frozen: bool = False, accumulat
     for module in (model.up, model.head):
         fully_shard(module, **kw)
     fully_shard(model, **kw)
-    forward = (lambda m, x: m(x.bfloat16()).float()) if mp else None
+    forward = (lambda m, x: m(x.bfloat16()).float()) if mp or bf16 else None
     sync = None
     if accumulate:
         def sync(last):
@@ -103,6 +105,10 @@ def fsdp(reshard: bool = True, mp: bool = False, frozen: bool = False, accumulat
         before: list[float] = []
         windows = run(model, optimizer, monitor, oracle, micro=2 if accumulate else 1, sync=sync, forward=forward,
                       clip=clip, before=before)
+        if unfreeze:                                        # then train up.bias too: 2 more windows
+            model.up.bias.requires_grad_(True)
+            optimizer.add_param_group({"params": [model.up.bias]})
+            windows += run(model, optimizer, monitor, oracle, forward=forward)
     return {"windows": windows, "oracle": oracle.windows, "before": before,
             "placements": {n: str(p.placements) for n, p in model.named_parameters()},
             "grad_dtypes": {n: str(p.grad.dtype) for n, p in model.named_parameters() if p.grad is not None}}
@@ -281,6 +287,8 @@ def fsdp_after_attach() -> dict:
 
 
 CASES = {
+    "fsdp-bf16": lambda: fsdp(bf16=True),
+    "fsdp-unfreeze": lambda: fsdp(unfreeze=True),
     "fsdp-after-attach": fsdp_after_attach,
     "fsdp-shard1": lambda: fsdp(shard_dim=1),
     "fsdp-clip-inf": lambda: fsdp(clip=clip_norm(0.05, float("inf"))),
