@@ -176,6 +176,7 @@ def replaced_parameters(model: nn.Module, names: list[str], params: list[torch.T
                            f"were {len(params)}; new: {', '.join(added[:3]) or 'none'}{' ...' if len(added) > 3 else ''}"
                            f"; gone: {', '.join(gone[:3]) or 'none'}{' ...' if len(gone) > 3 else ''}); "
                            "remove() this monitor and attach a new one")
+    current = _sharded_again(model, current, params)
     for (name, p), q in zip(current, params):
         _check_materialised(name, p)
         if p.shape != q.shape:
@@ -189,6 +190,30 @@ def replaced_parameters(model: nn.Module, names: list[str], params: list[torch.T
             and _all_on(new, device):
         return None              # the same tensors, listed in another order (a parametrization registered since)
     return new
+
+
+def _sharded_again(model: nn.Module, current: list[tuple[str, torch.Tensor]],
+                   params: list[torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+    """``current`` with FSDP2's unsharded parameters put back to the monitored DTensors they stand for.
+
+    Between a forward pass and its backward, FSDP2 registers each module's unsharded parameter (a
+    plain tensor of the full shape) in place of the sharded DTensor, which it keeps and steps; a
+    forward with no backward through that module (a GAN's discriminator step running the generator
+    under ``detach()``, or the root module, which FSDP2 does not reshard after forward) leaves it so
+    until the next backward. That is not a replacement to follow: the gradient the optimizer
+    applies is still the DTensor's."""
+    if not any(is_dtensor(q) for q in params) or not _has_fsdp2(model):
+        return current
+    return [(name, q if p is not q and is_dtensor(q) and not is_dtensor(p) and p.shape == q.shape else p)
+            for (name, p), q in zip(current, params)]
+
+
+def _has_fsdp2(model: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def _layout(t: torch.Tensor) -> tuple | None:

@@ -286,7 +286,51 @@ def fsdp_after_attach() -> dict:
             "warnings": [str(w.message) for w in said if "GradientMonitor" in str(w.message)]}
 
 
+def two_monitors() -> dict:
+    """Two FSDP2 models (a GAN's G and D), each with its own monitor and optimizer, logged in turn;
+    then G's monitor removed and a new one attached to G (a rerun cell) for two more steps."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    torch.manual_seed(0)
+    g, d = Block(), nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 1))
+    for model in (g, d):
+        fully_shard(model, mesh=mesh)
+    opt_g, opt_d = torch.optim.SGD(g.parameters(), lr=0.05), torch.optim.AdamW(d.parameters(), lr=0.01)
+    oracle_g, oracle_d = Oracle(g), Oracle(d)
+    opt_g.register_step_pre_hook(oracle_g)
+    opt_d.register_step_pre_hook(oracle_d)
+    windows = {"g": [], "d": []}
+
+    def train(mon_g, mon_d, steps):
+        for step in range(steps):
+            x, _ = local(step)
+            opt_d.zero_grad()
+            d(g(x).detach()).square().mean().backward()
+            opt_d.step()
+            opt_g.zero_grad()
+            (-d(g(x)).mean()).backward()
+            opt_g.step()
+        for name, mon, oracle in (("g", mon_g, oracle_g), ("d", mon_d, oracle_d)):
+            if mon is not None:
+                mon.log(steps)
+                windows[name].append({"rows": mon.history[-1].gradients, "overall": mon.history[-1].overall})
+                oracle.close()
+
+    mon_d = GradientMonitor(d, None, activations=False)
+    with GradientMonitor(g, None, activations=False) as mon_g:
+        train(mon_g, mon_d, 2)
+    oracle_g.steps.clear()
+    with GradientMonitor(g, None, activations=False) as mon_g:
+        train(mon_g, mon_d, 2)
+    mon_d.remove()
+    return {"g": {"windows": windows["g"], "oracle": oracle_g.windows},
+            "d": {"windows": windows["d"], "oracle": oracle_d.windows}}
+
+
 CASES = {
+    "two-monitors": two_monitors,
     "fsdp-bf16": lambda: fsdp(bf16=True),
     "fsdp-unfreeze": lambda: fsdp(unfreeze=True),
     "fsdp-after-attach": fsdp_after_attach,

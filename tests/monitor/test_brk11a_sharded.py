@@ -119,3 +119,14 @@ def test_sharding_after_attaching_is_said_not_read_as_local_shards(tmp_path):
         assert result["stepped"] == 2 and not result["rows"]
         assert "a DTensor sharded as (Shard(dim=0),)" in result["error"] and "attach the monitor after" in result["error"]
         assert any("stopped recording" in w for w in result["warnings"]), result["warnings"]
+
+
+def test_two_fsdp2_models_each_monitored_like_a_gan_match_the_full_gradient(tmp_path):
+    """G and D, each fully_shard'ed with its own monitor and optimizer; D's step runs G's forward
+    with no backward through G (FSDP2 then leaves G's root parameters unsharded, plain tensors,
+    until G's next backward); then G's monitor is replaced by a new one for a second window."""
+    results, errors = launch(tmp_path, 2, ["two-monitors"], timeout=60, script=SCRIPT)
+    for rank, result in enumerate(results["two-monitors"]):
+        assert result is not None and "crash" not in result, f"rank {rank}: {result and result['crash']} {errors[rank]}"
+    for model in ("g", "d"):
+        check_against_oracle(model, [result[model] for result in results["two-monitors"]])
