@@ -329,7 +329,26 @@ def two_monitors() -> dict:
             "d": {"windows": windows["d"], "oracle": oracle_d.windows}}
 
 
+def log_twice() -> dict:
+    """log() again with no step since the last: {} as in one process (docs/monitor.md), on every rank."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = Block()
+    fully_shard(model, mesh=init_device_mesh("cpu", (dist.get_world_size(),)))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    with GradientMonitor(model, None, activations=False) as monitor:
+        x, y = local(0)
+        nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+        first = monitor.log(0)
+        second = monitor.log(1)
+    return {"first": sorted(first), "second": second}
+
+
 CASES = {
+    "log-twice": log_twice,
     "two-monitors": two_monitors,
     "fsdp-bf16": lambda: fsdp(bf16=True),
     "fsdp-unfreeze": lambda: fsdp(unfreeze=True),

@@ -130,3 +130,12 @@ def test_two_fsdp2_models_each_monitored_like_a_gan_match_the_full_gradient(tmp_
         assert result is not None and "crash" not in result, f"rank {rank}: {result and result['crash']} {errors[rank]}"
     for model in ("g", "d"):
         check_against_oracle(model, [result[model] for result in results["two-monitors"]])
+
+
+def test_log_again_with_no_step_returns_nothing_on_every_rank(tmp_path):
+    """log() twice with no step between: {} as in one process. Before the fix the second log() of an
+    FSDP2 model raised 'cannot reshape tensor of 0 elements into shape [0, -1]' in the reduction."""
+    results, errors = launch(tmp_path, 2, ["log-twice"], timeout=60, script=SCRIPT)
+    for rank, result in enumerate(results["log-twice"]):
+        assert result is not None and "crash" not in result, f"rank {rank}: {result and result['crash']} {errors[rank]}"
+        assert "up.weight" in result["first"] and result["second"] == {}
