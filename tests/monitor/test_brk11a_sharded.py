@@ -26,6 +26,23 @@ FIELDS = ("mean_abs", "norm", "max_abs", "zero_fraction", "weight_l1", "weight_n
 ORACLE_CASES = ["fsdp-noreshard", "fsdp-mixed", "fsdp-frozen", "fsdp-accumulate", "ddp-unused", "ddp-nosync",
                 "fsdp-bf16", "fsdp-unfreeze"]
 
+CLIP_CASES = ["fsdp-clip-inf", "fsdp-clip-accumulate", "tp-clip"]
+ALL_CASES = [*ORACLE_CASES, "ddp-members", "fsdp-members", "fsdp-shard1", "hsdp-2x1", "hsdp-1x2", *CLIP_CASES,
+             "fsdp-after-attach", "two-monitors", "log-twice"]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> tuple[dict[str, list[dict]], list[str]]:
+    """Every case but log-rank0-only in one 2-rank run (process start-up dominates the time)."""
+    return launch(tmp_path_factory.mktemp("brk11a"), 2, ALL_CASES, timeout=200, script=SCRIPT)
+
+
+def ran(runs, case: str) -> list[dict]:
+    results, errors = runs
+    for rank, result in enumerate(results[case]):
+        assert result is not None and "crash" not in result, f"{case} rank {rank}: {result and result['crash']} {errors[rank]}"
+    return results[case]
+
 
 def check_against_oracle(name: str, ranks: list[dict]) -> float:
     """Every rank's windows equal rank 0's and match the oracle's; returns the largest relative error."""
@@ -52,10 +69,8 @@ def check_against_oracle(name: str, ranks: list[dict]) -> float:
     return worst
 
 
-@pytest.mark.slow
-def test_fsdp2_ddp_variants_and_members_match_the_full_gradient(tmp_path):
-    cases = [*ORACLE_CASES, "ddp-members", "fsdp-members"]
-    results, errors = launch(tmp_path, 2, cases, timeout=150, script=SCRIPT)
+def test_fsdp2_ddp_variants_and_members_match_the_full_gradient(runs):
+    results = {case: ran(runs, case) for case in [*ORACLE_CASES, "ddp-members", "fsdp-members"]}
     for case in ORACLE_CASES:
         check_against_oracle(case, results[case])
     frozen = results["fsdp-frozen"][0]["windows"][0]["rows"]
@@ -66,24 +81,20 @@ def test_fsdp2_ddp_variants_and_members_match_the_full_gradient(tmp_path):
     unused = results["ddp-unused"]
     for rank in unused:                    # the rank-0-only branch has a gradient on both ranks; `never` on none
         assert set(rank["windows"][0]["rows"]) == {"trunk.weight", "trunk.bias", "rank0.weight", "rank0.bias"}
-    for rank, result in enumerate(results["ddp-members"]):
-        assert result is not None and "crash" not in result, f"ddp-members rank {rank}: {result and result['crash']}"
+    for result in results["ddp-members"]:
         for got, expected in zip(result["norms"], result["expected"]):
             assert got == pytest.approx(expected, rel=1e-6)
     for result in results["fsdp-members"]:
         assert result["error"] and "members=2" in result["error"], result
 
 
-CLIP_CASES = ["fsdp-clip-inf", "fsdp-clip-accumulate", "tp-clip"]
 
-
-@pytest.mark.slow
-def test_shard_dim_1_degenerate_hsdp_and_clipping_match_the_full_gradient(tmp_path):
+def test_shard_dim_1_degenerate_hsdp_and_clipping_match_the_full_gradient(runs):
     """FSDP2 sharded on dim 1 (shard_placement_fn), HSDP meshes 2x1 and 1x2 (a mesh dim of size 1),
     clip_grad_norm_ by the inf norm on DTensors, clipping after set_requires_gradient_sync accumulation,
     and tensor parallel clipped: total_norm_before_clip is the full L2 norm whatever norm clips."""
     cases = ["fsdp-shard1", "hsdp-2x1", "hsdp-1x2", *CLIP_CASES]
-    results, _ = launch(tmp_path, 2, cases, timeout=150, script=SCRIPT)
+    results = {case: ran(runs, case) for case in cases}
     for case in cases:
         check_against_oracle(case, results[case])
     assert "Shard(dim=1)" in results["fsdp-shard1"][0]["placements"]["head.weight"]
@@ -97,10 +108,10 @@ def test_shard_dim_1_degenerate_hsdp_and_clipping_match_the_full_gradient(tmp_pa
 
 
 def test_log_on_rank_0_only_fails_rank_0_at_the_collective_timeout(tmp_path):
-    """Rank 0 calls log(), rank 1 does not (it waits 4 s, then removes its monitor): rank 0's log()
-    fails within GRADFLOW_COLLECTIVE_TIMEOUT (2 s) with an error that says what to do; no hang."""
+    """Rank 0 calls log(), rank 1 does not (it waits 3 s, then removes its monitor): rank 0's log()
+    fails within GRADFLOW_COLLECTIVE_TIMEOUT (1 s) with an error that says what to do; no hang."""
     results, errors = launch(tmp_path, 2, ["log-rank0-only"], timeout=60, script=SCRIPT,
-                             env={"GRADFLOW_COLLECTIVE_TIMEOUT": "2", "BRK11A_RANK1_SLEEP": "4"})
+                             env={"GRADFLOW_COLLECTIVE_TIMEOUT": "1", "BRK11A_RANK1_SLEEP": "3"})
     rank0, rank1 = results["log-rank0-only"]
     assert rank0 is not None and rank0["error"], errors[0]
     assert rank0["error"].startswith("MonitorError") and "every rank" in rank0["error"], rank0["error"]
@@ -108,34 +119,28 @@ def test_log_on_rank_0_only_fails_rank_0_at_the_collective_timeout(tmp_path):
 
 
 
-def test_sharding_after_attaching_is_said_not_read_as_local_shards(tmp_path):
+def test_sharding_after_attaching_is_said_not_read_as_local_shards(runs):
     """GradientMonitor(model) first, then fully_shard: the parameters become DTensors the monitor
     planned no collectives for. Before the fix the first step raised torch's 'Cannot flatten unevenly
     sharded tensor' out of optimizer.step() (Linear(10, 3) on 2 ranks); evenly sharded ones would
     have been read as local shards. Now training goes on, a warning says it, and log() raises."""
-    results, errors = launch(tmp_path, 2, ["fsdp-after-attach"], timeout=60, script=SCRIPT)
-    for rank, result in enumerate(results["fsdp-after-attach"]):
-        assert result is not None and "crash" not in result, f"rank {rank}: {result and result['crash']} {errors[rank]}"
+    for result in ran(runs, "fsdp-after-attach"):
         assert result["stepped"] == 2 and not result["rows"]
         assert "a DTensor sharded as (Shard(dim=0),)" in result["error"] and "attach the monitor after" in result["error"]
         assert any("stopped recording" in w for w in result["warnings"]), result["warnings"]
 
 
-def test_two_fsdp2_models_each_monitored_like_a_gan_match_the_full_gradient(tmp_path):
+def test_two_fsdp2_models_each_monitored_like_a_gan_match_the_full_gradient(runs):
     """G and D, each fully_shard'ed with its own monitor and optimizer; D's step runs G's forward
     with no backward through G (FSDP2 then leaves G's root parameters unsharded, plain tensors,
     until G's next backward); then G's monitor is replaced by a new one for a second window."""
-    results, errors = launch(tmp_path, 2, ["two-monitors"], timeout=60, script=SCRIPT)
-    for rank, result in enumerate(results["two-monitors"]):
-        assert result is not None and "crash" not in result, f"rank {rank}: {result and result['crash']} {errors[rank]}"
+    ranks = ran(runs, "two-monitors")
     for model in ("g", "d"):
-        check_against_oracle(model, [result[model] for result in results["two-monitors"]])
+        check_against_oracle(model, [result[model] for result in ranks])
 
 
-def test_log_again_with_no_step_returns_nothing_on_every_rank(tmp_path):
+def test_log_again_with_no_step_returns_nothing_on_every_rank(runs):
     """log() twice with no step between: {} as in one process. Before the fix the second log() of an
     FSDP2 model raised 'cannot reshape tensor of 0 elements into shape [0, -1]' in the reduction."""
-    results, errors = launch(tmp_path, 2, ["log-twice"], timeout=60, script=SCRIPT)
-    for rank, result in enumerate(results["log-twice"]):
-        assert result is not None and "crash" not in result, f"rank {rank}: {result and result['crash']} {errors[rank]}"
+    for result in ran(runs, "log-twice"):
         assert "up.weight" in result["first"] and result["second"] == {}
