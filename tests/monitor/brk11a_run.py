@@ -39,7 +39,7 @@ def local(step: int):
 
 
 def run(model, optimizer, monitor, oracle, micro: int = 1, sync=None, forward=None, clip=None, data=None,
-        before: list | None = None) -> list[dict]:
+        before: list | None = None, evaluate: bool = False) -> list[dict]:
     """STEPS steps of ``micro`` micro-batches (``sync(flag)`` around all but the last); windows of WINDOW.
     ``clip(model)`` runs before each step; the full L2 norm before it is appended to ``before``."""
     out = []
@@ -62,6 +62,9 @@ def run(model, optimizer, monitor, oracle, micro: int = 1, sync=None, forward=No
                                         if p.grad is not None)))
             clip(model)
         optimizer.step()
+        if evaluate:                                        # an evaluation forward (no backward) after each step
+            with torch.no_grad():
+                model(x[:2].bfloat16()) if forward is not None else model(x[:2])
         if (step + 1) % WINDOW == 0:
             monitor.log(step)
             window = monitor.history[-1]
@@ -72,7 +75,8 @@ def run(model, optimizer, monitor, oracle, micro: int = 1, sync=None, forward=No
 
 
 def fsdp(reshard: bool = True, mp: bool = False, frozen: bool = False, accumulate: bool = False,
-         shard_dim: int = 0, clip=None, mesh_shape=None, bf16: bool = False, unfreeze: bool = False) -> dict:
+         shard_dim: int = 0, clip=None, mesh_shape=None, bf16: bool = False, unfreeze: bool = False,
+         evaluate: bool = False) -> dict:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from torch.distributed.tensor import Shard
@@ -104,7 +108,7 @@ def fsdp(reshard: bool = True, mp: bool = False, frozen: bool = False, accumulat
         oracle = Oracle(model)
         before: list[float] = []
         windows = run(model, optimizer, monitor, oracle, micro=2 if accumulate else 1, sync=sync, forward=forward,
-                      clip=clip, before=before)
+                      clip=clip, before=before, evaluate=evaluate)
         if unfreeze:                                        # then train up.bias too: 2 more windows
             model.up.bias.requires_grad_(True)
             optimizer.add_param_group({"params": [model.up.bias]})
@@ -222,7 +226,7 @@ def log_rank0_only() -> dict:
     return {"error": error, "seconds": time.monotonic() - start}
 
 
-def tp(clip=None) -> dict:
+def tp(clip=None, hidden: int = 16) -> dict:
     """Colwise up, Rowwise down (Replicate bias), SequenceParallel LayerNorm (Partial gradients), clipped."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard
@@ -235,7 +239,7 @@ def tp(clip=None) -> dict:
 
     mesh = init_device_mesh("cpu", (dist.get_world_size(),))
     torch.manual_seed(0)
-    model = TPBlock()
+    model = TPBlock(hidden=hidden)
     parallelize_module(model, mesh, {"norm": SequenceParallel(), "up": ColwiseParallel(input_layouts=Shard(1)),
                                      "down": RowwiseParallel(output_layouts=Shard(1))})
     rank = dist.get_rank()
@@ -248,7 +252,8 @@ def tp(clip=None) -> dict:
     with GradientMonitor(model, None, activations=False) as monitor:
         oracle, before = Oracle(model), []
         windows = run(model, optimizer, monitor, oracle, data=data, clip=clip, before=before)
-    return {"windows": windows, "oracle": oracle.windows, "before": before}
+    return {"windows": windows, "oracle": oracle.windows, "before": before,
+            "local_shapes": {n: list(p.to_local().shape) for n, p in model.named_parameters()}}
 
 
 def clip_norm(limit: float, norm_type: float = 2.0):
@@ -348,6 +353,7 @@ def log_twice() -> dict:
 
 
 CASES = {
+    "fsdp-evaluate": lambda: fsdp(evaluate=True),
     "log-twice": log_twice,
     "two-monitors": two_monitors,
     "fsdp-bf16": lambda: fsdp(bf16=True),
