@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from gradflow.monitor.kinds import PARAMETRIZED, parameter_kinds, parametrized_owner
-from gradflow.monitor.sharding import check_collective_safe
+from gradflow.monitor.sharding import check_collective_safe, is_dtensor
 from gradflow.monitor.tensors import MonitorError
 
 
@@ -176,18 +176,63 @@ def replaced_parameters(model: nn.Module, names: list[str], params: list[torch.T
                            f"were {len(params)}; new: {', '.join(added[:3]) or 'none'}{' ...' if len(added) > 3 else ''}"
                            f"; gone: {', '.join(gone[:3]) or 'none'}{' ...' if len(gone) > 3 else ''}); "
                            "remove() this monitor and attach a new one")
+    current = _sharded_again(model, current, params)
     for (name, p), q in zip(current, params):
         _check_materialised(name, p)
         if p.shape != q.shape:
             raise MonitorError(f"{name} was replaced by a tensor of another shape "
                                f"({tuple(q.shape)} {q.dtype} -> {tuple(p.shape)} {p.dtype}); "
                                "remove() this monitor and attach a new one after replacing parameters")
+        _check_same_sharding(name, q, p)
     _one_device(current, device)
     new = [p for _, p in current]
     if all(map(operator.is_, new, params)) and (dtypes is None or all(map(operator.eq, map(_DTYPE, new), dtypes))) \
             and _all_on(new, device):
         return None              # the same tensors, listed in another order (a parametrization registered since)
     return new
+
+
+def _sharded_again(model: nn.Module, current: list[tuple[str, torch.Tensor]],
+                   params: list[torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+    """``current`` with FSDP2's unsharded parameters put back to the monitored DTensors they stand for.
+
+    Between a forward pass and its backward, FSDP2 registers each module's unsharded parameter (a
+    plain tensor of the full shape) in place of the sharded DTensor, which it keeps and steps; a
+    forward with no backward through that module (a GAN's discriminator step running the generator
+    under ``detach()``, or the root module, which FSDP2 does not reshard after forward) leaves it so
+    until the next backward. That is not a replacement to follow: the gradient the optimizer
+    applies is still the DTensor's."""
+    if not any(is_dtensor(q) for q in params) or not _has_fsdp2(model):
+        return current
+    return [(name, q if p is not q and is_dtensor(q) and not is_dtensor(p) and p.shape == q.shape else p)
+            for (name, p), q in zip(current, params)]
+
+
+def _has_fsdp2(model: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def _layout(t: torch.Tensor) -> tuple | None:
+    """A DTensor's (mesh, placements); None for a plain tensor."""
+    return (t.device_mesh, tuple(t.placements)) if is_dtensor(t) else None
+
+
+def _check_same_sharding(name: str, old: torch.Tensor, new: torch.Tensor) -> None:
+    """MonitorError where ``new`` replaced ``old`` with another sharding: the monitor's collectives
+    (sharding.ShardLayout) are planned when it attaches, so a model sharded after attaching
+    (``fully_shard`` or ``parallelize_module`` after ``GradientMonitor(model)``) would otherwise be
+    read as this rank's local shards, or fail inside the optimizer's step."""
+    before, after = _layout(old), _layout(new)
+    if before == after:
+        return
+    say = {None: "a plain tensor"}
+    raise MonitorError(f"{name} was {say.get(before) or f'sharded as {before[1]}'} when the monitor attached and is now "
+                       f"{say.get(after) or f'a DTensor sharded as {after[1]}'}: attach the monitor after sharding "
+                       "(fully_shard, parallelize_module), on every rank; remove() this monitor and attach a new one")
 
 
 def _in_order(current: list[tuple[str, torch.Tensor]], names: list[str]) -> list[tuple[str, torch.Tensor]] | None:

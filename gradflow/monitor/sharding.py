@@ -349,13 +349,17 @@ class ShardLayout:
         per group one SUM and one MAX all-reduce, each of one flat float64 tensor; with the
         first-non-finite part, one MAX of its keys over the world.
         ``recorded``: the steps this rank recorded.
+
+        Raises:
+            MonitorError: a collective failed (a peer did not call ``log()`` within
+                ``GRADFLOW_COLLECTIVE_TIMEOUT`` seconds, or its process is gone; ``_all_reduce``).
         """
         import torch.distributed as dist
 
         from gradflow.monitor.part import Reduced
 
         header = torch.tensor([float(recorded)], dtype=torch.float64, device=self.device)
-        dist.all_reduce(header, op=dist.ReduceOp.MAX, group=self._world_group)
+        self._all_reduce(header, op=dist.ReduceOp.MAX, group=self._world_group)
         steps = int(header.item())
         rows = self.rows[:steps].clone()
         if steps > rows.shape[0]:
@@ -384,12 +388,28 @@ class ShardLayout:
             # The first non-finite source (nonfinite.py): its keys are negated, so MAX over every
             # rank is the earliest occurrence on any of them (issue 24: the earliest across ranks).
             keys = tensor["nonfinite/keys"].to(self.device, torch.float64).clone()
-            dist.all_reduce(keys, op=dist.ReduceOp.MAX, group=self._world_group)
+            self._all_reduce(keys, op=dist.ReduceOp.MAX, group=self._world_group)
             reduced["nonfinite/keys"] = keys
         if weights is not None:
             reduced["weights/rows"] = weights
             reduced["weights/counts"] = weight_counts.view(tensor["weights/counts"].shape)
         return {key: Reduced(reduced[key], part.reduce) if key in reduced else part for key, part in parts.items()}
+
+    def _all_reduce(self, tensor: torch.Tensor, op, group) -> None:
+        """``dist.all_reduce`` in place; a failure (gloo/NCCL timeout, a closed peer: RuntimeError or its
+        DistError kinds) is a MonitorError naming this rank, the timeout and torch's error (its
+        ``__cause__``), instead of the backend's bare message."""
+        import torch.distributed as dist
+
+        try:
+            dist.all_reduce(tensor, op=op, group=group)
+        except RuntimeError as e:
+            first = (str(e).strip().splitlines() or [""])[0][:300]
+            raise MonitorError(
+                f"log() on rank {self.rank} could not close the window: a collective over the ranks failed "
+                f"({type(e).__name__}: {first}). Call log() on every rank at the same step; a rank that "
+                f"stopped, died or skipped log() makes the others fail after GRADFLOW_COLLECTIVE_TIMEOUT="
+                f"{self.timeout.total_seconds():g} s") from e
 
     def _reduce_group(self, group, index, rows, totals, counts, tallies, skipped, weights, weight_counts) -> None:
         """One SUM and one MAX all-reduce for the parameters at ``index`` (in place in the arguments)."""
@@ -402,14 +422,14 @@ class ShardLayout:
             sums += [w[:, :1], w[:, 1:].square(), weight_counts[index].double()]
         sizes = [t.numel() for t in sums]
         flat = torch.cat([t.reshape(-1).double() for t in sums])
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        self._all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
         largest = rows[:, index, 1].contiguous()
-        dist.all_reduce(largest, op=dist.ReduceOp.MAX, group=group)
+        self._all_reduce(largest, op=dist.ReduceOp.MAX, group=group)
         rows[:, index, 1] = largest
         parts = flat.split(sizes)
         totals[index, :2] = parts[0].view(-1, 2).to(totals.dtype)
         counts[index] = parts[1].view(len(index), -1).round().to(counts.dtype)
-        rows[:, index, 0] = parts[2].view(rows.shape[0], -1)
+        rows[:, index, 0] = parts[2].view(rows.shape[0], len(index))   # 0 steps: (0, n)
         skipped[index] = parts[3].to(skipped.dtype)
         tallies[index] = parts[4].view(len(index), -1).round().to(tallies.dtype)
         if weights is not None:
