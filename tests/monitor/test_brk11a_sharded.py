@@ -108,10 +108,11 @@ def test_shard_dim_1_degenerate_hsdp_and_clipping_match_the_full_gradient(runs):
 
 
 def test_log_on_rank_0_only_fails_rank_0_at_the_collective_timeout(tmp_path):
-    """Rank 0 calls log(), rank 1 does not (it waits 3 s, then removes its monitor): rank 0's log()
-    fails within GRADFLOW_COLLECTIVE_TIMEOUT (1 s) with an error that says what to do; no hang."""
+    """Rank 0 calls log(), rank 1 does not (it waits until rank 0's log() has returned, then removes
+    its monitor): rank 0's log() fails at GRADFLOW_COLLECTIVE_TIMEOUT (1 s) with an error that says
+    what to do; no hang."""
     results, errors = launch(tmp_path, 2, ["log-rank0-only"], timeout=60, script=SCRIPT,
-                             env={"GRADFLOW_COLLECTIVE_TIMEOUT": "1", "BRK11A_RANK1_SLEEP": "3"})
+                             env={"GRADFLOW_COLLECTIVE_TIMEOUT": "1", "BRK11A_RANK0_DONE": str(tmp_path / "rank0-done")})
     rank0, rank1 = results["log-rank0-only"]
     assert rank0 is not None and rank0["error"], errors[0]
     assert rank0["error"].startswith("MonitorError") and "every rank" in rank0["error"], rank0["error"]
