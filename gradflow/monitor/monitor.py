@@ -284,7 +284,13 @@ class GradientMonitor:
 
     @classmethod
     def detach(cls, model: nn.Module) -> bool:
-        """Remove whichever monitor is attached to ``model``; True if there was one."""
+        """Remove whichever monitor is attached to ``model``; True if there was one.
+
+        Raises:
+            MonitorError: ``model`` is not an nn.Module.
+        """
+        if not isinstance(model, nn.Module):
+            raise MonitorError(f"GradientMonitor.detach(model) takes an nn.Module, got {type(model).__name__}")
         monitor = _ATTACHED.get(unwrap(model))
         if monitor is None:
             return False

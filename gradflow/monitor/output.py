@@ -38,11 +38,17 @@ class Output:
         histograms = self._histograms(wanted, step, final)
         failed = []
         for k, sink, prefix in self.sinks:
-            try:
+            error = None        # the other sinks still get the window; a sink whose log() raised, its texts
+            try:                # (a TeeSink's log() raises after its other sinks got the scalars)
                 sink.log(_prefixed(prefix, scalars[k]), _given(sink, prefix, histograms[k] if histograms else {}), step)
-                if texts and texts[k]:
+            except Exception as raised:
+                error = raised
+            if texts and texts[k]:
+                try:
                     sink.text(_prefixed(prefix, texts[k]), step)
-            except Exception as error:       # the other sinks still get the window
+                except Exception as raised:
+                    error = error or raised
+            if error is not None:
                 failed.append((sink, error))
         raise_failed(failed, f"log({step})")
 

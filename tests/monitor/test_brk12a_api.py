@@ -281,10 +281,9 @@ def test_copies_of_a_monitored_model_are_not_monitored(how):
 
 def test_with_block_that_raises_removes_hooks_and_keeps_the_window():
     model, optimizer = small()
-    with pytest.raises(KeyError, match="boom"):
-        with GradientMonitor(model) as monitor:
-            grads = train_step(model, optimizer)
-            raise KeyError("boom")
+    with pytest.raises(KeyError, match="boom"), GradientMonitor(model) as monitor:
+        grads = train_step(model, optimizer)
+        raise KeyError("boom")
     assert not monitor.attached and GradientMonitor.detach(model) is False
     train_step(model, optimizer)                            # not recorded: the hooks are gone
     rows = monitor.log(0)
