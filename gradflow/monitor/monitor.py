@@ -320,7 +320,9 @@ class GradientMonitor:
         it is counted as skipped with its non-finite values, not averaged into the statistics.
         It reads ``.grad`` as it is: under a ``GradScaler``, call ``scaler.unscale_(optimizer)``
         first (a fused optimizer unscales only inside its step, so its ``.grad`` is still scaled
-        before it; the automatic recording divides the scale out there itself).
+        before it; the automatic recording divides the scale out there itself). Gradients this
+        window recorded already (the same tensors, unmodified since: ``record()`` twice with no
+        backward between, a wrapper's step and its inner optimizer's) are one step, not counted again.
 
         Raises:
             MonitorError: ``optimizer`` is neither None nor an optimizer (``param_groups``), or

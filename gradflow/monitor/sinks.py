@@ -1,7 +1,9 @@
 """Where a window's statistics go: the sink protocol, and its TensorBoard implementation.
 
 A sink takes one window at a time: ``log(scalars, histograms, step)``, with ``scalars`` a dict
-tag -> float and ``histograms`` a dict tag -> ``Histogram``. ``as_sink`` turns what a user
+tag -> number (a float; counts, such as ``grad/<param>/nonfinite``, an int), ``histograms`` a
+dict tag -> ``Histogram`` and ``step`` an int. ``flush()`` of a monitor pooling histograms
+(``histograms=N``) calls ``log({}, histograms, step)``: no scalars. ``as_sink`` turns what a user
 passes as ``writer`` into a sink, or says in one line what it accepts:
 
 - a TensorBoard ``SummaryWriter`` (torch's, or anything with ``add_scalar`` and
