@@ -11,13 +11,10 @@ OUT/<case>.rank<k>.json with the monitor's windows and the oracle's.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import sys
 import time
-import traceback
-from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -27,7 +24,7 @@ from torch import nn
 torch.set_num_threads(1)
 sys.path.insert(0, os.path.dirname(__file__))
 
-from sharded_run import BATCH, STEPS, WINDOW, Block, Oracle, TPBlock, batch, full  # noqa: E402
+from sharded_run import BATCH, STEPS, WINDOW, Block, Oracle, TPBlock, batch, full, run_cases  # noqa: E402
 
 from gradflow.monitor import GradientMonitor, MonitorError  # noqa: E402
 
@@ -382,18 +379,7 @@ CASES = {
 
 
 def main() -> None:
-    out, cases = sys.argv[1], sys.argv[2:]
-    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
-    try:
-        for case in cases:
-            try:
-                result = CASES[case]()
-            except Exception:                     # noqa: BLE001 - written for the test to show
-                result = {"crash": traceback.format_exc()[-3000:]}
-            with open(os.path.join(out, f"{case}.rank{dist.get_rank()}.json"), "w") as f:
-                json.dump(result, f)
-    finally:
-        dist.destroy_process_group()
+    run_cases(CASES, tail=3000)
 
 
 if __name__ == "__main__":

@@ -9,18 +9,15 @@ full_tensor() in float64, before clipping and at the optimizer step)."""
 
 from __future__ import annotations
 
-import json
 import math
-import os
-import sys
-import traceback
-from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
 torch.set_num_threads(1)
+
+from sharded_run import run_cases  # noqa: E402 - the shared runner (this script's folder is on the path)
 
 from gradflow.monitor import GradientMonitor  # noqa: E402 - after the thread setting
 
@@ -81,18 +78,7 @@ CASES = {"value-clipping": value_clipping}
 
 
 def main() -> None:
-    out, cases = sys.argv[1], sys.argv[2:]
-    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
-    try:
-        for case in cases:
-            try:
-                result = CASES[case]()
-            except Exception:                     # noqa: BLE001 - written for the test to show
-                result = {"crash": traceback.format_exc()[-3000:]}
-            with open(os.path.join(out, f"{case}.rank{dist.get_rank()}.json"), "w") as f:
-                json.dump(result, f)
-    finally:
-        dist.destroy_process_group()
+    run_cases(CASES, tail=3000)
 
 
 if __name__ == "__main__":

@@ -424,22 +424,30 @@ CASES = {
 }
 
 
-def main() -> None:
+def run_cases(table: dict, *, stop_at_crash: bool = False, tail: int | None = None) -> None:
+    """Run the cases named on the command line (``out_dir case ...``) from ``table`` on this rank in
+    one gloo group, writing each result to ``<out>/<case>.rank<r>.json`` (a crash as its traceback,
+    its last ``tail`` characters; ``stop_at_crash``: no case after it). Shared by the runner scripts."""
     out, cases = sys.argv[1], sys.argv[2:]
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     rank = dist.get_rank()
     try:
         for case in cases:
             try:
-                result = CASES[case]()
+                result = table[case]()
             except Exception:                     # noqa: BLE001 - written for the test to show
-                result = {"crash": traceback.format_exc()}
+                crash = traceback.format_exc()
+                result = {"crash": crash[-tail:] if tail else crash}
             with open(os.path.join(out, f"{case}.rank{rank}.json"), "w") as f:
                 json.dump(result, f, default=lambda v: v.tolist() if hasattr(v, "tolist") else str(v))
-            if "crash" in result:
+            if stop_at_crash and "crash" in result:
                 break
     finally:
         dist.destroy_process_group()
+
+
+def main() -> None:
+    run_cases(CASES, stop_at_crash=True)
 
 
 if __name__ == "__main__":
