@@ -85,6 +85,15 @@ def _batch(seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(16, 4, generator=g), torch.randn(16, 1, generator=g)
 
 
+def _train(model: nn.Module, optimizer, steps: int) -> None:
+    """``steps`` plain steps on ``_batch(0)``, ``_batch(1)``, ...: zero_grad, MSE, backward, step."""
+    for i in range(steps):
+        optimizer.zero_grad()
+        x, y = _batch(i)
+        nn.functional.mse_loss(model(x), y).backward()
+        optimizer.step()
+
+
 def _fused(cls, params, **kwargs):
     try:
         return cls(params, lr=1e-3, fused=True, **kwargs)
@@ -260,11 +269,7 @@ def test_a_subclass_step_over_an_unhooked_parents_step_that_changes_the_gradient
     optimizer = _CenteredSGD(model.parameters(), center)
     with warnings.catch_warnings(record=True) as said, GradientMonitor(model, activations=False) as monitor:
         warnings.simplefilter("always")
-        for i in range(3):
-            optimizer.zero_grad()
-            x, y = _batch(i)
-            nn.functional.mse_loss(model(x), y).backward()
-            optimizer.step()
+        _train(model, optimizer, 3)
         rows = monitor.log(0)
     assert rows["0.weight"]["steps"] == 3
     messages = [str(w.message) for w in said if "changed the gradients during the step" in str(w.message)]
@@ -332,11 +337,7 @@ def test_a_chosen_wrapper_whose_inner_optimizer_has_its_own_groups_records_the_i
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
     optimizer = _CenteringWrapper(model.parameters())
     with GradientMonitor(model, activations=False, optimizer=optimizer if chosen else None) as monitor:
-        for i in range(3):
-            optimizer.zero_grad()
-            x, y = _batch(i)
-            nn.functional.mse_loss(model(x), y).backward()
-            optimizer.step()
+        _train(model, optimizer, 3)
         rows = monitor.log(0)
     assert rows["0.weight"]["steps"] == 3
     assert rows["0.weight"]["mean"] == pytest.approx(0.0, abs=1e-9)
