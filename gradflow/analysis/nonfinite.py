@@ -34,10 +34,15 @@ def sentence(found: dict[str, Any], epoch: int | None = None, step: int | None =
     global ``step`` when the caller knows them: ``at epoch 0, step 12``)."""
     step = found["step"] if step is None else step
     when = f"at epoch {epoch}, step {step}" if epoch is not None else f"at step {step}"
+    return f"the first non-finite value came from {_where(found)} {when}"
+
+
+def _where(found: dict[str, Any]) -> str:
+    """A source's place in a sentence: nn.Sequential's ``2 (forward)`` as ``layer '2' (forward)``."""
     where, module = found["where"], found["module"]
-    if module[:1].isdigit() and where.startswith(module + " "):     # nn.Sequential's 2: "layer '2' (forward)"
-        where = layer_name(module) + where[len(module):]
-    return f"the first non-finite value came from {where} {when}"
+    if module[:1].isdigit() and where.startswith(module + " "):
+        return layer_name(module) + where[len(module):]
+    return where
 
 
 def with_source(check: dict[str, Any], windows: Sequence[Any]) -> tuple[dict[str, Any], list[str]]:
@@ -45,7 +50,7 @@ def with_source(check: dict[str, Any], windows: Sequence[Any]) -> tuple[dict[str
     it fired), and notes: where the first GradScaler-skipped overflow came from (an overflow,
     not a NaN source). ``check`` is returned unchanged where there is nothing to add."""
     found, overflow = first_source(windows), first_source(windows, "first_overflow")
-    notes = [(f"the first overflow that a GradScaler skipped came from {overflow['where']} at step "
+    notes = [(f"the first overflow that a GradScaler skipped came from {_where(overflow)} at step "
               f"{overflow['step']} (an AMP overflow, not a NaN source)")] if overflow else []
     if found is None or not check.get("fired"):
         return check, notes
