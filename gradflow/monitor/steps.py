@@ -32,6 +32,7 @@ Example:
 from __future__ import annotations
 
 import functools
+import inspect
 import operator
 import sys
 import threading
@@ -173,9 +174,12 @@ def _parent_steps(cls: type) -> tuple[type, ...]:
     cached = _PARENT_STEPS.get(cls)
     step = cls.step
     if cached is None or cached[0] is not step:
+        # torch's hook wraps the step a class inherits into that class's own dict (AdamW, made,
+        # holds a wrapped Adam.step): only a parent whose function differs is overridden.
+        own = inspect.unwrap(step)
         owners = [c for c in cls.__mro__ if "step" in c.__dict__ and issubclass(c, torch.optim.Optimizer)
-                  and c is not torch.optim.Optimizer]
-        cached = _PARENT_STEPS[cls] = (step, tuple(owners[1:]))
+                  and c is not torch.optim.Optimizer and inspect.unwrap(c.__dict__["step"]) is not own]
+        cached = _PARENT_STEPS[cls] = (step, tuple(owners))
     return cached[1]
 
 

@@ -507,3 +507,22 @@ def test_a_wrapper_that_steps_its_inner_optimizer_twice_counts_one_step_and_says
         rows = monitor.log(0)
     assert rows["0.weight"]["steps"] == 3
     assert rows["0.weight"]["norm"] == pytest.approx(sum(first for first, _ in optimizer.applied) / 3, rel=1e-6)
+
+
+def test_a_torch_optimizer_that_inherits_its_step_is_no_subclass_step():
+    """torch's hook wraps the step AdamW inherits from Adam into AdamW's own dict when the first
+    AdamW is made: that is not a step of its own, so AdamW is not deferred to Adam's step (it was
+    read as a subclass over Adam: its gradients' marks taken at every step, and, once a plain Adam
+    was made, its record deferred to a post-hook after the update). A real override still is."""
+    from gradflow.monitor import steps
+    model = nn.Linear(2, 2)
+    torch.optim.AdamW(model.parameters())
+    torch.optim.Adam(model.parameters())
+
+    class Overriding(torch.optim.Adam):
+        def step(self, closure=None):
+            return super().step(closure)
+
+    Overriding(model.parameters())
+    assert steps._parent_steps(torch.optim.AdamW) == () and not steps._reenters(torch.optim.AdamW)
+    assert steps._parent_steps(Overriding) == (torch.optim.Adam,) and steps._reenters(Overriding)
