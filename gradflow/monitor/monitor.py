@@ -63,7 +63,7 @@ from gradflow.monitor.output import Output
 from gradflow.monitor.part import OnceWarnings, Part, Schedule, Setup
 from gradflow.monitor.parts import create_parts, recorders
 from gradflow.monitor.sharding import ShardLayout
-from gradflow.monitor.steps import OptimizerMasks, StepWatch, steps_for
+from gradflow.monitor.steps import OptimizerMasks, StepWatch, entry_ref, steps_for
 from gradflow.monitor.tensors import MonitorError
 from gradflow.monitor.window import Window, keep, member_windows, read_parts, read_window, tag_path
 
@@ -486,9 +486,7 @@ class GradientMonitor:
         replaced = self._replaced
         for name, before, now in zip(self.names, old, new):
             if before is not now:
-                key = id(before)
-                replaced[key] = (weakref.ref(before, lambda ref, key=key: replaced.pop(key, None)
-                                             if replaced.get(key, (None,))[0] is ref else None), name)
+                replaced[id(before)] = (entry_ref(replaced, id(before), before), name)
 
     def _follow_in_training(self) -> bool:
         """``_follow`` from a hook inside the user's training (a forward pass, a step, a clipping
