@@ -278,6 +278,11 @@ class ThroughTime:
         elif module.batch_first:
             x = x.transpose(0, 1)
         steps = x.shape[0]
+        if _in_checkpoint():                        # before the window's sums and length are fixed by it
+            self._warn(f"checkpoint:{entry.name}", f"through time: {entry.name or 'the model'} ran inside "
+                       "torch.utils.checkpoint (use_reentrant=False): its gradient through time is not profiled "
+                       "there (the recompute must save the same tensors as the forward, so the fused pass is kept)")
+            return None
         if entry.steps and steps != entry.steps:
             self._warn(f"length:{entry.name}", f"through time: {entry.name or 'the model'} saw sequences of "
                        f"{steps} steps after {entry.steps} in one window; passes of another length than the "
@@ -286,11 +291,6 @@ class ThroughTime:
         if entry.sums is None:
             entry.steps = steps
             entry.sums = torch.zeros(len(entry.keys), steps, device=x.device, dtype=_wide(x.device))
-        if _in_checkpoint():
-            self._warn(f"checkpoint:{entry.name}", f"through time: {entry.name or 'the model'} ran inside "
-                       "torch.utils.checkpoint (use_reentrant=False): its gradient through time is not profiled "
-                       "there (the recompute must save the same tensors as the forward, so the fused pass is kept)")
-            return None
         grads: dict[int, torch.Tensor] = {}        # slot * T + t -> dL/dh_t, summed over backward calls
         entry.pending.append(grads)
 

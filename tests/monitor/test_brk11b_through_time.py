@@ -65,6 +65,26 @@ def test_a_recurrent_layer_inside_a_non_reentrant_checkpoint_trains_and_is_said_
         torch.testing.assert_close(p.grad, q.grad, msg=name)
 
 
+
+def test_a_checkpointed_pass_does_not_fix_the_windows_sequence_length():
+    """A checkpointed pass (not profiled) of 8 steps, then a plain pass of 5 in the same window:
+    the plain one is profiled against the oracle; the checkpointed one fixed the window's length
+    before, and the plain pass was refused as 'another length'."""
+    torch.manual_seed(0)
+    rnn = nn.RNN(3, 4).double()
+    recorder = ThroughTime(rnn)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out, _ = checkpoint(rnn, torch.randn(8, 2, 3, dtype=torch.float64), use_reentrant=False)
+        out[-1].sum().backward()
+        x = torch.randn(5, 2, 3, dtype=torch.float64)
+        out, _ = rnn(x)
+        out[-1].sum().backward()
+    recorder.record()
+    assert not [w for w in caught if "sequences of" in str(w.message)]
+    assert recorder.passes() == {"l0": 1}
+    np.testing.assert_allclose(recorder.read()["l0"], oracle(rnn, x, lambda o, h: o[-1].sum())[0]["l0"], rtol=1e-6)
+
 def _cell_like(module: nn.RNNBase) -> nn.Module:
     """A one-layer module's weights in the matching nn.GRUCell / nn.LSTMCell (a second oracle:
     torch's own cell, stepped by hand)."""
