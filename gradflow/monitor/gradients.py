@@ -525,10 +525,8 @@ class Gradients(Part):
         if self._converted is None or self._converted.numel() < size:
             self._converted = torch.empty(size, dtype=torch.float32)
         row, tally = np.zeros(5), np.zeros((1, 2), np.int64)
-        for piece in part.split(CONVERTED_PIECE):
-            buffer = self._converted[:piece.numel()]
-            buffer.copy_(piece)
-            piece_row = kernels.fold_all([(buffer.numpy(), counts, 0.0, math.inf)], tally)[0]
+        for (values,) in S.float32_pieces([part], CONVERTED_PIECE, self._converted.view(1, -1)):
+            piece_row = kernels.fold_all([(values, counts, 0.0, math.inf)], tally)[0]
             row[:3] += piece_row[:3]
             row[3] = np.maximum(row[3], piece_row[3])      # NaN wins, as in the kernels' max
             row[4] += piece_row[4]

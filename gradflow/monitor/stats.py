@@ -95,6 +95,20 @@ def sign_exponent_bins(flat: torch.Tensor, out: torch.Tensor | None = None) -> t
     return bins.add_(magnitude.sub_(1).bitwise_and_(0x7FFFFFFF).lt_(0x7FFFFF))
 
 
+def float32_pieces(tensors: list[torch.Tensor], piece: int, buffer: torch.Tensor):
+    """Matching pieces of ``piece`` values of equally long 1-D CPU ``tensors`` (bfloat16 or
+    float16), each converted into its row of ``buffer`` (float32, ``(len(tensors), >= piece)``),
+    yielded as a list of numpy views of those rows, valid until the next piece: exact, as every
+    half-precision value is a float32 one, with no float32 copy of a whole tensor."""
+    for pieces in zip(*(t.split(piece) for t in tensors)):
+        converted = []
+        for row, part in zip(buffer, pieces):
+            view = row[:part.numel()]
+            view.copy_(part)
+            converted.append(view.numpy())
+        yield converted
+
+
 CHUNK = 1 << 20
 # Values widened to float64 at a time by the torch-ops folds on the CPU (weights of a dtype the
 # fused kernel does not take: bfloat16, float16, float64): 128 KB per temporary, in cache. A

@@ -192,12 +192,8 @@ class Weights(Part):
         converted = torch.empty(2, min(CONVERTED_PIECE, length))
         for member in range(members):
             segment = slice(member * length, (member + 1) * length)
-            for w, s in zip(now[segment].split(CONVERTED_PIECE), start[segment].split(CONVERTED_PIECE)):
-                values, first = converted[0, :w.numel()], converted[1, :w.numel()]
-                values.copy_(w)
-                first.copy_(s)
-                piece, folded = kernels.fold_weights(values.numpy(), first.numpy(), np.array([w.numel()]),
-                                                     count=self.counted)
+            for values, first in S.float32_pieces([now[segment], start[segment]], CONVERTED_PIECE, converted):
+                piece, folded = kernels.fold_weights(values, first, np.array([values.size]), count=self.counted)
                 rows[member] += piece[0]
                 if counts is not None:
                     counts[member] += folded[0]
