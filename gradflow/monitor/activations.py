@@ -139,7 +139,7 @@ class _Hook:
         handle = self.handle
         hooks = handle.hooks_dict_ref()
         try:        # another thread's monitor may be taking its taps off meanwhile: checked next pass
-            first = next(iter(hooks)) if hooks else handle.id
+            first = next(iter(hooks), handle.id) if hooks is not None else handle.id   # emptied meanwhile: none
             # Another monitor's tap in front is one being replaced (removed in another thread): no move.
             if first != handle.id and handle.id in hooks and hooks[first].__class__ is not _Tap:
                 hooks.move_to_end(handle.id, last=False)
