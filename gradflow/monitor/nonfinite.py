@@ -202,6 +202,7 @@ class FirstNonFinite(Part):
         self._window_start = 0
         self._handle = self._pre_handle = self._root_handle = None
         self._filter = None
+        self._removed = False                    # remove() was called (hook() checks it once done)
 
     # -- hooks ------------------------------------------------------------------------------
 
@@ -212,16 +213,20 @@ class FirstNonFinite(Part):
         if self.setup is not None and model is not None:
             watch_forward_starts(self, model, call=False, always=True)
         if self._handle is None:
-            self._pre_handle = register_module_forward_pre_hook(self._on_start)
-            self._handle = register_module_forward_hook(self._on_forward)
-            if model is not None:
-                self._root_handle = model.register_forward_pre_hook(_RootStart(self), with_kwargs=True)
+            self._removed = False
+            pre = register_module_forward_pre_hook(self._on_start)
+            root = None if model is None else model.register_forward_pre_hook(_RootStart(self), with_kwargs=True)
+            self._pre_handle, self._root_handle = pre, root
+            self._handle = register_module_forward_hook(self._on_forward)     # last: remove() reads it first
             action, message, category = _COMPILE_WARNING
             warnings.filterwarnings(action, message=message, category=category)
             self._filter = warnings.filters[0]
+            if self._removed:      # remove() ran in another thread meanwhile (detach): nothing stays on
+                self.remove()
 
     def remove(self) -> None:
         """Remove the hook; drop pending sums. Safe to call twice; never raises."""
+        self._removed = True
         if self._handle is not None:
             self._pre_handle.remove()
             self._handle.remove()
