@@ -62,14 +62,14 @@ def timed(owner, name: str, label: str, count=None) -> None:
 def instrument() -> None:
     timed(gradients.Gradients, "record", "grad.record (all)")
     timed(gradients.Gradients, "_reduce_large", "grad.large fold",
-          lambda self, plan, grads, step: sum(self.numel[i] for i in plan.large))
+          lambda self, plan, *_: sum(self.numel[i] for i in plan.large))
     timed(gradients.Gradients, "reduce", "grad.small reduce")
     timed(activations.Activations, "reduce", "act.reduce (all)")
     timed(activations.Activations, "_reduce_large", "act.large fold+positives",
-          lambda self, large: sum(a.numel() for _, a in large))
+          lambda self, large, *_: sum(entry[1].numel() for entry in large))
     timed(activations.Activations, "_count_positive", "act.count_positive")
-    timed(stats.Scratch, "fold", "Scratch.fold (kernel+copies)", lambda self, jobs: sum(j[0].numel() for j in jobs))
-    timed(kernels, "fold_all", "kernels.fold_all", lambda jobs: sum(j[0].size for j in jobs))
+    timed(stats.Scratch, "fold", "Scratch.fold (kernel+copies)", lambda self, jobs, *_: sum(j[0].numel() for j in jobs))
+    timed(kernels, "fold_all", "kernels.fold_all", lambda jobs, *_: sum(j[0].size for j in jobs))
     timed(monitor.GradientMonitor, "log", "log (all)")
     timed(monitor.GradientMonitor, "_read_back", "log._read_back")
     timed(weights.Weights, "summary", "log.weights summary")
