@@ -106,7 +106,7 @@ _CLIPPERS = {"clip_grad_norm_": True, "clip_grad_value_": True, "clip_grads_with
 
 
 def watch(monitor: Any) -> None:
-    """Start telling ``monitor`` about clipping (``_on_clip``) and skipped steps (``_on_skipped``)."""
+    """Start telling ``monitor`` about clipping (``Intercepted.clip``) and skipped steps (``Intercepted.skipped``)."""
     global _TOLD
     with _LOCK:
         _WATCHERS.add(monitor)
@@ -213,14 +213,14 @@ def _own_before(params: list[torch.Tensor]) -> tuple[dict[Any, tuple[list[torch.
     part of the gradients the call clips (another model's are in it too), its own parameters there
     and the L2 norm of their gradients, taken before the call changes them; for one that watches
     none of them while the call clips gradients, ([], None). Empty in the common case (the call
-    clips the monitor's gradients only: ``_clip_scope`` is None). Also the ids of ``params``, made
+    clips the monitor's gradients only: ``clip_scope`` is None). Also the ids of ``params``, made
     once for every monitor's look."""
     if not _TOLD:
         return {}, set()
     ids = {id(p) for p in params}
     own = {}
     for monitor in _watchers():
-        scope = monitor._clip_scope(params, ids)
+        scope = monitor.clip_scope(params, ids)
         if scope:
             with torch.no_grad():
                 own[monitor] = (scope, _total_norm([p.grad for p in scope], 2.0))
@@ -241,7 +241,7 @@ def _tell(params: list[torch.Tensor], total: torch.Tensor, clipped: torch.Tensor
             if monitor in skip:
                 continue
             its_params, its_total = own.get(monitor, (params, total))
-            if its_params and monitor._on_clip(its_params, its_total, clipped,      # [] : none of its own
+            if its_params and monitor.clip(its_params, its_total, clipped,      # [] : none of its own
                                                ids if its_params is params else None):
                 told.append(monitor)
     return told
@@ -308,14 +308,14 @@ def _clip_grads_with_norm_(parameters: torch.Tensor | Iterable[torch.Tensor], ma
     counted, owned = _LAST_TOTAL["counted"], _LAST_TOTAL["owned"]
     for monitor in own:     # the total holds others' gradients: a monitor that was told it earlier was misled
         if monitor in counted:
-            monitor._on_mixed_meshes()
+            monitor.mixed_meshes()
     # A monitor told its own parameters' norm: at each call, added up the same way (clipping.py).
     owned.update(_tell(params, total, clipped, skip=set(_watchers()) - set(own) | set(counted), own=own))
     for monitor in _tell(params, total, clipped, skip=set(counted) | set(own) | set(owned), ids=ids):
         counted.add(monitor)
     for monitor in owned:   # told its own norm earlier, now a call over its gradients alone: not added
         if monitor not in own and any(p.grad is not None for p in params):
-            monitor._on_mixed_meshes()
+            monitor.mixed_meshes()
     return result
 
 
@@ -409,7 +409,7 @@ def _tell_scaled(scaler: GradScaler, optimizer: torch.optim.Optimizer) -> None:
     if watchers and scaler.is_enabled() and scaler._scale is not None and _still_scaled(scaler, optimizer):
         with torch.inference_mode(False):
             for monitor in watchers:
-                monitor._on_scaled_step(optimizer, scaler._scale)
+                monitor.scaled_step(optimizer, scaler._scale)
 
 
 def _scaler_step(self: GradScaler, optimizer: torch.optim.Optimizer, *args, **kwargs):
@@ -420,7 +420,7 @@ def _scaler_step(self: GradScaler, optimizer: torch.optim.Optimizer, *args, **kw
     if self.is_enabled() and watchers and found_inf(self, optimizer):
         with torch.inference_mode(False):
             for monitor in watchers:
-                monitor._on_skipped(optimizer)
+                monitor.skipped(optimizer)
     return result
 
 

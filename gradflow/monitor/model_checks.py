@@ -257,18 +257,20 @@ def already_attached(model: nn.Module) -> MonitorError:
 
 
 def check_attach(model, attached: Mapping[nn.Module, Any], *, members: int, activations_every: int,
-                 through_time_every: int, history_length: int | None,
-                 histogram_every: int) -> tuple[nn.Module, list[tuple[str, torch.Tensor]]]:
+                 through_time_every: int, history_length: int | None, histogram_every: int,
+                 optimizer: Any = None, switches: Mapping[str, Any] | None = None,
+                 ) -> tuple[nn.Module, list[tuple[str, torch.Tensor]]]:
     """The user's module inside ``model`` (``unwrap``) and its monitored parameters, once
-    GradientMonitor's arguments that concern them are checked; ``attached``: the monitor already
-    on each module, if any.
+    GradientMonitor's arguments are checked; ``attached``: the monitor already on each module,
+    if any; ``switches``: the bool arguments by name. Warns if ``optimizer`` holds none of them
+    (``say_foreign_optimizer``).
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
         MonitorError: a monitor still attached to it, a wrapper whose gradients are not full ones
             (``sharding.check_collective_safe``), no parameter or one not materialised, bad
             ``members``, ``activations_every``, ``through_time_every``, ``history_length`` or
-            ``histogram_every``.
+            ``histogram_every``, an ``optimizer`` that is not one, a switch that is not a bool.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"GradientMonitor needs an nn.Module, got {type(model).__name__}")
@@ -282,6 +284,10 @@ def check_attach(model, attached: Mapping[nn.Module, Any], *, members: int, acti
     check_positive("through_time_every", through_time_every, "1: every step")
     check_positive("histogram_every", histogram_every, "1: every step")
     check_positive("history_length", history_length, "None: keep every window", none=True)
+    check_optimizer(optimizer, "GradientMonitor(optimizer=)")
+    say_foreign_optimizer(optimizer, inner, named, stacklevel=4)
+    for name, switch in (switches or {}).items():
+        check_switch(name, switch)
     return inner, named
 
 
@@ -302,7 +308,8 @@ def check_members(named: list[tuple[str, torch.Tensor]], members: int) -> None:
                                f"{members}; {name} has shape {tuple(p.shape)}")
 
 
-def say_foreign_optimizer(optimizer: Any, model: nn.Module, named: list[tuple[str, torch.Tensor]]) -> None:
+def say_foreign_optimizer(optimizer: Any, model: nn.Module, named: list[tuple[str, torch.Tensor]],
+                          stacklevel: int = 3) -> None:
     """Warn when GradientMonitor's ``optimizer=`` (checked: ``check_optimizer``) holds none of
     ``named``: nothing is recorded until it does, and ``log()`` would blame a hand-written update."""
     if optimizer is None:
@@ -311,7 +318,7 @@ def say_foreign_optimizer(optimizer: Any, model: nn.Module, named: list[tuple[st
     if not any(id(p) in ours for group in optimizer.param_groups for p in group["params"]):
         warnings.warn(f"GradientMonitor: optimizer={type(optimizer).__name__} holds none of this "
                       f"{type(model).__name__}'s parameters: nothing is recorded until it does (pass the optimizer "
-                      "that steps this model, or leave optimizer out to watch every one)", stacklevel=3)
+                      "that steps this model, or leave optimizer out to watch every one)", stacklevel=stacklevel)
 
 
 def check_optimizer(optimizer: Any, where: str) -> None:

@@ -43,8 +43,9 @@ from torch import nn
 
 from gradflow.monitor import interception
 from gradflow.monitor.compact import Layouts
-from gradflow.monitor.conversions import stale_optimizer
+from gradflow.monitor.following import Follower
 from gradflow.monitor.histograms import check_every
+from gradflow.monitor.intercepted import Intercepted
 from gradflow.monitor.model_checks import (
     already_attached,
     attached_elsewhere,
@@ -55,15 +56,13 @@ from gradflow.monitor.model_checks import (
     check_switch,
     is_compiled,
     monitored_kinds,
-    replaced_parameters,
-    say_foreign_optimizer,
     unwrap,
 )
 from gradflow.monitor.output import Output
 from gradflow.monitor.part import OnceWarnings, Part, Schedule, Setup
 from gradflow.monitor.parts import create_parts, recorders
 from gradflow.monitor.sharding import ShardLayout
-from gradflow.monitor.steps import OptimizerMasks, StepWatch, entry_ref, steps_for
+from gradflow.monitor.steps import OptimizerMasks, StepWatch
 from gradflow.monitor.tensors import MonitorError
 from gradflow.monitor.window import Window, keep, member_windows, read_parts, read_window, tag_path
 
@@ -171,15 +170,12 @@ class GradientMonitor:
                  through_time: bool = True, through_time_every: int = 50, histogram_every: int = 10) -> None:
         inner, named = check_attach(model, _ATTACHED, members=members, activations_every=activations_every,
                                     through_time_every=through_time_every, history_length=history_length,
-                                    histogram_every=histogram_every)
+                                    histogram_every=histogram_every, optimizer=optimizer,
+                                    switches={"weights": weights, "automatic": automatic, "nonfinite": nonfinite,
+                                              "through_time": through_time})
         # Python ints from here on (a numpy integer is accepted: a count read from an array or a config)
         members, activations_every, through_time_every, histogram_every = (
             int(members), int(activations_every), int(through_time_every), int(histogram_every))
-        check_optimizer(optimizer, "GradientMonitor(optimizer=)")
-        say_foreign_optimizer(optimizer, inner, named)
-        for name, switch in (("weights", weights), ("automatic", automatic), ("nonfinite", nonfinite),
-                             ("through_time", through_time)):
-            check_switch(name, switch)
         self._output = Output(writer, members, check_every(histograms))
         self.names = [name for name, _ in named]
         self.members, self.automatic, self.histograms = members, automatic, histograms
@@ -194,21 +190,24 @@ class GradientMonitor:
                    "through_time": through_time, "through_time_every": through_time_every,
                    "compiled": is_compiled(model), "drawn": self._output.draws}
         self._setup = Setup(self.names, [p for _, p in named], members, options, Schedule(activations_every),
-                            self._warnings.from_part, self.kinds, follow=self._follow_in_training)
+                            self._warnings.from_part, self.kinds, follow=lambda: self._follower.in_training())
         # DTensor parameters (FSDP2, HSDP, tensor parallel): collectives at each window's close; every
         # rank must attach (sharding.py). None for plain tensors, DDP included.
         self._setup.sharding = self._sharding = ShardLayout.of(self.names, self._setup.params, members,
                                                                f"nonfinite={bool(nonfinite)}")
         self.parts: dict[str, Part] = create_parts(inner, self._setup)
         self._recorders = recorders(self.parts)          # only these are called at each step (the hot path)
-        # id(tensor) -> (weak reference to it, name): monitored tensors the model replaced (_follow), which
-        # an optimizer made before may still step (_refresh says so)
-        self._replaced: dict[int, tuple[weakref.ref, str]] = {}
-        self._masks = OptimizerMasks(len(self.names), lambda: self._setup.index_of, self._refresh)
+        # the parts kept on the model's current tensors (.double(), assign=True; following.py)
+        self._follower = Follower(self._model, self.names, self._setup, self.parts, self._sharding,
+                                  self._warnings.from_part, self._unhook)
+        self._masks = self._follower.masks = OptimizerMasks(len(self.names), lambda: self._setup.index_of,
+                                                            self._follower.refresh)
         self._optimizer = weakref.ref(optimizer) if optimizer is not None else None
         # after the outermost watched step (its post-hook): the gradients' wrapper check ends there
         self._steps = StepWatch(self._masks, optimizer, self._record, self.parts["gradients"].step_done,
                                 self._warnings.from_part)
+        # what interception tells it: clipping calls, GradScaler's scaled and skipped steps (intercepted.py)
+        self._intercepted = Intercepted(self.parts, self._masks, automatic, self._optimizer, self._skip)
         self._start_window()
         self._attach(inner)
 
@@ -229,7 +228,7 @@ class GradientMonitor:
                 part.hook(model)
             if self.automatic:        # after the parts: a part that refuses leaves torch's global step hooks uninstalled
                 self._steps.start()
-            interception.watch(self)
+            interception.watch(self._intercepted)
         except BaseException:
             self._unhook()
             with _ATTACHED_LOCK:
@@ -246,11 +245,11 @@ class GradientMonitor:
             self._steps.stop()
             for part in self.parts.values():
                 part.remove()
-            interception.unwatch(self)
+            interception.unwatch(self._intercepted)
 
     @property
     def attached(self) -> bool:
-        return self._steps.on or self in interception._WATCHERS
+        return self._steps.on or self._intercepted in interception._WATCHERS
 
     @property
     def history_length(self) -> int | None:
@@ -363,38 +362,6 @@ class GradientMonitor:
         for part in self.parts.values():
             part.skip(mask)
 
-    def _on_skipped(self, optimizer: torch.optim.Optimizer) -> None:
-        """GradScaler skipped ``optimizer``'s step (interception)."""
-        if not self.automatic or (self._optimizer is not None and not steps_for(self._optimizer(), optimizer)):
-            return
-        mask = self._masks.mask(optimizer)
-        if mask is not None:
-            self._skip(mask)
-
-    def _on_scaled_step(self, optimizer: torch.optim.Optimizer, scale: torch.Tensor) -> None:
-        """``GradScaler.step(optimizer)`` is about to unscale the gradients (interception): a
-        clipping call of this step saw them multiplied by ``scale``."""
-        self.parts["clipping"].unscale(scale, optimizer)
-
-    def _clip_scope(self, params: list[torch.Tensor], ids: set[int]) -> list[torch.Tensor] | None:
-        """Before a clipping call over ``params`` (``ids``: theirs; interception):
-        where the call also clips gradients this monitor does not watch, its own parameters with a
-        gradient there (perhaps none); else None. A model converted since the last step is
-        followed first (its parameters are new tensors)."""
-        self.parts["conversions"].check_clip(params)
-        return self.parts["clipping"].scope(params, ids)
-
-    def _on_mixed_meshes(self) -> None:
-        """Calls sharing one total_norm, some over other gradients too (interception): said once."""
-        self.parts["clipping"].mixed_meshes()
-
-    def _on_clip(self, params: list[torch.Tensor], total: torch.Tensor, clipped: torch.Tensor,
-                 ids: set[int] | None = None) -> bool:
-        """A clipping call over ``params`` (``ids``: theirs, if made already) found the norm ``total``
-        before clipping and ``clipped`` (interception, after ``_clip_scope``); whether it was
-        counted (it clipped some of this monitor's parameters)."""
-        return self.parts["clipping"].add(params, total, clipped, ids)
-
     # -- reading --------------------------------------------------------------------------
 
     def log(self, step: int) -> dict[str, dict[str, float]] | list[dict[str, dict[str, float]]]:
@@ -422,7 +389,7 @@ class GradientMonitor:
                 or a sink raised while the window was written (the window is closed and kept all the same).
         """
         step = check_step(step)
-        self._follow()
+        self._follower.follow()
         reader = read_window(self.parts, self._read_back(), step, self.members)
         try:   # a sink that fails (MonitorError) still closes the window: the next holds only its own steps
             self._output.write(reader.scalars, reader.wanted, step, final=not self.attached, texts=reader.texts)
@@ -459,61 +426,3 @@ class GradientMonitor:
             self._sharding.reset()
 
     # -- keeping up with the model --------------------------------------------------------
-
-    def _follow(self) -> bool:
-        """Follow the model's parameters if they were replaced, converted or moved; True if so
-        (model_checks): what is pending is folded (on another device: the sums move there, Part.move)."""
-        model, setup = self._model(), self._setup
-        new = None if model is None else replaced_parameters(model, self.names, setup.params, setup.device, setup.dtypes)
-        if new is None:
-            return False
-        moved_to = new[0].device if new[0].device != setup.device else None
-        for part in self.parts.values():        # what is pending was taken from the old tensors
-            part.fold() if moved_to is None else part.move(moved_to)     # move: fold, then carry the sums there
-        if self._sharding is not None and moved_to is not None:
-            self._sharding.move(moved_to)
-        self._keep_replaced(setup.params, new)
-        setup.rebind(new)
-        for part in self.parts.values():
-            part.bind(new)
-        self._masks.forget()
-        return True
-
-    def _keep_replaced(self, old: list[torch.Tensor], new: list[torch.Tensor]) -> None:
-        """Remember, weakly, the monitored tensors that new ones replaced (the overwrite flag,
-        ``load_state_dict(assign=True)``, ``module.weight = nn.Parameter(...)``): an optimizer made
-        before still holds them, and its steps then apply nothing to the model (``_refresh``)."""
-        replaced = self._replaced
-        for name, before, now in zip(self.names, old, new):
-            if before is not now:
-                replaced[id(before)] = (entry_ref(replaced, id(before), before), name)
-
-    def _follow_in_training(self) -> bool:
-        """``_follow`` from a hook inside the user's training (a forward pass, a step, a clipping
-        call: ``Setup.follow``): a change the monitor cannot follow (another shape, a complex dtype,
-        several devices) stops the monitor with a warning, never an exception out of the user's
-        forward or step; ``log()`` raises it (MonitorError). False then, and ``Setup.stopped`` says so."""
-        try:
-            return self._follow()
-        except MonitorError as error:
-            self._setup.stopped = error
-            self._unhook()
-            self._warnings.from_part("unfollowable", f"GradientMonitor stopped recording during training: {error} "
-                                     "(log() raises this)")
-            return False
-
-    def _refresh(self, optimizer) -> bool:
-        """An optimizer's groups hold none of the monitored tensors, or some that are not monitored
-        (steps.OptimizerMasks, once per change of its groups): follow the model if its parameters
-        were replaced (True); else say once if that optimizer holds tensors the model replaced."""
-        if self._follow_in_training():
-            return True
-        if self._setup.stopped is not None:
-            return False
-        if self._replaced:
-            replaced = self._replaced
-            names = [entry[1] for group in optimizer.param_groups for p in group["params"]
-                     if (entry := replaced.get(id(p))) is not None and entry[0]() is p]
-            if names:
-                self._warnings.from_part("stale-optimizer", stale_optimizer(type(optimizer).__name__, names))
-        return False
