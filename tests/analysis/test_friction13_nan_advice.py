@@ -16,7 +16,6 @@ from torch import nn
 
 from gradflow import GradientMonitor
 from gradflow.analysis.diagnose import diagnose_monitor
-
 from tests.analysis.test_friction13_dead_after_nan import NAN_STEP, LogOfNegative
 
 HINT = "check its input's range"
