@@ -150,7 +150,7 @@ def _when(row: Mapping[str, Any], early: str = "") -> str:
     (a loop shorter than ``through_time_every`` steps is profiled at its first step alone).
     ``early``: the first window's value, said beside the late median."""
     if row["profiled"] == 1:
-        return (f"in the only window profiled through time (step {row['first_step']}; the monitor profiles "
+        return (f"in the only window profiled through time (logged at {row['first_step']}; the monitor profiles "
                 "every through_time_every-th optimizer step)")
     return f"late in the run (median of the last {row['late_windows']} window(s){early})"
 
