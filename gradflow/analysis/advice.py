@@ -117,7 +117,8 @@ CONTEXTS = ("loop", "run")
 # What the advice points at, by context: the gradient through time (``{time_plot}``) and chrono
 # initialisation of an LSTM/GRU (``{chrono}``, Tallec & Ollivier 2018).
 POINTERS = {
-    "loop": {"time_plot": "monitor.history[-1].time, its TensorBoard scalars time/<module>/l<k>/reach, or the figure "
+    "loop": {"time_plot": "the profiled windows' Window.time ([w.time for w in monitor.history if w.time]; a window "
+                          "with no profiled step has none), its TensorBoard scalars time/<module>/l<k>/reach, or the figure "
                           "gradflow.analysis.time_plots.plot_through_time(monitor.history, 'through_time.png') draws",
              "chrono": "gradflow.experiments.models.chrono_bias(lstm, 5.0) sets it on an nn.LSTM/nn.GRU; "
                        "docs/through_time.md"},

@@ -41,7 +41,7 @@ from gradflow.analysis.measures import (
     measure_loss,
     recorded_kinds,
 )
-from gradflow.analysis.nonfinite import first_source, restore_source, with_source
+from gradflow.analysis.nonfinite import domain_hint, first_source, restore_source, with_source
 from gradflow.analysis.rules import RULES, Evidence, fmt_number, layer_name, run_rules, skipped_steps
 from gradflow.analysis.through_time import check_through_time, fold_into_checks, time_recommendation
 from gradflow.analysis.windows import GRADIENTS_FILE, load_windows
@@ -180,6 +180,8 @@ def diagnose(windows: Sequence[Any], losses: Sequence[float] | None = None, *, m
     advice = time_recommendation(time, verdicts, recommend(others, family, opt, failing, context)
                                  if others or not time["fired"] else "", context)
     hint = nonfinite_hint(checks, evidence["first_nonfinite"], context, nonfinite_part)
+    if checks["exploding"]["fired"]:      # a NaN made forward at small steps: that module's own code
+        hint = " ".join(filter(None, [hint, domain_hint(windows, evidence["first_nonfinite"])]))
     return Diagnosis(verdicts, evidence, f"{advice} {hint}" if hint else advice)
 
 

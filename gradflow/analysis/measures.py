@@ -429,7 +429,8 @@ def activation_bounds(windows: Sequence[Any], model: Any = None) -> dict[str, tu
 def measure_activations(windows: Sequence[Any], bounds: Mapping[str, tuple[float, float]] | None = None
                         ) -> dict[str, dict[str, float]]:
     """Per activation module: median saturated fraction (bounded ones), the dead fraction of
-    the last window it fired in (rectifiers; ``dead_first``: in the first), and for a bounded one with known ``bounds``
+    the last window it fired in with finite outputs (rectifiers; NaN if none: a NaN input makes a
+    ReLU's output NaN, never positive, not dead; ``dead_first``: in the first window), and for a bounded one with known ``bounds``
     (``activation_bounds``) ``end``: the median over the last half of the windows (a layer
     driven to an end during training, Glorot & Bengio 2010 Fig. 2) of the mean output's distance from
     the nearer end of the range, as a share of the range (a sigmoid layer at mean 0.02: 0.02);
@@ -458,7 +459,9 @@ def measure_activations(windows: Sequence[Any], bounds: Mapping[str, tuple[float
                 means = np.array([_number(r.get("mean")) for r in seen[len(seen) // 2:]])
                 row["end"] = _median(np.minimum(means - low, high - means) / (high - low))
         if "dead_fraction" in seen[-1]:
-            row["dead"] = _number(seen[-1]["dead_fraction"])
+            # A rectifier fed NaN outputs NaN, never positive: read its units where they were finite.
+            finite = [r for r in seen if math.isfinite(_number(r.get("mean", 0.0)))]
+            row["dead"] = _number(finite[-1]["dead_fraction"]) if finite else math.nan
             row["dead_first"] = _number(seen[0].get("dead_fraction"))
         rows[name] = row
     if len(rows) > 1 and "saturated" in rows[names[-1]] and _unindexed(names[-1]) != _unindexed(names[-2]):

@@ -14,7 +14,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from gradflow.analysis.rules import layer_name
+from gradflow.analysis.rules import EXPLODING_UPDATE, layer_name
+
+# A window's weight updates per step at or below this are small: a tenth of EXPLODING_UPDATE,
+# 50x the healthy 1e-3 (rules.HEALTHY_UPDATE).
+SMALL_UPDATE = EXPLODING_UPDATE / 10
 
 
 def first_source(windows: Sequence[Any], field: str = "first_nonfinite") -> dict[str, Any] | None:
@@ -55,6 +59,29 @@ def with_source(check: dict[str, Any], windows: Sequence[Any]) -> tuple[dict[str
     if found is None or not check.get("fired"):
         return check, notes
     return {**check, "why": f"{sentence(found)}; {check['why']}", "source": found}, notes
+
+
+def domain_hint(windows: Sequence[Any], found: dict[str, Any] | None) -> str:
+    """Advice beside ``exploding`` when the first non-finite value (``found``, ``first_source``)
+    was made in a module's forward pass after one or more windows whose weight updates were all
+    small (at most SMALL_UPDATE of the weights per step, ``weight_update_ratio`` / steps): a NaN
+    made at a healthy step size usually comes from that module's own arithmetic (the log of a
+    negative number), which a lower learning rate does not fix. '' otherwise, also for the input,
+    the loss and compiled modules (no module of the user's code to point at)."""
+    from gradflow.monitor.nonfinite import INPUT, LOSS
+
+    if found is None or found["phase"] != "forward" or found["module"] in (INPUT, LOSS) or found["compiled"]:
+        return ""
+    before = windows[:found["window"]]
+    ratios = [row["weight_update_ratio"] / max(w.steps, 1) for w in before for row in w.gradients.values()
+              if isinstance(row.get("weight_update_ratio"), (int, float))
+              and row["weight_update_ratio"] == row["weight_update_ratio"]]       # NaN: a weight that started at 0
+    if not ratios or not max(ratios) <= SMALL_UPDATE:
+        return ""
+    return (f"The first non-finite value was made in the forward pass of {layer_name(found['module'])} after "
+            f"{len(before)} window(s) of small updates (at most {max(ratios):.2g} of the weights per step): if that "
+            "module takes a log, sqrt, power or division, or an exp that can overflow, check its input's range there "
+            "(clamp it, add an epsilon) before changing the learning rate.")
 
 
 def restore_source(windows: Sequence[Any], run_dir: str | Path) -> None:

@@ -79,6 +79,11 @@ def _check(fired: bool, why: str, value: float | None = None, threshold: float |
     return out
 
 
+# Said where no activation at all was recorded: the monitor taps activation modules only.
+UNSEEN = (" (the monitor taps activation modules; a functional one, F.relu or torch.tanh called in a forward as "
+          "nn.TransformerEncoderLayer does, is not seen)")
+
+
 def _unchecked(why: str) -> dict[str, Any]:
     """A check with nothing to judge: not fired, ``checked`` False (the report's ``n/a``)."""
     return {**_check(False, why), "checked": False}
@@ -344,7 +349,7 @@ def check_saturated(ev: Evidence) -> dict[str, Any]:
     end, harm is the loss stalled (< STALL_DROP)."""
     bounded = {n: r for n, r in ev.activations.items() if "saturated" in r and not r.get("output")}
     if not bounded:
-        return _unchecked("no hidden tanh or sigmoid activations recorded")
+        return _unchecked("no hidden tanh or sigmoid activations recorded" + ("" if ev.activations else UNSEEN))
     name = max(bounded, key=lambda n: bounded[n]["saturated"])
     value = bounded[name]["saturated"]
     why = f"{value:.0%} of {layer_name(name)} outputs saturated (|a| > 0.97 of the range)"
@@ -383,7 +388,7 @@ def check_dead(ev: Evidence) -> dict[str, Any]:
     if ev.layers and all(row["zero_last"] == 1.0 for row in ev.layers.values()):
         return _check(True, "every gradient exactly zero in the last window", 1.0, 1.0)
     if not dead:
-        return _unchecked("no ReLU-type activations recorded")
+        return _unchecked("no ReLU-type activations recorded" + ("" if ev.activations else UNSEEN))
     most = [n for n, value in dead.items() if value >= DEAD_FRACTION]
     name = max(dead, key=dead.get)
     why = f"at most {dead[name]:.0%} of a layer's units dead ({_quoted(name)})"

@@ -58,7 +58,7 @@ Example:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -139,9 +139,20 @@ def measure_time(windows: Sequence[Any]) -> dict[str, dict[str, Any]]:
             "growth_max": max((g for g in growths if math.isfinite(g)), default=math.nan),
             "nonfinite": sum(not np.isfinite(p).all() for p in profiles),
             **_spike([w for w in timed if key in w.time], profiles),
-            "late_windows": len(late_profiles),
+            "late_windows": len(late_profiles), "profiled": len(profiles),
+            "first_step": next(w.step for w in timed if key in w.time),
         }
     return out
+
+
+def _when(row: Mapping[str, Any], early: str = "") -> str:
+    """When a layer's profile was read, in words: the late median, or the only profiled window
+    (a loop shorter than ``through_time_every`` steps is profiled at its first step alone).
+    ``early``: the first window's value, said beside the late median."""
+    if row["profiled"] == 1:
+        return (f"in the only window profiled through time (logged at {row['first_step']}; the monitor profiles "
+                "every through_time_every-th optimizer step)")
+    return f"late in the run (median of the last {row['late_windows']} window(s){early})"
 
 
 def _spike(timed: list[Any], profiles: list[np.ndarray]) -> dict[str, Any]:
@@ -180,8 +191,7 @@ def check_through_time(windows: Sequence[Any], loss: dict[str, float] | None = N
     if layers[growing]["growth"] > EXPLODING_GROWTH:
         row = layers[growing]
         return _result("exploding", f"through time: in {growing} the gradient reaching {_far(growing, row)} is "
-                       f"{row['growth']:.2g}x that of {_near(growing, row)} late in the run (median of the last "
-                       f"{row['late_windows']} window(s)): it grows on its way back",
+                       f"{row['growth']:.2g}x that of {_near(growing, row)} {_when(row)}: it grows on its way back",
                        row["growth"], EXPLODING_GROWTH, _advice("exploding", row), layers)
     jumps = {k: row["spike"] for k, row in layers.items() if math.isfinite(row["spike"])}
     jump = max(jumps, key=jumps.get) if jumps else None
@@ -193,9 +203,9 @@ def check_through_time(windows: Sequence[Any], loss: dict[str, float] | None = N
     spike = max(layers, key=lambda k: _sortable(layers[k]["growth_max"], -math.inf))
     weakest = min(layers, key=lambda k: _sortable(layers[k]["reach"], math.inf))
     row = layers[weakest]
+    early = f"; {_ratio(row['reach_early'])} in the first"
     why = (f"through time: the gradient reaching {_far(weakest, row)} of {weakest} is {_ratio(row['reach'])} of its "
-           f"largest, late in the run (median of the last {row['late_windows']} window(s); "
-           f"{_ratio(row['reach_early'])} in the first); it stays within {HORIZON_FRACTION:g} of it for "
+           f"largest, {_when(row, early)}; it stays within {HORIZON_FRACTION:g} of it for "
            f"{row['horizon']} of {row['steps']} steps")
     if layers[spike]["growth_max"] > EXPLODING_GROWTH:
         why += (f"; one window's gradient in {spike} grew {layers[spike]['growth_max']:.2g}x on its way back to "
