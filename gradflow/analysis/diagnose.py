@@ -175,7 +175,7 @@ def diagnose(windows: Sequence[Any], losses: Sequence[float] | None = None, *, m
                 "notes": [c["note"] for c in checks.values() if c.get("note")] + _notes(layers, kinds)
                 + _overflow_notes(windows) + source_notes + time_notes,
                 "first_nonfinite": first_source(windows), "through_time": time["layers"]}
-    others = [v for v in verdicts if v != time["verdict"]]
+    others = _cause_first([v for v in verdicts if v != time["verdict"]], checks)
     failing = _failing_kind(verdicts, checks, layers)
     advice = time_recommendation(time, verdicts, recommend(others, family, opt, failing, context)
                                  if others or not time["fired"] else "", context)
@@ -183,6 +183,18 @@ def diagnose(windows: Sequence[Any], losses: Sequence[float] | None = None, *, m
     if checks["exploding"]["fired"]:      # a NaN made forward at small steps: that module's own code
         hint = " ".join(filter(None, [hint, domain_hint(windows, evidence["first_nonfinite"])]))
     return Diagnosis(verdicts, evidence, f"{advice} {hint}" if hint else advice)
+
+
+def _cause_first(verdicts: list[str], checks: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The verdicts in the order their advice is given: a whole layer dead (``dead-units`` at
+    value 1.0: every unit never positive, or every gradient zero) passes no gradient back, so the
+    layers below it read as vanishing; its advice comes before ``vanishing``'s, whose
+    tanh-initialisation advice does not fix it. The verdicts themselves keep their order."""
+    if "vanishing" not in verdicts or "dead-units" not in verdicts or checks["dead-units"].get("value") != 1.0:
+        return verdicts
+    rest = [v for v in verdicts if v != "dead-units"]
+    at = rest.index("vanishing")
+    return [*rest[:at], "dead-units", *rest[at:]]
 
 
 LOSSES_ACCEPTED = ("a sequence of numbers, one per epoch, window or step (floats, 0-d tensors or a 1-D tensor; "
