@@ -76,6 +76,8 @@ class _Tap(LeavesCopiesAlone):
             self.accumulator.unseen_taps.add(self.index)
         elif isinstance(output, torch.Tensor):
             self.accumulator.take(self.index, output)
+        else:                                               # a tuple, dict or None: nothing to read
+            self.accumulator.untensored.setdefault(self.index, "None" if output is None else type(output).__name__)
         return
 
 
@@ -285,6 +287,7 @@ class Activations(Part):
         self.passes_before = 0                        # the schedule's count of training passes at the window's start
         self.unseen = {"no_grad": 0, "backward": 0}   # tap calls not taken, by why (no_activations_cause)
         self.unseen_taps: set[int] = set()            # the taps of those calls (untapped_cause)
+        self.untensored: dict[int, str] = {}          # taps whose module returned no tensor -> its type's name
         self._plans = _BoundedCache()
         self._slot_rows = _BoundedCache()            # slots of the large outputs reduced together
         self._taps: list[_Hook] = []                 # the hooks on their modules now, while the schedule is active
@@ -494,6 +497,7 @@ class Activations(Part):
         self.passes_before = self.setup.schedule.passes
         self.unseen = {"no_grad": 0, "backward": 0}
         self.unseen_taps = set()
+        self.untensored = {}
 
     def _zero_sums(self) -> None:
         """Zero the window's sums: on the CPU through the fused kernel's numpy views of them
@@ -744,6 +748,10 @@ class Activations(Part):
                    f"backward ({self.unseen['backward']} calls), as under reentrant activation checkpointing "
                    "(torch.utils.checkpoint with use_reentrant=True runs the forward without autograd and recomputes "
                    "it in backward): those outputs are not the training pass's; use_reentrant=False has them tapped")
+        elif self.untensored:
+            said = ", ".join(f"{self.names[index]} returned {kind}" for index, kind in list(self.untensored.items())[:4])
+            why = (f"the activation modules ran, but {said}, not a tensor: a tap reads a module's output only where "
+                   "it is one tensor; choose modules that return one (activations=fn)")
         else:
             names = ", ".join(self.names[:4]) + (" ..." if len(self.names) > 4 else "")
             why = (f"training forward passes ran, but none of the activation modules ({names}) did: "
@@ -755,8 +763,9 @@ class Activations(Part):
         """Say once which taps gave no output in a window where others did, each with the cause
         its own tap calls tell (``no_activations_cause`` for the whole model): called only under
         no_grad or inside backward (reentrant activation checkpointing), inside a compiled block,
-        or never called in a tapped training pass (the model computes that activation with a
-        function in its place, ``F.gelu`` beside an unused ``nn.GELU``, or does not use it there).
+        returning no tensor (a tuple, a dict, None), or never called in a tapped training pass (the
+        model computes that activation with a function in its place, ``F.gelu`` beside an unused
+        ``nn.GELU``, or does not use it there).
         A tap with no row is then never silently absent."""
         silent = np.flatnonzero(~self.elements.reshape(-1, self.members).any(axis=1)).tolist()
         if not silent:                                # a member without output, its tap with some: not this
@@ -769,6 +778,9 @@ class Activations(Part):
                      "teacher), or reentrant activation checkpointing (torch.utils.checkpoint with "
                      "use_reentrant=True; use_reentrant=False has them tapped)"
                      if index in self.unseen_taps else
+                     f"returned {self.untensored[index]}, not a tensor: a tap reads a module's output only where "
+                     "it is one tensor (choose one that returns one with activations=fn)"
+                     if index in self.untensored else
                      "ran inside compiled blocks, where the taps do nothing" if name in compiled else
                      "did not run in a tapped training pass: the model computes these activations with functions "
                      "(F.gelu, torch.relu inside a forward) instead, or does not use the modules there")

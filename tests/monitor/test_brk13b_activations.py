@@ -1,0 +1,91 @@
+"""Break tests of the activation taps (brk13b): modules whose output is not one tensor. Oracle:
+what the module returned, seen by a forward hook of the test's own."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from gradflow.monitor import GradientMonitor
+
+
+class _Tuple(nn.Module):
+    """A block returning (output, None), as Hugging Face layers and nn.LSTM return tuples."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return torch.tanh(self.fc(x)), None
+
+
+class ReLUGate(nn.Module):
+    """Tapped by its name (no parameters, "relu" in it); returns a dict."""
+
+    def forward(self, x):
+        return {"out": torch.relu(x)}
+
+
+class ReLUInPlace(nn.Module):
+    """Tapped by its name; changes its input in place and returns None."""
+
+    def forward(self, x):
+        x.relu_()
+
+
+class _Net(nn.Module):
+    def __init__(self, kind: str):
+        super().__init__()
+        self.kind = kind
+        self.fc = nn.Linear(4, 4)
+        self.odd = {"tuple": _Tuple, "dict": ReLUGate, "none": ReLUInPlace}[kind]()
+        self.act = nn.Tanh()
+
+    def forward(self, x):
+        h = self.fc(x) * 1.0
+        if self.kind == "tuple":
+            h = self.odd(h)[0]
+        elif self.kind == "dict":
+            h = self.odd(h)["out"]
+        else:
+            self.odd(h)
+        return self.act(h)
+
+
+def _messages(kind: str, others: bool) -> tuple[list[str], dict]:
+    torch.manual_seed(0)
+    model = _Net(kind)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    chosen = (lambda name, m: name in ("odd", "act")) if others else (lambda name, m: name == "odd")
+    returned = []
+    model.odd.register_forward_hook(lambda m, i, out: returned.append(type(out).__name__))
+    with warnings.catch_warnings(record=True) as caught, GradientMonitor(model, activations=chosen,
+                                                                         activations_every=1) as monitor:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            optimizer.zero_grad()
+            model(torch.randn(8, 4)).square().mean().backward()
+            optimizer.step()
+        monitor.log(0)
+    assert returned == [{"tuple": "tuple", "dict": "dict", "none": "NoneType"}[kind]] * 2   # the module ran
+    return [str(w.message) for w in caught], monitor.history[-1].activations
+
+
+@pytest.mark.parametrize("kind, type_name", [("tuple", "tuple"), ("dict", "dict"), ("none", "None")],
+                         ids=["tuple", "dict", "None"])
+@pytest.mark.parametrize("others", [True, False], ids=["beside-a-tensor-tap", "alone"])
+def test_a_tap_whose_module_returns_no_tensor_is_said_with_that_cause(kind, type_name, others):
+    """A tapped module that ran in every training pass but returned a tuple, a dict or None (a
+    block chosen with activations=fn, an activation known by its name): the tap has nothing to
+    read, and log() says so naming what it returned. Before, the warning said the module did
+    not run, the model computing its activations with functions (F.gelu) instead: untrue."""
+    messages, rows = _messages(kind, others)
+    assert "odd" not in rows and ("act" in rows) == others
+    said = [m for m in messages if "odd" in m]
+    assert len(said) == 1, messages
+    assert f"returned {type_name}" in said[0] and "not a tensor" in said[0], said[0]
+    assert "with functions" not in said[0] and "did not run" not in said[0], said[0]
