@@ -288,6 +288,7 @@ class Activations(Part):
         self.unseen = {"no_grad": 0, "backward": 0}   # tap calls not taken, by why (no_activations_cause)
         self.unseen_taps: set[int] = set()            # the taps of those calls (untapped_cause)
         self.untensored: dict[int, str] = {}          # taps whose module returned no tensor -> its type's name
+        self.other_units: set[int] = set()            # rectifier taps that gave outputs of another unit count
         self._plans = _BoundedCache()
         self._slot_rows = _BoundedCache()            # slots of the large outputs reduced together
         self._taps: list[_Hook] = []                 # the hooks on their modules now, while the schedule is active
@@ -661,7 +662,10 @@ class Activations(Part):
             self.unit_start[index] = self.positives.numel()
             self.positives = torch.cat([self.positives, self.positives.new_zeros(self.members * sample.shape[dim])])
             self._host = self._reduced = None
-        return self.units[index] if sample.shape[dim] == self.units[index] else None
+        if sample.shape[dim] == self.units[index]:
+            return self.units[index]
+        self.other_units.add(index)                   # said at log(): _say_other_units
+        return None
 
     def _reduce_large(self, large: list[tuple[int, torch.Tensor, int]]) -> None:
         """Large outputs reduced on their own, one job per member of each: dense reductions
@@ -790,6 +794,16 @@ class Activations(Part):
         self.setup.warn("some-activations", f"log(): {len(silent)} of {len(self.names)} activation modules gave no "
                         f"output in this window while others did, and have no row: {said}{STILL}")
 
+    def _say_other_units(self) -> None:
+        """Say once which rectifier taps ran on outputs of another unit count than their first
+        (one nn.ReLU shared by layers of different widths): those outputs are in the tap's mean and
+        std but have no units in its dead_fraction (``_units_of``)."""
+        said = ", ".join(f"{self.names[index]} ({self.units[index]} units)" for index in sorted(self.other_units)[:4])
+        self.setup.warn("other-units", f"log(): the dead_fraction of {said} counts only the units of the first "
+                        "output the module gave: it also ran on outputs of other widths (one module shared by layers "
+                        "of different widths), which are in its mean and std but not in its dead_fraction; give "
+                        "each layer its own activation module to have their units counted")
+
     def compiled_taps(self) -> list[str]:
         """The taps whose module, or a block around it, is compiled (``Module.compile()`` sets
         ``_compiled_call_impl``; ``torch.compile(submodule)`` puts it under ``_orig_mod``)."""
@@ -814,6 +828,8 @@ class Activations(Part):
             return
         if not all(elements) and self.tapped:
             self._say_untapped()
+        if self.other_units:
+            self._say_other_units()
         if self._layout is None:               # made once: a small model's window costs its formatting
             self._layout = self._read_layout(reader)
         counts = values["counts"].reshape(-1, S.SIGN_EXPONENT_BINS)

@@ -89,3 +89,44 @@ def test_a_tap_whose_module_returns_no_tensor_is_said_with_that_cause(kind, type
     assert len(said) == 1, messages
     assert f"returned {type_name}" in said[0] and "not a tensor" in said[0], said[0]
     assert "with functions" not in said[0] and "did not run" not in said[0], said[0]
+
+
+class _SharedReLU(nn.Module):
+    """One nn.ReLU after two layers of ``widths``; the second layer's units all dead."""
+
+    def __init__(self, widths: tuple[int, int]):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(4, widths[0]), nn.Linear(widths[0], widths[1])
+        self.act = nn.ReLU()
+        self.head = nn.Linear(widths[1], 1)
+        with torch.no_grad():
+            self.fc2.bias.fill_(-100.0)
+
+    def forward(self, x):
+        return self.head(self.act(self.fc2(self.act(self.fc1(x)))))
+
+
+@pytest.mark.parametrize("batch", [32, 512], ids=["pending-outputs", "direct-outputs"])
+@pytest.mark.parametrize("widths", [(8, 16), (16, 8)], ids=["wider-second", "narrower-second"])
+def test_a_rectifier_shared_by_layers_of_other_widths_says_what_its_dead_fraction_leaves_out(widths, batch):
+    """One nn.ReLU run after layers of different widths: its dead_fraction counts the units of
+    the first width it saw (its mean and std every output). The other layer's outputs, here all
+    dead, were left out of it in silence (dead_fraction 0.0 where 16 of 24 units were dead); now
+    log() says so. Oracle: the outputs of the first width, from a forward hook of the test's."""
+    torch.manual_seed(0)
+    model = _SharedReLU(widths)
+    outputs = []
+    model.act.register_forward_hook(lambda m, i, out: outputs.append(out.detach().clone()))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    with warnings.catch_warnings(record=True) as caught, GradientMonitor(model, activations_every=1) as monitor:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            optimizer.zero_grad()
+            model(torch.randn(batch, 4)).square().mean().backward()
+            optimizer.step()
+        monitor.log(0)
+    first = torch.cat([out for out in outputs if out.shape[1] == widths[0]])
+    expected = (first > 0).any(dim=0).logical_not().double().mean().item()
+    assert monitor.history[-1].activations["act"]["dead_fraction"] == pytest.approx(expected)
+    said = [str(w.message) for w in caught if "dead_fraction" in str(w.message)]
+    assert len(said) == 1 and "act" in said[0] and f"{widths[0]} units" in said[0], [str(w.message) for w in caught]
