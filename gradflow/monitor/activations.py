@@ -48,7 +48,8 @@ OTHER_ACTIVATIONS = (nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sof
 class _Tap(LeavesCopiesAlone):
     """The forward hook on one activation module: keeps its output for the next reduction.
 
-    It reads training forward passes only: grad mode on, outside backward (a non-reentrant
+    It reads training forward passes only: grad mode on, the module in training mode (a pass after
+    ``model.eval()`` with grad on is a validation pass), outside backward (a non-reentrant
     activation checkpoint reruns the forward inside backward; counting that rerun would count
     the same outputs twice), and outside torch.compile's tracing (a hook that touches Python
     state there becomes a guard that recompiles every step; the monitor says so at ``log``).
@@ -74,6 +75,9 @@ class _Tap(LeavesCopiesAlone):
         elif torch._C._current_graph_task_id() != -1:
             self.accumulator.unseen["backward"] += 1        # a checkpoint's recompute inside backward
             self.accumulator.unseen_taps.add(self.index)
+        elif not module.training:                           # an evaluation pass with grad on (after model.eval())
+            self.accumulator.unseen["eval"] += 1
+            self.accumulator.eval_taps.add(self.index)
         elif isinstance(output, torch.Tensor):
             self.accumulator.take(self.index, output)
         else:                                               # a tuple, dict or None: nothing to read
@@ -285,8 +289,9 @@ class Activations(Part):
         self.caller = None                            # the frame of that pass's call of the model (torch's _call_impl)
         self.caller_thread = 0                        # ... and the thread it runs in
         self.passes_before = 0                        # the schedule's count of training passes at the window's start
-        self.unseen = {"no_grad": 0, "backward": 0}   # tap calls not taken, by why (no_activations_cause)
-        self.unseen_taps: set[int] = set()            # the taps of those calls (untapped_cause)
+        self.unseen = {"no_grad": 0, "backward": 0, "eval": 0}   # tap calls not taken, by why (no_activations_cause)
+        self.unseen_taps: set[int] = set()            # the taps of the no_grad and backward calls (_say_untapped)
+        self.eval_taps: set[int] = set()              # ... and of the calls in eval mode
         self.untensored: dict[int, str] = {}          # taps whose module returned no tensor -> its type's name
         self.other_units: set[int] = set()            # rectifier taps that gave outputs of another unit count
         self._plans = _BoundedCache()
@@ -496,8 +501,9 @@ class Activations(Part):
         self.elements.fill(0)
         self.tapped = False
         self.passes_before = self.setup.schedule.passes
-        self.unseen = {"no_grad": 0, "backward": 0}
+        self.unseen = {"no_grad": 0, "backward": 0, "eval": 0}
         self.unseen_taps = set()
+        self.eval_taps = set()
         self.untensored = {}
 
     def _zero_sums(self) -> None:
@@ -752,6 +758,10 @@ class Activations(Part):
                    f"backward ({self.unseen['backward']} calls), as under reentrant activation checkpointing "
                    "(torch.utils.checkpoint with use_reentrant=True runs the forward without autograd and recomputes "
                    "it in backward): those outputs are not the training pass's; use_reentrant=False has them tapped")
+        elif self.unseen["eval"]:
+            why = (f"the activation modules ran only in eval mode ({self.unseen['eval']} calls, after model.eval(), "
+                   "with grad on): those are evaluation passes, which are not counted; training passes run after "
+                   "model.train()")
         elif self.untensored:
             said = ", ".join(f"{self.names[index]} returned {kind}" for index, kind in list(self.untensored.items())[:4])
             why = (f"the activation modules ran, but {said}, not a tensor: a tap reads a module's output only where "
@@ -782,6 +792,8 @@ class Activations(Part):
                      "teacher), or reentrant activation checkpointing (torch.utils.checkpoint with "
                      "use_reentrant=True; use_reentrant=False has them tapped)"
                      if index in self.unseen_taps else
+                     "ran only in eval mode (after model.eval() on them: evaluation passes are not counted)"
+                     if index in self.eval_taps else
                      f"returned {self.untensored[index]}, not a tensor: a tap reads a module's output only where "
                      "it is one tensor (choose one that returns one with activations=fn)"
                      if index in self.untensored else

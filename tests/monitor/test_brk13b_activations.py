@@ -130,3 +130,47 @@ def test_a_rectifier_shared_by_layers_of_other_widths_says_what_its_dead_fractio
     assert monitor.history[-1].activations["act"]["dead_fraction"] == pytest.approx(expected)
     said = [str(w.message) for w in caught if "dead_fraction" in str(w.message)]
     assert len(said) == 1 and "act" in said[0] and f"{widths[0]} units" in said[0], [str(w.message) for w in caught]
+
+
+def _validated(every: int, train_mode: bool = True):
+    """A tanh MLP: each step, then a validation pass in eval mode with grad on (no no_grad: the
+    loss computed as in training) on inputs 100x larger, which saturate the tanh."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    training = []
+    model[1].register_forward_hook(lambda m, i, out: training.append(out.detach().clone()) if m.training else None)
+    x = torch.randn(16, 4)
+    with warnings.catch_warnings(record=True) as caught, GradientMonitor(model, activations_every=every) as monitor:
+        warnings.simplefilter("always")
+        for _ in range(every * 2):
+            model.train(train_mode)
+            optimizer.zero_grad()
+            model(x).square().mean().backward()
+            optimizer.step()
+            model.eval()
+            model(x * 100).square().mean()
+        monitor.log(0)
+    return monitor.history[-1].activations, training, [str(w.message) for w in caught]
+
+
+@pytest.mark.parametrize("every", [1, 10], ids=["every-step", "every-10th"])
+def test_eval_mode_passes_with_grad_on_are_not_in_the_window(every):
+    """Validation passes run after model.eval() but without no_grad: evaluation passes, not
+    training ones. Before, their outputs were tapped with the training passes' (saturated_fraction
+    0.48 where the training passes had 0.0). Oracle (every step tapped): the outputs of the passes
+    in training mode."""
+    rows, training, _ = _validated(every)
+    if every == 1:
+        values = torch.cat(training).double()
+        assert rows["1"]["mean"] == pytest.approx(values.mean().item())
+        assert rows["1"]["std"] == pytest.approx(values.std(unbiased=False).item())
+    assert rows["1"]["saturated_fraction"] == 0.0 and torch.cat(training).abs().max() < 0.97
+
+
+def test_a_model_run_only_in_eval_mode_is_said():
+    """Every pass in eval mode, training ones too: no activation row, and log() says why."""
+    rows, _, messages = _validated(1, train_mode=False)
+    assert rows == {}
+    said = [m for m in messages if "no activation output" in m]
+    assert len(said) == 1 and "eval mode" in said[0], messages
