@@ -227,7 +227,7 @@ class Activations(Part):
 
     Memory: an output of ``DIRECT_OUTPUT`` elements or more is reduced when the model's forward
     pass that made it ends (at the optimizer step where the model's own forward hook does not
-    run), straight from the tensor (no copy), so the monitor never keeps a layer's output alive
+    run), straight from the tensor (no copy; so is a float64 one, which keeps its range), so the monitor never keeps a layer's output alive
     past its forward pass (a LoRA model's batch x 4096 GELU output, a transformer's batch x
     sequence x 4d one). A smaller output is kept by reference until ``PENDING_ELEMENTS`` are
     pending (inside a forward pass: at its end) or the window closes, and then reduced with the
@@ -280,8 +280,8 @@ class Activations(Part):
         # (tap, output, its version counter when taken): detach() shares the counter, so an in-place
         # change after the tap moves it (_say_changed)
         self.pending: list[tuple[int, torch.Tensor, int]] = []
-        self.pending_elements = 0                     # of the pending outputs smaller than DIRECT_OUTPUT
-        self.direct = 0                               # pending outputs of DIRECT_OUTPUT elements or more
+        self.pending_elements = 0                     # of the pending outputs reduced in runs (not _direct)
+        self.direct = 0                               # pending outputs reduced on their own (_direct)
         self.tapped = False                           # a recorded step's forward pass was tapped in this window
         self.forward_start: int | None = None         # pending's length when a forward pass still running began
         self.depth = 0                                # calls of the model inside a profiled pass still running (self(...) in forward)
@@ -418,10 +418,11 @@ class Activations(Part):
 
     @torch.no_grad()
     def reduce_direct(self) -> None:
-        """Reduce the pending outputs of ``DIRECT_OUTPUT`` elements or more, each straight from
-        its tensor, and drop them: nothing of their size is held past the forward pass."""
-        direct = [entry for entry in self.pending if entry[1].numel() >= DIRECT_OUTPUT]
-        self.pending = [entry for entry in self.pending if entry[1].numel() < DIRECT_OUTPUT]
+        """Reduce the pending outputs of ``DIRECT_OUTPUT`` elements or more (and float64 ones:
+        ``_direct``), each straight from its tensor, and drop them: nothing of their size is held
+        past the forward pass."""
+        direct = [entry for entry in self.pending if _direct(entry[1])]
+        self.pending = [entry for entry in self.pending if not _direct(entry[1])]
         self.direct = 0
         self._say_changed(direct)
         self._reduce_large(direct)
@@ -444,8 +445,8 @@ class Activations(Part):
         if self.forward_start is None:
             return
         dropped, self.pending = self.pending[self.forward_start:], self.pending[:self.forward_start]
-        self.pending_elements -= sum(a.numel() for _, a, _ in dropped if a.numel() < DIRECT_OUTPUT)
-        self.direct -= sum(a.numel() >= DIRECT_OUTPUT for _, a, _ in dropped)
+        self.pending_elements -= sum(a.numel() for _, a, _ in dropped if not _direct(a))
+        self.direct -= sum(map(_direct, (a for _, a, _ in dropped)))
         self.forward_start = None
         if self.caller is not None and self._still_running():
             done = "removed" if not self.attached else "read (log())"
@@ -481,7 +482,7 @@ class Activations(Part):
         output = output.detach() if type(output) is torch.Tensor else local(output.detach())
         self.pending.append((index, output, output._version))
         n = output.numel()
-        if n >= DIRECT_OUTPUT:
+        if n >= DIRECT_OUTPUT or output.dtype is torch.float64:      # _direct(output), inline
             self.direct += 1
         else:
             self.pending_elements += n
@@ -532,8 +533,8 @@ class Activations(Part):
         self._say_changed(pending)
         small = pending
         if direct:
-            small = [entry for entry in pending if entry[1].numel() < DIRECT_OUTPUT]
-            self._reduce_large([entry for entry in pending if entry[1].numel() >= DIRECT_OUTPUT])
+            small = [entry for entry in pending if not _direct(entry[1])]
+            self._reduce_large([entry for entry in pending if _direct(entry[1])])
         if not small:
             return
         key = tuple([(index, a.shape) for index, a, _ in small])
@@ -684,7 +685,7 @@ class Activations(Part):
         for index, a, _ in large:
             bounds = self.bounds[index]
             band = self._band(index) if bounds else None
-            for member, flat in enumerate(_flat(a).view(k, -1)):
+            for member, flat in enumerate(_flat(a, keep_float64=True).view(k, -1)):
                 slot = index * k + member
                 if bounds:
                     self._count_linear_member(index, member, flat)
@@ -725,14 +726,14 @@ class Activations(Part):
         here = self.moments.device
         later = [entry for entry in self.pending if entry[1].device != here]
         self.pending = [entry for entry in self.pending if entry[1].device == here]
-        self.direct = sum(a.numel() >= DIRECT_OUTPUT for _, a, _ in self.pending)
+        self.direct = sum(map(_direct, (a for _, a, _ in self.pending)))
         self.reduce()
         self.moments = moved(self.moments, device, wide=True)
         self.counts, self.positives, self.linear = (
             t.to(device, copy=True) for t in (self.counts, self.positives, self.linear))
         self.pending = later
-        self.pending_elements = sum(a.numel() for _, a, _ in later if a.numel() < DIRECT_OUTPUT)
-        self.direct = sum(a.numel() >= DIRECT_OUTPUT for _, a, _ in later)
+        self.pending_elements = sum(a.numel() for _, a, _ in later if not _direct(a))
+        self.direct = sum(map(_direct, (a for _, a, _ in later)))
         self._plans, self._slot_rows, self._scratch = _BoundedCache(), _BoundedCache(), S.Scratch()
         self._host = self._reduced = None
 
@@ -911,6 +912,13 @@ def _unit_column(first: int, units: int, inner: int, length: int, device: torch.
     if not first:
         return torch.zeros(length, dtype=torch.long, device=device)
     return first + torch.arange(length, device=device) // inner % units
+
+
+def _direct(a: torch.Tensor) -> bool:
+    """Whether an output is reduced on its own (``_reduce_large``), not in a run's float32 copy:
+    ``DIRECT_OUTPUT`` elements or more, or float64, whose values may lie beyond float32's range
+    (1e45 read as inf; 1e-50 as 0, a live unit as a dead one)."""
+    return a.numel() >= DIRECT_OUTPUT or a.dtype is torch.float64
 
 
 def _unit_dim(a: torch.Tensor) -> int:

@@ -174,3 +174,43 @@ def test_a_model_run_only_in_eval_mode_is_said():
     assert rows == {}
     said = [m for m in messages if "no activation output" in m]
     assert len(said) == 1 and "eval mode" in said[0], messages
+
+
+class _ScaledReLU(nn.Module):
+    """A float64 layer whose ReLU outputs lie ``scale`` from 1: past float32's range (1e45) or
+    below its smallest value (1e-50)."""
+
+    def __init__(self, units: int, scale: float):
+        super().__init__()
+        self.fc = nn.Linear(4, units).double()
+        self.act = nn.ReLU()
+        self.scale = scale
+
+    def forward(self, x):
+        return self.act(self.fc(x) * self.scale)
+
+
+@pytest.mark.parametrize("scale", [1e45, 1e-50], ids=["beyond-float32", "below-float32"])
+@pytest.mark.parametrize("units", [6, 1000], ids=["pending-outputs", "direct-outputs"])
+def test_float64_activations_keep_their_range(units, scale):
+    """float64 activation outputs beyond float32's range were converted to float32 before they
+    were summed: mean inf and std nan where the outputs' were 1.9e44 and 2.5e44; below its range,
+    positive outputs became zeros and their units were counted dead (dead_fraction 1.0 for a
+    layer with every unit alive). Gradients of float64 keep their range; activations now too.
+    Oracle: the outputs, from a forward hook of the test's, in float64."""
+    torch.manual_seed(0)
+    model = _ScaledReLU(units, scale)
+    outputs = []
+    model.act.register_forward_hook(lambda m, i, out: outputs.append(out.detach().clone()))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    with GradientMonitor(model, activations_every=1) as monitor:
+        for _ in range(2):
+            optimizer.zero_grad()
+            (model(torch.randn(8, 4, dtype=torch.float64)) / scale).square().mean().backward()
+            optimizer.step()
+        monitor.log(0)
+    values = torch.cat(outputs)
+    row = monitor.history[-1].activations["act"]
+    assert row["mean"] == pytest.approx(values.mean().item(), rel=1e-9, abs=0)
+    assert row["std"] == pytest.approx(values.std(unbiased=False).item(), rel=1e-6, abs=0)
+    assert row["dead_fraction"] == pytest.approx((values > 0).any(dim=0).logical_not().double().mean().item())
