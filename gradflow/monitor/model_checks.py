@@ -265,7 +265,7 @@ def check_attach(model, attached: Mapping[nn.Module, Any], *, members: int, acti
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
-        MonitorError: a monitor still attached to it, a wrapper whose gradients are not full ones
+        MonitorError: a TorchScript module, a monitor still attached to it, a wrapper whose gradients are not full ones
             (``sharding.check_collective_safe``), no parameter or one not materialised, bad
             ``members``, ``activations_every``, ``through_time_every``, ``history_length`` or
             ``histogram_every``.
@@ -273,6 +273,10 @@ def check_attach(model, attached: Mapping[nn.Module, Any], *, members: int, acti
     if not isinstance(model, nn.Module):
         raise TypeError(f"GradientMonitor needs an nn.Module, got {type(model).__name__}")
     inner = unwrap(model)
+    if isinstance(inner, torch.jit.ScriptModule):
+        raise MonitorError(f"{type(inner).__name__} is a TorchScript module (torch.jit.trace or torch.jit.script): its "
+                           "forward runs as a graph the monitor cannot hook; attach to the eager model before "
+                           "scripting it (torch.compile is followed)")
     if attached_elsewhere(inner, attached):
         raise already_attached(inner)
     check_collective_safe(model)

@@ -1,0 +1,38 @@
+"""Break tests of attaching (brk13b): models the monitor cannot hook are refused at attach, in one
+line, with nothing left on them."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from gradflow.monitor import GradientMonitor, MonitorError
+
+
+def _hooks(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+@pytest.mark.parametrize("how", ["trace", "script"])
+def test_a_torchscript_model_is_refused_at_attach(how):
+    """A model made with torch.jit.trace or torch.jit.script: its forward runs as a TorchScript
+    graph. Before, a traced model attached and the monitor's forward pre-hook then raised
+    AttributeError ('OrderedDictWrapper' object has no attribute 'get') out of the first training
+    forward pass; a scripted one raised torch's RuntimeError (get_submodule is not supported on
+    ScriptModules) from inside the monitor. Now both are a one-line MonitorError at attach that
+    says what to attach instead, nothing is left on the model, and the eager model attaches."""
+    base = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    scripted = torch.jit.trace(base, torch.randn(3, 4)) if how == "trace" else torch.jit.script(base)
+    with pytest.raises(MonitorError, match="TorchScript") as raised:
+        GradientMonitor(scripted)
+    assert "\n" not in str(raised.value) and "eager" in str(raised.value)
+    assert _hooks(base) == 0
+    optimizer = torch.optim.SGD(scripted.parameters(), lr=0.1)
+    scripted(torch.randn(3, 4)).sum().backward()       # the model trains as before
+    optimizer.step()
+    with GradientMonitor(base) as monitor:
+        optimizer = torch.optim.SGD(base.parameters(), lr=0.1)
+        base(torch.randn(3, 4)).sum().backward()
+        optimizer.step()
+        assert list(monitor.log(0)) == ["0.weight", "0.bias", "2.weight", "2.bias"]
