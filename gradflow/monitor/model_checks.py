@@ -273,10 +273,7 @@ def check_attach(model, attached: Mapping[nn.Module, Any], *, members: int, acti
     if not isinstance(model, nn.Module):
         raise TypeError(f"GradientMonitor needs an nn.Module, got {type(model).__name__}")
     inner = unwrap(model)
-    if isinstance(inner, torch.jit.ScriptModule):
-        raise MonitorError(f"{type(inner).__name__} is a TorchScript module (torch.jit.trace or torch.jit.script): its "
-                           "forward runs as a graph the monitor cannot hook; attach to the eager model before "
-                           "scripting it (torch.compile is followed)")
+    check_not_scripted(inner)
     if attached_elsewhere(inner, attached):
         raise already_attached(inner)
     check_collective_safe(model)
@@ -287,6 +284,17 @@ def check_attach(model, attached: Mapping[nn.Module, Any], *, members: int, acti
     check_positive("histogram_every", histogram_every, "1: every step")
     check_positive("history_length", history_length, "None: keep every window", none=True)
     return inner, named
+
+
+def check_not_scripted(model: nn.Module) -> None:
+    """MonitorError where ``model`` or a module in it is a TorchScript module (``torch.jit.trace``
+    or ``torch.jit.script``): it takes no hooks, and its forward runs as a graph."""
+    name = next((name for name, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)), None)
+    if name is not None:
+        what = f"module {name}" if name else f"the model ({type(model).__name__})"
+        raise MonitorError(f"{what} is a TorchScript module (torch.jit.trace or torch.jit.script): it takes no hooks "
+                           "and its forward runs as a graph the monitor cannot see into; attach to the eager model "
+                           "before scripting it (torch.compile is followed)")
 
 
 def monitored_kinds(model: nn.Module, names: list[str]) -> dict[str, str]:

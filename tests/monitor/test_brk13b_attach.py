@@ -36,3 +36,18 @@ def test_a_torchscript_model_is_refused_at_attach(how):
         base(torch.randn(3, 4)).sum().backward()
         optimizer.step()
         assert list(monitor.log(0)) == ["0.weight", "0.bias", "2.weight", "2.bias"]
+
+
+@pytest.mark.parametrize("where", [0, 2], ids=["first-layer", "last-layer"])
+def test_a_model_with_a_torchscript_module_inside_is_refused_at_attach(where):
+    """An eager model holding a scripted layer: before, attaching raised torch's RuntimeError
+    (register_forward_pre_hook is not supported on ScriptModules) from inside the monitor. Now a
+    one-line MonitorError names the layer, and nothing is left on the model."""
+    layers = [nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)]
+    layers[where] = torch.jit.script(layers[where])
+    model = nn.Sequential(*layers)
+    with pytest.raises(MonitorError, match=rf"^module {where} is a TorchScript module") as raised:
+        GradientMonitor(model)
+    assert "\n" not in str(raised.value)
+    assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()
+               if not isinstance(m, torch.jit.ScriptModule)) == 0
