@@ -287,9 +287,11 @@ def check_attach(model, attached: Mapping[nn.Module, Any], *, members: int, acti
 
 
 def check_not_scripted(model: nn.Module) -> None:
-    """MonitorError where ``model`` or a module in it is a TorchScript module (``torch.jit.trace``
-    or ``torch.jit.script``): it takes no hooks, and its forward runs as a graph."""
-    name = next((name for name, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)), None)
+    """MonitorError where ``model``, or a module in it that holds parameters, is a TorchScript
+    module (``torch.jit.trace`` or ``torch.jit.script``): it takes no hooks, and its forward runs as
+    a graph. A parameter-free one (a scripted activation) is left alone: nothing hooks it."""
+    name = next((name for name, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)
+                 and (not name or next(m.parameters(), None) is not None)), None)
     if name is not None:
         what = f"module {name}" if name else f"the model ({type(model).__name__})"
         raise MonitorError(f"{what} is a TorchScript module (torch.jit.trace or torch.jit.script): it takes no hooks "

@@ -51,3 +51,14 @@ def test_a_model_with_a_torchscript_module_inside_is_refused_at_attach(where):
     assert "\n" not in str(raised.value)
     assert sum(len(m._forward_hooks) + len(m._forward_pre_hooks) for m in model.modules()
                if not isinstance(m, torch.jit.ScriptModule)) == 0
+
+
+def test_a_parameter_free_torchscript_module_inside_is_left_alone():
+    """A scripted activation (no parameters) takes no monitor hook: the model attaches and its
+    gradients are recorded, as before."""
+    model = nn.Sequential(nn.Linear(4, 8), torch.jit.script(nn.ReLU()), nn.Linear(8, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with GradientMonitor(model) as monitor:
+        model(torch.randn(3, 4)).sum().backward()
+        optimizer.step()
+        assert list(monitor.log(0)) == ["0.weight", "0.bias", "2.weight", "2.bias"]
