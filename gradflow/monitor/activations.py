@@ -78,10 +78,10 @@ class _Tap(LeavesCopiesAlone):
         elif not module.training:                           # an evaluation pass with grad on (after model.eval())
             self.accumulator.unseen["eval"] += 1
             self.accumulator.eval_taps.add(self.index)
-        elif isinstance(output, torch.Tensor):
+        elif isinstance(output, torch.Tensor) and not output.is_complex():
             self.accumulator.take(self.index, output)
-        else:                                               # a tuple, dict or None: nothing to read
-            self.accumulator.untensored.setdefault(self.index, "None" if output is None else type(output).__name__)
+        else:                                               # a tuple, dict, None, complex: no real values
+            self.accumulator.untensored.setdefault(self.index, _returned(output))
         return
 
 
@@ -292,7 +292,7 @@ class Activations(Part):
         self.unseen = {"no_grad": 0, "backward": 0, "eval": 0}   # tap calls not taken, by why (no_activations_cause)
         self.unseen_taps: set[int] = set()            # the taps of the no_grad and backward calls (_say_untapped)
         self.eval_taps: set[int] = set()              # ... and of the calls in eval mode
-        self.untensored: dict[int, str] = {}          # taps whose module returned no tensor -> its type's name
+        self.untensored: dict[int, str] = {}          # taps whose module returned no real tensor -> what (_returned)
         self.other_units: set[int] = set()            # rectifier taps that gave outputs of another unit count
         self._plans = _BoundedCache()
         self._slot_rows = _BoundedCache()            # slots of the large outputs reduced together
@@ -765,8 +765,8 @@ class Activations(Part):
                    "model.train()")
         elif self.untensored:
             said = ", ".join(f"{self.names[index]} returned {kind}" for index, kind in list(self.untensored.items())[:4])
-            why = (f"the activation modules ran, but {said}, not a tensor: a tap reads a module's output only where "
-                   "it is one tensor; choose modules that return one (activations=fn)")
+            why = (f"the activation modules ran, but {said}, not a real tensor: a tap reads a module's output only "
+                   "where it is one real tensor; choose modules that return one (activations=fn)")
         else:
             names = ", ".join(self.names[:4]) + (" ..." if len(self.names) > 4 else "")
             why = (f"training forward passes ran, but none of the activation modules ({names}) did: "
@@ -778,7 +778,7 @@ class Activations(Part):
         """Say once which taps gave no output in a window where others did, each with the cause
         its own tap calls tell (``no_activations_cause`` for the whole model): called only under
         no_grad or inside backward (reentrant activation checkpointing), inside a compiled block,
-        returning no tensor (a tuple, a dict, None), or never called in a tapped training pass (the
+        returning no real tensor (a tuple, a dict, None, a complex one), or never called in a tapped training pass (the
         model computes that activation with a function in its place, ``F.gelu`` beside an unused
         ``nn.GELU``, or does not use it there).
         A tap with no row is then never silently absent."""
@@ -795,8 +795,8 @@ class Activations(Part):
                      if index in self.unseen_taps else
                      "ran only in eval mode (after model.eval() on them: evaluation passes are not counted)"
                      if index in self.eval_taps else
-                     f"returned {self.untensored[index]}, not a tensor: a tap reads a module's output only where "
-                     "it is one tensor (choose one that returns one with activations=fn)"
+                     f"returned {self.untensored[index]}, not a real tensor: a tap reads a module's output only "
+                     "where it is one real tensor (choose one that returns one with activations=fn)"
                      if index in self.untensored else
                      "ran inside compiled blocks, where the taps do nothing" if name in compiled else
                      "did not run in a tapped training pass: the model computes these activations with functions "
@@ -912,6 +912,14 @@ def _unit_column(first: int, units: int, inner: int, length: int, device: torch.
     if not first:
         return torch.zeros(length, dtype=torch.long, device=device)
     return first + torch.arange(length, device=device) // inner % units
+
+
+def _returned(output) -> str:
+    """What a tapped module returned that has no real values to read, in words: ``a tuple``,
+    ``a dict``, ``None``, ``a complex tensor`` (complex parameters are not recorded either)."""
+    if output is None:
+        return "None"
+    return "a complex tensor" if isinstance(output, torch.Tensor) else f"a {type(output).__name__}"
 
 
 def _direct(a: torch.Tensor) -> bool:
