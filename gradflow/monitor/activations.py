@@ -226,18 +226,18 @@ class Activations(Part):
     """Forward hooks on activation modules: moments, saturation, dead units and histograms.
 
     Memory: an output of ``DIRECT_OUTPUT`` elements or more is reduced when the model's forward
-    pass that made it ends (at the optimizer step where the model's own forward hook does not
-    run), straight from the tensor (no copy; so is a float64 one, which keeps its range), so the monitor never keeps a layer's output alive
-    past its forward pass (a LoRA model's batch x 4096 GELU output, a transformer's batch x
-    sequence x 4d one). A smaller output is kept by reference until ``PENDING_ELEMENTS`` are
-    pending (inside a forward pass: at its end) or the window closes, and then reduced with the
-    others in one flat copy and, on the CPU, one compiled call that also adds the run to the
-    window's sums (``kernels.fold_activation_rows``): on a small model a dozen small ops per hook
-    would cost more than the training step itself. What the monitor holds of the model's outputs
-    is thus at most ``PENDING_ELEMENTS`` elements of outputs smaller than ``DIRECT_OUTPUT``,
-    whatever the model. Of those small outputs' runs the plans keep per-element linear bins
-    (bounded taps), which batch a tiny model's counting; the fused kernels need nothing else per
-    element, and the torch-ops path adds its segment layout and unit slots.
+    pass that made it ends (at the optimizer step where the model's own forward hook does not run),
+    straight from the tensor (no copy; so is a float64 one, which keeps its range), so the monitor
+    never keeps a layer's output alive past its forward pass (a LoRA model's batch x 4096 GELU
+    output, a transformer's batch x sequence x 4d one). A smaller output is kept by reference until
+    ``PENDING_ELEMENTS`` are pending (inside a forward pass: at its end) or the window closes, and
+    then reduced with the others in one flat copy and, on the CPU, one compiled call that also adds
+    the run to the window's sums (``kernels.fold_activation_rows``): on a small model a dozen small
+    ops per hook would cost more than the training step itself. What the monitor holds of the
+    model's outputs is thus at most ``PENDING_ELEMENTS`` elements of outputs smaller than
+    ``DIRECT_OUTPUT``, whatever the model. Of those small outputs' runs the plans keep per-element
+    linear bins (bounded taps), which batch a tiny model's counting; the fused kernels need nothing
+    else per element, and the torch-ops path adds its segment layout and unit slots.
 
     With ``members`` K > 1 an output's leading dimension is the member: slot ``i * K + k`` is
     member k of tap i, and units are counted per member.
@@ -764,7 +764,7 @@ class Activations(Part):
                    "with grad on): those are evaluation passes, which are not counted; training passes run after "
                    "model.train()")
         elif self.untensored:
-            said = ", ".join(f"{self.names[index]} returned {kind}" for index, kind in list(self.untensored.items())[:4])
+            said = ", ".join(f"{self.names[index]} returned {what}" for index, what in list(self.untensored.items())[:4])
             why = (f"the activation modules ran, but {said}, not a real tensor: a tap reads a module's output only "
                    "where it is one real tensor; choose modules that return one (activations=fn)")
         else:
@@ -777,10 +777,10 @@ class Activations(Part):
     def _say_untapped(self) -> None:
         """Say once which taps gave no output in a window where others did, each with the cause
         its own tap calls tell (``no_activations_cause`` for the whole model): called only under
-        no_grad or inside backward (reentrant activation checkpointing), inside a compiled block,
-        returning no real tensor (a tuple, a dict, None, a complex one), or never called in a tapped training pass (the
-        model computes that activation with a function in its place, ``F.gelu`` beside an unused
-        ``nn.GELU``, or does not use it there).
+        no_grad or inside backward (reentrant activation checkpointing), only in eval mode, inside a
+        compiled block, returning no real tensor (a tuple, a dict, None, a complex one), or never
+        called in a tapped training pass (the model computes that activation with a function in its
+        place, ``F.gelu`` beside an unused ``nn.GELU``, or does not use it there).
         A tap with no row is then never silently absent."""
         silent = np.flatnonzero(~self.elements.reshape(-1, self.members).any(axis=1)).tolist()
         if not silent:                                # a member without output, its tap with some: not this
