@@ -48,7 +48,8 @@ OTHER_ACTIVATIONS = (nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish, nn.Sof
 class _Tap(LeavesCopiesAlone):
     """The forward hook on one activation module: keeps its output for the next reduction.
 
-    It reads training forward passes only: grad mode on, outside backward (a non-reentrant
+    It reads training forward passes only: grad mode on, the module in training mode (a pass after
+    ``model.eval()`` with grad on is a validation pass), outside backward (a non-reentrant
     activation checkpoint reruns the forward inside backward; counting that rerun would count
     the same outputs twice), and outside torch.compile's tracing (a hook that touches Python
     state there becomes a guard that recompiles every step; the monitor says so at ``log``).
@@ -74,8 +75,13 @@ class _Tap(LeavesCopiesAlone):
         elif torch._C._current_graph_task_id() != -1:
             self.accumulator.unseen["backward"] += 1        # a checkpoint's recompute inside backward
             self.accumulator.unseen_taps.add(self.index)
-        elif isinstance(output, torch.Tensor):
+        elif not module.training:                           # an evaluation pass with grad on (after model.eval())
+            self.accumulator.unseen["eval"] += 1
+            self.accumulator.eval_taps.add(self.index)
+        elif isinstance(output, torch.Tensor) and not output.is_complex():
             self.accumulator.take(self.index, output)
+        else:                                               # a tuple, dict, None, complex: no real values
+            self.accumulator.untensored.setdefault(self.index, _returned(output))
         return
 
 
@@ -220,18 +226,18 @@ class Activations(Part):
     """Forward hooks on activation modules: moments, saturation, dead units and histograms.
 
     Memory: an output of ``DIRECT_OUTPUT`` elements or more is reduced when the model's forward
-    pass that made it ends (at the optimizer step where the model's own forward hook does not
-    run), straight from the tensor (no copy), so the monitor never keeps a layer's output alive
-    past its forward pass (a LoRA model's batch x 4096 GELU output, a transformer's batch x
-    sequence x 4d one). A smaller output is kept by reference until ``PENDING_ELEMENTS`` are
-    pending (inside a forward pass: at its end) or the window closes, and then reduced with the
-    others in one flat copy and, on the CPU, one compiled call that also adds the run to the
-    window's sums (``kernels.fold_activation_rows``): on a small model a dozen small ops per hook
-    would cost more than the training step itself. What the monitor holds of the model's outputs
-    is thus at most ``PENDING_ELEMENTS`` elements of outputs smaller than ``DIRECT_OUTPUT``,
-    whatever the model. Of those small outputs' runs the plans keep per-element linear bins
-    (bounded taps), which batch a tiny model's counting; the fused kernels need nothing else per
-    element, and the torch-ops path adds its segment layout and unit slots.
+    pass that made it ends (at the optimizer step where the model's own forward hook does not run),
+    straight from the tensor (no copy; so is a float64 one, which keeps its range), so the monitor
+    never keeps a layer's output alive past its forward pass (a LoRA model's batch x 4096 GELU
+    output, a transformer's batch x sequence x 4d one). A smaller output is kept by reference until
+    ``PENDING_ELEMENTS`` are pending (inside a forward pass: at its end) or the window closes, and
+    then reduced with the others in one flat copy and, on the CPU, one compiled call that also adds
+    the run to the window's sums (``kernels.fold_activation_rows``): on a small model a dozen small
+    ops per hook would cost more than the training step itself. What the monitor holds of the
+    model's outputs is thus at most ``PENDING_ELEMENTS`` elements of outputs smaller than
+    ``DIRECT_OUTPUT``, whatever the model. Of those small outputs' runs the plans keep per-element
+    linear bins (bounded taps), which batch a tiny model's counting; the fused kernels need nothing
+    else per element, and the torch-ops path adds its segment layout and unit slots.
 
     With ``members`` K > 1 an output's leading dimension is the member: slot ``i * K + k`` is
     member k of tap i, and units are counted per member.
@@ -274,8 +280,8 @@ class Activations(Part):
         # (tap, output, its version counter when taken): detach() shares the counter, so an in-place
         # change after the tap moves it (_say_changed)
         self.pending: list[tuple[int, torch.Tensor, int]] = []
-        self.pending_elements = 0                     # of the pending outputs smaller than DIRECT_OUTPUT
-        self.direct = 0                               # pending outputs of DIRECT_OUTPUT elements or more
+        self.pending_elements = 0                     # of the pending outputs reduced in runs (not _direct)
+        self.direct = 0                               # pending outputs reduced on their own (_direct)
         self.tapped = False                           # a recorded step's forward pass was tapped in this window
         self.forward_start: int | None = None         # pending's length when a forward pass still running began
         self.depth = 0                                # calls of the model inside a profiled pass still running (self(...) in forward)
@@ -283,8 +289,11 @@ class Activations(Part):
         self.caller = None                            # the frame of that pass's call of the model (torch's _call_impl)
         self.caller_thread = 0                        # ... and the thread it runs in
         self.passes_before = 0                        # the schedule's count of training passes at the window's start
-        self.unseen = {"no_grad": 0, "backward": 0}   # tap calls not taken, by why (no_activations_cause)
-        self.unseen_taps: set[int] = set()            # the taps of those calls (untapped_cause)
+        self.unseen = {"no_grad": 0, "backward": 0, "eval": 0}   # tap calls not taken, by why (no_activations_cause)
+        self.unseen_taps: set[int] = set()            # the taps of the no_grad and backward calls (_say_untapped)
+        self.eval_taps: set[int] = set()              # ... and of the calls in eval mode
+        self.untensored: dict[int, str] = {}          # taps whose module returned no real tensor -> what (_returned)
+        self.other_units: set[int] = set()            # rectifier taps that gave outputs of another unit count
         self._plans = _BoundedCache()
         self._slot_rows = _BoundedCache()            # slots of the large outputs reduced together
         self._taps: list[_Hook] = []                 # the hooks on their modules now, while the schedule is active
@@ -409,10 +418,11 @@ class Activations(Part):
 
     @torch.no_grad()
     def reduce_direct(self) -> None:
-        """Reduce the pending outputs of ``DIRECT_OUTPUT`` elements or more, each straight from
-        its tensor, and drop them: nothing of their size is held past the forward pass."""
-        direct = [entry for entry in self.pending if entry[1].numel() >= DIRECT_OUTPUT]
-        self.pending = [entry for entry in self.pending if entry[1].numel() < DIRECT_OUTPUT]
+        """Reduce the pending outputs of ``DIRECT_OUTPUT`` elements or more (and float64 ones:
+        ``_direct``), each straight from its tensor, and drop them: nothing of their size is held
+        past the forward pass."""
+        direct = [entry for entry in self.pending if _direct(entry[1])]
+        self.pending = [entry for entry in self.pending if not _direct(entry[1])]
         self.direct = 0
         self._say_changed(direct)
         self._reduce_large(direct)
@@ -435,8 +445,8 @@ class Activations(Part):
         if self.forward_start is None:
             return
         dropped, self.pending = self.pending[self.forward_start:], self.pending[:self.forward_start]
-        self.pending_elements -= sum(a.numel() for _, a, _ in dropped if a.numel() < DIRECT_OUTPUT)
-        self.direct -= sum(a.numel() >= DIRECT_OUTPUT for _, a, _ in dropped)
+        self.pending_elements -= sum(a.numel() for _, a, _ in dropped if not _direct(a))
+        self.direct -= sum(map(_direct, (a for _, a, _ in dropped)))
         self.forward_start = None
         if self.caller is not None and self._still_running():
             done = "removed" if not self.attached else "read (log())"
@@ -472,7 +482,7 @@ class Activations(Part):
         output = output.detach() if type(output) is torch.Tensor else local(output.detach())
         self.pending.append((index, output, output._version))
         n = output.numel()
-        if n >= DIRECT_OUTPUT:
+        if n >= DIRECT_OUTPUT or output.dtype is torch.float64:      # _direct(output), inline
             self.direct += 1
         else:
             self.pending_elements += n
@@ -492,8 +502,10 @@ class Activations(Part):
         self.elements.fill(0)
         self.tapped = False
         self.passes_before = self.setup.schedule.passes
-        self.unseen = {"no_grad": 0, "backward": 0}
+        self.unseen = {"no_grad": 0, "backward": 0, "eval": 0}
         self.unseen_taps = set()
+        self.eval_taps = set()
+        self.untensored = {}
 
     def _zero_sums(self) -> None:
         """Zero the window's sums: on the CPU through the fused kernel's numpy views of them
@@ -521,8 +533,8 @@ class Activations(Part):
         self._say_changed(pending)
         small = pending
         if direct:
-            small = [entry for entry in pending if entry[1].numel() < DIRECT_OUTPUT]
-            self._reduce_large([entry for entry in pending if entry[1].numel() >= DIRECT_OUTPUT])
+            small = [entry for entry in pending if not _direct(entry[1])]
+            self._reduce_large([entry for entry in pending if _direct(entry[1])])
         if not small:
             return
         key = tuple([(index, a.shape) for index, a, _ in small])
@@ -657,7 +669,10 @@ class Activations(Part):
             self.unit_start[index] = self.positives.numel()
             self.positives = torch.cat([self.positives, self.positives.new_zeros(self.members * sample.shape[dim])])
             self._host = self._reduced = None
-        return self.units[index] if sample.shape[dim] == self.units[index] else None
+        if sample.shape[dim] == self.units[index]:
+            return self.units[index]
+        self.other_units.add(index)                   # said at log(): _say_other_units
+        return None
 
     def _reduce_large(self, large: list[tuple[int, torch.Tensor, int]]) -> None:
         """Large outputs reduced on their own, one job per member of each: dense reductions
@@ -670,7 +685,7 @@ class Activations(Part):
         for index, a, _ in large:
             bounds = self.bounds[index]
             band = self._band(index) if bounds else None
-            for member, flat in enumerate(_flat(a).view(k, -1)):
+            for member, flat in enumerate(_flat(a, keep_float64=True).view(k, -1)):
                 slot = index * k + member
                 if bounds:
                     self._count_linear_member(index, member, flat)
@@ -711,14 +726,14 @@ class Activations(Part):
         here = self.moments.device
         later = [entry for entry in self.pending if entry[1].device != here]
         self.pending = [entry for entry in self.pending if entry[1].device == here]
-        self.direct = sum(a.numel() >= DIRECT_OUTPUT for _, a, _ in self.pending)
+        self.direct = sum(map(_direct, (a for _, a, _ in self.pending)))
         self.reduce()
         self.moments = moved(self.moments, device, wide=True)
         self.counts, self.positives, self.linear = (
             t.to(device, copy=True) for t in (self.counts, self.positives, self.linear))
         self.pending = later
-        self.pending_elements = sum(a.numel() for _, a, _ in later if a.numel() < DIRECT_OUTPUT)
-        self.direct = sum(a.numel() >= DIRECT_OUTPUT for _, a, _ in later)
+        self.pending_elements = sum(a.numel() for _, a, _ in later if not _direct(a))
+        self.direct = sum(map(_direct, (a for _, a, _ in later)))
         self._plans, self._slot_rows, self._scratch = _BoundedCache(), _BoundedCache(), S.Scratch()
         self._host = self._reduced = None
 
@@ -744,6 +759,14 @@ class Activations(Part):
                    f"backward ({self.unseen['backward']} calls), as under reentrant activation checkpointing "
                    "(torch.utils.checkpoint with use_reentrant=True runs the forward without autograd and recomputes "
                    "it in backward): those outputs are not the training pass's; use_reentrant=False has them tapped")
+        elif self.unseen["eval"]:
+            why = (f"the activation modules ran only in eval mode ({self.unseen['eval']} calls, after model.eval(), "
+                   "with grad on): those are evaluation passes, which are not counted; training passes run after "
+                   "model.train()")
+        elif self.untensored:
+            said = ", ".join(f"{self.names[index]} returned {what}" for index, what in list(self.untensored.items())[:4])
+            why = (f"the activation modules ran, but {said}, not a real tensor: a tap reads a module's output only "
+                   "where it is one real tensor; choose modules that return one (activations=fn)")
         else:
             names = ", ".join(self.names[:4]) + (" ..." if len(self.names) > 4 else "")
             why = (f"training forward passes ran, but none of the activation modules ({names}) did: "
@@ -754,9 +777,10 @@ class Activations(Part):
     def _say_untapped(self) -> None:
         """Say once which taps gave no output in a window where others did, each with the cause
         its own tap calls tell (``no_activations_cause`` for the whole model): called only under
-        no_grad or inside backward (reentrant activation checkpointing), inside a compiled block,
-        or never called in a tapped training pass (the model computes that activation with a
-        function in its place, ``F.gelu`` beside an unused ``nn.GELU``, or does not use it there).
+        no_grad or inside backward (reentrant activation checkpointing), only in eval mode, inside a
+        compiled block, returning no real tensor (a tuple, a dict, None, a complex one), or never
+        called in a tapped training pass (the model computes that activation with a function in its
+        place, ``F.gelu`` beside an unused ``nn.GELU``, or does not use it there).
         A tap with no row is then never silently absent."""
         silent = np.flatnonzero(~self.elements.reshape(-1, self.members).any(axis=1)).tolist()
         if not silent:                                # a member without output, its tap with some: not this
@@ -769,6 +793,11 @@ class Activations(Part):
                      "teacher), or reentrant activation checkpointing (torch.utils.checkpoint with "
                      "use_reentrant=True; use_reentrant=False has them tapped)"
                      if index in self.unseen_taps else
+                     "ran only in eval mode (after model.eval() on them: evaluation passes are not counted)"
+                     if index in self.eval_taps else
+                     f"returned {self.untensored[index]}, not a real tensor: a tap reads a module's output only "
+                     "where it is one real tensor (choose one that returns one with activations=fn)"
+                     if index in self.untensored else
                      "ran inside compiled blocks, where the taps do nothing" if name in compiled else
                      "did not run in a tapped training pass: the model computes these activations with functions "
                      "(F.gelu, torch.relu inside a forward) instead, or does not use the modules there")
@@ -777,6 +806,16 @@ class Activations(Part):
                          for cause, names in by_cause.items())
         self.setup.warn("some-activations", f"log(): {len(silent)} of {len(self.names)} activation modules gave no "
                         f"output in this window while others did, and have no row: {said}{STILL}")
+
+    def _say_other_units(self) -> None:
+        """Say once which rectifier taps ran on outputs of another unit count than their first
+        (one nn.ReLU shared by layers of different widths): those outputs are in the tap's mean and
+        std but have no units in its dead_fraction (``_units_of``)."""
+        said = ", ".join(f"{self.names[index]} ({self.units[index]} units)" for index in sorted(self.other_units)[:4])
+        self.setup.warn("other-units", f"log(): the dead_fraction of {said} counts only the units of the first "
+                        "output the module gave: it also ran on outputs of other widths (one module shared by layers "
+                        "of different widths), which are in its mean and std but not in its dead_fraction; give "
+                        "each layer its own activation module to have their units counted")
 
     def compiled_taps(self) -> list[str]:
         """The taps whose module, or a block around it, is compiled (``Module.compile()`` sets
@@ -802,6 +841,8 @@ class Activations(Part):
             return
         if not all(elements) and self.tapped:
             self._say_untapped()
+        if self.other_units:
+            self._say_other_units()
         if self._layout is None:               # made once: a small model's window costs its formatting
             self._layout = self._read_layout(reader)
         counts = values["counts"].reshape(-1, S.SIGN_EXPONENT_BINS)
@@ -871,6 +912,21 @@ def _unit_column(first: int, units: int, inner: int, length: int, device: torch.
     if not first:
         return torch.zeros(length, dtype=torch.long, device=device)
     return first + torch.arange(length, device=device) // inner % units
+
+
+def _returned(output) -> str:
+    """What a tapped module returned that has no real values to read, in words: ``a tuple``,
+    ``a dict``, ``None``, ``a complex tensor`` (complex parameters are not recorded either)."""
+    if output is None:
+        return "None"
+    return "a complex tensor" if isinstance(output, torch.Tensor) else f"a {type(output).__name__}"
+
+
+def _direct(a: torch.Tensor) -> bool:
+    """Whether an output is reduced on its own (``_reduce_large``), not in a run's float32 copy:
+    ``DIRECT_OUTPUT`` elements or more, or float64, whose values may lie beyond float32's range
+    (1e45 read as inf; 1e-50 as 0, a live unit as a dead one)."""
+    return a.numel() >= DIRECT_OUTPUT or a.dtype is torch.float64
 
 
 def _unit_dim(a: torch.Tensor) -> int:

@@ -267,14 +267,16 @@ def check_attach(model, attached: Mapping[nn.Module, Any], *, members: int, acti
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
-        MonitorError: a monitor still attached to it, a wrapper whose gradients are not full ones
-            (``sharding.check_collective_safe``), no parameter or one not materialised, bad
+        MonitorError: a TorchScript module (``check_not_scripted``), a monitor still attached to it, a
+            wrapper whose gradients are not full ones (``sharding.check_collective_safe``), no parameter
+            or one not materialised, bad
             ``members``, ``activations_every``, ``through_time_every``, ``history_length`` or
             ``histogram_every``, an ``optimizer`` that is not one, a switch that is not a bool.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"GradientMonitor needs an nn.Module, got {type(model).__name__}")
     inner = unwrap(model)
+    check_not_scripted(inner)
     if attached_elsewhere(inner, attached):
         raise already_attached(inner)
     check_collective_safe(model)
@@ -289,6 +291,19 @@ def check_attach(model, attached: Mapping[nn.Module, Any], *, members: int, acti
     for name, switch in (switches or {}).items():
         check_switch(name, switch)
     return inner, named
+
+
+def check_not_scripted(model: nn.Module) -> None:
+    """MonitorError where ``model``, or a module in it that holds parameters, is a TorchScript
+    module (``torch.jit.trace`` or ``torch.jit.script``): it takes no hooks, and its forward runs as
+    a graph. A parameter-free one (a scripted activation) is left alone: nothing hooks it."""
+    name = next((name for name, m in model.named_modules() if isinstance(m, torch.jit.ScriptModule)
+                 and (not name or next(m.parameters(), None) is not None)), None)
+    if name is not None:
+        what = f"module {name}" if name else f"the model ({type(model).__name__})"
+        raise MonitorError(f"{what} is a TorchScript module (torch.jit.trace or torch.jit.script): it takes no hooks "
+                           "and its forward runs as a graph the monitor cannot see into; attach to the eager model "
+                           "before scripting it (torch.compile is followed)")
 
 
 def monitored_kinds(model: nn.Module, names: list[str]) -> dict[str, str]:

@@ -178,7 +178,7 @@ class Scratch:
     def count_positive(self, values: torch.Tensor, dim: int, positives: torch.Tensor) -> None:
         """Add to ``positives[u]`` how many of ``values`` are > 0 at index u along ``dim``."""
         kernels = fused_kernels(values.device)
-        if kernels is None or positives.dtype != torch.float32:
+        if kernels is None or positives.dtype != torch.float32 or values.dtype == torch.float64:   # 1e-50 > 0
             others = tuple(d for d in range(values.dim()) if d != dim)
             positives.add_(((values > 0).sum(dim=others) if others else (values > 0)).to(positives.dtype))
             return

@@ -194,8 +194,9 @@ class _Hook(LeavesCopiesAlone):
 
     def __call__(self, module, args, kwargs, output):
         recorder = self.recorder
-        if not recorder.active or torch.compiler.is_compiling() or not torch.is_grad_enabled() \
-                or torch._C._current_graph_task_id() != -1:
+        # eval mode with grad on: a validation pass, not a training one (it would fix the window's length)
+        if not recorder.active or torch.compiler.is_compiling() or not module.training \
+                or not torch.is_grad_enabled() or torch._C._current_graph_task_id() != -1:
             return None
         # nn.RNN/LSTM/GRU.forward(input, hx=None), either by position or by keyword
         x = args[0] if args else kwargs.get("input")
@@ -539,9 +540,9 @@ class ThroughTimePart(Part):
             getattr(m, "_compiled_call_impl", None) is not None for m in model.modules()))
         why = ("the model runs compiled (torch.compile): the recomputation cannot run inside a compiled graph, so "
                "compiled recurrent layers are not profiled" if compiled else
-               "they ran only under no_grad or inside backward, or not at all, or with PackedSequence input or "
-               "another length than the window's first (said above), or under torch.compile (compiled layers are not "
-               "profiled)")
+               "they ran only under no_grad, in eval mode (model.eval()) or inside backward, or not at all, or with "
+               "PackedSequence input or another length than the window's first (said above), or under torch.compile "
+               "(compiled layers are not profiled)")
         names = ", ".join(entry.name or "the model" for entry in self.recorder.modules[:3])
         self.setup.warn("time-unprofiled", f"through time: {self.missed} step(s) were to be profiled, but no forward "
                         f"pass of {names} was profiled: {why}; Window.time stays empty")
