@@ -267,11 +267,11 @@ def check_attach(model, attached: Mapping[nn.Module, Any], *, members: int, acti
 
     Raises:
         TypeError: ``model`` is not an ``nn.Module``.
-        MonitorError: a TorchScript module (``check_not_scripted``), a monitor still attached to it, a
-            wrapper whose gradients are not full ones (``sharding.check_collective_safe``), no parameter
-            or one not materialised, bad
-            ``members``, ``activations_every``, ``through_time_every``, ``history_length`` or
-            ``histogram_every``, an ``optimizer`` that is not one, a switch that is not a bool.
+        MonitorError: a TorchScript module (``check_not_scripted``), a monitor still attached to
+            it, a wrapper whose gradients are not full ones (``sharding.check_collective_safe``), no
+            parameter or one not materialised, bad ``members``, ``activations_every``,
+            ``through_time_every``, ``history_length`` or ``histogram_every``, an ``optimizer`` that
+            is not one, a switch that is not a bool.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"GradientMonitor needs an nn.Module, got {type(model).__name__}")
