@@ -261,7 +261,11 @@ class Gradients(Part):
             counted = self._histogrammed(plan, pattern, seen)
         small = plan.small
         if small:
-            copy = _flat_copy(grads if len(small) == len(grads) else [grads[i] for i in small])
+            copy = _flat_copy(grads if len(small) == len(grads) else [grads[i] for i in small], keep_float64=True)
+            if copy.dtype is torch.float64:          # a float64 gradient of a parameter of another dtype
+                plan, copy = self._widened(plan, pattern, grads, copy)
+                small = plan.small
+        if small:
             if copy.requires_grad:
                 copy = copy.detach()
             self.pending.append((plan, copy, step, counted if counted.__class__ is bool
@@ -275,6 +279,24 @@ class Gradients(Part):
         by_pattern[pattern] = seen + 1
         self.recorded += 1
         return True
+
+    def _widened(self, plan: _GradientPlan, pattern: tuple[bool, ...], grads: list,
+                 copy: torch.Tensor) -> tuple[_GradientPlan, torch.Tensor | None]:
+        """The step's plan and small copy where a small gradient is float64 and its parameter is
+        not (``p.grad_dtype = torch.float64``, or None and a float64 tensor assigned): from now on
+        it is reduced as a large one, as a float64 parameter's is. A float32 copy read finite
+        1e300 gradients as inf and 1e-310 ones as zeros. The pending copies are folded with the
+        plans they were made for first. Rare: the common step's copy is float32, no check more."""
+        wide = [i for i in plan.small if grads[i].dtype is torch.float64 and self.numel[i]]
+        if not wide:                                 # empty ones: nothing to lose
+            return plan, copy.float()
+        for i in wide:
+            self.float64[i] = True
+        self.reduce()
+        self._plans, self._batches = {}, _BoundedCache()
+        plan = self._make_plan(pattern)
+        small = plan.small
+        return plan, _flat_copy([grads[i] for i in small]) if small else None
 
     @torch.no_grad()
     def skip(self, mask: tuple[bool, ...] | None = None) -> None:
