@@ -66,7 +66,7 @@ def _flat_copy(tensors: list[torch.Tensor], keep_float64: bool = False) -> torch
             with _below_autograd():
                 flat = _flatten_dense(tensors)
     except RuntimeError:
-        return torch.cat([_flat(t) for t in tensors])
+        return torch.cat([_flat(t, keep_float64) for t in tensors])
     if flat.dtype is not _FLOAT32 and not (keep_float64 and flat.dtype is _FLOAT64):
         return flat.float()
     # One contiguous tensor comes back as a view of itself: a copy, or a gradient reused in place

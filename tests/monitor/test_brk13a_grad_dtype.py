@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from monitor_oracle import GradientOracle
+from monitor_oracle import GradientOracle, step_statistics
 from torch import nn
 
 from gradflow import GradientMonitor
@@ -77,3 +77,25 @@ def test_gradients_that_turn_float64_mid_window_keep_the_steps_before():
         rows = monitor.log(0)
     assert rows["weight"]["steps"] == rows["plain"]["steps"] == 5
     _check({name: rows[name] for name in ("weight", "plain")}, oracle)
+
+
+def test_a_sparse_float64_gradient_of_a_float32_embedding_keeps_its_range():
+    """``nn.Embedding(sparse=True)`` with ``grad_dtype = torch.float64``: its sparse gradient
+    takes the copy's slow path (one tensor at a time), which made it float32 too (norm inf,
+    nonfinite 24 where the oracle's is 3.2e100 and 0)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(10, 4, sparse=True), nn.Linear(4, 1))
+    model[0].weight.grad_dtype = torch.float64
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    oracle = GradientOracle(model.named_parameters())
+    with GradientMonitor(model, activations=False) as monitor:
+        for _ in range(3):
+            model[1].weight.grad, model[1].bias.grad = torch.randn(1, 4), torch.randn(1)
+            values = torch.randn(2, 4, dtype=torch.float64) * 1e100
+            model[0].weight.grad = torch.sparse_coo_tensor(torch.tensor([[1, 3]]), values, (10, 4)).coalesce()
+            oracle.steps["0.weight"].append(step_statistics(model[0].weight.grad.to_dense()))
+            for name in ("1.weight", "1.bias"):
+                oracle.steps[name].append(step_statistics(oracle.params[name].grad))
+            optimizer.step()
+        rows = monitor.log(0)
+    _check(rows, oracle)
