@@ -13,7 +13,7 @@ import torch
 
 from gradflow.monitor import columns as C
 from gradflow.monitor import stats as S
-from gradflow.monitor.part import Part, Reduced, Setup, moved
+from gradflow.monitor.part import Part, Reduced, Setup, _graph_task_id, _sequence_nr, _thread, moved
 from gradflow.monitor.sharding import local, local_numel
 from gradflow.monitor.steps import ALL
 from gradflow.monitor.tensors import (
@@ -105,7 +105,8 @@ class Gradients(Part):
     parameter's every ``histogram_every``-th step with a gradient in the window, its first
     included: ``_histogrammed``);
     ``step_squares`` is each step's sum of g² over the parameters it recorded (its total norm,
-    squared, as ``clip_grad_norm_`` computes it). Small parameters are copied at each step into
+    squared, as ``clip_grad_norm_`` computes it; optimizers stepping parts of one backward's
+    gradients add to one step's row: ``_row_of``). Small parameters are copied at each step into
     one flat tensor and reduced many steps at a time (on a small model each op costs more than
     its arithmetic); large ones, and float64 ones (which keep their range), are reduced at once.
 
@@ -136,7 +137,7 @@ class Gradients(Part):
         self.step_squares = torch.zeros(64, members, device=device, dtype=dtype)
         self.skipped_nonfinite = torch.zeros(len(params), device=device, dtype=dtype)
         self.skipped = np.zeros(len(params), dtype=np.int64)
-        self.recorded = 0                            # record() calls in this window
+        self.recorded = 0                            # the window's steps (rows of step_squares)
         self.held: set = set()                       # the masks of the optimizers that stepped
         self.skipped_steps = 0                       # skip() calls in this window
         self.removed = False                         # remove() was called: nothing is recorded any more
@@ -152,6 +153,10 @@ class Gradients(Part):
         self._plans: dict[tuple[bool, ...], _GradientPlan] = {}
         self._batches = _BoundedCache()
         self._last: tuple | None = None              # the last recorded step's first and last gradient
+        # The last row's (autograd's graph task, thread, sequence number) at its last record, and the
+        # parameters recorded in it (_row_of); whether a row holds several records this window.
+        self._row: tuple | None = None
+        self._joined = False
         self._idle_said: list[str] = []              # the idle parameters the last text named
         # (id, _version) of each gradient as the last window with a step left it: left over, not missed
         self._logged: frozenset[tuple[int, int]] = frozenset()
@@ -195,6 +200,7 @@ class Gradients(Part):
             self.skipped_nonfinite.zero_()
             self.skipped[:] = 0
         self.recorded = 0
+        self._row, self._joined = None, False
         self.skipped_steps = 0
         self.held.clear()
         self.steps_by_pattern.clear()
@@ -245,11 +251,11 @@ class Gradients(Part):
             self._last = (weakref.ref(first), weakref.ref(last), (first._version, last._version), pattern)
         elif self._seen(first, last, pattern):
             return False
+        step = self._row_of(pattern)
         if self.sharding is not None:                # local shards, Partial sums resolved, unscaled (sharding.py)
-            grads = self.sharding.local_grads(self.params, grads, self.recorded, self.setup.unscale)
+            grads = self.sharding.local_grads(self.params, grads, step, self.setup.unscale)
         elif self.setup.unscale is not None:
             grads = [None if g is None else g * self.setup.unscale for g in grads]
-        step = self.recorded
         if step >= self.step_squares.size(0):        # grow on the device: no host sync
             self.step_squares = torch.cat([self.step_squares, torch.zeros_like(self.step_squares)])
         plan = self._plans.get(pattern) or self._make_plan(pattern)
@@ -261,7 +267,11 @@ class Gradients(Part):
             counted = self._histogrammed(plan, pattern, seen)
         small = plan.small
         if small:
-            copy = _flat_copy(grads if len(small) == len(grads) else [grads[i] for i in small])
+            copy = _flat_copy(grads if len(small) == len(grads) else [grads[i] for i in small], keep_float64=True)
+            if copy.dtype is torch.float64:          # a float64 gradient of a parameter of another dtype
+                plan, copy = self._widened(plan, pattern, grads, copy)
+                small = plan.small
+        if small:
             if copy.requires_grad:
                 copy = copy.detach()
             self.pending.append((plan, copy, step, counted if counted.__class__ is bool
@@ -273,8 +283,44 @@ class Gradients(Part):
             with torch.no_grad():
                 self._reduce_large(plan, grads, step, counted)
         by_pattern[pattern] = seen + 1
-        self.recorded += 1
+        if step == self.recorded:
+            self.recorded += 1
         return True
+
+    def _row_of(self, pattern: tuple[bool, ...]) -> int:
+        """This record's row of ``step_squares`` (its training step, whose total norm the row
+        sums): the last row where no autograd work came since that row's last record (the same
+        graph task, thread and sequence number: no forward pass between, or steps inside one
+        backward) and none of these parameters is in it: optimizers stepping parts of one
+        backward's gradients one after the other (torch.optim.Muon over the matrices and AdamW
+        over the rest, a body's and a head's, one per parameter inside backward) are one step.
+        Else a new row: a GAN's G step comes after a forward pass, a parameter in two optimizers
+        is stepped twice. Three C calls a step (about 0.15 us)."""
+        key = (_graph_task_id(), _thread(), _sequence_nr())
+        row = self._row
+        if row is not None and row[0] == key and True not in map(operator.and_, row[1], pattern):
+            self._row, self._joined = (key, tuple(map(operator.or_, row[1], pattern))), True
+            return self.recorded - 1
+        self._row = (key, pattern)
+        return self.recorded
+
+    def _widened(self, plan: _GradientPlan, pattern: tuple[bool, ...], grads: list,
+                 copy: torch.Tensor) -> tuple[_GradientPlan, torch.Tensor | None]:
+        """The step's plan and small copy where a small gradient is float64 and its parameter is
+        not (``p.grad_dtype = torch.float64``, or None and a float64 tensor assigned): from now on
+        it is reduced as a large one, as a float64 parameter's is. A float32 copy read finite
+        1e300 gradients as inf and 1e-310 ones as zeros. The pending copies are folded with the
+        plans they were made for first. Rare: the common step's copy is float32, no check more."""
+        wide = [i for i in plan.small if grads[i].dtype is torch.float64 and self.numel[i]]
+        if not wide:                                 # empty ones: nothing to lose
+            return plan, copy.float()
+        for i in wide:
+            self.float64[i] = True
+        self.reduce()
+        self._plans, self._batches = {}, _BoundedCache()
+        plan = self._make_plan(pattern)
+        small = plan.small
+        return plan, _flat_copy([grads[i] for i in small]) if small else None
 
     @torch.no_grad()
     def skip(self, mask: tuple[bool, ...] | None = None) -> None:
@@ -387,7 +433,8 @@ class Gradients(Part):
             _check_layout(flat, torch.empty(batch.elements, device="meta"))
         kernels = S.fused_kernels(flat.device)
         if kernels is not None:                       # one fused call: the pass and the adds to the sums
-            kernels.fold_rows_into(flat.numpy(), *batch.arrays, _steps_array(steps), self.members, *self._host_sums())
+            kernels.fold_rows_into(flat.numpy(), *batch.arrays, _steps_array(steps, self._joined), self.members,
+                                   *self._host_sums())
             return
         slots = len(self.slot_numel)
         batch.per_element(slots)
@@ -420,7 +467,7 @@ class Gradients(Part):
     def _add_step_squares(self, steps: tuple[int, ...], by_step: torch.Tensor) -> None:
         """Add a run's per-step squares, (len(steps) * members,), at those steps."""
         by_step = by_step.view(len(steps), self.members).to(self.step_squares.dtype)
-        if steps[-1] - steps[0] + 1 == len(steps):      # consecutive: a view, no index tensor
+        if steps[-1] - steps[0] + 1 == len(steps) and not self._joined:   # consecutive: a view, no index tensor
             self.step_squares[steps[0]:steps[-1] + 1].add_(by_step)
         else:
             self.step_squares.index_add_(0, torch.tensor(steps, device=self.device), by_step)
@@ -713,10 +760,11 @@ _OVERALL_TAGS = tuple(f"grad/{key}" for key in C.OVERALL)
 _STEP_RUNS: dict[int, np.ndarray] = {}
 
 
-def _steps_array(steps: tuple[int, ...]) -> np.ndarray:
-    """``steps`` (increasing step indices) as an int64 array: a window's run from step 0, the
+def _steps_array(steps: tuple[int, ...], repeats: bool = False) -> np.ndarray:
+    """``steps`` (non-decreasing step indices; ``repeats``: some may repeat, records joined into one
+    step, ``Gradients._row_of``) as an int64 array: a window's run from step 0 with no repeat, the
     common case, is one kept ``arange`` per length (the kernels only read it)."""
-    if steps[0] == 0 and steps[-1] == len(steps) - 1:
+    if steps[0] == 0 and steps[-1] == len(steps) - 1 and not repeats:
         run = _STEP_RUNS.get(len(steps))
         if run is None:
             run = _STEP_RUNS[len(steps)] = np.arange(len(steps), dtype=np.int64)

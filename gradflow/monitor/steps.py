@@ -445,7 +445,9 @@ def amp_scale(optimizer: torch.optim.Optimizer, kwargs: dict | None) -> tuple[to
     the optimizer checks for inf/NaN itself: the monitor runs GradScaler's check first, one more
     pass over the gradients on this path only).
     Where none of the optimizer's parameters has a gradient, GradScaler's ``found_inf`` is the
-    sum of an empty list, the int 0: returned as a tensor like the others."""
+    sum of an empty list, the int 0: returned as a tensor like the others. A ``grad_scale`` the
+    user set with no GradScaler (a mean over micro-batches taken by the fused step) divides the
+    gradients too: returned with a zero ``found_inf``."""
     if not getattr(optimizer, "_step_supports_amp_scaling", False):
         return None
     scale, found = getattr(optimizer, "grad_scale", None), getattr(optimizer, "found_inf", None)
@@ -460,7 +462,12 @@ def amp_scale(optimizer: torch.optim.Optimizer, kwargs: dict | None) -> tuple[to
         per_device = state["found_inf_per_device"] if unscaled else scaler._check_inf_per_device(optimizer)
         found = sum(v.to(scaler._scale.device) for v in per_device.values())
         return None if unscaled else scaler._scale, torch.as_tensor(found, device=scaler._scale.device)
+    if scale is not None:        # the user's own, no GradScaler: the fused step divides by it all the same
+        return scale, _NONE_FOUND
     return None
+
+
+_NONE_FOUND = torch.zeros(())    # amp_scale's found_inf where nothing checks for inf (read on the host)
 
 
 class StepWatch:

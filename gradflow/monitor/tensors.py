@@ -44,6 +44,7 @@ class _BoundedCache(dict):
 
 
 _FLOAT32 = torch.float32
+_FLOAT64 = torch.float64
 _flatten_dense = torch._C._nn.flatten_dense_tensors     # torch._utils._flatten_dense_tensors, less its Python frame
 # Runs the flatten's thirteen ops past the autograd and view-tracking kernels, which a copy that
 # nothing differentiates through does not need: the tutorial's twelve gradients 5.7 -> 3.9 us a
@@ -53,10 +54,11 @@ _flatten_dense = torch._C._nn.flatten_dense_tensors     # torch._utils._flatten_
 _below_autograd = getattr(torch._C, "_AutoDispatchBelowADInplaceOrView", None)
 
 
-def _flat_copy(tensors: list[torch.Tensor]) -> torch.Tensor:
+def _flat_copy(tensors: list[torch.Tensor], keep_float64: bool = False) -> torch.Tensor:
     """One flat float32 copy of dense tensors, which requires no grad (as ``detach()`` would
     give): a single C++ call (a third of the cost of a reshape per tensor and a cat, on the
-    tutorial's twelve gradients), below autograd; sparse ones go the slow way."""
+    tutorial's twelve gradients), below autograd; sparse ones go the slow way. With
+    ``keep_float64``, a float64 copy where any of them is float64 (the caller sees that one is)."""
     try:
         if _below_autograd is None:
             flat = _flatten_dense(tensors)
@@ -64,8 +66,8 @@ def _flat_copy(tensors: list[torch.Tensor]) -> torch.Tensor:
             with _below_autograd():
                 flat = _flatten_dense(tensors)
     except RuntimeError:
-        return torch.cat([_flat(t) for t in tensors])
-    if flat.dtype is not _FLOAT32:
+        return torch.cat([_flat(t, keep_float64) for t in tensors])
+    if flat.dtype is not _FLOAT32 and not (keep_float64 and flat.dtype is _FLOAT64):
         return flat.float()
     # One contiguous tensor comes back as a view of itself: a copy, or a gradient reused in place
     # (zero_grad(set_to_none=False), accumulation) rewrites what waits to be reduced.
