@@ -17,6 +17,7 @@ cases (a 2-rank run's start-up is most of its time); the others were tried by ha
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 import warnings
@@ -28,9 +29,10 @@ from torch import nn
 torch.set_num_threads(1)
 sys.path.insert(0, os.path.dirname(__file__))
 
-from sharded_run import STEPS, WINDOW, Block, Oracle, batch, run_cases  # noqa: E402
+from sharded_run import STEPS, WINDOW, Block, Oracle, TPBlock, batch, full, run_cases  # noqa: E402
 
 from gradflow.monitor import GradientMonitor  # noqa: E402
+from gradflow.monitor.sinks import Sink  # noqa: E402
 
 
 def local(step: int):
@@ -61,9 +63,43 @@ class Applied(Oracle):
                 p.grad = g
 
 
+WHOLE = ("step", "steps", "gradients", "weights", "overall", "skipped_nonfinite", "gates", "kinds", "idle",
+         "first_nonfinite", "first_overflow")      # a Window's fields but this rank's own (activations, time)
+
+
+class Written(Sink):
+    """The scalars and texts a writer would get, but the activations' (this rank's batch)."""
+
+    def __init__(self) -> None:
+        self.scalars: list[dict] = []
+        self.texts: list[dict] = []
+
+    def log(self, scalars, histograms, step):
+        self.scalars.append({tag: value for tag, value in scalars.items() if not tag.startswith("act")})
+
+    def text(self, texts, step):
+        self.texts.append(texts)
+
+
+def params_of(model):
+    return model.__self__.parameters() if hasattr(model, "__self__") else model.parameters()
+
+
+def titan_clip(model, limit: float, whole: bool):
+    """torchtitan's clip of FSDP2 gradients: get_total_norm (a DTensor), made whole with full_tensor()
+    (``whole``) or given as it is, then clip_grads_with_norm_."""
+    def clip():
+        params = [p for p in model.parameters() if p.grad is not None]
+        total = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0)
+        if whole and hasattr(total, "full_tensor"):
+            total = total.full_tensor()
+        torch.nn.utils.clip_grads_with_norm_(params, limit, total)
+    return clip
+
+
 def train(model, optimizer, monitor, oracle, data=local, scaler=None, micro: int = 1, sync=None,
           set_to_none: bool = True, window: int = WINDOW, steps: int = STEPS, overflow: bool = False,
-          second=None) -> list[dict]:
+          second=None, manual=None, clip=None, before: list | None = None) -> list[dict]:
     """``steps`` steps of ``micro`` micro-batches (``sync(last)``: a context around each); ``log()``
     every ``window`` steps. ``overflow``: the first step's scale is inf (skipped), 1024 after.
     ``second``: another optimizer over the other parameters, stepped first. Returns the monitor's
@@ -79,6 +115,12 @@ def train(model, optimizer, monitor, oracle, data=local, scaler=None, micro: int
             with sync(m == micro - 1) if sync is not None else contextlib.nullcontext():
                 loss = nn.functional.mse_loss(model(xs), ys)
                 (scaler.scale(loss) if scaler is not None else loss).backward()
+        if clip is not None:                        # the full L2 norm before it, in float64
+            before.append(math.sqrt(sum(float(full(p.grad).square().sum()) for p in params_of(model)
+                                        if p.grad is not None)))
+            clip()
+        if manual is not None:                      # automatic=False: the loop records, before the step
+            manual.record()
         for opt in optimizers:
             if scaler is not None:
                 scaler.step(opt)
@@ -92,7 +134,8 @@ def train(model, optimizer, monitor, oracle, data=local, scaler=None, micro: int
             returned = monitor.log(step)
             last = monitor.history[-1]
             out.append({"rows": last.gradients, "overall": last.overall, "weights": last.weights,
-                        "returned": returned, "skipped_nonfinite": last.skipped_nonfinite})
+                        "returned": returned, "skipped_nonfinite": last.skipped_nonfinite,
+                        "whole": {key: repr(getattr(last, key)) for key in WHOLE}})
             if oracle is not None:
                 oracle.close()
     if handle is not None:
@@ -201,22 +244,28 @@ class Tied(nn.Module):
 
 def fsdp(make=Block, units=("up", "head"), root: bool = True, same_data: bool = False, opt: str = "adamw",
          scaler: bool = False, set_to_none: bool = True, double: bool = False, micro: int = 1,
-         overflow: bool = False, split: bool = False) -> dict:
+         overflow: bool = False, split: bool = False, mp=None, replicas: int = 1, manual: bool = False,
+         given: bool = False, clip: str | None = None) -> dict:
     """FSDP2 of ``make()``: ``units`` sharded on their own, the root too unless ``root`` is False
     (then the other parameters stay plain tensors: ``same_data`` gives every rank the whole batch,
     so their local gradients are the applied ones)."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
-    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    world = dist.get_world_size()
+    mesh = (init_device_mesh("cpu", (replicas, world // replicas), mesh_dim_names=("replicate", "shard"))
+            if replicas > 1 else init_device_mesh("cpu", (world,)))
     torch.manual_seed(0)
     model = make()
     if double:
         model.double()
+    kw = {"mesh": mesh}
+    if mp is not None:                              # (param_dtype, reduce_dtype)
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=mp[0], reduce_dtype=mp[1])
     for name in units:
-        fully_shard(model.get_submodule(name), mesh=mesh)
+        fully_shard(model.get_submodule(name), **kw)
     if root:
-        fully_shard(model, mesh=mesh)
+        fully_shard(model, **kw)
     model, optimizer, second, amp = prepared(model, opt, scaler, overflow, split)
     from torch.distributed.tensor import DTensor
 
@@ -224,11 +273,23 @@ def fsdp(make=Block, units=("up", "head"), root: bool = True, same_data: bool = 
         x, y = batch(step) if same_data else local(step)
         return (x.double(), y.double()) if double else (x, y)
 
-    sync = (lambda last: contextlib.nullcontext(model.set_requires_gradient_sync(last))) if micro > 1 else None
-    with said() as caught, GradientMonitor(model, None, activations=False) as monitor:
+    def sync(last):                                 # HSDP: the replicas' all-reduce too
+        model.set_requires_gradient_sync(last) if replicas == 1 else model.set_requires_all_reduce(last)
+        return contextlib.nullcontext()
+
+    def forward(x):                                 # parameters in bfloat16 take bfloat16 inputs
+        return model(x.bfloat16()).float() if mp is not None else model(x)
+
+    forward.__self__ = model                        # params_of(forward): the model's
+    before: list[float] = []
+    clipper = titan_clip(model, 0.3, clip == "whole") if clip else None
+    written = Written()
+    with said() as caught, GradientMonitor(model, written, activations=True, automatic=not manual,
+                                           optimizer=optimizer if given else None) as monitor:
         oracle = Applied(model)
-        windows = train(model, optimizer, monitor, oracle, data=data, scaler=amp, set_to_none=set_to_none,
-                        micro=micro, sync=sync, overflow=overflow, second=second)
+        windows = train(forward, optimizer, monitor, oracle, data=data, scaler=amp, set_to_none=set_to_none,
+                        micro=micro, sync=sync if micro > 1 else None, overflow=overflow, second=second,
+                        manual=monitor if manual else None, clip=clipper, before=before)
         from gradflow.analysis.diagnose import diagnose_monitor
 
         verdict = diagnose_monitor(monitor).report()
@@ -241,7 +302,8 @@ def fsdp(make=Block, units=("up", "head"), root: bool = True, same_data: bool = 
         with GradientMonitor(plain, None, activations=False) as monitor:
             reference = train(plain, optimizer, monitor, None, data=batch, scaler=amp, overflow=overflow,
                               second=second)
-    return result(windows, oracle, caught, verdict=verdict, reference=reference, **extra,
+    return result(windows, oracle, caught, verdict=verdict, reference=reference, **extra, scalars=written.scalars,
+                  texts=written.texts, before=before,
                   kinds={n: type(p).__name__ for n, p in model.named_parameters()},
                   numel={n: p.numel() for n, p in model.named_parameters()},
                   sharded=[n for n, p in model.named_parameters() if isinstance(p, DTensor)])
@@ -307,6 +369,95 @@ class Recurrent(nn.Module):
         return self.head(out[:, -1])
 
 
+class Vocab(nn.Module):
+    """A token embedding (vocab rows sharded by RowwiseParallel), a BatchNorm and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(12, 8)
+        self.bn = nn.BatchNorm1d(8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        return self.head(self.bn(self.embed((x.abs() * 5).long() % 12).mean(1)))
+
+
+def tp_embedding() -> dict:
+    """Tensor parallel embedding (RowwiseParallel: Shard(0) vocab rows, a Partial output made whole)
+    and a Colwise head gathered back, both ranks on the whole batch; the BatchNorm plain."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    torch.manual_seed(0)
+    model = Vocab()
+    parallelize_module(model, mesh, {"embed": RowwiseParallel(input_layouts=Replicate()),
+                                     "head": ColwiseParallel(output_layouts=Replicate())})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    with said() as caught, GradientMonitor(model, None, activations=False) as monitor:
+        oracle = Applied(model)
+        windows = train(model, optimizer, monitor, oracle, data=batch)
+    return result(windows, oracle, caught, kinds={n: str(getattr(p, "placements", "plain"))
+                                                  for n, p in model.named_parameters()})
+
+
+def ddp_fp16_hook() -> dict:
+    """DDP all-reducing in float16 (fp16_compress_hook): the gradient the step applies is the
+    decompressed float32 one."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    torch.manual_seed(0)
+    inner = Vocab()
+    model = nn.parallel.DistributedDataParallel(inner)
+    model.register_comm_hook(None, default_hooks.fp16_compress_hook)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    with said() as caught, GradientMonitor(model, None, activations=False) as monitor:
+        oracle = Applied(inner)
+        windows = train(model, optimizer, monitor, oracle)
+    return result(windows, oracle, caught)
+
+
+def tp_nonfinite(nan_at: int | None = 2) -> dict:
+    """Tensor parallel with the first-non-finite part: a SequenceParallel LayerNorm whose outputs
+    are DTensors (Shard(1)), Colwise up, Rowwise down; a NaN in rank 1's part of the sequence at
+    step ``nan_at`` (None: clean)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        RowwiseParallel,
+        SequenceParallel,
+        parallelize_module,
+    )
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    torch.manual_seed(0)
+    model = TPBlock()
+    parallelize_module(model, mesh, {"norm": SequenceParallel(), "up": ColwiseParallel(input_layouts=Shard(1)),
+                                     "down": RowwiseParallel(output_layouts=Shard(1))})
+    rank = dist.get_rank()
+
+    def data(step):
+        x, y = batch(step, (2, 8, 8))
+        x, y = x[:, rank * 4:(rank + 1) * 4].clone(), y[:, rank * 4:(rank + 1) * 4]
+        if step == nan_at and rank == 1:
+            x[0, 0, 0] = float("nan")
+        return x, y
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    with said() as caught, GradientMonitor(model, None, nonfinite=True) as monitor:
+        for step in range(4):
+            x, y = data(step)
+            optimizer.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            optimizer.step()
+        monitor.log(3)
+    source = monitor.history[-1].first_nonfinite
+    return {"source": None if source is None else [source.module, source.phase, source.step],
+            "warnings": [str(w.message)[:300] for w in caught]}
+
+
 CASES = {
     "ddp-scaler-fused": lambda: ddp(scaler=True),
     "ddp-static": lambda: ddp(static=True),
@@ -328,6 +479,17 @@ CASES = {
     "fsdp-two-optimizers": lambda: fsdp(split=True),
     "one-rank-overflows": one_rank_overflows,
     "fsdp-lstm": lambda: fsdp(Recurrent, units=("lstm",)),
+    "fsdp-titan-clip": lambda: fsdp(clip="whole"),
+    "fsdp-titan-clip-dtensor": lambda: fsdp(clip="dtensor"),
+    "tp-embedding": tp_embedding,
+    "tp-nonfinite": tp_nonfinite,
+    "tp-nonfinite-clean": lambda: tp_nonfinite(None),
+    "ddp-fp16-hook": ddp_fp16_hook,
+    "fsdp-batchnorm": lambda: fsdp(Vocab, units=("embed",)),
+    "fsdp-bf16-reduce": lambda: fsdp(mp=(torch.bfloat16, torch.bfloat16)),
+    "hsdp-accumulate": lambda: fsdp(replicas=2, micro=2),
+    "fsdp-manual": lambda: fsdp(manual=True),
+    "fsdp-given": lambda: fsdp(given=True, micro=2),
 }
 
 

@@ -3,7 +3,9 @@ with GradScaler("cpu") and a fused Adam (unscaled inside its step), DDP static_g
 gradient_as_bucket_view and zero_grad(set_to_none=False), DDP's sparse EmbeddingBag gradient,
 FSDP2 with awkward shards (5 rows on 2 ranks, a (1,) parameter), fully_shard on submodules only
 (DTensor and plain parameters in one model), FSDP2 under GradScaler with a fused AdamW and a
-skipped (overflowed) first step, an overflow in one rank's shard only, and an LSTM under FSDP2.
+skipped (overflowed) first step, an overflow in one rank's shard only, an LSTM under FSDP2,
+torchtitan's clip (get_total_norm's DTensor given to clip_grads_with_norm_), a tensor-parallel
+embedding with a plain BatchNorm, and a NaN in one rank's sequence part under tensor parallel.
 
 The oracle (brk13c_run.py): each gradient the step applies (full_tensor() of a DTensor, a fused
 optimizer's gradient divided by its grad_scale) in float64, from a step pre-hook registered after
@@ -13,6 +15,7 @@ the same training unsharded in one process.
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -25,14 +28,14 @@ from sharded_launch import launch  # noqa: E402
 SCRIPT = Path(__file__).with_name("brk13c_run.py")
 FIELDS = ("mean_abs", "norm", "max_abs", "zero_fraction", "weight_l1", "weight_norm", "weight_update_ratio")
 ORACLE_CASES = ["ddp-scaler-fused", "ddp-static", "ddp-sparse", "fsdp-odd", "fsdp-plain-mixed", "fsdp-scaler-fused",
-                "fsdp-overflow-fused", "fsdp-lstm"]
+                "fsdp-overflow-fused", "fsdp-lstm", "fsdp-titan-clip-dtensor", "tp-embedding"]
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> tuple[dict[str, list[dict]], list[str]]:
     """Every case in one 2-rank run (process start-up dominates the time)."""
-    return launch(tmp_path_factory.mktemp("brk13c"), 2, [*ORACLE_CASES, "one-rank-overflows"], timeout=200,
-                  script=SCRIPT)
+    return launch(tmp_path_factory.mktemp("brk13c"), 2, [*ORACLE_CASES, "one-rank-overflows", "tp-nonfinite"],
+                  timeout=200, script=SCRIPT)
 
 
 def ran(runs, case: str) -> list[dict]:
@@ -43,12 +46,16 @@ def ran(runs, case: str) -> list[dict]:
 
 
 def check_against_oracle(name: str, ranks: list[dict]) -> None:
-    """Every rank's windows (rows, overall, weights) equal rank 0's, log()'s return equals history's
-    rows, and the rows match the oracle's to 1e-6 relative."""
+    """Every rank's windows (rows, overall, weights, every Window field but activations and time)
+    and written scalars and texts equal rank 0's, log()'s return equals history's rows, and the
+    rows match the oracle's to 1e-6 relative."""
     worst = 0.0
     for rank, result in enumerate(ranks):
         assert result["windows"] == ranks[0]["windows"], f"{name}: rank {rank}'s windows differ from rank 0's"
         assert len(result["windows"]) == len(result["oracle"]) == 2, name
+        if "scalars" in result:                   # what a writer gets, but the activations' (this rank's batch)
+            assert json.dumps(result["scalars"]) == json.dumps(ranks[0]["scalars"]), name
+            assert result["texts"] == ranks[0]["texts"], name
         for window, oracle in zip(result["windows"], result["oracle"]):
             assert window["returned"] == window["rows"], name
             assert set(window["rows"]) == set(oracle["rows"]), (name, rank)
@@ -83,6 +90,14 @@ def test_each_kind_matches_the_gradient_the_step_applies(runs, case):
             first, reference = result["windows"][0], result["reference"][0]
             assert first["overall"]["skipped_steps"] == reference["overall"]["skipped_steps"] == 1
             assert first["skipped_nonfinite"] == reference["skipped_nonfinite"] == result["numel"]
+    if case == "fsdp-titan-clip-dtensor":         # get_total_norm's DTensor given to clip_grads_with_norm_
+        for result in ranks:
+            for w, window in enumerate(result["windows"]):
+                expected = sum(result["before"][2 * w:2 * w + 2]) / 2
+                assert window["overall"]["clip_calls"] == 2 and window["overall"]["clipped_steps"] == 2
+                assert window["overall"]["total_norm_before_clip"] == pytest.approx(expected, rel=1e-6)
+    if case == "tp-embedding":
+        assert ranks[0]["kinds"]["embed.weight"] == "(Shard(dim=0),)" and ranks[0]["kinds"]["bn.weight"] == "plain"
 
 
 def test_sharded_lstm_weights_without_gate_rows_are_said(runs):
@@ -106,3 +121,10 @@ def test_an_overflow_in_one_ranks_shard_is_skipped_on_every_rank(runs):
         assert result["skipped_nonfinite"] == {"weight": 10, "bias": 1}
         assert result["rows"] == ranks[0]["rows"] and result["rows"]["weight"]["nonfinite"] == 0
         assert not result["warnings"], result["warnings"]
+
+
+def test_a_nan_in_one_ranks_sequence_part_under_tensor_parallel_is_found_on_every_rank(runs):
+    """SequenceParallel LayerNorm (DTensor outputs), Colwise and Rowwise with the first-non-finite
+    part: rank 1's input part has a NaN at step 2; both ranks name the input at step 2."""
+    for result in ran(runs, "tp-nonfinite"):
+        assert result["source"] == ["(input)", "forward", 2] and not result["warnings"], result
