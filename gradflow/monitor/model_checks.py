@@ -201,19 +201,14 @@ def _sharded_again(model: nn.Module, current: list[tuple[str, torch.Tensor]],
     forward with no backward through that module (a GAN's discriminator step running the generator
     under ``detach()``, or the root module, which FSDP2 does not reshard after forward) leaves it so
     until the next backward. That is not a replacement to follow: the gradient the optimizer
-    applies is still the DTensor's."""
-    if not any(is_dtensor(q) for q in params) or not _has_fsdp2(model):
+    applies is still the DTensor's. Told by the tensors alone, not by an FSDP2 module in ``model``:
+    a monitored submodule of an FSDP2 unit (``GradientMonitor(model.body)`` with ``fully_shard(model)``)
+    holds none, its unit is an ancestor the monitor does not see (nothing else swaps a DTensor
+    parameter for a plain one of its full shape)."""
+    if not any(is_dtensor(q) for q in params):
         return current
     return [(name, q if p is not q and is_dtensor(q) and not is_dtensor(p) and p.shape == q.shape else p)
             for (name, p), q in zip(current, params)]
-
-
-def _has_fsdp2(model: nn.Module) -> bool:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:
-        return False
-    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def _layout(t: torch.Tensor) -> tuple | None:

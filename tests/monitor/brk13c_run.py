@@ -458,6 +458,49 @@ def tp_nonfinite(nan_at: int | None = 2) -> dict:
             "warnings": [str(w.message)[:300] for w in caught]}
 
 
+class Outer(nn.Module):
+    """A Block body and an extra head of its own FSDP2 unit: the body's parameters belong to the
+    root's unit, and the body holds no FSDP2 module."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = Block()
+        self.extra = nn.Linear(3, 3)
+
+    def forward(self, x):
+        return self.extra(self.body(x))
+
+
+def fsdp_submodule(evaluate: bool) -> dict:
+    """The monitor on ``outer.body``, a submodule of the root's FSDP2 unit; ``evaluate``: a no_grad
+    forward after each step, before log() (the root's parameters stay unsharded, plain, until the
+    next backward)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    torch.manual_seed(0)
+    outer = Outer()
+    fully_shard(outer.extra, mesh=mesh)
+    fully_shard(outer, mesh=mesh)
+    optimizer = torch.optim.AdamW(outer.parameters(), lr=0.01)
+
+    def forward(x):
+        return outer(x)
+
+    def evaluate_after(opt, args, kwargs):         # right after the step, before log()
+        with torch.no_grad():
+            outer(local(0)[0])
+
+    if evaluate:
+        optimizer.register_step_post_hook(evaluate_after)
+    forward.__self__ = outer.body
+    with said() as caught, GradientMonitor(outer.body, None) as monitor:
+        oracle = Applied(outer.body)
+        windows = train(forward, optimizer, monitor, oracle)
+    return result(windows, oracle, caught)
+
+
 CASES = {
     "ddp-scaler-fused": lambda: ddp(scaler=True),
     "ddp-static": lambda: ddp(static=True),
@@ -481,6 +524,8 @@ CASES = {
     "fsdp-lstm": lambda: fsdp(Recurrent, units=("lstm",)),
     "fsdp-titan-clip": lambda: fsdp(clip="whole"),
     "fsdp-titan-clip-dtensor": lambda: fsdp(clip="dtensor"),
+    "fsdp-submodule": lambda: fsdp_submodule(False),
+    "fsdp-submodule-evaluate": lambda: fsdp_submodule(True),
     "tp-embedding": tp_embedding,
     "tp-nonfinite": tp_nonfinite,
     "tp-nonfinite-clean": lambda: tp_nonfinite(None),

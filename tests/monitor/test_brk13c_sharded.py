@@ -34,8 +34,8 @@ ORACLE_CASES = ["ddp-scaler-fused", "ddp-static", "ddp-sparse", "fsdp-odd", "fsd
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> tuple[dict[str, list[dict]], list[str]]:
     """Every case in one 2-rank run (process start-up dominates the time)."""
-    return launch(tmp_path_factory.mktemp("brk13c"), 2, [*ORACLE_CASES, "one-rank-overflows", "tp-nonfinite"],
-                  timeout=200, script=SCRIPT)
+    return launch(tmp_path_factory.mktemp("brk13c"), 2, [*ORACLE_CASES, "one-rank-overflows", "tp-nonfinite",
+                                                         "fsdp-submodule-evaluate"], timeout=200, script=SCRIPT)
 
 
 def ran(runs, case: str) -> list[dict]:
@@ -128,3 +128,16 @@ def test_a_nan_in_one_ranks_sequence_part_under_tensor_parallel_is_found_on_ever
     part: rank 1's input part has a NaN at step 2; both ranks name the input at step 2."""
     for result in ran(runs, "tp-nonfinite"):
         assert result["source"] == ["(input)", "forward", 2] and not result["warnings"], result
+
+
+def test_a_monitored_submodule_of_an_fsdp2_unit_follows_its_unsharded_stand_ins(runs):
+    """GradientMonitor(outer.body), where fully_shard(outer) holds the body's parameters (the body
+    holds no FSDP2 module), and a no_grad forward after each step leaves them unsharded (plain
+    tensors of the full shape) at log(). Before the fix log() raised "norm.weight was sharded as
+    (Shard(dim=0),) when the monitor attached and is now a plain tensor: attach the monitor after
+    sharding": the stand-ins were told from a replacement only where the monitored module itself
+    held an FSDP2 module. Now the rows match the applied gradient, with no warning."""
+    ranks = ran(runs, "fsdp-submodule-evaluate")
+    check_against_oracle("fsdp-submodule-evaluate", ranks)
+    for result in ranks:
+        assert not result["warnings"], result["warnings"]
