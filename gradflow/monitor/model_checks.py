@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from gradflow.monitor.kinds import PARAMETRIZED, parameter_kinds, parametrized_owner
-from gradflow.monitor.sharding import check_collective_safe, is_dtensor
+from gradflow.monitor.sharding import check_collective_safe, is_dtensor, reshard_stand_ins
 from gradflow.monitor.tensors import MonitorError
 
 
@@ -225,9 +225,15 @@ def _check_same_sharding(name: str, old: torch.Tensor, new: torch.Tensor) -> Non
     if before == after:
         return
     say = {None: "a plain tensor"}
+    # A monitored submodule of an FSDP2 unit attached after a forward with no backward held the unit's
+    # unsharded stand-ins, which reshard_stand_ins cannot put back (the unit is an ancestor it does not see)
+    stand_in = (" (or, attaching to a submodule of an FSDP2 module after a forward with no backward, it held FSDP2's "
+                "unsharded stand-ins: call reshard() on that FSDP2 module before attaching)"
+                if before is None and old.shape == new.shape else "")
     raise MonitorError(f"{name} was {say.get(before) or f'sharded as {before[1]}'} when the monitor attached and is now "
                        f"{say.get(after) or f'a DTensor sharded as {after[1]}'}: attach the monitor after sharding "
-                       "(fully_shard, parallelize_module), on every rank; remove() this monitor and attach a new one")
+                       f"(fully_shard, parallelize_module), on every rank{stand_in}; remove() this monitor and attach "
+                       "a new one")
 
 
 def _in_order(current: list[tuple[str, torch.Tensor]], names: list[str]) -> list[tuple[str, torch.Tensor]] | None:
@@ -273,6 +279,7 @@ def check_attach(model, attached: Mapping[nn.Module, Any], *, members: int, acti
     if attached_elsewhere(inner, attached):
         raise already_attached(inner)
     check_collective_safe(model)
+    reshard_stand_ins(inner)          # FSDP2's unsharded stand-ins after an evaluation pass: its DTensors back
     named = monitored_parameters(inner, stacklevel=4)
     check_members(named, members)
     check_positive("activations_every", activations_every, "1: every step")

@@ -501,6 +501,93 @@ def fsdp_submodule(evaluate: bool) -> dict:
     return result(windows, oracle, caught)
 
 
+def fsdp_two_submodules() -> dict:
+    """Two monitors on two submodules of one FSDP2 model: ``outer.body`` (in the root's unit) and
+    ``outer.extra`` (a unit of its own), both logged at each window, a no_grad forward after each step."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    torch.manual_seed(0)
+    outer = Outer()
+    fully_shard(outer.extra, mesh=mesh)
+    fully_shard(outer, mesh=mesh)
+    optimizer = torch.optim.AdamW(outer.parameters(), lr=0.01)
+    optimizer.register_step_post_hook(lambda *args: outer(local(0)[0]).detach())
+    oracles = {"body": Applied(outer.body), "extra": Applied(outer.extra)}
+    handles = [optimizer.register_step_pre_hook(o) for o in oracles.values()]
+    out = {"body": [], "extra": []}
+    with said() as caught, GradientMonitor(outer.body, None) as body, GradientMonitor(outer.extra, None) as extra:
+        monitors = {"body": body, "extra": extra}
+        for step in range(STEPS):
+            x, y = local(step)
+            optimizer.zero_grad()
+            nn.functional.mse_loss(outer(x), y).backward()
+            optimizer.step()
+            if (step + 1) % WINDOW == 0:
+                for name, monitor in monitors.items():
+                    returned = monitor.log(step)
+                    last = monitor.history[-1]
+                    out[name].append({"rows": last.gradients, "overall": last.overall, "weights": last.weights,
+                                      "returned": returned})
+                    oracles[name].close()
+    for handle in handles:
+        handle.remove()
+    return {name: {"windows": out[name], "oracle": oracles[name].windows,
+                   "warnings": [str(w.message)[:300] for w in caught]} for name in out}
+
+
+def fsdp_attach_after_evaluate() -> dict:
+    """A no_grad forward (a sanity-check validation) before the monitor attaches: the root unit's
+    parameters are FSDP2's unsharded plain stand-ins at attach, DTensors again after the first backward."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    torch.manual_seed(0)
+    model = Block()
+    for module in (model.up, model.head):
+        fully_shard(module, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    with torch.no_grad():
+        model(local(0)[0])
+    kinds = {n: type(p).__name__ for n, p in model.named_parameters()}
+    with said() as caught, GradientMonitor(model, None) as monitor:
+        oracle = Applied(model)
+        windows = train(model, optimizer, monitor, oracle)
+    return result(windows, oracle, caught, kinds=kinds)
+
+
+def fsdp_submodule_attach_after_evaluate() -> dict:
+    """The monitor on ``outer.body`` (in the root's FSDP2 unit), attached after a no_grad forward:
+    it holds FSDP2's unsharded stand-ins and cannot reach the unit to reshard it; log() says what to do."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from gradflow.monitor import MonitorError
+
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    torch.manual_seed(0)
+    outer = Outer()
+    fully_shard(outer.extra, mesh=mesh)
+    fully_shard(outer, mesh=mesh)
+    optimizer = torch.optim.SGD(outer.parameters(), lr=0.01)
+    with torch.no_grad():
+        outer(local(0)[0])
+    error = None
+    with said() as caught, GradientMonitor(outer.body, None, activations=False) as monitor:
+        x, y = local(1)
+        optimizer.zero_grad()
+        nn.functional.mse_loss(outer(x), y).backward()
+        optimizer.step()
+        try:
+            monitor.log(0)
+        except MonitorError as e:
+            error = str(e)
+    return {"error": error, "warnings": [str(w.message)[:300] for w in caught]}
+
+
 CASES = {
     "ddp-scaler-fused": lambda: ddp(scaler=True),
     "ddp-static": lambda: ddp(static=True),
@@ -526,6 +613,9 @@ CASES = {
     "fsdp-titan-clip-dtensor": lambda: fsdp(clip="dtensor"),
     "fsdp-submodule": lambda: fsdp_submodule(False),
     "fsdp-submodule-evaluate": lambda: fsdp_submodule(True),
+    "fsdp-two-submodules": fsdp_two_submodules,
+    "fsdp-attach-after-evaluate": fsdp_attach_after_evaluate,
+    "fsdp-submodule-attach-after-evaluate": fsdp_submodule_attach_after_evaluate,
     "tp-embedding": tp_embedding,
     "tp-nonfinite": tp_nonfinite,
     "tp-nonfinite-clean": lambda: tp_nonfinite(None),

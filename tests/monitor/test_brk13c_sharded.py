@@ -35,7 +35,9 @@ ORACLE_CASES = ["ddp-scaler-fused", "ddp-static", "ddp-sparse", "fsdp-odd", "fsd
 def runs(tmp_path_factory) -> tuple[dict[str, list[dict]], list[str]]:
     """Every case in one 2-rank run (process start-up dominates the time)."""
     return launch(tmp_path_factory.mktemp("brk13c"), 2, [*ORACLE_CASES, "one-rank-overflows", "tp-nonfinite",
-                                                         "fsdp-submodule-evaluate"], timeout=200, script=SCRIPT)
+                                                         "fsdp-submodule-evaluate", "fsdp-attach-after-evaluate",
+                                                         "fsdp-submodule-attach-after-evaluate"],
+                  timeout=200, script=SCRIPT)
 
 
 def ran(runs, case: str) -> list[dict]:
@@ -141,3 +143,20 @@ def test_a_monitored_submodule_of_an_fsdp2_unit_follows_its_unsharded_stand_ins(
     check_against_oracle("fsdp-submodule-evaluate", ranks)
     for result in ranks:
         assert not result["warnings"], result["warnings"]
+
+
+def test_attaching_after_an_evaluation_forward_attaches_to_the_sharded_parameters(runs):
+    """A no_grad forward before the monitor attaches (a validation pass first) leaves the FSDP2 root
+    unit's parameters as plain unsharded stand-ins. Before the fix the monitor attached to those,
+    stopped at the first step, and log() raised "norm.weight was a plain tensor when the monitor
+    attached and is now a DTensor sharded as (Shard(dim=0),): attach the monitor after sharding",
+    though it was attached after sharding. Now it attaches to the DTensors: rows as applied. A
+    monitored submodule of the unit cannot reach the unit: its error names the way out."""
+    ranks = ran(runs, "fsdp-attach-after-evaluate")
+    assert ranks[0]["kinds"]["norm.weight"] == "Parameter"      # a stand-in when the monitor attached
+    check_against_oracle("fsdp-attach-after-evaluate", ranks)
+    for result in ranks:
+        assert not result["warnings"], result["warnings"]
+    for result in ran(runs, "fsdp-submodule-attach-after-evaluate"):
+        # a submodule of the unit, attached after the evaluation: the unit is out of its reach; said
+        assert "call reshard() on that FSDP2 module before attaching" in result["error"], result
