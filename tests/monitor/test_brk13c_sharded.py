@@ -5,7 +5,8 @@ FSDP2 with awkward shards (5 rows on 2 ranks, a (1,) parameter), fully_shard on 
 (DTensor and plain parameters in one model), FSDP2 under GradScaler with a fused AdamW and a
 skipped (overflowed) first step, an overflow in one rank's shard only, an LSTM under FSDP2,
 torchtitan's clip (get_total_norm's DTensor given to clip_grads_with_norm_), a tensor-parallel
-embedding with a plain BatchNorm, and a NaN in one rank's sequence part under tensor parallel.
+embedding with a plain BatchNorm, a NaN in one rank's sequence part under tensor parallel, a monitor
+on a submodule of an FSDP2 unit, and a monitor attached after an evaluation forward.
 
 The oracle (brk13c_run.py): each gradient the step applies (full_tensor() of a DTensor, a fused
 optimizer's gradient divided by its grad_scale) in float64, from a step pre-hook registered after
