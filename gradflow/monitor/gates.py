@@ -78,6 +78,11 @@ class Gates(Part):
             return None
         gated = gated_parameters(model, setup.names)
         if setup.sharding is not None:            # a shard holds no whole gate rows: those weights get no gate rows
+            sharded = [setup.names[i] for i, _ in gated if setup.sharding.keys[i] is not None]
+            if sharded:
+                setup.warn("gates-sharded", f"per-gate rows are not recorded for sharded (DTensor) LSTM/GRU weights "
+                           f"({', '.join(sharded[:3])}{' ...' if len(sharded) > 3 else ''}): a shard holds no whole "
+                           "gate; their statistics stay whole in the parameter's row (Window.gates leaves them out)")
             gated = [(i, gates) for i, gates in gated if setup.sharding.keys[i] is None]
         return cls(model, setup, gated) if gated else None
 

@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from gradflow.monitor.kinds import PARAMETRIZED, parameter_kinds, parametrized_owner
-from gradflow.monitor.sharding import check_collective_safe, is_dtensor
+from gradflow.monitor.sharding import check_collective_safe, is_dtensor, reshard_stand_ins
 from gradflow.monitor.tensors import MonitorError
 
 
@@ -201,19 +201,14 @@ def _sharded_again(model: nn.Module, current: list[tuple[str, torch.Tensor]],
     forward with no backward through that module (a GAN's discriminator step running the generator
     under ``detach()``, or the root module, which FSDP2 does not reshard after forward) leaves it so
     until the next backward. That is not a replacement to follow: the gradient the optimizer
-    applies is still the DTensor's."""
-    if not any(is_dtensor(q) for q in params) or not _has_fsdp2(model):
+    applies is still the DTensor's. Told by the tensors alone, not by an FSDP2 module in ``model``:
+    a monitored submodule of an FSDP2 unit (``GradientMonitor(model.body)`` with ``fully_shard(model)``)
+    holds none, its unit is an ancestor the monitor does not see (nothing else swaps a DTensor
+    parameter for a plain one of its full shape)."""
+    if not any(is_dtensor(q) for q in params):
         return current
     return [(name, q if p is not q and is_dtensor(q) and not is_dtensor(p) and p.shape == q.shape else p)
             for (name, p), q in zip(current, params)]
-
-
-def _has_fsdp2(model: nn.Module) -> bool:
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:
-        return False
-    return any(isinstance(m, FSDPModule) for m in model.modules())
 
 
 def _layout(t: torch.Tensor) -> tuple | None:
@@ -230,9 +225,15 @@ def _check_same_sharding(name: str, old: torch.Tensor, new: torch.Tensor) -> Non
     if before == after:
         return
     say = {None: "a plain tensor"}
+    # A monitored submodule of an FSDP2 unit attached after a forward with no backward held the unit's
+    # unsharded stand-ins, which reshard_stand_ins cannot put back (the unit is an ancestor it does not see)
+    stand_in = (" (or, attaching to a submodule of an FSDP2 module after a forward with no backward, it held FSDP2's "
+                "unsharded stand-ins: call reshard() on that FSDP2 module before attaching)"
+                if before is None and old.shape == new.shape else "")
     raise MonitorError(f"{name} was {say.get(before) or f'sharded as {before[1]}'} when the monitor attached and is now "
                        f"{say.get(after) or f'a DTensor sharded as {after[1]}'}: attach the monitor after sharding "
-                       "(fully_shard, parallelize_module), on every rank; remove() this monitor and attach a new one")
+                       f"(fully_shard, parallelize_module), on every rank{stand_in}; remove() this monitor and attach "
+                       "a new one")
 
 
 def _in_order(current: list[tuple[str, torch.Tensor]], names: list[str]) -> list[tuple[str, torch.Tensor]] | None:
@@ -280,6 +281,7 @@ def check_attach(model, attached: Mapping[nn.Module, Any], *, members: int, acti
     if attached_elsewhere(inner, attached):
         raise already_attached(inner)
     check_collective_safe(model)
+    reshard_stand_ins(inner)          # FSDP2's unsharded stand-ins after an evaluation pass: its DTensors back
     named = monitored_parameters(inner, stacklevel=4)
     check_members(named, members)
     check_positive("activations_every", activations_every, "1: every step")

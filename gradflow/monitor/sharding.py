@@ -136,6 +136,23 @@ def check_collective_safe(model) -> None:
                                "parameters are DTensors the monitor reduces correctly")
 
 
+def reshard_stand_ins(model) -> None:
+    """Put FSDP2's sharded DTensor parameters back in ``model`` where a forward with no backward
+    since (an evaluation pass before attaching) left its unsharded plain stand-ins registered: the
+    monitor must attach to the DTensors the optimizer steps, and read as attached to plain tensors
+    it stopped at the first step with "attach the monitor after sharding". ``FSDPModule.reshard``
+    is what FSDP2 does after each backward: no collective, and the next forward all-gathers. A
+    monitored submodule of a unit holds no FSDP2 module and is left as it is."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return
+    units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+    if units and not all(is_dtensor(p) for p in model.parameters()):
+        for unit in units:          # not recursive: each unit its own; a sharded one is left as it is
+            unit.reshard()
+
+
 @dataclass(frozen=True)
 class GroupKey:
     """Parameters whose statistics reduce together: the same mesh (its ranks, in mesh order, and
