@@ -31,6 +31,7 @@ from gradflow.monitor.tensors import (
     _flat,
     _flat_copy,
 )
+from gradflow.monitor.window import host_view
 
 SATURATION_LEVEL = 0.97            # |a| > 0.97 for tanh (Glorot & Bengio 2010), scaled per bounds
 # An output at least this large (16 KB of float32) is reduced when its forward pass ends, straight
@@ -715,8 +716,8 @@ class Activations(Part):
 
     def device_tensors(self) -> dict[str, Reduced]:
         if self._reduced is None:
-            self._reduced = {"moments": Reduced(self.moments), "counts": Reduced(self.counts),
-                             "positives": Reduced(self.positives), "linear": Reduced(self.linear)}
+            self._reduced = {"moments": host_view(self.moments), "counts": host_view(self.counts),
+                             "positives": host_view(self.positives), "linear": host_view(self.linear)}
         return self._reduced
 
     def move(self, device: torch.device) -> None:

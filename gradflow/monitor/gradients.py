@@ -24,7 +24,7 @@ from gradflow.monitor.tensors import (
     _flat,
     _flat_copy,
 )
-from gradflow.monitor.window import tag_path
+from gradflow.monitor.window import host_view, tag_path
 
 GRADIENT_FIELDS = C.GRADIENT_MOMENTS
 # Small gradients that fill the pending budget in one step are reduced at that step. Where they
@@ -163,6 +163,7 @@ class Gradients(Part):
         self._slot_tags: tuple[list[tuple[str, ...]], list[str], list[str]] | None = None
         self._row_divisors: np.ndarray | None = None
         self._host_views: tuple | None = None          # _host_sums
+        self._reduced: tuple | None = None             # device_tensors
 
     def bind(self, params: list[torch.Tensor]) -> None:
         """Follow these tensors from now on (the same shapes and dtypes, or a first binding)."""
@@ -186,7 +187,7 @@ class Gradients(Part):
             moved(t, device, wide=True) for t in (self.totals, self.step_squares, self.skipped_nonfinite))
         self.counts, self.tallies = moved(self.counts, device), moved(self.tallies, device)
         self._plans, self._batches, self._scratch = {}, _BoundedCache(), S.Scratch()   # their tensors: the old device's
-        self._host_views = None                       # views of the sums left behind
+        self._host_views = self._reduced = None       # views of the sums left behind
 
     def reset(self) -> None:
         self.pending.clear()
@@ -582,8 +583,13 @@ class Gradients(Part):
     # -- the window -----------------------------------------------------------------------
 
     def device_tensors(self) -> dict[str, Reduced]:
-        return {"totals": Reduced(self.totals), "counts": Reduced(self.counts), "tallies": Reduced(self.tallies),
-                "step_squares": Reduced(self.step_squares), "skipped_nonfinite": Reduced(self.skipped_nonfinite)}
+        """The window's sums, each with its host view (``window.host_view``), made again only where
+        a tensor was replaced (``move``, a longer ``step_squares``), as ``_host_sums``."""
+        tensors = (self.totals, self.counts, self.tallies, self.step_squares, self.skipped_nonfinite)
+        held = self._reduced
+        if held is None or not all(map(operator.is_, held[0], tensors)):
+            held = self._reduced = (tensors, dict(zip(_SUMS, map(host_view, tensors))))
+        return held[1]
 
     def read(self, values: dict[str, np.ndarray], reader) -> None:
         """Per-parameter rows (``columns.GRADIENT``: the means over each parameter's steps of
@@ -754,6 +760,7 @@ def _row_table(totals: np.ndarray, tallies: np.ndarray, steps: list[int], same: 
 
 
 _ROW_COLUMNS = (*C.GRADIENT, *C.GRADIENT_COUNTS)
+_SUMS = ("totals", "counts", "tallies", "step_squares", "skipped_nonfinite")     # device_tensors' keys
 _OVERALL_TAGS = tuple(f"grad/{key}" for key in C.OVERALL)
 
 

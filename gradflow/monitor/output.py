@@ -50,7 +50,8 @@ class Output:
                     error = error or raised
             if error is not None:
                 failed.append((sink, error))
-        raise_failed(failed, f"log({step})")
+        if failed:
+            raise_failed(failed, f"log({step})")
 
     def _histograms(self, wanted: HistogramRequests, step: int, final: bool) -> list[dict] | None:
         if not self.draws:

@@ -94,9 +94,8 @@ class Weights(Part):
         k = self.members
         if self._whole:                     # one tiny group holds every parameter in order: its rows are the window's
             rows, counts = self._fold_group(self.tiny[0])
-            rows = torch.from_numpy(rows)
-            rows[:, 1:].sqrt_()
-            return rows, None if counts is None else torch.from_numpy(counts)
+            np.sqrt(rows[:, 1:], out=rows[:, 1:])     # numpy's: a torch op on a 12-row table cost as much again
+            return torch.from_numpy(rows), None if counts is None else torch.from_numpy(counts)
         device = local(self.params[0]).device
         rows = torch.empty(self.slots, 4, dtype=S.wide_dtype(device), device=device)
         counts = torch.empty(self.slots, S.SIGN_EXPONENT_BINS, device=device, dtype=torch.int64) if self.counted \
