@@ -23,7 +23,7 @@ from typing import Any
 
 from gradflow.analysis.diagnose import Diagnosis, diagnose_run, run_windows
 from gradflow.analysis.history import read_history
-from gradflow.analysis.measures import MEASURE_LABEL, layer_series
+from gradflow.analysis.measures import EARLY_FRACTION, MEASURE_LABEL, layer_series
 from gradflow.analysis.windows import GRADIENTS_FILE, pick_windows
 
 
@@ -121,8 +121,9 @@ def _accuracy(run: Run, key: str) -> float:
 
 def compare_table(runs: Sequence[Run]) -> str:
     """A plain-text table: verdict, accuracies, the first hidden layer's and the head's size
-    (first window -> last window), their ratio, and the weakest hidden layer against the head,
-    one row per run. Sizes, layers and roles are the diagnosis's own (``||g|| / ||w||``, the
+    (first window -> last window), their ratio, and the weakest hidden layer against the head
+    (diagnose's early figure -> last), one row per run, and a last line saying which windows
+    each column reads. Sizes, layers and roles are the diagnosis's own (``||g|| / ||w||``, the
     head from the graph), so the table and ``diagnose`` name the same weakest layer and agree
     in direction; the header names the measure.
 
@@ -148,6 +149,9 @@ def compare_table(runs: Sequence[Run]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
+    # The two kinds of column read different windows: said, so a figure that differs from diagnose's is not a puzzle.
+    lines.append(f"(first hidden, head, first/head: the first window -> the last; weakest/head: diagnose's figures, the "
+                 f"median over the first {EARLY_FRACTION:.0%} of the windows -> the last)")
     return "\n".join(lines)
 
 
