@@ -7,7 +7,7 @@ issue 23's U-Nets, ViTs, MLP-Mixer, pre-/post-LN transformers, plain CNN with Ba
 long-range RNN/LSTM, 30 ReLU layers with He init) is ``healthy``; every pathological one
 carries the verdict of its mechanism (issue 23: Glorot & Bengio's sigmoid net ``saturated``,
 30 ReLU layers with Xavier init ``vanishing``, Pascanu's RNN with and without clipping
-``exploding``, one step at 1000x the learning rate ``dead-units``, a loss scaled by 1e-6
+``exploding``, one step at 1000x the learning rate ``exploding`` (its outputs go NaN), a loss scaled by 1e-6
 ``tiny-gradient``). docs/calibration.md has the tables. The heavier issue-23 runs train seed 0
 only (about 4 minutes for the issue-23 runs on a busy core).
 """
