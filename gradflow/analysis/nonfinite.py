@@ -52,13 +52,21 @@ def _where(found: dict[str, Any]) -> str:
 def with_source(check: dict[str, Any], windows: Sequence[Any]) -> tuple[dict[str, Any], list[str]]:
     """The ``exploding`` check with the first non-finite source put first in its ``why`` (when
     it fired), and notes: where the first GradScaler-skipped overflow came from (an overflow,
-    not a NaN source). ``check`` is returned unchanged where there is nothing to add."""
+    not a NaN source). ``check`` is returned unchanged where there is nothing to add.
+
+    A skipped step's value made in a forward pass is the source when the check fired and no
+    applied step had one: the scale multiplies only the backward, so a forward NaN/inf is no
+    calibration overflow (a weight gone NaN makes every later step skipped: nothing else names
+    it)."""
     found, overflow = first_source(windows), first_source(windows, "first_overflow")
+    if found is None and overflow is not None and overflow["phase"] == "forward" and check.get("fired"):
+        found, overflow = {**overflow, "skipped": True}, None
     notes = [(f"the first overflow that a GradScaler skipped came from {_where(overflow)} at step "
               f"{overflow['step']} (an AMP overflow, not a NaN source)")] if overflow else []
     if found is None or not check.get("fired"):
         return check, notes
-    return {**check, "why": f"{sentence(found)}; {check['why']}", "source": found}, notes
+    skipped = " (a step the GradScaler skipped)" if found.get("skipped") else ""
+    return {**check, "why": f"{sentence(found)}{skipped}; {check['why']}", "source": found}, notes
 
 
 def domain_hint(windows: Sequence[Any], found: dict[str, Any] | None) -> str:

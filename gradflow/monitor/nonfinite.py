@@ -198,6 +198,8 @@ class FirstNonFinite(Part):
         self._step_min = torch.full((), NONE, dtype=torch.int64, device=self.device)
         self._keys = torch.full((2,), NONE, dtype=torch.int64, device=self.device)  # first, overflow
         self._cache: dict[tuple[int, ...], torch.Tensor] = {}
+        if isinstance(setup, Setup):             # the through-time part replaces recurrent outputs
+            setup.output_replaced.append(self._on_replaced)
         self.steps = 0                           # optimizer steps seen since attach (applied or skipped)
         self._window_start = 0
         self._handle = self._pre_handle = self._root_handle = None
@@ -347,6 +349,28 @@ class FirstNonFinite(Part):
         if args and type(args[0]) is torch.Tensor and args[0].requires_grad:
             _watch_grad(self, args[0], index, of_input=True)
         return
+
+    def _on_replaced(self, module, old, new) -> None:
+        """A later forward hook of the monitor (through time's) replaced ``module``'s output ``old``
+        by ``new``, equal up to rounding; ``old``, which ``_on_forward`` watched, is discarded. The
+        new tensors are covered as the old were, and their gradient is watched under the same
+        owner: else a NaN made in backward by the code that received the output (or the loss)
+        would first show in the module's input gradient and be put on the module."""
+        if self._handle is None or torch.compiler.is_compiling() or torch._C._current_graph_task_id() != -1:
+            return                                   # removed, compiling, or a recompute in backward
+        index = self._which(module)
+        if index is None or index < 0 or not (torch.is_grad_enabled() or module.training):
+            return
+        pairs = list(zip([old] if type(old) is torch.Tensor else _tensors(old),
+                         [new] if type(new) is torch.Tensor else _tensors(new)))
+        for before, after in pairs:
+            if self._known(before):
+                self._mark(after)
+        owner = self._loss if index == 0 else next((i for i, _ in reversed(self._stack) if i >= 0), None)
+        if owner is not None and torch.is_grad_enabled():
+            for _, after in pairs:
+                if after.requires_grad:
+                    _watch_grad(self, after, owner, of_input=False)
 
     def _learn(self, module) -> int | None:
         """A torch.compile wrapper of the model (``OptimizedModule``) stands for the root."""

@@ -220,6 +220,9 @@ class Setup:
     stopped: Exception | None = None    # a change found in training that follow() could not follow (log() raises it)
     forward_watchers: list = field(default_factory=list)     # the parts the one ForwardStarts hook calls
     forward_starts: Any = None                               # that hook, once a part asked for it
+    # the parts told when another part's forward hook replaced a module's output (through time's
+    # unrolled one): called (module, old output, new output)
+    output_replaced: list = field(default_factory=list)
     dtypes: list[torch.dtype] = field(default_factory=list)
     device: torch.device = field(default=torch.device("cpu"))
 

@@ -229,6 +229,9 @@ class ThroughTime:
         self._warn_to = warn
         self._index_cache: dict[tuple, torch.Tensor] = {}
         self._handles: list = []
+        # callables (module, fused output, unrolled output), told of each replaced output: a part
+        # that watched the fused tensors watches the unrolled ones (the first non-finite source)
+        self.replaced: list = []
         if attach:
             self.attach(model, self._handles.append)
         message = cells_message(model)
@@ -314,7 +317,10 @@ class ThroughTime:
             state = fused[1] if module.mode == "LSTM" else (fused[1], None)
             output, h_n = output.to(fused[0].dtype), h_n.to(state[0].dtype)
             c_n = None if c_n is None else c_n.to(state[1].dtype)
-        return output, ((h_n, c_n) if module.mode == "LSTM" else h_n)
+        result = output, ((h_n, c_n) if module.mode == "LSTM" else h_n)
+        for tell in self.replaced:
+            tell(module, fused, result)
+        return result
 
     # -- the optimizer step: fold into the window ----------------------------------------
 
@@ -489,6 +495,7 @@ class ThroughTimePart(Part):
         self.seen = 0
         self.missed = 0           # profiled steps of this window in which no recurrent layer's forward was profiled
         self.recorder = ThroughTime(model, attach=False, warn=setup.warn)
+        self.recorder.replaced = setup.output_replaced
         self._model = weakref.ref(model)
 
     def hook(self, model: nn.Module) -> None:
