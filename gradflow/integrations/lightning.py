@@ -40,6 +40,16 @@ _WRONG_FRAMEWORK = ("GradflowCallback is for Lightning; a Hugging Face Trainer t
                     "(from gradflow.integrations.transformers import GradflowTrainerCallback)")
 
 
+def _returned_loss(trainer: Any, pl_module: Any, outputs: Any) -> Any:
+    """The loss ``training_step`` returned, else None. Under automatic optimization Lightning hands
+    ``on_train_batch_end`` that loss divided by ``accumulate_grad_batches`` (the value it used, which a
+    ``GradientAccumulationScheduler`` may change between epochs): multiplied back."""
+    loss = _common.loss_of(outputs)
+    if loss is not None and pl_module.automatic_optimization:
+        loss = loss * trainer.accumulate_grad_batches
+    return loss
+
+
 class GradflowCallback(_pl.Callback):
     """Records the gradient each optimizer step applies; writes windows and a verdict to the loggers.
 
@@ -170,7 +180,7 @@ class GradflowCallback(_pl.Callback):
         self.recorder.record_at_step(optimizer, getattr(trainer.precision_plugin, "scaler", None))
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.recorder.add_loss(_common.loss_of(outputs))
+        self.recorder.add_loss(_returned_loss(trainer, pl_module, outputs))
         # After the step is applied, so the window's weight update includes its last step.
         if self.recorder.due(self.steps, self.every_n_steps or trainer.log_every_n_steps):  # 0: last window only
             self.recorder.write(self.steps)
