@@ -109,7 +109,7 @@ class GradflowCallback(_pl.Callback):
     ``grad/total_norm``                    L2 norm over all parameters of the applied (clipped) gradient
     ``grad/total_norm_max``                the largest of the window's per-step ``total_norm``
     ``grad/total_norm_before_clip``        the L2 norm before clipping (by norm or value), mean over
-                                           the window's steps that clipped
+                                           the window's steps with a clipping call (clipped or not)
     ``grad/clipped_steps``                 steps whose clipping changed the gradient (a count)
     ``grad/clip_calls``                    steps with a clipping call, however many calls each (a count)
     ``grad/skipped_steps``                 steps the AMP GradScaler skipped on overflow (a count)
