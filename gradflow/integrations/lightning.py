@@ -147,12 +147,14 @@ class GradflowCallback(_pl.Callback):
         self.every_n_steps = every_n_steps
         self.histograms, self.weights, self.activations, self.verbose = histograms, weights, activations, verbose
         self.nonfinite = nonfinite
+        self._restored = False       # load_state_dict ran since the last on_fit_start (a resume)
 
     # What the recorder holds, under the names the callback always had.
     monitor = _common.recorder_attribute("monitor", "the GradientMonitor of the latest fit (None before one)")
     diagnosis = _common.recorder_attribute("diagnosis", "the verdict of the latest fit (None without a window)")
     losses = _common.recorder_attribute("losses", "mean training loss of each window (what training_step returned)")
-    steps = _common.recorder_attribute("steps", "optimizer steps recorded, over every fit (kept in checkpoints)")
+    steps = _common.recorder_attribute("steps", "optimizer steps recorded over the fits of one run (kept in "
+                                       "checkpoints; a fit on a new Trainer, not resumed, starts again at 0)")
     windows = _common.recorder_attribute("windows", "windows written (kept in checkpoints)")
 
     # -- handed to a Hugging Face Trainer: its __init__ calls ``on_init_end`` on every callback it
@@ -169,6 +171,9 @@ class GradflowCallback(_pl.Callback):
             raise TypeError(_WRONG_FRAMEWORK)
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        if trainer.global_step == 0 and not self._restored:   # a new run (not resumed, not continued):
+            self.steps, self.windows, self.losses = 0, 0, []    # labelled by its own global_step
+        self._restored = False
         loggers = list(trainer.loggers) if trainer.is_global_zero else []   # rank zero writes
         self.recorder.start(pl_module, writes=trainer.is_global_zero, step=self.steps,
                             tensorboards=[lg.experiment for lg in loggers if is_tensorboard_logger(lg)],
@@ -204,3 +209,4 @@ class GradflowCallback(_pl.Callback):
         self.windows = int(state_dict.get("windows", 0))
         self.losses = [float(v) for v in state_dict.get("losses", [])]
         self.recorder.logged_at = self.steps
+        self._restored = True
