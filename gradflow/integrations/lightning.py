@@ -147,7 +147,7 @@ class GradflowCallback(_pl.Callback):
         self.every_n_steps = every_n_steps
         self.histograms, self.weights, self.activations, self.verbose = histograms, weights, activations, verbose
         self.nonfinite = nonfinite
-        self._restored = False       # load_state_dict ran since the last on_fit_start (a resume)
+        self._restored = False       # load_state_dict ran in this fit (a resume)
 
     # What the recorder holds, under the names the callback always had.
     monitor = _common.recorder_attribute("monitor", "the GradientMonitor of the latest fit (None before one)")
@@ -173,7 +173,6 @@ class GradflowCallback(_pl.Callback):
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         if trainer.global_step == 0 and not self._restored:   # a new run (not resumed, not continued):
             self.steps, self.windows, self.losses = 0, 0, []    # labelled by its own global_step
-        self._restored = False
         loggers = list(trainer.loggers) if trainer.is_global_zero else []   # rank zero writes
         self.recorder.start(pl_module, writes=trainer.is_global_zero, step=self.steps,
                             tensorboards=[lg.experiment for lg in loggers if is_tensorboard_logger(lg)],
@@ -198,6 +197,7 @@ class GradflowCallback(_pl.Callback):
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self.recorder.remove()
+        self._restored = False       # (some strategies restore after on_fit_start: cleared here)
 
     # -- checkpoints ----------------------------------------------------------------------
 
