@@ -40,6 +40,16 @@ _WRONG_FRAMEWORK = ("GradflowCallback is for Lightning; a Hugging Face Trainer t
                     "(from gradflow.integrations.transformers import GradflowTrainerCallback)")
 
 
+def _returned_loss(trainer: Any, pl_module: Any, outputs: Any) -> Any:
+    """The loss ``training_step`` returned, else None. Under automatic optimization Lightning hands
+    ``on_train_batch_end`` that loss divided by ``accumulate_grad_batches`` (the value it used, which a
+    ``GradientAccumulationScheduler`` may change between epochs): multiplied back."""
+    loss = _common.loss_of(outputs)
+    if loss is not None and pl_module.automatic_optimization:
+        loss = loss * trainer.accumulate_grad_batches
+    return loss
+
+
 class GradflowCallback(_pl.Callback):
     """Records the gradient each optimizer step applies; writes windows and a verdict to the loggers.
 
@@ -99,7 +109,7 @@ class GradflowCallback(_pl.Callback):
     ``grad/total_norm``                    L2 norm over all parameters of the applied (clipped) gradient
     ``grad/total_norm_max``                the largest of the window's per-step ``total_norm``
     ``grad/total_norm_before_clip``        the L2 norm before clipping (by norm or value), mean over
-                                           the window's steps that clipped
+                                           the window's steps with a clipping call (clipped or not)
     ``grad/clipped_steps``                 steps whose clipping changed the gradient (a count)
     ``grad/clip_calls``                    steps with a clipping call, however many calls each (a count)
     ``grad/skipped_steps``                 steps the AMP GradScaler skipped on overflow (a count)
@@ -137,12 +147,14 @@ class GradflowCallback(_pl.Callback):
         self.every_n_steps = every_n_steps
         self.histograms, self.weights, self.activations, self.verbose = histograms, weights, activations, verbose
         self.nonfinite = nonfinite
+        self._restored = False       # load_state_dict ran in this fit (a resume)
 
     # What the recorder holds, under the names the callback always had.
     monitor = _common.recorder_attribute("monitor", "the GradientMonitor of the latest fit (None before one)")
     diagnosis = _common.recorder_attribute("diagnosis", "the verdict of the latest fit (None without a window)")
     losses = _common.recorder_attribute("losses", "mean training loss of each window (what training_step returned)")
-    steps = _common.recorder_attribute("steps", "optimizer steps recorded, over every fit (kept in checkpoints)")
+    steps = _common.recorder_attribute("steps", "optimizer steps recorded over the fits of one run (kept in "
+                                       "checkpoints; a fit on a new Trainer, not resumed, starts again at 0)")
     windows = _common.recorder_attribute("windows", "windows written (kept in checkpoints)")
 
     # -- handed to a Hugging Face Trainer: its __init__ calls ``on_init_end`` on every callback it
@@ -159,6 +171,8 @@ class GradflowCallback(_pl.Callback):
             raise TypeError(_WRONG_FRAMEWORK)
 
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        if trainer.global_step == 0 and not self._restored:   # a new run (not resumed, not continued):
+            self.steps, self.windows, self.losses = 0, 0, []    # labelled by its own global_step
         loggers = list(trainer.loggers) if trainer.is_global_zero else []   # rank zero writes
         self.recorder.start(pl_module, writes=trainer.is_global_zero, step=self.steps,
                             tensorboards=[lg.experiment for lg in loggers if is_tensorboard_logger(lg)],
@@ -170,7 +184,7 @@ class GradflowCallback(_pl.Callback):
         self.recorder.record_at_step(optimizer, getattr(trainer.precision_plugin, "scaler", None))
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self.recorder.add_loss(_common.loss_of(outputs))
+        self.recorder.add_loss(_returned_loss(trainer, pl_module, outputs))
         # After the step is applied, so the window's weight update includes its last step.
         if self.recorder.due(self.steps, self.every_n_steps or trainer.log_every_n_steps):  # 0: last window only
             self.recorder.write(self.steps)
@@ -183,6 +197,7 @@ class GradflowCallback(_pl.Callback):
 
     def teardown(self, trainer: Any, pl_module: Any, stage: str) -> None:
         self.recorder.remove()
+        self._restored = False       # (some strategies restore after on_fit_start: cleared here)
 
     # -- checkpoints ----------------------------------------------------------------------
 
@@ -194,3 +209,4 @@ class GradflowCallback(_pl.Callback):
         self.windows = int(state_dict.get("windows", 0))
         self.losses = [float(v) for v in state_dict.get("losses", [])]
         self.recorder.logged_at = self.steps
+        self._restored = True

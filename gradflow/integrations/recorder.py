@@ -10,7 +10,8 @@ call                            when the adapter makes it
 ``start(model, ...)``           training begins; on every rank, ``writes=True`` on rank zero only
 ``record(optimizer, scaler)``   once per optimizer step, after the gradient is final
 ``record_at_step(opt, scaler)``  in a hook that comes before the step's last change to the gradient
-                                (Lightning clips after its hook): recorded at the end of the step
+                                (Lightning clips after its hook; a Trainer callback after ours may
+                                change it): recorded at the end of the step
 ``add_loss(loss)``              a training step's loss (a 1-element tensor or a float)
 ``due(step, every)`` + ``write``  after the step is applied; a window every ``every`` steps
 ``finish(step)``                training ends: the last window, the verdict printed and written
@@ -115,10 +116,14 @@ class Recorder:
         ``gradient_clip_val`` clipping): at the end of that step (a step post-hook; ``.grad`` still
         holds what the step applied), once however often the hook ran in the step (LBFGS evaluates
         its closure several times: the last evaluation's gradient). A step that the AMP ``scaler``
-        skips (it found inf/NaN after unscaling) runs no step hook: recorded as skipped at once."""
+        skips (it found inf/NaN after unscaling) runs no step hook: recorded as skipped at once; an
+        optimizer that is not a ``torch.optim.Optimizer`` (no step hooks) is recorded at once."""
         if not self.recording:
             return
         optimizer = getattr(optimizer, "optimizer", optimizer)
+        if not hasattr(optimizer, "register_step_post_hook"):   # not a torch Optimizer: no step hooks
+            self.record(optimizer, scaler)
+            return
         if _common.step_skipped(scaler, optimizer):
             self.monitor.record(optimizer=optimizer, skipped=True)
             self.steps += 1

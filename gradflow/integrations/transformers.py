@@ -50,8 +50,10 @@ class GradflowTrainerCallback(_tf.TrainerCallback):
     ``gradflow.integrations.recorder.Recorder``; this class maps the Trainer's hooks onto it.
 
     Where it records. The Trainer clips (``max_grad_norm``) and then calls ``on_pre_optimizer_step``
-    right before ``optimizer.step()``; the callback records there, once per optimizer step (so once
-    per ``gradient_accumulation_steps`` micro-batches), after DDP's all-reduce and AMP's unscaling.
+    right before ``optimizer.step()``; from there the callback records at the end of that step (a
+    step post-hook; ``.grad`` still holds what the step applied, whatever another callback did to it
+    in the same hook), once per optimizer step (so once per ``gradient_accumulation_steps``
+    micro-batches), after DDP's all-reduce and AMP's unscaling.
     The per-layer rows and ``grad/total_norm`` therefore describe the gradient the optimizer applies,
     *after clipping*; each step's norm before clipping (the Trainer's ``grad_norm`` of that step) comes
     from the monitor's watch of torch's clipping (accelerate >= 1.10 clips through ``get_total_norm`` +
@@ -195,7 +197,8 @@ class GradflowTrainerCallback(_tf.TrainerCallback):
     def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs) -> None:
         # accelerate's AcceleratedOptimizer holds the fp16 scaler, which has unscaled by now
         # (the Trainer computes grad_norm through accelerator.clip_grad_norm_ every step).
-        self.recorder.record(optimizer, getattr(optimizer, "scaler", None))
+        # Recorded at the end of the step: a callback after this one may still change the gradient.
+        self.recorder.record_at_step(optimizer, getattr(optimizer, "scaler", None))
 
     def on_log(self, args, state, control, logs=None, **kwargs) -> None:
         if self.recorder.recording and logs and isinstance(logs.get("loss"), (int, float)):
