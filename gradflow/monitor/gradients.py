@@ -162,8 +162,7 @@ class Gradients(Part):
         self._logged: frozenset[tuple[int, int]] = frozenset()
         self._slot_tags: tuple[list[tuple[str, ...]], list[str], list[str]] | None = None
         self._row_divisors: np.ndarray | None = None
-        self._host_views: tuple | None = None          # _host_sums
-        self._reduced: tuple | None = None             # device_tensors
+        self._reduced: tuple | None = None             # device_tensors (and _host_sums)
 
     def bind(self, params: list[torch.Tensor]) -> None:
         """Follow these tensors from now on (the same shapes and dtypes, or a first binding)."""
@@ -187,7 +186,7 @@ class Gradients(Part):
             moved(t, device, wide=True) for t in (self.totals, self.step_squares, self.skipped_nonfinite))
         self.counts, self.tallies = moved(self.counts, device), moved(self.tallies, device)
         self._plans, self._batches, self._scratch = {}, _BoundedCache(), S.Scratch()   # their tensors: the old device's
-        self._host_views = self._reduced = None       # views of the sums left behind
+        self._reduced = None                          # views of the sums left behind
 
     def reset(self) -> None:
         self.pending.clear()
@@ -456,14 +455,11 @@ class Gradients(Part):
 
     def _host_sums(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """The window's CPU sums as numpy views for the fused kernels: counts (slots, 512), totals,
-        tallies, step_squares; made again only where a tensor was replaced (``move``, a longer
-        ``step_squares``), not at each window (four views and a reshape, ~10 us of a tutorial window)."""
-        tensors = (self.counts, self.totals, self.tallies, self.step_squares)
-        held = self._host_views
-        if held is None or not all(map(operator.is_, held[0], tensors)):
-            held = self._host_views = (tensors, (self.counts.numpy().reshape(-1, S.SIGN_EXPONENT_BINS),
-                                                 self.totals.numpy(), self.tallies.numpy(), self.step_squares.numpy()))
-        return held[1]
+        tallies, step_squares: the views ``device_tensors`` keeps (made again only where a tensor
+        was replaced), not new ones at each window."""
+        views = self.device_tensors()
+        return (views["counts"].host.reshape(-1, S.SIGN_EXPONENT_BINS), views["totals"].host,
+                views["tallies"].host, views["step_squares"].host)
 
     def _add_step_squares(self, steps: tuple[int, ...], by_step: torch.Tensor) -> None:
         """Add a run's per-step squares, (len(steps) * members,), at those steps."""

@@ -11,8 +11,10 @@ from torch import nn
 from gradflow import GradientMonitor
 
 
-def _step(model, masters, optimizer, monitor=None):
+def _step(model, masters, optimizer, monitor=None) -> float:
+    """One master-weights step; the float64 norm of the first weight's gradient it applied."""
     model(torch.randn(4, 8, dtype=torch.bfloat16)).float().square().mean().backward()
+    applied = model[0].weight.grad.double().norm().item()
     if monitor is not None:
         monitor.record()
     for p, master in zip(model.parameters(), masters):
@@ -22,6 +24,7 @@ def _step(model, masters, optimizer, monitor=None):
         for p, master in zip(model.parameters(), masters):
             p.copy_(master)
             p.grad = None
+    return applied
 
 
 def _master_setup():
@@ -46,18 +49,7 @@ def test_master_weight_training_is_said_with_its_cause():
 def test_record_before_the_update_records_the_model_gradient():
     model, masters, optimizer = _master_setup()
     with GradientMonitor(model, automatic=False) as monitor:
-        seen = []
-        for _ in range(3):
-            model(torch.randn(4, 8, dtype=torch.bfloat16)).float().square().mean().backward()
-            seen.append(model[0].weight.grad.double().norm().item())
-            monitor.record()
-            for p, master in zip(model.parameters(), masters):
-                master.grad = p.grad.float()
-            optimizer.step()
-            with torch.no_grad():
-                for p, master in zip(model.parameters(), masters):
-                    p.copy_(master)
-                    p.grad = None
+        seen = [_step(model, masters, optimizer, monitor) for _ in range(3)]
         row = monitor.log(0)["0.weight"]
     assert row["steps"] == 3
     assert abs(row["norm"] - sum(seen) / 3) <= 1e-6 * max(seen)
