@@ -142,7 +142,6 @@ class Gradients(Part):
         self.skipped_steps = 0                       # skip() calls in this window
         self.removed = False                         # remove() was called: nothing is recorded any more
         self._scratch = S.Scratch()                  # for the large tensors
-        self._converted: torch.Tensor | None = None  # the float32 buffer of _fold_converted
         self.steps_by_pattern: dict[tuple[bool, ...], int] = {}
         # Each parameter's steps with a gradient in the window, once steps of several patterns were
         # recorded (None while every step had one pattern: its count is every parameter's).
@@ -523,13 +522,17 @@ class Gradients(Part):
         k = self.members
         all_counts = self.counts.numpy().reshape(-1, S.SIGN_EXPONENT_BINS)
         jobs, converted = [], {}                     # converted: row -> (its row, its tallies), folded already
+        buffer = None                                # half-precision pieces' float32 buffer, freed on return
         for i in plan.large:
             counts = all_counts if _counted(counted, i) else None
             grad = grads[i]
             grad = grad.detach() if grad.requires_grad else grad
             if grad.dtype != torch.float32:
+                if buffer is None:
+                    buffer = torch.empty(1, min(CONVERTED_PIECE, max(grads[j].numel() for j in plan.large)))
                 for m, part in enumerate(grad.reshape(k, -1)):
-                    converted[len(jobs)] = self._fold_converted(kernels, part, None if counts is None else counts[i * k + m])
+                    converted[len(jobs)] = _fold_converted(kernels, part, None if counts is None else counts[i * k + m],
+                                                           buffer)
                     jobs.append(None)
                 continue
             # contiguous(): reshape(-1) keeps a 1-D strided view (every other value, an expanded one) as it is,
@@ -558,23 +561,6 @@ class Gradients(Part):
     def _fold_jobs(kernels, jobs: list[tuple]) -> tuple[np.ndarray, np.ndarray]:
         tallies = np.zeros((len(jobs), 2), np.int64)
         return kernels.fold_all(jobs, tallies), tallies
-
-    def _fold_converted(self, kernels, part: torch.Tensor, counts: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
-        """One member's row and tallies of a bfloat16 or float16 gradient, converted to float32
-        ``CONVERTED_PIECE`` values at a time into one reused buffer: every value is exact in
-        float32, so the row is the float32 fold's, without a float32 copy of the whole gradient
-        (a 4 MB bfloat16 MLP peaked at 3.2x its bytes with one; helper brk6b)."""
-        part = part.reshape(-1)
-        size = min(CONVERTED_PIECE, part.numel())
-        if self._converted is None or self._converted.numel() < size:
-            self._converted = torch.empty(size, dtype=torch.float32)
-        row, tally = np.zeros(5), np.zeros((1, 2), np.int64)
-        for (values,) in S.float32_pieces([part], CONVERTED_PIECE, self._converted.view(1, -1)):
-            piece_row = kernels.fold_all([(values, counts, 0.0, math.inf)], tally)[0]
-            row[:3] += piece_row[:3]
-            row[3] = np.maximum(row[3], piece_row[3])      # NaN wins, as in the kernels' max
-            row[4] += piece_row[4]
-        return row, tally[0]
 
     # -- the window -----------------------------------------------------------------------
 
@@ -849,3 +835,19 @@ def _values_of(grad: torch.Tensor, members: int) -> tuple[torch.Tensor, int]:
     if values.numel() == 0:                       # no row stored: one zero stands for them (aminmax needs one)
         values = values.new_zeros(1)
     return values, grad.numel() - values.numel()
+
+
+def _fold_converted(kernels, part: torch.Tensor, counts: np.ndarray | None,
+                    buffer: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+    """One member's row and tallies of a bfloat16 or float16 gradient, converted to float32
+    ``CONVERTED_PIECE`` values at a time into ``buffer`` (float32, (1, >= a piece)): every value
+    is exact in float32, so the row is the float32 fold's, without a float32 copy of the whole
+    gradient (a 4 MB bfloat16 MLP peaked at 3.2x its bytes with one; helper brk6b). The buffer
+    lives for one step's fold: kept between steps it was 256 KB held, 6% of that MLP's bytes."""
+    row, tally = np.zeros(5), np.zeros((1, 2), np.int64)
+    for (values,) in S.float32_pieces([part.reshape(-1)], CONVERTED_PIECE, buffer):
+        piece_row = kernels.fold_all([(values, counts, 0.0, math.inf)], tally)[0]
+        row[:3] += piece_row[:3]
+        row[3] = np.maximum(row[3], piece_row[3])      # NaN wins, as in the kernels' max
+        row[4] += piece_row[4]
+    return row, tally[0]

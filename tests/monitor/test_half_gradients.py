@@ -65,14 +65,20 @@ def test_half_gradients_match_the_oracle_across_pieces(dtype, members, monkeypat
 
 
 def test_a_half_gradient_is_not_copied_whole_to_float32(monkeypatch):
-    """The buffer the conversion uses stays one piece long, whatever the gradient's size."""
+    """The buffer the conversion uses is one piece long, whatever the gradient's size, and is
+    not held between steps: after the step the monitor holds its sums and counts, no float32
+    buffer (``footprint.held``)."""
+    from gradflow.monitor.footprint import held
     monkeypatch.setattr(G, "CONVERTED_PIECE", 4096)
+    buffers = []
+    fold = G._fold_converted
+    monkeypatch.setattr(G, "_fold_converted", lambda *args: buffers.append(args[-1].numel()) or fold(*args))
     model = nn.Linear(512, 512).to(torch.bfloat16)            # 262,144 weights: large
     monitor = GradientMonitor(model, None, activations=False, weights=False)
     model(torch.randn(4, 512, dtype=torch.bfloat16)).float().sum().backward()
     torch.optim.SGD(model.parameters(), lr=0.1).step()
-    part = monitor.parts["gradients"]
-    assert part._converted is not None and part._converted.numel() == 4096
+    assert buffers == [4096, 4096]                            # the weight and the bias (large as the weight's buffer)
+    assert not [size for size, dtype in held(monitor.parts["gradients"], model) if dtype == torch.float32]
     assert monitor.log(0)["weight"]["steps"] == 1
     monitor.remove()
 
