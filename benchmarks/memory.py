@@ -27,9 +27,17 @@ the live blocks. Neither removes the kernel's own step: Linux counts RSS in per-
 pages on machines of up to 16 CPUs), so ``ru_maxrss`` moves 128 KB at a time (measured on 2 CPUs,
 docs/memory.md): each figure is good to about 0.125 MB.
 
+Hence a third kind of row, ``live`` (glibc's defaults, with ``live_bytes.c`` preloaded; needs gcc):
+the same protocol with peak *live bytes* in place of peak RSS, every malloc block and anonymous
+mapping counted as it is made and freed (``PYTHONMALLOC=malloc``: Python's objects included, one
+by one), so A and B are exact to the byte. Its ``net`` column is the overhead less the tiny MLP's (measured in the same run): the
+monitor's fixed cost (its Python objects, a window of history, a few KB of counts) taken out,
+what is left per trainable byte.
+
     python benchmarks/memory.py                        # every model, both allocators, 3 processes per figure
     python benchmarks/memory.py --models lora lora16 --repeats 5 --allocators fine
     python benchmarks/memory.py --tensorboard          # the monitor writes to a SummaryWriter
+    python benchmarks/memory.py --allocators live --repeats 1   # exact live bytes only (deterministic)
 
 Models: ``big``, an MLP whose middle Linear has a 10000 x 5000 weight (50M elements, 200 MB);
 ``lora``, a frozen 4096 x 4096 Linear base (64 MB, requires_grad False) with a rank-8 LoRA
@@ -67,7 +75,11 @@ HISTORY_WINDOWS = 8      # windows whose growth of history is averaged
 # dynamic threshold: every block of 16 KiB or more has its own mapping, given back when freed)
 # and no top pad (the heap grows by what is asked, not 128 KiB more), so that peak RSS follows
 # the live blocks to the page instead of moving in 128 KiB heap steps.
-ALLOCATORS = {"default": {}, "fine": {"MALLOC_MMAP_THRESHOLD_": "16384", "MALLOC_TOP_PAD_": "0"}}
+# "live": glibc's defaults, peak live bytes read from the preloaded live_bytes.c instead of peak RSS.
+# PYTHONMALLOC=malloc: Python's objects are malloc blocks too, counted one by one (pymalloc maps
+# 1 MiB arenas, which the interposer would count whole, when one is first needed).
+ALLOCATORS = {"default": {}, "fine": {"MALLOC_MMAP_THRESHOLD_": "16384", "MALLOC_TOP_PAD_": "0"},
+              "live": {"PYTHONMALLOC": "malloc"}}
 
 
 class LoRALinear(nn.Module):
@@ -100,7 +112,24 @@ def build(name: str) -> tuple[nn.Module, torch.Tensor]:
     return nn.Sequential(LoRALinear(4096), nn.GELU(), nn.Linear(4096, 1)), torch.randn(8, 4096)
 
 
+def _live_bytes():
+    """The preloaded ``live_bytes.c`` (``--allocators live``), or None: peak RSS is read."""
+    import ctypes
+    path = os.environ.get("LD_PRELOAD", "")
+    if "gradflow-live-bytes" not in path:
+        return None
+    live = ctypes.CDLL(path)
+    live.gf_live.restype = live.gf_peak.restype = ctypes.c_long
+    return live
+
+
+LIVE = _live_bytes() if "--child" in sys.argv else None
+
+
 def peak_mib() -> float:
+    """The peak since ``reset_peak``, in MiB: live bytes where preloaded, else peak RSS."""
+    if LIVE is not None:
+        return LIVE.gf_peak() / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024     # Linux: KiB
 
 
@@ -133,7 +162,11 @@ def reset_peak() -> None:
     """Start the peak RSS afresh from the current RSS (Linux: writing 5 to /proc/self/clear_refs
     resets VmHWM, which ``ru_maxrss`` reads, checked on this machine's kernel 6.18): the warm-up's
     own peak must not hide part of the monitored one where the model is small (A would be the
-    warm-up's peak, not the model's). Where it cannot be written, A may include the warm-up."""
+    warm-up's peak, not the model's). Where it cannot be written, A may include the warm-up.
+    With live bytes preloaded, their peak is reset instead."""
+    if LIVE is not None:
+        LIVE.gf_reset_peak()
+        return
     try:
         with open("/proc/self/clear_refs", "w") as refs:
             refs.write("5")
@@ -216,9 +249,14 @@ def child(name: str, ideal: bool, tensorboard: bool) -> dict:
 
 
 def child_env(allocator: str) -> dict[str, str]:
-    """The environment of a child: this one's, its glibc malloc settings replaced by ``allocator``'s."""
+    """The environment of a child: this one's, its glibc malloc settings replaced by ``allocator``'s
+    (``live``: the live-bytes interposer preloaded, built by ``memory_phases.library``)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k != "GLIBC_TUNABLES"}
     env.update(ALLOCATORS[allocator])
+    if allocator == "live":
+        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+        from memory_phases import library
+        env["LD_PRELOAD"] = library()
     return env
 
 
@@ -266,8 +304,8 @@ def main() -> None:
     if args.child:
         print(json.dumps(child(args.child, args.ideal, args.tensorboard)))
         return
-    print(f"torch {torch.__version__}; peak RSS overhead (B - A) in MB, each figure the median of {args.repeats} "
-          "fresh processes")
+    print(f"torch {torch.__version__}; peak RSS overhead (B - A) in MB (live rows: peak live bytes), each figure "
+          f"the median of {args.repeats} fresh processes")
     print("  monitor: the default GradientMonitor; one copy: no monitor, a copy of the trainable weights kept instead")
     print("  (the one copy issue 20 allows, in the same allocator); held: the monitor's tensors and arrays, exactly,")
     print("  the most after any step or log (gradflow/monitor/footprint.py)")
@@ -275,14 +313,20 @@ def main() -> None:
         print(f"  allocator {allocator}: {' '.join(f'{k}={v}' for k, v in ALLOCATORS[allocator].items()) or 'glibc defaults'}")
     print(f"  {'model':42s} {'malloc':>7s} {'trainable':>9s} {'frozen':>7s} {'monitor':>8s} {'x train':>8s} {'one copy':>9s} "
           f"{'x train':>8s} {'held':>7s} {'x train':>8s}")
+    fixed = None                                  # the tiny MLP's live-bytes overhead: the fixed cost
+    if "live" in args.allocators:
+        fixed = measure("tiny", args.repeats, "live", args.tensorboard)[0]["overhead"]
+        print(f"  fixed cost (live bytes, the tiny MLP's overhead): {fixed * 1024:.1f} KB; "
+              "net: (monitor - fixed cost) / trainable", flush=True)
     for name in args.models:
         for allocator in args.allocators:
             row, ideal = measure(name, args.repeats, allocator, args.tensorboard)
             t = row["trainable_mib"]
+            net = f"; net {(row['overhead'] - fixed) / t:.3f}x" if allocator == "live" and t >= 0.01 else ""
             print(f"  {LABELS[name]:42s} {allocator:>7s} {t:9.3f} {row['frozen_mib']:7.1f} "
                   f"{row['overhead']:8.3f} {_ratio(row['overhead'], t)} "
                   f"{ideal['overhead']:9.3f} {_ratio(ideal['overhead'], t)} {row['held_mib']:7.3f} {_ratio(row['held_mib'], t)}"
-                  f"   runs: monitor {row['runs']}, one copy {ideal['runs']}"
+                  f"   runs: monitor {row['runs']}, one copy {ideal['runs']}{net}"
                   + (f"; code pages first run after A: up to {row['code']:.3f} MB" if row["code"] > 0 else ""),
                   flush=True)
         # Not in the peak above (two windows): each window history keeps, up to history_length of them.
