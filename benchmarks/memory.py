@@ -296,8 +296,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="child processes per figure (median)")
     parser.add_argument("--child", choices=MODELS, help=argparse.SUPPRESS)
     parser.add_argument("--ideal", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--allocators", nargs="+", choices=list(ALLOCATORS), default=list(ALLOCATORS),
-                        help="glibc malloc settings of the children, a row each (default: both; see ALLOCATORS)")
+    parser.add_argument("--allocators", nargs="+", choices=list(ALLOCATORS),
+                        default=[a for a in ALLOCATORS if a != "live" or shutil.which("gcc")],
+                        help="glibc malloc settings of the children, a row each (default: all three, live where gcc "
+                             "can build its interposer; see ALLOCATORS)")
     parser.add_argument("--tensorboard", action="store_true",
                         help="the monitor writes to a SummaryWriter (warm-up included): histograms built at each log")
     args = parser.parse_args()
