@@ -47,8 +47,6 @@ from gradflow.monitor.following import Follower
 from gradflow.monitor.histograms import check_every
 from gradflow.monitor.intercepted import Intercepted
 from gradflow.monitor.model_checks import (
-    already_attached,
-    attached_elsewhere,
     check_attach,
     check_optimizer,
     check_positive,
@@ -61,15 +59,13 @@ from gradflow.monitor.model_checks import (
 from gradflow.monitor.output import Output
 from gradflow.monitor.part import OnceWarnings, Part, Schedule, Setup
 from gradflow.monitor.parts import create_parts, recorders
+from gradflow.monitor.registry import attached, claim, monitor_of, release
 from gradflow.monitor.sharding import ShardLayout
 from gradflow.monitor.steps import OptimizerMasks, StepWatch
 from gradflow.monitor.tensors import MonitorError
 from gradflow.monitor.window import Window, keep, member_windows, read_parts, read_window, tag_path
 
 __all__ = ["GradientMonitor", "MonitorError", "Window", "tag_path", "unwrap"]
-
-_ATTACHED: weakref.WeakKeyDictionary[nn.Module, GradientMonitor] = weakref.WeakKeyDictionary()
-_ATTACHED_LOCK = threading.Lock()     # remove() and detach() of one monitor in two threads: one deletes its entry
 
 
 class GradientMonitor:
@@ -168,7 +164,7 @@ class GradientMonitor:
                  members: int = 1, automatic: bool = True, activations_every: int = 10,
                  history_length: int | None = 10_000, nonfinite: bool = False,
                  through_time: bool = True, through_time_every: int = 50, histogram_every: int = 10) -> None:
-        inner, named = check_attach(model, _ATTACHED, members=members, activations_every=activations_every,
+        inner, named = check_attach(model, attached(), members=members, activations_every=activations_every,
                                     through_time_every=through_time_every, history_length=history_length,
                                     histogram_every=histogram_every, optimizer=optimizer,
                                     switches={"weights": weights, "automatic": automatic, "nonfinite": nonfinite,
@@ -214,15 +210,9 @@ class GradientMonitor:
     # -- life cycle -----------------------------------------------------------------------
 
     def _attach(self, model: nn.Module) -> None:
-        """Claim ``model``, then add every hook, or none: a part that fails to hook leaves the
-        model as it was. The claim is made under the registry's lock, after ``check_attach``
-        looked: two threads that attach to one model at the same moment both pass that look,
-        and the second to claim is refused here, before it adds a hook."""
-        with _ATTACHED_LOCK:
-            if attached_elsewhere(model, _ATTACHED, self):
-                raise already_attached(model)
-            _ATTACHED[model] = self
-            self.attaching = True
+        """Claim ``model`` (``registry.claim``), then add every hook, or none: a part that fails
+        to hook leaves the model as it was."""
+        claim(model, self)
         try:
             for part in self.parts.values():
                 part.hook(model)
@@ -231,9 +221,7 @@ class GradientMonitor:
             interception.watch(self._intercepted)
         except BaseException:
             self._unhook()
-            with _ATTACHED_LOCK:
-                if _ATTACHED.get(model) is self:
-                    del _ATTACHED[model]
+            release(model, self)
             raise
         finally:
             self.attaching = False
@@ -268,10 +256,7 @@ class GradientMonitor:
         """Remove every hook this monitor added. Safe to call more than once; never raises
         (what fails after the hooks are gone, say a closed writer, is a warning)."""
         self._unhook()
-        model = self._model()
-        with _ATTACHED_LOCK:
-            if model is not None and _ATTACHED.get(model) is self:
-                del _ATTACHED[model]
+        release(self._model(), self)
         try:
             for part in self.parts.values():     # fold in what is pending: a later log() still reports it
                 part.fold()
@@ -290,7 +275,7 @@ class GradientMonitor:
         """
         if not isinstance(model, nn.Module):
             raise MonitorError(f"GradientMonitor.detach(model) takes an nn.Module, got {type(model).__name__}")
-        monitor = _ATTACHED.get(unwrap(model))
+        monitor = monitor_of(unwrap(model))
         if monitor is None:
             return False
         monitor.remove()
