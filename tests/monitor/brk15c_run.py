@@ -1,0 +1,151 @@
+"""One rank of the brk15c multi-process break tests (started by test_brk15c_sharded.py through
+sharded_launch.launch, 2 to 4 gloo ranks on the CPU).
+
+    RANK=0 WORLD_SIZE=2 MASTER_ADDR=127.0.0.1 MASTER_PORT=29500 python tests/monitor/brk15c_run.py OUT CASE [CASE ...]
+
+The cases put LSTM/GRU weights under FSDP2 (``Shard(0)`` rows cut inside a gate or on a gate's
+boundary, ``Shard(1)`` columns), HSDP and gradient accumulation, and check the per-gate rows
+(``Window.gates``) against the oracle: each gated gradient the step applies (``full_tensor()``) in
+float64 from a step pre-hook, cut into its gates by hand, each gate's L2 norm averaged over the
+window's steps; each gate's weight norm from the full weight at the window's end. Writes
+OUT/<case>.rank<k>.json with the monitor's gate rows and gradient rows, the oracle's, and the
+monitor's warnings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+import warnings
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+torch.set_num_threads(1)
+sys.path.insert(0, os.path.dirname(__file__))
+
+from sharded_run import batch, full, run_cases  # noqa: E402
+
+from gradflow.monitor import GradientMonitor  # noqa: E402
+
+STEPS, WINDOW = 4, 2
+
+
+class Recurrent(nn.Module):
+    """A bidirectional LSTM (20 gate rows of 5) into a GRU (9 rows of 3) and a head: on 2 ranks the
+    LSTM's rows split on a gate boundary (10 + 10) and the GRU's inside one (5 + 4); on 3 ranks the
+    other way round (7 + 7 + 6; 3 + 3 + 3)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(2, 5, batch_first=True, bidirectional=True)
+        self.gru = nn.GRU(10, 3, batch_first=True)
+        self.head = nn.Linear(3, 3)
+
+    def forward(self, x):
+        out, _ = self.lstm(x.view(x.shape[0], 5, 2))
+        out, _ = self.gru(out)
+        return self.head(out[:, -1])
+
+
+class GateOracle:
+    """At each optimizer step (a pre-hook), each gated weight's full gradient in float64 cut into gates."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.steps: list[dict] = []
+        self.windows: list[dict] = []
+
+    def gated(self):
+        for name, module in self.model.named_modules():
+            if isinstance(module, nn.RNNBase):
+                gates = 4 if module.mode == "LSTM" else 3
+                for pname, p in module.named_parameters(recurse=False):
+                    if pname.startswith("weight_ih") or pname.startswith("weight_hh"):
+                        yield f"{name}.{pname}", p, gates
+
+    def __call__(self, optimizer, args, kwargs) -> None:
+        self.steps.append({name: full(p.grad).view(gates, -1).norm(dim=1).tolist()
+                           for name, p, gates in self.gated() if p.grad is not None})
+
+    def close(self) -> None:
+        steps, self.steps = self.steps, []
+        out = {}
+        for name, p, gates in self.gated():
+            seen = [s[name] for s in steps if name in s]
+            out[name] = {"norm": [sum(s[g] for s in seen) / len(seen) for g in range(gates)], "steps": len(seen),
+                         "weight_norm": full(p.detach()).view(gates, -1).norm(dim=1).tolist()}
+        self.windows.append(out)
+
+
+def local(step: int, world_of_data: int, index: int):
+    """This data-parallel rank's part of the step's batch of 12 sequences."""
+    x, y = batch(step, (12, 10))
+    per = 12 // world_of_data
+    return x[index * per:(index + 1) * per], y[index * per:(index + 1) * per]
+
+
+def sharded_recurrent(replicas: int = 1, columns: bool = False, micro: int = 1, through_time: bool = False) -> dict:
+    """FSDP2 (or HSDP with ``replicas`` > 1) of Recurrent: the LSTM and the GRU units of their own and
+    the root; ``columns``: the 2-D weights whose columns divide by the world sharded on dim 1 (``shard_placement_fn``); ``micro``
+    micro-batches with the gradient sync off but on the last."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    mesh = (init_device_mesh("cpu", (replicas, world // replicas), mesh_dim_names=("replicate", "shard"))
+            if replicas > 1 else init_device_mesh("cpu", (world,)))
+    torch.manual_seed(0)
+    model = Recurrent()
+    kw = {"mesh": mesh}
+    if columns:
+        # FSDP2 shards dim 1 only evenly: the weights whose columns divide, the rest on rows
+        kw["shard_placement_fn"] = lambda p: Shard(1) if p.dim() == 2 and p.shape[1] % world == 0 else Shard(0)
+    for unit in (model.lstm, model.gru):
+        fully_shard(unit, **kw)
+    fully_shard(model, **kw)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
+    oracle = GateOracle(model)
+    handle = optimizer.register_step_pre_hook(oracle)
+    windows, times = [], []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with GradientMonitor(model, None, activations=False, through_time=through_time) as monitor:
+            for step in range(STEPS):
+                x, y = local(step, world, rank)
+                optimizer.zero_grad()
+                for m, (xs, ys) in enumerate(zip(x.chunk(micro), y.chunk(micro))):
+                    last = m == micro - 1
+                    model.set_requires_gradient_sync(last)
+                    nn.functional.mse_loss(model(xs), ys).backward()
+                optimizer.step()
+                if (step + 1) % WINDOW == 0:
+                    monitor.log(step)
+                    window = monitor.history[-1]
+                    windows.append({"gates": window.gates, "rows": {n: r["norm"] for n, r in window.gradients.items()}})
+                    times.append(repr(window.time))
+                    oracle.close()
+    handle.remove()
+    return {"windows": windows, "oracle": oracle.windows, "time": times,
+            "warnings": [str(w.message)[:300] for w in caught],
+            "shards": {n: list(p.to_local().shape) for n, p in model.named_parameters()}}
+
+
+CASES = {
+    "fsdp-gates": sharded_recurrent,
+    "fsdp-gates-columns": lambda: sharded_recurrent(columns=True),
+    "fsdp-gates-accumulate": lambda: sharded_recurrent(micro=3),
+    "hsdp-gates": lambda: sharded_recurrent(replicas=2),
+}
+
+
+def main() -> None:
+    run_cases(CASES, tail=3000)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""Break tests (brk15c) of the monitor on sharded models: per-gate rows (``Window.gates``) of LSTM/GRU
+weights under FSDP2 on 2 and 3 ranks (shard boundaries on and inside gates, ``Shard(1)`` columns,
+gradient accumulation with the sync off) and HSDP 2x2 on 4 ranks.
+
+The oracle (brk15c_run.py): each gated gradient the step applies, ``full_tensor()`` in float64 at an
+optimizer step pre-hook, cut into its gates by hand; each gate's L2 norm averaged over the window's
+steps, each gate's weight norm from the full weight at the window's end.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch.distributed.fsdp")
+
+from sharded_launch import launch  # noqa: E402
+
+SCRIPT = Path(__file__).with_name("brk15c_run.py")
+GATED = ("lstm.weight_ih_l0", "lstm.weight_hh_l0", "lstm.weight_ih_l0_reverse", "lstm.weight_hh_l0_reverse",
+         "gru.weight_ih_l0", "gru.weight_hh_l0")
+
+
+@pytest.fixture(scope="module")
+def two(tmp_path_factory):
+    return launch(tmp_path_factory.mktemp("brk15c2"), 2, ["fsdp-gates", "fsdp-gates-columns",
+                                                          "fsdp-gates-accumulate"], timeout=200, script=SCRIPT)
+
+
+@pytest.fixture(scope="module")
+def three(tmp_path_factory):
+    return launch(tmp_path_factory.mktemp("brk15c3"), 3, ["fsdp-gates"], timeout=200, script=SCRIPT)
+
+
+@pytest.fixture(scope="module")
+def four(tmp_path_factory):
+    return launch(tmp_path_factory.mktemp("brk15c4"), 4, ["hsdp-gates"], timeout=240, script=SCRIPT)
+
+
+def ran(runs, case: str) -> list[dict]:
+    results, errors = runs
+    for rank, result in enumerate(results[case]):
+        assert result is not None and "crash" not in result, f"{case} rank {rank}: {result and result['crash']} {errors[rank]}"
+    return results[case]
+
+
+def check_gates(case: str, ranks: list[dict]) -> None:
+    """Every rank's gate rows equal rank 0's and the oracle's (1e-6 relative), every gated weight has them."""
+    for rank, result in enumerate(ranks):
+        assert result["windows"] == ranks[0]["windows"], f"{case}: rank {rank}'s windows differ from rank 0's"
+        assert not [w for w in result["warnings"] if "per-gate" in w], (case, result["warnings"])
+        assert len(result["windows"]) == len(result["oracle"]) == 2, case
+        for window, oracle in zip(result["windows"], result["oracle"]):
+            assert sorted(window["gates"]) == sorted(GATED), (case, sorted(window["gates"]))
+            for name in GATED:
+                rows, expected = list(window["gates"][name].values()), oracle[name]
+                assert [r["steps"] for r in rows] == [expected["steps"]] * len(rows), (case, name)
+                for field in ("norm", "weight_norm"):
+                    got = [r[field] for r in rows]
+                    assert got == pytest.approx(expected[field], rel=1e-6), (case, rank, name, field)
+
+
+@pytest.mark.parametrize("case", ["fsdp-gates", "fsdp-gates-columns", "fsdp-gates-accumulate"],
+                         ids=["rows", "columns", "accumulate"])
+def test_gates_of_sharded_weights_on_two_ranks(two, case):
+    check_gates(case, ran(two, case))
+
+
+def test_gates_cut_by_shards_on_three_ranks(three):
+    ranks = ran(three, "fsdp-gates")
+    assert [r["shards"]["lstm.weight_ih_l0"][0] for r in ranks] == [7, 7, 6]     # boundaries inside gates of 5
+    check_gates("fsdp-gates", ranks)
+
+
+def test_gates_under_hsdp_on_four_ranks(four):
+    check_gates("hsdp-gates", ran(four, "hsdp-gates"))
