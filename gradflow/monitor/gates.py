@@ -219,7 +219,7 @@ class ShardedGates(Gates):
             if grad is None or grad.layout != torch.strided:
                 continue
             present.append(j)
-            grad = grad.detach().reshape(grad.shape[0], -1)
+            grad = grad.detach().flatten(1)       # rows; an empty shard's (0, in) too
             for start, stop, gate in self.runs[j]:
                 views.append(grad[start:stop])
                 rows.append(self.offsets[j] + gate)
@@ -248,7 +248,7 @@ class ShardedGates(Gates):
         squares = torch.zeros(self.width, dtype=torch.float64, device=self.by_step.device)
         views, rows = [], []
         for j, i in enumerate(self.indices):
-            weight = local(self.params[i]).detach().reshape(local(self.params[i]).shape[0], -1)
+            weight = local(self.params[i]).detach().flatten(1)
             for start, stop, gate in self.runs[j]:
                 views.append(weight[start:stop])
                 rows.append(self.offsets[j] + gate)

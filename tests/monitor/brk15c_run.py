@@ -14,8 +14,6 @@ monitor's warnings.
 
 from __future__ import annotations
 
-import contextlib
-import math
 import os
 import sys
 import warnings
@@ -88,10 +86,14 @@ def local(step: int, world_of_data: int, index: int):
     return x[index * per:(index + 1) * per], y[index * per:(index + 1) * per]
 
 
-def sharded_recurrent(replicas: int = 1, columns: bool = False, micro: int = 1, through_time: bool = False) -> dict:
+def sharded_recurrent(replicas: int = 1, columns: bool = False, micro: int = 1, clip: float | None = None,
+                      mixed: bool = False) -> dict:
     """FSDP2 (or HSDP with ``replicas`` > 1) of Recurrent: the LSTM and the GRU units of their own and
-    the root; ``columns``: the 2-D weights whose columns divide by the world sharded on dim 1 (``shard_placement_fn``); ``micro``
-    micro-batches with the gradient sync off but on the last."""
+    the root; ``columns``: the 2-D weights whose columns divide by the world sharded on dim 1
+    (``shard_placement_fn``); ``micro`` micro-batches with the gradient sync off but on the last;
+    ``clip``: clip_grad_norm_ over the DTensor gradients before each step; ``mixed``: the LSTM
+    sharded alone, the GRU and head plain tensors, every rank on the whole batch (the plain
+    gradients are then the applied ones). Through time is on (the default): said, not recorded."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard
@@ -105,23 +107,24 @@ def sharded_recurrent(replicas: int = 1, columns: bool = False, micro: int = 1, 
     if columns:
         # FSDP2 shards dim 1 only evenly: the weights whose columns divide, the rest on rows
         kw["shard_placement_fn"] = lambda p: Shard(1) if p.dim() == 2 and p.shape[1] % world == 0 else Shard(0)
-    for unit in (model.lstm, model.gru):
+    for unit in (model.lstm,) if mixed else (model.lstm, model.gru, model):
         fully_shard(unit, **kw)
-    fully_shard(model, **kw)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
     oracle = GateOracle(model)
     handle = optimizer.register_step_pre_hook(oracle)
     windows, times = [], []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with GradientMonitor(model, None, activations=False, through_time=through_time) as monitor:
+        with GradientMonitor(model, None, activations=False) as monitor:
             for step in range(STEPS):
-                x, y = local(step, world, rank)
+                x, y = local(step, 1, 0) if mixed else local(step, world, rank)
                 optimizer.zero_grad()
                 for m, (xs, ys) in enumerate(zip(x.chunk(micro), y.chunk(micro))):
                     last = m == micro - 1
-                    model.set_requires_gradient_sync(last)
+                    (model.lstm if mixed else model).set_requires_gradient_sync(last)
                     nn.functional.mse_loss(model(xs), ys).backward()
+                if clip is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
                 optimizer.step()
                 if (step + 1) % WINDOW == 0:
                     monitor.log(step)
@@ -132,13 +135,15 @@ def sharded_recurrent(replicas: int = 1, columns: bool = False, micro: int = 1, 
     handle.remove()
     return {"windows": windows, "oracle": oracle.windows, "time": times,
             "warnings": [str(w.message)[:300] for w in caught],
-            "shards": {n: list(p.to_local().shape) for n, p in model.named_parameters()}}
+            "shards": {n: list(getattr(p, "to_local", lambda: p)().shape) for n, p in model.named_parameters()}}
 
 
 CASES = {
     "fsdp-gates": sharded_recurrent,
     "fsdp-gates-columns": lambda: sharded_recurrent(columns=True),
     "fsdp-gates-accumulate": lambda: sharded_recurrent(micro=3),
+    "fsdp-gates-clip": lambda: sharded_recurrent(clip=0.05),
+    "fsdp-gates-mixed": lambda: sharded_recurrent(mixed=True),
     "hsdp-gates": lambda: sharded_recurrent(replicas=2),
 }
 

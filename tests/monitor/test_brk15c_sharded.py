@@ -18,14 +18,14 @@ pytest.importorskip("torch.distributed.fsdp")
 from sharded_launch import launch  # noqa: E402
 
 SCRIPT = Path(__file__).with_name("brk15c_run.py")
+TWO = ["fsdp-gates", "fsdp-gates-columns", "fsdp-gates-accumulate", "fsdp-gates-clip", "fsdp-gates-mixed"]
 GATED = ("lstm.weight_ih_l0", "lstm.weight_hh_l0", "lstm.weight_ih_l0_reverse", "lstm.weight_hh_l0_reverse",
          "gru.weight_ih_l0", "gru.weight_hh_l0")
 
 
 @pytest.fixture(scope="module")
 def two(tmp_path_factory):
-    return launch(tmp_path_factory.mktemp("brk15c2"), 2, ["fsdp-gates", "fsdp-gates-columns",
-                                                          "fsdp-gates-accumulate"], timeout=200, script=SCRIPT)
+    return launch(tmp_path_factory.mktemp("brk15c2"), 2, TWO, timeout=200, script=SCRIPT)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +35,7 @@ def three(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def four(tmp_path_factory):
-    return launch(tmp_path_factory.mktemp("brk15c4"), 4, ["hsdp-gates"], timeout=240, script=SCRIPT)
+    return launch(tmp_path_factory.mktemp("brk15c4"), 4, ["hsdp-gates", "fsdp-gates"], timeout=240, script=SCRIPT)
 
 
 def ran(runs, case: str) -> list[dict]:
@@ -61,8 +61,7 @@ def check_gates(case: str, ranks: list[dict]) -> None:
                     assert got == pytest.approx(expected[field], rel=1e-6), (case, rank, name, field)
 
 
-@pytest.mark.parametrize("case", ["fsdp-gates", "fsdp-gates-columns", "fsdp-gates-accumulate"],
-                         ids=["rows", "columns", "accumulate"])
+@pytest.mark.parametrize("case", TWO, ids=["rows", "columns", "accumulate", "clip", "mixed-plain"])
 def test_gates_of_sharded_weights_on_two_ranks(two, case):
     check_gates(case, ran(two, case))
 
@@ -75,3 +74,18 @@ def test_gates_cut_by_shards_on_three_ranks(three):
 
 def test_gates_under_hsdp_on_four_ranks(four):
     check_gates("hsdp-gates", ran(four, "hsdp-gates"))
+
+
+def test_gates_with_an_empty_shard_on_four_ranks(four):
+    ranks = ran(four, "fsdp-gates")
+    assert [r["shards"]["gru.weight_ih_l0"][0] for r in ranks] == [3, 3, 3, 0]    # rank 3 holds none of 9 rows
+    check_gates("fsdp-gates", ranks)
+
+
+def test_through_time_on_a_sharded_lstm_is_said_on_every_rank(two):
+    """Through time cannot unroll FSDP2's LSTM (its unsharded weights live only inside the unit's
+    forward and backward): Window.time stays empty and one warning at attach says so, on every rank."""
+    for result in ran(two, "fsdp-gates"):
+        assert result["time"] == ["{}", "{}"]
+        said = [w for w in result["warnings"] if "through time is not recorded" in w]
+        assert len(said) == 1 and "DTensor" in said[0], result["warnings"]
