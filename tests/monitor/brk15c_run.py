@@ -66,14 +66,17 @@ class GateOracle:
                         yield f"{name}.{pname}", p, gates
 
     def __call__(self, optimizer, args, kwargs) -> None:
+        stepped = {id(p) for group in optimizer.param_groups for p in group["params"]}
         self.steps.append({name: full(p.grad).view(gates, -1).norm(dim=1).tolist()
-                           for name, p, gates in self.gated() if p.grad is not None})
+                           for name, p, gates in self.gated() if p.grad is not None and id(p) in stepped})
 
     def close(self) -> None:
         steps, self.steps = self.steps, []
         out = {}
         for name, p, gates in self.gated():
             seen = [s[name] for s in steps if name in s]
+            if not seen:                          # frozen: no gradient, no gate rows
+                continue
             out[name] = {"norm": [sum(s[g] for s in seen) / len(seen) for g in range(gates)], "steps": len(seen),
                          "weight_norm": full(p.detach()).view(gates, -1).norm(dim=1).tolist()}
         self.windows.append(out)
@@ -87,13 +90,16 @@ def local(step: int, world_of_data: int, index: int):
 
 
 def sharded_recurrent(replicas: int = 1, columns: bool = False, micro: int = 1, clip: float | None = None,
-                      mixed: bool = False) -> dict:
+                      mixed: bool = False, split: bool = False, frozen: bool = False, manual: bool = False) -> dict:
     """FSDP2 (or HSDP with ``replicas`` > 1) of Recurrent: the LSTM and the GRU units of their own and
     the root; ``columns``: the 2-D weights whose columns divide by the world sharded on dim 1
     (``shard_placement_fn``); ``micro`` micro-batches with the gradient sync off but on the last;
     ``clip``: clip_grad_norm_ over the DTensor gradients before each step; ``mixed``: the LSTM
     sharded alone, the GRU and head plain tensors, every rank on the whole batch (the plain
-    gradients are then the applied ones). Through time is on (the default): said, not recorded."""
+    gradients are then the applied ones); ``split``: SGD over the LSTM stepped before AdamW over the
+    rest (one step of the monitor's); ``frozen``: the LSTM's reverse weight_hh frozen before sharding;
+    ``manual``: automatic=False and record() before the step. Through time is on (the default):
+    said, not recorded."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import Shard
@@ -103,36 +109,47 @@ def sharded_recurrent(replicas: int = 1, columns: bool = False, micro: int = 1, 
             if replicas > 1 else init_device_mesh("cpu", (world,)))
     torch.manual_seed(0)
     model = Recurrent()
+    if frozen:
+        model.lstm.weight_hh_l0_reverse.requires_grad_(False)
     kw = {"mesh": mesh}
     if columns:
         # FSDP2 shards dim 1 only evenly: the weights whose columns divide, the rest on rows
         kw["shard_placement_fn"] = lambda p: Shard(1) if p.dim() == 2 and p.shape[1] % world == 0 else Shard(0)
     for unit in (model.lstm,) if mixed else (model.lstm, model.gru, model):
         fully_shard(unit, **kw)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    lstm = {id(p) for p in model.lstm.parameters()}
+    optimizers = ([torch.optim.SGD([p for p in trained if id(p) in lstm], lr=0.05),
+                   torch.optim.AdamW([p for p in trained if id(p) not in lstm], lr=0.05)] if split
+                  else [torch.optim.AdamW(trained, lr=0.05)])
     oracle = GateOracle(model)
-    handle = optimizer.register_step_pre_hook(oracle)
+    handles = [optimizer.register_step_pre_hook(oracle) for optimizer in optimizers]
     windows, times = [], []
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        with GradientMonitor(model, None, activations=False) as monitor:
+        with GradientMonitor(model, None, activations=False, automatic=not manual) as monitor:
             for step in range(STEPS):
                 x, y = local(step, 1, 0) if mixed else local(step, world, rank)
-                optimizer.zero_grad()
+                for optimizer in optimizers:
+                    optimizer.zero_grad()
                 for m, (xs, ys) in enumerate(zip(x.chunk(micro), y.chunk(micro))):
                     last = m == micro - 1
                     (model.lstm if mixed else model).set_requires_gradient_sync(last)
                     nn.functional.mse_loss(model(xs), ys).backward()
                 if clip is not None:
                     torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-                optimizer.step()
+                if manual:
+                    monitor.record()
+                for optimizer in optimizers:
+                    optimizer.step()
                 if (step + 1) % WINDOW == 0:
                     monitor.log(step)
                     window = monitor.history[-1]
                     windows.append({"gates": window.gates, "rows": {n: r["norm"] for n, r in window.gradients.items()}})
                     times.append(repr(window.time))
                     oracle.close()
-    handle.remove()
+    for handle in handles:
+        handle.remove()
     return {"windows": windows, "oracle": oracle.windows, "time": times,
             "warnings": [str(w.message)[:300] for w in caught],
             "shards": {n: list(getattr(p, "to_local", lambda: p)().shape) for n, p in model.named_parameters()}}
@@ -144,6 +161,9 @@ CASES = {
     "fsdp-gates-accumulate": lambda: sharded_recurrent(micro=3),
     "fsdp-gates-clip": lambda: sharded_recurrent(clip=0.05),
     "fsdp-gates-mixed": lambda: sharded_recurrent(mixed=True),
+    "fsdp-gates-split": lambda: sharded_recurrent(split=True),
+    "fsdp-gates-frozen": lambda: sharded_recurrent(frozen=True),
+    "fsdp-gates-manual": lambda: sharded_recurrent(manual=True, micro=2),
     "hsdp-gates": lambda: sharded_recurrent(replicas=2),
 }
 
