@@ -169,6 +169,18 @@ def reshard_stand_ins(model) -> None:
             unit.reshard()
 
 
+def _misaligned(recorded: int, most: int, fewest: int, closed: int, ahead: int, behind: int) -> str | None:
+    """What to say when the ranks closed a window after different steps (None when they did not):
+    ``recorded``/``closed``: this rank's steps in the window and since attaching; ``most``/``fewest``,
+    ``ahead``/``behind``: the same over the world."""
+    if most == fewest and ahead == behind:
+        return None
+    return (f"the ranks closed this window after different optimizer steps (steps recorded in it: {fewest} to {most}, "
+            f"{recorded} here; since attaching: {behind} to {ahead}, {closed} here): log() was called at different "
+            "steps on different ranks, so each rank's per-step norms add up shards of different steps and the "
+            "ranks' rows differ. Call log() on every rank after the same optimizer step")
+
+
 @dataclass(frozen=True)
 class GroupKey:
     """Parameters whose statistics reduce together: the same mesh (its ranks, in mesh order, and
@@ -253,6 +265,8 @@ class ShardLayout:
         self.keep: set[int] = set()
         self.kept: dict[int, torch.Tensor] = {}
         self.step = 0
+        self.closed = 0              # steps recorded since attaching, at the last window's close
+        self.misaligned: str | None = None     # the last close's word on ranks that closed other steps
         self._wait_for_every_rank(names, params, parts)
         self._world_group = dist.new_group(list(range(self.world)), timeout=self.timeout)
         self._made = [self._world_group]                 # every group made, ours to destroy
@@ -397,7 +411,11 @@ class ShardLayout:
         group; sharded statistics need a group per mesh and sharded dims, rows of replicated
         parameters left alone, and the per-step rows for the norms: hence this step before it.
 
-        Collectives, on every rank in the same order: one MAX of the step count over the world, then
+        Ranks that recorded other numbers of steps in this window or since attaching (``log()``
+        called after another step on some rank) leave their word in ``misaligned`` (the gradients
+        part warns it): their per-step rows are added as if the same steps.
+
+        Collectives, on every rank in the same order: one MAX of the step counts over the world, then
         per group one SUM and one MAX all-reduce, each of one flat float64 tensor; with the
         first-non-finite part, one MAX of its keys over the world.
         ``recorded``: the steps this rank recorded.
@@ -410,9 +428,12 @@ class ShardLayout:
 
         from gradflow.monitor.part import Reduced
 
-        header = torch.tensor([float(recorded)], dtype=torch.float64, device=self.device)
+        self.closed += recorded
+        # MAX of (n, -n) is the most and the fewest over the ranks, in the one collective
+        header = torch.tensor([recorded, -recorded, self.closed, -self.closed], dtype=torch.float64, device=self.device)
         self._all_reduce(header, op=dist.ReduceOp.MAX, group=self._world_group)
-        steps = int(header.item())
+        steps, fewest, ahead, behind = (int(v) for v in header.tolist())
+        self.misaligned = _misaligned(recorded, steps, -fewest, self.closed, ahead, -behind)
         rows = self.rows[:steps].clone()
         if steps > rows.shape[0]:
             rows = torch.cat([rows, rows.new_zeros(steps - rows.shape[0], *rows.shape[1:])])

@@ -14,6 +14,7 @@ monitor's warnings.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 import warnings
@@ -155,7 +156,41 @@ def sharded_recurrent(replicas: int = 1, columns: bool = False, micro: int = 1, 
             "shards": {n: list(getattr(p, "to_local", lambda: p)().shape) for n, p in model.named_parameters()}}
 
 
+def log_skew() -> dict:
+    """FSDP2 of a Linear stack on 2 ranks, 4 steps: rank 0 calls log() after the optimizer step of
+    steps 1 and 3, rank 1 after their backward, before the step (its windows hold steps 0; 1, 2; and
+    3 after the loop). No collective of the training comes between, so nothing hangs."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 8), nn.Tanh(), nn.Linear(8, 3))
+    fully_shard(model, mesh=mesh)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    totals, norms = [], []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with GradientMonitor(model, None, activations=False) as monitor:
+            for step in range(STEPS):
+                x, y = local(step, world, rank)
+                optimizer.zero_grad()
+                nn.functional.mse_loss(model(x), y).backward()
+                norms.append(math.sqrt(sum(float(full(p.grad).square().sum()) for p in model.parameters())))
+                late = (step + 1) % WINDOW == 0
+                if late and rank == 1:
+                    monitor.log(step)
+                optimizer.step()
+                if late and rank == 0:
+                    monitor.log(step)
+                if late:
+                    totals.append(monitor.history[-1].overall["total_norm"])
+    return {"totals": totals, "norms": norms, "warnings": [str(w.message)[:400] for w in caught]}
+
+
 CASES = {
+    "log-skew": log_skew,
     "fsdp-gates": sharded_recurrent,
     "fsdp-gates-columns": lambda: sharded_recurrent(columns=True),
     "fsdp-gates-accumulate": lambda: sharded_recurrent(micro=3),
