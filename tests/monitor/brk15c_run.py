@@ -153,7 +153,7 @@ def sharded_recurrent(replicas: int = 1, columns: bool = False, micro: int = 1, 
         handle.remove()
     return {"windows": windows, "oracle": oracle.windows, "time": times,
             "warnings": [str(w.message)[:300] for w in caught],
-            "shards": {n: list(getattr(p, "to_local", lambda: p)().shape) for n, p in model.named_parameters()}}
+            "shards": {n: list((p.to_local() if hasattr(p, "to_local") else p).shape) for n, p in model.named_parameters()}}
 
 
 def log_skew() -> dict:
