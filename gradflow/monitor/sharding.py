@@ -223,8 +223,21 @@ def group_key(param: torch.Tensor) -> GroupKey | None:
                                "reads Shard and Replicate parameters only")
     if not dims:
         return None
-    mesh = param.device_mesh
+    mesh, dims = _in_root_mesh(param.device_mesh, dims)
     return GroupKey(tuple(mesh.mesh.flatten().tolist()), tuple(mesh.mesh.shape), tuple(dims))
+
+
+def _in_root_mesh(mesh, dims: list[int]) -> tuple:
+    """A sub-mesh's dims as dims of the mesh it was sliced from (FSDP2 over tensor parallel: a layer
+    with no tensor-parallel plan is sharded on ``mesh["dp"]`` alone, ranks 0, 2 on some ranks and 1, 3
+    on the others): the same groups on every rank, and the root's other dims hold copies (not
+    reduced, as ``Replicate``). A sub-mesh whose dims are not named dims of its root (a flattened
+    one) is left as it is: a mesh that does not span the world is then refused."""
+    root = mesh._get_root_mesh() if hasattr(mesh, "_get_root_mesh") else mesh
+    names, root_names = getattr(mesh, "mesh_dim_names", None), getattr(root, "mesh_dim_names", None)
+    if root is mesh or not names or not root_names or not set(names) <= set(root_names):
+        return mesh, dims
+    return root, sorted(root_names.index(names[d]) for d in dims)
 
 
 class ShardLayout:

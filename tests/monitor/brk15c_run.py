@@ -26,7 +26,7 @@ from torch import nn
 torch.set_num_threads(1)
 sys.path.insert(0, os.path.dirname(__file__))
 
-from sharded_run import batch, full, run_cases  # noqa: E402
+from sharded_run import Oracle, TPBlock, batch, full, run_cases  # noqa: E402
 
 from gradflow.monitor import GradientMonitor  # noqa: E402
 
@@ -189,7 +189,45 @@ def log_skew() -> dict:
     return {"totals": totals, "norms": norms, "warnings": [str(w.message)[:400] for w in caught]}
 
 
+def fsdp_tp_plain_norm() -> dict:
+    """FSDP2 over tensor parallel on a 2x2 (dp, tp) mesh, torchtitan's way, with a LayerNorm that has
+    no tensor-parallel plan (sequence parallel off): its parameters are DTensors on the dp sub-mesh
+    only (ranks 0, 2 or 1, 3), the Linear layers' on both dims."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+    torch.manual_seed(0)
+    model = TPBlock()
+    parallelize_module(model, mesh["tp"], {"up": ColwiseParallel(), "down": RowwiseParallel()})
+    fully_shard(model, mesh=mesh["dp"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    oracle = Oracle(model)
+    handle = optimizer.register_step_pre_hook(oracle)
+    dp = mesh.get_coordinate()[0]
+    windows = []
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with GradientMonitor(model, None, activations=False) as monitor:
+            for step in range(STEPS):
+                x, y = batch(step, (4, 6, 8))
+                x, y = x[dp * 2:(dp + 1) * 2], y[dp * 2:(dp + 1) * 2]
+                optimizer.zero_grad()
+                nn.functional.mse_loss(model(x), y).backward()
+                optimizer.step()
+                if (step + 1) % WINDOW == 0:
+                    monitor.log(step)
+                    window = monitor.history[-1]
+                    windows.append({"rows": window.gradients, "overall": window.overall})
+                    oracle.close()
+    handle.remove()
+    return {"windows": windows, "oracle": oracle.windows, "warnings": [str(w.message)[:300] for w in caught],
+            "placements": {n: f"{p.device_mesh.mesh.tolist()} {p.placements}" for n, p in model.named_parameters()}}
+
+
 CASES = {
+    "fsdp-tp-plain-norm": fsdp_tp_plain_norm,
     "log-skew": log_skew,
     "fsdp-gates": sharded_recurrent,
     "fsdp-gates-columns": lambda: sharded_recurrent(columns=True),

@@ -38,7 +38,8 @@ def three(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def four(tmp_path_factory):
-    return launch(tmp_path_factory.mktemp("brk15c4"), 4, ["hsdp-gates", "fsdp-gates"], timeout=240, script=SCRIPT)
+    return launch(tmp_path_factory.mktemp("brk15c4"), 4, ["hsdp-gates", "fsdp-gates", "fsdp-tp-plain-norm"], timeout=300,
+                  script=SCRIPT)
 
 
 def ran(runs, case: str) -> list[dict]:
@@ -107,3 +108,20 @@ def test_ranks_that_log_after_different_steps_are_told(two):
     for rank, result in enumerate(ranks):
         said = [w for w in result["warnings"] if "different optimizer steps" in w]
         assert len(said) == 1 and f"1 to 2, {2 - rank} here" in said[0], result["warnings"]
+
+
+def test_fsdp_over_tp_with_a_layer_on_the_dp_mesh_only(four):
+    """FSDP2 over tensor parallel on a 2x2 (dp, tp) mesh with a LayerNorm that has no tensor-parallel
+    plan: its parameters live on the dp sub-mesh (ranks 0, 2 or 1, 3). The attach raised 'norm.weight
+    lives on a device mesh of ranks [0, 2], not every rank of the world (4)' on every rank; the
+    sub-mesh is now read as a dim of its root mesh and every row matches the applied gradient."""
+    ranks = ran(four, "fsdp-tp-plain-norm")
+    assert ranks[0]["placements"]["norm.weight"] == "[0, 2] (Shard(dim=0),)"
+    for result in ranks:
+        assert result["windows"] == ranks[0]["windows"]
+        for window, oracle in zip(result["windows"], result["oracle"]):
+            assert sorted(window["rows"]) == sorted(oracle["rows"])
+            for name, expected in oracle["rows"].items():
+                for field in ("norm", "max_abs", "mean_abs", "zero_fraction"):
+                    assert window["rows"][name][field] == pytest.approx(expected[field], rel=1e-6, abs=1e-12), (name, field)
+            assert window["overall"]["total_norm"] == pytest.approx(oracle["total_norm"], rel=1e-6)
