@@ -226,7 +226,44 @@ def fsdp_tp_plain_norm() -> dict:
             "placements": {n: f"{p.device_mesh.mesh.tolist()} {p.placements}" for n, p in model.named_parameters()}}
 
 
+class Poison(nn.Module):
+    """Multiplies by NaN while ``armed`` (set on one rank at one step), else passes its input on."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.armed = False
+
+    def forward(self, x):
+        return x * float("nan") if self.armed else x * 1.0
+
+
+def nan_in_one_ranks_layer() -> dict:
+    """FSDP2 of a Linear stack on 2 ranks with nonfinite=True: at step 1 rank 1's module ``2`` makes a
+    NaN in its forward; rank 0 sees it only through the gradient's reduce-scatter (its next forward).
+    Every rank should name rank 1's module."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    world, rank = dist.get_world_size(), dist.get_rank()
+    mesh = init_device_mesh("cpu", (world,))
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 8), nn.Tanh(), Poison(), nn.Linear(8, 3))
+    fully_shard(model, mesh=mesh)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    with GradientMonitor(model, None, activations=False, nonfinite=True) as monitor:
+        for step in range(3):
+            model[2].armed = rank == 1 and step == 1
+            x, y = local(step, world, rank)
+            optimizer.zero_grad()
+            nn.functional.mse_loss(model(x), y).backward()
+            optimizer.step()
+        monitor.log(2)
+    source = monitor.history[-1].first_nonfinite
+    return {"source": None if source is None else [source.module, source.phase, source.step]}
+
+
 CASES = {
+    "nan-in-one-ranks-layer": nan_in_one_ranks_layer,
     "fsdp-tp-plain-norm": fsdp_tp_plain_norm,
     "log-skew": log_skew,
     "fsdp-gates": sharded_recurrent,

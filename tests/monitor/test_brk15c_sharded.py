@@ -28,7 +28,7 @@ GATED = ("lstm.weight_ih_l0", "lstm.weight_hh_l0", "lstm.weight_ih_l0_reverse", 
 
 @pytest.fixture(scope="module")
 def two(tmp_path_factory):
-    return launch(tmp_path_factory.mktemp("brk15c2"), 2, [*TWO, "log-skew"], timeout=200, script=SCRIPT)
+    return launch(tmp_path_factory.mktemp("brk15c2"), 2, [*TWO, "log-skew", "nan-in-one-ranks-layer"], timeout=200, script=SCRIPT)
 
 
 @pytest.fixture(scope="module")
@@ -125,3 +125,9 @@ def test_fsdp_over_tp_with_a_layer_on_the_dp_mesh_only(four):
                 for field in ("norm", "max_abs", "mean_abs", "zero_fraction"):
                     assert window["rows"][name][field] == pytest.approx(expected[field], rel=1e-6, abs=1e-12), (name, field)
             assert window["overall"]["total_norm"] == pytest.approx(oracle["total_norm"], rel=1e-6)
+
+
+def test_a_nan_made_in_one_ranks_layer_is_named_on_every_rank(two):
+    """Rank 1's module 2 makes a NaN in its forward at step 1; rank 0 gets it only through the
+    gradient's reduce-scatter. Both ranks name rank 1's module, pass and step (was fine)."""
+    assert [r["source"] for r in ran(two, "nan-in-one-ranks-layer")] == [["2", "forward", 1]] * 2
