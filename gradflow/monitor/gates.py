@@ -17,7 +17,9 @@ Per window, per gated parameter and gate: ``norm``, the mean over the steps of t
 norm of the gate's gradient rows (as the parameter rows' ``norm``), and ``weight_norm``, the L2
 norm of the gate's weight rows at the window's end. Recorded for ``members`` == 1 only: a
 batched model (``members`` K > 1) stacks every parameter on a leading member dimension, which a
-stock ``nn.LSTM``/``nn.GRU`` does not have.
+stock ``nn.LSTM``/``nn.GRU`` does not have. A sharded model (DTensor weights: FSDP2, HSDP) gets
+``ShardedGates``: a shard may hold part of a gate, so each step's local squared gate norms are
+summed over the shard group at the window's close before the square root.
 
 Example:
     >>> lstm = nn.LSTM(3, 2, num_layers=2)
@@ -37,7 +39,7 @@ from torch import nn
 from gradflow.monitor import columns as C
 from gradflow.monitor import stats as S
 from gradflow.monitor.part import Part, Reduced, Setup, moved
-from gradflow.monitor.sharding import local
+from gradflow.monitor.sharding import local, local_rows
 from gradflow.monitor.steps import ALL
 from gradflow.monitor.window import tag_path
 
@@ -77,14 +79,9 @@ class Gates(Part):
         if setup.members != 1:                    # no member dimension in a stock nn.LSTM
             return None
         gated = gated_parameters(model, setup.names)
-        if setup.sharding is not None:            # a shard holds no whole gate rows: those weights get no gate rows
-            sharded = [setup.names[i] for i, _ in gated if setup.sharding.keys[i] is not None]
-            if sharded:
-                setup.warn("gates-sharded", f"per-gate rows are not recorded for sharded (DTensor) LSTM/GRU weights "
-                           f"({', '.join(sharded[:3])}{' ...' if len(sharded) > 3 else ''}): a shard holds no whole "
-                           "gate; their statistics stay whole in the parameter's row (Window.gates leaves them out)")
-            gated = [(i, gates) for i, gates in gated if setup.sharding.keys[i] is None]
-        return cls(model, setup, gated) if gated else None
+        if not gated:
+            return None
+        return ShardedGates(model, setup, gated) if setup.sharding is not None else cls(model, setup, gated)
 
     def __init__(self, model, setup: Setup, gated: list[tuple[int, tuple[str, ...]]]) -> None:
         super().__init__(model, setup)
@@ -163,6 +160,112 @@ class Gates(Part):
             out[names[i]] = {gate: dict(zip(C.GATE, (float(totals[start + g] / steps), float(weights[start + g]), steps)))
                              for g, gate in enumerate(self.gates[j])}
         return out
+
+
+def gate_runs(param: torch.Tensor, gates: int) -> list[tuple[int, int, int]]:
+    """(start, stop, gate) of each run of this rank's local rows of ``param`` that belong to one
+    gate (rows ``gate * H`` to ``(gate + 1) * H - 1`` of the full tensor): one run per gate whole
+    on this rank, two where a shard boundary cuts a gate, none for an empty shard."""
+    height = param.shape[0] // gates
+    owner = (local_rows(param) // height).tolist()
+    runs, start = [], 0
+    for row in range(1, len(owner) + 1):
+        if row == len(owner) or owner[row] != owner[start]:
+            runs.append((start, row, owner[start]))
+            start = row
+    return runs
+
+
+class ShardedGates(Gates):
+    """Per-gate rows of a sharded model's LSTM/GRU weights (FSDP2, HSDP: DTensor ``Shard(0)`` rows
+    cut anywhere, a gate split between ranks; ``Shard(1)`` columns), and of its plain ones.
+
+    A shard holds part of a gate, so a step's gate norm is not a sum of local norms: each step's
+    local squared norm of each gate's local rows (``gate_runs``) is kept per step, in the gradients'
+    step rows (``steps``: (steps, gate rows + one presence column per gated parameter)), and at the
+    window's close ``ShardLayout.reduce`` sums each column over its parameter's shard group in the
+    gradients' own SUM all-reduce (``share_columns``: no collective of its own); ``read`` then takes
+    each step's square root, as ``Gates`` keeps a step's norm. ``weights``: each gate's local squared
+    weight norm, summed alike. Reads the local gradients ``ShardLayout.local_grads`` resolved
+    (``Partial`` sums redistributed, unscaled) at the step.
+    """
+
+    def __init__(self, model, setup: Setup, gated: list[tuple[int, tuple[str, ...]]]) -> None:
+        super().__init__(model, setup, gated)
+        layout = setup.sharding
+        self.width = int(self.totals.numel())
+        self.runs = [gate_runs(setup.params[i], len(g)) for i, g in zip(self.indices, self.gates)]
+        self.by_step = torch.zeros(8, self.width + len(self.indices), dtype=torch.float64,
+                                   device=self.totals.device)
+        owners = [i for i, g in zip(self.indices, self.gates) for _ in g]
+        layout.share_columns("gates/steps", owners + self.indices, True, self.indices)
+        layout.share_columns("gates/weights", owners, False, [])
+
+    def move(self, device: torch.device) -> None:
+        super().move(device)
+        self.by_step = moved(self.by_step, device, wide=True)
+
+    def reset(self) -> None:
+        super().reset()
+        self.by_step.zero_()
+
+    def record(self, mask: tuple[bool, ...] | None = None) -> None:
+        """Add the step's local squared gate norms at the gradients' row of this step."""
+        layout = self.setup.sharding
+        kept, layout.kept = layout.kept, {}       # taken: no gradient is held past its step
+        present, views, rows = [], [], []
+        for j, i in enumerate(self.indices):
+            grad = kept.get(i)
+            if grad is None or grad.layout != torch.strided:
+                continue
+            present.append(j)
+            grad = grad.detach().flatten(1)       # rows; an empty shard's (0, in) too
+            for start, stop, gate in self.runs[j]:
+                views.append(grad[start:stop])
+                rows.append(self.offsets[j] + gate)
+        if not present:
+            return
+        step = layout.step
+        while step >= self.by_step.shape[0]:      # grow on the device: no host sync
+            self.by_step = torch.cat([self.by_step, torch.zeros_like(self.by_step)])
+        row = self.by_step[step]
+        if views:                                 # an empty shard adds only its presence
+            squares = torch.stack(torch._foreach_norm(views)).to(torch.float64).square_()
+            row.index_add_(0, self._rows_of(tuple(rows)), squares)
+        row.index_add_(0, self._rows_of(tuple(self.width + j for j in present)),
+                       torch.ones(len(present), dtype=torch.float64, device=row.device))
+
+    def _rows_of(self, rows: tuple[int, ...]) -> torch.Tensor:
+        """An index tensor of ``rows``, made once per pattern (a key of ``_rows``)."""
+        index = self._rows.get(rows)
+        if index is None:
+            index = self._rows[rows] = torch.tensor(rows, device=self.by_step.device)
+        return index
+
+    @torch.no_grad()
+    def weight_norms(self) -> torch.Tensor:
+        """(rows,) each gate's local squared weight norm (summed over the shard group at the close)."""
+        squares = torch.zeros(self.width, dtype=torch.float64, device=self.by_step.device)
+        views, rows = [], []
+        for j, i in enumerate(self.indices):
+            weight = local(self.params[i]).detach().flatten(1)
+            for start, stop, gate in self.runs[j]:
+                views.append(weight[start:stop])
+                rows.append(self.offsets[j] + gate)
+        if views:
+            squares.index_add_(0, self._rows_of(tuple(rows)), torch.stack(torch._foreach_norm(views)).double().square())
+        return squares
+
+    def device_tensors(self) -> dict[str, Reduced]:
+        return {"steps": Reduced(self.by_step), "weights": Reduced(self.weight_norms())}
+
+    def read(self, values: dict[str, np.ndarray], reader) -> None:
+        by_step = values["steps"]
+        present = by_step[:, self.width:] > 0
+        self.steps[:] = present.sum(0)
+        totals = np.sqrt(by_step[:, :self.width]).sum(0)
+        reader.windows[0].gates = self.rows(totals, np.sqrt(values["weights"]), self.setup.names)
+        reader.scalars[0].update(gate_scalars(reader.windows[0].gates))
 
 
 def gate_scalars(gates: dict[str, dict[str, dict[str, float]]]) -> dict[str, float]:

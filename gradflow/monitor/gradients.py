@@ -582,6 +582,8 @@ class Gradients(Part):
             for key, message in _gaps(self.setup.names, self.params, per_param, self.recorded, self.skipped_steps,
                                       self.removed, self._logged, self.skipped.tolist()):
                 self.setup.warn(key, message)
+        if self.sharding is not None and self.sharding.misaligned:    # ranks that logged after other steps
+            self.setup.warn("ranks-misaligned", self.sharding.misaligned)
         if self.recorded or self.skipped_steps:
             self._logged = _marks(self.params)
         most = max(steps, default=0)

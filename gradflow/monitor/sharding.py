@@ -98,6 +98,22 @@ def local_numel(tensor: torch.Tensor) -> int:
     return local(tensor).numel()
 
 
+def local_rows(param: torch.Tensor) -> torch.Tensor:
+    """The full tensor's index along dim 0 of each row of this rank's shard of ``param`` (a plain
+    tensor's: every row), with no collective: ``arange(rows)`` split as the placements split dim 0
+    (DTensor's own split, ``src_data_rank=None``: FSDP2's uneven chunks, an empty shard, HSDP's
+    replicate dim, a ``_StridedShard``); a placement that shards another dim leaves the rows whole."""
+    rows = torch.arange(param.shape[0], device=local(param).device)
+    if not is_dtensor(param):
+        return rows
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor, placement_types
+
+    strided = getattr(placement_types, "_StridedShard", Shard)
+    placements = [p if isinstance(p, (Shard, strided)) and p.dim in (0, -param.dim()) else Replicate()
+                  for p in param.placements]
+    return distribute_tensor(rows, param.device_mesh, placements, src_data_rank=None).to_local()
+
+
 def _seconds(variable: str, default: float) -> timedelta:
     value = os.environ.get(variable)
     if value is None:
@@ -153,6 +169,18 @@ def reshard_stand_ins(model) -> None:
             unit.reshard()
 
 
+def _misaligned(recorded: int, most: int, fewest: int, closed: int, ahead: int, behind: int) -> str | None:
+    """What to say when the ranks closed a window after different steps (None when they did not):
+    ``recorded``/``closed``: this rank's steps in the window and since attaching; ``most``/``fewest``,
+    ``ahead``/``behind``: the same over the world."""
+    if most == fewest and ahead == behind:
+        return None
+    return (f"the ranks closed this window after different optimizer steps (steps recorded in it: {fewest} to {most}, "
+            f"{recorded} here; since attaching: {behind} to {ahead}, {closed} here): log() was called at different "
+            "steps on different ranks, so each rank's per-step norms add up shards of different steps and the "
+            "ranks' rows differ. Call log() on every rank after the same optimizer step")
+
+
 @dataclass(frozen=True)
 class GroupKey:
     """Parameters whose statistics reduce together: the same mesh (its ranks, in mesh order, and
@@ -195,8 +223,21 @@ def group_key(param: torch.Tensor) -> GroupKey | None:
                                "reads Shard and Replicate parameters only")
     if not dims:
         return None
-    mesh = param.device_mesh
+    mesh, dims = _in_root_mesh(param.device_mesh, dims)
     return GroupKey(tuple(mesh.mesh.flatten().tolist()), tuple(mesh.mesh.shape), tuple(dims))
+
+
+def _in_root_mesh(mesh, dims: list[int]) -> tuple:
+    """A sub-mesh's dims as dims of the mesh it was sliced from (FSDP2 over tensor parallel: a layer
+    with no tensor-parallel plan is sharded on ``mesh["dp"]`` alone, ranks 0, 2 on some ranks and 1, 3
+    on the others): the same groups on every rank, and the root's other dims hold copies (not
+    reduced, as ``Replicate``). A sub-mesh whose dims are not named dims of its root (a flattened
+    one) is left as it is: a mesh that does not span the world is then refused."""
+    root = mesh._get_root_mesh() if hasattr(mesh, "_get_root_mesh") else mesh
+    names, root_names = getattr(mesh, "mesh_dim_names", None), getattr(root, "mesh_dim_names", None)
+    if root is mesh or not names or not root_names or not set(names) <= set(root_names):
+        return mesh, dims
+    return root, sorted(root_names.index(names[d]) for d in dims)
 
 
 class ShardLayout:
@@ -231,6 +272,14 @@ class ShardLayout:
         self._sentinel = torch.zeros(1, device=device)
         self._index: dict[tuple[int, ...], torch.Tensor] = {}   # rows of each pattern of present gradients
         self.timeout = _seconds("GRADFLOW_COLLECTIVE_TIMEOUT", COLLECTIVE_TIMEOUT_S)
+        # Another part's per-parameter columns, summed over each column's parameter's group with the
+        # gradients' sums (``share_columns``), and the local gradients it reads at each step (``kept``).
+        self.columns: dict[str, tuple[list[int], bool]] = {}
+        self.keep: set[int] = set()
+        self.kept: dict[int, torch.Tensor] = {}
+        self.step = 0
+        self.closed = 0              # steps recorded since attaching, at the last window's close
+        self.misaligned: str | None = None     # the last close's word on ranks that closed other steps
         self._wait_for_every_rank(names, params, parts)
         self._world_group = dist.new_group(list(range(self.world)), timeout=self.timeout)
         self._made = [self._world_group]                 # every group made, ours to destroy
@@ -294,6 +343,16 @@ class ShardLayout:
             raise MonitorError(f"rank(s) {odd} attached a monitor to other parameters or another sharding than rank "
                                f"{self.rank}; every rank must monitor the same model, sharded the same way")
 
+    def share_columns(self, key: str, owners: list[int], per_step: bool, keep: list[int]) -> None:
+        """A part's read-back tensor ``key`` (``"<part>/<key>"``) whose last dim's column c is a local
+        sum of parameter ``owners[c]``'s shard: ``reduce`` sums each column over its parameter's
+        group in that group's one SUM all-reduce (a plain or replicated parameter's column is left
+        as it is). ``per_step``: a (steps, columns) tensor whose rows are ``step`` (the gradients'
+        row of each recorded step), cut or padded to the window's steps. ``keep``: parameters whose
+        local gradient each step's ``local_grads`` leaves in ``kept`` for the part to read (and clear)."""
+        self.columns[key] = (list(owners), per_step)
+        self.keep.update(keep)
+
     # -- each step -----------------------------------------------------------------------
 
     def reset(self) -> None:
@@ -324,6 +383,9 @@ class ShardLayout:
             if g is not None and unscale is not None:
                 g = g * unscale
             out.append(g)
+        self.step = step
+        if self.keep:
+            self.kept = {i: out[i] for i in self.keep if out[i] is not None}
         present = [i for i, g in enumerate(out) if g is not None]
         if not present:
             return out
@@ -362,7 +424,11 @@ class ShardLayout:
         group; sharded statistics need a group per mesh and sharded dims, rows of replicated
         parameters left alone, and the per-step rows for the norms: hence this step before it.
 
-        Collectives, on every rank in the same order: one MAX of the step count over the world, then
+        Ranks that recorded other numbers of steps in this window or since attaching (``log()``
+        called after another step on some rank) leave their word in ``misaligned`` (the gradients
+        part warns it): their per-step rows are added as if the same steps.
+
+        Collectives, on every rank in the same order: one MAX of the step counts over the world, then
         per group one SUM and one MAX all-reduce, each of one flat float64 tensor; with the
         first-non-finite part, one MAX of its keys over the world.
         ``recorded``: the steps this rank recorded.
@@ -375,9 +441,12 @@ class ShardLayout:
 
         from gradflow.monitor.part import Reduced
 
-        header = torch.tensor([float(recorded)], dtype=torch.float64, device=self.device)
+        self.closed += recorded
+        # MAX of (n, -n) is the most and the fewest over the ranks, in the one collective
+        header = torch.tensor([recorded, -recorded, self.closed, -self.closed], dtype=torch.float64, device=self.device)
         self._all_reduce(header, op=dist.ReduceOp.MAX, group=self._world_group)
-        steps = int(header.item())
+        steps, fewest, ahead, behind = (int(v) for v in header.tolist())
+        self.misaligned = _misaligned(recorded, steps, -fewest, self.closed, ahead, -behind)
         rows = self.rows[:steps].clone()
         if steps > rows.shape[0]:
             rows = torch.cat([rows, rows.new_zeros(steps - rows.shape[0], *rows.shape[1:])])
@@ -388,10 +457,15 @@ class ShardLayout:
         skipped = tensor["gradients/skipped_nonfinite"].clone()
         weights = tensor["weights/rows"].clone() if "weights/rows" in tensor else None
         weight_counts = tensor["weights/counts"].view(self.count, -1).clone() if "weights/counts" in tensor else None
+        shared = {name: self._shared_tensor(tensor[name], per_step, steps)
+                  for name, (_, per_step) in self.columns.items() if name in tensor}
         for key, index_list in self.groups.items():
             index = torch.tensor(index_list, device=self.device)
+            members = set(index_list)
+            columns = [(shared[name], torch.tensor([c for c, i in enumerate(self.columns[name][0]) if i in members],
+                                                   dtype=torch.long, device=self.device)) for name in shared]
             self._reduce_group(self._process_groups[key], index, rows, totals, counts, tallies, skipped, weights,
-                               weight_counts)
+                               weight_counts, columns)
         if self.sharded:
             sharded = torch.tensor(self.sharded, device=self.device)
             totals[sharded, 2] = rows[:, sharded, 0].sqrt().sum(0).to(totals.dtype)
@@ -407,10 +481,20 @@ class ShardLayout:
             keys = tensor["nonfinite/keys"].to(self.device, torch.float64).clone()
             self._all_reduce(keys, op=dist.ReduceOp.MAX, group=self._world_group)
             reduced["nonfinite/keys"] = keys
+        reduced.update(shared)
         if weights is not None:
             reduced["weights/rows"] = weights
             reduced["weights/counts"] = weight_counts.view(tensor["weights/counts"].shape)
         return {key: Reduced(reduced[key], part.reduce) if key in reduced else part for key, part in parts.items()}
+
+    def _shared_tensor(self, tensor: torch.Tensor, per_step: bool, steps: int) -> torch.Tensor:
+        """A float64 copy of a ``share_columns`` tensor; a per-step one cut or zero-padded to ``steps`` rows."""
+        out = tensor.to(self.device, torch.float64).clone()
+        if per_step:
+            out = out[:steps]
+            if steps > out.shape[0]:
+                out = torch.cat([out, out.new_zeros(steps - out.shape[0], *out.shape[1:])])
+        return out
 
     def _all_reduce(self, tensor: torch.Tensor, op, group) -> None:
         """``dist.all_reduce`` in place; a failure (gloo/NCCL timeout, a closed peer: RuntimeError or its
@@ -428,8 +512,10 @@ class ShardLayout:
                 f"stopped, died or skipped log() makes the others fail after GRADFLOW_COLLECTIVE_TIMEOUT="
                 f"{self.timeout.total_seconds():g} s") from e
 
-    def _reduce_group(self, group, index, rows, totals, counts, tallies, skipped, weights, weight_counts) -> None:
-        """One SUM and one MAX all-reduce for the parameters at ``index`` (in place in the arguments)."""
+    def _reduce_group(self, group, index, rows, totals, counts, tallies, skipped, weights, weight_counts,
+                      columns=()) -> None:
+        """One SUM and one MAX all-reduce for the parameters at ``index`` (in place in the arguments;
+        ``columns``: (tensor, its columns of these parameters), ``share_columns``' tensors)."""
         import torch.distributed as dist
 
         sums = [totals[index, :2], counts[index].double(), rows[:, index, 0], skipped[index].double(),
@@ -437,6 +523,7 @@ class ShardLayout:
         if weights is not None:
             w = weights[index].double()
             sums += [w[:, :1], w[:, 1:].square(), weight_counts[index].double()]
+        sums += [t[..., cols] for t, cols in columns]
         sizes = [t.numel() for t in sums]
         flat = torch.cat([t.reshape(-1).double() for t in sums])
         self._all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
@@ -453,3 +540,5 @@ class ShardLayout:
             weights[index, :1] = parts[5].view(-1, 1).to(weights.dtype)
             weights[index, 1:] = parts[6].view(-1, 3).sqrt().to(weights.dtype)
             weight_counts[index] = parts[7].view(len(index), -1).round().to(weight_counts.dtype)
+        for (t, cols), part in zip(columns, parts[len(parts) - len(columns):]):
+            t[..., cols] = part.view(*t.shape[:-1], len(cols))
