@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import operator
@@ -251,7 +252,7 @@ class Gradients(Part):
             self._last = (weakref.ref(first), weakref.ref(last), (first._version, last._version), pattern)
         elif self._seen(first, last, pattern):
             return False
-        step = self._row_of(pattern)
+        step = self._row_of(pattern, grads)
         if self.sharding is not None:                # local shards, Partial sums resolved, unscaled (sharding.py)
             grads = self.sharding.local_grads(self.params, grads, step, self.setup.unscale)
         elif self.setup.unscale is not None:
@@ -287,20 +288,27 @@ class Gradients(Part):
             self.recorded += 1
         return True
 
-    def _row_of(self, pattern: tuple[bool, ...]) -> int:
+    def _row_of(self, pattern: tuple[bool, ...], grads: list) -> int:
         """This record's row of ``step_squares`` (its training step, whose total norm the row
         sums): the last row where no autograd work came since that row's last record (the same
         graph task, thread and sequence number: no forward pass between, or steps inside one
         backward) and none of these parameters is in it: optimizers stepping parts of one
         backward's gradients one after the other (torch.optim.Muon over the matrices and AdamW
         over the rest, a body's and a head's, one per parameter inside backward) are one step.
-        Else a new row: a GAN's G step comes after a forward pass, a parameter in two optimizers
-        is stepped twice. Three C calls a step (about 0.15 us)."""
+        A row recorded inside a backward is joined after it too, by a step whose gradients are
+        the very ones that backward left (``_backward_ended``: one optimizer per parameter inside
+        it, another stepping the rest after it). Else a new row: a GAN's G step comes after a
+        forward pass, a parameter in two optimizers is stepped twice. Three C calls a step
+        (about 0.15 us)."""
         key = (_graph_task_id(), _thread(), _sequence_nr())
         row = self._row
-        if row is not None and row[0] == key and True not in map(operator.and_, row[1], pattern):
+        if row is not None and True not in map(operator.and_, row[1], pattern) and (
+                row[0] == key or row[0] is _ENDED and _left_by_backward(row[2], grads)):
             self._row, self._joined = (key, tuple(map(operator.or_, row[1], pattern))), True
             return self.recorded - 1
+        if key[0] != -1:                             # inside a backward: its row may go on after it
+            torch.autograd.Variable._execution_engine.queue_callback(
+                functools.partial(_backward_ended, weakref.ref(self), key))
         self._row = (key, pattern)
         return self.recorded
 
@@ -795,6 +803,25 @@ def idle_text(names: list[str], steps: int, shown: int = 50) -> str:
     held = "holds it" if len(names) == 1 else "holds them"
     return (f"{len(names)} parameter{'s' * (len(names) > 1)} got no gradient in any of the window's {steps} steps "
             f"although an optimizer that stepped {held}: {listed}")
+
+
+_ENDED = "the backward of this row's records ended"     # a row's key after _backward_ended
+
+
+def _backward_ended(part_ref: weakref.ref, key: tuple) -> None:
+    """Autograd's callback at the end of a backward that recorded a step inside it: the part's
+    last row, if still that backward's, is marked as ended with the gradients the backward left
+    (identity and version by index), which a step after the backward must read to join it. On
+    the thread that ends the backward (a device's worker thread on CUDA): thread-free."""
+    part = part_ref()
+    if part is not None and part._row is not None and part._row[0] == key:
+        part._row = (_ENDED, part._row[1],
+                     {i: (id(p.grad), p.grad._version) for i, p in enumerate(part.params) if p.grad is not None})
+
+
+def _left_by_backward(left: dict[int, tuple[int, int]], grads: list) -> bool:
+    """Whether each gradient of a record is one that the ended backward left, unchanged."""
+    return all(g is None or left.get(i) == (id(g), g._version) for i, g in enumerate(grads))
 
 
 def _marks(params: list[torch.Tensor]) -> frozenset[tuple[int, int]]:
