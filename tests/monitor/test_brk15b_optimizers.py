@@ -90,3 +90,98 @@ def test_a_second_backward_after_the_in_backward_steps_starts_a_new_step():
     overall = monitor.history[-1].overall
     assert overall["total_norm"] == pytest.approx(np.mean(norms), rel=1e-6)
     assert stats["2.weight"]["steps"] == 2 and stats["0.weight"]["steps"] == 1
+
+
+class _PlainSGD(torch.optim.Optimizer):
+    """SGD written out, as a custom optimizer is (its step taking a closure); never made
+    itself, so torch never hooks its step (only a subclass's)."""
+
+    def __init__(self, params, lr):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is not None:
+                    p.add_(p.grad, alpha=-group["lr"])
+
+
+class _IgnoresClosure(_PlainSGD):
+    """Takes a closure and never calls it (the loop ran backward before the step)."""
+
+    def step(self, closure=None):
+        return super().step()
+
+
+class _ClosureOnSomeSteps(torch.optim.Optimizer):
+    """Calls its closure only on every other step (a loss to report), its own update always,
+    with weight decay added to the gradient in place (0 here: the values stay, the version moves)."""
+
+    def __init__(self, params, lr, weight_decay=0.0):
+        super().__init__(params, {"lr": lr, "weight_decay": weight_decay})
+        self.count = 0
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        self.count += 1
+        loss = None
+        if closure is not None and self.count % 2:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.add_(p.grad.add_(p, alpha=group["weight_decay"]), alpha=-group["lr"])
+        return loss
+
+
+@pytest.mark.parametrize("make", [
+    lambda p: _IgnoresClosure(p, lr=0.1),
+    lambda p: _ClosureOnSomeSteps(p, lr=0.1),
+], ids=["never-calls-it", "calls-it-every-other-step"])
+def test_a_step_given_a_closure_it_does_not_call_records_the_gradient_it_applies(make):
+    """step(closure) records after the closure's first call; a step that never called it recorded
+    nothing (0 of 4 steps, 'a hand-written update' said), though it applied the gradient the
+    loop's backward left."""
+    model = _model()
+    optimizer = make(list(model.parameters()))
+    applied = []
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    with GradientMonitor(model) as monitor:
+        for step in range(4):
+            optimizer.zero_grad()
+            F.mse_loss(model(x * (step + 1)), y).backward()
+
+            def closure(step=step):
+                optimizer.zero_grad()
+                loss = F.mse_loss(model(x * (step + 1)), y)
+                loss.backward()
+                return loss
+            optimizer.step(closure)          # the closure's gradient is the loop's: the same batch and weights
+            applied.append({name: p.grad.detach().double() for name, p in model.named_parameters()})
+        stats = monitor.log(0)
+    assert monitor.history[-1].overall["steps"] == 4
+    for name in applied[0]:
+        assert stats[name]["norm"] == pytest.approx(np.mean([a[name].norm().item() for a in applied]), rel=1e-6)
+
+
+def test_a_closure_that_raised_leaves_nothing_for_the_next_step():
+    """The awaited closure of a step that raised is not recorded again at the end of that
+    optimizer's next step (one given no closure, recorded as it begins)."""
+    model = _model()
+    optimizer = _ClosureOnSomeSteps(model.parameters(), lr=0.1)
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    norms = []
+
+    def bad_batch():
+        raise ValueError("bad batch")
+    with GradientMonitor(model) as monitor:
+        F.mse_loss(model(x), y).backward()
+        with pytest.raises(ValueError):
+            optimizer.step(bad_batch)
+        for _ in range(2):
+            optimizer.step()
+            norms.append(model[0].weight.grad.norm().item())
+        stats = monitor.log(0)
+    assert stats["0.weight"]["steps"] == 2
+    assert stats["0.weight"]["norm"] == pytest.approx(np.mean(norms), rel=1e-6)
