@@ -290,27 +290,43 @@ class Gradients(Part):
 
     def _row_of(self, pattern: tuple[bool, ...], grads: list) -> int:
         """This record's row of ``step_squares`` (its training step, whose total norm the row
-        sums): the last row where no autograd work came since that row's last record (the same
-        graph task, thread and sequence number: no forward pass between, or steps inside one
-        backward) and none of these parameters is in it: optimizers stepping parts of one
-        backward's gradients one after the other (torch.optim.Muon over the matrices and AdamW
-        over the rest, a body's and a head's, one per parameter inside backward) are one step.
-        A row recorded inside a backward is joined after it too, by a step whose gradients are
-        the very ones that backward left (``_backward_ended``: one optimizer per parameter inside
-        it, another stepping the rest after it). Else a new row: a GAN's G step comes after a
-        forward pass, a parameter in two optimizers is stepped twice. Three C calls a step
-        (about 0.15 us)."""
+        sums): the last row, where none of these parameters is in it and no autograd work came
+        since its last record (the same graph task, thread and sequence number: no forward pass
+        between), or both are inside a backward that is still running (steps inside backward,
+        also across a checkpoint's recompute, a nested backward of a reentrant one, or the
+        worker threads of several devices), or it was recorded inside a backward that has ended
+        and these gradients are the very ones that backward left (``_backward_ended``: one
+        optimizer per parameter inside it, another stepping the rest after it). So optimizers
+        stepping parts of one backward's gradients one after the other (torch.optim.Muon over
+        the matrices and AdamW over the rest, a body's and a head's) are one step. Else a new
+        row: a GAN's G step comes after a forward pass, a parameter in two optimizers is stepped
+        twice. Three C calls a step (about 0.15 us)."""
         key = (_graph_task_id(), _thread(), _sequence_nr())
         row = self._row
-        if row is not None and True not in map(operator.and_, row[1], pattern) and (
-                row[0] == key or row[0] is _ENDED and _left_by_backward(row[2], grads)):
-            self._row, self._joined = (key, tuple(map(operator.or_, row[1], pattern))), True
-            return self.recorded - 1
+        if row is not None:
+            mark, inside = row[0], key[0] != -1
+            if mark is _ENDED:                       # inside a backward that began before it: it was nested
+                # (task ids grow). Not told apart: a sibling nested backward after it (two reentrant
+                # checkpoints in a row, the backward's first steps in them): a row of its own.
+                joins = key[0] < row[3] if inside else _left_by_backward(row[2], grads)
+            else:
+                joins = mark == key or inside and mark[0] != -1
+            if joins and True not in map(operator.and_, row[1], pattern):
+                # a running backward's row keeps its own key: its end (_backward_ended) looks for it
+                self._row = (mark if inside and mark is not _ENDED else key, tuple(map(operator.or_, row[1], pattern)))
+                if inside and mark is _ENDED:
+                    self._end_with_backward(key)
+                self._joined = True
+                return self.recorded - 1
         if key[0] != -1:                             # inside a backward: its row may go on after it
-            torch.autograd.Variable._execution_engine.queue_callback(
-                functools.partial(_backward_ended, weakref.ref(self), key))
+            self._end_with_backward(key)
         self._row = (key, pattern)
         return self.recorded
+
+    def _end_with_backward(self, key: tuple) -> None:
+        """Have the running backward (``key``'s graph task) mark this row as ended at its end."""
+        torch.autograd.Variable._execution_engine.queue_callback(
+            functools.partial(_backward_ended, weakref.ref(self), key))
 
     def _widened(self, plan: _GradientPlan, pattern: tuple[bool, ...], grads: list,
                  copy: torch.Tensor) -> tuple[_GradientPlan, torch.Tensor | None]:
@@ -811,12 +827,14 @@ _ENDED = "the backward of this row's records ended"     # a row's key after _bac
 def _backward_ended(part_ref: weakref.ref, key: tuple) -> None:
     """Autograd's callback at the end of a backward that recorded a step inside it: the part's
     last row, if still that backward's, is marked as ended with the gradients the backward left
-    (identity and version by index), which a step after the backward must read to join it. On
-    the thread that ends the backward (a device's worker thread on CUDA): thread-free."""
+    (identity and version by index), which a step after the backward must read to join it, and
+    the backward's graph task id (a reentrant checkpoint's backward, nested in the running one,
+    ends before it). On the thread that ends the backward (a device's worker thread on CUDA):
+    thread-free."""
     part = part_ref()
     if part is not None and part._row is not None and part._row[0] == key:
         part._row = (_ENDED, part._row[1],
-                     {i: (id(p.grad), p.grad._version) for i, p in enumerate(part.params) if p.grad is not None})
+                     {i: (id(p.grad), p.grad._version) for i, p in enumerate(part.params) if p.grad is not None}, key[0])
 
 
 def _left_by_backward(left: dict[int, tuple[int, int]], grads: list) -> bool:
