@@ -230,3 +230,41 @@ def test_steps_inside_one_backward_with_a_checkpoint_recompute_are_one_step(reen
     assert overall["steps"] == 3
     assert overall["total_norm"] == pytest.approx(np.mean(norms), rel=1e-6)
     assert overall["total_norm_max"] == pytest.approx(max(norms), rel=1e-6)
+
+
+def _sgd_step(self, closure=None):
+    with torch.no_grad():
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.add_(p.grad, alpha=-group["lr"])
+
+
+def _replaced_class() -> type:
+    """A fresh optimizer class (its step replaced on the class in one case: not shared)."""
+    class Replaced(torch.optim.Optimizer):
+        def __init__(self, params):
+            super().__init__(params, {"lr": 0.1})
+
+        def step(self, closure=None):
+            raise NotImplementedError
+    return Replaced
+
+
+@pytest.mark.parametrize("replace", [
+    lambda optimizer: setattr(optimizer, "step", _sgd_step.__get__(optimizer)),
+    lambda optimizer: setattr(type(optimizer), "step", _sgd_step),
+], ids=["on-the-instance", "on-the-class"])
+def test_a_torch_optimizer_whose_step_was_replaced_after_it_was_made_is_named(replace):
+    """torch hooks an optimizer's step when it is made; a step put on the instance or the class
+    after that runs no hook, so no step is recorded. log() said 'a hand-written update, an
+    optimizer that is not a torch.optim.Optimizer, ...' of a torch.optim.Optimizer."""
+    model = _model()
+    optimizer = _replaced_class()(model.parameters())
+    replace(optimizer)
+    with GradientMonitor(model) as monitor:
+        for _ in range(2):
+            F.mse_loss(model(torch.randn(8, 4)), torch.randn(8, 1)).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        with pytest.warns(UserWarning, match="whose step was replaced after it was made"):
+            assert monitor.log(0) == {}
