@@ -295,8 +295,8 @@ class Gradients(Part):
         between), or both are inside a backward that is still running (steps inside backward,
         also across a checkpoint's recompute, a nested backward of a reentrant one, or the
         worker threads of several devices), or it was recorded inside a backward that has ended
-        and these gradients are the very ones that backward left (``_backward_ended``: one
-        optimizer per parameter inside it, another stepping the rest after it). So optimizers
+        and no forward pass came since (``_backward_ended``: one optimizer per parameter inside
+        it, another stepping the rest after it, clipped or not). So optimizers
         stepping parts of one backward's gradients one after the other (torch.optim.Muon over
         the matrices and AdamW over the rest, a body's and a head's) are one step. Else a new
         row: a GAN's G step comes after a forward pass, a parameter in two optimizers is stepped
@@ -308,7 +308,7 @@ class Gradients(Part):
             if mark is _ENDED:                       # inside a backward that began before it: it was nested
                 # (task ids grow). Not told apart: a sibling nested backward after it (two reentrant
                 # checkpoints in a row, the backward's first steps in them): a row of its own.
-                joins = key[0] < row[3] if inside else _left_by_backward(row[2], grads)
+                joins = key[0] < row[3] if inside else row[4] == key[1:] or _left_by_backward(row[2], grads)
             else:
                 joins = mark == key or inside and mark[0] != -1
             if joins and True not in map(operator.and_, row[1], pattern):
@@ -826,15 +826,17 @@ _ENDED = "the backward of this row's records ended"     # a row's key after _bac
 
 def _backward_ended(part_ref: weakref.ref, key: tuple) -> None:
     """Autograd's callback at the end of a backward that recorded a step inside it: the part's
-    last row, if still that backward's, is marked as ended with the gradients the backward left
-    (identity and version by index), which a step after the backward must read to join it, and
-    the backward's graph task id (a reentrant checkpoint's backward, nested in the running one,
-    ends before it). On the thread that ends the backward (a device's worker thread on CUDA):
-    thread-free."""
+    last row, if still that backward's, is marked as ended with what a step after the backward
+    must find to join it: this thread and its sequence number, unchanged where no forward pass
+    came since (the thread that called backward on the CPU; a clipping call may have changed
+    the gradients in place), else the very gradients the backward left, unchanged (identity and
+    version by index: a device's worker thread ends a CUDA backward); and the backward's graph
+    task id (a reentrant checkpoint's backward, nested in the running one, ends before it)."""
     part = part_ref()
     if part is not None and part._row is not None and part._row[0] == key:
         part._row = (_ENDED, part._row[1],
-                     {i: (id(p.grad), p.grad._version) for i, p in enumerate(part.params) if p.grad is not None}, key[0])
+                     {i: (id(p.grad), p.grad._version) for i, p in enumerate(part.params) if p.grad is not None},
+                     key[0], (_thread(), _sequence_nr()))
 
 
 def _left_by_backward(left: dict[int, tuple[int, int]], grads: list) -> bool:

@@ -268,3 +268,60 @@ def test_a_torch_optimizer_whose_step_was_replaced_after_it_was_made_is_named(re
             optimizer.zero_grad()
         with pytest.warns(UserWarning, match="whose step was replaced after it was made"):
             assert monitor.log(0) == {}
+
+
+@pytest.mark.parametrize("between", ["clip", "pre-hook"], ids=["clip_grad_norm_", "step-pre-hook-rescales"])
+def test_steps_inside_backward_and_after_it_with_the_rest_changed_in_place_between(between):
+    """The join after a backward reads that no forward pass came since, not that the gradients
+    are untouched: the body clipped (or rescaled in a step pre-hook) before its step split the
+    step again (0.531 where the 3 steps applied 0.968; rescaled: 0.775 where 1.127)."""
+    model = _model()
+    head, body = list(model[2].parameters()), list(model[0].parameters())
+    applied: dict = {}
+    handles = _in_backward(head, applied)
+    optimizer = torch.optim.Adam(body, lr=0.01)
+    if between == "pre-hook":
+        optimizer.register_step_pre_hook(lambda *_: torch._foreach_mul_([p.grad for p in body], 0.5) and None)
+    optimizer.register_step_pre_hook(
+        lambda *_: applied.update({p: p.grad.detach().double().clone() for p in body}))
+    x, y = torch.randn(16, 4), torch.randn(16, 1)
+    norms = []
+    with GradientMonitor(model) as monitor:
+        for step in range(3):
+            applied.clear()
+            F.mse_loss(model(x * (step + 1)), y).backward()
+            if between == "clip":
+                torch.nn.utils.clip_grad_norm_(body, 0.1)
+            optimizer.step()
+            optimizer.zero_grad()
+            norms.append(math.sqrt(sum(float(g.pow(2).sum()) for g in applied.values())))
+        monitor.log(0)
+    for handle in handles:
+        handle.remove()
+    assert monitor.history[-1].overall["total_norm"] == pytest.approx(np.mean(norms), rel=1e-6)
+
+
+def test_a_step_after_another_forward_and_backward_is_not_joined_to_the_steps_inside_backward():
+    """A GAN-like loop: D stepped inside its backward, then G's forward, backward (into G alone)
+    and step, with zero_grad(set_to_none=False) (the same gradient tensors all along): two rows
+    an iteration, as before."""
+    torch.manual_seed(0)
+    g_net, d_net = nn.Linear(4, 4), nn.Linear(4, 1)
+    model = nn.ModuleDict({"G": g_net, "D": d_net})
+    applied: dict = {}
+    handles = _in_backward(list(d_net.parameters()), applied)
+    opt_g = torch.optim.SGD(g_net.parameters(), lr=0.01)
+    norms = []
+    with GradientMonitor(model) as monitor:
+        for _ in range(3):
+            applied.clear()
+            d_net(g_net(torch.randn(8, 4)).detach()).mean().backward()
+            norms.append(math.sqrt(sum(float(g.pow(2).sum()) for g in applied.values())))
+            opt_g.zero_grad(set_to_none=False)
+            (-d_net(g_net(torch.randn(8, 4))).mean()).backward(inputs=list(g_net.parameters()))
+            norms.append(math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in g_net.parameters())))
+            opt_g.step()
+        monitor.log(0)
+    for handle in handles:
+        handle.remove()
+    assert monitor.history[-1].overall["total_norm"] == pytest.approx(np.mean(norms), rel=1e-6)
