@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 import operator
@@ -250,7 +251,7 @@ class Gradients(Part):
             self._last = (weakref.ref(first), weakref.ref(last), (first._version, last._version), pattern)
         elif self._seen(first, last, pattern):
             return False
-        step = self._row_of(pattern)
+        step = self._row_of(pattern, grads)
         if self.sharding is not None:                # local shards, Partial sums resolved, unscaled (sharding.py)
             grads = self.sharding.local_grads(self.params, grads, step, self.setup.unscale)
         elif self.setup.unscale is not None:
@@ -286,22 +287,45 @@ class Gradients(Part):
             self.recorded += 1
         return True
 
-    def _row_of(self, pattern: tuple[bool, ...]) -> int:
+    def _row_of(self, pattern: tuple[bool, ...], grads: list) -> int:
         """This record's row of ``step_squares`` (its training step, whose total norm the row
-        sums): the last row where no autograd work came since that row's last record (the same
-        graph task, thread and sequence number: no forward pass between, or steps inside one
-        backward) and none of these parameters is in it: optimizers stepping parts of one
-        backward's gradients one after the other (torch.optim.Muon over the matrices and AdamW
-        over the rest, a body's and a head's, one per parameter inside backward) are one step.
-        Else a new row: a GAN's G step comes after a forward pass, a parameter in two optimizers
-        is stepped twice. Three C calls a step (about 0.15 us)."""
+        sums): the last row, where none of these parameters is in it and no autograd work came
+        since its last record (the same graph task, thread and sequence number: no forward pass
+        between), or both are inside a backward that is still running (steps inside backward,
+        also across a checkpoint's recompute, a nested backward of a reentrant one, or the
+        worker threads of several devices), or it was recorded inside a backward that has ended
+        and no forward pass came since (``_backward_ended``: one optimizer per parameter inside
+        it, another stepping the rest after it, clipped or not). So optimizers
+        stepping parts of one backward's gradients one after the other (torch.optim.Muon over
+        the matrices and AdamW over the rest, a body's and a head's) are one step. Else a new
+        row: a GAN's G step comes after a forward pass, a parameter in two optimizers is stepped
+        twice. Three C calls a step (about 0.15 us)."""
         key = (_graph_task_id(), _thread(), _sequence_nr())
         row = self._row
-        if row is not None and row[0] == key and True not in map(operator.and_, row[1], pattern):
-            self._row, self._joined = (key, tuple(map(operator.or_, row[1], pattern))), True
-            return self.recorded - 1
+        if row is not None:
+            mark, inside = row[0], key[0] != -1
+            if mark is _ENDED:                       # inside a backward that began before it: it was nested
+                # (task ids grow). Not told apart: a sibling nested backward after it (two reentrant
+                # checkpoints in a row, the backward's first steps in them): a row of its own.
+                joins = key[0] < row[3] if inside else row[4] == key[1:] or _left_by_backward(row[2], grads)
+            else:
+                joins = mark == key or inside and mark[0] != -1
+            if joins and True not in map(operator.and_, row[1], pattern):
+                # a running backward's row keeps its own key: its end (_backward_ended) looks for it
+                self._row = (mark if inside and mark is not _ENDED else key, tuple(map(operator.or_, row[1], pattern)))
+                if inside and mark is _ENDED:
+                    self._end_with_backward(key)
+                self._joined = True
+                return self.recorded - 1
+        if key[0] != -1:                             # inside a backward: its row may go on after it
+            self._end_with_backward(key)
         self._row = (key, pattern)
         return self.recorded
+
+    def _end_with_backward(self, key: tuple) -> None:
+        """Have the running backward (``key``'s graph task) mark this row as ended at its end."""
+        torch.autograd.Variable._execution_engine.queue_callback(
+            functools.partial(_backward_ended, weakref.ref(self), key))
 
     def _widened(self, plan: _GradientPlan, pattern: tuple[bool, ...], grads: list,
                  copy: torch.Tensor) -> tuple[_GradientPlan, torch.Tensor | None]:
@@ -783,6 +807,29 @@ def idle_text(names: list[str], steps: int, shown: int = 50) -> str:
     held = "holds it" if len(names) == 1 else "holds them"
     return (f"{len(names)} parameter{'s' * (len(names) > 1)} got no gradient in any of the window's {steps} steps "
             f"although an optimizer that stepped {held}: {listed}")
+
+
+_ENDED = "the backward of this row's records ended"     # a row's key after _backward_ended
+
+
+def _backward_ended(part_ref: weakref.ref, key: tuple) -> None:
+    """Autograd's callback at the end of a backward that recorded a step inside it: the part's
+    last row, if still that backward's, is marked as ended with what a step after the backward
+    must find to join it: this thread and its sequence number, unchanged where no forward pass
+    came since (the thread that called backward on the CPU; a clipping call may have changed
+    the gradients in place), else the very gradients the backward left, unchanged (identity and
+    version by index: a device's worker thread ends a CUDA backward); and the backward's graph
+    task id (a reentrant checkpoint's backward, nested in the running one, ends before it)."""
+    part = part_ref()
+    if part is not None and part._row is not None and part._row[0] == key:
+        part._row = (_ENDED, part._row[1],
+                     {i: (id(p.grad), p.grad._version) for i, p in enumerate(part.params) if p.grad is not None},
+                     key[0], (_thread(), _sequence_nr()))
+
+
+def _left_by_backward(left: dict[int, tuple[int, int]], grads: list) -> bool:
+    """Whether each gradient of a record is one that the ended backward left, unchanged."""
+    return all(g is None or left.get(i) == (id(g), g._version) for i, g in enumerate(grads))
 
 
 def _marks(params: list[torch.Tensor]) -> frozenset[tuple[int, int]]:

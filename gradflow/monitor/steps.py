@@ -8,7 +8,8 @@ The monitor records once per optimizer step, the gradient that step applies:
   closure's forward and backward, so ``.grad`` still holds the previous step's gradient. The
   pre-hook hands the optimizer a wrapped closure that records right after the closure's first
   call in the step (LBFGS calls it again for its line search; the first call's gradient is the
-  one its step starts from).
+  one its step starts from). A step that never calls its closure records as it ends (the
+  gradient the loop's own backward left, which it applied).
 - Only the parameters in the stepping optimizer's ``param_groups`` are recorded (a GAN's two
   optimizers each record their own network), re-read whenever the groups change
   (``add_param_group`` after the first step).
@@ -492,6 +493,7 @@ class StepWatch:
         self._mask = None                    # (id(optimizer), groups key, mask) from _on_step_seen, for the step's pre-hook
         self._deferred = None                # the running wrapper's mask while its inner step is awaited (_defers)
         self._marks = None                   # (optimizer, _grad_marks) where its class's step overrides an unhooked one
+        self._closure = None                 # (optimizer, mask, inner, [called]) while a step's wrapped closure is awaited
         # id(optimizer) -> (weak reference to it, its pre-hook's handle, its post-hook's handle,
         # (groups key, weak reference to its inner optimizer or None) once _defers looked)
         self._hooks: dict[int, tuple] = {}
@@ -608,6 +610,8 @@ class StepWatch:
         inner steps end inside it: ``after`` must wait for the wrapper's)."""
         if _is_compiling():
             return _on_step_done_eagerly(self, optimizer, args, kwargs)
+        if self._closure is not None and self._closure[0]() is optimizer:
+            self._uncalled_closure()
         outer = self._outer() if self._outer is not None else None
         if outer is None or outer is optimizer:
             self._outer = None
@@ -624,6 +628,8 @@ class StepWatch:
         """The optimizer's last step pre-hook: record the gradient its step applies."""
         if _is_compiling():
             return _on_step_eagerly(self, optimizer, args, kwargs)
+        if self._closure is not None and self._closure[0]() is optimizer:
+            self._closure = None                     # left by a step of it that raised: not this step's
         seen, self._mask = self._mask, None          # the mask _on_step_seen found for this step,
         key = _groups_key(optimizer)
         if seen is not None and seen[0] == id(optimizer) and seen[1] == key:
@@ -671,8 +677,19 @@ class StepWatch:
             self.record(mask, None, inner)
             return None
         # The closure runs forward and backward inside step(): record after it, not before.
-        wrapped = recording_closure(closure, lambda: self.record(mask, None, inner))
+        called = []
+        self._closure = (weakref.ref(optimizer), mask, inner, called)
+        wrapped = recording_closure(closure, lambda: called.append(self.record(mask, None, inner)))
         return replace_closure(args, kwargs or {}, wrapped, by_keyword)
+
+    def _uncalled_closure(self) -> None:
+        """At the end of a step given a closure: where the step never called it (a custom
+        optimizer that takes one for the loss now and then, or ignores it after the loop's own
+        backward), it applied the gradient that was there: record that, as the step ends."""
+        _, mask, inner, called = self._closure
+        self._closure = None
+        if not called and self.on:
+            self.record(mask, None, inner)
 
 
 _on_step_eagerly = torch._dynamo.disable(StepWatch._on_step)

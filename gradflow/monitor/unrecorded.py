@@ -5,7 +5,8 @@ The monitor records at a ``torch.optim`` optimizer's step (or ``record()``); tra
 never steps one is invisible to it, and ``log()`` would return ``{}`` with no word:
 
 - a hand-written update (``p -= lr * p.grad``, then ``p.grad = None``), an optimizer that is
-  not a ``torch.optim.Optimizer``, or one that steps copies of the parameters (fp32 master
+  not a ``torch.optim.Optimizer``, one whose ``step`` was replaced after it was made (torch hooks
+  the step it had then), or one that steps copies of the parameters (fp32 master
   weights of a half-precision model, copied back after the step): the parameters' version
   counters moved (every in-place write bumps them) with no step recorded;
 - ``torch.func`` training (``functional_call`` + ``grad``): gradients are returned, never
@@ -27,8 +28,10 @@ from __future__ import annotations
 from gradflow.monitor.part import Part, watch_forward_starts
 
 HAND_WRITTEN = ("log(): the parameters changed in place but no optimizer step was recorded in this window: a "
-                "hand-written update (p -= lr * p.grad), an optimizer that is not a torch.optim.Optimizer, or one "
-                "that steps copies of the parameters (fp32 master weights copied back into the model) is not seen. "
+                "hand-written update (p -= lr * p.grad), an optimizer that is not a torch.optim.Optimizer, a "
+                "torch.optim.Optimizer whose step was replaced after it was made (on its class or the instance: "
+                "torch's step hooks do not run), or one that steps copies of the parameters (fp32 master weights "
+                "copied back into the model) is not seen. "
                 "Call monitor.record() where the gradient is final, before the update")
 THROUGH_DATA = ("log(): the weights moved but no optimizer step was recorded in this window, and torch saw no "
                 "in-place change: a hand-written update through .data (p.data -= lr * p.grad) is not seen. Call "
