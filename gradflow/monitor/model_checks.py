@@ -357,6 +357,16 @@ def check_switch(name: str, value: Any) -> None:
         raise MonitorError(f"{name} must be True or False, got {_short(value)}")
 
 
+def check_entered(attached: bool) -> None:
+    """MonitorError at ``with monitor:`` on a monitor that no longer records: leaving a ``with``,
+    ``remove()`` and ``GradientMonitor.detach(model)`` took its hooks off for good, and its body
+    would train unrecorded (``log()`` only warns then, once the training is spent)."""
+    if not attached:
+        raise MonitorError("with monitor: this GradientMonitor was removed (remove(), an earlier with block, or "
+                           "GradientMonitor.detach) and records nothing; attach a new one: "
+                           "with GradientMonitor(model) as monitor:")
+
+
 def check_step(step: Any) -> int:
     """``step`` as a Python int, or a MonitorError unless it is an int >= 0 that fits an int64
     (numpy and 0-d torch integers too; not bool): ``log(step)``'s x-axis position, an epoch or

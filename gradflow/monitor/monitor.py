@@ -50,6 +50,7 @@ from gradflow.monitor.model_checks import (
     already_attached,
     attached_elsewhere,
     check_attach,
+    check_entered,
     check_optimizer,
     check_positive,
     check_step,
@@ -148,7 +149,8 @@ class GradientMonitor:
             ``members``, ``histograms``, ``histogram_every`` or ``activations_every``.
 
     The monitor keeps no reference to ``model`` itself, adds nothing to it, and removes every
-    hook it added on ``remove()`` or on leaving ``with``.
+    hook it added on ``remove()`` or on leaving ``with``: removed, it stays removed, and
+    ``with`` on it raises MonitorError.
 
     Example:
         >>> model = torch.nn.Linear(3, 1)
@@ -297,6 +299,7 @@ class GradientMonitor:
         return True
 
     def __enter__(self) -> GradientMonitor:
+        check_entered(self.attached)          # MonitorError: a removed monitor records nothing
         return self
 
     def __exit__(self, *exc) -> None:
@@ -334,10 +337,7 @@ class GradientMonitor:
             self._warnings.warn("foreign-optimizer", f"record({type(optimizer).__name__}): that optimizer holds "
                                 "none of this monitor's parameters; nothing was recorded")
             return
-        if skipped:
-            self._skip(mask)
-        else:
-            self._record(mask)
+        (self._skip if skipped else self._record)(mask)
 
     def _record(self, mask, unscale: torch.Tensor | None = None, inner: bool = False) -> None:
         """One applied step, part by part (a part returning False ends it: no gradient); then
