@@ -207,7 +207,7 @@ class GradientMonitor:
         self._optimizer = weakref.ref(optimizer) if optimizer is not None else None
         # after the outermost watched step (its post-hook): the gradients' wrapper check ends there
         self._steps = StepWatch(self._masks, optimizer, self._record, self.parts["gradients"].step_done,
-                                self._warnings.from_part)
+                                self._warnings.from_part, self._skip)
         # what interception tells it: clipping calls, GradScaler's scaled and skipped steps (intercepted.py)
         self._intercepted = Intercepted(self.parts, self._masks, automatic, self._optimizer, self._skip)
         self._start_window()
