@@ -54,7 +54,6 @@ from gradflow.monitor.model_checks import (
     check_optimizer,
     check_positive,
     check_step,
-    check_switch,
     is_compiled,
     monitored_kinds,
     unwrap,
@@ -71,6 +70,13 @@ __all__ = ["GradientMonitor", "MonitorError", "Window", "tag_path", "unwrap"]
 
 _ATTACHED: weakref.WeakKeyDictionary[nn.Module, GradientMonitor] = weakref.WeakKeyDictionary()
 _ATTACHED_LOCK = threading.Lock()     # remove() and detach() of one monitor in two threads: one deletes its entry
+
+
+def _unclaim(model: nn.Module | None, monitor: GradientMonitor) -> None:
+    """Drop ``model``'s entry in the registry if it is ``monitor``'s (under the lock)."""
+    with _ATTACHED_LOCK:
+        if model is not None and _ATTACHED.get(model) is monitor:
+            del _ATTACHED[model]
 
 
 class GradientMonitor:
@@ -179,24 +185,30 @@ class GradientMonitor:
         members, activations_every, through_time_every, histogram_every = (
             int(members), int(activations_every), int(through_time_every), int(histogram_every))
         self._output = Output(writer, members, check_every(histograms))
-        self.names = [name for name, _ in named]
         self.members, self.automatic, self.histograms = members, automatic, histograms
         self.history: list[Window] = []
         self.activations_every, self.history_length = activations_every, history_length
         self._layouts = Layouts()            # what the compact old windows of history share (compact.py)
         self._model = weakref.ref(inner)
         self._warnings = OnceWarnings()
+        self._options = dict(weights=weights, activations=activations, histograms=histograms, nonfinite=nonfinite,
+                             histogram_every=histogram_every, through_time=through_time, drawn=self._output.draws,
+                             through_time_every=through_time_every, compiled=is_compiled(model))
+        self._optimizer = weakref.ref(optimizer) if optimizer is not None else None
+        self._build(inner, named)
+
+    def _build(self, inner: nn.Module, named: list) -> None:
+        """Make the parts for ``named`` and attach them: at attach, and where layers were added
+        or removed, at the close of the window they changed in (``Follower.relayout``)."""
+        self.names = [name for name, _ in named]
         self.kinds = monitored_kinds(inner, self.names)
-        options = {"weights": weights, "activations": activations, "histograms": histograms,
-                   "histogram_every": histogram_every, "nonfinite": nonfinite,
-                   "through_time": through_time, "through_time_every": through_time_every,
-                   "compiled": is_compiled(model), "drawn": self._output.draws}
-        self._setup = Setup(self.names, [p for _, p in named], members, options, Schedule(activations_every),
-                            self._warnings.from_part, self.kinds, follow=lambda: self._follower.in_training())
+        self._setup = Setup(self.names, [p for _, p in named], self.members, self._options,
+                            Schedule(self.activations_every), self._warnings.from_part, self.kinds,
+                            follow=lambda: self._follower.in_training())
         # DTensor parameters (FSDP2, HSDP, tensor parallel): collectives at each window's close; every
         # rank must attach (sharding.py). None for plain tensors, DDP included.
-        self._setup.sharding = self._sharding = ShardLayout.of(self.names, self._setup.params, members,
-                                                               f"nonfinite={bool(nonfinite)}")
+        self._setup.sharding = self._sharding = ShardLayout.of(self.names, self._setup.params, self.members,
+                                                               f"nonfinite={bool(self._options['nonfinite'])}")
         self.parts: dict[str, Part] = create_parts(inner, self._setup)
         self._recorders = recorders(self.parts)          # only these are called at each step (the hot path)
         # the parts kept on the model's current tensors (.double(), assign=True; following.py)
@@ -204,12 +216,11 @@ class GradientMonitor:
                                   self._warnings.from_part, self._unhook)
         self._masks = self._follower.masks = OptimizerMasks(len(self.names), lambda: self._setup.index_of,
                                                             self._follower.refresh)
-        self._optimizer = weakref.ref(optimizer) if optimizer is not None else None
         # after the outermost watched step (its post-hook): the gradients' wrapper check ends there
-        self._steps = StepWatch(self._masks, optimizer, self._record, self.parts["gradients"].step_done,
-                                self._warnings.from_part, self._skip)
+        self._steps = StepWatch(self._masks, self._optimizer and self._optimizer(), self._record,
+                                self.parts["gradients"].step_done, self._warnings.from_part, self._skip)
         # what interception tells it: clipping calls, GradScaler's scaled and skipped steps (intercepted.py)
-        self._intercepted = Intercepted(self.parts, self._masks, automatic, self._optimizer, self._skip)
+        self._intercepted = Intercepted(self.parts, self._masks, self.automatic, self._optimizer, self._skip)
         self._start_window()
         self._attach(inner)
 
@@ -233,9 +244,7 @@ class GradientMonitor:
             interception.watch(self._intercepted)
         except BaseException:
             self._unhook()
-            with _ATTACHED_LOCK:
-                if _ATTACHED.get(model) is self:
-                    del _ATTACHED[model]
+            _unclaim(model, self)
             raise
         finally:
             self.attaching = False
@@ -270,10 +279,7 @@ class GradientMonitor:
         """Remove every hook this monitor added. Safe to call more than once; never raises
         (what fails after the hooks are gone, say a closed writer, is a warning)."""
         self._unhook()
-        model = self._model()
-        with _ATTACHED_LOCK:
-            if model is not None and _ATTACHED.get(model) is self:
-                del _ATTACHED[model]
+        _unclaim(self._model(), self)
         try:
             for part in self.parts.values():     # fold in what is pending: a later log() still reports it
                 part.fold()
@@ -293,10 +299,9 @@ class GradientMonitor:
         if not isinstance(model, nn.Module):
             raise MonitorError(f"GradientMonitor.detach(model) takes an nn.Module, got {type(model).__name__}")
         monitor = _ATTACHED.get(unwrap(model))
-        if monitor is None:
-            return False
-        monitor.remove()
-        return True
+        if monitor is not None:
+            monitor.remove()
+        return monitor is not None
 
     def __enter__(self) -> GradientMonitor:
         check_entered(self.attached)          # MonitorError: a removed monitor records nothing
@@ -330,8 +335,7 @@ class GradientMonitor:
             MonitorError: ``optimizer`` is neither None nor an optimizer (``param_groups``), or
                 ``skipped`` is not a bool.
         """
-        check_optimizer(optimizer, "record(optimizer)")
-        check_switch("record(skipped=)", skipped)
+        check_optimizer(optimizer, "record(optimizer)", skipped=skipped)
         mask = None if optimizer is None else self._masks.mask(optimizer)
         if optimizer is not None and mask is None:
             self._warnings.warn("foreign-optimizer", f"record({type(optimizer).__name__}): that optimizer holds "
@@ -381,6 +385,9 @@ class GradientMonitor:
 
         A model converted after the monitor attached (``model.to(device)``, ``.double()``) is
         followed: the window's sums move with it and the window goes on (``conversions.py``).
+        Layers added or removed (``add_param_group`` with a new layer's parameters, ``del
+        model[2]``): the window's rows hold the parameters that stayed, a warning names the
+        change, and the next window records the new set (``following.py``).
 
         Raises:
             MonitorError: ``step`` is not an int >= 0 (numpy and 0-d torch integers are taken; the
@@ -396,6 +403,9 @@ class GradientMonitor:
         finally:
             keep(self.history, reader.windows, self.history_length, self._layouts)
             self._start_window()
+            if self._follower.relayout is not None:       # layers added or removed: the new set from now on
+                self._unhook()
+                self._build(self._model(), self._follower.relayout)
         return reader.windows[0].gradients if self.members == 1 else [w.gradients for w in reader.windows]
 
     def _read_back(self) -> dict[str, np.ndarray]:

@@ -32,9 +32,8 @@ def _removed_by_detach(model):
 def test_entering_a_removed_monitor_is_refused(removal):
     model = nn.Linear(3, 1)
     monitor = removal(model)
-    with pytest.raises(MonitorError) as error:
-        with monitor:
-            raise AssertionError("the body ran")
+    with pytest.raises(MonitorError) as error, monitor:
+        raise AssertionError("the body ran")
     message = str(error.value)
     assert "\n" not in message and "removed" in message and "GradientMonitor(model)" in message
     with GradientMonitor(model) as again:            # what the message says to do works
