@@ -60,12 +60,21 @@ class Histogram:
     sparse: bool = field(default=False, repr=False, compare=False)
 
 
-def scaled_norm(flat: torch.Tensor) -> torch.Tensor:
+def scaled_norm(flat: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     """L2 norm of a float64 tensor over its whole range: ``vector_norm`` squares without
-    scaling, so values past 1e154 would give inf. Scaled by the largest |x|, as LAPACK's dnrm2."""
-    largest = flat.abs().max()
+    scaling, so values past 1e154 would give inf. Scaled by the largest |x|, as LAPACK's dnrm2.
+    ``chunk``: the scaled copies made ``chunk`` values at a time (a 1M-value weight's at log():
+    no 8 MB temporary)."""
+    return scaled_norm_of(flat.split(chunk) if chunk is not None and flat.numel() > chunk else (flat,))
+
+
+def scaled_norm_of(pieces) -> torch.Tensor:
+    """``scaled_norm`` of the values of ``pieces`` (a sequence of tensors, or a callable giving
+    them afresh: two passes, the largest |x| first)."""
+    make = pieces if callable(pieces) else lambda: pieces
+    largest = torch.stack([torch.linalg.vector_norm(piece, float("inf")) for piece in make()]).max()
     scale = torch.where(largest > 0, largest, torch.ones_like(largest))
-    return torch.linalg.vector_norm(flat / scale) * scale
+    return torch.stack([torch.linalg.vector_norm(piece / scale) for piece in make()]).norm() * scale
 
 
 # A sum of float64 squares keeps float64's range at neither end: past |x| ~ 1.3e154 it overflows,

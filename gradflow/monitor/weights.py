@@ -11,6 +11,7 @@ batched model) as consecutive segments, in chunks (``stats.CHUNK``) on the torch
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
@@ -257,9 +258,13 @@ def _scaled_norms(now: torch.Tensor, start: torch.Tensor, members: int) -> torch
     """(members, 3) L2 norms of each member's weights, distance moved and start, scaled by the
     largest |x| (``stats.scaled_norm``): float64's whole range, where ``Weights._fold``'s sums of
     squares overflow or vanish."""
+    chunk = S.CPU_WIDE_CHUNK if now.device.type == "cpu" else S.CHUNK     # float64 temporaries of a chunk each
     now, start = now.view(members, -1), start.reshape(members, -1)
-    return torch.stack([torch.stack([S.scaled_norm(w), S.scaled_norm(w - b), S.scaled_norm(b)])
-                        for w, b in zip(now, start)])
+    rows = []
+    for w, b in zip(now, start):
+        moved = functools.partial(map, torch.sub, w.split(chunk), b.split(chunk))     # w - start, a chunk at a time
+        rows.append(torch.stack([S.scaled_norm(w, chunk), S.scaled_norm_of(moved), S.scaled_norm(b, chunk)]))
+    return torch.stack(rows)
 
 
 @torch.no_grad()
