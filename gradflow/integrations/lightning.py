@@ -154,7 +154,9 @@ class GradflowCallback(_pl.Callback):
     diagnosis = _common.recorder_attribute("diagnosis", "the verdict of the latest fit (None without a window)")
     losses = _common.recorder_attribute("losses", "mean training loss of each window (what training_step returned)")
     steps = _common.recorder_attribute("steps", "optimizer steps recorded over the fits of one run (kept in "
-                                       "checkpoints; a fit on a new Trainer, not resumed, starts again at 0)")
+                                       "checkpoints; a fit on a new Trainer, not resumed, starts again at 0; "
+                                       "resumed from a checkpoint without this callback's state, at the "
+                                       "trainer's global_step)")
     windows = _common.recorder_attribute("windows", "windows written (kept in checkpoints)")
 
     # -- handed to a Hugging Face Trainer: its __init__ calls ``on_init_end`` on every callback it
@@ -177,6 +179,13 @@ class GradflowCallback(_pl.Callback):
         self.recorder.start(pl_module, writes=trainer.is_global_zero, step=self.steps,
                             tensorboards=[lg.experiment for lg in loggers if is_tensorboard_logger(lg)],
                             reports=[lg.log_metrics for lg in loggers if not is_tensorboard_logger(lg)])
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        # Resumed from a checkpoint that holds no state of this callback (added only on resume):
+        # the loops are restored after on_fit_start (global_step read 0 there), so the count
+        # takes the trainer's step here, before the first batch, as its windows' labels.
+        if not self._restored and self.steps == 0 and trainer.global_step:
+            self.steps = self.recorder.logged_at = trainer.global_step
 
     def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
         # Under 16-mixed the scaler has unscaled by now and decides on overflow right after this hook;

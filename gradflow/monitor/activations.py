@@ -265,8 +265,9 @@ class Activations(Part):
         count = len(taps)
         slots = count * members
         # sum, sum of squares, saturated; wide (float64): the squares of outputs past 1.8e19 (a diverging
-        # net) overflow float32, and the window's std read inf
-        self.moments = torch.zeros(slots, 3, device=device, dtype=S.wide_dtype(device))
+        # net) overflow float32, and the window's std read inf; then float64 outputs' squares scaled down
+        # and up (stats.wide_squares), which past 1.3e154 overflow float64 too
+        self.moments = torch.zeros(slots, 5, device=device, dtype=S.wide_dtype(device))
         self.counts = torch.zeros(slots * S.SIGN_EXPONENT_BINS, dtype=torch.int64, device=device)
         self.linear = torch.zeros(slots * LINEAR_BINS + 1, dtype=torch.int64, device=device)
         self._scratch = S.Scratch()                  # for the large tensors
@@ -699,7 +700,11 @@ class Activations(Part):
         rows = self._slot_rows.get(key)
         if rows is None:                              # made once: a fresh device tensor per step would sync
             rows = self._slot_rows.put(key, torch.tensor(slots, device=self.moments.device))
-        self.moments.index_add_(0, rows, folded[:, 0::2].to(self.moments.dtype))   # sum, squares, beyond the band
+        self.moments[:, :3].index_add_(0, rows, folded[:, 0::2].to(self.moments.dtype))   # sum, squares, beyond the band
+        wide = [row for row, (flat, _, _) in enumerate(jobs) if flat.dtype == torch.float64 and flat.numel()]
+        if wide:                                      # float64 outputs: their squares over float64's range
+            norms = torch.stack([S.scaled_norm(jobs[row][0]) for row in wide])
+            self.moments[:, 3:].index_add_(0, rows[wide], S.wide_squares(norms).T.to(self.moments.dtype))
 
     def _count_linear_member(self, index: int, member: int, flat: torch.Tensor) -> None:
         """Add member ``member`` of bounded tap ``index``'s 1-D output ``flat`` to its linear bins."""
@@ -855,10 +860,9 @@ class Activations(Part):
             n = elements[slot]
             if not n:
                 continue
-            total, squares, saturated = moments[slot]
+            total, squares, saturated, high, low = moments[slot]
             mean = total / n
-            variance = squares / n - mean * mean
-            std = math.sqrt(variance) if variance > 0 else 0.0 if variance <= 0 else math.nan
+            std = S.wide_spread(n, total, squares, high, low)
             row = {mean_: mean, std_: std}
             scalars = reader.scalars[member]
             scalars[tags[0]], scalars[tags[1]] = mean, std

@@ -2,7 +2,9 @@
 
 A model can change its parameters under an attached monitor: ``.double()`` or ``.to(device)``
 (in place, or new tensors under torch's overwrite and swap flags), ``load_state_dict(...,
-assign=True)``, ``module.weight = nn.Parameter(...)``. ``Follower.follow`` finds such a change
+assign=True)``, ``module.weight = nn.Parameter(...)``; layers can be added or removed (the window
+goes on with the parameters that stayed, and the coordinator attaches to the new set when it
+closes: ``Follower.relayout``). ``Follower.follow`` finds such a change
 (``model_checks.replaced_parameters``), has every part fold what it took from the old tensors
 (on another device: move its sums there, ``Part.move``) and binds the parts to the new ones, so
 the window goes on. The ``Conversions`` part calls it from inside training (a forward pass, a
@@ -12,11 +14,12 @@ when an optimizer's groups hold tensors the monitor does not know.
 
 from __future__ import annotations
 
+import operator
 import weakref
 from collections.abc import Callable
 
 from gradflow.monitor.conversions import stale_optimizer
-from gradflow.monitor.model_checks import replaced_parameters
+from gradflow.monitor.model_checks import LayersChanged, _one_device, check_members, replaced_parameters
 from gradflow.monitor.part import Part, Setup
 from gradflow.monitor.steps import OptimizerMasks, entry_ref
 from gradflow.monitor.tensors import MonitorError
@@ -34,17 +37,27 @@ class Follower:
         # id(tensor) -> (weak reference to it, name): monitored tensors the model replaced, which
         # an optimizer made before may still step (refresh says so)
         self.replaced: dict[int, tuple[weakref.ref, str]] = {}
+        # the model's parameters once layers were added or removed: the coordinator attaches its
+        # parts to them when the window closes (None: no such change)
+        self.relayout: list | None = None
 
     def follow(self) -> bool:
         """Follow the model's parameters if they were replaced, converted or moved; True if so.
         What is pending is folded first (on another device: the sums move there, Part.move).
 
+        Parameters added or removed (a layer appended or deleted, ``add_param_group`` with a new
+        one): the window goes on with those that stayed (``_layers_changed``).
+
         Raises:
-            MonitorError: the parameters changed in a way a window cannot follow (another shape
-                or count, a complex dtype, several devices): ``replaced_parameters``'s message.
+            MonitorError: the parameters changed in a way a window cannot follow (another shape,
+                a complex dtype, several devices, none left): ``replaced_parameters``'s message.
         """
         model, setup = self._model(), self.setup
-        new = None if model is None else replaced_parameters(model, self.names, setup.params, setup.device, setup.dtypes)
+        try:
+            new = None if model is None else replaced_parameters(model, self.names, setup.params, setup.device,
+                                                                 setup.dtypes)
+        except LayersChanged as change:
+            new = self._layers_changed(change)
         if new is None:
             return False
         moved_to = new[0].device if new[0].device != setup.device else None
@@ -58,6 +71,35 @@ class Follower:
             part.bind(new)
         self.masks.forget()
         return True
+
+    def _layers_changed(self, change: LayersChanged) -> list | None:
+        """Layers added or removed: the new set is kept for the next window (``relayout``, said
+        once), and this one goes on with the parameters that stayed, each now the model's tensor
+        of its name (those gone stay bound: they get no gradient). The tensors to rebind, or None.
+
+        Raises:
+            LayersChanged: no parameter is left, or the parameters are sharded (the collectives
+                are planned at attach).
+            MonitorError: a stayed parameter has another shape, or the model is on several devices.
+        """
+        setup = self.setup
+        if not change.current or self.sharding is not None:
+            raise change
+        _one_device(change.current, setup.device)
+        check_members(change.current, setup.members)          # a new layer of a batched model: stacked too
+        if self.relayout is None or [n for n, _ in self.relayout] != [n for n, _ in change.current]:
+            self._warn(f"layers-changed {change.changes()}",
+                       f"GradientMonitor: the model's parameters changed during the window ({change.changes()}): "
+                       "this window records those that stayed; the new set is recorded from the next window on")
+        self.relayout = change.current
+        now = dict(change.current)
+        new = [now.get(name, p) for name, p in zip(self.names, setup.params)]
+        for name, before, after in zip(self.names, setup.params, new):
+            if after.shape != before.shape:
+                raise MonitorError(f"{name} was replaced by a tensor of another shape ({tuple(before.shape)} -> "
+                                   f"{tuple(after.shape)}); remove() this monitor and attach a new one")
+        same = all(map(operator.is_, new, setup.params)) and [p.dtype for p in new] == setup.dtypes
+        return None if same else new
 
     def _keep_replaced(self, old: list, new: list) -> None:
         """Remember, weakly, the monitored tensors that new ones replaced (the overwrite flag,

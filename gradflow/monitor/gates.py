@@ -118,7 +118,7 @@ class Gates(Part):
             views += grad.detach().reshape(len(self.gates[j]), -1).unbind(0)
         if not present:
             return
-        norms = torch.stack(torch._foreach_norm(views))
+        norms = _norms(views)
         if self.setup.unscale is not None:
             norms = norms * self.setup.unscale
         if len(present) == len(self.indices):
@@ -139,7 +139,7 @@ class Gates(Part):
         """(rows,) the L2 norm of each gate's weight rows now."""
         views = [v for j, i in enumerate(self.indices)
                  for v in self.params[i].detach().reshape(len(self.gates[j]), -1).unbind(0)]
-        return torch.stack(torch._foreach_norm(views)).to(self.totals.dtype)
+        return _norms(views).to(self.totals.dtype)
 
     def device_tensors(self) -> dict[str, Reduced]:
         return {"totals": Reduced(self.totals), "weights": Reduced(self.weight_norms())}
@@ -277,3 +277,13 @@ def gate_scalars(gates: dict[str, dict[str, dict[str, float]]]) -> dict[str, flo
             out[f"grad/{path}/{gate}/norm"] = row["norm"]
             out[f"weight/{path}/{gate}/norm"] = row["weight_norm"]
     return out
+
+
+def _norms(views: list[torch.Tensor]) -> torch.Tensor:
+    """The L2 norm of each of ``views``: one ``_foreach_norm``; a float64 one's scaled by its
+    largest |x| (``stats.scaled_norm``), whose sum of squares overflows past 1e154."""
+    norms = torch.stack(torch._foreach_norm(views))
+    if any(view.dtype is torch.float64 for view in views):
+        norms = torch.stack([S.scaled_norm(view) if view.dtype is torch.float64 else norm
+                             for view, norm in zip(views, norms)])
+    return norms

@@ -136,6 +136,8 @@ class Gradients(Part):
         self.counts = torch.zeros(slots * S.SIGN_EXPONENT_BINS, dtype=torch.int64, device=device)
         self.tallies = torch.zeros(slots, 2, dtype=torch.int64, device=device)   # exact zeros, non-finite
         self.step_squares = torch.zeros(64, members, device=device, dtype=dtype)
+        # float64 gradients' squared norms scaled down and up (stats.wide_squares): their range past the plain sum's
+        self.step_wide = torch.zeros(64, 2, members, device=device, dtype=dtype)
         self.skipped_nonfinite = torch.zeros(len(params), device=device, dtype=dtype)
         self.skipped = np.zeros(len(params), dtype=np.int64)
         self.recorded = 0                            # the window's steps (rows of step_squares)
@@ -182,8 +184,9 @@ class Gradients(Part):
     def move(self, device: torch.device) -> None:
         """Fold the pending copies (the old device's), then carry the sums to ``device``."""
         self.reduce()
-        self.totals, self.step_squares, self.skipped_nonfinite = (
-            moved(t, device, wide=True) for t in (self.totals, self.step_squares, self.skipped_nonfinite))
+        self.totals, self.step_squares, self.step_wide, self.skipped_nonfinite = (
+            moved(t, device, wide=True) for t in (self.totals, self.step_squares, self.step_wide,
+                                                  self.skipped_nonfinite))
         self.counts, self.tallies = moved(self.counts, device), moved(self.tallies, device)
         self._plans, self._batches, self._scratch = {}, _BoundedCache(), S.Scratch()   # their tensors: the old device's
         self._reduced = None                          # views of the sums left behind
@@ -194,8 +197,9 @@ class Gradients(Part):
         if self.totals.is_cpu:                       # the fused kernels' views (made at most once per tensor)
             for view in self._host_sums():
                 view.fill(0)
+            self.step_wide.zero_()
         else:
-            torch._foreach_zero_([self.totals, self.counts, self.tallies, self.step_squares])
+            torch._foreach_zero_([self.totals, self.counts, self.tallies, self.step_squares, self.step_wide])
         if self.skipped_steps:                       # only skip() adds to these
             self.skipped_nonfinite.zero_()
             self.skipped[:] = 0
@@ -258,6 +262,7 @@ class Gradients(Part):
             grads = [None if g is None else g * self.setup.unscale for g in grads]
         if step >= self.step_squares.size(0):        # grow on the device: no host sync
             self.step_squares = torch.cat([self.step_squares, torch.zeros_like(self.step_squares)])
+            self.step_wide = torch.cat([self.step_wide, torch.zeros_like(self.step_wide)])
         plan = self._plans.get(pattern) or self._make_plan(pattern)
         by_pattern = self.steps_by_pattern
         seen = by_pattern.get(pattern, 0)
@@ -534,6 +539,8 @@ class Gradients(Part):
         for row, (flat, _, _) in enumerate(jobs):
             if flat.dtype == torch.float64:           # keep float64's range (squares overflow past 1e154)
                 folded[row, 2] = S.scaled_norm(flat)
+                if self.sharding is None:             # and the step's total norm (sharded: its own per-step rows)
+                    self.step_wide[step, :, row % self.members] += S.wide_squares(folded[row, 2])
         self.totals.index_add_(0, plan.large_slots, folded[:, :4].to(self.totals.dtype))
 
     def _fold_large(self, kernels, plan: _GradientPlan, grads: list[torch.Tensor], step: int,
@@ -591,7 +598,7 @@ class Gradients(Part):
     def device_tensors(self) -> dict[str, Reduced]:
         """The window's sums, each with its host view (``window.host_view``), made again only where
         a tensor was replaced (``move``, a longer ``step_squares``), as ``_host_sums``."""
-        tensors = (self.totals, self.counts, self.tallies, self.step_squares, self.skipped_nonfinite)
+        tensors = (self.totals, self.counts, self.tallies, self.step_squares, self.step_wide, self.skipped_nonfinite)
         held = self._reduced
         if held is None or not all(map(operator.is_, held[0], tensors)):
             held = self._reduced = (tensors, dict(zip(_SUMS, map(host_view, tensors))))
@@ -615,7 +622,7 @@ class Gradients(Part):
             window.steps = most
             window.kinds = self.setup.kinds
         self._rows(values, reader, steps, same)
-        self._overall(values["step_squares"], reader)
+        self._overall(values["step_squares"], values["step_wide"], reader)
         self._idle(reader, per_param)
 
     def _slot_steps(self) -> tuple[list[int], int | None]:
@@ -720,9 +727,11 @@ class Gradients(Part):
                                [f"grad/{path}" for path in paths], [f"1_grad_log10/{path}" for path in paths])
         return self._slot_tags
 
-    def _overall(self, step_squares: np.ndarray, reader) -> None:
-        """Window-level figures: steps, skipped steps, the total norm per step (mean and max)."""
-        norms = np.sqrt(step_squares[:self.recorded])               # (steps, members)
+    def _overall(self, step_squares: np.ndarray, step_wide: np.ndarray, reader) -> None:
+        """Window-level figures: steps, skipped steps, the total norm per step (mean and max),
+        over float64's range (``step_wide``)."""
+        steps = self.recorded
+        norms = S.wide_root(step_squares[:steps], step_wide[:steps, 0], step_wide[:steps, 1])   # (steps, members)
         for k, window in enumerate(reader.windows):
             row = {"steps": window.steps, "skipped_steps": self.skipped_steps}
             if self.recorded:
@@ -768,7 +777,7 @@ def _row_table(totals: np.ndarray, tallies: np.ndarray, steps: list[int], same: 
 
 
 _ROW_COLUMNS = (*C.GRADIENT, *C.GRADIENT_COUNTS)
-_SUMS = ("totals", "counts", "tallies", "step_squares", "skipped_nonfinite")     # device_tensors' keys
+_SUMS = ("totals", "counts", "tallies", "step_squares", "step_wide", "skipped_nonfinite")     # device_tensors' keys
 _OVERALL_TAGS = tuple(f"grad/{key}" for key in C.OVERALL)
 
 

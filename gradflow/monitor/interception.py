@@ -413,11 +413,13 @@ def _tell_scaled(scaler: GradScaler, optimizer: torch.optim.Optimizer) -> None:
 
 
 def _scaler_step(self: GradScaler, optimizer: torch.optim.Optimizer, *args, **kwargs):
-    if getattr(optimizer, "_step_supports_amp_scaling", False):    # fused: unscales in its step, no unscale_
+    fused = getattr(optimizer, "_step_supports_amp_scaling", False)
+    if fused:                                # unscales in its step, no unscale_
         _tell_scaled(self, optimizer)
     result = _ORIGINAL["step"](self, optimizer, *args, **kwargs)
     watchers = _watchers()
-    if self.is_enabled() and watchers and found_inf(self, optimizer):
+    # a fused optimizer's step ran all the same: its pre-hook read found_inf and counted the skip (steps.StepWatch)
+    if not fused and self.is_enabled() and watchers and found_inf(self, optimizer):
         with torch.inference_mode(False):
             for monitor in watchers:
                 monitor.skipped(optimizer)

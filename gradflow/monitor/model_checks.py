@@ -170,12 +170,7 @@ def replaced_parameters(model: nn.Module, names: list[str], params: list[torch.T
                                f"became {complex_[0][1]} after the monitor attached: complex parameters are not "
                                "recorded (statistics are of real gradients); remove() this monitor, and record "
                                "torch.view_as_real(p.grad) yourself if you need them")
-        now = [name for name, _ in current]
-        added, gone = [n for n in now if n not in set(names)], [n for n in names if n not in set(now)]
-        raise MonitorError(f"the model's parameters changed after the monitor attached (now {len(current)}, "
-                           f"were {len(params)}; new: {', '.join(added[:3]) or 'none'}{' ...' if len(added) > 3 else ''}"
-                           f"; gone: {', '.join(gone[:3]) or 'none'}{' ...' if len(gone) > 3 else ''}); "
-                           "remove() this monitor and attach a new one")
+        raise LayersChanged(current, names, len(params))
     current = _sharded_again(model, current, params)
     for (name, p), q in zip(current, params):
         _check_materialised(name, p)
@@ -190,6 +185,27 @@ def replaced_parameters(model: nn.Module, names: list[str], params: list[torch.T
             and _all_on(new, device):
         return None              # the same tensors, listed in another order (a parametrization registered since)
     return new
+
+
+class LayersChanged(MonitorError):
+    """Parameters were added to the model or removed from it after the monitor attached (a layer
+    appended or deleted, a head replaced by one of another name): ``current``, the model's
+    parameters now (``_named``), ``added`` and ``gone`` their names. Followed by ``following.Follower``
+    (the window goes on with those that stayed; the monitor takes the new set at the next window);
+    raised as the MonitorError it is where it cannot be (no parameter left, sharded parameters)."""
+
+    def __init__(self, current: list[tuple[str, torch.Tensor]], names: list[str], were: int) -> None:
+        now = [name for name, _ in current]
+        self.current = current
+        self.added, self.gone = [n for n in now if n not in set(names)], [n for n in names if n not in set(now)]
+        super().__init__(f"the model's parameters changed after the monitor attached (now {len(current)}, were {were}; "
+                         f"{self.changes()})")
+
+    def changes(self) -> str:
+        """``new: a, b; gone: c`` (at most three names each)."""
+        added, gone = self.added, self.gone
+        return (f"new: {', '.join(added[:3]) or 'none'}{' ...' if len(added) > 3 else ''}; "
+                f"gone: {', '.join(gone[:3]) or 'none'}{' ...' if len(gone) > 3 else ''}")
 
 
 def _sharded_again(model: nn.Module, current: list[tuple[str, torch.Tensor]],
@@ -338,16 +354,17 @@ def say_foreign_optimizer(optimizer: Any, model: nn.Module, named: list[tuple[st
                       "that steps this model, or leave optimizer out to watch every one)", stacklevel=stacklevel)
 
 
-def check_optimizer(optimizer: Any, where: str) -> None:
+def check_optimizer(optimizer: Any, where: str, skipped: Any = False) -> None:
     """MonitorError unless ``optimizer`` is None or an optimizer: a ``torch.optim.Optimizer``, or a
     wrapper with ``param_groups`` as torch's (Lightning's ``LightningOptimizer``). ``where``
-    names the argument in the one-line message."""
-    if optimizer is None or isinstance(optimizer, torch.optim.Optimizer):
-        return
-    groups = getattr(optimizer, "param_groups", None) if not isinstance(optimizer, nn.Module) else None
-    if not (isinstance(groups, list) and all(isinstance(group, dict) and "params" in group for group in groups)):
-        raise MonitorError(f"{where} must be a torch.optim.Optimizer (or a wrapper of one with its param_groups) "
-                           f"or None, got {type(optimizer).__name__} {_short(optimizer)}")
+    names the argument in the one-line message. ``skipped``: ``record(skipped=)``, then checked
+    to be a bool (``check_switch``)."""
+    if not (optimizer is None or isinstance(optimizer, torch.optim.Optimizer)):
+        groups = getattr(optimizer, "param_groups", None) if not isinstance(optimizer, nn.Module) else None
+        if not (isinstance(groups, list) and all(isinstance(group, dict) and "params" in group for group in groups)):
+            raise MonitorError(f"{where} must be a torch.optim.Optimizer (or a wrapper of one with its param_groups) "
+                               f"or None, got {type(optimizer).__name__} {_short(optimizer)}")
+    check_switch("record(skipped=)", skipped)
 
 
 def check_switch(name: str, value: Any) -> None:
@@ -355,6 +372,16 @@ def check_switch(name: str, value: Any) -> None:
     read as True."""
     if not isinstance(value, (bool, np.bool_)):
         raise MonitorError(f"{name} must be True or False, got {_short(value)}")
+
+
+def check_entered(attached: bool) -> None:
+    """MonitorError at ``with monitor:`` on a monitor that no longer records: leaving a ``with``,
+    ``remove()`` and ``GradientMonitor.detach(model)`` took its hooks off for good, and its body
+    would train unrecorded (``log()`` only warns then, once the training is spent)."""
+    if not attached:
+        raise MonitorError("with monitor: this GradientMonitor was removed (remove(), an earlier with block, or "
+                           "GradientMonitor.detach) and records nothing; attach a new one: "
+                           "with GradientMonitor(model) as monitor:")
 
 
 def check_step(step: Any) -> int:

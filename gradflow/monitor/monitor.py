@@ -48,10 +48,10 @@ from gradflow.monitor.histograms import check_every
 from gradflow.monitor.intercepted import Intercepted
 from gradflow.monitor.model_checks import (
     check_attach,
+    check_entered,
     check_optimizer,
     check_positive,
     check_step,
-    check_switch,
     is_compiled,
     monitored_kinds,
     unwrap,
@@ -144,7 +144,8 @@ class GradientMonitor:
             ``members``, ``histograms``, ``histogram_every`` or ``activations_every``.
 
     The monitor keeps no reference to ``model`` itself, adds nothing to it, and removes every
-    hook it added on ``remove()`` or on leaving ``with``.
+    hook it added on ``remove()`` or on leaving ``with``: removed, it stays removed, and
+    ``with`` on it raises MonitorError.
 
     Example:
         >>> model = torch.nn.Linear(3, 1)
@@ -173,24 +174,30 @@ class GradientMonitor:
         members, activations_every, through_time_every, histogram_every = (
             int(members), int(activations_every), int(through_time_every), int(histogram_every))
         self._output = Output(writer, members, check_every(histograms))
-        self.names = [name for name, _ in named]
         self.members, self.automatic, self.histograms = members, automatic, histograms
         self.history: list[Window] = []
         self.activations_every, self.history_length = activations_every, history_length
         self._layouts = Layouts()            # what the compact old windows of history share (compact.py)
         self._model = weakref.ref(inner)
         self._warnings = OnceWarnings()
+        self._options = dict(weights=weights, activations=activations, histograms=histograms, nonfinite=nonfinite,
+                             histogram_every=histogram_every, through_time=through_time, drawn=self._output.draws,
+                             through_time_every=through_time_every, compiled=is_compiled(model))
+        self._optimizer = weakref.ref(optimizer) if optimizer is not None else None
+        self._build(inner, named)
+
+    def _build(self, inner: nn.Module, named: list) -> None:
+        """Make the parts for ``named`` and attach them: at attach, and where layers were added
+        or removed, at the close of the window they changed in (``Follower.relayout``)."""
+        self.names = [name for name, _ in named]
         self.kinds = monitored_kinds(inner, self.names)
-        options = {"weights": weights, "activations": activations, "histograms": histograms,
-                   "histogram_every": histogram_every, "nonfinite": nonfinite,
-                   "through_time": through_time, "through_time_every": through_time_every,
-                   "compiled": is_compiled(model), "drawn": self._output.draws}
-        self._setup = Setup(self.names, [p for _, p in named], members, options, Schedule(activations_every),
-                            self._warnings.from_part, self.kinds, follow=lambda: self._follower.in_training())
+        self._setup = Setup(self.names, [p for _, p in named], self.members, self._options,
+                            Schedule(self.activations_every), self._warnings.from_part, self.kinds,
+                            follow=lambda: self._follower.in_training())
         # DTensor parameters (FSDP2, HSDP, tensor parallel): collectives at each window's close; every
         # rank must attach (sharding.py). None for plain tensors, DDP included.
-        self._setup.sharding = self._sharding = ShardLayout.of(self.names, self._setup.params, members,
-                                                               f"nonfinite={bool(nonfinite)}")
+        self._setup.sharding = self._sharding = ShardLayout.of(self.names, self._setup.params, self.members,
+                                                               f"nonfinite={bool(self._options['nonfinite'])}")
         self.parts: dict[str, Part] = create_parts(inner, self._setup)
         self._recorders = recorders(self.parts)          # only these are called at each step (the hot path)
         # the parts kept on the model's current tensors (.double(), assign=True; following.py)
@@ -198,12 +205,11 @@ class GradientMonitor:
                                   self._warnings.from_part, self._unhook)
         self._masks = self._follower.masks = OptimizerMasks(len(self.names), lambda: self._setup.index_of,
                                                             self._follower.refresh)
-        self._optimizer = weakref.ref(optimizer) if optimizer is not None else None
         # after the outermost watched step (its post-hook): the gradients' wrapper check ends there
-        self._steps = StepWatch(self._masks, optimizer, self._record, self.parts["gradients"].step_done,
-                                self._warnings.from_part)
+        self._steps = StepWatch(self._masks, self._optimizer and self._optimizer(), self._record,
+                                self.parts["gradients"].step_done, self._warnings.from_part, self._skip)
         # what interception tells it: clipping calls, GradScaler's scaled and skipped steps (intercepted.py)
-        self._intercepted = Intercepted(self.parts, self._masks, automatic, self._optimizer, self._skip)
+        self._intercepted = Intercepted(self.parts, self._masks, self.automatic, self._optimizer, self._skip)
         self._start_window()
         self._attach(inner)
 
@@ -282,6 +288,7 @@ class GradientMonitor:
         return True
 
     def __enter__(self) -> GradientMonitor:
+        check_entered(self.attached)          # MonitorError: a removed monitor records nothing
         return self
 
     def __exit__(self, *exc) -> None:
@@ -312,17 +319,13 @@ class GradientMonitor:
             MonitorError: ``optimizer`` is neither None nor an optimizer (``param_groups``), or
                 ``skipped`` is not a bool.
         """
-        check_optimizer(optimizer, "record(optimizer)")
-        check_switch("record(skipped=)", skipped)
+        check_optimizer(optimizer, "record(optimizer)", skipped=skipped)
         mask = None if optimizer is None else self._masks.mask(optimizer)
         if optimizer is not None and mask is None:
             self._warnings.warn("foreign-optimizer", f"record({type(optimizer).__name__}): that optimizer holds "
                                 "none of this monitor's parameters; nothing was recorded")
             return
-        if skipped:
-            self._skip(mask)
-        else:
-            self._record(mask)
+        (self._skip if skipped else self._record)(mask)
 
     def _record(self, mask, unscale: torch.Tensor | None = None, inner: bool = False) -> None:
         """One applied step, part by part (a part returning False ends it: no gradient); then
@@ -366,6 +369,9 @@ class GradientMonitor:
 
         A model converted after the monitor attached (``model.to(device)``, ``.double()``) is
         followed: the window's sums move with it and the window goes on (``conversions.py``).
+        Layers added or removed (``add_param_group`` with a new layer's parameters, ``del
+        model[2]``): the window's rows hold the parameters that stayed, a warning names the
+        change, and the next window records the new set (``following.py``).
 
         Raises:
             MonitorError: ``step`` is not an int >= 0 (numpy and 0-d torch integers are taken; the
@@ -381,6 +387,9 @@ class GradientMonitor:
         finally:
             keep(self.history, reader.windows, self.history_length, self._layouts)
             self._start_window()
+            if self._follower.relayout is not None:       # layers added or removed: the new set from now on
+                self._unhook()
+                self._build(self._model(), self._follower.relayout)
         return reader.windows[0].gradients if self.members == 1 else [w.gradients for w in reader.windows]
 
     def _read_back(self) -> dict[str, np.ndarray]:

@@ -60,12 +60,60 @@ class Histogram:
     sparse: bool = field(default=False, repr=False, compare=False)
 
 
-def scaled_norm(flat: torch.Tensor) -> torch.Tensor:
+def scaled_norm(flat: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
     """L2 norm of a float64 tensor over its whole range: ``vector_norm`` squares without
-    scaling, so values past 1e154 would give inf. Scaled by the largest |x|, as LAPACK's dnrm2."""
-    largest = flat.abs().max()
+    scaling, so values past 1e154 would give inf. Scaled by the largest |x|, as LAPACK's dnrm2.
+    ``chunk``: the scaled copies made ``chunk`` values at a time (a 1M-value weight's at log():
+    no 8 MB temporary)."""
+    return scaled_norm_of(flat.split(chunk) if chunk is not None and flat.numel() > chunk else (flat,))
+
+
+def scaled_norm_of(pieces) -> torch.Tensor:
+    """``scaled_norm`` of the values of ``pieces`` (a sequence of tensors, or a callable giving
+    them afresh: two passes, the largest |x| first)."""
+    make = pieces if callable(pieces) else lambda: pieces
+    largest = torch.stack([torch.linalg.vector_norm(piece, float("inf")) for piece in make()]).max()
     scale = torch.where(largest > 0, largest, torch.ones_like(largest))
-    return torch.linalg.vector_norm(flat / scale) * scale
+    return torch.stack([torch.linalg.vector_norm(piece / scale) for piece in make()]).norm() * scale
+
+
+# A sum of float64 squares keeps float64's range at neither end: past |x| ~ 1.3e154 it overflows,
+# below ~1.5e-162 it vanishes. Where float64 values are summed, their squares are also kept scaled
+# down and up by a fixed power of two, plain SUMs like the others (across steps, processes):
+# ``wide_squares`` adds them, ``wide_root`` and ``wide_spread`` read the one that holds the range.
+WIDE_SHIFT = 2.0 ** 600
+_TINY_SQUARES = 2.0 ** -900      # below this a plain sum holds float64 values alone (float32's squares reach 2e-90)
+
+
+def wide_squares(norms: torch.Tensor) -> torch.Tensor:
+    """(2, *norms.shape): the squares of float64 ``norms`` (scaled norms, ``scaled_norm``) divided
+    and multiplied by ``WIDE_SHIFT`` squared, summed apart from the plain squares."""
+    return torch.stack([(norms / WIDE_SHIFT).square(), (norms * WIDE_SHIFT).square()])
+
+
+def wide_root(plain: np.ndarray, high: np.ndarray, low: np.ndarray) -> np.ndarray:
+    """sqrt of sums of squares (float64 arrays of one shape) kept three ways (``wide_squares``):
+    the plain sum, or where it overflowed (inf, while the scaled-down sum is finite) or lies below
+    float32's squares (only float64 values reach it), the scaled sum that holds the range."""
+    out = np.sqrt(plain)
+    over = np.isinf(plain) & np.isfinite(high)
+    out[over] = np.sqrt(high[over]) * WIDE_SHIFT
+    under = (plain < _TINY_SQUARES) & (low > 0)
+    out[under] = np.sqrt(low[under]) / WIDE_SHIFT
+    return out
+
+
+def wide_spread(n: int, total: float, squares: float, high: float, low: float) -> float:
+    """The standard deviation of ``n`` values from their sum and sums of squares kept three ways
+    (``wide_squares``), the mean's square scaled as the squares are; 0.0 where rounding makes the
+    variance negative, NaN for non-finite values."""
+    mean, shift = total / n, 1.0
+    if math.isinf(squares) and math.isfinite(high):
+        squares, shift = high, WIDE_SHIFT
+    elif squares < _TINY_SQUARES and low > 0:
+        squares, shift = low, 1.0 / WIDE_SHIFT
+    variance = squares / n - (mean / shift) * (mean / shift)
+    return math.sqrt(variance) * shift if variance > 0 else 0.0 if variance <= 0 else math.nan
 
 
 def sign_exponent_bins(flat: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:

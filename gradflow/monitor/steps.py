@@ -476,13 +476,15 @@ class StepWatch:
     holds its parameters (``only``: that optimizer alone), calling ``record(mask, unscale, inner)``
     where the step's gradient is final (after a closure's backward; ``unscale``: 1 / the
     GradScaler's scale for a fused optimizer's still-scaled gradients, else None; ``inner``:
-    the step is an inner step of a running wrapper's step)."""
+    the step is an inner step of a running wrapper's step), or ``skip(mask)`` where a fused
+    optimizer's ``found_inf`` says its step applies nothing (set by GradScaler or by hand)."""
 
     def __init__(self, masks: OptimizerMasks, only: torch.optim.Optimizer | None,
                  record: Callable[[Any, torch.Tensor | None, bool], None],
                  after: Callable[[], None] = lambda: None,
-                 warn: Callable[[str, str], None] = lambda key, message: None) -> None:
-        self.masks = masks
+                 warn: Callable[[str, str], None] = lambda key, message: None,
+                 skip: Callable[[Any], None] = lambda mask: None) -> None:
+        self.masks, self.skip = masks, skip
         self.only = weakref.ref(only) if only is not None else None
         self.only_name = type(only).__name__
         self.warn = warn                     # (key, message): said once per monitor
@@ -622,6 +624,8 @@ class StepWatch:
                 amp = amp_scale(optimizer, kwargs) if getattr(optimizer, "_step_supports_amp_scaling", False) else None
                 if amp is None or not amp[1].item():  # read after it (a fused step unscaled .grad in place)
                     self.record(deferred, None, False)
+                else:                                 # found_inf: the step applied nothing
+                    self.skip(deferred)
             self.after()
 
     def _on_step(self, optimizer, args=(), kwargs=None):
@@ -666,8 +670,10 @@ class StepWatch:
         amp = amp_scale(optimizer, kwargs) if scaling else None
         if amp is not None:                          # a fused optimizer under GradScaler: still scaled
             scale, found_inf = amp
-            if not found_inf.item():                 # else skipped: interception counts it (one sync, AMP only)
+            if not found_inf.item():                 # one sync, AMP only
                 self.record(mask, None if scale is None else scale.double().reciprocal().float(), inner)
+            else:      # the fused step applies nothing: counted here, GradScaler's or the user's found_inf alike
+                self.skip(mask)
             return None
         if len(args) < 2 and not kwargs:             # step() with no argument: no closure (the common case)
             self.record(mask, None, inner)

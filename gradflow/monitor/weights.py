@@ -11,6 +11,7 @@ batched model) as consecutive segments, in chunks (``stats.CHUNK``) on the torch
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
@@ -100,6 +101,7 @@ class Weights(Part):
         rows = torch.empty(self.slots, 4, dtype=S.wide_dtype(device), device=device)
         counts = torch.empty(self.slots, S.SIGN_EXPONENT_BINS, device=device, dtype=torch.int64) if self.counted \
             else None
+        ranged = {}                         # float64 parameters' norms over float64's range, by index
         for group in self.tiny:             # a few thousand values: one call for the group, not one each
             self._fold_tiny(group, rows.numpy(), None if counts is None else counts.numpy())
         for i, p in enumerate(self.params):
@@ -110,6 +112,8 @@ class Weights(Part):
             before = now if start is None else start.reshape(-1)
             rows[i * k:(i + 1) * k], folded, renewed = self._fold(
                 now, before, now.numel() // k, renew=start is not None and start.is_contiguous())
+            if now.dtype == torch.float64 and now.numel():    # before the start is renewed: its norms too
+                ranged[i] = _scaled_norms(now, before, k)
             if counts is not None:
                 counts[i * k:(i + 1) * k] = folded
             if start is None:               # frozen at attach: moved only if something wrote to it
@@ -121,6 +125,9 @@ class Weights(Part):
                 start.copy_(local(p.detach()))
             self.versions[i] = p._version
         rows[:, 1:].sqrt_()
+        for i, norms in ranged.items():     # a float64 weight's squares overflow past 1e154 (vanish below 1e-162)
+            row = rows[i * k:(i + 1) * k, 1:]
+            row.copy_(torch.where(row.isnan(), row, norms.to(rows.dtype)))    # NaN: a frozen weight written to
         return rows, counts
 
     def _fold_tiny(self, group: tuple[int, ...], rows: np.ndarray, counts: np.ndarray | None) -> None:
@@ -245,6 +252,19 @@ class Weights(Part):
                                [f"grad/{path}/relative" for path in paths], [f"weight/{path}" for path in paths])
             self._joined_tags = [(relative, *tags) for tags, relative in zip(*self._slot_tags[:2])]
         return self._slot_tags
+
+
+def _scaled_norms(now: torch.Tensor, start: torch.Tensor, members: int) -> torch.Tensor:
+    """(members, 3) L2 norms of each member's weights, distance moved and start, scaled by the
+    largest |x| (``stats.scaled_norm``): float64's whole range, where ``Weights._fold``'s sums of
+    squares overflow or vanish."""
+    chunk = S.CPU_WIDE_CHUNK if now.device.type == "cpu" else S.CHUNK     # float64 temporaries of a chunk each
+    now, start = now.view(members, -1), start.reshape(members, -1)
+    rows = []
+    for w, b in zip(now, start):
+        moved = functools.partial(map, torch.sub, w.split(chunk), b.split(chunk))     # w - start, a chunk at a time
+        rows.append(torch.stack([S.scaled_norm(w, chunk), S.scaled_norm_of(moved), S.scaled_norm(b, chunk)]))
+    return torch.stack(rows)
 
 
 @torch.no_grad()

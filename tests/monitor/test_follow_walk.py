@@ -78,7 +78,8 @@ def _outcome(check, *args):
         message = str(error)
         if message.startswith("the model's parameters changed"):
             message = message.split(";")[0]       # "... (now N, were M": the names that follow are not compared
-        return type(error).__name__, message
+        # LayersChanged (parameters added or removed) is the MonitorError the oracle raises, followed by the Follower
+        return "MonitorError" if isinstance(error, MonitorError) else type(error).__name__, message
     return None if found is None else ("tensors", tuple(map(id, found)))
 
 
