@@ -374,6 +374,36 @@ def check_figure_path(option: str, path: str) -> None:
         raise ValueError(f"{option} {path}: the name must end in a figure format: .{', .'.join(formats)}")
 
 
+# What `gradflow diagnose --help` and `gradflow compare --help` open with, as `train --help` does.
+DIAGNOSE_DESCRIPTION = """\
+gradflow diagnose: the verdict of a run directory that gradflow train wrote (healthy, vanishing,
+exploding, saturated, dead-units, stalled, ...), the per-layer evidence, each check and advice.
+
+Examples (from the repository root):
+
+    gradflow diagnose runs/deep_tanh-20250101-120000-seed0
+    gradflow diagnose runs/deep_tanh-20250101-120000-seed0 --flow flow.png --epochs 0 10 499
+    gradflow diagnose runs/deep_relu-20250101-120000-seeds0-9     # a --seeds run: one line per seed
+    gradflow diagnose runs/deep_relu-20250101-120000-seed0 --json | python -m json.tool
+
+Your own loop's verdict is gradflow.analysis.diagnose.diagnose_monitor(monitor, losses); a Lightning
+or Hugging Face callback's is callback.diagnosis. Exit status: 0 ok; 2 bad input (one line on stderr).
+"""
+
+COMPARE_DESCRIPTION = """\
+gradflow compare: two or more runs side by side: a table (verdict, accuracy, gradient size of the
+first hidden layer and the head, weakest layer) and a figure (gradient flow against depth, each
+layer per epoch, accuracy).
+
+Examples (from the repository root):
+
+    gradflow compare runs/deep_tanh-20250101-120000-seed0 runs/deep_relu-20250101-120000-seed0
+    gradflow compare runs/deep_tanh-* runs/deep_relu-* --out tanh_vs_relu.png --flow
+
+Exit status: 0 ok; 2 bad input (one line on stderr).
+"""
+
+
 def add_analysis_parsers(subparsers: Any) -> None:
     """Register ``diagnose`` and ``compare`` on the ``gradflow`` parser's subparsers.
 
@@ -385,7 +415,8 @@ def add_analysis_parsers(subparsers: Any) -> None:
     """
     diagnose_parser = subparsers.add_parser(
         "diagnose", help="say whether a run's gradients vanish, explode or die, and why",
-        usage="gradflow diagnose RUN_DIR [--json] [--flow PATH [--epochs N ...]]")
+        usage="gradflow diagnose RUN_DIR [--json] [--flow PATH [--epochs N ...]]",
+        description=DIAGNOSE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     diagnose_parser.add_argument("run_dir", metavar="RUN_DIR",
                                  help="a run directory with gradients.csv, or the parent directory of a --seeds run")
     diagnose_parser.add_argument("--json", action="store_true", help="print the diagnosis as JSON")
@@ -395,7 +426,8 @@ def add_analysis_parsers(subparsers: Any) -> None:
     diagnose_parser.set_defaults(func=cmd_diagnose)
     compare_parser = subparsers.add_parser(
         "compare", help="compare runs: gradient size per layer and accuracy side by side",
-        usage="gradflow compare RUN_A RUN_B ... [--out PATH] [--flow]")
+        usage="gradflow compare RUN_A RUN_B ... [--out PATH] [--flow]",
+        description=COMPARE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     compare_parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
                                 help="two or more run directories with gradients.csv (a --seeds parent directory "
                                      "counts as its members)")

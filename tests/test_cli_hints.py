@@ -73,3 +73,24 @@ def test_a_bad_figure_path_is_one_line_before_any_run_is_read(capsys, tmp_path, 
     assert main(argv) == EXIT_BAD_INPUT
     line = error_line(capsys)
     assert f"{'--flow' if command == 'diagnose' else '--out'} {flow}: {message}" in line
+
+
+@pytest.mark.parametrize("command", ["train", "sweep", "diagnose", "compare"])
+def test_each_commands_help_opens_with_what_it_does_and_examples_that_parse(capsys, command):
+    """``gradflow diagnose --help`` and ``compare --help`` were only the usage line and the options:
+    no word on what they print, no example (friction15); every command's help now has both."""
+    import shlex
+
+    from gradflow.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    description = out.split("\n\n", 1)[1].split("positional arguments:", 1)[0]
+    assert len(description.strip().splitlines()) >= 5 and "(from the repository root):" in description, out
+    examples = [line.split("#")[0].split("|")[0].strip() for line in out.splitlines()
+                if line.strip().startswith(f"gradflow {command} ")]
+    assert examples, out
+    for example in examples:
+        args, extra = build_parser().parse_known_args(shlex.split(example)[1:])
+        assert args.command == command and all("=" in a for a in extra), example
