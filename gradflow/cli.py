@@ -84,8 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """``gradflow train``: validate everything, then create the run directory and train."""
-    if (args.config is None) == (args.resume is None):  # CONFIG is optional only for --resume
-        raise ConfigError("give a CONFIG file or --resume RUN_DIR (not both)")
+    if args.config is not None and "=" in args.config and not Path(args.config).exists():
+        args.overrides, args.config = [args.config, *args.overrides], None   # an override in CONFIG's place
+        if args.resume is None:
+            raise ConfigError(f"{args.overrides[0]} is a key=value override; name the CONFIG file first, "
+                              f"e.g. gradflow train configs/deep_relu.yaml {' '.join(args.overrides)}")
+    if args.config is None and args.resume is None:
+        raise ConfigError("gradflow train needs a CONFIG file (e.g. configs/deep_relu.yaml) or --resume RUN_DIR")
+    if args.config is not None and args.resume is not None:  # CONFIG is optional only for --resume
+        raise ConfigError("give a CONFIG file or --resume RUN_DIR, not both; --resume goes on with RUN_DIR's config.yaml")
     if args.seeds is not None and args.resume is not None:
         raise ConfigError("--resume: resumes one run; --seeds starts new ones")
     if args.workers is not None and args.seeds is None:
@@ -108,7 +115,11 @@ def _train_solo(args: argparse.Namespace, collector: StartupCollector) -> int:
     state = None
     if args.resume is not None:  # every check first; the run directory is the first write
         if args.overrides or args.seed is not None:
-            raise ConfigError("--resume: takes no overrides or --seed; the run directory's config.yaml is used")
+            given = " ".join([*args.overrides, *([f"--seed {args.seed}"] if args.seed is not None else [])])
+            again = " ".join([*args.overrides, *([f"train.seed={args.seed}"] if args.seed is not None else [])])
+            raise ConfigError(f"--resume: takes no overrides or --seed (got {given}); it goes on with the run "
+                              f"directory's config.yaml; to change a setting, start a new run from that config: "
+                              f"gradflow train {Path(args.resume) / 'config.yaml'} {again}")
         cfg, run_dir, state = solo.reopen_run(args.resume, args.device)
     else:
         overrides = list(args.overrides) + ([f"train.seed={args.seed}"] if args.seed is not None else [])
@@ -293,6 +304,8 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     from gradflow.analysis.compare import load_run, plot_gradient_flow, run_directories, seeds_summary
 
     try:
+        if args.epochs and not args.flow:   # it would be ignored: say so
+            raise ValueError("--epochs: picks the epochs of the --flow chart; add --flow PATH")
         if args.flow:
             check_figure_path("--flow", args.flow)
         paths = run_directories([args.run_dir])
