@@ -84,8 +84,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_train(args: argparse.Namespace) -> int:
     """``gradflow train``: validate everything, then create the run directory and train."""
-    if (args.config is None) == (args.resume is None):  # CONFIG is optional only for --resume
-        raise ConfigError("give a CONFIG file or --resume RUN_DIR (not both)")
+    if args.config is not None and "=" in args.config and not Path(args.config).exists():
+        args.overrides, args.config = [args.config, *args.overrides], None   # an override in CONFIG's place
+        if args.resume is None:
+            raise ConfigError(f"{args.overrides[0]} is a key=value override; name the CONFIG file first, "
+                              f"e.g. gradflow train configs/deep_relu.yaml {' '.join(args.overrides)}")
+    if args.config is None and args.resume is None:
+        raise ConfigError("gradflow train needs a CONFIG file (e.g. configs/deep_relu.yaml) or --resume RUN_DIR")
+    if args.config is not None and args.resume is not None:  # CONFIG is optional only for --resume
+        raise ConfigError("give a CONFIG file or --resume RUN_DIR, not both; --resume goes on with RUN_DIR's config.yaml")
     if args.seeds is not None and args.resume is not None:
         raise ConfigError("--resume: resumes one run; --seeds starts new ones")
     if args.workers is not None and args.seeds is None:
@@ -108,7 +115,11 @@ def _train_solo(args: argparse.Namespace, collector: StartupCollector) -> int:
     state = None
     if args.resume is not None:  # every check first; the run directory is the first write
         if args.overrides or args.seed is not None:
-            raise ConfigError("--resume: takes no overrides or --seed; the run directory's config.yaml is used")
+            given = " ".join([*args.overrides, *([f"--seed {args.seed}"] if args.seed is not None else [])])
+            again = " ".join([*args.overrides, *([f"train.seed={args.seed}"] if args.seed is not None else [])])
+            raise ConfigError(f"--resume: takes no overrides or --seed (got {given}); it goes on with the run "
+                              f"directory's config.yaml; to change a setting, start a new run from that config: "
+                              f"gradflow train {Path(args.resume) / 'config.yaml'} {again}")
         cfg, run_dir, state = solo.reopen_run(args.resume, args.device)
     else:
         overrides = list(args.overrides) + ([f"train.seed={args.seed}"] if args.seed is not None else [])
@@ -293,6 +304,8 @@ def cmd_diagnose(args: argparse.Namespace) -> int:
     from gradflow.analysis.compare import load_run, plot_gradient_flow, run_directories, seeds_summary
 
     try:
+        if args.epochs and not args.flow:   # it would be ignored: say so
+            raise ValueError("--epochs: picks the epochs of the --flow chart; add --flow PATH")
         if args.flow:
             check_figure_path("--flow", args.flow)
         paths = run_directories([args.run_dir])
@@ -374,6 +387,36 @@ def check_figure_path(option: str, path: str) -> None:
         raise ValueError(f"{option} {path}: the name must end in a figure format: .{', .'.join(formats)}")
 
 
+# What `gradflow diagnose --help` and `gradflow compare --help` open with, as `train --help` does.
+DIAGNOSE_DESCRIPTION = """\
+gradflow diagnose: the verdict of a run directory that gradflow train wrote (healthy, vanishing,
+exploding, saturated, dead-units, stalled, ...), the per-layer evidence, each check and advice.
+
+Examples (from the repository root):
+
+    gradflow diagnose runs/deep_tanh-20250101-120000-seed0
+    gradflow diagnose runs/deep_tanh-20250101-120000-seed0 --flow flow.png --epochs 0 10 499
+    gradflow diagnose runs/deep_relu-20250101-120000-seeds0-9     # a --seeds run: one line per seed
+    gradflow diagnose runs/deep_relu-20250101-120000-seed0 --json | python -m json.tool
+
+Your own loop's verdict is gradflow.analysis.diagnose.diagnose_monitor(monitor, losses); a Lightning
+or Hugging Face callback's is callback.diagnosis. Exit status: 0 ok; 2 bad input (one line on stderr).
+"""
+
+COMPARE_DESCRIPTION = """\
+gradflow compare: two or more runs side by side: a table (verdict, accuracy, gradient size of the
+first hidden layer and the head, weakest layer) and a figure (gradient flow against depth, each
+layer per epoch, accuracy).
+
+Examples (from the repository root):
+
+    gradflow compare runs/deep_tanh-20250101-120000-seed0 runs/deep_relu-20250101-120000-seed0
+    gradflow compare runs/deep_tanh-* runs/deep_relu-* --out tanh_vs_relu.png --flow
+
+Exit status: 0 ok; 2 bad input (one line on stderr).
+"""
+
+
 def add_analysis_parsers(subparsers: Any) -> None:
     """Register ``diagnose`` and ``compare`` on the ``gradflow`` parser's subparsers.
 
@@ -385,7 +428,8 @@ def add_analysis_parsers(subparsers: Any) -> None:
     """
     diagnose_parser = subparsers.add_parser(
         "diagnose", help="say whether a run's gradients vanish, explode or die, and why",
-        usage="gradflow diagnose RUN_DIR [--json] [--flow PATH [--epochs N ...]]")
+        usage="gradflow diagnose RUN_DIR [--json] [--flow PATH [--epochs N ...]]",
+        description=DIAGNOSE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     diagnose_parser.add_argument("run_dir", metavar="RUN_DIR",
                                  help="a run directory with gradients.csv, or the parent directory of a --seeds run")
     diagnose_parser.add_argument("--json", action="store_true", help="print the diagnosis as JSON")
@@ -395,7 +439,8 @@ def add_analysis_parsers(subparsers: Any) -> None:
     diagnose_parser.set_defaults(func=cmd_diagnose)
     compare_parser = subparsers.add_parser(
         "compare", help="compare runs: gradient size per layer and accuracy side by side",
-        usage="gradflow compare RUN_A RUN_B ... [--out PATH] [--flow]")
+        usage="gradflow compare RUN_A RUN_B ... [--out PATH] [--flow]",
+        description=COMPARE_DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     compare_parser.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
                                 help="two or more run directories with gradients.csv (a --seeds parent directory "
                                      "counts as its members)")

@@ -73,3 +73,48 @@ def test_a_bad_figure_path_is_one_line_before_any_run_is_read(capsys, tmp_path, 
     assert main(argv) == EXIT_BAD_INPUT
     line = error_line(capsys)
     assert f"{'--flow' if command == 'diagnose' else '--out'} {flow}: {message}" in line
+
+
+@pytest.mark.parametrize("command", ["train", "sweep", "diagnose", "compare"])
+def test_each_commands_help_opens_with_what_it_does_and_examples_that_parse(capsys, command):
+    """``gradflow diagnose --help`` and ``compare --help`` were only the usage line and the options:
+    no word on what they print, no example (friction15); every command's help now has both."""
+    import shlex
+
+    from gradflow.cli import build_parser
+
+    with pytest.raises(SystemExit):
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    description = out.split("\n\n", 1)[1].split("positional arguments:", 1)[0]
+    assert len(description.strip().splitlines()) >= 5 and "(from the repository root):" in description, out
+    examples = [line.split("#")[0].split("|")[0].strip() for line in out.splitlines()
+                if line.strip().startswith(f"gradflow {command} ")]
+    assert examples, out
+    for example in examples:
+        args, extra = build_parser().parse_known_args(shlex.split(example)[1:])
+        assert args.command == command and all("=" in a for a in extra), example
+
+
+@pytest.mark.parametrize("argv, line", [
+    (["train"], "gradflow train needs a CONFIG file (e.g. configs/deep_relu.yaml) or --resume RUN_DIR"),
+    (["train", "train.epochs=3"], "train.epochs=3 is a key=value override; name the CONFIG file first, "
+                                  "e.g. gradflow train configs/deep_relu.yaml train.epochs=3"),
+    (["train", DEEP_RELU, "--resume", "RUN"],
+     "give a CONFIG file or --resume RUN_DIR, not both; --resume goes on with RUN_DIR's config.yaml"),
+    (["train", "--resume", "RUN", "train.epochs=60"],
+     "--resume: takes no overrides or --seed (got train.epochs=60); it goes on with the run directory's "
+     "config.yaml; to change a setting, start a new run from that config: gradflow train RUN/config.yaml "
+     "train.epochs=60"),
+    (["train", "--resume", "RUN", "--seed", "3"],
+     "--resume: takes no overrides or --seed (got --seed 3); it goes on with the run directory's config.yaml; "
+     "to change a setting, start a new run from that config: gradflow train RUN/config.yaml train.seed=3"),
+    (["diagnose", "RUN", "--epochs", "3"], "--epochs: picks the epochs of the --flow chart; add --flow PATH"),
+], ids=["train-alone", "override-without-config", "config-and-resume", "resume-with-override",
+        "resume-with-seed", "diagnose-epochs-without-flow"])
+def test_a_misplaced_config_resume_or_epochs_says_what_to_type(capsys, argv, line):
+    """Before (friction15): the first four all read 'give a CONFIG file or --resume RUN_DIR (not both)'
+    (an override after --resume was taken for CONFIG), or 'train.epochs=3: config file not found';
+    diagnose --epochs without --flow was ignored in silence."""
+    assert main(argv) == EXIT_BAD_INPUT
+    assert error_line(capsys) == f"gradflow: error: {line}"

@@ -65,3 +65,16 @@ def test_diagnose_of_a_folder_another_framework_wrote_says_where_its_verdict_is(
     assert "gradflow diagnose reads the run directories gradflow train writes" in line
     assert "diagnosis/text_summary" in line and "callback.diagnosis" in line
     assert "train with the gradient monitor enabled" not in line
+
+
+@pytest.mark.parametrize("args, stream, expected", [
+    ((), "stdout", "{train,sweep,diagnose,compare}"),
+    (("diagnose", "no_such_run"), "stderr", "gradflow: error: no_such_run: no such run directory"),
+], ids=["bare-prints-the-commands", "diagnose-refuses-in-one-line"])
+def test_python_dash_m_gradflow_is_the_command_without_installing(args, stream, expected):
+    """README: ``python -m gradflow ...`` runs any subcommand from a checkout (it was 'No module
+    named gradflow.__main__'), with the console script's output and exit status."""
+    proc = subprocess.run([sys.executable, "-m", "gradflow", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == (EXIT_BAD_INPUT if args else 0), proc.stderr
+    assert expected in getattr(proc, stream)

@@ -17,6 +17,7 @@ ALLOWED = {
     "errors": set(),
     "startup": set(),                          # the garbage collector at start and exit, for cli
     "__init__": {"monitor"},
+    "__main__": {"cli"},                       # python -m gradflow: the command line, nothing else
 }
 
 

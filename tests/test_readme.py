@@ -233,6 +233,15 @@ def test_run_directory_page_lists_every_config_key():
     assert not missing, f"docs/run-directory.md's config section does not name {missing}"
 
 
+def test_every_relative_link_in_the_readme_and_docs_opens_a_file():
+    """A link inside docs/ is relative to docs/: docs/monitor.md linked docs/docs/architecture.md."""
+    pages = [README, *sorted((ROOT / "docs").glob("*.md"))]
+    broken = [f"{page.relative_to(ROOT)}: {target}" for page in pages
+              for target in re.findall(r"\]\(([^)\s#]+)(?:#[^)\s]*)?\)", page.read_text(encoding="utf-8"))
+              if not re.match(r"[a-z]+:", target) and not (page.parent / target).exists()]
+    assert not broken, broken
+
+
 def test_the_readmes_trainer_line_that_promises_tensorboard_says_how(tmp_path):
     """The installed transformers' TrainingArguments report to no TensorBoard by default
     (5.x: report_to=[]), so a README line promising TensorBoard from the HF callback must name

@@ -296,7 +296,13 @@ def diagnose_monitor(monitor: Any, losses: Sequence[float] | None = None, member
         >>> with GradientMonitor(model) as monitor:                      # doctest: +SKIP
         ...     train(...); monitor.log(epoch)
         >>> print(diagnose_monitor(monitor).report())                    # doctest: +SKIP
+
+    Raises:
+        TypeError: ``monitor`` is not a monitor (no ``history``): the model or the losses passed first.
     """
+    if not hasattr(monitor, "history"):   # a model or the losses passed first: say so, not AttributeError
+        raise TypeError(f"diagnose_monitor(monitor, losses) takes the GradientMonitor you called log() on, got "
+                        f"{type(monitor).__name__}; a run directory's verdict is diagnose_run(RUN_DIR)")
     windows = monitor.history
     members = sorted({w.member for w in windows if getattr(w, "member", None) is not None})
     if members and member is None:

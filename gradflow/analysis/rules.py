@@ -547,14 +547,23 @@ def check_tiny(ev: Evidence) -> dict[str, Any]:
 
 def check_insufficient(ev: Evidence) -> dict[str, Any]:
     """Too few windows to judge: said first in the verdict; the rules that fired stand beside it
-    as early signs."""
-    count = len(ev.windows)
+    as early signs. A window that recorded no step (a ``log()`` before the first step, or two in a
+    row) is no evidence and is not counted; a run directory's tables hold no such window."""
+    count = sum(1 for window in ev.windows if _recorded_a_step(window))
+    empty = len(ev.windows) - count
+    left_out = f" ({empty} more with no step recorded, not counted)" if empty else ""
     if count < MIN_WINDOWS:
-        return _check(True, f"too short to judge: only {count} window{'' if count == 1 else 's'} recorded, "
+        return _check(True, f"too short to judge: only {count} window{'' if count == 1 else 's'} recorded{left_out}, "
                             f"at least {MIN_WINDOWS} needed; record more windows (gradflow train: one per epoch; "
                             "Lightning: one every log_every_n_steps steps; HF Trainer: every logging_steps steps; "
                             "your own loop: call monitor.log more often)", count, MIN_WINDOWS)
-    return _check(False, f"{count} windows (at least {MIN_WINDOWS} needed)", count, MIN_WINDOWS)
+    return _check(False, f"{count} windows{left_out} (at least {MIN_WINDOWS} needed)", count, MIN_WINDOWS)
+
+
+def _recorded_a_step(window: Any) -> bool:
+    """Whether ``window`` holds a step: an applied one (``steps``) or one the GradScaler skipped."""
+    overall = getattr(window, "overall", None) or {}
+    return bool(getattr(window, "steps", 1) or overall.get("skipped_steps") or getattr(window, "gradients", None))
 
 
 # -- the table ---------------------------------------------------------------------------------
@@ -615,7 +624,8 @@ RULES: tuple[Rule, ...] = (
     Rule("tiny-gradient", "largest judged layer's ||g||/||w|| (median of early, middle, last)",
          f"< {TINY_GRADIENT:g} and the loss stalls; while it learns: a note",
          "calibrated: arch. healthy runs' largest layer 1e-3 and above", "tiny-gradient", check_tiny),
-    Rule("insufficient", "number of recorded windows", f"< {MIN_WINDOWS}",
+    Rule("insufficient", "number of windows that recorded a step (an empty one, `log()` with no step "
+         "since the last, is not counted)", f"< {MIN_WINDOWS}",
          "a floor chosen, not calibrated (issue 14)", "insufficient", check_insufficient),
 )
 

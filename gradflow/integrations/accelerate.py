@@ -46,10 +46,20 @@ def record_if_synced(monitor: Any, accelerator: Any, optimizer: Any = None) -> b
     ``optimizer`` may be accelerate's wrapped optimizer (its torch optimizer is used), or None
     to record every monitored parameter.
 
+    Raises:
+        TypeError: ``monitor`` is not a GradientMonitor (no ``record``; the model passed first, say)
+            or ``accelerator`` is not an ``accelerate.Accelerator`` (no ``sync_gradients``).
+
     Example:
         >>> record_if_synced(monitor, accelerator, optimizer)          # doctest: +SKIP
         True
     """
+    if not callable(getattr(monitor, "record", None)):
+        raise TypeError(f"record_if_synced(monitor, accelerator, optimizer): monitor must be a GradientMonitor "
+                        f"(attached with automatic=False), got {type(monitor).__name__}")
+    if not hasattr(accelerator, "sync_gradients"):
+        raise TypeError(f"record_if_synced(monitor, accelerator, optimizer): accelerator must be an "
+                        f"accelerate.Accelerator (it reads accelerator.sync_gradients), got {type(accelerator).__name__}")
     if not accelerator.sync_gradients:
         return False
     monitor.record(optimizer=getattr(optimizer, "optimizer", optimizer))

@@ -120,7 +120,9 @@ def monitored_parameters(model: nn.Module, stacklevel: int = 3) -> list[tuple[st
                       f"{' ...' if len(complex_) > 5 else ''} (statistics are of real gradients); record "
                       "torch.view_as_real(p.grad) yourself if you need them", stacklevel=stacklevel)
     if not named:
-        raise MonitorError(f"{type(model).__name__} has no floating-point parameters to monitor")
+        raise MonitorError(f"{type(model).__name__} has no floating-point parameters to monitor; attach to the "
+                           "model that owns the trainable weights (layers kept in a plain list or dict are not "
+                           "registered: use nn.ModuleList / nn.ModuleDict)")
     for name, p in named:
         _check_materialised(name, p)
     return named

@@ -147,6 +147,15 @@ class GradientMonitor:
     hook it added on ``remove()`` or on leaving ``with``: removed, it stays removed, and
     ``with`` on it raises MonitorError.
 
+    Attributes:
+        names: the monitored parameters' ``named_parameters()`` names, the keys of ``log()``'s rows
+            (``write_custom_scalars(writer, monitor.names)``).
+        history: the closed windows, oldest first (``gradflow.monitor.window.Window``: ``gradients``,
+            ``weights``, ``activations``, ``overall``, ``idle``, ``time``, ...), at most
+            ``history_length`` of them per member; ``diagnose_monitor(monitor, losses)`` reads it.
+        kinds: parameter name -> the kind of module that owns it (``linear``, ``conv``, ``norm``, ...).
+        attached: whether the monitor's hooks are on (False after ``remove()``).
+
     Example:
         >>> model = torch.nn.Linear(3, 1)
         >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -243,6 +252,7 @@ class GradientMonitor:
 
     @property
     def attached(self) -> bool:
+        """Whether the monitor's hooks are on: True from attaching until ``remove()``."""
         return self._steps.on or self._intercepted in interception._WATCHERS
 
     @property

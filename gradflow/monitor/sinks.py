@@ -365,6 +365,7 @@ def custom_scalars_layout(parameters: Sequence[str], first: Mapping[str, Mapping
     """
     import re
 
+    parameters = _parameter_names(parameters)
     layers = list(dict.fromkeys(layer_of(name) for name in parameters
                                 if "weight" in name.rpartition(".")[2] and "." in name))
     number = len(first or {})
@@ -394,11 +395,27 @@ def custom_scalars_layout(parameters: Sequence[str], first: Mapping[str, Mapping
     return layout
 
 
+def _parameter_names(parameters: Any) -> list[str]:
+    """``parameters`` (any iterable of names) as a list; MonitorError, in one line, for anything
+    else (a model, ``named_parameters()``'s pairs, one string), which would fail deep inside."""
+    try:
+        names = None if isinstance(parameters, (str, bytes)) else list(parameters)
+    except TypeError:  # not iterable
+        names = None
+    if names is None or not all(isinstance(name, str) for name in names):
+        got = type(parameters).__name__ if names is None else \
+            f"{type(parameters).__name__} holding {type(next(n for n in names if not isinstance(n, str))).__name__}"
+        raise MonitorError(f"parameters must be a list of parameter names (monitor.names, or "
+                           f"[name for name, _ in model.named_parameters()]), got {got}")
+    return names
+
+
 def write_custom_scalars(writer: Any, parameters: Sequence[str],
                          first: Mapping[str, Mapping[str, list]] | None = None) -> dict[str, dict[str, list]]:
     """Give ``writer``'s run a Custom Scalars tab laid out by ``custom_scalars_layout`` and return
     the layout. ``writer``: a ``SummaryWriter`` (anything with ``add_custom_scalars``); call it
-    once per run, before or after training. MonitorError for a writer without it.
+    once per run, before or after training. MonitorError for a writer without it, or for
+    ``parameters`` that are not a list of names (``monitor.names``).
 
     Example:
         >>> with SummaryWriter("runs/mine") as writer, GradientMonitor(model, writer) as monitor:  # doctest: +SKIP
