@@ -560,7 +560,10 @@ class Gradients(Part):
             grad = grad.detach() if grad.requires_grad else grad
             if grad.dtype != torch.float32:
                 if buffer is None:
-                    buffer = torch.empty(1, min(CONVERTED_PIECE, max(grads[j].numel() for j in plan.large)))
+                    # float32 whatever torch's default dtype (the fused kernels take float32)
+                    buffer = torch.empty(1, min(CONVERTED_PIECE, max(grads[j].numel() for j in plan.large
+                                                                     if grads[j].dtype != torch.float32)),
+                                         dtype=torch.float32)
                 for m, part in enumerate(grad.reshape(k, -1)):
                     converted[len(jobs)] = _fold_converted(kernels, part, None if counts is None else counts[i * k + m],
                                                            buffer)
@@ -622,7 +625,7 @@ class Gradients(Part):
             window.steps = most
             window.kinds = self.setup.kinds
         self._rows(values, reader, steps, same)
-        self._overall(values["step_squares"], values["step_wide"], reader)
+        self._overall(values["step_squares"], values["step_wide"], values["tallies"], reader)
         self._idle(reader, per_param)
 
     def _slot_steps(self) -> tuple[list[int], int | None]:
@@ -727,11 +730,14 @@ class Gradients(Part):
                                [f"grad/{path}" for path in paths], [f"1_grad_log10/{path}" for path in paths])
         return self._slot_tags
 
-    def _overall(self, step_squares: np.ndarray, step_wide: np.ndarray, reader) -> None:
+    def _overall(self, step_squares: np.ndarray, step_wide: np.ndarray, tallies: np.ndarray, reader) -> None:
         """Window-level figures: steps, skipped steps, the total norm per step (mean and max),
         over float64's range (``step_wide``)."""
         steps = self.recorded
-        norms = S.wide_root(step_squares[:steps], step_wide[:steps, 0], step_wide[:steps, 1])   # (steps, members)
+        plain, high = step_squares[:steps], step_wide[:steps, 0]
+        if np.isinf(plain).any():                    # float64 values past 1.3e154, or an inf value: which
+            high = np.where(self._narrow_nonfinite(tallies), 0.0, high)
+        norms = S.wide_root(plain, high, step_wide[:steps, 1])   # (steps, members)
         for k, window in enumerate(reader.windows):
             row = {"steps": window.steps, "skipped_steps": self.skipped_steps}
             if self.recorded:
@@ -741,6 +747,14 @@ class Gradients(Part):
                 row["total_norm_max"] = float(np.maximum.reduce(column))
             window.overall.update(row)
             reader.scalars[k].update(zip(_OVERALL_TAGS[:len(row)], map(float, row.values())))
+
+    def _narrow_nonfinite(self, tallies: np.ndarray) -> np.ndarray:
+        """Per member: whether a parameter whose gradient is not float64 had a non-finite value
+        in the window. Its square is in ``step_squares`` alone, not in ``step_wide``, so a step
+        where it is inf must read inf, not the float64 values' scaled sum (which read 0 for a
+        float32 model's inf gradient, or the float64 layers' norm beside it)."""
+        nonfinite = tallies[:, 1].reshape(len(self.params), self.members) > 0
+        return nonfinite[~np.array(self.float64, dtype=bool)].any(axis=0)
 
 
 # Up to this many slots a window's table is divided in Python floats, above it in numpy: the

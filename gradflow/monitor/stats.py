@@ -93,10 +93,13 @@ def wide_squares(norms: torch.Tensor) -> torch.Tensor:
 
 def wide_root(plain: np.ndarray, high: np.ndarray, low: np.ndarray) -> np.ndarray:
     """sqrt of sums of squares (float64 arrays of one shape) kept three ways (``wide_squares``):
-    the plain sum, or where it overflowed (inf, while the scaled-down sum is finite) or lies below
-    float32's squares (only float64 values reach it), the scaled sum that holds the range."""
+    the plain sum, or where it overflowed (inf, while the scaled-down sum is finite and not 0:
+    float64 values past 1.3e154 made it, not an inf value, whose scaled square is inf too) or lies
+    below float32's squares (only float64 values reach it), the scaled sum that holds the range.
+    A value of another dtype is in the plain sum alone: its inf leaves ``high`` as it was, so the
+    caller zeroes ``high`` where such a value was non-finite (``Gradients._overall``)."""
     out = np.sqrt(plain)
-    over = np.isinf(plain) & np.isfinite(high)
+    over = np.isinf(plain) & np.isfinite(high) & (high > 0)
     out[over] = np.sqrt(high[over]) * WIDE_SHIFT
     under = (plain < _TINY_SQUARES) & (low > 0)
     out[under] = np.sqrt(low[under]) / WIDE_SHIFT
@@ -108,7 +111,7 @@ def wide_spread(n: int, total: float, squares: float, high: float, low: float) -
     (``wide_squares``), the mean's square scaled as the squares are; 0.0 where rounding makes the
     variance negative, NaN for non-finite values."""
     mean, shift = total / n, 1.0
-    if math.isinf(squares) and math.isfinite(high):
+    if math.isinf(squares) and math.isfinite(high) and high > 0:     # 0: no float64 output, an inf one
         squares, shift = high, WIDE_SHIFT
     elif squares < _TINY_SQUARES and low > 0:
         squares, shift = low, 1.0 / WIDE_SHIFT

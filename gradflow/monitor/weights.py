@@ -195,7 +195,7 @@ class Weights(Part):
         members = now.numel() // length
         rows = np.zeros((members, 4))
         counts = np.zeros((members, S.SIGN_EXPONENT_BINS), np.int64) if self.counted else None
-        converted = torch.empty(2, min(CONVERTED_PIECE, length))
+        converted = torch.empty(2, min(CONVERTED_PIECE, length), dtype=torch.float32)   # whatever the default dtype
         for member in range(members):
             segment = slice(member * length, (member + 1) * length)
             for values, first in S.float32_pieces([now[segment], start[segment]], CONVERTED_PIECE, converted):
