@@ -398,9 +398,17 @@ class GradientMonitor:
             keep(self.history, reader.windows, self.history_length, self._layouts)
             self._start_window()
             if self._follower.relayout is not None:       # layers added or removed: the new set from now on
-                self._unhook()
-                self._build(self._model(), self._follower.relayout)
+                self._relayout()
         return reader.windows[0].gradients if self.members == 1 else [w.gradients for w in reader.windows]
+
+    def _relayout(self) -> None:
+        """Rebuild the parts for the model's new set of layers, if still attached: a removed
+        monitor stays removed (and a collected model has no layers to follow)."""
+        layout, self._follower.relayout = self._follower.relayout, None
+        model = self._model()
+        if self.attached and model is not None:
+            self._unhook()
+            self._build(model, layout)
 
     def _read_back(self) -> dict[str, np.ndarray]:
         """Every part's device sums (``<part>/<key>``), folded and read back in one copy."""
