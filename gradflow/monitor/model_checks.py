@@ -199,7 +199,8 @@ class LayersChanged(MonitorError):
     def __init__(self, current: list[tuple[str, torch.Tensor]], names: list[str], were: int) -> None:
         now = [name for name, _ in current]
         self.current = current
-        self.added, self.gone = [n for n in now if n not in set(names)], [n for n in names if n not in set(now)]
+        had, has = set(names), set(now)
+        self.added, self.gone = [n for n in now if n not in had], [n for n in names if n not in has]
         super().__init__(f"the model's parameters changed after the monitor attached (now {len(current)}, were {were}; "
                          f"{self.changes()})")
 

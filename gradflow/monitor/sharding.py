@@ -37,6 +37,7 @@ does this, and tests/monitor/test_sharding.py runs it on real gloo groups)::
 
 from __future__ import annotations
 
+import inspect
 import contextlib
 import os
 import weakref
@@ -111,7 +112,11 @@ def local_rows(param: torch.Tensor) -> torch.Tensor:
     strided = getattr(placement_types, "_StridedShard", Shard)
     placements = [p if isinstance(p, (Shard, strided)) and p.dim in (0, -param.dim()) else Replicate()
                   for p in param.placements]
-    return distribute_tensor(rows, param.device_mesh, placements, src_data_rank=None).to_local()
+    if "src_data_rank" in inspect.signature(distribute_tensor).parameters:     # torch 2.7 on
+        return distribute_tensor(rows, param.device_mesh, placements, src_data_rank=None).to_local()
+    # Before it, distribute_tensor scatters rank 0's tensor: the same rows on every rank, and
+    # every rank attaches (and so comes here) in the same order.
+    return distribute_tensor(rows, param.device_mesh, placements).to_local()
 
 
 def _seconds(variable: str, default: float) -> timedelta:
