@@ -37,8 +37,8 @@ does this, and tests/monitor/test_sharding.py runs it on real gloo groups)::
 
 from __future__ import annotations
 
-import inspect
 import contextlib
+import inspect
 import os
 import weakref
 import zlib
