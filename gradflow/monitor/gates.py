@@ -200,10 +200,12 @@ class ShardedGates(Gates):
         owners = [i for i, g in zip(self.indices, self.gates) for _ in g]
         layout.share_columns("gates/steps", owners + self.indices, True, self.indices)
         layout.share_columns("gates/weights", owners, False, [])
+        self._indices: dict[tuple[int, ...], torch.Tensor] = {}    # _index_of's (not Gates._rows: other keys)
 
     def move(self, device: torch.device) -> None:
         super().move(device)
         self.by_step = moved(self.by_step, device, wide=True)
+        self._indices = {}                        # the old device's
 
     def reset(self) -> None:
         super().reset()
@@ -231,15 +233,15 @@ class ShardedGates(Gates):
         row = self.by_step[step]
         if views:                                 # an empty shard adds only its presence
             squares = torch.stack(torch._foreach_norm(views)).to(torch.float64).square_()
-            row.index_add_(0, self._rows_of(tuple(rows)), squares)
-        row.index_add_(0, self._rows_of(tuple(self.width + j for j in present)),
+            row.index_add_(0, self._index_of(tuple(rows)), squares)
+        row.index_add_(0, self._index_of(tuple(self.width + j for j in present)),
                        torch.ones(len(present), dtype=torch.float64, device=row.device))
 
-    def _rows_of(self, rows: tuple[int, ...]) -> torch.Tensor:
-        """An index tensor of ``rows``, made once per pattern (a key of ``_rows``)."""
-        index = self._rows.get(rows)
+    def _index_of(self, rows: tuple[int, ...]) -> torch.Tensor:
+        """An index tensor of these column numbers, made once per pattern."""
+        index = self._indices.get(rows)
         if index is None:
-            index = self._rows[rows] = torch.tensor(rows, device=self.by_step.device)
+            index = self._indices[rows] = torch.tensor(rows, device=self.by_step.device)
         return index
 
     @torch.no_grad()
@@ -253,7 +255,7 @@ class ShardedGates(Gates):
                 views.append(weight[start:stop])
                 rows.append(self.offsets[j] + gate)
         if views:
-            squares.index_add_(0, self._rows_of(tuple(rows)), torch.stack(torch._foreach_norm(views)).double().square())
+            squares.index_add_(0, self._index_of(tuple(rows)), torch.stack(torch._foreach_norm(views)).double().square())
         return squares
 
     def device_tensors(self) -> dict[str, Reduced]:
