@@ -357,16 +357,22 @@ def say_foreign_optimizer(optimizer: Any, model: nn.Module, named: list[tuple[st
                       "that steps this model, or leave optimizer out to watch every one)", stacklevel=stacklevel)
 
 
-def check_optimizer(optimizer: Any, where: str, skipped: Any = False) -> None:
+def check_optimizer(optimizer: Any, where: str) -> None:
     """MonitorError unless ``optimizer`` is None or an optimizer: a ``torch.optim.Optimizer``, or a
     wrapper with ``param_groups`` as torch's (Lightning's ``LightningOptimizer``). ``where``
-    names the argument in the one-line message. ``skipped``: ``record(skipped=)``, then checked
-    to be a bool (``check_switch``)."""
-    if not (optimizer is None or isinstance(optimizer, torch.optim.Optimizer)):
-        groups = getattr(optimizer, "param_groups", None) if not isinstance(optimizer, nn.Module) else None
-        if not (isinstance(groups, list) and all(isinstance(group, dict) and "params" in group for group in groups)):
-            raise MonitorError(f"{where} must be a torch.optim.Optimizer (or a wrapper of one with its param_groups) "
-                               f"or None, got {type(optimizer).__name__} {_short(optimizer)}")
+    names the argument in the one-line message."""
+    if optimizer is None or isinstance(optimizer, torch.optim.Optimizer):
+        return
+    groups = getattr(optimizer, "param_groups", None) if not isinstance(optimizer, nn.Module) else None
+    if not (isinstance(groups, list) and all(isinstance(group, dict) and "params" in group for group in groups)):
+        raise MonitorError(f"{where} must be a torch.optim.Optimizer (or a wrapper of one with its param_groups) "
+                           f"or None, got {type(optimizer).__name__} {_short(optimizer)}")
+
+
+def check_record(optimizer: Any, skipped: Any) -> None:
+    """``GradientMonitor.record``'s arguments: MonitorError unless ``optimizer`` is None or an
+    optimizer (``check_optimizer``) and ``skipped`` a bool (``check_switch``)."""
+    check_optimizer(optimizer, "record(optimizer)")
     check_switch("record(skipped=)", skipped)
 
 

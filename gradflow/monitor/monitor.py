@@ -49,8 +49,8 @@ from gradflow.monitor.intercepted import Intercepted
 from gradflow.monitor.model_checks import (
     check_attach,
     check_entered,
-    check_optimizer,
     check_positive,
+    check_record,
     check_step,
     is_compiled,
     monitored_kinds,
@@ -329,7 +329,7 @@ class GradientMonitor:
             MonitorError: ``optimizer`` is neither None nor an optimizer (``param_groups``), or
                 ``skipped`` is not a bool.
         """
-        check_optimizer(optimizer, "record(optimizer)", skipped=skipped)
+        check_record(optimizer, skipped)
         mask = None if optimizer is None else self._masks.mask(optimizer)
         if optimizer is not None and mask is None:
             self._warnings.warn("foreign-optimizer", f"record({type(optimizer).__name__}): that optimizer holds "
