@@ -91,6 +91,14 @@ def wide_squares(norms: torch.Tensor) -> torch.Tensor:
     return torch.stack([(norms / WIDE_SHIFT).square(), (norms * WIDE_SHIFT).square()])
 
 
+def beyond_squares(sums: torch.Tensor) -> bool:
+    """Whether any of these float64 sums of squares left the range where the plain sum holds its
+    values: inf (values past 1.3e154), or below float32's squares (values below 1.5e-162 vanish
+    in it; an exact zero too, rare and read again at no loss). Where none did, the plain sums are
+    the norms' squares, and no scaled pass (``scaled_norm``) is needed."""
+    return bool(((sums == math.inf) | (sums < _TINY_SQUARES)).any())
+
+
 def wide_root(plain: np.ndarray, high: np.ndarray, low: np.ndarray) -> np.ndarray:
     """sqrt of sums of squares (float64 arrays of one shape) kept three ways (``wide_squares``):
     the plain sum, or where it overflowed (inf, while the scaled-down sum is finite and not 0:

@@ -112,7 +112,8 @@ class Weights(Part):
             before = now if start is None else start.reshape(-1)
             rows[i * k:(i + 1) * k], folded, renewed = self._fold(
                 now, before, now.numel() // k, renew=start is not None and start.is_contiguous())
-            if now.dtype == torch.float64 and now.numel():    # before the start is renewed: its norms too
+            # before the start is renewed: its norms too; only where the plain sums left their range
+            if now.dtype == torch.float64 and now.numel() and S.beyond_squares(rows[i * k:(i + 1) * k, 1:]):
                 ranged[i] = _scaled_norms(now, before, k)
             if counts is not None:
                 counts[i * k:(i + 1) * k] = folded
