@@ -215,27 +215,34 @@ class ShardedGates(Gates):
         """Add the step's local squared gate norms at the gradients' row of this step."""
         layout = self.setup.sharding
         kept, layout.kept = layout.kept, {}       # taken: no gradient is held past its step
-        present, views, rows = [], [], []
+        present, grads = [], []
         for j, i in enumerate(self.indices):
             grad = kept.get(i)
             if grad is None or grad.layout != torch.strided:
                 continue
             present.append(j)
-            grad = grad.detach().flatten(1)       # rows; an empty shard's (0, in) too
-            for start, stop, gate in self.runs[j]:
-                views.append(grad[start:stop])
-                rows.append(self.offsets[j] + gate)
+            grads.append((j, grad.detach().flatten(1)))     # rows; an empty shard's (0, in) too
         if not present:
             return
         step = layout.step
         while step >= self.by_step.shape[0]:      # grow on the device: no host sync
             self.by_step = torch.cat([self.by_step, torch.zeros_like(self.by_step)])
         row = self.by_step[step]
-        if views:                                 # an empty shard adds only its presence
-            squares = torch.stack(torch._foreach_norm(views)).to(torch.float64).square_()
-            row.index_add_(0, self._index_of(tuple(rows)), squares)
+        self._add_gate_squares(row, grads)        # an empty shard adds only its presence
         row.index_add_(0, self._index_of(tuple(self.width + j for j in present)),
                        torch.ones(len(present), dtype=torch.float64, device=row.device))
+
+    def _add_gate_squares(self, out: torch.Tensor, tensors) -> None:
+        """Add to ``out`` (a row of gate columns) the local squared L2 norm of each gate's local
+        rows (``gate_runs``) of ``tensors``: (j, this rank's rows x columns) pairs, j a gated
+        parameter's place in ``indices``."""
+        views, rows = [], []
+        for j, tensor in tensors:
+            for start, stop, gate in self.runs[j]:
+                views.append(tensor[start:stop])
+                rows.append(self.offsets[j] + gate)
+        if views:
+            out.index_add_(0, self._index_of(tuple(rows)), torch.stack(torch._foreach_norm(views)).double().square())
 
     def _index_of(self, rows: tuple[int, ...]) -> torch.Tensor:
         """An index tensor of these column numbers, made once per pattern."""
@@ -248,14 +255,8 @@ class ShardedGates(Gates):
     def weight_norms(self) -> torch.Tensor:
         """(rows,) each gate's local squared weight norm (summed over the shard group at the close)."""
         squares = torch.zeros(self.width, dtype=torch.float64, device=self.by_step.device)
-        views, rows = [], []
-        for j, i in enumerate(self.indices):
-            weight = local(self.params[i]).detach().flatten(1)
-            for start, stop, gate in self.runs[j]:
-                views.append(weight[start:stop])
-                rows.append(self.offsets[j] + gate)
-        if views:
-            squares.index_add_(0, self._index_of(tuple(rows)), torch.stack(torch._foreach_norm(views)).double().square())
+        self._add_gate_squares(squares, ((j, local(self.params[i]).detach().flatten(1))
+                                         for j, i in enumerate(self.indices)))
         return squares
 
     def device_tensors(self) -> dict[str, Reduced]:
